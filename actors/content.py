@@ -1,0 +1,121 @@
+"""Pure rules about message content, carried over from the original system.
+
+- stored assistant content: merge consecutive chunks of one kind into blocks,
+  drop empty ones, normalise thinking once, on the merged block;
+- the history sent to the model;
+- the automatic title.
+
+No I/O, no clock, no logging: everything here is tested without servers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import msgspec
+
+from events.vocabulary import ChunkKind, ContentBlock
+
+PERSONAL_SYSTEM_PROMPT = (
+    "You are parley, a helpful assistant. This is a personal conversation: "
+    "there is no project, repository or team context, and project tools are unavailable."
+)
+
+# Tools that only make sense inside a project; hidden in personal scope.
+_PROJECT_ONLY_PREFIXES = ("project_", "git_", "repo_")
+_PROJECT_ONLY_NAMES = frozenset({"send_message", "retract_message"})
+
+UNTITLED = ("", "New Chat")
+TITLE_WORDS = 5
+TITLE_MIN_WORD_LEN = 3  # "keep the words longer than two characters"
+TITLE_MAX_CHARS = 40
+
+
+def normalise_thinking(text: str) -> str:
+    return text.strip()
+
+
+def merge_blocks(pieces: Iterable[tuple[ChunkKind, str]]) -> list[ContentBlock]:
+    """Merge consecutive pieces of the same kind into content blocks.
+
+    Thinking is normalised after merging (normalising each piece would eat the
+    spaces between tokens); a block left empty is dropped.
+    """
+    merged: list[tuple[ChunkKind, list[str]]] = []
+    for kind, text in pieces:
+        if merged and merged[-1][0] == kind:
+            merged[-1][1].append(text)
+        else:
+            merged.append((kind, [text]))
+    blocks: list[ContentBlock] = []
+    for kind, parts in merged:
+        text = "".join(parts)
+        if kind == "thinking":
+            text = normalise_thinking(text)
+            if text:
+                blocks.append(ContentBlock(role="thinking", content=text))
+        elif text.strip():
+            blocks.append(ContentBlock(role="assistant", content=text))
+    return blocks
+
+
+def answer_text(blocks: Sequence[ContentBlock]) -> str:
+    """An assistant message in the history: its non-thinking blocks joined by newlines."""
+    return "\n".join(block.content for block in blocks if block.role != "thinking")
+
+
+class HistoryMessage(msgspec.Struct, frozen=True):
+    """One stored message as the history builder sees it."""
+
+    role: str
+    blocks: tuple[str, ...] = ()  # user/system: the text blocks
+    assistant_blocks: tuple[ContentBlock, ...] = ()
+
+
+def build_history(messages: Sequence[HistoryMessage], *, personal: bool) -> list[dict[str, Any]]:
+    """The chat messages sent to the model, from the latest message versions in creation order.
+
+    An assistant message contributes its non-thinking blocks joined by "\\n"; a user
+    or system message its first block; an unknown role is sent as user. Empty
+    assistant answers (a turn that failed before any text) are left out: most
+    providers reject an empty assistant message.
+    """
+    out: list[dict[str, Any]] = []
+    if personal:
+        out.append({"role": "system", "content": PERSONAL_SYSTEM_PROMPT})
+    for message in messages:
+        if message.role == "assistant":
+            text = answer_text(message.assistant_blocks)
+            if text:
+                out.append({"role": "assistant", "content": text})
+            continue
+        role: Literal["user", "system"] = "system" if message.role == "system" else "user"
+        out.append({"role": role, "content": message.blocks[0] if message.blocks else ""})
+    return out
+
+
+def visible_tools(tools: Sequence[dict[str, Any]], *, personal: bool) -> list[dict[str, Any]]:
+    """The tool schemas offered to the model; project tools are hidden in personal scope."""
+    if not personal:
+        return list(tools)
+    return [tool for tool in tools if not is_project_only(tool_name(tool))]
+
+
+def tool_name(tool: dict[str, Any]) -> str:
+    function = tool.get("function", {})
+    return str(function.get("name", "")) if isinstance(function, dict) else ""
+
+
+def is_project_only(name: str) -> bool:
+    return name.startswith(_PROJECT_ONLY_PREFIXES) or name in _PROJECT_ONLY_NAMES
+
+
+def auto_title(first_user_message: str) -> str:
+    """Words longer than two characters, the first five, joined by spaces, cut to 40 characters."""
+    words = [word for word in first_user_message.split() if len(word) >= TITLE_MIN_WORD_LEN]
+    return " ".join(words[:TITLE_WORDS])[:TITLE_MAX_CHARS]
+
+
+def needs_title(title: str) -> bool:
+    return title in UNTITLED

@@ -1,0 +1,35 @@
+"""The error hierarchy of the event log."""
+
+from __future__ import annotations
+
+
+class EventLogError(Exception):
+    """Root of everything the event log raises."""
+
+
+class EventLogConflict(EventLogError):
+    """A stale writer tried to append: the subject moved past the sequence it expected."""
+
+    def __init__(self, conversation_id: str, expected: int, detail: str = "") -> None:
+        super().__init__(
+            f"conversation {conversation_id}: append expected last sequence {expected}"
+            + (f" ({detail})" if detail else "")
+        )
+        self.conversation_id = conversation_id
+        self.expected = expected
+
+
+class PositionGone(EventLogError):
+    """The requested position is no longer in the log (retention removed it)."""
+
+    def __init__(self, requested: int, first_available: int) -> None:
+        super().__init__(
+            f"position {requested} is no longer in the log; "
+            f"the oldest kept event is {first_available}"
+        )
+        self.requested = requested
+        self.first_available = first_available
+
+
+class EventLogUnavailable(EventLogError):
+    """The broker did not answer in time."""

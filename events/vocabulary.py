@@ -1,0 +1,204 @@
+"""The vocabulary of parley: every command and every event, declared once.
+
+These Structs are the wire format of the event log (JetStream CHAT_EVT) and of
+the command stream (CHAT_CMD). A stored event is never rewritten, so the rules
+for changing this file are strict:
+
+- a new field gets a default, so events written before it still decode;
+- never rename or retype a stored field: add a new one beside it;
+- never `array_like=True` or `forbid_unknown_fields=True` here: an older reader
+  must skip fields a newer writer added;
+- a new event is a new tagged Struct added to `AnyEvent`;
+- `tests/data/events_v1.jsonl` holds a frozen sample of every event as first
+  written; `tests/test_vocabulary.py` decodes it, so a breaking change fails loudly.
+
+`schema` on every event says which shape the writer used; readers branch on it
+only if a field ever changes meaning (it has not yet).
+
+Nothing here does I/O, reads a clock or makes ids: callers pass them in.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+SCHEMA_VERSION = 1
+
+ChunkKind = Literal["thinking", "answer"]
+BlockRole = Literal["thinking", "assistant"]
+OnBusy = Literal["reject", "enqueue", "interrupt"]
+TitleSource = Literal["auto", "tool", "user", "existing"]
+
+
+class ContentBlock(msgspec.Struct, frozen=True):
+    """One block of stored assistant content: merged consecutive chunks of one role."""
+
+    role: BlockRole
+    content: str
+
+
+class Prices(msgspec.Struct, frozen=True):
+    """Prices in force for a turn, credits per million tokens."""
+
+    input_price: float = 0.0
+    output_price: float = 0.0
+
+
+# ---------------------------------------------------------------- events
+
+
+class Event(msgspec.Struct, tag_field="type", frozen=True, kw_only=True):
+    conversation_id: str
+    at: int  # ns since epoch, from the injected clock
+    event_id: str
+    schema: int = SCHEMA_VERSION
+
+
+class ConversationCreated(Event, tag="conversation_created", frozen=True):
+    user_id: str
+    project_id: str | None = None
+    title: str = ""
+    model: str | None = None
+
+
+class UserMessage(Event, tag="user_message", frozen=True):
+    message_id: str
+    content: str
+    user_id: str = ""
+    parent_message_id: str | None = None
+    version_group_id: str = ""
+    version_number: int = 1
+    # the command that produced this message (its idempotency key): a redelivered
+    # command finds its own message in the log and is not applied twice
+    command_id: str = ""
+
+
+class Started(Event, tag="started", frozen=True):
+    turn_id: str  # also the assistant message id
+    user_message_id: str
+    model: str
+    model_version_id: str = ""
+    prices: Prices = Prices()
+    max_tokens: int | None = None
+    temperature: float = 0.7
+    parent_message_id: str | None = None
+    version_group_id: str = ""
+    version_number: int = 1
+
+
+class Chunk(Event, tag="chunk", frozen=True):
+    turn_id: str
+    kind: ChunkKind
+    text: str
+
+
+class ToolCall(Event, tag="tool_call", frozen=True):
+    turn_id: str
+    call_id: str
+    name: str
+    arguments: str  # JSON text as the model produced it (may be invalid JSON)
+
+
+class ToolResult(Event, tag="tool_result", frozen=True):
+    turn_id: str
+    call_id: str
+    name: str = ""
+    result: str | None = None
+    error: str | None = None
+    duration_ms: float = 0.0
+
+
+class Done(Event, tag="done", frozen=True):
+    turn_id: str
+    content: list[ContentBlock]
+    stop_reason: str
+    input_tokens: int
+    output_tokens: int
+    tokens_estimated: bool = False
+
+
+class Cancelled(Event, tag="cancelled", frozen=True):
+    turn_id: str
+    content: list[ContentBlock]
+    reason: str = "user"
+    input_tokens: int = 0
+    output_tokens: int = 0
+    tokens_estimated: bool = False
+
+
+class Failed(Event, tag="failed", frozen=True):
+    turn_id: str
+    code: str
+    message: str
+    content: list[ContentBlock] = []
+    input_tokens: int = 0
+    output_tokens: int = 0
+    tokens_estimated: bool = False
+
+
+class BillingRejected(Event, tag="billing_rejected", frozen=True):
+    turn_id: str
+    user_message_id: str
+    account: str
+    needed: int  # micro-credits
+    available: int
+
+
+class Title(Event, tag="title", frozen=True):
+    title: str
+    source: TitleSource
+    turn_id: str | None = None
+
+
+class CreditsGranted(Event, tag="credits_granted", frozen=True):
+    account: str  # "user:<id>" or "project:<id>"
+    amount: int  # micro-credits
+    note: str = ""
+    granted_by: str = ""
+
+
+AnyEvent = (
+    ConversationCreated
+    | UserMessage
+    | Started
+    | Chunk
+    | ToolCall
+    | ToolResult
+    | Done
+    | Cancelled
+    | Failed
+    | BillingRejected
+    | Title
+    | CreditsGranted
+)
+
+TurnEnd = Done | Cancelled | Failed | BillingRejected
+TURN_END_TYPES: tuple[type[Event], ...] = (Done, Cancelled, Failed, BillingRejected)
+
+
+def event_type(event: Event) -> str:
+    """The wire name of an event (its tag)."""
+    tag: Any = type(event).__struct_config__.tag
+    return str(tag)
+
+
+# ---------------------------------------------------------------- commands
+
+
+class Command(msgspec.Struct, tag_field="type", frozen=True, kw_only=True):
+    conversation_id: str
+    command_id: str  # the idempotency key, also sent as Nats-Msg-Id
+    user_id: str
+    at: int
+
+
+class SendMessage(Command, tag="send_message", frozen=True):
+    message_id: str
+    content: str
+    model: str | None = None
+    on_busy: OnBusy = "enqueue"
+
+
+AnyCommand = SendMessage
