@@ -26,3 +26,12 @@ def decode_event(data: bytes) -> AnyEvent:
 
 def decode_command(data: bytes) -> AnyCommand:
     return _command_decoder.decode(data)
+
+
+def encode_stored(seq: int, event: object) -> bytes:
+    """One log line: the event's own fields (with its `type`) plus its position `seq`.
+
+    The format of `parley replay --json` and `GET /v1/conversations/{id}/log`.
+    """
+    body = _encoder.encode(event)
+    return b'{"seq":' + str(seq).encode() + b"," + body[1:]

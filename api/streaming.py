@@ -1,0 +1,153 @@
+"""Streaming a conversation's log to one SSE viewer: catch-up, then live.
+
+The log is followed by a pump task into a bounded queue; the response loop
+takes from it, writes frames and sends `: ping` comments while idle. The turn
+never depends on the viewer: a slow or gone viewer only ends its own stream
+(a viewer that stops taking events for `slow_viewer_timeout_s` is cut off and
+resumes from its last id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import nats.errors
+from aiohttp import web
+
+from api.app import CONFIG, LOG, TURNS
+from api.sse import PING, Envelope, Position, envelopes, frame, frames
+from events.errors import EventLogError, PositionGone
+from events.log import StoredEvent
+from events.vocabulary import Started, UserMessage
+
+log = logging.getLogger(__name__)
+
+_QUEUE = 1024
+_POLL_S = 1.0
+
+
+class TurnFilter:
+    """Selects the events of the turn that answers one user message."""
+
+    def __init__(self, user_message_id: str) -> None:
+        self.user_message_id = user_message_id
+        self.turn_id: str | None = None
+
+    def admit(self, stored: StoredEvent) -> bool:
+        event = stored.event
+        if isinstance(event, Started) and event.user_message_id == self.user_message_id:
+            self.turn_id = event.turn_id
+        if isinstance(event, UserMessage):
+            return False
+        return self.turn_id is not None and getattr(event, "turn_id", None) == self.turn_id
+
+
+async def open_sse(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",  # proxies must not buffer a live stream
+        }
+    )
+    await response.prepare(request)
+    await response.write(b"retry: 1000\n\n")
+    return response
+
+
+async def stream_log(
+    request: web.Request,
+    response: web.StreamResponse,
+    conversation_id: str,
+    position: Position,
+    *,
+    turn: TurnFilter | None = None,
+) -> web.StreamResponse:
+    """Write the conversation's events after `position` until the stream's end.
+
+    With `turn`, only that turn's events, ending at its `done`. Without, every
+    event, ending after a `done` once the log is caught up and no turn is active
+    (an EventSource then reconnects with Last-Event-ID and waits for the next).
+    """
+    app = request.app
+    config = app[CONFIG]
+    event_log = app[LOG]
+    try:
+        await event_log.check_position(conversation_id, position.after())
+    except PositionGone as gone:
+        await response.write(
+            frame(None, Envelope("error", {"code": "position_gone", "message": str(gone)}))
+        )
+        position = Position(seq=gone.first_available - 1)
+
+    queue: asyncio.Queue[StoredEvent] = asyncio.Queue(maxsize=_QUEUE)
+    pump = asyncio.create_task(
+        _pump(
+            event_log.follow(conversation_id, position.after()), queue, config.slow_viewer_timeout_s
+        )
+    )
+    last_write = time.monotonic()
+    try:
+        while True:
+            if pump.done() and queue.empty():
+                break
+            try:
+                stored = await asyncio.wait_for(queue.get(), timeout=_POLL_S)
+            except TimeoutError:
+                if time.monotonic() - last_write >= config.ping_interval_s:
+                    await response.write(PING)
+                    last_write = time.monotonic()
+                continue
+            if turn is not None and not turn.admit(stored):
+                continue
+            out = frames(stored, position)
+            if not out:
+                continue
+            for data in out:
+                await response.write(data)
+            last_write = time.monotonic()
+            if not _ends_turn(stored):
+                continue
+            if turn is not None:
+                break
+            if await _idle_after(request, conversation_id, stored.seq):
+                break
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass  # the viewer went away; the turn goes on without it
+    finally:
+        pump.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pump
+    with contextlib.suppress(ConnectionResetError):
+        await response.write_eof()
+    return response
+
+
+def _ends_turn(stored: StoredEvent) -> bool:
+    return any(e.event == "done" for e in envelopes(stored))
+
+
+async def _idle_after(request: web.Request, conversation_id: str, seq: int) -> bool:
+    app = request.app
+    if await app[LOG].last_seq(conversation_id) > seq:
+        return False
+    return await app[TURNS].get(conversation_id) is None
+
+
+async def _pump(
+    source: AsyncIterator[StoredEvent], queue: asyncio.Queue[StoredEvent], slow_timeout: float
+) -> None:
+    try:
+        async for stored in source:
+            try:
+                await asyncio.wait_for(queue.put(stored), timeout=slow_timeout)
+            except TimeoutError:
+                log.info("slow viewer disconnected", extra={"seq": stored.seq})
+                return
+    except (EventLogError, nats.errors.Error) as err:
+        # The viewer's stream ends; it resumes from its last id once the broker is back.
+        log.warning("event stream broken", extra={"error": str(err)})

@@ -1,0 +1,69 @@
+"""Which turn is active where: a small, disposable record in Redis.
+
+The worker that runs a turn claims `parley:turn:<conversation>` (SET NX with a
+lease) before it appends the turn's first event, refreshes the lease while the
+turn runs and deletes it when the turn ends. The edge reads it to answer
+"is this conversation busy" and "where does the active turn start".
+
+Losing Redis loses nothing of value: the lease expires, and the event log, not
+this record, decides what happened (a stale writer's append is refused there).
+"""
+
+from __future__ import annotations
+
+import msgspec
+import redis.asyncio as aioredis
+
+_KEY = "parley:turn:{}"
+
+# Delete or refresh the key only while it still names this worker: a worker whose
+# lease expired must not remove the record of the worker that took over.
+_RELEASE = """
+local current = redis.call('GET', KEYS[1])
+if current and cjson.decode(current)['worker'] == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+_REFRESH = """
+local current = redis.call('GET', KEYS[1])
+if current and cjson.decode(current)['worker'] == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+
+class TurnRecord(msgspec.Struct, frozen=True):
+    worker: str
+    turn_id: str
+    after: int  # log position just before the turn's first event
+    at: int
+
+
+class TurnRegistry:
+    def __init__(self, redis: aioredis.Redis, *, lease_ms: int = 30_000) -> None:
+        self._redis = redis
+        self.lease_ms = lease_ms
+        self._release = redis.register_script(_RELEASE)
+        self._refresh = redis.register_script(_REFRESH)
+
+    async def claim(self, conversation_id: str, record: TurnRecord) -> bool:
+        ok = await self._redis.set(
+            _KEY.format(conversation_id), msgspec.json.encode(record), nx=True, px=self.lease_ms
+        )
+        return bool(ok)
+
+    async def refresh(self, conversation_id: str, worker: str) -> bool:
+        return bool(
+            await self._refresh(keys=[_KEY.format(conversation_id)], args=[worker, self.lease_ms])
+        )
+
+    async def release(self, conversation_id: str, worker: str) -> None:
+        await self._release(keys=[_KEY.format(conversation_id)], args=[worker])
+
+    async def get(self, conversation_id: str) -> TurnRecord | None:
+        raw = await self._redis.get(_KEY.format(conversation_id))
+        if raw is None:
+            return None
+        return msgspec.json.decode(raw, type=TurnRecord)

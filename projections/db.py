@@ -1,0 +1,53 @@
+"""Postgres connections for the read models: one schema per deployment (tests use one per test)."""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from typing import Any
+
+import asyncpg
+
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def check_schema_name(schema: str) -> str:
+    if not _SCHEMA_NAME.match(schema):
+        raise ValueError(f"invalid schema name {schema!r}")
+    return schema
+
+
+async def create_pool(database_url: str, schema: str, *, max_size: int = 10) -> Any:
+    """A pool whose connections see `schema` first; the schema and tables are created if missing."""
+    schema = check_schema_name(schema)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await ensure_schema(conn, schema)
+    finally:
+        await conn.close()
+    return await asyncpg.create_pool(
+        database_url,
+        min_size=1,
+        max_size=max_size,
+        server_settings={"search_path": schema},
+    )
+
+
+async def ensure_schema(conn: Any, schema: str) -> None:
+    schema = check_schema_name(schema)
+    ddl = resources.files("projections").joinpath("schema.sql").read_text()
+    async with conn.transaction():
+        # Two processes starting at once must not race on CREATE ... IF NOT EXISTS.
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"parley-ddl-{schema}")
+        await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        await conn.execute(f'SET LOCAL search_path TO "{schema}"')
+        await conn.execute(ddl)
+
+
+async def drop_schema(database_url: str, schema: str) -> None:
+    schema = check_schema_name(schema)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()

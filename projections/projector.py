@@ -1,0 +1,297 @@
+"""The read-model projector: CHAT_EVT -> Postgres, exactly once.
+
+Exactly-once effect comes from the tracking record, not from the broker: each
+batch of events is applied and the position of its last event written to
+`projection_checkpoints` in the same transaction. On start the projector reads
+its position from Postgres and follows the log from the next sequence with an
+ordered consumer (gap-free and in order), so a crash between commit and
+anything else neither loses nor doubles a row; an event at or below the
+checkpoint is skipped.
+
+Only one projector per schema applies events at a time (a Postgres advisory
+lock); a second one waits as a hot standby.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import nats.errors
+from nats.js import JetStreamContext, api
+
+from events.codec import decode_event
+from events.log import StoredEvent
+from events.subjects import EVT_STREAM, EVT_SUBJECTS
+from events.vocabulary import (
+    AnyEvent,
+    BillingRejected,
+    Cancelled,
+    ContentBlock,
+    ConversationCreated,
+    Done,
+    Failed,
+    Started,
+    Title,
+    UserMessage,
+)
+
+log = logging.getLogger(__name__)
+
+NAME = "read_models"
+_blocks_encoder = msgspec.json.Encoder()
+
+
+def timestamp(ns: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ns / 1e9, tz=dt.UTC)
+
+
+class Projector:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        pool: Any,
+        *,
+        name: str = NAME,
+        batch_max: int = 500,
+    ) -> None:
+        self._js = js
+        self._pool = pool
+        self.name = name
+        self._batch_max = batch_max
+        self.position = 0
+        self.applied = asyncio.Condition()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        async with self._pool.acquire() as lock_conn:
+            while not await lock_conn.fetchval(
+                "SELECT pg_try_advisory_lock(hashtext($1))", f"parley-projector-{self.name}"
+            ):
+                if stopping.is_set():
+                    return
+                await asyncio.sleep(1.0)
+            try:
+                await self._follow(stopping)
+            finally:
+                await lock_conn.execute(
+                    "SELECT pg_advisory_unlock(hashtext($1))", f"parley-projector-{self.name}"
+                )
+
+    async def _follow(self, stopping: asyncio.Event) -> None:
+        self.position = await self._load_position()
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=self.position + 1,
+            filter_subject=EVT_SUBJECTS,
+            inactive_threshold=60.0,
+        )
+        sub = await self._js.subscribe(
+            EVT_SUBJECTS, stream=EVT_STREAM, ordered_consumer=True, config=config
+        )
+        try:
+            while not stopping.is_set():
+                try:
+                    first = await sub.next_msg(timeout=1.0)
+                except nats.errors.TimeoutError:
+                    continue
+                msgs = [first]
+                while len(msgs) < self._batch_max and sub.pending_msgs > 0:
+                    msgs.append(await sub.next_msg(timeout=1.0))
+                await self.apply([_stored(m) for m in msgs])
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+
+    async def _load_position(self) -> int:
+        async with self._pool.acquire() as conn:
+            await conn.execute(
+                "INSERT INTO projection_checkpoints (name, position) VALUES ($1, 0) "
+                "ON CONFLICT (name) DO NOTHING",
+                self.name,
+            )
+            position: int = await conn.fetchval(
+                "SELECT position FROM projection_checkpoints WHERE name = $1", self.name
+            )
+            return position
+
+    async def apply(self, batch: Sequence[StoredEvent | tuple[int, None]]) -> None:
+        """Apply a batch and move the checkpoint, in one transaction."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            position: int = await conn.fetchval(
+                "SELECT position FROM projection_checkpoints WHERE name = $1 FOR UPDATE",
+                self.name,
+            )
+            last = position
+            for item in batch:
+                seq = item.seq if isinstance(item, StoredEvent) else item[0]
+                if seq <= position:
+                    continue  # applied before a crash: the checkpoint says so
+                if isinstance(item, StoredEvent):
+                    await apply_event(conn, item.seq, item.event)
+                last = max(last, seq)
+            if last != position:
+                await conn.execute(
+                    "UPDATE projection_checkpoints SET position = $2 WHERE name = $1",
+                    self.name,
+                    last,
+                )
+        async with self.applied:
+            self.position = max(self.position, last)
+            self.applied.notify_all()
+
+
+def _stored(msg: Any) -> StoredEvent | tuple[int, None]:
+    seq = int(msg.metadata.sequence.stream)
+    try:
+        return StoredEvent(seq=seq, event=decode_event(msg.data))
+    except (msgspec.DecodeError, msgspec.ValidationError) as err:
+        # An event this version cannot read (written by a newer one, or damaged):
+        # skip it, loudly, rather than stop every read model behind it.
+        log.error("event not projected", extra={"seq": seq, "error": str(err)})
+        return (seq, None)
+
+
+async def apply_event(conn: Any, seq: int, event: AnyEvent) -> None:
+    at = timestamp(event.at)
+    match event:
+        case ConversationCreated():
+            await conn.execute(
+                "INSERT INTO conversations (id, user_id, project_id, title, title_source, model,"
+                " created_at, updated_at, last_seq) VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8)"
+                " ON CONFLICT (id) DO NOTHING",
+                event.conversation_id,
+                event.user_id,
+                event.project_id,
+                event.title,
+                "user" if event.title else None,
+                event.model,
+                at,
+                seq,
+            )
+        case UserMessage():
+            await _supersede(
+                conn, event.conversation_id, event.version_group_id or event.message_id
+            )
+            await conn.execute(
+                "INSERT INTO messages (id, conversation_id, role, content, status,"
+                " parent_message_id, version_group_id, version_number, is_latest, seq,"
+                " created_at, updated_at)"
+                " VALUES ($1, $2, 'user', $3, 'complete', $4, $5, $6, true, $7, $8, $8)"
+                " ON CONFLICT (id) DO NOTHING",
+                event.message_id,
+                event.conversation_id,
+                _blocks_encoder.encode([{"role": "user", "content": event.content}]).decode(),
+                event.parent_message_id,
+                event.version_group_id or event.message_id,
+                event.version_number,
+                seq,
+                at,
+            )
+            await _touch(conn, event.conversation_id, seq, at)
+        case Started():
+            group = event.version_group_id or event.turn_id
+            await _supersede(conn, event.conversation_id, group)
+            await conn.execute(
+                "INSERT INTO messages (id, conversation_id, role, content, status, turn_id,"
+                " user_message_id, parent_message_id, version_group_id, version_number, is_latest,"
+                " model, model_version_id, seq, created_at, updated_at)"
+                " VALUES ($1, $2, 'assistant', '[]', 'streaming', $1, $3, $4, $5, $6, true,"
+                " $7, $8, $9, $10, $10) ON CONFLICT (id) DO NOTHING",
+                event.turn_id,
+                event.conversation_id,
+                event.user_message_id,
+                event.parent_message_id or event.user_message_id,
+                group,
+                event.version_number,
+                event.model,
+                event.model_version_id,
+                seq,
+                at,
+            )
+            await _touch(conn, event.conversation_id, seq, at)
+        case Done() | Cancelled() | Failed():
+            status = (
+                "complete"
+                if isinstance(event, Done)
+                else "cancelled"
+                if isinstance(event, Cancelled)
+                else "failed"
+            )
+            await conn.execute(
+                "UPDATE messages SET content = $2, status = $3, input_tokens = $4,"
+                " output_tokens = $5, tokens_estimated = $6, stop_reason = $7,"
+                " error_code = $8, error_message = $9, updated_at = $10 WHERE id = $1",
+                event.turn_id,
+                _blocks(event.content),
+                status,
+                event.input_tokens,
+                event.output_tokens,
+                event.tokens_estimated,
+                event.stop_reason if isinstance(event, Done) else None,
+                event.code if isinstance(event, Failed) else None,
+                event.message if isinstance(event, Failed) else None,
+                at,
+            )
+            await _touch(
+                conn,
+                event.conversation_id,
+                seq,
+                at,
+                tokens=event.input_tokens + event.output_tokens,
+            )
+        case BillingRejected():
+            await conn.execute(
+                "UPDATE messages SET status = 'billing_error', error_code = 'billing_error',"
+                " error_message = $2, updated_at = $3 WHERE id = $1",
+                event.turn_id,
+                f"account {event.account} has {event.available} micro-credits, needs {event.needed}",
+                at,
+            )
+            await _touch(conn, event.conversation_id, seq, at)
+        case Title():
+            await conn.execute(
+                "UPDATE conversations SET title = $2, title_source = COALESCE($3, title_source),"
+                " last_seq = $4"
+                " WHERE id = $1",
+                event.conversation_id,
+                event.title,
+                event.source if event.source != "existing" else None,
+                seq,
+            )
+        case _:
+            pass  # chunks, tool calls and results live in the log; no read model needs them yet
+
+
+def _blocks(blocks: Sequence[ContentBlock]) -> str:
+    return _blocks_encoder.encode(list(blocks)).decode()
+
+
+async def _supersede(conn: Any, conversation_id: str, group: str) -> None:
+    await conn.execute(
+        "UPDATE messages SET is_latest = false"
+        " WHERE conversation_id = $1 AND version_group_id = $2 AND is_latest",
+        conversation_id,
+        group,
+    )
+
+
+async def _touch(
+    conn: Any, conversation_id: str, seq: int, at: dt.datetime, *, tokens: int = 0
+) -> None:
+    """message_count = the conversation's visible messages; token totals grow per turn."""
+    await conn.execute(
+        "UPDATE conversations SET"
+        " message_count = (SELECT count(*) FROM messages"
+        "   WHERE conversation_id = $1 AND is_latest),"
+        " token_usage_total = token_usage_total + $2, updated_at = $3, last_seq = $4"
+        " WHERE id = $1",
+        conversation_id,
+        tokens,
+        at,
+        seq,
+    )

@@ -1,0 +1,52 @@
+-- Read models projected from the CHAT_EVT log. Everything here can be dropped and
+-- rebuilt from the log with identical content: rows carry only what events carry
+-- (timestamps come from event.at, never from now()).
+
+CREATE TABLE IF NOT EXISTS projection_checkpoints (
+    name      text PRIMARY KEY,
+    position  bigint NOT NULL            -- the last CHAT_EVT sequence applied
+);
+
+CREATE TABLE IF NOT EXISTS conversations (
+    id                 text PRIMARY KEY,
+    user_id            text NOT NULL,
+    project_id         text,
+    title              text NOT NULL DEFAULT '',
+    title_source       text,
+    model              text,
+    message_count      integer NOT NULL DEFAULT 0,
+    token_usage_total  bigint  NOT NULL DEFAULT 0,
+    created_at         timestamptz NOT NULL,
+    updated_at         timestamptz NOT NULL,
+    last_seq           bigint NOT NULL
+);
+CREATE INDEX IF NOT EXISTS conversations_by_user ON conversations (user_id, updated_at DESC);
+CREATE INDEX IF NOT EXISTS conversations_by_project ON conversations (project_id, updated_at DESC);
+
+CREATE TABLE IF NOT EXISTS messages (
+    id                 text PRIMARY KEY,
+    conversation_id    text NOT NULL,
+    role               text NOT NULL,          -- user | assistant | system
+    content            jsonb NOT NULL,         -- [{role, content}] blocks
+    status             text NOT NULL,          -- complete | streaming | cancelled | failed | billing_error
+    turn_id            text,
+    user_message_id    text,
+    parent_message_id  text,
+    version_group_id   text NOT NULL,
+    version_number     integer NOT NULL,
+    is_latest          boolean NOT NULL,
+    is_fork_origin     boolean NOT NULL DEFAULT false,
+    model              text,
+    model_version_id   text,
+    input_tokens       integer,
+    output_tokens      integer,
+    tokens_estimated   boolean,
+    stop_reason        text,
+    error_code         text,
+    error_message      text,
+    seq                bigint NOT NULL,        -- position of the event that created the row
+    created_at         timestamptz NOT NULL,
+    updated_at         timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id, seq);
+CREATE INDEX IF NOT EXISTS messages_by_group ON messages (conversation_id, version_group_id);

@@ -1,0 +1,93 @@
+"""Reads of the projected rows, for the edge. Read-only: only the projector writes."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import msgspec
+
+
+class ConversationRow(msgspec.Struct, frozen=True):
+    id: str
+    user_id: str
+    project_id: str | None
+    title: str
+    model: str | None
+    message_count: int
+    token_usage_total: int
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    last_seq: int
+
+
+class MessageRow(msgspec.Struct, frozen=True):
+    id: str
+    conversation_id: str
+    role: str
+    content: list[dict[str, Any]]
+    status: str
+    turn_id: str | None
+    parent_message_id: str | None
+    version_group_id: str
+    version_number: int
+    is_latest: bool
+    is_fork_origin: bool
+    model: str | None
+    input_tokens: int | None
+    output_tokens: int | None
+    stop_reason: str | None
+    error_code: str | None
+    error_message: str | None
+    seq: int
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+_CONVERSATION_COLUMNS = (
+    "id, user_id, project_id, title, model, message_count, token_usage_total,"
+    " created_at, updated_at, last_seq"
+)
+_MESSAGE_COLUMNS = (
+    "id, conversation_id, role, content::text AS content, status, turn_id, parent_message_id,"
+    " version_group_id, version_number, is_latest, is_fork_origin, model, input_tokens,"
+    " output_tokens, stop_reason, error_code, error_message, seq, created_at, updated_at"
+)
+
+
+class ReadStore:
+    def __init__(self, pool: Any, *, projection: str = "read_models") -> None:
+        self._pool = pool
+        self._projection = projection
+
+    async def conversation(self, conversation_id: str) -> ConversationRow | None:
+        row = await self._pool.fetchrow(
+            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE id = $1", conversation_id
+        )
+        return None if row is None else ConversationRow(**dict(row))
+
+    async def conversations_of(self, user_id: str, *, limit: int = 100) -> list[ConversationRow]:
+        rows = await self._pool.fetch(
+            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE user_id = $1"
+            " ORDER BY updated_at DESC, id DESC LIMIT $2",
+            user_id,
+            limit,
+        )
+        return [ConversationRow(**dict(r)) for r in rows]
+
+    async def messages(
+        self, conversation_id: str, *, all_versions: bool = False
+    ) -> list[MessageRow]:
+        where = "conversation_id = $1" + ("" if all_versions else " AND is_latest")
+        rows = await self._pool.fetch(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE {where} ORDER BY seq", conversation_id
+        )
+        return [
+            MessageRow(**{**dict(r), "content": msgspec.json.decode(r["content"])}) for r in rows
+        ]
+
+    async def position(self) -> int:
+        value = await self._pool.fetchval(
+            "SELECT position FROM projection_checkpoints WHERE name = $1", self._projection
+        )
+        return int(value or 0)
