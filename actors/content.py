@@ -36,21 +36,25 @@ def normalise_thinking(text: str) -> str:
     return text.strip()
 
 
-def merge_blocks(pieces: Iterable[tuple[ChunkKind, str]]) -> list[ContentBlock]:
+def merge_blocks(pieces: Iterable[tuple[ChunkKind | None, str]]) -> list[ContentBlock]:
     """Merge consecutive pieces of the same kind into content blocks.
 
+    A `None` kind is a boundary (a tool call happened there): the chunks on its
+    two sides are not consecutive, so they are not glued into one block.
     Thinking is normalised after merging (normalising each piece would eat the
     spaces between tokens); a block left empty is dropped.
     """
-    merged: list[tuple[ChunkKind, list[str]]] = []
+    merged: list[tuple[ChunkKind | None, list[str]]] = []
     for kind, text in pieces:
-        if merged and merged[-1][0] == kind:
+        if kind is not None and merged and merged[-1][0] == kind:
             merged[-1][1].append(text)
         else:
             merged.append((kind, [text]))
     blocks: list[ContentBlock] = []
     for kind, parts in merged:
         text = "".join(parts)
+        if kind is None:
+            continue
         if kind == "thinking":
             text = normalise_thinking(text)
             if text:

@@ -45,13 +45,13 @@ class Piece(msgspec.Struct, frozen=True):
     linear while the state remains immutable.
     """
 
-    kind: ChunkKind
+    kind: ChunkKind | None  # None: a boundary, where a tool call interrupted the text
     text: str
     previous: Piece | None = None
 
 
-def pieces_in_order(last: Piece | None) -> list[tuple[ChunkKind, str]]:
-    out: list[tuple[ChunkKind, str]] = []
+def pieces_in_order(last: Piece | None) -> list[tuple[ChunkKind | None, str]]:
+    out: list[tuple[ChunkKind | None, str]] = []
     node = last
     while node is not None:
         out.append((node.kind, node.text))
@@ -161,8 +161,12 @@ def evolve(state: Conversation, event: AnyEvent) -> Conversation:
         case ToolCall():
             if state.active is None or state.active.turn_id != event.turn_id:
                 return state
+            boundary = Piece(kind=None, text="", previous=state.active.last_piece)
             return replace(
-                state, active=replace(state.active, tool_calls=state.active.tool_calls + 1)
+                state,
+                active=replace(
+                    state.active, last_piece=boundary, tool_calls=state.active.tool_calls + 1
+                ),
             )
         case Done() | Cancelled() | Failed():
             status: MessageStatus = (

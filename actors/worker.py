@@ -68,7 +68,7 @@ class WorkerHost:
                 while not stopping.is_set():
                     try:
                         msgs = await sub.fetch(self._batch, timeout=1.0)
-                    except nats.errors.TimeoutError:
+                    except (nats.errors.TimeoutError, TimeoutError):
                         continue
                     for msg in msgs:
                         await self._dispatch(msg, actors)

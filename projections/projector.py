@@ -66,6 +66,7 @@ class Projector:
         self._batch_max = batch_max
         self.position = 0
         self.applied = asyncio.Condition()
+        self.ready = asyncio.Event()  # set once following the log
 
     async def run(self, stopping: asyncio.Event) -> None:
         async with self._pool.acquire() as lock_conn:
@@ -93,11 +94,12 @@ class Projector:
         sub = await self._js.subscribe(
             EVT_SUBJECTS, stream=EVT_STREAM, ordered_consumer=True, config=config
         )
+        self.ready.set()
         try:
             while not stopping.is_set():
                 try:
                     first = await sub.next_msg(timeout=1.0)
-                except nats.errors.TimeoutError:
+                except (nats.errors.TimeoutError, TimeoutError):
                     continue
                 msgs = [first]
                 while len(msgs) < self._batch_max and sub.pending_msgs > 0:

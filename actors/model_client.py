@@ -1,0 +1,245 @@
+"""Calling an OpenAI-compatible model: one streaming Chat Completions request, items out.
+
+This is the I/O shell around the pure `actors.model_stream` parser. It owns the
+HTTP request, every timeout, and the mapping of transport failures to
+`ModelStreamError` codes; it owns no policy: retries, billing, token estimates
+and events are the conversation actor's. Nothing here logs conversation data or
+reads settings from the environment: the endpoint and its key are passed in.
+
+Every wait has a deadline (connect, first byte, silence between bytes), so a call
+ends with items or an error, never a hang. The response is always released; when
+the caller stops early or anything fails, the connection is closed outright, so a
+real server stops generating (and billing) tokens nobody will read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+import aiohttp
+import msgspec
+
+from actors.errors import ModelStreamError
+from actors.model_stream import ChatStreamParser, StreamItem, error_in_chunk
+
+# Error bodies are read for their message only; a proxy's multi-megabyte HTML page
+# must not be buffered whole.
+_ERROR_BODY_LIMIT: Final = 64 * 1024
+_MESSAGE_LIMIT: Final = 300
+# Content types that may carry the event stream. aiohttp reports a missing
+# Content-Type as application/octet-stream, and some self-hosted servers label
+# their SSE text/plain; the parser decides on the bytes themselves.
+_STREAM_TYPES: Final = frozenset({"text/event-stream", "text/plain", "application/octet-stream"})
+
+
+class ModelEndpoint(msgspec.Struct, frozen=True):
+    """Where a model is served: `base_url` like http://127.0.0.1:9000/v1."""
+
+    base_url: str
+    model: str
+    api_key: str | None = None
+
+
+class ChatRequest(msgspec.Struct, frozen=True):
+    """What to ask: OpenAI-format messages and tool schemas."""
+
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] = []
+    max_tokens: int | None = None
+    temperature: float = 0.7
+
+
+def request_body(endpoint: ModelEndpoint, request: ChatRequest) -> dict[str, Any]:
+    """The JSON body of a streaming Chat Completions request."""
+    body: dict[str, Any] = {
+        "model": endpoint.model,
+        "messages": request.messages,
+        "stream": True,
+        # Without this OpenAI sends no usage at all in a stream; with it, a last
+        # `choices: []` chunk carries the counts billing needs.
+        "stream_options": {"include_usage": True},
+        "temperature": request.temperature,
+    }
+    if request.max_tokens is not None:
+        body["max_tokens"] = request.max_tokens
+    if request.tools:
+        # Some servers reject an empty tools list, so it is sent only when non-empty.
+        body["tools"] = request.tools
+    return body
+
+
+async def stream_chat(
+    session: aiohttp.ClientSession,
+    endpoint: ModelEndpoint,
+    request: ChatRequest,
+    *,
+    connect_timeout: float = 10,
+    first_byte_timeout: float = 120,
+    idle_timeout: float = 120,
+) -> AsyncIterator[StreamItem]:
+    """Stream one chat completion; yields items as the bytes arrive.
+
+    Raises `ModelStreamError`: `http_<status>`, `unreachable`, `timeout`,
+    `stream_cut`, `bad_json` or `model_error` (see `actors.errors`). Items yielded
+    before an error stay valid: they are what the model produced until then.
+    """
+    url = endpoint.base_url.rstrip("/") + "/chat/completions"
+    headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+    if endpoint.api_key:
+        headers["Authorization"] = f"Bearer {endpoint.api_key}"
+    body = msgspec.json.encode(request_body(endpoint, request))
+    # aiohttp's own timeouts cover connecting only: total=None because a long
+    # answer is not a failure, and the read deadlines below are ours.
+    timeout = aiohttp.ClientTimeout(
+        total=None, connect=connect_timeout, sock_connect=connect_timeout, sock_read=None
+    )
+    loop = asyncio.get_running_loop()
+    # The first-byte budget starts once connecting is over, so a slow connect does
+    # not eat the model's time to first token.
+    first_byte_deadline = loop.time() + connect_timeout + first_byte_timeout
+
+    try:
+        async with asyncio.timeout_at(first_byte_deadline):
+            response = await session.post(url, data=body, headers=headers, timeout=timeout)
+    except aiohttp.ConnectionTimeoutError as err:
+        raise ModelStreamError(
+            "unreachable", f"no connection to {url} within {connect_timeout}s"
+        ) from err
+    except aiohttp.ClientConnectorError as err:  # refused, DNS, TLS, no route
+        raise ModelStreamError("unreachable", f"cannot connect to {url}: {err}") from err
+    except TimeoutError as err:
+        raise ModelStreamError(
+            "timeout", f"{url} sent no response within {first_byte_timeout}s"
+        ) from err
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as err:
+        raise ModelStreamError(
+            "stream_cut", f"{url} closed the connection before answering: {err}"
+        ) from err
+    except aiohttp.ClientError as err:
+        raise ModelStreamError("unreachable", f"request to {url} failed: {err}") from err
+
+    async with response:
+        try:
+            if not 200 <= response.status < 300:
+                raise await _http_error(response, idle_timeout)
+            if response.content_type not in _STREAM_TYPES:
+                raise await _not_a_stream(response, idle_timeout)
+            parser = ChatStreamParser()
+            cut_by: BaseException | None = None
+            received = False
+            deadline = first_byte_deadline
+            while not parser.done:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        data = await response.content.readany()
+                except TimeoutError as err:
+                    raise ModelStreamError(
+                        "timeout",
+                        f"{url} went silent for {idle_timeout}s mid-stream"
+                        if received
+                        else f"{url} sent no stream data within {first_byte_timeout}s",
+                    ) from err
+                except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as err:
+                    # The server dropped the connection. Whether that lost anything
+                    # is the parser's call: after a finish_reason nothing was lost.
+                    cut_by = err
+                    break
+                if not data:
+                    break
+                received = True
+                deadline = loop.time() + idle_timeout
+                for item in parser.feed(data):
+                    yield item
+                if parser.error is not None:
+                    raise parser.error
+            try:
+                tail = parser.finish()
+            except ModelStreamError as err:
+                if err.code == "stream_cut" and cut_by is not None:
+                    raise ModelStreamError(
+                        "stream_cut", f"{err.message} (connection lost: {cut_by})"
+                    ) from cut_by
+                raise
+            for item in tail:
+                yield item
+            if parser.error is not None:
+                raise parser.error
+        except BaseException:
+            # Also on GeneratorExit/cancellation: closing (not just releasing) tells
+            # the server at once that nobody reads the rest of the answer.
+            response.close()
+            raise
+
+
+async def _read_body(response: aiohttp.ClientResponse, idle_timeout: float) -> bytes:
+    """Up to _ERROR_BODY_LIMIT bytes of a (non-stream) body; what arrived if it stalls."""
+    parts: list[bytes] = []
+    size = 0
+    try:
+        while size < _ERROR_BODY_LIMIT:
+            async with asyncio.timeout(idle_timeout):
+                part = await response.content.readany()
+            if not part:
+                break
+            parts.append(part)
+            size += len(part)
+    except (TimeoutError, aiohttp.ClientError):
+        pass  # the message is best effort: the status alone already says what failed
+    return b"".join(parts)[:_ERROR_BODY_LIMIT]
+
+
+async def _http_error(response: aiohttp.ClientResponse, idle_timeout: float) -> ModelStreamError:
+    status = response.status
+    raw = await _read_body(response, idle_timeout)
+    message = _message_from_body(raw) or response.reason or "no message"
+    return ModelStreamError(f"http_{status}", message, status=status)
+
+
+async def _not_a_stream(response: aiohttp.ClientResponse, idle_timeout: float) -> ModelStreamError:
+    content_type = response.content_type
+    raw = await _read_body(response, idle_timeout)
+    if content_type == "application/json" or content_type.endswith("+json"):
+        try:
+            decoded = msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            return ModelStreamError(
+                "bad_json",
+                f"expected an event stream, got {content_type} that is not valid JSON: "
+                + _truncate(raw.decode("utf-8", "replace")),
+            )
+        problem = error_in_chunk(decoded) if isinstance(decoded, dict) else None
+        if problem is not None:
+            return ModelStreamError("model_error", problem, status=response.status)
+        return ModelStreamError(
+            "model_error",
+            "the server answered with one JSON body instead of an event stream "
+            "(does it support stream: true?): " + _truncate(raw.decode("utf-8", "replace")),
+            status=response.status,
+        )
+    return ModelStreamError(
+        "bad_json",
+        f"expected an event stream, got {content_type}: "
+        + _truncate(raw.decode("utf-8", "replace")),
+    )
+
+
+def _message_from_body(raw: bytes) -> str:
+    """The error message in an error body: error.message when it is JSON, else the text."""
+    try:
+        decoded = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return _truncate(raw.decode("utf-8", "replace").strip())
+    if isinstance(decoded, dict):
+        problem = error_in_chunk(decoded)
+        if problem is not None:
+            return _truncate(problem)
+        detail = decoded.get("detail")  # FastAPI-style servers
+        if isinstance(detail, str) and detail:
+            return _truncate(detail)
+    return _truncate(raw.decode("utf-8", "replace").strip())
+
+
+def _truncate(text: str) -> str:
+    return text if len(text) <= _MESSAGE_LIMIT else text[:_MESSAGE_LIMIT] + "…"

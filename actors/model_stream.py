@@ -1,0 +1,461 @@
+"""Reading an OpenAI-compatible Chat Completions stream: raw SSE bytes in, typed items out.
+
+This room is pure: no sockets, no clock, no logging. It is fed whatever byte
+pieces the network delivered (split anywhere: mid-line, mid-UTF-8 character,
+between CR and LF) and answers with `StreamItem`s that do not depend on how the
+bytes were split. That makes every rule here testable with recorded transcripts
+and random splits, and leaves the I/O (timeouts, HTTP status, retries) to
+`actors.model_client`.
+
+What the parser promises:
+- text is never lost or reordered; thinking and answer are told apart whether the
+  server sends `reasoning_content`/`reasoning` deltas or `<think>...</think>`
+  inside `content`, tags cut across chunks included;
+- tool calls are assembled from their piecewise deltas and emitted whole, in
+  index order, when the finish_reason arrives (or at `[DONE]`/end if it never does);
+- usage is emitted whenever a chunk carries it (on the finish chunk for
+  DeepSeek, on a later `choices: []` chunk for OpenAI); the last one counts;
+- a stream that ends without `[DONE]` or a finish_reason is an error, never a
+  silently short answer.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Final
+
+import msgspec
+
+from actors.errors import ModelStreamError
+from events.vocabulary import ChunkKind
+
+
+class TextDelta(msgspec.Struct, frozen=True):
+    """A piece of thinking or answer text, in stream order."""
+
+    kind: ChunkKind
+    text: str
+
+
+class ToolCallRequest(msgspec.Struct, frozen=True):
+    """One complete tool call; `arguments` is the JSON text as the model wrote it."""
+
+    call_id: str
+    name: str
+    arguments: str
+
+
+class Usage(msgspec.Struct, frozen=True):
+    """Token counts reported by the server (prompt_tokens / completion_tokens)."""
+
+    input_tokens: int
+    output_tokens: int
+
+
+class Finish(msgspec.Struct, frozen=True):
+    """The model stopped: `reason` is its finish_reason ("stop", "length", "tool_calls", ...)."""
+
+    reason: str
+
+
+StreamItem = TextDelta | ToolCallRequest | Usage | Finish
+
+_OPEN_TAG: Final = "<think>"
+_CLOSE_TAG: Final = "</think>"
+_LINE_END: Final = re.compile(rb"[\r\n]")
+_CR: Final = 0x0D
+_LF: Final = 0x0A
+# A line this long is not a chunk of a chat stream; refusing it bounds the memory a
+# misbehaving server can make us hold while we wait for a newline.
+_MAX_LINE_BYTES: Final = 8 * 1024 * 1024
+_decode_json = msgspec.json.Decoder().decode
+
+
+class ChatStreamParser:
+    """Incremental parser of one Chat Completions stream (one response, one choice).
+
+    `feed` and `finish` never drop items they parsed: when an error follows some
+    items within one call, the call returns those items, sets `error`, and the
+    next call raises it. A caller that must not wait for more bytes after an
+    error checks `error` after each call.
+    """
+
+    def __init__(self) -> None:
+        self.done = False  # `data: [DONE]` seen
+        self.deltas = (
+            0  # non-empty content/reasoning deltas: a token estimate when usage never comes
+        )
+        self.error: ModelStreamError | None = None
+        self._buf = bytearray()
+        self._data: list[bytes] = []  # data lines of the SSE event being read
+        self._finish_reason: str | None = None
+        self._calls: dict[int, _PartialCall] = {}
+        self._think = _ThinkSplitter()
+        self._stray: bytes | None = None  # first line that was not SSE, to explain a cut
+        self._ended = False
+
+    def feed(self, data: bytes) -> list[StreamItem]:
+        """Parse the next bytes of the stream; returns the items they completed."""
+        if self.error is not None:
+            raise self.error
+        if self.done or not data:
+            return []
+        self._buf += data
+        out: list[StreamItem] = []
+        try:
+            self._read_lines(out, at_end=False)
+        except ModelStreamError as err:
+            self.error = err
+            if not out:
+                raise
+        return out
+
+    def finish(self) -> list[StreamItem]:
+        """The byte stream ended: flush what is held back, or raise `stream_cut`."""
+        if self.error is not None:
+            raise self.error
+        if self._ended:
+            return []
+        self._ended = True
+        out: list[StreamItem] = []
+        try:
+            if not self.done:
+                self._read_lines(out, at_end=True)
+            if not self.done:
+                self._read_unterminated_tail(out)
+            out.extend(self._think.flush())
+            if not self.done and self._finish_reason is None:
+                raise ModelStreamError("stream_cut", self._cut_message())
+        except ModelStreamError as err:
+            self.error = err
+            if not out:
+                raise
+        return out
+
+    # ------------------------------------------------------------ SSE framing
+
+    def _read_lines(self, out: list[StreamItem], *, at_end: bool) -> None:
+        buf = self._buf
+        pos = 0
+        while not self.done:
+            match = _LINE_END.search(buf, pos)
+            if match is None:
+                break
+            end = match.start()
+            if buf[end] == _CR:
+                if end + 1 == len(buf) and not at_end:
+                    break  # a CR at the very end may be the first half of CRLF: wait
+                after = end + 2 if end + 1 < len(buf) and buf[end + 1] == _LF else end + 1
+            else:
+                after = end + 1
+            line = bytes(buf[pos:end])
+            pos = after
+            self._line(line, out)
+        if self.done:
+            buf.clear()  # anything after [DONE] is not part of this answer
+            return
+        del buf[:pos]
+        if len(buf) > _MAX_LINE_BYTES:
+            raise ModelStreamError(
+                "bad_json", f"an SSE line grew past {_MAX_LINE_BYTES} bytes without ending"
+            )
+
+    def _read_unterminated_tail(self, out: list[StreamItem]) -> None:
+        # Servers that end the body right after the last data line (no blank line, or
+        # not even a newline) still meant that line: the SSE rule "discard an event
+        # that was not terminated" would turn their last chunk into a cut.
+        tail = bytes(self._buf)
+        self._buf.clear()
+        if tail:
+            self._line(tail, out)
+        try:
+            self._dispatch(out)
+        except ModelStreamError as err:
+            if err.code != "bad_json" or not tail:
+                raise
+            raise ModelStreamError(
+                "stream_cut", "the stream ended in the middle of a data line"
+            ) from err
+
+    def _line(self, line: bytes, out: list[StreamItem]) -> None:
+        if not line:
+            self._dispatch(out)
+            return
+        if line[:1] == b":":
+            return  # SSE comment, e.g. a keep-alive ": ping"
+        field, colon, value = line.partition(b":")
+        if colon and value[:1] == b" ":
+            value = value[1:]
+        if field == b"data":
+            self._data.append(value)
+        elif field not in (b"event", b"id", b"retry") and self._stray is None:
+            self._stray = line[:200]
+
+    def _dispatch(self, out: list[StreamItem]) -> None:
+        lines, self._data = self._data, []
+        if len(lines) <= 1:
+            for line in lines:
+                self._payload(line, out)
+            return
+        joined = b"\n".join(lines)
+        try:
+            chunk = _decode_json(joined)
+        except msgspec.DecodeError:
+            # Some servers write one JSON chunk per data line with no blank line
+            # between them; the SSE join of those lines is not JSON, each line is.
+            for line in lines:
+                self._payload(line, out)
+            return
+        self._chunk(chunk, out)
+
+    def _payload(self, raw: bytes, out: list[StreamItem]) -> None:
+        raw = raw.strip()
+        if not raw:
+            return
+        if raw == b"[DONE]":
+            self._on_done(out)
+            return
+        try:
+            chunk = _decode_json(raw)
+        except msgspec.DecodeError as err:
+            raise ModelStreamError(
+                "bad_json", f"a data line is not valid JSON ({err}): {_snippet(raw)}"
+            ) from err
+        self._chunk(chunk, out)
+
+    # ------------------------------------------------------------ chunks
+
+    def _chunk(self, chunk: Any, out: list[StreamItem]) -> None:
+        if not isinstance(chunk, dict):
+            raise ModelStreamError(
+                "bad_json", f"a data line is JSON but not an object: {_snippet(chunk)}"
+            )
+        problem = error_in_chunk(chunk)
+        if problem is not None:
+            raise ModelStreamError("model_error", problem)
+        choices = chunk.get("choices")
+        if isinstance(choices, list):
+            for choice in choices:
+                # n=1 is all we ask for; a server that sends more choices gets its first read.
+                if isinstance(choice, dict) and choice.get("index", 0) in (0, None):
+                    self._choice(choice, out)
+                    break
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            out.append(
+                Usage(
+                    input_tokens=_count(usage.get("prompt_tokens")),
+                    output_tokens=_count(usage.get("completion_tokens")),
+                )
+            )
+
+    def _choice(self, choice: dict[str, Any], out: list[StreamItem]) -> None:
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            reasoning = delta.get("reasoning_content")
+            if not (isinstance(reasoning, str) and reasoning):
+                # Some servers send both names with the same text; reading one of
+                # them, reasoning_content first, keeps thinking from doubling.
+                reasoning = delta.get("reasoning")
+            if isinstance(reasoning, str) and reasoning:
+                self.deltas += 1
+                out.extend(self._think.flush())  # text held before this stays before it
+                out.append(TextDelta("thinking", reasoning))
+            content = _content_text(delta.get("content"))
+            if content:
+                self.deltas += 1
+                out.extend(self._think.split(content))
+            tool_calls = delta.get("tool_calls")
+            if isinstance(tool_calls, list) and self._finish_reason is None:
+                for tool_call in tool_calls:
+                    if isinstance(tool_call, dict):
+                        self._tool_call_delta(tool_call)
+        reason = choice.get("finish_reason")
+        if isinstance(reason, str) and reason and self._finish_reason is None:
+            self._finish_reason = reason
+            out.extend(self._think.flush())
+            out.extend(self._take_calls())
+            out.append(Finish(reason))
+
+    def _tool_call_delta(self, delta: dict[str, Any]) -> None:
+        call_id = delta.get("id")
+        index = delta.get("index")
+        if not isinstance(index, int) or isinstance(index, bool):
+            index = self._index_without_index(call_id)
+        call = self._calls.setdefault(index, _PartialCall())
+        if isinstance(call_id, str) and call_id and not call.call_id:
+            call.call_id = call_id
+        function = delta.get("function")
+        if not isinstance(function, dict):
+            return
+        name = function.get("name")
+        # The name comes whole in the first delta; some servers repeat it on every
+        # delta, so the first one wins rather than being concatenated.
+        if isinstance(name, str) and name and not call.name:
+            call.name = name
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            call.arguments.append(arguments)
+        elif isinstance(arguments, dict):
+            call.arguments.append(msgspec.json.encode(arguments).decode())
+
+    def _index_without_index(self, call_id: object) -> int:
+        # Servers that omit `index` send each call whole with its own id: a new id
+        # is a new call, a delta without an id continues the latest call.
+        if isinstance(call_id, str) and call_id:
+            for index, call in self._calls.items():
+                if call.call_id == call_id:
+                    return index
+            return max(self._calls, default=-1) + 1
+        return max(self._calls, default=0)
+
+    def _take_calls(self) -> list[StreamItem]:
+        calls, self._calls = self._calls, {}
+        return [
+            ToolCallRequest(
+                call_id=call.call_id or f"call_{index}",
+                name=call.name,
+                arguments="".join(call.arguments),
+            )
+            for index, call in sorted(calls.items())
+        ]
+
+    def _on_done(self, out: list[StreamItem]) -> None:
+        self.done = True
+        self._data.clear()
+        out.extend(self._think.flush())
+        if self._finish_reason is None:
+            # [DONE] without a finish_reason still ends the answer normally; the
+            # reason is inferred so that callers always get exactly one Finish.
+            calls = self._take_calls()
+            out.extend(calls)
+            self._finish_reason = "tool_calls" if calls else "stop"
+            out.append(Finish(self._finish_reason))
+
+    def _cut_message(self) -> str:
+        message = "the stream ended before [DONE] and without a finish_reason"
+        if self._stray is not None:
+            message += f"; it carried text that is not SSE: {_snippet(self._stray)}"
+        return message
+
+
+class _PartialCall:
+    """A tool call still being streamed."""
+
+    __slots__ = ("arguments", "call_id", "name")
+
+    def __init__(self) -> None:
+        self.call_id = ""
+        self.name = ""
+        self.arguments: list[str] = []
+
+
+class _ThinkSplitter:
+    """Routes `content` text to thinking or answer by `<think>` tags.
+
+    A chunk may end inside a tag ("...<thi"), so a suffix that could still become
+    a tag is held back until the next chunk decides; `flush` releases it as
+    literal text when the stream (or the content) ends.
+    """
+
+    def __init__(self) -> None:
+        self.inside = False
+        self.held = ""
+
+    def split(self, text: str) -> list[StreamItem]:
+        text = self.held + text
+        self.held = ""
+        out: list[StreamItem] = []
+        while text:
+            tag = _CLOSE_TAG if self.inside else _OPEN_TAG
+            kind: ChunkKind = "thinking" if self.inside else "answer"
+            at = text.find(tag)
+            if at >= 0:
+                if at:
+                    out.append(TextDelta(kind, text[:at]))
+                text = text[at + len(tag) :]
+                self.inside = not self.inside
+                continue
+            keep = _partial_tag_length(text, tag)
+            if keep < len(text):
+                out.append(TextDelta(kind, text[: len(text) - keep]))
+            self.held = text[len(text) - keep :]
+            break
+        return out
+
+    def flush(self) -> list[StreamItem]:
+        if not self.held:
+            return []
+        held, self.held = self.held, ""
+        return [TextDelta("thinking" if self.inside else "answer", held)]
+
+
+def _partial_tag_length(text: str, tag: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `tag`."""
+    # A tag holds "<" only at its start, so the only candidate is the last "<"
+    # among the final len(tag) - 1 characters.
+    at = text.rfind("<", max(0, len(text) - len(tag) + 1))
+    if at >= 0 and tag.startswith(text[at:]):
+        return len(text) - at
+    return 0
+
+
+def _content_text(content: object) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        # Content sent as parts ([{"type": "text", "text": ...}]) by some servers.
+        return "".join(
+            part["text"]
+            for part in content
+            if isinstance(part, dict)
+            and part.get("type") == "text"
+            and isinstance(part.get("text"), str)
+        )
+    return ""
+
+
+def error_in_chunk(chunk: dict[str, Any]) -> str | None:
+    """The error a decoded chunk (or error body) reports, in any shape servers use, else None."""
+    error = chunk.get("error")
+    if error is not None:  # {"error": {...}} (OpenAI, SGLang), OpenRouter's top-level error
+        return _describe_error(error)
+    if chunk.get("object") == "error":  # vLLM: {"object": "error", "message": ...}
+        return _describe_error(chunk)
+    choices = chunk.get("choices")
+    if isinstance(choices, list):
+        for choice in choices:
+            if isinstance(choice, dict) and choice.get("finish_reason") == "error":
+                return "the model stopped with finish_reason 'error'"
+    return None
+
+
+def _describe_error(error: object) -> str:
+    if isinstance(error, str):
+        return error or "unspecified error"
+    if not isinstance(error, dict):
+        return _snippet(error)
+    message = error.get("message")
+    text = message if isinstance(message, str) and message else _snippet(error)
+    details = [
+        f"{key} {error[key]}"
+        for key in ("type", "code")
+        if isinstance(error.get(key), str | int) and error.get(key) not in ("", None)
+    ]
+    return f"{text} ({', '.join(details)})" if details else text
+
+
+def _count(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
+    return int(value)
+
+
+def _snippet(value: object, limit: int = 200) -> str:
+    if isinstance(value, bytes | bytearray):
+        text = bytes(value).decode("utf-8", "replace")
+    elif isinstance(value, str):
+        text = value
+    else:
+        text = msgspec.json.encode(value).decode()
+    return text if len(text) <= limit else text[:limit] + "…"

@@ -1,0 +1,312 @@
+"""The `parley` command line (DESIGN section 7)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import msgspec
+import nats
+
+from actors.models import ModelCatalog
+from api.auth import mint
+from events.codec import encode_stored
+from events.log import EventLog
+from events.subjects import valid_id
+from events.vocabulary import AnyEvent, Chunk
+from parley.config import ConfigError, Settings, jwt_secret, load_catalog, load_settings
+from parley.logs import setup_logging
+from parley.services import ROLES, Servers, ServiceOptions, Services
+from parley.stack import EmbeddedStack, StackError, running_stack_urls
+
+log = logging.getLogger(__name__)
+
+ADMIN_USER = "admin"
+
+
+class CliError(Exception):
+    """A message for the user; the command exits with status 2."""
+
+
+class RunInfo(msgspec.Struct, frozen=True):
+    """What `parley dev` records in the data folder for the other commands."""
+
+    edge_url: str
+    model_base_url: str
+    pid: int
+
+
+def resolve_servers(settings: Settings) -> Servers:
+    """The servers named in the environment, else the dev stack running on the data folder."""
+    named = {
+        "PARLEY_NATS_URL": settings.nats_url,
+        "PARLEY_DATABASE_URL": settings.database_url,
+        "PARLEY_REDIS_URL": settings.redis_url,
+    }
+    if any(named.values()):
+        missing = [name for name, value in named.items() if not value]
+        if missing:
+            raise CliError(f"set {', '.join(missing)} too, or none of the PARLEY_*_URL variables")
+        return Servers(
+            nats_url=settings.nats_url or "",
+            database_url=settings.database_url or "",
+            redis_url=settings.redis_url or "",
+        )
+    urls = running_stack_urls(settings.data_dir)
+    if urls is None:
+        raise CliError(
+            f"no servers configured (PARLEY_NATS_URL, PARLEY_DATABASE_URL, PARLEY_REDIS_URL) "
+            f"and no `parley dev` running on {settings.data_dir}"
+        )
+    return Servers(nats_url=urls.nats_url, database_url=urls.database_url, redis_url=urls.redis_url)
+
+
+# ---------------------------------------------------------------- dev / serve
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    settings = load_settings(args.data)
+    catalog = load_catalog(settings)
+    stack: EmbeddedStack | None = None
+    try:
+        if settings.embedded:
+            print(
+                f"starting NATS, Postgres and Redis under {settings.data_dir} ...", file=sys.stderr
+            )
+            stack = EmbeddedStack(settings.data_dir)
+            urls = stack.start()
+            servers = Servers(
+                nats_url=urls.nats_url, database_url=urls.database_url, redis_url=urls.redis_url
+            )
+        else:
+            servers = resolve_servers(settings)
+        return asyncio.run(_dev(settings, catalog, servers, args.host, args.port))
+    except StackError as err:
+        raise CliError(f"the embedded stack did not start: {err}") from err
+    finally:
+        if stack is not None:
+            stack.stop()
+
+
+async def _dev(
+    settings: Settings, catalog: ModelCatalog, servers: Servers, host: str, port: int
+) -> int:
+    from parley.demo_model import DemoConfig, start_demo_model
+
+    async with contextlib.AsyncExitStack() as stack:
+        base_url = settings.model_base_url
+        if base_url is None:
+            runner, base_url = await start_demo_model("127.0.0.1", 0, DemoConfig())
+            stack.push_async_callback(runner.cleanup)
+        secret = jwt_secret(settings)
+        options = ServiceOptions(
+            jwt_secret=secret,
+            catalog=catalog,
+            model_base_url=base_url,
+            model_api_key=settings.model_api_key,
+            db_schema=settings.db_schema,
+            host=host,
+            port=port,
+        )
+        try:
+            services = await stack.enter_async_context(Services(servers, options))
+        except OSError as err:
+            raise CliError(f"cannot listen on {host}:{port}: {err.strerror}; try --port") from err
+        run_file = settings.data_dir / "run.json"
+        run_file.write_bytes(msgspec.json.encode(RunInfo(services.edge_url, base_url, os.getpid())))
+        stack.callback(run_file.unlink, missing_ok=True)
+        token = mint(secret, ADMIN_USER, admin=True)
+        model_note = "the demo model" if settings.model_base_url is None else base_url
+        print(
+            f"\nparley is running at {services.edge_url}  (model: {model_note})\n"
+            f"admin token:\n{token}\n\n"
+            f"try:  TOKEN={token[:12]}...  (the whole token above)\n"
+            f"  curl -s -H \"Authorization: Bearer $TOKEN\" -X POST {services.edge_url}/v1/conversations -d '{{}}'\n"
+            f"open {services.edge_url}/ for the web page; Ctrl-C stops everything.\n",
+            flush=True,
+        )
+        await _until_signalled(services)
+    return 0
+
+
+async def _until_signalled(services: Services) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, services.stop)
+    try:
+        await services.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        print("stopping ...", file=sys.stderr)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = load_settings(args.data)
+    servers = resolve_servers(settings)
+    roles = ROLES if args.role == "all" else (args.role,)
+    if settings.model_base_url is None:
+        raise CliError(
+            "PARLEY_MODEL_BASE_URL is required for `parley serve` (use `parley dev` for the demo model)"
+        )
+
+    async def main() -> int:
+        options = ServiceOptions(
+            jwt_secret=jwt_secret(settings),
+            catalog=load_catalog(settings),
+            model_base_url=settings.model_base_url or "",
+            model_api_key=settings.model_api_key,
+            db_schema=settings.db_schema,
+            host=args.host,
+            port=args.port,
+        )
+        async with Services(servers, options, roles) as services:
+            if services.edge_url:
+                print(f"edge listening at {services.edge_url}", file=sys.stderr, flush=True)
+            await _until_signalled(services)
+        return 0
+
+    return asyncio.run(main())
+
+
+# ---------------------------------------------------------------- token / replay
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    if not valid_id(args.user):
+        raise CliError("--user must be 1-128 characters of A-Z a-z 0-9 _ -")
+    settings = load_settings(args.data)
+    print(mint(jwt_secret(settings), args.user, admin=args.admin))
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    if not valid_id(args.conversation):
+        raise CliError(f"not a conversation id: {args.conversation!r}")
+    settings = load_settings(args.data)
+    servers = resolve_servers(settings)
+
+    async def main() -> int:
+        nc = await nats.connect(servers.nats_url, name="parley-replay")
+        try:
+            events = await EventLog(nc.jetstream()).read(args.conversation)
+        finally:
+            await nc.close()
+        if not events:
+            print(f"no events for conversation {args.conversation}", file=sys.stderr)
+            return 1
+        out = sys.stdout.buffer
+        for stored in events:
+            if args.json:
+                out.write(encode_stored(stored.seq, stored.event) + b"\n")
+            else:
+                out.write(describe(stored.seq, stored.event).encode() + b"\n")
+        out.flush()
+        return 0
+
+    return asyncio.run(main())
+
+
+_SKIP_IN_SUMMARY = frozenset({"conversation_id", "at", "event_id", "schema", "turn_id"})
+
+
+def describe(seq: int, event: AnyEvent) -> str:
+    """One readable line per event: position, time, type, the fields that matter."""
+    when = dt.datetime.fromtimestamp(event.at / 1e9, tz=dt.UTC).strftime("%H:%M:%S.%f")[:-3]
+    kind = type(event).__struct_config__.tag
+    if isinstance(event, Chunk):
+        detail = f"{event.kind}: {event.text!r}"
+    else:
+        fields = msgspec.structs.asdict(event)
+        detail = " ".join(
+            f"{key}={_short(value)}" for key, value in fields.items() if key not in _SKIP_IN_SUMMARY
+        )
+    return f"{seq:>8}  {when}  {kind:<20} {detail}"
+
+
+def _short(value: object, limit: int = 80) -> str:
+    text = msgspec.json.encode(value).decode() if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------- bench
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from parley.bench import run_bench
+
+    return run_bench(args)
+
+
+# ---------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="parley", description="streaming AI-chat backend")
+    parser.add_argument(
+        "--data", default=None, help="data folder of the dev stack (default .parley)"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    dev = sub.add_parser("dev", help="embedded stack + all roles + web page")
+    dev.add_argument("--host", default="127.0.0.1")
+    dev.add_argument("--port", type=int, default=8080)
+    dev.add_argument("--data", default=argparse.SUPPRESS)
+    dev.set_defaults(func=cmd_dev)
+
+    serve = sub.add_parser("serve", help="one role against configured servers")
+    serve.add_argument("--role", choices=[*ROLES, "all"], default="all")
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--data", default=argparse.SUPPRESS)
+    serve.set_defaults(func=cmd_serve)
+
+    token = sub.add_parser("token", help="print a bearer token for a user")
+    token.add_argument("--user", required=True)
+    token.add_argument("--admin", action="store_true")
+    token.add_argument("--data", default=argparse.SUPPRESS)
+    token.set_defaults(func=cmd_token)
+
+    replay = sub.add_parser("replay", help="a conversation's event log, in order")
+    replay.add_argument("conversation")
+    replay.add_argument("--json", action="store_true", help="JSON lines, one event per line")
+    replay.add_argument("--data", default=argparse.SUPPRESS)
+    replay.set_defaults(func=cmd_replay)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench.add_argument("workload", choices=["stream"])
+    bench.add_argument("--json", action="store_true")
+    bench.add_argument("--conversations", "-c", type=int, default=20)
+    bench.add_argument("--tokens", "-n", type=int, default=500)
+    bench.add_argument("--data", default=argparse.SUPPRESS)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        code: int = args.func(args)
+    except (CliError, ConfigError) as err:
+        print(f"parley: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["Path", "main"]

@@ -1,0 +1,124 @@
+"""Settings: read from the environment once, here, and passed down as frozen Structs.
+
+No other module reads `os.environ`.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+
+import msgspec
+
+from actors.models import ModelCatalog, ModelSpec, ModelVersion
+
+DEMO_MODEL = "demo"
+# The demo model's built-in entry: what a new user chats with, priced like a
+# mid-size hosted model so that billing has something to count.
+DEMO_SPEC = ModelSpec(
+    name=DEMO_MODEL,
+    versions=[
+        ModelVersion(
+            version="2026-01",
+            status="active",
+            is_default=True,
+            input_price=3.0,
+            output_price=15.0,
+        )
+    ],
+)
+
+
+class Settings(msgspec.Struct, frozen=True):
+    data_dir: Path
+    nats_url: str | None = None
+    database_url: str | None = None
+    redis_url: str | None = None
+    model_base_url: str | None = None
+    model_api_key: str | None = None
+    model: str | None = None
+    jwt_secret: str | None = None
+    models_file: str | None = None
+    db_schema: str = "parley"
+
+    @property
+    def embedded(self) -> bool:
+        """No server configured: the dev stack on the data folder provides them."""
+        return not (self.nats_url or self.database_url or self.redis_url)
+
+
+def settings_from_env(env: Mapping[str, str], data_dir: str | Path | None = None) -> Settings:
+    def get(name: str) -> str | None:
+        value = env.get(name, "").strip()
+        return value or None
+
+    return Settings(
+        data_dir=Path(data_dir or get("PARLEY_DATA") or ".parley"),
+        nats_url=get("PARLEY_NATS_URL"),
+        database_url=get("PARLEY_DATABASE_URL"),
+        redis_url=get("PARLEY_REDIS_URL"),
+        model_base_url=get("PARLEY_MODEL_BASE_URL"),
+        model_api_key=get("PARLEY_MODEL_API_KEY"),
+        model=get("PARLEY_MODEL"),
+        jwt_secret=get("PARLEY_JWT_SECRET"),
+        models_file=get("PARLEY_MODELS_FILE"),
+        db_schema=get("PARLEY_DB_SCHEMA") or "parley",
+    )
+
+
+def load_settings(data_dir: str | Path | None = None) -> Settings:
+    return settings_from_env(os.environ, data_dir)
+
+
+class ConfigError(Exception):
+    pass
+
+
+def load_catalog(settings: Settings, env: Mapping[str, str] | None = None) -> ModelCatalog:
+    """The demo entry, the models file's entries (which may replace it), and PARLEY_MODEL."""
+    env = os.environ if env is None else env
+    specs: dict[str, ModelSpec] = {DEMO_MODEL: DEMO_SPEC}
+    if settings.models_file:
+        for spec in parse_models_file(Path(settings.models_file)):
+            if spec.api_key_env:
+                spec = msgspec.structs.replace(spec, api_key=env.get(spec.api_key_env) or None)
+            specs[spec.name] = spec
+    default = settings.model or DEMO_MODEL
+    if default not in specs:
+        # A model named only by PARLEY_MODEL: served by PARLEY_MODEL_BASE_URL, no prices known.
+        specs[default] = ModelSpec(name=default, versions=[ModelVersion(version="unversioned")])
+    return ModelCatalog(models=list(specs.values()), default_model=default)
+
+
+class _ModelsFile(msgspec.Struct):
+    models: list[ModelSpec] = []
+
+
+def parse_models_file(path: Path) -> list[ModelSpec]:
+    try:
+        raw = tomllib.loads(path.read_text())
+        return msgspec.convert(raw, type=_ModelsFile).models
+    except FileNotFoundError as err:
+        raise ConfigError(f"PARLEY_MODELS_FILE {path} does not exist") from err
+    except (tomllib.TOMLDecodeError, msgspec.ValidationError) as err:
+        raise ConfigError(f"PARLEY_MODELS_FILE {path}: {err}") from err
+
+
+def jwt_secret(settings: Settings) -> str:
+    """PARLEY_JWT_SECRET, else a secret kept in the data folder (created on first use)."""
+    if settings.jwt_secret:
+        return settings.jwt_secret
+    path = settings.data_dir / "jwt_secret"
+    if not path.exists():
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another process made it first; use theirs
+        else:
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(48))
+    return path.read_text().strip()
