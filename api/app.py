@@ -30,7 +30,7 @@ STORE = web.AppKey("store", ReadStore)
 REDIS = web.AppKey("redis", aioredis.Redis)
 TURNS = web.AppKey("turns", TurnRegistry)
 
-_CLAIMS = "parley.claims"
+_CLAIMS = web.RequestKey("claims", Claims)
 PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics", "/openapi.json"})
 
 

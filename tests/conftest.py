@@ -1,0 +1,107 @@
+"""Shared fixtures: one real embedded stack per test session, parley's roles on it.
+
+Tests are isolated by fresh ids (every test makes its own conversations and
+users) or by their own Postgres schema; never by mocks. The only double is the
+model server, our demo model, which speaks the real OpenAI streaming format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import nats
+import pytest
+from nats.aio.client import Client as NatsClient
+
+from api.auth import mint
+from events.ids import new_id
+from events.log import EventLog
+from parley.config import DEMO_SPEC
+from parley.demo_model import DemoConfig, start_demo_model
+from parley.services import Servers, ServiceOptions, Services
+from parley.stack import EmbeddedStack
+from actors.models import ModelCatalog, ModelSpec
+from tests.sse import SseClient
+
+SECRET = "test-secret-" + "x" * 32
+# The demo model streams at this rate in tests: fast, yet a 100-token answer
+# still takes long enough to disconnect and reconnect in the middle of it.
+TEST_TOKENS_PER_S = 400.0
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    data = Path(os.environ.get("PARLEY_TEST_DATA") or tmp_path_factory.mktemp("stack"))
+    with EmbeddedStack(data) as running:
+        urls = running.urls
+        yield Servers(nats_url=urls.nats_url, database_url=urls.database_url, redis_url=urls.redis_url)
+
+
+@pytest.fixture(scope="session")
+async def demo_model_url() -> AsyncIterator[str]:
+    runner, url = await start_demo_model("127.0.0.1", 0, DemoConfig(tokens_per_s=TEST_TOKENS_PER_S))
+    yield url
+    await runner.cleanup()
+
+
+def test_catalog() -> ModelCatalog:
+    return ModelCatalog(
+        models=[DEMO_SPEC, ModelSpec(name="other-demo", versions=DEMO_SPEC.versions)],
+        default_model="demo",
+    )
+
+
+@pytest.fixture(scope="session")
+async def services(stack: Servers, demo_model_url: str) -> AsyncIterator[Services]:
+    options = ServiceOptions(
+        jwt_secret=SECRET,
+        catalog=test_catalog(),
+        model_base_url=demo_model_url,
+        db_schema="parley_test",
+        port=0,
+        ping_interval_s=0.5,
+        model_idle_timeout_s=3.0,
+    )
+    async with Services(stack, options) as running:
+        assert running.projector is not None
+        async with asyncio.timeout(30):
+            await running.projector.ready.wait()
+        yield running
+
+
+@pytest.fixture(scope="session")
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        yield session
+
+
+@pytest.fixture(scope="session")
+async def nc(stack: Servers) -> AsyncIterator[NatsClient]:
+    client = await nats.connect(stack.nats_url)
+    yield client
+    await client.drain()
+
+
+@pytest.fixture(scope="session")
+def event_log(nc: NatsClient) -> EventLog:
+    return EventLog(nc.jetstream())
+
+
+def token_for(user: str, *, admin: bool = False) -> str:
+    return mint(SECRET, user, admin=admin)
+
+
+@pytest.fixture
+def user() -> str:
+    """A fresh user per test: its conversations are its own."""
+    return f"u-{new_id()}"
+
+
+@pytest.fixture
+def api(services: Services, http: aiohttp.ClientSession, user: str) -> SseClient:
+    return SseClient(http, services.edge_url, token_for(user))
+
