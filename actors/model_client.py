@@ -15,7 +15,7 @@ real server stops generating (and billing) tokens nobody will read.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, Final
 
 import aiohttp
@@ -40,6 +40,11 @@ class ModelEndpoint(msgspec.Struct, frozen=True):
     base_url: str
     model: str
     api_key: str | None = None
+
+    def __repr__(self) -> str:
+        # Endpoints end up in logs and tracebacks; the key must not.
+        key = "'***'" if self.api_key else "None"
+        return f"ModelEndpoint(base_url={self.base_url!r}, model={self.model!r}, api_key={key})"
 
 
 class ChatRequest(msgspec.Struct, frozen=True):
@@ -78,8 +83,11 @@ async def stream_chat(
     connect_timeout: float = 10,
     first_byte_timeout: float = 120,
     idle_timeout: float = 120,
-) -> AsyncIterator[StreamItem]:
+) -> AsyncGenerator[StreamItem, None]:
     """Stream one chat completion; yields items as the bytes arrive.
+
+    A caller that stops early should close the generator (`contextlib.aclosing`),
+    which closes the connection at once rather than when it is garbage collected.
 
     Raises `ModelStreamError`: `http_<status>`, `unreachable`, `timeout`,
     `stream_cut`, `bad_json` or `model_error` (see `actors.errors`). Items yielded

@@ -1,0 +1,472 @@
+"""The demo model: a small OpenAI-compatible streaming server with scripted answers.
+
+`parley dev` starts it when no real model endpoint is configured, and tests and
+the benchmark drive it, so the whole system runs and is measured without a GPU
+or an API key. It speaks the Chat Completions wire format exactly (chunk ids,
+`chat.completion.chunk` objects, a `choices: []` usage chunk, `data: [DONE]`),
+so everything that talks to it would talk to a real server the same way.
+
+Its behaviour is a deterministic function of the request (the last user
+message, the tools offered, whether tool results follow) plus a few
+`[[directive]]`s that tests and benchmarks write into the user message; see
+`plan_reply`. Nothing of parley is imported here: it is a stand-in for a remote
+server, and must stay one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import re
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, Final
+
+import msgspec
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME: Final = "demo"
+# How many good chunks a [[fail=...]] directive lets through before failing:
+# enough that the client has yielded text, so partial content paths are exercised.
+_GOOD_CHUNKS_BEFORE_FAILURE: Final = 3
+_ECHO_LIMIT: Final = 300
+# With no client left, a hanging reply checks this often whether it may stop.
+_HANG_POLL_S: Final = 0.05
+_DIRECTIVE: Final = re.compile(r"\[\[\s*([a-z-]+)\s*(?:=\s*([^\]]*?)\s*)?\]\]", re.IGNORECASE)
+_CALCULATE: Final = re.compile(r"\b(?:calculate|compute)\b\s*:?\s*(.+)", re.IGNORECASE | re.DOTALL)
+_TIME: Final = re.compile(r"\btime\b", re.IGNORECASE)
+
+
+class DemoConfig(msgspec.Struct):
+    """How the demo model streams: `tokens_per_s` 0 means full speed, no sleeping."""
+
+    tokens_per_s: float = 40.0
+    think: bool = True
+
+
+EmitLog = dict[str, list[int]]
+
+
+# ------------------------------------------------------------ the script (pure)
+
+
+class _Delta(msgspec.Struct, frozen=True):
+    """One chunk to send. `counted` deltas carry text and are paced and billed;
+    `answer` deltas are timed into the benchmark's emit log."""
+
+    delta: dict[str, Any]
+    finish_reason: str | None = None
+    counted: bool = True
+    answer: bool = False
+
+
+class _RawLine(msgspec.Struct, frozen=True):
+    """Bytes written as they are: the malformed lines of [[fail=...]]."""
+
+    data: bytes
+
+
+class _Cut(msgspec.Struct, frozen=True):
+    """Close the connection now, without finish_reason or [DONE]."""
+
+
+class _Hang(msgspec.Struct, frozen=True):
+    """Send nothing more until the client goes away (or the server stops)."""
+
+
+_Step = _Delta | _RawLine | _Cut | _Hang
+
+
+class Reply(msgspec.Struct):
+    """What the demo model answers to one request."""
+
+    steps: Iterable[_Step] = ()
+    status: int = 200  # not 200: an OpenAI-style JSON error with this status, no stream
+    error_message: str = ""
+    finished: bool = True  # ends with usage (if asked) and [DONE]
+    include_usage: bool = False
+    prompt_tokens: int = 0
+    bench_key: str | None = None
+
+
+def plan_reply(body: dict[str, Any], config: DemoConfig) -> Reply:
+    """Decide the whole reply from the request body; no I/O, no clock.
+
+    Directives, anywhere in the last user message:
+    `[[tokens=N]]` exactly N answer deltas "0 ", "1 ", ... (no thinking unless
+    `[[think]]`); `[[think]]` think even when config.think is off;
+    `[[think-tags]]` thinking as <think>...</think> inside content;
+    `[[fail=bad_json|cut|error|hang]]` a few good chunks, then that failure;
+    `[[fail=429]]`/`[[fail=500]]` that HTTP status before any byte;
+    `[[bench=KEY]]` log the send time of every answer delta under KEY.
+    """
+    messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+    said = _text(messages[last_user].get("content")) if last_user >= 0 else ""
+    directives = {name.lower(): value or "" for name, value in _DIRECTIVE.findall(said)}
+    said = " ".join(_DIRECTIVE.sub(" ", said).split())
+    stream_options = body.get("stream_options")
+    reply = Reply(
+        include_usage=isinstance(stream_options, dict)
+        and stream_options.get("include_usage") is True,
+        prompt_tokens=sum(len(_text(m.get("content")).split()) for m in messages),
+        bench_key=directives.get("bench") or None,
+    )
+    fail = directives.get("fail", "")
+    if fail in ("429", "500"):
+        reply.status = int(fail)
+        reply.error_message = f"the demo model answered {fail} on purpose ([[fail={fail}]])"
+        return reply
+
+    tags = "think-tags" in directives
+    tool_results = [
+        _text(m.get("content")) for m in messages[last_user + 1 :] if m.get("role") == "tool"
+    ]
+    offered = _offered_tools(body.get("tools"))
+    if "tokens" in directives:
+        count = _int(directives["tokens"])
+        thinking = f"I was asked for exactly {count} tokens; I will count them out."
+        main: Iterator[_Delta] = (_answer(f"{i} ") for i in range(count))
+    elif tool_results:
+        thinking = "The tool has answered; I will pass its result on."
+        main = _answer_words(f"The result is {', '.join(tool_results)}.")
+    elif (call := _wanted_call(said, offered)) is not None:
+        name, arguments = call
+        thinking = f"The user asks something the {name} tool can answer; I will call it."
+        call_id = f"call_{_calls_so_far(messages) + 1}"
+        main = _tool_call(call_id, name, arguments)
+    else:
+        echo = said if len(said) <= _ECHO_LIMIT else said[:_ECHO_LIMIT] + "…"
+        thinking = f'The user wrote "{echo}". I will answer briefly and repeat it back.'
+        main = _answer_words(
+            f'You said: "{echo}". I am parley\'s demo model: I echo and call tools, '
+            "nothing more. Point PARLEY_MODEL_BASE_URL at a real model for real answers."
+            if echo
+            else "You sent an empty message. I am parley's demo model."
+        )
+    # [[tokens=N]] is for exact counts, so it thinks only when asked to explicitly.
+    wants_thinking = tags or "think" in directives or (config.think and "tokens" not in directives)
+    think_steps = _thinking(thinking, tags=tags) if wants_thinking else iter(())
+    body_steps = itertools.chain(think_steps, main)
+
+    opening = _Delta({"role": "assistant", "content": ""}, counted=False)
+    if fail in ("bad_json", "cut", "error", "hang"):
+        unfinished = (step for step in body_steps if step.finish_reason is None)
+        good = itertools.islice(unfinished, _GOOD_CHUNKS_BEFORE_FAILURE)
+        reply.steps = itertools.chain([opening], good, [_failure(fail)])
+        reply.finished = False
+        return reply
+    reply.steps = itertools.chain([opening], body_steps)
+    return reply
+
+
+def _failure(kind: str) -> _Step:
+    if kind == "bad_json":
+        return _RawLine(b"data: {not json\n\n")
+    if kind == "error":
+        error = {"error": {"message": "the demo model failed on purpose", "type": "server_error"}}
+        return _RawLine(b"data: " + msgspec.json.encode(error) + b"\n\n")
+    if kind == "cut":
+        return _Cut()
+    return _Hang()
+
+
+def _answer(text: str) -> _Delta:
+    return _Delta({"content": text}, answer=True)
+
+
+def _answer_words(text: str) -> Iterator[_Delta]:
+    # One word plus its following space per delta, like a tokenizer's pieces.
+    words = text.split(" ")
+    for i, word in enumerate(words):
+        yield _answer(word if i == len(words) - 1 else word + " ")
+
+
+def _thinking(text: str, *, tags: bool) -> Iterator[_Delta]:
+    words = text.split(" ")
+    pieces = [w if i == len(words) - 1 else w + " " for i, w in enumerate(words)]
+    if not tags:
+        for piece in pieces:
+            yield _Delta({"reasoning_content": piece})
+        return
+    # The tags are deliberately cut across deltas, as real tokenizers cut them,
+    # so clients must reassemble them.
+    pieces = ["<thi", "nk>" + pieces[0], *pieces[1:], "</th", "ink>"]
+    for piece in pieces:
+        yield _Delta({"content": piece})
+
+
+def _tool_call(call_id: str, name: str, arguments: str) -> Iterator[_Delta]:
+    yield _Delta(
+        {
+            "tool_calls": [
+                {
+                    "index": 0,
+                    "id": call_id,
+                    "type": "function",
+                    "function": {"name": name, "arguments": ""},
+                }
+            ]
+        },
+        counted=False,
+    )
+    third = max(1, len(arguments) // 3)
+    cuts = [0, third, 2 * third, len(arguments)] if len(arguments) >= 3 else [0, 1, len(arguments)]
+    for start, end in itertools.pairwise(cuts):
+        if end > start:
+            yield _Delta(
+                {"tool_calls": [{"index": 0, "function": {"arguments": arguments[start:end]}}]}
+            )
+    yield _Delta({}, finish_reason="tool_calls", counted=False)
+
+
+def _wanted_call(said: str, offered: dict[str, dict[str, Any]]) -> tuple[str, str] | None:
+    calculate = _CALCULATE.search(said)
+    if calculate and "calculator" in offered:
+        expression = calculate.group(1).strip().rstrip("?.!").strip()
+        if expression:
+            parameter = _first_parameter(offered["calculator"], default="expression")
+            return "calculator", msgspec.json.encode({parameter: expression}).decode()
+    if _TIME.search(said) and "get_current_time" in offered:
+        return "get_current_time", "{}"
+    return None
+
+
+def _offered_tools(tools: object) -> dict[str, dict[str, Any]]:
+    """Tool name -> its JSON schema parameters, from an OpenAI `tools` list."""
+    offered: dict[str, dict[str, Any]] = {}
+    for tool in tools if isinstance(tools, list) else []:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            parameters = function.get("parameters")
+            offered[function["name"]] = parameters if isinstance(parameters, dict) else {}
+    return offered
+
+
+def _first_parameter(parameters: dict[str, Any], *, default: str) -> str:
+    properties = parameters.get("properties")
+    if isinstance(properties, dict) and properties:
+        return default if default in properties else str(next(iter(properties)))
+    return default
+
+
+def _calls_so_far(messages: list[dict[str, Any]]) -> int:
+    return sum(
+        len(m["tool_calls"])
+        for m in messages
+        if m.get("role") == "assistant" and isinstance(m.get("tool_calls"), list)
+    )
+
+
+def _text(content: object) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(
+            part["text"]
+            for part in content
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
+    return ""
+
+
+def _int(value: str) -> int:
+    try:
+        return max(0, int(value))
+    except ValueError:
+        return 0
+
+
+# ------------------------------------------------------------ the server (I/O)
+
+
+class _DemoState:
+    def __init__(self, config: DemoConfig, emit_log: EmitLog | None) -> None:
+        self.config = config
+        self.emit_log = emit_log
+        self.replies = itertools.count(1)
+        # Set on shutdown so that hanging replies end instead of holding the
+        # runner's cleanup for its whole shutdown timeout.
+        self.stopping = asyncio.Event()
+
+
+_STATE: Final = web.AppKey("parley_demo_state", _DemoState)
+
+
+def create_demo_app(config: DemoConfig, emit_log: EmitLog | None = None) -> web.Application:
+    """The demo model as an aiohttp application (`POST /v1/chat/completions`, `GET /v1/models`)."""
+    app = web.Application()
+    app[_STATE] = _DemoState(config, emit_log)
+    app.router.add_post("/v1/chat/completions", _chat_completions)
+    app.router.add_get("/v1/models", _models)
+    app.on_shutdown.append(_stop_replies)
+    return app
+
+
+async def start_demo_model(
+    host: str, port: int, config: DemoConfig, emit_log: EmitLog | None = None
+) -> tuple[web.AppRunner, str]:
+    """Serve the demo model; returns the runner (call `cleanup()`) and its base URL.
+
+    Port 0 picks a free port; the URL carries the port actually bound.
+    """
+    runner = web.AppRunner(create_demo_app(config, emit_log), access_log=None, shutdown_timeout=5.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound_port = runner.addresses[0][1]
+    except BaseException:
+        await runner.cleanup()
+        raise
+    url_host = f"[{host}]" if ":" in host else host
+    return runner, f"http://{url_host}:{bound_port}/v1"
+
+
+async def _stop_replies(app: web.Application) -> None:
+    app[_STATE].stopping.set()
+
+
+async def _models(request: web.Request) -> web.Response:
+    return web.json_response(
+        {
+            "object": "list",
+            "data": [{"id": MODEL_NAME, "object": "model", "created": 0, "owned_by": "parley"}],
+        }
+    )
+
+
+def _error_response(status: int, message: str, kind: str) -> web.Response:
+    headers = {"Retry-After": "1"} if status == 429 else None
+    return web.json_response(
+        {"error": {"message": message, "type": kind, "param": None, "code": None}},
+        status=status,
+        headers=headers,
+    )
+
+
+async def _chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[_STATE]
+    try:
+        body = msgspec.json.decode(await request.read())
+    except msgspec.DecodeError as err:
+        return _error_response(400, f"the request body is not JSON: {err}", "invalid_request_error")
+    if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+        return _error_response(400, "'messages' (a list) is required", "invalid_request_error")
+    if body.get("stream") is not True:
+        return _error_response(
+            400, 'the demo model only streams: send "stream": true', "invalid_request_error"
+        )
+    reply = plan_reply(body, state.config)
+    if reply.status != 200:
+        kind = "rate_limit_exceeded" if reply.status == 429 else "server_error"
+        return _error_response(reply.status, reply.error_message, kind)
+
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    try:
+        await response.prepare(request)
+        await _send(request, response, reply, state, model=str(body.get("model") or MODEL_NAME))
+    except ConnectionResetError:
+        # The client left mid-answer (it was cancelled or timed out): an everyday
+        # event for a streaming server, not an error worth a traceback.
+        log.debug("demo model: client went away mid-stream")
+    return response
+
+
+async def _send(
+    request: web.Request,
+    response: web.StreamResponse,
+    reply: Reply,
+    state: _DemoState,
+    *,
+    model: str,
+) -> None:
+    header = {
+        "id": f"chatcmpl-demo-{next(state.replies)}",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+    }
+    rate = state.config.tokens_per_s
+    interval = 1.0 / rate if rate > 0 else 0.0
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    bench = (
+        state.emit_log.setdefault(reply.bench_key, [])
+        if state.emit_log is not None and reply.bench_key
+        else None
+    )
+    sent = 0
+    finish_sent = False
+    for step in reply.steps:
+        if isinstance(step, _Delta):
+            if step.counted and interval:
+                # Paced against the start, not the previous write, so the rate holds
+                # however long each write took.
+                delay = started + sent * interval - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            chunk = {
+                **header,
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": step.delta,
+                        "logprobs": None,
+                        "finish_reason": step.finish_reason,
+                    }
+                ],
+            }
+            if step.answer and bench is not None:
+                bench.append(time.perf_counter_ns())
+            await response.write(_event(chunk))
+            sent += step.counted
+            finish_sent = finish_sent or step.finish_reason is not None
+        elif isinstance(step, _RawLine):
+            await response.write(step.data)
+        elif isinstance(step, _Cut):
+            if request.transport is not None:
+                request.transport.close()
+            return
+        else:
+            await _hang(request, state)
+            return
+    if not reply.finished:
+        return
+    if not finish_sent:
+        chunk = {
+            **header,
+            "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}],
+        }
+        await response.write(_event(chunk))
+    if reply.include_usage:
+        usage = {
+            "prompt_tokens": reply.prompt_tokens,
+            "completion_tokens": sent,
+            "total_tokens": reply.prompt_tokens + sent,
+        }
+        await response.write(_event({**header, "choices": [], "usage": usage}))
+    await response.write(b"data: [DONE]\n\n")
+
+
+async def _hang(request: web.Request, state: _DemoState) -> None:
+    # aiohttp does not cancel a handler when its client leaves, so the hang watches
+    # the connection itself; writing keep-alives instead would defeat its purpose.
+    while not state.stopping.is_set():
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            log.debug("demo model: client went away during a hang")
+            return
+        try:
+            await asyncio.wait_for(state.stopping.wait(), _HANG_POLL_S)
+        except TimeoutError:
+            continue
+
+
+def _event(chunk: dict[str, Any]) -> bytes:
+    return b"data: " + msgspec.json.encode(chunk) + b"\n\n"
