@@ -50,7 +50,12 @@ async def demo_model_url() -> AsyncIterator[str]:
 
 def test_catalog() -> ModelCatalog:
     return ModelCatalog(
-        models=[DEMO_SPEC, ModelSpec(name="other-demo", versions=DEMO_SPEC.versions)],
+        models=[
+            DEMO_SPEC,
+            ModelSpec(name="other-demo", versions=DEMO_SPEC.versions),
+            # nothing listens on port 1: a dead model server
+            ModelSpec(name="unreachable-model", base_url="http://127.0.0.1:1/v1"),
+        ],
         default_model="demo",
     )
 

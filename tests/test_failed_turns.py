@@ -1,0 +1,78 @@
+"""A broken model stream ends the turn with a clear `failed` event, never a hang."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from events.log import EventLog
+from events.vocabulary import Failed
+from tests.sse import SseClient
+
+
+@pytest.mark.parametrize(
+    ("directive", "code"),
+    [
+        ("bad_json", "bad_json"),
+        ("cut", "stream_cut"),
+        ("error", "model_error"),
+        ("429", "http_429"),
+        ("500", "http_500"),
+        ("hang", "timeout"),
+    ],
+)
+async def test_broken_model_stream_ends_the_turn_with_failed_and_sse_error_then_done(
+    api: SseClient, event_log: EventLog, directive: str, code: str
+) -> None:
+    conversation = await api.create_conversation()
+    cid = conversation["id"]
+    async with asyncio.timeout(30):
+        events = await api.send_stream(cid, f"please break [[fail={directive}]]")
+    names = [e.event for e in events]
+    assert names[-2:] == ["error", "done"], names
+    assert events[-1].data == "error"
+    assert events[-2].data["code"] == code, events[-2].data
+
+    log = await event_log.read(cid)
+    failed = [s.event for s in log if isinstance(s.event, Failed)]
+    assert len(failed) == 1 and failed[0].code == code, failed
+    # Text streamed before the break is kept as partial content, and billed.
+    streamed = "".join(e.data for e in events if e.event == "token")
+    kept = "".join(b.content for b in failed[0].content if b.role == "assistant")
+    assert kept == streamed
+    if directive not in ("429", "500"):
+        assert failed[0].input_tokens > 0, "a call that streamed is billed even when it broke"
+
+    message = await _assistant_row(api, cid)
+    assert message["status"] == "failed" and message["error_code"] == code
+
+
+async def _assistant_row(api: SseClient, cid: str) -> dict[str, Any]:
+    async with asyncio.timeout(10):
+        while True:
+            status, body = await api.request("GET", f"/v1/conversations/{cid}/messages")
+            assert status == 200
+            rows = [m for m in body["messages"] if m["role"] == "assistant"]
+            if rows and rows[0]["status"] != "streaming":
+                return rows[0]
+            await asyncio.sleep(0.05)
+
+
+async def test_a_dead_model_server_fails_the_turn_as_unreachable(
+    api: SseClient, event_log: EventLog
+) -> None:
+    conversation = await api.create_conversation(model="unreachable-model")
+    events = await api.send_stream(conversation["id"], "anyone there?")
+    assert [e.event for e in events][-2:] == ["error", "done"]
+    assert events[-2].data["code"] == "unreachable", events[-2].data
+
+
+async def test_the_conversation_takes_new_messages_after_a_failed_turn(api: SseClient) -> None:
+    conversation = await api.create_conversation()
+    cid = conversation["id"]
+    await api.send_stream(cid, "break [[fail=cut]]")
+    events = await api.send_stream(cid, "and now properly [[tokens=4]]")
+    assert events[-1].data == "ok"
+    assert "".join(e.data for e in events if e.event == "token").split() == ["0", "1", "2", "3"]

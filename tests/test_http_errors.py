@@ -1,0 +1,153 @@
+"""Every bad request gets a clear JSON error and changes nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import pytest
+
+from parley.services import Services
+from tests.conftest import token_for
+from tests.sse import SseClient
+
+
+def assert_error(status: int, body: Any, expected_status: int, code: str) -> None:
+    assert status == expected_status, (status, body)
+    assert isinstance(body, dict) and set(body) == {"error"}, body
+    assert body["error"]["code"] == code, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"], body
+
+
+async def test_malformed_json_is_a_400_with_a_json_error(api: SseClient) -> None:
+    status, body = await api.request("POST", "/v1/conversations", data=b'{"title": ')
+    assert_error(status, body, 400, "invalid_json")
+    conversation = await api.create_conversation()
+    status, body = await api.request(
+        "POST", f"/v1/conversations/{conversation['id']}/messages", data=b"not json at all"
+    )
+    assert_error(status, body, 400, "invalid_json")
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        ({"content": 5}, "invalid_request"),
+        ({}, "invalid_request"),
+        ({"content": "   "}, "bad_request"),
+        ({"content": "hi", "on_busy": "sometimes"}, "invalid_request"),
+        ({"content": "hi", "model": "no-such-model"}, "unknown_model"),
+    ],
+)
+async def test_invalid_message_bodies_are_refused_and_nothing_is_appended(
+    api: SseClient, payload: dict[str, Any], code: str
+) -> None:
+    conversation = await api.create_conversation()
+    cid = conversation["id"]
+    status, body = await api.request("POST", f"/v1/conversations/{cid}/messages", json=payload)
+    assert_error(status, body, 400, code)
+    status, log = await api.request("GET", f"/v1/conversations/{cid}/log")
+    assert status == 200
+    assert [line["type"] for line in _lines(log)] == ["conversation_created"]
+
+
+def _lines(body: Any) -> list[dict[str, Any]]:
+    import json
+
+    if isinstance(body, dict):
+        return [body]
+    return [json.loads(line) for line in str(body).splitlines() if line]
+
+
+async def test_an_oversize_body_is_a_413(api: SseClient) -> None:
+    conversation = await api.create_conversation()
+    huge = b'{"content": "' + b"a" * (300 * 1024) + b'"}'
+    status, body = await api.request(
+        "POST", f"/v1/conversations/{conversation['id']}/messages", data=huge
+    )
+    assert_error(status, body, 413, "body_too_large")
+
+
+async def test_unknown_and_foreign_conversations_are_404_without_leaking_existence(
+    api: SseClient, services: Services, http: aiohttp.ClientSession
+) -> None:
+    mine = await api.create_conversation()
+    stranger = SseClient(http, services.edge_url, token_for("someone-else"))
+    for client, cid in ((api, "01NOSUCHCONVERSATION00000"), (stranger, mine["id"]), (api, "bad.id*")):
+        for method, path in (
+            ("GET", f"/v1/conversations/{cid}"),
+            ("GET", f"/v1/conversations/{cid}/messages"),
+            ("GET", f"/v1/conversations/{cid}/log"),
+            ("GET", f"/v1/conversations/{cid}/events"),
+            ("POST", f"/v1/conversations/{cid}/messages"),
+        ):
+            kwargs: dict[str, Any] = {"json": {"content": "hi"}} if method == "POST" else {}
+            status, body = await client.request(method, path, **kwargs)
+            assert_error(status, body, 404, "not_found")
+    status, listed = await stranger.request("GET", "/v1/conversations")
+    assert status == 200 and listed["conversations"] == []
+
+
+@pytest.mark.parametrize("header", [None, "Bearer", "Bearer nonsense", "Basic abc", "Bearer a.b.c"])
+async def test_requests_without_a_valid_token_are_401(
+    services: Services, http: aiohttp.ClientSession, header: str | None
+) -> None:
+    headers = {"Authorization": header} if header is not None else {}
+    async with http.get(services.edge_url + "/v1/conversations", headers=headers) as response:
+        assert_error(response.status, await response.json(), 401, "unauthorized")
+
+
+async def test_a_token_signed_with_another_secret_is_401(
+    services: Services, http: aiohttp.ClientSession
+) -> None:
+    from api.auth import mint
+
+    forged = mint("not-the-server-secret-" + "y" * 30, "alice")
+    async with http.get(
+        services.edge_url + "/v1/conversations", headers={"Authorization": f"Bearer {forged}"}
+    ) as response:
+        assert_error(response.status, await response.json(), 401, "unauthorized")
+
+
+@pytest.mark.parametrize("position", ["abc", "-1", "12-x", "99999999999"])
+async def test_a_bad_resume_position_is_a_400(api: SseClient, position: str) -> None:
+    conversation = await api.create_conversation()
+    status, body = await api.request(
+        "GET", f"/v1/conversations/{conversation['id']}/events", params={"after": position}
+    )
+    assert_error(status, body, 400, "bad_position")
+
+
+async def test_unknown_routes_and_methods_answer_in_the_error_format(api: SseClient) -> None:
+    status, body = await api.request("GET", "/v1/nothing-here")
+    assert_error(status, body, 404, "not_found")
+    status, body = await api.request("DELETE", "/v1/conversations")
+    assert_error(status, body, 405, "method_not_allowed")
+
+
+async def test_busy_conversation_with_on_busy_reject_is_a_409(api: SseClient) -> None:
+    conversation = await api.create_conversation()
+    cid = conversation["id"]
+    await api.send_json(cid, "keep busy [[tokens=400]]")
+    import asyncio
+
+    async with asyncio.timeout(10):
+        while (await api.request("GET", f"/v1/conversations/{cid}"))[1]["active_turn"] is None:
+            await asyncio.sleep(0.02)
+    status, body = await api.request(
+        "POST", f"/v1/conversations/{cid}/messages", json={"content": "me too", "on_busy": "reject"}
+    )
+    assert_error(status, body, 409, "busy")
+
+
+async def test_health_and_readiness_answer_without_a_token(
+    services: Services, http: aiohttp.ClientSession
+) -> None:
+    async with http.get(services.edge_url + "/healthz") as response:
+        assert response.status == 200
+    async with http.get(services.edge_url + "/readyz") as response:
+        body = await response.json()
+        assert response.status == 200, body
+        assert body["checks"] == {"nats": "ok", "postgres": "ok", "redis": "ok"}
+    async with http.get(services.edge_url + "/") as response:
+        assert response.status == 200 and response.content_type == "text/html"
