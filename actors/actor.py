@@ -40,7 +40,7 @@ from actors.decide import (
 )
 from actors.errors import ModelStreamError
 from actors.model_client import ChatRequest, ModelEndpoint, stream_chat
-from actors.model_stream import Finish, TextDelta, ToolCallRequest, Usage
+from actors.model_stream import Finish, StreamItem, TextDelta, ToolCallRequest, Usage
 from actors.models import MAX_TOOL_ROUNDS, ModelCatalog, ModelSpec, choose_model
 from actors.tools import Tool, ToolContext, run_tool
 from events.errors import EventLogConflict
@@ -235,25 +235,33 @@ class ConversationActor:
         writer: TurnWriter,
         result: RoundResult,
     ) -> None:
-        async for item in stream_chat(
+        stream = stream_chat(
             self.ctx.http,
             endpoint,
             request,
             first_byte_timeout=self.ctx.first_byte_timeout,
             idle_timeout=self.ctx.idle_timeout,
-        ):
-            writer.raise_if_failed()
-            if isinstance(item, TextDelta):
-                result.deltas += 1
-                if item.kind == "answer":
-                    result.answer.append(item.text)
-                writer.chunk(item.kind, item.text)
-            elif isinstance(item, ToolCallRequest):
-                result.calls.append(item)
-            elif isinstance(item, Usage):
-                result.usage = item
-            elif isinstance(item, Finish):
-                result.finish_reason = item.reason
+        )
+        # aclosing: leaving early (the log refused an append) closes the HTTP
+        # stream at once, so the model stops generating and billing.
+        async with contextlib.aclosing(stream):
+            async for item in stream:
+                writer.raise_if_failed()
+                self._take(item, writer, result)
+
+    @staticmethod
+    def _take(item: StreamItem, writer: TurnWriter, result: RoundResult) -> None:
+        if isinstance(item, TextDelta):
+            result.deltas += 1
+            if item.kind == "answer":
+                result.answer.append(item.text)
+            writer.chunk(item.kind, item.text)
+        elif isinstance(item, ToolCallRequest):
+            result.calls.append(item)
+        elif isinstance(item, Usage):
+            result.usage = item
+        elif isinstance(item, Finish):
+            result.finish_reason = item.reason
 
     async def _run_tools(self, result: RoundResult, writer: TurnWriter) -> list[dict[str, Any]]:
         """Run the round's tool calls; returns the messages that carry them back to the model."""

@@ -113,12 +113,20 @@ class EventLog:
                     timeout=self._publish_timeout,
                 )
             except nats.js.errors.APIError as err:
-                if err.err_code == _WRONG_LAST_SEQUENCE:
-                    raise EventLogConflict(
-                        conversation_id, expected, err.description or ""
-                    ) from err
-                raise
-            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as err:
+                if err.err_code != _WRONG_LAST_SEQUENCE:
+                    raise
+                # The sequence check runs before the duplicate check, so an append
+                # whose ack was lost comes back as a conflict when retried: if the
+                # conversation's last event is this very event, it did land.
+                landed = await self._last_if_same(subject, event.event_id)
+                if landed is not None:
+                    return landed
+                raise EventLogConflict(conversation_id, expected, err.description or "") from err
+            except (
+                nats.errors.TimeoutError,
+                nats.errors.NoRespondersError,
+                nats.js.errors.NoStreamResponseError,
+            ) as err:
                 # Safe to resend: the same Nats-Msg-Id makes a second copy a no-op.
                 if attempt + 1 == _PUBLISH_ATTEMPTS:
                     raise EventLogUnavailable(f"append to {subject} timed out") from err
@@ -126,6 +134,15 @@ class EventLog:
                 continue
             return int(ack.seq)
         raise AssertionError("unreachable")
+
+    async def _last_if_same(self, subject: str, event_id: str) -> int | None:
+        try:
+            msg = await self._js.get_msg(EVT_STREAM, subject=subject)
+        except nats.js.errors.NotFoundError:
+            return None
+        if (msg.headers or {}).get("Nats-Msg-Id") == event_id:
+            return int(msg.seq or 0)
+        return None
 
     async def last_seq(self, conversation_id: str) -> int:
         """Sequence of the conversation's last event, 0 if it has none."""

@@ -19,7 +19,7 @@ from nats.aio.client import Client as NatsClient
 
 from api.auth import mint
 from events.ids import new_id
-from events.log import EventLog
+from events.log import EventLog, ensure_streams
 from parley.config import DEMO_SPEC
 from parley.demo_model import DemoConfig, start_demo_model
 from parley.services import Servers, ServiceOptions, Services
@@ -92,7 +92,8 @@ async def nc(stack: Servers) -> AsyncIterator[NatsClient]:
 
 
 @pytest.fixture(scope="session")
-def event_log(nc: NatsClient) -> EventLog:
+async def event_log(nc: NatsClient) -> EventLog:
+    await ensure_streams(nc.jetstream())
     return EventLog(nc.jetstream())
 
 

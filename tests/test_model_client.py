@@ -27,11 +27,9 @@ from actors.errors import ModelStreamError
 from actors.model_client import ChatRequest, ModelEndpoint, stream_chat
 from actors.model_stream import ChatStreamParser, Finish, StreamItem, TextDelta
 
-_FIXTURE_DIRS = (
-    Path(__file__).parent / "data" / "openai-stream",
-    Path("/work/shared/fixtures/openai-stream"),
-)
-FIXTURE_DIR = next((d for d in _FIXTURE_DIRS if d.is_dir()), _FIXTURE_DIRS[-1])
+# Recorded third-party transcripts, byte-for-byte copies of the team's shared
+# fixtures (tests/data/openai-stream/SOURCES.md says where each comes from).
+FIXTURE_DIR = Path(__file__).parent / "data" / "openai-stream"
 TRANSCRIPTS = (
     "openai-python__e2aad469b71d_text-with-usage.sse",
     "vercel-ai__deepseek-reasoning.chunks.jsonl",

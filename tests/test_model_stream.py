@@ -28,13 +28,9 @@ from actors.model_stream import (
     Usage,
 )
 
-# Recorded third-party transcripts (see SOURCES.md there); a copy under tests/data
-# wins so the suite can travel with the repository.
-_FIXTURE_DIRS = (
-    Path(__file__).parent / "data" / "openai-stream",
-    Path("/work/shared/fixtures/openai-stream"),
-)
-FIXTURE_DIR = next((d for d in _FIXTURE_DIRS if d.is_dir()), _FIXTURE_DIRS[-1])
+# Recorded third-party transcripts, byte-for-byte copies of the team's shared
+# fixtures (tests/data/openai-stream/SOURCES.md says where each comes from).
+FIXTURE_DIR = Path(__file__).parent / "data" / "openai-stream"
 TEXT_WITH_USAGE = "openai-python__e2aad469b71d_text-with-usage.sse"
 DEEPSEEK_REASONING = "vercel-ai__deepseek-reasoning.chunks.jsonl"
 DEEPSEEK_TOOL_CALL = "vercel-ai__deepseek-tool-call.chunks.jsonl"
@@ -470,3 +466,15 @@ def test_stream_cut_names_non_sse_text_it_carried() -> None:
         parser.finish()
     assert info.value.code == "stream_cut"
     assert "Bad gateway" in info.value.message
+
+
+def test_the_recorded_transcripts_are_the_verbatim_copies_sources_md_names() -> None:
+    import hashlib
+    import re
+
+    sources = (FIXTURE_DIR / "SOURCES.md").read_text()
+    for name in TRANSCRIPTS:
+        row = next(line for line in sources.splitlines() if f"`{name}`" in line)
+        expected = re.findall(r"\b[0-9a-f]{64}\b", row)[-1]
+        seen = hashlib.sha256((FIXTURE_DIR / name).read_bytes()).hexdigest()
+        assert seen == expected, f"{name}: sha256 {seen}, SOURCES.md says {expected}"

@@ -1,0 +1,110 @@
+"""The event log on real JetStream: single writer, read from a position, follow live."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from actors.actor import ActorContext, ConversationActor
+from events.errors import EventLogConflict
+from events.ids import new_id
+from events.log import EventLog, StoredEvent
+from events.vocabulary import Chunk, ConversationCreated, Event, Title
+
+
+def created(cid: str) -> ConversationCreated:
+    return ConversationCreated(conversation_id=cid, at=time.time_ns(), event_id=new_id(), user_id="u")
+
+
+def title(cid: str, text: str) -> Title:
+    return Title(conversation_id=cid, at=time.time_ns(), event_id=new_id(), title=text, source="user")
+
+
+async def test_a_stale_writer_is_refused_and_never_interleaves(event_log: EventLog) -> None:
+    cid = new_id()
+    head = await event_log.append(cid, [created(cid)], expected_seq=0)
+    # Two writers both believe the conversation ends at `head`.
+    first = await event_log.append(cid, [title(cid, "writer one")], expected_seq=head)
+    with pytest.raises(EventLogConflict):
+        await event_log.append(cid, [title(cid, "writer two")], expected_seq=head)
+    titles = [s.event.title for s in await event_log.read(cid) if isinstance(s.event, Title)]
+    assert titles == ["writer one"]
+    assert await event_log.last_seq(cid) == first
+
+
+async def test_creating_an_existing_conversation_again_is_refused(event_log: EventLog) -> None:
+    cid = new_id()
+    await event_log.append(cid, [created(cid)], expected_seq=0)
+    with pytest.raises(EventLogConflict):
+        await event_log.append(cid, [created(cid)], expected_seq=0)
+
+
+async def test_a_retried_append_of_the_same_event_is_stored_once(event_log: EventLog) -> None:
+    cid = new_id()
+    head = await event_log.append(cid, [created(cid)], expected_seq=0)
+    event = title(cid, "once")
+    seq = await event_log.append(cid, [event], expected_seq=head)
+    # The ack was lost, the writer sends again: Nats-Msg-Id makes it a no-op.
+    again = await event_log.append(cid, [event], expected_seq=head)
+    assert again == seq
+    assert [s.seq for s in await event_log.read(cid)] == [head, seq]
+
+
+async def test_two_actors_on_one_conversation_cannot_both_append(
+    event_log: EventLog, services: object
+) -> None:
+    from parley.services import Services
+
+    assert isinstance(services, Services) and services.worker is not None
+    base: ActorContext = services.worker._ctx  # the real context of the running worker
+    cid = new_id()
+    await event_log.append(cid, [created(cid)], expected_seq=0)
+    one = ConversationActor(cid, base)
+    two = ConversationActor(cid, base)
+    await one.catch_up()
+    await two.catch_up()
+    await one.append([title(cid, "from one")])
+    with pytest.raises(EventLogConflict):
+        await two.append([title(cid, "from two")])
+    # The refused actor forgot its stale view; catching up shows the winner's event.
+    await two.catch_up()
+    assert two.state.title == "from one" and two.seq == one.seq
+
+
+async def test_read_from_a_position_and_follow_live(event_log: EventLog) -> None:
+    cid = new_id()
+    events: list[Event] = [created(cid)] + [
+        Chunk(conversation_id=cid, at=time.time_ns(), event_id=new_id(), turn_id="t", kind="answer", text=str(i))
+        for i in range(5)
+    ]
+    last = await event_log.append(cid, events, expected_seq=0)
+    stored = await event_log.read(cid)
+    assert [s.event for s in stored] == events
+    middle = stored[2].seq
+    assert [s.seq for s in await event_log.read(cid, after=middle)] == [s.seq for s in stored[3:]]
+
+    received: list[StoredEvent] = []
+
+    async def follow() -> None:
+        async for item in event_log.follow(cid, after=middle):
+            received.append(item)
+            if len(received) == 5:
+                return
+
+    follower = asyncio.create_task(follow())
+    await asyncio.sleep(0.1)
+    more = [title(cid, "live one"), title(cid, "live two")]
+    await event_log.append(cid, more, expected_seq=last)
+    async with asyncio.timeout(10):
+        await follower
+    assert [r.event for r in received] == [*events[3:], *more]
+    assert [r.seq for r in received] == sorted(r.seq for r in received)
+
+
+async def test_an_unknown_conversation_has_no_events(event_log: EventLog) -> None:
+    cid = new_id()
+    assert await event_log.read(cid) == []
+    assert await event_log.last_seq(cid) == 0
+    assert await event_log.first(cid) is None
