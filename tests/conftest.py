@@ -17,6 +17,7 @@ import nats
 import pytest
 from nats.aio.client import Client as NatsClient
 
+from actors.models import ModelCatalog, ModelSpec
 from api.auth import mint
 from events.ids import new_id
 from events.log import EventLog, ensure_streams
@@ -24,7 +25,6 @@ from parley.config import DEMO_SPEC
 from parley.demo_model import DemoConfig, start_demo_model
 from parley.services import Servers, ServiceOptions, Services
 from parley.stack import EmbeddedStack
-from actors.models import ModelCatalog, ModelSpec
 from tests.sse import SseClient
 
 SECRET = "test-secret-" + "x" * 32
@@ -38,7 +38,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     data = Path(os.environ.get("PARLEY_TEST_DATA") or tmp_path_factory.mktemp("stack"))
     with EmbeddedStack(data) as running:
         urls = running.urls
-        yield Servers(nats_url=urls.nats_url, database_url=urls.database_url, redis_url=urls.redis_url)
+        yield Servers(
+            nats_url=urls.nats_url, database_url=urls.database_url, redis_url=urls.redis_url
+        )
 
 
 @pytest.fixture(scope="session")
@@ -110,4 +112,3 @@ def user() -> str:
 @pytest.fixture
 def api(services: Services, http: aiohttp.ClientSession, user: str) -> SseClient:
     return SseClient(http, services.edge_url, token_for(user))
-

@@ -116,3 +116,10 @@ async def until_done(response: aiohttp.ClientResponse) -> list[SseEvent]:
             if item.event == "done":
                 break
     return out
+
+
+async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[SseEvent]:
+    """Only the events of an SSE stream, no comments."""
+    async for item in read_sse(response):
+        if isinstance(item, SseEvent):
+            yield item

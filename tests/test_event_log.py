@@ -15,11 +15,15 @@ from events.vocabulary import Chunk, ConversationCreated, Event, Title
 
 
 def created(cid: str) -> ConversationCreated:
-    return ConversationCreated(conversation_id=cid, at=time.time_ns(), event_id=new_id(), user_id="u")
+    return ConversationCreated(
+        conversation_id=cid, at=time.time_ns(), event_id=new_id(), user_id="u"
+    )
 
 
 def title(cid: str, text: str) -> Title:
-    return Title(conversation_id=cid, at=time.time_ns(), event_id=new_id(), title=text, source="user")
+    return Title(
+        conversation_id=cid, at=time.time_ns(), event_id=new_id(), title=text, source="user"
+    )
 
 
 async def test_a_stale_writer_is_refused_and_never_interleaves(event_log: EventLog) -> None:
@@ -76,7 +80,14 @@ async def test_two_actors_on_one_conversation_cannot_both_append(
 async def test_read_from_a_position_and_follow_live(event_log: EventLog) -> None:
     cid = new_id()
     events: list[Event] = [created(cid)] + [
-        Chunk(conversation_id=cid, at=time.time_ns(), event_id=new_id(), turn_id="t", kind="answer", text=str(i))
+        Chunk(
+            conversation_id=cid,
+            at=time.time_ns(),
+            event_id=new_id(),
+            turn_id="t",
+            kind="answer",
+            text=str(i),
+        )
         for i in range(5)
     ]
     last = await event_log.append(cid, events, expected_seq=0)

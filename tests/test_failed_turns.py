@@ -56,7 +56,8 @@ async def _assistant_row(api: SseClient, cid: str) -> dict[str, Any]:
             assert status == 200
             rows = [m for m in body["messages"] if m["role"] == "assistant"]
             if rows and rows[0]["status"] != "streaming":
-                return rows[0]
+                row: dict[str, Any] = rows[0]
+                return row
             await asyncio.sleep(0.05)
 
 

@@ -73,7 +73,11 @@ async def test_unknown_and_foreign_conversations_are_404_without_leaking_existen
 ) -> None:
     mine = await api.create_conversation()
     stranger = SseClient(http, services.edge_url, token_for("someone-else"))
-    for client, cid in ((api, "01NOSUCHCONVERSATION00000"), (stranger, mine["id"]), (api, "bad.id*")):
+    for client, cid in (
+        (api, "01NOSUCHCONVERSATION00000"),
+        (stranger, mine["id"]),
+        (api, "bad.id*"),
+    ):
         for method, path in (
             ("GET", f"/v1/conversations/{cid}"),
             ("GET", f"/v1/conversations/{cid}/messages"),
@@ -132,7 +136,10 @@ async def test_busy_conversation_with_on_busy_reject_is_a_409(api: SseClient) ->
     import asyncio
 
     async with asyncio.timeout(10):
-        while (await api.request("GET", f"/v1/conversations/{cid}"))[1]["active_turn"] is None:
+        while True:  # poll the edge, as a client would
+            _, current = await api.request("GET", f"/v1/conversations/{cid}")
+            if current["active_turn"] is not None:
+                break
             await asyncio.sleep(0.02)
     status, body = await api.request(
         "POST", f"/v1/conversations/{cid}/messages", json={"content": "me too", "on_busy": "reject"}

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
-from tests.sse import SseClient, SseEvent, until_done
+from tests.sse import SseClient, SseEvent, sse_events, until_done
 
-WIRE_NAMES = {"started", "thinking", "token", "tool_call", "tool_result", "title", "billing_error", "error", "done"}
+WIRE_NAMES = {
+    "started",
+    "thinking",
+    "token",
+    "tool_call",
+    "tool_result",
+    "title",
+    "billing_error",
+    "error",
+    "done",
+}
 
 
 def seq_of(event_id: str | None) -> tuple[int, int]:
@@ -56,7 +67,7 @@ async def test_viewer_reconnecting_mid_turn_gets_every_event_once_in_order(api: 
     # Join without a position: the stream starts at the active turn's beginning.
     async with api.events(cid) as response:
         async with asyncio.timeout(30):
-            async for item in _events(response):
+            async for item in sse_events(response):
                 seen.append(item)
                 if len(seen) >= 20:
                     break
@@ -65,7 +76,7 @@ async def test_viewer_reconnecting_mid_turn_gets_every_event_once_in_order(api: 
     for _ in range(2):
         async with api.events(cid, last_event_id=seen[-1].id) as response:
             async with asyncio.timeout(30):
-                async for item in _events(response):
+                async for item in sse_events(response):
                     seen.append(item)
                     if item.event == "done" or len(seen) % 40 == 0:
                         break
@@ -81,14 +92,6 @@ async def test_viewer_reconnecting_mid_turn_gets_every_event_once_in_order(api: 
     assert [e.raw for e in seen] == [e.raw for e in reference]
     tokens = "".join(e.data for e in seen if e.event == "token").split()
     assert tokens == [str(i) for i in range(300)], f"tokens lost or repeated: {tokens[:10]}..."
-
-
-async def _events(response):  # type: ignore[no-untyped-def]
-    from tests.sse import read_sse
-
-    async for item in read_sse(response):
-        if isinstance(item, SseEvent):
-            yield item
 
 
 async def test_several_viewers_see_the_same_events_in_the_same_order(api: SseClient) -> None:
@@ -109,6 +112,18 @@ async def test_several_viewers_see_the_same_events_in_the_same_order(api: SseCli
     assert all([e.id for e in r] == [e.id for e in results[0]] for r in results[1:])
 
 
+async def zip_range(
+    source: AsyncIterator[SseEvent], count: int
+) -> AsyncIterator[tuple[SseEvent, int]]:
+    """The first `count` items of `source`."""
+    i = 0
+    async for item in source:
+        yield item, i
+        i += 1
+        if i == count:
+            return
+
+
 async def test_closing_the_client_mid_turn_neither_stops_nor_loses_the_turn(api: SseClient) -> None:
     conversation = await api.create_conversation()
     cid = conversation["id"]
@@ -117,11 +132,8 @@ async def test_closing_the_client_mid_turn_neither_stops_nor_loses_the_turn(api:
         json={"content": "a long one [[tokens=400]]"},
         headers=api.headers(Accept="text/event-stream"),
     ) as response:
-        got = 0
-        async for item in _events(response):
-            got += 1
-            if got == 10:
-                break  # the tab closes
+        seen = [item async for item, _ in zip_range(sse_events(response), 10)]
+        assert len(seen) == 10  # then the tab closes
     async with asyncio.timeout(30):
         while True:
             status, messages = await api.request("GET", f"/v1/conversations/{cid}/messages")
@@ -143,7 +155,7 @@ async def test_viewer_joining_after_the_turn_ended_gets_it_through_done_without_
     first_seq = seq_of(streamed[0].id)[0]
     async with api.events(cid, after=str(first_seq - 1)) as response:
         async with asyncio.timeout(10):
-            late = [e async for e in _events(response)]  # reads to the end of the stream
+            late = [e async for e in sse_events(response)]  # reads to the end of the stream
     assert [e.raw for e in late] == [e.raw for e in streamed]
     assert late[-1].event == "done"
 
