@@ -1,0 +1,689 @@
+"""The conversation's pure core: decisions from commands, state folded from events.
+
+States are built the way an actor builds them, by folding events; the clock and
+the id maker are injected (a fixed `NOW` and a counter), so every expected
+event is written out in full. Also the pure model-catalogue rule that picks the
+price in force. No server and no I/O.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import typing
+from collections.abc import Iterable, Sequence
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from actors.content import merge_blocks
+from actors.decide import (
+    Conversation,
+    ModelChoice,
+    Rejected,
+    TurnTotals,
+    decide_done,
+    decide_failed,
+    decide_send,
+    decide_title,
+    evolve,
+    fold,
+    history_of,
+    latest_messages,
+    partial_content,
+)
+from actors.models import ModelSpec, ModelVersion, active_version, choose_model
+from events.vocabulary import (
+    AnyEvent,
+    BillingRejected,
+    Cancelled,
+    Chunk,
+    ChunkKind,
+    ContentBlock,
+    ConversationCreated,
+    Done,
+    Event,
+    Prices,
+    SendMessage,
+    Started,
+    Title,
+    ToolCall,
+    ToolResult,
+    UserMessage,
+)
+
+CONV = "conv-1"
+USER = "user-1"
+NOW = 1_767_225_600_000_000_000
+MODEL = ModelChoice(
+    name="demo",
+    version_id="demo@2026-01",
+    prices=Prices(input_price=3.0, output_price=15.0),
+    max_tokens=4096,
+    temperature=0.7,
+)
+
+
+class Ids:
+    """A deterministic `new_id`: id-1, id-2, ..."""
+
+    def __init__(self, prefix: str = "id") -> None:
+        self.prefix = prefix
+        self.count = 0
+
+    def __call__(self) -> str:
+        self.count += 1
+        return f"{self.prefix}-{self.count}"
+
+
+def as_any(events: Iterable[Event]) -> list[AnyEvent]:
+    """Narrow decided events to the union `evolve` takes (every Event subclass is in it)."""
+    members = typing.get_args(AnyEvent)
+    out: list[AnyEvent] = []
+    for event in events:
+        assert isinstance(event, members), f"{type(event).__name__} is not in AnyEvent"
+        out.append(event)
+    return out
+
+
+def created(*, title: str = "", project_id: str | None = "proj-1") -> ConversationCreated:
+    return ConversationCreated(
+        conversation_id=CONV,
+        at=NOW - 1,
+        event_id="evt-created",
+        user_id=USER,
+        project_id=project_id,
+        title=title,
+        model="demo",
+    )
+
+
+def send(content: str, n: int = 1) -> SendMessage:
+    return SendMessage(
+        conversation_id=CONV,
+        command_id=f"cmd-{n}",
+        user_id=USER,
+        at=NOW,
+        message_id=f"msg-{n}",
+        content=content,
+    )
+
+
+def empty() -> Conversation:
+    return Conversation(conversation_id=CONV)
+
+
+def decided(state: Conversation, cmd: SendMessage, ids: Ids) -> list[AnyEvent]:
+    result = decide_send(state, cmd, MODEL, NOW, ids)
+    assert not isinstance(result, Rejected), f"expected events for {cmd!r}, saw {result!r}"
+    return as_any(result)
+
+
+def chunk(turn_id: str, kind: ChunkKind, text: str, n: int = 0) -> Chunk:
+    return Chunk(
+        conversation_id=CONV, at=NOW, event_id=f"chunk-{n}", turn_id=turn_id, kind=kind, text=text
+    )
+
+
+def tool_call(turn_id: str, call_id: str) -> ToolCall:
+    return ToolCall(
+        conversation_id=CONV,
+        at=NOW,
+        event_id=f"call-{call_id}",
+        turn_id=turn_id,
+        call_id=call_id,
+        name="get_weather",
+        arguments='{"city": "Oslo"}',
+    )
+
+
+def tool_result(turn_id: str, call_id: str) -> ToolResult:
+    return ToolResult(
+        conversation_id=CONV,
+        at=NOW,
+        event_id=f"result-{call_id}",
+        turn_id=turn_id,
+        call_id=call_id,
+        name="get_weather",
+        result='{"temp_c": 4}',
+        duration_ms=12.0,
+    )
+
+
+def started_turn(
+    content: str = "How do I rotate the API keys?", *, title: str = ""
+) -> tuple[Conversation, str]:
+    """A conversation with one user message and its turn running; returns the turn id."""
+    state = fold(empty(), [created(title=title)])
+    state = fold(state, decided(state, send(content), Ids("t")))
+    assert state.active is not None, f"expected an active turn, saw {state!r}"
+    return state, state.active.turn_id
+
+
+def finished(state: Conversation, input_tokens: int = 10, output_tokens: int = 5) -> Conversation:
+    done = decide_done(state, "stop", TurnTotals(input_tokens, output_tokens), NOW, Ids("done"))
+    return evolve(state, done)
+
+
+# ---------------------------------------------------------------- decide_send
+
+
+def test_a_message_opens_a_turn_user_message_then_started_then_title() -> None:
+    state = fold(empty(), [created()])
+    ids = Ids()
+    result = decide_send(state, send("How do I rotate the API keys?"), MODEL, NOW, ids)
+    expected = [
+        UserMessage(
+            conversation_id=CONV,
+            at=NOW,
+            event_id="id-2",
+            message_id="msg-1",
+            content="How do I rotate the API keys?",
+            user_id=USER,
+            parent_message_id=None,
+            version_group_id="msg-1",
+            version_number=1,
+            command_id="cmd-1",
+        ),
+        Started(
+            conversation_id=CONV,
+            at=NOW,
+            event_id="id-3",
+            turn_id="id-1",
+            user_message_id="msg-1",
+            model="demo",
+            model_version_id="demo@2026-01",
+            prices=Prices(input_price=3.0, output_price=15.0),
+            max_tokens=4096,
+            temperature=0.7,
+            parent_message_id="msg-1",
+            version_group_id="id-1",
+            version_number=1,
+        ),
+        Title(
+            conversation_id=CONV,
+            at=NOW,
+            event_id="id-4",
+            title="How rotate the API keys?",
+            source="auto",
+            turn_id="id-1",
+        ),
+    ]
+    assert result == expected, f"expected {expected!r}\nsaw      {result!r}"
+    assert ids.count == 4, f"expected 4 ids drawn, saw {ids.count}"
+
+
+def test_the_next_user_message_follows_the_previous_answer() -> None:
+    state, first_turn = started_turn()
+    state = finished(state)
+    events = decided(state, send("And for production?", n=2), Ids("second"))
+    user, started = events[0], events[1]
+    assert isinstance(user, UserMessage) and isinstance(started, Started), f"saw {events!r}"
+    assert user.parent_message_id == first_turn, (
+        f"expected the new message to follow answer {first_turn!r}, saw {user.parent_message_id!r}"
+    )
+    assert started.parent_message_id == "msg-2", f"saw {started.parent_message_id!r}"
+    assert started.user_message_id == "msg-2", f"saw {started.user_message_id!r}"
+    state = fold(state, events)
+    order = [(m.role, m.message_id, m.parent_message_id) for m in state.messages]
+    expected = [
+        ("user", "msg-1", None),
+        ("assistant", first_turn, "msg-1"),
+        ("user", "msg-2", first_turn),
+        ("assistant", started.turn_id, "msg-2"),
+    ]
+    assert order == expected, f"expected the chain {expected!r}, saw {order!r}"
+
+
+def test_a_redelivered_command_decides_nothing() -> None:
+    state, _ = started_turn()
+    # while its turn still runs: a redelivery, not a busy conversation
+    assert decide_send(state, send("How do I rotate the API keys?"), MODEL, NOW, Ids()) == []
+    state = finished(state)
+    ids = Ids()
+    again = decide_send(state, send("How do I rotate the API keys?"), MODEL, NOW, ids)
+    assert again == [], f"expected no events for a command already in the log, saw {again!r}"
+    assert ids.count == 0, f"expected no ids drawn, saw {ids.count}"
+
+
+def test_a_message_to_a_missing_conversation_is_rejected_as_not_found() -> None:
+    result = decide_send(empty(), send("hello there"), MODEL, NOW, Ids())
+    assert isinstance(result, Rejected), f"expected Rejected, saw {result!r}"
+    assert result.code == "not_found", f"expected not_found, saw {result.code!r}"
+
+
+def test_a_message_while_a_turn_runs_is_rejected_as_busy() -> None:
+    state, turn_id = started_turn()
+    result = decide_send(state, send("another question", n=2), MODEL, NOW, Ids())
+    assert isinstance(result, Rejected), f"expected Rejected, saw {result!r}"
+    assert result.code == "busy", f"expected busy, saw {result.code!r}"
+    assert turn_id in result.message, f"expected the running turn named in {result.message!r}"
+
+
+# ---------------------------------------------------------------- decide_title
+
+
+def test_an_untitled_conversation_is_titled_from_its_first_user_message() -> None:
+    state, _ = started_turn("Explain event sourcing with small examples please")
+    state = finished(state)
+    # the user cleared the title: the next turn titles it again, from the first message
+    state = evolve(
+        state,
+        Title(conversation_id=CONV, at=NOW, event_id="evt-clear", title="New Chat", source="user"),
+    )
+    title = decide_title(state, "completely different second question", "turn-2", NOW, Ids())
+    expected = Title(
+        conversation_id=CONV,
+        at=NOW,
+        event_id="id-1",
+        title="Explain event sourcing with small",
+        source="auto",
+        turn_id="turn-2",
+    )
+    assert title == expected, f"expected {expected!r}, saw {title!r}"
+
+
+@pytest.mark.parametrize("untitled", ["", "New Chat"])
+def test_the_first_message_titles_a_new_conversation(untitled: str) -> None:
+    state = fold(empty(), [created(title=untitled)])
+    title = decide_title(state, "Plan the quarterly roadmap review", "turn-1", NOW, Ids())
+    assert (title.title, title.source) == ("Plan the quarterly roadmap review", "auto"), (
+        f"saw {title!r}"
+    )
+
+
+def test_a_titled_conversation_announces_its_existing_title() -> None:
+    state, _ = started_turn("Explain event sourcing", title="Ops runbook")
+    title = decide_title(state, "Explain event sourcing", "turn-2", NOW, Ids())
+    assert (title.title, title.source, title.turn_id) == ("Ops runbook", "existing", "turn-2"), (
+        f"saw {title!r}"
+    )
+
+
+def test_a_first_message_of_short_words_leaves_the_title_as_it_is() -> None:
+    state = fold(empty(), [created(title="New Chat")])
+    title = decide_title(state, "hi, is it ok", "turn-1", NOW, Ids())
+    # "hi," is three characters: a word long enough to title with
+    assert (title.title, title.source) == ("hi,", "auto"), f"saw {title!r}"
+    title = decide_title(state, "hi is it ok", "turn-1", NOW, Ids())
+    assert (title.title, title.source) == ("New Chat", "existing"), f"saw {title!r}"
+
+
+def test_the_title_event_renames_the_conversation() -> None:
+    state, _ = started_turn("Plan the quarterly roadmap review")
+    assert state.title == "Plan the quarterly roadmap review", f"saw {state.title!r}"
+
+
+# ---------------------------------------------------------------- evolve over a turn
+
+
+def test_a_turn_with_tool_calls_is_stored_as_merged_blocks() -> None:
+    state, turn = started_turn()
+    events: list[AnyEvent] = [
+        chunk(turn, "thinking", "I should ", 1),
+        chunk(turn, "thinking", "check the docs ", 2),
+        tool_call(turn, "c1"),
+        tool_result(turn, "c1"),
+        chunk(turn, "thinking", " Found it.", 3),
+        chunk(turn, "answer", "Open ", 4),
+        chunk(turn, "answer", "Settings.", 5),
+        tool_call(turn, "c2"),
+        tool_result(turn, "c2"),
+        chunk(turn, "answer", "Then rotate.", 6),
+        chunk("another-turn", "answer", "ignored: not this turn", 7),
+    ]
+    state = fold(state, events)
+    expected = [
+        ContentBlock(role="thinking", content="I should check the docs"),
+        ContentBlock(role="thinking", content="Found it."),
+        ContentBlock(role="assistant", content="Open Settings."),
+        ContentBlock(role="assistant", content="Then rotate."),
+    ]
+    seen = partial_content(state)
+    assert seen == expected, f"expected {expected!r}\nsaw      {seen!r}"
+    assert state.active is not None and state.active.tool_calls == 2, f"saw {state.active!r}"
+
+    done = decide_done(state, "stop", TurnTotals(812, 64), NOW + 5, Ids("d"))
+    assert done == Done(
+        conversation_id=CONV,
+        at=NOW + 5,
+        event_id="d-1",
+        turn_id=turn,
+        content=expected,
+        stop_reason="stop",
+        input_tokens=812,
+        output_tokens=64,
+    ), f"saw {done!r}"
+
+    state = evolve(state, done)
+    assert state.active is None, f"expected the turn to end, saw {state.active!r}"
+    assert state.token_usage_total == 876, f"expected 812 + 64, saw {state.token_usage_total}"
+    answer = next(m for m in state.messages if m.message_id == turn)
+    assert (answer.status, list(answer.blocks)) == ("complete", expected), f"saw {answer!r}"
+    assert partial_content(state) == [], "no active turn: no partial content"
+
+
+def test_a_failed_turn_keeps_its_partial_content_and_counts_its_tokens() -> None:
+    state, turn = started_turn()
+    state = finished(state, 100, 20)  # a first turn: 120 tokens
+    state = fold(state, decided(state, send("and then?", n=2), Ids("t2")))
+    assert state.active is not None
+    turn2 = state.active.turn_id
+    state = fold(state, [chunk(turn2, "answer", "Partial ", 1), chunk(turn2, "answer", "ans", 2)])
+    failed = decide_failed(state, "model_error", "HTTP 502", TurnTotals(300, 2, True), NOW, Ids())
+    assert failed.content == [ContentBlock(role="assistant", content="Partial ans")], (
+        f"saw {failed.content!r}"
+    )
+    assert (failed.code, failed.tokens_estimated) == ("model_error", True), f"saw {failed!r}"
+    state = evolve(state, failed)
+    assert state.active is None, f"expected the turn to end, saw {state.active!r}"
+    assert state.token_usage_total == 120 + 302, f"saw {state.token_usage_total}"
+    statuses = {m.message_id: m.status for m in state.messages if m.role == "assistant"}
+    assert statuses == {turn: "complete", turn2: "failed"}, f"saw {statuses!r}"
+
+
+def test_a_cancelled_turn_ends_and_counts_its_tokens() -> None:
+    state, turn = started_turn()
+    content = [ContentBlock(role="assistant", content="Sure, first")]
+    state = evolve(
+        state,
+        Cancelled(
+            conversation_id=CONV,
+            at=NOW,
+            event_id="cancel-1",
+            turn_id=turn,
+            content=content,
+            input_tokens=40,
+            output_tokens=3,
+        ),
+    )
+    assert state.active is None, f"saw {state.active!r}"
+    assert state.token_usage_total == 43, f"saw {state.token_usage_total}"
+    answer = next(m for m in state.messages if m.message_id == turn)
+    assert (answer.status, list(answer.blocks)) == ("cancelled", content), f"saw {answer!r}"
+
+
+def test_a_billing_rejection_ends_the_turn_without_tokens() -> None:
+    state, turn = started_turn()
+    state = evolve(
+        state,
+        BillingRejected(
+            conversation_id=CONV,
+            at=NOW,
+            event_id="billing-1",
+            turn_id=turn,
+            user_message_id="msg-1",
+            account="project:proj-1",
+            needed=5250,
+            available=0,
+        ),
+    )
+    assert state.active is None, f"saw {state.active!r}"
+    assert state.token_usage_total == 0, f"saw {state.token_usage_total}"
+    answer = next(m for m in state.messages if m.message_id == turn)
+    assert answer.status == "billing_error", f"saw {answer!r}"
+
+
+def test_chunks_without_an_active_turn_change_nothing() -> None:
+    state, turn = started_turn()
+    state = finished(state)
+    after = fold(state, [chunk(turn, "answer", "late"), tool_call(turn, "late")])
+    assert after == state, f"expected no change, saw {after!r}"
+
+
+def test_done_without_a_turn_is_a_programming_error() -> None:
+    state = fold(empty(), [created()])
+    with pytest.raises(ValueError, match="no active turn"):
+        decide_done(state, "stop", TurnTotals(), NOW, Ids())
+
+
+# ---------------------------------------------------------------- message versions
+
+
+def user_version(message_id: str, group: str, number: int, content: str) -> UserMessage:
+    return UserMessage(
+        conversation_id=CONV,
+        at=NOW,
+        event_id=f"evt-{message_id}",
+        message_id=message_id,
+        content=content,
+        version_group_id=group,
+        version_number=number,
+    )
+
+
+def test_a_new_version_of_a_user_message_replaces_the_old_one_as_latest() -> None:
+    state = fold(
+        empty(),
+        [
+            created(),
+            user_version("m1", "m1", 1, "first draft"),
+            user_version("m2", "m2", 1, "another message"),
+            user_version("m1b", "m1", 2, "edited draft"),
+        ],
+    )
+    latest = {m.message_id: m.is_latest for m in state.messages}
+    assert latest == {"m1": False, "m2": True, "m1b": True}, f"saw {latest!r}"
+    seen = [m.message_id for m in latest_messages(state)]
+    assert seen == ["m2", "m1b"], f"expected latest versions in creation order, saw {seen!r}"
+    history = [(h.role, h.blocks) for h in history_of(state)]
+    expected = [("user", ("another message",)), ("user", ("edited draft",))]
+    assert history == expected, f"expected {expected!r}, saw {history!r}"
+
+
+def test_a_message_without_a_version_group_is_its_own_group() -> None:
+    state = fold(
+        empty(), [created(), user_version("m1", "", 1, "a"), user_version("m2", "", 1, "b")]
+    )
+    groups = [(m.version_group_id, m.is_latest) for m in state.messages]
+    assert groups == [("m1", True), ("m2", True)], f"saw {groups!r}"
+
+
+def test_a_regenerated_answer_replaces_the_old_answer_as_latest() -> None:
+    state, turn = started_turn()
+    state = finished(state)
+    regenerated = Started(
+        conversation_id=CONV,
+        at=NOW,
+        event_id="evt-regen",
+        turn_id="turn-2",
+        user_message_id="msg-1",
+        model="demo",
+        parent_message_id="msg-1",
+        version_group_id=turn,
+        version_number=2,
+    )
+    state = evolve(state, regenerated)
+    assert state.active is not None and state.active.turn_id == "turn-2", f"saw {state.active!r}"
+    latest = [(m.message_id, m.version_number) for m in latest_messages(state)]
+    assert latest == [("msg-1", 1), ("turn-2", 2)], f"saw {latest!r}"
+    # the answer being written is not history yet
+    history = [h.role for h in history_of(state)]
+    assert history == ["user"], f"saw {history!r}"
+
+
+# ---------------------------------------------------------------- properties of the fold
+
+KINDS: list[ChunkKind | None] = ["thinking", "answer"]
+turn_step: st.SearchStrategy[tuple[ChunkKind | None, str]] = st.one_of(
+    st.tuples(st.sampled_from(KINDS), st.text(max_size=8)),
+    st.just((None, "")),  # a tool call: a boundary
+)
+
+
+def turn_events(turn: str, steps: Sequence[tuple[ChunkKind | None, str]]) -> list[AnyEvent]:
+    out: list[AnyEvent] = []
+    for i, (kind, text) in enumerate(steps):
+        if kind is None:
+            out.extend([tool_call(turn, f"c{i}"), tool_result(turn, f"c{i}")])
+        else:
+            out.append(chunk(turn, kind, text, i))
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(turn_step, max_size=40))
+def test_folding_chunks_gives_the_same_content_as_merging_the_pieces(
+    steps: list[tuple[ChunkKind | None, str]],
+) -> None:
+    state, turn = started_turn()
+    state = fold(state, turn_events(turn, steps))
+    expected = merge_blocks(steps)
+    seen = partial_content(state)
+    assert seen == expected, f"steps {steps!r}: expected {expected!r}, saw {seen!r}"
+    done = decide_done(state, "stop", TurnTotals(1, 1), NOW, Ids())
+    assert done.content == expected, f"expected Done to carry {expected!r}, saw {done.content!r}"
+    answer = next(m for m in evolve(state, done).messages if m.message_id == turn)
+    assert list(answer.blocks) == expected, f"expected {expected!r} stored, saw {answer.blocks!r}"
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(turn_step, max_size=40), st.integers(0, 5), st.integers(0, 5))
+def test_folding_the_same_events_twice_gives_equal_states(
+    steps: list[tuple[ChunkKind | None, str]], input_tokens: int, output_tokens: int
+) -> None:
+    base, turn = started_turn()
+    events = turn_events(turn, steps)
+    first, second = fold(base, events), fold(base, list(events))
+    assert first == second, f"the same events folded to {first!r} and {second!r}"
+    end = decide_done(first, "stop", TurnTotals(input_tokens, output_tokens), NOW, Ids())
+    assert evolve(first, end) == evolve(second, end)
+
+
+def test_folding_a_long_turn_stays_fast_and_exact() -> None:
+    state, turn = started_turn()
+    n = 10_000
+    state = fold(state, (chunk(turn, "answer", "x", i) for i in range(n)))
+    seen = partial_content(state)
+    assert seen == [ContentBlock(role="assistant", content="x" * n)], (
+        f"expected one block of {n} characters, saw {len(seen)} blocks"
+    )
+
+
+# ---------------------------------------------------------------- models: the price in force
+
+
+def version(
+    name: str,
+    *,
+    status: typing.Literal["active", "deprecated"] = "active",
+    default: bool = False,
+    released: dt.date | None = None,
+    price: float = 1.0,
+) -> ModelVersion:
+    return ModelVersion(
+        version=name,
+        status=status,
+        is_default=default,
+        release_date=released,
+        input_price=price,
+        output_price=price * 5,
+    )
+
+
+JAN = dt.date(2026, 1, 15)
+MAR = dt.date(2026, 3, 1)
+JUN = dt.date(2026, 6, 1)
+
+ACTIVE_VERSION_CASES: list[tuple[str, list[ModelVersion], str | None]] = [
+    ("no versions", [], None),
+    ("only deprecated versions", [version("old", status="deprecated", default=True)], None),
+    ("the only active version", [version("v1", released=JAN)], "v1"),
+    (
+        "the default beats a newer release",
+        [version("new", released=JUN), version("dflt", default=True, released=JAN)],
+        "dflt",
+    ),
+    (
+        "a deprecated default never wins",
+        [
+            version("dep", status="deprecated", default=True, released=JUN),
+            version("act", released=JAN),
+        ],
+        "act",
+    ),
+    (
+        "without a default, the newest release",
+        [version("jan", released=JAN), version("jun", released=JUN), version("mar", released=MAR)],
+        "jun",
+    ),
+    (
+        "among several defaults, the newest release",
+        [
+            version("d-jan", default=True, released=JAN),
+            version("d-mar", default=True, released=MAR),
+        ],
+        "d-mar",
+    ),
+    (
+        "a version without a release date is older than any dated one",
+        [version("undated"), version("jan", released=JAN)],
+        "jan",
+    ),
+    (
+        "a deprecated newer release never wins",
+        [version("jun", status="deprecated", released=JUN), version("jan", released=JAN)],
+        "jan",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("versions", "expected"),
+    [pytest.param(v, e, id=name) for name, v, e in ACTIVE_VERSION_CASES],
+)
+def test_the_version_in_force_is_active_default_first_then_newest(
+    versions: list[ModelVersion], expected: str | None
+) -> None:
+    chosen = active_version(ModelSpec(name="m", versions=versions))
+    seen = chosen.version if chosen else None
+    assert seen == expected, f"expected {expected!r}, saw {seen!r} from {versions!r}"
+
+
+def test_choosing_a_model_records_the_prices_in_force() -> None:
+    spec = ModelSpec(
+        name="demo",
+        max_output_tokens=4096,
+        versions=[
+            ModelVersion(
+                version="2025-06",
+                status="deprecated",
+                is_default=True,
+                input_price=9,
+                output_price=9,
+            ),
+            ModelVersion(
+                version="2026-01",
+                is_default=True,
+                release_date=JAN,
+                input_price=3.0,
+                output_price=15.0,
+            ),
+        ],
+    )
+    expected = ModelChoice(
+        name="demo",
+        version_id="demo@2026-01",
+        prices=Prices(input_price=3.0, output_price=15.0),
+        max_tokens=4096,
+        temperature=0.7,
+    )
+    seen = choose_model(spec)
+    assert seen == expected, f"expected {expected!r}, saw {seen!r}"
+
+
+def test_a_model_without_max_output_tokens_is_unlimited() -> None:
+    seen = choose_model(ModelSpec(name="m", versions=[version("v1", released=JAN)]))
+    assert seen.max_tokens is None, f"expected no limit, saw {seen.max_tokens!r}"
+
+
+def test_the_chosen_prices_are_recorded_in_started() -> None:
+    spec = ModelSpec(name="demo", versions=[version("v2", default=True, released=JAN, price=2.5)])
+    state = fold(empty(), [created()])
+    result = decide_send(state, send("price check please"), choose_model(spec), NOW, Ids())
+    assert not isinstance(result, Rejected), f"saw {result!r}"
+    started = result[1]
+    assert isinstance(started, Started), f"saw {result!r}"
+    seen = (started.model_version_id, started.prices)
+    expected = ("demo@v2", Prices(input_price=2.5, output_price=12.5))
+    assert seen == expected, f"expected {expected!r}, saw {seen!r}"

@@ -1,0 +1,483 @@
+"""The SSE wire format (DESIGN section 6) as pure functions: envelopes, ids, resuming.
+
+Every log event maps to zero, one or two SSE events; the ids they carry let a
+viewer resume from any id it saw and get every later event exactly once. No
+server: events are built in memory and frames compared byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from api.sse import Envelope, Position, envelopes, frame, frames, parse_position
+from events.log import StoredEvent
+from events.vocabulary import (
+    AnyEvent,
+    BillingRejected,
+    Cancelled,
+    Chunk,
+    ContentBlock,
+    ConversationCreated,
+    CreditsGranted,
+    Done,
+    Failed,
+    Started,
+    Title,
+    ToolCall,
+    ToolResult,
+    UserMessage,
+)
+
+CONV = "conv-1"
+TURN = "turn-1"
+AT = 1_767_225_600_000_000_000
+BLOCKS = [ContentBlock(role="assistant", content="Hello")]
+
+
+def started() -> Started:
+    return Started(
+        conversation_id=CONV,
+        at=AT,
+        event_id="e-started",
+        turn_id=TURN,
+        user_message_id="msg-1",
+        model="demo",
+    )
+
+
+def token(text: str, kind: str = "answer") -> Chunk:
+    return Chunk(
+        conversation_id=CONV,
+        at=AT,
+        event_id=f"e-{text}",
+        turn_id=TURN,
+        kind="thinking" if kind == "thinking" else "answer",
+        text=text,
+    )
+
+
+def tool_call(arguments: str) -> ToolCall:
+    return ToolCall(
+        conversation_id=CONV,
+        at=AT,
+        event_id="e-call",
+        turn_id=TURN,
+        call_id="call-1",
+        name="get_weather",
+        arguments=arguments,
+    )
+
+
+def tool_result(*, result: str | None = '{"temp_c": 4}', error: str | None = None) -> ToolResult:
+    return ToolResult(
+        conversation_id=CONV,
+        at=AT,
+        event_id="e-result",
+        turn_id=TURN,
+        call_id="call-1",
+        name="get_weather",
+        result=result,
+        error=error,
+        duration_ms=12.5,
+    )
+
+
+def title(turn_id: str | None = TURN) -> Title:
+    return Title(
+        conversation_id=CONV,
+        at=AT,
+        event_id="e-title",
+        title="Weather in Oslo",
+        source="auto",
+        turn_id=turn_id,
+    )
+
+
+def done() -> Done:
+    return Done(
+        conversation_id=CONV,
+        at=AT,
+        event_id="e-done",
+        turn_id=TURN,
+        content=BLOCKS,
+        stop_reason="stop",
+        input_tokens=10,
+        output_tokens=2,
+    )
+
+
+def cancelled() -> Cancelled:
+    return Cancelled(conversation_id=CONV, at=AT, event_id="e-cancel", turn_id=TURN, content=BLOCKS)
+
+
+def failed() -> Failed:
+    return Failed(
+        conversation_id=CONV,
+        at=AT,
+        event_id="e-failed",
+        turn_id=TURN,
+        code="model_error",
+        message="upstream returned HTTP 502",
+    )
+
+
+def billing_rejected() -> BillingRejected:
+    return BillingRejected(
+        conversation_id=CONV,
+        at=AT,
+        event_id="e-billing",
+        turn_id=TURN,
+        user_message_id="msg-1",
+        account="project:proj-1",
+        needed=5250,
+        available=1200,
+    )
+
+
+def conversation_created() -> ConversationCreated:
+    return ConversationCreated(conversation_id=CONV, at=AT, event_id="e-created", user_id="u-1")
+
+
+def user_message() -> UserMessage:
+    return UserMessage(
+        conversation_id=CONV, at=AT, event_id="e-user", message_id="msg-1", content="Weather?"
+    )
+
+
+def credits_granted() -> CreditsGranted:
+    return CreditsGranted(
+        conversation_id=CONV, at=AT, event_id="e-credits", account="user:u-1", amount=1_000_000
+    )
+
+
+def wire(stored: StoredEvent) -> list[tuple[str, Any, str | None]]:
+    return [(e.event, e.data, e.message_id) for e in envelopes(stored)]
+
+
+# ---------------------------------------------------------------- envelopes
+
+ENVELOPE_CASES: list[tuple[str, AnyEvent, list[tuple[str, Any, str | None]]]] = [
+    (
+        "started",
+        started(),
+        [
+            (
+                "started",
+                {"turn_id": TURN, "message_id": TURN, "user_message_id": "msg-1", "model": "demo"},
+                TURN,
+            )
+        ],
+    ),
+    ("thinking chunk", token("Let me think", "thinking"), [("thinking", "Let me think", TURN)]),
+    ("answer chunk", token("Hel"), [("token", "Hel", TURN)]),
+    (
+        "tool_call with JSON arguments carries the parsed object",
+        tool_call('{"city": "Oslo", "days": 3}'),
+        [
+            (
+                "tool_call",
+                {"id": "call-1", "name": "get_weather", "arguments": {"city": "Oslo", "days": 3}},
+                TURN,
+            )
+        ],
+    ),
+    (
+        "tool_call with invalid JSON carries the raw text",
+        tool_call('{"city": "Oslo"'),
+        [
+            (
+                "tool_call",
+                {"id": "call-1", "name": "get_weather", "arguments": '{"city": "Oslo"'},
+                TURN,
+            )
+        ],
+    ),
+    (
+        "tool_call without arguments carries an empty object",
+        tool_call(""),
+        [("tool_call", {"id": "call-1", "name": "get_weather", "arguments": {}}, TURN)],
+    ),
+    (
+        "tool_result",
+        tool_result(),
+        [
+            (
+                "tool_result",
+                {
+                    "id": "call-1",
+                    "name": "get_weather",
+                    "result": '{"temp_c": 4}',
+                    "error": None,
+                    "duration_ms": 12.5,
+                },
+                TURN,
+            )
+        ],
+    ),
+    (
+        "tool_result with an error",
+        tool_result(result=None, error="timeout after 30 s"),
+        [
+            (
+                "tool_result",
+                {
+                    "id": "call-1",
+                    "name": "get_weather",
+                    "result": None,
+                    "error": "timeout after 30 s",
+                    "duration_ms": 12.5,
+                },
+                TURN,
+            )
+        ],
+    ),
+    ("title", title(), [("title", "Weather in Oslo", TURN)]),
+    ("title outside a turn", title(None), [("title", "Weather in Oslo", None)]),
+    ("done", done(), [("done", "ok", TURN)]),
+    ("cancelled", cancelled(), [("done", "stopped", TURN)]),
+    (
+        "failed: error then done error",
+        failed(),
+        [
+            ("error", {"code": "model_error", "message": "upstream returned HTTP 502"}, TURN),
+            ("done", "error", TURN),
+        ],
+    ),
+    (
+        "billing_rejected: billing_error then done billing_error",
+        billing_rejected(),
+        [
+            (
+                "billing_error",
+                {
+                    "account": "project:proj-1",
+                    "needed": 5250,
+                    "available": 1200,
+                    "message": "insufficient credits: 1200 of 5250 micro-credits",
+                },
+                TURN,
+            ),
+            ("done", "billing_error", TURN),
+        ],
+    ),
+    ("conversation_created is bookkeeping", conversation_created(), []),
+    ("user_message is bookkeeping", user_message(), []),
+    ("credits_granted is bookkeeping", credits_granted(), []),
+]
+
+
+@pytest.mark.parametrize(
+    ("event", "expected"),
+    [pytest.param(event, expected, id=name) for name, event, expected in ENVELOPE_CASES],
+)
+def test_each_log_event_maps_to_its_sse_events(
+    event: AnyEvent, expected: list[tuple[str, Any, str | None]]
+) -> None:
+    seen = wire(StoredEvent(seq=7, event=event))
+    assert seen == expected, f"expected {expected!r}\nsaw      {seen!r}"
+
+
+def test_every_wire_name_is_one_the_frontend_knows() -> None:
+    known = {
+        "started",
+        "thinking",
+        "token",
+        "tool_call",
+        "tool_result",
+        "title",
+        "billing_error",
+        "error",
+        "done",
+    }
+    names = {e.event for _, event, _ in ENVELOPE_CASES for e in envelopes(StoredEvent(1, event))}
+    assert names == known, f"expected exactly {sorted(known)}, saw {sorted(names)}"
+
+
+# ---------------------------------------------------------------- frames: ids and bytes
+
+
+def test_a_frame_is_id_then_one_data_line_then_a_blank_line() -> None:
+    seen = frames(StoredEvent(seq=12, event=token("Hel")))
+    expected = [b'id: 12\ndata: {"event":"token","data":"Hel","message_id":"turn-1"}\n\n']
+    assert seen == expected, f"expected {expected!r}, saw {seen!r}"
+
+
+def test_an_envelope_without_a_message_id_leaves_the_key_out() -> None:
+    seen = frames(StoredEvent(seq=3, event=title(None)))
+    expected = [b'id: 3\ndata: {"event":"title","data":"Weather in Oslo"}\n\n']
+    assert seen == expected, f"expected {expected!r}, saw {seen!r}"
+
+
+def test_a_frame_without_an_id_has_only_the_data_line() -> None:
+    seen = frame(None, Envelope("error", {"code": "position_gone"}))
+    expected = b'data: {"event":"error","data":{"code":"position_gone"}}\n\n'
+    assert seen == expected, f"expected {expected!r}, saw {seen!r}"
+
+
+def test_data_is_json_that_keeps_unicode_and_newlines_on_one_line() -> None:
+    text = 'Grüße "quoted"\nnew line 🙂'
+    (raw,) = frames(StoredEvent(seq=4, event=token(text)))
+    lines = raw.split(b"\n")
+    assert lines[0] == b"id: 4" and lines[2:] == [b"", b""], f"saw {raw!r}"
+    assert lines[1].startswith(b"data: "), f"saw {raw!r}"
+    envelope = json.loads(lines[1][len(b"data: ") :])
+    expected = {"event": "token", "data": text, "message_id": TURN}
+    assert envelope == expected, f"expected {expected!r}, saw {envelope!r}"
+    assert list(envelope) == ["event", "data", "message_id"], f"key order {list(envelope)}"
+
+
+@pytest.mark.parametrize(
+    ("event", "expected_ids"),
+    [
+        pytest.param(token("x"), ["9"], id="one SSE event: N"),
+        pytest.param(failed(), ["9-0", "9"], id="two SSE events: N-0 then N"),
+        pytest.param(billing_rejected(), ["9-0", "9"], id="billing: N-0 then N"),
+        pytest.param(user_message(), [], id="bookkeeping: no frames"),
+    ],
+)
+def test_frame_ids_name_the_log_position_and_the_piece(
+    event: AnyEvent, expected_ids: list[str]
+) -> None:
+    seen = [frame_id(f) for f in frames(StoredEvent(seq=9, event=event))]
+    assert seen == expected_ids, f"expected ids {expected_ids!r}, saw {seen!r}"
+
+
+def frame_id(raw: bytes) -> str:
+    head = raw.split(b"\n", 1)[0]
+    assert head.startswith(b"id: "), f"expected an id line, saw {raw!r}"
+    return head[len(b"id: ") :].decode()
+
+
+# ---------------------------------------------------------------- parse_position
+
+PARSE_CASES: list[tuple[str, Position | None]] = [
+    ("12", Position(seq=12)),
+    ("12-0", Position(seq=12, piece=0)),
+    ("12-1", Position(seq=12, piece=1)),
+    ("0", Position(seq=0)),
+    (" 12 ", Position(seq=12)),  # header values may carry surrounding spaces
+    ("007", Position(seq=7)),
+    ("9" * 19, Position(seq=int("9" * 19))),
+    ("", None),
+    ("   ", None),
+    ("x", None),
+    ("12a", None),
+    ("-1", None),
+    ("+1", None),
+    ("1.5", None),
+    ("0x1f", None),
+    ("12-", None),
+    ("-0", None),
+    ("1-2-3", None),
+    ("12--1", None),
+    ("12-1000", None),
+    ("1" * 20, None),
+    ("9" * 400, None),
+    ("12\n13", None),
+]
+
+
+@pytest.mark.parametrize(("raw", "expected"), PARSE_CASES)
+def test_parse_position_accepts_only_ids_we_hand_out(raw: str, expected: Position | None) -> None:
+    seen = parse_position(raw)
+    assert seen == expected, f"parse_position({raw!r}): expected {expected!r}, saw {seen!r}"
+
+
+@pytest.mark.parametrize(
+    ("position", "after"),
+    [(Position(seq=12), 12), (Position(seq=12, piece=0), 11), (Position(seq=12, piece=3), 11)],
+)
+def test_a_partly_seen_event_is_read_again_from_the_log(position: Position, after: int) -> None:
+    assert position.after() == after, f"{position!r}: expected {after}, saw {position.after()}"
+
+
+# ---------------------------------------------------------------- resuming: exactly once
+
+ALL_KINDS: list[AnyEvent] = [
+    conversation_created(),
+    user_message(),
+    started(),
+    token("Hel"),
+    token("hmm", "thinking"),
+    tool_call('{"a": 1}'),
+    tool_call("not json"),
+    tool_result(),
+    title(),
+    title(None),
+    done(),
+    cancelled(),
+    failed(),
+    billing_rejected(),
+    credits_granted(),
+]
+
+
+def resume(log: list[StoredEvent], position: Position) -> list[bytes]:
+    """What the edge sends a viewer at `position`: the log after `after()`, filtered."""
+    out: list[bytes] = []
+    for stored in log:
+        if stored.seq > position.after():
+            out.extend(frames(stored, position))
+    return out
+
+
+def all_frames(log: list[StoredEvent]) -> list[bytes]:
+    return [f for stored in log for f in frames(stored)]
+
+
+log_strategy = st.lists(
+    st.tuples(st.sampled_from(ALL_KINDS), st.integers(min_value=1, max_value=3)), max_size=30
+).map(
+    # increasing sequences with gaps: other conversations share the stream
+    lambda items: [
+        StoredEvent(seq=sum(gap for _, gap in items[: i + 1]), event=event)
+        for i, (event, _) in enumerate(items)
+    ]
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(log_strategy)
+def test_resuming_from_any_id_seen_gives_every_later_frame_exactly_once(
+    log: list[StoredEvent],
+) -> None:
+    everything = all_frames(log)
+    for cut, seen_frame in enumerate(everything):
+        last_id = frame_id(seen_frame)
+        position = parse_position(last_id)
+        assert position is not None, f"our own id {last_id!r} does not parse"
+        rest = resume(log, position)
+        expected = everything[cut + 1 :]
+        assert everything[: cut + 1] + rest == everything, (
+            f"resuming after {last_id!r}: expected {expected!r}\nsaw {rest!r}"
+        )
+
+
+@settings(max_examples=100, deadline=None)
+@given(log_strategy)
+def test_following_from_a_log_position_gives_the_frames_of_later_events(
+    log: list[StoredEvent],
+) -> None:
+    last = log[-1].seq if log else 0
+    for seq in range(last + 1):
+        expected = [f for stored in log if stored.seq > seq for f in frames(stored)]
+        seen = resume(log, Position(seq=seq))
+        assert seen == expected, f"from {seq}: expected {expected!r}\nsaw {seen!r}"
+
+
+@settings(max_examples=100, deadline=None)
+@given(log_strategy)
+def test_frame_ids_increase_strictly(log: list[StoredEvent]) -> None:
+    ids = [frame_id(f) for f in all_frames(log)]
+    keys = []
+    for raw in ids:
+        position = parse_position(raw)
+        assert position is not None, f"our own id {raw!r} does not parse"
+        # N-i comes before N: order by (seq, piece, with no piece last)
+        keys.append((position.seq, 1 if position.piece is None else 0, position.piece or 0))
+    assert keys == sorted(keys) and len(set(ids)) == len(ids), f"ids out of order: {ids!r}"
