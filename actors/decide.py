@@ -38,16 +38,30 @@ NewId = Callable[[], str]
 MessageStatus = Literal["complete", "streaming", "cancelled", "failed", "billing_error"]
 
 
-class Piece(msgspec.Struct, frozen=True):
+class Piece(msgspec.Struct, frozen=True, eq=False):
     """A persistent (cons) list of streamed pieces, newest first.
 
     Appending is O(1) and never copies, so folding a 10,000-chunk turn stays
-    linear while the state remains immutable.
+    linear while the state remains immutable. Equality and repr walk the list
+    iteratively: the generated ones would recurse once per piece and overflow
+    the stack on a long turn.
     """
 
     kind: ChunkKind | None  # None: a boundary, where a tool call interrupted the text
     text: str
     previous: Piece | None = None
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Piece):
+            return NotImplemented
+        return pieces_in_order(self) == pieces_in_order(other)
+
+    def __hash__(self) -> int:
+        return hash(tuple(pieces_in_order(self)))
+
+    def __repr__(self) -> str:
+        pieces = pieces_in_order(self)
+        return f"Piece(<{len(pieces)} pieces, last {pieces[-1]!r}>)"
 
 
 def pieces_in_order(last: Piece | None) -> list[tuple[ChunkKind | None, str]]:

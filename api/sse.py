@@ -30,7 +30,8 @@ from events.vocabulary import (
 
 PING = b": ping\n\n"
 _encoder = msgspec.json.Encoder()
-_POSITION = re.compile(r"^(\d{1,19})(?:-(\d{1,3}))?$")
+# ASCII digits only (\d would take "١٢"), and small enough for a JetStream uint64 sequence.
+_POSITION = re.compile(r"^([0-9]{1,18})(?:-([0-9]{1,3}))?$")
 
 
 class Position(msgspec.Struct, frozen=True):
@@ -48,11 +49,11 @@ class Position(msgspec.Struct, frozen=True):
             return True
         if seq < self.seq or self.piece is None:
             return False
-        return piece > self.piece and piece <= last_piece
+        return piece > self.piece
 
 
 def parse_position(raw: str) -> Position | None:
-    match = _POSITION.match(raw.strip())
+    match = _POSITION.fullmatch(raw.strip())
     if match is None:
         return None
     piece = match.group(2)

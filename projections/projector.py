@@ -70,8 +70,9 @@ class Projector:
 
     async def run(self, stopping: asyncio.Event) -> None:
         async with self._pool.acquire() as lock_conn:
+            # One lock per projection per schema: a second projector waits as a standby.
             while not await lock_conn.fetchval(
-                "SELECT pg_try_advisory_lock(hashtext($1))", f"parley-projector-{self.name}"
+                "SELECT pg_try_advisory_lock(hashtext(current_schema() || '/' || $1))", self.name
             ):
                 if stopping.is_set():
                     return
@@ -80,7 +81,7 @@ class Projector:
                 await self._follow(stopping)
             finally:
                 await lock_conn.execute(
-                    "SELECT pg_advisory_unlock(hashtext($1))", f"parley-projector-{self.name}"
+                    "SELECT pg_advisory_unlock(hashtext(current_schema() || '/' || $1))", self.name
                 )
 
     async def _follow(self, stopping: asyncio.Event) -> None:

@@ -362,7 +362,10 @@ PARSE_CASES: list[tuple[str, Position | None]] = [
     ("0", Position(seq=0)),
     (" 12 ", Position(seq=12)),  # header values may carry surrounding spaces
     ("007", Position(seq=7)),
-    ("9" * 19, Position(seq=int("9" * 19))),
+    ("9" * 18, Position(seq=int("9" * 18))),
+    ("9" * 19, None),  # past what a JetStream sequence reaches in practice; never an id we gave
+    ("١٢", None),  # Arabic-Indic digits: \d would take them
+    ("１２", None),  # fullwidth digits
     ("", None),
     ("   ", None),
     ("x", None),
