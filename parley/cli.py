@@ -243,7 +243,8 @@ def _short(value: object, limit: int = 80) -> str:
 def cmd_bench(args: argparse.Namespace) -> int:
     from parley.bench import run_bench
 
-    return run_bench(args)
+    code: int = run_bench(args)
+    return code
 
 
 # ---------------------------------------------------------------- main
@@ -287,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--conversations", "-c", type=int, default=20)
     bench.add_argument("--tokens", "-n", type=int, default=500)
+    bench.add_argument("--rounds", "-r", type=int, default=3)
+    bench.add_argument(
+        "--rate", type=float, default=0.0, help="demo model tokens/s per stream (0 = full speed)"
+    )
     bench.add_argument("--data", default=argparse.SUPPRESS)
     bench.set_defaults(func=cmd_bench)
     return parser
