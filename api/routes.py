@@ -18,7 +18,7 @@ from api.streaming import TurnFilter, open_sse, stream_log
 from events.codec import encode, encode_stored
 from events.ids import new_id
 from events.subjects import CMD_STREAM, command_subject, valid_id
-from events.vocabulary import ConversationCreated, OnBusy, SendMessage
+from events.vocabulary import TURN_END_TYPES, ConversationCreated, OnBusy, SendMessage
 from projections.store import ConversationRow
 
 # ---------------------------------------------------------------- request bodies
@@ -322,13 +322,24 @@ async def conversation_events(request: web.Request) -> web.StreamResponse:
                 f"event id {raw} is beyond the end of this conversation ({last})", "bad_position"
             )
     else:
-        active = await request.app[TURNS].get(conversation_id)
-        start = (
-            active.after if active is not None else await request.app[LOG].last_seq(conversation_id)
-        )
-        position = Position(seq=start)
+        position = Position(seq=await _start_of_active_turn(request, conversation_id))
     response = await open_sse(request)
     return await stream_log(request, response, conversation_id, position)
+
+
+async def _start_of_active_turn(request: web.Request, conversation_id: str) -> int:
+    """Where a viewer without a position starts: the active turn's start, else the log's end."""
+    last = await request.app[LOG].last(conversation_id)
+    end = last.seq if last is not None else 0
+    active = await request.app[TURNS].get(conversation_id)
+    if active is None:
+        return end
+    # The worker clears its record just after the turn's end is appended: a record
+    # whose turn already ended in the log is an idle conversation.
+    ended = last is not None and isinstance(last.event, TURN_END_TYPES)
+    if ended and getattr(last.event if last else None, "turn_id", None) == active.turn_id:
+        return end
+    return active.after
 
 
 async def conversation_log(request: web.Request) -> web.StreamResponse:

@@ -114,7 +114,7 @@ async def stream_log(
                 continue
             if turn is not None:
                 break
-            if await _idle_after(request, conversation_id, stored.seq):
+            if await _idle_after(request, conversation_id, stored):
                 break
     except (ConnectionResetError, asyncio.CancelledError):
         pass  # the viewer went away; the turn goes on without it
@@ -131,11 +131,17 @@ def _ends_turn(stored: StoredEvent) -> bool:
     return any(e.event == "done" for e in envelopes(stored))
 
 
-async def _idle_after(request: web.Request, conversation_id: str, seq: int) -> bool:
+async def _idle_after(request: web.Request, conversation_id: str, end: StoredEvent) -> bool:
+    """After a turn's end: nothing more in the log and no other turn running.
+
+    The worker clears its turn record just after appending the end, so a record
+    naming the turn that just ended counts as idle.
+    """
     app = request.app
-    if await app[LOG].last_seq(conversation_id) > seq:
+    if await app[LOG].last_seq(conversation_id) > end.seq:
         return False
-    return await app[TURNS].get(conversation_id) is None
+    active = await app[TURNS].get(conversation_id)
+    return active is None or active.turn_id == getattr(end.event, "turn_id", None)
 
 
 async def _pump(

@@ -152,6 +152,14 @@ class EventLog:
             return 0
         return int(msg.seq or 0)
 
+    async def last(self, conversation_id: str) -> StoredEvent | None:
+        """The conversation's last event."""
+        try:
+            msg = await self._js.get_msg(EVT_STREAM, subject=event_subject(conversation_id))
+        except nats.js.errors.NotFoundError:
+            return None
+        return StoredEvent(seq=int(msg.seq or 0), event=decode_event(msg.data or b""))
+
     async def first(self, conversation_id: str) -> StoredEvent | None:
         """The conversation's first kept event: `conversation_created` unless retention cut it."""
         try:

@@ -1,0 +1,234 @@
+"""The `parley` command line, run as a user runs it: in a subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from api.auth import verify
+from events.log import EventLog
+from parley.services import Servers
+from tests.sse import SseClient
+
+PARLEY = [sys.executable, "-m", "parley.cli"]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}
+    env.update(extra)
+    return env
+
+
+def server_env(stack: Servers) -> dict[str, str]:
+    return clean_env(
+        PARLEY_NATS_URL=stack.nats_url,
+        PARLEY_DATABASE_URL=stack.database_url,
+        PARLEY_REDIS_URL=stack.redis_url,
+    )
+
+
+def run(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*PARLEY, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def test_token_prints_only_a_token_signed_with_the_data_folder_secret(tmp_path: Path) -> None:
+    done = run("--data", str(tmp_path), "token", "--user", "bob", env=clean_env())
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1, done.stdout
+    secret = (tmp_path / "jwt_secret").read_text().strip()
+    claims = verify(secret, lines[0])
+    assert claims.sub == "bob" and not claims.adm
+    admin = run("--data", str(tmp_path), "token", "--user", "root", "--admin", env=clean_env())
+    assert verify(secret, admin.stdout.strip()).adm
+
+
+def test_token_uses_parley_jwt_secret_when_set(tmp_path: Path) -> None:
+    done = run(
+        "--data",
+        str(tmp_path),
+        "token",
+        "--user",
+        "eve",
+        env=clean_env(PARLEY_JWT_SECRET="s3cr3t" * 8),
+    )
+    assert verify("s3cr3t" * 8, done.stdout.strip()).sub == "eve"
+    assert not (tmp_path / "jwt_secret").exists()
+
+
+def test_token_refuses_a_user_id_that_is_not_an_id(tmp_path: Path) -> None:
+    done = run("--data", str(tmp_path), "token", "--user", "a b", env=clean_env())
+    assert done.returncode == 2 and "--user" in done.stderr and done.stdout == ""
+
+
+async def test_replay_prints_the_log_in_order_readable_and_as_json(
+    api: SseClient, stack: Servers, event_log: EventLog
+) -> None:
+    conversation = await api.create_conversation()
+    cid = conversation["id"]
+    await api.send_stream(cid, "calculate 2*21")
+    log = await event_log.read(cid)
+
+    readable = await asyncio.to_thread(run, "replay", cid, env=server_env(stack))
+    assert readable.returncode == 0, readable.stderr
+    lines = readable.stdout.splitlines()
+    assert len(lines) == len(log)
+    for line, stored in zip(lines, log, strict=True):
+        seq, _time, kind = line.split()[:3]
+        assert int(seq) == stored.seq and kind == type(stored.event).__struct_config__.tag
+
+    as_json = await asyncio.to_thread(run, "replay", cid, "--json", env=server_env(stack))
+    rows = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [r["seq"] for r in rows] == [s.seq for s in log]
+    assert [r["type"] for r in rows] == [type(s.event).__struct_config__.tag for s in log]
+    assert rows[0]["type"] == "conversation_created" and rows[-1]["type"] == "done"
+
+
+async def test_replay_of_an_unknown_conversation_says_so(stack: Servers) -> None:
+    done = await asyncio.to_thread(
+        run, "replay", "01NOSUCHCONVERSATION00000", env=server_env(stack)
+    )
+    assert done.returncode == 1 and "no events" in done.stderr
+    bad = await asyncio.to_thread(run, "replay", "not/an/id", env=server_env(stack))
+    assert bad.returncode == 2 and "not a conversation id" in bad.stderr
+
+
+def test_commands_without_servers_or_a_running_dev_stack_explain_what_to_do(tmp_path: Path) -> None:
+    done = run("--data", str(tmp_path), "replay", "01ABC", env=clean_env())
+    assert done.returncode == 2
+    assert "PARLEY_NATS_URL" in done.stderr and "parley dev" in done.stderr
+    partial = run(
+        "--data", str(tmp_path), "replay", "01ABC", env=clean_env(PARLEY_NATS_URL="nats://x:1")
+    )
+    assert partial.returncode == 2 and "PARLEY_DATABASE_URL" in partial.stderr
+
+
+# ---------------------------------------------------------------- parley dev
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Dev:
+    """`parley dev` in a subprocess: its URL and admin token read from what it prints."""
+
+    def __init__(self, data: Path, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [*PARLEY, "--data", str(data), "dev", "--port", str(self.port)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.url = ""
+        self.token = ""
+        self.output: list[str] = []
+        deadline = time.monotonic() + 60
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            self.output.append(line)
+            if line.startswith("parley is running at "):
+                self.url = line.split()[4]
+            elif self.output[-2:-1] == ["admin token:\n"]:
+                self.token = line.strip()
+                return
+        self.proc.kill()
+        raise AssertionError("parley dev did not come up:\n" + "".join(self.output))
+
+    def stop(self, sig: signal.Signals) -> int:
+        self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+        return code
+
+
+@pytest.fixture
+def dev_data(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path / "data"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def test_dev_runs_everything_replay_reads_it_and_a_restart_keeps_the_data(
+    dev_data: Path, http: aiohttp.ClientSession
+) -> None:
+    dev = await asyncio.to_thread(Dev, dev_data, clean_env())
+    try:
+        stack_record = json.loads((dev_data / "stack.json").read_text())
+        pids = [server["pid"] for server in stack_record["servers"].values()]
+        assert len(pids) == 3 and all(_alive(p) for p in pids)
+        api = SseClient(http, dev.url, dev.token)
+        conversation = await api.create_conversation()
+        events = await api.send_stream(conversation["id"], "hello from the dev stack")
+        assert events[-1].event == "done" and events[-1].data == "ok"
+        # replay finds the running dev stack through the data folder alone
+        replayed = await asyncio.to_thread(
+            run, "--data", str(dev_data), "replay", conversation["id"], env=clean_env()
+        )
+        assert replayed.returncode == 0, replayed.stderr
+        assert "conversation_created" in replayed.stdout and "done" in replayed.stdout
+    finally:
+        code = await asyncio.to_thread(dev.stop, signal.SIGTERM)
+    assert code == 0, "".join(dev.output)
+    async with asyncio.timeout(10):
+        while True:  # the servers exit on their own after the signal
+            if not any(_alive(p) for p in pids):
+                break
+            await asyncio.sleep(0.1)
+    assert not (dev_data / "stack.json").exists()
+
+    again = await asyncio.to_thread(Dev, dev_data, clean_env())
+    try:
+        api = SseClient(http, again.url, again.token)
+        status, body = await api.request("GET", f"/v1/conversations/{conversation['id']}")
+        assert status == 200 and body["title"] == "hello from the dev stack", body
+        assert body["message_count"] == 2
+    finally:
+        code = await asyncio.to_thread(again.stop, signal.SIGINT)
+    assert code == 0, "".join(again.output)
+
+
+async def test_dev_uses_the_servers_named_in_the_environment(
+    dev_data: Path, stack: Servers, http: aiohttp.ClientSession
+) -> None:
+    env = server_env(stack)
+    env["PARLEY_DB_SCHEMA"] = "dev_env_test"
+    dev = await asyncio.to_thread(Dev, dev_data, env)
+    try:
+        assert not (dev_data / "stack.json").exists(), "no embedded stack when URLs are set"
+        api = SseClient(http, dev.url, dev.token)
+        conversation = await api.create_conversation()
+        events = await api.send_stream(conversation["id"], "hello [[tokens=3]]")
+        assert events[-1].data == "ok"
+    finally:
+        code = await asyncio.to_thread(dev.stop, signal.SIGTERM)
+    assert code == 0, "".join(dev.output)
