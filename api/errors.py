@@ -5,9 +5,25 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
+import asyncpg
+import nats.errors
+import redis.exceptions
 from aiohttp import web
 
+from events.errors import EventLogUnavailable
+
 log = logging.getLogger(__name__)
+
+# Failures of NATS, Postgres or Redis that mean "down or unreachable", not "bug".
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    EventLogUnavailable,
+    nats.errors.Error,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.InterfaceError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    ConnectionRefusedError,
+)
 
 
 class ApiError(Exception):
@@ -48,6 +64,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(err.status, code, err.reason)
     except ConnectionResetError:
         raise
+    except UNAVAILABLE as err:
+        # A server behind the edge is down: say so, and that trying again is right.
+        log.warning("dependency unavailable", extra={"path": request.path, "error": repr(err)})
+        response = error_response(
+            503, "unavailable", f"a backing service is unavailable: {type(err).__name__}"
+        )
+        response.headers["Retry-After"] = "1"
+        return response
     except Exception:
         log.exception("unhandled error", extra={"path": request.path})
         return error_response(500, "internal", "internal error")

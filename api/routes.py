@@ -85,9 +85,13 @@ def _iso(ns: int) -> str:
     )
 
 
-async def conversation_json(request: web.Request, header: ConversationCreated) -> dict[str, Any]:
+async def conversation_json(
+    request: web.Request, header: ConversationCreated, *, fresh: bool = False
+) -> dict[str, Any]:
+    """The conversation as the API shows it. A `fresh` one has no turn yet, so its
+    answer does not depend on Redis: a create that succeeded never reports 503."""
     row: ConversationRow | None = await request.app[STORE].conversation(header.conversation_id)
-    active = await request.app[TURNS].get(header.conversation_id)
+    active = None if fresh else await request.app[TURNS].get(header.conversation_id)
     out: dict[str, Any] = {
         "id": header.conversation_id,
         "user_id": header.user_id,
@@ -140,7 +144,7 @@ async def create_conversation(request: web.Request) -> web.Response:
     seq = await request.app[LOG].append(header.conversation_id, [header], expected_seq=0)
     request.app[HEADERS].put(header)
     await _wait_for_projection(request, seq)
-    return web.json_response(await conversation_json(request, header), status=201)
+    return web.json_response(await conversation_json(request, header, fresh=True), status=201)
 
 
 async def _wait_for_projection(request: web.Request, seq: int) -> None:
@@ -203,8 +207,16 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     record, fresh = await _idempotency(request, conversation_id, body)
     if fresh:
         active = await request.app[TURNS].get(conversation_id)
-        if active is not None and body.on_busy == "reject":
+        if active is not None and body.on_busy != "enqueue":
             await _forget_idempotency(request, conversation_id, body)
+            if body.on_busy == "interrupt":
+                # Needs the cancel path, which does not exist yet: refuse openly
+                # rather than quietly queue behind the turn.
+                raise ApiError(
+                    501,
+                    "not_implemented",
+                    "on_busy=interrupt is not supported yet; use enqueue or reject",
+                )
             raise ApiError(
                 409, "busy", f"conversation {conversation_id} is answering; on_busy=reject"
             )

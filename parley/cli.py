@@ -104,7 +104,9 @@ async def _dev(
     async with contextlib.AsyncExitStack() as stack:
         base_url = settings.model_base_url
         if base_url is None:
-            runner, base_url = await start_demo_model("127.0.0.1", 0, DemoConfig())
+            runner, base_url = await start_demo_model(
+                "127.0.0.1", 0, DemoConfig(tokens_per_s=settings.demo_tokens_per_s)
+            )
             stack.push_async_callback(runner.cleanup)
         secret = jwt_secret(settings)
         options = ServiceOptions(

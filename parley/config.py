@@ -32,6 +32,10 @@ DEMO_SPEC = ModelSpec(
 )
 
 
+class ConfigError(Exception):
+    """Configuration that cannot work; the message says which variable and why."""
+
+
 class Settings(msgspec.Struct, frozen=True):
     data_dir: Path
     nats_url: str | None = None
@@ -43,6 +47,7 @@ class Settings(msgspec.Struct, frozen=True):
     jwt_secret: str | None = None
     models_file: str | None = None
     db_schema: str = "parley"
+    demo_tokens_per_s: float = 40.0  # how fast the demo model streams in `parley dev`
 
     @property
     def embedded(self) -> bool:
@@ -66,15 +71,24 @@ def settings_from_env(env: Mapping[str, str], data_dir: str | Path | None = None
         jwt_secret=get("PARLEY_JWT_SECRET"),
         models_file=get("PARLEY_MODELS_FILE"),
         db_schema=get("PARLEY_DB_SCHEMA") or "parley",
+        demo_tokens_per_s=_float(get("PARLEY_DEMO_TOKENS_PER_S"), 40.0, "PARLEY_DEMO_TOKENS_PER_S"),
     )
+
+
+def _float(raw: str | None, default: float, name: str) -> float:
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError as err:
+        raise ConfigError(f"{name} must be a number, not {raw!r}") from err
+    if value < 0:
+        raise ConfigError(f"{name} must not be negative")
+    return value
 
 
 def load_settings(data_dir: str | Path | None = None) -> Settings:
     return settings_from_env(os.environ, data_dir)
-
-
-class ConfigError(Exception):
-    pass
 
 
 def load_catalog(settings: Settings, env: Mapping[str, str] | None = None) -> ModelCatalog:

@@ -145,6 +145,10 @@ async def test_busy_conversation_with_on_busy_reject_is_a_409(api: SseClient) ->
         "POST", f"/v1/conversations/{cid}/messages", json={"content": "me too", "on_busy": "reject"}
     )
     assert_error(status, body, 409, "busy")
+    status, body = await api.request(
+        "POST", f"/v1/conversations/{cid}/messages", json={"content": "me!", "on_busy": "interrupt"}
+    )
+    assert_error(status, body, 501, "not_implemented")
 
 
 async def test_health_and_readiness_answer_without_a_token(

@@ -1,0 +1,117 @@
+"""Settings from the environment and the models file (DESIGN sections 4 and 7)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from actors.models import active_version, choose_model
+from parley.config import DEMO_MODEL, ConfigError, load_catalog, settings_from_env
+
+MODELS_TOML = """
+[[models]]
+name = "house"
+base_url = "http://127.0.0.1:9000/v1"
+api_key_env = "HOUSE_KEY"
+max_output_tokens = 4096
+  [[models.versions]]
+  version = "2025-06"
+  status = "active"
+  release_date = 2025-06-01
+  input_price = 1.0
+  output_price = 2.0
+  [[models.versions]]
+  version = "2026-01"
+  status = "active"
+  is_default = true
+  release_date = 2026-01-15
+  input_price = 3.0
+  output_price = 15.0
+  [[models.versions]]
+  version = "2026-03"
+  status = "deprecated"
+  release_date = 2026-03-01
+  input_price = 0.5
+  output_price = 0.5
+"""
+
+
+def test_unset_variables_mean_the_embedded_stack_and_the_demo_model(tmp_path: Path) -> None:
+    settings = settings_from_env({}, tmp_path)
+    assert settings.embedded and settings.data_dir == tmp_path
+    catalog = load_catalog(settings, env={})
+    assert catalog.default_model == DEMO_MODEL
+    demo = catalog.get(None)
+    assert demo is not None and active_version(demo) is not None
+
+
+def test_server_urls_and_model_settings_come_from_the_environment(tmp_path: Path) -> None:
+    settings = settings_from_env(
+        {
+            "PARLEY_NATS_URL": "nats://n:4222",
+            "PARLEY_DATABASE_URL": "postgresql://p/db",
+            "PARLEY_REDIS_URL": "redis://r/0",
+            "PARLEY_MODEL_BASE_URL": "http://m/v1",
+            "PARLEY_MODEL_API_KEY": "sk-1",
+            "PARLEY_MODEL": "gpt-x",
+            "PARLEY_JWT_SECRET": "jwt",
+        },
+        tmp_path,
+    )
+    assert not settings.embedded
+    assert (settings.nats_url, settings.model_base_url, settings.model_api_key) == (
+        "nats://n:4222",
+        "http://m/v1",
+        "sk-1",
+    )
+    catalog = load_catalog(settings, env={})
+    assert catalog.default_model == "gpt-x" and catalog.get("gpt-x") is not None
+
+
+def test_the_models_file_gives_endpoint_key_limits_and_the_price_in_force(tmp_path: Path) -> None:
+    path = tmp_path / "models.toml"
+    path.write_text(MODELS_TOML)
+    settings = settings_from_env({"PARLEY_MODELS_FILE": str(path)}, tmp_path)
+    catalog = load_catalog(settings, env={"HOUSE_KEY": "sk-house"})
+    house = catalog.get("house")
+    assert house is not None
+    assert house.base_url == "http://127.0.0.1:9000/v1" and house.api_key == "sk-house"
+    assert house.max_output_tokens == 4096
+    version = active_version(house)
+    assert version is not None and version.version == "2026-01"  # default beats newer
+    assert version.release_date == dt.date(2026, 1, 15)
+    choice = choose_model(house)
+    assert (choice.prices.input_price, choice.prices.output_price) == (3.0, 15.0)
+    assert choice.max_tokens == 4096 and choice.temperature == 0.7
+    assert catalog.get(DEMO_MODEL) is not None, "the demo entry stays"
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [("[[models]]\nname = 5\n", "name"), ("not toml [", r"models\.toml"), ("", None)],
+)
+def test_a_broken_models_file_is_a_clear_config_error(
+    tmp_path: Path, text: str, fragment: str | None
+) -> None:
+    path = tmp_path / "models.toml"
+    path.write_text(text)
+    settings = settings_from_env({"PARLEY_MODELS_FILE": str(path)}, tmp_path)
+    if fragment is None:
+        assert load_catalog(settings, env={}).default_model == DEMO_MODEL
+        return
+    with pytest.raises(ConfigError, match=fragment):
+        load_catalog(settings, env={})
+
+
+def test_a_missing_models_file_is_named_in_the_error(tmp_path: Path) -> None:
+    settings = settings_from_env({"PARLEY_MODELS_FILE": str(tmp_path / "nope.toml")}, tmp_path)
+    with pytest.raises(ConfigError, match=r"nope\.toml"):
+        load_catalog(settings, env={})
+
+
+def test_a_bad_demo_speed_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="PARLEY_DEMO_TOKENS_PER_S"):
+        settings_from_env({"PARLEY_DEMO_TOKENS_PER_S": "fast"}, tmp_path)
+    assert settings_from_env({"PARLEY_DEMO_TOKENS_PER_S": "0"}, tmp_path).demo_tokens_per_s == 0

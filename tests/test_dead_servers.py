@@ -1,0 +1,58 @@
+"""A server behind the edge that is down gives a clear 503, and nothing is half-done."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from api.app import create_app
+from api.config import EdgeConfig
+from parley.services import Servers
+from tests.conftest import SECRET, token_for
+from tests.sse import SseClient
+
+# Nothing listens on port 1 of the loopback interface.
+DEAD_REDIS = "redis://127.0.0.1:1/0"
+
+
+@pytest.fixture
+async def edge_without_redis(stack: Servers) -> AsyncIterator[str]:
+    config = EdgeConfig(
+        nats_url=stack.nats_url,
+        database_url=stack.database_url,
+        redis_url=DEAD_REDIS,
+        jwt_secret=SECRET,
+        db_schema="parley_test",
+        models=["demo"],
+    )
+    server = TestServer(create_app(config), host="127.0.0.1")
+    await server.start_server()
+    yield str(server.make_url("")).rstrip("/")
+    await server.close()
+
+
+async def test_a_dead_redis_is_a_503_with_retry_after_not_a_crash(
+    edge_without_redis: str, http: aiohttp.ClientSession, user: str
+) -> None:
+    api = SseClient(http, edge_without_redis, token_for(user))
+    created = await api.create_conversation()  # needs only NATS (and waits for the projection)
+    cid = created["id"]
+    async with http.get(
+        f"{edge_without_redis}/v1/conversations/{cid}", headers=api.headers()
+    ) as response:
+        body = await response.json()
+        assert response.status == 503, body
+        assert body["error"]["code"] == "unavailable"
+        assert response.headers["Retry-After"] == "1"
+    status, body = await api.request(
+        "POST", f"/v1/conversations/{cid}/messages", json={"content": "hello"}
+    )
+    assert status == 503 and body["error"]["code"] == "unavailable", body
+    status, log = await api.request("GET", f"/v1/conversations/{cid}/log")
+    assert status == 200 and "user_message" not in str(log), "no command went out"
+    async with http.get(f"{edge_without_redis}/readyz") as response:
+        body = await response.json()
+        assert response.status == 503 and body["checks"]["redis"] == "down", body
