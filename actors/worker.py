@@ -38,13 +38,11 @@ class WorkerHost:
         js: JetStreamContext,
         ctx: ActorContext,
         *,
-        batch: int = 32,
         idle_actor_s: float = 60.0,
         busy_retry_s: float = 0.5,
     ) -> None:
         self._js = js
         self._ctx = ctx
-        self._batch = batch
         self._idle_actor_s = idle_actor_s
         self._busy_retry_s = busy_retry_s
         self._inboxes: dict[str, asyncio.Queue[Msg]] = {}
@@ -67,7 +65,10 @@ class WorkerHost:
             async with asyncio.TaskGroup() as actors:
                 while not stopping.is_set():
                     try:
-                        msgs = await sub.fetch(self._batch, timeout=1.0)
+                        # One at a time: a batch fetch waits for the rest of its batch
+                        # (up to the timeout) once the first command arrived, which
+                        # would delay a lone message by up to a second.
+                        msgs = await sub.fetch(1, timeout=1.0)
                     except (nats.errors.TimeoutError, TimeoutError):
                         continue
                     for msg in msgs:
