@@ -11,10 +11,13 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import nats
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from nats.aio.client import Client as NatsClient
 
 from actors.models import ModelCatalog, ModelSpec
@@ -50,23 +53,64 @@ async def demo_model_url() -> AsyncIterator[str]:
     await runner.cleanup()
 
 
-def test_catalog() -> ModelCatalog:
+class Recorder:
+    """A model server for tests that keeps every request body it gets and answers
+    by replaying a recorded OpenAI transcript (tests/data/openai-stream)."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.reply = (
+            Path(__file__).parent
+            / "data"
+            / "openai-stream"
+            / "openai-python__e2aad469b71d_text-with-usage.sse"
+        ).read_bytes()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append(await request.json())
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(self.reply)
+        return response
+
+
+@pytest.fixture(scope="session")
+async def recorder() -> AsyncIterator[tuple[Recorder, str]]:
+    recording = Recorder()
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", recording.handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield recording, str(server.make_url("/v1"))
+    await server.close()
+
+
+def test_catalog(recorder_url: str = "http://127.0.0.1:1/v1") -> ModelCatalog:
     return ModelCatalog(
         models=[
             DEMO_SPEC,
             ModelSpec(name="other-demo", versions=DEMO_SPEC.versions),
             # nothing listens on port 1: a dead model server
             ModelSpec(name="unreachable-model", base_url="http://127.0.0.1:1/v1"),
+            ModelSpec(
+                name="recorder",
+                base_url=recorder_url,
+                upstream_name="gpt-4o-2024-08-06",
+                max_output_tokens=1234,
+                versions=DEMO_SPEC.versions,
+            ),
         ],
         default_model="demo",
     )
 
 
 @pytest.fixture(scope="session")
-async def services(stack: Servers, demo_model_url: str) -> AsyncIterator[Services]:
+async def services(
+    stack: Servers, demo_model_url: str, recorder: tuple[Recorder, str]
+) -> AsyncIterator[Services]:
     options = ServiceOptions(
         jwt_secret=SECRET,
-        catalog=test_catalog(),
+        catalog=test_catalog(recorder[1]),
         model_base_url=demo_model_url,
         db_schema="parley_test",
         port=0,

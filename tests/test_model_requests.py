@@ -1,0 +1,77 @@
+"""What the actor sends to the model: history, tools and settings (DESIGN section 4)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import Recorder
+from tests.sse import SseClient
+
+TRANSCRIPT = (
+    Path(__file__).parent
+    / "data"
+    / "openai-stream"
+    / "openai-python__e2aad469b71d_text-with-usage.sse"
+)
+
+
+def _chunks() -> list[dict[str, Any]]:
+    lines = TRANSCRIPT.read_text().splitlines()
+    return [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+
+
+def _expected_reply() -> str:
+    """The answer text the recorded transcript streams, read from the transcript itself."""
+    return "".join(
+        choice["delta"].get("content") or "" for chunk in _chunks() for choice in chunk["choices"]
+    )
+
+
+def _expected_usage() -> tuple[int, int]:
+    usage = next(chunk["usage"] for chunk in _chunks() if chunk.get("usage"))
+    return int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+
+
+async def test_the_model_gets_the_latest_history_personal_prompt_tools_and_settings(
+    api: SseClient, recorder: tuple[Recorder, str]
+) -> None:
+    recording, _ = recorder
+    conversation = await api.create_conversation(model="recorder")
+    cid = conversation["id"]
+    before = len(recording.requests)
+    first = await api.send_stream(cid, "first question")
+    second = await api.send_stream(cid, "second question")
+    assert first[-1].data == "ok" and second[-1].data == "ok"
+    requests: list[dict[str, Any]] = recording.requests[before:]
+    assert len(requests) == 2
+
+    reply = _expected_reply()
+    assert "".join(e.data for e in first if e.event == "token") == reply
+    system = requests[1]["messages"][0]
+    assert system["role"] == "system" and "personal" in system["content"]
+    assert requests[1]["messages"][1:] == [
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": reply},
+        {"role": "user", "content": "second question"},
+    ]
+    body = requests[1]
+    assert body["model"] == "gpt-4o-2024-08-06" and body["stream"] is True
+    assert body["max_tokens"] == 1234 and body["temperature"] == 0.7
+    names = {tool["function"]["name"] for tool in body["tools"]}
+    assert {"get_current_time", "calculator"} <= names
+    assert not any(n.startswith(("project_", "git_", "repo_")) for n in names)
+
+
+async def test_usage_reported_by_the_model_is_what_the_turn_records(
+    api: SseClient, recorder: tuple[Recorder, str]
+) -> None:
+    conversation = await api.create_conversation(model="recorder")
+    cid = conversation["id"]
+    await api.send_stream(cid, "hello")
+    status, log = await api.request("GET", f"/v1/conversations/{cid}/log")
+    assert status == 200
+    done = [json.loads(line) for line in str(log).splitlines() if '"type":"done"' in line]
+    assert (done[0]["input_tokens"], done[0]["output_tokens"]) == _expected_usage()
+    assert done[0]["tokens_estimated"] is False
