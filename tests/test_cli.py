@@ -209,9 +209,14 @@ async def test_dev_runs_everything_replay_reads_it_and_a_restart_keeps_the_data(
     again = await asyncio.to_thread(Dev, dev_data, clean_env())
     try:
         api = SseClient(http, again.url, again.token)
-        status, body = await api.request("GET", f"/v1/conversations/{conversation['id']}")
-        assert status == 200 and body["title"] == "hello from the dev stack", body
-        assert body["message_count"] == 2
+        async with asyncio.timeout(10):
+            while True:  # the restarted projector may still be catching up
+                status, body = await api.request("GET", f"/v1/conversations/{conversation['id']}")
+                assert status == 200, body
+                if body["message_count"] == 2:
+                    break
+                await asyncio.sleep(0.05)
+        assert body["title"] == "hello from the dev stack", body
     finally:
         code = await asyncio.to_thread(again.stop, signal.SIGINT)
     assert code == 0, "".join(again.output)
