@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import time
@@ -26,7 +25,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from actors.content import build_history, visible_tools
+from actors.content import build_history, tool_round_messages, visible_tools
 from actors.decide import (
     Conversation,
     ModelChoice,
@@ -35,6 +34,8 @@ from actors.decide import (
     decide_done,
     decide_failed,
     decide_send,
+    decide_tool_call,
+    decide_tool_result,
     evolve,
     history_of,
 )
@@ -42,7 +43,7 @@ from actors.errors import ModelStreamError
 from actors.model_client import ChatRequest, ModelEndpoint, stream_chat
 from actors.model_stream import Finish, StreamItem, TextDelta, ToolCallRequest, Usage
 from actors.models import MAX_TOOL_ROUNDS, ModelCatalog, ModelSpec, choose_model
-from actors.tools import Tool, ToolContext, run_tool
+from actors.tools import Tool, ToolContext, ToolOutcome, run_tool
 from events.errors import EventLogConflict
 from events.ids import new_id as make_id
 from events.log import EventLog
@@ -54,8 +55,6 @@ from events.vocabulary import (
     SendMessage,
 )
 from events.vocabulary import Chunk as ChunkEvent
-from events.vocabulary import ToolCall as ToolCallEvent
-from events.vocabulary import ToolResult as ToolResultEvent
 
 log = logging.getLogger(__name__)
 
@@ -265,68 +264,27 @@ class ConversationActor:
 
     async def _run_tools(self, result: RoundResult, writer: TurnWriter) -> list[dict[str, Any]]:
         """Run the round's tool calls; returns the messages that carry them back to the model."""
-        state = self.state
-        turn_id = state.active.turn_id if state.active else ""
+        state, ctx = self.state, self.ctx
         calls = [
-            msgspec.structs.replace(c, call_id=c.call_id or self.ctx.new_id()) for c in result.calls
-        ]
-        followups: list[dict[str, Any]] = [
-            {
-                "role": "assistant",
-                "content": "".join(result.answer) or None,
-                "tool_calls": [
-                    {
-                        "id": c.call_id,
-                        "type": "function",
-                        "function": {"name": c.name, "arguments": c.arguments},
-                    }
-                    for c in calls
-                ],
-            }
+            msgspec.structs.replace(c, call_id=c.call_id or ctx.new_id()) for c in result.calls
         ]
         context = ToolContext(
             conversation_id=self.conversation_id,
             user_id=state.user_id,
             project_id=state.project_id,
-            now_ns=self.ctx.clock(),
+            now_ns=ctx.clock(),
         )
+        outcomes: list[ToolOutcome] = []
         for call in calls:
-            writer.event(
-                ToolCallEvent(
-                    conversation_id=self.conversation_id,
-                    at=self.ctx.clock(),
-                    event_id=self.ctx.new_id(),
-                    turn_id=turn_id,
-                    call_id=call.call_id,
-                    name=call.name,
-                    arguments=call.arguments,
-                )
-            )
+            writer.event(decide_tool_call(state, call, ctx.clock(), ctx.new_id))
             began = time.perf_counter()
-            outcome = await run_tool(self.ctx.tools, call.name, call.arguments, context)
+            outcome = await run_tool(ctx.tools, call.name, call.arguments, context)
+            duration_ms = round((time.perf_counter() - began) * 1000, 3)
             writer.event(
-                ToolResultEvent(
-                    conversation_id=self.conversation_id,
-                    at=self.ctx.clock(),
-                    event_id=self.ctx.new_id(),
-                    turn_id=turn_id,
-                    call_id=call.call_id,
-                    name=call.name,
-                    result=outcome.result,
-                    error=outcome.error,
-                    duration_ms=round((time.perf_counter() - began) * 1000, 3),
-                )
+                decide_tool_result(state, call, outcome, duration_ms, ctx.clock(), ctx.new_id)
             )
-            followups.append(
-                {
-                    "role": "tool",
-                    "tool_call_id": call.call_id,
-                    "content": outcome.result
-                    if outcome.error is None
-                    else json.dumps({"error": outcome.error}),
-                }
-            )
-        return followups
+            outcomes.append(outcome)
+        return tool_round_messages("".join(result.answer), calls, outcomes)
 
     async def _fail(self, code: str, message: str, totals: TurnTotals) -> None:
         log.info(

@@ -10,11 +10,14 @@ No I/O, no clock, no logging: everything here is tested without servers.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import msgspec
 
+from actors.model_stream import ToolCallRequest
+from actors.tools import ToolOutcome
 from events.vocabulary import ChunkKind, ContentBlock
 
 PERSONAL_SYSTEM_PROMPT = (
@@ -113,6 +116,31 @@ def tool_name(tool: dict[str, Any]) -> str:
 
 def is_project_only(name: str) -> bool:
     return name.startswith(_PROJECT_ONLY_PREFIXES) or name in _PROJECT_ONLY_NAMES
+
+
+def tool_round_messages(
+    answer: str, calls: Sequence[ToolCallRequest], outcomes: Sequence[ToolOutcome]
+) -> list[dict[str, Any]]:
+    """A tool round as the model expects to see it next: its assistant message with the
+    calls, then one `tool` message per call (an error travels as a JSON object)."""
+    messages: list[dict[str, Any]] = [
+        {
+            "role": "assistant",
+            "content": answer or None,
+            "tool_calls": [
+                {
+                    "id": call.call_id,
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments},
+                }
+                for call in calls
+            ],
+        }
+    ]
+    for call, outcome in zip(calls, outcomes, strict=True):
+        content = outcome.result if outcome.error is None else json.dumps({"error": outcome.error})
+        messages.append({"role": "tool", "tool_call_id": call.call_id, "content": content})
+    return messages
 
 
 def auto_title(first_user_message: str) -> str:

@@ -15,6 +15,8 @@ import msgspec
 from msgspec.structs import replace
 
 from actors.content import HistoryMessage, auto_title, merge_blocks, needs_title
+from actors.model_stream import ToolCallRequest
+from actors.tools import ToolOutcome
 from events.vocabulary import (
     AnyEvent,
     BillingRejected,
@@ -30,6 +32,7 @@ from events.vocabulary import (
     Started,
     Title,
     ToolCall,
+    ToolResult,
     UserMessage,
 )
 from events.vocabulary import Chunk as ChunkEvent
@@ -404,6 +407,41 @@ def decide_failed(
         input_tokens=totals.input_tokens,
         output_tokens=totals.output_tokens,
         tokens_estimated=totals.estimated,
+    )
+
+
+def decide_tool_call(
+    state: Conversation, call: ToolCallRequest, now: int, new_id: NewId
+) -> ToolCall:
+    return ToolCall(
+        conversation_id=state.conversation_id,
+        at=now,
+        event_id=new_id(),
+        turn_id=_require_active(state).turn_id,
+        call_id=call.call_id,
+        name=call.name,
+        arguments=call.arguments,
+    )
+
+
+def decide_tool_result(
+    state: Conversation,
+    call: ToolCallRequest,
+    outcome: ToolOutcome,
+    duration_ms: float,
+    now: int,
+    new_id: NewId,
+) -> ToolResult:
+    return ToolResult(
+        conversation_id=state.conversation_id,
+        at=now,
+        event_id=new_id(),
+        turn_id=_require_active(state).turn_id,
+        call_id=call.call_id,
+        name=call.name,
+        result=outcome.result,
+        error=outcome.error,
+        duration_ms=duration_ms,
     )
 
 

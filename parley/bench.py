@@ -302,11 +302,7 @@ def run_bench(args: argparse.Namespace) -> int:
             folder = Path(
                 cleanup.enter_context(tempfile.TemporaryDirectory(prefix="parley-bench-"))
             )
-            stack = cleanup.enter_context(EmbeddedStack(folder))
-            urls = stack.urls
-            servers = Servers(
-                nats_url=urls.nats_url, database_url=urls.database_url, redis_url=urls.redis_url
-            )
+            servers = cleanup.enter_context(EmbeddedStack(folder)).urls
         else:
             from parley.cli import resolve_servers
 

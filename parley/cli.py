@@ -66,7 +66,7 @@ def resolve_servers(settings: Settings) -> Servers:
             f"no servers configured (PARLEY_NATS_URL, PARLEY_DATABASE_URL, PARLEY_REDIS_URL) "
             f"and no `parley dev` running on {settings.data_dir}"
         )
-    return Servers(nats_url=urls.nats_url, database_url=urls.database_url, redis_url=urls.redis_url)
+    return urls
 
 
 # ---------------------------------------------------------------- dev / serve
@@ -82,10 +82,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
                 f"starting NATS, Postgres and Redis under {settings.data_dir} ...", file=sys.stderr
             )
             stack = EmbeddedStack(settings.data_dir)
-            urls = stack.start()
-            servers = Servers(
-                nats_url=urls.nats_url, database_url=urls.database_url, redis_url=urls.redis_url
-            )
+            servers = stack.start()
         else:
             servers = resolve_servers(settings)
         return asyncio.run(_dev(settings, catalog, servers, args.host, args.port))

@@ -33,6 +33,7 @@ from api.config import EdgeConfig
 from events.ids import new_id
 from events.log import EventLog, ensure_streams
 from events.turns import TurnRegistry
+from parley.stack import StackUrls
 from projections.db import create_pool
 from projections.projector import Projector
 
@@ -40,11 +41,9 @@ log = logging.getLogger(__name__)
 
 ROLES = ("edge", "worker", "projector")
 
-
-class Servers(msgspec.Struct, frozen=True):
-    nats_url: str
-    database_url: str
-    redis_url: str
+# Where NATS, Postgres and Redis are: the same three URLs whether the embedded
+# stack started them or the environment named them.
+Servers = StackUrls
 
 
 class ServiceOptions(msgspec.Struct, frozen=True):

@@ -40,10 +40,7 @@ TEST_TOKENS_PER_S = 400.0
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     data = Path(os.environ.get("PARLEY_TEST_DATA") or tmp_path_factory.mktemp("stack"))
     with EmbeddedStack(data) as running:
-        urls = running.urls
-        yield Servers(
-            nats_url=urls.nats_url, database_url=urls.database_url, redis_url=urls.redis_url
-        )
+        yield running.urls
 
 
 @pytest.fixture(scope="session")
