@@ -22,7 +22,7 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InterfaceError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
-    ConnectionRefusedError,
+    OSError,  # refused or reset connections, unreachable hosts
 )
 
 

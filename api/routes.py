@@ -12,13 +12,13 @@ import msgspec
 from aiohttp import web
 
 from api.app import CONFIG, HEADERS, JS, LOG, NATS, REDIS, STORE, TURNS, claims_of
-from api.errors import ApiError, bad_request, not_found
+from api.errors import UNAVAILABLE, ApiError, bad_request, not_found
 from api.sse import Position, parse_position
 from api.streaming import TurnFilter, open_sse, stream_log
 from events.codec import encode, encode_stored
 from events.ids import new_id
 from events.subjects import CMD_STREAM, command_subject, valid_id
-from events.vocabulary import TURN_END_TYPES, ConversationCreated, OnBusy, SendMessage
+from events.vocabulary import ConversationCreated, OnBusy, SendMessage, TurnEnd
 from projections.store import ConversationRow
 
 # ---------------------------------------------------------------- request bodies
@@ -231,12 +231,17 @@ async def post_message(request: web.Request) -> web.StreamResponse:
             on_busy=body.on_busy,
         )
         # Nats-Msg-Id: a command published twice within the duplicate window is stored once.
-        await request.app[JS].publish(
-            command_subject(conversation_id),
-            encode(command),
-            stream=CMD_STREAM,
-            headers={"Nats-Msg-Id": record.command_id},
-        )
+        try:
+            await request.app[JS].publish(
+                command_subject(conversation_id),
+                encode(command),
+                stream=CMD_STREAM,
+                headers={"Nats-Msg-Id": record.command_id},
+            )
+        except BaseException:
+            # Not sent: a retry with the same key must send it, not wait for it.
+            await _forget_idempotency(request, conversation_id, body)
+            raise
 
     if _wants_json(request):
         return web.json_response(
@@ -276,12 +281,7 @@ async def _idempotency(
         return IdempotencyRecord(
             message_id=new_id(), command_id=new_id(), after=after, digest=digest
         ), True
-    record = IdempotencyRecord(
-        message_id=new_id(),
-        command_id=f"{conversation_id}-{digest[:8]}-{new_id()}",
-        after=after,
-        digest=digest,
-    )
+    record = IdempotencyRecord(message_id=new_id(), command_id=new_id(), after=after, digest=digest)
     redis = request.app[REDIS]
     key = _idem_key(conversation_id, body.idempotency_key)
     if await redis.set(
@@ -348,8 +348,11 @@ async def _start_of_active_turn(request: web.Request, conversation_id: str) -> i
         return end
     # The worker clears its record just after the turn's end is appended: a record
     # whose turn already ended in the log is an idle conversation.
-    ended = last is not None and isinstance(last.event, TURN_END_TYPES)
-    if ended and getattr(last.event if last else None, "turn_id", None) == active.turn_id:
+    if (
+        last is not None
+        and isinstance(last.event, TurnEnd)
+        and last.event.turn_id == active.turn_id
+    ):
         return end
     return active.after
 
@@ -381,12 +384,12 @@ async def readyz(request: web.Request) -> web.Response:
     try:
         await app[STORE].position()
         checks["postgres"] = "ok"
-    except Exception:
+    except UNAVAILABLE:
         checks["postgres"] = "down"
     try:
         await app[REDIS].ping()
         checks["redis"] = "ok"
-    except Exception:
+    except UNAVAILABLE:
         checks["redis"] = "down"
     ready = all(v == "ok" for v in checks.values())
     return web.json_response(

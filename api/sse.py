@@ -159,10 +159,6 @@ def frame(event_id: str | None, envelope: Envelope) -> bytes:
     return head + b"data: " + _encoder.encode(envelope) + b"\n\n"
 
 
-def is_end_of_turn(envelope_name: str) -> bool:
-    return envelope_name == "done"
-
-
 def _json_or_text(text: str) -> Any:
     try:
         return json.loads(text) if text else {}

@@ -29,8 +29,3 @@ def command_subject(conversation_id: str) -> str:
 
 def event_subject(conversation_id: str) -> str:
     return f"{EVT_PREFIX}.{conversation_id}"
-
-
-def conversation_of(subject: str) -> str:
-    """The conversation id of an event or command subject."""
-    return subject.split(".", 2)[2]

@@ -175,7 +175,6 @@ AnyEvent = (
 )
 
 TurnEnd = Done | Cancelled | Failed | BillingRejected
-TURN_END_TYPES: tuple[type[Event], ...] = (Done, Cancelled, Failed, BillingRejected)
 
 
 def event_type(event: Event) -> str:

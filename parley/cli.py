@@ -21,7 +21,7 @@ from api.auth import mint
 from events.codec import encode_stored
 from events.log import EventLog
 from events.subjects import valid_id
-from events.vocabulary import AnyEvent, Chunk
+from events.vocabulary import AnyEvent, Chunk, event_type
 from parley.config import ConfigError, Settings, jwt_secret, load_catalog, load_settings
 from parley.logs import setup_logging
 from parley.services import ROLES, Servers, ServiceOptions, Services
@@ -220,7 +220,7 @@ _SKIP_IN_SUMMARY = frozenset({"conversation_id", "at", "event_id", "schema", "tu
 def describe(seq: int, event: AnyEvent) -> str:
     """One readable line per event: position, time, type, the fields that matter."""
     when = dt.datetime.fromtimestamp(event.at / 1e9, tz=dt.UTC).strftime("%H:%M:%S.%f")[:-3]
-    kind = type(event).__struct_config__.tag
+    kind = event_type(event)
     if isinstance(event, Chunk):
         detail = f"{event.kind}: {event.text!r}"
     else:

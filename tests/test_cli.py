@@ -18,6 +18,7 @@ import pytest
 
 from api.auth import verify
 from events.log import EventLog
+from events.vocabulary import event_type
 from parley.services import Servers
 from tests.sse import SseClient
 
@@ -88,12 +89,12 @@ async def test_replay_prints_the_log_in_order_readable_and_as_json(
     assert len(lines) == len(log)
     for line, stored in zip(lines, log, strict=True):
         seq, _time, kind = line.split()[:3]
-        assert int(seq) == stored.seq and kind == type(stored.event).__struct_config__.tag
+        assert int(seq) == stored.seq and kind == event_type(stored.event)
 
     as_json = await asyncio.to_thread(run, "replay", cid, "--json", env=server_env(stack))
     rows = [json.loads(line) for line in as_json.stdout.splitlines()]
     assert [r["seq"] for r in rows] == [s.seq for s in log]
-    assert [r["type"] for r in rows] == [type(s.event).__struct_config__.tag for s in log]
+    assert [r["type"] for r in rows] == [event_type(s.event) for s in log]
     assert rows[0]["type"] == "conversation_created" and rows[-1]["type"] == "done"
 
 
