@@ -44,7 +44,7 @@ from actors.model_client import ChatRequest, ModelEndpoint, stream_chat
 from actors.model_stream import Finish, StreamItem, TextDelta, ToolCallRequest, Usage
 from actors.models import MAX_TOOL_ROUNDS, ModelCatalog, ModelSpec, choose_model
 from actors.tools import Tool, ToolContext, ToolOutcome, run_tool
-from events.errors import EventLogConflict
+from events.errors import EventLogConflict, EventLogError
 from events.ids import new_id as make_id
 from events.log import EventLog
 from events.turns import TurnRecord, TurnRegistry
@@ -226,6 +226,15 @@ class ConversationActor:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._stop_for_shutdown(writer, totals))
             raise
+        except EventLogError:
+            raise  # the log refused or is gone: nothing can be recorded; the command is retried
+        except Exception as err:
+            # A bug must end this turn visibly, not kill the worker or leave the turn open.
+            log.exception("turn crashed", extra={"conversation_id": self.conversation_id})
+            await writer.abort()
+            await self._fail("internal_error", f"{type(err).__name__}: {err}", totals)
+        finally:
+            await writer.abort()
 
     async def _stream_round(
         self,
@@ -360,6 +369,13 @@ class TurnWriter:
     def raise_if_failed(self) -> None:
         if self._error is not None:
             raise self._error
+
+    async def abort(self) -> None:
+        """Stop at once, dropping what is pending (the turn is ending anyway)."""
+        if not self._task.done():
+            self._task.cancel()
+        with contextlib.suppress(BaseException):
+            await self._task
 
     async def close(self) -> None:
         """Write everything pending, stop, and re-raise an append failure."""

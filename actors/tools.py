@@ -10,11 +10,14 @@ from __future__ import annotations
 import ast
 import datetime as dt
 import json
+import logging
 import operator
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
+
+log = logging.getLogger(__name__)
 
 
 class ToolContext(msgspec.Struct, frozen=True):
@@ -148,3 +151,7 @@ async def run_tool(
         return ToolOutcome(result=await tool.handler(args, ctx))
     except ToolError as err:
         return ToolOutcome(error=str(err))
+    except Exception as err:
+        # A broken tool is the model's problem to route around, not the turn's end.
+        log.exception("tool crashed", extra={"tool": name})
+        return ToolOutcome(error=f"tool {name!r} failed: {type(err).__name__}")

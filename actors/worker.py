@@ -127,6 +127,11 @@ class WorkerHost:
                 extra={"conversation_id": actor.conversation_id, "error": str(err)},
             )
             outcome = Outcome.RETRY
+        except Exception:
+            # One conversation's failure must not take the worker down with it; the
+            # command is retried, at most MAX_DELIVER times.
+            log.exception("command failed", extra={"conversation_id": actor.conversation_id})
+            outcome = Outcome.RETRY
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await asyncio.shield(msg.ack())

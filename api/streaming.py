@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 _QUEUE = 1024
 _POLL_S = 1.0
+_STOP_WAIT_S = 2.0
 
 
 class TurnFilter:
@@ -85,9 +86,13 @@ async def stream_log(
         position = Position(seq=gone.first_available - 1)
 
     queue: asyncio.Queue[StoredEvent] = asyncio.Queue(maxsize=_QUEUE)
+    stop = asyncio.Event()
     pump = asyncio.create_task(
         _pump(
-            event_log.follow(conversation_id, position.after()), queue, config.slow_viewer_timeout_s
+            event_log.follow(conversation_id, position.after(), stop=stop),
+            queue,
+            stop,
+            config.slow_viewer_timeout_s,
         )
     )
     last_write = time.monotonic()
@@ -96,7 +101,10 @@ async def stream_log(
             if pump.done() and queue.empty():
                 break
             try:
-                stored = await asyncio.wait_for(queue.get(), timeout=_POLL_S)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                # cancellation that lands as its inner future completes.
+                async with asyncio.timeout(_POLL_S):
+                    stored = await queue.get()
             except TimeoutError:
                 if time.monotonic() - last_write >= config.ping_interval_s:
                     await response.write(PING)
@@ -116,12 +124,10 @@ async def stream_log(
                 break
             if await _idle_after(request, conversation_id, stored):
                 break
-    except (ConnectionResetError, asyncio.CancelledError):
-        pass  # the viewer went away; the turn goes on without it
+    except ConnectionResetError:
+        return response  # the viewer went away; the turn goes on without it
     finally:
-        pump.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await pump
+        await _stop_pump(pump, stop)
     with contextlib.suppress(ConnectionResetError):
         await response.write_eof()
     return response
@@ -145,15 +151,38 @@ async def _idle_after(request: web.Request, conversation_id: str, end: StoredEve
 
 
 async def _pump(
-    source: AsyncIterator[StoredEvent], queue: asyncio.Queue[StoredEvent], slow_timeout: float
+    source: AsyncIterator[StoredEvent],
+    queue: asyncio.Queue[StoredEvent],
+    stop: asyncio.Event,
+    slow_timeout: float,
 ) -> None:
     try:
         async for stored in source:
+            if stop.is_set():
+                return
             try:
-                await asyncio.wait_for(queue.put(stored), timeout=slow_timeout)
+                async with asyncio.timeout(slow_timeout):
+                    await queue.put(stored)
             except TimeoutError:
                 log.info("slow viewer disconnected", extra={"seq": stored.seq})
                 return
     except (EventLogError, nats.errors.Error) as err:
         # The viewer's stream ends; it resumes from its last id once the broker is back.
         log.warning("event stream broken", extra={"error": str(err)})
+
+
+async def _stop_pump(pump: asyncio.Task[None], stop: asyncio.Event) -> None:
+    """Stop the pump and wait for it, but never forever.
+
+    The flag covers a cancellation lost inside a library call (nats.py waits with
+    asyncio.wait_for, which on 3.11 can swallow one): the pump then ends at its
+    next event or silence instead of following the log for ever.
+    """
+    stop.set()
+    pump.cancel()
+    done, _ = await asyncio.wait({pump}, timeout=_STOP_WAIT_S)
+    if not done:
+        log.warning("event pump did not stop in time; it ends at its next wake-up")
+    for task in done:
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("event pump failed", extra={"error": repr(task.exception())})

@@ -14,9 +14,7 @@ stream's duplicate window drops the second copy.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
 
 import msgspec
 import nats.errors
@@ -25,6 +23,7 @@ from nats.js import JetStreamContext, api
 
 from events.codec import decode_event, encode
 from events.errors import EventLogConflict, EventLogUnavailable, PositionGone
+from events.follow import LogFollower
 from events.subjects import (
     CMD_STREAM,
     CMD_SUBJECTS,
@@ -38,6 +37,8 @@ from events.vocabulary import AnyEvent, ConversationCreated, Event
 _WRONG_LAST_SEQUENCE = 10071
 _DUPLICATE_WINDOW_S = 120.0
 _PUBLISH_ATTEMPTS = 3
+# How long a follower waits for news before it looks at its stop flag again.
+_FOLLOW_WAIT_S = 1.0
 
 
 class StoredEvent(msgspec.Struct, frozen=True):
@@ -196,34 +197,21 @@ class EventLog:
             raise PositionGone(after, head.seq)
 
     async def follow(
-        self, conversation_id: str, after: int, *, pending_limit: int = 10_000
+        self, conversation_id: str, after: int, *, stop: asyncio.Event | None = None
     ) -> AsyncIterator[StoredEvent]:
-        """Events after `after`: catch-up, then live, in order, until the caller stops.
+        """Events after `after`: catch-up, then live, in order, until `stop` or the caller stops.
 
-        An ordered consumer gives gap-free, in-order delivery and recreates itself
-        from the last seen sequence if the server or connection hiccups.
+        An event this version cannot decode (written by a newer vocabulary) is
+        skipped: a reader must not be stuck behind it.
         """
-        config = api.ConsumerConfig(
-            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=after + 1,
-            filter_subject=event_subject(conversation_id),
-            inactive_threshold=30.0,
-        )
-        sub = await self._js.subscribe(
-            event_subject(conversation_id),
-            stream=EVT_STREAM,
-            ordered_consumer=True,
-            config=config,
-            idle_heartbeat=2.0,
-            pending_msgs_limit=pending_limit,
-        )
+        follower = LogFollower(self._js, event_subject(conversation_id), after)
         try:
-            async for msg in sub.messages:
-                meta: Any = msg.metadata
-                seq = int(meta.sequence.stream)
-                if seq <= after:
-                    continue
-                yield StoredEvent(seq=seq, event=decode_event(msg.data))
+            while stop is None or not stop.is_set():
+                for raw in await follower.next_batch(256, wait_s=_FOLLOW_WAIT_S):
+                    try:
+                        event = decode_event(raw.data)
+                    except (msgspec.DecodeError, msgspec.ValidationError):
+                        continue
+                    yield StoredEvent(seq=raw.seq, event=event)
         finally:
-            with contextlib.suppress(nats.errors.Error, asyncio.CancelledError):
-                await sub.unsubscribe()
+            await follower.close()

@@ -15,19 +15,18 @@ lock); a second one waits as a hot standby.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 from collections.abc import Sequence
 from typing import Any
 
 import msgspec
-import nats.errors
-from nats.js import JetStreamContext, api
+from nats.js import JetStreamContext
 
 from events.codec import decode_event
+from events.follow import LogFollower, RawEvent
 from events.log import StoredEvent
-from events.subjects import EVT_STREAM, EVT_SUBJECTS
+from events.subjects import EVT_SUBJECTS
 from events.vocabulary import (
     AnyEvent,
     BillingRejected,
@@ -86,29 +85,15 @@ class Projector:
 
     async def _follow(self, stopping: asyncio.Event) -> None:
         self.position = await self._load_position()
-        config = api.ConsumerConfig(
-            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=self.position + 1,
-            filter_subject=EVT_SUBJECTS,
-            inactive_threshold=60.0,
-        )
-        sub = await self._js.subscribe(
-            EVT_SUBJECTS, stream=EVT_STREAM, ordered_consumer=True, config=config
-        )
+        follower = LogFollower(self._js, EVT_SUBJECTS, self.position)
         self.ready.set()
         try:
             while not stopping.is_set():
-                try:
-                    first = await sub.next_msg(timeout=1.0)
-                except (nats.errors.TimeoutError, TimeoutError):
-                    continue
-                msgs = [first]
-                while len(msgs) < self._batch_max and sub.pending_msgs > 0:
-                    msgs.append(await sub.next_msg(timeout=1.0))
-                await self.apply([_stored(m) for m in msgs])
+                batch = await follower.next_batch(self._batch_max, wait_s=1.0)
+                if batch:
+                    await self.apply([_stored(raw) for raw in batch])
         finally:
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
+            await follower.close()
 
     async def _load_position(self) -> int:
         async with self._pool.acquire() as conn:
@@ -148,10 +133,10 @@ class Projector:
             self.applied.notify_all()
 
 
-def _stored(msg: Any) -> StoredEvent | tuple[int, None]:
-    seq = int(msg.metadata.sequence.stream)
+def _stored(raw: RawEvent) -> StoredEvent | tuple[int, None]:
+    seq = raw.seq
     try:
-        return StoredEvent(seq=seq, event=decode_event(msg.data))
+        return StoredEvent(seq=seq, event=decode_event(raw.data))
     except (msgspec.DecodeError, msgspec.ValidationError) as err:
         # An event this version cannot read (written by a newer one, or damaged):
         # skip it, loudly, rather than stop every read model behind it.

@@ -28,8 +28,12 @@ async def test_broken_model_stream_ends_the_turn_with_failed_and_sse_error_then_
 ) -> None:
     conversation = await api.create_conversation()
     cid = conversation["id"]
-    async with asyncio.timeout(30):
-        events = await api.send_stream(cid, f"please break [[fail={directive}]]")
+    try:
+        async with asyncio.timeout(30):
+            events = await api.send_stream(cid, f"please break [[fail={directive}]]")
+    except TimeoutError:
+        held = [f"{s.seq} {type(s.event).__name__}" for s in await event_log.read(cid)]
+        raise AssertionError(f"the turn's stream did not end; the log holds {held}") from None
     names = [e.event for e in events]
     assert names[-2:] == ["error", "done"], names
     assert events[-1].data == "error"

@@ -107,7 +107,9 @@ async def test_several_viewers_see_the_same_events_in_the_same_order(api: SseCli
     await asyncio.sleep(0.2)
     await api.send_json(cid, "stream to everyone [[tokens=150]]")
     results = await asyncio.gather(*viewers)
-    assert all(len(r) > 150 for r in results)
+    for seen in results:  # tokens may share events (adaptive batching); none is lost
+        tokens = "".join(e.data for e in seen if e.event == "token").split()
+        assert tokens == [str(i) for i in range(150)], tokens[:10]
     assert all([e.raw for e in r] == [e.raw for e in results[0]] for r in results[1:])
     assert all([e.id for e in r] == [e.id for e in results[0]] for r in results[1:])
 

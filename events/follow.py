@@ -1,0 +1,144 @@
+"""Following the event log: every event after a position, catch-up then live, in order.
+
+The rules are explicit here rather than inside nats.py's ordered consumer,
+whose heartbeat-driven resets and background consumer re-creation are hard to
+observe or test:
+
+- an ephemeral push consumer, no acks, no flow control, delivering from the
+  next position we need;
+- every delivery carries its consumer sequence: a gap means a message was lost
+  on the way (a slow reader overflowed the client buffer, a reconnect), and we
+  start a new consumer right after the last event we handed out;
+- a gap at the tail of a burst shows no later delivery to notice it, so the
+  first silence after activity asks the server how far the consumer delivered:
+  past what we handed out means something was dropped, and we start again;
+- a silence longer than `watchdog_s` asks whether the consumer still exists (a
+  restarted server forgets it) and starts a new one if not.
+
+So no event is skipped or handed out twice, whatever happens underneath
+(tests/test_follow.py forces both a gap and a vanished consumer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.js import JetStreamContext, api
+
+from events.subjects import EVT_STREAM
+
+
+class RawEvent(msgspec.Struct, frozen=True):
+    seq: int
+    data: bytes
+
+
+class LogFollower:
+    """Delivers raw events of `filter_subject` after `after`, in stream order."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        filter_subject: str,
+        after: int,
+        *,
+        pending_limit: int = 10_000,
+        watchdog_s: float = 10.0,
+    ) -> None:
+        self._js = js
+        self._filter = filter_subject
+        self.last = after  # the last sequence handed out
+        self._pending_limit = pending_limit
+        self._watchdog_s = watchdog_s
+        self._sub: Any = None
+        self._consumer = ""
+        self._next_dseq = 1
+        self._silent_s = 0.0
+        self._checked = True  # nothing delivered yet: nothing to check
+
+    async def next_batch(self, limit: int, wait_s: float) -> list[RawEvent]:
+        """At least one event, plus those already here, up to `limit`; [] after `wait_s`."""
+        if self._sub is None:
+            await self._start()
+        try:
+            first = await self._sub.next_msg(timeout=wait_s)
+        except nats.errors.TimeoutError:
+            await self._on_silence(wait_s)
+            return []
+        self._silent_s = 0.0
+        self._checked = False
+        out: list[RawEvent] = []
+        msg = first
+        while True:
+            if not self._take(msg, out):
+                await self._restart()  # lost on the way: resume after the last handed out
+                return out
+            if len(out) >= limit or self._sub.pending_msgs == 0:
+                return out
+            msg = await self._sub.next_msg(timeout=wait_s)  # already queued: no wait
+
+    def _take(self, msg: Any, out: list[RawEvent]) -> bool:
+        meta: Any = msg.metadata
+        if int(meta.sequence.consumer) != self._next_dseq:
+            return False
+        self._next_dseq += 1
+        seq = int(meta.sequence.stream)
+        if seq > self.last:
+            self.last = seq
+            out.append(RawEvent(seq=seq, data=msg.data))
+        return True
+
+    async def close(self) -> None:
+        sub, consumer, self._sub = self._sub, self._consumer, None
+        if sub is None:
+            return
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
+        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+            await self._js.delete_consumer(EVT_STREAM, consumer)
+
+    async def _start(self) -> None:
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=self.last + 1,
+            filter_subject=self._filter,
+            ack_policy=api.AckPolicy.NONE,
+            max_deliver=1,
+            mem_storage=True,
+            num_replicas=1,
+            # a reader that vanished without closing is cleaned up by the server
+            inactive_threshold=60.0,
+        )
+        self._sub = await self._js.subscribe(
+            self._filter,
+            stream=EVT_STREAM,
+            config=config,
+            manual_ack=True,
+            pending_msgs_limit=self._pending_limit,
+        )
+        self._consumer = self._sub._consumer
+        self._next_dseq = 1
+        self._silent_s = 0.0
+
+    async def _restart(self) -> None:
+        await self.close()
+        await self._start()
+
+    async def _on_silence(self, waited: float) -> None:
+        self._silent_s += waited
+        if self._checked and self._silent_s < self._watchdog_s:
+            return
+        self._checked = True
+        self._silent_s = 0.0
+        try:
+            info = await self._js.consumer_info(EVT_STREAM, self._consumer)
+        except nats.js.errors.NotFoundError:
+            await self._restart()
+            return
+        delivered = info.delivered.stream_seq if info.delivered else None
+        if delivered is not None and delivered > self.last:
+            await self._restart()  # delivered but never reached us: dropped on the way
