@@ -16,6 +16,7 @@ import logging
 
 import msgspec
 import nats.errors
+import redis.exceptions
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
@@ -28,8 +29,13 @@ log = logging.getLogger(__name__)
 
 DURABLE = "parley-workers"
 ACK_WAIT_S = 30.0
-# A command that keeps crashing its actor is given up after this many deliveries.
-MAX_DELIVER = 20
+# Every this often a running turn tells JetStream it is still working on the
+# command and renews its claim on the conversation in Redis.
+HEARTBEAT_S = 5.0
+# A command that crashed its actor this many times is given up (and logged).
+# Deliveries do not count otherwise: a command waiting for a busy conversation
+# is redelivered for as long as the other turn runs.
+MAX_CRASHES = 5
 
 
 class WorkerHost:
@@ -53,7 +59,7 @@ class WorkerHost:
             durable_name=DURABLE,
             ack_policy=api.AckPolicy.EXPLICIT,
             ack_wait=ACK_WAIT_S,
-            max_deliver=MAX_DELIVER,
+            max_deliver=-1,
             max_ack_pending=10_000,
             filter_subject=CMD_SUBJECTS,
         )
@@ -118,7 +124,8 @@ class WorkerHost:
 
     async def _process(self, actor: ConversationActor, msg: Msg) -> None:
         cmd = decode_command(msg.data)
-        heartbeat = asyncio.create_task(_keep_in_progress(msg))
+        heartbeat = asyncio.create_task(self._keep_alive(msg, cmd.conversation_id))
+        crashed = False
         try:
             outcome = await actor.handle(cmd)
         except EventLogError as err:
@@ -128,10 +135,9 @@ class WorkerHost:
             )
             outcome = Outcome.RETRY
         except Exception:
-            # One conversation's failure must not take the worker down with it; the
-            # command is retried, at most MAX_DELIVER times.
+            # One conversation's failure must not take the worker down with it.
             log.exception("command failed", extra={"conversation_id": actor.conversation_id})
-            outcome = Outcome.RETRY
+            outcome, crashed = Outcome.RETRY, True
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await asyncio.shield(msg.ack())
@@ -140,21 +146,30 @@ class WorkerHost:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
-        if outcome is Outcome.BUSY:
+        if crashed and msg.metadata.num_delivered >= MAX_CRASHES:
+            log.error(
+                "command given up after repeated crashes",
+                extra={"conversation_id": actor.conversation_id, "command_id": cmd.command_id},
+            )
+            await msg.term()
+        elif outcome is Outcome.BUSY:
             await msg.nak(delay=self._busy_retry_s)
         elif outcome is Outcome.RETRY:
             await msg.nak(delay=1.0)
         else:
             await msg.ack()
 
+    async def _keep_alive(self, msg: Msg, conversation_id: str) -> None:
+        """While a turn runs: JetStream must not redeliver its command, and the
+        conversation's claim in Redis must not lapse (another worker would start
+        a turn beside this one; the log would refuse it, but only at its first append)."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            with contextlib.suppress(nats.errors.Error):
+                await msg.in_progress()
+            with contextlib.suppress(redis.exceptions.RedisError):
+                await self._ctx.turns.refresh(conversation_id, self._ctx.worker_id)
+
 
 class _Stop(Exception):
     """Ends the task group: cancels every actor, each recording how its turn ended."""
-
-
-async def _keep_in_progress(msg: Msg) -> None:
-    """Tell JetStream the command is still being worked on, so it is not redelivered mid-turn."""
-    while True:
-        await asyncio.sleep(ACK_WAIT_S / 3)
-        with contextlib.suppress(nats.errors.Error):
-            await msg.in_progress()

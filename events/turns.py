@@ -42,7 +42,7 @@ class TurnRecord(msgspec.Struct, frozen=True):
 
 
 class TurnRegistry:
-    def __init__(self, redis: aioredis.Redis, *, lease_ms: int = 30_000) -> None:
+    def __init__(self, redis: aioredis.Redis, *, lease_ms: int = 15_000) -> None:
         self._redis = redis
         self.lease_ms = lease_ms
         self._release = redis.register_script(_RELEASE)
