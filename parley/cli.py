@@ -127,9 +127,10 @@ async def _dev(
         print(
             f"\nparley is running at {services.edge_url}  (model: {model_note})\n"
             f"admin token:\n{token}\n\n"
-            f"try:  TOKEN={token[:12]}...  (the whole token above)\n"
+            f"try it:\n"
+            f"  export TOKEN={token}\n"
             f"  curl -s -H \"Authorization: Bearer $TOKEN\" -X POST {services.edge_url}/v1/conversations -d '{{}}'\n"
-            f"open {services.edge_url}/ for the web page; Ctrl-C stops everything.\n",
+            f"or open {services.edge_url}/ and paste the token. Ctrl-C stops everything.\n",
             flush=True,
         )
         await _until_signalled(services)
