@@ -99,8 +99,6 @@ class ConversationActor:
 
     async def catch_up(self) -> None:
         """Fold every event appended since our last known position (ours or another writer's)."""
-        if await self.ctx.log.last_seq(self.conversation_id) <= self.seq:
-            return
         for stored in await self.ctx.log.read(self.conversation_id, after=self.seq):
             self.state = evolve(self.state, stored.event)
             self.seq = stored.seq

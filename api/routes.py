@@ -14,11 +14,11 @@ from aiohttp import web
 from api.app import CONFIG, HEADERS, JS, LOG, NATS, REDIS, STORE, TURNS, claims_of
 from api.errors import UNAVAILABLE, ApiError, bad_request, not_found
 from api.sse import Position, parse_position
-from api.streaming import TurnFilter, open_sse, stream_log
+from api.streaming import TurnFilter, open_sse, running_turn, stream_log
 from events.codec import encode, encode_stored
 from events.ids import new_id
 from events.subjects import CMD_STREAM, command_subject, valid_id
-from events.vocabulary import ConversationCreated, OnBusy, SendMessage, TurnEnd
+from events.vocabulary import ConversationCreated, OnBusy, SendMessage
 from projections.store import ConversationRow
 
 # ---------------------------------------------------------------- request bodies
@@ -85,14 +85,23 @@ def _iso(ns: int) -> str:
     )
 
 
-async def conversation_json(
-    request: web.Request, header: ConversationCreated, *, fresh: bool = False
-) -> dict[str, Any]:
-    """The conversation as the API shows it. A `fresh` one has no turn yet, so its
-    answer does not depend on Redis: a create that succeeded never reports 503."""
-    row: ConversationRow | None = await request.app[STORE].conversation(header.conversation_id)
-    active = None if fresh else await request.app[TURNS].get(header.conversation_id)
-    out: dict[str, Any] = {
+def _row_json(row: ConversationRow) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "user_id": row.user_id,
+        "project_id": row.project_id,
+        "title": row.title,
+        "model": row.model,
+        "message_count": row.message_count,
+        "token_usage_total": row.token_usage_total,
+        "created_at": row.created_at.isoformat(),
+        "updated_at": row.updated_at.isoformat(),
+    }
+
+
+def _unprojected_json(header: ConversationCreated) -> dict[str, Any]:
+    """A conversation the projection has not reached yet: what its first event says."""
+    return {
         "id": header.conversation_id,
         "user_id": header.user_id,
         "project_id": header.project_id,
@@ -103,14 +112,16 @@ async def conversation_json(
         "created_at": _iso(header.at),
         "updated_at": _iso(header.at),
     }
-    if row is not None:
-        out.update(
-            title=row.title,
-            message_count=row.message_count,
-            token_usage_total=row.token_usage_total,
-            updated_at=row.updated_at.isoformat(),
-            created_at=row.created_at.isoformat(),
-        )
+
+
+async def conversation_json(
+    request: web.Request, header: ConversationCreated, *, fresh: bool = False
+) -> dict[str, Any]:
+    """The conversation as the API shows it. A `fresh` one has no turn yet, so its
+    answer does not depend on Redis: a create that succeeded never reports 503."""
+    row: ConversationRow | None = await request.app[STORE].conversation(header.conversation_id)
+    active = None if fresh else await request.app[TURNS].get(header.conversation_id)
+    out = _row_json(row) if row is not None else _unprojected_json(header)
     out["active_turn"] = (
         {"turn_id": active.turn_id, "started_at": _iso(active.at)} if active else None
     )
@@ -159,22 +170,7 @@ async def _wait_for_projection(request: web.Request, seq: int) -> None:
 
 async def list_conversations(request: web.Request) -> web.Response:
     rows = await request.app[STORE].conversations_of(claims_of(request).sub)
-    items = []
-    for row in rows:
-        items.append(
-            {
-                "id": row.id,
-                "user_id": row.user_id,
-                "project_id": row.project_id,
-                "title": row.title,
-                "model": row.model,
-                "message_count": row.message_count,
-                "token_usage_total": row.token_usage_total,
-                "created_at": row.created_at.isoformat(),
-                "updated_at": row.updated_at.isoformat(),
-            }
-        )
-    return web.json_response({"conversations": items})
+    return web.json_response({"conversations": [_row_json(row) for row in rows]})
 
 
 async def get_conversation(request: web.Request) -> web.Response:
@@ -341,20 +337,8 @@ async def conversation_events(request: web.Request) -> web.StreamResponse:
 
 async def _start_of_active_turn(request: web.Request, conversation_id: str) -> int:
     """Where a viewer without a position starts: the active turn's start, else the log's end."""
-    last = await request.app[LOG].last(conversation_id)
-    end = last.seq if last is not None else 0
-    active = await request.app[TURNS].get(conversation_id)
-    if active is None:
-        return end
-    # The worker clears its record just after the turn's end is appended: a record
-    # whose turn already ended in the log is an idle conversation.
-    if (
-        last is not None
-        and isinstance(last.event, TurnEnd)
-        and last.event.turn_id == active.turn_id
-    ):
-        return end
-    return active.after
+    end, active = await running_turn(request.app, conversation_id)
+    return active.after if active is not None else end
 
 
 async def conversation_log(request: web.Request) -> web.StreamResponse:

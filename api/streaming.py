@@ -22,7 +22,8 @@ from api.app import CONFIG, LOG, TURNS
 from api.sse import PING, Envelope, Position, envelopes, frame, frames
 from events.errors import EventLogError, PositionGone
 from events.log import StoredEvent
-from events.vocabulary import Started, UserMessage
+from events.turns import TurnRecord
+from events.vocabulary import Started, TurnEnd, UserMessage
 
 log = logging.getLogger(__name__)
 
@@ -137,17 +138,30 @@ def _ends_turn(stored: StoredEvent) -> bool:
     return any(e.event == "done" for e in envelopes(stored))
 
 
-async def _idle_after(request: web.Request, conversation_id: str, end: StoredEvent) -> bool:
-    """After a turn's end: nothing more in the log and no other turn running.
+async def running_turn(app: web.Application, conversation_id: str) -> tuple[int, TurnRecord | None]:
+    """The log's last position, and the turn running now if there is one.
 
-    The worker clears its turn record just after appending the end, so a record
-    naming the turn that just ended counts as idle.
+    The worker clears its turn record just after appending the turn's end, so a
+    record whose turn already ended in the log does not count as running.
     """
-    app = request.app
-    if await app[LOG].last_seq(conversation_id) > end.seq:
-        return False
+    last = await app[LOG].last(conversation_id)
+    end = last.seq if last is not None else 0
     active = await app[TURNS].get(conversation_id)
-    return active is None or active.turn_id == getattr(end.event, "turn_id", None)
+    if active is not None and _ends(last, active.turn_id):
+        active = None
+    return end, active
+
+
+def _ends(stored: StoredEvent | None, turn_id: str) -> bool:
+    return (
+        stored is not None and isinstance(stored.event, TurnEnd) and stored.event.turn_id == turn_id
+    )
+
+
+async def _idle_after(request: web.Request, conversation_id: str, end: StoredEvent) -> bool:
+    """After a turn's end: nothing more in the log and no other turn running."""
+    last, active = await running_turn(request.app, conversation_id)
+    return last <= end.seq and active is None
 
 
 async def _pump(
