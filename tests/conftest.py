@@ -50,18 +50,22 @@ async def demo_model_url() -> AsyncIterator[str]:
     await runner.cleanup()
 
 
+# A recorded OpenAI stream with text and usage (tests/data/openai-stream/SOURCES.md).
+RECORDED_REPLY = (
+    Path(__file__).parent
+    / "data"
+    / "openai-stream"
+    / "openai-python__e2aad469b71d_text-with-usage.sse"
+)
+
+
 class Recorder:
     """A model server for tests that keeps every request body it gets and answers
     by replaying a recorded OpenAI transcript (tests/data/openai-stream)."""
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
-        self.reply = (
-            Path(__file__).parent
-            / "data"
-            / "openai-stream"
-            / "openai-python__e2aad469b71d_text-with-usage.sse"
-        ).read_bytes()
+        self.reply = RECORDED_REPLY.read_bytes()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.requests.append(await request.json())

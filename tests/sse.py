@@ -9,6 +9,21 @@ from typing import Any
 import aiohttp
 import msgspec
 
+# The event names of DESIGN section 6, the ones the original frontend knows.
+WIRE_EVENT_NAMES = frozenset(
+    {
+        "started",
+        "thinking",
+        "token",
+        "tool_call",
+        "tool_result",
+        "title",
+        "billing_error",
+        "error",
+        "done",
+    }
+)
+
 
 class SseEvent(msgspec.Struct, frozen=True):
     id: str | None

@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
-from tests.conftest import Recorder
+from tests.conftest import RECORDED_REPLY, Recorder
 from tests.sse import SseClient
 
-TRANSCRIPT = (
-    Path(__file__).parent
-    / "data"
-    / "openai-stream"
-    / "openai-python__e2aad469b71d_text-with-usage.sse"
-)
+TRANSCRIPT = RECORDED_REPLY
 
 
 def _chunks() -> list[dict[str, Any]]:

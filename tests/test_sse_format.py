@@ -32,6 +32,7 @@ from events.vocabulary import (
     ToolResult,
     UserMessage,
 )
+from tests.sse import WIRE_EVENT_NAMES
 
 CONV = "conv-1"
 TURN = "turn-1"
@@ -283,17 +284,7 @@ def test_each_log_event_maps_to_its_sse_events(
 
 
 def test_every_wire_name_is_one_the_frontend_knows() -> None:
-    known = {
-        "started",
-        "thinking",
-        "token",
-        "tool_call",
-        "tool_result",
-        "title",
-        "billing_error",
-        "error",
-        "done",
-    }
+    known = WIRE_EVENT_NAMES
     names = {e.event for _, event, _ in ENVELOPE_CASES for e in envelopes(StoredEvent(1, event))}
     assert names == known, f"expected exactly {sorted(known)}, saw {sorted(names)}"
 

@@ -5,19 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from tests.sse import SseClient, SseEvent, sse_events, until_done
-
-WIRE_NAMES = {
-    "started",
-    "thinking",
-    "token",
-    "tool_call",
-    "tool_result",
-    "title",
-    "billing_error",
-    "error",
-    "done",
-}
+from tests.sse import WIRE_EVENT_NAMES, SseClient, SseEvent, sse_events, until_done
 
 
 def seq_of(event_id: str | None) -> tuple[int, int]:
@@ -33,7 +21,7 @@ async def test_posting_a_message_streams_its_turn_in_the_wire_format(api: SseCli
     names = [e.event for e in events]
     assert names[0] == "started", names
     assert names[-1] == "done" and events[-1].data == "ok", names
-    assert set(names) <= WIRE_NAMES, names
+    assert set(names) <= WIRE_EVENT_NAMES, names
     assert "thinking" in names and "token" in names and "title" in names, names
     assert all(isinstance(e.data, str) for e in events if e.event in ("thinking", "token"))
     ids = [seq_of(e.id) for e in events]
