@@ -33,6 +33,7 @@ from actors.decide import (
     TurnTotals,
     decide_done,
     decide_failed,
+    decide_rejection,
     decide_send,
     decide_tool_call,
     decide_tool_result,
@@ -44,6 +45,7 @@ from actors.model_client import ChatRequest, ModelEndpoint, stream_chat
 from actors.model_stream import Finish, StreamItem, TextDelta, ToolCallRequest, Usage
 from actors.models import MAX_TOOL_ROUNDS, ModelCatalog, ModelSpec, choose_model
 from actors.tools import Tool, ToolContext, ToolOutcome, run_tool
+from events.codec import Unreadable
 from events.errors import EventLogConflict, EventLogError
 from events.ids import new_id as make_id
 from events.log import EventLog
@@ -98,8 +100,23 @@ class ConversationActor:
     # ---------------------------------------------------------------- log
 
     async def catch_up(self) -> None:
-        """Fold every event appended since our last known position (ours or another writer's)."""
+        """Fold every event appended since our last known position (ours or another writer's).
+
+        Entries this version cannot read are folded too (`evolve` skips a newer
+        version's event, and marks the conversation broken for a damaged one):
+        the actor never stops at them.
+        """
         for stored in await self.ctx.log.read(self.conversation_id, after=self.seq):
+            if isinstance(stored.event, Unreadable):
+                log.warning(
+                    "unreadable event in the log",
+                    extra={
+                        "conversation_id": self.conversation_id,
+                        "seq": stored.seq,
+                        "type": stored.event.type,
+                        "error": stored.event.error,
+                    },
+                )
             self.state = evolve(self.state, stored.event)
             self.seq = stored.seq
 
@@ -118,7 +135,7 @@ class ConversationActor:
 
     async def handle(self, cmd: SendMessage) -> Outcome:
         await self.catch_up()
-        if self.state.active is not None:
+        if self.state.active is not None and self.state.broken is None:
             current = await self.ctx.turns.get(self.conversation_id)
             if current is not None and current.worker != self.ctx.worker_id:
                 return Outcome.BUSY
@@ -127,10 +144,7 @@ class ConversationActor:
         choice = choose_model(spec)
         decision = decide_send(self.state, cmd, choice, self.ctx.clock(), self.ctx.new_id)
         if isinstance(decision, Rejected):
-            log.warning(
-                "command rejected",
-                extra={"conversation_id": self.conversation_id, "code": decision.code},
-            )
+            await self.reject(cmd, decision)
             return Outcome.REJECTED
         if not decision:
             return Outcome.DONE  # already in the log: a redelivered command
@@ -155,6 +169,23 @@ class ConversationActor:
             with contextlib.suppress(Exception):
                 await self.ctx.turns.release(self.conversation_id, self.ctx.worker_id)
         return Outcome.DONE
+
+    async def reject(self, cmd: SendMessage, why: Rejected) -> None:
+        """Record that `cmd` starts no turn (unless the log already says what became of it)."""
+        log.warning(
+            "command rejected",
+            extra={
+                "conversation_id": self.conversation_id,
+                "command_id": cmd.command_id,
+                "code": why.code,
+                "detail": why.message,
+            },
+        )
+        if not self.state.exists or cmd.command_id in self.state.commands_seen:
+            return  # nowhere to record it, or already recorded
+        await self.append(
+            [decide_rejection(self.state, cmd, why, self.ctx.clock(), self.ctx.new_id)]
+        )
 
     def _model_spec(self, requested: str | None) -> ModelSpec:
         spec = self.ctx.catalog.get(requested or self.state.model)

@@ -17,11 +17,13 @@ from msgspec.structs import replace
 from actors.content import HistoryMessage, auto_title, merge_blocks, needs_title
 from actors.model_stream import ToolCallRequest
 from actors.tools import ToolOutcome
+from events.codec import Unreadable
 from events.vocabulary import (
     AnyEvent,
     BillingRejected,
     Cancelled,
     ChunkKind,
+    CommandRejected,
     ContentBlock,
     ConversationCreated,
     Done,
@@ -34,6 +36,7 @@ from events.vocabulary import (
     ToolCall,
     ToolResult,
     UserMessage,
+    event_type,
 )
 from events.vocabulary import Chunk as ChunkEvent
 
@@ -109,6 +112,9 @@ class Conversation(msgspec.Struct, frozen=True):
     active: ActiveTurn | None = None
     commands_seen: frozenset[str] = frozenset()
     token_usage_total: int = 0
+    # Why this conversation's state cannot be known (a damaged event, a broken
+    # invariant): it refuses new work, every other conversation goes on.
+    broken: str | None = None
 
     @property
     def personal(self) -> bool:
@@ -128,9 +134,22 @@ class ModelChoice(msgspec.Struct, frozen=True):
 # ---------------------------------------------------------------- fold
 
 
-def evolve(state: Conversation, event: AnyEvent) -> Conversation:
+def evolve(state: Conversation, event: AnyEvent | Unreadable) -> Conversation:
+    """Fold one log entry. Total: never raises, whatever the log holds.
+
+    An entry of an unknown type (a newer version wrote it) is skipped. A damaged
+    entry, or an event that breaks the conversation's invariants, marks the
+    state `broken`: what the conversation holds is no longer known for sure.
+    """
+    problem = _invariant_broken(state, event)
+    if problem is not None:
+        state = replace(state, broken=state.broken or problem)
     match event:
+        case Unreadable():
+            return state
         case ConversationCreated():
+            if state.exists:
+                return state
             return replace(
                 state,
                 exists=True,
@@ -204,11 +223,27 @@ def evolve(state: Conversation, event: AnyEvent) -> Conversation:
             return _end_turn(state, event.turn_id, (), "billing_error", 0)
         case Title():
             return replace(state, title=event.title)
+        case CommandRejected():
+            return replace(state, commands_seen=state.commands_seen | {event.command_id})
         case _:
             return state
 
 
-def fold(state: Conversation, events: Iterable[AnyEvent]) -> Conversation:
+def _invariant_broken(state: Conversation, event: AnyEvent | Unreadable) -> str | None:
+    if isinstance(event, Unreadable):
+        if event.known_type or event.type is None:
+            return f"an entry of type {event.type or 'unknown'} cannot be read: {event.error}"
+        return None  # a newer version's event: skipped, the rest still holds
+    if isinstance(event, ConversationCreated):
+        return "conversation_created appears twice" if state.exists else None
+    if not state.exists:
+        return f"{event_type(event)} before conversation_created"
+    if isinstance(event, Started) and state.active is not None:
+        return f"turn {event.turn_id} started while turn {state.active.turn_id} was running"
+    return None
+
+
+def fold(state: Conversation, events: Iterable[AnyEvent | Unreadable]) -> Conversation:
     for event in events:
         state = evolve(state, event)
     return state
@@ -296,6 +331,12 @@ def decide_send(
         return Rejected("not_found", f"conversation {cmd.conversation_id} does not exist")
     if cmd.command_id in state.commands_seen:
         return []
+    if state.broken is not None:
+        return Rejected(
+            "conversation_unreadable",
+            f"this conversation's log cannot be read reliably ({state.broken}); "
+            "it takes no new messages: start a new conversation",
+        )
     if state.active is not None:
         return Rejected("busy", f"turn {state.active.turn_id} is still running")
     latest = [m for m in latest_messages(state)]
@@ -329,6 +370,21 @@ def decide_send(
         version_number=1,
     )
     return [user, started, decide_title(state, cmd.content, turn_id, now, new_id)]
+
+
+def decide_rejection(
+    state: Conversation, cmd: SendMessage, why: Rejected, now: int, new_id: NewId
+) -> CommandRejected:
+    """The record that a command started no turn, so its waiting viewer gets an end."""
+    return CommandRejected(
+        conversation_id=state.conversation_id,
+        at=now,
+        event_id=new_id(),
+        command_id=cmd.command_id,
+        message_id=cmd.message_id,
+        code=why.code,
+        message=why.message,
+    )
 
 
 def decide_title(

@@ -21,9 +21,11 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from actors.actor import ActorContext, ConversationActor, Outcome
+from actors.decide import Rejected
 from events.codec import decode_command
 from events.errors import EventLogError
 from events.subjects import CMD_STREAM, CMD_SUBJECTS
+from events.vocabulary import SendMessage
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,16 @@ HEARTBEAT_S = 5.0
 # Deliveries do not count otherwise: a command waiting for a busy conversation
 # is redelivered for as long as the other turn runs.
 MAX_CRASHES = 5
+_FETCH_FAILURES = 5
+# Errors that say a server is away, not that the command is bad: retried without
+# counting towards MAX_CRASHES.
+TRANSIENT: tuple[type[BaseException], ...] = (
+    nats.errors.Error,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    OSError,
+)
+_RETRY_LATER: tuple[type[BaseException], ...] = (EventLogError, *TRANSIENT)
 
 
 class WorkerHost:
@@ -67,6 +79,7 @@ class WorkerHost:
             CMD_SUBJECTS, durable=DURABLE, stream=CMD_STREAM, config=config
         )
         self.ready.set()
+        failures = 0
         try:
             async with asyncio.TaskGroup() as actors:
                 while not stopping.is_set():
@@ -77,6 +90,18 @@ class WorkerHost:
                         msgs = await sub.fetch(1, timeout=1.0)
                     except (nats.errors.TimeoutError, TimeoutError):
                         continue
+                    except nats.errors.Error as err:
+                        # The broker is away or restarting. Running turns carry on
+                        # (they are not this loop's); fetching resumes when it is
+                        # back. Failing on and on (the consumer was deleted, say)
+                        # ends the role, and its supervisor starts it afresh.
+                        failures += 1
+                        if failures >= _FETCH_FAILURES:
+                            raise
+                        log.warning("cannot fetch commands", extra={"error": repr(err)})
+                        await asyncio.sleep(1.0)
+                        continue
+                    failures = 0
                     for msg in msgs:
                         await self._dispatch(msg, actors)
                 raise _Stop
@@ -113,7 +138,14 @@ class WorkerHost:
                     if inbox.empty():
                         return
                     continue
-                await self._process(actor, msg)
+                try:
+                    await self._process(actor, msg)
+                except (nats.errors.Error, OSError) as err:
+                    # acking or naking failed: the server redelivers after ack_wait
+                    log.warning(
+                        "could not settle a command",
+                        extra={"conversation_id": actor.conversation_id, "error": repr(err)},
+                    )
         finally:
             # Idle actors leave; a new command spawns a fresh one that reloads from the log.
             if self._inboxes.get(actor.conversation_id) is inbox:
@@ -128,10 +160,10 @@ class WorkerHost:
         crashed = False
         try:
             outcome = await actor.handle(cmd)
-        except EventLogError as err:
+        except _RETRY_LATER as err:
             log.warning(
-                "event log unavailable, command will be retried",
-                extra={"conversation_id": actor.conversation_id, "error": str(err)},
+                "a server is unavailable, command will be retried",
+                extra={"conversation_id": actor.conversation_id, "error": repr(err)},
             )
             outcome = Outcome.RETRY
         except Exception:
@@ -139,18 +171,19 @@ class WorkerHost:
             log.exception("command failed", extra={"conversation_id": actor.conversation_id})
             outcome, crashed = Outcome.RETRY, True
         except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(msg.ack())
+            # The worker is stopping. Never ack here: the command may not have
+            # reached the log yet (the actor was still catching up or claiming).
+            # Redelivered, it runs if it did not, and is recognised by its
+            # command_id in the log if it did (the turn was ended as interrupted).
+            with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
+                await asyncio.shield(msg.nak())
             raise
         finally:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
         if crashed and msg.metadata.num_delivered >= MAX_CRASHES:
-            log.error(
-                "command given up after repeated crashes",
-                extra={"conversation_id": actor.conversation_id, "command_id": cmd.command_id},
-            )
+            await self._give_up(actor, cmd)
             await msg.term()
         elif outcome is Outcome.BUSY:
             await msg.nak(delay=self._busy_retry_s)
@@ -158,6 +191,25 @@ class WorkerHost:
             await msg.nak(delay=1.0)
         else:
             await msg.ack()
+
+    async def _give_up(self, actor: ConversationActor, cmd: SendMessage) -> None:
+        """A command that crashed its actor again and again ends visibly: a
+        `command_rejected` in the log tells its waiting viewer, and the operator."""
+        log.error(
+            "command given up after repeated crashes",
+            extra={"conversation_id": actor.conversation_id, "command_id": cmd.command_id},
+        )
+        why = Rejected(
+            "internal_error", f"the message could not be processed ({MAX_CRASHES} attempts)"
+        )
+        try:
+            await actor.catch_up()
+            await actor.reject(cmd, why)
+        except Exception:
+            log.exception(
+                "could not record the given-up command",
+                extra={"conversation_id": actor.conversation_id, "command_id": cmd.command_id},
+            )
 
     async def _keep_alive(self, msg: Msg, conversation_id: str) -> None:
         """While a turn runs: JetStream must not redeliver its command, and the

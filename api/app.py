@@ -16,7 +16,7 @@ from api.auth import Claims, InvalidToken, verify
 from api.config import EdgeConfig
 from api.errors import ApiError, Handler, error_middleware
 from events.log import EventLog, ensure_streams
-from events.turns import TurnRegistry
+from events.turns import TurnRegistry, redis_client
 from events.vocabulary import ConversationCreated
 from projections.db import create_pool
 from projections.store import ReadStore
@@ -96,7 +96,7 @@ async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
-    client = aioredis.Redis.from_url(app[CONFIG].redis_url)
+    client = redis_client(app[CONFIG].redis_url)
     app[REDIS] = client
     app[TURNS] = TurnRegistry(client)
     yield

@@ -22,4 +22,7 @@ class EdgeConfig(msgspec.Struct, frozen=True):
     # POST /v1/conversations waits this long for the projection, so a GET right
     # after the 201 finds the row.
     create_wait_s: float = 2.0
+    # How long a stream may see nothing before it checks that it can still end
+    # (its turn still runs, its command still waits): api.streaming._Progress.
+    stall_check_s: float = 2.0
     idempotency_ttl_s: int = 24 * 3600

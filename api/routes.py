@@ -14,7 +14,8 @@ from aiohttp import web
 from api.app import CONFIG, HEADERS, JS, LOG, NATS, REDIS, STORE, TURNS, claims_of
 from api.errors import UNAVAILABLE, ApiError, bad_request, not_found
 from api.sse import Position, parse_position
-from api.streaming import TurnFilter, open_sse, running_turn, stream_log
+from api.streaming import PendingCommand, TurnFilter, open_sse, running_turn, stream_log
+from api.validation import InvalidBody, decode_body
 from events.codec import encode, encode_stored
 from events.ids import new_id
 from events.subjects import CMD_STREAM, command_subject, valid_id
@@ -45,18 +46,15 @@ class IdempotencyRecord(msgspec.Struct, frozen=True):
 
 
 T = TypeVar("T")
+_RESERVE_S = 60
 
 
 async def read_json(request: web.Request, kind: type[T]) -> T:
     body = await request.read()
-    if not body.strip():
-        raise bad_request("request body is empty; expected a JSON object", "invalid_json")
     try:
-        return msgspec.json.decode(body, type=kind)
-    except msgspec.ValidationError as err:
-        raise bad_request(f"invalid request: {err}", "invalid_request") from err
-    except msgspec.DecodeError as err:
-        raise bad_request(f"malformed JSON: {err}", "invalid_json") from err
+        return decode_body(body, kind)
+    except InvalidBody as err:
+        raise ApiError(err.status, err.code, err.message) from err
 
 
 # ---------------------------------------------------------------- helpers
@@ -216,28 +214,33 @@ async def post_message(request: web.Request) -> web.StreamResponse:
             raise ApiError(
                 409, "busy", f"conversation {conversation_id} is answering; on_busy=reject"
             )
-        command = SendMessage(
-            conversation_id=conversation_id,
-            command_id=record.command_id,
-            user_id=claims.sub,
-            at=time.time_ns(),
-            message_id=record.message_id,
-            content=body.content,
-            model=body.model,
-            on_busy=body.on_busy,
+    command = SendMessage(
+        conversation_id=conversation_id,
+        command_id=record.command_id,
+        user_id=claims.sub,
+        at=time.time_ns(),
+        message_id=record.message_id,
+        content=body.content,
+        model=body.model,
+        on_busy=body.on_busy,
+    )
+    # Published again for a repeated key too: whether or not the first request
+    # got as far as publishing, the message is sent exactly once in effect.
+    # Nats-Msg-Id drops a copy within the duplicate window, and the actor drops
+    # a later one by its command_id in the log.
+    try:
+        ack = await request.app[JS].publish(
+            command_subject(conversation_id),
+            encode(command),
+            stream=CMD_STREAM,
+            headers={"Nats-Msg-Id": record.command_id},
         )
-        # Nats-Msg-Id: a command published twice within the duplicate window is stored once.
-        try:
-            await request.app[JS].publish(
-                command_subject(conversation_id),
-                encode(command),
-                stream=CMD_STREAM,
-                headers={"Nats-Msg-Id": record.command_id},
-            )
-        except BaseException:
-            # Not sent: a retry with the same key must send it, not wait for it.
+    except BaseException:
+        if fresh:  # not sent: a retry with the same key must be free to send it
             await _forget_idempotency(request, conversation_id, body)
-            raise
+        raise
+    if fresh:
+        await _keep_idempotency(request, conversation_id, body, record)
 
     if _wants_json(request):
         return web.json_response(
@@ -255,6 +258,7 @@ async def post_message(request: web.Request) -> web.StreamResponse:
         conversation_id,
         Position(seq=record.after),
         turn=TurnFilter(record.message_id),
+        command=PendingCommand(stream_seq=int(ack.seq)),
     )
 
 
@@ -280,9 +284,9 @@ async def _idempotency(
     record = IdempotencyRecord(message_id=new_id(), command_id=new_id(), after=after, digest=digest)
     redis = request.app[REDIS]
     key = _idem_key(conversation_id, body.idempotency_key)
-    if await redis.set(
-        key, msgspec.json.encode(record), nx=True, ex=request.app[CONFIG].idempotency_ttl_s
-    ):
+    # Reserved briefly until the command is published (then kept for the full
+    # TTL): a crash in between frees the key within a minute, not a day.
+    if await redis.set(key, msgspec.json.encode(record), nx=True, ex=_RESERVE_S):
         return record, True
     raw = await redis.get(key)
     if raw is None:  # expired between the two calls: treat as new
@@ -293,6 +297,17 @@ async def _idempotency(
             422, "idempotency_mismatch", "idempotency_key was already used with a different message"
         )
     return previous, False
+
+
+async def _keep_idempotency(
+    request: web.Request, conversation_id: str, body: PostMessage, record: IdempotencyRecord
+) -> None:
+    if body.idempotency_key is not None:
+        await request.app[REDIS].set(
+            _idem_key(conversation_id, body.idempotency_key),
+            msgspec.json.encode(record),
+            ex=request.app[CONFIG].idempotency_ttl_s,
+        )
 
 
 async def _forget_idempotency(
@@ -362,11 +377,15 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Ready when NATS, Postgres and Redis answer. Events the projection could not
+    apply as written do not make the edge unready (the rest is served), but are
+    counted here so an operator sees them (`parley projections errors` lists them)."""
     app = request.app
     checks: dict[str, Literal["ok", "down"]] = {}
     checks["nats"] = "ok" if app[NATS].is_connected else "down"
+    projection_errors: int | None = None
     try:
-        await app[STORE].position()
+        projection_errors = await app[STORE].projection_error_count()
         checks["postgres"] = "ok"
     except UNAVAILABLE:
         checks["postgres"] = "down"
@@ -377,7 +396,11 @@ async def readyz(request: web.Request) -> web.Response:
         checks["redis"] = "down"
     ready = all(v == "ok" for v in checks.values())
     return web.json_response(
-        {"status": "ready" if ready else "not_ready", "checks": checks},
+        {
+            "status": "ready" if ready else "not_ready",
+            "checks": checks,
+            "projection_errors": projection_errors,
+        },
         status=200 if ready else 503,
     )
 

@@ -15,11 +15,13 @@ from typing import Any
 
 import msgspec
 
+from events.codec import Unreadable
 from events.log import StoredEvent
 from events.vocabulary import (
     BillingRejected,
     Cancelled,
     Chunk,
+    CommandRejected,
     Done,
     Failed,
     Started,
@@ -61,15 +63,22 @@ def parse_position(raw: str) -> Position | None:
 
 
 class Envelope(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One SSE event. `data` has exactly the shape the original frontend reads
+    (DESIGN section 6); anything more rides beside it in the envelope."""
+
     event: str
     data: Any
     message_id: str | None = None
+    code: str | None = None  # on `error` and `billing_error`: the machine-readable reason
+    raw_arguments: str | None = None  # on `tool_call`, when they are not a JSON object
 
 
 def envelopes(stored: StoredEvent) -> list[Envelope]:
     """The SSE events a log event turns into (none for bookkeeping events)."""
     event = stored.event
     match event:
+        case Unreadable():
+            return []  # a newer version's event, or damage: the viewer steps past it
         case Started():
             return [
                 Envelope(
@@ -87,15 +96,14 @@ def envelopes(stored: StoredEvent) -> list[Envelope]:
             name = "thinking" if event.kind == "thinking" else "token"
             return [Envelope(name, event.text, event.turn_id)]
         case ToolCall():
+            arguments = _json_object(event.arguments)
             return [
                 Envelope(
                     "tool_call",
-                    {
-                        "id": event.call_id,
-                        "name": event.name,
-                        "arguments": _json_or_text(event.arguments),
-                    },
+                    {"id": event.call_id, "name": event.name, "arguments": arguments or {}},
                     event.turn_id,
+                    # the model's text, when it is not a JSON object the frontend can show
+                    raw_arguments=event.arguments if arguments is None else None,
                 )
             ]
         case ToolResult():
@@ -113,27 +121,30 @@ def envelopes(stored: StoredEvent) -> list[Envelope]:
                 )
             ]
         case Title():
-            return [Envelope("title", event.title, event.turn_id)]
+            return [Envelope("title", {"title": event.title}, event.turn_id)]
         case Done():
             return [Envelope("done", "ok", event.turn_id)]
         case Cancelled():
             return [Envelope("done", "stopped", event.turn_id)]
         case Failed():
             return [
-                Envelope("error", {"code": event.code, "message": event.message}, event.turn_id),
+                Envelope("error", event.message, event.turn_id, code=event.code),
                 Envelope("done", "error", event.turn_id),
+            ]
+        case CommandRejected():
+            message_id = event.message_id or None
+            return [
+                Envelope("error", event.message, message_id, code=event.code),
+                Envelope("done", "error", message_id),
             ]
         case BillingRejected():
             return [
                 Envelope(
                     "billing_error",
-                    {
-                        "account": event.account,
-                        "needed": event.needed,
-                        "available": event.available,
-                        "message": f"insufficient credits: {event.available} of {event.needed} micro-credits",
-                    },
+                    f"insufficient credits: the account {event.account} has "
+                    f"{event.available} micro-credits, this turn needs {event.needed}",
                     event.turn_id,
+                    code="insufficient_credits",
                 ),
                 Envelope("done", "billing_error", event.turn_id),
             ]
@@ -159,8 +170,12 @@ def frame(event_id: str | None, envelope: Envelope) -> bytes:
     return head + b"data: " + _encoder.encode(envelope) + b"\n\n"
 
 
-def _json_or_text(text: str) -> Any:
+def _json_object(text: str) -> dict[str, Any] | None:
+    """The arguments as an object; None when the model wrote something else."""
+    if not text.strip():
+        return {}
     try:
-        return json.loads(text) if text else {}
-    except json.JSONDecodeError:
-        return text
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None

@@ -15,15 +15,18 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+import msgspec
 import nats.errors
+import nats.js.errors
 from aiohttp import web
 
-from api.app import CONFIG, LOG, TURNS
+from api.app import CONFIG, JS, LOG, TURNS
 from api.sse import PING, Envelope, Position, envelopes, frame, frames
 from events.errors import EventLogError, PositionGone
 from events.log import StoredEvent
+from events.subjects import CMD_STREAM
 from events.turns import TurnRecord
-from events.vocabulary import Started, TurnEnd, UserMessage
+from events.vocabulary import CommandRejected, Started, TurnEnd, UserMessage
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +36,7 @@ _STOP_WAIT_S = 2.0
 
 
 class TurnFilter:
-    """Selects the events of the turn that answers one user message."""
+    """Selects the events of the turn that answers one user message (or its rejection)."""
 
     def __init__(self, user_message_id: str) -> None:
         self.user_message_id = user_message_id
@@ -41,11 +44,80 @@ class TurnFilter:
 
     def admit(self, stored: StoredEvent) -> bool:
         event = stored.event
+        if isinstance(event, CommandRejected):
+            return event.message_id == self.user_message_id
         if isinstance(event, Started) and event.user_message_id == self.user_message_id:
             self.turn_id = event.turn_id
         if isinstance(event, UserMessage):
             return False
         return self.turn_id is not None and getattr(event, "turn_id", None) == self.turn_id
+
+
+class PendingCommand(msgspec.Struct, frozen=True):
+    """The command a POST stream waits on: its position in CHAT_CMD."""
+
+    stream_seq: int
+
+
+class _Progress:
+    """What one stream has seen, to tell a stream that will still end from one that cannot.
+
+    Two ways a stream could wait for ever, both answered with `error` and
+    `done: "error"` rather than pings without end:
+    - a turn it saw start is no longer running (no turn record for it) and the
+      stream has read the whole log, yet no readable end came (the end could not
+      be decoded, or its worker died and the turn is not closed yet);
+    - the command it waits for has left CHAT_CMD without a turn or a rejection
+      in the log (lost).
+    """
+
+    def __init__(self, turn: TurnFilter | None, command: PendingCommand | None) -> None:
+        self.turn = turn
+        self.command = command
+        self.seen = 0
+        self.open_turn: str | None = None
+
+    def note(self, stored: StoredEvent) -> None:
+        self.seen = max(self.seen, stored.seq)
+        event = stored.event
+        if isinstance(event, Started):
+            self.open_turn = event.turn_id
+        elif isinstance(event, TurnEnd) and event.turn_id == self.open_turn:
+            self.open_turn = None
+
+    async def stalled(self, app: web.Application, conversation_id: str) -> Envelope | None:
+        """The error that ends this stream, if it can no longer end by itself."""
+        end, active = await running_turn(app, conversation_id)
+        if self.seen < end:
+            return None  # still catching up
+        if self.open_turn is not None and (active is None or active.turn_id != self.open_turn):
+            return Envelope(
+                "error",
+                f"turn {self.open_turn} is no longer running and its end cannot be read; "
+                "see the conversation's log",
+                self.open_turn,
+                code="turn_end_unreadable",
+            )
+        waiting = self.turn is not None and self.turn.turn_id is None
+        if waiting and self.command is not None and await _command_gone(app, self.command):
+            # Gone from CHAT_CMD, and nothing in the log: look once more, the
+            # worker may have appended just after our check of the end.
+            end, _ = await running_turn(app, conversation_id)
+            if self.seen >= end:
+                return Envelope(
+                    "error",
+                    "the message was lost before a turn started; send it again",
+                    code="command_lost",
+                )
+        return None
+
+
+async def _command_gone(app: web.Application, command: PendingCommand) -> bool:
+    try:
+        await app[JS].get_msg(CMD_STREAM, seq=command.stream_seq)
+    except nats.js.errors.NotFoundError:
+        return True
+    return False
 
 
 async def open_sse(request: web.Request) -> web.StreamResponse:
@@ -68,12 +140,15 @@ async def stream_log(
     position: Position,
     *,
     turn: TurnFilter | None = None,
+    command: PendingCommand | None = None,
 ) -> web.StreamResponse:
     """Write the conversation's events after `position` until the stream's end.
 
     With `turn`, only that turn's events, ending at its `done`. Without, every
     event, ending after a `done` once the log is caught up and no turn is active
     (an EventSource then reconnects with Last-Event-ID and waits for the next).
+    Either way the stream ends with a `done` even when the log cannot supply
+    one (see `_Progress`).
     """
     app = request.app
     config = app[CONFIG]
@@ -81,9 +156,7 @@ async def stream_log(
     try:
         await event_log.check_position(conversation_id, position.after())
     except PositionGone as gone:
-        await response.write(
-            frame(None, Envelope("error", {"code": "position_gone", "message": str(gone)}))
-        )
+        await response.write(frame(None, Envelope("error", str(gone), code="position_gone")))
         position = Position(seq=gone.first_available - 1)
 
     queue: asyncio.Queue[StoredEvent] = asyncio.Queue(maxsize=_QUEUE)
@@ -96,7 +169,9 @@ async def stream_log(
             config.slow_viewer_timeout_s,
         )
     )
-    last_write = time.monotonic()
+    progress = _Progress(turn, command)
+    progress.seen = position.after()
+    last_write = last_event = time.monotonic()
     try:
         while True:
             if pump.done() and queue.empty():
@@ -107,10 +182,22 @@ async def stream_log(
                 async with asyncio.timeout(_POLL_S):
                     stored = await queue.get()
             except TimeoutError:
-                if time.monotonic() - last_write >= config.ping_interval_s:
+                now = time.monotonic()
+                if now - last_event >= config.stall_check_s:
+                    last_event = now
+                    error = await progress.stalled(app, conversation_id)
+                    if error is not None:
+                        await response.write(frame(None, error))
+                        await response.write(
+                            frame(None, Envelope("done", "error", error.message_id))
+                        )
+                        break
+                if now - last_write >= config.ping_interval_s:
                     await response.write(PING)
-                    last_write = time.monotonic()
+                    last_write = now
                 continue
+            last_event = time.monotonic()
+            progress.note(stored)
             if turn is not None and not turn.admit(stored):
                 continue
             out = frames(stored, position)

@@ -3,9 +3,17 @@
 Decoders are built once at import time; msgspec validates while it decodes, so
 a malformed or unknown event raises `msgspec.ValidationError`/`DecodeError`
 instead of producing a half-filled object.
+
+Readers of the log never stop at an entry they cannot decode: `decode_entry`
+turns it into an `Unreadable` that keeps the raw bytes and says why, so every
+reader can skip it, show it or refuse work by its own rule (DESIGN section 1:
+no single event stops the system).
 """
 
 from __future__ import annotations
+
+import typing
+from typing import Any
 
 import msgspec
 
@@ -14,6 +22,35 @@ from events.vocabulary import AnyCommand, AnyEvent
 _encoder = msgspec.json.Encoder()
 _event_decoder: msgspec.json.Decoder[AnyEvent] = msgspec.json.Decoder(AnyEvent)
 _command_decoder = msgspec.json.Decoder(AnyCommand)
+
+KNOWN_EVENT_TYPES: frozenset[str] = frozenset(
+    str(cls.__struct_config__.tag) for cls in typing.get_args(AnyEvent)
+)
+
+
+class Unreadable(msgspec.Struct, frozen=True):
+    """A log entry this version cannot decode, kept as it was written.
+
+    `known_type` tells the two cases apart: an unknown `type` was written by a
+    newer version (skip it: forward compatibility); a known type that does not
+    decode, or bytes that are not an event at all, is damage, and whatever it
+    meant is lost to this reader.
+    """
+
+    raw: bytes
+    type: str | None
+    error: str
+
+    @property
+    def known_type(self) -> bool:
+        return self.type in KNOWN_EVENT_TYPES
+
+
+class _Head(msgspec.Struct):
+    type: str | None = None
+
+
+_head_decoder = msgspec.json.Decoder(_Head)
 
 
 def encode(value: object) -> bytes:
@@ -24,14 +61,52 @@ def decode_event(data: bytes) -> AnyEvent:
     return _event_decoder.decode(data)
 
 
+def decode_entry(data: bytes) -> AnyEvent | Unreadable:
+    """The event in a log entry, or what is known about an entry that is not one."""
+    try:
+        return _event_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as err:
+        return Unreadable(raw=bytes(data), type=_type_of(data), error=str(err))
+    except RecursionError:
+        return Unreadable(raw=bytes(data), type=None, error="nested too deeply to decode")
+
+
+def _type_of(data: bytes) -> str | None:
+    try:
+        head = _head_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
+        return None
+    return head.type
+
+
 def decode_command(data: bytes) -> AnyCommand:
     return _command_decoder.decode(data)
 
 
-def encode_stored(seq: int, event: object) -> bytes:
+def encode_stored(seq: int, event: AnyEvent | Unreadable) -> bytes:
     """One log line: the event's own fields (with its `type`) plus its position `seq`.
 
-    The format of `parley replay --json` and `GET /v1/conversations/{id}/log`.
+    The format of `parley replay --json` and `GET /v1/conversations/{id}/log`. An
+    entry this version cannot read is shown, never dropped: `{"seq", "type",
+    "unreadable": true, "error", "raw"}`, where `raw` is the entry's JSON when it
+    is JSON, else its text.
     """
+    if isinstance(event, Unreadable):
+        return _encoder.encode(
+            {
+                "seq": seq,
+                "type": event.type,
+                "unreadable": True,
+                "error": event.error,
+                "raw": _raw_value(event.raw),
+            }
+        )
     body = _encoder.encode(event)
     return b'{"seq":' + str(seq).encode() + b"," + body[1:]
+
+
+def _raw_value(raw: bytes) -> Any:
+    try:
+        return msgspec.json.decode(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return raw.decode("utf-8", "replace")

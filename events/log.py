@@ -21,7 +21,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext, api
 
-from events.codec import decode_event, encode
+from events.codec import Unreadable, decode_entry, encode
 from events.errors import EventLogConflict, EventLogUnavailable, PositionGone
 from events.follow import LogFollower
 from events.subjects import (
@@ -42,10 +42,14 @@ _FOLLOW_WAIT_S = 1.0
 
 
 class StoredEvent(msgspec.Struct, frozen=True):
-    """An event with its position in the log."""
+    """An entry of the log with its position: an event, or one this version cannot read.
+
+    Readers handle `Unreadable` by their own rule (skip, show, refuse the
+    conversation) but always step past it: the position moves on regardless.
+    """
 
     seq: int
-    event: AnyEvent
+    event: AnyEvent | Unreadable
 
 
 async def ensure_streams(js: JetStreamContext) -> None:
@@ -159,7 +163,7 @@ class EventLog:
             msg = await self._js.get_msg(EVT_STREAM, subject=event_subject(conversation_id))
         except nats.js.errors.NotFoundError:
             return None
-        return StoredEvent(seq=int(msg.seq or 0), event=decode_event(msg.data or b""))
+        return StoredEvent(seq=int(msg.seq or 0), event=decode_entry(msg.data or b""))
 
     async def first(self, conversation_id: str) -> StoredEvent | None:
         """The conversation's first kept event: `conversation_created` unless retention cut it."""
@@ -169,18 +173,33 @@ class EventLog:
             )
         except nats.js.errors.NotFoundError:
             return None
-        return StoredEvent(seq=int(msg.seq or 0), event=decode_event(msg.data or b""))
+        return StoredEvent(seq=int(msg.seq or 0), event=decode_entry(msg.data or b""))
 
     async def read(self, conversation_id: str, after: int = 0) -> list[StoredEvent]:
-        """Every event after `after`, up to the end of the log as it is now."""
+        """Every entry after `after`, up to the end of the log as it is now.
+
+        Always returns: every position is handed out (unreadable ones too), and
+        a pause in delivery re-reads the end, so an entry that retention removed
+        meanwhile cannot keep us waiting for it.
+        """
         end = await self.last_seq(conversation_id)
         if end <= after:
             return []
         out: list[StoredEvent] = []
-        async for stored in self.follow(conversation_id, after):
-            out.append(stored)
-            if stored.seq >= end:
-                break
+        follower = LogFollower(self._js, event_subject(conversation_id), after)
+        try:
+            while follower.last < end:
+                batch = await follower.next_batch(256, wait_s=_FOLLOW_WAIT_S)
+                if not batch:
+                    end = min(end, await self.last_seq(conversation_id))
+                    continue
+                out.extend(
+                    StoredEvent(seq=raw.seq, event=decode_entry(raw.data))
+                    for raw in batch
+                    if raw.seq <= end
+                )
+        finally:
+            await follower.close()
         return out
 
     async def check_position(self, conversation_id: str, after: int) -> None:
@@ -191,7 +210,7 @@ class EventLog:
         a reader starting before the first kept event would miss something.
         """
         head = await self.first(conversation_id)
-        if head is None or isinstance(head.event, ConversationCreated):
+        if head is None or _is_header(head.event):
             return
         if after < head.seq - 1:
             raise PositionGone(after, head.seq)
@@ -199,19 +218,22 @@ class EventLog:
     async def follow(
         self, conversation_id: str, after: int, *, stop: asyncio.Event | None = None
     ) -> AsyncIterator[StoredEvent]:
-        """Events after `after`: catch-up, then live, in order, until `stop` or the caller stops.
+        """Entries after `after`: catch-up, then live, in order, until `stop` or the caller stops.
 
-        An event this version cannot decode (written by a newer vocabulary) is
-        skipped: a reader must not be stuck behind it.
+        An entry this version cannot decode comes out as `Unreadable`, never
+        silently dropped: a reader that waits for a position (`read`) must see
+        every position go by, and a reader that shows the log must show it.
         """
         follower = LogFollower(self._js, event_subject(conversation_id), after)
         try:
             while stop is None or not stop.is_set():
                 for raw in await follower.next_batch(256, wait_s=_FOLLOW_WAIT_S):
-                    try:
-                        event = decode_event(raw.data)
-                    except (msgspec.DecodeError, msgspec.ValidationError):
-                        continue
-                    yield StoredEvent(seq=raw.seq, event=event)
+                    yield StoredEvent(seq=raw.seq, event=decode_entry(raw.data))
         finally:
             await follower.close()
+
+
+def _is_header(event: AnyEvent | Unreadable) -> bool:
+    if isinstance(event, Unreadable):
+        return event.type == "conversation_created"
+    return isinstance(event, ConversationCreated)

@@ -34,6 +34,18 @@ return 0
 """
 
 
+def redis_client(url: str, *, max_connections: int = 256, wait_s: float = 5.0) -> aioredis.Redis:
+    """A Redis client whose pool waits (up to `wait_s`) for a free connection.
+
+    The default pool refuses with MaxConnectionsError as soon as it is empty, so
+    a burst of requests failed instead of queueing for a few milliseconds.
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=wait_s
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
 class TurnRecord(msgspec.Struct, frozen=True):
     worker: str
     turn_id: str

@@ -152,6 +152,16 @@ class Title(Event, tag="title", frozen=True):
     turn_id: str | None = None
 
 
+class CommandRejected(Event, tag="command_rejected", frozen=True):
+    """A command that started no turn, and why: a viewer waiting for its answer
+    gets an end instead of waiting for ever, and a redelivery is not refused twice."""
+
+    command_id: str
+    code: str
+    message: str
+    message_id: str = ""
+
+
 class CreditsGranted(Event, tag="credits_granted", frozen=True):
     account: str  # "user:<id>" or "project:<id>"
     amount: int  # micro-credits
@@ -172,6 +182,7 @@ AnyEvent = (
     | BillingRejected
     | Title
     | CreditsGranted
+    | CommandRejected
 )
 
 TurnEnd = Done | Cancelled | Failed | BillingRejected

@@ -18,7 +18,7 @@ import nats
 
 from actors.models import ModelCatalog
 from api.auth import mint
-from events.codec import encode_stored
+from events.codec import Unreadable, encode_stored
 from events.log import EventLog
 from events.subjects import valid_id
 from events.vocabulary import AnyEvent, Chunk, event_type
@@ -218,8 +218,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
 _SKIP_IN_SUMMARY = frozenset({"conversation_id", "at", "event_id", "schema", "turn_id"})
 
 
-def describe(seq: int, event: AnyEvent) -> str:
-    """One readable line per event: position, time, type, the fields that matter."""
+def describe(seq: int, event: AnyEvent | Unreadable) -> str:
+    """One readable line per event: position, time, type, the fields that matter.
+
+    An entry this version cannot read is shown as such, with why and what it holds.
+    """
+    if isinstance(event, Unreadable):
+        raw = event.raw.decode("utf-8", "replace")
+        return (
+            f"{seq:>8}  {'?':<12}  {'UNREADABLE':<20} type={_short(event.type or '?')}"
+            f" error={_short(event.error)} raw={_short(raw, 200)}"
+        )
     when = dt.datetime.fromtimestamp(event.at / 1e9, tz=dt.UTC).strftime("%H:%M:%S.%f")[:-3]
     kind = event_type(event)
     if isinstance(event, Chunk):

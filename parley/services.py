@@ -12,15 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import socket
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
 from types import TracebackType
 from typing import Any, Self
 
 import aiohttp
 import msgspec
 import nats
-import redis.asyncio as aioredis
 from aiohttp import web
 from nats.aio.client import Client as NatsClient
 
@@ -32,7 +32,7 @@ from api.app import create_app
 from api.config import EdgeConfig
 from events.ids import new_id
 from events.log import EventLog, ensure_streams
-from events.turns import TurnRegistry
+from events.turns import TurnRegistry, redis_client
 from parley.stack import StackUrls
 from projections.db import create_pool
 from projections.projector import Projector
@@ -74,6 +74,7 @@ class Services:
         self._stopping = asyncio.Event()
         self._stack = contextlib.AsyncExitStack()
         self._tasks: list[asyncio.Task[None]] = []
+        self.restarts: dict[str, int] = {}  # role -> times it was restarted after failing
 
     async def __aenter__(self) -> Self:
         try:
@@ -105,13 +106,8 @@ class Services:
         await self._stack.aclose()
 
     async def wait(self) -> None:
-        """Until a role fails (its error is raised) or the services are stopped."""
-        if not self._tasks:
-            await self._stopping.wait()
-            return
-        done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for task in done:
-            task.result()
+        """Until the services are stopped. A role that fails is restarted, never the process."""
+        await self._stopping.wait()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -124,7 +120,8 @@ class Services:
             pool = await create_pool(self.servers.database_url, self.options.db_schema, max_size=4)
             self._stack.push_async_callback(pool.close)
             self.projector = Projector(js, pool)
-            self._spawn(self.projector.run(self._stopping), "projector")
+            projector = self.projector
+            self._spawn(lambda: projector.run(self._stopping), "projector")
         if "worker" in self.roles:
             await self._start_worker(nc)
         if "edge" in self.roles:
@@ -137,7 +134,7 @@ class Services:
 
     async def _start_worker(self, nc: NatsClient) -> None:
         js = nc.jetstream()
-        redis = aioredis.Redis.from_url(self.servers.redis_url)
+        redis = redis_client(self.servers.redis_url)
         self._stack.push_async_callback(redis.aclose)
         http = aiohttp.ClientSession()
         self._stack.push_async_callback(http.close)
@@ -153,8 +150,8 @@ class Services:
             idle_timeout=self.options.model_idle_timeout_s,
             first_byte_timeout=self.options.model_idle_timeout_s,
         )
-        self.worker = WorkerHost(js, ctx)
-        self._spawn(self.worker.run(self._stopping), "worker")
+        worker = self.worker = WorkerHost(js, ctx)
+        self._spawn(lambda: worker.run(self._stopping), "worker")
         async with asyncio.timeout(30):
             await self.worker.ready.wait()
 
@@ -179,8 +176,51 @@ class Services:
         host = f"[{options.host}]" if ":" in options.host else options.host
         self.edge_url = f"http://{host}:{port}"
 
-    def _spawn(self, coro: Any, name: str) -> None:
-        self._tasks.append(asyncio.create_task(coro, name=name))
+    def _spawn(self, role: Callable[[], Awaitable[None]], name: str) -> None:
+        self._tasks.append(
+            asyncio.create_task(supervise(role, name, self._stopping, self.restarts), name=name)
+        )
+
+
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 30.0
+# A role that ran this long before failing starts its backoff afresh.
+HEALTHY_RUN_S = 60.0
+
+
+async def supervise(
+    role: Callable[[], Awaitable[None]],
+    name: str,
+    stopping: asyncio.Event,
+    restarts: dict[str, int],
+) -> None:
+    """Run `role` until `stopping`; when it raises (or returns early), log why and
+    start it again after an exponential backoff with jitter. Only `stopping` ends it."""
+    loop = asyncio.get_running_loop()
+    delay = BACKOFF_FIRST_S
+    while not stopping.is_set():
+        began = loop.time()
+        try:
+            await role()
+        except Exception as err:
+            log.error(
+                "role failed; restarting it",
+                exc_info=err,
+                extra={"role": name, "error": repr(err), "retry_in_s": round(delay, 2)},
+            )
+        else:
+            if stopping.is_set():
+                return
+            log.error("role ended by itself; restarting it", extra={"role": name})
+        restarts[name] = restarts.get(name, 0) + 1
+        if loop.time() - began > HEALTHY_RUN_S:
+            delay = BACKOFF_FIRST_S
+        try:
+            async with asyncio.timeout(delay * random.uniform(0.5, 1.0)):
+                await stopping.wait()
+        except TimeoutError:
+            pass
+        delay = min(delay * 2, BACKOFF_MAX_S)
 
 
 def _bound_port(runner: web.AppRunner) -> int:

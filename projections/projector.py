@@ -17,13 +17,15 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
+import asyncpg
 import msgspec
 from nats.js import JetStreamContext
 
-from events.codec import decode_event
+from events.codec import Unreadable, decode_entry
 from events.follow import LogFollower, RawEvent
 from events.log import StoredEvent
 from events.subjects import EVT_SUBJECTS
@@ -38,6 +40,7 @@ from events.vocabulary import (
     Started,
     Title,
     UserMessage,
+    event_type,
 )
 
 log = logging.getLogger(__name__)
@@ -107,8 +110,31 @@ class Projector:
             )
             return position
 
-    async def apply(self, batch: Sequence[StoredEvent | tuple[int, None]]) -> None:
-        """Apply a batch and move the checkpoint, in one transaction."""
+    async def apply(self, batch: Sequence[StoredEvent]) -> None:
+        """Apply a batch and move the checkpoint, in one transaction.
+
+        The whole batch is tried at once (the fast path). If one of its events
+        cannot be stored, the transaction is rolled back and the batch applied
+        again one event at a time, each in a savepoint, so the failing event is
+        handled by the poison rule (`_apply_carefully`) and the rest go in.
+        Errors that mean Postgres is away are not poison: they propagate, and
+        the role is restarted from the checkpoint.
+        """
+        try:
+            last = await self._apply_batch(batch, careful=False)
+        except TRANSIENT:
+            raise
+        except Exception as err:
+            log.warning(
+                "batch failed, applying it event by event",
+                extra={"projection": self.name, "error": repr(err)},
+            )
+            last = await self._apply_batch(batch, careful=True)
+        async with self.applied:
+            self.position = max(self.position, last)
+            self.applied.notify_all()
+
+    async def _apply_batch(self, batch: Sequence[StoredEvent], *, careful: bool) -> int:
         async with self._pool.acquire() as conn, conn.transaction():
             position: int = await conn.fetchval(
                 "SELECT position FROM projection_checkpoints WHERE name = $1 FOR UPDATE",
@@ -116,32 +142,132 @@ class Projector:
             )
             last = position
             for item in batch:
-                seq = item.seq if isinstance(item, StoredEvent) else item[0]
-                if seq <= position:
+                if item.seq <= position:
                     continue  # applied before a crash: the checkpoint says so
-                if isinstance(item, StoredEvent):
+                if careful:
+                    await self._apply_carefully(conn, item)
+                elif isinstance(item.event, Unreadable):
+                    await self._record(conn, item, item.event.error, SKIPPED)
+                else:
                     await apply_event(conn, item.seq, item.event)
-                last = max(last, seq)
+                last = max(last, item.seq)
             if last != position:
                 await conn.execute(
                     "UPDATE projection_checkpoints SET position = $2 WHERE name = $1",
                     self.name,
                     last,
                 )
-        async with self.applied:
-            self.position = max(self.position, last)
-            self.applied.notify_all()
+            return last
+
+    async def _apply_carefully(self, conn: Any, item: StoredEvent) -> None:
+        """The poison rule, one event:
+
+        1. an entry this version cannot decode is skipped and recorded;
+        2. an event Postgres refuses is tried once more with its text sanitised
+           (NUL and lone surrogates, which no text column can hold, become
+           U+FFFD); if that goes in, it is recorded as `sanitised`;
+        3. otherwise it is skipped and recorded as `skipped`.
+        Recorded errors are rows of `projection_errors`; a rebuild starts them
+        afresh, so whatever a newer rule allows is applied then.
+        """
+        event = item.event
+        if isinstance(event, Unreadable):
+            await self._record(conn, item, event.error, SKIPPED)
+            return
+        try:
+            async with conn.transaction():
+                await apply_event(conn, item.seq, event)
+            return
+        except TRANSIENT:
+            raise
+        except Exception as err:
+            first_error = f"{type(err).__name__}: {err}"
+        clean = sanitised(event)
+        if clean is not None:
+            try:
+                async with conn.transaction():
+                    await apply_event(conn, item.seq, clean)
+            except TRANSIENT:
+                raise
+            except Exception as err:
+                first_error += f"; sanitised: {type(err).__name__}: {err}"
+            else:
+                await self._record(conn, item, first_error, SANITISED)
+                return
+        await self._record(conn, item, first_error, SKIPPED)
+
+    async def _record(self, conn: Any, item: StoredEvent, reason: str, rule: str) -> None:
+        event = item.event
+        if isinstance(event, Unreadable):
+            kind, conversation, raw = event.type or "", None, event.raw
+        else:
+            kind, conversation, raw = event_type(event), event.conversation_id, _raw(event)
+        log.error(
+            "event not projected as written",
+            extra={"projection": self.name, "seq": item.seq, "type": kind, "rule": rule},
+        )
+        await conn.execute(
+            "INSERT INTO projection_errors (projection, seq, conversation_id, event_type, rule,"
+            " reason, raw) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+            " ON CONFLICT (projection, seq) DO NOTHING",
+            self.name,
+            item.seq,
+            _storable(conversation),
+            _storable(kind),
+            rule,
+            (_storable(reason) or "")[:2000],
+            raw,
+        )
 
 
-def _stored(raw: RawEvent) -> StoredEvent | tuple[int, None]:
-    seq = raw.seq
+SKIPPED = "skipped"
+SANITISED = "sanitised"
+# Postgres is away or busy: not the event's fault. The role stops and is
+# restarted from its checkpoint; nothing is recorded against the event.
+TRANSIENT: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.TransactionRollbackError,
+    OSError,
+)
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _storable(text: str | None) -> str | None:
+    return None if text is None else _UNSTORABLE.sub("\ufffd", text)
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, str):
+        return _storable(value)
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    return value
+
+
+def sanitised(event: AnyEvent) -> AnyEvent | None:
+    """The event with text no column can hold replaced by U+FFFD; None if it has none."""
+    raw = msgspec.to_builtins(event)
+    clean = _clean(raw)
+    if clean == raw:
+        return None
+    result: AnyEvent = msgspec.convert(clean, type=type(event))
+    return result
+
+
+def _raw(event: AnyEvent) -> bytes:
     try:
-        return StoredEvent(seq=seq, event=decode_event(raw.data))
-    except (msgspec.DecodeError, msgspec.ValidationError) as err:
-        # An event this version cannot read (written by a newer one, or damaged):
-        # skip it, loudly, rather than stop every read model behind it.
-        log.error("event not projected", extra={"seq": seq, "error": str(err)})
-        return (seq, None)
+        return msgspec.json.encode(event)
+    except UnicodeEncodeError:
+        return msgspec.json.encode(_clean(msgspec.to_builtins(event)))
+
+
+def _stored(raw: RawEvent) -> StoredEvent:
+    return StoredEvent(seq=raw.seq, event=decode_entry(raw.data))
 
 
 async def apply_event(conn: Any, seq: int, event: AnyEvent) -> None:

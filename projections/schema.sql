@@ -50,3 +50,17 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id, seq);
 CREATE INDEX IF NOT EXISTS messages_by_group ON messages (conversation_id, version_group_id);
+
+-- Events a projection could not apply as written, and what it did instead
+-- (`sanitised`: stored with NUL and lone surrogates replaced by U+FFFD;
+-- `skipped`: not applied). Part of the projection: a rebuild starts it afresh.
+CREATE TABLE IF NOT EXISTS projection_errors (
+    projection       text NOT NULL,
+    seq              bigint NOT NULL,          -- the event's position in CHAT_EVT
+    conversation_id  text,
+    event_type       text NOT NULL,
+    rule             text NOT NULL,            -- sanitised | skipped
+    reason           text NOT NULL,
+    raw              bytea,                    -- the event as written
+    PRIMARY KEY (projection, seq)
+);

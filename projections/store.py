@@ -44,6 +44,18 @@ class MessageRow(msgspec.Struct, frozen=True):
     updated_at: dt.datetime
 
 
+class ProjectionErrorRow(msgspec.Struct, frozen=True):
+    """An event a projection could not apply as written (see projections.projector)."""
+
+    projection: str
+    seq: int
+    conversation_id: str | None
+    event_type: str
+    rule: str
+    reason: str
+    raw: str | None
+
+
 _CONVERSATION_COLUMNS = (
     "id, user_id, project_id, title, model, message_count, token_usage_total,"
     " created_at, updated_at, last_seq"
@@ -85,6 +97,26 @@ class ReadStore:
         return [
             MessageRow(**{**dict(r), "content": msgspec.json.decode(r["content"])}) for r in rows
         ]
+
+    async def projection_errors(self, *, limit: int = 100) -> list[ProjectionErrorRow]:
+        rows = await self._pool.fetch(
+            "SELECT projection, seq, conversation_id, event_type, rule, reason, raw"
+            " FROM projection_errors ORDER BY seq LIMIT $1",
+            limit,
+        )
+        return [
+            ProjectionErrorRow(
+                **{
+                    **dict(r),
+                    "raw": None if r["raw"] is None else r["raw"].decode("utf-8", "replace"),
+                }
+            )
+            for r in rows
+        ]
+
+    async def projection_error_count(self) -> int:
+        value = await self._pool.fetchval("SELECT count(*) FROM projection_errors")
+        return int(value or 0)
 
     async def position(self) -> int:
         value = await self._pool.fetchval(

@@ -17,8 +17,9 @@ import aiohttp
 import pytest
 
 from api.auth import verify
+from events.codec import Unreadable
 from events.log import EventLog
-from events.vocabulary import event_type
+from events.vocabulary import AnyEvent, event_type
 from parley.services import Servers
 from tests.sse import SseClient
 
@@ -89,12 +90,12 @@ async def test_replay_prints_the_log_in_order_readable_and_as_json(
     assert len(lines) == len(log)
     for line, stored in zip(lines, log, strict=True):
         seq, _time, kind = line.split()[:3]
-        assert int(seq) == stored.seq and kind == event_type(stored.event)
+        assert int(seq) == stored.seq and kind == _kind(stored.event)
 
     as_json = await asyncio.to_thread(run, "replay", cid, "--json", env=server_env(stack))
     rows = [json.loads(line) for line in as_json.stdout.splitlines()]
     assert [r["seq"] for r in rows] == [s.seq for s in log]
-    assert [r["type"] for r in rows] == [event_type(s.event) for s in log]
+    assert [r["type"] for r in rows] == [_kind(s.event) for s in log]
     assert rows[0]["type"] == "conversation_created" and rows[-1]["type"] == "done"
 
 
@@ -238,3 +239,8 @@ async def test_dev_uses_the_servers_named_in_the_environment(
     finally:
         code = await asyncio.to_thread(dev.stop, signal.SIGTERM)
     assert code == 0, "".join(dev.output)
+
+
+def _kind(event: AnyEvent | Unreadable) -> str:
+    assert not isinstance(event, Unreadable), f"expected a readable event, saw {event!r}"
+    return event_type(event)

@@ -37,7 +37,7 @@ async def test_broken_model_stream_ends_the_turn_with_failed_and_sse_error_then_
     names = [e.event for e in events]
     assert names[-2:] == ["error", "done"], names
     assert events[-1].data == "error"
-    assert events[-2].data["code"] == code, events[-2].data
+    assert isinstance(events[-2].data, str) and events[-2].raw["code"] == code, events[-2].raw
 
     log = await event_log.read(cid)
     failed = [s.event for s in log if isinstance(s.event, Failed)]
@@ -71,7 +71,7 @@ async def test_a_dead_model_server_fails_the_turn_as_unreachable(
     conversation = await api.create_conversation(model="unreachable-model")
     events = await api.send_stream(conversation["id"], "anyone there?")
     assert [e.event for e in events][-2:] == ["error", "done"]
-    assert events[-2].data["code"] == "unreachable", events[-2].data
+    assert events[-2].raw["code"] == "unreachable", events[-2].raw
 
 
 async def test_the_conversation_takes_new_messages_after_a_failed_turn(api: SseClient) -> None:

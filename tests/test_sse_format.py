@@ -15,12 +15,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from api.sse import Envelope, Position, envelopes, frame, frames, parse_position
+from events.codec import Unreadable
 from events.log import StoredEvent
 from events.vocabulary import (
     AnyEvent,
     BillingRejected,
     Cancelled,
     Chunk,
+    CommandRejected,
     ContentBlock,
     ConversationCreated,
     CreditsGranted,
@@ -156,13 +158,29 @@ def credits_granted() -> CreditsGranted:
     )
 
 
+def command_rejected() -> CommandRejected:
+    return CommandRejected(
+        conversation_id=CONV,
+        at=AT,
+        event_id="e-rejected",
+        command_id="cmd-9",
+        message_id="msg-9",
+        code="conversation_unreadable",
+        message="this conversation takes no new messages",
+    )
+
+
+def unreadable() -> Unreadable:
+    return Unreadable(raw=b'{"type":"from_the_future"}', type="from_the_future", error="unknown")
+
+
 def wire(stored: StoredEvent) -> list[tuple[str, Any, str | None]]:
     return [(e.event, e.data, e.message_id) for e in envelopes(stored)]
 
 
 # ---------------------------------------------------------------- envelopes
 
-ENVELOPE_CASES: list[tuple[str, AnyEvent, list[tuple[str, Any, str | None]]]] = [
+ENVELOPE_CASES: list[tuple[str, AnyEvent | Unreadable, list[tuple[str, Any, str | None]]]] = [
     (
         "started",
         started(),
@@ -188,15 +206,9 @@ ENVELOPE_CASES: list[tuple[str, AnyEvent, list[tuple[str, Any, str | None]]]] = 
         ],
     ),
     (
-        "tool_call with invalid JSON carries the raw text",
+        "tool_call with invalid JSON carries an empty object (the text rides beside it)",
         tool_call('{"city": "Oslo"'),
-        [
-            (
-                "tool_call",
-                {"id": "call-1", "name": "get_weather", "arguments": '{"city": "Oslo"'},
-                TURN,
-            )
-        ],
+        [("tool_call", {"id": "call-1", "name": "get_weather", "arguments": {}}, TURN)],
     ),
     (
         "tool_call without arguments carries an empty object",
@@ -237,15 +249,15 @@ ENVELOPE_CASES: list[tuple[str, AnyEvent, list[tuple[str, Any, str | None]]]] = 
             )
         ],
     ),
-    ("title", title(), [("title", "Weather in Oslo", TURN)]),
-    ("title outside a turn", title(None), [("title", "Weather in Oslo", None)]),
+    ("title", title(), [("title", {"title": "Weather in Oslo"}, TURN)]),
+    ("title outside a turn", title(None), [("title", {"title": "Weather in Oslo"}, None)]),
     ("done", done(), [("done", "ok", TURN)]),
     ("cancelled", cancelled(), [("done", "stopped", TURN)]),
     (
         "failed: error then done error",
         failed(),
         [
-            ("error", {"code": "model_error", "message": "upstream returned HTTP 502"}, TURN),
+            ("error", "upstream returned HTTP 502", TURN),
             ("done", "error", TURN),
         ],
     ),
@@ -255,12 +267,8 @@ ENVELOPE_CASES: list[tuple[str, AnyEvent, list[tuple[str, Any, str | None]]]] = 
         [
             (
                 "billing_error",
-                {
-                    "account": "project:proj-1",
-                    "needed": 5250,
-                    "available": 1200,
-                    "message": "insufficient credits: 1200 of 5250 micro-credits",
-                },
+                "insufficient credits: the account project:proj-1 has 1200 micro-credits,"
+                " this turn needs 5250",
                 TURN,
             ),
             ("done", "billing_error", TURN),
@@ -269,7 +277,63 @@ ENVELOPE_CASES: list[tuple[str, AnyEvent, list[tuple[str, Any, str | None]]]] = 
     ("conversation_created is bookkeeping", conversation_created(), []),
     ("user_message is bookkeeping", user_message(), []),
     ("credits_granted is bookkeeping", credits_granted(), []),
+    (
+        "command_rejected: error then done error, under the message's id",
+        command_rejected(),
+        [
+            ("error", "this conversation takes no new messages", "msg-9"),
+            ("done", "error", "msg-9"),
+        ],
+    ),
+    ("an unreadable entry is stepped over", unreadable(), []),
 ]
+
+
+# The `data` of each SSE event exactly as the original frontend reads it (DESIGN section 6).
+DESIGN_DATA_SHAPES: dict[str, Any] = {
+    "started": {"turn_id", "message_id", "user_message_id", "model"},
+    "thinking": str,
+    "token": str,
+    "tool_call": {"id", "name", "arguments"},
+    "tool_result": {"id", "name", "result", "error", "duration_ms"},
+    "title": {"title"},
+    "billing_error": str,
+    "error": str,
+    "done": ("ok", "stopped", "billing_error", "error"),
+}
+
+
+@pytest.mark.parametrize(
+    "event", [pytest.param(event, id=name) for name, event, _ in ENVELOPE_CASES]
+)
+def test_every_sse_data_has_the_shape_of_the_design_table(event: AnyEvent | Unreadable) -> None:
+    for envelope in envelopes(StoredEvent(seq=7, event=event)):
+        shape = DESIGN_DATA_SHAPES[envelope.event]
+        data = envelope.data
+        if shape is str:
+            assert isinstance(data, str), f"{envelope.event}: expected a string, saw {data!r}"
+        elif isinstance(shape, tuple):
+            assert data in shape, f"{envelope.event}: expected one of {shape}, saw {data!r}"
+        else:
+            assert isinstance(data, dict) and set(data) == shape, (
+                f"{envelope.event}: expected an object with keys {sorted(shape)}, saw {data!r}"
+            )
+        if envelope.event == "tool_call":
+            assert isinstance(data["arguments"], dict), data
+
+
+def test_tool_arguments_that_are_not_an_object_ride_beside_the_data() -> None:
+    (envelope,) = envelopes(StoredEvent(seq=7, event=tool_call('{"city": "Oslo"')))
+    assert envelope.data["arguments"] == {} and envelope.raw_arguments == '{"city": "Oslo"'
+    (envelope,) = envelopes(StoredEvent(seq=7, event=tool_call('{"city": "Oslo"}')))
+    assert envelope.raw_arguments is None
+
+
+def test_error_codes_ride_in_the_envelope_beside_the_string() -> None:
+    (error, _done) = envelopes(StoredEvent(seq=7, event=failed()))
+    assert error.code == "model_error", error
+    raw = frame("7-0", error)
+    assert b'"code":"model_error"' in raw and b'"data":"upstream returned HTTP 502"' in raw
 
 
 @pytest.mark.parametrize(
@@ -277,7 +341,7 @@ ENVELOPE_CASES: list[tuple[str, AnyEvent, list[tuple[str, Any, str | None]]]] = 
     [pytest.param(event, expected, id=name) for name, event, expected in ENVELOPE_CASES],
 )
 def test_each_log_event_maps_to_its_sse_events(
-    event: AnyEvent, expected: list[tuple[str, Any, str | None]]
+    event: AnyEvent | Unreadable, expected: list[tuple[str, Any, str | None]]
 ) -> None:
     seen = wire(StoredEvent(seq=7, event=event))
     assert seen == expected, f"expected {expected!r}\nsaw      {seen!r}"
@@ -287,6 +351,7 @@ def test_every_wire_name_is_one_the_frontend_knows() -> None:
     known = WIRE_EVENT_NAMES
     names = {e.event for _, event, _ in ENVELOPE_CASES for e in envelopes(StoredEvent(1, event))}
     assert names == known, f"expected exactly {sorted(known)}, saw {sorted(names)}"
+    assert set(DESIGN_DATA_SHAPES) == known
 
 
 # ---------------------------------------------------------------- frames: ids and bytes
@@ -300,7 +365,7 @@ def test_a_frame_is_id_then_one_data_line_then_a_blank_line() -> None:
 
 def test_an_envelope_without_a_message_id_leaves_the_key_out() -> None:
     seen = frames(StoredEvent(seq=3, event=title(None)))
-    expected = [b'id: 3\ndata: {"event":"title","data":"Weather in Oslo"}\n\n']
+    expected = [b'id: 3\ndata: {"event":"title","data":{"title":"Weather in Oslo"}}\n\n']
     assert seen == expected, f"expected {expected!r}, saw {seen!r}"
 
 
