@@ -44,6 +44,7 @@ from actors.errors import ModelStreamError
 from actors.model_client import ChatRequest, ModelEndpoint, stream_chat
 from actors.model_stream import Finish, StreamItem, TextDelta, ToolCallRequest, Usage
 from actors.models import MAX_TOOL_ROUNDS, ModelCatalog, ModelSpec, choose_model
+from actors.sizing import fit
 from actors.tools import Tool, ToolContext, ToolOutcome, run_tool
 from events.codec import Unreadable
 from events.errors import EventLogConflict, EventLogError
@@ -81,6 +82,8 @@ class ActorContext:
     new_id: Callable[[], str] = make_id
     first_byte_timeout: float = 120.0
     idle_timeout: float = 120.0
+    # The largest event appended; services sets it below the server's max_payload.
+    max_event_bytes: int = 512 * 1024
 
 
 class Outcome(Enum):
@@ -121,6 +124,9 @@ class ConversationActor:
             self.seq = stored.seq
 
     async def append(self, events: Sequence[Event]) -> None:
+        # No event may be larger than a JetStream message: split or cut the rare
+        # one that would be (actors.sizing), or its append fails and the turn hangs.
+        events = fit(list(events), self.ctx.max_event_bytes, self.ctx.new_id)
         try:
             self.seq = await self.ctx.log.append(self.conversation_id, events, self.seq)
         except EventLogConflict:

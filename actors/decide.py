@@ -16,6 +16,7 @@ from msgspec.structs import replace
 
 from actors.content import HistoryMessage, auto_title, merge_blocks, needs_title
 from actors.model_stream import ToolCallRequest
+from actors.sizing import assemble
 from actors.tools import ToolOutcome
 from events.codec import Unreadable
 from events.vocabulary import (
@@ -25,6 +26,7 @@ from events.vocabulary import (
     ChunkKind,
     CommandRejected,
     ContentBlock,
+    ContentPart,
     ConversationCreated,
     Done,
     Event,
@@ -99,6 +101,7 @@ class ActiveTurn(msgspec.Struct, frozen=True):
     prices: Prices
     last_piece: Piece | None = None
     tool_calls: int = 0
+    parts: tuple[ContentPart, ...] = ()  # the final content, when it came in pieces
 
 
 class Conversation(msgspec.Struct, frozen=True):
@@ -204,7 +207,14 @@ def evolve(state: Conversation, event: AnyEvent | Unreadable) -> Conversation:
                     state.active, last_piece=boundary, tool_calls=state.active.tool_calls + 1
                 ),
             )
+        case ContentPart():
+            if state.active is None or state.active.turn_id != event.turn_id:
+                return state
+            return replace(state, active=replace(state.active, parts=(*state.active.parts, event)))
         case Done() | Cancelled() | Failed():
+            content = tuple(event.content)
+            if event.content_parts and state.active and state.active.turn_id == event.turn_id:
+                content = tuple(assemble(list(state.active.parts)))
             status: MessageStatus = (
                 "complete"
                 if isinstance(event, Done)
@@ -215,7 +225,7 @@ def evolve(state: Conversation, event: AnyEvent | Unreadable) -> Conversation:
             return _end_turn(
                 state,
                 event.turn_id,
-                tuple(event.content),
+                content,
                 status,
                 event.input_tokens + event.output_tokens,
             )

@@ -8,9 +8,11 @@ they never read it themselves, so a test can pin time.
 from __future__ import annotations
 
 import ast
+import asyncio
 import datetime as dt
 import json
 import logging
+import math
 import operator
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -39,6 +41,10 @@ class Tool(msgspec.Struct, frozen=True):
     description: str
     parameters: dict[str, Any]
     handler: Handler
+    # Bounds on one call: a tool that runs longer is abandoned with an error the
+    # model reads; a longer result is cut (what the log and the model can carry).
+    timeout_s: float = 10.0
+    max_result_chars: int = 64 * 1024
 
     def schema(self) -> dict[str, Any]:
         return {
@@ -70,10 +76,36 @@ _UNARY: dict[type[ast.unaryop], Callable[[Any], Any]] = {
 }
 _MAX_EXPRESSION = 200
 _MAX_EXPONENT = 100
+# Integers stay below 2**4096 at every step: Python's big integers would
+# otherwise let `(((9**99)**99)**99)**99` run for minutes on the event loop.
+_MAX_BITS = 4096
+
+
+def _bits(value: Any) -> int:
+    return abs(value).bit_length() if isinstance(value, int) else 64
+
+
+def _check_size(op: ast.operator, left: Any, right: Any) -> None:
+    """Refuse an operation whose integer result would pass _MAX_BITS, before doing it."""
+    both_int = isinstance(left, int) and isinstance(right, int)
+    if isinstance(op, ast.Pow):
+        if abs(right) > _MAX_EXPONENT:
+            raise ToolError(f"exponent larger than {_MAX_EXPONENT}")
+        grows_to = _bits(left) * right if both_int and right > 0 else 0
+    elif isinstance(op, ast.Mult):
+        grows_to = _bits(left) + _bits(right) if both_int else 0
+    else:
+        grows_to = 0
+    if grows_to > _MAX_BITS:
+        raise ToolError(f"result larger than 2**{_MAX_BITS}")
 
 
 def evaluate(expression: str) -> float | int:
-    """Arithmetic only: numbers and + - * / // % **, nothing Python could execute."""
+    """Arithmetic only: numbers and + - * / // % **, nothing Python could execute.
+
+    The work is bounded as well as the input: no integer above 2**4096, no
+    exponent above 100, no float that overflows, so one call takes microseconds.
+    """
     if len(expression) > _MAX_EXPRESSION:
         raise ToolError(f"expression longer than {_MAX_EXPRESSION} characters")
     try:
@@ -85,20 +117,27 @@ def evaluate(expression: str) -> float | int:
         if isinstance(node, ast.Expression):
             return walk(node.body)
         if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            if _bits(node.value) > _MAX_BITS:
+                raise ToolError(f"number larger than 2**{_MAX_BITS}")
             return node.value
         if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
             left, right = walk(node.left), walk(node.right)
-            if isinstance(node.op, ast.Pow) and abs(right) > _MAX_EXPONENT:
-                raise ToolError(f"exponent larger than {_MAX_EXPONENT}")
+            _check_size(node.op, left, right)
             try:
                 return _BINARY[type(node.op)](left, right)
             except ZeroDivisionError as err:
                 raise ToolError("division by zero") from err
+            except OverflowError as err:
+                raise ToolError("result too large") from err
         if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
             return _UNARY[type(node.op)](walk(node.operand))
         raise ToolError(f"unsupported element in expression: {ast.dump(node)[:60]}")
 
     result = walk(tree)
+    if isinstance(result, complex):
+        raise ToolError("the result is not a real number")
+    if isinstance(result, float) and not math.isfinite(result):
+        raise ToolError("result too large")
     return int(result) if isinstance(result, float) and result.is_integer() else result
 
 
@@ -148,10 +187,19 @@ async def run_tool(
     if not isinstance(args, dict):
         return ToolOutcome(error="arguments must be a JSON object")
     try:
-        return ToolOutcome(result=await tool.handler(args, ctx))
+        async with asyncio.timeout(tool.timeout_s):
+            result = await tool.handler(args, ctx)
     except ToolError as err:
         return ToolOutcome(error=str(err))
+    except TimeoutError:
+        return ToolOutcome(error=f"tool {name!r} took longer than {tool.timeout_s:g}s")
     except Exception as err:
         # A broken tool is the model's problem to route around, not the turn's end.
         log.exception("tool crashed", extra={"tool": name})
         return ToolOutcome(error=f"tool {name!r} failed: {type(err).__name__}")
+    if not isinstance(result, str):
+        return ToolOutcome(error=f"tool {name!r} returned {type(result).__name__}, not text")
+    if len(result) > tool.max_result_chars:
+        cut = len(result) - tool.max_result_chars
+        result = result[: tool.max_result_chars] + f"\n[... {cut} characters cut]"
+    return ToolOutcome(result=result)

@@ -110,6 +110,21 @@ class ToolResult(Event, tag="tool_result", frozen=True):
     duration_ms: float = 0.0
 
 
+class ContentPart(Event, tag="content_part", frozen=True):
+    """A piece of a turn's final content, when the whole would not fit in one event.
+
+    Written just before the turn's end event, which then carries `content=[]` and
+    `content_parts` = how many. Pieces of one block share `block`; `index` orders
+    them all.
+    """
+
+    turn_id: str
+    index: int
+    block: int
+    role: BlockRole
+    text: str
+
+
 class Done(Event, tag="done", frozen=True):
     turn_id: str
     content: list[ContentBlock]
@@ -117,6 +132,7 @@ class Done(Event, tag="done", frozen=True):
     input_tokens: int
     output_tokens: int
     tokens_estimated: bool = False
+    content_parts: int = 0  # > 0: the content is in that many content_part events before this
 
 
 class Cancelled(Event, tag="cancelled", frozen=True):
@@ -126,6 +142,7 @@ class Cancelled(Event, tag="cancelled", frozen=True):
     input_tokens: int = 0
     output_tokens: int = 0
     tokens_estimated: bool = False
+    content_parts: int = 0
 
 
 class Failed(Event, tag="failed", frozen=True):
@@ -136,6 +153,7 @@ class Failed(Event, tag="failed", frozen=True):
     input_tokens: int = 0
     output_tokens: int = 0
     tokens_estimated: bool = False
+    content_parts: int = 0
 
 
 class BillingRejected(Event, tag="billing_rejected", frozen=True):
@@ -183,6 +201,7 @@ AnyEvent = (
     | Title
     | CreditsGranted
     | CommandRejected
+    | ContentPart
 )
 
 TurnEnd = Done | Cancelled | Failed | BillingRejected

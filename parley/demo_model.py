@@ -38,6 +38,9 @@ _HANG_POLL_S: Final = 0.05
 _DIRECTIVE: Final = re.compile(r"\[\[\s*([a-z-]+)\s*(?:=\s*([^\]]*?)\s*)?\]\]", re.IGNORECASE)
 _CALCULATE: Final = re.compile(r"\b(?:calculate|compute)\b\s*:?\s*(.+)", re.IGNORECASE | re.DOTALL)
 _TIME: Final = re.compile(r"\btime\b", re.IGNORECASE)
+_BULK_DELTA: Final = 64 * 1024
+_BULK_TEXT: Final = "abcdefghijklmnopqrstuvwxyz0123456789 "
+_BULK_MAX: Final = 16 * 1024 * 1024
 
 
 class DemoConfig(msgspec.Struct):
@@ -101,7 +104,8 @@ def plan_reply(body: dict[str, Any], config: DemoConfig) -> Reply:
     `[[think-tags]]` thinking as <think>...</think> inside content;
     `[[fail=bad_json|cut|error|hang]]` a few good chunks, then that failure;
     `[[fail=429]]`/`[[fail=500]]` that HTTP status before any byte;
-    `[[bench=KEY]]` log the send time of every answer delta under KEY.
+    `[[bench=KEY]]` log the send time of every answer delta under KEY;
+    `[[bulk=N]]` an answer of N characters in deltas of 64 KiB (large answers).
     """
     messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
     last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
@@ -126,10 +130,14 @@ def plan_reply(body: dict[str, Any], config: DemoConfig) -> Reply:
         _text(m.get("content")) for m in messages[last_user + 1 :] if m.get("role") == "tool"
     ]
     offered = _offered_tools(body.get("tools"))
-    if "tokens" in directives:
+    if "bulk" in directives:
+        size = min(_int(directives["bulk"]), _BULK_MAX)
+        thinking = f"I was asked for an answer of {size} characters."
+        main: Iterator[_Delta] = (_answer(piece) for piece in _bulk(size))
+    elif "tokens" in directives:
         count = _int(directives["tokens"])
         thinking = f"I was asked for exactly {count} tokens; I will count them out."
-        main: Iterator[_Delta] = (_answer(f"{i} ") for i in range(count))
+        main = (_answer(f"{i} ") for i in range(count))
     elif tool_results:
         thinking = "The tool has answered; I will pass its result on."
         main = _answer_words(f"The result is {', '.join(tool_results)}.")
@@ -148,7 +156,11 @@ def plan_reply(body: dict[str, Any], config: DemoConfig) -> Reply:
             else "You sent an empty message. I am parley's demo model."
         )
     # [[tokens=N]] is for exact counts, so it thinks only when asked to explicitly.
-    wants_thinking = tags or "think" in directives or (config.think and "tokens" not in directives)
+    wants_thinking = (
+        tags
+        or "think" in directives
+        or (config.think and "tokens" not in directives and "bulk" not in directives)
+    )
     think_steps = _thinking(thinking, tags=tags) if wants_thinking else iter(())
     body_steps = itertools.chain(think_steps, main)
 
@@ -172,6 +184,13 @@ def _failure(kind: str) -> _Step:
     if kind == "cut":
         return _Cut()
     return _Hang()
+
+
+def _bulk(size: int) -> Iterator[str]:
+    """`size` characters of filler text, in pieces of _BULK_DELTA."""
+    block = _BULK_TEXT * (_BULK_DELTA // len(_BULK_TEXT) + 1)
+    for start in range(0, size, _BULK_DELTA):
+        yield block[: min(_BULK_DELTA, size - start)]
 
 
 def _answer(text: str) -> _Delta:

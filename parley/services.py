@@ -149,6 +149,8 @@ class Services:
             tools={tool.name: tool for tool in BUILTIN_TOOLS},
             idle_timeout=self.options.model_idle_timeout_s,
             first_byte_timeout=self.options.model_idle_timeout_s,
+            # half the server's limit: headers and a margin ride in the same message
+            max_event_bytes=min(512 * 1024, nc.max_payload // 2),
         )
         worker = self.worker = WorkerHost(js, ctx)
         self._spawn(lambda: worker.run(self._stopping), "worker")

@@ -34,6 +34,7 @@ from events.vocabulary import (
     BillingRejected,
     Cancelled,
     ContentBlock,
+    ContentPart,
     ConversationCreated,
     Done,
     Failed,
@@ -336,8 +337,10 @@ async def apply_event(conn: Any, seq: int, event: AnyEvent) -> None:
                 if isinstance(event, Cancelled)
                 else "failed"
             )
+            # with content_parts, the content_part events before this one filled it
             await conn.execute(
-                "UPDATE messages SET content = $2, status = $3, input_tokens = $4,"
+                "UPDATE messages SET content = CASE WHEN $11 THEN content ELSE $2::jsonb END,"
+                " status = $3, input_tokens = $4,"
                 " output_tokens = $5, tokens_estimated = $6, stop_reason = $7,"
                 " error_code = $8, error_message = $9, updated_at = $10 WHERE id = $1",
                 event.turn_id,
@@ -350,6 +353,7 @@ async def apply_event(conn: Any, seq: int, event: AnyEvent) -> None:
                 event.code if isinstance(event, Failed) else None,
                 event.message if isinstance(event, Failed) else None,
                 at,
+                event.content_parts > 0,
             )
             await _touch(
                 conn,
@@ -357,6 +361,22 @@ async def apply_event(conn: Any, seq: int, event: AnyEvent) -> None:
                 seq,
                 at,
                 tokens=event.input_tokens + event.output_tokens,
+            )
+        case ContentPart():
+            # Pieces arrive in order: a piece of the last block extends it, the
+            # first piece of a block adds it.
+            await conn.execute(
+                "UPDATE messages SET content = CASE"
+                " WHEN jsonb_array_length(content) > $2"
+                "  THEN jsonb_set(content, ARRAY[$2::text, 'content'],"
+                "                 to_jsonb((content->$2->>'content') || $4))"
+                " ELSE content || jsonb_build_array(jsonb_build_object('role', $3::text,"
+                "                                                      'content', $4::text))"
+                " END WHERE id = $1",
+                event.turn_id,
+                event.block,
+                event.role,
+                event.text,
             )
         case BillingRejected():
             await conn.execute(

@@ -32,7 +32,24 @@ def test_calculator_evaluates_arithmetic(expression: str, value: float) -> None:
 
 @pytest.mark.parametrize(
     "expression",
-    ["__import__('os')", "a+1", "2**1000", "1/0", "[1,2]", "2+", "x" * 300, "(lambda: 1)()"],
+    [
+        "__import__('os')",
+        "a+1",
+        "2**1000",
+        "1/0",
+        "[1,2]",
+        "2+",
+        "x" * 300,
+        "(lambda: 1)()",
+        # bounded work: each of these would hold the event loop for a long time
+        "(((9**99)**99)**99)**99",
+        "(9**99)**99",
+        "99999999999999999999**99",
+        "(2**99*2**99*2**99*2**99)**50",
+        "1e308*10",
+        "10.0**400",
+        "(-8)**0.5",
+    ],
 )
 def test_calculator_refuses_anything_but_arithmetic(expression: str) -> None:
     with pytest.raises(ToolError):
@@ -68,3 +85,28 @@ async def test_a_crashing_tool_is_an_error_result_not_a_crashed_turn() -> None:
     tools = {"broken": Tool(name="broken", description="", parameters={}, handler=broken)}
     outcome = await run_tool(tools, "broken", "{}", CTX)
     assert outcome.error == "tool 'broken' failed: RuntimeError"
+
+
+async def test_a_slow_tool_is_abandoned_with_an_error_at_its_time_limit() -> None:
+    import asyncio
+
+    async def slow(args: dict[str, Any], ctx: ToolContext) -> str:
+        await asyncio.sleep(60)
+        return "never"
+
+    tools = {"slow": Tool(name="slow", description="", parameters={}, handler=slow, timeout_s=0.05)}
+    outcome = await run_tool(tools, "slow", "{}", CTX)
+    assert outcome.result is None and outcome.error == "tool 'slow' took longer than 0.05s"
+
+
+async def test_a_huge_tool_result_is_cut_to_its_limit() -> None:
+    async def chatty(args: dict[str, Any], ctx: ToolContext) -> str:
+        return "x" * 1000
+
+    tools = {
+        "chatty": Tool(
+            name="chatty", description="", parameters={}, handler=chatty, max_result_chars=100
+        )
+    }
+    outcome = await run_tool(tools, "chatty", "{}", CTX)
+    assert outcome.result == "x" * 100 + "\n[... 900 characters cut]", outcome

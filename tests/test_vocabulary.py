@@ -66,8 +66,28 @@ def test_every_field_of_a_sample_is_read_not_skipped(line: bytes) -> None:
     # a renamed field would decode silently (unknown keys are skipped) and take
     # its default: the decoded event must hold every value the sample holds
     written: dict[str, Any] = json.loads(line)
-    decoded = msgspec.to_builtins(decode_event(line))
-    assert decoded == written, f"expected {written!r}\nsaw      {decoded!r}"
+    event = decode_event(line)
+    decoded = msgspec.to_builtins(event)
+    assert {k: decoded.get(k) for k in written} == written, (
+        f"expected {written!r}\nsaw      {decoded!r}"
+    )
+    assert_only_later_fields_added(event, written)
+
+
+def assert_only_later_fields_added(event: Any, written: dict[str, Any]) -> None:
+    """Fields the sample does not hold were added after it: they must take their defaults."""
+    defaults = {
+        field.encode_name: field.default
+        for field in msgspec.structs.fields(type(event))
+        if field.default is not msgspec.NODEFAULT
+    }
+    for key, value in msgspec.to_builtins(event).items():
+        if key in written or key == "type":
+            continue
+        assert key in defaults, f"{key!r} is required but the sample lacks it"
+        assert value == msgspec.to_builtins(defaults[key]), (
+            f"{key!r}, added after the sample, expected its default {defaults[key]!r}, saw {value!r}"
+        )
 
 
 def test_every_event_type_has_a_frozen_sample() -> None:
@@ -145,9 +165,14 @@ def test_a_stored_line_puts_seq_first_and_keeps_the_type() -> None:
 
 def test_a_stored_line_of_every_sample_is_the_sample_plus_seq() -> None:
     for seq, line in enumerate(sample_lines(), start=1):
-        stored: dict[str, Any] = json.loads(encode_stored(seq, decode_event(line)))
-        expected = {"seq": seq, **json.loads(line)}
-        assert stored == expected, f"expected {expected!r}\nsaw      {stored!r}"
+        event = decode_event(line)
+        stored: dict[str, Any] = json.loads(encode_stored(seq, event))
+        written = json.loads(line)
+        expected = {"seq": seq, **written}
+        assert {k: stored.get(k) for k in expected} == expected, (
+            f"expected {expected!r}\nsaw      {stored!r}"
+        )
+        assert_only_later_fields_added(event, written)
 
 
 def test_nested_values_decode_to_their_types() -> None:
