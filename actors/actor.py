@@ -24,6 +24,7 @@ from typing import Any
 
 import aiohttp
 import msgspec
+import redis.exceptions
 
 from actors.content import build_history, tool_round_messages, visible_tools
 from actors.decide import (
@@ -160,9 +161,12 @@ class ConversationActor:
             after=self.seq,
             at=self.ctx.clock(),
         )
-        if not await self.ctx.turns.claim(self.conversation_id, record):
-            return Outcome.BUSY
         try:
+            # Inside the try: a claim cancelled in flight may have landed in Redis,
+            # and a record nobody releases would make the conversation look busy
+            # until its lease ran out.
+            if not await self.ctx.turns.claim(self.conversation_id, record):
+                return Outcome.BUSY
             await self.append(decision)
             await self._run_turn(spec, choice)
         except EventLogConflict:
@@ -172,9 +176,18 @@ class ConversationActor:
             )
             return Outcome.RETRY
         finally:
-            with contextlib.suppress(Exception):
-                await self.ctx.turns.release(self.conversation_id, self.ctx.worker_id)
+            await asyncio.shield(self._release())
         return Outcome.DONE
+
+    async def _release(self) -> None:
+        try:
+            await self.ctx.turns.release(self.conversation_id, self.ctx.worker_id)
+        except (redis.exceptions.RedisError, OSError) as err:
+            # the lease runs out on its own; until then the conversation looks busy
+            log.warning(
+                "could not release the turn record",
+                extra={"conversation_id": self.conversation_id, "error": repr(err)},
+            )
 
     async def reject(self, cmd: SendMessage, why: Rejected) -> None:
         """Record that `cmd` starts no turn (unless the log already says what became of it)."""

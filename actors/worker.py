@@ -108,6 +108,14 @@ class WorkerHost:
         except* _Stop:
             pass
         finally:
+            # Commands handed to an actor that was cancelled before it began are
+            # still waiting in its inbox: give them back now, or JetStream would
+            # hold them until ack_wait runs out.
+            for inbox in list(self._inboxes.values()):
+                while not inbox.empty():
+                    with contextlib.suppress(nats.errors.Error):
+                        await asyncio.shield(inbox.get_nowait().nak())
+            self._inboxes.clear()
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
 

@@ -81,18 +81,27 @@ class Projector:
                     return
                 await asyncio.sleep(1.0)
             try:
-                await self._follow(stopping)
+                await self._follow(stopping, lock_conn)
             finally:
-                await lock_conn.execute(
-                    "SELECT pg_advisory_unlock(hashtext(current_schema() || '/' || $1))", self.name
-                )
+                try:
+                    await lock_conn.execute(
+                        "SELECT pg_advisory_unlock(hashtext(current_schema() || '/' || $1))",
+                        self.name,
+                    )
+                except TRANSIENT as err:
+                    # a connection that is gone holds no lock any more
+                    log.info("advisory unlock skipped", extra={"error": repr(err)})
 
-    async def _follow(self, stopping: asyncio.Event) -> None:
+    async def _follow(self, stopping: asyncio.Event, lock_conn: Any) -> None:
         self.position = await self._load_position()
         follower = LogFollower(self._js, EVT_SUBJECTS, self.position)
         self.ready.set()
         try:
             while not stopping.is_set():
+                if lock_conn.is_closed():
+                    # The lock went with its connection: a standby may be applying
+                    # now. Stop; the supervisor restarts us as a standby or leader.
+                    raise LockLost(f"projection {self.name}: the lock's connection closed")
                 batch = await follower.next_batch(self._batch_max, wait_s=1.0)
                 if batch:
                     await self.apply([_stored(raw) for raw in batch])
@@ -219,6 +228,10 @@ class Projector:
             (_storable(reason) or "")[:2000],
             raw,
         )
+
+
+class LockLost(Exception):
+    """The connection holding a projection's advisory lock is gone."""
 
 
 SKIPPED = "skipped"

@@ -27,9 +27,7 @@ from tests.sse import SseClient, SseEvent, read_sse, until_done
 
 
 async def publish_raw(nc: NatsClient, conversation_id: str, payload: bytes) -> int:
-    ack = await nc.jetstream().publish(
-        event_subject(conversation_id), payload, stream=EVT_STREAM
-    )
+    ack = await nc.jetstream().publish(event_subject(conversation_id), payload, stream=EVT_STREAM)
     return int(ack.seq)
 
 
