@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck check bench clean
+.PHONY: run test lint typecheck check bench reset clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ check: lint typecheck test
 
 bench: $(STAMP)
 	$(BIN)/parley bench stream
+
+# Start over with empty servers, keeping the virtualenv. Stop `make run` first.
+reset:
+	rm -rf .parley
 
 clean:
 	rm -rf $(VENV) .parley .pytest_cache .mypy_cache .ruff_cache

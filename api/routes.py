@@ -239,8 +239,8 @@ async def post_message(request: web.Request) -> web.StreamResponse:
         if fresh:  # not sent: a retry with the same key must be free to send it
             await _forget_idempotency(request, conversation_id, body)
         raise
-    if fresh:
-        await _keep_idempotency(request, conversation_id, body, record)
+    # published: keep the key for its full time (also when a retry did the publishing)
+    await _keep_idempotency(request, conversation_id, body, record)
 
     if _wants_json(request):
         return web.json_response(

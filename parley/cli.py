@@ -26,6 +26,8 @@ from parley.config import ConfigError, Settings, jwt_secret, load_catalog, load_
 from parley.logs import setup_logging
 from parley.services import ROLES, Servers, ServiceOptions, Services
 from parley.stack import EmbeddedStack, StackError, running_stack_urls
+from projections.db import create_pool
+from projections.store import ReadStore
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +248,38 @@ def _short(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# ---------------------------------------------------------------- projections
+
+
+def cmd_projection_errors(args: argparse.Namespace) -> int:
+    """Events the projection could not apply as written, and what it did instead."""
+    settings = load_settings(args.data)
+    servers = resolve_servers(settings)
+
+    async def main() -> int:
+        pool = await create_pool(servers.database_url, settings.db_schema, max_size=1)
+        try:
+            rows = await ReadStore(pool).projection_errors(limit=args.limit)
+        finally:
+            await pool.close()
+        out = sys.stdout
+        if args.json:
+            for row in rows:
+                out.write(msgspec.json.encode(row).decode() + "\n")
+        elif not rows:
+            out.write("no projection errors: every event was applied as written\n")
+        else:
+            for row in rows:
+                out.write(
+                    f"{row.seq:>8}  {row.rule:<9}  {row.event_type or '?':<18} "
+                    f"conversation={row.conversation_id or '?'}\n          {row.reason}\n"
+                )
+        out.flush()
+        return 0
+
+    return asyncio.run(main())
+
+
 # ---------------------------------------------------------------- bench
 
 
@@ -292,6 +326,16 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--data", default=argparse.SUPPRESS)
     replay.set_defaults(func=cmd_replay)
 
+    projections = sub.add_parser("projections", help="the read models projected from the log")
+    projections_sub = projections.add_subparsers(dest="projections_command", required=True)
+    errors = projections_sub.add_parser(
+        "errors", help="events a projection could not apply as written (skipped or sanitised)"
+    )
+    errors.add_argument("--limit", type=int, default=100, help="at most this many (oldest first)")
+    errors.add_argument("--json", action="store_true", help="JSON lines, one error per line")
+    errors.add_argument("--data", default=argparse.SUPPRESS)
+    errors.set_defaults(func=cmd_projection_errors)
+
     bench = sub.add_parser("bench", help="benchmarks")
     bench.add_argument("workload", choices=["stream"])
     bench.add_argument("--json", action="store_true")
@@ -316,6 +360,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `parley replay ... | head`: the reader left; that is not an error. Point
+        # stdout at /dev/null so the interpreter's final flush stays quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return code
 
 

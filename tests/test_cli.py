@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
+import nats
 import pytest
 
 from api.auth import verify
@@ -198,6 +199,12 @@ async def test_dev_runs_everything_replay_reads_it_and_a_restart_keeps_the_data(
         )
         assert replayed.returncode == 0, replayed.stderr
         assert "conversation_created" in replayed.stdout and "done" in replayed.stdout
+        # poison in the log (what a newer version or a damaged disk could leave):
+        # the running stack must go on, and so must every later start on this folder
+        poisoned = await api.create_conversation()
+        await _poison(stack_record["urls"]["nats_url"], poisoned["id"])
+        after = await api.send_stream(conversation["id"], "still alive? [[tokens=3]]")
+        assert after[-1].data == "ok", after
     finally:
         code = await asyncio.to_thread(dev.stop, signal.SIGTERM)
     assert code == 0, "".join(dev.output)
@@ -215,10 +222,23 @@ async def test_dev_runs_everything_replay_reads_it_and_a_restart_keeps_the_data(
             while True:  # the restarted projector may still be catching up
                 status, body = await api.request("GET", f"/v1/conversations/{conversation['id']}")
                 assert status == 200, body
-                if body["message_count"] == 2:
+                if body["message_count"] == 4:
                     break
                 await asyncio.sleep(0.05)
         assert body["title"] == "hello from the dev stack", body
+        async with http.get(again.url + "/readyz") as response:
+            ready = await response.json()
+        assert response.status == 200 and ready["projection_errors"] == 4, ready
+        listed = await asyncio.to_thread(
+            run, "--data", str(dev_data), "projections", "errors", env=clean_env()
+        )
+        assert listed.returncode == 0, listed.stderr
+        assert listed.stdout.count("skipped") == 3 and listed.stdout.count("sanitised") == 1, (
+            listed.stdout
+        )
+        fresh = await api.create_conversation()
+        events = await api.send_stream(fresh["id"], "and after a restart? [[tokens=3]]")
+        assert events[-1].data == "ok", events
     finally:
         code = await asyncio.to_thread(again.stop, signal.SIGINT)
     assert code == 0, "".join(again.output)
@@ -239,6 +259,30 @@ async def test_dev_uses_the_servers_named_in_the_environment(
     finally:
         code = await asyncio.to_thread(dev.stop, signal.SIGTERM)
     assert code == 0, "".join(dev.output)
+
+
+async def _poison(nats_url: str, conversation_id: str) -> None:
+    """Publish straight to the log what the edge would refuse and this version cannot read."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        subject = f"chat.evt.{conversation_id}"
+        base = {"conversation_id": conversation_id, "at": time.time_ns()}
+        for payload in (
+            {
+                **base,
+                "type": "title",
+                "event_id": "p1",
+                "title": "nul \u0000 here",
+                "source": "user",
+            },
+            {**base, "type": "done", "event_id": "p2", "turn_id": 7, "content": "?"},
+            {**base, "type": "reaction", "event_id": "p3", "emoji": "+1"},
+        ):
+            await js.publish(subject, json.dumps(payload).encode(), stream="CHAT_EVT")
+        await js.publish(subject, b"\xff not json", stream="CHAT_EVT")
+    finally:
+        await nc.close()
 
 
 def _kind(event: AnyEvent | Unreadable) -> str:

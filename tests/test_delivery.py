@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 
+import msgspec
+import redis.asyncio as aioredis
 from nats.aio.client import Client as NatsClient
 
+from api.routes import IdempotencyRecord, _idem_key
 from events.codec import encode
 from events.ids import new_id
 from events.log import EventLog
 from events.subjects import CMD_STREAM, command_subject
 from events.vocabulary import Failed, Prices, SendMessage, Started, UserMessage
+from parley.services import Servers
 from tests.sse import SseClient
 
 
@@ -124,3 +129,33 @@ async def test_a_turn_abandoned_by_a_dead_worker_is_failed_before_the_next_turn(
                 break
             await asyncio.sleep(0.05)
     assert statuses == ["failed", "complete"]
+
+
+async def test_a_key_reserved_by_a_request_that_died_before_publishing_still_sends_once(
+    api: SseClient, event_log: EventLog, stack: Servers
+) -> None:
+    """The edge reserves a key, then publishes. A crash in between left a reservation and
+    no command: the retry with the same key must send the message, not wait a day."""
+    cid = (await api.create_conversation())["id"]
+    content = "hello again [[tokens=4]]"
+    orphan = IdempotencyRecord(
+        message_id=new_id(),
+        command_id=new_id(),
+        after=await event_log.last_seq(cid),
+        digest=hashlib.sha256(f"{content}\x00None".encode()).hexdigest(),
+    )
+    redis = aioredis.Redis.from_url(stack.redis_url)
+    try:
+        key = _idem_key(cid, "crashed-key")
+        await redis.set(key, msgspec.json.encode(orphan), ex=60)
+        streamed = await api.send_stream(cid, content, idempotency_key="crashed-key")
+        assert streamed[-1].data == "ok", streamed
+        assert streamed[0].data["user_message_id"] == orphan.message_id
+        ttl = await redis.ttl(key)
+        assert ttl > 3600, f"after publishing, the key is kept for the full TTL, saw {ttl}s"
+    finally:
+        await redis.aclose()
+    again = await api.send_json(cid, content, idempotency_key="crashed-key")
+    assert again["message_id"] == orphan.message_id
+    users = [s for s in await event_log.read(cid) if isinstance(s.event, UserMessage)]
+    assert len(users) == 1, users
