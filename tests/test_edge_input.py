@@ -181,7 +181,13 @@ async def fuzz_target(api: SseClient) -> Fuzz:
 )
 @given(
     route=st.sampled_from(ROUTES),
-    which_id=st.one_of(st.just("own"), st.just("other"), st.text(max_size=40)),
+    which_id=st.one_of(
+        st.just("own"),
+        st.just("other"),
+        st.text(max_size=40),
+        # percent-encoded bytes that are not UTF-8 (or are NUL) once decoded
+        st.binary(min_size=1, max_size=8).map(lambda b: "".join(f"%{x:02X}" for x in b)),
+    ),
     body=bodies,
     position=positions,
     last_event_id=st.one_of(st.none(), header_text),
@@ -212,7 +218,7 @@ async def test_no_generated_request_gets_a_5xx_or_breaks_the_server(
         "own": fuzz_target.conversation_id,
         "other": "01JH8Q3ZK4M7T2V9X5B6N1R0SD",
     }.get(which_id, which_id)
-    path = template.replace("{id}", quote(ident, safe="") or "x")
+    path = template.replace("{id}", quote(ident, safe="%") or "x")
     headers: dict[str, str] = {}
     if auth == "user":
         headers["Authorization"] = f"Bearer {api.token}"
