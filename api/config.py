@@ -25,4 +25,7 @@ class EdgeConfig(msgspec.Struct, frozen=True):
     # How long a stream may see nothing before it checks that it can still end
     # (its turn still runs, its command still waits): api.streaming._Progress.
     stall_check_s: float = 2.0
+    # How long a POST waits for the actor to accept or refuse its request before
+    # answering anyway (no worker running yet: the request waits in CHAT_CMD).
+    decision_wait_s: float = 5.0
     idempotency_ttl_s: int = 24 * 3600

@@ -32,10 +32,15 @@ class ApiError(Exception):
         self.status = status
         self.code = code
         self.message = message
+        self.extra: dict[str, object] = {}  # more keys of the error object (a busy turn's id)
 
 
-def error_response(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+def error_response(
+    status: int, code: str, message: str, extra: dict[str, object] | None = None
+) -> web.Response:
+    return web.json_response(
+        {"error": {"code": code, "message": message, **(extra or {})}}, status=status
+    )
 
 
 def not_found(what: str) -> ApiError:
@@ -54,7 +59,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as err:
-        return error_response(err.status, err.code, err.message)
+        return error_response(err.status, err.code, err.message, err.extra)
     except web.HTTPRequestEntityTooLarge as err:
         return error_response(413, "body_too_large", err.text or "request body too large")
     except web.HTTPException as err:

@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from importlib import resources
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import msgspec
 from aiohttp import web
 
-from api.app import CONFIG, HEADERS, JS, LOG, NATS, REDIS, STORE, TURNS, claims_of
-from api.errors import UNAVAILABLE, ApiError, bad_request, not_found
+from api.access import owned_conversation
+from api.app import CONFIG, HEADERS, LOG, NATS, REDIS, STORE, TURNS, claims_of
+from api.errors import UNAVAILABLE, bad_request
 from api.sse import Position, parse_position
-from api.streaming import PendingCommand, TurnFilter, open_sse, running_turn, stream_log
-from api.validation import InvalidBody, decode_body
-from events.codec import encode, encode_stored
+from api.streaming import open_sse, running_turn, stream_log
+from api.turn_routes import cancel_turn, edit_message, post_message, read_json, regenerate
+from events.codec import encode_stored
 from events.ids import new_id
-from events.subjects import CMD_STREAM, command_subject, valid_id
-from events.vocabulary import ConversationCreated, OnBusy, SendMessage
+from events.subjects import valid_id
+from events.vocabulary import ConversationCreated
 from projections.store import ConversationRow
 
 # ---------------------------------------------------------------- request bodies
@@ -31,49 +31,7 @@ class CreateConversation(msgspec.Struct, frozen=True):
     model: str | None = None
 
 
-class PostMessage(msgspec.Struct, frozen=True):
-    content: str
-    model: str | None = None
-    idempotency_key: str | None = None
-    on_busy: OnBusy = "enqueue"
-
-
-class IdempotencyRecord(msgspec.Struct, frozen=True):
-    message_id: str
-    command_id: str
-    after: int
-    digest: str
-
-
-T = TypeVar("T")
-_RESERVE_S = 60
-
-
-async def read_json(request: web.Request, kind: type[T]) -> T:
-    body = await request.read()
-    try:
-        return decode_body(body, kind)
-    except InvalidBody as err:
-        raise ApiError(err.status, err.code, err.message) from err
-
-
 # ---------------------------------------------------------------- helpers
-
-
-async def owned_conversation(request: web.Request, conversation_id: str) -> ConversationCreated:
-    """The conversation's header if the caller may see it; 404 otherwise (no existence leak)."""
-    if not valid_id(conversation_id):
-        raise not_found("conversation")
-    cache = request.app[HEADERS]
-    header = cache.get(conversation_id)
-    if header is None:
-        first = await request.app[LOG].first(conversation_id)
-        if first is not None and isinstance(first.event, ConversationCreated):
-            header = first.event
-            cache.put(header)
-    if header is None or header.user_id != claims_of(request).sub:
-        raise not_found("conversation")
-    return header
 
 
 def _iso(ns: int) -> str:
@@ -121,7 +79,7 @@ async def conversation_json(
     active = None if fresh else await request.app[TURNS].get(header.conversation_id)
     out = _row_json(row) if row is not None else _unprojected_json(header)
     out["active_turn"] = (
-        {"turn_id": active.turn_id, "started_at": _iso(active.at)} if active else None
+        {"turn_id": active.turn_id or None, "started_at": _iso(active.at)} if active else None
     )
     return out
 
@@ -177,144 +135,6 @@ async def get_conversation(request: web.Request) -> web.Response:
 
 
 # ---------------------------------------------------------------- messages
-
-
-async def post_message(request: web.Request) -> web.StreamResponse:
-    header = await owned_conversation(request, request.match_info["id"])
-    body = await read_json(request, PostMessage)
-    config = request.app[CONFIG]
-    if not body.content.strip():
-        raise bad_request("content is empty")
-    if len(body.content) > config.max_message_chars:
-        raise bad_request(
-            f"content longer than {config.max_message_chars} characters", "content_too_long"
-        )
-    if body.model is not None and body.model not in config.models:
-        raise bad_request(
-            f"unknown model {body.model!r}; known: {', '.join(config.models)}", "unknown_model"
-        )
-    if body.idempotency_key is not None and not (0 < len(body.idempotency_key) <= 200):
-        raise bad_request("idempotency_key must be 1-200 characters")
-    conversation_id = header.conversation_id
-    claims = claims_of(request)
-
-    record, fresh = await _idempotency(request, conversation_id, body)
-    if fresh:
-        active = await request.app[TURNS].get(conversation_id)
-        if active is not None and body.on_busy != "enqueue":
-            await _forget_idempotency(request, conversation_id, body)
-            if body.on_busy == "interrupt":
-                # Needs the cancel path, which does not exist yet: refuse openly
-                # rather than quietly queue behind the turn.
-                raise ApiError(
-                    501,
-                    "not_implemented",
-                    "on_busy=interrupt is not supported yet; use enqueue or reject",
-                )
-            raise ApiError(
-                409, "busy", f"conversation {conversation_id} is answering; on_busy=reject"
-            )
-    command = SendMessage(
-        conversation_id=conversation_id,
-        command_id=record.command_id,
-        user_id=claims.sub,
-        at=time.time_ns(),
-        message_id=record.message_id,
-        content=body.content,
-        model=body.model,
-        on_busy=body.on_busy,
-    )
-    # Published again for a repeated key too: whether or not the first request
-    # got as far as publishing, the message is sent exactly once in effect.
-    # Nats-Msg-Id drops a copy within the duplicate window, and the actor drops
-    # a later one by its command_id in the log.
-    try:
-        ack = await request.app[JS].publish(
-            command_subject(conversation_id),
-            encode(command),
-            stream=CMD_STREAM,
-            headers={"Nats-Msg-Id": record.command_id},
-        )
-    except BaseException:
-        if fresh:  # not sent: a retry with the same key must be free to send it
-            await _forget_idempotency(request, conversation_id, body)
-        raise
-    # published: keep the key for its full time (also when a retry did the publishing)
-    await _keep_idempotency(request, conversation_id, body, record)
-
-    if _wants_json(request):
-        return web.json_response(
-            {
-                "message_id": record.message_id,
-                "conversation_id": conversation_id,
-                "after": record.after,
-            },
-            status=202,
-        )
-    response = await open_sse(request)
-    return await stream_log(
-        request,
-        response,
-        conversation_id,
-        Position(seq=record.after),
-        turn=TurnFilter(record.message_id),
-        command=PendingCommand(stream_seq=int(ack.seq)),
-    )
-
-
-def _wants_json(request: web.Request) -> bool:
-    accept = request.headers.get("Accept", "")
-    return "application/json" in accept and "text/event-stream" not in accept
-
-
-def _idem_key(conversation_id: str, key: str) -> str:
-    return f"parley:idem:{conversation_id}:{hashlib.sha256(key.encode()).hexdigest()[:32]}"
-
-
-async def _idempotency(
-    request: web.Request, conversation_id: str, body: PostMessage
-) -> tuple[IdempotencyRecord, bool]:
-    """The message's ids and start position; the same ones again for a repeated key."""
-    after = await request.app[LOG].last_seq(conversation_id)
-    digest = hashlib.sha256(f"{body.content}\x00{body.model}".encode()).hexdigest()
-    if body.idempotency_key is None:
-        return IdempotencyRecord(
-            message_id=new_id(), command_id=new_id(), after=after, digest=digest
-        ), True
-    record = IdempotencyRecord(message_id=new_id(), command_id=new_id(), after=after, digest=digest)
-    redis = request.app[REDIS]
-    key = _idem_key(conversation_id, body.idempotency_key)
-    # Reserved briefly until the command is published (then kept for the full
-    # TTL): a crash in between frees the key within a minute, not a day.
-    if await redis.set(key, msgspec.json.encode(record), nx=True, ex=_RESERVE_S):
-        return record, True
-    raw = await redis.get(key)
-    if raw is None:  # expired between the two calls: treat as new
-        return record, True
-    previous = msgspec.json.decode(raw, type=IdempotencyRecord)
-    if previous.digest != digest:
-        raise ApiError(
-            422, "idempotency_mismatch", "idempotency_key was already used with a different message"
-        )
-    return previous, False
-
-
-async def _keep_idempotency(
-    request: web.Request, conversation_id: str, body: PostMessage, record: IdempotencyRecord
-) -> None:
-    if body.idempotency_key is not None:
-        await request.app[REDIS].set(
-            _idem_key(conversation_id, body.idempotency_key),
-            msgspec.json.encode(record),
-            ex=request.app[CONFIG].idempotency_ttl_s,
-        )
-
-
-async def _forget_idempotency(
-    request: web.Request, conversation_id: str, body: PostMessage
-) -> None:
-    if body.idempotency_key is not None:
-        await request.app[REDIS].delete(_idem_key(conversation_id, body.idempotency_key))
 
 
 async def list_messages(request: web.Request) -> web.Response:
@@ -419,5 +239,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/conversations/{id}", get_conversation)
     app.router.add_post("/v1/conversations/{id}/messages", post_message)
     app.router.add_get("/v1/conversations/{id}/messages", list_messages)
+    app.router.add_patch("/v1/conversations/{id}/messages/{mid}", edit_message)
+    app.router.add_post("/v1/conversations/{id}/messages/{mid}/regenerate", regenerate)
+    app.router.add_post("/v1/conversations/{id}/cancel", cancel_turn)
     app.router.add_get("/v1/conversations/{id}/events", conversation_events)
     app.router.add_get("/v1/conversations/{id}/log", conversation_log)

@@ -36,21 +36,31 @@ _STOP_WAIT_S = 2.0
 
 
 class TurnFilter:
-    """Selects the events of the turn that answers one user message (or its rejection)."""
+    """Selects the events of the turn that answers one request (or its rejection).
 
-    def __init__(self, user_message_id: str) -> None:
+    A turn names its request by `started.command_id`; logs written before that
+    field existed are matched by the user message the turn answers.
+    """
+
+    def __init__(self, command_id: str, user_message_id: str | None = None) -> None:
+        self.command_id = command_id
         self.user_message_id = user_message_id
         self.turn_id: str | None = None
 
     def admit(self, stored: StoredEvent) -> bool:
         event = stored.event
         if isinstance(event, CommandRejected):
-            return event.message_id == self.user_message_id
-        if isinstance(event, Started) and event.user_message_id == self.user_message_id:
+            return event.command_id == self.command_id
+        if isinstance(event, Started) and self.turn_id is None and self._answers(event):
             self.turn_id = event.turn_id
         if isinstance(event, UserMessage):
             return False
         return self.turn_id is not None and getattr(event, "turn_id", None) == self.turn_id
+
+    def _answers(self, started: Started) -> bool:
+        if started.command_id:
+            return started.command_id == self.command_id
+        return started.user_message_id == self.user_message_id
 
 
 class PendingCommand(msgspec.Struct, frozen=True):

@@ -116,6 +116,8 @@ async def _dev(
             db_schema=settings.db_schema,
             host=host,
             port=port,
+            tool_specs=settings.tools,
+            shutdown_grace_s=settings.shutdown_grace_s,
         )
         try:
             services = await stack.enter_async_context(Services(servers, options))
@@ -169,6 +171,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             db_schema=settings.db_schema,
             host=args.host,
             port=args.port,
+            tool_specs=settings.tools,
+            shutdown_grace_s=settings.shutdown_grace_s,
         )
         async with Services(servers, options, roles) as services:
             if services.edge_url:

@@ -48,6 +48,8 @@ class Settings(msgspec.Struct, frozen=True):
     models_file: str | None = None
     db_schema: str = "parley"
     demo_tokens_per_s: float = 40.0  # how fast the demo model streams in `parley dev`
+    tools: tuple[str, ...] = ()  # PARLEY_TOOLS: module:attribute specs of more tools
+    shutdown_grace_s: float = 10.0  # how long a stopping worker lets turns finish
 
     @property
     def embedded(self) -> bool:
@@ -72,6 +74,10 @@ def settings_from_env(env: Mapping[str, str], data_dir: str | Path | None = None
         models_file=get("PARLEY_MODELS_FILE"),
         db_schema=get("PARLEY_DB_SCHEMA") or "parley",
         demo_tokens_per_s=_float(get("PARLEY_DEMO_TOKENS_PER_S"), 40.0, "PARLEY_DEMO_TOKENS_PER_S"),
+        tools=tuple(
+            spec.strip() for spec in (get("PARLEY_TOOLS") or "").split(",") if spec.strip()
+        ),
+        shutdown_grace_s=_float(get("PARLEY_SHUTDOWN_GRACE_S"), 10.0, "PARLEY_SHUTDOWN_GRACE_S"),
     )
 
 

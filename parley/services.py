@@ -24,9 +24,10 @@ import nats
 from aiohttp import web
 from nats.aio.client import Client as NatsClient
 
-from actors.actor import ActorContext
+from actors.builtin_tools import BUILTIN_TOOLS
 from actors.models import ModelCatalog
-from actors.tools import BUILTIN_TOOLS
+from actors.tools import Tool, ToolRunner, load_tools, merge_tools
+from actors.turn import ActorContext
 from actors.worker import WorkerHost
 from api.app import create_app
 from api.config import EdgeConfig
@@ -56,6 +57,15 @@ class ServiceOptions(msgspec.Struct, frozen=True):
     port: int = 8080  # 0 picks a free port
     ping_interval_s: float = 15.0
     model_idle_timeout_s: float = 120.0
+    # tools beyond the built-ins: `module:attribute` specs (PARLEY_TOOLS), the
+    # `parley.tools` entry points, and Tool objects handed in directly (tests)
+    tool_specs: tuple[str, ...] = ()
+    tool_entry_points: bool = True
+    tools: tuple[Tool, ...] = ()
+    # how long a stopping worker lets running turns finish
+    shutdown_grace_s: float = 10.0
+    model_retry_base_s: float = 0.5
+    decision_wait_s: float = 5.0  # how long a POST waits for the actor's accept/refuse
 
 
 class Services:
@@ -94,7 +104,7 @@ class Services:
         for task in self._tasks:
             # Loops watch `stopping` and end within a second; cancel is the backstop.
             try:
-                async with asyncio.timeout(10):
+                async with asyncio.timeout(self.options.shutdown_grace_s + 10):
                     await asyncio.shield(task)
             except TimeoutError:
                 task.cancel()
@@ -146,13 +156,22 @@ class Services:
             default_base_url=self.options.model_base_url,
             default_api_key=self.options.model_api_key,
             worker_id=f"{socket.gethostname()}-{new_id()}",
-            tools={tool.name: tool for tool in BUILTIN_TOOLS},
+            tools=ToolRunner(
+                merge_tools(
+                    BUILTIN_TOOLS,
+                    load_tools(
+                        self.options.tool_specs, use_entry_points=self.options.tool_entry_points
+                    ),
+                    self.options.tools,
+                )
+            ),
+            retry_base_s=self.options.model_retry_base_s,
             idle_timeout=self.options.model_idle_timeout_s,
             first_byte_timeout=self.options.model_idle_timeout_s,
             # half the server's limit: headers and a margin ride in the same message
             max_event_bytes=min(512 * 1024, nc.max_payload // 2),
         )
-        worker = self.worker = WorkerHost(js, ctx)
+        worker = self.worker = WorkerHost(js, ctx, grace_s=self.options.shutdown_grace_s)
         self._spawn(lambda: worker.run(self._stopping), "worker")
         async with asyncio.timeout(30):
             await self.worker.ready.wait()
@@ -168,6 +187,7 @@ class Services:
             models=[m.name for m in options.catalog.models],
             default_model=options.catalog.default_model,
             ping_interval_s=options.ping_interval_s,
+            decision_wait_s=options.decision_wait_s,
         )
         runner = web.AppRunner(create_app(config), access_log=None, shutdown_timeout=5.0)
         await runner.setup()

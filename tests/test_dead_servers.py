@@ -47,12 +47,18 @@ async def test_a_dead_redis_is_a_503_with_retry_after_not_a_crash(
         assert response.status == 503, body
         assert body["error"]["code"] == "unavailable"
         assert response.headers["Retry-After"] == "1"
+    # an idempotency key lives in Redis: without it, refused before anything is sent
     status, body = await api.request(
-        "POST", f"/v1/conversations/{cid}/messages", json={"content": "hello"}
+        "POST",
+        f"/v1/conversations/{cid}/messages",
+        json={"content": "hello", "idempotency_key": "k-1"},
     )
     assert status == 503 and body["error"]["code"] == "unavailable", body
     status, log = await api.request("GET", f"/v1/conversations/{cid}/log")
     assert status == 200 and "user_message" not in str(log), "no command went out"
+    # a message without a key needs no Redis at the edge: the turn runs
+    events = await api.send_stream(cid, "hello anyway [[tokens=3]]")
+    assert events[-1].event == "done" and events[-1].data == "ok", events
     async with http.get(f"{edge_without_redis}/readyz") as response:
         body = await response.json()
         assert response.status == 503 and body["checks"]["redis"] == "down", body

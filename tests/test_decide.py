@@ -18,21 +18,25 @@ from hypothesis import strategies as st
 
 from actors.content import merge_blocks
 from actors.decide import (
-    Conversation,
     ModelChoice,
     Rejected,
     TurnTotals,
     decide_done,
     decide_failed,
-    decide_send,
+    decide_request,
+    decide_start,
     decide_title,
+    next_turn,
+)
+from actors.models import ModelSpec, ModelVersion, active_version, choose_model
+from actors.state import (
+    Conversation,
     evolve,
     fold,
     history_of,
     latest_messages,
     partial_content,
 )
-from actors.models import ModelSpec, ModelVersion, active_version, choose_model
 from events.vocabulary import (
     AnyEvent,
     BillingRejected,
@@ -113,6 +117,19 @@ def empty() -> Conversation:
     return Conversation(conversation_id=CONV)
 
 
+def decide_send(
+    state: Conversation, cmd: SendMessage, model: ModelChoice, now: int, ids: Ids
+) -> list[Event] | Rejected:
+    """What an idle actor appends for a message: its acceptance, then its turn's start."""
+    accepted = decide_request(state, cmd, now, ids)
+    if isinstance(accepted, Rejected) or not accepted:
+        return accepted
+    folded = fold(state, as_any(accepted))
+    queued = next_turn(folded)
+    assert queued is not None, f"expected {cmd!r} at the head of the queue, saw {folded!r}"
+    return [*accepted, *decide_start(folded, queued, model, now, ids)]
+
+
 def decided(state: Conversation, cmd: SendMessage, ids: Ids) -> list[AnyEvent]:
     result = decide_send(state, cmd, MODEL, NOW, ids)
     assert not isinstance(result, Rejected), f"expected events for {cmd!r}, saw {result!r}"
@@ -176,7 +193,7 @@ def test_a_message_opens_a_turn_user_message_then_started_then_title() -> None:
         UserMessage(
             conversation_id=CONV,
             at=NOW,
-            event_id="id-2",
+            event_id="id-1",
             message_id="msg-1",
             content="How do I rotate the API keys?",
             user_id=USER,
@@ -189,7 +206,7 @@ def test_a_message_opens_a_turn_user_message_then_started_then_title() -> None:
             conversation_id=CONV,
             at=NOW,
             event_id="id-3",
-            turn_id="id-1",
+            turn_id="id-2",
             user_message_id="msg-1",
             model="demo",
             model_version_id="demo@2026-01",
@@ -197,8 +214,10 @@ def test_a_message_opens_a_turn_user_message_then_started_then_title() -> None:
             max_tokens=4096,
             temperature=0.7,
             parent_message_id="msg-1",
-            version_group_id="id-1",
+            version_group_id="id-2",
             version_number=1,
+            command_id="cmd-1",
+            user_id=USER,
         ),
         Title(
             conversation_id=CONV,
@@ -206,7 +225,7 @@ def test_a_message_opens_a_turn_user_message_then_started_then_title() -> None:
             event_id="id-4",
             title="How rotate the API keys?",
             source="auto",
-            turn_id="id-1",
+            turn_id="id-2",
         ),
     ]
     assert result == expected, f"expected {expected!r}\nsaw      {result!r}"
