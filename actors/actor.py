@@ -261,9 +261,11 @@ class ConversationActor:
         # announced first (where it begins), so a viewer joining now misses nothing
         await self._record_turn(turn_id, self.writer.seq)
         started = await self.writer.append_decided(
-            lambda s: decide_start(s, queued, choice, now, self.ctx.new_id, turn_id)
-            if next_turn(s) == queued
-            else []
+            lambda s: (
+                decide_start(s, queued, choice, now, self.ctx.new_id, turn_id)
+                if next_turn(s) == queued
+                else []
+            )
         )
         if not started or self.state.active is None:
             return

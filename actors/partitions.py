@@ -56,6 +56,14 @@ class PartitionLeases:
                 self._kv = await self._js.create_key_value(config=config)
             except nats.js.errors.BadRequestError:  # another worker created it first
                 self._kv = await self._js.key_value(BUCKET)
+        # The bucket's age limit is the lease time, whoever created it: renew well within it.
+        ttl = (await self._kv.status()).ttl
+        if ttl:
+            self.ttl_s = ttl
+
+    @property
+    def renew_every_s(self) -> float:
+        return self.ttl_s / 5
 
     @property
     def kv(self) -> KeyValue:

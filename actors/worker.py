@@ -40,7 +40,6 @@ ACK_WAIT_S = 30.0
 # Every this often each held command is reported in progress (well inside
 # ACK_WAIT_S) and the running turns' records in Redis are renewed.
 HEARTBEAT_S = 5.0
-LEASE_TICK_S = 3.0
 FETCH_WAIT_S = 1.0
 FETCH_BATCH = 64
 # Bounds what one partition may hold unacked (queued behind turns included).
@@ -131,7 +130,7 @@ class WorkerHost:
                         )
                     self.ready.set()
                     with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(LEASE_TICK_S):
+                        async with asyncio.timeout(leases.renew_every_s):
                             await stopping.wait()
                 fetching.set()
                 await self._stop(tasks)

@@ -305,6 +305,7 @@ async def apply_event(conn: Any, seq: int, event: AnyEvent) -> None:
             await _supersede(
                 conn, event.conversation_id, event.version_group_id or event.message_id
             )
+            await _branch(conn, event.supersedes, event.fork_origin)
             await conn.execute(
                 "INSERT INTO messages (id, conversation_id, role, content, status,"
                 " parent_message_id, version_group_id, version_number, is_latest, seq,"
@@ -324,6 +325,7 @@ async def apply_event(conn: Any, seq: int, event: AnyEvent) -> None:
         case Started():
             group = event.version_group_id or event.turn_id
             await _supersede(conn, event.conversation_id, group)
+            await _branch(conn, event.supersedes, event.fork_origin)
             await conn.execute(
                 "INSERT INTO messages (id, conversation_id, role, content, status, turn_id,"
                 " user_message_id, parent_message_id, version_group_id, version_number, is_latest,"
@@ -425,6 +427,16 @@ async def _supersede(conn: Any, conversation_id: str, group: str) -> None:
         conversation_id,
         group,
     )
+
+
+async def _branch(conn: Any, supersedes: list[str], fork_origin: str | None) -> None:
+    """A new version replaced these messages (the old version and what grew from it)."""
+    if supersedes:
+        await conn.execute(
+            "UPDATE messages SET is_latest = false WHERE id = ANY($1::text[])", supersedes
+        )
+    if fork_origin is not None:
+        await conn.execute("UPDATE messages SET is_fork_origin = true WHERE id = $1", fork_origin)
 
 
 async def _touch(

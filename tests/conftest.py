@@ -29,6 +29,7 @@ from parley.demo_model import DemoConfig, start_demo_model
 from parley.services import Servers, ServiceOptions, Services
 from parley.stack import EmbeddedStack
 from tests.sse import SseClient
+from tests.tool_plugin import LIVE_TOOLS
 
 SECRET = "test-secret-" + "x" * 32
 # The demo model streams at this rate in tests: fast, yet a 100-token answer
@@ -117,6 +118,8 @@ async def services(
         port=0,
         ping_interval_s=0.5,
         model_idle_timeout_s=3.0,
+        tools=LIVE_TOOLS,
+        model_retry_base_s=0.05,
     )
     async with Services(stack, options) as running:
         assert running.projector is not None

@@ -309,8 +309,7 @@ async def test_client_leaving_mid_stream_leaves_no_traceback_in_the_server_log(
             break
     async with asyncio.timeout(CALL_LIMIT_S):  # the server notices within a write or a hang poll
         while not any(  # noqa: ASYNC110
-            r.name == "parley.demo_model" and "went away" in r.getMessage()
-            for r in caplog.records
+            r.name == "parley.demo_model" and "went away" in r.getMessage() for r in caplog.records
         ):
             await asyncio.sleep(0.01)
     # the demo server's own records (and aiohttp's, which serves it); parley's roles
