@@ -272,9 +272,9 @@ async def test_the_set_title_tool_names_the_conversation(
     log = await event_log.read(cid)
     assert [e.event.source for e in log if isinstance(e.event, Title)][-1] == "tool"
     async with asyncio.timeout(10):
-        while (await api.request("GET", f"/v1/conversations/{cid}"))[1][
-            "title"
-        ] != "Named by a tool":
+        title = ""
+        while title != "Named by a tool":  # the projection catches up
+            title = (await api.request("GET", f"/v1/conversations/{cid}"))[1]["title"]
             await asyncio.sleep(0.05)
 
 
