@@ -65,7 +65,7 @@ class Settlement(Protocol):
     async def in_progress(self) -> None: ...
 
 
-Inbox = asyncio.Queue[tuple[AnyCommand, Settlement]]
+Inbox = asyncio.Queue[tuple[AnyCommand | None, Settlement | None]]  # (None, None): recover
 
 
 class ConversationActor:
@@ -113,7 +113,26 @@ class ConversationActor:
                     if inbox.empty() and self.idle:
                         return
                     continue
-                await self.handle(cmd, settle)
+                if cmd is None or settle is None:
+                    await self.recover()
+                else:
+                    await self.handle(cmd, settle)
+
+    async def recover(self) -> None:
+        """Load the conversation (ending a turn whose worker is gone) and run its queue:
+        for a conversation of a partition this worker just took over."""
+        try:
+            await self.writer.catch_up()
+            self._loaded = True
+            await self._close_orphan()
+        except EventLogError as err:
+            self._loaded = False
+            log.warning(
+                "recovery postponed",
+                extra={"conversation_id": self.conversation_id, "error": repr(err)},
+            )
+            return
+        self._kick()
 
     async def handle(self, cmd: AnyCommand, settle: Settlement) -> None:
         try:

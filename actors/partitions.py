@@ -126,10 +126,10 @@ class PartitionLeases:
 
     async def _live_workers(self) -> int:
         try:
-            keys = await self.kv.keys(filters=["worker.*"])
+            keys = await self.kv.keys()
         except nats.js.errors.NoKeysError:
             return 1
-        return len(keys)
+        return max(1, sum(key.startswith("worker.") for key in keys))
 
 
 def _key(partition: int) -> str:

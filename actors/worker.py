@@ -128,6 +128,8 @@ class WorkerHost:
                             self._partition_loop(partition, fetching, tasks),
                             name=f"partition-{partition}",
                         )
+                    if gained:
+                        await self._recover(gained, tasks)
                     self.ready.set()
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(leases.renew_every_s):
@@ -215,6 +217,19 @@ class WorkerHost:
             running = self._start_actor(cmd.conversation_id, tasks)
         running.inbox.put_nowait((cmd, delivery))
 
+    async def _recover(self, partitions: set[int], tasks: asyncio.TaskGroup) -> None:
+        """Conversations of newly taken partitions that still show a running turn (a turn
+        record in Redis): their worker may be gone, so each is loaded at once and an
+        orphaned turn ended, rather than when its command is redelivered."""
+        try:
+            conversations = await self._ctx.turns.conversations()
+        except (redis.exceptions.RedisError, OSError) as err:
+            log.info("no recovery scan without Redis", extra={"error": repr(err)})
+            return
+        for cid in conversations:
+            if partition_of(cid, self.partitions) in partitions and cid not in self._actors:
+                self._start_actor(cid, tasks).inbox.put_nowait((None, None))
+
     def _start_actor(self, conversation_id: str, tasks: asyncio.TaskGroup) -> _Running:
         cached = self._states.pop(conversation_id, None)
         actor = ConversationActor(
@@ -244,7 +259,8 @@ class WorkerHost:
                 del self._actors[actor.conversation_id]
             if actor.idle and actor.state.active is None and actor.state.exists:
                 self._keep_state(actor)
-            leftovers = [d for _, d in _drain(running.inbox)] + list(actor.held.values())
+            leftovers = [d for _, d in _drain(running.inbox) if d is not None]
+            leftovers += list(actor.held.values())
             actor.held.clear()
             for delivery in leftovers:
                 with contextlib.suppress(nats.errors.Error):
@@ -293,8 +309,8 @@ class WorkerHost:
                     await self._ctx.turns.refresh(cid, self._ctx.worker_id)
 
 
-def _drain(inbox: Inbox) -> list[tuple[AnyCommand, Settlement]]:
-    out: list[tuple[AnyCommand, Settlement]] = []
+def _drain(inbox: Inbox) -> list[tuple[AnyCommand | None, Settlement | None]]:
+    out: list[tuple[AnyCommand | None, Settlement | None]] = []
     while not inbox.empty():
         out.append(inbox.get_nowait())
     return out

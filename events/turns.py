@@ -82,6 +82,14 @@ class TurnRegistry:
     async def release(self, conversation_id: str, worker: str) -> None:
         await self._release(keys=[_KEY.format(conversation_id)], args=[worker])
 
+    async def conversations(self) -> list[str]:
+        """The conversations that have a turn record (SCAN: no blocking KEYS)."""
+        prefix = _KEY.format("")
+        return [
+            key.decode()[len(prefix) :]
+            async for key in self._redis.scan_iter(match=prefix + "*", count=500)
+        ]
+
     async def get(self, conversation_id: str) -> TurnRecord | None:
         raw = await self._redis.get(_KEY.format(conversation_id))
         if raw is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +155,23 @@ def token_for(user: str, *, admin: bool = False) -> str:
 def user() -> str:
     """A fresh user per test: its conversations are its own."""
     return f"u-{new_id()}"
+
+
+Projected = Callable[[str], Awaitable[None]]
+
+
+@pytest.fixture
+def projected(services: Services, event_log: EventLog) -> Projected:
+    """Wait until the session's projection has applied a conversation's whole log."""
+
+    async def wait(conversation_id: str) -> None:
+        projector = services.projector
+        assert projector is not None
+        last = await event_log.last_seq(conversation_id)
+        async with asyncio.timeout(30), projector.applied:
+            await projector.applied.wait_for(lambda: projector.position >= last)
+
+    return wait
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from events.vocabulary import (
     ToolResult,
     UserMessage,
 )
-from tests.conftest import Recorder
+from tests.conftest import Projected, Recorder
 from tests.sse import SseClient, SseEvent, sse_events, until_done
 
 
@@ -150,7 +150,9 @@ async def test_interrupt_cancels_the_running_turn_and_answers_the_new_message(
 # ---------------------------------------------------------------- versions
 
 
-async def test_regenerate_makes_a_new_answer_version_and_streams_it(api: SseClient) -> None:
+async def test_regenerate_makes_a_new_answer_version_and_streams_it(
+    api: SseClient, projected: Projected
+) -> None:
     cid = (await api.create_conversation())["id"]
     first = await api.send_stream(cid, "say something [[tokens=6]]")
     answer_id = first[0].data["turn_id"]
@@ -159,6 +161,7 @@ async def test_regenerate_makes_a_new_answer_version_and_streams_it(api: SseClie
     new_id = again[0].data["turn_id"]
     assert new_id != answer_id
 
+    await projected(cid)
     rows = await _messages(api, cid, "all")
     answers = [m for m in rows if m["role"] == "assistant"]
     assert [(m["id"], m["version_number"], m["is_latest"]) for m in answers] == [
@@ -172,12 +175,13 @@ async def test_regenerate_makes_a_new_answer_version_and_streams_it(api: SseClie
 
 
 async def test_editing_a_message_answers_the_edited_history_only(
-    api: SseClient, recorder: tuple[Recorder, str]
+    api: SseClient, recorder: tuple[Recorder, str], projected: Projected
 ) -> None:
     recording, _ = recorder
     cid = (await api.create_conversation(model="recorder"))["id"]
     await api.send_stream(cid, "first question")
     await api.send_stream(cid, "second question")
+    await projected(cid)
     rows = await _messages(api, cid, "latest")
     first_id = rows[0]["id"]
     before = len(recording.requests)
@@ -188,6 +192,7 @@ async def test_editing_a_message_answers_the_edited_history_only(
     sent = recording.requests[before]["messages"]
     assert [m["content"] for m in sent[1:]] == ["the question, edited"], sent
 
+    await projected(cid)
     rows = await _messages(api, cid, "all")
     users = [m for m in rows if m["role"] == "user"]
     assert [
@@ -214,17 +219,10 @@ async def test_regenerating_or_editing_a_message_that_is_not_there_is_a_404(api:
 
 
 async def _messages(api: SseClient, cid: str, versions: str) -> list[dict[str, Any]]:
-    """The projected rows, once the projection has every turn's end."""
-    async with asyncio.timeout(15):
-        while True:
-            status, body = await api.request(
-                "GET", f"/v1/conversations/{cid}/messages?versions={versions}"
-            )
-            assert status == 200, body
-            rows: list[dict[str, Any]] = body["messages"]
-            if rows and all(m["status"] != "streaming" for m in rows):
-                return rows
-            await asyncio.sleep(0.05)
+    status, body = await api.request("GET", f"/v1/conversations/{cid}/messages?versions={versions}")
+    assert status == 200, body
+    rows: list[dict[str, Any]] = body["messages"]
+    return rows
 
 
 # ---------------------------------------------------------------- tools
