@@ -39,6 +39,8 @@ _DUPLICATE_WINDOW_S = 120.0
 _PUBLISH_ATTEMPTS = 3
 # How long a follower waits for news before it looks at its stop flag again.
 _FOLLOW_WAIT_S = 1.0
+_DIRECT_GET = f"$JS.API.DIRECT.GET.{EVT_STREAM}"
+_READ_BATCH = 512
 
 
 class StoredEvent(msgspec.Struct, frozen=True):
@@ -178,29 +180,46 @@ class EventLog:
     async def read(self, conversation_id: str, after: int = 0) -> list[StoredEvent]:
         """Every entry after `after`, up to the end of the log as it is now.
 
-        Always returns: every position is handed out (unreadable ones too), and
-        a pause in delivery re-reads the end, so an entry that retention removed
-        meanwhile cannot keep us waiting for it.
+        Batched direct gets (NATS 2.11+): one request answers up to `_READ_BATCH`
+        entries of the subject, so reading a conversation costs a request or
+        two, not a consumer created and deleted. Every position is handed out
+        (unreadable ones too), and it always returns.
         """
-        end = await self.last_seq(conversation_id)
-        if end <= after:
-            return []
+        subject = event_subject(conversation_id)
         out: list[StoredEvent] = []
-        follower = LogFollower(self._js, event_subject(conversation_id), after)
+        start = after + 1
+        while True:
+            batch, pending = await self._direct_batch(subject, start)
+            out.extend(StoredEvent(seq=seq, event=decode_entry(data)) for seq, data in batch)
+            if not batch or pending == 0:
+                return out
+            start = batch[-1][0] + 1
+
+    async def _direct_batch(self, subject: str, start: int) -> tuple[list[tuple[int, bytes]], int]:
+        """Up to `_READ_BATCH` entries of `subject` from `start`, and how many remain."""
+        nc = self._js._nc
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        request = {"seq": start, "next_by_subj": subject, "batch": _READ_BATCH}
+        out: list[tuple[int, bytes]] = []
         try:
-            while follower.last < end:
-                batch = await follower.next_batch(256, wait_s=_FOLLOW_WAIT_S)
-                if not batch:
-                    end = min(end, await self.last_seq(conversation_id))
-                    continue
-                out.extend(
-                    StoredEvent(seq=raw.seq, event=decode_entry(raw.data))
-                    for raw in batch
-                    if raw.seq <= end
-                )
+            await nc.publish(_DIRECT_GET, encode(request), reply=inbox)
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=self._publish_timeout)
+                except nats.errors.TimeoutError as err:
+                    raise EventLogUnavailable(f"reading {subject} timed out") from err
+                headers = msg.headers or {}
+                status = headers.get("Status")
+                if status == "404":  # nothing at or after `start`
+                    return out, 0
+                if status == "204":  # end of this batch
+                    return out, int(headers.get("Nats-Num-Pending", "0"))
+                if status is not None:
+                    raise EventLogUnavailable(f"reading {subject}: status {status}")
+                out.append((int(headers["Nats-Sequence"]), msg.data))
         finally:
-            await follower.close()
-        return out
+            await sub.unsubscribe()
 
     async def check_position(self, conversation_id: str, after: int) -> None:
         """Raise PositionGone if events after `after` were removed by retention.

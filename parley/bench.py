@@ -307,14 +307,22 @@ def run_bench(args: argparse.Namespace) -> int:
             from parley.cli import resolve_servers
 
             servers = resolve_servers(settings)
-        result = asyncio.run(
-            run_stream(servers, args.conversations, args.tokens, args.rounds, args.rate)
-        )
-    if args.json:
-        print(msgspec.json.encode(result).decode())
-    else:
-        print(render(result))
+        text, result = asyncio.run(_workload(args, servers))
+    print(msgspec.json.encode(result).decode() if args.json else text)
     return 0
+
+
+async def _workload(args: argparse.Namespace, servers: Servers) -> tuple[str, msgspec.Struct]:
+    from parley import bench_actor
+
+    if args.workload == "cancel":
+        cancel = await bench_actor.run_cancel(servers, args.cancels, args.concurrency)
+        return bench_actor.render_cancel(cancel), cancel
+    if args.workload == "burst":
+        burst = await bench_actor.run_burst(servers, args.conversations, args.window, args.rounds)
+        return bench_actor.render_burst(burst), burst
+    stream = await run_stream(servers, args.conversations, args.tokens, args.rounds, args.rate)
+    return render(stream), stream
 
 
 def render(r: Result) -> str:

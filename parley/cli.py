@@ -290,6 +290,8 @@ def cmd_projection_errors(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from parley.bench import run_bench
 
+    if args.conversations is None:
+        args.conversations = 100 if args.workload == "burst" else 20
     code: int = run_bench(args)
     return code
 
@@ -340,14 +342,27 @@ def build_parser() -> argparse.ArgumentParser:
     errors.add_argument("--data", default=argparse.SUPPRESS)
     errors.set_defaults(func=cmd_projection_errors)
 
-    bench = sub.add_parser("bench", help="benchmarks")
-    bench.add_argument("workload", choices=["stream"])
-    bench.add_argument("--json", action="store_true")
-    bench.add_argument("--conversations", "-c", type=int, default=20)
-    bench.add_argument("--tokens", "-n", type=int, default=500)
-    bench.add_argument("--rounds", "-r", type=int, default=3)
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks",
+        description="stream: tokens through parley against a direct path; "
+        "cancel: cancel -> done: stopped at the viewer; "
+        "burst: time to first token for many turns starting at once",
+    )
+    bench.add_argument("workload", choices=["stream", "cancel", "burst"])
+    bench.add_argument("--json", action="store_true", help="one JSON object, flat keys")
+    bench.add_argument(
+        "--conversations", "-c", type=int, default=None, help="conversations (stream 20, burst 100)"
+    )
+    bench.add_argument("--tokens", "-n", type=int, default=500, help="tokens per turn (stream)")
+    bench.add_argument("--rounds", "-r", type=int, default=3, help="rounds, medians reported")
     bench.add_argument(
         "--rate", type=float, default=0.0, help="demo model tokens/s per stream (0 = full speed)"
+    )
+    bench.add_argument("--cancels", type=int, default=200, help="how many cancels (cancel)")
+    bench.add_argument("--concurrency", type=int, default=10, help="cancels at a time (cancel)")
+    bench.add_argument(
+        "--window", type=float, default=1.0, help="seconds over which turns start (burst)"
     )
     bench.add_argument("--data", default=argparse.SUPPRESS)
     bench.set_defaults(func=cmd_bench)
