@@ -28,21 +28,27 @@ from typing import Protocol
 
 import redis.exceptions
 
+from actors.billing import Accounts, Usage
 from actors.decide import (
     Rejected,
+    TurnTotals,
+    choose_payer,
+    decide_billing_rejected,
+    decide_failed,
     decide_orphan_end,
     decide_rejection,
     decide_request,
     decide_start,
     next_turn,
 )
-from actors.models import ModelSpec, choose_model
+from actors.models import ModelSpec, active_version, choose_model
 from actors.state import Conversation, QueuedTurn
 from actors.turn import ActorContext, TurnRunner
 from actors.writer import EventWriter
+from events.billing import preflight_estimate, project_account
 from events.errors import EventLogError
 from events.turns import TurnRecord
-from events.vocabulary import AnyCommand, CancelTurn, Event, SendMessage, TurnCommand
+from events.vocabulary import AnyCommand, CancelTurn, Event, Prices, SendMessage, TurnCommand
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +93,7 @@ class ConversationActor:
             state=state,
             seq=seq,
         )
+        self.accounts = ctx.accounts or Accounts(ctx.log, ctx.clock, ctx.new_id)
         self.held: dict[str, Settlement] = {}  # command_id -> its delivery, until it is over
         self.runner: TurnRunner | None = None
         self._loaded = False
@@ -125,6 +132,7 @@ class ConversationActor:
             await self.writer.catch_up()
             self._loaded = True
             await self._close_orphan()
+            await self._charge_last()
         except EventLogError as err:
             self._loaded = False
             log.warning(
@@ -140,6 +148,7 @@ class ConversationActor:
                 await self.writer.catch_up()
                 self._loaded = True
                 await self._close_orphan()
+                await self._charge_last()
             if isinstance(cmd, CancelTurn):
                 self.cancel(cmd.turn_id, "user")
                 await settle.ack()
@@ -275,18 +284,24 @@ class ConversationActor:
     async def _run_one(self, queued: QueuedTurn) -> None:
         spec = self._model_spec(queued.model)
         choice = choose_model(spec)
+        payer = await self._payer(queued)
+        priced = active_version(spec) is not None
         now = self.ctx.clock()
         turn_id = self.ctx.new_id()
         # announced first (where it begins), so a viewer joining now misses nothing
         await self._record_turn(turn_id, self.writer.seq)
         started = await self.writer.append_decided(
             lambda s: (
-                decide_start(s, queued, choice, now, self.ctx.new_id, turn_id)
+                decide_start(
+                    s, queued, choice, now, self.ctx.new_id, turn_id, payer if priced else None
+                )
                 if next_turn(s) == queued
                 else []
             )
         )
         if not started or self.state.active is None:
+            return
+        if payer is not None and not await self._preflight(spec, choice.prices, payer, priced):
             return
         runner = TurnRunner(self.ctx, self.writer, spec, choice)
         self.runner = runner
@@ -294,6 +309,74 @@ class ConversationActor:
             await runner.run()
         finally:
             self.runner = None
+        await self._charge_last()
+
+    async def _payer(self, queued: QueuedTurn) -> str | None:
+        project = self.state.project_id
+        if project is None:
+            return None
+        funded = (await self.accounts.state(project_account(project))).events > 0
+        return choose_payer(self.state, queued.user_id, funded)
+
+    async def _preflight(self, spec: ModelSpec, prices: Prices, payer: str, priced: bool) -> bool:
+        """A billed turn runs only at a known price, and only if its account can afford
+        the estimate, which is held for it until it is charged (actors.billing)."""
+        now = self.ctx.clock()
+        if not priced:
+            message = (
+                f"model {spec.name} has no active version with prices; "
+                "a billed turn cannot run unpriced"
+            )
+            await self.writer.append_decided(
+                lambda s: [
+                    decide_failed(
+                        s, "model_not_priced", message, TurnTotals(), now, self.ctx.new_id
+                    )
+                ]
+            )
+            return False
+        turn = self.state.active
+        assert turn is not None
+        refusal = await self.accounts.reserve(
+            payer, turn.turn_id, self.conversation_id, preflight_estimate(prices)
+        )
+        if refusal is None:
+            return True
+        log.info(
+            "turn refused by the pre-flight",
+            extra={"conversation_id": self.conversation_id, "account": payer},
+        )
+        await self.writer.append_decided(
+            lambda s: [
+                decide_billing_rejected(
+                    s, refusal.account, refusal.needed, refusal.available, now, self.ctx.new_id
+                )
+            ]
+        )
+        return False
+
+    async def _charge_last(self) -> None:
+        """Charge the latest billed turn once it ended (a no-op when it already was):
+        after our own turns, and when loading a conversation whose worker may have
+        died between the turn's end and its charge."""
+        billed = self.state.last_billed
+        if billed is None:
+            return
+        usage = Usage(
+            input_tokens=billed.input_tokens,
+            output_tokens=billed.output_tokens,
+            estimated=billed.estimated,
+            end=billed.end,
+        )
+        try:
+            await self.accounts.charge(
+                billed.payer, billed.turn_id, self.conversation_id, billed.prices, usage
+            )
+        except EventLogError as err:
+            log.warning(
+                "charge postponed to the conversation's next load",
+                extra={"conversation_id": self.conversation_id, "error": repr(err)},
+            )
 
     async def _settle_finished(self) -> None:
         for command_id in [c for c in self.held if c in self.state.commands_done]:

@@ -33,8 +33,10 @@ from actors.state import (
     pieces_in_order,
 )
 from actors.tools import ToolOutcome
+from events.billing import project_account, user_account
 from events.vocabulary import (
     AnswerRequested,
+    BillingRejected,
     Cancelled,
     CommandRejected,
     Done,
@@ -225,9 +227,11 @@ def decide_start(
     now: int,
     new_id: NewId,
     turn_id: str | None = None,
+    payer: str | None = None,
 ) -> list[Event]:
     """`started` for the queue's head, then `title`. The turn's id may be chosen
-    beforehand (the shell announces the turn before it appends it)."""
+    beforehand (the shell announces the turn before it appends it); `payer` is
+    the account billed for it (none in personal scope)."""
     turn_id = turn_id or new_id()
     group, number, supersedes, fork_origin = turn_id, 1, list[str](), None
     if queued.answer_group is not None:
@@ -256,6 +260,7 @@ def decide_start(
         supersedes=supersedes,
         fork_origin=fork_origin,
         user_id=queued.user_id,
+        payer=payer,
     )
     asked = message(state, queued.user_message_id)
     return [started, decide_title(state, asked.text if asked else "", turn_id, now, new_id)]
@@ -286,6 +291,34 @@ def decide_title(
         source="existing",
         turn_id=turn_id,
     )
+
+
+def decide_billing_rejected(
+    state: Conversation, account: str, needed: int, available: int, now: int, new_id: NewId
+) -> BillingRejected:
+    """The pre-flight refused the turn: it ends before the model is called."""
+    turn = _require_active(state)
+    return BillingRejected(
+        conversation_id=state.conversation_id,
+        at=now,
+        event_id=new_id(),
+        turn_id=turn.turn_id,
+        user_message_id=turn.user_message_id,
+        account=account,
+        needed=needed,
+        available=available,
+    )
+
+
+def choose_payer(state: Conversation, requester: str, project_funded: bool) -> str | None:
+    """Who pays for a turn (DESIGN section 4): nobody in personal scope; in a project,
+    the project's account when it has one (it was ever granted credits), else the
+    member who asked."""
+    if state.project_id is None:
+        return None
+    if project_funded:
+        return project_account(state.project_id)
+    return user_account(requester or state.user_id)
 
 
 def decide_tool_title(state: Conversation, title: str, now: int, new_id: NewId) -> Title:

@@ -104,12 +104,25 @@ class QueuedTurn(msgspec.Struct, frozen=True):
     user_id: str = ""
 
 
+class BilledTurn(msgspec.Struct, frozen=True):
+    """A turn that ended with an account to charge: what its charge is made of."""
+
+    turn_id: str
+    payer: str
+    prices: Prices
+    input_tokens: int
+    output_tokens: int
+    estimated: bool
+    end: str  # done | cancelled | failed
+
+
 class ActiveTurn(msgspec.Struct, frozen=True):
     turn_id: str
     user_message_id: str
     model: str
     prices: Prices
     command_id: str = ""
+    payer: str | None = None
     last_piece: Piece | None = None
     tool_calls: int = 0
     parts: tuple[ContentPart, ...] = ()  # the final content, when it came in pieces
@@ -129,6 +142,7 @@ class Conversation(msgspec.Struct, frozen=True):
     # commands whose turn ended (or which were refused): a redelivery is settled at once
     commands_done: frozenset[str] = frozenset()
     token_usage_total: int = 0
+    last_billed: BilledTurn | None = None  # the latest ended turn that has an account to charge
     # Why this conversation's state cannot be known (a damaged event, a broken
     # invariant): it refuses new work, every other conversation goes on.
     broken: str | None = None
@@ -217,6 +231,20 @@ def evolve(state: Conversation, event: AnyEvent | Unreadable) -> Conversation:
                 if isinstance(event, Cancelled)
                 else "failed"
             )
+            active = state.active
+            if active is not None and active.turn_id == event.turn_id and active.payer:
+                state = replace(
+                    state,
+                    last_billed=BilledTurn(
+                        turn_id=event.turn_id,
+                        payer=active.payer,
+                        prices=active.prices,
+                        input_tokens=event.input_tokens,
+                        output_tokens=event.output_tokens,
+                        estimated=event.tokens_estimated,
+                        end=event_type(event),
+                    ),
+                )
             return _end_turn(
                 state, event.turn_id, content, status, event.input_tokens + event.output_tokens
             )
@@ -282,6 +310,7 @@ def _started(state: Conversation, event: Started) -> Conversation:
         model=event.model,
         prices=event.prices,
         command_id=event.command_id,
+        payer=event.payer,
     )
     messages = _supersede(state.messages, event.supersedes, event.fork_origin)
     return replace(

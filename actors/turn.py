@@ -31,6 +31,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from actors.billing import Accounts
 from actors.content import build_history, tool_round_messages, visible_tools
 from actors.decide import (
     CHARS_PER_TOKEN,
@@ -80,6 +81,9 @@ class ActorContext:
     # again this many times, after retry_base_s, 2x, 4x ... with jitter.
     model_retries: int = 3
     retry_base_s: float = 0.5
+    # The worker's accounts (a cache of folded accounts shared by its actors);
+    # an actor made without one uses its own.
+    accounts: Accounts | None = None
 
 
 class RoundResult:

@@ -16,6 +16,8 @@ from api.auth import Claims, InvalidToken, verify
 from api.config import EdgeConfig
 from api.errors import ApiError, Handler, error_middleware
 from events.log import EventLog, ensure_streams
+from events.projects import ProjectState, evolve_project
+from events.subjects import project_subject
 from events.turns import TurnRegistry, redis_client
 from events.vocabulary import ConversationCreated
 from projections.db import create_pool
@@ -55,6 +57,30 @@ class HeaderCache:
 
 
 HEADERS = web.AppKey("headers", HeaderCache)
+
+
+class ProjectCache:
+    """project id -> its folded state and log position."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        self._items: dict[str, tuple[ProjectState, int]] = {}
+        self._size = size
+
+    async def get(
+        self, event_log: EventLog, project_id: str, *, fresh: bool = False
+    ) -> ProjectState:
+        state, seq = self._items.get(project_id, (ProjectState(project_id=project_id), 0))
+        if fresh or not state.exists:
+            for stored in await event_log.read_subject(project_subject(project_id), after=seq):
+                state = evolve_project(state, stored.event)
+                seq = stored.seq
+            if len(self._items) >= self._size:
+                self._items.pop(next(iter(self._items)))
+            self._items[project_id] = (state, seq)
+        return state
+
+
+PROJECTS = web.AppKey("projects", ProjectCache)
 
 
 def claims_of(request: web.Request) -> Claims:
@@ -111,6 +137,7 @@ def create_app(config: EdgeConfig) -> web.Application:
     )
     app[CONFIG] = config
     app[HEADERS] = HeaderCache()
+    app[PROJECTS] = ProjectCache()
     app.cleanup_ctx.extend([nats_ctx, postgres_ctx, redis_ctx])
     add_routes(app)
     return app

@@ -10,15 +10,15 @@ from typing import Any, Literal
 import msgspec
 from aiohttp import web
 
-from api.access import owned_conversation
+from api.access import owned_conversation, project_of_member
 from api.app import CONFIG, HEADERS, LOG, NATS, REDIS, STORE, TURNS, claims_of
 from api.errors import UNAVAILABLE, bad_request
+from api.project_routes import add_member, create_project, grant_credits
 from api.sse import Position, parse_position
 from api.streaming import open_sse, running_turn, stream_log
 from api.turn_routes import cancel_turn, edit_message, post_message, read_json, regenerate
 from events.codec import encode_stored
 from events.ids import new_id
-from events.subjects import valid_id
 from events.vocabulary import ConversationCreated
 from projections.store import ConversationRow
 
@@ -94,8 +94,9 @@ async def create_conversation(request: web.Request) -> web.Response:
         raise bad_request(
             f"unknown model {body.model!r}; known: {', '.join(config.models)}", "unknown_model"
         )
-    if body.project_id is not None and not valid_id(body.project_id):
-        raise bad_request("project_id must be 1-128 characters of A-Z a-z 0-9 _ -")
+    if body.project_id is not None:
+        # only a member starts a project conversation (a project's tools and its bill)
+        await project_of_member(request, body.project_id)
     if len(body.title) > 200:
         raise bad_request("title longer than 200 characters")
     header = ConversationCreated(
@@ -242,5 +243,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_patch("/v1/conversations/{id}/messages/{mid}", edit_message)
     app.router.add_post("/v1/conversations/{id}/messages/{mid}/regenerate", regenerate)
     app.router.add_post("/v1/conversations/{id}/cancel", cancel_turn)
+    app.router.add_post("/v1/projects", create_project)
+    app.router.add_post("/v1/projects/{id}/members", add_member)
+    app.router.add_post("/v1/billing/accounts/{kind}/{id}/credits", grant_credits)
     app.router.add_get("/v1/conversations/{id}/events", conversation_events)
     app.router.add_get("/v1/conversations/{id}/log", conversation_log)

@@ -96,10 +96,13 @@ class EventLog:
         `expected_seq` is the sequence of the conversation's last event as this
         writer knows it (0: the conversation has no events yet).
         """
-        subject = event_subject(conversation_id)
+        return await self.append_to(event_subject(conversation_id), events, expected_seq)
+
+    async def append_to(self, subject: str, events: Sequence[Event], expected_seq: int) -> int:
+        """`append` for any subject of the log (an account's, a project's)."""
         last = expected_seq
         for event in events:
-            last = await self._publish_one(subject, conversation_id, event, last)
+            last = await self._publish_one(subject, subject, event, last)
         return last
 
     async def _publish_one(
@@ -153,8 +156,11 @@ class EventLog:
 
     async def last_seq(self, conversation_id: str) -> int:
         """Sequence of the conversation's last event, 0 if it has none."""
+        return await self.last_seq_of(event_subject(conversation_id))
+
+    async def last_seq_of(self, subject: str) -> int:
         try:
-            msg = await self._js.get_msg(EVT_STREAM, subject=event_subject(conversation_id))
+            msg = await self._js.get_msg(EVT_STREAM, subject=subject)
         except nats.js.errors.NotFoundError:
             return 0
         return int(msg.seq or 0)
@@ -185,7 +191,10 @@ class EventLog:
         two, not a consumer created and deleted. Every position is handed out
         (unreadable ones too), and it always returns.
         """
-        subject = event_subject(conversation_id)
+        return await self.read_subject(event_subject(conversation_id), after)
+
+    async def read_subject(self, subject: str, after: int = 0) -> list[StoredEvent]:
+        """`read` for any subject of the log."""
         out: list[StoredEvent] = []
         start = after + 1
         while True:

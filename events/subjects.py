@@ -47,3 +47,13 @@ def partition_subjects(partition: int) -> str:
 
 def event_subject(conversation_id: str) -> str:
     return f"{EVT_PREFIX}.{conversation_id}"
+
+
+def account_subject(account: str) -> str:
+    """`user:<id>` or `project:<id>` -> chat.evt.account.<kind>.<id>."""
+    kind, _, owner = account.partition(":")
+    return f"{EVT_PREFIX}.account.{kind}.{owner}"
+
+
+def project_subject(project_id: str) -> str:
+    return f"{EVT_PREFIX}.project.{project_id}"

@@ -112,6 +112,7 @@ class Started(Event, tag="started", frozen=True):
     supersedes: list[str] = []  # a regenerated answer replaces these as the latest
     fork_origin: str | None = None
     user_id: str = ""  # who asked
+    payer: str | None = None  # the account billed for this turn ("project:<id>" / "user:<id>")
 
 
 class Chunk(Event, tag="chunk", frozen=True):
@@ -208,10 +209,62 @@ class CommandRejected(Event, tag="command_rejected", frozen=True):
 
 
 class CreditsGranted(Event, tag="credits_granted", frozen=True):
+    """Written to the account's subject (`conversation_id` is empty)."""
+
     account: str  # "user:<id>" or "project:<id>"
     amount: int  # micro-credits
     note: str = ""
     granted_by: str = ""
+
+
+# ---------------------------------------------------------------- accounts and projects
+#
+# An account (a user's or a project's) is written like a conversation: its own
+# subject (`chat.evt.account.<kind>.<id>`) and single-writer appends, so two
+# turns can never both reserve the last credits, and every balance can be
+# recomputed from the log alone. A project's membership lives on its own
+# subject too (`chat.evt.project.<id>`). `conversation_id` names the turn's
+# conversation where there is one, and is empty otherwise.
+
+
+class CreditsReserved(Event, tag="credits_reserved", frozen=True):
+    """A turn's estimated cost held back before the model is called (the pre-flight)."""
+
+    account: str
+    turn_id: str
+    amount: int  # micro-credits: 500 input + 250 output tokens at the prices in force
+
+
+class TurnCharged(Event, tag="turn_charged", frozen=True):
+    """A turn's real cost, at the prices recorded in its `started`; its reservation ends.
+
+    Exactly one per billed turn (`done`, `cancelled`, `failed`), also when it
+    consumed nothing (`cost` 0: the reservation is simply released). A cost
+    above what the account had makes its balance negative: debt, never dropped.
+    """
+
+    account: str
+    turn_id: str
+    cost: int  # micro-credits
+    reserved: int
+    input_tokens: int
+    output_tokens: int
+    input_price: float
+    output_price: float
+    tokens_estimated: bool = False
+    end: str = "done"  # done | cancelled | failed
+
+
+class ProjectCreated(Event, tag="project_created", frozen=True):
+    project_id: str
+    name: str
+    created_by: str  # the first member
+
+
+class MemberAdded(Event, tag="member_added", frozen=True):
+    project_id: str
+    user_id: str
+    added_by: str
 
 
 AnyEvent = (
@@ -230,6 +283,10 @@ AnyEvent = (
     | CommandRejected
     | ContentPart
     | AnswerRequested
+    | CreditsReserved
+    | TurnCharged
+    | ProjectCreated
+    | MemberAdded
 )
 
 TurnEnd = Done | Cancelled | Failed | BillingRejected

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import random
 import socket
+import time
 from collections.abc import Awaitable, Callable, Collection
 from types import TracebackType
 from typing import Any, Self
@@ -24,6 +25,7 @@ import nats
 from aiohttp import web
 from nats.aio.client import Client as NatsClient
 
+from actors.billing import Accounts
 from actors.builtin_tools import BUILTIN_TOOLS
 from actors.models import ModelCatalog
 from actors.tools import Tool, ToolRunner, load_tools, merge_tools
@@ -148,8 +150,10 @@ class Services:
         self._stack.push_async_callback(redis.aclose)
         http = aiohttp.ClientSession()
         self._stack.push_async_callback(http.close)
+        event_log = EventLog(js)
         ctx = ActorContext(
-            log=EventLog(js),
+            log=event_log,
+            accounts=Accounts(event_log, time.time_ns, new_id),
             turns=TurnRegistry(redis),
             http=http,
             catalog=self.options.catalog,

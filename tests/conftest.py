@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from nats.aio.client import Client as NatsClient
 
-from actors.models import ModelCatalog, ModelSpec
+from actors.models import ModelCatalog, ModelSpec, ModelVersion
 from api.auth import mint
 from events.ids import new_id
 from events.log import EventLog, ensure_streams
@@ -94,6 +94,12 @@ def test_catalog(recorder_url: str = "http://127.0.0.1:1/v1") -> ModelCatalog:
             ModelSpec(name="other-demo", versions=DEMO_SPEC.versions),
             # nothing listens on port 1: a dead model server
             ModelSpec(name="unreachable-model", base_url="http://127.0.0.1:1/v1"),
+            # served by the demo model, but with no active version: no price
+            ModelSpec(
+                name="unpriced-model",
+                upstream_name="demo",
+                versions=[ModelVersion(version="2025-01", status="deprecated", input_price=1.0)],
+            ),
             ModelSpec(
                 name="recorder",
                 base_url=recorder_url,

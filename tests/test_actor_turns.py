@@ -231,7 +231,7 @@ async def _messages(api: SseClient, cid: str, versions: str) -> list[dict[str, A
 async def test_calls_of_one_response_run_side_by_side_and_failures_become_results(
     api: SseClient, event_log: EventLog
 ) -> None:
-    cid = (await api.create_conversation(project_id="p-tools"))["id"]
+    cid = (await api.create_conversation())["id"]
     calls = ";".join(
         ['sleepy{"ms": 400}'] * 3
         + ["boom{}", "slowpoke{}", "not_text{}", 'calculator{"expression": "6*7"}']

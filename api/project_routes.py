@@ -1,0 +1,150 @@
+"""Projects and credits: creating a project, adding members, granting credits.
+
+A project and an account are subjects of the log like conversations, so these
+routes append events (`project_created`, `member_added`, `credits_granted`)
+with the single-writer check; what they show back (lists, balances, the
+ledger) is read from the projections.
+
+Who may do what: any user creates projects; a member adds members; only an
+admin token grants credits (and an admin token gives no other power: it reads
+no one else's conversations or projects).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Literal
+
+import msgspec
+from aiohttp import web
+
+from api.access import project_of_member
+from api.app import LOG, PROJECTS, claims_of
+from api.errors import ApiError, bad_request, not_found
+from api.turn_routes import read_json
+from events.errors import EventLogConflict
+from events.ids import new_id
+from events.subjects import account_subject, project_subject, valid_id
+from events.vocabulary import CreditsGranted, MemberAdded, ProjectCreated
+
+_NAME_MAX = 200
+_GRANT_MAX = 10**15  # a billion credits: anything above is a typo
+_ATTEMPTS = 5
+
+
+class CreateProject(msgspec.Struct, frozen=True):
+    name: str
+
+
+class AddMember(msgspec.Struct, frozen=True):
+    user_id: str
+
+
+class GrantCredits(msgspec.Struct, frozen=True):
+    micro_credits: int
+    note: str = ""
+    idempotency_key: str | None = None
+
+
+async def create_project(request: web.Request) -> web.Response:
+    body = await read_json(request, CreateProject)
+    name = " ".join(body.name.split())
+    if not name or len(name) > _NAME_MAX:
+        raise bad_request(f"name must be 1-{_NAME_MAX} characters")
+    creator = claims_of(request).sub
+    project_id = new_id()
+    event = ProjectCreated(
+        conversation_id="",
+        at=time.time_ns(),
+        event_id=new_id(),
+        project_id=project_id,
+        name=name,
+        created_by=creator,
+    )
+    await request.app[LOG].append_to(project_subject(project_id), [event], 0)
+    return web.json_response({"id": project_id, "name": name, "members": [creator]}, status=201)
+
+
+async def add_member(request: web.Request) -> web.Response:
+    project = await project_of_member(request, request.match_info["id"])
+    body = await read_json(request, AddMember)
+    if not valid_id(body.user_id):
+        raise bad_request("user_id must be 1-128 characters of A-Z a-z 0-9 _ -")
+    event_log = request.app[LOG]
+    subject = project_subject(project.project_id)
+    for _ in range(_ATTEMPTS):
+        current = await request.app[PROJECTS].get(event_log, project.project_id, fresh=True)
+        if body.user_id in current.members:
+            break
+        event = MemberAdded(
+            conversation_id="",
+            at=time.time_ns(),
+            event_id=new_id(),
+            project_id=project.project_id,
+            user_id=body.user_id,
+            added_by=claims_of(request).sub,
+        )
+        try:
+            await event_log.append_to(subject, [event], await event_log.last_seq_of(subject))
+            break
+        except EventLogConflict:
+            continue  # another member was added meanwhile: look again
+    current = await request.app[PROJECTS].get(event_log, project.project_id, fresh=True)
+    return web.json_response(
+        {"id": current.project_id, "name": current.name, "members": sorted(current.members)},
+        status=201,
+    )
+
+
+async def grant_credits(request: web.Request) -> web.Response:
+    claims = claims_of(request)
+    if not claims.adm:
+        raise ApiError(403, "forbidden", "granting credits needs an admin token")
+    kind, owner = _account_path(request)
+    body = await read_json(request, GrantCredits)
+    if not 0 < body.micro_credits <= _GRANT_MAX:
+        raise bad_request(f"micro_credits must be between 1 and {_GRANT_MAX}")
+    if len(body.note) > 500:
+        raise bad_request("note longer than 500 characters")
+    event_log = request.app[LOG]
+    if kind == "project":
+        project = await request.app[PROJECTS].get(event_log, owner, fresh=True)
+        if not project.exists:
+            raise not_found("project")
+    account = f"{kind}:{owner}"
+    # With a key, the event's id is derived from it: a retried grant is the same
+    # event, dropped by the stream's duplicate window.
+    event_id = (
+        "grant-" + hashlib.sha256(f"{account}\x00{body.idempotency_key}".encode()).hexdigest()[:32]
+        if body.idempotency_key
+        else new_id()
+    )
+    event = CreditsGranted(
+        conversation_id="",
+        at=time.time_ns(),
+        event_id=event_id,
+        account=account,
+        amount=body.micro_credits,
+        note=body.note,
+        granted_by=claims.sub,
+    )
+    subject = account_subject(account)
+    for _ in range(_ATTEMPTS):
+        try:
+            seq = await event_log.append_to(subject, [event], await event_log.last_seq_of(subject))
+            break
+        except EventLogConflict:
+            continue  # a turn reserved or was charged meanwhile: append after it
+    else:
+        raise ApiError(503, "unavailable", "the account is busy; try again")
+    return web.json_response(
+        {"account": account, "granted": body.micro_credits, "seq": seq}, status=201
+    )
+
+
+def _account_path(request: web.Request) -> tuple[Literal["user", "project"], str]:
+    kind, owner = request.match_info["kind"], request.match_info["id"]
+    if kind not in ("user", "project") or not valid_id(owner):
+        raise not_found("account")
+    return ("user" if kind == "user" else "project"), owner
