@@ -367,6 +367,8 @@ class ConversationActor:
             output_tokens=billed.output_tokens,
             estimated=billed.estimated,
             end=billed.end,
+            user_id=billed.user_id,
+            project_id=self.state.project_id,
         )
         try:
             await self.accounts.charge(

@@ -65,12 +65,14 @@ def decide_reservation(
 
 
 class Usage(msgspec.Struct, frozen=True):
-    """What a turn consumed, as its end event says."""
+    """What a turn consumed, as its end event says, and who it was for."""
 
     input_tokens: int
     output_tokens: int
     estimated: bool
     end: str  # done | cancelled | failed
+    user_id: str = ""
+    project_id: str | None = None
 
 
 def decide_charge(
@@ -99,6 +101,8 @@ def decide_charge(
         output_price=prices.output_price,
         tokens_estimated=usage.estimated,
         end=usage.end,
+        user_id=usage.user_id,
+        project_id=usage.project_id,
     )
 
 

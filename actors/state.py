@@ -114,6 +114,7 @@ class BilledTurn(msgspec.Struct, frozen=True):
     output_tokens: int
     estimated: bool
     end: str  # done | cancelled | failed
+    user_id: str = ""
 
 
 class ActiveTurn(msgspec.Struct, frozen=True):
@@ -123,6 +124,7 @@ class ActiveTurn(msgspec.Struct, frozen=True):
     prices: Prices
     command_id: str = ""
     payer: str | None = None
+    user_id: str = ""
     last_piece: Piece | None = None
     tool_calls: int = 0
     parts: tuple[ContentPart, ...] = ()  # the final content, when it came in pieces
@@ -243,6 +245,7 @@ def evolve(state: Conversation, event: AnyEvent | Unreadable) -> Conversation:
                         output_tokens=event.output_tokens,
                         estimated=event.tokens_estimated,
                         end=event_type(event),
+                        user_id=active.user_id,
                     ),
                 )
             return _end_turn(
@@ -311,6 +314,7 @@ def _started(state: Conversation, event: Started) -> Conversation:
         prices=event.prices,
         command_id=event.command_id,
         payer=event.payer,
+        user_id=event.user_id,
     )
     messages = _supersede(state.messages, event.supersedes, event.fork_origin)
     return replace(

@@ -43,6 +43,14 @@ _DIRECT_GET = f"$JS.API.DIRECT.GET.{EVT_STREAM}"
 _READ_BATCH = 512
 
 
+class RawEntry(msgspec.Struct, frozen=True):
+    """An entry of the log as stored: position, subject, bytes."""
+
+    seq: int
+    subject: str
+    data: bytes
+
+
 class StoredEvent(msgspec.Struct, frozen=True):
     """An entry of the log with its position: an event, or one this version cannot read.
 
@@ -199,18 +207,35 @@ class EventLog:
         start = after + 1
         while True:
             batch, pending = await self._direct_batch(subject, start)
-            out.extend(StoredEvent(seq=seq, event=decode_entry(data)) for seq, data in batch)
+            out.extend(StoredEvent(seq=e.seq, event=decode_entry(e.data)) for e in batch)
             if not batch or pending == 0:
                 return out
-            start = batch[-1][0] + 1
+            start = batch[-1].seq + 1
 
-    async def _direct_batch(self, subject: str, start: int) -> tuple[list[tuple[int, bytes]], int]:
-        """Up to `_READ_BATCH` entries of `subject` from `start`, and how many remain."""
+    async def scan(self, after: int = 0) -> AsyncIterator[list[RawEntry]]:
+        """The whole log (every subject) after `after`, in order, a batch at a time.
+
+        For readers of everything that must not miss anything (the audit): raw
+        entries, so the reader decides what to decode.
+        """
+        start = after + 1
+        while True:
+            batch, pending = await self._direct_batch(None, start)
+            if batch:
+                yield batch
+            if not batch or pending == 0:
+                return
+            start = batch[-1].seq + 1
+
+    async def _direct_batch(self, subject: str | None, start: int) -> tuple[list[RawEntry], int]:
+        """Up to `_READ_BATCH` entries (of `subject`, or of all) from `start`, and how many remain."""
         nc = self._js._nc
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox)
-        request = {"seq": start, "next_by_subj": subject, "batch": _READ_BATCH}
-        out: list[tuple[int, bytes]] = []
+        request: dict[str, object] = {"seq": start, "batch": _READ_BATCH}
+        if subject is not None:
+            request["next_by_subj"] = subject
+        out: list[RawEntry] = []
         try:
             await nc.publish(_DIRECT_GET, encode(request), reply=inbox)
             while True:
@@ -226,7 +251,13 @@ class EventLog:
                     return out, int(headers.get("Nats-Num-Pending", "0"))
                 if status is not None:
                     raise EventLogUnavailable(f"reading {subject}: status {status}")
-                out.append((int(headers["Nats-Sequence"]), msg.data))
+                out.append(
+                    RawEntry(
+                        seq=int(headers["Nats-Sequence"]),
+                        subject=headers.get("Nats-Subject", ""),
+                        data=msg.data,
+                    )
+                )
         finally:
             await sub.unsubscribe()
 

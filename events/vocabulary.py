@@ -253,6 +253,8 @@ class TurnCharged(Event, tag="turn_charged", frozen=True):
     output_price: float
     tokens_estimated: bool = False
     end: str = "done"  # done | cancelled | failed
+    user_id: str = ""  # who asked for the turn
+    project_id: str | None = None  # the conversation's project
 
 
 class ProjectCreated(Event, tag="project_created", frozen=True):
