@@ -186,10 +186,10 @@ def check(
 
     rows = {row.turn_id: row for row in ledger}
     for turn_id, charges in sorted(book.charges.items()):
-        turn = book.turns.get(turn_id)
-        if turn is not None and turn_id not in in_scope:
+        known = book.turns.get(turn_id)
+        if known is not None and turn_id not in in_scope:
             continue
-        if turn is None and not scope.account(charges[0].account):
+        if known is None and not scope.account(charges[0].account):
             continue
         row = rows.pop(turn_id, None)
         if row is None:
@@ -204,8 +204,8 @@ def check(
                 )
             )
     for turn_id, row in sorted(rows.items()):
-        turn = book.turns.get(turn_id)
-        if (turn is None and scope.account(row.account)) or turn_id in in_scope:
+        unknown = turn_id not in book.turns
+        if (unknown and scope.account(row.account)) or turn_id in in_scope:
             out.append(
                 Mismatch("ledger_row_extra", turn_id, "no charge", f"{row.cost} to {row.account}")
             )

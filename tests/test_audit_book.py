@@ -16,7 +16,7 @@ from events.vocabulary import (
     Started,
     TurnCharged,
 )
-from projections.audit import BalanceRow, Book, LedgerRow, Scope, check, fold_book
+from projections.audit import BalanceRow, Book, LedgerRow, Mismatch, Scope, check, fold_book
 
 PRICES = Prices(input_price=3.0, output_price=15.0)
 PROJECT = "p1"
@@ -93,7 +93,7 @@ def clean_log() -> tuple[list[AnyEvent], list[LedgerRow], list[BalanceRow]]:
     return events, ledger, balances
 
 
-def kinds(found: list[object]) -> list[str]:
+def kinds(found: list[Mismatch]) -> list[str]:
     return [m.kind for m in found]
 
 
