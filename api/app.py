@@ -1,65 +1,39 @@
-"""The aiohttp application: resources as cleanup contexts, typed keys, auth, routes."""
+"""The aiohttp application: resources as cleanup contexts, auth, routes.
+
+The keys it fills live in `api.context`, which the handlers import; nothing
+imports this module but the wiring.
+"""
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import AsyncIterator
-from typing import Any
 
 import nats
-import redis.asyncio as aioredis
 from aiohttp import web
-from nats.aio.client import Client as NatsClient
-from nats.js import JetStreamContext
 
-from api.auth import Claims, InvalidToken, verify
+from api.auth import InvalidToken, verify
 from api.config import EdgeConfig
+from api.context import (
+    CLAIMS,
+    CONFIG,
+    HEADERS,
+    JS,
+    LOG,
+    NATS,
+    POOL,
+    REDIS,
+    STORE,
+    TURNS,
+    HeaderCache,
+)
 from api.errors import ApiError, Handler, error_middleware
+from api.routes import add_routes
 from events.log import EventLog, ensure_streams
 from events.turns import TurnRegistry, redis_client
-from events.vocabulary import ConversationCreated
 from projections.db import create_pool
 from projections.store import ReadStore
 
-CONFIG = web.AppKey("config", EdgeConfig)
-NATS = web.AppKey("nats", NatsClient)
-JS = web.AppKey("js", JetStreamContext)
-LOG = web.AppKey("log", EventLog)
-POOL = web.AppKey("pool", Any)
-STORE = web.AppKey("store", ReadStore)
-REDIS = web.AppKey("redis", aioredis.Redis)
-TURNS = web.AppKey("turns", TurnRegistry)
-
-_CLAIMS = web.RequestKey("claims", Claims)
 PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics", "/openapi.json"})
-
-
-class HeaderCache:
-    """conversation id -> its `conversation_created` event. Immutable facts, so a plain LRU."""
-
-    def __init__(self, size: int = 10_000) -> None:
-        self._items: OrderedDict[str, ConversationCreated] = OrderedDict()
-        self._size = size
-
-    def get(self, conversation_id: str) -> ConversationCreated | None:
-        item = self._items.get(conversation_id)
-        if item is not None:
-            self._items.move_to_end(conversation_id)
-        return item
-
-    def put(self, header: ConversationCreated) -> None:
-        self._items[header.conversation_id] = header
-        self._items.move_to_end(header.conversation_id)
-        while len(self._items) > self._size:
-            self._items.popitem(last=False)
-
-
-HEADERS = web.AppKey("headers", HeaderCache)
-
-
-def claims_of(request: web.Request) -> Claims:
-    claims: Claims = request[_CLAIMS]
-    return claims
 
 
 @web.middleware
@@ -71,7 +45,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if scheme.lower() != "bearer" or not token:
         raise ApiError(401, "unauthorized", "missing bearer token (Authorization: Bearer <token>)")
     try:
-        request[_CLAIMS] = verify(request.app[CONFIG].jwt_secret, token.strip())
+        request[CLAIMS] = verify(request.app[CONFIG].jwt_secret, token.strip())
     except InvalidToken as err:
         raise ApiError(401, "unauthorized", str(err)) from err
     return await handler(request)
@@ -104,8 +78,6 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(config: EdgeConfig) -> web.Application:
-    from api.routes import add_routes
-
     app = web.Application(
         middlewares=[error_middleware, auth_middleware], client_max_size=config.max_body_bytes
     )

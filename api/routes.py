@@ -11,7 +11,7 @@ from typing import Any, Literal, TypeVar
 import msgspec
 from aiohttp import web
 
-from api.app import CONFIG, HEADERS, JS, LOG, NATS, REDIS, STORE, TURNS, claims_of
+from api.context import CONFIG, HEADERS, JS, LOG, NATS, REDIS, STORE, TURNS, claims_of
 from api.errors import UNAVAILABLE, ApiError, bad_request, not_found
 from api.sse import Position, parse_position
 from api.streaming import PendingCommand, TurnFilter, open_sse, running_turn, stream_log

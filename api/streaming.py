@@ -20,7 +20,7 @@ import nats.errors
 import nats.js.errors
 from aiohttp import web
 
-from api.app import CONFIG, JS, LOG, TURNS
+from api.context import CONFIG, JS, LOG, TURNS
 from api.sse import PING, Envelope, Position, envelopes, frame, frames
 from events.errors import EventLogError, PositionGone
 from events.log import StoredEvent

@@ -35,7 +35,7 @@ from api.auth import mint
 from api.sse import Envelope, frame
 from parley.config import load_catalog, load_settings
 from parley.demo_model import DemoConfig, start_demo_model
-from parley.services import Servers, ServiceOptions, Services
+from parley.services import Servers, ServiceOptions, Services, resolve_servers
 from parley.stack import EmbeddedStack
 
 SECRET = "bench-" + "s" * 40
@@ -304,8 +304,6 @@ def run_bench(args: argparse.Namespace) -> int:
             )
             servers = cleanup.enter_context(EmbeddedStack(folder)).urls
         else:
-            from parley.cli import resolve_servers
-
             servers = resolve_servers(settings)
         result = asyncio.run(
             run_stream(servers, args.conversations, args.tokens, args.rounds, args.rate)

@@ -24,8 +24,8 @@ from events.subjects import valid_id
 from events.vocabulary import AnyEvent, Chunk, event_type
 from parley.config import ConfigError, Settings, jwt_secret, load_catalog, load_settings
 from parley.logs import setup_logging
-from parley.services import ROLES, Servers, ServiceOptions, Services
-from parley.stack import EmbeddedStack, StackError, running_stack_urls
+from parley.services import ROLES, Servers, ServiceOptions, Services, resolve_servers
+from parley.stack import EmbeddedStack, StackError
 from projections.db import create_pool
 from projections.store import ReadStore
 
@@ -44,31 +44,6 @@ class RunInfo(msgspec.Struct, frozen=True):
     edge_url: str
     model_base_url: str
     pid: int
-
-
-def resolve_servers(settings: Settings) -> Servers:
-    """The servers named in the environment, else the dev stack running on the data folder."""
-    named = {
-        "PARLEY_NATS_URL": settings.nats_url,
-        "PARLEY_DATABASE_URL": settings.database_url,
-        "PARLEY_REDIS_URL": settings.redis_url,
-    }
-    if any(named.values()):
-        missing = [name for name, value in named.items() if not value]
-        if missing:
-            raise CliError(f"set {', '.join(missing)} too, or none of the PARLEY_*_URL variables")
-        return Servers(
-            nats_url=settings.nats_url or "",
-            database_url=settings.database_url or "",
-            redis_url=settings.redis_url or "",
-        )
-    urls = running_stack_urls(settings.data_dir)
-    if urls is None:
-        raise CliError(
-            f"no servers configured (PARLEY_NATS_URL, PARLEY_DATABASE_URL, PARLEY_REDIS_URL) "
-            f"and no `parley dev` running on {settings.data_dir}"
-        )
-    return urls
 
 
 # ---------------------------------------------------------------- dev / serve

@@ -33,7 +33,8 @@ from api.config import EdgeConfig
 from events.ids import new_id
 from events.log import EventLog, ensure_streams
 from events.turns import TurnRegistry, redis_client
-from parley.stack import StackUrls
+from parley.config import ConfigError, Settings
+from parley.stack import StackUrls, running_stack_urls
 from projections.db import create_pool
 from projections.projector import Projector
 
@@ -44,6 +45,33 @@ ROLES = ("edge", "worker", "projector")
 # Where NATS, Postgres and Redis are: the same three URLs whether the embedded
 # stack started them or the environment named them.
 Servers = StackUrls
+
+
+def resolve_servers(settings: Settings) -> Servers:
+    """The servers named in the environment, else the dev stack running on the data folder."""
+    named = {
+        "PARLEY_NATS_URL": settings.nats_url,
+        "PARLEY_DATABASE_URL": settings.database_url,
+        "PARLEY_REDIS_URL": settings.redis_url,
+    }
+    if any(named.values()):
+        missing = [name for name, value in named.items() if not value]
+        if missing:
+            raise ConfigError(
+                f"set {', '.join(missing)} too, or none of the PARLEY_*_URL variables"
+            )
+        return Servers(
+            nats_url=settings.nats_url or "",
+            database_url=settings.database_url or "",
+            redis_url=settings.redis_url or "",
+        )
+    urls = running_stack_urls(settings.data_dir)
+    if urls is None:
+        raise ConfigError(
+            f"no servers configured (PARLEY_NATS_URL, PARLEY_DATABASE_URL, PARLEY_REDIS_URL) "
+            f"and no `parley dev` running on {settings.data_dir}"
+        )
+    return urls
 
 
 class ServiceOptions(msgspec.Struct, frozen=True):

@@ -1,0 +1,64 @@
+"""What every edge module shares: the typed keys of the application and the request,
+and the small helpers read through them.
+
+This module is the bottom of `api/`: it imports no other edge module that could
+import it back (only the pure ones: `api.auth`, `api.config`), so imports point
+one way: `app` -> `routes` -> `streaming` -> `context`. What may not enter:
+handlers, middlewares, anything that does I/O.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import redis.asyncio as aioredis
+from aiohttp import web
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+
+from api.auth import Claims
+from api.config import EdgeConfig
+from events.log import EventLog
+from events.turns import TurnRegistry
+from events.vocabulary import ConversationCreated
+from projections.store import ReadStore
+
+
+class HeaderCache:
+    """conversation id -> its `conversation_created` event. Immutable facts, so a plain LRU."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        self._items: OrderedDict[str, ConversationCreated] = OrderedDict()
+        self._size = size
+
+    def get(self, conversation_id: str) -> ConversationCreated | None:
+        item = self._items.get(conversation_id)
+        if item is not None:
+            self._items.move_to_end(conversation_id)
+        return item
+
+    def put(self, header: ConversationCreated) -> None:
+        self._items[header.conversation_id] = header
+        self._items.move_to_end(header.conversation_id)
+        while len(self._items) > self._size:
+            self._items.popitem(last=False)
+
+
+CONFIG = web.AppKey("config", EdgeConfig)
+NATS = web.AppKey("nats", NatsClient)
+JS = web.AppKey("js", JetStreamContext)
+LOG = web.AppKey("log", EventLog)
+POOL = web.AppKey("pool", Any)
+STORE = web.AppKey("store", ReadStore)
+REDIS = web.AppKey("redis", aioredis.Redis)
+TURNS = web.AppKey("turns", TurnRegistry)
+HEADERS = web.AppKey("headers", HeaderCache)
+
+CLAIMS = web.RequestKey("claims", Claims)
+
+
+def claims_of(request: web.Request) -> Claims:
+    """The verified token of the request (set by the auth middleware on every non-public path)."""
+    claims: Claims = request[CLAIMS]
+    return claims
