@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import aiohttp
 import nats
 from aiohttp import web
 
-from api.auth import InvalidToken, verify
+from api.auth import InvalidToken, JwksKeys, Verifier
 from api.config import EdgeConfig
 from api.context import (
     CLAIMS,
@@ -24,6 +25,7 @@ from api.context import (
     REDIS,
     STORE,
     TURNS,
+    VERIFIER,
     HeaderCache,
 )
 from api.errors import ApiError, Handler, error_middleware
@@ -45,10 +47,28 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if scheme.lower() != "bearer" or not token:
         raise ApiError(401, "unauthorized", "missing bearer token (Authorization: Bearer <token>)")
     try:
-        request[CLAIMS] = verify(request.app[CONFIG].jwt_secret, token.strip())
+        request[CLAIMS] = await request.app[VERIFIER].verify(token.strip())
     except InvalidToken as err:
         raise ApiError(401, "unauthorized", str(err)) from err
     return await handler(request)
+
+
+async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    http: aiohttp.ClientSession | None = None
+    jwks = None
+    if config.jwks_url:
+        http = aiohttp.ClientSession()
+        jwks = JwksKeys(config.jwks_url, http)
+    app[VERIFIER] = Verifier(
+        secret=config.jwt_secret,
+        jwks=jwks,
+        issuer=config.jwt_issuer,
+        audience=config.jwt_audience,
+    )
+    yield
+    if http is not None:
+        await http.close()
 
 
 async def nats_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -83,6 +103,6 @@ def create_app(config: EdgeConfig) -> web.Application:
     )
     app[CONFIG] = config
     app[HEADERS] = HeaderCache()
-    app.cleanup_ctx.extend([nats_ctx, postgres_ctx, redis_ctx])
+    app.cleanup_ctx.extend([auth_ctx, nats_ctx, postgres_ctx, redis_ctx])
     add_routes(app)
     return app

@@ -9,7 +9,12 @@ class EdgeConfig(msgspec.Struct, frozen=True):
     nats_url: str
     database_url: str
     redis_url: str
-    jwt_secret: str
+    # Tokens (api/auth.py): HS256 with this secret, and/or RS256/ES256 from an
+    # identity provider's JWKS, whose issuer and audience are checked.
+    jwt_secret: str | None = None
+    jwks_url: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
     db_schema: str = "parley"
     models: list[str] = []  # model names clients may ask for
     default_model: str = "demo"

@@ -17,7 +17,7 @@ from aiohttp import web
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
-from api.auth import Claims
+from api.auth import Claims, Verifier
 from api.config import EdgeConfig
 from events.log import EventLog
 from events.turns import TurnRegistry
@@ -54,6 +54,7 @@ STORE = web.AppKey("store", ReadStore)
 REDIS = web.AppKey("redis", aioredis.Redis)
 TURNS = web.AppKey("turns", TurnRegistry)
 HEADERS = web.AppKey("headers", HeaderCache)
+VERIFIER = web.AppKey("verifier", Verifier)
 
 CLAIMS = web.RequestKey("claims", Claims)
 

@@ -32,6 +32,9 @@ DEMO_SPEC = ModelSpec(
 )
 
 
+MIN_SECRET_CHARS = 32
+
+
 class ConfigError(Exception):
     """Configuration that cannot work; the message says which variable and why."""
 
@@ -45,6 +48,9 @@ class Settings(msgspec.Struct, frozen=True):
     model_api_key: str | None = None
     model: str | None = None
     jwt_secret: str | None = None
+    jwt_jwks_url: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
     models_file: str | None = None
     db_schema: str = "parley"
     demo_tokens_per_s: float = 40.0  # how fast the demo model streams in `parley dev`
@@ -60,6 +66,26 @@ def settings_from_env(env: Mapping[str, str], data_dir: str | Path | None = None
         value = env.get(name, "").strip()
         return value or None
 
+    jwt_secret = get("PARLEY_JWT_SECRET")
+    if jwt_secret is not None and len(jwt_secret) < MIN_SECRET_CHARS:
+        raise ConfigError(
+            f"PARLEY_JWT_SECRET must be at least {MIN_SECRET_CHARS} characters "
+            "(HS256 with a short secret can be guessed offline from one token)"
+        )
+    jwks_url, issuer, audience = (
+        get("PARLEY_JWT_JWKS_URL"),
+        get("PARLEY_JWT_ISSUER"),
+        get("PARLEY_JWT_AUDIENCE"),
+    )
+    if jwks_url is not None and (issuer is None or audience is None):
+        raise ConfigError(
+            "PARLEY_JWT_JWKS_URL needs PARLEY_JWT_ISSUER and PARLEY_JWT_AUDIENCE too: "
+            "a token from the identity provider is accepted only for this issuer and audience"
+        )
+    if jwks_url is None and (issuer is not None or audience is not None):
+        raise ConfigError(
+            "PARLEY_JWT_ISSUER and PARLEY_JWT_AUDIENCE apply only with PARLEY_JWT_JWKS_URL"
+        )
     return Settings(
         data_dir=Path(data_dir or get("PARLEY_DATA") or ".parley"),
         nats_url=get("PARLEY_NATS_URL"),
@@ -68,7 +94,10 @@ def settings_from_env(env: Mapping[str, str], data_dir: str | Path | None = None
         model_base_url=get("PARLEY_MODEL_BASE_URL"),
         model_api_key=get("PARLEY_MODEL_API_KEY"),
         model=get("PARLEY_MODEL"),
-        jwt_secret=get("PARLEY_JWT_SECRET"),
+        jwt_secret=jwt_secret,
+        jwt_jwks_url=jwks_url,
+        jwt_issuer=issuer,
+        jwt_audience=audience,
         models_file=get("PARLEY_MODELS_FILE"),
         db_schema=get("PARLEY_DB_SCHEMA") or "parley",
         demo_tokens_per_s=_float(get("PARLEY_DEMO_TOKENS_PER_S"), 40.0, "PARLEY_DEMO_TOKENS_PER_S"),
@@ -121,11 +150,11 @@ def parse_models_file(path: Path) -> list[ModelSpec]:
         raise ConfigError(f"PARLEY_MODELS_FILE {path}: {err}") from err
 
 
-def jwt_secret(settings: Settings) -> str:
-    """PARLEY_JWT_SECRET, else a secret kept in the data folder (created on first use)."""
+def dev_jwt_secret(settings: Settings) -> str:
+    """For `parley dev`: PARLEY_JWT_SECRET, else the data folder's secret (created on first use)."""
     if settings.jwt_secret:
         return settings.jwt_secret
-    path = settings.data_dir / "jwt_secret"
+    path = settings.data_dir / SECRET_FILE
     if not path.exists():
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -136,3 +165,14 @@ def jwt_secret(settings: Settings) -> str:
             with os.fdopen(fd, "w") as out:
                 out.write(secrets.token_urlsafe(48))
     return path.read_text().strip()
+
+
+def data_folder_secret(data_dir: Path) -> str | None:
+    """The secret `parley dev` keeps in `data_dir`, if there is one. Never creates it."""
+    try:
+        return (data_dir / SECRET_FILE).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+SECRET_FILE = "jwt_secret"

@@ -74,10 +74,14 @@ def resolve_servers(settings: Settings) -> Servers:
     return urls
 
 
-class ServiceOptions(msgspec.Struct, frozen=True):
-    jwt_secret: str
+class ServiceOptions(msgspec.Struct, frozen=True, kw_only=True):
     catalog: ModelCatalog
     model_base_url: str
+    # tokens the edge accepts (api/auth.py): the HS256 secret and/or an identity provider's JWKS
+    jwt_secret: str | None = None
+    jwks_url: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
     model_api_key: str | None = None
     db_schema: str = "parley"
     host: str = "127.0.0.1"
@@ -192,6 +196,9 @@ class Services:
             database_url=self.servers.database_url,
             redis_url=self.servers.redis_url,
             jwt_secret=options.jwt_secret,
+            jwks_url=options.jwks_url,
+            jwt_issuer=options.jwt_issuer,
+            jwt_audience=options.jwt_audience,
             db_schema=options.db_schema,
             models=[m.name for m in options.catalog.models],
             default_model=options.catalog.default_model,

@@ -8,6 +8,7 @@ model server, our demo model, which speaks the real OpenAI streaming format.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -21,7 +22,9 @@ from aiohttp.test_utils import TestServer
 from nats.aio.client import Client as NatsClient
 
 from actors.models import ModelCatalog, ModelSpec
+from api.app import create_app
 from api.auth import mint
+from api.config import EdgeConfig
 from events.ids import new_id
 from events.log import EventLog, ensure_streams
 from parley.config import DEMO_SPEC
@@ -157,3 +160,24 @@ def user() -> str:
 @pytest.fixture
 def api(services: Services, http: aiohttp.ClientSession, user: str) -> SseClient:
     return SseClient(http, services.edge_url, token_for(user))
+
+
+@contextlib.asynccontextmanager
+async def extra_edge(stack: Servers, **overrides: Any) -> AsyncIterator[str]:
+    """One more edge on the session's servers, configured differently (limits, token
+    sources): its base URL. It shares the read models of the `services` fixture."""
+    fields: dict[str, Any] = {
+        "nats_url": stack.nats_url,
+        "database_url": stack.database_url,
+        "redis_url": stack.redis_url,
+        "jwt_secret": SECRET,
+        "db_schema": "parley_test",
+        "models": ["demo"],
+        **overrides,
+    }
+    server = TestServer(create_app(EdgeConfig(**fields)), host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/")
+    finally:
+        await server.close()
