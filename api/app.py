@@ -18,17 +18,23 @@ from api.context import (
     CLAIMS,
     CONFIG,
     HEADERS,
+    HUBS,
     JS,
     LOG,
+    METRICS,
     NATS,
     POOL,
     REDIS,
     STORE,
     TURNS,
     VERIFIER,
+    EdgeMetrics,
     HeaderCache,
+    NoMetrics,
 )
 from api.errors import ApiError, Handler, error_middleware
+from api.hub import Hubs, HubSettings
+from api.limits import LIMITS, Limits, limits_middleware
 from api.routes import add_routes
 from events.log import EventLog, ensure_streams
 from events.turns import TurnRegistry, redis_client
@@ -97,12 +103,36 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     await client.aclose()
 
 
-def create_app(config: EdgeConfig) -> web.Application:
+async def hubs_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    settings = HubSettings(stall_check_s=config.stall_check_s, linger_s=config.hub_linger_s)
+    hubs = app[HUBS] = Hubs(app[JS], app[LOG], app[TURNS], settings)
+    yield
+    await hubs.close()
+
+
+async def limits_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    limits = app[LIMITS] = Limits(
+        app[REDIS],
+        app[HUBS],
+        rate_per_s=config.limits.rate_per_s,
+        burst=config.limits.rate_burst,
+        lease_s=config.limits.lease_s,
+    )
+    limits.start()
+    yield
+    await limits.close()
+
+
+def create_app(config: EdgeConfig, metrics: EdgeMetrics | None = None) -> web.Application:
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware], client_max_size=config.max_body_bytes
+        middlewares=[error_middleware, auth_middleware, limits_middleware],
+        client_max_size=config.max_body_bytes,
     )
     app[CONFIG] = config
     app[HEADERS] = HeaderCache()
-    app.cleanup_ctx.extend([auth_ctx, nats_ctx, postgres_ctx, redis_ctx])
+    app[METRICS] = metrics if metrics is not None else NoMetrics()
+    app.cleanup_ctx.extend([auth_ctx, nats_ctx, postgres_ctx, redis_ctx, hubs_ctx, limits_ctx])
     add_routes(app)
     return app

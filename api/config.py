@@ -5,6 +5,28 @@ from __future__ import annotations
 import msgspec
 
 
+class EdgeLimits(msgspec.Struct, frozen=True):
+    """The limits of README "Limits", from PARLEY_* variables (parley/config.py)."""
+
+    # A viewer whose connection does not drain for this long is disconnected (it
+    # resumes from its last id); every awaited write of a response is bounded by it.
+    write_timeout_s: float = 30.0
+    # ... and so is one with more than this many bytes unsent on its socket,
+    max_buffer_bytes: int = 4 * 1024 * 1024
+    # or with more than this many events queued for it while it catches up.
+    max_pending: int = 4096
+    # How long a request body may take to arrive.
+    body_timeout_s: float = 30.0
+    # Per user: requests per second (token bucket: `rate_per_s` sustained, bursts of
+    # `rate_burst`), open SSE streams, and messages whose turn has not ended. 0 = no limit.
+    rate_per_s: float = 20.0
+    rate_burst: int = 100
+    max_streams_per_user: int = 32
+    max_turns_per_user: int = 8
+    # Leases behind the two caps: an edge that dies frees its slots within this time.
+    lease_s: float = 60.0
+
+
 class EdgeConfig(msgspec.Struct, frozen=True):
     nats_url: str
     database_url: str
@@ -21,13 +43,13 @@ class EdgeConfig(msgspec.Struct, frozen=True):
     max_body_bytes: int = 256 * 1024
     max_message_chars: int = 100_000
     ping_interval_s: float = 15.0
-    # A viewer whose connection does not take events for this long is disconnected;
-    # it resumes from its last id.
-    slow_viewer_timeout_s: float = 30.0
+    limits: EdgeLimits = EdgeLimits()
+    # A conversation's hub stays this long after its last viewer left.
+    hub_linger_s: float = 5.0
     # POST /v1/conversations waits this long for the projection, so a GET right
     # after the 201 finds the row.
     create_wait_s: float = 2.0
     # How long a stream may see nothing before it checks that it can still end
-    # (its turn still runs, its command still waits): api.streaming._Progress.
+    # (its turn still runs, its command still waits): api.hub.Hub._on_silence.
     stall_check_s: float = 2.0
     idempotency_ttl_s: int = 24 * 3600

@@ -10,7 +10,7 @@ handlers, middlewares, anything that does I/O.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -19,6 +19,7 @@ from nats.js import JetStreamContext
 
 from api.auth import Claims, Verifier
 from api.config import EdgeConfig
+from api.hub import Hubs
 from events.log import EventLog
 from events.turns import TurnRegistry
 from events.vocabulary import ConversationCreated
@@ -45,6 +46,36 @@ class HeaderCache:
             self._items.popitem(last=False)
 
 
+class EdgeMetrics(Protocol):
+    """What the edge reports; the wiring passes an implementation (parley/metrics.py)."""
+
+    def http_request(self, route: str, method: str, status: int, seconds: float) -> None: ...
+
+    def sse_viewers(self, delta: int) -> None: ...
+
+    def limited(self, limit: str) -> None: ...
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition for GET /metrics: body and content type."""
+        ...
+
+
+class NoMetrics:
+    """An edge started without metrics (a test's extra edge): reports nothing."""
+
+    def http_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        pass
+
+    def sse_viewers(self, delta: int) -> None:
+        pass
+
+    def limited(self, limit: str) -> None:
+        pass
+
+    def render(self) -> tuple[bytes, str]:
+        return b"", "text/plain; version=0.0.4; charset=utf-8"
+
+
 CONFIG = web.AppKey("config", EdgeConfig)
 NATS = web.AppKey("nats", NatsClient)
 JS = web.AppKey("js", JetStreamContext)
@@ -55,6 +86,8 @@ REDIS = web.AppKey("redis", aioredis.Redis)
 TURNS = web.AppKey("turns", TurnRegistry)
 HEADERS = web.AppKey("headers", HeaderCache)
 VERIFIER = web.AppKey("verifier", Verifier)
+HUBS = web.AppKey("hubs", Hubs)
+METRICS = web.AppKey("metrics", EdgeMetrics)
 
 CLAIMS = web.RequestKey("claims", Claims)
 
@@ -63,3 +96,9 @@ def claims_of(request: web.Request) -> Claims:
     """The verified token of the request (set by the auth middleware on every non-public path)."""
     claims: Claims = request[CLAIMS]
     return claims
+
+
+def wants_json(request: web.Request) -> bool:
+    """The client asked for a JSON answer rather than an event stream."""
+    accept = request.headers.get("Accept", "")
+    return "application/json" in accept and "text/event-stream" not in accept

@@ -27,11 +27,14 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, *, retry_after: int | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.retry_after = retry_after  # seconds, sent as Retry-After (429, 503)
 
 
 def error_response(status: int, code: str, message: str) -> web.Response:
@@ -54,7 +57,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as err:
-        return error_response(err.status, err.code, err.message)
+        response = error_response(err.status, err.code, err.message)
+        if err.retry_after is not None:
+            response.headers["Retry-After"] = str(max(1, err.retry_after))
+        return response
     except web.HTTPRequestEntityTooLarge as err:
         return error_response(413, "body_too_large", err.text or "request body too large")
     except web.HTTPException as err:

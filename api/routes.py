@@ -11,8 +11,10 @@ from typing import Any, Literal, TypeVar
 import msgspec
 from aiohttp import web
 
-from api.context import CONFIG, HEADERS, JS, LOG, NATS, REDIS, STORE, TURNS, claims_of
+from api.context import CONFIG, HEADERS, JS, LOG, NATS, REDIS, STORE, TURNS, claims_of, wants_json
 from api.errors import UNAVAILABLE, ApiError, bad_request, not_found
+from api.hub import read_range
+from api.limits import hold_turn
 from api.sse import Position, parse_position
 from api.streaming import PendingCommand, TurnFilter, open_sse, running_turn, stream_log
 from api.validation import InvalidBody, decode_body
@@ -50,7 +52,15 @@ _RESERVE_S = 60
 
 
 async def read_json(request: web.Request, kind: type[T]) -> T:
-    body = await request.read()
+    timeout = request.app[CONFIG].limits.body_timeout_s
+    try:
+        async with asyncio.timeout(timeout):
+            body = await request.read()
+    except TimeoutError as err:
+        # a client trickling its body must not hold a handler (and its memory) for long
+        raise ApiError(
+            408, "body_timeout", f"the request body did not arrive within {timeout:g} s"
+        ) from err
     try:
         return decode_body(body, kind)
     except InvalidBody as err:
@@ -241,6 +251,7 @@ async def post_message(request: web.Request) -> web.StreamResponse:
         raise
     # published: keep the key for its full time (also when a retry did the publishing)
     await _keep_idempotency(request, conversation_id, body, record)
+    hold_turn(request, conversation_id, record.message_id, record.after, int(ack.seq))
 
     if _wants_json(request):
         return web.json_response(
@@ -262,9 +273,7 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     )
 
 
-def _wants_json(request: web.Request) -> bool:
-    accept = request.headers.get("Accept", "")
-    return "application/json" in accept and "text/event-stream" not in accept
+_wants_json = wants_json
 
 
 def _idem_key(conversation_id: str, key: str) -> str:
@@ -357,15 +366,27 @@ async def _start_of_active_turn(request: web.Request, conversation_id: str) -> i
 
 
 async def conversation_log(request: web.Request) -> web.StreamResponse:
+    """The raw log as JSON lines, streamed: one entry at a time from the log up to its
+    end as it was when the request came, never the whole conversation in memory."""
     header = await owned_conversation(request, request.match_info["id"])
     raw = request.query.get("after", "0")
     if not raw.isdigit():
         raise bad_request("after must be a non-negative integer")
+    app = request.app
+    conversation_id = header.conversation_id
+    end = await app[LOG].last_seq(conversation_id)
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
-    for stored in await request.app[LOG].read(header.conversation_id, after=int(raw)):
-        await response.write(encode_stored(stored.seq, stored.event) + b"\n")
-    await response.write_eof()
+    timeout = app[CONFIG].limits.write_timeout_s
+    try:
+        async for stored in read_range(app[JS], app[LOG], conversation_id, int(raw), end):
+            async with asyncio.timeout(timeout):  # a reader that stops reading is let go
+                await response.write(encode_stored(stored.seq, stored.event) + b"\n")
+        async with asyncio.timeout(timeout):
+            await response.write_eof()
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()
     return response
 
 

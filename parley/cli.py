@@ -99,6 +99,7 @@ async def _dev(
             db_schema=settings.db_schema,
             host=host,
             port=port,
+            limits=settings.limits,
         )
         try:
             services = await stack.enter_async_context(Services(servers, options))
@@ -162,6 +163,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             db_schema=settings.db_schema,
             host=args.host,
             port=args.port,
+            limits=settings.limits,
         )
         async with Services(servers, options, roles) as services:
             if services.edge_url:

@@ -8,12 +8,13 @@ from __future__ import annotations
 import os
 import secrets
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import msgspec
 
 from actors.models import ModelCatalog, ModelSpec, ModelVersion
+from api.config import EdgeLimits
 
 DEMO_MODEL = "demo"
 # The demo model's built-in entry: what a new user chats with, priced like a
@@ -54,6 +55,8 @@ class Settings(msgspec.Struct, frozen=True):
     models_file: str | None = None
     db_schema: str = "parley"
     demo_tokens_per_s: float = 40.0  # how fast the demo model streams in `parley dev`
+    limits: EdgeLimits = EdgeLimits()
+    log_format: str = "text"  # or "json"
 
     @property
     def embedded(self) -> bool:
@@ -101,7 +104,50 @@ def settings_from_env(env: Mapping[str, str], data_dir: str | Path | None = None
         models_file=get("PARLEY_MODELS_FILE"),
         db_schema=get("PARLEY_DB_SCHEMA") or "parley",
         demo_tokens_per_s=_float(get("PARLEY_DEMO_TOKENS_PER_S"), 40.0, "PARLEY_DEMO_TOKENS_PER_S"),
+        limits=_limits(get),
+        log_format=_log_format(get("PARLEY_LOG_FORMAT")),
     )
+
+
+def _limits(get: Callable[[str], str | None]) -> EdgeLimits:
+    d = EdgeLimits()
+    return EdgeLimits(
+        rate_per_s=_float(get("PARLEY_RATE_PER_S"), d.rate_per_s, "PARLEY_RATE_PER_S"),
+        rate_burst=int(_float(get("PARLEY_RATE_BURST"), d.rate_burst, "PARLEY_RATE_BURST")),
+        max_streams_per_user=int(
+            _float(
+                get("PARLEY_MAX_STREAMS_PER_USER"),
+                d.max_streams_per_user,
+                "PARLEY_MAX_STREAMS_PER_USER",
+            )
+        ),
+        max_turns_per_user=int(
+            _float(
+                get("PARLEY_MAX_TURNS_PER_USER"), d.max_turns_per_user, "PARLEY_MAX_TURNS_PER_USER"
+            )
+        ),
+        write_timeout_s=_positive(
+            _float(get("PARLEY_WRITE_TIMEOUT_S"), d.write_timeout_s, "PARLEY_WRITE_TIMEOUT_S"),
+            "PARLEY_WRITE_TIMEOUT_S",
+        ),
+        body_timeout_s=_positive(
+            _float(get("PARLEY_BODY_TIMEOUT_S"), d.body_timeout_s, "PARLEY_BODY_TIMEOUT_S"),
+            "PARLEY_BODY_TIMEOUT_S",
+        ),
+    )
+
+
+def _positive(value: float, name: str) -> float:
+    if value <= 0:
+        raise ConfigError(f"{name} must be more than 0")
+    return value
+
+
+def _log_format(raw: str | None) -> str:
+    value = (raw or "text").lower()
+    if value not in ("text", "json"):
+        raise ConfigError(f"PARLEY_LOG_FORMAT must be text or json, not {raw!r}")
+    return value
 
 
 def _float(raw: str | None, default: float, name: str) -> float:

@@ -29,7 +29,7 @@ from actors.models import ModelCatalog
 from actors.tools import BUILTIN_TOOLS
 from actors.worker import WorkerHost
 from api.app import create_app
-from api.config import EdgeConfig
+from api.config import EdgeConfig, EdgeLimits
 from events.ids import new_id
 from events.log import EventLog, ensure_streams
 from events.turns import TurnRegistry, redis_client
@@ -87,6 +87,7 @@ class ServiceOptions(msgspec.Struct, frozen=True, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8080  # 0 picks a free port
     ping_interval_s: float = 15.0
+    limits: EdgeLimits = EdgeLimits()
     model_idle_timeout_s: float = 120.0
 
 
@@ -203,6 +204,7 @@ class Services:
             models=[m.name for m in options.catalog.models],
             default_model=options.catalog.default_model,
             ping_interval_s=options.ping_interval_s,
+            limits=options.limits,
         )
         runner = web.AppRunner(create_app(config), access_log=None, shutdown_timeout=5.0)
         await runner.setup()

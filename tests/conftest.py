@@ -24,7 +24,7 @@ from nats.aio.client import Client as NatsClient
 from actors.models import ModelCatalog, ModelSpec
 from api.app import create_app
 from api.auth import mint
-from api.config import EdgeConfig
+from api.config import EdgeConfig, EdgeLimits
 from events.ids import new_id
 from events.log import EventLog, ensure_streams
 from parley.config import DEMO_SPEC
@@ -120,6 +120,15 @@ async def services(
         port=0,
         ping_interval_s=0.5,
         model_idle_timeout_s=3.0,
+        # The suite sends hundreds of requests per user in seconds: limits this high
+        # never bite here, but every request still goes through them. The limits
+        # themselves are tested on edges of their own (tests/test_limits.py).
+        limits=EdgeLimits(
+            rate_per_s=10_000,
+            rate_burst=10_000,
+            max_streams_per_user=10_000,
+            max_turns_per_user=10_000,
+        ),
     )
     async with Services(stack, options) as running:
         assert running.projector is not None
