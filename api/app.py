@@ -6,9 +6,11 @@ imports this module but the wiring.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
+import asyncpg
 import nats
 from aiohttp import web
 
@@ -41,6 +43,7 @@ from events.turns import TurnRegistry, redis_client
 from projections.db import create_pool
 from projections.store import ReadStore
 
+_DDL_ATTEMPTS = 5
 PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics", "/openapi.json"})
 
 
@@ -88,7 +91,16 @@ async def nats_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
-    pool = await create_pool(app[CONFIG].database_url, app[CONFIG].db_schema)
+    for attempt in range(_DDL_ATTEMPTS):
+        try:
+            pool = await create_pool(app[CONFIG].database_url, app[CONFIG].db_schema)
+            break
+        except asyncpg.exceptions.DeadlockDetectedError:
+            # The schema check's DDL can deadlock with a projector writing rows at
+            # that moment; Postgres aborts one side, and trying again is the cure.
+            if attempt + 1 == _DDL_ATTEMPTS:
+                raise
+            await asyncio.sleep(0.1 * (attempt + 1))
     app[POOL] = pool
     app[STORE] = ReadStore(pool)
     yield

@@ -13,6 +13,9 @@ class EdgeLimits(msgspec.Struct, frozen=True):
     write_timeout_s: float = 30.0
     # ... and so is one with more than this many bytes unsent on its socket,
     max_buffer_bytes: int = 4 * 1024 * 1024
+    # The kernel's send buffer of a stream's socket (0 = the kernel's own, up to
+    # megabytes): what a stuck viewer can hold before the edge sees it stuck.
+    socket_send_buffer_bytes: int = 256 * 1024
     # or with more than this many events queued for it while it catches up.
     max_pending: int = 4096
     # How long a request body may take to arrive.

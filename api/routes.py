@@ -16,7 +16,7 @@ from api.errors import UNAVAILABLE, ApiError, bad_request, not_found
 from api.hub import read_range
 from api.limits import hold_turn
 from api.sse import Position, parse_position
-from api.streaming import PendingCommand, TurnFilter, open_sse, running_turn, stream_log
+from api.streaming import PendingCommand, TurnFilter, cut, open_sse, running_turn, stream_log
 from api.validation import InvalidBody, decode_body
 from events.codec import encode, encode_stored
 from events.ids import new_id
@@ -59,7 +59,10 @@ async def read_json(request: web.Request, kind: type[T]) -> T:
     except TimeoutError as err:
         # a client trickling its body must not hold a handler (and its memory) for long
         raise ApiError(
-            408, "body_timeout", f"the request body did not arrive within {timeout:g} s"
+            408,
+            "body_timeout",
+            f"the request body did not arrive within {timeout:g} s",
+            close=True,
         ) from err
     try:
         return decode_body(body, kind)
@@ -386,7 +389,7 @@ async def conversation_log(request: web.Request) -> web.StreamResponse:
             await response.write_eof()
     except TimeoutError:
         if request.transport is not None:
-            request.transport.abort()
+            cut(request.transport)
     return response
 
 

@@ -20,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+import struct
 import time
+from asyncio import Transport
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -40,9 +42,6 @@ from api.sse import PING, Envelope, Position, frame
 from events.errors import PositionGone
 from events.turns import TurnRecord
 
-if TYPE_CHECKING:
-    from asyncio import Transport
-
 log = logging.getLogger(__name__)
 
 __all__ = ["PendingCommand", "TurnFilter", "open_sse", "running_turn", "stream_log"]
@@ -56,10 +55,31 @@ async def open_sse(request: web.Request) -> web.StreamResponse:
             "X-Accel-Buffering": "no",  # proxies must not buffer a live stream
         }
     )
+    _bound_send_buffer(request)
     await response.prepare(request)
     if request.method != "HEAD":
         await _bounded(request, response.write(b"retry: 1000\n\n"))
     return response
+
+
+def _bound_send_buffer(request: web.Request) -> None:
+    """Cap the kernel's send buffer of a stream's socket. Left alone it grows to
+    megabytes per connection, which a viewer that stops reading fills first,
+    unseen, before the edge notices it is not keeping up."""
+    size = request.app[CONFIG].limits.socket_send_buffer_bytes
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if size > 0 and sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
+def cut(transport: Transport) -> None:
+    """Drop a connection that stopped reading: reset, not close, so the kernel frees
+    what it still holds for it at once instead of trying to deliver it for minutes."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):  # already gone
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 async def _bounded(request: web.Request, write: Awaitable[None]) -> None:
@@ -121,7 +141,7 @@ class SseViewer(Subscription):
         if self.ended.done():
             return
         if transport is None or transport.is_closing():
-            self.end("gone")
+            self.cut("gone")  # a closing transport would wait for ever to flush to it
             return
         if self._stuck(transport):
             return
@@ -129,6 +149,13 @@ class SseViewer(Subscription):
             transport.write(b"%x\r\n%b\r\n" % (len(data), data))
         else:
             transport.write(data)
+
+    def cut(self, reason: str) -> None:
+        """End the stream and drop its connection (the transport taken when it opened:
+        aiohttp may already have let go of it)."""
+        if self._transport is not None:
+            cut(self._transport)
+        self.end(reason)
 
     def _stuck(self, transport: Transport) -> bool:
         buffered = transport.get_write_buffer_size()
@@ -140,8 +167,7 @@ class SseViewer(Subscription):
             self._blocked_since = now
         if buffered > self._max_buffer or now - self._blocked_since > self._write_timeout_s:
             log.info("slow viewer disconnected", extra={"buffered": buffered, "seen": self.seen})
-            transport.abort()
-            self.end("slow")
+            self.cut("slow")
             return True
         return False
 
@@ -179,7 +205,6 @@ async def stream_log(
             request, response.write(frame(None, Envelope("error", str(gone), code="position_gone")))
         )
         position = Position(seq=gone.first_available - 1)
-
     viewer = SseViewer(request, response, position, turn=turn, command=command)
     hub, snapshot = await app[HUBS].join(conversation_id, viewer)
     metrics.sse_viewers(1)
@@ -191,9 +216,7 @@ async def stream_log(
                 viewer.send(PING)
     except (ConnectionResetError, TimeoutError):
         # the viewer went away or stopped reading; the turn goes on without it
-        viewer.end("gone")
-        if request.transport is not None:
-            request.transport.abort()
+        viewer.cut("gone")
     finally:
         hub.leave(viewer)
         metrics.sse_viewers(-1)
