@@ -362,14 +362,27 @@ def build_parser() -> argparse.ArgumentParser:
     errors.add_argument("--data", default=argparse.SUPPRESS)
     errors.set_defaults(func=cmd_projection_errors)
 
-    bench = sub.add_parser("bench", help="benchmarks")
-    bench.add_argument("workload", choices=["stream"])
-    bench.add_argument("--json", action="store_true")
-    bench.add_argument("--conversations", "-c", type=int, default=20)
-    bench.add_argument("--tokens", "-n", type=int, default=500)
-    bench.add_argument("--rounds", "-r", type=int, default=3)
+    bench = sub.add_parser("bench", help="benchmarks (README: Benchmarks)")
     bench.add_argument(
-        "--rate", type=float, default=0.0, help="demo model tokens/s per stream (0 = full speed)"
+        "workload",
+        choices=["stream", "fanout"],
+        help="stream: C conversations through parley against a direct path; "
+        "fanout: one conversation, many viewers",
+    )
+    bench.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    bench.add_argument(
+        "--conversations", "-c", type=int, default=20, help="stream: conversations at once"
+    )
+    bench.add_argument(
+        "--tokens", "-n", type=int, default=500, help="tokens per answer (fanout: try 250)"
+    )
+    bench.add_argument("--rounds", "-r", type=int, default=3, help="stream: rounds per path")
+    bench.add_argument("--viewers", type=int, default=1000, help="fanout: SSE viewers")
+    bench.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="demo model tokens/s per stream (stream: 0 = full speed; fanout: 0 = 50)",
     )
     bench.add_argument("--data", default=argparse.SUPPRESS)
     bench.set_defaults(func=cmd_bench)

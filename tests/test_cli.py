@@ -340,3 +340,22 @@ async def _poison(nats_url: str, conversation_id: str) -> None:
 def _kind(event: AnyEvent | Unreadable) -> str:
     assert not isinstance(event, Unreadable), f"expected a readable event, saw {event!r}"
     return event_type(event)
+
+
+async def test_replay_piped_into_head_ends_quietly(api: SseClient, stack: Servers) -> None:
+    cid = (await api.create_conversation())["id"]
+    await api.send_stream(cid, "plenty to print [[bulk=400000]]")  # far more than a pipe holds
+    env = server_env(stack)
+    command = " ".join([*PARLEY, "replay", cid]) + " | head -n 1"
+    done = await asyncio.to_thread(
+        subprocess.run,
+        ["bash", "-o", "pipefail", "-c", command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.stdout.count("\n") == 1 and "conversation_created" in done.stdout, done.stdout
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+    assert done.returncode == 0, (done.returncode, done.stderr)
