@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from api.app import HEADERS, LOG, PROJECTS, claims_of
+from api.context import HEADERS, LOG, PROJECTS, claims_of
 from api.errors import ApiError, not_found
 from events.projects import ProjectState
 from events.subjects import valid_id

@@ -20,7 +20,7 @@ import msgspec
 from aiohttp import web
 
 from api.access import project_of_member
-from api.app import LOG, PROJECTS, claims_of
+from api.context import LOG, PROJECTS, claims_of
 from api.errors import ApiError, bad_request, not_found
 from api.turn_routes import read_json
 from events.errors import EventLogConflict

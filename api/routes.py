@@ -11,11 +11,12 @@ import msgspec
 from aiohttp import web
 
 from api.access import owned_conversation, project_of_member
-from api.app import CONFIG, HEADERS, LOG, NATS, REDIS, STORE, TURNS, claims_of
+from api.context import CONFIG, HEADERS, JS, LOG, NATS, REDIS, STORE, TURNS, claims_of
 from api.errors import UNAVAILABLE, bad_request
+from api.hub import read_range
 from api.project_routes import add_member, create_project, grant_credits
 from api.sse import Position, parse_position
-from api.streaming import open_sse, running_turn, stream_log
+from api.streaming import cut, open_sse, running_turn, stream_log
 from api.turn_routes import cancel_turn, edit_message, post_message, read_json, regenerate
 from events.codec import encode_stored
 from events.ids import new_id
@@ -178,15 +179,27 @@ async def _start_of_active_turn(request: web.Request, conversation_id: str) -> i
 
 
 async def conversation_log(request: web.Request) -> web.StreamResponse:
+    """The raw log as JSON lines, streamed: one entry at a time from the log up to its
+    end as it was when the request came, never the whole conversation in memory."""
     header = await owned_conversation(request, request.match_info["id"])
     raw = request.query.get("after", "0")
     if not raw.isdigit():
         raise bad_request("after must be a non-negative integer")
+    app = request.app
+    conversation_id = header.conversation_id
+    end = await app[LOG].last_seq(conversation_id)
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
-    for stored in await request.app[LOG].read(header.conversation_id, after=int(raw)):
-        await response.write(encode_stored(stored.seq, stored.event) + b"\n")
-    await response.write_eof()
+    timeout = app[CONFIG].limits.write_timeout_s
+    try:
+        async for stored in read_range(app[JS], app[LOG], conversation_id, int(raw), end):
+            async with asyncio.timeout(timeout):  # a reader that stops reading is let go
+                await response.write(encode_stored(stored.seq, stored.event) + b"\n")
+        async with asyncio.timeout(timeout):
+            await response.write_eof()
+    except TimeoutError:
+        if request.transport is not None:
+            cut(request.transport)
     return response
 
 

@@ -21,8 +21,9 @@ import msgspec
 from aiohttp import web
 
 from api.access import owned_conversation
-from api.app import CONFIG, JS, LOG, REDIS, claims_of
+from api.context import CONFIG, JS, LOG, REDIS, claims_of, wants_json
 from api.errors import UNAVAILABLE, ApiError, bad_request
+from api.limits import hold_turn
 from api.sse import Position
 from api.streaming import PendingCommand, TurnFilter, open_sse, running_turn, stream_log
 from api.validation import InvalidBody, decode_body
@@ -84,7 +85,18 @@ class Decision(msgspec.Struct, frozen=True):
 
 
 async def read_json(request: web.Request, kind: type[T], *, empty_ok: bool = False) -> T:
-    body = await request.read()
+    timeout = request.app[CONFIG].limits.body_timeout_s
+    try:
+        async with asyncio.timeout(timeout):
+            body = await request.read()
+    except TimeoutError as err:
+        # a client trickling its body must not hold a handler (and its memory) for long
+        raise ApiError(
+            408,
+            "body_timeout",
+            f"the request body did not arrive within {timeout:g} s",
+            close=True,
+        ) from err
     if empty_ok and not body.strip():
         body = b"{}"
     try:
@@ -233,7 +245,9 @@ async def _submit(
     decision = await _decision(request, conversation_id, record)
     if decision.rejected is not None:
         raise _refusal(decision.rejected)
-    if _wants_json(request):
+    # counts against the user's active turns until this request's turn ends
+    hold_turn(request, conversation_id, record.command_id, record.after, int(ack.seq))
+    if wants_json(request):
         return web.json_response(
             {
                 "message_id": None if isinstance(command, Regenerate) else record.message_id,
@@ -309,11 +323,6 @@ def _check_common(request: web.Request, model: str | None, idempotency_key: str 
         )
     if idempotency_key is not None and not (0 < len(idempotency_key) <= 200):
         raise bad_request("idempotency_key must be 1-200 characters")
-
-
-def _wants_json(request: web.Request) -> bool:
-    accept = request.headers.get("Accept", "")
-    return "application/json" in accept and "text/event-stream" not in accept
 
 
 # ---------------------------------------------------------------- idempotency

@@ -22,16 +22,24 @@ from events.codec import Unreadable, encode_stored
 from events.log import EventLog
 from events.subjects import valid_id
 from events.vocabulary import AnyEvent, Chunk, event_type
-from parley.config import ConfigError, Settings, jwt_secret, load_catalog, load_settings
+from parley.config import (
+    ConfigError,
+    Settings,
+    data_folder_secret,
+    dev_jwt_secret,
+    load_catalog,
+    load_settings,
+)
 from parley.logs import setup_logging
-from parley.services import ROLES, Servers, ServiceOptions, Services
-from parley.stack import EmbeddedStack, StackError, running_stack_urls
+from parley.services import ROLES, Servers, ServiceOptions, Services, resolve_servers
+from parley.stack import EmbeddedStack, StackError
 from projections.db import create_pool
 from projections.store import ReadStore
 
 log = logging.getLogger(__name__)
 
 ADMIN_USER = "admin"
+RUN_FILE = "run.json"
 
 
 class CliError(Exception):
@@ -44,31 +52,6 @@ class RunInfo(msgspec.Struct, frozen=True):
     edge_url: str
     model_base_url: str
     pid: int
-
-
-def resolve_servers(settings: Settings) -> Servers:
-    """The servers named in the environment, else the dev stack running on the data folder."""
-    named = {
-        "PARLEY_NATS_URL": settings.nats_url,
-        "PARLEY_DATABASE_URL": settings.database_url,
-        "PARLEY_REDIS_URL": settings.redis_url,
-    }
-    if any(named.values()):
-        missing = [name for name, value in named.items() if not value]
-        if missing:
-            raise CliError(f"set {', '.join(missing)} too, or none of the PARLEY_*_URL variables")
-        return Servers(
-            nats_url=settings.nats_url or "",
-            database_url=settings.database_url or "",
-            redis_url=settings.redis_url or "",
-        )
-    urls = running_stack_urls(settings.data_dir)
-    if urls is None:
-        raise CliError(
-            f"no servers configured (PARLEY_NATS_URL, PARLEY_DATABASE_URL, PARLEY_REDIS_URL) "
-            f"and no `parley dev` running on {settings.data_dir}"
-        )
-    return urls
 
 
 # ---------------------------------------------------------------- dev / serve
@@ -107,7 +90,7 @@ async def _dev(
                 "127.0.0.1", 0, DemoConfig(tokens_per_s=settings.demo_tokens_per_s)
             )
             stack.push_async_callback(runner.cleanup)
-        secret = jwt_secret(settings)
+        secret = dev_jwt_secret(settings)
         options = ServiceOptions(
             jwt_secret=secret,
             catalog=catalog,
@@ -118,12 +101,13 @@ async def _dev(
             port=port,
             tool_specs=settings.tools,
             shutdown_grace_s=settings.shutdown_grace_s,
+            limits=settings.limits,
         )
         try:
             services = await stack.enter_async_context(Services(servers, options))
         except OSError as err:
             raise CliError(f"cannot listen on {host}:{port}: {err.strerror}; try --port") from err
-        run_file = settings.data_dir / "run.json"
+        run_file = settings.data_dir / RUN_FILE
         run_file.write_bytes(msgspec.json.encode(RunInfo(services.edge_url, base_url, os.getpid())))
         stack.callback(run_file.unlink, missing_ok=True)
         token = mint(secret, ADMIN_USER, admin=True)
@@ -155,8 +139,15 @@ async def _until_signalled(services: Services) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = load_settings(args.data)
-    servers = resolve_servers(settings)
     roles = ROLES if args.role == "all" else (args.role,)
+    if "edge" in roles and not (settings.jwt_secret or settings.jwt_jwks_url):
+        raise CliError(
+            "`parley serve` with the edge role needs PARLEY_JWT_SECRET (at least 32 characters, "
+            "the same on every edge) or PARLEY_JWT_JWKS_URL with PARLEY_JWT_ISSUER and "
+            "PARLEY_JWT_AUDIENCE: without one, each edge would invent its own secret and refuse "
+            "the others' tokens"
+        )
+    servers = resolve_servers(settings)
     if settings.model_base_url is None:
         raise CliError(
             "PARLEY_MODEL_BASE_URL is required for `parley serve` (use `parley dev` for the demo model)"
@@ -164,7 +155,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         options = ServiceOptions(
-            jwt_secret=jwt_secret(settings),
+            jwt_secret=settings.jwt_secret,
+            jwks_url=settings.jwt_jwks_url,
+            jwt_issuer=settings.jwt_issuer,
+            jwt_audience=settings.jwt_audience,
             catalog=load_catalog(settings),
             model_base_url=settings.model_base_url or "",
             model_api_key=settings.model_api_key,
@@ -173,6 +167,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             port=args.port,
             tool_specs=settings.tools,
             shutdown_grace_s=settings.shutdown_grace_s,
+            limits=settings.limits,
         )
         async with Services(servers, options, roles) as services:
             if services.edge_url:
@@ -190,8 +185,39 @@ def cmd_token(args: argparse.Namespace) -> int:
     if not valid_id(args.user):
         raise CliError("--user must be 1-128 characters of A-Z a-z 0-9 _ -")
     settings = load_settings(args.data)
-    print(mint(jwt_secret(settings), args.user, admin=args.admin))
+    print(mint(token_secret(settings), args.user, admin=args.admin))
     return 0
+
+
+def token_secret(settings: Settings) -> str:
+    """The secret the running servers check tokens with: PARLEY_JWT_SECRET, else that of
+    the `parley dev` running on the data folder. Never a new one: a token signed with a
+    secret no server knows would only be refused later, far from the cause."""
+    if settings.jwt_secret:
+        return settings.jwt_secret
+    secret = data_folder_secret(settings.data_dir) if running_dev(settings.data_dir) else None
+    if secret is None:
+        raise CliError(
+            f"no PARLEY_JWT_SECRET set and no `parley dev` running on {settings.data_dir}/: "
+            "start `make run` first (or pass the folder it uses with --data), "
+            "or set PARLEY_JWT_SECRET to the secret your servers use"
+        )
+    return secret
+
+
+def running_dev(data_dir: Path) -> RunInfo | None:
+    """What the `parley dev` running on `data_dir` recorded, if one runs there now."""
+    try:
+        info = msgspec.json.decode((data_dir / RUN_FILE).read_bytes(), type=RunInfo)
+    except (FileNotFoundError, msgspec.DecodeError):
+        return None
+    try:
+        os.kill(info.pid, 0)
+    except ProcessLookupError:
+        return None  # a dev that was killed left its record behind
+    except PermissionError:
+        pass  # alive, under another account
+    return info
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -344,20 +370,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="benchmarks",
+        help="benchmarks (README: Benchmarks)",
         description="stream: tokens through parley against a direct path; "
         "cancel: cancel -> done: stopped at the viewer; "
-        "burst: time to first token for many turns starting at once",
+        "burst: time to first token for many turns starting at once; "
+        "fanout: one conversation, many viewers",
     )
-    bench.add_argument("workload", choices=["stream", "cancel", "burst"])
+    bench.add_argument("workload", choices=["stream", "cancel", "burst", "fanout"])
     bench.add_argument("--json", action="store_true", help="one JSON object, flat keys")
     bench.add_argument(
         "--conversations", "-c", type=int, default=None, help="conversations (stream 20, burst 100)"
     )
-    bench.add_argument("--tokens", "-n", type=int, default=500, help="tokens per turn (stream)")
-    bench.add_argument("--rounds", "-r", type=int, default=3, help="rounds, medians reported")
     bench.add_argument(
-        "--rate", type=float, default=0.0, help="demo model tokens/s per stream (0 = full speed)"
+        "--tokens", "-n", type=int, default=500, help="tokens per answer (fanout: try 250)"
+    )
+    bench.add_argument("--rounds", "-r", type=int, default=3, help="rounds, medians reported")
+    bench.add_argument("--viewers", type=int, default=1000, help="fanout: SSE viewers")
+    bench.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="demo model tokens/s per stream (stream: 0 = full speed; fanout: 0 = 50)",
     )
     bench.add_argument("--cancels", type=int, default=200, help="how many cancels (cancel)")
     bench.add_argument("--concurrency", type=int, default=10, help="cancels at a time (cancel)")

@@ -8,12 +8,13 @@ from __future__ import annotations
 import os
 import secrets
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import msgspec
 
 from actors.models import ModelCatalog, ModelSpec, ModelVersion
+from api.config import EdgeLimits
 
 DEMO_MODEL = "demo"
 # The demo model's built-in entry: what a new user chats with, priced like a
@@ -32,6 +33,9 @@ DEMO_SPEC = ModelSpec(
 )
 
 
+MIN_SECRET_CHARS = 32
+
+
 class ConfigError(Exception):
     """Configuration that cannot work; the message says which variable and why."""
 
@@ -45,11 +49,16 @@ class Settings(msgspec.Struct, frozen=True):
     model_api_key: str | None = None
     model: str | None = None
     jwt_secret: str | None = None
+    jwt_jwks_url: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
     models_file: str | None = None
     db_schema: str = "parley"
     demo_tokens_per_s: float = 40.0  # how fast the demo model streams in `parley dev`
     tools: tuple[str, ...] = ()  # PARLEY_TOOLS: module:attribute specs of more tools
     shutdown_grace_s: float = 10.0  # how long a stopping worker lets turns finish
+    limits: EdgeLimits = EdgeLimits()
+    log_format: str = "text"  # or "json"
 
     @property
     def embedded(self) -> bool:
@@ -62,6 +71,26 @@ def settings_from_env(env: Mapping[str, str], data_dir: str | Path | None = None
         value = env.get(name, "").strip()
         return value or None
 
+    jwt_secret = get("PARLEY_JWT_SECRET")
+    if jwt_secret is not None and len(jwt_secret) < MIN_SECRET_CHARS:
+        raise ConfigError(
+            f"PARLEY_JWT_SECRET must be at least {MIN_SECRET_CHARS} characters "
+            "(HS256 with a short secret can be guessed offline from one token)"
+        )
+    jwks_url, issuer, audience = (
+        get("PARLEY_JWT_JWKS_URL"),
+        get("PARLEY_JWT_ISSUER"),
+        get("PARLEY_JWT_AUDIENCE"),
+    )
+    if jwks_url is not None and (issuer is None or audience is None):
+        raise ConfigError(
+            "PARLEY_JWT_JWKS_URL needs PARLEY_JWT_ISSUER and PARLEY_JWT_AUDIENCE too: "
+            "a token from the identity provider is accepted only for this issuer and audience"
+        )
+    if jwks_url is None and (issuer is not None or audience is not None):
+        raise ConfigError(
+            "PARLEY_JWT_ISSUER and PARLEY_JWT_AUDIENCE apply only with PARLEY_JWT_JWKS_URL"
+        )
     return Settings(
         data_dir=Path(data_dir or get("PARLEY_DATA") or ".parley"),
         nats_url=get("PARLEY_NATS_URL"),
@@ -70,7 +99,10 @@ def settings_from_env(env: Mapping[str, str], data_dir: str | Path | None = None
         model_base_url=get("PARLEY_MODEL_BASE_URL"),
         model_api_key=get("PARLEY_MODEL_API_KEY"),
         model=get("PARLEY_MODEL"),
-        jwt_secret=get("PARLEY_JWT_SECRET"),
+        jwt_secret=jwt_secret,
+        jwt_jwks_url=jwks_url,
+        jwt_issuer=issuer,
+        jwt_audience=audience,
         models_file=get("PARLEY_MODELS_FILE"),
         db_schema=get("PARLEY_DB_SCHEMA") or "parley",
         demo_tokens_per_s=_float(get("PARLEY_DEMO_TOKENS_PER_S"), 40.0, "PARLEY_DEMO_TOKENS_PER_S"),
@@ -78,7 +110,50 @@ def settings_from_env(env: Mapping[str, str], data_dir: str | Path | None = None
             spec.strip() for spec in (get("PARLEY_TOOLS") or "").split(",") if spec.strip()
         ),
         shutdown_grace_s=_float(get("PARLEY_SHUTDOWN_GRACE_S"), 10.0, "PARLEY_SHUTDOWN_GRACE_S"),
+        limits=_limits(get),
+        log_format=_log_format(get("PARLEY_LOG_FORMAT")),
     )
+
+
+def _limits(get: Callable[[str], str | None]) -> EdgeLimits:
+    d = EdgeLimits()
+    return EdgeLimits(
+        rate_per_s=_float(get("PARLEY_RATE_PER_S"), d.rate_per_s, "PARLEY_RATE_PER_S"),
+        rate_burst=int(_float(get("PARLEY_RATE_BURST"), d.rate_burst, "PARLEY_RATE_BURST")),
+        max_streams_per_user=int(
+            _float(
+                get("PARLEY_MAX_STREAMS_PER_USER"),
+                d.max_streams_per_user,
+                "PARLEY_MAX_STREAMS_PER_USER",
+            )
+        ),
+        max_turns_per_user=int(
+            _float(
+                get("PARLEY_MAX_TURNS_PER_USER"), d.max_turns_per_user, "PARLEY_MAX_TURNS_PER_USER"
+            )
+        ),
+        write_timeout_s=_positive(
+            _float(get("PARLEY_WRITE_TIMEOUT_S"), d.write_timeout_s, "PARLEY_WRITE_TIMEOUT_S"),
+            "PARLEY_WRITE_TIMEOUT_S",
+        ),
+        body_timeout_s=_positive(
+            _float(get("PARLEY_BODY_TIMEOUT_S"), d.body_timeout_s, "PARLEY_BODY_TIMEOUT_S"),
+            "PARLEY_BODY_TIMEOUT_S",
+        ),
+    )
+
+
+def _positive(value: float, name: str) -> float:
+    if value <= 0:
+        raise ConfigError(f"{name} must be more than 0")
+    return value
+
+
+def _log_format(raw: str | None) -> str:
+    value = (raw or "text").lower()
+    if value not in ("text", "json"):
+        raise ConfigError(f"PARLEY_LOG_FORMAT must be text or json, not {raw!r}")
+    return value
 
 
 def _float(raw: str | None, default: float, name: str) -> float:
@@ -127,11 +202,11 @@ def parse_models_file(path: Path) -> list[ModelSpec]:
         raise ConfigError(f"PARLEY_MODELS_FILE {path}: {err}") from err
 
 
-def jwt_secret(settings: Settings) -> str:
-    """PARLEY_JWT_SECRET, else a secret kept in the data folder (created on first use)."""
+def dev_jwt_secret(settings: Settings) -> str:
+    """For `parley dev`: PARLEY_JWT_SECRET, else the data folder's secret (created on first use)."""
     if settings.jwt_secret:
         return settings.jwt_secret
-    path = settings.data_dir / "jwt_secret"
+    path = settings.data_dir / SECRET_FILE
     if not path.exists():
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -142,3 +217,14 @@ def jwt_secret(settings: Settings) -> str:
             with os.fdopen(fd, "w") as out:
                 out.write(secrets.token_urlsafe(48))
     return path.read_text().strip()
+
+
+def data_folder_secret(data_dir: Path) -> str | None:
+    """The secret `parley dev` keeps in `data_dir`, if there is one. Never creates it."""
+    try:
+        return (data_dir / SECRET_FILE).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+SECRET_FILE = "jwt_secret"

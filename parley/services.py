@@ -32,11 +32,12 @@ from actors.tools import Tool, ToolRunner, load_tools, merge_tools
 from actors.turn import ActorContext
 from actors.worker import WorkerHost
 from api.app import create_app
-from api.config import EdgeConfig
+from api.config import EdgeConfig, EdgeLimits
 from events.ids import new_id
 from events.log import EventLog, ensure_streams
 from events.turns import TurnRegistry, redis_client
-from parley.stack import StackUrls
+from parley.config import ConfigError, Settings
+from parley.stack import StackUrls, running_stack_urls
 from projections.db import create_pool
 from projections.projector import Projector
 
@@ -49,15 +50,47 @@ ROLES = ("edge", "worker", "projector")
 Servers = StackUrls
 
 
-class ServiceOptions(msgspec.Struct, frozen=True):
-    jwt_secret: str
+def resolve_servers(settings: Settings) -> Servers:
+    """The servers named in the environment, else the dev stack running on the data folder."""
+    named = {
+        "PARLEY_NATS_URL": settings.nats_url,
+        "PARLEY_DATABASE_URL": settings.database_url,
+        "PARLEY_REDIS_URL": settings.redis_url,
+    }
+    if any(named.values()):
+        missing = [name for name, value in named.items() if not value]
+        if missing:
+            raise ConfigError(
+                f"set {', '.join(missing)} too, or none of the PARLEY_*_URL variables"
+            )
+        return Servers(
+            nats_url=settings.nats_url or "",
+            database_url=settings.database_url or "",
+            redis_url=settings.redis_url or "",
+        )
+    urls = running_stack_urls(settings.data_dir)
+    if urls is None:
+        raise ConfigError(
+            f"no servers configured (PARLEY_NATS_URL, PARLEY_DATABASE_URL, PARLEY_REDIS_URL) "
+            f"and no `parley dev` running on {settings.data_dir}"
+        )
+    return urls
+
+
+class ServiceOptions(msgspec.Struct, frozen=True, kw_only=True):
     catalog: ModelCatalog
     model_base_url: str
+    # tokens the edge accepts (api/auth.py): the HS256 secret and/or an identity provider's JWKS
+    jwt_secret: str | None = None
+    jwks_url: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
     model_api_key: str | None = None
     db_schema: str = "parley"
     host: str = "127.0.0.1"
     port: int = 8080  # 0 picks a free port
     ping_interval_s: float = 15.0
+    limits: EdgeLimits = EdgeLimits()
     model_idle_timeout_s: float = 120.0
     # tools beyond the built-ins: `module:attribute` specs (PARLEY_TOOLS), the
     # `parley.tools` entry points, and Tool objects handed in directly (tests)
@@ -187,11 +220,15 @@ class Services:
             database_url=self.servers.database_url,
             redis_url=self.servers.redis_url,
             jwt_secret=options.jwt_secret,
+            jwks_url=options.jwks_url,
+            jwt_issuer=options.jwt_issuer,
+            jwt_audience=options.jwt_audience,
             db_schema=options.db_schema,
             models=[m.name for m in options.catalog.models],
             default_model=options.catalog.default_model,
             ping_interval_s=options.ping_interval_s,
             decision_wait_s=options.decision_wait_s,
+            limits=options.limits,
         )
         runner = web.AppRunner(create_app(config), access_log=None, shutdown_timeout=5.0)
         await runner.setup()

@@ -8,6 +8,7 @@ model server, our demo model, which speaks the real OpenAI streaming format.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -21,7 +22,9 @@ from aiohttp.test_utils import TestServer
 from nats.aio.client import Client as NatsClient
 
 from actors.models import ModelCatalog, ModelSpec, ModelVersion
+from api.app import create_app
 from api.auth import mint
+from api.config import EdgeConfig, EdgeLimits
 from events.ids import new_id
 from events.log import EventLog, ensure_streams
 from parley.config import DEMO_SPEC
@@ -126,6 +129,15 @@ async def services(
         model_idle_timeout_s=3.0,
         tools=LIVE_TOOLS,
         model_retry_base_s=0.05,
+        # The suite sends hundreds of requests per user in seconds: limits this high
+        # never bite here, but every request still goes through them. The limits
+        # themselves are tested on edges of their own (tests/test_limits.py).
+        limits=EdgeLimits(
+            rate_per_s=10_000,
+            rate_burst=10_000,
+            max_streams_per_user=10_000,
+            max_turns_per_user=10_000,
+        ),
     )
     async with Services(stack, options) as running:
         assert running.projector is not None
@@ -183,3 +195,24 @@ def projected(services: Services, event_log: EventLog) -> Projected:
 @pytest.fixture
 def api(services: Services, http: aiohttp.ClientSession, user: str) -> SseClient:
     return SseClient(http, services.edge_url, token_for(user))
+
+
+@contextlib.asynccontextmanager
+async def extra_edge(stack: Servers, **overrides: Any) -> AsyncIterator[str]:
+    """One more edge on the session's servers, configured differently (limits, token
+    sources): its base URL. It shares the read models of the `services` fixture."""
+    fields: dict[str, Any] = {
+        "nats_url": stack.nats_url,
+        "database_url": stack.database_url,
+        "redis_url": stack.redis_url,
+        "jwt_secret": SECRET,
+        "db_schema": "parley_test",
+        "models": ["demo"],
+        **overrides,
+    }
+    server = TestServer(create_app(EdgeConfig(**fields)), host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/")
+    finally:
+        await server.close()

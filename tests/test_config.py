@@ -56,11 +56,17 @@ def test_server_urls_and_model_settings_come_from_the_environment(tmp_path: Path
             "PARLEY_MODEL_BASE_URL": "http://m/v1",
             "PARLEY_MODEL_API_KEY": "sk-1",
             "PARLEY_MODEL": "gpt-x",
-            "PARLEY_JWT_SECRET": "jwt",
+            "PARLEY_JWT_SECRET": "j" * 32,
+            "PARLEY_RATE_PER_S": "5",
+            "PARLEY_MAX_TURNS_PER_USER": "2",
+            "PARLEY_LOG_FORMAT": "JSON",
         },
         tmp_path,
     )
     assert not settings.embedded
+    assert settings.jwt_secret == "j" * 32
+    assert (settings.limits.rate_per_s, settings.limits.max_turns_per_user) == (5.0, 2)
+    assert settings.log_format == "json"
     assert (settings.nats_url, settings.model_base_url, settings.model_api_key) == (
         "nats://n:4222",
         "http://m/v1",
@@ -115,3 +121,21 @@ def test_a_bad_demo_speed_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="PARLEY_DEMO_TOKENS_PER_S"):
         settings_from_env({"PARLEY_DEMO_TOKENS_PER_S": "fast"}, tmp_path)
     assert settings_from_env({"PARLEY_DEMO_TOKENS_PER_S": "0"}, tmp_path).demo_tokens_per_s == 0
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"PARLEY_JWT_SECRET": "short"}, "at least 32 characters"),
+        ({"PARLEY_JWT_JWKS_URL": "https://idp/jwks"}, "PARLEY_JWT_ISSUER"),
+        ({"PARLEY_JWT_AUDIENCE": "x"}, "only with PARLEY_JWT_JWKS_URL"),
+        ({"PARLEY_RATE_PER_S": "many"}, "PARLEY_RATE_PER_S must be a number"),
+        ({"PARLEY_WRITE_TIMEOUT_S": "0"}, "more than 0"),
+        ({"PARLEY_LOG_FORMAT": "xml"}, "text or json"),
+    ],
+)
+def test_settings_that_cannot_work_are_refused_with_the_variable_named(
+    tmp_path: Path, env: dict[str, str], says: str
+) -> None:
+    with pytest.raises(ConfigError, match=says):
+        settings_from_env(env, tmp_path)

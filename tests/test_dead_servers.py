@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestServer
 
 from api.app import create_app
 from api.config import EdgeConfig
-from parley.services import Servers
+from parley.services import Servers, Services
 from tests.conftest import SECRET, token_for
 from tests.sse import SseClient
 
@@ -35,8 +35,9 @@ async def edge_without_redis(stack: Servers) -> AsyncIterator[str]:
 
 
 async def test_a_dead_redis_is_a_503_with_retry_after_not_a_crash(
-    edge_without_redis: str, http: aiohttp.ClientSession, user: str
+    edge_without_redis: str, http: aiohttp.ClientSession, user: str, services: Services
 ) -> None:
+    # `services`: the session's worker answers this edge's messages
     api = SseClient(http, edge_without_redis, token_for(user))
     created = await api.create_conversation()  # needs only NATS (and waits for the projection)
     cid = created["id"]
