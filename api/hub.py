@@ -492,3 +492,37 @@ async def read_range(
                 yield StoredEvent(seq=raw.seq, event=decode_entry(raw.data))
     finally:
         await follower.close()
+
+
+async def watch(hubs: Hubs, conversation_id: str, subscription: Subscription) -> str:
+    """Feed a subscription that writes nowhere (a watcher) from its position to its end:
+    the log up to the hub's floor, the hub's ring, what queued meanwhile, then live.
+    Returns why it ended."""
+    hub, snapshot = await hubs.join(conversation_id, subscription)
+    try:
+        after = subscription.position.after()
+        if after < snapshot.floor:
+            async for stored in read_range(
+                hubs.js, hubs.log, conversation_id, after, snapshot.floor
+            ):
+                delivery = Delivery(stored)
+                subscription.note(delivery)
+                subscription.take(delivery)
+                if subscription.ended.done():
+                    return subscription.ended.result()
+        for delivery in snapshot.ring:
+            subscription.note(delivery)
+            subscription.take(delivery)
+        pending = subscription.pending
+        while pending and not subscription.ended.done():
+            item = pending.popleft()
+            if isinstance(item, Envelope):
+                subscription.take_stall(item)
+            else:
+                subscription.note(item)
+                subscription.take(item)
+        subscription.live = True
+        subscription.pending = None
+        return await subscription.ended
+    finally:
+        hub.leave(subscription)

@@ -34,7 +34,7 @@ from aiohttp import web
 
 from api.context import CLAIMS, CONFIG, METRICS, wants_json
 from api.errors import ApiError, Handler
-from api.hub import Delivery, Hubs, PendingCommand, Subscription, TurnFilter, read_range
+from api.hub import Delivery, Hubs, PendingCommand, Subscription, TurnFilter, watch
 from api.sse import Envelope, Position
 from events.ids import new_id
 
@@ -274,32 +274,7 @@ class Limits:
                 log.warning("cannot release a turn slot; it expires", extra={"error": repr(err)})
 
     async def _follow(self, conversation_id: str, watcher: TurnWatcher) -> str:
-        hubs = self._hubs
-        hub, snapshot = await hubs.join(conversation_id, watcher)
-        try:
-            after = watcher.position.after()
-            if after < snapshot.floor:
-                async for stored in read_range(
-                    hubs.js, hubs.log, conversation_id, after, snapshot.floor
-                ):
-                    watcher.note(Delivery(stored))
-                    watcher.take(Delivery(stored))
-            for delivery in snapshot.ring:
-                watcher.note(delivery)
-                watcher.take(delivery)
-            pending = watcher.pending
-            while pending and not watcher.ended.done():
-                item = pending.popleft()
-                if isinstance(item, Envelope):
-                    watcher.end("stalled")
-                else:
-                    watcher.note(item)
-                    watcher.take(item)
-            watcher.live = True
-            watcher.pending = None
-            return await watcher.ended
-        finally:
-            hub.leave(watcher)
+        return await watch(self._hubs, conversation_id, watcher)
 
 
 LIMITS = web.AppKey("limits", Limits)

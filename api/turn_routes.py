@@ -21,10 +21,11 @@ import msgspec
 from aiohttp import web
 
 from api.access import owned_conversation
-from api.context import CONFIG, JS, LOG, REDIS, claims_of, wants_json
+from api.context import CONFIG, HUBS, JS, LOG, REDIS, claims_of, wants_json
 from api.errors import UNAVAILABLE, ApiError, bad_request
+from api.hub import Delivery, Subscription, watch
 from api.limits import hold_turn
-from api.sse import Position
+from api.sse import Envelope, Position
 from api.streaming import PendingCommand, TurnFilter, open_sse, running_turn, stream_log
 from api.validation import InvalidBody, decode_body
 from events.codec import encode
@@ -269,25 +270,49 @@ async def _submit(
     )
 
 
+class _DecisionWatcher(Subscription):
+    """Waits, through the conversation's hub, for the actor's answer to one request."""
+
+    __slots__ = ("command_id", "rejected")
+
+    def __init__(self, position: Position, command_id: str) -> None:
+        super().__init__(position)
+        self.command_id = command_id
+        self.rejected: CommandRejected | None = None
+
+    def take(self, delivery: Delivery) -> None:
+        event = delivery.stored.event
+        if isinstance(event, CommandRejected) and event.command_id == self.command_id:
+            self.rejected = event
+            self.end("rejected")
+        elif (
+            isinstance(event, UserMessage | AnswerRequested | Started)
+            and event.command_id == self.command_id
+        ):
+            self.end("accepted")
+
+    def take_stall(self, error: Envelope) -> None:
+        pass  # a watcher with no turn: nothing to stall
+
+
 async def _decision(
     request: web.Request, conversation_id: str, record: IdempotencyRecord
 ) -> Decision:
     """The actor's answer to the request, read from the log, or Decision() after a while
-    (no worker up yet: the request waits in CHAT_CMD and its stream waits with it)."""
+    (no worker up yet: the request waits in CHAT_CMD and its stream waits with it).
+
+    Read through the conversation's hub, which the turn's stream then joins too: one
+    subscription per conversation, not one consumer per request.
+    """
+    watcher = _DecisionWatcher(Position(seq=record.after), record.command_id)
     try:
         async with asyncio.timeout(request.app[CONFIG].decision_wait_s):
-            async for stored in request.app[LOG].follow(conversation_id, record.after):
-                event = stored.event
-                if isinstance(event, CommandRejected) and event.command_id == record.command_id:
-                    return Decision(rejected=event)
-                if (
-                    isinstance(event, UserMessage | AnswerRequested | Started)
-                    and event.command_id == record.command_id
-                ):
-                    return Decision(accepted=True)
+            outcome = await watch(request.app[HUBS], conversation_id, watcher)
     except TimeoutError:
-        pass
-    return Decision()
+        return Decision()
+    if outcome == "rejected":
+        return Decision(rejected=watcher.rejected)
+    return Decision(accepted=outcome == "accepted")
 
 
 def _refusal(rejected: CommandRejected) -> ApiError:
