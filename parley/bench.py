@@ -32,6 +32,7 @@ from aiohttp import web
 from actors.model_client import ChatRequest, ModelEndpoint, stream_chat
 from actors.model_stream import TextDelta
 from api.auth import mint
+from api.config import EdgeLimits
 from api.sse import Envelope, frame
 from parley.config import load_catalog, load_settings
 from parley.demo_model import DemoConfig, start_demo_model
@@ -39,6 +40,8 @@ from parley.services import Servers, ServiceOptions, Services, resolve_servers
 from parley.stack import EmbeddedStack
 
 SECRET = "bench-" + "s" * 40
+# One bench user sends what a crowd of users would: per-user limits are off here.
+NO_LIMITS = EdgeLimits(rate_per_s=0, max_streams_per_user=0, max_turns_per_user=0)
 
 
 class Turn(msgspec.Struct):
@@ -228,6 +231,7 @@ async def run_stream(servers: Servers, c: int, n: int, rounds: int, rate: float 
         model_base_url=model_url,
         db_schema=f"bench_{int(time.time())}",
         port=0,
+        limits=NO_LIMITS,
     )
     try:
         async with Services(servers, options) as services, direct_server(model_url) as direct:
@@ -420,8 +424,6 @@ async def run_fanout(servers: Servers, viewers: int, tokens: int, rate: float) -
     import gc
     import multiprocessing
 
-    from api.config import EdgeLimits
-
     settings = load_settings()
     emit_log: dict[str, list[int]] = {}
     runner, model_url = await start_demo_model(
@@ -433,7 +435,7 @@ async def run_fanout(servers: Servers, viewers: int, tokens: int, rate: float) -
         model_base_url=model_url,
         db_schema=f"bench_{int(time.time())}",
         port=0,
-        limits=EdgeLimits(rate_per_s=0, max_streams_per_user=0, max_turns_per_user=0),
+        limits=NO_LIMITS,
     )
     try:
         async with Services(servers, options) as services:

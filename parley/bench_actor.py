@@ -30,7 +30,7 @@ import aiohttp
 import msgspec
 
 from api.auth import mint
-from parley.bench import SECRET, direct_server, percentile
+from parley.bench import NO_LIMITS, SECRET, direct_server, percentile
 from parley.config import load_catalog, load_settings
 from parley.demo_model import DemoConfig, start_demo_model
 from parley.services import Servers, ServiceOptions, Services
@@ -71,6 +71,7 @@ async def system(servers: Servers, rate: float) -> AsyncIterator[tuple[str, str,
         model_base_url=model_url,
         db_schema=f"bench_{int(time.time())}",
         port=0,
+        limits=NO_LIMITS,
     )
     try:
         async with Services(servers, options) as services:
