@@ -10,12 +10,16 @@ checkpoint is skipped.
 
 Only one projector per schema applies events at a time (a Postgres advisory
 lock); a second one waits as a hot standby.
+
+This module is the shell: following the log, batches, the checkpoint, the
+poison rule, the lock. What an event does to the rows is its handler's business
+(`projections/handlers.py`, looked up through the `Projection` registry); no SQL
+about conversations or messages belongs here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import re
 from collections.abc import Sequence
@@ -29,29 +33,11 @@ from events.codec import Unreadable, decode_entry
 from events.follow import LogFollower, RawEvent
 from events.log import StoredEvent
 from events.subjects import EVT_SUBJECTS
-from events.vocabulary import (
-    AnyEvent,
-    BillingRejected,
-    Cancelled,
-    ContentBlock,
-    ContentPart,
-    ConversationCreated,
-    Done,
-    Failed,
-    Started,
-    Title,
-    UserMessage,
-    event_type,
-)
+from events.vocabulary import AnyEvent, event_type
+from projections.handlers import READ_MODELS
+from projections.registry import Db, Projection
 
 log = logging.getLogger(__name__)
-
-NAME = "read_models"
-_blocks_encoder = msgspec.json.Encoder()
-
-
-def timestamp(ns: int) -> dt.datetime:
-    return dt.datetime.fromtimestamp(ns / 1e9, tz=dt.UTC)
 
 
 class Projector:
@@ -60,12 +46,13 @@ class Projector:
         js: JetStreamContext,
         pool: Any,
         *,
-        name: str = NAME,
+        projection: Projection = READ_MODELS,
         batch_max: int = 500,
     ) -> None:
         self._js = js
         self._pool = pool
-        self.name = name
+        self.projection = projection
+        self.name = projection.name
         self._batch_max = batch_max
         self.position = 0
         self.applied = asyncio.Condition()
@@ -159,7 +146,7 @@ class Projector:
                 elif isinstance(item.event, Unreadable):
                     await self._record(conn, item, item.event.error, SKIPPED)
                 else:
-                    await apply_event(conn, item.seq, item.event)
+                    await self._apply_event(conn, item.seq, item.event)
                 last = max(last, item.seq)
             if last != position:
                 await conn.execute(
@@ -186,7 +173,7 @@ class Projector:
             return
         try:
             async with conn.transaction():
-                await apply_event(conn, item.seq, event)
+                await self._apply_event(conn, item.seq, event)
             return
         except TRANSIENT:
             raise
@@ -196,7 +183,7 @@ class Projector:
         if clean is not None:
             try:
                 async with conn.transaction():
-                    await apply_event(conn, item.seq, clean)
+                    await self._apply_event(conn, item.seq, clean)
             except TRANSIENT:
                 raise
             except Exception as err:
@@ -205,6 +192,11 @@ class Projector:
                 await self._record(conn, item, first_error, SANITISED)
                 return
         await self._record(conn, item, first_error, SKIPPED)
+
+    async def _apply_event(self, db: Db, seq: int, event: AnyEvent) -> None:
+        handler = self.projection.handler(event)
+        if handler is not None:  # no handler: this event changes none of our rows
+            await handler(db, seq, event)
 
     async def _record(self, conn: Any, item: StoredEvent, reason: str, rule: str) -> None:
         event = item.event
@@ -282,163 +274,3 @@ def _raw(event: AnyEvent) -> bytes:
 
 def _stored(raw: RawEvent) -> StoredEvent:
     return StoredEvent(seq=raw.seq, event=decode_entry(raw.data))
-
-
-async def apply_event(conn: Any, seq: int, event: AnyEvent) -> None:
-    at = timestamp(event.at)
-    match event:
-        case ConversationCreated():
-            await conn.execute(
-                "INSERT INTO conversations (id, user_id, project_id, title, title_source, model,"
-                " created_at, updated_at, last_seq) VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8)"
-                " ON CONFLICT (id) DO NOTHING",
-                event.conversation_id,
-                event.user_id,
-                event.project_id,
-                event.title,
-                "user" if event.title else None,
-                event.model,
-                at,
-                seq,
-            )
-        case UserMessage():
-            await _supersede(
-                conn, event.conversation_id, event.version_group_id or event.message_id
-            )
-            await conn.execute(
-                "INSERT INTO messages (id, conversation_id, role, content, status,"
-                " parent_message_id, version_group_id, version_number, is_latest, seq,"
-                " created_at, updated_at)"
-                " VALUES ($1, $2, 'user', $3, 'complete', $4, $5, $6, true, $7, $8, $8)"
-                " ON CONFLICT (id) DO NOTHING",
-                event.message_id,
-                event.conversation_id,
-                _blocks_encoder.encode([{"role": "user", "content": event.content}]).decode(),
-                event.parent_message_id,
-                event.version_group_id or event.message_id,
-                event.version_number,
-                seq,
-                at,
-            )
-            await _touch(conn, event.conversation_id, seq, at)
-        case Started():
-            group = event.version_group_id or event.turn_id
-            await _supersede(conn, event.conversation_id, group)
-            await conn.execute(
-                "INSERT INTO messages (id, conversation_id, role, content, status, turn_id,"
-                " user_message_id, parent_message_id, version_group_id, version_number, is_latest,"
-                " model, model_version_id, seq, created_at, updated_at)"
-                " VALUES ($1, $2, 'assistant', '[]', 'streaming', $1, $3, $4, $5, $6, true,"
-                " $7, $8, $9, $10, $10) ON CONFLICT (id) DO NOTHING",
-                event.turn_id,
-                event.conversation_id,
-                event.user_message_id,
-                event.parent_message_id or event.user_message_id,
-                group,
-                event.version_number,
-                event.model,
-                event.model_version_id,
-                seq,
-                at,
-            )
-            await _touch(conn, event.conversation_id, seq, at)
-        case Done() | Cancelled() | Failed():
-            status = (
-                "complete"
-                if isinstance(event, Done)
-                else "cancelled"
-                if isinstance(event, Cancelled)
-                else "failed"
-            )
-            # with content_parts, the content_part events before this one filled it
-            await conn.execute(
-                "UPDATE messages SET content = CASE WHEN $11 THEN content ELSE $2::jsonb END,"
-                " status = $3, input_tokens = $4,"
-                " output_tokens = $5, tokens_estimated = $6, stop_reason = $7,"
-                " error_code = $8, error_message = $9, updated_at = $10 WHERE id = $1",
-                event.turn_id,
-                _blocks(event.content),
-                status,
-                event.input_tokens,
-                event.output_tokens,
-                event.tokens_estimated,
-                event.stop_reason if isinstance(event, Done) else None,
-                event.code if isinstance(event, Failed) else None,
-                event.message if isinstance(event, Failed) else None,
-                at,
-                event.content_parts > 0,
-            )
-            await _touch(
-                conn,
-                event.conversation_id,
-                seq,
-                at,
-                tokens=event.input_tokens + event.output_tokens,
-            )
-        case ContentPart():
-            # Pieces arrive in order: a piece of the last block extends it, the
-            # first piece of a block adds it.
-            await conn.execute(
-                "UPDATE messages SET content = CASE"
-                " WHEN jsonb_array_length(content) > $2"
-                "  THEN jsonb_set(content, ARRAY[$2::text, 'content'],"
-                "                 to_jsonb((content->$2->>'content') || $4))"
-                " ELSE content || jsonb_build_array(jsonb_build_object('role', $3::text,"
-                "                                                      'content', $4::text))"
-                " END WHERE id = $1",
-                event.turn_id,
-                event.block,
-                event.role,
-                event.text,
-            )
-        case BillingRejected():
-            await conn.execute(
-                "UPDATE messages SET status = 'billing_error', error_code = 'billing_error',"
-                " error_message = $2, updated_at = $3 WHERE id = $1",
-                event.turn_id,
-                f"account {event.account} has {event.available} micro-credits, needs {event.needed}",
-                at,
-            )
-            await _touch(conn, event.conversation_id, seq, at)
-        case Title():
-            await conn.execute(
-                "UPDATE conversations SET title = $2, title_source = COALESCE($3, title_source),"
-                " last_seq = $4"
-                " WHERE id = $1",
-                event.conversation_id,
-                event.title,
-                event.source if event.source != "existing" else None,
-                seq,
-            )
-        case _:
-            pass  # chunks, tool calls and results live in the log; no read model needs them yet
-
-
-def _blocks(blocks: Sequence[ContentBlock]) -> str:
-    return _blocks_encoder.encode(list(blocks)).decode()
-
-
-async def _supersede(conn: Any, conversation_id: str, group: str) -> None:
-    await conn.execute(
-        "UPDATE messages SET is_latest = false"
-        " WHERE conversation_id = $1 AND version_group_id = $2 AND is_latest",
-        conversation_id,
-        group,
-    )
-
-
-async def _touch(
-    conn: Any, conversation_id: str, seq: int, at: dt.datetime, *, tokens: int = 0
-) -> None:
-    """message_count = the conversation's visible messages; token totals grow per turn."""
-    await conn.execute(
-        "UPDATE conversations SET"
-        " message_count = (SELECT count(*) FROM messages"
-        "   WHERE conversation_id = $1 AND is_latest),"
-        " token_usage_total = token_usage_total + $2, updated_at = $3, last_seq = $4"
-        " WHERE id = $1",
-        conversation_id,
-        tokens,
-        at,
-        seq,
-    )

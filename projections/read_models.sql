@@ -1,11 +1,7 @@
--- Read models projected from the CHAT_EVT log. Everything here can be dropped and
--- rebuilt from the log with identical content: rows carry only what events carry
--- (timestamps come from event.at, never from now()).
-
-CREATE TABLE IF NOT EXISTS projection_checkpoints (
-    name      text PRIMARY KEY,
-    position  bigint NOT NULL            -- the last CHAT_EVT sequence applied
-);
+-- The read models projected from the CHAT_EVT log (projection `read_models`,
+-- handlers in projections/handlers.py). Everything here can be dropped and
+-- rebuilt from the log with identical content: rows carry only what events
+-- carry (timestamps come from event.at, never from now()).
 
 CREATE TABLE IF NOT EXISTS conversations (
     id                 text PRIMARY KEY,
@@ -50,17 +46,3 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id, seq);
 CREATE INDEX IF NOT EXISTS messages_by_group ON messages (conversation_id, version_group_id);
-
--- Events a projection could not apply as written, and what it did instead
--- (`sanitised`: stored with NUL and lone surrogates replaced by U+FFFD;
--- `skipped`: not applied). Part of the projection: a rebuild starts it afresh.
-CREATE TABLE IF NOT EXISTS projection_errors (
-    projection       text NOT NULL,
-    seq              bigint NOT NULL,          -- the event's position in CHAT_EVT
-    conversation_id  text,
-    event_type       text NOT NULL,
-    rule             text NOT NULL,            -- sanitised | skipped
-    reason           text NOT NULL,
-    raw              bytea,                    -- the event as written
-    PRIMARY KEY (projection, seq)
-);
