@@ -26,3 +26,6 @@ class EdgeConfig(msgspec.Struct, frozen=True):
     # (its turn still runs, its command still waits): api.streaming._Progress.
     stall_check_s: float = 2.0
     idempotency_ttl_s: int = 24 * 3600
+    # /readyz is not ready while the read-model projection is more than this many
+    # log entries behind the log's head (0: report the lag, never unready for it).
+    max_projection_lag: int = 10_000

@@ -114,6 +114,7 @@ async def _dev(
             model_base_url=base_url,
             model_api_key=settings.model_api_key,
             db_schema=settings.db_schema,
+            max_projection_lag=settings.max_projection_lag,
             host=host,
             port=port,
         )
@@ -167,6 +168,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             model_base_url=settings.model_base_url or "",
             model_api_key=settings.model_api_key,
             db_schema=settings.db_schema,
+            max_projection_lag=settings.max_projection_lag,
             host=args.host,
             port=args.port,
         )

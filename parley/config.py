@@ -48,6 +48,7 @@ class Settings(msgspec.Struct, frozen=True):
     models_file: str | None = None
     db_schema: str = "parley"
     demo_tokens_per_s: float = 40.0  # how fast the demo model streams in `parley dev`
+    max_projection_lag: int = 10_000  # /readyz: unready beyond this many events behind (0: never)
 
     @property
     def embedded(self) -> bool:
@@ -72,6 +73,9 @@ def settings_from_env(env: Mapping[str, str], data_dir: str | Path | None = None
         models_file=get("PARLEY_MODELS_FILE"),
         db_schema=get("PARLEY_DB_SCHEMA") or "parley",
         demo_tokens_per_s=_float(get("PARLEY_DEMO_TOKENS_PER_S"), 40.0, "PARLEY_DEMO_TOKENS_PER_S"),
+        max_projection_lag=_int(
+            get("PARLEY_MAX_PROJECTION_LAG"), 10_000, "PARLEY_MAX_PROJECTION_LAG"
+        ),
     )
 
 
@@ -82,6 +86,18 @@ def _float(raw: str | None, default: float, name: str) -> float:
         value = float(raw)
     except ValueError as err:
         raise ConfigError(f"{name} must be a number, not {raw!r}") from err
+    if value < 0:
+        raise ConfigError(f"{name} must not be negative")
+    return value
+
+
+def _int(raw: str | None, default: int, name: str) -> int:
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError as err:
+        raise ConfigError(f"{name} must be a whole number, not {raw!r}") from err
     if value < 0:
         raise ConfigError(f"{name} must not be negative")
     return value

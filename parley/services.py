@@ -56,6 +56,7 @@ class ServiceOptions(msgspec.Struct, frozen=True):
     port: int = 8080  # 0 picks a free port
     ping_interval_s: float = 15.0
     model_idle_timeout_s: float = 120.0
+    max_projection_lag: int = 10_000  # /readyz bound, events behind the log (0: never unready)
 
 
 class Services:
@@ -168,6 +169,7 @@ class Services:
             models=[m.name for m in options.catalog.models],
             default_model=options.catalog.default_model,
             ping_interval_s=options.ping_interval_s,
+            max_projection_lag=options.max_projection_lag,
         )
         runner = web.AppRunner(create_app(config), access_log=None, shutdown_timeout=5.0)
         await runner.setup()

@@ -1,15 +1,23 @@
-"""The read-model projector: CHAT_EVT -> Postgres, exactly once.
+"""The projector: CHAT_EVT -> Postgres, exactly once.
 
 Exactly-once effect comes from the tracking record, not from the broker: each
-batch of events is applied and the position of its last event written to
+batch of events is applied and the position of its last entry written to
 `projection_checkpoints` in the same transaction. On start the projector reads
-its position from Postgres and follows the log from the next sequence with an
-ordered consumer (gap-free and in order), so a crash between commit and
-anything else neither loses nor doubles a row; an event at or below the
-checkpoint is skipped.
+its position from Postgres and follows the log from the next sequence
+(`projections/feed.py`: gap-free, in order, pulled in windows), so a crash
+between commit and anything else neither loses nor doubles a row; an event at
+or below the checkpoint is skipped. Should the checkpoint ever move back under
+a running projector (an operator reset it), the projector notices at its next
+batch and follows again from there; moved forward (a rebuild swapped in a
+projection further along, `projections/rebuild.py`), it skips what is applied.
 
 Only one projector per schema applies events at a time (a Postgres advisory
 lock); a second one waits as a hot standby.
+
+Entries the projection has no handler for are not decoded: `chunk` events,
+most of the log, are recognised by their first bytes (msgspec writes the tag
+first) and only move the checkpoint. One that does not start that way is
+decoded like any other, so the shortcut can skip work, never an event.
 
 This module is the shell: following the log, batches, the checkpoint, the
 poison rule, the lock. What an event does to the rows is its handler's business
@@ -21,23 +29,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
-import msgspec
 from nats.js import JetStreamContext
 
 from events.codec import Unreadable, decode_entry
-from events.follow import LogFollower, RawEvent
+from events.follow import RawEvent
 from events.log import StoredEvent
-from events.subjects import EVT_SUBJECTS
-from events.vocabulary import AnyEvent, event_type
+from events.vocabulary import AnyEvent, Chunk, event_type
+from projections.feed import LogFeed
 from projections.handlers import READ_MODELS
+from projections.poison import SANITISED, SKIPPED, raw_bytes, sanitised, storable
 from projections.registry import Db, Projection
 
 log = logging.getLogger(__name__)
+
+# How every chunk event starts as msgspec writes it (the tag field comes first).
+CHUNK_PREFIX = b'{"type":"chunk"'
 
 
 class Projector:
@@ -54,7 +64,10 @@ class Projector:
         self.projection = projection
         self.name = projection.name
         self._batch_max = batch_max
+        # a projection with no chunk handler never needs a chunk decoded
+        self._skip_chunks = Chunk not in projection.handled
         self.position = 0
+        self.entries = 0  # log entries read since start, chunks included
         self.applied = asyncio.Condition()
         self.ready = asyncio.Event()  # set once following the log
 
@@ -81,7 +94,7 @@ class Projector:
 
     async def _follow(self, stopping: asyncio.Event, lock_conn: Any) -> None:
         self.position = await self._load_position()
-        follower = LogFollower(self._js, EVT_SUBJECTS, self.position)
+        feed = LogFeed(self._js, self.position, window=self._batch_max)
         self.ready.set()
         try:
             while not stopping.is_set():
@@ -89,11 +102,31 @@ class Projector:
                     # The lock went with its connection: a standby may be applying
                     # now. Stop; the supervisor restarts us as a standby or leader.
                     raise LockLost(f"projection {self.name}: the lock's connection closed")
-                batch = await follower.next_batch(self._batch_max, wait_s=1.0)
-                if batch:
-                    await self.apply([_stored(raw) for raw in batch])
+                batch = await feed.next_batch(self._batch_max, wait_s=1.0)
+                if not batch:
+                    continue
+                self.entries += len(batch)
+                try:
+                    await self.apply(self.decode(batch), through=batch[-1].seq)
+                except Rewound as moved:
+                    log.warning(
+                        "checkpoint moved back; following again from it",
+                        extra={"projection": self.name, "position": moved.position},
+                    )
+                    await feed.close()
+                    self.position = moved.position
+                    feed = LogFeed(self._js, self.position, window=self._batch_max)
         finally:
-            await follower.close()
+            await feed.close()
+
+    def decode(self, batch: Sequence[RawEvent]) -> list[StoredEvent]:
+        """The entries this projection needs decoded; chunks are passed over as bytes."""
+        skip = self._skip_chunks
+        return [
+            StoredEvent(seq=raw.seq, event=decode_entry(raw.data))
+            for raw in batch
+            if not (skip and raw.data.startswith(CHUNK_PREFIX))
+        ]
 
     async def _load_position(self) -> int:
         async with self._pool.acquire() as conn:
@@ -107,36 +140,47 @@ class Projector:
             )
             return position
 
-    async def apply(self, batch: Sequence[StoredEvent]) -> None:
-        """Apply a batch and move the checkpoint, in one transaction.
+    async def apply(self, batch: Sequence[StoredEvent], *, through: int = 0) -> None:
+        """Apply a batch and move the checkpoint to its last entry (or `through`, when
+        entries after the last event were passed over), in one transaction."""
+        async with self._pool.acquire() as conn:
+            last = await self.apply_on(conn, batch, through=through)
+        async with self.applied:
+            self.position = max(self.position, last)
+            self.applied.notify_all()
 
-        The whole batch is tried at once (the fast path). If one of its events
-        cannot be stored, the transaction is rolled back and the batch applied
+    async def apply_on(self, conn: Any, batch: Sequence[StoredEvent], *, through: int = 0) -> int:
+        """`apply` on a connection the caller holds; returns the new position.
+
+        Inside a transaction of the caller's (a rebuild's swap), ours is a
+        savepoint. The whole batch is tried at once (the fast path). If one of
+        its events cannot be stored, that is rolled back and the batch applied
         again one event at a time, each in a savepoint, so the failing event is
         handled by the poison rule (`_apply_carefully`) and the rest go in.
         Errors that mean Postgres is away are not poison: they propagate, and
         the role is restarted from the checkpoint.
         """
         try:
-            last = await self._apply_batch(batch, careful=False)
-        except TRANSIENT:
+            return await self._apply_batch(conn, batch, through, careful=False)
+        except NOT_POISON:
             raise
         except Exception as err:
             log.warning(
                 "batch failed, applying it event by event",
                 extra={"projection": self.name, "error": repr(err)},
             )
-            last = await self._apply_batch(batch, careful=True)
-        async with self.applied:
-            self.position = max(self.position, last)
-            self.applied.notify_all()
+            return await self._apply_batch(conn, batch, through, careful=True)
 
-    async def _apply_batch(self, batch: Sequence[StoredEvent], *, careful: bool) -> int:
-        async with self._pool.acquire() as conn, conn.transaction():
+    async def _apply_batch(
+        self, conn: Any, batch: Sequence[StoredEvent], through: int, *, careful: bool
+    ) -> int:
+        async with conn.transaction():
             position: int = await conn.fetchval(
                 "SELECT position FROM projection_checkpoints WHERE name = $1 FOR UPDATE",
                 self.name,
             )
+            if position < self.position:
+                raise Rewound(position)
             last = position
             for item in batch:
                 if item.seq <= position:
@@ -147,7 +191,8 @@ class Projector:
                     await self._record(conn, item, item.event.error, SKIPPED)
                 else:
                     await self._apply_event(conn, item.seq, item.event)
-                last = max(last, item.seq)
+                last = item.seq
+            last = max(last, through)
             if last != position:
                 await conn.execute(
                     "UPDATE projection_checkpoints SET position = $2 WHERE name = $1",
@@ -203,7 +248,7 @@ class Projector:
         if isinstance(event, Unreadable):
             kind, conversation, raw = event.type or "", None, event.raw
         else:
-            kind, conversation, raw = event_type(event), event.conversation_id, _raw(event)
+            kind, conversation, raw = event_type(event), event.conversation_id, raw_bytes(event)
         log.error(
             "event not projected as written",
             extra={"projection": self.name, "seq": item.seq, "type": kind, "rule": rule},
@@ -214,10 +259,10 @@ class Projector:
             " ON CONFLICT (projection, seq) DO NOTHING",
             self.name,
             item.seq,
-            _storable(conversation),
-            _storable(kind),
+            storable(conversation),
+            storable(kind),
             rule,
-            (_storable(reason) or "")[:2000],
+            (storable(reason) or "")[:2000],
             raw,
         )
 
@@ -226,8 +271,14 @@ class LockLost(Exception):
     """The connection holding a projection's advisory lock is gone."""
 
 
-SKIPPED = "skipped"
-SANITISED = "sanitised"
+class Rewound(Exception):
+    """The stored checkpoint is behind what this projector applied: someone moved it."""
+
+    def __init__(self, position: int) -> None:
+        super().__init__(f"checkpoint moved back to {position}")
+        self.position = position
+
+
 # Postgres is away or busy: not the event's fault. The role stops and is
 # restarted from its checkpoint; nothing is recorded against the event.
 TRANSIENT: tuple[type[BaseException], ...] = (
@@ -238,39 +289,5 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.TransactionRollbackError,
     OSError,
 )
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
-
-
-def _storable(text: str | None) -> str | None:
-    return None if text is None else _UNSTORABLE.sub("\ufffd", text)
-
-
-def _clean(value: Any) -> Any:
-    if isinstance(value, str):
-        return _storable(value)
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    return value
-
-
-def sanitised(event: AnyEvent) -> AnyEvent | None:
-    """The event with text no column can hold replaced by U+FFFD; None if it has none."""
-    raw = msgspec.to_builtins(event)
-    clean = _clean(raw)
-    if clean == raw:
-        return None
-    result: AnyEvent = msgspec.convert(clean, type=type(event))
-    return result
-
-
-def _raw(event: AnyEvent) -> bytes:
-    try:
-        return msgspec.json.encode(event)
-    except UnicodeEncodeError:
-        return msgspec.json.encode(_clean(msgspec.to_builtins(event)))
-
-
-def _stored(raw: RawEvent) -> StoredEvent:
-    return StoredEvent(seq=raw.seq, event=decode_entry(raw.data))
+# Raised through the poison rule untouched: neither is an event's fault.
+NOT_POISON: tuple[type[BaseException], ...] = (*TRANSIENT, Rewound)

@@ -115,3 +115,11 @@ def test_a_bad_demo_speed_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="PARLEY_DEMO_TOKENS_PER_S"):
         settings_from_env({"PARLEY_DEMO_TOKENS_PER_S": "fast"}, tmp_path)
     assert settings_from_env({"PARLEY_DEMO_TOKENS_PER_S": "0"}, tmp_path).demo_tokens_per_s == 0
+
+
+def test_the_readiness_lag_bound_is_a_whole_number_of_events(tmp_path: Path) -> None:
+    assert settings_from_env({}, tmp_path).max_projection_lag == 10_000
+    assert settings_from_env({"PARLEY_MAX_PROJECTION_LAG": "0"}, tmp_path).max_projection_lag == 0
+    for bad in ("many", "1.5", "-3"):
+        with pytest.raises(ConfigError, match="PARLEY_MAX_PROJECTION_LAG"):
+            settings_from_env({"PARLEY_MAX_PROJECTION_LAG": bad}, tmp_path)
