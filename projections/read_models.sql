@@ -42,7 +42,15 @@ CREATE TABLE IF NOT EXISTS messages (
     error_message      text,
     seq                bigint NOT NULL,        -- position of the event that created the row
     created_at         timestamptz NOT NULL,
-    updated_at         timestamptz NOT NULL
+    updated_at         timestamptz NOT NULL,
+    -- the turn's tool cards, in call order:
+    -- [{id, name, arguments, raw_arguments?, result, error, duration_ms}], duration_ms null = pending
+    tool_calls         jsonb NOT NULL DEFAULT '[]',
+    latency_ms         integer                 -- started.at -> the turn's end event's at
 );
+-- Columns added after the first release: a schema made before them gets them
+-- empty; `parley projections rebuild` fills them for the turns projected before.
+ALTER TABLE messages ADD COLUMN IF NOT EXISTS tool_calls jsonb NOT NULL DEFAULT '[]';
+ALTER TABLE messages ADD COLUMN IF NOT EXISTS latency_ms integer;
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id, seq);
 CREATE INDEX IF NOT EXISTS messages_by_group ON messages (conversation_id, version_group_id);
