@@ -74,8 +74,11 @@ class LogFeed:
         self._broken = False  # a gap or a vanished consumer: start again after `last`
         self._silent_s = 0.0
 
-    async def next_batch(self, limit: int, wait_s: float) -> list[RawEvent]:
-        """Up to `limit` entries, as soon as there is one; [] after `wait_s` of silence."""
+    async def next_batch(
+        self, limit: int, wait_s: float, *, stop: asyncio.Event | None = None
+    ) -> list[RawEvent]:
+        """Up to `limit` entries, as soon as there is one; [] after `wait_s` of silence,
+        or as soon as `stop` is set (a stopping reader does not wait out the silence)."""
         if self._sub is None:
             await self._start()
         if self._broken:
@@ -83,12 +86,11 @@ class LogFeed:
         await self._request_more()
         if not self._buffer:
             self._arrived.clear()
-            try:
-                async with asyncio.timeout(wait_s):
-                    await self._arrived.wait()
-            except TimeoutError:
+            if not await _first(self._arrived, stop, wait_s):
                 await self._on_silence(wait_s)
                 return []
+            if not self._buffer:
+                return []  # stopped, or woken by a gap: the next call starts again
         self._silent_s = 0.0
         out, self._buffer = self._buffer[:limit], self._buffer[limit:]
         if out:
@@ -200,6 +202,19 @@ class LogFeed:
             await self._js.consumer_info(EVT_STREAM, self._consumer)
         except nats.js.errors.NotFoundError:
             self._broken = True
+
+
+async def _first(arrived: asyncio.Event, stop: asyncio.Event | None, wait_s: float) -> bool:
+    """Wait for `arrived` (or `stop`) up to `wait_s`; False when neither came."""
+    waiters = [asyncio.ensure_future(arrived.wait())]
+    if stop is not None:
+        waiters.append(asyncio.ensure_future(stop.wait()))
+    try:
+        done, _ = await asyncio.wait(waiters, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    return bool(done)
 
 
 def _sequences(reply: str) -> tuple[int, int]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -67,7 +68,7 @@ class Projector:
         # a projection with no chunk handler never needs a chunk decoded
         self._skip_chunks = Chunk not in projection.handled
         self.position = 0
-        self.entries = 0  # log entries read since start, chunks included
+        self.counts: Counter[str] = Counter()  # entries read since start, by type
         self.applied = asyncio.Condition()
         self.ready = asyncio.Event()  # set once following the log
 
@@ -102,10 +103,9 @@ class Projector:
                     # The lock went with its connection: a standby may be applying
                     # now. Stop; the supervisor restarts us as a standby or leader.
                     raise LockLost(f"projection {self.name}: the lock's connection closed")
-                batch = await feed.next_batch(self._batch_max, wait_s=1.0)
+                batch = await feed.next_batch(self._batch_max, wait_s=1.0, stop=stopping)
                 if not batch:
                     continue
-                self.entries += len(batch)
                 try:
                     await self.apply(self.decode(batch), through=batch[-1].seq)
                 except Rewound as moved:
@@ -122,11 +122,17 @@ class Projector:
     def decode(self, batch: Sequence[RawEvent]) -> list[StoredEvent]:
         """The entries this projection needs decoded; chunks are passed over as bytes."""
         skip = self._skip_chunks
-        return [
+        out = [
             StoredEvent(seq=raw.seq, event=decode_entry(raw.data))
             for raw in batch
             if not (skip and raw.data.startswith(CHUNK_PREFIX))
         ]
+        counts = self.counts
+        counts["chunk"] += len(batch) - len(out)
+        for item in out:
+            event = item.event
+            counts["unreadable" if isinstance(event, Unreadable) else event_type(event)] += 1
+        return out
 
     async def _load_position(self) -> int:
         async with self._pool.acquire() as conn:
