@@ -59,3 +59,6 @@ class EdgeConfig(msgspec.Struct, frozen=True):
     # answering anyway (no worker running yet: the request waits in CHAT_CMD).
     decision_wait_s: float = 5.0
     idempotency_ttl_s: int = 24 * 3600
+    # /readyz is not ready while the read-model projection is more than this many
+    # log entries behind the log's head (0: report the lag, never unready for it).
+    max_projection_lag: int = 10_000

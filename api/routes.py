@@ -20,6 +20,7 @@ from api.streaming import cut, open_sse, running_turn, stream_log
 from api.turn_routes import cancel_turn, edit_message, post_message, read_json, regenerate
 from events.codec import encode_stored
 from events.ids import new_id
+from events.subjects import EVT_STREAM
 from events.vocabulary import ConversationCreated
 from projections.store import ConversationRow
 
@@ -211,15 +212,19 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when NATS, Postgres and Redis answer. Events the projection could not
+    """Ready when NATS, Postgres and Redis answer and the read models are not too far
+    behind the log (`projection_lag`: CHAT_EVT's last sequence minus the projection's
+    position; unready above `max_projection_lag`). Events the projection could not
     apply as written do not make the edge unready (the rest is served), but are
     counted here so an operator sees them (`parley projections errors` lists them)."""
     app = request.app
     checks: dict[str, Literal["ok", "down"]] = {}
     checks["nats"] = "ok" if app[NATS].is_connected else "down"
     projection_errors: int | None = None
+    position: int | None = None
     try:
         projection_errors = await app[STORE].projection_error_count()
+        position = await app[STORE].position()
         checks["postgres"] = "ok"
     except UNAVAILABLE:
         checks["postgres"] = "down"
@@ -228,12 +233,26 @@ async def readyz(request: web.Request) -> web.Response:
         checks["redis"] = "ok"
     except UNAVAILABLE:
         checks["redis"] = "down"
-    ready = all(v == "ok" for v in checks.values())
+    reasons = [f"{name} is down" for name, state in checks.items() if state == "down"]
+    lag: int | None = None
+    if position is not None and checks["nats"] == "ok":
+        try:
+            head = int((await app[JS].stream_info(EVT_STREAM)).state.last_seq)
+        except UNAVAILABLE:
+            reasons.append("the event log does not answer")
+        else:
+            lag = max(0, head - position)
+            bound = app[CONFIG].max_projection_lag
+            if bound and lag > bound:
+                reasons.append(f"the read models are {lag} events behind the log (bound {bound})")
+    ready = not reasons
     return web.json_response(
         {
             "status": "ready" if ready else "not_ready",
             "checks": checks,
             "projection_errors": projection_errors,
+            "projection_lag": lag,
+            "reasons": reasons,
         },
         status=200 if ready else 503,
     )

@@ -97,6 +97,7 @@ async def _dev(
             model_base_url=base_url,
             model_api_key=settings.model_api_key,
             db_schema=settings.db_schema,
+            max_projection_lag=settings.max_projection_lag,
             host=host,
             port=port,
             tool_specs=settings.tools,
@@ -163,6 +164,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             model_base_url=settings.model_base_url or "",
             model_api_key=settings.model_api_key,
             db_schema=settings.db_schema,
+            max_projection_lag=settings.max_projection_lag,
             host=args.host,
             port=args.port,
             tool_specs=settings.tools,
@@ -310,6 +312,13 @@ def cmd_projection_errors(args: argparse.Namespace) -> int:
     return asyncio.run(main())
 
 
+def cmd_projection_rebuild(args: argparse.Namespace) -> int:
+    from parley.rebuild_command import run_rebuild
+
+    code: int = run_rebuild(args)
+    return code
+
+
 # ---------------------------------------------------------------- bench
 
 
@@ -367,6 +376,16 @@ def build_parser() -> argparse.ArgumentParser:
     errors.add_argument("--json", action="store_true", help="JSON lines, one error per line")
     errors.add_argument("--data", default=argparse.SUPPRESS)
     errors.set_defaults(func=cmd_projection_errors)
+    rebuild = projections_sub.add_parser(
+        "rebuild",
+        help="rebuild read models from the log beside the live ones, then swap them in",
+    )
+    rebuild.add_argument(
+        "--projection", default=None, help="only this projection (default: every one)"
+    )
+    rebuild.add_argument("--json", action="store_true", help="one JSON object per projection")
+    rebuild.add_argument("--data", default=argparse.SUPPRESS)
+    rebuild.set_defaults(func=cmd_projection_rebuild)
 
     bench = sub.add_parser(
         "bench",
@@ -421,7 +440,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m parley.cli` runs this file as __main__, a second copy of the module:
+    # run the canonical one, so errors raised by commands in other modules (which
+    # import parley.cli) are the classes `main` catches.
+    from parley.cli import main as canonical_main
+
+    sys.exit(canonical_main())
 
 
 __all__ = ["Path", "main"]

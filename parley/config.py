@@ -59,6 +59,7 @@ class Settings(msgspec.Struct, frozen=True):
     shutdown_grace_s: float = 10.0  # how long a stopping worker lets turns finish
     limits: EdgeLimits = EdgeLimits()
     log_format: str = "text"  # or "json"
+    max_projection_lag: int = 10_000  # /readyz: unready beyond this many events behind (0: never)
 
     @property
     def embedded(self) -> bool:
@@ -112,6 +113,9 @@ def settings_from_env(env: Mapping[str, str], data_dir: str | Path | None = None
         shutdown_grace_s=_float(get("PARLEY_SHUTDOWN_GRACE_S"), 10.0, "PARLEY_SHUTDOWN_GRACE_S"),
         limits=_limits(get),
         log_format=_log_format(get("PARLEY_LOG_FORMAT")),
+        max_projection_lag=_int(
+            get("PARLEY_MAX_PROJECTION_LAG"), 10_000, "PARLEY_MAX_PROJECTION_LAG"
+        ),
     )
 
 
@@ -163,6 +167,18 @@ def _float(raw: str | None, default: float, name: str) -> float:
         value = float(raw)
     except ValueError as err:
         raise ConfigError(f"{name} must be a number, not {raw!r}") from err
+    if value < 0:
+        raise ConfigError(f"{name} must not be negative")
+    return value
+
+
+def _int(raw: str | None, default: int, name: str) -> int:
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError as err:
+        raise ConfigError(f"{name} must be a whole number, not {raw!r}") from err
     if value < 0:
         raise ConfigError(f"{name} must not be negative")
     return value

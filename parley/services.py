@@ -101,6 +101,7 @@ class ServiceOptions(msgspec.Struct, frozen=True, kw_only=True):
     shutdown_grace_s: float = 10.0
     model_retry_base_s: float = 0.5
     decision_wait_s: float = 5.0  # how long a POST waits for the actor's accept/refuse
+    max_projection_lag: int = 10_000  # /readyz bound, events behind the log (0: never unready)
 
 
 class Services:
@@ -229,6 +230,7 @@ class Services:
             ping_interval_s=options.ping_interval_s,
             decision_wait_s=options.decision_wait_s,
             limits=options.limits,
+            max_projection_lag=options.max_projection_lag,
         )
         runner = web.AppRunner(create_app(config), access_log=None, shutdown_timeout=5.0)
         await runner.setup()

@@ -1,12 +1,22 @@
-"""Postgres connections for the read models: one schema per deployment (tests use one per test)."""
+"""Postgres connections for the read models: one schema per deployment (tests use one per test).
+
+A schema holds three kinds of tables, each created by its own DDL file:
+`bookkeeping.sql` (checkpoints and projection errors, rows per projection),
+`config.sql` (configuration: never touched by a rebuild) and each projection's
+own file (its tables; see projections/catalog.py).
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from importlib import resources
 from typing import Any
 
 import asyncpg
+
+from projections.catalog import PROJECTIONS
+from projections.registry import Projection
 
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -33,9 +43,25 @@ async def create_pool(database_url: str, schema: str, *, max_size: int = 10) -> 
     )
 
 
-async def ensure_schema(conn: Any, schema: str) -> None:
+def ddl_of(*files: str) -> str:
+    return "\n".join(resources.files("projections").joinpath(f).read_text() for f in files)
+
+
+async def ensure_schema(
+    conn: Any,
+    schema: str,
+    *,
+    projections: Iterable[Projection] = PROJECTIONS.values(),
+    config: bool = True,
+) -> None:
+    """Create the schema and whatever of its tables is missing.
+
+    A rebuild's side schema gets the bookkeeping and the projection's own tables
+    only (`config=False`): configuration lives in the live schema alone.
+    """
     schema = check_schema_name(schema)
-    ddl = resources.files("projections").joinpath("schema.sql").read_text()
+    files = ["bookkeeping.sql", *(["config.sql"] if config else []), *(p.ddl for p in projections)]
+    ddl = ddl_of(*files)
     async with conn.transaction():
         # Two processes starting at once must not race on CREATE ... IF NOT EXISTS.
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"parley-ddl-{schema}")

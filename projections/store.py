@@ -42,6 +42,10 @@ class MessageRow(msgspec.Struct, frozen=True):
     seq: int
     created_at: dt.datetime
     updated_at: dt.datetime
+    # the turn's tool cards, in call order: {id, name, arguments, raw_arguments?,
+    # result, error, duration_ms}; duration_ms None while the call is pending
+    tool_calls: list[dict[str, Any]]
+    latency_ms: int | None  # the turn's start to its end, from event timestamps
 
 
 class ProjectionErrorRow(msgspec.Struct, frozen=True):
@@ -63,7 +67,8 @@ _CONVERSATION_COLUMNS = (
 _MESSAGE_COLUMNS = (
     "id, conversation_id, role, content::text AS content, status, turn_id, parent_message_id,"
     " version_group_id, version_number, is_latest, is_fork_origin, model, input_tokens,"
-    " output_tokens, stop_reason, error_code, error_message, seq, created_at, updated_at"
+    " output_tokens, stop_reason, error_code, error_message, seq, created_at, updated_at,"
+    " tool_calls::text AS tool_calls, latency_ms"
 )
 
 
@@ -95,7 +100,14 @@ class ReadStore:
             f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE {where} ORDER BY seq", conversation_id
         )
         return [
-            MessageRow(**{**dict(r), "content": msgspec.json.decode(r["content"])}) for r in rows
+            MessageRow(
+                **{
+                    **dict(r),
+                    "content": msgspec.json.decode(r["content"]),
+                    "tool_calls": msgspec.json.decode(r["tool_calls"]),
+                }
+            )
+            for r in rows
         ]
 
     async def projection_errors(self, *, limit: int = 100) -> list[ProjectionErrorRow]:

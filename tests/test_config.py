@@ -139,3 +139,11 @@ def test_settings_that_cannot_work_are_refused_with_the_variable_named(
 ) -> None:
     with pytest.raises(ConfigError, match=says):
         settings_from_env(env, tmp_path)
+
+
+def test_the_readiness_lag_bound_is_a_whole_number_of_events(tmp_path: Path) -> None:
+    assert settings_from_env({}, tmp_path).max_projection_lag == 10_000
+    assert settings_from_env({"PARLEY_MAX_PROJECTION_LAG": "0"}, tmp_path).max_projection_lag == 0
+    for bad in ("many", "1.5", "-3"):
+        with pytest.raises(ConfigError, match="PARLEY_MAX_PROJECTION_LAG"):
+            settings_from_env({"PARLEY_MAX_PROJECTION_LAG": bad}, tmp_path)

@@ -1,11 +1,7 @@
--- Read models projected from the CHAT_EVT log. Everything here can be dropped and
--- rebuilt from the log with identical content: rows carry only what events carry
--- (timestamps come from event.at, never from now()).
-
-CREATE TABLE IF NOT EXISTS projection_checkpoints (
-    name      text PRIMARY KEY,
-    position  bigint NOT NULL            -- the last CHAT_EVT sequence applied
-);
+-- The read models projected from the CHAT_EVT log (projection `read_models`,
+-- handlers in projections/handlers.py). Everything here can be dropped and
+-- rebuilt from the log with identical content: rows carry only what events
+-- carry (timestamps come from event.at, never from now()).
 
 CREATE TABLE IF NOT EXISTS conversations (
     id                 text PRIMARY KEY,
@@ -46,21 +42,15 @@ CREATE TABLE IF NOT EXISTS messages (
     error_message      text,
     seq                bigint NOT NULL,        -- position of the event that created the row
     created_at         timestamptz NOT NULL,
-    updated_at         timestamptz NOT NULL
+    updated_at         timestamptz NOT NULL,
+    -- the turn's tool cards, in call order:
+    -- [{id, name, arguments, raw_arguments?, result, error, duration_ms}], duration_ms null = pending
+    tool_calls         jsonb NOT NULL DEFAULT '[]',
+    latency_ms         integer                 -- started.at -> the turn's end event's at
 );
+-- Columns added after the first release: a schema made before them gets them
+-- empty; `parley projections rebuild` fills them for the turns projected before.
+ALTER TABLE messages ADD COLUMN IF NOT EXISTS tool_calls jsonb NOT NULL DEFAULT '[]';
+ALTER TABLE messages ADD COLUMN IF NOT EXISTS latency_ms integer;
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id, seq);
 CREATE INDEX IF NOT EXISTS messages_by_group ON messages (conversation_id, version_group_id);
-
--- Events a projection could not apply as written, and what it did instead
--- (`sanitised`: stored with NUL and lone surrogates replaced by U+FFFD;
--- `skipped`: not applied). Part of the projection: a rebuild starts it afresh.
-CREATE TABLE IF NOT EXISTS projection_errors (
-    projection       text NOT NULL,
-    seq              bigint NOT NULL,          -- the event's position in CHAT_EVT
-    conversation_id  text,
-    event_type       text NOT NULL,
-    rule             text NOT NULL,            -- sanitised | skipped
-    reason           text NOT NULL,
-    raw              bytea,                    -- the event as written
-    PRIMARY KEY (projection, seq)
-);

@@ -1,0 +1,8 @@
+-- Configuration tables: what operators configure (models, their versions and
+-- prices, loaded from PARLEY_MODELS_FILE), not what the log says. They are the
+-- one exception to "every table can be rebuilt from the log" (DESIGN section 1):
+-- no projection owns them, so `parley projections rebuild` never drops, moves or
+-- rewrites them. Projection tables must not hold foreign keys into them: a
+-- rebuild builds its tables in a schema of their own first.
+--
+-- (models and model_versions go here.)

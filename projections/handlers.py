@@ -1,0 +1,339 @@
+"""The read models' handlers: one per event type, its SQL beside it.
+
+Each handler turns one event into the rows it changes, inside the transaction
+the projector opened (`projections/projector.py`: batches, checkpoint, poison
+rule). What may not enter this module: reading the log, transactions and
+savepoints, the checkpoint, error recording, and anything that is not derived
+from the event itself. Rows carry only what events carry: timestamps come from
+`event.at`, never from now(), so a rebuild writes identical rows.
+
+A handler may assume it runs exactly once per event and in log order: the
+checkpoint, written in the same transaction, makes that so.
+
+To project a new event type, add a handler here (or in a sibling module that
+registers on `READ_MODELS`), and its columns to `read_models.sql`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from events.vocabulary import (
+    BillingRejected,
+    Cancelled,
+    ContentBlock,
+    ContentPart,
+    ConversationCreated,
+    Done,
+    Failed,
+    Started,
+    Title,
+    ToolCall,
+    ToolResult,
+    UserMessage,
+)
+from projections.registry import Db, Projection
+
+READ_MODELS = Projection("read_models", tables=("conversations", "messages"), ddl="read_models.sql")
+_encoder = msgspec.json.Encoder()
+
+
+def timestamp(ns: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ns / 1e9, tz=dt.UTC)
+
+
+def _json(value: object) -> str:
+    return _encoder.encode(value).decode()
+
+
+def _blocks(blocks: Sequence[ContentBlock]) -> str:
+    return _json(list(blocks))
+
+
+# ---------------------------------------------------------------- conversations
+
+_INSERT_CONVERSATION = (
+    "INSERT INTO conversations (id, user_id, project_id, title, title_source, model,"
+    " created_at, updated_at, last_seq) VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8)"
+    " ON CONFLICT (id) DO NOTHING"
+)
+
+
+@READ_MODELS.on(ConversationCreated)
+async def conversation_created(db: Db, seq: int, event: ConversationCreated) -> None:
+    await db.execute(
+        _INSERT_CONVERSATION,
+        event.conversation_id,
+        event.user_id,
+        event.project_id,
+        event.title,
+        "user" if event.title else None,
+        event.model,
+        timestamp(event.at),
+        seq,
+    )
+
+
+_SET_TITLE = (
+    "UPDATE conversations SET title = $2, title_source = COALESCE($3, title_source),"
+    " last_seq = $4 WHERE id = $1"
+)
+
+
+@READ_MODELS.on(Title)
+async def title(db: Db, seq: int, event: Title) -> None:
+    await db.execute(
+        _SET_TITLE,
+        event.conversation_id,
+        event.title,
+        event.source if event.source != "existing" else None,
+        seq,
+    )
+
+
+# ---------------------------------------------------------------- messages
+
+# A new message, or a new version of one (edit, regenerate), replaces the
+# latest of its version group: the superseded row stops being latest, so the
+# conversation's message_count (its latest messages) grows by one per new group
+# only. One statement: the three writes of an arriving message go together.
+_ADD_MESSAGE = """
+WITH superseded AS (
+    UPDATE messages SET is_latest = false
+    WHERE conversation_id = $2 AND version_group_id = $3 AND is_latest AND id <> $1
+    RETURNING 1
+), added AS (
+    INSERT INTO messages (id, conversation_id, version_group_id, role, content, status,
+        turn_id, user_message_id, parent_message_id, version_number, is_latest, model,
+        model_version_id, seq, created_at, updated_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, true, $11, $12, $13, $14, $14)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING 1
+)
+UPDATE conversations SET
+    message_count = message_count + (SELECT count(*) FROM added)
+                                  - (SELECT count(*) FROM superseded),
+    updated_at = $14, last_seq = $13
+WHERE id = $2
+"""
+
+
+# An edit or a regeneration starts a new branch: the old version and every
+# message that grew from it (the event lists them) leave the latest set, and the
+# version it grew from is marked as the fork's origin.
+_BRANCH = """
+WITH gone AS (
+    UPDATE messages SET is_latest = false
+    WHERE conversation_id = $1 AND id = ANY($2::text[]) AND is_latest
+    RETURNING 1
+), origin AS (
+    UPDATE messages SET is_fork_origin = true WHERE conversation_id = $1 AND id = $3
+    RETURNING 1
+)
+UPDATE conversations SET message_count = message_count - (SELECT count(*) FROM gone)
+WHERE id = $1 AND (SELECT count(*) FROM origin) >= 0
+"""
+
+
+async def _branch(
+    db: Db, conversation_id: str, supersedes: list[str], fork_origin: str | None
+) -> None:
+    if supersedes or fork_origin is not None:
+        await db.execute(_BRANCH, conversation_id, supersedes, fork_origin)
+
+
+@READ_MODELS.on(UserMessage)
+async def user_message(db: Db, seq: int, event: UserMessage) -> None:
+    await _branch(db, event.conversation_id, event.supersedes, event.fork_origin)
+    await db.execute(
+        _ADD_MESSAGE,
+        event.message_id,
+        event.conversation_id,
+        event.version_group_id or event.message_id,
+        "user",
+        _json([{"role": "user", "content": event.content}]),
+        "complete",
+        None,
+        None,
+        event.parent_message_id,
+        event.version_number,
+        None,
+        None,
+        seq,
+        timestamp(event.at),
+    )
+
+
+@READ_MODELS.on(Started)
+async def started(db: Db, seq: int, event: Started) -> None:
+    """The assistant row exists from the turn's start, streaming, with no content yet."""
+    await _branch(db, event.conversation_id, event.supersedes, event.fork_origin)
+    await db.execute(
+        _ADD_MESSAGE,
+        event.turn_id,
+        event.conversation_id,
+        event.version_group_id or event.turn_id,
+        "assistant",
+        "[]",
+        "streaming",
+        event.turn_id,
+        event.user_message_id,
+        event.parent_message_id or event.user_message_id,
+        event.version_number,
+        event.model,
+        event.model_version_id,
+        seq,
+        timestamp(event.at),
+    )
+
+
+# latency_ms: from the turn's start (the row's created_at is started.at) to its
+# end, both from event timestamps, so a rebuild computes the same number.
+# With content_parts > 0, the content_part events before the end filled the content.
+_END_TURN = """
+WITH ended AS (
+    UPDATE messages SET content = CASE WHEN $11 THEN content ELSE $2::jsonb END,
+        status = $3, input_tokens = $4, output_tokens = $5, tokens_estimated = $6,
+        stop_reason = $7, error_code = $8, error_message = $9, updated_at = $10,
+        latency_ms = round(extract(epoch FROM $10 - created_at) * 1000)::integer
+    WHERE id = $1
+    RETURNING 1
+)
+UPDATE conversations SET token_usage_total = token_usage_total + $4 + $5,
+    updated_at = $10, last_seq = $12
+WHERE id = $13
+"""
+_END_STATUS = {Done: "complete", Cancelled: "cancelled", Failed: "failed"}
+
+
+@READ_MODELS.on(Done, Cancelled, Failed)
+async def turn_ended(db: Db, seq: int, event: Done | Cancelled | Failed) -> None:
+    """The turn's final content, tokens and outcome; the conversation's token total
+    grows by what the turn consumed, also when it failed or was cancelled."""
+    await db.execute(
+        _END_TURN,
+        event.turn_id,
+        _blocks(event.content),
+        _END_STATUS[type(event)],
+        event.input_tokens,
+        event.output_tokens,
+        event.tokens_estimated,
+        event.stop_reason if isinstance(event, Done) else None,
+        event.code if isinstance(event, Failed) else None,
+        event.message if isinstance(event, Failed) else None,
+        timestamp(event.at),
+        event.content_parts > 0,
+        seq,
+        event.conversation_id,
+    )
+
+
+# Pieces arrive in order: a piece of the last block extends it, the first piece
+# of a block adds it.
+_APPEND_CONTENT_PART = (
+    "UPDATE messages SET content = CASE"
+    " WHEN jsonb_array_length(content) > $2"
+    "  THEN jsonb_set(content, ARRAY[$2::text, 'content'],"
+    "                 to_jsonb((content->$2->>'content') || $4))"
+    " ELSE content || jsonb_build_array(jsonb_build_object('role', $3::text,"
+    "                                                      'content', $4::text))"
+    " END WHERE id = $1"
+)
+
+
+@READ_MODELS.on(ContentPart)
+async def content_part(db: Db, seq: int, event: ContentPart) -> None:
+    await db.execute(_APPEND_CONTENT_PART, event.turn_id, event.block, event.role, event.text)
+
+
+# ---------------------------------------------------------------- tool calls
+
+# The turn's tool cards, in the order the model asked for them: each call is an
+# element of the assistant row's `tool_calls`, pending until its result fills
+# result/error/duration_ms (`duration_ms` null = pending).
+_ADD_TOOL_CALL = (
+    "UPDATE messages SET tool_calls = tool_calls || jsonb_build_array($2::jsonb),"
+    " updated_at = $3 WHERE id = $1"
+)
+
+
+@READ_MODELS.on(ToolCall)
+async def tool_call(db: Db, seq: int, event: ToolCall) -> None:
+    card = tool_card(event.call_id, event.name, event.arguments)
+    await db.execute(_ADD_TOOL_CALL, event.turn_id, _json(card), timestamp(event.at))
+
+
+# The result goes to the first pending call with its id: ids may repeat across
+# the rounds of one turn (a model numbering its calls call_1, call_2 per round).
+_SET_TOOL_RESULT = """
+UPDATE messages m SET
+    tool_calls = jsonb_set(m.tool_calls, ARRAY[p.i::text], (m.tool_calls -> p.i) || $3::jsonb),
+    updated_at = $4
+FROM (SELECT (e.i - 1)::integer AS i
+      FROM messages x, jsonb_array_elements(x.tool_calls) WITH ORDINALITY AS e(c, i)
+      WHERE x.id = $1 AND e.c ->> 'id' = $2 AND e.c -> 'duration_ms' = 'null'::jsonb
+      ORDER BY e.i LIMIT 1) p
+WHERE m.id = $1
+"""
+
+
+@READ_MODELS.on(ToolResult)
+async def tool_result(db: Db, seq: int, event: ToolResult) -> None:
+    outcome = {"result": event.result, "error": event.error, "duration_ms": event.duration_ms}
+    at = timestamp(event.at)
+    status = await db.execute(_SET_TOOL_RESULT, event.turn_id, event.call_id, _json(outcome), at)
+    if status == "UPDATE 0":
+        # No pending call with this id (its tool_call was not projected): the card
+        # still shows the result, with the arguments unknown.
+        card = {**tool_card(event.call_id, event.name, ""), **outcome}
+        await db.execute(_ADD_TOOL_CALL, event.turn_id, _json(card), at)
+
+
+def tool_card(call_id: str, name: str, arguments: str) -> dict[str, Any]:
+    """A pending tool card. `arguments` as an object, as SSE shows it (DESIGN section 6);
+    the model's text is kept in `raw_arguments` when it is not a JSON object."""
+    parsed = _json_object(arguments)
+    card: dict[str, Any] = {"id": call_id, "name": name, "arguments": parsed or {}}
+    if parsed is None:
+        card["raw_arguments"] = arguments
+    card.update(result=None, error=None, duration_ms=None)
+    return card
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    if not text.strip():
+        return {}
+    try:
+        value = msgspec.json.decode(text)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+# ---------------------------------------------------------------- billing
+
+_BILLING_REJECTED = """
+WITH rejected AS (
+    UPDATE messages SET status = 'billing_error', error_code = 'billing_error',
+        error_message = $2, updated_at = $3
+    WHERE id = $1
+    RETURNING 1
+)
+UPDATE conversations SET updated_at = $3, last_seq = $4 WHERE id = $5
+"""
+
+
+@READ_MODELS.on(BillingRejected)
+async def billing_rejected(db: Db, seq: int, event: BillingRejected) -> None:
+    await db.execute(
+        _BILLING_REJECTED,
+        event.turn_id,
+        f"account {event.account} has {event.available} micro-credits, needs {event.needed}",
+        timestamp(event.at),
+        seq,
+        event.conversation_id,
+    )

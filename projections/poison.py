@@ -1,0 +1,52 @@
+"""The pure half of the poison rule: what an event looks like once its text is storable.
+
+Postgres text and jsonb cannot hold NUL or lone surrogates. An event carrying
+them is refused by the store; the projector (`projections/projector.py`) then
+tries the event once more as `sanitised` returns it, and records what it did.
+Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgspec
+
+from events.vocabulary import AnyEvent
+
+SKIPPED = "skipped"
+SANITISED = "sanitised"
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable(text: str | None) -> str | None:
+    return None if text is None else _UNSTORABLE.sub("\ufffd", text)
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, str):
+        return storable(value)
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    return value
+
+
+def sanitised(event: AnyEvent) -> AnyEvent | None:
+    """The event with text no column can hold replaced by U+FFFD; None if it has none."""
+    raw = msgspec.to_builtins(event)
+    clean = _clean(raw)
+    if clean == raw:
+        return None
+    result: AnyEvent = msgspec.convert(clean, type=type(event))
+    return result
+
+
+def raw_bytes(event: AnyEvent) -> bytes:
+    """The event as JSON, for the record of what could not be applied."""
+    try:
+        return msgspec.json.encode(event)
+    except UnicodeEncodeError:
+        return msgspec.json.encode(_clean(msgspec.to_builtins(event)))

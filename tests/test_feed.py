@@ -1,0 +1,96 @@
+"""The projector's feed hands out every entry once, in order, never more than two windows ahead."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from nats.aio.client import Client as NatsClient
+
+from events.ids import new_id
+from events.log import EventLog
+from events.subjects import EVT_STREAM, event_subject
+from events.vocabulary import ConversationCreated, Event, Title
+from projections.feed import LogFeed
+
+
+def _title(cid: str, text: str) -> Title:
+    return Title(
+        conversation_id=cid, at=time.time_ns(), event_id=new_id(), title=text, source="user"
+    )
+
+
+async def _append(event_log: EventLog, cid: str, events: list[Event], head: int) -> list[int]:
+    seqs = []
+    for event in events:
+        head = await event_log.append(cid, [event], expected_seq=head)
+        seqs.append(head)
+    return seqs
+
+
+async def _conversation(event_log: EventLog, titles: int) -> tuple[str, list[int]]:
+    cid = new_id()
+    created = ConversationCreated(
+        conversation_id=cid, at=time.time_ns(), event_id=new_id(), user_id="u"
+    )
+    events: list[Event] = [created, *(_title(cid, f"t{i}") for i in range(titles))]
+    return cid, await _append(event_log, cid, events, 0)
+
+
+async def _drain(feed: LogFeed, want: int, limit: int = 1000) -> list[int]:
+    got: list[int] = []
+    async with asyncio.timeout(20):
+        while len(got) < want:
+            got.extend(raw.seq for raw in await feed.next_batch(limit, wait_s=0.5))
+    return got
+
+
+async def test_every_entry_comes_once_in_order_across_many_small_windows(
+    nc: NatsClient, event_log: EventLog
+) -> None:
+    cid, seqs = await _conversation(event_log, 40)
+    feed = LogFeed(nc.jetstream(), 0, window=3, filter_subject=event_subject(cid))
+    try:
+        got = await _drain(feed, len(seqs), limit=2)
+        assert await feed.next_batch(10, wait_s=0.2) == [], "nothing after the end"
+    finally:
+        await feed.close()
+    assert got == seqs
+
+
+async def test_the_server_holds_what_the_reader_has_not_asked_for(
+    nc: NatsClient, event_log: EventLog
+) -> None:
+    cid, seqs = await _conversation(event_log, 60)
+    js = nc.jetstream()
+    feed = LogFeed(js, 0, window=5, filter_subject=event_subject(cid))
+    try:
+        first = await feed.next_batch(1, wait_s=5)  # asks for two windows of 5
+        # the server's delivery count has no event to wait on: ask until it reaches 10
+        for _ in range(500):
+            info = await js.consumer_info(EVT_STREAM, feed._consumer)
+            if info.delivered.consumer_seq >= 10:
+                break
+            await asyncio.sleep(0.02)
+        assert info.delivered.consumer_seq == 10 and info.num_pending == len(seqs) - 10, info
+        rest = await _drain(feed, len(seqs) - 1, limit=7)
+    finally:
+        await feed.close()
+    assert [r.seq for r in first] + rest == seqs
+
+
+async def test_a_consumer_the_server_forgot_is_replaced_without_losing_an_entry(
+    nc: NatsClient, event_log: EventLog
+) -> None:
+    cid, seqs = await _conversation(event_log, 4)
+    js = nc.jetstream()
+    feed = LogFeed(js, 0, window=100, filter_subject=event_subject(cid), watchdog_s=0.2)
+    try:
+        got = await _drain(feed, len(seqs))
+        # the server loses the consumer, as a restarted server forgets ephemeral ones
+        await js.delete_consumer(EVT_STREAM, feed._consumer)
+        more = await _append(event_log, cid, [_title(cid, f"m{i}") for i in range(3)], seqs[-1])
+        got += await _drain(feed, 3)
+    finally:
+        await feed.close()
+    assert got == seqs + more

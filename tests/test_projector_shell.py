@@ -1,0 +1,153 @@
+"""The projector's shell: chunks passed over undecoded, handlers registered once, a moved
+checkpoint followed, and its lag behind the log reported by /readyz."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+from nats.aio.client import Client as NatsClient
+
+from api.app import create_app
+from api.config import EdgeConfig
+from events.codec import Unreadable, encode
+from events.follow import RawEvent
+from events.ids import new_id
+from events.vocabulary import Chunk, Title
+from parley.services import Servers, Services
+from projections.db import create_pool, drop_schema
+from projections.handlers import READ_MODELS
+from projections.projector import CHUNK_PREFIX, Projector
+from projections.registry import Db, Projection
+from tests.conftest import SECRET
+from tests.sse import SseClient
+from tests.test_projection import _rows, _wait_position, running
+
+
+def _chunk(text: str) -> Chunk:
+    return Chunk(
+        conversation_id="c", at=1, event_id=new_id(), turn_id="t", kind="answer", text=text
+    )
+
+
+def test_chunks_are_passed_over_as_bytes_and_everything_else_is_decoded() -> None:
+    projector = Projector(cast(Any, None), None)
+    written = encode(_chunk("hello"))
+    assert written.startswith(CHUNK_PREFIX), "msgspec writes the tag first; the shortcut needs it"
+    title = Title(conversation_id="c", at=1, event_id=new_id(), title="x", source="user")
+    # the same chunk with its keys in another order: not recognised, so decoded (and ignored)
+    reordered = json.dumps({**json.loads(written), "type": "chunk"}, sort_keys=True).encode()
+    lookalike = b'{"type":"chunky","conversation_id":"c"}'  # a newer type, not a chunk
+    batch = [
+        RawEvent(seq=1, data=written),
+        RawEvent(seq=2, data=encode(title)),
+        RawEvent(seq=3, data=reordered),
+        RawEvent(seq=4, data=lookalike),
+    ]
+    decoded = projector.decode(batch)
+    assert [s.seq for s in decoded] == [2, 3, 4]
+    assert decoded[0].event == title and isinstance(decoded[1].event, Chunk)
+    assert isinstance(decoded[2].event, Unreadable) and decoded[2].event.type == "chunky"
+
+
+def test_a_projection_with_a_chunk_handler_gets_its_chunks_decoded() -> None:
+    wants_chunks = Projection("typing_indicator", tables=(), ddl="")
+
+    @wants_chunks.on(Chunk)
+    async def on_chunk(db: Db, seq: int, event: Chunk) -> None:
+        raise AssertionError("not called here")
+
+    projector = Projector(cast(Any, None), None, projection=wants_chunks)
+    (decoded,) = projector.decode([RawEvent(seq=1, data=encode(_chunk("hi")))])
+    assert isinstance(decoded.event, Chunk) and decoded.event.text == "hi"
+
+
+def test_an_event_type_gets_one_handler_per_projection() -> None:
+    assert READ_MODELS.handler(_chunk("x")) is None, "the read models ignore chunks"
+    with pytest.raises(ValueError, match="Title already has a handler"):
+
+        @READ_MODELS.on(Title)
+        async def second(db: Db, seq: int, event: Title) -> None:
+            pass
+
+
+@pytest.fixture
+async def scratch(stack: Servers) -> AsyncIterator[tuple[str, Any]]:
+    schema = f"shell_{new_id().lower()}"
+    pool = await create_pool(stack.database_url, schema, max_size=4)
+    yield schema, pool
+    await pool.close()
+    await drop_schema(stack.database_url, schema)
+
+
+async def test_a_checkpoint_moved_back_is_followed_again_from_there(
+    api: SseClient, services: Services, nc: NatsClient, scratch: tuple[str, Any]
+) -> None:
+    _, pool = scratch
+    cid = (await api.create_conversation())["id"]
+    await api.send_stream(cid, "before the reset [[tokens=3]]")
+    head = int((await nc.jetstream().stream_info("CHAT_EVT")).state.last_seq)
+    projector = Projector(nc.jetstream(), pool)
+    async with running(projector):
+        await _wait_position(projector, head)
+        # an operator empties the projection and sets its checkpoint back to the start
+        await pool.execute("DELETE FROM messages; DELETE FROM conversations;")
+        await pool.execute("UPDATE projection_checkpoints SET position = 0")
+        await api.send_stream(cid, "after the reset [[tokens=3]]")
+        head = int((await nc.jetstream().stream_info("CHAT_EVT")).state.last_seq)
+        await _wait_position(projector, head)
+    assert services.projector is not None
+    await _wait_position(services.projector, head)
+    assert await _rows(pool, [cid]) == await _rows(services.projector._pool, [cid])
+
+
+@pytest.fixture
+async def edge_on(stack: Servers) -> AsyncIterator[Any]:
+    servers: list[TestServer] = []
+
+    async def start(schema: str, max_lag: int) -> str:
+        config = EdgeConfig(
+            nats_url=stack.nats_url,
+            database_url=stack.database_url,
+            redis_url=stack.redis_url,
+            jwt_secret=SECRET,
+            db_schema=schema,
+            models=["demo"],
+            max_projection_lag=max_lag,
+        )
+        server = TestServer(create_app(config), host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        return str(server.make_url("")).rstrip("/")
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+async def test_readyz_reports_the_projection_lag_and_is_unready_beyond_its_bound(
+    services: Services, http: aiohttp.ClientSession, edge_on: Any, scratch: tuple[str, Any]
+) -> None:
+    async with http.get(services.edge_url + "/readyz") as response:
+        live = await response.json()
+    assert response.status == 200 and live["reasons"] == [], live
+    assert isinstance(live["projection_lag"], int) and live["projection_lag"] >= 0
+
+    # a schema no projector writes: its lag is the whole log
+    schema, _ = scratch
+    strict = await edge_on(schema, 1)
+    async with http.get(strict + "/readyz") as response:
+        behind = await response.json()
+    assert response.status == 503 and behind["status"] == "not_ready", behind
+    assert behind["projection_lag"] > 1 and behind["checks"]["postgres"] == "ok"
+    assert behind["reasons"] == [
+        f"the read models are {behind['projection_lag']} events behind the log (bound 1)"
+    ]
+    lenient = await edge_on(schema, 0)  # 0: report the lag, never unready for it
+    async with http.get(lenient + "/readyz") as response:
+        reported = await response.json()
+    assert response.status == 200 and reported["projection_lag"] >= behind["projection_lag"]

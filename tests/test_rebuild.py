@@ -1,0 +1,230 @@
+"""`parley projections rebuild`: built beside the live projection, swapped in atomically, identical.
+
+The workload is what the system can do today: several conversations, several
+turns each, tool calls, thinking, turns that fail midway ([[fail=...]]), and
+poison in the log. Cancels, regenerations and billing do not exist yet; when
+they do, add them to `_workload` (and their tables to `_snapshot`): the test
+then checks that the rebuild reproduces them too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+from nats.aio.client import Client as NatsClient
+
+from events.ids import new_id
+from parley.services import Servers, Services
+from projections.db import create_pool, drop_schema
+from projections.handlers import READ_MODELS
+from projections.projector import Projector
+from projections.rebuild import RebuildError, rebuild, side_schema
+from tests.conftest import SECRET
+from tests.sse import SseClient
+from tests.test_cli import run, server_env
+from tests.test_poison import publish_raw, raw_event
+from tests.test_projection import _wait_position, running
+
+LIVE = "parley_test"  # the session's live schema (tests/conftest.py)
+
+
+async def _workload(api: SseClient, nc: NatsClient) -> list[str]:
+    ids = []
+    for i in range(3):
+        cid = (await api.create_conversation())["id"]
+        ids.append(cid)
+        await api.send_stream(cid, f"question {i}, thinking aloud [[think]] [[tokens=30]]")
+        await api.send_stream(cid, f"calculate {i + 2}*7")
+        await api.send_stream(cid, "what is the time?")
+        await api.send_stream(cid, "and now break [[fail=error]]")
+        await api.send_stream(cid, "cut me off [[fail=cut]]")
+        await api.send_stream(cid, "one more after the failures [[tokens=10]]")
+    # poison a rebuild must record again: an unknown type, text no column holds
+    await publish_raw(nc, ids[0], raw_event(ids[0], "reaction", emoji="+1"))
+    await publish_raw(nc, ids[1], raw_event(ids[1], "title", title="nul\u0000", source="user"))
+    return ids
+
+
+async def _snapshot(db: Any, schema: str, ids: list[str], through: int) -> dict[str, Any]:
+    """Every row of every read-model table that belongs to `ids`, and the errors up to `through`."""
+    conversations = await db.fetch(
+        f'SELECT * FROM "{schema}".conversations WHERE id = ANY($1) ORDER BY id', ids
+    )
+    messages = await db.fetch(
+        f'SELECT * FROM "{schema}".messages WHERE conversation_id = ANY($1) ORDER BY id', ids
+    )
+    errors = await db.fetch(
+        f'SELECT * FROM "{schema}".projection_errors WHERE projection = $1 AND seq <= $2'
+        " ORDER BY seq",
+        READ_MODELS.name,
+        through,
+    )
+    assert set(READ_MODELS.tables) == {"conversations", "messages"}, "snapshot the new tables too"
+    return {
+        "conversations": [dict(r) for r in conversations],
+        "messages": [dict(r) for r in messages],
+        "projection_errors": [dict(r) for r in errors],
+    }
+
+
+async def _head(nc: NatsClient) -> int:
+    return int((await nc.jetstream().stream_info("CHAT_EVT")).state.last_seq)
+
+
+def _differences(expected: dict[str, Any], seen: dict[str, Any]) -> list[str]:
+    out = []
+    for table in expected:
+        if len(expected[table]) != len(seen[table]):
+            out.append(f"{table}: {len(expected[table])} rows expected, {len(seen[table])} seen")
+        for a, b in zip(expected[table], seen[table], strict=False):
+            if a != b:
+                diff = {k: (a[k], b.get(k)) for k in a if a[k] != b.get(k)}
+                out.append(f"{table} row {a.get('id') or a.get('seq')}: {diff}")
+    return out
+
+
+@contextlib.asynccontextmanager
+async def _readers_watching(api: SseClient, ids: list[str]) -> AsyncIterator[list[int]]:
+    """Read the user's conversations and messages without pause while the block runs;
+    every answer must show the whole projection (what each read found is checked live)."""
+    expected = {}
+    for cid in ids:
+        _, body = await api.request("GET", f"/v1/conversations/{cid}/messages")
+        expected[cid] = [(m["id"], m["status"], m["content"]) for m in body["messages"]]
+    done = asyncio.Event()
+    reads = [0]
+
+    async def watch() -> None:
+        while not done.is_set():
+            status, listed = await api.request("GET", "/v1/conversations")
+            assert status == 200, listed
+            assert {c["id"] for c in listed["conversations"]} >= set(ids), listed
+            for cid in ids:
+                status, body = await api.request("GET", f"/v1/conversations/{cid}/messages")
+                assert status == 200, body
+                seen = [(m["id"], m["status"], m["content"]) for m in body["messages"]]
+                assert seen == expected[cid], f"a reader saw a half-built projection: {seen}"
+            reads[0] += 1
+
+    task = asyncio.create_task(watch())
+    try:
+        yield reads
+    finally:
+        done.set()
+        await task
+
+
+async def test_a_rebuild_while_serving_swaps_in_identical_rows_and_the_live_projector_goes_on(
+    api: SseClient, services: Services, stack: Servers, nc: NatsClient
+) -> None:
+    assert services.projector is not None
+    live_projector = services.projector
+    ids = await _workload(api, nc)
+    head = await _head(nc)
+    await _wait_position(live_projector, head)
+    db = await asyncpg.connect(stack.database_url)
+    try:
+        # a configuration table (no projection owns it): a rebuild must leave it alone
+        await db.execute(f'CREATE TABLE IF NOT EXISTS "{LIVE}".config_probe (name text)')
+        await db.execute(f"INSERT INTO \"{LIVE}\".config_probe VALUES ('kept')")
+        before = await _snapshot(db, LIVE, ids, head)
+        assert len(before["messages"]) == 3 * 12 and len(before["projection_errors"]) >= 2
+
+        # a turn streams in another conversation while the rebuild runs and swaps
+        during = (await api.create_conversation())["id"]
+        turn = asyncio.create_task(api.send_stream(during, "during the rebuild [[tokens=800]]"))
+        async with _readers_watching(api, ids) as reads:
+            report = await rebuild(nc.jetstream(), stack.database_url, LIVE, READ_MODELS)
+        assert reads[0] > 0, "the readers read while the rebuild ran"
+        events = await turn
+        assert events[-1].data == "ok", events[-3:]
+
+        assert report.position >= head and report.entries >= head * 0.9, report
+        assert report.turns >= 18 and report.errors >= 2, report
+        after = await _snapshot(db, LIVE, ids, head)
+        assert after == before, "\n".join(_differences(before, after))
+        assert await db.fetchval(f'SELECT name FROM "{LIVE}".config_probe') == "kept"
+        for leftover in ("rebuild", "retired"):
+            name = side_schema(LIVE, leftover, READ_MODELS.name)
+            assert not await db.fetchval(
+                "SELECT count(*) FROM pg_namespace WHERE nspname = $1", name
+            ), f"{name} left behind"
+
+        # the live projector goes on, on the swapped-in tables: a turn after the swap
+        await api.send_stream(during, "after the rebuild, calculate 6*7")
+        head = await _head(nc)
+        await _wait_position(live_projector, head)
+        scratch = f"fresh_{new_id().lower()}"
+        pool = await create_pool(stack.database_url, scratch, max_size=4)
+        try:
+            fresh = Projector(nc.jetstream(), pool)
+            async with running(fresh):
+                await _wait_position(fresh, head)
+            expected = await _snapshot(db, scratch, [*ids, during], head)
+            seen = await _snapshot(db, LIVE, [*ids, during], head)
+            assert seen == expected, "\n".join(_differences(expected, seen))
+        finally:
+            await pool.close()
+            await drop_schema(stack.database_url, scratch)
+    finally:
+        await db.execute(f'DROP TABLE IF EXISTS "{LIVE}".config_probe')
+        await db.close()
+
+
+async def test_a_second_rebuild_of_the_same_projection_is_refused(
+    stack: Servers, nc: NatsClient
+) -> None:
+    schema = f"busy_{new_id().lower()}"
+    holder = await asyncpg.connect(stack.database_url)
+    try:
+        key = f"parley-rebuild/{schema}/{READ_MODELS.name}"
+        assert await holder.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key)
+        with pytest.raises(RebuildError, match="already running"):
+            await rebuild(nc.jetstream(), stack.database_url, schema, READ_MODELS)
+    finally:
+        await holder.close()
+        await drop_schema(stack.database_url, schema)
+
+
+async def test_the_rebuild_command_rebuilds_and_reports(
+    api: SseClient, stack: Servers, nc: NatsClient
+) -> None:
+    cid = (await api.create_conversation())["id"]
+    await api.send_stream(cid, "calculate 2+2")
+    head = await _head(nc)
+    schema = f"cli_{new_id().lower()}"
+    env = {**server_env(stack), "PARLEY_DB_SCHEMA": schema, "PARLEY_JWT_SECRET": SECRET}
+    try:
+        started = time.monotonic()
+        done = await asyncio.to_thread(
+            run, "projections", "rebuild", "--projection", "read_models", "--json", env=env
+        )
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout)
+        assert report["projection"] == "read_models" and report["position"] >= head, report
+        assert report["counts"]["tool_call"] >= 1 and report["seconds"] < time.monotonic() - started
+        db = await asyncpg.connect(stack.database_url)
+        try:
+            row = await db.fetchrow(
+                f'SELECT tool_calls::text, latency_ms FROM "{schema}".messages'
+                " WHERE conversation_id = $1 AND role = 'assistant'",
+                cid,
+            )
+        finally:
+            await db.close()
+        assert row is not None and json.loads(row["tool_calls"])[0]["result"] == "4", row
+        assert row["latency_ms"] > 0
+
+        unknown = await asyncio.to_thread(
+            run, "projections", "rebuild", "--projection", "nope", env=env
+        )
+        assert unknown.returncode == 2 and "known: read_models" in unknown.stderr
+    finally:
+        await drop_schema(stack.database_url, schema)
