@@ -19,14 +19,16 @@ from typing import Literal
 import msgspec
 from aiohttp import web
 
-from api.access import project_of_member
-from api.context import LOG, PROJECTS, claims_of
+from api.access import owned_conversation, project_of_member
+from api.context import LOG, POOL, PROJECTS, STORE, claims_of
 from api.errors import ApiError, bad_request, not_found
 from api.turn_routes import read_json
 from events.errors import EventLogConflict
 from events.ids import new_id
 from events.subjects import account_subject, project_subject, valid_id
 from events.vocabulary import CreditsGranted, MemberAdded, ProjectCreated
+from projections.models import list_models as models_of
+from projections.store import LedgerFilter, ProjectRow
 
 _NAME_MAX = 200
 _GRANT_MAX = 10**15  # a billion credits: anything above is a typo
@@ -141,6 +143,102 @@ async def grant_credits(request: web.Request) -> web.Response:
     return web.json_response(
         {"account": account, "granted": body.micro_credits, "seq": seq}, status=201
     )
+
+
+# ---------------------------------------------------------------- reads (the projections)
+
+
+async def list_projects(request: web.Request) -> web.Response:
+    rows = await request.app[STORE].projects_of(claims_of(request).sub)
+    return web.json_response({"projects": [_project_json(row) for row in rows]})
+
+
+def _project_json(row: ProjectRow) -> dict[str, object]:
+    return {
+        "id": row.id,
+        "name": row.name,
+        "created_by": row.created_by,
+        "created_at": row.created_at.isoformat(),
+        "members": row.members,
+    }
+
+
+async def get_account(request: web.Request) -> web.Response:
+    """An account's balance (who may see it: the user themself, a project's members, an
+    admin). Micro-credits; the balance is negative when turns ran into debt."""
+    kind, owner = _account_path(request)
+    await _may_see_account(request, kind, owner)
+    account = f"{kind}:{owner}"
+    row = await request.app[STORE].account(account)
+    granted, charged, reserved = (row.granted, row.charged, row.reserved) if row else (0, 0, 0)
+    balance = granted - charged
+    return web.json_response(
+        {
+            "account": account,
+            "kind": kind,
+            "id": owner,
+            "balance_micro_credits": balance,
+            "available_micro_credits": balance - reserved,
+            "reserved_micro_credits": reserved,
+            "granted_micro_credits": granted,
+            "charged_micro_credits": charged,
+            "debt_micro_credits": max(0, -balance),
+        }
+    )
+
+
+async def get_ledger(request: web.Request) -> web.Response:
+    """Ledger entries, one per billed turn: `?project=`, `?user=` (who asked),
+    `?conversation=`; with none, the caller's own turns."""
+    claims = claims_of(request)
+    query = request.query
+    where = LedgerFilter(
+        project=query.get("project"), user=query.get("user"), conversation=query.get("conversation")
+    )
+    for name, value in (
+        ("project", where.project),
+        ("user", where.user),
+        ("conversation", where.conversation),
+    ):
+        if value is not None and not valid_id(value):
+            raise bad_request(f"{name} must be an id")
+    if not claims.adm:
+        if where.project is not None:
+            await project_of_member(request, where.project)
+        if where.user is not None and where.user != claims.sub:
+            raise not_found("user")
+        if where.conversation is not None:
+            await owned_conversation(request, where.conversation)
+        if where == LedgerFilter():
+            where = LedgerFilter(user=claims.sub)
+    rows = await request.app[STORE].ledger(where)
+    return web.json_response(
+        {
+            "entries": [
+                {**msgspec.to_builtins(row), "charged_at": row.charged_at.isoformat()}
+                for row in rows
+            ]
+        }
+    )
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """The configured models, each with its version in force and its prices."""
+    listings = await models_of(request.app[POOL])
+    return web.json_response({"models": msgspec.to_builtins(listings)})
+
+
+async def _may_see_account(request: web.Request, kind: str, owner: str) -> None:
+    claims = claims_of(request)
+    if claims.adm:
+        return
+    if kind == "user" and owner != claims.sub:
+        raise not_found("account")
+    if kind == "project":
+        try:
+            await project_of_member(request, owner)
+        except ApiError:
+            raise not_found("account") from None
 
 
 def _account_path(request: web.Request) -> tuple[Literal["user", "project"], str]:

@@ -14,7 +14,15 @@ from api.access import owned_conversation, project_of_member
 from api.context import CONFIG, HEADERS, JS, LOG, NATS, REDIS, STORE, TURNS, claims_of
 from api.errors import UNAVAILABLE, bad_request
 from api.hub import read_range
-from api.project_routes import add_member, create_project, grant_credits
+from api.project_routes import (
+    add_member,
+    create_project,
+    get_account,
+    get_ledger,
+    grant_credits,
+    list_models,
+    list_projects,
+)
 from api.sse import Position, parse_position
 from api.streaming import cut, open_sse, running_turn, stream_log
 from api.turn_routes import cancel_turn, edit_message, post_message, read_json, regenerate
@@ -276,6 +284,10 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/conversations/{id}/messages/{mid}/regenerate", regenerate)
     app.router.add_post("/v1/conversations/{id}/cancel", cancel_turn)
     app.router.add_post("/v1/projects", create_project)
+    app.router.add_get("/v1/projects", list_projects)
+    app.router.add_get("/v1/billing/accounts/{kind}/{id}", get_account)
+    app.router.add_get("/v1/billing/ledger", get_ledger)
+    app.router.add_get("/v1/models", list_models)
     app.router.add_post("/v1/projects/{id}/members", add_member)
     app.router.add_post("/v1/billing/accounts/{kind}/{id}/credits", grant_credits)
     app.router.add_get("/v1/conversations/{id}/events", conversation_events)

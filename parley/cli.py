@@ -303,13 +303,20 @@ def cmd_projection_errors(args: argparse.Namespace) -> int:
         else:
             for row in rows:
                 out.write(
-                    f"{row.seq:>8}  {row.rule:<9}  {row.event_type or '?':<18} "
+                    f"{row.seq:>8}  {row.projection:<12} {row.rule:<9}  {row.event_type or '?':<18} "
                     f"conversation={row.conversation_id or '?'}\n          {row.reason}\n"
                 )
         out.flush()
         return 0
 
     return asyncio.run(main())
+
+
+def cmd_audit_billing(args: argparse.Namespace) -> int:
+    from parley.audit_command import run_audit
+
+    code: int = run_audit(args)
+    return code
 
 
 def cmd_projection_rebuild(args: argparse.Namespace) -> int:
@@ -386,6 +393,23 @@ def build_parser() -> argparse.ArgumentParser:
     rebuild.add_argument("--json", action="store_true", help="one JSON object per projection")
     rebuild.add_argument("--data", default=argparse.SUPPRESS)
     rebuild.set_defaults(func=cmd_projection_rebuild)
+
+    audit = sub.add_parser("audit", help="check what the read models say against the log")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    billing = audit_sub.add_parser(
+        "billing",
+        help="recompute every charge and balance from the log and compare them with the "
+        "ledger and the balances; exits 1 on any mismatch",
+    )
+    billing.add_argument("--project", default=None, help="only this project's turns and account")
+    billing.add_argument(
+        "--since", default=None, help="only turns that ended at or after this ISO date/time (UTC)"
+    )
+    billing.add_argument(
+        "--json", action="store_true", help="one JSON object: summary and mismatches"
+    )
+    billing.add_argument("--data", default=argparse.SUPPRESS)
+    billing.set_defaults(func=cmd_audit_billing)
 
     bench = sub.add_parser(
         "bench",

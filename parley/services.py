@@ -38,7 +38,10 @@ from events.log import EventLog, ensure_streams
 from events.turns import TurnRegistry, redis_client
 from parley.config import ConfigError, Settings
 from parley.stack import StackUrls, running_stack_urls
+from projections.catalog import PROJECTIONS
 from projections.db import create_pool
+from projections.handlers import READ_MODELS
+from projections.models import ModelRow, VersionRow, store_models
 from projections.projector import Projector
 
 log = logging.getLogger(__name__)
@@ -116,7 +119,8 @@ class Services:
         self.roles = frozenset(roles)
         self.edge_url = ""
         self.worker: WorkerHost | None = None
-        self.projector: Projector | None = None
+        self.projector: Projector | None = None  # the read models' (what the edge reads)
+        self.projectors: dict[str, Projector] = {}
         self._stopping = asyncio.Event()
         self._stack = contextlib.AsyncExitStack()
         self._tasks: list[asyncio.Task[None]] = []
@@ -163,11 +167,16 @@ class Services:
         js = nc.jetstream()
         await ensure_streams(js)
         if "projector" in self.roles:
-            pool = await create_pool(self.servers.database_url, self.options.db_schema, max_size=4)
+            # one projector per projection: each its own position, lock and restarts
+            pool = await create_pool(
+                self.servers.database_url, self.options.db_schema, max_size=2 + 2 * len(PROJECTIONS)
+            )
             self._stack.push_async_callback(pool.close)
-            self.projector = Projector(js, pool)
-            projector = self.projector
-            self._spawn(lambda: projector.run(self._stopping), "projector")
+            for name, projection in PROJECTIONS.items():
+                projector = Projector(js, pool, projection=projection)
+                self.projectors[name] = projector
+                self._spawn(_runner(projector, self._stopping), f"projector-{name}")
+            self.projector = self.projectors[READ_MODELS.name]
         if "worker" in self.roles:
             await self._start_worker(nc)
         if "edge" in self.roles:
@@ -216,6 +225,7 @@ class Services:
 
     async def _start_edge(self) -> None:
         options = self.options
+        await self._store_catalog()
         config = EdgeConfig(
             nats_url=self.servers.nats_url,
             database_url=self.servers.database_url,
@@ -241,10 +251,45 @@ class Services:
         host = f"[{options.host}]" if ":" in options.host else options.host
         self.edge_url = f"http://{host}:{port}"
 
+    async def _store_catalog(self) -> None:
+        """The models file, into the models tables the edge answers GET /v1/models from."""
+        pool = await create_pool(self.servers.database_url, self.options.db_schema, max_size=1)
+        try:
+            await store_models(pool, catalog_rows(self.options.catalog))
+        finally:
+            await pool.close()
+
     def _spawn(self, role: Callable[[], Awaitable[None]], name: str) -> None:
         self._tasks.append(
             asyncio.create_task(supervise(role, name, self._stopping, self.restarts), name=name)
         )
+
+
+def catalog_rows(catalog: ModelCatalog) -> list[ModelRow]:
+    return [
+        ModelRow(
+            name=spec.name,
+            base_url=spec.base_url,
+            max_output_tokens=spec.max_output_tokens,
+            is_default=spec.name == catalog.default_model,
+            versions=[
+                VersionRow(
+                    version=v.version,
+                    status=v.status,
+                    is_default=v.is_default,
+                    release_date=v.release_date,
+                    input_price=v.input_price,
+                    output_price=v.output_price,
+                )
+                for v in spec.versions
+            ],
+        )
+        for spec in catalog.models
+    ]
+
+
+def _runner(projector: Projector, stopping: asyncio.Event) -> Callable[[], Awaitable[None]]:
+    return lambda: projector.run(stopping)
 
 
 BACKOFF_FIRST_S = 0.5

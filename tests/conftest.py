@@ -31,6 +31,7 @@ from parley.config import DEMO_SPEC
 from parley.demo_model import DemoConfig, start_demo_model
 from parley.services import Servers, ServiceOptions, Services
 from parley.stack import EmbeddedStack
+from projections.projector import Projector
 from tests.sse import SseClient
 from tests.tool_plugin import LIVE_TOOLS
 
@@ -178,16 +179,21 @@ def user() -> str:
 Projected = Callable[[str], Awaitable[None]]
 
 
+async def caught_up(projector: Projector, position: int) -> None:
+    async with asyncio.timeout(30), projector.applied:
+        await projector.applied.wait_for(lambda: projector.position >= position)
+
+
 @pytest.fixture
 def projected(services: Services, event_log: EventLog) -> Projected:
     """Wait until the session's projection has applied a conversation's whole log."""
 
     async def wait(conversation_id: str) -> None:
-        projector = services.projector
-        assert projector is not None
+        """Every projection has applied the conversation's log, and whatever came before
+        its last event (the accounts' and projects' events of its turns included)."""
         last = await event_log.last_seq(conversation_id)
-        async with asyncio.timeout(30), projector.applied:
-            await projector.applied.wait_for(lambda: projector.position >= last)
+        for projector in services.projectors.values():
+            await caught_up(projector, last)
 
     return wait
 

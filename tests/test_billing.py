@@ -27,7 +27,7 @@ from events.vocabulary import (
     TurnCharged,
 )
 from parley.services import Services
-from tests.conftest import token_for
+from tests.conftest import Projected, token_for
 from tests.sse import SseClient
 
 DEMO = Prices(input_price=3.0, output_price=15.0)
@@ -255,3 +255,73 @@ async def test_a_model_without_an_active_version_cannot_run_a_billed_turn(
     assert not any(type(e).__name__ == "Chunk" for e in log), "the model was called"
     _, account_events = await account(event_log, f"project:{project}")
     assert not any(isinstance(e, CreditsReserved | TurnCharged) for e in account_events)
+
+
+# ---------------------------------------------------------------- what the projection shows
+
+
+async def test_balances_the_ledger_and_projects_are_projected_from_the_log(
+    api: SseClient,
+    admin: SseClient,
+    event_log: EventLog,
+    services: Services,
+    http: aiohttp.ClientSession,
+    projected: Projected,
+) -> None:
+    project = await new_project(api, "Ledger checks")
+    await grant(admin, "project", project, 2_000_000)
+    cid = (await api.create_conversation(project_id=project))["id"]
+    for text in ("one [[tokens=10]]", "two [[tokens=30]]"):
+        assert (await api.send_stream(cid, text))[-1].data == "ok"
+    state, events = await charged(event_log, f"project:{project}", 2)
+    await projected(cid)
+    billing = services.projectors["billing"]
+    head = max(s.seq for s in await event_log.read_subject(account_subject(f"project:{project}")))
+    async with asyncio.timeout(30), billing.applied:
+        await billing.applied.wait_for(lambda: billing.position >= head)
+
+    status, account_view = await api.request("GET", f"/v1/billing/accounts/project/{project}")
+    assert status == 200, account_view
+    assert account_view["balance_micro_credits"] == state.balance == 2_000_000 - state.charged
+    assert account_view["reserved_micro_credits"] == 0 and account_view["debt_micro_credits"] == 0
+
+    status, ledger = await api.request("GET", f"/v1/billing/ledger?project={project}")
+    assert status == 200, ledger
+    charges = {e.turn_id: e for e in events if isinstance(e, TurnCharged)}
+    assert {row["turn_id"]: row["cost"] for row in ledger["entries"]} == {
+        t: c.cost for t, c in charges.items()
+    }
+    assert all(row["account"] == f"project:{project}" for row in ledger["entries"])
+    status, by_conversation = await api.request("GET", f"/v1/billing/ledger?conversation={cid}")
+    assert status == 200 and len(by_conversation["entries"]) == 2
+
+    status, projects = await api.request("GET", "/v1/projects")
+    assert status == 200
+    (mine,) = [p for p in projects["projects"] if p["id"] == project]
+    assert mine["name"] == "Ledger checks" and mine["members"] == [mine["created_by"]]
+    status, listed = await api.request("GET", "/v1/conversations")
+    assert cid in [c["id"] for c in listed["conversations"]]
+
+    # someone else sees none of it
+    stranger = SseClient(http, services.edge_url, token_for(f"nosy-{project}"))
+    for path in (
+        f"/v1/billing/accounts/project/{project}",
+        f"/v1/billing/ledger?project={project}",
+        f"/v1/billing/ledger?conversation={cid}",
+    ):
+        status, body = await stranger.request("GET", path)
+        assert status == 404, (path, body)
+    status, theirs = await stranger.request("GET", "/v1/billing/ledger")
+    assert status == 200 and theirs["entries"] == []
+
+
+async def test_models_list_their_version_in_force_and_its_prices(api: SseClient) -> None:
+    status, body = await api.request("GET", "/v1/models")
+    assert status == 200, body
+    models = {m["name"]: m for m in body["models"]}
+    demo = models["demo"]
+    assert demo["is_default"] and demo["active_version"] == "2026-01"
+    assert (demo["input_price"], demo["output_price"]) == (3.0, 15.0)
+    unpriced = models["unpriced-model"]
+    assert unpriced["active_version"] is None and unpriced["input_price"] is None
+    assert [v["status"] for v in unpriced["versions"]] == ["deprecated"]

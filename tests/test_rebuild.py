@@ -225,6 +225,6 @@ async def test_the_rebuild_command_rebuilds_and_reports(
         unknown = await asyncio.to_thread(
             run, "projections", "rebuild", "--projection", "nope", env=env
         )
-        assert unknown.returncode == 2 and "known: read_models" in unknown.stderr
+        assert unknown.returncode == 2 and "known: billing, read_models" in unknown.stderr
     finally:
         await drop_schema(stack.database_url, schema)

@@ -141,7 +141,7 @@ async def test_a_projector_whose_lock_connection_dies_is_restarted_and_catches_u
             )
             assert killed >= 1
             async with asyncio.timeout(30):
-                while running.restarts.get("projector", 0) == 0:  # noqa: ASYNC110
+                while running.restarts.get("projector-read_models", 0) == 0:  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
             api = SseClient(http, running.edge_url, token_for("roles-user-2"))
             created = await api.create_conversation()
