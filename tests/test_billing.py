@@ -27,7 +27,7 @@ from events.vocabulary import (
     TurnCharged,
 )
 from parley.services import Services
-from tests.conftest import Projected, token_for
+from tests.conftest import Projected, caught_up, token_for
 from tests.sse import SseClient
 
 DEMO = Prices(input_price=3.0, output_price=15.0)
@@ -325,3 +325,30 @@ async def test_models_list_their_version_in_force_and_its_prices(api: SseClient)
     unpriced = models["unpriced-model"]
     assert unpriced["active_version"] is None and unpriced["input_price"] is None
     assert [v["status"] for v in unpriced["versions"]] == ["deprecated"]
+
+
+async def test_a_turn_that_costs_more_than_the_balance_is_recorded_as_debt(
+    api: SseClient,
+    admin: SseClient,
+    event_log: EventLog,
+    services: Services,
+    projected: Projected,
+) -> None:
+    project = await new_project(api, "Overspent")
+    await grant(admin, "project", project, ESTIMATE)  # just enough to start one turn
+    cid = (await api.create_conversation(project_id=project))["id"]
+    events = await api.send_stream(cid, "a long answer [[tokens=600]]")  # > 5,250 in output alone
+    assert events[-1].data == "ok"
+    state, account_events = await charged(event_log, f"project:{project}", 1)
+    (charge,) = [e for e in account_events if isinstance(e, TurnCharged)]
+    assert charge.cost > ESTIMATE and state.balance == ESTIMATE - charge.cost < 0
+    await projected(cid)
+    head = max(s.seq for s in await event_log.read_subject(account_subject(f"project:{project}")))
+    await caught_up(services.projectors["billing"], head)
+    status, view = await api.request("GET", f"/v1/billing/accounts/project/{project}")
+    assert status == 200 and view["debt_micro_credits"] == charge.cost - ESTIMATE, view
+    _, ledger = await api.request("GET", f"/v1/billing/ledger?project={project}")
+    assert [row["debt"] for row in ledger["entries"]] == [charge.cost - ESTIMATE]
+    # in debt, the next turn is refused by the pre-flight
+    refused = await api.send_stream(cid, "one more?")
+    assert refused[-1].data == "billing_error"
