@@ -15,8 +15,14 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/parley dev
 
+# The real Vercel AI SDK, from the npm registry, for tests/test_ai_sdk.py.
+AI_SDK := tests/ai_sdk/node_modules/.installed
+$(AI_SDK): tests/ai_sdk/package.json tests/ai_sdk/package-lock.json
+	cd tests/ai_sdk && npm ci --no-audit --no-fund --loglevel=error
+	touch $(AI_SDK)
+
 # The suite starts its own NATS, Postgres and Redis from the installed wheels.
-test: $(STAMP)
+test: $(STAMP) $(AI_SDK)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

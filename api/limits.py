@@ -44,9 +44,20 @@ log = logging.getLogger(__name__)
 STREAM_ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/v1/conversations/{id}/events"): "always",
     ("POST", "/v1/conversations/{id}/messages"): "unless_json",
+    ("PATCH", "/v1/conversations/{id}/messages/{mid}"): "unless_json",
+    ("POST", "/v1/conversations/{id}/messages/{mid}/regenerate"): "unless_json",
+    ("POST", "/v1/ai-sdk/chat"): "always",
+    ("GET", "/v1/ai-sdk/chat/{id}/stream"): "always",
 }
 # Requests that may start a turn; the handler hands the slot over with `hold_turn`.
-TURN_ROUTES = frozenset({("POST", "/v1/conversations/{id}/messages")})
+TURN_ROUTES = frozenset(
+    {
+        ("POST", "/v1/conversations/{id}/messages"),
+        ("PATCH", "/v1/conversations/{id}/messages/{mid}"),
+        ("POST", "/v1/conversations/{id}/messages/{mid}/regenerate"),
+        ("POST", "/v1/ai-sdk/chat"),
+    }
+)
 
 _REPLICATE = "if redis.replicate_commands then redis.replicate_commands() end\n"
 _NOW_MS = "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"

@@ -10,6 +10,7 @@ from typing import Any, Literal
 import msgspec
 from aiohttp import web
 
+from api import ai_sdk
 from api.access import owned_conversation, project_of_member
 from api.context import CONFIG, HEADERS, JS, LOG, NATS, REDIS, STORE, TURNS, claims_of
 from api.errors import UNAVAILABLE, bad_request
@@ -288,6 +289,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/billing/accounts/{kind}/{id}", get_account)
     app.router.add_get("/v1/billing/ledger", get_ledger)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_post("/v1/ai-sdk/chat", ai_sdk.chat)
+    app.router.add_get("/v1/ai-sdk/chat/{id}/stream", ai_sdk.resume)
     app.router.add_post("/v1/projects/{id}/members", add_member)
     app.router.add_post("/v1/billing/accounts/{kind}/{id}/credits", grant_credits)
     app.router.add_get("/v1/conversations/{id}/events", conversation_events)

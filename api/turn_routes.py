@@ -215,14 +215,23 @@ async def cancel_turn(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------- submitting
 
 
-async def _submit(
+class Submitted(msgspec.Struct, frozen=True):
+    """A request published and accepted (or not yet answered) by its actor."""
+
+    record: IdempotencyRecord
+    command_seq: int  # its position in CHAT_CMD
+    accepted: bool
+
+
+async def submit(
     request: web.Request,
-    header: ConversationCreated,
+    conversation_id: str,
     idempotency_key: str | None,
     digest_of: tuple[Any, ...],
     build: Callable[[IdempotencyRecord], TurnCommand],
-) -> web.StreamResponse:
-    conversation_id = header.conversation_id
+) -> Submitted:
+    """Publish the request's command and wait (briefly) for its actor's decision; a
+    refusal is raised as the error the client gets (409 busy, 404, ...)."""
     digest = request_digest(digest_of)
     record, fresh = await _idempotency(request, conversation_id, idempotency_key, digest)
     command = build(record)
@@ -248,14 +257,27 @@ async def _submit(
         raise _refusal(decision.rejected)
     # counts against the user's active turns until this request's turn ends
     hold_turn(request, conversation_id, record.command_id, record.after, int(ack.seq))
+    return Submitted(record=record, command_seq=int(ack.seq), accepted=decision.accepted)
+
+
+async def _submit(
+    request: web.Request,
+    header: ConversationCreated,
+    idempotency_key: str | None,
+    digest_of: tuple[Any, ...],
+    build: Callable[[IdempotencyRecord], TurnCommand],
+) -> web.StreamResponse:
+    conversation_id = header.conversation_id
+    done = await submit(request, conversation_id, idempotency_key, digest_of, build)
+    record = done.record
     if wants_json(request):
         return web.json_response(
             {
-                "message_id": None if isinstance(command, Regenerate) else record.message_id,
+                "message_id": None if digest_of[0] == "regenerate" else record.message_id,
                 "command_id": record.command_id,
                 "conversation_id": conversation_id,
                 "after": record.after,
-                "accepted": decision.accepted,
+                "accepted": done.accepted,
             },
             status=202,
         )
@@ -266,7 +288,7 @@ async def _submit(
         conversation_id,
         Position(seq=record.after),
         turn=TurnFilter(record.command_id, record.message_id),
-        command=PendingCommand(stream_seq=int(ack.seq)),
+        command=PendingCommand(stream_seq=done.command_seq),
     )
 
 
