@@ -17,6 +17,7 @@ import msgspec
 import nats
 
 from actors.models import ModelCatalog
+from actors.webhooks import WebhookSettings
 from api.auth import mint
 from events.codec import Unreadable, encode_stored
 from events.log import EventLog
@@ -102,6 +103,7 @@ async def _dev(
             port=port,
             tool_specs=settings.tools,
             shutdown_grace_s=settings.shutdown_grace_s,
+            webhook=webhook_settings(settings),
             limits=settings.limits,
         )
         try:
@@ -138,6 +140,12 @@ async def _until_signalled(services: Services) -> None:
         print("stopping ...", file=sys.stderr)
 
 
+def webhook_settings(settings: Settings) -> WebhookSettings | None:
+    if settings.webhook_url is None or settings.webhook_secret is None:
+        return None
+    return WebhookSettings(url=settings.webhook_url, secret=settings.webhook_secret)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = load_settings(args.data)
     roles = ROLES if args.role == "all" else (args.role,)
@@ -169,6 +177,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             port=args.port,
             tool_specs=settings.tools,
             shutdown_grace_s=settings.shutdown_grace_s,
+            webhook=webhook_settings(settings),
             limits=settings.limits,
         )
         async with Services(servers, options, roles) as services:

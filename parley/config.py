@@ -55,6 +55,8 @@ class Settings(msgspec.Struct, frozen=True):
     models_file: str | None = None
     db_schema: str = "parley"
     demo_tokens_per_s: float = 40.0  # how fast the demo model streams in `parley dev`
+    webhook_url: str | None = None  # turn-end webhooks (PARLEY_WEBHOOK_URL)
+    webhook_secret: str | None = None
     tools: tuple[str, ...] = ()  # PARLEY_TOOLS: module:attribute specs of more tools
     shutdown_grace_s: float = 10.0  # how long a stopping worker lets turns finish
     limits: EdgeLimits = EdgeLimits()
@@ -92,6 +94,11 @@ def settings_from_env(env: Mapping[str, str], data_dir: str | Path | None = None
         raise ConfigError(
             "PARLEY_JWT_ISSUER and PARLEY_JWT_AUDIENCE apply only with PARLEY_JWT_JWKS_URL"
         )
+    if (get("PARLEY_WEBHOOK_URL") is None) != (get("PARLEY_WEBHOOK_SECRET") is None):
+        raise ConfigError(
+            "PARLEY_WEBHOOK_URL and PARLEY_WEBHOOK_SECRET go together: "
+            "every webhook is signed with the secret"
+        )
     return Settings(
         data_dir=Path(data_dir or get("PARLEY_DATA") or ".parley"),
         nats_url=get("PARLEY_NATS_URL"),
@@ -107,6 +114,8 @@ def settings_from_env(env: Mapping[str, str], data_dir: str | Path | None = None
         models_file=get("PARLEY_MODELS_FILE"),
         db_schema=get("PARLEY_DB_SCHEMA") or "parley",
         demo_tokens_per_s=_float(get("PARLEY_DEMO_TOKENS_PER_S"), 40.0, "PARLEY_DEMO_TOKENS_PER_S"),
+        webhook_url=get("PARLEY_WEBHOOK_URL"),
+        webhook_secret=get("PARLEY_WEBHOOK_SECRET"),
         tools=tuple(
             spec.strip() for spec in (get("PARLEY_TOOLS") or "").split(",") if spec.strip()
         ),

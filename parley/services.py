@@ -30,6 +30,7 @@ from actors.builtin_tools import BUILTIN_TOOLS
 from actors.models import ModelCatalog
 from actors.tools import Tool, ToolRunner, load_tools, merge_tools
 from actors.turn import ActorContext
+from actors.webhooks import WebhookDispatcher, WebhookSettings
 from actors.worker import WorkerHost
 from api.app import create_app
 from api.config import EdgeConfig, EdgeLimits
@@ -104,6 +105,8 @@ class ServiceOptions(msgspec.Struct, frozen=True, kw_only=True):
     shutdown_grace_s: float = 10.0
     model_retry_base_s: float = 0.5
     decision_wait_s: float = 5.0  # how long a POST waits for the actor's accept/refuse
+    # turn-end webhooks, sent by the worker role (actors/webhooks.py)
+    webhook: WebhookSettings | None = None
     max_projection_lag: int = 10_000  # /readyz bound, events behind the log (0: never unready)
 
 
@@ -121,6 +124,7 @@ class Services:
         self.worker: WorkerHost | None = None
         self.projector: Projector | None = None  # the read models' (what the edge reads)
         self.projectors: dict[str, Projector] = {}
+        self.webhooks: WebhookDispatcher | None = None
         self._stopping = asyncio.Event()
         self._stack = contextlib.AsyncExitStack()
         self._tasks: list[asyncio.Task[None]] = []
@@ -219,6 +223,9 @@ class Services:
             max_event_bytes=min(512 * 1024, nc.max_payload // 2),
         )
         worker = self.worker = WorkerHost(js, ctx, grace_s=self.options.shutdown_grace_s)
+        if self.options.webhook is not None:
+            webhooks = self.webhooks = WebhookDispatcher(js, self.options.webhook, http)
+            self._spawn(lambda: webhooks.run(self._stopping), "webhooks")
         self._spawn(lambda: worker.run(self._stopping), "worker")
         async with asyncio.timeout(30):
             await self.worker.ready.wait()
