@@ -59,3 +59,6 @@ class EdgeConfig(msgspec.Struct, frozen=True):
     # answering anyway (no worker running yet: the request waits in CHAT_CMD).
     decision_wait_s: float = 5.0
     idempotency_ttl_s: int = 24 * 3600
+    # /readyz gives each of NATS, Postgres and Redis this long to answer: a server
+    # that hangs makes the edge unready, not the probe time out.
+    ready_timeout_s: float = 1.0

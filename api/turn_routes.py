@@ -24,6 +24,7 @@ from api.access import owned_conversation
 from api.context import CONFIG, JS, LOG, REDIS, claims_of, wants_json
 from api.errors import UNAVAILABLE, ApiError, bad_request
 from api.limits import hold_turn
+from api.responses import CancelAnswer, TurnAccepted, answer
 from api.sse import Position
 from api.streaming import PendingCommand, TurnFilter, open_sse, running_turn, stream_log
 from api.validation import InvalidBody, decode_body
@@ -192,9 +193,7 @@ async def cancel_turn(request: web.Request) -> web.Response:
         # a record without a turn id: a request accepted, its turn about to start
         turn_id = (active.turn_id or None) if active else None
     if idle:
-        return web.json_response(
-            {"cancelled": False, "turn_id": None, "message": "no turn is running"}
-        )
+        return answer(CancelAnswer(cancelled=False, turn_id=None, message="no turn is running"))
     command = CancelTurn(
         conversation_id=conversation_id,
         command_id=new_id(),
@@ -208,7 +207,7 @@ async def cancel_turn(request: web.Request) -> web.Response:
         stream=CMD_STREAM,
         headers={"Nats-Msg-Id": command.command_id},
     )
-    return web.json_response({"cancelled": True, "turn_id": turn_id}, status=202)
+    return answer(CancelAnswer(cancelled=True, turn_id=turn_id), status=202)
 
 
 # ---------------------------------------------------------------- submitting
@@ -248,14 +247,14 @@ async def _submit(
     # counts against the user's active turns until this request's turn ends
     hold_turn(request, conversation_id, record.command_id, record.after, int(ack.seq))
     if wants_json(request):
-        return web.json_response(
-            {
-                "message_id": None if isinstance(command, Regenerate) else record.message_id,
-                "command_id": record.command_id,
-                "conversation_id": conversation_id,
-                "after": record.after,
-                "accepted": decision.accepted,
-            },
+        return answer(
+            TurnAccepted(
+                message_id=None if isinstance(command, Regenerate) else record.message_id,
+                command_id=record.command_id,
+                conversation_id=conversation_id,
+                after=record.after,
+                accepted=decision.accepted,
+            ),
             status=202,
         )
     response = await open_sse(request)
