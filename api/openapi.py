@@ -27,6 +27,7 @@ import msgspec
 from aiohttp import web
 
 from api.responses import ID_PATTERN, ErrorBody
+from api.sse import DATA_SHAPES
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -37,12 +38,15 @@ class Media:
 
     content_type: str
     description: str
+    # for an event stream: each event's `data` type by event name (api.sse.DATA_SHAPES)
+    events: Mapping[str, Any] | None = None
 
 
 SSE = Media(
     "text/event-stream",
     'Server-Sent Events: `id: <log position>` and `data: {"event", "data", ...}` '
     "(README: the SSE wire format); `: ping` comments keep the connection alive",
+    events=DATA_SHAPES,
 )
 NDJSON = Media("application/x-ndjson", "one JSON object per line, in log order")
 HTML = Media("text/html", "the web page")
@@ -111,7 +115,7 @@ def register(app: web.Application, operations: Iterable[Operation]) -> None:
 def document(operations: Iterable[Operation], *, title: str, version: str) -> dict[str, Any]:
     """The OpenAPI 3.1 document describing `operations`."""
     operations = list(operations)
-    types: list[Any] = [ErrorBody]
+    types: list[Any] = [ErrorBody, *DATA_SHAPES.values()]
     for op in operations:
         types.extend(t for t in (op.body, op.query, op.headers) if t is not None)
         types.extend(a for a in op.answers.values() if isinstance(a, type))
@@ -119,6 +123,8 @@ def document(operations: Iterable[Operation], *, title: str, version: str) -> di
         types, ref_template="#/components/schemas/{name}"
     )
     schema_of = {id(t): s for t, s in zip(types, schemas, strict=True)}
+    components["SseEnvelope"] = _envelope_schema(DATA_SHAPES, schema_of)
+    components["SseEvent"] = _SSE_EVENT
 
     paths: dict[str, dict[str, Any]] = {}
     for op in operations:
@@ -186,13 +192,46 @@ def _operation(
     return out
 
 
+# One event of a stream as a client's parser sees it (OpenAPI 3.1: `schema` of an
+# event-stream describes each event); its `data` is the JSON envelope.
+_SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "id": {"type": "string", "pattern": "^[0-9]+(-[0-9]+)?$"},
+        "event": {"type": "string"},
+        "retry": {"type": "integer"},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {"$ref": "#/components/schemas/SseEnvelope"},
+        },
+    },
+}
+
+
+def _envelope_schema(shapes: Mapping[str, Any], schema_of: dict[int, Any]) -> dict[str, Any]:
+    """`{"event": name, "data": ...}`, one alternative per event name; more keys may ride along."""
+    return {
+        "oneOf": [
+            {
+                "type": "object",
+                "required": ["event", "data"],
+                "properties": {"event": {"const": name}, "data": schema_of[id(shape)]},
+            }
+            for name, shape in shapes.items()
+        ]
+    }
+
+
 def _answer(what: Answer, schema_of: dict[int, Any]) -> dict[str, Any]:
     if what is None:
         return {"description": "no body"}
     if isinstance(what, Media):
+        schema = {"$ref": "#/components/schemas/SseEvent"} if what.events else {"type": "string"}
         return {
             "description": what.description,
-            "content": {what.content_type: {"schema": {"type": "string"}}},
+            "content": {what.content_type: {"schema": schema}},
         }
     return {
         "description": (what.__doc__ or what.__name__).strip().splitlines()[0],
