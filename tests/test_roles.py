@@ -24,6 +24,7 @@ from nats.js.api import KeyValueConfig
 from actors.partitions import BUCKET as LEASES_BUCKET
 from actors.turn import ActorContext
 from actors.worker import WorkerHost, durable_name
+from api.config import EdgeLimits
 from events.log import EventLog, ensure_streams
 from events.subjects import CMD_STREAM, partition_of
 from events.turns import TurnRegistry, redis_client
@@ -66,6 +67,9 @@ def options(model_url: str, schema: str = "roles_test") -> ServiceOptions:
         model_idle_timeout_s=3.0,
         decision_wait_s=0.5,  # workers come and go here: do not wait long for one
         shutdown_grace_s=2.0,
+        # these tests send as many messages as they need partitions covered (a random
+        # count); the per-user caps are tested in tests/test_limits.py, not here
+        limits=EdgeLimits(max_turns_per_user=0, max_streams_per_user=0),
     )
 
 
