@@ -168,10 +168,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             tool_specs=settings.tools,
             shutdown_grace_s=settings.shutdown_grace_s,
             limits=settings.limits,
+            metrics_port=settings.metrics_port,
         )
         async with Services(servers, options, roles) as services:
             if services.edge_url:
                 print(f"edge listening at {services.edge_url}", file=sys.stderr, flush=True)
+            if services.metrics_url:
+                print(f"metrics at {services.metrics_url}", file=sys.stderr, flush=True)
             await _until_signalled(services)
         return 0
 

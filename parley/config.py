@@ -59,6 +59,8 @@ class Settings(msgspec.Struct, frozen=True):
     shutdown_grace_s: float = 10.0  # how long a stopping worker lets turns finish
     limits: EdgeLimits = EdgeLimits()
     log_format: str = "text"  # or "json"
+    # `parley serve` without the edge role serves GET /metrics on this port (None: not at all)
+    metrics_port: int | None = None
 
     @property
     def embedded(self) -> bool:
@@ -112,6 +114,7 @@ def settings_from_env(env: Mapping[str, str], data_dir: str | Path | None = None
         shutdown_grace_s=_float(get("PARLEY_SHUTDOWN_GRACE_S"), 10.0, "PARLEY_SHUTDOWN_GRACE_S"),
         limits=_limits(get),
         log_format=_log_format(get("PARLEY_LOG_FORMAT")),
+        metrics_port=_port(get("PARLEY_METRICS_PORT"), "PARLEY_METRICS_PORT"),
     )
 
 
@@ -147,6 +150,14 @@ def _positive(value: float, name: str) -> float:
     if value <= 0:
         raise ConfigError(f"{name} must be more than 0")
     return value
+
+
+def _port(raw: str | None, name: str) -> int | None:
+    if raw is None:
+        return None
+    if not raw.isascii() or not raw.isdigit() or not 0 <= int(raw) <= 65535:
+        raise ConfigError(f"{name} must be a port number (0-65535), not {raw!r}")
+    return int(raw)
 
 
 def _log_format(raw: str | None) -> str:

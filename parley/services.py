@@ -37,6 +37,7 @@ from events.ids import new_id
 from events.log import EventLog, ensure_streams
 from events.turns import TurnRegistry, redis_client
 from parley.config import ConfigError, Settings
+from parley.metrics import Metrics, metrics_app
 from parley.stack import StackUrls, running_stack_urls
 from projections.db import create_pool
 from projections.projector import Projector
@@ -101,6 +102,8 @@ class ServiceOptions(msgspec.Struct, frozen=True, kw_only=True):
     shutdown_grace_s: float = 10.0
     model_retry_base_s: float = 0.5
     decision_wait_s: float = 5.0  # how long a POST waits for the actor's accept/refuse
+    # where a process without the edge role serves GET /metrics (None: nowhere)
+    metrics_port: int | None = None
 
 
 class Services:
@@ -120,6 +123,9 @@ class Services:
         self._stack = contextlib.AsyncExitStack()
         self._tasks: list[asyncio.Task[None]] = []
         self.restarts: dict[str, int] = {}  # role -> times it was restarted after failing
+        # one registry for every role of this process; the edge's /metrics shows it
+        self.metrics = Metrics()
+        self.metrics_url = ""
 
     async def __aenter__(self) -> Self:
         try:
@@ -171,6 +177,8 @@ class Services:
             await self._start_worker(nc)
         if "edge" in self.roles:
             await self._start_edge()
+        elif self.options.metrics_port is not None:
+            self.metrics_url = await self._serve(metrics_app(self.metrics)) + "/metrics"
 
     async def _nats(self, name: str) -> NatsClient:
         nc = await nats.connect(self.servers.nats_url, name=name, max_reconnect_attempts=-1)
@@ -207,6 +215,7 @@ class Services:
             first_byte_timeout=self.options.model_idle_timeout_s,
             # half the server's limit: headers and a margin ride in the same message
             max_event_bytes=min(512 * 1024, nc.max_payload // 2),
+            observer=self.metrics,
         )
         worker = self.worker = WorkerHost(js, ctx, grace_s=self.options.shutdown_grace_s)
         self._spawn(lambda: worker.run(self._stopping), "worker")
@@ -230,14 +239,18 @@ class Services:
             decision_wait_s=options.decision_wait_s,
             limits=options.limits,
         )
-        runner = web.AppRunner(create_app(config), access_log=None, shutdown_timeout=5.0)
+        self.edge_url = await self._serve(create_app(config, self.metrics), options.port)
+
+    async def _serve(self, app: web.Application, port: int | None = None) -> str:
+        """Listen with `app` on the configured host; its base URL."""
+        options = self.options
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)
-        site = web.TCPSite(runner, options.host, options.port)
+        site = web.TCPSite(runner, options.host, options.metrics_port if port is None else port)
         await site.start()
-        port = _bound_port(runner)
         host = f"[{options.host}]" if ":" in options.host else options.host
-        self.edge_url = f"http://{host}:{port}"
+        return f"http://{host}:{_bound_port(runner)}"
 
     def _spawn(self, role: Callable[[], Awaitable[None]], name: str) -> None:
         self._tasks.append(
