@@ -407,8 +407,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
+        settings = load_settings(args.data)
+        # the secrets this process knows are scrubbed from every log line it writes
+        setup_logging(
+            logging.DEBUG if args.verbose else logging.INFO,
+            settings.log_format,
+            secrets=(
+                settings.jwt_secret,
+                settings.model_api_key,
+                data_folder_secret(settings.data_dir),
+            ),
+        )
         code: int = args.func(args)
     except (CliError, ConfigError) as err:
         print(f"parley: {err}", file=sys.stderr)
