@@ -328,47 +328,97 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- main
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="parley", description="streaming AI-chat backend")
-    parser.add_argument(
-        "--data", default=None, help="data folder of the dev stack (default .parley)"
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+DATA_HELP = "data folder of the dev stack (default .parley, or PARLEY_DATA)"
 
-    dev = sub.add_parser("dev", help="embedded stack + all roles + web page")
-    dev.add_argument("--host", default="127.0.0.1")
-    dev.add_argument("--port", type=int, default=8080)
-    dev.add_argument("--data", default=argparse.SUPPRESS)
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="parley",
+        description="parley: a streaming AI-chat backend on NATS JetStream. "
+        "Configuration comes from PARLEY_* environment variables (README: Configuration).",
+    )
+    parser.add_argument("--data", default=None, help=DATA_HELP)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    dev = sub.add_parser(
+        "dev",
+        help="embedded stack + all roles + web page",
+        description="Start NATS, Postgres and Redis from their wheels (data under --data), the "
+        "demo model unless PARLEY_MODEL_BASE_URL is set, and every role in this process; print "
+        "the URL and an admin token. Ctrl-C stops it all.",
+    )
+    dev.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    dev.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    dev.add_argument("--data", default=argparse.SUPPRESS, help=DATA_HELP)
     dev.set_defaults(func=cmd_dev)
 
-    serve = sub.add_parser("serve", help="one role against configured servers")
-    serve.add_argument("--role", choices=[*ROLES, "all"], default="all")
-    serve.add_argument("--host", default="0.0.0.0")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--data", default=argparse.SUPPRESS)
+    serve = sub.add_parser(
+        "serve",
+        help="one role against configured servers",
+        description="Run the edge, worker and/or projector against the servers named by "
+        "PARLEY_NATS_URL, PARLEY_DATABASE_URL and PARLEY_REDIS_URL (production). The edge "
+        "needs PARLEY_JWT_SECRET or a JWKS; a process without the edge serves /metrics on "
+        "PARLEY_METRICS_PORT.",
+    )
+    serve.add_argument(
+        "--role",
+        choices=[*ROLES, "all"],
+        default="all",
+        help="which role this process runs (default all)",
+    )
+    serve.add_argument(
+        "--host", default="0.0.0.0", help="address the edge listens on (default 0.0.0.0)"
+    )
+    serve.add_argument(
+        "--port", type=int, default=8080, help="port the edge listens on (default 8080)"
+    )
+    serve.add_argument("--data", default=argparse.SUPPRESS, help=DATA_HELP)
     serve.set_defaults(func=cmd_serve)
 
-    token = sub.add_parser("token", help="print a bearer token for a user")
-    token.add_argument("--user", required=True)
-    token.add_argument("--admin", action="store_true")
-    token.add_argument("--data", default=argparse.SUPPRESS)
+    token = sub.add_parser(
+        "token",
+        help="print a bearer token for a user",
+        description="Print a bearer token (HS256, signed with PARLEY_JWT_SECRET or the secret of "
+        "the `parley dev` running on --data) on stdout, nothing else.",
+    )
+    token.add_argument(
+        "--user", required=True, help="the user id (1-128 characters of A-Z a-z 0-9 _ -)"
+    )
+    token.add_argument(
+        "--admin", action="store_true", help="an admin token: may grant credits, nothing more"
+    )
+    token.add_argument("--data", default=argparse.SUPPRESS, help=DATA_HELP)
     token.set_defaults(func=cmd_token)
 
-    replay = sub.add_parser("replay", help="a conversation's event log, in order")
-    replay.add_argument("conversation")
+    replay = sub.add_parser(
+        "replay",
+        help="a conversation's event log, in order",
+        description="Print a conversation's events from the log, one line each; entries this "
+        "version cannot read are marked UNREADABLE.",
+    )
+    replay.add_argument("conversation", help="the conversation id")
     replay.add_argument("--json", action="store_true", help="JSON lines, one event per line")
-    replay.add_argument("--data", default=argparse.SUPPRESS)
+    replay.add_argument("--data", default=argparse.SUPPRESS, help=DATA_HELP)
     replay.set_defaults(func=cmd_replay)
 
-    projections = sub.add_parser("projections", help="the read models projected from the log")
-    projections_sub = projections.add_subparsers(dest="projections_command", required=True)
+    projections = sub.add_parser(
+        "projections",
+        help="the read models projected from the log",
+        description="Look after the Postgres read models projected from the event log.",
+    )
+    projections_sub = projections.add_subparsers(
+        dest="projections_command", required=True, metavar="COMMAND"
+    )
     errors = projections_sub.add_parser(
-        "errors", help="events a projection could not apply as written (skipped or sanitised)"
+        "errors",
+        help="events a projection could not apply as written (skipped or sanitised)",
+        description="List the events a projection skipped or sanitised, oldest first: "
+        "position, rule, type, conversation, reason.",
     )
     errors.add_argument("--limit", type=int, default=100, help="at most this many (oldest first)")
     errors.add_argument("--json", action="store_true", help="JSON lines, one error per line")
-    errors.add_argument("--data", default=argparse.SUPPRESS)
+    errors.add_argument("--data", default=argparse.SUPPRESS, help=DATA_HELP)
     errors.set_defaults(func=cmd_projection_errors)
 
     bench = sub.add_parser(
@@ -379,7 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
         "burst: time to first token for many turns starting at once; "
         "fanout: one conversation, many viewers",
     )
-    bench.add_argument("workload", choices=["stream", "cancel", "burst", "fanout"])
+    bench.add_argument(
+        "workload", choices=["stream", "cancel", "burst", "fanout"], help="what to measure"
+    )
     bench.add_argument("--json", action="store_true", help="one JSON object, flat keys")
     bench.add_argument(
         "--conversations", "-c", type=int, default=None, help="conversations (stream 20, burst 100)"
@@ -400,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--window", type=float, default=1.0, help="seconds over which turns start (burst)"
     )
-    bench.add_argument("--data", default=argparse.SUPPRESS)
+    bench.add_argument("--data", default=argparse.SUPPRESS, help=DATA_HELP)
     bench.set_defaults(func=cmd_bench)
     return parser
 
