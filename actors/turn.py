@@ -24,9 +24,9 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import msgspec
@@ -55,8 +55,39 @@ from events.errors import EventLogError
 from events.ids import new_id as make_id
 from events.log import EventLog
 from events.turns import TurnRegistry
+from events.vocabulary import Event, TurnEnd
 
 log = logging.getLogger(__name__)
+
+
+class TurnObserver(Protocol):
+    """What a worker tells about its turns (the wiring counts it: parley/metrics.py).
+    Calls are quick and never raise; `model` is the catalogue's name."""
+
+    def turn_started(self, model: str) -> None: ...
+
+    def first_token(self, model: str, seconds: float) -> None:
+        """The model's first text of the turn, `seconds` after the turn's start."""
+
+    def model_call(self, model: str, seconds: float) -> None:
+        """One model call of the turn ended (each tool round is one)."""
+
+    def turn_ended(self, model: str, end: TurnEnd | None) -> None:
+        """The end this runner wrote; None when it wrote none (its worker was stopping)."""
+
+
+class NoTurnObserver:
+    def turn_started(self, model: str) -> None:
+        pass
+
+    def first_token(self, model: str, seconds: float) -> None:
+        pass
+
+    def model_call(self, model: str, seconds: float) -> None:
+        pass
+
+    def turn_ended(self, model: str, end: TurnEnd | None) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -84,6 +115,7 @@ class ActorContext:
     # The worker's accounts (a cache of folded accounts shared by its actors);
     # an actor made without one uses its own.
     accounts: Accounts | None = None
+    observer: TurnObserver = field(default_factory=NoTurnObserver)
 
 
 class RoundResult:
@@ -116,6 +148,9 @@ class TurnRunner:
         self._task: asyncio.Task[None] | None = None
         self._cancel_reason: str | None = None
         self._ending = False
+        self._began = time.perf_counter()
+        self._first_token = False
+        self._ended: Sequence[Event] = ()  # what this runner appended as the turn's end
 
     def cancel(self, reason: str) -> bool:
         """Stop the turn; False when it is already writing its end."""
@@ -127,8 +162,14 @@ class TurnRunner:
         return True
 
     async def run(self) -> None:
+        observer, model = self.ctx.observer, self.spec.name
+        observer.turn_started(model)
         self._task = asyncio.create_task(self._run(), name=f"turn-{self.turn_id}")
-        await self._task
+        try:
+            await self._task
+        finally:
+            end = self._ended[-1] if self._ended else None
+            observer.turn_ended(model, end if isinstance(end, TurnEnd) else None)
 
     async def _run(self) -> None:
         ctx, state = self.ctx, self.writer.state
@@ -173,7 +214,7 @@ class TurnRunner:
                 messages = [*messages, *await self._run_tools(result, stream)]
             self._ending = True
             await stream.close()
-            await self.writer.append_decided(
+            self._ended = await self.writer.append_decided(
                 lambda s: [decide_done(s, stop_reason, totals, ctx.clock(), ctx.new_id)]
             )
         except ModelStreamError as err:
@@ -234,12 +275,21 @@ class TurnRunner:
             first_byte_timeout=self.ctx.first_byte_timeout,
             idle_timeout=self.ctx.idle_timeout,
         )
+        began = time.perf_counter()
         # aclosing: leaving early (a cancel, a refused append) closes the HTTP
         # stream at once, so the model stops generating and billing.
-        async with contextlib.aclosing(chat):
-            async for item in chat:
-                stream.raise_if_failed()
-                _take(item, stream, result)
+        try:
+            async with contextlib.aclosing(chat):
+                async for item in chat:
+                    stream.raise_if_failed()
+                    _take(item, stream, result)
+                    if not self._first_token and isinstance(item, TextDelta):
+                        self._first_token = True
+                        self.ctx.observer.first_token(
+                            self.spec.name, time.perf_counter() - self._began
+                        )
+        finally:
+            self.ctx.observer.model_call(self.spec.name, time.perf_counter() - began)
 
     async def _run_tools(self, result: RoundResult, stream: TurnStream) -> list[dict[str, Any]]:
         """Run the round's tool calls concurrently; each result is written as it comes."""
@@ -276,14 +326,14 @@ class TurnRunner:
         log.info("turn failed", extra={**self._log_fields(), "code": code, "detail": message})
         with contextlib.suppress(EventLogError):
             await stream.close()
-        await self.writer.append_decided(
+        self._ended = await self.writer.append_decided(
             lambda s: [decide_failed(s, code, message, totals, self.ctx.clock(), self.ctx.new_id)]
         )
 
     async def _cancelled(self, stream: TurnStream, reason: str, totals: TurnTotals) -> None:
         self._ending = True
         await stream.close()
-        await self.writer.append_decided(
+        self._ended = await self.writer.append_decided(
             lambda s: [decide_cancelled(s, reason, totals, self.ctx.clock(), self.ctx.new_id)]
         )
 

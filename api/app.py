@@ -7,6 +7,7 @@ imports this module but the wiring.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -47,6 +48,29 @@ from projections.store import ReadStore
 
 _DDL_ATTEMPTS = 5
 PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics", "/openapi.json"})
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every request counted by route template (bounded labels), method and final status."""
+    began = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as err:
+        status = err.status
+        raise
+    except (asyncio.CancelledError, ConnectionResetError):
+        status = 499  # the client went away first (nginx's word for it)
+        raise
+    finally:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        request.app[METRICS].http_request(
+            route, request.method, status, time.perf_counter() - began
+        )
 
 
 @web.middleware
@@ -141,7 +165,7 @@ async def limits_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(config: EdgeConfig, metrics: EdgeMetrics | None = None) -> web.Application:
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware, limits_middleware],
+        middlewares=[metrics_middleware, error_middleware, auth_middleware, limits_middleware],
         client_max_size=config.max_body_bytes,
     )
     app[CONFIG] = config

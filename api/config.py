@@ -62,3 +62,6 @@ class EdgeConfig(msgspec.Struct, frozen=True):
     # /readyz is not ready while the read-model projection is more than this many
     # log entries behind the log's head (0: report the lag, never unready for it).
     max_projection_lag: int = 10_000
+    # /readyz gives each of NATS, Postgres and Redis this long to answer: a server
+    # that hangs makes the edge unready, not the probe time out.
+    ready_timeout_s: float = 1.0

@@ -78,6 +78,10 @@ class EdgeMetrics(Protocol):
 
     def limited(self, limit: str) -> None: ...
 
+    def projection(self, *, lag: int | None, errors: int | None) -> None:
+        """The projection's state as read for this scrape (None: could not be read)."""
+        ...
+
     def render(self) -> tuple[bytes, str]:
         """The exposition for GET /metrics: body and content type."""
         ...
@@ -93,6 +97,9 @@ class NoMetrics:
         pass
 
     def limited(self, limit: str) -> None:
+        pass
+
+    def projection(self, *, lag: int | None, errors: int | None) -> None:
         pass
 
     def render(self) -> tuple[bytes, str]:
@@ -112,6 +119,7 @@ PROJECTS = web.AppKey("projects", ProjectCache)
 VERIFIER = web.AppKey("verifier", Verifier)
 HUBS = web.AppKey("hubs", Hubs)
 METRICS = web.AppKey("metrics", EdgeMetrics)
+OPENAPI = web.AppKey("openapi", bytes)  # the encoded document (api.openapi), made once
 
 CLAIMS = web.RequestKey("claims", Claims)
 

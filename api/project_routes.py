@@ -22,6 +22,13 @@ from aiohttp import web
 from api.access import owned_conversation, project_of_member
 from api.context import LOG, POOL, PROJECTS, STORE, claims_of
 from api.errors import ApiError, bad_request, not_found
+from api.responses import (
+    AccountView,
+    ModelList,
+    ProjectList,
+    ProjectSummary,
+    answer,
+)
 from api.turn_routes import read_json
 from events.errors import EventLogConflict
 from events.ids import new_id
@@ -41,6 +48,14 @@ class CreateProject(msgspec.Struct, frozen=True):
 
 class AddMember(msgspec.Struct, frozen=True):
     user_id: str
+
+
+class LedgerQuery(msgspec.Struct, frozen=True):
+    """GET /v1/billing/ledger: none of them, the caller's own turns."""
+
+    project: str | None = None
+    user: str | None = None  # who asked for the turn
+    conversation: str | None = None
 
 
 class GrantCredits(msgspec.Struct, frozen=True):
@@ -150,17 +165,17 @@ async def grant_credits(request: web.Request) -> web.Response:
 
 async def list_projects(request: web.Request) -> web.Response:
     rows = await request.app[STORE].projects_of(claims_of(request).sub)
-    return web.json_response({"projects": [_project_json(row) for row in rows]})
+    return answer(ProjectList(projects=[_project(row) for row in rows]))
 
 
-def _project_json(row: ProjectRow) -> dict[str, object]:
-    return {
-        "id": row.id,
-        "name": row.name,
-        "created_by": row.created_by,
-        "created_at": row.created_at.isoformat(),
-        "members": row.members,
-    }
+def _project(row: ProjectRow) -> ProjectSummary:
+    return ProjectSummary(
+        id=row.id,
+        name=row.name,
+        created_by=row.created_by,
+        created_at=row.created_at.isoformat(),
+        members=row.members,
+    )
 
 
 async def get_account(request: web.Request) -> web.Response:
@@ -172,18 +187,18 @@ async def get_account(request: web.Request) -> web.Response:
     row = await request.app[STORE].account(account)
     granted, charged, reserved = (row.granted, row.charged, row.reserved) if row else (0, 0, 0)
     balance = granted - charged
-    return web.json_response(
-        {
-            "account": account,
-            "kind": kind,
-            "id": owner,
-            "balance_micro_credits": balance,
-            "available_micro_credits": balance - reserved,
-            "reserved_micro_credits": reserved,
-            "granted_micro_credits": granted,
-            "charged_micro_credits": charged,
-            "debt_micro_credits": max(0, -balance),
-        }
+    return answer(
+        AccountView(
+            account=account,
+            kind=kind,
+            id=owner,
+            balance_micro_credits=balance,
+            available_micro_credits=balance - reserved,
+            reserved_micro_credits=reserved,
+            granted_micro_credits=granted,
+            charged_micro_credits=charged,
+            debt_micro_credits=max(0, -balance),
+        )
     )
 
 
@@ -191,10 +206,12 @@ async def get_ledger(request: web.Request) -> web.Response:
     """Ledger entries, one per billed turn: `?project=`, `?user=` (who asked),
     `?conversation=`; with none, the caller's own turns."""
     claims = claims_of(request)
-    query = request.query
-    where = LedgerFilter(
-        project=query.get("project"), user=query.get("user"), conversation=query.get("conversation")
+    query = (
+        msgspec.convert(dict(request.query), LedgerQuery, strict=False)
+        if request.query
+        else LedgerQuery()
     )
+    where = LedgerFilter(project=query.project, user=query.user, conversation=query.conversation)
     for name, value in (
         ("project", where.project),
         ("user", where.user),
@@ -225,7 +242,7 @@ async def get_ledger(request: web.Request) -> web.Response:
 async def list_models(request: web.Request) -> web.Response:
     """The configured models, each with its version in force and its prices."""
     listings = await models_of(request.app[POOL])
-    return web.json_response({"models": msgspec.to_builtins(listings)})
+    return answer(msgspec.convert(msgspec.to_builtins({"models": listings}), ModelList))
 
 
 async def _may_see_account(request: web.Request, kind: str, owner: str) -> None:

@@ -25,6 +25,7 @@ from api.context import CONFIG, HUBS, JS, LOG, REDIS, claims_of, wants_json
 from api.errors import UNAVAILABLE, ApiError, bad_request
 from api.hub import Delivery, Subscription, watch
 from api.limits import hold_turn
+from api.responses import CancelAnswer, TurnAccepted, answer
 from api.sse import Envelope, Position
 from api.streaming import PendingCommand, TurnFilter, open_sse, running_turn, stream_log
 from api.validation import InvalidBody, decode_body
@@ -193,9 +194,7 @@ async def cancel_turn(request: web.Request) -> web.Response:
         # a record without a turn id: a request accepted, its turn about to start
         turn_id = (active.turn_id or None) if active else None
     if idle:
-        return web.json_response(
-            {"cancelled": False, "turn_id": None, "message": "no turn is running"}
-        )
+        return answer(CancelAnswer(cancelled=False, turn_id=None, message="no turn is running"))
     command = CancelTurn(
         conversation_id=conversation_id,
         command_id=new_id(),
@@ -209,7 +208,7 @@ async def cancel_turn(request: web.Request) -> web.Response:
         stream=CMD_STREAM,
         headers={"Nats-Msg-Id": command.command_id},
     )
-    return web.json_response({"cancelled": True, "turn_id": turn_id}, status=202)
+    return answer(CancelAnswer(cancelled=True, turn_id=turn_id), status=202)
 
 
 # ---------------------------------------------------------------- submitting
@@ -271,14 +270,14 @@ async def _submit(
     done = await submit(request, conversation_id, idempotency_key, digest_of, build)
     record = done.record
     if wants_json(request):
-        return web.json_response(
-            {
-                "message_id": None if digest_of[0] == "regenerate" else record.message_id,
-                "command_id": record.command_id,
-                "conversation_id": conversation_id,
-                "after": record.after,
-                "accepted": done.accepted,
-            },
+        return answer(
+            TurnAccepted(
+                message_id=None if digest_of[0] == "regenerate" else record.message_id,
+                command_id=record.command_id,
+                conversation_id=conversation_id,
+                after=record.after,
+                accepted=done.accepted,
+            ),
             status=202,
         )
     response = await open_sse(request)

@@ -179,10 +179,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             shutdown_grace_s=settings.shutdown_grace_s,
             webhook=webhook_settings(settings),
             limits=settings.limits,
+            metrics_port=settings.metrics_port,
         )
         async with Services(servers, options, roles) as services:
             if services.edge_url:
                 print(f"edge listening at {services.edge_url}", file=sys.stderr, flush=True)
+            if services.metrics_url:
+                print(f"metrics at {services.metrics_url}", file=sys.stderr, flush=True)
             await _until_signalled(services)
         return 0
 
@@ -350,65 +353,126 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- main
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="parley", description="streaming AI-chat backend")
-    parser.add_argument(
-        "--data", default=None, help="data folder of the dev stack (default .parley)"
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+DATA_HELP = "data folder of the dev stack (default .parley, or PARLEY_DATA)"
 
-    dev = sub.add_parser("dev", help="embedded stack + all roles + web page")
-    dev.add_argument("--host", default="127.0.0.1")
-    dev.add_argument("--port", type=int, default=8080)
-    dev.add_argument("--data", default=argparse.SUPPRESS)
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="parley",
+        description="parley: a streaming AI-chat backend on NATS JetStream. "
+        "Configuration comes from PARLEY_* environment variables (README: Configuration).",
+    )
+    parser.add_argument("--data", default=None, help=DATA_HELP)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    dev = sub.add_parser(
+        "dev",
+        help="embedded stack + all roles + web page",
+        description="Start NATS, Postgres and Redis from their wheels (data under --data), the "
+        "demo model unless PARLEY_MODEL_BASE_URL is set, and every role in this process; print "
+        "the URL and an admin token. Ctrl-C stops it all.",
+    )
+    dev.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    dev.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    dev.add_argument("--data", default=argparse.SUPPRESS, help=DATA_HELP)
     dev.set_defaults(func=cmd_dev)
 
-    serve = sub.add_parser("serve", help="one role against configured servers")
-    serve.add_argument("--role", choices=[*ROLES, "all"], default="all")
-    serve.add_argument("--host", default="0.0.0.0")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--data", default=argparse.SUPPRESS)
+    serve = sub.add_parser(
+        "serve",
+        help="one role against configured servers",
+        description="Run the edge, worker and/or projector against the servers named by "
+        "PARLEY_NATS_URL, PARLEY_DATABASE_URL and PARLEY_REDIS_URL (production). The edge "
+        "needs PARLEY_JWT_SECRET or a JWKS; a process without the edge serves /metrics on "
+        "PARLEY_METRICS_PORT.",
+    )
+    serve.add_argument(
+        "--role",
+        choices=[*ROLES, "all"],
+        default="all",
+        help="which role this process runs (default all)",
+    )
+    serve.add_argument(
+        "--host", default="0.0.0.0", help="address the edge listens on (default 0.0.0.0)"
+    )
+    serve.add_argument(
+        "--port", type=int, default=8080, help="port the edge listens on (default 8080)"
+    )
+    serve.add_argument("--data", default=argparse.SUPPRESS, help=DATA_HELP)
     serve.set_defaults(func=cmd_serve)
 
-    token = sub.add_parser("token", help="print a bearer token for a user")
-    token.add_argument("--user", required=True)
-    token.add_argument("--admin", action="store_true")
-    token.add_argument("--data", default=argparse.SUPPRESS)
+    token = sub.add_parser(
+        "token",
+        help="print a bearer token for a user",
+        description="Print a bearer token (HS256, signed with PARLEY_JWT_SECRET or the secret of "
+        "the `parley dev` running on --data) on stdout, nothing else.",
+    )
+    token.add_argument(
+        "--user", required=True, help="the user id (1-128 characters of A-Z a-z 0-9 _ -)"
+    )
+    token.add_argument(
+        "--admin", action="store_true", help="an admin token: may grant credits, nothing more"
+    )
+    token.add_argument("--data", default=argparse.SUPPRESS, help=DATA_HELP)
     token.set_defaults(func=cmd_token)
 
-    replay = sub.add_parser("replay", help="a conversation's event log, in order")
-    replay.add_argument("conversation")
+    replay = sub.add_parser(
+        "replay",
+        help="a conversation's event log, in order",
+        description="Print a conversation's events from the log, one line each; entries this "
+        "version cannot read are marked UNREADABLE.",
+    )
+    replay.add_argument("conversation", help="the conversation id")
     replay.add_argument("--json", action="store_true", help="JSON lines, one event per line")
-    replay.add_argument("--data", default=argparse.SUPPRESS)
+    replay.add_argument("--data", default=argparse.SUPPRESS, help=DATA_HELP)
     replay.set_defaults(func=cmd_replay)
 
-    projections = sub.add_parser("projections", help="the read models projected from the log")
-    projections_sub = projections.add_subparsers(dest="projections_command", required=True)
+    projections = sub.add_parser(
+        "projections",
+        help="the read models projected from the log",
+        description="Look after the Postgres read models projected from the event log.",
+    )
+    projections_sub = projections.add_subparsers(
+        dest="projections_command", required=True, metavar="COMMAND"
+    )
     errors = projections_sub.add_parser(
-        "errors", help="events a projection could not apply as written (skipped or sanitised)"
+        "errors",
+        help="events a projection could not apply as written (skipped or sanitised)",
+        description="List the events a projection skipped or sanitised, oldest first: "
+        "position, rule, type, conversation, reason.",
     )
     errors.add_argument("--limit", type=int, default=100, help="at most this many (oldest first)")
     errors.add_argument("--json", action="store_true", help="JSON lines, one error per line")
-    errors.add_argument("--data", default=argparse.SUPPRESS)
+    errors.add_argument("--data", default=argparse.SUPPRESS, help=DATA_HELP)
     errors.set_defaults(func=cmd_projection_errors)
     rebuild = projections_sub.add_parser(
         "rebuild",
         help="rebuild read models from the log beside the live ones, then swap them in",
+        description="Rebuild a projection (or every one) from the event log into a schema "
+        "beside the live one while everything keeps serving, catch up to the log's head, "
+        "then swap the tables in one transaction. Configuration tables are left alone.",
     )
     rebuild.add_argument(
         "--projection", default=None, help="only this projection (default: every one)"
     )
     rebuild.add_argument("--json", action="store_true", help="one JSON object per projection")
-    rebuild.add_argument("--data", default=argparse.SUPPRESS)
+    rebuild.add_argument("--data", default=argparse.SUPPRESS, help=DATA_HELP)
     rebuild.set_defaults(func=cmd_projection_rebuild)
 
-    audit = sub.add_parser("audit", help="check what the read models say against the log")
+    audit = sub.add_parser(
+        "audit",
+        help="check what the read models say against the log",
+        description="Recompute from the event log alone what a read model holds, and compare.",
+    )
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     billing = audit_sub.add_parser(
         "billing",
         help="recompute every charge and balance from the log and compare them with the "
         "ledger and the balances; exits 1 on any mismatch",
+        description="Read the log up to the billing projection's position, recompute each "
+        "billed turn's charge (its tokens at the prices its `started` recorded) and each "
+        "account's balance, and compare them with the ledger and the balances. Prints a "
+        "summary and every mismatch; exit status 1 when there is any.",
     )
     billing.add_argument("--project", default=None, help="only this project's turns and account")
     billing.add_argument(
@@ -417,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     billing.add_argument(
         "--json", action="store_true", help="one JSON object: summary and mismatches"
     )
-    billing.add_argument("--data", default=argparse.SUPPRESS)
+    billing.add_argument("--data", default=argparse.SUPPRESS, help=DATA_HELP)
     billing.set_defaults(func=cmd_audit_billing)
 
     bench = sub.add_parser(
@@ -428,7 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
         "burst: time to first token for many turns starting at once; "
         "fanout: one conversation, many viewers",
     )
-    bench.add_argument("workload", choices=["stream", "cancel", "burst", "fanout"])
+    bench.add_argument(
+        "workload", choices=["stream", "cancel", "burst", "fanout"], help="what to measure"
+    )
     bench.add_argument("--json", action="store_true", help="one JSON object, flat keys")
     bench.add_argument(
         "--conversations", "-c", type=int, default=None, help="conversations (stream 20, burst 100)"
@@ -449,15 +515,25 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--window", type=float, default=1.0, help="seconds over which turns start (burst)"
     )
-    bench.add_argument("--data", default=argparse.SUPPRESS)
+    bench.add_argument("--data", default=argparse.SUPPRESS, help=DATA_HELP)
     bench.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
+        settings = load_settings(args.data)
+        # the secrets this process knows are scrubbed from every log line it writes
+        setup_logging(
+            logging.DEBUG if args.verbose else logging.INFO,
+            settings.log_format,
+            secrets=(
+                settings.jwt_secret,
+                settings.model_api_key,
+                data_folder_secret(settings.data_dir),
+            ),
+        )
         code: int = args.func(args)
     except (CliError, ConfigError) as err:
         print(f"parley: {err}", file=sys.stderr)

@@ -62,6 +62,8 @@ class Settings(msgspec.Struct, frozen=True):
     limits: EdgeLimits = EdgeLimits()
     log_format: str = "text"  # or "json"
     max_projection_lag: int = 10_000  # /readyz: unready beyond this many events behind (0: never)
+    # `parley serve` without the edge role serves GET /metrics on this port (None: not at all)
+    metrics_port: int | None = None
 
     @property
     def embedded(self) -> bool:
@@ -125,6 +127,7 @@ def settings_from_env(env: Mapping[str, str], data_dir: str | Path | None = None
         max_projection_lag=_int(
             get("PARLEY_MAX_PROJECTION_LAG"), 10_000, "PARLEY_MAX_PROJECTION_LAG"
         ),
+        metrics_port=_port(get("PARLEY_METRICS_PORT"), "PARLEY_METRICS_PORT"),
     )
 
 
@@ -160,6 +163,14 @@ def _positive(value: float, name: str) -> float:
     if value <= 0:
         raise ConfigError(f"{name} must be more than 0")
     return value
+
+
+def _port(raw: str | None, name: str) -> int | None:
+    if raw is None:
+        return None
+    if not raw.isascii() or not raw.isdigit() or not 0 <= int(raw) <= 65535:
+        raise ConfigError(f"{name} must be a port number (0-65535), not {raw!r}")
+    return int(raw)
 
 
 def _log_format(raw: str | None) -> str:

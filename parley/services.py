@@ -38,6 +38,7 @@ from events.ids import new_id
 from events.log import EventLog, ensure_streams
 from events.turns import TurnRegistry, redis_client
 from parley.config import ConfigError, Settings
+from parley.metrics import Metrics, metrics_app
 from parley.stack import StackUrls, running_stack_urls
 from projections.catalog import PROJECTIONS
 from projections.db import create_pool
@@ -108,6 +109,8 @@ class ServiceOptions(msgspec.Struct, frozen=True, kw_only=True):
     # turn-end webhooks, sent by the worker role (actors/webhooks.py)
     webhook: WebhookSettings | None = None
     max_projection_lag: int = 10_000  # /readyz bound, events behind the log (0: never unready)
+    # where a process without the edge role serves GET /metrics (None: nowhere)
+    metrics_port: int | None = None
 
 
 class Services:
@@ -129,6 +132,9 @@ class Services:
         self._stack = contextlib.AsyncExitStack()
         self._tasks: list[asyncio.Task[None]] = []
         self.restarts: dict[str, int] = {}  # role -> times it was restarted after failing
+        # one registry for every role of this process; the edge's /metrics shows it
+        self.metrics = Metrics()
+        self.metrics_url = ""
 
     async def __aenter__(self) -> Self:
         try:
@@ -185,6 +191,8 @@ class Services:
             await self._start_worker(nc)
         if "edge" in self.roles:
             await self._start_edge()
+        elif self.options.metrics_port is not None:
+            self.metrics_url = await self._serve(metrics_app(self.metrics)) + "/metrics"
 
     async def _nats(self, name: str) -> NatsClient:
         nc = await nats.connect(self.servers.nats_url, name=name, max_reconnect_attempts=-1)
@@ -221,6 +229,7 @@ class Services:
             first_byte_timeout=self.options.model_idle_timeout_s,
             # half the server's limit: headers and a margin ride in the same message
             max_event_bytes=min(512 * 1024, nc.max_payload // 2),
+            observer=self.metrics,
         )
         worker = self.worker = WorkerHost(js, ctx, grace_s=self.options.shutdown_grace_s)
         if self.options.webhook is not None:
@@ -249,14 +258,18 @@ class Services:
             limits=options.limits,
             max_projection_lag=options.max_projection_lag,
         )
-        runner = web.AppRunner(create_app(config), access_log=None, shutdown_timeout=5.0)
+        self.edge_url = await self._serve(create_app(config, self.metrics), options.port)
+
+    async def _serve(self, app: web.Application, port: int | None = None) -> str:
+        """Listen with `app` on the configured host; its base URL."""
+        options = self.options
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)
-        site = web.TCPSite(runner, options.host, options.port)
+        site = web.TCPSite(runner, options.host, options.metrics_port if port is None else port)
         await site.start()
-        port = _bound_port(runner)
         host = f"[{options.host}]" if ":" in options.host else options.host
-        self.edge_url = f"http://{host}:{port}"
+        return f"http://{host}:{_bound_port(runner)}"
 
     async def _store_catalog(self) -> None:
         """The models file, into the models tables the edge answers GET /v1/models from."""

@@ -16,6 +16,7 @@ from events.log import EventLog
 from events.subjects import CMD_STREAM, command_subject
 from events.vocabulary import Failed, Prices, SendMessage, Started, UserMessage
 from parley.services import Servers
+from tests.conftest import Projected
 from tests.sse import SseClient
 
 
@@ -87,7 +88,7 @@ async def test_a_repeated_idempotency_key_returns_the_same_message_and_one_turn(
 
 
 async def test_a_turn_abandoned_by_a_dead_worker_is_failed_before_the_next_turn(
-    api: SseClient, event_log: EventLog, user: str
+    api: SseClient, event_log: EventLog, user: str, projected: Projected
 ) -> None:
     conversation = await api.create_conversation()
     cid = conversation["id"]
@@ -121,14 +122,10 @@ async def test_a_turn_abandoned_by_a_dead_worker_is_failed_before_the_next_turn(
     assert len(failed) == 1 and failed[0].turn_id == turn_id and failed[0].code == "worker_lost"
     # what it consumed is counted from the log (its history was sent), flagged as estimated
     assert failed[0].tokens_estimated and failed[0].input_tokens > 0, failed[0]
-    async with asyncio.timeout(10):
-        while True:  # the projection follows the log asynchronously
-            status, body = await api.request("GET", f"/v1/conversations/{cid}/messages")
-            assert status == 200
-            statuses = [m["status"] for m in body["messages"] if m["role"] == "assistant"]
-            if "streaming" not in statuses[-1:]:
-                break
-            await asyncio.sleep(0.05)
+    await projected(cid)  # the projection follows the log asynchronously
+    status, body = await api.request("GET", f"/v1/conversations/{cid}/messages")
+    assert status == 200
+    statuses = [m["status"] for m in body["messages"] if m["role"] == "assistant"]
     assert statuses == ["failed", "complete"]
 
 
