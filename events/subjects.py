@@ -22,11 +22,11 @@ CMD_SUBJECTS = f"{CMD_PREFIX}.>"
 EVT_SUBJECTS = f"{EVT_PREFIX}.>"
 
 # ids become subject tokens: no dots, wildcards or whitespace
-_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 def valid_id(value: str) -> bool:
-    return bool(_ID.match(value))
+    return _ID.fullmatch(value) is not None
 
 
 PARTITIONS = 16
