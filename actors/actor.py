@@ -358,7 +358,11 @@ class ConversationActor:
     async def _charge_last(self) -> None:
         """Charge the latest billed turn once it ended (a no-op when it already was):
         after our own turns, and when loading a conversation whose worker may have
-        died between the turn's end and its charge."""
+        died between the turn's end and its charge.
+
+        Only the latest ended turn is remembered, so a charge the log refuses
+        (EventLogError) stops the queue: no turn starts before the one before it
+        is charged, and the redelivered commands try again."""
         billed = self.state.last_billed
         if billed is None:
             return
@@ -370,15 +374,9 @@ class ConversationActor:
             user_id=billed.user_id,
             project_id=self.state.project_id,
         )
-        try:
-            await self.accounts.charge(
-                billed.payer, billed.turn_id, self.conversation_id, billed.prices, usage
-            )
-        except EventLogError as err:
-            log.warning(
-                "charge postponed to the conversation's next load",
-                extra={"conversation_id": self.conversation_id, "error": repr(err)},
-            )
+        await self.accounts.charge(
+            billed.payer, billed.turn_id, self.conversation_id, billed.prices, usage
+        )
 
     async def _settle_finished(self) -> None:
         for command_id in [c for c in self.held if c in self.state.commands_done]:

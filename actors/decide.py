@@ -148,7 +148,9 @@ def _edit(
     if edited is None or edited.role != "user":
         return Rejected("not_found", f"no user message {cmd.edits} in this conversation")
     group = [m for m in state.messages if m.version_group_id == edited.version_group_id]
-    current = next((m for m in reversed(group) if m.is_latest), group[-1])
+    current = next((m for m in reversed(group) if m.is_latest), None)
+    if current is None:
+        return _off_branch(cmd.edits)
     return [
         UserMessage(
             conversation_id=state.conversation_id,
@@ -157,7 +159,7 @@ def _edit(
             message_id=cmd.message_id,
             content=cmd.content,
             user_id=cmd.user_id,
-            parent_message_id=edited.parent_message_id,
+            parent_message_id=current.parent_message_id,
             version_group_id=edited.version_group_id,
             version_number=max(m.version_number for m in group) + 1,
             command_id=cmd.command_id,
@@ -178,12 +180,16 @@ def _regenerate(
         return Rejected("not_found", f"no assistant message {cmd.message_id} in this conversation")
     if state.active is not None and state.active.turn_id == answer.message_id:
         return Rejected("busy", "that answer is still being written", turn_id=answer.message_id)
+    group = [m for m in state.messages if m.version_group_id == answer.version_group_id]
+    current = next((m for m in reversed(group) if m.is_latest), None)
+    if current is None or current.parent_message_id is None:
+        return _off_branch(cmd.message_id)
     return [
         AnswerRequested(
             conversation_id=state.conversation_id,
             at=now,
             event_id=new_id(),
-            user_message_id=answer.parent_message_id,
+            user_message_id=current.parent_message_id,
             regenerates=answer.message_id,
             version_group_id=answer.version_group_id,
             command_id=cmd.command_id,
@@ -192,6 +198,17 @@ def _regenerate(
             interrupts=interrupts,
         )
     ]
+
+
+def _off_branch(message_id: str) -> Rejected:
+    """Versions branch: a message whose every version left the branch in force (an
+    earlier message was edited, or its answer regenerated) cannot grow a new one,
+    which would put two branches in force at once."""
+    return Rejected(
+        "superseded",
+        f"message {message_id} is on a branch that is no longer in force "
+        "(an earlier message was edited or regenerated); act on the current versions",
+    )
 
 
 def decide_rejection(
@@ -231,7 +248,25 @@ def decide_start(
 ) -> list[Event]:
     """`started` for the queue's head, then `title`. The turn's id may be chosen
     beforehand (the shell announces the turn before it appends it); `payer` is
-    the account billed for it (none in personal scope)."""
+    the account billed for it (none in personal scope).
+
+    A request whose user message left the branch in force while it waited (an
+    earlier message was edited) is refused instead: its answer would hang off a
+    branch nobody sees."""
+    asked = message(state, queued.user_message_id)
+    if asked is None or not asked.is_latest:
+        why = _off_branch(queued.user_message_id)
+        return [
+            CommandRejected(
+                conversation_id=state.conversation_id,
+                at=now,
+                event_id=new_id(),
+                command_id=queued.command_id,
+                message_id=queued.regenerates or queued.user_message_id,
+                code=why.code,
+                message=why.message,
+            )
+        ]
     turn_id = turn_id or new_id()
     group, number, supersedes, fork_origin = turn_id, 1, list[str](), None
     if queued.answer_group is not None:
@@ -262,8 +297,7 @@ def decide_start(
         user_id=queued.user_id,
         payer=payer,
     )
-    asked = message(state, queued.user_message_id)
-    return [started, decide_title(state, asked.text if asked else "", turn_id, now, new_id)]
+    return [started, decide_title(state, asked.text, turn_id, now, new_id)]
 
 
 def decide_title(
