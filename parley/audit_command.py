@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from typing import Any
 
 import msgspec
 import nats
+from nats.js import JetStreamContext
 
 from events.codec import decode_entry
 from events.log import EventLog
@@ -48,6 +50,47 @@ class Summary(msgspec.Struct):
     mismatches: list[Mismatch]
 
 
+async def audit_billing(js: JetStreamContext, pool: Any, scope: Scope) -> Summary:
+    """Recompute the billing from the log up to the billing projection's position and
+    compare it with the ledger and the balances (`pool`: the projection's schema)."""
+    position = int(
+        await pool.fetchval(
+            "SELECT position FROM projection_checkpoints WHERE name = $1", BILLING.name
+        )
+        or 0
+    )
+    book = Book()
+    entries = 0
+    async for batch in EventLog(js).scan():
+        for entry in batch:
+            if entry.seq > position:
+                break
+            entries += 1
+            if not entry.data.startswith(_CHUNK):
+                fold_book(book, decode_entry(entry.data))
+        if batch[-1].seq >= position:
+            break
+    ledger = [
+        LedgerRow(r["turn_id"], r["account"], r["cost"], r["conversation_id"])
+        for r in await pool.fetch("SELECT turn_id, account, cost, conversation_id FROM ledger")
+    ]
+    balances = [
+        BalanceRow(r["account"], r["balance"])
+        for r in await pool.fetch("SELECT account, granted - charged AS balance FROM accounts")
+    ]
+    in_scope = [t for t in book.turns.values() if scope.turn(t) and not t.refused]
+    charges = [c[0] for t, c in book.charges.items() if t in {x.turn_id for x in in_scope}]
+    return Summary(
+        position=position,
+        entries=entries,
+        accounts=sum(1 for a in book.accounts if scope.account(a)),
+        billed_turns=len(in_scope),
+        charges=len(charges),
+        charged_micro_credits=sum(c.cost for c in charges),
+        mismatches=check(book, ledger, balances, scope),
+    )
+
+
 def run_audit(args: argparse.Namespace) -> int:
     try:
         scope = Scope(
@@ -62,49 +105,10 @@ def run_audit(args: argparse.Namespace) -> int:
         nc = await nats.connect(servers.nats_url, name="parley-audit")
         pool = await create_pool(servers.database_url, settings.db_schema, max_size=2)
         try:
-            position = int(
-                await pool.fetchval(
-                    "SELECT position FROM projection_checkpoints WHERE name = $1", BILLING.name
-                )
-                or 0
-            )
-            book = Book()
-            entries = 0
-            async for batch in EventLog(nc.jetstream()).scan():
-                for entry in batch:
-                    if entry.seq > position:
-                        break
-                    entries += 1
-                    if not entry.data.startswith(_CHUNK):
-                        fold_book(book, decode_entry(entry.data))
-                if batch[-1].seq >= position:
-                    break
-            ledger = [
-                LedgerRow(r["turn_id"], r["account"], r["cost"], r["conversation_id"])
-                for r in await pool.fetch(
-                    "SELECT turn_id, account, cost, conversation_id FROM ledger"
-                )
-            ]
-            balances = [
-                BalanceRow(r["account"], r["balance"])
-                for r in await pool.fetch(
-                    "SELECT account, granted - charged AS balance FROM accounts"
-                )
-            ]
+            return await audit_billing(nc.jetstream(), pool, scope)
         finally:
             await pool.close()
             await nc.close()
-        in_scope = [t for t in book.turns.values() if scope.turn(t) and not t.refused]
-        charges = [c[0] for t, c in book.charges.items() if t in {x.turn_id for x in in_scope}]
-        return Summary(
-            position=position,
-            entries=entries,
-            accounts=sum(1 for a in book.accounts if scope.account(a)),
-            billed_turns=len(in_scope),
-            charges=len(charges),
-            charged_micro_credits=sum(c.cost for c in charges),
-            mismatches=check(book, ledger, balances, scope),
-        )
 
     summary = asyncio.run(main())
     if args.json:

@@ -313,7 +313,7 @@ def run_bench(args: argparse.Namespace) -> int:
             servers = resolve_servers(settings)
         text, result = asyncio.run(_workload(args, servers))
     print(msgspec.json.encode(result).decode() if args.json else text)
-    return 0
+    return 1 if getattr(result, "problems", None) else 0
 
 
 async def _workload(args: argparse.Namespace, servers: Servers) -> tuple[str, msgspec.Struct]:
@@ -325,6 +325,11 @@ async def _workload(args: argparse.Namespace, servers: Servers) -> tuple[str, ms
     if args.workload == "burst":
         burst = await bench_actor.run_burst(servers, args.conversations, args.window, args.rounds)
         return bench_actor.render_burst(burst), burst
+    if args.workload == "soak":
+        from parley import bench_soak
+
+        soak = await bench_soak.run_soak(servers, args.minutes, args.users, args.viewers or 20)
+        return bench_soak.render(soak), soak
     stream = await run_stream(servers, args.conversations, args.tokens, args.rounds, args.rate)
     return render(stream), stream
 
@@ -501,7 +506,8 @@ def run_fanout_bench(args: argparse.Namespace) -> int:
             servers = cleanup.enter_context(EmbeddedStack(folder)).urls
         else:
             servers = resolve_servers(settings)
-        result = asyncio.run(run_fanout(servers, args.viewers, args.tokens, args.rate or 50.0))
+        viewers = args.viewers or 1000
+        result = asyncio.run(run_fanout(servers, viewers, args.tokens, args.rate or 50.0))
     if args.json:
         print(msgspec.json.encode(result).decode())
     else:

@@ -490,10 +490,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="stream: tokens through parley against a direct path; "
         "cancel: cancel -> done: stopped at the viewer; "
         "burst: time to first token for many turns starting at once; "
-        "fanout: one conversation, many viewers",
+        "fanout: one conversation, many viewers; "
+        "soak: --minutes of mixed load, then the invariants (exit 1 on a problem)",
     )
     bench.add_argument(
-        "workload", choices=["stream", "cancel", "burst", "fanout"], help="what to measure"
+        "workload",
+        choices=["stream", "cancel", "burst", "fanout", "soak"],
+        help="what to measure",
     )
     bench.add_argument("--json", action="store_true", help="one JSON object, flat keys")
     bench.add_argument(
@@ -503,7 +506,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokens", "-n", type=int, default=500, help="tokens per answer (fanout: try 250)"
     )
     bench.add_argument("--rounds", "-r", type=int, default=3, help="rounds, medians reported")
-    bench.add_argument("--viewers", type=int, default=1000, help="fanout: SSE viewers")
+    bench.add_argument(
+        "--viewers", type=int, default=None, help="SSE viewers (fanout 1000, soak 20)"
+    )
+    bench.add_argument("--minutes", type=float, default=30.0, help="soak: how long the load runs")
+    bench.add_argument("--users", type=int, default=12, help="soak: users acting at once")
     bench.add_argument(
         "--rate",
         type=float,
