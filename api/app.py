@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import asyncpg
-import nats
 from aiohttp import web
 
 from api.auth import InvalidToken, JwksKeys, Verifier
@@ -41,6 +40,7 @@ from api.errors import ApiError, Handler, error_middleware
 from api.hub import Hubs, HubSettings
 from api.limits import LIMITS, Limits, limits_middleware
 from api.routes import add_routes
+from events.broker import connect
 from events.log import EventLog, ensure_streams
 from events.turns import TurnRegistry, redis_client
 from projections.db import create_pool
@@ -107,7 +107,7 @@ async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def nats_ctx(app: web.Application) -> AsyncIterator[None]:
-    nc = await nats.connect(app[CONFIG].nats_url, name="parley-edge", max_reconnect_attempts=-1)
+    nc = await connect(app[CONFIG].nats_url, name="parley-edge")
     app[NATS] = nc
     app[JS] = nc.jetstream()
     await ensure_streams(app[JS])

@@ -31,7 +31,7 @@ class EdgeLimits(msgspec.Struct, frozen=True):
 
 
 class EdgeConfig(msgspec.Struct, frozen=True):
-    nats_url: str
+    nats_url: str  # one server, or the nodes of a cluster, comma-separated
     database_url: str
     redis_url: str
     # Tokens (api/auth.py): HS256 with this secret, and/or RS256/ES256 from an

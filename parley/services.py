@@ -21,7 +21,6 @@ from typing import Any, Self
 
 import aiohttp
 import msgspec
-import nats
 from aiohttp import web
 from nats.aio.client import Client as NatsClient
 
@@ -34,6 +33,7 @@ from actors.webhooks import WebhookDispatcher, WebhookSettings
 from actors.worker import WorkerHost
 from api.app import create_app
 from api.config import EdgeConfig, EdgeLimits
+from events.broker import connect
 from events.ids import new_id
 from events.log import EventLog, ensure_streams
 from events.turns import TurnRegistry, redis_client
@@ -195,7 +195,7 @@ class Services:
             self.metrics_url = await self._serve(metrics_app(self.metrics)) + "/metrics"
 
     async def _nats(self, name: str) -> NatsClient:
-        nc = await nats.connect(self.servers.nats_url, name=name, max_reconnect_attempts=-1)
+        nc = await connect(self.servers.nats_url, name=name)
         self._stack.push_async_callback(nc.drain)
         return nc
 
