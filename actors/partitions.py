@@ -38,12 +38,19 @@ BUCKET = "parley_workers"
 
 class PartitionLeases:
     def __init__(
-        self, js: JetStreamContext, worker_id: str, partitions: int, *, ttl_s: float = 15.0
+        self,
+        js: JetStreamContext,
+        worker_id: str,
+        partitions: int,
+        *,
+        ttl_s: float = 15.0,
+        replicas: int = 1,
     ) -> None:
         self._js = js
         self.worker_id = worker_id
         self.partitions = partitions
         self.ttl_s = ttl_s
+        self._replicas = replicas
         self.owned: dict[int, int] = {}  # partition -> the revision of our lease
         self._kv: KeyValue | None = None
 
@@ -51,7 +58,11 @@ class PartitionLeases:
         try:
             self._kv = await self._js.key_value(BUCKET)
         except nats.js.errors.BucketNotFoundError:
-            config = api.KeyValueConfig(bucket=BUCKET, ttl=self.ttl_s, history=1)
+            # Made here only if absent; an existing bucket keeps the replicas, limits and
+            # placement its operator gave it (its age limit is read below).
+            config = api.KeyValueConfig(
+                bucket=BUCKET, ttl=self.ttl_s, history=1, replicas=self._replicas
+            )
             try:
                 self._kv = await self._js.create_key_value(config=config)
             except nats.js.errors.BadRequestError:  # another worker created it first

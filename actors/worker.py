@@ -92,6 +92,7 @@ class WorkerHost:
         lease_ttl_s: float = 15.0,
         grace_s: float = 10.0,
         states_kept: int = 2_000,
+        replicas: int = 1,
     ) -> None:
         self._js = js
         self._ctx = ctx
@@ -99,6 +100,7 @@ class WorkerHost:
         self._idle_actor_s = idle_actor_s
         self._lease_ttl_s = lease_ttl_s
         self._grace_s = grace_s
+        self._replicas = replicas
         self._actors: dict[str, _Running] = {}
         self._loops: dict[int, asyncio.Task[None]] = {}
         self._pending: set[Delivery] = set()
@@ -112,7 +114,11 @@ class WorkerHost:
 
     async def run(self, stopping: asyncio.Event) -> None:
         leases = self.leases = PartitionLeases(
-            self._js, self._ctx.worker_id, self.partitions, ttl_s=self._lease_ttl_s
+            self._js,
+            self._ctx.worker_id,
+            self.partitions,
+            ttl_s=self._lease_ttl_s,
+            replicas=self._replicas,
         )
         await leases.open()
         fetching = asyncio.Event()  # set: partition loops stop fetching

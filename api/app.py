@@ -7,6 +7,7 @@ imports this module but the wiring.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -45,6 +46,8 @@ from events.log import EventLog, ensure_streams
 from events.turns import TurnRegistry, redis_client
 from projections.db import create_pool
 from projections.store import ReadStore
+
+log = logging.getLogger(__name__)
 
 _DDL_ATTEMPTS = 5
 PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics", "/openapi.json"})
@@ -110,7 +113,8 @@ async def nats_ctx(app: web.Application) -> AsyncIterator[None]:
     nc = await connect(app[CONFIG].nats_url, name="parley-edge")
     app[NATS] = nc
     app[JS] = nc.jetstream()
-    await ensure_streams(app[JS])
+    for note in await ensure_streams(app[JS], replicas=app[CONFIG].stream_replicas):
+        log.info(note)
     app[LOG] = EventLog(app[JS])
     yield
     await nc.drain()

@@ -58,6 +58,8 @@ class EdgeConfig(msgspec.Struct, frozen=True):
     # How long a POST waits for the actor to accept or refuse its request before
     # answering anyway (no worker running yet: the request waits in CHAT_CMD).
     decision_wait_s: float = 5.0
+    # Replicas of the streams if this edge is the first to start (events.streams).
+    stream_replicas: int = 1
     idempotency_ttl_s: int = 24 * 3600
     # /readyz is not ready while the read-model projection is more than this many
     # log entries behind the log's head (0: report the lag, never unready for it).

@@ -19,23 +19,17 @@ from collections.abc import AsyncIterator, Sequence
 import msgspec
 import nats.errors
 import nats.js.errors
-from nats.js import JetStreamContext, api
+from nats.js import JetStreamContext
 
 from events.codec import Unreadable, decode_entry, encode
 from events.errors import EventLogConflict, EventLogUnavailable, PositionGone
 from events.follow import LogFollower
-from events.subjects import (
-    CMD_STREAM,
-    CMD_SUBJECTS,
-    EVT_STREAM,
-    EVT_SUBJECTS,
-    event_subject,
-)
+from events.streams import ensure_streams as ensure_streams
+from events.subjects import EVT_STREAM, event_subject
 from events.vocabulary import AnyEvent, ConversationCreated, Event
 
 # JetStream's error code for a failed Nats-Expected-Last-Subject-Sequence check
 _WRONG_LAST_SEQUENCE = 10071
-_DUPLICATE_WINDOW_S = 120.0
 _PUBLISH_ATTEMPTS = 3
 # How long a follower waits for news before it looks at its stop flag again.
 _FOLLOW_WAIT_S = 1.0
@@ -60,35 +54,6 @@ class StoredEvent(msgspec.Struct, frozen=True):
 
     seq: int
     event: AnyEvent | Unreadable
-
-
-async def ensure_streams(js: JetStreamContext) -> None:
-    """Create (or update) the two streams. Safe to call from every process at start.
-
-    How often the server fsyncs (`sync_interval`) is server configuration, not
-    stream configuration: production sets `always` (DESIGN section 8).
-    """
-    evt = api.StreamConfig(
-        name=EVT_STREAM,
-        subjects=[EVT_SUBJECTS],
-        storage=api.StorageType.FILE,
-        retention=api.RetentionPolicy.LIMITS,
-        duplicate_window=_DUPLICATE_WINDOW_S,
-        allow_direct=True,
-    )
-    # Commands are work: each is consumed once by a worker, then removed.
-    cmd = api.StreamConfig(
-        name=CMD_STREAM,
-        subjects=[CMD_SUBJECTS],
-        storage=api.StorageType.FILE,
-        retention=api.RetentionPolicy.WORK_QUEUE,
-        duplicate_window=_DUPLICATE_WINDOW_S,
-    )
-    for config in (evt, cmd):
-        try:
-            await js.add_stream(config)
-        except nats.js.errors.BadRequestError:
-            await js.update_stream(config)
 
 
 class EventLog:

@@ -180,6 +180,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             webhook=webhook_settings(settings),
             limits=settings.limits,
             metrics_port=settings.metrics_port,
+            stream_replicas=settings.stream_replicas,
         )
         async with Services(servers, options, roles) as services:
             if services.edge_url:
