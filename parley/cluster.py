@@ -30,7 +30,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from parley.stack import (
     READY_TIMEOUT,
@@ -73,10 +73,11 @@ class Node:
 class NatsCluster:
     """`size` nats-server nodes named n1..nN under `data_dir`, routed to each other."""
 
-    def __init__(self, data_dir: Path, size: int = 3) -> None:
+    def __init__(self, data_dir: Path, size: int = 3, *, sync_always: bool = True) -> None:
         if size < 1:
             raise ValueError("a cluster needs at least one node")
         self._data = data_dir.resolve()
+        self._sync_always = sync_always  # False: the server's default, to measure the cost
         ports = _free_ports(3 * size)
         self.nodes = [
             Node(f"n{i + 1}", ports[3 * i], ports[3 * i + 1], ports[3 * i + 2]) for i in range(size)
@@ -112,12 +113,21 @@ class NatsCluster:
         return self
 
     def wait_for_meta_leader(self, timeout: float = READY_TIMEOUT) -> str:
-        """The meta leader's name, once every running node names the same one."""
+        """The meta leader's name, once every running node routes to every other running
+        node and names the same leader (before that, a JetStream request sent through a
+        node can be lost on its way to the leader, unanswered)."""
         deadline = time.monotonic() + timeout
         while True:
-            seen = {_meta_leader(node) for node in self.nodes if node.running}
-            if len(seen) == 1 and None not in seen:
-                (leader,) = seen
+            running = [node for node in self.nodes if node.running]
+            names = {node.name for node in running}
+            views = [_view(node) for node in running]
+            leaders = {leader for leader, _ in views}
+            routed = all(
+                peers >= names - {node.name}
+                for node, (_, peers) in zip(running, views, strict=True)
+            )
+            if routed and len(leaders) == 1 and None not in leaders and all(map(_healthy, running)):
+                (leader,) = leaders
                 assert leader is not None
                 return leader
             if time.monotonic() > deadline:
@@ -183,7 +193,7 @@ class NatsCluster:
                     # Every acknowledged write is on this node's disk before the ack:
                     # the default (a sync every 2 minutes) can lose acked writes when
                     # nodes lose power together.
-                    "  sync_interval: always",
+                    "  sync_interval: always" if self._sync_always else "",
                     "}",
                     "cluster {",
                     f'  name: "{CLUSTER_NAME}"',
@@ -200,16 +210,28 @@ class NatsCluster:
             node.proc = _popen([str(binary), "-c", str(conf)], out, signal.SIGTERM, None)
 
 
-def _meta_leader(node: Node) -> str | None:
-    """The JetStream meta leader as `node` sees it, None if it has none (or does not answer)."""
-    if not node.running:
-        return None
+def _view(node: Node) -> tuple[str | None, set[str]]:
+    """The JetStream meta leader as `node` sees it (None: none yet), and the nodes it
+    has routes to; (None, {}) if it does not answer."""
+    leader = (_monitor(node, "jsz").get("meta_cluster") or {}).get("leader")
+    routes = _monitor(node, "routez").get("routes") or []
+    return (str(leader) if leader else None), {str(r.get("remote_name")) for r in routes}
+
+
+def _healthy(node: Node) -> bool:
+    """The node's own verdict: JetStream current with the meta leader (200 from /healthz)."""
     try:
-        with urllib.request.urlopen(
-            f"http://127.0.0.1:{node.monitor_port}/jsz", timeout=1.0
-        ) as response:
+        with urllib.request.urlopen(f"http://127.0.0.1:{node.monitor_port}/healthz", timeout=1.0):
+            return True
+    except (OSError, urllib.error.URLError):  # HTTPError (503) is a URLError
+        return False
+
+
+def _monitor(node: Node, endpoint: str) -> dict[str, Any]:
+    url = f"http://127.0.0.1:{node.monitor_port}/{endpoint}"
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as response:
             body = json.load(response)
     except (OSError, urllib.error.URLError, json.JSONDecodeError):
-        return None
-    leader = (body.get("meta_cluster") or {}).get("leader")
-    return str(leader) if leader else None
+        return {}
+    return body if isinstance(body, dict) else {}
