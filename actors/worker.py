@@ -22,6 +22,7 @@ from collections import OrderedDict
 
 import msgspec
 import nats.errors
+import nats.js.errors
 import redis.exceptions
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
@@ -42,6 +43,9 @@ ACK_WAIT_S = 30.0
 HEARTBEAT_S = 5.0
 FETCH_WAIT_S = 1.0
 FETCH_BATCH = 64
+# A partition's fetches failing this long for a reason other than a lost consumer
+# end the role (its supervisor starts it afresh); a leader election takes ~10 s.
+FETCH_GIVE_UP_S = 60.0
 # Bounds what one partition may hold unacked (queued behind turns included).
 MAX_ACK_PENDING = 2_000
 
@@ -92,6 +96,7 @@ class WorkerHost:
         lease_ttl_s: float = 15.0,
         grace_s: float = 10.0,
         states_kept: int = 2_000,
+        replicas: int = 1,
     ) -> None:
         self._js = js
         self._ctx = ctx
@@ -99,6 +104,7 @@ class WorkerHost:
         self._idle_actor_s = idle_actor_s
         self._lease_ttl_s = lease_ttl_s
         self._grace_s = grace_s
+        self._replicas = replicas
         self._actors: dict[str, _Running] = {}
         self._loops: dict[int, asyncio.Task[None]] = {}
         self._pending: set[Delivery] = set()
@@ -112,7 +118,11 @@ class WorkerHost:
 
     async def run(self, stopping: asyncio.Event) -> None:
         leases = self.leases = PartitionLeases(
-            self._js, self._ctx.worker_id, self.partitions, ttl_s=self._lease_ttl_s
+            self._js,
+            self._ctx.worker_id,
+            self.partitions,
+            ttl_s=self._lease_ttl_s,
+            replicas=self._replicas,
         )
         await leases.open()
         fetching = asyncio.Event()  # set: partition loops stop fetching
@@ -174,7 +184,8 @@ class WorkerHost:
             stream=CMD_STREAM,
             config=config,
         )
-        failures = 0
+        failing_since: float | None = None
+        loop = asyncio.get_running_loop()
         try:
             while not stop.is_set():
                 try:
@@ -186,21 +197,33 @@ class WorkerHost:
                 except (nats.errors.TimeoutError, TimeoutError):
                     continue
                 except nats.errors.Error as err:
-                    # The broker is away or restarting; running turns carry on.
-                    # Failing on and on (the consumer was deleted, say) ends the
-                    # role, and its supervisor starts it afresh.
-                    failures += 1
-                    if failures >= 5:
+                    # The broker is away, or the consumer's replicas are electing a
+                    # leader (JetStream answers 503 meanwhile): running turns carry on.
+                    # A consumer that was deleted answers 503 too; it, or failing on
+                    # and on, ends the role, and its supervisor starts it afresh.
+                    failing_since = failing_since or loop.time()
+                    if loop.time() - failing_since > FETCH_GIVE_UP_S or await self._consumer_gone(
+                        partition
+                    ):
                         raise
                     log.warning("cannot fetch commands", extra={"error": repr(err)})
                     await asyncio.sleep(1.0)
                     continue
-                failures = 0
+                failing_since = None
                 for msg in msgs:
                     await self._dispatch(msg, tasks)
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
+
+    async def _consumer_gone(self, partition: int) -> bool:
+        try:
+            await self._js.consumer_info(CMD_STREAM, durable_name(partition))
+        except nats.js.errors.NotFoundError:
+            return True
+        except nats.errors.Error:
+            return False  # no answer: cannot tell, so not known to be gone
+        return False
 
     async def _dispatch(self, msg: Msg, tasks: asyncio.TaskGroup) -> None:
         try:

@@ -31,7 +31,7 @@ class EdgeLimits(msgspec.Struct, frozen=True):
 
 
 class EdgeConfig(msgspec.Struct, frozen=True):
-    nats_url: str
+    nats_url: str  # one server, or the nodes of a cluster, comma-separated
     database_url: str
     redis_url: str
     # Tokens (api/auth.py): HS256 with this secret, and/or RS256/ES256 from an
@@ -58,6 +58,8 @@ class EdgeConfig(msgspec.Struct, frozen=True):
     # How long a POST waits for the actor to accept or refuse its request before
     # answering anyway (no worker running yet: the request waits in CHAT_CMD).
     decision_wait_s: float = 5.0
+    # Replicas of the streams if this edge is the first to start (events.streams).
+    stream_replicas: int = 1
     idempotency_ttl_s: int = 24 * 3600
     # /readyz is not ready while the read-model projection is more than this many
     # log entries behind the log's head (0: report the lag, never unready for it).

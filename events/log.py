@@ -19,24 +19,33 @@ from collections.abc import AsyncIterator, Sequence
 import msgspec
 import nats.errors
 import nats.js.errors
-from nats.js import JetStreamContext, api
+from nats.js import JetStreamContext
 
 from events.codec import Unreadable, decode_entry, encode
 from events.errors import EventLogConflict, EventLogUnavailable, PositionGone
 from events.follow import LogFollower
-from events.subjects import (
-    CMD_STREAM,
-    CMD_SUBJECTS,
-    EVT_STREAM,
-    EVT_SUBJECTS,
-    event_subject,
-)
+from events.streams import ensure_streams as ensure_streams
+from events.subjects import EVT_STREAM, event_subject
 from events.vocabulary import AnyEvent, ConversationCreated, Event
 
-# JetStream's error code for a failed Nats-Expected-Last-Subject-Sequence check
-_WRONG_LAST_SEQUENCE = 10071
-_DUPLICATE_WINDOW_S = 120.0
-_PUBLISH_ATTEMPTS = 3
+# JetStream's error codes for a failed Nats-Expected-Last-Subject-Sequence check:
+# 10071 names the sequence found; a clustered stream answers 10164, which does not
+# (the check runs before the proposal, against the leader's view).
+_WRONG_LAST_SEQUENCE = (10071, 10164)
+# How long an append keeps trying while JetStream does not answer: a stream
+# leader that dies is replaced within ~10 s (a Raft election), and
+# events.streams keeps the duplicate window well beyond this.
+_RETRY_FOR_S = 30.0
+_RETRY_FIRST_S = 0.05
+_RETRY_MAX_S = 1.0
+# What a publish or a lookup raises while its server, or the stream's leader, is away.
+_TRANSIENT = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionReconnectingError,
+    nats.js.errors.NoStreamResponseError,
+    TimeoutError,
+)
 # How long a follower waits for news before it looks at its stop flag again.
 _FOLLOW_WAIT_S = 1.0
 _DIRECT_GET = f"$JS.API.DIRECT.GET.{EVT_STREAM}"
@@ -62,41 +71,19 @@ class StoredEvent(msgspec.Struct, frozen=True):
     event: AnyEvent | Unreadable
 
 
-async def ensure_streams(js: JetStreamContext) -> None:
-    """Create (or update) the two streams. Safe to call from every process at start.
-
-    How often the server fsyncs (`sync_interval`) is server configuration, not
-    stream configuration: production sets `always` (DESIGN section 8).
-    """
-    evt = api.StreamConfig(
-        name=EVT_STREAM,
-        subjects=[EVT_SUBJECTS],
-        storage=api.StorageType.FILE,
-        retention=api.RetentionPolicy.LIMITS,
-        duplicate_window=_DUPLICATE_WINDOW_S,
-        allow_direct=True,
-    )
-    # Commands are work: each is consumed once by a worker, then removed.
-    cmd = api.StreamConfig(
-        name=CMD_STREAM,
-        subjects=[CMD_SUBJECTS],
-        storage=api.StorageType.FILE,
-        retention=api.RetentionPolicy.WORK_QUEUE,
-        duplicate_window=_DUPLICATE_WINDOW_S,
-    )
-    for config in (evt, cmd):
-        try:
-            await js.add_stream(config)
-        except nats.js.errors.BadRequestError:
-            await js.update_stream(config)
-
-
 class EventLog:
     """Append, read and follow one conversation's events."""
 
-    def __init__(self, js: JetStreamContext, *, publish_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        *,
+        publish_timeout: float = 5.0,
+        retry_for_s: float = _RETRY_FOR_S,
+    ) -> None:
         self._js = js
         self._publish_timeout = publish_timeout
+        self._retry_for_s = retry_for_s
 
     async def append(self, conversation_id: str, events: Sequence[Event], expected_seq: int) -> int:
         """Append events in order; returns the sequence of the last one.
@@ -116,12 +103,23 @@ class EventLog:
     async def _publish_one(
         self, subject: str, conversation_id: str, event: Event, expected: int
     ) -> int:
+        """Append one event; retried while JetStream does not answer (a node gone, a
+        leader being elected), for up to `retry_for_s`.
+
+        Retrying cannot write an event twice: the resend carries the same
+        Nats-Msg-Id, which the stream's duplicate window drops, and the
+        expected-sequence check refuses it once the first copy landed; that
+        refusal is then recognised as our own event (`_last_if_same`).
+        """
         headers = {
             "Nats-Expected-Last-Subject-Sequence": str(expected),
             "Nats-Msg-Id": event.event_id,
         }
         payload = encode(event)
-        for attempt in range(_PUBLISH_ATTEMPTS):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._retry_for_s
+        delay = _RETRY_FIRST_S
+        while True:
             try:
                 ack = await self._js.publish(
                     subject,
@@ -130,28 +128,34 @@ class EventLog:
                     headers=headers,
                     timeout=self._publish_timeout,
                 )
+                return int(ack.seq)
             except nats.js.errors.APIError as err:
-                if err.err_code != _WRONG_LAST_SEQUENCE:
+                if err.err_code in _WRONG_LAST_SEQUENCE:
+                    # The sequence check runs before the duplicate check, so an append
+                    # whose ack was lost comes back as a conflict when retried: if the
+                    # subject's last event is this very event, it did land.
+                    try:
+                        landed = await self._last_if_same(subject, event.event_id)
+                    except _TRANSIENT as lookup:
+                        failure: Exception = lookup
+                    else:
+                        if landed is not None:
+                            return landed
+                        raise EventLogConflict(
+                            conversation_id, expected, err.description or ""
+                        ) from err
+                elif isinstance(err, nats.js.errors.ServiceUnavailableError):
+                    failure = err  # JetStream is there but has no leader for the stream yet
+                else:
                     raise
-                # The sequence check runs before the duplicate check, so an append
-                # whose ack was lost comes back as a conflict when retried: if the
-                # conversation's last event is this very event, it did land.
-                landed = await self._last_if_same(subject, event.event_id)
-                if landed is not None:
-                    return landed
-                raise EventLogConflict(conversation_id, expected, err.description or "") from err
-            except (
-                nats.errors.TimeoutError,
-                nats.errors.NoRespondersError,
-                nats.js.errors.NoStreamResponseError,
-            ) as err:
-                # Safe to resend: the same Nats-Msg-Id makes a second copy a no-op.
-                if attempt + 1 == _PUBLISH_ATTEMPTS:
-                    raise EventLogUnavailable(f"append to {subject} timed out") from err
-                await asyncio.sleep(0.05 * (attempt + 1))
-                continue
-            return int(ack.seq)
-        raise AssertionError("unreachable")
+            except _TRANSIENT as err:
+                failure = err
+            if loop.time() + delay > deadline:
+                raise EventLogUnavailable(
+                    f"append to {subject}: no answer within {self._retry_for_s:.0f}s"
+                ) from failure
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, _RETRY_MAX_S)
 
     async def _last_if_same(self, subject: str, event_id: str) -> int | None:
         try:

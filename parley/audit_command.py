@@ -14,9 +14,9 @@ import sys
 from typing import Any
 
 import msgspec
-import nats
 from nats.js import JetStreamContext
 
+from events.broker import connect
 from events.codec import decode_entry
 from events.log import EventLog
 from parley.cli import CliError
@@ -102,7 +102,7 @@ def run_audit(args: argparse.Namespace) -> int:
     servers = resolve_servers(settings)
 
     async def main() -> Summary:
-        nc = await nats.connect(servers.nats_url, name="parley-audit")
+        nc = await connect(servers.nats_url, name="parley-audit", reconnect_forever=False)
         pool = await create_pool(servers.database_url, settings.db_schema, max_size=2)
         try:
             return await audit_billing(nc.jetstream(), pool, scope)

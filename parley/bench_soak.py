@@ -39,11 +39,11 @@ from typing import Any
 import aiohttp
 import asyncpg
 import msgspec
-import nats
 import redis.asyncio as aioredis
 
 from actors.state import Conversation, fold
 from api.auth import mint
+from events.broker import connect
 from events.log import EventLog
 from events.vocabulary import Cancelled, CommandRejected, Done, Failed, Started
 from parley.audit_command import audit_billing
@@ -573,7 +573,7 @@ async def run_soak(
                     timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
                 )
             )
-            nc = await nats.connect(servers.nats_url, name="parley-soak")
+            nc = await connect(servers.nats_url, name="parley-soak", reconnect_forever=False)
             stack.push_async_callback(nc.close)
             js = nc.jetstream()
             admin = Client(http, front.edge_url, "soak-admin", tally)

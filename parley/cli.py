@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
-import nats
 
 from actors.models import ModelCatalog
 from actors.webhooks import WebhookSettings
 from api.auth import mint
+from events.broker import connect
 from events.codec import Unreadable, encode_stored
 from events.log import EventLog
 from events.subjects import valid_id
@@ -180,6 +180,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             webhook=webhook_settings(settings),
             limits=settings.limits,
             metrics_port=settings.metrics_port,
+            stream_replicas=settings.stream_replicas,
         )
         async with Services(servers, options, roles) as services:
             if services.edge_url:
@@ -241,7 +242,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     servers = resolve_servers(settings)
 
     async def main() -> int:
-        nc = await nats.connect(servers.nats_url, name="parley-replay")
+        nc = await connect(servers.nats_url, name="parley-replay", reconnect_forever=False)
         try:
             events = await EventLog(nc.jetstream()).read(args.conversation)
         finally:

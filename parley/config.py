@@ -64,6 +64,9 @@ class Settings(msgspec.Struct, frozen=True):
     max_projection_lag: int = 10_000  # /readyz: unready beyond this many events behind (0: never)
     # `parley serve` without the edge role serves GET /metrics on this port (None: not at all)
     metrics_port: int | None = None
+    # PARLEY_STREAM_REPLICAS: replicas of the streams and the lease bucket parley creates
+    # (1 for one server; 3 on a production cluster). Existing ones are left as they are.
+    stream_replicas: int = 1
 
     @property
     def embedded(self) -> bool:
@@ -128,7 +131,22 @@ def settings_from_env(env: Mapping[str, str], data_dir: str | Path | None = None
             get("PARLEY_MAX_PROJECTION_LAG"), 10_000, "PARLEY_MAX_PROJECTION_LAG"
         ),
         metrics_port=_port(get("PARLEY_METRICS_PORT"), "PARLEY_METRICS_PORT"),
+        stream_replicas=_replicas(get("PARLEY_STREAM_REPLICAS")),
     )
+
+
+# JetStream keeps at most five copies of a stream.
+MAX_REPLICAS = 5
+
+
+def _replicas(raw: str | None) -> int:
+    if raw is None:
+        return 1
+    if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= MAX_REPLICAS:
+        raise ConfigError(
+            f"PARLEY_STREAM_REPLICAS must be a whole number from 1 to {MAX_REPLICAS}, not {raw!r}"
+        )
+    return int(raw)
 
 
 def _limits(get: Callable[[str], str | None]) -> EdgeLimits:

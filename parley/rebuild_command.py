@@ -8,8 +8,8 @@ import asyncio
 import sys
 
 import msgspec
-import nats
 
+from events.broker import connect
 from parley.cli import CliError
 from parley.config import load_settings
 from parley.services import resolve_servers
@@ -31,7 +31,7 @@ def run_rebuild(args: argparse.Namespace) -> int:
         print(f"  at {position} of {head}", file=sys.stderr, flush=True)
 
     async def main() -> int:
-        nc = await nats.connect(servers.nats_url, name="parley-rebuild")
+        nc = await connect(servers.nats_url, name="parley-rebuild", reconnect_forever=False)
         try:
             for name in names:
                 print(f"rebuilding {name} in {settings.db_schema} ...", file=sys.stderr)

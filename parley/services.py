@@ -21,7 +21,6 @@ from typing import Any, Self
 
 import aiohttp
 import msgspec
-import nats
 from aiohttp import web
 from nats.aio.client import Client as NatsClient
 
@@ -34,6 +33,7 @@ from actors.webhooks import WebhookDispatcher, WebhookSettings
 from actors.worker import WorkerHost
 from api.app import create_app
 from api.config import EdgeConfig, EdgeLimits
+from events.broker import connect
 from events.ids import new_id
 from events.log import EventLog, ensure_streams
 from events.turns import TurnRegistry, redis_client
@@ -111,6 +111,8 @@ class ServiceOptions(msgspec.Struct, frozen=True, kw_only=True):
     max_projection_lag: int = 10_000  # /readyz bound, events behind the log (0: never unready)
     # where a process without the edge role serves GET /metrics (None: nowhere)
     metrics_port: int | None = None
+    # replicas of the streams and the lease bucket, when this process creates them
+    stream_replicas: int = 1
 
 
 class Services:
@@ -175,7 +177,8 @@ class Services:
     async def _start(self) -> None:
         nc = await self._nats("parley-roles")
         js = nc.jetstream()
-        await ensure_streams(js)
+        for note in await ensure_streams(js, replicas=self.options.stream_replicas):
+            log.info(note)
         if "projector" in self.roles:
             # one projector per projection: each its own position, lock and restarts
             pool = await create_pool(
@@ -195,7 +198,7 @@ class Services:
             self.metrics_url = await self._serve(metrics_app(self.metrics)) + "/metrics"
 
     async def _nats(self, name: str) -> NatsClient:
-        nc = await nats.connect(self.servers.nats_url, name=name, max_reconnect_attempts=-1)
+        nc = await connect(self.servers.nats_url, name=name)
         self._stack.push_async_callback(nc.drain)
         return nc
 
@@ -231,7 +234,12 @@ class Services:
             max_event_bytes=min(512 * 1024, nc.max_payload // 2),
             observer=self.metrics,
         )
-        worker = self.worker = WorkerHost(js, ctx, grace_s=self.options.shutdown_grace_s)
+        worker = self.worker = WorkerHost(
+            js,
+            ctx,
+            grace_s=self.options.shutdown_grace_s,
+            replicas=self.options.stream_replicas,
+        )
         if self.options.webhook is not None:
             webhooks = self.webhooks = WebhookDispatcher(js, self.options.webhook, http)
             self._spawn(lambda: webhooks.run(self._stopping), "webhooks")
@@ -257,6 +265,7 @@ class Services:
             decision_wait_s=options.decision_wait_s,
             limits=options.limits,
             max_projection_lag=options.max_projection_lag,
+            stream_replicas=options.stream_replicas,
         )
         self.edge_url = await self._serve(create_app(config, self.metrics), options.port)
 

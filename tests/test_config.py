@@ -147,3 +147,16 @@ def test_the_readiness_lag_bound_is_a_whole_number_of_events(tmp_path: Path) -> 
     for bad in ("many", "1.5", "-3"):
         with pytest.raises(ConfigError, match="PARLEY_MAX_PROJECTION_LAG"):
             settings_from_env({"PARLEY_MAX_PROJECTION_LAG": bad}, tmp_path)
+
+
+def test_stream_replicas_default_to_one_and_allow_what_jetstream_allows(tmp_path: Path) -> None:
+    assert settings_from_env({}, tmp_path).stream_replicas == 1
+    assert settings_from_env({"PARLEY_STREAM_REPLICAS": "3"}, tmp_path).stream_replicas == 3
+    for bad in ("0", "6", "three", "-1", "2.5"):
+        with pytest.raises(ConfigError, match="PARLEY_STREAM_REPLICAS"):
+            settings_from_env({"PARLEY_STREAM_REPLICAS": bad}, tmp_path)
+
+
+def test_a_cluster_is_named_by_every_node_in_one_nats_url(tmp_path: Path) -> None:
+    url = "nats://n1:4222,nats://n2:4222,nats://n3:4222"
+    assert settings_from_env({"PARLEY_NATS_URL": url}, tmp_path).nats_url == url
