@@ -11,7 +11,6 @@ Screenshots of the main states go to test-artefacts/page/ (gitignored).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,10 +25,12 @@ from playwright.async_api import (
     Dialog,
     Locator,
     Page,
+    Request,
     async_playwright,
     expect,
 )
 
+from events.log import EventLog
 from parley.services import Services
 from tests.conftest import Projected, token_for
 from tests.sse import SseClient
@@ -109,6 +110,11 @@ async def browsing(browser: Browser, request: pytest.FixtureRequest) -> AsyncIte
     session = Browsing(context, name)
     try:
         yield session
+        # Every turn a tab saw from its start streamed exactly what was stored, each
+        # event once (counted by the page since its last load).
+        for tab in session.tabs:
+            seen = await stats(tab.page)
+            assert seen["duplicates"] == 0 and seen["mismatches"] == 0, (tab.name, seen)
     finally:
         await context.close()
     errors = [f"{tab.name}: {error}" for tab in session.tabs for error in tab.errors]
@@ -399,9 +405,9 @@ class CuttingProxy:
         parts = urlsplit(target)
         assert parts.hostname is not None and parts.port is not None
         self.host, self.port = parts.hostname, parts.port
-        self.clients: set[asyncio.StreamWriter] = set()
+        self.links: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self.server: asyncio.Server | None = None
-        self.pipes: set[asyncio.Task[None]] = set()
+        self.serving: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> str:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -409,35 +415,34 @@ class CuttingProxy:
         return f"http://127.0.0.1:{port}"
 
     def cut(self) -> int:
-        clients = list(self.clients)
-        for writer in clients:
-            writer.transport.abort()
-        return len(clients)
+        """Reset every open connection, both sides; returns how many there were."""
+        links = list(self.links)
+        for client, upstream in links:
+            client.transport.abort()
+            upstream.transport.abort()
+        return len(links)
 
     async def close(self) -> None:
-        self.cut()
         if self.server is not None:
             self.server.close()
-            await self.server.wait_closed()
-        for task in self.pipes:
-            task.cancel()
-        await asyncio.gather(*self.pipes, return_exceptions=True)
+        self.cut()  # every pipe then ends on its own: nothing is cancelled
+        await asyncio.gather(*self.serving)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
-        self.clients.add(writer)
         task = asyncio.current_task()
         assert task is not None
-        self.pipes.add(task)
+        self.serving.add(task)
         try:
-            await asyncio.gather(
-                self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
-            )
-        finally:
-            self.clients.discard(writer)
-            self.pipes.discard(task)
-            for w in (writer, up_writer):
-                w.transport.abort()
+            up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+        except OSError:
+            writer.transport.abort()
+            self.serving.discard(task)
+            return
+        link = (writer, up_writer)
+        self.links.add(link)
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        self.links.discard(link)
+        self.serving.discard(task)
 
     @staticmethod
     async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -445,23 +450,28 @@ class CuttingProxy:
             while data := await reader.read(65536):
                 writer.write(data)
                 await writer.drain()
-        finally:
-            with contextlib.suppress(OSError, RuntimeError):  # the other side is gone already
-                writer.transport.abort()
+        except ConnectionError:
+            pass  # cut, or the other side went away: the other pipe ends too
+        writer.transport.abort()
 
 
 async def test_a_dropped_connection_resumes_from_the_last_event_id(
-    services: Services, browsing: Browsing, user: str
+    services: Services, browsing: Browsing, user: str, event_log: EventLog
 ) -> None:
     proxy = CuttingProxy(services.edge_url)
     base = await proxy.start()
     try:
         tab = await browsing.tab()
         page = tab.page
-        resumed: list[str] = []
-        page.on("request", lambda r: resumed.append(r.url) if "/events?after=" in r.url else None)
+        afters: list[int] = []  # the log positions the page resumed from
+
+        def note(request: Request) -> None:
+            if match := re.search(r"/events\?after=(\d+)", request.url):
+                afters.append(int(match.group(1)))
+
+        page.on("request", note)
         await open_signed_in(tab, base, token_for(user))
-        await new_chat(page)
+        conversation = await new_chat(page)
         await send(page, "[[tokens=1600]] count")
         message = assistant(page)
         await expect(message.locator(".body > .text")).to_contain_text("40 41 ")
@@ -469,8 +479,10 @@ async def test_a_dropped_connection_resumes_from_the_last_event_id(
         await finished(message)
         assert await answer_text(message) == counted(1600)
         seen = await stats(page)
-        assert seen["duplicates"] == 0 and seen["resumes"] >= 1, seen
-        assert resumed, "the page did not resume with ?after=<last id>"
+        assert seen["duplicates"] == 0 and seen["drops"] >= 1, seen
+        # (after the turn's `done` the page also follows on from there, for the next turn)
+        done_at = await event_log.last_seq(conversation)
+        assert any(after < done_at for after in afters), (afters, done_at)
     finally:
         await proxy.close()
 
