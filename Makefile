@@ -3,8 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# The page's tests drive Debian's chromium through Playwright; never a downloaded browser build.
-CHROMIUM ?= /usr/bin/chromium
+# The page's tests drive Debian's chromium (tests/test_page.py names the same path).
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: run test lint typecheck check bench reset clean browser
 
@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml
 # machine where this cannot work fails here, loudly, instead of skipping tests.
 $(CHROMIUM):
 	@command -v apt-get >/dev/null || { echo "$(CHROMIUM) is missing and there is no apt-get: install chromium by hand" >&2; exit 1; }
-	DEBIAN_FRONTEND=noninteractive apt-get update -q
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium fonts-dejavu-core
+	DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 update -q
+	DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends chromium fonts-dejavu-core
 	@test -x $(CHROMIUM) || { echo "apt-get installed chromium, but $(CHROMIUM) is not there" >&2; exit 1; }
 
 browser: $(CHROMIUM)
