@@ -60,6 +60,9 @@ class Settings(msgspec.Struct, frozen=True):
     limits: EdgeLimits = EdgeLimits()
     log_format: str = "text"  # or "json"
     max_projection_lag: int = 10_000  # /readyz: unready beyond this many events behind (0: never)
+    # `parley chat`: the edge to talk to and the token to show it (unset: the running `parley dev`)
+    url: str | None = None
+    token: str | None = None
 
     @property
     def embedded(self) -> bool:
@@ -116,7 +119,17 @@ def settings_from_env(env: Mapping[str, str], data_dir: str | Path | None = None
         max_projection_lag=_int(
             get("PARLEY_MAX_PROJECTION_LAG"), 10_000, "PARLEY_MAX_PROJECTION_LAG"
         ),
+        url=_url(get("PARLEY_URL")),
+        token=get("PARLEY_TOKEN"),
     )
+
+
+def _url(raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    if not raw.startswith(("http://", "https://")):
+        raise ConfigError(f"PARLEY_URL must be an http:// or https:// URL, not {raw!r}")
+    return raw.rstrip("/")
 
 
 def _limits(get: Callable[[str], str | None]) -> EdgeLimits:
