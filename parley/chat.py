@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import signal
 import sys
+import termios
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -93,10 +95,6 @@ STYLES: dict[Style, RichStyle] = {
 class Endpoint(msgspec.Struct, frozen=True):
     url: str
     token: str
-
-
-class ChatFatal(Exception):
-    """Nothing more can be done in this session (no server, a refused token)."""
 
 
 class RequestFailed(Exception):
@@ -242,24 +240,24 @@ class Chat:
             self.api = Api(http, self.endpoint)
             try:
                 if conversation_id is not None:
-                    await self._continue(conversation_id)
+                    if not await self._continue(conversation_id):
+                        return 130
                 else:
                     # the edge is there and takes the token, before anything is typed
                     await self.api.call("GET", "/v1/models")
                     self.draw(welcome(self.endpoint.url))
                 return await self._loop()
-            except ChatFatal as err:
-                self.draw(failed(f"parley chat: {err}"))
-                return 2
-            except RequestFailed as err:
-                self.draw(failed(f"parley chat: {err.message} ({err.code})"))
-                return 2
+            except RequestFailed as err:  # at the start: the loop handles its own
+                raise CliError(f"{self.endpoint.url} answered: {err.message} ({err.code})") from err
             except (aiohttp.ClientError, TimeoutError) as err:
-                self.draw(failed(f"parley chat: cannot reach {self.endpoint.url}: {describe(err)}"))
-                return 2
+                raise CliError(f"cannot reach {self.endpoint.url}: {describe(err)}") from err
+            finally:
+                # never leave the spinner's thread drawing, or the cursor hidden
+                self.draw([Unspin()])
 
-    async def _continue(self, conversation_id: str) -> None:
-        """Show the conversation's recent messages, and follow an answer still being written."""
+    async def _continue(self, conversation_id: str) -> bool:
+        """Show the conversation's recent messages, and follow an answer still being written.
+        False if the user quit meanwhile."""
         path = f"/v1/conversations/{conversation_id}"
         conversation = msgspec.convert(await self.api.call("GET", path), _ConversationJson)
         rows = msgspec.convert(await self.api.call("GET", path + "/messages"), _MessagesJson)
@@ -276,7 +274,7 @@ class Chat:
             )
         )
         if active is None:
-            return
+            return True
         # The running answer from its start: the position just before its first event
         # (its row's), so a turn that ends meanwhile is still read to its `done`. No row
         # yet: the edge starts a viewer without a position at the active turn.
@@ -288,8 +286,7 @@ class Chat:
         def opener() -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
             return self.api.events(conversation_id, view.last_id or after)
 
-        if not await self._follow(view, opener, opener):
-            raise KeyboardInterrupt
+        return await self._follow(view, opener, opener)
 
     async def _loop(self) -> int:
         while True:
@@ -360,7 +357,8 @@ class Chat:
 
             loop.add_signal_handler(signal.SIGINT, interrupted)
             try:
-                await asyncio.wait({reading})
+                with _quiet_keyboard():
+                    await asyncio.wait({reading})
             finally:
                 loop.remove_signal_handler(signal.SIGINT)
         self.draw(view.leave() if quitting else [Unspin()])
@@ -390,9 +388,14 @@ class Chat:
                     self.draw(view.connected())
                     decoder = SseDecoder()  # one per connection: no half frame carried over
                     async for chunk in response.content.iter_any():
-                        attempt, heard_at = 0, time.monotonic()
-                        for event in decoder.feed(chunk):
-                            self.draw(view.feed(event))
+                        heard_at = time.monotonic()  # pings too: the connection lives
+                        events = decoder.feed(chunk)
+                        if events:  # progress, not only a connection: back to a quick retry
+                            attempt = 0
+                        ops: list[Op] = []
+                        for event in events:
+                            ops += view.feed(event)
+                        self.draw(ops)
                         if view.finished:
                             return
             except _Retry as err:
@@ -427,10 +430,15 @@ class Chat:
         return str(await self._prompt.prompt_async(PROMPT))
 
     def draw(self, ops: list[Op]) -> None:
+        text = Text()  # writes in a row go out as one: a burst of tokens is one print
         for op in ops:
             if isinstance(op, Write):
-                self.console.print(Text(op.text, style=STYLES[op.style]), end="", soft_wrap=True)
-            elif isinstance(op, Spin):
+                text.append(op.text, STYLES[op.style])
+                continue
+            if text:
+                self.console.print(text, end="", soft_wrap=True)
+                text = Text()
+            if isinstance(op, Spin):
                 spinner = Spinner("dots", text=Text(op.label, style=STYLES["dim"]))
                 if self._live is None:
                     self._live = Live(
@@ -448,6 +456,8 @@ class Chat:
             elif isinstance(op, Unspin) and self._live is not None:
                 self._live.stop()
                 self._live = None
+        if text:
+            self.console.print(text, end="", soft_wrap=True)
 
 
 class _Retry(Exception):
@@ -464,6 +474,26 @@ def describe(err: BaseException) -> str:
         return f"cannot connect: {err.os_error.strerror or err.os_error}"
     text = str(err) or type(err).__name__
     return text if len(text) <= 100 else text[:99] + "…"
+
+
+@contextlib.contextmanager
+def _quiet_keyboard() -> Iterator[None]:
+    """While an answer streams, keys typed are not echoed into it (they wait for the
+    next prompt), and Ctrl-C does not make the terminal discard output it has not
+    shown yet (NOFLSH): words already written to it would vanish from the screen,
+    though the server keeps them in the stopped answer."""
+    fd = next((f.fileno() for f in (sys.stdin, sys.stdout) if f.isatty()), None)
+    if fd is None:
+        yield
+        return
+    before = termios.tcgetattr(fd)
+    during = termios.tcgetattr(fd)
+    during[3] = (during[3] & ~termios.ECHO) | termios.NOFLSH  # local modes
+    termios.tcsetattr(fd, termios.TCSANOW, during)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, before)
 
 
 def _prompt_keys() -> KeyBindings:
