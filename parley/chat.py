@@ -59,10 +59,8 @@ from parley.chat_view import (
     Write,
     failed,
     history,
+    new_conversation,
     welcome,
-)
-from parley.chat_view import (
-    created as created_ops,
 )
 from parley.cli import CliError, running_dev, token_secret
 from parley.config import Settings, load_settings
@@ -309,7 +307,7 @@ class Chat:
             self.draw(failed(f"could not start a conversation: {describe(err)}"))
             return False
         self.conversation_id = str(created["id"])
-        self.draw(created_ops(self.conversation_id))
+        self.draw(new_conversation(self.conversation_id))
         return True
 
     async def _turn(self, content: str) -> bool:

@@ -435,7 +435,7 @@ def welcome(url: str) -> list[Op]:
     return [Write(f"parley chat · {url} · Ctrl-D quits\n", "dim")]
 
 
-def created(conversation_id: str) -> list[Op]:
+def new_conversation(conversation_id: str) -> list[Op]:
     return [
         Write(
             f"conversation {conversation_id} "
