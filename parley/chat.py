@@ -1,7 +1,8 @@
 """`parley chat [--conversation ID]`: the terminal client's I/O, on the public HTTP/SSE API.
 
-This module moves bytes and draws: it finds the edge and a token, reads a line
-(prompt-toolkit), posts it, reads the turn's SSE stream and hands every event to
+This module moves bytes and draws: it reads a line (prompt-toolkit), posts it
+through `parley.chat_api` (which also finds the edge and the token), decodes the
+turn's SSE stream (`parley.chat_wire`) and hands every event to
 `parley.chat_view.TurnView`, whose operations it draws with rich. How an event
 looks is decided there, never here.
 
@@ -34,7 +35,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager
-from typing import Any
 
 import aiohttp
 import msgspec
@@ -46,13 +46,19 @@ from rich.spinner import Spinner
 from rich.style import Style as RichStyle
 from rich.text import Text
 
-from api.auth import mint
 from events.subjects import valid_id
+from parley.chat_api import (
+    Api,
+    ConversationJson,
+    Endpoint,
+    MessagesJson,
+    RequestFailed,
+    failure,
+    resolve_endpoint,
+)
 from parley.chat_view import (
-    MessageRow,
     Op,
     Spin,
-    SseDecoder,
     Style,
     TurnView,
     Unspin,
@@ -62,15 +68,15 @@ from parley.chat_view import (
     new_conversation,
     welcome,
 )
-from parley.cli import CliError, running_dev, token_secret
-from parley.config import Settings, load_settings
+from parley.chat_wire import SseDecoder
+from parley.cli import CliError
+from parley.config import load_settings
 
 PROMPT = "you> "
 RECENT_MESSAGES = 10
 # The edge sends `: ping` on an idle stream every 15 s: three missed pings mean
 # the connection is dead even though no socket said so.
 READ_TIMEOUT_S = 45.0
-REQUEST_TIMEOUT_S = 30.0
 # Resuming is tried this long after the last byte that arrived; then the client
 # says where the answer can still be seen (the turn goes on without it).
 GIVE_UP_AFTER_S = 60.0
@@ -90,49 +96,6 @@ STYLES: dict[Style, RichStyle] = {
 }
 
 
-class Endpoint(msgspec.Struct, frozen=True):
-    url: str
-    token: str
-
-
-class RequestFailed(Exception):
-    """The edge answered with an error (`{"error": {"code", "message"}}`)."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-
-# ---------------------------------------------------------------- finding the edge
-
-
-def resolve_endpoint(
-    settings: Settings, *, url: str | None, token: str | None, user: str
-) -> Endpoint:
-    """The edge: --url, else PARLEY_URL, else the `parley dev` running on the data folder.
-    The token: --token, else PARLEY_TOKEN, else one minted for `user` as `parley token` would."""
-    base = url or settings.url
-    if base is None:
-        running = running_dev(settings.data_dir)
-        if running is None:
-            raise CliError(
-                f"no edge to talk to: set PARLEY_URL (or pass --url), or start `make run` "
-                f"(`parley dev` on {settings.data_dir}/, or pass its folder with --data)"
-            )
-        base = running.edge_url
-    bearer = token or settings.token
-    if bearer is None:
-        if not valid_id(user):
-            raise CliError("--user must be 1-128 characters of A-Z a-z 0-9 _ -")
-        try:
-            bearer = mint(token_secret(settings), user)
-        except CliError as err:
-            raise CliError(f"{err}; or give a token with --token or PARLEY_TOKEN") from err
-    return Endpoint(url=base.rstrip("/"), token=bearer)
-
-
 def run_chat(args: argparse.Namespace) -> int:
     if args.conversation is not None and not valid_id(args.conversation):
         raise CliError(f"not a conversation id: {args.conversation!r}")
@@ -142,69 +105,6 @@ def run_chat(args: argparse.Namespace) -> int:
     console = Console(highlight=False)
     code: int = asyncio.run(Chat(endpoint, console).run(args.conversation))
     return code
-
-
-# ---------------------------------------------------------------- the HTTP API
-
-
-class Api:
-    """The routes the client uses, as the README documents them."""
-
-    def __init__(self, http: aiohttp.ClientSession, endpoint: Endpoint) -> None:
-        self.http = http
-        self.base = endpoint.url
-
-    def _url(self, path: str) -> str:
-        return self.base + path
-
-    async def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        async with self.http.request(
-            method,
-            self._url(path),
-            json=body,
-            headers={"Accept": "application/json"},
-            timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S),
-        ) as response:
-            if response.status >= 400:
-                raise await failure(response)
-            return await response.json()
-
-    def post_message(
-        self, conversation_id: str, body: dict[str, Any]
-    ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
-        return self.http.post(
-            self._url(f"/v1/conversations/{conversation_id}/messages"),
-            json=body,
-            headers={"Accept": "text/event-stream"},
-        )
-
-    def events(
-        self, conversation_id: str, last_id: str | None
-    ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
-        headers = {"Accept": "text/event-stream"}
-        if last_id is not None:
-            headers["Last-Event-ID"] = last_id
-        return self.http.get(
-            self._url(f"/v1/conversations/{conversation_id}/events"), headers=headers
-        )
-
-
-async def failure(response: aiohttp.ClientResponse) -> RequestFailed:
-    try:
-        error = (await response.json(content_type=None))["error"]
-        return RequestFailed(response.status, str(error["code"]), str(error["message"]))
-    except (ValueError, KeyError, TypeError, aiohttp.ClientError):
-        return RequestFailed(response.status, "http_error", f"HTTP {response.status}")
-
-
-class _ConversationJson(msgspec.Struct):
-    id: str
-    title: str = ""
-    active_turn: dict[str, Any] | None = None
-
-
-class _MessagesJson(msgspec.Struct):
-    messages: list[MessageRow]
 
 
 Opener = Callable[[], AbstractAsyncContextManager[aiohttp.ClientResponse]]
@@ -257,8 +157,8 @@ class Chat:
         """Show the conversation's recent messages, and follow an answer still being written.
         False if the user quit meanwhile."""
         path = f"/v1/conversations/{conversation_id}"
-        conversation = msgspec.convert(await self.api.call("GET", path), _ConversationJson)
-        rows = msgspec.convert(await self.api.call("GET", path + "/messages"), _MessagesJson)
+        conversation = msgspec.convert(await self.api.call("GET", path), ConversationJson)
+        rows = msgspec.convert(await self.api.call("GET", path + "/messages"), MessagesJson)
         self.conversation_id, self.title = conversation.id, conversation.title or None
         active = conversation.active_turn
         turn_id = active.get("turn_id") if active else None

@@ -1,4 +1,4 @@
-"""What `parley chat` shows for each SSE event (parley/chat_view.py): pure, no servers."""
+"""What `parley chat` reads (parley/chat_wire.py) and shows (parley/chat_view.py): pure, no servers."""
 
 from __future__ import annotations
 
@@ -15,15 +15,13 @@ from parley.chat_view import (
     MessageRow,
     Op,
     Spin,
-    SseDecoder,
     TurnView,
     Unspin,
-    WireEvent,
     Write,
     history,
-    id_order,
     tool_call_text,
 )
+from parley.chat_wire import SseDecoder, WireEvent, id_order
 
 
 def frame(event_id: str | None, event: str, data: Any, **extra: Any) -> bytes:
