@@ -339,6 +339,16 @@ def cmd_projection_rebuild(args: argparse.Namespace) -> int:
     return code
 
 
+# ---------------------------------------------------------------- chat
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from parley.chat import run_chat
+
+    code: int = run_chat(args)
+    return code
+
+
 # ---------------------------------------------------------------- bench
 
 
@@ -416,6 +426,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     token.add_argument("--data", default=argparse.SUPPRESS, help=DATA_HELP)
     token.set_defaults(func=cmd_token)
+
+    chat = sub.add_parser(
+        "chat",
+        help="chat in the terminal, streaming (Ctrl-C stops an answer, twice quits)",
+        description="A terminal client on the HTTP/SSE API. It talks to PARLEY_URL, else to "
+        "the `parley dev` running on --data; with PARLEY_TOKEN, else a token minted like "
+        "`parley token` does.",
+    )
+    chat.add_argument(
+        "--conversation", default=None, metavar="ID", help="continue this conversation"
+    )
+    chat.add_argument(
+        "--url", default=None, help="the edge's base URL (default PARLEY_URL, else the dev's)"
+    )
+    chat.add_argument(
+        "--token", default=None, help="bearer token (default PARLEY_TOKEN, else one minted)"
+    )
+    chat.add_argument(
+        "--user",
+        default=ADMIN_USER,
+        metavar="ID",
+        help=f"whose token to mint when none is given (default {ADMIN_USER}, "
+        "the user of the token `parley dev` prints)",
+    )
+    chat.add_argument(
+        "--data", default=argparse.SUPPRESS, help="data folder of the dev stack (default .parley)"
+    )
+    chat.set_defaults(func=cmd_chat)
 
     replay = sub.add_parser(
         "replay",

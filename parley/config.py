@@ -67,6 +67,9 @@ class Settings(msgspec.Struct, frozen=True):
     # PARLEY_STREAM_REPLICAS: replicas of the streams and the lease bucket parley creates
     # (1 for one server; 3 on a production cluster). Existing ones are left as they are.
     stream_replicas: int = 1
+    # `parley chat`: the edge to talk to and the token to show it (unset: the running `parley dev`)
+    url: str | None = None
+    token: str | None = None
 
     @property
     def embedded(self) -> bool:
@@ -132,6 +135,8 @@ def settings_from_env(env: Mapping[str, str], data_dir: str | Path | None = None
         ),
         metrics_port=_port(get("PARLEY_METRICS_PORT"), "PARLEY_METRICS_PORT"),
         stream_replicas=_replicas(get("PARLEY_STREAM_REPLICAS")),
+        url=_url(get("PARLEY_URL")),
+        token=get("PARLEY_TOKEN"),
     )
 
 
@@ -147,6 +152,14 @@ def _replicas(raw: str | None) -> int:
             f"PARLEY_STREAM_REPLICAS must be a whole number from 1 to {MAX_REPLICAS}, not {raw!r}"
         )
     return int(raw)
+
+
+def _url(raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    if not raw.startswith(("http://", "https://")):
+        raise ConfigError(f"PARLEY_URL must be an http:// or https:// URL, not {raw!r}")
+    return raw.rstrip("/")
 
 
 def _limits(get: Callable[[str], str | None]) -> EdgeLimits:
