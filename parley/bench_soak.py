@@ -72,6 +72,7 @@ ACTIONS = {  # action: weight
     "poor_project_turn": 4,
 }
 _TURN_TIMEOUT_S = 120.0
+_IDLE_WAIT_S = 20.0
 
 
 class SoakResult(msgspec.Struct):
@@ -357,8 +358,11 @@ async def viewer(client: Client, rng: random.Random, stop: asyncio.Event) -> Non
         seen: list[tuple[str, dict[str, Any]]] = []
         last: str | None = None
         url = f"{client.base}/v1/conversations/{cid}/events"
+        loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(_TURN_TIMEOUT_S):
+            # The turn may have ended before the viewer joined (a refused one ends at
+            # once): it then waits for the conversation's next turn, a while at most.
+            async with asyncio.timeout(_IDLE_WAIT_S) as window:
                 while not stop.is_set() and not (seen and seen[-1][1]["event"] == "done"):
                     headers = {**auth, "Accept": "text/event-stream"}
                     if last is not None:
@@ -375,10 +379,13 @@ async def viewer(client: Client, rng: random.Random, stop: asyncio.Event) -> Non
                                 continue
                             seen.append((event_id, envelope))
                             last, got = event_id, got + 1
+                            if len(seen) == 1:  # a turn began: it must end in time
+                                window.reschedule(loop.time() + _TURN_TIMEOUT_S)
                             if envelope["event"] == "done" or got >= drop_after:
                                 break
         except TimeoutError:
-            client.tally.problem(f"viewer of {cid}: no end of the turn in {_TURN_TIMEOUT_S} s")
+            if seen:
+                client.tally.problem(f"viewer of {cid}: no end of the turn in {_TURN_TIMEOUT_S} s")
             continue
         if not seen or seen[-1][1]["event"] != "done":
             continue  # stopped while following
