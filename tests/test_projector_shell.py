@@ -3,6 +3,7 @@ checkpoint followed, and its lag behind the log reported by /readyz."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import AsyncIterator
 from typing import Any, cast
@@ -10,6 +11,8 @@ from typing import Any, cast
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
+from hypothesis import given
+from hypothesis import strategies as st
 from nats.aio.client import Client as NatsClient
 
 from api.app import create_app
@@ -17,12 +20,13 @@ from api.config import EdgeConfig
 from events.codec import Unreadable, encode
 from events.follow import RawEvent
 from events.ids import new_id
+from events.log import StoredEvent
 from events.vocabulary import Chunk, Title
 from parley.services import Servers, Services
 from projections.db import create_pool, drop_schema
 from projections.handlers import READ_MODELS
 from projections.projector import CHUNK_PREFIX, Projector
-from projections.registry import Db, Projection
+from projections.registry import Projection, Write, write
 from tests.conftest import SECRET
 from tests.sse import SseClient
 from tests.test_projection import _rows, _wait_position, running
@@ -58,7 +62,7 @@ def test_a_projection_with_a_chunk_handler_gets_its_chunks_decoded() -> None:
     wants_chunks = Projection("typing_indicator", tables=(), ddl="")
 
     @wants_chunks.on(Chunk)
-    async def on_chunk(db: Db, seq: int, event: Chunk) -> None:
+    def on_chunk(seq: int, event: Chunk) -> list[Write]:
         raise AssertionError("not called here")
 
     projector = Projector(cast(Any, None), None, projection=wants_chunks)
@@ -67,12 +71,78 @@ def test_a_projection_with_a_chunk_handler_gets_its_chunks_decoded() -> None:
 
 
 def test_an_event_type_gets_one_handler_per_projection() -> None:
-    assert READ_MODELS.handler(_chunk("x")) is None, "the read models ignore chunks"
+    assert READ_MODELS.writes(1, _chunk("x")) == (), "the read models ignore chunks"
     with pytest.raises(ValueError, match="Title already has a handler"):
 
         @READ_MODELS.on(Title)
-        async def second(db: Db, seq: int, event: Title) -> None:
-            pass
+        def second(seq: int, event: Title) -> list[Write]:
+            return []
+
+
+def _titles(projection: Projection, conversations: str) -> list[StoredEvent]:
+    """One Title per letter, in that order; each letter is a conversation. Each title
+    writes two statements: UPDATE, then TOUCH (args: conversation, position)."""
+
+    @projection.on(Title)
+    def set_title(seq: int, event: Title) -> list[Write]:
+        cid = event.conversation_id
+        return [write("UPDATE", cid, seq), write("TOUCH", cid, seq)]
+
+    return [
+        StoredEvent(
+            seq=i,
+            event=Title(conversation_id=c, at=1, event_id=new_id(), title="t", source="user"),
+        )
+        for i, c in enumerate(conversations, 1)
+    ]
+
+
+def _steps(plan: list[Write]) -> list[tuple[str, str, int]]:
+    return [(w.sql, *w.args) for w in plan]
+
+
+def test_a_conversation_local_batch_puts_equal_statements_side_by_side() -> None:
+    local = Projection("local", tables=(), ddl="", conversation_local=True)
+    plan = Projector(cast(Any, None), None, projection=local).plan(_titles(local, "ABAC"))
+    assert _steps(plan) == [
+        ("UPDATE", "A", 1),
+        ("UPDATE", "B", 2),
+        ("UPDATE", "C", 4),
+        ("TOUCH", "A", 1),
+        ("TOUCH", "B", 2),
+        ("TOUCH", "C", 4),
+        ("UPDATE", "A", 3),
+        ("TOUCH", "A", 3),
+    ]
+
+
+@given(st.text(alphabet="ABCDE", min_size=1, max_size=60))
+def test_grouping_keeps_every_write_and_each_conversations_order(conversations: str) -> None:
+    local = Projection("local", tables=(), ddl="", conversation_local=True)
+    batch = _titles(local, conversations)
+    plan = _steps(Projector(cast(Any, None), None, projection=local).plan(batch))
+    titles = [(item.seq, item.event) for item in batch if isinstance(item.event, Title)]
+    in_log_order = _steps([w for seq, title in titles for w in local.writes(seq, title)])
+    assert sorted(plan) == sorted(in_log_order)
+    for cid in set(conversations):
+        assert [p for p in plan if p[1] == cid] == [p for p in in_log_order if p[1] == cid]
+    # Grouped: after the first run every conversation's next write is the same kind,
+    # so the runs are those of the longest conversation, plus at most one.
+    runs = sum(1 for _ in itertools.groupby(plan, key=lambda p: p[0]))
+    assert runs <= 2 * max(conversations.count(c) for c in set(conversations)) + 1
+
+
+def test_a_projection_that_is_not_conversation_local_runs_in_log_order() -> None:
+    shared = Projection("shared", tables=(), ddl="")
+    plan = Projector(cast(Any, None), None, projection=shared).plan(_titles(shared, "ABA"))
+    assert _steps(plan) == [
+        ("UPDATE", "A", 1),
+        ("TOUCH", "A", 1),
+        ("UPDATE", "B", 2),
+        ("TOUCH", "B", 2),
+        ("UPDATE", "A", 3),
+        ("TOUCH", "A", 3),
+    ]
 
 
 @pytest.fixture
