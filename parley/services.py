@@ -34,6 +34,7 @@ from events.ids import new_id
 from events.log import EventLog, ensure_streams
 from events.turns import TurnRegistry, redis_client
 from parley.stack import StackUrls
+from projections import feed
 from projections.db import create_pool
 from projections.projector import Projector
 
@@ -120,7 +121,10 @@ class Services:
         if "projector" in self.roles:
             pool = await create_pool(self.servers.database_url, self.options.db_schema, max_size=4)
             self._stack.push_async_callback(pool.close)
-            self.projector = Projector(js, pool)
+            # its own connection, one that leaves entries' headers unparsed (feed.py)
+            reader = await feed.connect(self.servers.nats_url, name="parley-projector")
+            self._stack.push_async_callback(reader.drain)
+            self.projector = Projector(reader.jetstream(), pool)
             projector = self.projector
             self._spawn(lambda: projector.run(self._stopping), "projector")
         if "worker" in self.roles:

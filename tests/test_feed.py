@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import time
 
+import nats.errors
+import pytest
 from nats.aio.client import Client as NatsClient
 
 from events.ids import new_id
 from events.log import EventLog
 from events.subjects import EVT_STREAM, event_subject
 from events.vocabulary import ConversationCreated, Event, Title
-from projections.feed import LogFeed
+from parley.services import Servers
+from projections.feed import LogFeed, connect
 
 
 def _title(cid: str, text: str) -> Title:
@@ -94,3 +97,26 @@ async def test_a_consumer_the_server_forgot_is_replaced_without_losing_an_entry(
     finally:
         await feed.close()
     assert got == seqs + more
+
+
+async def test_the_entry_client_leaves_headers_unparsed_but_reads_status_lines(
+    stack: Servers, event_log: EventLog
+) -> None:
+    cid, seqs = await _conversation(event_log, 1)  # appended with their three headers
+    client = await connect(stack.nats_url, name="test-entry-client")
+    try:
+        js = client.jetstream()
+        feed = LogFeed(js, 0, filter_subject=event_subject(cid))
+        try:
+            assert [r.seq for r in await feed.next_batch(10, wait_s=5)] == seqs
+        finally:
+            await feed.close()
+        inbox = client.new_inbox()
+        sub = await client.subscribe(inbox)
+        await client.publish(inbox, b"x", headers={"Nats-Msg-Id": "m1"})
+        assert (await sub.next_msg(timeout=5)).headers is None, "headers were parsed"
+        # "no responders" is a status line: still understood
+        with pytest.raises(nats.errors.NoRespondersError):
+            await client.request(f"nobody.listens.{new_id()}", b"", timeout=5)
+    finally:
+        await client.close()
