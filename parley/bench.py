@@ -1,4 +1,6 @@
-"""`parley bench stream`: token streaming through the broker, against a direct path.
+"""`parley bench WORKLOAD`: `stream` here, `rebuild` in parley/bench_rebuild.py.
+
+`parley bench stream`: token streaming through the broker, against a direct path.
 
 C conversations each stream N tokens from the demo model at full speed, with
 one SSE viewer each, through the whole system (edge -> CHAT_CMD -> actor ->
@@ -295,6 +297,7 @@ def summarise(
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    """The workload named by `args.workload`, on the configured servers or a scratch stack."""
     settings = load_settings(getattr(args, "data", None))
     with contextlib.ExitStack() as cleanup:
         if settings.embedded:
@@ -307,6 +310,10 @@ def run_bench(args: argparse.Namespace) -> int:
             from parley.cli import resolve_servers
 
             servers = resolve_servers(settings)
+        if args.workload == "rebuild":
+            from parley.bench_rebuild import run_rebuild_bench
+
+            return run_rebuild_bench(args, servers)
         result = asyncio.run(
             run_stream(servers, args.conversations, args.tokens, args.rounds, args.rate)
         )

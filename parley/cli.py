@@ -356,13 +356,20 @@ def build_parser() -> argparse.ArgumentParser:
     rebuild.set_defaults(func=cmd_projection_rebuild)
 
     bench = sub.add_parser("bench", help="benchmarks")
-    bench.add_argument("workload", choices=["stream"])
+    bench.add_argument("workload", choices=["stream", "rebuild"])
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--conversations", "-c", type=int, default=20)
     bench.add_argument("--tokens", "-n", type=int, default=500)
     bench.add_argument("--rounds", "-r", type=int, default=3)
     bench.add_argument(
         "--rate", type=float, default=0.0, help="demo model tokens/s per stream (0 = full speed)"
+    )
+    bench.add_argument(
+        "--events", type=int, default=1_000_000, help="rebuild: synthetic log entries to add"
+    )
+    bench.add_argument("--batch", type=int, default=5000, help="rebuild: entries per transaction")
+    bench.add_argument(
+        "--workers", type=int, default=0, help="rebuild: reader processes (0 = one per core)"
     )
     bench.add_argument("--data", default=argparse.SUPPRESS)
     bench.set_defaults(func=cmd_bench)

@@ -8,12 +8,12 @@ import asyncio
 import sys
 
 import msgspec
-import nats
 
 from parley.cli import CliError, resolve_servers
 from parley.config import load_settings
 from projections.catalog import PROJECTIONS
-from projections.rebuild import RebuildError, rebuild
+from projections.feed import connect
+from projections.rebuild import RebuildError, default_workers, rebuild
 
 
 def run_rebuild(args: argparse.Namespace) -> int:
@@ -30,7 +30,7 @@ def run_rebuild(args: argparse.Namespace) -> int:
         print(f"  at {position} of {head}", file=sys.stderr, flush=True)
 
     async def main() -> int:
-        nc = await nats.connect(servers.nats_url, name="parley-rebuild")
+        nc = await connect(servers.nats_url, name="parley-rebuild")
         try:
             for name in names:
                 print(f"rebuilding {name} in {settings.db_schema} ...", file=sys.stderr)
@@ -39,6 +39,8 @@ def run_rebuild(args: argparse.Namespace) -> int:
                     servers.database_url,
                     settings.db_schema,
                     PROJECTIONS[name],
+                    nats_url=servers.nats_url,
+                    workers=default_workers(),
                     progress=progress,
                 )
                 if args.json:

@@ -24,6 +24,7 @@ from events.ids import new_id
 from parley.services import Servers, Services
 from projections.db import create_pool, drop_schema
 from projections.handlers import READ_MODELS
+from projections.prefetch import plan_ranges
 from projections.projector import Projector
 from projections.rebuild import RebuildError, rebuild, side_schema
 from tests.conftest import SECRET
@@ -228,3 +229,55 @@ async def test_the_rebuild_command_rebuilds_and_reports(
         assert unknown.returncode == 2 and "known: read_models" in unknown.stderr
     finally:
         await drop_schema(stack.database_url, schema)
+
+
+def test_a_stretch_of_the_log_is_cut_into_ranges_that_cover_it_once() -> None:
+    assert plan_ranges(0, 10, 3) == [(1, 3), (4, 6), (7, 10)]
+    assert plan_ranges(100, 102, 4) == [(101, 101), (102, 102)]
+    assert plan_ranges(5, 5, 2) == []
+    for after, head, parts in [(0, 1_000_001, 2), (17, 4_003, 4), (0, 7, 7)]:
+        ranges = plan_ranges(after, head, parts)
+        covered = [seq for lo, hi in ranges for seq in range(lo, hi + 1)]
+        assert covered == list(range(after + 1, head + 1)), (after, head, parts)
+
+
+async def test_a_rebuild_read_by_worker_processes_builds_the_same_rows(
+    api: SseClient, services: Services, stack: Servers, nc: NatsClient
+) -> None:
+    ids = await _workload(api, nc)
+    head = await _head(nc)
+    assert services.projector is not None
+    await _wait_position(services.projector, head)
+    schema = f"par_{new_id().lower()}"
+    db = await asyncpg.connect(stack.database_url)
+    try:
+        report = await rebuild(
+            nc.jetstream(),
+            stack.database_url,
+            schema,
+            READ_MODELS,
+            nats_url=stack.nats_url,
+            workers=2,
+            parallel_from=0,  # however short the log, read it in two processes
+        )
+        assert report.counts.get("chunk", 0) > 0 and report.position >= head, report
+        expected = await _snapshot(db, LIVE, ids, head)
+        seen = await _snapshot(db, schema, ids, head)
+        assert seen == expected, "\n".join(_differences(expected, seen))
+    finally:
+        await db.close()
+        await drop_schema(stack.database_url, schema)
+
+
+async def test_the_rebuild_benchmark_runs_on_a_small_log(stack: Servers) -> None:
+    env = {**server_env(stack), "PARLEY_JWT_SECRET": SECRET}
+    done = await asyncio.to_thread(
+        run, "bench", "rebuild", "--events", "3000", "--rounds", "1", "--json", env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    (line,) = done.stdout.splitlines()
+    result = json.loads(line)
+    assert all(not isinstance(v, dict | list) for v in result.values()), "flat keys"
+    assert result["published"] >= 3000 and result["events"] >= result["published"], result
+    assert result["turns"] > 0 and result["messages"] >= 2 * result["turns"] * 0.9, result
+    assert result["chunks"] > result["turns"] * 30 and result["events_per_s"] > 0, result
