@@ -7,15 +7,19 @@ rate), a tool call and its result in about a third of the turns followed by
 more answer, and `done` (`failed` now and then). Twenty conversations stream at
 once, so their events interleave as they would live. Events are the
 vocabulary's own Structs, encoded by the codec and published straight to
-CHAT_EVT (acks awaited in windows): the actor and the model are not measured
-here, the projection is.
+CHAT_EVT with the headers an append writes (acks awaited in windows): the
+actor and the model are not measured here, the projection is.
 
 Then `projections.rebuild.rebuild` runs into a scratch schema, exactly as
 `parley projections rebuild` does, and is timed from start to swap; this is
 done `--rounds` times over the same log (a fresh schema each, dropped after),
 and the report gives the median round's log entries and turns per second, with
-the spread, since this machine is shared and noisy. `make_log` is pure (seeded), so the same arguments make the same
-log shape.
+the spread, since this machine is shared and noisy. `make_log` is pure and
+seeded: the same arguments make a log of the same shape.
+
+Nothing of a running parley uses this module. It writes synthetic
+conversations into the log it is pointed at: with no servers configured,
+`parley bench` starts a scratch stack for it.
 """
 
 from __future__ import annotations

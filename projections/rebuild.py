@@ -35,6 +35,10 @@ go on afterwards without losing or doubling an event. So:
 
 `projection_errors` is part of the projection: the rebuilt rows replace the
 old, so events a newer rule can now apply disappear from it.
+
+What may not enter this module: what an event does to rows (the handlers),
+how the log is read (the feed, the projector), and anything about tables that
+no projection owns.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ log = logging.getLogger(__name__)
 
 # A swap that cannot lock the live tables within this (a long read holds them)
 # gives up and tries again, rather than queue every reader behind it.
-_SWAP_LOCK_TIMEOUT = "5s"
+_SWAP_LOCK_TIMEOUT = "2s"
 _SWAP_ATTEMPTS = 5
 
 

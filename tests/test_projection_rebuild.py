@@ -33,8 +33,6 @@ from tests.test_cli import run, server_env
 from tests.test_poison import publish_raw, raw_event
 from tests.test_projection import _wait_position, running
 
-LIVE = "parley_test"  # the session's live schema (tests/conftest.py)
-
 
 async def _workload(api: SseClient, nc: NatsClient) -> list[str]:
     ids = []
@@ -127,33 +125,34 @@ async def test_a_rebuild_while_serving_swaps_in_identical_rows_and_the_live_proj
 ) -> None:
     assert services.projector is not None
     live_projector = services.projector
+    live = services.options.db_schema  # the session's live schema
     ids = await _workload(api, nc)
     head = await _head(nc)
     await _wait_position(live_projector, head)
     db = await asyncpg.connect(stack.database_url)
     try:
         # a configuration table (no projection owns it): a rebuild must leave it alone
-        await db.execute(f'CREATE TABLE IF NOT EXISTS "{LIVE}".config_probe (name text)')
-        await db.execute(f"INSERT INTO \"{LIVE}\".config_probe VALUES ('kept')")
-        before = await _snapshot(db, LIVE, ids, head)
+        await db.execute(f'CREATE TABLE IF NOT EXISTS "{live}".config_probe (name text)')
+        await db.execute(f"INSERT INTO \"{live}\".config_probe VALUES ('kept')")
+        before = await _snapshot(db, live, ids, head)
         assert len(before["messages"]) == 3 * 12 and len(before["projection_errors"]) >= 2
 
         # a turn streams in another conversation while the rebuild runs and swaps
         during = (await api.create_conversation())["id"]
         turn = asyncio.create_task(api.send_stream(during, "during the rebuild [[tokens=800]]"))
         async with _readers_watching(api, ids) as reads:
-            report = await rebuild(nc.jetstream(), stack.database_url, LIVE, READ_MODELS)
+            report = await rebuild(nc.jetstream(), stack.database_url, live, READ_MODELS)
         assert reads[0] > 0, "the readers read while the rebuild ran"
         events = await turn
         assert events[-1].data == "ok", events[-3:]
 
         assert report.position >= head and report.entries >= head * 0.9, report
         assert report.turns >= 18 and report.errors >= 2, report
-        after = await _snapshot(db, LIVE, ids, head)
+        after = await _snapshot(db, live, ids, head)
         assert after == before, "\n".join(_differences(before, after))
-        assert await db.fetchval(f'SELECT name FROM "{LIVE}".config_probe') == "kept"
+        assert await db.fetchval(f'SELECT name FROM "{live}".config_probe') == "kept"
         for leftover in ("rebuild", "retired"):
-            name = side_schema(LIVE, leftover, READ_MODELS.name)
+            name = side_schema(live, leftover, READ_MODELS.name)
             assert not await db.fetchval(
                 "SELECT count(*) FROM pg_namespace WHERE nspname = $1", name
             ), f"{name} left behind"
@@ -169,13 +168,13 @@ async def test_a_rebuild_while_serving_swaps_in_identical_rows_and_the_live_proj
             async with running(fresh):
                 await _wait_position(fresh, head)
             expected = await _snapshot(db, scratch, [*ids, during], head)
-            seen = await _snapshot(db, LIVE, [*ids, during], head)
+            seen = await _snapshot(db, live, [*ids, during], head)
             assert seen == expected, "\n".join(_differences(expected, seen))
         finally:
             await pool.close()
             await drop_schema(stack.database_url, scratch)
     finally:
-        await db.execute(f'DROP TABLE IF EXISTS "{LIVE}".config_probe')
+        await db.execute(f'DROP TABLE IF EXISTS "{live}".config_probe')
         await db.close()
 
 
@@ -248,6 +247,7 @@ async def test_a_rebuild_read_by_worker_processes_builds_the_same_rows(
     head = await _head(nc)
     assert services.projector is not None
     await _wait_position(services.projector, head)
+    live = services.options.db_schema
     schema = f"par_{new_id().lower()}"
     db = await asyncpg.connect(stack.database_url)
     try:
@@ -261,7 +261,7 @@ async def test_a_rebuild_read_by_worker_processes_builds_the_same_rows(
             parallel_from=0,  # however short the log, read it in two processes
         )
         assert report.counts.get("chunk", 0) > 0 and report.position >= head, report
-        expected = await _snapshot(db, LIVE, ids, head)
+        expected = await _snapshot(db, live, ids, head)
         seen = await _snapshot(db, schema, ids, head)
         assert seen == expected, "\n".join(_differences(expected, seen))
     finally:
