@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
+import resource
 import time
 from collections.abc import Iterator
 
@@ -87,6 +89,12 @@ class RebuildBenchResult(msgspec.Struct):
     messages: int  # rows a rebuild wrote to `messages` (a check that it did the work)
     batch: int
     workers: int  # reader processes
+    # The machine is shared: parley's own CPU time in the median round (this process
+    # and its reader processes; not the NATS server's or Postgres's), and the load
+    # average before the rounds, to read the wall-clock figures against.
+    cpu_s: float
+    events_per_cpu_s: float
+    load_avg_1m: float
 
 
 def make_log(events: int, seed: int = 8) -> Iterator[Event]:
@@ -271,30 +279,31 @@ async def bench_rebuild(
         publish_s = time.perf_counter() - began
     finally:
         await nc.close()
-    reports: list[RebuildReport] = []
+    reports: list[tuple[RebuildReport, float]] = []
     messages = 0
+    load = os.getloadavg()[0]
     reader = await connect(servers.nats_url, name="parley-bench-rebuild-reader")
     try:
         for _ in range(rounds):
             schema = f"bench_rebuild_{new_id().lower()}"
+            cpu = _cpu_s()
             try:
-                reports.append(
-                    await rebuild(
-                        reader.jetstream(),
-                        servers.database_url,
-                        schema,
-                        READ_MODELS,
-                        nats_url=servers.nats_url,
-                        workers=workers,
-                        batch_max=batch,
-                    )
+                report = await rebuild(
+                    reader.jetstream(),
+                    servers.database_url,
+                    schema,
+                    READ_MODELS,
+                    nats_url=servers.nats_url,
+                    workers=workers,
+                    batch_max=batch,
                 )
+                reports.append((report, _cpu_s() - cpu))
                 messages = await _count(servers.database_url, f'"{schema}".messages')
             finally:
                 await drop_schema(servers.database_url, schema)
     finally:
         await reader.close()
-    median = sorted(reports, key=lambda r: r.entries_per_s)[len(reports) // 2]
+    median, cpu_s = sorted(reports, key=lambda r: r[0].entries_per_s)[len(reports) // 2]
     return RebuildBenchResult(
         events=median.entries,
         turns=median.turns,
@@ -303,8 +312,8 @@ async def bench_rebuild(
         seconds=median.seconds,
         events_per_s=median.entries_per_s,
         turns_per_s=median.turns_per_s,
-        events_per_s_min=min(r.entries_per_s for r in reports),
-        events_per_s_max=max(r.entries_per_s for r in reports),
+        events_per_s_min=min(r.entries_per_s for r, _ in reports),
+        events_per_s_max=max(r.entries_per_s for r, _ in reports),
         build_s=median.build_s,
         swap_s=median.swap_s,
         published=published,
@@ -312,7 +321,19 @@ async def bench_rebuild(
         messages=messages,
         batch=batch,
         workers=workers,
+        cpu_s=round(cpu_s, 2),
+        events_per_cpu_s=round(median.entries / cpu_s, 1) if cpu_s else 0.0,
+        load_avg_1m=round(load, 2),
     )
+
+
+def _cpu_s() -> float:
+    """User + system CPU seconds of this process and of its finished children."""
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 async def _count(database_url: str, table: str) -> int:
@@ -341,6 +362,8 @@ def run_rebuild_bench(args: argparse.Namespace, servers: Servers) -> int:
             f"   (build {result.build_s:.2f} s, swap {result.swap_s:.3f} s,"
             f" batch {result.batch}, {result.workers} reader processes)\n"
             f"  log: {result.published:,} synthetic events published in {result.publish_s:.1f} s;"
-            f" {result.messages:,} message rows written"
+            f" {result.messages:,} message rows written\n"
+            f"  parley's CPU: {result.cpu_s:.1f} s ({result.events_per_cpu_s:,.0f} events per"
+            f" CPU-second); load average before: {result.load_avg_1m}"
         )
     return 0
