@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import aiohttp
+import asyncpg
 import pytest
 from aiohttp.test_utils import TestServer
 from hypothesis import given
@@ -221,3 +222,39 @@ async def test_readyz_reports_the_projection_lag_and_is_unready_beyond_its_bound
     async with http.get(lenient + "/readyz") as response:
         reported = await response.json()
     assert response.status == 200 and reported["projection_lag"] >= behind["projection_lag"]
+
+
+# `messages` as the first release created it, before tool_calls and latency_ms.
+_FIRST_MESSAGES = """
+CREATE TABLE messages (
+    id text PRIMARY KEY, conversation_id text NOT NULL, role text NOT NULL,
+    content jsonb NOT NULL, status text NOT NULL, turn_id text, user_message_id text,
+    parent_message_id text, version_group_id text NOT NULL, version_number integer NOT NULL,
+    is_latest boolean NOT NULL, is_fork_origin boolean NOT NULL DEFAULT false, model text,
+    model_version_id text, input_tokens integer, output_tokens integer,
+    tokens_estimated boolean, stop_reason text, error_code text, error_message text,
+    seq bigint NOT NULL, created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL
+)
+"""
+
+
+async def test_a_schema_made_before_the_turn_columns_gets_them_on_start(stack: Servers) -> None:
+    schema = f"old_{new_id().lower()}"
+    db = await asyncpg.connect(stack.database_url)
+    try:
+        await db.execute(f'CREATE SCHEMA "{schema}"; SET search_path TO "{schema}";')
+        await db.execute(_FIRST_MESSAGES)
+        await db.execute(
+            "INSERT INTO messages (id, conversation_id, role, content, status, version_group_id,"
+            " version_number, is_latest, seq, created_at, updated_at)"
+            " VALUES ('m', 'c', 'user', '[]', 'complete', 'm', 1, true, 1, now(), now())"
+        )
+        pool = await create_pool(stack.database_url, schema, max_size=1)
+        await pool.close()
+        row = await db.fetchrow("SELECT tool_calls::text, latency_ms FROM messages")
+        assert row is not None and row["tool_calls"] == "[]" and row["latency_ms"] is None
+        again = await create_pool(stack.database_url, schema, max_size=1)  # nothing to add
+        await again.close()
+    finally:
+        await db.close()
+        await drop_schema(stack.database_url, schema)
