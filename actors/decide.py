@@ -1,127 +1,63 @@
-"""The conversation's pure core: fold events into state, decide events from commands.
+"""The conversation's decisions: which events a command or a step of a turn causes.
 
-`evolve(state, event)` is the only way state changes, so the state an actor
-holds after running a turn is exactly the state a fresh actor rebuilds from the
-log. `decide_*` functions return the events a command or a model step causes;
-they take the clock reading and the id maker as arguments and never do I/O.
+Every function here takes the folded state (`actors.state`), the clock reading
+and the id maker as arguments and returns events (or why not); none does I/O,
+reads a clock or makes ids of its own, so every rule is tested without a server.
+
+A turn request (send, edit, regenerate) is first *accepted*: a `user_message`
+or `answer_requested` event puts it in the conversation's queue, or a
+`command_rejected` refuses it (busy and `on_busy: reject`, a broken log, an
+unknown message). The queue's head then *starts* (`started`, `title`) as soon
+as no turn runs. `on_busy: interrupt` accepts the request at the head of the
+queue; the shell then cancels the running turn.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from typing import Literal
+import math
+from collections.abc import Callable
 
 import msgspec
-from msgspec.structs import replace
 
-from actors.content import HistoryMessage, auto_title, merge_blocks, needs_title
+from actors.content import auto_title, needs_title
 from actors.model_stream import ToolCallRequest
-from actors.sizing import assemble
+from actors.state import (
+    ActiveTurn,
+    Conversation,
+    QueuedTurn,
+    descendants,
+    history_of,
+    latest_messages,
+    message,
+    partial_content,
+    pieces_in_order,
+)
 from actors.tools import ToolOutcome
-from events.codec import Unreadable
+from events.billing import project_account, user_account
 from events.vocabulary import (
-    AnyEvent,
+    AnswerRequested,
     BillingRejected,
     Cancelled,
-    ChunkKind,
     CommandRejected,
-    ContentBlock,
-    ContentPart,
-    ConversationCreated,
     Done,
+    EditMessage,
     Event,
     Failed,
     Prices,
+    Regenerate,
     SendMessage,
     Started,
     Title,
     ToolCall,
     ToolResult,
+    TurnCommand,
     UserMessage,
-    event_type,
 )
-from events.vocabulary import Chunk as ChunkEvent
 
 NewId = Callable[[], str]
-MessageStatus = Literal["complete", "streaming", "cancelled", "failed", "billing_error"]
-
-
-class Piece(msgspec.Struct, frozen=True, eq=False):
-    """A persistent (cons) list of streamed pieces, newest first.
-
-    Appending is O(1) and never copies, so folding a 10,000-chunk turn stays
-    linear while the state remains immutable. Equality and repr walk the list
-    iteratively: the generated ones would recurse once per piece and overflow
-    the stack on a long turn.
-    """
-
-    kind: ChunkKind | None  # None: a boundary, where a tool call interrupted the text
-    text: str
-    previous: Piece | None = None
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Piece):
-            return NotImplemented
-        return pieces_in_order(self) == pieces_in_order(other)
-
-    def __hash__(self) -> int:
-        return hash(tuple(pieces_in_order(self)))
-
-    def __repr__(self) -> str:
-        pieces = pieces_in_order(self)
-        return f"Piece(<{len(pieces)} pieces, last {pieces[-1]!r}>)"
-
-
-def pieces_in_order(last: Piece | None) -> list[tuple[ChunkKind | None, str]]:
-    out: list[tuple[ChunkKind | None, str]] = []
-    node = last
-    while node is not None:
-        out.append((node.kind, node.text))
-        node = node.previous
-    out.reverse()
-    return out
-
-
-class Message(msgspec.Struct, frozen=True):
-    message_id: str
-    role: Literal["user", "assistant", "system"]
-    text: str = ""  # user and system messages
-    blocks: tuple[ContentBlock, ...] = ()  # assistant messages
-    version_group_id: str = ""
-    version_number: int = 1
-    parent_message_id: str | None = None
-    is_latest: bool = True
-    status: MessageStatus = "complete"
-
-
-class ActiveTurn(msgspec.Struct, frozen=True):
-    turn_id: str
-    user_message_id: str
-    model: str
-    prices: Prices
-    last_piece: Piece | None = None
-    tool_calls: int = 0
-    parts: tuple[ContentPart, ...] = ()  # the final content, when it came in pieces
-
-
-class Conversation(msgspec.Struct, frozen=True):
-    conversation_id: str
-    exists: bool = False
-    user_id: str = ""
-    project_id: str | None = None
-    title: str = ""
-    model: str | None = None
-    messages: tuple[Message, ...] = ()
-    active: ActiveTurn | None = None
-    commands_seen: frozenset[str] = frozenset()
-    token_usage_total: int = 0
-    # Why this conversation's state cannot be known (a damaged event, a broken
-    # invariant): it refuses new work, every other conversation goes on.
-    broken: str | None = None
-
-    @property
-    def personal(self) -> bool:
-        return self.project_id is None
+# Rough characters per token, used only when a provider never reported usage
+# (a stream cut short, a worker that died): the estimate is flagged as such.
+CHARS_PER_TOKEN = 4
 
 
 class ModelChoice(msgspec.Struct, frozen=True):
@@ -134,208 +70,32 @@ class ModelChoice(msgspec.Struct, frozen=True):
     temperature: float = 0.7
 
 
-# ---------------------------------------------------------------- fold
-
-
-def evolve(state: Conversation, event: AnyEvent | Unreadable) -> Conversation:
-    """Fold one log entry. Total: never raises, whatever the log holds.
-
-    An entry of an unknown type (a newer version wrote it) is skipped. A damaged
-    entry, or an event that breaks the conversation's invariants, marks the
-    state `broken`: what the conversation holds is no longer known for sure.
-    """
-    problem = _invariant_broken(state, event)
-    if problem is not None:
-        state = replace(state, broken=state.broken or problem)
-    match event:
-        case Unreadable():
-            return state
-        case ConversationCreated():
-            if state.exists:
-                return state
-            return replace(
-                state,
-                exists=True,
-                user_id=event.user_id,
-                project_id=event.project_id,
-                title=event.title,
-                model=event.model,
-            )
-        case UserMessage():
-            message = Message(
-                message_id=event.message_id,
-                role="user",
-                text=event.content,
-                version_group_id=event.version_group_id or event.message_id,
-                version_number=event.version_number,
-                parent_message_id=event.parent_message_id,
-            )
-            seen = state.commands_seen | {event.command_id} if event.command_id else None
-            return replace(
-                state,
-                messages=_add_version(state.messages, message),
-                commands_seen=seen if seen is not None else state.commands_seen,
-            )
-        case Started():
-            message = Message(
-                message_id=event.turn_id,
-                role="assistant",
-                version_group_id=event.version_group_id or event.turn_id,
-                version_number=event.version_number,
-                parent_message_id=event.parent_message_id or event.user_message_id,
-                status="streaming",
-            )
-            turn = ActiveTurn(
-                turn_id=event.turn_id,
-                user_message_id=event.user_message_id,
-                model=event.model,
-                prices=event.prices,
-            )
-            return replace(state, messages=_add_version(state.messages, message), active=turn)
-        case ChunkEvent():
-            if state.active is None or state.active.turn_id != event.turn_id:
-                return state
-            piece = Piece(kind=event.kind, text=event.text, previous=state.active.last_piece)
-            return replace(state, active=replace(state.active, last_piece=piece))
-        case ToolCall():
-            if state.active is None or state.active.turn_id != event.turn_id:
-                return state
-            boundary = Piece(kind=None, text="", previous=state.active.last_piece)
-            return replace(
-                state,
-                active=replace(
-                    state.active, last_piece=boundary, tool_calls=state.active.tool_calls + 1
-                ),
-            )
-        case ContentPart():
-            if state.active is None or state.active.turn_id != event.turn_id:
-                return state
-            return replace(state, active=replace(state.active, parts=(*state.active.parts, event)))
-        case Done() | Cancelled() | Failed():
-            content = tuple(event.content)
-            if event.content_parts and state.active and state.active.turn_id == event.turn_id:
-                content = tuple(assemble(list(state.active.parts)))
-            status: MessageStatus = (
-                "complete"
-                if isinstance(event, Done)
-                else "cancelled"
-                if isinstance(event, Cancelled)
-                else "failed"
-            )
-            return _end_turn(
-                state,
-                event.turn_id,
-                content,
-                status,
-                event.input_tokens + event.output_tokens,
-            )
-        case BillingRejected():
-            return _end_turn(state, event.turn_id, (), "billing_error", 0)
-        case Title():
-            return replace(state, title=event.title)
-        case CommandRejected():
-            return replace(state, commands_seen=state.commands_seen | {event.command_id})
-        case _:
-            return state
-
-
-def _invariant_broken(state: Conversation, event: AnyEvent | Unreadable) -> str | None:
-    if isinstance(event, Unreadable):
-        if event.known_type or event.type is None:
-            return f"an entry of type {event.type or 'unknown'} cannot be read: {event.error}"
-        return None  # a newer version's event: skipped, the rest still holds
-    if isinstance(event, ConversationCreated):
-        return "conversation_created appears twice" if state.exists else None
-    if not state.exists:
-        return f"{event_type(event)} before conversation_created"
-    if isinstance(event, Started) and state.active is not None:
-        return f"turn {event.turn_id} started while turn {state.active.turn_id} was running"
-    return None
-
-
-def fold(state: Conversation, events: Iterable[AnyEvent | Unreadable]) -> Conversation:
-    for event in events:
-        state = evolve(state, event)
-    return state
-
-
-def _add_version(messages: tuple[Message, ...], message: Message) -> tuple[Message, ...]:
-    """Append a message; earlier versions of its group stop being the latest."""
-    group = message.version_group_id
-    if any(m.version_group_id == group and m.is_latest for m in messages):
-        messages = tuple(
-            replace(m, is_latest=False) if m.version_group_id == group else m for m in messages
-        )
-    return (*messages, message)
-
-
-def _end_turn(
-    state: Conversation,
-    turn_id: str,
-    blocks: tuple[ContentBlock, ...],
-    status: MessageStatus,
-    tokens: int,
-) -> Conversation:
-    messages = tuple(
-        replace(m, blocks=blocks, status=status) if m.message_id == turn_id else m
-        for m in state.messages
-    )
-    active = None if state.active and state.active.turn_id == turn_id else state.active
-    return replace(
-        state,
-        messages=messages,
-        active=active,
-        token_usage_total=state.token_usage_total + tokens,
-    )
-
-
-# ---------------------------------------------------------------- queries
-
-
-def latest_messages(state: Conversation) -> Iterator[Message]:
-    return (m for m in state.messages if m.is_latest)
-
-
-def history_of(state: Conversation) -> list[HistoryMessage]:
-    """The latest versions in creation order, minus the assistant message being written."""
-    active_id = state.active.turn_id if state.active else None
-    return [
-        HistoryMessage(role=m.role, blocks=(m.text,), assistant_blocks=m.blocks)
-        if m.role != "assistant"
-        else HistoryMessage(role="assistant", assistant_blocks=m.blocks)
-        for m in latest_messages(state)
-        if m.message_id != active_id
-    ]
-
-
-def partial_content(state: Conversation) -> list[ContentBlock]:
-    """The merged content of the active turn so far."""
-    if state.active is None:
-        return []
-    return merge_blocks(pieces_in_order(state.active.last_piece))
-
-
-# ---------------------------------------------------------------- decisions
-
-
 class Rejected(msgspec.Struct, frozen=True):
-    """A command that produces no events, and why."""
+    """A command that produces no turn, and why."""
 
     code: str
     message: str
+    turn_id: str | None = None  # code "busy": the running turn
 
 
-def decide_send(
-    state: Conversation,
-    cmd: SendMessage,
-    model: ModelChoice,
-    now: int,
-    new_id: NewId,
+class TurnTotals(msgspec.Struct, frozen=True):
+    """What a turn consumed so far, across its tool rounds."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    estimated: bool = False
+
+
+# ---------------------------------------------------------------- requests
+
+
+def decide_request(
+    state: Conversation, cmd: TurnCommand, now: int, new_id: NewId
 ) -> list[Event] | Rejected:
-    """A user message opens a turn: `user_message`, `started`, then `title`.
+    """Accept a turn request into the queue, or refuse it.
 
     A command already in the log (redelivered by JetStream) decides nothing:
-    `commands_seen` is folded from `user_message.command_id`.
+    `commands_seen` is folded from the requests and rejections it caused.
     """
     if not state.exists:
         return Rejected("not_found", f"conversation {cmd.conversation_id} does not exist")
@@ -347,43 +107,112 @@ def decide_send(
             f"this conversation's log cannot be read reliably ({state.broken}); "
             "it takes no new messages: start a new conversation",
         )
-    if state.active is not None:
-        return Rejected("busy", f"turn {state.active.turn_id} is still running")
-    latest = [m for m in latest_messages(state)]
-    parent = latest[-1].message_id if latest else None
-    turn_id = new_id()
-    user = UserMessage(
+    if state.busy and cmd.on_busy == "reject":
+        running = state.active.turn_id if state.active else None
+        what = f"turn {running} is running" if running else "earlier messages are waiting"
+        return Rejected("busy", f"{what}; send with on_busy enqueue or interrupt", turn_id=running)
+    interrupts = state.busy and cmd.on_busy == "interrupt"
+    match cmd:
+        case SendMessage():
+            return [_send(state, cmd, interrupts, now, new_id)]
+        case EditMessage():
+            return _edit(state, cmd, interrupts, now, new_id)
+        case Regenerate():
+            return _regenerate(state, cmd, interrupts, now, new_id)
+
+
+def _send(
+    state: Conversation, cmd: SendMessage, interrupts: bool, now: int, new_id: NewId
+) -> UserMessage:
+    latest = list(latest_messages(state))
+    return UserMessage(
         conversation_id=state.conversation_id,
         at=now,
         event_id=new_id(),
         message_id=cmd.message_id,
         content=cmd.content,
         user_id=cmd.user_id,
-        parent_message_id=parent,
+        parent_message_id=latest[-1].message_id if latest else None,
         version_group_id=cmd.message_id,
         version_number=1,
         command_id=cmd.command_id,
+        model=cmd.model,
+        interrupts=interrupts,
     )
-    started = Started(
-        conversation_id=state.conversation_id,
-        at=now,
-        event_id=new_id(),
-        turn_id=turn_id,
-        user_message_id=cmd.message_id,
-        model=model.name,
-        model_version_id=model.version_id,
-        prices=model.prices,
-        max_tokens=model.max_tokens,
-        temperature=model.temperature,
-        parent_message_id=cmd.message_id,
-        version_group_id=turn_id,
-        version_number=1,
+
+
+def _edit(
+    state: Conversation, cmd: EditMessage, interrupts: bool, now: int, new_id: NewId
+) -> list[Event] | Rejected:
+    edited = message(state, cmd.edits)
+    if edited is None or edited.role != "user":
+        return Rejected("not_found", f"no user message {cmd.edits} in this conversation")
+    group = [m for m in state.messages if m.version_group_id == edited.version_group_id]
+    current = next((m for m in reversed(group) if m.is_latest), None)
+    if current is None:
+        return _off_branch(cmd.edits)
+    return [
+        UserMessage(
+            conversation_id=state.conversation_id,
+            at=now,
+            event_id=new_id(),
+            message_id=cmd.message_id,
+            content=cmd.content,
+            user_id=cmd.user_id,
+            parent_message_id=current.parent_message_id,
+            version_group_id=edited.version_group_id,
+            version_number=max(m.version_number for m in group) + 1,
+            command_id=cmd.command_id,
+            model=cmd.model,
+            interrupts=interrupts,
+            # the old version and everything that grew from it leave the branch
+            supersedes=[current.message_id, *descendants(state, current.message_id)],
+            fork_origin=current.message_id,
+        )
+    ]
+
+
+def _regenerate(
+    state: Conversation, cmd: Regenerate, interrupts: bool, now: int, new_id: NewId
+) -> list[Event] | Rejected:
+    answer = message(state, cmd.message_id)
+    if answer is None or answer.role != "assistant" or answer.parent_message_id is None:
+        return Rejected("not_found", f"no assistant message {cmd.message_id} in this conversation")
+    if state.active is not None and state.active.turn_id == answer.message_id:
+        return Rejected("busy", "that answer is still being written", turn_id=answer.message_id)
+    group = [m for m in state.messages if m.version_group_id == answer.version_group_id]
+    current = next((m for m in reversed(group) if m.is_latest), None)
+    if current is None or current.parent_message_id is None:
+        return _off_branch(cmd.message_id)
+    return [
+        AnswerRequested(
+            conversation_id=state.conversation_id,
+            at=now,
+            event_id=new_id(),
+            user_message_id=current.parent_message_id,
+            regenerates=answer.message_id,
+            version_group_id=answer.version_group_id,
+            command_id=cmd.command_id,
+            user_id=cmd.user_id,
+            model=cmd.model,
+            interrupts=interrupts,
+        )
+    ]
+
+
+def _off_branch(message_id: str) -> Rejected:
+    """Versions branch: a message whose every version left the branch in force (an
+    earlier message was edited, or its answer regenerated) cannot grow a new one,
+    which would put two branches in force at once."""
+    return Rejected(
+        "superseded",
+        f"message {message_id} is on a branch that is no longer in force "
+        "(an earlier message was edited or regenerated); act on the current versions",
     )
-    return [user, started, decide_title(state, cmd.content, turn_id, now, new_id)]
 
 
 def decide_rejection(
-    state: Conversation, cmd: SendMessage, why: Rejected, now: int, new_id: NewId
+    state: Conversation, cmd: TurnCommand, why: Rejected, now: int, new_id: NewId
 ) -> CommandRejected:
     """The record that a command started no turn, so its waiting viewer gets an end."""
     return CommandRejected(
@@ -394,7 +223,81 @@ def decide_rejection(
         message_id=cmd.message_id,
         code=why.code,
         message=why.message,
+        turn_id=why.turn_id,
     )
+
+
+# ---------------------------------------------------------------- starting a turn
+
+
+def next_turn(state: Conversation) -> QueuedTurn | None:
+    """The request whose turn starts next, if none is running."""
+    if state.active is not None or state.broken is not None or not state.queue:
+        return None
+    return state.queue[0]
+
+
+def decide_start(
+    state: Conversation,
+    queued: QueuedTurn,
+    model: ModelChoice,
+    now: int,
+    new_id: NewId,
+    turn_id: str | None = None,
+    payer: str | None = None,
+) -> list[Event]:
+    """`started` for the queue's head, then `title`. The turn's id may be chosen
+    beforehand (the shell announces the turn before it appends it); `payer` is
+    the account billed for it (none in personal scope).
+
+    A request whose user message left the branch in force while it waited (an
+    earlier message was edited) is refused instead: its answer would hang off a
+    branch nobody sees."""
+    asked = message(state, queued.user_message_id)
+    if asked is None or not asked.is_latest:
+        why = _off_branch(queued.user_message_id)
+        return [
+            CommandRejected(
+                conversation_id=state.conversation_id,
+                at=now,
+                event_id=new_id(),
+                command_id=queued.command_id,
+                message_id=queued.regenerates or queued.user_message_id,
+                code=why.code,
+                message=why.message,
+            )
+        ]
+    turn_id = turn_id or new_id()
+    group, number, supersedes, fork_origin = turn_id, 1, list[str](), None
+    if queued.answer_group is not None:
+        versions = [m for m in state.messages if m.version_group_id == queued.answer_group]
+        current = next((m for m in reversed(versions) if m.is_latest), None)
+        group = queued.answer_group
+        number = max((m.version_number for m in versions), default=0) + 1
+        if current is not None:
+            supersedes = [current.message_id, *descendants(state, current.message_id)]
+            fork_origin = current.message_id
+    started = Started(
+        conversation_id=state.conversation_id,
+        at=now,
+        event_id=new_id(),
+        turn_id=turn_id,
+        user_message_id=queued.user_message_id,
+        model=model.name,
+        model_version_id=model.version_id,
+        prices=model.prices,
+        max_tokens=model.max_tokens,
+        temperature=model.temperature,
+        parent_message_id=queued.user_message_id,
+        version_group_id=group,
+        version_number=number,
+        command_id=queued.command_id,
+        supersedes=supersedes,
+        fork_origin=fork_origin,
+        user_id=queued.user_id,
+        payer=payer,
+    )
+    return [started, decide_title(state, asked.text, turn_id, now, new_id)]
 
 
 def decide_title(
@@ -424,20 +327,51 @@ def decide_title(
     )
 
 
-class TurnTotals(msgspec.Struct, frozen=True):
-    """What a turn consumed so far, across its tool rounds."""
+def decide_billing_rejected(
+    state: Conversation, account: str, needed: int, available: int, now: int, new_id: NewId
+) -> BillingRejected:
+    """The pre-flight refused the turn: it ends before the model is called."""
+    turn = _require_active(state)
+    return BillingRejected(
+        conversation_id=state.conversation_id,
+        at=now,
+        event_id=new_id(),
+        turn_id=turn.turn_id,
+        user_message_id=turn.user_message_id,
+        account=account,
+        needed=needed,
+        available=available,
+    )
 
-    input_tokens: int = 0
-    output_tokens: int = 0
-    estimated: bool = False
+
+def choose_payer(state: Conversation, requester: str, project_funded: bool) -> str | None:
+    """Who pays for a turn (DESIGN section 4): nobody in personal scope; in a project,
+    the project's account when it has one (it was ever granted credits), else the
+    member who asked."""
+    if state.project_id is None:
+        return None
+    if project_funded:
+        return project_account(state.project_id)
+    return user_account(requester or state.user_id)
+
+
+def decide_tool_title(state: Conversation, title: str, now: int, new_id: NewId) -> Title:
+    """A tool named the conversation (the `set_title` tool)."""
+    return Title(
+        conversation_id=state.conversation_id,
+        at=now,
+        event_id=new_id(),
+        title=title,
+        source="tool",
+        turn_id=state.active.turn_id if state.active else None,
+    )
+
+
+# ---------------------------------------------------------------- ending a turn
 
 
 def decide_done(
-    state: Conversation,
-    stop_reason: str,
-    totals: TurnTotals,
-    now: int,
-    new_id: NewId,
+    state: Conversation, stop_reason: str, totals: TurnTotals, now: int, new_id: NewId
 ) -> Done:
     turn = _require_active(state)
     return Done(
@@ -454,12 +388,7 @@ def decide_done(
 
 
 def decide_failed(
-    state: Conversation,
-    code: str,
-    message: str,
-    totals: TurnTotals,
-    now: int,
-    new_id: NewId,
+    state: Conversation, code: str, message: str, totals: TurnTotals, now: int, new_id: NewId
 ) -> Failed:
     turn = _require_active(state)
     return Failed(
@@ -474,6 +403,57 @@ def decide_failed(
         output_tokens=totals.output_tokens,
         tokens_estimated=totals.estimated,
     )
+
+
+def decide_cancelled(
+    state: Conversation, reason: str, totals: TurnTotals, now: int, new_id: NewId
+) -> Cancelled:
+    """Stopped by its user ("user") or by a newer message ("superseded"): the partial
+    content is kept and every token consumed so far is counted."""
+    turn = _require_active(state)
+    return Cancelled(
+        conversation_id=state.conversation_id,
+        at=now,
+        event_id=new_id(),
+        turn_id=turn.turn_id,
+        content=partial_content(state),
+        reason=reason,
+        input_tokens=totals.input_tokens,
+        output_tokens=totals.output_tokens,
+        tokens_estimated=totals.estimated,
+    )
+
+
+def estimated_totals(state: Conversation) -> TurnTotals:
+    """What the running turn consumed, as far as the log shows, when its worker died
+    before the provider's usage arrived: the history it sent and the text it wrote,
+    at CHARS_PER_TOKEN. Flagged as an estimate; a billed call is billed also then."""
+    turn = _require_active(state)
+    history = history_of(state, upto=turn.user_message_id)
+    sent = sum(len(h.blocks[0]) if h.blocks else 0 for h in history) + sum(
+        len(b.content) for h in history for b in h.assistant_blocks
+    )
+    written = sum(len(text) for _, text in pieces_in_order(turn.last_piece))
+    return TurnTotals(
+        input_tokens=math.ceil(sent / CHARS_PER_TOKEN),
+        output_tokens=math.ceil(written / CHARS_PER_TOKEN),
+        estimated=True,
+    )
+
+
+def decide_orphan_end(state: Conversation, now: int, new_id: NewId) -> Failed:
+    """A turn whose worker is gone: ended with its partial content and estimated tokens."""
+    return decide_failed(
+        state,
+        "worker_lost",
+        "the worker running this turn stopped before it finished",
+        estimated_totals(state),
+        now,
+        new_id,
+    )
+
+
+# ---------------------------------------------------------------- tools
 
 
 def decide_tool_call(

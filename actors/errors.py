@@ -37,11 +37,13 @@ class ModelStreamError(ActorError):
         *,
         status: int | None = None,
         retryable: bool | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.status = status
+        self.retry_after = retry_after  # seconds, when the server said how long to wait
         self.retryable: bool = (
             retryable if retryable is not None else _default_retryable(code, status)
         )

@@ -202,7 +202,26 @@ async def _http_error(response: aiohttp.ClientResponse, idle_timeout: float) -> 
     status = response.status
     raw = await _read_body(response, idle_timeout)
     message = _message_from_body(raw) or response.reason or "no message"
-    return ModelStreamError(f"http_{status}", message, status=status)
+    return ModelStreamError(
+        f"http_{status}",
+        message,
+        status=status,
+        retry_after=_retry_after(response.headers.get("Retry-After")),
+    )
+
+
+_RETRY_AFTER_MAX_S = 60.0
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds (the delta form; an HTTP date is ignored), at most a minute."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    return min(max(seconds, 0.0), _RETRY_AFTER_MAX_S)
 
 
 async def _not_a_stream(response: aiohttp.ClientResponse, idle_timeout: float) -> ModelStreamError:

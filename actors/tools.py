@@ -1,25 +1,50 @@
-"""The tools the model may call during a turn (the ReAct loop's actions).
+"""The tools the model may call during a turn (the ReAct loop's actions), and how to add more.
 
-A tool is a name, a JSON schema the model sees, and an async handler that takes
-the parsed arguments and returns text. Tools get the clock from the context;
-they never read it themselves, so a test can pin time.
+A tool is a name, a description, the JSON schema of its parameters (made from a
+msgspec Struct or from the handler's typed signature, never written by hand)
+and a handler, sync or async. A deployment adds tools without editing parley:
+
+- an entry point in the group `parley.tools` (in its own package's metadata),
+  naming a `Tool`, a list of them, or a function returning them;
+- or `PARLEY_TOOLS=package.module:attribute,...` naming the same.
+
+Every call is bounded: `timeout_s` (the model gets an error when it runs out),
+`max_result_chars` (a longer result is cut with a note) and, for work, sync
+handlers run in a worker thread so a CPU-heavy tool never stalls the event
+loop and every other turn on it; `max_concurrency` caps parallel calls of one
+tool. A tool that raises, times out or returns something that is not text
+gives the model an error result, never a dead turn.
+
+Handlers get a `ToolContext`: the conversation, who asked, the clock reading
+and the conversation's latest messages; they never read the clock themselves,
+so a test can pin time. A handler may return `ToolReply` to also set the
+conversation's title (the `set_title` built-in).
 """
 
 from __future__ import annotations
 
-import ast
 import asyncio
-import datetime as dt
+import importlib
+import inspect
 import json
 import logging
-import math
-import operator
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from importlib.metadata import entry_points
+from typing import Any, get_type_hints
 
 import msgspec
 
 log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "parley.tools"
+
+
+class ToolMessage(msgspec.Struct, frozen=True):
+    """A message of the conversation as a tool sees it."""
+
+    message_id: str
+    role: str
+    text: str
 
 
 class ToolContext(msgspec.Struct, frozen=True):
@@ -27,24 +52,40 @@ class ToolContext(msgspec.Struct, frozen=True):
     user_id: str
     project_id: str | None
     now_ns: int
+    messages: tuple[ToolMessage, ...] = ()
 
 
 class ToolError(Exception):
     """A tool refused its input; the message goes back to the model as the tool's error."""
 
 
-Handler = Callable[[dict[str, Any], ToolContext], Awaitable[str]]
+class ToolReply(msgspec.Struct, frozen=True):
+    """A result, and effects on the conversation beyond it."""
+
+    result: str
+    set_title: str | None = None
+
+
+class ToolOutcome(msgspec.Struct, frozen=True):
+    result: str | None = None
+    error: str | None = None
+    set_title: str | None = None
+
+
+Handler = Callable[..., Any]
 
 
 class Tool(msgspec.Struct, frozen=True):
     name: str
     description: str
-    parameters: dict[str, Any]
+    parameters: dict[str, Any]  # JSON schema of the arguments object
     handler: Handler
-    # Bounds on one call: a tool that runs longer is abandoned with an error the
-    # model reads; a longer result is cut (what the log and the model can carry).
+    # how the arguments reach the handler: as one Struct, as keyword arguments, or as the raw dict
+    arguments: type[msgspec.Struct] | None = None
+    spread: bool = False
     timeout_s: float = 10.0
     max_result_chars: int = 64 * 1024
+    max_concurrency: int = 8
 
     def schema(self) -> dict[str, Any]:
         return {
@@ -57,149 +98,172 @@ class Tool(msgspec.Struct, frozen=True):
         }
 
 
-async def _current_time(args: dict[str, Any], ctx: ToolContext) -> str:
-    return dt.datetime.fromtimestamp(ctx.now_ns / 1e9, tz=dt.UTC).isoformat(timespec="seconds")
+def define_tool(
+    handler: Handler,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    timeout_s: float = 10.0,
+    max_result_chars: int = 64 * 1024,
+    max_concurrency: int = 8,
+) -> Tool:
+    """A Tool from a handler: `handler(args: SomeStruct, ctx)` or `handler(a: int, b: str, ctx)`.
 
-
-_BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
-    ast.Add: operator.add,
-    ast.Sub: operator.sub,
-    ast.Mult: operator.mul,
-    ast.Div: operator.truediv,
-    ast.FloorDiv: operator.floordiv,
-    ast.Mod: operator.mod,
-    ast.Pow: operator.pow,
-}
-_UNARY: dict[type[ast.unaryop], Callable[[Any], Any]] = {
-    ast.UAdd: operator.pos,
-    ast.USub: operator.neg,
-}
-_MAX_EXPRESSION = 200
-_MAX_EXPONENT = 100
-# Integers stay below 2**4096 at every step: Python's big integers would
-# otherwise let `(((9**99)**99)**99)**99` run for minutes on the event loop.
-_MAX_BITS = 4096
-
-
-def _bits(value: Any) -> int:
-    return abs(value).bit_length() if isinstance(value, int) else 64
-
-
-def _check_size(op: ast.operator, left: Any, right: Any) -> None:
-    """Refuse an operation whose integer result would pass _MAX_BITS, before doing it."""
-    both_int = isinstance(left, int) and isinstance(right, int)
-    if isinstance(op, ast.Pow):
-        if abs(right) > _MAX_EXPONENT:
-            raise ToolError(f"exponent larger than {_MAX_EXPONENT}")
-        grows_to = _bits(left) * right if both_int and right > 0 else 0
-    elif isinstance(op, ast.Mult):
-        grows_to = _bits(left) + _bits(right) if both_int else 0
-    else:
-        grows_to = 0
-    if grows_to > _MAX_BITS:
-        raise ToolError(f"result larger than 2**{_MAX_BITS}")
-
-
-def evaluate(expression: str) -> float | int:
-    """Arithmetic only: numbers and + - * / // % **, nothing Python could execute.
-
-    The work is bounded as well as the input: no integer above 2**4096, no
-    exponent above 100, no float that overflows, so one call takes microseconds.
+    The parameter schema comes from the Struct or from the typed signature (every
+    parameter but the one annotated `ToolContext`); the description defaults to
+    the handler's docstring.
     """
-    if len(expression) > _MAX_EXPRESSION:
-        raise ToolError(f"expression longer than {_MAX_EXPRESSION} characters")
-    try:
-        tree = ast.parse(expression, mode="eval")
-    except SyntaxError as err:
-        raise ToolError(f"not an arithmetic expression: {expression!r}") from err
-
-    def walk(node: ast.AST) -> Any:
-        if isinstance(node, ast.Expression):
-            return walk(node.body)
-        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            if _bits(node.value) > _MAX_BITS:
-                raise ToolError(f"number larger than 2**{_MAX_BITS}")
-            return node.value
-        if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
-            left, right = walk(node.left), walk(node.right)
-            _check_size(node.op, left, right)
-            try:
-                return _BINARY[type(node.op)](left, right)
-            except ZeroDivisionError as err:
-                raise ToolError("division by zero") from err
-            except OverflowError as err:
-                raise ToolError("result too large") from err
-        if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
-            return _UNARY[type(node.op)](walk(node.operand))
-        raise ToolError(f"unsupported element in expression: {ast.dump(node)[:60]}")
-
-    result = walk(tree)
-    if isinstance(result, complex):
-        raise ToolError("the result is not a real number")
-    if isinstance(result, float) and not math.isfinite(result):
-        raise ToolError("result too large")
-    return int(result) if isinstance(result, float) and result.is_integer() else result
-
-
-async def _calculator(args: dict[str, Any], ctx: ToolContext) -> str:
-    expression = args.get("expression")
-    if not isinstance(expression, str):
-        raise ToolError("argument 'expression' (a string) is required")
-    return json.dumps(evaluate(expression))
+    hints = get_type_hints(handler)
+    params = [
+        p
+        for p in inspect.signature(handler).parameters.values()
+        if hints.get(p.name) is not ToolContext
+    ]
+    struct: type[msgspec.Struct]
+    spread = True
+    if len(params) == 1 and _is_struct(hints.get(params[0].name)):
+        struct = hints[params[0].name]
+        spread = False
+    else:
+        fields: list[tuple[str, Any] | tuple[str, Any, Any]] = [
+            (p.name, hints.get(p.name, Any))
+            if p.default is inspect.Parameter.empty
+            else (p.name, hints.get(p.name, Any), p.default)
+            for p in params
+        ]
+        struct = msgspec.defstruct(
+            f"{handler.__name__}_arguments", fields, forbid_unknown_fields=True
+        )
+    return Tool(
+        name=name or handler.__name__,
+        description=description or inspect.cleandoc(handler.__doc__ or "").split("\n\n")[0],
+        parameters=json_schema(struct),
+        handler=handler,
+        arguments=struct,
+        spread=spread,
+        timeout_s=timeout_s,
+        max_result_chars=max_result_chars,
+        max_concurrency=max_concurrency,
+    )
 
 
-BUILTIN_TOOLS: tuple[Tool, ...] = (
-    Tool(
-        name="get_current_time",
-        description="The current date and time in UTC, ISO 8601.",
-        parameters={"type": "object", "properties": {}},
-        handler=_current_time,
-    ),
-    Tool(
-        name="calculator",
-        description="Evaluate an arithmetic expression (+ - * / // % ** and parentheses).",
-        parameters={
-            "type": "object",
-            "properties": {"expression": {"type": "string"}},
-            "required": ["expression"],
-        },
-        handler=_calculator,
-    ),
-)
+def _is_struct(annotation: object) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, msgspec.Struct)
 
 
-class ToolOutcome(msgspec.Struct, frozen=True):
-    result: str | None = None
-    error: str | None = None
+def json_schema(struct: type[msgspec.Struct]) -> dict[str, Any]:
+    """The Struct's JSON schema, inlined (models read one object, not $refs)."""
+    (ref,), components = msgspec.json.schema_components([struct], ref_template="{name}")
+    schema: dict[str, Any] = dict(components[ref["$ref"]])
+    schema.pop("title", None)
+    return schema
 
 
-async def run_tool(
-    tools: dict[str, Tool], name: str, arguments: str, ctx: ToolContext
-) -> ToolOutcome:
-    """Run one tool call; every failure becomes an error the model can read, never an exception."""
-    tool = tools.get(name)
-    if tool is None:
-        return ToolOutcome(error=f"unknown tool {name!r}")
-    try:
-        args = json.loads(arguments) if arguments.strip() else {}
-    except json.JSONDecodeError as err:
-        return ToolOutcome(error=f"arguments are not valid JSON: {err.msg}")
-    if not isinstance(args, dict):
-        return ToolOutcome(error="arguments must be a JSON object")
-    try:
-        async with asyncio.timeout(tool.timeout_s):
-            result = await tool.handler(args, ctx)
-    except ToolError as err:
-        return ToolOutcome(error=str(err))
-    except TimeoutError:
-        return ToolOutcome(error=f"tool {name!r} took longer than {tool.timeout_s:g}s")
-    except Exception as err:
-        # A broken tool is the model's problem to route around, not the turn's end.
-        log.exception("tool crashed", extra={"tool": name})
-        return ToolOutcome(error=f"tool {name!r} failed: {type(err).__name__}")
-    if not isinstance(result, str):
-        return ToolOutcome(error=f"tool {name!r} returned {type(result).__name__}, not text")
-    if len(result) > tool.max_result_chars:
-        cut = len(result) - tool.max_result_chars
-        result = result[: tool.max_result_chars] + f"\n[... {cut} characters cut]"
-    return ToolOutcome(result=result)
+# ---------------------------------------------------------------- running a call
+
+
+class ToolRunner:
+    """Runs calls with each tool's bounds; one per worker, shared by its turns."""
+
+    def __init__(self, tools: Iterable[Tool]) -> None:
+        self.tools = {tool.name: tool for tool in tools}
+        self._slots = {
+            tool.name: asyncio.Semaphore(tool.max_concurrency) for tool in self.tools.values()
+        }
+
+    def schemas(self) -> list[dict[str, Any]]:
+        return [tool.schema() for tool in self.tools.values()]
+
+    async def run(self, name: str, arguments: str, ctx: ToolContext) -> ToolOutcome:
+        """Run one tool call; every failure becomes an error the model can read, never an exception."""
+        tool = self.tools.get(name)
+        if tool is None:
+            return ToolOutcome(error=f"unknown tool {name!r}")
+        try:
+            args = json.loads(arguments) if arguments.strip() else {}
+        except (json.JSONDecodeError, RecursionError) as err:
+            return ToolOutcome(error=f"arguments are not valid JSON: {getattr(err, 'msg', err)}")
+        if not isinstance(args, dict):
+            return ToolOutcome(error="arguments must be a JSON object")
+        try:
+            async with self._slots[name], asyncio.timeout(tool.timeout_s):
+                reply = await _call(tool, args, ctx)
+        except ToolError as err:
+            return ToolOutcome(error=str(err))
+        except msgspec.ValidationError as err:
+            return ToolOutcome(error=f"invalid arguments: {err}")
+        except TimeoutError:
+            return ToolOutcome(error=f"tool {name!r} took longer than {tool.timeout_s:g}s")
+        except Exception as err:
+            # A broken tool is the model's problem to route around, not the turn's end.
+            log.exception("tool crashed", extra={"tool": name})
+            return ToolOutcome(error=f"tool {name!r} failed: {type(err).__name__}")
+        title = reply.set_title if isinstance(reply, ToolReply) else None
+        result = reply.result if isinstance(reply, ToolReply) else reply
+        if not isinstance(result, str):
+            return ToolOutcome(error=f"tool {name!r} returned {type(result).__name__}, not text")
+        if len(result) > tool.max_result_chars:
+            cut = len(result) - tool.max_result_chars
+            result = result[: tool.max_result_chars] + f"\n[... {cut} characters cut]"
+        return ToolOutcome(result=result, set_title=title)
+
+
+async def _call(tool: Tool, args: dict[str, Any], ctx: ToolContext) -> object:
+    if tool.arguments is None:
+        call: Callable[[], object] = lambda: tool.handler(args, ctx)  # noqa: E731
+    elif tool.spread:
+        values = msgspec.structs.asdict(msgspec.convert(args, tool.arguments))
+        call = lambda: tool.handler(**values, **_ctx_kwarg(tool.handler, ctx))  # noqa: E731
+    else:
+        value = msgspec.convert(args, tool.arguments)
+        call = lambda: tool.handler(value, ctx)  # noqa: E731
+    if inspect.iscoroutinefunction(tool.handler):
+        result = call()
+        assert isinstance(result, Awaitable)
+        return await result
+    # Sync handlers do their work in a thread: the event loop keeps serving every
+    # other turn while one tool computes.
+    return await asyncio.to_thread(call)
+
+
+def _ctx_kwarg(handler: Handler, ctx: ToolContext) -> dict[str, ToolContext]:
+    hints = get_type_hints(handler)
+    return {name: ctx for name, hint in hints.items() if hint is ToolContext}
+
+
+# ---------------------------------------------------------------- loading tools
+
+
+def load_tools(specs: Sequence[str] = (), *, use_entry_points: bool = True) -> list[Tool]:
+    """Tools named by `module:attribute` specs and by the `parley.tools` entry points."""
+    found: list[Tool] = []
+    if use_entry_points:
+        for point in entry_points(group=ENTRY_POINT_GROUP):
+            found.extend(_tools_in(point.load(), point.value))
+    for spec in specs:
+        module_name, _, attribute = spec.partition(":")
+        if not module_name or not attribute:
+            raise ValueError(f"tool spec {spec!r} is not module:attribute")
+        found.extend(_tools_in(getattr(importlib.import_module(module_name), attribute), spec))
+    return found
+
+
+def _tools_in(value: object, where: str) -> list[Tool]:
+    if callable(value) and not isinstance(value, Tool):
+        value = value()
+    if isinstance(value, Tool):
+        return [value]
+    if isinstance(value, Iterable) and not isinstance(value, str | bytes):
+        tools = list(value)
+        if all(isinstance(t, Tool) for t in tools):
+            return tools
+    raise ValueError(f"{where} is not a Tool, a list of Tools or a function returning them")
+
+
+def merge_tools(*groups: Iterable[Tool]) -> list[Tool]:
+    """Later groups replace earlier tools of the same name (a deployment may override a built-in)."""
+    merged: dict[str, Tool] = {}
+    for group in groups:
+        for tool in group:
+            merged[tool.name] = tool
+    return list(merged.values())

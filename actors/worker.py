@@ -1,11 +1,16 @@
-"""The worker host: takes commands from CHAT_CMD and hands them to conversation actors.
+"""The worker host: takes the commands of the partitions it leases and hands them to actors.
 
-One actor (an inbox and a task) per conversation with work; commands of one
-conversation run one after another, different conversations run concurrently.
-A command is acked only after its turn ended, so a worker that dies mid-turn
-leaves it to be redelivered; the next actor then finds the abandoned turn in
-the log, ends it with `failed`, and (thanks to `user_message.command_id`) does
-not apply the same message twice.
+One durable consumer per partition (actors/partitions.py says who may read
+which); one actor per conversation with work, its commands one after another
+in arrival order, different conversations concurrently. A command is acked
+only when what it asked for is over; until then the worker tells JetStream
+every few seconds that it is still in progress, however long it waits in a
+conversation's queue, so it is never redelivered behind a live worker's back.
+
+A worker that stops stops fetching, lets running turns finish within a grace
+period, then ends the rest as `interrupted`, gives every unfinished command
+back to JetStream (the partition's next owner runs what was queued) and
+releases its leases so another worker takes over at once.
 """
 
 from __future__ import annotations
@@ -13,41 +18,71 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 
 import msgspec
 import nats.errors
+import nats.js.errors
 import redis.exceptions
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
-from actors.actor import ActorContext, ConversationActor, Outcome
-from actors.decide import Rejected
+from actors.actor import ConversationActor, Inbox, Settlement
+from actors.partitions import PartitionLeases
+from actors.state import Conversation
+from actors.turn import ActorContext
 from events.codec import decode_command
-from events.errors import EventLogError
-from events.subjects import CMD_STREAM, CMD_SUBJECTS
-from events.vocabulary import SendMessage
+from events.subjects import CMD_STREAM, PARTITIONS, partition_of, partition_subjects
+from events.vocabulary import AnyCommand
 
 log = logging.getLogger(__name__)
 
-DURABLE = "parley-workers"
 ACK_WAIT_S = 30.0
-# Every this often a running turn tells JetStream it is still working on the
-# command and renews its claim on the conversation in Redis.
+# Every this often each held command is reported in progress (well inside
+# ACK_WAIT_S) and the running turns' records in Redis are renewed.
 HEARTBEAT_S = 5.0
-# A command that crashed its actor this many times is given up (and logged).
-# Deliveries do not count otherwise: a command waiting for a busy conversation
-# is redelivered for as long as the other turn runs.
-MAX_CRASHES = 5
-_FETCH_FAILURES = 5
-# Errors that say a server is away, not that the command is bad: retried without
-# counting towards MAX_CRASHES.
-TRANSIENT: tuple[type[BaseException], ...] = (
-    nats.errors.Error,
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    OSError,
-)
-_RETRY_LATER: tuple[type[BaseException], ...] = (EventLogError, *TRANSIENT)
+FETCH_WAIT_S = 1.0
+FETCH_BATCH = 64
+# A partition's fetches failing this long for a reason other than a lost consumer
+# end the role (its supervisor starts it afresh); a leader election takes ~10 s.
+FETCH_GIVE_UP_S = 60.0
+# Bounds what one partition may hold unacked (queued behind turns included).
+MAX_ACK_PENDING = 2_000
+
+
+def durable_name(partition: int) -> str:
+    return f"parley-p{partition}"
+
+
+class Delivery:
+    """A command's JetStream message, settled once."""
+
+    def __init__(self, msg: Msg, pending: set[Delivery]) -> None:
+        self._msg = msg
+        self._pending = pending
+        pending.add(self)
+
+    @property
+    def attempts(self) -> int:
+        return int(self._msg.metadata.num_delivered)
+
+    async def ack(self) -> None:
+        self._pending.discard(self)
+        await self._msg.ack()
+
+    async def nak(self, delay: float | None = None) -> None:
+        self._pending.discard(self)
+        await self._msg.nak(delay=delay)
+
+    async def in_progress(self) -> None:
+        await self._msg.in_progress()
+
+
+class _Running:
+    def __init__(self, actor: ConversationActor, task: asyncio.Task[None]) -> None:
+        self.actor = actor
+        self.task = task
+        self.inbox: Inbox = asyncio.Queue()
 
 
 class WorkerHost:
@@ -56,70 +91,141 @@ class WorkerHost:
         js: JetStreamContext,
         ctx: ActorContext,
         *,
+        partitions: int = PARTITIONS,
         idle_actor_s: float = 60.0,
-        busy_retry_s: float = 0.5,
+        lease_ttl_s: float = 15.0,
+        grace_s: float = 10.0,
+        states_kept: int = 2_000,
+        replicas: int = 1,
     ) -> None:
         self._js = js
         self._ctx = ctx
+        self.partitions = partitions
         self._idle_actor_s = idle_actor_s
-        self._busy_retry_s = busy_retry_s
-        self._inboxes: dict[str, asyncio.Queue[Msg]] = {}
+        self._lease_ttl_s = lease_ttl_s
+        self._grace_s = grace_s
+        self._replicas = replicas
+        self._actors: dict[str, _Running] = {}
+        self._loops: dict[int, asyncio.Task[None]] = {}
+        self._pending: set[Delivery] = set()
+        # Folded states of conversations whose actor went idle: a new actor
+        # starts from here and reads only what was appended since (no refold from
+        # event 1 of a long conversation).
+        self._states: OrderedDict[str, tuple[Conversation, int]] = OrderedDict()
+        self._states_kept = states_kept
+        self.leases: PartitionLeases | None = None
         self.ready = asyncio.Event()
 
     async def run(self, stopping: asyncio.Event) -> None:
+        leases = self.leases = PartitionLeases(
+            self._js,
+            self._ctx.worker_id,
+            self.partitions,
+            ttl_s=self._lease_ttl_s,
+            replicas=self._replicas,
+        )
+        await leases.open()
+        fetching = asyncio.Event()  # set: partition loops stop fetching
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                heartbeat = tasks.create_task(self._heartbeat())
+                while not stopping.is_set():
+                    gained, lost = await leases.tick(self._busy)
+                    for partition in lost:
+                        await self._drop(partition)
+                    for partition in gained:
+                        self._loops[partition] = tasks.create_task(
+                            self._partition_loop(partition, fetching, tasks),
+                            name=f"partition-{partition}",
+                        )
+                    if gained:
+                        await self._recover(gained, tasks)
+                    self.ready.set()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(leases.renew_every_s):
+                            await stopping.wait()
+                fetching.set()
+                await self._stop(tasks)
+                heartbeat.cancel()
+        finally:
+            self._loops.clear()
+            await self._give_back_all()
+            await leases.release_all()
+
+    def _busy(self, partition: int) -> bool:
+        return any(
+            partition_of(cid, self.partitions) == partition and not running.actor.idle
+            for cid, running in self._actors.items()
+        )
+
+    async def _drop(self, partition: int) -> None:
+        """A partition we no longer own: stop reading it and stop its conversations."""
+        loop = self._loops.pop(partition, None)
+        if loop is not None:
+            loop.cancel()
+        for cid, running in list(self._actors.items()):
+            if partition_of(cid, self.partitions) == partition:
+                running.task.cancel()
+
+    async def _partition_loop(
+        self, partition: int, stop: asyncio.Event, tasks: asyncio.TaskGroup
+    ) -> None:
         config = api.ConsumerConfig(
-            durable_name=DURABLE,
+            durable_name=durable_name(partition),
             ack_policy=api.AckPolicy.EXPLICIT,
             ack_wait=ACK_WAIT_S,
             max_deliver=-1,
-            max_ack_pending=10_000,
-            filter_subject=CMD_SUBJECTS,
+            max_ack_pending=MAX_ACK_PENDING,
+            filter_subject=partition_subjects(partition),
         )
         sub = await self._js.pull_subscribe(
-            CMD_SUBJECTS, durable=DURABLE, stream=CMD_STREAM, config=config
+            partition_subjects(partition),
+            durable=durable_name(partition),
+            stream=CMD_STREAM,
+            config=config,
         )
-        self.ready.set()
-        failures = 0
+        failing_since: float | None = None
+        loop = asyncio.get_running_loop()
         try:
-            async with asyncio.TaskGroup() as actors:
-                while not stopping.is_set():
-                    try:
-                        # One at a time: a batch fetch waits for the rest of its batch
-                        # (up to the timeout) once the first command arrived, which
-                        # would delay a lone message by up to a second.
-                        msgs = await sub.fetch(1, timeout=1.0)
-                    except (nats.errors.TimeoutError, TimeoutError):
-                        continue
-                    except nats.errors.Error as err:
-                        # The broker is away or restarting. Running turns carry on
-                        # (they are not this loop's); fetching resumes when it is
-                        # back. Failing on and on (the consumer was deleted, say)
-                        # ends the role, and its supervisor starts it afresh.
-                        failures += 1
-                        if failures >= _FETCH_FAILURES:
-                            raise
-                        log.warning("cannot fetch commands", extra={"error": repr(err)})
-                        await asyncio.sleep(1.0)
-                        continue
-                    failures = 0
-                    for msg in msgs:
-                        await self._dispatch(msg, actors)
-                raise _Stop
-        except* _Stop:
-            pass
+            while not stop.is_set():
+                try:
+                    # One command first (a batch fetch would wait for the rest of its
+                    # batch), then whatever else is already there.
+                    msgs = await sub.fetch(1, timeout=FETCH_WAIT_S)
+                    with contextlib.suppress(nats.errors.TimeoutError, TimeoutError):
+                        msgs += await sub.fetch(FETCH_BATCH, timeout=0.01)
+                except (nats.errors.TimeoutError, TimeoutError):
+                    continue
+                except nats.errors.Error as err:
+                    # The broker is away, or the consumer's replicas are electing a
+                    # leader (JetStream answers 503 meanwhile): running turns carry on.
+                    # A consumer that was deleted answers 503 too; it, or failing on
+                    # and on, ends the role, and its supervisor starts it afresh.
+                    failing_since = failing_since or loop.time()
+                    if loop.time() - failing_since > FETCH_GIVE_UP_S or await self._consumer_gone(
+                        partition
+                    ):
+                        raise
+                    log.warning("cannot fetch commands", extra={"error": repr(err)})
+                    await asyncio.sleep(1.0)
+                    continue
+                failing_since = None
+                for msg in msgs:
+                    await self._dispatch(msg, tasks)
         finally:
-            # Commands handed to an actor that was cancelled before it began are
-            # still waiting in its inbox: give them back now, or JetStream would
-            # hold them until ack_wait runs out.
-            for inbox in list(self._inboxes.values()):
-                while not inbox.empty():
-                    with contextlib.suppress(nats.errors.Error):
-                        await asyncio.shield(inbox.get_nowait().nak())
-            self._inboxes.clear()
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
 
-    async def _dispatch(self, msg: Msg, actors: asyncio.TaskGroup) -> None:
+    async def _consumer_gone(self, partition: int) -> bool:
+        try:
+            await self._js.consumer_info(CMD_STREAM, durable_name(partition))
+        except nats.js.errors.NotFoundError:
+            return True
+        except nats.errors.Error:
+            return False  # no answer: cannot tell, so not known to be gone
+        return False
+
+    async def _dispatch(self, msg: Msg, tasks: asyncio.TaskGroup) -> None:
         try:
             cmd = decode_command(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError) as err:
@@ -128,108 +234,106 @@ class WorkerHost:
             )
             await msg.term()
             return
-        inbox = self._inboxes.get(cmd.conversation_id)
-        if inbox is None:
-            inbox = asyncio.Queue()
-            self._inboxes[cmd.conversation_id] = inbox
-            actor = ConversationActor(cmd.conversation_id, self._ctx)
-            actors.create_task(self._actor_loop(actor, inbox), name=f"actor-{cmd.conversation_id}")
-        inbox.put_nowait(msg)
+        delivery = Delivery(msg, self._pending)
+        running = self._actors.get(cmd.conversation_id)
+        if running is None or running.task.done():
+            running = self._start_actor(cmd.conversation_id, tasks)
+        running.inbox.put_nowait((cmd, delivery))
 
-    async def _actor_loop(self, actor: ConversationActor, inbox: asyncio.Queue[Msg]) -> None:
+    async def _recover(self, partitions: set[int], tasks: asyncio.TaskGroup) -> None:
+        """Conversations of newly taken partitions that still show a running turn (a turn
+        record in Redis): their worker may be gone, so each is loaded at once and an
+        orphaned turn ended, rather than when its command is redelivered."""
         try:
-            while True:
-                try:
-                    async with asyncio.timeout(self._idle_actor_s):
-                        msg = await inbox.get()
-                except TimeoutError:
-                    if inbox.empty():
-                        return
-                    continue
-                try:
-                    await self._process(actor, msg)
-                except (nats.errors.Error, OSError) as err:
-                    # acking or naking failed: the server redelivers after ack_wait
-                    log.warning(
-                        "could not settle a command",
-                        extra={"conversation_id": actor.conversation_id, "error": repr(err)},
-                    )
-        finally:
-            # Idle actors leave; a new command spawns a fresh one that reloads from the log.
-            if self._inboxes.get(actor.conversation_id) is inbox:
-                del self._inboxes[actor.conversation_id]
-            while not inbox.empty():
-                with contextlib.suppress(nats.errors.Error):
-                    await inbox.get_nowait().nak()
+            conversations = await self._ctx.turns.conversations()
+        except (redis.exceptions.RedisError, OSError) as err:
+            log.info("no recovery scan without Redis", extra={"error": repr(err)})
+            return
+        for cid in conversations:
+            if partition_of(cid, self.partitions) in partitions and cid not in self._actors:
+                self._start_actor(cid, tasks).inbox.put_nowait((None, None))
 
-    async def _process(self, actor: ConversationActor, msg: Msg) -> None:
-        cmd = decode_command(msg.data)
-        heartbeat = asyncio.create_task(self._keep_alive(msg, cmd.conversation_id))
-        crashed = False
+    def _start_actor(self, conversation_id: str, tasks: asyncio.TaskGroup) -> _Running:
+        cached = self._states.pop(conversation_id, None)
+        actor = ConversationActor(
+            conversation_id,
+            self._ctx,
+            state=cached[0] if cached else None,
+            seq=cached[1] if cached else 0,
+        )
+        holder: list[_Running] = []
+        task = tasks.create_task(self._actor_task(actor, holder), name=f"actor-{conversation_id}")
+        running = _Running(actor, task)
+        holder.append(running)
+        self._actors[conversation_id] = running
+        return running
+
+    async def _actor_task(self, actor: ConversationActor, holder: list[_Running]) -> None:
+        running = holder[0]
         try:
-            outcome = await actor.handle(cmd)
-        except _RETRY_LATER as err:
-            log.warning(
-                "a server is unavailable, command will be retried",
-                extra={"conversation_id": actor.conversation_id, "error": repr(err)},
-            )
-            outcome = Outcome.RETRY
+            await actor.run(running.inbox, self._idle_actor_s)
         except Exception:
             # One conversation's failure must not take the worker down with it.
-            log.exception("command failed", extra={"conversation_id": actor.conversation_id})
-            outcome, crashed = Outcome.RETRY, True
-        except asyncio.CancelledError:
-            # The worker is stopping. Never ack here: the command may not have
-            # reached the log yet (the actor was still catching up or claiming).
-            # Redelivered, it runs if it did not, and is recognised by its
-            # command_id in the log if it did (the turn was ended as interrupted).
-            with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
-                await asyncio.shield(msg.nak())
-            raise
+            log.exception("actor failed", extra={"conversation_id": actor.conversation_id})
         finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
-        if crashed and msg.metadata.num_delivered >= MAX_CRASHES:
-            await self._give_up(actor, cmd)
-            await msg.term()
-        elif outcome is Outcome.BUSY:
-            await msg.nak(delay=self._busy_retry_s)
-        elif outcome is Outcome.RETRY:
-            await msg.nak(delay=1.0)
-        else:
-            await msg.ack()
+            # Leaving (idle, failed or stopped): nothing may stay unsettled. No
+            # await before the removal, so no command can slip into a dead inbox.
+            if self._actors.get(actor.conversation_id) is running:
+                del self._actors[actor.conversation_id]
+            if actor.idle and actor.state.active is None and actor.state.exists:
+                self._keep_state(actor)
+            leftovers = [d for _, d in _drain(running.inbox) if d is not None]
+            leftovers += list(actor.held.values())
+            actor.held.clear()
+            for delivery in leftovers:
+                with contextlib.suppress(nats.errors.Error):
+                    await asyncio.shield(delivery.nak())
 
-    async def _give_up(self, actor: ConversationActor, cmd: SendMessage) -> None:
-        """A command that crashed its actor again and again ends visibly: a
-        `command_rejected` in the log tells its waiting viewer, and the operator."""
-        log.error(
-            "command given up after repeated crashes",
-            extra={"conversation_id": actor.conversation_id, "command_id": cmd.command_id},
-        )
-        why = Rejected(
-            "internal_error", f"the message could not be processed ({MAX_CRASHES} attempts)"
-        )
+    def _keep_state(self, actor: ConversationActor) -> None:
+        self._states[actor.conversation_id] = (actor.state, actor.writer.seq)
+        self._states.move_to_end(actor.conversation_id)
+        while len(self._states) > self._states_kept:
+            self._states.popitem(last=False)
+
+    async def _stop(self, tasks: asyncio.TaskGroup) -> None:
+        """Let running turns finish within the grace period, then cut the rest."""
+        for loop in list(self._loops.values()):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await loop
         try:
-            await actor.catch_up()
-            await actor.reject(cmd, why)
-        except Exception:
-            log.exception(
-                "could not record the given-up command",
-                extra={"conversation_id": actor.conversation_id, "command_id": cmd.command_id},
+            async with asyncio.timeout(self._grace_s):
+                # shutdown only: a poll beats an event every actor would have to set
+                while any(not r.actor.idle for r in self._actors.values()):  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            log.warning(
+                "turns still running after the grace period are ended as interrupted",
+                extra={"turns": sum(1 for r in self._actors.values() if r.actor.runner)},
             )
+        for running in list(self._actors.values()):
+            running.task.cancel()
 
-    async def _keep_alive(self, msg: Msg, conversation_id: str) -> None:
-        """While a turn runs: JetStream must not redeliver its command, and the
-        conversation's claim in Redis must not lapse (another worker would start
-        a turn beside this one; the log would refuse it, but only at its first append)."""
+    async def _give_back_all(self) -> None:
+        for delivery in list(self._pending):
+            with contextlib.suppress(nats.errors.Error):
+                await asyncio.shield(delivery.nak())
+
+    async def _heartbeat(self) -> None:
+        """Held commands stay in progress; running turns keep their record in Redis."""
         while True:
             await asyncio.sleep(HEARTBEAT_S)
-            with contextlib.suppress(nats.errors.Error):
-                await msg.in_progress()
-            with contextlib.suppress(redis.exceptions.RedisError):
-                await self._ctx.turns.refresh(conversation_id, self._ctx.worker_id)
+            for delivery in list(self._pending):
+                with contextlib.suppress(nats.errors.Error):
+                    await delivery.in_progress()
+            for cid, running in list(self._actors.items()):
+                if running.actor.runner is None:
+                    continue
+                with contextlib.suppress(redis.exceptions.RedisError, OSError):
+                    await self._ctx.turns.refresh(cid, self._ctx.worker_id)
 
 
-class _Stop(Exception):
-    """Ends the task group: cancels every actor, each recording how its turn ended."""
+def _drain(inbox: Inbox) -> list[tuple[AnyCommand | None, Settlement | None]]:
+    out: list[tuple[AnyCommand | None, Settlement | None]] = []
+    while not inbox.empty():
+        out.append(inbox.get_nowait())
+    return out

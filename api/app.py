@@ -1,65 +1,79 @@
-"""The aiohttp application: resources as cleanup contexts, typed keys, auth, routes."""
+"""The aiohttp application: resources as cleanup contexts, auth, routes.
+
+The keys it fills live in `api.context`, which the handlers import; nothing
+imports this module but the wiring.
+"""
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator
-from typing import Any
 
-import nats
-import redis.asyncio as aioredis
+import aiohttp
+import asyncpg
 from aiohttp import web
-from nats.aio.client import Client as NatsClient
-from nats.js import JetStreamContext
 
-from api.auth import Claims, InvalidToken, verify
+from api.auth import InvalidToken, JwksKeys, Verifier
 from api.config import EdgeConfig
+from api.context import (
+    CLAIMS,
+    CONFIG,
+    HEADERS,
+    HUBS,
+    JS,
+    LOG,
+    METRICS,
+    NATS,
+    POOL,
+    PROJECTS,
+    REDIS,
+    STORE,
+    TURNS,
+    VERIFIER,
+    EdgeMetrics,
+    HeaderCache,
+    NoMetrics,
+    ProjectCache,
+)
 from api.errors import ApiError, Handler, error_middleware
+from api.hub import Hubs, HubSettings
+from api.limits import LIMITS, Limits, limits_middleware
+from api.routes import add_routes
+from events.broker import connect
 from events.log import EventLog, ensure_streams
 from events.turns import TurnRegistry, redis_client
-from events.vocabulary import ConversationCreated
 from projections.db import create_pool
 from projections.store import ReadStore
 
-CONFIG = web.AppKey("config", EdgeConfig)
-NATS = web.AppKey("nats", NatsClient)
-JS = web.AppKey("js", JetStreamContext)
-LOG = web.AppKey("log", EventLog)
-POOL = web.AppKey("pool", Any)
-STORE = web.AppKey("store", ReadStore)
-REDIS = web.AppKey("redis", aioredis.Redis)
-TURNS = web.AppKey("turns", TurnRegistry)
+log = logging.getLogger(__name__)
 
-_CLAIMS = web.RequestKey("claims", Claims)
+_DDL_ATTEMPTS = 5
 PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics", "/openapi.json"})
 
 
-class HeaderCache:
-    """conversation id -> its `conversation_created` event. Immutable facts, so a plain LRU."""
-
-    def __init__(self, size: int = 10_000) -> None:
-        self._items: OrderedDict[str, ConversationCreated] = OrderedDict()
-        self._size = size
-
-    def get(self, conversation_id: str) -> ConversationCreated | None:
-        item = self._items.get(conversation_id)
-        if item is not None:
-            self._items.move_to_end(conversation_id)
-        return item
-
-    def put(self, header: ConversationCreated) -> None:
-        self._items[header.conversation_id] = header
-        self._items.move_to_end(header.conversation_id)
-        while len(self._items) > self._size:
-            self._items.popitem(last=False)
-
-
-HEADERS = web.AppKey("headers", HeaderCache)
-
-
-def claims_of(request: web.Request) -> Claims:
-    claims: Claims = request[_CLAIMS]
-    return claims
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every request counted by route template (bounded labels), method and final status."""
+    began = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as err:
+        status = err.status
+        raise
+    except (asyncio.CancelledError, ConnectionResetError):
+        status = 499  # the client went away first (nginx's word for it)
+        raise
+    finally:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        request.app[METRICS].http_request(
+            route, request.method, status, time.perf_counter() - began
+        )
 
 
 @web.middleware
@@ -71,24 +85,52 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if scheme.lower() != "bearer" or not token:
         raise ApiError(401, "unauthorized", "missing bearer token (Authorization: Bearer <token>)")
     try:
-        request[_CLAIMS] = verify(request.app[CONFIG].jwt_secret, token.strip())
+        request[CLAIMS] = await request.app[VERIFIER].verify(token.strip())
     except InvalidToken as err:
         raise ApiError(401, "unauthorized", str(err)) from err
     return await handler(request)
 
 
+async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    http: aiohttp.ClientSession | None = None
+    jwks = None
+    if config.jwks_url:
+        http = aiohttp.ClientSession()
+        jwks = JwksKeys(config.jwks_url, http)
+    app[VERIFIER] = Verifier(
+        secret=config.jwt_secret,
+        jwks=jwks,
+        issuer=config.jwt_issuer,
+        audience=config.jwt_audience,
+    )
+    yield
+    if http is not None:
+        await http.close()
+
+
 async def nats_ctx(app: web.Application) -> AsyncIterator[None]:
-    nc = await nats.connect(app[CONFIG].nats_url, name="parley-edge", max_reconnect_attempts=-1)
+    nc = await connect(app[CONFIG].nats_url, name="parley-edge")
     app[NATS] = nc
     app[JS] = nc.jetstream()
-    await ensure_streams(app[JS])
+    for note in await ensure_streams(app[JS], replicas=app[CONFIG].stream_replicas):
+        log.info(note)
     app[LOG] = EventLog(app[JS])
     yield
     await nc.drain()
 
 
 async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
-    pool = await create_pool(app[CONFIG].database_url, app[CONFIG].db_schema)
+    for attempt in range(_DDL_ATTEMPTS):
+        try:
+            pool = await create_pool(app[CONFIG].database_url, app[CONFIG].db_schema)
+            break
+        except asyncpg.exceptions.DeadlockDetectedError:
+            # The schema check's DDL can deadlock with a projector writing rows at
+            # that moment; Postgres aborts one side, and trying again is the cure.
+            if attempt + 1 == _DDL_ATTEMPTS:
+                raise
+            await asyncio.sleep(0.1 * (attempt + 1))
     app[POOL] = pool
     app[STORE] = ReadStore(pool)
     yield
@@ -103,14 +145,37 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     await client.aclose()
 
 
-def create_app(config: EdgeConfig) -> web.Application:
-    from api.routes import add_routes
+async def hubs_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    settings = HubSettings(stall_check_s=config.stall_check_s, linger_s=config.hub_linger_s)
+    hubs = app[HUBS] = Hubs(app[JS], app[LOG], app[TURNS], settings)
+    yield
+    await hubs.close()
 
+
+async def limits_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    limits = app[LIMITS] = Limits(
+        app[REDIS],
+        app[HUBS],
+        rate_per_s=config.limits.rate_per_s,
+        burst=config.limits.rate_burst,
+        lease_s=config.limits.lease_s,
+    )
+    limits.start()
+    yield
+    await limits.close()
+
+
+def create_app(config: EdgeConfig, metrics: EdgeMetrics | None = None) -> web.Application:
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware], client_max_size=config.max_body_bytes
+        middlewares=[metrics_middleware, error_middleware, auth_middleware, limits_middleware],
+        client_max_size=config.max_body_bytes,
     )
     app[CONFIG] = config
     app[HEADERS] = HeaderCache()
-    app.cleanup_ctx.extend([nats_ctx, postgres_ctx, redis_ctx])
+    app[PROJECTS] = ProjectCache()
+    app[METRICS] = metrics if metrics is not None else NoMetrics()
+    app.cleanup_ctx.extend([auth_ctx, nats_ctx, postgres_ctx, redis_ctx, hubs_ctx, limits_ctx])
     add_routes(app)
     return app

@@ -1,39 +1,58 @@
-"""Bearer tokens: HS256-signed JWTs (RFC 7519), checked on every route.
+"""Bearer tokens: JWTs (RFC 7519) verified with PyJWT, on every non-public route.
 
-Small enough to write out rather than depend on a JWT library: one algorithm,
-fixed header, constant-time signature comparison, expiry checked.
+Two kinds are accepted, by configuration:
+
+- HS256 signed with the shared secret (`PARLEY_JWT_SECRET`, or the data
+  folder's secret in `parley dev`): what `parley token` mints;
+- RS256 / ES256 from a team's identity provider, whose public keys come from
+  its JWKS URL; the issuer and audience are checked on these.
+
+The token's header names its algorithm, and the algorithm picks the key: the
+shared secret only ever checks HS256, the JWKS keys only the asymmetric
+algorithms. So `alg: none`, an algorithm not listed, or an HS256 token "signed"
+with a public key (algorithm confusion) are refused before any signature is
+looked at.
+
+The JWKS is fetched with aiohttp, not PyJWT's PyJWKClient: that client is
+synchronous (urllib on the event loop, or a thread per request) and fetches the
+key set again for every token whose `kid` it does not know, so anyone could make
+the edge hammer the identity provider. Here the set is cached for
+`jwks_cache_s`, and an unknown `kid` refetches at most once per
+`jwks_refresh_s` (a key rotated in at the provider is picked up that quickly).
+
+Claims: `sub` (the user id; it must be 1-128 characters of A-Z a-z 0-9 _ -,
+since user ids name log subjects and keys), `exp` (required), `adm` (true for
+an admin token; see README "Tokens").
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
+import asyncio
+import logging
 import time
+from typing import Any
 
+import aiohttp
+import jwt
 import msgspec
 
+from events.subjects import valid_id
+
+log = logging.getLogger(__name__)
+
 DEFAULT_TTL_S = 30 * 24 * 3600
-_HEADER = base64.urlsafe_b64encode(b'{"alg":"HS256","typ":"JWT"}').rstrip(b"=")
+ASYMMETRIC = ("RS256", "ES256")
 
 
 class Claims(msgspec.Struct, frozen=True):
     sub: str  # the user id
     exp: int
-    iat: int
+    iat: int = 0
     adm: bool = False
 
 
 class InvalidToken(Exception):
-    pass
-
-
-def _b64(data: bytes) -> bytes:
-    return base64.urlsafe_b64encode(data).rstrip(b"=")
-
-
-def _unb64(data: bytes) -> bytes:
-    return base64.urlsafe_b64decode(data + b"=" * (-len(data) % 4))
+    """A token the edge refuses; the message says why (never the token itself)."""
 
 
 def mint(
@@ -44,25 +63,132 @@ def mint(
     ttl_s: int = DEFAULT_TTL_S,
     now: float | None = None,
 ) -> str:
+    """An HS256 token for `user_id`, as `parley token` prints it."""
     issued = int(now if now is not None else time.time())
-    claims = Claims(sub=user_id, exp=issued + ttl_s, iat=issued, adm=admin)
-    signing_input = _HEADER + b"." + _b64(msgspec.json.encode(claims))
-    signature = hmac.new(secret.encode(), signing_input, hashlib.sha256).digest()
-    return (signing_input + b"." + _b64(signature)).decode()
+    claims = {"sub": user_id, "exp": issued + ttl_s, "iat": issued, "adm": admin}
+    return jwt.encode(claims, secret, algorithm="HS256")
 
 
-def verify(secret: str, token: str, *, now: float | None = None) -> Claims:
-    parts = token.encode().split(b".")
-    if len(parts) != 3 or parts[0] != _HEADER:
-        raise InvalidToken("malformed token")
-    expected = hmac.new(secret.encode(), parts[0] + b"." + parts[1], hashlib.sha256).digest()
+class JwksKeys:
+    """The identity provider's public keys by `kid`, fetched from its JWKS URL."""
+
+    def __init__(
+        self,
+        url: str,
+        http: aiohttp.ClientSession,
+        *,
+        cache_s: float = 300.0,
+        refresh_s: float = 30.0,
+        timeout_s: float = 5.0,
+    ) -> None:
+        self._url = url
+        self._http = http
+        self._cache_s = cache_s
+        self._refresh_s = refresh_s
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._keys: dict[str, jwt.PyJWK] = {}
+        self._fetched = float("-inf")  # last successful fetch
+        self._attempted = float("-inf")  # last fetch, successful or not
+        self._lock = asyncio.Lock()
+
+    async def get(self, kid: str) -> jwt.PyJWK:
+        now = time.monotonic()
+        wanted = kid not in self._keys or now - self._fetched > self._cache_s
+        if wanted and now - self._attempted > self._refresh_s:
+            async with self._lock:  # one fetch for a crowd of requests
+                if self._attempted < now:
+                    await self._fetch()
+        key = self._keys.get(kid)
+        if key is None:
+            raise InvalidToken(f"no key {kid!r} in the identity provider's key set")
+        return key
+
+    async def _fetch(self) -> None:
+        self._attempted = time.monotonic()
+        try:
+            async with self._http.get(self._url, timeout=self._timeout) as response:
+                response.raise_for_status()
+                data = await response.json(content_type=None)
+            keys = jwt.PyJWKSet.from_dict(data).keys
+        except (aiohttp.ClientError, TimeoutError, ValueError, jwt.PyJWTError) as err:
+            # Keep the keys we had: an identity provider that blips must not log everyone out.
+            log.warning("cannot fetch the JWKS", extra={"url": self._url, "error": repr(err)})
+            return
+        self._keys = {key.key_id: key for key in keys if key.key_id}
+        self._fetched = time.monotonic()
+
+
+class Verifier:
+    """Checks a bearer token and returns its claims, or raises InvalidToken."""
+
+    def __init__(
+        self,
+        *,
+        secret: str | None = None,
+        jwks: JwksKeys | None = None,
+        issuer: str | None = None,
+        audience: str | None = None,
+        leeway_s: float = 30.0,
+    ) -> None:
+        if secret is None and jwks is None:
+            raise ValueError("a Verifier needs a secret or a JWKS")
+        self._secret = secret
+        self._jwks = jwks
+        self._issuer = issuer
+        self._audience = audience
+        self._leeway = leeway_s
+
+    async def verify(self, token: str) -> Claims:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as err:
+            raise InvalidToken("malformed token") from err
+        alg = header.get("alg")
+        try:
+            if alg == "HS256" and self._secret is not None:
+                payload = jwt.decode(
+                    token,
+                    self._secret,
+                    algorithms=["HS256"],
+                    leeway=self._leeway,
+                    options={"require": ["exp", "sub"]},
+                )
+            elif alg in ASYMMETRIC and self._jwks is not None:
+                kid = header.get("kid")
+                if not isinstance(kid, str):
+                    raise InvalidToken("the token names no key (kid)")
+                key = await self._jwks.get(kid)
+                payload = jwt.decode(
+                    token,
+                    key,
+                    algorithms=[alg],
+                    issuer=self._issuer,
+                    audience=self._audience,
+                    leeway=self._leeway,
+                    options={"require": ["exp", "sub", "iss", "aud"]},
+                )
+            else:
+                raise InvalidToken(f"tokens signed with {alg!r} are not accepted")
+        except jwt.ExpiredSignatureError as err:
+            raise InvalidToken("token expired") from err
+        except jwt.InvalidAudienceError as err:
+            raise InvalidToken("token is for another audience") from err
+        except jwt.InvalidIssuerError as err:
+            raise InvalidToken("token is from another issuer") from err
+        except jwt.InvalidSignatureError as err:
+            raise InvalidToken("bad signature") from err
+        except jwt.MissingRequiredClaimError as err:
+            raise InvalidToken(f"token lacks the {err.claim!r} claim") from err
+        except jwt.PyJWTError as err:
+            raise InvalidToken(f"invalid token: {type(err).__name__}") from err
+        return _claims(payload)
+
+
+def _claims(payload: dict[str, Any]) -> Claims:
     try:
-        signature = _unb64(parts[2])
-        claims = msgspec.json.decode(_unb64(parts[1]), type=Claims)
-    except (ValueError, msgspec.DecodeError, msgspec.ValidationError) as err:
-        raise InvalidToken("malformed token") from err
-    if not hmac.compare_digest(signature, expected):
-        raise InvalidToken("bad signature")
-    if claims.exp < (now if now is not None else time.time()):
-        raise InvalidToken("token expired")
+        claims = msgspec.convert(payload, type=Claims, strict=False)
+    except msgspec.ValidationError as err:
+        raise InvalidToken(f"invalid claims: {err}") from err
+    if not valid_id(claims.sub):
+        raise InvalidToken("the token's sub must be 1-128 characters of A-Z a-z 0-9 _ -")
     return claims

@@ -27,15 +27,30 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        retry_after: int | None = None,
+        close: bool = False,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.extra: dict[str, object] = {}  # more keys of the error object (a busy turn's id)
+        self.retry_after = retry_after  # seconds, sent as Retry-After (429, 503)
+        self.close = close  # end the connection after the answer (a body left half-read)
 
 
-def error_response(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+def error_response(
+    status: int, code: str, message: str, extra: dict[str, object] | None = None
+) -> web.Response:
+    return web.json_response(
+        {"error": {"code": code, "message": message, **(extra or {})}}, status=status
+    )
 
 
 def not_found(what: str) -> ApiError:
@@ -54,7 +69,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as err:
-        return error_response(err.status, err.code, err.message)
+        response = error_response(err.status, err.code, err.message, err.extra)
+        if err.retry_after is not None:
+            response.headers["Retry-After"] = str(max(1, err.retry_after))
+        if err.close:
+            response.force_close()
+        return response
     except web.HTTPRequestEntityTooLarge as err:
         return error_response(413, "body_too_large", err.text or "request body too large")
     except web.HTTPException as err:

@@ -1,28 +1,105 @@
-"""HTTP routes of DESIGN section 5: conversations, messages, events, log."""
+"""HTTP routes of DESIGN section 5, declared once in `ROUTES`: conversations, messages,
+events, log, projects, credits, and the operational routes (health, readiness,
+metrics, the OpenAPI document, the page).
+
+A route is one `Operation` line in `ROUTES`, naming the types it reads and
+answers with; `add_routes` registers the table and serves it as
+`/openapi.json` (api/openapi.py). A route added elsewhere (api/project_routes.py)
+is added here as one more line.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
-from importlib import resources
-from typing import Any, Literal, TypeVar
+from collections.abc import Awaitable, Mapping
+from importlib import metadata, resources
+from typing import Annotated, Literal, TypeVar
 
 import msgspec
 from aiohttp import web
 
-from api.app import CONFIG, HEADERS, JS, LOG, NATS, REDIS, STORE, TURNS, claims_of
-from api.errors import UNAVAILABLE, ApiError, bad_request, not_found
+from api import ai_sdk
+from api.access import owned_conversation, project_of_member
+from api.context import (
+    CONFIG,
+    HEADERS,
+    JS,
+    LOG,
+    METRICS,
+    OPENAPI,
+    REDIS,
+    STORE,
+    TURNS,
+    claims_of,
+)
+from api.errors import UNAVAILABLE, ApiError, bad_request
+from api.hub import read_range
+from api.openapi import (
+    AI_SDK_STREAM,
+    HTML,
+    NDJSON,
+    PROMETHEUS,
+    SSE,
+    Answer,
+    Operation,
+    document,
+    register,
+)
+from api.project_routes import (
+    AddMember,
+    CreateProject,
+    GrantCredits,
+    LedgerQuery,
+    add_member,
+    create_project,
+    get_account,
+    get_ledger,
+    grant_credits,
+    list_models,
+    list_projects,
+)
+from api.responses import (
+    AccountView,
+    ActiveTurn,
+    CancelAnswer,
+    Checks,
+    ConversationDetail,
+    ConversationInfo,
+    ConversationList,
+    CreditsGrant,
+    Health,
+    Ledger,
+    MessageList,
+    ModelList,
+    ProjectInfo,
+    ProjectList,
+    Readiness,
+    TurnAccepted,
+    answer,
+)
 from api.sse import Position, parse_position
-from api.streaming import PendingCommand, TurnFilter, open_sse, running_turn, stream_log
-from api.validation import InvalidBody, decode_body
-from events.codec import encode, encode_stored
+from api.streaming import cut, open_sse, running_turn, stream_log
+from api.turn_routes import (
+    EditBody,
+    PostMessage,
+    RegenerateBody,
+    cancel_turn,
+    edit_message,
+    post_message,
+    read_json,
+    regenerate,
+)
+from api.validation import InvalidBody, decode_params
+from events.codec import encode_stored
 from events.ids import new_id
-from events.subjects import CMD_STREAM, EVT_STREAM, command_subject, valid_id
-from events.vocabulary import ConversationCreated, OnBusy, SendMessage
+from events.subjects import EVT_STREAM
+from events.vocabulary import ConversationCreated
 from projections.store import ConversationRow
 
-# ---------------------------------------------------------------- request bodies
+T = TypeVar("T")
+
+# ---------------------------------------------------------------- request types
 
 
 class CreateConversation(msgspec.Struct, frozen=True):
@@ -31,49 +108,31 @@ class CreateConversation(msgspec.Struct, frozen=True):
     model: str | None = None
 
 
-class PostMessage(msgspec.Struct, frozen=True):
-    content: str
-    model: str | None = None
-    idempotency_key: str | None = None
-    on_busy: OnBusy = "enqueue"
+class MessagesQuery(msgspec.Struct, frozen=True):
+    versions: Literal["latest", "all"] = "latest"
 
 
-class IdempotencyRecord(msgspec.Struct, frozen=True):
-    message_id: str
-    command_id: str
-    after: int
-    digest: str
+class ResumeQuery(msgspec.Struct, frozen=True):
+    # an SSE id to resume after (the Last-Event-ID header wins when both are sent)
+    after: str | None = None
 
 
-T = TypeVar("T")
-_RESERVE_S = 60
+class ResumeHeaders(msgspec.Struct, frozen=True):
+    last_event_id: str | None = msgspec.field(default=None, name="Last-Event-ID")
 
 
-async def read_json(request: web.Request, kind: type[T]) -> T:
-    body = await request.read()
+class LogQuery(msgspec.Struct, frozen=True):
+    after: Annotated[int, msgspec.Meta(ge=0, description="log entries after this position")] = 0
+
+
+def read_params(source: Mapping[str, str], kind: type[T]) -> T:
     try:
-        return decode_body(body, kind)
+        return decode_params(source, kind)
     except InvalidBody as err:
         raise ApiError(err.status, err.code, err.message) from err
 
 
 # ---------------------------------------------------------------- helpers
-
-
-async def owned_conversation(request: web.Request, conversation_id: str) -> ConversationCreated:
-    """The conversation's header if the caller may see it; 404 otherwise (no existence leak)."""
-    if not valid_id(conversation_id):
-        raise not_found("conversation")
-    cache = request.app[HEADERS]
-    header = cache.get(conversation_id)
-    if header is None:
-        first = await request.app[LOG].first(conversation_id)
-        if first is not None and isinstance(first.event, ConversationCreated):
-            header = first.event
-            cache.put(header)
-    if header is None or header.user_id != claims_of(request).sub:
-        raise not_found("conversation")
-    return header
 
 
 def _iso(ns: int) -> str:
@@ -83,47 +142,49 @@ def _iso(ns: int) -> str:
     )
 
 
-def _row_json(row: ConversationRow) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "user_id": row.user_id,
-        "project_id": row.project_id,
-        "title": row.title,
-        "model": row.model,
-        "message_count": row.message_count,
-        "token_usage_total": row.token_usage_total,
-        "created_at": row.created_at.isoformat(),
-        "updated_at": row.updated_at.isoformat(),
-    }
+def _row_info(row: ConversationRow) -> ConversationInfo:
+    return ConversationInfo(
+        id=row.id,
+        user_id=row.user_id,
+        project_id=row.project_id,
+        title=row.title,
+        model=row.model,
+        message_count=row.message_count,
+        token_usage_total=row.token_usage_total,
+        created_at=row.created_at.isoformat(),
+        updated_at=row.updated_at.isoformat(),
+    )
 
 
-def _unprojected_json(header: ConversationCreated) -> dict[str, Any]:
+def _unprojected_info(header: ConversationCreated) -> ConversationInfo:
     """A conversation the projection has not reached yet: what its first event says."""
-    return {
-        "id": header.conversation_id,
-        "user_id": header.user_id,
-        "project_id": header.project_id,
-        "title": header.title,
-        "model": header.model,
-        "message_count": 0,
-        "token_usage_total": 0,
-        "created_at": _iso(header.at),
-        "updated_at": _iso(header.at),
-    }
+    return ConversationInfo(
+        id=header.conversation_id,
+        user_id=header.user_id,
+        project_id=header.project_id,
+        title=header.title,
+        model=header.model,
+        message_count=0,
+        token_usage_total=0,
+        created_at=_iso(header.at),
+        updated_at=_iso(header.at),
+    )
 
 
-async def conversation_json(
+async def conversation_detail(
     request: web.Request, header: ConversationCreated, *, fresh: bool = False
-) -> dict[str, Any]:
+) -> ConversationDetail:
     """The conversation as the API shows it. A `fresh` one has no turn yet, so its
     answer does not depend on Redis: a create that succeeded never reports 503."""
     row: ConversationRow | None = await request.app[STORE].conversation(header.conversation_id)
     active = None if fresh else await request.app[TURNS].get(header.conversation_id)
-    out = _row_json(row) if row is not None else _unprojected_json(header)
-    out["active_turn"] = (
-        {"turn_id": active.turn_id, "started_at": _iso(active.at)} if active else None
+    info = _row_info(row) if row is not None else _unprojected_info(header)
+    return ConversationDetail(
+        **msgspec.structs.asdict(info),
+        active_turn=ActiveTurn(turn_id=active.turn_id or None, started_at=_iso(active.at))
+        if active
+        else None,
     )
-    return out
 
 
 # ---------------------------------------------------------------- conversations
@@ -136,8 +197,9 @@ async def create_conversation(request: web.Request) -> web.Response:
         raise bad_request(
             f"unknown model {body.model!r}; known: {', '.join(config.models)}", "unknown_model"
         )
-    if body.project_id is not None and not valid_id(body.project_id):
-        raise bad_request("project_id must be 1-128 characters of A-Z a-z 0-9 _ -")
+    if body.project_id is not None:
+        # only a member starts a project conversation (a project's tools and its bill)
+        await project_of_member(request, body.project_id)
     if len(body.title) > 200:
         raise bad_request("title longer than 200 characters")
     header = ConversationCreated(
@@ -153,7 +215,7 @@ async def create_conversation(request: web.Request) -> web.Response:
     seq = await request.app[LOG].append(header.conversation_id, [header], expected_seq=0)
     request.app[HEADERS].put(header)
     await _wait_for_projection(request, seq)
-    return web.json_response(await conversation_json(request, header, fresh=True), status=201)
+    return answer(await conversation_detail(request, header, fresh=True), status=201)
 
 
 async def _wait_for_projection(request: web.Request, seq: int) -> None:
@@ -168,164 +230,24 @@ async def _wait_for_projection(request: web.Request, seq: int) -> None:
 
 async def list_conversations(request: web.Request) -> web.Response:
     rows = await request.app[STORE].conversations_of(claims_of(request).sub)
-    return web.json_response({"conversations": [_row_json(row) for row in rows]})
+    return answer(ConversationList(conversations=[_row_info(row) for row in rows]))
 
 
 async def get_conversation(request: web.Request) -> web.Response:
     header = await owned_conversation(request, request.match_info["id"])
-    return web.json_response(await conversation_json(request, header))
+    return answer(await conversation_detail(request, header))
 
 
 # ---------------------------------------------------------------- messages
 
 
-async def post_message(request: web.Request) -> web.StreamResponse:
-    header = await owned_conversation(request, request.match_info["id"])
-    body = await read_json(request, PostMessage)
-    config = request.app[CONFIG]
-    if not body.content.strip():
-        raise bad_request("content is empty")
-    if len(body.content) > config.max_message_chars:
-        raise bad_request(
-            f"content longer than {config.max_message_chars} characters", "content_too_long"
-        )
-    if body.model is not None and body.model not in config.models:
-        raise bad_request(
-            f"unknown model {body.model!r}; known: {', '.join(config.models)}", "unknown_model"
-        )
-    if body.idempotency_key is not None and not (0 < len(body.idempotency_key) <= 200):
-        raise bad_request("idempotency_key must be 1-200 characters")
-    conversation_id = header.conversation_id
-    claims = claims_of(request)
-
-    record, fresh = await _idempotency(request, conversation_id, body)
-    if fresh:
-        active = await request.app[TURNS].get(conversation_id)
-        if active is not None and body.on_busy != "enqueue":
-            await _forget_idempotency(request, conversation_id, body)
-            if body.on_busy == "interrupt":
-                # Needs the cancel path, which does not exist yet: refuse openly
-                # rather than quietly queue behind the turn.
-                raise ApiError(
-                    501,
-                    "not_implemented",
-                    "on_busy=interrupt is not supported yet; use enqueue or reject",
-                )
-            raise ApiError(
-                409, "busy", f"conversation {conversation_id} is answering; on_busy=reject"
-            )
-    command = SendMessage(
-        conversation_id=conversation_id,
-        command_id=record.command_id,
-        user_id=claims.sub,
-        at=time.time_ns(),
-        message_id=record.message_id,
-        content=body.content,
-        model=body.model,
-        on_busy=body.on_busy,
-    )
-    # Published again for a repeated key too: whether or not the first request
-    # got as far as publishing, the message is sent exactly once in effect.
-    # Nats-Msg-Id drops a copy within the duplicate window, and the actor drops
-    # a later one by its command_id in the log.
-    try:
-        ack = await request.app[JS].publish(
-            command_subject(conversation_id),
-            encode(command),
-            stream=CMD_STREAM,
-            headers={"Nats-Msg-Id": record.command_id},
-        )
-    except BaseException:
-        if fresh:  # not sent: a retry with the same key must be free to send it
-            await _forget_idempotency(request, conversation_id, body)
-        raise
-    # published: keep the key for its full time (also when a retry did the publishing)
-    await _keep_idempotency(request, conversation_id, body, record)
-
-    if _wants_json(request):
-        return web.json_response(
-            {
-                "message_id": record.message_id,
-                "conversation_id": conversation_id,
-                "after": record.after,
-            },
-            status=202,
-        )
-    response = await open_sse(request)
-    return await stream_log(
-        request,
-        response,
-        conversation_id,
-        Position(seq=record.after),
-        turn=TurnFilter(record.message_id),
-        command=PendingCommand(stream_seq=int(ack.seq)),
-    )
-
-
-def _wants_json(request: web.Request) -> bool:
-    accept = request.headers.get("Accept", "")
-    return "application/json" in accept and "text/event-stream" not in accept
-
-
-def _idem_key(conversation_id: str, key: str) -> str:
-    return f"parley:idem:{conversation_id}:{hashlib.sha256(key.encode()).hexdigest()[:32]}"
-
-
-async def _idempotency(
-    request: web.Request, conversation_id: str, body: PostMessage
-) -> tuple[IdempotencyRecord, bool]:
-    """The message's ids and start position; the same ones again for a repeated key."""
-    after = await request.app[LOG].last_seq(conversation_id)
-    digest = hashlib.sha256(f"{body.content}\x00{body.model}".encode()).hexdigest()
-    if body.idempotency_key is None:
-        return IdempotencyRecord(
-            message_id=new_id(), command_id=new_id(), after=after, digest=digest
-        ), True
-    record = IdempotencyRecord(message_id=new_id(), command_id=new_id(), after=after, digest=digest)
-    redis = request.app[REDIS]
-    key = _idem_key(conversation_id, body.idempotency_key)
-    # Reserved briefly until the command is published (then kept for the full
-    # TTL): a crash in between frees the key within a minute, not a day.
-    if await redis.set(key, msgspec.json.encode(record), nx=True, ex=_RESERVE_S):
-        return record, True
-    raw = await redis.get(key)
-    if raw is None:  # expired between the two calls: treat as new
-        return record, True
-    previous = msgspec.json.decode(raw, type=IdempotencyRecord)
-    if previous.digest != digest:
-        raise ApiError(
-            422, "idempotency_mismatch", "idempotency_key was already used with a different message"
-        )
-    return previous, False
-
-
-async def _keep_idempotency(
-    request: web.Request, conversation_id: str, body: PostMessage, record: IdempotencyRecord
-) -> None:
-    if body.idempotency_key is not None:
-        await request.app[REDIS].set(
-            _idem_key(conversation_id, body.idempotency_key),
-            msgspec.json.encode(record),
-            ex=request.app[CONFIG].idempotency_ttl_s,
-        )
-
-
-async def _forget_idempotency(
-    request: web.Request, conversation_id: str, body: PostMessage
-) -> None:
-    if body.idempotency_key is not None:
-        await request.app[REDIS].delete(_idem_key(conversation_id, body.idempotency_key))
-
-
 async def list_messages(request: web.Request) -> web.Response:
     header = await owned_conversation(request, request.match_info["id"])
-    versions = request.query.get("versions", "latest")
-    if versions not in ("latest", "all"):
-        raise bad_request("versions must be 'latest' or 'all'")
-    rows = await request.app[STORE].messages(header.conversation_id, all_versions=versions == "all")
-    return web.json_response(
-        {"messages": msgspec.to_builtins(rows)},
+    query = read_params(request.query, MessagesQuery)
+    rows = await request.app[STORE].messages(
+        header.conversation_id, all_versions=query.versions == "all"
     )
+    return answer(MessageList(messages=rows))
 
 
 # ---------------------------------------------------------------- events and log
@@ -334,7 +256,8 @@ async def list_messages(request: web.Request) -> web.Response:
 async def conversation_events(request: web.Request) -> web.StreamResponse:
     header = await owned_conversation(request, request.match_info["id"])
     conversation_id = header.conversation_id
-    raw = request.headers.get("Last-Event-ID") or request.query.get("after")
+    resume = read_params(request.headers, ResumeHeaders).last_event_id
+    raw = resume or read_params(request.query, ResumeQuery).after
     if raw:
         position = parse_position(raw)
         if position is None:
@@ -357,70 +280,121 @@ async def _start_of_active_turn(request: web.Request, conversation_id: str) -> i
 
 
 async def conversation_log(request: web.Request) -> web.StreamResponse:
+    """The raw log as JSON lines, streamed: one entry at a time from the log up to its
+    end as it was when the request came, never the whole conversation in memory."""
     header = await owned_conversation(request, request.match_info["id"])
-    raw = request.query.get("after", "0")
-    if not raw.isdigit():
-        raise bad_request("after must be a non-negative integer")
+    after = read_params(request.query, LogQuery).after
+    app = request.app
+    conversation_id = header.conversation_id
+    end = await app[LOG].last_seq(conversation_id)
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
-    for stored in await request.app[LOG].read(header.conversation_id, after=int(raw)):
-        await response.write(encode_stored(stored.seq, stored.event) + b"\n")
-    await response.write_eof()
+    timeout = app[CONFIG].limits.write_timeout_s
+    try:
+        async for stored in read_range(app[JS], app[LOG], conversation_id, after, end):
+            async with asyncio.timeout(timeout):  # a reader that stops reading is let go
+                await response.write(encode_stored(stored.seq, stored.event) + b"\n")
+        async with asyncio.timeout(timeout):
+            await response.write_eof()
+    except TimeoutError:
+        if request.transport is not None:
+            cut(request.transport)
     return response
 
 
-# ---------------------------------------------------------------- health, page
+# ---------------------------------------------------------------- operations
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return answer(Health())
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when NATS, Postgres and Redis answer and the read models are not too far
-    behind the log (`projection_lag`: CHAT_EVT's last sequence minus the projection's
-    position; unready above `max_projection_lag`). Events the projection could not
-    apply as written do not make the edge unready (the rest is served), but are
-    counted here so an operator sees them (`parley projections errors` lists them)."""
+    """Ready when NATS (JetStream), Postgres and Redis each answer within
+    `ready_timeout_s`, and the read models are not too far behind the log
+    (`projection_lag`: CHAT_EVT's last sequence minus the projection's position;
+    unready above `max_projection_lag`); else 503 with the reasons. Events the
+    projection could not apply as written do not make the edge unready (the rest
+    is served), but are counted here (`parley projections errors` lists them)."""
     app = request.app
-    checks: dict[str, Literal["ok", "down"]] = {}
-    checks["nats"] = "ok" if app[NATS].is_connected else "down"
+    timeout = app[CONFIG].ready_timeout_s
     projection_errors: int | None = None
     position: int | None = None
-    try:
+    head: int | None = None
+
+    async def nats() -> None:
+        nonlocal head
+        head = int((await app[JS].stream_info(EVT_STREAM)).state.last_seq)
+
+    async def postgres() -> None:
+        nonlocal projection_errors, position
         projection_errors = await app[STORE].projection_error_count()
         position = await app[STORE].position()
-        checks["postgres"] = "ok"
-    except UNAVAILABLE:
-        checks["postgres"] = "down"
-    try:
+
+    async def redis() -> None:
         await app[REDIS].ping()
-        checks["redis"] = "ok"
-    except UNAVAILABLE:
-        checks["redis"] = "down"
-    reasons = [f"{name} is down" for name, state in checks.items() if state == "down"]
-    lag: int | None = None
-    if position is not None and checks["nats"] == "ok":
-        try:
-            head = int((await app[JS].stream_info(EVT_STREAM)).state.last_seq)
-        except UNAVAILABLE:
-            reasons.append("the event log does not answer")
-        else:
-            lag = max(0, head - position)
-            bound = app[CONFIG].max_projection_lag
-            if bound and lag > bound:
-                reasons.append(f"the read models are {lag} events behind the log (bound {bound})")
-    ready = not reasons
-    return web.json_response(
-        {
-            "status": "ready" if ready else "not_ready",
-            "checks": checks,
-            "projection_errors": projection_errors,
-            "projection_lag": lag,
-            "reasons": reasons,
-        },
-        status=200 if ready else 503,
+
+    # concurrently: a hanging server costs the probe `timeout`, not three of them
+    on_nats, on_postgres, on_redis = await asyncio.gather(
+        _probe("nats", nats(), timeout),
+        _probe("postgres", postgres(), timeout),
+        _probe("redis", redis(), timeout),
     )
+    reasons = [reason for reason in (on_nats, on_postgres, on_redis) if reason is not None]
+    lag = max(0, head - position) if head is not None and position is not None else None
+    bound = app[CONFIG].max_projection_lag
+    if lag is not None and bound and lag > bound:
+        reasons.append(f"the read models are {lag} events behind the log (bound {bound})")
+    body = Readiness(
+        status="not_ready" if reasons else "ready",
+        checks=Checks(
+            nats="down" if on_nats else "ok",
+            postgres="down" if on_postgres else "ok",
+            redis="down" if on_redis else "ok",
+        ),
+        reasons=reasons,
+        projection_errors=projection_errors,
+        projection_lag=lag,
+    )
+    return answer(body, status=503 if reasons else 200)
+
+
+async def _probe(name: str, check: Awaitable[None], within_s: float) -> str | None:
+    """None when `check` succeeds in time, else why not, in one line."""
+    try:
+        async with asyncio.timeout(within_s):
+            await check
+    except TimeoutError:
+        return f"{name}: no answer within {within_s:g} s"
+    except UNAVAILABLE as err:
+        return f"{name}: {type(err).__name__}: {err}"[:300]
+    return None
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus exposition of this process's registry (parley/metrics.py). The
+    projection's lag and error count are read now, from the log and Postgres, so they
+    are right even when the projector runs elsewhere, or not at all."""
+    app = request.app
+    lag = errors = None
+    try:
+        async with asyncio.timeout(app[CONFIG].ready_timeout_s):
+            errors = await app[STORE].projection_error_count()
+            position = await app[STORE].position()
+            head = int((await app[JS].stream_info(EVT_STREAM)).state.last_seq)
+            lag = max(0, head - position)
+    except TimeoutError:
+        pass  # left out of this scrape: an absent sample, not a wrong one
+    except UNAVAILABLE:
+        pass
+    sink = app[METRICS]
+    sink.projection(lag=lag, errors=errors)
+    body, content_type = sink.render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[OPENAPI], content_type="application/json")
 
 
 async def index(request: web.Request) -> web.Response:
@@ -428,14 +402,48 @@ async def index(request: web.Request) -> web.Response:
     return web.Response(text=page, content_type="text/html")
 
 
+# ---------------------------------------------------------------- the table
+
+_TURN_ANSWERS: dict[int, Answer] = {200: SSE, 202: TurnAccepted}
+_CONVERSATION = {"id": "the conversation"}
+_MESSAGE = {"id": "the conversation", "mid": "the message"}
+
+# Every route of the edge, once: registered by add_routes and described in /openapi.json.
+# fmt: off
+ROUTES: tuple[Operation, ...] = (
+    Operation("GET", "/", index, "the web page", {200: HTML}, public=True, tag="operations"),
+    Operation("GET", "/healthz", healthz, "the process is alive", {200: Health}, public=True, tag="operations"),
+    Operation("GET", "/readyz", readyz, "NATS, Postgres and Redis answer (503 with the reasons when not)", {200: Readiness, 503: Readiness}, public=True, tag="operations"),
+    Operation("GET", "/metrics", metrics, "Prometheus metrics", {200: PROMETHEUS}, public=True, tag="operations"),
+    Operation("GET", "/openapi.json", openapi_json, "this document", {200: dict}, public=True, tag="operations"),
+    Operation("POST", "/v1/conversations", create_conversation, "start a conversation", {201: ConversationDetail}, body=CreateConversation),
+    Operation("GET", "/v1/conversations", list_conversations, "my conversations, latest first", {200: ConversationList}),
+    Operation("GET", "/v1/conversations/{id}", get_conversation, "a conversation and its active turn", {200: ConversationDetail}, path_params=_CONVERSATION),
+    Operation("POST", "/v1/conversations/{id}/messages", post_message, "send a message: its turn's SSE stream, or 202 with Accept: application/json", _TURN_ANSWERS, body=PostMessage, errors=(409, 422), path_params=_CONVERSATION),
+    Operation("GET", "/v1/conversations/{id}/messages", list_messages, "the projected messages (latest versions, or all)", {200: MessageList}, query=MessagesQuery, path_params=_CONVERSATION),
+    Operation("PATCH", "/v1/conversations/{id}/messages/{mid}", edit_message, "edit a user message: a new version and a new turn", _TURN_ANSWERS, body=EditBody, errors=(409, 422), path_params=_MESSAGE),
+    Operation("POST", "/v1/conversations/{id}/messages/{mid}/regenerate", regenerate, "a new version of an answer", _TURN_ANSWERS, body=RegenerateBody, body_required=False, errors=(409, 422), path_params=_MESSAGE),
+    Operation("POST", "/v1/conversations/{id}/cancel", cancel_turn, "stop the active turn", {200: CancelAnswer, 202: CancelAnswer}, path_params=_CONVERSATION),
+    Operation("GET", "/v1/conversations/{id}/events", conversation_events, "the conversation's events: catch-up, then live", {200: SSE}, query=ResumeQuery, headers=ResumeHeaders, path_params=_CONVERSATION),
+    Operation("GET", "/v1/conversations/{id}/log", conversation_log, "the raw event log as JSON lines", {200: NDJSON}, query=LogQuery, path_params=_CONVERSATION),
+    Operation("POST", "/v1/projects", create_project, "create a project; the creator is a member", {201: ProjectInfo}, body=CreateProject, tag="projects"),
+    Operation("POST", "/v1/projects/{id}/members", add_member, "add a member (members only)", {201: ProjectInfo}, body=AddMember, path_params={"id": "the project"}, tag="projects"),
+    Operation("GET", "/v1/projects", list_projects, "the projects I belong to", {200: ProjectList}, tag="projects"),
+    Operation("POST", "/v1/billing/accounts/{kind}/{id}/credits", grant_credits, "grant credits (admin token)", {201: CreditsGrant}, body=GrantCredits, errors=(403,), path_params={"kind": "`user` or `project`", "id": "the user or project"}, tag="billing"),
+    Operation("GET", "/v1/billing/accounts/{kind}/{id}", get_account, "an account's balance (mine, my project's; any with an admin token)", {200: AccountView}, path_params={"kind": "`user` or `project`", "id": "the user or project"}, tag="billing"),
+    Operation("GET", "/v1/billing/ledger", get_ledger, "ledger entries, one per billed turn", {200: Ledger}, query=LedgerQuery, tag="billing"),
+    Operation("GET", "/v1/models", list_models, "the configured models, their version in force and prices", {200: ModelList}, tag="models"),
+    Operation("POST", "/v1/ai-sdk/chat", ai_sdk.chat, "useChat's request: the turn as an AI SDK UI message stream", {200: AI_SDK_STREAM}, body=ai_sdk.ChatRequest, errors=(409, 422), tag="ai-sdk"),
+    Operation("GET", "/v1/ai-sdk/chat/{id}/stream", ai_sdk.resume, "useChat's resume: the active turn from its start (204: none)", {200: AI_SDK_STREAM, 204: None}, path_params={"id": "the chat (conversation)"}, tag="ai-sdk"),
+)
+# fmt: on
+
+
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/", index)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_post("/v1/conversations", create_conversation)
-    app.router.add_get("/v1/conversations", list_conversations)
-    app.router.add_get("/v1/conversations/{id}", get_conversation)
-    app.router.add_post("/v1/conversations/{id}/messages", post_message)
-    app.router.add_get("/v1/conversations/{id}/messages", list_messages)
-    app.router.add_get("/v1/conversations/{id}/events", conversation_events)
-    app.router.add_get("/v1/conversations/{id}/log", conversation_log)
+    register(app, ROUTES)
+    try:
+        version = metadata.version("parley")
+    except metadata.PackageNotFoundError:
+        version = "0"
+    doc = document(ROUTES, title="parley", version=version)
+    app[OPENAPI] = msgspec.json.encode(doc)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -62,6 +62,48 @@ def parse_position(raw: str) -> Position | None:
     return Position(seq=int(match.group(1)), piece=int(piece) if piece is not None else None)
 
 
+class StartedData(msgspec.Struct, frozen=True):
+    turn_id: str
+    message_id: str
+    user_message_id: str
+    model: str
+
+
+class ToolCallData(msgspec.Struct, frozen=True):
+    id: str
+    name: str
+    arguments: dict[str, Any]
+
+
+class ToolResultData(msgspec.Struct, frozen=True):
+    id: str
+    name: str
+    result: str | None
+    error: str | None
+    duration_ms: float
+
+
+class TitleData(msgspec.Struct, frozen=True):
+    title: str
+
+
+DoneData = Literal["ok", "stopped", "billing_error", "error"]
+
+# The `data` of each SSE event, DESIGN section 6; /openapi.json describes the
+# stream from this table (api/openapi.py), and `envelopes` builds these types.
+DATA_SHAPES: dict[str, Any] = {
+    "started": StartedData,
+    "thinking": str,
+    "token": str,
+    "tool_call": ToolCallData,
+    "tool_result": ToolResultData,
+    "title": TitleData,
+    "billing_error": str,
+    "error": str,
+    "done": DoneData,
+}
+
+
 class Envelope(msgspec.Struct, frozen=True, omit_defaults=True):
     """One SSE event. `data` has exactly the shape the original frontend reads
     (DESIGN section 6); anything more rides beside it in the envelope."""
@@ -83,12 +125,12 @@ def envelopes(stored: StoredEvent) -> list[Envelope]:
             return [
                 Envelope(
                     "started",
-                    {
-                        "turn_id": event.turn_id,
-                        "message_id": event.turn_id,
-                        "user_message_id": event.user_message_id,
-                        "model": event.model,
-                    },
+                    StartedData(
+                        turn_id=event.turn_id,
+                        message_id=event.turn_id,
+                        user_message_id=event.user_message_id,
+                        model=event.model,
+                    ),
                     event.turn_id,
                 )
             ]
@@ -100,7 +142,7 @@ def envelopes(stored: StoredEvent) -> list[Envelope]:
             return [
                 Envelope(
                     "tool_call",
-                    {"id": event.call_id, "name": event.name, "arguments": arguments or {}},
+                    ToolCallData(id=event.call_id, name=event.name, arguments=arguments or {}),
                     event.turn_id,
                     # the model's text, when it is not a JSON object the frontend can show
                     raw_arguments=event.arguments if arguments is None else None,
@@ -110,18 +152,18 @@ def envelopes(stored: StoredEvent) -> list[Envelope]:
             return [
                 Envelope(
                     "tool_result",
-                    {
-                        "id": event.call_id,
-                        "name": event.name,
-                        "result": event.result,
-                        "error": event.error,
-                        "duration_ms": event.duration_ms,
-                    },
+                    ToolResultData(
+                        id=event.call_id,
+                        name=event.name,
+                        result=event.result,
+                        error=event.error,
+                        duration_ms=event.duration_ms,
+                    ),
                     event.turn_id,
                 )
             ]
         case Title():
-            return [Envelope("title", {"title": event.title}, event.turn_id)]
+            return [Envelope("title", TitleData(title=event.title), event.turn_id)]
         case Done():
             return [Envelope("done", "ok", event.turn_id)]
         case Cancelled():

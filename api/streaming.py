@@ -1,10 +1,18 @@
-"""Streaming a conversation's log to one SSE viewer: catch-up, then live.
+"""Streaming a conversation's log to one SSE viewer: catch-up, then live from the hub.
 
-The log is followed by a pump task into a bounded queue; the response loop
-takes from it, writes frames and sends `: ping` comments while idle. The turn
-never depends on the viewer: a slow or gone viewer only ends its own stream
-(a viewer that stops taking events for `slow_viewer_timeout_s` is cut off and
-resumes from its last id).
+The viewer joins its conversation's hub (`api.hub`), writes what it missed
+(from the log or the hub's ring), then goes live: from then on the hub writes
+each event's frames, encoded once, straight to the viewer's socket without
+waiting for it. The viewer's own coroutine only sends `: ping` comments while
+idle and waits for its end.
+
+The turn never depends on the viewer. A viewer that does not keep up ends its
+own stream, and resumes from its last id:
+- every write the viewer's coroutine awaits is bounded by `write_timeout_s`;
+- a live write that finds more than `max_buffer_bytes` unsent, or a socket that
+  has not drained for `write_timeout_s`, cuts the connection;
+- a viewer still catching up while the hub queues more than `max_pending`
+  events for it is cut too.
 """
 
 from __future__ import annotations
@@ -12,112 +20,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+import struct
 import time
-from collections.abc import AsyncIterator
+from asyncio import Transport
+from collections.abc import Awaitable
 
-import msgspec
-import nats.errors
-import nats.js.errors
 from aiohttp import web
 
-from api.app import CONFIG, JS, LOG, TURNS
-from api.sse import PING, Envelope, Position, envelopes, frame, frames
-from events.errors import EventLogError, PositionGone
-from events.log import StoredEvent
-from events.subjects import CMD_STREAM
+from api.context import CONFIG, HUBS, JS, LOG, METRICS, TURNS
+from api.hub import (
+    Delivery,
+    PendingCommand,
+    Snapshot,
+    Subscription,
+    TurnFilter,
+    read_range,
+    turn_state,
+)
+from api.sse import PING, Envelope, Position, frame
+from events.errors import PositionGone
 from events.turns import TurnRecord
-from events.vocabulary import CommandRejected, Started, TurnEnd, UserMessage
 
 log = logging.getLogger(__name__)
 
-_QUEUE = 1024
-_POLL_S = 1.0
-_STOP_WAIT_S = 2.0
-
-
-class TurnFilter:
-    """Selects the events of the turn that answers one user message (or its rejection)."""
-
-    def __init__(self, user_message_id: str) -> None:
-        self.user_message_id = user_message_id
-        self.turn_id: str | None = None
-
-    def admit(self, stored: StoredEvent) -> bool:
-        event = stored.event
-        if isinstance(event, CommandRejected):
-            return event.message_id == self.user_message_id
-        if isinstance(event, Started) and event.user_message_id == self.user_message_id:
-            self.turn_id = event.turn_id
-        if isinstance(event, UserMessage):
-            return False
-        return self.turn_id is not None and getattr(event, "turn_id", None) == self.turn_id
-
-
-class PendingCommand(msgspec.Struct, frozen=True):
-    """The command a POST stream waits on: its position in CHAT_CMD."""
-
-    stream_seq: int
-
-
-class _Progress:
-    """What one stream has seen, to tell a stream that will still end from one that cannot.
-
-    Two ways a stream could wait for ever, both answered with `error` and
-    `done: "error"` rather than pings without end:
-    - a turn it saw start is no longer running (no turn record for it) and the
-      stream has read the whole log, yet no readable end came (the end could not
-      be decoded, or its worker died and the turn is not closed yet);
-    - the command it waits for has left CHAT_CMD without a turn or a rejection
-      in the log (lost).
-    """
-
-    def __init__(self, turn: TurnFilter | None, command: PendingCommand | None) -> None:
-        self.turn = turn
-        self.command = command
-        self.seen = 0
-        self.open_turn: str | None = None
-
-    def note(self, stored: StoredEvent) -> None:
-        self.seen = max(self.seen, stored.seq)
-        event = stored.event
-        if isinstance(event, Started):
-            self.open_turn = event.turn_id
-        elif isinstance(event, TurnEnd) and event.turn_id == self.open_turn:
-            self.open_turn = None
-
-    async def stalled(self, app: web.Application, conversation_id: str) -> Envelope | None:
-        """The error that ends this stream, if it can no longer end by itself."""
-        end, active = await running_turn(app, conversation_id)
-        if self.seen < end:
-            return None  # still catching up
-        if self.open_turn is not None and (active is None or active.turn_id != self.open_turn):
-            return Envelope(
-                "error",
-                f"turn {self.open_turn} is no longer running and its end cannot be read; "
-                "see the conversation's log",
-                self.open_turn,
-                code="turn_end_unreadable",
-            )
-        waiting = self.turn is not None and self.turn.turn_id is None
-        if waiting and self.command is not None and await _command_gone(app, self.command):
-            # Gone from CHAT_CMD, and nothing in the log: look once more, the
-            # worker may have appended just after our check of the end.
-            end, _ = await running_turn(app, conversation_id)
-            if self.seen >= end:
-                return Envelope(
-                    "error",
-                    "the message was lost before a turn started; send it again",
-                    code="command_lost",
-                )
-        return None
-
-
-async def _command_gone(app: web.Application, command: PendingCommand) -> bool:
-    try:
-        await app[JS].get_msg(CMD_STREAM, seq=command.stream_seq)
-    except nats.js.errors.NotFoundError:
-        return True
-    return False
+__all__ = ["PendingCommand", "TurnFilter", "open_sse", "running_turn", "stream_log"]
 
 
 async def open_sse(request: web.Request) -> web.StreamResponse:
@@ -128,9 +55,125 @@ async def open_sse(request: web.Request) -> web.StreamResponse:
             "X-Accel-Buffering": "no",  # proxies must not buffer a live stream
         }
     )
+    _bound_send_buffer(request)
     await response.prepare(request)
-    await response.write(b"retry: 1000\n\n")
+    if request.method != "HEAD":
+        await _bounded(request, response.write(b"retry: 1000\n\n"))
     return response
+
+
+def _bound_send_buffer(request: web.Request) -> None:
+    """Cap the kernel's send buffer of a stream's socket. Left alone it grows to
+    megabytes per connection, which a viewer that stops reading fills first,
+    unseen, before the edge notices it is not keeping up."""
+    size = request.app[CONFIG].limits.socket_send_buffer_bytes
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if size > 0 and sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
+def cut(transport: Transport) -> None:
+    """Drop a connection that stopped reading: reset, not close, so the kernel frees
+    what it still holds for it at once instead of trying to deliver it for minutes."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):  # already gone
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+async def _bounded(request: web.Request, write: Awaitable[None]) -> None:
+    """Await one write, but never longer than the write timeout (TimeoutError)."""
+    async with asyncio.timeout(request.app[CONFIG].limits.write_timeout_s):
+        await write
+
+
+async def running_turn(app: web.Application, conversation_id: str) -> tuple[int, TurnRecord | None]:
+    """The log's last position, and the turn running now if there is one."""
+    return await turn_state(app[LOG], app[TURNS], conversation_id)
+
+
+class SseViewer(Subscription):
+    """A subscription that writes to one HTTP response."""
+
+    __slots__ = ("_blocked_since", "_chunked", "_max_buffer", "_transport", "_write_timeout_s")
+
+    def __init__(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        position: Position,
+        *,
+        turn: TurnFilter | None,
+        command: PendingCommand | None,
+    ) -> None:
+        config = request.app[CONFIG]
+        super().__init__(
+            position, turn=turn, command=command, max_pending=config.limits.max_pending
+        )
+        self._transport: Transport | None = request.transport
+        # aiohttp frames the body in chunks for HTTP/1.1; live writes bypass it, so do the same
+        self._chunked = response.headers.get("Transfer-Encoding", "") == "chunked"
+        self._max_buffer = config.limits.max_buffer_bytes
+        self._write_timeout_s = config.limits.write_timeout_s
+        self._blocked_since: float | None = None
+
+    def admits(self, delivery: Delivery) -> bool:
+        """Whether the delivery belongs to this stream (a POST stream: only its turn)."""
+        return self.turn is None or self.turn.admit(delivery.stored)
+
+    def take(self, delivery: Delivery) -> None:
+        if not self.admits(delivery):
+            return
+        data = delivery.wanted_by(self.position)
+        if data:
+            self.send(data)
+        if delivery.ends_turn and (self.turn is not None or delivery.idle_after):
+            self.end("done")
+
+    def take_stall(self, error: Envelope) -> None:
+        self.send(stall_frames(error))
+        self.end("stalled")
+
+    def send(self, data: bytes) -> None:
+        """Write now, without waiting; cut a connection that does not drain."""
+        transport = self._transport
+        if self.ended.done():
+            return
+        if transport is None or transport.is_closing():
+            self.cut("gone")  # a closing transport would wait for ever to flush to it
+            return
+        if self._stuck(transport):
+            return
+        if self._chunked:
+            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            transport.write(data)
+
+    def cut(self, reason: str) -> None:
+        """End the stream and drop its connection (the transport taken when it opened:
+        aiohttp may already have let go of it)."""
+        if self._transport is not None:
+            cut(self._transport)
+        self.end(reason)
+
+    def _stuck(self, transport: Transport) -> bool:
+        buffered = transport.get_write_buffer_size()
+        if buffered == 0:
+            self._blocked_since = None
+            return False
+        now = time.monotonic()
+        if self._blocked_since is None:
+            self._blocked_since = now
+        if buffered > self._max_buffer or now - self._blocked_since > self._write_timeout_s:
+            log.info("slow viewer disconnected", extra={"buffered": buffered, "seen": self.seen})
+            self.cut("slow")
+            return True
+        return False
+
+
+def stall_frames(error: Envelope) -> bytes:
+    return frame(None, error) + frame(None, Envelope("done", "error", error.message_id))
 
 
 async def stream_log(
@@ -148,142 +191,95 @@ async def stream_log(
     event, ending after a `done` once the log is caught up and no turn is active
     (an EventSource then reconnects with Last-Event-ID and waits for the next).
     Either way the stream ends with a `done` even when the log cannot supply
-    one (see `_Progress`).
+    one (the hub's stall check).
     """
+    if request.method == "HEAD":
+        return response
     app = request.app
     config = app[CONFIG]
-    event_log = app[LOG]
+    metrics = app[METRICS]
     try:
-        await event_log.check_position(conversation_id, position.after())
+        await app[LOG].check_position(conversation_id, position.after())
     except PositionGone as gone:
-        await response.write(frame(None, Envelope("error", str(gone), code="position_gone")))
-        position = Position(seq=gone.first_available - 1)
-
-    queue: asyncio.Queue[StoredEvent] = asyncio.Queue(maxsize=_QUEUE)
-    stop = asyncio.Event()
-    pump = asyncio.create_task(
-        _pump(
-            event_log.follow(conversation_id, position.after(), stop=stop),
-            queue,
-            stop,
-            config.slow_viewer_timeout_s,
+        await _bounded(
+            request, response.write(frame(None, Envelope("error", str(gone), code="position_gone")))
         )
-    )
-    progress = _Progress(turn, command)
-    progress.seen = position.after()
-    last_write = last_event = time.monotonic()
+        position = Position(seq=gone.first_available - 1)
+    viewer = SseViewer(request, response, position, turn=turn, command=command)
+    hub, snapshot = await app[HUBS].join(conversation_id, viewer)
+    metrics.sse_viewers(1)
     try:
-        while True:
-            if pump.done() and queue.empty():
-                break
-            try:
-                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
-                # cancellation that lands as its inner future completes.
-                async with asyncio.timeout(_POLL_S):
-                    stored = await queue.get()
-            except TimeoutError:
-                now = time.monotonic()
-                if now - last_event >= config.stall_check_s:
-                    last_event = now
-                    error = await progress.stalled(app, conversation_id)
-                    if error is not None:
-                        await response.write(frame(None, error))
-                        await response.write(
-                            frame(None, Envelope("done", "error", error.message_id))
-                        )
-                        break
-                if now - last_write >= config.ping_interval_s:
-                    await response.write(PING)
-                    last_write = now
-                continue
-            last_event = time.monotonic()
-            progress.note(stored)
-            if turn is not None and not turn.admit(stored):
-                continue
-            out = frames(stored, position)
-            if not out:
-                continue
-            for data in out:
-                await response.write(data)
-            last_write = time.monotonic()
-            if not _ends_turn(stored):
-                continue
-            if turn is not None:
-                break
-            if await _idle_after(request, conversation_id, stored):
-                break
-    except ConnectionResetError:
-        return response  # the viewer went away; the turn goes on without it
+        await _catch_up(request, response, viewer, conversation_id, snapshot)
+        while not viewer.ended.done():
+            done, _ = await asyncio.wait({viewer.ended}, timeout=config.ping_interval_s)
+            if not done:
+                viewer.send(PING)
+    except (ConnectionResetError, TimeoutError):
+        # the viewer went away or stopped reading; the turn goes on without it
+        viewer.cut("gone")
     finally:
-        await _stop_pump(pump, stop)
-    with contextlib.suppress(ConnectionResetError):
-        await response.write_eof()
+        hub.leave(viewer)
+        metrics.sse_viewers(-1)
+    if viewer.ended.result() in ("done", "stalled", "broken"):
+        with contextlib.suppress(ConnectionResetError, TimeoutError):
+            await _bounded(request, response.write_eof())
     return response
 
 
-def _ends_turn(stored: StoredEvent) -> bool:
-    return any(e.event == "done" for e in envelopes(stored))
-
-
-async def running_turn(app: web.Application, conversation_id: str) -> tuple[int, TurnRecord | None]:
-    """The log's last position, and the turn running now if there is one.
-
-    The worker clears its turn record just after appending the turn's end, so a
-    record whose turn already ended in the log does not count as running.
-    """
-    last = await app[LOG].last(conversation_id)
-    end = last.seq if last is not None else 0
-    active = await app[TURNS].get(conversation_id)
-    if active is not None and _ends(last, active.turn_id):
-        active = None
-    return end, active
-
-
-def _ends(stored: StoredEvent | None, turn_id: str) -> bool:
-    return (
-        stored is not None and isinstance(stored.event, TurnEnd) and stored.event.turn_id == turn_id
-    )
-
-
-async def _idle_after(request: web.Request, conversation_id: str, end: StoredEvent) -> bool:
-    """After a turn's end: nothing more in the log and no other turn running."""
-    last, active = await running_turn(request.app, conversation_id)
-    return last <= end.seq and active is None
-
-
-async def _pump(
-    source: AsyncIterator[StoredEvent],
-    queue: asyncio.Queue[StoredEvent],
-    stop: asyncio.Event,
-    slow_timeout: float,
+async def _catch_up(
+    request: web.Request,
+    response: web.StreamResponse,
+    viewer: SseViewer,
+    conversation_id: str,
+    snapshot: Snapshot,
 ) -> None:
-    try:
-        async for stored in source:
-            if stop.is_set():
+    """Write what the viewer missed, then switch it to the hub's live feed."""
+    app = request.app
+
+    async def write(delivery: Delivery, idle_after: bool | None) -> None:
+        viewer.note(delivery)
+        if not viewer.admits(delivery):
+            return
+        data = delivery.wanted_by(viewer.position)
+        if data:
+            await _bounded(request, response.write(data))
+        if not delivery.ends_turn or viewer.ended.done():
+            return
+        if viewer.turn is None and idle_after is None:
+            # from the log or the ring: idle only if it is the last the hub had seen
+            # and, looking now, nothing followed and no turn runs
+            idle_after = delivery.seq >= snapshot.head and await _idle_after(
+                app, conversation_id, delivery.seq
+            )
+        if viewer.turn is not None or idle_after:
+            viewer.end("done")
+
+    after = viewer.position.after()
+    if after < snapshot.floor:
+        async for stored in read_range(app[JS], app[LOG], conversation_id, after, snapshot.floor):
+            await write(Delivery(stored), None)
+            if viewer.ended.done():
                 return
-            try:
-                async with asyncio.timeout(slow_timeout):
-                    await queue.put(stored)
-            except TimeoutError:
-                log.info("slow viewer disconnected", extra={"seq": stored.seq})
-                return
-    except (EventLogError, nats.errors.Error) as err:
-        # The viewer's stream ends; it resumes from its last id once the broker is back.
-        log.warning("event stream broken", extra={"error": str(err)})
+    for delivery in snapshot.ring:
+        await write(delivery, None)
+        if viewer.ended.done():
+            return
+    pending = viewer.pending
+    assert pending is not None
+    while pending and not viewer.ended.done():
+        item = pending.popleft()
+        if isinstance(item, Envelope):
+            await _bounded(request, response.write(stall_frames(item)))
+            viewer.end("stalled")
+            return
+        # fed live by the hub, which looked at once whether the conversation went idle
+        await write(item, item.idle_after)
+    # No await between the queue running dry and going live: the hub writes from here on.
+    viewer.live = True
+    viewer.pending = None
 
 
-async def _stop_pump(pump: asyncio.Task[None], stop: asyncio.Event) -> None:
-    """Stop the pump and wait for it, but never forever.
-
-    The flag covers a cancellation lost inside a library call (nats.py waits with
-    asyncio.wait_for, which on 3.11 can swallow one): the pump then ends at its
-    next event or silence instead of following the log for ever.
-    """
-    stop.set()
-    pump.cancel()
-    done, _ = await asyncio.wait({pump}, timeout=_STOP_WAIT_S)
-    if not done:
-        log.warning("event pump did not stop in time; it ends at its next wake-up")
-    for task in done:
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("event pump failed", extra={"error": repr(task.exception())})
+async def _idle_after(app: web.Application, conversation_id: str, seq: int) -> bool:
+    """After a turn's end: nothing more in the log and no other turn running."""
+    last, active = await running_turn(app, conversation_id)
+    return last <= seq and active is None

@@ -13,6 +13,7 @@ thousand levels would exhaust the stack even inside a field we ignore).
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import msgspec
@@ -114,3 +115,20 @@ def decode_body(body: bytes, kind: type[T], *, max_depth: int = MAX_DEPTH) -> T:
         return msgspec.convert(loose, type=kind)
     except msgspec.ValidationError as err:
         raise InvalidBody("invalid_request", f"invalid request: {err}") from err
+
+
+def decode_params(source: Mapping[str, str], kind: type[T]) -> T:
+    """Query parameters or headers as a `kind` Struct, whose field names (or `name=`
+    renames) are the parameter names; numbers are parsed from their text."""
+    values = {
+        f.encode_name: source[f.encode_name]
+        for f in msgspec.structs.fields(kind)  # type: ignore[arg-type]
+        if f.encode_name in source
+    }
+    found = unstorable_text(values)
+    if found:
+        raise InvalidBody("invalid_text", f"{found} holds a NUL character or a lone surrogate")
+    try:
+        return msgspec.convert(values, type=kind, strict=False)
+    except msgspec.ValidationError as err:
+        raise InvalidBody("invalid_request", f"invalid parameter: {err}") from err

@@ -21,7 +21,7 @@ from events.vocabulary import AnyCommand, AnyEvent
 
 _encoder = msgspec.json.Encoder()
 _event_decoder: msgspec.json.Decoder[AnyEvent] = msgspec.json.Decoder(AnyEvent)
-_command_decoder = msgspec.json.Decoder(AnyCommand)
+_command_decoder: msgspec.json.Decoder[AnyCommand] = msgspec.json.Decoder(AnyCommand)
 
 KNOWN_EVENT_TYPES: frozenset[str] = frozenset(
     str(cls.__struct_config__.tag) for cls in typing.get_args(AnyEvent)

@@ -33,3 +33,11 @@ class PositionGone(EventLogError):
 
 class EventLogUnavailable(EventLogError):
     """The broker did not answer in time."""
+
+
+class StreamMisconfigured(EventLogError):
+    """An existing stream (or bucket) cannot work for parley as it is configured.
+
+    Raised at start instead of changing what an operator set: the message names
+    the stream, the setting, what it is and what parley needs.
+    """

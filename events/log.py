@@ -19,26 +19,45 @@ from collections.abc import AsyncIterator, Sequence
 import msgspec
 import nats.errors
 import nats.js.errors
-from nats.js import JetStreamContext, api
+from nats.js import JetStreamContext
 
 from events.codec import Unreadable, decode_entry, encode
 from events.errors import EventLogConflict, EventLogUnavailable, PositionGone
 from events.follow import LogFollower
-from events.subjects import (
-    CMD_STREAM,
-    CMD_SUBJECTS,
-    EVT_STREAM,
-    EVT_SUBJECTS,
-    event_subject,
-)
+from events.streams import ensure_streams as ensure_streams
+from events.subjects import EVT_STREAM, event_subject
 from events.vocabulary import AnyEvent, ConversationCreated, Event
 
-# JetStream's error code for a failed Nats-Expected-Last-Subject-Sequence check
-_WRONG_LAST_SEQUENCE = 10071
-_DUPLICATE_WINDOW_S = 120.0
-_PUBLISH_ATTEMPTS = 3
+# JetStream's error codes for a failed Nats-Expected-Last-Subject-Sequence check:
+# 10071 names the sequence found; a clustered stream answers 10164, which does not
+# (the check runs before the proposal, against the leader's view).
+_WRONG_LAST_SEQUENCE = (10071, 10164)
+# How long an append keeps trying while JetStream does not answer: a stream
+# leader that dies is replaced within ~10 s (a Raft election), and
+# events.streams keeps the duplicate window well beyond this.
+_RETRY_FOR_S = 30.0
+_RETRY_FIRST_S = 0.05
+_RETRY_MAX_S = 1.0
+# What a publish or a lookup raises while its server, or the stream's leader, is away.
+_TRANSIENT = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionReconnectingError,
+    nats.js.errors.NoStreamResponseError,
+    TimeoutError,
+)
 # How long a follower waits for news before it looks at its stop flag again.
 _FOLLOW_WAIT_S = 1.0
+_DIRECT_GET = f"$JS.API.DIRECT.GET.{EVT_STREAM}"
+_READ_BATCH = 512
+
+
+class RawEntry(msgspec.Struct, frozen=True):
+    """An entry of the log as stored: position, subject, bytes."""
+
+    seq: int
+    subject: str
+    data: bytes
 
 
 class StoredEvent(msgspec.Struct, frozen=True):
@@ -52,41 +71,19 @@ class StoredEvent(msgspec.Struct, frozen=True):
     event: AnyEvent | Unreadable
 
 
-async def ensure_streams(js: JetStreamContext) -> None:
-    """Create (or update) the two streams. Safe to call from every process at start.
-
-    How often the server fsyncs (`sync_interval`) is server configuration, not
-    stream configuration: production sets `always` (DESIGN section 8).
-    """
-    evt = api.StreamConfig(
-        name=EVT_STREAM,
-        subjects=[EVT_SUBJECTS],
-        storage=api.StorageType.FILE,
-        retention=api.RetentionPolicy.LIMITS,
-        duplicate_window=_DUPLICATE_WINDOW_S,
-        allow_direct=True,
-    )
-    # Commands are work: each is consumed once by a worker, then removed.
-    cmd = api.StreamConfig(
-        name=CMD_STREAM,
-        subjects=[CMD_SUBJECTS],
-        storage=api.StorageType.FILE,
-        retention=api.RetentionPolicy.WORK_QUEUE,
-        duplicate_window=_DUPLICATE_WINDOW_S,
-    )
-    for config in (evt, cmd):
-        try:
-            await js.add_stream(config)
-        except nats.js.errors.BadRequestError:
-            await js.update_stream(config)
-
-
 class EventLog:
     """Append, read and follow one conversation's events."""
 
-    def __init__(self, js: JetStreamContext, *, publish_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        *,
+        publish_timeout: float = 5.0,
+        retry_for_s: float = _RETRY_FOR_S,
+    ) -> None:
         self._js = js
         self._publish_timeout = publish_timeout
+        self._retry_for_s = retry_for_s
 
     async def append(self, conversation_id: str, events: Sequence[Event], expected_seq: int) -> int:
         """Append events in order; returns the sequence of the last one.
@@ -94,21 +91,35 @@ class EventLog:
         `expected_seq` is the sequence of the conversation's last event as this
         writer knows it (0: the conversation has no events yet).
         """
-        subject = event_subject(conversation_id)
+        return await self.append_to(event_subject(conversation_id), events, expected_seq)
+
+    async def append_to(self, subject: str, events: Sequence[Event], expected_seq: int) -> int:
+        """`append` for any subject of the log (an account's, a project's)."""
         last = expected_seq
         for event in events:
-            last = await self._publish_one(subject, conversation_id, event, last)
+            last = await self._publish_one(subject, subject, event, last)
         return last
 
     async def _publish_one(
         self, subject: str, conversation_id: str, event: Event, expected: int
     ) -> int:
+        """Append one event; retried while JetStream does not answer (a node gone, a
+        leader being elected), for up to `retry_for_s`.
+
+        Retrying cannot write an event twice: the resend carries the same
+        Nats-Msg-Id, which the stream's duplicate window drops, and the
+        expected-sequence check refuses it once the first copy landed; that
+        refusal is then recognised as our own event (`_last_if_same`).
+        """
         headers = {
             "Nats-Expected-Last-Subject-Sequence": str(expected),
             "Nats-Msg-Id": event.event_id,
         }
         payload = encode(event)
-        for attempt in range(_PUBLISH_ATTEMPTS):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._retry_for_s
+        delay = _RETRY_FIRST_S
+        while True:
             try:
                 ack = await self._js.publish(
                     subject,
@@ -117,28 +128,34 @@ class EventLog:
                     headers=headers,
                     timeout=self._publish_timeout,
                 )
+                return int(ack.seq)
             except nats.js.errors.APIError as err:
-                if err.err_code != _WRONG_LAST_SEQUENCE:
+                if err.err_code in _WRONG_LAST_SEQUENCE:
+                    # The sequence check runs before the duplicate check, so an append
+                    # whose ack was lost comes back as a conflict when retried: if the
+                    # subject's last event is this very event, it did land.
+                    try:
+                        landed = await self._last_if_same(subject, event.event_id)
+                    except _TRANSIENT as lookup:
+                        failure: Exception = lookup
+                    else:
+                        if landed is not None:
+                            return landed
+                        raise EventLogConflict(
+                            conversation_id, expected, err.description or ""
+                        ) from err
+                elif isinstance(err, nats.js.errors.ServiceUnavailableError):
+                    failure = err  # JetStream is there but has no leader for the stream yet
+                else:
                     raise
-                # The sequence check runs before the duplicate check, so an append
-                # whose ack was lost comes back as a conflict when retried: if the
-                # conversation's last event is this very event, it did land.
-                landed = await self._last_if_same(subject, event.event_id)
-                if landed is not None:
-                    return landed
-                raise EventLogConflict(conversation_id, expected, err.description or "") from err
-            except (
-                nats.errors.TimeoutError,
-                nats.errors.NoRespondersError,
-                nats.js.errors.NoStreamResponseError,
-            ) as err:
-                # Safe to resend: the same Nats-Msg-Id makes a second copy a no-op.
-                if attempt + 1 == _PUBLISH_ATTEMPTS:
-                    raise EventLogUnavailable(f"append to {subject} timed out") from err
-                await asyncio.sleep(0.05 * (attempt + 1))
-                continue
-            return int(ack.seq)
-        raise AssertionError("unreachable")
+            except _TRANSIENT as err:
+                failure = err
+            if loop.time() + delay > deadline:
+                raise EventLogUnavailable(
+                    f"append to {subject}: no answer within {self._retry_for_s:.0f}s"
+                ) from failure
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, _RETRY_MAX_S)
 
     async def _last_if_same(self, subject: str, event_id: str) -> int | None:
         try:
@@ -151,8 +168,11 @@ class EventLog:
 
     async def last_seq(self, conversation_id: str) -> int:
         """Sequence of the conversation's last event, 0 if it has none."""
+        return await self.last_seq_of(event_subject(conversation_id))
+
+    async def last_seq_of(self, subject: str) -> int:
         try:
-            msg = await self._js.get_msg(EVT_STREAM, subject=event_subject(conversation_id))
+            msg = await self._js.get_msg(EVT_STREAM, subject=subject)
         except nats.js.errors.NotFoundError:
             return 0
         return int(msg.seq or 0)
@@ -178,29 +198,72 @@ class EventLog:
     async def read(self, conversation_id: str, after: int = 0) -> list[StoredEvent]:
         """Every entry after `after`, up to the end of the log as it is now.
 
-        Always returns: every position is handed out (unreadable ones too), and
-        a pause in delivery re-reads the end, so an entry that retention removed
-        meanwhile cannot keep us waiting for it.
+        Batched direct gets (NATS 2.11+): one request answers up to `_READ_BATCH`
+        entries of the subject, so reading a conversation costs a request or
+        two, not a consumer created and deleted. Every position is handed out
+        (unreadable ones too), and it always returns.
         """
-        end = await self.last_seq(conversation_id)
-        if end <= after:
-            return []
+        return await self.read_subject(event_subject(conversation_id), after)
+
+    async def read_subject(self, subject: str, after: int = 0) -> list[StoredEvent]:
+        """`read` for any subject of the log."""
         out: list[StoredEvent] = []
-        follower = LogFollower(self._js, event_subject(conversation_id), after)
+        start = after + 1
+        while True:
+            batch, pending = await self._direct_batch(subject, start)
+            out.extend(StoredEvent(seq=e.seq, event=decode_entry(e.data)) for e in batch)
+            if not batch or pending == 0:
+                return out
+            start = batch[-1].seq + 1
+
+    async def scan(self, after: int = 0) -> AsyncIterator[list[RawEntry]]:
+        """The whole log (every subject) after `after`, in order, a batch at a time.
+
+        For readers of everything that must not miss anything (the audit): raw
+        entries, so the reader decides what to decode.
+        """
+        start = after + 1
+        while True:
+            batch, pending = await self._direct_batch(None, start)
+            if batch:
+                yield batch
+            if not batch or pending == 0:
+                return
+            start = batch[-1].seq + 1
+
+    async def _direct_batch(self, subject: str | None, start: int) -> tuple[list[RawEntry], int]:
+        """Up to `_READ_BATCH` entries (of `subject`, or of all) from `start`, and how many remain."""
+        nc = self._js._nc
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        request: dict[str, object] = {"seq": start, "batch": _READ_BATCH}
+        if subject is not None:
+            request["next_by_subj"] = subject
+        out: list[RawEntry] = []
         try:
-            while follower.last < end:
-                batch = await follower.next_batch(256, wait_s=_FOLLOW_WAIT_S)
-                if not batch:
-                    end = min(end, await self.last_seq(conversation_id))
-                    continue
-                out.extend(
-                    StoredEvent(seq=raw.seq, event=decode_entry(raw.data))
-                    for raw in batch
-                    if raw.seq <= end
+            await nc.publish(_DIRECT_GET, encode(request), reply=inbox)
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=self._publish_timeout)
+                except nats.errors.TimeoutError as err:
+                    raise EventLogUnavailable(f"reading {subject} timed out") from err
+                headers = msg.headers or {}
+                status = headers.get("Status")
+                if status == "404":  # nothing at or after `start`
+                    return out, 0
+                if status == "204":  # end of this batch
+                    return out, int(headers.get("Nats-Num-Pending", "0"))
+                if status is not None:
+                    raise EventLogUnavailable(f"reading {subject}: status {status}")
+                out.append(
+                    RawEntry(
+                        seq=int(headers["Nats-Sequence"]),
+                        subject=headers.get("Nats-Subject", ""),
+                        data=msg.data,
+                    )
                 )
         finally:
-            await follower.close()
-        return out
+            await sub.unsubscribe()
 
     async def check_position(self, conversation_id: str, after: int) -> None:
         """Raise PositionGone if events after `after` were removed by retention.

@@ -2,11 +2,17 @@
 
 One subject per conversation in the event stream is what makes single-writer
 appends possible: `Nats-Expected-Last-Subject-Sequence` is checked per subject.
+
+Commands travel on `chat.cmd.<partition>.<conversation>`: a conversation always
+falls in the same partition (a stable hash of its id), and one worker at a time
+owns a partition, so every command of a conversation reaches the one actor that
+holds it, in order (actors/partitions.py).
 """
 
 from __future__ import annotations
 
 import re
+import zlib
 
 CMD_STREAM = "CHAT_CMD"
 EVT_STREAM = "CHAT_EVT"
@@ -16,16 +22,38 @@ CMD_SUBJECTS = f"{CMD_PREFIX}.>"
 EVT_SUBJECTS = f"{EVT_PREFIX}.>"
 
 # ids become subject tokens: no dots, wildcards or whitespace
-_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 def valid_id(value: str) -> bool:
-    return bool(_ID.match(value))
+    return _ID.fullmatch(value) is not None
 
 
-def command_subject(conversation_id: str) -> str:
-    return f"{CMD_PREFIX}.{conversation_id}"
+PARTITIONS = 16
+
+
+def partition_of(conversation_id: str, partitions: int = PARTITIONS) -> int:
+    """Stable across processes and versions (crc32, not Python's salted hash)."""
+    return zlib.crc32(conversation_id.encode()) % partitions
+
+
+def command_subject(conversation_id: str, partitions: int = PARTITIONS) -> str:
+    return f"{CMD_PREFIX}.{partition_of(conversation_id, partitions)}.{conversation_id}"
+
+
+def partition_subjects(partition: int) -> str:
+    return f"{CMD_PREFIX}.{partition}.*"
 
 
 def event_subject(conversation_id: str) -> str:
     return f"{EVT_PREFIX}.{conversation_id}"
+
+
+def account_subject(account: str) -> str:
+    """`user:<id>` or `project:<id>` -> chat.evt.account.<kind>.<id>."""
+    kind, _, owner = account.partition(":")
+    return f"{EVT_PREFIX}.account.{kind}.{owner}"
+
+
+def project_subject(project_id: str) -> str:
+    return f"{EVT_PREFIX}.project.{project_id}"

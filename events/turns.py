@@ -1,12 +1,14 @@
 """Which turn is active where: a small, disposable record in Redis.
 
-The worker that runs a turn claims `parley:turn:<conversation>` (SET NX with a
-lease) before it appends the turn's first event, refreshes the lease while the
-turn runs and deletes it when the turn ends. The edge reads it to answer
-"is this conversation busy" and "where does the active turn start".
+The worker that runs a turn writes `parley:turn:<conversation>` (with a lease)
+once the turn's `started` is in the log, refreshes the lease while the turn
+runs and deletes it when the turn ends. The edge reads it to answer "where
+does the active turn start" and "is there a turn to cancel".
 
-Losing Redis loses nothing of value: the lease expires, and the event log, not
-this record, decides what happened (a stale writer's append is refused there).
+It is a hint, never the truth: who may run a conversation's turns is decided by
+partition ownership (actors/partitions.py) and the log's single-writer check,
+and whether a turn runs by the log. Losing Redis loses nothing of value: turns
+run without the record, and the lease of a stale one expires.
 """
 
 from __future__ import annotations
@@ -60,6 +62,12 @@ class TurnRegistry:
         self._release = redis.register_script(_RELEASE)
         self._refresh = redis.register_script(_REFRESH)
 
+    async def put(self, conversation_id: str, record: TurnRecord) -> None:
+        """Record the running turn (the partition's owner is the only writer: no NX)."""
+        await self._redis.set(
+            _KEY.format(conversation_id), msgspec.json.encode(record), px=self.lease_ms
+        )
+
     async def claim(self, conversation_id: str, record: TurnRecord) -> bool:
         ok = await self._redis.set(
             _KEY.format(conversation_id), msgspec.json.encode(record), nx=True, px=self.lease_ms
@@ -73,6 +81,14 @@ class TurnRegistry:
 
     async def release(self, conversation_id: str, worker: str) -> None:
         await self._release(keys=[_KEY.format(conversation_id)], args=[worker])
+
+    async def conversations(self) -> list[str]:
+        """The conversations that have a turn record (SCAN: no blocking KEYS)."""
+        prefix = _KEY.format("")
+        return [
+            key.decode()[len(prefix) :]
+            async for key in self._redis.scan_iter(match=prefix + "*", count=500)
+        ]
 
     async def get(self, conversation_id: str) -> TurnRecord | None:
         raw = await self._redis.get(_KEY.format(conversation_id))

@@ -64,6 +64,9 @@ class ConversationCreated(Event, tag="conversation_created", frozen=True):
 
 
 class UserMessage(Event, tag="user_message", frozen=True):
+    """A user message was accepted. Its turn starts now, or later when it was
+    queued behind a running turn (`on_busy: enqueue`): `started` names it then."""
+
     message_id: str
     content: str
     user_id: str = ""
@@ -73,6 +76,25 @@ class UserMessage(Event, tag="user_message", frozen=True):
     # the command that produced this message (its idempotency key): a redelivered
     # command finds its own message in the log and is not applied twice
     command_id: str = ""
+    model: str | None = None  # the model asked for, for a turn that starts later
+    interrupts: bool = False  # on_busy=interrupt: answered before anything queued
+    # An edit replaces these messages (the old version and what followed it) as
+    # the latest; `fork_origin` is the version the new branch grew from.
+    supersedes: list[str] = []
+    fork_origin: str | None = None
+
+
+class AnswerRequested(Event, tag="answer_requested", frozen=True):
+    """A new answer to an existing user message was asked for (regenerate); its
+    turn starts now, or later when queued behind a running turn."""
+
+    user_message_id: str
+    regenerates: str  # the assistant message whose group gets a new version
+    version_group_id: str
+    command_id: str
+    user_id: str = ""
+    model: str | None = None
+    interrupts: bool = False
 
 
 class Started(Event, tag="started", frozen=True):
@@ -86,6 +108,11 @@ class Started(Event, tag="started", frozen=True):
     parent_message_id: str | None = None
     version_group_id: str = ""
     version_number: int = 1
+    command_id: str = ""  # the request (user_message or answer_requested) this turn answers
+    supersedes: list[str] = []  # a regenerated answer replaces these as the latest
+    fork_origin: str | None = None
+    user_id: str = ""  # who asked
+    payer: str | None = None  # the account billed for this turn ("project:<id>" / "user:<id>")
 
 
 class Chunk(Event, tag="chunk", frozen=True):
@@ -178,13 +205,68 @@ class CommandRejected(Event, tag="command_rejected", frozen=True):
     code: str
     message: str
     message_id: str = ""
+    turn_id: str | None = None  # code "busy": the turn that is running
 
 
 class CreditsGranted(Event, tag="credits_granted", frozen=True):
+    """Written to the account's subject (`conversation_id` is empty)."""
+
     account: str  # "user:<id>" or "project:<id>"
     amount: int  # micro-credits
     note: str = ""
     granted_by: str = ""
+
+
+# ---------------------------------------------------------------- accounts and projects
+#
+# An account (a user's or a project's) is written like a conversation: its own
+# subject (`chat.evt.account.<kind>.<id>`) and single-writer appends, so two
+# turns can never both reserve the last credits, and every balance can be
+# recomputed from the log alone. A project's membership lives on its own
+# subject too (`chat.evt.project.<id>`). `conversation_id` names the turn's
+# conversation where there is one, and is empty otherwise.
+
+
+class CreditsReserved(Event, tag="credits_reserved", frozen=True):
+    """A turn's estimated cost held back before the model is called (the pre-flight)."""
+
+    account: str
+    turn_id: str
+    amount: int  # micro-credits: 500 input + 250 output tokens at the prices in force
+
+
+class TurnCharged(Event, tag="turn_charged", frozen=True):
+    """A turn's real cost, at the prices recorded in its `started`; its reservation ends.
+
+    Exactly one per billed turn (`done`, `cancelled`, `failed`), also when it
+    consumed nothing (`cost` 0: the reservation is simply released). A cost
+    above what the account had makes its balance negative: debt, never dropped.
+    """
+
+    account: str
+    turn_id: str
+    cost: int  # micro-credits
+    reserved: int
+    input_tokens: int
+    output_tokens: int
+    input_price: float
+    output_price: float
+    tokens_estimated: bool = False
+    end: str = "done"  # done | cancelled | failed
+    user_id: str = ""  # who asked for the turn
+    project_id: str | None = None  # the conversation's project
+
+
+class ProjectCreated(Event, tag="project_created", frozen=True):
+    project_id: str
+    name: str
+    created_by: str  # the first member
+
+
+class MemberAdded(Event, tag="member_added", frozen=True):
+    project_id: str
+    user_id: str
+    added_by: str
 
 
 AnyEvent = (
@@ -202,6 +284,11 @@ AnyEvent = (
     | CreditsGranted
     | CommandRejected
     | ContentPart
+    | AnswerRequested
+    | CreditsReserved
+    | TurnCharged
+    | ProjectCreated
+    | MemberAdded
 )
 
 TurnEnd = Done | Cancelled | Failed | BillingRejected
@@ -227,7 +314,32 @@ class SendMessage(Command, tag="send_message", frozen=True):
     message_id: str
     content: str
     model: str | None = None
-    on_busy: OnBusy = "enqueue"
+    on_busy: OnBusy = "reject"
 
 
-AnyCommand = SendMessage
+class EditMessage(Command, tag="edit_message", frozen=True):
+    """A new version of a user message, and a new turn that answers it."""
+
+    message_id: str  # the new version's id
+    edits: str  # the id of the user message (any version) being edited
+    content: str
+    model: str | None = None
+    on_busy: OnBusy = "reject"
+
+
+class Regenerate(Command, tag="regenerate", frozen=True):
+    """A new version of an assistant answer: a new turn for the same user message."""
+
+    message_id: str  # the assistant message (any version) to answer again
+    model: str | None = None
+    on_busy: OnBusy = "reject"
+
+
+class CancelTurn(Command, tag="cancel_turn", frozen=True):
+    """Stop the running turn (the one named, or whichever runs when none is)."""
+
+    turn_id: str | None = None
+
+
+AnyCommand = SendMessage | EditMessage | Regenerate | CancelTurn
+TurnCommand = SendMessage | EditMessage | Regenerate

@@ -34,12 +34,12 @@ from collections.abc import Iterator
 
 import asyncpg
 import msgspec
-import nats
 from nats.js import JetStreamContext, api
 
+from events import broker
 from events.codec import encode
 from events.ids import new_id
-from events.log import ensure_streams
+from events.streams import ensure_streams
 from events.subjects import EVT_STREAM, event_subject
 from events.vocabulary import (
     Chunk,
@@ -270,7 +270,9 @@ async def bench_rebuild(
 ) -> RebuildBenchResult:
     """Add `events` synthetic events to the log, then time `rounds` full rebuilds of it,
     each into a scratch schema of its own (dropped after)."""
-    nc = await nats.connect(servers.nats_url, name="parley-bench-rebuild")
+    nc = await broker.connect(
+        servers.nats_url, name="parley-bench-rebuild", reconnect_forever=False
+    )
     try:
         js = nc.jetstream(publish_async_max_pending=_PUBLISH_WINDOW)
         await ensure_streams(js)
@@ -282,7 +284,9 @@ async def bench_rebuild(
     reports: list[tuple[RebuildReport, float]] = []
     messages = 0
     load = os.getloadavg()[0]
-    reader = await connect(servers.nats_url, name="parley-bench-rebuild-reader")
+    reader = await connect(
+        servers.nats_url, name="parley-bench-rebuild-reader", reconnect_forever=False
+    )
     try:
         for _ in range(rounds):
             schema = f"bench_rebuild_{new_id().lower()}"

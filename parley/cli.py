@@ -14,24 +14,33 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
-import nats
 
 from actors.models import ModelCatalog
+from actors.webhooks import WebhookSettings
 from api.auth import mint
+from events.broker import connect
 from events.codec import Unreadable, encode_stored
 from events.log import EventLog
 from events.subjects import valid_id
 from events.vocabulary import AnyEvent, Chunk, event_type
-from parley.config import ConfigError, Settings, jwt_secret, load_catalog, load_settings
+from parley.config import (
+    ConfigError,
+    Settings,
+    data_folder_secret,
+    dev_jwt_secret,
+    load_catalog,
+    load_settings,
+)
 from parley.logs import setup_logging
-from parley.services import ROLES, Servers, ServiceOptions, Services
-from parley.stack import EmbeddedStack, StackError, running_stack_urls
+from parley.services import ROLES, Servers, ServiceOptions, Services, resolve_servers
+from parley.stack import EmbeddedStack, StackError
 from projections.db import create_pool
 from projections.store import ReadStore
 
 log = logging.getLogger(__name__)
 
 ADMIN_USER = "admin"
+RUN_FILE = "run.json"
 
 
 class CliError(Exception):
@@ -44,31 +53,6 @@ class RunInfo(msgspec.Struct, frozen=True):
     edge_url: str
     model_base_url: str
     pid: int
-
-
-def resolve_servers(settings: Settings) -> Servers:
-    """The servers named in the environment, else the dev stack running on the data folder."""
-    named = {
-        "PARLEY_NATS_URL": settings.nats_url,
-        "PARLEY_DATABASE_URL": settings.database_url,
-        "PARLEY_REDIS_URL": settings.redis_url,
-    }
-    if any(named.values()):
-        missing = [name for name, value in named.items() if not value]
-        if missing:
-            raise CliError(f"set {', '.join(missing)} too, or none of the PARLEY_*_URL variables")
-        return Servers(
-            nats_url=settings.nats_url or "",
-            database_url=settings.database_url or "",
-            redis_url=settings.redis_url or "",
-        )
-    urls = running_stack_urls(settings.data_dir)
-    if urls is None:
-        raise CliError(
-            f"no servers configured (PARLEY_NATS_URL, PARLEY_DATABASE_URL, PARLEY_REDIS_URL) "
-            f"and no `parley dev` running on {settings.data_dir}"
-        )
-    return urls
 
 
 # ---------------------------------------------------------------- dev / serve
@@ -107,7 +91,7 @@ async def _dev(
                 "127.0.0.1", 0, DemoConfig(tokens_per_s=settings.demo_tokens_per_s)
             )
             stack.push_async_callback(runner.cleanup)
-        secret = jwt_secret(settings)
+        secret = dev_jwt_secret(settings)
         options = ServiceOptions(
             jwt_secret=secret,
             catalog=catalog,
@@ -117,12 +101,16 @@ async def _dev(
             max_projection_lag=settings.max_projection_lag,
             host=host,
             port=port,
+            tool_specs=settings.tools,
+            shutdown_grace_s=settings.shutdown_grace_s,
+            webhook=webhook_settings(settings),
+            limits=settings.limits,
         )
         try:
             services = await stack.enter_async_context(Services(servers, options))
         except OSError as err:
             raise CliError(f"cannot listen on {host}:{port}: {err.strerror}; try --port") from err
-        run_file = settings.data_dir / "run.json"
+        run_file = settings.data_dir / RUN_FILE
         run_file.write_bytes(msgspec.json.encode(RunInfo(services.edge_url, base_url, os.getpid())))
         stack.callback(run_file.unlink, missing_ok=True)
         token = mint(secret, ADMIN_USER, admin=True)
@@ -152,10 +140,23 @@ async def _until_signalled(services: Services) -> None:
         print("stopping ...", file=sys.stderr)
 
 
+def webhook_settings(settings: Settings) -> WebhookSettings | None:
+    if settings.webhook_url is None or settings.webhook_secret is None:
+        return None
+    return WebhookSettings(url=settings.webhook_url, secret=settings.webhook_secret)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = load_settings(args.data)
-    servers = resolve_servers(settings)
     roles = ROLES if args.role == "all" else (args.role,)
+    if "edge" in roles and not (settings.jwt_secret or settings.jwt_jwks_url):
+        raise CliError(
+            "`parley serve` with the edge role needs PARLEY_JWT_SECRET (at least 32 characters, "
+            "the same on every edge) or PARLEY_JWT_JWKS_URL with PARLEY_JWT_ISSUER and "
+            "PARLEY_JWT_AUDIENCE: without one, each edge would invent its own secret and refuse "
+            "the others' tokens"
+        )
+    servers = resolve_servers(settings)
     if settings.model_base_url is None:
         raise CliError(
             "PARLEY_MODEL_BASE_URL is required for `parley serve` (use `parley dev` for the demo model)"
@@ -163,7 +164,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         options = ServiceOptions(
-            jwt_secret=jwt_secret(settings),
+            jwt_secret=settings.jwt_secret,
+            jwks_url=settings.jwt_jwks_url,
+            jwt_issuer=settings.jwt_issuer,
+            jwt_audience=settings.jwt_audience,
             catalog=load_catalog(settings),
             model_base_url=settings.model_base_url or "",
             model_api_key=settings.model_api_key,
@@ -171,10 +175,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_projection_lag=settings.max_projection_lag,
             host=args.host,
             port=args.port,
+            tool_specs=settings.tools,
+            shutdown_grace_s=settings.shutdown_grace_s,
+            webhook=webhook_settings(settings),
+            limits=settings.limits,
+            metrics_port=settings.metrics_port,
+            stream_replicas=settings.stream_replicas,
         )
         async with Services(servers, options, roles) as services:
             if services.edge_url:
                 print(f"edge listening at {services.edge_url}", file=sys.stderr, flush=True)
+            if services.metrics_url:
+                print(f"metrics at {services.metrics_url}", file=sys.stderr, flush=True)
             await _until_signalled(services)
         return 0
 
@@ -188,8 +200,39 @@ def cmd_token(args: argparse.Namespace) -> int:
     if not valid_id(args.user):
         raise CliError("--user must be 1-128 characters of A-Z a-z 0-9 _ -")
     settings = load_settings(args.data)
-    print(mint(jwt_secret(settings), args.user, admin=args.admin))
+    print(mint(token_secret(settings), args.user, admin=args.admin))
     return 0
+
+
+def token_secret(settings: Settings) -> str:
+    """The secret the running servers check tokens with: PARLEY_JWT_SECRET, else that of
+    the `parley dev` running on the data folder. Never a new one: a token signed with a
+    secret no server knows would only be refused later, far from the cause."""
+    if settings.jwt_secret:
+        return settings.jwt_secret
+    secret = data_folder_secret(settings.data_dir) if running_dev(settings.data_dir) else None
+    if secret is None:
+        raise CliError(
+            f"no PARLEY_JWT_SECRET set and no `parley dev` running on {settings.data_dir}/: "
+            "start `make run` first (or pass the folder it uses with --data), "
+            "or set PARLEY_JWT_SECRET to the secret your servers use"
+        )
+    return secret
+
+
+def running_dev(data_dir: Path) -> RunInfo | None:
+    """What the `parley dev` running on `data_dir` recorded, if one runs there now."""
+    try:
+        info = msgspec.json.decode((data_dir / RUN_FILE).read_bytes(), type=RunInfo)
+    except (FileNotFoundError, msgspec.DecodeError):
+        return None
+    try:
+        os.kill(info.pid, 0)
+    except ProcessLookupError:
+        return None  # a dev that was killed left its record behind
+    except PermissionError:
+        pass  # alive, under another account
+    return info
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -199,7 +242,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     servers = resolve_servers(settings)
 
     async def main() -> int:
-        nc = await nats.connect(servers.nats_url, name="parley-replay")
+        nc = await connect(servers.nats_url, name="parley-replay", reconnect_forever=False)
         try:
             events = await EventLog(nc.jetstream()).read(args.conversation)
         finally:
@@ -273,13 +316,20 @@ def cmd_projection_errors(args: argparse.Namespace) -> int:
         else:
             for row in rows:
                 out.write(
-                    f"{row.seq:>8}  {row.rule:<9}  {row.event_type or '?':<18} "
+                    f"{row.seq:>8}  {row.projection:<12} {row.rule:<9}  {row.event_type or '?':<18} "
                     f"conversation={row.conversation_id or '?'}\n          {row.reason}\n"
                 )
         out.flush()
         return 0
 
     return asyncio.run(main())
+
+
+def cmd_audit_billing(args: argparse.Namespace) -> int:
+    from parley.audit_command import run_audit
+
+    code: int = run_audit(args)
+    return code
 
 
 def cmd_projection_rebuild(args: argparse.Namespace) -> int:
@@ -289,12 +339,24 @@ def cmd_projection_rebuild(args: argparse.Namespace) -> int:
     return code
 
 
+# ---------------------------------------------------------------- chat
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from parley.chat import run_chat
+
+    code: int = run_chat(args)
+    return code
+
+
 # ---------------------------------------------------------------- bench
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from parley.bench import run_bench
 
+    if args.conversations is None:
+        args.conversations = 100 if args.workload == "burst" else 20
     code: int = run_bench(args)
     return code
 
@@ -302,67 +364,205 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- main
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="parley", description="streaming AI-chat backend")
-    parser.add_argument(
-        "--data", default=None, help="data folder of the dev stack (default .parley)"
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+DATA_HELP = "data folder of the dev stack (default .parley, or PARLEY_DATA)"
 
-    dev = sub.add_parser("dev", help="embedded stack + all roles + web page")
-    dev.add_argument("--host", default="127.0.0.1")
-    dev.add_argument("--port", type=int, default=8080)
-    dev.add_argument("--data", default=argparse.SUPPRESS)
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="parley",
+        description="parley: a streaming AI-chat backend on NATS JetStream. "
+        "Configuration comes from PARLEY_* environment variables (README: Configuration).",
+    )
+    parser.add_argument("--data", default=None, help=DATA_HELP)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    dev = sub.add_parser(
+        "dev",
+        help="embedded stack + all roles + web page",
+        description="Start NATS, Postgres and Redis from their wheels (data under --data), the "
+        "demo model unless PARLEY_MODEL_BASE_URL is set, and every role in this process; print "
+        "the URL and an admin token. Ctrl-C stops it all.",
+    )
+    dev.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    dev.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    dev.add_argument("--data", default=argparse.SUPPRESS, help=DATA_HELP)
     dev.set_defaults(func=cmd_dev)
 
-    serve = sub.add_parser("serve", help="one role against configured servers")
-    serve.add_argument("--role", choices=[*ROLES, "all"], default="all")
-    serve.add_argument("--host", default="0.0.0.0")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--data", default=argparse.SUPPRESS)
+    serve = sub.add_parser(
+        "serve",
+        help="one role against configured servers",
+        description="Run the edge, worker and/or projector against the servers named by "
+        "PARLEY_NATS_URL, PARLEY_DATABASE_URL and PARLEY_REDIS_URL (production). The edge "
+        "needs PARLEY_JWT_SECRET or a JWKS; a process without the edge serves /metrics on "
+        "PARLEY_METRICS_PORT.",
+    )
+    serve.add_argument(
+        "--role",
+        choices=[*ROLES, "all"],
+        default="all",
+        help="which role this process runs (default all)",
+    )
+    serve.add_argument(
+        "--host", default="0.0.0.0", help="address the edge listens on (default 0.0.0.0)"
+    )
+    serve.add_argument(
+        "--port", type=int, default=8080, help="port the edge listens on (default 8080)"
+    )
+    serve.add_argument("--data", default=argparse.SUPPRESS, help=DATA_HELP)
     serve.set_defaults(func=cmd_serve)
 
-    token = sub.add_parser("token", help="print a bearer token for a user")
-    token.add_argument("--user", required=True)
-    token.add_argument("--admin", action="store_true")
-    token.add_argument("--data", default=argparse.SUPPRESS)
+    token = sub.add_parser(
+        "token",
+        help="print a bearer token for a user",
+        description="Print a bearer token (HS256, signed with PARLEY_JWT_SECRET or the secret of "
+        "the `parley dev` running on --data) on stdout, nothing else.",
+    )
+    token.add_argument(
+        "--user", required=True, help="the user id (1-128 characters of A-Z a-z 0-9 _ -)"
+    )
+    token.add_argument(
+        "--admin", action="store_true", help="an admin token: may grant credits, nothing more"
+    )
+    token.add_argument("--data", default=argparse.SUPPRESS, help=DATA_HELP)
     token.set_defaults(func=cmd_token)
 
-    replay = sub.add_parser("replay", help="a conversation's event log, in order")
-    replay.add_argument("conversation")
+    chat = sub.add_parser(
+        "chat",
+        help="chat in the terminal, streaming (Ctrl-C stops an answer, twice quits)",
+        description="A terminal client on the HTTP/SSE API. It talks to PARLEY_URL, else to "
+        "the `parley dev` running on --data; with PARLEY_TOKEN, else a token minted like "
+        "`parley token` does.",
+    )
+    chat.add_argument(
+        "--conversation", default=None, metavar="ID", help="continue this conversation"
+    )
+    chat.add_argument(
+        "--url", default=None, help="the edge's base URL (default PARLEY_URL, else the dev's)"
+    )
+    chat.add_argument(
+        "--token", default=None, help="bearer token (default PARLEY_TOKEN, else one minted)"
+    )
+    chat.add_argument(
+        "--user",
+        default=ADMIN_USER,
+        metavar="ID",
+        help=f"whose token to mint when none is given (default {ADMIN_USER}, "
+        "the user of the token `parley dev` prints)",
+    )
+    chat.add_argument(
+        "--data", default=argparse.SUPPRESS, help="data folder of the dev stack (default .parley)"
+    )
+    chat.set_defaults(func=cmd_chat)
+
+    replay = sub.add_parser(
+        "replay",
+        help="a conversation's event log, in order",
+        description="Print a conversation's events from the log, one line each; entries this "
+        "version cannot read are marked UNREADABLE.",
+    )
+    replay.add_argument("conversation", help="the conversation id")
     replay.add_argument("--json", action="store_true", help="JSON lines, one event per line")
-    replay.add_argument("--data", default=argparse.SUPPRESS)
+    replay.add_argument("--data", default=argparse.SUPPRESS, help=DATA_HELP)
     replay.set_defaults(func=cmd_replay)
 
-    projections = sub.add_parser("projections", help="the read models projected from the log")
-    projections_sub = projections.add_subparsers(dest="projections_command", required=True)
+    projections = sub.add_parser(
+        "projections",
+        help="the read models projected from the log",
+        description="Look after the Postgres read models projected from the event log.",
+    )
+    projections_sub = projections.add_subparsers(
+        dest="projections_command", required=True, metavar="COMMAND"
+    )
     errors = projections_sub.add_parser(
-        "errors", help="events a projection could not apply as written (skipped or sanitised)"
+        "errors",
+        help="events a projection could not apply as written (skipped or sanitised)",
+        description="List the events a projection skipped or sanitised, oldest first: "
+        "position, rule, type, conversation, reason.",
     )
     errors.add_argument("--limit", type=int, default=100, help="at most this many (oldest first)")
     errors.add_argument("--json", action="store_true", help="JSON lines, one error per line")
-    errors.add_argument("--data", default=argparse.SUPPRESS)
+    errors.add_argument("--data", default=argparse.SUPPRESS, help=DATA_HELP)
     errors.set_defaults(func=cmd_projection_errors)
     rebuild = projections_sub.add_parser(
         "rebuild",
         help="rebuild read models from the log beside the live ones, then swap them in",
+        description="Rebuild a projection (or every one) from the event log into a schema "
+        "beside the live one while everything keeps serving, catch up to the log's head, "
+        "then swap the tables in one transaction. Configuration tables are left alone.",
     )
     rebuild.add_argument(
         "--projection", default=None, help="only this projection (default: every one)"
     )
     rebuild.add_argument("--json", action="store_true", help="one JSON object per projection")
-    rebuild.add_argument("--data", default=argparse.SUPPRESS)
+    rebuild.add_argument("--data", default=argparse.SUPPRESS, help=DATA_HELP)
     rebuild.set_defaults(func=cmd_projection_rebuild)
 
-    bench = sub.add_parser("bench", help="benchmarks")
-    bench.add_argument("workload", choices=["stream", "rebuild"])
-    bench.add_argument("--json", action="store_true")
-    bench.add_argument("--conversations", "-c", type=int, default=20)
-    bench.add_argument("--tokens", "-n", type=int, default=500)
-    bench.add_argument("--rounds", "-r", type=int, default=3)
+    audit = sub.add_parser(
+        "audit",
+        help="check what the read models say against the log",
+        description="Recompute from the event log alone what a read model holds, and compare.",
+    )
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    billing = audit_sub.add_parser(
+        "billing",
+        help="recompute every charge and balance from the log and compare them with the "
+        "ledger and the balances; exits 1 on any mismatch",
+        description="Read the log up to the billing projection's position, recompute each "
+        "billed turn's charge (its tokens at the prices its `started` recorded) and each "
+        "account's balance, and compare them with the ledger and the balances. Prints a "
+        "summary and every mismatch; exit status 1 when there is any.",
+    )
+    billing.add_argument("--project", default=None, help="only this project's turns and account")
+    billing.add_argument(
+        "--since", default=None, help="only turns that ended at or after this ISO date/time (UTC)"
+    )
+    billing.add_argument(
+        "--json", action="store_true", help="one JSON object: summary and mismatches"
+    )
+    billing.add_argument("--data", default=argparse.SUPPRESS, help=DATA_HELP)
+    billing.set_defaults(func=cmd_audit_billing)
+
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks (README: Benchmarks)",
+        description="stream: tokens through parley against a direct path; "
+        "cancel: cancel -> done: stopped at the viewer; "
+        "burst: time to first token for many turns starting at once; "
+        "fanout: one conversation, many viewers; "
+        "soak: --minutes of mixed load, then the invariants (exit 1 on a problem); "
+        "rebuild: a full rebuild of a large synthetic log, entries per second",
+    )
     bench.add_argument(
-        "--rate", type=float, default=0.0, help="demo model tokens/s per stream (0 = full speed)"
+        "workload",
+        choices=["stream", "cancel", "burst", "fanout", "soak", "rebuild"],
+        help="what to measure",
+    )
+    bench.add_argument("--json", action="store_true", help="one JSON object, flat keys")
+    bench.add_argument(
+        "--conversations", "-c", type=int, default=None, help="conversations (stream 20, burst 100)"
+    )
+    bench.add_argument(
+        "--tokens", "-n", type=int, default=500, help="tokens per answer (fanout: try 250)"
+    )
+    bench.add_argument(
+        "--rounds", "-r", type=int, default=3, help="rounds (rebuild: rebuilds), medians reported"
+    )
+    bench.add_argument(
+        "--viewers", type=int, default=None, help="SSE viewers (fanout 1000, soak 20)"
+    )
+    bench.add_argument("--minutes", type=float, default=30.0, help="soak: how long the load runs")
+    bench.add_argument("--users", type=int, default=12, help="soak: users acting at once")
+    bench.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="demo model tokens/s per stream (stream: 0 = full speed; fanout: 0 = 50)",
+    )
+    bench.add_argument("--cancels", type=int, default=200, help="how many cancels (cancel)")
+    bench.add_argument("--concurrency", type=int, default=10, help="cancels at a time (cancel)")
+    bench.add_argument(
+        "--window", type=float, default=1.0, help="seconds over which turns start (burst)"
     )
     bench.add_argument(
         "--events", type=int, default=1_000_000, help="rebuild: synthetic log entries to add"
@@ -371,15 +571,25 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--workers", type=int, default=0, help="rebuild: reader processes (0 = one per core)"
     )
-    bench.add_argument("--data", default=argparse.SUPPRESS)
+    bench.add_argument("--data", default=argparse.SUPPRESS, help=DATA_HELP)
     bench.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
+        settings = load_settings(args.data)
+        # the secrets this process knows are scrubbed from every log line it writes
+        setup_logging(
+            logging.DEBUG if args.verbose else logging.INFO,
+            settings.log_format,
+            secrets=(
+                settings.jwt_secret,
+                settings.model_api_key,
+                data_folder_secret(settings.data_dir),
+            ),
+        )
         code: int = args.func(args)
     except (CliError, ConfigError) as err:
         print(f"parley: {err}", file=sys.stderr)

@@ -8,12 +8,13 @@ from __future__ import annotations
 import os
 import secrets
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import msgspec
 
 from actors.models import ModelCatalog, ModelSpec, ModelVersion
+from api.config import EdgeLimits
 
 DEMO_MODEL = "demo"
 # The demo model's built-in entry: what a new user chats with, priced like a
@@ -32,6 +33,9 @@ DEMO_SPEC = ModelSpec(
 )
 
 
+MIN_SECRET_CHARS = 32
+
+
 class ConfigError(Exception):
     """Configuration that cannot work; the message says which variable and why."""
 
@@ -45,10 +49,27 @@ class Settings(msgspec.Struct, frozen=True):
     model_api_key: str | None = None
     model: str | None = None
     jwt_secret: str | None = None
+    jwt_jwks_url: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
     models_file: str | None = None
     db_schema: str = "parley"
     demo_tokens_per_s: float = 40.0  # how fast the demo model streams in `parley dev`
+    webhook_url: str | None = None  # turn-end webhooks (PARLEY_WEBHOOK_URL)
+    webhook_secret: str | None = None
+    tools: tuple[str, ...] = ()  # PARLEY_TOOLS: module:attribute specs of more tools
+    shutdown_grace_s: float = 10.0  # how long a stopping worker lets turns finish
+    limits: EdgeLimits = EdgeLimits()
+    log_format: str = "text"  # or "json"
     max_projection_lag: int = 10_000  # /readyz: unready beyond this many events behind (0: never)
+    # `parley serve` without the edge role serves GET /metrics on this port (None: not at all)
+    metrics_port: int | None = None
+    # PARLEY_STREAM_REPLICAS: replicas of the streams and the lease bucket parley creates
+    # (1 for one server; 3 on a production cluster). Existing ones are left as they are.
+    stream_replicas: int = 1
+    # `parley chat`: the edge to talk to and the token to show it (unset: the running `parley dev`)
+    url: str | None = None
+    token: str | None = None
 
     @property
     def embedded(self) -> bool:
@@ -61,6 +82,31 @@ def settings_from_env(env: Mapping[str, str], data_dir: str | Path | None = None
         value = env.get(name, "").strip()
         return value or None
 
+    jwt_secret = get("PARLEY_JWT_SECRET")
+    if jwt_secret is not None and len(jwt_secret) < MIN_SECRET_CHARS:
+        raise ConfigError(
+            f"PARLEY_JWT_SECRET must be at least {MIN_SECRET_CHARS} characters "
+            "(HS256 with a short secret can be guessed offline from one token)"
+        )
+    jwks_url, issuer, audience = (
+        get("PARLEY_JWT_JWKS_URL"),
+        get("PARLEY_JWT_ISSUER"),
+        get("PARLEY_JWT_AUDIENCE"),
+    )
+    if jwks_url is not None and (issuer is None or audience is None):
+        raise ConfigError(
+            "PARLEY_JWT_JWKS_URL needs PARLEY_JWT_ISSUER and PARLEY_JWT_AUDIENCE too: "
+            "a token from the identity provider is accepted only for this issuer and audience"
+        )
+    if jwks_url is None and (issuer is not None or audience is not None):
+        raise ConfigError(
+            "PARLEY_JWT_ISSUER and PARLEY_JWT_AUDIENCE apply only with PARLEY_JWT_JWKS_URL"
+        )
+    if (get("PARLEY_WEBHOOK_URL") is None) != (get("PARLEY_WEBHOOK_SECRET") is None):
+        raise ConfigError(
+            "PARLEY_WEBHOOK_URL and PARLEY_WEBHOOK_SECRET go together: "
+            "every webhook is signed with the secret"
+        )
     return Settings(
         data_dir=Path(data_dir or get("PARLEY_DATA") or ".parley"),
         nats_url=get("PARLEY_NATS_URL"),
@@ -69,14 +115,100 @@ def settings_from_env(env: Mapping[str, str], data_dir: str | Path | None = None
         model_base_url=get("PARLEY_MODEL_BASE_URL"),
         model_api_key=get("PARLEY_MODEL_API_KEY"),
         model=get("PARLEY_MODEL"),
-        jwt_secret=get("PARLEY_JWT_SECRET"),
+        jwt_secret=jwt_secret,
+        jwt_jwks_url=jwks_url,
+        jwt_issuer=issuer,
+        jwt_audience=audience,
         models_file=get("PARLEY_MODELS_FILE"),
         db_schema=get("PARLEY_DB_SCHEMA") or "parley",
         demo_tokens_per_s=_float(get("PARLEY_DEMO_TOKENS_PER_S"), 40.0, "PARLEY_DEMO_TOKENS_PER_S"),
+        webhook_url=get("PARLEY_WEBHOOK_URL"),
+        webhook_secret=get("PARLEY_WEBHOOK_SECRET"),
+        tools=tuple(
+            spec.strip() for spec in (get("PARLEY_TOOLS") or "").split(",") if spec.strip()
+        ),
+        shutdown_grace_s=_float(get("PARLEY_SHUTDOWN_GRACE_S"), 10.0, "PARLEY_SHUTDOWN_GRACE_S"),
+        limits=_limits(get),
+        log_format=_log_format(get("PARLEY_LOG_FORMAT")),
         max_projection_lag=_int(
             get("PARLEY_MAX_PROJECTION_LAG"), 10_000, "PARLEY_MAX_PROJECTION_LAG"
         ),
+        metrics_port=_port(get("PARLEY_METRICS_PORT"), "PARLEY_METRICS_PORT"),
+        stream_replicas=_replicas(get("PARLEY_STREAM_REPLICAS")),
+        url=_url(get("PARLEY_URL")),
+        token=get("PARLEY_TOKEN"),
     )
+
+
+# JetStream keeps at most five copies of a stream.
+MAX_REPLICAS = 5
+
+
+def _replicas(raw: str | None) -> int:
+    if raw is None:
+        return 1
+    if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= MAX_REPLICAS:
+        raise ConfigError(
+            f"PARLEY_STREAM_REPLICAS must be a whole number from 1 to {MAX_REPLICAS}, not {raw!r}"
+        )
+    return int(raw)
+
+
+def _url(raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    if not raw.startswith(("http://", "https://")):
+        raise ConfigError(f"PARLEY_URL must be an http:// or https:// URL, not {raw!r}")
+    return raw.rstrip("/")
+
+
+def _limits(get: Callable[[str], str | None]) -> EdgeLimits:
+    d = EdgeLimits()
+    return EdgeLimits(
+        rate_per_s=_float(get("PARLEY_RATE_PER_S"), d.rate_per_s, "PARLEY_RATE_PER_S"),
+        rate_burst=int(_float(get("PARLEY_RATE_BURST"), d.rate_burst, "PARLEY_RATE_BURST")),
+        max_streams_per_user=int(
+            _float(
+                get("PARLEY_MAX_STREAMS_PER_USER"),
+                d.max_streams_per_user,
+                "PARLEY_MAX_STREAMS_PER_USER",
+            )
+        ),
+        max_turns_per_user=int(
+            _float(
+                get("PARLEY_MAX_TURNS_PER_USER"), d.max_turns_per_user, "PARLEY_MAX_TURNS_PER_USER"
+            )
+        ),
+        write_timeout_s=_positive(
+            _float(get("PARLEY_WRITE_TIMEOUT_S"), d.write_timeout_s, "PARLEY_WRITE_TIMEOUT_S"),
+            "PARLEY_WRITE_TIMEOUT_S",
+        ),
+        body_timeout_s=_positive(
+            _float(get("PARLEY_BODY_TIMEOUT_S"), d.body_timeout_s, "PARLEY_BODY_TIMEOUT_S"),
+            "PARLEY_BODY_TIMEOUT_S",
+        ),
+    )
+
+
+def _positive(value: float, name: str) -> float:
+    if value <= 0:
+        raise ConfigError(f"{name} must be more than 0")
+    return value
+
+
+def _port(raw: str | None, name: str) -> int | None:
+    if raw is None:
+        return None
+    if not raw.isascii() or not raw.isdigit() or not 0 <= int(raw) <= 65535:
+        raise ConfigError(f"{name} must be a port number (0-65535), not {raw!r}")
+    return int(raw)
+
+
+def _log_format(raw: str | None) -> str:
+    value = (raw or "text").lower()
+    if value not in ("text", "json"):
+        raise ConfigError(f"PARLEY_LOG_FORMAT must be text or json, not {raw!r}")
+    return value
 
 
 def _float(raw: str | None, default: float, name: str) -> float:
@@ -137,11 +269,11 @@ def parse_models_file(path: Path) -> list[ModelSpec]:
         raise ConfigError(f"PARLEY_MODELS_FILE {path}: {err}") from err
 
 
-def jwt_secret(settings: Settings) -> str:
-    """PARLEY_JWT_SECRET, else a secret kept in the data folder (created on first use)."""
+def dev_jwt_secret(settings: Settings) -> str:
+    """For `parley dev`: PARLEY_JWT_SECRET, else the data folder's secret (created on first use)."""
     if settings.jwt_secret:
         return settings.jwt_secret
-    path = settings.data_dir / "jwt_secret"
+    path = settings.data_dir / SECRET_FILE
     if not path.exists():
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -152,3 +284,14 @@ def jwt_secret(settings: Settings) -> str:
             with os.fdopen(fd, "w") as out:
                 out.write(secrets.token_urlsafe(48))
     return path.read_text().strip()
+
+
+def data_folder_secret(data_dir: Path) -> str | None:
+    """The secret `parley dev` keeps in `data_dir`, if there is one. Never creates it."""
+    try:
+        return (data_dir / SECRET_FILE).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+SECRET_FILE = "jwt_secret"

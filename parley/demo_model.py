@@ -93,6 +93,7 @@ class Reply(msgspec.Struct):
     include_usage: bool = False
     prompt_tokens: int = 0
     bench_key: str | None = None
+    flaky: tuple[str, int] | None = None  # fail the first N requests carrying this key
 
 
 def plan_reply(body: dict[str, Any], config: DemoConfig) -> Reply:
@@ -105,7 +106,11 @@ def plan_reply(body: dict[str, Any], config: DemoConfig) -> Reply:
     `[[fail=bad_json|cut|error|hang]]` a few good chunks, then that failure;
     `[[fail=429]]`/`[[fail=500]]` that HTTP status before any byte;
     `[[bench=KEY]]` log the send time of every answer delta under KEY;
-    `[[bulk=N]]` an answer of N characters in deltas of 64 KiB (large answers).
+    `[[bulk=N]]` an answer of N characters in deltas of 64 KiB (large answers);
+    `[[tools=name{json};name{json}]]` those tool calls in one response (parallel calls),
+    then an answer with their results;
+    `[[rounds=N]]` call `get_current_time` in N rounds, one after the other, then answer;
+    `[[flaky=KEY:N]]` the first N requests with this KEY get HTTP 503 (then it streams).
     """
     messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
     last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
@@ -119,6 +124,10 @@ def plan_reply(body: dict[str, Any], config: DemoConfig) -> Reply:
         prompt_tokens=sum(len(_text(m.get("content")).split()) for m in messages),
         bench_key=directives.get("bench") or None,
     )
+    flaky = directives.get("flaky", "")
+    if ":" in flaky:
+        key, _, times = flaky.partition(":")
+        reply.flaky = (key, _int(times))
     fail = directives.get("fail", "")
     if fail in ("429", "500"):
         reply.status = int(fail)
@@ -138,6 +147,15 @@ def plan_reply(body: dict[str, Any], config: DemoConfig) -> Reply:
         count = _int(directives["tokens"])
         thinking = f"I was asked for exactly {count} tokens; I will count them out."
         main = (_answer(f"{i} ") for i in range(count))
+    elif "rounds" in directives and _calls_so_far(messages) < _int(directives["rounds"]):
+        thinking = "I will ask the clock once more."
+        main = _tool_calls([(f"call_{_calls_so_far(messages) + 1}", "get_current_time", "{}")])
+    elif "tools" in directives and not tool_results:
+        thinking = "I will call several tools at once."
+        calls = _parse_calls(directives["tools"], offered)
+        main = _tool_calls(
+            [(f"call_{i + 1}", name, arguments) for i, (name, arguments) in enumerate(calls)]
+        )
     elif tool_results:
         thinking = "The tool has answered; I will pass its result on."
         main = _answer_words(f"The result is {', '.join(tool_results)}.")
@@ -216,6 +234,34 @@ def _thinking(text: str, *, tags: bool) -> Iterator[_Delta]:
     pieces = ["<thi", "nk>" + pieces[0], *pieces[1:], "</th", "ink>"]
     for piece in pieces:
         yield _Delta({"content": piece})
+
+
+def _parse_calls(spec: str, offered: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    """`name{json};name{json}` -> [(name, json)], only tools that were offered."""
+    calls = []
+    for part in spec.split(";"):
+        name, brace, rest = part.strip().partition("{")
+        if name.strip() in offered:
+            calls.append((name.strip(), brace + rest if brace else "{}"))
+    return calls
+
+
+def _tool_calls(calls: list[tuple[str, str, str]]) -> Iterator[_Delta]:
+    """Several calls in one response, each announced then its arguments in one piece."""
+    for index, (call_id, name, arguments) in enumerate(calls):
+        yield _Delta(
+            {
+                "tool_calls": [
+                    {
+                        "index": index,
+                        "id": call_id,
+                        "type": "function",
+                        "function": {"name": name, "arguments": arguments},
+                    }
+                ]
+            }
+        )
+    yield _Delta({}, finish_reason="tool_calls", counted=False)
 
 
 def _tool_call(call_id: str, name: str, arguments: str) -> Iterator[_Delta]:
@@ -307,6 +353,9 @@ class _DemoState:
         self.config = config
         self.emit_log = emit_log
         self.replies = itertools.count(1)
+        self.flaky: dict[str, int] = {}  # [[flaky=KEY:N]]: requests seen per key
+        self.open_streams = 0
+        self.went_away = 0
         # Set on shutdown so that hanging replies end instead of holding the
         # runner's cleanup for its whole shutdown timeout.
         self.stopping = asyncio.Event()
@@ -321,6 +370,7 @@ def create_demo_app(config: DemoConfig, emit_log: EmitLog | None = None) -> web.
     app[_STATE] = _DemoState(config, emit_log)
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_get("/v1/models", _models)
+    app.router.add_get("/v1/demo/streams", _streams)
     app.on_shutdown.append(_stop_replies)
     return app
 
@@ -347,6 +397,13 @@ async def start_demo_model(
 
 async def _stop_replies(app: web.Application) -> None:
     app[_STATE].stopping.set()
+
+
+async def _streams(request: web.Request) -> web.Response:
+    """How many answers are being streamed now, and how many clients left mid-answer
+    (tests check that a cancelled turn closed its model stream)."""
+    state = request.app[_STATE]
+    return web.json_response({"open": state.open_streams, "went_away": state.went_away})
 
 
 async def _models(request: web.Request) -> web.Response:
@@ -380,6 +437,13 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
             400, 'the demo model only streams: send "stream": true', "invalid_request_error"
         )
     reply = plan_reply(body, state.config)
+    if reply.flaky is not None:
+        key, times = reply.flaky
+        state.flaky[key] = state.flaky.get(key, 0) + 1
+        if state.flaky[key] <= times:
+            return _error_response(
+                503, f"the demo model is flaky on purpose ([[flaky={key}:{times}]])", "server_error"
+            )
     if reply.status != 200:
         kind = "rate_limit_exceeded" if reply.status == 429 else "server_error"
         return _error_response(reply.status, reply.error_message, kind)
@@ -387,13 +451,17 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
+    state.open_streams += 1
     try:
         await response.prepare(request)
         await _send(request, response, reply, state, model=str(body.get("model") or MODEL_NAME))
     except ConnectionResetError:
         # The client left mid-answer (it was cancelled or timed out): an everyday
         # event for a streaming server, not an error worth a traceback.
+        state.went_away += 1
         log.debug("demo model: client went away mid-stream")
+    finally:
+        state.open_streams -= 1
     return response
 
 
@@ -479,6 +547,7 @@ async def _hang(request: web.Request, state: _DemoState) -> None:
     while not state.stopping.is_set():
         transport = request.transport
         if transport is None or transport.is_closing():
+            state.went_away += 1
             log.debug("demo model: client went away during a hang")
             return
         try:

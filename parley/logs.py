@@ -1,30 +1,106 @@
-"""Log lines with their structured fields (conversation_id, turn_id, ...) appended as key=value."""
+"""Log lines with their structured fields (conversation_id, turn_id, ...), as text or JSON.
+
+`PARLEY_LOG_FORMAT=text` (default): the message, then the fields as key=value.
+`PARLEY_LOG_FORMAT=json`: one JSON object per line, `ts`, `level`, `logger`,
+`message`, each structured field as a key of its own, and `exc` with a traceback.
+
+No secret leaves through a log line: whatever the format, the rendered line
+is scrubbed of the secrets the process was configured with (the JWT secret,
+model API keys), of anything shaped like a JWT or a bearer token, and of
+passwords in URLs. Code should not log them in the first place; this is the
+net under it.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import re
 import sys
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
 
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
     "message",
     "asctime",
+    "taskName",
 }
+REDACTED = "[redacted]"
+# a JWT (three base64url parts, the first a JSON header), a bearer credential, a URL's password
+_SHAPES = re.compile(
+    r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"
+    r"|(?<=[Bb]earer )[A-Za-z0-9._~+/=-]+"
+    r"|(?<=://)[^/@\s:]+:[^/@\s]+(?=@)"
+)
+
+
+class Redactor:
+    def __init__(self, secrets: Iterable[str | None] = ()) -> None:
+        # longest first, so a secret that contains another is scrubbed whole
+        self._secrets = sorted({s for s in secrets if s and len(s) >= 8}, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, REDACTED)
+        return _SHAPES.sub(REDACTED, text)
+
+
+def fields_of(record: logging.LogRecord) -> dict[str, Any]:
+    """The structured fields a call passed as `extra`."""
+    return {
+        k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")
+    }
 
 
 class KeyValueFormatter(logging.Formatter):
+    def __init__(self, redact: Redactor | None = None) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self._redact = redact or Redactor()
+
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        extras = {
-            k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")
-        }
+        extras = fields_of(record)
         if extras:
             line += " " + " ".join(f"{k}={v}" for k, v in extras.items())
-        return line
+        return self._redact(line)
 
 
-def setup_logging(level: int = logging.INFO) -> None:
+class JsonFormatter(logging.Formatter):
+    def __init__(self, redact: Redactor | None = None) -> None:
+        super().__init__()
+        self._redact = redact or Redactor()
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": dt.datetime.fromtimestamp(record.created, tz=dt.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in fields_of(record).items():
+            entry.setdefault(key, value)
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        elif record.stack_info:
+            entry["exc"] = self.formatStack(record.stack_info)
+        # values json cannot hold (an exception, a path) are written as their str()
+        return self._redact(msgspec.json.encode(entry, enc_hook=str).decode())
+
+
+def formatter(log_format: str, secrets: Iterable[str | None] = ()) -> logging.Formatter:
+    redact = Redactor(secrets)
+    return JsonFormatter(redact) if log_format == "json" else KeyValueFormatter(redact)
+
+
+def setup_logging(
+    level: int = logging.INFO, log_format: str = "text", secrets: Iterable[str | None] = ()
+) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(KeyValueFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(formatter(log_format, secrets))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

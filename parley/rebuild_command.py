@@ -9,8 +9,9 @@ import sys
 
 import msgspec
 
-from parley.cli import CliError, resolve_servers
+from parley.cli import CliError
 from parley.config import load_settings
+from parley.services import resolve_servers
 from projections.catalog import PROJECTIONS
 from projections.feed import connect
 from projections.rebuild import RebuildError, default_workers, rebuild
@@ -30,7 +31,8 @@ def run_rebuild(args: argparse.Namespace) -> int:
         print(f"  at {position} of {head}", file=sys.stderr, flush=True)
 
     async def main() -> int:
-        nc = await connect(servers.nats_url, name="parley-rebuild")
+        # the fast reader's connection (projections/feed.py), one-shot like every command
+        nc = await connect(servers.nats_url, name="parley-rebuild", reconnect_forever=False)
         try:
             for name in names:
                 print(f"rebuilding {name} in {settings.db_schema} ...", file=sys.stderr)

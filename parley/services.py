@@ -14,28 +14,37 @@ import contextlib
 import logging
 import random
 import socket
+import time
 from collections.abc import Awaitable, Callable, Collection
 from types import TracebackType
 from typing import Any, Self
 
 import aiohttp
 import msgspec
-import nats
 from aiohttp import web
 from nats.aio.client import Client as NatsClient
 
-from actors.actor import ActorContext
+from actors.billing import Accounts
+from actors.builtin_tools import BUILTIN_TOOLS
 from actors.models import ModelCatalog
-from actors.tools import BUILTIN_TOOLS
+from actors.tools import Tool, ToolRunner, load_tools, merge_tools
+from actors.turn import ActorContext
+from actors.webhooks import WebhookDispatcher, WebhookSettings
 from actors.worker import WorkerHost
 from api.app import create_app
-from api.config import EdgeConfig
+from api.config import EdgeConfig, EdgeLimits
+from events.broker import connect
 from events.ids import new_id
 from events.log import EventLog, ensure_streams
 from events.turns import TurnRegistry, redis_client
-from parley.stack import StackUrls
+from parley.config import ConfigError, Settings
+from parley.metrics import Metrics, metrics_app
+from parley.stack import StackUrls, running_stack_urls
 from projections import feed
+from projections.catalog import PROJECTIONS
 from projections.db import create_pool
+from projections.handlers import READ_MODELS
+from projections.models import ModelRow, VersionRow, store_models
 from projections.projector import Projector
 
 log = logging.getLogger(__name__)
@@ -47,17 +56,64 @@ ROLES = ("edge", "worker", "projector")
 Servers = StackUrls
 
 
-class ServiceOptions(msgspec.Struct, frozen=True):
-    jwt_secret: str
+def resolve_servers(settings: Settings) -> Servers:
+    """The servers named in the environment, else the dev stack running on the data folder."""
+    named = {
+        "PARLEY_NATS_URL": settings.nats_url,
+        "PARLEY_DATABASE_URL": settings.database_url,
+        "PARLEY_REDIS_URL": settings.redis_url,
+    }
+    if any(named.values()):
+        missing = [name for name, value in named.items() if not value]
+        if missing:
+            raise ConfigError(
+                f"set {', '.join(missing)} too, or none of the PARLEY_*_URL variables"
+            )
+        return Servers(
+            nats_url=settings.nats_url or "",
+            database_url=settings.database_url or "",
+            redis_url=settings.redis_url or "",
+        )
+    urls = running_stack_urls(settings.data_dir)
+    if urls is None:
+        raise ConfigError(
+            f"no servers configured (PARLEY_NATS_URL, PARLEY_DATABASE_URL, PARLEY_REDIS_URL) "
+            f"and no `parley dev` running on {settings.data_dir}"
+        )
+    return urls
+
+
+class ServiceOptions(msgspec.Struct, frozen=True, kw_only=True):
     catalog: ModelCatalog
     model_base_url: str
+    # tokens the edge accepts (api/auth.py): the HS256 secret and/or an identity provider's JWKS
+    jwt_secret: str | None = None
+    jwks_url: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
     model_api_key: str | None = None
     db_schema: str = "parley"
     host: str = "127.0.0.1"
     port: int = 8080  # 0 picks a free port
     ping_interval_s: float = 15.0
+    limits: EdgeLimits = EdgeLimits()
     model_idle_timeout_s: float = 120.0
+    # tools beyond the built-ins: `module:attribute` specs (PARLEY_TOOLS), the
+    # `parley.tools` entry points, and Tool objects handed in directly (tests)
+    tool_specs: tuple[str, ...] = ()
+    tool_entry_points: bool = True
+    tools: tuple[Tool, ...] = ()
+    # how long a stopping worker lets running turns finish
+    shutdown_grace_s: float = 10.0
+    model_retry_base_s: float = 0.5
+    decision_wait_s: float = 5.0  # how long a POST waits for the actor's accept/refuse
+    # turn-end webhooks, sent by the worker role (actors/webhooks.py)
+    webhook: WebhookSettings | None = None
     max_projection_lag: int = 10_000  # /readyz bound, events behind the log (0: never unready)
+    # where a process without the edge role serves GET /metrics (None: nowhere)
+    metrics_port: int | None = None
+    # replicas of the streams and the lease bucket, when this process creates them
+    stream_replicas: int = 1
 
 
 class Services:
@@ -72,11 +128,16 @@ class Services:
         self.roles = frozenset(roles)
         self.edge_url = ""
         self.worker: WorkerHost | None = None
-        self.projector: Projector | None = None
+        self.projector: Projector | None = None  # the read models' (what the edge reads)
+        self.projectors: dict[str, Projector] = {}
+        self.webhooks: WebhookDispatcher | None = None
         self._stopping = asyncio.Event()
         self._stack = contextlib.AsyncExitStack()
         self._tasks: list[asyncio.Task[None]] = []
         self.restarts: dict[str, int] = {}  # role -> times it was restarted after failing
+        # one registry for every role of this process; the edge's /metrics shows it
+        self.metrics = Metrics()
+        self.metrics_url = ""
 
     async def __aenter__(self) -> Self:
         try:
@@ -96,7 +157,7 @@ class Services:
         for task in self._tasks:
             # Loops watch `stopping` and end within a second; cancel is the backstop.
             try:
-                async with asyncio.timeout(10):
+                async with asyncio.timeout(self.options.shutdown_grace_s + 10):
                     await asyncio.shield(task)
             except TimeoutError:
                 task.cancel()
@@ -117,23 +178,32 @@ class Services:
     async def _start(self) -> None:
         nc = await self._nats("parley-roles")
         js = nc.jetstream()
-        await ensure_streams(js)
+        for note in await ensure_streams(js, replicas=self.options.stream_replicas):
+            log.info(note)
         if "projector" in self.roles:
-            pool = await create_pool(self.servers.database_url, self.options.db_schema, max_size=4)
+            # one projector per projection: each its own position, lock and restarts
+            pool = await create_pool(
+                self.servers.database_url, self.options.db_schema, max_size=2 + 2 * len(PROJECTIONS)
+            )
             self._stack.push_async_callback(pool.close)
-            # its own connection, one that leaves entries' headers unparsed (feed.py)
-            reader = await feed.connect(self.servers.nats_url, name="parley-projector")
-            self._stack.push_async_callback(reader.drain)
-            self.projector = Projector(reader.jetstream(), pool)
-            projector = self.projector
-            self._spawn(lambda: projector.run(self._stopping), "projector")
+            for name, projection in PROJECTIONS.items():
+                # each reads the log through a connection of its own, one that leaves
+                # entries' headers unparsed (projections/feed.py), to the same nodes
+                reader = await feed.connect(self.servers.nats_url, name=f"parley-projector-{name}")
+                self._stack.push_async_callback(reader.drain)
+                projector = Projector(reader.jetstream(), pool, projection=projection)
+                self.projectors[name] = projector
+                self._spawn(_runner(projector, self._stopping), f"projector-{name}")
+            self.projector = self.projectors[READ_MODELS.name]
         if "worker" in self.roles:
             await self._start_worker(nc)
         if "edge" in self.roles:
             await self._start_edge()
+        elif self.options.metrics_port is not None:
+            self.metrics_url = await self._serve(metrics_app(self.metrics)) + "/metrics"
 
     async def _nats(self, name: str) -> NatsClient:
-        nc = await nats.connect(self.servers.nats_url, name=name, max_reconnect_attempts=-1)
+        nc = await connect(self.servers.nats_url, name=name)
         self._stack.push_async_callback(nc.drain)
         return nc
 
@@ -143,51 +213,117 @@ class Services:
         self._stack.push_async_callback(redis.aclose)
         http = aiohttp.ClientSession()
         self._stack.push_async_callback(http.close)
+        event_log = EventLog(js)
         ctx = ActorContext(
-            log=EventLog(js),
+            log=event_log,
+            accounts=Accounts(event_log, time.time_ns, new_id),
             turns=TurnRegistry(redis),
             http=http,
             catalog=self.options.catalog,
             default_base_url=self.options.model_base_url,
             default_api_key=self.options.model_api_key,
             worker_id=f"{socket.gethostname()}-{new_id()}",
-            tools={tool.name: tool for tool in BUILTIN_TOOLS},
+            tools=ToolRunner(
+                merge_tools(
+                    BUILTIN_TOOLS,
+                    load_tools(
+                        self.options.tool_specs, use_entry_points=self.options.tool_entry_points
+                    ),
+                    self.options.tools,
+                )
+            ),
+            retry_base_s=self.options.model_retry_base_s,
             idle_timeout=self.options.model_idle_timeout_s,
             first_byte_timeout=self.options.model_idle_timeout_s,
             # half the server's limit: headers and a margin ride in the same message
             max_event_bytes=min(512 * 1024, nc.max_payload // 2),
+            observer=self.metrics,
         )
-        worker = self.worker = WorkerHost(js, ctx)
+        worker = self.worker = WorkerHost(
+            js,
+            ctx,
+            grace_s=self.options.shutdown_grace_s,
+            replicas=self.options.stream_replicas,
+        )
+        if self.options.webhook is not None:
+            webhooks = self.webhooks = WebhookDispatcher(js, self.options.webhook, http)
+            self._spawn(lambda: webhooks.run(self._stopping), "webhooks")
         self._spawn(lambda: worker.run(self._stopping), "worker")
         async with asyncio.timeout(30):
             await self.worker.ready.wait()
 
     async def _start_edge(self) -> None:
         options = self.options
+        await self._store_catalog()
         config = EdgeConfig(
             nats_url=self.servers.nats_url,
             database_url=self.servers.database_url,
             redis_url=self.servers.redis_url,
             jwt_secret=options.jwt_secret,
+            jwks_url=options.jwks_url,
+            jwt_issuer=options.jwt_issuer,
+            jwt_audience=options.jwt_audience,
             db_schema=options.db_schema,
             models=[m.name for m in options.catalog.models],
             default_model=options.catalog.default_model,
             ping_interval_s=options.ping_interval_s,
+            decision_wait_s=options.decision_wait_s,
+            limits=options.limits,
             max_projection_lag=options.max_projection_lag,
+            stream_replicas=options.stream_replicas,
         )
-        runner = web.AppRunner(create_app(config), access_log=None, shutdown_timeout=5.0)
+        self.edge_url = await self._serve(create_app(config, self.metrics), options.port)
+
+    async def _serve(self, app: web.Application, port: int | None = None) -> str:
+        """Listen with `app` on the configured host; its base URL."""
+        options = self.options
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)
-        site = web.TCPSite(runner, options.host, options.port)
+        site = web.TCPSite(runner, options.host, options.metrics_port if port is None else port)
         await site.start()
-        port = _bound_port(runner)
         host = f"[{options.host}]" if ":" in options.host else options.host
-        self.edge_url = f"http://{host}:{port}"
+        return f"http://{host}:{_bound_port(runner)}"
+
+    async def _store_catalog(self) -> None:
+        """The models file, into the models tables the edge answers GET /v1/models from."""
+        pool = await create_pool(self.servers.database_url, self.options.db_schema, max_size=1)
+        try:
+            await store_models(pool, catalog_rows(self.options.catalog))
+        finally:
+            await pool.close()
 
     def _spawn(self, role: Callable[[], Awaitable[None]], name: str) -> None:
         self._tasks.append(
             asyncio.create_task(supervise(role, name, self._stopping, self.restarts), name=name)
         )
+
+
+def catalog_rows(catalog: ModelCatalog) -> list[ModelRow]:
+    return [
+        ModelRow(
+            name=spec.name,
+            base_url=spec.base_url,
+            max_output_tokens=spec.max_output_tokens,
+            is_default=spec.name == catalog.default_model,
+            versions=[
+                VersionRow(
+                    version=v.version,
+                    status=v.status,
+                    is_default=v.is_default,
+                    release_date=v.release_date,
+                    input_price=v.input_price,
+                    output_price=v.output_price,
+                )
+                for v in spec.versions
+            ],
+        )
+        for spec in catalog.models
+    ]
+
+
+def _runner(projector: Projector, stopping: asyncio.Event) -> Callable[[], Awaitable[None]]:
+    return lambda: projector.run(stopping)
 
 
 BACKOFF_FIRST_S = 0.5

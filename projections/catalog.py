@@ -7,7 +7,8 @@ and DDL file, added to `PROJECTIONS` here. Nothing else belongs in this module.
 
 from __future__ import annotations
 
+from projections.billing import BILLING
 from projections.handlers import READ_MODELS
 from projections.registry import Projection
 
-PROJECTIONS: dict[str, Projection] = {p.name: p for p in (READ_MODELS,)}
+PROJECTIONS: dict[str, Projection] = {p.name: p for p in (READ_MODELS, BILLING)}

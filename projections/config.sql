@@ -6,3 +6,21 @@
 -- rebuild builds its tables in a schema of their own first.
 --
 -- (models and model_versions go here.)
+
+CREATE TABLE IF NOT EXISTS models (
+    name               text PRIMARY KEY,        -- what clients send as `model`
+    base_url           text,
+    max_output_tokens  integer,
+    is_default         boolean NOT NULL DEFAULT false   -- the model a conversation gets unasked
+);
+
+CREATE TABLE IF NOT EXISTS model_versions (
+    model         text NOT NULL,
+    version       text NOT NULL,
+    status        text NOT NULL,                -- active | deprecated
+    is_default    boolean NOT NULL,
+    release_date  date,
+    input_price   double precision NOT NULL,    -- credits per million tokens
+    output_price  double precision NOT NULL,
+    PRIMARY KEY (model, version)
+);

@@ -41,6 +41,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
+from events.broker import connect_client
 from events.follow import RawEvent
 from events.ids import new_id
 from events.subjects import EVT_STREAM, EVT_SUBJECTS
@@ -71,11 +72,15 @@ _STATUS_AT = len(b"NATS/1.0")
 _SPACE = ord(" ")
 
 
-async def connect(url: str, *, name: str) -> EntryClient:
-    """A connection for a projector or a rebuild to read the log through."""
-    client = EntryClient()
-    await client.connect(url, name=name, max_reconnect_attempts=-1)
-    return client
+async def connect(url: str, *, name: str, reconnect_forever: bool = True) -> EntryClient:
+    """A connection for a projector or a rebuild to read the log through.
+
+    `url` as every process takes it (events/broker.py): one server or the
+    comma-separated nodes of a cluster, tried in the order given. A projector
+    (a role) reconnects for ever; a one-shot command passes
+    `reconnect_forever=False` and gives up as the other commands do.
+    """
+    return await connect_client(EntryClient(), url, name=name, reconnect_forever=reconnect_forever)
 
 
 # A request waits this long on the server for entries before it expires (408).

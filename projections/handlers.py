@@ -136,9 +136,33 @@ WHERE id = $2
 """
 
 
+# An edit or a regeneration starts a new branch: the old version and every
+# message that grew from it (the event lists them) leave the latest set, and the
+# version it grew from is marked as the fork's origin.
+_BRANCH = """
+WITH gone AS (
+    UPDATE messages SET is_latest = false
+    WHERE conversation_id = $1 AND id = ANY($2::text[]) AND is_latest
+    RETURNING 1
+), origin AS (
+    UPDATE messages SET is_fork_origin = true WHERE conversation_id = $1 AND id = $3
+    RETURNING 1
+)
+UPDATE conversations SET message_count = message_count - (SELECT count(*) FROM gone)
+WHERE id = $1 AND (SELECT count(*) FROM origin) >= 0
+"""
+
+
+def _branch(conversation_id: str, supersedes: list[str], fork_origin: str | None) -> list[Write]:
+    if supersedes or fork_origin is not None:
+        return [write(_BRANCH, conversation_id, supersedes, fork_origin)]
+    return []
+
+
 @READ_MODELS.on(UserMessage)
 def user_message(seq: int, event: UserMessage) -> list[Write]:
     return [
+        *_branch(event.conversation_id, event.supersedes, event.fork_origin),
         write(
             _ADD_MESSAGE,
             event.message_id,
@@ -155,7 +179,7 @@ def user_message(seq: int, event: UserMessage) -> list[Write]:
             None,
             seq,
             timestamp(event.at),
-        )
+        ),
     ]
 
 
@@ -163,6 +187,7 @@ def user_message(seq: int, event: UserMessage) -> list[Write]:
 def started(seq: int, event: Started) -> list[Write]:
     """The assistant row exists from the turn's start, streaming, with no content yet."""
     return [
+        *_branch(event.conversation_id, event.supersedes, event.fork_origin),
         write(
             _ADD_MESSAGE,
             event.turn_id,
@@ -179,7 +204,7 @@ def started(seq: int, event: Started) -> list[Write]:
             event.model_version_id,
             seq,
             timestamp(event.at),
-        )
+        ),
     ]
 
 

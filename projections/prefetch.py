@@ -59,7 +59,8 @@ def read_range(nats_url: str, lo: int, hi: int, skip_prefix: bytes | None) -> Ra
 
 
 async def _read_range(nats_url: str, lo: int, hi: int, skip_prefix: bytes | None) -> RangeRead:
-    client = await connect(nats_url, name=f"parley-prefetch-{lo}")
+    # a worker of a one-shot rebuild: it gives up as the command does
+    client = await connect(nats_url, name=f"parley-prefetch-{lo}", reconnect_forever=False)
     feed = LogFeed(client.jetstream(), lo - 1, window=_WINDOW)
     kept: list[RawEvent] = []
     skipped = 0

@@ -62,7 +62,7 @@ class Projection:
         self._handlers: dict[type[Event], Handler[Any]] = {}
 
     def on(self, *kinds: type[Event]) -> Callable[[H], H]:
-        """Register the decorated coroutine as the handler of `kinds`; one handler per kind.
+        """Register the decorated function as the handler of `kinds`; one handler per kind.
 
         The handler's own annotation names the event type(s) it takes.
         """

@@ -48,6 +48,54 @@ class MessageRow(msgspec.Struct, frozen=True):
     latency_ms: int | None  # the turn's start to its end, from event timestamps
 
 
+class ProjectRow(msgspec.Struct, frozen=True):
+    id: str
+    name: str
+    created_by: str
+    created_at: dt.datetime
+    members: list[str]
+
+
+class AccountRow(msgspec.Struct, frozen=True):
+    account: str
+    kind: str
+    owner: str
+    granted: int
+    charged: int
+    reserved: int
+    updated_at: dt.datetime
+
+    @property
+    def balance(self) -> int:
+        return self.granted - self.charged
+
+
+class LedgerRow(msgspec.Struct, frozen=True):
+    turn_id: str
+    account: str
+    conversation_id: str
+    project_id: str | None
+    user_id: str
+    input_tokens: int
+    output_tokens: int
+    input_price: float
+    output_price: float
+    tokens_estimated: bool
+    cost: int
+    reserved: int
+    debt: int
+    turn_end: str
+    charged_at: dt.datetime
+    seq: int
+
+
+class LedgerFilter(msgspec.Struct, frozen=True):
+    project: str | None = None
+    user: str | None = None
+    conversation: str | None = None
+    account: str | None = None
+
+
 class ProjectionErrorRow(msgspec.Struct, frozen=True):
     """An event a projection could not apply as written (see projections.projector)."""
 
@@ -84,8 +132,10 @@ class ReadStore:
         return None if row is None else ConversationRow(**dict(row))
 
     async def conversations_of(self, user_id: str, *, limit: int = 100) -> list[ConversationRow]:
+        """The user's own conversations and those of the projects they belong to."""
         rows = await self._pool.fetch(
             f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE user_id = $1"
+            " OR project_id IN (SELECT project_id FROM project_members WHERE user_id = $1)"
             " ORDER BY updated_at DESC, id DESC LIMIT $2",
             user_id,
             limit,
@@ -109,6 +159,48 @@ class ReadStore:
             )
             for r in rows
         ]
+
+    async def projects_of(self, user_id: str) -> list[ProjectRow]:
+        rows = await self._pool.fetch(
+            "SELECT p.id, p.name, p.created_by, p.created_at,"
+            " array_agg(m.user_id ORDER BY m.added_at, m.user_id) AS members"
+            " FROM projects p JOIN project_members m ON m.project_id = p.id"
+            " WHERE p.id IN (SELECT project_id FROM project_members WHERE user_id = $1)"
+            " GROUP BY p.id ORDER BY p.created_at, p.id",
+            user_id,
+        )
+        return [ProjectRow(**{**dict(r), "members": list(r["members"])}) for r in rows]
+
+    async def account(self, account: str) -> AccountRow | None:
+        row = await self._pool.fetchrow(
+            "SELECT account, kind, owner, granted, charged, reserved, updated_at"
+            " FROM accounts WHERE account = $1",
+            account,
+        )
+        return None if row is None else AccountRow(**dict(row))
+
+    async def ledger(self, where: LedgerFilter, *, limit: int = 500) -> list[LedgerRow]:
+        clauses: list[str] = []
+        args: list[object] = []
+        for column, value in (
+            ("project_id", where.project),
+            ("user_id", where.user),
+            ("conversation_id", where.conversation),
+            ("account", where.account),
+        ):
+            if value is not None:
+                args.append(value)
+                clauses.append(f"{column} = ${len(args)}")
+        args.append(limit)
+        rows = await self._pool.fetch(
+            "SELECT turn_id, account, conversation_id, project_id, user_id, input_tokens,"
+            " output_tokens, input_price, output_price, tokens_estimated, cost, reserved, debt,"
+            " turn_end, charged_at, seq FROM ledger"
+            + (" WHERE " + " AND ".join(clauses) if clauses else "")
+            + f" ORDER BY seq LIMIT ${len(args)}",
+            *args,
+        )
+        return [LedgerRow(**dict(r)) for r in rows]
 
     async def projection_errors(self, *, limit: int = 100) -> list[ProjectionErrorRow]:
         rows = await self._pool.fetch(

@@ -8,8 +8,9 @@ model server, our demo model, which speaks the real OpenAI streaming format.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +21,19 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from nats.aio.client import Client as NatsClient
 
-from actors.models import ModelCatalog, ModelSpec
+from actors.models import ModelCatalog, ModelSpec, ModelVersion
+from api.app import create_app
 from api.auth import mint
+from api.config import EdgeConfig, EdgeLimits
 from events.ids import new_id
 from events.log import EventLog, ensure_streams
 from parley.config import DEMO_SPEC
 from parley.demo_model import DemoConfig, start_demo_model
 from parley.services import Servers, ServiceOptions, Services
 from parley.stack import EmbeddedStack
+from projections.projector import Projector
 from tests.sse import SseClient
+from tests.tool_plugin import LIVE_TOOLS
 
 SECRET = "test-secret-" + "x" * 32
 # The demo model streams at this rate in tests: fast, yet a 100-token answer
@@ -93,6 +98,12 @@ def test_catalog(recorder_url: str = "http://127.0.0.1:1/v1") -> ModelCatalog:
             ModelSpec(name="other-demo", versions=DEMO_SPEC.versions),
             # nothing listens on port 1: a dead model server
             ModelSpec(name="unreachable-model", base_url="http://127.0.0.1:1/v1"),
+            # served by the demo model, but with no active version: no price
+            ModelSpec(
+                name="unpriced-model",
+                upstream_name="demo",
+                versions=[ModelVersion(version="2025-01", status="deprecated", input_price=1.0)],
+            ),
             ModelSpec(
                 name="recorder",
                 base_url=recorder_url,
@@ -117,6 +128,17 @@ async def services(
         port=0,
         ping_interval_s=0.5,
         model_idle_timeout_s=3.0,
+        tools=LIVE_TOOLS,
+        model_retry_base_s=0.05,
+        # The suite sends hundreds of requests per user in seconds: limits this high
+        # never bite here, but every request still goes through them. The limits
+        # themselves are tested on edges of their own (tests/test_limits.py).
+        limits=EdgeLimits(
+            rate_per_s=10_000,
+            rate_burst=10_000,
+            max_streams_per_user=10_000,
+            max_turns_per_user=10_000,
+        ),
     )
     async with Services(stack, options) as running:
         assert running.projector is not None
@@ -154,6 +176,49 @@ def user() -> str:
     return f"u-{new_id()}"
 
 
+Projected = Callable[[str], Awaitable[None]]
+
+
+async def caught_up(projector: Projector, position: int) -> None:
+    async with asyncio.timeout(30), projector.applied:
+        await projector.applied.wait_for(lambda: projector.position >= position)
+
+
+@pytest.fixture
+def projected(services: Services, event_log: EventLog) -> Projected:
+    """Wait until the session's projection has applied a conversation's whole log."""
+
+    async def wait(conversation_id: str) -> None:
+        """Every projection has applied the conversation's log, and whatever came before
+        its last event (the accounts' and projects' events of its turns included)."""
+        last = await event_log.last_seq(conversation_id)
+        for projector in services.projectors.values():
+            await caught_up(projector, last)
+
+    return wait
+
+
 @pytest.fixture
 def api(services: Services, http: aiohttp.ClientSession, user: str) -> SseClient:
     return SseClient(http, services.edge_url, token_for(user))
+
+
+@contextlib.asynccontextmanager
+async def extra_edge(stack: Servers, **overrides: Any) -> AsyncIterator[str]:
+    """One more edge on the session's servers, configured differently (limits, token
+    sources): its base URL. It shares the read models of the `services` fixture."""
+    fields: dict[str, Any] = {
+        "nats_url": stack.nats_url,
+        "database_url": stack.database_url,
+        "redis_url": stack.redis_url,
+        "jwt_secret": SECRET,
+        "db_schema": "parley_test",
+        "models": ["demo"],
+        **overrides,
+    }
+    server = TestServer(create_app(EdgeConfig(**fields)), host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/")
+    finally:
+        await server.close()

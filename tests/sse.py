@@ -109,6 +109,16 @@ class SseClient:
             assert response.headers["Content-Type"].startswith("text/event-stream")
             return [e async for e in read_sse(response) if isinstance(e, SseEvent)]
 
+    async def send_stream_to(
+        self, path: str, body: dict[str, Any], method: str = "POST"
+    ) -> list[SseEvent]:
+        """Any request that answers with a turn's stream (regenerate, edit), read to the end."""
+        async with self.http.request(
+            method, self.url(path), json=body, headers=self.headers(Accept="text/event-stream")
+        ) as response:
+            assert response.status == 200, (response.status, await response.text())
+            return [e async for e in read_sse(response) if isinstance(e, SseEvent)]
+
     def events(
         self, conversation_id: str, *, after: str | None = None, last_event_id: str | None = None
     ) -> Any:

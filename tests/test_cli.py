@@ -12,12 +12,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import jwt
 import nats
 import pytest
 
-from api.auth import verify
 from events.codec import Unreadable
 from events.log import EventLog
 from events.vocabulary import AnyEvent, event_type
@@ -47,16 +48,59 @@ def run(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.Comp
     )
 
 
-def test_token_prints_only_a_token_signed_with_the_data_folder_secret(tmp_path: Path) -> None:
+def claims_of(secret: str, token: str) -> dict[str, Any]:
+    decoded: dict[str, Any] = jwt.decode(token, secret, algorithms=["HS256"])
+    return decoded
+
+
+def test_token_without_a_secret_or_a_running_dev_fails_clearly_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    done = run("--data", str(tmp_path), "token", "--user", "bob", env=clean_env())
+    assert done.returncode == 2, done
+    assert done.stdout == ""
+    assert "PARLEY_JWT_SECRET" in done.stderr and "parley dev" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == [], "no secret may be invented where the command stood"
+
+
+def test_token_signs_with_the_secret_of_the_dev_running_on_the_data_folder(
+    tmp_path: Path,
+) -> None:
+    # What a running `parley dev` keeps in its folder: its secret, and a record naming
+    # its process (here this test's own, which is alive). The whole dev is exercised in
+    # test_dev_runs_everything_...; this checks the rule on its own.
+    secret = "d" * 48
+    (tmp_path / "jwt_secret").write_text(secret)
+    record = {"edge_url": "http://127.0.0.1:1", "model_base_url": "", "pid": os.getpid()}
+    (tmp_path / "run.json").write_text(json.dumps(record))
     done = run("--data", str(tmp_path), "token", "--user", "bob", env=clean_env())
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) == 1, done.stdout
-    secret = (tmp_path / "jwt_secret").read_text().strip()
-    claims = verify(secret, lines[0])
-    assert claims.sub == "bob" and not claims.adm
+    claims = claims_of(secret, lines[0])
+    assert claims["sub"] == "bob" and not claims["adm"]
     admin = run("--data", str(tmp_path), "token", "--user", "root", "--admin", env=clean_env())
-    assert verify(secret, admin.stdout.strip()).adm
+    assert claims_of(secret, admin.stdout.strip())["adm"] is True
+
+    # the same folder once that dev has stopped (its record outlived it): refused
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    (tmp_path / "run.json").write_text(json.dumps({**record, "pid": finished.pid}))
+    stale = run("--data", str(tmp_path), "token", "--user", "bob", env=clean_env())
+    assert stale.returncode == 2 and "no `parley dev` running" in stale.stderr, stale.stderr
+
+
+def test_serve_refuses_to_start_without_a_token_secret_or_jwks(stack: Servers) -> None:
+    env = server_env(stack)
+    env["PARLEY_MODEL_BASE_URL"] = "http://127.0.0.1:1/v1"
+    done = run("serve", "--role", "edge", "--port", "0", env=env)
+    assert done.returncode == 2, done
+    assert "PARLEY_JWT_SECRET" in done.stderr and "PARLEY_JWT_JWKS_URL" in done.stderr
+    short = run("serve", env={**env, "PARLEY_JWT_SECRET": "short"})
+    assert short.returncode == 2 and "at least 32 characters" in short.stderr, short.stderr
+    half = run("serve", env={**env, "PARLEY_JWT_JWKS_URL": "http://127.0.0.1:1/jwks"})
+    assert half.returncode == 2 and "PARLEY_JWT_ISSUER" in half.stderr, half.stderr
 
 
 def test_token_uses_parley_jwt_secret_when_set(tmp_path: Path) -> None:
@@ -68,7 +112,7 @@ def test_token_uses_parley_jwt_secret_when_set(tmp_path: Path) -> None:
         "eve",
         env=clean_env(PARLEY_JWT_SECRET="s3cr3t" * 8),
     )
-    assert verify("s3cr3t" * 8, done.stdout.strip()).sub == "eve"
+    assert claims_of("s3cr3t" * 8, done.stdout.strip())["sub"] == "eve"
     assert not (tmp_path / "jwt_secret").exists()
 
 
@@ -199,6 +243,14 @@ async def test_dev_runs_everything_replay_reads_it_and_a_restart_keeps_the_data(
         )
         assert replayed.returncode == 0, replayed.stderr
         assert "conversation_created" in replayed.stdout and "done" in replayed.stdout
+        # `parley token` finds the running dev's secret: the server takes its token
+        minted = await asyncio.to_thread(
+            run, "--data", str(dev_data), "token", "--user", "carol", env=clean_env()
+        )
+        assert minted.returncode == 0, minted.stderr
+        carol = SseClient(http, dev.url, minted.stdout.strip())
+        status, listed = await carol.request("GET", "/v1/conversations")
+        assert status == 200 and listed == {"conversations": []}, (status, listed)
         # poison in the log (what a newer version or a damaged disk could leave):
         # the running stack must go on, and so must every later start on this folder
         poisoned = await api.create_conversation()
@@ -228,12 +280,14 @@ async def test_dev_runs_everything_replay_reads_it_and_a_restart_keeps_the_data(
         assert body["title"] == "hello from the dev stack", body
         async with http.get(again.url + "/readyz") as response:
             ready = await response.json()
-        assert response.status == 200 and ready["projection_errors"] == 4, ready
+        # each projection records what it could not apply: the read models all four,
+        # the billing projection the three entries it cannot even decode
+        assert response.status == 200 and ready["projection_errors"] == 7, ready
         listed = await asyncio.to_thread(
             run, "--data", str(dev_data), "projections", "errors", env=clean_env()
         )
         assert listed.returncode == 0, listed.stderr
-        assert listed.stdout.count("skipped") == 3 and listed.stdout.count("sanitised") == 1, (
+        assert listed.stdout.count("skipped") == 6 and listed.stdout.count("sanitised") == 1, (
             listed.stdout
         )
         fresh = await api.create_conversation()
@@ -288,3 +342,22 @@ async def _poison(nats_url: str, conversation_id: str) -> None:
 def _kind(event: AnyEvent | Unreadable) -> str:
     assert not isinstance(event, Unreadable), f"expected a readable event, saw {event!r}"
     return event_type(event)
+
+
+async def test_replay_piped_into_head_ends_quietly(api: SseClient, stack: Servers) -> None:
+    cid = (await api.create_conversation())["id"]
+    await api.send_stream(cid, "plenty to print [[bulk=400000]]")  # far more than a pipe holds
+    env = server_env(stack)
+    command = " ".join([*PARLEY, "replay", cid]) + " | head -n 1"
+    done = await asyncio.to_thread(
+        subprocess.run,
+        ["bash", "-o", "pipefail", "-c", command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.stdout.count("\n") == 1 and "conversation_created" in done.stdout, done.stdout
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+    assert done.returncode == 0, (done.returncode, done.stderr)

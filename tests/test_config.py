@@ -56,11 +56,17 @@ def test_server_urls_and_model_settings_come_from_the_environment(tmp_path: Path
             "PARLEY_MODEL_BASE_URL": "http://m/v1",
             "PARLEY_MODEL_API_KEY": "sk-1",
             "PARLEY_MODEL": "gpt-x",
-            "PARLEY_JWT_SECRET": "jwt",
+            "PARLEY_JWT_SECRET": "j" * 32,
+            "PARLEY_RATE_PER_S": "5",
+            "PARLEY_MAX_TURNS_PER_USER": "2",
+            "PARLEY_LOG_FORMAT": "JSON",
         },
         tmp_path,
     )
     assert not settings.embedded
+    assert settings.jwt_secret == "j" * 32
+    assert (settings.limits.rate_per_s, settings.limits.max_turns_per_user) == (5.0, 2)
+    assert settings.log_format == "json"
     assert (settings.nats_url, settings.model_base_url, settings.model_api_key) == (
         "nats://n:4222",
         "http://m/v1",
@@ -117,9 +123,40 @@ def test_a_bad_demo_speed_is_refused(tmp_path: Path) -> None:
     assert settings_from_env({"PARLEY_DEMO_TOKENS_PER_S": "0"}, tmp_path).demo_tokens_per_s == 0
 
 
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"PARLEY_JWT_SECRET": "short"}, "at least 32 characters"),
+        ({"PARLEY_JWT_JWKS_URL": "https://idp/jwks"}, "PARLEY_JWT_ISSUER"),
+        ({"PARLEY_JWT_AUDIENCE": "x"}, "only with PARLEY_JWT_JWKS_URL"),
+        ({"PARLEY_RATE_PER_S": "many"}, "PARLEY_RATE_PER_S must be a number"),
+        ({"PARLEY_WRITE_TIMEOUT_S": "0"}, "more than 0"),
+        ({"PARLEY_LOG_FORMAT": "xml"}, "text or json"),
+    ],
+)
+def test_settings_that_cannot_work_are_refused_with_the_variable_named(
+    tmp_path: Path, env: dict[str, str], says: str
+) -> None:
+    with pytest.raises(ConfigError, match=says):
+        settings_from_env(env, tmp_path)
+
+
 def test_the_readiness_lag_bound_is_a_whole_number_of_events(tmp_path: Path) -> None:
     assert settings_from_env({}, tmp_path).max_projection_lag == 10_000
     assert settings_from_env({"PARLEY_MAX_PROJECTION_LAG": "0"}, tmp_path).max_projection_lag == 0
     for bad in ("many", "1.5", "-3"):
         with pytest.raises(ConfigError, match="PARLEY_MAX_PROJECTION_LAG"):
             settings_from_env({"PARLEY_MAX_PROJECTION_LAG": bad}, tmp_path)
+
+
+def test_stream_replicas_default_to_one_and_allow_what_jetstream_allows(tmp_path: Path) -> None:
+    assert settings_from_env({}, tmp_path).stream_replicas == 1
+    assert settings_from_env({"PARLEY_STREAM_REPLICAS": "3"}, tmp_path).stream_replicas == 3
+    for bad in ("0", "6", "three", "-1", "2.5"):
+        with pytest.raises(ConfigError, match="PARLEY_STREAM_REPLICAS"):
+            settings_from_env({"PARLEY_STREAM_REPLICAS": bad}, tmp_path)
+
+
+def test_a_cluster_is_named_by_every_node_in_one_nats_url(tmp_path: Path) -> None:
+    url = "nats://n1:4222,nats://n2:4222,nats://n3:4222"
+    assert settings_from_env({"PARLEY_NATS_URL": url}, tmp_path).nats_url == url

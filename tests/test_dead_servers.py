@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestServer
 
 from api.app import create_app
 from api.config import EdgeConfig
-from parley.services import Servers
+from parley.services import Servers, Services
 from tests.conftest import SECRET, token_for
 from tests.sse import SseClient
 
@@ -35,8 +35,9 @@ async def edge_without_redis(stack: Servers) -> AsyncIterator[str]:
 
 
 async def test_a_dead_redis_is_a_503_with_retry_after_not_a_crash(
-    edge_without_redis: str, http: aiohttp.ClientSession, user: str
+    edge_without_redis: str, http: aiohttp.ClientSession, user: str, services: Services
 ) -> None:
+    # `services`: the session's worker answers this edge's messages
     api = SseClient(http, edge_without_redis, token_for(user))
     created = await api.create_conversation()  # needs only NATS (and waits for the projection)
     cid = created["id"]
@@ -47,12 +48,18 @@ async def test_a_dead_redis_is_a_503_with_retry_after_not_a_crash(
         assert response.status == 503, body
         assert body["error"]["code"] == "unavailable"
         assert response.headers["Retry-After"] == "1"
+    # an idempotency key lives in Redis: without it, refused before anything is sent
     status, body = await api.request(
-        "POST", f"/v1/conversations/{cid}/messages", json={"content": "hello"}
+        "POST",
+        f"/v1/conversations/{cid}/messages",
+        json={"content": "hello", "idempotency_key": "k-1"},
     )
     assert status == 503 and body["error"]["code"] == "unavailable", body
     status, log = await api.request("GET", f"/v1/conversations/{cid}/log")
     assert status == 200 and "user_message" not in str(log), "no command went out"
+    # a message without a key needs no Redis at the edge: the turn runs
+    events = await api.send_stream(cid, "hello anyway [[tokens=3]]")
+    assert events[-1].event == "done" and events[-1].data == "ok", events
     async with http.get(f"{edge_without_redis}/readyz") as response:
         body = await response.json()
         assert response.status == 503 and body["checks"]["redis"] == "down", body

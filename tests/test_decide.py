@@ -18,32 +18,40 @@ from hypothesis import strategies as st
 
 from actors.content import merge_blocks
 from actors.decide import (
-    Conversation,
     ModelChoice,
     Rejected,
     TurnTotals,
     decide_done,
     decide_failed,
-    decide_send,
+    decide_request,
+    decide_start,
     decide_title,
+    next_turn,
+)
+from actors.models import ModelSpec, ModelVersion, active_version, choose_model
+from actors.state import (
+    Conversation,
     evolve,
     fold,
     history_of,
     latest_messages,
     partial_content,
 )
-from actors.models import ModelSpec, ModelVersion, active_version, choose_model
 from events.vocabulary import (
     AnyEvent,
     BillingRejected,
     Cancelled,
     Chunk,
     ChunkKind,
+    CommandRejected,
     ContentBlock,
     ConversationCreated,
     Done,
+    EditMessage,
     Event,
+    OnBusy,
     Prices,
+    Regenerate,
     SendMessage,
     Started,
     Title,
@@ -113,6 +121,19 @@ def empty() -> Conversation:
     return Conversation(conversation_id=CONV)
 
 
+def decide_send(
+    state: Conversation, cmd: SendMessage, model: ModelChoice, now: int, ids: Ids
+) -> list[Event] | Rejected:
+    """What an idle actor appends for a message: its acceptance, then its turn's start."""
+    accepted = decide_request(state, cmd, now, ids)
+    if isinstance(accepted, Rejected) or not accepted:
+        return accepted
+    folded = fold(state, as_any(accepted))
+    queued = next_turn(folded)
+    assert queued is not None, f"expected {cmd!r} at the head of the queue, saw {folded!r}"
+    return [*accepted, *decide_start(folded, queued, model, now, ids)]
+
+
 def decided(state: Conversation, cmd: SendMessage, ids: Ids) -> list[AnyEvent]:
     result = decide_send(state, cmd, MODEL, NOW, ids)
     assert not isinstance(result, Rejected), f"expected events for {cmd!r}, saw {result!r}"
@@ -176,7 +197,7 @@ def test_a_message_opens_a_turn_user_message_then_started_then_title() -> None:
         UserMessage(
             conversation_id=CONV,
             at=NOW,
-            event_id="id-2",
+            event_id="id-1",
             message_id="msg-1",
             content="How do I rotate the API keys?",
             user_id=USER,
@@ -189,7 +210,7 @@ def test_a_message_opens_a_turn_user_message_then_started_then_title() -> None:
             conversation_id=CONV,
             at=NOW,
             event_id="id-3",
-            turn_id="id-1",
+            turn_id="id-2",
             user_message_id="msg-1",
             model="demo",
             model_version_id="demo@2026-01",
@@ -197,8 +218,10 @@ def test_a_message_opens_a_turn_user_message_then_started_then_title() -> None:
             max_tokens=4096,
             temperature=0.7,
             parent_message_id="msg-1",
-            version_group_id="id-1",
+            version_group_id="id-2",
             version_number=1,
+            command_id="cmd-1",
+            user_id=USER,
         ),
         Title(
             conversation_id=CONV,
@@ -206,7 +229,7 @@ def test_a_message_opens_a_turn_user_message_then_started_then_title() -> None:
             event_id="id-4",
             title="How rotate the API keys?",
             source="auto",
-            turn_id="id-1",
+            turn_id="id-2",
         ),
     ]
     assert result == expected, f"expected {expected!r}\nsaw      {result!r}"
@@ -500,6 +523,97 @@ def test_a_regenerated_answer_replaces_the_old_answer_as_latest() -> None:
     # the answer being written is not history yet
     history = [h.role for h in history_of(state)]
     assert history == ["user"], f"saw {history!r}"
+
+
+def edited(state: Conversation, edits: str, n: int, on_busy: OnBusy = "reject") -> Conversation:
+    cmd = EditMessage(
+        conversation_id=CONV,
+        command_id=f"cmd-{n}",
+        user_id=USER,
+        at=NOW,
+        message_id=f"msg-{n}",
+        edits=edits,
+        content=f"edit {n}",
+        on_busy=on_busy,
+    )
+    accepted = decide_request(state, cmd, NOW, Ids(f"e{n}"))
+    assert isinstance(accepted, list) and accepted, f"expected the edit accepted, saw {accepted!r}"
+    return fold(state, as_any(accepted))
+
+
+def test_an_edit_of_a_message_on_a_branch_no_longer_in_force_is_refused() -> None:
+    # msg-1 -> answer -> msg-2 -> answer; then msg-1 is edited: msg-2 leaves the branch
+    state, _ = started_turn()
+    state = finished(state)
+    state = fold(state, decided(state, send("second question", 2), Ids("t2")))
+    state = finished(state)
+    state = edited(state, "msg-1", 3)
+    cmd = EditMessage(
+        conversation_id=CONV,
+        command_id="cmd-4",
+        user_id=USER,
+        at=NOW,
+        message_id="msg-4",
+        edits="msg-2",
+        content="an edit of a message nobody sees any more",
+        on_busy="enqueue",
+    )
+    outcome = decide_request(state, cmd, NOW, Ids())
+    assert isinstance(outcome, Rejected) and outcome.code == "superseded", f"saw {outcome!r}"
+
+
+def test_regenerating_an_answer_on_a_branch_no_longer_in_force_is_refused() -> None:
+    state, turn = started_turn()
+    state = finished(state)
+    state = edited(state, "msg-1", 2)
+    cmd = Regenerate(
+        conversation_id=CONV,
+        command_id="cmd-3",
+        user_id=USER,
+        at=NOW,
+        message_id=turn,
+        on_busy="enqueue",
+    )
+    outcome = decide_request(state, cmd, NOW, Ids())
+    assert isinstance(outcome, Rejected) and outcome.code == "superseded", f"saw {outcome!r}"
+
+
+def test_an_edit_of_an_older_version_grows_from_the_version_in_force() -> None:
+    state, _ = started_turn()
+    state = finished(state)
+    state = edited(state, "msg-1", 2)  # msg-2 is version 2 of msg-1
+    state = edited(state, "msg-1", 3, on_busy="enqueue")  # editing version 1 again
+    third = next(m for m in state.messages if m.message_id == "msg-3")
+    assert (third.version_number, third.parent_message_id, third.is_latest) == (3, None, True)
+    in_force = [m.message_id for m in latest_messages(state) if m.version_group_id == "msg-1"]
+    assert in_force == ["msg-3"], f"saw {in_force!r}"
+
+
+def test_a_queued_message_whose_branch_was_edited_away_is_refused_when_its_turn_comes() -> None:
+    state, _ = started_turn()  # msg-1 is being answered
+    queued = SendMessage(
+        conversation_id=CONV,
+        command_id="cmd-2",
+        user_id=USER,
+        at=NOW,
+        message_id="msg-2",
+        content="queued behind the running turn",
+        on_busy="enqueue",
+    )
+    accepted = decide_request(state, queued, NOW, Ids("q"))
+    assert isinstance(accepted, list)
+    state = fold(state, as_any(accepted))
+    state = edited(state, "msg-1", 3, on_busy="enqueue")  # msg-2 grew from msg-1's answer
+    state = finished(state)
+    head = next_turn(state)
+    assert head is not None and head.command_id == "cmd-2"
+    events = decide_start(state, head, MODEL, NOW, Ids("s"))
+    assert [type(e).__name__ for e in events] == ["CommandRejected"], f"saw {events!r}"
+    rejected = events[0]
+    assert isinstance(rejected, CommandRejected) and rejected.code == "superseded"
+    state = fold(state, as_any(events))
+    head = next_turn(state)
+    assert head is not None and head.command_id == "cmd-3", f"the edit runs next, saw {head!r}"
 
 
 # ---------------------------------------------------------------- properties of the fold

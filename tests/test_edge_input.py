@@ -263,3 +263,11 @@ async def test_after_generated_input_the_server_is_healthy_and_a_turn_works(
     cid = (await api.create_conversation())["id"]
     events = await api.send_stream(cid, "still working? [[tokens=5]]")
     assert events[-1].event == "done" and events[-1].data == "ok", events
+
+
+@pytest.mark.parametrize("bad", ["abc\n", "abc%0A", "a.b", "a*", "", "x" * 129, "ab c"])
+async def test_an_id_with_a_trailing_newline_or_any_other_stray_character_is_unknown(
+    api: SseClient, bad: str
+) -> None:
+    status, body = await api.request("GET", f"/v1/conversations/{quote(bad, safe='%')}")
+    assert status in (404, 405), (bad, status, body)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from actors.actor import ActorContext, ConversationActor
+from actors.writer import EventWriter
 from events.errors import EventLogConflict
 from events.ids import new_id
 from events.log import EventLog, StoredEvent
@@ -56,23 +56,17 @@ async def test_a_retried_append_of_the_same_event_is_stored_once(event_log: Even
     assert [s.seq for s in await event_log.read(cid)] == [head, seq]
 
 
-async def test_two_actors_on_one_conversation_cannot_both_append(
-    event_log: EventLog, services: object
-) -> None:
-    from parley.services import Services
-
-    assert isinstance(services, Services) and services.worker is not None
-    base: ActorContext = services.worker._ctx  # the real context of the running worker
+async def test_two_writers_of_one_conversation_cannot_both_append(event_log: EventLog) -> None:
     cid = new_id()
     await event_log.append(cid, [created(cid)], expected_seq=0)
-    one = ConversationActor(cid, base)
-    two = ConversationActor(cid, base)
+    one = EventWriter(cid, event_log, max_event_bytes=256 * 1024, new_id=new_id)
+    two = EventWriter(cid, event_log, max_event_bytes=256 * 1024, new_id=new_id)
     await one.catch_up()
     await two.catch_up()
     await one.append([title(cid, "from one")])
     with pytest.raises(EventLogConflict):
         await two.append([title(cid, "from two")])
-    # The refused actor forgot its stale view; catching up shows the winner's event.
+    # The refused writer forgot its stale view; catching up shows the winner's event.
     await two.catch_up()
     assert two.state.title == "from one" and two.seq == one.seq
 

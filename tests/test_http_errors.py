@@ -145,10 +145,12 @@ async def test_busy_conversation_with_on_busy_reject_is_a_409(api: SseClient) ->
         "POST", f"/v1/conversations/{cid}/messages", json={"content": "me too", "on_busy": "reject"}
     )
     assert_error(status, body, 409, "busy")
+    assert body["error"]["turn_id"] == current["active_turn"]["turn_id"], body
+    # the default is reject too (DESIGN section 5)
     status, body = await api.request(
-        "POST", f"/v1/conversations/{cid}/messages", json={"content": "me!", "on_busy": "interrupt"}
+        "POST", f"/v1/conversations/{cid}/messages", json={"content": "and me"}
     )
-    assert_error(status, body, 501, "not_implemented")
+    assert_error(status, body, 409, "busy")
 
 
 async def test_health_and_readiness_answer_without_a_token(

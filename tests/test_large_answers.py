@@ -9,13 +9,14 @@ from nats.aio.client import Client as NatsClient
 from events.codec import encode
 from events.log import EventLog
 from events.vocabulary import ContentPart, Done
+from tests.conftest import Projected
 from tests.sse import SseClient
 
 SIZE = 2 * 1024 * 1024
 
 
 async def test_a_two_megabyte_answer_is_streamed_stored_and_projected_whole(
-    api: SseClient, event_log: EventLog, nc: NatsClient
+    api: SseClient, event_log: EventLog, nc: NatsClient, projected: Projected
 ) -> None:
     cid = (await api.create_conversation())["id"]
     async with asyncio.timeout(60):
@@ -32,12 +33,10 @@ async def test_a_two_megabyte_answer_is_streamed_stored_and_projected_whole(
     biggest = max(len(encode(s.event)) for s in stored)
     assert biggest < nc.max_payload // 2, f"largest event {biggest} bytes"
 
-    async with asyncio.timeout(20):
-        while True:
-            status, body = await api.request("GET", f"/v1/conversations/{cid}/messages")
-            assert status == 200
-            answer = body["messages"][-1]
-            if answer["status"] == "complete":
-                break
-            await asyncio.sleep(0.1)
+    # the projection has applied the whole log (it was polled here, and read too early)
+    await projected(cid)
+    status, body = await api.request("GET", f"/v1/conversations/{cid}/messages")
+    assert status == 200, body
+    answer = body["messages"][-1]
+    assert answer["status"] == "complete", answer["status"]
     assert answer["content"] == [{"role": "assistant", "content": streamed}], len(answer["content"])

@@ -1,10 +1,10 @@
 """`parley projections rebuild`: built beside the live projection, swapped in atomically, identical.
 
-The workload is what the system can do today: several conversations, several
-turns each, tool calls, thinking, turns that fail midway ([[fail=...]]), and
-poison in the log. Cancels, regenerations and billing do not exist yet; when
-they do, add them to `_workload` (and their tables to `_snapshot`): the test
-then checks that the rebuild reproduces them too.
+The workload is what the system does: several conversations, several turns
+each, tool calls, thinking, turns that fail midway ([[fail=...]]), a funded
+project's conversation with billed turns, a regenerated answer, an edited
+message, a cancelled and an interrupted turn, and poison in the log. Both
+projections are rebuilt and compared row for row, the billing tables included.
 """
 
 from __future__ import annotations
@@ -22,16 +22,58 @@ from nats.aio.client import Client as NatsClient
 
 from events.ids import new_id
 from parley.services import Servers, Services
+from projections.billing import BILLING
 from projections.db import create_pool, drop_schema
 from projections.handlers import READ_MODELS
 from projections.prefetch import plan_ranges
 from projections.projector import Projector
 from projections.rebuild import RebuildError, rebuild, side_schema
-from tests.conftest import SECRET
-from tests.sse import SseClient
+from tests.conftest import SECRET, token_for
+from tests.sse import SseClient, sse_events
 from tests.test_cli import run, server_env
 from tests.test_poison import publish_raw, raw_event
 from tests.test_projection import _wait_position, running
+
+
+async def _project_workload(api: SseClient, admin: SseClient) -> tuple[str, str]:
+    """A funded project's conversation: billed turns ending every way, versions."""
+    status, body = await api.request("POST", "/v1/projects", json={"name": "Rebuilt"})
+    assert status == 201
+    project = body["id"]
+    status, _ = await admin.request(
+        "POST", f"/v1/billing/accounts/project/{project}/credits", json={"micro_credits": 900_000}
+    )
+    assert status == 201
+    cid = (await api.create_conversation(project_id=project))["id"]
+    first = await api.send_stream(cid, "first [[tokens=12]]")
+    answer = first[0].data["turn_id"]
+    again = await api.send_stream_to(f"/v1/conversations/{cid}/messages/{answer}/regenerate", {})
+    assert again[-1].data == "ok"
+    _, rows = await api.request("GET", f"/v1/conversations/{cid}/messages")
+    asked = rows["messages"][0]["id"]
+    edited = await api.send_stream_to(
+        f"/v1/conversations/{cid}/messages/{asked}",
+        {"content": "first, edited [[tokens=8]]"},
+        "PATCH",
+    )
+    assert edited[-1].data == "ok"
+    await api.send_json(cid, "a long one [[tokens=4000]]")
+    async with api.events(cid) as viewer:
+        async for event in sse_events(viewer):
+            if event.event == "token":
+                break
+        interrupted = await api.send_stream(cid, "instead [[tokens=5]]", on_busy="interrupt")
+    assert interrupted[-1].data == "ok"
+    await api.send_json(cid, "another long one [[tokens=4000]]")
+    async with api.events(cid) as viewer:
+        async for event in sse_events(viewer):
+            if event.event == "token":
+                break
+        status, _ = await api.request("POST", f"/v1/conversations/{cid}/cancel")
+        assert status == 202
+        ends = [e async for e in sse_events(viewer) if e.event == "done"]
+    assert ends and ends[-1].data == "stopped"
+    return cid, project
 
 
 async def _workload(api: SseClient, nc: NatsClient) -> list[str]:
@@ -49,6 +91,26 @@ async def _workload(api: SseClient, nc: NatsClient) -> list[str]:
     await publish_raw(nc, ids[0], raw_event(ids[0], "reaction", emoji="+1"))
     await publish_raw(nc, ids[1], raw_event(ids[1], "title", title="nul\u0000", source="user"))
     return ids
+
+
+async def _billing_snapshot(db: Any, schema: str, project: str) -> dict[str, Any]:
+    """Every row of every billing table that belongs to the project."""
+    account = f"project:{project}"
+    out: dict[str, Any] = {}
+    for table, column, key in (
+        ("projects", "id", project),
+        ("project_members", "project_id", project),
+        ("accounts", "account", account),
+        ("credit_grants", "account", account),
+        ("reservations", "account", account),
+        ("ledger", "account", account),
+    ):
+        rows = await db.fetch(
+            f'SELECT * FROM "{schema}".{table} WHERE {column} = $1 ORDER BY 1, 2', key
+        )
+        out[table] = [dict(r) for r in rows]
+    assert set(BILLING.tables) == set(out), "snapshot the new tables too"
+    return out
 
 
 async def _snapshot(db: Any, schema: str, ids: list[str], through: int) -> dict[str, Any]:
@@ -125,23 +187,33 @@ async def test_a_rebuild_while_serving_swaps_in_identical_rows_and_the_live_proj
 ) -> None:
     assert services.projector is not None
     live_projector = services.projector
+    live_billing = services.projectors[BILLING.name]
     live = services.options.db_schema  # the session's live schema
+    admin = SseClient(api.http, api.base_url, token_for("admin", admin=True))
     ids = await _workload(api, nc)
+    billed, project = await _project_workload(api, admin)
+    ids.append(billed)
     head = await _head(nc)
     await _wait_position(live_projector, head)
+    await _wait_position(live_billing, head)
     db = await asyncpg.connect(stack.database_url)
     try:
         # a configuration table (no projection owns it): a rebuild must leave it alone
         await db.execute(f'CREATE TABLE IF NOT EXISTS "{live}".config_probe (name text)')
         await db.execute(f"INSERT INTO \"{live}\".config_probe VALUES ('kept')")
         before = await _snapshot(db, live, ids, head)
-        assert len(before["messages"]) == 3 * 12 and len(before["projection_errors"]) >= 2
+        billing_before = await _billing_snapshot(db, live, project)
+        assert len(before["messages"]) >= 3 * 12 and len(before["projection_errors"]) >= 2
+        assert len(billing_before["ledger"]) == 6, billing_before["ledger"]
+        assert {r["turn_end"] for r in billing_before["ledger"]} == {"done", "cancelled"}
+        assert any(not m["is_latest"] for m in before["messages"]), "versions were made"
 
         # a turn streams in another conversation while the rebuild runs and swaps
         during = (await api.create_conversation())["id"]
         turn = asyncio.create_task(api.send_stream(during, "during the rebuild [[tokens=800]]"))
         async with _readers_watching(api, ids) as reads:
             report = await rebuild(nc.jetstream(), stack.database_url, live, READ_MODELS)
+            await rebuild(nc.jetstream(), stack.database_url, live, BILLING)
         assert reads[0] > 0, "the readers read while the rebuild ran"
         events = await turn
         assert events[-1].data == "ok", events[-3:]
@@ -150,6 +222,10 @@ async def test_a_rebuild_while_serving_swaps_in_identical_rows_and_the_live_proj
         assert report.turns >= 18 and report.errors >= 2, report
         after = await _snapshot(db, live, ids, head)
         assert after == before, "\n".join(_differences(before, after))
+        billing_after = await _billing_snapshot(db, live, project)
+        assert billing_after == billing_before, "\n".join(
+            _differences(billing_before, billing_after)
+        )
         assert await db.fetchval(f'SELECT name FROM "{live}".config_probe') == "kept"
         for leftover in ("rebuild", "retired"):
             name = side_schema(live, leftover, READ_MODELS.name)
@@ -225,7 +301,7 @@ async def test_the_rebuild_command_rebuilds_and_reports(
         unknown = await asyncio.to_thread(
             run, "projections", "rebuild", "--projection", "nope", env=env
         )
-        assert unknown.returncode == 2 and "known: read_models" in unknown.stderr
+        assert unknown.returncode == 2 and "known: billing, read_models" in unknown.stderr
     finally:
         await drop_schema(stack.database_url, schema)
 

@@ -6,26 +6,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator, Iterator
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
 import nats
 import pytest
 from nats.aio.client import Client as NatsClient
+from nats.js.api import KeyValueConfig
 
-from actors.actor import ActorContext
-from actors.worker import DURABLE, WorkerHost
+from actors.partitions import BUCKET as LEASES_BUCKET
+from actors.turn import ActorContext
+from actors.worker import WorkerHost, durable_name
+from api.config import EdgeLimits
 from events.log import EventLog, ensure_streams
-from events.subjects import CMD_STREAM
+from events.subjects import CMD_STREAM, partition_of
 from events.turns import TurnRegistry, redis_client
-from events.vocabulary import Cancelled, CommandRejected, Done, Failed
+from events.vocabulary import Cancelled, Chunk, CommandRejected, Done, Failed, Started
 from parley.services import Servers, ServiceOptions, Services
 from parley.stack import EmbeddedStack
 from tests.conftest import SECRET, token_for
 from tests.conftest import test_catalog as catalog_for_tests
 from tests.sse import SseClient, SseEvent, read_sse
+
+LEASE_TTL_S = 3.0
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +48,10 @@ def own_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
 async def own_nc(own_stack: Servers) -> AsyncIterator[NatsClient]:
     client = await nats.connect(own_stack.nats_url)
     await ensure_streams(client.jetstream())
+    # Partition leases that lapse in 3 s: a dead worker's partitions move quickly here.
+    await client.jetstream().create_key_value(
+        config=KeyValueConfig(bucket=LEASES_BUCKET, ttl=LEASE_TTL_S, history=1)
+    )
     yield client
     await client.drain()
 
@@ -51,6 +65,9 @@ def options(model_url: str, schema: str = "roles_test") -> ServiceOptions:
         port=0,
         ping_interval_s=0.5,
         model_idle_timeout_s=3.0,
+        decision_wait_s=0.5,  # workers come and go here: do not wait long for one
+        shutdown_grace_s=2.0,
+        limits=EdgeLimits(rate_per_s=0, max_streams_per_user=0, max_turns_per_user=0),
     )
 
 
@@ -124,7 +141,7 @@ async def test_a_projector_whose_lock_connection_dies_is_restarted_and_catches_u
             )
             assert killed >= 1
             async with asyncio.timeout(30):
-                while running.restarts.get("projector", 0) == 0:  # noqa: ASYNC110
+                while running.restarts.get("projector-read_models", 0) == 0:  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
             api = SseClient(http, running.edge_url, token_for("roles-user-2"))
             created = await api.create_conversation()
@@ -146,8 +163,8 @@ async def test_a_worker_whose_consumer_vanished_is_restarted_and_serves_again(
     event_log = EventLog(own_nc.jetstream())
     async with roles(own_stack, demo_model_url, "edge", "worker") as running:
         api = SseClient(http, running.edge_url, token_for("roles-user-3"))
-        await own_nc.jetstream().delete_consumer(CMD_STREAM, DURABLE)
         cid = (await api.create_conversation())["id"]
+        await own_nc.jetstream().delete_consumer(CMD_STREAM, durable_name(partition_of(cid)))
         body = await api.send_json(cid, "are you there? [[tokens=3]]")
         assert await wait_for_end(event_log, cid, body["message_id"]) is Done
         assert running.restarts.get("worker", 0) >= 1
@@ -208,17 +225,170 @@ async def test_a_command_that_crashes_its_actor_again_and_again_is_given_up_visi
             worker_id="crashing-worker",
             clock=clock_that_fails_five_times,
         )
-        worker = WorkerHost(js, ctx, busy_retry_s=0.1)
+        worker = WorkerHost(js, ctx)
         stopping = asyncio.Event()
         task = asyncio.create_task(worker.run(stopping))
         try:
             api = SseClient(http, edge.edge_url, token_for("roles-user-5"))
             cid = (await api.create_conversation())["id"]
-            async with asyncio.timeout(40):
-                events = await api.send_stream(cid, "this will crash")
+            async with (
+                asyncio.timeout(40),
+                http.post(
+                    api.url(f"/v1/conversations/{cid}/messages"),
+                    json={"content": "this will crash"},
+                    headers=api.headers(),
+                ) as response,
+            ):
+                # refused after the edge stopped waiting for a decision: the stream ends it;
+                # refused sooner: the edge answers with the refusal itself
+                if response.status == 200:
+                    events = [e async for e in read_sse(response) if isinstance(e, SseEvent)]
+                    assert [e.event for e in events] == ["error", "done"], events
+                    code = events[0].raw["code"]
+                    assert events[1].data == "error"
+                else:
+                    body = await response.json()
+                    assert response.status == 409, body
+                    code = body["error"]["code"]
         finally:
             stopping.set()
             await asyncio.wait_for(task, 15)
             await redis.aclose()
-    assert [e.event for e in events] == ["error", "done"], events
-    assert events[0].raw["code"] == "internal_error" and events[1].data == "error"
+    assert code == "internal_error"
+
+
+# ---------------------------------------------------------------- many workers
+
+
+async def owned(services: Services) -> set[int]:
+    assert services.worker is not None and services.worker.leases is not None
+    return set(services.worker.leases.owned)
+
+
+async def test_two_workers_share_the_partitions_and_serve_every_conversation_in_order(
+    own_stack: Servers, own_nc: NatsClient, demo_model_url: str, http: aiohttp.ClientSession
+) -> None:
+    event_log = EventLog(own_nc.jetstream())
+    async with (
+        roles(own_stack, demo_model_url, "edge") as edge,
+        roles(own_stack, demo_model_url, "worker") as one,
+        roles(own_stack, demo_model_url, "worker") as two,
+    ):
+        async with asyncio.timeout(20):  # the first gives back what the second takes
+            while not (await owned(one) and await owned(two)):  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+        mine, theirs = await owned(one), await owned(two)
+        assert not mine & theirs, (mine, theirs)
+        api = SseClient(http, edge.edge_url, token_for("roles-many"))
+        conversations: list[str] = []
+        while not (
+            any(partition_of(c) in mine for c in conversations)
+            and any(partition_of(c) in theirs for c in conversations)
+        ):
+            conversations.append((await api.create_conversation())["id"])
+        sent: dict[str, list[str]] = {cid: [] for cid in conversations}
+
+        async def send(cid: str, i: int) -> None:
+            body = await api.send_json(cid, f"m{i} [[tokens=20]]", on_busy="enqueue")
+            sent[cid].append(body["message_id"])
+
+        for i in range(3):  # each conversation's messages in order, all conversations at once
+            await asyncio.gather(*(send(cid, i) for cid in conversations))
+        for cid in conversations:
+            ends = await _ends(event_log, cid, 3)
+            log = [s.event for s in await event_log.read(cid)]
+            order = [e.user_message_id for e in log if isinstance(e, Started)]
+            assert order == sent[cid], (order, sent[cid])
+            assert all(end is Done for end in ends), ends
+
+
+async def test_a_second_worker_that_thinks_it_owns_a_conversation_cannot_interleave(
+    own_stack: Servers, own_nc: NatsClient, demo_model_url: str, http: aiohttp.ClientSession
+) -> None:
+    """Worker one runs a long turn; its lease on the partition is taken from it (as if it
+    had been away too long) and worker two touches the conversation. Two ends it as
+    orphaned; one's next append is refused. Nothing of the two interleaves."""
+    js = own_nc.jetstream()
+    event_log = EventLog(js)
+    async with (
+        roles(own_stack, demo_model_url, "edge") as edge,
+        roles(own_stack, demo_model_url, "worker"),
+    ):
+        api = SseClient(http, edge.edge_url, token_for("roles-race"))
+        cid = (await api.create_conversation())["id"]
+        await api.send_json(cid, "long [[tokens=4000]]")
+        await _until(event_log, cid, lambda log: sum(isinstance(e, Chunk) for e in log) >= 5)
+        kv = await js.key_value(LEASES_BUCKET)
+        await kv.delete(f"partition.{partition_of(cid)}")  # the lease, gone under it
+        async with roles(own_stack, demo_model_url, "worker") as two:
+            async with asyncio.timeout(10):
+                while partition_of(cid) not in await owned(two):  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            body = await api.send_json(cid, "me too [[tokens=3]]", on_busy="enqueue")
+            await _ends(event_log, cid, 2)
+            log = [s.event for s in await event_log.read(cid)]
+    ends = [e for e in log if isinstance(e, Done | Cancelled | Failed)]
+    # ended by the second worker (orphaned), or by the first once it saw its lease gone
+    assert isinstance(ends[0], Failed) and ends[0].code in ("worker_lost", "interrupted"), ends
+    first_end = log.index(ends[0])
+    first_turn = ends[0].turn_id
+    late = [e for e in log[first_end + 1 :] if getattr(e, "turn_id", None) == first_turn]
+    assert late == [], f"the first worker wrote after its turn was ended: {late}"
+    assert [e.user_message_id for e in log if isinstance(e, Started)][-1] == body["message_id"]
+    assert isinstance(ends[-1], Done)
+
+
+async def test_a_worker_killed_mid_turn_leaves_no_turn_open_and_its_tokens_counted(
+    own_stack: Servers, own_nc: NatsClient, demo_model_url: str, http: aiohttp.ClientSession
+) -> None:
+    event_log = EventLog(own_nc.jetstream())
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")},
+        "PARLEY_NATS_URL": own_stack.nats_url,
+        "PARLEY_DATABASE_URL": own_stack.database_url,
+        "PARLEY_REDIS_URL": own_stack.redis_url,
+        "PARLEY_MODEL_BASE_URL": demo_model_url,
+        "PARLEY_JWT_SECRET": SECRET,
+    }
+    async with roles(own_stack, demo_model_url, "edge") as edge:
+        worker = subprocess.Popen(  # noqa: ASYNC220 (started once; waited for below)
+            [sys.executable, "-m", "parley.cli", "serve", "--role", "worker"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            api = SseClient(http, edge.edge_url, token_for("roles-kill"))
+            cid = (await api.create_conversation())["id"]
+            await api.send_json(cid, "long [[tokens=4000]]")
+            await _until(event_log, cid, lambda log: sum(isinstance(e, Chunk) for e in log) >= 10)
+        finally:
+            worker.send_signal(signal.SIGKILL)
+            worker.wait(10)
+        # a worker that takes the partition over ends the orphan on its own: no new
+        # message is needed, and no 30 s wait for the command's redelivery
+        async with roles(own_stack, demo_model_url, "worker"):
+            ends = await _ends(event_log, cid, 1)
+            log = [s.event for s in await event_log.read(cid)]
+    assert ends == [Failed], ends
+    (failed,) = [e for e in log if isinstance(e, Failed)]
+    streamed = "".join(e.text for e in log if isinstance(e, Chunk) and e.kind == "answer")
+    answer = "".join(b.content for b in failed.content if b.role == "assistant")
+    assert failed.code == "worker_lost" and answer == streamed and answer.startswith("0 1 2")
+    assert failed.tokens_estimated and failed.output_tokens > 0 and failed.input_tokens > 0
+
+
+async def _until(event_log: EventLog, cid: str, check: Callable[[list[Any]], bool]) -> None:
+    async with asyncio.timeout(30):
+        while not check([s.event for s in await event_log.read(cid)]):  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
+
+async def _ends(event_log: EventLog, cid: str, count: int) -> list[type]:
+    async with asyncio.timeout(60):
+        while True:
+            log = [s.event for s in await event_log.read(cid)]
+            ends = [type(e) for e in log if isinstance(e, Done | Cancelled | Failed)]
+            if len(ends) >= count:
+                return ends
+            await asyncio.sleep(0.05)

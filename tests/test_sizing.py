@@ -8,8 +8,8 @@ from collections.abc import Callable
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.decide import Conversation, fold
 from actors.sizing import assemble, fit
+from actors.state import Conversation, fold
 from events.codec import encode
 from events.vocabulary import (
     AnyEvent,

@@ -39,7 +39,7 @@ def _alive(pid: int) -> bool:
     # (PID 1 in a container often does not).
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # the second: it died while we read
         return False
     return raw[raw.rindex(")") + 2] != "Z"
 

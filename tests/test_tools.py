@@ -1,17 +1,51 @@
-"""The built-in tools and the tool runner: every failure is an answer the model can read."""
+"""The tool registry, the built-in tools and the runner: every failure is an answer the
+model can read, and no tool can stall the worker."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import threading
+import time
 from typing import Any
 
+import msgspec
 import pytest
 
-from actors.tools import BUILTIN_TOOLS, Tool, ToolContext, ToolError, evaluate, run_tool
+from actors.builtin_tools import BUILTIN_TOOLS, evaluate
+from actors.tools import (
+    Tool,
+    ToolContext,
+    ToolError,
+    ToolMessage,
+    ToolRunner,
+    define_tool,
+    load_tools,
+    merge_tools,
+)
 
 CTX = ToolContext(
-    conversation_id="c", user_id="u", project_id=None, now_ns=1_795_704_964_000_000_000
+    conversation_id="c",
+    user_id="u",
+    project_id=None,
+    now_ns=1_795_704_964_000_000_000,
+    messages=(
+        ToolMessage("m1", "user", "How do I rotate the staging API keys?"),
+        ToolMessage("a1", "assistant", "Open the project settings, then Keys."),
+        ToolMessage("m2", "user", "And what about the production keys? keys keys"),
+    ),
 )
-TOOLS = {tool.name: tool for tool in BUILTIN_TOOLS}
+RUNNER = ToolRunner(BUILTIN_TOOLS)
+
+
+async def run_tool(
+    tools: dict[str, Tool] | ToolRunner, name: str, arguments: str, ctx: ToolContext
+) -> Any:
+    runner = tools if isinstance(tools, ToolRunner) else ToolRunner(tools.values())
+    return await runner.run(name, arguments, ctx)
+
+
+TOOLS = RUNNER
 
 
 @pytest.mark.parametrize(
@@ -110,3 +144,159 @@ async def test_a_huge_tool_result_is_cut_to_its_limit() -> None:
     }
     outcome = await run_tool(tools, "chatty", "{}", CTX)
     assert outcome.result == "x" * 100 + "\n[... 900 characters cut]", outcome
+
+
+# ---------------------------------------------------------------- the registry
+
+
+class Forecast(msgspec.Struct, frozen=True):
+    city: str
+    days: int = 3
+
+
+async def forecast(args: Forecast, ctx: ToolContext) -> str:
+    """The weather in a city for the next days.
+
+    Longer notes that the model does not need.
+    """
+    return json.dumps({"city": args.city, "days": args.days, "user": ctx.user_id})
+
+
+def test_a_tool_from_a_struct_has_the_structs_schema_and_the_docstrings_first_paragraph() -> None:
+    tool = define_tool(forecast)
+    assert tool.schema() == {
+        "type": "function",
+        "function": {
+            "name": "forecast",
+            "description": "The weather in a city for the next days.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string"},
+                    "days": {"type": "integer", "default": 3},
+                },
+                "required": ["city"],
+            },
+        },
+    }
+
+
+async def test_a_struct_tool_gets_its_arguments_converted_and_checked() -> None:
+    runner = ToolRunner([define_tool(forecast)])
+    ok = await runner.run("forecast", '{"city": "Oslo"}', CTX)
+    assert json.loads(ok.result or "") == {"city": "Oslo", "days": 3, "user": "u"}
+    bad = await runner.run("forecast", '{"city": 7}', CTX)
+    assert bad.result is None and bad.error is not None and "invalid arguments" in bad.error
+
+
+def add(a: int, b: int = 1) -> str:
+    """Add two integers."""
+    return str(a + b)
+
+
+async def test_a_tool_from_a_typed_signature_refuses_unknown_and_missing_arguments() -> None:
+    tool = define_tool(add)
+    assert tool.parameters["required"] == ["a"]
+    assert tool.parameters["properties"] == {
+        "a": {"type": "integer"},
+        "b": {"type": "integer", "default": 1},
+    }
+    runner = ToolRunner([tool])
+    assert (await runner.run("add", '{"a": 2, "b": 3}', CTX)).result == "5"
+    assert "invalid arguments" in ((await runner.run("add", '{"b": 3}', CTX)).error or "")
+    assert "invalid arguments" in ((await runner.run("add", '{"a": 1, "c": 2}', CTX)).error or "")
+
+
+async def test_a_sync_tool_works_in_a_thread_and_the_event_loop_stays_free() -> None:
+    threads: list[str] = []
+
+    def busy(seconds: float) -> str:
+        """Hold a CPU for a while."""
+        threads.append(threading.current_thread().name)
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+        return "done"
+
+    runner = ToolRunner([define_tool(busy)])
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticking = asyncio.create_task(ticker())
+    outcome = await runner.run("busy", '{"seconds": 0.3}', CTX)
+    ticking.cancel()
+    assert outcome.result == "done"
+    assert threads and threads[0] != threading.main_thread().name
+    assert ticks >= 10, f"the event loop was blocked while the tool ran ({ticks} ticks)"
+
+
+async def test_calls_of_one_round_run_concurrently_within_a_tools_limit() -> None:
+    running = 0
+    most = 0
+
+    async def wait(ms: int) -> str:
+        """Wait."""
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await asyncio.sleep(ms / 1000)
+        running -= 1
+        return "ok"
+
+    runner = ToolRunner([define_tool(wait, max_concurrency=3)])
+    began = time.perf_counter()
+    outcomes = await asyncio.gather(*(runner.run("wait", '{"ms": 100}', CTX) for _ in range(6)))
+    elapsed = time.perf_counter() - began
+    assert [o.result for o in outcomes] == ["ok"] * 6
+    assert most == 3, f"expected 3 at once, saw {most}"
+    assert elapsed < 0.5, f"six 100 ms calls three at a time took {elapsed:.2f}s"
+
+
+async def test_a_tool_that_returns_something_else_than_text_is_an_error() -> None:
+    async def number() -> int:
+        """A number, wrongly."""
+        return 42
+
+    outcome = await ToolRunner([define_tool(number)]).run("number", "{}", CTX)
+    assert outcome.error == "tool 'number' returned int, not text"
+
+
+def test_tools_named_by_module_path_are_loaded_and_may_replace_a_built_in() -> None:
+    loaded = load_tools(["tests.tool_plugin:TOOLS", "tests.tool_plugin:make_tools"])
+    names = [tool.name for tool in loaded]
+    assert names == ["shout", "calculator", "reverse"], names
+    merged = {tool.name: tool for tool in merge_tools(BUILTIN_TOOLS, loaded)}
+    assert merged["calculator"].description == "A deployment's own calculator."
+    assert {"get_current_time", "search_messages", "set_title", "shout", "reverse"} <= set(merged)
+
+
+def test_a_bad_tool_spec_says_what_is_wrong() -> None:
+    with pytest.raises(ValueError, match="module:attribute"):
+        load_tools(["no-colon-here"])
+    with pytest.raises(ValueError, match="not a Tool"):
+        load_tools(["tests.tool_plugin:NOT_A_TOOL"])
+
+
+# ---------------------------------------------------------------- built-ins
+
+
+async def test_search_finds_the_conversations_messages_best_first() -> None:
+    outcome = await RUNNER.run("search_messages", '{"query": "production keys"}', CTX)
+    found = json.loads(outcome.result or "")
+    # most matching words first; a tie goes to the newer message
+    assert [m["message_id"] for m in found["matches"]] == ["m2", "a1", "m1"], found
+    assert found["total"] == 3
+    empty = await RUNNER.run("search_messages", '{"query": "!!"}', CTX)
+    assert empty.error == "the query has no words to search for"
+
+
+async def test_set_title_names_the_conversation() -> None:
+    outcome = await RUNNER.run("set_title", '{"title": "  Key   rotation "}', CTX)
+    assert outcome.set_title == "Key rotation" and outcome.error is None
+    refused = await RUNNER.run("set_title", json.dumps({"title": "x" * 300}), CTX)
+    assert refused.set_title is None and "at most 200" in (refused.error or "")

@@ -45,8 +45,11 @@ async def messages(api: SseClient, cid: str, *, versions: str = "latest") -> lis
 
 
 def latency_ms(started: Started, end: Event) -> int:
-    """What the row must say: the two event timestamps as the columns store them."""
-    return round((timestamp(end.at) - timestamp(started.at)).total_seconds() * 1000)
+    """What the row must say: the two event timestamps as the columns store them,
+    rounded as Postgres rounds (half away from zero, not Python's half to even)."""
+    delta = timestamp(end.at) - timestamp(started.at)
+    micros = delta.days * 86_400_000_000 + delta.seconds * 1_000_000 + delta.microseconds
+    return (micros + 500) // 1000
 
 
 async def test_a_reloaded_page_shows_the_turns_tool_cards_and_latency(

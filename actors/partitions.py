@@ -1,0 +1,202 @@
+"""Which worker serves which commands: partition leases in a NATS key-value bucket.
+
+Commands are published on `chat.cmd.<partition>.<conversation>` (events/subjects.py),
+so all of a conversation's commands fall in one partition, and each partition
+has one durable consumer. A worker serves a partition only while it holds that
+partition's lease: a key `partition.<n>` it created, renewed every few seconds
+by compare-and-set on its revision, and gone `ttl_s` after its holder stops
+renewing (the bucket's max age). So one conversation is served by one worker at
+a time, its commands in order; if a worker dies, another takes its partitions
+within `ttl_s` and the commands it held are redelivered there.
+
+Workers share the partitions fairly: each announces itself (`worker.<id>`),
+takes free partitions up to its fair share (partitions / live workers, rounded
+up) and gives back a partition above that share only when nothing of it is
+running, so a new worker gets work without any turn being cut.
+
+Leases live in NATS, not Redis: losing Redis must not stop turns. The log's
+single-writer check stays the last word: two workers that briefly both think
+they own a partition cannot interleave a conversation's events.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+
+import nats.errors
+import nats.js.errors
+from nats.js import JetStreamContext, api
+from nats.js.kv import KeyValue
+
+log = logging.getLogger(__name__)
+
+BUCKET = "parley_workers"
+
+# What the bucket's requests raise while NATS is away or the bucket's stream
+# elects a new leader (a node died): a tick that meets one is tried again.
+_TRANSIENT = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionReconnectingError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+    TimeoutError,
+)
+# Leases not renewed for this share of their lifetime are given up: past it,
+# another worker may take them before we could renew.
+_KEEP_FOR = 0.8
+
+
+class PartitionLeases:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        worker_id: str,
+        partitions: int,
+        *,
+        ttl_s: float = 15.0,
+        replicas: int = 1,
+    ) -> None:
+        self._js = js
+        self.worker_id = worker_id
+        self.partitions = partitions
+        self.ttl_s = ttl_s
+        self._replicas = replicas
+        self.owned: dict[int, int] = {}  # partition -> the revision of our lease
+        self._renewed_at = time.monotonic()  # when the last complete renewal began
+        self._kv: KeyValue | None = None
+
+    async def open(self) -> None:
+        try:
+            self._kv = await self._js.key_value(BUCKET)
+        except nats.js.errors.BucketNotFoundError:
+            # Made here only if absent; an existing bucket keeps the replicas, limits and
+            # placement its operator gave it (its age limit is read below).
+            config = api.KeyValueConfig(
+                bucket=BUCKET, ttl=self.ttl_s, history=1, replicas=self._replicas
+            )
+            try:
+                self._kv = await self._js.create_key_value(config=config)
+            except nats.js.errors.BadRequestError:  # another worker created it first
+                self._kv = await self._js.key_value(BUCKET)
+        # The bucket's age limit is the lease time, whoever created it: renew well within it.
+        ttl = (await self._kv.status()).ttl
+        if ttl:
+            self.ttl_s = ttl
+
+    @property
+    def renew_every_s(self) -> float:
+        return self.ttl_s / 5
+
+    @property
+    def kv(self) -> KeyValue:
+        if self._kv is None:
+            raise RuntimeError("PartitionLeases.open() first")
+        return self._kv
+
+    async def tick(self, busy: Callable[[int], bool]) -> tuple[set[int], set[int]]:
+        """Renew, take and give back leases; returns the partitions gained and lost.
+
+        A tick that cannot reach the bucket keeps what it holds while no lease can
+        have lapsed yet (nobody can take one before), so a leader election in the
+        NATS cluster does not stop running turns; after that it gives them all up.
+        """
+        try:
+            return await self._tick(busy)
+        except _TRANSIENT as err:
+            if time.monotonic() - self._renewed_at < _KEEP_FOR * self.ttl_s:
+                log.warning(
+                    "partition leases not renewed; trying again", extra={"error": repr(err)}
+                )
+                return set(), set()
+            lost, self.owned = set(self.owned), {}
+            log.warning(
+                "partition leases given up: not renewed in time",
+                extra={"error": repr(err), "partitions": sorted(lost)},
+            )
+            return set(), lost
+
+    async def _tick(self, busy: Callable[[int], bool]) -> tuple[set[int], set[int]]:
+        began = time.monotonic()
+        gained: set[int] = set()
+        lost: set[int] = set()
+        await self.kv.put(f"worker.{self.worker_id}", b"")
+        for partition, revision in list(self.owned.items()):
+            try:
+                self.owned[partition] = await self.kv.update(
+                    _key(partition), self.worker_id.encode(), last=revision
+                )
+            except nats.js.errors.KeyWrongLastSequenceError:
+                ours = await self._own_revision(partition)
+                if ours is not None:
+                    # our previous renewal landed but its answer was lost (a node
+                    # died meanwhile): the lease is still ours, at a newer revision
+                    self.owned[partition] = ours
+                    continue
+                # it expired (we were away too long) and someone else holds it now
+                del self.owned[partition]
+                lost.add(partition)
+                log.warning("partition lease lost", extra={"partition": partition})
+        self._renewed_at = began
+        share = math.ceil(self.partitions / max(1, await self._live_workers()))
+        if len(self.owned) < share:
+            free = [p for p in range(self.partitions) if p not in self.owned]
+            random.shuffle(free)
+            for partition in free:
+                if len(self.owned) >= share:
+                    break
+                try:
+                    self.owned[partition] = await self.kv.create(
+                        _key(partition), self.worker_id.encode()
+                    )
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    continue  # held by another worker
+                gained.add(partition)
+        elif len(self.owned) > share:
+            for partition in [p for p in self.owned if not busy(p)][: len(self.owned) - share]:
+                await self._release(partition)
+                lost.add(partition)
+        return gained, lost
+
+    async def _own_revision(self, partition: int) -> int | None:
+        """The lease's revision if it still names this worker, else None."""
+        try:
+            entry = await self.kv.get(_key(partition))
+        except nats.js.errors.NotFoundError:  # absent, deleted or expired
+            return None
+        if entry.value != self.worker_id.encode() or entry.revision is None:
+            return None
+        return int(entry.revision)
+
+    async def release_all(self) -> None:
+        for partition in list(self.owned):
+            await self._release(partition)
+        try:
+            await self.kv.delete(f"worker.{self.worker_id}")
+        except nats.errors.Error as err:
+            log.info("worker presence not removed; it expires", extra={"error": repr(err)})
+
+    async def _release(self, partition: int) -> None:
+        revision = self.owned.pop(partition)
+        try:
+            await self.kv.delete(_key(partition), last=revision)
+        except nats.errors.Error as err:
+            log.info(
+                "partition lease not released; it expires",
+                extra={"partition": partition, "error": repr(err)},
+            )
+
+    async def _live_workers(self) -> int:
+        try:
+            keys = await self.kv.keys()
+        except nats.js.errors.NoKeysError:
+            return 1
+        return max(1, sum(key.startswith("worker.") for key in keys))
+
+
+def _key(partition: int) -> str:
+    return f"partition.{partition}"

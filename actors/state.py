@@ -1,0 +1,453 @@
+"""A conversation's state, folded from its events: the only way that state changes.
+
+`evolve(state, event)` is total (it never raises, whatever the log holds), so
+the state an actor holds after running a turn is exactly the state a fresh
+actor rebuilds from the log. Queries over the state (the latest messages, the
+history a turn sends, the partial content of the running turn) live here too.
+
+Pure: no I/O, no clock, no ids made here, no logging. The decisions that
+produce events are in `actors.decide`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Literal
+
+import msgspec
+from msgspec.structs import replace
+
+from actors.content import HistoryMessage, merge_blocks
+from actors.sizing import assemble
+from events.codec import Unreadable
+from events.vocabulary import (
+    AnswerRequested,
+    AnyEvent,
+    BillingRejected,
+    Cancelled,
+    ChunkKind,
+    CommandRejected,
+    ContentBlock,
+    ContentPart,
+    ConversationCreated,
+    Done,
+    Failed,
+    Prices,
+    Started,
+    Title,
+    ToolCall,
+    UserMessage,
+    event_type,
+)
+from events.vocabulary import Chunk as ChunkEvent
+
+MessageStatus = Literal["complete", "streaming", "cancelled", "failed", "billing_error"]
+
+
+class Piece(msgspec.Struct, frozen=True, eq=False):
+    """A persistent (cons) list of streamed pieces, newest first.
+
+    Appending is O(1) and never copies, so folding a 10,000-chunk turn stays
+    linear while the state remains immutable. Equality and repr walk the list
+    iteratively: the generated ones would recurse once per piece and overflow
+    the stack on a long turn.
+    """
+
+    kind: ChunkKind | None  # None: a boundary, where a tool call interrupted the text
+    text: str
+    previous: Piece | None = None
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Piece):
+            return NotImplemented
+        return pieces_in_order(self) == pieces_in_order(other)
+
+    def __hash__(self) -> int:
+        return hash(tuple(pieces_in_order(self)))
+
+    def __repr__(self) -> str:
+        pieces = pieces_in_order(self)
+        return f"Piece(<{len(pieces)} pieces, last {pieces[-1]!r}>)"
+
+
+def pieces_in_order(last: Piece | None) -> list[tuple[ChunkKind | None, str]]:
+    out: list[tuple[ChunkKind | None, str]] = []
+    node = last
+    while node is not None:
+        out.append((node.kind, node.text))
+        node = node.previous
+    out.reverse()
+    return out
+
+
+class Message(msgspec.Struct, frozen=True):
+    message_id: str
+    role: Literal["user", "assistant", "system"]
+    text: str = ""  # user and system messages
+    blocks: tuple[ContentBlock, ...] = ()  # assistant messages
+    version_group_id: str = ""
+    version_number: int = 1
+    parent_message_id: str | None = None
+    is_latest: bool = True
+    is_fork_origin: bool = False
+    status: MessageStatus = "complete"
+
+
+class QueuedTurn(msgspec.Struct, frozen=True):
+    """An accepted request whose turn has not started yet."""
+
+    command_id: str
+    user_message_id: str
+    model: str | None = None
+    regenerates: str | None = None  # an answer being regenerated: its message id
+    answer_group: str | None = None  # ... and its version group
+    user_id: str = ""
+
+
+class BilledTurn(msgspec.Struct, frozen=True):
+    """A turn that ended with an account to charge: what its charge is made of."""
+
+    turn_id: str
+    payer: str
+    prices: Prices
+    input_tokens: int
+    output_tokens: int
+    estimated: bool
+    end: str  # done | cancelled | failed
+    user_id: str = ""
+
+
+class ActiveTurn(msgspec.Struct, frozen=True):
+    turn_id: str
+    user_message_id: str
+    model: str
+    prices: Prices
+    command_id: str = ""
+    payer: str | None = None
+    user_id: str = ""
+    last_piece: Piece | None = None
+    tool_calls: int = 0
+    parts: tuple[ContentPart, ...] = ()  # the final content, when it came in pieces
+
+
+class Conversation(msgspec.Struct, frozen=True):
+    conversation_id: str
+    exists: bool = False
+    user_id: str = ""
+    project_id: str | None = None
+    title: str = ""
+    model: str | None = None
+    messages: tuple[Message, ...] = ()
+    active: ActiveTurn | None = None
+    queue: tuple[QueuedTurn, ...] = ()
+    commands_seen: frozenset[str] = frozenset()
+    # commands whose turn ended (or which were refused): a redelivery is settled at once
+    commands_done: frozenset[str] = frozenset()
+    token_usage_total: int = 0
+    last_billed: BilledTurn | None = None  # the latest ended turn that has an account to charge
+    # Why this conversation's state cannot be known (a damaged event, a broken
+    # invariant): it refuses new work, every other conversation goes on.
+    broken: str | None = None
+
+    @property
+    def personal(self) -> bool:
+        return self.project_id is None
+
+    @property
+    def busy(self) -> bool:
+        return self.active is not None or bool(self.queue)
+
+
+# ---------------------------------------------------------------- fold
+
+
+def evolve(state: Conversation, event: AnyEvent | Unreadable) -> Conversation:
+    """Fold one log entry.
+
+    An entry of an unknown type (a newer version wrote it) is skipped. A damaged
+    entry, or an event that breaks the conversation's invariants, marks the
+    state `broken`: what the conversation holds is no longer known for sure.
+    """
+    problem = _invariant_broken(state, event)
+    if problem is not None:
+        state = replace(state, broken=state.broken or problem)
+    match event:
+        case Unreadable():
+            return state
+        case ConversationCreated():
+            if state.exists:
+                return state
+            return replace(
+                state,
+                exists=True,
+                user_id=event.user_id,
+                project_id=event.project_id,
+                title=event.title,
+                model=event.model,
+            )
+        case UserMessage():
+            return _user_message(state, event)
+        case AnswerRequested():
+            queued = QueuedTurn(
+                command_id=event.command_id,
+                user_message_id=event.user_message_id,
+                model=event.model,
+                regenerates=event.regenerates,
+                answer_group=event.version_group_id,
+                user_id=event.user_id,
+            )
+            return replace(
+                state,
+                queue=_enqueue(state.queue, queued, front=event.interrupts),
+                commands_seen=state.commands_seen | {event.command_id},
+            )
+        case Started():
+            return _started(state, event)
+        case ChunkEvent():
+            if state.active is None or state.active.turn_id != event.turn_id:
+                return state
+            piece = Piece(kind=event.kind, text=event.text, previous=state.active.last_piece)
+            return replace(state, active=replace(state.active, last_piece=piece))
+        case ToolCall():
+            if state.active is None or state.active.turn_id != event.turn_id:
+                return state
+            boundary = Piece(kind=None, text="", previous=state.active.last_piece)
+            return replace(
+                state,
+                active=replace(
+                    state.active, last_piece=boundary, tool_calls=state.active.tool_calls + 1
+                ),
+            )
+        case ContentPart():
+            if state.active is None or state.active.turn_id != event.turn_id:
+                return state
+            return replace(state, active=replace(state.active, parts=(*state.active.parts, event)))
+        case Done() | Cancelled() | Failed():
+            content = tuple(event.content)
+            if event.content_parts and state.active and state.active.turn_id == event.turn_id:
+                content = tuple(assemble(list(state.active.parts)))
+            status: MessageStatus = (
+                "complete"
+                if isinstance(event, Done)
+                else "cancelled"
+                if isinstance(event, Cancelled)
+                else "failed"
+            )
+            active = state.active
+            if active is not None and active.turn_id == event.turn_id and active.payer:
+                state = replace(
+                    state,
+                    last_billed=BilledTurn(
+                        turn_id=event.turn_id,
+                        payer=active.payer,
+                        prices=active.prices,
+                        input_tokens=event.input_tokens,
+                        output_tokens=event.output_tokens,
+                        estimated=event.tokens_estimated,
+                        end=event_type(event),
+                        user_id=active.user_id,
+                    ),
+                )
+            return _end_turn(
+                state, event.turn_id, content, status, event.input_tokens + event.output_tokens
+            )
+        case BillingRejected():
+            return _end_turn(state, event.turn_id, (), "billing_error", 0)
+        case Title():
+            return replace(state, title=event.title)
+        case CommandRejected():
+            return replace(
+                state,
+                # refused after it was queued (given up): it leaves the queue
+                queue=tuple(q for q in state.queue if q.command_id != event.command_id),
+                commands_seen=state.commands_seen | {event.command_id},
+                commands_done=state.commands_done | {event.command_id},
+            )
+        case _:
+            return state
+
+
+def fold(state: Conversation, events: Iterable[AnyEvent | Unreadable]) -> Conversation:
+    for event in events:
+        state = evolve(state, event)
+    return state
+
+
+def _user_message(state: Conversation, event: UserMessage) -> Conversation:
+    message = Message(
+        message_id=event.message_id,
+        role="user",
+        text=event.content,
+        version_group_id=event.version_group_id or event.message_id,
+        version_number=event.version_number,
+        parent_message_id=event.parent_message_id,
+    )
+    messages = _supersede(state.messages, event.supersedes, event.fork_origin)
+    seen = state.commands_seen | {event.command_id} if event.command_id else state.commands_seen
+    queued = QueuedTurn(
+        command_id=event.command_id,
+        user_message_id=event.message_id,
+        model=event.model,
+        user_id=event.user_id,
+    )
+    return replace(
+        state,
+        messages=_add_version(messages, message),
+        queue=_enqueue(state.queue, queued, front=event.interrupts),
+        commands_seen=seen,
+    )
+
+
+def _started(state: Conversation, event: Started) -> Conversation:
+    message = Message(
+        message_id=event.turn_id,
+        role="assistant",
+        version_group_id=event.version_group_id or event.turn_id,
+        version_number=event.version_number,
+        parent_message_id=event.parent_message_id or event.user_message_id,
+        status="streaming",
+    )
+    turn = ActiveTurn(
+        turn_id=event.turn_id,
+        user_message_id=event.user_message_id,
+        model=event.model,
+        prices=event.prices,
+        command_id=event.command_id,
+        payer=event.payer,
+        user_id=event.user_id,
+    )
+    messages = _supersede(state.messages, event.supersedes, event.fork_origin)
+    return replace(
+        state,
+        messages=_add_version(messages, message),
+        active=turn,
+        queue=_dequeue(state.queue, event),
+    )
+
+
+def _enqueue(
+    queue: tuple[QueuedTurn, ...], queued: QueuedTurn, *, front: bool
+) -> tuple[QueuedTurn, ...]:
+    return (queued, *queue) if front else (*queue, queued)
+
+
+def _dequeue(queue: tuple[QueuedTurn, ...], started: Started) -> tuple[QueuedTurn, ...]:
+    """The queue without the request `started` answers (by command, else by user message:
+    logs written before requests were queued name only the user message)."""
+    for i, queued in enumerate(queue):
+        if (started.command_id and queued.command_id == started.command_id) or (
+            not started.command_id and queued.user_message_id == started.user_message_id
+        ):
+            return queue[:i] + queue[i + 1 :]
+    return queue
+
+
+def _supersede(
+    messages: tuple[Message, ...], ids: list[str], fork_origin: str | None
+) -> tuple[Message, ...]:
+    if not ids and fork_origin is None:
+        return messages
+    gone = set(ids)
+    return tuple(
+        replace(
+            m,
+            is_latest=m.is_latest and m.message_id not in gone,
+            is_fork_origin=m.is_fork_origin or m.message_id == fork_origin,
+        )
+        for m in messages
+    )
+
+
+def _add_version(messages: tuple[Message, ...], message: Message) -> tuple[Message, ...]:
+    """Append a message; earlier versions of its group stop being the latest."""
+    group = message.version_group_id
+    if any(m.version_group_id == group and m.is_latest for m in messages):
+        messages = tuple(
+            replace(m, is_latest=False) if m.version_group_id == group else m for m in messages
+        )
+    return (*messages, message)
+
+
+def _end_turn(
+    state: Conversation,
+    turn_id: str,
+    blocks: tuple[ContentBlock, ...],
+    status: MessageStatus,
+    tokens: int,
+) -> Conversation:
+    messages = tuple(
+        replace(m, blocks=blocks, status=status) if m.message_id == turn_id else m
+        for m in state.messages
+    )
+    ended = state.active if state.active and state.active.turn_id == turn_id else None
+    done = state.commands_done | {ended.command_id} if ended and ended.command_id else None
+    return replace(
+        state,
+        messages=messages,
+        active=None if ended else state.active,
+        commands_done=done if done is not None else state.commands_done,
+        token_usage_total=state.token_usage_total + tokens,
+    )
+
+
+def _invariant_broken(state: Conversation, event: AnyEvent | Unreadable) -> str | None:
+    if isinstance(event, Unreadable):
+        if event.known_type or event.type is None:
+            return f"an entry of type {event.type or 'unknown'} cannot be read: {event.error}"
+        return None  # a newer version's event: skipped, the rest still holds
+    if isinstance(event, ConversationCreated):
+        return "conversation_created appears twice" if state.exists else None
+    if not state.exists:
+        return f"{event_type(event)} before conversation_created"
+    if isinstance(event, Started) and state.active is not None:
+        return f"turn {event.turn_id} started while turn {state.active.turn_id} was running"
+    return None
+
+
+# ---------------------------------------------------------------- queries
+
+
+def latest_messages(state: Conversation) -> Iterator[Message]:
+    return (m for m in state.messages if m.is_latest)
+
+
+def message(state: Conversation, message_id: str) -> Message | None:
+    return next((m for m in state.messages if m.message_id == message_id), None)
+
+
+def history_of(state: Conversation, upto: str | None = None) -> list[HistoryMessage]:
+    """The latest versions in creation order, minus the assistant message being written.
+
+    With `upto` (the user message a turn answers), the history ends there: user
+    messages queued after it are not part of its question.
+    """
+    active_id = state.active.turn_id if state.active else None
+    out: list[HistoryMessage] = []
+    for m in latest_messages(state):
+        if m.message_id == active_id:
+            continue
+        if m.role == "assistant":
+            out.append(HistoryMessage(role="assistant", assistant_blocks=m.blocks))
+        else:
+            out.append(HistoryMessage(role=m.role, blocks=(m.text,), assistant_blocks=m.blocks))
+        if upto is not None and m.message_id == upto:
+            break
+    return out
+
+
+def partial_content(state: Conversation) -> list[ContentBlock]:
+    """The merged content of the active turn so far."""
+    if state.active is None:
+        return []
+    return merge_blocks(pieces_in_order(state.active.last_piece))
+
+
+def descendants(state: Conversation, message_id: str) -> list[str]:
+    """Messages that grew from `message_id` (its answers, the messages after them, ...)."""
+    found: set[str] = {message_id}
+    out: list[str] = []
+    for m in state.messages:  # creation order: a parent comes before its children
+        if m.parent_message_id in found and m.message_id not in found:
+            found.add(m.message_id)
+            out.append(m.message_id)
+    return out

@@ -1,0 +1,419 @@
+"""Running one turn: stream the model, run tools between rounds (ReAct), end the turn.
+
+A `TurnRunner` is made once the turn's `started` is in the log. It streams the
+model (retrying with backoff and jitter while nothing has arrived yet: 429,
+5xx, a refused connection), runs the tools the model asks for (in parallel
+within one round, up to 99 rounds), and ends the turn with exactly one of
+`done`, `cancelled` or `failed`, always with the tokens it consumed (estimated
+and flagged when the provider never said).
+
+`cancel(reason)` stops it at once: the model's HTTP stream is closed (so the
+provider stops generating and billing), and `cancelled` is appended with the
+partial content. Once the turn has begun writing its end, a cancel is too late
+and is ignored.
+
+What may not enter: command handling (actors.actor) and appending outside the
+writer (actors.writer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import aiohttp
+import msgspec
+
+from actors.billing import Accounts
+from actors.content import build_history, tool_round_messages, visible_tools
+from actors.decide import (
+    CHARS_PER_TOKEN,
+    ModelChoice,
+    TurnTotals,
+    decide_cancelled,
+    decide_done,
+    decide_failed,
+    decide_tool_call,
+    decide_tool_result,
+    decide_tool_title,
+)
+from actors.errors import ModelStreamError
+from actors.model_client import ChatRequest, ModelEndpoint, stream_chat
+from actors.model_stream import Finish, StreamItem, TextDelta, ToolCallRequest, Usage
+from actors.models import MAX_TOOL_ROUNDS, ModelCatalog, ModelSpec
+from actors.state import Conversation, history_of, latest_messages
+from actors.tools import ToolContext, ToolMessage, ToolOutcome, ToolRunner
+from actors.writer import EventWriter, TurnStream
+from events.errors import EventLogError
+from events.ids import new_id as make_id
+from events.log import EventLog
+from events.turns import TurnRegistry
+from events.vocabulary import Event, TurnEnd
+
+log = logging.getLogger(__name__)
+
+
+class TurnObserver(Protocol):
+    """What a worker tells about its turns (the wiring counts it: parley/metrics.py).
+    Calls are quick and never raise; `model` is the catalogue's name."""
+
+    def turn_started(self, model: str) -> None: ...
+
+    def first_token(self, model: str, seconds: float) -> None:
+        """The model's first text of the turn, `seconds` after the turn's start."""
+
+    def model_call(self, model: str, seconds: float) -> None:
+        """One model call of the turn ended (each tool round is one)."""
+
+    def turn_ended(self, model: str, end: TurnEnd | None) -> None:
+        """The end this runner wrote; None when it wrote none (its worker was stopping)."""
+
+
+class NoTurnObserver:
+    def turn_started(self, model: str) -> None:
+        pass
+
+    def first_token(self, model: str, seconds: float) -> None:
+        pass
+
+    def model_call(self, model: str, seconds: float) -> None:
+        pass
+
+    def turn_ended(self, model: str, end: TurnEnd | None) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class ActorContext:
+    """What every actor and turn in a worker shares."""
+
+    log: EventLog
+    turns: TurnRegistry
+    http: aiohttp.ClientSession
+    catalog: ModelCatalog
+    default_base_url: str
+    default_api_key: str | None
+    worker_id: str
+    tools: ToolRunner = field(default_factory=lambda: ToolRunner(()))
+    clock: Callable[[], int] = time.time_ns
+    new_id: Callable[[], str] = make_id
+    first_byte_timeout: float = 120.0
+    idle_timeout: float = 120.0
+    # The largest event appended; services sets it below the server's max_payload.
+    max_event_bytes: int = 512 * 1024
+    # Model errors before the first token (429, 5xx, connection refused) are tried
+    # again this many times, after retry_base_s, 2x, 4x ... with jitter.
+    model_retries: int = 3
+    retry_base_s: float = 0.5
+    # The worker's accounts (a cache of folded accounts shared by its actors);
+    # an actor made without one uses its own.
+    accounts: Accounts | None = None
+    observer: TurnObserver = field(default_factory=NoTurnObserver)
+
+
+class RoundResult:
+    """What one model call of a turn produced."""
+
+    def __init__(self) -> None:
+        self.deltas = 0
+        self.answer: list[str] = []
+        self.calls: list[ToolCallRequest] = []
+        self.usage: Usage | None = None
+        self.finish_reason: str | None = None
+
+    @property
+    def started(self) -> bool:
+        return self.deltas > 0 or bool(self.calls)
+
+
+class TurnRunner:
+    def __init__(
+        self, ctx: ActorContext, writer: EventWriter, spec: ModelSpec, choice: ModelChoice
+    ) -> None:
+        self.ctx = ctx
+        self.writer = writer
+        self.spec = spec
+        self.choice = choice
+        active = writer.state.active
+        if active is None:
+            raise ValueError("a turn runner needs a started turn")
+        self.turn_id = active.turn_id
+        self._task: asyncio.Task[None] | None = None
+        self._cancel_reason: str | None = None
+        self._ending = False
+        self._began = time.perf_counter()
+        self._first_token = False
+        self._ended: Sequence[Event] = ()  # what this runner appended as the turn's end
+
+    def cancel(self, reason: str) -> bool:
+        """Stop the turn; False when it is already writing its end."""
+        if self._ending or self._task is None or self._task.done():
+            return False
+        if self._cancel_reason is None:
+            self._cancel_reason = reason
+            self._task.cancel()
+        return True
+
+    async def run(self) -> None:
+        observer, model = self.ctx.observer, self.spec.name
+        observer.turn_started(model)
+        self._task = asyncio.create_task(self._run(), name=f"turn-{self.turn_id}")
+        try:
+            await self._task
+        finally:
+            end = self._ended[-1] if self._ended else None
+            observer.turn_ended(model, end if isinstance(end, TurnEnd) else None)
+
+    async def _run(self) -> None:
+        ctx, state = self.ctx, self.writer.state
+        assert state.active is not None
+        messages = build_history(
+            history_of(state, upto=state.active.user_message_id), personal=state.personal
+        )
+        tools = visible_tools(ctx.tools.schemas(), personal=state.personal)
+        endpoint = ModelEndpoint(
+            base_url=self.spec.base_url or ctx.default_base_url,
+            model=self.spec.upstream_name or self.spec.name,
+            api_key=self.spec.api_key or ctx.default_api_key,
+        )
+        stream = TurnStream(self.writer, self.turn_id, ctx.clock, ctx.new_id)
+        totals = TurnTotals()
+        stop_reason = "stop"
+        try:
+            for round_number in range(MAX_TOOL_ROUNDS + 1):
+                request = ChatRequest(
+                    messages=messages,
+                    tools=tools,
+                    max_tokens=self.choice.max_tokens,
+                    temperature=self.choice.temperature,
+                )
+                result = RoundResult()
+                try:
+                    await self._stream_round(endpoint, request, stream, result)
+                finally:
+                    totals = add_usage(totals, result, messages)
+                if result.finish_reason:
+                    stop_reason = result.finish_reason
+                if not result.calls:
+                    break
+                if round_number == MAX_TOOL_ROUNDS:
+                    await self._fail(
+                        stream,
+                        "tool_rounds_exhausted",
+                        f"the model asked for tools in more than {MAX_TOOL_ROUNDS} rounds",
+                        totals,
+                    )
+                    return
+                messages = [*messages, *await self._run_tools(result, stream)]
+            self._ending = True
+            await stream.close()
+            self._ended = await self.writer.append_decided(
+                lambda s: [decide_done(s, stop_reason, totals, ctx.clock(), ctx.new_id)]
+            )
+        except ModelStreamError as err:
+            await self._fail(stream, err.code, err.message, totals)
+        except asyncio.CancelledError:
+            reason = self._cancel_reason
+            if reason is None:
+                # The worker is stopping: record the turn's end before giving up.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._stop_for_shutdown(stream, totals))
+                raise
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            await self._cancelled(stream, reason, totals)
+        except EventLogError:
+            raise  # the log refused or is gone: nothing can be recorded here
+        except Exception as err:
+            # A bug must end this turn visibly, not kill the worker or leave the turn open.
+            log.exception("turn crashed", extra=self._log_fields())
+            await stream.abort()
+            await self._fail(stream, "internal_error", f"{type(err).__name__}: {err}", totals)
+        finally:
+            await stream.abort()
+
+    async def _stream_round(
+        self,
+        endpoint: ModelEndpoint,
+        request: ChatRequest,
+        stream: TurnStream,
+        result: RoundResult,
+    ) -> None:
+        for attempt in range(self.ctx.model_retries + 1):
+            try:
+                await self._stream_once(endpoint, request, stream, result)
+                return
+            except ModelStreamError as err:
+                if result.started or not err.retryable or attempt == self.ctx.model_retries:
+                    raise
+                delay = backoff(attempt, self.ctx.retry_base_s, err.retry_after)
+                log.info(
+                    "model call failed before its first token; trying again",
+                    extra={**self._log_fields(), "code": err.code, "retry_in_s": round(delay, 3)},
+                )
+                await asyncio.sleep(delay)
+
+    async def _stream_once(
+        self,
+        endpoint: ModelEndpoint,
+        request: ChatRequest,
+        stream: TurnStream,
+        result: RoundResult,
+    ) -> None:
+        chat = stream_chat(
+            self.ctx.http,
+            endpoint,
+            request,
+            first_byte_timeout=self.ctx.first_byte_timeout,
+            idle_timeout=self.ctx.idle_timeout,
+        )
+        began = time.perf_counter()
+        # aclosing: leaving early (a cancel, a refused append) closes the HTTP
+        # stream at once, so the model stops generating and billing.
+        try:
+            async with contextlib.aclosing(chat):
+                async for item in chat:
+                    stream.raise_if_failed()
+                    _take(item, stream, result)
+                    if not self._first_token and isinstance(item, TextDelta):
+                        self._first_token = True
+                        self.ctx.observer.first_token(
+                            self.spec.name, time.perf_counter() - self._began
+                        )
+        finally:
+            self.ctx.observer.model_call(self.spec.name, time.perf_counter() - began)
+
+    async def _run_tools(self, result: RoundResult, stream: TurnStream) -> list[dict[str, Any]]:
+        """Run the round's tool calls concurrently; each result is written as it comes."""
+        ctx, state = self.ctx, self.writer.state
+        calls = [
+            msgspec.structs.replace(c, call_id=c.call_id or ctx.new_id()) for c in result.calls
+        ]
+        context = ToolContext(
+            conversation_id=state.conversation_id,
+            user_id=state.user_id,
+            project_id=state.project_id,
+            now_ns=ctx.clock(),
+            messages=_tool_messages(state),
+        )
+        for call in calls:
+            stream.event(decide_tool_call(state, call, ctx.clock(), ctx.new_id))
+
+        async def one(call: ToolCallRequest) -> ToolOutcome:
+            began = time.perf_counter()
+            outcome = await ctx.tools.run(call.name, call.arguments, context)
+            duration_ms = round((time.perf_counter() - began) * 1000, 3)
+            stream.event(
+                decide_tool_result(state, call, outcome, duration_ms, ctx.clock(), ctx.new_id)
+            )
+            if outcome.set_title is not None:
+                stream.event(decide_tool_title(state, outcome.set_title, ctx.clock(), ctx.new_id))
+            return outcome
+
+        outcomes = await asyncio.gather(*(one(call) for call in calls))
+        return tool_round_messages("".join(result.answer), calls, outcomes)
+
+    async def _fail(self, stream: TurnStream, code: str, message: str, totals: TurnTotals) -> None:
+        self._ending = True
+        log.info("turn failed", extra={**self._log_fields(), "code": code, "detail": message})
+        with contextlib.suppress(EventLogError):
+            await stream.close()
+        self._ended = await self.writer.append_decided(
+            lambda s: [decide_failed(s, code, message, totals, self.ctx.clock(), self.ctx.new_id)]
+        )
+
+    async def _cancelled(self, stream: TurnStream, reason: str, totals: TurnTotals) -> None:
+        self._ending = True
+        await stream.close()
+        self._ended = await self.writer.append_decided(
+            lambda s: [decide_cancelled(s, reason, totals, self.ctx.clock(), self.ctx.new_id)]
+        )
+
+    async def _stop_for_shutdown(self, stream: TurnStream, totals: TurnTotals) -> None:
+        self._ending = True
+        async with asyncio.timeout(5):
+            with contextlib.suppress(Exception):
+                await stream.close()
+            if _still_running(self.writer.state, self.turn_id):
+                await self.writer.append_decided(
+                    lambda s: [
+                        decide_failed(
+                            s,
+                            "interrupted",
+                            "the worker stopped during the turn",
+                            totals,
+                            self.ctx.clock(),
+                            self.ctx.new_id,
+                        )
+                    ]
+                )
+
+    def _log_fields(self) -> dict[str, str]:
+        return {"conversation_id": self.writer.conversation_id, "turn_id": self.turn_id}
+
+
+def _take(item: StreamItem, stream: TurnStream, result: RoundResult) -> None:
+    if isinstance(item, TextDelta):
+        result.deltas += 1
+        if item.kind == "answer":
+            result.answer.append(item.text)
+        stream.chunk(item.kind, item.text)
+    elif isinstance(item, ToolCallRequest):
+        result.calls.append(item)
+    elif isinstance(item, Usage):
+        result.usage = item
+    elif isinstance(item, Finish):
+        result.finish_reason = item.reason
+
+
+def _still_running(state: Conversation, turn_id: str) -> bool:
+    return state.active is not None and state.active.turn_id == turn_id
+
+
+def _tool_messages(state: Conversation) -> tuple[ToolMessage, ...]:
+    active = state.active.turn_id if state.active else None
+    return tuple(
+        ToolMessage(
+            message_id=m.message_id,
+            role=m.role,
+            text=m.text if m.role != "assistant" else "\n".join(b.content for b in m.blocks),
+        )
+        for m in latest_messages(state)
+        if m.message_id != active
+    )
+
+
+def add_usage(
+    totals: TurnTotals, result: RoundResult, messages: list[dict[str, Any]]
+) -> TurnTotals:
+    """Add one model call to the turn's totals: reported usage, else an estimate."""
+    if result.usage is not None:
+        return TurnTotals(
+            input_tokens=totals.input_tokens + result.usage.input_tokens,
+            output_tokens=totals.output_tokens + result.usage.output_tokens,
+            estimated=totals.estimated,
+        )
+    if not result.started and result.finish_reason is None:
+        # Nothing came back (refused, an error status, no first byte): providers do
+        # not bill a call that produced nothing, and neither do we.
+        return totals
+    chars = sum(len(str(m.get("content") or "")) for m in messages)
+    return TurnTotals(
+        input_tokens=totals.input_tokens + math.ceil(chars / CHARS_PER_TOKEN),
+        output_tokens=totals.output_tokens + result.deltas,
+        estimated=True,
+    )
+
+
+def backoff(attempt: int, base_s: float, retry_after: float | None = None) -> float:
+    """Exponential backoff with full jitter; a server's Retry-After is a floor."""
+    delay = random.uniform(0, base_s * (2**attempt))
+    return max(delay, retry_after or 0.0)

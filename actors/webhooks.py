@@ -1,0 +1,220 @@
+"""Turn-end webhooks: every turn's end POSTed once to PARLEY_WEBHOOK_URL, signed, retried.
+
+Driven from the log, not from the turn: a durable JetStream consumer reads the
+conversations' events, and each turn's end (`done`, `cancelled`, `failed`,
+`billing_rejected`) is POSTed as JSON with the Standard Webhooks headers
+(`webhook-id`, `webhook-timestamp`, `webhook-signature`: `v1,` and the base64
+HMAC-SHA256 of `id.timestamp.body` with PARLEY_WEBHOOK_SECRET). The event is
+acknowledged to JetStream only once the receiver answered 2xx; until then it is
+redelivered after a backoff with jitter, for as long as it takes. The id is the
+end event's own id, so a receiver sees the same id on every attempt, a restart
+of the dispatcher neither loses an end (it was not acknowledged) nor invents
+one (the id does not change), and a receiver can drop duplicates by id.
+
+Starts from the events that come after it is first set up (a new deployment is
+not flooded with the past). Several workers share the one durable consumer.
+`payload` and `sign` are pure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import datetime as dt
+import hashlib
+import hmac
+import logging
+import random
+import time
+from typing import Any
+
+import aiohttp
+import msgspec
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+
+from events.codec import decode_entry
+from events.subjects import EVT_PREFIX, EVT_STREAM
+from events.vocabulary import BillingRejected, Cancelled, Done, Failed, TurnEnd, event_type
+
+log = logging.getLogger(__name__)
+
+DURABLE = "parley-webhooks"
+# conversations' subjects only (accounts and projects live one level deeper)
+_SUBJECTS = f"{EVT_PREFIX}.*"
+_ENDS = tuple(
+    f'{{"type":"{name}"'.encode() for name in ("done", "cancelled", "failed", "billing_rejected")
+)
+_FIRST_RETRY_S = 1.0
+_LAST_RETRY_S = 3600.0
+_TIMEOUT_S = 10.0
+
+
+class WebhookSettings(msgspec.Struct, frozen=True):
+    url: str
+    secret: str
+
+
+def secret_bytes(secret: str) -> bytes:
+    """Standard Webhooks secrets are `whsec_` + base64; any other string is used as is."""
+    if secret.startswith("whsec_"):
+        try:
+            return base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+        except binascii.Error:
+            pass
+    return secret.encode()
+
+
+def sign(secret: bytes, webhook_id: str, timestamp: int, body: bytes) -> str:
+    signed = f"{webhook_id}.{timestamp}.".encode() + body
+    digest = hmac.new(secret, signed, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def payload(seq: int, end: TurnEnd) -> bytes:
+    """The body of a turn-end webhook: `{type, timestamp, data}` as Standard Webhooks suggests."""
+    data: dict[str, Any] = {
+        "conversation_id": end.conversation_id,
+        "turn_id": end.turn_id,
+        "event_id": end.event_id,
+        "seq": seq,
+    }
+    match end:
+        case Done():
+            data |= {
+                "stop_reason": end.stop_reason,
+                "content": msgspec.to_builtins(end.content),
+                "input_tokens": end.input_tokens,
+                "output_tokens": end.output_tokens,
+                "tokens_estimated": end.tokens_estimated,
+            }
+        case Cancelled():
+            data |= {
+                "reason": end.reason,
+                "content": msgspec.to_builtins(end.content),
+                "input_tokens": end.input_tokens,
+                "output_tokens": end.output_tokens,
+                "tokens_estimated": end.tokens_estimated,
+            }
+        case Failed():
+            data |= {
+                "code": end.code,
+                "message": end.message,
+                "content": msgspec.to_builtins(end.content),
+                "input_tokens": end.input_tokens,
+                "output_tokens": end.output_tokens,
+                "tokens_estimated": end.tokens_estimated,
+            }
+        case BillingRejected():
+            data |= {
+                "user_message_id": end.user_message_id,
+                "account": end.account,
+                "needed": end.needed,
+                "available": end.available,
+            }
+    moment = dt.datetime.fromtimestamp(end.at / 1e9, tz=dt.UTC).isoformat()
+    return msgspec.json.encode(
+        {"type": f"turn.{event_type(end)}", "timestamp": moment, "data": data}
+    )
+
+
+def backoff(attempt: int, first_s: float = _FIRST_RETRY_S) -> float:
+    """Before attempt `attempt + 1`: 1 s, 2 s, 4 s, ... up to an hour, with jitter."""
+    ceiling = min(_LAST_RETRY_S, first_s * 2 ** max(0, attempt - 1))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+class WebhookDispatcher:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        settings: WebhookSettings,
+        http: aiohttp.ClientSession,
+        *,
+        clock: Any = time.time,
+        first_retry_s: float = _FIRST_RETRY_S,
+    ) -> None:
+        self._js = js
+        self._settings = settings
+        self._secret = secret_bytes(settings.secret)
+        self._http = http
+        self._clock = clock
+        self._first_retry_s = first_retry_s
+        self.delivered = 0
+        self.ready = asyncio.Event()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        config = api.ConsumerConfig(
+            durable_name=DURABLE,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=_TIMEOUT_S * 3,
+            max_deliver=-1,
+            max_ack_pending=1_000,
+            deliver_policy=api.DeliverPolicy.NEW,
+            filter_subject=_SUBJECTS,
+        )
+        sub = await self._js.pull_subscribe(
+            _SUBJECTS, durable=DURABLE, stream=EVT_STREAM, config=config
+        )
+        self.ready.set()
+        try:
+            async with asyncio.TaskGroup() as sending:
+                while not stopping.is_set():
+                    try:
+                        msgs = await sub.fetch(64, timeout=1.0)
+                    except (nats.errors.TimeoutError, TimeoutError):
+                        continue
+                    for msg in msgs:
+                        if not msg.data.startswith(_ENDS):
+                            await msg.ack()  # not a turn's end (chunks, mostly)
+                            continue
+                        sending.create_task(self._deliver(msg))
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+
+    async def _deliver(self, msg: Msg) -> None:
+        event = decode_entry(msg.data)
+        if not isinstance(event, Done | Cancelled | Failed | BillingRejected):
+            await msg.ack()  # started with an end's tag yet is no end we know: nothing to send
+            return
+        body = payload(int(msg.metadata.sequence.stream), event)
+        timestamp = int(self._clock())
+        headers = {
+            "Content-Type": "application/json",
+            "webhook-id": event.event_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": sign(self._secret, event.event_id, timestamp, body),
+        }
+        attempt = int(msg.metadata.num_delivered)
+        try:
+            async with self._http.post(
+                self._settings.url,
+                data=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=_TIMEOUT_S),
+            ) as response:
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError) as err:
+            status, reason = 0, repr(err)
+        else:
+            reason = f"HTTP {status}"
+        if 200 <= status < 300:
+            self.delivered += 1
+            await msg.ack()
+            return
+        delay = backoff(attempt, self._first_retry_s)
+        log.warning(
+            "webhook not acknowledged; it will be sent again",
+            extra={
+                "webhook_id": event.event_id,
+                "attempt": attempt,
+                "reason": reason,
+                "retry_in_s": round(delay, 2),
+            },
+        )
+        with contextlib.suppress(nats.errors.Error):
+            await msg.nak(delay=delay)

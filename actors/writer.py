@@ -1,0 +1,189 @@
+"""The event writer: the one place a conversation's events are appended.
+
+`EventWriter` holds the conversation's folded state and its position in the
+log. Every append goes through it, one at a time (a lock), so a message
+accepted while a turn streams lands between two chunks, never inside an
+append, and the state after each append is the fold of the log. Decisions that
+must see the latest state run under the same lock (`append_decided`).
+
+`TurnStream` batches a turn's events with one append in flight (adaptive
+batching): text that arrives meanwhile shares the next `chunk`.
+
+What may not enter: decisions (actors.decide) and the turn's logic (actors.turn).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+
+from actors.chunks import Pending, coalesce
+from actors.sizing import fit
+from actors.state import Conversation, evolve
+from events.codec import Unreadable
+from events.errors import EventLogConflict
+from events.log import EventLog
+from events.vocabulary import AnyEvent, ChunkKind, Event
+
+log = logging.getLogger(__name__)
+
+
+class EventWriter:
+    def __init__(
+        self,
+        conversation_id: str,
+        event_log: EventLog,
+        *,
+        max_event_bytes: int,
+        new_id: Callable[[], str],
+        state: Conversation | None = None,
+        seq: int = 0,
+    ) -> None:
+        self.conversation_id = conversation_id
+        self._log = event_log
+        self._max_event_bytes = max_event_bytes
+        self._new_id = new_id
+        self.state = state or Conversation(conversation_id=conversation_id)
+        self.seq = seq
+        self._lock = asyncio.Lock()
+
+    async def catch_up(self) -> None:
+        """Fold every entry appended since our position (ours or another writer's).
+
+        Entries this version cannot read are folded too (`evolve` skips a newer
+        version's event and marks the conversation broken for a damaged one).
+        """
+        async with self._lock:
+            await self._catch_up()
+
+    async def _catch_up(self) -> None:
+        for stored in await self._log.read(self.conversation_id, after=self.seq):
+            if isinstance(stored.event, Unreadable):
+                log.warning(
+                    "unreadable event in the log",
+                    extra={
+                        "conversation_id": self.conversation_id,
+                        "seq": stored.seq,
+                        "type": stored.event.type,
+                        "error": stored.event.error,
+                    },
+                )
+            self.state = evolve(self.state, stored.event)
+            self.seq = stored.seq
+
+    async def append(self, events: Sequence[Event]) -> None:
+        async with self._lock:
+            await self._append(events)
+
+    async def append_decided(
+        self, decide: Callable[[Conversation], Sequence[Event]]
+    ) -> Sequence[Event]:
+        """Decide on the latest state and append what was decided, with no append between."""
+        async with self._lock:
+            events = decide(self.state)
+            if events:
+                await self._append(events)
+            return events
+
+    async def _append(self, events: Sequence[Event]) -> None:
+        # No event may be larger than a JetStream message: split or cut the rare
+        # one that would be (actors.sizing), or its append fails and the turn hangs.
+        fitted = fit(list(events), self._max_event_bytes, self._new_id)
+        try:
+            self.seq = await self._log.append(self.conversation_id, fitted, self.seq)
+        except EventLogConflict:
+            # Our view is stale (another writer appended): forget it; whoever
+            # continues reloads from the log.
+            self.state = Conversation(conversation_id=self.conversation_id)
+            self.seq = 0
+            raise
+        for event in fitted:
+            self.state = evolve(self.state, _as_any(event))
+
+
+class TurnStream:
+    """Appends a turn's events in order with one append in flight (adaptive batching).
+
+    While an append is on its way, new text piles up; the next append carries all
+    of it as one chunk per run of the same kind. At a low token rate every token
+    goes out alone, at a high rate tokens share an event, and the log never
+    becomes the bottleneck of the stream.
+    """
+
+    def __init__(
+        self,
+        writer: EventWriter,
+        turn_id: str,
+        clock: Callable[[], int],
+        new_id: Callable[[], str],
+    ) -> None:
+        self._writer = writer
+        self._turn_id = turn_id
+        self._clock = clock
+        self._new_id = new_id
+        self._pending: list[Pending] = []
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._error: BaseException | None = None
+        self._task = asyncio.create_task(self._run(), name=f"stream-{writer.conversation_id}")
+
+    def chunk(self, kind: ChunkKind, text: str) -> None:
+        if text:
+            self._pending.append((kind, text))
+            self._wake.set()
+
+    def event(self, event: Event) -> None:
+        self._pending.append(event)
+        self._wake.set()
+
+    def raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    async def abort(self) -> None:
+        """Stop at once, dropping what is pending (the turn is ending anyway)."""
+        if not self._task.done():
+            self._task.cancel()
+        with contextlib.suppress(BaseException):
+            await self._task
+
+    async def close(self) -> None:
+        """Write everything pending, stop, and re-raise an append failure."""
+        self._closing = True
+        self._wake.set()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            if self._error is None:
+                raise
+        self.raise_if_failed()
+
+    async def _run(self) -> None:
+        writer = self._writer
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._pending:
+                    batch, self._pending = self._pending, []
+                    await writer.append(
+                        coalesce(
+                            batch,
+                            writer.conversation_id,
+                            self._turn_id,
+                            self._clock(),
+                            self._new_id,
+                        )
+                    )
+                if self._closing:
+                    return
+        except BaseException as err:
+            self._error = err
+            raise
+
+
+def _as_any(event: Event) -> AnyEvent:
+    # Every concrete Event subclass is a member of AnyEvent; this narrows the static type.
+    return event  # type: ignore[return-value]

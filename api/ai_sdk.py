@@ -1,0 +1,237 @@
+"""Routes for frontends built on the Vercel AI SDK's `useChat`, unchanged but for their API URL.
+
+`POST /v1/ai-sdk/chat` takes useChat's default request body (`id`: the chat,
+which is the conversation, created on first use; `messages`: the whole chat,
+of which the last user message is the new one; `trigger`: `submit-message`, or
+`regenerate-message` with `messageId`: the answer to regenerate) and answers
+with the turn as a UI message stream (api/ai_sdk_stream.py translates).
+`GET /v1/ai-sdk/chat/{id}/stream` is useChat's resume: the active turn from its
+start (the SDK's resumed stream is a replay), or 204 when none runs.
+
+What may not enter: the translation itself (pure, in api/ai_sdk_stream.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from api.access import owned_conversation, project_of_member
+from api.ai_sdk_stream import DONE_FRAME, HEADERS, UiStream, frame
+from api.context import CONFIG, HUBS, LOG, claims_of
+from api.errors import ApiError, bad_request, not_found
+from api.hub import Delivery, Subscription, TurnFilter, watch
+from api.sse import Envelope, Position
+from api.streaming import running_turn
+from api.turn_routes import read_json, submit
+from events.errors import EventLogConflict
+from events.ids import new_id
+from events.log import StoredEvent
+from events.subjects import valid_id
+from events.vocabulary import ConversationCreated, OnBusy, Regenerate, SendMessage, TurnCommand
+
+# a viewer that falls this far behind is cut off (it can resume with GET .../stream)
+_QUEUE_LIMIT = 10_000
+
+
+class UiMessage(msgspec.Struct, frozen=True):
+    id: str
+    role: str
+    parts: list[dict[str, Any]] = []
+
+
+class ChatRequest(msgspec.Struct, frozen=True):
+    """useChat's default body (DefaultChatTransport), plus parley's optional fields."""
+
+    id: str
+    messages: list[UiMessage]
+    trigger: str = "submit-message"
+    messageId: str | None = None
+    model: str | None = None
+    project_id: str | None = None
+    on_busy: OnBusy = "reject"
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    body = await read_json(request, ChatRequest)
+    if not valid_id(body.id):
+        raise bad_request("id (the chat) must be 1-128 characters of A-Z a-z 0-9 _ -")
+    config = request.app[CONFIG]
+    if body.model is not None and body.model not in config.models:
+        raise bad_request(f"unknown model {body.model!r}", "unknown_model")
+    header = await _conversation(request, body)
+    user = claims_of(request).sub
+    if body.trigger == "regenerate-message":
+        answer = body.messageId or ""
+        if not valid_id(answer):
+            raise bad_request("regenerate-message needs messageId: the answer to regenerate")
+
+        def regenerate(record: Any) -> TurnCommand:
+            return Regenerate(
+                conversation_id=header.conversation_id,
+                command_id=record.command_id,
+                user_id=user,
+                at=time.time_ns(),
+                message_id=answer,
+                model=body.model,
+                on_busy=body.on_busy,
+            )
+
+        done = await submit(
+            request, header.conversation_id, None, ("regenerate", answer, body.model), regenerate
+        )
+    elif body.trigger == "submit-message":
+        asked = next((m for m in reversed(body.messages) if m.role == "user"), None)
+        text = _text(asked) if asked is not None else ""
+        if not text.strip():
+            raise bad_request("the last user message has no text")
+        if len(text) > config.max_message_chars:
+            raise bad_request(f"message longer than {config.max_message_chars} characters")
+        assert asked is not None
+        # The client's own message id, when it is one of ours to use, keys the request:
+        # a retried POST of the same message is the same request (exactly once).
+        key = f"ai-sdk:{asked.id}" if 0 < len(asked.id) <= 180 else None
+
+        def send(record: Any) -> TurnCommand:
+            return SendMessage(
+                conversation_id=header.conversation_id,
+                command_id=record.command_id,
+                user_id=user,
+                at=time.time_ns(),
+                message_id=record.message_id,
+                content=text,
+                model=body.model,
+                on_busy=body.on_busy,
+            )
+
+        done = await submit(request, header.conversation_id, key, ("send", text, body.model), send)
+    else:
+        raise bad_request("trigger must be submit-message or regenerate-message")
+    record = done.record
+    return await _stream(
+        request,
+        header.conversation_id,
+        Position(seq=record.after),
+        TurnFilter(record.command_id, record.message_id),
+    )
+
+
+async def resume(request: web.Request) -> web.StreamResponse:
+    header = await owned_conversation(request, request.match_info["id"])
+    _, active = await running_turn(request.app, header.conversation_id)
+    if active is None:
+        return web.Response(status=204)
+    turn = TurnFilter("")
+    if active.turn_id:
+        turn.turn_id = active.turn_id  # replay this turn from its start
+    return await _stream(request, header.conversation_id, Position(seq=active.after), turn)
+
+
+async def _conversation(request: web.Request, body: ChatRequest) -> ConversationCreated:
+    """The chat's conversation: the caller's, or a new one under the chat's id."""
+    event_log = request.app[LOG]
+    first = await event_log.first(body.id)
+    if first is not None:
+        return await owned_conversation(request, body.id)
+    if body.project_id is not None:
+        await project_of_member(request, body.project_id)
+    header = ConversationCreated(
+        conversation_id=body.id,
+        at=time.time_ns(),
+        event_id=new_id(),
+        user_id=claims_of(request).sub,
+        project_id=body.project_id,
+        title="",
+        model=body.model,
+    )
+    try:
+        await event_log.append(body.id, [header], expected_seq=0)
+    except EventLogConflict:
+        return await owned_conversation(request, body.id)  # created just now by another request
+    return header
+
+
+def _text(message: UiMessage) -> str:
+    return "\n".join(
+        str(part.get("text", "")) for part in message.parts if part.get("type") == "text"
+    )
+
+
+class _Chunks(Subscription):
+    """One turn, from the hub, queued for the response as log events."""
+
+    __slots__ = ("queue",)
+
+    def __init__(self, position: Position, turn: TurnFilter) -> None:
+        super().__init__(position, turn=turn)
+        self.queue: asyncio.Queue[StoredEvent | Envelope] = asyncio.Queue()
+
+    def take(self, delivery: Delivery) -> None:
+        assert self.turn is not None
+        if not self.turn.admit(delivery.stored):
+            return
+        if self.queue.qsize() >= _QUEUE_LIMIT:
+            self.end("slow")
+            return
+        self.queue.put_nowait(delivery.stored)
+        if delivery.ends_turn:
+            self.end("done")
+
+    def take_stall(self, error: Envelope) -> None:
+        self.queue.put_nowait(error)
+        self.end("stalled")
+
+
+async def _stream(
+    request: web.Request, conversation_id: str, position: Position, turn: TurnFilter
+) -> web.StreamResponse:
+    response = web.StreamResponse(headers=HEADERS)
+    await response.prepare(request)
+    config = request.app[CONFIG]
+    subscription = _Chunks(position, turn)
+    feeding = asyncio.create_task(watch(request.app[HUBS], conversation_id, subscription))
+    ui = UiStream()
+    try:
+        while not ui.finished:
+            getter = asyncio.ensure_future(subscription.queue.get())
+            done, _ = await asyncio.wait(
+                {getter, feeding}, timeout=config.ping_interval_s, return_when="FIRST_COMPLETED"
+            )
+            if getter not in done:
+                getter.cancel()
+                if feeding.done() and subscription.queue.empty():
+                    break  # cut off (slow) or the feed broke: the client resumes
+                if not done:
+                    await _write(request, response, b": ping\n\n")
+                continue
+            item = getter.result()
+            chunks = (
+                ui.stalled(str(item.data)) if isinstance(item, Envelope) else ui.feed(item.event)
+            )
+            for chunk in chunks:
+                await _write(request, response, frame(chunk))
+        if ui.finished:
+            await _write(request, response, DONE_FRAME)
+    except (ConnectionResetError, TimeoutError):
+        return response  # the client left or stopped reading; the turn goes on
+    finally:
+        subscription.end("gone")
+        feeding.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await feeding
+    with contextlib.suppress(ConnectionResetError, TimeoutError):
+        await response.write_eof()
+    return response
+
+
+async def _write(request: web.Request, response: web.StreamResponse, data: bytes) -> None:
+    async with asyncio.timeout(request.app[CONFIG].limits.write_timeout_s):
+        await response.write(data)
+
+
+__all__ = ["ApiError", "chat", "not_found", "resume"]

@@ -1,0 +1,136 @@
+"""What every edge module shares: the typed keys of the application and the request,
+and the small helpers read through them.
+
+This module is the bottom of `api/`: it imports no other edge module that could
+import it back (only the pure ones: `api.auth`, `api.config`), so imports point
+one way: `app` -> `routes` -> `streaming` -> `context`. What may not enter:
+handlers, middlewares, anything that does I/O.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+from aiohttp import web
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+
+from api.auth import Claims, Verifier
+from api.config import EdgeConfig
+from api.hub import Hubs
+from events.log import EventLog
+from events.projects import ProjectState, evolve_project
+from events.subjects import project_subject
+from events.turns import TurnRegistry
+from events.vocabulary import ConversationCreated
+from projections.store import ReadStore
+
+
+class HeaderCache:
+    """conversation id -> its `conversation_created` event. Immutable facts, so a plain LRU."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        self._items: OrderedDict[str, ConversationCreated] = OrderedDict()
+        self._size = size
+
+    def get(self, conversation_id: str) -> ConversationCreated | None:
+        item = self._items.get(conversation_id)
+        if item is not None:
+            self._items.move_to_end(conversation_id)
+        return item
+
+    def put(self, header: ConversationCreated) -> None:
+        self._items[header.conversation_id] = header
+        self._items.move_to_end(header.conversation_id)
+        while len(self._items) > self._size:
+            self._items.popitem(last=False)
+
+
+class ProjectCache:
+    """project id -> its folded state and log position (api.access refreshes it)."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        self._items: dict[str, tuple[ProjectState, int]] = {}
+        self._size = size
+
+    async def get(
+        self, event_log: EventLog, project_id: str, *, fresh: bool = False
+    ) -> ProjectState:
+        state, seq = self._items.get(project_id, (ProjectState(project_id=project_id), 0))
+        if fresh or not state.exists:
+            for stored in await event_log.read_subject(project_subject(project_id), after=seq):
+                state = evolve_project(state, stored.event)
+                seq = stored.seq
+            if len(self._items) >= self._size:
+                self._items.pop(next(iter(self._items)))
+            self._items[project_id] = (state, seq)
+        return state
+
+
+class EdgeMetrics(Protocol):
+    """What the edge reports; the wiring passes an implementation (parley/metrics.py)."""
+
+    def http_request(self, route: str, method: str, status: int, seconds: float) -> None: ...
+
+    def sse_viewers(self, delta: int) -> None: ...
+
+    def limited(self, limit: str) -> None: ...
+
+    def projection(self, *, lag: int | None, errors: int | None) -> None:
+        """The projection's state as read for this scrape (None: could not be read)."""
+        ...
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition for GET /metrics: body and content type."""
+        ...
+
+
+class NoMetrics:
+    """An edge started without metrics (a test's extra edge): reports nothing."""
+
+    def http_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        pass
+
+    def sse_viewers(self, delta: int) -> None:
+        pass
+
+    def limited(self, limit: str) -> None:
+        pass
+
+    def projection(self, *, lag: int | None, errors: int | None) -> None:
+        pass
+
+    def render(self) -> tuple[bytes, str]:
+        return b"", "text/plain; version=0.0.4; charset=utf-8"
+
+
+CONFIG = web.AppKey("config", EdgeConfig)
+NATS = web.AppKey("nats", NatsClient)
+JS = web.AppKey("js", JetStreamContext)
+LOG = web.AppKey("log", EventLog)
+POOL = web.AppKey("pool", Any)
+STORE = web.AppKey("store", ReadStore)
+REDIS = web.AppKey("redis", aioredis.Redis)
+TURNS = web.AppKey("turns", TurnRegistry)
+HEADERS = web.AppKey("headers", HeaderCache)
+PROJECTS = web.AppKey("projects", ProjectCache)
+VERIFIER = web.AppKey("verifier", Verifier)
+HUBS = web.AppKey("hubs", Hubs)
+METRICS = web.AppKey("metrics", EdgeMetrics)
+OPENAPI = web.AppKey("openapi", bytes)  # the encoded document (api.openapi), made once
+
+CLAIMS = web.RequestKey("claims", Claims)
+
+
+def claims_of(request: web.Request) -> Claims:
+    """The verified token of the request (set by the auth middleware on every non-public path)."""
+    claims: Claims = request[CLAIMS]
+    return claims
+
+
+def wants_json(request: web.Request) -> bool:
+    """The client asked for a JSON answer rather than an event stream."""
+    accept = request.headers.get("Accept", "")
+    return "application/json" in accept and "text/event-stream" not in accept

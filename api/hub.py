@@ -1,0 +1,528 @@
+"""One live subscription per conversation per edge process, fanned out in memory.
+
+A `Hub` follows one conversation's subject of the log (one ephemeral JetStream
+consumer, `events.follow.LogFollower`, with its gap and watchdog rules) and
+hands every entry, decoded and encoded as SSE frames once, to each of its
+`Subscription`s, synchronously and without awaiting any of them: a slow viewer
+cannot slow the others or the hub. Viewers joining behind the hub catch up
+first (from the hub's ring of recent deliveries, else from the log), then go
+live; what the hub delivers meanwhile waits in their own bounded queue, so
+every position is handed out exactly once and in order:
+
+    registration (no await): snapshot (floor, head, ring); from now on the hub
+        feeds the subscription everything after `head`, queued while it catches up
+    catch-up: the log from the viewer's position up to `floor`, then the ring
+        (floor, head], then the queue; then `live`: the hub's feed is written at once
+
+The stall guard (a stream that could otherwise wait for ever) runs here, once
+per hub rather than once per viewer: after `stall_check_s` of silence it reads
+the conversation's end and running turn once, and tells each subscription that
+can no longer end by itself (`Subscription.open_turn`, `waiting_command`).
+
+A hub with no subscriptions lingers `linger_s` (a reconnecting viewer finds it
+warm), then stops its consumer. If the log breaks under it (NATS gone), every
+subscription ends without a `done`; viewers resume from their last id.
+
+What may not enter: HTTP. Writing to a socket is the subscriber's business
+(`api.streaming`); this module knows positions, deliveries and timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+
+import msgspec
+import nats.errors
+import nats.js.errors
+import redis.exceptions
+from nats.js import JetStreamContext
+
+from api.sse import Envelope, Position, envelopes, frame
+from events.codec import decode_entry
+from events.errors import EventLogError
+from events.follow import LogFollower
+from events.log import EventLog, StoredEvent
+from events.subjects import CMD_STREAM, event_subject
+from events.turns import TurnRecord, TurnRegistry
+from events.vocabulary import CommandRejected, Started, TurnEnd, UserMessage
+
+log = logging.getLogger(__name__)
+
+_BATCH = 256
+
+
+class Delivery:
+    """One log entry as every viewer receives it: decoded once, encoded once."""
+
+    __slots__ = ("ended", "ends_turn", "idle_after", "pieces", "started", "stored", "wire")
+
+    def __init__(self, stored: StoredEvent) -> None:
+        self.stored = stored
+        pieces = envelopes(stored)
+        last = len(pieces) - 1
+        # one frame per SSE event; ids as in api.sse.frames (N, or N-i before the last)
+        self.pieces = [
+            frame(str(stored.seq) if i == last else f"{stored.seq}-{i}", envelope)
+            for i, envelope in enumerate(pieces)
+        ]
+        self.wire = b"".join(self.pieces)
+        self.ends_turn = any(e.event == "done" for e in pieces)
+        event = stored.event
+        self.started = event.turn_id if isinstance(event, Started) else None
+        self.ended = event.turn_id if isinstance(event, TurnEnd) else None
+        # For a turn end the hub delivers live: nothing followed it in the log and no
+        # turn ran when the hub looked (a viewer without a turn filter then ends).
+        self.idle_after: bool | None = None
+
+    @property
+    def seq(self) -> int:
+        return self.stored.seq
+
+    def wanted_by(self, position: Position) -> bytes:
+        """The frames a viewer at `position` has not seen yet."""
+        if self.stored.seq > position.seq:
+            return self.wire
+        if self.stored.seq < position.seq or position.piece is None:
+            return b""
+        return b"".join(self.pieces[position.piece + 1 :])
+
+
+class TurnFilter:
+    """Selects the events of the turn that answers one request (or its rejection).
+
+    A turn names its request by `started.command_id`; logs written before that
+    field existed are matched by the user message the turn answers.
+    """
+
+    __slots__ = ("command_id", "turn_id", "user_message_id")
+
+    def __init__(self, command_id: str, user_message_id: str | None = None) -> None:
+        self.command_id = command_id
+        self.user_message_id = user_message_id
+        self.turn_id: str | None = None
+
+    def admit(self, stored: StoredEvent) -> bool:
+        event = stored.event
+        if isinstance(event, CommandRejected):
+            return event.command_id == self.command_id
+        if isinstance(event, Started) and self.turn_id is None and self._answers(event):
+            self.turn_id = event.turn_id
+        if isinstance(event, UserMessage):
+            return False
+        return self.turn_id is not None and getattr(event, "turn_id", None) == self.turn_id
+
+    def _answers(self, started: Started) -> bool:
+        if started.command_id:
+            return started.command_id == self.command_id
+        return started.user_message_id == self.user_message_id
+
+
+class PendingCommand(msgspec.Struct, frozen=True):
+    """The command a POST stream waits on: its position in CHAT_CMD."""
+
+    stream_seq: int
+
+
+class Subscription:
+    """One reader of a hub: where it is, what it waits for, and its queue while catching up.
+
+    Two ways a stream could wait for ever, both answered by the hub's stall check
+    (`stall`) rather than pings without end:
+    - a turn it saw start is no longer running (no turn record for it) and it has
+      read the whole log, yet no readable end came (the end could not be decoded,
+      or its worker died and the turn is not closed yet);
+    - the command it waits for has left CHAT_CMD without a turn or a rejection
+      in the log (lost).
+    """
+
+    __slots__ = (
+        "command",
+        "ended",
+        "live",
+        "max_pending",
+        "open_turn",
+        "pending",
+        "position",
+        "seen",
+        "turn",
+    )
+
+    def __init__(
+        self,
+        position: Position,
+        *,
+        turn: TurnFilter | None = None,
+        command: PendingCommand | None = None,
+        max_pending: int = 4096,
+    ) -> None:
+        self.position = position
+        self.turn = turn
+        self.command = command
+        self.seen = position.after()
+        self.open_turn: str | None = None
+        self.live = False
+        self.pending: deque[Delivery | Envelope] | None = deque()
+        self.max_pending = max_pending
+        # set once, with why the subscription is over: "done", "stalled", "slow", "gone", "broken"
+        self.ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def waiting_command(self) -> PendingCommand | None:
+        waiting = self.turn is not None and self.turn.turn_id is None
+        return self.command if waiting else None
+
+    def note(self, delivery: Delivery) -> None:
+        self.seen = max(self.seen, delivery.seq)
+        if delivery.started is not None:
+            self.open_turn = delivery.started
+        elif delivery.ended is not None and delivery.ended == self.open_turn:
+            self.open_turn = None
+
+    def end(self, reason: str) -> None:
+        if not self.ended.done():
+            self.ended.set_result(reason)
+
+    # -- called by the hub, synchronously
+
+    def feed(self, delivery: Delivery) -> None:
+        if self.ended.done():
+            return
+        if not self.live:
+            self._queue(delivery)
+            return
+        self.note(delivery)
+        self.take(delivery)
+
+    def stall(self, error: Envelope) -> None:
+        if self.ended.done():
+            return
+        if not self.live:
+            self._queue(error)
+            return
+        self.take_stall(error)
+
+    def _queue(self, item: Delivery | Envelope) -> None:
+        assert self.pending is not None
+        if len(self.pending) >= self.max_pending:
+            log.info("viewer fell too far behind; disconnected", extra={"seen": self.seen})
+            self.end("slow")
+            return
+        self.pending.append(item)
+
+    # -- what a kind of subscription does with what it is fed (while live)
+
+    def take(self, delivery: Delivery) -> None:
+        raise NotImplementedError
+
+    def take_stall(self, error: Envelope) -> None:
+        raise NotImplementedError
+
+
+class Snapshot(msgspec.Struct):
+    """What a subscription must catch up on when it joins: the log up to `floor`, then `ring`."""
+
+    floor: int
+    head: int
+    ring: list[Delivery]
+
+
+async def turn_state(
+    event_log: EventLog, turns: TurnRegistry, conversation_id: str
+) -> tuple[int, TurnRecord | None]:
+    """The log's last position, and the turn running now if there is one.
+
+    The worker clears its turn record just after appending the turn's end, so a
+    record whose turn already ended in the log does not count as running.
+    """
+    last = await event_log.last(conversation_id)
+    end = last.seq if last is not None else 0
+    active = await turns.get(conversation_id)
+    if active is not None and (
+        last is not None
+        and isinstance(last.event, TurnEnd)
+        and last.event.turn_id == active.turn_id
+    ):
+        active = None
+    return end, active
+
+
+async def command_gone(js: JetStreamContext, command: PendingCommand) -> bool:
+    try:
+        await js.get_msg(CMD_STREAM, seq=command.stream_seq)
+    except nats.js.errors.NotFoundError:
+        return True
+    return False
+
+
+class RedisAway(Exception):
+    """The turn records are unreachable: whether a turn runs is unknown."""
+
+
+class HubSettings(msgspec.Struct, frozen=True):
+    stall_check_s: float = 2.0
+    linger_s: float = 5.0
+    wake_s: float = 1.0  # how often a quiet hub looks at its subscribers and stop flag
+    ring_events: int = 512
+    ring_bytes: int = 256 * 1024
+
+
+class Hub:
+    """The live feed of one conversation, for every subscription of this process."""
+
+    def __init__(self, hubs: Hubs, conversation_id: str) -> None:
+        self._hubs = hubs
+        self.conversation_id = conversation_id
+        self.subscriptions: set[Subscription] = set()
+        self.head = 0
+        self.floor = 0
+        self._ring: deque[Delivery] = deque()
+        self._ring_bytes = 0
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.closed = False
+        self._last_event = time.monotonic()
+        self._last_check = 0.0
+        self._empty_since: float | None = time.monotonic()
+
+    def join(self, subscription: Subscription) -> Snapshot:
+        """Register (no await, so nothing is delivered between the snapshot and the feed)."""
+        self.subscriptions.add(subscription)
+        self._empty_since = None
+        after = subscription.position.after()
+        ring = [d for d in self._ring if d.seq > after] if after < self.head else []
+        return Snapshot(floor=self.floor, head=self.head, ring=ring)
+
+    def leave(self, subscription: Subscription) -> None:
+        self.subscriptions.discard(subscription)
+        if not self.subscriptions:
+            self._empty_since = time.monotonic()
+
+    async def run(self) -> None:
+        hubs = self._hubs
+        follower: LogFollower | None = None
+        try:
+            start = await hubs.log.last_seq(self.conversation_id)
+            self.head = self.floor = start
+            self.ready.set_result(None)
+            follower = LogFollower(hubs.js, event_subject(self.conversation_id), start)
+            while not self._idle_long_enough():
+                batch = await follower.next_batch(_BATCH, wait_s=hubs.settings.wake_s)
+                if not batch:
+                    await self._on_silence()
+                    continue
+                for raw in batch:
+                    await self._deliver(StoredEvent(seq=raw.seq, event=decode_entry(raw.data)))
+        except (EventLogError, nats.errors.Error) as err:
+            # The viewers' streams end; each resumes from its last id once the broker is back.
+            log.warning(
+                "conversation feed broken",
+                extra={"conversation_id": self.conversation_id, "error": repr(err)},
+            )
+        finally:
+            self.closed = True
+            hubs.forget(self)
+            if not self.ready.done():
+                self.ready.set_exception(ConnectionError("the conversation feed did not start"))
+            for subscription in list(self.subscriptions):
+                subscription.end("broken")
+            if follower is not None:
+                await follower.close()
+
+    def _idle_long_enough(self) -> bool:
+        empty = self._empty_since
+        return empty is not None and time.monotonic() - empty >= self._hubs.settings.linger_s
+
+    async def _deliver(self, stored: StoredEvent) -> None:
+        delivery = Delivery(stored)
+        if delivery.ends_turn and self.subscriptions:
+            try:
+                end, active = await self._hubs.turn_state(self.conversation_id)
+            except RedisAway:
+                end, active = await self._hubs.log.last_seq(self.conversation_id), None
+            delivery.idle_after = end <= delivery.seq and active is None
+        self.head = delivery.seq
+        self._last_event = time.monotonic()
+        self._remember(delivery)
+        for subscription in list(self.subscriptions):
+            subscription.feed(delivery)
+        self._hubs.delivered(len(self.subscriptions))
+
+    def _remember(self, delivery: Delivery) -> None:
+        settings = self._hubs.settings
+        self._ring.append(delivery)
+        self._ring_bytes += len(delivery.wire)
+        while self._ring and (
+            len(self._ring) > settings.ring_events or self._ring_bytes > settings.ring_bytes
+        ):
+            gone = self._ring.popleft()
+            self._ring_bytes -= len(gone.wire)
+            self.floor = gone.seq
+
+    async def _on_silence(self) -> None:
+        """The stall check: once per hub per `stall_check_s` of silence."""
+        now = time.monotonic()
+        interval = self._hubs.settings.stall_check_s
+        if now - self._last_event < interval or now - self._last_check < interval:
+            return
+        self._last_check = now
+        waiting = [
+            s
+            for s in self.subscriptions
+            if s.open_turn is not None or s.waiting_command() is not None
+        ]
+        if not waiting:
+            return
+        try:
+            end, active = await self._hubs.turn_state(self.conversation_id)
+        except RedisAway:
+            return  # whether a turn runs is not known now: never end a stream on a guess
+        for subscription in waiting:
+            if subscription.seen < end:
+                continue  # still catching up
+            turn = subscription.open_turn
+            if turn is not None and (active is None or active.turn_id != turn):
+                subscription.stall(
+                    Envelope(
+                        "error",
+                        f"turn {turn} is no longer running and its end cannot be read; "
+                        "see the conversation's log",
+                        turn,
+                        code="turn_end_unreadable",
+                    )
+                )
+                continue
+            command = subscription.waiting_command()
+            if command is not None and await command_gone(self._hubs.js, command):
+                # Gone from CHAT_CMD, and nothing in the log: look once more, the
+                # worker may have appended just after our check of the end.
+                end, _ = await self._hubs.turn_state(self.conversation_id)
+                if subscription.seen >= end:
+                    subscription.stall(
+                        Envelope(
+                            "error",
+                            "the message was lost before a turn started; send it again",
+                            code="command_lost",
+                        )
+                    )
+
+
+class Hubs:
+    """The hubs of this process, by conversation; owns their tasks."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        event_log: EventLog,
+        turns: TurnRegistry,
+        settings: HubSettings | None = None,
+        on_delivered: Callable[[int], None] | None = None,
+    ) -> None:
+        self.js = js
+        self.log = event_log
+        self.turns = turns
+        self.settings = settings or HubSettings()
+        self._hubs: dict[str, Hub] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._on_delivered = on_delivered
+
+    def __len__(self) -> int:
+        return len(self._hubs)
+
+    async def turn_state(self, conversation_id: str) -> tuple[int, TurnRecord | None]:
+        """As `turn_state`; with Redis away, no turn is known to run (`RedisAway` for
+        the stall check, which must not end a stream on what it cannot see)."""
+        try:
+            return await turn_state(self.log, self.turns, conversation_id)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
+            raise RedisAway from err
+
+    def delivered(self, viewers: int) -> None:
+        if self._on_delivered is not None:
+            self._on_delivered(viewers)
+
+    async def join(self, conversation_id: str, subscription: Subscription) -> tuple[Hub, Snapshot]:
+        """Subscribe to the conversation's live feed, starting its hub if need be."""
+        while True:
+            hub = self._hubs.get(conversation_id)
+            if hub is None or hub.closed:
+                hub = Hub(self, conversation_id)
+                self._hubs[conversation_id] = hub
+                task = asyncio.create_task(hub.run(), name=f"hub-{conversation_id}")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            await asyncio.shield(hub.ready)
+            if not hub.closed:  # it may have stopped while we waited for it
+                return hub, hub.join(subscription)
+
+    def forget(self, hub: Hub) -> None:
+        if self._hubs.get(hub.conversation_id) is hub:
+            del self._hubs[hub.conversation_id]
+
+    async def close(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def read_range(
+    js: JetStreamContext, event_log: EventLog, conversation_id: str, after: int, until: int
+) -> AsyncIterator[StoredEvent]:
+    """The conversation's entries in (after, until], in order, one at a time.
+
+    Always ends: entries that retention removed meanwhile are not waited for.
+    """
+    if until <= after:
+        return
+    follower = LogFollower(js, event_subject(conversation_id), after)
+    try:
+        while follower.last < until:
+            batch = await follower.next_batch(_BATCH, wait_s=1.0)
+            if not batch:
+                until = min(until, await event_log.last_seq(conversation_id))
+                continue
+            for raw in batch:
+                if raw.seq > until:
+                    return
+                yield StoredEvent(seq=raw.seq, event=decode_entry(raw.data))
+    finally:
+        await follower.close()
+
+
+async def watch(hubs: Hubs, conversation_id: str, subscription: Subscription) -> str:
+    """Feed a subscription that writes nowhere (a watcher) from its position to its end:
+    the log up to the hub's floor, the hub's ring, what queued meanwhile, then live.
+    Returns why it ended."""
+    hub, snapshot = await hubs.join(conversation_id, subscription)
+    try:
+        after = subscription.position.after()
+        if after < snapshot.floor:
+            async for stored in read_range(
+                hubs.js, hubs.log, conversation_id, after, snapshot.floor
+            ):
+                delivery = Delivery(stored)
+                subscription.note(delivery)
+                subscription.take(delivery)
+                if subscription.ended.done():
+                    return subscription.ended.result()
+        for delivery in snapshot.ring:
+            subscription.note(delivery)
+            subscription.take(delivery)
+        pending = subscription.pending
+        while pending and not subscription.ended.done():
+            item = pending.popleft()
+            if isinstance(item, Envelope):
+                subscription.take_stall(item)
+            else:
+                subscription.note(item)
+                subscription.take(item)
+        subscription.live = True
+        subscription.pending = None
+        return await subscription.ended
+    finally:
+        hub.leave(subscription)

@@ -1,0 +1,265 @@
+"""Projects and credits: creating a project, adding members, granting credits.
+
+A project and an account are subjects of the log like conversations, so these
+routes append events (`project_created`, `member_added`, `credits_granted`)
+with the single-writer check; what they show back (lists, balances, the
+ledger) is read from the projections.
+
+Who may do what: any user creates projects; a member adds members; only an
+admin token grants credits (and an admin token gives no other power: it reads
+no one else's conversations or projects).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Literal
+
+import msgspec
+from aiohttp import web
+
+from api.access import owned_conversation, project_of_member
+from api.context import LOG, POOL, PROJECTS, STORE, claims_of
+from api.errors import ApiError, bad_request, not_found
+from api.responses import (
+    AccountView,
+    ModelList,
+    ProjectList,
+    ProjectSummary,
+    answer,
+)
+from api.turn_routes import read_json
+from events.errors import EventLogConflict
+from events.ids import new_id
+from events.subjects import account_subject, project_subject, valid_id
+from events.vocabulary import CreditsGranted, MemberAdded, ProjectCreated
+from projections.models import list_models as models_of
+from projections.store import LedgerFilter, ProjectRow
+
+_NAME_MAX = 200
+_GRANT_MAX = 10**15  # a billion credits: anything above is a typo
+_ATTEMPTS = 5
+
+
+class CreateProject(msgspec.Struct, frozen=True):
+    name: str
+
+
+class AddMember(msgspec.Struct, frozen=True):
+    user_id: str
+
+
+class LedgerQuery(msgspec.Struct, frozen=True):
+    """GET /v1/billing/ledger: none of them, the caller's own turns."""
+
+    project: str | None = None
+    user: str | None = None  # who asked for the turn
+    conversation: str | None = None
+
+
+class GrantCredits(msgspec.Struct, frozen=True):
+    micro_credits: int
+    note: str = ""
+    idempotency_key: str | None = None
+
+
+async def create_project(request: web.Request) -> web.Response:
+    body = await read_json(request, CreateProject)
+    name = " ".join(body.name.split())
+    if not name or len(name) > _NAME_MAX:
+        raise bad_request(f"name must be 1-{_NAME_MAX} characters")
+    creator = claims_of(request).sub
+    project_id = new_id()
+    event = ProjectCreated(
+        conversation_id="",
+        at=time.time_ns(),
+        event_id=new_id(),
+        project_id=project_id,
+        name=name,
+        created_by=creator,
+    )
+    await request.app[LOG].append_to(project_subject(project_id), [event], 0)
+    return web.json_response({"id": project_id, "name": name, "members": [creator]}, status=201)
+
+
+async def add_member(request: web.Request) -> web.Response:
+    project = await project_of_member(request, request.match_info["id"])
+    body = await read_json(request, AddMember)
+    if not valid_id(body.user_id):
+        raise bad_request("user_id must be 1-128 characters of A-Z a-z 0-9 _ -")
+    event_log = request.app[LOG]
+    subject = project_subject(project.project_id)
+    for _ in range(_ATTEMPTS):
+        current = await request.app[PROJECTS].get(event_log, project.project_id, fresh=True)
+        if body.user_id in current.members:
+            break
+        event = MemberAdded(
+            conversation_id="",
+            at=time.time_ns(),
+            event_id=new_id(),
+            project_id=project.project_id,
+            user_id=body.user_id,
+            added_by=claims_of(request).sub,
+        )
+        try:
+            await event_log.append_to(subject, [event], await event_log.last_seq_of(subject))
+            break
+        except EventLogConflict:
+            continue  # another member was added meanwhile: look again
+    current = await request.app[PROJECTS].get(event_log, project.project_id, fresh=True)
+    return web.json_response(
+        {"id": current.project_id, "name": current.name, "members": sorted(current.members)},
+        status=201,
+    )
+
+
+async def grant_credits(request: web.Request) -> web.Response:
+    claims = claims_of(request)
+    if not claims.adm:
+        raise ApiError(403, "forbidden", "granting credits needs an admin token")
+    kind, owner = _account_path(request)
+    body = await read_json(request, GrantCredits)
+    if not 0 < body.micro_credits <= _GRANT_MAX:
+        raise bad_request(f"micro_credits must be between 1 and {_GRANT_MAX}")
+    if len(body.note) > 500:
+        raise bad_request("note longer than 500 characters")
+    event_log = request.app[LOG]
+    if kind == "project":
+        project = await request.app[PROJECTS].get(event_log, owner, fresh=True)
+        if not project.exists:
+            raise not_found("project")
+    account = f"{kind}:{owner}"
+    # With a key, the event's id is derived from it: a retried grant is the same
+    # event, dropped by the stream's duplicate window.
+    event_id = (
+        "grant-" + hashlib.sha256(f"{account}\x00{body.idempotency_key}".encode()).hexdigest()[:32]
+        if body.idempotency_key
+        else new_id()
+    )
+    event = CreditsGranted(
+        conversation_id="",
+        at=time.time_ns(),
+        event_id=event_id,
+        account=account,
+        amount=body.micro_credits,
+        note=body.note,
+        granted_by=claims.sub,
+    )
+    subject = account_subject(account)
+    for _ in range(_ATTEMPTS):
+        try:
+            seq = await event_log.append_to(subject, [event], await event_log.last_seq_of(subject))
+            break
+        except EventLogConflict:
+            continue  # a turn reserved or was charged meanwhile: append after it
+    else:
+        raise ApiError(503, "unavailable", "the account is busy; try again")
+    return web.json_response(
+        {"account": account, "granted": body.micro_credits, "seq": seq}, status=201
+    )
+
+
+# ---------------------------------------------------------------- reads (the projections)
+
+
+async def list_projects(request: web.Request) -> web.Response:
+    rows = await request.app[STORE].projects_of(claims_of(request).sub)
+    return answer(ProjectList(projects=[_project(row) for row in rows]))
+
+
+def _project(row: ProjectRow) -> ProjectSummary:
+    return ProjectSummary(
+        id=row.id,
+        name=row.name,
+        created_by=row.created_by,
+        created_at=row.created_at.isoformat(),
+        members=row.members,
+    )
+
+
+async def get_account(request: web.Request) -> web.Response:
+    """An account's balance (who may see it: the user themself, a project's members, an
+    admin). Micro-credits; the balance is negative when turns ran into debt."""
+    kind, owner = _account_path(request)
+    await _may_see_account(request, kind, owner)
+    account = f"{kind}:{owner}"
+    row = await request.app[STORE].account(account)
+    granted, charged, reserved = (row.granted, row.charged, row.reserved) if row else (0, 0, 0)
+    balance = granted - charged
+    return answer(
+        AccountView(
+            account=account,
+            kind=kind,
+            id=owner,
+            balance_micro_credits=balance,
+            available_micro_credits=balance - reserved,
+            reserved_micro_credits=reserved,
+            granted_micro_credits=granted,
+            charged_micro_credits=charged,
+            debt_micro_credits=max(0, -balance),
+        )
+    )
+
+
+async def get_ledger(request: web.Request) -> web.Response:
+    """Ledger entries, one per billed turn: `?project=`, `?user=` (who asked),
+    `?conversation=`; with none, the caller's own turns."""
+    claims = claims_of(request)
+    query = (
+        msgspec.convert(dict(request.query), LedgerQuery, strict=False)
+        if request.query
+        else LedgerQuery()
+    )
+    where = LedgerFilter(project=query.project, user=query.user, conversation=query.conversation)
+    for name, value in (
+        ("project", where.project),
+        ("user", where.user),
+        ("conversation", where.conversation),
+    ):
+        if value is not None and not valid_id(value):
+            raise bad_request(f"{name} must be an id")
+    if not claims.adm:
+        if where.project is not None:
+            await project_of_member(request, where.project)
+        if where.user is not None and where.user != claims.sub:
+            raise not_found("user")
+        if where.conversation is not None:
+            await owned_conversation(request, where.conversation)
+        if where == LedgerFilter():
+            where = LedgerFilter(user=claims.sub)
+    rows = await request.app[STORE].ledger(where)
+    return web.json_response(
+        {
+            "entries": [
+                {**msgspec.to_builtins(row), "charged_at": row.charged_at.isoformat()}
+                for row in rows
+            ]
+        }
+    )
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """The configured models, each with its version in force and its prices."""
+    listings = await models_of(request.app[POOL])
+    return answer(msgspec.convert(msgspec.to_builtins({"models": listings}), ModelList))
+
+
+async def _may_see_account(request: web.Request, kind: str, owner: str) -> None:
+    claims = claims_of(request)
+    if claims.adm:
+        return
+    if kind == "user" and owner != claims.sub:
+        raise not_found("account")
+    if kind == "project":
+        try:
+            await project_of_member(request, owner)
+        except ApiError:
+            raise not_found("account") from None
+
+
+def _account_path(request: web.Request) -> tuple[Literal["user", "project"], str]:
+    kind, owner = request.match_info["kind"], request.match_info["id"]
+    if kind not in ("user", "project") or not valid_id(owner):
+        raise not_found("account")
+    return ("user" if kind == "user" else "project"), owner

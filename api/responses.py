@@ -1,0 +1,205 @@
+"""What the edge answers with: the JSON bodies of DESIGN section 5, as msgspec Structs.
+
+Handlers build these and `answer` encodes them, and the route table
+(`api.routes.ROUTES`) names the same types, so `/openapi.json` describes what is
+really sent (api/openapi.py). A shape is changed here, once.
+
+Rules: new fields get defaults or are additive (clients ignore keys they do not
+know, and the schemas do not forbid extra keys); the `data` of SSE events is
+not here, it is fixed by DESIGN section 6 (api/sse.py). What may not enter:
+I/O, request parsing.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from aiohttp import web
+
+from projections.store import MessageRow
+
+# ids of conversations, messages, projects and users (events.subjects.valid_id)
+ID_PATTERN = "^[A-Za-z0-9_-]{1,128}$"
+Timestamp = Annotated[str, msgspec.Meta(description="ISO 8601, UTC")]
+
+
+def answer(body: msgspec.Struct, status: int = 200) -> web.Response:
+    """A JSON response with `body` as the client will read it."""
+    return web.Response(
+        body=msgspec.json.encode(body), status=status, content_type="application/json"
+    )
+
+
+class ErrorDetail(msgspec.Struct, frozen=True):
+    code: Annotated[str, msgspec.Meta(description="stable, for programs: `not_found`, `busy`, ...")]
+    message: Annotated[str, msgspec.Meta(description="for people")]
+
+
+class ErrorBody(msgspec.Struct, frozen=True):
+    """Every error (api/errors.py). The error object may carry more keys (a busy turn's `turn_id`)."""
+
+    error: ErrorDetail
+
+
+class Health(msgspec.Struct, frozen=True):
+    status: Literal["ok"] = "ok"
+
+
+CheckState = Literal["ok", "down"]
+
+
+class Checks(msgspec.Struct, frozen=True):
+    nats: CheckState
+    postgres: CheckState
+    redis: CheckState
+
+
+class Readiness(msgspec.Struct, frozen=True):
+    """GET /readyz: flat, so each check adds its own keys beside the others."""
+
+    status: Literal["ready", "not_ready"]
+    checks: Checks
+    # why not ready, one sentence per cause; empty when ready
+    reasons: list[str]
+    # events the projection recorded as skipped or sanitised (None: Postgres did not answer)
+    projection_errors: int | None
+    # events the read models are behind the log (None: NATS or Postgres did not answer)
+    projection_lag: int | None = None
+
+
+class ActiveTurn(msgspec.Struct, frozen=True):
+    # None: a request accepted, its turn about to start
+    turn_id: str | None
+    started_at: Timestamp
+
+
+class ConversationInfo(msgspec.Struct, frozen=True):
+    id: str
+    user_id: str
+    project_id: str | None
+    title: str
+    model: str | None
+    message_count: int
+    token_usage_total: int
+    created_at: Timestamp
+    updated_at: Timestamp
+
+
+class ConversationDetail(ConversationInfo, frozen=True):
+    active_turn: ActiveTurn | None
+
+
+class ConversationList(msgspec.Struct, frozen=True):
+    conversations: list[ConversationInfo]
+
+
+class MessageList(msgspec.Struct, frozen=True):
+    messages: list[MessageRow]
+
+
+class TurnAccepted(msgspec.Struct, frozen=True):
+    """A message, edit or regeneration asked for with `Accept: application/json`."""
+
+    # the new message's id (None for a regeneration: its answer gets its id when it starts)
+    message_id: str | None
+    command_id: str
+    conversation_id: str
+    # the log position the turn's events follow: resume the stream from here
+    after: int
+    # the actor accepted it already (False: no answer yet; the request waits its turn)
+    accepted: bool
+
+
+class CancelAnswer(msgspec.Struct, frozen=True, omit_defaults=True):
+    cancelled: bool
+    turn_id: str | None
+    message: str = ""
+
+
+class ProjectInfo(msgspec.Struct, frozen=True):
+    id: str
+    name: str
+    members: list[str]
+
+
+class ProjectSummary(msgspec.Struct, frozen=True):
+    id: str
+    name: str
+    created_by: str
+    created_at: str
+    members: list[str]
+
+
+class ProjectList(msgspec.Struct, frozen=True):
+    projects: list[ProjectSummary]
+
+
+class AccountView(msgspec.Struct, frozen=True):
+    """An account's money, in micro-credits (1 credit = 1,000,000)."""
+
+    account: str
+    kind: Literal["user", "project"]
+    id: str
+    balance_micro_credits: Annotated[
+        int, msgspec.Meta(description="granted - charged; negative is debt")
+    ]
+    available_micro_credits: Annotated[int, msgspec.Meta(description="balance - reserved")]
+    reserved_micro_credits: int
+    granted_micro_credits: int
+    charged_micro_credits: int
+    debt_micro_credits: int
+
+
+class LedgerEntry(msgspec.Struct, frozen=True):
+    """One billed turn's charge, at the prices its `started` recorded."""
+
+    turn_id: str
+    account: str
+    conversation_id: str
+    project_id: str | None
+    user_id: str
+    input_tokens: int
+    output_tokens: int
+    input_price: float
+    output_price: float
+    tokens_estimated: bool
+    cost: int
+    reserved: int
+    debt: int
+    turn_end: str
+    charged_at: str
+    seq: int
+
+
+class Ledger(msgspec.Struct, frozen=True):
+    entries: list[LedgerEntry]
+
+
+class ModelVersionInfo(msgspec.Struct, frozen=True):
+    version: str
+    status: str
+    is_default: bool
+    release_date: str | None
+    input_price: float
+    output_price: float
+
+
+class ModelInfo(msgspec.Struct, frozen=True):
+    name: str
+    is_default: bool
+    max_output_tokens: int | None
+    active_version: str | None
+    input_price: float | None
+    output_price: float | None
+    versions: list[ModelVersionInfo]
+
+
+class ModelList(msgspec.Struct, frozen=True):
+    models: list[ModelInfo]
+
+
+class CreditsGrant(msgspec.Struct, frozen=True):
+    account: Annotated[str, msgspec.Meta(description="`user:<id>` or `project:<id>`")]
+    granted: Annotated[int, msgspec.Meta(description="micro-credits")]
+    seq: Annotated[int, msgspec.Meta(description="the grant's position in the log")]

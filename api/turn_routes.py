@@ -1,0 +1,422 @@
+"""The routes that ask for a turn or stop one: messages, edits, regenerations, cancel.
+
+Each request becomes a command on the conversation's partition of CHAT_CMD,
+published with its idempotency key as `Nats-Msg-Id`. Whether the conversation
+is busy is decided by its actor, from its state, not here: the edge waits
+(briefly) for the actor's answer in the log, the request accepted
+(`user_message`, `answer_requested`) or refused (`command_rejected`), and
+answers 409 to a refusal for being busy. Then it streams the turn (SSE) or
+answers 202.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import msgspec
+from aiohttp import web
+
+from api.access import owned_conversation
+from api.context import CONFIG, HUBS, JS, LOG, REDIS, claims_of, wants_json
+from api.errors import UNAVAILABLE, ApiError, bad_request
+from api.hub import Delivery, Subscription, watch
+from api.limits import hold_turn
+from api.responses import CancelAnswer, TurnAccepted, answer
+from api.sse import Envelope, Position
+from api.streaming import PendingCommand, TurnFilter, open_sse, running_turn, stream_log
+from api.validation import InvalidBody, decode_body
+from events.codec import encode
+from events.ids import new_id
+from events.subjects import CMD_STREAM, command_subject, valid_id
+from events.vocabulary import (
+    AnswerRequested,
+    CancelTurn,
+    CommandRejected,
+    ConversationCreated,
+    EditMessage,
+    OnBusy,
+    Regenerate,
+    SendMessage,
+    Started,
+    TurnCommand,
+    UserMessage,
+)
+
+T = TypeVar("T")
+# A key is reserved this long before its command is published, then kept for
+# the full TTL: a crash in between frees it within a minute, not a day.
+_RESERVE_S = 60
+
+
+class PostMessage(msgspec.Struct, frozen=True):
+    content: str
+    model: str | None = None
+    idempotency_key: str | None = None
+    on_busy: OnBusy = "reject"
+
+
+class EditBody(msgspec.Struct, frozen=True):
+    content: str
+    model: str | None = None
+    idempotency_key: str | None = None
+    on_busy: OnBusy = "reject"
+
+
+class RegenerateBody(msgspec.Struct, frozen=True):
+    model: str | None = None
+    idempotency_key: str | None = None
+    on_busy: OnBusy = "reject"
+
+
+class IdempotencyRecord(msgspec.Struct, frozen=True):
+    message_id: str
+    command_id: str
+    after: int
+    digest: str
+
+
+class Decision(msgspec.Struct, frozen=True):
+    """What the actor made of a request: accepted, refused, or not known yet."""
+
+    accepted: bool = False
+    rejected: CommandRejected | None = None
+
+
+async def read_json(request: web.Request, kind: type[T], *, empty_ok: bool = False) -> T:
+    timeout = request.app[CONFIG].limits.body_timeout_s
+    try:
+        async with asyncio.timeout(timeout):
+            body = await request.read()
+    except TimeoutError as err:
+        # a client trickling its body must not hold a handler (and its memory) for long
+        raise ApiError(
+            408,
+            "body_timeout",
+            f"the request body did not arrive within {timeout:g} s",
+            close=True,
+        ) from err
+    if empty_ok and not body.strip():
+        body = b"{}"
+    try:
+        return decode_body(body, kind)
+    except InvalidBody as err:
+        raise ApiError(err.status, err.code, err.message) from err
+
+
+# ---------------------------------------------------------------- routes
+
+
+async def post_message(request: web.Request) -> web.StreamResponse:
+    header = await owned_conversation(request, request.match_info["id"])
+    body = await read_json(request, PostMessage)
+    _check_text(request, body.content)
+    _check_common(request, body.model, body.idempotency_key)
+
+    def build(record: IdempotencyRecord) -> TurnCommand:
+        return SendMessage(
+            conversation_id=header.conversation_id,
+            command_id=record.command_id,
+            user_id=claims_of(request).sub,
+            at=time.time_ns(),
+            message_id=record.message_id,
+            content=body.content,
+            model=body.model,
+            on_busy=body.on_busy,
+        )
+
+    return await _submit(
+        request, header, body.idempotency_key, ("send", body.content, body.model), build
+    )
+
+
+async def edit_message(request: web.Request) -> web.StreamResponse:
+    header = await owned_conversation(request, request.match_info["id"])
+    edited = _message_id(request)
+    body = await read_json(request, EditBody)
+    _check_text(request, body.content)
+    _check_common(request, body.model, body.idempotency_key)
+
+    def build(record: IdempotencyRecord) -> TurnCommand:
+        return EditMessage(
+            conversation_id=header.conversation_id,
+            command_id=record.command_id,
+            user_id=claims_of(request).sub,
+            at=time.time_ns(),
+            message_id=record.message_id,
+            edits=edited,
+            content=body.content,
+            model=body.model,
+            on_busy=body.on_busy,
+        )
+
+    return await _submit(
+        request, header, body.idempotency_key, ("edit", edited, body.content, body.model), build
+    )
+
+
+async def regenerate(request: web.Request) -> web.StreamResponse:
+    header = await owned_conversation(request, request.match_info["id"])
+    answer = _message_id(request)
+    body = await read_json(request, RegenerateBody, empty_ok=True)
+    _check_common(request, body.model, body.idempotency_key)
+
+    def build(record: IdempotencyRecord) -> TurnCommand:
+        return Regenerate(
+            conversation_id=header.conversation_id,
+            command_id=record.command_id,
+            user_id=claims_of(request).sub,
+            at=time.time_ns(),
+            message_id=answer,
+            model=body.model,
+            on_busy=body.on_busy,
+        )
+
+    return await _submit(
+        request, header, body.idempotency_key, ("regenerate", answer, body.model), build
+    )
+
+
+async def cancel_turn(request: web.Request) -> web.Response:
+    """Stop the running turn. Idle: a plain answer that nothing was running."""
+    header = await owned_conversation(request, request.match_info["id"])
+    conversation_id = header.conversation_id
+    turn_id: str | None = None
+    try:
+        _, active = await running_turn(request.app, conversation_id)
+    except UNAVAILABLE:
+        idle = False  # Redis is away: let the actor decide what runs
+    else:
+        idle = active is None
+        # a record without a turn id: a request accepted, its turn about to start
+        turn_id = (active.turn_id or None) if active else None
+    if idle:
+        return answer(CancelAnswer(cancelled=False, turn_id=None, message="no turn is running"))
+    command = CancelTurn(
+        conversation_id=conversation_id,
+        command_id=new_id(),
+        user_id=claims_of(request).sub,
+        at=time.time_ns(),
+        turn_id=turn_id,
+    )
+    await request.app[JS].publish(
+        command_subject(conversation_id),
+        encode(command),
+        stream=CMD_STREAM,
+        headers={"Nats-Msg-Id": command.command_id},
+    )
+    return answer(CancelAnswer(cancelled=True, turn_id=turn_id), status=202)
+
+
+# ---------------------------------------------------------------- submitting
+
+
+class Submitted(msgspec.Struct, frozen=True):
+    """A request published and accepted (or not yet answered) by its actor."""
+
+    record: IdempotencyRecord
+    command_seq: int  # its position in CHAT_CMD
+    accepted: bool
+
+
+async def submit(
+    request: web.Request,
+    conversation_id: str,
+    idempotency_key: str | None,
+    digest_of: tuple[Any, ...],
+    build: Callable[[IdempotencyRecord], TurnCommand],
+) -> Submitted:
+    """Publish the request's command and wait (briefly) for its actor's decision; a
+    refusal is raised as the error the client gets (409 busy, 404, ...)."""
+    digest = request_digest(digest_of)
+    record, fresh = await _idempotency(request, conversation_id, idempotency_key, digest)
+    command = build(record)
+    # Published again for a repeated key too: whether or not the first request
+    # got as far as publishing, the command is applied exactly once in effect.
+    # Nats-Msg-Id drops a copy within the duplicate window, and the actor drops
+    # a later one by its command_id in the log.
+    try:
+        ack = await request.app[JS].publish(
+            command_subject(conversation_id),
+            encode(command),
+            stream=CMD_STREAM,
+            headers={"Nats-Msg-Id": record.command_id},
+        )
+    except BaseException:
+        if fresh:  # not sent: a retry with the same key must be free to send it
+            await _forget_idempotency(request, conversation_id, idempotency_key)
+        raise
+    await _keep_idempotency(request, conversation_id, idempotency_key, record)
+
+    decision = await _decision(request, conversation_id, record)
+    if decision.rejected is not None:
+        raise _refusal(decision.rejected)
+    # counts against the user's active turns until this request's turn ends
+    hold_turn(request, conversation_id, record.command_id, record.after, int(ack.seq))
+    return Submitted(record=record, command_seq=int(ack.seq), accepted=decision.accepted)
+
+
+async def _submit(
+    request: web.Request,
+    header: ConversationCreated,
+    idempotency_key: str | None,
+    digest_of: tuple[Any, ...],
+    build: Callable[[IdempotencyRecord], TurnCommand],
+) -> web.StreamResponse:
+    conversation_id = header.conversation_id
+    done = await submit(request, conversation_id, idempotency_key, digest_of, build)
+    record = done.record
+    if wants_json(request):
+        return answer(
+            TurnAccepted(
+                message_id=None if digest_of[0] == "regenerate" else record.message_id,
+                command_id=record.command_id,
+                conversation_id=conversation_id,
+                after=record.after,
+                accepted=done.accepted,
+            ),
+            status=202,
+        )
+    response = await open_sse(request)
+    return await stream_log(
+        request,
+        response,
+        conversation_id,
+        Position(seq=record.after),
+        turn=TurnFilter(record.command_id, record.message_id),
+        command=PendingCommand(stream_seq=done.command_seq),
+    )
+
+
+class _DecisionWatcher(Subscription):
+    """Waits, through the conversation's hub, for the actor's answer to one request."""
+
+    __slots__ = ("command_id", "rejected")
+
+    def __init__(self, position: Position, command_id: str) -> None:
+        super().__init__(position)
+        self.command_id = command_id
+        self.rejected: CommandRejected | None = None
+
+    def take(self, delivery: Delivery) -> None:
+        event = delivery.stored.event
+        if isinstance(event, CommandRejected) and event.command_id == self.command_id:
+            self.rejected = event
+            self.end("rejected")
+        elif (
+            isinstance(event, UserMessage | AnswerRequested | Started)
+            and event.command_id == self.command_id
+        ):
+            self.end("accepted")
+
+    def take_stall(self, error: Envelope) -> None:
+        pass  # a watcher with no turn: nothing to stall
+
+
+async def _decision(
+    request: web.Request, conversation_id: str, record: IdempotencyRecord
+) -> Decision:
+    """The actor's answer to the request, read from the log, or Decision() after a while
+    (no worker up yet: the request waits in CHAT_CMD and its stream waits with it).
+
+    Read through the conversation's hub, which the turn's stream then joins too: one
+    subscription per conversation, not one consumer per request.
+    """
+    watcher = _DecisionWatcher(Position(seq=record.after), record.command_id)
+    try:
+        async with asyncio.timeout(request.app[CONFIG].decision_wait_s):
+            outcome = await watch(request.app[HUBS], conversation_id, watcher)
+    except TimeoutError:
+        return Decision()
+    if outcome == "rejected":
+        return Decision(rejected=watcher.rejected)
+    return Decision(accepted=outcome == "accepted")
+
+
+def _refusal(rejected: CommandRejected) -> ApiError:
+    status = {"busy": 409, "conversation_unreadable": 409, "not_found": 404}.get(rejected.code, 409)
+    error = ApiError(status, rejected.code, rejected.message)
+    if rejected.turn_id is not None:
+        error.extra["turn_id"] = rejected.turn_id
+    return error
+
+
+def _message_id(request: web.Request) -> str:
+    message_id = request.match_info["mid"]
+    if not valid_id(message_id):
+        raise ApiError(404, "not_found", "message not found")
+    return message_id
+
+
+def _check_text(request: web.Request, content: str) -> None:
+    config = request.app[CONFIG]
+    if not content.strip():
+        raise bad_request("content is empty")
+    if len(content) > config.max_message_chars:
+        raise bad_request(
+            f"content longer than {config.max_message_chars} characters", "content_too_long"
+        )
+
+
+def _check_common(request: web.Request, model: str | None, idempotency_key: str | None) -> None:
+    config = request.app[CONFIG]
+    if model is not None and model not in config.models:
+        raise bad_request(
+            f"unknown model {model!r}; known: {', '.join(config.models)}", "unknown_model"
+        )
+    if idempotency_key is not None and not (0 < len(idempotency_key) <= 200):
+        raise bad_request("idempotency_key must be 1-200 characters")
+
+
+# ---------------------------------------------------------------- idempotency
+
+
+def request_digest(parts: tuple[Any, ...]) -> str:
+    """What a repeated idempotency key must ask for again (else 422)."""
+    return hashlib.sha256(msgspec.json.encode(parts)).hexdigest()
+
+
+def _idem_key(conversation_id: str, key: str) -> str:
+    return f"parley:idem:{conversation_id}:{hashlib.sha256(key.encode()).hexdigest()[:32]}"
+
+
+async def _idempotency(
+    request: web.Request, conversation_id: str, key: str | None, digest: str
+) -> tuple[IdempotencyRecord, bool]:
+    """The request's ids and start position; the same ones again for a repeated key."""
+    after = await request.app[LOG].last_seq(conversation_id)
+    record = IdempotencyRecord(message_id=new_id(), command_id=new_id(), after=after, digest=digest)
+    if key is None:
+        return record, True
+    redis = request.app[REDIS]
+    redis_key = _idem_key(conversation_id, key)
+    if await redis.set(redis_key, msgspec.json.encode(record), nx=True, ex=_RESERVE_S):
+        return record, True
+    raw = await redis.get(redis_key)
+    if raw is None:  # expired between the two calls: treat as new
+        return record, True
+    previous = msgspec.json.decode(raw, type=IdempotencyRecord)
+    if previous.digest != digest:
+        raise ApiError(
+            422, "idempotency_mismatch", "idempotency_key was already used with a different request"
+        )
+    return previous, False
+
+
+async def _keep_idempotency(
+    request: web.Request, conversation_id: str, key: str | None, record: IdempotencyRecord
+) -> None:
+    if key is not None:
+        await request.app[REDIS].set(
+            _idem_key(conversation_id, key),
+            msgspec.json.encode(record),
+            ex=request.app[CONFIG].idempotency_ttl_s,
+        )
+
+
+async def _forget_idempotency(request: web.Request, conversation_id: str, key: str | None) -> None:
+    if key is not None:
+        await request.app[REDIS].delete(_idem_key(conversation_id, key))

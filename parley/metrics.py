@@ -1,0 +1,166 @@
+"""Prometheus metrics: one registry per process, fed by every role it runs.
+
+`Metrics` implements the observers the rooms declare where they are used
+(`api.context.EdgeMetrics` for the edge, `actors.turn.TurnObserver` for the
+worker's turns), so no room imports prometheus-client or this module; the
+wiring (parley/services.py) hands the same `Metrics` to each role, and the
+edge's GET /metrics exposes it. With `parley dev` (every role in one process)
+that is everything; a process without an edge serves it on its own port
+(`serve_metrics`).
+
+Labels are bounded: routes are route templates (an unmatched path is
+`unmatched`), models are catalogue names, outcomes and limits fixed words.
+Every call here is a few counter updates: nothing blocks or raises.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from events.vocabulary import BillingRejected, Cancelled, Done, Failed, TurnEnd
+
+# seconds: from a quick local model's first token to a slow provider's whole answer
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0, 300.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        # edge
+        self.http_requests = Counter(
+            "parley_http_requests",
+            "HTTP requests answered, by route template, method and status",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.http_seconds = Histogram(
+            "parley_http_request_duration_seconds",
+            "time to answer a request (an event stream: until it closed)",
+            ["route", "method"],
+            buckets=_HTTP_BUCKETS,
+            registry=r,
+        )
+        self.viewers = Gauge("parley_sse_viewers", "open SSE streams on this edge", registry=r)
+        self.limited_requests = Counter(
+            "parley_limited_requests",
+            "requests refused by a per-user limit (rate, streams, turns)",
+            ["limit"],
+            registry=r,
+        )
+        self.projection_lag = Gauge(
+            "parley_projection_lag_events",
+            "events in the log the read models have not applied yet (read at scrape time)",
+            registry=r,
+        )
+        self.projection_errors = Gauge(
+            "parley_projection_errors",
+            "events the projection recorded as skipped or sanitised (read at scrape time)",
+            registry=r,
+        )
+        # worker
+        self.turns = Counter(
+            "parley_turns", "turns ended, by model and outcome", ["model", "outcome"], registry=r
+        )
+        self.active = Gauge("parley_turns_active", "turns running in this worker", registry=r)
+        self.tokens = Counter(
+            "parley_tokens",
+            "tokens consumed by ended turns, by model and direction (input, output)",
+            ["model", "direction"],
+            registry=r,
+        )
+        self.model_seconds = Histogram(
+            "parley_model_call_duration_seconds",
+            "one streamed model call, request to last byte",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.first_token_seconds = Histogram(
+            "parley_time_to_first_token_seconds",
+            "a turn's start (its `started` in the log) to the model's first text",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+
+    # ------------------------------------------------------------ api.context.EdgeMetrics
+
+    def http_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.http_requests.labels(route, method, str(status)).inc()
+        self.http_seconds.labels(route, method).observe(seconds)
+
+    def sse_viewers(self, delta: int) -> None:
+        self.viewers.inc(delta)
+
+    def limited(self, limit: str) -> None:
+        self.limited_requests.labels(limit).inc()
+
+    def projection(self, *, lag: int | None, errors: int | None) -> None:
+        # None: not readable now; the gauge keeps its last value rather than a false 0
+        if lag is not None:
+            self.projection_lag.set(lag)
+        if errors is not None:
+            self.projection_errors.set(errors)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    # ------------------------------------------------------------ actors.turn.TurnObserver
+
+    def turn_started(self, model: str) -> None:
+        self.active.inc()
+
+    def first_token(self, model: str, seconds: float) -> None:
+        self.first_token_seconds.labels(model).observe(seconds)
+
+    def model_call(self, model: str, seconds: float) -> None:
+        self.model_seconds.labels(model).observe(seconds)
+
+    def turn_ended(self, model: str, end: TurnEnd | None) -> None:
+        self.active.dec()
+        self.turns.labels(model, outcome(end)).inc()
+        if isinstance(end, Done | Cancelled | Failed):
+            self.tokens.labels(model, "input").inc(end.input_tokens)
+            self.tokens.labels(model, "output").inc(end.output_tokens)
+
+
+def outcome(end: TurnEnd | None) -> str:
+    """The `outcome` label: done, cancelled, failed, billing_rejected, or interrupted
+    (the turn stopped without writing its end: its worker was stopping)."""
+    match end:
+        case Done():
+            return "done"
+        case Cancelled():
+            return "cancelled"
+        case Failed():
+            return "failed"
+        case BillingRejected():
+            return "billing_rejected"
+        case _:
+            return "interrupted"
+
+
+async def metrics_page(request: web.Request) -> web.Response:
+    body, content_type = request.app[METRICS_KEY].render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+METRICS_KEY = web.AppKey("parley_metrics", Metrics)
+
+
+def metrics_app(metrics: Metrics) -> web.Application:
+    """GET /metrics alone, for a process that runs no edge (`parley serve --role worker`)."""
+    app = web.Application()
+    app[METRICS_KEY] = metrics
+    app.router.add_get("/metrics", metrics_page)
+    return app

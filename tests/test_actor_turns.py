@@ -1,0 +1,328 @@
+"""The conversation actor on the live stack: cancel, busy policies, versions, tools, retries.
+
+The demo model streams at 400 tokens/s here, so `[[tokens=N]]` makes a turn
+last N/400 seconds: long enough to cancel, interrupt or queue behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+
+from events.log import EventLog
+from events.vocabulary import (
+    Cancelled,
+    Done,
+    Failed,
+    Started,
+    Title,
+    ToolResult,
+    UserMessage,
+)
+from tests.conftest import Projected, Recorder
+from tests.sse import SseClient, SseEvent, sse_events, until_done
+
+
+async def wait_for_ends(event_log: EventLog, cid: str, count: int) -> list[Any]:
+    """The conversation's log once `count` turns have ended."""
+    async with asyncio.timeout(30):
+        while True:
+            log = await event_log.read(cid)
+            if sum(isinstance(s.event, Done | Cancelled | Failed) for s in log) >= count:
+                return [s.event for s in log]
+            await asyncio.sleep(0.05)
+
+
+async def first_tokens(response: aiohttp.ClientResponse, n: int) -> list[SseEvent]:
+    seen: list[SseEvent] = []
+    async for event in sse_events(response):
+        seen.append(event)
+        if sum(e.event == "token" for e in seen) >= n:
+            return seen
+    raise AssertionError(f"the stream ended before {n} tokens: {seen}")
+
+
+async def demo_streams(http: aiohttp.ClientSession, demo_model_url: str) -> dict[str, int]:
+    async with http.get(demo_model_url + "/demo/streams") as response:
+        stats: dict[str, int] = await response.json()
+        return stats
+
+
+# ---------------------------------------------------------------- cancel
+
+
+async def test_cancel_closes_the_model_stream_keeps_the_partial_answer_and_stops_every_viewer(
+    api: SseClient, event_log: EventLog, http: aiohttp.ClientSession, demo_model_url: str
+) -> None:
+    cid = (await api.create_conversation())["id"]
+    before = await demo_streams(http, demo_model_url)
+    await api.send_json(cid, "count slowly [[tokens=4000]]")
+    async with (
+        asyncio.timeout(30),
+        api.events(cid) as one,
+        api.events(cid) as two,
+    ):
+        await first_tokens(one, 5)
+        await first_tokens(two, 5)
+        status, body = await api.request("POST", f"/v1/conversations/{cid}/cancel")
+        assert status == 202 and body["cancelled"] is True and body["turn_id"], body
+        ends = [
+            [e async for e in sse_events(viewer) if e.event in ("done", "error")][-1]
+            for viewer in (one, two)
+        ]
+    assert [e.data for e in ends] == ["stopped", "stopped"], ends
+
+    log = await wait_for_ends(event_log, cid, 1)
+    (cancelled,) = [e for e in log if isinstance(e, Cancelled)]
+    assert cancelled.turn_id == body["turn_id"] and cancelled.reason == "user"
+    answer = "".join(b.content for b in cancelled.content if b.role == "assistant")
+    assert answer.startswith("0 1 2 3 4 ") and len(answer.split()) < 4000, answer[:50]
+    # the provider never sent usage: counted from what streamed, and flagged so
+    assert cancelled.tokens_estimated and cancelled.output_tokens >= 5, cancelled
+    assert cancelled.input_tokens > 0
+    after = await demo_streams(http, demo_model_url)
+    assert after["went_away"] > before["went_away"], "the model's stream was not closed"
+
+    status, again = await api.request("POST", f"/v1/conversations/{cid}/cancel")
+    assert status == 200 and again == {
+        "cancelled": False,
+        "turn_id": None,
+        "message": "no turn is running",
+    }
+
+
+async def test_cancel_on_an_idle_conversation_is_a_plain_answer(api: SseClient) -> None:
+    cid = (await api.create_conversation())["id"]
+    status, body = await api.request("POST", f"/v1/conversations/{cid}/cancel")
+    assert status == 200 and body["cancelled"] is False, body
+
+
+# ---------------------------------------------------------------- a message while a turn runs
+
+
+async def test_enqueued_messages_run_after_the_current_turn_one_at_a_time_in_order(
+    api: SseClient, event_log: EventLog
+) -> None:
+    cid = (await api.create_conversation())["id"]
+    first = await api.send_json(cid, "first [[tokens=200]]")
+    queued = [
+        await api.send_json(cid, f"next {i} [[tokens=5]]", on_busy="enqueue") for i in range(3)
+    ]
+    assert all(q["accepted"] for q in queued), queued
+    # queued messages count as busy for a rejecting sender too (decided by the actor)
+    status, body = await api.request(
+        "POST", f"/v1/conversations/{cid}/messages", json={"content": "me now", "on_busy": "reject"}
+    )
+    assert status == 409 and body["error"]["code"] == "busy", body
+
+    log = await wait_for_ends(event_log, cid, 4)
+    order = [e.user_message_id for e in log if isinstance(e, Started)]
+    assert order == [first["message_id"], *(q["message_id"] for q in queued)], order
+    running = None
+    for event in log:  # never two turns at once
+        if isinstance(event, Started):
+            assert running is None, f"turn {event.turn_id} started while {running} ran"
+            running = event.turn_id
+        elif isinstance(event, Done | Cancelled | Failed):
+            assert event.turn_id == running
+            running = None
+    assert all(isinstance(e, Done) for e in log if isinstance(e, Done | Cancelled | Failed))
+
+
+async def test_interrupt_cancels_the_running_turn_and_answers_the_new_message(
+    api: SseClient, event_log: EventLog
+) -> None:
+    cid = (await api.create_conversation())["id"]
+    await api.send_json(cid, "a long one [[tokens=4000]]")
+    async with asyncio.timeout(30), api.events(cid) as viewer:
+        await first_tokens(viewer, 3)
+        events = await api.send_stream(cid, "never mind [[tokens=4]]", on_busy="interrupt")
+    assert events[0].event == "started" and events[-1].data == "ok", events
+    log = await wait_for_ends(event_log, cid, 2)
+    ends = [e for e in log if isinstance(e, Done | Cancelled | Failed)]
+    assert isinstance(ends[0], Cancelled) and ends[0].reason == "superseded", ends[0]
+    assert isinstance(ends[1], Done) and ends[1].turn_id == events[0].data["turn_id"]
+
+
+# ---------------------------------------------------------------- versions
+
+
+async def test_regenerate_makes_a_new_answer_version_and_streams_it(
+    api: SseClient, projected: Projected
+) -> None:
+    cid = (await api.create_conversation())["id"]
+    first = await api.send_stream(cid, "say something [[tokens=6]]")
+    answer_id = first[0].data["turn_id"]
+    again = await api.send_stream_to(f"/v1/conversations/{cid}/messages/{answer_id}/regenerate", {})
+    assert again[0].event == "started" and again[-1].data == "ok", again
+    new_id = again[0].data["turn_id"]
+    assert new_id != answer_id
+
+    await projected(cid)
+    rows = await _messages(api, cid, "all")
+    answers = [m for m in rows if m["role"] == "assistant"]
+    assert [(m["id"], m["version_number"], m["is_latest"]) for m in answers] == [
+        (answer_id, 1, False),
+        (new_id, 2, True),
+    ], answers
+    assert answers[0]["version_group_id"] == answers[1]["version_group_id"]
+    assert answers[0]["is_fork_origin"] is True
+    latest = await _messages(api, cid, "latest")
+    assert [m["id"] for m in latest if m["role"] == "assistant"] == [new_id]
+
+
+async def test_editing_a_message_answers_the_edited_history_only(
+    api: SseClient, recorder: tuple[Recorder, str], projected: Projected
+) -> None:
+    recording, _ = recorder
+    cid = (await api.create_conversation(model="recorder"))["id"]
+    await api.send_stream(cid, "first question")
+    await api.send_stream(cid, "second question")
+    await projected(cid)
+    rows = await _messages(api, cid, "latest")
+    first_id = rows[0]["id"]
+    before = len(recording.requests)
+    edited = await api.send_stream_to(
+        f"/v1/conversations/{cid}/messages/{first_id}", {"content": "the question, edited"}, "PATCH"
+    )
+    assert edited[-1].data == "ok", edited
+    sent = recording.requests[before]["messages"]
+    assert [m["content"] for m in sent[1:]] == ["the question, edited"], sent
+
+    await projected(cid)
+    rows = await _messages(api, cid, "all")
+    users = [m for m in rows if m["role"] == "user"]
+    assert [
+        (m["version_number"], m["is_latest"]) for m in users if m["version_group_id"] == first_id
+    ] == [
+        (1, False),
+        (2, True),
+    ], users
+    latest = await _messages(api, cid, "latest")
+    assert [m["role"] for m in latest] == ["user", "assistant"], latest
+    assert latest[0]["content"][0]["content"] == "the question, edited"
+
+
+async def test_regenerating_or_editing_a_message_that_is_not_there_is_a_404(api: SseClient) -> None:
+    cid = (await api.create_conversation())["id"]
+    status, body = await api.request(
+        "POST", f"/v1/conversations/{cid}/messages/01NOSUCHMESSAGE000000000/regenerate"
+    )
+    assert status == 404 and body["error"]["code"] == "not_found", body
+    status, body = await api.request(
+        "PATCH", f"/v1/conversations/{cid}/messages/01NOSUCHMESSAGE000000000", json={"content": "x"}
+    )
+    assert status == 404 and body["error"]["code"] == "not_found", body
+
+
+async def _messages(api: SseClient, cid: str, versions: str) -> list[dict[str, Any]]:
+    status, body = await api.request("GET", f"/v1/conversations/{cid}/messages?versions={versions}")
+    assert status == 200, body
+    rows: list[dict[str, Any]] = body["messages"]
+    return rows
+
+
+# ---------------------------------------------------------------- tools
+
+
+async def test_calls_of_one_response_run_side_by_side_and_failures_become_results(
+    api: SseClient, event_log: EventLog
+) -> None:
+    cid = (await api.create_conversation())["id"]
+    calls = ";".join(
+        ['sleepy{"ms": 400}'] * 3
+        + ["boom{}", "slowpoke{}", "not_text{}", 'calculator{"expression": "6*7"}']
+    )
+    events = await api.send_stream(cid, f"[[tools={calls}]]")
+    assert events[-1].data == "ok", events[-3:]
+    results = {e.data["id"]: e.data for e in events if e.event == "tool_result"}
+    assert len(results) == 7, results
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for result in results.values():
+        by_name.setdefault(result["name"], []).append(result)
+    assert [r["result"] for r in by_name["sleepy"]] == ["slept 400 ms"] * 3
+    assert by_name["boom"][0]["error"] == "tool 'boom' failed: RuntimeError"
+    assert by_name["slowpoke"][0]["error"] == "tool 'slowpoke' took longer than 0.2s"
+    assert by_name["not_text"][0]["error"] == "tool 'not_text' returned bytes, not text"
+    assert by_name["calculator"][0]["result"] == "42"
+    # side by side: the three 400 ms sleeps end together, not 400 ms apart
+    log = await event_log.read(cid)
+    ends = sorted(
+        s.event.at for s in log if isinstance(s.event, ToolResult) and s.event.name == "sleepy"
+    )
+    assert ends[-1] - ends[0] < 300_000_000, (
+        f"sleeps ended {(ends[-1] - ends[0]) / 1e6:.0f} ms apart"
+    )
+    answer = "".join(e.data for e in events if e.event == "token")
+    assert "slept 400 ms" in answer and "42" in answer
+
+
+async def test_the_set_title_tool_names_the_conversation(
+    api: SseClient, event_log: EventLog
+) -> None:
+    cid = (await api.create_conversation())["id"]
+    events = await api.send_stream(cid, '[[tools=set_title{"title": "Named by a tool"}]]')
+    titles = [e.data["title"] for e in events if e.event == "title"]
+    assert titles[-1] == "Named by a tool", titles
+    log = await event_log.read(cid)
+    assert [e.event.source for e in log if isinstance(e.event, Title)][-1] == "tool"
+    async with asyncio.timeout(10):
+        title = ""
+        while title != "Named by a tool":  # the projection catches up
+            title = (await api.request("GET", f"/v1/conversations/{cid}"))[1]["title"]
+            await asyncio.sleep(0.05)
+
+
+async def test_a_model_that_keeps_calling_tools_is_stopped_after_99_rounds(
+    api: SseClient, event_log: EventLog
+) -> None:
+    cid = (await api.create_conversation())["id"]
+    async with asyncio.timeout(60):
+        events = await api.send_stream(cid, "[[rounds=150]]")
+    assert [e.event for e in events[-2:]] == ["error", "done"], events[-3:]
+    assert events[-2].raw["code"] == "tool_rounds_exhausted" and "99" in events[-2].data
+    log = await event_log.read(cid)
+    assert sum(isinstance(s.event, ToolResult) for s in log) == 99
+
+
+# ---------------------------------------------------------------- model errors
+
+
+async def test_model_errors_before_the_first_token_are_retried(
+    api: SseClient, http: aiohttp.ClientSession, demo_model_url: str
+) -> None:
+    cid = (await api.create_conversation())["id"]
+    events = await api.send_stream(cid, f"[[flaky={cid}:2]] [[tokens=3]]")
+    assert events[-1].data == "ok", events
+    assert "".join(e.data for e in events if e.event == "token") == "0 1 2 "
+
+
+async def test_a_model_that_keeps_failing_before_its_first_token_fails_the_turn(
+    api: SseClient,
+) -> None:
+    cid = (await api.create_conversation())["id"]
+    events = await api.send_stream(cid, f"[[flaky={cid}:50]] [[tokens=3]]")
+    assert [e.event for e in events[-2:]] == ["error", "done"], events
+    assert events[-2].raw["code"] == "http_503"
+
+
+async def test_every_user_message_of_a_conversation_has_its_turn(
+    api: SseClient, event_log: EventLog
+) -> None:
+    cid = (await api.create_conversation())["id"]
+    for i in range(3):
+        await api.send_stream(cid, f"message {i} [[tokens=2]]")
+    log = [s.event for s in await event_log.read(cid)]
+    users = [e.message_id for e in log if isinstance(e, UserMessage)]
+    answered = [e.user_message_id for e in log if isinstance(e, Started)]
+    assert users == answered and len(users) == 3
+
+
+def _ids(events: list[SseEvent]) -> list[str | None]:
+    return [e.id for e in events]
+
+
+__all__ = ["json", "until_done"]

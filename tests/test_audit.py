@@ -1,0 +1,125 @@
+"""`parley audit billing` on the live stack: clean after a realistic workload, and it
+fails loudly, naming the turn, when a ledger row is tampered with or dropped."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+
+from events.log import EventLog
+from events.subjects import account_subject
+from events.vocabulary import TurnCharged
+from parley.services import Servers, Services
+from tests.conftest import Projected, caught_up, token_for
+from tests.sse import SseClient
+
+
+def audit(stack: Servers, *extra: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}
+    env.update(
+        PARLEY_NATS_URL=stack.nats_url,
+        PARLEY_DATABASE_URL=stack.database_url,
+        PARLEY_REDIS_URL=stack.redis_url,
+        PARLEY_DB_SCHEMA="parley_test",
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "parley.cli", "audit", "billing", *extra],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.fixture
+async def billed_project(
+    api: SseClient,
+    services: Services,
+    http: aiohttp.ClientSession,
+    event_log: EventLog,
+    projected: Projected,
+) -> AsyncIterator[tuple[str, list[str]]]:
+    """A funded project with turns that ended every way: done, cancelled, failed."""
+    admin = SseClient(http, services.edge_url, token_for("admin", admin=True))
+    status, body = await api.request("POST", "/v1/projects", json={"name": "Audited"})
+    assert status == 201
+    project = body["id"]
+    status, _ = await admin.request(
+        "POST", f"/v1/billing/accounts/project/{project}/credits", json={"micro_credits": 500_000}
+    )
+    assert status == 201
+    cid = (await api.create_conversation(project_id=project))["id"]
+    assert (await api.send_stream(cid, "calculate 6*7"))[-1].data == "ok"
+    assert (await api.send_stream(cid, "[[tokens=20]] [[fail=cut]]"))[-1].data == "error"
+    await api.send_json(cid, "[[tokens=4000]]")
+    async with asyncio.timeout(20):
+        chunks = 0
+        while chunks < 3:
+            chunks = sum(type(s.event).__name__ == "Chunk" for s in await event_log.read(cid))
+            await asyncio.sleep(0.05)
+    await api.request("POST", f"/v1/conversations/{cid}/cancel")
+    account = account_subject(f"project:{project}")
+    async with asyncio.timeout(30):
+        charged = 0
+        while charged < 3:
+            events = await event_log.read_subject(account)
+            charged = sum(isinstance(s.event, TurnCharged) for s in events)
+            await asyncio.sleep(0.05)
+    await projected(cid)
+    await caught_up(services.projectors["billing"], events[-1].seq)
+    turns = [s.event.turn_id for s in events if isinstance(s.event, TurnCharged)]
+    yield project, turns
+
+
+async def test_the_audit_of_a_realistic_workload_is_clean(
+    stack: Servers, billed_project: tuple[str, list[str]]
+) -> None:
+    project, _ = billed_project
+    done = await asyncio.to_thread(audit, stack, "--project", project, "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary: dict[str, Any] = json.loads(done.stdout)
+    assert summary["billed_turns"] == 3 and summary["charges"] == 3, summary
+    assert summary["mismatches"] == []
+    readable = await asyncio.to_thread(audit, stack, "--project", project)
+    assert readable.returncode == 0 and "every charge and balance agrees" in readable.stdout
+
+
+async def test_a_tampered_or_dropped_ledger_row_fails_the_audit(
+    stack: Servers, billed_project: tuple[str, list[str]]
+) -> None:
+    project, turns = billed_project
+    conn = await asyncpg.connect(stack.database_url, server_settings={"search_path": "parley_test"})
+    try:
+        await conn.execute("UPDATE ledger SET cost = cost + 1 WHERE turn_id = $1", turns[0])
+        tampered = await asyncio.to_thread(audit, stack, "--project", project)
+        await conn.execute("UPDATE ledger SET cost = cost - 1 WHERE turn_id = $1", turns[0])
+        row = await conn.fetchrow("SELECT * FROM ledger WHERE turn_id = $1", turns[1])
+        await conn.execute("DELETE FROM ledger WHERE turn_id = $1", turns[1])
+        try:
+            dropped = await asyncio.to_thread(audit, stack, "--project", project, "--json")
+        finally:
+            columns = list(row.keys())
+            await conn.execute(
+                f"INSERT INTO ledger ({', '.join(columns)}) VALUES"
+                f" ({', '.join(f'${i + 1}' for i in range(len(columns)))})",
+                *row.values(),
+            )
+    finally:
+        await conn.close()
+    assert tampered.returncode == 1, tampered.stdout
+    assert "ledger_row_differs" in tampered.stdout and turns[0] in tampered.stdout
+    assert dropped.returncode == 1, dropped.stdout
+    kinds = [(m["kind"], m["subject"]) for m in json.loads(dropped.stdout)["mismatches"]]
+    assert kinds == [("ledger_row_missing", turns[1])], kinds
+    clean = await asyncio.to_thread(audit, stack, "--project", project)
+    assert clean.returncode == 0, clean.stdout

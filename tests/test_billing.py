@@ -1,0 +1,354 @@
+"""Projects, membership and billing on the live stack: who may see what, the pre-flight,
+reservations that cannot race, and one charge per billed turn at the price it started with.
+
+Balances here are recomputed from the account's own subject in the log (the
+truth); the projected ledger and balances have tests of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import pytest
+
+from events.billing import AccountState, evolve_account, preflight_estimate, turn_cost
+from events.log import EventLog
+from events.subjects import account_subject
+from events.vocabulary import (
+    BillingRejected,
+    Cancelled,
+    CreditsReserved,
+    Done,
+    Failed,
+    Prices,
+    Started,
+    TurnCharged,
+)
+from parley.services import Services
+from tests.conftest import Projected, caught_up, token_for
+from tests.sse import SseClient
+
+DEMO = Prices(input_price=3.0, output_price=15.0)
+ESTIMATE = preflight_estimate(DEMO)  # 500 x 3 + 250 x 15 = 5,250 micro-credits
+
+
+@pytest.fixture
+def admin(services: Services, http: aiohttp.ClientSession) -> SseClient:
+    return SseClient(http, services.edge_url, token_for("admin", admin=True))
+
+
+async def new_project(api: SseClient, name: str = "Rollout") -> str:
+    status, body = await api.request("POST", "/v1/projects", json={"name": name})
+    assert status == 201, body
+    project_id: str = body["id"]
+    return project_id
+
+
+async def grant(admin: SseClient, kind: str, owner: str, amount: int) -> None:
+    status, body = await admin.request(
+        "POST", f"/v1/billing/accounts/{kind}/{owner}/credits", json={"micro_credits": amount}
+    )
+    assert status == 201, body
+
+
+async def account(event_log: EventLog, name: str) -> tuple[AccountState, list[Any]]:
+    events = [s.event for s in await event_log.read_subject(account_subject(name))]
+    state = AccountState(account=name)
+    for event in events:
+        state = evolve_account(state, event)
+    return state, events
+
+
+async def ended(event_log: EventLog, cid: str) -> list[Any]:
+    async with asyncio.timeout(30):
+        while True:
+            log = [s.event for s in await event_log.read(cid)]
+            if any(isinstance(e, Done | Cancelled | Failed | BillingRejected) for e in log):
+                return log
+            await asyncio.sleep(0.05)
+
+
+async def charged(event_log: EventLog, name: str, turns: int) -> tuple[AccountState, list[Any]]:
+    """The account once `turns` turns were charged (the charge follows the turn's end)."""
+    async with asyncio.timeout(30):
+        while True:
+            state, events = await account(event_log, name)
+            if len(state.charged_turns) >= turns:
+                return state, events
+            await asyncio.sleep(0.05)
+
+
+# ---------------------------------------------------------------- projects and membership
+
+
+async def test_members_see_and_write_a_projects_conversations_and_no_one_else_does(
+    api: SseClient, services: Services, http: aiohttp.ClientSession, admin: SseClient
+) -> None:
+    project = await new_project(api)
+    await grant(admin, "project", project, 1_000_000)
+    member = SseClient(http, services.edge_url, token_for(f"member-{project}"))
+    stranger = SseClient(http, services.edge_url, token_for(f"stranger-{project}"))
+
+    # a stranger cannot start a conversation in it, nor add themself
+    status, body = await stranger.request("POST", "/v1/conversations", json={"project_id": project})
+    assert status == 404 and body["error"]["code"] == "not_found", body
+    status, _ = await stranger.request(
+        "POST", f"/v1/projects/{project}/members", json={"user_id": "someone"}
+    )
+    assert status == 404
+
+    cid = (await api.create_conversation(project_id=project))["id"]
+    status, body = await api.request(
+        "POST", f"/v1/projects/{project}/members", json={"user_id": f"member-{project}"}
+    )
+    assert status == 201 and f"member-{project}" in body["members"], body
+
+    for client, allowed in ((member, True), (stranger, False), (admin, False)):
+        for method, path in (
+            ("GET", f"/v1/conversations/{cid}"),
+            ("GET", f"/v1/conversations/{cid}/messages"),
+            ("GET", f"/v1/conversations/{cid}/log"),
+            ("POST", f"/v1/conversations/{cid}/cancel"),
+        ):
+            status, body = await client.request(method, path)
+            assert (status < 400) == allowed, (client.token[-8:], method, path, status, body)
+            if not allowed:
+                assert status == 404 and body["error"]["code"] == "not_found", body
+    # the member writes in it, and the turn is the project's
+    events = await member.send_stream(cid, "hello from a member [[tokens=3]]")
+    assert events[-1].data == "ok", events
+
+
+async def test_an_admin_token_grants_credits_and_nothing_else_does(
+    api: SseClient, admin: SseClient
+) -> None:
+    project = await new_project(api)
+    status, body = await api.request(
+        "POST", f"/v1/billing/accounts/project/{project}/credits", json={"micro_credits": 5}
+    )
+    assert status == 403 and body["error"]["code"] == "forbidden", body
+    status, body = await admin.request(
+        "POST",
+        "/v1/billing/accounts/project/01NOSUCHPROJECT0000000000/credits",
+        json={"micro_credits": 5},
+    )
+    assert status == 404, body
+    status, body = await admin.request(
+        "POST", f"/v1/billing/accounts/project/{project}/credits", json={"micro_credits": 0}
+    )
+    assert status == 400, body
+
+
+# ---------------------------------------------------------------- the pre-flight and the charge
+
+
+async def test_a_project_turn_the_account_cannot_afford_is_refused_before_the_model_is_called(
+    api: SseClient, event_log: EventLog
+) -> None:
+    project = await new_project(api)
+    cid = (await api.create_conversation(project_id=project))["id"]
+    events = await api.send_stream(cid, "hello [[tokens=3]]")
+    assert [e.event for e in events] == ["started", "title", "billing_error", "done"], events
+    assert events[-1].data == "billing_error"
+    assert isinstance(events[-2].data, str) and "5250" in events[-2].data
+    log = await ended(event_log, cid)
+    (refusal,) = [e for e in log if isinstance(e, BillingRejected)]
+    # an unfunded project: the member who asked would pay, and cannot
+    assert refusal.account.startswith("user:") and refusal.needed == ESTIMATE
+    assert refusal.available == 0
+
+
+async def test_a_funded_project_pays_exactly_once_at_the_price_the_turn_started_with(
+    api: SseClient, admin: SseClient, event_log: EventLog
+) -> None:
+    project = await new_project(api)
+    await grant(admin, "project", project, 1_000_000)
+    cid = (await api.create_conversation(project_id=project))["id"]
+    events = await api.send_stream(cid, "a priced answer [[tokens=40]]")
+    assert events[-1].data == "ok"
+    log = await ended(event_log, cid)
+    (started,) = [e for e in log if isinstance(e, Started)]
+    (done,) = [e for e in log if isinstance(e, Done)]
+    assert started.payer == f"project:{project}" and started.prices == DEMO
+    state, account_events = await charged(event_log, f"project:{project}", 1)
+    reservations = [e for e in account_events if isinstance(e, CreditsReserved)]
+    charges = [e for e in account_events if isinstance(e, TurnCharged)]
+    assert [r.amount for r in reservations] == [ESTIMATE]
+    assert len(charges) == 1 and charges[0].turn_id == done.turn_id
+    expected = turn_cost(done.input_tokens, done.output_tokens, DEMO)
+    assert charges[0].cost == expected > 0
+    assert state.balance == 1_000_000 - expected and state.reserved == 0
+
+
+async def test_many_turns_against_credits_for_three_cannot_all_pass(
+    api: SseClient, admin: SseClient, event_log: EventLog
+) -> None:
+    project = await new_project(api)
+    await grant(admin, "project", project, 3 * ESTIMATE)
+    conversations = [(await api.create_conversation(project_id=project))["id"] for _ in range(8)]
+
+    async def start(cid: str) -> list[Any]:
+        await api.send_json(cid, "a long one [[tokens=1500]]")
+        return await ended(event_log, cid)
+
+    # all at once: reservations race for the same account
+    logs = await asyncio.wait_for(asyncio.gather(*(start(cid) for cid in conversations)), 60)
+    refused = [log for log in logs if any(isinstance(e, BillingRejected) for e in log)]
+    assert len(refused) == 5, f"expected 3 turns to pass, saw {8 - len(refused)}"
+    for log in refused:
+        (refusal,) = [e for e in log if isinstance(e, BillingRejected)]
+        assert refusal.available < ESTIMATE
+
+    # and turns finishing at once lose no update: every charge is in the balance
+    state, events = await charged(event_log, f"project:{project}", 3)
+    charges = [e for e in events if isinstance(e, TurnCharged)]
+    assert len(charges) == len({c.turn_id for c in charges}) == 3
+    assert state.balance == 3 * ESTIMATE - sum(c.cost for c in charges)
+    assert state.reserved == 0
+
+
+async def test_a_cancelled_turn_is_charged_for_what_it_consumed(
+    api: SseClient, admin: SseClient, event_log: EventLog
+) -> None:
+    project = await new_project(api)
+    await grant(admin, "project", project, 1_000_000)
+    cid = (await api.create_conversation(project_id=project))["id"]
+    await api.send_json(cid, "count slowly [[tokens=4000]]")
+    async with asyncio.timeout(20):
+        streaming = False
+        while not streaming:
+            streaming = any(type(s.event).__name__ == "Chunk" for s in await event_log.read(cid))
+            await asyncio.sleep(0.05)
+    status, _ = await api.request("POST", f"/v1/conversations/{cid}/cancel")
+    assert status == 202
+    log = await ended(event_log, cid)
+    (cancelled,) = [e for e in log if isinstance(e, Cancelled)]
+    _, events = await charged(event_log, f"project:{project}", 1)
+    (charge,) = [e for e in events if isinstance(e, TurnCharged)]
+    assert charge.end == "cancelled" and charge.tokens_estimated
+    assert charge.cost == turn_cost(cancelled.input_tokens, cancelled.output_tokens, DEMO) > 0
+
+
+async def test_a_personal_conversation_is_not_billed(
+    api: SseClient, user: str, event_log: EventLog
+) -> None:
+    cid = (await api.create_conversation())["id"]
+    events = await api.send_stream(cid, "free of charge [[tokens=3]]")
+    assert events[-1].data == "ok"
+    log = await ended(event_log, cid)
+    assert [e.payer for e in log if isinstance(e, Started)] == [None]
+    assert (await account(event_log, f"user:{user}"))[1] == []
+
+
+async def test_a_model_without_an_active_version_cannot_run_a_billed_turn(
+    api: SseClient, admin: SseClient, event_log: EventLog
+) -> None:
+    project = await new_project(api)
+    await grant(admin, "project", project, 1_000_000)
+    cid = (await api.create_conversation(project_id=project, model="unpriced-model"))["id"]
+    events = await api.send_stream(cid, "hello [[tokens=3]]")
+    assert [e.event for e in events[-2:]] == ["error", "done"], events
+    assert events[-2].raw["code"] == "model_not_priced"
+    log = await ended(event_log, cid)
+    assert not any(type(e).__name__ == "Chunk" for e in log), "the model was called"
+    _, account_events = await account(event_log, f"project:{project}")
+    assert not any(isinstance(e, CreditsReserved | TurnCharged) for e in account_events)
+
+
+# ---------------------------------------------------------------- what the projection shows
+
+
+async def test_balances_the_ledger_and_projects_are_projected_from_the_log(
+    api: SseClient,
+    admin: SseClient,
+    event_log: EventLog,
+    services: Services,
+    http: aiohttp.ClientSession,
+    projected: Projected,
+) -> None:
+    project = await new_project(api, "Ledger checks")
+    await grant(admin, "project", project, 2_000_000)
+    cid = (await api.create_conversation(project_id=project))["id"]
+    for text in ("one [[tokens=10]]", "two [[tokens=30]]"):
+        assert (await api.send_stream(cid, text))[-1].data == "ok"
+    state, events = await charged(event_log, f"project:{project}", 2)
+    await projected(cid)
+    billing = services.projectors["billing"]
+    head = max(s.seq for s in await event_log.read_subject(account_subject(f"project:{project}")))
+    async with asyncio.timeout(30), billing.applied:
+        await billing.applied.wait_for(lambda: billing.position >= head)
+
+    status, account_view = await api.request("GET", f"/v1/billing/accounts/project/{project}")
+    assert status == 200, account_view
+    assert account_view["balance_micro_credits"] == state.balance == 2_000_000 - state.charged
+    assert account_view["reserved_micro_credits"] == 0 and account_view["debt_micro_credits"] == 0
+
+    status, ledger = await api.request("GET", f"/v1/billing/ledger?project={project}")
+    assert status == 200, ledger
+    charges = {e.turn_id: e for e in events if isinstance(e, TurnCharged)}
+    assert {row["turn_id"]: row["cost"] for row in ledger["entries"]} == {
+        t: c.cost for t, c in charges.items()
+    }
+    assert all(row["account"] == f"project:{project}" for row in ledger["entries"])
+    status, by_conversation = await api.request("GET", f"/v1/billing/ledger?conversation={cid}")
+    assert status == 200 and len(by_conversation["entries"]) == 2
+
+    status, projects = await api.request("GET", "/v1/projects")
+    assert status == 200
+    (mine,) = [p for p in projects["projects"] if p["id"] == project]
+    assert mine["name"] == "Ledger checks" and mine["members"] == [mine["created_by"]]
+    status, listed = await api.request("GET", "/v1/conversations")
+    assert cid in [c["id"] for c in listed["conversations"]]
+
+    # someone else sees none of it
+    stranger = SseClient(http, services.edge_url, token_for(f"nosy-{project}"))
+    for path in (
+        f"/v1/billing/accounts/project/{project}",
+        f"/v1/billing/ledger?project={project}",
+        f"/v1/billing/ledger?conversation={cid}",
+    ):
+        status, body = await stranger.request("GET", path)
+        assert status == 404, (path, body)
+    status, theirs = await stranger.request("GET", "/v1/billing/ledger")
+    assert status == 200 and theirs["entries"] == []
+
+
+async def test_models_list_their_version_in_force_and_its_prices(api: SseClient) -> None:
+    status, body = await api.request("GET", "/v1/models")
+    assert status == 200, body
+    models = {m["name"]: m for m in body["models"]}
+    demo = models["demo"]
+    assert demo["is_default"] and demo["active_version"] == "2026-01"
+    assert (demo["input_price"], demo["output_price"]) == (3.0, 15.0)
+    unpriced = models["unpriced-model"]
+    assert unpriced["active_version"] is None and unpriced["input_price"] is None
+    assert [v["status"] for v in unpriced["versions"]] == ["deprecated"]
+
+
+async def test_a_turn_that_costs_more_than_the_balance_is_recorded_as_debt(
+    api: SseClient,
+    admin: SseClient,
+    event_log: EventLog,
+    services: Services,
+    projected: Projected,
+) -> None:
+    project = await new_project(api, "Overspent")
+    await grant(admin, "project", project, ESTIMATE)  # just enough to start one turn
+    cid = (await api.create_conversation(project_id=project))["id"]
+    events = await api.send_stream(cid, "a long answer [[tokens=600]]")  # > 5,250 in output alone
+    assert events[-1].data == "ok"
+    state, account_events = await charged(event_log, f"project:{project}", 1)
+    (charge,) = [e for e in account_events if isinstance(e, TurnCharged)]
+    assert charge.cost > ESTIMATE and state.balance == ESTIMATE - charge.cost < 0
+    await projected(cid)
+    head = max(s.seq for s in await event_log.read_subject(account_subject(f"project:{project}")))
+    await caught_up(services.projectors["billing"], head)
+    status, view = await api.request("GET", f"/v1/billing/accounts/project/{project}")
+    assert status == 200 and view["debt_micro_credits"] == charge.cost - ESTIMATE, view
+    _, ledger = await api.request("GET", f"/v1/billing/ledger?project={project}")
+    assert [row["debt"] for row in ledger["entries"]] == [charge.cost - ESTIMATE]
+    # in debt, the next turn is refused by the pre-flight
+    refused = await api.send_stream(cid, "one more?")
+    assert refused[-1].data == "billing_error"

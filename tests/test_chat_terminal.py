@@ -1,0 +1,472 @@
+"""`parley chat` driven as a person drives it: in a pseudo-terminal, on the live server.
+
+The command runs in its own process on a pty (pexpect); what it prints is fed to
+a VT100 screen (pyte), and the tests read that screen, which is what a person
+sees: the spinner drawn and erased, styles, lines rewritten by the prompt. Every
+wait is for something to appear on the screen, bounded by a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pexpect
+import pyte
+
+from parley.chat_view import STOPPED
+from parley.services import Services
+from tests.conftest import SECRET, Projected, token_for
+from tests.sse import SseClient
+
+ROWS, COLUMNS = 60, 160
+WAIT_S = 30.0
+PROMPT_ROW = "you>"
+_NUMBERS = re.compile(r"(?:\d+ ?)+")
+
+
+class Terminal:
+    """`parley chat` in a pseudo-terminal, and the screen it draws."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.child = pexpect.spawn(
+            sys.executable,
+            ["-m", "parley.cli", *args],
+            env=env,
+            dimensions=(ROWS, COLUMNS),
+            encoding="utf-8",
+            codec_errors="replace",
+        )
+        # with the lines scrolled off its top: a long answer pushes the start of a turn away
+        self.screen = pyte.HistoryScreen(COLUMNS, ROWS, history=100_000)
+        self.stream = pyte.Stream(self.screen)
+        self.raw: list[str] = []  # everything printed, escape codes included
+        self._rows = [" " * COLUMNS] * ROWS
+        self._scrolled: list[str] = []
+
+    # ------------------------------------------------------------ reading the screen
+
+    def rows(self) -> list[str]:
+        """The lines written, those scrolled away included: a row filled to its last
+        column goes on in the next (the terminal wrapped it), so a long answer is one
+        line here, as printed. Trailing blanks are dropped. Only rows that changed are
+        read again. A line keeps its index while the screen scrolls."""
+        scrolled = self.screen.history.top
+        for line in list(scrolled)[len(self._scrolled) :]:
+            self._scrolled.append("".join(line[x].data for x in range(COLUMNS)))
+        for y in self.screen.dirty:
+            line = self.screen.buffer[y]
+            self._rows[y] = "".join(line[x].data for x in range(COLUMNS))
+        self.screen.dirty.clear()
+        lines: list[str] = []
+        current = ""
+        for row in [*self._scrolled, *self._rows]:
+            current += row
+            if not row.endswith(" "):
+                continue  # wrapped; or a token ended on the last column, which joins the same
+            lines.append(current.rstrip())
+            current = ""
+        if current:
+            lines.append(current.rstrip())
+        return lines
+
+    def text(self) -> str:
+        return "\n".join(self.rows()).rstrip()
+
+    def row_after(self, start: int, match: Callable[[str], bool]) -> int | None:
+        rows = self.rows()
+        return next((i for i in range(start + 1, len(rows)) if match(rows[i])), None)
+
+    def _pump(self, done: Callable[[], bool], what: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(
+                    f"waited {timeout:g} s for {what}; the screen shows:\n{self.text()}"
+                )
+            try:
+                data = self.child.read_nonblocking(65536, timeout=min(left, 0.5))
+            except pexpect.TIMEOUT:
+                continue
+            except pexpect.EOF:
+                raise AssertionError(
+                    f"parley chat ended while we waited for {what}; the screen shows:\n{self.text()}"
+                ) from None
+            self.raw.append(data)
+            self.stream.feed(data)
+
+    async def until(self, done: Callable[[], bool], what: str) -> None:
+        # in a thread: the server under test shares this event loop
+        await asyncio.to_thread(self._pump, done, what, WAIT_S)
+
+    async def until_row(self, match: Callable[[str], bool], what: str, after: int = -1) -> int:
+        await self.until(lambda: self.row_after(after, match) is not None, what)
+        found = self.row_after(after, match)
+        assert found is not None
+        return found
+
+    async def prompt_after(self, row: int) -> int:
+        """The prompt, back on a row below `row`."""
+        return await self.until_row(lambda r: r == PROMPT_ROW, "the prompt", after=row)
+
+    # ------------------------------------------------------------ typing
+
+    def type_line(self, text: str) -> None:
+        self.child.send(text + "\r")
+
+    def ctrl_c(self) -> None:
+        self.child.sendintr()
+
+    async def exit_status(self) -> int | None:
+        """Wait for the process to end: its exit status (None if a signal killed it)."""
+
+        def read_to_end() -> None:
+            deadline = time.monotonic() + WAIT_S
+            while time.monotonic() < deadline:
+                try:
+                    data = self.child.read_nonblocking(65536, timeout=0.5)
+                except pexpect.TIMEOUT:
+                    continue
+                except pexpect.EOF:
+                    self.child.wait()
+                    return
+                self.raw.append(data)
+                self.stream.feed(data)
+            raise AssertionError(f"parley chat did not end; the screen shows:\n{self.text()}")
+
+        await asyncio.to_thread(read_to_end)
+        return self.child.exitstatus
+
+    def close(self) -> None:
+        if self.child.isalive():
+            self.child.terminate(force=True)
+
+
+def chat_env(**extra: str) -> dict[str, str]:
+    """A terminal's environment, without the outer one's PARLEY_* or colour settings."""
+    skip = ("PARLEY_", "NO_COLOR", "FORCE_COLOR", "COLUMNS", "LINES", "TERM")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(skip)}
+    # pexpect answers no cursor-position requests; prompt-toolkit would wait for one
+    env.update(TERM="xterm-256color", PROMPT_TOOLKIT_NO_CPR="1", **extra)
+    return env
+
+
+@contextlib.contextmanager
+def terminal(*args: str, env: dict[str, str]) -> Iterator[Terminal]:
+    term = Terminal(list(args), env)
+    try:
+        yield term
+    finally:
+        term.close()
+
+
+def numbers_between(term: Terminal, first: int, last: int) -> tuple[list[int], list[str]]:
+    """The `[[tokens=N]]` answer drawn between two rows, and the other rows there."""
+    numbers: list[int] = []
+    others: list[str] = []
+    for row in term.rows()[first + 1 : last]:
+        if _NUMBERS.fullmatch(row):
+            numbers += [int(n) for n in row.split()]
+        elif row:
+            others.append(row)
+    return numbers, others
+
+
+def conversation_id_on(term: Terminal) -> str:
+    match = re.search(r"^conversation (\w+)", term.text(), re.MULTILINE)
+    assert match, term.text()
+    return match.group(1)
+
+
+def _style_at(raw: str, index: int) -> list[str]:
+    """The parameters of the last SGR code written before `index` (the style in force)."""
+    codes = re.findall(r"\x1b\[([0-9;]*)m", raw[:index])
+    return codes[-1].split(";") if codes else []
+
+
+# ---------------------------------------------------------------- tests
+
+
+async def test_a_whole_turn_renders_with_the_dev_found_on_the_data_folder(
+    services: Services, api: SseClient, user: str, tmp_path: Path
+) -> None:
+    # What a running `parley dev` leaves in its folder: its secret and where its edge is
+    # (its pid: this process, alive). No PARLEY_* variable: the command finds both.
+    (tmp_path / "jwt_secret").write_text(SECRET)
+    run = {"edge_url": services.edge_url, "model_base_url": "", "pid": os.getpid()}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    with terminal("--data", str(tmp_path), "chat", "--user", user, env=chat_env()) as term:
+        await term.until_row(lambda r: r == PROMPT_ROW, "the first prompt")
+        term.type_line("calculate 6*7")
+        answer = await term.until_row(lambda r: r == "The result is 42.", "the answer")
+        await term.prompt_after(answer)
+        rows = term.rows()
+        start = rows.index("you> calculate 6*7")
+        turn = [row for row in rows[start + 1 : answer + 1] if row]
+        conversation_id = conversation_id_on(term)
+        assert turn == [
+            f"conversation {conversation_id} "
+            f"(continue it later: parley chat --conversation {conversation_id})",
+            "── calculate 6*7 ──",
+            "The user asks something the calculator tool can answer; I will call it.",
+            '⚙ calculator(expression="6*7")',
+            turn[4],
+            "The tool has answered; I will pass its result on.",
+            "The result is 42.",
+        ], term.text()
+        assert re.fullmatch(r"  ↳ 42 · [0-9.]+ m?s", turn[4]), turn[4]
+
+        raw = "".join(term.raw)
+        # the spinner was drawn before the first token came, then erased
+        assert raw.index("waiting for the answer") < raw.index("asks "), raw
+        assert "waiting for the answer" not in term.text()
+        # thinking dimmed (SGR 2), the answer not
+        assert "2" in _style_at(raw, raw.index("asks ")), raw
+        assert "2" not in _style_at(raw, raw.rindex("42.")), raw
+
+        term.child.sendeof()  # Ctrl-D on the empty prompt
+        assert await term.exit_status() == 0
+
+    # the turn ran as `user`, with a token signed by the dev's secret
+    status, body = await api.request("GET", f"/v1/conversations/{conversation_id}")
+    assert status == 200 and body["title"] == "calculate 6*7", body
+
+
+async def test_ctrl_c_stops_a_long_answer_and_a_second_ctrl_c_quits(
+    services: Services, api: SseClient, user: str, projected: Projected
+) -> None:
+    env = chat_env(PARLEY_URL=services.edge_url, PARLEY_TOKEN=token_for(user))
+    with terminal("chat", env=env) as term:
+        await term.until_row(lambda r: r == PROMPT_ROW, "the first prompt")
+        term.type_line("[[tokens=4000]]")
+        typed = await term.until_row(lambda r: r == "you> [[tokens=4000]]", "the message")
+        await term.until_row(lambda r: " 30 " in r, "the answer streaming", after=typed)
+        term.ctrl_c()
+        stopped = await term.until_row(lambda r: r == STOPPED, "the stopped turn", after=typed)
+        await term.prompt_after(stopped)
+        numbers, others = numbers_between(term, typed, stopped)
+        assert numbers == list(range(len(numbers))), numbers  # in order, none twice
+        assert 30 < len(numbers) < 4000, len(numbers)
+        assert others[-1] == "stopping the answer… (Ctrl-C again quits)", others
+        conversation_id = conversation_id_on(term)
+
+        term.ctrl_c()  # on the empty prompt: quits
+        assert await term.exit_status() in (0, 130)
+
+    await projected(conversation_id)
+    status, body = await api.request("GET", f"/v1/conversations/{conversation_id}/messages")
+    assert status == 200, body
+    answer = body["messages"][-1]
+    assert answer["status"] == "cancelled", answer
+    # what the terminal showed is what was kept
+    assert answer["content"][0]["content"].split() == [str(n) for n in numbers]
+
+
+async def test_two_ctrl_c_in_a_row_quit_and_the_answer_stops_on_the_server(
+    services: Services, api: SseClient, user: str, projected: Projected
+) -> None:
+    env = chat_env(PARLEY_URL=services.edge_url, PARLEY_TOKEN=token_for(user))
+    with terminal("chat", env=env) as term:
+        await term.until_row(lambda r: r == PROMPT_ROW, "the first prompt")
+        term.type_line("[[tokens=4000]]")
+        typed = await term.until_row(lambda r: r == "you> [[tokens=4000]]", "the message")
+        await term.until_row(lambda r: " 20 " in r, "the answer streaming", after=typed)
+        conversation_id = conversation_id_on(term)
+        term.ctrl_c()
+        # a person's second press, not one in the same instant (two SIGINTs that close
+        # together arrive as one): mid-turn or at the prompt, it quits
+        await term.until_row(lambda r: r.startswith("stopping the answer"), "the notice")
+        term.ctrl_c()
+        assert await term.exit_status() in (0, 130)
+    await projected(conversation_id)
+    _, body = await api.request("GET", f"/v1/conversations/{conversation_id}/messages")
+    assert body["messages"][-1]["status"] == "cancelled", body
+
+
+async def test_conversation_option_shows_recent_messages_then_continues(
+    services: Services, api: SseClient, user: str, projected: Projected
+) -> None:
+    conversation_id = (await api.create_conversation())["id"]
+    events = await api.send_stream(conversation_id, "hello history")
+    assert events[-1].data == "ok"
+    await projected(conversation_id)
+    env = chat_env(PARLEY_URL=services.edge_url, PARLEY_TOKEN=token_for(user))
+    with terminal("chat", "--conversation", conversation_id, env=env) as term:
+        answered = await term.until_row(
+            lambda r: r.startswith('You said: "hello history". I am parley'), "the history"
+        )
+        first_prompt = await term.prompt_after(answered)
+        shown = [row for row in term.rows()[:first_prompt] if row]
+        assert shown[:4] == [
+            f"conversation {conversation_id}",
+            "── hello history ──",
+            "you> hello history",
+            'The user wrote "hello history". I will answer briefly and repeat it back.',
+        ], term.text()
+        assert len(shown) == 5, term.text()
+        assert shown[4].startswith('You said: "hello history". I am parley'), shown[4]
+
+        term.type_line("second message")
+        answer = await term.until_row(
+            lambda r: r.startswith('You said: "second message"'), "the second answer"
+        )
+        await term.prompt_after(answer)
+        term.ctrl_c()
+        assert await term.exit_status() in (0, 130)
+
+    await projected(conversation_id)
+    _, body = await api.request("GET", f"/v1/conversations/{conversation_id}/messages")
+    contents = [m["content"][-1]["content"] for m in body["messages"]]
+    assert len(contents) == 4 and contents[2] == "second message", contents
+
+
+async def test_conversation_option_joins_an_answer_still_being_written_and_can_stop_it(
+    services: Services, api: SseClient, user: str, projected: Projected
+) -> None:
+    conversation_id = (await api.create_conversation())["id"]
+    # 50 s of answer, which outlasts the client's start on a loaded machine; the test
+    # stops it as soon as the client shows it
+    await api.send_json(conversation_id, "[[tokens=20000]]")
+    env = chat_env(PARLEY_URL=services.edge_url, PARLEY_TOKEN=token_for(user))
+    with terminal("chat", "--conversation", conversation_id, env=env) as term:
+        asked = await term.until_row(lambda r: r == "you> [[tokens=20000]]", "the history")
+        await term.until_row(lambda r: " 3 " in r, "the answer", after=asked)
+        term.ctrl_c()
+        stopped = await term.until_row(lambda r: r == STOPPED, "the stopped turn", after=asked)
+        await term.prompt_after(stopped)
+        numbers, _ = numbers_between(term, asked, stopped)
+        assert numbers == list(range(len(numbers))) and numbers, numbers  # from its start, once
+        term.ctrl_c()
+        assert await term.exit_status() in (0, 130)
+    await projected(conversation_id)
+    _, body = await api.request("GET", f"/v1/conversations/{conversation_id}/messages")
+    assert body["messages"][-1]["status"] == "cancelled", body
+
+
+class CuttingProxy:
+    """A TCP proxy in front of the edge that can drop every connection through it at once,
+    as a flaky network does. It keeps what clients sent, to see how they came back."""
+
+    def __init__(self, target: str) -> None:
+        parts = urlsplit(target)
+        self.target = (parts.hostname or "127.0.0.1", parts.port or 80)
+        self.sent: list[bytearray] = []  # client -> server bytes, per connection
+        self._writers: list[asyncio.StreamWriter] = []
+        self.url = ""
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self._writers += [writer, up_writer]
+        sent = bytearray()
+        self.sent.append(sent)
+
+        async def pump(
+            source: asyncio.StreamReader, sink: asyncio.StreamWriter, log: bytearray | None
+        ) -> None:
+            try:
+                while data := await source.read(65536):
+                    if log is not None:
+                        log += data
+                    sink.write(data)
+                    await sink.drain()
+            except ConnectionError:
+                pass  # cut: the other side's reader sees it too
+            finally:
+                sink.close()
+
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(pump(reader, up_writer, sent))
+            tasks.create_task(pump(up_reader, writer, None))
+
+    def cut(self) -> None:
+        for writer in self._writers:
+            writer.transport.abort()
+        self._writers.clear()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[CuttingProxy]:
+        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        try:
+            yield self
+        finally:
+            server.close()
+            self.cut()
+            await server.wait_closed()
+
+
+async def test_a_dropped_connection_is_resumed_with_every_token_exactly_once(
+    services: Services, user: str
+) -> None:
+    count = 1000  # 2.5 s at the test model's 400 tokens/s: the cut lands mid-answer
+    async with CuttingProxy(services.edge_url).running() as proxy:
+        env = chat_env(PARLEY_URL=proxy.url, PARLEY_TOKEN=token_for(user))
+        with terminal("chat", env=env) as term:
+            await term.until_row(lambda r: r == PROMPT_ROW, "the first prompt")
+            term.type_line(f"[[tokens={count}]]")
+            typed = await term.until_row(lambda r: r == f"you> [[tokens={count}]]", "the message")
+            await term.until_row(lambda r: " 40 " in r, "the answer streaming", after=typed)
+            assert str(count - 1) not in term.text(), "the answer ended before the cut"
+            proxy.cut()
+            notice = await term.until_row(
+                lambda r: r.startswith("⟳ connection lost"), "the resume notice", after=typed
+            )
+            end = await term.prompt_after(notice)
+            numbers, others = numbers_between(term, typed, end)
+            assert numbers == list(range(count)), numbers
+            assert others == [
+                f"conversation {conversation_id_on(term)} "
+                f"(continue it later: parley chat --conversation {conversation_id_on(term)})",
+                f"── [[tokens={count}]] ──",
+                "⟳ connection lost (the connection was cut); resuming",
+            ], others
+            conversation_id = conversation_id_on(term)
+            term.ctrl_c()
+            assert await term.exit_status() in (0, 130)
+
+    sent = [bytes(s) for s in proxy.sent]
+    posts = [s for s in sent if f"POST /v1/conversations/{conversation_id}/messages".encode() in s]
+    assert len(posts) == 1, "resumed by asking again instead of reading on"
+    resumes = [s for s in sent if f"GET /v1/conversations/{conversation_id}/events".encode() in s]
+    assert len(resumes) == 1, sent
+    assert re.search(rb"(?i)last-event-id: [0-9]+\r\n", resumes[0]), resumes[0]
+
+
+async def _run_chat(*args: str, env: dict[str, str]) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "parley.cli",
+        *args,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(WAIT_S):
+        out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode() + err.decode()
+
+
+async def test_chat_says_plainly_when_it_has_no_server_or_its_token_is_refused(
+    services: Services, tmp_path: Path, user: str
+) -> None:
+    code, said = await _run_chat("--data", str(tmp_path), "chat", env=chat_env())
+    assert code == 2 and "PARLEY_URL" in said and "parley dev" in said, said
+    env = chat_env(PARLEY_URL=services.edge_url, PARLEY_TOKEN="not-a-token")
+    code, said = await _run_chat("chat", env=env)
+    assert code == 2 and "unauthorized" in said and "Traceback" not in said, said
+    env = chat_env(PARLEY_URL=services.edge_url, PARLEY_TOKEN=token_for(user))
+    code, said = await _run_chat("chat", "--conversation", "01M8GGRZF5FGDZ57JN7PPQBC8X", env=env)
+    assert code == 2 and "not found" in said, said

@@ -1,0 +1,243 @@
+"""Limits a public endpoint needs, each on an edge of its own against the live stack."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from typing import Any
+
+import aiohttp
+
+from api.config import EdgeLimits
+from events.log import EventLog
+from events.vocabulary import Done
+from parley.services import Servers, Services
+from tests.conftest import extra_edge, token_for
+from tests.sse import SseClient
+
+
+def limits(**overrides: Any) -> EdgeLimits:
+    base: dict[str, Any] = {
+        "rate_per_s": 0,
+        "max_streams_per_user": 0,
+        "max_turns_per_user": 0,
+        **overrides,
+    }
+    return EdgeLimits(**base)
+
+
+def assert_429(status: int, headers: Any, body: Any, code: str) -> None:
+    assert status == 429, (status, body)
+    assert body["error"]["code"] == code and body["error"]["message"], body
+    assert int(headers["Retry-After"]) >= 1, headers
+
+
+async def test_requests_over_the_users_rate_are_429_with_retry_after(
+    stack: Servers, services: Services, http: aiohttp.ClientSession, user: str
+) -> None:
+    async with extra_edge(stack, limits=limits(rate_per_s=0.5, rate_burst=3)) as base:
+        api = SseClient(http, base, token_for(user))
+        for _ in range(3):
+            status, _ = await api.request("GET", "/v1/conversations")
+            assert status == 200
+        async with http.get(base + "/v1/conversations", headers=api.headers()) as response:
+            assert_429(response.status, response.headers, await response.json(), "rate_limited")
+            assert int(response.headers["Retry-After"]) == 2  # one token every 2 s
+        other = SseClient(http, base, token_for(user + "-other"))
+        status, _ = await other.request("GET", "/v1/conversations")
+        assert status == 200, "one user's limit is not another's"
+        async with http.get(base + "/healthz") as response:
+            assert response.status == 200, "public paths are not limited"
+
+
+async def test_a_user_may_hold_only_so_many_event_streams_and_a_closed_one_frees_its_slot(
+    stack: Servers, services: Services, http: aiohttp.ClientSession, user: str
+) -> None:
+    async with extra_edge(
+        stack, limits=limits(max_streams_per_user=2), ping_interval_s=0.1
+    ) as base:
+        api = SseClient(http, base, token_for(user))
+        cid = (await api.create_conversation())["id"]
+        first = await api.events(cid).__aenter__()
+        second = await api.events(cid).__aenter__()
+        try:
+            assert first.status == second.status == 200
+            async with api.events(cid) as third:
+                assert_429(third.status, third.headers, await third.json(), "too_many_streams")
+            # a POST that wants a stream is one more stream; as JSON it is not
+            status, body = await api.request(
+                "POST", f"/v1/conversations/{cid}/messages", json={"content": "hi [[tokens=1]]"}
+            )
+            assert status == 429 and body["error"]["code"] == "too_many_streams", body
+            await api.send_json(cid, "as json [[tokens=1]]")
+        finally:
+            first.close()
+        try:
+            async with asyncio.timeout(10):  # freed once the edge sees the viewer gone
+                while True:
+                    async with api.events(cid) as again:
+                        if again.status == 200:
+                            break
+                        assert again.status == 429
+                    await asyncio.sleep(0.05)
+        finally:
+            second.close()
+
+
+async def wait_for_done(event_log: EventLog, cid: str, within_s: float = 30) -> None:
+    async with asyncio.timeout(within_s):
+        while True:  # the log, read again until the turn's end is in it
+            if any(isinstance(s.event, Done) for s in await event_log.read(cid)):
+                return
+            await asyncio.sleep(0.05)
+
+
+async def test_a_user_may_have_only_so_many_messages_waiting_for_an_answer(
+    stack: Servers, services: Services, http: aiohttp.ClientSession, user: str, event_log: EventLog
+) -> None:
+    async with extra_edge(stack, limits=limits(max_turns_per_user=1)) as base:
+        api = SseClient(http, base, token_for(user))
+        cid = (await api.create_conversation())["id"]
+        other = (await api.create_conversation())["id"]
+        await api.send_json(cid, "a long one [[tokens=400]]")
+        status, body = await api.request(
+            "POST",
+            f"/v1/conversations/{other}/messages",
+            json={"content": "and another"},
+            headers={"Accept": "application/json"},
+        )
+        assert status == 429 and body["error"]["code"] == "too_many_turns", body
+        await wait_for_done(event_log, cid)
+        async with asyncio.timeout(20):  # the turn ended; its slot is freed by the edge
+            while True:
+                status, body = await api.request(
+                    "POST",
+                    f"/v1/conversations/{other}/messages",
+                    json={"content": "now? [[tokens=2]]"},
+                    headers={"Accept": "application/json"},
+                )
+                if status == 202:
+                    break
+                assert status == 429, body
+                await asyncio.sleep(0.05)
+
+
+async def _raw_request(port: int, request: bytes, *, rcvbuf: int | None = None) -> socket.socket:
+    sock = socket.socket()
+    if rcvbuf is not None:  # a reader with a tiny window: the server's writes back up at once
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    await asyncio.get_running_loop().sock_sendall(sock, request)
+    return sock
+
+
+async def _read_all(sock: socket.socket, until: bytes | None = None) -> bytes:
+    """What the server sends until it closes (or until `until` has arrived)."""
+    loop = asyncio.get_running_loop()
+    out = b""
+    try:
+        while (until is None or until not in out) and (chunk := await loop.sock_recv(sock, 65536)):
+            out += chunk
+    except ConnectionResetError:
+        pass
+    return out
+
+
+async def _read_until_quiet(sock: socket.socket, quiet_s: float = 1.0) -> bytes:
+    """What the server still sends, until it closes or has sent nothing for `quiet_s`."""
+    loop = asyncio.get_running_loop()
+    out = b""
+    try:
+        while True:
+            async with asyncio.timeout(quiet_s):
+                chunk = await loop.sock_recv(sock, 65536)
+            if not chunk:
+                return out
+            out += chunk
+    except (TimeoutError, ConnectionResetError):
+        return out
+
+
+async def test_a_viewer_that_stops_reading_is_cut_off_and_the_turn_goes_on(
+    stack: Servers, services: Services, http: aiohttp.ClientSession, user: str, event_log: EventLog
+) -> None:
+    config = limits(
+        write_timeout_s=0.5,
+        max_buffer_bytes=64 * 1024,
+        socket_send_buffer_bytes=16 * 1024,
+        max_streams_per_user=1,
+    )
+    async with extra_edge(stack, limits=config) as base:
+        token = token_for(user)
+        api = SseClient(http, base, token)
+        cid = (await api.create_conversation())["id"]
+        port = int(base.rsplit(":", 1)[1])
+        body = json.dumps({"content": "a big one [[bulk=2000000]]"}).encode()
+        sock = await _raw_request(
+            port,
+            f"POST /v1/conversations/{cid}/messages HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body,
+            rcvbuf=4096,
+        )
+        try:
+            head = await _read_all(sock, until=b"\r\n\r\n")  # the stream is open...
+            assert head.startswith(b"HTTP/1.1 200"), head
+            # ...and from here the client reads nothing. Its stream holds the user's only slot
+            # until the edge cuts it, so a second stream opens once it has.
+            async with asyncio.timeout(20):
+                while True:
+                    async with api.events(cid) as response:
+                        if response.status == 200:
+                            break
+                        assert response.status == 429
+                    await asyncio.sleep(0.1)
+            received = await _read_until_quiet(sock)
+        finally:
+            sock.close()
+        assert b'"event":"done"' not in received, "the stuck viewer was cut before the end"
+        await wait_for_done(event_log, cid)  # the turn does not depend on its viewer
+
+
+async def test_a_body_that_trickles_in_times_out_with_408(
+    stack: Servers, services: Services, user: str
+) -> None:
+    async with extra_edge(stack, limits=limits(body_timeout_s=0.3)) as base:
+        port = int(base.rsplit(":", 1)[1])
+        sock = await _raw_request(
+            port,
+            b"POST /v1/conversations HTTP/1.1\r\nHost: x\r\n"
+            + f"Authorization: Bearer {token_for(user)}\r\n".encode()
+            + b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+        )
+        try:
+            async with asyncio.timeout(10):
+                # answered at once; aiohttp then lingers a while for the rest of the body
+                answer = await _read_all(sock, until=b"}}")
+        finally:
+            sock.close()
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b'"code": "body_timeout"' in answer, answer
+
+
+async def test_the_log_is_streamed_in_order_as_json_lines(
+    api: SseClient, http: aiohttp.ClientSession, event_log: EventLog
+) -> None:
+    cid = (await api.create_conversation())["id"]
+    await api.send_stream(cid, "count [[tokens=300]]")
+    expected = [s.seq for s in await event_log.read(cid)]
+    async with http.get(api.url(f"/v1/conversations/{cid}/log"), headers=api.headers()) as response:
+        assert response.status == 200
+        assert response.headers["Transfer-Encoding"] == "chunked", "streamed, not built whole"
+        lines = [json.loads(line) async for line in response.content]
+    assert [line["seq"] for line in lines] == expected
+    async with http.get(
+        api.url(f"/v1/conversations/{cid}/log"),
+        headers=api.headers(),
+        params={"after": str(expected[-3])},
+    ) as response:
+        tail = [json.loads(line) async for line in response.content]
+    assert [line["seq"] for line in tail] == expected[-2:]

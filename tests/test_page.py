@@ -1,0 +1,633 @@
+"""The web page (api/static/index.html) in a real browser, against the live stack.
+
+Debian's chromium, driven by Playwright (never a browser build Playwright would
+download): one browser for the session, a fresh context and page per test. The
+page talks to the session's edge, workers and projections, nothing mocked; the
+demo model streams at 400 tokens/s, so `[[tokens=N]]` answers take N/400 s.
+Waits are Playwright's (on selectors, text, attributes), never fixed sleeps.
+Screenshots of the main states go to test-artefacts/page/ (gitignored).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import pytest
+from playwright.async_api import (
+    Browser,
+    BrowserContext,
+    Dialog,
+    Locator,
+    Page,
+    Request,
+    async_playwright,
+    expect,
+)
+
+from events.log import EventLog
+from parley.services import Services
+from tests.conftest import Projected, token_for
+from tests.sse import SseClient
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTEFACTS = Path(__file__).resolve().parent.parent / "test-artefacts" / "page"
+# Playwright's waits: long enough for a loaded 2-core machine, short enough to fail fast.
+expect.set_options(timeout=20_000)
+
+
+def counted(n: int) -> str:
+    """The answer of `[[tokens=n]]`: every token once, in order."""
+    return "".join(f"{i} " for i in range(n))
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Path:
+    if not CHROMIUM.exists():
+        # `make test` installs it; a run without it must fail, never skip
+        pytest.fail(f"{CHROMIUM} is missing: run `make browser` (apt-get install chromium)")
+    ARTEFACTS.mkdir(parents=True, exist_ok=True)
+    return CHROMIUM
+
+
+@pytest.fixture(scope="session")
+async def browser(chromium: Path) -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        # launch() gives the browser a fresh temporary user data dir of its own
+        launched = await playwright.chromium.launch(
+            executable_path=str(chromium), args=CHROMIUM_ARGS, headless=True
+        )
+        yield launched
+        await launched.close()
+
+
+class Tab:
+    """A page plus the JavaScript errors it raised (a test fails on any)."""
+
+    def __init__(self, page: Page, name: str) -> None:
+        self.page = page
+        self.name = name
+        self.errors: list[str] = []
+        page.on("pageerror", lambda error: self.errors.append(str(error)))
+
+    async def shot(self, state: str) -> None:
+        await self.page.screenshot(path=str(ARTEFACTS / f"{self.name}--{state}.png"))
+
+
+class Browsing:
+    """One browser context (one localStorage) per test, with as many tabs as it opens."""
+
+    def __init__(self, context: BrowserContext, name: str) -> None:
+        self.context = context
+        self.name = name
+        self.tabs: list[Tab] = []
+
+    async def tab(self) -> Tab:
+        tab = Tab(await self.context.new_page(), f"{self.name}-{len(self.tabs) + 1}")
+        self.tabs.append(tab)
+        return tab
+
+
+@pytest.fixture
+async def browsing(browser: Browser, request: pytest.FixtureRequest) -> AsyncIterator[Browsing]:
+    context = await browser.new_context(viewport={"width": 1280, "height": 860})
+    name = re.sub(r"^test_", "", request.node.name)
+    session = Browsing(context, name)
+    try:
+        yield session
+        # Every turn a tab saw from its start streamed exactly what was stored, each
+        # event once (counted by the page since its last load).
+        for tab in session.tabs:
+            seen = await stats(tab.page)
+            assert seen["duplicates"] == 0 and seen["mismatches"] == 0, (tab.name, seen)
+    finally:
+        await context.close()
+    errors = [f"{tab.name}: {error}" for tab in session.tabs for error in tab.errors]
+    assert not errors, f"the page raised JavaScript errors: {errors}"
+
+
+async def open_signed_in(tab: Tab, base: str, token: str, conversation: str | None = None) -> None:
+    """Open the page with a token in the URL's fragment (kept in localStorage, then removed)."""
+    fragment = f"#token={token}" + (f"&c={conversation}" if conversation else "")
+    await tab.page.goto(base + "/" + fragment)
+    await expect(tab.page.locator("#tokstate")).to_contain_text("Signed in as")
+
+
+async def new_chat(page: Page) -> str:
+    await page.click("#new")
+    await page.wait_for_function("() => location.hash.startsWith('#c=')")
+    conversation = str(await page.evaluate("() => decodeURIComponent(location.hash.slice(3))"))
+    await expect(page.locator(".empty")).to_contain_text("No messages yet")
+    return conversation
+
+
+async def send(page: Page, text: str) -> None:
+    await page.fill("#input", text)
+    await page.press("#input", "Enter")
+
+
+def assistant(page: Page, nth: int = -1) -> Locator:
+    return page.locator(".msg.assistant").nth(nth)
+
+
+async def answer_text(message: Locator) -> str:
+    texts = await message.locator(".body > .text").all_text_contents()
+    return "".join(texts)
+
+
+async def finished(message: Locator, status: str = "complete") -> None:
+    """The message shows its final row (what a reload shows), not only the stream."""
+    await expect(message).to_have_attribute("data-status", status)
+    await expect(message).to_have_attribute("data-source", "row")
+
+
+async def stats(page: Page) -> dict[str, int]:
+    result: dict[str, int] = await page.evaluate("() => ({...window.parleyStats})")
+    return result
+
+
+async def messages(api: SseClient, conversation: str) -> list[dict[str, Any]]:
+    status, body = await api.request(
+        "GET", f"/v1/conversations/{conversation}/messages?versions=all"
+    )
+    assert status == 200, body
+    rows: list[dict[str, Any]] = body["messages"]
+    return rows
+
+
+# ---------------------------------------------------------------- signing in
+
+
+async def test_signing_in_with_a_token_shows_the_user_and_their_conversations(
+    services: Services, browsing: Browsing, api: SseClient, user: str
+) -> None:
+    status, created = await api.request(
+        "POST", "/v1/conversations", json={"title": "Made before signing in"}
+    )
+    assert status == 201, created
+    tab = await browsing.tab()
+    page = tab.page
+    await page.goto(services.edge_url + "/")
+    await expect(page.locator("#tokstate")).to_have_text("Not signed in — paste a token to begin")
+    await page.fill("#token", "not-a-token")
+    await page.click("#tokform button[type=submit]")
+    await expect(page.locator("#banner")).to_contain_text("Not signed in (401)")
+    await tab.shot("rejected-token")
+
+    await page.fill("#token", token_for(user))
+    await page.click("#tokform button[type=submit]")
+    await expect(page.locator("#tokstate")).to_have_text(f"Signed in as {user}")
+    entry = page.locator(f'#convs button[data-id="{created["id"]}"]')
+    await expect(entry).to_contain_text("Made before signing in")
+    await entry.click()
+    await expect(page.locator("#title")).to_have_text("Made before signing in")
+    await expect(page.locator(".empty")).to_contain_text("No messages yet")
+    await tab.shot("signed-in")
+
+
+# ---------------------------------------------------------------- a turn
+
+
+async def test_thinking_tool_cards_and_the_answer_stream_in_and_the_title_appears(
+    services: Services, browsing: Browsing, api: SseClient, user: str
+) -> None:
+    tab = await browsing.tab()
+    page = tab.page
+    await open_signed_in(tab, services.edge_url, token_for(user))
+    conversation = await new_chat(page)
+    await send(page, "please calculate 6*7")
+
+    user_message = page.locator(".msg.user").first
+    await expect(user_message.locator(".body")).to_have_text("please calculate 6*7")
+    await expect(page.locator("#title")).to_have_text("please calculate 6*7")
+    await expect(page.locator(f'#convs button[data-id="{conversation}"]')).to_contain_text(
+        "please calculate 6*7"
+    )
+    message = assistant(page)
+    thinking = message.locator("details.thinking").first
+    await expect(thinking).to_contain_text("the calculator tool can answer")
+    card = message.locator('.tool[data-tool="calculator"]')
+    await expect(card.locator(".args")).to_contain_text('"expression": "6*7"')
+    await expect(card.locator(".st")).to_contain_text("done")
+    await expect(card.locator(".result")).to_have_text("42")
+    await expect(message.locator(".body > .text")).to_have_text("The result is 42.")
+    await finished(message)
+    await expect(message.locator(".mmeta")).to_contain_text("out tokens")
+    await tab.shot("answered-with-a-tool")
+
+    # After a reload the same turn comes from the message rows, tool cards included.
+    await page.reload()
+    message = assistant(page)
+    await finished(message)
+    await expect(page.locator("#title")).to_have_text("please calculate 6*7")
+    await expect(message.locator("details.thinking")).to_contain_text("calculator tool")
+    card = message.locator('.tool[data-tool="calculator"]')
+    await expect(card.locator(".result")).to_have_text("42")
+    await expect(card.locator(".st")).to_contain_text("done")
+    await expect(message.locator(".body > .text")).to_have_text("The result is 42.")
+    await expect(page.locator(".msg")).to_have_count(2)
+    await tab.shot("reloaded-tool-cards")
+    assert (await stats(page))["duplicates"] == 0
+
+
+async def test_stop_ends_the_answer_and_keeps_what_was_written(
+    services: Services, browsing: Browsing, api: SseClient, user: str, projected: Projected
+) -> None:
+    tab = await browsing.tab()
+    page = tab.page
+    await open_signed_in(tab, services.edge_url, token_for(user))
+    conversation = await new_chat(page)
+    await send(page, "[[tokens=4000]] count slowly")  # 10 s: far longer than the test waits
+    message = assistant(page)
+    await expect(message.locator(".body > .text")).to_contain_text("30 31 ")
+    await expect(page.locator("#stop")).to_be_visible()
+    await tab.shot("streaming")
+    await page.click("#stop")
+
+    await finished(message, "cancelled")
+    await expect(message.locator(".badge")).to_have_text("■ stopped")
+    await expect(page.locator("#send")).to_be_visible()
+    kept = await answer_text(message)
+    assert kept.startswith(counted(32)) and len(kept) < len(counted(4000)), kept[-40:]
+    assert counted(4000).startswith(kept), f"not a prefix of the answer: ...{kept[-40:]!r}"
+    await tab.shot("stopped")
+
+    await projected(conversation)
+    rows = await messages(api, conversation)
+    answer = next(r for r in rows if r["role"] == "assistant")
+    assert answer["status"] == "cancelled"
+    assert "".join(b["content"] for b in answer["content"] if b["role"] == "assistant") == kept
+
+    await page.reload()
+    message = assistant(page)
+    await finished(message, "cancelled")
+    assert await answer_text(message) == kept
+    await expect(message.locator(".badge")).to_have_text("■ stopped")
+
+
+# ---------------------------------------------------------------- versions
+
+
+async def test_regenerating_an_answer_adds_a_version_and_the_arrows_flip_between_them(
+    services: Services, browsing: Browsing, api: SseClient, user: str, projected: Projected
+) -> None:
+    tab = await browsing.tab()
+    page = tab.page
+    await open_signed_in(tab, services.edge_url, token_for(user))
+    conversation = await new_chat(page)
+    await send(page, "[[tokens=8]] say eight")
+    first = assistant(page)
+    await finished(first)
+    first_id = await first.get_attribute("data-id")
+    await expect(first.locator(".versions")).to_be_empty()
+
+    await first.locator("button.regen").click()
+    second = assistant(page)
+    await expect(second).not_to_have_attribute("data-id", first_id or "")
+    await finished(second)
+    second_id = await second.get_attribute("data-id")
+    assert await answer_text(second) == counted(8)
+    await expect(page.locator(".msg.assistant")).to_have_count(1)  # versions replace, not pile up
+    await expect(second.locator(".vpos")).to_have_text("2/2")
+    await expect(second.locator("button.next")).to_be_disabled()
+    await tab.shot("regenerated")
+
+    await projected(conversation)
+    rows = await messages(api, conversation)
+    answers = sorted(
+        (r for r in rows if r["role"] == "assistant"), key=lambda r: r["version_number"]
+    )
+    assert [r["id"] for r in answers] == [first_id, second_id]
+    assert answers[0]["version_group_id"] == answers[1]["version_group_id"]
+    assert [r["is_latest"] for r in answers] == [False, True]
+
+    await second.locator("button.prev").click()
+    shown = assistant(page)
+    await expect(shown).to_have_attribute("data-id", first_id or "")
+    await expect(shown.locator(".vpos")).to_have_text("1/2")
+    assert await answer_text(shown) == counted(8)
+    await shown.locator("button.next").click()
+    await expect(assistant(page)).to_have_attribute("data-id", second_id or "")
+    await expect(assistant(page).locator(".vpos")).to_have_text("2/2")
+
+    # a reload shows the latest version, still with both reachable
+    await page.reload()
+    await expect(assistant(page)).to_have_attribute("data-id", second_id or "")
+    await expect(assistant(page).locator(".vpos")).to_have_text("2/2")
+
+
+async def test_editing_a_user_message_streams_a_new_turn_and_keeps_the_old_branch(
+    services: Services, browsing: Browsing, api: SseClient, user: str, projected: Projected
+) -> None:
+    tab = await browsing.tab()
+    page = tab.page
+    await open_signed_in(tab, services.edge_url, token_for(user))
+    conversation = await new_chat(page)
+    await send(page, "[[tokens=3]] the first try")
+    await finished(assistant(page))
+    assert await answer_text(assistant(page)) == counted(3)
+
+    await page.locator(".msg.user button.edit").click()
+    box = page.locator(".msg.user textarea.edit-input")
+    await expect(box).to_have_value("[[tokens=3]] the first try")
+    await box.fill("[[tokens=6]] the second try")
+    await tab.shot("editing")
+    await page.locator(".msg.user button.save-edit").click()
+
+    edited = page.locator(".msg.user")
+    await expect(edited.locator(".body")).to_have_text("[[tokens=6]] the second try")
+    await finished(assistant(page))
+    assert await answer_text(assistant(page)) == counted(6)
+    await expect(page.locator(".msg")).to_have_count(2)
+    await expect(edited.locator(".vpos")).to_have_text("2/2")
+    await tab.shot("edited")
+
+    await projected(conversation)
+    rows = await messages(api, conversation)
+    users = sorted((r for r in rows if r["role"] == "user"), key=lambda r: r["version_number"])
+    assert [r["content"][0]["content"] for r in users] == [
+        "[[tokens=3]] the first try",
+        "[[tokens=6]] the second try",
+    ]
+    assert users[0]["is_fork_origin"] and not users[0]["is_latest"] and users[1]["is_latest"]
+
+    # the old version brings its own answer back with it
+    await edited.locator("button.prev").click()
+    await expect(page.locator(".msg.user .body")).to_have_text("[[tokens=3]] the first try")
+    await expect(page.locator(".msg.user .vpos")).to_have_text("1/2")
+    assert await answer_text(assistant(page)) == counted(3)
+
+
+# ---------------------------------------------------------------- resuming
+
+
+async def test_reloading_in_the_middle_of_an_answer_resumes_it_without_loss_or_duplication(
+    services: Services, browsing: Browsing, user: str
+) -> None:
+    tab = await browsing.tab()
+    page = tab.page
+    await open_signed_in(tab, services.edge_url, token_for(user))
+    await new_chat(page)
+    await send(page, "[[tokens=1600]] count")  # 4 s
+    await expect(assistant(page).locator(".body > .text")).to_contain_text("40 41 ")
+    await page.reload()
+
+    message = assistant(page)
+    await expect(message).to_have_attribute("data-status", "streaming")
+    await tab.shot("resumed-mid-answer")
+    await finished(message)
+    assert await answer_text(message) == counted(1600)
+    await expect(page.locator(".msg")).to_have_count(2)
+    seen = await stats(page)
+    assert seen["duplicates"] == 0, seen
+
+
+class CuttingProxy:
+    """A TCP proxy in front of the edge that can drop every connection at once: a
+    real dropped connection, as a flaky network makes one, in the middle of a stream."""
+
+    def __init__(self, target: str) -> None:
+        parts = urlsplit(target)
+        assert parts.hostname is not None and parts.port is not None
+        self.host, self.port = parts.hostname, parts.port
+        self.links: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self.server: asyncio.Server | None = None
+        self.serving: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def cut(self) -> int:
+        """Reset every open connection, both sides; returns how many there were."""
+        links = list(self.links)
+        for client, upstream in links:
+            client.transport.abort()
+            upstream.transport.abort()
+        return len(links)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        self.cut()  # every pipe then ends on its own: nothing is cancelled
+        await asyncio.gather(*self.serving)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.serving.add(task)
+        try:
+            up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+        except OSError:
+            writer.transport.abort()
+            self.serving.discard(task)
+            return
+        link = (writer, up_writer)
+        self.links.add(link)
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        self.links.discard(link)
+        self.serving.discard(task)
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass  # cut, or the other side went away: the other pipe ends too
+        writer.transport.abort()
+
+
+async def test_a_dropped_connection_resumes_from_the_last_event_id(
+    services: Services, browsing: Browsing, user: str, event_log: EventLog
+) -> None:
+    proxy = CuttingProxy(services.edge_url)
+    base = await proxy.start()
+    try:
+        tab = await browsing.tab()
+        page = tab.page
+        afters: list[int] = []  # the log positions the page resumed from
+
+        def note(request: Request) -> None:
+            if match := re.search(r"/events\?after=(\d+)", request.url):
+                afters.append(int(match.group(1)))
+
+        page.on("request", note)
+        await open_signed_in(tab, base, token_for(user))
+        conversation = await new_chat(page)
+        await send(page, "[[tokens=1600]] count")
+        message = assistant(page)
+        await expect(message.locator(".body > .text")).to_contain_text("40 41 ")
+        assert proxy.cut() > 0
+        await finished(message)
+        assert await answer_text(message) == counted(1600)
+        seen = await stats(page)
+        assert seen["duplicates"] == 0 and seen["drops"] >= 1, seen
+        # (after the turn's `done` the page also follows on from there, for the next turn)
+        done_at = await event_log.last_seq(conversation)
+        assert any(after < done_at for after in afters), (afters, done_at)
+    finally:
+        await proxy.close()
+
+
+# ---------------------------------------------------------------- two tabs
+
+
+async def test_two_tabs_on_one_conversation_see_the_same_turn_and_either_can_stop_it(
+    services: Services, browsing: Browsing, user: str
+) -> None:
+    first = await browsing.tab()
+    await open_signed_in(first, services.edge_url, token_for(user))
+    conversation = await new_chat(first.page)
+    await send(first.page, "[[tokens=5]] hello from the first tab")
+    await finished(assistant(first.page))
+
+    second = await browsing.tab()  # same browser profile: the token is already there
+    await second.page.goto(f"{services.edge_url}/#c={conversation}")
+    await expect(assistant(second.page)).to_have_attribute("data-status", "complete")
+    assert await answer_text(assistant(second.page)) == counted(5)
+
+    await send(first.page, "[[tokens=4000]] a long one from the first tab")
+    await expect(second.page.locator(".msg.user").nth(1).locator(".body")).to_have_text(
+        "[[tokens=4000]] a long one from the first tab"
+    )
+    await expect(assistant(second.page).locator(".body > .text")).to_contain_text("20 21 ")
+    await expect(second.page.locator("#stop")).to_be_visible()
+    await second.shot("watching-the-other-tab")
+    await second.page.click("#stop")
+
+    for tab in (first, second):
+        await finished(assistant(tab.page), "cancelled")
+        await expect(tab.page.locator(".msg")).to_have_count(4)
+    texts = [await answer_text(assistant(tab.page)) for tab in (first, second)]
+    assert texts[0] == texts[1] and counted(4000).startswith(texts[0]), [t[-30:] for t in texts]
+    await first.shot("stopped-by-the-other-tab")
+
+
+# ---------------------------------------------------------------- projects and billing
+
+
+async def grant(http: aiohttp.ClientSession, base: str, project: str, micro: int) -> None:
+    admin = SseClient(http, base, token_for("page-ops", admin=True))
+    status, body = await admin.request(
+        "POST", f"/v1/billing/accounts/project/{project}/credits", json={"micro_credits": micro}
+    )
+    assert status == 201, body
+
+
+async def create_project_in_page(page: Page, name: str) -> str:
+    async def accept(dialog: Dialog) -> None:
+        await dialog.accept(name)
+
+    page.once("dialog", accept)
+    await page.click("#newproject")
+    selected = page.locator("#project option:checked")
+    await expect(selected).to_have_text(name)
+    return str(await page.locator("#project").input_value())
+
+
+async def test_a_project_conversation_shows_the_balance_and_the_token_total(
+    services: Services,
+    browsing: Browsing,
+    api: SseClient,
+    http: aiohttp.ClientSession,
+    user: str,
+    projected: Projected,
+) -> None:
+    tab = await browsing.tab()
+    page = tab.page
+    await open_signed_in(tab, services.edge_url, token_for(user))
+    project = await create_project_in_page(page, "Browser project")
+    granted = 5_000_000
+    await grant(http, services.edge_url, project, granted)
+
+    conversation = await new_chat(page)
+    await expect(page.locator("#meta-scope")).to_have_text("Project: Browser project")
+    await send(page, "[[tokens=40]] count for the bill")
+    await finished(assistant(page))
+
+    await projected(conversation)
+    _, row = await api.request("GET", f"/v1/conversations/{conversation}")
+    assert row["project_id"] == project and row["token_usage_total"] > 40, row
+    await expect(page.locator("#meta-tokens")).to_have_attribute(
+        "data-tokens", str(row["token_usage_total"])
+    )
+    await expect(page.locator("#meta-tokens")).to_have_text(f"{row['token_usage_total']} tokens")
+    # The balance shown is the project's after this turn's charge (a few hundred
+    # micro-credits at the demo model's prices): the page waits for the ledger to have it.
+    balance = page.locator("#meta-balance")
+    await expect(balance).to_have_attribute("data-micro", re.compile(r"^4\d{6}$"))
+    shown = int(await balance.get_attribute("data-micro") or "")
+    _, ledger = await api.request("GET", f"/v1/billing/ledger?conversation={conversation}")
+    [entry] = ledger["entries"]
+    _, account = await api.request("GET", f"/v1/billing/accounts/project/{project}")
+    assert shown == account["balance_micro_credits"] == granted - entry["cost"], (account, entry)
+    await expect(balance).to_have_text(f"Balance: {shown / 1e6:.6f}".rstrip("0") + " credits")
+    await expect(page.locator(f'#convs button[data-id="{conversation}"]')).to_contain_text(
+        "Browser project"
+    )
+    await tab.shot("project-balance")
+
+
+async def test_a_billing_error_is_shown_plainly_and_credits_let_the_next_turn_run(
+    services: Services,
+    browsing: Browsing,
+    api: SseClient,
+    http: aiohttp.ClientSession,
+    user: str,
+) -> None:
+    status, created = await api.request("POST", "/v1/projects", json={"name": "No credits yet"})
+    assert status == 201, created
+    project = created["id"]
+    tab = await browsing.tab()
+    page = tab.page
+    await open_signed_in(tab, services.edge_url, token_for(user))
+    await page.select_option("#project", label="No credits yet")
+    await new_chat(page)
+    await expect(page.locator("#meta-balance")).to_have_attribute("data-micro", "0")
+    await send(page, "[[tokens=5]] will this be paid?")
+
+    refused = assistant(page)
+    await finished(refused, "billing_error")
+    notice = refused.locator(".notice.billing")
+    await expect(notice).to_contain_text("Not enough credits:")
+    await expect(notice).to_contain_text("has 0 micro-credits")
+    await expect(refused.locator(".badge")).to_have_text("■ not enough credits")
+    await expect(page.locator("#banner")).to_contain_text("Not enough credits")
+    await expect(refused.locator(".body > .text")).to_have_count(0)
+    await tab.shot("billing-error")
+
+    await page.reload()  # the refusal is stored: it is still there after a reload
+    await finished(assistant(page), "billing_error")
+    notice = assistant(page).locator(".notice.billing")
+    await expect(notice).to_contain_text("Not enough credits:")
+    await expect(notice).to_contain_text("has 0 micro-credits")
+
+    await grant(http, services.edge_url, project, 5_000_000)
+    await assistant(page).locator("button.regen").click()
+    answered = assistant(page)
+    await finished(answered)
+    assert await answer_text(answered) == counted(5)
+    await expect(answered.locator(".vpos")).to_have_text("2/2")
+    # now the project pays: its balance is what the grant left after this turn
+    await expect(page.locator("#meta-balance")).to_have_attribute(
+        "data-micro", re.compile(r"^4\d{6}$")
+    )
+    await tab.shot("after-credits")

@@ -1,0 +1,163 @@
+"""Turn-end webhooks against a receiver that refuses the first attempts and checks every
+signature: each end arrives, signed, under a stable id, and a restarted dispatcher
+neither loses one nor invents one."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import itertools
+import json
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from nats.aio.client import Client as NatsClient
+
+from actors.webhooks import WebhookDispatcher, WebhookSettings, backoff, payload, secret_bytes, sign
+from events.log import EventLog
+from events.vocabulary import Done, Failed
+from parley.services import Services
+from tests.sse import SseClient
+
+SECRET = "whsec_" + base64.b64encode(b"a receiver's shared secret, 32 bytes").decode()
+
+
+@dataclass
+class Receiver:
+    """Refuses each webhook id's first `refuse` attempts with a 503, then takes it."""
+
+    refuse: int = 2
+    attempts: dict[str, int] = field(default_factory=dict)
+    accepted: dict[str, dict[str, Any]] = field(default_factory=dict)
+    bad_signatures: int = 0
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        webhook_id = request.headers["webhook-id"]
+        timestamp = request.headers["webhook-timestamp"]
+        expected = base64.b64encode(
+            hmac.new(
+                base64.b64decode(SECRET.removeprefix("whsec_")),
+                f"{webhook_id}.{timestamp}.".encode() + body,
+                hashlib.sha256,
+            ).digest()
+        ).decode()
+        signatures = [s.split(",", 1)[1] for s in request.headers["webhook-signature"].split()]
+        if expected not in signatures:
+            self.bad_signatures += 1
+            return web.Response(status=401)
+        self.attempts[webhook_id] = self.attempts.get(webhook_id, 0) + 1
+        if self.attempts[webhook_id] <= self.refuse:
+            return web.Response(status=503)
+        self.accepted.setdefault(webhook_id, json.loads(body))
+        self.arrived.set()
+        return web.Response(status=204)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
+    hook = Receiver()
+    app = web.Application()
+    app.router.add_post("/hook", hook.handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield hook, str(server.make_url("/hook"))
+    await server.close()
+
+
+class Running:
+    def __init__(self, nc: NatsClient, url: str) -> None:
+        self.stopping = asyncio.Event()
+        self.http = aiohttp.ClientSession()
+        # retries come quickly here (the schedule itself is tested below)
+        self.dispatcher = WebhookDispatcher(
+            nc.jetstream(), WebhookSettings(url=url, secret=SECRET), self.http, first_retry_s=0.05
+        )
+        self.task = asyncio.create_task(self.dispatcher.run(self.stopping))
+
+    async def stop(self) -> None:
+        self.stopping.set()
+        await asyncio.wait_for(self.task, 15)
+        await self.http.close()
+
+
+async def until(check: Any, seconds: float = 60) -> None:
+    async with asyncio.timeout(seconds):
+        while not check():  # noqa: ASYNC110 (a receiver's state, no event to await)
+            await asyncio.sleep(0.05)
+
+
+async def test_every_turn_end_is_delivered_signed_once_per_id_through_refusals_and_a_restart(
+    api: SseClient,
+    services: Services,
+    nc: NatsClient,
+    event_log: EventLog,
+    receiver: tuple[Receiver, str],
+) -> None:
+    hook, url = receiver
+    running = Running(nc, url)
+    await asyncio.wait_for(running.dispatcher.ready.wait(), 10)
+    cid = (await api.create_conversation())["id"]
+    first = await api.send_stream(cid, "one [[tokens=3]]")
+    failed = await api.send_stream(cid, "two [[fail=cut]]")
+    await until(lambda: len(hook.accepted) >= 2)
+    # stopped with nothing pending; the next ends arrive after a restart
+    await running.stop()
+    third = await api.send_stream(cid, "three [[tokens=3]]")
+    running = Running(nc, url)
+    try:
+        await until(lambda: len(hook.accepted) >= 3)
+    finally:
+        await running.stop()
+    assert first[-1].data == "ok" and failed[-1].data == "error" and third[-1].data == "ok"
+
+    ends = [s for s in await event_log.read(cid) if isinstance(s.event, Done | Failed)]
+    ids = [s.event.event_id for s in ends if isinstance(s.event, Done | Failed)]
+    assert sorted(hook.accepted) == sorted(ids), (hook.accepted.keys(), ids)
+    assert all(hook.attempts[i] == hook.refuse + 1 for i in ids), hook.attempts
+    assert hook.bad_signatures == 0
+    kinds = [hook.accepted[i]["type"] for i in ids]
+    assert kinds == ["turn.done", "turn.failed", "turn.done"], kinds
+    done = hook.accepted[ids[0]]["data"]
+    assert done["conversation_id"] == cid and done["turn_id"] == first[0].data["turn_id"]
+    assert done["seq"] == ends[0].seq and done["stop_reason"] in ("stop", "length")
+    assert hook.accepted[ids[1]]["data"]["code"] == "stream_cut"
+
+
+def test_the_signature_is_the_standard_webhooks_one_and_retries_back_off() -> None:
+    secret = secret_bytes(SECRET)
+    assert secret == b"a receiver's shared secret, 32 bytes"
+    body = b'{"a":1}'
+    expected = (
+        "v1,"
+        + base64.b64encode(
+            hmac.new(secret, b"msg_1.1700000000." + body, hashlib.sha256).digest()
+        ).decode()
+    )
+    assert sign(secret, "msg_1", 1_700_000_000, body) == expected
+    assert secret_bytes("plain-secret") == b"plain-secret"
+    random.seed(7)
+    delays = [backoff(n) for n in range(1, 16)]
+    assert 0.5 <= delays[0] <= 1.0 and delays[-1] <= 3600
+    assert all(b >= a / 2 for a, b in itertools.pairwise(delays))
+    done = Done(
+        conversation_id="c",
+        at=0,
+        event_id="e",
+        turn_id="t",
+        content=[],
+        stop_reason="stop",
+        input_tokens=1,
+        output_tokens=2,
+    )
+    decoded = json.loads(payload(9, done))
+    assert decoded["type"] == "turn.done" and decoded["data"]["seq"] == 9

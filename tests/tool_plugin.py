@@ -1,0 +1,65 @@
+"""Tools a deployment would ship in its own package, loaded by `PARLEY_TOOLS` (tests only)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from actors.tools import Tool, define_tool
+
+
+def shout(text: str) -> str:
+    """Upper-case a text."""
+    return text.upper()
+
+
+def calculator(expression: str) -> str:
+    """A deployment's own calculator."""
+    return "42"
+
+
+async def reverse(text: str) -> str:
+    """Reverse a text."""
+    return text[::-1]
+
+
+TOOLS = [define_tool(shout), define_tool(calculator)]
+
+
+def make_tools() -> list[Tool]:
+    return [define_tool(reverse)]
+
+
+NOT_A_TOOL = 5
+
+
+# ---------------------------------------------------------------- tools for live turns
+
+
+async def sleepy(ms: int) -> str:
+    """Wait, then say how long (shows calls of one round running side by side)."""
+    await asyncio.sleep(ms / 1000)
+    return f"slept {ms} ms"
+
+
+async def boom() -> str:
+    """Always fails."""
+    raise RuntimeError("the tool broke")
+
+
+async def slowpoke() -> str:
+    """Takes longer than it may."""
+    await asyncio.sleep(30)
+    return "never"
+
+
+def not_text() -> bytes:
+    """Returns something that is not text."""
+    return b"binary"
+
+
+LIVE_TOOLS = (
+    define_tool(sleepy),
+    define_tool(boom),
+    define_tool(slowpoke, timeout_s=0.2),
+    define_tool(not_text),
+)
