@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import nats.errors
@@ -14,7 +15,7 @@ from events.log import EventLog
 from events.subjects import EVT_STREAM, event_subject
 from events.vocabulary import ConversationCreated, Event, Title
 from parley.services import Servers
-from projections.feed import LogFeed, connect
+from projections.feed import EntryClient, LogFeed, connect
 
 
 def _title(cid: str, text: str) -> Title:
@@ -120,3 +121,26 @@ async def test_the_entry_client_leaves_headers_unparsed_but_reads_status_lines(
             await client.request(f"nobody.listens.{new_id()}", b"", timeout=5)
     finally:
         await client.close()
+
+
+async def test_the_entry_client_takes_the_node_list_every_process_takes(stack: Servers) -> None:
+    """`PARLEY_NATS_URL` as events.broker reads it: nodes in the order given, the first
+    that answers; a role reconnects for ever, a one-shot command gives up."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = f"nats://127.0.0.1:{probe.getsockname()[1]}"  # nothing listens once closed
+    command = await connect(
+        f"{dead}, {stack.nats_url}", name="test-entry-nodes", reconnect_forever=False
+    )
+    role = await connect(f"{stack.nats_url},{dead}", name="test-entry-role")
+    try:
+        for client in (command, role):
+            assert isinstance(client, EntryClient) and client.is_connected
+            assert client.connected_url is not None
+            assert client.connected_url.port == int(stack.nats_url.rsplit(":", 1)[1])
+            assert client.options["dont_randomize"] is True
+        assert command.options["max_reconnect_attempts"] > 0
+        assert role.options["max_reconnect_attempts"] == -1
+    finally:
+        await command.close()
+        await role.close()

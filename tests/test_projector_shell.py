@@ -24,7 +24,10 @@ from events.ids import new_id
 from events.log import StoredEvent
 from events.vocabulary import Chunk, Title
 from parley.services import Servers, Services
+from projections.billing import BILLING
+from projections.catalog import PROJECTIONS
 from projections.db import create_pool, drop_schema
+from projections.feed import EntryClient
 from projections.handlers import READ_MODELS
 from projections.projector import CHUNK_PREFIX, Projector
 from projections.registry import Projection, Write, write
@@ -144,6 +147,20 @@ def test_a_projection_that_is_not_conversation_local_runs_in_log_order() -> None
         ("UPDATE", "A", 3),
         ("TOUCH", "A", 3),
     ]
+
+
+def test_billing_writes_shared_rows_so_it_runs_in_log_order() -> None:
+    assert READ_MODELS.conversation_local and not BILLING.conversation_local
+
+
+async def test_every_projection_has_a_projector_reading_through_a_connection_of_its_own(
+    services: Services,
+) -> None:
+    assert set(services.projectors) == set(PROJECTIONS)
+    assert services.projector is services.projectors[READ_MODELS.name]
+    readers = [p._js._nc for p in services.projectors.values()]
+    assert all(isinstance(reader, EntryClient) for reader in readers)
+    assert len({id(reader) for reader in readers}) == len(readers)
 
 
 @pytest.fixture
