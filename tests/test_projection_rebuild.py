@@ -319,27 +319,38 @@ def test_a_stretch_of_the_log_is_cut_into_ranges_that_cover_it_once() -> None:
 async def test_a_rebuild_read_by_worker_processes_builds_the_same_rows(
     api: SseClient, services: Services, stack: Servers, nc: NatsClient
 ) -> None:
+    admin = SseClient(api.http, api.base_url, token_for("admin", admin=True))
     ids = await _workload(api, nc)
+    billed, project = await _project_workload(api, admin)
+    ids.append(billed)
     head = await _head(nc)
     assert services.projector is not None
     await _wait_position(services.projector, head)
+    await _wait_position(services.projectors[BILLING.name], head)
     live = services.options.db_schema
     schema = f"par_{new_id().lower()}"
     db = await asyncpg.connect(stack.database_url)
     try:
-        report = await rebuild(
-            nc.jetstream(),
-            stack.database_url,
-            schema,
-            READ_MODELS,
-            nats_url=stack.nats_url,
-            workers=2,
-            parallel_from=0,  # however short the log, read it in two processes
-        )
-        assert report.counts.get("chunk", 0) > 0 and report.position >= head, report
+        for projection in (READ_MODELS, BILLING):
+            report = await rebuild(
+                nc.jetstream(),
+                stack.database_url,
+                schema,
+                projection,
+                nats_url=stack.nats_url,
+                workers=2,
+                parallel_from=0,  # however short the log, read it in two processes
+            )
+            assert report.counts.get("chunk", 0) > 0 and report.position >= head, report
         expected = await _snapshot(db, live, ids, head)
         seen = await _snapshot(db, schema, ids, head)
         assert seen == expected, "\n".join(_differences(expected, seen))
+        billing_expected = await _billing_snapshot(db, live, project)
+        billing_seen = await _billing_snapshot(db, schema, project)
+        assert billing_expected["ledger"], "the project's turns were billed"
+        assert billing_seen == billing_expected, "\n".join(
+            _differences(billing_expected, billing_seen)
+        )
     finally:
         await db.close()
         await drop_schema(stack.database_url, schema)
