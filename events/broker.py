@@ -12,12 +12,16 @@ carries its Nats-Msg-Id).
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from nats.aio.client import Client as NatsClient
 
 # Between two rounds of attempts over the whole list of nodes.
 _RECONNECT_WAIT_S = 1
 # A one-shot command gives up after this many rounds (nats.py's own default).
 _COMMAND_RECONNECTS = 60
+
+C = TypeVar("C", bound=NatsClient)
 
 
 def server_list(url: str) -> list[str]:
@@ -35,8 +39,13 @@ async def connect(url: str, *, name: str, reconnect_forever: bool = True) -> Nat
     waited for, never a reason to stop. One-shot commands (`replay`, `audit`)
     pass `reconnect_forever=False` and fail after the client's usual attempts.
     """
-    nc = NatsClient()
-    await nc.connect(
+    return await connect_client(NatsClient(), url, name=name, reconnect_forever=reconnect_forever)
+
+
+async def connect_client(client: C, url: str, *, name: str, reconnect_forever: bool = True) -> C:
+    """`connect`, for a client of a class of the caller's (the projectors' `EntryClient`,
+    projections/feed.py): the same nodes in the same order, the same reconnects."""
+    await client.connect(
         servers=server_list(url),
         name=name,
         # The order of the list is the operator's preference, not a suggestion.
@@ -44,4 +53,4 @@ async def connect(url: str, *, name: str, reconnect_forever: bool = True) -> Nat
         reconnect_time_wait=_RECONNECT_WAIT_S,
         max_reconnect_attempts=-1 if reconnect_forever else _COMMAND_RECONNECTS,
     )
-    return nc
+    return client

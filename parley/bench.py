@@ -1,4 +1,7 @@
-"""`parley bench stream`: token streaming through the broker, against a direct path.
+"""`parley bench WORKLOAD`: `stream` and `fanout` here, `cancel` and `burst` in
+parley/bench_actor.py, `soak` in parley/bench_soak.py, `rebuild` in parley/bench_rebuild.py.
+
+`parley bench stream`: token streaming through the broker, against a direct path.
 
 C conversations each stream N tokens from the demo model at full speed, with
 one SSE viewer each, through the whole system (edge -> CHAT_CMD -> actor ->
@@ -299,6 +302,7 @@ def summarise(
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    """The workload named by `args.workload`, on the configured servers or a scratch stack."""
     if args.workload == "fanout":
         return run_fanout_bench(args)
     settings = load_settings(getattr(args, "data", None))
@@ -311,6 +315,10 @@ def run_bench(args: argparse.Namespace) -> int:
             servers = cleanup.enter_context(EmbeddedStack(folder)).urls
         else:
             servers = resolve_servers(settings)
+        if args.workload == "rebuild":
+            from parley.bench_rebuild import run_rebuild_bench
+
+            return run_rebuild_bench(args, servers)
         text, result = asyncio.run(_workload(args, servers))
     print(msgspec.json.encode(result).decode() if args.json else text)
     return 1 if getattr(result, "problems", None) else 0

@@ -530,11 +530,12 @@ def build_parser() -> argparse.ArgumentParser:
         "cancel: cancel -> done: stopped at the viewer; "
         "burst: time to first token for many turns starting at once; "
         "fanout: one conversation, many viewers; "
-        "soak: --minutes of mixed load, then the invariants (exit 1 on a problem)",
+        "soak: --minutes of mixed load, then the invariants (exit 1 on a problem); "
+        "rebuild: a full rebuild of a large synthetic log, entries per second",
     )
     bench.add_argument(
         "workload",
-        choices=["stream", "cancel", "burst", "fanout", "soak"],
+        choices=["stream", "cancel", "burst", "fanout", "soak", "rebuild"],
         help="what to measure",
     )
     bench.add_argument("--json", action="store_true", help="one JSON object, flat keys")
@@ -544,7 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--tokens", "-n", type=int, default=500, help="tokens per answer (fanout: try 250)"
     )
-    bench.add_argument("--rounds", "-r", type=int, default=3, help="rounds, medians reported")
+    bench.add_argument(
+        "--rounds", "-r", type=int, default=3, help="rounds (rebuild: rebuilds), medians reported"
+    )
     bench.add_argument(
         "--viewers", type=int, default=None, help="SSE viewers (fanout 1000, soak 20)"
     )
@@ -560,6 +563,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--concurrency", type=int, default=10, help="cancels at a time (cancel)")
     bench.add_argument(
         "--window", type=float, default=1.0, help="seconds over which turns start (burst)"
+    )
+    bench.add_argument(
+        "--events", type=int, default=1_000_000, help="rebuild: synthetic log entries to add"
+    )
+    bench.add_argument("--batch", type=int, default=5000, help="rebuild: entries per transaction")
+    bench.add_argument(
+        "--workers", type=int, default=0, help="rebuild: reader processes (0 = one per core)"
     )
     bench.add_argument("--data", default=argparse.SUPPRESS, help=DATA_HELP)
     bench.set_defaults(func=cmd_bench)

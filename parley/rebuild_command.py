@@ -9,12 +9,12 @@ import sys
 
 import msgspec
 
-from events.broker import connect
 from parley.cli import CliError
 from parley.config import load_settings
 from parley.services import resolve_servers
 from projections.catalog import PROJECTIONS
-from projections.rebuild import RebuildError, rebuild
+from projections.feed import connect
+from projections.rebuild import RebuildError, default_workers, rebuild
 
 
 def run_rebuild(args: argparse.Namespace) -> int:
@@ -31,6 +31,7 @@ def run_rebuild(args: argparse.Namespace) -> int:
         print(f"  at {position} of {head}", file=sys.stderr, flush=True)
 
     async def main() -> int:
+        # the fast reader's connection (projections/feed.py), one-shot like every command
         nc = await connect(servers.nats_url, name="parley-rebuild", reconnect_forever=False)
         try:
             for name in names:
@@ -40,6 +41,8 @@ def run_rebuild(args: argparse.Namespace) -> int:
                     servers.database_url,
                     settings.db_schema,
                     PROJECTIONS[name],
+                    nats_url=servers.nats_url,
+                    workers=default_workers(),
                     progress=progress,
                 )
                 if args.json:

@@ -40,6 +40,7 @@ from events.turns import TurnRegistry, redis_client
 from parley.config import ConfigError, Settings
 from parley.metrics import Metrics, metrics_app
 from parley.stack import StackUrls, running_stack_urls
+from projections import feed
 from projections.catalog import PROJECTIONS
 from projections.db import create_pool
 from projections.handlers import READ_MODELS
@@ -186,7 +187,11 @@ class Services:
             )
             self._stack.push_async_callback(pool.close)
             for name, projection in PROJECTIONS.items():
-                projector = Projector(js, pool, projection=projection)
+                # each reads the log through a connection of its own, one that leaves
+                # entries' headers unparsed (projections/feed.py), to the same nodes
+                reader = await feed.connect(self.servers.nats_url, name=f"parley-projector-{name}")
+                self._stack.push_async_callback(reader.drain)
+                projector = Projector(reader.jetstream(), pool, projection=projection)
                 self.projectors[name] = projector
                 self._spawn(_runner(projector, self._stopping), f"projector-{name}")
             self.projector = self.projectors[READ_MODELS.name]

@@ -1,9 +1,17 @@
 """The billing projection's handlers: projects, accounts, reservations, the ledger.
 
-One handler per event type, its SQL beside it, run by the projector inside its
-transaction (projections/projector.py). Rows carry only what events carry, so a
-rebuild writes identical rows, and `parley audit billing` (projections/audit.py)
-holds them against what it recomputes from the log.
+One handler per event type, its SQL beside it. Like the read models' handlers
+(projections/handlers.py) each is pure: it returns the statements (`Write`s)
+that apply its event, and the projector runs them inside its transaction
+(projections/projector.py). A write that depends on what is already there (a
+balance, whether a reservation was new) says so in SQL (`ON CONFLICT`,
+`x = x + $n`, a CTE), never by reading first. Rows carry only what events
+carry, so a rebuild writes identical rows, and `parley audit billing`
+(projections/audit.py) holds them against what it recomputes from the log.
+
+The projection is not conversation-local: accounts and the ledger are shared
+by every conversation that bills them, and a charge's debt depends on the
+balance the charges before it left. So its writes run strictly in log order.
 
 A turn's charge is applied once: a second `turn_charged` for the same turn
 (a retry the account's fold also ignores) adds no row and moves no balance.
@@ -19,7 +27,7 @@ from events.vocabulary import (
     TurnCharged,
 )
 from projections.handlers import timestamp
-from projections.registry import Db, Projection
+from projections.registry import Projection, Write, write
 
 BILLING = Projection(
     "billing",
@@ -31,18 +39,20 @@ BILLING = Projection(
 
 
 @BILLING.on(ProjectCreated)
-async def project_created(db: Db, seq: int, event: ProjectCreated) -> None:
+def project_created(seq: int, event: ProjectCreated) -> list[Write]:
     at = timestamp(event.at)
-    await db.execute(
-        "INSERT INTO projects (id, name, created_by, created_at, seq) VALUES ($1, $2, $3, $4, $5)"
-        " ON CONFLICT (id) DO NOTHING",
-        event.project_id,
-        event.name,
-        event.created_by,
-        at,
-        seq,
-    )
-    await db.execute(_ADD_MEMBER, event.project_id, event.created_by, None, at)
+    return [
+        write(
+            "INSERT INTO projects (id, name, created_by, created_at, seq)"
+            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
+            event.project_id,
+            event.name,
+            event.created_by,
+            at,
+            seq,
+        ),
+        write(_ADD_MEMBER, event.project_id, event.created_by, None, at),
+    ]
 
 
 _ADD_MEMBER = (
@@ -52,10 +62,10 @@ _ADD_MEMBER = (
 
 
 @BILLING.on(MemberAdded)
-async def member_added(db: Db, seq: int, event: MemberAdded) -> None:
-    await db.execute(
-        _ADD_MEMBER, event.project_id, event.user_id, event.added_by, timestamp(event.at)
-    )
+def member_added(seq: int, event: MemberAdded) -> list[Write]:
+    return [
+        write(_ADD_MEMBER, event.project_id, event.user_id, event.added_by, timestamp(event.at))
+    ]
 
 
 # ---------------------------------------------------------------- accounts
@@ -70,36 +80,55 @@ ON CONFLICT (account) DO UPDATE SET
 
 
 @BILLING.on(CreditsGranted)
-async def credits_granted(db: Db, seq: int, event: CreditsGranted) -> None:
+def credits_granted(seq: int, event: CreditsGranted) -> list[Write]:
     at = timestamp(event.at)
-    await db.execute(
-        "INSERT INTO credit_grants (event_id, account, amount, note, granted_by, granted_at, seq)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (event_id) DO NOTHING",
-        event.event_id,
-        event.account,
-        event.amount,
-        event.note,
-        event.granted_by,
-        at,
-        seq,
-    )
-    await db.execute(_ACCOUNT, event.account, event.amount, 0, 0, at, seq)
+    return [
+        write(
+            "INSERT INTO credit_grants (event_id, account, amount, note, granted_by, granted_at,"
+            " seq) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (event_id) DO NOTHING",
+            event.event_id,
+            event.account,
+            event.amount,
+            event.note,
+            event.granted_by,
+            at,
+            seq,
+        ),
+        write(_ACCOUNT, event.account, event.amount, 0, 0, at, seq),
+    ]
+
+
+# A reservation holds its amount on the account once: only when its row is new
+# (a second `credits_reserved` for the turn moves nothing), in one statement.
+_RESERVE = """
+WITH added AS (
+    INSERT INTO reservations (turn_id, account, conversation_id, amount, reserved_at, seq)
+    VALUES ($1, $2, $3, $4, $5, $6)
+    ON CONFLICT (turn_id) DO NOTHING
+    RETURNING amount
+)
+INSERT INTO accounts (account, kind, owner, granted, charged, reserved, updated_at, last_seq)
+SELECT $2, split_part($2, ':', 1), substr($2, strpos($2, ':') + 1), 0, 0, amount, $5, $6
+FROM added
+ON CONFLICT (account) DO UPDATE SET
+    reserved = accounts.reserved + excluded.reserved,
+    updated_at = excluded.updated_at, last_seq = excluded.last_seq
+"""
 
 
 @BILLING.on(CreditsReserved)
-async def credits_reserved(db: Db, seq: int, event: CreditsReserved) -> None:
-    added = await db.fetchval(
-        "INSERT INTO reservations (turn_id, account, conversation_id, amount, reserved_at, seq)"
-        " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (turn_id) DO NOTHING RETURNING 1",
-        event.turn_id,
-        event.account,
-        event.conversation_id,
-        event.amount,
-        timestamp(event.at),
-        seq,
-    )
-    if added:
-        await db.execute(_ACCOUNT, event.account, 0, 0, event.amount, timestamp(event.at), seq)
+def credits_reserved(seq: int, event: CreditsReserved) -> list[Write]:
+    return [
+        write(
+            _RESERVE,
+            event.turn_id,
+            event.account,
+            event.conversation_id,
+            event.amount,
+            timestamp(event.at),
+            seq,
+        )
+    ]
 
 
 # The charge: a ledger row (with the part the balance did not cover: debt),
@@ -131,22 +160,24 @@ ON CONFLICT (account) DO UPDATE SET
 
 
 @BILLING.on(TurnCharged)
-async def turn_charged(db: Db, seq: int, event: TurnCharged) -> None:
-    await db.execute(
-        _CHARGE,
-        event.turn_id,
-        event.account,
-        event.conversation_id,
-        event.project_id,
-        event.user_id,
-        event.input_tokens,
-        event.output_tokens,
-        event.input_price,
-        event.output_price,
-        event.tokens_estimated,
-        event.cost,
-        event.reserved,
-        event.end,
-        timestamp(event.at),
-        seq,
-    )
+def turn_charged(seq: int, event: TurnCharged) -> list[Write]:
+    return [
+        write(
+            _CHARGE,
+            event.turn_id,
+            event.account,
+            event.conversation_id,
+            event.project_id,
+            event.user_id,
+            event.input_tokens,
+            event.output_tokens,
+            event.input_price,
+            event.output_price,
+            event.tokens_estimated,
+            event.cost,
+            event.reserved,
+            event.end,
+            timestamp(event.at),
+            seq,
+        )
+    ]

@@ -1,14 +1,19 @@
 """The read models' handlers: one per event type, its SQL beside it.
 
-Each handler turns one event into the rows it changes, inside the transaction
-the projector opened (`projections/projector.py`: batches, checkpoint, poison
-rule). What may not enter this module: reading the log, transactions and
-savepoints, the checkpoint, error recording, and anything that is not derived
-from the event itself. Rows carry only what events carry: timestamps come from
-`event.at`, never from now(), so a rebuild writes identical rows.
+Each handler is a pure function from one event to the statements that apply
+it (`Write`s); the projector runs them inside its transaction
+(`projections/projector.py`: batches, checkpoint, poison rule). What may not
+enter this module: I/O of any kind, reading the log, transactions, the
+checkpoint, error recording, and anything not derived from the event itself.
+Rows carry only what events carry: timestamps come from `event.at`, never from
+now(), so a rebuild writes identical rows.
 
-A handler may assume it runs exactly once per event and in log order: the
-checkpoint, written in the same transaction, makes that so.
+A handler's writes run exactly once per event, after those of every earlier
+event of the same conversation: the checkpoint, written in the same
+transaction, makes that so. Every handler here writes only rows of its own
+event's conversation (`conversation_local=True`), which lets the projector
+group a batch's statements across conversations; a handler that writes shared
+rows (accounts, projects, the ledger) belongs to another projection.
 
 To project a new event type, add a handler here (or in a sibling module that
 registers on `READ_MODELS`), and its columns to `read_models.sql`.
@@ -36,9 +41,14 @@ from events.vocabulary import (
     ToolResult,
     UserMessage,
 )
-from projections.registry import Db, Projection
+from projections.registry import Projection, Write, write
 
-READ_MODELS = Projection("read_models", tables=("conversations", "messages"), ddl="read_models.sql")
+READ_MODELS = Projection(
+    "read_models",
+    tables=("conversations", "messages"),
+    ddl="read_models.sql",
+    conversation_local=True,
+)
 _encoder = msgspec.json.Encoder()
 
 
@@ -64,18 +74,20 @@ _INSERT_CONVERSATION = (
 
 
 @READ_MODELS.on(ConversationCreated)
-async def conversation_created(db: Db, seq: int, event: ConversationCreated) -> None:
-    await db.execute(
-        _INSERT_CONVERSATION,
-        event.conversation_id,
-        event.user_id,
-        event.project_id,
-        event.title,
-        "user" if event.title else None,
-        event.model,
-        timestamp(event.at),
-        seq,
-    )
+def conversation_created(seq: int, event: ConversationCreated) -> list[Write]:
+    return [
+        write(
+            _INSERT_CONVERSATION,
+            event.conversation_id,
+            event.user_id,
+            event.project_id,
+            event.title,
+            "user" if event.title else None,
+            event.model,
+            timestamp(event.at),
+            seq,
+        )
+    ]
 
 
 _SET_TITLE = (
@@ -85,14 +97,16 @@ _SET_TITLE = (
 
 
 @READ_MODELS.on(Title)
-async def title(db: Db, seq: int, event: Title) -> None:
-    await db.execute(
-        _SET_TITLE,
-        event.conversation_id,
-        event.title,
-        event.source if event.source != "existing" else None,
-        seq,
-    )
+def title(seq: int, event: Title) -> list[Write]:
+    return [
+        write(
+            _SET_TITLE,
+            event.conversation_id,
+            event.title,
+            event.source if event.source != "existing" else None,
+            seq,
+        )
+    ]
 
 
 # ---------------------------------------------------------------- messages
@@ -139,56 +153,59 @@ WHERE id = $1 AND (SELECT count(*) FROM origin) >= 0
 """
 
 
-async def _branch(
-    db: Db, conversation_id: str, supersedes: list[str], fork_origin: str | None
-) -> None:
+def _branch(conversation_id: str, supersedes: list[str], fork_origin: str | None) -> list[Write]:
     if supersedes or fork_origin is not None:
-        await db.execute(_BRANCH, conversation_id, supersedes, fork_origin)
+        return [write(_BRANCH, conversation_id, supersedes, fork_origin)]
+    return []
 
 
 @READ_MODELS.on(UserMessage)
-async def user_message(db: Db, seq: int, event: UserMessage) -> None:
-    await _branch(db, event.conversation_id, event.supersedes, event.fork_origin)
-    await db.execute(
-        _ADD_MESSAGE,
-        event.message_id,
-        event.conversation_id,
-        event.version_group_id or event.message_id,
-        "user",
-        _json([{"role": "user", "content": event.content}]),
-        "complete",
-        None,
-        None,
-        event.parent_message_id,
-        event.version_number,
-        None,
-        None,
-        seq,
-        timestamp(event.at),
-    )
+def user_message(seq: int, event: UserMessage) -> list[Write]:
+    return [
+        *_branch(event.conversation_id, event.supersedes, event.fork_origin),
+        write(
+            _ADD_MESSAGE,
+            event.message_id,
+            event.conversation_id,
+            event.version_group_id or event.message_id,
+            "user",
+            _json([{"role": "user", "content": event.content}]),
+            "complete",
+            None,
+            None,
+            event.parent_message_id,
+            event.version_number,
+            None,
+            None,
+            seq,
+            timestamp(event.at),
+        ),
+    ]
 
 
 @READ_MODELS.on(Started)
-async def started(db: Db, seq: int, event: Started) -> None:
+def started(seq: int, event: Started) -> list[Write]:
     """The assistant row exists from the turn's start, streaming, with no content yet."""
-    await _branch(db, event.conversation_id, event.supersedes, event.fork_origin)
-    await db.execute(
-        _ADD_MESSAGE,
-        event.turn_id,
-        event.conversation_id,
-        event.version_group_id or event.turn_id,
-        "assistant",
-        "[]",
-        "streaming",
-        event.turn_id,
-        event.user_message_id,
-        event.parent_message_id or event.user_message_id,
-        event.version_number,
-        event.model,
-        event.model_version_id,
-        seq,
-        timestamp(event.at),
-    )
+    return [
+        *_branch(event.conversation_id, event.supersedes, event.fork_origin),
+        write(
+            _ADD_MESSAGE,
+            event.turn_id,
+            event.conversation_id,
+            event.version_group_id or event.turn_id,
+            "assistant",
+            "[]",
+            "streaming",
+            event.turn_id,
+            event.user_message_id,
+            event.parent_message_id or event.user_message_id,
+            event.version_number,
+            event.model,
+            event.model_version_id,
+            seq,
+            timestamp(event.at),
+        ),
+    ]
 
 
 # latency_ms: from the turn's start (the row's created_at is started.at) to its
@@ -211,25 +228,27 @@ _END_STATUS = {Done: "complete", Cancelled: "cancelled", Failed: "failed"}
 
 
 @READ_MODELS.on(Done, Cancelled, Failed)
-async def turn_ended(db: Db, seq: int, event: Done | Cancelled | Failed) -> None:
+def turn_ended(seq: int, event: Done | Cancelled | Failed) -> list[Write]:
     """The turn's final content, tokens and outcome; the conversation's token total
     grows by what the turn consumed, also when it failed or was cancelled."""
-    await db.execute(
-        _END_TURN,
-        event.turn_id,
-        _blocks(event.content),
-        _END_STATUS[type(event)],
-        event.input_tokens,
-        event.output_tokens,
-        event.tokens_estimated,
-        event.stop_reason if isinstance(event, Done) else None,
-        event.code if isinstance(event, Failed) else None,
-        event.message if isinstance(event, Failed) else None,
-        timestamp(event.at),
-        event.content_parts > 0,
-        seq,
-        event.conversation_id,
-    )
+    return [
+        write(
+            _END_TURN,
+            event.turn_id,
+            _blocks(event.content),
+            _END_STATUS[type(event)],
+            event.input_tokens,
+            event.output_tokens,
+            event.tokens_estimated,
+            event.stop_reason if isinstance(event, Done) else None,
+            event.code if isinstance(event, Failed) else None,
+            event.message if isinstance(event, Failed) else None,
+            timestamp(event.at),
+            event.content_parts > 0,
+            seq,
+            event.conversation_id,
+        )
+    ]
 
 
 # Pieces arrive in order: a piece of the last block extends it, the first piece
@@ -246,8 +265,8 @@ _APPEND_CONTENT_PART = (
 
 
 @READ_MODELS.on(ContentPart)
-async def content_part(db: Db, seq: int, event: ContentPart) -> None:
-    await db.execute(_APPEND_CONTENT_PART, event.turn_id, event.block, event.role, event.text)
+def content_part(seq: int, event: ContentPart) -> list[Write]:
+    return [write(_APPEND_CONTENT_PART, event.turn_id, event.block, event.role, event.text)]
 
 
 # ---------------------------------------------------------------- tool calls
@@ -262,35 +281,52 @@ _ADD_TOOL_CALL = (
 
 
 @READ_MODELS.on(ToolCall)
-async def tool_call(db: Db, seq: int, event: ToolCall) -> None:
+def tool_call(seq: int, event: ToolCall) -> list[Write]:
     card = tool_card(event.call_id, event.name, event.arguments)
-    await db.execute(_ADD_TOOL_CALL, event.turn_id, _json(card), timestamp(event.at))
+    return [write(_ADD_TOOL_CALL, event.turn_id, _json(card), timestamp(event.at))]
 
 
 # The result goes to the first pending call with its id: ids may repeat across
 # the rounds of one turn (a model numbering its calls call_1, call_2 per round).
+# With no pending call of that id (its tool_call was not projected), the card is
+# added with the result and the arguments unknown, so the page still shows it.
 _SET_TOOL_RESULT = """
-UPDATE messages m SET
-    tool_calls = jsonb_set(m.tool_calls, ARRAY[p.i::text], (m.tool_calls -> p.i) || $3::jsonb),
+WITH pending AS (
+    SELECT (e.i - 1)::integer AS i
+    FROM messages x, jsonb_array_elements(x.tool_calls) WITH ORDINALITY AS e(c, i)
+    WHERE x.id = $1 AND e.c ->> 'id' = $2 AND e.c -> 'duration_ms' = 'null'::jsonb
+    ORDER BY e.i LIMIT 1
+), answered AS (
+    UPDATE messages m SET
+        tool_calls = jsonb_set(m.tool_calls, ARRAY[p.i::text], (m.tool_calls -> p.i) || $3::jsonb),
+        updated_at = $4
+    FROM pending p
+    WHERE m.id = $1
+    RETURNING 1
+)
+UPDATE messages SET tool_calls = tool_calls || jsonb_build_array($3::jsonb || $5::jsonb),
     updated_at = $4
-FROM (SELECT (e.i - 1)::integer AS i
-      FROM messages x, jsonb_array_elements(x.tool_calls) WITH ORDINALITY AS e(c, i)
-      WHERE x.id = $1 AND e.c ->> 'id' = $2 AND e.c -> 'duration_ms' = 'null'::jsonb
-      ORDER BY e.i LIMIT 1) p
-WHERE m.id = $1
+WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM pending)
 """
 
 
 @READ_MODELS.on(ToolResult)
-async def tool_result(db: Db, seq: int, event: ToolResult) -> None:
+def tool_result(seq: int, event: ToolResult) -> list[Write]:
     outcome = {"result": event.result, "error": event.error, "duration_ms": event.duration_ms}
-    at = timestamp(event.at)
-    status = await db.execute(_SET_TOOL_RESULT, event.turn_id, event.call_id, _json(outcome), at)
-    if status == "UPDATE 0":
-        # No pending call with this id (its tool_call was not projected): the card
-        # still shows the result, with the arguments unknown.
-        card = {**tool_card(event.call_id, event.name, ""), **outcome}
-        await db.execute(_ADD_TOOL_CALL, event.turn_id, _json(card), at)
+    # the card to add when no call is pending: unknown arguments, then the outcome
+    orphan = tool_card(event.call_id, event.name, "")
+    for key in outcome:
+        del orphan[key]
+    return [
+        write(
+            _SET_TOOL_RESULT,
+            event.turn_id,
+            event.call_id,
+            _json(outcome),
+            timestamp(event.at),
+            _json(orphan),
+        )
+    ]
 
 
 def tool_card(call_id: str, name: str, arguments: str) -> dict[str, Any]:
@@ -328,12 +364,14 @@ UPDATE conversations SET updated_at = $3, last_seq = $4 WHERE id = $5
 
 
 @READ_MODELS.on(BillingRejected)
-async def billing_rejected(db: Db, seq: int, event: BillingRejected) -> None:
-    await db.execute(
-        _BILLING_REJECTED,
-        event.turn_id,
-        f"account {event.account} has {event.available} micro-credits, needs {event.needed}",
-        timestamp(event.at),
-        seq,
-        event.conversation_id,
-    )
+def billing_rejected(seq: int, event: BillingRejected) -> list[Write]:
+    return [
+        write(
+            _BILLING_REJECTED,
+            event.turn_id,
+            f"account {event.account} has {event.available} micro-credits, needs {event.needed}",
+            timestamp(event.at),
+            seq,
+            event.conversation_id,
+        )
+    ]

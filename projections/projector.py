@@ -28,8 +28,9 @@ about conversations or messages belongs here.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,7 +44,7 @@ from events.vocabulary import AnyEvent, Chunk, event_type
 from projections.feed import LogFeed
 from projections.handlers import READ_MODELS
 from projections.poison import SANITISED, SKIPPED, raw_bytes, sanitised, storable
-from projections.registry import Db, Projection
+from projections.registry import Projection, Write
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class Projector:
         self.name = projection.name
         self._batch_max = batch_max
         # a projection with no chunk handler never needs a chunk decoded
-        self._skip_chunks = Chunk not in projection.handled
+        self.skip_prefix: bytes | None = None if Chunk in projection.handled else CHUNK_PREFIX
         self.position = 0
         self.counts: Counter[str] = Counter()  # entries read since start, by type
         self.applied = asyncio.Condition()
@@ -94,7 +95,7 @@ class Projector:
                     log.info("advisory unlock skipped", extra={"error": repr(err)})
 
     async def _follow(self, stopping: asyncio.Event, lock_conn: Any) -> None:
-        self.position = await self._load_position()
+        self.position = await self.load_position()
         feed = LogFeed(self._js, self.position, window=self._batch_max)
         self.ready.set()
         try:
@@ -121,11 +122,11 @@ class Projector:
 
     def decode(self, batch: Sequence[RawEvent]) -> list[StoredEvent]:
         """The entries this projection needs decoded; chunks are passed over as bytes."""
-        skip = self._skip_chunks
+        skip = self.skip_prefix
         out = [
             StoredEvent(seq=raw.seq, event=decode_entry(raw.data))
             for raw in batch
-            if not (skip and raw.data.startswith(CHUNK_PREFIX))
+            if skip is None or not raw.data.startswith(skip)
         ]
         counts = self.counts
         counts["chunk"] += len(batch) - len(out)
@@ -134,7 +135,8 @@ class Projector:
             counts["unreadable" if isinstance(event, Unreadable) else event_type(event)] += 1
         return out
 
-    async def _load_position(self) -> int:
+    async def load_position(self) -> int:
+        """The stored position (0 for a new projection, whose checkpoint row is made)."""
         async with self._pool.acquire() as conn:
             await conn.execute(
                 "INSERT INTO projection_checkpoints (name, position) VALUES ($1, 0) "
@@ -187,17 +189,17 @@ class Projector:
             )
             if position < self.position:
                 raise Rewound(position)
-            last = position
-            for item in batch:
-                if item.seq <= position:
-                    continue  # applied before a crash: the checkpoint says so
-                if careful:
+            # at or below the checkpoint: applied before a crash, the checkpoint says so
+            fresh = [item for item in batch if item.seq > position]
+            if careful:
+                for item in fresh:
                     await self._apply_carefully(conn, item)
-                elif isinstance(item.event, Unreadable):
-                    await self._record(conn, item, item.event.error, SKIPPED)
-                else:
-                    await self._apply_event(conn, item.seq, item.event)
-                last = item.seq
+            else:
+                for item in fresh:
+                    if isinstance(item.event, Unreadable):
+                        await self._record(conn, item, item.event.error, SKIPPED)
+                await self._run(conn, self.plan(fresh))
+            last = fresh[-1].seq if fresh else position
             last = max(last, through)
             if last != position:
                 await conn.execute(
@@ -244,10 +246,47 @@ class Projector:
                 return
         await self._record(conn, item, first_error, SKIPPED)
 
-    async def _apply_event(self, db: Db, seq: int, event: AnyEvent) -> None:
-        handler = self.projection.handler(event)
-        if handler is not None:  # no handler: this event changes none of our rows
-            await handler(db, seq, event)
+    def plan(self, batch: Sequence[StoredEvent]) -> list[Write]:
+        """The batch's writes, in an order they may run in.
+
+        In log order, unless the projection is conversation-local. Then each
+        conversation's writes keep their order, but conversations commute (the
+        projection's promise), so the writes are merged to put equal statements
+        side by side: again and again, take the statement that most
+        conversations have next, with every conversation's next writes of it.
+        Turns go through the same steps (message, start, tool call, end), so a
+        batch of many interleaved conversations becomes a few runs of one
+        statement each, and `_run` sends one `executemany` per run instead of
+        one round trip per event.
+        """
+        readable = [(i.seq, i.event) for i in batch if not isinstance(i.event, Unreadable)]
+        writes = self.projection.writes
+        if not self.projection.conversation_local:
+            return [w for seq, event in readable for w in writes(seq, event)]
+        pending: dict[str, deque[Write]] = {}
+        for seq, event in readable:
+            pending.setdefault(event.conversation_id, deque()).extend(writes(seq, event))
+        queues = [q for q in pending.values() if q]
+        out: list[Write] = []
+        while queues:
+            sql = Counter(q[0].sql for q in queues).most_common(1)[0][0]
+            for queue in queues:
+                while queue and queue[0].sql == sql:
+                    out.append(queue.popleft())
+            queues = [q for q in queues if q]
+        return out
+
+    async def _run(self, conn: Any, writes: Sequence[Write]) -> None:
+        for sql, group in itertools.groupby(writes, key=lambda w: w.sql):
+            rows = [w.args for w in group]
+            if len(rows) == 1:
+                await conn.execute(sql, *rows[0])
+            else:
+                await conn.executemany(sql, rows)
+
+    async def _apply_event(self, conn: Any, seq: int, event: AnyEvent) -> None:
+        for write in self.projection.writes(seq, event):
+            await conn.execute(write.sql, *write.args)
 
     async def _record(self, conn: Any, item: StoredEvent, reason: str, rule: str) -> None:
         event = item.event

@@ -50,7 +50,17 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 -- Columns added after the first release: a schema made before them gets them
 -- empty; `parley projections rebuild` fills them for the turns projected before.
-ALTER TABLE messages ADD COLUMN IF NOT EXISTS tool_calls jsonb NOT NULL DEFAULT '[]';
-ALTER TABLE messages ADD COLUMN IF NOT EXISTS latency_ms integer;
+-- Checked first, so that a start takes no lock on the table when they exist.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema()
+                   AND table_name = 'messages' AND column_name = 'tool_calls') THEN
+        ALTER TABLE messages ADD COLUMN tool_calls jsonb NOT NULL DEFAULT '[]';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema()
+                   AND table_name = 'messages' AND column_name = 'latency_ms') THEN
+        ALTER TABLE messages ADD COLUMN latency_ms integer;
+    END IF;
+END $$;
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id, seq);
 CREATE INDEX IF NOT EXISTS messages_by_group ON messages (conversation_id, version_group_id);

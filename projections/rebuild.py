@@ -11,7 +11,9 @@ go on afterwards without losing or doubling an event. So:
    (`config.sql`) exist only in the live schema and are never touched. An
    ordinary `Projector` on the side schema follows the log from the start up
    to its head; its advisory lock is keyed by schema, so it does not wait for
-   the live one, which keeps projecting meanwhile.
+   the live one, which keeps projecting meanwhile. A long log is first read by
+   worker processes side by side (projections/prefetch.py: reading, not
+   Postgres, is what a rebuild waits on) and applied range by range in order.
 3. **Swap, in one transaction on the live schema.**
    - lock the live checkpoint row (`FOR UPDATE`): the live projector's next
      batch waits on it, and the row says how far the live tables are (L);
@@ -33,6 +35,10 @@ go on afterwards without losing or doubling an event. So:
 
 `projection_errors` is part of the projection: the rebuilt rows replace the
 old, so events a newer rule can now apply disappear from it.
+
+What may not enter this module: what an event does to rows (the handlers),
+how the log is read (the feed, the projector), and anything about tables that
+no projection owns.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -51,6 +58,7 @@ from nats.js import JetStreamContext
 from events.subjects import EVT_STREAM
 from projections.db import check_schema_name, ensure_schema
 from projections.feed import LogFeed
+from projections.prefetch import prefetch
 from projections.projector import Projector
 from projections.registry import Projection
 
@@ -58,7 +66,7 @@ log = logging.getLogger(__name__)
 
 # A swap that cannot lock the live tables within this (a long read holds them)
 # gives up and tries again, rather than queue every reader behind it.
-_SWAP_LOCK_TIMEOUT = "5s"
+_SWAP_LOCK_TIMEOUT = "2s"
 _SWAP_ATTEMPTS = 5
 
 
@@ -81,6 +89,12 @@ class RebuildReport(msgspec.Struct, frozen=True):
     counts: dict[str, int]  # entries read, by type
 
 
+def default_workers() -> int:
+    """Reader processes for a long rebuild: one per core, up to four (the NATS server
+    and Postgres want their share of the machine too)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 def side_schema(schema: str, purpose: str, projection: str) -> str:
     """`<schema>_<purpose>_<projection>`, shortened with a hash if Postgres would not take it."""
     name = f"{schema}_{purpose}_{projection}"
@@ -96,10 +110,18 @@ async def rebuild(
     schema: str,
     projection: Projection,
     *,
+    nats_url: str | None = None,
+    workers: int = 2,
+    parallel_from: int = 200_000,
     batch_max: int = 5000,
     progress: Callable[[int, int], None] | None = None,
 ) -> RebuildReport:
-    """Rebuild `projection` in `schema` from the whole log, swap it in, and report."""
+    """Rebuild `projection` in `schema` from the whole log, swap it in, and report.
+
+    With `nats_url`, a log of `parallel_from` entries or more is first read by
+    `workers` processes side by side (projections/prefetch.py); the projector
+    then follows the rest as usual.
+    """
     schema = check_schema_name(schema)
     side = side_schema(schema, "rebuild", projection.name)
     retired = side_schema(schema, "retired", projection.name)
@@ -118,6 +140,8 @@ async def rebuild(
         )
         try:
             projector = Projector(js, pool, projection=projection, batch_max=batch_max)
+            if nats_url is not None and workers > 1:
+                await _prefetched(js, projector, nats_url, workers, parallel_from, progress)
             await _build(js, projector, progress)
             built = time.perf_counter()
             await _swap(js, lock, projector, schema, side, retired)
@@ -152,6 +176,29 @@ async def rebuild(
 
 async def _head(js: JetStreamContext) -> int:
     return int((await js.stream_info(EVT_STREAM)).state.last_seq)
+
+
+async def _prefetched(
+    js: JetStreamContext,
+    projector: Projector,
+    nats_url: str,
+    workers: int,
+    parallel_from: int,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """Apply the log up to its current head as worker processes read it, range by range."""
+    projector.position = await projector.load_position()
+    head = await _head(js)
+    if head - projector.position < parallel_from:
+        return  # not worth starting processes for
+    ranges = prefetch(
+        nats_url, projector.position, head, workers=workers, skip_prefix=projector.skip_prefix
+    )
+    async for read in ranges:
+        projector.counts["chunk"] += read.skipped
+        await projector.apply(projector.decode(read.kept), through=read.hi)
+        if progress is not None:
+            progress(projector.position, head)
 
 
 async def _build(

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
+import nats.errors
+import pytest
 from nats.aio.client import Client as NatsClient
 
 from events.ids import new_id
 from events.log import EventLog
 from events.subjects import EVT_STREAM, event_subject
 from events.vocabulary import ConversationCreated, Event, Title
-from projections.feed import LogFeed
+from parley.services import Servers
+from projections.feed import EntryClient, LogFeed, connect
 
 
 def _title(cid: str, text: str) -> Title:
@@ -94,3 +98,49 @@ async def test_a_consumer_the_server_forgot_is_replaced_without_losing_an_entry(
     finally:
         await feed.close()
     assert got == seqs + more
+
+
+async def test_the_entry_client_leaves_headers_unparsed_but_reads_status_lines(
+    stack: Servers, event_log: EventLog
+) -> None:
+    cid, seqs = await _conversation(event_log, 1)  # appended with their three headers
+    client = await connect(stack.nats_url, name="test-entry-client")
+    try:
+        js = client.jetstream()
+        feed = LogFeed(js, 0, filter_subject=event_subject(cid))
+        try:
+            assert [r.seq for r in await feed.next_batch(10, wait_s=5)] == seqs
+        finally:
+            await feed.close()
+        inbox = client.new_inbox()
+        sub = await client.subscribe(inbox)
+        await client.publish(inbox, b"x", headers={"Nats-Msg-Id": "m1"})
+        assert (await sub.next_msg(timeout=5)).headers is None, "headers were parsed"
+        # "no responders" is a status line: still understood
+        with pytest.raises(nats.errors.NoRespondersError):
+            await client.request(f"nobody.listens.{new_id()}", b"", timeout=5)
+    finally:
+        await client.close()
+
+
+async def test_the_entry_client_takes_the_node_list_every_process_takes(stack: Servers) -> None:
+    """`PARLEY_NATS_URL` as events.broker reads it: nodes in the order given, the first
+    that answers; a role reconnects for ever, a one-shot command gives up."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = f"nats://127.0.0.1:{probe.getsockname()[1]}"  # nothing listens once closed
+    command = await connect(
+        f"{dead}, {stack.nats_url}", name="test-entry-nodes", reconnect_forever=False
+    )
+    role = await connect(f"{stack.nats_url},{dead}", name="test-entry-role")
+    try:
+        for client in (command, role):
+            assert isinstance(client, EntryClient) and client.is_connected
+            assert client.connected_url is not None
+            assert client.connected_url.port == int(stack.nats_url.rsplit(":", 1)[1])
+            assert client.options["dont_randomize"] is True
+        assert command.options["max_reconnect_attempts"] > 0
+        assert role.options["max_reconnect_attempts"] == -1
+    finally:
+        await command.close()
+        await role.close()

@@ -102,7 +102,7 @@ async def test_a_batch_delivered_twice_is_applied_once(
     await api.send_stream(cid, "hello [[tokens=5]]")
     stored = await event_log.read(cid)
     projector = Projector(nc.jetstream(), scratch_schema)
-    await projector._load_position()
+    await projector.load_position()
     await projector.apply(stored)
     once = await _rows(scratch_schema, [cid])
     await projector.apply(stored)  # redelivery after a crash before the ack

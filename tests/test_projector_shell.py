@@ -3,13 +3,17 @@ checkpoint followed, and its lag behind the log reported by /readyz."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import aiohttp
+import asyncpg
 import pytest
 from aiohttp.test_utils import TestServer
+from hypothesis import given
+from hypothesis import strategies as st
 from nats.aio.client import Client as NatsClient
 
 from api.app import create_app
@@ -17,12 +21,16 @@ from api.config import EdgeConfig
 from events.codec import Unreadable, encode
 from events.follow import RawEvent
 from events.ids import new_id
+from events.log import StoredEvent
 from events.vocabulary import Chunk, Title
 from parley.services import Servers, Services
+from projections.billing import BILLING
+from projections.catalog import PROJECTIONS
 from projections.db import create_pool, drop_schema
+from projections.feed import EntryClient
 from projections.handlers import READ_MODELS
 from projections.projector import CHUNK_PREFIX, Projector
-from projections.registry import Db, Projection
+from projections.registry import Projection, Write, write
 from tests.conftest import SECRET
 from tests.sse import SseClient
 from tests.test_projection import _rows, _wait_position, running
@@ -58,7 +66,7 @@ def test_a_projection_with_a_chunk_handler_gets_its_chunks_decoded() -> None:
     wants_chunks = Projection("typing_indicator", tables=(), ddl="")
 
     @wants_chunks.on(Chunk)
-    async def on_chunk(db: Db, seq: int, event: Chunk) -> None:
+    def on_chunk(seq: int, event: Chunk) -> list[Write]:
         raise AssertionError("not called here")
 
     projector = Projector(cast(Any, None), None, projection=wants_chunks)
@@ -67,12 +75,92 @@ def test_a_projection_with_a_chunk_handler_gets_its_chunks_decoded() -> None:
 
 
 def test_an_event_type_gets_one_handler_per_projection() -> None:
-    assert READ_MODELS.handler(_chunk("x")) is None, "the read models ignore chunks"
+    assert READ_MODELS.writes(1, _chunk("x")) == (), "the read models ignore chunks"
     with pytest.raises(ValueError, match="Title already has a handler"):
 
         @READ_MODELS.on(Title)
-        async def second(db: Db, seq: int, event: Title) -> None:
-            pass
+        def second(seq: int, event: Title) -> list[Write]:
+            return []
+
+
+def _titles(projection: Projection, conversations: str) -> list[StoredEvent]:
+    """One Title per letter, in that order; each letter is a conversation. Each title
+    writes two statements: UPDATE, then TOUCH (args: conversation, position)."""
+
+    @projection.on(Title)
+    def set_title(seq: int, event: Title) -> list[Write]:
+        cid = event.conversation_id
+        return [write("UPDATE", cid, seq), write("TOUCH", cid, seq)]
+
+    return [
+        StoredEvent(
+            seq=i,
+            event=Title(conversation_id=c, at=1, event_id=new_id(), title="t", source="user"),
+        )
+        for i, c in enumerate(conversations, 1)
+    ]
+
+
+def _steps(plan: list[Write]) -> list[tuple[str, str, int]]:
+    return [(w.sql, *w.args) for w in plan]
+
+
+def test_a_conversation_local_batch_puts_equal_statements_side_by_side() -> None:
+    local = Projection("local", tables=(), ddl="", conversation_local=True)
+    plan = Projector(cast(Any, None), None, projection=local).plan(_titles(local, "ABAC"))
+    assert _steps(plan) == [
+        ("UPDATE", "A", 1),
+        ("UPDATE", "B", 2),
+        ("UPDATE", "C", 4),
+        ("TOUCH", "A", 1),
+        ("TOUCH", "B", 2),
+        ("TOUCH", "C", 4),
+        ("UPDATE", "A", 3),
+        ("TOUCH", "A", 3),
+    ]
+
+
+@given(st.text(alphabet="ABCDE", min_size=1, max_size=60))
+def test_grouping_keeps_every_write_and_each_conversations_order(conversations: str) -> None:
+    local = Projection("local", tables=(), ddl="", conversation_local=True)
+    batch = _titles(local, conversations)
+    plan = _steps(Projector(cast(Any, None), None, projection=local).plan(batch))
+    titles = [(item.seq, item.event) for item in batch if isinstance(item.event, Title)]
+    in_log_order = _steps([w for seq, title in titles for w in local.writes(seq, title)])
+    assert sorted(plan) == sorted(in_log_order)
+    for cid in set(conversations):
+        assert [p for p in plan if p[1] == cid] == [p for p in in_log_order if p[1] == cid]
+    # Grouped: after the first run every conversation's next write is the same kind,
+    # so the runs are those of the longest conversation, plus at most one.
+    runs = sum(1 for _ in itertools.groupby(plan, key=lambda p: p[0]))
+    assert runs <= 2 * max(conversations.count(c) for c in set(conversations)) + 1
+
+
+def test_a_projection_that_is_not_conversation_local_runs_in_log_order() -> None:
+    shared = Projection("shared", tables=(), ddl="")
+    plan = Projector(cast(Any, None), None, projection=shared).plan(_titles(shared, "ABA"))
+    assert _steps(plan) == [
+        ("UPDATE", "A", 1),
+        ("TOUCH", "A", 1),
+        ("UPDATE", "B", 2),
+        ("TOUCH", "B", 2),
+        ("UPDATE", "A", 3),
+        ("TOUCH", "A", 3),
+    ]
+
+
+def test_billing_writes_shared_rows_so_it_runs_in_log_order() -> None:
+    assert READ_MODELS.conversation_local and not BILLING.conversation_local
+
+
+async def test_every_projection_has_a_projector_reading_through_a_connection_of_its_own(
+    services: Services,
+) -> None:
+    assert set(services.projectors) == set(PROJECTIONS)
+    assert services.projector is services.projectors[READ_MODELS.name]
+    readers = [p._js._nc for p in services.projectors.values()]
+    assert all(isinstance(reader, EntryClient) for reader in readers)
+    assert len({id(reader) for reader in readers}) == len(readers)
 
 
 @pytest.fixture
@@ -151,3 +239,39 @@ async def test_readyz_reports_the_projection_lag_and_is_unready_beyond_its_bound
     async with http.get(lenient + "/readyz") as response:
         reported = await response.json()
     assert response.status == 200 and reported["projection_lag"] >= behind["projection_lag"]
+
+
+# `messages` as the first release created it, before tool_calls and latency_ms.
+_FIRST_MESSAGES = """
+CREATE TABLE messages (
+    id text PRIMARY KEY, conversation_id text NOT NULL, role text NOT NULL,
+    content jsonb NOT NULL, status text NOT NULL, turn_id text, user_message_id text,
+    parent_message_id text, version_group_id text NOT NULL, version_number integer NOT NULL,
+    is_latest boolean NOT NULL, is_fork_origin boolean NOT NULL DEFAULT false, model text,
+    model_version_id text, input_tokens integer, output_tokens integer,
+    tokens_estimated boolean, stop_reason text, error_code text, error_message text,
+    seq bigint NOT NULL, created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL
+)
+"""
+
+
+async def test_a_schema_made_before_the_turn_columns_gets_them_on_start(stack: Servers) -> None:
+    schema = f"old_{new_id().lower()}"
+    db = await asyncpg.connect(stack.database_url)
+    try:
+        await db.execute(f'CREATE SCHEMA "{schema}"; SET search_path TO "{schema}";')
+        await db.execute(_FIRST_MESSAGES)
+        await db.execute(
+            "INSERT INTO messages (id, conversation_id, role, content, status, version_group_id,"
+            " version_number, is_latest, seq, created_at, updated_at)"
+            " VALUES ('m', 'c', 'user', '[]', 'complete', 'm', 1, true, 1, now(), now())"
+        )
+        pool = await create_pool(stack.database_url, schema, max_size=1)
+        await pool.close()
+        row = await db.fetchrow("SELECT tool_calls::text, latency_ms FROM messages")
+        assert row is not None and row["tool_calls"] == "[]" and row["latency_ms"] is None
+        again = await create_pool(stack.database_url, schema, max_size=1)  # nothing to add
+        await again.close()
+    finally:
+        await db.close()
+        await drop_schema(stack.database_url, schema)

@@ -25,6 +25,7 @@ from parley.services import Servers, Services
 from projections.billing import BILLING
 from projections.db import create_pool, drop_schema
 from projections.handlers import READ_MODELS
+from projections.prefetch import plan_ranges
 from projections.projector import Projector
 from projections.rebuild import RebuildError, rebuild, side_schema
 from tests.conftest import SECRET, token_for
@@ -32,8 +33,6 @@ from tests.sse import SseClient, sse_events
 from tests.test_cli import run, server_env
 from tests.test_poison import publish_raw, raw_event
 from tests.test_projection import _wait_position, running
-
-LIVE = "parley_test"  # the session's live schema (tests/conftest.py)
 
 
 async def _project_workload(api: SseClient, admin: SseClient) -> tuple[str, str]:
@@ -189,6 +188,7 @@ async def test_a_rebuild_while_serving_swaps_in_identical_rows_and_the_live_proj
     assert services.projector is not None
     live_projector = services.projector
     live_billing = services.projectors[BILLING.name]
+    live = services.options.db_schema  # the session's live schema
     admin = SseClient(api.http, api.base_url, token_for("admin", admin=True))
     ids = await _workload(api, nc)
     billed, project = await _project_workload(api, admin)
@@ -199,10 +199,10 @@ async def test_a_rebuild_while_serving_swaps_in_identical_rows_and_the_live_proj
     db = await asyncpg.connect(stack.database_url)
     try:
         # a configuration table (no projection owns it): a rebuild must leave it alone
-        await db.execute(f'CREATE TABLE IF NOT EXISTS "{LIVE}".config_probe (name text)')
-        await db.execute(f"INSERT INTO \"{LIVE}\".config_probe VALUES ('kept')")
-        before = await _snapshot(db, LIVE, ids, head)
-        billing_before = await _billing_snapshot(db, LIVE, project)
+        await db.execute(f'CREATE TABLE IF NOT EXISTS "{live}".config_probe (name text)')
+        await db.execute(f"INSERT INTO \"{live}\".config_probe VALUES ('kept')")
+        before = await _snapshot(db, live, ids, head)
+        billing_before = await _billing_snapshot(db, live, project)
         assert len(before["messages"]) >= 3 * 12 and len(before["projection_errors"]) >= 2
         assert len(billing_before["ledger"]) == 6, billing_before["ledger"]
         assert {r["turn_end"] for r in billing_before["ledger"]} == {"done", "cancelled"}
@@ -212,23 +212,23 @@ async def test_a_rebuild_while_serving_swaps_in_identical_rows_and_the_live_proj
         during = (await api.create_conversation())["id"]
         turn = asyncio.create_task(api.send_stream(during, "during the rebuild [[tokens=800]]"))
         async with _readers_watching(api, ids) as reads:
-            report = await rebuild(nc.jetstream(), stack.database_url, LIVE, READ_MODELS)
-            await rebuild(nc.jetstream(), stack.database_url, LIVE, BILLING)
+            report = await rebuild(nc.jetstream(), stack.database_url, live, READ_MODELS)
+            await rebuild(nc.jetstream(), stack.database_url, live, BILLING)
         assert reads[0] > 0, "the readers read while the rebuild ran"
         events = await turn
         assert events[-1].data == "ok", events[-3:]
 
         assert report.position >= head and report.entries >= head * 0.9, report
         assert report.turns >= 18 and report.errors >= 2, report
-        after = await _snapshot(db, LIVE, ids, head)
+        after = await _snapshot(db, live, ids, head)
         assert after == before, "\n".join(_differences(before, after))
-        billing_after = await _billing_snapshot(db, LIVE, project)
+        billing_after = await _billing_snapshot(db, live, project)
         assert billing_after == billing_before, "\n".join(
             _differences(billing_before, billing_after)
         )
-        assert await db.fetchval(f'SELECT name FROM "{LIVE}".config_probe') == "kept"
+        assert await db.fetchval(f'SELECT name FROM "{live}".config_probe') == "kept"
         for leftover in ("rebuild", "retired"):
-            name = side_schema(LIVE, leftover, READ_MODELS.name)
+            name = side_schema(live, leftover, READ_MODELS.name)
             assert not await db.fetchval(
                 "SELECT count(*) FROM pg_namespace WHERE nspname = $1", name
             ), f"{name} left behind"
@@ -244,13 +244,13 @@ async def test_a_rebuild_while_serving_swaps_in_identical_rows_and_the_live_proj
             async with running(fresh):
                 await _wait_position(fresh, head)
             expected = await _snapshot(db, scratch, [*ids, during], head)
-            seen = await _snapshot(db, LIVE, [*ids, during], head)
+            seen = await _snapshot(db, live, [*ids, during], head)
             assert seen == expected, "\n".join(_differences(expected, seen))
         finally:
             await pool.close()
             await drop_schema(stack.database_url, scratch)
     finally:
-        await db.execute(f'DROP TABLE IF EXISTS "{LIVE}".config_probe')
+        await db.execute(f'DROP TABLE IF EXISTS "{live}".config_probe')
         await db.close()
 
 
@@ -304,3 +304,67 @@ async def test_the_rebuild_command_rebuilds_and_reports(
         assert unknown.returncode == 2 and "known: billing, read_models" in unknown.stderr
     finally:
         await drop_schema(stack.database_url, schema)
+
+
+def test_a_stretch_of_the_log_is_cut_into_ranges_that_cover_it_once() -> None:
+    assert plan_ranges(0, 10, 3) == [(1, 3), (4, 6), (7, 10)]
+    assert plan_ranges(100, 102, 4) == [(101, 101), (102, 102)]
+    assert plan_ranges(5, 5, 2) == []
+    for after, head, parts in [(0, 1_000_001, 2), (17, 4_003, 4), (0, 7, 7)]:
+        ranges = plan_ranges(after, head, parts)
+        covered = [seq for lo, hi in ranges for seq in range(lo, hi + 1)]
+        assert covered == list(range(after + 1, head + 1)), (after, head, parts)
+
+
+async def test_a_rebuild_read_by_worker_processes_builds_the_same_rows(
+    api: SseClient, services: Services, stack: Servers, nc: NatsClient
+) -> None:
+    admin = SseClient(api.http, api.base_url, token_for("admin", admin=True))
+    ids = await _workload(api, nc)
+    billed, project = await _project_workload(api, admin)
+    ids.append(billed)
+    head = await _head(nc)
+    assert services.projector is not None
+    await _wait_position(services.projector, head)
+    await _wait_position(services.projectors[BILLING.name], head)
+    live = services.options.db_schema
+    schema = f"par_{new_id().lower()}"
+    db = await asyncpg.connect(stack.database_url)
+    try:
+        for projection in (READ_MODELS, BILLING):
+            report = await rebuild(
+                nc.jetstream(),
+                stack.database_url,
+                schema,
+                projection,
+                nats_url=stack.nats_url,
+                workers=2,
+                parallel_from=0,  # however short the log, read it in two processes
+            )
+            assert report.counts.get("chunk", 0) > 0 and report.position >= head, report
+        expected = await _snapshot(db, live, ids, head)
+        seen = await _snapshot(db, schema, ids, head)
+        assert seen == expected, "\n".join(_differences(expected, seen))
+        billing_expected = await _billing_snapshot(db, live, project)
+        billing_seen = await _billing_snapshot(db, schema, project)
+        assert billing_expected["ledger"], "the project's turns were billed"
+        assert billing_seen == billing_expected, "\n".join(
+            _differences(billing_expected, billing_seen)
+        )
+    finally:
+        await db.close()
+        await drop_schema(stack.database_url, schema)
+
+
+async def test_the_rebuild_benchmark_runs_on_a_small_log(stack: Servers) -> None:
+    env = {**server_env(stack), "PARLEY_JWT_SECRET": SECRET}
+    done = await asyncio.to_thread(
+        run, "bench", "rebuild", "--events", "3000", "--rounds", "1", "--json", env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    (line,) = done.stdout.splitlines()
+    result = json.loads(line)
+    assert all(not isinstance(v, dict | list) for v in result.values()), "flat keys"
+    assert result["published"] >= 3000 and result["events"] >= result["published"], result
+    assert result["turns"] > 0 and result["messages"] >= 2 * result["turns"] * 0.9, result
+    assert result["chunks"] > result["turns"] * 30 and result["events_per_s"] > 0, result
