@@ -120,7 +120,14 @@ class WorkerHost:
             async with asyncio.TaskGroup() as tasks:
                 heartbeat = tasks.create_task(self._heartbeat())
                 while not stopping.is_set():
-                    gained, lost = await leases.tick(self._busy)
+                    try:
+                        gained, lost = await leases.tick(self._busy)
+                    except nats.errors.Error as err:
+                        # The broker is away: keep serving what we hold (running turns
+                        # wait for it in their appends) and renew once it is back. A
+                        # lease that lapsed meanwhile is found lost then.
+                        log.warning("partition leases not renewed", extra={"error": repr(err)})
+                        gained, lost = set(), set()
                     for partition in lost:
                         await self._drop(partition)
                     for partition in gained:
@@ -187,8 +194,11 @@ class WorkerHost:
                     continue
                 except nats.errors.Error as err:
                     # The broker is away or restarting; running turns carry on.
-                    # Failing on and on (the consumer was deleted, say) ends the
-                    # role, and its supervisor starts it afresh.
+                    # Failing on and on while connected (the consumer was deleted,
+                    # say) ends the role, and its supervisor starts it afresh.
+                    if not self._js._nc.is_connected:
+                        await asyncio.sleep(FETCH_WAIT_S)
+                        continue
                     failures += 1
                     if failures >= 5:
                         raise

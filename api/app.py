@@ -7,12 +7,12 @@ imports this module but the wiring.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 
 import aiohttp
 import asyncpg
-import nats
 from aiohttp import web
 
 from api.auth import InvalidToken, JwksKeys, Verifier
@@ -41,10 +41,13 @@ from api.errors import ApiError, Handler, error_middleware
 from api.hub import Hubs, HubSettings
 from api.limits import LIMITS, Limits, limits_middleware
 from api.routes import add_routes
+from events import broker
 from events.log import EventLog, ensure_streams
 from events.turns import TurnRegistry, redis_client
 from projections.db import create_pool
 from projections.store import ReadStore
+
+log = logging.getLogger(__name__)
 
 _DDL_ATTEMPTS = 5
 PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics", "/openapi.json"})
@@ -107,13 +110,17 @@ async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def nats_ctx(app: web.Application) -> AsyncIterator[None]:
-    nc = await nats.connect(app[CONFIG].nats_url, name="parley-edge", max_reconnect_attempts=-1)
+    nc = await broker.connect(app[CONFIG].nats_url, "parley-edge", _report)
     app[NATS] = nc
     app[JS] = nc.jetstream()
     await ensure_streams(app[JS])
     app[LOG] = EventLog(app[JS])
     yield
     await nc.drain()
+
+
+def _report(level: int, message: str, fields: dict[str, str]) -> None:
+    log.log(level, message, extra=fields)
 
 
 async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
