@@ -20,6 +20,8 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
     nats.errors.Error,
     asyncpg.exceptions.PostgresConnectionError,
     asyncpg.exceptions.InterfaceError,
+    # shutting down, crashed, or starting up (replaying its WAL): 57P01-57P03
+    asyncpg.exceptions.OperatorInterventionError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     OSError,  # refused or reset connections, unreachable hosts
@@ -30,6 +32,7 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
 POSTGRES_AWAY: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.PostgresConnectionError,
     asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
     OSError,
 )
 

@@ -11,6 +11,7 @@ is added here as one more line.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Mapping
 from importlib import metadata, resources
@@ -98,6 +99,8 @@ from events.ids import new_id
 from events.subjects import EVT_STREAM
 from events.vocabulary import ConversationCreated
 from projections.store import ConversationRow
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -385,6 +388,11 @@ async def _probe(name: str, check: Awaitable[None], within_s: float) -> str | No
     except TimeoutError:
         return f"{name}: no answer within {within_s:g} s"
     except UNAVAILABLE as err:
+        return f"{name}: {type(err).__name__}: {err}"[:300]
+    except Exception as err:
+        # A server in an odd state (Postgres recovering, a client whose connection broke
+        # mid-query) is not ready either; the probe must answer, never fail the request.
+        log.warning("readiness check failed", exc_info=err, extra={"server": name})
         return f"{name}: {type(err).__name__}: {err}"[:300]
     return None
 
