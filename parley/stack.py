@@ -223,6 +223,13 @@ class EmbeddedStack:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
 
+    def ready(self) -> bool:
+        """Whether every server accepts requests now (blocking probes, at most ~1 s each)."""
+        probes = {"nats": _nats_ready, "redis": _redis_ready, "postgres": _postgres_ready}
+        with self._lock:
+            ports = {name: child.port for name, child in self._children.items()}
+        return len(ports) == len(probes) and all(probes[n](port) for n, port in ports.items())
+
     @contextlib.contextmanager
     def outage(self, name: str) -> Iterator[None]:
         """Kill server `name` (SIGKILL) and keep it down until the block ends; then its

@@ -75,6 +75,8 @@ async def roles(
         shutdown_grace_s=2.0,
         limits=limits,
     )
+    # an earlier test's outage may still be ending: start on servers that answer
+    await until(lambda: asyncio.to_thread(stack.ready), "the stack's servers answer")
     async with Services(stack.urls, options) as services:
         assert services.projector is not None
         async with asyncio.timeout(30):
