@@ -275,7 +275,10 @@ class EmbeddedStack:
             if self._stopping.is_set():
                 raise Unstartable("the stack is stopping")
             port = self._children[name].port
-            child = spawn(port)
+            try:
+                child = spawn(port)
+            except (StackError, OSError) as err:  # a vanished binary, a full disk
+                raise Unstartable(f"{name} could not be started: {err}") from err
         try:
             _wait_ready(child, lambda: probe(port))
         except StackError as err:
