@@ -51,7 +51,7 @@ from actors.models import MAX_TOOL_ROUNDS, ModelCatalog, ModelSpec
 from actors.state import Conversation, history_of, latest_messages
 from actors.tools import ToolContext, ToolMessage, ToolOutcome, ToolRunner
 from actors.writer import EventWriter, TurnStream
-from events.errors import EventLogError
+from events.errors import EventLogError, EventLogUnavailable
 from events.ids import new_id as make_id
 from events.log import EventLog
 from events.turns import TurnRegistry
@@ -230,8 +230,14 @@ class TurnRunner:
             if current is not None:
                 current.uncancel()
             await self._cancelled(stream, reason, totals)
+        except EventLogUnavailable as err:
+            # The broker stayed away longer than an append waits for it (the log's
+            # `outage_s`): end the turn with what the log has of it and every token
+            # the model consumed, once the broker is back. If it is still away, this
+            # raises too, and the conversation's next owner ends the turn (orphan).
+            await self._fail(stream, "log_unavailable", str(err), totals)
         except EventLogError:
-            raise  # the log refused or is gone: nothing can be recorded here
+            raise  # the log refused (another writer): nothing can be recorded here
         except Exception as err:
             # A bug must end this turn visibly, not kill the worker or leave the turn open.
             log.exception("turn crashed", extra=self._log_fields())

@@ -130,7 +130,14 @@ class WorkerHost:
             async with asyncio.TaskGroup() as tasks:
                 heartbeat = tasks.create_task(self._heartbeat())
                 while not stopping.is_set():
-                    gained, lost = await leases.tick(self._busy)
+                    try:
+                        gained, lost = await leases.tick(self._busy)
+                    except nats.errors.Error as err:
+                        # The broker is away: keep serving what we hold (running turns
+                        # wait for it in their appends) and renew once it is back. A
+                        # lease that lapsed meanwhile is found lost then.
+                        log.warning("partition leases not renewed", extra={"error": repr(err)})
+                        gained, lost = set(), set()
                     for partition in lost:
                         await self._drop(partition)
                     for partition in gained:
@@ -197,10 +204,14 @@ class WorkerHost:
                 except (nats.errors.TimeoutError, TimeoutError):
                     continue
                 except nats.errors.Error as err:
-                    # The broker is away, or the consumer's replicas are electing a
-                    # leader (JetStream answers 503 meanwhile): running turns carry on.
-                    # A consumer that was deleted answers 503 too; it, or failing on
-                    # and on, ends the role, and its supervisor starts it afresh.
+                    # The broker is away or restarting, or the consumer's replicas are
+                    # electing a leader (JetStream answers 503 meanwhile): running turns
+                    # carry on. A consumer that was deleted answers 503 too; it, or
+                    # failing on and on while connected, ends the role, and its
+                    # supervisor starts it afresh.
+                    if not self._js._nc.is_connected:
+                        await asyncio.sleep(FETCH_WAIT_S)
+                        continue
                     failing_since = failing_since or loop.time()
                     if loop.time() - failing_since > FETCH_GIVE_UP_S or await self._consumer_gone(
                         partition

@@ -24,7 +24,7 @@ from aiohttp import web
 from api.access import owned_conversation, project_of_member
 from api.ai_sdk_stream import DONE_FRAME, HEADERS, UiStream, frame
 from api.context import CONFIG, HUBS, LOG, claims_of
-from api.errors import ApiError, bad_request, not_found
+from api.errors import ApiError, bad_request, begin_stream, not_found
 from api.hub import Delivery, Subscription, TurnFilter, watch
 from api.sse import Envelope, Position
 from api.streaming import running_turn
@@ -191,7 +191,7 @@ async def _stream(
     request: web.Request, conversation_id: str, position: Position, turn: TurnFilter
 ) -> web.StreamResponse:
     response = web.StreamResponse(headers=HEADERS)
-    await response.prepare(request)
+    await begin_stream(request, response)
     config = request.app[CONFIG]
     subscription = _Chunks(position, turn)
     feeding = asyncio.create_task(watch(request.app[HUBS], conversation_id, subscription))

@@ -41,7 +41,7 @@ from api.errors import ApiError, Handler, error_middleware
 from api.hub import Hubs, HubSettings
 from api.limits import LIMITS, Limits, limits_middleware
 from api.routes import add_routes
-from events.broker import connect
+from events import broker
 from events.log import EventLog, ensure_streams
 from events.turns import TurnRegistry, redis_client
 from projections.db import create_pool
@@ -110,7 +110,7 @@ async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def nats_ctx(app: web.Application) -> AsyncIterator[None]:
-    nc = await connect(app[CONFIG].nats_url, name="parley-edge")
+    nc = await broker.connect(app[CONFIG].nats_url, name="parley-edge", report=_report)
     app[NATS] = nc
     app[JS] = nc.jetstream()
     for note in await ensure_streams(app[JS], replicas=app[CONFIG].stream_replicas):
@@ -118,6 +118,10 @@ async def nats_ctx(app: web.Application) -> AsyncIterator[None]:
     app[LOG] = EventLog(app[JS])
     yield
     await nc.drain()
+
+
+def _report(level: int, message: str, fields: dict[str, str]) -> None:
+    log.log(level, message, extra=fields)
 
 
 async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:

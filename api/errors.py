@@ -20,9 +20,20 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
     nats.errors.Error,
     asyncpg.exceptions.PostgresConnectionError,
     asyncpg.exceptions.InterfaceError,
+    # shutting down, crashed, or starting up (replaying its WAL): 57P01-57P03
+    asyncpg.exceptions.OperatorInterventionError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     OSError,  # refused or reset connections, unreachable hosts
+)
+
+
+# The subset that means Postgres (the read models) is away.
+POSTGRES_AWAY: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    OSError,
 )
 
 
@@ -63,6 +74,18 @@ def bad_request(message: str, code: str = "bad_request") -> ApiError:
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+# The streamed response whose headers already went out, if any (`begin_stream`).
+OPEN_STREAM = web.RequestKey("open_stream", web.StreamResponse)
+
+
+async def begin_stream(request: web.Request, response: web.StreamResponse) -> None:
+    """Send a streamed response's headers. From here on a failure cannot become an
+    error answer: the middleware ends the stream instead (the client resumes from its
+    last id), where an error response written into it would leave the client waiting
+    for ever on a stream that never ends."""
+    request[OPEN_STREAM] = response
+    await response.prepare(request)
+
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -84,14 +107,28 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(err.status, code, err.reason)
     except ConnectionResetError:
         raise
-    except UNAVAILABLE as err:
-        # A server behind the edge is down: say so, and that trying again is right.
-        log.warning("dependency unavailable", extra={"path": request.path, "error": repr(err)})
-        response = error_response(
-            503, "unavailable", f"a backing service is unavailable: {type(err).__name__}"
-        )
-        response.headers["Retry-After"] = "1"
-        return response
-    except Exception:
-        log.exception("unhandled error", extra={"path": request.path})
+    except Exception as err:
+        stream: web.StreamResponse | None = request.get(OPEN_STREAM)
+        if stream is None:
+            return _error_answer(request, err)
+        # Too late for an error answer: end the stream; the client resumes from its last id.
+        if isinstance(err, UNAVAILABLE):
+            log.warning("stream ended: %s", _unavailable(err), extra={"path": request.path})
+        else:
+            log.error("stream ended by an error", exc_info=err, extra={"path": request.path})
+        return stream  # already prepared: aiohttp only ends it
+
+
+def _error_answer(request: web.Request, err: Exception) -> web.Response:
+    if not isinstance(err, UNAVAILABLE):
+        log.error("unhandled error", exc_info=err, extra={"path": request.path})
         return error_response(500, "internal", "internal error")
+    # A server behind the edge is down: say so, and that trying again is right.
+    log.warning("dependency unavailable", extra={"path": request.path, "error": repr(err)})
+    response = error_response(503, "unavailable", _unavailable(err))
+    response.headers["Retry-After"] = "1"
+    return response
+
+
+def _unavailable(err: BaseException) -> str:
+    return f"a backing service is unavailable: {type(err).__name__}"

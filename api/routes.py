@@ -11,6 +11,7 @@ is added here as one more line.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Mapping
 from importlib import metadata, resources
@@ -27,13 +28,14 @@ from api.context import (
     JS,
     LOG,
     METRICS,
+    NATS,
     OPENAPI,
     REDIS,
     STORE,
     TURNS,
     claims_of,
 )
-from api.errors import UNAVAILABLE, ApiError, bad_request
+from api.errors import POSTGRES_AWAY, UNAVAILABLE, ApiError, bad_request, begin_stream
 from api.hub import read_range
 from api.openapi import (
     AI_SDK_STREAM,
@@ -92,10 +94,13 @@ from api.turn_routes import (
 )
 from api.validation import InvalidBody, decode_params
 from events.codec import encode_stored
+from events.errors import EventLogUnavailable
 from events.ids import new_id
 from events.subjects import EVT_STREAM
 from events.vocabulary import ConversationCreated
 from projections.store import ConversationRow
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -175,8 +180,14 @@ async def conversation_detail(
     request: web.Request, header: ConversationCreated, *, fresh: bool = False
 ) -> ConversationDetail:
     """The conversation as the API shows it. A `fresh` one has no turn yet, so its
-    answer does not depend on Redis: a create that succeeded never reports 503."""
-    row: ConversationRow | None = await request.app[STORE].conversation(header.conversation_id)
+    answer depends neither on Redis nor on Postgres (its header is enough): a create
+    that succeeded never reports 503, which would only invite a second create."""
+    try:
+        row: ConversationRow | None = await request.app[STORE].conversation(header.conversation_id)
+    except POSTGRES_AWAY:
+        if not fresh:
+            raise
+        row = None
     active = None if fresh else await request.app[TURNS].get(header.conversation_id)
     info = _row_info(row) if row is not None else _unprojected_info(header)
     return ConversationDetail(
@@ -223,8 +234,11 @@ async def _wait_for_projection(request: web.Request, seq: int) -> None:
     deadline = time.monotonic() + request.app[CONFIG].create_wait_s
     store = request.app[STORE]
     while time.monotonic() < deadline:
-        if await store.position() >= seq:
-            return
+        try:
+            if await store.position() >= seq:
+                return
+        except POSTGRES_AWAY:
+            return  # no row to wait for: the answer comes from the header
         await asyncio.sleep(0.01)
 
 
@@ -288,7 +302,7 @@ async def conversation_log(request: web.Request) -> web.StreamResponse:
     conversation_id = header.conversation_id
     end = await app[LOG].last_seq(conversation_id)
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-    await response.prepare(request)
+    await begin_stream(request, response)
     timeout = app[CONFIG].limits.write_timeout_s
     try:
         async for stored in read_range(app[JS], app[LOG], conversation_id, after, end):
@@ -324,6 +338,8 @@ async def readyz(request: web.Request) -> web.Response:
 
     async def nats() -> None:
         nonlocal head
+        if not app[NATS].is_connected:
+            raise EventLogUnavailable("not connected (the client is reconnecting)")
         head = int((await app[JS].stream_info(EVT_STREAM)).state.last_seq)
 
     async def postgres() -> None:
@@ -341,7 +357,7 @@ async def readyz(request: web.Request) -> web.Response:
         _probe("redis", redis(), timeout),
     )
     reasons = [reason for reason in (on_nats, on_postgres, on_redis) if reason is not None]
-    lag = max(0, head - position) if head is not None and position is not None else None
+    lag = _lag(head, position if position is not None else app[STORE].last_position)
     bound = app[CONFIG].max_projection_lag
     if lag is not None and bound and lag > bound:
         reasons.append(f"the read models are {lag} events behind the log (bound {bound})")
@@ -359,6 +375,11 @@ async def readyz(request: web.Request) -> web.Response:
     return answer(body, status=503 if reasons else 200)
 
 
+def _lag(head: int | None, position: int | None) -> int | None:
+    """Log entries the read models have not applied; None when either side is unknown."""
+    return max(0, head - position) if head is not None and position is not None else None
+
+
 async def _probe(name: str, check: Awaitable[None], within_s: float) -> str | None:
     """None when `check` succeeds in time, else why not, in one line."""
     try:
@@ -368,6 +389,11 @@ async def _probe(name: str, check: Awaitable[None], within_s: float) -> str | No
         return f"{name}: no answer within {within_s:g} s"
     except UNAVAILABLE as err:
         return f"{name}: {type(err).__name__}: {err}"[:300]
+    except Exception as err:
+        # A server in an odd state (Postgres recovering, a client whose connection broke
+        # mid-query) is not ready either; the probe must answer, never fail the request.
+        log.warning("readiness check failed", exc_info=err, extra={"server": name})
+        return f"{name}: {type(err).__name__}: {err}"[:300]
     return None
 
 
@@ -376,17 +402,23 @@ async def metrics(request: web.Request) -> web.Response:
     projection's lag and error count are read now, from the log and Postgres, so they
     are right even when the projector runs elsewhere, or not at all."""
     app = request.app
-    lag = errors = None
-    try:
-        async with asyncio.timeout(app[CONFIG].ready_timeout_s):
-            errors = await app[STORE].projection_error_count()
-            position = await app[STORE].position()
-            head = int((await app[JS].stream_info(EVT_STREAM)).state.last_seq)
-            lag = max(0, head - position)
-    except TimeoutError:
-        pass  # left out of this scrape: an absent sample, not a wrong one
-    except UNAVAILABLE:
-        pass
+    timeout = app[CONFIG].ready_timeout_s
+    errors = head = None
+
+    async def postgres() -> None:
+        nonlocal errors
+        errors = await app[STORE].projection_error_count()
+        await app[STORE].position()
+
+    async def nats() -> None:
+        nonlocal head
+        head = int((await app[JS].stream_info(EVT_STREAM)).state.last_seq)
+
+    # Each left out of this scrape when its server does not answer: an absent sample,
+    # not a wrong one. With Postgres away the lag is still known (the position last read
+    # cannot have moved), and grows with the log.
+    await asyncio.gather(_probe("postgres", postgres(), timeout), _probe("nats", nats(), timeout))
+    lag = _lag(head, app[STORE].last_position)
     sink = app[METRICS]
     sink.projection(lag=lag, errors=errors)
     body, content_type = sink.render()

@@ -29,9 +29,11 @@ from collections.abc import Awaitable
 from aiohttp import web
 
 from api.context import CONFIG, HUBS, JS, LOG, METRICS, TURNS
+from api.errors import begin_stream
 from api.hub import (
     Delivery,
     PendingCommand,
+    RedisAway,
     Snapshot,
     Subscription,
     TurnFilter,
@@ -56,7 +58,7 @@ async def open_sse(request: web.Request) -> web.StreamResponse:
         }
     )
     _bound_send_buffer(request)
-    await response.prepare(request)
+    await begin_stream(request, response)
     if request.method != "HEAD":
         await _bounded(request, response.write(b"retry: 1000\n\n"))
     return response
@@ -280,6 +282,11 @@ async def _catch_up(
 
 
 async def _idle_after(app: web.Application, conversation_id: str, seq: int) -> bool:
-    """After a turn's end: nothing more in the log and no other turn running."""
-    last, active = await running_turn(app, conversation_id)
+    """After a turn's end: nothing more in the log and no other turn running.
+
+    With Redis away, decided as the hub decides for its live feed: from the log alone."""
+    try:
+        last, active = await app[HUBS].turn_state(conversation_id)
+    except RedisAway:
+        last, active = await app[LOG].last_seq(conversation_id), None
     return last <= seq and active is None

@@ -21,7 +21,7 @@ import msgspec
 from aiohttp import web
 
 from api.access import owned_conversation
-from api.context import CONFIG, HUBS, JS, LOG, REDIS, claims_of, wants_json
+from api.context import CONFIG, HUBS, JS, LOG, NATS, REDIS, claims_of, wants_json
 from api.errors import UNAVAILABLE, ApiError, bad_request
 from api.hub import Delivery, Subscription, watch
 from api.limits import hold_turn
@@ -34,6 +34,7 @@ from events.ids import new_id
 from events.subjects import CMD_STREAM, command_subject, valid_id
 from events.vocabulary import (
     AnswerRequested,
+    AnyCommand,
     CancelTurn,
     CommandRejected,
     ConversationCreated,
@@ -202,13 +203,27 @@ async def cancel_turn(request: web.Request) -> web.Response:
         at=time.time_ns(),
         turn_id=turn_id,
     )
-    await request.app[JS].publish(
-        command_subject(conversation_id),
+    await publish_command(request, command)
+    return answer(CancelAnswer(cancelled=True, turn_id=turn_id), status=202)
+
+
+async def publish_command(request: web.Request, command: AnyCommand) -> int:
+    """Put a command on its conversation's partition of CHAT_CMD; its position there.
+
+    Refused at once (503) while NATS is away: the client would buffer it and send
+    it once reconnected, long after this request answered, and a client that
+    tried again (as told) would find its request applied twice."""
+    if not request.app[NATS].is_connected:
+        raise ApiError(
+            503, "unavailable", "the event log (NATS) is unavailable; try again", retry_after=1
+        )
+    ack = await request.app[JS].publish(
+        command_subject(command.conversation_id),
         encode(command),
         stream=CMD_STREAM,
         headers={"Nats-Msg-Id": command.command_id},
     )
-    return answer(CancelAnswer(cancelled=True, turn_id=turn_id), status=202)
+    return int(ack.seq)
 
 
 # ---------------------------------------------------------------- submitting
@@ -239,12 +254,7 @@ async def submit(
     # Nats-Msg-Id drops a copy within the duplicate window, and the actor drops
     # a later one by its command_id in the log.
     try:
-        ack = await request.app[JS].publish(
-            command_subject(conversation_id),
-            encode(command),
-            stream=CMD_STREAM,
-            headers={"Nats-Msg-Id": record.command_id},
-        )
+        command_seq = await publish_command(request, command)
     except BaseException:
         if fresh:  # not sent: a retry with the same key must be free to send it
             await _forget_idempotency(request, conversation_id, idempotency_key)
@@ -255,8 +265,8 @@ async def submit(
     if decision.rejected is not None:
         raise _refusal(decision.rejected)
     # counts against the user's active turns until this request's turn ends
-    hold_turn(request, conversation_id, record.command_id, record.after, int(ack.seq))
-    return Submitted(record=record, command_seq=int(ack.seq), accepted=decision.accepted)
+    hold_turn(request, conversation_id, record.command_id, record.after, command_seq)
+    return Submitted(record=record, command_seq=command_seq, accepted=decision.accepted)
 
 
 async def _submit(

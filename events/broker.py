@@ -1,27 +1,46 @@
-"""Connecting to NATS: one server or several nodes of a cluster, named in one string.
+"""Connecting to NATS the one way every role does: any node of a cluster, reconnecting for ever.
 
 `PARLEY_NATS_URL` holds one URL or a comma-separated list of the nodes of one
 cluster (`nats://n1:4222,nats://n2:4222,nats://n3:4222`). The client connects
 to the first one that answers, in the order given (so each process can be told
 which node it prefers), learns the rest of the cluster from the server, and
-moves to another node when its node goes away. What it sent while away is
-buffered and goes out on the new connection; a JetStream request that gets no
-answer in time is the caller's to retry (events.log does, safely: every append
-carries its Nats-Msg-Id).
+moves to another node when its node goes away.
+
+A broker that restarts (the dev stack's supervisor, a rolling upgrade of a
+cluster) must cost a role a pause, never its connection: the client tries again
+every `RECONNECT_WAIT_S` without a limit, keeps what is published meanwhile in
+its buffer (`pending_size`), and re-creates its subscriptions once back. A
+JetStream request that gets no answer in time is the caller's to retry
+(events.log does, safely: every append carries its Nats-Msg-Id). A connection
+that silently died (a peer behind a dropped network) is found by pings:
+`PING_INTERVAL_S` x `MAX_OUTSTANDING_PINGS` without an answer.
+
+What the caller does about an outage (log it, answer 503, wait) is its own
+business: pass `report`. This module does not log.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import TypeVar
 
+import nats.errors
 from nats.aio.client import Client as NatsClient
 
 # Between two rounds of attempts over the whole list of nodes.
-_RECONNECT_WAIT_S = 1
+RECONNECT_WAIT_S = 1
 # A one-shot command gives up after this many rounds (nats.py's own default).
-_COMMAND_RECONNECTS = 60
+COMMAND_RECONNECTS = 60
+PING_INTERVAL_S = 20
+MAX_OUTSTANDING_PINGS = 3
+CONNECT_TIMEOUT_S = 5
 
 C = TypeVar("C", bound=NatsClient)
+
+# (level, message, structured fields): the caller's logger, e.g.
+# `lambda level, message, fields: log.log(level, message, extra=fields)`
+Report = Callable[[int, str, dict[str, str]], None]
 
 
 def server_list(url: str) -> list[str]:
@@ -32,25 +51,65 @@ def server_list(url: str) -> list[str]:
     return servers
 
 
-async def connect(url: str, *, name: str, reconnect_forever: bool = True) -> NatsClient:
-    """A connection to the server(s) of `url`.
+async def connect(
+    url: str, *, name: str, report: Report | None = None, reconnect_forever: bool = True
+) -> NatsClient:
+    """A connection to the server(s) of `url`; the first connection must succeed.
 
     Roles (edge, worker, projector) reconnect for ever: a broker that is away is
     waited for, never a reason to stop. One-shot commands (`replay`, `audit`)
     pass `reconnect_forever=False` and fail after the client's usual attempts.
     """
-    return await connect_client(NatsClient(), url, name=name, reconnect_forever=reconnect_forever)
+    return await connect_client(
+        NatsClient(), url, name=name, report=report, reconnect_forever=reconnect_forever
+    )
 
 
-async def connect_client(client: C, url: str, *, name: str, reconnect_forever: bool = True) -> C:
+async def connect_client(
+    client: C,
+    url: str,
+    *,
+    name: str,
+    report: Report | None = None,
+    reconnect_forever: bool = True,
+) -> C:
     """`connect`, for a client of a class of the caller's (the projectors' `EntryClient`,
-    projections/feed.py): the same nodes in the same order, the same reconnects."""
+    projections/feed.py): the same nodes in the same order, the same reconnects.
+
+    `report` hears of the connection's changes: lost and back (warnings, so an
+    operator sees the outage and its end), and other client errors. Failed
+    reconnect attempts are reported at debug level: one a second while a broker
+    is down says nothing the first line did not.
+    """
+    fields = {"client": name}
+
+    async def disconnected() -> None:
+        if report is not None and not (client.is_closed or client.is_draining):
+            report(logging.WARNING, "NATS connection lost; reconnecting", fields)
+
+    async def reconnected() -> None:
+        if report is not None:
+            report(logging.WARNING, "NATS connection back", fields)
+
+    async def error(err: Exception) -> None:
+        if report is None:
+            return
+        attempt = isinstance(err, OSError | nats.errors.StaleConnectionError)
+        level = logging.DEBUG if attempt else logging.WARNING
+        report(level, "NATS client error", {**fields, "error": repr(err)})
+
     await client.connect(
         servers=server_list(url),
         name=name,
         # The order of the list is the operator's preference, not a suggestion.
         dont_randomize=True,
-        reconnect_time_wait=_RECONNECT_WAIT_S,
-        max_reconnect_attempts=-1 if reconnect_forever else _COMMAND_RECONNECTS,
+        reconnect_time_wait=RECONNECT_WAIT_S,
+        max_reconnect_attempts=-1 if reconnect_forever else COMMAND_RECONNECTS,
+        ping_interval=PING_INTERVAL_S,
+        max_outstanding_pings=MAX_OUTSTANDING_PINGS,
+        connect_timeout=CONNECT_TIMEOUT_S,
+        disconnected_cb=disconnected,
+        reconnected_cb=reconnected,
+        error_cb=error,
     )
     return client

@@ -9,6 +9,11 @@ server refuses an append from a writer whose view of the conversation is stale
 (EventLogConflict) instead of interleaving two writers. A retried append cannot
 land twice either: every event goes out with `Nats-Msg-Id` = its event_id and the
 stream's duplicate window drops the second copy.
+
+A broker that is away (restarting, a leader election): reads fail at once with
+`EventLogUnavailable` while the client is not connected, so an edge answers 503
+instead of hanging; an append keeps trying for `outage_s` (a worker sets it, so
+a turn rides out a broker restart and goes on), then fails the same way.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
+from nats.js.api import RawStreamMsg as RawMessage
 
 from events.codec import Unreadable, decode_entry, encode
 from events.errors import EventLogConflict, EventLogUnavailable, PositionGone
@@ -32,20 +38,28 @@ from events.vocabulary import AnyEvent, ConversationCreated, Event
 # 10071 names the sequence found; a clustered stream answers 10164, which does not
 # (the check runs before the proposal, against the leader's view).
 _WRONG_LAST_SEQUENCE = (10071, 10164)
-# How long an append keeps trying while JetStream does not answer: a stream
-# leader that dies is replaced within ~10 s (a Raft election), and
-# events.streams keeps the duplicate window well beyond this.
+# How long an append keeps trying while JetStream does not answer or the client
+# is reconnecting: a stream leader that dies is replaced within ~10 s (a Raft
+# election), a restarted broker is back within seconds, and events.streams keeps
+# the duplicate window well beyond this.
 _RETRY_FOR_S = 30.0
+_PUBLISH_ATTEMPTS = 3  # at least, when the broker answers but not in time
 _RETRY_FIRST_S = 0.05
 _RETRY_MAX_S = 1.0
-# What a publish or a lookup raises while its server, or the stream's leader, is away.
-_TRANSIENT = (
+_CONNECTED_POLL_S = 0.05
+# What a publish or a read raises while the broker, or the stream's leader, is
+# away or restarting: worth another try, never the event's fault.
+_TRANSIENT: tuple[type[BaseException], ...] = (
     nats.errors.TimeoutError,
     nats.errors.NoRespondersError,
+    nats.errors.OutboundBufferLimitError,
     nats.errors.ConnectionReconnectingError,
+    nats.errors.StaleConnectionError,
     nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,  # JetStream recovering its streams, no leader yet
     TimeoutError,
 )
+_RETRYABLE: tuple[type[BaseException], ...] = (*_TRANSIENT, EventLogUnavailable)
 # How long a follower waits for news before it looks at its stop flag again.
 _FOLLOW_WAIT_S = 1.0
 _DIRECT_GET = f"$JS.API.DIRECT.GET.{EVT_STREAM}"
@@ -83,6 +97,7 @@ class EventLog:
     ) -> None:
         self._js = js
         self._publish_timeout = publish_timeout
+        # how long an append waits for a broker, or a stream leader, that is away
         self._retry_for_s = retry_for_s
 
     async def append(self, conversation_id: str, events: Sequence[Event], expected_seq: int) -> int:
@@ -118,9 +133,10 @@ class EventLog:
         payload = encode(event)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._retry_for_s
-        delay = _RETRY_FIRST_S
+        attempt = 0
         while True:
             try:
+                await self._connected(deadline)
                 ack = await self._js.publish(
                     subject,
                     payload,
@@ -130,37 +146,62 @@ class EventLog:
                 )
                 return int(ack.seq)
             except nats.js.errors.APIError as err:
-                if err.err_code in _WRONG_LAST_SEQUENCE:
+                if isinstance(err, nats.js.errors.ServiceUnavailableError):
+                    failure: BaseException = err
+                elif err.err_code not in _WRONG_LAST_SEQUENCE:
+                    raise
+                else:
                     # The sequence check runs before the duplicate check, so an append
                     # whose ack was lost comes back as a conflict when retried: if the
-                    # subject's last event is this very event, it did land.
+                    # conversation's last event is this very event, it did land.
                     try:
                         landed = await self._last_if_same(subject, event.event_id)
-                    except _TRANSIENT as lookup:
-                        failure: Exception = lookup
+                    except EventLogUnavailable as unavailable:
+                        failure = unavailable  # not known yet: ask again
                     else:
                         if landed is not None:
                             return landed
                         raise EventLogConflict(
                             conversation_id, expected, err.description or ""
                         ) from err
-                elif isinstance(err, nats.js.errors.ServiceUnavailableError):
-                    failure = err  # JetStream is there but has no leader for the stream yet
-                else:
-                    raise
-            except _TRANSIENT as err:
+            except _RETRYABLE as err:
                 failure = err
-            if loop.time() + delay > deadline:
-                raise EventLogUnavailable(
-                    f"append to {subject}: no answer within {self._retry_for_s:.0f}s"
-                ) from failure
-            await asyncio.sleep(delay)
-            delay = min(2 * delay, _RETRY_MAX_S)
+            else:
+                return int(ack.seq)
+            # Safe to resend: the same Nats-Msg-Id makes a second copy a no-op.
+            attempt += 1
+            if attempt >= _PUBLISH_ATTEMPTS and loop.time() >= deadline:
+                raise EventLogUnavailable(f"append to {subject}: {failure!r}") from failure
+            await asyncio.sleep(min(_RETRY_MAX_S, _RETRY_FIRST_S * 2**attempt))
+
+    async def _connected(self, deadline: float) -> None:
+        """Return once the client is connected; EventLogUnavailable if it is not by `deadline`.
+
+        While reconnecting, nats-py keeps what is published in a buffer and
+        sends it once back: a request made then would only wait out its timeout."""
+        nc = self._js._nc
+        loop = asyncio.get_running_loop()
+        while not nc.is_connected:
+            if loop.time() >= deadline:
+                raise EventLogUnavailable("not connected to NATS (reconnecting)")
+            await asyncio.sleep(_CONNECTED_POLL_S)
+
+    async def _get_msg(
+        self, subject: str, seq: int | None = None, *, next: bool = False
+    ) -> RawMessage | None:
+        """The subject's last message, or with `seq` (and `next`) the one at or after it;
+        None when there is none."""
+        await self._connected(0.0)
+        try:
+            return await self._js.get_msg(EVT_STREAM, seq=seq, subject=subject, next=next)
+        except nats.js.errors.NotFoundError:
+            return None
+        except _TRANSIENT as err:
+            raise EventLogUnavailable(f"reading {subject}: {err!r}") from err
 
     async def _last_if_same(self, subject: str, event_id: str) -> int | None:
-        try:
-            msg = await self._js.get_msg(EVT_STREAM, subject=subject)
-        except nats.js.errors.NotFoundError:
+        msg = await self._get_msg(subject=subject)
+        if msg is None:
             return None
         if (msg.headers or {}).get("Nats-Msg-Id") == event_id:
             return int(msg.seq or 0)
@@ -171,27 +212,20 @@ class EventLog:
         return await self.last_seq_of(event_subject(conversation_id))
 
     async def last_seq_of(self, subject: str) -> int:
-        try:
-            msg = await self._js.get_msg(EVT_STREAM, subject=subject)
-        except nats.js.errors.NotFoundError:
-            return 0
-        return int(msg.seq or 0)
+        msg = await self._get_msg(subject=subject)
+        return 0 if msg is None else int(msg.seq or 0)
 
     async def last(self, conversation_id: str) -> StoredEvent | None:
         """The conversation's last event."""
-        try:
-            msg = await self._js.get_msg(EVT_STREAM, subject=event_subject(conversation_id))
-        except nats.js.errors.NotFoundError:
+        msg = await self._get_msg(subject=event_subject(conversation_id))
+        if msg is None:
             return None
         return StoredEvent(seq=int(msg.seq or 0), event=decode_entry(msg.data or b""))
 
     async def first(self, conversation_id: str) -> StoredEvent | None:
         """The conversation's first kept event: `conversation_created` unless retention cut it."""
-        try:
-            msg = await self._js.get_msg(
-                EVT_STREAM, seq=1, subject=event_subject(conversation_id), next=True
-            )
-        except nats.js.errors.NotFoundError:
+        msg = await self._get_msg(event_subject(conversation_id), 1, next=True)
+        if msg is None:
             return None
         return StoredEvent(seq=int(msg.seq or 0), event=decode_entry(msg.data or b""))
 
@@ -233,6 +267,7 @@ class EventLog:
 
     async def _direct_batch(self, subject: str | None, start: int) -> tuple[list[RawEntry], int]:
         """Up to `_READ_BATCH` entries (of `subject`, or of all) from `start`, and how many remain."""
+        await self._connected(0.0)
         nc = self._js._nc
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 _KEY = "parley:turn:{}"
 
@@ -41,9 +43,15 @@ def redis_client(url: str, *, max_connections: int = 256, wait_s: float = 5.0) -
 
     The default pool refuses with MaxConnectionsError as soon as it is empty, so
     a burst of requests failed instead of queueing for a few milliseconds.
+
+    A command whose connection fails is tried once more, at once, on a new one:
+    after a Redis restart every pooled connection is dead, and without this each
+    would fail one request before it was replaced. What is sent here may run twice
+    after a reply was lost (SET, SET NX, ZADD, a token taken): harmless for each.
+    A Redis that is down still fails fast (two refused connects).
     """
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=wait_s
+        url, max_connections=max_connections, timeout=wait_s, retry=Retry(NoBackoff(), 1)
     )
     return aioredis.Redis(connection_pool=pool)
 

@@ -33,7 +33,7 @@ from actors.webhooks import WebhookDispatcher, WebhookSettings
 from actors.worker import WorkerHost
 from api.app import create_app
 from api.config import EdgeConfig, EdgeLimits
-from events.broker import connect
+from events import broker
 from events.ids import new_id
 from events.log import EventLog, ensure_streams
 from events.turns import TurnRegistry, redis_client
@@ -50,6 +50,13 @@ from projections.projector import Projector
 log = logging.getLogger(__name__)
 
 ROLES = ("edge", "worker", "projector")
+
+# Restarting a role that failed (`supervise`).
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 30.0
+PROJECTOR_BACKOFF_MAX_S = 5.0
+# A role that ran this long before failing starts its backoff afresh.
+HEALTHY_RUN_S = 60.0
 
 # Where NATS, Postgres and Redis are: the same three URLs whether the embedded
 # stack started them or the environment named them.
@@ -107,6 +114,9 @@ class ServiceOptions(msgspec.Struct, frozen=True, kw_only=True):
     shutdown_grace_s: float = 10.0
     model_retry_base_s: float = 0.5
     decision_wait_s: float = 5.0  # how long a POST waits for the actor's accept/refuse
+    # how long a worker's append waits for a broker that is away before its turn
+    # ends as failed: long enough to ride out a restart or a leader election
+    log_outage_s: float = 30.0
     # turn-end webhooks, sent by the worker role (actors/webhooks.py)
     webhook: WebhookSettings | None = None
     max_projection_lag: int = 10_000  # /readyz bound, events behind the log (0: never unready)
@@ -193,7 +203,13 @@ class Services:
                 self._stack.push_async_callback(reader.drain)
                 projector = Projector(reader.jetstream(), pool, projection=projection)
                 self.projectors[name] = projector
-                self._spawn(_runner(projector, self._stopping), f"projector-{name}")
+                # Postgres away fails a projector at once: try again often enough that
+                # it catches up within seconds of Postgres coming back
+                self._spawn(
+                    _runner(projector, self._stopping),
+                    f"projector-{name}",
+                    max_backoff_s=PROJECTOR_BACKOFF_MAX_S,
+                )
             self.projector = self.projectors[READ_MODELS.name]
         if "worker" in self.roles:
             await self._start_worker(nc)
@@ -203,7 +219,7 @@ class Services:
             self.metrics_url = await self._serve(metrics_app(self.metrics)) + "/metrics"
 
     async def _nats(self, name: str) -> NatsClient:
-        nc = await connect(self.servers.nats_url, name=name)
+        nc = await broker.connect(self.servers.nats_url, name=name, report=_report)
         self._stack.push_async_callback(nc.drain)
         return nc
 
@@ -213,7 +229,7 @@ class Services:
         self._stack.push_async_callback(redis.aclose)
         http = aiohttp.ClientSession()
         self._stack.push_async_callback(http.close)
-        event_log = EventLog(js)
+        event_log = EventLog(js, retry_for_s=self.options.log_outage_s)
         ctx = ActorContext(
             log=event_log,
             accounts=Accounts(event_log, time.time_ns, new_id),
@@ -293,10 +309,15 @@ class Services:
         finally:
             await pool.close()
 
-    def _spawn(self, role: Callable[[], Awaitable[None]], name: str) -> None:
-        self._tasks.append(
-            asyncio.create_task(supervise(role, name, self._stopping, self.restarts), name=name)
-        )
+    def _spawn(
+        self,
+        role: Callable[[], Awaitable[None]],
+        name: str,
+        *,
+        max_backoff_s: float = BACKOFF_MAX_S,
+    ) -> None:
+        supervised = supervise(role, name, self._stopping, self.restarts, max_backoff_s)
+        self._tasks.append(asyncio.create_task(supervised, name=name))
 
 
 def catalog_rows(catalog: ModelCatalog) -> list[ModelRow]:
@@ -322,14 +343,12 @@ def catalog_rows(catalog: ModelCatalog) -> list[ModelRow]:
     ]
 
 
+def _report(level: int, message: str, fields: dict[str, str]) -> None:
+    log.log(level, message, extra=fields)
+
+
 def _runner(projector: Projector, stopping: asyncio.Event) -> Callable[[], Awaitable[None]]:
     return lambda: projector.run(stopping)
-
-
-BACKOFF_FIRST_S = 0.5
-BACKOFF_MAX_S = 30.0
-# A role that ran this long before failing starts its backoff afresh.
-HEALTHY_RUN_S = 60.0
 
 
 async def supervise(
@@ -337,21 +356,27 @@ async def supervise(
     name: str,
     stopping: asyncio.Event,
     restarts: dict[str, int],
+    max_backoff_s: float = BACKOFF_MAX_S,
 ) -> None:
     """Run `role` until `stopping`; when it raises (or returns early), log why and
-    start it again after an exponential backoff with jitter. Only `stopping` ends it."""
+    start it again after an exponential backoff with jitter (up to `max_backoff_s`).
+    Only `stopping` ends it."""
     loop = asyncio.get_running_loop()
     delay = BACKOFF_FIRST_S
+    last_failure: type[BaseException] | None = None
     while not stopping.is_set():
         began = loop.time()
         try:
             await role()
         except Exception as err:
+            # The traceback once per kind of failure in a row: a role that fails every
+            # few seconds while a server is away says the same thing each time.
             log.error(
                 "role failed; restarting it",
-                exc_info=err,
+                exc_info=err if type(err) is not last_failure else None,
                 extra={"role": name, "error": repr(err), "retry_in_s": round(delay, 2)},
             )
+            last_failure = type(err)
         else:
             if stopping.is_set():
                 return
@@ -359,12 +384,13 @@ async def supervise(
         restarts[name] = restarts.get(name, 0) + 1
         if loop.time() - began > HEALTHY_RUN_S:
             delay = BACKOFF_FIRST_S
+            last_failure = None
         try:
             async with asyncio.timeout(delay * random.uniform(0.5, 1.0)):
                 await stopping.wait()
         except TimeoutError:
             pass
-        delay = min(delay * 2, BACKOFF_MAX_S)
+        delay = min(delay * 2, max_backoff_s)
 
 
 def _bound_port(runner: web.AppRunner) -> int:

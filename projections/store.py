@@ -124,6 +124,9 @@ class ReadStore:
     def __init__(self, pool: Any, *, projection: str = "read_models") -> None:
         self._pool = pool
         self._projection = projection
+        # The position last read: while Postgres is away the checkpoint cannot move
+        # (it moves only by a commit there), so the lag is still known from it.
+        self.last_position: int | None = None
 
     async def conversation(self, conversation_id: str) -> ConversationRow | None:
         row = await self._pool.fetchrow(
@@ -226,4 +229,5 @@ class ReadStore:
         value = await self._pool.fetchval(
             "SELECT position FROM projection_checkpoints WHERE name = $1", self._projection
         )
-        return int(value or 0)
+        self.last_position = int(value or 0)
+        return self.last_position

@@ -197,6 +197,34 @@ def test_servers_die_when_the_launching_process_is_killed(tmp_path: Path) -> Non
     assert not left, f"still running 10 s after the launcher was killed: {sorted(left)}"
 
 
+def test_a_server_that_dies_is_restarted_on_its_port_with_its_data(tmp_path: Path) -> None:
+    stack = EmbeddedStack(tmp_path)
+    urls = stack.start()
+    try:
+        asyncio.run(_write_everywhere(urls))
+        for name, label in (
+            ("nats", "nats-server"),
+            ("redis", "redis-server"),
+            ("postgres", "postgres"),
+        ):
+            old = stack.pids[name]
+            os.kill(old, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while stack.restarts[label] == 0 or stack.pids.get(name) in (None, old):
+                assert time.monotonic() < deadline, f"{label} not restarted within 30 s"
+                time.sleep(0.05)
+        # the same URLs answer, with what was written before each server died
+        assert asyncio.run(_read_everywhere(urls)) == (b"kept", ["kept"], b"kept")
+        # the record names the new servers, so a later start stops them if we die
+        record = json.loads((tmp_path / "stack.json").read_text())
+        assert {k: v["pid"] for k, v in record["servers"].items()} == stack.pids
+        servers = set(stack.pids.values()) | _descendants(stack.pids["postgres"])
+    finally:
+        stack.stop()
+    assert stack.pids == {}
+    assert not _wait_gone(servers, within=5), "a restarted server outlived stop()"
+
+
 def test_a_second_stack_on_a_folder_in_use_is_refused(tmp_path: Path) -> None:
     with EmbeddedStack(tmp_path) as running:
         # What `parley` commands other than `dev` use to find the running stack.
