@@ -111,6 +111,8 @@ async def _dev(
         except OSError as err:
             raise CliError(f"cannot listen on {host}:{port}: {err.strerror}; try --port") from err
         run_file = settings.data_dir / RUN_FILE
+        # with servers named in the environment nothing else has made the folder yet
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
         run_file.write_bytes(msgspec.json.encode(RunInfo(services.edge_url, base_url, os.getpid())))
         stack.callback(run_file.unlink, missing_ok=True)
         token = mint(secret, ADMIN_USER, admin=True)
@@ -186,6 +188,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 print(f"edge listening at {services.edge_url}", file=sys.stderr, flush=True)
             if services.metrics_url:
                 print(f"metrics at {services.metrics_url}", file=sys.stderr, flush=True)
+            print(f"roles ready: {', '.join(roles)}", file=sys.stderr, flush=True)
             await _until_signalled(services)
         return 0
 
@@ -487,25 +490,40 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench",
         help="benchmarks (README: Benchmarks)",
-        description="stream: tokens through parley against a direct path; "
+        description="capacity: 100 to 1,000 turns at once at 20 tokens/s, per step; "
+        "stream: tokens through parley at full model speed; "
+        "burst: time to first token for many turns starting at once "
+        "(these three run parley, the model, the direct path and the viewers in processes of "
+        "their own, parley as `dev` and as split roles, against the direct path in one run); "
         "cancel: cancel -> done: stopped at the viewer; "
-        "burst: time to first token for many turns starting at once; "
         "fanout: one conversation, many viewers; "
         "soak: --minutes of mixed load, then the invariants (exit 1 on a problem)",
     )
     bench.add_argument(
         "workload",
-        choices=["stream", "cancel", "burst", "fanout", "soak"],
+        choices=["capacity", "stream", "burst", "cancel", "fanout", "soak"],
         help="what to measure",
     )
-    bench.add_argument("--json", action="store_true", help="one JSON object, flat keys")
+    bench.add_argument(
+        "--json", action="store_true", help="one JSON object per workload and step, flat keys"
+    )
     bench.add_argument(
         "--conversations", "-c", type=int, default=None, help="conversations (stream 20, burst 100)"
     )
     bench.add_argument(
-        "--tokens", "-n", type=int, default=500, help="tokens per answer (fanout: try 250)"
+        "--tokens",
+        "-n",
+        type=int,
+        default=None,
+        help="tokens per answer (stream 500, capacity 150, fanout 500: try 250)",
     )
-    bench.add_argument("--rounds", "-r", type=int, default=3, help="rounds, medians reported")
+    bench.add_argument(
+        "--rounds",
+        "-r",
+        type=int,
+        default=None,
+        help="rounds, medians reported (capacity 1, else 3)",
+    )
     bench.add_argument(
         "--viewers", type=int, default=None, help="SSE viewers (fanout 1000, soak 20)"
     )
@@ -515,12 +533,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--rate",
         type=float,
         default=0.0,
-        help="demo model tokens/s per stream (stream: 0 = full speed; fanout: 0 = 50)",
+        help="demo model tokens/s per stream (stream: 0 = full speed; capacity: 0 = 20; fanout: 0 = 50)",
     )
     bench.add_argument("--cancels", type=int, default=200, help="how many cancels (cancel)")
     bench.add_argument("--concurrency", type=int, default=10, help="cancels at a time (cancel)")
     bench.add_argument(
         "--window", type=float, default=1.0, help="seconds over which turns start (burst)"
+    )
+    bench.add_argument(
+        "--steps",
+        default=None,
+        help="capacity: turns at once per step, comma-separated (default 100,250,500,1000)",
+    )
+    bench.add_argument(
+        "--seconds", type=float, default=20.0, help="capacity: measured seconds per step"
+    )
+    bench.add_argument(
+        "--topology",
+        choices=["dev", "split", "both"],
+        default="both",
+        help="capacity, stream, burst: parley in one process (dev), as edge, worker and "
+        "projector processes (split), or both one after the other (default)",
     )
     bench.add_argument("--data", default=argparse.SUPPRESS, help=DATA_HELP)
     bench.set_defaults(func=cmd_bench)
