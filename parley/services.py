@@ -203,7 +203,11 @@ class Services:
         js = nc.jetstream()
         redis = redis_client(self.servers.redis_url)
         self._stack.push_async_callback(redis.aclose)
-        http = aiohttp.ClientSession()
+        # No cap on connections to the model: every running turn holds one stream
+        # open. aiohttp's default (100) queued the 101st turn behind the others
+        # and failed it after the connect timeout ("no connection to ... within
+        # 10s") at 500 turns at once; a provider that wants fewer says 429.
+        http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         self._stack.push_async_callback(http.close)
         event_log = EventLog(js)
         ctx = ActorContext(
