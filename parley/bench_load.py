@@ -247,9 +247,8 @@ def summarise(
 
 
 def _process(raw: bytes, conn: Connection) -> None:
-    from parley.bench_procs import run_async, use_uvloop
+    from parley.bench_procs import run_async
 
-    use_uvloop()
     _raise_fd_limit()
     job = msgspec.json.decode(raw, type=Job)
     try:

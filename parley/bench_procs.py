@@ -29,14 +29,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
+from parley import loops
 from parley.services import Servers
+
+T = TypeVar("T")
 
 TOPOLOGIES: dict[str, tuple[str, ...]] = {
     "dev": ("dev",),
@@ -46,19 +49,10 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 _READY_S = 120.0
 
 
-def use_uvloop() -> bool:
-    """Run asyncio on uvloop where it is installed (README: Dependencies says why)."""
-    try:
-        import uvloop
-    except ImportError:
-        return False
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return True
-
-
-def run_async(main: Callable[[], Awaitable[Any]]) -> Any:
-    use_uvloop()
-    return asyncio.run(main())  # type: ignore[arg-type]
+def run_async(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """A helper process's loop: the same as parley's (parley.loops), so the direct
+    path is held to the same footing."""
+    return loops.run(main())
 
 
 # ---------------------------------------------------------------- the machine
@@ -87,12 +81,7 @@ def machine() -> Machine:
             if line.startswith("MemTotal:"):
                 mem_kb = int(line.split()[1])
     one, five, _ = os.getloadavg()
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        loop = f"uvloop {version('uvloop')}"
-    except PackageNotFoundError:
-        loop = "asyncio"
+    loop = loops.loop_name()
     return Machine(
         nproc=os.cpu_count() or 0,
         load_1m=round(one, 2),

@@ -23,6 +23,7 @@ from events.codec import Unreadable, encode_stored
 from events.log import EventLog
 from events.subjects import valid_id
 from events.vocabulary import AnyEvent, Chunk, event_type
+from parley import loops
 from parley.config import (
     ConfigError,
     Settings,
@@ -71,7 +72,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
             servers = stack.start()
         else:
             servers = resolve_servers(settings)
-        return asyncio.run(_dev(settings, catalog, servers, args.host, args.port))
+        return loops.run(_dev(settings, catalog, servers, args.host, args.port))
     except StackError as err:
         raise CliError(f"the embedded stack did not start: {err}") from err
     finally:
@@ -192,7 +193,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             await _until_signalled(services)
         return 0
 
-    return asyncio.run(main())
+    return loops.run(main())
 
 
 # ---------------------------------------------------------------- token / replay
