@@ -21,6 +21,7 @@ they own a partition cannot interleave a conversation's events.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import random
@@ -76,16 +77,27 @@ class PartitionLeases:
         gained: set[int] = set()
         lost: set[int] = set()
         await self.kv.put(f"worker.{self.worker_id}", b"")
-        for partition, revision in list(self.owned.items()):
-            try:
-                self.owned[partition] = await self.kv.update(
-                    _key(partition), self.worker_id.encode(), last=revision
-                )
-            except nats.js.errors.KeyWrongLastSequenceError:
+        # All renewals at once: one after the other, 16 round trips through a busy
+        # event loop took longer than the lease itself under `bench capacity` (leases
+        # expired, every running turn of the worker was cut as `interrupted`).
+        owned = list(self.owned.items())
+        outcomes = await asyncio.gather(
+            *(
+                self.kv.update(_key(partition), self.worker_id.encode(), last=revision)
+                for partition, revision in owned
+            ),
+            return_exceptions=True,
+        )
+        for (partition, _), outcome in zip(owned, outcomes, strict=True):
+            if isinstance(outcome, int):
+                self.owned[partition] = outcome
+            elif isinstance(outcome, nats.js.errors.KeyWrongLastSequenceError):
                 # it expired (we were away too long) and someone else holds it now
                 del self.owned[partition]
                 lost.add(partition)
                 log.warning("partition lease lost", extra={"partition": partition})
+            elif isinstance(outcome, BaseException):
+                raise outcome
         share = math.ceil(self.partitions / max(1, await self._live_workers()))
         if len(self.owned) < share:
             free = [p for p in range(self.partitions) if p not in self.owned]

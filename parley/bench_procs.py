@@ -25,6 +25,7 @@ import contextlib
 import multiprocessing
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -302,3 +303,8 @@ def parley(topology: str, env: dict[str, str], folder: Path, watched: Watched) -
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        keep = os.environ.get("PARLEY_BENCH_LOGS")
+        if keep:  # parley's own logs of the run, for a look afterwards
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            for role, _ in procs:
+                shutil.copy(folder / f"{role}.log", Path(keep) / f"{topology}-{role}.log")

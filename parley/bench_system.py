@@ -276,6 +276,14 @@ def _row(
     row["events_per_s"] = med([m.events_per_s for m, _ in rounds])
     for key in rounds[0][0].usage:
         row[key] = med([m.usage.get(key, 0.0) for m, _ in rounds])
+    # CPU per delivered token: what the shared machine's noise moves least
+    delivered = row["tokens_per_s"] if setup.once else row["delivered_tokens_per_s"]
+    parley_cpu = sum(v for k, v in row.items() if k.startswith("cpu_parley_"))
+    row["cpu_parley"] = round(parley_cpu, 2)
+    row["parley_cpu_us_per_token"] = round(parley_cpu / delivered * 1e6, 1) if delivered else 0.0
+    row["nats_cpu_us_per_token"] = (
+        round(row.get("cpu_nats", 0.0) / delivered * 1e6, 1) if delivered else 0.0
+    )
     row["direct_cpu_direct"] = med([d.usage.get("cpu_direct", 0.0) for _, d in rounds])
     row["error_sample"] = next((m.outcome.error_sample for m, _ in rounds if m.outcome.errors), "")
     row.update({f"machine_{k}": v for k, v in msgspec.structs.asdict(machine()).items()})
@@ -308,6 +316,7 @@ def render(rows: list[dict[str, Any]]) -> str:
             f"{r['token_p50_ms']:>6}/{r['token_p99_ms']}/{r['token_p999_ms']:<7} "
             f"{r['added_token_p99_ms']:>7}/{r['added_token_p999_ms']:<8} "
             f"{r['events_per_s']:>7}  {cpu} load={r['cpu_load']}"
+            f"  parley CPU/token {r['parley_cpu_us_per_token']} us"
         )
         if r["error_sample"]:
             lines.append(f"         first error: {r['error_sample']}")
