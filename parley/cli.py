@@ -104,6 +104,7 @@ async def _dev(
             port=port,
             tool_specs=settings.tools,
             shutdown_grace_s=settings.shutdown_grace_s,
+            append_window_s=settings.append_window_ms / 1000,
             webhook=webhook_settings(settings),
             limits=settings.limits,
         )
@@ -180,6 +181,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             port=args.port,
             tool_specs=settings.tools,
             shutdown_grace_s=settings.shutdown_grace_s,
+            append_window_s=settings.append_window_ms / 1000,
             webhook=webhook_settings(settings),
             limits=settings.limits,
             metrics_port=settings.metrics_port,

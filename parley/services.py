@@ -32,6 +32,7 @@ from actors.tools import Tool, ToolRunner, load_tools, merge_tools
 from actors.turn import ActorContext
 from actors.webhooks import WebhookDispatcher, WebhookSettings
 from actors.worker import WorkerHost
+from actors.writer import AppendTick
 from api.app import create_app
 from api.config import EdgeConfig, EdgeLimits
 from events.ids import new_id
@@ -104,6 +105,8 @@ class ServiceOptions(msgspec.Struct, frozen=True, kw_only=True):
     tools: tuple[Tool, ...] = ()
     # how long a stopping worker lets running turns finish
     shutdown_grace_s: float = 10.0
+    # streamed text waits up to this long to share an append (actors.writer.AppendTick)
+    append_window_s: float = 0.005
     model_retry_base_s: float = 0.5
     decision_wait_s: float = 5.0  # how long a POST waits for the actor's accept/refuse
     # turn-end webhooks, sent by the worker role (actors/webhooks.py)
@@ -234,6 +237,7 @@ class Services:
             # half the server's limit: headers and a margin ride in the same message
             max_event_bytes=min(512 * 1024, nc.max_payload // 2),
             observer=self.metrics,
+            append_tick=AppendTick(self.options.append_window_s),
         )
         worker = self.worker = WorkerHost(js, ctx, grace_s=self.options.shutdown_grace_s)
         if self.options.webhook is not None:
