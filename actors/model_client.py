@@ -137,31 +137,33 @@ async def stream_chat(
             parser = ChatStreamParser()
             cut_by: BaseException | None = None
             received = False
-            deadline = first_byte_deadline
-            while not parser.done:
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        data = await response.content.readany()
-                except TimeoutError as err:
-                    raise ModelStreamError(
-                        "timeout",
-                        f"{url} went silent for {idle_timeout}s mid-stream"
-                        if received
-                        else f"{url} sent no stream data within {first_byte_timeout}s",
-                    ) from err
-                except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as err:
-                    # The server dropped the connection. Whether that lost anything
-                    # is the parser's call: after a finish_reason nothing was lost.
-                    cut_by = err
-                    break
-                if not data:
-                    break
-                received = True
-                deadline = loop.time() + idle_timeout
-                for item in parser.feed(data):
-                    yield item
-                if parser.error is not None:
-                    raise parser.error
+            watch = _Silence(loop, first_byte_deadline)
+            try:
+                while not parser.done:
+                    try:
+                        data = await watch.read(response.content)
+                    except TimeoutError as err:
+                        raise ModelStreamError(
+                            "timeout",
+                            f"{url} went silent for {idle_timeout}s mid-stream"
+                            if received
+                            else f"{url} sent no stream data within {first_byte_timeout}s",
+                        ) from err
+                    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as err:
+                        # The server dropped the connection. Whether that lost anything
+                        # is the parser's call: after a finish_reason nothing was lost.
+                        cut_by = err
+                        break
+                    if not data:
+                        break
+                    received = True
+                    watch.move(loop.time() + idle_timeout)
+                    for item in parser.feed(data):
+                        yield item
+                    if parser.error is not None:
+                        raise parser.error
+            finally:
+                watch.close()
             try:
                 tail = parser.finish()
             except ModelStreamError as err:
@@ -179,6 +181,65 @@ async def stream_chat(
             # the server at once that nobody reads the rest of the answer.
             response.close()
             raise
+
+
+class _Silence:
+    """The deadline for the stream's next bytes, with one timer per stream, not per read.
+
+    `asyncio.timeout_at` around every read armed and cancelled a timer per
+    token: 7% of a worker under `parley bench capacity` (py-spy). Here the
+    deadline is a number moved on each read; the timer, when it fires early,
+    re-arms itself at the deadline, and it cancels the reading task only while
+    that task waits in `read` (between reads the caller's code runs, and a
+    cancel must not land there). A read that starts past the deadline fails
+    at once, as `timeout_at` did.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        self._loop = loop
+        self.deadline = deadline
+        self._task = asyncio.current_task()
+        self._reading = False
+        self._fired = False
+        self._armed = deadline
+        self._timer = loop.call_at(deadline, self._check)
+
+    def move(self, deadline: float) -> None:
+        """The new deadline; the timer is touched only when it would fire too late."""
+        self.deadline = deadline
+        if deadline < self._armed:
+            self._arm(deadline)
+
+    def _arm(self, when: float) -> None:
+        self._timer.cancel()
+        self._armed = when
+        self._timer = self._loop.call_at(when, self._check)
+
+    async def read(self, content: aiohttp.StreamReader) -> bytes:
+        if self._loop.time() >= self.deadline:
+            raise TimeoutError
+        self._reading = True
+        try:
+            return await content.readany()
+        except asyncio.CancelledError:
+            task = self._task
+            if self._fired and task is not None and task.uncancel() == 0:
+                raise TimeoutError from None
+            raise
+        finally:
+            self._reading = False
+
+    def _check(self) -> None:
+        if self._loop.time() < self.deadline or not self._reading or self._task is None:
+            self._timer = self._loop.call_at(
+                max(self.deadline, self._loop.time() + 0.01), self._check
+            )
+            return
+        self._fired = True
+        self._task.cancel()
+
+    def close(self) -> None:
+        self._timer.cancel()
 
 
 async def _read_body(response: aiohttp.ClientResponse, idle_timeout: float) -> bytes:

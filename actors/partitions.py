@@ -21,6 +21,7 @@ they own a partition cannot interleave a conversation's events.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import random
@@ -125,12 +126,22 @@ class PartitionLeases:
         gained: set[int] = set()
         lost: set[int] = set()
         await self.kv.put(f"worker.{self.worker_id}", b"")
-        for partition, revision in list(self.owned.items()):
-            try:
-                self.owned[partition] = await self.kv.update(
-                    _key(partition), self.worker_id.encode(), last=revision
-                )
-            except nats.js.errors.KeyWrongLastSequenceError:
+        # All renewals at once: one after the other, 16 round trips through a busy
+        # event loop took longer than the lease itself under `bench capacity` (leases
+        # expired, every running turn of the worker was cut as `interrupted`).
+        owned = list(self.owned.items())
+        outcomes = await asyncio.gather(
+            *(
+                self.kv.update(_key(partition), self.worker_id.encode(), last=revision)
+                for partition, revision in owned
+            ),
+            return_exceptions=True,
+        )
+        failure: BaseException | None = None
+        for (partition, _), outcome in zip(owned, outcomes, strict=True):
+            if isinstance(outcome, int):
+                self.owned[partition] = outcome
+            elif isinstance(outcome, nats.js.errors.KeyWrongLastSequenceError):
                 ours = await self._own_revision(partition)
                 if ours is not None:
                     # our previous renewal landed but its answer was lost (a node
@@ -141,6 +152,10 @@ class PartitionLeases:
                 del self.owned[partition]
                 lost.add(partition)
                 log.warning("partition lease lost", extra={"partition": partition})
+            elif isinstance(outcome, BaseException):
+                failure = failure or outcome
+        if failure is not None:
+            raise failure
         self._renewed_at = began
         share = math.ceil(self.partitions / max(1, await self._live_workers()))
         if len(self.owned) < share:

@@ -50,7 +50,7 @@ from actors.model_stream import Finish, StreamItem, TextDelta, ToolCallRequest, 
 from actors.models import MAX_TOOL_ROUNDS, ModelCatalog, ModelSpec
 from actors.state import Conversation, history_of, latest_messages
 from actors.tools import ToolContext, ToolMessage, ToolOutcome, ToolRunner
-from actors.writer import EventWriter, TurnStream
+from actors.writer import NO_TICK, AppendTick, EventWriter, TurnStream
 from events.errors import EventLogError, EventLogUnavailable
 from events.ids import new_id as make_id
 from events.log import EventLog
@@ -116,6 +116,8 @@ class ActorContext:
     # an actor made without one uses its own.
     accounts: Accounts | None = None
     observer: TurnObserver = field(default_factory=NoTurnObserver)
+    # shared by the worker's turn streams: their appends leave together
+    append_tick: AppendTick = NO_TICK
 
 
 class RoundResult:
@@ -183,7 +185,7 @@ class TurnRunner:
             model=self.spec.upstream_name or self.spec.name,
             api_key=self.spec.api_key or ctx.default_api_key,
         )
-        stream = TurnStream(self.writer, self.turn_id, ctx.clock, ctx.new_id)
+        stream = TurnStream(self.writer, self.turn_id, ctx.clock, ctx.new_id, ctx.append_tick)
         totals = TurnTotals()
         stop_reason = "stop"
         try:

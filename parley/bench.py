@@ -1,18 +1,12 @@
-"""`parley bench WORKLOAD`: `stream` and `fanout` here, `cancel` and `burst` in
-parley/bench_actor.py, `soak` in parley/bench_soak.py, `rebuild` in parley/bench_rebuild.py.
+"""`parley bench`: the entry point, the direct path, and the fan-out benchmark.
 
-`parley bench stream`: token streaming through the broker, against a direct path.
+`capacity`, `stream` and `burst` run parley, the model, the direct path and the
+viewers in processes of their own (parley.bench_system); `cancel` and `soak`
+run in this process (parley.bench_actor, parley.bench_soak); `rebuild` times full
+rebuilds of a large synthetic log (parley.bench_rebuild); `fanout` is here.
 
-C conversations each stream N tokens from the demo model at full speed, with
-one SSE viewer each, through the whole system (edge -> CHAT_CMD -> actor ->
-CHAT_EVT -> edge -> viewer). The same workload then goes through a direct
-in-process path (model stream straight to SSE, no broker, no log). Rounds
-alternate between the two so both see the same machine noise; the report gives
-medians across rounds and the ratio of the two throughputs.
-
-Timing: the demo model records when it writes each answer token
-(`[[bench=KEY]]`), the viewer when it reads it; both clocks are this process's
-`perf_counter_ns`, so "added latency" is model write -> viewer read.
+The direct path (`direct_server`) is the baseline every workload is held
+against: the model's stream written straight to SSE, no broker, no log.
 """
 
 from __future__ import annotations
@@ -20,8 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
-import statistics
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -47,133 +39,12 @@ SECRET = "bench-" + "s" * 40
 NO_LIMITS = EdgeLimits(rate_per_s=0, max_streams_per_user=0, max_turns_per_user=0)
 
 
-class Turn(msgspec.Struct):
-    ttft_ms: float
-    added_ms: list[float]
-    tokens: int
-    events: int
-
-
-class Result(msgspec.Struct):
-    conversations: int
-    tokens_per_conversation: int
-    model_rate: float  # tokens/s per stream from the demo model; 0 = as fast as it can
-    rounds: int
-    tokens_per_s: float
-    direct_tokens_per_s: float
-    ratio: float
-    ttft_p50_ms: float
-    ttft_p99_ms: float
-    added_p50_ms: float
-    added_p99_ms: float
-    direct_ttft_p50_ms: float
-    direct_ttft_p99_ms: float
-    direct_added_p50_ms: float
-    direct_added_p99_ms: float
-    tokens_per_event: float  # how many tokens an SSE event carried on average (adaptive batching)
-    rounds_tokens_per_s: list[float]
-    rounds_direct_tokens_per_s: list[float]
-
-
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[index]
-
-
-async def read_turn(response: aiohttp.ClientResponse, began: int, emitted: list[int]) -> Turn:
-    """Read one turn's SSE stream; time each token against when the model wrote it."""
-    first: int | None = None
-    added: list[float] = []
-    tokens = events = 0
-    buffer = b""
-    async for chunk in response.content.iter_any():
-        now = time.perf_counter_ns()
-        buffer += chunk
-        *frames, buffer = buffer.split(b"\n\n")
-        for raw in frames:
-            data = next((line[6:] for line in raw.split(b"\n") if line.startswith(b"data: ")), None)
-            if data is None:
-                continue
-            envelope = json.loads(data)
-            if envelope["event"] == "done":
-                return Turn(
-                    ttft_ms=((first or now) - began) / 1e6,
-                    added_ms=added,
-                    tokens=tokens,
-                    events=events,
-                )
-            if envelope["event"] != "token":
-                continue
-            events += 1
-            first = first or now
-            for word in envelope["data"].split():
-                index = int(word)
-                tokens += 1
-                if index < len(emitted):
-                    added.append((now - emitted[index]) / 1e6)
-    raise RuntimeError("stream ended before done")
-
-
-# ---------------------------------------------------------------- the two paths
-
-
-async def broker_round(
-    http: aiohttp.ClientSession,
-    edge: str,
-    token: str,
-    emit_log: dict[str, list[int]],
-    c: int,
-    n: int,
-    tag: str,
-) -> tuple[float, list[Turn]]:
-    headers = {"Authorization": f"Bearer {token}"}
-    conversations = []
-    for _ in range(c):
-        async with http.post(f"{edge}/v1/conversations", json={}, headers=headers) as response:
-            conversations.append((await response.json())["id"])
-
-    async def one(i: int, cid: str) -> Turn:
-        key = f"{tag}-{i}"
-        emit_log[key] = []
-        began = time.perf_counter_ns()
-        async with http.post(
-            f"{edge}/v1/conversations/{cid}/messages",
-            json={"content": f"bench [[tokens={n}]] [[bench={key}]]"},
-            headers={**headers, "Accept": "text/event-stream"},
-        ) as response:
-            return await read_turn(response, began, emit_log[key])
-
-    return await _timed(one(i, cid) for i, cid in enumerate(conversations))
-
-
-async def direct_round(
-    http: aiohttp.ClientSession,
-    direct: str,
-    emit_log: dict[str, list[int]],
-    c: int,
-    n: int,
-    tag: str,
-) -> tuple[float, list[Turn]]:
-    async def one(i: int) -> Turn:
-        key = f"{tag}-{i}"
-        emit_log[key] = []
-        began = time.perf_counter_ns()
-        async with http.post(
-            f"{direct}/direct", json={"content": f"bench [[tokens={n}]] [[bench={key}]]"}
-        ) as response:
-            return await read_turn(response, began, emit_log[key])
-
-    return await _timed(one(i) for i in range(c))
-
-
-async def _timed(turns: Any) -> tuple[float, list[Turn]]:
-    began = time.perf_counter()
-    results = await asyncio.gather(*turns)
-    elapsed = time.perf_counter() - began
-    return sum(t.tokens for t in results) / elapsed, list(results)
 
 
 DIRECT_SESSION = web.AppKey("session", aiohttp.ClientSession)
@@ -222,89 +93,12 @@ async def direct_server(model_url: str) -> AsyncIterator[str]:
 # ---------------------------------------------------------------- the run
 
 
-async def run_stream(servers: Servers, c: int, n: int, rounds: int, rate: float = 0.0) -> Result:
-    settings = load_settings()
-    emit_log: dict[str, list[int]] = {}
-    runner, model_url = await start_demo_model(
-        "127.0.0.1", 0, DemoConfig(tokens_per_s=rate, think=False), emit_log
-    )
-    options = ServiceOptions(
-        jwt_secret=SECRET,
-        catalog=load_catalog(settings),
-        model_base_url=model_url,
-        db_schema=f"bench_{int(time.time())}",
-        port=0,
-        limits=NO_LIMITS,
-    )
-    try:
-        async with Services(servers, options) as services, direct_server(model_url) as direct:
-            http = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=600)
-            )
-            async with http:
-                token = mint(SECRET, "bench")
-                # warm-up: connections, JIT-free but cache-cold paths, consumer creation
-                await broker_round(http, services.edge_url, token, emit_log, min(c, 4), 20, "warm")
-                await direct_round(http, direct, emit_log, min(c, 4), 20, "warm-d")
-                broker: list[tuple[float, list[Turn]]] = []
-                plain: list[tuple[float, list[Turn]]] = []
-                for r in range(rounds):
-                    broker.append(
-                        await broker_round(http, services.edge_url, token, emit_log, c, n, f"b{r}")
-                    )
-                    plain.append(await direct_round(http, direct, emit_log, c, n, f"d{r}"))
-    finally:
-        await runner.cleanup()
-    return summarise(c, n, rate, broker, plain)
-
-
-def summarise(
-    c: int,
-    n: int,
-    rate: float,
-    broker: list[tuple[float, list[Turn]]],
-    plain: list[tuple[float, list[Turn]]],
-) -> Result:
-    def flat(rounds: list[tuple[float, list[Turn]]], field: str) -> list[float]:
-        out: list[float] = []
-        for _, turns in rounds:
-            for turn in turns:
-                value = getattr(turn, field)
-                out.extend(value if isinstance(value, list) else [value])
-        return out
-
-    tps = statistics.median(r[0] for r in broker)
-    direct_tps = statistics.median(r[0] for r in plain)
-    ttft, added = flat(broker, "ttft_ms"), flat(broker, "added_ms")
-    d_ttft, d_added = flat(plain, "ttft_ms"), flat(plain, "added_ms")
-    tokens = sum(t.tokens for _, turns in broker for t in turns)
-    events = sum(t.events for _, turns in broker for t in turns)
-    return Result(
-        conversations=c,
-        tokens_per_conversation=n,
-        model_rate=rate,
-        rounds=len(broker),
-        tokens_per_s=round(tps, 1),
-        direct_tokens_per_s=round(direct_tps, 1),
-        ratio=round(tps / direct_tps, 3),
-        ttft_p50_ms=round(percentile(ttft, 50), 2),
-        ttft_p99_ms=round(percentile(ttft, 99), 2),
-        added_p50_ms=round(percentile(added, 50), 2),
-        added_p99_ms=round(percentile(added, 99), 2),
-        direct_ttft_p50_ms=round(percentile(d_ttft, 50), 2),
-        direct_ttft_p99_ms=round(percentile(d_ttft, 99), 2),
-        direct_added_p50_ms=round(percentile(d_added, 50), 2),
-        direct_added_p99_ms=round(percentile(d_added, 99), 2),
-        tokens_per_event=round(tokens / events, 2) if events else 0.0,
-        rounds_tokens_per_s=[round(r[0], 1) for r in broker],
-        rounds_direct_tokens_per_s=[round(r[0], 1) for r in plain],
-    )
-
-
 def run_bench(args: argparse.Namespace) -> int:
     """The workload named by `args.workload`, on the configured servers or a scratch stack."""
     if args.workload == "fanout":
         return run_fanout_bench(args)
+    if args.workload in ("capacity", "stream", "burst"):
+        return run_system_bench(args)
     settings = load_settings(getattr(args, "data", None))
     with contextlib.ExitStack() as cleanup:
         if settings.embedded:
@@ -330,30 +124,22 @@ async def _workload(args: argparse.Namespace, servers: Servers) -> tuple[str, ms
     if args.workload == "cancel":
         cancel = await bench_actor.run_cancel(servers, args.cancels, args.concurrency)
         return bench_actor.render_cancel(cancel), cancel
-    if args.workload == "burst":
-        burst = await bench_actor.run_burst(servers, args.conversations, args.window, args.rounds)
-        return bench_actor.render_burst(burst), burst
-    if args.workload == "soak":
-        from parley import bench_soak
+    from parley import bench_soak
 
-        soak = await bench_soak.run_soak(servers, args.minutes, args.users, args.viewers or 20)
-        return bench_soak.render(soak), soak
-    stream = await run_stream(servers, args.conversations, args.tokens, args.rounds, args.rate)
-    return render(stream), stream
+    soak = await bench_soak.run_soak(servers, args.minutes, args.users, args.viewers or 20)
+    return bench_soak.render(soak), soak
 
 
-def render(r: Result) -> str:
-    return "\n".join(
-        [
-            f"stream: {r.conversations} conversations x {r.tokens_per_conversation} tokens, "
-            f"model rate {r.model_rate or 'unlimited'} tokens/s, {r.rounds} rounds (medians)",
-            f"  through parley : {r.tokens_per_s:>10.1f} tokens/s   ttft p50 {r.ttft_p50_ms} ms"
-            f" p99 {r.ttft_p99_ms} ms   added p50 {r.added_p50_ms} ms p99 {r.added_p99_ms} ms",
-            f"  direct         : {r.direct_tokens_per_s:>10.1f} tokens/s   ttft p50 {r.direct_ttft_p50_ms} ms"
-            f" p99 {r.direct_ttft_p99_ms} ms   added p50 {r.direct_added_p50_ms} ms p99 {r.direct_added_p99_ms} ms",
-            f"  ratio (parley / direct): {r.ratio}   tokens per SSE event: {r.tokens_per_event}",
-        ]
-    )
+def run_system_bench(args: argparse.Namespace) -> int:
+    from parley.bench_system import render, run_system
+
+    rows = run_system(args)
+    if args.json:
+        for row in rows:
+            print(msgspec.json.encode(row).decode())
+    else:
+        print(render(rows))
+    return 1 if any(row["errors"] for row in rows) else 0
 
 
 # ---------------------------------------------------------------- fanout
@@ -515,7 +301,7 @@ def run_fanout_bench(args: argparse.Namespace) -> int:
         else:
             servers = resolve_servers(settings)
         viewers = args.viewers or 1000
-        result = asyncio.run(run_fanout(servers, viewers, args.tokens, args.rate or 50.0))
+        result = asyncio.run(run_fanout(servers, viewers, args.tokens or 500, args.rate or 50.0))
     if args.json:
         print(msgspec.json.encode(result).decode())
     else:

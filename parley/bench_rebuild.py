@@ -352,7 +352,7 @@ def run_rebuild_bench(args: argparse.Namespace, servers: Servers) -> int:
     workers = args.workers or default_workers()
     result = asyncio.run(
         bench_rebuild(
-            servers, args.events, rounds=max(1, args.rounds), batch=args.batch, workers=workers
+            servers, args.events, rounds=max(1, args.rounds or 3), batch=args.batch, workers=workers
         )
     )
     if args.json:

@@ -23,6 +23,7 @@ from events.codec import Unreadable, encode_stored
 from events.log import EventLog
 from events.subjects import valid_id
 from events.vocabulary import AnyEvent, Chunk, event_type
+from parley import loops
 from parley.config import (
     ConfigError,
     Settings,
@@ -71,7 +72,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
             servers = stack.start()
         else:
             servers = resolve_servers(settings)
-        return asyncio.run(_dev(settings, catalog, servers, args.host, args.port))
+        return loops.run(_dev(settings, catalog, servers, args.host, args.port))
     except StackError as err:
         raise CliError(f"the embedded stack did not start: {err}") from err
     finally:
@@ -103,6 +104,7 @@ async def _dev(
             port=port,
             tool_specs=settings.tools,
             shutdown_grace_s=settings.shutdown_grace_s,
+            append_window_s=settings.append_window_ms / 1000,
             webhook=webhook_settings(settings),
             limits=settings.limits,
         )
@@ -111,6 +113,8 @@ async def _dev(
         except OSError as err:
             raise CliError(f"cannot listen on {host}:{port}: {err.strerror}; try --port") from err
         run_file = settings.data_dir / RUN_FILE
+        # with servers named in the environment nothing else has made the folder yet
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
         run_file.write_bytes(msgspec.json.encode(RunInfo(services.edge_url, base_url, os.getpid())))
         stack.callback(run_file.unlink, missing_ok=True)
         token = mint(secret, ADMIN_USER, admin=True)
@@ -177,6 +181,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             port=args.port,
             tool_specs=settings.tools,
             shutdown_grace_s=settings.shutdown_grace_s,
+            append_window_s=settings.append_window_ms / 1000,
             webhook=webhook_settings(settings),
             limits=settings.limits,
             metrics_port=settings.metrics_port,
@@ -187,10 +192,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 print(f"edge listening at {services.edge_url}", file=sys.stderr, flush=True)
             if services.metrics_url:
                 print(f"metrics at {services.metrics_url}", file=sys.stderr, flush=True)
+            print(f"roles ready: {', '.join(roles)}", file=sys.stderr, flush=True)
             await _until_signalled(services)
         return 0
 
-    return asyncio.run(main())
+    return loops.run(main())
 
 
 # ---------------------------------------------------------------- token / replay
@@ -526,27 +532,40 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench",
         help="benchmarks (README: Benchmarks)",
-        description="stream: tokens through parley against a direct path; "
+        description="capacity: 100 to 1,000 turns at once at 20 tokens/s, per step; "
+        "stream: tokens through parley at full model speed; "
+        "burst: time to first token for many turns starting at once "
+        "(these three run parley, the model, the direct path and the viewers in processes of "
+        "their own, parley as `dev` and as split roles, against the direct path in one run); "
         "cancel: cancel -> done: stopped at the viewer; "
-        "burst: time to first token for many turns starting at once; "
         "fanout: one conversation, many viewers; "
         "soak: --minutes of mixed load, then the invariants (exit 1 on a problem); "
         "rebuild: a full rebuild of a large synthetic log, entries per second",
     )
     bench.add_argument(
         "workload",
-        choices=["stream", "cancel", "burst", "fanout", "soak", "rebuild"],
+        choices=["capacity", "stream", "burst", "cancel", "fanout", "soak", "rebuild"],
         help="what to measure",
     )
-    bench.add_argument("--json", action="store_true", help="one JSON object, flat keys")
+    bench.add_argument(
+        "--json", action="store_true", help="one JSON object per workload and step, flat keys"
+    )
     bench.add_argument(
         "--conversations", "-c", type=int, default=None, help="conversations (stream 20, burst 100)"
     )
     bench.add_argument(
-        "--tokens", "-n", type=int, default=500, help="tokens per answer (fanout: try 250)"
+        "--tokens",
+        "-n",
+        type=int,
+        default=None,
+        help="tokens per answer (stream 500, capacity 150, fanout 500: try 250)",
     )
     bench.add_argument(
-        "--rounds", "-r", type=int, default=3, help="rounds (rebuild: rebuilds), medians reported"
+        "--rounds",
+        "-r",
+        type=int,
+        default=None,
+        help="rounds, medians reported (capacity 1, else 3; rebuild: rebuilds)",
     )
     bench.add_argument(
         "--viewers", type=int, default=None, help="SSE viewers (fanout 1000, soak 20)"
@@ -557,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--rate",
         type=float,
         default=0.0,
-        help="demo model tokens/s per stream (stream: 0 = full speed; fanout: 0 = 50)",
+        help="demo model tokens/s per stream (stream: 0 = full speed; capacity: 0 = 20; fanout: 0 = 50)",
     )
     bench.add_argument("--cancels", type=int, default=200, help="how many cancels (cancel)")
     bench.add_argument("--concurrency", type=int, default=10, help="cancels at a time (cancel)")
@@ -570,6 +589,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=int, default=5000, help="rebuild: entries per transaction")
     bench.add_argument(
         "--workers", type=int, default=0, help="rebuild: reader processes (0 = one per core)"
+    )
+    bench.add_argument(
+        "--steps",
+        default=None,
+        help="capacity: turns at once per step, comma-separated (default 100,250,500,1000)",
+    )
+    bench.add_argument(
+        "--seconds", type=float, default=20.0, help="capacity: measured seconds per step"
+    )
+    bench.add_argument(
+        "--topology",
+        choices=["dev", "split", "both"],
+        default="both",
+        help="capacity, stream, burst: parley in one process (dev), as edge, worker and "
+        "projector processes (split), or both one after the other (default)",
     )
     bench.add_argument("--data", default=argparse.SUPPRESS, help=DATA_HELP)
     bench.set_defaults(func=cmd_bench)

@@ -93,6 +93,7 @@ class Reply(msgspec.Struct):
     include_usage: bool = False
     prompt_tokens: int = 0
     bench_key: str | None = None
+    tokens_per_s: float | None = None  # [[rate=R]]: this reply's pace, else the server's
     flaky: tuple[str, int] | None = None  # fail the first N requests carrying this key
 
 
@@ -110,7 +111,8 @@ def plan_reply(body: dict[str, Any], config: DemoConfig) -> Reply:
     `[[tools=name{json};name{json}]]` those tool calls in one response (parallel calls),
     then an answer with their results;
     `[[rounds=N]]` call `get_current_time` in N rounds, one after the other, then answer;
-    `[[flaky=KEY:N]]` the first N requests with this KEY get HTTP 503 (then it streams).
+    `[[flaky=KEY:N]]` the first N requests with this KEY get HTTP 503 (then it streams);
+    `[[rate=R]]` stream this reply at R tokens/s (0: full speed), whatever the server's pace.
     """
     messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
     last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
@@ -124,6 +126,8 @@ def plan_reply(body: dict[str, Any], config: DemoConfig) -> Reply:
         prompt_tokens=sum(len(_text(m.get("content")).split()) for m in messages),
         bench_key=directives.get("bench") or None,
     )
+    if "rate" in directives:
+        reply.tokens_per_s = _float(directives["rate"])
     flaky = directives.get("flaky", "")
     if ":" in flaky:
         key, _, times = flaky.partition(":")
@@ -338,6 +342,14 @@ def _text(content: object) -> str:
     return ""
 
 
+def _float(value: str) -> float:
+    try:
+        rate = float(value)
+    except ValueError:
+        return 0.0
+    return rate if rate > 0 and rate < float("inf") else 0.0
+
+
 def _int(value: str) -> int:
     try:
         return max(0, int(value))
@@ -371,6 +383,7 @@ def create_demo_app(config: DemoConfig, emit_log: EmitLog | None = None) -> web.
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/v1/demo/streams", _streams)
+    app.router.add_post("/v1/demo/bench", _bench_times)
     app.on_shutdown.append(_stop_replies)
     return app
 
@@ -404,6 +417,19 @@ async def _streams(request: web.Request) -> web.Response:
     (tests check that a cancelled turn closed its model stream)."""
     state = request.app[_STATE]
     return web.json_response({"open": state.open_streams, "went_away": state.went_away})
+
+
+async def _bench_times(request: web.Request) -> web.Response:
+    """The send times ([[bench=KEY]]) of the keys asked for, `{"keys": [...]}`, removed once
+    read: a benchmark whose viewers run in another process collects them here. Times are
+    `time.perf_counter_ns()`, CLOCK_MONOTONIC on Linux, which every process shares."""
+    state = request.app[_STATE]
+    keys = msgspec.json.decode(await request.read(), type=dict[str, list[str]]).get("keys", [])
+    emitted = state.emit_log if state.emit_log is not None else {}
+    return web.Response(
+        body=msgspec.json.encode({key: emitted.pop(key, []) for key in keys}),
+        content_type="application/json",
+    )
 
 
 async def _models(request: web.Request) -> web.Response:
@@ -479,7 +505,7 @@ async def _send(
         "created": int(time.time()),
         "model": model,
     }
-    rate = state.config.tokens_per_s
+    rate = state.config.tokens_per_s if reply.tokens_per_s is None else reply.tokens_per_s
     interval = 1.0 / rate if rate > 0 else 0.0
     loop = asyncio.get_running_loop()
     started = loop.time()

@@ -31,6 +31,7 @@ from actors.tools import Tool, ToolRunner, load_tools, merge_tools
 from actors.turn import ActorContext
 from actors.webhooks import WebhookDispatcher, WebhookSettings
 from actors.worker import WorkerHost
+from actors.writer import AppendTick
 from api.app import create_app
 from api.config import EdgeConfig, EdgeLimits
 from events import broker
@@ -112,6 +113,8 @@ class ServiceOptions(msgspec.Struct, frozen=True, kw_only=True):
     tools: tuple[Tool, ...] = ()
     # how long a stopping worker lets running turns finish
     shutdown_grace_s: float = 10.0
+    # streamed text waits up to this long to share an append (actors.writer.AppendTick)
+    append_window_s: float = 0.005
     model_retry_base_s: float = 0.5
     decision_wait_s: float = 5.0  # how long a POST waits for the actor's accept/refuse
     # how long a worker's append waits for a broker that is away before its turn
@@ -227,7 +230,11 @@ class Services:
         js = nc.jetstream()
         redis = redis_client(self.servers.redis_url)
         self._stack.push_async_callback(redis.aclose)
-        http = aiohttp.ClientSession()
+        # No cap on connections to the model: every running turn holds one stream
+        # open. aiohttp's default (100) queued the 101st turn behind the others
+        # and failed it after the connect timeout ("no connection to ... within
+        # 10s") at 500 turns at once; a provider that wants fewer says 429.
+        http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         self._stack.push_async_callback(http.close)
         event_log = EventLog(js, retry_for_s=self.options.log_outage_s)
         ctx = ActorContext(
@@ -254,6 +261,7 @@ class Services:
             # half the server's limit: headers and a margin ride in the same message
             max_event_bytes=min(512 * 1024, nc.max_payload // 2),
             observer=self.metrics,
+            append_tick=AppendTick(self.options.append_window_s),
         )
         worker = self.worker = WorkerHost(
             js,

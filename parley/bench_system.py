@@ -1,0 +1,323 @@
+"""`parley bench capacity|stream|burst`: parley in its own processes, measured against the direct path.
+
+The demo model, the direct path and the load generator each run in a process
+of their own (parley.bench_procs), parley in the `dev` topology (one process)
+and the `split` one (edge, worker and projector processes). For every step the
+same load goes through parley, then straight through the direct path, in one
+run, so both see the same noise of this shared machine; with `--rounds` each is
+repeated and the medians reported. "Added" figures are parley's percentile
+minus the direct path's.
+
+- capacity: 100, 250, 500, 1,000 turns at once at 20 tokens/s (150 tokens each,
+  one viewer each, a new turn as soon as one ends); per step delivered/offered,
+  errors, time to first token and per-token latency (p50, p99, p99.9), CPU and
+  memory of every process, events/s into JetStream.
+- stream: C conversations, N tokens each at full model speed, one turn each.
+- burst: C turns starting within `--window` seconds (10 tokens at 50 tokens/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import multiprocessing
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats
+
+from api.auth import mint
+from events.subjects import EVT_STREAM
+from parley.bench_load import Job, Outcome
+from parley.bench_load import _process as load_process
+from parley.bench_procs import (
+    TOPOLOGIES,
+    Watched,
+    _direct_process,
+    _model_process,
+    helper,
+    machine,
+    parley,
+    parley_env,
+    usage,
+)
+from parley.config import load_settings
+from parley.services import Servers, resolve_servers
+from parley.stack import EmbeddedStack
+
+SECRET = "bench-" + "s" * 40
+_OUTCOME_KEYS = [
+    "turns",
+    "errors",
+    "offered_tokens_per_s",
+    "delivered_tokens_per_s",
+    "delivered_ratio",
+    "tokens_per_s",
+    "tokens_per_event",
+    "ttft_p50_ms",
+    "ttft_p99_ms",
+    "ttft_p999_ms",
+    "token_p50_ms",
+    "token_p99_ms",
+    "token_p999_ms",
+]
+
+
+class Setup(msgspec.Struct):
+    workload: str
+    steps: list[int]
+    tokens: int
+    rate: float
+    warm_s: float
+    measure_s: float
+    stagger_s: float
+    once: bool
+    rounds: int
+    topologies: list[str]
+
+
+def setup_of(args: argparse.Namespace) -> Setup:
+    topologies = list(TOPOLOGIES) if args.topology == "both" else [args.topology]
+    if args.workload == "capacity":
+        steps = [int(s) for s in args.steps.split(",")] if args.steps else [100, 250, 500, 1000]
+        tokens = args.tokens or 150
+        rate = args.rate or 20.0
+        turn_s = tokens / rate
+        return Setup(
+            "capacity",
+            steps,
+            tokens,
+            rate,
+            warm_s=turn_s + 1,  # every slot started and past its first turn's start
+            measure_s=args.seconds,
+            stagger_s=turn_s,
+            once=False,
+            rounds=args.rounds or 1,
+            topologies=topologies,
+        )
+    if args.workload == "burst":
+        return Setup(
+            "burst",
+            [args.conversations or 100],
+            10,
+            50.0,
+            warm_s=0,
+            measure_s=0,
+            stagger_s=args.window,
+            once=True,
+            rounds=args.rounds or 3,
+            topologies=topologies,
+        )
+    return Setup(
+        "stream",
+        [args.conversations or 20],
+        args.tokens or 500,
+        args.rate,
+        warm_s=0,
+        measure_s=0,
+        stagger_s=0,
+        once=True,
+        rounds=args.rounds or 3,
+        topologies=topologies,
+    )
+
+
+@contextlib.contextmanager
+def servers_for(args: argparse.Namespace, watched: Watched) -> Iterator[Servers]:
+    settings = load_settings(getattr(args, "data", None))
+    if not settings.embedded:
+        yield resolve_servers(settings)
+        return
+    with (
+        tempfile.TemporaryDirectory(prefix="parley-bench-") as folder,
+        EmbeddedStack(Path(folder) / "stack") as stack,
+    ):
+        for name, pid in stack.pids.items():
+            watched.add(name, pid, tree=name == "postgres")
+        yield stack.urls
+
+
+def run_system(args: argparse.Namespace) -> list[dict[str, Any]]:
+    setup = setup_of(args)
+    watched = Watched()
+    rows: list[dict[str, Any]] = []
+    with (
+        servers_for(args, watched) as servers,
+        tempfile.TemporaryDirectory(prefix="parley-bench-run-") as scratch,
+        helper("model", _model_process, (), watched) as model_url,
+        helper("direct", _direct_process, (model_url,), watched) as direct_url,
+    ):
+        for topology in setup.topologies:
+            schema = f"bench_{topology}_{int(time.time())}"
+            env = parley_env(servers, model_url, SECRET, schema)
+            with parley(topology, env, Path(scratch) / topology, watched) as system:
+                warm = msgspec.structs.replace(
+                    _job(setup, "parley", system.edge_url, model_url, 4, f"{topology}-warm"),
+                    once=True,
+                    tokens=20,
+                    rate=0,
+                )
+                asyncio.run(_measure(warm, watched, servers))
+                for step in setup.steps:
+                    rounds = []
+                    for r in range(setup.rounds):
+                        tag = f"{topology}-{step}-{r}"
+                        mine = _job(setup, "parley", system.edge_url, model_url, step, tag)
+                        direct = _job(setup, "direct", direct_url, model_url, step, tag + "-d")
+                        rounds.append(
+                            (
+                                asyncio.run(_measure(mine, watched, servers)),
+                                asyncio.run(_measure(direct, watched, servers)),
+                            )
+                        )
+                    rows.append(_row(setup, topology, step, rounds))
+    return rows
+
+
+def _job(setup: Setup, path: str, url: str, model_url: str, step: int, tag: str) -> Job:
+    return Job(
+        path="parley" if path == "parley" else "direct",
+        url=url,
+        token=mint(SECRET, "bench"),
+        model_url=model_url,
+        concurrency=step,
+        tokens=setup.tokens,
+        rate=setup.rate,
+        warm_s=setup.warm_s,
+        measure_s=setup.measure_s,
+        stagger_s=setup.stagger_s,
+        tag=tag,
+        once=setup.once,
+    )
+
+
+class Measured(msgspec.Struct):
+    outcome: Outcome
+    usage: dict[str, float]
+    events_per_s: float
+
+
+async def _measure(job: Job, watched: Watched, servers: Servers) -> Measured:
+    """Run one job in a load process; sample every process over its window."""
+    nc = await nats.connect(servers.nats_url)
+    js = nc.jetstream()
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=load_process, args=(msgspec.json.encode(job), child), daemon=True)
+    proc.start()
+    watched.add("load", proc.pid or 0)
+    loop = asyncio.get_running_loop()
+    try:
+        started = await loop.run_in_executor(None, parent.recv)
+        assert started == "started", started
+        if not job.once:
+            await asyncio.sleep(job.warm_s)
+        began = time.monotonic()
+        before, seq_before = watched.sample(), await _last_seq(js)
+        if not job.once:
+            await asyncio.sleep(job.measure_s)
+            after, seq_after, ended = watched.sample(), await _last_seq(js), time.monotonic()
+        status, payload = await loop.run_in_executor(None, parent.recv)
+        if job.once:
+            after, seq_after, ended = watched.sample(), await _last_seq(js), time.monotonic()
+        if status != "ok":
+            raise RuntimeError(f"the load process failed: {payload}")
+        outcome = msgspec.json.decode(payload, type=Outcome)
+    finally:
+        watched.remove("load")
+        proc.join(30)
+        await nc.close()
+    seconds = ended - began
+    events = (seq_after - seq_before) / seconds if job.path == "parley" and seconds else 0.0
+    return Measured(outcome, usage(before, after, seconds), round(events, 1))
+
+
+async def _last_seq(js: Any) -> int:
+    info = await js.stream_info(EVT_STREAM)
+    return int(info.state.last_seq)
+
+
+def _row(
+    setup: Setup, topology: str, step: int, rounds: list[tuple[Measured, Measured]]
+) -> dict[str, Any]:
+    """One flat object: medians over rounds of parley's figures, the direct path's, the added."""
+
+    def med(values: list[float]) -> float:
+        return round(statistics.median(values), 3 if max(values, default=0) < 10 else 2)
+
+    row: dict[str, Any] = {
+        "workload": setup.workload,
+        "topology": topology,
+        "concurrency": step,
+        "tokens_per_turn": setup.tokens,
+        "rate": setup.rate,
+        "rounds": len(rounds),
+        "measure_s": setup.measure_s,
+    }
+    for key in _OUTCOME_KEYS:
+        mine = [float(getattr(m.outcome, key)) for m, _ in rounds]
+        direct = [float(getattr(d.outcome, key)) for _, d in rounds]
+        row[key] = med(mine)
+        row[f"direct_{key}"] = med(direct)
+        if key.startswith(("ttft_p", "token_p")):
+            row[f"added_{key}"] = med([a - b for a, b in zip(mine, direct, strict=True)])
+    row["ratio"] = med(
+        [
+            m.outcome.tokens_per_s / d.outcome.tokens_per_s if d.outcome.tokens_per_s else 0.0
+            for m, d in rounds
+        ]
+    )
+    row["events_per_s"] = med([m.events_per_s for m, _ in rounds])
+    for key in rounds[0][0].usage:
+        row[key] = med([m.usage.get(key, 0.0) for m, _ in rounds])
+    # CPU per delivered token: what the shared machine's noise moves least
+    delivered = row["tokens_per_s"] if setup.once else row["delivered_tokens_per_s"]
+    parley_cpu = sum(v for k, v in row.items() if k.startswith("cpu_parley_"))
+    row["cpu_parley"] = round(parley_cpu, 2)
+    row["parley_cpu_us_per_token"] = round(parley_cpu / delivered * 1e6, 1) if delivered else 0.0
+    row["nats_cpu_us_per_token"] = (
+        round(row.get("cpu_nats", 0.0) / delivered * 1e6, 1) if delivered else 0.0
+    )
+    row["direct_cpu_direct"] = med([d.usage.get("cpu_direct", 0.0) for _, d in rounds])
+    row["error_sample"] = next((m.outcome.error_sample for m, _ in rounds if m.outcome.errors), "")
+    row.update({f"machine_{k}": v for k, v in msgspec.structs.asdict(machine()).items()})
+    return row
+
+
+def render(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no results"
+    first = rows[0]
+    lines = [
+        f"{first['workload']}: {first['tokens_per_turn']} tokens per turn at "
+        f"{first['rate'] or 'full'} tokens/s, {first['rounds']} round(s), medians; "
+        f"machine: {first['machine_nproc']} cores, load {first['machine_load_1m']}, "
+        f"{first['machine_loop']}",
+        f"{'topology':<8} {'turns':>6} {'errors':>6} {'deliv/off':>9} {'tok/s':>9} "
+        f"{'direct':>9} {'ttft p50/p99':>14} {'added':>14} {'token p50/p99/p99.9':>21} "
+        f"{'added p99/p99.9':>16} {'evt/s':>7}  cpu",
+    ]
+    for r in rows:
+        cpu = " ".join(
+            f"{k[4:]}={r[k]}" for k in r if k.startswith("cpu_") and k not in ("cpu_load",)
+        )
+        lines.append(
+            f"{r['topology']:<8} {r['concurrency']:>6} {r['errors']:>6} "
+            f"{r['delivered_ratio']:>4}/{r['direct_delivered_ratio']:<4} "
+            f"{r['tokens_per_s']:>9} {r['direct_tokens_per_s']:>9} "
+            f"{r['ttft_p50_ms']:>6}/{r['ttft_p99_ms']:<7} "
+            f"{r['added_ttft_p50_ms']:>6}/{r['added_ttft_p99_ms']:<7} "
+            f"{r['token_p50_ms']:>6}/{r['token_p99_ms']}/{r['token_p999_ms']:<7} "
+            f"{r['added_token_p99_ms']:>7}/{r['added_token_p999_ms']:<8} "
+            f"{r['events_per_s']:>7}  {cpu} load={r['cpu_load']}"
+            f"  parley CPU/token {r['parley_cpu_us_per_token']} us"
+        )
+        if r["error_sample"]:
+            lines.append(f"         first error: {r['error_sample']}")
+    return "\n".join(lines)
