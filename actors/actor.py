@@ -260,10 +260,16 @@ class ConversationActor:
 
     async def _drain_queue(self) -> None:
         try:
-            while (queued := next_turn(self.state)) is not None:
-                await self._run_one(queued)
-                await self._settle_finished()
-            await asyncio.shield(self._forget_turn())
+            while True:
+                while (queued := next_turn(self.state)) is not None:
+                    await self._run_one(queued)
+                    await self._settle_finished()
+                await asyncio.shield(self._forget_turn())
+                # A request accepted while the record was being released found this
+                # task still running, so `_kick` left it to us: look once more, with
+                # no await between the look and the end.
+                if next_turn(self.state) is None:
+                    return
         except EventLogError as err:
             # Another writer appended (our view is stale) or the log is away. Give
             # every held command back; redelivered, they find the log's truth.

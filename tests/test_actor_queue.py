@@ -1,0 +1,155 @@
+"""The actor's queue on the real log and Redis: a request accepted at any moment gets its turn.
+
+Found by `parley bench capacity` (split roles, 250 turns at once): a message
+sent the instant the previous turn ended was appended to the log and then never
+answered. The drain task had finished its queue and was releasing the turn
+record in Redis (slow under load) when the request arrived; `_kick` saw the task
+still running and left the request to it, and the task ended without looking
+again. Here the release is held open by a gate so the moment is not left to
+chance: the registry is the real one, on the real Redis, only made to wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from redis.asyncio import Redis
+
+from actors.actor import ConversationActor, Inbox
+from actors.turn import ActorContext
+from events.ids import new_id
+from events.log import EventLog
+from events.turns import TurnRegistry, redis_client
+from events.vocabulary import ConversationCreated, Done, SendMessage, Started
+from parley.services import Servers
+from tests.conftest import test_catalog as catalog_for_tests
+
+
+class GatedRegistry(TurnRegistry):
+    """The Redis turn registry, whose release waits for `gate` once `hold` is set."""
+
+    def __init__(self, redis: Redis) -> None:
+        super().__init__(redis)
+        self.hold = False
+        self.holding = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def release(self, conversation_id: str, worker: str) -> None:
+        if self.hold:
+            self.holding.set()
+            await self.gate.wait()
+        await super().release(conversation_id, worker)
+
+
+class Delivery:
+    """How the actor settles a command; what the worker does with a JetStream message."""
+
+    def __init__(self) -> None:
+        self.settled: list[str] = []
+
+    @property
+    def attempts(self) -> int:
+        return 1
+
+    async def ack(self) -> None:
+        self.settled.append("ack")
+
+    async def nak(self, delay: float | None = None) -> None:
+        self.settled.append("nak")
+
+    async def in_progress(self) -> None:
+        pass
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def until(log: EventLog, cid: str, check: Callable[[list[Any]], bool], what: str) -> None:
+    """Wait until `check` holds for the conversation's events (polled: the log is the truth)."""
+    try:
+        async with asyncio.timeout(20):
+            while not check([s.event for s in await log.read(cid)]):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"not within 20 s: {what}") from None
+
+
+async def test_a_message_sent_while_the_last_turn_is_being_wrapped_up_still_gets_its_turn(
+    stack: Servers, event_log: EventLog, demo_model_url: str, http: aiohttp.ClientSession
+) -> None:
+    registry = GatedRegistry(redis_client(stack.redis_url))
+    ctx = ActorContext(
+        log=event_log,
+        turns=registry,
+        http=http,
+        catalog=catalog_for_tests(),
+        default_base_url=demo_model_url,
+        default_api_key=None,
+        worker_id="test-" + new_id(),
+    )
+    cid = new_id()
+    await event_log.append(
+        cid,
+        [
+            ConversationCreated(
+                conversation_id=cid, at=1, event_id=new_id(), user_id="u", title="", model=None
+            )
+        ],
+        0,
+    )
+
+    def send(text: str) -> SendMessage:
+        return SendMessage(
+            conversation_id=cid,
+            command_id=new_id(),
+            user_id="u",
+            at=1,
+            message_id=new_id(),
+            content=f"{text} [[tokens=5]]",
+        )
+
+    actor = ConversationActor(cid, ctx)
+    inbox: Inbox = asyncio.Queue()
+    running = asyncio.create_task(actor.run(inbox, idle_s=30))
+    try:
+        first, second = send("one"), send("two")
+        registry.hold = True
+        inbox.put_nowait((first, Delivery()))
+        async with asyncio.timeout(20):
+            await registry.holding.wait()  # turn one ended; its record is being released
+        events = [s.event for s in await event_log.read(cid)]
+        assert any(isinstance(e, Done) for e in events), "turn one has not ended"
+
+        inbox.put_nowait((second, Delivery()))
+        await until(
+            event_log,
+            cid,
+            lambda events: any(getattr(e, "message_id", None) == second.message_id for e in events),
+            "the second message accepted",
+        )
+        registry.hold = False
+        registry.gate.set()
+        await until(
+            event_log,
+            cid,
+            lambda events: any(
+                isinstance(e, Started) and e.user_message_id == second.message_id for e in events
+            ),
+            "the second message's turn started",
+        )
+        await until(
+            event_log,
+            cid,
+            lambda events: sum(isinstance(e, Done) for e in events) == 2,
+            "the second turn ended",
+        )
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
