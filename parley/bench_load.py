@@ -33,6 +33,7 @@ _DONE = b'"event":"done","data":"'
 _ERROR = b'"event":"error","data":"'
 _SETUP_PARALLEL = 50
 _KEYS_PER_FETCH = 1000
+_TURN_LIMIT_S = 60.0  # plus four times the turn's paced length
 
 
 class Job(msgspec.Struct, frozen=True):
@@ -125,13 +126,18 @@ async def _turn(
 ) -> _Turn:
     content = f"bench [[tokens={job.tokens}]] [[rate={job.rate:g}]] [[bench={key}]]"
     turn = _Turn(key, time.perf_counter_ns())
+    # A turn that never ends is an error to count, not a reason for the bench to hang.
+    limit_s = _TURN_LIMIT_S + (4 * job.tokens / job.rate if job.rate else 0.0)
     try:
-        async with http.post(target, json={"content": content}, headers=headers) as response:
-            if response.status != 200:
-                turn.status = f"http {response.status}: {(await response.text())[:200]}"
-                return turn
-            await _read(response, turn)
-    except (aiohttp.ClientError, TimeoutError, ConnectionError) as err:
+        async with asyncio.timeout(limit_s):
+            async with http.post(target, json={"content": content}, headers=headers) as response:
+                if response.status != 200:
+                    turn.status = f"http {response.status}: {(await response.text())[:200]}"
+                    return turn
+                await _read(response, turn)
+    except TimeoutError:
+        turn.status = f"no done within {limit_s:.0f} s"
+    except (aiohttp.ClientError, ConnectionError) as err:
         turn.status = f"{type(err).__name__}: {err}"
     return turn
 
