@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import msgspec
 
+# Connections the kernel holds for a listener before it accepts them. aiohttp's
+# default of 128 overflowed when 1,000 viewers connected at once to a busy edge
+# (bench capacity: "connection reset by peer"); the kernel caps it at somaxconn.
+LISTEN_BACKLOG = 1024
+
 
 class EdgeLimits(msgspec.Struct, frozen=True):
     """The limits of README "Limits", from PARLEY_* variables (parley/config.py)."""

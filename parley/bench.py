@@ -27,7 +27,7 @@ from aiohttp import web
 from actors.model_client import ChatRequest, ModelEndpoint, stream_chat
 from actors.model_stream import TextDelta
 from api.auth import mint
-from api.config import EdgeLimits
+from api.config import LISTEN_BACKLOG, EdgeLimits
 from api.sse import Envelope, frame
 from parley.config import load_catalog, load_settings
 from parley.demo_model import DemoConfig, start_demo_model
@@ -80,7 +80,7 @@ async def direct_server(model_url: str) -> AsyncIterator[str]:
     app.router.add_post("/direct", _direct_handler)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", 0, backlog=LISTEN_BACKLOG)
     await site.start()
     port = runner.addresses[0][1]
     try:

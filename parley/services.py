@@ -33,7 +33,7 @@ from actors.webhooks import WebhookDispatcher, WebhookSettings
 from actors.worker import WorkerHost
 from actors.writer import AppendTick
 from api.app import create_app
-from api.config import EdgeConfig, EdgeLimits
+from api.config import LISTEN_BACKLOG, EdgeConfig, EdgeLimits
 from events import broker
 from events.ids import new_id
 from events.log import EventLog, ensure_streams
@@ -304,7 +304,12 @@ class Services:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)
-        site = web.TCPSite(runner, options.host, options.metrics_port if port is None else port)
+        site = web.TCPSite(
+            runner,
+            options.host,
+            options.metrics_port if port is None else port,
+            backlog=LISTEN_BACKLOG,
+        )
         await site.start()
         host = f"[{options.host}]" if ":" in options.host else options.host
         return f"http://{host}:{_bound_port(runner)}"
