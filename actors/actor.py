@@ -46,7 +46,7 @@ from actors.state import Conversation, QueuedTurn
 from actors.turn import ActorContext, TurnRunner
 from actors.writer import EventWriter
 from events.billing import preflight_estimate, project_account
-from events.errors import EventLogError
+from events.errors import EventLogError, describe
 from events.turns import TurnRecord
 from events.vocabulary import AnyCommand, CancelTurn, Event, Prices, SendMessage, TurnCommand
 
@@ -137,7 +137,7 @@ class ConversationActor:
             self._loaded = False
             log.warning(
                 "recovery postponed",
-                extra={"conversation_id": self.conversation_id, "error": repr(err)},
+                extra={"conversation_id": self.conversation_id, "error": describe(err)},
             )
             return
         self._kick()
@@ -159,7 +159,7 @@ class ConversationActor:
             self._loaded = False
             log.warning(
                 "command not handled, will be redelivered",
-                extra={"conversation_id": self.conversation_id, "error": repr(err)},
+                extra={"conversation_id": self.conversation_id, "error": describe(err)},
             )
             self.held.pop(cmd.command_id, None)
             await settle.nak(delay=1.0)
@@ -276,7 +276,7 @@ class ConversationActor:
             self._loaded = False
             log.warning(
                 "turn stopped by the log, commands will be redelivered",
-                extra={"conversation_id": self.conversation_id, "error": repr(err)},
+                extra={"conversation_id": self.conversation_id, "error": describe(err)},
             )
             await self._give_back(delay=1.0)
         except Exception:
@@ -424,7 +424,7 @@ class ConversationActor:
         except (redis.exceptions.RedisError, OSError) as err:
             log.warning(
                 "turn record not written",
-                extra={"conversation_id": self.conversation_id, "error": repr(err)},
+                extra={"conversation_id": self.conversation_id, "error": describe(err)},
             )
 
     async def _forget_turn(self) -> None:
@@ -433,7 +433,7 @@ class ConversationActor:
         except (redis.exceptions.RedisError, OSError) as err:
             log.warning(
                 "turn record not released; it expires",
-                extra={"conversation_id": self.conversation_id, "error": repr(err)},
+                extra={"conversation_id": self.conversation_id, "error": describe(err)},
             )
 
 

@@ -33,6 +33,8 @@ import nats.js.errors
 from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
+from events.errors import describe
+
 log = logging.getLogger(__name__)
 
 BUCKET = "parley_workers"
@@ -111,13 +113,13 @@ class PartitionLeases:
         except _TRANSIENT as err:
             if time.monotonic() - self._renewed_at < _KEEP_FOR * self.ttl_s:
                 log.warning(
-                    "partition leases not renewed; trying again", extra={"error": repr(err)}
+                    "partition leases not renewed; trying again", extra={"error": describe(err)}
                 )
                 return set(), set()
             lost, self.owned = set(self.owned), {}
             log.warning(
                 "partition leases given up: not renewed in time",
-                extra={"error": repr(err), "partitions": sorted(lost)},
+                extra={"error": describe(err), "partitions": sorted(lost)},
             )
             return set(), lost
 
@@ -193,7 +195,7 @@ class PartitionLeases:
         try:
             await self.kv.delete(f"worker.{self.worker_id}")
         except nats.errors.Error as err:
-            log.info("worker presence not removed; it expires", extra={"error": repr(err)})
+            log.info("worker presence not removed; it expires", extra={"error": describe(err)})
 
     async def _release(self, partition: int) -> None:
         revision = self.owned.pop(partition)
@@ -202,7 +204,7 @@ class PartitionLeases:
         except nats.errors.Error as err:
             log.info(
                 "partition lease not released; it expires",
-                extra={"partition": partition, "error": repr(err)},
+                extra={"partition": partition, "error": describe(err)},
             )
 
     async def _live_workers(self) -> int:

@@ -32,6 +32,7 @@ from actors.partitions import PartitionLeases
 from actors.state import Conversation
 from actors.turn import ActorContext
 from events.codec import decode_command
+from events.errors import describe
 from events.subjects import CMD_STREAM, PARTITIONS, partition_of, partition_subjects
 from events.vocabulary import AnyCommand
 
@@ -136,7 +137,7 @@ class WorkerHost:
                         # The broker is away: keep serving what we hold (running turns
                         # wait for it in their appends) and renew once it is back. A
                         # lease that lapsed meanwhile is found lost then.
-                        log.warning("partition leases not renewed", extra={"error": repr(err)})
+                        log.warning("partition leases not renewed", extra={"error": describe(err)})
                         gained, lost = set(), set()
                     for partition in lost:
                         await self._drop(partition)
@@ -217,7 +218,7 @@ class WorkerHost:
                         partition
                     ):
                         raise
-                    log.warning("cannot fetch commands", extra={"error": repr(err)})
+                    log.warning("cannot fetch commands", extra={"error": describe(err)})
                     await asyncio.sleep(1.0)
                     continue
                 failing_since = None
@@ -258,7 +259,7 @@ class WorkerHost:
         try:
             conversations = await self._ctx.turns.conversations()
         except (redis.exceptions.RedisError, OSError) as err:
-            log.info("no recovery scan without Redis", extra={"error": repr(err)})
+            log.info("no recovery scan without Redis", extra={"error": describe(err)})
             return
         for cid in conversations:
             if partition_of(cid, self.partitions) in partitions and cid not in self._actors:

@@ -36,6 +36,7 @@ import aiohttp
 import jwt
 import msgspec
 
+from events.errors import describe
 from events.subjects import valid_id
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class JwksKeys:
             keys = jwt.PyJWKSet.from_dict(data).keys
         except (aiohttp.ClientError, TimeoutError, ValueError, jwt.PyJWTError) as err:
             # Keep the keys we had: an identity provider that blips must not log everyone out.
-            log.warning("cannot fetch the JWKS", extra={"url": self._url, "error": repr(err)})
+            log.warning("cannot fetch the JWKS", extra={"url": self._url, "error": describe(err)})
             return
         self._keys = {key.key_id: key for key in keys if key.key_id}
         self._fetched = time.monotonic()

@@ -10,7 +10,7 @@ import nats.errors
 import redis.exceptions
 from aiohttp import web
 
-from events.errors import EventLogUnavailable
+from events.errors import EventLogUnavailable, describe
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def _error_answer(request: web.Request, err: Exception) -> web.Response:
         log.error("unhandled error", exc_info=err, extra={"path": request.path})
         return error_response(500, "internal", "internal error")
     # A server behind the edge is down: say so, and that trying again is right.
-    log.warning("dependency unavailable", extra={"path": request.path, "error": repr(err)})
+    log.warning("dependency unavailable", extra={"path": request.path, "error": describe(err)})
     response = error_response(503, "unavailable", _unavailable(err))
     response.headers["Retry-After"] = "1"
     return response

@@ -44,7 +44,7 @@ from nats.js import JetStreamContext
 
 from api.sse import Envelope, Position, envelopes, frame
 from events.codec import decode_entry
-from events.errors import EventLogError
+from events.errors import EventLogError, describe
 from events.follow import LogFollower
 from events.log import EventLog, StoredEvent
 from events.subjects import CMD_STREAM, event_subject
@@ -319,7 +319,7 @@ class Hub:
             # The viewers' streams end; each resumes from its last id once the broker is back.
             log.warning(
                 "conversation feed broken",
-                extra={"conversation_id": self.conversation_id, "error": repr(err)},
+                extra={"conversation_id": self.conversation_id, "error": describe(err)},
             )
         finally:
             self.closed = True

@@ -36,6 +36,7 @@ from api.context import CLAIMS, CONFIG, METRICS, wants_json
 from api.errors import ApiError, Handler
 from api.hub import Delivery, Hubs, PendingCommand, Subscription, TurnFilter, watch
 from api.sse import Envelope, Position
+from events.errors import describe
 from events.ids import new_id
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,7 @@ class Leases:
             try:
                 await self.renew()
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
-                log.warning("cannot renew leases", extra={"error": repr(err)})
+                log.warning("cannot renew leases", extra={"error": describe(err)})
 
 
 class TurnWatcher(Subscription):
@@ -282,7 +283,9 @@ class Limits:
             try:
                 await self.leases.release("turns", user_id, member)
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
-                log.warning("cannot release a turn slot; it expires", extra={"error": repr(err)})
+                log.warning(
+                    "cannot release a turn slot; it expires", extra={"error": describe(err)}
+                )
 
     async def _follow(self, conversation_id: str, watcher: TurnWatcher) -> str:
         return await watch(self._hubs, conversation_id, watcher)
@@ -323,7 +326,7 @@ async def _acquire(limits: Limits, kind: str, user: str, member: str, cap: int) 
         return await limits.leases.acquire(kind, user, member, cap)
     except _REDIS_DOWN as err:
         log.warning(
-            "limit unavailable; request let through", extra={"limit": kind, "error": repr(err)}
+            "limit unavailable; request let through", extra={"limit": kind, "error": describe(err)}
         )
         return True
 
@@ -340,7 +343,7 @@ async def limits_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         wait = await limits.rate.take(claims.sub)
     except _REDIS_DOWN as err:
-        log.warning("rate limiter unavailable; request let through", extra={"error": repr(err)})
+        log.warning("rate limiter unavailable; request let through", extra={"error": describe(err)})
         wait = 0.0
     if wait > 0:
         metrics.limited("rate")
@@ -394,4 +397,4 @@ async def limits_middleware(request: web.Request, handler: Handler) -> web.Strea
             try:
                 await limits.leases.release(kind, claims.sub, member)
             except _REDIS_DOWN as err:
-                log.warning("cannot release a lease; it expires", extra={"error": repr(err)})
+                log.warning("cannot release a lease; it expires", extra={"error": describe(err)})

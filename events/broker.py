@@ -28,6 +28,8 @@ from typing import TypeVar
 import nats.errors
 from nats.aio.client import Client as NatsClient
 
+from events.errors import describe
+
 # Between two rounds of attempts over the whole list of nodes.
 RECONNECT_WAIT_S = 1
 # A one-shot command gives up after this many rounds (nats.py's own default).
@@ -96,7 +98,7 @@ async def connect_client(
             return
         attempt = isinstance(err, OSError | nats.errors.StaleConnectionError)
         level = logging.DEBUG if attempt else logging.WARNING
-        report(level, "NATS client error", {**fields, "error": repr(err)})
+        report(level, "NATS client error", {**fields, "error": describe(err)})
 
     await client.connect(
         servers=server_list(url),

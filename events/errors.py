@@ -41,3 +41,16 @@ class StreamMisconfigured(EventLogError):
     Raised at start instead of changing what an operator set: the message names
     the stream, the setting, what it is and what parley needs.
     """
+
+
+def describe(err: BaseException) -> str:
+    """An error as a log line should show it: its type and its message.
+
+    `repr` is not enough: nats.py's JetStream errors keep their code and
+    description out of it (`BadRequestError()`), which is what an operator needs.
+    """
+    name = type(err).__name__
+    text = str(err)
+    if not text:
+        return name
+    return text if name in text else f"{name}: {text}"

@@ -35,6 +35,7 @@ from actors.writer import AppendTick
 from api.app import create_app
 from api.config import LISTEN_BACKLOG, EdgeConfig, EdgeLimits
 from events import broker
+from events.errors import describe
 from events.ids import new_id
 from events.log import EventLog, ensure_streams
 from events.turns import TurnRegistry, redis_client
@@ -387,7 +388,7 @@ async def supervise(
             log.error(
                 "role failed; restarting it",
                 exc_info=err if type(err) is not last_failure else None,
-                extra={"role": name, "error": repr(err), "retry_in_s": round(delay, 2)},
+                extra={"role": name, "error": describe(err), "retry_in_s": round(delay, 2)},
             )
             last_failure = type(err)
         else:

@@ -42,6 +42,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from events.broker import connect_client
+from events.errors import describe
 from events.follow import RawEvent
 from events.ids import new_id
 from events.subjects import EVT_STREAM, EVT_SUBJECTS
@@ -164,12 +165,14 @@ class LogFeed:
         try:
             await sub.unsubscribe()
         except nats.errors.Error as err:  # the connection is closing: the server forgets it
-            log.debug("feed unsubscribe skipped", extra={"error": repr(err)})
+            log.debug("feed unsubscribe skipped", extra={"error": describe(err)})
         try:
             await self._js.delete_consumer(EVT_STREAM, consumer)
         except (nats.errors.Error, nats.js.errors.Error) as err:
             # gone already, or the server is unreachable: inactive_threshold removes it
-            log.debug("feed consumer not deleted", extra={"consumer": consumer, "error": repr(err)})
+            log.debug(
+                "feed consumer not deleted", extra={"consumer": consumer, "error": describe(err)}
+            )
 
     # ------------------------------------------------------------ consumer
 

@@ -38,6 +38,7 @@ import asyncpg
 from nats.js import JetStreamContext
 
 from events.codec import Unreadable, decode_entry
+from events.errors import describe
 from events.follow import RawEvent
 from events.log import StoredEvent
 from events.vocabulary import AnyEvent, Chunk, event_type
@@ -92,7 +93,7 @@ class Projector:
                     )
                 except TRANSIENT as err:
                     # a connection that is gone holds no lock any more
-                    log.info("advisory unlock skipped", extra={"error": repr(err)})
+                    log.info("advisory unlock skipped", extra={"error": describe(err)})
 
     async def _follow(self, stopping: asyncio.Event, lock_conn: Any) -> None:
         self.position = await self.load_position()
@@ -175,7 +176,7 @@ class Projector:
         except Exception as err:
             log.warning(
                 "batch failed, applying it event by event",
-                extra={"projection": self.name, "error": repr(err)},
+                extra={"projection": self.name, "error": describe(err)},
             )
             return await self._apply_batch(conn, batch, through, careful=True)
 
