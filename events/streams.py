@@ -43,6 +43,12 @@ _NS = 1_000_000_000
 _STREAM_NOT_FOUND = 10059
 _STREAM_NAME_IN_USE = 10058
 _API_TIMEOUT_S = 10.0
+# Each edge follows each conversation it has viewers of with an ephemeral consumer
+# of CHAT_EVT (events.follow), so the stream needs room for as many consumers as
+# conversations watched at once, over all edges. A stream that leaves the limit
+# unset gets nats-server's own default, 1,000 (2.15): the 1,001st conversation
+# watched failed with "maximum consumers limit reached" under bench capacity.
+EVT_MAX_CONSUMERS = 100_000
 
 
 class StreamSpec(msgspec.Struct, frozen=True):
@@ -53,6 +59,7 @@ class StreamSpec(msgspec.Struct, frozen=True):
     retention: str  # the server's spelling: "limits", "workqueue", "interest"
     why_retention: str
     direct: bool = False
+    max_consumers: int = 0  # 0: the server's default is enough
 
 
 EVT = StreamSpec(
@@ -61,6 +68,7 @@ EVT = StreamSpec(
     retention="limits",
     why_retention="the event log is the truth: events stay until the limits remove them",
     direct=True,
+    max_consumers=EVT_MAX_CONSUMERS,
 )
 CMD = StreamSpec(
     name=CMD_STREAM,
@@ -110,6 +118,7 @@ def _request_body(spec: StreamSpec, replicas: int) -> dict[str, Any]:
         "num_replicas": replicas,
         "duplicate_window": int(DUPLICATE_WINDOW_S * _NS),
         "allow_direct": spec.direct,
+        **({"max_consumers": spec.max_consumers} if spec.max_consumers else {}),
     }
 
 
@@ -134,6 +143,9 @@ def missing(spec: StreamSpec, config: dict[str, Any]) -> dict[str, Any]:
         changes["allow_direct"] = True
     if int(config.get("duplicate_window") or 0) < DUPLICATE_WINDOW_S * _NS:
         changes["duplicate_window"] = int(DUPLICATE_WINDOW_S * _NS)
+    if spec.max_consumers and int(config.get("max_consumers") or -1) <= 0:
+        # unset means the server's default, which is lower than parley needs
+        changes["max_consumers"] = spec.max_consumers
     return changes
 
 
@@ -150,6 +162,12 @@ def differences(spec: StreamSpec, config: dict[str, Any], replicas: int) -> list
         out.append(
             f"stream {spec.name} is on {config.get('storage')} storage: "
             "it does not survive a restart of its servers; left as configured"
+        )
+    allowed = int(config.get("max_consumers") or -1)
+    if spec.max_consumers and 0 < allowed < spec.max_consumers:
+        out.append(
+            f"stream {spec.name} allows {allowed} consumers: conversations watched at once, "
+            "over all edges, beyond that are refused (503); left as configured"
         )
     return out
 

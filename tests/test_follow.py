@@ -91,3 +91,21 @@ async def test_follow_stops_on_its_stop_flag_even_while_the_log_is_silent(
     stop.set()
     async with asyncio.timeout(5):
         assert await reader == [head]
+
+
+async def test_more_than_a_thousand_conversations_can_be_followed_at_once(
+    nc: NatsClient, event_log: EventLog
+) -> None:
+    """One consumer per followed conversation: the stream must allow more than
+    nats-server's default of 1,000 (events.streams.EVT_MAX_CONSUMERS)."""
+    js = nc.jetstream()
+    followers = [LogFollower(js, event_subject(new_id()), 0) for _ in range(1_050)]
+    try:
+        # the first next_batch creates the follower's consumer; nothing is there to read
+        await asyncio.gather(*(f.next_batch(1, wait_s=0.01) for f in followers))
+        cid, head = await _new_conversation(event_log)
+        last = LogFollower(js, event_subject(cid), 0)
+        followers.append(last)
+        assert [r.seq for r in await _drain(last, 1)] == [head]
+    finally:
+        await asyncio.gather(*(f.close() for f in followers))

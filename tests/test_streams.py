@@ -18,7 +18,15 @@ from actors.partitions import BUCKET
 from events.broker import connect, server_list
 from events.errors import StreamMisconfigured
 from events.log import ensure_streams
-from events.streams import CMD, DUPLICATE_WINDOW_S, EVT, differences, missing, stream_config
+from events.streams import (
+    CMD,
+    DUPLICATE_WINDOW_S,
+    EVT,
+    EVT_MAX_CONSUMERS,
+    differences,
+    missing,
+    stream_config,
+)
 from events.subjects import CMD_STREAM, CMD_SUBJECTS, EVT_STREAM, EVT_SUBJECTS
 from parley.cluster import NatsCluster
 from parley.services import Servers, ServiceOptions, Services
@@ -39,6 +47,7 @@ def test_a_stream_with_everything_parley_needs_is_left_alone() -> None:
         "duplicate_window": int(DUPLICATE_WINDOW_S * 1e9),
         "num_replicas": 3,
         "max_age": DAY_NS,
+        "max_consumers": EVT_MAX_CONSUMERS,
     }
     assert missing(EVT, config) == {}
     assert differences(EVT, config, replicas=3) == []
@@ -50,6 +59,7 @@ def test_only_what_parley_needs_is_added() -> None:
         "subjects": ["audit.>", EVT_SUBJECTS],
         "allow_direct": True,
         "duplicate_window": int(DUPLICATE_WINDOW_S * 1e9),
+        "max_consumers": EVT_MAX_CONSUMERS,
     }
     # a longer duplicate window than parley's is kept
     assert "duplicate_window" not in missing(
@@ -74,6 +84,15 @@ def test_replicas_and_storage_that_differ_are_reported_not_changed() -> None:
     assert len(notes) == 2
     assert "1 replica(s)" in notes[0] and "left as configured" in notes[0]
     assert "memory" in notes[1]
+
+
+def test_a_consumer_limit_an_operator_set_is_kept_and_reported() -> None:
+    config = {"retention": "limits", "subjects": [EVT_SUBJECTS], "max_consumers": 500}
+    assert "max_consumers" not in missing(EVT, config)
+    (note,) = differences(EVT, {**config, "num_replicas": 1, "storage": "file"}, replicas=1)
+    assert "500 consumers" in note and "left as configured" in note
+    # unset (-1) is the server's default of 1,000 watched conversations: raised
+    assert missing(EVT, {**config, "max_consumers": -1})["max_consumers"] == EVT_MAX_CONSUMERS
 
 
 def test_a_nats_url_may_name_every_node_of_a_cluster() -> None:
@@ -120,6 +139,7 @@ async def test_a_role_starting_on_an_operators_streams_changes_none_of_their_set
             max_bytes=1 << 30,
             duplicate_window=600,
             allow_direct=True,
+            max_consumers=50_000,
         )
     )
     await js.add_stream(
@@ -192,9 +212,10 @@ async def test_a_stream_lacking_what_parley_needs_gets_only_that(
     notes = await ensure_streams(js, replicas=3)
     after = await stream_config(js, EVT_STREAM)
     assert before is not None and after is not None
-    assert any("added allow_direct, duplicate_window, subjects" in note for note in notes), notes
+    added = "added allow_direct, duplicate_window, max_consumers, subjects"
+    assert any(added in note for note in notes), notes
     changed = {k for k in after if after[k] != before.get(k)}
-    assert changed == {"subjects", "allow_direct", "duplicate_window"}, changed
+    assert changed == {"subjects", "allow_direct", "duplicate_window", "max_consumers"}, changed
     assert after["subjects"] == ["audit.>", EVT_SUBJECTS]
     assert after["max_msgs_per_subject"] == 50_000 and after["num_replicas"] == 3
 
