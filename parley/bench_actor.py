@@ -25,7 +25,7 @@ import aiohttp
 import msgspec
 
 from api.auth import mint
-from parley.bench import NO_LIMITS, SECRET, percentile
+from parley.bench_common import NO_LIMITS, SECRET, percentile
 from parley.config import load_catalog, load_settings
 from parley.demo_model import DemoConfig, start_demo_model
 from parley.services import Servers, ServiceOptions, Services

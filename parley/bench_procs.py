@@ -185,7 +185,7 @@ def _model_process(conn: Connection) -> None:
 
 
 def _direct_process(model_url: str, conn: Connection) -> None:
-    from parley.bench import direct_server
+    from parley.bench_common import direct_server
 
     async def main() -> None:
         async with direct_server(model_url) as url:

@@ -47,7 +47,7 @@ from events.broker import connect
 from events.log import EventLog
 from events.vocabulary import Cancelled, CommandRejected, Done, Failed, Started
 from parley.audit_command import audit_billing
-from parley.bench import NO_LIMITS, SECRET
+from parley.bench_common import NO_LIMITS, SECRET
 from parley.config import load_catalog, load_settings
 from parley.demo_model import DemoConfig, start_demo_model
 from parley.services import Servers, ServiceOptions, Services
