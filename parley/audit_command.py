@@ -19,7 +19,7 @@ from nats.js import JetStreamContext
 from events.broker import connect
 from events.codec import decode_entry
 from events.log import EventLog
-from parley.cli import CliError
+from parley.commands import CliError
 from parley.config import load_settings
 from parley.services import resolve_servers
 from projections.audit import (

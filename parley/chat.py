@@ -69,7 +69,7 @@ from parley.chat_view import (
     welcome,
 )
 from parley.chat_wire import SseDecoder
-from parley.cli import CliError
+from parley.commands import CliError
 from parley.config import load_settings
 
 PROMPT = "you> "

@@ -16,7 +16,7 @@ import msgspec
 from api.auth import mint
 from events.subjects import valid_id
 from parley.chat_view import MessageRow
-from parley.cli import CliError, running_dev, token_secret
+from parley.commands import CliError, running_dev, token_secret
 from parley.config import Settings
 
 REQUEST_TIMEOUT_S = 30.0

@@ -9,7 +9,7 @@ import sys
 
 import msgspec
 
-from parley.cli import CliError
+from parley.commands import CliError
 from parley.config import load_settings
 from parley.services import resolve_servers
 from projections.catalog import PROJECTIONS
