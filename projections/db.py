@@ -8,6 +8,7 @@ own file (its tables; see projections/catalog.py).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable
 from importlib import resources
@@ -62,12 +63,24 @@ async def ensure_schema(
     schema = check_schema_name(schema)
     files = ["bookkeeping.sql", *(["config.sql"] if config else []), *(p.ddl for p in projections)]
     ddl = ddl_of(*files)
+    digest = hashlib.sha256(ddl.encode()).hexdigest()
     async with conn.transaction():
         # Two processes starting at once must not race on CREATE ... IF NOT EXISTS.
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"parley-ddl-{schema}")
         await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
         await conn.execute(f'SET LOCAL search_path TO "{schema}"')
+        # DDL already in place still locks what it names (CREATE INDEX IF NOT EXISTS
+        # takes a ShareLock on its table), and a projector writing those tables
+        # meanwhile deadlocked with it when a second role started (`parley dev`
+        # on servers with a log to project). So the files run only when they changed.
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_ddl"
+            " (digest text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        if await conn.fetchval("SELECT 1 FROM schema_ddl WHERE digest = $1", digest):
+            return
         await conn.execute(ddl)
+        await conn.execute("INSERT INTO schema_ddl (digest) VALUES ($1)", digest)
 
 
 async def drop_schema(database_url: str, schema: str) -> None:

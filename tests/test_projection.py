@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import pytest
 from nats.aio.client import Client as NatsClient
 
@@ -15,7 +16,7 @@ from events.ids import new_id
 from events.log import EventLog
 from events.vocabulary import Chunk, Done, ToolCall
 from parley.services import Servers, Services
-from projections.db import create_pool, drop_schema
+from projections.db import create_pool, drop_schema, ensure_schema
 from projections.projector import Projector
 from tests.sse import SseClient
 
@@ -157,3 +158,21 @@ async def test_the_projection_can_be_rebuilt_from_the_log_identically(
     async with running(rebuilt):
         await _wait_position(rebuilt, target)
     assert await _rows(scratch_schema, ids) == await _rows(services.projector._pool, ids)
+
+
+async def test_a_second_start_locks_no_table_a_projector_is_writing(
+    stack: Servers, scratch_schema: Any
+) -> None:
+    """A role starting while a projector writes must not wait on, or deadlock with, its
+    rows: `parley dev` on servers with a log to project died with "deadlock detected"
+    when the edge ran the DDL (CREATE INDEX IF NOT EXISTS locks its table) meanwhile."""
+    schema = await scratch_schema.fetchval("SELECT current_schema()")
+    async with scratch_schema.acquire() as writer, writer.transaction():
+        # what a projector's batch holds while it writes
+        await writer.execute("LOCK TABLE messages, ledger IN ROW EXCLUSIVE MODE")
+        starting = await asyncpg.connect(stack.database_url)
+        try:
+            await starting.execute("SET lock_timeout = '2s'")
+            await ensure_schema(starting, schema)  # would wait 2 s, then fail, if it locked
+        finally:
+            await starting.close()
