@@ -12,8 +12,9 @@ stream's duplicate window drops the second copy.
 
 A broker that is away (restarting, a leader election): reads fail at once with
 `EventLogUnavailable` while the client is not connected, so an edge answers 503
-instead of hanging; an append keeps trying for `outage_s` (a worker sets it, so
-a turn rides out a broker restart and goes on), then fails the same way.
+instead of hanging; an append keeps trying for `retry_for_s` (30 s: a turn rides
+out a broker restart or a stream leader's election and goes on), then fails
+the same way.
 """
 
 from __future__ import annotations
@@ -144,7 +145,6 @@ class EventLog:
                     headers=headers,
                     timeout=self._publish_timeout,
                 )
-                return int(ack.seq)
             except nats.js.errors.APIError as err:
                 if isinstance(err, nats.js.errors.ServiceUnavailableError):
                     failure: BaseException = err
