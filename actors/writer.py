@@ -114,7 +114,7 @@ class AppendTick:
     for the next tick (never longer than `window_s`), then all append in the
     same loop iteration, which the client sends in one write; a stream whose
     tokens come faster than the window also sends them as one chunk. The window
-    is the latency this adds at most (README: Benchmarks, how it was chosen).
+    is the latency this adds at most (README: Configuration, PARLEY_APPEND_WINDOW_MS).
     `window_s` 0: every stream appends as soon as it has text.
     """
 
