@@ -46,6 +46,26 @@ class RawEvent(msgspec.Struct, frozen=True):
     data: bytes
 
 
+def reader_consumer(
+    filter_subject: str, after: int, *, name: str | None = None
+) -> api.ConsumerConfig:
+    """An ephemeral consumer that hands out `filter_subject`'s events after `after`
+    once each: no acks, no redelivery, in memory, one replica, and removed by the
+    server once its reader has been gone a minute."""
+    return api.ConsumerConfig(
+        name=name,
+        deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+        opt_start_seq=after + 1,
+        filter_subject=filter_subject,
+        ack_policy=api.AckPolicy.NONE,
+        max_deliver=1,
+        mem_storage=True,
+        num_replicas=1,
+        # a reader that vanished without closing is cleaned up by the server
+        inactive_threshold=60.0,
+    )
+
+
 class LogFollower:
     """Delivers raw events of `filter_subject` after `after`, in stream order."""
 
@@ -131,17 +151,7 @@ class LogFollower:
             await self._js.delete_consumer(EVT_STREAM, consumer)
 
     async def _start(self) -> None:
-        config = api.ConsumerConfig(
-            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=self.last + 1,
-            filter_subject=self._filter,
-            ack_policy=api.AckPolicy.NONE,
-            max_deliver=1,
-            mem_storage=True,
-            num_replicas=1,
-            # a reader that vanished without closing is cleaned up by the server
-            inactive_threshold=60.0,
-        )
+        config = reader_consumer(self._filter, self.last)
         self._generation += 1
         self._inbox.clear()
         self._sub = await self._js.subscribe(

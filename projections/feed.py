@@ -39,11 +39,11 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext, api
+from nats.js import JetStreamContext
 
 from events.broker import connect_client
 from events.errors import describe
-from events.follow import RawEvent
+from events.follow import RawEvent, reader_consumer
 from events.ids import new_id
 from events.subjects import EVT_STREAM, EVT_SUBJECTS
 
@@ -178,18 +178,7 @@ class LogFeed:
 
     async def _start(self) -> None:
         self._consumer = f"parley-feed-{new_id()}"
-        config = api.ConsumerConfig(
-            name=self._consumer,
-            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=self.last + 1,
-            filter_subject=self._filter,
-            ack_policy=api.AckPolicy.NONE,
-            max_deliver=1,
-            mem_storage=True,
-            num_replicas=1,
-            # a reader that vanished without closing is cleaned up by the server
-            inactive_threshold=60.0,
-        )
+        config = reader_consumer(self._filter, self.last, name=self._consumer)
         await self._js.add_consumer(EVT_STREAM, config)
         self._inbox = self._nc.new_inbox()
         # Sized above what two open requests can deliver: nats.py never drops for us.
