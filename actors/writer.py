@@ -106,33 +106,47 @@ class EventWriter:
 
 
 class AppendTick:
-    """Wakes every turn stream with new text at most every `window_s`, all at once.
+    """Wakes every turn stream with new text at most once per `window_s`, all at once.
 
     One JetStream append per token per stream does not scale: at 1,000 streams
     of 20 tokens/s, py-spy showed the worker spending a fifth of its time in the
     NATS client's socket writes, one per append. Streams that have text wait
-    for the next tick (never longer than `window_s`), then all append in the
-    same loop iteration, which the client sends in one write; a stream whose
-    tokens come faster than the window also sends them as one chunk. The window
-    is the latency this adds at most (README: Configuration, PARLEY_APPEND_WINDOW_MS).
-    `window_s` 0: every stream appends as soon as it has text.
+    for the next tick, then all append in the same loop iteration, which the
+    client sends in one write; a stream whose tokens come faster than the
+    window also sends them as one chunk.
+
+    The tick leads: text after a quiet window goes out in the next loop
+    iteration, and only text within `window_s` of the last tick waits for the
+    next one. A lone stream (a viewer-heavy conversation at 50 tokens/s) thus
+    pays nothing, and a busy worker still ticks at most once per window. The
+    window is the latency this adds at most (README: Configuration,
+    PARLEY_APPEND_WINDOW_MS). `window_s` 0: every stream appends as soon as it has text.
     """
 
     def __init__(self, window_s: float) -> None:
         self.window_s = window_s
         self._waiting: list[asyncio.Event] = []
-        self._timer: asyncio.TimerHandle | None = None
+        self._scheduled = False
+        self._last_tick = float("-inf")
 
     def wake(self, event: asyncio.Event) -> None:
         if self.window_s <= 0:
             event.set()
             return
         self._waiting.append(event)
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self.window_s, self._fire)
+        if self._scheduled:
+            return
+        self._scheduled = True
+        loop = asyncio.get_running_loop()
+        due = self._last_tick + self.window_s
+        if loop.time() >= due:
+            loop.call_soon(self._fire)  # after the wakes of this loop iteration
+        else:
+            loop.call_at(due, self._fire)
 
     def _fire(self) -> None:
-        self._timer = None
+        self._scheduled = False
+        self._last_tick = asyncio.get_running_loop().time()
         waiting, self._waiting = self._waiting, []
         for event in waiting:
             event.set()
