@@ -20,13 +20,13 @@ the same way.
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import AsyncIterator, Sequence
 
 import msgspec
 import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
-from nats.js.api import RawStreamMsg as RawMessage
 
 from events.codec import Unreadable, decode_entry, encode
 from events.errors import EventLogConflict, EventLogUnavailable, PositionGone
@@ -73,6 +73,28 @@ class RawEntry(msgspec.Struct, frozen=True):
     seq: int
     subject: str
     data: bytes
+
+
+class _ApiError(msgspec.Struct):
+    code: int
+    err_code: int = 0
+    description: str = ""
+
+
+class _GotMessage(msgspec.Struct):
+    seq: int
+    data: str = ""  # base64
+    hdrs: str = ""  # base64: "NATS/1.0\r\nName: value\r\n..."
+
+
+class _MsgGetResponse(msgspec.Struct):
+    """The answer of $JS.API.STREAM.MSG.GET (the stream leader's, so never stale)."""
+
+    message: _GotMessage | None = None
+    error: _ApiError | None = None
+
+
+_decode_msg_get = msgspec.json.Decoder(_MsgGetResponse).decode
 
 
 class StoredEvent(msgspec.Struct, frozen=True):
@@ -188,24 +210,43 @@ class EventLog:
 
     async def _get_msg(
         self, subject: str, seq: int | None = None, *, next: bool = False
-    ) -> RawMessage | None:
+    ) -> _GotMessage | None:
         """The subject's last message, or with `seq` (and `next`) the one at or after it;
-        None when there is none."""
+        None when there is none.
+
+        The API asked directly and its answer decoded by msgspec: nats-py's
+        `get_msg` parses every message's headers with the email package, which
+        py-spy showed at a third of the cost of each read a POST stream makes."""
         await self._connected(0.0)
+        if next:
+            request = {"seq": seq or 0, "next_by_subj": subject}
+        elif seq is not None:
+            request = {"seq": seq}
+        else:
+            request = {"last_by_subj": subject}
+        js = self._js
         try:
-            return await self._js.get_msg(EVT_STREAM, seq=seq, subject=subject, next=next)
+            reply = await js._nc.request(
+                f"{js._prefix}.STREAM.MSG.GET.{EVT_STREAM}",
+                msgspec.json.encode(request),
+                timeout=js._timeout,
+            )
+            answer = _decode_msg_get(reply.data)
+            if answer.error is not None:
+                nats.js.errors.APIError.from_error(msgspec.structs.asdict(answer.error))
         except nats.js.errors.NotFoundError:
             return None
         except _TRANSIENT as err:
             raise EventLogUnavailable(f"reading {subject}: {err!r}") from err
+        if answer.message is None:
+            raise EventLogUnavailable(f"reading {subject}: an answer without a message")
+        return answer.message
 
     async def _last_if_same(self, subject: str, event_id: str) -> int | None:
         msg = await self._get_msg(subject=subject)
         if msg is None:
             return None
-        if (msg.headers or {}).get("Nats-Msg-Id") == event_id:
-            return int(msg.seq or 0)
-        return None
+        return msg.seq if _msg_id(msg) == event_id else None
 
     async def last_seq(self, conversation_id: str) -> int:
         """Sequence of the conversation's last event, 0 if it has none."""
@@ -213,21 +254,21 @@ class EventLog:
 
     async def last_seq_of(self, subject: str) -> int:
         msg = await self._get_msg(subject=subject)
-        return 0 if msg is None else int(msg.seq or 0)
+        return 0 if msg is None else msg.seq
 
     async def last(self, conversation_id: str) -> StoredEvent | None:
         """The conversation's last event."""
         msg = await self._get_msg(subject=event_subject(conversation_id))
         if msg is None:
             return None
-        return StoredEvent(seq=int(msg.seq or 0), event=decode_entry(msg.data or b""))
+        return StoredEvent(seq=msg.seq, event=decode_entry(base64.b64decode(msg.data)))
 
     async def first(self, conversation_id: str) -> StoredEvent | None:
         """The conversation's first kept event: `conversation_created` unless retention cut it."""
         msg = await self._get_msg(event_subject(conversation_id), 1, next=True)
         if msg is None:
             return None
-        return StoredEvent(seq=int(msg.seq or 0), event=decode_entry(msg.data or b""))
+        return StoredEvent(seq=msg.seq, event=decode_entry(base64.b64decode(msg.data)))
 
     async def read(self, conversation_id: str, after: int = 0) -> list[StoredEvent]:
         """Every entry after `after`, up to the end of the log as it is now.
@@ -335,3 +376,14 @@ def _is_header(event: AnyEvent | Unreadable) -> bool:
     if isinstance(event, Unreadable):
         return event.type == "conversation_created"
     return isinstance(event, ConversationCreated)
+
+
+def _msg_id(msg: _GotMessage) -> str | None:
+    """The entry's Nats-Msg-Id header (the event_id it was appended with)."""
+    if not msg.hdrs:
+        return None
+    for line in base64.b64decode(msg.hdrs).decode(errors="replace").split("\r\n")[1:]:
+        name, sep, value = line.partition(":")
+        if sep and name.strip().lower() == "nats-msg-id":
+            return value.strip()
+    return None

@@ -113,3 +113,20 @@ async def test_an_unknown_conversation_has_no_events(event_log: EventLog) -> Non
     assert await event_log.read(cid) == []
     assert await event_log.last_seq(cid) == 0
     assert await event_log.first(cid) is None
+
+
+async def test_first_and_last_read_the_conversations_ends_and_nothing_else(
+    event_log: EventLog,
+) -> None:
+    cid, other = new_id(), new_id()
+    opening = created(cid)
+    head = await event_log.append(cid, [opening], expected_seq=0)
+    await event_log.append(other, [created(other)], expected_seq=0)  # interleaved, not ours
+    end = await event_log.append(cid, [title(cid, "one"), title(cid, "two")], expected_seq=head)
+    await event_log.append(other, [title(other, "theirs")], expected_seq=head + 1)
+
+    first, last = await event_log.first(cid), await event_log.last(cid)
+    assert first is not None and last is not None
+    assert (first.seq, first.event) == (head, opening)
+    assert last.seq == end and isinstance(last.event, Title) and last.event.title == "two"
+    assert await event_log.last_seq(cid) == end
