@@ -273,9 +273,10 @@ class HubSettings(msgspec.Struct, frozen=True):
 class Hub:
     """The live feed of one conversation, for every subscription of this process."""
 
-    def __init__(self, hubs: Hubs, conversation_id: str) -> None:
+    def __init__(self, hubs: Hubs, conversation_id: str, head: int | None = None) -> None:
         self._hubs = hubs
         self.conversation_id = conversation_id
+        self._known_head = head
         self.subscriptions: set[Subscription] = set()
         self.head = 0
         self.floor = 0
@@ -304,7 +305,9 @@ class Hub:
         hubs = self._hubs
         follower: LogFollower | None = None
         try:
-            start = await hubs.log.last_seq(self.conversation_id)
+            start = self._known_head
+            if start is None:
+                start = await hubs.log.last_seq(self.conversation_id)
             self.head = self.floor = start
             self.ready.set_result(None)
             follower = LogFollower(hubs.js, event_subject(self.conversation_id), start)
@@ -337,7 +340,9 @@ class Hub:
 
     async def _deliver(self, stored: StoredEvent) -> None:
         delivery = Delivery(stored)
-        if delivery.ends_turn and self.subscriptions:
+        # Only a viewer without a turn filter asks whether the conversation went
+        # idle; a POST stream ends on its own turn's end (no Redis, no log read).
+        if delivery.ends_turn and any(s.turn is None for s in self.subscriptions):
             try:
                 end, active = await self._hubs.turn_state(self.conversation_id)
             except RedisAway:
@@ -443,12 +448,18 @@ class Hubs:
         if self._on_delivered is not None:
             self._on_delivered(viewers)
 
-    async def join(self, conversation_id: str, subscription: Subscription) -> tuple[Hub, Snapshot]:
-        """Subscribe to the conversation's live feed, starting its hub if need be."""
+    async def join(
+        self, conversation_id: str, subscription: Subscription, head: int | None = None
+    ) -> tuple[Hub, Snapshot]:
+        """Subscribe to the conversation's live feed, starting its hub if need be.
+
+        `head`: a position of the log's end read a moment ago (a POST stream's),
+        where a new hub may start instead of reading the end once more; events
+        after it that were already there reach the hub's viewers as live ones."""
         while True:
             hub = self._hubs.get(conversation_id)
             if hub is None or hub.closed:
-                hub = Hub(self, conversation_id)
+                hub = Hub(self, conversation_id, head)
                 self._hubs[conversation_id] = hub
                 task = asyncio.create_task(hub.run(), name=f"hub-{conversation_id}")
                 self._tasks.add(task)

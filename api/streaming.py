@@ -186,8 +186,12 @@ async def stream_log(
     *,
     turn: TurnFilter | None = None,
     command: PendingCommand | None = None,
+    fresh: bool = False,
 ) -> web.StreamResponse:
     """Write the conversation's events after `position` until the stream's end.
+
+    `fresh`: `position` is the log's end as read a moment ago (a new POST
+    stream's), so retention cannot have passed it and a new hub may start there.
 
     With `turn`, only that turn's events, ending at its `done`. Without, every
     event, ending after a `done` once the log is caught up and no turn is active
@@ -200,15 +204,19 @@ async def stream_log(
     app = request.app
     config = app[CONFIG]
     metrics = app[METRICS]
-    try:
-        await app[LOG].check_position(conversation_id, position.after())
-    except PositionGone as gone:
-        await _bounded(
-            request, response.write(frame(None, Envelope("error", str(gone), code="position_gone")))
-        )
-        position = Position(seq=gone.first_available - 1)
+    if not fresh:
+        try:
+            await app[LOG].check_position(conversation_id, position.after())
+        except PositionGone as gone:
+            await _bounded(
+                request,
+                response.write(frame(None, Envelope("error", str(gone), code="position_gone"))),
+            )
+            position = Position(seq=gone.first_available - 1)
     viewer = SseViewer(request, response, position, turn=turn, command=command)
-    hub, snapshot = await app[HUBS].join(conversation_id, viewer)
+    hub, snapshot = await app[HUBS].join(
+        conversation_id, viewer, head=position.after() if fresh else None
+    )
     metrics.sse_viewers(1)
     try:
         await _catch_up(request, response, viewer, conversation_id, snapshot)

@@ -235,6 +235,7 @@ class Submitted(msgspec.Struct, frozen=True):
     record: IdempotencyRecord
     command_seq: int  # its position in CHAT_CMD
     accepted: bool
+    fresh: bool  # a new request (not a repeated idempotency key): record.after was just read
 
 
 async def submit(
@@ -266,7 +267,9 @@ async def submit(
         raise _refusal(decision.rejected)
     # counts against the user's active turns until this request's turn ends
     hold_turn(request, conversation_id, record.command_id, record.after, command_seq)
-    return Submitted(record=record, command_seq=command_seq, accepted=decision.accepted)
+    return Submitted(
+        record=record, command_seq=command_seq, accepted=decision.accepted, fresh=fresh
+    )
 
 
 async def _submit(
@@ -298,6 +301,7 @@ async def _submit(
         Position(seq=record.after),
         turn=TurnFilter(record.command_id, record.message_id),
         command=PendingCommand(stream_seq=done.command_seq),
+        fresh=done.fresh,
     )
 
 
