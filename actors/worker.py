@@ -51,6 +51,14 @@ FETCH_GIVE_UP_S = 60.0
 MAX_ACK_PENDING = 2_000
 
 
+def commands_waiting_behind(msg: Msg) -> int:
+    """How many commands the consumer held for us after `msg` when it delivered it."""
+    try:
+        return int(msg.metadata.num_pending or 0)
+    except (nats.errors.NotJSMessageError, ValueError, IndexError):
+        return 0
+
+
 def durable_name(partition: int) -> str:
     return f"parley-p{partition}"
 
@@ -197,11 +205,15 @@ class WorkerHost:
         try:
             while not stop.is_set():
                 try:
-                    # One command first (a batch fetch would wait for the rest of its
-                    # batch), then whatever else is already there.
+                    # One command, as soon as there is one; then as many more as the
+                    # consumer said are waiting behind it, which come at once. (A
+                    # batch fetch lingers until its batch is full or it expires: asking
+                    # for more than is there cost every command its whole timeout.)
                     msgs = await sub.fetch(1, timeout=FETCH_WAIT_S)
-                    with contextlib.suppress(nats.errors.TimeoutError, TimeoutError):
-                        msgs += await sub.fetch(FETCH_BATCH, timeout=0.01)
+                    waiting = commands_waiting_behind(msgs[-1])
+                    if waiting:
+                        with contextlib.suppress(nats.errors.TimeoutError, TimeoutError):
+                            msgs += await sub.fetch(min(waiting, FETCH_BATCH), timeout=0.05)
                 except (nats.errors.TimeoutError, TimeoutError):
                     continue
                 except nats.errors.Error as err:
