@@ -146,6 +146,12 @@ class LogFeed:
             self.last = out[-1].seq
         return out
 
+    def take_ready(self, out: list[RawEvent], limit: int) -> None:
+        """Add to `out` what arrived since, up to `limit` entries in all, without waiting."""
+        self._take(out, limit)
+        if out:
+            self.last = out[-1].seq
+
     def _take(self, out: list[RawEvent], limit: int) -> None:
         """What already arrived, up to `limit` entries, without waiting.
 

@@ -21,8 +21,8 @@ from api.config import EdgeConfig
 from events.codec import Unreadable, encode
 from events.follow import RawEvent
 from events.ids import new_id
-from events.log import StoredEvent
-from events.vocabulary import Chunk, Title
+from events.log import EventLog, StoredEvent
+from events.vocabulary import Chunk, ConversationCreated, Title
 from parley.services import Servers, Services
 from projections.billing import BILLING
 from projections.catalog import PROJECTIONS
@@ -275,3 +275,26 @@ async def test_a_schema_made_before_the_turn_columns_gets_them_on_start(stack: S
     finally:
         await db.close()
         await drop_schema(stack.database_url, schema)
+
+
+async def test_a_trickle_of_entries_shares_a_transaction(
+    nc: NatsClient, event_log: EventLog, scratch: tuple[str, Any]
+) -> None:
+    _, pool = scratch
+    cid = new_id()
+    opening = ConversationCreated(conversation_id=cid, at=1, event_id=new_id(), user_id="u")
+    head = await event_log.append(cid, [opening], expected_seq=0)
+    projector = Projector(nc.jetstream(), pool, linger_s=0.5)
+    async with running(projector):
+        await _wait_position(projector, head)
+        before = projector.batches
+        # six appends, each awaited (a turn's pace): without the linger, up to six batches
+        for i in range(6):
+            head = await event_log.append(
+                cid,
+                [Title(conversation_id=cid, at=1, event_id=new_id(), title=f"t{i}", source="user")],
+                expected_seq=head,
+            )
+        await _wait_position(projector, head)
+        assert projector.batches - before <= 2
+    assert await pool.fetchval("SELECT title FROM conversations WHERE id = $1", cid) == "t5"
