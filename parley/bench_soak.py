@@ -31,6 +31,7 @@ import gc
 import json
 import os
 import random
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -102,6 +103,11 @@ class SoakResult(msgspec.Struct):
     redis_clients_end: int
     tasks_baseline: int
     tasks_end: int
+    # what the resident memory holds: blocks Python has allocated, and the kinds of
+    # object whose number grew most (a leak shows there, not as heap kept by malloc)
+    python_blocks_baseline: int
+    python_blocks_end: int
+    grew_most: list[str]
     problems: list[str]
 
 
@@ -447,6 +453,23 @@ def _compare_resources(warm: Resources, end: Resources, tally: Tally) -> None:
             tally.problem(f"{field}: {start} a quarter into the load, {now} at the end")
 
 
+class Census(msgspec.Struct):
+    blocks: int  # sys.getallocatedblocks(): memory Python holds for live objects
+    by_type: dict[str, int]  # objects the collector tracks, by type name
+
+
+def census() -> Census:
+    gc.collect()
+    counts = Counter(type(o).__qualname__ for o in gc.get_objects())
+    return Census(blocks=sys.getallocatedblocks(), by_type=dict(counts))
+
+
+def grew_most(before: Census, after: Census, top: int = 8) -> list[str]:
+    growth = Counter(after.by_type)
+    growth.subtract(before.by_type)
+    return [f"{name} {n:+d}" for name, n in growth.most_common(top) if n > 0]
+
+
 def _resources_now(pg: int, rd: int) -> Resources:
     gc.collect()
     with open("/proc/self/statm") as statm:
@@ -615,13 +638,13 @@ async def run_soak(
                 for i in range(viewers)
             ]
 
-            async def baseline() -> Resources:
+            async def baseline() -> tuple[Resources, Census]:
                 await asyncio.sleep(minutes * 60 / 4)
-                return await _resources(servers)
+                return await _resources(servers), census()
 
             sample = asyncio.create_task(baseline())
             await asyncio.gather(*(user_loop(p) for p in people))
-            warm = await sample
+            warm, warm_census = await sample
             elapsed = time.monotonic() - began
             stop.set()
             for task in watchers:
@@ -646,7 +669,7 @@ async def run_soak(
             if streaming:
                 tally.problem(f"{streaming} message rows are still 'streaming'")
             tables = await _rebuild_equals_live(js, servers, schema, tally)
-            end = await _resources(servers)
+            end, end_census = await _resources(servers), census()
     finally:
         await runner.cleanup()
     _compare_resources(warm, end, tally)
@@ -677,6 +700,9 @@ async def run_soak(
         redis_clients_end=end.redis,
         tasks_baseline=warm.tasks,
         tasks_end=end.tasks,
+        python_blocks_baseline=warm_census.blocks,
+        python_blocks_end=end_census.blocks,
+        grew_most=grew_most(warm_census, end_census),
         problems=tally.problems,
     )
 
@@ -695,7 +721,9 @@ def render(r: SoakResult) -> str:
         f"files {r.open_files_baseline} -> {r.open_files_end}, "
         f"postgres {r.postgres_connections_baseline} -> {r.postgres_connections_end}, "
         f"redis {r.redis_clients_baseline} -> {r.redis_clients_end}, "
-        f"tasks {r.tasks_baseline} -> {r.tasks_end}",
+        f"tasks {r.tasks_baseline} -> {r.tasks_end}, "
+        f"python blocks {r.python_blocks_baseline} -> {r.python_blocks_end}",
+        f"  objects that grew most: {', '.join(r.grew_most) or 'none'}",
         f"  problems: {len(r.problems)}",
     ]
     lines.extend(f"    - {p}" for p in r.problems)
