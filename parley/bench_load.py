@@ -71,14 +71,31 @@ class Outcome(msgspec.Struct):
     token_p99_ms: float
     token_p999_ms: float
     elapsed_s: float
+    # parley's measured turns of a one-turn-per-slot job: (conversation, request
+    # sent, first token read), wall clock, for the stages of time to first token
+    starts: list[tuple[str, int, int]] = []
 
 
 class _Turn:
-    __slots__ = ("arrivals", "began", "events", "first", "key", "status")
+    __slots__ = (
+        "arrivals",
+        "began",
+        "began_wall",
+        "conversation",
+        "events",
+        "first",
+        "first_wall",
+        "key",
+        "status",
+    )
 
-    def __init__(self, key: str, began: int) -> None:
+    def __init__(self, key: str, began: int, conversation: str = "") -> None:
         self.key = key
         self.began = began
+        self.conversation = conversation
+        # wall-clock stamps too: the log's events carry wall-clock `at`
+        self.began_wall = time.time_ns()
+        self.first_wall = 0
         self.first = 0
         self.arrivals: list[int] = []  # arrival ns of token i at index i (tokens in order)
         self.events = 0
@@ -107,7 +124,8 @@ async def _read(response: aiohttp.ClientResponse, turn: _Turn) -> None:
                 text = raw[start : raw.index(b'"', start)]
                 words = len(text.split())
                 turn.events += 1
-                turn.first = turn.first or now
+                if not turn.first:
+                    turn.first, turn.first_wall = now, time.time_ns()
                 turn.arrivals.extend([now] * words)
                 continue
             start = raw.find(_DONE)
@@ -125,7 +143,8 @@ async def _turn(
     http: aiohttp.ClientSession, job: Job, target: str, key: str, headers: dict[str, str]
 ) -> _Turn:
     content = f"bench [[tokens={job.tokens}]] [[rate={job.rate:g}]] [[bench={key}]]"
-    turn = _Turn(key, time.perf_counter_ns())
+    conversation = target.rsplit("/", 2)[-2] if job.path == "parley" else ""
+    turn = _Turn(key, time.perf_counter_ns(), conversation)
     # A turn that never ends is an error to count, not a reason for the bench to hang.
     limit_s = _TURN_LIMIT_S + (4 * job.tokens / job.rate if job.rate else 0.0)
     try:
@@ -249,6 +268,11 @@ def summarise(
         token_p99_ms=percentile(latencies, 99),
         token_p999_ms=percentile(latencies, 99.9),
         elapsed_s=round(elapsed, 2),
+        starts=[
+            (t.conversation, t.began_wall, t.first_wall)
+            for t in measured
+            if job.once and t.conversation and t.first_wall
+        ],
     )
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import multiprocessing
 import statistics
 import tempfile
@@ -33,7 +34,9 @@ import msgspec
 import nats
 
 from api.auth import mint
+from events.log import EventLog
 from events.subjects import EVT_STREAM
+from events.vocabulary import Chunk, Started, UserMessage
 from parley.bench_load import Job, Outcome
 from parley.bench_load import _process as load_process
 from parley.bench_procs import (
@@ -201,6 +204,33 @@ class Measured(msgspec.Struct):
     outcome: Outcome
     usage: dict[str, float]
     events_per_s: float
+    stages: dict[str, float] = {}  # p50 ms of each stage of time to first token
+
+
+# Where a turn's time to first token goes, read back from its conversation's log
+# (wall-clock `at` of its events against the load generator's wall clock).
+STAGES = ("to_user_message", "to_started", "to_first_chunk", "to_viewer")
+
+
+async def _stages(js: Any, starts: list[tuple[str, int, int]]) -> dict[str, float]:
+    event_log = EventLog(js)
+    spans: dict[str, list[float]] = {name: [] for name in STAGES}
+    for conversation, sent, first in starts:
+        events = [stored.event for stored in await event_log.read(conversation)]
+        marks = [
+            next((e.at for e in events if isinstance(e, kind)), 0)
+            for kind in (UserMessage, Started, Chunk)
+        ]
+        if not all(marks):
+            continue
+        points = [sent, *marks, first]
+        for name, (a, b) in zip(STAGES, itertools.pairwise(points), strict=True):
+            spans[name].append((b - a) / 1e6)
+    return {
+        f"stage_{name}_p50_ms": round(statistics.median(values), 2)
+        for name, values in spans.items()
+        if values
+    }
 
 
 async def _measure(job: Job, watched: Watched, servers: Servers) -> Measured:
@@ -229,13 +259,14 @@ async def _measure(job: Job, watched: Watched, servers: Servers) -> Measured:
         if status != "ok":
             raise RuntimeError(f"the load process failed: {payload}")
         outcome = msgspec.json.decode(payload, type=Outcome)
+        stages = await _stages(js, outcome.starts) if outcome.starts else {}
     finally:
         watched.remove("load")
         proc.join(30)
         await nc.close()
     seconds = ended - began
     events = (seq_after - seq_before) / seconds if job.path == "parley" and seconds else 0.0
-    return Measured(outcome, usage(before, after, seconds), round(events, 1))
+    return Measured(outcome, usage(before, after, seconds), round(events, 1), stages)
 
 
 async def _last_seq(js: Any) -> int:
@@ -274,6 +305,8 @@ def _row(
         ]
     )
     row["events_per_s"] = med([m.events_per_s for m, _ in rounds])
+    for key in rounds[0][0].stages:
+        row[key] = med([m.stages.get(key, 0.0) for m, _ in rounds])
     for key in rounds[0][0].usage:
         row[key] = med([m.usage.get(key, 0.0) for m, _ in rounds])
     # CPU per delivered token: what the shared machine's noise moves least
@@ -318,6 +351,13 @@ def render(rows: list[dict[str, Any]]) -> str:
             f"{r['events_per_s']:>7}  {cpu} load={r['cpu_load']}"
             f"  parley CPU/token {r['parley_cpu_us_per_token']} us"
         )
+        if "stage_to_viewer_p50_ms" in r:
+            lines.append(
+                "         time to first token, p50 per stage: request -> user_message "
+                f"{r['stage_to_user_message_p50_ms']} ms, -> started "
+                f"{r['stage_to_started_p50_ms']}, -> first chunk "
+                f"{r['stage_to_first_chunk_p50_ms']}, -> viewer {r['stage_to_viewer_p50_ms']}"
+            )
         if r["error_sample"]:
             lines.append(f"         first error: {r['error_sample']}")
     return "\n".join(lines)
