@@ -28,7 +28,7 @@ from collections.abc import Awaitable
 
 from aiohttp import web
 
-from api.context import CONFIG, HUBS, JS, LOG, METRICS, TURNS
+from api.context import CONFIG, HUBS, LOG, METRICS, TURNS
 from api.errors import begin_stream
 from api.hub import (
     Delivery,
@@ -266,7 +266,9 @@ async def _catch_up(
 
     after = viewer.position.after()
     if after < snapshot.floor:
-        async for stored in read_range(app[JS], app[LOG], conversation_id, after, snapshot.floor):
+        async for stored in read_range(
+            app[HUBS].js, app[LOG], conversation_id, after, snapshot.floor
+        ):
             await write(Delivery(stored), None)
             if viewer.ended.done():
                 return

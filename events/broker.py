@@ -115,3 +115,30 @@ async def connect_client(
         error_cb=error,
     )
     return client
+
+
+class EntryClient(NatsClient):
+    """A NATS client for connections that read log entries and nothing else: the
+    projectors' pulls (projections/feed.py) and the edge's followers (api/hub.py).
+
+    Every entry an append wrote carries three headers, which nats.py would parse
+    into a dict for every message; these readers never look at them. Headers of
+    ordinary messages are left unparsed (`msg.headers` is None); status lines
+    (`NATS/1.0 408 ...`: the server ending a pull request, no responders,
+    heartbeats) are parsed as usual, which is all the pull protocol and the
+    JetStream API calls on such a connection need. Not for direct gets, whose
+    answers carry their position in headers. Should a nats.py upgrade rename
+    the hook, this client only gets slower, never wrong (tests/test_feed.py
+    checks that it still applies).
+    """
+
+    async def _process_headers(self, headers: bytes) -> dict[str, str] | None:
+        # "NATS/1.0 408 Request Timeout\r\n..." is a status; "NATS/1.0\r\n..." headers
+        if headers and headers[_STATUS_AT] == _SPACE:
+            parsed: dict[str, str] | None = await super()._process_headers(headers)
+            return parsed
+        return None
+
+
+_STATUS_AT = len(b"NATS/1.0")
+_SPACE = ord(" ")

@@ -20,7 +20,8 @@ projectors pull instead:
 Every entry an append wrote carries three headers, and nats.py parses them
 into a dict for every message it receives: measured, 40% of the time it takes
 to read the log. A projector never reads them, so give it a connection of its
-own made by `connect` here (`EntryClient`), which parses status lines only.
+own made by `connect` here (`events.broker.EntryClient`), which parses status
+lines only.
 So read, one process takes ~60,000 entries/s off a million-entry log here,
 most of it nats.py's protocol parser (py-spy).
 
@@ -37,40 +38,16 @@ from typing import Any
 
 import nats.errors
 import nats.js.errors
-from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from events.broker import connect_client
+from events.broker import EntryClient, connect_client
 from events.errors import describe
 from events.follow import RawEvent, reader_consumer
 from events.ids import new_id
 from events.subjects import EVT_STREAM, EVT_SUBJECTS
 
 log = logging.getLogger(__name__)
-
-
-class EntryClient(NatsClient):
-    """A NATS client for connections that read log entries and nothing else.
-
-    Headers of ordinary messages are left unparsed (`msg.headers` is None);
-    status lines (`NATS/1.0 408 ...`: the server ending a pull request, no
-    responders, heartbeats) are parsed as usual, which is all the pull protocol
-    and the JetStream API calls on this connection need. Should a nats.py
-    upgrade rename the hook, this client only gets slower, never wrong
-    (tests/test_feed.py checks that it still applies).
-    """
-
-    async def _process_headers(self, headers: bytes) -> dict[str, str] | None:
-        # "NATS/1.0 408 Request Timeout\r\n..." is a status; "NATS/1.0\r\n..." headers
-        if headers and headers[_STATUS_AT] == _SPACE:
-            parsed: dict[str, str] | None = await super()._process_headers(headers)
-            return parsed
-        return None
-
-
-_STATUS_AT = len(b"NATS/1.0")
-_SPACE = ord(" ")
 
 
 async def connect(url: str, *, name: str, reconnect_forever: bool = True) -> EntryClient:

@@ -10,12 +10,13 @@ import nats.errors
 import pytest
 from nats.aio.client import Client as NatsClient
 
+from events.broker import EntryClient
 from events.ids import new_id
 from events.log import EventLog
 from events.subjects import EVT_STREAM, event_subject
 from events.vocabulary import ConversationCreated, Event, Title
 from parley.services import Servers
-from projections.feed import EntryClient, LogFeed, connect
+from projections.feed import LogFeed, connect
 
 
 def _title(cid: str, text: str) -> Title:

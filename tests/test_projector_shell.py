@@ -18,6 +18,8 @@ from nats.aio.client import Client as NatsClient
 
 from api.app import create_app
 from api.config import EdgeConfig
+from api.context import HUBS, NATS
+from events.broker import EntryClient
 from events.codec import Unreadable, encode
 from events.follow import RawEvent
 from events.ids import new_id
@@ -27,7 +29,6 @@ from parley.services import Servers, Services
 from projections.billing import BILLING
 from projections.catalog import PROJECTIONS
 from projections.db import create_pool, drop_schema
-from projections.feed import EntryClient
 from projections.handlers import READ_MODELS
 from projections.projector import CHUNK_PREFIX, Projector
 from projections.registry import Projection, Write, write
@@ -298,3 +299,23 @@ async def test_a_trickle_of_entries_shares_a_transaction(
         await _wait_position(projector, head)
         assert projector.batches - before <= 2
     assert await pool.fetchval("SELECT title FROM conversations WHERE id = $1", cid) == "t5"
+
+
+async def test_the_edges_followers_read_through_an_entry_connection_of_their_own(
+    stack: Servers,
+) -> None:
+    config = EdgeConfig(
+        nats_url=stack.nats_url,
+        database_url=stack.database_url,
+        redis_url=stack.redis_url,
+        jwt_secret=SECRET,
+        models=["demo"],
+    )
+    app = create_app(config)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        reader = app[HUBS].js._nc
+        assert isinstance(reader, EntryClient) and reader is not app[NATS]
+    finally:
+        await server.close()
