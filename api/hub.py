@@ -505,11 +505,13 @@ async def read_range(
         await follower.close()
 
 
-async def watch(hubs: Hubs, conversation_id: str, subscription: Subscription) -> str:
+async def watch(
+    hubs: Hubs, conversation_id: str, subscription: Subscription, head: int | None = None
+) -> str:
     """Feed a subscription that writes nowhere (a watcher) from its position to its end:
     the log up to the hub's floor, the hub's ring, what queued meanwhile, then live.
-    Returns why it ended."""
-    hub, snapshot = await hubs.join(conversation_id, subscription)
+    Returns why it ended. `head` as for `Hubs.join`."""
+    hub, snapshot = await hubs.join(conversation_id, subscription, head)
     try:
         after = subscription.position.after()
         if after < snapshot.floor:

@@ -262,7 +262,7 @@ async def submit(
         raise
     await _keep_idempotency(request, conversation_id, idempotency_key, record)
 
-    decision = await _decision(request, conversation_id, record)
+    decision = await _decision(request, conversation_id, record, fresh)
     if decision.rejected is not None:
         raise _refusal(decision.rejected)
     # counts against the user's active turns until this request's turn ends
@@ -331,18 +331,20 @@ class _DecisionWatcher(Subscription):
 
 
 async def _decision(
-    request: web.Request, conversation_id: str, record: IdempotencyRecord
+    request: web.Request, conversation_id: str, record: IdempotencyRecord, fresh: bool
 ) -> Decision:
     """The actor's answer to the request, read from the log, or Decision() after a while
     (no worker up yet: the request waits in CHAT_CMD and its stream waits with it).
 
     Read through the conversation's hub, which the turn's stream then joins too: one
-    subscription per conversation, not one consumer per request.
+    subscription per conversation, not one consumer per request. A new request's
+    `after` was read from the log's end a moment ago: a hub it starts starts there.
     """
     watcher = _DecisionWatcher(Position(seq=record.after), record.command_id)
+    head = record.after if fresh else None
     try:
         async with asyncio.timeout(request.app[CONFIG].decision_wait_s):
-            outcome = await watch(request.app[HUBS], conversation_id, watcher)
+            outcome = await watch(request.app[HUBS], conversation_id, watcher, head)
     except TimeoutError:
         return Decision()
     if outcome == "rejected":
