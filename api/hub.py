@@ -453,7 +453,7 @@ class Hubs:
     ) -> tuple[Hub, Snapshot]:
         """Subscribe to the conversation's live feed, starting its hub if need be.
 
-        `head`: a position of the log's end read a moment ago (a POST stream's),
+        `head`: a position of the log's end read a moment ago (a new request's),
         where a new hub may start instead of reading the end once more; events
         after it that were already there reach the hub's viewers as live ones."""
         while True:

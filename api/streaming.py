@@ -191,7 +191,8 @@ async def stream_log(
     """Write the conversation's events after `position` until the stream's end.
 
     `fresh`: `position` is the log's end as read a moment ago (a new POST
-    stream's), so retention cannot have passed it and a new hub may start there.
+    stream's), so retention cannot have passed it. (Its hub is already there:
+    the request's decision watcher started it at that position.)
 
     With `turn`, only that turn's events, ending at its `done`. Without, every
     event, ending after a `done` once the log is caught up and no turn is active
@@ -214,9 +215,7 @@ async def stream_log(
             )
             position = Position(seq=gone.first_available - 1)
     viewer = SseViewer(request, response, position, turn=turn, command=command)
-    hub, snapshot = await app[HUBS].join(
-        conversation_id, viewer, head=position.after() if fresh else None
-    )
+    hub, snapshot = await app[HUBS].join(conversation_id, viewer)
     metrics.sse_viewers(1)
     try:
         await _catch_up(request, response, viewer, conversation_id, snapshot)
