@@ -31,6 +31,7 @@ from nats.js import JetStreamContext
 from events.codec import Unreadable, decode_entry, encode
 from events.errors import EventLogConflict, EventLogUnavailable, PositionGone
 from events.follow import LogFollower
+from events.publisher import AckedPublisher
 from events.streams import ensure_streams as ensure_streams
 from events.subjects import EVT_STREAM, event_subject
 from events.vocabulary import AnyEvent, ConversationCreated, Event
@@ -119,6 +120,7 @@ class EventLog:
         retry_for_s: float = _RETRY_FOR_S,
     ) -> None:
         self._js = js
+        self._publisher = AckedPublisher(js._nc)
         self._publish_timeout = publish_timeout
         # how long an append waits for a broker, or a stream leader, that is away
         self._retry_for_s = retry_for_s
@@ -150,6 +152,7 @@ class EventLog:
         refusal is then recognised as our own event (`_last_if_same`).
         """
         headers = {
+            "Nats-Expected-Stream": EVT_STREAM,
             "Nats-Expected-Last-Subject-Sequence": str(expected),
             "Nats-Msg-Id": event.event_id,
         }
@@ -160,12 +163,8 @@ class EventLog:
         while True:
             try:
                 await self._connected(deadline)
-                ack = await self._js.publish(
-                    subject,
-                    payload,
-                    stream=EVT_STREAM,
-                    headers=headers,
-                    timeout=self._publish_timeout,
+                seq = await self._publisher.publish(
+                    subject, payload, headers, self._publish_timeout
                 )
             except nats.js.errors.APIError as err:
                 if isinstance(err, nats.js.errors.ServiceUnavailableError):
@@ -189,7 +188,7 @@ class EventLog:
             except _RETRYABLE as err:
                 failure = err
             else:
-                return int(ack.seq)
+                return seq
             # Safe to resend: the same Nats-Msg-Id makes a second copy a no-op.
             attempt += 1
             if attempt >= _PUBLISH_ATTEMPTS and loop.time() >= deadline:
