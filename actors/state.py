@@ -44,13 +44,17 @@ from events.vocabulary import Chunk as ChunkEvent
 MessageStatus = Literal["complete", "streaming", "cancelled", "failed", "billing_error"]
 
 
-class Piece(msgspec.Struct, frozen=True, eq=False):
+class Piece(msgspec.Struct, frozen=True, eq=False, gc=False):
     """A persistent (cons) list of streamed pieces, newest first.
 
     Appending is O(1) and never copies, so folding a 10,000-chunk turn stays
     linear while the state remains immutable. Equality and repr walk the list
     iteratively: the generated ones would recurse once per piece and overflow
     the stack on a long turn.
+
+    A worker holds one piece per chunk of every running turn. Frozen, each
+    points only at an older piece, so no cycle can form, and they are left out
+    of the garbage collector's passes (`gc=False`, as messages are).
     """
 
     kind: ChunkKind | None  # None: a boundary, where a tool call interrupted the text
@@ -80,7 +84,7 @@ def pieces_in_order(last: Piece | None) -> list[tuple[ChunkKind | None, str]]:
     return out
 
 
-class Message(msgspec.Struct, frozen=True):
+class Message(msgspec.Struct, frozen=True, gc=False):
     message_id: str
     role: Literal["user", "assistant", "system"]
     text: str = ""  # user and system messages

@@ -268,7 +268,7 @@ async def _catch_up(
         async for stored in read_range(
             app[HUBS].js, app[LOG], conversation_id, after, snapshot.floor
         ):
-            await write(Delivery(stored), None)
+            await write(Delivery.of(stored), None)
             if viewer.ended.done():
                 return
     for delivery in snapshot.ring:

@@ -98,11 +98,14 @@ class _MsgGetResponse(msgspec.Struct):
 _decode_msg_get = msgspec.json.Decoder(_MsgGetResponse).decode
 
 
-class StoredEvent(msgspec.Struct, frozen=True):
+class StoredEvent(msgspec.Struct, frozen=True, gc=False):
     """An entry of the log with its position: an event, or one this version cannot read.
 
     Readers handle `Unreadable` by their own rule (skip, show, refuse the
     conversation) but always step past it: the position moves on regardless.
+
+    Left out of the collector (`gc=False`): an event holds only values, so no
+    cycle can run through one, and an edge keeps thousands (api.hub's ring).
     """
 
     seq: int
