@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
@@ -63,7 +63,7 @@ async def connect(
     pass `reconnect_forever=False` and fail after the client's usual attempts.
     """
     return await connect_client(
-        NatsClient(), url, name=name, report=report, reconnect_forever=reconnect_forever
+        DirectClient(), url, name=name, report=report, reconnect_forever=reconnect_forever
     )
 
 
@@ -117,7 +117,49 @@ async def connect_client(
     return client
 
 
-class EntryClient(NatsClient):
+# (subject, reply, payload) of one message, straight from the client's read loop
+DirectHandler = Callable[[bytes, bytes, bytes], None]
+
+
+class DirectClient(NatsClient):
+    """A NATS client that can hand a subscription's messages straight to a function.
+
+    nats.py delivers each message of a callback subscription by building a
+    `Msg`, putting it on the subscription's queue and waking the subscription's
+    task to await the callback. Two kinds of message arrive by the thousand per
+    second: the entries an edge's followers receive (events.follow) and the
+    acks of a worker's appends (events.publisher). For those,
+    `deliver_directly` calls a plain function from the client's read loop: no
+    object, no queue, no task switch (py-spy put nats.py's delivery path at
+    12-14% of the edge's samples under `parley bench capacity`). Messages with
+    a status line (no responders, heartbeats) still take the usual way to the
+    subscription's callback, which the subscription must therefore have.
+    Should a nats.py upgrade rename the hook, messages only take the slower
+    way, never a wrong one (tests/test_broker_delivery.py checks it applies).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._direct: dict[int, DirectHandler] = {}
+
+    def deliver_directly(self, sub: Any, handler: DirectHandler) -> None:
+        self._direct[sub._id] = handler
+
+    def deliver_as_usual(self, sub: Any) -> None:
+        self._direct.pop(sub._id, None)
+
+    async def _process_msg(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
+    ) -> None:
+        # `headers` is None for a message without any, whatever nats.py's annotation says
+        handler = self._direct.get(sid)
+        if handler is None or (headers and headers[_STATUS_AT] == _SPACE):
+            await super()._process_msg(sid, subject, reply, data, headers)
+            return
+        handler(subject, reply, data)
+
+
+class EntryClient(DirectClient):
     """A NATS client for connections that read log entries and nothing else: the
     projectors' pulls (projections/feed.py) and the edge's followers (api/hub.py).
 

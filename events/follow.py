@@ -18,12 +18,14 @@ observe or test:
 So no event is skipped or handed out twice, whatever happens underneath
 (tests/test_follow.py forces both a gap and a vanished consumer).
 
-Deliveries arrive through a callback into our own bounded queue, and a batch
-is whatever is queued when the reader asks: one wait per batch, not a task and
-a timer per message as `next_msg` costs (py-spy on `parley bench capacity`
-showed those timers and tasks among the edge's largest costs). The consumer
-sequence is read straight from the reply subject rather than through the
-client's metadata object, for the same reason.
+Deliveries arrive into our own bounded queue, and a batch is whatever is
+queued when the reader asks: one wait per batch, not a task and a timer per
+message as `next_msg` costs (py-spy on `parley bench capacity` showed those
+timers and tasks among the edge's largest costs). On a `DirectClient` (every
+role's connection) they come straight from the client's read loop, with no
+`Msg`, queue or task of nats.py's in between; on another client, through a
+callback. The consumer sequence is read straight from the reply subject
+rather than through the client's metadata object, for the same reason.
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ from typing import Any
 import msgspec
 import nats.errors
 import nats.js.errors
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
+from events.broker import DirectClient
 from events.subjects import EVT_STREAM
 
 
@@ -85,7 +89,7 @@ class LogFollower:
         self._watchdog_s = watchdog_s
         self._sub: Any = None
         self._consumer = ""
-        self._inbox: deque[Any] = deque()
+        self._inbox: deque[tuple[str, bytes]] = deque()  # (reply subject, payload)
         self._arrived = asyncio.Event()
         self._generation = 0
         self._next_dseq = 1
@@ -123,26 +127,33 @@ class LogFollower:
     def _receiver(self) -> Any:
         generation = self._generation
 
-        async def receive(msg: Any) -> None:
+        def accept(reply: str, data: bytes) -> None:
             if generation != self._generation:
                 return  # a consumer we already left
             if len(self._inbox) >= self._pending_limit:
                 # Dropped: the gap in consumer sequences (or the silence check) shows
                 # it, and we start again after the last event handed out.
                 return
-            self._inbox.append(msg)
+            self._inbox.append((reply, data))
             self._arrived.set()
 
-        return receive
+        async def receive(msg: Any) -> None:
+            accept(msg.reply, msg.data)
 
-    def _take(self, msg: Any, out: list[RawEvent]) -> bool:
-        dseq, seq = _sequences(msg)
+        def receive_directly(subject: bytes, reply: bytes, data: bytes) -> None:
+            accept(reply.decode(), data)
+
+        return receive, receive_directly
+
+    def _take(self, delivered: tuple[str, bytes], out: list[RawEvent]) -> bool:
+        reply, data = delivered
+        dseq, seq = _sequences(reply)
         if dseq != self._next_dseq:
             return False
         self._next_dseq += 1
         if seq > self.last:
             self.last = seq
-            out.append(RawEvent(seq=seq, data=msg.data))
+            out.append(RawEvent(seq=seq, data=data))
         return True
 
     async def close(self) -> None:
@@ -151,6 +162,8 @@ class LogFollower:
         self._inbox.clear()
         if sub is None:
             return
+        if isinstance(self._js._nc, DirectClient):
+            self._js._nc.deliver_as_usual(sub)
         with contextlib.suppress(nats.errors.Error):
             await sub.unsubscribe()
         with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
@@ -160,14 +173,17 @@ class LogFollower:
         config = reader_consumer(self._filter, self.last)
         self._generation += 1
         self._inbox.clear()
+        receive, receive_directly = self._receiver()
         self._sub = await self._js.subscribe(
             self._filter,
             stream=EVT_STREAM,
             config=config,
             manual_ack=True,
-            cb=self._receiver(),
+            cb=receive,
             pending_msgs_limit=self._pending_limit,
         )
+        if isinstance(self._js._nc, DirectClient):
+            self._js._nc.deliver_directly(self._sub, receive_directly)
         self._consumer = self._sub._consumer
         self._next_dseq = 1
         self._silent_s = 0.0
@@ -192,14 +208,14 @@ class LogFollower:
             await self._restart()  # delivered but never reached us: dropped on the way
 
 
-def _sequences(msg: Any) -> tuple[int, int]:
+def _sequences(reply: str) -> tuple[int, int]:
     """(consumer sequence, stream sequence) of a JetStream delivery, from its reply
     subject: `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>`,
     or the newer form with domain and account hash before the stream (12 tokens)."""
-    tokens = (msg.reply or "").split(".")
+    tokens = reply.split(".")
     if len(tokens) == 9:
         return int(tokens[6]), int(tokens[5])
     if len(tokens) >= 12:
         return int(tokens[8]), int(tokens[7])
-    meta: Any = msg.metadata
+    meta = Msg.Metadata._from_reply(reply)  # any other form nats.py knows
     return int(meta.sequence.consumer), int(meta.sequence.stream)

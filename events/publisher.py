@@ -8,7 +8,8 @@ request: a fresh inbox from NUID and `secrets`, a `wait_for` around its future,
 of a worker's samples under `parley bench capacity` (100 turns, split roles).
 
 `AckedPublisher` keeps what a publish needs and drops the rest: one wildcard
-subscription receives every ack, a counter names each publish's reply
+subscription receives every ack (straight from the read loop on a
+`DirectClient`, events.broker), a counter names each publish's reply
 subject, a timer handle (not a task) bounds the wait, and msgspec decodes the
 ack. What it raises is what `JetStreamContext.publish` raises (nats.js.errors
 for an error the stream answered, `NoStreamResponseError` when no stream
@@ -30,6 +31,8 @@ import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
+from events.broker import DirectClient
+
 _NO_RESPONDERS = "503"
 _STATUS = "Status"
 
@@ -48,6 +51,7 @@ class _Ack(msgspec.Struct):
 
 
 _decode_ack = msgspec.json.Decoder(_Ack).decode
+_Answer = tuple[bytes, dict[str, str] | None]
 
 
 class AckedPublisher:
@@ -59,7 +63,8 @@ class AckedPublisher:
         self._sub: Any = None
         self._starting: asyncio.Lock | None = None
         self._counter = itertools.count(1)
-        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        # token -> the answer's payload and headers (headers only on a status message)
+        self._waiting: dict[str, asyncio.Future[_Answer]] = {}
 
     async def publish(
         self, subject: str, payload: bytes, headers: dict[str, str], wait_s: float
@@ -69,16 +74,16 @@ class AckedPublisher:
             await self._subscribe()
         token = str(next(self._counter))
         loop = asyncio.get_running_loop()
-        answer: asyncio.Future[Msg] = loop.create_future()
+        answer: asyncio.Future[_Answer] = loop.create_future()
         self._waiting[token] = answer
         expiry = loop.call_later(wait_s, _expire, answer)
         try:
             await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
-            msg = await answer
+            data, headers_back = await answer
         finally:
             expiry.cancel()
             self._waiting.pop(token, None)
-        return _sequence(msg)
+        return _sequence(data, headers_back)
 
     async def _subscribe(self) -> None:
         if self._starting is None:
@@ -88,24 +93,33 @@ class AckedPublisher:
                 return
             prefix = self._nc.new_inbox() + "."
             # nats.py re-creates the subscription after a reconnect, on the same subject
-            self._sub = await self._nc.subscribe(prefix + "*", cb=self._answered)
+            sub = await self._nc.subscribe(prefix + "*", cb=self._answered)
+            if isinstance(self._nc, DirectClient):
+                self._nc.deliver_directly(sub, self._answered_directly)
             self._prefix = prefix
+            self._sub = sub
 
     async def _answered(self, msg: Msg) -> None:
-        answer = self._waiting.pop(msg.subject[len(self._prefix) :], None)
+        self._resolve(msg.subject, msg.data, msg.headers)
+
+    def _answered_directly(self, subject: bytes, reply: bytes, data: bytes) -> None:
+        self._resolve(subject.decode(), data, None)
+
+    def _resolve(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
+        answer = self._waiting.pop(subject[len(self._prefix) :], None)
         if answer is not None and not answer.done():
-            answer.set_result(msg)
+            answer.set_result((data, headers))
 
 
-def _expire(answer: asyncio.Future[Msg]) -> None:
+def _expire(answer: asyncio.Future[_Answer]) -> None:
     if not answer.done():
         answer.set_exception(nats.errors.TimeoutError())
 
 
-def _sequence(msg: Msg) -> int:
-    if not msg.data and msg.headers and msg.headers.get(_STATUS) == _NO_RESPONDERS:
+def _sequence(data: bytes, headers: dict[str, str] | None) -> int:
+    if not data and headers and headers.get(_STATUS) == _NO_RESPONDERS:
         raise nats.js.errors.NoStreamResponseError
-    ack = _decode_ack(msg.data)
+    ack = _decode_ack(data)
     if ack.error is not None:
         # raises the same class nats.py would: ServiceUnavailableError for a 503, ...
         nats.js.errors.APIError.from_error(msgspec.structs.asdict(ack.error))

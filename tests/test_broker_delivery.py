@@ -1,0 +1,77 @@
+"""A DirectClient hands a subscription's messages straight to a function.
+
+If a nats.py upgrade renamed the hook it overrides, messages would quietly go
+the slow way through the subscription's callback: these tests would see the
+callback called instead, and fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import nats.js.errors
+import pytest
+
+from events.broker import DirectClient, connect_client
+from events.ids import new_id
+from events.log import EventLog
+from events.publisher import AckedPublisher
+from events.subjects import EVT_STREAM, event_subject
+from parley.services import Servers
+
+
+@pytest.fixture
+async def direct(stack: Servers, event_log: EventLog) -> AsyncIterator[DirectClient]:
+    client = await connect_client(DirectClient(), stack.nats_url, name="test-direct")
+    yield client
+    await client.close()
+
+
+async def test_messages_go_to_the_handler_and_not_through_the_callback(
+    direct: DirectClient,
+) -> None:
+    subject = f"direct.{new_id()}"
+    through_callback: list[bytes] = []
+    called = asyncio.Event()
+    handed: list[tuple[bytes, bytes, bytes]] = []
+
+    async def callback(msg: object) -> None:
+        through_callback.append(b"")
+        called.set()
+
+    all_handed = asyncio.Event()
+
+    def handler(subject: bytes, reply: bytes, data: bytes) -> None:
+        handed.append((subject, reply, data))
+        if len(handed) == 3:
+            all_handed.set()
+
+    sub = await direct.subscribe(subject, cb=callback)
+    direct.deliver_directly(sub, handler)
+    for i in range(3):
+        await direct.publish(subject, f"m{i}".encode(), reply="back.here")
+    async with asyncio.timeout(5):
+        await all_handed.wait()
+    assert handed == [(subject.encode(), b"back.here", f"m{i}".encode()) for i in range(3)]
+    assert through_callback == []
+
+    direct.deliver_as_usual(sub)
+    await direct.publish(subject, b"late")
+    async with asyncio.timeout(5):  # the subscription's task runs the callback later
+        await called.wait()
+    assert len(through_callback) == 1 and len(handed) == 3
+
+
+async def test_acks_come_straight_back_and_a_status_still_reaches_the_publisher(
+    direct: DirectClient,
+) -> None:
+    publisher = AckedPublisher(direct)
+    headers = {"Nats-Expected-Stream": EVT_STREAM, "Nats-Msg-Id": new_id()}
+    seq = await publisher.publish(event_subject(new_id()), b"{}", headers, 5.0)
+    assert seq > 0
+    assert publisher._sub._pending_queue.qsize() == 0 and publisher._sub._received == 0
+    # "no responders" is a status line: it takes the callback's way, and still answers
+    with pytest.raises(nats.js.errors.NoStreamResponseError):
+        await publisher.publish(f"nowhere.{new_id()}", b"{}", {}, 5.0)
+    assert publisher._sub._received == 1
