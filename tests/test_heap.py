@@ -17,13 +17,13 @@ from api.hub import Delivery
 from events.log import StoredEvent
 from events.vocabulary import Chunk, ContentBlock, Done
 
-CHUNK = Chunk(conversation_id="c", at=1, event_id="e1", turn_id="t", kind="text", text="hi")
+CHUNK = Chunk(conversation_id="c", at=1, event_id="e1", turn_id="t", kind="answer", text="hi")
 DONE = Done(
     conversation_id="c",
     at=2,
     event_id="e2",
     turn_id="t",
-    content=[ContentBlock(role="text", content="hi")],
+    content=[ContentBlock(role="assistant", content="hi")],
     stop_reason="stop",
     input_tokens=3,
     output_tokens=1,
@@ -41,8 +41,8 @@ def test_deliveries_and_stored_events_are_not_walked_by_the_collector() -> None:
 
 
 def test_an_actors_pieces_and_messages_are_not_walked_by_the_collector() -> None:
-    piece = Piece(kind="text", text="b", previous=Piece(kind="text", text="a"))
-    message = Message(message_id="m", role="assistant", blocks=(ContentBlock("text", "ab"),))
+    piece = Piece(kind="answer", text="b", previous=Piece(kind="answer", text="a"))
+    message = Message(message_id="m", role="assistant", blocks=(ContentBlock("assistant", "ab"),))
     gc.collect()
     assert not gc.is_tracked(piece) and not gc.is_tracked(piece.previous)
     assert not gc.is_tracked(message)
