@@ -19,6 +19,7 @@ from api.auth import InvalidToken, JwksKeys, Verifier
 from api.config import EdgeConfig
 from api.context import (
     CLAIMS,
+    COMMANDS,
     CONFIG,
     HEADERS,
     HUBS,
@@ -43,6 +44,7 @@ from api.limits import LIMITS, Limits, limits_middleware
 from api.routes import add_routes
 from events import broker
 from events.log import EventLog, ensure_streams
+from events.publisher import AckedPublisher
 from events.turns import TurnRegistry, redis_client
 from projections.db import create_pool
 from projections.store import ReadStore
@@ -116,6 +118,7 @@ async def nats_ctx(app: web.Application) -> AsyncIterator[None]:
     for note in await ensure_streams(app[JS], replicas=app[CONFIG].stream_replicas):
         log.info(note)
     app[LOG] = EventLog(app[JS])
+    app[COMMANDS] = AckedPublisher(nc)
     yield
     await nc.drain()
 

@@ -22,6 +22,7 @@ from api.config import EdgeConfig
 from api.hub import Hubs
 from events.log import EventLog
 from events.projects import ProjectState, evolve_project
+from events.publisher import AckedPublisher
 from events.subjects import project_subject
 from events.turns import TurnRegistry
 from events.vocabulary import ConversationCreated
@@ -110,6 +111,7 @@ CONFIG = web.AppKey("config", EdgeConfig)
 NATS = web.AppKey("nats", NatsClient)
 JS = web.AppKey("js", JetStreamContext)
 LOG = web.AppKey("log", EventLog)
+COMMANDS = web.AppKey("commands", AckedPublisher)  # publishes commands to CHAT_CMD
 POOL = web.AppKey("pool", Any)
 STORE = web.AppKey("store", ReadStore)
 REDIS = web.AppKey("redis", aioredis.Redis)

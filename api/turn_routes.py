@@ -21,7 +21,7 @@ import msgspec
 from aiohttp import web
 
 from api.access import owned_conversation
-from api.context import CONFIG, HUBS, JS, LOG, NATS, REDIS, claims_of, wants_json
+from api.context import COMMANDS, CONFIG, HUBS, LOG, NATS, REDIS, claims_of, wants_json
 from api.errors import UNAVAILABLE, ApiError, bad_request
 from api.hub import Delivery, Subscription, watch
 from api.limits import hold_turn
@@ -51,6 +51,8 @@ T = TypeVar("T")
 # A key is reserved this long before its command is published, then kept for
 # the full TTL: a crash in between frees it within a minute, not a day.
 _RESERVE_S = 60
+# how long a command's publish waits for CHAT_CMD's ack (nats.py's own default)
+COMMAND_PUBLISH_WAIT_S = 5.0
 
 
 class PostMessage(msgspec.Struct, frozen=True):
@@ -217,13 +219,12 @@ async def publish_command(request: web.Request, command: AnyCommand) -> int:
         raise ApiError(
             503, "unavailable", "the event log (NATS) is unavailable; try again", retry_after=1
         )
-    ack = await request.app[JS].publish(
+    return await request.app[COMMANDS].publish(
         command_subject(command.conversation_id),
         encode(command),
-        stream=CMD_STREAM,
-        headers={"Nats-Msg-Id": command.command_id},
+        {"Nats-Expected-Stream": CMD_STREAM, "Nats-Msg-Id": command.command_id},
+        COMMAND_PUBLISH_WAIT_S,
     )
-    return int(ack.seq)
 
 
 # ---------------------------------------------------------------- submitting
