@@ -301,6 +301,27 @@ async def test_a_trickle_of_entries_shares_a_transaction(
     assert await pool.fetchval("SELECT title FROM conversations WHERE id = $1", cid) == "t5"
 
 
+async def test_a_following_projector_needs_no_connection_beyond_the_one_holding_its_lock(
+    nc: NatsClient, event_log: EventLog, stack: Servers
+) -> None:
+    """Batches are written on the lock's connection: no pool checkout and reset per batch."""
+    schema = f"shell_{new_id().lower()}"
+    pool = await create_pool(stack.database_url, schema, max_size=1)
+    try:
+        cid = new_id()
+        opening = ConversationCreated(conversation_id=cid, at=1, event_id=new_id(), user_id="u")
+        head = await event_log.append(cid, [opening], expected_seq=0)
+        title = Title(conversation_id=cid, at=2, event_id=new_id(), title="held", source="user")
+        head = await event_log.append(cid, [title], expected_seq=head)
+        projector = Projector(nc.jetstream(), pool)
+        async with running(projector):
+            await _wait_position(projector, head)
+        assert await pool.fetchval("SELECT title FROM conversations WHERE id = $1", cid) == "held"
+    finally:
+        await pool.close()
+        await drop_schema(stack.database_url, schema)
+
+
 async def test_the_edges_followers_read_through_an_entry_connection_of_their_own(
     stack: Servers,
 ) -> None:
