@@ -153,7 +153,7 @@ class DirectClient(NatsClient):
     ) -> None:
         # `headers` is None for a message without any, whatever nats.py's annotation says
         handler = self._direct.get(sid)
-        if handler is None or (headers and headers[_STATUS_AT] == _SPACE):
+        if handler is None or _is_status(headers):
             await super()._process_msg(sid, subject, reply, data, headers)
             return
         handler(subject, reply, data)
@@ -161,7 +161,8 @@ class DirectClient(NatsClient):
 
 class EntryClient(DirectClient):
     """A NATS client for connections that read log entries and nothing else: the
-    projectors' pulls (projections/feed.py) and the edge's followers (api/hub.py).
+    projectors' pulls (projections/feed.py) and the edge's followers (api/hub.py;
+    their entries come through `deliver_directly`, which parses no headers at all).
 
     Every entry an append wrote carries three headers, which nats.py would parse
     into a dict for every message; these readers never look at them. Headers of
@@ -175,12 +176,15 @@ class EntryClient(DirectClient):
     """
 
     async def _process_headers(self, headers: bytes) -> dict[str, str] | None:
-        # "NATS/1.0 408 Request Timeout\r\n..." is a status; "NATS/1.0\r\n..." headers
-        if headers and headers[_STATUS_AT] == _SPACE:
+        if _is_status(headers):
             parsed: dict[str, str] | None = await super()._process_headers(headers)
             return parsed
         return None
 
 
+def _is_status(headers: bytes | None) -> bool:
+    # "NATS/1.0 408 Request Timeout\r\n..." is a status; "NATS/1.0\r\n..." headers
+    return headers is not None and headers[_STATUS_AT : _STATUS_AT + 1] == b" "
+
+
 _STATUS_AT = len(b"NATS/1.0")
-_SPACE = ord(" ")

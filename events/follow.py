@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -41,7 +42,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
-from events.broker import DirectClient
+from events.broker import DirectClient, DirectHandler
 from events.subjects import EVT_STREAM
 
 
@@ -124,7 +125,9 @@ class LogFollower:
                 return out
         return out
 
-    def _receiver(self) -> Any:
+    def _receiver(self) -> tuple[Callable[[Msg], Awaitable[None]], DirectHandler]:
+        """How this consumer's deliveries reach the inbox: through a subscription's
+        callback, or straight from the read loop (`DirectClient`)."""
         generation = self._generation
 
         def accept(reply: str, data: bytes) -> None:
@@ -137,7 +140,7 @@ class LogFollower:
             self._inbox.append((reply, data))
             self._arrived.set()
 
-        async def receive(msg: Any) -> None:
+        async def receive(msg: Msg) -> None:
             accept(msg.reply, msg.data)
 
         def receive_directly(subject: bytes, reply: bytes, data: bytes) -> None:
