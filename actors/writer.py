@@ -180,16 +180,26 @@ class TurnStream:
         self._pending: list[Pending] = []
         self._wake = asyncio.Event()
         self._waiting_tick = False
+        self._first_text = True
         self._closing = False
         self._error: BaseException | None = None
         self._task = asyncio.create_task(self._run(), name=f"stream-{writer.conversation_id}")
 
     def chunk(self, kind: ChunkKind, text: str) -> None:
-        if text:
-            self._pending.append((kind, text))
-            if not self._waiting_tick and not self._wake.is_set():
-                self._waiting_tick = True
-                self._tick.wake(self._wake)
+        if not text:
+            return
+        self._pending.append((kind, text))
+        if self._wake.is_set() or self._waiting_tick:
+            return
+        if self._first_text:
+            # The turn's first text is its time to first token: it leaves at once
+            # rather than waiting up to a window for the next tick (bench burst
+            # measured that wait at 3 ms p50, 8 ms p99, one append per turn).
+            self._first_text = False
+            self._wake.set()
+            return
+        self._waiting_tick = True
+        self._tick.wake(self._wake)
 
     def event(self, event: Event) -> None:
         self._pending.append(event)
