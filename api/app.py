@@ -45,6 +45,7 @@ from api.routes import add_routes
 from events import broker
 from events.log import EventLog, ensure_streams
 from events.publisher import AckedPublisher
+from events.replies import Replies
 from events.turns import TurnRegistry, redis_client
 from projections.db import create_pool
 from projections.store import ReadStore
@@ -118,7 +119,7 @@ async def nats_ctx(app: web.Application) -> AsyncIterator[None]:
     for note in await ensure_streams(app[JS], replicas=app[CONFIG].stream_replicas):
         log.info(note)
     app[LOG] = EventLog(app[JS])
-    app[COMMANDS] = AckedPublisher(nc)
+    app[COMMANDS] = AckedPublisher(Replies(nc))
     yield
     await nc.drain()
 

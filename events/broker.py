@@ -119,6 +119,8 @@ async def connect_client(
 
 # (subject, reply, payload) of one message, straight from the client's read loop
 DirectHandler = Callable[[bytes, bytes, bytes], None]
+# the same and the message's raw headers ("NATS/1.0 204 EOB\r\n...", b"" for none)
+RawHandler = Callable[[bytes, bytes, bytes, bytes], None]
 
 
 class DirectClient(NatsClient):
@@ -136,27 +138,40 @@ class DirectClient(NatsClient):
     subscription's callback, which the subscription must therefore have.
     Should a nats.py upgrade rename the hook, messages only take the slower
     way, never a wrong one (tests/test_broker_delivery.py checks it applies).
+
+    `deliver_everything_directly` is for a plain inbox that reads its own
+    answers, status lines too (events.replies): its function gets every
+    message with its raw header bytes, and the callback none.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._direct: dict[int, DirectHandler] = {}
+        self._raw: dict[int, RawHandler] = {}
 
     def deliver_directly(self, sub: Any, handler: DirectHandler) -> None:
         self._direct[sub._id] = handler
 
+    def deliver_everything_directly(self, sub: Any, handler: RawHandler) -> None:
+        self._raw[sub._id] = handler
+
     def deliver_as_usual(self, sub: Any) -> None:
         self._direct.pop(sub._id, None)
+        self._raw.pop(sub._id, None)
 
     async def _process_msg(
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
     ) -> None:
         # `headers` is None for a message without any, whatever nats.py's annotation says
         handler = self._direct.get(sid)
-        if handler is None or _is_status(headers):
-            await super()._process_msg(sid, subject, reply, data, headers)
+        if handler is not None and not _is_status(headers):
+            handler(subject, reply, data)
             return
-        handler(subject, reply, data)
+        raw = self._raw.get(sid)
+        if raw is not None:
+            raw(subject, reply, data, headers or b"")
+            return
+        await super()._process_msg(sid, subject, reply, data, headers)
 
 
 class EntryClient(DirectClient):

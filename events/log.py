@@ -32,6 +32,7 @@ from events.codec import Unreadable, decode_entry, encode
 from events.errors import EventLogConflict, EventLogUnavailable, PositionGone
 from events.follow import LogFollower
 from events.publisher import AckedPublisher
+from events.replies import Replies, no_responders
 from events.streams import ensure_streams as ensure_streams
 from events.subjects import EVT_STREAM, event_subject
 from events.vocabulary import AnyEvent, ConversationCreated, Event
@@ -123,7 +124,9 @@ class EventLog:
         retry_for_s: float = _RETRY_FOR_S,
     ) -> None:
         self._js = js
-        self._publisher = AckedPublisher(js._nc)
+        # appends' acks and reads' answers: one inbox, straight from the read loop
+        self._replies = Replies(js._nc)
+        self._publisher = AckedPublisher(self._replies)
         self._publish_timeout = publish_timeout
         # how long an append waits for a broker, or a stream leader, that is away
         self._retry_for_s = retry_for_s
@@ -228,11 +231,13 @@ class EventLog:
             request = {"last_by_subj": subject}
         js = self._js
         try:
-            reply = await js._nc.request(
+            reply = await self._replies.request(
                 f"{js._prefix}.STREAM.MSG.GET.{EVT_STREAM}",
                 msgspec.json.encode(request),
-                timeout=js._timeout,
+                js._timeout,
             )
+            if no_responders(reply):
+                raise nats.errors.NoRespondersError
             answer = _decode_msg_get(reply.data)
             if answer.error is not None:
                 nats.js.errors.APIError.from_error(msgspec.structs.asdict(answer.error))
@@ -311,37 +316,30 @@ class EventLog:
     async def _direct_batch(self, subject: str | None, start: int) -> tuple[list[RawEntry], int]:
         """Up to `_READ_BATCH` entries (of `subject`, or of all) from `start`, and how many remain."""
         await self._connected(0.0)
-        nc = self._js._nc
-        inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox)
         request: dict[str, object] = {"seq": start, "batch": _READ_BATCH}
         if subject is not None:
             request["next_by_subj"] = subject
-        out: list[RawEntry] = []
         try:
-            await nc.publish(_DIRECT_GET, encode(request), reply=inbox)
-            while True:
-                try:
-                    msg = await sub.next_msg(timeout=self._publish_timeout)
-                except nats.errors.TimeoutError as err:
-                    raise EventLogUnavailable(f"reading {subject} timed out") from err
-                headers = msg.headers or {}
-                status = headers.get("Status")
-                if status == "404":  # nothing at or after `start`
-                    return out, 0
-                if status == "204":  # end of this batch
-                    return out, int(headers.get("Nats-Num-Pending", "0"))
-                if status is not None:
-                    raise EventLogUnavailable(f"reading {subject}: status {status}")
-                out.append(
-                    RawEntry(
-                        seq=int(headers["Nats-Sequence"]),
-                        subject=headers.get("Nats-Subject", ""),
-                        data=msg.data,
-                    )
-                )
-        finally:
-            await sub.unsubscribe()
+            answers = await self._replies.request_many(
+                _DIRECT_GET, encode(request), self._publish_timeout
+            )
+        except nats.errors.TimeoutError as err:
+            raise EventLogUnavailable(f"reading {subject} timed out") from err
+        *entries, end = answers
+        status = end.status
+        if status == "404":  # nothing at or after `start`
+            return [], 0
+        if status != "204":  # 204: the end of this batch
+            raise EventLogUnavailable(f"reading {subject}: status {status}")
+        out: list[RawEntry] = []
+        for entry in entries:
+            seq = entry.header(b"Nats-Sequence")
+            if seq is None:
+                raise EventLogUnavailable(f"reading {subject}: an entry without its position")
+            out.append(
+                RawEntry(seq=int(seq), subject=entry.header(b"Nats-Subject") or "", data=entry.data)
+            )
+        return out, int(end.header(b"Nats-Num-Pending") or "0")
 
     async def check_position(self, conversation_id: str, after: int) -> None:
         """Raise PositionGone if events after `after` were removed by retention.

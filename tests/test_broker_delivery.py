@@ -17,6 +17,7 @@ from events.broker import DirectClient, connect_client
 from events.ids import new_id
 from events.log import EventLog
 from events.publisher import AckedPublisher
+from events.replies import Replies
 from events.subjects import EVT_STREAM, event_subject
 from parley.services import Servers
 
@@ -63,15 +64,16 @@ async def test_messages_go_to_the_handler_and_not_through_the_callback(
     assert len(through_callback) == 1 and len(handed) == 3
 
 
-async def test_acks_come_straight_back_and_a_status_still_reaches_the_publisher(
+async def test_acks_and_status_answers_come_straight_back_to_the_publisher(
     direct: DirectClient,
 ) -> None:
-    publisher = AckedPublisher(direct)
+    replies = Replies(direct)
+    publisher = AckedPublisher(replies)
     headers = {"Nats-Expected-Stream": EVT_STREAM, "Nats-Msg-Id": new_id()}
     seq = await publisher.publish(event_subject(new_id()), b"{}", headers, 5.0)
     assert seq > 0
-    assert publisher._sub._pending_queue.qsize() == 0 and publisher._sub._received == 0
-    # "no responders" is a status line: it takes the callback's way, and still answers
+    # "no responders" is a status line: it is read from the raw headers, directly too
     with pytest.raises(nats.js.errors.NoStreamResponseError):
         await publisher.publish(f"nowhere.{new_id()}", b"{}", {}, 5.0)
-    assert publisher._sub._received == 1
+    sub = replies._sub
+    assert sub._pending_queue.qsize() == 0 and sub._received == 0
