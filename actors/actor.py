@@ -152,6 +152,18 @@ class ConversationActor:
             if isinstance(cmd, CancelTurn):
                 self.cancel(cmd.turn_id, "user")
                 await settle.ack()
+            elif self.writer.stale:
+                # Another writer appended: our running turn was just refused and is
+                # stopping. Decided on the forgotten (empty) view, this request would
+                # be refused as a conversation that does not exist, and lost; it is
+                # handed back, and redelivered it finds the log's truth.
+                self._loaded = False
+                log.warning(
+                    "command handed back: the log refused this actor's view",
+                    extra={"conversation_id": self.conversation_id},
+                )
+                await settle.nak(delay=1.0)
+                return
             else:
                 await self._request(cmd, settle)
         except EventLogError as err:

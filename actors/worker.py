@@ -64,11 +64,12 @@ def durable_name(partition: int) -> str:
 
 
 class Delivery:
-    """A command's JetStream message, settled once."""
+    """A command's JetStream message, settled once; in `pending` until it is."""
 
-    def __init__(self, msg: Msg, pending: set[Delivery]) -> None:
+    def __init__(self, msg: Msg, pending: set[Delivery], conversation_id: str) -> None:
         self._msg = msg
         self._pending = pending
+        self.conversation_id = conversation_id
         pending.add(self)
 
     @property
@@ -76,12 +77,16 @@ class Delivery:
         return int(self._msg.metadata.num_delivered)
 
     async def ack(self) -> None:
-        self._pending.discard(self)
-        await self._msg.ack()
+        if self in self._pending:
+            self._pending.discard(self)
+            await self._msg.ack()
 
     async def nak(self, delay: float | None = None) -> None:
-        self._pending.discard(self)
-        await self._msg.nak(delay=delay)
+        # settled once: the second of two settlements (the actor's, and its
+        # leaving's) is a no-op, not nats.py's MsgAlreadyAckdError
+        if self in self._pending:
+            self._pending.discard(self)
+            await self._msg.nak(delay=delay)
 
     async def in_progress(self) -> None:
         await self._msg.in_progress()
@@ -258,7 +263,7 @@ class WorkerHost:
             )
             await msg.term()
             return
-        delivery = Delivery(msg, self._pending)
+        delivery = Delivery(msg, self._pending, cmd.conversation_id)
         running = self._actors.get(cmd.conversation_id)
         if running is None or running.task.done():
             running = self._start_actor(cmd.conversation_id, tasks)
@@ -302,12 +307,18 @@ class WorkerHost:
         finally:
             # Leaving (idle, failed or stopped): nothing may stay unsettled. No
             # await before the removal, so no command can slip into a dead inbox.
-            if self._actors.get(actor.conversation_id) is running:
-                del self._actors[actor.conversation_id]
+            cid = actor.conversation_id
+            if self._actors.get(cid) is running:
+                del self._actors[cid]
             if actor.idle and actor.state.active is None and actor.state.exists:
                 self._keep_state(actor)
-            leftovers = [d for _, d in _drain(running.inbox) if d is not None]
-            leftovers += list(actor.held.values())
+            # Every unsettled command of this conversation is this actor's (the next
+            # actor can only start after the removal above): waiting in its inbox,
+            # held for its turn, or in its hands when it was stopped (a partition
+            # lost mid-command). Left unsettled, the heartbeat would keep one in
+            # progress for ever and the partition's new owner would never get it.
+            leftovers = [d for d in self._pending if d.conversation_id == cid]
+            _drain(running.inbox)
             actor.held.clear()
             for delivery in leftovers:
                 with contextlib.suppress(nats.errors.Error):

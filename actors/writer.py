@@ -49,6 +49,10 @@ class EventWriter:
         self._new_id = new_id
         self.state = state or Conversation(conversation_id=conversation_id)
         self.seq = seq
+        # The log refused our last append (another writer): `state` was forgotten
+        # and is empty until `catch_up` reads the log again. Nothing may be decided
+        # on it meanwhile.
+        self.stale = False
         self._lock = asyncio.Lock()
 
     async def catch_up(self) -> None:
@@ -74,6 +78,7 @@ class EventWriter:
                 )
             self.state = evolve(self.state, stored.event)
             self.seq = stored.seq
+        self.stale = False
 
     async def append(self, events: Sequence[Event]) -> None:
         async with self._lock:
@@ -82,8 +87,15 @@ class EventWriter:
     async def append_decided(
         self, decide: Callable[[Conversation], Sequence[Event]]
     ) -> Sequence[Event]:
-        """Decide on the latest state and append what was decided, with no append between."""
+        """Decide on the latest state and append what was decided, with no append between.
+
+        Raises EventLogConflict, deciding nothing, while the view is stale: an
+        append refused a moment ago (while this call waited for the lock, say)
+        left an empty state, and a decision on it would take a live
+        conversation for one that does not exist."""
         async with self._lock:
+            if self.stale:
+                raise EventLogConflict(self.conversation_id, self.seq, "read the log again first")
             events = decide(self.state)
             if events:
                 await self._append(events)
@@ -100,6 +112,7 @@ class EventWriter:
             # continues reloads from the log.
             self.state = Conversation(conversation_id=self.conversation_id)
             self.seq = 0
+            self.stale = True
             raise
         for event in fitted:
             self.state = evolve(self.state, _as_any(event))

@@ -20,11 +20,23 @@ import pytest
 from redis.asyncio import Redis
 
 from actors.actor import ConversationActor, Inbox
+from actors.state import Conversation
 from actors.turn import ActorContext
+from actors.writer import EventWriter
+from events.errors import EventLogConflict
 from events.ids import new_id
 from events.log import EventLog
 from events.turns import TurnRegistry, redis_client
-from events.vocabulary import ConversationCreated, Done, SendMessage, Started
+from events.vocabulary import (
+    CancelTurn,
+    CommandRejected,
+    ConversationCreated,
+    Done,
+    Event,
+    SendMessage,
+    Started,
+    Title,
+)
 from parley.services import Servers
 from tests.conftest import test_catalog as catalog_for_tests
 
@@ -153,3 +165,97 @@ async def test_a_message_sent_while_the_last_turn_is_being_wrapped_up_still_gets
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
+
+
+async def test_a_message_reaching_an_actor_whose_view_the_log_refused_is_handed_back(
+    stack: Servers, event_log: EventLog, http: aiohttp.ClientSession
+) -> None:
+    """Found by tests/test_roles.py's race of two workers, once reads got faster: the
+    first worker's turn hit the second's append (a conflict, and the writer forgot
+    its view), and a message that reached the first worker before its turn stopped
+    was decided on the empty view, refused as a conversation that does not exist,
+    recorded nowhere, and acked: lost."""
+    ctx = ActorContext(
+        log=event_log,
+        turns=TurnRegistry(redis_client(stack.redis_url)),
+        http=http,
+        catalog=catalog_for_tests(),
+        default_base_url="http://127.0.0.1:1/v1",
+        default_api_key=None,
+        worker_id="test-" + new_id(),
+    )
+    cid = new_id()
+    created = ConversationCreated(conversation_id=cid, at=1, event_id=new_id(), user_id="u")
+    head = await event_log.append(cid, [created], 0)
+    actor = ConversationActor(cid, ctx)
+    inbox: Inbox = asyncio.Queue()
+    running = asyncio.create_task(actor.run(inbox, idle_s=30))
+    try:
+        loaded = Delivery()
+        cancel = CancelTurn(conversation_id=cid, command_id=new_id(), user_id="u", at=1)
+        inbox.put_nowait((cancel, loaded))
+        async with asyncio.timeout(10):
+            while not loaded.settled:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+
+        # another writer appends; our next append (its turn's, say) is refused
+        await event_log.append(cid, [_title(cid, "theirs")], head)
+        with pytest.raises(EventLogConflict):
+            await actor.writer.append([_title(cid, "ours")])
+
+        message = SendMessage(
+            conversation_id=cid,
+            command_id=new_id(),
+            user_id="u",
+            at=1,
+            message_id=new_id(),
+            content="hello",
+        )
+        delivery = Delivery()
+        inbox.put_nowait((message, delivery))
+        async with asyncio.timeout(10):
+            while not delivery.settled:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert delivery.settled == ["nak"]
+        events = [s.event for s in await event_log.read(cid)]
+        assert not any(isinstance(e, CommandRejected) for e in events), events
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+
+def _title(cid: str, title: str) -> Title:
+    return Title(conversation_id=cid, at=1, event_id=new_id(), title=title, source="user")
+
+
+async def test_a_writer_whose_append_was_refused_decides_nothing_until_it_reads_again(
+    event_log: EventLog,
+) -> None:
+    """The race inside the one above: a request's decision waited for the writer's lock
+    while the turn's append held it and was refused. It must not be decided on the
+    empty view that refusal left."""
+    cid = new_id()
+    created = ConversationCreated(conversation_id=cid, at=1, event_id=new_id(), user_id="u")
+    head = await event_log.append(cid, [created], 0)
+    writer = EventWriter(cid, event_log, max_event_bytes=64 * 1024, new_id=new_id)
+    await writer.catch_up()
+    await event_log.append(cid, [_title(cid, "theirs")], head)
+    with pytest.raises(EventLogConflict):
+        await writer.append([_title(cid, "ours")])
+
+    seen: list[bool] = []
+
+    def decide(state: Conversation) -> list[Event]:
+        seen.append(state.exists)
+        return []
+
+    with pytest.raises(EventLogConflict):
+        await writer.append_decided(decide)
+    assert seen == []
+    await writer.catch_up()
+    assert not writer.stale
+    assert await writer.append_decided(lambda s: [_title(cid, "ours, now")])
+    assert [s.event.title for s in await event_log.read(cid) if isinstance(s.event, Title)] == [
+        "theirs",
+        "ours, now",
+    ]
