@@ -306,10 +306,11 @@ class ConversationActor:
         priced = active_version(spec) is not None
         now = self.ctx.clock()
         turn_id = self.ctx.new_id()
-        # Announced while `started` is appended, not before: until the new record is
-        # in, the one it replaces (this request's, or the turn's before it in the
+        # Announced while the turn starts, not before: until the new record is in,
+        # the one it replaces (this request's, or the turn's before it in the
         # queue) starts a joining viewer earlier still, so nothing is missed, and
-        # the turn's start waits for one round trip instead of two.
+        # the turn's first token does not wait for Redis. It is in before the
+        # queue's end releases the record.
         announce = asyncio.create_task(self._record_turn(turn_id, self.writer.seq))
         try:
             started = await self.writer.append_decided(
@@ -321,18 +322,18 @@ class ConversationActor:
                     else []
                 )
             )
+            if not started or self.state.active is None:
+                return
+            if payer is not None and not await self._preflight(spec, choice.prices, payer, priced):
+                return
+            runner = TurnRunner(self.ctx, self.writer, spec, choice)
+            self.runner = runner
+            try:
+                await runner.run()
+            finally:
+                self.runner = None
         finally:
             await announce
-        if not started or self.state.active is None:
-            return
-        if payer is not None and not await self._preflight(spec, choice.prices, payer, priced):
-            return
-        runner = TurnRunner(self.ctx, self.writer, spec, choice)
-        self.runner = runner
-        try:
-            await runner.run()
-        finally:
-            self.runner = None
         await self._charge_last()
 
     async def _payer(self, queued: QueuedTurn) -> str | None:
