@@ -312,21 +312,34 @@ class ConversationActor:
         # the turn's first token does not wait for Redis. It is in before the
         # queue's end releases the record.
         announce = asyncio.create_task(self._record_turn(turn_id, self.writer.seq))
-        try:
-            started = await self.writer.append_decided(
-                lambda s: (
-                    decide_start(
-                        s, queued, choice, now, self.ctx.new_id, turn_id, payer if priced else None
-                    )
-                    if next_turn(s) == queued
-                    else []
+        decided: list[Event] = []
+
+        def start(state: Conversation) -> Sequence[Event]:
+            if next_turn(state) != queued:
+                return []
+            decided.extend(
+                decide_start(
+                    state, queued, choice, now, self.ctx.new_id, turn_id, payer if priced else None
                 )
             )
+            # `started` (or the refusal) now; the turn's title goes first in its
+            # stream, while the model's request is on its way: appended here, it
+            # held every first token up by a round trip (bench burst: 2.8 ms p50,
+            # 13 ms p99)
+            return decided[:1]
+
+        try:
+            started = await self.writer.append_decided(start)
             if not started or self.state.active is None:
                 return
-            if payer is not None and not await self._preflight(spec, choice.prices, payer, priced):
-                return
-            runner = TurnRunner(self.ctx, self.writer, spec, choice)
+            follow = decided[1:]
+            if payer is not None:
+                # a billed turn's pre-flight may refuse it: its title is in first
+                await self.writer.append(follow)
+                follow = []
+                if not await self._preflight(spec, choice.prices, payer, priced):
+                    return
+            runner = TurnRunner(self.ctx, self.writer, spec, choice, first=follow)
             self.runner = runner
             try:
                 await runner.run()

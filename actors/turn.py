@@ -137,10 +137,18 @@ class RoundResult:
 
 class TurnRunner:
     def __init__(
-        self, ctx: ActorContext, writer: EventWriter, spec: ModelSpec, choice: ModelChoice
+        self,
+        ctx: ActorContext,
+        writer: EventWriter,
+        spec: ModelSpec,
+        choice: ModelChoice,
+        *,
+        first: Sequence[Event] = (),
     ) -> None:
         self.ctx = ctx
         self.writer = writer
+        # events decided with `started` that go first in the turn's stream (its title)
+        self._first = first
         self.spec = spec
         self.choice = choice
         active = writer.state.active
@@ -186,6 +194,8 @@ class TurnRunner:
             api_key=self.spec.api_key or ctx.default_api_key,
         )
         stream = TurnStream(self.writer, self.turn_id, ctx.clock, ctx.new_id, ctx.append_tick)
+        for event in self._first:
+            stream.event(event)  # appended while the model's request is on its way
         totals = TurnTotals()
         stop_reason = "stop"
         try:

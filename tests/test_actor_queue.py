@@ -12,11 +12,13 @@ chance: the registry is the real one, on the real Redis, only made to wait.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import aiohttp
 import pytest
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
 from redis.asyncio import Redis
 
 from actors.actor import ConversationActor, Inbox
@@ -259,3 +261,67 @@ async def test_a_writer_whose_append_was_refused_decides_nothing_until_it_reads_
         "theirs",
         "ours, now",
     ]
+
+
+class TitleGatedLog(EventLog):
+    """The real log, whose appends holding a title wait until `gate` is set."""
+
+    def __init__(self, js: JetStreamContext, gate: asyncio.Event) -> None:
+        super().__init__(js)
+        self.gate = gate
+
+    async def append_to(self, subject: str, events: Sequence[Event], expected_seq: int) -> int:
+        if any(isinstance(e, Title) for e in events):
+            async with asyncio.timeout(10):
+                await self.gate.wait()
+        return await super().append_to(subject, events, expected_seq)
+
+
+async def test_a_turns_title_does_not_hold_up_its_model_request(
+    stack: Servers, nc: NatsClient, event_log: EventLog, demo_model_url: str
+) -> None:
+    """The title decided with `started` used to be appended before the model was asked:
+    one round trip on every turn's first token. Here a title may only be appended once
+    the model's request is out; before the change that wait never ended."""
+    requested = asyncio.Event()
+
+    async def on_request_start(*_: object) -> None:
+        requested.set()
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_start.append(on_request_start)
+    async with aiohttp.ClientSession(trace_configs=[trace]) as http:
+        ctx = ActorContext(
+            log=TitleGatedLog(nc.jetstream(), requested),
+            turns=TurnRegistry(redis_client(stack.redis_url)),
+            http=http,
+            catalog=catalog_for_tests(),
+            default_base_url=demo_model_url,
+            default_api_key=None,
+            worker_id="test-" + new_id(),
+        )
+        cid = new_id()
+        created = ConversationCreated(conversation_id=cid, at=1, event_id=new_id(), user_id="u")
+        await event_log.append(cid, [created], 0)
+        actor = ConversationActor(cid, ctx)
+        inbox: Inbox = asyncio.Queue()
+        running = asyncio.create_task(actor.run(inbox, idle_s=30))
+        try:
+            message = SendMessage(
+                conversation_id=cid,
+                command_id=new_id(),
+                user_id="u",
+                at=1,
+                message_id=new_id(),
+                content="a title for this [[tokens=5]]",
+            )
+            inbox.put_nowait((message, Delivery()))
+            await until(
+                event_log, cid, lambda es: any(isinstance(e, Done) for e in es), "the turn ended"
+            )
+        finally:
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+    kinds = [type(s.event).__name__ for s in await event_log.read(cid)]
+    assert kinds[:5] == ["ConversationCreated", "UserMessage", "Started", "Title", "Chunk"], kinds
+    assert kinds[-1] == "Done"
