@@ -28,7 +28,7 @@ from actors.worker import WorkerHost, durable_name
 from api.config import EdgeLimits
 from events.log import EventLog, ensure_streams
 from events.subjects import CMD_STREAM, partition_of
-from events.turns import TurnRegistry, redis_client
+from events.turns import TurnRecord, TurnRegistry, redis_client
 from events.vocabulary import Cancelled, Chunk, CommandRejected, Done, Failed, Started
 from parley.services import Servers, ServiceOptions, Services
 from parley.stack import EmbeddedStack
@@ -337,6 +337,67 @@ async def test_a_second_worker_that_thinks_it_owns_a_conversation_cannot_interle
     assert late == [], f"the first worker wrote after its turn was ended: {late}"
     assert [e.user_message_id for e in log if isinstance(e, Started)][-1] == body["message_id"]
     assert isinstance(ends[-1], Done)
+
+
+class StuckRegistry(TurnRegistry):
+    """The real Redis turn registry, whose writes hang until `unstick` is set."""
+
+    def __init__(self, redis: Any) -> None:
+        super().__init__(redis)
+        self.entered = asyncio.Event()
+        self.unstick = asyncio.Event()
+
+    async def put(self, conversation_id: str, record: TurnRecord) -> None:
+        self.entered.set()
+        await self.unstick.wait()
+        await super().put(conversation_id, record)
+
+
+async def test_a_command_in_an_actors_hands_when_its_partition_is_lost_goes_to_the_next_owner(
+    own_stack: Servers, own_nc: NatsClient, demo_model_url: str, http: aiohttp.ClientSession
+) -> None:
+    """Worker one's actor is in the middle of a command (its Redis write hangs) when the
+    partition is taken from it. The actor is stopped; the command it held must go
+    back to JetStream, or worker one's heartbeat keeps it in progress for ever and
+    the partition's new owner never sees it."""
+    js = own_nc.jetstream()
+    event_log = EventLog(js)
+    redis = redis_client(own_stack.redis_url)
+    registry = StuckRegistry(redis)
+    async with (
+        aiohttp.ClientSession() as model_http,
+        roles(own_stack, demo_model_url, "edge") as edge,
+    ):
+        ctx = ActorContext(
+            log=EventLog(js),
+            turns=registry,
+            http=model_http,
+            catalog=catalog_for_tests(),
+            default_base_url=demo_model_url,
+            default_api_key=None,
+            worker_id="stuck-worker",
+        )
+        one = WorkerHost(js, ctx)
+        stopping = asyncio.Event()
+        task = asyncio.create_task(one.run(stopping))
+        try:
+            async with asyncio.timeout(10):
+                await one.ready.wait()
+            api = SseClient(http, edge.edge_url, token_for("roles-stuck"))
+            cid = (await api.create_conversation())["id"]
+            await api.send_json(cid, "hello [[tokens=3]]")
+            async with asyncio.timeout(10):
+                await registry.entered.wait()  # the command is in the actor's hands
+            kv = await js.key_value(LEASES_BUCKET)
+            await kv.delete(f"partition.{partition_of(cid)}")
+            async with roles(own_stack, demo_model_url, "worker"):
+                ends = await _ends(event_log, cid, 1)
+            assert ends == [Done]
+        finally:
+            registry.unstick.set()
+            stopping.set()
+            await asyncio.wait_for(task, 15)
+            await redis.aclose()
 
 
 async def test_a_worker_killed_mid_turn_leaves_no_turn_open_and_its_tokens_counted(
