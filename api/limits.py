@@ -28,10 +28,12 @@ import contextlib
 import logging
 import math
 
+import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions
 from aiohttp import web
 
+from api.config import EdgeLimits
 from api.context import CLAIMS, CONFIG, METRICS, wants_json
 from api.errors import ApiError, Handler
 from api.hub import Delivery, Hubs, PendingCommand, Subscription, TurnFilter, watch
@@ -63,42 +65,46 @@ TURN_ROUTES = frozenset(
 _REPLICATE = "if redis.replicate_commands then redis.replicate_commands() end\n"
 _NOW_MS = "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
 
-# KEYS[1] the bucket; ARGV: rate per second, burst. Returns {allowed, ms to wait}.
-_TAKE = (
+# A request's admission in one round trip: the user's rate, then the caps it
+# asks for. KEYS: the rate bucket, the user's stream leases, their turn leases.
+# ARGV: rate per second (0: none), burst, lease ms, then the stream lease's
+# member and cap, the turn lease's member and cap (member "": not asked).
+# Returns {verdict, ms to wait}: 0 admitted (the leases asked for are held),
+# 1 over the rate, 2 at the streams cap, 3 at the turns cap (nothing held).
+_ADMIT = (
     _REPLICATE
     + _NOW_MS
     + """
-local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
-local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
-local tokens, ts = tonumber(b[1]), tonumber(b[2])
-if tokens == nil or ts == nil then tokens, ts = burst, now end
-tokens = math.min(burst, tokens + math.max(0, now - ts) * rate / 1000)
-local allowed, wait = 0, 0
-if tokens >= 1 then
-  tokens = tokens - 1
-  allowed = 1
-else
-  wait = math.ceil((1 - tokens) * 1000 / rate)
+local rate, burst, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if rate > 0 then
+  local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+  local tokens, ts = tonumber(b[1]), tonumber(b[2])
+  if tokens == nil or ts == nil then tokens, ts = burst, now end
+  tokens = math.min(burst, tokens + math.max(0, now - ts) * rate / 1000)
+  local wait = 0
+  if tokens >= 1 then
+    tokens = tokens - 1
+  else
+    wait = math.ceil((1 - tokens) * 1000 / rate)
+  end
+  redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
+  redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
+  if wait > 0 then return {1, wait} end
 end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
-redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
-return {allowed, wait}
-"""
-)
-
-# KEYS[1] the user's leases; ARGV: member, cap, lease ms. 1 = held, 0 = at the cap.
-_ACQUIRE = (
-    _REPLICATE
-    + _NOW_MS
-    + """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local cap = tonumber(ARGV[2])
-if cap > 0 and not redis.call('ZSCORE', KEYS[1], ARGV[1]) and redis.call('ZCARD', KEYS[1]) >= cap then
-  return 0
+local function full(key, member, cap)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  return cap > 0 and not redis.call('ZSCORE', key, member) and redis.call('ZCARD', key) >= cap
 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[3]))
-return 1
+local streams, turns = ARGV[4], ARGV[6]
+if streams ~= '' and full(KEYS[2], streams, tonumber(ARGV[5])) then return {2, 0} end
+if turns ~= '' and full(KEYS[3], turns, tonumber(ARGV[7])) then return {3, 0} end
+for i, member in ipairs({streams, turns}) do
+  if member ~= '' then
+    redis.call('ZADD', KEYS[i + 1], now + lease, member)
+    redis.call('PEXPIRE', KEYS[i + 1], 2 * lease)
+  end
+end
+return {0, 0}
 """
 )
 
@@ -117,43 +123,19 @@ return #KEYS
 )
 
 
-class RateLimiter:
-    def __init__(self, client: aioredis.Redis, rate_per_s: float, burst: int) -> None:
-        self._rate = rate_per_s
-        self._burst = burst
-        self._take = client.register_script(_TAKE)
-
-    async def take(self, user_id: str) -> float:
-        """0 if the user may go on, else the seconds to wait."""
-        if self._rate <= 0:
-            return 0.0
-        allowed, wait_ms = await self._take(
-            keys=[f"parley:rate:{user_id}"], args=[self._rate, self._burst]
-        )
-        return 0.0 if int(allowed) else int(wait_ms) / 1000
-
-
 class Leases:
     """Capped sets of leases per user, renewed while this process holds them."""
 
     def __init__(self, client: aioredis.Redis, lease_s: float) -> None:
         self._client = client
-        self._lease_ms = int(lease_s * 1000)
+        self.lease_ms = int(lease_s * 1000)
         self.renew_every_s = lease_s / 3
-        self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self.held: dict[tuple[str, str], None] = {}  # (key, member), insertion-ordered
 
     @staticmethod
     def key(kind: str, user_id: str) -> str:
         return f"parley:lease:{kind}:{user_id}"
-
-    async def acquire(self, kind: str, user_id: str, member: str, cap: int) -> bool:
-        key = self.key(kind, user_id)
-        if not int(await self._acquire(keys=[key], args=[member, cap, self._lease_ms])):
-            return False
-        self.held[(key, member)] = None
-        return True
 
     async def release(self, kind: str, user_id: str, member: str) -> None:
         key = self.key(kind, user_id)
@@ -165,7 +147,7 @@ class Leases:
         for start in range(0, len(held), 500):
             part = held[start : start + 500]
             await self._renew(
-                keys=[key for key, _ in part], args=[self._lease_ms, *(m for _, m in part)]
+                keys=[key for key, _ in part], args=[self.lease_ms, *(m for _, m in part)]
             )
 
     async def keep(self, stopping: asyncio.Event) -> None:
@@ -203,6 +185,16 @@ class TurnSlot:
         self.handed = False
 
 
+class Admission(msgspec.Struct, frozen=True):
+    """A request let in (`refused` None), or which limit refused it and when to retry."""
+
+    refused: str | None = None  # "rate", "streams", "turns"
+    wait_s: float = 0.0
+
+
+_REFUSALS: tuple[str | None, ...] = (None, "rate", "streams", "turns")
+
+
 class Limits:
     """The edge's limiter and leases, and the watchers that hold turn slots."""
 
@@ -216,13 +208,52 @@ class Limits:
         lease_s: float,
         max_turn_s: float = 3600.0,
     ) -> None:
-        self.rate = RateLimiter(client, rate_per_s, burst)
+        self.rate_per_s = rate_per_s
+        self.burst = burst
         self.leases = Leases(client, lease_s)
+        self._admit = client.register_script(_ADMIT)
         self._hubs = hubs
         self._max_turn_s = max_turn_s
         self._watchers: dict[str, asyncio.Task[None]] = {}  # by message id
         self._stopping = asyncio.Event()
         self._keeper: asyncio.Task[None] | None = None
+
+    async def admit(
+        self,
+        user_id: str,
+        *,
+        stream: str | None,
+        streams_cap: int,
+        turn: str | None,
+        turns_cap: int,
+    ) -> Admission:
+        """The user's rate and the caps this request asks for (a lease member for each),
+        checked and taken in one round trip; the leases are held only if admitted."""
+        if self.rate_per_s <= 0 and stream is None and turn is None:
+            return Admission()
+        leases = self.leases
+        verdict, wait_ms = await self._admit(
+            keys=[
+                f"parley:rate:{user_id}",
+                leases.key("streams", user_id),
+                leases.key("turns", user_id),
+            ],
+            args=[
+                self.rate_per_s,
+                self.burst,
+                leases.lease_ms,
+                stream or "",
+                streams_cap,
+                turn or "",
+                turns_cap,
+            ],
+        )
+        refused = _REFUSALS[int(verdict)]
+        if refused is None:
+            for kind, member in (("streams", stream), ("turns", turn)):
+                if member is not None:
+                    leases.held[(leases.key(kind, user_id), member)] = None
+        return Admission(refused=refused, wait_s=int(wait_ms) / 1000)
 
     def start(self) -> None:
         self._keeper = asyncio.create_task(self.leases.keep(self._stopping), name="lease-keeper")
@@ -318,19 +349,6 @@ def hold_turn(
 _REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
-async def _acquire(limits: Limits, kind: str, user: str, member: str, cap: int) -> bool:
-    """A slot under the cap. With Redis away the caps cannot be counted, and like the
-    rate limiter they let the request through: losing Redis loosens limits, it does
-    not stop conversations (README: what degrades while Redis is away)."""
-    try:
-        return await limits.leases.acquire(kind, user, member, cap)
-    except _REDIS_DOWN as err:
-        log.warning(
-            "limit unavailable; request let through", extra={"limit": kind, "error": describe(err)}
-        )
-        return True
-
-
 @web.middleware
 async def limits_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     claims = request.get(CLAIMS)
@@ -340,54 +358,34 @@ async def limits_middleware(request: web.Request, handler: Handler) -> web.Strea
     config = app[CONFIG]
     limits = app[LIMITS]
     metrics = app[METRICS]
-    try:
-        wait = await limits.rate.take(claims.sub)
-    except _REDIS_DOWN as err:
-        log.warning("rate limiter unavailable; request let through", extra={"error": describe(err)})
-        wait = 0.0
-    if wait > 0:
-        metrics.limited("rate")
-        raise ApiError(
-            429,
-            "rate_limited",
-            f"too many requests; at most {config.limits.rate_per_s:g} per second "
-            f"(bursts of {config.limits.rate_burst}); retry in {wait:.2f} s",
-            retry_after=math.ceil(wait),
-        )
     resource = request.match_info.route.resource
     route = (request.method, resource.canonical if resource is not None else "")
     streams = STREAM_ROUTES.get(route)
-    held: list[tuple[str, str]] = []
+    streaming = streams == "always" or (streams is not None and not wants_json(request))
+    caps = config.limits
+    stream = new_id() if streaming and caps.max_streams_per_user > 0 else None
+    turn = new_id() if route in TURN_ROUTES and caps.max_turns_per_user > 0 else None
     try:
-        streaming = streams == "always" or (streams is not None and not wants_json(request))
-        if streaming and config.limits.max_streams_per_user > 0:
-            member = new_id()
-            if not await _acquire(
-                limits, "streams", claims.sub, member, config.limits.max_streams_per_user
-            ):
-                metrics.limited("streams")
-                raise ApiError(
-                    429,
-                    "too_many_streams",
-                    f"at most {config.limits.max_streams_per_user} open event streams per user; "
-                    "close one first",
-                    retry_after=1,
-                )
-            held.append(("streams", member))
-        if route in TURN_ROUTES and config.limits.max_turns_per_user > 0:
-            member = new_id()
-            if not await _acquire(
-                limits, "turns", claims.sub, member, config.limits.max_turns_per_user
-            ):
-                metrics.limited("turns")
-                raise ApiError(
-                    429,
-                    "too_many_turns",
-                    f"at most {config.limits.max_turns_per_user} messages per user may wait for "
-                    "their answer at once; wait for one to finish",
-                    retry_after=1,
-                )
-            request[TURN_SLOT] = TurnSlot(member)
+        admission = await limits.admit(
+            claims.sub,
+            stream=stream,
+            streams_cap=caps.max_streams_per_user,
+            turn=turn,
+            turns_cap=caps.max_turns_per_user,
+        )
+    except _REDIS_DOWN as err:
+        # Losing Redis loosens limits, it does not stop conversations (README: what
+        # degrades while Redis is away): the request goes through, holding nothing.
+        log.warning("limits unavailable; request let through", extra={"error": describe(err)})
+        admission = Admission()
+        stream = turn = None
+    if admission.refused is not None:
+        metrics.limited(admission.refused)
+        raise _refusal(admission, caps)
+    if turn is not None:
+        request[TURN_SLOT] = TurnSlot(turn)
+    held = [("streams", stream)] if stream is not None else []
+    try:
         return await handler(request)
     finally:
         slot = request.get(TURN_SLOT)
@@ -398,3 +396,28 @@ async def limits_middleware(request: web.Request, handler: Handler) -> web.Strea
                 await limits.leases.release(kind, claims.sub, member)
             except _REDIS_DOWN as err:
                 log.warning("cannot release a lease; it expires", extra={"error": describe(err)})
+
+
+def _refusal(admission: Admission, caps: EdgeLimits) -> ApiError:
+    if admission.refused == "rate":
+        return ApiError(
+            429,
+            "rate_limited",
+            f"too many requests; at most {caps.rate_per_s:g} per second "
+            f"(bursts of {caps.rate_burst}); retry in {admission.wait_s:.2f} s",
+            retry_after=math.ceil(admission.wait_s),
+        )
+    if admission.refused == "streams":
+        return ApiError(
+            429,
+            "too_many_streams",
+            f"at most {caps.max_streams_per_user} open event streams per user; close one first",
+            retry_after=1,
+        )
+    return ApiError(
+        429,
+        "too_many_turns",
+        f"at most {caps.max_turns_per_user} messages per user may wait for "
+        "their answer at once; wait for one to finish",
+        retry_after=1,
+    )
