@@ -99,15 +99,7 @@ async def test_a_message_sent_while_the_last_turn_is_being_wrapped_up_still_gets
     stack: Servers, event_log: EventLog, demo_model_url: str, http: aiohttp.ClientSession
 ) -> None:
     registry = GatedRegistry(redis_client(stack.redis_url))
-    ctx = ActorContext(
-        log=event_log,
-        turns=registry,
-        http=http,
-        catalog=catalog_for_tests(),
-        default_base_url=demo_model_url,
-        default_api_key=None,
-        worker_id="test-" + new_id(),
-    )
+    ctx = _context(event_log, registry, http, demo_model_url)
     cid = new_id()
     await event_log.append(
         cid,
@@ -120,14 +112,7 @@ async def test_a_message_sent_while_the_last_turn_is_being_wrapped_up_still_gets
     )
 
     def send(text: str) -> SendMessage:
-        return SendMessage(
-            conversation_id=cid,
-            command_id=new_id(),
-            user_id="u",
-            at=1,
-            message_id=new_id(),
-            content=f"{text} [[tokens=5]]",
-        )
+        return _message(cid, f"{text} [[tokens=5]]")
 
     actor = ConversationActor(cid, ctx)
     inbox: Inbox = asyncio.Queue()
@@ -177,15 +162,8 @@ async def test_a_message_reaching_an_actor_whose_view_the_log_refused_is_handed_
     its view), and a message that reached the first worker before its turn stopped
     was decided on the empty view, refused as a conversation that does not exist,
     recorded nowhere, and acked: lost."""
-    ctx = ActorContext(
-        log=event_log,
-        turns=TurnRegistry(redis_client(stack.redis_url)),
-        http=http,
-        catalog=catalog_for_tests(),
-        default_base_url="http://127.0.0.1:1/v1",
-        default_api_key=None,
-        worker_id="test-" + new_id(),
-    )
+    registry = TurnRegistry(redis_client(stack.redis_url))
+    ctx = _context(event_log, registry, http, "http://127.0.0.1:1/v1")
     cid = new_id()
     created = ConversationCreated(conversation_id=cid, at=1, event_id=new_id(), user_id="u")
     head = await event_log.append(cid, [created], 0)
@@ -196,34 +174,54 @@ async def test_a_message_reaching_an_actor_whose_view_the_log_refused_is_handed_
         loaded = Delivery()
         cancel = CancelTurn(conversation_id=cid, command_id=new_id(), user_id="u", at=1)
         inbox.put_nowait((cancel, loaded))
-        async with asyncio.timeout(10):
-            while not loaded.settled:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
+        await _settled(loaded)
 
         # another writer appends; our next append (its turn's, say) is refused
         await event_log.append(cid, [_title(cid, "theirs")], head)
         with pytest.raises(EventLogConflict):
             await actor.writer.append([_title(cid, "ours")])
 
-        message = SendMessage(
-            conversation_id=cid,
-            command_id=new_id(),
-            user_id="u",
-            at=1,
-            message_id=new_id(),
-            content="hello",
-        )
         delivery = Delivery()
-        inbox.put_nowait((message, delivery))
-        async with asyncio.timeout(10):
-            while not delivery.settled:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
+        inbox.put_nowait((_message(cid, "hello"), delivery))
+        await _settled(delivery)
         assert delivery.settled == ["nak"]
         events = [s.event for s in await event_log.read(cid)]
         assert not any(isinstance(e, CommandRejected) for e in events), events
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
+
+
+def _context(
+    log: EventLog, turns: TurnRegistry, http: aiohttp.ClientSession, model_url: str
+) -> ActorContext:
+    return ActorContext(
+        log=log,
+        turns=turns,
+        http=http,
+        catalog=catalog_for_tests(),
+        default_base_url=model_url,
+        default_api_key=None,
+        worker_id="test-" + new_id(),
+    )
+
+
+def _message(cid: str, content: str) -> SendMessage:
+    return SendMessage(
+        conversation_id=cid,
+        command_id=new_id(),
+        user_id="u",
+        at=1,
+        message_id=new_id(),
+        content=content,
+    )
+
+
+async def _settled(delivery: Delivery) -> None:
+    """Until the actor acked or handed back the command (polled: it says nothing else)."""
+    async with asyncio.timeout(10):
+        while not delivery.settled:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
 
 
 def _title(cid: str, title: str) -> Title:
@@ -291,15 +289,9 @@ async def test_a_turns_title_does_not_hold_up_its_model_request(
     trace = aiohttp.TraceConfig()
     trace.on_request_start.append(on_request_start)
     async with aiohttp.ClientSession(trace_configs=[trace]) as http:
-        ctx = ActorContext(
-            log=TitleGatedLog(nc.jetstream(), requested),
-            turns=TurnRegistry(redis_client(stack.redis_url)),
-            http=http,
-            catalog=catalog_for_tests(),
-            default_base_url=demo_model_url,
-            default_api_key=None,
-            worker_id="test-" + new_id(),
-        )
+        gated = TitleGatedLog(nc.jetstream(), requested)
+        registry = TurnRegistry(redis_client(stack.redis_url))
+        ctx = _context(gated, registry, http, demo_model_url)
         cid = new_id()
         created = ConversationCreated(conversation_id=cid, at=1, event_id=new_id(), user_id="u")
         await event_log.append(cid, [created], 0)
@@ -307,15 +299,7 @@ async def test_a_turns_title_does_not_hold_up_its_model_request(
         inbox: Inbox = asyncio.Queue()
         running = asyncio.create_task(actor.run(inbox, idle_s=30))
         try:
-            message = SendMessage(
-                conversation_id=cid,
-                command_id=new_id(),
-                user_id="u",
-                at=1,
-                message_id=new_id(),
-                content="a title for this [[tokens=5]]",
-            )
-            inbox.put_nowait((message, Delivery()))
+            inbox.put_nowait((_message(cid, "a title for this [[tokens=5]]"), Delivery()))
             await until(
                 event_log, cid, lambda es: any(isinstance(e, Done) for e in es), "the turn ended"
             )
