@@ -25,6 +25,7 @@ from actors.models import ModelCatalog, ModelSpec, ModelVersion
 from api.app import create_app
 from api.auth import mint
 from api.config import EdgeConfig, EdgeLimits
+from events.broker import DirectClient, connect_client
 from events.ids import new_id
 from events.log import EventLog, ensure_streams
 from parley.config import DEMO_SPEC
@@ -164,6 +165,21 @@ async def nc(stack: Servers) -> AsyncIterator[NatsClient]:
 async def event_log(nc: NatsClient) -> EventLog:
     await ensure_streams(nc.jetstream())
     return EventLog(nc.jetstream())
+
+
+@pytest.fixture(params=["callback", "direct"])
+async def plain_or_direct(
+    request: pytest.FixtureRequest, nc: NatsClient, stack: Servers, event_log: EventLog
+) -> AsyncIterator[NatsClient]:
+    """A connection of either kind, once the streams exist: the plain client (messages
+    through a subscription's callback) or a DirectClient, every role's (straight from
+    the read loop, events.broker)."""
+    if request.param == "callback":
+        yield nc
+        return
+    client = await connect_client(DirectClient(), stack.nats_url, name="test-direct")
+    yield client
+    await client.close()
 
 
 def token_for(user: str, *, admin: bool = False) -> str:

@@ -4,33 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
-import pytest
 from nats.aio.client import Client as NatsClient
 
-from events.broker import DirectClient, connect_client
 from events.codec import decode_event
 from events.follow import LogFollower, RawEvent
 from events.ids import new_id
 from events.log import EventLog
 from events.subjects import EVT_STREAM, event_subject
 from events.vocabulary import ConversationCreated, Title
-from parley.services import Servers
-
-
-@pytest.fixture(params=["callback", "direct"])
-async def reader(
-    request: pytest.FixtureRequest, nc: NatsClient, stack: Servers
-) -> AsyncIterator[NatsClient]:
-    """The follower's connection: a plain client (deliveries through a callback) or a
-    DirectClient, every role's (deliveries straight from the read loop)."""
-    if request.param == "callback":
-        yield nc
-        return
-    client = await connect_client(DirectClient(), stack.nats_url, name="test-direct-reader")
-    yield client
-    await client.close()
 
 
 async def _append_titles(event_log: EventLog, cid: str, count: int, head: int) -> list[int]:
@@ -61,10 +43,10 @@ async def _drain(follower: LogFollower, want: int) -> list[RawEvent]:
 
 
 async def test_a_reader_that_overflows_its_buffer_still_gets_every_event_once(
-    reader: NatsClient, event_log: EventLog
+    plain_or_direct: NatsClient, event_log: EventLog
 ) -> None:
     cid, head = await _new_conversation(event_log)
-    follower = LogFollower(reader.jetstream(), event_subject(cid), head, pending_limit=5)
+    follower = LogFollower(plain_or_direct.jetstream(), event_subject(cid), head, pending_limit=5)
     try:
         await follower.next_batch(10, wait_s=0.05)  # subscribe, nothing there yet
         seqs = await _append_titles(event_log, cid, 20, head)
@@ -78,10 +60,10 @@ async def test_a_reader_that_overflows_its_buffer_still_gets_every_event_once(
 
 
 async def test_a_consumer_the_server_forgot_is_recreated_after_a_silence(
-    reader: NatsClient, event_log: EventLog
+    plain_or_direct: NatsClient, event_log: EventLog
 ) -> None:
     cid, head = await _new_conversation(event_log)
-    js = reader.jetstream()
+    js = plain_or_direct.jetstream()
     follower = LogFollower(js, event_subject(cid), head, watchdog_s=0.2)
     try:
         first = await _append_titles(event_log, cid, 2, head)

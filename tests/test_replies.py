@@ -4,7 +4,6 @@ plain client's callback and straight from a DirectClient's read loop."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import msgspec
 import nats.errors
@@ -12,37 +11,23 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from events.broker import DirectClient, connect_client
 from events.ids import new_id
 from events.log import EventLog
 from events.replies import Replies, no_responders
 from events.subjects import EVT_STREAM, event_subject
 from events.vocabulary import Title
-from parley.services import Servers
 
 DIRECT_GET = f"$JS.API.DIRECT.GET.{EVT_STREAM}"
 
 
-@pytest.fixture(params=["callback", "direct"])
-async def client(
-    request: pytest.FixtureRequest, nc: NatsClient, stack: Servers, event_log: EventLog
-) -> AsyncIterator[NatsClient]:
-    if request.param == "callback":
-        yield nc
-        return
-    direct = await connect_client(DirectClient(), stack.nats_url, name="test-replies")
-    yield direct
-    await direct.close()
-
-
-async def test_concurrent_requests_each_get_their_own_answer(client: NatsClient) -> None:
+async def test_concurrent_requests_each_get_their_own_answer(plain_or_direct: NatsClient) -> None:
     subject = f"echo.{new_id()}"
 
     async def echo(msg: Msg) -> None:
         await msg.respond(b"re:" + msg.data)
 
-    sub = await client.subscribe(subject, cb=echo)
-    replies = Replies(client)
+    sub = await plain_or_direct.subscribe(subject, cb=echo)
+    replies = Replies(plain_or_direct)
     try:
         answers = await asyncio.gather(
             *(replies.request(subject, str(i).encode(), 5.0) for i in range(20))
@@ -54,15 +39,17 @@ async def test_concurrent_requests_each_get_their_own_answer(client: NatsClient)
     assert replies.waiting == 0
 
 
-async def test_a_subject_nobody_listens_on_answers_no_responders(client: NatsClient) -> None:
-    answer = await Replies(client).request(f"nowhere.{new_id()}", b"", 5.0)
+async def test_a_subject_nobody_listens_on_answers_no_responders(
+    plain_or_direct: NatsClient,
+) -> None:
+    answer = await Replies(plain_or_direct).request(f"nowhere.{new_id()}", b"", 5.0)
     assert no_responders(answer)
 
 
-async def test_silence_is_a_timeout_and_leaves_nothing_waiting(client: NatsClient) -> None:
+async def test_silence_is_a_timeout_and_leaves_nothing_waiting(plain_or_direct: NatsClient) -> None:
     subject = f"silent.{new_id()}"
-    sub = await client.subscribe(subject)  # receives, never answers
-    replies = Replies(client)
+    sub = await plain_or_direct.subscribe(subject)  # receives, never answers
+    replies = Replies(plain_or_direct)
     try:
         with pytest.raises(nats.errors.TimeoutError):
             await replies.request(subject, b"", 0.2)
@@ -72,14 +59,14 @@ async def test_silence_is_a_timeout_and_leaves_nothing_waiting(client: NatsClien
 
 
 async def test_a_batched_direct_get_is_collected_up_to_its_end(
-    client: NatsClient, event_log: EventLog
+    plain_or_direct: NatsClient, event_log: EventLog
 ) -> None:
     cid = new_id()
     head = 0
     for i in range(3):
         title = Title(conversation_id=cid, at=1, event_id=new_id(), title=f"t{i}", source="user")
         head = await event_log.append(cid, [title], head)
-    replies = Replies(client)
+    replies = Replies(plain_or_direct)
     request = {"seq": 1, "batch": 10, "next_by_subj": event_subject(cid)}
     *entries, end = await replies.request_many(DIRECT_GET, msgspec.json.encode(request), 5.0)
     assert end.status == "204" and end.header(b"Nats-Num-Pending") == "0"
