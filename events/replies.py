@@ -5,9 +5,10 @@ task resolves (the answer built into a `Msg`, queued, and awaited under
 `wait_for`), and a batched direct get read through a subscription of its own
 costs a SUB, an UNSUB and a queued `Msg` with email-parsed headers per entry.
 Under load each of those steps waits for a turn of a busy loop: timed inside
-the processes during `parley bench burst`, a new actor's read of its
-conversation took 3.6-8.7 ms p50 and 24 ms p99, the edge's read of a
-conversation's last position 1.5-2.9 ms p50 and 13-29 ms p99.
+the processes during `parley bench burst` (split), a new actor's read of its
+conversation took 3.6-9.4 ms p50 and 24-46 ms p99, the edge's read of a
+conversation's last position 1.5-3.1 ms p50 and 13-34 ms p99; in runs
+alternating with the old code, 2.6-3.4 / 13-17 and 1.8-2.1 / 15-24 ms after.
 
 `Replies` keeps one wildcard subscription per connection for every answer. On
 a `DirectClient` (events.broker) the answers go from the read loop straight to
@@ -47,7 +48,7 @@ class Answer:
         headers = self.headers
         if headers[_STATUS_AT : _STATUS_AT + 1] != b" ":
             return None
-        return headers[_STATUS_AT + 1 : _STATUS_AT + 4].decode()
+        return headers[_STATUS_AT + 1 : _STATUS_AT + 4].decode(errors="replace")
 
     def header(self, name: bytes) -> str | None:
         """The value of header `name` (b"Nats-Sequence"), or None."""
@@ -56,7 +57,7 @@ class Answer:
             return None
         start = at + len(name) + 3
         end = self.headers.find(b"\r\n", start)
-        return self.headers[start:end].strip().decode()
+        return self.headers[start:end].strip().decode(errors="replace")
 
 
 _STATUS_AT = len(b"NATS/1.0")
@@ -88,6 +89,8 @@ class _Waiting:
 
 
 class Replies:
+    """Requests on `nc` whose answers all come back on one subscription of its own."""
+
     def __init__(self, nc: NatsClient) -> None:
         self._nc = nc
         self._prefix = ""
@@ -155,12 +158,13 @@ class Replies:
             self._sub = sub
 
     async def _answered(self, msg: Msg) -> None:
-        # the callback's way: nats.py parsed the headers; a status is all that matters here
+        # the callback's way: nats.py parsed the headers (and the status line into
+        # "Status"); they are written back in the raw form the direct way reads
         raw = b""
         if msg.headers:
             status = msg.headers.get("Status")
             lines = [f"NATS/1.0 {status}" if status else "NATS/1.0"]
-            lines += [f"{k}: {v}" for k, v in msg.headers.items() if k not in ("Status",)]
+            lines += [f"{k}: {v}" for k, v in msg.headers.items() if k != "Status"]
             raw = ("\r\n".join(lines) + "\r\n\r\n").encode()
         self._take(msg.subject.encode(), msg.data, raw)
 
