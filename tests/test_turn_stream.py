@@ -8,7 +8,7 @@ import asyncio
 from actors.writer import AppendTick, EventWriter, TurnStream
 from events.ids import new_id
 from events.log import EventLog
-from events.vocabulary import Chunk, ConversationCreated
+from events.vocabulary import Chunk, ConversationCreated, Title
 
 WAIT_S = 10.0
 
@@ -23,11 +23,11 @@ async def _writer(event_log: EventLog) -> EventWriter:
 
 
 async def _appended(event_log: EventLog, writer: EventWriter, after: int) -> str:
-    """The text of the next entry after `after`, once it is in the log."""
+    """The text of the next chunk after `after`, once it is in the log."""
     async with asyncio.timeout(WAIT_S):
         async for stored in event_log.follow(writer.conversation_id, after):
-            assert isinstance(stored.event, Chunk)
-            return stored.event.text
+            if isinstance(stored.event, Chunk):
+                return stored.event.text
     raise AssertionError("the log's follow ended")
 
 
@@ -61,6 +61,29 @@ async def test_later_text_waits_for_the_next_tick(event_log: EventLog) -> None:
         stream.chunk("answer", "Hello")
         assert await _appended(event_log, writer, writer.seq) == "Hello"
         ticked_at = await _just_ticked(tick)
+        stream.chunk("answer", " world")
+        assert await _appended(event_log, writer, writer.seq) == " world"
+        # the loop may run a timer up to its clock resolution early
+        assert asyncio.get_running_loop().time() - ticked_at >= window_s - 0.002
+    finally:
+        await stream.abort()
+
+
+async def test_a_first_text_that_joins_the_titles_append_is_still_the_first(
+    event_log: EventLog,
+) -> None:
+    # The title goes first in a turn's stream; the first text, arriving while that
+    # append is woken, goes with it. The text after it waits for the tick.
+    window_s = 0.3
+    tick = AppendTick(window_s)
+    writer = await _writer(event_log)
+    ticked_at = await _just_ticked(tick)
+    stream = TurnStream(writer, new_id(), lambda: 2, new_id, tick)
+    try:
+        cid = writer.conversation_id
+        stream.event(Title(conversation_id=cid, at=2, event_id=new_id(), title="t", source="auto"))
+        stream.chunk("answer", "Hello")
+        assert await _appended(event_log, writer, writer.seq) == "Hello"
         stream.chunk("answer", " world")
         assert await _appended(event_log, writer, writer.seq) == " world"
         # the loop may run a timer up to its clock resolution early
