@@ -22,12 +22,13 @@ async def _writer(event_log: EventLog) -> EventWriter:
     return writer
 
 
-async def _appended(event_log: EventLog, writer: EventWriter, after: int) -> str:
-    """The text of the next chunk after `after`, once it is in the log."""
+async def _appended(event_log: EventLog, writer: EventWriter, after: int) -> tuple[int, str]:
+    """The position and text of the next chunk after `after`, once it is in the log
+    (the writer may not have heard its ack yet: its `seq` is no position to wait from)."""
     async with asyncio.timeout(WAIT_S):
         async for stored in event_log.follow(writer.conversation_id, after):
             if isinstance(stored.event, Chunk):
-                return stored.event.text
+                return stored.seq, stored.event.text
     raise AssertionError("the log's follow ended")
 
 
@@ -47,7 +48,7 @@ async def test_a_turns_first_text_does_not_wait_for_the_tick(event_log: EventLog
     stream = TurnStream(writer, new_id(), lambda: 2, new_id, tick)
     try:
         stream.chunk("answer", "Hello")
-        assert await _appended(event_log, writer, writer.seq) == "Hello"
+        assert (await _appended(event_log, writer, writer.seq))[1] == "Hello"
     finally:
         await stream.abort()
 
@@ -59,10 +60,11 @@ async def test_later_text_waits_for_the_next_tick(event_log: EventLog) -> None:
     stream = TurnStream(writer, new_id(), lambda: 2, new_id, tick)
     try:
         stream.chunk("answer", "Hello")
-        assert await _appended(event_log, writer, writer.seq) == "Hello"
+        seq, text = await _appended(event_log, writer, writer.seq)
+        assert text == "Hello"
         ticked_at = await _just_ticked(tick)
         stream.chunk("answer", " world")
-        assert await _appended(event_log, writer, writer.seq) == " world"
+        assert (await _appended(event_log, writer, seq))[1] == " world"
         # the loop may run a timer up to its clock resolution early
         assert asyncio.get_running_loop().time() - ticked_at >= window_s - 0.002
     finally:
@@ -83,9 +85,10 @@ async def test_a_first_text_that_joins_the_titles_append_is_still_the_first(
         cid = writer.conversation_id
         stream.event(Title(conversation_id=cid, at=2, event_id=new_id(), title="t", source="auto"))
         stream.chunk("answer", "Hello")
-        assert await _appended(event_log, writer, writer.seq) == "Hello"
+        seq, text = await _appended(event_log, writer, writer.seq)
+        assert text == "Hello"
         stream.chunk("answer", " world")
-        assert await _appended(event_log, writer, writer.seq) == " world"
+        assert (await _appended(event_log, writer, seq))[1] == " world"
         # the loop may run a timer up to its clock resolution early
         assert asyncio.get_running_loop().time() - ticked_at >= window_s - 0.002
     finally:
