@@ -45,7 +45,6 @@ from api.routes import add_routes
 from events import broker
 from events.log import EventLog, ensure_streams
 from events.publisher import AckedPublisher
-from events.replies import Replies
 from events.turns import TurnRegistry, redis_client
 from projections.db import create_pool
 from projections.store import ReadStore
@@ -119,7 +118,8 @@ async def nats_ctx(app: web.Application) -> AsyncIterator[None]:
     for note in await ensure_streams(app[JS], replicas=app[CONFIG].stream_replicas):
         log.info(note)
     app[LOG] = EventLog(app[JS])
-    app[COMMANDS] = AckedPublisher(Replies(nc))
+    # the commands' acks come back on the log's inbox: one per connection
+    app[COMMANDS] = AckedPublisher(app[LOG].replies)
     yield
     await nc.drain()
 

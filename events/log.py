@@ -124,9 +124,10 @@ class EventLog:
         retry_for_s: float = _RETRY_FOR_S,
     ) -> None:
         self._js = js
-        # appends' acks and reads' answers: one inbox, straight from the read loop
-        self._replies = Replies(js._nc)
-        self._publisher = AckedPublisher(self._replies)
+        # appends' acks and reads' answers: one inbox, straight from the read loop;
+        # other publishes on the same connection wait on it too (the edge's commands)
+        self.replies = Replies(js._nc)
+        self._publisher = AckedPublisher(self.replies)
         self._publish_timeout = publish_timeout
         # how long an append waits for a broker, or a stream leader, that is away
         self._retry_for_s = retry_for_s
@@ -231,7 +232,7 @@ class EventLog:
             request = {"last_by_subj": subject}
         js = self._js
         try:
-            reply = await self._replies.request(
+            reply = await self.replies.request(
                 f"{js._prefix}.STREAM.MSG.GET.{EVT_STREAM}",
                 msgspec.json.encode(request),
                 js._timeout,
@@ -320,7 +321,7 @@ class EventLog:
         if subject is not None:
             request["next_by_subj"] = subject
         try:
-            answers = await self._replies.request_many(
+            answers = await self.replies.request_many(
                 _DIRECT_GET, encode(request), self._publish_timeout
             )
         except nats.errors.TimeoutError as err:
