@@ -117,10 +117,9 @@ async def connect_client(
     return client
 
 
-# (subject, reply, payload) of one message, straight from the client's read loop
-DirectHandler = Callable[[bytes, bytes, bytes], None]
-# the same and the message's raw headers ("NATS/1.0 204 EOB\r\n...", b"" for none)
-RawHandler = Callable[[bytes, bytes, bytes, bytes], None]
+# (subject, reply, payload, raw headers) of one message, straight from the client's
+# read loop; the headers unparsed ("NATS/1.0 204 EOB\r\n...", b"" for none)
+DirectHandler = Callable[[bytes, bytes, bytes, bytes], None]
 
 
 class DirectClient(NatsClient):
@@ -135,41 +134,31 @@ class DirectClient(NatsClient):
     object, no queue, no task switch (py-spy put nats.py's delivery path at
     12-14% of the edge's samples under `parley bench capacity`). Messages with
     a status line (no responders, heartbeats) still take the usual way to the
-    subscription's callback, which the subscription must therefore have.
-    Should a nats.py upgrade rename the hook, messages only take the slower
-    way, never a wrong one (tests/test_broker_delivery.py checks it applies).
-
-    `deliver_everything_directly` is for a plain inbox that reads its own
-    answers, status lines too (events.replies): its function gets every
-    message with its raw header bytes, and the callback none.
+    subscription's callback, which the subscription must therefore have,
+    unless it asks for them too (`statuses=True`: a plain inbox that reads its
+    own answers, events.replies). Should a nats.py upgrade rename the hook,
+    messages only take the slower way, never a wrong one
+    (tests/test_broker_delivery.py checks it applies).
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self._direct: dict[int, DirectHandler] = {}
-        self._raw: dict[int, RawHandler] = {}
+        # sid -> (handler, whether status messages go to it too)
+        self._direct: dict[int, tuple[DirectHandler, bool]] = {}
 
-    def deliver_directly(self, sub: Any, handler: DirectHandler) -> None:
-        self._direct[sub._id] = handler
-
-    def deliver_everything_directly(self, sub: Any, handler: RawHandler) -> None:
-        self._raw[sub._id] = handler
+    def deliver_directly(self, sub: Any, handler: DirectHandler, *, statuses: bool = False) -> None:
+        self._direct[sub._id] = (handler, statuses)
 
     def deliver_as_usual(self, sub: Any) -> None:
         self._direct.pop(sub._id, None)
-        self._raw.pop(sub._id, None)
 
     async def _process_msg(
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
     ) -> None:
         # `headers` is None for a message without any, whatever nats.py's annotation says
-        handler = self._direct.get(sid)
-        if handler is not None and not _is_status(headers):
-            handler(subject, reply, data)
-            return
-        raw = self._raw.get(sid)
-        if raw is not None:
-            raw(subject, reply, data, headers or b"")
+        direct = self._direct.get(sid)
+        if direct is not None and (direct[1] or not _is_status(headers)):
+            direct[0](subject, reply, data, headers or b"")
             return
         await super()._process_msg(sid, subject, reply, data, headers)
 

@@ -143,7 +143,7 @@ class LogFollower:
         async def receive(msg: Msg) -> None:
             accept(msg.reply, msg.data)
 
-        def receive_directly(subject: bytes, reply: bytes, data: bytes) -> None:
+        def receive_directly(subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
             accept(reply.decode(), data)
 
         return receive, receive_directly

@@ -153,7 +153,7 @@ class Replies:
             # nats.py re-creates the subscription after a reconnect, on the same subject
             sub = await self._nc.subscribe(prefix + "*", cb=self._answered)
             if isinstance(self._nc, DirectClient):
-                self._nc.deliver_everything_directly(sub, self._answered_directly)
+                self._nc.deliver_directly(sub, self._answered_directly, statuses=True)
             self._prefix = prefix
             self._sub = sub
 

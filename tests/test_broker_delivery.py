@@ -43,7 +43,7 @@ async def test_messages_go_to_the_handler_and_not_through_the_callback(
 
     all_handed = asyncio.Event()
 
-    def handler(subject: bytes, reply: bytes, data: bytes) -> None:
+    def handler(subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
         handed.append((subject, reply, data))
         if len(handed) == 3:
             all_handed.set()
