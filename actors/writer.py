@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 
 from actors.chunks import Pending, coalesce
@@ -118,8 +119,28 @@ class EventWriter:
             self.state = evolve(self.state, _as_any(event))
 
 
+# The append window adapts to how busy the worker's process is: its CPU time over
+# wall time, sampled about once a second. Below LIGHT_BELOW of a core there is CPU
+# to spare and streamed text waits only the light window (lower per-token latency,
+# more writes); above HEAVY_ABOVE it waits the full window again (fewer, fuller
+# writes: the capacity a saturated machine needs). Between the two the window stays
+# as it is, so the choice does not flap as its own cost moves the figure.
+LIGHT_BELOW = 0.4
+HEAVY_ABOVE = 0.6
+SAMPLE_S = 1.0
+
+
+def choose_window(current_s: float, busy: float, *, light_s: float, full_s: float) -> float:
+    """The next append window, given the process's share of a core since the last sample."""
+    if busy < LIGHT_BELOW:
+        return light_s
+    if busy > HEAVY_ABOVE:
+        return full_s
+    return current_s
+
+
 class AppendTick:
-    """Wakes every turn stream with new text at most once per `window_s`, all at once.
+    """Wakes every turn stream with new text at most once per window, all at once.
 
     One JetStream append per token per stream does not scale: at 1,000 streams
     of 20 tokens/s, py-spy showed the worker spending a fifth of its time in the
@@ -129,18 +150,34 @@ class AppendTick:
     window also sends them as one chunk.
 
     The tick leads: text after a quiet window goes out in the next loop
-    iteration, and only text within `window_s` of the last tick waits for the
+    iteration, and only text within the window of the last tick waits for the
     next one. A lone stream (a viewer-heavy conversation at 50 tokens/s) thus
-    pays nothing, and a busy worker still ticks at most once per window. The
-    window is the latency this adds at most (README: Configuration,
-    PARLEY_APPEND_WINDOW_MS). `window_s` 0: every stream appends as soon as it has text.
+    pays nothing, and a busy worker still ticks at most once per window.
+
+    The window is `window_s` (PARLEY_APPEND_WINDOW_MS) while the process is busy
+    and `light_window_s` (PARLEY_APPEND_WINDOW_LIGHT_MS) while it has CPU to
+    spare (`choose_window`). It is the latency this adds at most (README:
+    Configuration). `window_s` 0: every stream appends as soon as it has text.
     """
 
-    def __init__(self, window_s: float) -> None:
+    def __init__(
+        self,
+        window_s: float,
+        light_window_s: float | None = None,
+        *,
+        cpu_time: Callable[[], float] = time.process_time,
+        wall_time: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.full_window_s = window_s
+        self.light_window_s = window_s if light_window_s is None else min(light_window_s, window_s)
         self.window_s = window_s
+        self._cpu_time = cpu_time
+        self._wall_time = wall_time
         self._waiting: list[asyncio.Event] = []
         self._scheduled = False
         self._last_tick = float("-inf")
+        self._sampled_at: float | None = None
+        self._cpu_at = 0.0
 
     def wake(self, event: asyncio.Event) -> None:
         if self.window_s <= 0:
@@ -160,9 +197,25 @@ class AppendTick:
     def _fire(self) -> None:
         self._scheduled = False
         self._last_tick = asyncio.get_running_loop().time()
+        if self.light_window_s < self.full_window_s:
+            self._sample(self._wall_time())
         waiting, self._waiting = self._waiting, []
         for event in waiting:
             event.set()
+
+    def _sample(self, now: float) -> None:
+        if self._sampled_at is None:
+            self._sampled_at, self._cpu_at = now, self._cpu_time()
+            return
+        elapsed = now - self._sampled_at
+        if elapsed < SAMPLE_S:
+            return
+        cpu = self._cpu_time()
+        busy = (cpu - self._cpu_at) / elapsed
+        self._sampled_at, self._cpu_at = now, cpu
+        self.window_s = choose_window(
+            self.window_s, busy, light_s=self.light_window_s, full_s=self.full_window_s
+        )
 
 
 NO_TICK = AppendTick(0.0)

@@ -91,6 +91,7 @@ async def _dev(
             tool_specs=settings.tools,
             shutdown_grace_s=settings.shutdown_grace_s,
             append_window_s=settings.append_window_ms / 1000,
+            append_window_light_s=settings.append_window_light_ms / 1000,
             webhook=webhook_settings(settings),
             limits=settings.limits,
         )
@@ -168,6 +169,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             tool_specs=settings.tools,
             shutdown_grace_s=settings.shutdown_grace_s,
             append_window_s=settings.append_window_ms / 1000,
+            append_window_light_s=settings.append_window_light_ms / 1000,
             webhook=webhook_settings(settings),
             limits=settings.limits,
             metrics_port=settings.metrics_port,

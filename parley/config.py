@@ -60,6 +60,7 @@ class Settings(msgspec.Struct, frozen=True):
     tools: tuple[str, ...] = ()  # PARLEY_TOOLS: module:attribute specs of more tools
     shutdown_grace_s: float = 10.0  # how long a stopping worker lets turns finish
     append_window_ms: float = 5.0  # how long streamed text waits to share an append
+    append_window_light_ms: float = 1.0  # ... while the worker has CPU to spare
     limits: EdgeLimits = EdgeLimits()
     log_format: str = "text"  # or "json"
     max_projection_lag: int = 10_000  # /readyz: unready beyond this many events behind (0: never)
@@ -130,6 +131,9 @@ def settings_from_env(env: Mapping[str, str], data_dir: str | Path | None = None
         ),
         shutdown_grace_s=_float(get("PARLEY_SHUTDOWN_GRACE_S"), 10.0, "PARLEY_SHUTDOWN_GRACE_S"),
         append_window_ms=_float(get("PARLEY_APPEND_WINDOW_MS"), 5.0, "PARLEY_APPEND_WINDOW_MS"),
+        append_window_light_ms=_float(
+            get("PARLEY_APPEND_WINDOW_LIGHT_MS"), 1.0, "PARLEY_APPEND_WINDOW_LIGHT_MS"
+        ),
         limits=_limits(get),
         log_format=_log_format(get("PARLEY_LOG_FORMAT")),
         max_projection_lag=_int(

@@ -117,6 +117,8 @@ class ServiceOptions(msgspec.Struct, frozen=True, kw_only=True):
     shutdown_grace_s: float = 10.0
     # streamed text waits up to this long to share an append (actors.writer.AppendTick)
     append_window_s: float = 0.005
+    # ... and this long while the worker has CPU to spare
+    append_window_light_s: float = 0.001
     model_retry_base_s: float = 0.5
     decision_wait_s: float = 5.0  # how long a POST waits for the actor's accept/refuse
     # how long a worker's append waits for a broker that is away before its turn
@@ -273,7 +275,9 @@ class Services:
             # half the server's limit: headers and a margin ride in the same message
             max_event_bytes=min(512 * 1024, nc.max_payload // 2),
             observer=self.metrics,
-            append_tick=AppendTick(self.options.append_window_s),
+            append_tick=AppendTick(
+                self.options.append_window_s, self.options.append_window_light_s
+            ),
         )
         worker = self.worker = WorkerHost(
             js,
