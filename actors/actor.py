@@ -24,12 +24,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import redis.exceptions
 
 from actors.billing import Accounts, Usage
 from actors.decide import (
+    ModelChoice,
     Rejected,
     TurnTotals,
     choose_payer,
@@ -42,13 +43,21 @@ from actors.decide import (
     next_turn,
 )
 from actors.models import ModelSpec, active_version, choose_model
-from actors.state import Conversation, QueuedTurn
+from actors.state import Conversation, QueuedTurn, evolve_all
 from actors.turn import ActorContext, TurnRunner
 from actors.writer import EventWriter
 from events.billing import preflight_estimate, project_account
 from events.errors import EventLogError, describe
 from events.turns import TurnRecord
-from events.vocabulary import AnyCommand, CancelTurn, Event, Prices, SendMessage, TurnCommand
+from events.vocabulary import (
+    AnyCommand,
+    CancelTurn,
+    Event,
+    Prices,
+    SendMessage,
+    Started,
+    TurnCommand,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +107,7 @@ class ConversationActor:
         self.runner: TurnRunner | None = None
         self._loaded = False
         self._drain: asyncio.Task[None] | None = None
+        self._prestart: _Prestart | None = None
         self._tasks: asyncio.TaskGroup | None = None
 
     @property
@@ -224,21 +234,37 @@ class ConversationActor:
     async def _request(self, cmd: TurnCommand, settle: Settlement) -> None:
         now = self.ctx.clock()
         outcome: list[Event] | Rejected = []
+        before = self.writer.seq
+        # An idle conversation's request starts its turn in the same append: one
+        # round trip less before the first token. Not a project's turn: whom it
+        # bills is looked up first (`_payer`), and it may be refused before it runs.
+        start_now = (
+            not self.state.busy
+            and self.state.project_id is None
+            and (self._drain is None or self._drain.done())
+        )
+        prestart: _Prestart | None = None
         if not self.state.busy:
             # Announced before it is accepted: a viewer that joins without a
             # position must find where this conversation's next turn begins.
-            await self._record_turn("", self.writer.seq)
+            await self._record_turn("", before)
 
         def decide(state: Conversation) -> Sequence[Event]:
-            nonlocal outcome
+            nonlocal outcome, prestart
             outcome = decide_request(state, cmd, now, self.ctx.new_id)
             if not isinstance(outcome, Rejected):
+                if start_now and outcome and not state.busy:
+                    prestart = self._start_with(state, cmd, outcome, now, before)
+                    if prestart is not None:
+                        return [*outcome, prestart.started]
                 return outcome
             if not state.exists:
                 return []  # nowhere to record it
             return [decide_rejection(state, cmd, outcome, now, self.ctx.new_id)]
 
         await self.writer.append_decided(decide)
+        if prestart is not None:
+            self._prestart = prestart
         if not self.state.busy and (self._drain is None or self._drain.done()):
             await self._forget_turn()
         if isinstance(outcome, Rejected):
@@ -261,11 +287,33 @@ class ConversationActor:
         if interrupts:
             self.cancel(None, "superseded")
 
+    def _start_with(
+        self,
+        state: Conversation,
+        cmd: TurnCommand,
+        accepted: Sequence[Event],
+        now: int,
+        after: int,
+    ) -> _Prestart | None:
+        """`started` for `cmd`, whose request was just `accepted` on an idle `state`, if
+        it is the queue's head once folded in (None: it starts as queued turns do)."""
+        folded = evolve_all(state, accepted)
+        queued = next_turn(folded)
+        if queued is None or queued.command_id != cmd.command_id:
+            return None
+        spec = self._model_spec(queued.model)
+        choice = choose_model(spec)
+        turn_id = self.ctx.new_id()
+        decided = decide_start(folded, queued, choice, now, self.ctx.new_id, turn_id, None)
+        if not decided or not isinstance(decided[0], Started):
+            return None
+        return _Prestart(turn_id, decided[0], decided[1:], spec, choice, after)
+
     def _kick(self) -> None:
         """Start the queue's head if no turn runs."""
         if self._tasks is None or (self._drain is not None and not self._drain.done()):
             return
-        if next_turn(self.state) is not None:
+        if self._prestart is not None or next_turn(self.state) is not None:
             self._drain = self._tasks.create_task(
                 self._drain_queue(), name=f"drain-{self.conversation_id}"
             )
@@ -273,6 +321,10 @@ class ConversationActor:
     async def _drain_queue(self) -> None:
         try:
             while True:
+                if (prestart := self._prestart) is not None:
+                    self._prestart = None
+                    await self._run_started(prestart)
+                    await self._settle_finished()
                 while (queued := next_turn(self.state)) is not None:
                     await self._run_one(queued)
                     await self._settle_finished()
@@ -339,15 +391,31 @@ class ConversationActor:
                 follow = []
                 if not await self._preflight(spec, choice.prices, payer, priced):
                     return
-            runner = TurnRunner(self.ctx, self.writer, spec, choice, first=follow)
-            self.runner = runner
-            try:
-                await runner.run()
-            finally:
-                self.runner = None
+            await self._run_turn(spec, choice, follow)
         finally:
             await announce
         await self._charge_last()
+
+    async def _run_started(self, prestart: _Prestart) -> None:
+        """Run the turn its request started in the same append (`_request`)."""
+        announce = asyncio.create_task(self._record_turn(prestart.turn_id, prestart.after))
+        try:
+            active = self.state.active
+            if active is None or active.turn_id != prestart.turn_id:
+                return  # the view was refused and forgotten since: the log decides again
+            await self._run_turn(prestart.spec, prestart.choice, prestart.follow)
+        finally:
+            await announce
+
+    async def _run_turn(
+        self, spec: ModelSpec, choice: ModelChoice, follow: Sequence[Event]
+    ) -> None:
+        runner = TurnRunner(self.ctx, self.writer, spec, choice, first=follow)
+        self.runner = runner
+        try:
+            await runner.run()
+        finally:
+            self.runner = None
 
     async def _payer(self, queued: QueuedTurn) -> str | None:
         project = self.state.project_id
@@ -467,6 +535,17 @@ class ConversationActor:
                 "turn record not released; it expires",
                 extra={"conversation_id": self.conversation_id, "error": describe(err)},
             )
+
+
+class _Prestart(NamedTuple):
+    """A turn started in the append that accepted its request, not yet running."""
+
+    turn_id: str
+    started: Started
+    follow: Sequence[Event]  # decided with `started`, first in the turn's stream (its title)
+    spec: ModelSpec
+    choice: ModelChoice
+    after: int  # the log's position before the request
 
 
 def _placeholder(conversation_id: str, command_id: str) -> SendMessage:

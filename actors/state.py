@@ -31,6 +31,7 @@ from events.vocabulary import (
     ContentPart,
     ConversationCreated,
     Done,
+    Event,
     Failed,
     Prices,
     Started,
@@ -269,6 +270,14 @@ def evolve(state: Conversation, event: AnyEvent | Unreadable) -> Conversation:
             )
         case _:
             return state
+
+
+def evolve_all(state: Conversation, events: Iterable[Event]) -> Conversation:
+    """Fold events just decided or appended, in order."""
+    for event in events:
+        # Every concrete Event subclass is a member of AnyEvent; this narrows the static type.
+        state = evolve(state, event)  # type: ignore[arg-type]
+    return state
 
 
 def fold(state: Conversation, events: Iterable[AnyEvent | Unreadable]) -> Conversation:

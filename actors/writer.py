@@ -24,11 +24,11 @@ from collections.abc import Callable, Sequence
 
 from actors.chunks import Pending, coalesce
 from actors.sizing import fit
-from actors.state import Conversation, evolve
+from actors.state import Conversation, evolve, evolve_all
 from events.codec import Unreadable
 from events.errors import EventLogConflict
 from events.log import EventLog
-from events.vocabulary import AnyEvent, ChunkKind, Event
+from events.vocabulary import ChunkKind, Event
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,7 @@ class EventWriter:
             self.seq = 0
             self.stale = True
             raise
-        for event in fitted:
-            self.state = evolve(self.state, _as_any(event))
+        self.state = evolve_all(self.state, fitted)
 
 
 # The append window adapts to how busy the worker's process is: its CPU time over
@@ -316,8 +315,3 @@ class TurnStream:
         except BaseException as err:
             self._error = err
             raise
-
-
-def _as_any(event: Event) -> AnyEvent:
-    # Every concrete Event subclass is a member of AnyEvent; this narrows the static type.
-    return event  # type: ignore[return-value]

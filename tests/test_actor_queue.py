@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
@@ -309,3 +310,59 @@ async def test_a_turns_title_does_not_hold_up_its_model_request(
     kinds = [type(s.event).__name__ for s in await event_log.read(cid)]
     assert kinds[:5] == ["ConversationCreated", "UserMessage", "Started", "Title", "Chunk"], kinds
     assert kinds[-1] == "Done"
+
+
+class AppendLog(EventLog):
+    """The real log, remembering which events went out in each append."""
+
+    def __init__(self, js: JetStreamContext) -> None:
+        super().__init__(js)
+        self.appends: list[list[str]] = []
+
+    async def append_to(self, subject: str, events: Sequence[Event], expected_seq: int) -> int:
+        self.appends.append([type(e).__name__ for e in events])
+        return await super().append_to(subject, events, expected_seq)
+
+
+async def test_an_idle_conversations_request_starts_its_turn_in_the_same_append(
+    stack: Servers, nc: NatsClient, event_log: EventLog, demo_model_url: str
+) -> None:
+    """`user_message` and `started` were two appends, one after the other, on every
+    turn's way to its first token. On an idle conversation they are now one; a
+    request queued behind a running turn is still accepted alone and started when
+    its turn comes."""
+    counted = AppendLog(nc.jetstream())
+    async with aiohttp.ClientSession() as http:
+        ctx = _context(counted, TurnRegistry(redis_client(stack.redis_url)), http, demo_model_url)
+        cid = new_id()
+        created = ConversationCreated(conversation_id=cid, at=1, event_id=new_id(), user_id="u")
+        await event_log.append(cid, [created], 0)
+        actor = ConversationActor(cid, ctx)
+        inbox: Inbox = asyncio.Queue()
+        running = asyncio.create_task(actor.run(inbox, idle_s=30))
+        try:
+            first = _message(cid, "the first [[tokens=40]]")
+            inbox.put_nowait((first, Delivery()))
+            await until(
+                event_log, cid, lambda es: any(isinstance(e, Started) for e in es), "first started"
+            )
+            queued = msgspec.structs.replace(
+                _message(cid, "the second [[tokens=3]]"), on_busy="enqueue"
+            )
+            inbox.put_nowait((queued, Delivery()))
+            await until(
+                event_log,
+                cid,
+                lambda es: sum(isinstance(e, Done) for e in es) == 2,
+                "both turns ended",
+            )
+        finally:
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+    assert counted.appends[0] == ["UserMessage", "Started"], counted.appends
+    kinds = [type(s.event).__name__ for s in await event_log.read(cid)]
+    assert kinds[:5] == ["ConversationCreated", "UserMessage", "Started", "Title", "Chunk"], kinds
+    # the queued request: accepted alone while the first turn ran, started after its end
+    first_done = kinds.index("Done")
+    assert "UserMessage" in kinds[2:first_done] and kinds[first_done + 1] == "Started", kinds
+    assert ["UserMessage"] in counted.appends and ["Started"] in counted.appends
