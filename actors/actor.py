@@ -57,6 +57,7 @@ from events.vocabulary import (
     SendMessage,
     Started,
     TurnCommand,
+    TurnRequest,
 )
 
 log = logging.getLogger(__name__)
@@ -153,8 +154,20 @@ class ConversationActor:
         self._kick()
 
     async def handle(self, cmd: AnyCommand, settle: Settlement) -> None:
+        announced: asyncio.Task[None] | None = None
         try:
             if not self._loaded:
+                if (
+                    isinstance(cmd, TurnRequest)
+                    and cmd.after is not None
+                    and self.writer.seq == 0
+                    and self.runner is None
+                ):
+                    # A new actor announces the request while it reads the conversation,
+                    # from where the edge read the log's end before publishing it: no
+                    # turn of this request starts earlier (see `_request`). A Redis
+                    # round trip less on a fresh conversation's way to its first token.
+                    announced = asyncio.create_task(self._record_turn("", cmd.after))
                 await self.writer.catch_up()
                 self._loaded = True
                 await self._close_orphan()
@@ -175,7 +188,8 @@ class ConversationActor:
                 await settle.nak(delay=1.0)
                 return
             else:
-                await self._request(cmd, settle)
+                await self._request(cmd, settle, announced)
+                announced = None
         except EventLogError as err:
             # the log refused (another writer: reload) or is away: try again later
             self._loaded = False
@@ -193,6 +207,11 @@ class ConversationActor:
             self.held.pop(cmd.command_id, None)
             await self._retry_or_refuse(cmd, settle)
             return
+        finally:
+            if announced is not None:  # its request was not decided: take it back
+                await announced
+                if not self.state.busy:
+                    await self._forget_turn()
         self._kick()
 
     async def _retry_or_refuse(self, cmd: AnyCommand, settle: Settlement) -> None:
@@ -231,7 +250,9 @@ class ConversationActor:
             return False
         return runner.cancel(reason)
 
-    async def _request(self, cmd: TurnCommand, settle: Settlement) -> None:
+    async def _request(
+        self, cmd: TurnCommand, settle: Settlement, announced: asyncio.Task[None] | None = None
+    ) -> None:
         now = self.ctx.clock()
         outcome: list[Event] | Rejected = []
         before = self.writer.seq
@@ -244,7 +265,9 @@ class ConversationActor:
             and (self._drain is None or self._drain.done())
         )
         prestart: _Prestart | None = None
-        if not self.state.busy:
+        if announced is not None:
+            await announced
+        elif not self.state.busy:
             # Announced before it is accepted: a viewer that joins without a
             # position must find where this conversation's next turn begins.
             await self._record_turn("", before)
@@ -514,17 +537,21 @@ class ConversationActor:
 
     # The turn record in Redis tells the edge where the running turn starts and
     # which turn a cancel stops. It is a hint, not the truth (the log is): when
-    # Redis is away, turns run without it.
+    # Redis is away, or writing it fails at all, turns run without it.
     async def _record_turn(self, turn_id: str, after: int) -> None:
-        record = TurnRecord(
-            worker=self.ctx.worker_id, turn_id=turn_id, after=after, at=self.ctx.clock()
-        )
         try:
+            record = TurnRecord(
+                worker=self.ctx.worker_id, turn_id=turn_id, after=after, at=self.ctx.clock()
+            )
             await self.ctx.turns.put(self.conversation_id, record)
         except (redis.exceptions.RedisError, OSError) as err:
             log.warning(
                 "turn record not written",
                 extra={"conversation_id": self.conversation_id, "error": describe(err)},
+            )
+        except Exception:
+            log.exception(
+                "turn record not written", extra={"conversation_id": self.conversation_id}
             )
 
     async def _forget_turn(self) -> None:

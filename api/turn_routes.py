@@ -250,7 +250,7 @@ async def submit(
     refusal is raised as the error the client gets (409 busy, 404, ...)."""
     digest = request_digest(digest_of)
     record, fresh = await _idempotency(request, conversation_id, idempotency_key, digest)
-    command = build(record)
+    command = msgspec.structs.replace(build(record), after=record.after)
     # Published again for a repeated key too: whether or not the first request
     # got as far as publishing, the command is applied exactly once in effect.
     # Nats-Msg-Id drops a copy within the duplicate window, and the actor drops

@@ -310,14 +310,22 @@ class Command(msgspec.Struct, tag_field="type", frozen=True, kw_only=True):
     at: int
 
 
-class SendMessage(Command, tag="send_message", frozen=True):
+class TurnRequest(Command, frozen=True, kw_only=True):
+    """A command that asks for a turn."""
+
+    # the log's end as the edge read it before publishing: where this request's turn
+    # begins at the earliest (the actor announces it from there)
+    after: int | None = None
+
+
+class SendMessage(TurnRequest, tag="send_message", frozen=True):
     message_id: str
     content: str
     model: str | None = None
     on_busy: OnBusy = "reject"
 
 
-class EditMessage(Command, tag="edit_message", frozen=True):
+class EditMessage(TurnRequest, tag="edit_message", frozen=True):
     """A new version of a user message, and a new turn that answers it."""
 
     message_id: str  # the new version's id
@@ -327,7 +335,7 @@ class EditMessage(Command, tag="edit_message", frozen=True):
     on_busy: OnBusy = "reject"
 
 
-class Regenerate(Command, tag="regenerate", frozen=True):
+class Regenerate(TurnRequest, tag="regenerate", frozen=True):
     """A new version of an assistant answer: a new turn for the same user message."""
 
     message_id: str  # the assistant message (any version) to answer again

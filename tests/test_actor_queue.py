@@ -28,7 +28,7 @@ from actors.turn import ActorContext
 from actors.writer import EventWriter
 from events.errors import EventLogConflict
 from events.ids import new_id
-from events.log import EventLog
+from events.log import EventLog, StoredEvent
 from events.turns import TurnRegistry, redis_client
 from events.vocabulary import (
     CancelTurn,
@@ -366,3 +366,50 @@ async def test_an_idle_conversations_request_starts_its_turn_in_the_same_append(
     first_done = kinds.index("Done")
     assert "UserMessage" in kinds[2:first_done] and kinds[first_done + 1] == "Started", kinds
     assert ["UserMessage"] in counted.appends and ["Started"] in counted.appends
+
+
+class ReadGatedLog(EventLog):
+    """The real log, whose reads wait until `gate` is set."""
+
+    def __init__(self, js: JetStreamContext, gate: asyncio.Event) -> None:
+        super().__init__(js)
+        self.gate = gate
+
+    async def read(self, conversation_id: str, after: int = 0) -> list[StoredEvent]:
+        async with asyncio.timeout(10):
+            await self.gate.wait()
+        return await super().read(conversation_id, after)
+
+
+async def test_a_new_actor_announces_a_request_while_it_reads_the_conversation(
+    stack: Servers, nc: NatsClient, event_log: EventLog, demo_model_url: str
+) -> None:
+    """A new actor read the conversation, then wrote the turn record to Redis, then
+    accepted: two round trips one after the other. The request carries where the edge
+    read the log's end, so the record is written from there while the read runs.
+    Here the read is held until the record is in; before the change it never was."""
+    gate = asyncio.Event()
+    registry = TurnRegistry(redis_client(stack.redis_url))
+    async with aiohttp.ClientSession() as http:
+        ctx = _context(ReadGatedLog(nc.jetstream(), gate), registry, http, demo_model_url)
+        cid = new_id()
+        created = ConversationCreated(conversation_id=cid, at=1, event_id=new_id(), user_id="u")
+        head = await event_log.append(cid, [created], 0)
+        actor = ConversationActor(cid, ctx)
+        inbox: Inbox = asyncio.Queue()
+        running = asyncio.create_task(actor.run(inbox, idle_s=30))
+        try:
+            request = msgspec.structs.replace(_message(cid, "hello [[tokens=3]]"), after=head)
+            inbox.put_nowait((request, Delivery()))
+            async with asyncio.timeout(10):
+                while (record := await registry.get(cid)) is None:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            assert record.after == head and record.turn_id == ""
+            gate.set()
+            await until(
+                event_log, cid, lambda es: any(isinstance(e, Done) for e in es), "the turn ended"
+            )
+        finally:
+            gate.set()
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)

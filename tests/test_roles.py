@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import itertools
+import logging
 import os
 import signal
 import subprocess
@@ -201,17 +201,20 @@ async def test_a_command_that_crashes_its_actor_again_and_again_is_given_up_visi
     own_stack: Servers, own_nc: NatsClient, demo_model_url: str, http: aiohttp.ClientSession
 ) -> None:
     js = own_nc.jetstream()
-    calls = itertools.count()
+    crashes = CrashCounter()
 
-    def clock_that_fails_five_times() -> int:
-        # every delivery's first step reads the clock: the first five crash the actor
-        if next(calls) < 5:
+    def clock_that_crashes_five_deliveries() -> int:
+        # every delivery reads the clock before it decides: until the actor has
+        # logged five crashed deliveries, reading it is a bug
+        if crashes.count < 5:
             raise RuntimeError("a bug in the actor")
         import time
 
         return time.time_ns()
 
     redis = redis_client(own_stack.redis_url)
+    actor_log = logging.getLogger("actors.actor")
+    actor_log.addHandler(crashes)
     async with (
         aiohttp.ClientSession() as model_http,
         roles(own_stack, demo_model_url, "edge") as edge,
@@ -224,7 +227,7 @@ async def test_a_command_that_crashes_its_actor_again_and_again_is_given_up_visi
             default_base_url=demo_model_url,
             default_api_key=None,
             worker_id="crashing-worker",
-            clock=clock_that_fails_five_times,
+            clock=clock_that_crashes_five_deliveries,
         )
         worker = WorkerHost(js, ctx)
         stopping = asyncio.Event()
@@ -252,10 +255,24 @@ async def test_a_command_that_crashes_its_actor_again_and_again_is_given_up_visi
                     assert response.status == 409, body
                     code = body["error"]["code"]
         finally:
+            actor_log.removeHandler(crashes)
             stopping.set()
             await asyncio.wait_for(task, 15)
             await redis.aclose()
     assert code == "internal_error"
+    assert crashes.count == 5
+
+
+class CrashCounter(logging.Handler):
+    """Counts the deliveries an actor logged as crashed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == "command failed":
+            self.count += 1
 
 
 # ---------------------------------------------------------------- many workers
