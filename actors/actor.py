@@ -429,6 +429,7 @@ class ConversationActor:
             await self._run_turn(prestart.spec, prestart.choice, prestart.follow)
         finally:
             await announce
+        await self._charge_last()  # an earlier billed turn's, if it is still owed
 
     async def _run_turn(
         self, spec: ModelSpec, choice: ModelChoice, follow: Sequence[Event]

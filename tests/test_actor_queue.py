@@ -12,6 +12,7 @@ chance: the registry is the real one, on the real Redis, only made to wait.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -116,9 +117,7 @@ async def test_a_message_sent_while_the_last_turn_is_being_wrapped_up_still_gets
         return _message(cid, f"{text} [[tokens=5]]")
 
     actor = ConversationActor(cid, ctx)
-    inbox: Inbox = asyncio.Queue()
-    running = asyncio.create_task(actor.run(inbox, idle_s=30))
-    try:
+    async with _running(actor) as inbox:
         first, second = send("one"), send("two")
         registry.hold = True
         inbox.put_nowait((first, Delivery()))
@@ -150,9 +149,6 @@ async def test_a_message_sent_while_the_last_turn_is_being_wrapped_up_still_gets
             lambda events: sum(isinstance(e, Done) for e in events) == 2,
             "the second turn ended",
         )
-    finally:
-        running.cancel()
-        await asyncio.gather(running, return_exceptions=True)
 
 
 async def test_a_message_reaching_an_actor_whose_view_the_log_refused_is_handed_back(
@@ -165,13 +161,9 @@ async def test_a_message_reaching_an_actor_whose_view_the_log_refused_is_handed_
     recorded nowhere, and acked: lost."""
     registry = TurnRegistry(redis_client(stack.redis_url))
     ctx = _context(event_log, registry, http, "http://127.0.0.1:1/v1")
-    cid = new_id()
-    created = ConversationCreated(conversation_id=cid, at=1, event_id=new_id(), user_id="u")
-    head = await event_log.append(cid, [created], 0)
+    cid, head = await _conversation(event_log)
     actor = ConversationActor(cid, ctx)
-    inbox: Inbox = asyncio.Queue()
-    running = asyncio.create_task(actor.run(inbox, idle_s=30))
-    try:
+    async with _running(actor) as inbox:
         loaded = Delivery()
         cancel = CancelTurn(conversation_id=cid, command_id=new_id(), user_id="u", at=1)
         inbox.put_nowait((cancel, loaded))
@@ -188,9 +180,25 @@ async def test_a_message_reaching_an_actor_whose_view_the_log_refused_is_handed_
         assert delivery.settled == ["nak"]
         events = [s.event for s in await event_log.read(cid)]
         assert not any(isinstance(e, CommandRejected) for e in events), events
+
+
+@contextlib.asynccontextmanager
+async def _running(actor: ConversationActor) -> AsyncIterator[Inbox]:
+    """The actor running on an inbox of its own, stopped at the end."""
+    inbox: Inbox = asyncio.Queue()
+    running = asyncio.create_task(actor.run(inbox, idle_s=30))
+    try:
+        yield inbox
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
+
+
+async def _conversation(event_log: EventLog) -> tuple[str, int]:
+    """A new conversation in the log: its id, and the log's position after it."""
+    cid = new_id()
+    created = ConversationCreated(conversation_id=cid, at=1, event_id=new_id(), user_id="u")
+    return cid, await event_log.append(cid, [created], 0)
 
 
 def _context(
@@ -235,9 +243,7 @@ async def test_a_writer_whose_append_was_refused_decides_nothing_until_it_reads_
     """The race inside the one above: a request's decision waited for the writer's lock
     while the turn's append held it and was refused. It must not be decided on the
     empty view that refusal left."""
-    cid = new_id()
-    created = ConversationCreated(conversation_id=cid, at=1, event_id=new_id(), user_id="u")
-    head = await event_log.append(cid, [created], 0)
+    cid, head = await _conversation(event_log)
     writer = EventWriter(cid, event_log, max_event_bytes=64 * 1024, new_id=new_id)
     await writer.catch_up()
     await event_log.append(cid, [_title(cid, "theirs")], head)
@@ -293,20 +299,13 @@ async def test_a_turns_title_does_not_hold_up_its_model_request(
         gated = TitleGatedLog(nc.jetstream(), requested)
         registry = TurnRegistry(redis_client(stack.redis_url))
         ctx = _context(gated, registry, http, demo_model_url)
-        cid = new_id()
-        created = ConversationCreated(conversation_id=cid, at=1, event_id=new_id(), user_id="u")
-        await event_log.append(cid, [created], 0)
+        cid, _ = await _conversation(event_log)
         actor = ConversationActor(cid, ctx)
-        inbox: Inbox = asyncio.Queue()
-        running = asyncio.create_task(actor.run(inbox, idle_s=30))
-        try:
+        async with _running(actor) as inbox:
             inbox.put_nowait((_message(cid, "a title for this [[tokens=5]]"), Delivery()))
             await until(
                 event_log, cid, lambda es: any(isinstance(e, Done) for e in es), "the turn ended"
             )
-        finally:
-            running.cancel()
-            await asyncio.gather(running, return_exceptions=True)
     kinds = [type(s.event).__name__ for s in await event_log.read(cid)]
     assert kinds[:5] == ["ConversationCreated", "UserMessage", "Started", "Title", "Chunk"], kinds
     assert kinds[-1] == "Done"
@@ -334,13 +333,9 @@ async def test_an_idle_conversations_request_starts_its_turn_in_the_same_append(
     counted = AppendLog(nc.jetstream())
     async with aiohttp.ClientSession() as http:
         ctx = _context(counted, TurnRegistry(redis_client(stack.redis_url)), http, demo_model_url)
-        cid = new_id()
-        created = ConversationCreated(conversation_id=cid, at=1, event_id=new_id(), user_id="u")
-        await event_log.append(cid, [created], 0)
+        cid, _ = await _conversation(event_log)
         actor = ConversationActor(cid, ctx)
-        inbox: Inbox = asyncio.Queue()
-        running = asyncio.create_task(actor.run(inbox, idle_s=30))
-        try:
+        async with _running(actor) as inbox:
             first = _message(cid, "the first [[tokens=40]]")
             inbox.put_nowait((first, Delivery()))
             await until(
@@ -356,9 +351,6 @@ async def test_an_idle_conversations_request_starts_its_turn_in_the_same_append(
                 lambda es: sum(isinstance(e, Done) for e in es) == 2,
                 "both turns ended",
             )
-        finally:
-            running.cancel()
-            await asyncio.gather(running, return_exceptions=True)
     assert counted.appends[0] == ["UserMessage", "Started"], counted.appends
     kinds = [type(s.event).__name__ for s in await event_log.read(cid)]
     assert kinds[:5] == ["ConversationCreated", "UserMessage", "Started", "Title", "Chunk"], kinds
@@ -392,24 +384,22 @@ async def test_a_new_actor_announces_a_request_while_it_reads_the_conversation(
     registry = TurnRegistry(redis_client(stack.redis_url))
     async with aiohttp.ClientSession() as http:
         ctx = _context(ReadGatedLog(nc.jetstream(), gate), registry, http, demo_model_url)
-        cid = new_id()
-        created = ConversationCreated(conversation_id=cid, at=1, event_id=new_id(), user_id="u")
-        head = await event_log.append(cid, [created], 0)
+        cid, head = await _conversation(event_log)
         actor = ConversationActor(cid, ctx)
-        inbox: Inbox = asyncio.Queue()
-        running = asyncio.create_task(actor.run(inbox, idle_s=30))
-        try:
-            request = msgspec.structs.replace(_message(cid, "hello [[tokens=3]]"), after=head)
-            inbox.put_nowait((request, Delivery()))
-            async with asyncio.timeout(10):
-                while (record := await registry.get(cid)) is None:  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)
-            assert record.after == head and record.turn_id == ""
-            gate.set()
-            await until(
-                event_log, cid, lambda es: any(isinstance(e, Done) for e in es), "the turn ended"
-            )
-        finally:
-            gate.set()
-            running.cancel()
-            await asyncio.gather(running, return_exceptions=True)
+        async with _running(actor) as inbox:
+            try:
+                request = msgspec.structs.replace(_message(cid, "hello [[tokens=3]]"), after=head)
+                inbox.put_nowait((request, Delivery()))
+                async with asyncio.timeout(10):
+                    while (record := await registry.get(cid)) is None:  # noqa: ASYNC110
+                        await asyncio.sleep(0.01)
+                assert record.after == head and record.turn_id == ""
+                gate.set()
+                await until(
+                    event_log,
+                    cid,
+                    lambda es: any(isinstance(e, Done) for e in es),
+                    "the turn ended",
+                )
+            finally:
+                gate.set()
