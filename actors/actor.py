@@ -43,7 +43,7 @@ from actors.decide import (
     next_turn,
 )
 from actors.models import ModelSpec, active_version, choose_model
-from actors.state import Conversation, QueuedTurn, evolve_all
+from actors.state import Conversation, QueuedTurn, fold
 from actors.turn import ActorContext, TurnRunner
 from actors.writer import EventWriter
 from events.billing import preflight_estimate, project_account
@@ -320,7 +320,7 @@ class ConversationActor:
     ) -> _Prestart | None:
         """`started` for `cmd`, whose request was just `accepted` on an idle `state`, if
         it is the queue's head once folded in (None: it starts as queued turns do)."""
-        folded = evolve_all(state, accepted)
+        folded = fold(state, accepted)
         queued = next_turn(folded)
         if queued is None or queued.command_id != cmd.command_id:
             return None

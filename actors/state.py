@@ -272,17 +272,11 @@ def evolve(state: Conversation, event: AnyEvent | Unreadable) -> Conversation:
             return state
 
 
-def evolve_all(state: Conversation, events: Iterable[Event]) -> Conversation:
-    """Fold events just decided or appended, in order."""
+def fold(state: Conversation, events: Iterable[Event | Unreadable]) -> Conversation:
+    """Fold entries in order: read from the log, or just decided and appended."""
     for event in events:
         # Every concrete Event subclass is a member of AnyEvent; this narrows the static type.
         state = evolve(state, event)  # type: ignore[arg-type]
-    return state
-
-
-def fold(state: Conversation, events: Iterable[AnyEvent | Unreadable]) -> Conversation:
-    for event in events:
-        state = evolve(state, event)
     return state
 
 

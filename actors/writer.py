@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 from actors.chunks import Pending, coalesce
 from actors.sizing import fit
-from actors.state import Conversation, evolve, evolve_all
+from actors.state import Conversation, evolve, fold
 from events.codec import Unreadable
 from events.errors import EventLogConflict
 from events.log import EventLog
@@ -115,7 +115,7 @@ class EventWriter:
             self.seq = 0
             self.stale = True
             raise
-        self.state = evolve_all(self.state, fitted)
+        self.state = fold(self.state, fitted)
 
 
 # The append window adapts to how busy the worker's process is: its CPU time over

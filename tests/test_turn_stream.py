@@ -32,6 +32,16 @@ async def _appended(event_log: EventLog, writer: EventWriter, after: int) -> tup
     raise AssertionError("the log's follow ended")
 
 
+async def _acked(writer: EventWriter, seq: int) -> None:
+    """Until the writer has heard the ack of the append that wrote `seq`. Text that
+    arrives while an append is in flight goes out the moment that append is acked,
+    without waiting for a tick (one append in flight per stream): a test of the tick
+    must not add text before then."""
+    async with asyncio.timeout(WAIT_S):
+        while writer.seq < seq:  # noqa: ASYNC110
+            await asyncio.sleep(0.001)
+
+
 async def _just_ticked(tick: AppendTick) -> float:
     fired = asyncio.Event()
     tick.wake(fired)
@@ -62,6 +72,7 @@ async def test_later_text_waits_for_the_next_tick(event_log: EventLog) -> None:
         stream.chunk("answer", "Hello")
         seq, text = await _appended(event_log, writer, writer.seq)
         assert text == "Hello"
+        await _acked(writer, seq)
         ticked_at = await _just_ticked(tick)
         stream.chunk("answer", " world")
         assert (await _appended(event_log, writer, seq))[1] == " world"
@@ -87,6 +98,7 @@ async def test_a_first_text_that_joins_the_titles_append_is_still_the_first(
         stream.chunk("answer", "Hello")
         seq, text = await _appended(event_log, writer, writer.seq)
         assert text == "Hello"
+        await _acked(writer, seq)
         stream.chunk("answer", " world")
         assert (await _appended(event_log, writer, seq))[1] == " world"
         # the loop may run a timer up to its clock resolution early
