@@ -256,9 +256,10 @@ class ConversationActor:
         now = self.ctx.clock()
         outcome: list[Event] | Rejected = []
         before = self.writer.seq
-        # An idle conversation's request starts its turn in the same append: one
-        # round trip less before the first token. Not a project's turn: whom it
-        # bills is looked up first (`_payer`), and it may be refused before it runs.
+        # An idle conversation's request starts its turn (`started` and the title) in
+        # the same append: two round trips less before the first token. Not a
+        # project's turn: whom it bills is looked up first (`_payer`), and it may be
+        # refused before it runs.
         start_now = (
             not self.state.busy
             and self.state.project_id is None
@@ -279,7 +280,7 @@ class ConversationActor:
                 if start_now and outcome and not state.busy:
                     prestart = self._start_with(state, cmd, outcome, now, before)
                     if prestart is not None:
-                        return [*outcome, prestart.started]
+                        return [*outcome, *prestart.started]
                 return outcome
             if not state.exists:
                 return []  # nowhere to record it
@@ -318,8 +319,9 @@ class ConversationActor:
         now: int,
         after: int,
     ) -> _Prestart | None:
-        """`started` for `cmd`, whose request was just `accepted` on an idle `state`, if
-        it is the queue's head once folded in (None: it starts as queued turns do)."""
+        """`started` and its title for `cmd`, whose request was just `accepted` on an idle
+        `state`, if it is the queue's head once folded in (None: it starts as queued
+        turns do)."""
         folded = fold(state, accepted)
         queued = next_turn(folded)
         if queued is None or queued.command_id != cmd.command_id:
@@ -330,7 +332,7 @@ class ConversationActor:
         decided = decide_start(folded, queued, choice, now, self.ctx.new_id, turn_id, None)
         if not decided or not isinstance(decided[0], Started):
             return None
-        return _Prestart(turn_id, decided[0], decided[1:], spec, choice, after)
+        return _Prestart(turn_id, decided, spec, choice, after)
 
     def _kick(self) -> None:
         """Start the queue's head if no turn runs."""
@@ -426,13 +428,13 @@ class ConversationActor:
             active = self.state.active
             if active is None or active.turn_id != prestart.turn_id:
                 return  # the view was refused and forgotten since: the log decides again
-            await self._run_turn(prestart.spec, prestart.choice, prestart.follow)
+            await self._run_turn(prestart.spec, prestart.choice)
         finally:
             await announce
         await self._charge_last()  # an earlier billed turn's, if it is still owed
 
     async def _run_turn(
-        self, spec: ModelSpec, choice: ModelChoice, follow: Sequence[Event]
+        self, spec: ModelSpec, choice: ModelChoice, follow: Sequence[Event] = ()
     ) -> None:
         runner = TurnRunner(self.ctx, self.writer, spec, choice, first=follow)
         self.runner = runner
@@ -569,8 +571,9 @@ class _Prestart(NamedTuple):
     """A turn started in the append that accepted its request, not yet running."""
 
     turn_id: str
-    started: Started
-    follow: Sequence[Event]  # decided with `started`, first in the turn's stream (its title)
+    # `started` and what was decided with it (the title): appended with the request,
+    # so the turn's first text never waits for an append of the title
+    started: Sequence[Event]
     spec: ModelSpec
     choice: ModelChoice
     after: int  # the log's position before the request

@@ -269,45 +269,63 @@ async def test_a_writer_whose_append_was_refused_decides_nothing_until_it_reads_
 
 
 class TitleGatedLog(EventLog):
-    """The real log, whose appends holding a title wait until `gate` is set."""
+    """The real log, whose appends of a title without its `started` wait for `gate`."""
 
     def __init__(self, js: JetStreamContext, gate: asyncio.Event) -> None:
         super().__init__(js)
         self.gate = gate
 
     async def append_to(self, subject: str, events: Sequence[Event], expected_seq: int) -> int:
-        if any(isinstance(e, Title) for e in events):
+        titled = any(isinstance(e, Title) for e in events)
+        if titled and not any(isinstance(e, Started) for e in events):
             async with asyncio.timeout(10):
                 await self.gate.wait()
         return await super().append_to(subject, events, expected_seq)
 
 
-async def test_a_turns_title_does_not_hold_up_its_model_request(
+async def test_a_queued_turns_title_does_not_hold_up_its_model_request(
     stack: Servers, nc: NatsClient, event_log: EventLog, demo_model_url: str
 ) -> None:
     """The title decided with `started` used to be appended before the model was asked:
-    one round trip on every turn's first token. Here a title may only be appended once
-    the model's request is out; before the change that wait never ended."""
-    requested = asyncio.Event()
+    one round trip on every turn's first token. A turn started on an idle conversation
+    now appends it with `started` and its request; a queued turn's `started` goes
+    alone, and its title after the model's request has left. Here that title may only
+    be appended once the second model request is out; before the change that wait
+    never ended."""
+    requests = 0
+    second_request = asyncio.Event()
 
     async def on_request_start(*_: object) -> None:
-        requested.set()
+        nonlocal requests
+        requests += 1
+        if requests == 2:
+            second_request.set()
 
     trace = aiohttp.TraceConfig()
     trace.on_request_start.append(on_request_start)
     async with aiohttp.ClientSession(trace_configs=[trace]) as http:
-        gated = TitleGatedLog(nc.jetstream(), requested)
+        gated = TitleGatedLog(nc.jetstream(), second_request)
         registry = TurnRegistry(redis_client(stack.redis_url))
         ctx = _context(gated, registry, http, demo_model_url)
         cid, _ = await _conversation(event_log)
         actor = ConversationActor(cid, ctx)
         async with _running(actor) as inbox:
-            inbox.put_nowait((_message(cid, "a title for this [[tokens=5]]"), Delivery()))
+            inbox.put_nowait((_message(cid, "a title for this [[tokens=20]]"), Delivery()))
             await until(
-                event_log, cid, lambda es: any(isinstance(e, Done) for e in es), "the turn ended"
+                event_log, cid, lambda es: any(isinstance(e, Started) for e in es), "first started"
+            )
+            queued = msgspec.structs.replace(_message(cid, "then [[tokens=5]]"), on_busy="enqueue")
+            inbox.put_nowait((queued, Delivery()))
+            await until(
+                event_log,
+                cid,
+                lambda es: sum(isinstance(e, Done) for e in es) == 2,
+                "both turns ended",
             )
     kinds = [type(s.event).__name__ for s in await event_log.read(cid)]
     assert kinds[:5] == ["ConversationCreated", "UserMessage", "Started", "Title", "Chunk"], kinds
+    second = kinds.index("Done") + 1
+    assert kinds[second : second + 3] == ["Started", "Title", "Chunk"], kinds
     assert kinds[-1] == "Done"
 
 
@@ -326,10 +344,11 @@ class AppendLog(EventLog):
 async def test_an_idle_conversations_request_starts_its_turn_in_the_same_append(
     stack: Servers, nc: NatsClient, event_log: EventLog, demo_model_url: str
 ) -> None:
-    """`user_message` and `started` were two appends, one after the other, on every
-    turn's way to its first token. On an idle conversation they are now one; a
-    request queued behind a running turn is still accepted alone and started when
-    its turn comes."""
+    """`user_message`, `started` and the turn's title were three appends, one after the
+    other, on every turn's way to its first token (the title's, while the model's
+    request was out, could hold up the first text). On an idle conversation they are
+    now one; a request queued behind a running turn is still accepted alone and
+    started when its turn comes."""
     counted = AppendLog(nc.jetstream())
     async with aiohttp.ClientSession() as http:
         ctx = _context(counted, TurnRegistry(redis_client(stack.redis_url)), http, demo_model_url)
@@ -351,7 +370,7 @@ async def test_an_idle_conversations_request_starts_its_turn_in_the_same_append(
                 lambda es: sum(isinstance(e, Done) for e in es) == 2,
                 "both turns ended",
             )
-    assert counted.appends[0] == ["UserMessage", "Started"], counted.appends
+    assert counted.appends[0] == ["UserMessage", "Started", "Title"], counted.appends
     kinds = [type(s.event).__name__ for s in await event_log.read(cid)]
     assert kinds[:5] == ["ConversationCreated", "UserMessage", "Started", "Title", "Chunk"], kinds
     # the queued request: accepted alone while the first turn ran, started after its end
