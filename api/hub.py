@@ -484,6 +484,16 @@ class Hubs:
             if not hub.closed:  # it may have stopped while we waited for it
                 return hub, hub.join(subscription)
 
+    def following(self, conversation_id: str) -> int | None:
+        """The last position the conversation's hub handed out, if this process follows
+        the conversation now (None: it does not). Every later entry reaches the hub,
+        so a new request may start its stream there instead of reading the log's end:
+        what lies between is older than the request, and its turn filter passes over it."""
+        hub = self._hubs.get(conversation_id)
+        if hub is None or hub.closed or not hub.ready.done():
+            return None
+        return hub.head
+
     def forget(self, hub: Hub) -> None:
         if self._hubs.get(hub.conversation_id) is hub:
             del self._hubs[hub.conversation_id]

@@ -403,8 +403,15 @@ def _idem_key(conversation_id: str, key: str) -> str:
 async def _idempotency(
     request: web.Request, conversation_id: str, key: str | None, digest: str
 ) -> tuple[IdempotencyRecord, bool]:
-    """The request's ids and start position; the same ones again for a repeated key."""
-    after = await request.app[LOG].last_seq(conversation_id)
+    """The request's ids and start position; the same ones again for a repeated key.
+
+    The start position is the log's end before the request is published (no event
+    of its turn can come earlier), or a position before it: what this edge's hub of
+    the conversation handed out last, when there is one (a viewer has it open), saves
+    a read of the log on the way to the first token."""
+    after = request.app[HUBS].following(conversation_id)
+    if after is None:
+        after = await request.app[LOG].last_seq(conversation_id)
     record = IdempotencyRecord(message_id=new_id(), command_id=new_id(), after=after, digest=digest)
     if key is None:
         return record, True

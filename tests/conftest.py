@@ -223,6 +223,13 @@ def api(services: Services, http: aiohttp.ClientSession, user: str) -> SseClient
 async def extra_edge(stack: Servers, **overrides: Any) -> AsyncIterator[str]:
     """One more edge on the session's servers, configured differently (limits, token
     sources): its base URL. It shares the read models of the `services` fixture."""
+    async with extra_edge_server(stack, **overrides) as server:
+        yield str(server.make_url("")).rstrip("/")
+
+
+@contextlib.asynccontextmanager
+async def extra_edge_server(stack: Servers, **overrides: Any) -> AsyncIterator[TestServer]:
+    """As `extra_edge`, for a test that looks into the edge's application too."""
     fields: dict[str, Any] = {
         "nats_url": stack.nats_url,
         "database_url": stack.database_url,
@@ -235,6 +242,6 @@ async def extra_edge(stack: Servers, **overrides: Any) -> AsyncIterator[str]:
     server = TestServer(create_app(EdgeConfig(**fields)), host="127.0.0.1")
     await server.start_server()
     try:
-        yield str(server.make_url("")).rstrip("/")
+        yield server
     finally:
         await server.close()

@@ -5,6 +5,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import aiohttp
+
+from api.context import HUBS, LOG
+from parley.services import Servers, Services
+from tests.conftest import extra_edge_server, token_for
 from tests.sse import WIRE_EVENT_NAMES, SseClient, SseEvent, sse_events, until_done
 
 
@@ -172,3 +177,38 @@ async def test_idle_viewer_gets_only_new_events_and_keepalive_pings(api: SseClie
     tokens = "".join(e.data for e in seen if e.event == "token").split()
     assert tokens == ["0", "1", "2"], "the idle viewer got the new turn, and only it"
     assert seen[0].event == "started"
+
+
+async def test_a_request_to_a_conversation_this_edge_follows_does_not_read_the_logs_end(
+    stack: Servers, services: Services, http: aiohttp.ClientSession, user: str
+) -> None:
+    """A new request's stream starts where the log ended before it was published, read
+    from the log: one round trip on the way to the first token. While a viewer has the
+    conversation open on the same edge, its hub already knows a position that will do.
+    The edge's log is the real one; only its reads of the end are counted."""
+    async with extra_edge_server(stack) as server:
+        api = SseClient(http, str(server.make_url("")).rstrip("/"), token_for(user))
+        cid = (await api.create_conversation())["id"]
+        event_log = server.app[LOG]
+        reads: list[str] = []
+        last_seq = event_log.last_seq
+
+        async def counted_last_seq(conversation_id: str) -> int:
+            reads.append(conversation_id)
+            return await last_seq(conversation_id)
+
+        event_log.last_seq = counted_last_seq  # type: ignore[method-assign]
+        async with api.events(cid, after="0") as viewer, asyncio.timeout(30):
+            assert viewer.status == 200
+            try:
+                async with asyncio.timeout(10):
+                    while server.app[HUBS].following(cid) is None:  # noqa: ASYNC110
+                        await asyncio.sleep(0.01)  # the viewer's hub starting
+            except TimeoutError:
+                raise AssertionError("the edge does not say it follows the conversation") from None
+            reads.clear()
+            # slow enough that its end (which makes the hub ask the log) comes later
+            await api.send_json(cid, "while a viewer watches [[tokens=5]] [[rate=20]]")
+            assert reads == []
+            seen = await until_done(viewer)
+    assert [e.event for e in seen][-1] == "done"
