@@ -194,6 +194,19 @@ async def _running(actor: ConversationActor) -> AsyncIterator[Inbox]:
         await asyncio.gather(running, return_exceptions=True)
 
 
+async def _a_turn_then_a_queued_one(
+    event_log: EventLog, cid: str, inbox: Inbox, first: str, then: str
+) -> None:
+    """Send `first`; once its turn started, `then` with on_busy enqueue; wait for both ends."""
+    inbox.put_nowait((_message(cid, first), Delivery()))
+    await until(event_log, cid, lambda es: any(isinstance(e, Started) for e in es), "first started")
+    queued = msgspec.structs.replace(_message(cid, then), on_busy="enqueue")
+    inbox.put_nowait((queued, Delivery()))
+    await until(
+        event_log, cid, lambda es: sum(isinstance(e, Done) for e in es) == 2, "both turns ended"
+    )
+
+
 async def _conversation(event_log: EventLog) -> tuple[str, int]:
     """A new conversation in the log: its id, and the log's position after it."""
     cid = new_id()
@@ -310,17 +323,8 @@ async def test_a_queued_turns_title_does_not_hold_up_its_model_request(
         cid, _ = await _conversation(event_log)
         actor = ConversationActor(cid, ctx)
         async with _running(actor) as inbox:
-            inbox.put_nowait((_message(cid, "a title for this [[tokens=20]]"), Delivery()))
-            await until(
-                event_log, cid, lambda es: any(isinstance(e, Started) for e in es), "first started"
-            )
-            queued = msgspec.structs.replace(_message(cid, "then [[tokens=5]]"), on_busy="enqueue")
-            inbox.put_nowait((queued, Delivery()))
-            await until(
-                event_log,
-                cid,
-                lambda es: sum(isinstance(e, Done) for e in es) == 2,
-                "both turns ended",
+            await _a_turn_then_a_queued_one(
+                event_log, cid, inbox, "a title for this [[tokens=20]]", "then [[tokens=5]]"
             )
     kinds = [type(s.event).__name__ for s in await event_log.read(cid)]
     assert kinds[:5] == ["ConversationCreated", "UserMessage", "Started", "Title", "Chunk"], kinds
@@ -355,20 +359,8 @@ async def test_an_idle_conversations_request_starts_its_turn_in_the_same_append(
         cid, _ = await _conversation(event_log)
         actor = ConversationActor(cid, ctx)
         async with _running(actor) as inbox:
-            first = _message(cid, "the first [[tokens=40]]")
-            inbox.put_nowait((first, Delivery()))
-            await until(
-                event_log, cid, lambda es: any(isinstance(e, Started) for e in es), "first started"
-            )
-            queued = msgspec.structs.replace(
-                _message(cid, "the second [[tokens=3]]"), on_busy="enqueue"
-            )
-            inbox.put_nowait((queued, Delivery()))
-            await until(
-                event_log,
-                cid,
-                lambda es: sum(isinstance(e, Done) for e in es) == 2,
-                "both turns ended",
+            await _a_turn_then_a_queued_one(
+                event_log, cid, inbox, "the first [[tokens=40]]", "the second [[tokens=3]]"
             )
     assert counted.appends[0] == ["UserMessage", "Started", "Title"], counted.appends
     kinds = [type(s.event).__name__ for s in await event_log.read(cid)]
