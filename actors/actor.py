@@ -289,6 +289,9 @@ class ConversationActor:
         await self.writer.append_decided(decide)
         if prestart is not None:
             self._prestart = prestart
+            # The turn is in the log: a cancel from now on finds it, though it runs
+            # only when the drain gets to it.
+            self.runner = TurnRunner(self.ctx, self.writer, prestart.spec, prestart.choice)
         if not self.state.busy and (self._drain is None or self._drain.done()):
             await self._forget_turn()
         if isinstance(outcome, Rejected):
@@ -416,27 +419,27 @@ class ConversationActor:
                 follow = []
                 if not await self._preflight(spec, choice.prices, payer, priced):
                     return
-            await self._run_turn(spec, choice, follow)
+            await self._run_turn(TurnRunner(self.ctx, self.writer, spec, choice, first=follow))
         finally:
             await announce
         await self._charge_last()
 
     async def _run_started(self, prestart: _Prestart) -> None:
-        """Run the turn its request started in the same append (`_request`)."""
+        """Run the turn its request started in the same append (`_request`), whose
+        runner (perhaps cancelled already) waits in `self.runner`."""
         announce = asyncio.create_task(self._record_turn(prestart.turn_id, prestart.after))
         try:
             active = self.state.active
-            if active is None or active.turn_id != prestart.turn_id:
+            runner = self.runner
+            if active is None or active.turn_id != prestart.turn_id or runner is None:
+                self.runner = None
                 return  # the view was refused and forgotten since: the log decides again
-            await self._run_turn(prestart.spec, prestart.choice)
+            await self._run_turn(runner)
         finally:
             await announce
         await self._charge_last()  # an earlier billed turn's, if it is still owed
 
-    async def _run_turn(
-        self, spec: ModelSpec, choice: ModelChoice, follow: Sequence[Event] = ()
-    ) -> None:
-        runner = TurnRunner(self.ctx, self.writer, spec, choice, first=follow)
+    async def _run_turn(self, runner: TurnRunner) -> None:
         self.runner = runner
         try:
             await runner.run()

@@ -163,12 +163,14 @@ class TurnRunner:
         self._ended: Sequence[Event] = ()  # what this runner appended as the turn's end
 
     def cancel(self, reason: str) -> bool:
-        """Stop the turn; False when it is already writing its end."""
-        if self._ending or self._task is None or self._task.done():
+        """Stop the turn; False when it is already writing its end. A turn not running
+        yet (its runner made, `run` not called) ends as cancelled as soon as it runs."""
+        if self._ending or (self._task is not None and self._task.done()):
             return False
         if self._cancel_reason is None:
             self._cancel_reason = reason
-            self._task.cancel()
+            if self._task is not None:
+                self._task.cancel()
         return True
 
     async def run(self) -> None:
@@ -199,6 +201,8 @@ class TurnRunner:
         totals = TurnTotals()
         stop_reason = "stop"
         try:
+            if self._cancel_reason is not None:
+                raise asyncio.CancelledError  # cancelled before it ran: end it as such
             for round_number in range(MAX_TOOL_ROUNDS + 1):
                 request = ChatRequest(
                     messages=messages,

@@ -32,6 +32,7 @@ from events.ids import new_id
 from events.log import EventLog, StoredEvent
 from events.turns import TurnRegistry, redis_client
 from events.vocabulary import (
+    Cancelled,
     CancelTurn,
     CommandRejected,
     ConversationCreated,
@@ -414,3 +415,26 @@ async def test_a_new_actor_announces_a_request_while_it_reads_the_conversation(
                 )
             finally:
                 gate.set()
+
+
+async def test_a_cancel_right_behind_its_request_stops_the_turn_before_the_model_is_asked(
+    stack: Servers, event_log: EventLog, demo_model_url: str, http: aiohttp.ClientSession
+) -> None:
+    """Stop pressed the moment a message is sent: the cancel reached the actor after
+    the turn was started but before its runner existed, found nothing to stop, and
+    the whole answer ran. The turn now ends as cancelled, and the model is not asked."""
+    ctx = _context(event_log, TurnRegistry(redis_client(stack.redis_url)), http, demo_model_url)
+    cid, _ = await _conversation(event_log)
+    actor = ConversationActor(cid, ctx)
+    async with _running(actor) as inbox:
+        inbox.put_nowait((_message(cid, "a long answer [[tokens=200]]"), Delivery()))
+        cancel = CancelTurn(conversation_id=cid, command_id=new_id(), user_id="u", at=1)
+        inbox.put_nowait((cancel, Delivery()))
+        await until(
+            event_log,
+            cid,
+            lambda es: any(isinstance(e, Cancelled | Done) for e in es),
+            "the turn ended",
+        )
+    kinds = [type(s.event).__name__ for s in await event_log.read(cid)]
+    assert kinds == ["ConversationCreated", "UserMessage", "Started", "Title", "Cancelled"], kinds
