@@ -108,7 +108,9 @@ class ConversationActor:
         self.runner: TurnRunner | None = None
         self._loaded = False
         self._drain: asyncio.Task[None] | None = None
-        self._prestart: _Prestart | None = None
+        # a turn started with its request (`_request`), its runner in `runner`, waiting
+        # for the drain: the log's position before that request
+        self._started_after: int | None = None
         self._tasks: asyncio.TaskGroup | None = None
 
     @property
@@ -278,7 +280,7 @@ class ConversationActor:
             outcome = decide_request(state, cmd, now, self.ctx.new_id)
             if not isinstance(outcome, Rejected):
                 if start_now and outcome and not state.busy:
-                    prestart = self._start_with(state, cmd, outcome, now, before)
+                    prestart = self._start_with(state, cmd, outcome, now)
                     if prestart is not None:
                         return [*outcome, *prestart.started]
                 return outcome
@@ -288,10 +290,10 @@ class ConversationActor:
 
         await self.writer.append_decided(decide)
         if prestart is not None:
-            self._prestart = prestart
             # The turn is in the log: a cancel from now on finds it, though it runs
             # only when the drain gets to it.
             self.runner = TurnRunner(self.ctx, self.writer, prestart.spec, prestart.choice)
+            self._started_after = before
         if not self.state.busy and (self._drain is None or self._drain.done()):
             await self._forget_turn()
         if isinstance(outcome, Rejected):
@@ -320,7 +322,6 @@ class ConversationActor:
         cmd: TurnCommand,
         accepted: Sequence[Event],
         now: int,
-        after: int,
     ) -> _Prestart | None:
         """`started` and its title for `cmd`, whose request was just `accepted` on an idle
         `state`, if it is the queue's head once folded in (None: it starts as queued
@@ -331,17 +332,16 @@ class ConversationActor:
             return None
         spec = self._model_spec(queued.model)
         choice = choose_model(spec)
-        turn_id = self.ctx.new_id()
-        decided = decide_start(folded, queued, choice, now, self.ctx.new_id, turn_id, None)
+        decided = decide_start(folded, queued, choice, now, self.ctx.new_id)
         if not decided or not isinstance(decided[0], Started):
             return None
-        return _Prestart(turn_id, decided, spec, choice, after)
+        return _Prestart(decided, spec, choice)
 
     def _kick(self) -> None:
         """Start the queue's head if no turn runs."""
         if self._tasks is None or (self._drain is not None and not self._drain.done()):
             return
-        if self._prestart is not None or next_turn(self.state) is not None:
+        if self._started_after is not None or next_turn(self.state) is not None:
             self._drain = self._tasks.create_task(
                 self._drain_queue(), name=f"drain-{self.conversation_id}"
             )
@@ -349,9 +349,9 @@ class ConversationActor:
     async def _drain_queue(self) -> None:
         try:
             while True:
-                if (prestart := self._prestart) is not None:
-                    self._prestart = None
-                    await self._run_started(prestart)
+                if (after := self._started_after) is not None:
+                    self._started_after = None
+                    await self._run_started(after)
                     await self._settle_finished()
                 while (queued := next_turn(self.state)) is not None:
                     await self._run_one(queued)
@@ -424,16 +424,16 @@ class ConversationActor:
             await announce
         await self._charge_last()
 
-    async def _run_started(self, prestart: _Prestart) -> None:
+    async def _run_started(self, after: int) -> None:
         """Run the turn its request started in the same append (`_request`), whose
-        runner (perhaps cancelled already) waits in `self.runner`."""
-        announce = asyncio.create_task(self._record_turn(prestart.turn_id, prestart.after))
+        runner (perhaps cancelled already) waits in `self.runner`; `after` is the
+        log's position before that request."""
+        runner, active = self.runner, self.state.active
+        if runner is None or active is None or active.turn_id != runner.turn_id:
+            self.runner = None
+            return  # the view was refused and forgotten since: the log decides again
+        announce = asyncio.create_task(self._record_turn(runner.turn_id, after))
         try:
-            active = self.state.active
-            runner = self.runner
-            if active is None or active.turn_id != prestart.turn_id or runner is None:
-                self.runner = None
-                return  # the view was refused and forgotten since: the log decides again
             await self._run_turn(runner)
         finally:
             await announce
@@ -571,15 +571,13 @@ class ConversationActor:
 
 
 class _Prestart(NamedTuple):
-    """A turn started in the append that accepted its request, not yet running."""
+    """A turn decided to start in the append that accepts its request."""
 
-    turn_id: str
     # `started` and what was decided with it (the title): appended with the request,
     # so the turn's first text never waits for an append of the title
     started: Sequence[Event]
     spec: ModelSpec
     choice: ModelChoice
-    after: int  # the log's position before the request
 
 
 def _placeholder(conversation_id: str, command_id: str) -> SendMessage:
