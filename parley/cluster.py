@@ -37,10 +37,10 @@ from parley.stack import (
     STOP_TIMEOUT,
     StackError,
     _binary,
-    _free_ports,
     _open_log,
     _popen,
     _tail,
+    free_ports,
 )
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class NatsCluster:
             raise ValueError("a cluster needs at least one node")
         self._data = data_dir.resolve()
         self._sync_always = sync_always  # False: the server's default, to measure the cost
-        ports = _free_ports(3 * size)
+        ports = free_ports(3 * size)
         self.nodes = [
             Node(f"n{i + 1}", ports[3 * i], ports[3 * i + 1], ports[3 * i + 2]) for i in range(size)
         ]

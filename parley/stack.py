@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -167,7 +168,7 @@ class EmbeddedStack:
         self._lock_fd = _lock_folder(self._data)
         try:
             _stop_leftovers(self._data)
-            nats_port, pg_port, redis_port = _free_ports(3)
+            nats_port, pg_port, redis_port = free_ports(3)
             # nats and redis come up while initdb, the slow part, runs.
             nats = self._spawn_nats(nats_port)
             redis = self._spawn_redis(redis_port)
@@ -561,16 +562,47 @@ def _lock_folder(data: Path) -> int:
             time.sleep(_POLL)
 
 
-def _free_ports(n: int) -> list[int]:
-    # All sockets stay bound until every port is picked, so no two picks collide.
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+def free_ports(n: int) -> list[int]:
+    """`n` distinct loopback ports with no listener, picked below the kernel's
+    ephemeral range. A port the kernel handed out for a bind to port 0 comes from
+    the range every outgoing connection draws its local port from, so one of the
+    stack's own client connections could take it before the server that was
+    meant to listen there starts. Below the range only listeners compete."""
+    low = _ephemeral_low()
+    candidates = list(range(_PICK_FROM, low)) if low - _PICK_FROM >= 1000 else []
+    random.shuffle(candidates)
+    # Every socket stays bound until all are picked, so no two picks collide.
+    socks: list[socket.socket] = []
     try:
-        for s in socks:
+        for port in candidates:
+            if len(socks) == n:
+                break
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                continue
+            socks.append(s)
+        while len(socks) < n:  # no room below the range: let the kernel choose
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.bind(("127.0.0.1", 0))
+            socks.append(s)
         return [int(s.getsockname()[1]) for s in socks]
     finally:
         for s in socks:
             s.close()
+
+
+_PICK_FROM = 20000
+
+
+def _ephemeral_low() -> int:
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        return int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 # -- readiness ---------------------------------------------------------------

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -166,19 +165,12 @@ def test_commands_without_servers_or_a_running_dev_stack_explain_what_to_do(tmp_
 # ---------------------------------------------------------------- parley dev
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Dev:
     """`parley dev` in a subprocess: its URL and admin token read from what it prints."""
 
     def __init__(self, data: Path, env: dict[str, str]) -> None:
-        self.port = free_port()
         self.proc = subprocess.Popen(
-            [*PARLEY, "--data", str(data), "dev", "--port", str(self.port)],
+            [*PARLEY, "--data", str(data), "dev", "--port", "0"],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -11,6 +11,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -28,6 +29,7 @@ from parley.stack import (
     EmbeddedStack,
     StackError,
     StackUrls,
+    free_ports,
     running_stack_urls,
 )
 
@@ -283,3 +285,36 @@ def test_start_off_the_main_thread_is_refused(tmp_path: Path) -> None:
     worker.start()
     worker.join()
     assert [str(f) for f in failures] == ["EmbeddedStack.start() must run on the main thread"]
+
+
+def test_free_ports_are_distinct_unbound_and_below_the_ephemeral_range() -> None:
+    # Outgoing connections take their local port from the ephemeral range, so a
+    # server port picked there can be taken by a client before the server binds.
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = free_ports(12)
+    assert len(set(ports)) == 12
+    assert all(1024 <= port < low for port in ports), (ports, low)
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+
+
+def test_free_ports_skip_a_port_with_a_listener() -> None:
+    listeners = []
+    try:
+        # Occupy a stretch of the range the picks come from; none may be handed out.
+        for port in range(20000, 20200):
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                continue
+            s.listen()
+            listeners.append(s)
+        taken = {s.getsockname()[1] for s in listeners}
+        for _ in range(20):
+            assert not taken & set(free_ports(50))
+    finally:
+        for s in listeners:
+            s.close()
