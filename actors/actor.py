@@ -413,13 +413,22 @@ class ConversationActor:
             if not started or self.state.active is None:
                 return
             follow = decided[1:]
-            if payer is not None:
-                # a billed turn's pre-flight may refuse it: its title is in first
-                await self.writer.append(follow)
-                follow = []
-                if not await self._preflight(spec, choice.prices, payer, priced):
-                    return
-            await self._run_turn(TurnRunner(self.ctx, self.writer, spec, choice, first=follow))
+            # The turn is in the log: a cancel from now on finds its runner, through
+            # a billed turn's title and pre-flight, and stops it before the model is
+            # asked.
+            runner = TurnRunner(
+                self.ctx, self.writer, spec, choice, first=follow if payer is None else ()
+            )
+            self.runner = runner
+            try:
+                if payer is not None:
+                    # a billed turn's pre-flight may refuse it: its title is in first
+                    await self.writer.append(follow)
+                    if not await self._preflight(spec, choice.prices, payer, priced):
+                        return
+                await runner.run()
+            finally:
+                self.runner = None
         finally:
             await announce
         await self._charge_last()
@@ -434,17 +443,11 @@ class ConversationActor:
             return  # the view was refused and forgotten since: the log decides again
         announce = asyncio.create_task(self._record_turn(runner.turn_id, after))
         try:
-            await self._run_turn(runner)
-        finally:
-            await announce
-        await self._charge_last()  # an earlier billed turn's, if it is still owed
-
-    async def _run_turn(self, runner: TurnRunner) -> None:
-        self.runner = runner
-        try:
             await runner.run()
         finally:
             self.runner = None
+            await announce
+        await self._charge_last()  # an earlier billed turn's, if it is still owed
 
     async def _payer(self, queued: QueuedTurn) -> str | None:
         project = self.state.project_id

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -24,18 +26,22 @@ from nats.js import JetStreamContext
 from redis.asyncio import Redis
 
 from actors.actor import ConversationActor, Inbox
+from actors.billing import Accounts, Refused
 from actors.state import Conversation
 from actors.turn import ActorContext
 from actors.writer import EventWriter
+from events.billing import project_account
 from events.errors import EventLogConflict
 from events.ids import new_id
 from events.log import EventLog, StoredEvent
+from events.subjects import account_subject
 from events.turns import TurnRegistry, redis_client
 from events.vocabulary import (
     Cancelled,
     CancelTurn,
     CommandRejected,
     ConversationCreated,
+    CreditsGranted,
     Done,
     Event,
     SendMessage,
@@ -438,3 +444,70 @@ async def test_a_cancel_right_behind_its_request_stops_the_turn_before_the_model
         )
     kinds = [type(s.event).__name__ for s in await event_log.read(cid)]
     assert kinds == ["ConversationCreated", "UserMessage", "Started", "Title", "Cancelled"], kinds
+
+
+class GatedAccounts(Accounts):
+    """The accounts on the real log, whose reservation waits for `gate`."""
+
+    def __init__(self, event_log: EventLog) -> None:
+        super().__init__(event_log, time.time_ns, new_id)
+        self.holding = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def reserve(
+        self, account: str, turn_id: str, conversation_id: str, amount: int
+    ) -> Refused | None:
+        self.holding.set()
+        await self.gate.wait()
+        return await super().reserve(account, turn_id, conversation_id, amount)
+
+
+async def test_a_cancel_during_a_billed_turns_pre_flight_stops_it_before_the_model_is_asked(
+    stack: Servers, event_log: EventLog, demo_model_url: str, http: aiohttp.ClientSession
+) -> None:
+    """A project's turn is started, then its credits are reserved. A cancel that came
+    while the reservation was on its way found no runner, and the whole answer ran
+    (and was billed). The runner now exists from `started` on."""
+    accounts = GatedAccounts(event_log)
+    ctx = dataclasses.replace(
+        _context(event_log, TurnRegistry(redis_client(stack.redis_url)), http, demo_model_url),
+        accounts=accounts,
+    )
+    cid, project = new_id(), new_id()
+    account = project_account(project)
+    grant = CreditsGranted(
+        conversation_id="", at=1, event_id=new_id(), account=account, amount=10**9
+    )
+    await event_log.append_to(account_subject(account), [grant], 0)
+    created = ConversationCreated(
+        conversation_id=cid, at=1, event_id=new_id(), user_id="u", project_id=project
+    )
+    await event_log.append(cid, [created], 0)
+    actor = ConversationActor(cid, ctx)
+    try:
+        async with _running(actor) as inbox:
+            inbox.put_nowait((_message(cid, "a long answer [[tokens=200]]"), Delivery()))
+            async with asyncio.timeout(10):
+                await accounts.holding.wait()
+            cancelled = Delivery()
+            cancel = CancelTurn(conversation_id=cid, command_id=new_id(), user_id="u", at=1)
+            inbox.put_nowait((cancel, cancelled))
+            await _settled(cancelled)
+            accounts.gate.set()
+            await until(
+                event_log,
+                cid,
+                lambda es: any(isinstance(e, Cancelled | Done) for e in es),
+                "the turn ended",
+            )
+        # and what was reserved for it is settled by its charge: nothing stays held
+        async with asyncio.timeout(10):
+            while (ledger := await accounts.state(account)).reserved:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+    finally:
+        accounts.gate.set()
+    events = [s.event for s in await event_log.read(cid)]
+    kinds = [type(e).__name__ for e in events]
+    assert kinds == ["ConversationCreated", "UserMessage", "Started", "Title", "Cancelled"], kinds
+    (started,) = [e for e in events if isinstance(e, Started)]
+    assert ledger.charged_turns == {started.turn_id}
