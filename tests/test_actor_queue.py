@@ -489,10 +489,10 @@ async def test_a_cancel_during_a_billed_turns_pre_flight_stops_it_before_the_mod
             inbox.put_nowait((_message(cid, "a long answer [[tokens=200]]"), Delivery()))
             async with asyncio.timeout(10):
                 await accounts.holding.wait()
-            cancelled = Delivery()
+            cancel_settled = Delivery()
             cancel = CancelTurn(conversation_id=cid, command_id=new_id(), user_id="u", at=1)
-            inbox.put_nowait((cancel, cancelled))
-            await _settled(cancelled)
+            inbox.put_nowait((cancel, cancel_settled))
+            await _settled(cancel_settled)
             accounts.gate.set()
             await until(
                 event_log,
@@ -510,4 +510,7 @@ async def test_a_cancel_during_a_billed_turns_pre_flight_stops_it_before_the_mod
     kinds = [type(e).__name__ for e in events]
     assert kinds == ["ConversationCreated", "UserMessage", "Started", "Title", "Cancelled"], kinds
     (started,) = [e for e in events if isinstance(e, Started)]
-    assert ledger.charged_turns == {started.turn_id}
+    (cancelled,) = [e for e in events if isinstance(e, Cancelled)]
+    # nothing was consumed, so nothing is owed; the charge closes the reservation
+    assert (cancelled.input_tokens, cancelled.output_tokens) == (0, 0)
+    assert ledger.charged_turns == {started.turn_id} and ledger.charged == 0
