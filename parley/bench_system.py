@@ -37,6 +37,7 @@ from api.auth import mint
 from events.log import EventLog
 from events.subjects import EVT_STREAM
 from events.vocabulary import Chunk, Started, UserMessage
+from parley.bench_common import percentile
 from parley.bench_load import Job, Outcome
 from parley.bench_load import _process as load_process
 from parley.bench_procs import (
@@ -204,12 +205,13 @@ class Measured(msgspec.Struct):
     outcome: Outcome
     usage: dict[str, float]
     events_per_s: float
-    stages: dict[str, float] = {}  # p50 ms of each stage of time to first token
+    stages: dict[str, float] = {}  # p50 and p99 ms of each stage of time to first token
 
 
 # Where a turn's time to first token goes, read back from its conversation's log
 # (wall-clock `at` of its events against the load generator's wall clock).
 STAGES = ("to_user_message", "to_started", "to_first_chunk", "to_viewer")
+STAGE_LABELS = ("user_message", "started", "first chunk", "viewer")
 
 
 async def _stages(js: Any, starts: list[tuple[str, int, int]]) -> dict[str, float]:
@@ -226,11 +228,12 @@ async def _stages(js: Any, starts: list[tuple[str, int, int]]) -> dict[str, floa
         points = [sent, *marks, first]
         for name, (a, b) in zip(STAGES, itertools.pairwise(points), strict=True):
             spans[name].append((b - a) / 1e6)
-    return {
-        f"stage_{name}_p50_ms": round(statistics.median(values), 2)
-        for name, values in spans.items()
-        if values
-    }
+    found: dict[str, float] = {}
+    for name, values in spans.items():
+        if values:
+            found[f"stage_{name}_p50_ms"] = round(statistics.median(values), 2)
+            found[f"stage_{name}_p99_ms"] = round(percentile(values, 99), 2)
+    return found
 
 
 async def _measure(job: Job, watched: Watched, servers: Servers) -> Measured:
@@ -352,12 +355,11 @@ def render(rows: list[dict[str, Any]]) -> str:
             f"  parley CPU/token {r['parley_cpu_us_per_token']} us"
         )
         if "stage_to_viewer_p50_ms" in r:
-            lines.append(
-                "         time to first token, p50 per stage: request -> user_message "
-                f"{r['stage_to_user_message_p50_ms']} ms, -> started "
-                f"{r['stage_to_started_p50_ms']}, -> first chunk "
-                f"{r['stage_to_first_chunk_p50_ms']}, -> viewer {r['stage_to_viewer_p50_ms']}"
+            spans = ", ".join(
+                f"-> {label} {r[f'stage_to_{name}_p50_ms']}/{r.get(f'stage_to_{name}_p99_ms', '-')}"
+                for name, label in zip(STAGES, STAGE_LABELS, strict=True)
             )
+            lines.append(f"         time to first token, p50/p99 ms per stage: request {spans}")
         if r["error_sample"]:
             lines.append(f"         first error: {r['error_sample']}")
     return "\n".join(lines)
