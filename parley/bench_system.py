@@ -356,7 +356,7 @@ def render(rows: list[dict[str, Any]]) -> str:
         )
         if "stage_to_viewer_p50_ms" in r:
             spans = ", ".join(
-                f"-> {label} {r[f'stage_to_{name}_p50_ms']}/{r.get(f'stage_to_{name}_p99_ms', '-')}"
+                f"-> {label} {r[f'stage_{name}_p50_ms']}/{r.get(f'stage_{name}_p99_ms', '-')}"
                 for name, label in zip(STAGES, STAGE_LABELS, strict=True)
             )
             lines.append(f"         time to first token, p50/p99 ms per stage: request {spans}")

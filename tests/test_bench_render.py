@@ -1,0 +1,61 @@
+"""What `parley bench capacity|stream|burst` prints from its rows (no servers: the rows are given)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from parley.bench_system import render
+
+
+def _row(**extra: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "workload": "burst",
+        "tokens_per_turn": 10,
+        "rate": 50,
+        "rounds": 3,
+        "machine_nproc": 2,
+        "machine_load_1m": 1.2,
+        "machine_loop": "uvloop",
+        "topology": "split",
+        "concurrency": 100,
+        "errors": 0,
+        "delivered_ratio": 1.0,
+        "direct_delivered_ratio": 1.0,
+        "tokens_per_s": 900,
+        "direct_tokens_per_s": 910,
+        "error_sample": "",
+        "cpu_load": 1.1,
+        "cpu_parley_edge": 0.2,
+        "parley_cpu_us_per_token": 300,
+        "events_per_s": 1000,
+    }
+    for key in ("ttft", "added_ttft"):
+        row |= {f"{key}_p50_ms": 15.0, f"{key}_p99_ms": 33.0}
+    for key in ("token", "added_token"):
+        row |= {f"{key}_p50_ms": 4.0, f"{key}_p99_ms": 8.0, f"{key}_p999_ms": 12.0}
+    return row | extra
+
+
+def test_a_burst_row_shows_each_stage_of_the_first_token_at_its_median_and_p99() -> None:
+    stages = {
+        "stage_to_user_message_p50_ms": 4.5,
+        "stage_to_user_message_p99_ms": 21.0,
+        "stage_to_started_p50_ms": 1.6,
+        "stage_to_started_p99_ms": 9.0,
+        "stage_to_first_chunk_p50_ms": 6.9,
+        "stage_to_first_chunk_p99_ms": 30.5,
+        "stage_to_viewer_p50_ms": 1.2,
+        "stage_to_viewer_p99_ms": 7.7,
+    }
+    lines = render([_row(**stages)]).splitlines()
+    assert lines[-1].split() == [
+        *["time", "to", "first", "token,", "p50/p99", "ms", "per", "stage:", "request"],
+        *["->", "user_message", "4.5/21.0,", "->", "started", "1.6/9.0,"],
+        *["->", "first", "chunk", "6.9/30.5,", "->", "viewer", "1.2/7.7"],
+    ]
+
+
+def test_a_row_without_stages_has_no_stage_line_and_names_its_first_error() -> None:
+    lines = render([_row(errors=2, error_sample="503 from the edge")]).splitlines()
+    assert not any("per stage" in line for line in lines)
+    assert lines[-1].strip() == "first error: 503 from the edge"
