@@ -340,6 +340,12 @@ class Hub:
                 "conversation feed broken",
                 extra={"conversation_id": self.conversation_id, "error": describe(err)},
             )
+        except Exception:
+            # A bug: the viewers' streams end and resume from their last ids on a new
+            # feed; the process and every other conversation's feed go on.
+            log.exception(
+                "conversation feed failed", extra={"conversation_id": self.conversation_id}
+            )
         finally:
             self.closed = True
             hubs.forget(self)
@@ -368,8 +374,26 @@ class Hub:
         self._last_event = time.monotonic()
         self._remember(delivery)
         for subscription in list(self.subscriptions):
-            subscription.feed(delivery)
+            try:
+                subscription.feed(delivery)
+            except Exception:
+                self._viewer_failed(subscription)
         self._hubs.delivered(len(self.subscriptions))
+
+    def _viewer_failed(self, subscription: Subscription) -> None:
+        """One viewer's failure ends that viewer's stream (it resumes from its last id),
+        never the conversation's feed that every other viewer reads."""
+        log.exception(
+            "a viewer's stream failed; it ends, the others go on",
+            extra={"conversation_id": self.conversation_id},
+        )
+        subscription.end("broken")
+
+    def _stall(self, subscription: Subscription, error: Envelope) -> None:
+        try:
+            subscription.stall(error)
+        except Exception:
+            self._viewer_failed(subscription)
 
     def _remember(self, delivery: Delivery) -> None:
         settings = self._hubs.settings
@@ -405,14 +429,15 @@ class Hub:
                 continue  # still catching up
             turn = subscription.open_turn
             if turn is not None and (active is None or active.turn_id != turn):
-                subscription.stall(
+                self._stall(
+                    subscription,
                     Envelope(
                         "error",
                         f"turn {turn} is no longer running and its end cannot be read; "
                         "see the conversation's log",
                         turn,
                         code="turn_end_unreadable",
-                    )
+                    ),
                 )
                 continue
             command = subscription.waiting_command()
@@ -421,12 +446,13 @@ class Hub:
                 # worker may have appended just after our check of the end.
                 end, _ = await self._hubs.turn_state(self.conversation_id)
                 if subscription.seen >= end:
-                    subscription.stall(
+                    self._stall(
+                        subscription,
                         Envelope(
                             "error",
                             "the message was lost before a turn started; send it again",
                             code="command_lost",
-                        )
+                        ),
                     )
 
 

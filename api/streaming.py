@@ -71,7 +71,14 @@ def _bound_send_buffer(request: web.Request) -> None:
     size = request.app[CONFIG].limits.socket_send_buffer_bytes
     sock = request.transport.get_extra_info("socket") if request.transport else None
     if size > 0 and sock is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+        with contextlib.suppress(*_SOCKET_GONE):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
+# What a socket option raises once the viewer's connection is gone: OSError on
+# asyncio's socket, ValueError ("negative file descriptor") on uvloop's, whose
+# transport keeps a socket object whose descriptor is already closed.
+_SOCKET_GONE = (OSError, ValueError)
 
 
 def cut(transport: Transport) -> None:
@@ -79,7 +86,7 @@ def cut(transport: Transport) -> None:
     what it still holds for it at once instead of trying to deliver it for minutes."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
-        with contextlib.suppress(OSError):  # already gone
+        with contextlib.suppress(*_SOCKET_GONE):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     transport.abort()
 

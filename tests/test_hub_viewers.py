@@ -1,0 +1,96 @@
+"""A conversation's feed on one edge serves all its viewers: one viewer's failure ends
+that viewer's stream only. Found with `make run` (uvloop): a viewer that hung up
+mid-answer made the edge's reset of its connection raise, which ended the feed
+of every other viewer of the conversation."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import cast
+
+from nats.aio.client import Client as NatsClient
+
+from api.hub import Delivery, Hubs, Subscription, watch
+from api.sse import Envelope, Position
+from api.streaming import cut
+from events.ids import new_id
+from events.log import EventLog
+from events.turns import TurnRegistry, redis_client
+from events.vocabulary import ConversationCreated, Title
+from parley import loops
+from parley.services import Servers
+
+
+class Collecting(Subscription):
+    """A viewer that keeps what it is fed."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__(Position(after))
+        self.seqs: list[int] = []
+
+    def take(self, delivery: Delivery) -> None:
+        self.seqs.append(delivery.seq)
+
+    def take_stall(self, error: Envelope) -> None:
+        self.end("stalled")
+
+
+class Failing(Collecting):
+    """A viewer whose writing raises from its second live event on."""
+
+    def take(self, delivery: Delivery) -> None:
+        super().take(delivery)
+        if len(self.seqs) > 1:
+            raise RuntimeError("the viewer's connection broke in an unexpected way")
+
+
+def _title(cid: str, n: int) -> Title:
+    return Title(conversation_id=cid, at=1, event_id=new_id(), title=f"t{n}", source="user")
+
+
+async def test_a_viewer_that_fails_ends_alone_and_the_others_read_on(
+    stack: Servers, nc: NatsClient, event_log: EventLog
+) -> None:
+    cid = new_id()
+    created = ConversationCreated(conversation_id=cid, at=1, event_id=new_id(), user_id="u")
+    head = await event_log.append(cid, [created], 0)
+    hubs = Hubs(nc.jetstream(), event_log, TurnRegistry(redis_client(stack.redis_url)))
+    good, bad = Collecting(head), Failing(head)
+    try:
+        watching = [asyncio.create_task(watch(hubs, cid, s, head)) for s in (good, bad)]
+        while not (good.live and bad.live):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        for n in range(5):
+            head = await event_log.append(cid, [_title(cid, n)], head)
+        async with asyncio.timeout(10):
+            assert await watching[1] == "broken"
+            while len(good.seqs) < 5:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert good.seqs == list(range(head - 4, head + 1))
+        assert not good.ended.done() and hubs.following(cid) == head
+        watching[0].cancel()
+    finally:
+        await hubs.close()
+
+
+def test_cutting_a_connection_the_viewer_already_closed_raises_nothing_on_uvloop() -> None:
+    """uvloop's transport keeps a socket object whose descriptor is closed (-1); a
+    socket option on it raises ValueError, not OSError. The edge runs on uvloop."""
+
+    async def hang_up_then_cut() -> bool:
+        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        try:
+            port = server.sockets[0].getsockname()[1]
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            transport = cast(asyncio.Transport, writer.transport)  # uvloop's TCPTransport
+            # the edge sizes a stream's send buffer when it opens: uvloop keeps that
+            # socket object, and closed, its descriptor reads -1
+            assert transport.get_extra_info("socket") is not None
+            transport.abort()
+            await asyncio.sleep(0.01)
+            cut(transport)
+            return type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+        finally:
+            server.close()
+
+    assert loops.run(hang_up_then_cut()), "the edge's loop is uvloop: test on it"
