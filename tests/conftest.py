@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import nats
 import pytest
+import uvloop
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from nats.aio.client import Client as NatsClient
@@ -40,6 +41,15 @@ SECRET = "test-secret-" + "x" * 32
 # The demo model streams at this rate in tests: fast, yet a 100-token answer
 # still takes long enough to disconnect and reconnect in the middle of it.
 TEST_TOKENS_PER_S = 400.0
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """The loop parley's processes run on (parley/loops.py): uvloop. On asyncio's own
+    loop a viewer's closed socket raised OSError where uvloop raises ValueError,
+    and the suite passed while `make run` broke (tests/test_hub_viewers.py)."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture(scope="session")
