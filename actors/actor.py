@@ -408,28 +408,27 @@ class ConversationActor:
             # 13 ms p99)
             return decided[:1]
 
+        # A cancel finds the turn's runner from the moment the turn is announced, while
+        # its `started` is on its way and through a billed turn's title and pre-flight,
+        # and stops it before the model is asked.
+        runner = TurnRunner(self.ctx, self.writer, spec, choice, turn_id=turn_id)
+        self.runner = runner
         try:
             started = await self.writer.append_decided(start)
-            if not started or self.state.active is None:
+            active = self.state.active
+            if not started or active is None or active.turn_id != turn_id:
                 return
             follow = decided[1:]
-            # The turn is in the log: a cancel from now on finds its runner, through
-            # a billed turn's title and pre-flight, and stops it before the model is
-            # asked.
-            runner = TurnRunner(
-                self.ctx, self.writer, spec, choice, first=follow if payer is None else ()
-            )
-            self.runner = runner
-            try:
-                if payer is not None:
-                    # a billed turn's pre-flight may refuse it: its title is in first
-                    await self.writer.append(follow)
-                    if not await self._preflight(spec, choice.prices, payer, priced):
-                        return
-                await runner.run()
-            finally:
-                self.runner = None
+            if payer is None:
+                runner.lead_with(follow)
+            else:
+                # a billed turn's pre-flight may refuse it: its title is in first
+                await self.writer.append(follow)
+                if not await self._preflight(spec, choice.prices, payer, priced):
+                    return
+            await runner.run()
         finally:
+            self.runner = None
             await announce
         await self._charge_last()
 

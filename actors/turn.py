@@ -144,23 +144,34 @@ class TurnRunner:
         choice: ModelChoice,
         *,
         first: Sequence[Event] = (),
+        turn_id: str | None = None,
     ) -> None:
+        """`turn_id`: the turn this runner will run, when it is made before its
+        `started` is in the log (so that a cancel naming it finds it meanwhile);
+        otherwise the writer's active turn."""
         self.ctx = ctx
         self.writer = writer
         # events decided with `started` that go first in the turn's stream (its title)
         self._first = first
         self.spec = spec
         self.choice = choice
-        active = writer.state.active
-        if active is None:
-            raise ValueError("a turn runner needs a started turn")
-        self.turn_id = active.turn_id
+        if turn_id is None:
+            active = writer.state.active
+            if active is None:
+                raise ValueError("a turn runner needs a started turn")
+            turn_id = active.turn_id
+        self.turn_id = turn_id
         self._task: asyncio.Task[None] | None = None
         self._cancel_reason: str | None = None
         self._ending = False
         self._began = time.perf_counter()
         self._first_token = False
         self._ended: Sequence[Event] = ()  # what this runner appended as the turn's end
+
+    def lead_with(self, first: Sequence[Event]) -> None:
+        """Events decided with `started` that go first in the turn's stream, appended
+        while the model's request is on its way; before `run`."""
+        self._first = first
 
     def cancel(self, reason: str) -> bool:
         """Stop the turn; False when it is already writing its end. A turn not running

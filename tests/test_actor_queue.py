@@ -473,16 +473,7 @@ async def test_a_cancel_during_a_billed_turns_pre_flight_stops_it_before_the_mod
         _context(event_log, TurnRegistry(redis_client(stack.redis_url)), http, demo_model_url),
         accounts=accounts,
     )
-    cid, project = new_id(), new_id()
-    account = project_account(project)
-    grant = CreditsGranted(
-        conversation_id="", at=1, event_id=new_id(), account=account, amount=10**9
-    )
-    await event_log.append_to(account_subject(account), [grant], 0)
-    created = ConversationCreated(
-        conversation_id=cid, at=1, event_id=new_id(), user_id="u", project_id=project
-    )
-    await event_log.append(cid, [created], 0)
+    cid, account = await _funded_project_conversation(event_log)
     actor = ConversationActor(cid, ctx)
     try:
         async with _running(actor) as inbox:
@@ -514,3 +505,69 @@ async def test_a_cancel_during_a_billed_turns_pre_flight_stops_it_before_the_mod
     # nothing was consumed, so nothing is owed; the charge closes the reservation
     assert (cancelled.input_tokens, cancelled.output_tokens) == (0, 0)
     assert ledger.charged_turns == {started.turn_id} and ledger.charged == 0
+
+
+async def _funded_project_conversation(event_log: EventLog) -> tuple[str, str]:
+    """A new conversation of a new project whose account has credits: its id, the account."""
+    cid, project = new_id(), new_id()
+    account = project_account(project)
+    grant = CreditsGranted(
+        conversation_id="", at=1, event_id=new_id(), account=account, amount=10**9
+    )
+    await event_log.append_to(account_subject(account), [grant], 0)
+    created = ConversationCreated(
+        conversation_id=cid, at=1, event_id=new_id(), user_id="u", project_id=project
+    )
+    await event_log.append(cid, [created], 0)
+    return cid, account
+
+
+class StartGatedLog(EventLog):
+    """The real log, whose append of a turn's `started` waits for `gate`."""
+
+    def __init__(self, js: JetStreamContext) -> None:
+        super().__init__(js)
+        self.holding = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def append(self, conversation_id: str, events: Sequence[Event], expected_seq: int) -> int:
+        if any(isinstance(e, Started) for e in events):
+            self.holding.set()
+            await self.gate.wait()
+        return await super().append(conversation_id, events, expected_seq)
+
+
+async def test_a_cancel_while_a_queued_turns_start_is_on_its_way_stops_it(
+    stack: Servers,
+    nc: NatsClient,
+    event_log: EventLog,
+    demo_model_url: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    """A turn started from the queue is announced (its id in the turn record) while its
+    `started` is appended: a cancel naming it can come before the append's ack. It
+    found no runner then, and the whole answer ran."""
+    gated = StartGatedLog(nc.jetstream())
+    ctx = _context(gated, TurnRegistry(redis_client(stack.redis_url)), http, demo_model_url)
+    cid, _ = await _funded_project_conversation(event_log)
+    actor = ConversationActor(cid, ctx)
+    try:
+        async with _running(actor) as inbox:
+            inbox.put_nowait((_message(cid, "a long answer [[tokens=200]]"), Delivery()))
+            async with asyncio.timeout(10):
+                await gated.holding.wait()
+            cancel_settled = Delivery()
+            cancel = CancelTurn(conversation_id=cid, command_id=new_id(), user_id="u", at=1)
+            inbox.put_nowait((cancel, cancel_settled))
+            await _settled(cancel_settled)
+            gated.gate.set()
+            await until(
+                event_log,
+                cid,
+                lambda es: any(isinstance(e, Cancelled | Done) for e in es),
+                "the turn ended",
+            )
+    finally:
+        gated.gate.set()
+    kinds = [type(s.event).__name__ for s in await event_log.read(cid)]
+    assert kinds == ["ConversationCreated", "UserMessage", "Started", "Title", "Cancelled"], kinds
