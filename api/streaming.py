@@ -64,6 +64,12 @@ async def open_sse(request: web.Request) -> web.StreamResponse:
     return response
 
 
+# What a socket option raises once the viewer's connection is gone: OSError on
+# asyncio's socket, ValueError ("negative file descriptor") on uvloop's, whose
+# transport keeps a socket object whose descriptor is already closed.
+_SOCKET_GONE = (OSError, ValueError)
+
+
 def _bound_send_buffer(request: web.Request) -> None:
     """Cap the kernel's send buffer of a stream's socket. Left alone it grows to
     megabytes per connection, which a viewer that stops reading fills first,
@@ -73,12 +79,6 @@ def _bound_send_buffer(request: web.Request) -> None:
     if size > 0 and sock is not None:
         with contextlib.suppress(*_SOCKET_GONE):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
-
-
-# What a socket option raises once the viewer's connection is gone: OSError on
-# asyncio's socket, ValueError ("negative file descriptor") on uvloop's, whose
-# transport keeps a socket object whose descriptor is already closed.
-_SOCKET_GONE = (OSError, ValueError)
 
 
 def cut(transport: Transport) -> None:
