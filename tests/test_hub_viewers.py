@@ -58,8 +58,9 @@ async def test_a_viewer_that_fails_ends_alone_and_the_others_read_on(
     good, bad = Collecting(head), Failing(head)
     try:
         watching = [asyncio.create_task(watch(hubs, cid, s, head)) for s in (good, bad)]
-        while not (good.live and bad.live):  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
+        async with asyncio.timeout(10):
+            while not (good.live and bad.live):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
         appended = []
         for n in range(5):
             head = await event_log.append(cid, [_title(cid, n)], head)
