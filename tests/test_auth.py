@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from api.auth import mint
+from api.auth import REMEMBER_S, InvalidToken, Verifier, mint
 from parley.services import Servers, Services
 from tests.conftest import SECRET, extra_edge, token_for
 from tests.sse import SseClient
@@ -228,3 +228,60 @@ async def test_an_admin_token_cannot_read_or_write_another_users_conversation(
         assert status == 404 and body["error"]["code"] == "not_found", (path, status, body)
     status, listed = await admin.request("GET", "/v1/conversations")
     assert status == 200 and cid not in {c["id"] for c in listed["conversations"]}
+
+
+# ---------------------------------------------------------------- remembered tokens
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_token_that_passed_is_remembered_for_a_minute_and_never_past_its_expiry() -> None:
+    clock = Clock()
+    verifier = Verifier(secret=SECRET, clock=clock)
+    token = mint(SECRET, "alice")
+    first = await verifier.verify(token)
+    assert await verifier.verify(token) == first and verifier.checks == 1
+    clock.now += REMEMBER_S + 1
+    assert await verifier.verify(token) == first and verifier.checks == 2  # checked again
+
+    # a token that expires sooner is remembered only until then
+    clock.now = time.time()
+    soon = mint(SECRET, "bob", ttl_s=5, now=clock.now)
+    await verifier.verify(soon)
+    await verifier.verify(soon)
+    assert verifier.checks == 3
+    clock.now += 6
+    await verifier.verify(soon)  # checked again (PyJWT's clock, with its leeway, admits it)
+    assert verifier.checks == 4
+
+
+async def test_only_tokens_that_passed_are_remembered_and_only_by_their_exact_text() -> None:
+    verifier = Verifier(secret=SECRET)
+    genuine = mint(SECRET, "alice")
+    await verifier.verify(genuine)
+    for token in (genuine[:-4] + "AAAA", mint("not-the-server-secret-" + "y" * 30, "alice")):
+        for _ in range(2):  # refused, and refused again: a failure is never kept
+            with pytest.raises(InvalidToken):
+                await verifier.verify(token)
+    assert verifier.remembered == 1 and verifier.checks == 5
+
+
+async def test_the_remembered_tokens_are_bounded_the_least_recently_used_go_first() -> None:
+    verifier = Verifier(secret=SECRET, max_remembered=3)
+    tokens = [mint(SECRET, f"user-{n}") for n in range(4)]
+    for token in tokens[:3]:
+        await verifier.verify(token)
+    await verifier.verify(tokens[0])  # used again: now the most recent
+    await verifier.verify(tokens[3])  # the fourth pushes out the least recent, tokens[1]
+    assert verifier.remembered == 3 and verifier.checks == 4
+    await verifier.verify(tokens[0])
+    await verifier.verify(tokens[2])
+    assert verifier.checks == 4
+    await verifier.verify(tokens[1])
+    assert verifier.checks == 5
