@@ -16,7 +16,7 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import msgspec
@@ -446,6 +446,42 @@ async def test_a_cancel_right_behind_its_request_stops_the_turn_before_the_model
     assert kinds == ["ConversationCreated", "UserMessage", "Started", "Title", "Cancelled"], kinds
 
 
+class Held(Protocol):
+    """Something the actor waits on, made to hold (`holding` set) until `gate` opens."""
+
+    holding: asyncio.Event
+    gate: asyncio.Event
+
+
+@contextlib.asynccontextmanager
+async def _cancelled_while_held(
+    actor: ConversationActor, event_log: EventLog, held: Held
+) -> AsyncIterator[None]:
+    """Run the actor; send a long message and, while its turn's start is held, a
+    cancel; let the start go on and wait for the turn's end. The actor runs on
+    through the body."""
+    cid = actor.conversation_id
+    try:
+        async with _running(actor) as inbox:
+            inbox.put_nowait((_message(cid, "a long answer [[tokens=200]]"), Delivery()))
+            async with asyncio.timeout(10):
+                await held.holding.wait()
+            cancel_settled = Delivery()
+            cancel = CancelTurn(conversation_id=cid, command_id=new_id(), user_id="u", at=1)
+            inbox.put_nowait((cancel, cancel_settled))
+            await _settled(cancel_settled)
+            held.gate.set()
+            await until(
+                event_log,
+                cid,
+                lambda es: any(isinstance(e, Cancelled | Done) for e in es),
+                "the turn ended",
+            )
+            yield
+    finally:
+        held.gate.set()
+
+
 class GatedAccounts(Accounts):
     """The accounts on the real log, whose reservation waits for `gate`."""
 
@@ -474,29 +510,11 @@ async def test_a_cancel_during_a_billed_turns_pre_flight_stops_it_before_the_mod
         accounts=accounts,
     )
     cid, account = await _funded_project_conversation(event_log)
-    actor = ConversationActor(cid, ctx)
-    try:
-        async with _running(actor) as inbox:
-            inbox.put_nowait((_message(cid, "a long answer [[tokens=200]]"), Delivery()))
-            async with asyncio.timeout(10):
-                await accounts.holding.wait()
-            cancel_settled = Delivery()
-            cancel = CancelTurn(conversation_id=cid, command_id=new_id(), user_id="u", at=1)
-            inbox.put_nowait((cancel, cancel_settled))
-            await _settled(cancel_settled)
-            accounts.gate.set()
-            await until(
-                event_log,
-                cid,
-                lambda es: any(isinstance(e, Cancelled | Done) for e in es),
-                "the turn ended",
-            )
+    async with _cancelled_while_held(ConversationActor(cid, ctx), event_log, accounts):
         # and what was reserved for it is settled by its charge: nothing stays held
         async with asyncio.timeout(10):
             while (ledger := await accounts.state(account)).reserved:  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
-    finally:
-        accounts.gate.set()
     events = [s.event for s in await event_log.read(cid)]
     kinds = [type(e).__name__ for e in events]
     assert kinds == ["ConversationCreated", "UserMessage", "Started", "Title", "Cancelled"], kinds
@@ -550,24 +568,7 @@ async def test_a_cancel_while_a_queued_turns_start_is_on_its_way_stops_it(
     gated = StartGatedLog(nc.jetstream())
     ctx = _context(gated, TurnRegistry(redis_client(stack.redis_url)), http, demo_model_url)
     cid, _ = await _funded_project_conversation(event_log)
-    actor = ConversationActor(cid, ctx)
-    try:
-        async with _running(actor) as inbox:
-            inbox.put_nowait((_message(cid, "a long answer [[tokens=200]]"), Delivery()))
-            async with asyncio.timeout(10):
-                await gated.holding.wait()
-            cancel_settled = Delivery()
-            cancel = CancelTurn(conversation_id=cid, command_id=new_id(), user_id="u", at=1)
-            inbox.put_nowait((cancel, cancel_settled))
-            await _settled(cancel_settled)
-            gated.gate.set()
-            await until(
-                event_log,
-                cid,
-                lambda es: any(isinstance(e, Cancelled | Done) for e in es),
-                "the turn ended",
-            )
-    finally:
-        gated.gate.set()
+    async with _cancelled_while_held(ConversationActor(cid, ctx), event_log, gated):
+        pass
     kinds = [type(s.event).__name__ for s in await event_log.read(cid)]
     assert kinds == ["ConversationCreated", "UserMessage", "Started", "Title", "Cancelled"], kinds
