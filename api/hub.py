@@ -252,11 +252,14 @@ async def turn_state(
     """The log's last position, and the turn running now if there is one.
 
     The worker clears its turn record just after appending the turn's end, so a
-    record whose turn already ended in the log does not count as running.
+    record whose turn already ended in the log does not count as running. The
+    record is read first: read after the end, a turn that ended in between looked
+    gone without its end in the log, and the stall check told its viewers that
+    the end could not be read (seen at 1,000 turns at once).
     """
+    active = await turns.get(conversation_id)
     last = await event_log.last(conversation_id)
     end = last.seq if last is not None else 0
-    active = await turns.get(conversation_id)
     if active is not None and (
         last is not None
         and isinstance(last.event, TurnEnd)

@@ -10,13 +10,13 @@ from typing import cast
 
 from nats.aio.client import Client as NatsClient
 
-from api.hub import Delivery, Hubs, Subscription, watch
+from api.hub import Delivery, Hubs, Subscription, turn_state, watch
 from api.sse import Envelope, Position
 from api.streaming import cut
 from events.ids import new_id
-from events.log import EventLog
-from events.turns import TurnRegistry, redis_client
-from events.vocabulary import ConversationCreated, Title
+from events.log import EventLog, StoredEvent
+from events.turns import TurnRecord, TurnRegistry, redis_client
+from events.vocabulary import ConversationCreated, Done, Started, Title
 from parley import loops
 from parley.services import Servers
 
@@ -97,3 +97,64 @@ def test_cutting_a_connection_the_viewer_already_closed_raises_nothing_on_uvloop
             server.close()
 
     assert loops.run(hang_up_then_cut()), "the edge's loop is uvloop: test on it"
+
+
+class TurnEndsBetweenReads:
+    """The worker ends the turn (appends `done`, then clears its record, as it does)
+    right after the first of `turn_state`'s two reads, whichever that is."""
+
+    def __init__(self, event_log: EventLog, turns: TurnRegistry, cid: str, done: Done) -> None:
+        self._log, self._turns, self._cid, self._done = event_log, turns, cid, done
+        self.done_seq = 0
+
+    async def _end_turn_once(self) -> None:
+        if self.done_seq == 0:
+            head = await self._log.last_seq(self._cid)
+            self.done_seq = await self._log.append(self._cid, [self._done], head)
+            await self._turns.release(self._cid, "w1")
+
+    async def last(self, conversation_id: str) -> StoredEvent | None:
+        last = await self._log.last(conversation_id)
+        await self._end_turn_once()
+        return last
+
+    async def get(self, conversation_id: str) -> TurnRecord | None:
+        record = await self._turns.get(conversation_id)
+        await self._end_turn_once()
+        return record
+
+
+async def test_a_turn_that_ends_between_the_reads_is_never_running_and_endless(
+    stack: Servers, event_log: EventLog
+) -> None:
+    """Under load the stall check told a viewer "turn ... is no longer running and
+    its end cannot be read" while the turn's `done` was in the log: the log's end
+    was read before the turn ended, its record after."""
+    cid, turn = new_id(), new_id()
+    created = ConversationCreated(conversation_id=cid, at=1, event_id=new_id(), user_id="u")
+    started = Started(
+        conversation_id=cid, at=2, event_id=new_id(), turn_id=turn, user_message_id="m", model="x"
+    )
+    head = await event_log.append(cid, [created, started], 0)
+    turns = TurnRegistry(redis_client(stack.redis_url))
+    await turns.put(cid, TurnRecord(worker="w1", turn_id=turn, after=head - 1, at=3))
+    done = Done(
+        conversation_id=cid,
+        at=4,
+        event_id=new_id(),
+        turn_id=turn,
+        content=[],
+        stop_reason="stop",
+        input_tokens=1,
+        output_tokens=1,
+    )
+    between = TurnEndsBetweenReads(event_log, turns, cid, done)
+
+    end, active = await turn_state(cast(EventLog, between), cast(TurnRegistry, between), cid)
+
+    assert between.done_seq > head
+    # running with the log's end before its `done`, or ended with `done` read: never
+    # "not running" with an end that does not hold its `done`
+    assert (end, active) == (between.done_seq, None) or (
+        active is not None and active.turn_id == turn
+    ), (end, active, between.done_seq)
