@@ -431,7 +431,9 @@ class Hub:
             if subscription.seen < end:
                 continue  # still catching up
             turn = subscription.open_turn
-            if turn is not None and (active is None or active.turn_id != turn):
+            # A record without a turn id announces a turn about to start: the worker
+            # that started this viewer's turn may not have named it there yet.
+            if turn is not None and (active is None or active.turn_id not in ("", turn)):
                 self._stall(
                     subscription,
                     Envelope(

@@ -10,7 +10,7 @@ from typing import cast
 
 from nats.aio.client import Client as NatsClient
 
-from api.hub import Delivery, Hubs, Subscription, turn_state, watch
+from api.hub import Delivery, Hubs, HubSettings, Subscription, turn_state, watch
 from api.sse import Envelope, Position
 from api.streaming import cut
 from events.ids import new_id
@@ -158,3 +158,35 @@ async def test_a_turn_that_ends_between_the_reads_is_never_running_and_endless(
     assert (end, active) == (between.done_seq, None) or (
         active is not None and active.turn_id == turn
     ), (end, active, between.done_seq)
+
+
+async def test_the_stall_check_waits_while_the_record_does_not_name_the_turn_yet(
+    stack: Servers, nc: NatsClient, event_log: EventLog
+) -> None:
+    """A worker announces a request's turn (a record without a turn id) before it
+    starts, and names the turn in the record just after `started` is appended. In
+    between, a viewer of that turn is not told its end cannot be read."""
+    cid, turn = new_id(), new_id()
+    created = ConversationCreated(conversation_id=cid, at=1, event_id=new_id(), user_id="u")
+    started = Started(
+        conversation_id=cid, at=2, event_id=new_id(), turn_id=turn, user_message_id="m", model="x"
+    )
+    turns = TurnRegistry(redis_client(stack.redis_url))
+    await turns.put(cid, TurnRecord(worker="w1", turn_id="", after=0, at=3))
+    head = await event_log.append(cid, [created, started], 0)
+    checks = HubSettings(stall_check_s=0.05, wake_s=0.01)
+    hubs = Hubs(nc.jetstream(), event_log, turns, checks)
+    viewer = Collecting(0)
+    try:
+        watching = asyncio.create_task(watch(hubs, cid, viewer, None))
+        async with asyncio.timeout(10):
+            while viewer.open_turn != turn:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(10 * checks.stall_check_s)  # ten checks' worth of silence
+        assert not watching.done() and viewer.seqs[-1] == head
+
+        await turns.release(cid, "w1")  # now the turn is gone without an end: stalled
+        async with asyncio.timeout(10):
+            assert await watching == "stalled"
+    finally:
+        await hubs.close()
