@@ -363,6 +363,10 @@ class _ThinkSplitter:
         self.held = ""
 
     def split(self, text: str) -> list[StreamItem]:
+        if not self.held and "<" not in text:
+            # nearly every chunk: no tag, nor the start of one (a worker's most
+            # frequent call, once per token of every stream)
+            return [TextDelta("thinking" if self.inside else "answer", text)] if text else []
         text = self.held + text
         self.held = ""
         out: list[StreamItem] = []
