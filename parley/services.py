@@ -24,6 +24,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 from nats.aio.client import Client as NatsClient
+from nats.js.client import JetStreamContext
 
 from actors.billing import Accounts
 from actors.builtin_tools import BUILTIN_TOOLS
@@ -36,7 +37,7 @@ from actors.writer import AppendTick
 from api.app import create_app
 from api.config import LISTEN_BACKLOG, EdgeConfig, EdgeLimits
 from events import broker
-from events.errors import describe
+from events.errors import EventLogUnavailable, describe
 from events.ids import new_id
 from events.log import EventLog, ensure_streams
 from events.turns import TurnRegistry, redis_client
@@ -133,6 +134,11 @@ class ServiceOptions(msgspec.Struct, frozen=True, kw_only=True):
     stream_replicas: int = 1
 
 
+# how often a starting process asks a JetStream that did not answer again
+_STREAMS_RETRY_FIRST_S = 0.5
+_STREAMS_RETRY_MAX_S = 5.0
+
+
 def _freeze_startup_heap() -> None:
     """Leave what start-up made (modules, classes, the catalog: ~70,000 objects) out
     of every later collection. A full collection in `parley dev` scanned them each
@@ -204,7 +210,7 @@ class Services:
     async def _start(self) -> None:
         nc = await self._nats("parley-roles")
         js = nc.jetstream()
-        for note in await ensure_streams(js, replicas=self.options.stream_replicas):
+        for note in await self._ensure_streams(js):
             log.info(note)
         if "projector" in self.roles:
             # one projector per projection: each its own position, lock and restarts
@@ -234,6 +240,23 @@ class Services:
         elif self.options.metrics_port is not None:
             self.metrics_url = await self._serve(metrics_app(self.metrics)) + "/metrics"
         _freeze_startup_heap()
+
+    async def _ensure_streams(self, js: JetStreamContext) -> list[str]:
+        """The streams, as `ensure_streams`, waited for: JetStream that does not answer
+        yet (a cluster electing its leader, a node still starting, a server without
+        JetStream about to be replaced) stops no role, as NATS away stops none. A
+        stream parley cannot use still stops the process, with its reason."""
+        delay = _STREAMS_RETRY_FIRST_S
+        while True:
+            try:
+                return await ensure_streams(js, replicas=self.options.stream_replicas)
+            except EventLogUnavailable as err:
+                log.warning(
+                    "JetStream did not answer at start; trying again",
+                    extra={"error": describe(err), "retry_in_s": delay},
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _STREAMS_RETRY_MAX_S)
 
     async def _nats(self, name: str) -> NatsClient:
         nc = await broker.connect(self.servers.nats_url, name=name, report=_report)
