@@ -371,13 +371,25 @@ class ConversationActor:
                 extra={"conversation_id": self.conversation_id, "error": describe(err)},
             )
             await self._give_back(delay=1.0)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # the actor is stopping
+            # Not a stop: a cancel that escaped from something the queue awaited. It
+            # must not end the queue unseen, or the conversation waits for good.
+            await self._queue_failed()
         except Exception:
-            log.exception("turn queue failed", extra={"conversation_id": self.conversation_id})
-            self._loaded = False
-            held, self.held = self.held, {}
-            for command_id, settle in held.items():
-                cmd = _placeholder(self.conversation_id, command_id)
-                await self._retry_or_refuse(cmd, settle)
+            await self._queue_failed()
+
+    async def _queue_failed(self) -> None:
+        """A bug stopped the queue: say so, and hand its commands back. Redelivered, the
+        log is read again and a turn left open is ended as an orphan's."""
+        log.exception("turn queue failed", extra={"conversation_id": self.conversation_id})
+        self._loaded = False
+        held, self.held = self.held, {}
+        for command_id, settle in held.items():
+            cmd = _placeholder(self.conversation_id, command_id)
+            await self._retry_or_refuse(cmd, settle)
 
     async def _run_one(self, queued: QueuedTurn) -> None:
         spec = self._model_spec(queued.model)

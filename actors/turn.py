@@ -162,6 +162,7 @@ class TurnRunner:
             turn_id = active.turn_id
         self.turn_id = turn_id
         self._task: asyncio.Task[None] | None = None
+        self._running = False  # the task has had its first step
         self._cancel_reason: str | None = None
         self._ending = False
         self._began = time.perf_counter()
@@ -180,7 +181,9 @@ class TurnRunner:
             return False
         if self._cancel_reason is None:
             self._cancel_reason = reason
-            if self._task is not None:
+            # A task cancelled before its first step never runs its body: the turn
+            # would get no end. One that has not run yet reads the reason at its start.
+            if self._task is not None and self._running:
                 self._task.cancel()
         return True
 
@@ -195,6 +198,7 @@ class TurnRunner:
             observer.turn_ended(model, end if isinstance(end, TurnEnd) else None)
 
     async def _run(self) -> None:
+        self._running = True  # no await before the cancel check below
         ctx, state = self.ctx, self.writer.state
         assert state.active is not None
         messages = build_history(

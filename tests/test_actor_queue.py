@@ -27,10 +27,12 @@ from redis.asyncio import Redis
 
 from actors.actor import ConversationActor, Inbox
 from actors.billing import Accounts, Refused
+from actors.decide import Rejected, decide_request, decide_start, next_turn
+from actors.models import choose_model
 from actors.state import Conversation
-from actors.turn import ActorContext
+from actors.turn import ActorContext, TurnRunner
 from actors.writer import EventWriter
-from events.billing import project_account
+from events.billing import AccountState, project_account
 from events.errors import EventLogConflict
 from events.ids import new_id
 from events.log import EventLog, StoredEvent
@@ -572,3 +574,85 @@ async def test_a_cancel_while_a_queued_turns_start_is_on_its_way_stops_it(
         pass
     kinds = [type(s.event).__name__ for s in await event_log.read(cid)]
     assert kinds == ["ConversationCreated", "UserMessage", "Started", "Title", "Cancelled"], kinds
+
+
+async def test_a_turn_cancelled_before_its_task_first_runs_still_ends(
+    stack: Servers, event_log: EventLog, demo_model_url: str, http: aiohttp.ClientSession
+) -> None:
+    """Found by the soak (150 users): an interrupting message, accepted in the loop
+    iteration in which a queued turn's task was made, cancelled that task before its
+    first step. A task cancelled then never runs its body, so the turn's `cancelled`
+    was never written, the cancel escaped into the actor's queue and ended it, and
+    the conversation stayed busy for good: every later message queued behind a turn
+    that would never end."""
+    ctx = _context(event_log, TurnRegistry(redis_client(stack.redis_url)), http, demo_model_url)
+    cid, _ = await _conversation(event_log)
+    writer = EventWriter(cid, event_log, max_event_bytes=ctx.max_event_bytes, new_id=new_id)
+    await writer.catch_up()
+    asked = _message(cid, "a long answer [[tokens=200]]")
+    await writer.append_decided(lambda s: accepted(decide_request(s, asked, 1, new_id)))
+    spec = ctx.catalog.get(None)
+    assert spec is not None
+    choice = choose_model(spec)
+    queued = next_turn(writer.state)
+    assert queued is not None
+    await writer.append_decided(lambda s: decide_start(s, queued, choice, 2, new_id)[:1])
+    runner = TurnRunner(ctx, writer, spec, choice)
+
+    running = asyncio.create_task(runner.run())
+    await asyncio.sleep(0)  # `run` made the turn's task, which has not had its first step
+    assert runner.cancel("superseded")
+    async with asyncio.timeout(10):
+        await running  # the turn ended; the cancel did not escape
+
+    events = [s.event for s in await event_log.read(cid)]
+    assert isinstance(events[-1], Cancelled) and events[-1].turn_id == runner.turn_id, events
+    assert events[-1].reason == "superseded" and writer.state.active is None
+
+
+def accepted(outcome: list[Event] | Rejected) -> list[Event]:
+    assert not isinstance(outcome, Rejected), outcome
+    return outcome
+
+
+class CancellingAccounts(Accounts):
+    """The accounts on the real log, whose first look at an account is cancelled from
+    elsewhere (what a cancel escaping from an awaited task looks like)."""
+
+    def __init__(self, event_log: EventLog) -> None:
+        super().__init__(event_log, time.time_ns, new_id)
+        self.cancelled = False
+
+    async def state(self, account: str) -> AccountState:
+        if not self.cancelled:
+            self.cancelled = True
+            raise asyncio.CancelledError
+        return await super().state(account)
+
+
+async def test_a_cancel_escaping_into_the_queue_hands_its_commands_back(
+    stack: Servers,
+    event_log: EventLog,
+    demo_model_url: str,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The queue ended silently on a CancelledError that was not the actor's stop,
+    and its held command was never answered: the conversation waited for good."""
+    accounts = CancellingAccounts(event_log)
+    ctx = dataclasses.replace(
+        _context(event_log, TurnRegistry(redis_client(stack.redis_url)), http, demo_model_url),
+        accounts=accounts,
+    )
+    cid, _ = await _funded_project_conversation(event_log)
+    actor = ConversationActor(cid, ctx)
+    async with _running(actor) as inbox:
+        settled = Delivery()
+        inbox.put_nowait((_message(cid, "hello [[tokens=3]]"), settled))
+        await _settled(settled)
+        assert settled.settled == ["nak"]  # handed back: redelivered, it runs
+        # the actor itself runs on: the redelivery finds it, and its turn runs
+        inbox.put_nowait((_message(cid, "hello [[tokens=3]]"), Delivery()))
+        await until(event_log, cid, lambda es: any(isinstance(e, Done) for e in es), "a turn")
+    assert accounts.cancelled
+    assert any(r.message == "turn queue failed" for r in caplog.records)
