@@ -171,22 +171,29 @@ class Client:
         return int(body["after"])
 
     async def ends(self, cid: str, after: int, count: int) -> list[str]:
-        """Read the conversation's events after `after` through `count` turn ends."""
+        """Read the conversation's events after `after` through `count` turn ends.
+
+        A stream that ends before them (the edge ends a viewer's stream when the
+        conversation looks idle after a turn's end, and a queued turn may not have
+        started yet) is opened again from its last id, as an EventSource does: a
+        turn that never ends is a timeout here, not a silent short count."""
         ends: list[str] = []
         url = f"{self.base}/v1/conversations/{cid}/events"
-        async with (
-            asyncio.timeout(_TURN_TIMEOUT_S),
-            self.http.get(
-                url,
-                params={"after": str(after)},
-                headers={**self.auth, "Accept": "text/event-stream"},
-            ) as response,
-        ):
-            async for envelope in _envelopes(response):
-                if envelope["event"] == "done":
-                    ends.append(str(envelope["data"]))
-                    if len(ends) >= count:
-                        break
+        last = str(after)
+        async with asyncio.timeout(_TURN_TIMEOUT_S):
+            while len(ends) < count:
+                async with self.http.get(
+                    url,
+                    params={"after": last},
+                    headers={**self.auth, "Accept": "text/event-stream"},
+                ) as response:
+                    async for event_id, envelope in _sse(response):
+                        if event_id is not None:
+                            last = event_id
+                        if envelope["event"] == "done":
+                            ends.append(str(envelope["data"]))
+                            if len(ends) >= count:
+                                break
         return ends
 
     async def first_token(self, cid: str, after: int) -> None:
