@@ -143,7 +143,6 @@ class TurnRunner:
         spec: ModelSpec,
         choice: ModelChoice,
         *,
-        first: Sequence[Event] = (),
         turn_id: str | None = None,
     ) -> None:
         """`turn_id`: the turn this runner will run, when it is made before its
@@ -151,8 +150,9 @@ class TurnRunner:
         otherwise the writer's active turn."""
         self.ctx = ctx
         self.writer = writer
-        # events decided with `started` that go first in the turn's stream (its title)
-        self._first = first
+        # events decided with `started` that go first in the turn's stream (its
+        # title), when `started` went alone (`lead_with`)
+        self._first: Sequence[Event] = ()
         self.spec = spec
         self.choice = choice
         if turn_id is None:
