@@ -60,6 +60,41 @@ class Finish(msgspec.Struct, frozen=True):
 
 StreamItem = TextDelta | ToolCallRequest | Usage | Finish
 
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[Any] | None = None
+
+
+class _Choice(msgspec.Struct):
+    index: int | None = 0
+    delta: _Delta | None = None
+    finish_reason: str | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int | float | None = None
+    completion_tokens: int | float | None = None
+
+
+class _Chunk(msgspec.Struct):
+    """The fields of a chunk the parser reads, in the shapes nearly every server sends.
+
+    Decoding into these skips every other field (id, model, created, logprobs, ...)
+    without building it: with the whole-event read in `feed`, a third of the cost
+    of the line reader and dicts (2.5 against 6.6-7.6 us an event, recorded
+    transcripts, one event a read, as at 20 tokens/s). A chunk in any other shape (content as parts, a count that is not a number, an
+    error) fails this decode and is read from dicts, by the rules that cover all.
+    """
+
+    choices: list[_Choice] | None = None
+    usage: _Usage | None = None
+    error: Any = None
+    object: str | None = None
+
+
 _OPEN_TAG: Final = "<think>"
 _CLOSE_TAG: Final = "</think>"
 _LINE_END: Final = re.compile(rb"[\r\n]")
@@ -69,6 +104,9 @@ _LF: Final = 0x0A
 # misbehaving server can make us hold while we wait for a newline.
 _MAX_LINE_BYTES: Final = 8 * 1024 * 1024
 _decode_json = msgspec.json.Decoder().decode
+_decode_chunk = msgspec.json.Decoder(_Chunk).decode
+_DATA: Final = b"data: "
+_NEXT_DATA: Final = b"\n\ndata: "
 
 
 class ChatStreamParser:
@@ -100,8 +138,23 @@ class ChatStreamParser:
             raise self.error
         if self.done or not data:
             return []
-        self._buf += data
         out: list[StreamItem] = []
+        if not self._buf and data[:6] == _DATA and data[-2:] == b"\n\n":
+            # Nearly every read: whole events of one `data: ` line each, LF-ended.
+            payloads = data[6:-2].split(_NEXT_DATA)
+            # two LFs an event: no payload holds a line break of its own
+            if data.count(b"\n") == 2 * len(payloads) and b"\r" not in data:
+                try:
+                    for payload in payloads:
+                        if self.done:
+                            break
+                        self._fast_payload(payload, out)
+                except ModelStreamError as err:
+                    self.error = err
+                    if not out:
+                        raise
+                return out
+        self._buf += data
         try:
             self._read_lines(out, at_end=False)
         except ModelStreamError as err:
@@ -208,6 +261,43 @@ class ChatStreamParser:
             return
         self._chunk(chunk, out)
 
+    def _fast_payload(self, raw: bytes, out: list[StreamItem]) -> None:
+        try:
+            chunk = _decode_chunk(raw)
+        except msgspec.DecodeError:  # not JSON, or another shape: the rules for all
+            self._payload(raw, out)
+            return
+        if chunk.error is not None or chunk.object == "error":
+            self._payload(raw, out)  # the error, described as the dict path does
+            return
+        first: _Choice | None = None
+        for choice in chunk.choices or ():
+            if choice.finish_reason == "error":
+                self._payload(raw, out)
+                return
+            if first is None and choice.index in (0, None):
+                first = choice
+        if first is not None:
+            delta = first.delta
+            if delta is None:
+                self._apply(None, "", None, first.finish_reason, out)
+            else:
+                self._apply(
+                    delta.reasoning_content or delta.reasoning,
+                    delta.content or "",
+                    delta.tool_calls,
+                    first.finish_reason,
+                    out,
+                )
+        usage = chunk.usage
+        if usage is not None:
+            out.append(
+                Usage(
+                    input_tokens=_count(usage.prompt_tokens),
+                    output_tokens=_count(usage.completion_tokens),
+                )
+            )
+
     def _payload(self, raw: bytes, out: list[StreamItem]) -> None:
         raw = raw.strip()
         if not raw:
@@ -251,27 +341,50 @@ class ChatStreamParser:
 
     def _choice(self, choice: dict[str, Any], out: list[StreamItem]) -> None:
         delta = choice.get("delta")
-        if isinstance(delta, dict):
-            reasoning = delta.get("reasoning_content")
-            if not (isinstance(reasoning, str) and reasoning):
-                # Some servers send both names with the same text; reading one of
-                # them, reasoning_content first, keeps thinking from doubling.
-                reasoning = delta.get("reasoning")
-            if isinstance(reasoning, str) and reasoning:
-                self.deltas += 1
-                out.extend(self._think.flush())  # text held before this stays before it
-                out.append(TextDelta("thinking", reasoning))
-            content = _content_text(delta.get("content"))
-            if content:
-                self.deltas += 1
-                out.extend(self._think.split(content))
-            tool_calls = delta.get("tool_calls")
-            if isinstance(tool_calls, list) and self._finish_reason is None:
-                for tool_call in tool_calls:
-                    if isinstance(tool_call, dict):
-                        self._tool_call_delta(tool_call)
         reason = choice.get("finish_reason")
-        if isinstance(reason, str) and reason and self._finish_reason is None:
+        if not isinstance(reason, str):
+            reason = None
+        if not isinstance(delta, dict):
+            self._apply(None, "", None, reason, out)
+            return
+        reasoning = delta.get("reasoning_content")
+        if not (isinstance(reasoning, str) and reasoning):
+            reasoning = delta.get("reasoning")
+        tool_calls = delta.get("tool_calls")
+        self._apply(
+            reasoning if isinstance(reasoning, str) else None,
+            _content_text(delta.get("content")),
+            tool_calls if isinstance(tool_calls, list) else None,
+            reason,
+            out,
+        )
+
+    def _apply(
+        self,
+        reasoning: str | None,
+        content: str,
+        tool_calls: list[Any] | None,
+        reason: str | None,
+        out: list[StreamItem],
+    ) -> None:
+        """One choice's delta and finish_reason, however the chunk was decoded.
+
+        Some servers send both `reasoning_content` and `reasoning` with the same
+        text; the caller passes one of them, reasoning_content first, so thinking
+        does not double.
+        """
+        if reasoning:
+            self.deltas += 1
+            out.extend(self._think.flush())  # text held before this stays before it
+            out.append(TextDelta("thinking", reasoning))
+        if content:
+            self.deltas += 1
+            out.extend(self._think.split(content))
+        if tool_calls is not None and self._finish_reason is None:
+            for tool_call in tool_calls:
+                if isinstance(tool_call, dict):
+                    self._tool_call_delta(tool_call)
+        if reason and self._finish_reason is None:
             self._finish_reason = reason
             out.extend(self._think.flush())
             out.extend(self._take_calls())

@@ -478,3 +478,109 @@ def test_the_recorded_transcripts_are_the_verbatim_copies_sources_md_names() -> 
         expected = re.findall(r"\b[0-9a-f]{64}\b", row)[-1]
         seen = hashlib.sha256((FIXTURE_DIR / name).read_bytes()).hexdigest()
         assert seen == expected, f"{name}: sha256 {seen}, SOURCES.md says {expected}"
+
+
+# ------------------------------------------------------------ the typed path
+
+# Values in every shape servers send, and some they should not: the typed decode
+# takes the usual ones (most of what is drawn here), and anything else must fall
+# to the rules for all.
+_TEXT = st.sampled_from(["", "a", "b", "<think>x", "x</think>", "<thi", "nk>", "Ü🙂"])
+_ODD_TEXT = st.one_of(
+    st.sampled_from([None, 0, 1]),
+    st.lists(
+        st.one_of(
+            st.fixed_dictionaries({"type": st.just("text"), "text": _TEXT}),
+            st.fixed_dictionaries({"type": st.just("image_url")}),
+        ),
+        max_size=2,
+    ),
+)
+_ANY_TEXT = st.one_of(_TEXT, _TEXT, _TEXT, _ODD_TEXT)
+_COUNT = st.sampled_from([None, 0, 7, 12, 3.0, True, "7"])
+_TOOL_CALL = st.fixed_dictionaries(
+    {"index": st.sampled_from([0, 0, 1, 1, 2, None, True])},
+    optional={
+        "id": st.sampled_from(["", "call_1", "call_2"]),
+        "function": st.fixed_dictionaries(
+            {},
+            optional={
+                "name": st.sampled_from(["", "clock", "clock", 3]),
+                "arguments": st.sampled_from(['{"a":', "1}", "", {"a": 1}]),
+            },
+        ),
+    },
+)
+_DELTA = st.fixed_dictionaries(
+    {},
+    optional={
+        "role": st.just("assistant"),
+        "content": _ANY_TEXT,
+        "reasoning_content": _ANY_TEXT,
+        "reasoning": _ANY_TEXT,
+        "tool_calls": st.one_of(st.lists(_TOOL_CALL, max_size=2), st.sampled_from([None, "x"])),
+    },
+)
+_CHOICE = st.fixed_dictionaries(
+    {
+        "index": st.sampled_from([0, 0, 0, 0, 1, None, True]),
+        "delta": st.one_of(_DELTA, _DELTA, _DELTA, st.sampled_from([None, "x"])),
+    },
+    optional={
+        "finish_reason": st.sampled_from(
+            [None, None, None, "", "stop", "length", "tool_calls", "error", 1]
+        ),
+        "logprobs": st.none(),
+    },
+)
+_CHUNK: st.SearchStrategy[dict[str, Any]] = st.fixed_dictionaries(
+    {
+        "id": st.just("chatcmpl-1"),
+        "choices": st.one_of(
+            st.lists(_CHOICE, min_size=1, max_size=2),
+            st.lists(_CHOICE, min_size=1, max_size=2),
+            st.sampled_from([[], None, {}]),
+        ),
+    },
+    optional={
+        "object": st.sampled_from(["chat.completion.chunk"] * 5 + ["error"]),
+        "usage": st.one_of(
+            st.none(),
+            st.fixed_dictionaries(
+                {}, optional={"prompt_tokens": _COUNT, "completion_tokens": _COUNT}
+            ),
+        ),
+        "error": st.sampled_from([None] * 6 + [{"message": "boom"}, "down"]),
+        "message": st.just("overloaded"),
+    },
+)
+
+
+def _outcome(pieces: list[bytes]) -> tuple[list[StreamItem], str | None, int]:
+    parser = ChatStreamParser()
+    items: list[StreamItem] = []
+    try:
+        for piece in pieces:
+            items += parser.feed(piece)
+            if parser.error is not None:
+                break
+        else:
+            items += parser.finish()
+    except ModelStreamError as err:
+        return items, f"{err.code}: {err.message}", parser.deltas
+    error = parser.error
+    return items, None if error is None else f"{error.code}: {error.message}", parser.deltas
+
+
+@settings(max_examples=300, deadline=None)
+@given(chunks=st.lists(_CHUNK, min_size=1, max_size=6), done=st.booleans())
+def test_events_read_whole_give_what_the_same_bytes_give_read_line_by_line(
+    chunks: list[dict[str, Any]], done: bool
+) -> None:
+    events = [b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks]
+    if done:
+        events.append(b"data: [DONE]\n\n")
+    whole = _outcome(events)  # each read whole events: the typed decode
+    # Cut before each event's last byte, no read is whole events: the line reader.
+    by_line = _outcome([piece for event in events for piece in (event[:-1], event[-1:])])
+    assert whole == by_line
