@@ -424,6 +424,7 @@ class ConversationActor:
         # its `started` is on its way and through a billed turn's title and pre-flight,
         # and stops it before the model is asked.
         runner = TurnRunner(self.ctx, self.writer, spec, choice, turn_id=turn_id)
+        runner.before_end = self._announce_queued
         self.runner = runner
         try:
             started = await self.writer.append_decided(start)
@@ -453,6 +454,7 @@ class ConversationActor:
             self.runner = None
             return  # the view was refused and forgotten since: the log decides again
         announce = asyncio.create_task(self._record_turn(runner.turn_id, after))
+        runner.before_end = self._announce_queued
         try:
             await runner.run()
         finally:
@@ -573,6 +575,15 @@ class ConversationActor:
             log.exception(
                 "turn record not written", extra={"conversation_id": self.conversation_id}
             )
+
+    async def _announce_queued(self) -> None:
+        """Just before a turn's end is appended: when another turn waits behind it, the
+        record says that one is coming (no id yet) from just past the end. A viewer
+        following the conversation then keeps its stream through the end instead of
+        taking the conversation for idle, and one joining now starts at the next turn."""
+        if self.state.queue:
+            # stream.close() went first: the end is the next entry of this conversation
+            await self._record_turn("", self.writer.seq + 1)
 
     async def _forget_turn(self) -> None:
         try:

@@ -24,7 +24,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -168,6 +168,9 @@ class TurnRunner:
         self._began = time.perf_counter()
         self._first_token = False
         self._ended: Sequence[Event] = ()  # what this runner appended as the turn's end
+        # Awaited just before the turn's end (done, failed, cancelled) is appended:
+        # the actor announces there a turn queued behind this one.
+        self.before_end: Callable[[], Awaitable[None]] | None = None
 
     def lead_with(self, first: Sequence[Event]) -> None:
         """Events decided with `started` that go first in the turn's stream, appended
@@ -245,8 +248,8 @@ class TurnRunner:
                 messages = [*messages, *await self._run_tools(result, stream)]
             self._ending = True
             await stream.close()
-            self._ended = await self.writer.append_decided(
-                lambda s: [decide_done(s, stop_reason, totals, ctx.clock(), ctx.new_id)]
+            await self._append_end(
+                lambda s: decide_done(s, stop_reason, totals, ctx.clock(), ctx.new_id)
             )
         except ModelStreamError as err:
             await self._fail(stream, err.code, err.message, totals)
@@ -363,16 +366,21 @@ class TurnRunner:
         log.info("turn failed", extra={**self._log_fields(), "code": code, "detail": message})
         with contextlib.suppress(EventLogError):
             await stream.close()
-        self._ended = await self.writer.append_decided(
-            lambda s: [decide_failed(s, code, message, totals, self.ctx.clock(), self.ctx.new_id)]
+        await self._append_end(
+            lambda s: decide_failed(s, code, message, totals, self.ctx.clock(), self.ctx.new_id)
         )
 
     async def _cancelled(self, stream: TurnStream, reason: str, totals: TurnTotals) -> None:
         self._ending = True
         await stream.close()
-        self._ended = await self.writer.append_decided(
-            lambda s: [decide_cancelled(s, reason, totals, self.ctx.clock(), self.ctx.new_id)]
+        await self._append_end(
+            lambda s: decide_cancelled(s, reason, totals, self.ctx.clock(), self.ctx.new_id)
         )
+
+    async def _append_end(self, decide: Callable[[Conversation], Event]) -> None:
+        if self.before_end is not None:
+            await self.before_end()
+        self._ended = await self.writer.append_decided(lambda s: [decide(s)])
 
     async def _stop_for_shutdown(self, stream: TurnStream, totals: TurnTotals) -> None:
         self._ending = True

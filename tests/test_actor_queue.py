@@ -37,7 +37,7 @@ from events.errors import EventLogConflict
 from events.ids import new_id
 from events.log import EventLog, StoredEvent
 from events.subjects import account_subject
-from events.turns import TurnRegistry, redis_client
+from events.turns import TurnRecord, TurnRegistry, redis_client
 from events.vocabulary import (
     Cancelled,
     CancelTurn,
@@ -49,6 +49,7 @@ from events.vocabulary import (
     SendMessage,
     Started,
     Title,
+    TurnEnd,
 )
 from parley.services import Servers
 from tests.conftest import test_catalog as catalog_for_tests
@@ -656,3 +657,45 @@ async def test_a_cancel_escaping_into_the_queue_hands_its_commands_back(
         await until(event_log, cid, lambda es: any(isinstance(e, Done) for e in es), "a turn")
     assert accounts.cancelled
     assert any(r.message == "turn queue failed" for r in caplog.records)
+
+
+class EndWatchingLog(EventLog):
+    """The real log, which reads the conversation's turn record as each turn's end goes in."""
+
+    def __init__(self, js: JetStreamContext, turns: TurnRegistry) -> None:
+        super().__init__(js)
+        self.turns = turns
+        self.at_ends: list[tuple[str, TurnRecord | None, int]] = []
+
+    async def append_to(self, subject: str, events: Sequence[Event], expected_seq: int) -> int:
+        for event in events:
+            if isinstance(event, TurnEnd):
+                record = await self.turns.get(event.conversation_id)
+                self.at_ends.append((event.turn_id, record, expected_seq + 1))
+        return await super().append_to(subject, events, expected_seq)
+
+
+async def test_a_turn_with_another_queued_behind_it_announces_that_one_before_its_end(
+    stack: Servers,
+    nc: NatsClient,
+    event_log: EventLog,  # the streams made
+    http: aiohttp.ClientSession,
+    demo_model_url: str,
+) -> None:
+    # A viewer of the whole conversation ends its stream at a turn's end when the
+    # record names no other turn. With a turn queued behind the ending one, the
+    # record must already say that another is coming when the end goes in.
+    registry = TurnRegistry(redis_client(stack.redis_url))
+    watching = EndWatchingLog(nc.jetstream(), registry)
+    cid, _ = await _conversation(watching)
+    actor = ConversationActor(cid, _context(watching, registry, http, demo_model_url))
+    async with _running(actor) as inbox:
+        await _a_turn_then_a_queued_one(
+            watching, cid, inbox, "first [[tokens=40]]", "then [[tokens=3]]"
+        )
+    (first_end, first_record, first_at), (last_end, last_record, _) = watching.at_ends
+    assert first_record is not None and first_record.turn_id == "", first_record
+    assert first_record.after == first_at, "a joining viewer starts right after the end"
+    # nothing queued behind the last: its record still names it until it is released
+    assert last_record is not None and last_record.turn_id == last_end, last_record
+    assert first_end != last_end

@@ -132,6 +132,22 @@ async def test_enqueued_messages_run_after_the_current_turn_one_at_a_time_in_ord
     assert all(isinstance(e, Done) for e in log if isinstance(e, Done | Cancelled | Failed))
 
 
+async def test_a_viewer_of_the_conversation_keeps_its_stream_through_the_queued_turns(
+    api: SseClient,
+) -> None:
+    # A GET viewer's stream ends when the conversation goes idle after a turn's end.
+    # With turns queued behind that end it is not idle: the record must say so
+    # before the end is in the log, or the stream ends between the turns.
+    cid = (await api.create_conversation())["id"]
+    await api.send_json(cid, "first [[tokens=200]]")
+    for i in range(3):
+        await api.send_json(cid, f"next {i} [[tokens=5]]", on_busy="enqueue")
+    async with asyncio.timeout(30), api.events(cid) as viewer:
+        seen = [e async for e in sse_events(viewer)]
+    ends = [e.data for e in seen if e.event == "done"]
+    assert ends == ["ok"] * 4, [(e.event, e.data) for e in seen if e.event != "token"]
+
+
 async def test_interrupt_cancels_the_running_turn_and_answers_the_new_message(
     api: SseClient, event_log: EventLog
 ) -> None:
