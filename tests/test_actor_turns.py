@@ -139,7 +139,7 @@ async def test_a_viewer_of_the_conversation_keeps_its_stream_through_the_queued_
     # With turns queued behind that end it is not idle: the record must say so
     # before the end is in the log, or the stream ends between the turns.
     cid = (await api.create_conversation())["id"]
-    await api.send_json(cid, "first [[tokens=200]]")
+    await api.send_json(cid, "first [[tokens=400]]")  # a second: the viewer joins meanwhile
     for i in range(3):
         await api.send_json(cid, f"next {i} [[tokens=5]]", on_busy="enqueue")
     async with asyncio.timeout(30), api.events(cid) as viewer:
