@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 from collections.abc import AsyncIterator
 
 import pytest
 import redis
 import redis.asyncio as aioredis
-import redis.utils
+from redis.driver_info import DriverInfo
 
 from events.ids import new_id
 from events.turns import TurnRecord, TurnRegistry
@@ -71,21 +72,20 @@ async def test_the_pools_connections_name_their_client_without_reading_package_m
     # it is given the client's name and version: 0.4-1.4 ms of CPU a connection,
     # on the way of every request that finds the pool short of one.
     reads: list[str] = []
-    version = redis.utils.metadata.version
+    version = importlib.metadata.version
 
     def counted(name: str) -> str:
         reads.append(name)
         return version(name)
 
-    monkeypatch.setattr(redis.utils.metadata, "version", counted)
+    monkeypatch.setattr(importlib.metadata, "version", counted)
     client = parley_redis_client(stack.redis_url)
     try:
         await asyncio.gather(*(client.blpop([f"none-{i}"], timeout=0.2) for i in range(20)))
-        connection = client.connection_pool.make_connection()
+        driver = client.connection_pool.connection_kwargs.get("driver_info")
     finally:
         await client.aclose()
     assert reads == [], f"package metadata read {len(reads)} times for 20 connections"
     # what CLIENT SETINFO tells a server that takes it (Redis 7.2+) is unchanged
-    driver = connection.driver_info
-    assert driver is not None
+    assert isinstance(driver, DriverInfo)
     assert (driver.formatted_name, driver.lib_version) == ("redis-py", redis.__version__)
