@@ -38,7 +38,7 @@ from api.context import (
     NoMetrics,
     ProjectCache,
 )
-from api.errors import ApiError, Handler, error_middleware
+from api.errors import CLIENT_GONE, ApiError, Handler, error_middleware
 from api.hub import Hubs, HubSettings
 from api.limits import LIMITS, Limits, limits_middleware
 from api.routes import add_routes
@@ -62,13 +62,14 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     status = 500
     try:
         response = await handler(request)
-        status = response.status
+        # the client went away first: nginx's word for it
+        status = 499 if request.get(CLIENT_GONE) else response.status
         return response
     except web.HTTPException as err:
         status = err.status
         raise
     except (asyncio.CancelledError, ConnectionResetError):
-        status = 499  # the client went away first (nginx's word for it)
+        status = 499
         raise
     finally:
         resource = request.match_info.route.resource

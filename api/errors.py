@@ -76,6 +76,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # The streamed response whose headers already went out, if any (`begin_stream`).
 OPEN_STREAM = web.RequestKey("open_stream", web.StreamResponse)
+# Set when the client went away during its stream (the metrics count it as a 499).
+CLIENT_GONE = web.RequestKey("client_gone", bool)
 
 
 async def begin_stream(request: web.Request, response: web.StreamResponse) -> None:
@@ -106,7 +108,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         code = {404: "not_found", 405: "method_not_allowed"}.get(err.status, "http_error")
         return error_response(err.status, code, err.reason)
     except ConnectionResetError:
-        raise
+        # The client went away, here while its stream was being begun or written
+        # (the headers, a first line): nothing to answer, and nothing went wrong
+        # here. Re-raised, aiohttp logged every such viewer as an error with its
+        # traceback (the soak at 250 users, as its viewers left).
+        begun: web.StreamResponse | None = request.get(OPEN_STREAM)
+        if begun is None:
+            raise
+        request[CLIENT_GONE] = True
+        return begun
     except Exception as err:
         stream: web.StreamResponse | None = request.get(OPEN_STREAM)
         if stream is None:

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
+from api.app import metrics_middleware
+from api.context import METRICS, NoMetrics
+from api.errors import begin_stream, error_middleware
 from parley.services import Services
 from tests.conftest import token_for
 from tests.sse import SseClient
@@ -164,3 +171,51 @@ async def test_health_and_readiness_answer_without_a_token(
         assert body["checks"] == {"nats": "ok", "postgres": "ok", "redis": "ok"}
     async with http.get(services.edge_url + "/") as response:
         assert response.status == 200 and response.content_type == "text/html"
+
+
+class _Requests(NoMetrics):
+    """The edge's metrics, keeping the statuses of the requests counted."""
+
+    def __init__(self) -> None:
+        self.statuses: list[int] = []
+
+    def http_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.statuses.append(status)
+
+
+async def test_a_viewer_gone_before_its_stream_began_is_counted_not_logged_as_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The soak at 250 users: viewers that left while their stream's headers were
+    # being written were logged by aiohttp as errors, traceback and all. Here the
+    # stream begins once the client has really closed its connection.
+    began = asyncio.Event()
+
+    async def late_stream(request: web.Request) -> web.StreamResponse:
+        transport = request.transport
+        async with asyncio.timeout(10):
+            while transport is not None and not transport.is_closing():  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        began.set()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await begin_stream(request, response)  # as every stream of the edge begins
+        await response.write(b"retry: 1000\n\n")
+        return response
+
+    counted = _Requests()
+    app = web.Application(middlewares=[metrics_middleware, error_middleware])
+    app[METRICS] = counted
+    app.router.add_get("/stream", late_stream)
+    async with TestServer(app) as server:
+        _, writer = await asyncio.open_connection(server.host, server.port)
+        writer.write(b"GET /stream HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        async with asyncio.timeout(10):
+            await began.wait()
+            while not counted.statuses:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+    assert counted.statuses == [499]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
