@@ -79,3 +79,34 @@ async def test_a_batched_direct_get_is_collected_up_to_its_end(
     [nothing] = await replies.request_many(DIRECT_GET, msgspec.json.encode(request), 5.0)
     assert nothing.status == "404"
     assert replies.waiting == 0
+
+
+async def test_a_silent_request_times_out_on_its_own_limit_while_others_are_answered(
+    plain_or_direct: NatsClient,
+) -> None:
+    silent, echo = f"silent.{new_id()}", f"echo.{new_id()}"
+
+    async def respond(msg: Msg) -> None:
+        await msg.respond(msg.data)
+
+    subs = [
+        await plain_or_direct.subscribe(silent),
+        await plain_or_direct.subscribe(echo, cb=respond),
+    ]
+    replies = Replies(plain_or_direct)
+    loop = asyncio.get_running_loop()
+    try:
+        began = loop.time()
+        slow = asyncio.create_task(replies.request(silent, b"", 0.3))
+        answered = [await replies.request(echo, str(i).encode(), 5.0) for i in range(20)]
+        assert [a.data for a in answered] == [str(i).encode() for i in range(20)]
+        with pytest.raises(nats.errors.TimeoutError):
+            await slow
+        assert loop.time() - began >= 0.3, "timed out before its limit"
+        # and the limit is still kept once nothing else is in flight
+        with pytest.raises(nats.errors.TimeoutError):
+            await replies.request(silent, b"", 0.1)
+    finally:
+        for sub in subs:
+            await sub.unsubscribe()
+    assert replies.waiting == 0
