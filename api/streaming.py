@@ -43,6 +43,7 @@ from api.hub import (
 from api.sse import PING, Envelope, Position, frame
 from events.errors import PositionGone
 from events.turns import TurnRecord
+from events.vocabulary import CommandRejected
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +129,18 @@ class SseViewer(Subscription):
         self._blocked_since: float | None = None
 
     def admits(self, delivery: Delivery) -> bool:
-        """Whether the delivery belongs to this stream (a POST stream: only its turn)."""
-        return self.turn is None or self.turn.admit(delivery.stored)
+        """Whether the delivery belongs to this stream (a POST stream: only its turn).
+
+        A viewer of the whole conversation is not shown a request refused as busy,
+        nor any refusal while it watches a turn: that request never became a turn,
+        and its `error` and `done` would end, for the viewer's frontend, the turn
+        still running. Its sender had the refusal (a 409, or its own stream)."""
+        if self.turn is not None:
+            return self.turn.admit(delivery.stored)
+        event = delivery.stored.event
+        if isinstance(event, CommandRejected):
+            return event.code != "busy" and self.open_turn is None
+        return True
 
     def take(self, delivery: Delivery) -> None:
         if not self.admits(delivery):

@@ -148,6 +148,45 @@ async def test_a_viewer_of_the_conversation_keeps_its_stream_through_the_queued_
     assert ends == ["ok"] * 4, [(e.event, e.data) for e in seen if e.event != "token"]
 
 
+async def test_a_viewer_of_the_conversation_is_not_shown_a_busy_refusal_as_an_end(
+    api: SseClient,
+) -> None:
+    # Someone else's message refused as busy never became a turn: its error and
+    # done would end, for the viewer's frontend, the turn it is watching.
+    cid = (await api.create_conversation())["id"]
+    await api.send_json(cid, "long [[tokens=400]]")
+    async with asyncio.timeout(30), api.events(cid) as viewer:
+        await first_tokens(viewer, 3)
+        status, body = await api.request(
+            "POST", f"/v1/conversations/{cid}/messages", json={"content": "me now"}
+        )
+        assert status == 409 and body["error"]["code"] == "busy", body
+        rest = [e async for e in sse_events(viewer)]
+    assert [e.event for e in rest if e.event not in ("token", "thinking")] == ["done"], [
+        (e.event, e.data) for e in rest if e.event != "token"
+    ]
+    assert rest[-1].data == "ok"
+
+
+async def test_the_conversation_list_shows_which_conversations_have_a_turn_running(
+    api: SseClient,
+) -> None:
+    quiet = (await api.create_conversation())["id"]
+    busy = (await api.create_conversation())["id"]
+    await api.send_json(busy, "long [[tokens=400]]")
+    async with asyncio.timeout(10):
+        while True:  # as a client polls its list
+            status, listed = await api.request("GET", "/v1/conversations")
+            assert status == 200, listed
+            turns = {c["id"]: c["active_turn"] for c in listed["conversations"]}
+            if turns.get(busy) and turns[busy]["turn_id"]:
+                break
+            await asyncio.sleep(0.02)
+    assert turns[quiet] is None, turns
+    status, detail = await api.request("GET", f"/v1/conversations/{busy}")
+    assert detail["active_turn"]["turn_id"] == turns[busy]["turn_id"], detail
+
+
 async def test_interrupt_cancels_the_running_turn_and_answers_the_new_message(
     api: SseClient, event_log: EventLog
 ) -> None:
