@@ -148,9 +148,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "the others' tokens"
         )
     servers = resolve_servers(settings)
-    if settings.model_base_url is None:
+    catalog = load_catalog(settings)
+    default = catalog.get(None)
+    # Only a worker calls models; it needs the shared endpoint unless the default
+    # model names its own (an edge or a projector needs none).
+    if (
+        "worker" in roles
+        and settings.model_base_url is None
+        and (default is None or not default.base_url)
+    ):
         raise CliError(
-            "PARLEY_MODEL_BASE_URL is required for `parley serve` (use `parley dev` for the demo model)"
+            "`parley serve` with the worker role needs PARLEY_MODEL_BASE_URL, where models "
+            "without a base_url of their own are served (use `parley dev` for the demo model)"
         )
 
     async def main() -> int:
@@ -159,7 +168,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             jwks_url=settings.jwt_jwks_url,
             jwt_issuer=settings.jwt_issuer,
             jwt_audience=settings.jwt_audience,
-            catalog=load_catalog(settings),
+            catalog=catalog,
             model_base_url=settings.model_base_url or "",
             model_api_key=settings.model_api_key,
             db_schema=settings.db_schema,

@@ -8,7 +8,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -100,6 +102,39 @@ def test_serve_refuses_to_start_without_a_token_secret_or_jwks(stack: Servers) -
     assert short.returncode == 2 and "at least 32 characters" in short.stderr, short.stderr
     half = run("serve", env={**env, "PARLEY_JWT_JWKS_URL": "http://127.0.0.1:1/jwks"})
     assert half.returncode == 2 and "PARLEY_JWT_ISSUER" in half.stderr, half.stderr
+
+
+def test_serve_asks_for_the_model_endpoint_only_where_a_worker_runs(stack: Servers) -> None:
+    env = {**server_env(stack), "PARLEY_JWT_SECRET": "s" * 40}
+    for role in ("worker", "all"):
+        refused = run("serve", "--role", role, env=env)
+        assert refused.returncode == 2, refused
+        assert "PARLEY_MODEL_BASE_URL" in refused.stderr and "Traceback" not in refused.stderr
+    # an edge calls no model: it starts and serves without one
+    edge = subprocess.Popen(
+        [*PARLEY, "serve", "--role", "edge", "--port", "0"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    watchdog = threading.Timer(60, edge.kill)  # a start that hangs ends the read below
+    watchdog.start()
+    try:
+        assert edge.stderr is not None
+        lines = []
+        for line in edge.stderr:
+            lines.append(line)
+            if "edge listening at" in line:
+                break
+        assert lines and "edge listening at" in lines[-1], "".join(lines)
+        url = lines[-1].split("edge listening at", 1)[1].strip()
+        with urllib.request.urlopen(url + "/healthz", timeout=10) as answer:
+            assert answer.status == 200
+    finally:
+        watchdog.cancel()
+        edge.send_signal(signal.SIGTERM)
+        edge.wait(30)
 
 
 def test_token_uses_parley_jwt_secret_when_set(tmp_path: Path) -> None:
@@ -242,7 +277,7 @@ async def test_dev_runs_everything_replay_reads_it_and_a_restart_keeps_the_data(
         assert minted.returncode == 0, minted.stderr
         carol = SseClient(http, dev.url, minted.stdout.strip())
         status, listed = await carol.request("GET", "/v1/conversations")
-        assert status == 200 and listed == {"conversations": []}, (status, listed)
+        assert status == 200 and listed == {"conversations": [], "next": None}, (status, listed)
         # poison in the log (what a newer version or a damaged disk could leave):
         # the running stack must go on, and so must every later start on this folder
         poisoned = await api.create_conversation()
