@@ -91,7 +91,9 @@ class ConversationDetail(ConversationInfo, frozen=True):
 
 
 class ConversationList(msgspec.Struct, frozen=True):
-    conversations: list[ConversationInfo]
+    conversations: list[ConversationDetail]
+    # the next page's `?before=`; None: this is the last page
+    next: str | None = None
 
 
 class MessageList(msgspec.Struct, frozen=True):

@@ -11,6 +11,8 @@ is added here as one more line.
 from __future__ import annotations
 
 import asyncio
+import base64
+import datetime as dt
 import logging
 import time
 from collections.abc import Awaitable, Mapping
@@ -98,6 +100,7 @@ from events.codec import encode_stored
 from events.errors import EventLogUnavailable
 from events.ids import new_id
 from events.subjects import EVT_STREAM
+from events.turns import TurnRecord
 from events.vocabulary import ConversationCreated
 from projections.store import ConversationRow
 
@@ -112,6 +115,14 @@ class CreateConversation(msgspec.Struct, frozen=True):
     project_id: str | None = None
     title: str = ""
     model: str | None = None
+
+
+class ConversationsQuery(msgspec.Struct, frozen=True):
+    limit: Annotated[int, msgspec.Meta(ge=1, le=100, description="at most this many")] = 100
+    before: Annotated[
+        str | None,
+        msgspec.Meta(description="the `next` of the page before: where this one goes on"),
+    ] = None
 
 
 class MessagesQuery(msgspec.Struct, frozen=True):
@@ -191,6 +202,10 @@ async def conversation_detail(
         row = None
     active = None if fresh else await request.app[TURNS].get(header.conversation_id)
     info = _row_info(row) if row is not None else _unprojected_info(header)
+    return _with_turn(info, active)
+
+
+def _with_turn(info: ConversationInfo, active: TurnRecord | None) -> ConversationDetail:
     return ConversationDetail(
         **msgspec.structs.asdict(info),
         active_turn=ActiveTurn(turn_id=active.turn_id or None, started_at=_iso(active.at))
@@ -244,8 +259,38 @@ async def _wait_for_projection(request: web.Request, seq: int) -> None:
 
 
 async def list_conversations(request: web.Request) -> web.Response:
-    rows = await request.app[STORE].conversations_of(claims_of(request).sub)
-    return answer(ConversationList(conversations=[_row_info(row) for row in rows]))
+    query = read_params(request.query, ConversationsQuery)
+    before = None if query.before is None else _read_cursor(query.before)
+    rows = await request.app[STORE].conversations_of(
+        claims_of(request).sub, limit=query.limit, before=before
+    )
+    active = await request.app[TURNS].get_many([row.id for row in rows])
+    return answer(
+        ConversationList(
+            conversations=[
+                _with_turn(_row_info(row), turn) for row, turn in zip(rows, active, strict=True)
+            ],
+            next=_cursor(rows[-1]) if len(rows) == query.limit else None,
+        )
+    )
+
+
+def _cursor(row: ConversationRow) -> str:
+    """Where the list goes on after `row`: opaque to clients (base64url of its sort key)."""
+    key = f"{row.updated_at.isoformat()}|{row.id}".encode()
+    return base64.urlsafe_b64encode(key).decode().rstrip("=")
+
+
+def _read_cursor(cursor: str) -> tuple[dt.datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        at, _, conversation_id = raw.partition("|")
+        when = dt.datetime.fromisoformat(at)
+    except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
+        raise bad_request(f"not a cursor of this list: {cursor[:60]!r}", "bad_cursor") from None
+    if when.tzinfo is None or not conversation_id:
+        raise bad_request(f"not a cursor of this list: {cursor[:60]!r}", "bad_cursor")
+    return when, conversation_id
 
 
 async def get_conversation(request: web.Request) -> web.Response:
@@ -450,7 +495,7 @@ ROUTES: tuple[Operation, ...] = (
     Operation("GET", "/metrics", metrics, "Prometheus metrics", {200: PROMETHEUS}, public=True, tag="operations"),
     Operation("GET", "/openapi.json", openapi_json, "this document", {200: dict}, public=True, tag="operations"),
     Operation("POST", "/v1/conversations", create_conversation, "start a conversation", {201: ConversationDetail}, body=CreateConversation),
-    Operation("GET", "/v1/conversations", list_conversations, "my conversations, latest first", {200: ConversationList}),
+    Operation("GET", "/v1/conversations", list_conversations, "my conversations, latest first, a page at a time", {200: ConversationList}, query=ConversationsQuery),
     Operation("GET", "/v1/conversations/{id}", get_conversation, "a conversation and its active turn", {200: ConversationDetail}, path_params=_CONVERSATION),
     Operation("POST", "/v1/conversations/{id}/messages", post_message, "send a message: its turn's SSE stream, or 202 with Accept: application/json", _TURN_ANSWERS, body=PostMessage, errors=(409, 422), path_params=_CONVERSATION),
     Operation("GET", "/v1/conversations/{id}/messages", list_messages, "the projected messages (latest versions, or all)", {200: MessageList}, query=MessagesQuery, path_params=_CONVERSATION),

@@ -115,3 +115,10 @@ class TurnRegistry:
         if raw is None:
             return None
         return msgspec.json.decode(raw, type=TurnRecord)
+
+    async def get_many(self, conversation_ids: list[str]) -> list[TurnRecord | None]:
+        """The records of several conversations, in their order, in one round trip."""
+        if not conversation_ids:
+            return []
+        raws = await self._redis.mget([_KEY.format(c) for c in conversation_ids])
+        return [None if raw is None else msgspec.json.decode(raw, type=TurnRecord) for raw in raws]

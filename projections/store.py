@@ -134,14 +134,25 @@ class ReadStore:
         )
         return None if row is None else ConversationRow(**dict(row))
 
-    async def conversations_of(self, user_id: str, *, limit: int = 100) -> list[ConversationRow]:
-        """The user's own conversations and those of the projects they belong to."""
+    async def conversations_of(
+        self,
+        user_id: str,
+        *,
+        limit: int = 100,
+        before: tuple[dt.datetime, str] | None = None,
+    ) -> list[ConversationRow]:
+        """The user's own conversations and those of the projects they belong to, the
+        latest activity first; `before`: only those after (updated_at, id) in that order."""
+        since, after_id = before if before is not None else (None, "")
         rows = await self._pool.fetch(
-            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE user_id = $1"
-            " OR project_id IN (SELECT project_id FROM project_members WHERE user_id = $1)"
+            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE (user_id = $1"
+            " OR project_id IN (SELECT project_id FROM project_members WHERE user_id = $1))"
+            " AND ($3::timestamptz IS NULL OR (updated_at, id) < ($3, $4))"
             " ORDER BY updated_at DESC, id DESC LIMIT $2",
             user_id,
             limit,
+            since,
+            after_id,
         )
         return [ConversationRow(**dict(r)) for r in rows]
 

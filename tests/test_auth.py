@@ -87,7 +87,7 @@ async def test_a_token_of_the_shared_secret_is_accepted(
     services: Services, http: aiohttp.ClientSession, user: str
 ) -> None:
     status, body = await status_with(http, services.edge_url, token_for(user))
-    assert status == 200 and body == {"conversations": []}, body
+    assert status == 200 and body == {"conversations": [], "next": None}, body
 
 
 # ---------------------------------------------------------------- an identity provider

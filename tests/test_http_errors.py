@@ -219,3 +219,35 @@ async def test_a_viewer_gone_before_its_stream_began_is_counted_not_logged_as_an
     assert counted.statuses == [499]
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [], [r.getMessage() for r in errors]
+
+
+async def test_the_conversation_list_comes_a_page_at_a_time_and_refuses_a_bad_cursor(
+    api: SseClient,
+) -> None:
+    made = [(await api.create_conversation(title=f"c{i}"))["id"] for i in range(5)]
+    async with asyncio.timeout(10):
+        while True:  # until the read models hold all five
+            status, whole = await api.request("GET", "/v1/conversations")
+            assert status == 200 and whole["next"] is None, whole
+            everything = [c["id"] for c in whole["conversations"]]
+            if set(made) <= set(everything):
+                break
+            await asyncio.sleep(0.02)
+    assert everything[0] == made[-1], everything
+
+    paged: list[str] = []
+    cursor = None
+    for _ in range(10):
+        params = "limit=2" + (f"&before={cursor}" if cursor else "")
+        status, page = await api.request("GET", f"/v1/conversations?{params}")
+        assert status == 200 and len(page["conversations"]) <= 2, page
+        paged += [c["id"] for c in page["conversations"]]
+        cursor = page["next"]
+        if cursor is None:
+            break
+    assert paged == everything  # every conversation once, in the same order
+
+    for bad in ("limit=0", "limit=101", "before=not-a-cursor", "before=" + "x" * 40):
+        status, body = await api.request("GET", f"/v1/conversations?{bad}")
+        assert status == 400, (bad, status, body)
+        assert body["error"]["code"] in ("bad_cursor", "invalid_request"), body
