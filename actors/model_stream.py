@@ -85,8 +85,9 @@ class _Chunk(msgspec.Struct):
     Decoding into these skips every other field (id, model, created, logprobs, ...)
     without building it: with the whole-event read in `feed`, a third of the cost
     of the line reader and dicts (2.5 against 6.6-7.6 us an event, recorded
-    transcripts, one event a read, as at 20 tokens/s). A chunk in any other shape (content as parts, a count that is not a number, an
-    error) fails this decode and is read from dicts, by the rules that cover all.
+    transcripts, one event a read, as at 20 tokens/s). A chunk in any other shape
+    (content as parts, a count that is not a number, an error) fails this decode
+    and is read from dicts, by the rules that cover all.
     """
 
     choices: list[_Choice] | None = None

@@ -99,7 +99,7 @@ from api.validation import InvalidBody, decode_params
 from events.codec import encode_stored
 from events.errors import EventLogUnavailable
 from events.ids import new_id
-from events.subjects import EVT_STREAM
+from events.subjects import EVT_STREAM, valid_id
 from events.turns import TurnRecord
 from events.vocabulary import ConversationCreated
 from projections.store import ConversationRow
@@ -288,7 +288,7 @@ def _read_cursor(cursor: str) -> tuple[dt.datetime, str]:
         when = dt.datetime.fromisoformat(at)
     except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
         raise bad_request(f"not a cursor of this list: {cursor[:60]!r}", "bad_cursor") from None
-    if when.tzinfo is None or not conversation_id:
+    if when.tzinfo is None or not valid_id(conversation_id):
         raise bad_request(f"not a cursor of this list: {cursor[:60]!r}", "bad_cursor")
     return when, conversation_id
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 from typing import Any
 
@@ -247,7 +248,12 @@ async def test_the_conversation_list_comes_a_page_at_a_time_and_refuses_a_bad_cu
             break
     assert paged == everything  # every conversation once, in the same order
 
-    for bad in ("limit=0", "limit=101", "before=not-a-cursor", "before=" + "x" * 40):
-        status, body = await api.request("GET", f"/v1/conversations?{bad}")
-        assert status == 400, (bad, status, body)
+    def encoded(key: bytes) -> str:  # a cursor's form around what no cursor holds
+        return base64.urlsafe_b64encode(key).decode().rstrip("=")
+
+    odd = [encoded(b"2026-01-01T00:00:00+00:00|a\x00b"), encoded(b"2026-01-01T00:00:00|x")]
+    for bad in ("limit=0", "limit=101", "not-a-cursor", "x" * 40, *odd):
+        query = bad if bad.startswith("limit=") else f"before={bad}"
+        status, body = await api.request("GET", f"/v1/conversations?{query}")
+        assert status == 400, (query, status, body)
         assert body["error"]["code"] in ("bad_cursor", "invalid_request"), body
