@@ -286,11 +286,13 @@ def _read_cursor(cursor: str) -> tuple[dt.datetime, str]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         at, _, conversation_id = raw.partition("|")
         when = dt.datetime.fromisoformat(at)
-    except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
+        # in UTC here, where a time at the calendar's edge fails, not in the driver
+        utc = when.astimezone(dt.UTC) if when.tzinfo is not None else None
+    except (ValueError, OverflowError):  # binascii.Error, UnicodeDecodeError: ValueErrors
         raise bad_request(f"not a cursor of this list: {cursor[:60]!r}", "bad_cursor") from None
-    if when.tzinfo is None or not valid_id(conversation_id):
+    if utc is None or not valid_id(conversation_id):
         raise bad_request(f"not a cursor of this list: {cursor[:60]!r}", "bad_cursor")
-    return when, conversation_id
+    return utc, conversation_id
 
 
 async def get_conversation(request: web.Request) -> web.Response:

@@ -251,7 +251,11 @@ async def test_the_conversation_list_comes_a_page_at_a_time_and_refuses_a_bad_cu
     def encoded(key: bytes) -> str:  # a cursor's form around what no cursor holds
         return base64.urlsafe_b64encode(key).decode().rstrip("=")
 
-    odd = [encoded(b"2026-01-01T00:00:00+00:00|a\x00b"), encoded(b"2026-01-01T00:00:00|x")]
+    odd = [
+        encoded(b"2026-01-01T00:00:00+00:00|a\x00b"),
+        encoded(b"2026-01-01T00:00:00|x"),  # no time zone
+        encoded(b"9999-12-31T23:00:00-14:00|x"),  # past the calendar once in UTC
+    ]
     for bad in ("limit=0", "limit=101", "not-a-cursor", "x" * 40, *odd):
         query = bad if bad.startswith("limit=") else f"before={bad}"
         status, body = await api.request("GET", f"/v1/conversations?{query}")
