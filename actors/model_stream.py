@@ -140,8 +140,10 @@ class ChatStreamParser:
         if self.done or not data:
             return []
         out: list[StreamItem] = []
-        if not self._buf and data[:6] == _DATA and data[-2:] == b"\n\n":
-            # Nearly every read: whole events of one `data: ` line each, LF-ended.
+        if not self._buf and not self._data and data[:6] == _DATA and data[-2:] == b"\n\n":
+            # Nearly every read: whole events of one `data: ` line each, LF-ended,
+            # with nothing held back from the reads before (a line, or the data
+            # lines of an event not ended yet).
             payloads = data[6:-2].split(_NEXT_DATA)
             # two LFs an event: no payload holds a line break of its own
             if data.count(b"\n") == 2 * len(payloads) and b"\r" not in data:

@@ -584,3 +584,28 @@ def test_events_read_whole_give_what_the_same_bytes_give_read_line_by_line(
     # Cut before each event's last byte, no read is whole events: the line reader.
     by_line = _outcome([piece for event in events for piece in (event[:-1], event[-1:])])
     assert whole == by_line
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    chunks=st.lists(_CHUNK, min_size=1, max_size=6),
+    done=st.booleans(),
+    data=st.data(),
+)
+def test_reads_cut_at_any_line_end_give_what_a_byte_at_a_time_gives(
+    chunks: list[dict[str, Any]], done: bool, data: st.DataObject
+) -> None:
+    # Servers that write several data lines in one event, or one JSON per line:
+    # a read may end after a data line whose event goes on in the next read. What
+    # such a read left held must be read before the next one, whole or not.
+    body = b""
+    for chunk in chunks:
+        body += b"data: " + json.dumps(chunk).encode() + b"\n"
+        if data.draw(st.booleans(), label="blank line after it"):
+            body += b"\n"
+    body += b"\n" + (b"data: [DONE]\n\n" if done else b"")
+    ends = [i + 1 for i, byte in enumerate(body[:-1]) if byte == ord("\n")]
+    cuts = data.draw(st.lists(st.sampled_from(ends), max_size=len(ends)), label="cuts")
+    by_reads = _outcome(split_at(body, cuts))
+    bytewise = _outcome([body[i : i + 1] for i in range(len(body))])
+    assert by_reads == bytewise
