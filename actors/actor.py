@@ -483,7 +483,8 @@ class ConversationActor:
                     decide_failed(
                         s, "model_not_priced", message, TurnTotals(), now, self.ctx.new_id
                     )
-                ]
+                ],
+                before=self._announce_queued,
             )
             return False
         turn = self.state.active
@@ -502,7 +503,8 @@ class ConversationActor:
                 decide_billing_rejected(
                     s, refusal.account, refusal.needed, refusal.available, now, self.ctx.new_id
                 )
-            ]
+            ],
+            before=self._announce_queued,
         )
         return False
 
@@ -576,14 +578,15 @@ class ConversationActor:
                 "turn record not written", extra={"conversation_id": self.conversation_id}
             )
 
-    async def _announce_queued(self) -> None:
-        """Just before a turn's end is appended: when another turn waits behind it, the
-        record says that one is coming (no id yet) from just past the end. A viewer
-        following the conversation then keeps its stream through the end instead of
-        taking the conversation for idle, and one joining now starts at the next turn."""
-        if self.state.queue:
-            # stream.close() went first: the end is the next entry of this conversation
-            await self._record_turn("", self.writer.seq + 1)
+    async def _announce_queued(self, state: Conversation) -> None:
+        """Just before a turn's end is appended (under the writer's lock, on the state
+        the end is decided on): when another turn waits behind it, the record says one
+        is coming (no id yet). A viewer following the conversation then keeps its
+        stream through the end instead of taking the conversation for idle. The
+        record's position is the log's before the end (the end's own is not known
+        yet): a viewer joining in that moment reads the end, then the next turn."""
+        if state.queue:
+            await self._record_turn("", self.writer.seq)
 
     async def _forget_turn(self) -> None:
         try:

@@ -168,9 +168,10 @@ class TurnRunner:
         self._began = time.perf_counter()
         self._first_token = False
         self._ended: Sequence[Event] = ()  # what this runner appended as the turn's end
-        # Awaited just before the turn's end (done, failed, cancelled) is appended:
-        # the actor announces there a turn queued behind this one.
-        self.before_end: Callable[[], Awaitable[None]] | None = None
+        # Awaited just before the turn's end (done, failed, cancelled) is appended,
+        # under the writer's lock, with the state the end is decided on: the actor
+        # announces there a turn queued behind this one.
+        self.before_end: Callable[[Conversation], Awaitable[None]] | None = None
 
     def lead_with(self, first: Sequence[Event]) -> None:
         """Events decided with `started` that go first in the turn's stream, appended
@@ -378,9 +379,9 @@ class TurnRunner:
         )
 
     async def _append_end(self, decide: Callable[[Conversation], Event]) -> None:
-        if self.before_end is not None:
-            await self.before_end()
-        self._ended = await self.writer.append_decided(lambda s: [decide(s)])
+        self._ended = await self.writer.append_decided(
+            lambda s: [decide(s)], before=self.before_end
+        )
 
     async def _stop_for_shutdown(self, stream: TurnStream, totals: TurnTotals) -> None:
         self._ending = True

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from actors.chunks import Pending, coalesce
 from actors.sizing import fit
@@ -86,9 +86,16 @@ class EventWriter:
             await self._append(events)
 
     async def append_decided(
-        self, decide: Callable[[Conversation], Sequence[Event]]
+        self,
+        decide: Callable[[Conversation], Sequence[Event]],
+        *,
+        before: Callable[[Conversation], Awaitable[None]] | None = None,
     ) -> Sequence[Event]:
         """Decide on the latest state and append what was decided, with no append between.
+
+        `before` is awaited first, on that same state, inside the same turn of the
+        lock (what must be done before an append and see everything appended
+        before it).
 
         Raises EventLogConflict, deciding nothing, while the view is stale: an
         append refused a moment ago (while this call waited for the lock, say)
@@ -97,6 +104,8 @@ class EventWriter:
         async with self._lock:
             if self.stale:
                 raise EventLogConflict(self.conversation_id, self.seq, "read the log again first")
+            if before is not None:
+                await before(self.state)
             events = decide(self.state)
             if events:
                 await self._append(events)

@@ -149,17 +149,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     servers = resolve_servers(settings)
     catalog = load_catalog(settings)
-    default = catalog.get(None)
-    # Only a worker calls models; it needs the shared endpoint unless the default
-    # model names its own (an edge or a projector needs none).
-    if (
-        "worker" in roles
-        and settings.model_base_url is None
-        and (default is None or not default.base_url)
-    ):
+    # Only a worker calls models: it needs the shared endpoint for every model that
+    # names no base_url of its own (the built-in demo entry among them), which a
+    # client may ask for by name. An edge or a projector needs none.
+    unserved = [m.name for m in catalog.models if not m.base_url]
+    if "worker" in roles and settings.model_base_url is None and unserved:
         raise CliError(
             "`parley serve` with the worker role needs PARLEY_MODEL_BASE_URL, where models "
-            "without a base_url of their own are served (use `parley dev` for the demo model)"
+            f"without a base_url of their own are served ({', '.join(unserved)}); "
+            "use `parley dev` for the demo model"
         )
 
     async def main() -> int:

@@ -337,7 +337,11 @@ async def test_a_queued_turns_title_does_not_hold_up_its_model_request(
                 event_log, cid, inbox, "a title for this [[tokens=20]]", "then [[tokens=5]]"
             )
     kinds = [type(s.event).__name__ for s in await event_log.read(cid)]
-    assert kinds[:5] == ["ConversationCreated", "UserMessage", "Started", "Title", "Chunk"], kinds
+    assert kinds[:4] == ["ConversationCreated", "UserMessage", "Started", "Title"], kinds
+    # the queued message lands wherever it came (under load, before the first chunk)
+    assert kinds.count("UserMessage") == 2, kinds
+    kinds = [k for k in kinds if k != "UserMessage"]
+    assert kinds[3] == "Chunk", kinds
     second = kinds.index("Done") + 1
     assert kinds[second : second + 3] == ["Started", "Title", "Chunk"], kinds
     assert kinds[-1] == "Done"
@@ -671,7 +675,7 @@ class EndWatchingLog(EventLog):
         for event in events:
             if isinstance(event, TurnEnd):
                 record = await self.turns.get(event.conversation_id)
-                self.at_ends.append((event.turn_id, record, expected_seq + 1))
+                self.at_ends.append((event.turn_id, record, expected_seq))
         return await super().append_to(subject, events, expected_seq)
 
 
@@ -695,7 +699,7 @@ async def test_a_turn_with_another_queued_behind_it_announces_that_one_before_it
         )
     (first_end, first_record, first_at), (last_end, last_record, _) = watching.at_ends
     assert first_record is not None and first_record.turn_id == "", first_record
-    assert first_record.after == first_at, "a joining viewer starts right after the end"
+    assert first_record.after == first_at, "a joining viewer reads from the end on"
     # nothing queued behind the last: its record still names it until it is released
     assert last_record is not None and last_record.turn_id == last_end, last_record
     assert first_end != last_end
