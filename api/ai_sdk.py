@@ -33,6 +33,7 @@ from events.errors import EventLogConflict
 from events.ids import new_id
 from events.log import StoredEvent
 from events.subjects import valid_id
+from events.turns import TurnRecord
 from events.vocabulary import ConversationCreated, OnBusy, Regenerate, SendMessage, TurnCommand
 
 # a viewer that falls this far behind is cut off (it can resume with GET .../stream)
@@ -121,15 +122,36 @@ async def chat(request: web.Request) -> web.StreamResponse:
     )
 
 
+# How long a resume waits for an announced turn (a record with no id yet: a
+# request accepted, or a turn queued behind one ending) to be named.
+_NAMING_WAIT_S = 2.0
+
+
 async def resume(request: web.Request) -> web.StreamResponse:
     header = await owned_conversation(request, request.match_info["id"])
-    _, active = await running_turn(request.app, header.conversation_id)
+    active = await _named_turn(request.app, header.conversation_id)
     if active is None:
         return web.Response(status=204)
     turn = TurnFilter("")
-    if active.turn_id:
-        turn.turn_id = active.turn_id  # replay this turn from its start
+    turn.turn_id = active.turn_id  # replay this turn from its start
     return await _stream(request, header.conversation_id, Position(seq=active.after), turn)
+
+
+async def _named_turn(app: web.Application, conversation_id: str) -> TurnRecord | None:
+    """The running turn, once its worker has named it. A filter on a turn not named
+    yet admitted nothing (it matches a request by its command, and a resume has
+    none), and the stream sent pings for ever; the worker names a turn moments
+    after announcing it, so a resume waits for that, then follows the named turn,
+    or answers that none runs."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _NAMING_WAIT_S
+    while True:
+        _, active = await running_turn(app, conversation_id)
+        if active is None or active.turn_id:
+            return active
+        if loop.time() >= deadline:
+            return None
+        await asyncio.sleep(0.05)
 
 
 async def _conversation(request: web.Request, body: ChatRequest) -> ConversationCreated:

@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 
 from events.ids import new_id
 from events.log import EventLog
+from events.turns import TurnRecord, TurnRegistry, redis_client
 from events.vocabulary import Chunk, Done, ToolCall, ToolResult
-from parley.services import Services
+from parley.services import Servers, Services
 from tests.conftest import token_for
 from tests.sse import SseClient
 
@@ -150,3 +152,48 @@ async def test_bad_ai_sdk_requests_are_plain_400s(api: SseClient, body: dict[str
     body = {**body, "id": body["id"] + new_id()} if body["id"] != "bad id!" else body
     status, answer = await api.request("POST", "/v1/ai-sdk/chat", json=body)
     assert status == 400 and answer["error"]["code"] in ("bad_request", "invalid_request"), answer
+
+
+async def test_a_resume_while_the_turn_is_announced_but_not_named_waits_for_its_name(
+    services: Services, stack: Servers, http: aiohttp.ClientSession, user: str, event_log: EventLog
+) -> None:
+    # A record without a turn id announces a turn about to start (a request just
+    # accepted, or a turn queued behind one ending). A resume that came then
+    # followed no turn at all and sent pings for ever.
+    api = SseClient(http, services.edge_url, token_for(user))
+    chat = (await api.create_conversation())["id"]
+    await api.send_json(chat, "count [[tokens=600]]")
+    async with asyncio.timeout(20):
+        while sum(isinstance(e.event, Chunk) for e in await event_log.read(chat)) < 5:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+    registry = TurnRegistry(redis_client(stack.redis_url))
+    named = await registry.get(chat)
+    assert named is not None and named.turn_id, named
+    await registry.put(chat, msgspec.structs.replace(named, turn_id=""))
+
+    async def name_it() -> None:
+        await asyncio.sleep(0.3)
+        await registry.put(chat, named)
+
+    naming = asyncio.create_task(name_it())
+    url = f"{services.edge_url}/v1/ai-sdk/chat/{chat}/stream"
+    headers = {"Authorization": f"Bearer {token_for(user)}"}
+    async with asyncio.timeout(20), http.get(url, headers=headers) as response:
+        assert response.status == 200
+        body = await response.text()  # to the turn's end
+    await naming
+    assert '"type":"text-delta"' in body and "[DONE]" in body, body[-300:]
+
+    # announced on a conversation where nothing comes: no stream, a 204 in moments
+    idle = (await api.create_conversation())["id"]
+    await registry.put(idle, TurnRecord(worker="test", turn_id="", after=1, at=1))
+    try:
+        async with (
+            asyncio.timeout(10),
+            http.get(
+                f"{services.edge_url}/v1/ai-sdk/chat/{idle}/stream", headers=headers
+            ) as response,
+        ):
+            assert response.status == 204
+    finally:
+        await registry.release(idle, "test")
