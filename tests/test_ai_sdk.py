@@ -98,15 +98,21 @@ async def test_use_chat_sends_a_message_and_assembles_the_turn_the_log_holds(
     assert tools == expected_tools and tools[0][1] == {"expression": "6*7"}
 
 
+async def a_chat_streaming(api: SseClient, event_log: EventLog, message: str) -> str:
+    """A new chat whose turn for `message` has streamed a few chunks and goes on."""
+    chat: str = (await api.create_conversation())["id"]
+    await api.send_json(chat, message)
+    async with asyncio.timeout(20):
+        while sum(isinstance(e.event, Chunk) for e in await event_log.read(chat)) < 5:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+    return chat
+
+
 async def test_use_chat_resumes_a_turn_mid_stream_and_gets_all_of_it(
     services: Services, http: aiohttp.ClientSession, user: str, event_log: EventLog
 ) -> None:
     api = SseClient(http, services.edge_url, token_for(user))
-    chat = (await api.create_conversation())["id"]
-    await api.send_json(chat, "count [[tokens=600]] [[think]]")
-    async with asyncio.timeout(20):
-        while sum(isinstance(e.event, Chunk) for e in await event_log.read(chat)) < 5:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
+    chat = await a_chat_streaming(api, event_log, "count [[tokens=600]] [[think]]")
     reply = await asyncio.to_thread(node, "resume", services.edge_url, token_for(user), chat)
     assert reply["errors"] == [], reply
     log = await turn_of(event_log, chat)
@@ -161,11 +167,7 @@ async def test_a_resume_while_the_turn_is_announced_but_not_named_waits_for_its_
     # accepted, or a turn queued behind one ending). A resume that came then
     # followed no turn at all and sent pings for ever.
     api = SseClient(http, services.edge_url, token_for(user))
-    chat = (await api.create_conversation())["id"]
-    await api.send_json(chat, "count [[tokens=600]]")
-    async with asyncio.timeout(20):
-        while sum(isinstance(e.event, Chunk) for e in await event_log.read(chat)) < 5:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
+    chat = await a_chat_streaming(api, event_log, "count [[tokens=600]]")
     registry = TurnRegistry(redis_client(stack.redis_url))
     named = await registry.get(chat)
     assert named is not None and named.turn_id, named
