@@ -37,6 +37,9 @@ from projections.projector import Projector
 from tests.sse import SseClient
 from tests.tool_plugin import LIVE_TOOLS
 
+# where every task waits, written before a hung test hits the suite's time limit
+pytest_plugins = ["tests.hang_watch"]
+
 SECRET = "test-secret-" + "x" * 32
 # The demo model streams at this rate in tests: fast, yet a 100-token answer
 # still takes long enough to disconnect and reconnect in the middle of it.
