@@ -11,7 +11,6 @@ one's chain of awaits down to what it waits for, written to the terminal once,
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 import sys
 import threading
@@ -40,11 +39,12 @@ def tasks_report(nodeid: str) -> str:
     """Every pending task of the test's loop with its awaits (read from another thread:
     a best effort, good enough for a loop that stands still)."""
     out = [f"##### {time.strftime('%H:%M:%S')} {nodeid}: still running; its tasks:"]
-    runners = [r for r in gc.get_objects() if isinstance(r, asyncio.Runner)]
-    loops = {id(getattr(r, "_loop", None)) for r in runners} - {id(None)}
+    # Every task the loop knows, from asyncio's registry: a started role freezes what
+    # exists out of the collector (parley/services.py), the test's runner with it,
+    # so neither the collector nor the runner can say which tasks are the test's.
     for task in list(vars(asyncio.tasks)["_all_tasks"]):
         try:
-            if task.done() or id(task.get_loop()) not in loops:
+            if task.done():
                 continue
             out.append(f"=== {task.get_name()} waits for {task._fut_waiter!r:.200}")
             out.extend(_chain(task.get_coro()))
