@@ -207,8 +207,16 @@ class WorkerHost:
         )
         failing_since: float | None = None
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
         try:
             while not stop.is_set():
+                if task is not None and task.cancelling():
+                    # A cancel that the fetch swallowed: nats.py's next_msg waits with
+                    # asyncio.wait_for, which on Python 3.11 returns a message (or
+                    # times out) that lands with the cancel, and drops the cancel.
+                    # Looping on, this loop held its worker's stop for good (a
+                    # test_roles run hung so, its tasks showed).
+                    raise asyncio.CancelledError
                 try:
                     # One command, as soon as there is one; then as many more as the
                     # consumer said are waiting behind it, which come at once. (A
