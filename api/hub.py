@@ -1,7 +1,7 @@
 """One live subscription per conversation per edge process, fanned out in memory.
 
-A `Hub` follows one conversation's subject of the log (one ephemeral JetStream
-consumer, `events.follow.LogFollower`, with its gap and watchdog rules) and
+A `Hub` follows one conversation's subject of the log (the entries CHAT_EVT
+republishes, `events.follow.LiveFollower`, with its gap and watchdog rules) and
 hands every entry, decoded and encoded as SSE frames once, to each of its
 `Subscription`s, synchronously and without awaiting any of them: a slow viewer
 cannot slow the others or the hub. Viewers joining behind the hub catch up
@@ -45,7 +45,7 @@ from nats.js import JetStreamContext
 from api.sse import Envelope, Position, envelopes, frame
 from events.codec import decode_entry
 from events.errors import EventLogError, describe
-from events.follow import LogFollower
+from events.follow import LiveFollower
 from events.log import EventLog, StoredEvent
 from events.subjects import CMD_STREAM, event_subject
 from events.turns import TurnRecord, TurnRegistry
@@ -322,14 +322,14 @@ class Hub:
 
     async def run(self) -> None:
         hubs = self._hubs
-        follower: LogFollower | None = None
+        follower: LiveFollower | None = None
         try:
             start = self._known_head
             if start is None:
                 start = await hubs.log.last_seq(self.conversation_id)
             self.head = self.floor = start
             self.ready.set_result(None)
-            follower = LogFollower(hubs.js, event_subject(self.conversation_id), start)
+            follower = LiveFollower(hubs.js._nc, hubs.log, self.conversation_id, start)
             while not self._idle_long_enough():
                 batch = await follower.next_batch(_BATCH, wait_s=hubs.settings.wake_s)
                 if not batch:
@@ -539,27 +539,22 @@ class Hubs:
 
 
 async def read_range(
-    js: JetStreamContext, event_log: EventLog, conversation_id: str, after: int, until: int
+    event_log: EventLog, conversation_id: str, after: int, until: int
 ) -> AsyncIterator[StoredEvent]:
     """The conversation's entries in (after, until], in order, one at a time.
 
     Always ends: entries that retention removed meanwhile are not waited for.
     """
-    if until <= after:
-        return
-    follower = LogFollower(js, event_subject(conversation_id), after)
-    try:
-        while follower.last < until:
-            batch = await follower.next_batch(_BATCH, wait_s=1.0)
-            if not batch:
-                until = min(until, await event_log.last_seq(conversation_id))
-                continue
-            for raw in batch:
-                if raw.seq > until:
-                    return
-                yield StoredEvent(seq=raw.seq, event=decode_entry(raw.data))
-    finally:
-        await follower.close()
+    subject = event_subject(conversation_id)
+    while after < until:
+        batch, pending = await event_log.read_events(subject, after)
+        for raw in batch:
+            if raw.seq > until:
+                return
+            yield StoredEvent(seq=raw.seq, event=decode_entry(raw.data))
+        if not batch or pending == 0:
+            return
+        after = batch[-1].seq
 
 
 async def watch(
@@ -572,9 +567,7 @@ async def watch(
     try:
         after = subscription.position.after()
         if after < snapshot.floor:
-            async for stored in read_range(
-                hubs.js, hubs.log, conversation_id, after, snapshot.floor
-            ):
+            async for stored in read_range(hubs.log, conversation_id, after, snapshot.floor):
                 delivery = Delivery.of(stored)
                 subscription.note(delivery)
                 subscription.take(delivery)

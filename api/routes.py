@@ -27,7 +27,6 @@ from api.access import owned_conversation, project_of_member
 from api.context import (
     CONFIG,
     HEADERS,
-    HUBS,
     JS,
     LOG,
     METRICS,
@@ -353,7 +352,7 @@ async def conversation_log(request: web.Request) -> web.StreamResponse:
     await begin_stream(request, response)
     timeout = app[CONFIG].limits.write_timeout_s
     try:
-        async for stored in read_range(app[HUBS].js, app[LOG], conversation_id, after, end):
+        async for stored in read_range(app[LOG], conversation_id, after, end):
             async with asyncio.timeout(timeout):  # a reader that stops reading is let go
                 await response.write(encode_stored(stored.seq, stored.event) + b"\n")
         async with asyncio.timeout(timeout):

@@ -283,9 +283,7 @@ async def _catch_up(
 
     after = viewer.position.after()
     if after < snapshot.floor:
-        async for stored in read_range(
-            app[HUBS].js, app[LOG], conversation_id, after, snapshot.floor
-        ):
+        async for stored in read_range(app[LOG], conversation_id, after, snapshot.floor):
             await write(Delivery.of(stored), None)
             if viewer.ended.done():
                 return

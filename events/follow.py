@@ -1,31 +1,42 @@
 """Following the event log: every event after a position, catch-up then live, in order.
 
-The rules are explicit here rather than inside nats.py's ordered consumer,
-whose heartbeat-driven resets and background consumer re-creation are hard to
-observe or test:
+CHAT_EVT republishes each entry it stores to `chat.live.<conversation>` as a
+plain NATS message whose headers carry its position (`Nats-Sequence`) and the
+position of the entry before it on the same subject (`Nats-Last-Sequence`).
+A `LiveFollower` subscribes to that subject, so following a conversation costs
+the server one subscription, not a consumer: with an ephemeral consumer per
+followed conversation, nats-server spent 142 us of CPU per appended entry with
+1,000 conversations followed, against 41-45 us republishing them
+(/work/scratch/nats_exp.py; README "Benchmarks").
 
-- an ephemeral push consumer, no acks, no flow control, delivering from the
-  next position we need;
-- every delivery carries its consumer sequence: a gap means a message was lost
-  on the way (a slow reader overflowed the client buffer, a reconnect), and we
-  start a new consumer right after the last event we handed out;
-- a gap at the tail of a burst shows no later delivery to notice it, so the
-  first silence after activity asks the server how far the consumer delivered:
-  past what we handed out means something was dropped, and we start again;
-- a silence longer than `watchdog_s` asks whether the consumer still exists (a
-  restarted server forgets it) and starts a new one if not.
+Plain NATS may drop a message (a slow reader, a reconnect), so the rules here
+make every position come out once, in order:
+
+- it subscribes first, then reads the log after its position (direct gets),
+  and hands out what the log gave; live entries at or before that are dropped;
+- a live entry whose predecessor on the subject is not the last one handed
+  out shows a gap: the log is read from the last one handed out, then live
+  delivery goes on (entries already read are dropped);
+- a gap at the tail of a burst shows no later entry to notice it, so the
+  first silence after activity, and every `watchdog_s` of silence, asks the
+  log for the subject's last position: past what was handed out means
+  something was lost, and the log is read;
+- more than `pending_limit` entries waiting: the queue is dropped and the log
+  read instead.
 
 So no event is skipped or handed out twice, whatever happens underneath
-(tests/test_follow.py forces both a gap and a vanished consumer).
+(tests/test_follow.py forces each case).
 
 Deliveries arrive into our own bounded queue, and a batch is whatever is
 queued when the reader asks: one wait per batch, not a task and a timer per
 message as `next_msg` costs (py-spy on `parley bench capacity` showed those
 timers and tasks among the edge's largest costs). On a `DirectClient` (every
 role's connection) they come straight from the client's read loop, with no
-`Msg`, queue or task of nats.py's in between; on another client, through a
-callback. The consumer sequence is read straight from the reply subject
-rather than through the client's metadata object, for the same reason.
+`Msg`, queue or task of nats.py's in between, and the positions are read from
+the raw headers; on another client, through a callback.
+
+`reader_consumer` is the consumer configuration of readers that do take one
+(projections.feed).
 """
 
 from __future__ import annotations
@@ -34,16 +45,16 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import nats.errors
-import nats.js.errors
+from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext, api
+from nats.js import api
 
 from events.broker import DirectClient, DirectHandler
-from events.subjects import EVT_STREAM
+from events.subjects import event_subject, live_subject
 
 
 class RawEvent(msgspec.Struct, frozen=True):
@@ -71,29 +82,42 @@ def reader_consumer(
     )
 
 
-class LogFollower:
-    """Delivers raw events of `filter_subject` after `after`, in stream order."""
+class LogReader(Protocol):
+    """What a follower reads the log with (events.log.EventLog)."""
+
+    async def read_events(self, subject: str, after: int) -> tuple[list[RawEvent], int]:
+        """A batch of the subject's entries after `after`, and how many remain."""
+        ...
+
+    async def last_seq_of(self, subject: str) -> int: ...
+
+
+class LiveFollower:
+    """Delivers the raw events of one conversation after `after`, in stream order."""
 
     def __init__(
         self,
-        js: JetStreamContext,
-        filter_subject: str,
+        nc: NatsClient,
+        reader: LogReader,
+        conversation_id: str,
         after: int,
         *,
         pending_limit: int = 10_000,
         watchdog_s: float = 10.0,
     ) -> None:
-        self._js = js
-        self._filter = filter_subject
+        self._nc = nc
+        self._reader = reader
+        self._subject = event_subject(conversation_id)
+        self._live = live_subject(conversation_id)
         self.last = after  # the last sequence handed out
         self._pending_limit = pending_limit
         self._watchdog_s = watchdog_s
         self._sub: Any = None
-        self._consumer = ""
-        self._inbox: deque[tuple[str, bytes]] = deque()  # (reply subject, payload)
+        # (sequence, sequence of the subject's entry before it, payload)
+        self._inbox: deque[tuple[int, int, bytes]] = deque()
         self._arrived = asyncio.Event()
-        self._generation = 0
-        self._next_dseq = 1
+        self._behind = True  # the log holds entries not handed out: read it
+        self._overflowed = False
         self._silent_s = 0.0
         self._checked = True  # nothing delivered yet: nothing to check
 
@@ -101,6 +125,10 @@ class LogFollower:
         """At least one event, plus those already here, up to `limit`; [] after `wait_s`."""
         if self._sub is None:
             await self._start()
+        if self._behind:
+            caught = await self._catch_up()
+            if caught:
+                return caught
         if not self._inbox:
             # A timer handle that wakes us, not `asyncio.timeout`: that one costs a
             # Timeout object and a reschedule per wait (8% of an edge's samples under
@@ -112,88 +140,93 @@ class LogFollower:
                 await self._arrived.wait()
             finally:
                 wake.cancel()
-            if not self._inbox:
+            if not self._inbox and not self._overflowed:
                 await self._on_silence(wait_s)
-                return []
+                return await self._catch_up() if self._behind else []
         self._silent_s = 0.0
         self._checked = False
+        if self._overflowed:
+            self._overflowed = False
+            self._inbox.clear()
+            return await self._catch_up()
         out: list[RawEvent] = []
         inbox = self._inbox
         while inbox and len(out) < limit:
-            if not self._take(inbox.popleft(), out):
-                await self._restart()  # lost on the way: resume after the last handed out
-                return out
+            seq, before, data = inbox[0]
+            if seq <= self.last:
+                inbox.popleft()  # already read from the log
+                continue
+            if before != self.last:
+                self._behind = True  # lost on the way: the log has what is between
+                break
+            inbox.popleft()
+            self.last = seq
+            out.append(RawEvent(seq=seq, data=data))
+        if not out and self._behind:
+            return await self._catch_up()
+        return out
+
+    async def _catch_up(self) -> list[RawEvent]:
+        """The log's next batch after the last event handed out."""
+        batch, pending = await self._reader.read_events(self._subject, self.last)
+        if pending == 0:
+            self._behind = False  # whatever is stored from now on arrives live
+        out = [raw for raw in batch if raw.seq > self.last]
+        if out:
+            self.last = out[-1].seq
         return out
 
     def _receiver(self) -> tuple[Callable[[Msg], Awaitable[None]], DirectHandler]:
-        """How this consumer's deliveries reach the inbox: through a subscription's
+        """How republished entries reach the inbox: through a subscription's
         callback, or straight from the read loop (`DirectClient`)."""
-        generation = self._generation
 
-        def accept(reply: str, data: bytes) -> None:
-            if generation != self._generation:
-                return  # a consumer we already left
+        def accept(seq: int, before: int, data: bytes) -> None:
             if len(self._inbox) >= self._pending_limit:
-                # Dropped: the gap in consumer sequences (or the silence check) shows
-                # it, and we start again after the last event handed out.
-                return
-            self._inbox.append((reply, data))
+                self._overflowed = True  # the log is read instead
+            else:
+                self._inbox.append((seq, before, data))
             self._arrived.set()
 
         async def receive(msg: Msg) -> None:
-            accept(msg.reply, msg.data)
+            headers = msg.headers or {}
+            seq, before = headers.get("Nats-Sequence"), headers.get("Nats-Last-Sequence")
+            if seq is None or before is None:
+                self._overflowed = True  # positions unknown: read the log
+                self._arrived.set()
+                return
+            accept(int(seq), int(before), msg.data)
 
         def receive_directly(subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
-            accept(reply.decode(), data)
+            positions = republished_positions(headers)
+            if positions is None:
+                self._overflowed = True
+                self._arrived.set()
+                return
+            accept(positions[0], positions[1], data)
 
         return receive, receive_directly
 
-    def _take(self, delivered: tuple[str, bytes], out: list[RawEvent]) -> bool:
-        reply, data = delivered
-        dseq, seq = _sequences(reply)
-        if dseq != self._next_dseq:
-            return False
-        self._next_dseq += 1
-        if seq > self.last:
-            self.last = seq
-            out.append(RawEvent(seq=seq, data=data))
-        return True
-
     async def close(self) -> None:
-        sub, consumer, self._sub = self._sub, self._consumer, None
-        self._generation += 1
+        sub, self._sub = self._sub, None
         self._inbox.clear()
         if sub is None:
             return
-        if isinstance(self._js._nc, DirectClient):
-            self._js._nc.deliver_as_usual(sub)
-        with contextlib.suppress(nats.errors.Error):
+        if isinstance(self._nc, DirectClient):
+            self._nc.deliver_as_usual(sub)
+        with contextlib.suppress(nats.errors.Error):  # a connection gone took it along
             await sub.unsubscribe()
-        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
-            await self._js.delete_consumer(EVT_STREAM, consumer)
 
     async def _start(self) -> None:
-        config = reader_consumer(self._filter, self.last)
-        self._generation += 1
-        self._inbox.clear()
         receive, receive_directly = self._receiver()
-        self._sub = await self._js.subscribe(
-            self._filter,
-            stream=EVT_STREAM,
-            config=config,
-            manual_ack=True,
-            cb=receive,
-            pending_msgs_limit=self._pending_limit,
+        self._sub = await self._nc.subscribe(
+            self._live, cb=receive, pending_msgs_limit=self._pending_limit
         )
-        if isinstance(self._js._nc, DirectClient):
-            self._js._nc.deliver_directly(self._sub, receive_directly)
-        self._consumer = self._sub._consumer
-        self._next_dseq = 1
-        self._silent_s = 0.0
-
-    async def _restart(self) -> None:
-        await self.close()
-        await self._start()
+        if isinstance(self._nc, DirectClient):
+            self._nc.deliver_directly(self._sub, receive_directly)
+        # the server holds our interest before the log is read: nothing stored
+        # after the read can miss us
+        await self._nc.flush()
+        self._behind = True
 
     async def _on_silence(self, waited: float) -> None:
         self._silent_s += waited
@@ -201,24 +234,28 @@ class LogFollower:
             return
         self._checked = True
         self._silent_s = 0.0
-        try:
-            info = await self._js.consumer_info(EVT_STREAM, self._consumer)
-        except nats.js.errors.NotFoundError:
-            await self._restart()
-            return
-        delivered = info.delivered.stream_seq if info.delivered else None
-        if delivered is not None and delivered > self.last:
-            await self._restart()  # delivered but never reached us: dropped on the way
+        if await self._reader.last_seq_of(self._subject) > self.last:
+            self._behind = True  # stored but never reached us
 
 
-def _sequences(reply: str) -> tuple[int, int]:
-    """(consumer sequence, stream sequence) of a JetStream delivery, from its reply
-    subject: `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>`,
-    or the newer form with domain and account hash before the stream (12 tokens)."""
-    tokens = reply.split(".")
-    if len(tokens) == 9:
-        return int(tokens[6]), int(tokens[5])
-    if len(tokens) >= 12:
-        return int(tokens[8]), int(tokens[7])
-    meta = Msg.Metadata._from_reply(reply)  # any other form nats.py knows
-    return int(meta.sequence.consumer), int(meta.sequence.stream)
+_SEQUENCE = b"\r\nNats-Sequence: "
+_BEFORE = b"\r\nNats-Last-Sequence: "
+
+
+def republished_positions(headers: bytes) -> tuple[int, int] | None:
+    """(position, position of the subject's entry before it) from a republished
+    entry's raw headers; None without them. The last of each header counts: a
+    republish adds its headers after any the entry had."""
+    at = headers.rfind(_SEQUENCE)
+    before_at = headers.rfind(_BEFORE)
+    if at < 0 or before_at < 0:
+        return None
+    at += len(_SEQUENCE)
+    before_at += len(_BEFORE)
+    try:
+        return (
+            int(headers[at : headers.index(b"\r", at)]),
+            int(headers[before_at : headers.index(b"\r", before_at)]),
+        )
+    except ValueError:
+        return None

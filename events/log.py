@@ -30,7 +30,7 @@ from nats.js import JetStreamContext
 
 from events.codec import Unreadable, decode_entry, encode
 from events.errors import EventLogConflict, EventLogUnavailable, PositionGone
-from events.follow import LogFollower
+from events.follow import LiveFollower, RawEvent
 from events.publisher import AckedPublisher
 from events.replies import Replies, no_responders
 from events.streams import ensure_streams as ensure_streams
@@ -299,6 +299,12 @@ class EventLog:
                 return out
             start = batch[-1].seq + 1
 
+    async def read_events(self, subject: str, after: int) -> tuple[list[RawEvent], int]:
+        """One batch of the subject's entries after `after`, undecoded, and how many
+        remain after it (events.follow.LogReader)."""
+        batch, pending = await self._direct_batch(subject, after + 1)
+        return [RawEvent(seq=e.seq, data=e.data) for e in batch], pending
+
     async def scan(self, after: int = 0) -> AsyncIterator[list[RawEntry]]:
         """The whole log (every subject) after `after`, in order, a batch at a time.
 
@@ -364,7 +370,7 @@ class EventLog:
         silently dropped: a reader that waits for a position (`read`) must see
         every position go by, and a reader that shows the log must show it.
         """
-        follower = LogFollower(self._js, event_subject(conversation_id), after)
+        follower = LiveFollower(self._js._nc, self, conversation_id, after)
         try:
             while stop is None or not stop.is_set():
                 for raw in await follower.next_batch(256, wait_s=_FOLLOW_WAIT_S):

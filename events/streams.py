@@ -10,10 +10,11 @@ Every process calls `ensure_streams` at start. The rules:
 - present: left as the operator made it (replicas, storage, limits, placement,
   everything parley does not need); only what parley cannot work without is
   added if missing: its subjects, direct gets on CHAT_EVT (every read uses
-  them), and a duplicate window long enough for an append to be retried
-  safely (events.log);
+  them), CHAT_EVT's republish of every stored entry to `chat.live.>` (what
+  edges follow live), and a duplicate window long enough for an append to be
+  retried safely (events.log);
 - present but unusable (CHAT_CMD not a work queue, CHAT_EVT not kept by
-  limits): nothing is changed and start fails with `StreamMisconfigured`,
+  limits or republishing elsewhere): nothing is changed and start fails with `StreamMisconfigured`,
   naming what to fix. Changing the retention of a live stream is the
   operator's decision, not a side effect of starting a process.
 
@@ -34,7 +35,7 @@ import nats.errors
 from nats.js import JetStreamContext
 
 from events.errors import EventLogUnavailable, StreamMisconfigured
-from events.subjects import CMD_STREAM, CMD_SUBJECTS, EVT_STREAM, EVT_SUBJECTS
+from events.subjects import CMD_STREAM, CMD_SUBJECTS, EVT_STREAM, EVT_SUBJECTS, LIVE_SUBJECTS
 
 # Appends are retried for up to EventLog's retry time (30 s) with the same
 # Nats-Msg-Id; the window must outlast that with room to spare.
@@ -43,11 +44,11 @@ _NS = 1_000_000_000
 _STREAM_NOT_FOUND = 10059
 _STREAM_NAME_IN_USE = 10058
 _API_TIMEOUT_S = 10.0
-# Each edge follows each conversation it has viewers of with an ephemeral consumer
-# of CHAT_EVT (events.follow), so the stream needs room for as many consumers as
-# conversations watched at once, over all edges. A stream that leaves the limit
-# unset gets nats-server's own default, 1,000 (2.15): the 1,001st conversation
-# watched failed with "maximum consumers limit reached" under bench capacity.
+# Readers that take an ephemeral consumer of CHAT_EVT (projectors, and edges
+# before they followed the republished entries) need room for one each. A stream
+# that leaves the limit unset gets nats-server's own default, 1,000 (2.15): the
+# 1,001st conversation watched failed with "maximum consumers limit reached"
+# under bench capacity while each was a consumer.
 EVT_MAX_CONSUMERS = 100_000
 
 
@@ -60,6 +61,8 @@ class StreamSpec(msgspec.Struct, frozen=True):
     why_retention: str
     direct: bool = False
     max_consumers: int = 0  # 0: the server's default is enough
+    # (source, destination): every stored entry republished, with its position
+    republish: tuple[str, str] | None = None
 
 
 EVT = StreamSpec(
@@ -69,6 +72,7 @@ EVT = StreamSpec(
     why_retention="the event log is the truth: events stay until the limits remove them",
     direct=True,
     max_consumers=EVT_MAX_CONSUMERS,
+    republish=(EVT_SUBJECTS, LIVE_SUBJECTS),
 )
 CMD = StreamSpec(
     name=CMD_STREAM,
@@ -119,7 +123,13 @@ def _request_body(spec: StreamSpec, replicas: int) -> dict[str, Any]:
         "duplicate_window": int(DUPLICATE_WINDOW_S * _NS),
         "allow_direct": spec.direct,
         **({"max_consumers": spec.max_consumers} if spec.max_consumers else {}),
+        **({"republish": _republish(spec.republish)} if spec.republish else {}),
     }
+
+
+def _republish(source_destination: tuple[str, str]) -> dict[str, Any]:
+    source, destination = source_destination
+    return {"src": source, "dest": destination}
 
 
 def missing(spec: StreamSpec, config: dict[str, Any]) -> dict[str, Any]:
@@ -136,6 +146,20 @@ def missing(spec: StreamSpec, config: dict[str, Any]) -> dict[str, Any]:
             f"parley create it; parley changes neither on its own"
         )
     changes: dict[str, Any] = {}
+    if spec.republish:
+        have = config.get("republish")
+        if not have:
+            changes["republish"] = _republish(spec.republish)
+        elif (have.get("src") or ">", have.get("dest")) != spec.republish or have.get(
+            "headers_only"
+        ):
+            raise StreamMisconfigured(
+                f"stream {spec.name} republishes {have.get('src') or '>'} to "
+                f"{have.get('dest')}{' (headers only)' if have.get('headers_only') else ''}; "
+                f"parley's edges follow its entries live as republished from "
+                f"{spec.republish[0]} to {spec.republish[1]}, whole. A stream republishes "
+                "to one place: remove that republish and let parley add its own"
+            )
     subjects = list(config.get("subjects") or [])
     if spec.subjects not in subjects and ">" not in subjects:
         changes["subjects"] = [*subjects, spec.subjects]

@@ -20,6 +20,10 @@ CMD_PREFIX = "chat.cmd"
 EVT_PREFIX = "chat.evt"
 CMD_SUBJECTS = f"{CMD_PREFIX}.>"
 EVT_SUBJECTS = f"{EVT_PREFIX}.>"
+# CHAT_EVT republishes every entry it stores here, plain NATS with its position in
+# headers: what an edge follows live (events.follow.LiveFollower)
+LIVE_PREFIX = "chat.live"
+LIVE_SUBJECTS = f"{LIVE_PREFIX}.>"
 
 # ids become subject tokens: no dots, wildcards or whitespace
 _ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -47,6 +51,11 @@ def partition_subjects(partition: int) -> str:
 
 def event_subject(conversation_id: str) -> str:
     return f"{EVT_PREFIX}.{conversation_id}"
+
+
+def live_subject(conversation_id: str) -> str:
+    """Where CHAT_EVT republishes the conversation's entries once stored."""
+    return f"{LIVE_PREFIX}.{conversation_id}"
 
 
 def account_subject(account: str) -> str:

@@ -1,4 +1,4 @@
-"""The log follower hands out every event once, in order, even when delivery breaks underneath."""
+"""The live follower hands out every event once, in order, even when delivery breaks underneath."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ import time
 from nats.aio.client import Client as NatsClient
 
 from events.codec import decode_event
-from events.follow import LogFollower, RawEvent
+from events.follow import LiveFollower, RawEvent, republished_positions
 from events.ids import new_id
 from events.log import EventLog
-from events.subjects import EVT_STREAM, event_subject
 from events.vocabulary import ConversationCreated, Title
 
 
@@ -34,7 +33,7 @@ async def _new_conversation(event_log: EventLog) -> tuple[str, int]:
     return cid, await event_log.append(cid, [created], expected_seq=0)
 
 
-async def _drain(follower: LogFollower, want: int) -> list[RawEvent]:
+async def _drain(follower: LiveFollower, want: int) -> list[RawEvent]:
     got: list[RawEvent] = []
     async with asyncio.timeout(20):
         while len(got) < want:
@@ -42,15 +41,23 @@ async def _drain(follower: LogFollower, want: int) -> list[RawEvent]:
     return got
 
 
+async def _arrived(follower: LiveFollower, count: int) -> None:
+    """Wait until `count` live entries wait in the follower's queue (read none)."""
+    async with asyncio.timeout(10):
+        while len(follower._inbox) < count:
+            follower._arrived.clear()
+            await follower._arrived.wait()
+
+
 async def test_a_reader_that_overflows_its_buffer_still_gets_every_event_once(
     plain_or_direct: NatsClient, event_log: EventLog
 ) -> None:
     cid, head = await _new_conversation(event_log)
-    follower = LogFollower(plain_or_direct.jetstream(), event_subject(cid), head, pending_limit=5)
+    follower = LiveFollower(plain_or_direct, event_log, cid, head, pending_limit=5)
     try:
         await follower.next_batch(10, wait_s=0.05)  # subscribe, nothing there yet
         seqs = await _append_titles(event_log, cid, 20, head)
-        await asyncio.sleep(0.3)  # not reading: the client buffer of 5 overflows and drops
+        await _arrived(follower, 5)  # not reading: the queue of 5 overflows and drops
         got = await _drain(follower, 20)
     finally:
         await follower.close()
@@ -59,22 +66,65 @@ async def test_a_reader_that_overflows_its_buffer_still_gets_every_event_once(
     assert [t.title for t in titles if isinstance(t, Title)] == [f"t{i}" for i in range(20)]
 
 
-async def test_a_consumer_the_server_forgot_is_recreated_after_a_silence(
+async def test_an_entry_lost_between_two_others_is_read_from_the_log(
     plain_or_direct: NatsClient, event_log: EventLog
 ) -> None:
     cid, head = await _new_conversation(event_log)
-    js = plain_or_direct.jetstream()
-    follower = LogFollower(js, event_subject(cid), head, watchdog_s=0.2)
+    follower = LiveFollower(plain_or_direct, event_log, cid, head)
     try:
-        first = await _append_titles(event_log, cid, 2, head)
-        assert [r.seq for r in await _drain(follower, 2)] == first
-        # The server loses the consumer (as a restarted server forgets ephemeral ones).
-        await js.delete_consumer(EVT_STREAM, follower._consumer)
-        more = await _append_titles(event_log, cid, 3, first[-1])
+        assert await follower.next_batch(10, wait_s=0.05) == []
+        seqs = await _append_titles(event_log, cid, 3, head)
+        await _arrived(follower, 3)
+        del follower._inbox[1]  # lost on the way, as a reconnect or a slow reader loses it
         got = await _drain(follower, 3)
     finally:
         await follower.close()
-    assert [r.seq for r in got] == more
+    assert [r.seq for r in got] == seqs
+
+
+async def test_the_last_entry_lost_is_found_by_the_first_silence(
+    plain_or_direct: NatsClient, event_log: EventLog
+) -> None:
+    """No later entry shows the gap: the silence after activity asks the log."""
+    cid, head = await _new_conversation(event_log)
+    follower = LiveFollower(plain_or_direct, event_log, cid, head, watchdog_s=60)
+    try:
+        assert await follower.next_batch(10, wait_s=0.05) == []
+        seqs = await _append_titles(event_log, cid, 2, head)
+        await _arrived(follower, 2)
+        follower._inbox.pop()
+        got = await _drain(follower, 2)
+    finally:
+        await follower.close()
+    assert [r.seq for r in got] == seqs
+
+
+async def test_entries_stored_before_the_follower_subscribed_come_from_the_log(
+    plain_or_direct: NatsClient, event_log: EventLog
+) -> None:
+    cid, head = await _new_conversation(event_log)
+    seqs = await _append_titles(event_log, cid, 300, head)  # more than one read's batch
+    follower = LiveFollower(plain_or_direct, event_log, cid, head)
+    try:
+        got = await _drain(follower, 300)
+        more = await _append_titles(event_log, cid, 2, seqs[-1])
+        got += await _drain(follower, 2)
+    finally:
+        await follower.close()
+    assert [r.seq for r in got] == seqs + more
+
+
+def test_positions_are_read_from_the_republished_headers() -> None:
+    headers = (
+        b"NATS/1.0\r\nNats-Msg-Id: e1\r\nNats-Expected-Last-Subject-Sequence: 7\r\n"
+        b"Nats-Stream: CHAT_EVT\r\nNats-Subject: chat.evt.c\r\nNats-Sequence: 12\r\n"
+        b"Nats-Time-Stamp: 2026-11-29T04:00:00Z\r\nNats-Last-Sequence: 9\r\n\r\n"
+    )
+    assert republished_positions(headers) == (12, 9)
+    assert republished_positions(b"NATS/1.0\r\nNats-Msg-Id: e1\r\n\r\n") is None
+    assert republished_positions(b"") is None
+    garbled = headers.replace(b"Sequence: 12", b"Sequence: x")
+    assert republished_positions(garbled) is None
 
 
 async def test_follow_stops_on_its_stop_flag_even_while_the_log_is_silent(
@@ -96,15 +146,14 @@ async def test_follow_stops_on_its_stop_flag_even_while_the_log_is_silent(
 async def test_more_than_a_thousand_conversations_can_be_followed_at_once(
     nc: NatsClient, event_log: EventLog
 ) -> None:
-    """One consumer per followed conversation: the stream must allow more than
-    nats-server's default of 1,000 (events.streams.EVT_MAX_CONSUMERS)."""
-    js = nc.jetstream()
-    followers = [LogFollower(js, event_subject(new_id()), 0) for _ in range(1_050)]
+    """Each followed conversation is a subscription, not a consumer: nothing
+    limits them to nats-server's default of 1,000 consumers a stream."""
+    followers = [LiveFollower(nc, event_log, new_id(), 0) for _ in range(1_050)]
     try:
         # the first next_batch creates the follower's consumer; nothing is there to read
         await asyncio.gather(*(f.next_batch(1, wait_s=0.01) for f in followers))
         cid, head = await _new_conversation(event_log)
-        last = LogFollower(js, event_subject(cid), 0)
+        last = LiveFollower(nc, event_log, cid, 0)
         followers.append(last)
         assert [r.seq for r in await _drain(last, 1)] == [head]
     finally:

@@ -27,7 +27,7 @@ from events.streams import (
     missing,
     stream_config,
 )
-from events.subjects import CMD_STREAM, CMD_SUBJECTS, EVT_STREAM, EVT_SUBJECTS
+from events.subjects import CMD_STREAM, CMD_SUBJECTS, EVT_STREAM, EVT_SUBJECTS, LIVE_SUBJECTS
 from parley.cluster import NatsCluster
 from parley.services import Servers, ServiceOptions, Services
 from tests.conftest import SECRET
@@ -48,6 +48,7 @@ def test_a_stream_with_everything_parley_needs_is_left_alone() -> None:
         "num_replicas": 3,
         "max_age": DAY_NS,
         "max_consumers": EVT_MAX_CONSUMERS,
+        "republish": {"src": EVT_SUBJECTS, "dest": LIVE_SUBJECTS},
     }
     assert missing(EVT, config) == {}
     assert differences(EVT, config, replicas=3) == []
@@ -60,6 +61,7 @@ def test_only_what_parley_needs_is_added() -> None:
         "allow_direct": True,
         "duplicate_window": int(DUPLICATE_WINDOW_S * 1e9),
         "max_consumers": EVT_MAX_CONSUMERS,
+        "republish": {"src": EVT_SUBJECTS, "dest": LIVE_SUBJECTS},
     }
     # a longer duplicate window than parley's is kept
     assert "duplicate_window" not in missing(
@@ -77,6 +79,25 @@ def test_a_stream_with_the_wrong_retention_is_refused_with_what_to_fix(
         missing(spec, {"retention": retention, "subjects": [spec.subjects]})
     message = str(refused.value)
     assert spec.name in message and retention in message and spec.retention in message
+
+
+@pytest.mark.parametrize(
+    "republish",
+    [
+        {"src": EVT_SUBJECTS, "dest": "audit.copy.>"},
+        {"src": "chat.evt.x.>", "dest": LIVE_SUBJECTS},
+        {"src": EVT_SUBJECTS, "dest": LIVE_SUBJECTS, "headers_only": True},
+    ],
+)
+def test_a_log_that_republishes_elsewhere_is_refused_with_what_to_fix(
+    republish: dict[str, Any],
+) -> None:
+    """A stream republishes to one place; the edges follow parley's (events.follow)."""
+    config = {"retention": "limits", "subjects": [EVT_SUBJECTS], "republish": republish}
+    with pytest.raises(StreamMisconfigured) as refused:
+        missing(EVT, config)
+    message = str(refused.value)
+    assert EVT_STREAM in message and LIVE_SUBJECTS in message and "remove" in message
 
 
 def test_replicas_and_storage_that_differ_are_reported_not_changed() -> None:
@@ -140,6 +161,7 @@ async def test_a_role_starting_on_an_operators_streams_changes_none_of_their_set
             duplicate_window=600,
             allow_direct=True,
             max_consumers=50_000,
+            republish=api.RePublish(src=EVT_SUBJECTS, dest=LIVE_SUBJECTS),
         )
     )
     await js.add_stream(
@@ -212,10 +234,16 @@ async def test_a_stream_lacking_what_parley_needs_gets_only_that(
     notes = await ensure_streams(js, replicas=3)
     after = await stream_config(js, EVT_STREAM)
     assert before is not None and after is not None
-    added = "added allow_direct, duplicate_window, max_consumers, subjects"
+    added = "added allow_direct, duplicate_window, max_consumers, republish, subjects"
     assert any(added in note for note in notes), notes
     changed = {k for k in after if after[k] != before.get(k)}
-    assert changed == {"subjects", "allow_direct", "duplicate_window", "max_consumers"}, changed
+    assert changed == {
+        "subjects",
+        "allow_direct",
+        "duplicate_window",
+        "max_consumers",
+        "republish",
+    }, changed
     assert after["subjects"] == ["audit.>", EVT_SUBJECTS]
     assert after["max_msgs_per_subject"] == 50_000 and after["num_replicas"] == 3
 
