@@ -368,11 +368,9 @@ class WorkerHost:
             for delivery in list(self._pending):
                 with contextlib.suppress(nats.errors.Error):
                     await delivery.in_progress()
-            for cid, running in list(self._actors.items()):
-                if running.actor.runner is None:
-                    continue
-                with contextlib.suppress(redis.exceptions.RedisError, OSError):
-                    await self._ctx.turns.refresh(cid, self._ctx.worker_id)
+            running = [c for c, r in self._actors.items() if r.actor.runner is not None]
+            with contextlib.suppress(redis.exceptions.RedisError, OSError):
+                await self._ctx.turns.refresh_all(running, self._ctx.worker_id)
 
 
 def _drain(inbox: Inbox) -> list[tuple[AnyCommand | None, Settlement | None]]:

@@ -89,3 +89,53 @@ async def test_the_pools_connections_name_their_client_without_reading_package_m
     # what CLIENT SETINFO tells a server that takes it (Redis 7.2+) is unchanged
     assert isinstance(driver, DriverInfo)
     assert (driver.formatted_name, driver.lib_version) == ("redis-py", redis.__version__)
+
+
+async def test_writes_made_at_once_leave_together_and_each_gets_its_own_answer(
+    stack: Servers, redis_client: aioredis.Redis
+) -> None:
+    """A thousand turns write hundreds of records a second: those written in the
+    same pass of the event loop go as one pipeline, on one connection."""
+    client = parley_redis_client(stack.redis_url)
+    turns = TurnRegistry(client)
+    held, other = [new_id() for _ in range(100)], [new_id() for _ in range(100)]
+    try:
+        await turns.put(new_id(), record("a"))  # the pool's first connection
+        opened = (await redis_client.info("stats"))["total_connections_received"]
+        await asyncio.gather(*(turns.put(c, record("a")) for c in held + other))
+        await asyncio.gather(*(turns.release(c, "a") for c in other))
+        renewed = await asyncio.gather(
+            *(turns.refresh(c, "a") for c in held), *(turns.refresh(c, "a") for c in other)
+        )
+        opened_since = (await redis_client.info("stats"))["total_connections_received"] - opened
+    finally:
+        await client.aclose()
+    assert opened_since == 0, f"{opened_since} connections more for three batches of writes"
+    assert renewed == [True] * 100 + [False] * 100
+    assert all(r is None for r in await turns.get_many(other))
+    assert all(r is not None for r in await turns.get_many(held))
+
+
+async def test_one_write_that_fails_fails_alone(redis_client: aioredis.Redis) -> None:
+    turns = TurnRegistry(redis_client)
+    broken, fine = new_id(), new_id()
+    await redis_client.set(f"parley:turn:{broken}", b"not json")  # the release script fails on it
+    await turns.put(fine, record("a"))
+    results = await asyncio.gather(
+        turns.release(broken, "a"), turns.release(fine, "a"), return_exceptions=True
+    )
+    assert isinstance(results[0], redis.exceptions.ResponseError), results
+    assert results[1] is None
+    assert await turns.get(fine) is None
+
+
+async def test_every_write_waiting_hears_that_redis_is_away() -> None:
+    client = parley_redis_client("redis://127.0.0.1:9/0", wait_s=1.0)  # nothing listens
+    turns = TurnRegistry(client)
+    try:
+        results = await asyncio.gather(
+            *(turns.put(new_id(), record("a")) for _ in range(5)), return_exceptions=True
+        )
+    finally:
+        await client.aclose()
+    assert all(isinstance(r, redis.exceptions.ConnectionError) for r in results), results
