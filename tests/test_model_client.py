@@ -23,6 +23,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
+from actors import model_client
 from actors.errors import ModelStreamError
 from actors.model_client import ChatRequest, ModelEndpoint, stream_chat
 from actors.model_stream import ChatStreamParser, Finish, StreamItem, TextDelta
@@ -356,6 +357,28 @@ async def test_caller_stopping_early_closes_the_connection(
     # A real server keeps generating (and billing) until it notices the close.
     async with asyncio.timeout(2):
         await replay.client_left.wait()
+
+
+async def test_answers_read_to_their_end_leave_the_connection_for_the_next_call(
+    replay_server: tuple[str, Replay],
+) -> None:
+    """The body goes on after `[DONE]` (the chunked encoding's last chunk): read to
+    its end, the connection goes back to the pool, so each turn does not pay a new
+    connection (with a provider, a TLS handshake) and the server no accept."""
+    base_url, _ = replay_server
+    opened: list[object] = []
+
+    async def counted(*_: object) -> None:
+        opened.append(1)
+
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_create_end.append(counted)
+    async with aiohttp.ClientSession(trace_configs=[trace]) as client:
+        for name in TRANSCRIPTS * 2:
+            assert items_of(transcript_bytes(name)) == await collect(client, base_url, name)
+            async with asyncio.timeout(CALL_LIMIT_S):
+                await model_client.answers_read()
+    assert len(opened) == 1, f"{len(opened)} connections for {len(TRANSCRIPTS) * 2} calls"
 
 
 def test_endpoint_and_request_are_plain_declared_values() -> None:
