@@ -144,9 +144,9 @@ async def test_busy_conversation_with_on_busy_reject_is_a_409(api: SseClient) ->
     import asyncio
 
     async with asyncio.timeout(10):
-        while True:  # poll the edge, as a client would
+        while True:  # poll the edge, as a client would, until the turn has its id
             _, current = await api.request("GET", f"/v1/conversations/{cid}")
-            if current["active_turn"] is not None:
+            if (current["active_turn"] or {}).get("turn_id"):
                 break
             await asyncio.sleep(0.02)
     status, body = await api.request(
