@@ -71,8 +71,8 @@ class Outcome(msgspec.Struct):
     token_p99_ms: float
     token_p999_ms: float
     elapsed_s: float
-    # parley's measured turns of a one-turn-per-slot job: (conversation, request
-    # sent, first token read), wall clock, for the stages of time to first token
+    # parley's measured turns: (conversation, request sent, first token read),
+    # wall clock, for the stages of time to first token
     starts: list[tuple[str, int, int]] = []
 
 
@@ -271,7 +271,7 @@ def summarise(
         starts=[
             (t.conversation, t.began_wall, t.first_wall)
             for t in measured
-            if job.once and t.conversation and t.first_wall
+            if t.conversation and t.first_wall
         ],
     )
 

@@ -26,7 +26,7 @@ import multiprocessing
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -209,7 +209,8 @@ class Measured(msgspec.Struct):
 
 
 # Where a turn's time to first token goes, read back from its conversation's log
-# (wall-clock `at` of its events against the load generator's wall clock).
+# (wall-clock `at` of its events against the load generator's wall clock), for
+# every measured turn: under `capacity`, several turns a conversation.
 STAGES = ("to_user_message", "to_started", "to_first_chunk", "to_viewer")
 STAGE_LABELS = ("user_message", "started", "first chunk", "viewer")
 
@@ -217,23 +218,39 @@ STAGE_LABELS = ("user_message", "started", "first chunk", "viewer")
 async def _stages(js: Any, starts: list[tuple[str, int, int]]) -> dict[str, float]:
     event_log = EventLog(js)
     spans: dict[str, list[float]] = {name: [] for name in STAGES}
+    turns: dict[str, list[tuple[int, int]]] = {}
     for conversation, sent, first in starts:
+        turns.setdefault(conversation, []).append((sent, first))
+    for conversation, sent_first in turns.items():
         events = [stored.event for stored in await event_log.read(conversation)]
-        marks = [
-            next((e.at for e in events if isinstance(e, kind)), 0)
-            for kind in (UserMessage, Started, Chunk)
-        ]
-        if not all(marks):
-            continue
-        points = [sent, *marks, first]
-        for name, (a, b) in zip(STAGES, itertools.pairwise(points), strict=True):
-            spans[name].append((b - a) / 1e6)
+        for sent, first in sent_first:
+            marks = turn_marks(events, sent)
+            if marks is None:
+                continue
+            points = [sent, *marks, first]
+            for name, (a, b) in zip(STAGES, itertools.pairwise(points), strict=True):
+                spans[name].append((b - a) / 1e6)
     found: dict[str, float] = {}
     for name, values in spans.items():
         if values:
             found[f"stage_{name}_p50_ms"] = round(statistics.median(values), 2)
             found[f"stage_{name}_p99_ms"] = round(percentile(values, 99), 2)
     return found
+
+
+def turn_marks(events: Iterable[object], sent: int) -> tuple[int, int, int] | None:
+    """The wall-clock `at` of the `user_message`, `started` and first `chunk` of the
+    turn whose request was sent at `sent`: the first user message stamped after
+    it, and what follows it in the log. None if the log lacks any of them."""
+    marks: list[int] = []
+    for event in events:
+        if (not marks and isinstance(event, UserMessage) and event.at >= sent) or (
+            len(marks) == 1 and isinstance(event, Started)
+        ):
+            marks.append(event.at)
+        elif len(marks) == 2 and isinstance(event, Chunk):
+            return marks[0], marks[1], event.at
+    return None
 
 
 async def _measure(job: Job, watched: Watched, servers: Servers) -> Measured:

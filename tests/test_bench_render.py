@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from parley.bench_system import render
+from events.vocabulary import Chunk, Done, Started, Title, UserMessage
+from parley.bench_system import render, turn_marks
 
 
 def _row(**extra: Any) -> dict[str, Any]:
@@ -59,3 +60,36 @@ def test_a_row_without_stages_has_no_stage_line_and_names_its_first_error() -> N
     lines = render([_row(errors=2, error_sample="503 from the edge")]).splitlines()
     assert not any("per stage" in line for line in lines)
     assert lines[-1].strip() == "first error: 503 from the edge"
+
+
+def _turn(at: int, turn: str) -> list[object]:
+    def base(kind: str) -> dict[str, Any]:
+        return {"conversation_id": "c", "event_id": f"{turn}-{kind}"}
+
+    return [
+        UserMessage(at=at, message_id=f"m{turn}", content="hi", **base("u")),
+        Started(at=at + 2, turn_id=turn, user_message_id=f"m{turn}", model="demo", **base("s")),
+        Title(at=at + 3, title="t", source="auto", **base("t")),
+        Chunk(at=at + 5, turn_id=turn, kind="answer", text="a", **base("a")),
+        Chunk(at=at + 6, turn_id=turn, kind="answer", text="b", **base("b")),
+        Done(
+            at=at + 9,
+            turn_id=turn,
+            content=[],
+            stop_reason="stop",
+            input_tokens=1,
+            output_tokens=2,
+            **base("d"),
+        ),
+    ]
+
+
+def test_each_measured_turn_of_a_conversation_is_found_by_its_request_time() -> None:
+    """`capacity` runs several turns a conversation: each request's stages come
+    from the first user message stamped after it was sent, and what follows."""
+    log = [*_turn(100, "a"), *_turn(200, "b"), *_turn(300, "c")]
+    assert turn_marks(log, 99) == (100, 102, 105)
+    assert turn_marks(log, 150) == (200, 202, 205)
+    assert turn_marks(log, 300) == (300, 302, 305)
+    assert turn_marks(log, 301) is None  # its turn is not in the log
+    assert turn_marks(log[:-4], 250) is None  # started, but no chunk yet
