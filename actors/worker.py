@@ -28,6 +28,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from actors.actor import ConversationActor, Inbox, Settlement
+from actors.command_feed import CommandFeed
 from actors.partitions import PartitionLeases
 from actors.state import Conversation
 from actors.turn import ActorContext
@@ -42,21 +43,8 @@ ACK_WAIT_S = 30.0
 # Every this often each held command is reported in progress (well inside
 # ACK_WAIT_S) and the running turns' records in Redis are renewed.
 HEARTBEAT_S = 5.0
-FETCH_WAIT_S = 1.0
-FETCH_BATCH = 64
-# A partition's fetches failing this long for a reason other than a lost consumer
-# end the role (its supervisor starts it afresh); a leader election takes ~10 s.
-FETCH_GIVE_UP_S = 60.0
 # Bounds what one partition may hold unacked (queued behind turns included).
 MAX_ACK_PENDING = 2_000
-
-
-def commands_waiting_behind(msg: Msg) -> int:
-    """How many commands the consumer held for us after `msg` when it delivered it."""
-    try:
-        return int(msg.metadata.num_pending or 0)
-    except (nats.errors.NotJSMessageError, ValueError, IndexError):
-        return 0
 
 
 def durable_name(partition: int) -> str:
@@ -199,59 +187,26 @@ class WorkerHost:
             max_ack_pending=MAX_ACK_PENDING,
             filter_subject=partition_subjects(partition),
         )
-        sub = await self._js.pull_subscribe(
-            partition_subjects(partition),
-            durable=durable_name(partition),
-            stream=CMD_STREAM,
-            config=config,
+        await self._ensure_consumer(config)
+
+        async def dispatch(msg: Msg) -> None:
+            await self._dispatch(msg, tasks)
+
+        async def exists() -> bool:
+            return not await self._consumer_gone(partition)
+
+        feed = CommandFeed(
+            self._js._nc, self._js._prefix, CMD_STREAM, durable_name(partition), dispatch, exists
         )
-        failing_since: float | None = None
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
+        await feed.run(stop)
+
+    async def _ensure_consumer(self, config: api.ConsumerConfig) -> None:
+        """The partition's durable consumer, made if absent (as every worker may, at once)."""
+        assert config.durable_name is not None
         try:
-            while not stop.is_set():
-                if task is not None and task.cancelling():
-                    # A cancel that the fetch swallowed: nats.py's next_msg waits with
-                    # asyncio.wait_for, which on Python 3.11 returns a message (or
-                    # times out) that lands with the cancel, and drops the cancel.
-                    # Looping on, this loop held its worker's stop for good (a
-                    # test_roles run hung so, its tasks showed).
-                    raise asyncio.CancelledError
-                try:
-                    # One command, as soon as there is one; then as many more as the
-                    # consumer said are waiting behind it, which come at once. (A
-                    # batch fetch lingers until its batch is full or it expires: asking
-                    # for more than is there cost every command its whole timeout.)
-                    msgs = await sub.fetch(1, timeout=FETCH_WAIT_S)
-                    waiting = commands_waiting_behind(msgs[-1])
-                    if waiting:
-                        with contextlib.suppress(nats.errors.TimeoutError, TimeoutError):
-                            msgs += await sub.fetch(min(waiting, FETCH_BATCH), timeout=0.05)
-                except (nats.errors.TimeoutError, TimeoutError):
-                    continue
-                except nats.errors.Error as err:
-                    # The broker is away or restarting, or the consumer's replicas are
-                    # electing a leader (JetStream answers 503 meanwhile): running turns
-                    # carry on. A consumer that was deleted answers 503 too; it, or
-                    # failing on and on while connected, ends the role, and its
-                    # supervisor starts it afresh.
-                    if not self._js._nc.is_connected:
-                        await asyncio.sleep(FETCH_WAIT_S)
-                        continue
-                    failing_since = failing_since or loop.time()
-                    if loop.time() - failing_since > FETCH_GIVE_UP_S or await self._consumer_gone(
-                        partition
-                    ):
-                        raise
-                    log.warning("cannot fetch commands", extra={"error": describe(err)})
-                    await asyncio.sleep(1.0)
-                    continue
-                failing_since = None
-                for msg in msgs:
-                    await self._dispatch(msg, tasks)
-        finally:
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
+            await self._js.consumer_info(CMD_STREAM, config.durable_name)
+        except nats.js.errors.NotFoundError:
+            await self._js.add_consumer(CMD_STREAM, config)
 
     async def _consumer_gone(self, partition: int) -> bool:
         try:

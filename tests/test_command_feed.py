@@ -1,0 +1,134 @@
+"""A partition's commands arrive as the consumer holds them, in order, each once,
+through expiring requests, and go to the next reader once a feed is closed."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+
+from actors.command_feed import CommandFeed, ConsumerGone
+from events.ids import new_id
+
+LIMIT_S = 10.0
+
+
+class Partition:
+    def __init__(self, js: JetStreamContext, name: str) -> None:
+        self.js, self.name = js, name
+        self.subject = f"{name}.cmd"
+
+    async def publish(self, count: int, start: int = 0) -> None:
+        for i in range(start, start + count):
+            await self.js.publish(self.subject, str(i).encode())
+
+
+@pytest.fixture
+async def partition(nc: NatsClient) -> AsyncIterator[Partition]:
+    js = nc.jetstream()
+    name = f"FEED_{new_id().upper()}"
+    await js.add_stream(
+        name=name,
+        subjects=[f"{name}.>"],
+        storage=api.StorageType.MEMORY,
+        retention=api.RetentionPolicy.WORK_QUEUE,
+    )
+    await js.add_consumer(
+        name,
+        api.ConsumerConfig(durable_name="d", ack_policy=api.AckPolicy.EXPLICIT, ack_wait=30),
+    )
+    yield Partition(js, name)
+    await js.delete_stream(name)
+
+
+class Reader:
+    """A feed run in a task; what it delivered, acked."""
+
+    def __init__(self, nc: NatsClient, partition: Partition, **options: Any) -> None:
+        self.got: list[bytes] = []
+        self.arrived = asyncio.Event()
+        self.stop = asyncio.Event()
+
+        async def deliver(msg: Msg) -> None:
+            self.got.append(msg.data)
+            self.arrived.set()
+            await msg.ack()
+
+        async def exists() -> bool:
+            return True
+
+        self.feed = CommandFeed(
+            nc, partition.js._prefix, partition.name, "d", deliver, exists, **options
+        )
+        self.task = asyncio.create_task(self.feed.run(self.stop))
+
+    async def until(self, count: int) -> list[bytes]:
+        async with asyncio.timeout(LIMIT_S):
+            while len(self.got) < count:
+                self.arrived.clear()
+                await self.arrived.wait()
+        return self.got
+
+    async def close(self) -> None:
+        self.stop.set()
+        await self.task
+
+
+async def test_commands_before_and_after_the_start_arrive_in_order_each_once(
+    nc: NatsClient, partition: Partition
+) -> None:
+    await partition.publish(30)
+    reader = Reader(nc, partition, window=8)  # many top-ups of the window
+    try:
+        await reader.until(30)
+        await partition.publish(70, start=30)
+        got = await reader.until(100)
+    finally:
+        await reader.close()
+    assert got == [str(i).encode() for i in range(100)]
+
+
+async def test_commands_keep_arriving_across_expired_requests(
+    nc: NatsClient, partition: Partition
+) -> None:
+    reader = Reader(nc, partition, window=4, expires_s=0.2, heartbeat_s=0.05)
+    try:
+        for round_ in range(3):
+            await asyncio.sleep(0.3)  # every request of the window expires meanwhile
+            await partition.publish(3, start=3 * round_)
+            await reader.until(3 * (round_ + 1))
+    finally:
+        await reader.close()
+    assert reader.got == [str(i).encode() for i in range(9)]
+
+
+async def test_a_command_after_a_feed_closed_goes_to_the_next_reader_at_once(
+    nc: NatsClient, partition: Partition
+) -> None:
+    """The closed feed's waiting requests would otherwise take it and leave it
+    unacknowledged until its ack wait (30 s here)."""
+    first = Reader(nc, partition)
+    await partition.publish(1)
+    await first.until(1)
+    await first.close()
+    await partition.publish(1, start=1)
+    second = Reader(nc, partition)
+    try:
+        assert await second.until(1) == [b"1"]  # within LIMIT_S, not the 30 s ack wait
+    finally:
+        await second.close()
+
+
+async def test_a_deleted_consumer_ends_the_feed(nc: NatsClient, partition: Partition) -> None:
+    reader = Reader(nc, partition, heartbeat_s=0.1)
+    await partition.publish(1)
+    await reader.until(1)
+    await partition.js.delete_consumer(partition.name, "d")
+    with pytest.raises(ConsumerGone):
+        async with asyncio.timeout(LIMIT_S):
+            await reader.task
