@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 from nats.aio.client import Client as NatsClient
 
 from events.codec import decode_event
@@ -66,34 +67,22 @@ async def test_a_reader_that_overflows_its_buffer_still_gets_every_event_once(
     assert [t.title for t in titles if isinstance(t, Title)] == [f"t{i}" for i in range(20)]
 
 
-async def test_an_entry_lost_between_two_others_is_read_from_the_log(
-    plain_or_direct: NatsClient, event_log: EventLog
+@pytest.mark.parametrize(
+    ("count", "lost"),
+    [(3, 1), (2, -1)],
+    ids=["between-two: the next entry shows the gap", "the-last: the first silence asks the log"],
+)
+async def test_an_entry_lost_on_the_way_is_read_from_the_log(
+    plain_or_direct: NatsClient, event_log: EventLog, count: int, lost: int
 ) -> None:
-    cid, head = await _new_conversation(event_log)
-    follower = LiveFollower(plain_or_direct, event_log, cid, head)
-    try:
-        assert await follower.next_batch(10, wait_s=0.05) == []
-        seqs = await _append_titles(event_log, cid, 3, head)
-        await _arrived(follower, 3)
-        del follower._inbox[1]  # lost on the way, as a reconnect or a slow reader loses it
-        got = await _drain(follower, 3)
-    finally:
-        await follower.close()
-    assert [r.seq for r in got] == seqs
-
-
-async def test_the_last_entry_lost_is_found_by_the_first_silence(
-    plain_or_direct: NatsClient, event_log: EventLog
-) -> None:
-    """No later entry shows the gap: the silence after activity asks the log."""
     cid, head = await _new_conversation(event_log)
     follower = LiveFollower(plain_or_direct, event_log, cid, head, watchdog_s=60)
     try:
         assert await follower.next_batch(10, wait_s=0.05) == []
-        seqs = await _append_titles(event_log, cid, 2, head)
-        await _arrived(follower, 2)
-        follower._inbox.pop()
-        got = await _drain(follower, 2)
+        seqs = await _append_titles(event_log, cid, count, head)
+        await _arrived(follower, count)
+        del follower._inbox[lost]  # lost on the way, as a reconnect or a slow reader loses it
+        got = await _drain(follower, count)
     finally:
         await follower.close()
     assert [r.seq for r in got] == seqs
