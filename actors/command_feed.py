@@ -140,13 +140,13 @@ class CommandFeed:
 
     async def _received(self, msg: Msg) -> None:
         self._heard = time.monotonic()
-        status = (msg.headers or {}).get("Status")
+        headers = msg.headers or {}
+        status = headers.get("Status")
         if status is None:
             self._asked = max(0, self._asked - 1)
             await self._deliver(msg)
         elif status in ("408", "409"):
             # The request expired or the server ended it: what it did not send
-            headers = msg.headers or {}
             unsent = int(headers.get("Nats-Pending-Messages", "0") or 0)
             self._asked = max(0, self._asked - unsent)
             if "Consumer Deleted" in headers.get("Description", ""):

@@ -171,38 +171,29 @@ class LiveFollower:
         batch, pending = await self._reader.read_events(self._subject, self.last)
         if pending == 0:
             self._behind = False  # whatever is stored from now on arrives live
-        out = [raw for raw in batch if raw.seq > self.last]
-        if out:
-            self.last = out[-1].seq
-        return out
+        if batch:
+            self.last = batch[-1].seq
+        return batch
 
     def _receiver(self) -> tuple[Callable[[Msg], Awaitable[None]], DirectHandler]:
         """How republished entries reach the inbox: through a subscription's
         callback, or straight from the read loop (`DirectClient`)."""
 
-        def accept(seq: int, before: int, data: bytes) -> None:
-            if len(self._inbox) >= self._pending_limit:
-                self._overflowed = True  # the log is read instead
+        def accept(positions: tuple[int, int] | None, data: bytes) -> None:
+            if positions is None or len(self._inbox) >= self._pending_limit:
+                self._overflowed = True  # positions unknown, or no room: the log is read
             else:
-                self._inbox.append((seq, before, data))
+                self._inbox.append((*positions, data))
             self._arrived.set()
 
         async def receive(msg: Msg) -> None:
             headers = msg.headers or {}
             seq, before = headers.get("Nats-Sequence"), headers.get("Nats-Last-Sequence")
-            if seq is None or before is None:
-                self._overflowed = True  # positions unknown: read the log
-                self._arrived.set()
-                return
-            accept(int(seq), int(before), msg.data)
+            positions = None if seq is None or before is None else (int(seq), int(before))
+            accept(positions, msg.data)
 
         def receive_directly(subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
-            positions = republished_positions(headers)
-            if positions is None:
-                self._overflowed = True
-                self._arrived.set()
-                return
-            accept(positions[0], positions[1], data)
+            accept(republished_positions(headers), data)
 
         return receive, receive_directly
 
