@@ -111,6 +111,7 @@ class ConversationActor:
         # a turn started with its request (`_request`), its runner in `runner`, waiting
         # for the drain: the log's position before that request
         self._started_after: int | None = None
+        self._deciding = False  # a request is on its way through `_request`
         self._tasks: asyncio.TaskGroup | None = None
 
     @property
@@ -255,18 +256,27 @@ class ConversationActor:
     async def _request(
         self, cmd: TurnCommand, settle: Settlement, announced: asyncio.Task[None] | None = None
     ) -> None:
+        self._deciding = True
+        try:
+            await self._decide_request(cmd, settle, announced)
+        finally:
+            self._deciding = False
+
+    async def _decide_request(
+        self, cmd: TurnCommand, settle: Settlement, announced: asyncio.Task[None] | None
+    ) -> None:
         now = self.ctx.clock()
         outcome: list[Event] | Rejected = []
         before = self.writer.seq
         # An idle conversation's request starts its turn (`started` and the title) in
-        # the same append: two round trips less before the first token. Not a
-        # project's turn: whom it bills is looked up first (`_payer`), and it may be
-        # refused before it runs.
-        start_now = (
-            not self.state.busy
-            and self.state.project_id is None
-            and (self._drain is None or self._drain.done())
-        )
+        # the same append: two round trips less before the first token. Idle is
+        # decided on the state the request is decided on: a request that comes while
+        # the turn before is still ending (its `done` on its way, its record being
+        # released), as the next message of a chat does, starts at once too, and the
+        # queue runs it as soon as the turn before is over. Not a project's turn:
+        # whom it bills is looked up first (`_payer`), and it may be refused before
+        # it runs.
+        start_now = self.state.project_id is None
         prestart: _Prestart | None = None
         if announced is not None:
             await announced
@@ -276,10 +286,11 @@ class ConversationActor:
             await self._record_turn("", before)
 
         def decide(state: Conversation) -> Sequence[Event]:
-            nonlocal outcome, prestart
+            nonlocal outcome, prestart, before
+            before = self.writer.seq
             outcome = decide_request(state, cmd, now, self.ctx.new_id)
             if not isinstance(outcome, Rejected):
-                if start_now and outcome and not state.busy:
+                if start_now and outcome and not state.busy and self._started_after is None:
                     prestart = self._start_with(state, cmd, outcome, now)
                     if prestart is not None:
                         return [*outcome, *prestart.started]
@@ -356,11 +367,19 @@ class ConversationActor:
                 while (queued := next_turn(self.state)) is not None:
                     await self._run_one(queued)
                     await self._settle_finished()
+                # A request decided while the turn before was ending is in the state
+                # once no append is under way. One that started its turn (or queued
+                # one) keeps the record until its own replaces it.
+                await self.writer.quiet()
+                if self._started_after is not None or next_turn(self.state) is not None:
+                    continue
+                if self._deciding:
+                    return  # the request being decided releases the record or starts a turn
                 await asyncio.shield(self._forget_turn())
                 # A request accepted while the record was being released found this
                 # task still running, so `_kick` left it to us: look once more, with
                 # no await between the look and the end.
-                if next_turn(self.state) is None:
+                if self._started_after is None and next_turn(self.state) is None:
                     return
         except EventLogError as err:
             # Another writer appended (our view is stale) or the log is away. Give
@@ -441,7 +460,7 @@ class ConversationActor:
                     return
             await runner.run()
         finally:
-            self.runner = None
+            self._let_go(runner)
             await announce
         await self._charge_last()
 
@@ -458,9 +477,15 @@ class ConversationActor:
         try:
             await runner.run()
         finally:
-            self.runner = None
+            self._let_go(runner)
             await announce
         await self._charge_last()  # an earlier billed turn's, if it is still owed
+
+    def _let_go(self, runner: TurnRunner) -> None:
+        """A turn's runner is done; the actor's may already be the next turn's (started
+        by its request while this one was ending)."""
+        if self.runner is runner:
+            self.runner = None
 
     async def _payer(self, queued: QueuedTurn) -> str | None:
         project = self.state.project_id

@@ -85,6 +85,11 @@ class EventWriter:
         async with self._lock:
             await self._append(events)
 
+    async def quiet(self) -> None:
+        """Wait until no append is under way: whatever was decided before is folded in."""
+        async with self._lock:
+            pass
+
     async def append_decided(
         self,
         decide: Callable[[Conversation], Sequence[Event]],

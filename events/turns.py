@@ -95,11 +95,32 @@ class TurnRegistry:
         self._redis = redis
         self.lease_ms = lease_ms
         self._batch = _Batch(redis)
+        # the last write of each record still on its way (see `_in_order`)
+        self._writing: dict[str, asyncio.Future[None]] = {}
 
     async def put(self, conversation_id: str, record: TurnRecord) -> None:
         """Record the running turn (the partition's owner is the only writer: no NX)."""
         key, value = _KEY.format(conversation_id), msgspec.json.encode(record)
-        await self._batch.send(lambda pipe: pipe.set(key, value, px=self.lease_ms))
+        await self._in_order(key, lambda pipe: pipe.set(key, value, px=self.lease_ms))
+
+    async def _in_order(self, key: str, add: Callable[[Any], Any]) -> Any:
+        """Send a write of `key` once the one before it has its answer.
+
+        Writes sent in different passes of the loop leave in different pipelines,
+        on connections of their own, and a pipeline that waits for a connection
+        can reach Redis after a later one: a turn's release overtaken by the next
+        request's announcement would delete the announcement."""
+        before = self._writing.get(key)
+        mine = asyncio.get_running_loop().create_future()
+        self._writing[key] = mine
+        try:
+            if before is not None:
+                await asyncio.wait([before])
+            return await self._batch.send(add)
+        finally:
+            mine.set_result(None)
+            if self._writing.get(key) is mine:
+                del self._writing[key]
 
     async def claim(self, conversation_id: str, record: TurnRecord) -> bool:
         ok = await self._redis.set(
@@ -119,7 +140,7 @@ class TurnRegistry:
 
     async def release(self, conversation_id: str, worker: str) -> None:
         key = _KEY.format(conversation_id)
-        await self._batch.send(lambda pipe: pipe.eval(_RELEASE, 1, key, worker))
+        await self._in_order(key, lambda pipe: pipe.eval(_RELEASE, 1, key, worker))
 
     async def conversations(self) -> list[str]:
         """The conversations that have a turn record (SCAN: no blocking KEYS)."""

@@ -703,3 +703,84 @@ async def test_a_turn_with_another_queued_behind_it_announces_that_one_before_it
     # nothing queued behind the last: its record still names it until it is released
     assert last_record is not None and last_record.turn_id == last_end, last_record
     assert first_end != last_end
+
+
+class EndHeldLog(EventLog):
+    """The real log. While `hold` is set, an append with a turn's end waits for `gate`;
+    every append is remembered with the turn record Redis held as it went out."""
+
+    def __init__(self, js: JetStreamContext, turns: TurnRegistry) -> None:
+        super().__init__(js)
+        self.turns = turns
+        self.hold = False
+        self.holding = asyncio.Event()
+        self.gate = asyncio.Event()
+        self.appends: list[tuple[list[Event], TurnRecord | None]] = []
+
+    async def append_to(self, subject: str, events: Sequence[Event], expected_seq: int) -> int:
+        if self.hold and any(isinstance(e, TurnEnd) for e in events):
+            self.holding.set()
+            async with asyncio.timeout(10):
+                await self.gate.wait()
+        record = await self.turns.get(events[0].conversation_id)
+        self.appends.append((list(events), record))
+        return await super().append_to(subject, events, expected_seq)
+
+
+@pytest.mark.parametrize("moment", ["end_on_its_way", "record_being_released"])
+async def test_a_message_sent_as_the_last_turn_ends_starts_its_turn_in_one_append(
+    stack: Servers, nc: NatsClient, event_log: EventLog, demo_model_url: str, moment: str
+) -> None:
+    """Found with `parley bench capacity` at 1,000 turns: the next message of a chat
+    comes the moment its viewer sees `done`, while the worker still waits for that
+    `done`'s acknowledgement and then releases the turn record. It was queued
+    (`user_message` alone), and its turn started only once the turn before was
+    wrapped up: two round trips more, 1.0 s p50 under that load. It now starts in
+    its own append whenever the conversation is idle on the state it is decided on,
+    and a viewer joining then still finds a turn record."""
+    registry = GatedRegistry(redis_client(stack.redis_url))
+    watched = EndHeldLog(nc.jetstream(), registry)
+    async with aiohttp.ClientSession() as http:
+        actor = ConversationActor(
+            cid := (await _conversation(event_log))[0],
+            _context(watched, registry, http, demo_model_url),
+        )
+        async with _running(actor) as inbox:
+            if moment == "end_on_its_way":
+                watched.hold = True
+                held = watched.holding
+            else:
+                registry.hold = True
+                held = registry.holding
+            inbox.put_nowait((_message(cid, "one [[tokens=5]]"), Delivery()))
+            async with asyncio.timeout(20):
+                await held.wait()
+            second = _message(cid, "two [[tokens=5]]")
+            inbox.put_nowait((second, Delivery()))
+            async with asyncio.timeout(10):
+                while not inbox.empty():  # noqa: ASYNC110 (taken: the actor is deciding it)
+                    await asyncio.sleep(0.005)
+            if moment == "record_being_released":
+                await until(
+                    event_log,
+                    cid,
+                    lambda es: any(getattr(e, "message_id", None) == second.message_id for e in es),
+                    "the second message accepted while the record is being released",
+                )
+            watched.hold = registry.hold = False
+            watched.gate.set()
+            registry.gate.set()
+            await until(
+                event_log, cid, lambda es: sum(isinstance(e, Done) for e in es) == 2, "both ended"
+            )
+            async with asyncio.timeout(10):
+                while await registry.get(cid) is not None:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+    (events, record), *_ = [
+        (events, record)
+        for events, record in watched.appends
+        if any(getattr(e, "message_id", None) == second.message_id for e in events)
+    ]
+    kinds = [type(e).__name__ for e in events]
+    assert kinds[:2] == ["UserMessage", "Started"], watched.appends
+    assert record is not None, "a viewer joining as the turn went in found no turn record"

@@ -139,3 +139,39 @@ async def test_every_write_waiting_hears_that_redis_is_away() -> None:
     finally:
         await client.aclose()
     assert all(isinstance(r, redis.exceptions.ConnectionError) for r in results), results
+
+
+class FirstHeld:
+    """Stands in front of a registry's pipelines: the first command waits for `gate`, as
+    one waits that finds the pool short of a connection (the rest go straight on)."""
+
+    def __init__(self, batch: object) -> None:
+        self._batch = batch
+        self.gate = asyncio.Event()
+        self.sent = 0
+
+    async def send(self, add: object) -> object:
+        self.sent += 1
+        if self.sent == 1:
+            await self.gate.wait()
+        return await self._batch.send(add)  # type: ignore[attr-defined]
+
+
+async def test_a_records_writes_reach_redis_in_the_order_they_were_made(
+    redis_client: aioredis.Redis,
+) -> None:
+    # A turn's release, then the next request's announcement of the same record: if
+    # the announcement overtook the release, the release deleted it, and a viewer
+    # joining then found no turn while one was starting.
+    turns = TurnRegistry(redis_client)
+    cid = new_id()
+    await turns.put(cid, record("w"))
+    held = FirstHeld(turns._batch)
+    turns._batch = held  # type: ignore[assignment]
+    release = asyncio.create_task(turns.release(cid, "w"))
+    announced = TurnRecord(worker="w", turn_id="", after=9, at=2)
+    put = asyncio.create_task(turns.put(cid, announced))
+    await asyncio.sleep(0)  # both made; the release is held on its way
+    held.gate.set()
+    await asyncio.gather(release, put)
+    assert await turns.get(cid) == announced
