@@ -112,6 +112,7 @@ class ConversationActor:
         # for the drain: the log's position before that request
         self._started_after: int | None = None
         self._deciding = False  # a request is on its way through `_request`
+        self._written: TurnRecord | None = None  # the turn record this actor wrote last
         self._tasks: asyncio.TaskGroup | None = None
 
     @property
@@ -592,13 +593,16 @@ class ConversationActor:
             record = TurnRecord(
                 worker=self.ctx.worker_id, turn_id=turn_id, after=after, at=self.ctx.clock()
             )
+            self._written = record
             await self.ctx.turns.put(self.conversation_id, record)
         except (redis.exceptions.RedisError, OSError) as err:
+            self._written = None  # what the record holds is not known: release by worker
             log.warning(
                 "turn record not written",
                 extra={"conversation_id": self.conversation_id, "error": describe(err)},
             )
         except Exception:
+            self._written = None
             log.exception(
                 "turn record not written", extra={"conversation_id": self.conversation_id}
             )
@@ -615,7 +619,7 @@ class ConversationActor:
 
     async def _forget_turn(self) -> None:
         try:
-            await self.ctx.turns.release(self.conversation_id, self.ctx.worker_id)
+            await self.ctx.turns.release(self.conversation_id, self.ctx.worker_id, self._written)
         except (redis.exceptions.RedisError, OSError) as err:
             log.warning(
                 "turn record not released; it expires",

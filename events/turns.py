@@ -42,6 +42,12 @@ if current and cjson.decode(current)['worker'] == ARGV[1] then
 end
 return 0
 """
+_RELEASE_RECORD = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 _REFRESH = """
 local current = redis.call('GET', KEYS[1])
 if current and cjson.decode(current)['worker'] == ARGV[1] then
@@ -95,32 +101,11 @@ class TurnRegistry:
         self._redis = redis
         self.lease_ms = lease_ms
         self._batch = _Batch(redis)
-        # the last write of each record still on its way (see `_in_order`)
-        self._writing: dict[str, asyncio.Future[None]] = {}
 
     async def put(self, conversation_id: str, record: TurnRecord) -> None:
         """Record the running turn (the partition's owner is the only writer: no NX)."""
         key, value = _KEY.format(conversation_id), msgspec.json.encode(record)
-        await self._in_order(key, lambda pipe: pipe.set(key, value, px=self.lease_ms))
-
-    async def _in_order(self, key: str, add: Callable[[Any], Any]) -> Any:
-        """Send a write of `key` once the one before it has its answer.
-
-        Writes sent in different passes of the loop leave in different pipelines,
-        on connections of their own, and a pipeline that waits for a connection
-        can reach Redis after a later one: a turn's release overtaken by the next
-        request's announcement would delete the announcement."""
-        before = self._writing.get(key)
-        mine = asyncio.get_running_loop().create_future()
-        self._writing[key] = mine
-        try:
-            if before is not None:
-                await asyncio.wait([before])
-            return await self._batch.send(add)
-        finally:
-            mine.set_result(None)
-            if self._writing.get(key) is mine:
-                del self._writing[key]
+        await self._batch.send(lambda pipe: pipe.set(key, value, px=self.lease_ms))
 
     async def claim(self, conversation_id: str, record: TurnRecord) -> bool:
         ok = await self._redis.set(
@@ -138,9 +123,24 @@ class TurnRegistry:
         """Refresh the leases of these records (those still this worker's), together."""
         await asyncio.gather(*(self.refresh(c, worker) for c in conversation_ids))
 
-    async def release(self, conversation_id: str, worker: str) -> None:
+    async def release(
+        self, conversation_id: str, worker: str, written: TurnRecord | None = None
+    ) -> None:
+        """Remove the record while it names `worker`; given the record this worker
+        wrote last, only while it is that record.
+
+        Writes sent in different passes of the loop leave in different pipelines,
+        on connections of their own, and one that waits for a connection can
+        reach Redis after a later one: a turn's release overtaken by the next
+        request's announcement deleted the announcement. Compared with what it
+        releases, a late release leaves a newer record alone, and the next
+        request need not wait for it."""
         key = _KEY.format(conversation_id)
-        await self._in_order(key, lambda pipe: pipe.eval(_RELEASE, 1, key, worker))
+        if written is None:
+            await self._batch.send(lambda pipe: pipe.eval(_RELEASE, 1, key, worker))
+            return
+        value = msgspec.json.encode(written)
+        await self._batch.send(lambda pipe: pipe.eval(_RELEASE_RECORD, 1, key, value))
 
     async def conversations(self) -> list[str]:
         """The conversations that have a turn record (SCAN: no blocking KEYS)."""

@@ -64,11 +64,13 @@ class GatedRegistry(TurnRegistry):
         self.holding = asyncio.Event()
         self.gate = asyncio.Event()
 
-    async def release(self, conversation_id: str, worker: str) -> None:
+    async def release(
+        self, conversation_id: str, worker: str, written: TurnRecord | None = None
+    ) -> None:
         if self.hold:
             self.holding.set()
             await self.gate.wait()
-        await super().release(conversation_id, worker)
+        await super().release(conversation_id, worker, written)
 
 
 class Delivery:

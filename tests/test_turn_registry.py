@@ -157,21 +157,24 @@ class FirstHeld:
         return await self._batch.send(add)  # type: ignore[attr-defined]
 
 
-async def test_a_records_writes_reach_redis_in_the_order_they_were_made(
+async def test_a_release_that_arrives_late_leaves_the_next_record_alone(
     redis_client: aioredis.Redis,
 ) -> None:
-    # A turn's release, then the next request's announcement of the same record: if
-    # the announcement overtook the release, the release deleted it, and a viewer
-    # joining then found no turn while one was starting.
+    # A turn's release, then the next request's announcement of the same record, each
+    # in a pipeline of its own: when the announcement got there first, the release
+    # deleted it, and a viewer joining then found no turn while one was starting.
     turns = TurnRegistry(redis_client)
     cid = new_id()
-    await turns.put(cid, record("w"))
+    ended = record("w")
+    await turns.put(cid, ended)
     held = FirstHeld(turns._batch)
     turns._batch = held  # type: ignore[assignment]
-    release = asyncio.create_task(turns.release(cid, "w"))
+    release = asyncio.create_task(turns.release(cid, "w", ended))
     announced = TurnRecord(worker="w", turn_id="", after=9, at=2)
-    put = asyncio.create_task(turns.put(cid, announced))
-    await asyncio.sleep(0)  # both made; the release is held on its way
+    await asyncio.sleep(0)  # the release is on its way, held
+    await turns.put(cid, announced)  # not held: it gets there first
     held.gate.set()
-    await asyncio.gather(release, put)
+    await release
     assert await turns.get(cid) == announced
+    await turns.release(cid, "w", announced)
+    assert await turns.get(cid) is None, "the record it names is released"
