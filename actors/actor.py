@@ -279,12 +279,12 @@ class ConversationActor:
         # it runs.
         start_now = self.state.project_id is None
         prestart: _Prestart | None = None
-        if announced is not None:
-            await announced
-        elif not self.state.busy:
-            # Announced before it is accepted: a viewer that joins without a
-            # position must find where this conversation's next turn begins.
-            await self._record_turn("", before)
+        if announced is None and not self.state.busy:
+            # Announced while it is accepted: a viewer that joins without a position
+            # must find where this conversation's next turn begins. The edge gives
+            # a record the log says is coming a moment to arrive (api.hub
+            # `turn_state`), so the append does not wait for Redis.
+            announced = asyncio.create_task(self._record_turn("", before))
 
         def decide(state: Conversation) -> Sequence[Event]:
             nonlocal outcome, prestart, before
@@ -300,7 +300,11 @@ class ConversationActor:
                 return []  # nowhere to record it
             return [decide_rejection(state, cmd, outcome, now, self.ctx.new_id)]
 
-        await self.writer.append_decided(decide)
+        try:
+            await self.writer.append_decided(decide)
+        finally:
+            if announced is not None:
+                await announced  # before a release below, or the queue's, can follow it
         if prestart is not None:
             # The turn is in the log: a cancel from now on finds it, though it runs
             # only when the drain gets to it.

@@ -49,7 +49,18 @@ from events.follow import LiveFollower
 from events.log import EventLog, StoredEvent
 from events.subjects import CMD_STREAM, event_subject
 from events.turns import TurnRecord, TurnRegistry
-from events.vocabulary import CommandRejected, Started, TurnEnd, UserMessage
+from events.vocabulary import (
+    AnswerRequested,
+    Chunk,
+    CommandRejected,
+    ContentPart,
+    Started,
+    Title,
+    ToolCall,
+    ToolResult,
+    TurnEnd,
+    UserMessage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -246,8 +257,21 @@ class Snapshot(msgspec.Struct):
     ring: list[Delivery]
 
 
+def opens_turn(event: object) -> bool:
+    """An entry after which a turn runs or is about to: a request accepted, a turn's
+    start, its title, its output. (Not a title the user set, nor a refusal.)"""
+    if isinstance(event, Title):
+        return event.turn_id is not None
+    return isinstance(
+        event, UserMessage | AnswerRequested | Started | Chunk | ToolCall | ToolResult | ContentPart
+    )
+
+
+_RECORD_POLL_S = 0.01
+
+
 async def turn_state(
-    event_log: EventLog, turns: TurnRegistry, conversation_id: str
+    event_log: EventLog, turns: TurnRegistry, conversation_id: str, record_wait_s: float = 0.0
 ) -> tuple[int, TurnRecord | None]:
     """The log's last position, and the turn running now if there is one.
 
@@ -256,9 +280,17 @@ async def turn_state(
     record is read first: read after the end, a turn that ended in between looked
     gone without its end in the log, and the stall check told its viewers that
     the end could not be read (seen at 1,000 turns at once).
+
+    A worker writes a request's record beside the append that accepts it, not
+    before (a Redis round trip less on every turn's way to its first token). A
+    reader that needs the running turn (where it starts, which one to cancel)
+    gives a record the log says is coming up to `record_wait_s` to arrive; with
+    none by then (Redis lost the write, or the worker died), no turn is known.
     """
     active = await turns.get(conversation_id)
     last = await event_log.last(conversation_id)
+    if active is None and record_wait_s > 0 and last is not None and opens_turn(last.event):
+        active = await _record_on_its_way(turns, conversation_id, record_wait_s)
     end = last.seq if last is not None else 0
     if active is not None and (
         last is not None
@@ -267,6 +299,18 @@ async def turn_state(
     ):
         active = None
     return end, active
+
+
+async def _record_on_its_way(
+    turns: TurnRegistry, conversation_id: str, wait_s: float
+) -> TurnRecord | None:
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        await asyncio.sleep(_RECORD_POLL_S)
+        record = await turns.get(conversation_id)
+        if record is not None:
+            return record
+    return None
 
 
 async def command_gone(js: JetStreamContext, command: PendingCommand) -> bool:

@@ -98,9 +98,15 @@ async def _bounded(request: web.Request, write: Awaitable[None]) -> None:
         await write
 
 
+# How long a reader of the running turn waits for a record the log says is coming
+# (see `turn_state`): the worker writes it beside the append, so it is a Redis
+# round trip away unless something failed.
+RECORD_WAIT_S = 1.0
+
+
 async def running_turn(app: web.Application, conversation_id: str) -> tuple[int, TurnRecord | None]:
     """The log's last position, and the turn running now if there is one."""
-    return await turn_state(app[LOG], app[TURNS], conversation_id)
+    return await turn_state(app[LOG], app[TURNS], conversation_id, RECORD_WAIT_S)
 
 
 class SseViewer(Subscription):

@@ -32,6 +32,7 @@ from actors.models import choose_model
 from actors.state import Conversation
 from actors.turn import ActorContext, TurnRunner
 from actors.writer import EventWriter
+from api.hub import turn_state
 from events.billing import AccountState, project_account
 from events.errors import EventLogConflict
 from events.ids import new_id
@@ -50,6 +51,7 @@ from events.vocabulary import (
     Started,
     Title,
     TurnEnd,
+    UserMessage,
 )
 from parley.services import Servers
 from tests.conftest import test_catalog as catalog_for_tests
@@ -709,7 +711,7 @@ async def test_a_turn_with_another_queued_behind_it_announces_that_one_before_it
 
 class EndHeldLog(EventLog):
     """The real log. While `hold` is set, an append with a turn's end waits for `gate`;
-    every append is remembered with the turn record Redis held as it went out."""
+    every append is remembered with the running turn an edge finds once it is in."""
 
     def __init__(self, js: JetStreamContext, turns: TurnRegistry) -> None:
         super().__init__(js)
@@ -724,9 +726,10 @@ class EndHeldLog(EventLog):
             self.holding.set()
             async with asyncio.timeout(10):
                 await self.gate.wait()
-        record = await self.turns.get(events[0].conversation_id)
-        self.appends.append((list(events), record))
-        return await super().append_to(subject, events, expected_seq)
+        seq = await super().append_to(subject, events, expected_seq)
+        _, running = await turn_state(self, self.turns, events[0].conversation_id, 5.0)
+        self.appends.append((list(events), running))
+        return seq
 
 
 @pytest.mark.parametrize("moment", ["end_on_its_way", "record_being_released"])
@@ -778,6 +781,11 @@ async def test_a_message_sent_as_the_last_turn_ends_starts_its_turn_in_one_appen
             async with asyncio.timeout(10):
                 while await registry.get(cid) is not None:  # noqa: ASYNC110
                     await asyncio.sleep(0.01)
+    positions = {
+        s.event.message_id: s.seq
+        for s in await event_log.read(cid)
+        if isinstance(s.event, UserMessage)
+    }
     (events, record), *_ = [
         (events, record)
         for events, record in watched.appends
@@ -785,4 +793,6 @@ async def test_a_message_sent_as_the_last_turn_ends_starts_its_turn_in_one_appen
     ]
     kinds = [type(e).__name__ for e in events]
     assert kinds[:2] == ["UserMessage", "Started"], watched.appends
-    assert record is not None, "a viewer joining as the turn went in found no turn record"
+    # a viewer joining as the turn went in starts where it begins, or earlier
+    assert record is not None, "a viewer joining as the turn went in found no turn"
+    assert record.after < positions[second.message_id], (record, positions)

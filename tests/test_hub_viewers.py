@@ -10,7 +10,7 @@ from typing import cast
 
 from nats.aio.client import Client as NatsClient
 
-from api.hub import Delivery, Hubs, HubSettings, Subscription, turn_state, watch
+from api.hub import Delivery, Hubs, HubSettings, Subscription, opens_turn, turn_state, watch
 from api.sse import Envelope, Position
 from api.streaming import cut
 from events.ids import new_id
@@ -190,3 +190,63 @@ async def test_the_stall_check_waits_while_the_record_does_not_name_the_turn_yet
             assert await watching == "stalled"
     finally:
         await hubs.close()
+
+
+async def test_a_reader_of_the_running_turn_waits_for_a_record_the_log_says_is_coming(
+    stack: Servers, event_log: EventLog
+) -> None:
+    """A worker writes a request's record beside the append that accepts it. In the
+    moment between the two, a viewer joining without a position (or a cancel) read
+    no record and took the conversation for idle, and started after the turn's
+    start. Readers of the running turn now give the record a moment to arrive."""
+    cid, turn = new_id(), new_id()
+    created = ConversationCreated(conversation_id=cid, at=1, event_id=new_id(), user_id="u")
+    before = await event_log.append(cid, [created], 0)
+    started = Started(
+        conversation_id=cid, at=2, event_id=new_id(), turn_id=turn, user_message_id="m", model="x"
+    )
+    head = await event_log.append(cid, [started], before)
+    turns = TurnRegistry(redis_client(stack.redis_url))
+    coming = TurnRecord(worker="w1", turn_id="", after=before, at=3)
+
+    assert await turn_state(event_log, turns, cid) == (head, None), "no wait asked for"
+
+    async def written_late() -> None:
+        await asyncio.sleep(0.1)
+        await turns.put(cid, coming)
+
+    late = asyncio.create_task(written_late())
+    assert await turn_state(event_log, turns, cid, 5.0) == (head, coming)
+    await late
+
+
+async def test_no_record_is_waited_for_after_a_turns_end_and_none_for_ever(
+    stack: Servers, event_log: EventLog
+) -> None:
+    cid, turn = new_id(), new_id()
+    created = ConversationCreated(conversation_id=cid, at=1, event_id=new_id(), user_id="u")
+    started = Started(
+        conversation_id=cid, at=2, event_id=new_id(), turn_id=turn, user_message_id="m", model="x"
+    )
+    head = await event_log.append(cid, [created, started], 0)
+    turns = TurnRegistry(redis_client(stack.redis_url))
+    # the record never comes (the worker died): none after the wait, not a hang
+    async with asyncio.timeout(5):
+        assert await turn_state(event_log, turns, cid, 0.2) == (head, None)
+    done = Done(
+        conversation_id=cid,
+        at=4,
+        event_id=new_id(),
+        turn_id=turn,
+        content=[],
+        stop_reason="stop",
+        input_tokens=1,
+        output_tokens=1,
+    )
+    end = await event_log.append(cid, [done], head)
+    renamed = await event_log.append(cid, [_title(cid, 2)], end)
+    for waited in (done, _title(cid, 2)):
+        assert not opens_turn(waited)
+    # after an end, or a title the user set, nothing is coming: a long wait returns at once
+    async with asyncio.timeout(1):
+        assert await turn_state(event_log, turns, cid, 30.0) == (renamed, None)

@@ -20,15 +20,16 @@ import asyncpg
 import nats
 import pytest
 from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 
 from actors.partitions import BUCKET as LEASES_BUCKET
 from actors.turn import ActorContext
 from actors.worker import WorkerHost, durable_name
 from api.config import EdgeLimits
-from events.log import EventLog, ensure_streams
+from events.log import EventLog, StoredEvent, ensure_streams
 from events.subjects import CMD_STREAM, partition_of
-from events.turns import TurnRecord, TurnRegistry, redis_client
+from events.turns import TurnRegistry, redis_client
 from events.vocabulary import Cancelled, Chunk, CommandRejected, Done, Failed, Started
 from parley.services import Servers, ServiceOptions, Services
 from parley.stack import EmbeddedStack
@@ -356,38 +357,38 @@ async def test_a_second_worker_that_thinks_it_owns_a_conversation_cannot_interle
     assert isinstance(ends[-1], Done)
 
 
-class StuckRegistry(TurnRegistry):
-    """The real Redis turn registry, whose writes hang until `unstick` is set."""
+class StuckLog(EventLog):
+    """The real log, whose reads hang until `unstick` is set."""
 
-    def __init__(self, redis: Any) -> None:
-        super().__init__(redis)
+    def __init__(self, js: JetStreamContext) -> None:
+        super().__init__(js)
         self.entered = asyncio.Event()
         self.unstick = asyncio.Event()
 
-    async def put(self, conversation_id: str, record: TurnRecord) -> None:
+    async def read(self, conversation_id: str, after: int = 0) -> list[StoredEvent]:
         self.entered.set()
         await self.unstick.wait()
-        await super().put(conversation_id, record)
+        return await super().read(conversation_id, after)
 
 
 async def test_a_command_in_an_actors_hands_when_its_partition_is_lost_goes_to_the_next_owner(
     own_stack: Servers, own_nc: NatsClient, demo_model_url: str, http: aiohttp.ClientSession
 ) -> None:
-    """Worker one's actor is in the middle of a command (its Redis write hangs) when the
-    partition is taken from it. The actor is stopped; the command it held must go
-    back to JetStream, or worker one's heartbeat keeps it in progress for ever and
-    the partition's new owner never sees it."""
+    """Worker one's actor is in the middle of a command (its read of the conversation
+    hangs) when the partition is taken from it. The actor is stopped; the command it
+    held must go back to JetStream, or worker one's heartbeat keeps it in progress
+    for ever and the partition's new owner never sees it."""
     js = own_nc.jetstream()
     event_log = EventLog(js)
     redis = redis_client(own_stack.redis_url)
-    registry = StuckRegistry(redis)
+    stuck = StuckLog(js)
     async with (
         aiohttp.ClientSession() as model_http,
         roles(own_stack, demo_model_url, "edge") as edge,
     ):
         ctx = ActorContext(
-            log=EventLog(js),
-            turns=registry,
+            log=stuck,
+            turns=TurnRegistry(redis),
             http=model_http,
             catalog=catalog_for_tests(),
             default_base_url=demo_model_url,
@@ -404,14 +405,14 @@ async def test_a_command_in_an_actors_hands_when_its_partition_is_lost_goes_to_t
             cid = (await api.create_conversation())["id"]
             await api.send_json(cid, "hello [[tokens=3]]")
             async with asyncio.timeout(10):
-                await registry.entered.wait()  # the command is in the actor's hands
+                await stuck.entered.wait()  # the command is in the actor's hands
             kv = await js.key_value(LEASES_BUCKET)
             await kv.delete(f"partition.{partition_of(cid)}")
             async with roles(own_stack, demo_model_url, "worker"):
                 ends = await _ends(event_log, cid, 1)
             assert ends == [Done]
         finally:
-            registry.unstick.set()
+            stuck.unstick.set()
             stopping.set()
             await asyncio.wait_for(task, 15)
             await redis.aclose()
