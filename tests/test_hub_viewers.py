@@ -48,6 +48,25 @@ def _title(cid: str, n: int) -> Title:
     return Title(conversation_id=cid, at=1, event_id=new_id(), title=f"t{n}", source="user")
 
 
+def _started(cid: str, turn: str) -> Started:
+    return Started(
+        conversation_id=cid, at=2, event_id=new_id(), turn_id=turn, user_message_id="m", model="x"
+    )
+
+
+def _done(cid: str, turn: str) -> Done:
+    return Done(
+        conversation_id=cid,
+        at=4,
+        event_id=new_id(),
+        turn_id=turn,
+        content=[],
+        stop_reason="stop",
+        input_tokens=1,
+        output_tokens=1,
+    )
+
+
 async def test_a_viewer_that_fails_ends_alone_and_the_others_read_on(
     stack: Servers, nc: NatsClient, event_log: EventLog
 ) -> None:
@@ -132,22 +151,11 @@ async def test_a_turn_that_ends_between_the_reads_is_never_running_and_endless(
     was read before the turn ended, its record after."""
     cid, turn = new_id(), new_id()
     created = ConversationCreated(conversation_id=cid, at=1, event_id=new_id(), user_id="u")
-    started = Started(
-        conversation_id=cid, at=2, event_id=new_id(), turn_id=turn, user_message_id="m", model="x"
-    )
+    started = _started(cid, turn)
     head = await event_log.append(cid, [created, started], 0)
     turns = TurnRegistry(redis_client(stack.redis_url))
     await turns.put(cid, TurnRecord(worker="w1", turn_id=turn, after=head - 1, at=3))
-    done = Done(
-        conversation_id=cid,
-        at=4,
-        event_id=new_id(),
-        turn_id=turn,
-        content=[],
-        stop_reason="stop",
-        input_tokens=1,
-        output_tokens=1,
-    )
+    done = _done(cid, turn)
     between = TurnEndsBetweenReads(event_log, turns, cid, done)
 
     end, active = await turn_state(cast(EventLog, between), cast(TurnRegistry, between), cid)
@@ -168,9 +176,7 @@ async def test_the_stall_check_waits_while_the_record_does_not_name_the_turn_yet
     between, a viewer of that turn is not told its end cannot be read."""
     cid, turn = new_id(), new_id()
     created = ConversationCreated(conversation_id=cid, at=1, event_id=new_id(), user_id="u")
-    started = Started(
-        conversation_id=cid, at=2, event_id=new_id(), turn_id=turn, user_message_id="m", model="x"
-    )
+    started = _started(cid, turn)
     turns = TurnRegistry(redis_client(stack.redis_url))
     await turns.put(cid, TurnRecord(worker="w1", turn_id="", after=0, at=3))
     head = await event_log.append(cid, [created, started], 0)
@@ -202,9 +208,7 @@ async def test_a_reader_of_the_running_turn_waits_for_a_record_the_log_says_is_c
     cid, turn = new_id(), new_id()
     created = ConversationCreated(conversation_id=cid, at=1, event_id=new_id(), user_id="u")
     before = await event_log.append(cid, [created], 0)
-    started = Started(
-        conversation_id=cid, at=2, event_id=new_id(), turn_id=turn, user_message_id="m", model="x"
-    )
+    started = _started(cid, turn)
     head = await event_log.append(cid, [started], before)
     turns = TurnRegistry(redis_client(stack.redis_url))
     coming = TurnRecord(worker="w1", turn_id="", after=before, at=3)
@@ -225,24 +229,13 @@ async def test_no_record_is_waited_for_after_a_turns_end_and_none_for_ever(
 ) -> None:
     cid, turn = new_id(), new_id()
     created = ConversationCreated(conversation_id=cid, at=1, event_id=new_id(), user_id="u")
-    started = Started(
-        conversation_id=cid, at=2, event_id=new_id(), turn_id=turn, user_message_id="m", model="x"
-    )
+    started = _started(cid, turn)
     head = await event_log.append(cid, [created, started], 0)
     turns = TurnRegistry(redis_client(stack.redis_url))
     # the record never comes (the worker died): none after the wait, not a hang
     async with asyncio.timeout(5):
         assert await turn_state(event_log, turns, cid, 0.2) == (head, None)
-    done = Done(
-        conversation_id=cid,
-        at=4,
-        event_id=new_id(),
-        turn_id=turn,
-        content=[],
-        stop_reason="stop",
-        input_tokens=1,
-        output_tokens=1,
-    )
+    done = _done(cid, turn)
     end = await event_log.append(cid, [done], head)
     renamed = await event_log.append(cid, [_title(cid, 2)], end)
     for waited in (done, _title(cid, 2)):
