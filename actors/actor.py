@@ -268,16 +268,9 @@ class ConversationActor:
     ) -> None:
         now = self.ctx.clock()
         outcome: list[Event] | Rejected = []
+        # where this request's turn begins: the log's end now, read again under the
+        # writer's lock (an append on its way then is before it too)
         before = self.writer.seq
-        # An idle conversation's request starts its turn (`started` and the title) in
-        # the same append: two round trips less before the first token. Idle is
-        # decided on the state the request is decided on: a request that comes while
-        # the turn before is still ending (its `done` on its way, its record being
-        # released), as the next message of a chat does, starts at once too, and the
-        # queue runs it as soon as the turn before is over. Not a project's turn:
-        # whom it bills is looked up first (`_payer`), and it may be refused before
-        # it runs.
-        start_now = self.state.project_id is None
         prestart: _Prestart | None = None
         if announced is None and not self.state.busy:
             # Announced while it is accepted: a viewer that joins without a position
@@ -291,7 +284,16 @@ class ConversationActor:
             before = self.writer.seq
             outcome = decide_request(state, cmd, now, self.ctx.new_id)
             if not isinstance(outcome, Rejected):
-                if start_now and outcome and not state.busy and self._started_after is None:
+                # An idle conversation's request starts its turn (`started` and the
+                # title) in the same append: two round trips less before the first
+                # token. Idle on this state, the one the request is decided on: a
+                # request that comes while the turn before is still ending (its
+                # `done` on its way, its record being released), as the next message
+                # of a chat does, starts at once too, and the queue runs it as soon
+                # as the turn before is over. Not a project's turn: whom it bills is
+                # looked up first (`_payer`), and it may be refused before it runs.
+                idle = not state.busy and self._started_after is None
+                if idle and state.project_id is None and outcome:
                     prestart = self._start_with(state, cmd, outcome, now)
                     if prestart is not None:
                         return [*outcome, *prestart.started]
