@@ -284,9 +284,9 @@ class ConversationActor:
             before = self.writer.seq
             outcome = decide_request(state, cmd, now, self.ctx.new_id)
             if not isinstance(outcome, Rejected):
-                # An idle conversation's request starts its turn (`started` and the
-                # title) in the same append: two round trips less before the first
-                # token. Idle on this state, the one the request is decided on: a
+                # An idle conversation's request starts its turn (`started`, then the
+                # title written behind it) in the same append: a round trip less before
+                # the first token. Idle on this state, the one the request is decided on: a
                 # request that comes while the turn before is still ending (its
                 # `done` on its way, its record being released), as the next message
                 # of a chat does, starts at once too, and the queue runs it as soon
@@ -303,7 +303,8 @@ class ConversationActor:
             return [decide_rejection(state, cmd, outcome, now, self.ctx.new_id)]
 
         try:
-            await self.writer.append_decided(decide)
+            # the model is asked once the turn's `started` is in; its title follows
+            await self.writer.append_decided(decide, awaited=through_started)
         finally:
             if announced is not None:
                 await announced  # before a release below, or the queue's, can follow it
@@ -440,11 +441,7 @@ class ConversationActor:
                     state, queued, choice, now, self.ctx.new_id, turn_id, payer if priced else None
                 )
             )
-            # `started` (or the refusal) now; the turn's title goes first in its
-            # stream, while the model's request is on its way: appended here, it
-            # held every first token up by a round trip (bench burst: 2.8 ms p50,
-            # 13 ms p99)
-            return decided[:1]
+            return decided
 
         # A cancel finds the turn's runner from the moment the turn is announced, while
         # its `started` is on its way and through a billed turn's title and pre-flight,
@@ -453,18 +450,16 @@ class ConversationActor:
         runner.before_end = self._announce_queued
         self.runner = runner
         try:
-            started = await self.writer.append_decided(start)
+            # `started` (or the refusal) is awaited; the title is written behind it,
+            # while the model's request is on its way (awaited, it held every first
+            # token up by a round trip: bench burst, 2.8 ms p50, 13 ms p99). A billed
+            # turn's pre-flight refusal is appended after it.
+            started = await self.writer.append_decided(start, awaited=through_started)
             active = self.state.active
             if not started or active is None or active.turn_id != turn_id:
                 return
-            follow = decided[1:]
-            if payer is None:
-                runner.lead_with(follow)
-            else:
-                # a billed turn's pre-flight may refuse it: its title is in first
-                await self.writer.append(follow)
-                if not await self._preflight(spec, choice.prices, payer, priced):
-                    return
+            if payer is not None and not await self._preflight(spec, choice.prices, payer, priced):
+                return
             await runner.run()
         finally:
             self._let_go(runner)
@@ -633,11 +628,19 @@ class ConversationActor:
             )
 
 
+def through_started(events: Sequence[Event]) -> int:
+    """How many of an append's events must be in the log before its turn may run:
+    those up to its `started` (all of them when there is none)."""
+    for count, event in enumerate(events, 1):
+        if isinstance(event, Started):
+            return count
+    return len(events)
+
+
 class _Prestart(NamedTuple):
     """A turn decided to start in the append that accepts its request."""
 
-    # `started` and what was decided with it (the title): appended with the request,
-    # so the turn's first text never waits for an append of the title
+    # `started` and what was decided with it (the title, written behind it)
     started: Sequence[Event]
     spec: ModelSpec
     choice: ModelChoice

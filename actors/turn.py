@@ -150,9 +150,6 @@ class TurnRunner:
         otherwise the writer's active turn."""
         self.ctx = ctx
         self.writer = writer
-        # events decided with `started` that go first in the turn's stream (its
-        # title), when `started` went alone (`lead_with`)
-        self._first: Sequence[Event] = ()
         self.spec = spec
         self.choice = choice
         if turn_id is None:
@@ -172,11 +169,6 @@ class TurnRunner:
         # under the writer's lock, with the state the end is decided on: the actor
         # announces there a turn queued behind this one.
         self.before_end: Callable[[Conversation], Awaitable[None]] | None = None
-
-    def lead_with(self, first: Sequence[Event]) -> None:
-        """Events decided with `started` that go first in the turn's stream, appended
-        while the model's request is on its way; before `run`."""
-        self._first = first
 
     def cancel(self, reason: str) -> bool:
         """Stop the turn; False when it is already writing its end. A turn not running
@@ -215,8 +207,6 @@ class TurnRunner:
             api_key=self.spec.api_key or ctx.default_api_key,
         )
         stream = TurnStream(self.writer, self.turn_id, ctx.clock, ctx.new_id, ctx.append_tick)
-        for event in self._first:
-            stream.event(event)  # appended while the model's request is on its way
         totals = TurnTotals()
         stop_reason = "stop"
         try:

@@ -6,6 +6,13 @@ accepted while a turn streams lands between two chunks, never inside an
 append, and the state after each append is the fold of the log. Decisions that
 must see the latest state run under the same lock (`append_decided`).
 
+Each event of an append is its own JetStream message, checked against the one
+before it (`Nats-Expected-Last-Subject-Sequence`), so an append of three events
+is three round trips in a row. What must be in the log before its caller goes
+on (a turn's `started` before the model is asked) can be the first part of an
+append: `append_decided(..., awaited=...)` returns once those are in, and the
+rest are written behind them under the same lock.
+
 `TurnStream` batches a turn's events with one append in flight (adaptive
 batching): text that arrives meanwhile shares the next `chunk`. Text also waits
 for the worker's next `AppendTick` (a few milliseconds), so the appends of all
@@ -26,7 +33,7 @@ from actors.chunks import Pending, coalesce
 from actors.sizing import fit
 from actors.state import Conversation, evolve, fold
 from events.codec import Unreadable
-from events.errors import EventLogConflict
+from events.errors import EventLogConflict, describe
 from events.log import EventLog
 from events.vocabulary import ChunkKind, Event
 
@@ -55,6 +62,8 @@ class EventWriter:
         # on it meanwhile.
         self.stale = False
         self._lock = asyncio.Lock()
+        # the events an `awaited` append writes behind its caller's back, while in flight
+        self._behind: asyncio.Task[None] | None = None
 
     async def catch_up(self) -> None:
         """Fold every entry appended since our position (ours or another writer's).
@@ -83,6 +92,10 @@ class EventWriter:
 
     async def append(self, events: Sequence[Event]) -> None:
         async with self._lock:
+            if self.stale:
+                # the log holds something else than our view (another writer, or
+                # events written behind that did not land): nothing more goes on it
+                raise EventLogConflict(self.conversation_id, self.seq, "read the log again first")
             await self._append(events)
 
     async def quiet(self) -> None:
@@ -95,6 +108,7 @@ class EventWriter:
         decide: Callable[[Conversation], Sequence[Event]],
         *,
         before: Callable[[Conversation], Awaitable[None]] | None = None,
+        awaited: Callable[[Sequence[Event]], int] | None = None,
     ) -> Sequence[Event]:
         """Decide on the latest state and append what was decided, with no append between.
 
@@ -102,34 +116,77 @@ class EventWriter:
         lock (what must be done before an append and see everything appended
         before it).
 
+        `awaited`: return once the first `awaited(events)` are in the log. The rest
+        are written behind them, still under the lock (the next append, `quiet` and
+        `catch_up` wait for them), and are in `state` at once: it is what the log
+        holds when they land. If they do not, the view is stale, as after a refused
+        append, and nothing more is written on it.
+
         Raises EventLogConflict, deciding nothing, while the view is stale: an
         append refused a moment ago (while this call waited for the lock, say)
         left an empty state, and a decision on it would take a live
         conversation for one that does not exist."""
-        async with self._lock:
+        await self._lock.acquire()
+        handed_over = False
+        try:
             if self.stale:
                 raise EventLogConflict(self.conversation_id, self.seq, "read the log again first")
             if before is not None:
                 await before(self.state)
             events = decide(self.state)
-            if events:
-                await self._append(events)
+            first = len(events) if awaited is None else awaited(events)
+            if first >= len(events):
+                if events:
+                    await self._append(events)
+                return events
+            await self._append(events[:first])
+            behind = self._fit(events[first:])
+            self.state = fold(self.state, behind)
+            self._behind = asyncio.create_task(
+                self._write_behind(behind), name=f"behind-{self.conversation_id}"
+            )
+            handed_over = True  # the task releases the lock once they are in
             return events
+        finally:
+            if not handed_over:
+                self._lock.release()
+
+    async def _write_behind(self, events: list[Event]) -> None:
+        try:
+            self.seq = await self._log.append(self.conversation_id, events, self.seq)
+        except BaseException as err:
+            # `state` holds events the log may not: forget it, as after a refusal
+            self._forget()
+            log.warning(
+                "events written behind an append did not land; the view is forgotten",
+                extra={"conversation_id": self.conversation_id, "error": describe(err)},
+            )
+            if not isinstance(err, Exception):
+                raise
+        finally:
+            self._behind = None
+            self._lock.release()
 
     async def _append(self, events: Sequence[Event]) -> None:
-        # No event may be larger than a JetStream message: split or cut the rare
-        # one that would be (actors.sizing), or its append fails and the turn hangs.
-        fitted = fit(list(events), self._max_event_bytes, self._new_id)
+        fitted = self._fit(events)
         try:
             self.seq = await self._log.append(self.conversation_id, fitted, self.seq)
         except EventLogConflict:
             # Our view is stale (another writer appended): forget it; whoever
             # continues reloads from the log.
-            self.state = Conversation(conversation_id=self.conversation_id)
-            self.seq = 0
-            self.stale = True
+            self._forget()
             raise
         self.state = fold(self.state, fitted)
+
+    def _fit(self, events: Sequence[Event]) -> list[Event]:
+        # No event may be larger than a JetStream message: split or cut the rare
+        # one that would be (actors.sizing), or its append fails and the turn hangs.
+        return fit(list(events), self._max_event_bytes, self._new_id)
+
+    def _forget(self) -> None:
+        self.state = Conversation(conversation_id=self.conversation_id)
+        self.seq = 0
+        self.stale = True
 
 
 # The append window adapts to how busy the worker's process is: its CPU time over

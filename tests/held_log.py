@@ -1,0 +1,38 @@
+"""The real event log, made to hold chosen appends open until a test lets them go.
+
+Nothing is faked: a held append waits at a gate, then goes to JetStream as any
+append does. Tests use it to stand in the moment between two appends, which
+under load lasts long enough to matter (a loaded worker's round trip to NATS:
+200 ms p50 at 1,000 turns) and on an idle machine too short to hit by chance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+
+from nats.js import JetStreamContext
+
+from events.log import EventLog
+from events.vocabulary import Event
+
+HOLD_S = 10.0
+
+
+class HeldLog(EventLog):
+    """The real log. While `hold` is set, an append whose events `picks` waits for
+    `gate` (at most HOLD_S); `holding` is set once one does."""
+
+    def __init__(self, js: JetStreamContext, picks: Callable[[Sequence[Event]], bool]) -> None:
+        super().__init__(js)
+        self.picks = picks
+        self.hold = False
+        self.holding = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def append_to(self, subject: str, events: Sequence[Event], expected_seq: int) -> int:
+        if self.hold and self.picks(events):
+            self.holding.set()
+            async with asyncio.timeout(HOLD_S):
+                await self.gate.wait()
+        return await super().append_to(subject, events, expected_seq)
