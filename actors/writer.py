@@ -11,7 +11,7 @@ before it (`Nats-Expected-Last-Subject-Sequence`), so an append of three events
 is three round trips in a row. What must be in the log before its caller goes
 on (a turn's `started` before the model is asked) can be the first part of an
 append: `append_decided(..., awaited=...)` returns once those are in, and the
-rest are written behind them under the same lock.
+rest are written behind them; the next append waits for them.
 
 `TurnStream` batches a turn's events with one append in flight (adaptive
 batching): text that arrives meanwhile shares the next `chunk`. Text also waits
@@ -62,7 +62,7 @@ class EventWriter:
         # on it meanwhile.
         self.stale = False
         self._lock = asyncio.Lock()
-        # the events an `awaited` append writes behind its caller's back, while in flight
+        # the events an `awaited` append writes behind its caller, while on their way
         self._behind: asyncio.Task[None] | None = None
 
     async def catch_up(self) -> None:
@@ -72,6 +72,7 @@ class EventWriter:
         version's event and marks the conversation broken for a damaged one).
         """
         async with self._lock:
+            await self._behind_written()
             await self._catch_up()
 
     async def _catch_up(self) -> None:
@@ -92,14 +93,11 @@ class EventWriter:
 
     async def append(self, events: Sequence[Event]) -> None:
         async with self._lock:
-            if self.stale:
-                # the log holds something else than our view (another writer, or
-                # events written behind that did not land): nothing more goes on it
-                raise EventLogConflict(self.conversation_id, self.seq, "read the log again first")
             await self._append(events)
 
     async def quiet(self) -> None:
-        """Wait until no append is under way: whatever was decided before is folded in."""
+        """Wait until no append is being decided or awaited: whatever was decided before
+        is folded in (events written behind an append may still be on their way)."""
         async with self._lock:
             pass
 
@@ -117,18 +115,16 @@ class EventWriter:
         before it).
 
         `awaited`: return once the first `awaited(events)` are in the log. The rest
-        are written behind them, still under the lock (the next append, `quiet` and
-        `catch_up` wait for them), and are in `state` at once: it is what the log
-        holds when they land. If they do not, the view is stale, as after a refused
-        append, and nothing more is written on it.
+        are written behind them and are in `state` at once (it is what the log
+        holds when they land); the next append to the log waits for them, and if
+        they do not land the view is stale, as after a refused append, and nothing
+        more is written on it.
 
         Raises EventLogConflict, deciding nothing, while the view is stale: an
         append refused a moment ago (while this call waited for the lock, say)
         left an empty state, and a decision on it would take a live
         conversation for one that does not exist."""
-        await self._lock.acquire()
-        handed_over = False
-        try:
+        async with self._lock:
             if self.stale:
                 raise EventLogConflict(self.conversation_id, self.seq, "read the log again first")
             if before is not None:
@@ -145,11 +141,7 @@ class EventWriter:
             self._behind = asyncio.create_task(
                 self._write_behind(behind), name=f"behind-{self.conversation_id}"
             )
-            handed_over = True  # the task releases the lock once they are in
             return events
-        finally:
-            if not handed_over:
-                self._lock.release()
 
     async def _write_behind(self, events: list[Event]) -> None:
         try:
@@ -163,11 +155,21 @@ class EventWriter:
             )
             if not isinstance(err, Exception):
                 raise
-        finally:
+
+    async def _behind_written(self) -> None:
+        """Until the events written behind the last append are in (or known lost)."""
+        behind = self._behind
+        if behind is not None:
+            # asyncio.wait, not `await behind`: a cancel of this caller is not the write's
+            await asyncio.wait([behind])
             self._behind = None
-            self._lock.release()
 
     async def _append(self, events: Sequence[Event]) -> None:
+        await self._behind_written()
+        if self.stale:
+            # events written behind the last append did not land (or another writer's
+            # refusal left the view empty): nothing more goes on a view the log lacks
+            raise EventLogConflict(self.conversation_id, self.seq, "read the log again first")
         fitted = self._fit(events)
         try:
             self.seq = await self._log.append(self.conversation_id, fitted, self.seq)

@@ -19,20 +19,28 @@ from events.vocabulary import Event
 HOLD_S = 10.0
 
 
-class HeldLog(EventLog):
-    """The real log. While `hold` is set, an append whose events `picks` waits for
-    `gate` (at most HOLD_S); `holding` is set once one does."""
+class Hold:
+    """Appends whose events `picks` wait for `gate` (at most HOLD_S) while `on` is set;
+    `holding` is set once one does."""
 
-    def __init__(self, js: JetStreamContext, picks: Callable[[Sequence[Event]], bool]) -> None:
-        super().__init__(js)
+    def __init__(self, picks: Callable[[Sequence[Event]], bool]) -> None:
         self.picks = picks
-        self.hold = False
+        self.on = False
         self.holding = asyncio.Event()
         self.gate = asyncio.Event()
 
+
+class HeldLog(EventLog):
+    """The real log, whose appends wait at each of `holds` that picks them."""
+
+    def __init__(self, js: JetStreamContext, *holds: Hold) -> None:
+        super().__init__(js)
+        self.holds = holds
+
     async def append_to(self, subject: str, events: Sequence[Event], expected_seq: int) -> int:
-        if self.hold and self.picks(events):
-            self.holding.set()
-            async with asyncio.timeout(HOLD_S):
-                await self.gate.wait()
+        for hold in self.holds:
+            if hold.on and hold.picks(events):
+                hold.holding.set()
+                async with asyncio.timeout(HOLD_S):
+                    await hold.gate.wait()
         return await super().append_to(subject, events, expected_seq)

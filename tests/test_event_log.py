@@ -15,7 +15,7 @@ from events.errors import EventLogConflict
 from events.ids import new_id
 from events.log import EventLog, StoredEvent
 from events.vocabulary import Chunk, ConversationCreated, Event, Title
-from tests.held_log import HeldLog
+from tests.held_log import HeldLog, Hold
 
 
 def created(cid: str) -> ConversationCreated:
@@ -154,8 +154,9 @@ async def test_an_append_returns_once_its_awaited_events_are_in_and_writes_the_r
     """A turn's start is `started` and its title: the model is asked once `started` is
     in, and the title follows it (one round trip less before the first token, where
     each is one pass of a loaded worker's loop: 200 ms p50 at 1,000 turns)."""
-    held = HeldLog(nc.jetstream(), _titled("behind"))
-    held.hold = True
+    behind = Hold(_titled("behind"))
+    behind.on = True
+    held = HeldLog(nc.jetstream(), behind)
     cid = new_id()
     await held.append(cid, [created(cid)], expected_seq=0)
     writer = EventWriter(cid, held, max_event_bytes=256 * 1024, new_id=new_id)
@@ -164,14 +165,14 @@ async def test_an_append_returns_once_its_awaited_events_are_in_and_writes_the_r
         await writer.append_decided(
             lambda s: [title(cid, "awaited"), title(cid, "behind")], awaited=_first_one
         )
-        await held.holding.wait()
+        await behind.holding.wait()
     # back while the rest is on its way; the view already holds it
     assert await _titles(event_log, cid) == ["awaited"]
     assert writer.state.title == "behind"
     # the next append waits for it: the log's order is the order decided (appended
     # first, "after" would have been accepted and "behind" refused)
     after = asyncio.create_task(writer.append([title(cid, "after")]))
-    held.gate.set()
+    behind.gate.set()
     async with asyncio.timeout(10):
         await after
     assert await _titles(event_log, cid) == ["awaited", "behind", "after"]
@@ -181,8 +182,9 @@ async def test_an_append_returns_once_its_awaited_events_are_in_and_writes_the_r
 async def test_events_written_behind_that_the_log_refuses_leave_the_writer_stale(
     event_log: EventLog, nc: NatsClient
 ) -> None:
-    held = HeldLog(nc.jetstream(), _titled("behind"))
-    held.hold = True
+    behind = Hold(_titled("behind"))
+    behind.on = True
+    held = HeldLog(nc.jetstream(), behind)
     cid = new_id()
     await held.append(cid, [created(cid)], expected_seq=0)
     writer = EventWriter(cid, held, max_event_bytes=256 * 1024, new_id=new_id)
@@ -191,18 +193,17 @@ async def test_events_written_behind_that_the_log_refuses_leave_the_writer_stale
         await writer.append_decided(
             lambda s: [title(cid, "awaited"), title(cid, "behind")], awaited=_first_one
         )
-        await held.holding.wait()
+        await behind.holding.wait()
     # another writer appends in between: what was written behind is refused
     other = EventWriter(cid, event_log, max_event_bytes=256 * 1024, new_id=new_id)
     await other.catch_up()
     await other.append([title(cid, "another writer")])
-    held.gate.set()
-    async with asyncio.timeout(10):
-        await writer.quiet()
-    assert writer.stale and writer.state.title == ""
+    behind.gate.set()
     # nothing more is written on a view the log does not hold, until it is read again
     with pytest.raises(EventLogConflict):
-        await writer.append([title(cid, "on the forgotten view")])
+        async with asyncio.timeout(10):
+            await writer.append([title(cid, "on the forgotten view")])
+    assert writer.stale and writer.state.title == ""
     assert await _titles(event_log, cid) == ["awaited", "another writer"]
     await writer.catch_up()
     assert not writer.stale and writer.state.title == "another writer"
