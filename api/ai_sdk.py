@@ -24,6 +24,7 @@ from aiohttp import web
 from api.access import owned_conversation, project_of_member
 from api.ai_sdk_stream import DONE_FRAME, HEADERS, UiStream, frame
 from api.context import CONFIG, HUBS, LOG, claims_of
+from api.context import HEADERS as CONVERSATION_HEADERS
 from api.errors import ApiError, bad_request, begin_stream, not_found
 from api.hub import Delivery, Subscription, TurnFilter, watch
 from api.sse import Envelope, Position
@@ -157,6 +158,8 @@ async def _named_turn(app: web.Application, conversation_id: str) -> TurnRecord 
 async def _conversation(request: web.Request, body: ChatRequest) -> ConversationCreated:
     """The chat's conversation: the caller's, or a new one under the chat's id."""
     event_log = request.app[LOG]
+    if request.app[CONVERSATION_HEADERS].get(body.id) is not None:
+        return await owned_conversation(request, body.id)  # known here: no read of the log
     first = await event_log.first(body.id)
     if first is not None:
         return await owned_conversation(request, body.id)
@@ -172,9 +175,10 @@ async def _conversation(request: web.Request, body: ChatRequest) -> Conversation
         model=body.model,
     )
     try:
-        await event_log.append(body.id, [header], expected_seq=0)
+        seq = await event_log.append(body.id, [header], expected_seq=0)
     except EventLogConflict:
         return await owned_conversation(request, body.id)  # created just now by another request
+    request.app[CONVERSATION_HEADERS].put(header, made_at=seq)
     return header
 
 

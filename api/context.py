@@ -30,10 +30,14 @@ from projections.store import ReadStore
 
 
 class HeaderCache:
-    """conversation id -> its `conversation_created` event. Immutable facts, so a plain LRU."""
+    """conversation id -> its `conversation_created` event. Immutable facts, so a plain LRU.
+
+    For a conversation made through this edge, until its first request here, it also
+    keeps where its header is in the log (`made_at`)."""
 
     def __init__(self, size: int = 10_000) -> None:
         self._items: OrderedDict[str, ConversationCreated] = OrderedDict()
+        self._made: dict[str, int] = {}
         self._size = size
 
     def get(self, conversation_id: str) -> ConversationCreated | None:
@@ -42,11 +46,21 @@ class HeaderCache:
             self._items.move_to_end(conversation_id)
         return item
 
-    def put(self, header: ConversationCreated) -> None:
+    def put(self, header: ConversationCreated, made_at: int | None = None) -> None:
         self._items[header.conversation_id] = header
         self._items.move_to_end(header.conversation_id)
+        if made_at is not None:
+            self._made[header.conversation_id] = made_at
         while len(self._items) > self._size:
-            self._items.popitem(last=False)
+            gone, _ = self._items.popitem(last=False)
+            self._made.pop(gone, None)
+
+    def made_at(self, conversation_id: str) -> int | None:
+        """The log position of the header of a conversation made through this edge, once
+        (its first request): a place to start that request's stream without a read of
+        the log's end. Any position before the end is one; what lies between is read,
+        and on a conversation just made there is little or nothing."""
+        return self._made.pop(conversation_id, None)
 
 
 class ProjectCache:

@@ -239,7 +239,7 @@ async def create_conversation(request: web.Request) -> web.Response:
     )
     # expected sequence 0: the id is fresh, and nothing may precede the header
     seq = await request.app[LOG].append(header.conversation_id, [header], expected_seq=0)
-    request.app[HEADERS].put(header)
+    request.app[HEADERS].put(header, made_at=seq)
     await _wait_for_projection(request, seq)
     return answer(await conversation_detail(request, header, fresh=True), status=201)
 

@@ -21,7 +21,17 @@ import msgspec
 from aiohttp import web
 
 from api.access import owned_conversation
-from api.context import COMMANDS, CONFIG, HUBS, LOG, NATS, REDIS, claims_of, wants_json
+from api.context import (
+    COMMANDS,
+    CONFIG,
+    HEADERS,
+    HUBS,
+    LOG,
+    NATS,
+    REDIS,
+    claims_of,
+    wants_json,
+)
 from api.errors import UNAVAILABLE, ApiError, bad_request
 from api.hub import Delivery, Subscription, watch
 from api.limits import hold_turn
@@ -406,10 +416,13 @@ async def _idempotency(
     """The request's ids and start position; the same ones again for a repeated key.
 
     The start position is the log's end before the request is published (no event
-    of its turn can come earlier), or a position before it: what this edge's hub of
-    the conversation handed out last, when there is one (a viewer has it open), saves
-    a read of the log on the way to the first token."""
+    of its turn can come earlier), or a position before it, which saves a read of the
+    log on the way to the first token: what this edge's hub of the conversation handed
+    out last, when there is one (a viewer has it open), or, for the first request of a
+    conversation made through this edge, where its header is."""
     after = request.app[HUBS].following(conversation_id)
+    if after is None:
+        after = request.app[HEADERS].made_at(conversation_id)
     if after is None:
         after = await request.app[LOG].last_seq(conversation_id)
     record = IdempotencyRecord(message_id=new_id(), command_id=new_id(), after=after, digest=digest)

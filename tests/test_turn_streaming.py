@@ -7,7 +7,9 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 
-from api.context import HUBS, LOG
+from api.context import HEADERS, HUBS, LOG
+from events.ids import new_id
+from events.vocabulary import Title
 from parley.services import Servers, Services
 from tests.conftest import extra_edge_server, token_for
 from tests.sse import WIRE_EVENT_NAMES, SseClient, SseEvent, sse_events, until_done
@@ -212,3 +214,36 @@ async def test_a_request_to_a_conversation_this_edge_follows_does_not_read_the_l
             assert reads == []
             seen = await until_done(viewer)
     assert [e.event for e in seen][-1] == "done"
+
+
+async def test_the_first_request_of_a_conversation_made_here_does_not_read_the_logs_end(
+    stack: Servers, services: Services, http: aiohttp.ClientSession, user: str
+) -> None:
+    """A new chat's first message: the edge that made the conversation knows where its
+    header is, a position before the log's end that does as the stream's start (what
+    lies between, here another writer's title, is passed over). One round trip less
+    on the way to the first token of every new conversation made through this edge."""
+    async with extra_edge_server(stack) as server:
+        api = SseClient(http, str(server.make_url("")).rstrip("/"), token_for(user))
+        cid = (await api.create_conversation())["id"]
+        event_log = server.app[LOG]
+        head = await event_log.last_seq(cid)
+        between = Title(
+            conversation_id=cid, at=1, event_id=new_id(), title="renamed", source="user"
+        )
+        await event_log.append(cid, [between], head)
+        reads: list[str] = []
+        last_seq = event_log.last_seq
+
+        async def counted_last_seq(conversation_id: str) -> int:
+            reads.append(conversation_id)
+            return await last_seq(conversation_id)
+
+        event_log.last_seq = counted_last_seq  # type: ignore[method-assign]
+        events = await api.send_stream(cid, "the first question [[tokens=5]]")
+        assert reads == []
+        names = [e.event for e in events]
+        assert names[0] == "started" and names[-1] == "done", names
+        assert names.count("title") == 1, names  # the turn's own, not the one before it
+        # once: the next request reads the end (or its hub's position) again
+        assert server.app[HEADERS].made_at(cid) is None
