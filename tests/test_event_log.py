@@ -148,12 +148,9 @@ def _first_one(events: Sequence[Event]) -> int:
     return 1
 
 
-async def test_an_append_returns_once_its_awaited_events_are_in_and_writes_the_rest_behind(
-    event_log: EventLog, nc: NatsClient
-) -> None:
-    """A turn's start is `started` and its title: the model is asked once `started` is
-    in, and the title follows it (one round trip less before the first token, where
-    each is one pass of a loaded worker's loop: 200 ms p50 at 1,000 turns)."""
+async def _title_written_behind(nc: NatsClient) -> tuple[Hold, EventWriter]:
+    """A writer of a new conversation whose append of the titles "awaited" and "behind"
+    returned with the first in the log and the second held on its way."""
     behind = Hold(_titled("behind"))
     behind.on = True
     held = HeldLog(nc.jetstream(), behind)
@@ -166,6 +163,17 @@ async def test_an_append_returns_once_its_awaited_events_are_in_and_writes_the_r
             lambda s: [title(cid, "awaited"), title(cid, "behind")], awaited=_first_one
         )
         await behind.holding.wait()
+    return behind, writer
+
+
+async def test_an_append_returns_once_its_awaited_events_are_in_and_writes_the_rest_behind(
+    event_log: EventLog, nc: NatsClient
+) -> None:
+    """A turn's start is `started` and its title: the model is asked once `started` is
+    in, and the title follows it (one round trip less before the first token, where
+    each is one pass of a loaded worker's loop: 200 ms p50 at 1,000 turns)."""
+    behind, writer = await _title_written_behind(nc)
+    cid = writer.conversation_id
     # back while the rest is on its way; the view already holds it
     assert await _titles(event_log, cid) == ["awaited"]
     assert writer.state.title == "behind"
@@ -182,18 +190,8 @@ async def test_an_append_returns_once_its_awaited_events_are_in_and_writes_the_r
 async def test_events_written_behind_that_the_log_refuses_leave_the_writer_stale(
     event_log: EventLog, nc: NatsClient
 ) -> None:
-    behind = Hold(_titled("behind"))
-    behind.on = True
-    held = HeldLog(nc.jetstream(), behind)
-    cid = new_id()
-    await held.append(cid, [created(cid)], expected_seq=0)
-    writer = EventWriter(cid, held, max_event_bytes=256 * 1024, new_id=new_id)
-    await writer.catch_up()
-    async with asyncio.timeout(10):
-        await writer.append_decided(
-            lambda s: [title(cid, "awaited"), title(cid, "behind")], awaited=_first_one
-        )
-        await behind.holding.wait()
+    behind, writer = await _title_written_behind(nc)
+    cid = writer.conversation_id
     # another writer appends in between: what was written behind is refused
     other = EventWriter(cid, event_log, max_event_bytes=256 * 1024, new_id=new_id)
     await other.catch_up()

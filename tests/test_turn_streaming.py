@@ -9,6 +9,7 @@ import aiohttp
 
 from api.context import HEADERS, HUBS, LOG
 from events.ids import new_id
+from events.log import EventLog
 from events.vocabulary import Title
 from parley.services import Servers, Services
 from tests.conftest import extra_edge_server, token_for
@@ -181,6 +182,19 @@ async def test_idle_viewer_gets_only_new_events_and_keepalive_pings(api: SseClie
     assert seen[0].event == "started"
 
 
+def _count_reads_of_the_end(event_log: EventLog) -> list[str]:
+    """The conversations whose log's end `event_log` reads from now on, in order."""
+    reads: list[str] = []
+    last_seq = event_log.last_seq
+
+    async def counted_last_seq(conversation_id: str) -> int:
+        reads.append(conversation_id)
+        return await last_seq(conversation_id)
+
+    event_log.last_seq = counted_last_seq  # type: ignore[method-assign]
+    return reads
+
+
 async def test_a_request_to_a_conversation_this_edge_follows_does_not_read_the_logs_end(
     stack: Servers, services: Services, http: aiohttp.ClientSession, user: str
 ) -> None:
@@ -192,14 +206,7 @@ async def test_a_request_to_a_conversation_this_edge_follows_does_not_read_the_l
         api = SseClient(http, str(server.make_url("")).rstrip("/"), token_for(user))
         cid = (await api.create_conversation())["id"]
         event_log = server.app[LOG]
-        reads: list[str] = []
-        last_seq = event_log.last_seq
-
-        async def counted_last_seq(conversation_id: str) -> int:
-            reads.append(conversation_id)
-            return await last_seq(conversation_id)
-
-        event_log.last_seq = counted_last_seq  # type: ignore[method-assign]
+        reads = _count_reads_of_the_end(event_log)
         async with api.events(cid, after="0") as viewer, asyncio.timeout(30):
             assert viewer.status == 200
             try:
@@ -232,14 +239,7 @@ async def test_the_first_request_of_a_conversation_made_here_does_not_read_the_l
             conversation_id=cid, at=1, event_id=new_id(), title="renamed", source="user"
         )
         await event_log.append(cid, [between], head)
-        reads: list[str] = []
-        last_seq = event_log.last_seq
-
-        async def counted_last_seq(conversation_id: str) -> int:
-            reads.append(conversation_id)
-            return await last_seq(conversation_id)
-
-        event_log.last_seq = counted_last_seq  # type: ignore[method-assign]
+        reads = _count_reads_of_the_end(event_log)
         events = await api.send_stream(cid, "the first question [[tokens=5]]")
         assert reads == []
         names = [e.event for e in events]
