@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
+import types
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
@@ -100,6 +101,11 @@ class Delivery:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+def _has(kind: type[Event] | types.UnionType) -> Callable[[Sequence[Any]], bool]:
+    """Whether any of some events is of `kind` (a class, or a union of them)."""
+    return lambda events: any(isinstance(e, kind) for e in events)
 
 
 async def until(log: EventLog, cid: str, check: Callable[[list[Any]], bool], what: str) -> None:
@@ -221,7 +227,7 @@ async def _a_turn_then_a_queued_one(
 ) -> None:
     """Send `first`; once its turn started, `then` with on_busy enqueue; wait for both ends."""
     inbox.put_nowait((_message(cid, first), Delivery()))
-    await until(event_log, cid, lambda es: any(isinstance(e, Started) for e in es), "first started")
+    await until(event_log, cid, _has(Started), "first started")
     queued = msgspec.structs.replace(_message(cid, then), on_busy="enqueue")
     inbox.put_nowait((queued, Delivery()))
     await until(
@@ -382,7 +388,7 @@ async def test_a_new_actor_announces_a_request_while_it_reads_the_conversation(
                 await until(
                     event_log,
                     cid,
-                    lambda es: any(isinstance(e, Done) for e in es),
+                    _has(Done),
                     "the turn ended",
                 )
             finally:
@@ -405,7 +411,7 @@ async def test_a_cancel_right_behind_its_request_stops_the_turn_before_the_model
         await until(
             event_log,
             cid,
-            lambda es: any(isinstance(e, Cancelled | Done) for e in es),
+            _has(Cancelled | Done),
             "the turn ended",
         )
     kinds = [type(s.event).__name__ for s in await event_log.read(cid)]
@@ -440,7 +446,7 @@ async def _cancelled_while_held(
             await until(
                 event_log,
                 cid,
-                lambda es: any(isinstance(e, Cancelled | Done) for e in es),
+                _has(Cancelled | Done),
                 "the turn ended",
             )
             yield
@@ -617,7 +623,7 @@ async def test_a_cancel_escaping_into_the_queue_hands_its_commands_back(
         assert settled.settled == ["nak"]  # handed back: redelivered, it runs
         # the actor itself runs on: the redelivery finds it, and its turn runs
         inbox.put_nowait((_message(cid, "hello [[tokens=3]]"), Delivery()))
-        await until(event_log, cid, lambda es: any(isinstance(e, Done) for e in es), "a turn")
+        await until(event_log, cid, _has(Done), "a turn")
     assert accounts.cancelled
     assert any(r.message == "turn queue failed" for r in caplog.records)
 
@@ -670,7 +676,7 @@ class EndHeldLog(HeldLog):
     once it is in."""
 
     def __init__(self, js: JetStreamContext, turns: TurnRegistry, *holds: Hold) -> None:
-        self.end = Hold(lambda events: any(isinstance(e, TurnEnd) for e in events))
+        self.end = Hold(_has(TurnEnd))
         super().__init__(js, self.end, *holds)
         self.turns = turns
         self.appends: list[tuple[list[Event], TurnRecord | None]] = []
@@ -759,7 +765,7 @@ async def test_the_model_is_asked_while_the_turns_title_is_written_behind_its_st
     a queued turn, and on the next message of a chat, sent as the turn before ends
     (there the queue waits for the request's decision, and must not wait for the
     title written behind it). The title still lands before the answer."""
-    titles = Hold(lambda events: any(isinstance(e, Title) for e in events))
+    titles = Hold(_has(Title))
     asked: list[str] = []
 
     async def on_request_start(_: Any, __: Any, params: aiohttp.TraceRequestStartParams) -> None:
@@ -815,10 +821,6 @@ async def test_the_model_is_asked_while_the_turns_title_is_written_behind_its_st
     kinds = [type(e).__name__ for e in last_turn]
     assert kinds[:3] == ["Started", "Title", "Chunk"], kinds
     assert kinds[-1] == "Done"
-
-
-def _has(kind: type[Event]) -> Callable[[list[Any]], bool]:
-    return lambda events: any(isinstance(e, kind) for e in events)
 
 
 class AnnouncementHeld(TurnRegistry):
