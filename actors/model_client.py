@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from typing import Any, Final
 
 import aiohttp
@@ -76,6 +77,23 @@ def request_body(endpoint: ModelEndpoint, request: ChatRequest) -> dict[str, Any
     return body
 
 
+@dataclass(frozen=True, slots=True)
+class SentChat:
+    """A chat request sent and answered with a stream's status and headers
+    (`send_chat`); its body is read by `read_chat`."""
+
+    response: aiohttp.ClientResponse
+    url: str
+    # when the first stream data must have come (the first-byte budget)
+    first_byte_deadline: float
+    idle_timeout: float
+    first_byte_timeout: float
+
+    def close(self) -> None:
+        """Close the connection unread: the server stops generating."""
+        self.response.close()
+
+
 async def stream_chat(
     session: aiohttp.ClientSession,
     endpoint: ModelEndpoint,
@@ -85,7 +103,8 @@ async def stream_chat(
     first_byte_timeout: float = 120,
     idle_timeout: float = 120,
 ) -> AsyncGenerator[StreamItem, None]:
-    """Stream one chat completion; yields items as the bytes arrive.
+    """Stream one chat completion; yields items as the bytes arrive (`send_chat`, then
+    `read_chat`).
 
     A caller that stops early should close the generator (`contextlib.aclosing`),
     which closes the connection at once rather than when it is garbage collected.
@@ -94,6 +113,31 @@ async def stream_chat(
     `stream_cut`, `bad_json` or `model_error` (see `actors.errors`). Items yielded
     before an error stay valid: they are what the model produced until then.
     """
+    sent = await send_chat(
+        session,
+        endpoint,
+        request,
+        connect_timeout=connect_timeout,
+        first_byte_timeout=first_byte_timeout,
+        idle_timeout=idle_timeout,
+    )
+    async for item in read_chat(sent):
+        yield item
+
+
+async def send_chat(
+    session: aiohttp.ClientSession,
+    endpoint: ModelEndpoint,
+    request: ChatRequest,
+    *,
+    connect_timeout: float = 10,
+    first_byte_timeout: float = 120,
+    idle_timeout: float = 120,
+) -> SentChat:
+    """Send one streaming chat request and wait for its answer's status: a stream, or
+    `ModelStreamError` (`http_<status>`, `unreachable`, `timeout`, `stream_cut`).
+    What the model streams meanwhile waits in the connection for `read_chat`; a
+    caller that will not read it closes it (`SentChat.close`)."""
     url = endpoint.base_url.rstrip("/") + "/chat/completions"
     headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
     if endpoint.api_key:
@@ -134,10 +178,21 @@ async def stream_chat(
             raise await _http_error(response, idle_timeout)
         if response.content_type not in _STREAM_TYPES:
             raise await _not_a_stream(response, idle_timeout)
+    except BaseException:
+        response.close()
+        raise
+    return SentChat(response, url, first_byte_deadline, idle_timeout, first_byte_timeout)
+
+
+async def read_chat(sent: SentChat) -> AsyncGenerator[StreamItem, None]:
+    """The items of a sent chat's stream, as its bytes arrive (see `stream_chat`)."""
+    response, url, idle_timeout = sent.response, sent.url, sent.idle_timeout
+    loop = asyncio.get_running_loop()
+    try:
         parser = ChatStreamParser()
         cut_by: BaseException | None = None
         received = False
-        watch = _Silence(loop, first_byte_deadline)
+        watch = _Silence(loop, sent.first_byte_deadline)
         try:
             while not parser.done:
                 try:
@@ -147,7 +202,7 @@ async def stream_chat(
                         "timeout",
                         f"{url} went silent for {idle_timeout}s mid-stream"
                         if received
-                        else f"{url} sent no stream data within {first_byte_timeout}s",
+                        else f"{url} sent no stream data within {sent.first_byte_timeout}s",
                     ) from err
                 except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as err:
                     # The server dropped the connection. Whether that lost anything

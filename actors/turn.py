@@ -26,7 +26,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import aiohttp
 import msgspec
@@ -45,7 +45,7 @@ from actors.decide import (
     decide_tool_title,
 )
 from actors.errors import ModelStreamError
-from actors.model_client import ChatRequest, ModelEndpoint, stream_chat
+from actors.model_client import ChatRequest, ModelEndpoint, SentChat, read_chat, send_chat
 from actors.model_stream import Finish, StreamItem, TextDelta, ToolCallRequest, Usage
 from actors.models import MAX_TOOL_ROUNDS, ModelCatalog, ModelSpec
 from actors.state import Conversation, history_of, latest_messages
@@ -169,6 +169,30 @@ class TurnRunner:
         # under the writer's lock, with the state the end is decided on: the actor
         # announces there a turn queued behind this one.
         self.before_end: Callable[[Conversation], Awaitable[None]] | None = None
+        # the first model call, sent before the turn runs (`ask_now`), and what it asks
+        self._plan: _CallPlan | None = None
+        self._early: asyncio.Task[SentChat] | None = None
+        self._early_began = 0.0
+
+    def ask_now(self, state: Conversation) -> None:
+        """Send the turn's first model call now, on `state` (the conversation once this
+        turn's `started` is in), while `started` is still on its way to the log: the
+        model's first token and the append overlap instead of following each other.
+        What the model streams meanwhile waits in the connection until the turn runs;
+        a turn that does not run closes it (`discard`), and the provider stops."""
+        self._plan = _plan_call(self.ctx, self.spec, state)
+        self._early_began = time.perf_counter()
+        self._early = asyncio.create_task(
+            self._send(self._plan.endpoint, self._request(self._plan, self._plan.messages)),
+            name=f"ask-{self.turn_id}",
+        )
+
+    def discard(self) -> None:
+        """The turn will not run (or has run): close its early model call unread."""
+        early, self._early = self._early, None
+        if early is not None:
+            early.cancel()
+            early.add_done_callback(_close_unread)
 
     def cancel(self, reason: str) -> bool:
         """Stop the turn; False when it is already writing its end. A turn not running
@@ -195,17 +219,9 @@ class TurnRunner:
 
     async def _run(self) -> None:
         self._running = True  # no await before the cancel check below
-        ctx, state = self.ctx, self.writer.state
-        assert state.active is not None
-        messages = build_history(
-            history_of(state, upto=state.active.user_message_id), personal=state.personal
-        )
-        tools = visible_tools(ctx.tools.schemas(), personal=state.personal)
-        endpoint = ModelEndpoint(
-            base_url=self.spec.base_url or ctx.default_base_url,
-            model=self.spec.upstream_name or self.spec.name,
-            api_key=self.spec.api_key or ctx.default_api_key,
-        )
+        ctx = self.ctx
+        plan = self._plan or _plan_call(ctx, self.spec, self.writer.state)
+        endpoint, messages = plan.endpoint, plan.messages
         stream = TurnStream(self.writer, self.turn_id, ctx.clock, ctx.new_id, ctx.append_tick)
         totals = TurnTotals()
         stop_reason = "stop"
@@ -213,12 +229,7 @@ class TurnRunner:
             if self._cancel_reason is not None:
                 raise asyncio.CancelledError  # cancelled before it ran: end it as such
             for round_number in range(MAX_TOOL_ROUNDS + 1):
-                request = ChatRequest(
-                    messages=messages,
-                    tools=tools,
-                    max_tokens=self.choice.max_tokens,
-                    temperature=self.choice.temperature,
-                )
+                request = self._request(plan, messages)
                 result = RoundResult()
                 try:
                     await self._stream_round(endpoint, request, stream, result)
@@ -269,7 +280,25 @@ class TurnRunner:
             await stream.abort()
             await self._fail(stream, "internal_error", f"{type(err).__name__}: {err}", totals)
         finally:
+            self.discard()
             await stream.abort()
+
+    def _request(self, plan: _CallPlan, messages: list[dict[str, Any]]) -> ChatRequest:
+        return ChatRequest(
+            messages=messages,
+            tools=plan.tools,
+            max_tokens=self.choice.max_tokens,
+            temperature=self.choice.temperature,
+        )
+
+    async def _send(self, endpoint: ModelEndpoint, request: ChatRequest) -> SentChat:
+        return await send_chat(
+            self.ctx.http,
+            endpoint,
+            request,
+            first_byte_timeout=self.ctx.first_byte_timeout,
+            idle_timeout=self.ctx.idle_timeout,
+        )
 
     async def _stream_round(
         self,
@@ -299,17 +328,14 @@ class TurnRunner:
         stream: TurnStream,
         result: RoundResult,
     ) -> None:
-        chat = stream_chat(
-            self.ctx.http,
-            endpoint,
-            request,
-            first_byte_timeout=self.ctx.first_byte_timeout,
-            idle_timeout=self.ctx.idle_timeout,
-        )
-        began = time.perf_counter()
-        # aclosing: leaving early (a cancel, a refused append) closes the HTTP
-        # stream at once, so the model stops generating and billing.
+        # The turn's first call may have been sent already (`ask_now`), with this request.
+        early, self._early = self._early, None
+        began = self._early_began if early is not None else time.perf_counter()
         try:
+            sent = await (early if early is not None else self._send(endpoint, request))
+            chat = read_chat(sent)
+            # aclosing: leaving early (a cancel, a refused append) closes the HTTP
+            # stream at once, so the model stops generating and billing.
             async with contextlib.aclosing(chat):
                 async for item in chat:
                     stream.raise_if_failed()
@@ -394,6 +420,36 @@ class TurnRunner:
 
     def _log_fields(self) -> dict[str, str]:
         return {"conversation_id": self.writer.conversation_id, "turn_id": self.turn_id}
+
+
+class _CallPlan(NamedTuple):
+    """What a turn's model calls ask, and where."""
+
+    endpoint: ModelEndpoint
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]]
+
+
+def _plan_call(ctx: ActorContext, spec: ModelSpec, state: Conversation) -> _CallPlan:
+    """The first call of the turn running on `state`: its history and tools."""
+    assert state.active is not None
+    return _CallPlan(
+        endpoint=ModelEndpoint(
+            base_url=spec.base_url or ctx.default_base_url,
+            model=spec.upstream_name or spec.name,
+            api_key=spec.api_key or ctx.default_api_key,
+        ),
+        messages=build_history(
+            history_of(state, upto=state.active.user_message_id), personal=state.personal
+        ),
+        tools=visible_tools(ctx.tools.schemas(), personal=state.personal),
+    )
+
+
+def _close_unread(sending: asyncio.Task[SentChat]) -> None:
+    """A discarded early call, once its sending is over: close what it got."""
+    if not sending.cancelled() and sending.exception() is None:
+        sending.result().close()
 
 
 def _take(item: StreamItem, stream: TurnStream, result: RoundResult) -> None:

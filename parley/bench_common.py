@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from actors.model_client import ChatRequest, ModelEndpoint, stream_chat
+from actors.model_client import ChatRequest, ModelEndpoint, read_chat, send_chat
 from actors.model_stream import TextDelta
 from api.config import LISTEN_BACKLOG, EdgeLimits
 from api.sse import Envelope, frame
@@ -41,11 +41,12 @@ async def _direct_handler(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     endpoint = ModelEndpoint(base_url=request.app[DIRECT_MODEL], model="demo")
     seq = 0
-    async for item in stream_chat(
+    sent = await send_chat(
         request.app[DIRECT_SESSION],
         endpoint,
         ChatRequest(messages=[{"role": "user", "content": body["content"]}]),
-    ):
+    )
+    async for item in read_chat(sent):
         if isinstance(item, TextDelta):
             seq += 1
             name = "token" if item.kind == "answer" else "thinking"

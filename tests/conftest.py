@@ -94,6 +94,13 @@ class Recorder:
         return response
 
 
+async def demo_streams(http: aiohttp.ClientSession, demo_model_url: str) -> dict[str, int]:
+    """The demo model's streams open now, and how many clients left one mid-answer."""
+    async with http.get(demo_model_url + "/demo/streams") as response:
+        stats: dict[str, int] = await response.json()
+        return stats
+
+
 @pytest.fixture(scope="session")
 async def recorder() -> AsyncIterator[tuple[Recorder, str]]:
     recording = Recorder()

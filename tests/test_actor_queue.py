@@ -43,6 +43,7 @@ from events.turns import TurnRecord, TurnRegistry, redis_client
 from events.vocabulary import (
     Cancelled,
     CancelTurn,
+    Chunk,
     CommandRejected,
     ConversationCreated,
     CreditsGranted,
@@ -55,6 +56,7 @@ from events.vocabulary import (
     UserMessage,
 )
 from parley.services import Servers
+from tests.conftest import demo_streams
 from tests.conftest import test_catalog as catalog_for_tests
 from tests.held_log import HeldLog, Hold
 
@@ -400,7 +402,8 @@ async def test_a_cancel_right_behind_its_request_stops_the_turn_before_the_model
 ) -> None:
     """Stop pressed the moment a message is sent: the cancel reached the actor after
     the turn was started but before its runner existed, found nothing to stop, and
-    the whole answer ran. The turn now ends as cancelled, and the model is not asked."""
+    the whole answer ran. The turn now ends as cancelled, and the model's answer is
+    not read (the call sent as the turn started is closed)."""
     ctx = _context(event_log, TurnRegistry(redis_client(stack.redis_url)), http, demo_model_url)
     cid, _ = await _conversation(event_log)
     actor = ConversationActor(cid, ctx)
@@ -766,13 +769,7 @@ async def test_the_model_is_asked_while_the_turns_title_is_written_behind_its_st
     (there the queue waits for the request's decision, and must not wait for the
     title written behind it). The title still lands before the answer."""
     titles = Hold(_has(Title))
-    asked: list[str] = []
-
-    async def on_request_start(_: Any, __: Any, params: aiohttp.TraceRequestStartParams) -> None:
-        asked.append(str(params.url))
-
-    trace = aiohttp.TraceConfig()
-    trace.on_request_start.append(on_request_start)
+    trace, asked = _requests_seen()
     registry = TurnRegistry(redis_client(stack.redis_url))
     held = EndHeldLog(nc.jetstream(), registry, titles)
     async with aiohttp.ClientSession(trace_configs=[trace]) as http:
@@ -821,6 +818,116 @@ async def test_the_model_is_asked_while_the_turns_title_is_written_behind_its_st
     kinds = [type(e).__name__ for e in last_turn]
     assert kinds[:3] == ["Started", "Title", "Chunk"], kinds
     assert kinds[-1] == "Done"
+
+
+def _requests_seen() -> tuple[aiohttp.TraceConfig, list[str]]:
+    """A client trace, and the URLs of the requests it has seen start (a model's asked)."""
+    asked: list[str] = []
+
+    async def on_request_start(_: Any, __: Any, params: aiohttp.TraceRequestStartParams) -> None:
+        asked.append(str(params.url))
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_start.append(on_request_start)
+    return trace, asked
+
+
+@pytest.mark.parametrize("start", ["idle", "queued"])
+async def test_the_model_is_asked_while_the_turns_start_is_on_its_way(
+    nc: NatsClient, stack: Servers, event_log: EventLog, demo_model_url: str, start: str
+) -> None:
+    """The model was asked once the turn's `started` was in the log, so its first token
+    came a round trip to NATS and the model's own first token after the request
+    (bench burst: 1.8 ms p50 for the two appends, then 1.6 for the model; at 1,000
+    turns 427 and 258 ms). The call is now sent as `started` is decided, on the state
+    it makes, and the two overlap: the answer waits in the connection until the turn
+    runs, once `started` is in. Here the start is held in the log until the model has
+    been asked; the answer then streams whole, after `started`."""
+    starts = Hold(_has(Started))
+    trace, asked = _requests_seen()
+    held = HeldLog(nc.jetstream(), starts)
+    registry = TurnRegistry(redis_client(stack.redis_url))
+    async with aiohttp.ClientSession(trace_configs=[trace]) as http:
+        cid, _ = await _conversation(event_log)
+        actor = ConversationActor(cid, _context(held, registry, http, demo_model_url))
+        async with _running(actor) as inbox:
+            if start == "queued":
+                inbox.put_nowait(
+                    (_message(cid, "first question [[tokens=20]] [[rate=20]]"), Delivery())
+                )
+                await until(event_log, cid, _has(Started), "the first turn's start")
+                queued = _message(cid, "second question [[tokens=5]]")
+                inbox.put_nowait((msgspec.structs.replace(queued, on_busy="enqueue"), Delivery()))
+                await until(
+                    event_log,
+                    cid,
+                    lambda es: sum(isinstance(e, UserMessage) for e in es) == 2,
+                    "the second question accepted",
+                )
+            starts.on = True
+            if start == "idle":
+                inbox.put_nowait((_message(cid, "a question [[tokens=5]]"), Delivery()))
+            turns = 1 if start == "idle" else 2
+            async with asyncio.timeout(20):
+                await starts.holding.wait()
+                while len(asked) < turns:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            # asked, while the turn's `started` is not in the log
+            events = [s.event for s in await event_log.read(cid)]
+            assert sum(isinstance(e, Started) for e in events) == turns - 1, events
+            starts.gate.set()
+            await until(
+                event_log,
+                cid,
+                lambda es: sum(isinstance(e, Done) for e in es) == turns,
+                "the turn's end",
+            )
+    events = [s.event for s in await event_log.read(cid)]
+    last = max(i for i, e in enumerate(events) if isinstance(e, Started))
+    turn = events[last:]
+    assert isinstance(turn[-1], Done) and turn[-1].output_tokens == 5, turn[-1]
+    answer = "".join(e.text for e in turn if isinstance(e, Chunk))
+    assert answer.split() == ["0", "1", "2", "3", "4"], answer
+    assert len(asked) == turns
+
+
+async def test_a_turn_whose_start_the_log_refuses_closes_the_model_call_it_sent(
+    nc: NatsClient,
+    stack: Servers,
+    event_log: EventLog,
+    demo_model_url: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    """The model is asked while `started` is on its way: if the log refuses it (another
+    writer appended first), no turn runs here, and the call is closed at once, so the
+    provider stops generating an answer nobody will read. The request is handed back
+    for the log's owner."""
+    starts = Hold(_has(Started))
+    trace, asked = _requests_seen()
+    held = HeldLog(nc.jetstream(), starts)
+    registry = TurnRegistry(redis_client(stack.redis_url))
+    before = await demo_streams(http, demo_model_url)
+    async with aiohttp.ClientSession(trace_configs=[trace]) as model_http:
+        cid, head = await _conversation(event_log)
+        actor = ConversationActor(cid, _context(held, registry, model_http, demo_model_url))
+        async with _running(actor) as inbox:
+            starts.on = True
+            delivery = Delivery()
+            inbox.put_nowait((_message(cid, "a long answer [[tokens=4000]]"), delivery))
+            async with asyncio.timeout(20):
+                await starts.holding.wait()
+                while not asked:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            await event_log.append(cid, [_title(cid, "another writer's")], head)
+            starts.gate.set()
+            await _settled(delivery)
+            assert delivery.settled == ["nak"]
+            async with asyncio.timeout(10):
+                went_away = before["went_away"]
+                while (await demo_streams(http, demo_model_url))["went_away"] == went_away:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+    events = [s.event for s in await event_log.read(cid)]
+    assert not any(isinstance(e, Started | Chunk) for e in events), events
 
 
 class AnnouncementHeld(TurnRegistry):

@@ -22,7 +22,7 @@ from events.vocabulary import (
     ToolResult,
     UserMessage,
 )
-from tests.conftest import Projected, Recorder
+from tests.conftest import Projected, Recorder, demo_streams
 from tests.sse import SseClient, SseEvent, sse_events, until_done
 
 
@@ -43,12 +43,6 @@ async def first_tokens(response: aiohttp.ClientResponse, n: int) -> list[SseEven
         if sum(e.event == "token" for e in seen) >= n:
             return seen
     raise AssertionError(f"the stream ended before {n} tokens: {seen}")
-
-
-async def demo_streams(http: aiohttp.ClientSession, demo_model_url: str) -> dict[str, int]:
-    async with http.get(demo_model_url + "/demo/streams") as response:
-        stats: dict[str, int] = await response.json()
-        return stats
 
 
 # ---------------------------------------------------------------- cancel
