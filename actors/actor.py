@@ -298,7 +298,7 @@ class ConversationActor:
                 if idle and state.project_id is None and outcome:
                     prestart = self._start_with(state, cmd, outcome, now)
                     if prestart is not None:
-                        return [*outcome, *prestart.started]
+                        return [*outcome, prestart.started]
                 return outcome
             if not state.exists:
                 return []  # nowhere to record it
@@ -306,8 +306,8 @@ class ConversationActor:
 
         try:
             # the turn runs once its `started` is in (the model asked meanwhile, by
-            # `_start_with`); its title follows
-            await self.writer.append_decided(decide, awaited=through_started)
+            # `_start_with`)
+            await self.writer.append_decided(decide)
         except BaseException:
             if prestart is not None:
                 prestart.runner.discard()
@@ -353,10 +353,11 @@ class ConversationActor:
         accepted: Sequence[Event],
         now: int,
     ) -> _Prestart | None:
-        """`started` and its title for `cmd`, whose request was just `accepted` on an idle
-        `state`, if it is the queue's head once folded in (None: it starts as queued
-        turns do). The turn's model is asked at once: its first token comes while
-        the append is on its way (bench burst: 1.6 ms p50 of a first token's 7)."""
+        """`started` for `cmd`, whose request was just `accepted` on an idle `state`, if
+        it is the queue's head once folded in (None: it starts as queued turns do).
+        The turn's model is asked at once: its first token comes while the append
+        is on its way (bench burst: 1.6 ms p50 of a first token's 7). The turn's
+        title is written after its first append."""
         folded = fold(state, accepted)
         queued = next_turn(folded)
         if queued is None or queued.command_id != cmd.command_id:
@@ -367,8 +368,9 @@ class ConversationActor:
         if not decided or not isinstance(first := decided[0], Started):
             return None
         runner = TurnRunner(self.ctx, self.writer, spec, choice, turn_id=first.turn_id)
+        runner.after_first = decided[1:]
         runner.ask_now(fold(folded, decided))
-        return _Prestart(decided, runner)
+        return _Prestart(first, runner)
 
     def _kick(self) -> None:
         """Start the queue's head if no turn runs."""
@@ -457,9 +459,13 @@ class ConversationActor:
                 )
             )
             if payer is None and decided and isinstance(decided[0], Started):
-                # no pre-flight to pass first: the model is asked while `started` is on
-                # its way (`TurnRunner.ask_now`)
+                # No pre-flight to pass first: the model is asked while `started` is on
+                # its way (`TurnRunner.ask_now`), and the title is written after the
+                # turn's first append. A billed turn's pre-flight is a round trip
+                # anyway (and may refuse it before it runs): its title goes with it.
+                runner.after_first = decided[1:]
                 runner.ask_now(fold(state, decided))
+                return decided[:1]
             return decided
 
         # A cancel finds the turn's runner from the moment the turn is announced, while
@@ -469,11 +475,8 @@ class ConversationActor:
         runner.before_end = self._announce_queued
         self.runner = runner
         try:
-            # `started` (or the refusal) is awaited; the title is written behind it,
-            # while the model's request is on its way (awaited, it held every first
-            # token up by a round trip: bench burst, 2.8 ms p50, 13 ms p99). A billed
-            # turn's pre-flight refusal is appended after it.
-            started = await self.writer.append_decided(start, awaited=through_started)
+            # A billed turn's pre-flight refusal is appended after its `started`.
+            started = await self.writer.append_decided(start)
             active = self.state.active
             if not started or active is None or active.turn_id != turn_id:
                 return
@@ -673,21 +676,11 @@ class ConversationActor:
             )
 
 
-def through_started(events: Sequence[Event]) -> int:
-    """How many of an append's events must be in the log before its turn may run:
-    those up to its `started` (all of them when there is none)."""
-    for count, event in enumerate(events, 1):
-        if isinstance(event, Started):
-            return count
-    return len(events)
-
-
 class _Prestart(NamedTuple):
     """A turn decided to start in the append that accepts its request."""
 
-    # `started` and what was decided with it (the title, written behind it)
-    started: Sequence[Event]
-    runner: TurnRunner  # its model asked already
+    started: Started
+    runner: TurnRunner  # its model asked already, the title given to write
 
 
 def _placeholder(conversation_id: str, command_id: str) -> SendMessage:

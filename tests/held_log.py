@@ -1,7 +1,8 @@
-"""The real event log, made to hold chosen appends open until a test lets them go.
+"""The real event log, made to hold chosen events open until a test lets them go.
 
-Nothing is faked: a held append waits at a gate, then goes to JetStream as any
-append does. Tests use it to stand in the moment between two appends, which
+Nothing is faked: a held event waits at a gate, then goes to JetStream as any
+event does (each event of an append is a publish of its own, so the events
+before it in its append are in the log meanwhile). Tests use it to stand in the moment between two appends, which
 under load lasts long enough to matter (a loaded worker's round trip to NATS:
 200 ms p50 at 1,000 turns) and on an idle machine too short to hit by chance.
 """
@@ -20,8 +21,8 @@ HOLD_S = 10.0
 
 
 class Hold:
-    """Appends whose events `picks` wait for `gate` (at most HOLD_S) while `on` is set;
-    `holding` is set once one does."""
+    """Events that `picks` (given each as a list of one) wait for `gate` (at most
+    HOLD_S) while `on` is set; `holding` is set once one does."""
 
     def __init__(self, picks: Callable[[Sequence[Event]], bool]) -> None:
         self.picks = picks
@@ -31,16 +32,19 @@ class Hold:
 
 
 class HeldLog(EventLog):
-    """The real log, whose appends wait at each of `holds` that picks them."""
+    """The real log, whose events wait at each of `holds` that picks them."""
 
     def __init__(self, js: JetStreamContext, *holds: Hold) -> None:
         super().__init__(js)
         self.holds = holds
 
     async def append_to(self, subject: str, events: Sequence[Event], expected_seq: int) -> int:
-        for hold in self.holds:
-            if hold.on and hold.picks(events):
-                hold.holding.set()
-                async with asyncio.timeout(HOLD_S):
-                    await hold.gate.wait()
-        return await super().append_to(subject, events, expected_seq)
+        last = expected_seq
+        for event in events:
+            for hold in self.holds:
+                if hold.on and hold.picks([event]):
+                    hold.holding.set()
+                    async with asyncio.timeout(HOLD_S):
+                        await hold.gate.wait()
+            last = await super().append_to(subject, [event], last)
+        return last

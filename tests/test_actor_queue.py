@@ -327,13 +327,11 @@ async def test_an_idle_conversations_request_starts_its_turn_in_the_same_append(
     stack: Servers, nc: NatsClient, event_log: EventLog, demo_model_url: str
 ) -> None:
     """`user_message`, `started` and the turn's title were three appends, one after the
-    other, on every turn's way to its first token (the title's, while the model's
-    request was out, could hold up the first text). On an idle conversation the
-    request and its turn's start are one append, and the title is written behind it
-    while the model is asked (each event is still a round trip of its own: see
-    `test_the_model_is_asked_while_the_turns_title_is_written_behind_its_start`); a
-    request queued behind a running turn is still accepted alone and started when
-    its turn comes."""
+    other, on every turn's way to its first token. On an idle conversation the
+    request and its turn's start are one append, and the title is written after the
+    turn's first text (each event is still a round trip of its own: see
+    `test_a_turns_first_text_does_not_wait_for_its_title`); a request queued behind
+    a running turn is still accepted alone and started when its turn comes."""
     counted = AppendLog(nc.jetstream())
     async with aiohttp.ClientSession() as http:
         ctx = _context(counted, TurnRegistry(redis_client(stack.redis_url)), http, demo_model_url)
@@ -343,9 +341,9 @@ async def test_an_idle_conversations_request_starts_its_turn_in_the_same_append(
             await _a_turn_then_a_queued_one(
                 event_log, cid, inbox, "the first [[tokens=40]]", "the second [[tokens=3]]"
             )
-    assert counted.appends[:2] == [["UserMessage", "Started"], ["Title"]], counted.appends
+    assert counted.appends[:2] == [["UserMessage", "Started"], ["Chunk", "Title"]], counted.appends
     kinds = [type(s.event).__name__ for s in await event_log.read(cid)]
-    assert kinds[:5] == ["ConversationCreated", "UserMessage", "Started", "Title", "Chunk"], kinds
+    assert kinds[:5] == ["ConversationCreated", "UserMessage", "Started", "Chunk", "Title"], kinds
     # the queued request: accepted alone while the first turn ran, started after its end
     first_done = kinds.index("Done")
     assert "UserMessage" in kinds[2:first_done] and kinds[first_done + 1] == "Started", kinds
@@ -758,16 +756,16 @@ async def test_a_message_sent_as_the_last_turn_ends_starts_its_turn_in_one_appen
 
 
 @pytest.mark.parametrize("start", ["idle", "queued", "next"])
-async def test_the_model_is_asked_while_the_turns_title_is_written_behind_its_start(
+async def test_a_turns_first_text_does_not_wait_for_its_title(
     nc: NatsClient, stack: Servers, event_log: EventLog, demo_model_url: str, start: str
 ) -> None:
-    """Every turn's start appends `started` and the conversation's title, and each
-    event of an append is a round trip of its own: awaited together, the title held
+    """Every turn's start decides `started` and the conversation's title, and each
+    event is a round trip of its own: appended before the first text, the title held
     every first token up by one (a pass of the worker's loop, 200 ms p50 at 1,000
-    turns). The model is now asked once `started` is in: on an idle conversation, on
-    a queued turn, and on the next message of a chat, sent as the turn before ends
-    (there the queue waits for the request's decision, and must not wait for the
-    title written behind it). The title still lands before the answer."""
+    turns), and once the model was asked as `started` was decided, it held it up by
+    exactly that. The title is now written after the turn's first text: on an idle
+    conversation, on a queued turn, and on the next message of a chat, sent as the
+    turn before ends (there the queue waits for the request's decision)."""
     titles = Hold(_has(Title))
     trace, asked = _requests_seen()
     registry = TurnRegistry(redis_client(stack.redis_url))
@@ -802,11 +800,10 @@ async def test_the_model_is_asked_while_the_turns_title_is_written_behind_its_st
             model_calls = 1 if start == "idle" else 2
             async with asyncio.timeout(20):
                 await titles.holding.wait()
-                while len(asked) < model_calls:  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)
-            # asked, while the title is still on its way
+            # the first text is in, while the title is still on its way
             events = [s.event for s in await event_log.read(cid)]
-            assert isinstance(events[-1], Started), events[-1]
+            assert isinstance(events[-1], Chunk) and isinstance(events[-2], Started), events[-2:]
+            assert len(asked) == model_calls
             titles.gate.set()
             await until(
                 event_log,
@@ -814,9 +811,9 @@ async def test_the_model_is_asked_while_the_turns_title_is_written_behind_its_st
                 lambda es: sum(isinstance(e, Done) for e in es) == model_calls,
                 "the turn's end",
             )
-    last_turn = [s.event for s in await event_log.read(cid)][len(events) - 1 :]
+    last_turn = [s.event for s in await event_log.read(cid)][len(events) - 2 :]
     kinds = [type(e).__name__ for e in last_turn]
-    assert kinds[:3] == ["Started", "Title", "Chunk"], kinds
+    assert kinds[:3] == ["Started", "Chunk", "Title"], kinds
     assert kinds[-1] == "Done"
 
 
@@ -908,7 +905,7 @@ async def test_a_turn_whose_start_the_log_refuses_closes_the_model_call_it_sent(
     registry = TurnRegistry(redis_client(stack.redis_url))
     before = await demo_streams(http, demo_model_url)
     async with aiohttp.ClientSession(trace_configs=[trace]) as model_http:
-        cid, head = await _conversation(event_log)
+        cid, _ = await _conversation(event_log)
         actor = ConversationActor(cid, _context(held, registry, model_http, demo_model_url))
         async with _running(actor) as inbox:
             starts.on = True
@@ -918,7 +915,9 @@ async def test_a_turn_whose_start_the_log_refuses_closes_the_model_call_it_sent(
                 await starts.holding.wait()
                 while not asked:  # noqa: ASYNC110
                     await asyncio.sleep(0.01)
-            await event_log.append(cid, [_title(cid, "another writer's")], head)
+            # the request's `user_message` is in; `started` is held behind it
+            last = await event_log.last_seq(cid)
+            await event_log.append(cid, [_title(cid, "another writer's")], last)
             starts.gate.set()
             await _settled(delivery)
             assert delivery.settled == ["nak"]

@@ -1,21 +1,17 @@
-"""The event log on real JetStream: single writer, read from a position, follow live;
-the writer's appends whose last events are written behind their caller."""
+"""The event log on real JetStream: single writer, read from a position, follow live."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
 
 import pytest
-from nats.aio.client import Client as NatsClient
 
 from actors.writer import EventWriter
 from events.errors import EventLogConflict
 from events.ids import new_id
 from events.log import EventLog, StoredEvent
 from events.vocabulary import Chunk, ConversationCreated, Event, Title
-from tests.held_log import HeldLog, Hold
 
 
 def created(cid: str) -> ConversationCreated:
@@ -134,74 +130,3 @@ async def test_first_and_last_read_the_conversations_ends_and_nothing_else(
     assert (first.seq, first.event) == (head, opening)
     assert last.seq == end and isinstance(last.event, Title) and last.event.title == "two"
     assert await event_log.last_seq(cid) == end
-
-
-def _titled(name: str) -> Callable[[Sequence[Event]], bool]:
-    return lambda events: any(isinstance(e, Title) and e.title == name for e in events)
-
-
-async def _titles(event_log: EventLog, cid: str) -> list[str]:
-    return [s.event.title for s in await event_log.read(cid) if isinstance(s.event, Title)]
-
-
-def _first_one(events: Sequence[Event]) -> int:
-    return 1
-
-
-async def _title_written_behind(nc: NatsClient) -> tuple[Hold, EventWriter]:
-    """A writer of a new conversation whose append of the titles "awaited" and "behind"
-    returned with the first in the log and the second held on its way."""
-    behind = Hold(_titled("behind"))
-    behind.on = True
-    held = HeldLog(nc.jetstream(), behind)
-    cid = new_id()
-    await held.append(cid, [created(cid)], expected_seq=0)
-    writer = EventWriter(cid, held, max_event_bytes=256 * 1024, new_id=new_id)
-    await writer.catch_up()
-    async with asyncio.timeout(10):
-        await writer.append_decided(
-            lambda s: [title(cid, "awaited"), title(cid, "behind")], awaited=_first_one
-        )
-        await behind.holding.wait()
-    return behind, writer
-
-
-async def test_an_append_returns_once_its_awaited_events_are_in_and_writes_the_rest_behind(
-    event_log: EventLog, nc: NatsClient
-) -> None:
-    """A turn's start is `started` and its title: the model is asked once `started` is
-    in, and the title follows it (one round trip less before the first token, where
-    each is one pass of a loaded worker's loop: 200 ms p50 at 1,000 turns)."""
-    behind, writer = await _title_written_behind(nc)
-    cid = writer.conversation_id
-    # back while the rest is on its way; the view already holds it
-    assert await _titles(event_log, cid) == ["awaited"]
-    assert writer.state.title == "behind"
-    # the next append waits for it: the log's order is the order decided (appended
-    # first, "after" would have been accepted and "behind" refused)
-    after = asyncio.create_task(writer.append([title(cid, "after")]))
-    behind.gate.set()
-    async with asyncio.timeout(10):
-        await after
-    assert await _titles(event_log, cid) == ["awaited", "behind", "after"]
-    assert writer.seq == await event_log.last_seq(cid) and writer.state.title == "after"
-
-
-async def test_events_written_behind_that_the_log_refuses_leave_the_writer_stale(
-    event_log: EventLog, nc: NatsClient
-) -> None:
-    behind, writer = await _title_written_behind(nc)
-    cid = writer.conversation_id
-    # another writer appends in between: what was written behind is refused
-    other = EventWriter(cid, event_log, max_event_bytes=256 * 1024, new_id=new_id)
-    await other.catch_up()
-    await other.append([title(cid, "another writer")])
-    behind.gate.set()
-    # nothing more is written on a view the log does not hold, until it is read again
-    with pytest.raises(EventLogConflict):
-        async with asyncio.timeout(10):
-            await writer.append([title(cid, "on the forgotten view")])
-    assert writer.stale and writer.state.title == ""
-    assert await _titles(event_log, cid) == ["awaited", "another writer"]
-    await writer.catch_up()
-    assert not writer.stale and writer.state.title == "another writer"
