@@ -21,10 +21,12 @@ What may not enter: what is published or why (events.log decides that).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import msgspec
 import nats.js.errors
 
-from events.replies import Replies, no_responders
+from events.replies import Answer, Replies, no_responders
 
 
 class _Error(msgspec.Struct):
@@ -53,11 +55,32 @@ class AckedPublisher:
         self, subject: str, payload: bytes, headers: dict[str, str], wait_s: float
     ) -> int:
         """Publish and wait up to `wait_s` for the stream's ack; the message's stream sequence."""
-        answer = await self._replies.request(subject, payload, wait_s, headers)
-        if no_responders(answer):
-            raise nats.js.errors.NoStreamResponseError
-        ack = _decode_ack(answer.data)
-        if ack.error is not None:
-            # raises the same class nats.py would: ServiceUnavailableError for a 503, ...
-            nats.js.errors.APIError.from_error(msgspec.structs.asdict(ack.error))
-        return ack.seq
+        return _sequence(await self._replies.request(subject, payload, wait_s, headers))
+
+    async def publish_each(
+        self, subject: str, messages: Sequence[tuple[bytes, dict[str, str]]], wait_s: float
+    ) -> list[int | Exception]:
+        """Publish every message (payload, headers) back to back, before any ack comes, and
+        wait up to `wait_s` for each one's: its stream sequence, or what `publish` would
+        have raised for it."""
+        results: list[int | Exception] = []
+        for answer in await self._replies.request_each(subject, messages, wait_s):
+            if isinstance(answer, Exception):
+                results.append(answer)
+                continue
+            try:
+                results.append(_sequence(answer))
+            except Exception as err:
+                results.append(err)
+        return results
+
+
+def _sequence(answer: Answer) -> int:
+    """The stream sequence an ack gives, or the error it carries, raised."""
+    if no_responders(answer):
+        raise nats.js.errors.NoStreamResponseError
+    ack = _decode_ack(answer.data)
+    if ack.error is not None:
+        # raises the same class nats.py would: ServiceUnavailableError for a 503, ...
+        nats.js.errors.APIError.from_error(msgspec.structs.asdict(ack.error))
+    return ack.seq

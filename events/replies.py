@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Sequence
 from typing import Any, Final
 
 import nats.errors
@@ -121,6 +122,48 @@ class Replies:
         Raises nats.errors.TimeoutError when nothing answers in time."""
         [answer] = await self._ask(subject, payload, wait_s, headers, until_status=False)
         return answer
+
+    async def request_each(
+        self, subject: str, requests: Sequence[tuple[bytes, dict[str, str]]], wait_s: float
+    ) -> list[Answer | Exception]:
+        """Publish every request (payload, headers) in order, back to back, then wait up to
+        `wait_s` for each one's first answer: one round trip for them all. Each result is
+        the answer, or what failed it (nats.errors.TimeoutError when nothing answered; a
+        publish that failed fails every request after it, which is not sent)."""
+        if self._sub is None:
+            await self._subscribe()
+        loop = asyncio.get_running_loop()
+        sent: list[tuple[str, _Waiting]] = []
+        failed: Exception | None = None
+        try:
+            for payload, headers in requests:
+                token = str(next(self._counter))
+                waiting = _Waiting(loop, wait_s, until_status=False)
+                self._waiting[token] = waiting
+                sent.append((token, waiting))
+                if self._sweep is None:
+                    self._sweep = loop.call_later(_SWEEP_S, self._expire_late)
+                try:
+                    await self._nc.publish(
+                        subject, payload, reply=self._prefix + token, headers=headers
+                    )
+                except Exception as err:
+                    failed = err
+                    sent.pop()
+                    self._waiting.pop(token, None)
+                    break
+            results: list[Answer | Exception] = []
+            for _, waiting in sent:
+                try:
+                    results.append((await waiting.done)[0])
+                except nats.errors.TimeoutError as err:
+                    results.append(err)
+            if failed is not None:
+                results += [failed] * (len(requests) - len(results))
+            return results
+        finally:
+            for token, _ in sent:
+                self._waiting.pop(token, None)
 
     async def request_many(self, subject: str, payload: bytes, wait_s: float) -> list[Answer]:
         """Publish and collect every answer up to and including the first status message

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 
 import pytest
+from nats.aio.client import Client as NatsClient
 
 from actors.writer import EventWriter
 from events.errors import EventLogConflict
 from events.ids import new_id
 from events.log import EventLog, StoredEvent
+from events.publisher import AckedPublisher
 from events.vocabulary import Chunk, ConversationCreated, Event, Title
 
 
@@ -130,3 +133,71 @@ async def test_first_and_last_read_the_conversations_ends_and_nothing_else(
     assert (first.seq, first.event) == (head, opening)
     assert last.seq == end and isinstance(last.event, Title) and last.event.title == "two"
     assert await event_log.last_seq(cid) == end
+
+
+async def test_the_events_of_an_append_leave_together_before_any_ack(
+    event_log: EventLog,
+) -> None:
+    """Each event is a message of its own, checked against the one before it, and they
+    went one round trip after another: a turn's `user_message` and `started`, two
+    passes of a loaded worker's loop on its way to the first token. They now leave at
+    once, each checked against the event before it (Nats-Expected-Last-Msg-Id)."""
+    cid = new_id()
+    head = await event_log.append(cid, [created(cid)], expected_seq=0)
+    events = [title(cid, "one"), title(cid, "two"), title(cid, "three")]
+    appending = asyncio.create_task(event_log.append(cid, events, expected_seq=head))
+    in_flight = 0
+    async with asyncio.timeout(10):
+        while not appending.done():
+            in_flight = max(in_flight, event_log.replies.waiting)
+            await asyncio.sleep(0)
+    last = await appending
+    assert in_flight == 3
+    stored = await event_log.read(cid)
+    assert [s.event for s in stored[1:]] == events and stored[-1].seq == last
+
+
+class Interleaved(AckedPublisher):
+    """Publishes a chain's first message, then another conversation's event, then the
+    rest: another writer's message landing between two events of one append."""
+
+    def __init__(self, event_log: EventLog) -> None:
+        super().__init__(event_log.replies)
+        self.log = event_log
+        self.other = new_id()
+
+    async def publish_each(
+        self, subject: str, messages: Sequence[tuple[bytes, dict[str, str]]], wait_s: float
+    ) -> list[int | Exception]:
+        first = await super().publish_each(subject, messages[:1], wait_s)
+        await self.log.append(self.other, [created(self.other)], expected_seq=0)
+        return first + await super().publish_each(subject, messages[1:], wait_s)
+
+
+async def test_an_append_whose_chain_another_writer_breaks_still_lands_whole_and_in_order(
+    nc: NatsClient,
+) -> None:
+    event_log = EventLog(nc.jetstream())
+    interleaved = Interleaved(event_log)
+    cid = new_id()
+    head = await event_log.append(cid, [created(cid)], expected_seq=0)
+    event_log._publisher = interleaved
+    events = [title(cid, "one"), title(cid, "two"), title(cid, "three")]
+    last = await event_log.append(cid, events, expected_seq=head)
+    stored = await event_log.read(cid)
+    assert [s.event for s in stored[1:]] == events and stored[-1].seq == last
+    # the other conversation's entry did land between the first two
+    other = await event_log.read(interleaved.other)
+    assert stored[1].seq < other[0].seq < stored[2].seq
+
+
+async def test_an_append_of_several_events_on_a_stale_position_lands_none(
+    event_log: EventLog,
+) -> None:
+    cid = new_id()
+    head = await event_log.append(cid, [created(cid)], expected_seq=0)
+    await event_log.append(cid, [title(cid, "another writer")], expected_seq=head)
+    with pytest.raises(EventLogConflict):
+        await event_log.append(cid, [title(cid, "one"), title(cid, "two")], expected_seq=head)
+    titles = [s.event.title for s in await event_log.read(cid) if isinstance(s.event, Title)]
+    assert titles == ["another writer"]
