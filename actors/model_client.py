@@ -98,13 +98,10 @@ async def stream_chat(
     session: aiohttp.ClientSession,
     endpoint: ModelEndpoint,
     request: ChatRequest,
-    *,
-    connect_timeout: float = 10,
-    first_byte_timeout: float = 120,
-    idle_timeout: float = 120,
+    **timeouts: float,
 ) -> AsyncGenerator[StreamItem, None]:
-    """Stream one chat completion; yields items as the bytes arrive (`send_chat`, then
-    `read_chat`).
+    """Stream one chat completion; yields items as the bytes arrive (`send_chat`, with
+    its `timeouts`, then `read_chat`).
 
     A caller that stops early should close the generator (`contextlib.aclosing`),
     which closes the connection at once rather than when it is garbage collected.
@@ -113,15 +110,7 @@ async def stream_chat(
     `stream_cut`, `bad_json` or `model_error` (see `actors.errors`). Items yielded
     before an error stay valid: they are what the model produced until then.
     """
-    sent = await send_chat(
-        session,
-        endpoint,
-        request,
-        connect_timeout=connect_timeout,
-        first_byte_timeout=first_byte_timeout,
-        idle_timeout=idle_timeout,
-    )
-    async for item in read_chat(sent):
+    async for item in read_chat(await send_chat(session, endpoint, request, **timeouts)):
         yield item
 
 

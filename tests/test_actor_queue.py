@@ -110,6 +110,11 @@ def _has(kind: type[Event] | types.UnionType) -> Callable[[Sequence[Any]], bool]
     return lambda events: any(isinstance(e, kind) for e in events)
 
 
+def _counted(kind: type[Event], n: int) -> Callable[[Sequence[Any]], bool]:
+    """Whether exactly `n` of some events are of `kind`."""
+    return lambda events: sum(isinstance(e, kind) for e in events) == n
+
+
 async def until(log: EventLog, cid: str, check: Callable[[list[Any]], bool], what: str) -> None:
     """Wait until `check` holds for the conversation's events (polled: the log is the truth)."""
     try:
@@ -171,7 +176,7 @@ async def test_a_message_sent_while_the_last_turn_is_being_wrapped_up_still_gets
         await until(
             event_log,
             cid,
-            lambda events: sum(isinstance(e, Done) for e in events) == 2,
+            _counted(Done, 2),
             "the second turn ended",
         )
         registry.hold = False
@@ -232,9 +237,7 @@ async def _a_turn_then_a_queued_one(
     await until(event_log, cid, _has(Started), "first started")
     queued = msgspec.structs.replace(_message(cid, then), on_busy="enqueue")
     inbox.put_nowait((queued, Delivery()))
-    await until(
-        event_log, cid, lambda es: sum(isinstance(e, Done) for e in es) == 2, "both turns ended"
-    )
+    await until(event_log, cid, _counted(Done, 2), "both turns ended")
 
 
 async def _conversation(event_log: EventLog) -> tuple[str, int]:
@@ -732,9 +735,7 @@ async def test_a_message_sent_as_the_last_turn_ends_starts_its_turn_in_one_appen
             watched.end.on = registry.hold = False
             watched.end.gate.set()
             registry.gate.set()
-            await until(
-                event_log, cid, lambda es: sum(isinstance(e, Done) for e in es) == 2, "both ended"
-            )
+            await until(event_log, cid, _counted(Done, 2), "both ended")
             async with asyncio.timeout(10):
                 while await registry.get(cid) is not None:  # noqa: ASYNC110
                     await asyncio.sleep(0.01)
@@ -808,7 +809,7 @@ async def test_a_turns_first_text_does_not_wait_for_its_title(
             await until(
                 event_log,
                 cid,
-                lambda es: sum(isinstance(e, Done) for e in es) == model_calls,
+                _counted(Done, model_calls),
                 "the turn's end",
             )
     last_turn = [s.event for s in await event_log.read(cid)][len(events) - 2 :]
@@ -858,7 +859,7 @@ async def test_the_model_is_asked_while_the_turns_start_is_on_its_way(
                 await until(
                     event_log,
                     cid,
-                    lambda es: sum(isinstance(e, UserMessage) for e in es) == 2,
+                    _counted(UserMessage, 2),
                     "the second question accepted",
                 )
             starts.on = True
@@ -876,7 +877,7 @@ async def test_the_model_is_asked_while_the_turns_start_is_on_its_way(
             await until(
                 event_log,
                 cid,
-                lambda es: sum(isinstance(e, Done) for e in es) == turns,
+                _counted(Done, turns),
                 "the turn's end",
             )
     events = [s.event for s in await event_log.read(cid)]
