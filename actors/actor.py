@@ -298,7 +298,7 @@ class ConversationActor:
                 if idle and state.project_id is None and outcome:
                     prestart = self._start_with(state, cmd, outcome, now)
                     if prestart is not None:
-                        return [*outcome, prestart.started]
+                        return [*outcome, *prestart.started]
                 return outcome
             if not state.exists:
                 return []  # nowhere to record it
@@ -356,8 +356,7 @@ class ConversationActor:
         """`started` for `cmd`, whose request was just `accepted` on an idle `state`, if
         it is the queue's head once folded in (None: it starts as queued turns do).
         The turn's model is asked at once: its first token comes while the append
-        is on its way (bench burst: 1.6 ms p50 of a first token's 7). The turn's
-        title is written after its first append."""
+        is on its way (bench burst: 1.6 ms p50 of a first token's 7)."""
         folded = fold(state, accepted)
         queued = next_turn(folded)
         if queued is None or queued.command_id != cmd.command_id:
@@ -368,9 +367,8 @@ class ConversationActor:
         if not decided or not isinstance(first := decided[0], Started):
             return None
         runner = TurnRunner(self.ctx, self.writer, spec, choice, turn_id=first.turn_id)
-        runner.after_first = decided[1:]
         runner.ask_now(fold(folded, decided))
-        return _Prestart(first, runner)
+        return _Prestart(decided, runner)
 
     def _kick(self) -> None:
         """Start the queue's head if no turn runs."""
@@ -459,13 +457,9 @@ class ConversationActor:
                 )
             )
             if payer is None and decided and isinstance(decided[0], Started):
-                # No pre-flight to pass first: the model is asked while `started` is on
-                # its way (`TurnRunner.ask_now`), and the title is written after the
-                # turn's first append. A billed turn's pre-flight is a round trip
-                # anyway (and may refuse it before it runs): its title goes with it.
-                runner.after_first = decided[1:]
+                # no pre-flight to pass first: the model is asked while `started` is on
+                # its way (`TurnRunner.ask_now`)
                 runner.ask_now(fold(state, decided))
-                return decided[:1]
             return decided
 
         # A cancel finds the turn's runner from the moment the turn is announced, while
@@ -679,8 +673,9 @@ class ConversationActor:
 class _Prestart(NamedTuple):
     """A turn decided to start in the append that accepts its request."""
 
-    started: Started
-    runner: TurnRunner  # its model asked already, the title given to write
+    # `started` and what was decided with it (the title), one append
+    started: Sequence[Event]
+    runner: TurnRunner  # its model asked already
 
 
 def _placeholder(conversation_id: str, command_id: str) -> SendMessage:

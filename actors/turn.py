@@ -169,9 +169,6 @@ class TurnRunner:
         # under the writer's lock, with the state the end is decided on: the actor
         # announces there a turn queued behind this one.
         self.before_end: Callable[[Conversation], Awaitable[None]] | None = None
-        # What the turn's start decided that its first token need not wait for (its
-        # title): written after the turn's first append (`TurnStream`).
-        self.after_first: Sequence[Event] = ()
         # the first model call, sent before the turn runs (`ask_now`), and what it asks
         self._plan: _CallPlan | None = None
         self._early: asyncio.Task[SentChat] | None = None
@@ -225,14 +222,7 @@ class TurnRunner:
         ctx = self.ctx
         plan = self._plan or _plan_call(ctx, self.spec, self.writer.state)
         endpoint, messages = plan.endpoint, plan.messages
-        stream = TurnStream(
-            self.writer,
-            self.turn_id,
-            ctx.clock,
-            ctx.new_id,
-            ctx.append_tick,
-            after_first=self.after_first,
-        )
+        stream = TurnStream(self.writer, self.turn_id, ctx.clock, ctx.new_id, ctx.append_tick)
         totals = TurnTotals()
         stop_reason = "stop"
         try:

@@ -7,15 +7,12 @@ append, and the state after each append is the fold of the log. Decisions that
 must see the latest state run under the same lock (`append_decided`).
 
 Each event of an append is its own JetStream message, checked against the one
-before it (`Nats-Expected-Last-Subject-Sequence`), so an append of three events
-is three round trips in a row.
+before it, and they leave together: one round trip per append (events.log).
 
 `TurnStream` batches a turn's events with one append in flight (adaptive
 batching): text that arrives meanwhile shares the next `chunk`. Text also waits
 for the worker's next `AppendTick` (a few milliseconds), so the appends of all
-the worker's streams leave in one loop iteration and one write to NATS. What
-the turn's start decided but its first token need not wait for (the title) is
-written after the stream's first append.
+the worker's streams leave in one loop iteration and one write to NATS.
 
 What may not enter: decisions (actors.decide) and the turn's logic (actors.turn).
 """
@@ -258,12 +255,6 @@ class TurnStream:
     of it as one chunk per run of the same kind. At a low token rate every token
     goes out alone, at a high rate tokens share an event, and the log never
     becomes the bottleneck of the stream.
-
-    `after_first` are written right after the stream's first append (or alone when
-    it closes with nothing else): the turn's title, decided with its `started`.
-    Each event is a round trip to NATS of its own, and written before the first
-    text, the title held every first token up by one (a pass of a loaded worker's
-    loop: 200 ms p50 at 1,000 turns).
     """
 
     def __init__(
@@ -273,11 +264,8 @@ class TurnStream:
         clock: Callable[[], int],
         new_id: Callable[[], str],
         tick: AppendTick = NO_TICK,
-        *,
-        after_first: Sequence[Event] = (),
     ) -> None:
         self._writer = writer
-        self._after_first = after_first
         self._turn_id = turn_id
         self._clock = clock
         self._new_id = new_id
@@ -339,14 +327,17 @@ class TurnStream:
                 await self._wake.wait()
                 self._wake.clear()
                 self._waiting_tick = False
-                while self._pending or (self._closing and self._after_first):
+                while self._pending:
                     batch, self._pending = self._pending, []
-                    events = coalesce(
-                        batch, writer.conversation_id, self._turn_id, self._clock(), self._new_id
+                    await writer.append(
+                        coalesce(
+                            batch,
+                            writer.conversation_id,
+                            self._turn_id,
+                            self._clock(),
+                            self._new_id,
+                        )
                     )
-                    if self._after_first:
-                        events, self._after_first = [*events, *self._after_first], ()
-                    await writer.append(events)
                 if self._closing:
                     return
         except BaseException as err:

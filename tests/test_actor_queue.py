@@ -331,10 +331,9 @@ async def test_an_idle_conversations_request_starts_its_turn_in_the_same_append(
 ) -> None:
     """`user_message`, `started` and the turn's title were three appends, one after the
     other, on every turn's way to its first token. On an idle conversation the
-    request and its turn's start are one append, and the title is written after the
-    turn's first text (each event is still a round trip of its own: see
-    `test_a_turns_first_text_does_not_wait_for_its_title`); a request queued behind
-    a running turn is still accepted alone and started when its turn comes."""
+    request and its turn's start (its title too) are one append, whose events leave
+    together (tests/test_event_log.py); a request queued behind a running turn is
+    still accepted alone and started when its turn comes."""
     counted = AppendLog(nc.jetstream())
     async with aiohttp.ClientSession() as http:
         ctx = _context(counted, TurnRegistry(redis_client(stack.redis_url)), http, demo_model_url)
@@ -344,13 +343,13 @@ async def test_an_idle_conversations_request_starts_its_turn_in_the_same_append(
             await _a_turn_then_a_queued_one(
                 event_log, cid, inbox, "the first [[tokens=40]]", "the second [[tokens=3]]"
             )
-    assert counted.appends[:2] == [["UserMessage", "Started"], ["Chunk", "Title"]], counted.appends
+    assert counted.appends[0] == ["UserMessage", "Started", "Title"], counted.appends
     kinds = [type(s.event).__name__ for s in await event_log.read(cid)]
-    assert kinds[:5] == ["ConversationCreated", "UserMessage", "Started", "Chunk", "Title"], kinds
+    assert kinds[:5] == ["ConversationCreated", "UserMessage", "Started", "Title", "Chunk"], kinds
     # the queued request: accepted alone while the first turn ran, started after its end
     first_done = kinds.index("Done")
     assert "UserMessage" in kinds[2:first_done] and kinds[first_done + 1] == "Started", kinds
-    assert ["UserMessage"] in counted.appends and ["Started"] in counted.appends
+    assert ["UserMessage"] in counted.appends and ["Started", "Title"] in counted.appends
 
 
 class ReadGatedLog(EventLog):
@@ -756,68 +755,6 @@ async def test_a_message_sent_as_the_last_turn_ends_starts_its_turn_in_one_appen
     assert record.after < positions[second.message_id], (record, positions)
 
 
-@pytest.mark.parametrize("start", ["idle", "queued", "next"])
-async def test_a_turns_first_text_does_not_wait_for_its_title(
-    nc: NatsClient, stack: Servers, event_log: EventLog, demo_model_url: str, start: str
-) -> None:
-    """Every turn's start decides `started` and the conversation's title, and each
-    event is a round trip of its own: appended before the first text, the title held
-    every first token up by one (a pass of the worker's loop, 200 ms p50 at 1,000
-    turns), and once the model was asked as `started` was decided, it held it up by
-    exactly that. The title is now written after the turn's first text: on an idle
-    conversation, on a queued turn, and on the next message of a chat, sent as the
-    turn before ends (there the queue waits for the request's decision)."""
-    titles = Hold(_has(Title))
-    trace, asked = _requests_seen()
-    registry = TurnRegistry(redis_client(stack.redis_url))
-    held = EndHeldLog(nc.jetstream(), registry, titles)
-    async with aiohttp.ClientSession(trace_configs=[trace]) as http:
-        cid, _ = await _conversation(event_log)
-        actor = ConversationActor(cid, _context(held, registry, http, demo_model_url))
-        async with _running(actor) as inbox:
-            if start == "idle":
-                titles.on = True
-                inbox.put_nowait((_message(cid, "a question [[tokens=5]]"), Delivery()))
-            elif start == "queued":
-                inbox.put_nowait(
-                    (_message(cid, "first question [[tokens=20]] [[rate=20]]"), Delivery())
-                )
-                await until(event_log, cid, _has(Title), "the first turn's title")
-                queued = _message(cid, "second question [[tokens=5]]")
-                titles.on = True
-                inbox.put_nowait((msgspec.structs.replace(queued, on_busy="enqueue"), Delivery()))
-            else:
-                held.end.on = True
-                inbox.put_nowait((_message(cid, "first question [[tokens=5]]"), Delivery()))
-                async with asyncio.timeout(20):
-                    await held.end.holding.wait()  # the first turn's `done` on its way
-                titles.on = True
-                inbox.put_nowait((_message(cid, "second question [[tokens=5]]"), Delivery()))
-                async with asyncio.timeout(10):
-                    while not inbox.empty():  # noqa: ASYNC110 (taken: the actor is deciding it)
-                        await asyncio.sleep(0.005)
-                held.end.on = False
-                held.end.gate.set()
-            model_calls = 1 if start == "idle" else 2
-            async with asyncio.timeout(20):
-                await titles.holding.wait()
-            # the first text is in, while the title is still on its way
-            events = [s.event for s in await event_log.read(cid)]
-            assert isinstance(events[-1], Chunk) and isinstance(events[-2], Started), events[-2:]
-            assert len(asked) == model_calls
-            titles.gate.set()
-            await until(
-                event_log,
-                cid,
-                _counted(Done, model_calls),
-                "the turn's end",
-            )
-    last_turn = [s.event for s in await event_log.read(cid)][len(events) - 2 :]
-    kinds = [type(e).__name__ for e in last_turn]
-    assert kinds[:3] == ["Started", "Chunk", "Title"], kinds
-    assert kinds[-1] == "Done"
-
-
 def _requests_seen() -> tuple[aiohttp.TraceConfig, list[str]]:
     """A client trace, and the URLs of the requests it has seen start (a model's asked)."""
     asked: list[str] = []
@@ -830,7 +767,7 @@ def _requests_seen() -> tuple[aiohttp.TraceConfig, list[str]]:
     return trace, asked
 
 
-@pytest.mark.parametrize("start", ["idle", "queued"])
+@pytest.mark.parametrize("start", ["idle", "queued", "next"])
 async def test_the_model_is_asked_while_the_turns_start_is_on_its_way(
     nc: NatsClient, stack: Servers, event_log: EventLog, demo_model_url: str, start: str
 ) -> None:
@@ -840,11 +777,13 @@ async def test_the_model_is_asked_while_the_turns_start_is_on_its_way(
     turns 427 and 258 ms). The call is now sent as `started` is decided, on the state
     it makes, and the two overlap: the answer waits in the connection until the turn
     runs, once `started` is in. Here the start is held in the log until the model has
-    been asked; the answer then streams whole, after `started`."""
+    been asked, on an idle conversation, on a queued turn, and on the next message of
+    a chat, sent as the turn before ends; the answer then streams whole, after
+    `started` and the title."""
     starts = Hold(_has(Started))
     trace, asked = _requests_seen()
-    held = HeldLog(nc.jetstream(), starts)
     registry = TurnRegistry(redis_client(stack.redis_url))
+    held = EndHeldLog(nc.jetstream(), registry, starts)
     async with aiohttp.ClientSession(trace_configs=[trace]) as http:
         cid, _ = await _conversation(event_log)
         actor = ConversationActor(cid, _context(held, registry, http, demo_model_url))
@@ -862,9 +801,21 @@ async def test_the_model_is_asked_while_the_turns_start_is_on_its_way(
                     _counted(UserMessage, 2),
                     "the second question accepted",
                 )
+            elif start == "next":
+                held.end.on = True
+                inbox.put_nowait((_message(cid, "first question [[tokens=5]]"), Delivery()))
+                async with asyncio.timeout(20):
+                    await held.end.holding.wait()  # the first turn's `done` on its way
             starts.on = True
             if start == "idle":
                 inbox.put_nowait((_message(cid, "a question [[tokens=5]]"), Delivery()))
+            elif start == "next":
+                inbox.put_nowait((_message(cid, "second question [[tokens=5]]"), Delivery()))
+                async with asyncio.timeout(10):
+                    while not inbox.empty():  # noqa: ASYNC110 (taken: the actor is deciding it)
+                        await asyncio.sleep(0.005)
+                held.end.on = False
+                held.end.gate.set()
             turns = 1 if start == "idle" else 2
             async with asyncio.timeout(20):
                 await starts.holding.wait()
@@ -883,6 +834,7 @@ async def test_the_model_is_asked_while_the_turns_start_is_on_its_way(
     events = [s.event for s in await event_log.read(cid)]
     last = max(i for i, e in enumerate(events) if isinstance(e, Started))
     turn = events[last:]
+    assert isinstance(turn[1], Title), turn[:3]
     assert isinstance(turn[-1], Done) and turn[-1].output_tokens == 5, turn[-1]
     answer = "".join(e.text for e in turn if isinstance(e, Chunk))
     assert answer.split() == ["0", "1", "2", "3", "4"], answer

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
-from nats.aio.client import Client as NatsClient
-
 from actors.writer import AppendTick, EventWriter, TurnStream
 from events.ids import new_id
 from events.log import EventLog
-from events.vocabulary import Chunk, ConversationCreated, Event, Title
-from tests.held_log import HeldLog, Hold
+from events.vocabulary import Chunk, ConversationCreated, Title
 
 WAIT_S = 10.0
 
@@ -108,49 +105,3 @@ async def test_a_first_text_that_joins_the_titles_append_is_still_the_first(
         assert asyncio.get_running_loop().time() - ticked_at >= window_s - 0.002
     finally:
         await stream.abort()
-
-
-def _title(writer: EventWriter) -> Title:
-    cid = writer.conversation_id
-    return Title(conversation_id=cid, at=2, event_id=new_id(), title="t", source="auto")
-
-
-async def _kinds(event_log: EventLog, cid: str) -> list[str]:
-    return [type(s.event).__name__ for s in await event_log.read(cid)]
-
-
-async def test_what_the_turns_start_leaves_to_it_is_written_after_its_first_text(
-    event_log: EventLog, nc: NatsClient
-) -> None:
-    """A turn's title, decided with its `started`, was appended before its first text,
-    and each event is a round trip to NATS of its own: the title held every first
-    token up by one. It is written after the stream's first append: here its append
-    is held, and the first text is in the log meanwhile."""
-    titles = Hold(lambda events: any(isinstance(e, Title) for e in events))
-    titles.on = True
-    writer = await _writer(HeldLog(nc.jetstream(), titles))
-    cid = writer.conversation_id
-    after_first: list[Event] = [_title(writer)]
-    stream = TurnStream(writer, new_id(), lambda: 2, new_id, after_first=after_first)
-    try:
-        stream.chunk("answer", "Hello")
-        async with asyncio.timeout(WAIT_S):
-            await titles.holding.wait()
-        assert await _kinds(event_log, cid) == ["ConversationCreated", "Chunk"]
-        titles.gate.set()
-        stream.chunk("answer", " world")
-        await stream.close()
-    finally:
-        titles.gate.set()
-        await stream.abort()
-    assert await _kinds(event_log, cid) == ["ConversationCreated", "Chunk", "Title", "Chunk"]
-
-
-async def test_a_stream_closed_without_text_still_writes_what_its_start_left(
-    event_log: EventLog,
-) -> None:
-    # a turn cancelled before it ran, or failed before the model said anything
-    writer = await _writer(event_log)
-    stream = TurnStream(writer, new_id(), lambda: 2, new_id, after_first=[_title(writer)])
-    await stream.close()
-    assert await _kinds(event_log, writer.conversation_id) == ["ConversationCreated", "Title"]
