@@ -1,10 +1,10 @@
 """The real event log, made to hold chosen events open until a test lets them go.
 
 Nothing is faked: a held event waits at a gate, then goes to JetStream as any
-event does (each event of an append is a publish of its own, so the events
-before it in its append are in the log meanwhile). Tests use it to stand in the moment between two appends, which
-under load lasts long enough to matter (a loaded worker's round trip to NATS:
-200 ms p50 at 1,000 turns) and on an idle machine too short to hit by chance.
+event does, one at a time (so the events before it in its append are in the log
+meanwhile). Tests use it to stand in the moment between two appends, which under
+load lasts long enough to matter (a loaded worker's round trip to NATS: 200 ms
+p50 at 1,000 turns) and on an idle machine too short to hit by chance.
 """
 
 from __future__ import annotations
