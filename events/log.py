@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
 
 import msgspec
 import nats.errors
@@ -113,6 +114,21 @@ class StoredEvent(msgspec.Struct, frozen=True, gc=False):
     event: AnyEvent | Unreadable
 
 
+class LogObserver(Protocol):
+    """What the log tells about its appends (the wiring counts it: parley/metrics.py).
+    Calls are quick and never raise."""
+
+    def chain_broken(self) -> None:
+        """Another writer's entry came between two events of one append after its
+        first landed; the rest went one event at a time (`EventLog._publish_chained`):
+        a round trip more each."""
+
+
+class NoLogObserver:
+    def chain_broken(self) -> None:
+        pass
+
+
 class EventLog:
     """Append, read and follow one conversation's events."""
 
@@ -122,6 +138,7 @@ class EventLog:
         *,
         publish_timeout: float = 5.0,
         retry_for_s: float = _RETRY_FOR_S,
+        observer: LogObserver | None = None,
     ) -> None:
         self._js = js
         # appends' acks and reads' answers: one inbox, straight from the read loop;
@@ -131,6 +148,7 @@ class EventLog:
         self._publish_timeout = publish_timeout
         # how long an append waits for a broker, or a stream leader, that is away
         self._retry_for_s = retry_for_s
+        self._observer = observer or NoLogObserver()
 
     async def append(self, conversation_id: str, events: Sequence[Event], expected_seq: int) -> int:
         """Append events in order; returns the sequence of the last one.
@@ -177,8 +195,12 @@ class EventLog:
         for landed in range(len(acks), 0, -1):
             seq = acks[landed - 1]
             if isinstance(seq, int):
-                return landed, seq
-        return 0, expected
+                break
+        else:
+            landed, seq = 0, expected
+        if 0 < landed < len(acks):
+            self._observer.chain_broken()  # (none landed: a stale append, or no answer)
+        return landed, seq
 
     async def _publish_one(
         self, subject: str, conversation_id: str, event: Event, expected: int

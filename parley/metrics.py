@@ -2,7 +2,7 @@
 
 `Metrics` implements the observers the rooms declare where they are used
 (`api.context.EdgeMetrics` for the edge, `actors.turn.TurnObserver` for the
-worker's turns), so no room imports prometheus-client or this module; the
+worker's turns, `events.log.LogObserver` for the worker's appends), so no room imports prometheus-client or this module; the
 wiring (parley/services.py) hands the same `Metrics` to each role, and the
 edge's GET /metrics exposes it. With `parley dev` (every role in one process)
 that is everything; a process without an edge serves it on its own port
@@ -85,9 +85,15 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.chains_broken = Counter(
+            "parley_append_chains_broken",
+            "appends whose events, sent together, another writer's entry came between "
+            "(the rest went one at a time: a round trip more each)",
+            registry=r,
+        )
         self.first_token_seconds = Histogram(
             "parley_time_to_first_token_seconds",
-            "a turn's start (its `started` in the log) to the model's first text",
+            "a turn's start (its `started` decided) to the model's first text",
             ["model"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
@@ -114,6 +120,11 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    # ------------------------------------------------------------ events.log.LogObserver
+
+    def chain_broken(self) -> None:
+        self.chains_broken.inc()
 
     # ------------------------------------------------------------ actors.turn.TurnObserver
 

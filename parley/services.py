@@ -273,7 +273,7 @@ class Services:
         # 10s") at 500 turns at once; a provider that wants fewer says 429.
         http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         self._stack.push_async_callback(http.close)
-        event_log = EventLog(js, retry_for_s=self.options.log_outage_s)
+        event_log = EventLog(js, retry_for_s=self.options.log_outage_s, observer=self.metrics)
         ctx = ActorContext(
             log=event_log,
             accounts=Accounts(event_log, time.time_ns, new_id),

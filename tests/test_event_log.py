@@ -174,21 +174,34 @@ class Interleaved(AckedPublisher):
         return first + await super().publish_each(subject, messages[1:], wait_s)
 
 
+class Breaks:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def chain_broken(self) -> None:
+        self.count += 1
+
+
 async def test_an_append_whose_chain_another_writer_breaks_still_lands_whole_and_in_order(
     nc: NatsClient,
 ) -> None:
-    event_log = EventLog(nc.jetstream())
+    breaks = Breaks()
+    event_log = EventLog(nc.jetstream(), observer=breaks)
     interleaved = Interleaved(event_log)
     cid = new_id()
     head = await event_log.append(cid, [created(cid)], expected_seq=0)
+    events = [title(cid, "zero"), title(cid, "one")]
+    head = await event_log.append(cid, events, expected_seq=head)
+    assert breaks.count == 0  # a chain nothing came between
     event_log._publisher = interleaved
     events = [title(cid, "one"), title(cid, "two"), title(cid, "three")]
     last = await event_log.append(cid, events, expected_seq=head)
-    stored = await event_log.read(cid)
-    assert [s.event for s in stored[1:]] == events and stored[-1].seq == last
+    assert breaks.count == 1  # told, for the operator (parley_append_chains_broken)
+    stored = (await event_log.read(cid))[-3:]
+    assert [s.event for s in stored] == events and stored[-1].seq == last
     # the other conversation's entry did land between the first two
     other = await event_log.read(interleaved.other)
-    assert stored[1].seq < other[0].seq < stored[2].seq
+    assert stored[0].seq < other[0].seq < stored[1].seq
 
 
 async def test_an_append_of_several_events_on_a_stale_position_lands_none(

@@ -103,6 +103,7 @@ async def test_an_open_stream_is_an_sse_viewer_until_it_closes(
 async def test_a_process_without_an_edge_serves_its_metrics_alone() -> None:
     metrics = Metrics()
     metrics.turn_started("demo")
+    metrics.chain_broken()  # a worker's, as events.log tells it
     server = TestServer(metrics_app(metrics), host="127.0.0.1")
     await server.start_server()
     try:
@@ -111,6 +112,7 @@ async def test_a_process_without_an_edge_serves_its_metrics_alone() -> None:
     finally:
         await server.close()
     assert value(samples, "parley_turns_active") == 1
+    assert value(samples, "parley_append_chains_broken_total") == 1
 
 
 # ---------------------------------------------------------------- readiness
