@@ -286,13 +286,13 @@ class ConversationActor:
             before = self.writer.seq
             outcome = decide_request(state, cmd, now, self.ctx.new_id)
             if not isinstance(outcome, Rejected):
-                # An idle conversation's request starts its turn (`started`, then the
-                # title written behind it) in the same append: a round trip less before
-                # the first token. Idle on this state, the one the request is decided on: a
-                # request that comes while the turn before is still ending (its
-                # `done` on its way, its record being released), as the next message
-                # of a chat does, starts at once too, and the queue runs it as soon
-                # as the turn before is over. Not a project's turn: whom it bills is
+                # An idle conversation's request starts its turn (`started` and the
+                # title) in the same append, whose events leave together: its first
+                # token waits for one round trip. Idle on this state, the one the
+                # request is decided on: a request that comes while the turn before
+                # is still ending (its `done` on its way, its record being released),
+                # as the next message of a chat does, starts at once too, and the
+                # queue runs it as soon as the turn before is over. Not a project's turn: whom it bills is
                 # looked up first (`_payer`), and it may be refused before it runs.
                 idle = not state.busy and self._started_after is None
                 if idle and state.project_id is None and outcome:

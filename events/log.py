@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
@@ -114,6 +115,16 @@ class StoredEvent(msgspec.Struct, frozen=True, gc=False):
     event: AnyEvent | Unreadable
 
 
+def _append_headers(event: Event, expected: int | None) -> dict[str, str]:
+    """The headers every appended event carries: the stream it must land in, its id (a
+    resend is dropped as a duplicate) and, with `expected`, the single-writer check
+    against the subject's last sequence."""
+    headers = {"Nats-Expected-Stream": EVT_STREAM, "Nats-Msg-Id": event.event_id}
+    if expected is not None:
+        headers["Nats-Expected-Last-Subject-Sequence"] = str(expected)
+    return headers
+
+
 class LogObserver(Protocol):
     """What the log tells about its appends (the wiring counts it: parley/metrics.py).
     Calls are quick and never raise."""
@@ -181,15 +192,10 @@ class EventLog:
         rest one at a time (`_publish_one`), with its retries and its conflict rule.
         Another writer's message between two events of the chain (any subject of the
         stream) refuses the second: it is sent again, checked by sequence."""
-        messages: list[tuple[bytes, dict[str, str]]] = []
-        before: str | None = None
-        for event in events:
-            headers = {"Nats-Expected-Stream": EVT_STREAM, "Nats-Msg-Id": event.event_id}
-            if before is None:
-                headers["Nats-Expected-Last-Subject-Sequence"] = str(expected)
-            else:
-                headers["Nats-Expected-Last-Msg-Id"] = before
-            before = event.event_id
+        messages = [(encode(events[0]), _append_headers(events[0], expected))]
+        for before, event in itertools.pairwise(events):
+            headers = _append_headers(event, None)
+            headers["Nats-Expected-Last-Msg-Id"] = before.event_id
             messages.append((encode(event), headers))
         acks = await self._publisher.publish_each(subject, messages, self._publish_timeout)
         for landed in range(len(acks), 0, -1):
@@ -213,11 +219,7 @@ class EventLog:
         expected-sequence check refuses it once the first copy landed; that
         refusal is then recognised as our own event (`_last_if_same`).
         """
-        headers = {
-            "Nats-Expected-Stream": EVT_STREAM,
-            "Nats-Expected-Last-Subject-Sequence": str(expected),
-            "Nats-Msg-Id": event.event_id,
-        }
+        headers = _append_headers(event, expected)
         payload = encode(event)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._retry_for_s

@@ -132,17 +132,12 @@ class Replies:
         publish that failed fails every request after it, which is not sent)."""
         if self._sub is None:
             await self._subscribe()
-        loop = asyncio.get_running_loop()
         sent: list[tuple[str, _Waiting]] = []
         failed: Exception | None = None
         try:
             for payload, headers in requests:
-                token = str(next(self._counter))
-                waiting = _Waiting(loop, wait_s, until_status=False)
-                self._waiting[token] = waiting
+                token, waiting = self._wait_for_answer(wait_s, until_status=False)
                 sent.append((token, waiting))
-                if self._sweep is None:
-                    self._sweep = loop.call_later(_SWEEP_S, self._expire_late)
                 try:
                     await self._nc.publish(
                         subject, payload, reply=self._prefix + token, headers=headers
@@ -181,17 +176,23 @@ class Replies:
     ) -> list[Answer]:
         if self._sub is None:
             await self._subscribe()
+        token, waiting = self._wait_for_answer(wait_s, until_status)
+        try:
+            await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
+            return await waiting.done
+        finally:
+            self._waiting.pop(token, None)
+
+    def _wait_for_answer(self, wait_s: float, until_status: bool) -> tuple[str, _Waiting]:
+        """A new request's token (its reply subject's last token) and what waits for its
+        answers, with the sweep of time limits running."""
         token = str(next(self._counter))
         loop = asyncio.get_running_loop()
         waiting = _Waiting(loop, wait_s, until_status)
         self._waiting[token] = waiting
         if self._sweep is None:
             self._sweep = loop.call_later(_SWEEP_S, self._expire_late)
-        try:
-            await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
-            return await waiting.done
-        finally:
-            self._waiting.pop(token, None)
+        return token, waiting
 
     def _expire_late(self) -> None:
         """Fail every request past its time limit; look again while any waits."""
