@@ -15,6 +15,7 @@ from aiohttp import web
 from actors.model_client import ChatRequest, ModelEndpoint, read_chat, send_chat
 from actors.model_stream import TextDelta
 from api.config import LISTEN_BACKLOG, EdgeLimits
+from api.listener import EagerTCPSite
 from api.sse import Envelope, frame
 
 SECRET = "bench-" + "s" * 40
@@ -64,7 +65,7 @@ async def direct_server(model_url: str) -> AsyncIterator[str]:
     app.router.add_post("/direct", _direct_handler)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, backlog=LISTEN_BACKLOG)
+    site = EagerTCPSite(runner, "127.0.0.1", 0, backlog=LISTEN_BACKLOG)
     await site.start()
     port = runner.addresses[0][1]
     try:

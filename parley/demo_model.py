@@ -27,6 +27,7 @@ import msgspec
 from aiohttp import web
 
 from api.config import LISTEN_BACKLOG
+from api.listener import EagerTCPSite
 
 log = logging.getLogger(__name__)
 
@@ -400,7 +401,7 @@ async def start_demo_model(
     runner = web.AppRunner(create_demo_app(config, emit_log), access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG)
+        site = EagerTCPSite(runner, host, port, backlog=LISTEN_BACKLOG)
         await site.start()
         bound_port = runner.addresses[0][1]
     except BaseException:

@@ -36,6 +36,7 @@ from actors.worker import WorkerHost
 from actors.writer import AppendTick
 from api.app import create_app
 from api.config import LISTEN_BACKLOG, EdgeConfig, EdgeLimits
+from api.listener import EagerTCPSite
 from events import broker
 from events.errors import EventLogUnavailable, describe
 from events.ids import new_id
@@ -238,7 +239,8 @@ class Services:
         if "edge" in self.roles:
             await self._start_edge()
         elif self.options.metrics_port is not None:
-            self.metrics_url = await self._serve(metrics_app(self.metrics)) + "/metrics"
+            metrics = metrics_app(self.metrics)
+            self.metrics_url = await self._serve(metrics, self.options.metrics_port) + "/metrics"
         _freeze_startup_heap()
 
     async def _ensure_streams(self, js: JetStreamContext) -> list[str]:
@@ -337,16 +339,16 @@ class Services:
         )
         self.edge_url = await self._serve(create_app(config, self.metrics), options.port)
 
-    async def _serve(self, app: web.Application, port: int | None = None) -> str:
+    async def _serve(self, app: web.Application, port: int) -> str:
         """Listen with `app` on the configured host; its base URL."""
         options = self.options
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)
-        site = web.TCPSite(
+        site = EagerTCPSite(
             runner,
             options.host,
-            options.metrics_port if port is None else port,
+            port,
             backlog=LISTEN_BACKLOG,
         )
         await site.start()
