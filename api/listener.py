@@ -51,7 +51,8 @@ class EagerTCPSite(web.BaseSite):
 
     @property
     def name(self) -> str:
-        host = f"[{self._host}]" if ":" in self._host else self._host
+        host = self._host or "0.0.0.0"
+        host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{self._port}"
 
     async def start(self) -> None:
@@ -67,11 +68,15 @@ class EagerTCPSite(web.BaseSite):
 def _listen(host: str, port: int, backlog: int) -> list[socket.socket]:
     """A listening socket for every address `host` names (as `create_server` binds
     them), all on one port: `port`, or the one the first was given when it is 0."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    # "" is every interface, as `create_server` takes it
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     sockets: list[socket.socket] = []
     try:
         for family, kind, proto, address in dict.fromkeys((i[0], i[1], i[2], i[4]) for i in infos):
-            sock = socket.socket(family, kind, proto)
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:
+                continue  # a family this host lacks (IPv6 turned off), as create_server does
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
@@ -81,6 +86,8 @@ def _listen(host: str, port: int, backlog: int) -> list[socket.socket]:
             sock.bind(address)
             sock.listen(backlog)
             sock.setblocking(False)
+        if not sockets:
+            raise OSError(f"no address of {host!r} can be listened on here")
     except BaseException:
         for sock in sockets:
             sock.close()

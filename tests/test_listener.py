@@ -64,6 +64,28 @@ async def test_the_site_serves_requests_and_stops_listening_when_cleaned_up() ->
     assert refused, "the port still accepts connections after cleanup"
 
 
+async def test_an_empty_host_listens_on_every_interface_on_one_port() -> None:
+    app = web.Application()
+    app.router.add_get("/", _hello)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = EagerTCPSite(runner, "", 0, backlog=16)
+    try:
+        await site.start()
+        addresses = runner.addresses
+        assert "0.0.0.0" in [a[0] for a in addresses]  # and "::" where IPv6 is on
+        ports = {a[1] for a in addresses}
+        assert len(ports) == 1
+        assert site.name == f"http://0.0.0.0:{ports.pop()}"
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{addresses[0][1]}/") as response,
+        ):
+            assert response.status == 200
+    finally:
+        await runner.cleanup()
+
+
 _OUT_OF_FILES = textwrap.dedent(
     """
     import asyncio, logging, os, resource, sys
