@@ -6,8 +6,8 @@ connection each time the listening socket polls readable, then waits for the
 next loop iteration. On a busy loop those iterations are far apart: under
 `parley bench capacity` at 1,000 turns with two workers, strace on the edge
 showed one `accept4` every 50-300 ms while `ss` showed 400-800 connections
-waiting in its accept queue, and a message's request took 2.3 s (p50) from
-its headers being sent to the edge's first middleware. A scratch script (a
+waiting in its accept queue, and a message's request took 0.3-2.3 s (p50,
+four runs) from its headers being sent to the edge's first middleware. A scratch script (a
 loop doing 20 ms of work an iteration, 300 connections at once) took 6.15 s to
 accept them all through uvloop's server, 0.08 s through asyncio's (which
 accepts up to the backlog at once) and 0.05 s through the site below.
@@ -27,7 +27,8 @@ import asyncio
 import errno
 import logging
 import socket
-from typing import Any, Final
+from collections.abc import Callable
+from typing import Final
 
 from aiohttp import web
 
@@ -101,7 +102,7 @@ class _EagerServer(asyncio.AbstractServer):
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        factory: Any,
+        factory: Callable[[], asyncio.BaseProtocol],
         sockets: list[socket.socket],
         backlog: int,
     ) -> None:
@@ -110,7 +111,7 @@ class _EagerServer(asyncio.AbstractServer):
         self._sockets = sockets
         self._backlog = backlog
         self._serving = True
-        self._handshakes: set[asyncio.Task[Any]] = set()
+        self._handshakes: set[asyncio.Task[None]] = set()
         self._closed = asyncio.Event()
         for sock in sockets:
             loop.add_reader(sock.fileno(), self._accept_waiting, sock)
