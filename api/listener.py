@@ -1,7 +1,7 @@
 """Listening for connections: every waiting connection is taken each time the socket is ready.
 
 aiohttp's `TCPSite` listens through the event loop's `create_server`. On uvloop
-that is libuv, which since libuv 1.45 (libuv/libuv#3696) accepts one
+that is libuv, which since libuv/libuv#3696 (2022) accepts one
 connection each time the listening socket polls readable, then waits for the
 next loop iteration. On a busy loop those iterations are far apart: under
 `parley bench capacity` at 1,000 turns with two workers, strace on the edge
