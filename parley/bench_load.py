@@ -132,6 +132,10 @@ async def _read(response: aiohttp.ClientResponse, turn: _Turn) -> None:
             if start >= 0:
                 start += len(_DONE)
                 turn.status = turn.status or raw[start : raw.index(b'"', start)].decode()
+                # read to the response's end, as a browser does: its connection
+                # then serves the slot's next turn rather than being closed
+                async for _ in response.content.iter_any():
+                    pass
                 return
             start = raw.find(_ERROR)
             if start >= 0:
