@@ -292,8 +292,9 @@ class ConversationActor:
                 # request is decided on: a request that comes while the turn before
                 # is still ending (its `done` on its way, its record being released),
                 # as the next message of a chat does, starts at once too, and the
-                # queue runs it as soon as the turn before is over. Not a project's turn: whom it bills is
-                # looked up first (`_payer`), and it may be refused before it runs.
+                # queue runs it as soon as the turn before is over. Not a project's
+                # turn: whom it bills is looked up first (`_payer`), and it may be
+                # refused before it runs.
                 idle = not state.busy and self._started_after is None
                 if idle and state.project_id is None and outcome:
                     prestart = self._start_with(state, cmd, outcome, now)

@@ -2,11 +2,11 @@
 
 `Metrics` implements the observers the rooms declare where they are used
 (`api.context.EdgeMetrics` for the edge, `actors.turn.TurnObserver` for the
-worker's turns, `events.log.LogObserver` for the worker's appends), so no room imports prometheus-client or this module; the
-wiring (parley/services.py) hands the same `Metrics` to each role, and the
-edge's GET /metrics exposes it. With `parley dev` (every role in one process)
-that is everything; a process without an edge serves it on its own port
-(`serve_metrics`).
+worker's turns, `events.log.LogObserver` for the worker's appends), so no room
+imports prometheus-client or this module; the wiring (parley/services.py) hands
+the same `Metrics` to each role, and the edge's GET /metrics exposes it. With
+`parley dev` (every role in one process) that is everything; a process without
+an edge serves it on its own port (`serve_metrics`).
 
 Labels are bounded: routes are route templates (an unmatched path is
 `unmatched`), models are catalogue names, outcomes and limits fixed words.

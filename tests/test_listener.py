@@ -18,19 +18,25 @@ async def _hello(request: web.Request) -> web.Response:
     return web.Response(text="hello")
 
 
-async def _started() -> tuple[web.AppRunner, int]:
+async def _started(host: str = "127.0.0.1") -> tuple[web.AppRunner, EagerTCPSite]:
     app = web.Application()
     app.router.add_get("/", _hello)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await EagerTCPSite(runner, "127.0.0.1", 0, backlog=128).start()
-    return runner, int(runner.addresses[0][1])
+    site = EagerTCPSite(runner, host, 0, backlog=128)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, site
 
 
 async def test_connections_waiting_together_are_all_taken_in_one_go() -> None:
     """uvloop's own server takes one waiting connection per loop iteration (libuv
     #3696): fifty clients that connected while the loop was busy would need fifty."""
-    runner, port = await _started()
+    runner, _ = await _started()
+    port = runner.addresses[0][1]
     clients: list[socket.socket] = []
     try:
         # the kernel completes these handshakes while the loop runs nothing
@@ -47,7 +53,8 @@ async def test_connections_waiting_together_are_all_taken_in_one_go() -> None:
 
 
 async def test_the_site_serves_requests_and_stops_listening_when_cleaned_up() -> None:
-    runner, port = await _started()
+    runner, _ = await _started()
+    port = runner.addresses[0][1]
     try:
         async with aiohttp.ClientSession() as http:
             for _ in range(3):  # a kept-alive connection, then more
@@ -65,13 +72,8 @@ async def test_the_site_serves_requests_and_stops_listening_when_cleaned_up() ->
 
 
 async def test_an_empty_host_listens_on_every_interface_on_one_port() -> None:
-    app = web.Application()
-    app.router.add_get("/", _hello)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = EagerTCPSite(runner, "", 0, backlog=16)
+    runner, site = await _started("")
     try:
-        await site.start()
         addresses = runner.addresses
         assert "0.0.0.0" in [a[0] for a in addresses]  # and "::" where IPv6 is on
         ports = {a[1] for a in addresses}
