@@ -10,12 +10,14 @@ a list of content blocks.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 
 from actors.state import Message, Piece
 from api.hub import Delivery
 from events.log import StoredEvent
 from events.vocabulary import Chunk, ContentBlock, Done
+from parley import loops
 
 CHUNK = Chunk(conversation_id="c", at=1, event_id="e1", turn_id="t", kind="answer", text="hi")
 DONE = Done(
@@ -46,3 +48,46 @@ def test_an_actors_pieces_and_messages_are_not_walked_by_the_collector() -> None
     gc.collect()
     assert not gc.is_tracked(piece) and not gc.is_tracked(piece.previous)
     assert not gc.is_tracked(message)
+
+
+async def _through_three_awaits(future: asyncio.Future[None]) -> None:
+    async def leaf() -> None:
+        await future
+
+    async def middle() -> None:
+        await leaf()
+
+    await middle()
+
+
+def test_turns_waiting_in_flight_do_not_set_the_collector_off_every_few_hundred_objects() -> None:
+    """parley's processes run (parley/loops.py) with a young generation large enough
+    that 2,000 awaits in flight, about 20,000 young objects, make no collection at
+    all; at Python's default of 700 they made more than twenty, each walking all of
+    them."""
+    collected: list[int] = []
+
+    def note(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collected.append(info["generation"])
+
+    async def in_flight() -> int:
+        loop = asyncio.get_running_loop()
+        gc.callbacks.append(note)
+        try:
+            futures = [loop.create_future() for _ in range(2_000)]
+            tasks = [asyncio.ensure_future(_through_three_awaits(f)) for f in futures]
+            await asyncio.sleep(0)
+            young = len(gc.get_objects(generation=0))
+            for future in futures:
+                future.set_result(None)
+            await asyncio.gather(*tasks)
+        finally:
+            gc.callbacks.remove(note)
+        return young
+
+    before = gc.get_threshold()
+    young = loops.run(in_flight())
+    assert young > 15_000, young
+    assert collected == []
+    assert gc.get_threshold() == before  # only while parley's loop runs
