@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 
 from hypothesis import given
@@ -34,6 +36,37 @@ def test_new_ids_carry_the_time_sort_by_it_and_do_not_repeat() -> None:
     assert all(before <= m <= after for m in decoded)
     assert decoded == sorted(decoded)
     assert len(set(ids)) == len(ids)
+
+
+def test_threads_making_ids_at_once_never_share_random_bits() -> None:
+    made: list[list[str]] = [[] for _ in range(4)]
+
+    def make(into: list[str]) -> None:
+        into.extend(new_id() for _ in range(3000))  # several reads from the kernel each
+
+    threads = [threading.Thread(target=make, args=(into,)) for into in made]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    random_parts = [i[10:] for ids in made for i in ids]
+    assert len(set(random_parts)) == len(random_parts) == 12_000
+
+
+def test_a_forked_child_does_not_reuse_its_parents_random_bits() -> None:
+    new_id()  # the parent holds randomness not yet used
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.write(write_end, new_id().encode())
+        os._exit(0)
+    os.close(write_end)
+    parents = new_id()
+    childs = os.read(read_end, 64).decode()
+    os.close(read_end)
+    os.waitpid(child, 0)
+    assert len(childs) == 26
+    assert childs[10:] != parents[10:]
 
 
 def _millis(identifier: str) -> int:
