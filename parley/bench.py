@@ -55,7 +55,7 @@ def run_bench(args: argparse.Namespace) -> int:
             from parley.bench_rebuild import run_rebuild_bench
 
             return run_rebuild_bench(args, servers)
-        text, result = asyncio.run(_workload(args, servers))
+        text, result = loops.run(_workload(args, servers))
     print(msgspec.json.encode(result).decode() if args.json else text)
     return 1 if getattr(result, "problems", None) else 0
 
