@@ -63,8 +63,7 @@ async def _through_three_awaits(future: asyncio.Future[None]) -> None:
 def test_turns_waiting_in_flight_do_not_set_the_collector_off_every_few_hundred_objects() -> None:
     """parley's processes run (parley/loops.py) with a young generation large enough
     that 2,000 awaits in flight, about 20,000 young objects, make no collection at
-    all; at Python's default of 700 they made more than twenty, each walking all of
-    them."""
+    all; at Python's default of 700 they made about fifty, each walking all of them."""
     collected: list[int] = []
 
     def note(phase: str, info: dict[str, int]) -> None:

@@ -58,15 +58,17 @@ def test_a_forked_child_does_not_reuse_its_parents_random_bits() -> None:
     read_end, write_end = os.pipe()
     child = os.fork()
     if child == 0:
-        os.write(write_end, new_id().encode())
-        os._exit(0)
+        try:
+            os.write(write_end, new_id().encode())
+        finally:
+            os._exit(0)  # never back into pytest
     os.close(write_end)
-    parents = new_id()
-    childs = os.read(read_end, 64).decode()
+    in_parent = new_id()
+    in_child = os.read(read_end, 64).decode()
     os.close(read_end)
     os.waitpid(child, 0)
-    assert len(childs) == 26
-    assert childs[10:] != parents[10:]
+    assert len(in_child) == 26
+    assert in_child[10:] != in_parent[10:]
 
 
 def _millis(identifier: str) -> int:
