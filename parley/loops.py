@@ -12,7 +12,7 @@ streaming holds tens of thousands of young objects that are alive at every
 such moment (each turn's awaits make a coroutine, a future and their frames
 per token), so every collection walked them all, moved them to the older
 generations, and those filled and were walked in turn: a quarter of the
-worker's CPU (py-spy with native frames), with full collections of 110-170
+worker's CPU (py-spy with native frames), with full collections of up to 170
 ms stopping its loop every few seconds (gc callbacks). Almost none of it is
 garbage a cycle holds: reference counting frees it. With a young generation
 of 50,000 the collector runs a few times a minute at that load instead of
