@@ -54,7 +54,7 @@ def run(main: Coroutine[Any, Any, T]) -> T:
 
 @contextlib.contextmanager
 def collector_thresholds(thresholds: tuple[int, int, int] = COLLECTOR_THRESHOLDS) -> Iterator[None]:
-    """The collector at `thresholds` inside the block, as it was after it."""
+    """The collector's thresholds set to `thresholds` inside the block, put back after."""
     before = gc.get_threshold()
     gc.set_threshold(*thresholds)
     try:
