@@ -48,15 +48,16 @@ COLLECTOR_THRESHOLDS: Final = (50_000, 10, 10)
 def run(main: Coroutine[Any, Any, T]) -> T:
     """`asyncio.run`, on uvloop when it is there, with the collector's thresholds
     at `COLLECTOR_THRESHOLDS` until it returns."""
-    with collector_thresholds(), asyncio.Runner(loop_factory=loop_factory()) as runner:
+    with _collector_thresholds(), asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(main)
 
 
 @contextlib.contextmanager
-def collector_thresholds(thresholds: tuple[int, int, int] = COLLECTOR_THRESHOLDS) -> Iterator[None]:
-    """The collector's thresholds set to `thresholds` inside the block, put back after."""
+def _collector_thresholds() -> Iterator[None]:
+    """The collector's thresholds set to `COLLECTOR_THRESHOLDS` inside the block, put
+    back after."""
     before = gc.get_threshold()
-    gc.set_threshold(*thresholds)
+    gc.set_threshold(*COLLECTOR_THRESHOLDS)
     try:
         yield
     finally:
