@@ -93,6 +93,14 @@ class SentChat:
         """Close the connection unread: the server stops generating."""
         self.response.close()
 
+    def arrived(self) -> bytes:
+        """What of the answer's body has arrived so far, taken without waiting: what a
+        call about to be closed unread has consumed is still billed."""
+        try:
+            return self.response.content.read_nowait()
+        except (aiohttp.ClientError, RuntimeError):
+            return b""  # the connection failed, or a reader is waiting on it
+
 
 async def stream_chat(
     session: aiohttp.ClientSession,

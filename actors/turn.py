@@ -46,7 +46,14 @@ from actors.decide import (
 )
 from actors.errors import ModelStreamError
 from actors.model_client import ChatRequest, ModelEndpoint, SentChat, read_chat, send_chat
-from actors.model_stream import Finish, StreamItem, TextDelta, ToolCallRequest, Usage
+from actors.model_stream import (
+    ChatStreamParser,
+    Finish,
+    StreamItem,
+    TextDelta,
+    ToolCallRequest,
+    Usage,
+)
 from actors.models import MAX_TOOL_ROUNDS, ModelCatalog, ModelSpec
 from actors.state import Conversation, history_of, latest_messages
 from actors.tools import ToolContext, ToolMessage, ToolOutcome, ToolRunner
@@ -194,6 +201,19 @@ class TurnRunner:
             early.cancel()
             early.add_done_callback(_close_unread)
 
+    def _early_totals(self, messages: list[dict[str, Any]]) -> TurnTotals:
+        """What the first model call, sent before the turn ran (`ask_now`), consumed by
+        now: the part of its answer that has arrived, taken without waiting and counted
+        as any call's is (`add_usage`). A turn cancelled before it ran closes that call
+        unread; what the provider produced for it until then is still billed."""
+        early = self._early
+        if early is None or not early.done() or early.cancelled() or early.exception():
+            return TurnTotals()  # no answer yet: a call that produced nothing
+        result = RoundResult()
+        for item in ChatStreamParser().feed(early.result().arrived()):
+            _tally(item, result)
+        return add_usage(TurnTotals(), result, messages)
+
     def cancel(self, reason: str) -> bool:
         """Stop the turn; False when it is already writing its end. A turn not running
         yet (its runner made, `run` not called) ends as cancelled as soon as it runs."""
@@ -227,7 +247,10 @@ class TurnRunner:
         stop_reason = "stop"
         try:
             if self._cancel_reason is not None:
-                raise asyncio.CancelledError  # cancelled before it ran: end it as such
+                # Cancelled before it ran: end it as such, with what its first call,
+                # sent as the turn started, consumed meanwhile.
+                totals = self._early_totals(plan.messages)
+                raise asyncio.CancelledError
             for round_number in range(MAX_TOOL_ROUNDS + 1):
                 request = self._request(plan, messages)
                 result = RoundResult()
@@ -453,11 +476,17 @@ def _close_unread(sending: asyncio.Task[SentChat]) -> None:
 
 
 def _take(item: StreamItem, stream: TurnStream, result: RoundResult) -> None:
+    _tally(item, result)
+    if isinstance(item, TextDelta):
+        stream.chunk(item.kind, item.text)
+
+
+def _tally(item: StreamItem, result: RoundResult) -> None:
+    """Count one item of a call's answer into what the call produced."""
     if isinstance(item, TextDelta):
         result.deltas += 1
         if item.kind == "answer":
             result.answer.append(item.text)
-        stream.chunk(item.kind, item.text)
     elif isinstance(item, ToolCallRequest):
         result.calls.append(item)
     elif isinstance(item, Usage):

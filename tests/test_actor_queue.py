@@ -421,6 +421,64 @@ async def test_a_cancel_right_behind_its_request_stops_the_turn_before_the_model
     assert kinds == ["ConversationCreated", "UserMessage", "Started", "Title", "Cancelled"], kinds
 
 
+async def test_a_turn_cancelled_before_it_ran_bills_what_its_early_call_was_answered(
+    nc: NatsClient,
+    stack: Servers,
+    event_log: EventLog,
+    demo_model_url: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    """The model is asked as a turn starts, before the turn runs. A cancel that came
+    in between ended the turn as cancelled and closed that call unread with 0 tokens,
+    though the provider had answered it: a call it bills, not billed. What has
+    arrived of the answer is now counted as any call's is. Here a queued turn's
+    `started` is held in the log until the model has written its whole answer, usage
+    included, and the cancel comes meanwhile."""
+    starts = Hold(_has(Started))
+    answered: list[str] = []
+
+    async def on_request_end(_: Any, __: Any, params: aiohttp.TraceRequestEndParams) -> None:
+        answered.append(str(params.url))  # a model call's status and headers are in
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_end.append(on_request_end)
+    held = HeldLog(nc.jetstream(), starts)
+    registry = TurnRegistry(redis_client(stack.redis_url))
+    before = await demo_streams(http, demo_model_url)
+    async with aiohttp.ClientSession(trace_configs=[trace]) as model_http:
+        cid, _ = await _conversation(event_log)
+        actor = ConversationActor(cid, _context(held, registry, model_http, demo_model_url))
+        async with _running(actor) as inbox:
+            first = _message(cid, "first question [[tokens=20]] [[rate=20]]")
+            inbox.put_nowait((first, Delivery()))
+            await until(event_log, cid, _has(Started), "the first turn's start")
+            starts.on = True
+            queued = _message(cid, "second question [[tokens=5]]")
+            inbox.put_nowait((msgspec.structs.replace(queued, on_busy="enqueue"), Delivery()))
+            async with asyncio.timeout(20):
+                await starts.holding.wait()  # the second turn's `started`
+                while len(answered) < 2:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+                # the model has written the whole second answer
+                while (await demo_streams(http, demo_model_url))["open"] > before["open"]:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            cancel_settled = Delivery()
+            cancel = CancelTurn(conversation_id=cid, command_id=new_id(), user_id="u", at=1)
+            inbox.put_nowait((cancel, cancel_settled))
+            await _settled(cancel_settled)
+            starts.gate.set()
+            await until(event_log, cid, _has(Cancelled), "the second turn's end")
+    events = [s.event for s in await event_log.read(cid)]
+    last = max(i for i, e in enumerate(events) if isinstance(e, Started))
+    turn = events[last:]
+    assert not any(isinstance(e, Chunk) for e in turn), turn
+    cancelled = turn[-1]
+    assert isinstance(cancelled, Cancelled), turn
+    # the provider's own count, which came with the answer: not an estimate
+    assert cancelled.output_tokens == 5 and cancelled.input_tokens > 0, cancelled
+    assert not cancelled.tokens_estimated
+
+
 class Held(Protocol):
     """Something the actor waits on, made to hold (`holding` set) until `gate` opens."""
 
