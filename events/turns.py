@@ -57,7 +57,18 @@ return 0
 """
 
 
-def redis_client(url: str, *, max_connections: int = 256, wait_s: float = 5.0) -> aioredis.Redis:
+# A process's Redis connections at most. Each holds about 32 KB of the process's
+# memory, and a burst opens as many as it has commands in flight: 1,000 SSE viewers
+# joining at once (each reads its conversation's turn record) filled a pool of 256,
+# 8 MB kept for good, which `bench fanout` counted as 8 KB per viewer. Redis answers
+# one command at a time whatever the connections, so beyond a few dozen more of
+# them buy no throughput; the burst waits its turn for a millisecond or two.
+POOL_CONNECTIONS = 64
+
+
+def redis_client(
+    url: str, *, max_connections: int = POOL_CONNECTIONS, wait_s: float = 5.0
+) -> aioredis.Redis:
     """A Redis client whose pool waits (up to `wait_s`) for a free connection.
 
     The default pool refuses with MaxConnectionsError as soon as it is empty, so

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from redis.driver_info import DriverInfo
 
 from events.ids import new_id
-from events.turns import TurnRecord, TurnRegistry
+from events.turns import POOL_CONNECTIONS, TurnRecord, TurnRegistry
 from events.turns import redis_client as parley_redis_client
 from parley.services import Servers
 
@@ -89,6 +89,26 @@ async def test_the_pools_connections_name_their_client_without_reading_package_m
     # what CLIENT SETINFO tells a server that takes it (Redis 7.2+) is unchanged
     assert isinstance(driver, DriverInfo)
     assert (driver.formatted_name, driver.lib_version) == ("redis-py", redis.__version__)
+
+
+async def test_a_burst_waits_for_the_pools_connections_and_opens_no_more(
+    stack: Servers, redis_client: aioredis.Redis
+) -> None:
+    """A thousand SSE viewers joining at once each read a turn record: the pool opened
+    a connection for every command in flight up to its ceiling of 256, each holding
+    about 32 KB of the process's memory for good (`bench fanout`: 8 KB more per
+    viewer). It now keeps at most POOL_CONNECTIONS, and a burst beyond them waits
+    for one instead of failing."""
+    name = f"burst-{new_id()}"
+    client = parley_redis_client(f"{stack.redis_url}?client_name={name}")
+    try:
+        answers = await asyncio.gather(*(client.get(f"absent-{i}") for i in range(1000)))
+        listed = await redis_client.client_list()
+    finally:
+        await client.aclose()
+    assert answers == [None] * 1000
+    opened = sum(1 for c in listed if c["name"] == name)
+    assert 1 < opened <= POOL_CONNECTIONS, opened
 
 
 async def test_writes_made_at_once_leave_together_and_each_gets_its_own_answer(
