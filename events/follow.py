@@ -7,7 +7,7 @@ A `LiveFollower` subscribes to that subject, so following a conversation costs
 the server one subscription, not a consumer: with an ephemeral consumer per
 followed conversation, nats-server spent 142 us of CPU per appended entry with
 1,000 conversations followed, against 41-45 us republishing them (README
-"Benchmarks").
+"Benchmark log").
 
 Plain NATS may drop a message (a slow reader, a reconnect), so the rules here
 make every position come out once, in order:

@@ -16,7 +16,7 @@ worker's CPU (py-spy with native frames), with full collections of up to 170
 ms stopping its loop every few seconds (gc callbacks). Almost none of it is
 garbage a cycle holds: reference counting frees it. With a young generation
 of 50,000 the collector runs a few times a minute at that load instead of
-twenty-five times a second (README: Capacity, "The collector").
+twenty-five times a second (README: "Benchmark log", "The collector").
 """
 
 from __future__ import annotations
