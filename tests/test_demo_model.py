@@ -273,10 +273,10 @@ async def test_bench_directive_logs_a_send_time_for_every_answer_delta(
 async def test_at_full_speed_an_answer_leaves_many_events_to_a_write(
     demo: Demo, session: aiohttp.ClientSession
 ) -> None:
-    """A write per token made the demo model the bound of `bench stream` (0.45 of a
-    core, a third of it in write system calls). At full speed its events now leave
-    32 to a write, as a fast provider's arrive many to a read: each token is still
-    an event of its own, in order, stamped when its write left."""
+    """A write per token made the demo model the bound of `bench stream` (0.4-0.5 of
+    a core, a quarter of its samples in write system calls). At full speed its
+    events now leave 32 to a write, as a fast provider's arrive many to a read: each
+    token is still an event of its own, in order, stamped when its write left."""
     items = await ask(session, demo.base_url, "[[tokens=100]] [[bench=full-speed]]")
     assert text(items, "answer").split() == [str(i) for i in range(100)]
     stamps = demo.emit_log["full-speed"]
