@@ -229,6 +229,26 @@ async def _running(actor: ConversationActor) -> AsyncIterator[Inbox]:
         await asyncio.gather(running, return_exceptions=True)
 
 
+@contextlib.asynccontextmanager
+async def _actor_on_held_log(
+    nc: NatsClient,
+    stack: Servers,
+    event_log: EventLog,
+    demo_model_url: str,
+    trace: aiohttp.TraceConfig,
+    *holds: Hold,
+) -> AsyncIterator[tuple[str, Inbox]]:
+    """A new conversation's actor running on the real log with `holds`, its model
+    calls seen by `trace`: the conversation's id and the actor's inbox."""
+    held = HeldLog(nc.jetstream(), *holds)
+    registry = TurnRegistry(redis_client(stack.redis_url))
+    async with aiohttp.ClientSession(trace_configs=[trace]) as model_http:
+        cid, _ = await _conversation(event_log)
+        actor = ConversationActor(cid, _context(held, registry, model_http, demo_model_url))
+        async with _running(actor) as inbox:
+            yield cid, inbox
+
+
 async def _a_turn_then_a_queued_one(
     event_log: EventLog, cid: str, inbox: Inbox, first: str, then: str
 ) -> None:
@@ -442,32 +462,28 @@ async def test_a_turn_cancelled_before_it_ran_bills_what_its_early_call_was_answ
 
     trace = aiohttp.TraceConfig()
     trace.on_request_end.append(on_request_end)
-    held = HeldLog(nc.jetstream(), starts)
-    registry = TurnRegistry(redis_client(stack.redis_url))
     before = await demo_streams(http, demo_model_url)
-    async with aiohttp.ClientSession(trace_configs=[trace]) as model_http:
-        cid, _ = await _conversation(event_log)
-        actor = ConversationActor(cid, _context(held, registry, model_http, demo_model_url))
-        async with _running(actor) as inbox:
-            first = _message(cid, "first question [[tokens=20]] [[rate=20]]")
-            inbox.put_nowait((first, Delivery()))
-            await until(event_log, cid, _has(Started), "the first turn's start")
-            starts.on = True
-            queued = _message(cid, "second question [[tokens=5]]")
-            inbox.put_nowait((msgspec.structs.replace(queued, on_busy="enqueue"), Delivery()))
-            async with asyncio.timeout(20):
-                await starts.holding.wait()  # the second turn's `started`
-                while len(answered) < 2:  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)
-                # the model has written the whole second answer
-                while (await demo_streams(http, demo_model_url))["open"] > before["open"]:  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)
-            cancel_settled = Delivery()
-            cancel = CancelTurn(conversation_id=cid, command_id=new_id(), user_id="u", at=1)
-            inbox.put_nowait((cancel, cancel_settled))
-            await _settled(cancel_settled)
-            starts.gate.set()
-            await until(event_log, cid, _has(Cancelled), "the second turn's end")
+    actor = _actor_on_held_log(nc, stack, event_log, demo_model_url, trace, starts)
+    async with actor as (cid, inbox):
+        first = _message(cid, "first question [[tokens=20]] [[rate=20]]")
+        inbox.put_nowait((first, Delivery()))
+        await until(event_log, cid, _has(Started), "the first turn's start")
+        starts.on = True
+        queued = _message(cid, "second question [[tokens=5]]")
+        inbox.put_nowait((msgspec.structs.replace(queued, on_busy="enqueue"), Delivery()))
+        async with asyncio.timeout(20):
+            await starts.holding.wait()  # the second turn's `started`
+            while len(answered) < 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            # the model has written the whole second answer
+            while (await demo_streams(http, demo_model_url))["open"] > before["open"]:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        cancel_settled = Delivery()
+        cancel = CancelTurn(conversation_id=cid, command_id=new_id(), user_id="u", at=1)
+        inbox.put_nowait((cancel, cancel_settled))
+        await _settled(cancel_settled)
+        starts.gate.set()
+        await until(event_log, cid, _has(Cancelled), "the second turn's end")
     events = [s.event for s in await event_log.read(cid)]
     last = max(i for i, e in enumerate(events) if isinstance(e, Started))
     turn = events[last:]
@@ -912,30 +928,26 @@ async def test_a_turn_whose_start_the_log_refuses_closes_the_model_call_it_sent(
     for the log's owner."""
     starts = Hold(_has(Started))
     trace, asked = _requests_seen()
-    held = HeldLog(nc.jetstream(), starts)
-    registry = TurnRegistry(redis_client(stack.redis_url))
     before = await demo_streams(http, demo_model_url)
-    async with aiohttp.ClientSession(trace_configs=[trace]) as model_http:
-        cid, _ = await _conversation(event_log)
-        actor = ConversationActor(cid, _context(held, registry, model_http, demo_model_url))
-        async with _running(actor) as inbox:
-            starts.on = True
-            delivery = Delivery()
-            inbox.put_nowait((_message(cid, "a long answer [[tokens=4000]]"), delivery))
-            async with asyncio.timeout(20):
-                await starts.holding.wait()
-                while not asked:  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)
-            # the request's `user_message` is in; `started` is held behind it
-            last = await event_log.last_seq(cid)
-            await event_log.append(cid, [_title(cid, "another writer's")], last)
-            starts.gate.set()
-            await _settled(delivery)
-            assert delivery.settled == ["nak"]
-            async with asyncio.timeout(10):
-                went_away = before["went_away"]
-                while (await demo_streams(http, demo_model_url))["went_away"] == went_away:  # noqa: ASYNC110
-                    await asyncio.sleep(0.02)
+    actor = _actor_on_held_log(nc, stack, event_log, demo_model_url, trace, starts)
+    async with actor as (cid, inbox):
+        starts.on = True
+        delivery = Delivery()
+        inbox.put_nowait((_message(cid, "a long answer [[tokens=4000]]"), delivery))
+        async with asyncio.timeout(20):
+            await starts.holding.wait()
+            while not asked:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        # the request's `user_message` is in; `started` is held behind it
+        last = await event_log.last_seq(cid)
+        await event_log.append(cid, [_title(cid, "another writer's")], last)
+        starts.gate.set()
+        await _settled(delivery)
+        assert delivery.settled == ["nak"]
+        async with asyncio.timeout(10):
+            went_away = before["went_away"]
+            while (await demo_streams(http, demo_model_url))["went_away"] == went_away:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
     events = [s.event for s in await event_log.read(cid)]
     assert not any(isinstance(e, Started | Chunk) for e in events), events
 
