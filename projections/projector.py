@@ -103,7 +103,7 @@ class Projector:
 
     async def _follow(self, stopping: asyncio.Event, lock_conn: Any) -> None:
         self.position = await self.load_position(lock_conn)
-        feed = LogFeed(self._js, self.position, window=self._batch_max)
+        feed = self._feed()
         self.ready.set()
         try:
             while not stopping.is_set():
@@ -114,12 +114,6 @@ class Projector:
                 batch = await feed.next_batch(self._batch_max, wait_s=1.0, stop=stopping)
                 if not batch:
                     continue
-                if len(batch) < self._batch_max and self._linger_s > 0:
-                    # A trickle: what follows within a few milliseconds shares the
-                    # transaction (py-spy on `parley bench burst`: the projector's
-                    # time went to BEGIN, COMMIT and the pool's reset, once per entry).
-                    await asyncio.sleep(self._linger_s)
-                    feed.take_ready(batch, self._batch_max)
                 self.batches += 1
                 try:
                     # On the connection that holds the lock: no pool checkout, and no
@@ -134,9 +128,16 @@ class Projector:
                     )
                     await feed.close()
                     self.position = moved.position
-                    feed = LogFeed(self._js, self.position, window=self._batch_max)
+                    feed = self._feed()
         finally:
             await feed.close()
+
+    def _feed(self) -> LogFeed:
+        # A trickle gathers `linger_s` on the server: what follows within a few
+        # milliseconds shares the transaction (py-spy on `parley bench burst`: the
+        # projector's time went to BEGIN, COMMIT and the pool's reset, once per
+        # entry) and comes in one answer (projections/feed.py).
+        return LogFeed(self._js, self.position, window=self._batch_max, gather_s=self._linger_s)
 
     def decode(self, batch: Sequence[RawEvent]) -> list[StoredEvent]:
         """The entries this projection needs decoded; chunks are passed over as bytes."""

@@ -84,12 +84,55 @@ async def test_the_server_holds_what_the_reader_has_not_asked_for(
     assert [r.seq for r in first] + rest == seqs
 
 
-async def test_a_consumer_the_server_forgot_is_replaced_without_losing_an_entry(
+async def test_a_gathering_feed_leaves_a_trickle_on_the_server_until_it_has_gathered(
     nc: NatsClient, event_log: EventLog
+) -> None:
+    """Caught up, a feed given `gather_s` is not sent each entry as it is stored: the
+    next call is woken by one and takes the rest of what came in one answer."""
+    cid, seqs = await _conversation(event_log, 5)
+    js = nc.jetstream()
+    feed = LogFeed(js, 0, window=100, filter_subject=event_subject(cid), gather_s=0.05)
+    try:
+        got = await _drain(feed, len(seqs), limit=100)
+        more = await _append(event_log, cid, [_title(cid, f"m{i}") for i in range(30)], seqs[-1])
+        info = await js.consumer_info(EVT_STREAM, feed._consumer)
+        # with requests kept open the server would have sent all 30 by now
+        assert info.delivered.consumer_seq == len(seqs) and info.num_pending == 30, info
+        batch = await feed.next_batch(100, wait_s=5)
+    finally:
+        await feed.close()
+    assert got == seqs
+    assert [r.seq for r in batch] == more, "one batch, every entry, in order"
+
+
+async def test_a_gathering_feed_that_is_behind_takes_full_batches_in_order(
+    nc: NatsClient, event_log: EventLog
+) -> None:
+    cid, seqs = await _conversation(event_log, 249)
+    feed = LogFeed(nc.jetstream(), 0, window=100, filter_subject=event_subject(cid), gather_s=0.01)
+    try:
+        batches = [[r.seq for r in await feed.next_batch(100, wait_s=5)] for _ in range(3)]
+        assert await feed.next_batch(100, wait_s=0.2) == [], "nothing after the end"
+    finally:
+        await feed.close()
+    assert [len(b) for b in batches] == [100, 100, 50]
+    assert [seq for b in batches for seq in b] == seqs
+
+
+@pytest.mark.parametrize("gather_s", [0.0, 0.01], ids=["open requests", "gathering"])
+async def test_a_consumer_the_server_forgot_is_replaced_without_losing_an_entry(
+    nc: NatsClient, event_log: EventLog, gather_s: float
 ) -> None:
     cid, seqs = await _conversation(event_log, 4)
     js = nc.jetstream()
-    feed = LogFeed(js, 0, window=100, filter_subject=event_subject(cid), watchdog_s=0.2)
+    feed = LogFeed(
+        js,
+        0,
+        window=100,
+        filter_subject=event_subject(cid),
+        watchdog_s=0.2,
+        gather_s=gather_s,
+    )
     try:
         got = await _drain(feed, len(seqs))
         # the server loses the consumer, as a restarted server forgets ephemeral ones
