@@ -23,8 +23,9 @@ a write of the server's and a read of ours per entry, 5,000 a second at 250
 turns of `parley bench capacity`. Given `gather_s`, a feed that has caught up
 asks instead for one entry (which wakes it), waits `gather_s` while the
 server holds what follows, then asks with `no_wait` for what has gathered, up
-to the batch's limit: that comes at once, in a few writes. While behind (the
-last batch was full) it asks with `no_wait` again straight away.
+to the batch's limit: that comes at once, in a few writes. While behind (a
+batch came full) it asks for the next batch as it hands one out, so that one
+arrives while the caller applies the other.
 
 Every entry an append wrote carries three headers, and nats.py parses them
 into a dict for every message it receives: measured, 40% of the time it takes
@@ -113,7 +114,7 @@ class LogFeed:
         self._silent_s = 0.0
         # > 0: ask for what has gathered rather than keep requests open (module doc)
         self._gather_s = gather_s
-        self._behind = False  # the last gathered batch was full: more is waiting
+        self._ahead = ""  # a request sent as a full batch went out: more was waiting
 
     async def next_batch(
         self, limit: int, wait_s: float, *, stop: asyncio.Event | None = None
@@ -147,22 +148,28 @@ class LogFeed:
         """`next_batch` of a feed given `gather_s`: the first entry wakes us, the rest
         of the batch is asked for once it has gathered on the server."""
         out: list[RawEvent] = []
-        self._take(out, limit)  # one that came as the last call stopped waiting
-        if not out and not self._behind:
-            if not self._open:
-                await self._ask(1, expires_s=_REQUEST_EXPIRES_S)
-            first = await _first(self._queue, stop, wait_s)
-            if first is None:
-                await self._on_silence(wait_s)
-                return []
-            self._handle(first, out)
+        ahead, self._ahead = self._ahead, ""
+        if ahead:
+            await self._take_answer(ahead, out)
+        else:
+            self._take(out, limit)  # one that came as the last call stopped waiting
             if not out:
-                return []  # the request expired or ended: the next call asks again
-            self._silent_s = 0.0
-            await asyncio.sleep(self._gather_s)
-        if len(out) < limit and not self._broken:
-            await self._take_answer(await self._ask(limit - len(out), no_wait=True), out)
-        self._behind = len(out) >= limit
+                if not self._open:
+                    await self._ask(1, expires_s=_REQUEST_EXPIRES_S)
+                first = await _first(self._queue, stop, wait_s)
+                if first is None:
+                    await self._on_silence(wait_s)
+                    return []
+                self._handle(first, out)
+                if not out:
+                    return []  # the request expired or ended: the next call asks again
+                self._silent_s = 0.0
+                await asyncio.sleep(self._gather_s)
+            if len(out) < limit and not self._broken:
+                await self._take_answer(await self._ask(limit - len(out), no_wait=True), out)
+        if len(out) >= limit and not self._broken:
+            # behind: the next batch comes while the caller applies this one
+            self._ahead = await self._ask(limit, no_wait=True)
         if out:
             self.last = out[-1].seq
         return out
@@ -223,6 +230,7 @@ class LogFeed:
         self._next_dseq = 1
         self._broken = False
         self._silent_s = 0.0
+        self._ahead = ""
 
     async def _restart(self) -> None:
         await self.close()

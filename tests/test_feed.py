@@ -110,8 +110,17 @@ async def test_a_gathering_feed_that_is_behind_takes_full_batches_in_order(
 ) -> None:
     cid, seqs = await _conversation(event_log, 249)
     feed = LogFeed(nc.jetstream(), 0, window=100, filter_subject=event_subject(cid), gather_s=0.01)
+    js = nc.jetstream()
     try:
-        batches = [[r.seq for r in await feed.next_batch(100, wait_s=5)] for _ in range(3)]
+        batches = [[r.seq for r in await feed.next_batch(100, wait_s=5)]]
+        # a full batch: the next one is asked for as this one is handed out
+        for _ in range(500):
+            info = await js.consumer_info(EVT_STREAM, feed._consumer)
+            if info.delivered.consumer_seq >= 200:
+                break
+            await asyncio.sleep(0.02)
+        assert info.delivered.consumer_seq == 200, info
+        batches += [[r.seq for r in await feed.next_batch(100, wait_s=5)] for _ in range(2)]
         assert await feed.next_batch(100, wait_s=0.2) == [], "nothing after the end"
     finally:
         await feed.close()
