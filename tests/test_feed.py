@@ -109,8 +109,8 @@ async def test_a_gathering_feed_that_is_behind_takes_full_batches_in_order(
     nc: NatsClient, event_log: EventLog
 ) -> None:
     cid, seqs = await _conversation(event_log, 249)
-    feed = LogFeed(nc.jetstream(), 0, window=100, filter_subject=event_subject(cid), gather_s=0.01)
     js = nc.jetstream()
+    feed = LogFeed(js, 0, window=100, filter_subject=event_subject(cid), gather_s=0.01)
     try:
         batches = [[r.seq for r in await feed.next_batch(100, wait_s=5)]]
         # a full batch: the next one is asked for as this one is handed out
