@@ -131,11 +131,8 @@ class LogFeed:
         out: list[RawEvent] = []
         self._take(out, limit)
         if not out and not self._broken:
-            first = await _first(self._queue, stop, wait_s)
-            if first is None:
-                await self._on_silence(wait_s)
+            if not await self._handle_next(out, wait_s, stop):
                 return []
-            self._handle(first, out)
             self._take(out, limit)
         self._silent_s = 0.0
         if out:
@@ -156,11 +153,8 @@ class LogFeed:
             if not out:
                 if not self._open:
                     await self._ask(1, expires_s=_REQUEST_EXPIRES_S)
-                first = await _first(self._queue, stop, wait_s)
-                if first is None:
-                    await self._on_silence(wait_s)
+                if not await self._handle_next(out, wait_s, stop):
                     return []
-                self._handle(first, out)
                 if not out:
                     return []  # the request expired or ended: the next call asks again
                 self._silent_s = 0.0
@@ -173,6 +167,18 @@ class LogFeed:
         if out:
             self.last = out[-1].seq
         return out
+
+    async def _handle_next(
+        self, out: list[RawEvent], wait_s: float, stop: asyncio.Event | None
+    ) -> bool:
+        """The next delivery, waited for up to `wait_s`, handled into `out`; False after
+        that silence (counted towards the watchdog) or once `stop` is set."""
+        first = await _first(self._queue, stop, wait_s)
+        if first is None:
+            await self._on_silence(wait_s)
+            return False
+        self._handle(first, out)
+        return True
 
     async def _take_answer(self, request: str, out: list[RawEvent]) -> None:
         """Entries until `request` is closed: by its count, or by the status that ends
