@@ -45,7 +45,7 @@ from nats.js import JetStreamContext
 from api.sse import Envelope, Position, envelopes, frame
 from events.codec import decode_entry
 from events.errors import EventLogError, describe
-from events.follow import LiveFollower
+from events.follow import LiveFollower, RawEvent
 from events.log import EventLog, StoredEvent
 from events.subjects import CMD_STREAM, event_subject
 from events.turns import TurnRecord, TurnRegistry
@@ -373,7 +373,13 @@ class Hub:
                 start = await hubs.log.last_seq(self.conversation_id)
             self.head = self.floor = start
             self.ready.set_result(None)
-            follower = LiveFollower(hubs.js._nc, hubs.log, self.conversation_id, start)
+            follower = LiveFollower(
+                hubs.js._nc,
+                hubs.log,
+                self.conversation_id,
+                start,
+                on_arrival=self._deliver_on_arrival,
+            )
             while not self._idle_long_enough():
                 batch = await follower.next_batch(_BATCH, wait_s=hubs.settings.wake_s)
                 if not batch:
@@ -407,16 +413,35 @@ class Hub:
         empty = self._empty_since
         return empty is not None and time.monotonic() - empty >= self._hubs.settings.linger_s
 
-    async def _deliver(self, stored: StoredEvent) -> None:
-        delivery = Delivery.of(stored)
+    def _deliver_on_arrival(self, raw: RawEvent) -> bool:
+        """Hand out an entry from the connection's read loop, as it arrives (the follower
+        calls this while the hub waits for news); False for one that `_deliver` must
+        take, awaiting the conversation's state first (or failing, as a bug would)."""
+        try:
+            delivery = Delivery.of(StoredEvent(seq=raw.seq, event=decode_entry(raw.data)))
+        except Exception:
+            return False  # _deliver meets it again, and the feed fails as bugs do
+        if self._asks_whether_idle(delivery):
+            return False
+        self._hand_out(delivery)
+        return True
+
+    def _asks_whether_idle(self, delivery: Delivery) -> bool:
         # Only a viewer without a turn filter asks whether the conversation went
         # idle; a POST stream ends on its own turn's end (no Redis, no log read).
-        if delivery.ends_turn and any(s.turn is None for s in self.subscriptions):
+        return delivery.ends_turn and any(s.turn is None for s in self.subscriptions)
+
+    async def _deliver(self, stored: StoredEvent) -> None:
+        delivery = Delivery.of(stored)
+        if self._asks_whether_idle(delivery):
             try:
                 end, active = await self._hubs.turn_state(self.conversation_id)
             except RedisAway:
                 end, active = await self._hubs.log.last_seq(self.conversation_id), None
             delivery.idle_after = end <= delivery.seq and active is None
+        self._hand_out(delivery)
+
+    def _hand_out(self, delivery: Delivery) -> None:
         self.head = delivery.seq
         self._last_event = time.monotonic()
         self._remember(delivery)

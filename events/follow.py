@@ -35,6 +35,14 @@ role's connection) they come straight from the client's read loop, with no
 `Msg`, queue or task of nats.py's in between, and the positions are read from
 the raw headers; on another client, through a callback.
 
+A reader may also take entries as they arrive (`on_arrival`): while it waits
+in `next_batch` with nothing queued, an entry that follows the last one handed
+out goes straight to that callback from the read loop, without waking the
+reader's task (at 250 turns an edge wakes a hub task per token otherwise: a
+pass of its loop more on every token's way to a viewer). The callback may
+decline an entry (it needs to await something for it); that one and every one
+after it are queued and handed out by `next_batch` as before.
+
 `reader_consumer` is the consumer configuration of readers that do take one
 (projections.feed).
 """
@@ -104,7 +112,11 @@ class LiveFollower:
         *,
         pending_limit: int = 10_000,
         watchdog_s: float = 10.0,
+        on_arrival: Callable[[RawEvent], bool] | None = None,
     ) -> None:
+        """`on_arrival`: takes an entry handed out as it arrives (see the module's
+        doc); returns False to have it handed out by `next_batch` instead. Called
+        from the connection's read loop; what it raises, `next_batch` raises."""
         self._nc = nc
         self._reader = reader
         self._subject = event_subject(conversation_id)
@@ -120,6 +132,10 @@ class LiveFollower:
         self._overflowed = False
         self._silent_s = 0.0
         self._checked = True  # nothing delivered yet: nothing to check
+        self._on_arrival = on_arrival
+        self._parked = False  # next_batch waits, nothing queued: entries may go on_arrival
+        self._handed_on_arrival = False  # since the last wait began
+        self._arrival_failed: Exception | None = None
 
     async def next_batch(self, limit: int, wait_s: float) -> list[RawEvent]:
         """At least one event, plus those already here, up to `limit`; [] after `wait_s`."""
@@ -135,12 +151,22 @@ class LiveFollower:
             # bench capacity), and each expiry leaves a reference cycle of exceptions
             # (CancelledError into TimeoutError) for the garbage collector.
             self._arrived.clear()
+            self._handed_on_arrival = False
+            self._parked = self._on_arrival is not None
             wake = asyncio.get_running_loop().call_later(wait_s, self._arrived.set)
             try:
                 await self._arrived.wait()
             finally:
                 wake.cancel()
+                self._parked = False
+            if self._arrival_failed is not None:
+                raise self._arrival_failed
             if not self._inbox and not self._overflowed:
+                if self._handed_on_arrival:
+                    # not silent: entries went out as they came
+                    self._silent_s = 0.0
+                    self._checked = False
+                    return []
                 await self._on_silence(wait_s)
                 return await self._catch_up() if self._behind else []
         self._silent_s = 0.0
@@ -182,6 +208,8 @@ class LiveFollower:
         def accept(positions: tuple[int, int] | None, data: bytes) -> None:
             if positions is None or len(self._inbox) >= self._pending_limit:
                 self._overflowed = True  # positions unknown, or no room: the log is read
+            elif self._parked and not self._inbox and self._hand_on_arrival(*positions, data):
+                return
             else:
                 self._inbox.append((*positions, data))
             self._arrived.set()
@@ -196,6 +224,25 @@ class LiveFollower:
             accept(republished_positions(headers), data)
 
         return receive, receive_directly
+
+    def _hand_on_arrival(self, seq: int, before: int, data: bytes) -> bool:
+        """Hand the entry to `on_arrival` if it is the next one; whether it was taken."""
+        if before != self.last or seq <= self.last or self._on_arrival is None:
+            return False  # a gap or a repeat: next_batch sorts it out
+        try:
+            taken = self._on_arrival(RawEvent(seq=seq, data=data))
+        except Exception as err:
+            # A bug in the reader's callback: never the connection's read loop's
+            # end (every other follower on it reads on). The reader's next_batch
+            # raises it, as the reader would have raised it there itself.
+            self._arrival_failed = err
+            self._parked = False
+            return False
+        if not taken:
+            return False
+        self.last = seq
+        self._handed_on_arrival = True
+        return True
 
     async def close(self) -> None:
         sub, self._sub = self._sub, None

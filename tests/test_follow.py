@@ -147,3 +147,104 @@ async def test_more_than_a_thousand_conversations_can_be_followed_at_once(
         assert [r.seq for r in await _drain(last, 1)] == [head]
     finally:
         await asyncio.gather(*(f.close() for f in followers))
+
+
+async def test_entries_go_to_on_arrival_while_the_reader_waits_and_a_declined_one_queues(
+    plain_or_direct: NatsClient, event_log: EventLog
+) -> None:
+    """While next_batch waits with nothing queued, each next entry goes straight to
+    `on_arrival` without waking the reader; one it declines comes from next_batch,
+    and every position comes out once, in order, by one way or the other."""
+    cid, head = await _new_conversation(event_log)
+    out: list[tuple[str, int]] = []
+    decline: set[int] = set()
+    three = asyncio.Event()
+
+    def on_arrival(raw: RawEvent) -> bool:
+        if raw.seq in decline:
+            return False
+        out.append(("arrival", raw.seq))
+        if len(out) == 3:
+            three.set()
+        return True
+
+    async def read_until(count: int) -> None:
+        while len(out) < count:
+            batch = await follower.next_batch(10, wait_s=0.2)
+            out.extend(("batch", r.seq) for r in batch)
+
+    follower = LiveFollower(plain_or_direct, event_log, cid, head, on_arrival=on_arrival)
+    try:
+        assert await follower.next_batch(10, wait_s=0.05) == []  # subscribed, caught up
+        waiting = asyncio.create_task(follower.next_batch(10, wait_s=1.0))
+        await asyncio.sleep(0)  # it waits for news now
+        seqs = await _append_titles(event_log, cid, 3, head)
+        async with asyncio.timeout(10):
+            await three.wait()
+            # not woken for them: its wait ends with nothing to hand out
+            assert await waiting == []
+        assert out == [("arrival", seq) for seq in seqs]
+        assert follower.last == seqs[-1]
+
+        decline.add(seqs[-1] + 2)
+        reader = asyncio.create_task(read_until(7))
+        await asyncio.sleep(0)
+        more = await _append_titles(event_log, cid, 4, seqs[-1])
+        async with asyncio.timeout(20):
+            await reader
+    finally:
+        await follower.close()
+    assert [seq for _, seq in out] == [*seqs, *more]
+    assert out[3] == ("arrival", more[0])
+    assert out[4] == ("batch", more[1])  # declined
+
+
+async def test_an_entry_that_does_not_follow_the_last_is_not_handed_on_arrival(
+    nc: NatsClient, event_log: EventLog
+) -> None:
+    """A gap (or a repeat) is left to next_batch, which reads the log in between."""
+    cid, head = await _new_conversation(event_log)
+    taken: list[int] = []
+
+    def on_arrival(raw: RawEvent) -> bool:
+        taken.append(raw.seq)
+        return True
+
+    follower = LiveFollower(nc, event_log, cid, head, on_arrival=on_arrival)
+    try:
+        assert not follower._hand_on_arrival(head + 2, head + 1, b"{}")  # one lost before it
+        assert not follower._hand_on_arrival(head, head - 1, b"{}")  # handed out already
+        assert follower._hand_on_arrival(head + 1, head, b"{}")
+    finally:
+        await follower.close()
+    assert taken == [head + 1]
+    assert follower.last == head + 1
+
+
+async def test_an_on_arrival_that_raises_fails_its_reader_and_no_one_else(
+    plain_or_direct: NatsClient, event_log: EventLog
+) -> None:
+    """A bug in the callback surfaces in that reader's next_batch; the connection's
+    read loop, and every other follower on it, go on."""
+    cid, head = await _new_conversation(event_log)
+    other_cid, other_head = await _new_conversation(event_log)
+
+    def broken(raw: RawEvent) -> bool:
+        raise RuntimeError("a bug in the reader")
+
+    follower = LiveFollower(plain_or_direct, event_log, cid, head, on_arrival=broken)
+    other = LiveFollower(plain_or_direct, event_log, other_cid, other_head)
+    try:
+        assert await follower.next_batch(10, wait_s=0.05) == []
+        assert await other.next_batch(10, wait_s=0.05) == []
+        waiting = asyncio.create_task(follower.next_batch(10, wait_s=5))
+        await asyncio.sleep(0)
+        await _append_titles(event_log, cid, 1, head)
+        async with asyncio.timeout(5):
+            with pytest.raises(RuntimeError, match="a bug in the reader"):
+                await waiting
+        seqs = await _append_titles(event_log, other_cid, 2, other_head)
+        assert [r.seq for r in await _drain(other, 2)] == seqs
+    finally:
+        await follower.close()
+        await other.close()
