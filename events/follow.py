@@ -232,9 +232,9 @@ class LiveFollower:
         try:
             taken = self._on_arrival(RawEvent(seq=seq, data=data))
         except Exception as err:
-            # A bug in the reader's callback: never the connection's read loop's
-            # end (every other follower on it reads on). The reader's next_batch
-            # raises it, as the reader would have raised it there itself.
+            # A bug in the reader's callback must not end the connection's read
+            # loop, which every other follower on it shares: the reader's own
+            # next_batch raises it instead.
             self._arrival_failed = err
             self._parked = False
             return False
