@@ -24,7 +24,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
 
 from actors.chunks import Pending, coalesce
 from actors.sizing import fit
@@ -167,12 +166,6 @@ def choose_window(current_s: float, busy: float, *, light_s: float, full_s: floa
     return current_s
 
 
-class Wakeable(Protocol):
-    """What an `AppendTick` wakes: an `asyncio.Event`, or anything set the same way."""
-
-    def set(self) -> None: ...
-
-
 class AppendTick:
     """Wakes every turn stream with new text at most once per window, all at once.
 
@@ -207,13 +200,13 @@ class AppendTick:
         self.window_s = window_s
         self._cpu_time = cpu_time
         self._wall_time = wall_time
-        self._waiting: list[Wakeable] = []
+        self._waiting: list[asyncio.Event] = []
         self._scheduled = False
         self._last_tick = float("-inf")
         self._sampled_at: float | None = None
         self._cpu_at = 0.0
 
-    def wake(self, event: Wakeable) -> None:
+    def wake(self, event: asyncio.Event) -> None:
         if self.window_s <= 0:
             event.set()
             return
@@ -255,46 +248,6 @@ class AppendTick:
 NO_TICK = AppendTick(0.0)
 
 
-class _Wake:
-    """`asyncio.Event` for the one task that waits on it, bound to its loop when made.
-
-    Python 3.11's `Event.wait` asks for the running loop each time it waits, and
-    that asks the kernel for the process id (`getpid`, to notice a fork): one
-    system call per wait, per stream, per tick. py-spy with native frames, the
-    worker at 250 turns: `getpid` 6.9% of its samples, a third of it here.
-    """
-
-    __slots__ = ("_is_set", "_loop", "_waiter")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._is_set = False
-        self._waiter: asyncio.Future[None] | None = None
-
-    def is_set(self) -> bool:
-        return self._is_set
-
-    def set(self) -> None:
-        if self._is_set:
-            return
-        self._is_set = True
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def clear(self) -> None:
-        self._is_set = False
-
-    async def wait(self) -> None:
-        if self._is_set:
-            return
-        self._waiter = self._loop.create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
-
-
 class TurnStream:
     """Appends a turn's events in order with one append in flight (adaptive batching).
 
@@ -318,7 +271,7 @@ class TurnStream:
         self._new_id = new_id
         self._tick = tick
         self._pending: list[Pending] = []
-        self._wake = _Wake(asyncio.get_running_loop())
+        self._wake = asyncio.Event()
         self._waiting_tick = False
         self._first_text = True
         self._closing = False

@@ -104,10 +104,6 @@ class Replies:
         self._counter = itertools.count(1)
         self._waiting: dict[str, _Waiting] = {}
         self._sweep: asyncio.TimerHandle | None = None
-        # The connection's loop, taken when the subscription is made: asking for the
-        # running loop costs a getpid system call on Python 3.11, and a worker asks
-        # once per append (py-spy with native frames, 250 turns: 3.3% of its samples).
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def waiting(self) -> int:
@@ -191,8 +187,7 @@ class Replies:
         """A new request's token (its reply subject's last token) and what waits for its
         answers, with the sweep of time limits running."""
         token = str(next(self._counter))
-        loop = self._loop
-        assert loop is not None, "subscribed first"
+        loop = asyncio.get_running_loop()
         waiting = _Waiting(loop, wait_s, until_status)
         self._waiting[token] = waiting
         if self._sweep is None:
@@ -204,8 +199,7 @@ class Replies:
         self._sweep = None
         if not self._waiting:
             return
-        loop = self._loop
-        assert loop is not None, "subscribed first"
+        loop = asyncio.get_running_loop()
         now = loop.time()
         for waiting in self._waiting.values():
             done = waiting.done
@@ -219,7 +213,6 @@ class Replies:
         async with self._starting:
             if self._sub is not None:
                 return
-            self._loop = asyncio.get_running_loop()
             prefix = self._nc.new_inbox() + "."
             # nats.py re-creates the subscription after a reconnect, on the same subject
             sub = await self._nc.subscribe(prefix + "*", cb=self._answered)
