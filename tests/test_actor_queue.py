@@ -938,6 +938,11 @@ async def test_a_turn_whose_start_the_log_refuses_closes_the_model_call_it_sent(
             await starts.holding.wait()
             while not asked:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
+            # and the model streams its answer: a call closed before the model took it
+            # up leaves it nothing to stop, and nothing to count (a loaded CI machine
+            # once refused `started` that soon)
+            while (await demo_streams(http, demo_model_url))["open"] <= before["open"]:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
         # the request's `user_message` is in; `started` is held behind it
         last = await event_log.last_seq(cid)
         await event_log.append(cid, [_title(cid, "another writer's")], last)
