@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import random
 import time
+from collections import Counter
 from multiprocessing.connection import Connection
 from typing import Literal
 
@@ -70,6 +71,10 @@ class Outcome(msgspec.Struct):
     token_p50_ms: float
     token_p99_ms: float
     token_p999_ms: float
+    # the fewest windows of `LATE_WINDOW_NS` holding half the tokens over the p99, of
+    # `windows` (see `late_windows`)
+    late_windows: int
+    windows: int
     elapsed_s: float
     # parley's measured turns: (conversation, request sent, first token read),
     # wall clock, for the stages of time to first token
@@ -100,6 +105,34 @@ class _Turn:
         self.arrivals: list[int] = []  # arrival ns of token i at index i (tokens in order)
         self.events = 0
         self.status = ""
+
+
+# The tokens of a run later than its p99 are counted in windows of this length by
+# when the model sent them. The fewer windows hold half of them, the more the tail is
+# a few stretches in which every stream was late at once (the machine behind), not
+# single tokens late here and there (README: "Benchmark log", "When tokens are late").
+LATE_WINDOW_NS = 100_000_000
+
+
+def late_windows(tokens: list[tuple[int, float]], p99_ms: float) -> tuple[int, int]:
+    """Given each token's (send time ns, latency ms): the fewest `LATE_WINDOW_NS` windows
+    that hold half the tokens later than `p99_ms`, and how many windows had any token."""
+    if not tokens:
+        return 0, 0
+    start = min(sent for sent, _ in tokens)
+    windows: set[int] = set()
+    late: Counter[int] = Counter()
+    for sent, latency in tokens:
+        window = (sent - start) // LATE_WINDOW_NS
+        windows.add(window)
+        if latency > p99_ms:
+            late[window] += 1
+    half, held = sum(late.values()) / 2, 0
+    for taken, (_, count) in enumerate(late.most_common(), start=1):
+        held += count
+        if held >= half:
+            return taken, len(windows)
+    return 0, len(windows)
 
 
 def percentile(ordered: list[float], q: float) -> float:
@@ -239,11 +272,14 @@ def summarise(
     measured = [t for t in turns if job.once or window_start <= t.began < window_end]
     errors = [t for t in turns if t.status != "ok"]
     ttft = sorted((t.first - t.began) / 1e6 for t in measured if t.first)
-    latencies: list[float] = []
+    tokens: list[tuple[int, float]] = []  # (sent ns, latency ms)
     for t in measured:
         sent = emitted.get(t.key, [])
-        latencies.extend((at - sent[i]) / 1e6 for i, at in enumerate(t.arrivals) if i < len(sent))
-    latencies.sort()
+        tokens.extend(
+            (sent[i], (at - sent[i]) / 1e6) for i, at in enumerate(t.arrivals[: len(sent)])
+        )
+    latencies = sorted(latency for _, latency in tokens)
+    late, windows = late_windows(tokens, percentile(latencies, 99))
     if job.once:
         delivered = sum(len(t.arrivals) for t in turns) / elapsed
         offered = job.concurrency * job.rate if job.rate else delivered
@@ -271,6 +307,8 @@ def summarise(
         token_p50_ms=percentile(latencies, 50),
         token_p99_ms=percentile(latencies, 99),
         token_p999_ms=percentile(latencies, 99.9),
+        late_windows=late,
+        windows=windows,
         elapsed_s=round(elapsed, 2),
         starts=[
             (t.conversation, t.began_wall, t.first_wall)

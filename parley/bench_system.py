@@ -70,6 +70,8 @@ _OUTCOME_KEYS = [
     "token_p50_ms",
     "token_p99_ms",
     "token_p999_ms",
+    "late_windows",
+    "windows",
 ]
 
 
@@ -377,6 +379,12 @@ def render(rows: list[dict[str, Any]]) -> str:
                 for name, label in zip(STAGES, STAGE_LABELS, strict=True)
             )
             lines.append(f"         time to first token, p50/p99 ms per stage: request {spans}")
+        if r.get("windows"):
+            lines.append(
+                f"         tokens later than the p99: half of them in {r['late_windows']:g} of "
+                f"{r['windows']:g} tenths of a second (direct: {r['direct_late_windows']:g} "
+                f"of {r['direct_windows']:g})"
+            )
         if r["error_sample"]:
             lines.append(f"         first error: {r['error_sample']}")
     return "\n".join(lines)

@@ -9,7 +9,7 @@ import aiohttp
 from aiohttp import web
 
 from api.sse import Envelope, frame
-from parley.bench_load import Job, _turn
+from parley.bench_load import LATE_WINDOW_NS, Job, _turn, late_windows
 
 
 async def test_a_slot_reads_each_turn_to_its_end_and_keeps_its_connection() -> None:
@@ -58,3 +58,25 @@ async def test_a_slot_reads_each_turn_to_its_end_and_keeps_its_connection() -> N
     assert [len(t.arrivals) for t in turns] == [2, 2, 2]
     assert len(peers) == 3
     assert len(set(peers)) == 1, f"a new connection for each turn: {peers}"
+
+
+def _tokens_every_ms(seconds: float, late_at: list[float]) -> list[tuple[int, float]]:
+    """A token sent every millisecond for `seconds`, 1 ms late, and 50 ms late when sent
+    at one of `late_at` (seconds into the run)."""
+    late = {round(at * 1000) for at in late_at}
+    return [(ms * 1_000_000, 50.0 if ms in late else 1.0) for ms in range(round(seconds * 1000))]
+
+
+def test_late_tokens_in_one_stretch_are_found_in_one_window() -> None:
+    stretch = [2.0 + i / 1000 for i in range(40)]  # 40 ms in which every token is late
+    assert late_windows(_tokens_every_ms(10.0, stretch), p99_ms=1.0) == (1, 100)
+
+
+def test_late_tokens_spread_over_the_run_need_half_its_windows() -> None:
+    spread = [w * LATE_WINDOW_NS / 1e9 + 0.05 for w in range(100)]  # one in every window
+    assert late_windows(_tokens_every_ms(10.0, spread), p99_ms=1.0) == (50, 100)
+
+
+def test_a_run_without_late_tokens_or_without_tokens() -> None:
+    assert late_windows(_tokens_every_ms(1.0, []), p99_ms=1.0) == (0, 10)
+    assert late_windows([], p99_ms=1.0) == (0, 0)

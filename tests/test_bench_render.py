@@ -93,3 +93,12 @@ def test_each_measured_turn_of_a_conversation_is_found_by_its_request_time() -> 
     assert turn_marks(log, 300) == (300, 302, 305)
     assert turn_marks(log, 301) is None  # its turn is not in the log
     assert turn_marks(log[:-4], 250) is None  # started, but no chunk yet
+
+
+def test_a_row_says_how_gathered_its_late_tokens_are_beside_the_direct_paths() -> None:
+    windows = {"late_windows": 3, "windows": 247, "direct_late_windows": 15, "direct_windows": 246}
+    lines = render([_row(**windows)]).splitlines()
+    assert lines[-1].split() == [
+        *["tokens", "later", "than", "the", "p99:", "half", "of", "them", "in", "3", "of", "247"],
+        *["tenths", "of", "a", "second", "(direct:", "15", "of", "246)"],
+    ]
