@@ -43,7 +43,6 @@ import redis.exceptions
 from nats.js import JetStreamContext
 
 from api.sse import Envelope, Position, envelopes, frame
-from events.codec import decode_entry
 from events.errors import EventLogError, describe
 from events.follow import LiveFollower, RawEvent
 from events.log import EventLog, StoredEvent
@@ -386,7 +385,7 @@ class Hub:
                     await self._on_silence()
                     continue
                 for raw in batch:
-                    await self._deliver(StoredEvent(seq=raw.seq, event=decode_entry(raw.data)))
+                    await self._deliver(StoredEvent.decode(raw.seq, raw.data))
         except (EventLogError, nats.errors.Error) as err:
             # The viewers' streams end; each resumes from its last id once the broker is back.
             log.warning(
@@ -418,7 +417,7 @@ class Hub:
         calls this while the hub waits for news); False for one that `_deliver` must
         take, awaiting the conversation's state first (or failing, as a bug would)."""
         try:
-            delivery = Delivery.of(StoredEvent(seq=raw.seq, event=decode_entry(raw.data)))
+            delivery = Delivery.of(StoredEvent.decode(raw.seq, raw.data))
         except Exception:
             return False  # _deliver meets it again, and the feed fails as bugs do
         if self._asks_whether_idle(delivery):
@@ -620,7 +619,7 @@ async def read_range(
         for raw in batch:
             if raw.seq > until:
                 return
-            yield StoredEvent(seq=raw.seq, event=decode_entry(raw.data))
+            yield StoredEvent.decode(raw.seq, raw.data)
         if not batch or pending == 0:
             return
         after = batch[-1].seq

@@ -115,6 +115,11 @@ class StoredEvent(msgspec.Struct, frozen=True, gc=False):
     seq: int
     event: AnyEvent | Unreadable
 
+    @classmethod
+    def decode(cls, seq: int, data: bytes) -> StoredEvent:
+        """The entry at `seq` whose stored bytes are `data`."""
+        return cls(seq=seq, event=decode_entry(data))
+
 
 def _append_headers(event: Event, expected: int | None) -> dict[str, str]:
     """The headers every appended event carries: the stream it must land in, its id (a
@@ -329,14 +334,14 @@ class EventLog:
         msg = await self._get_msg(subject=event_subject(conversation_id))
         if msg is None:
             return None
-        return StoredEvent(seq=msg.seq, event=decode_entry(base64.b64decode(msg.data)))
+        return StoredEvent.decode(msg.seq, base64.b64decode(msg.data))
 
     async def first(self, conversation_id: str) -> StoredEvent | None:
         """The conversation's first kept event: `conversation_created` unless retention cut it."""
         msg = await self._get_msg(event_subject(conversation_id), 1, next=True)
         if msg is None:
             return None
-        return StoredEvent(seq=msg.seq, event=decode_entry(base64.b64decode(msg.data)))
+        return StoredEvent.decode(msg.seq, base64.b64decode(msg.data))
 
     async def read(self, conversation_id: str, after: int = 0) -> list[StoredEvent]:
         """Every entry after `after`, up to the end of the log as it is now.
@@ -354,7 +359,7 @@ class EventLog:
         start = after + 1
         while True:
             batch, pending = await self._direct_batch(subject, start)
-            out.extend(StoredEvent(seq=e.seq, event=decode_entry(e.data)) for e in batch)
+            out.extend(StoredEvent.decode(e.seq, e.data) for e in batch)
             if not batch or pending == 0:
                 return out
             start = batch[-1].seq + 1
@@ -434,7 +439,7 @@ class EventLog:
         try:
             while stop is None or not stop.is_set():
                 for raw in await follower.next_batch(256, wait_s=_FOLLOW_WAIT_S):
-                    yield StoredEvent(seq=raw.seq, event=decode_entry(raw.data))
+                    yield StoredEvent.decode(raw.seq, raw.data)
         finally:
             await follower.close()
 

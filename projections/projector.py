@@ -37,7 +37,7 @@ from typing import Any
 import asyncpg
 from nats.js import JetStreamContext
 
-from events.codec import Unreadable, decode_entry
+from events.codec import Unreadable
 from events.errors import describe
 from events.follow import RawEvent
 from events.log import StoredEvent
@@ -143,7 +143,7 @@ class Projector:
         """The entries this projection needs decoded; chunks are passed over as bytes."""
         skip = self.skip_prefix
         out = [
-            StoredEvent(seq=raw.seq, event=decode_entry(raw.data))
+            StoredEvent.decode(raw.seq, raw.data)
             for raw in batch
             if skip is None or not raw.data.startswith(skip)
         ]
