@@ -279,7 +279,8 @@ def summarise(
             (sent[i], (at - sent[i]) / 1e6) for i, at in enumerate(t.arrivals[: len(sent)])
         )
     latencies = sorted(latency for _, latency in tokens)
-    late, windows = late_windows(tokens, percentile(latencies, 99))
+    token_p99_ms = percentile(latencies, 99)
+    late, windows = late_windows(tokens, token_p99_ms)
     if job.once:
         delivered = sum(len(t.arrivals) for t in turns) / elapsed
         offered = job.concurrency * job.rate if job.rate else delivered
@@ -305,7 +306,7 @@ def summarise(
         ttft_p99_ms=percentile(ttft, 99),
         ttft_p999_ms=percentile(ttft, 99.9),
         token_p50_ms=percentile(latencies, 50),
-        token_p99_ms=percentile(latencies, 99),
+        token_p99_ms=token_p99_ms,
         token_p999_ms=percentile(latencies, 99.9),
         late_windows=late,
         windows=windows,
