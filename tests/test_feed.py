@@ -105,6 +105,44 @@ async def test_a_gathering_feed_leaves_a_trickle_on_the_server_until_it_has_gath
     assert [r.seq for r in batch] == more, "one batch, every entry, in order"
 
 
+async def test_a_gathering_feed_gathers_longer_while_its_batches_come_large(
+    nc: NatsClient, event_log: EventLog
+) -> None:
+    """A batch of `busy_batch` entries or more makes the next one gather `busy_gather_s`
+    (what comes meanwhile joins the entry that woke the feed); a smaller batch
+    brings the short wait back."""
+    cid, seqs = await _conversation(event_log, 29)
+    js = nc.jetstream()
+    feed = LogFeed(
+        js,
+        0,
+        window=100,
+        filter_subject=event_subject(cid),
+        gather_s=0.01,
+        busy_gather_s=3.0,
+        busy_batch=10,
+    )
+    try:
+        assert feed.gathering_s == 0.01
+        assert [r.seq for r in await feed.next_batch(100, wait_s=5)] == seqs
+        assert feed.gathering_s == 3.0, "30 entries came at once: the log is busy"
+        waiting = asyncio.create_task(feed.next_batch(100, wait_s=5))
+        woke = await _append(event_log, cid, [_title(cid, "w")], seqs[-1])
+        async with asyncio.timeout(10):  # the feed has the entry and is gathering
+            for _ in range(1000):
+                info = await js.consumer_info(EVT_STREAM, feed._consumer)
+                if info.delivered.consumer_seq > len(seqs):
+                    break
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)  # far past `gather_s`, well within `busy_gather_s`
+        more = await _append(event_log, cid, [_title(cid, f"m{i}") for i in range(3)], woke[-1])
+        batch = await waiting
+        assert [r.seq for r in batch] == woke + more, "what came while it gathered joined it"
+        assert feed.gathering_s == 0.01, "four entries: quiet again"
+    finally:
+        await feed.close()
+
+
 async def test_a_gathering_feed_that_is_behind_takes_full_batches_in_order(
     nc: NatsClient, event_log: EventLog
 ) -> None:
