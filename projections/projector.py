@@ -58,7 +58,7 @@ LINGER_S = 0.02
 # 1,000 entries a second, some fifty streams), batches gather for BUSY_LINGER_S
 # instead. Each batch is a transaction (BEGIN, the checkpoint's row, the writes,
 # COMMIT), and at 250 turns of `parley bench capacity` the projector and Postgres
-# spent 0.06 of a core less with 100 ms than with 20 (README "Benchmark log").
+# spent 0.04-0.06 of a core less with 100 ms than with 20 (README "Benchmark log").
 BUSY_LINGER_S = 0.1
 BUSY_BATCH = 20
 
