@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from typing import Any
 
 import nats.errors
 import pytest
 from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
 
 from events.broker import EntryClient
 from events.ids import new_id
@@ -50,6 +52,18 @@ async def _drain(feed: LogFeed, want: int, limit: int = 1000) -> list[int]:
     return got
 
 
+async def _delivered(js: JetStreamContext, feed: LogFeed, at_least: int) -> Any:
+    """The feed's consumer once the server has delivered `at_least` entries (or after
+    ten seconds of asking): the delivery count has no event to wait on. `Any`: the
+    tests read `delivered`, which nats.py types as optional, without a check."""
+    for _ in range(500):
+        info = await js.consumer_info(EVT_STREAM, feed._consumer)
+        if info.delivered.consumer_seq >= at_least:
+            break
+        await asyncio.sleep(0.02)
+    return info
+
+
 async def test_every_entry_comes_once_in_order_across_many_small_windows(
     nc: NatsClient, event_log: EventLog
 ) -> None:
@@ -71,12 +85,7 @@ async def test_the_server_holds_what_the_reader_has_not_asked_for(
     feed = LogFeed(js, 0, window=5, filter_subject=event_subject(cid))
     try:
         first = await feed.next_batch(1, wait_s=5)  # asks for two windows of 5
-        # the server's delivery count has no event to wait on: ask until it reaches 10
-        for _ in range(500):
-            info = await js.consumer_info(EVT_STREAM, feed._consumer)
-            if info.delivered.consumer_seq >= 10:
-                break
-            await asyncio.sleep(0.02)
+        info = await _delivered(js, feed, 10)
         assert info.delivered.consumer_seq == 10 and info.num_pending == len(seqs) - 10, info
         rest = await _drain(feed, len(seqs) - 1, limit=7)
     finally:
@@ -128,12 +137,8 @@ async def test_a_gathering_feed_gathers_longer_while_its_batches_come_large(
         assert feed.gathering_s == 3.0, "30 entries came at once: the log is busy"
         waiting = asyncio.create_task(feed.next_batch(100, wait_s=5))
         woke = await _append(event_log, cid, [_title(cid, "w")], seqs[-1])
-        async with asyncio.timeout(10):  # the feed has the entry and is gathering
-            for _ in range(1000):
-                info = await js.consumer_info(EVT_STREAM, feed._consumer)
-                if info.delivered.consumer_seq > len(seqs):
-                    break
-                await asyncio.sleep(0.01)
+        info = await _delivered(js, feed, len(seqs) + 1)  # it has the entry, and gathers
+        assert info.delivered.consumer_seq == len(seqs) + 1, info
         await asyncio.sleep(0.5)  # far past `gather_s`, well within `busy_gather_s`
         more = await _append(event_log, cid, [_title(cid, f"m{i}") for i in range(3)], woke[-1])
         batch = await waiting
@@ -152,11 +157,7 @@ async def test_a_gathering_feed_that_is_behind_takes_full_batches_in_order(
     try:
         batches = [[r.seq for r in await feed.next_batch(100, wait_s=5)]]
         # a full batch: the next one is asked for as this one is handed out
-        for _ in range(500):
-            info = await js.consumer_info(EVT_STREAM, feed._consumer)
-            if info.delivered.consumer_seq >= 200:
-                break
-            await asyncio.sleep(0.02)
+        info = await _delivered(js, feed, 200)
         assert info.delivered.consumer_seq == 200, info
         batches += [[r.seq for r in await feed.next_batch(100, wait_s=5)] for _ in range(2)]
         assert await feed.next_batch(100, wait_s=0.2) == [], "nothing after the end"
