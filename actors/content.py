@@ -109,6 +109,13 @@ def visible_tools(tools: Sequence[dict[str, Any]], *, personal: bool) -> list[di
     return [tool for tool in tools if not is_project_only(tool_name(tool))]
 
 
+def refused_tool(name: str, *, personal: bool) -> ToolOutcome | None:
+    """The error a call gets for a tool its scope hides, or None when it may run."""
+    if personal and is_project_only(name):
+        return ToolOutcome(error=f"tool {name!r} is not available in a personal conversation")
+    return None
+
+
 def tool_name(tool: dict[str, Any]) -> str:
     function = tool.get("function", {})
     return str(function.get("name", "")) if isinstance(function, dict) else ""

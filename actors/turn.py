@@ -32,7 +32,7 @@ import aiohttp
 import msgspec
 
 from actors.billing import Accounts
-from actors.content import build_history, tool_round_messages, visible_tools
+from actors.content import build_history, refused_tool, tool_round_messages, visible_tools
 from actors.decide import (
     CHARS_PER_TOKEN,
     ModelChoice,
@@ -389,7 +389,9 @@ class TurnRunner:
 
         async def one(call: ToolCallRequest) -> ToolOutcome:
             began = time.perf_counter()
-            outcome = await ctx.tools.run(call.name, call.arguments, context)
+            # What personal scope hides from the model it may still name: refused, not run.
+            refused = refused_tool(call.name, personal=state.personal)
+            outcome = refused or await ctx.tools.run(call.name, call.arguments, context)
             duration_ms = round((time.perf_counter() - began) * 1000, 3)
             stream.event(
                 decide_tool_result(state, call, outcome, duration_ms, ctx.clock(), ctx.new_id)

@@ -113,7 +113,7 @@ def plan_reply(body: dict[str, Any], config: DemoConfig) -> Reply:
     `[[bench=KEY]]` log the send time of every answer delta under KEY;
     `[[bulk=N]]` an answer of N characters in deltas of 64 KiB (large answers);
     `[[tools=name{json};name{json}]]` those tool calls in one response (parallel calls),
-    then an answer with their results;
+    then an answer with their results (only tools offered; `!name` even when not);
     `[[rounds=N]]` call `get_current_time` in N rounds, one after the other, then answer;
     `[[flaky=KEY:N]]` the first N requests with this KEY get HTTP 503 (then it streams);
     `[[rate=R]]` stream this reply at R tokens/s (0: full speed), whatever the server's pace.
@@ -245,12 +245,17 @@ def _thinking(text: str, *, tags: bool) -> Iterator[_Delta]:
 
 
 def _parse_calls(spec: str, offered: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
-    """`name{json};name{json}` -> [(name, json)], only tools that were offered."""
+    """`name{json};name{json}` -> [(name, json)], only tools that were offered.
+
+    `!name{json}` calls that name even when it was not offered, as a model that
+    makes up a tool's name (or was told one by a prompt injection) would.
+    """
     calls = []
     for part in spec.split(";"):
         name, brace, rest = part.strip().partition("{")
-        if name.strip() in offered:
-            calls.append((name.strip(), brace + rest if brace else "{}"))
+        name, unoffered = name.strip().removeprefix("!"), name.strip().startswith("!")
+        if unoffered or name in offered:
+            calls.append((name, brace + rest if brace else "{}"))
     return calls
 
 

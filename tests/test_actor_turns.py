@@ -22,7 +22,8 @@ from events.vocabulary import (
     ToolResult,
     UserMessage,
 )
-from tests.conftest import Projected, Recorder, demo_streams
+from parley.services import Services
+from tests.conftest import Projected, Recorder, demo_streams, token_for
 from tests.sse import SseClient, SseEvent, sse_events, until_done
 
 
@@ -307,6 +308,33 @@ async def test_calls_of_one_response_run_side_by_side_and_failures_become_result
     )
     answer = "".join(e.data for e in events if e.event == "token")
     assert "slept 400 ms" in answer and "42" in answer
+
+
+async def test_a_project_tool_the_model_names_in_personal_scope_is_refused_not_run(
+    api: SseClient, services: Services, http: aiohttp.ClientSession
+) -> None:
+    personal = (await api.create_conversation())["id"]
+    # offered to the model it is not (personal scope hides it), so the model makes it up
+    events = await api.send_stream(personal, "[[tools=!project_notes{}]]")
+    assert events[-1].data == "ok", events[-3:]
+    [result] = [e.data for e in events if e.event == "tool_result"]
+    assert result["result"] is None, result
+    assert result["error"] == "tool 'project_notes' is not available in a personal conversation"
+    # in a project's conversation the same call runs
+    status, project = await api.request("POST", "/v1/projects", json={"name": "Notes"})
+    assert status == 201, project
+    admin = SseClient(http, services.edge_url, token_for("admin", admin=True))
+    status, granted = await admin.request(
+        "POST",
+        f"/v1/billing/accounts/project/{project['id']}/credits",
+        json={"micro_credits": 10**9},
+    )
+    assert status == 201, granted
+    shared = (await api.create_conversation(project_id=project["id"]))["id"]
+    events = await api.send_stream(shared, "[[tools=project_notes{}]]")
+    assert events[-1].data == "ok", events[-3:]
+    [result] = [e.data for e in events if e.event == "tool_result"]
+    assert (result["result"], result["error"]) == ("the project's notes", None), result
 
 
 async def test_the_set_title_tool_names_the_conversation(

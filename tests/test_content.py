@@ -21,6 +21,7 @@ from actors.content import (
     build_history,
     merge_blocks,
     needs_title,
+    refused_tool,
     visible_tools,
 )
 from events.vocabulary import ChunkKind, ContentBlock
@@ -363,6 +364,16 @@ def test_tools_without_a_function_name_stay_visible_in_personal_scope() -> None:
     odd: list[dict[str, Any]] = [{"type": "function"}, {"function": "not a dict"}]
     seen = visible_tools(odd, personal=True)
     assert seen == odd, f"expected {odd!r}, saw {seen!r}"
+
+
+def test_a_hidden_tool_named_anyway_is_refused_only_in_personal_scope() -> None:
+    for name in PROJECT_ONLY:
+        refused = refused_tool(name, personal=True)
+        assert refused is not None and refused.error is not None, name
+        assert name in refused.error and "personal" in refused.error, refused
+        assert refused_tool(name, personal=False) is None, name
+    for name in EVERYWHERE:
+        assert refused_tool(name, personal=True) is None, name
 
 
 # ---------------------------------------------------------------- titles

@@ -57,7 +57,13 @@ def not_text() -> bytes:
     return b"binary"
 
 
+def project_notes() -> str:
+    """A project-only tool (by its name): hidden from, and refused in, personal scope."""
+    return "the project's notes"
+
+
 LIVE_TOOLS = (
+    define_tool(project_notes),
     define_tool(sleepy),
     define_tool(boom),
     define_tool(slowpoke, timeout_s=0.2),
