@@ -8,7 +8,7 @@ the environment.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -19,22 +19,26 @@ DEFAULT_TEMPERATURE = 0.7
 MAX_TOOL_ROUNDS = 99
 
 
-class ModelVersion(msgspec.Struct, frozen=True):
-    version: str
+# A misspelt key in the models file is an error, not a price of 0 (forbid_unknown_fields).
+Price = Annotated[float, msgspec.Meta(ge=0)]  # credits per million tokens
+
+
+class ModelVersion(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    version: Annotated[str, msgspec.Meta(min_length=1)]
     status: Literal["active", "deprecated"] = "active"
     is_default: bool = False
     release_date: dt.date | None = None
-    input_price: float = 0.0  # credits per million tokens
-    output_price: float = 0.0
+    input_price: Price = 0.0
+    output_price: Price = 0.0
 
 
-class ModelSpec(msgspec.Struct, frozen=True):
-    name: str  # what clients send as `model`
+class ModelSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: Annotated[str, msgspec.Meta(min_length=1)]  # what clients send as `model`
     base_url: str | None = None
     api_key_env: str | None = None
     api_key: str | None = None  # resolved by the wiring from api_key_env
     upstream_name: str | None = None  # the name sent to the endpoint, if it differs
-    max_output_tokens: int | None = None
+    max_output_tokens: Annotated[int, msgspec.Meta(gt=0)] | None = None
     versions: list[ModelVersion] = []
 
 
@@ -52,11 +56,49 @@ def active_version(spec: ModelSpec) -> ModelVersion | None:
     active = [v for v in spec.versions if v.status == "active"]
     if not active:
         return None
-    return sorted(
-        active,
-        key=lambda v: (v.is_default, v.release_date or dt.date.min),
-        reverse=True,
-    )[0]
+    return sorted(active, key=_precedence, reverse=True)[0]
+
+
+def _precedence(version: ModelVersion) -> tuple[bool, dt.date]:
+    return (version.is_default, version.release_date or dt.date.min)
+
+
+def catalogue_problems(models: list[ModelSpec]) -> list[str]:
+    """What makes a catalogue ambiguous: a name twice, or no single version in force.
+
+    Two active versions that tie on the rule above would leave the price in
+    force to the order of the file's lines, and GET /v1/models could show the
+    other one; the file has to say.
+    """
+    problems, names = [], set()
+    for spec in models:
+        if spec.name in names:
+            problems.append(f"model {spec.name!r} is listed twice")
+        names.add(spec.name)
+        versions = [v.version for v in spec.versions]
+        for twice in sorted({v for v in versions if versions.count(v) > 1}):
+            problems.append(f"model {spec.name!r} lists version {twice!r} twice")
+        active = [v for v in spec.versions if v.status == "active"]
+        first = active_version(spec)
+        tied = [v.version for v in active if first and _precedence(v) == _precedence(first)]
+        if len(tied) > 1:
+            problems.append(
+                f"model {spec.name!r}: versions {', '.join(map(repr, tied))} tie for the one in"
+                " force (active, is_default, release_date); mark one is_default or date them"
+            )
+    return problems
+
+
+def endpoint_api_key(spec: ModelSpec, default_key: str | None) -> str | None:
+    """The key sent with a call to `spec`'s endpoint.
+
+    PARLEY_MODEL_API_KEY belongs to PARLEY_MODEL_BASE_URL: a model with an
+    endpoint or a key variable of its own never gets it, so a third party's
+    endpoint is never handed the main provider's key.
+    """
+    if spec.api_key is not None or spec.api_key_env or spec.base_url:
+        return spec.api_key
+    return default_key
 
 
 def choose_model(spec: ModelSpec) -> ModelChoice:

@@ -54,7 +54,7 @@ from actors.model_stream import (
     ToolCallRequest,
     Usage,
 )
-from actors.models import MAX_TOOL_ROUNDS, ModelCatalog, ModelSpec
+from actors.models import MAX_TOOL_ROUNDS, ModelCatalog, ModelSpec, endpoint_api_key
 from actors.state import Conversation, history_of, latest_messages
 from actors.tools import ToolContext, ToolMessage, ToolOutcome, ToolRunner
 from actors.writer import NO_TICK, AppendTick, EventWriter, TurnStream
@@ -462,7 +462,7 @@ def _plan_call(ctx: ActorContext, spec: ModelSpec, state: Conversation) -> _Call
         endpoint=ModelEndpoint(
             base_url=spec.base_url or ctx.default_base_url,
             model=spec.upstream_name or spec.name,
-            api_key=spec.api_key or ctx.default_api_key,
+            api_key=endpoint_api_key(spec, ctx.default_api_key),
         ),
         messages=build_history(
             history_of(state, upto=state.active.user_message_id), personal=state.personal

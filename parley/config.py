@@ -5,6 +5,7 @@ No other module reads `os.environ`.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import tomllib
@@ -13,8 +14,10 @@ from pathlib import Path
 
 import msgspec
 
-from actors.models import ModelCatalog, ModelSpec, ModelVersion
+from actors.models import ModelCatalog, ModelSpec, ModelVersion, catalogue_problems
 from api.config import EdgeLimits
+
+log = logging.getLogger(__name__)
 
 DEMO_MODEL = "demo"
 # The demo model's built-in entry: what a new user chats with, priced like a
@@ -252,27 +255,41 @@ def load_catalog(settings: Settings, env: Mapping[str, str] | None = None) -> Mo
     if settings.models_file:
         for spec in parse_models_file(Path(settings.models_file)):
             if spec.api_key_env:
-                spec = msgspec.structs.replace(spec, api_key=env.get(spec.api_key_env) or None)
+                key = env.get(spec.api_key_env) or None
+                if key is None:
+                    log.warning(
+                        "model %r: %s is not set; its calls go without a key",
+                        spec.name,
+                        spec.api_key_env,
+                    )
+                spec = msgspec.structs.replace(spec, api_key=key)
             specs[spec.name] = spec
     default = settings.model or DEMO_MODEL
     if default not in specs:
-        # A model named only by PARLEY_MODEL: served by PARLEY_MODEL_BASE_URL, no prices known.
-        specs[default] = ModelSpec(name=default, versions=[ModelVersion(version="unversioned")])
+        # A model named only by PARLEY_MODEL: served by PARLEY_MODEL_BASE_URL. No
+        # price is known, so it has no version: a project's turn on it fails as
+        # `model_not_priced` rather than running free.
+        specs[default] = ModelSpec(name=default)
     return ModelCatalog(models=list(specs.values()), default_model=default)
 
 
-class _ModelsFile(msgspec.Struct):
+class _ModelsFile(msgspec.Struct, forbid_unknown_fields=True):
     models: list[ModelSpec] = []
 
 
 def parse_models_file(path: Path) -> list[ModelSpec]:
     try:
-        raw = tomllib.loads(path.read_text())
-        return msgspec.convert(raw, type=_ModelsFile).models
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        models = msgspec.convert(raw, type=_ModelsFile).models
     except FileNotFoundError as err:
         raise ConfigError(f"PARLEY_MODELS_FILE {path} does not exist") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"PARLEY_MODELS_FILE {path} cannot be read: {err}") from err
     except (tomllib.TOMLDecodeError, msgspec.ValidationError) as err:
         raise ConfigError(f"PARLEY_MODELS_FILE {path}: {err}") from err
+    if problems := catalogue_problems(models):
+        raise ConfigError(f"PARLEY_MODELS_FILE {path}: {'; '.join(problems)}")
+    return models
 
 
 def dev_jwt_secret(settings: Settings) -> str:

@@ -41,6 +41,7 @@ from tests.tool_plugin import LIVE_TOOLS
 pytest_plugins = ["tests.hang_watch"]
 
 SECRET = "test-secret-" + "x" * 32
+MAIN_PROVIDER_KEY = "sk-main-provider"
 # The demo model streams at this rate in tests: fast, yet a 100-token answer
 # still takes long enough to disconnect and reconnect in the middle of it.
 TEST_TOKENS_PER_S = 400.0
@@ -84,10 +85,12 @@ class Recorder:
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
+        self.keys: list[str | None] = []  # each request's Authorization header
         self.reply = RECORDED_REPLY.read_bytes()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.requests.append(await request.json())
+        self.keys.append(request.headers.get("Authorization"))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         await response.write(self.reply)
@@ -145,6 +148,8 @@ async def services(
         jwt_secret=SECRET,
         catalog=test_catalog(recorder[1]),
         model_base_url=demo_model_url,
+        # PARLEY_MODEL_API_KEY: the demo model's; never sent to a model with its own endpoint
+        model_api_key=MAIN_PROVIDER_KEY,
         db_schema="parley_test",
         port=0,
         ping_interval_s=0.5,

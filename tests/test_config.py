@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.models import active_version, choose_model
+from actors.models import active_version, choose_model, endpoint_api_key
 from parley.config import DEMO_MODEL, ConfigError, load_catalog, settings_from_env
 
 MODELS_TOML = """
@@ -109,6 +109,100 @@ def test_a_broken_models_file_is_a_clear_config_error(
         return
     with pytest.raises(ConfigError, match=fragment):
         load_catalog(settings, env={})
+
+
+def _model(versions: str, head: str = "") -> str:
+    return f'[[models]]\nname = "m"\n{head}' + versions
+
+
+def _version(name: str, extra: str = "") -> str:
+    return f'  [[models.versions]]\n  version = "{name}"\n{extra}'
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        # a misspelt key would otherwise price the model at 0
+        (_model(_version("v1", "  inptu_price = 3.0\n")), "inptu_price"),
+        ("[[model]]\nname = 'm'\n", "model"),
+        (_model(_version("v1", "  input_price = -5\n")), "input_price"),
+        (_model(_version("v1"), "max_output_tokens = 0\n"), "max_output_tokens"),
+        (_model("", 'name = ""\n').replace('name = "m"\n', ""), "name"),
+        (_model(_version("v1")) + _model(_version("v1")), "'m' is listed twice"),
+        (_model(_version("v1") + _version("v1")), "version 'v1' twice"),
+        # two active versions, neither the default nor dated: which is in force?
+        (_model(_version("a") + _version("b")), "'a', 'b' tie"),
+        (
+            _model(
+                _version("x1", "  is_default = true\n  release_date = 2026-01-01\n")
+                + _version("x2", "  is_default = true\n  release_date = 2026-01-01\n")
+            ),
+            "'x1', 'x2' tie",
+        ),
+    ],
+)
+def test_a_models_file_that_is_ambiguous_or_wrong_is_refused(
+    tmp_path: Path, text: str, fragment: str
+) -> None:
+    path = tmp_path / "models.toml"
+    path.write_text(text)
+    settings = settings_from_env({"PARLEY_MODELS_FILE": str(path)}, tmp_path)
+    with pytest.raises(ConfigError, match=fragment):
+        load_catalog(settings, env={})
+
+
+def test_versions_ordered_by_the_rule_are_not_a_tie(tmp_path: Path) -> None:
+    path = tmp_path / "models.toml"
+    path.write_text(
+        _model(
+            _version("old", "  release_date = 2025-01-01\n")
+            + _version("new", "  release_date = 2026-01-01\n")
+            + _version("gone", "  status = 'deprecated'\n")
+            + _version("gone-too", "  status = 'deprecated'\n")
+        )
+    )
+    catalog = load_catalog(settings_from_env({"PARLEY_MODELS_FILE": str(path)}, tmp_path), env={})
+    spec = catalog.get("m")
+    assert spec is not None
+    version = active_version(spec)
+    assert version is not None and version.version == "new"
+
+
+def test_a_models_file_that_cannot_be_read_is_a_config_error(tmp_path: Path) -> None:
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes('[[models]]\nname = "caf\xe9"\n'.encode("latin-1"))
+    for path in (latin, tmp_path):  # not UTF-8; a folder
+        settings = settings_from_env({"PARLEY_MODELS_FILE": str(path)}, tmp_path)
+        with pytest.raises(ConfigError, match="cannot be read"):
+            load_catalog(settings, env={})
+
+
+def test_the_main_providers_key_goes_only_to_the_main_providers_endpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "models.toml"
+    path.write_text(
+        "[[models]]\nname = 'plain'\n"  # served by PARLEY_MODEL_BASE_URL
+        "[[models]]\nname = 'elsewhere'\nbase_url = 'http://other/v1'\n"
+        "[[models]]\nname = 'keyed'\napi_key_env = 'UNSET_KEY'\n"
+        "[[models]]\nname = 'own'\nbase_url = 'http://own/v1'\napi_key_env = 'OWN_KEY'\n"
+    )
+    settings = settings_from_env({"PARLEY_MODELS_FILE": str(path)}, tmp_path)
+    catalog = load_catalog(settings, env={"OWN_KEY": "sk-own"})
+    keys = {}
+    for name in ("plain", "elsewhere", "keyed", "own"):
+        spec = catalog.get(name)
+        assert spec is not None
+        keys[name] = endpoint_api_key(spec, "sk-main")
+    assert keys == {"plain": "sk-main", "elsewhere": None, "keyed": None, "own": "sk-own"}
+    assert "UNSET_KEY is not set" in caplog.text
+
+
+def test_a_model_named_only_by_parley_model_has_no_price_in_force(tmp_path: Path) -> None:
+    settings = settings_from_env({"PARLEY_MODEL": "gpt-x"}, tmp_path)
+    spec = load_catalog(settings, env={}).get("gpt-x")
+    # so a project's turn on it fails as model_not_priced instead of running free
+    assert spec is not None and active_version(spec) is None
 
 
 def test_a_missing_models_file_is_named_in_the_error(tmp_path: Path) -> None:

@@ -40,6 +40,8 @@ async def test_the_model_gets_the_latest_history_personal_prompt_tools_and_setti
     assert first[-1].data == "ok" and second[-1].data == "ok"
     requests: list[dict[str, Any]] = recording.requests[before:]
     assert len(requests) == 2
+    # the recorder has an endpoint of its own and no key: the main provider's is not sent
+    assert recording.keys[before:] == [None, None], recording.keys[before:]
 
     reply = _expected_reply()
     assert "".join(e.data for e in first if e.event == "token") == reply
