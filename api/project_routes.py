@@ -20,10 +20,11 @@ import msgspec
 from aiohttp import web
 
 from api.access import owned_conversation, project_of_member
-from api.context import LOG, POOL, PROJECTS, STORE, claims_of
+from api.context import CONFIG, LOG, POOL, PROJECTS, REDIS, STORE, claims_of
 from api.errors import ApiError, bad_request, not_found
 from api.responses import (
     AccountView,
+    CreditsGrant,
     ModelList,
     ProjectList,
     ProjectSummary,
@@ -40,6 +41,8 @@ from projections.store import LedgerFilter, ProjectRow
 _NAME_MAX = 200
 _GRANT_MAX = 10**15  # a billion credits: anything above is a typo
 _ATTEMPTS = 5
+# Redis keys: a keyed grant's position in the log, for as long as message keys last.
+_GRANT_KEYS = "parley:grant:"
 
 
 class CreateProject(msgspec.Struct, frozen=True):
@@ -130,22 +133,23 @@ async def grant_credits(request: web.Request) -> web.Response:
         if not project.exists:
             raise not_found("project")
     account = f"{kind}:{owner}"
-    # With a key, the event's id is derived from it: a retried grant is the same
-    # event, dropped by the stream's duplicate window.
-    event_id = (
-        "grant-" + hashlib.sha256(f"{account}\x00{body.idempotency_key}".encode()).hexdigest()[:32]
-        if body.idempotency_key
-        else new_id()
-    )
+    key = body.idempotency_key
+    # With a key, the event's id is derived from it: a grant sent twice within the
+    # stream's duplicate window is one event, and its ack names the first copy.
+    keyed = hashlib.sha256(f"{account}\x00{key}".encode()).hexdigest()[:32] if key else None
     event = CreditsGranted(
         conversation_id="",
         at=time.time_ns(),
-        event_id=event_id,
+        event_id=f"grant-{keyed}" if keyed else new_id(),
         account=account,
         amount=body.micro_credits,
         note=body.note,
         granted_by=claims.sub,
     )
+    redis = request.app[REDIS]
+    remembered = await redis.get(f"{_GRANT_KEYS}{keyed}") if keyed else None
+    if remembered is not None:  # after the duplicate window: the log says what it granted
+        return await _granted_once(request, event, int(remembered))
     subject = account_subject(account)
     for _ in range(_ATTEMPTS):
         try:
@@ -155,9 +159,26 @@ async def grant_credits(request: web.Request) -> web.Response:
             continue  # a turn reserved or was charged meanwhile: append after it
     else:
         raise ApiError(503, "unavailable", "the account is busy; try again")
-    return web.json_response(
-        {"account": account, "granted": body.micro_credits, "seq": seq}, status=201
-    )
+    if not keyed:
+        return answer(CreditsGrant(account=account, granted=event.amount, seq=seq), status=201)
+    await redis.set(f"{_GRANT_KEYS}{keyed}", seq, ex=request.app[CONFIG].idempotency_ttl_s)
+    return await _granted_once(request, event, seq)
+
+
+async def _granted_once(request: web.Request, event: CreditsGranted, seq: int) -> web.Response:
+    """The answer to a keyed grant: the grant at `seq`, if it is this same grant.
+
+    A key used before for another amount or note is refused (422), never
+    answered as if this grant had been made."""
+    stored = await request.app[LOG].at(seq)
+    first = stored.event if stored is not None else None
+    if not isinstance(first, CreditsGranted) or first.event_id != event.event_id:
+        raise ApiError(503, "unavailable", "the grant for this idempotency_key is not in the log")
+    if (first.amount, first.note) != (event.amount, event.note):
+        raise ApiError(
+            422, "idempotency_mismatch", "idempotency_key was already used with a different grant"
+        )
+    return answer(CreditsGrant(account=first.account, granted=first.amount, seq=seq), status=201)
 
 
 # ---------------------------------------------------------------- reads (the projections)

@@ -336,6 +336,13 @@ class EventLog:
             return None
         return StoredEvent.decode(msg.seq, base64.b64decode(msg.data))
 
+    async def at(self, seq: int) -> StoredEvent | None:
+        """The entry at `seq`, of any subject; None when there is none (or no longer)."""
+        msg = await self._get_msg(f"the entry at {seq}", seq)
+        if msg is None or msg.seq != seq:
+            return None
+        return StoredEvent.decode(msg.seq, base64.b64decode(msg.data))
+
     async def first(self, conversation_id: str) -> StoredEvent | None:
         """The conversation's first kept event: `conversation_created` unless retention cut it."""
         msg = await self._get_msg(event_subject(conversation_id), 1, next=True)

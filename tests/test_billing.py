@@ -12,13 +12,16 @@ from typing import Any
 
 import aiohttp
 import pytest
+from redis.asyncio import Redis
 
 from events.billing import AccountState, evolve_account, preflight_estimate, turn_cost
+from events.ids import new_id
 from events.log import EventLog
 from events.subjects import account_subject
 from events.vocabulary import (
     BillingRejected,
     Cancelled,
+    CreditsGranted,
     CreditsReserved,
     Done,
     Failed,
@@ -26,7 +29,7 @@ from events.vocabulary import (
     Started,
     TurnCharged,
 )
-from parley.services import Services
+from parley.services import Servers, Services
 from tests.conftest import Projected, caught_up, token_for
 from tests.sse import SseClient
 
@@ -352,3 +355,33 @@ async def test_a_turn_that_costs_more_than_the_balance_is_recorded_as_debt(
     # in debt, the next turn is refused by the pre-flight
     refused = await api.send_stream(cid, "one more?")
     assert refused[-1].data == "billing_error"
+
+
+async def test_a_keyed_grant_is_made_once_and_its_key_is_not_reused_for_another(
+    admin: SseClient, event_log: EventLog, stack: Servers
+) -> None:
+    owner = f"granted-{new_id()}"
+    path = f"/v1/billing/accounts/user/{owner}/credits"
+    body = {"micro_credits": 1000, "note": "welcome", "idempotency_key": "k1"}
+    answers = [await admin.request("POST", path, json=body) for _ in range(2)]
+    assert answers[0] == answers[1] and answers[0][0] == 201, answers
+    first_seq = answers[0][1]["seq"]
+    mismatch = {**body, "micro_credits": 2000}
+    status, error = await admin.request("POST", path, json=mismatch)
+    assert (status, error["error"]["code"]) == (422, "idempotency_mismatch"), error
+    # Without the edge's record (as after Redis lost it) the stream's duplicate
+    # window still makes the repeat the same event, and still refuses the other.
+    redis = Redis.from_url(stack.redis_url)
+    try:
+        assert await redis.delete(*[k async for k in redis.scan_iter("parley:grant:*")])
+    finally:
+        await redis.aclose()
+    assert await admin.request("POST", path, json=body) == answers[0]
+    status, error = await admin.request("POST", path, json=mismatch)
+    assert (status, error["error"]["code"]) == (422, "idempotency_mismatch"), error
+    grants = [
+        (s.seq, s.event.amount)
+        for s in await event_log.read_subject(account_subject(f"user:{owner}"))
+        if isinstance(s.event, CreditsGranted)
+    ]
+    assert grants == [(first_seq, 1000)], grants
