@@ -275,6 +275,9 @@ async def submit(
 
     decision = await _decision(request, conversation_id, record, fresh)
     if decision.rejected is not None:
+        # A refused request had no effect: its key is free again, so the retry the
+        # refusal asks for (later, or with another on_busy) is not refused for ever.
+        await _forget_idempotency(request, conversation_id, idempotency_key)
         raise _refusal(decision.rejected)
     # counts against the user's active turns until this request's turn ends
     hold_turn(request, conversation_id, record.command_id, record.after, command_seq)
@@ -406,8 +409,11 @@ def request_digest(parts: tuple[Any, ...]) -> str:
     return hashlib.sha256(msgspec.json.encode(parts)).hexdigest()
 
 
-def _idem_key(conversation_id: str, key: str) -> str:
-    return f"parley:idem:{conversation_id}:{hashlib.sha256(key.encode()).hexdigest()[:32]}"
+def idem_key(user_id: str, conversation_id: str, key: str) -> str:
+    """The Redis key of one user's idempotency key in one conversation (a project's
+    conversation is shared: another member's key of the same text is another key)."""
+    scope = hashlib.sha256(f"{user_id}\x00{key}".encode()).hexdigest()[:32]
+    return f"parley:idem:{conversation_id}:{scope}"
 
 
 async def _idempotency(
@@ -429,7 +435,7 @@ async def _idempotency(
     if key is None:
         return record, True
     redis = request.app[REDIS]
-    redis_key = _idem_key(conversation_id, key)
+    redis_key = idem_key(claims_of(request).sub, conversation_id, key)
     if await redis.set(redis_key, msgspec.json.encode(record), nx=True, ex=_RESERVE_S):
         return record, True
     raw = await redis.get(redis_key)
@@ -448,7 +454,7 @@ async def _keep_idempotency(
 ) -> None:
     if key is not None:
         await request.app[REDIS].set(
-            _idem_key(conversation_id, key),
+            idem_key(claims_of(request).sub, conversation_id, key),
             msgspec.json.encode(record),
             ex=request.app[CONFIG].idempotency_ttl_s,
         )
@@ -456,4 +462,4 @@ async def _keep_idempotency(
 
 async def _forget_idempotency(request: web.Request, conversation_id: str, key: str | None) -> None:
     if key is not None:
-        await request.app[REDIS].delete(_idem_key(conversation_id, key))
+        await request.app[REDIS].delete(idem_key(claims_of(request).sub, conversation_id, key))

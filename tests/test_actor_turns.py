@@ -127,6 +127,57 @@ async def test_enqueued_messages_run_after_the_current_turn_one_at_a_time_in_ord
     assert all(isinstance(e, Done) for e in log if isinstance(e, Done | Cancelled | Failed))
 
 
+async def test_a_key_refused_as_busy_is_free_for_the_retry_the_refusal_asks_for(
+    api: SseClient, event_log: EventLog
+) -> None:
+    cid = (await api.create_conversation())["id"]
+    await api.send_json(cid, "first [[tokens=200]]")
+    path = f"/v1/conversations/{cid}/messages"
+    retry = {"content": "retry me [[tokens=2]]", "idempotency_key": "rk"}
+    status, body = await api.request("POST", path, json=retry)
+    assert status == 409 and body["error"]["code"] == "busy", body
+    # the same key, as the refusal suggests, with on_busy enqueue: accepted, not 409 again
+    queued = await api.send_json(cid, retry["content"], idempotency_key="rk", on_busy="enqueue")
+    assert queued["accepted"], queued
+    # and from then on the key is that message's
+    again = await api.send_json(cid, retry["content"], idempotency_key="rk", on_busy="enqueue")
+    assert again["message_id"] == queued["message_id"], (again, queued)
+    log = await wait_for_ends(event_log, cid, 2)
+    retried = [e for e in log if isinstance(e, UserMessage) and e.content == retry["content"]]
+    assert [e.message_id for e in retried] == [queued["message_id"]], retried
+
+
+async def test_two_members_sending_the_same_key_in_a_project_conversation_each_get_a_turn(
+    api: SseClient,
+    services: Services,
+    http: aiohttp.ClientSession,
+    event_log: EventLog,
+    user: str,
+) -> None:
+    status, project = await api.request("POST", "/v1/projects", json={"name": "Keys"})
+    assert status == 201, project
+    bob = f"bob-{project['id']}"
+    status, added = await api.request(
+        "POST", f"/v1/projects/{project['id']}/members", json={"user_id": bob}
+    )
+    assert status == 201, added
+    admin = SseClient(http, services.edge_url, token_for("admin", admin=True))
+    status, granted = await admin.request(
+        "POST",
+        f"/v1/billing/accounts/project/{project['id']}/credits",
+        json={"micro_credits": 10**9},
+    )
+    assert status == 201, granted
+    cid = (await api.create_conversation(project_id=project["id"]))["id"]
+    as_bob = SseClient(http, services.edge_url, token_for(bob))
+    mine = await api.send_json(cid, "yes [[tokens=1]]", idempotency_key="1", on_busy="enqueue")
+    theirs = await as_bob.send_json(cid, "yes [[tokens=1]]", idempotency_key="1", on_busy="enqueue")
+    assert mine["message_id"] != theirs["message_id"], (mine, theirs)
+    log = await wait_for_ends(event_log, cid, 2)
+    users = [(e.message_id, e.user_id) for e in log if isinstance(e, UserMessage)]
+    assert sorted(users) == sorted([(mine["message_id"], user), (theirs["message_id"], bob)])
+
+
 async def test_a_viewer_of_the_conversation_keeps_its_stream_through_the_queued_turns(
     api: SseClient,
 ) -> None:

@@ -9,7 +9,7 @@ import msgspec
 import redis.asyncio as aioredis
 from nats.aio.client import Client as NatsClient
 
-from api.turn_routes import IdempotencyRecord, _idem_key, request_digest
+from api.turn_routes import IdempotencyRecord, idem_key, request_digest
 from events.codec import encode
 from events.ids import new_id
 from events.log import EventLog
@@ -130,7 +130,7 @@ async def test_a_turn_abandoned_by_a_dead_worker_is_failed_before_the_next_turn(
 
 
 async def test_a_key_reserved_by_a_request_that_died_before_publishing_still_sends_once(
-    api: SseClient, event_log: EventLog, stack: Servers
+    api: SseClient, event_log: EventLog, stack: Servers, user: str
 ) -> None:
     """The edge reserves a key, then publishes. A crash in between left a reservation and
     no command: the retry with the same key must send the message, not wait a day."""
@@ -144,7 +144,7 @@ async def test_a_key_reserved_by_a_request_that_died_before_publishing_still_sen
     )
     redis = aioredis.Redis.from_url(stack.redis_url)
     try:
-        key = _idem_key(cid, "crashed-key")
+        key = idem_key(user, cid, "crashed-key")
         await redis.set(key, msgspec.json.encode(orphan), ex=60)
         streamed = await api.send_stream(cid, content, idempotency_key="crashed-key")
         assert streamed[-1].data == "ok", streamed
