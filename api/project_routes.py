@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 from aiohttp import web
@@ -25,12 +25,14 @@ from api.errors import ApiError, bad_request, not_found
 from api.responses import (
     AccountView,
     CreditsGrant,
+    Ledger,
+    LedgerEntry,
     ModelList,
     ProjectList,
     ProjectSummary,
     answer,
 )
-from api.turn_routes import read_json
+from api.turn_routes import read_json, read_params
 from events.errors import EventLogConflict
 from events.ids import new_id
 from events.subjects import account_subject, project_subject, valid_id
@@ -41,6 +43,7 @@ from projections.store import LedgerFilter, ProjectRow
 _NAME_MAX = 200
 _GRANT_MAX = 10**15  # a billion credits: anything above is a typo
 _ATTEMPTS = 5
+_LEDGER_PAGE = 500  # entries at most per GET /v1/billing/ledger
 # Redis keys: a keyed grant's position in the log, for as long as message keys last.
 _GRANT_KEYS = "parley:grant:"
 
@@ -59,6 +62,13 @@ class LedgerQuery(msgspec.Struct, frozen=True):
     project: str | None = None
     user: str | None = None  # who asked for the turn
     conversation: str | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=_LEDGER_PAGE, description="at most this many")] = (
+        _LEDGER_PAGE
+    )
+    after: Annotated[
+        int,
+        msgspec.Meta(ge=0, description="the `next` of the page before: entries after it"),
+    ] = 0
 
 
 class GrantCredits(msgspec.Struct, frozen=True):
@@ -227,11 +237,7 @@ async def get_ledger(request: web.Request) -> web.Response:
     """Ledger entries, one per billed turn: `?project=`, `?user=` (who asked),
     `?conversation=`; with none, the caller's own turns."""
     claims = claims_of(request)
-    query = (
-        msgspec.convert(dict(request.query), LedgerQuery, strict=False)
-        if request.query
-        else LedgerQuery()
-    )
+    query = read_params(request.query, LedgerQuery)
     where = LedgerFilter(project=query.project, user=query.user, conversation=query.conversation)
     for name, value in (
         ("project", where.project),
@@ -249,14 +255,17 @@ async def get_ledger(request: web.Request) -> web.Response:
             await owned_conversation(request, where.conversation)
         if where == LedgerFilter():
             where = LedgerFilter(user=claims.sub)
-    rows = await request.app[STORE].ledger(where)
-    return web.json_response(
-        {
-            "entries": [
-                {**msgspec.to_builtins(row), "charged_at": row.charged_at.isoformat()}
-                for row in rows
-            ]
-        }
+    # one row more than the page: whether another page follows
+    rows = await request.app[STORE].ledger(where, limit=query.limit + 1, after=query.after)
+    page = rows[: query.limit]
+    entries = [
+        {**msgspec.to_builtins(row), "charged_at": row.charged_at.isoformat()} for row in page
+    ]
+    return answer(
+        Ledger(
+            entries=msgspec.convert(entries, list[LedgerEntry]),
+            next=page[-1].seq if len(rows) > query.limit else None,
+        )
     )
 
 

@@ -176,6 +176,8 @@ class LedgerEntry(msgspec.Struct, frozen=True):
 
 class Ledger(msgspec.Struct, frozen=True):
     entries: list[LedgerEntry]
+    # the next page's `?after=`; None: this is the last page
+    next: int | None = None
 
 
 class ModelVersionInfo(msgspec.Struct, frozen=True):

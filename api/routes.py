@@ -15,7 +15,7 @@ import base64
 import datetime as dt
 import logging
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable
 from importlib import metadata, resources
 from typing import Annotated, Literal, TypeVar
 
@@ -37,7 +37,7 @@ from api.context import (
     TURNS,
     claims_of,
 )
-from api.errors import POSTGRES_AWAY, UNAVAILABLE, ApiError, bad_request, begin_stream
+from api.errors import POSTGRES_AWAY, UNAVAILABLE, bad_request, begin_stream
 from api.hub import read_range
 from api.openapi import (
     AI_SDK_STREAM,
@@ -92,9 +92,9 @@ from api.turn_routes import (
     edit_message,
     post_message,
     read_json,
+    read_params,
     regenerate,
 )
-from api.validation import InvalidBody, decode_params
 from events.codec import encode_stored
 from events.errors import EventLogUnavailable
 from events.ids import new_id
@@ -139,13 +139,6 @@ class ResumeHeaders(msgspec.Struct, frozen=True):
 
 class LogQuery(msgspec.Struct, frozen=True):
     after: Annotated[int, msgspec.Meta(ge=0, description="log entries after this position")] = 0
-
-
-def read_params(source: Mapping[str, str], kind: type[T]) -> T:
-    try:
-        return decode_params(source, kind)
-    except InvalidBody as err:
-        raise ApiError(err.status, err.code, err.message) from err
 
 
 # ---------------------------------------------------------------- helpers
@@ -260,16 +253,18 @@ async def _wait_for_projection(request: web.Request, seq: int) -> None:
 async def list_conversations(request: web.Request) -> web.Response:
     query = read_params(request.query, ConversationsQuery)
     before = None if query.before is None else _read_cursor(query.before)
-    rows = await request.app[STORE].conversations_of(
-        claims_of(request).sub, limit=query.limit, before=before
+    # one row more than the page: whether another page follows
+    found = await request.app[STORE].conversations_of(
+        claims_of(request).sub, limit=query.limit + 1, before=before
     )
+    rows = found[: query.limit]
     active = await request.app[TURNS].get_many([row.id for row in rows])
     return answer(
         ConversationList(
             conversations=[
                 _with_turn(_row_info(row), turn) for row, turn in zip(rows, active, strict=True)
             ],
-            next=_cursor(rows[-1]) if len(rows) == query.limit else None,
+            next=_cursor(rows[-1]) if len(found) > query.limit else None,
         )
     )
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import msgspec
@@ -38,7 +38,7 @@ from api.limits import hold_turn
 from api.responses import CancelAnswer, TurnAccepted, answer
 from api.sse import Envelope, Position
 from api.streaming import PendingCommand, TurnFilter, open_sse, running_turn, stream_log
-from api.validation import InvalidBody, decode_body
+from api.validation import InvalidBody, decode_body, decode_params
 from events.codec import encode
 from events.ids import new_id
 from events.subjects import CMD_STREAM, command_subject, valid_id
@@ -112,10 +112,23 @@ async def read_json(request: web.Request, kind: type[T], *, empty_ok: bool = Fal
             f"the request body did not arrive within {timeout:g} s",
             close=True,
         ) from err
+    except ConnectionResetError as err:
+        # the client went away mid-body: nobody reads an answer, and it is no fault here
+        raise ApiError(
+            400, "body_incomplete", "the connection closed before the body arrived", close=True
+        ) from err
     if empty_ok and not body.strip():
         body = b"{}"
     try:
         return decode_body(body, kind)
+    except InvalidBody as err:
+        raise ApiError(err.status, err.code, err.message) from err
+
+
+def read_params(source: Mapping[str, str], kind: type[T]) -> T:
+    """A query's (or headers') parameters as `kind`; a 400 naming the bad one."""
+    try:
+        return decode_params(source, kind)
     except InvalidBody as err:
         raise ApiError(err.status, err.code, err.message) from err
 

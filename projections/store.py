@@ -193,9 +193,12 @@ class ReadStore:
         )
         return None if row is None else AccountRow(**dict(row))
 
-    async def ledger(self, where: LedgerFilter, *, limit: int = 500) -> list[LedgerRow]:
-        clauses: list[str] = []
-        args: list[object] = []
+    async def ledger(
+        self, where: LedgerFilter, *, limit: int = 500, after: int = 0
+    ) -> list[LedgerRow]:
+        """The rows `where` selects, in the log's order, from the one after `after`."""
+        clauses: list[str] = ["seq > $1"]
+        args: list[object] = [after]
         for column, value in (
             ("project_id", where.project),
             ("user_id", where.user),
@@ -210,7 +213,8 @@ class ReadStore:
             "SELECT turn_id, account, conversation_id, project_id, user_id, input_tokens,"
             " output_tokens, input_price, output_price, tokens_estimated, cost, reserved, debt,"
             " turn_end, charged_at, seq FROM ledger"
-            + (" WHERE " + " AND ".join(clauses) if clauses else "")
+            + " WHERE "
+            + " AND ".join(clauses)
             + f" ORDER BY seq LIMIT ${len(args)}",
             *args,
         )

@@ -295,8 +295,20 @@ async def test_balances_the_ledger_and_projects_are_projected_from_the_log(
         t: c.cost for t, c in charges.items()
     }
     assert all(row["account"] == f"project:{project}" for row in ledger["entries"])
+    assert ledger["next"] is None, ledger
     status, by_conversation = await api.request("GET", f"/v1/billing/ledger?conversation={cid}")
     assert status == 200 and len(by_conversation["entries"]) == 2
+    # a page at a time, in the log's order; the full last page says it is the last
+    status, first = await api.request("GET", f"/v1/billing/ledger?conversation={cid}&limit=1")
+    assert status == 200 and first["next"] == first["entries"][0]["seq"], first
+    status, second = await api.request(
+        "GET", f"/v1/billing/ledger?conversation={cid}&limit=1&after={first['next']}"
+    )
+    assert status == 200 and second["next"] is None, second
+    assert first["entries"] + second["entries"] == by_conversation["entries"]
+    for bad in ("limit=0", "limit=501", "after=-1", "after=x"):
+        status, body = await api.request("GET", f"/v1/billing/ledger?{bad}")
+        assert status == 400, (bad, status, body)
 
     status, projects = await api.request("GET", "/v1/projects")
     assert status == 200

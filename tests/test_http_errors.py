@@ -247,6 +247,10 @@ async def test_the_conversation_list_comes_a_page_at_a_time_and_refuses_a_bad_cu
         if cursor is None:
             break
     assert paged == everything  # every conversation once, in the same order
+    # a last page that is exactly full says it is the last
+    status, exact = await api.request("GET", f"/v1/conversations?limit={len(everything)}")
+    assert status == 200 and len(exact["conversations"]) == len(everything), exact
+    assert exact["next"] is None, exact
 
     def encoded(key: bytes) -> str:  # a cursor's form around what no cursor holds
         return base64.urlsafe_b64encode(key).decode().rstrip("=")
