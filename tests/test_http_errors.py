@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from yarl import URL
 
 from api.app import metrics_middleware
 from api.context import METRICS, NoMetrics
@@ -265,3 +266,36 @@ async def test_the_conversation_list_comes_a_page_at_a_time_and_refuses_a_bad_cu
         status, body = await api.request("GET", f"/v1/conversations?{query}")
         assert status == 400, (query, status, body)
         assert body["error"]["code"] in ("bad_cursor", "invalid_request"), body
+
+
+async def test_a_client_gone_in_the_middle_of_its_body_is_answered_not_logged_as_an_error(
+    services: Services, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def answered() -> float:
+        async with http.get(services.edge_url + "/metrics") as response:
+            text = await response.text()
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("parley_http_requests_total{")
+            and 'route="/v1/conversations"' in line
+            and 'method="POST"' in line
+        )
+
+    before = await answered()
+    url = URL(services.edge_url)
+    _, writer = await asyncio.open_connection(url.host, url.port)
+    writer.write(
+        b"POST /v1/conversations HTTP/1.1\r\nHost: x\r\n"
+        + f"Authorization: Bearer {token_for('leaver')}\r\n".encode()
+        + b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        + b'{"title": "'
+    )
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+    async with asyncio.timeout(10):
+        while await answered() == before:  # noqa: ASYNC110 (the edge's count)
+            await asyncio.sleep(0.02)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
