@@ -106,7 +106,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if err.status < 400:
             raise
         code = {404: "not_found", 405: "method_not_allowed"}.get(err.status, "http_error")
-        return error_response(err.status, code, err.reason)
+        response = error_response(err.status, code, err.reason)
+        if "Allow" in err.headers:  # a 405 names the methods the route takes
+            response.headers["Allow"] = err.headers["Allow"]
+        return response
     except ConnectionResetError:
         # The client went away, here while its stream was being begun or written
         # (the headers, a first line): nothing to answer, and nothing went wrong

@@ -505,7 +505,7 @@ ROUTES: tuple[Operation, ...] = (
     Operation("GET", "/v1/projects", list_projects, "the projects I belong to", {200: ProjectList}, tag="projects"),
     Operation("POST", "/v1/billing/accounts/{kind}/{id}/credits", grant_credits, "grant credits (admin token)", {201: CreditsGrant}, body=GrantCredits, errors=(403,), path_params={"kind": "`user` or `project`", "id": "the user or project"}, tag="billing"),
     Operation("GET", "/v1/billing/accounts/{kind}/{id}", get_account, "an account's balance (mine, my project's; any with an admin token)", {200: AccountView}, path_params={"kind": "`user` or `project`", "id": "the user or project"}, tag="billing"),
-    Operation("GET", "/v1/billing/ledger", get_ledger, "ledger entries, one per billed turn", {200: Ledger}, query=LedgerQuery, tag="billing"),
+    Operation("GET", "/v1/billing/ledger", get_ledger, "ledger entries, one per billed turn", {200: Ledger}, query=LedgerQuery, errors=(404,), tag="billing"),
     Operation("GET", "/v1/models", list_models, "the configured models, their version in force and prices", {200: ModelList}, tag="models"),
     Operation("POST", "/v1/ai-sdk/chat", ai_sdk.chat, "useChat's request: the turn as an AI SDK UI message stream", {200: AI_SDK_STREAM}, body=ai_sdk.ChatRequest, errors=(409, 422), tag="ai-sdk"),
     Operation("GET", "/v1/ai-sdk/chat/{id}/stream", ai_sdk.resume, "useChat's resume: the active turn from its start (204: none)", {200: AI_SDK_STREAM, 204: None}, path_params={"id": "the chat (conversation)"}, tag="ai-sdk"),

@@ -134,8 +134,9 @@ async def test_a_bad_resume_position_is_a_400(api: SseClient, position: str) -> 
 async def test_unknown_routes_and_methods_answer_in_the_error_format(api: SseClient) -> None:
     status, body = await api.request("GET", "/v1/nothing-here")
     assert_error(status, body, 404, "not_found")
-    status, body = await api.request("DELETE", "/v1/conversations")
-    assert_error(status, body, 405, "method_not_allowed")
+    async with api.http.delete(api.url("/v1/conversations"), headers=api.headers()) as response:
+        assert_error(response.status, await response.json(), 405, "method_not_allowed")
+        assert set(response.headers["Allow"].split(",")) == {"GET", "POST"}, response.headers
 
 
 async def test_busy_conversation_with_on_busy_reject_is_a_409(api: SseClient) -> None:
