@@ -100,6 +100,12 @@ class Decision(msgspec.Struct, frozen=True):
 
 
 async def read_json(request: web.Request, kind: type[T], *, empty_ok: bool = False) -> T:
+    declared, most = request.content_length, request.client_max_size
+    if declared is not None and declared > most:
+        # refused before a byte of it is read: not after the body came, or timed out
+        raise ApiError(
+            413, "body_too_large", f"request body of {declared} bytes; at most {most}", close=True
+        )
     timeout = request.app[CONFIG].limits.body_timeout_s
     try:
         async with asyncio.timeout(timeout):

@@ -77,6 +77,32 @@ async def test_an_oversize_body_is_a_413(api: SseClient) -> None:
     assert_error(status, body, 413, "body_too_large")
 
 
+async def test_a_body_declared_too_large_is_refused_before_it_is_sent(
+    services: Services, api: SseClient
+) -> None:
+    conversation = await api.create_conversation()
+    url = URL(services.edge_url)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(
+            f"POST /v1/conversations/{conversation['id']}/messages HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {api.token}\r\nContent-Type: application/json\r\n"
+            "Content-Length: 300000\r\n\r\n".encode()
+        )
+        await writer.drain()
+        async with asyncio.timeout(5):  # the body never comes: the answer must not wait for it
+            head = (await reader.readuntil(b"\r\n\r\n")).decode()
+            assert head.startswith("HTTP/1.1 413"), head
+            length = next(
+                int(line.split(":")[1])
+                for line in head.split("\r\n")
+                if line.lower().startswith("content-length:")
+            )
+            assert b"body_too_large" in await reader.readexactly(length)
+    finally:
+        writer.close()
+
+
 async def test_unknown_and_foreign_conversations_are_404_without_leaking_existence(
     api: SseClient, services: Services, http: aiohttp.ClientSession
 ) -> None:
