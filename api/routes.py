@@ -478,7 +478,8 @@ async def index(request: web.Request) -> web.Response:
 
 # ---------------------------------------------------------------- the table
 
-_TURN_ANSWERS: dict[int, Answer] = {200: SSE, 202: TurnAccepted}
+# 204: the same request again (its idempotency_key) with a Last-Event-ID at its turn's done
+_TURN_ANSWERS: dict[int, Answer] = {200: SSE, 202: TurnAccepted, 204: None}
 _CONVERSATION = {"id": "the conversation"}
 _MESSAGE = {"id": "the conversation", "mid": "the message"}
 

@@ -33,10 +33,10 @@ from api.context import (
     wants_json,
 )
 from api.errors import UNAVAILABLE, ApiError, bad_request
-from api.hub import Delivery, Subscription, watch
+from api.hub import Delivery, Subscription, read_range, watch
 from api.limits import hold_turn
 from api.responses import CancelAnswer, TurnAccepted, answer
-from api.sse import Envelope, Position
+from api.sse import Envelope, Position, parse_position
 from api.streaming import PendingCommand, TurnFilter, open_sse, running_turn, stream_log
 from api.validation import InvalidBody, decode_body, decode_params
 from events.codec import encode
@@ -326,16 +326,57 @@ async def _submit(
             ),
             status=202,
         )
+    turn = TurnFilter(record.command_id, record.message_id)
+    command: PendingCommand | None = PendingCommand(stream_seq=done.command_seq)
+    position = Position(seq=record.after)
+    if not done.fresh:
+        resumed = await _resumed(request, conversation_id, position, turn)
+        if resumed is None:  # it saw its turn to the end: nothing more will come
+            return web.Response(status=204)
+        position = resumed
+        if turn.turn_id is not None:
+            command = None  # its turn began before the resumed position: nothing to wait for
     response = await open_sse(request)
     return await stream_log(
         request,
         response,
         conversation_id,
-        Position(seq=record.after),
-        turn=TurnFilter(record.command_id, record.message_id),
-        command=PendingCommand(stream_seq=done.command_seq),
+        position,
+        turn=turn,
+        command=command,
         fresh=done.fresh,
     )
+
+
+async def _resumed(
+    request: web.Request, conversation_id: str, start: Position, turn: TurnFilter
+) -> Position | None:
+    """Where a repeated request's stream goes on: after its `Last-Event-ID`, if it sent one;
+    None when that id is at its turn's `done` or later (204: nothing more will come).
+
+    The same POST sent again with its key is a reconnect (fetch-based SSE
+    clients resume a POST so): its turn's events up to the last id it saw are
+    not sent twice. What lies between is shown to `turn`, which learns there
+    which turn answers the request."""
+    raw = request.headers.get("Last-Event-ID")
+    if not raw:
+        return start
+    seen = parse_position(raw)
+    if seen is None:
+        raise bad_request(f"not an event id: {raw!r}", "bad_position")
+    last = await request.app[LOG].last_seq(conversation_id)
+    if seen.seq > last:
+        raise bad_request(
+            f"event id {raw} is beyond the end of this conversation ({last})", "bad_position"
+        )
+    if seen.seq <= start.seq:
+        return start
+    async for stored in read_range(request.app[LOG], conversation_id, start.seq, seen.seq):
+        if turn.admit(stored):
+            delivery = Delivery.of(stored)
+            if delivery.ends_turn and not delivery.wanted_by(seen):
+                return None
+    return seen
 
 
 class _DecisionWatcher(Subscription):

@@ -147,6 +147,36 @@ async def test_a_key_refused_as_busy_is_free_for_the_retry_the_refusal_asks_for(
     assert [e.message_id for e in retried] == [queued["message_id"]], retried
 
 
+async def test_the_same_post_sent_again_with_last_event_id_resumes_its_stream(
+    api: SseClient,
+) -> None:
+    cid = (await api.create_conversation())["id"]
+    body = {"content": "resume me [[tokens=30]]", "idempotency_key": "again"}
+    path = api.url(f"/v1/conversations/{cid}/messages")
+    headers = api.headers(Accept="text/event-stream")
+    async with api.http.post(path, json=body, headers=headers) as response:
+        before = await first_tokens(response, 5)
+    last = before[-1].id
+    assert last is not None
+    async with api.http.post(path, json=body, headers={**headers, "Last-Event-ID": last}) as again:
+        assert again.status == 200, await again.text()
+        rest = [e async for e in sse_events(again)]
+    assert rest and rest[-1].data == "ok", rest[-3:]
+    ids = [e.id for e in before + rest]
+    assert len(ids) == len(set(ids)), f"events sent twice: {ids}"
+    tokens = "".join(e.data for e in before + rest if e.event == "token")
+    assert tokens == "".join(f"{i} " for i in range(30)), tokens
+    # once it has seen its turn's done, there is nothing more to stream
+    seen_all = {**headers, "Last-Event-ID": rest[-1].id or ""}
+    async with api.http.post(path, json=body, headers=seen_all) as finished:
+        assert finished.status == 204, await finished.text()
+    # a bad id on a repeat is refused as on GET .../events
+    bad = {**headers, "Last-Event-ID": "not-an-id"}
+    async with api.http.post(path, json=body, headers=bad) as refused:
+        assert refused.status == 400, await refused.text()
+        assert (await refused.json())["error"]["code"] == "bad_position"
+
+
 async def test_two_members_sending_the_same_key_in_a_project_conversation_each_get_a_turn(
     api: SseClient,
     services: Services,
