@@ -212,6 +212,10 @@ class Subscription:
         if not self.ended.done():
             self.ended.set_result(reason)
 
+    def gone(self) -> bool:
+        """Whether whoever reads this subscription has left (a closed connection)."""
+        return False
+
     # -- called by the hub, synchronously
 
     def feed(self, delivery: Delivery) -> None:
@@ -484,6 +488,10 @@ class Hub:
         if now - self._last_event < interval or now - self._last_check < interval:
             return
         self._last_check = now
+        # A viewer that closed its connection while nothing was written to it is
+        # noticed here, not at its next ping (15 s): its stream slot is free again.
+        for subscription in [s for s in self.subscriptions if s.gone()]:
+            subscription.end("gone")
         waiting = [
             s
             for s in self.subscriptions

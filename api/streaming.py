@@ -176,6 +176,9 @@ class SseViewer(Subscription):
         else:
             transport.write(data)
 
+    def gone(self) -> bool:
+        return self._transport is None or self._transport.is_closing()
+
     def cut(self, reason: str) -> None:
         """End the stream and drop its connection (the transport taken when it opened:
         aiohttp may already have let go of it)."""

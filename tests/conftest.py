@@ -26,6 +26,7 @@ from actors.models import ModelCatalog, ModelSpec, ModelVersion
 from api.app import create_app
 from api.auth import mint
 from api.config import EdgeConfig, EdgeLimits
+from api.listener import EagerTCPSite
 from events.broker import DirectClient, connect_client
 from events.ids import new_id
 from events.log import EventLog, ensure_streams
@@ -247,14 +248,21 @@ def api(services: Services, http: aiohttp.ClientSession, user: str) -> SseClient
 @contextlib.asynccontextmanager
 async def extra_edge(stack: Servers, **overrides: Any) -> AsyncIterator[str]:
     """One more edge on the session's servers, configured differently (limits, token
-    sources): its base URL. It shares the read models of the `services` fixture."""
-    async with extra_edge_server(stack, **overrides) as server:
-        yield str(server.make_url("")).rstrip("/")
+    sources): its base URL. It shares the read models of the `services` fixture, and
+    listens as `parley serve` does (`EagerTCPSite`: what a closed connection looks
+    like to a handler differs from aiohttp's test server)."""
+    runner = web.AppRunner(create_app(_edge_config(stack, overrides)), access_log=None)
+    await runner.setup()
+    try:
+        site = EagerTCPSite(runner, "127.0.0.1", 0, backlog=128)
+        await site.start()
+        address: Any = runner.addresses[0]
+        yield f"http://127.0.0.1:{address[1]}"
+    finally:
+        await runner.cleanup()
 
 
-@contextlib.asynccontextmanager
-async def extra_edge_server(stack: Servers, **overrides: Any) -> AsyncIterator[TestServer]:
-    """As `extra_edge`, for a test that looks into the edge's application too."""
+def _edge_config(stack: Servers, overrides: dict[str, Any]) -> EdgeConfig:
     fields: dict[str, Any] = {
         "nats_url": stack.nats_url,
         "database_url": stack.database_url,
@@ -264,7 +272,14 @@ async def extra_edge_server(stack: Servers, **overrides: Any) -> AsyncIterator[T
         "models": ["demo"],
         **overrides,
     }
-    server = TestServer(create_app(EdgeConfig(**fields)), host="127.0.0.1")
+    return EdgeConfig(**fields)
+
+
+@contextlib.asynccontextmanager
+async def extra_edge_server(stack: Servers, **overrides: Any) -> AsyncIterator[TestServer]:
+    """As `extra_edge`, on aiohttp's test server, for a test that looks into the
+    edge's application too."""
+    server = TestServer(create_app(_edge_config(stack, overrides)), host="127.0.0.1")
     await server.start_server()
     try:
         yield server

@@ -85,6 +85,33 @@ async def test_a_user_may_hold_only_so_many_event_streams_and_a_closed_one_frees
             second.close()
 
 
+async def test_streams_closed_while_idle_free_their_slots_before_their_next_ping(
+    stack: Servers, services: Services, user: str
+) -> None:
+    # pings every minute: only the hub's check of its quiet viewers can see them go
+    async with extra_edge(
+        stack,
+        limits=limits(max_streams_per_user=4),
+        ping_interval_s=60,
+        stall_check_s=0.2,
+        hub_linger_s=60,
+    ) as base:
+        # a browser closing its tabs: every connection of a client shut down at once
+        async with aiohttp.ClientSession() as leaving:
+            api = SseClient(leaving, base, token_for(user))
+            cid = (await api.create_conversation())["id"]
+            streams = [await api.events(cid).__aenter__() for _ in range(4)]
+            assert [s.status for s in streams] == [200] * 4
+        async with aiohttp.ClientSession() as http, asyncio.timeout(10):
+            api = SseClient(http, base, token_for(user))
+            while True:
+                async with api.events(cid) as again:
+                    if again.status == 200:
+                        break
+                    assert again.status == 429
+                await asyncio.sleep(0.05)
+
+
 async def wait_for_done(event_log: EventLog, cid: str, within_s: float = 30) -> None:
     async with asyncio.timeout(within_s):
         while True:  # the log, read again until the turn's end is in it
