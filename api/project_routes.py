@@ -28,6 +28,7 @@ from api.responses import (
     Ledger,
     LedgerEntry,
     ModelList,
+    ProjectInfo,
     ProjectList,
     ProjectSummary,
     answer,
@@ -93,7 +94,7 @@ async def create_project(request: web.Request) -> web.Response:
         created_by=creator,
     )
     await request.app[LOG].append_to(project_subject(project_id), [event], 0)
-    return web.json_response({"id": project_id, "name": name, "members": [creator]}, status=201)
+    return answer(ProjectInfo(id=project_id, name=name, members=[creator]), status=201)
 
 
 async def add_member(request: web.Request) -> web.Response:
@@ -103,6 +104,7 @@ async def add_member(request: web.Request) -> web.Response:
         raise bad_request("user_id must be 1-128 characters of A-Z a-z 0-9 _ -")
     event_log = request.app[LOG]
     subject = project_subject(project.project_id)
+    added = False
     for _ in range(_ATTEMPTS):
         current = await request.app[PROJECTS].get(event_log, project.project_id, fresh=True)
         if body.user_id in current.members:
@@ -117,13 +119,14 @@ async def add_member(request: web.Request) -> web.Response:
         )
         try:
             await event_log.append_to(subject, [event], await event_log.last_seq_of(subject))
+            added = True
             break
         except EventLogConflict:
             continue  # another member was added meanwhile: look again
     current = await request.app[PROJECTS].get(event_log, project.project_id, fresh=True)
-    return web.json_response(
-        {"id": current.project_id, "name": current.name, "members": sorted(current.members)},
-        status=201,
+    return answer(
+        ProjectInfo(id=current.project_id, name=current.name, members=sorted(current.members)),
+        status=201 if added else 200,  # 200: a member already, nothing added
     )
 
 

@@ -502,7 +502,7 @@ ROUTES: tuple[Operation, ...] = (
     Operation("GET", "/v1/conversations/{id}/events", conversation_events, "the conversation's events: catch-up, then live", {200: SSE}, query=ResumeQuery, headers=ResumeHeaders, path_params=_CONVERSATION),
     Operation("GET", "/v1/conversations/{id}/log", conversation_log, "the raw event log as JSON lines", {200: NDJSON}, query=LogQuery, path_params=_CONVERSATION),
     Operation("POST", "/v1/projects", create_project, "create a project; the creator is a member", {201: ProjectInfo}, body=CreateProject, tag="projects"),
-    Operation("POST", "/v1/projects/{id}/members", add_member, "add a member (members only)", {201: ProjectInfo}, body=AddMember, path_params={"id": "the project"}, tag="projects"),
+    Operation("POST", "/v1/projects/{id}/members", add_member, "add a member (members only; 200: a member already)", {200: ProjectInfo, 201: ProjectInfo}, body=AddMember, path_params={"id": "the project"}, tag="projects"),
     Operation("GET", "/v1/projects", list_projects, "the projects I belong to", {200: ProjectList}, tag="projects"),
     Operation("POST", "/v1/billing/accounts/{kind}/{id}/credits", grant_credits, "grant credits (admin token)", {201: CreditsGrant}, body=GrantCredits, errors=(403,), path_params={"kind": "`user` or `project`", "id": "the user or project"}, tag="billing"),
     Operation("GET", "/v1/billing/accounts/{kind}/{id}", get_account, "an account's balance (mine, my project's; any with an admin token)", {200: AccountView}, path_params={"kind": "`user` or `project`", "id": "the user or project"}, tag="billing"),

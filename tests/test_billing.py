@@ -107,6 +107,10 @@ async def test_members_see_and_write_a_projects_conversations_and_no_one_else_do
         "POST", f"/v1/projects/{project}/members", json={"user_id": f"member-{project}"}
     )
     assert status == 201 and f"member-{project}" in body["members"], body
+    again = await api.request(
+        "POST", f"/v1/projects/{project}/members", json={"user_id": f"member-{project}"}
+    )
+    assert again == (200, body), "a member added again: nothing added, 200"
 
     for client, allowed in ((member, True), (stranger, False), (admin, False)):
         for method, path in (
