@@ -23,6 +23,7 @@ from parley.commands import CliError
 from parley.config import load_settings
 from parley.services import resolve_servers
 from projections.audit import (
+    LEDGER_COLUMNS,
     BalanceRow,
     Book,
     LedgerRow,
@@ -71,8 +72,8 @@ async def audit_billing(js: JetStreamContext, pool: Any, scope: Scope) -> Summar
         if batch[-1].seq >= position:
             break
     ledger = [
-        LedgerRow(r["turn_id"], r["account"], r["cost"], r["conversation_id"])
-        for r in await pool.fetch("SELECT turn_id, account, cost, conversation_id FROM ledger")
+        LedgerRow(**dict(r))
+        for r in await pool.fetch(f"SELECT {', '.join(LEDGER_COLUMNS)} FROM ledger")
     ]
     balances = [
         BalanceRow(r["account"], r["balance"])

@@ -118,10 +118,45 @@ def _account(book: Book, account: str) -> AccountBook:
 
 
 class LedgerRow(msgspec.Struct, frozen=True):
+    """A ledger row as the audit reads it: what its turn's `turn_charged` put there."""
+
     turn_id: str
     account: str
     cost: int
     conversation_id: str
+    user_id: str
+    project_id: str | None
+    input_tokens: int
+    output_tokens: int
+    input_price: float
+    output_price: float
+    tokens_estimated: bool
+    reserved: int
+    turn_end: str
+
+    @classmethod
+    def of(cls, charge: TurnCharged) -> LedgerRow:
+        """The row a faithful projection makes of `charge`."""
+        return cls(
+            turn_id=charge.turn_id,
+            account=charge.account,
+            cost=charge.cost,
+            conversation_id=charge.conversation_id,
+            user_id=charge.user_id,
+            project_id=charge.project_id,
+            input_tokens=charge.input_tokens,
+            output_tokens=charge.output_tokens,
+            input_price=charge.input_price,
+            output_price=charge.output_price,
+            tokens_estimated=charge.tokens_estimated,
+            reserved=charge.reserved,
+            turn_end=charge.end,
+        )
+
+
+# The ledger's columns the audit reads (debt and the times depend on when it was
+# projected, not on the charge alone: the balances' check covers the money).
+LEDGER_COLUMNS: tuple[str, ...] = LedgerRow.__struct_fields__
 
 
 class BalanceRow(msgspec.Struct, frozen=True):
@@ -194,13 +229,18 @@ def check(
         row = rows.pop(turn_id, None)
         if row is None:
             out.append(Mismatch("ledger_row_missing", turn_id, _costs(charges[:1]), "no row"))
-        elif (row.account, row.cost) != (charges[0].account, charges[0].cost):
+        elif row != (faithful := LedgerRow.of(charges[0])):
+            differ = [
+                f"{name} {getattr(faithful, name)!r} != {getattr(row, name)!r}"
+                for name in LEDGER_COLUMNS
+                if getattr(row, name) != getattr(faithful, name)
+            ]
             out.append(
                 Mismatch(
                     "ledger_row_differs",
                     turn_id,
                     _costs(charges[:1]),
-                    f"{row.cost} to {row.account}",
+                    f"{row.cost} to {row.account}: {'; '.join(differ)}",
                 )
             )
     for turn_id, row in sorted(rows.items()):

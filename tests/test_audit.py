@@ -103,6 +103,11 @@ async def test_a_tampered_or_dropped_ledger_row_fails_the_audit(
         await conn.execute("UPDATE ledger SET cost = cost + 1 WHERE turn_id = $1", turns[0])
         tampered = await asyncio.to_thread(audit, stack, "--project", project)
         await conn.execute("UPDATE ledger SET cost = cost - 1 WHERE turn_id = $1", turns[0])
+        # not only the money: who asked, the tokens, the prices are the charge's too
+        who = await conn.fetchval("SELECT user_id FROM ledger WHERE turn_id = $1", turns[0])
+        await conn.execute("UPDATE ledger SET user_id = 'mallory' WHERE turn_id = $1", turns[0])
+        misnamed = await asyncio.to_thread(audit, stack, "--project", project)
+        await conn.execute("UPDATE ledger SET user_id = $2 WHERE turn_id = $1", turns[0], who)
         row = await conn.fetchrow("SELECT * FROM ledger WHERE turn_id = $1", turns[1])
         await conn.execute("DELETE FROM ledger WHERE turn_id = $1", turns[1])
         try:
@@ -118,6 +123,7 @@ async def test_a_tampered_or_dropped_ledger_row_fails_the_audit(
         await conn.close()
     assert tampered.returncode == 1, tampered.stdout
     assert "ledger_row_differs" in tampered.stdout and turns[0] in tampered.stdout
+    assert misnamed.returncode == 1 and "mallory" in misnamed.stdout, misnamed.stdout
     assert dropped.returncode == 1, dropped.stdout
     kinds = [(m["kind"], m["subject"]) for m in json.loads(dropped.stdout)["mismatches"]]
     assert kinds == [("ledger_row_missing", turns[1])], kinds

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import itertools
 
+import msgspec
+import pytest
+
 from events.billing import turn_cost
 from events.vocabulary import (
     AnyEvent,
@@ -88,7 +91,7 @@ def clean_log() -> tuple[list[AnyEvent], list[LedgerRow], list[BalanceRow]]:
         *turn("c1", "t2", (7, 3)),
         charge("c1", "t2", cost_b),
     ]
-    ledger = [LedgerRow("t1", ACCOUNT, cost_a, "c1"), LedgerRow("t2", ACCOUNT, cost_b, "c1")]
+    ledger = [LedgerRow.of(e) for e in events if isinstance(e, TurnCharged)]
     balances = [BalanceRow(ACCOUNT, 1_000_000 - cost_a - cost_b)]
     return events, ledger, balances
 
@@ -102,11 +105,32 @@ def test_a_clean_log_and_a_faithful_projection_give_no_mismatch() -> None:
     assert check(book_of(events), ledger, balances, Scope()) == []
 
 
-def test_a_tampered_ledger_row_is_named() -> None:
+@pytest.mark.parametrize(
+    "tampered",
+    [
+        {"cost": 1},
+        {"account": "user:someone"},
+        {"input_tokens": 1},
+        {"output_tokens": 1},
+        {"input_price": 0.5},
+        {"output_price": 0.5},
+        {"tokens_estimated": True},
+        {"user_id": "mallory"},
+        {"project_id": "another"},
+        {"reserved": 1},
+        {"turn_end": "failed"},
+    ],
+)
+def test_a_tampered_ledger_row_is_named_with_what_differs(tampered: dict[str, object]) -> None:
     events, ledger, balances = clean_log()
-    ledger[0] = LedgerRow("t1", ACCOUNT, ledger[0].cost + 1, "c1")
+    (name,) = tampered
+    value = tampered[name]
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = getattr(ledger[0], name) + value  # a number: off by that much
+    ledger[0] = msgspec.structs.replace(ledger[0], **{name: value})
     found = check(book_of(events), ledger, balances, Scope())
     assert kinds(found) == ["ledger_row_differs"] and found[0].subject == "t1", found
+    assert name in found[0].seen, found
 
 
 def test_a_dropped_ledger_row_is_named() -> None:
@@ -131,7 +155,8 @@ def test_a_charge_at_another_cost_or_account_or_twice_is_named() -> None:
         charge("c1", "t1", 5, "user:u"),
         charge("c1", "t2", ledger[1].cost),
     ]
-    found = check(book_of(wrong), [LedgerRow("t1", "user:u", 5, "c1"), ledger[1]], [], Scope())
+    rows = [LedgerRow.of(e) for e in wrong if isinstance(e, TurnCharged)]
+    found = check(book_of(wrong), rows, [], Scope())
     assert kinds(found)[:2] == ["wrong_account", "cost_differs"], found
 
 
@@ -155,7 +180,7 @@ def test_a_refused_turn_must_not_be_charged() -> None:
     assert check(book_of(events), [], [], Scope()) == []
     found = check(
         book_of([*events, charge("c2", "t9", 10)]),
-        [LedgerRow("t9", ACCOUNT, 10, "c2")],
+        [LedgerRow.of(charge("c2", "t9", 10))],
         [BalanceRow(ACCOUNT, -10)],
         Scope(),
     )
