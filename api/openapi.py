@@ -114,8 +114,10 @@ class Operation:
 
 def register(app: web.Application, operations: Iterable[Operation]) -> None:
     for op in operations:
-        # GET also answers HEAD (aiohttp's default); the document lists GET only
-        app.router.add_route(op.method, op.path, op.handler)
+        if op.method == "GET":  # answers HEAD too (add_get's default); the document lists GET
+            app.router.add_get(op.path, op.handler)
+        else:
+            app.router.add_route(op.method, op.path, op.handler)
 
 
 def document(operations: Iterable[Operation], *, title: str, version: str) -> dict[str, Any]:

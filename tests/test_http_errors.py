@@ -157,12 +157,22 @@ async def test_a_bad_resume_position_is_a_400(api: SseClient, position: str) -> 
     assert_error(status, body, 400, "bad_position")
 
 
+async def test_head_is_answered_wherever_get_is(api: SseClient) -> None:
+    cid = (await api.create_conversation())["id"]
+    for path in ("/healthz", "/", "/v1/conversations", f"/v1/conversations/{cid}/events"):
+        async with api.http.head(api.url(path), headers=api.headers()) as response:
+            assert response.status == 200, (path, response.status)
+            assert await response.read() == b"", path
+
+
 async def test_unknown_routes_and_methods_answer_in_the_error_format(api: SseClient) -> None:
     status, body = await api.request("GET", "/v1/nothing-here")
     assert_error(status, body, 404, "not_found")
     async with api.http.delete(api.url("/v1/conversations"), headers=api.headers()) as response:
         assert_error(response.status, await response.json(), 405, "method_not_allowed")
-        assert set(response.headers["Allow"].split(",")) == {"GET", "POST"}, response.headers
+        assert set(response.headers["Allow"].split(",")) == {"GET", "HEAD", "POST"}, (
+            response.headers
+        )
 
 
 async def test_busy_conversation_with_on_busy_reject_is_a_409(api: SseClient) -> None:
