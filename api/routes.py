@@ -112,7 +112,7 @@ T = TypeVar("T")
 
 class CreateConversation(msgspec.Struct, frozen=True):
     project_id: str | None = None
-    title: str = ""
+    title: str | None = None  # null as absent, as for the other two
     model: str | None = None
 
 
@@ -219,7 +219,8 @@ async def create_conversation(request: web.Request) -> web.Response:
     if body.project_id is not None:
         # only a member starts a project conversation (a project's tools and its bill)
         await project_of_member(request, body.project_id)
-    if len(body.title) > 200:
+    title = body.title or ""
+    if len(title) > 200:
         raise bad_request("title longer than 200 characters")
     header = ConversationCreated(
         conversation_id=new_id(),
@@ -227,7 +228,7 @@ async def create_conversation(request: web.Request) -> web.Response:
         event_id=new_id(),
         user_id=claims_of(request).sub,
         project_id=body.project_id,
-        title=body.title,
+        title=title,
         model=body.model,
     )
     # expected sequence 0: the id is fresh, and nothing may precede the header

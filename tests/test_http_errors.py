@@ -157,6 +157,13 @@ async def test_a_bad_resume_position_is_a_400(api: SseClient, position: str) -> 
     assert_error(status, body, 400, "bad_position")
 
 
+async def test_null_for_an_optional_field_of_a_new_conversation_is_as_if_absent(
+    api: SseClient,
+) -> None:
+    created = await api.create_conversation(title=None, project_id=None, model=None)
+    assert created["title"] == "" and created["project_id"] is None, created
+
+
 async def test_head_is_answered_wherever_get_is(api: SseClient) -> None:
     cid = (await api.create_conversation())["id"]
     for path in ("/healthz", "/", "/v1/conversations", f"/v1/conversations/{cid}/events"):
