@@ -147,6 +147,25 @@ def claims_of(request: web.Request) -> Claims:
 
 
 def wants_json(request: web.Request) -> bool:
-    """The client asked for a JSON answer rather than an event stream."""
-    accept = request.headers.get("Accept", "")
-    return "application/json" in accept and "text/event-stream" not in accept
+    """The client asked for a JSON answer rather than an event stream: JSON weighs
+    more in its Accept header (q-values; a tie, or neither named, is the stream)."""
+    return prefers_json(request.headers.get("Accept", ""))
+
+
+def prefers_json(accept: str) -> bool:
+    weights = {"application/json": 0.0, "text/event-stream": 0.0}
+    for part in accept.split(","):
+        kind, *params = (p.strip() for p in part.split(";"))
+        kind = kind.lower()
+        if kind not in weights:
+            continue
+        weight = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0
+        weights[kind] = max(weights[kind], weight)
+    return weights["application/json"] > weights["text/event-stream"]

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
+from api.context import prefers_json
 from events.ids import new_id
 from parley.services import Services
 from tests.conftest import token_for
@@ -271,3 +272,22 @@ async def test_an_id_with_a_trailing_newline_or_any_other_stray_character_is_unk
 ) -> None:
     status, body = await api.request("GET", f"/v1/conversations/{quote(bad, safe='%')}")
     assert status in (404, 405), (bad, status, body)
+
+
+@pytest.mark.parametrize(
+    ("accept", "wanted"),
+    [
+        ("", False),
+        ("*/*", False),
+        ("text/event-stream", False),
+        ("application/json", True),
+        ("application/json; charset=utf-8", True),
+        ("application/json, text/event-stream", False),  # a tie: the stream, the default
+        ("text/event-stream;q=0.5, application/json", True),
+        ("application/json;q=0.2, text/event-stream;q=0.9", False),
+        ("Application/JSON;q=0.9, text/event-stream;q=bad", True),
+        ("application/json;q=0", False),
+    ],
+)
+def test_the_accept_header_chooses_a_json_answer_by_its_weights(accept: str, wanted: bool) -> None:
+    assert prefers_json(accept) is wanted, accept
