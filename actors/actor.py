@@ -30,6 +30,7 @@ import redis.exceptions
 
 from actors.billing import Accounts, Usage
 from actors.decide import (
+    OrphanCause,
     Rejected,
     TurnTotals,
     choose_payer,
@@ -591,17 +592,29 @@ class ConversationActor:
             await settle.nak(delay=delay)
 
     async def _close_orphan(self) -> None:
-        """A turn open in the log that no runner of ours runs lost its worker: end it
-        with its partial content and the tokens the log shows it consumed."""
-        if self.state.active is None or self.runner is not None or self.state.broken:
+        """A turn open in the log that no runner of ours runs: end it with its partial
+        content and the tokens the log shows it consumed. Also in a conversation whose
+        log holds an unreadable entry: it takes no new work, but what its last turn
+        consumed is still billed and its reservation released."""
+        active = self.state.active
+        if active is None or self.runner is not None:
             return
+        cause: OrphanCause = "worker_lost"
+        if self.state.broken is not None:
+            cause = "log_unreadable"
+        elif active.turn_id == self.writer.stopped_turn:  # another writer's entry stopped it
+            cause = "log_conflict"
         log.warning(
-            "ending a turn whose worker is gone",
-            extra={"conversation_id": self.conversation_id, "turn_id": self.state.active.turn_id},
+            "ending a turn left open",
+            extra={
+                "conversation_id": self.conversation_id,
+                "turn_id": active.turn_id,
+                "cause": cause,
+            },
         )
         now = self.ctx.clock()
         await self.writer.append_decided(
-            lambda s: [decide_orphan_end(s, now, self.ctx.new_id)] if s.active else []
+            lambda s: [decide_orphan_end(s, now, self.ctx.new_id, cause)] if s.active else []
         )
 
     def _model_spec(self, requested: str | None) -> ModelSpec:

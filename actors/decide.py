@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal
 
 import msgspec
 
@@ -441,16 +442,28 @@ def estimated_totals(state: Conversation) -> TurnTotals:
     )
 
 
-def decide_orphan_end(state: Conversation, now: int, new_id: NewId) -> Failed:
-    """A turn whose worker is gone: ended with its partial content and estimated tokens."""
-    return decide_failed(
-        state,
-        "worker_lost",
-        "the worker running this turn stopped before it finished",
-        estimated_totals(state),
-        now,
-        new_id,
-    )
+OrphanCause = Literal["worker_lost", "log_conflict", "log_unreadable"]
+
+
+def decide_orphan_end(
+    state: Conversation, now: int, new_id: NewId, cause: OrphanCause = "worker_lost"
+) -> Failed:
+    """A turn left open that no runner runs: ended with its partial content and the
+    tokens the log shows it consumed (estimated), so what it used is billed.
+
+    Why it was left: its worker is gone (`worker_lost`); another writer's entry
+    in the conversation's log stopped it (`log_conflict`: the single-writer
+    check); or an entry that cannot be read did (`log_unreadable`: the
+    conversation takes no new work, but the turn it was running still ends).
+    """
+    message = {
+        "worker_lost": "the worker running this turn stopped before it finished",
+        "log_conflict": "another writer appended to this conversation's log while the turn "
+        "ran; the turn was stopped",
+        "log_unreadable": f"this conversation's log holds an entry that cannot be read "
+        f"({state.broken}); the turn was stopped",
+    }[cause]
+    return decide_failed(state, cause, message, estimated_totals(state), now, new_id)
 
 
 # ---------------------------------------------------------------- tools

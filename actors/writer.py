@@ -57,6 +57,8 @@ class EventWriter:
         # and is empty until `catch_up` reads the log again. Nothing may be decided
         # on it meanwhile.
         self.stale = False
+        # the turn that was running when another writer's entry refused an append
+        self.stopped_turn: str | None = None
         self._lock = asyncio.Lock()
 
     async def catch_up(self) -> None:
@@ -141,6 +143,8 @@ class EventWriter:
         return fit(list(events), self._max_event_bytes, self._new_id)
 
     def _forget(self) -> None:
+        if self.state.active is not None:
+            self.stopped_turn = self.state.active.turn_id
         self.state = Conversation(conversation_id=self.conversation_id)
         self.seq = 0
         self.stale = True

@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from nats.aio.client import Client as NatsClient
 from redis.asyncio import Redis
 
 from events.billing import AccountState, evolve_account, preflight_estimate, turn_cost
@@ -21,6 +22,7 @@ from events.subjects import account_subject
 from events.vocabulary import (
     BillingRejected,
     Cancelled,
+    Chunk,
     CreditsGranted,
     CreditsReserved,
     Done,
@@ -32,6 +34,7 @@ from events.vocabulary import (
 from parley.services import Servers, Services
 from tests.conftest import Projected, caught_up, token_for
 from tests.sse import SseClient
+from tests.test_poison import publish_raw
 
 DEMO = Prices(input_price=3.0, output_price=15.0)
 ESTIMATE = preflight_estimate(DEMO)  # 500 x 3 + 250 x 15 = 5,250 micro-credits
@@ -401,3 +404,52 @@ async def test_a_keyed_grant_is_made_once_and_its_key_is_not_reused_for_another(
         if isinstance(s.event, CreditsGranted)
     ]
     assert grants == [(first_seq, 1000)], grants
+
+
+@pytest.mark.parametrize(
+    ("entry", "cause"),
+    [
+        # damaged: the conversation takes no new work, but its turn still ends billed
+        (b"\xff\xfe not an event", "log_unreadable"),
+        # from a newer version: skipped by readers, yet it broke the single-writer check
+        (b'{"type": "future_thing", "x": 1}', "log_conflict"),
+    ],
+)
+async def test_an_entry_landing_in_a_running_turn_ends_it_with_what_it_used_billed(
+    api: SseClient,
+    admin: SseClient,
+    event_log: EventLog,
+    nc: NatsClient,
+    entry: bytes,
+    cause: str,
+) -> None:
+    project = await new_project(api, f"Poisoned {cause}")
+    await grant(admin, "project", project, 10_000_000)
+    cid = (await api.create_conversation(project_id=project))["id"]
+    await api.send_json(cid, "a long answer [[tokens=200]]")
+    async with asyncio.timeout(30):
+        while True:  # a few chunks in: the turn is running
+            if sum(isinstance(s.event, Chunk) for s in await event_log.read(cid)) >= 3:
+                break
+            await asyncio.sleep(0.02)
+    await publish_raw(nc, cid, entry)
+    async with asyncio.timeout(30):
+        while True:  # redelivered, its command finds the turn open and ends it
+            ends = [s.event for s in await event_log.read(cid) if isinstance(s.event, Failed)]
+            if ends:
+                break
+            await asyncio.sleep(0.05)
+    (failed,) = ends
+    assert failed.code == cause, failed
+    assert failed.tokens_estimated and failed.input_tokens > 0 and failed.output_tokens > 0, failed
+    assert failed.content and failed.content[-1].content.startswith("0 1 2"), failed.content
+    state, _ = await charged(event_log, f"project:{project}", 1)
+    assert state.reserved == 0, "the turn's reservation is released by its charge"
+    assert state.charged == turn_cost(failed.input_tokens, failed.output_tokens, DEMO)
+    status, body = await api.request(
+        "POST", f"/v1/conversations/{cid}/messages", json={"content": "and now? [[tokens=2]]"}
+    )
+    if cause == "log_unreadable":
+        assert status == 409 and body["error"]["code"] == "conversation_unreadable", body
+    else:
+        assert status == 200, body
