@@ -156,7 +156,11 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def hubs_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    settings = HubSettings(stall_check_s=config.stall_check_s, linger_s=config.hub_linger_s)
+    settings = HubSettings(
+        stall_check_s=config.stall_check_s,
+        linger_s=config.hub_linger_s,
+        orphan_grace_s=config.orphan_grace_s,
+    )
     # The followers only read entries: a connection of their own, whose entries go
     # straight from its read loop to the followers with no header parsed (py-spy,
     # bench capacity at 250 turns: nats.py's header parsing was 5.8% of the edge's

@@ -60,6 +60,10 @@ class EdgeConfig(msgspec.Struct, frozen=True):
     # How long a stream may see nothing before it checks that it can still end
     # (its turn still runs, its command still waits): api.hub.Hub._on_silence.
     stall_check_s: float = 2.0
+    # How long a stream waits for the end of a turn that stopped running before it
+    # ends with an error: a dead worker's turn is ended by the partition's next
+    # owner once its lease lapses (15 s), then redelivered (api.hub.Subscription).
+    orphan_grace_s: float = 45.0
     # How long a POST waits for the actor to accept or refuse its request before
     # answering anyway (no worker running yet: the request waits in CHAT_CMD).
     decision_wait_s: float = 5.0

@@ -43,6 +43,7 @@ import redis.exceptions
 from nats.js import JetStreamContext
 
 from api.sse import Envelope, Position, envelopes, frame
+from events.codec import Unreadable
 from events.errors import EventLogError, describe
 from events.follow import LiveFollower, RawEvent
 from events.log import EventLog, StoredEvent
@@ -160,8 +161,12 @@ class Subscription:
     Two ways a stream could wait for ever, both answered by the hub's stall check
     (`stall`) rather than pings without end:
     - a turn it saw start is no longer running (no turn record for it) and it has
-      read the whole log, yet no readable end came (the end could not be decoded,
-      or its worker died and the turn is not closed yet);
+      read the whole log, yet no readable end came. The end may still come: a
+      worker that lost its turn to another writer's entry ends it a moment later,
+      and a dead worker's turn is ended by the partition's next owner once the
+      lease lapses. So the stream waits `orphan_grace_s` for it (`unreadable_grace_s`
+      when an unreadable entry followed the turn's start: its end may be that
+      entry) before it ends with an error;
     - the command it waits for has left CHAT_CMD without a turn or a rejection
       in the log (lost).
     """
@@ -172,10 +177,13 @@ class Subscription:
         "live",
         "max_pending",
         "open_turn",
+        "open_turn_seq",
         "pending",
         "position",
         "seen",
         "turn",
+        "turn_gone_since",
+        "unreadable_at",
     )
 
     def __init__(
@@ -191,6 +199,10 @@ class Subscription:
         self.command = command
         self.seen = position.after()
         self.open_turn: str | None = None
+        self.open_turn_seq = 0  # where the open turn started
+        self.unreadable_at = 0  # the last entry seen that could not be decoded
+        # when the stall check first found the open turn not running (time.monotonic)
+        self.turn_gone_since: float | None = None
         self.live = False
         self.pending: deque[Delivery | Envelope] | None = deque()
         self.max_pending = max_pending
@@ -204,9 +216,12 @@ class Subscription:
     def note(self, delivery: Delivery) -> None:
         self.seen = max(self.seen, delivery.seq)
         if delivery.started is not None:
-            self.open_turn = delivery.started
+            self.open_turn, self.open_turn_seq = delivery.started, delivery.seq
+            self.turn_gone_since = None
         elif delivery.ended is not None and delivery.ended == self.open_turn:
             self.open_turn = None
+        elif isinstance(delivery.stored.event, Unreadable):
+            self.unreadable_at = delivery.seq
 
     def end(self, reason: str) -> None:
         if not self.ended.done():
@@ -330,6 +345,9 @@ class RedisAway(Exception):
 
 class HubSettings(msgspec.Struct, frozen=True):
     stall_check_s: float = 2.0
+    # how long a turn that stopped running may take to get its end (Subscription)
+    orphan_grace_s: float = 45.0
+    unreadable_grace_s: float = 5.0
     linger_s: float = 5.0
     wake_s: float = 1.0  # how often a quiet hub looks at its subscribers and stop flag
     ring_events: int = 512
@@ -503,6 +521,7 @@ class Hub:
             end, active = await self._hubs.turn_state(self.conversation_id)
         except RedisAway:
             return  # whether a turn runs is not known now: never end a stream on a guess
+        settings = self._hubs.settings
         for subscription in waiting:
             if subscription.seen < end:
                 continue  # still catching up
@@ -510,17 +529,25 @@ class Hub:
             # A record without a turn id announces a turn about to start: the worker
             # that started this viewer's turn may not have named it there yet.
             if turn is not None and (active is None or active.turn_id not in ("", turn)):
+                if subscription.turn_gone_since is None:
+                    subscription.turn_gone_since = now
+                unreadable = subscription.unreadable_at > subscription.open_turn_seq
+                grace = settings.unreadable_grace_s if unreadable else settings.orphan_grace_s
+                if now - subscription.turn_gone_since < grace:
+                    continue  # its end may still come: wait, pinging
+                why = "its end cannot be read" if unreadable else "no end for it came"
                 self._stall(
                     subscription,
                     Envelope(
                         "error",
-                        f"turn {turn} is no longer running and its end cannot be read; "
-                        "see the conversation's log",
+                        f"turn {turn} is no longer running and {why}; see the conversation's log",
                         turn,
-                        code="turn_end_unreadable",
+                        code="turn_end_unreadable" if unreadable else "turn_end_missing",
                     ),
                 )
                 continue
+            if turn is not None:
+                subscription.turn_gone_since = None  # running (again): the wait starts over
             command = subscription.waiting_command()
             if command is not None and await command_gone(self._hubs.js, command):
                 # Gone from CHAT_CMD, and nothing in the log: look once more, the

@@ -180,7 +180,7 @@ async def test_the_stall_check_waits_while_the_record_does_not_name_the_turn_yet
     turns = TurnRegistry(redis_client(stack.redis_url))
     await turns.put(cid, TurnRecord(worker="w1", turn_id="", after=0, at=3))
     head = await event_log.append(cid, [created, started], 0)
-    checks = HubSettings(stall_check_s=0.05, wake_s=0.01)
+    checks = HubSettings(stall_check_s=0.05, wake_s=0.01, orphan_grace_s=0.2)
     hubs = Hubs(nc.jetstream(), event_log, turns, checks)
     viewer = Collecting(0)
     try:
@@ -188,12 +188,39 @@ async def test_the_stall_check_waits_while_the_record_does_not_name_the_turn_yet
         async with asyncio.timeout(10):
             while viewer.open_turn != turn:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
-        await asyncio.sleep(10 * checks.stall_check_s)  # ten checks' worth of silence
+        await asyncio.sleep(10 * checks.orphan_grace_s)  # checks' worth of silence, and more
         assert not watching.done() and viewer.seqs[-1] == head
 
         await turns.release(cid, "w1")  # now the turn is gone without an end: stalled
         async with asyncio.timeout(10):
             assert await watching == "stalled"
+    finally:
+        await hubs.close()
+
+
+async def test_a_turn_that_stopped_running_gets_its_late_end_rather_than_a_stall(
+    stack: Servers, nc: NatsClient, event_log: EventLog
+) -> None:
+    """A dead worker's turn stops running (its record expires) some 15 s before the
+    partition's next owner appends its end: the viewer waits for that end."""
+    cid, turn = new_id(), new_id()
+    created = ConversationCreated(conversation_id=cid, at=1, event_id=new_id(), user_id="u")
+    head = await event_log.append(cid, [created, _started(cid, turn)], 0)
+    checks = HubSettings(stall_check_s=0.05, wake_s=0.01, orphan_grace_s=30)
+    hubs = Hubs(nc.jetstream(), event_log, TurnRegistry(redis_client(stack.redis_url)), checks)
+    viewer = Collecting(0)
+    try:
+        watching = asyncio.create_task(watch(hubs, cid, viewer, None))
+        async with asyncio.timeout(10):
+            while viewer.open_turn != turn:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(20 * checks.stall_check_s)  # no record: not running, no end yet
+        assert not watching.done(), "a turn that stopped running may still get its end"
+        end = await event_log.append(cid, [_done(cid, turn)], head)
+        async with asyncio.timeout(10):
+            while viewer.seqs[-1] != end:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert viewer.open_turn is None and not watching.done(), "the end came, no stall"
     finally:
         await hubs.close()
 
