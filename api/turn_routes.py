@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import msgspec
+import nats.errors
 from aiohttp import web
 
 from api.access import owned_conversation
@@ -248,12 +249,24 @@ async def publish_command(request: web.Request, command: AnyCommand) -> int:
         raise ApiError(
             503, "unavailable", "the event log (NATS) is unavailable; try again", retry_after=1
         )
-    return await request.app[COMMANDS].publish(
-        command_subject(command.conversation_id),
-        encode(command),
-        {"Nats-Expected-Stream": CMD_STREAM, "Nats-Msg-Id": command.command_id},
-        COMMAND_PUBLISH_WAIT_S,
-    )
+    try:
+        return await request.app[COMMANDS].publish(
+            command_subject(command.conversation_id),
+            encode(command),
+            {"Nats-Expected-Stream": CMD_STREAM, "Nats-Msg-Id": command.command_id},
+            COMMAND_PUBLISH_WAIT_S,
+        )
+    except (nats.errors.TimeoutError, TimeoutError) as err:
+        # Sent, but never acknowledged (a NATS that hangs while connected): it may
+        # still be stored and run. Not "try again": that could run it twice.
+        raise ApiError(
+            504,
+            "outcome_unknown",
+            f"NATS did not confirm the message within {COMMAND_PUBLISH_WAIT_S:g} s; it may "
+            "still be applied. Send it again with the same idempotency_key to have it "
+            "applied exactly once",
+            retry_after=1,
+        ) from err
 
 
 # ---------------------------------------------------------------- submitting
@@ -286,6 +299,14 @@ async def submit(
     # a later one by its command_id in the log.
     try:
         command_seq = await publish_command(request, command)
+    except ApiError as err:
+        if err.code == "outcome_unknown":
+            # It may land: the key keeps its command, so a retry with it is the same
+            # command (Nats-Msg-Id, and the actor's commands seen), applied once.
+            await _keep_idempotency(request, conversation_id, idempotency_key, record)
+        elif fresh:  # not sent: a retry with the same key must be free to send it
+            await _forget_idempotency(request, conversation_id, idempotency_key)
+        raise
     except BaseException:
         if fresh:  # not sent: a retry with the same key must be free to send it
             await _forget_idempotency(request, conversation_id, idempotency_key)

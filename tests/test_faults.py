@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from functools import partial
@@ -26,7 +28,7 @@ from api.config import EdgeLimits
 from events.codec import Unreadable
 from events.ids import new_id
 from events.log import EventLog
-from events.vocabulary import AnyEvent, Cancelled, Chunk, Done, Event, Failed
+from events.vocabulary import AnyEvent, Cancelled, Chunk, Done, Event, Failed, UserMessage
 from parley.demo_model import DemoConfig, start_demo_model
 from parley.services import ServiceOptions, Services
 from parley.stack import EmbeddedStack
@@ -430,3 +432,38 @@ async def test_redis_killed_mid_turn_turns_run_cancel_works_and_nothing_is_lost(
             headers={"Accept": "application/json"},
         )
         assert status == 202, (status, body)
+
+
+async def test_a_message_sent_while_nats_hangs_is_of_unknown_outcome_and_its_key_applies_it_once(
+    fault_stack: EmbeddedStack, model_url: str, http: aiohttp.ClientSession
+) -> None:
+    """NATS alive but not answering (stopped, swapping, a full disk): the command's
+    bytes are sent and may be stored later, so "try again" would run it twice."""
+    async with roles(fault_stack, model_url, "faults_hang") as services:
+        assert services.worker is not None
+        event_log = EventLog(services.worker._ctx.log._js)
+        api = SseClient(http, services.edge_url, token_for(f"faults-{new_id()}"))
+        cid = (await api.create_conversation())["id"]
+        message = {"content": "while hung [[tokens=3]]", "idempotency_key": "hung"}
+        nats_pid = fault_stack.pids["nats"]
+        os.kill(nats_pid, signal.SIGSTOP)
+        try:
+            status, body = await api.request(
+                "POST",
+                f"/v1/conversations/{cid}/messages",
+                json=message,
+                headers={"Accept": "application/json"},
+            )
+        finally:
+            os.kill(nats_pid, signal.SIGCONT)
+        assert status == 504 and body["error"]["code"] == "outcome_unknown", (status, body)
+        assert "idempotency_key" in body["error"]["message"]
+        # sent again with its key (as the answer says): the same message, applied once
+        again = await api.send_json(cid, message["content"], idempotency_key="hung")
+
+        async def answered() -> bool:
+            return bool(ends(await log_of(event_log, cid)))
+
+        await until(answered, "the message's turn ended")
+        users = [e for e in await log_of(event_log, cid) if isinstance(e, UserMessage)]
+        assert [u.message_id for u in users] == [again["message_id"]], users
