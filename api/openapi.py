@@ -72,6 +72,8 @@ _ERRORS = {
     422: "the idempotency key was used for a different request",
     429: "a per-user limit; `Retry-After` says when to try again",
     503: "a backing service (NATS, Postgres, Redis) is unavailable; `Retry-After`",
+    504: "NATS took the command but did not confirm it (`outcome_unknown`): it may still"
+    " be applied; send it again with the same idempotency_key",
 }
 _PATH_PARAM = re.compile(r"{(\w+)}")
 
