@@ -330,6 +330,7 @@ class TurnRunner:
         stream: TurnStream,
         result: RoundResult,
     ) -> None:
+        began = time.monotonic()
         for attempt in range(self.ctx.model_retries + 1):
             try:
                 await self._stream_once(endpoint, request, stream, result)
@@ -338,6 +339,10 @@ class TurnRunner:
                 if result.started or not err.retryable or attempt == self.ctx.model_retries:
                     raise
                 delay = backoff(attempt, self.ctx.retry_base_s, err.retry_after)
+                # The attempts share one wait for a first token: a model that let a
+                # whole first-byte timeout pass is not waited for three times more.
+                if time.monotonic() - began + delay >= self.ctx.first_byte_timeout:
+                    raise
                 log.info(
                     "model call failed before its first token; trying again",
                     extra={**self._log_fields(), "code": err.code, "retry_in_s": round(delay, 3)},

@@ -99,6 +99,7 @@ class Reply(msgspec.Struct):
     bench_key: str | None = None
     tokens_per_s: float | None = None  # [[rate=R]]: this reply's pace, else the server's
     flaky: tuple[str, int] | None = None  # fail the first N requests carrying this key
+    silent: bool = False  # [[fail=silent]]: no answer at all, not even a status line
 
 
 def plan_reply(body: dict[str, Any], config: DemoConfig) -> Reply:
@@ -109,7 +110,8 @@ def plan_reply(body: dict[str, Any], config: DemoConfig) -> Reply:
     `[[think]]`); `[[think]]` think even when config.think is off;
     `[[think-tags]]` thinking as <think>...</think> inside content;
     `[[fail=bad_json|cut|error|hang]]` a few good chunks, then that failure;
-    `[[fail=429]]`/`[[fail=500]]` that HTTP status before any byte;
+    `[[fail=429]]`/`[[fail=500]]` that HTTP status before any byte; `[[fail=silent]]`
+    no answer at all (the status line never comes) until the client leaves;
     `[[bench=KEY]]` log the send time of every answer delta under KEY;
     `[[bulk=N]]` an answer of N characters in deltas of 64 KiB (large answers);
     `[[tools=name{json};name{json}]]` those tool calls in one response (parallel calls),
@@ -140,6 +142,9 @@ def plan_reply(body: dict[str, Any], config: DemoConfig) -> Reply:
     if fail in ("429", "500"):
         reply.status = int(fail)
         reply.error_message = f"the demo model answered {fail} on purpose ([[fail={fail}]])"
+        return reply
+    if fail == "silent":
+        reply.silent = True
         return reply
 
     tags = "think-tags" in directives
@@ -482,6 +487,11 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     if reply.status != 200:
         kind = "rate_limit_exceeded" if reply.status == 429 else "server_error"
         return _error_response(reply.status, reply.error_message, kind)
+    if reply.silent:  # a provider that took the request and never answers
+        # polled: aiohttp gives a handler no event for its client leaving
+        while request.transport is not None and not request.transport.is_closing():  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        return web.Response(status=504)  # nobody is there to read it
 
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 import aiohttp
+import pytest
 
 from events.log import EventLog
 from events.vocabulary import (
@@ -465,6 +467,18 @@ async def test_a_model_that_keeps_failing_before_its_first_token_fails_the_turn(
     events = await api.send_stream(cid, f"[[flaky={cid}:50]] [[tokens=3]]")
     assert [e.event for e in events[-2:]] == ["error", "done"], events
     assert events[-2].raw["code"] == "http_503"
+
+
+async def test_a_model_that_never_answers_is_waited_for_once_not_once_per_retry(
+    api: SseClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="actors.turn")
+    cid = (await api.create_conversation())["id"]
+    events = await api.send_stream(cid, "[[fail=silent]]")
+    assert [e.event for e in events[-2:]] == ["error", "done"], events
+    assert events[-2].raw["code"] == "timeout", events[-2]
+    retried = [r for r in caplog.records if "trying again" in r.getMessage()]
+    assert retried == [], [r.getMessage() for r in retried]
 
 
 async def test_every_user_message_of_a_conversation_has_its_turn(
