@@ -82,7 +82,7 @@ from api.responses import (
     TurnAccepted,
     answer,
 )
-from api.sse import Position, parse_position
+from api.sse import Position
 from api.streaming import cut, open_sse, running_turn, stream_log
 from api.turn_routes import (
     EditBody,
@@ -94,6 +94,7 @@ from api.turn_routes import (
     read_json,
     read_params,
     regenerate,
+    resume_position,
 )
 from events.codec import encode_stored
 from events.errors import EventLogUnavailable
@@ -316,14 +317,7 @@ async def conversation_events(request: web.Request) -> web.StreamResponse:
     resume = read_params(request.headers, ResumeHeaders).last_event_id
     raw = resume or read_params(request.query, ResumeQuery).after
     if raw:
-        position = parse_position(raw)
-        if position is None:
-            raise bad_request(f"not an event id: {raw!r}", "bad_position")
-        last = await request.app[LOG].last_seq(conversation_id)
-        if position.seq > last:
-            raise bad_request(
-                f"event id {raw} is beyond the end of this conversation ({last})", "bad_position"
-            )
+        position = await resume_position(request, conversation_id, raw)
     else:
         position = Position(seq=await _start_of_active_turn(request, conversation_id))
     response = await open_sse(request)

@@ -369,6 +369,20 @@ async def _submit(
     )
 
 
+async def resume_position(request: web.Request, conversation_id: str, raw: str) -> Position:
+    """A client's resume id (`Last-Event-ID`, `?after=`) as a position in the
+    conversation: 400 `bad_position` for one that is not an id, or is beyond its end."""
+    position = parse_position(raw)
+    if position is None:
+        raise bad_request(f"not an event id: {raw!r}", "bad_position")
+    last = await request.app[LOG].last_seq(conversation_id)
+    if position.seq > last:
+        raise bad_request(
+            f"event id {raw} is beyond the end of this conversation ({last})", "bad_position"
+        )
+    return position
+
+
 async def _resumed(
     request: web.Request, conversation_id: str, start: Position, turn: TurnFilter
 ) -> Position | None:
@@ -382,14 +396,7 @@ async def _resumed(
     raw = request.headers.get("Last-Event-ID")
     if not raw:
         return start
-    seen = parse_position(raw)
-    if seen is None:
-        raise bad_request(f"not an event id: {raw!r}", "bad_position")
-    last = await request.app[LOG].last_seq(conversation_id)
-    if seen.seq > last:
-        raise bad_request(
-            f"event id {raw} is beyond the end of this conversation ({last})", "bad_position"
-        )
+    seen = await resume_position(request, conversation_id, raw)
     if seen.seq <= start.seq:
         return start
     async for stored in read_range(request.app[LOG], conversation_id, start.seq, seen.seq):

@@ -39,6 +39,23 @@ async def wait_for_ends(event_log: EventLog, cid: str, count: int) -> list[Any]:
             await asyncio.sleep(0.05)
 
 
+async def funded_project(
+    api: SseClient, services: Services, http: aiohttp.ClientSession, name: str
+) -> str:
+    """A new project of `api`'s user, granted credits for many turns: its id."""
+    status, project = await api.request("POST", "/v1/projects", json={"name": name})
+    assert status == 201, project
+    admin = SseClient(http, services.edge_url, token_for("admin", admin=True))
+    status, granted = await admin.request(
+        "POST",
+        f"/v1/billing/accounts/project/{project['id']}/credits",
+        json={"micro_credits": 10**9},
+    )
+    assert status == 201, granted
+    project_id: str = project["id"]
+    return project_id
+
+
 async def first_tokens(response: aiohttp.ClientResponse, n: int) -> list[SseEvent]:
     seen: list[SseEvent] = []
     async for event in sse_events(response):
@@ -186,21 +203,13 @@ async def test_two_members_sending_the_same_key_in_a_project_conversation_each_g
     event_log: EventLog,
     user: str,
 ) -> None:
-    status, project = await api.request("POST", "/v1/projects", json={"name": "Keys"})
-    assert status == 201, project
-    bob = f"bob-{project['id']}"
+    project = await funded_project(api, services, http, "Keys")
+    bob = f"bob-{project}"
     status, added = await api.request(
-        "POST", f"/v1/projects/{project['id']}/members", json={"user_id": bob}
+        "POST", f"/v1/projects/{project}/members", json={"user_id": bob}
     )
     assert status == 201, added
-    admin = SseClient(http, services.edge_url, token_for("admin", admin=True))
-    status, granted = await admin.request(
-        "POST",
-        f"/v1/billing/accounts/project/{project['id']}/credits",
-        json={"micro_credits": 10**9},
-    )
-    assert status == 201, granted
-    cid = (await api.create_conversation(project_id=project["id"]))["id"]
+    cid = (await api.create_conversation(project_id=project))["id"]
     as_bob = SseClient(http, services.edge_url, token_for(bob))
     mine = await api.send_json(cid, "yes [[tokens=1]]", idempotency_key="1", on_busy="enqueue")
     theirs = await as_bob.send_json(cid, "yes [[tokens=1]]", idempotency_key="1", on_busy="enqueue")
@@ -404,16 +413,8 @@ async def test_a_project_tool_the_model_names_in_personal_scope_is_refused_not_r
     assert result["result"] is None, result
     assert result["error"] == "tool 'project_notes' is not available in a personal conversation"
     # in a project's conversation the same call runs
-    status, project = await api.request("POST", "/v1/projects", json={"name": "Notes"})
-    assert status == 201, project
-    admin = SseClient(http, services.edge_url, token_for("admin", admin=True))
-    status, granted = await admin.request(
-        "POST",
-        f"/v1/billing/accounts/project/{project['id']}/credits",
-        json={"micro_credits": 10**9},
-    )
-    assert status == 201, granted
-    shared = (await api.create_conversation(project_id=project["id"]))["id"]
+    project = await funded_project(api, services, http, "Notes")
+    shared = (await api.create_conversation(project_id=project))["id"]
     events = await api.send_stream(shared, "[[tools=project_notes{}]]")
     assert events[-1].data == "ok", events[-3:]
     [result] = [e.data for e in events if e.event == "tool_result"]

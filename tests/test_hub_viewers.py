@@ -44,6 +44,15 @@ class Failing(Collecting):
             raise RuntimeError("the viewer's connection broke in an unexpected way")
 
 
+async def watching_turn(hubs: Hubs, cid: str, viewer: Collecting, turn: str) -> asyncio.Task[str]:
+    """`viewer` watching the conversation, once it has seen `turn` start: the watch."""
+    watching = asyncio.create_task(watch(hubs, cid, viewer, None))
+    async with asyncio.timeout(10):
+        while viewer.open_turn != turn:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    return watching
+
+
 def _title(cid: str, n: int) -> Title:
     return Title(conversation_id=cid, at=1, event_id=new_id(), title=f"t{n}", source="user")
 
@@ -184,10 +193,7 @@ async def test_the_stall_check_waits_while_the_record_does_not_name_the_turn_yet
     hubs = Hubs(nc.jetstream(), event_log, turns, checks)
     viewer = Collecting(0)
     try:
-        watching = asyncio.create_task(watch(hubs, cid, viewer, None))
-        async with asyncio.timeout(10):
-            while viewer.open_turn != turn:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
+        watching = await watching_turn(hubs, cid, viewer, turn)
         await asyncio.sleep(10 * checks.orphan_grace_s)  # checks' worth of silence, and more
         assert not watching.done() and viewer.seqs[-1] == head
 
@@ -210,10 +216,7 @@ async def test_a_turn_that_stopped_running_gets_its_late_end_rather_than_a_stall
     hubs = Hubs(nc.jetstream(), event_log, TurnRegistry(redis_client(stack.redis_url)), checks)
     viewer = Collecting(0)
     try:
-        watching = asyncio.create_task(watch(hubs, cid, viewer, None))
-        async with asyncio.timeout(10):
-            while viewer.open_turn != turn:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
+        watching = await watching_turn(hubs, cid, viewer, turn)
         await asyncio.sleep(20 * checks.stall_check_s)  # no record: not running, no end yet
         assert not watching.done(), "a turn that stopped running may still get its end"
         end = await event_log.append(cid, [_done(cid, turn)], head)

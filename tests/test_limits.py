@@ -74,13 +74,7 @@ async def test_a_user_may_hold_only_so_many_event_streams_and_a_closed_one_frees
         finally:
             first.close()
         try:
-            async with asyncio.timeout(10):  # freed once the edge sees the viewer gone
-                while True:
-                    async with api.events(cid) as again:
-                        if again.status == 200:
-                            break
-                        assert again.status == 429
-                    await asyncio.sleep(0.05)
+            await until_a_stream_is_free(api, cid)  # once the edge sees the viewer gone
         finally:
             second.close()
 
@@ -102,14 +96,19 @@ async def test_streams_closed_while_idle_free_their_slots_before_their_next_ping
             cid = (await api.create_conversation())["id"]
             streams = [await api.events(cid).__aenter__() for _ in range(4)]
             assert [s.status for s in streams] == [200] * 4
-        async with aiohttp.ClientSession() as http, asyncio.timeout(10):
-            api = SseClient(http, base, token_for(user))
-            while True:
-                async with api.events(cid) as again:
-                    if again.status == 200:
-                        break
-                    assert again.status == 429
-                await asyncio.sleep(0.05)
+        async with aiohttp.ClientSession() as http:
+            await until_a_stream_is_free(SseClient(http, base, token_for(user)), cid)
+
+
+async def until_a_stream_is_free(api: SseClient, cid: str, within_s: float = 10) -> None:
+    """Open the conversation's stream until the user's streams cap lets it."""
+    async with asyncio.timeout(within_s):
+        while True:
+            async with api.events(cid) as again:
+                if again.status == 200:
+                    return
+                assert again.status == 429
+            await asyncio.sleep(0.05)
 
 
 async def wait_for_done(event_log: EventLog, cid: str, within_s: float = 30) -> None:
@@ -215,13 +214,7 @@ async def test_a_viewer_that_stops_reading_is_cut_off_and_the_turn_goes_on(
             assert head.startswith(b"HTTP/1.1 200"), head
             # ...and from here the client reads nothing. Its stream holds the user's only slot
             # until the edge cuts it, so a second stream opens once it has.
-            async with asyncio.timeout(20):
-                while True:
-                    async with api.events(cid) as response:
-                        if response.status == 200:
-                            break
-                        assert response.status == 429
-                    await asyncio.sleep(0.1)
+            await until_a_stream_is_free(api, cid, within_s=20)
             received = await _read_until_quiet(sock)
         finally:
             sock.close()
