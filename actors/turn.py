@@ -395,8 +395,9 @@ class TurnRunner:
         async def one(call: ToolCallRequest) -> ToolOutcome:
             began = time.perf_counter()
             # What personal scope hides from the model it may still name: refused, not run.
-            refused = refused_tool(call.name, personal=state.personal)
-            outcome = refused or await ctx.tools.run(call.name, call.arguments, context)
+            outcome = refused_tool(call.name, personal=state.personal)
+            if outcome is None:
+                outcome = await ctx.tools.run(call.name, call.arguments, context)
             duration_ms = round((time.perf_counter() - began) * 1000, 3)
             stream.event(
                 decide_tool_result(state, call, outcome, duration_ms, ctx.clock(), ctx.new_id)
