@@ -50,9 +50,20 @@ async def only_created(api: SseClient, cid: str) -> None:
         (b'{"content": "ok", "extra": {"deep": "\\u0000"}}', "invalid_text"),
         (b'{"content": "caf\xe9"}', "invalid_encoding"),
         (b'{"content": "x", "ignored": ' + b"[" * 1000 + b"]" * 1000 + b"}", "too_deep"),
-        (b'{"content": "lone \\ud800 surrogate"}', "invalid_json"),
+        (b'{"content": "lone \\ud800 surrogate"}', "invalid_text"),
+        (b'{"content": "lone \\udc00 low half"}', "invalid_text"),
+        (b'{"content": "a pair \\ud83d\\ude00 is fine", "x": nope}', "invalid_json"),
     ],
-    ids=["nul", "nul-in-key", "nul-in-ignored-field", "latin1", "deep", "lone-surrogate"],
+    ids=[
+        "nul",
+        "nul-in-key",
+        "nul-in-ignored-field",
+        "latin1",
+        "deep",
+        "lone-surrogate",
+        "lone-low-surrogate",
+        "a-pair-and-bad-json",
+    ],
 )
 async def test_a_message_the_read_models_cannot_hold_is_refused_and_nothing_appended(
     api: SseClient, raw: bytes, code: str
