@@ -83,6 +83,10 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path in PUBLIC_PATHS or request.path.startswith("/static/"):
         return await handler(request)
+    if request.match_info.http_exception is not None:
+        # no such route (404), or not with this method (405): said as it is, token
+        # or not, rather than 401 for a path that would not answer with one either
+        return await handler(request)
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:

@@ -175,6 +175,10 @@ async def test_head_is_answered_wherever_get_is(api: SseClient) -> None:
 async def test_unknown_routes_and_methods_answer_in_the_error_format(api: SseClient) -> None:
     status, body = await api.request("GET", "/v1/nothing-here")
     assert_error(status, body, 404, "not_found")
+    # with no token too: a path that does not exist is a 404, not a 401 (a browser's
+    # /favicon.ico)
+    async with api.http.get(api.url("/favicon.ico")) as response:
+        assert_error(response.status, await response.json(), 404, "not_found")
     async with api.http.delete(api.url("/v1/conversations"), headers=api.headers()) as response:
         assert_error(response.status, await response.json(), 405, "method_not_allowed")
         assert set(response.headers["Allow"].split(",")) == {"GET", "HEAD", "POST"}, (

@@ -373,6 +373,30 @@ async def test_editing_a_user_message_streams_a_new_turn_and_keeps_the_old_branc
     assert await answer_text(assistant(page)) == counted(3)
 
 
+async def test_an_edit_refused_as_busy_keeps_what_was_typed_and_says_what_to_do(
+    services: Services, browsing: Browsing, api: SseClient, user: str
+) -> None:
+    tab = await browsing.tab()
+    page = tab.page
+    await open_signed_in(tab, services.edge_url, token_for(user))
+    conversation = await new_chat(page)
+    await send(page, "[[tokens=3]] the first try")
+    await finished(assistant(page))
+    await page.locator(".msg.user button.edit").click()
+    box = page.locator(".msg.user textarea.edit-input")
+    await box.fill("a carefully typed edit")
+    # meanwhile another client of the same user starts a long answer
+    await api.send_json(conversation, "[[tokens=400]] from elsewhere")
+    await page.locator(".msg.user button.save-edit").first.click()
+    await expect(page.locator("#banner")).to_contain_text("An answer is still being written")
+    await expect(page.locator(".msg.user textarea.edit-input")).to_have_value(
+        "a carefully typed edit"
+    )
+    await tab.shot("edit-refused")
+    status, body = await api.request("POST", f"/v1/conversations/{conversation}/cancel")
+    assert status == 202, body
+
+
 # ---------------------------------------------------------------- resuming
 
 
