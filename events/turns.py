@@ -97,6 +97,14 @@ class TurnRecord(msgspec.Struct, frozen=True):
     at: int
 
 
+# A running turn's record lives this long unless its worker renews it (every 5 s,
+# actors.worker's heartbeat). It must outlive a dead worker's partition leases
+# (15 s) and the next owner's taking them over: that owner finds the conversations
+# whose turn to end by these records (`_recover`). At 15 s they often expired
+# first, and the orphan waited for its command's redelivery (30 s) instead.
+RECORD_LEASE_MS = 30_000
+
+
 class TurnRegistry:
     """The turn records of one process.
 
@@ -108,7 +116,7 @@ class TurnRegistry:
     connection, one socket write, one read of the answers (`_Batch`).
     """
 
-    def __init__(self, redis: aioredis.Redis, *, lease_ms: int = 15_000) -> None:
+    def __init__(self, redis: aioredis.Redis, *, lease_ms: int = RECORD_LEASE_MS) -> None:
         self._redis = redis
         self.lease_ms = lease_ms
         self._batch = _Batch(redis)

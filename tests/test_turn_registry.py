@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import inspect
 from collections.abc import AsyncIterator
 
 import pytest
@@ -11,8 +12,9 @@ import redis
 import redis.asyncio as aioredis
 from redis.driver_info import DriverInfo
 
+from actors.worker import ACK_WAIT_S, HEARTBEAT_S, WorkerHost
 from events.ids import new_id
-from events.turns import POOL_CONNECTIONS, TurnRecord, TurnRegistry
+from events.turns import POOL_CONNECTIONS, RECORD_LEASE_MS, TurnRecord, TurnRegistry
 from events.turns import redis_client as parley_redis_client
 from parley.services import Servers
 
@@ -198,3 +200,15 @@ async def test_a_release_that_arrives_late_leaves_the_next_record_alone(
     assert await turns.get(cid) == announced
     await turns.release(cid, "w", announced)
     assert await turns.get(cid) is None, "the record it names is released"
+
+
+def test_a_dead_workers_turn_record_outlives_its_partition_leases() -> None:
+    """The next owner of a dead worker's partitions finds the turns to end by their
+    records (actors.worker `_recover`). A record renewed just before the worker
+    died must still be there when its leases have lapsed and been taken over, or
+    the orphan waits for its command's redelivery (ACK_WAIT_S) instead."""
+    lease_s = inspect.signature(WorkerHost.__init__).parameters["lease_ttl_s"].default
+    takeover_s = lease_s + lease_s / 5  # lapsed, then the next owner's renewal tick
+    shortest_record_s = RECORD_LEASE_MS / 1000 - HEARTBEAT_S  # renewed HEARTBEAT_S before
+    assert shortest_record_s > takeover_s, (shortest_record_s, takeover_s)
+    assert takeover_s < ACK_WAIT_S
