@@ -101,15 +101,18 @@ class PartitionLeases:
             raise RuntimeError("PartitionLeases.open() first")
         return self._kv
 
-    async def tick(self, busy: Callable[[int], bool]) -> tuple[set[int], set[int]]:
+    async def tick(
+        self, busy: Callable[[int], bool], *, take: bool = True
+    ) -> tuple[set[int], set[int]]:
         """Renew, take and give back leases; returns the partitions gained and lost.
+        With `take` false (a stopping worker's grace period) only renew what it holds.
 
         A tick that cannot reach the bucket keeps what it holds while no lease can
         have lapsed yet (nobody can take one before), so a leader election in the
         NATS cluster does not stop running turns; after that it gives them all up.
         """
         try:
-            return await self._tick(busy)
+            return await self._tick(busy, take)
         except _TRANSIENT as err:
             if time.monotonic() - self._renewed_at < _KEEP_FOR * self.ttl_s:
                 log.warning(
@@ -123,7 +126,7 @@ class PartitionLeases:
             )
             return set(), lost
 
-    async def _tick(self, busy: Callable[[int], bool]) -> tuple[set[int], set[int]]:
+    async def _tick(self, busy: Callable[[int], bool], take: bool) -> tuple[set[int], set[int]]:
         began = time.monotonic()
         gained: set[int] = set()
         lost: set[int] = set()
@@ -159,6 +162,8 @@ class PartitionLeases:
         if failure is not None:
             raise failure
         self._renewed_at = began
+        if not take:
+            return gained, lost
         share = math.ceil(self.partitions / max(1, await self._live_workers()))
         if len(self.owned) < share:
             free = [p for p in range(self.partitions) if p not in self.owned]

@@ -154,12 +154,29 @@ class WorkerHost:
                         async with asyncio.timeout(leases.renew_every_s):
                             await stopping.wait()
                 fetching.set()
+                # Running turns may take the whole grace period, longer than a lease
+                # lives: the leases stay ours meanwhile, or another worker takes the
+                # partitions and cuts those turns short.
+                keeping = tasks.create_task(self._keep_leases(leases))
                 await self._stop(tasks)
+                keeping.cancel()
                 heartbeat.cancel()
         finally:
             self._loops.clear()
             await self._give_back_all()
             await leases.release_all()
+
+    async def _keep_leases(self, leases: PartitionLeases) -> None:
+        """While stopping: renew the leases held, take none."""
+        while True:
+            await asyncio.sleep(leases.renew_every_s)
+            try:
+                _, lost = await leases.tick(self._busy, take=False)
+            except nats.errors.Error as err:
+                log.warning("partition leases not renewed", extra={"error": describe(err)})
+                continue
+            for partition in lost:
+                await self._drop(partition)
 
     def _busy(self, partition: int) -> bool:
         return any(

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import msgspec
 import nats
 import pytest
 from nats.aio.client import Client as NatsClient
@@ -125,6 +126,25 @@ async def test_stopping_a_worker_right_after_a_message_was_accepted_loses_nothin
     for cid, _ in accepted:
         starts = [s for s in await event_log.read(cid) if type(s.event).__name__ == "Started"]
         assert len(starts) == 1, f"{cid}: expected one turn, saw {len(starts)}"
+
+
+async def test_a_stopping_worker_keeps_its_leases_through_a_grace_longer_than_they_live(
+    own_stack: Servers, own_nc: NatsClient, demo_model_url: str, http: aiohttp.ClientSession
+) -> None:
+    """A grace of 12 s, leases of 3 s, a 6 s turn: the stopping worker renews its
+    leases, so the other worker does not take the partition and end the turn."""
+    event_log = EventLog(own_nc.jetstream())
+    patient = msgspec.structs.replace(options(demo_model_url), shutdown_grace_s=4 * LEASE_TTL_S)
+    async with roles(own_stack, demo_model_url, "edge") as edge:
+        api = SseClient(http, edge.edge_url, token_for("roles-grace"))
+        cid = (await api.create_conversation())["id"]
+        async with Services(own_stack, patient, ("worker",)) as stopping:
+            await api.send_json(cid, "slow [[tokens=120]] [[rate=20]]")  # 6 s of answer
+            await _until(event_log, cid, lambda log: any(isinstance(e, Chunk) for e in log))
+            async with roles(own_stack, demo_model_url, "worker"):
+                stopping.stop()  # its turn has 4 lease lifetimes to finish
+                ends = await _ends(event_log, cid, 1)
+    assert ends == [Done], ends
 
 
 async def test_a_projector_whose_lock_connection_dies_is_restarted_and_catches_up(
