@@ -128,6 +128,13 @@ async def open_signed_in(tab: Tab, base: str, token: str, conversation: str | No
     await expect(tab.page.locator("#tokstate")).to_contain_text("Signed in as")
 
 
+async def signed_in_chat(browsing: Browsing, services: Services, user: str) -> tuple[Tab, str]:
+    """A tab signed in as `user`, on a new chat: the tab and the conversation's id."""
+    tab = await browsing.tab()
+    await open_signed_in(tab, services.edge_url, token_for(user))
+    return tab, await new_chat(tab.page)
+
+
 async def new_chat(page: Page) -> str:
     await page.click("#new")
     await page.wait_for_function("() => location.hash.startsWith('#c=')")
@@ -206,10 +213,8 @@ async def test_signing_in_with_a_token_shows_the_user_and_their_conversations(
 async def test_thinking_tool_cards_and_the_answer_stream_in_and_the_title_appears(
     services: Services, browsing: Browsing, api: SseClient, user: str
 ) -> None:
-    tab = await browsing.tab()
+    tab, conversation = await signed_in_chat(browsing, services, user)
     page = tab.page
-    await open_signed_in(tab, services.edge_url, token_for(user))
-    conversation = await new_chat(page)
     await send(page, "please calculate 6*7")
 
     user_message = page.locator(".msg.user").first
@@ -248,10 +253,8 @@ async def test_thinking_tool_cards_and_the_answer_stream_in_and_the_title_appear
 async def test_stop_ends_the_answer_and_keeps_what_was_written(
     services: Services, browsing: Browsing, api: SseClient, user: str, projected: Projected
 ) -> None:
-    tab = await browsing.tab()
+    tab, conversation = await signed_in_chat(browsing, services, user)
     page = tab.page
-    await open_signed_in(tab, services.edge_url, token_for(user))
-    conversation = await new_chat(page)
     await send(page, "[[tokens=4000]] count slowly")  # 10 s: far longer than the test waits
     message = assistant(page)
     await expect(message.locator(".body > .text")).to_contain_text("30 31 ")
@@ -286,10 +289,8 @@ async def test_stop_ends_the_answer_and_keeps_what_was_written(
 async def test_regenerating_an_answer_adds_a_version_and_the_arrows_flip_between_them(
     services: Services, browsing: Browsing, api: SseClient, user: str, projected: Projected
 ) -> None:
-    tab = await browsing.tab()
+    tab, conversation = await signed_in_chat(browsing, services, user)
     page = tab.page
-    await open_signed_in(tab, services.edge_url, token_for(user))
-    conversation = await new_chat(page)
     await send(page, "[[tokens=8]] say eight")
     first = assistant(page)
     await finished(first)
@@ -334,10 +335,8 @@ async def test_regenerating_an_answer_adds_a_version_and_the_arrows_flip_between
 async def test_editing_a_user_message_streams_a_new_turn_and_keeps_the_old_branch(
     services: Services, browsing: Browsing, api: SseClient, user: str, projected: Projected
 ) -> None:
-    tab = await browsing.tab()
+    tab, conversation = await signed_in_chat(browsing, services, user)
     page = tab.page
-    await open_signed_in(tab, services.edge_url, token_for(user))
-    conversation = await new_chat(page)
     await send(page, "[[tokens=3]] the first try")
     await finished(assistant(page))
     assert await answer_text(assistant(page)) == counted(3)
@@ -376,10 +375,8 @@ async def test_editing_a_user_message_streams_a_new_turn_and_keeps_the_old_branc
 async def test_an_edit_refused_as_busy_keeps_what_was_typed_and_says_what_to_do(
     services: Services, browsing: Browsing, api: SseClient, user: str
 ) -> None:
-    tab = await browsing.tab()
+    tab, conversation = await signed_in_chat(browsing, services, user)
     page = tab.page
-    await open_signed_in(tab, services.edge_url, token_for(user))
-    conversation = await new_chat(page)
     await send(page, "[[tokens=3]] the first try")
     await finished(assistant(page))
     await page.locator(".msg.user button.edit").click()
