@@ -130,6 +130,7 @@ class Chat:
         self.title: str | None = None
         self._live: Live | None = None
         self._prompt: PromptSession[str] | None = None
+        self.failed_turns = 0  # answers that ended in an error (a script's exit code)
 
     async def run(self, conversation_id: str | None) -> int:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=READ_TIMEOUT_S)
@@ -191,7 +192,8 @@ class Chat:
             try:
                 line = await self._read_line()
             except (EOFError, KeyboardInterrupt):
-                return 0
+                # piped in, a script learns from the exit code whether every answer came
+                return 1 if self.failed_turns and not sys.stdin.isatty() else 0
             text = line.strip()
             if not text:
                 continue
@@ -229,6 +231,8 @@ class Chat:
             view, lambda: self.api.post_message(conversation_id, body), again
         )
         self.title = view.title
+        if view.outcome not in (None, "ok", "stopped"):
+            self.failed_turns += 1
         return keep_going
 
     # ------------------------------------------------------------ following a turn

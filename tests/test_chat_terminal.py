@@ -444,19 +444,19 @@ async def test_a_dropped_connection_is_resumed_with_every_token_exactly_once(
     assert re.search(rb"(?i)last-event-id: [0-9]+\r\n", resumes[0]), resumes[0]
 
 
-async def _run_chat(*args: str, env: dict[str, str]) -> tuple[int, str]:
+async def _run_chat(*args: str, env: dict[str, str], lines: str = "") -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "parley.cli",
         *args,
         env=env,
-        stdin=asyncio.subprocess.DEVNULL,
+        stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     async with asyncio.timeout(WAIT_S):
-        out, err = await process.communicate()
+        out, err = await process.communicate(lines.encode())
     assert process.returncode is not None
     return process.returncode, out.decode() + err.decode()
 
@@ -472,3 +472,15 @@ async def test_chat_says_plainly_when_it_has_no_server_or_its_token_is_refused(
     env = chat_env(PARLEY_URL=services.edge_url, PARLEY_TOKEN=token_for(user))
     code, said = await _run_chat("chat", "--conversation", "01M8GGRZF5FGDZ57JN7PPQBC8X", env=env)
     assert code == 2 and "not found" in said, said
+
+
+async def test_piped_chat_exits_non_zero_when_an_answer_failed(
+    services: Services, user: str
+) -> None:
+    env = chat_env(PARLEY_URL=services.edge_url, PARLEY_TOKEN=token_for(user))
+    code, said = await _run_chat("chat", env=env, lines="hello [[tokens=2]]\n")
+    assert code == 0 and "0 1" in said, said
+    code, said = await _run_chat(
+        "chat", env=env, lines="hello [[tokens=2]]\nnow fail [[fail=500]]\n"
+    )
+    assert code == 1 and "0 1" in said, said
