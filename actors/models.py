@@ -79,8 +79,8 @@ def catalogue_problems(models: list[ModelSpec]) -> list[str]:
         for twice in sorted({v for v in versions if versions.count(v) > 1}):
             problems.append(f"model {spec.name!r} lists version {twice!r} twice")
         active = [v for v in spec.versions if v.status == "active"]
-        first = active_version(spec)
-        tied = [v.version for v in active if first and _precedence(v) == _precedence(first)]
+        best = max(map(_precedence, active), default=None)
+        tied = [v.version for v in active if _precedence(v) == best]
         if len(tied) > 1:
             problems.append(
                 f"model {spec.name!r}: versions {', '.join(map(repr, tied))} tie for the one in"

@@ -299,16 +299,12 @@ async def submit(
     # a later one by its command_id in the log.
     try:
         command_seq = await publish_command(request, command)
-    except ApiError as err:
-        if err.code == "outcome_unknown":
+    except BaseException as err:
+        if isinstance(err, ApiError) and err.code == "outcome_unknown":
             # It may land: the key keeps its command, so a retry with it is the same
             # command (Nats-Msg-Id, and the actor's commands seen), applied once.
             await _keep_idempotency(request, conversation_id, idempotency_key, record)
         elif fresh:  # not sent: a retry with the same key must be free to send it
-            await _forget_idempotency(request, conversation_id, idempotency_key)
-        raise
-    except BaseException:
-        if fresh:  # not sent: a retry with the same key must be free to send it
             await _forget_idempotency(request, conversation_id, idempotency_key)
         raise
     await _keep_idempotency(request, conversation_id, idempotency_key, record)

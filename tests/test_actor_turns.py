@@ -27,6 +27,7 @@ from events.vocabulary import (
 from parley.services import Services
 from tests.conftest import Projected, Recorder, demo_streams, token_for
 from tests.sse import SseClient, SseEvent, sse_events, until_done
+from tests.test_billing import grant, new_project
 
 
 async def wait_for_ends(event_log: EventLog, cid: str, count: int) -> list[Any]:
@@ -43,17 +44,10 @@ async def funded_project(
     api: SseClient, services: Services, http: aiohttp.ClientSession, name: str
 ) -> str:
     """A new project of `api`'s user, granted credits for many turns: its id."""
-    status, project = await api.request("POST", "/v1/projects", json={"name": name})
-    assert status == 201, project
+    project = await new_project(api, name)
     admin = SseClient(http, services.edge_url, token_for("admin", admin=True))
-    status, granted = await admin.request(
-        "POST",
-        f"/v1/billing/accounts/project/{project['id']}/credits",
-        json={"micro_credits": 10**9},
-    )
-    assert status == 201, granted
-    project_id: str = project["id"]
-    return project_id
+    await grant(admin, "project", project, 10**9)
+    return project
 
 
 async def first_tokens(response: aiohttp.ClientResponse, n: int) -> list[SseEvent]:
