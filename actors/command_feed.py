@@ -21,15 +21,18 @@ heartbeat every `heartbeat_s` while a request waits. So:
   (the server says so to waiting requests; a request nobody answers asks
   `exists`, as a stream leader in election answers none either).
 
-Closing the feed unsubscribes its inbox, and nats-server drops waiting
-requests whose reply subject nobody listens to: a command published after
-that goes to the partition's next reader, not into the void
+Closing the feed drains its inbox: nats-server drops waiting requests whose
+reply subject nobody listens to, so a command published after that goes to
+the partition's next reader, not into the void; and a command the server sent
+before it heard (on its way, or queued behind the one being handed over) is
+handed back at once (`nak`), not left to wait out its 30 s ack wait
 (tests/test_command_feed.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -44,6 +47,7 @@ EXPIRES_S = 5.0
 HEARTBEAT_S = 1.0
 WINDOW = 64
 _HEARD_WITHIN = 3  # heartbeats
+_DRAIN_S = 2.0
 
 
 class ConsumerGone(Exception):
@@ -85,6 +89,7 @@ class CommandFeed:
         self._heard = time.monotonic()
         self._gone = asyncio.Event()
         self._ask_if_gone = False  # a request had no responder: is the consumer there?
+        self._closing = False
 
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver commands until `stop` is set; ConsumerGone if the consumer is deleted."""
@@ -115,12 +120,20 @@ class CommandFeed:
                     waiting.cancel()
                     gone.cancel()
         finally:
+            self._closing = True
             sub, self._sub = self._sub, None
             try:
-                await sub.unsubscribe()
-                await self._nc.flush(timeout=2)  # the server drops our waiting requests
+                # The server drops our waiting requests; what it sent before it heard
+                # still arrives, and is handed back (`_received`).
+                async with asyncio.timeout(_DRAIN_S):
+                    await sub.drain()
             except (nats.errors.Error, TimeoutError):
                 pass  # the connection is gone, and the requests with it
+
+    @property
+    def closing(self) -> bool:
+        """Stopped: what still arrives is handed back to the consumer."""
+        return self._closing
 
     async def _top_up(self) -> None:
         """Ask for what the window lacks, once half of it has arrived."""
@@ -144,6 +157,10 @@ class CommandFeed:
         status = headers.get("Status")
         if status is None:
             self._asked = max(0, self._asked - 1)
+            if self._closing:
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.nak()
+                return
             await self._deliver(msg)
         elif status in ("408", "409"):
             # The request expired or the server ended it: what it did not send

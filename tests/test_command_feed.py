@@ -46,10 +46,19 @@ async def partition(nc: NatsClient) -> AsyncIterator[Partition]:
     await js.delete_stream(name)
 
 
-class Reader:
-    """A feed run in a task; what it delivered, acked."""
+class SlowHandOver:
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
 
-    def __init__(self, nc: NatsClient, partition: Partition, **options: Any) -> None:
+
+class Reader:
+    """A feed run in a task; what it delivered, acked. With `slow`, the first hand-over
+    sets `slow.entered` and lasts until `slow.release` is set."""
+
+    def __init__(
+        self, nc: NatsClient, partition: Partition, slow: SlowHandOver | None = None, **options: Any
+    ) -> None:
         self.got: list[bytes] = []
         self.arrived = asyncio.Event()
         self.stop = asyncio.Event()
@@ -57,6 +66,9 @@ class Reader:
         async def deliver(msg: Msg) -> None:
             self.got.append(msg.data)
             self.arrived.set()
+            if slow is not None and len(self.got) == 1:
+                slow.entered.set()
+                await slow.release.wait()
             await msg.ack()
 
         async def exists() -> bool:
@@ -122,6 +134,30 @@ async def test_a_command_after_a_feed_closed_goes_to_the_next_reader_at_once(
         assert await second.until(1) == [b"1"]  # within LIMIT_S, not the 30 s ack wait
     finally:
         await second.close()
+
+
+async def test_commands_on_their_way_when_a_feed_closes_go_to_the_next_reader_at_once(
+    nc: NatsClient, partition: Partition
+) -> None:
+    """Sent before the server heard that the feed closed (here: queued behind a command
+    whose hand-over is slow), they are handed back, not left unacknowledged until
+    their ack wait (30 s here)."""
+    slow = SlowHandOver()
+    first = Reader(nc, partition, slow)
+    await partition.publish(5)
+    async with asyncio.timeout(LIMIT_S):
+        await slow.entered.wait()  # command 0 is being handed over, 1-4 wait behind it
+        first.stop.set()
+        while not first.feed.closing:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    slow.release.set()
+    await first.task
+    second = Reader(nc, partition)
+    try:
+        assert await second.until(4) == [b"1", b"2", b"3", b"4"]  # not after 30 s
+    finally:
+        await second.close()
+    assert first.got == [b"0"]
 
 
 async def test_a_deleted_consumer_ends_the_feed(nc: NatsClient, partition: Partition) -> None:
