@@ -102,6 +102,7 @@ class ConversationActor:
             new_id=ctx.new_id,
             state=state,
             seq=seq,
+            gate=ctx.write_gate,
         )
         self.accounts = ctx.accounts or Accounts(ctx.log, ctx.clock, ctx.new_id)
         self.held: dict[str, Settlement] = {}  # command_id -> its delivery, until it is over

@@ -34,6 +34,7 @@ from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
 from events.errors import describe
+from events.subjects import partition_of
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class PartitionLeases:
         self._replicas = replicas
         self.owned: dict[int, int] = {}  # partition -> the revision of our lease
         self._renewed_at = time.monotonic()  # when the last complete renewal began
+        self._waiting: list[asyncio.Future[None]] = []  # for the next complete renewal
         self._kv: KeyValue | None = None
 
     async def open(self) -> None:
@@ -90,6 +92,25 @@ class PartitionLeases:
         ttl = (await self._kv.status()).ttl
         if ttl:
             self.ttl_s = ttl
+
+    # actors.writer's `WriteGate`: what an actor may append to
+
+    def current(self) -> bool:
+        """Whether the leases held were renewed recently enough that nobody can have
+        taken one: not so after this process was paused for longer."""
+        return time.monotonic() - self._renewed_at < _KEEP_FOR * self.ttl_s
+
+    def holds(self, conversation_id: str) -> bool:
+        return self.current() and partition_of(conversation_id, self.partitions) in self.owned
+
+    async def renewed(self, conversation_id: str) -> bool:
+        """Whether the conversation's partition is ours once the leases are current
+        again: after the next complete renewal, which may find one taken."""
+        while not self.current():
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiting.append(waiter)
+            await waiter
+        return partition_of(conversation_id, self.partitions) in self.owned
 
     @property
     def renew_every_s(self) -> float:
@@ -147,10 +168,8 @@ class PartitionLeases:
             if isinstance(outcome, int):
                 self.owned[partition] = outcome
             elif isinstance(outcome, nats.js.errors.KeyWrongLastSequenceError):
-                ours = await self._own_revision(partition)
+                ours = await self._own_revision(partition) or await self._take_lapsed(partition)
                 if ours is not None:
-                    # our previous renewal landed but its answer was lost (a node
-                    # died meanwhile): the lease is still ours, at a newer revision
                     self.owned[partition] = ours
                     continue
                 # it expired (we were away too long) and someone else holds it now
@@ -162,6 +181,10 @@ class PartitionLeases:
         if failure is not None:
             raise failure
         self._renewed_at = began
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            if not waiter.done():
+                waiter.set_result(None)
         if not take:
             return gained, lost
         share = math.ceil(self.partitions / max(1, await self._live_workers()))
@@ -184,8 +207,20 @@ class PartitionLeases:
                 lost.add(partition)
         return gained, lost
 
+    async def _take_lapsed(self, partition: int) -> int | None:
+        """A lease of ours that expired while we were away (a paused process) and that
+        nobody took meanwhile: taken again, its running turns go on rather than being
+        cut. Its revision, or None when another worker holds it now."""
+        try:
+            revision = await self.kv.create(_key(partition), self.worker_id.encode())
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return None
+        log.warning("partition lease lapsed and was taken again", extra={"partition": partition})
+        return int(revision)
+
     async def _own_revision(self, partition: int) -> int | None:
-        """The lease's revision if it still names this worker, else None."""
+        """The lease's revision if it still names this worker (our previous renewal
+        landed but its answer was lost: a node died meanwhile), else None."""
         try:
             entry = await self.kv.get(_key(partition))
         except nats.js.errors.NotFoundError:  # absent, deleted or expired

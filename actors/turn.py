@@ -57,7 +57,7 @@ from actors.model_stream import (
 from actors.models import MAX_TOOL_ROUNDS, ModelCatalog, ModelSpec, endpoint_api_key
 from actors.state import Conversation, history_of, latest_messages
 from actors.tools import ToolContext, ToolMessage, ToolOutcome, ToolRunner
-from actors.writer import NO_TICK, AppendTick, EventWriter, TurnStream
+from actors.writer import ALWAYS_CURRENT, NO_TICK, AppendTick, EventWriter, TurnStream, WriteGate
 from events.errors import EventLogError, EventLogUnavailable
 from events.ids import new_id as make_id
 from events.log import EventLog
@@ -125,6 +125,8 @@ class ActorContext:
     observer: TurnObserver = field(default_factory=NoTurnObserver)
     # shared by the worker's turn streams: their appends leave together
     append_tick: AppendTick = NO_TICK
+    # whether the worker's leases are current: nothing is appended while they may not be
+    write_gate: WriteGate = ALWAYS_CURRENT
 
 
 class RoundResult:

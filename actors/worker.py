@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections import OrderedDict
 
@@ -101,12 +102,9 @@ class WorkerHost:
         replicas: int = 1,
     ) -> None:
         self._js = js
-        self._ctx = ctx
         self.partitions = partitions
         self._idle_actor_s = idle_actor_s
-        self._lease_ttl_s = lease_ttl_s
         self._grace_s = grace_s
-        self._replicas = replicas
         self._actors: dict[str, _Running] = {}
         self._loops: dict[int, asyncio.Task[None]] = {}
         self._pending: set[Delivery] = set()
@@ -115,17 +113,15 @@ class WorkerHost:
         # event 1 of a long conversation).
         self._states: OrderedDict[str, tuple[Conversation, int]] = OrderedDict()
         self._states_kept = states_kept
-        self.leases: PartitionLeases | None = None
+        self.leases = PartitionLeases(
+            js, ctx.worker_id, partitions, ttl_s=lease_ttl_s, replicas=replicas
+        )
+        # an actor appends only while the leases are current
+        self._ctx = dataclasses.replace(ctx, write_gate=self.leases)
         self.ready = asyncio.Event()
 
     async def run(self, stopping: asyncio.Event) -> None:
-        leases = self.leases = PartitionLeases(
-            self._js,
-            self._ctx.worker_id,
-            self.partitions,
-            ttl_s=self._lease_ttl_s,
-            replicas=self._replicas,
-        )
+        leases = self.leases
         await leases.open()
         fetching = asyncio.Event()  # set: partition loops stop fetching
         try:

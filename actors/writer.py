@@ -24,16 +24,51 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
 
 from actors.chunks import Pending, coalesce
 from actors.sizing import fit
 from actors.state import Conversation, evolve, fold
 from events.codec import Unreadable
-from events.errors import EventLogConflict
+from events.errors import EventLogConflict, EventLogError
 from events.log import EventLog
 from events.vocabulary import ChunkKind, Event
 
 log = logging.getLogger(__name__)
+
+
+class WriteGate(Protocol):
+    """Whether this worker may append to a conversation now (actors.partitions: its
+    partition leases). A worker that was paused longer than they live (a stopped
+    process, a frozen VM) may have lost conversations to another worker meanwhile:
+    it appends nothing until a renewal says which it still holds."""
+
+    def holds(self, conversation_id: str) -> bool:
+        """The conversation is this worker's, and its lease was renewed recently enough
+        that nobody can have taken it."""
+        ...
+
+    async def renewed(self, conversation_id: str) -> bool:
+        """`holds`, once a renewal has made the leases current again."""
+        ...
+
+
+class _AlwaysCurrent:
+    """For a writer outside a worker (tests, the benchmarks' direct path)."""
+
+    def holds(self, conversation_id: str) -> bool:
+        return True
+
+    async def renewed(self, conversation_id: str) -> bool:
+        return True
+
+
+ALWAYS_CURRENT: WriteGate = _AlwaysCurrent()
+
+
+class LeaseLost(EventLogError):
+    """The conversation's partition went to another worker while this one was away:
+    nothing more is appended here (the worker is stopping its actor)."""
 
 
 class EventWriter:
@@ -46,8 +81,10 @@ class EventWriter:
         new_id: Callable[[], str],
         state: Conversation | None = None,
         seq: int = 0,
+        gate: WriteGate = ALWAYS_CURRENT,
     ) -> None:
         self.conversation_id = conversation_id
+        self._gate = gate
         self._log = event_log
         self._max_event_bytes = max_event_bytes
         self._new_id = new_id
@@ -127,6 +164,9 @@ class EventWriter:
             # another writer's refusal left the view empty: nothing goes on a view the
             # log lacks
             raise EventLogConflict(self.conversation_id, self.seq, "read the log again first")
+        cid = self.conversation_id
+        if not self._gate.holds(cid) and not await self._gate.renewed(cid):
+            raise LeaseLost(f"conversation {cid}: its partition lease was lost")
         fitted = self._fit(events)
         try:
             self.seq = await self._log.append(self.conversation_id, fitted, self.seq)

@@ -19,19 +19,33 @@ import aiohttp
 import asyncpg
 import msgspec
 import nats
+import nats.errors
+import nats.js.errors
 import pytest
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
+from nats.js.kv import KeyValue
 
 from actors.partitions import BUCKET as LEASES_BUCKET
+from actors.partitions import PartitionLeases
 from actors.turn import ActorContext
 from actors.worker import WorkerHost, durable_name
+from actors.writer import EventWriter, LeaseLost
 from api.config import EdgeLimits
+from events.ids import new_id
 from events.log import EventLog, StoredEvent, ensure_streams
-from events.subjects import CMD_STREAM, partition_of
+from events.subjects import CMD_STREAM, PARTITIONS, partition_of
 from events.turns import TurnRegistry, redis_client
-from events.vocabulary import Cancelled, Chunk, CommandRejected, Done, Failed, Started
+from events.vocabulary import (
+    Cancelled,
+    Chunk,
+    CommandRejected,
+    ConversationCreated,
+    Done,
+    Failed,
+    Started,
+)
 from parley.services import Servers, ServiceOptions, Services
 from parley.stack import EmbeddedStack
 from tests.conftest import SECRET, token_for
@@ -300,7 +314,7 @@ class CrashCounter(logging.Handler):
 
 
 async def owned(services: Services) -> set[int]:
-    assert services.worker is not None and services.worker.leases is not None
+    assert services.worker is not None
     return set(services.worker.leases.owned)
 
 
@@ -358,7 +372,8 @@ async def test_a_second_worker_that_thinks_it_owns_a_conversation_cannot_interle
         await api.send_json(cid, "long [[tokens=4000]]")
         await _until(event_log, cid, lambda log: sum(isinstance(e, Chunk) for e in log) >= 5)
         kv = await js.key_value(LEASES_BUCKET)
-        await kv.delete(f"partition.{partition_of(cid)}")  # the lease, gone under it
+        # the lease, taken from under it (by a holder that then goes away)
+        await kv.put(f"partition.{partition_of(cid)}", b"elsewhere")
         async with roles(own_stack, demo_model_url, "worker") as two:
             async with asyncio.timeout(10):
                 while partition_of(cid) not in await owned(two):  # noqa: ASYNC110
@@ -427,7 +442,7 @@ async def test_a_command_in_an_actors_hands_when_its_partition_is_lost_goes_to_t
             async with asyncio.timeout(10):
                 await stuck.entered.wait()  # the command is in the actor's hands
             kv = await js.key_value(LEASES_BUCKET)
-            await kv.delete(f"partition.{partition_of(cid)}")
+            await kv.put(f"partition.{partition_of(cid)}", b"elsewhere")
             async with roles(own_stack, demo_model_url, "worker"):
                 ends = await _ends(event_log, cid, 1)
             assert ends == [Done]
@@ -442,21 +457,8 @@ async def test_a_worker_killed_mid_turn_leaves_no_turn_open_and_its_tokens_count
     own_stack: Servers, own_nc: NatsClient, demo_model_url: str, http: aiohttp.ClientSession
 ) -> None:
     event_log = EventLog(own_nc.jetstream())
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")},
-        "PARLEY_NATS_URL": own_stack.nats_url,
-        "PARLEY_DATABASE_URL": own_stack.database_url,
-        "PARLEY_REDIS_URL": own_stack.redis_url,
-        "PARLEY_MODEL_BASE_URL": demo_model_url,
-        "PARLEY_JWT_SECRET": SECRET,
-    }
     async with roles(own_stack, demo_model_url, "edge") as edge:
-        worker = subprocess.Popen(  # noqa: ASYNC220 (started once; waited for below)
-            [sys.executable, "-m", "parley.cli", "serve", "--role", "worker"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        worker = worker_process(own_stack, demo_model_url)
         try:
             api = SseClient(http, edge.edge_url, token_for("roles-kill"))
             cid = (await api.create_conversation())["id"]
@@ -476,6 +478,118 @@ async def test_a_worker_killed_mid_turn_leaves_no_turn_open_and_its_tokens_count
     answer = "".join(b.content for b in failed.content if b.role == "assistant")
     assert failed.code == "worker_lost" and answer == streamed and answer.startswith("0 1 2")
     assert failed.tokens_estimated and failed.output_tokens > 0 and failed.input_tokens > 0
+
+
+async def test_a_worker_paused_longer_than_its_leases_goes_on_where_nobody_took_them(
+    own_stack: Servers, own_nc: NatsClient, demo_model_url: str, http: aiohttp.ClientSession
+) -> None:
+    """A worker process stopped (SIGSTOP, as a frozen VM or a long pause would) until its
+    leases lapse, with a turn running and another queued behind it, then continued:
+    no other worker took its partitions, so it takes them again and both turns end
+    as they would have, rather than being cut."""
+    event_log = EventLog(own_nc.jetstream())
+    kv = await own_nc.jetstream().key_value(LEASES_BUCKET)
+    async with roles(own_stack, demo_model_url, "edge") as edge:
+        worker = worker_process(own_stack, demo_model_url)
+        try:
+            api = SseClient(http, edge.edge_url, token_for("roles-pause"))
+            cid = (await api.create_conversation())["id"]
+            await api.send_json(cid, "long [[tokens=100]] [[rate=20]]")
+            await _until(event_log, cid, lambda log: sum(isinstance(e, Chunk) for e in log) >= 3)
+            await api.send_json(cid, "next [[tokens=3]]", on_busy="enqueue")
+            worker.send_signal(signal.SIGSTOP)
+            try:
+                await _until_lapsed(kv, partition_of(cid))
+            finally:
+                worker.send_signal(signal.SIGCONT)
+            ends = await _ends(event_log, cid, 2)
+        finally:
+            worker.terminate()
+            worker.wait(10)
+    assert ends == [Done, Done], ends
+
+
+async def test_an_append_after_the_leases_lapsed_waits_for_a_renewal_that_says_whose_it_is(
+    own_nc: NatsClient,
+) -> None:
+    """A worker away until its leases lapse appends nothing before its next renewal: a
+    conversation another worker took meanwhile gets nothing more from it, one nobody
+    took is taken again and goes on."""
+    js = own_nc.jetstream()
+    event_log = EventLog(js)
+    kv = await js.key_value(LEASES_BUCKET)
+    away = PartitionLeases(js, "away-worker", PARTITIONS)
+    await away.open()
+    await away.tick(lambda partition: False)
+    assert len(away.owned) >= 2, away.owned
+    taken, kept = sorted(away.owned)[:2]
+    try:
+        cids = {partition: _conversation_in(partition) for partition in (taken, kept)}
+        writers = {
+            partition: EventWriter(
+                cid, event_log, max_event_bytes=1 << 20, new_id=new_id, gate=away
+            )
+            for partition, cid in cids.items()
+        }
+        assert away.holds(cids[taken]) and away.holds(cids[kept])
+        await _until_lapsed(kv, taken, kept)  # away: no renewal
+        await kv.create(f"partition.{taken}", b"another-worker")
+        assert not away.holds(cids[kept])
+        appends = {
+            partition: asyncio.create_task(writers[partition].append([_created(cid)]))
+            for partition, cid in cids.items()
+        }
+        _, lost = await away.tick(lambda partition: False)
+        assert lost == {taken}
+        with pytest.raises(LeaseLost):
+            await appends[taken]
+        await appends[kept]
+        assert await event_log.read(cids[taken]) == []
+        assert [type(s.event) for s in await event_log.read(cids[kept])] == [ConversationCreated]
+    finally:
+        await away.release_all()
+        with contextlib.suppress(nats.errors.Error):
+            await kv.delete(f"partition.{taken}")
+
+
+def worker_process(servers: Servers, model_url: str) -> subprocess.Popen[bytes]:
+    """`parley serve --role worker` as a process of its own, on these servers."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")},
+        "PARLEY_NATS_URL": servers.nats_url,
+        "PARLEY_DATABASE_URL": servers.database_url,
+        "PARLEY_REDIS_URL": servers.redis_url,
+        "PARLEY_MODEL_BASE_URL": model_url,
+        "PARLEY_JWT_SECRET": SECRET,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "parley.cli", "serve", "--role", "worker"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+async def _until_lapsed(kv: KeyValue, *partitions: int) -> None:
+    """Until nobody holds these partitions' leases (the bucket's age limit removed them)."""
+    async with asyncio.timeout(15):
+        for partition in partitions:
+            while True:
+                try:
+                    await kv.get(f"partition.{partition}")
+                except nats.js.errors.NotFoundError:
+                    break
+                await asyncio.sleep(0.1)
+
+
+def _conversation_in(partition: int) -> str:
+    while partition_of(cid := new_id()) != partition:
+        pass
+    return cid
+
+
+def _created(cid: str) -> ConversationCreated:
+    return ConversationCreated(conversation_id=cid, at=1, event_id=new_id(), user_id="u")
 
 
 async def _until(event_log: EventLog, cid: str, check: Callable[[list[Any]], bool]) -> None:
