@@ -21,11 +21,16 @@ heartbeat every `heartbeat_s` while a request waits. So:
   (the server says so to waiting requests; a request nobody answers asks
   `exists`, as a stream leader in election answers none either).
 
-Closing the feed drains its inbox: nats-server drops waiting requests whose
-reply subject nobody listens to, so a command published after that goes to
-the partition's next reader, not into the void; and a command the server sent
-before it heard (on its way, or queued behind the one being handed over) is
-handed back at once (`nak`), not left to wait out its 30 s ack wait
+Closing the feed (`stop`) asks for nothing more and waits until the server
+holds none of its requests (each answered in full, or expired: `expires_s`),
+handing what still arrives meanwhile to `late`, then drains its inbox. The
+wait keeps order: a command handed back (`nak`) while a request of ours is
+still open at the server goes to that request, whose reply subject nobody
+listens to any more, and comes back behind the commands after it. A feed
+that is cancelled instead (its partition was lost: another worker reads it
+now) drains at once and hands back whatever still arrives. Either way no
+command is left unacknowledged to wait out its 30 s ack wait, and one
+published after the close goes to the partition's next reader
 (tests/test_command_feed.py).
 """
 
@@ -42,8 +47,9 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-# A request waits this long at the server for commands before it expires.
-EXPIRES_S = 5.0
+# A request waits this long at the server for commands before it expires (and a
+# closing feed at most this long for its last request to end).
+EXPIRES_S = 2.0
 HEARTBEAT_S = 1.0
 WINDOW = 64
 _HEARD_WITHIN = 3  # heartbeats
@@ -72,6 +78,7 @@ class CommandFeed:
         deliver: Callable[[Msg], Awaitable[None]],
         exists: Callable[[], Awaitable[bool]],
         *,
+        late: Callable[[Msg], Awaitable[None]] | None = None,
         window: int = WINDOW,
         expires_s: float = EXPIRES_S,
         heartbeat_s: float = HEARTBEAT_S,
@@ -80,7 +87,9 @@ class CommandFeed:
         self._next = f"{api_prefix}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self._deliver = deliver
         self._exists = exists
+        self._late = late  # None: what arrives while closing is handed back at once
         self._window = window
+        self._expires_s = expires_s
         self._expires_ns = int(expires_s * 1e9)
         self._heartbeat_s = heartbeat_s
         self._inbox = nc.new_inbox()
@@ -90,6 +99,8 @@ class CommandFeed:
         self._gone = asyncio.Event()
         self._ask_if_gone = False  # a request had no responder: is the consumer there?
         self._closing = False
+        self._abandoned = False  # cancelled: hand back what arrives, do not wait
+        self._settled = asyncio.Event()  # while closing: a request ended, or a command came
 
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver commands until `stop` is set; ConsumerGone if the consumer is deleted."""
@@ -121,18 +132,29 @@ class CommandFeed:
                     gone.cancel()
         finally:
             self._closing = True
-            sub, self._sub = self._sub, None
+            task = asyncio.current_task()
+            self._abandoned = task is not None and task.cancelling() > 0
             try:
-                # The server drops our waiting requests; what it sent before it heard
-                # still arrives, and is handed back (`_received`).
+                if not self._abandoned:
+                    await self._requests_over()
+                sub, self._sub = self._sub, None
+                # what the server sent before it heard still arrives (`_received`)
                 async with asyncio.timeout(_DRAIN_S):
                     await sub.drain()
             except (nats.errors.Error, TimeoutError):
                 pass  # the connection is gone, and the requests with it
 
+    async def _requests_over(self) -> None:
+        """Until the server holds no request of ours (or one should have expired)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._expires_s + _DRAIN_S):
+                while self._asked > 0 and self._nc.is_connected:
+                    self._settled.clear()
+                    await self._settled.wait()
+
     @property
     def closing(self) -> bool:
-        """Stopped: what still arrives is handed back to the consumer."""
+        """Stopped: nothing more is asked for, and what still arrives goes to `late`."""
         return self._closing
 
     async def _top_up(self) -> None:
@@ -157,11 +179,13 @@ class CommandFeed:
         status = headers.get("Status")
         if status is None:
             self._asked = max(0, self._asked - 1)
-            if self._closing:
+            if not self._closing:
+                await self._deliver(msg)
+            elif self._late is not None and not self._abandoned:
+                await self._late(msg)
+            else:
                 with contextlib.suppress(nats.errors.Error):
                     await msg.nak()
-                return
-            await self._deliver(msg)
         elif status in ("408", "409"):
             # The request expired or the server ended it: what it did not send
             unsent = int(headers.get("Nats-Pending-Messages", "0") or 0)
@@ -171,6 +195,8 @@ class CommandFeed:
         elif status == "503":  # no responders: no consumer, or no leader yet
             self._asked = 0
             self._ask_if_gone = True
-            return  # asked again on the next round, not at once
         # 100: an idle heartbeat; 404: nothing there (no_wait, which we do not ask)
-        await self._top_up()
+        if self._closing:
+            self._settled.set()
+        elif status != "503":  # after a 503, asked again on the next round, not at once
+            await self._top_up()

@@ -65,6 +65,10 @@ class Delivery:
     def attempts(self) -> int:
         return int(self._msg.metadata.num_delivered)
 
+    def order(self) -> int:
+        """Its place in the command stream: commands given back go in this order."""
+        return int(self._msg.metadata.sequence.stream)
+
     async def ack(self) -> None:
         if self in self._pending:
             self._pending.discard(self)
@@ -209,7 +213,13 @@ class WorkerHost:
             return not await self._consumer_gone(partition)
 
         feed = CommandFeed(
-            self._js._nc, self._js._prefix, CMD_STREAM, durable_name(partition), dispatch, exists
+            self._js._nc,
+            self._js._prefix,
+            CMD_STREAM,
+            durable_name(partition),
+            dispatch,
+            exists,
+            late=self._hold,
         )
         await feed.run(stop)
 
@@ -231,19 +241,32 @@ class WorkerHost:
         return False
 
     async def _dispatch(self, msg: Msg, tasks: asyncio.TaskGroup) -> None:
-        try:
-            cmd = decode_command(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as err:
-            log.error(
-                "undecodable command dropped", extra={"subject": msg.subject, "error": str(err)}
-            )
-            await msg.term()
+        cmd = await self._command_of(msg)
+        if cmd is None:
             return
         delivery = Delivery(msg, self._pending, cmd.conversation_id)
         running = self._actors.get(cmd.conversation_id)
         if running is None or running.task.done():
             running = self._start_actor(cmd.conversation_id, tasks)
         running.inbox.put_nowait((cmd, delivery))
+
+    async def _hold(self, msg: Msg) -> None:
+        """A command that reached a stopping worker's feed: not started, only held, so
+        that it is given back with the others, in the order they were sent."""
+        cmd = await self._command_of(msg)
+        if cmd is not None:
+            Delivery(msg, self._pending, cmd.conversation_id)
+
+    @staticmethod
+    async def _command_of(msg: Msg) -> AnyCommand | None:
+        try:
+            return decode_command(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as err:
+            log.error(
+                "undecodable command dropped", extra={"subject": msg.subject, "error": str(err)}
+            )
+            await msg.term()
+            return None
 
     async def _recover(self, partitions: set[int], tasks: asyncio.TaskGroup) -> None:
         """Conversations of newly taken partitions that still show a running turn (a turn
@@ -293,7 +316,9 @@ class WorkerHost:
             # held for its turn, or in its hands when it was stopped (a partition
             # lost mid-command). Left unsettled, the heartbeat would keep one in
             # progress for ever and the partition's new owner would never get it.
-            leftovers = [d for d in self._pending if d.conversation_id == cid]
+            leftovers = sorted(
+                (d for d in self._pending if d.conversation_id == cid), key=Delivery.order
+            )
             _drain(running.inbox)
             actor.held.clear()
             for delivery in leftovers:
@@ -307,10 +332,12 @@ class WorkerHost:
             self._states.popitem(last=False)
 
     async def _stop(self, tasks: asyncio.TaskGroup) -> None:
-        """Let running turns finish within the grace period, then cut the rest."""
-        for loop in list(self._loops.values()):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await loop
+        """Let running turns finish within the grace period, then cut the rest.
+
+        The feeds close meanwhile (what reaches them is held, not started); nothing is
+        given back before they have, or it could come back out of order (actors.
+        command_feed)."""
+        loops = list(self._loops.values())
         try:
             async with asyncio.timeout(self._grace_s):
                 # shutdown only: a poll beats an event every actor would have to set
@@ -321,11 +348,15 @@ class WorkerHost:
                 "turns still running after the grace period are ended as interrupted",
                 extra={"turns": sum(1 for r in self._actors.values() if r.actor.runner)},
             )
+        for loop in loops:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await loop
         for running in list(self._actors.values()):
             running.task.cancel()
 
     async def _give_back_all(self) -> None:
-        for delivery in list(self._pending):
+        """Every command not settled goes back to JetStream, in the order it was sent."""
+        for delivery in sorted(self._pending, key=Delivery.order):
             with contextlib.suppress(nats.errors.Error):
                 await asyncio.shield(delivery.nak())
 

@@ -136,28 +136,37 @@ async def test_a_command_after_a_feed_closed_goes_to_the_next_reader_at_once(
         await second.close()
 
 
-async def test_commands_on_their_way_when_a_feed_closes_go_to_the_next_reader_at_once(
+async def test_commands_on_their_way_when_a_feed_closes_are_handed_over_and_keep_their_order(
     nc: NatsClient, partition: Partition
 ) -> None:
     """Sent before the server heard that the feed closed (here: queued behind a command
-    whose hand-over is slow), they are handed back, not left unacknowledged until
-    their ack wait (30 s here)."""
+    whose hand-over is slow), they go to `late`, once no request of the feed is left
+    open at the server: given back then, they reach the next reader at once (not after
+    their 30 s ack wait) and in the order they were sent. Given back while a request
+    is open, the first goes to it, into the void, and comes back last."""
     slow = SlowHandOver()
-    first = Reader(nc, partition, slow)
+    late: list[Msg] = []
+
+    async def keep(msg: Msg) -> None:
+        late.append(msg)
+
+    first = Reader(nc, partition, slow, late=keep, expires_s=0.5, heartbeat_s=0.1)
     await partition.publish(5)
     async with asyncio.timeout(LIMIT_S):
         await slow.entered.wait()  # command 0 is being handed over, 1-4 wait behind it
         first.stop.set()
         while not first.feed.closing:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
-    slow.release.set()
-    await first.task
+        slow.release.set()
+        await first.task
+    assert first.got == [b"0"] and [msg.data for msg in late] == [b"1", b"2", b"3", b"4"]
+    for msg in late:
+        await msg.nak()
     second = Reader(nc, partition)
     try:
-        assert await second.until(4) == [b"1", b"2", b"3", b"4"]  # not after 30 s
+        assert await second.until(4) == [b"1", b"2", b"3", b"4"]
     finally:
         await second.close()
-    assert first.got == [b"0"]
 
 
 async def test_a_deleted_consumer_ends_the_feed(nc: NatsClient, partition: Partition) -> None:
