@@ -25,6 +25,7 @@ from actors.model_stream import ToolCallRequest
 from actors.state import (
     ActiveTurn,
     Conversation,
+    Message,
     QueuedTurn,
     descendants,
     history_of,
@@ -176,9 +177,10 @@ def _edit(
 def _regenerate(
     state: Conversation, cmd: Regenerate, interrupts: bool, now: int, new_id: NewId
 ) -> list[Event] | Rejected:
-    answer = message(state, cmd.message_id)
+    answer = message(state, cmd.message_id) if cmd.message_id else _latest_answer(state)
     if answer is None or answer.role != "assistant" or answer.parent_message_id is None:
-        return Rejected("not_found", f"no assistant message {cmd.message_id} in this conversation")
+        what = f"assistant message {cmd.message_id}" if cmd.message_id else "answer to regenerate"
+        return Rejected("not_found", f"no {what} in this conversation")
     if state.active is not None and state.active.turn_id == answer.message_id:
         return Rejected("busy", "that answer is still being written", turn_id=answer.message_id)
     group = [m for m in state.messages if m.version_group_id == answer.version_group_id]
@@ -199,6 +201,11 @@ def _regenerate(
             interrupts=interrupts,
         )
     ]
+
+
+def _latest_answer(state: Conversation) -> Message | None:
+    """The last answer on the branch in force."""
+    return next((m for m in reversed(list(latest_messages(state))) if m.role == "assistant"), None)
 
 
 def _off_branch(message_id: str) -> Rejected:

@@ -2,9 +2,10 @@
 
 `POST /v1/ai-sdk/chat` takes useChat's default request body (`id`: the chat,
 which is the conversation, created on first use; `messages`: the whole chat,
-of which the last user message is the new one; `trigger`: `submit-message`, or
-`regenerate-message` with `messageId`: the answer to regenerate) and answers
-with the turn as a UI message stream (api/ai_sdk_stream.py translates).
+whose last message is the user's new one, or one sent before with new text: an
+edit; `trigger`: `submit-message`, or `regenerate-message` with `messageId`, the
+answer to regenerate, the latest when there is none) and answers with the turn
+as a UI message stream (api/ai_sdk_stream.py translates).
 `GET /v1/ai-sdk/chat/{id}/stream` is useChat's resume: the active turn from its
 start (the SDK's resumed stream is a replay), or 204 when none runs.
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 from aiohttp import web
@@ -29,13 +30,27 @@ from api.errors import ApiError, bad_request, begin_stream, not_found
 from api.hub import Delivery, Subscription, TurnFilter, watch
 from api.sse import Envelope, Position
 from api.streaming import running_turn
-from api.turn_routes import read_json, submit
+from api.turn_routes import (
+    IdempotencyRecord,
+    check_text,
+    earlier_request,
+    read_json,
+    request_digest,
+    submit,
+)
 from events.errors import EventLogConflict
 from events.ids import new_id
 from events.log import StoredEvent
 from events.subjects import valid_id
 from events.turns import TurnRecord
-from events.vocabulary import ConversationCreated, OnBusy, Regenerate, SendMessage, TurnCommand
+from events.vocabulary import (
+    ConversationCreated,
+    EditMessage,
+    OnBusy,
+    Regenerate,
+    SendMessage,
+    TurnCommand,
+)
 
 # a viewer that falls this far behind is cut off (it can resume with GET .../stream)
 _QUEUE_LIMIT = 10_000
@@ -60,67 +75,139 @@ class ChatRequest(msgspec.Struct, frozen=True):
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
+    config = request.app[CONFIG]
+    # useChat sends the whole chat every time: a long one outgrows the API's body limit
+    request = request.clone(client_max_size=config.ai_sdk_max_body_bytes)
     body = await read_json(request, ChatRequest)
     if not valid_id(body.id):
         raise bad_request("id (the chat) must be 1-128 characters of A-Z a-z 0-9 _ -")
-    config = request.app[CONFIG]
     if body.model is not None and body.model not in config.models:
         raise bad_request(f"unknown model {body.model!r}", "unknown_model")
-    header = await _conversation(request, body)
-    user = claims_of(request).sub
     if body.trigger == "regenerate-message":
-        answer = body.messageId or ""
-        if not valid_id(answer):
-            raise bad_request("regenerate-message needs messageId: the answer to regenerate")
-
-        def regenerate(record: Any) -> TurnCommand:
-            return Regenerate(
-                conversation_id=header.conversation_id,
-                command_id=record.command_id,
-                user_id=user,
-                at=time.time_ns(),
-                message_id=answer,
-                model=body.model,
-                on_busy=body.on_busy,
-            )
-
-        done = await submit(
-            request, header.conversation_id, None, ("regenerate", answer, body.model), regenerate
-        )
+        done = await _regenerate(request, body)
     elif body.trigger == "submit-message":
-        asked = next((m for m in reversed(body.messages) if m.role == "user"), None)
-        text = _text(asked) if asked is not None else ""
-        if not text.strip():
-            raise bad_request("the last user message has no text")
-        if len(text) > config.max_message_chars:
-            raise bad_request(f"message longer than {config.max_message_chars} characters")
-        assert asked is not None
-        # The client's own message id, when it is one of ours to use, keys the request:
-        # a retried POST of the same message is the same request (exactly once).
-        key = f"ai-sdk:{asked.id}" if 0 < len(asked.id) <= 180 else None
-
-        def send(record: Any) -> TurnCommand:
-            return SendMessage(
-                conversation_id=header.conversation_id,
-                command_id=record.command_id,
-                user_id=user,
-                at=time.time_ns(),
-                message_id=record.message_id,
-                content=text,
-                model=body.model,
-                on_busy=body.on_busy,
-            )
-
-        done = await submit(request, header.conversation_id, key, ("send", text, body.model), send)
+        done = await _submit_message(request, body)
     else:
         raise bad_request("trigger must be submit-message or regenerate-message")
     record = done.record
     return await _stream(
         request,
-        header.conversation_id,
+        done.conversation_id,
         Position(seq=record.after),
         TurnFilter(record.command_id, record.message_id),
     )
+
+
+class _Submitted(NamedTuple):
+    conversation_id: str
+    record: IdempotencyRecord
+
+
+async def _regenerate(request: web.Request, body: ChatRequest) -> _Submitted:
+    """A new version of the answer `messageId` names, or, without one (useChat's
+    `regenerate()`, its retry after an error), of the chat's latest answer; or the
+    first answer to the chat's last message when that never reached parley (it
+    was refused: the conversation was busy, say)."""
+    answer = body.messageId or ""
+    if answer and not valid_id(answer):
+        raise bad_request("messageId must be the id of the answer to regenerate")
+    header = await owned_conversation(request, body.id)
+    last = body.messages[-1] if body.messages else None
+    key = _key_of(last) if last is not None and last.role == "user" else None
+    if not answer and key is not None and await earlier_request(request, body.id, key) is None:
+        return await _submit_message(request, body)
+    user = claims_of(request).sub
+
+    def regenerate(record: IdempotencyRecord) -> TurnCommand:
+        return Regenerate(
+            conversation_id=header.conversation_id,
+            command_id=record.command_id,
+            user_id=user,
+            at=time.time_ns(),
+            message_id=answer,
+            model=body.model,
+            on_busy=body.on_busy,
+        )
+
+    cid = header.conversation_id
+    done = await submit(request, cid, None, ("regenerate", answer, body.model), regenerate)
+    return _Submitted(cid, done.record)
+
+
+async def _submit_message(request: web.Request, body: ChatRequest) -> _Submitted:
+    """The chat's last message, the user's new one: sent; or, when useChat sends one it
+    sent before with other text (`sendMessage` with that message's id), an edit of it."""
+    asked, text = _new_message(request, body)
+    header = await _conversation(request, body)
+    cid = header.conversation_id
+    user = claims_of(request).sub
+    key = _key_of(asked)
+    sent = ("send", text, body.model)
+    earlier = await earlier_request(request, cid, key) if key is not None else None
+    if key is not None and earlier is not None and earlier.digest != request_digest(sent):
+        edits = earlier.message_id
+
+        def edit(record: IdempotencyRecord) -> TurnCommand:
+            return EditMessage(
+                conversation_id=cid,
+                command_id=record.command_id,
+                user_id=user,
+                at=time.time_ns(),
+                message_id=record.message_id,
+                edits=edits,
+                content=text,
+                model=body.model,
+                on_busy=body.on_busy,
+            )
+
+        edited = ("edit", edits, text, body.model)
+        done = await submit(request, cid, f"{key}:edit:{request_digest(edited)}", edited, edit)
+        return _Submitted(cid, done.record)
+
+    def send(record: IdempotencyRecord) -> TurnCommand:
+        return SendMessage(
+            conversation_id=cid,
+            command_id=record.command_id,
+            user_id=user,
+            at=time.time_ns(),
+            message_id=record.message_id,
+            content=text,
+            model=body.model,
+            on_busy=body.on_busy,
+        )
+
+    done = await submit(request, cid, key, sent, send)
+    return _Submitted(cid, done.record)
+
+
+def _key_of(message: UiMessage) -> str | None:
+    """The client's own message id, when it is one of ours to use, keys the request: a
+    retried POST of the same message is the same request (exactly once)."""
+    return f"ai-sdk:{message.id}" if 0 < len(message.id) <= 180 else None
+
+
+def _new_message(request: web.Request, body: ChatRequest) -> tuple[UiMessage, str]:
+    """The new user message (the chat's last) and its text, checked before anything is
+    made of the request (a refused first message leaves no empty conversation)."""
+    asked = body.messages[-1] if body.messages else None
+    if asked is None or asked.role != "user":
+        raise bad_request("the chat's last message must be the new user message")
+    texts: list[str] = []
+    for part in asked.parts:
+        kind = part.get("type")
+        if kind == "text":
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise bad_request("a text part's text must be a string", "invalid_request")
+            texts.append(text)
+        elif kind == "file":
+            raise bad_request(
+                "file parts are not supported: the message's text parts are what is sent",
+                "unsupported_part",
+            )
+    text = "\n".join(texts)
+    check_text(request, text)
+    return asked, text
 
 
 # How long a resume waits for an announced turn (a record with no id yet: a
@@ -180,12 +267,6 @@ async def _conversation(request: web.Request, body: ChatRequest) -> Conversation
         return await owned_conversation(request, body.id)  # created just now by another request
     request.app[CONVERSATION_HEADERS].put(header, made_at=seq)
     return header
-
-
-def _text(message: UiMessage) -> str:
-    return "\n".join(
-        str(part.get("text", "")) for part in message.parts if part.get("type") == "text"
-    )
 
 
 class _Chunks(Subscription):

@@ -44,6 +44,13 @@ DONE_FRAME = b"data: [DONE]\n\n"
 _FINISH_REASONS = {"stop": "stop", "length": "length", "tool_calls": "tool-calls"}
 
 
+def _finish(reason: str) -> UiChunk:
+    """The turn's end. Its reason goes in the message's metadata: the SDK's own
+    `finishReason` key (and an `abort`'s `reason`) came in ai 5.0.95 and 6.0.50, and
+    the versions before reject a chunk with a key they do not know."""
+    return {"type": "finish", "messageMetadata": {"finishReason": reason}}
+
+
 def frame(chunk: UiChunk) -> bytes:
     return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
 
@@ -110,21 +117,15 @@ class UiStream:
             case Title():
                 return [{"type": "data-title", "data": {"title": event.title}, "transient": True}]
             case Done():
-                return self._end(
-                    [
-                        {
-                            "type": "finish",
-                            "finishReason": _FINISH_REASONS.get(event.stop_reason, "other"),
-                        }
-                    ]
-                )
+                reason = _FINISH_REASONS.get(event.stop_reason, "other")
+                return self._end([_finish(reason)])
             case Cancelled():
-                return self._end([{"type": "abort", "reason": event.reason}])
+                return self._end([{"type": "abort"}])
             case Failed():
                 return self._end(
                     [
                         {"type": "error", "errorText": event.message},
-                        {"type": "finish", "finishReason": "error"},
+                        _finish("error"),
                     ]
                 )
             case BillingRejected():
@@ -135,14 +136,14 @@ class UiStream:
                 return self._end(
                     [
                         {"type": "error", "errorText": text},
-                        {"type": "finish", "finishReason": "error"},
+                        _finish("error"),
                     ]
                 )
             case CommandRejected():
                 return self._end(
                     [
                         {"type": "error", "errorText": event.message},
-                        {"type": "finish", "finishReason": "error"},
+                        _finish("error"),
                     ]
                 )
             case _:
@@ -150,9 +151,7 @@ class UiStream:
 
     def stalled(self, message: str) -> list[UiChunk]:
         """The stream cannot end by itself (see api/hub.py): end it with an error."""
-        return self._end(
-            [{"type": "error", "errorText": message}, {"type": "finish", "finishReason": "error"}]
-        )
+        return self._end([{"type": "error", "errorText": message}, _finish("error")])
 
     def _text(self, kind: Literal["text", "reasoning"], text: str) -> list[UiChunk]:
         out = self._step()

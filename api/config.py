@@ -49,6 +49,8 @@ class EdgeConfig(msgspec.Struct, frozen=True):
     models: list[str] = []  # model names clients may ask for
     default_model: str = "demo"
     max_body_bytes: int = 256 * 1024
+    # POST /v1/ai-sdk/chat: useChat sends the whole chat with every message
+    ai_sdk_max_body_bytes: int = 16 * 1024 * 1024
     max_message_chars: int = 100_000
     ping_interval_s: float = 15.0
     limits: EdgeLimits = EdgeLimits()

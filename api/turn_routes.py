@@ -146,7 +146,7 @@ def read_params(source: Mapping[str, str], kind: type[T]) -> T:
 async def post_message(request: web.Request) -> web.StreamResponse:
     header = await owned_conversation(request, request.match_info["id"])
     body = await read_json(request, PostMessage)
-    _check_text(request, body.content)
+    check_text(request, body.content)
     _check_common(request, body.model, body.idempotency_key)
 
     def build(record: IdempotencyRecord) -> TurnCommand:
@@ -170,7 +170,7 @@ async def edit_message(request: web.Request) -> web.StreamResponse:
     header = await owned_conversation(request, request.match_info["id"])
     edited = _message_id(request)
     body = await read_json(request, EditBody)
-    _check_text(request, body.content)
+    check_text(request, body.content)
     _check_common(request, body.model, body.idempotency_key)
 
     def build(record: IdempotencyRecord) -> TurnCommand:
@@ -465,7 +465,7 @@ def _message_id(request: web.Request) -> str:
     return message_id
 
 
-def _check_text(request: web.Request, content: str) -> None:
+def check_text(request: web.Request, content: str) -> None:
     config = request.app[CONFIG]
     if not content.strip():
         raise bad_request("content is empty")
@@ -531,6 +531,14 @@ async def _idempotency(
             422, "idempotency_mismatch", "idempotency_key was already used with a different request"
         )
     return previous, False
+
+
+async def earlier_request(
+    request: web.Request, conversation_id: str, key: str
+) -> IdempotencyRecord | None:
+    """What an idempotency key of this user's was last used for, if it still is."""
+    raw = await request.app[REDIS].get(idem_key(claims_of(request).sub, conversation_id, key))
+    return None if raw is None else msgspec.json.decode(raw, type=IdempotencyRecord)
 
 
 async def _keep_idempotency(

@@ -338,7 +338,8 @@ class EditMessage(TurnRequest, tag="edit_message", frozen=True):
 class Regenerate(TurnRequest, tag="regenerate", frozen=True):
     """A new version of an assistant answer: a new turn for the same user message."""
 
-    message_id: str  # the assistant message (any version) to answer again
+    # the assistant message (any version) to answer again; "": the latest answer
+    message_id: str
     model: str | None = None
     on_busy: OnBusy = "reject"
 

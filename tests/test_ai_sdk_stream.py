@@ -80,7 +80,7 @@ def test_thinking_then_text_become_a_reasoning_part_then_a_text_part() -> None:
         "finish",
     ]
     assert chunks[0] == {"type": "start", "messageId": T}
-    assert chunks[-1] == {"type": "finish", "finishReason": "stop"}
+    assert chunks[-1] == {"type": "finish", "messageMetadata": {"finishReason": "stop"}}
     assert {c["id"] for c in chunks if c["type"].startswith("reasoning")} == {"reasoning-1"}
     assert {c["id"] for c in chunks if c["type"].startswith("text")} == {"text-2"}
 
@@ -149,12 +149,12 @@ def test_cancelled_failed_and_refused_turns_end_as_the_sdk_expects() -> None:
     assert run([started(), chunk("answer", "par"), cancelled])[-3:] == [
         {"type": "text-end", "id": "text-1"},
         {"type": "finish-step"},
-        {"type": "abort", "reason": "user"},
+        {"type": "abort"},
     ]
     failed = Failed(conversation_id=C, at=AT, event_id="e", turn_id=T, code="x", message="it broke")
     assert run([started(), failed])[-2:] == [
         {"type": "error", "errorText": "it broke"},
-        {"type": "finish", "finishReason": "error"},
+        {"type": "finish", "messageMetadata": {"finishReason": "error"}},
     ]
     refused = BillingRejected(
         conversation_id=C,
@@ -168,7 +168,7 @@ def test_cancelled_failed_and_refused_turns_end_as_the_sdk_expects() -> None:
     )
     error, finish = run([started(), refused])[-2:]
     assert error["type"] == "error" and "5250" in error["errorText"]
-    assert finish == {"type": "finish", "finishReason": "error"}
+    assert finish == {"type": "finish", "messageMetadata": {"finishReason": "error"}}
 
 
 def test_after_its_end_a_stream_adds_nothing_and_titles_ride_as_transient_data() -> None:

@@ -38,6 +38,7 @@ from actors.state import (
     partial_content,
 )
 from events.vocabulary import (
+    AnswerRequested,
     AnyEvent,
     BillingRejected,
     Cancelled,
@@ -576,6 +577,24 @@ def test_regenerating_an_answer_on_a_branch_no_longer_in_force_is_refused() -> N
     )
     outcome = decide_request(state, cmd, NOW, Ids())
     assert isinstance(outcome, Rejected) and outcome.code == "superseded", f"saw {outcome!r}"
+
+
+def test_a_regenerate_that_names_no_answer_regenerates_the_latest_one() -> None:
+    state, first = started_turn()
+    state = finished(state)
+    state = fold(state, decided(state, send("second question", 2), Ids("t2")))
+    state = finished(state)
+    latest = [m.message_id for m in latest_messages(state) if m.role == "assistant"][-1]
+    assert latest != first
+    cmd = Regenerate(conversation_id=CONV, command_id="cmd-3", user_id=USER, at=NOW, message_id="")
+    outcome = decide_request(state, cmd, NOW, Ids())
+    assert isinstance(outcome, list) and len(outcome) == 1, f"saw {outcome!r}"
+    (requested,) = outcome
+    assert isinstance(requested, AnswerRequested) and requested.regenerates == latest
+    assert requested.user_message_id == "msg-2"
+    # a conversation with no answer yet has none to regenerate
+    nothing = decide_request(fold(empty(), [created()]), cmd, NOW, Ids())
+    assert isinstance(nothing, Rejected) and nothing.code == "not_found", f"saw {nothing!r}"
 
 
 def test_an_edit_of_an_older_version_grows_from_the_version_in_force() -> None:

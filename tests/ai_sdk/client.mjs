@@ -2,7 +2,11 @@
 // the way a useChat frontend does, and prints the assembled message as JSON.
 //   node client.mjs send   BASE TOKEN CHAT_ID MESSAGE_ID TEXT
 //   node client.mjs resume BASE TOKEN CHAT_ID
-import { DefaultChatTransport, readUIMessageStream } from "ai";
+// AI_PACKAGE names the package to read with: "ai" (the current release, the default)
+// or "ai-v5" (the first release of version 5).
+const { DefaultChatTransport, readUIMessageStream } = await import(
+  process.env.AI_PACKAGE ?? "ai"
+);
 
 const [mode, base, token, chatId, messageId, text] = process.argv.slice(2);
 const transport = new DefaultChatTransport({
