@@ -28,6 +28,7 @@ import hmac
 import logging
 import random
 import time
+import urllib.parse
 from typing import Any
 
 import aiohttp
@@ -58,14 +59,39 @@ class WebhookSettings(msgspec.Struct, frozen=True):
     secret: str
 
 
+# A signing key shorter than this is easy to guess (Standard Webhooks asks for 24-64 bytes).
+MIN_SECRET_BYTES = 16
+
+
 def secret_bytes(secret: str) -> bytes:
-    """Standard Webhooks secrets are `whsec_` + base64; any other string is used as is."""
-    if secret.startswith("whsec_"):
-        try:
-            return base64.b64decode(secret.removeprefix("whsec_"), validate=True)
-        except binascii.Error:
-            pass
-    return secret.encode()
+    """Standard Webhooks secrets are `whsec_` + base64 (ValueError when what follows is
+    not base64); any other string is used as is."""
+    if not secret.startswith("whsec_"):
+        return secret.encode()
+    try:
+        return base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except binascii.Error as err:
+        raise ValueError(f"what follows whsec_ is not base64: {err}") from err
+
+
+def settings_problem(url: str, secret: str) -> str | None:
+    """What is wrong with a webhook URL and secret, for the operator; None when nothing.
+    Caught at start: a secret the receiver's library decodes otherwise would fail every
+    delivery's check, an empty one would let anyone sign, and a URL that is not one
+    would be retried for ever."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return f"PARLEY_WEBHOOK_URL must be an http:// or https:// URL, not {url!r}"
+    try:
+        key = secret_bytes(secret)
+    except ValueError as err:
+        return f"PARLEY_WEBHOOK_SECRET: {err} (a Standard Webhooks secret is whsec_ + base64)"
+    if len(key) < MIN_SECRET_BYTES:
+        return (
+            f"PARLEY_WEBHOOK_SECRET is a key of {len(key)} bytes: at least "
+            f"{MIN_SECRET_BYTES} are needed (Standard Webhooks: whsec_ + base64 of 24-64 bytes)"
+        )
+    return None
 
 
 def sign(secret: bytes, webhook_id: str, timestamp: int, body: bytes) -> str:

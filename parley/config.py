@@ -15,6 +15,7 @@ from pathlib import Path
 import msgspec
 
 from actors.models import ModelCatalog, ModelSpec, ModelVersion, catalogue_problems
+from actors.webhooks import settings_problem as webhook_settings_problem
 from api.config import EdgeLimits
 
 log = logging.getLogger(__name__)
@@ -107,11 +108,16 @@ def settings_from_env(env: Mapping[str, str], data_dir: str | Path | None = None
         raise ConfigError(
             "PARLEY_JWT_ISSUER and PARLEY_JWT_AUDIENCE apply only with PARLEY_JWT_JWKS_URL"
         )
-    if (get("PARLEY_WEBHOOK_URL") is None) != (get("PARLEY_WEBHOOK_SECRET") is None):
+    webhook_url, webhook_secret = get("PARLEY_WEBHOOK_URL"), get("PARLEY_WEBHOOK_SECRET")
+    if (webhook_url is None) != (webhook_secret is None):
         raise ConfigError(
             "PARLEY_WEBHOOK_URL and PARLEY_WEBHOOK_SECRET go together: "
             "every webhook is signed with the secret"
         )
+    if webhook_url is not None and webhook_secret is not None:
+        problem = webhook_settings_problem(webhook_url, webhook_secret)
+        if problem is not None:
+            raise ConfigError(problem)
     return Settings(
         data_dir=Path(data_dir or get("PARLEY_DATA") or ".parley"),
         nats_url=get("PARLEY_NATS_URL"),
@@ -127,8 +133,8 @@ def settings_from_env(env: Mapping[str, str], data_dir: str | Path | None = None
         models_file=get("PARLEY_MODELS_FILE"),
         db_schema=get("PARLEY_DB_SCHEMA") or "parley",
         demo_tokens_per_s=_float(get("PARLEY_DEMO_TOKENS_PER_S"), 40.0, "PARLEY_DEMO_TOKENS_PER_S"),
-        webhook_url=get("PARLEY_WEBHOOK_URL"),
-        webhook_secret=get("PARLEY_WEBHOOK_SECRET"),
+        webhook_url=webhook_url,
+        webhook_secret=webhook_secret,
         tools=tuple(
             spec.strip() for spec in (get("PARLEY_TOOLS") or "").split(",") if spec.strip()
         ),

@@ -38,6 +38,13 @@ max_output_tokens = 4096
 """
 
 
+# webhook settings that work: a Standard Webhooks secret of 24 bytes
+HOOK = {
+    "PARLEY_WEBHOOK_URL": "https://hooks.example.com/parley",
+    "PARLEY_WEBHOOK_SECRET": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+}
+
+
 def test_unset_variables_mean_the_embedded_stack_and_the_demo_model(tmp_path: Path) -> None:
     settings = settings_from_env({}, tmp_path)
     assert settings.embedded and settings.data_dir == tmp_path
@@ -226,6 +233,13 @@ def test_a_bad_demo_speed_is_refused(tmp_path: Path) -> None:
         ({"PARLEY_RATE_PER_S": "many"}, "PARLEY_RATE_PER_S must be a number"),
         ({"PARLEY_WRITE_TIMEOUT_S": "0"}, "more than 0"),
         ({"PARLEY_LOG_FORMAT": "xml"}, "text or json"),
+        # a webhook secret or URL that cannot work (or would let anyone sign)
+        ({**HOOK, "PARLEY_WEBHOOK_SECRET": "whsec_"}, "key of 0 bytes"),
+        ({**HOOK, "PARLEY_WEBHOOK_SECRET": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaS"}, "not base64"),
+        ({**HOOK, "PARLEY_WEBHOOK_SECRET": "whsec_-_-_"}, "not base64"),
+        ({**HOOK, "PARLEY_WEBHOOK_SECRET": "short"}, "key of 5 bytes"),
+        ({**HOOK, "PARLEY_WEBHOOK_URL": "not a url"}, "http:// or https://"),
+        ({**HOOK, "PARLEY_WEBHOOK_URL": "ftp://x/hook"}, "http:// or https://"),
     ],
 )
 def test_settings_that_cannot_work_are_refused_with_the_variable_named(
@@ -233,6 +247,12 @@ def test_settings_that_cannot_work_are_refused_with_the_variable_named(
 ) -> None:
     with pytest.raises(ConfigError, match=says):
         settings_from_env(env, tmp_path)
+
+
+def test_a_standard_webhooks_secret_and_a_long_plain_one_are_taken(tmp_path: Path) -> None:
+    for secret in (HOOK["PARLEY_WEBHOOK_SECRET"], "a plain secret of some length"):
+        settings = settings_from_env({**HOOK, "PARLEY_WEBHOOK_SECRET": secret}, tmp_path)
+        assert settings.webhook_secret == secret
 
 
 def test_the_readiness_lag_bound_is_a_whole_number_of_events(tmp_path: Path) -> None:
