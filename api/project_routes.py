@@ -238,7 +238,8 @@ async def get_account(request: web.Request) -> web.Response:
 
 async def get_ledger(request: web.Request) -> web.Response:
     """Ledger entries, one per billed turn: `?project=`, `?user=` (who asked),
-    `?conversation=`; with none, the caller's own turns."""
+    `?conversation=`; with none, the caller's own turns. Another user's rows only
+    within a project or conversation the caller may see."""
     claims = claims_of(request)
     query = read_params(request.query, LedgerQuery)
     where = LedgerFilter(project=query.project, user=query.user, conversation=query.conversation)
@@ -252,8 +253,9 @@ async def get_ledger(request: web.Request) -> web.Response:
     if not claims.adm:
         if where.project is not None:
             await project_of_member(request, where.project)
-        if where.user is not None and where.user != claims.sub:
-            raise not_found("user")
+        within = where.project is not None or where.conversation is not None
+        if where.user not in (None, claims.sub) and not within:
+            raise not_found("user")  # another's rows only within what the caller may see
         if where.conversation is not None:
             await owned_conversation(request, where.conversation)
         if where == LedgerFilter():

@@ -271,6 +271,7 @@ async def test_a_model_without_an_active_version_cannot_run_a_billed_turn(
 
 
 async def test_balances_the_ledger_and_projects_are_projected_from_the_log(
+    user: str,
     api: SseClient,
     admin: SseClient,
     event_log: EventLog,
@@ -335,6 +336,23 @@ async def test_balances_the_ledger_and_projects_are_projected_from_the_log(
         assert status == 404, (path, body)
     status, theirs = await stranger.request("GET", "/v1/billing/ledger")
     assert status == 200 and theirs["entries"] == []
+    status, body = await stranger.request("GET", f"/v1/billing/ledger?user={user}")
+    assert status == 404, body
+
+    # a member narrows the project's (or a conversation's) rows to who asked
+    member = f"member-{project}"
+    status, _ = await api.request(
+        "POST", f"/v1/projects/{project}/members", json={"user_id": member}
+    )
+    assert status == 201
+    colleague = SseClient(http, services.edge_url, token_for(member))
+    for where in (f"project={project}", f"conversation={cid}"):
+        status, narrowed = await colleague.request("GET", f"/v1/billing/ledger?{where}&user={user}")
+        assert status == 200 and len(narrowed["entries"]) == 2, (where, narrowed)
+        status, none = await colleague.request("GET", f"/v1/billing/ledger?{where}&user={member}")
+        assert status == 200 and none["entries"] == [], (where, none)
+        status, body = await stranger.request("GET", f"/v1/billing/ledger?{where}&user={user}")
+        assert status == 404, (where, body)
 
 
 async def test_models_list_their_version_in_force_and_its_prices(api: SseClient) -> None:
