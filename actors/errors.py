@@ -28,6 +28,10 @@ class ModelStreamError(ActorError):
     `status` is the HTTP status when one was received. `retryable` says whether the
     same request may succeed if sent again; by default it follows from the code
     (429 and 5xx, lost connections and timeouts are; malformed output is not).
+    `message` is for the people in the conversation (it is the `failed` event's, and
+    their stream's `error`); `detail` for the operator only (the endpoint's URL, the
+    HTTP library's own error), logged with the turn's failure: an internal address
+    is nobody else's business.
     """
 
     def __init__(
@@ -38,10 +42,12 @@ class ModelStreamError(ActorError):
         status: int | None = None,
         retryable: bool | None = None,
         retry_after: float | None = None,
+        detail: str = "",
     ) -> None:
-        super().__init__(f"{code}: {message}")
+        super().__init__(f"{code}: {message}" + (f" ({detail})" if detail else ""))
         self.code = code
         self.message = message
+        self.detail = detail
         self.status = status
         self.retry_after = retry_after  # seconds, when the server said how long to wait
         self.retryable: bool = (

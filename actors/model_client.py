@@ -155,20 +155,26 @@ async def send_chat(
             response = await session.post(url, data=body, headers=headers, timeout=timeout)
     except aiohttp.ConnectionTimeoutError as err:
         raise ModelStreamError(
-            "unreachable", f"no connection to {url} within {connect_timeout}s"
+            "unreachable", f"no connection to the model within {connect_timeout}s", detail=url
         ) from err
     except aiohttp.ClientConnectorError as err:  # refused, DNS, TLS, no route
-        raise ModelStreamError("unreachable", f"cannot connect to {url}: {err}") from err
+        raise ModelStreamError(
+            "unreachable", "cannot connect to the model", detail=f"{url}: {err}"
+        ) from err
     except TimeoutError as err:
         raise ModelStreamError(
-            "timeout", f"{url} sent no response within {first_byte_timeout}s"
+            "timeout", f"the model sent no response within {first_byte_timeout}s", detail=url
         ) from err
     except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as err:
         raise ModelStreamError(
-            "stream_cut", f"{url} closed the connection before answering: {err}"
+            "stream_cut",
+            "the model closed the connection before answering",
+            detail=f"{url}: {err}",
         ) from err
     except aiohttp.ClientError as err:
-        raise ModelStreamError("unreachable", f"request to {url} failed: {err}") from err
+        raise ModelStreamError(
+            "unreachable", "the request to the model failed", detail=f"{url}: {err}"
+        ) from err
 
     try:
         if not 200 <= response.status < 300:
@@ -197,9 +203,10 @@ async def read_chat(sent: SentChat) -> AsyncGenerator[StreamItem, None]:
                 except TimeoutError as err:
                     raise ModelStreamError(
                         "timeout",
-                        f"{url} went silent for {idle_timeout}s mid-stream"
+                        f"the model went silent for {idle_timeout}s mid-stream"
                         if received
-                        else f"{url} sent no stream data within {sent.first_byte_timeout}s",
+                        else f"the model sent no stream data within {sent.first_byte_timeout}s",
+                        detail=url,
                     ) from err
                 except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as err:
                     # The server dropped the connection. Whether that lost anything
@@ -221,7 +228,7 @@ async def read_chat(sent: SentChat) -> AsyncGenerator[StreamItem, None]:
         except ModelStreamError as err:
             if err.code == "stream_cut" and cut_by is not None:
                 raise ModelStreamError(
-                    "stream_cut", f"{err.message} (connection lost: {cut_by})"
+                    "stream_cut", err.message, detail=f"{url}: connection lost: {cut_by}"
                 ) from cut_by
             raise
         for item in tail:

@@ -279,7 +279,7 @@ class TurnRunner:
                 lambda s: decide_done(s, stop_reason, totals, ctx.clock(), ctx.new_id)
             )
         except ModelStreamError as err:
-            await self._fail(stream, err.code, err.message, totals)
+            await self._fail(stream, err.code, err.message, totals, detail=err.detail)
         except asyncio.CancelledError:
             reason = self._cancel_reason
             if reason is None:
@@ -347,7 +347,12 @@ class TurnRunner:
                     raise
                 log.info(
                     "model call failed before its first token; trying again",
-                    extra={**self._log_fields(), "code": err.code, "retry_in_s": round(delay, 3)},
+                    extra={
+                        **self._log_fields(),
+                        "code": err.code,
+                        "detail": str(err),
+                        "retry_in_s": round(delay, 3),
+                    },
                 )
                 await asyncio.sleep(delay)
 
@@ -411,9 +416,14 @@ class TurnRunner:
         outcomes = await asyncio.gather(*(one(call) for call in calls))
         return tool_round_messages("".join(result.answer), calls, outcomes)
 
-    async def _fail(self, stream: TurnStream, code: str, message: str, totals: TurnTotals) -> None:
+    async def _fail(
+        self, stream: TurnStream, code: str, message: str, totals: TurnTotals, *, detail: str = ""
+    ) -> None:
         self._ending = True
-        log.info("turn failed", extra={**self._log_fields(), "code": code, "detail": message})
+        where = f" ({detail})" if detail else ""
+        log.info(
+            "turn failed", extra={**self._log_fields(), "code": code, "detail": message + where}
+        )
         with contextlib.suppress(EventLogError):
             await stream.close()
         await self._append_end(

@@ -72,6 +72,8 @@ async def test_a_dead_model_server_fails_the_turn_as_unreachable(
     events = await api.send_stream(conversation["id"], "anyone there?")
     assert [e.event for e in events][-2:] == ["error", "done"]
     assert events[-2].raw["code"] == "unreachable", events[-2].raw
+    # where the model lives is not told to the people in the conversation
+    assert "127.0.0.1" not in events[-2].data and "http" not in events[-2].data, events[-2].data
 
 
 async def test_the_conversation_takes_new_messages_after_a_failed_turn(api: SseClient) -> None:
