@@ -312,7 +312,10 @@ async def _stream(
             if getter not in done:
                 getter.cancel()
                 if feeding.done() and subscription.queue.empty():
-                    break  # cut off (slow) or the feed broke: the client resumes
+                    # Cut off (it fell behind) or the feed broke: the turn goes on, and
+                    # the client is told so, not left with an answer that looks whole.
+                    await _write(request, response, frame(_cut_off(conversation_id)))
+                    break
                 if not done:
                     await _write(request, response, b": ping\n\n")
                 continue
@@ -334,6 +337,14 @@ async def _stream(
     with contextlib.suppress(ConnectionResetError, TimeoutError):
         await response.write_eof()
     return response
+
+
+def _cut_off(conversation_id: str) -> dict[str, Any]:
+    return {
+        "type": "error",
+        "errorText": "this stream fell behind the answer and was cut off; the answer goes "
+        f"on: resume it (GET /v1/ai-sdk/chat/{conversation_id}/stream)",
+    }
 
 
 async def _write(request: web.Request, response: web.StreamResponse, data: bytes) -> None:

@@ -16,6 +16,7 @@ import aiohttp
 import msgspec
 import pytest
 
+import api.ai_sdk as api_ai_sdk
 from events.ids import new_id
 from events.log import EventLog
 from events.turns import TurnRecord, TurnRegistry, redis_client
@@ -352,3 +353,19 @@ async def test_a_resume_while_the_turn_is_announced_but_not_named_waits_for_its_
             assert response.status == 204
     finally:
         await registry.release(idle, "test")
+
+
+async def test_a_stream_cut_off_for_falling_behind_says_so_instead_of_ending_quietly(
+    api: SseClient, event_log: EventLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream that falls this far behind is cut off (its turn goes on); without a word,
+    useChat took the answer so far for the whole answer."""
+    monkeypatch.setattr(api_ai_sdk, "_QUEUE_LIMIT", 0)  # behind from its first event
+    chat = new_id()
+    status, body = await api.request(
+        "POST", "/v1/ai-sdk/chat", json={"id": chat, "messages": [said("m", text("hi"))]}
+    )
+    assert status == 200
+    assert '"type":"error"' in body and f"/v1/ai-sdk/chat/{chat}/stream" in body, body
+    assert "[DONE]" not in body and '"type":"finish"' not in body, body
+    await turn_of(event_log, chat)  # the turn went on to its end
