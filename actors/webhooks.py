@@ -52,6 +52,8 @@ _ENDS = tuple(
 _FIRST_RETRY_S = 1.0
 _LAST_RETRY_S = 3600.0
 _TIMEOUT_S = 10.0
+# how long a stopping dispatcher waits for receivers to answer what it sent
+_STOP_GRACE_S = 2.0
 
 
 class WebhookSettings(msgspec.Struct, frozen=True):
@@ -186,6 +188,7 @@ class WebhookDispatcher:
             _SUBJECTS, durable=DURABLE, stream=EVT_STREAM, config=config
         )
         self.ready.set()
+        in_flight: set[asyncio.Task[None]] = set()
         try:
             async with asyncio.TaskGroup() as sending:
                 while not stopping.is_set():
@@ -197,7 +200,16 @@ class WebhookDispatcher:
                         if not msg.data.startswith(_ENDS):
                             await msg.ack()  # not a turn's end (chunks, mostly)
                             continue
-                        sending.create_task(self._deliver(msg))
+                        task = sending.create_task(self._deliver(msg))
+                        in_flight.add(task)
+                        task.add_done_callback(in_flight.discard)
+                # Stopping: a receiver that is slow to answer does not hold the worker
+                # for its whole timeout; what it has not answered is handed back, and
+                # sent again (by whichever worker reads next; receivers drop duplicates).
+                if in_flight:
+                    await asyncio.wait(set(in_flight), timeout=_STOP_GRACE_S)
+                for task in in_flight:
+                    task.cancel()
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
@@ -226,6 +238,10 @@ class WebhookDispatcher:
                 status = response.status
         except (aiohttp.ClientError, TimeoutError) as err:
             status, reason = 0, repr(err)
+        except asyncio.CancelledError:
+            with contextlib.suppress(nats.errors.Error):
+                await asyncio.shield(msg.nak())
+            raise
         else:
             reason = f"HTTP {status}"
         if 200 <= status < 300:

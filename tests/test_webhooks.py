@@ -35,6 +35,10 @@ class Receiver:
     """Refuses each webhook id's first `refuse` attempts with a 503, then takes it."""
 
     refuse: int = 2
+    # while set, a POST is held unanswered (a receiver that hangs) until it is cleared
+    hang: bool = False
+    hanging: asyncio.Event = field(default_factory=asyncio.Event)
+    answer: asyncio.Event = field(default_factory=asyncio.Event)
     attempts: dict[str, int] = field(default_factory=dict)
     accepted: dict[str, dict[str, Any]] = field(default_factory=dict)
     bad_signatures: int = 0
@@ -56,6 +60,10 @@ class Receiver:
             self.bad_signatures += 1
             return web.Response(status=401)
         self.attempts[webhook_id] = self.attempts.get(webhook_id, 0) + 1
+        if self.hang:
+            self.hanging.set()
+            await self.answer.wait()
+            return web.Response(status=503)
         if self.attempts[webhook_id] <= self.refuse:
             return web.Response(status=503)
         self.accepted.setdefault(webhook_id, json.loads(body))
@@ -131,6 +139,30 @@ async def test_every_turn_end_is_delivered_signed_once_per_id_through_refusals_a
     assert done["conversation_id"] == cid and done["turn_id"] == first[0].data["turn_id"]
     assert done["seq"] == ends[0].seq and done["stop_reason"] in ("stop", "length")
     assert hook.accepted[ids[1]]["data"]["code"] == "stream_cut"
+
+
+async def test_a_stopping_dispatcher_hands_back_what_a_hanging_receiver_holds(
+    api: SseClient, nc: NatsClient, receiver: tuple[Receiver, str]
+) -> None:
+    """It does not wait out the receiver's 10 s timeout, and the end it was sending is
+    sent again at once by the next dispatcher, not after its 30 s ack wait."""
+    hook, url = receiver
+    hook.refuse, hook.hang = 0, True
+    running = Running(nc, url)
+    await asyncio.wait_for(running.dispatcher.ready.wait(), 10)
+    cid = (await api.create_conversation())["id"]
+    await api.send_stream(cid, "one [[tokens=3]]")
+    await asyncio.wait_for(hook.hanging.wait(), 30)
+    running.stopping.set()
+    await asyncio.wait_for(running.task, 5)  # not the receiver's 10 s
+    await running.http.close()
+    hook.hang = False
+    hook.answer.set()
+    running = Running(nc, url)
+    try:
+        await until(lambda: len(hook.accepted) == 1, seconds=15)  # not the 30 s ack wait
+    finally:
+        await running.stop()
 
 
 def test_the_signature_is_the_standard_webhooks_one_and_retries_back_off() -> None:
