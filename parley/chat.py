@@ -130,7 +130,9 @@ class Chat:
         self.title: str | None = None
         self._live: Live | None = None
         self._prompt: PromptSession[str] | None = None
-        self.failed_turns = 0  # answers that ended in an error (a script's exit code)
+        # messages whose answer ended in an error, or that were never sent (a script's
+        # exit code)
+        self.failed_turns = 0
 
     async def run(self, conversation_id: str | None) -> int:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=READ_TIMEOUT_S)
@@ -198,6 +200,7 @@ class Chat:
             if not text:
                 continue
             if self.conversation_id is None and not await self._create():
+                self.failed_turns += 1  # this message was never sent
                 continue
             if not await self._turn(text):
                 return 130

@@ -484,3 +484,13 @@ async def test_piped_chat_exits_non_zero_when_an_answer_failed(
         "chat", env=env, lines="hello [[tokens=2]]\nnow fail [[fail=500]]\n"
     )
     assert code == 1 and "0 1" in said, said
+
+
+async def test_piped_chat_exits_non_zero_when_its_message_was_never_sent(
+    demo_model_url: str, user: str
+) -> None:
+    # a server that is up but makes no conversation (here: a model server, not parley)
+    elsewhere = demo_model_url.removesuffix("/v1")
+    env = chat_env(PARLEY_URL=elsewhere, PARLEY_TOKEN=token_for(user))
+    code, said = await _run_chat("chat", env=env, lines="hello\n")
+    assert code == 1 and "could not start a conversation" in said, said
