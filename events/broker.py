@@ -32,8 +32,10 @@ from events.errors import describe
 
 # Between two rounds of attempts over the whole list of nodes.
 RECONNECT_WAIT_S = 1
-# A one-shot command gives up after this many rounds (nats.py's own default).
-COMMAND_RECONNECTS = 60
+# A one-shot command gives up after this many rounds: an operator who ran it against a
+# server that is away hears so in seconds (nats.py's default, 60, kept them waiting
+# silently for a minute).
+COMMAND_RECONNECTS = 5
 PING_INTERVAL_S = 20
 MAX_OUTSTANDING_PINGS = 3
 CONNECT_TIMEOUT_S = 5

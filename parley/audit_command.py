@@ -19,6 +19,7 @@ from nats.js import JetStreamContext
 from events.broker import connect
 from events.codec import decode_entry
 from events.log import EventLog
+from events.subjects import valid_id
 from parley.commands import CliError
 from parley.config import load_settings
 from parley.services import resolve_servers
@@ -93,18 +94,19 @@ async def audit_billing(js: JetStreamContext, pool: Any, scope: Scope) -> Summar
 
 
 def run_audit(args: argparse.Namespace) -> int:
+    if args.project is not None and not valid_id(args.project):
+        raise CliError(f"--project must be a project id, not {args.project!r}")
     try:
-        scope = Scope(
-            project=args.project, since_ns=parse_since(args.since) if args.since else None
-        )
+        since = parse_since(args.since) if args.since is not None else None
     except ValueError as err:
         raise CliError(f"--since: {err}; use an ISO date or time, e.g. 2026-11-01") from err
+    scope = Scope(project=args.project, since_ns=since)
     settings = load_settings(args.data)
     servers = resolve_servers(settings)
 
     async def main() -> Summary:
         nc = await connect(servers.nats_url, name="parley-audit", reconnect_forever=False)
-        pool = await create_pool(servers.database_url, settings.db_schema, max_size=2)
+        pool = await create_pool(servers.database_url, settings.db_schema, max_size=2, create=False)
         try:
             return await audit_billing(nc.jetstream(), pool, scope)
         finally:

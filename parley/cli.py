@@ -13,13 +13,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import asyncpg
 import msgspec
+import nats.errors
 
 from actors.models import ModelCatalog
 from actors.webhooks import WebhookSettings
 from api.auth import mint
 from events.broker import connect
 from events.codec import Unreadable, encode_stored
+from events.errors import describe as describe_error
 from events.log import EventLog
 from events.subjects import valid_id
 from events.vocabulary import AnyEvent, Chunk, event_type
@@ -36,7 +39,7 @@ from parley.config import (
 from parley.logs import setup_logging
 from parley.services import ROLES, Servers, ServiceOptions, Services, resolve_servers
 from parley.stack import EmbeddedStack, StackError
-from projections.db import create_pool
+from projections.db import SchemaMissing, create_pool
 from projections.store import ReadStore
 
 log = logging.getLogger(__name__)
@@ -272,7 +275,7 @@ def cmd_projection_errors(args: argparse.Namespace) -> int:
     servers = resolve_servers(settings)
 
     async def main() -> int:
-        pool = await create_pool(servers.database_url, settings.db_schema, max_size=1)
+        pool = await create_pool(servers.database_url, settings.db_schema, max_size=1, create=False)
         try:
             rows = await ReadStore(pool).projection_errors(limit=args.limit)
         finally:
@@ -355,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the URL and an admin token. Ctrl-C stops it all.",
     )
     dev.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    dev.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    dev.add_argument("--port", type=port, default=8080, help="port to listen on (default 8080)")
     dev.add_argument("--data", default=argparse.SUPPRESS, help=DATA_HELP)
     dev.set_defaults(func=cmd_dev)
 
@@ -377,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", default="0.0.0.0", help="address the edge listens on (default 0.0.0.0)"
     )
     serve.add_argument(
-        "--port", type=int, default=8080, help="port the edge listens on (default 8080)"
+        "--port", type=port, default=8080, help="port the edge listens on (default 8080)"
     )
     serve.add_argument("--data", default=argparse.SUPPRESS, help=DATA_HELP)
     serve.set_defaults(func=cmd_serve)
@@ -450,7 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="List the events a projection skipped or sanitised, oldest first: "
         "position, rule, type, conversation, reason.",
     )
-    errors.add_argument("--limit", type=int, default=100, help="at most this many (oldest first)")
+    errors.add_argument(
+        "--limit", type=positive, default=100, help="at most this many (oldest first)"
+    )
     errors.add_argument("--json", action="store_true", help="JSON lines, one error per line")
     errors.add_argument("--data", default=argparse.SUPPRESS, help=DATA_HELP)
     errors.set_defaults(func=cmd_projection_errors)
@@ -574,6 +579,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def port(text: str) -> int:
+    """A TCP port for argparse: 0 (any free one) to 65535."""
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0-65535, not {value}")
+    return value
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"at least 1, not {value}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -589,7 +609,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
         )
         code: int = args.func(args)
-    except (CliError, ConfigError) as err:
+    except (CliError, ConfigError, SchemaMissing) as err:
         print(f"parley: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -599,6 +619,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         # stdout at /dev/null so the interpreter's final flush stays quiet too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    # What a command meets at run time is one line too, never a traceback.
+    except nats.errors.Error as err:
+        print(
+            "parley: cannot reach NATS (PARLEY_NATS_URL, or the `parley dev` running on the "
+            f"data folder): {describe_error(err)}",
+            file=sys.stderr,
+        )
+        return 1
+    except (ConnectionError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as err:
+        # a server the command needs (Postgres, mostly) did not answer, or went away
+        print(f"parley: a server did not answer: {describe_error(err)}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a file or folder it needs (a --data that is a file, say)
+        print(f"parley: {describe_error(err)}", file=sys.stderr)
+        return 1
     return code
 
 

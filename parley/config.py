@@ -17,6 +17,7 @@ import msgspec
 from actors.models import ModelCatalog, ModelSpec, ModelVersion, catalogue_problems
 from actors.webhooks import settings_problem as webhook_settings_problem
 from api.config import EdgeLimits
+from projections.db import check_schema_name
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def settings_from_env(env: Mapping[str, str], data_dir: str | Path | None = None
         jwt_issuer=issuer,
         jwt_audience=audience,
         models_file=get("PARLEY_MODELS_FILE"),
-        db_schema=get("PARLEY_DB_SCHEMA") or "parley",
+        db_schema=_schema(get("PARLEY_DB_SCHEMA") or "parley"),
         demo_tokens_per_s=_float(get("PARLEY_DEMO_TOKENS_PER_S"), 40.0, "PARLEY_DEMO_TOKENS_PER_S"),
         webhook_url=webhook_url,
         webhook_secret=webhook_secret,
@@ -224,6 +225,15 @@ def _log_format(raw: str | None) -> str:
     if value not in ("text", "json"):
         raise ConfigError(f"PARLEY_LOG_FORMAT must be text or json, not {raw!r}")
     return value
+
+
+def _schema(name: str) -> str:
+    try:
+        return check_schema_name(name)
+    except ValueError as err:
+        raise ConfigError(
+            f"PARLEY_DB_SCHEMA: {err} (lower-case letters, digits and _, not first a digit)"
+        ) from err
 
 
 def _float(raw: str | None, default: float, name: str) -> float:

@@ -28,12 +28,28 @@ def check_schema_name(schema: str) -> str:
     return schema
 
 
-async def create_pool(database_url: str, schema: str, *, max_size: int = 10) -> Any:
-    """A pool whose connections see `schema` first; the schema and tables are created if missing."""
+class SchemaMissing(LookupError):
+    """A command that only reads found no read models in the schema it was given."""
+
+
+async def create_pool(
+    database_url: str, schema: str, *, max_size: int = 10, create: bool = True
+) -> Any:
+    """A pool whose connections see `schema` first; the schema and tables are created if
+    missing, or, with `create` false (a command that only reads, such as the audit:
+    a mistyped schema must not pass it as empty), SchemaMissing."""
     schema = check_schema_name(schema)
     conn = await asyncpg.connect(database_url)
     try:
-        await ensure_schema(conn, schema)
+        if create:
+            await ensure_schema(conn, schema)
+        elif not await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)", schema
+        ):
+            raise SchemaMissing(
+                f"no read models in the schema {schema!r}: is PARLEY_DB_SCHEMA right, "
+                "and has parley run against this database?"
+            )
     finally:
         await conn.close()
     return await asyncpg.create_pool(

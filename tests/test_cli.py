@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import jwt
 import nats
 import pytest
@@ -195,6 +196,73 @@ def test_commands_without_servers_or_a_running_dev_stack_explain_what_to_do(tmp_
         "--data", str(tmp_path), "replay", "01ABC", env=clean_env(PARLEY_NATS_URL="nats://x:1")
     )
     assert partial.returncode == 2 and "PARLEY_DATABASE_URL" in partial.stderr
+
+
+DEAD = {
+    "PARLEY_NATS_URL": "nats://127.0.0.1:1",
+    "PARLEY_DATABASE_URL": "postgresql://u:p@127.0.0.1:2/db",
+    "PARLEY_REDIS_URL": "redis://127.0.0.1:3/0",
+}
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["replay", "01ABC"], "cannot reach NATS"),
+        (["projections", "rebuild"], "cannot reach NATS"),
+        (["audit", "billing"], "cannot reach NATS"),
+        (["projections", "errors"], "a server did not answer"),
+    ],
+)
+async def test_a_command_whose_servers_are_away_says_so_in_one_line_within_seconds(
+    args: list[str], says: str
+) -> None:
+    done = await asyncio.to_thread(run, *args, env=clean_env(**DEAD), timeout=30)
+    assert done.returncode == 1 and says in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+async def test_a_read_only_command_on_a_schema_that_is_not_there_does_not_make_it(
+    stack: Servers,
+) -> None:
+    env = {**server_env(stack), "PARLEY_DB_SCHEMA": "mistyped_schema"}
+    for args in (["audit", "billing"], ["projections", "errors"]):
+        done = await asyncio.to_thread(run, *args, env=env)
+        assert done.returncode == 2 and "no read models" in done.stderr, done.stderr
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        made = await conn.fetchval(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'mistyped_schema'"
+        )
+    finally:
+        await conn.close()
+    assert made == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "says"),
+    [
+        (["dev", "--port", "99999"], {}, "a port is 0-65535"),
+        (["projections", "errors", "--limit", "-1"], {}, "at least 1"),
+        (["audit", "billing", "--since", ""], {}, "--since"),
+        (["audit", "billing", "--project", "garbage!!"], {}, "--project must be"),
+        (["replay", "01ABC"], {"PARLEY_DB_SCHEMA": "x;drop"}, "PARLEY_DB_SCHEMA"),
+    ],
+)
+def test_arguments_and_settings_that_cannot_work_are_refused_in_one_line(
+    tmp_path: Path, args: list[str], env: dict[str, str], says: str
+) -> None:
+    done = run("--data", str(tmp_path), *args, env=clean_env(**DEAD, **env), timeout=30)
+    assert done.returncode == 2 and says in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_data_folder_that_is_a_file_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    done = run("--data", str(not_a_folder), "token", "--user", "u", env=clean_env())
+    assert done.returncode in (1, 2) and "Traceback" not in done.stderr, done.stderr
+    assert str(not_a_folder) in done.stderr
 
 
 # ---------------------------------------------------------------- parley dev
