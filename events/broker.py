@@ -22,6 +22,7 @@ business: pass `report`. This module does not log.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -39,6 +40,7 @@ COMMAND_RECONNECTS = 5
 PING_INTERVAL_S = 20
 MAX_OUTSTANDING_PINGS = 3
 CONNECT_TIMEOUT_S = 5
+WAITING_REPORT_S = 10.0
 
 C = TypeVar("C", bound=NatsClient)
 
@@ -86,6 +88,10 @@ async def connect_client(
     is down says nothing the first line did not.
     """
     fields = {"client": name}
+    # Until the first connection, a failed attempt is a warning (at most one per
+    # WAITING_REPORT_S): a process that waits for a broker that is not there says so.
+    waiting_reported = -WAITING_REPORT_S
+    ever_connected = False
 
     async def disconnected() -> None:
         if report is not None and not (client.is_closed or client.is_draining):
@@ -96,9 +102,20 @@ async def connect_client(
             report(logging.WARNING, "NATS connection back", fields)
 
     async def error(err: Exception) -> None:
+        nonlocal waiting_reported
         if report is None:
             return
         attempt = isinstance(err, OSError | nats.errors.StaleConnectionError)
+        now = time.monotonic()
+        if attempt and not ever_connected:
+            if now - waiting_reported >= WAITING_REPORT_S:
+                waiting_reported = now
+                report(
+                    logging.WARNING,
+                    "NATS not reachable yet; still trying",
+                    {**fields, "error": describe(err)},
+                )
+            return
         level = logging.DEBUG if attempt else logging.WARNING
         report(level, "NATS client error", {**fields, "error": describe(err)})
 
@@ -116,6 +133,7 @@ async def connect_client(
         reconnected_cb=reconnected,
         error_cb=error,
     )
+    ever_connected = True
     return client
 
 

@@ -222,6 +222,28 @@ async def test_a_command_whose_servers_are_away_says_so_in_one_line_within_secon
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
+def test_a_role_waiting_for_nats_that_is_not_there_says_so(tmp_path: Path) -> None:
+    """Roles wait for the broker for ever, by design; an operator sees that they do."""
+    env = clean_env(**DEAD, PARLEY_JWT_SECRET="a-secret-of-at-least-32-characters-here")
+    role = subprocess.Popen(
+        [*PARLEY, "--data", str(tmp_path), "serve", "--role", "edge", "--port", "0"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    give_up = threading.Timer(20, role.terminate)  # then the read below ends, empty
+    give_up.start()
+    try:
+        assert role.stderr is not None
+        line = role.stderr.readline()  # the first failed attempt, at once
+    finally:
+        give_up.cancel()
+        role.terminate()
+        role.wait(10)
+    assert "NATS not reachable yet; still trying" in line, line
+
+
 async def test_a_read_only_command_on_a_schema_that_is_not_there_does_not_make_it(
     stack: Servers,
 ) -> None:
