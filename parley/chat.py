@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import random
 import signal
 import sys
@@ -102,9 +103,22 @@ def run_chat(args: argparse.Namespace) -> int:
     endpoint = resolve_endpoint(
         load_settings(args.data), url=args.url, token=args.token, user=args.user
     )
-    console = Console(highlight=False)
+    console = _Console(highlight=False)
     code: int = asyncio.run(Chat(endpoint, console).run(args.conversation))
     return code
+
+
+class _Console(Console):
+    """Rich's console, but a reader that leaves (`parley chat | head`) ends the chat
+    quietly, as `replay | head` does: rich's own answer, SystemExit raised inside a
+    task, came out as an asyncio traceback."""
+
+    reader_left = False
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True  # nothing more is written
+        self.reader_left = True
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 Opener = Callable[[], AbstractAsyncContextManager[aiohttp.ClientResponse]]
@@ -204,6 +218,8 @@ class Chat:
                 continue
             if not await self._turn(text):
                 return 130
+            if isinstance(self.console, _Console) and self.console.reader_left:
+                return 0  # whoever read the answers has gone
 
     async def _create(self) -> bool:
         try:

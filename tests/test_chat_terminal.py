@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -484,6 +485,30 @@ async def test_piped_chat_exits_non_zero_when_an_answer_failed(
         "chat", env=env, lines="hello [[tokens=2]]\nnow fail [[fail=500]]\n"
     )
     assert code == 1 and "0 1" in said, said
+
+
+async def test_piped_chat_whose_reader_leaves_ends_quietly(services: Services, user: str) -> None:
+    """`parley chat | head`: no traceback when head has read enough."""
+    env = chat_env(PARLEY_URL=services.edge_url, PARLEY_TOKEN=token_for(user))
+
+    def chat_into_a_reader_that_leaves() -> tuple[int, str]:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "parley.cli", "chat"],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert process.stdin and process.stdout and process.stderr
+        process.stdin.write(b"count [[tokens=400]] [[rate=100]]\n")
+        process.stdin.close()
+        process.stdout.readline()  # the answer has begun
+        process.stdout.close()  # and its reader goes
+        code = process.wait(WAIT_S)
+        return code, process.stderr.read().decode()
+
+    code, said = await asyncio.to_thread(chat_into_a_reader_that_leaves)
+    assert code == 0 and "Traceback" not in said, said
 
 
 async def test_piped_chat_exits_non_zero_when_its_message_was_never_sent(
