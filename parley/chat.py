@@ -32,10 +32,12 @@ import random
 import signal
 import sys
 import termios
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager
+from typing import TextIO
 
 import aiohttp
 import msgspec
@@ -108,6 +110,27 @@ def run_chat(args: argparse.Namespace) -> int:
     return code
 
 
+def _read_in_background(stream: TextIO) -> asyncio.Queue[str]:
+    """The stream's lines, then "" at its end, read by a daemon thread. A read in the
+    loop's executor could not be stopped: Ctrl-C while a script's pipe stayed open
+    and silent waited for its next line before the chat could end."""
+    loop = asyncio.get_running_loop()
+    lines: asyncio.Queue[str] = asyncio.Queue()
+
+    def read() -> None:
+        while True:
+            line = stream.readline()
+            try:
+                loop.call_soon_threadsafe(lines.put_nowait, line)
+            except RuntimeError:  # the chat has ended meanwhile
+                return
+            if not line:
+                return
+
+    threading.Thread(target=read, name="stdin", daemon=True).start()
+    return lines
+
+
 class _Console(Console):
     """Rich's console, but a reader that leaves (`parley chat | head`) ends the chat
     quietly, as `replay | head` does: rich's own answer, SystemExit raised inside a
@@ -144,6 +167,7 @@ class Chat:
         self.title: str | None = None
         self._live: Live | None = None
         self._prompt: PromptSession[str] | None = None
+        self._piped: asyncio.Queue[str] | None = None  # lines read from piped input
         # messages whose answer ended in an error, or that were never sent (a script's
         # exit code)
         self.failed_turns = 0
@@ -342,10 +366,12 @@ class Chat:
 
     async def _read_line(self) -> str:
         if not sys.stdin.isatty():  # piped in: one message per line
-            line = await asyncio.to_thread(sys.stdin.readline)
+            if self._piped is None:
+                self._piped = _read_in_background(sys.stdin)
+            line = await self._piped.get()
             if not line:
                 raise EOFError
-            return str(line)
+            return line
         if self._prompt is None:
             self._prompt = PromptSession(key_bindings=_prompt_keys())
         return str(await self._prompt.prompt_async(PROMPT))

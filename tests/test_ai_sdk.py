@@ -59,6 +59,17 @@ def node(*args: str, package: str = "ai") -> dict[str, Any]:
     return out
 
 
+async def use_chat_sends(
+    services: Services, user: str, chat: str, text: str, package: str
+) -> dict[str, Any]:
+    """The message `text` sent by the package's useChat transport, and what it read."""
+    return await asyncio.to_thread(
+        lambda: node(
+            "send", services.edge_url, token_for(user), chat, "ui-1", text, package=package
+        )
+    )
+
+
 async def turn_of(event_log: EventLog, cid: str) -> list[Any]:
     async with asyncio.timeout(30):
         while True:
@@ -103,17 +114,7 @@ async def test_use_chat_sends_a_message_and_assembles_the_turn_the_log_holds(
     services: Services, user: str, event_log: EventLog, package: str
 ) -> None:
     chat = new_id()  # useChat's chat id becomes the conversation, created on first use
-    reply = await asyncio.to_thread(
-        lambda: node(
-            "send",
-            services.edge_url,
-            token_for(user),
-            chat,
-            "ui-1",
-            "calculate 6*7 [[think]]",
-            package=package,
-        )
-    )
+    reply = await use_chat_sends(services, user, chat, "calculate 6*7 [[think]]", package)
     assert reply["errors"] == [], reply
     message = reply["message"]
     log = await turn_of(event_log, chat)
@@ -134,17 +135,7 @@ async def test_a_turn_cancelled_mid_stream_reaches_use_chat_as_an_abort_not_an_e
     api = SseClient(http, services.edge_url, token_for(user))
     chat = new_id()
     reading = asyncio.create_task(
-        asyncio.to_thread(
-            lambda: node(
-                "send",
-                services.edge_url,
-                token_for(user),
-                chat,
-                "ui-1",
-                "count [[tokens=2000]] [[rate=100]]",
-                package=package,
-            )
-        )
+        use_chat_sends(services, user, chat, "count [[tokens=2000]] [[rate=100]]", package)
     )
     async with asyncio.timeout(30):
         while sum(isinstance(e.event, Chunk) for e in await event_log.read(chat)) < 3:  # noqa: ASYNC110

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -509,6 +510,42 @@ async def test_piped_chat_whose_reader_leaves_ends_quietly(services: Services, u
 
     code, said = await asyncio.to_thread(chat_into_a_reader_that_leaves)
     assert code == 0 and "Traceback" not in said, said
+
+
+async def test_piped_chat_ends_at_ctrl_c_while_its_input_is_open_and_silent(
+    services: Services, user: str
+) -> None:
+    """A script that keeps its pipe open: Ctrl-C between messages ends the chat at once,
+    not when the next line (or the pipe's end) comes."""
+    env = chat_env(PARLEY_URL=services.edge_url, PARLEY_TOKEN=token_for(user))
+
+    def interrupted_between_messages() -> tuple[int | None, str]:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "parley.cli", "chat"],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert process.stdin and process.stdout and process.stderr
+        try:
+            process.stdin.write(b"hello [[tokens=3]]\n")
+            process.stdin.flush()
+            seen = b""
+            while b"0 1 2" not in seen:  # the answer, in full
+                seen += os.read(process.stdout.fileno(), 4096) or b"!"
+                assert not seen.endswith(b"!"), seen
+            process.send_signal(signal.SIGINT)
+            try:
+                return process.wait(10), process.stderr.read().decode()
+            except subprocess.TimeoutExpired:
+                return None, "still running 10 s after Ctrl-C"
+        finally:
+            process.kill()
+            process.stdin.close()
+
+    code, said = await asyncio.to_thread(interrupted_between_messages)
+    assert code is not None and "Traceback" not in said, said
 
 
 async def test_piped_chat_exits_non_zero_when_its_message_was_never_sent(
