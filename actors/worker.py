@@ -335,8 +335,8 @@ class WorkerHost:
         """Let running turns finish within the grace period, then cut the rest.
 
         The feeds close meanwhile (what reaches them is held, not started); nothing is
-        given back before they have, or it could come back out of order (actors.
-        command_feed)."""
+        given back before they have, or it could come back out of order (see
+        actors/command_feed.py)."""
         loops = list(self._loops.values())
         try:
             async with asyncio.timeout(self._grace_s):
