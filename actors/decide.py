@@ -20,7 +20,7 @@ from typing import Literal
 
 import msgspec
 
-from actors.content import auto_title, needs_title
+from actors.content import auto_title, build_history, needs_title
 from actors.model_stream import ToolCallRequest
 from actors.state import (
     ActiveTurn,
@@ -434,13 +434,14 @@ def decide_cancelled(
 
 def estimated_totals(state: Conversation) -> TurnTotals:
     """What the running turn consumed, as far as the log shows, when its worker died
-    before the provider's usage arrived: the history it sent and the text it wrote,
-    at CHARS_PER_TOKEN. Flagged as an estimate; a billed call is billed also then."""
+    before the provider's usage arrived: the messages it sent (as a live turn without
+    usage counts them: the same history, system prompt and all) and the text it
+    wrote, at CHARS_PER_TOKEN. (A live turn counts what it wrote in the model's
+    deltas, which the log does not keep.) Flagged as an estimate; a billed call is
+    billed also then."""
     turn = _require_active(state)
-    history = history_of(state, upto=turn.user_message_id)
-    sent = sum(len(h.blocks[0]) if h.blocks else 0 for h in history) + sum(
-        len(b.content) for h in history for b in h.assistant_blocks
-    )
+    messages = build_history(history_of(state, upto=turn.user_message_id), personal=state.personal)
+    sent = sum(len(str(m.get("content") or "")) for m in messages)
     written = sum(len(text) for _, text in pieces_in_order(turn.last_piece))
     return TurnTotals(
         input_tokens=math.ceil(sent / CHARS_PER_TOKEN),

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.content import merge_blocks
+from actors.content import build_history, merge_blocks
 from actors.decide import (
     ModelChoice,
     Rejected,
@@ -26,6 +26,7 @@ from actors.decide import (
     decide_request,
     decide_start,
     decide_title,
+    estimated_totals,
     next_turn,
 )
 from actors.models import ModelSpec, ModelVersion, active_version, choose_model
@@ -595,6 +596,20 @@ def test_a_regenerate_that_names_no_answer_regenerates_the_latest_one() -> None:
     # a conversation with no answer yet has none to regenerate
     nothing = decide_request(fold(empty(), [created()]), cmd, NOW, Ids())
     assert isinstance(nothing, Rejected) and nothing.code == "not_found", f"saw {nothing!r}"
+
+
+def test_a_dead_workers_turn_is_estimated_on_what_it_sent_as_a_live_turn_counts_it() -> None:
+    """The same history, system prompt included (a personal conversation's comes first),
+    at 4 characters a token: a turn does not cost less for having lost its worker."""
+    state = fold(empty(), [created(project_id=None)])
+    state = fold(state, decided(state, send("a question of some forty characters, no?"), Ids("t")))
+    state = finished(state)
+    state = fold(state, decided(state, send("and a second one", 2), Ids("t2")))
+    assert state.active is not None and state.personal
+    sent = build_history(history_of(state, upto=state.active.user_message_id), personal=True)
+    assert sent[0]["role"] == "system"
+    chars = sum(len(m["content"]) for m in sent)
+    assert estimated_totals(state).input_tokens == -(-chars // 4)
 
 
 def test_an_edit_of_an_older_version_grows_from_the_version_in_force() -> None:
