@@ -25,6 +25,10 @@ class EdgeLimits(msgspec.Struct, frozen=True):
     max_pending: int = 4096
     # How long a request body may take to arrive.
     body_timeout_s: float = 30.0
+    # A connection with no request under way (none yet, its headers not all in, or
+    # idle between requests) is closed after this long: idle sockets cannot pile up
+    # until the process runs out of file descriptors.
+    idle_timeout_s: float = 30.0
     # Per user: requests per second (token bucket: `rate_per_s` sustained, bursts of
     # `rate_burst`), open SSE streams, and messages whose turn has not ended. 0 = no limit.
     rate_per_s: float = 20.0

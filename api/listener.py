@@ -40,6 +40,17 @@ _OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
 RETRY_AFTER_S = 1.0
 
 
+def edge_runner(app: web.Application, *, idle_timeout_s: float) -> web.AppRunner:
+    """The runner an edge listens through (`parley serve`, and the tests' extra edges).
+
+    `idle_timeout_s` is aiohttp's timer for a connection waiting for its (next)
+    request, an hour by default: a client could hold sockets that never sent a
+    whole request until the process had no file descriptors left."""
+    return web.AppRunner(
+        app, access_log=None, shutdown_timeout=5.0, keepalive_timeout=idle_timeout_s
+    )
+
+
 class EagerTCPSite(web.BaseSite):
     """A TCP site that accepts all waiting connections whenever its socket is ready."""
 

@@ -203,6 +203,10 @@ def _limits(get: Callable[[str], str | None]) -> EdgeLimits:
             _float(get("PARLEY_BODY_TIMEOUT_S"), d.body_timeout_s, "PARLEY_BODY_TIMEOUT_S"),
             "PARLEY_BODY_TIMEOUT_S",
         ),
+        idle_timeout_s=_positive(
+            _float(get("PARLEY_IDLE_TIMEOUT_S"), d.idle_timeout_s, "PARLEY_IDLE_TIMEOUT_S"),
+            "PARLEY_IDLE_TIMEOUT_S",
+        ),
     )
 
 

@@ -36,7 +36,7 @@ from actors.worker import WorkerHost
 from actors.writer import AppendTick
 from api.app import create_app
 from api.config import LISTEN_BACKLOG, EdgeConfig, EdgeLimits
-from api.listener import EagerTCPSite
+from api.listener import EagerTCPSite, edge_runner
 from events import broker
 from events.errors import EventLogUnavailable, describe
 from events.ids import new_id
@@ -342,7 +342,7 @@ class Services:
     async def _serve(self, app: web.Application, port: int) -> str:
         """Listen with `app` on the configured host; its base URL."""
         options = self.options
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
+        runner = edge_runner(app, idle_timeout_s=options.limits.idle_timeout_s)
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)
         site = EagerTCPSite(

@@ -26,7 +26,7 @@ from actors.models import ModelCatalog, ModelSpec, ModelVersion
 from api.app import create_app
 from api.auth import mint
 from api.config import EdgeConfig, EdgeLimits
-from api.listener import EagerTCPSite
+from api.listener import EagerTCPSite, edge_runner
 from events.broker import DirectClient, connect_client
 from events.ids import new_id
 from events.log import EventLog, ensure_streams
@@ -251,7 +251,8 @@ async def extra_edge(stack: Servers, **overrides: Any) -> AsyncIterator[str]:
     sources): its base URL. It shares the read models of the `services` fixture, and
     listens as `parley serve` does (`EagerTCPSite`: what a closed connection looks
     like to a handler differs from aiohttp's test server)."""
-    runner = web.AppRunner(create_app(_edge_config(stack, overrides)), access_log=None)
+    config = _edge_config(stack, overrides)
+    runner = edge_runner(create_app(config), idle_timeout_s=config.limits.idle_timeout_s)
     await runner.setup()
     try:
         site = EagerTCPSite(runner, "127.0.0.1", 0, backlog=128)

@@ -261,3 +261,32 @@ async def test_the_log_is_streamed_in_order_as_json_lines(
     ) as response:
         tail = [json.loads(line) async for line in response.content]
     assert [line["seq"] for line in tail] == expected[-2:]
+
+
+async def test_a_connection_that_sends_no_whole_request_is_closed_when_idle(stack: Servers) -> None:
+    """A socket that never sends a request, or trickles its headers and never ends them,
+    is closed after PARLEY_IDLE_TIMEOUT_S: such sockets cannot pile up until the edge
+    has no file descriptors left (aiohttp's own timer was an hour)."""
+    async with extra_edge(stack, limits=limits(idle_timeout_s=1.0)) as base:
+        host, port = base.removeprefix("http://").split(":")
+        silent_reader, silent = await asyncio.open_connection(host, int(port))
+        trickle_reader, trickle = await asyncio.open_connection(host, int(port))
+        trickle.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+
+        async def keep_trickling() -> None:
+            for n in range(100):  # a header line every 0.2 s, never the blank line
+                await asyncio.sleep(0.2)
+                trickle.write(b"X-Slow-%d: 1\r\n" % n)
+
+        trickling = asyncio.create_task(keep_trickling())
+        try:
+            async with asyncio.timeout(10):
+                assert await silent_reader.read() == b""  # closed by the edge
+                assert await trickle_reader.read() == b""
+        finally:
+            trickling.cancel()
+            silent.close()
+            trickle.close()
+        # a connection that does send its request is served as ever
+        async with aiohttp.ClientSession() as http, http.get(f"{base}/healthz") as response:
+            assert response.status == 200
