@@ -59,8 +59,8 @@ ASYMMETRIC = ("RS256", "ES256")
 
 class Claims(msgspec.Struct, frozen=True):
     sub: str  # the user id
-    exp: int
-    iat: int = 0
+    exp: float  # a NumericDate, which RFC 7519 lets have a fraction
+    iat: float = 0
     adm: bool = False
 
 
@@ -193,6 +193,7 @@ class Verifier:
         alg = header.get("alg")
         try:
             if alg == "HS256" and self._secret is not None:
+                admin_allowed = True
                 payload = jwt.decode(
                     token,
                     self._secret,
@@ -205,6 +206,10 @@ class Verifier:
                 if not isinstance(kid, str):
                     raise InvalidToken("the token names no key (kid)")
                 key = await self._jwks.get(kid)
+                # An identity provider's token is never an admin's, whatever its claims
+                # say: where users can set claims of their own, one could name itself
+                # admin. Admin tokens are the operator's (`parley token --admin`).
+                admin_allowed = False
                 payload = jwt.decode(
                     token,
                     key,
@@ -228,14 +233,20 @@ class Verifier:
             raise InvalidToken(f"token lacks the {err.claim!r} claim") from err
         except jwt.PyJWTError as err:
             raise InvalidToken(f"invalid token: {type(err).__name__}") from err
-        return _claims(payload)
+        return _claims(payload, admin_allowed=admin_allowed)
 
 
-def _claims(payload: dict[str, Any]) -> Claims:
+def _claims(payload: dict[str, Any], *, admin_allowed: bool) -> Claims:
+    """The claims parley reads, as JSON gives them: no string read as a number and no
+    "true", "1" or 1 taken for an admin's `true` (only the JSON value true is one)."""
+    admin = admin_allowed and payload.get("adm") is True
     try:
-        claims = msgspec.convert(payload, type=Claims, strict=False)
+        claims = msgspec.convert(
+            {k: v for k, v in payload.items() if k != "adm"}, type=Claims, strict=True
+        )
     except msgspec.ValidationError as err:
         raise InvalidToken(f"invalid claims: {err}") from err
+    claims = msgspec.structs.replace(claims, adm=admin)
     if not valid_id(claims.sub):
         raise InvalidToken("the token's sub must be 1-128 characters of A-Z a-z 0-9 _ -")
     return claims

@@ -230,6 +230,46 @@ async def test_an_admin_token_cannot_read_or_write_another_users_conversation(
     assert status == 200 and cid not in {c["id"] for c in listed["conversations"]}
 
 
+async def test_only_the_json_value_true_in_an_operators_token_makes_an_admin(
+    idp: tuple[IdentityProvider, str],
+    idp_edge: str,
+    http: aiohttp.ClientSession,
+    services: Services,
+    user: str,
+) -> None:
+    """ "true", "1" and 1 are not true; and an identity provider's token is never an
+    admin's (where its users can set claims, one could name itself admin)."""
+    provider, _ = idp
+    now = int(time.time())
+
+    async def grant(base: str, token: str) -> int:
+        async with http.post(
+            f"{base}/v1/billing/accounts/user/{user}/credits",
+            json={"micro_credits": 1},
+            headers={"Authorization": f"Bearer {token}"},
+        ) as response:
+            return response.status
+
+    for adm in ("true", "True", "1", 1):
+        token = hmac_signed(SECRET.encode(), {"sub": "admin", "exp": now + 600, "adm": adm})
+        assert await grant(services.edge_url, token) == 403, adm
+    assert await grant(services.edge_url, token_for("admin", admin=True)) == 201
+    assert await grant(idp_edge, provider.token("admin", adm=True)) == 403
+
+
+async def test_numeric_dates_are_read_as_json_gives_them(
+    services: Services, http: aiohttp.ClientSession, user: str
+) -> None:
+    """RFC 7519 lets a NumericDate have a fraction; a number in a string is no date."""
+    now = time.time()
+    fraction = hmac_signed(SECRET.encode(), {"sub": user, "exp": now + 600.5, "iat": now - 0.5})
+    status, body = await status_with(http, services.edge_url, fraction)
+    assert status == 200, body
+    text = hmac_signed(SECRET.encode(), {"sub": user, "exp": str(int(now) + 600)})
+    status, body = await status_with(http, services.edge_url, text)
+    assert_401(status, body, text)
+
+
 # ---------------------------------------------------------------- remembered tokens
 
 
