@@ -87,8 +87,11 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         # no such route (404), or not with this method (405): said as it is, token
         # or not, rather than 401 for a path that would not answer with one either
         return await handler(request)
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
+    given = request.headers.getall("Authorization", [])
+    if len(given) > 1:
+        # which one counts would be a guess (a proxy's own, or the client's?): neither
+        raise ApiError(400, "bad_request", "more than one Authorization header")
+    scheme, _, token = (given[0] if given else "").partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise ApiError(401, "unauthorized", "missing bearer token (Authorization: Bearer <token>)")
     try:

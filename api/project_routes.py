@@ -34,6 +34,7 @@ from api.responses import (
     answer,
 )
 from api.turn_routes import read_json, read_params
+from api.validation import MAX_POSITION
 from events.errors import EventLogConflict
 from events.ids import new_id
 from events.subjects import account_subject, project_subject, valid_id
@@ -68,7 +69,9 @@ class LedgerQuery(msgspec.Struct, frozen=True):
     )
     after: Annotated[
         int,
-        msgspec.Meta(ge=0, description="the `next` of the page before: entries after it"),
+        msgspec.Meta(
+            ge=0, le=MAX_POSITION, description="the `next` of the page before: entries after it"
+        ),
     ] = 0
 
 

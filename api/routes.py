@@ -96,6 +96,7 @@ from api.turn_routes import (
     regenerate,
     resume_position,
 )
+from api.validation import MAX_POSITION
 from events.codec import encode_stored
 from events.errors import EventLogUnavailable
 from events.ids import new_id
@@ -139,7 +140,9 @@ class ResumeHeaders(msgspec.Struct, frozen=True):
 
 
 class LogQuery(msgspec.Struct, frozen=True):
-    after: Annotated[int, msgspec.Meta(ge=0, description="log entries after this position")] = 0
+    after: Annotated[
+        int, msgspec.Meta(ge=0, le=MAX_POSITION, description="log entries after this position")
+    ] = 0
 
 
 # ---------------------------------------------------------------- helpers

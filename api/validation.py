@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 import msgspec
 
 MAX_DEPTH = 32
+# The largest position a query may name: a log's sequence (and Postgres's bigint).
+MAX_POSITION = 2**63 - 1
 T = TypeVar("T")
 
 _SYNTAX = re.compile(rb'[\[\]{}"\\]')

@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import jwt
+import multidict
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -268,6 +269,19 @@ async def test_numeric_dates_are_read_as_json_gives_them(
     text = hmac_signed(SECRET.encode(), {"sub": user, "exp": str(int(now) + 600)})
     status, body = await status_with(http, services.edge_url, text)
     assert_401(status, body, text)
+
+
+async def test_two_authorization_headers_are_refused_not_one_picked(
+    services: Services, user: str
+) -> None:
+    """A proxy's header and a client's: which one counts would be a guess."""
+    async with aiohttp.ClientSession() as http:
+        headers = multidict.CIMultiDict(
+            [("Authorization", f"Bearer {token_for(user)}"), ("Authorization", "Bearer x")]
+        )
+        async with http.get(f"{services.edge_url}/v1/conversations", headers=headers) as response:
+            body = await response.json()
+    assert response.status == 400 and "more than one Authorization" in body["error"]["message"]
 
 
 # ---------------------------------------------------------------- remembered tokens

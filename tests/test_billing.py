@@ -314,7 +314,7 @@ async def test_balances_the_ledger_and_projects_are_projected_from_the_log(
     )
     assert status == 200 and second["next"] is None, second
     assert first["entries"] + second["entries"] == by_conversation["entries"]
-    for bad in ("limit=0", "limit=501", "after=-1", "after=x"):
+    for bad in ("limit=0", "limit=501", "after=-1", "after=x", f"after={2**63}"):
         status, body = await api.request("GET", f"/v1/billing/ledger?{bad}")
         assert status == 400, (bad, status, body)
 

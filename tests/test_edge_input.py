@@ -302,3 +302,10 @@ async def test_an_id_with_a_trailing_newline_or_any_other_stray_character_is_unk
 )
 def test_the_accept_header_chooses_a_json_answer_by_its_weights(accept: str, wanted: bool) -> None:
     assert prefers_json(accept) is wanted, accept
+
+
+async def test_a_position_past_any_log_is_a_400_not_a_database_error(api: SseClient) -> None:
+    cid = (await api.create_conversation())["id"]
+    for path in (f"/v1/conversations/{cid}/log", "/v1/billing/ledger"):
+        status, body = await api.request("GET", f"{path}?after={2**63}")
+        assert_error(status, body, 400, "invalid_request")
