@@ -204,6 +204,13 @@ def text(value: Any) -> dict[str, Any]:
     return {"type": "text", "text": value}
 
 
+def deep(levels: int) -> Any:
+    value: Any = []
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
 @pytest.mark.parametrize(
     ("body", "code"),
     [
@@ -221,6 +228,11 @@ def text(value: Any) -> dict[str, Any]:
             "unsupported_part",
         ),
         ({"id": "c9", "messages": [said("u", text("x" * 100_001))]}, "content_too_long"),
+        # the new message gets every check a body gets, nesting too
+        (
+            {"id": "c10", "messages": [said("u", text("hi"), {"type": "x", "a": deep(40)})]},
+            "too_deep",
+        ),
     ],
 )
 async def test_bad_ai_sdk_requests_are_400s_and_leave_no_conversation_behind(
