@@ -29,6 +29,7 @@ from api.context import (
     NATS,
     POOL,
     PROJECTS,
+    READINESS,
     REDIS,
     STORE,
     TURNS,
@@ -37,6 +38,7 @@ from api.context import (
     HeaderCache,
     NoMetrics,
     ProjectCache,
+    SharedCheck,
 )
 from api.errors import CLIENT_GONE, ApiError, Handler, error_middleware
 from api.hub import Hubs, HubSettings
@@ -204,6 +206,7 @@ def create_app(config: EdgeConfig, metrics: EdgeMetrics | None = None) -> web.Ap
     app[HEADERS] = HeaderCache()
     app[PROJECTS] = ProjectCache()
     app[METRICS] = metrics if metrics is not None else NoMetrics()
+    app[READINESS] = SharedCheck(fresh_s=1.0)
     app.cleanup_ctx.extend([auth_ctx, nats_ctx, postgres_ctx, redis_ctx, hubs_ctx, limits_ctx])
     add_routes(app)
     return app

@@ -9,7 +9,9 @@ handlers, middlewares, anything that does I/O.
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
@@ -121,6 +123,30 @@ class NoMetrics:
         return b"", "text/plain; version=0.0.4; charset=utf-8"
 
 
+class SharedCheck:
+    """A costly check whose answer (a response's body and status) callers share: one
+    that comes while it runs, or within `fresh_s` of its end, gets that answer. A
+    public probe answered this way costs the servers it checks the same whether one
+    load balancer or ten thousand anonymous clients ask."""
+
+    def __init__(self, fresh_s: float) -> None:
+        self._fresh_s = fresh_s
+        self._running: asyncio.Future[tuple[bytes, int]] | None = None
+        self._ended_at = float("-inf")
+
+    async def answer(self, check: Callable[[], Awaitable[tuple[bytes, int]]]) -> tuple[bytes, int]:
+        loop = asyncio.get_running_loop()
+        if self._running is None or (
+            self._running.done() and loop.time() - self._ended_at > self._fresh_s
+        ):
+            self._running = asyncio.ensure_future(check())
+            self._running.add_done_callback(lambda _: self._mark_end(loop.time()))
+        return await asyncio.shield(self._running)
+
+    def _mark_end(self, at: float) -> None:
+        self._ended_at = at
+
+
 CONFIG = web.AppKey("config", EdgeConfig)
 NATS = web.AppKey("nats", NatsClient)
 JS = web.AppKey("js", JetStreamContext)
@@ -135,6 +161,7 @@ PROJECTS = web.AppKey("projects", ProjectCache)
 VERIFIER = web.AppKey("verifier", Verifier)
 HUBS = web.AppKey("hubs", Hubs)
 METRICS = web.AppKey("metrics", EdgeMetrics)
+READINESS = web.AppKey("readiness", SharedCheck)  # GET /readyz, shared for a second
 OPENAPI = web.AppKey("openapi", bytes)  # the encoded document (api.openapi), made once
 
 CLAIMS = web.RequestKey("claims", Claims)

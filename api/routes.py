@@ -32,6 +32,7 @@ from api.context import (
     METRICS,
     NATS,
     OPENAPI,
+    READINESS,
     REDIS,
     STORE,
     TURNS,
@@ -98,7 +99,7 @@ from api.turn_routes import (
 )
 from api.validation import MAX_POSITION
 from events.codec import encode_stored
-from events.errors import EventLogUnavailable
+from events.errors import EventLogError, EventLogUnavailable, describe
 from events.ids import new_id
 from events.subjects import EVT_STREAM, valid_id
 from events.turns import TurnRecord
@@ -369,8 +370,15 @@ async def readyz(request: web.Request) -> web.Response:
     (`projection_lag`: CHAT_EVT's last sequence minus the projection's position;
     unready above `max_projection_lag`); else 503 with the reasons. Events the
     projection could not apply as written do not make the edge unready (the rest
-    is served), but are counted here (`parley projections errors` lists them)."""
-    app = request.app
+    is served), but are counted here (`parley projections errors` lists them).
+    The probe is public and not rate-limited: requests that come together share one
+    check, and its answer stands for a second (a flood of probes once made the
+    edge look unready: Postgres took longer than the probe allows to answer them)."""
+    body, status = await request.app[READINESS].answer(lambda: _readiness(request.app))
+    return web.Response(body=body, status=status, content_type="application/json")
+
+
+async def _readiness(app: web.Application) -> tuple[bytes, int]:
     timeout = app[CONFIG].ready_timeout_s
     projection_errors: int | None = None
     position: int | None = None
@@ -412,7 +420,7 @@ async def readyz(request: web.Request) -> web.Response:
         projection_errors=projection_errors,
         projection_lag=lag,
     )
-    return answer(body, status=503 if reasons else 200)
+    return msgspec.json.encode(body), 503 if reasons else 200
 
 
 def _lag(head: int | None, position: int | None) -> int | None:
@@ -421,20 +429,29 @@ def _lag(head: int | None, position: int | None) -> int | None:
 
 
 async def _probe(name: str, check: Awaitable[None], within_s: float) -> str | None:
-    """None when `check` succeeds in time, else why not, in one line."""
+    """None when `check` succeeds in time, else why not, in one line. The probe is
+    public: what a client library says (an internal host and port, often) goes to
+    the log, and the answer names only the kind of failure, or parley's own words."""
     try:
         async with asyncio.timeout(within_s):
             await check
     except TimeoutError:
         return f"{name}: no answer within {within_s:g} s"
     except UNAVAILABLE as err:
-        return f"{name}: {type(err).__name__}: {err}"[:300]
+        log.info("readiness check failed", extra={"server": name, "error": describe(err)})
+        return _reason(name, err)
     except Exception as err:
         # A server in an odd state (Postgres recovering, a client whose connection broke
         # mid-query) is not ready either; the probe must answer, never fail the request.
         log.warning("readiness check failed", exc_info=err, extra={"server": name})
-        return f"{name}: {type(err).__name__}: {err}"[:300]
+        return _reason(name, err)
     return None
+
+
+def _reason(name: str, err: BaseException) -> str:
+    if isinstance(err, EventLogError):  # parley's own message: no address in it
+        return f"{name}: {type(err).__name__}: {err}"[:300]
+    return f"{name}: {type(err).__name__}"
 
 
 async def metrics(request: web.Request) -> web.Response:

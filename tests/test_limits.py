@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 
 from api.config import EdgeLimits
+from api.context import SharedCheck
 from events.log import EventLog
 from events.vocabulary import Done
 from parley.services import Servers, Services
@@ -290,3 +291,23 @@ async def test_a_connection_that_sends_no_whole_request_is_closed_when_idle(stac
         # a connection that does send its request is served as ever
         async with aiohttp.ClientSession() as http, http.get(f"{base}/healthz") as response:
             assert response.status == 200
+
+
+async def test_probes_that_come_together_share_one_check_and_its_answer_for_a_while() -> None:
+    """/readyz is public: ten thousand anonymous probes must not cost the servers it
+    checks ten thousand checks (a flood once made the edge look unready)."""
+    shared = SharedCheck(fresh_s=0.3)
+    checks = 0
+
+    async def check() -> tuple[bytes, int]:
+        nonlocal checks
+        checks += 1
+        await asyncio.sleep(0.05)
+        return b"{}", 200
+
+    answers = await asyncio.gather(*(shared.answer(check) for _ in range(1000)))
+    assert checks == 1 and set(answers) == {(b"{}", 200)}
+    assert await shared.answer(check) == (b"{}", 200) and checks == 1  # still fresh
+    await asyncio.sleep(0.35)
+    await shared.answer(check)
+    assert checks == 2  # stale: checked again
