@@ -346,7 +346,10 @@ def hold_turn(
     )
 
 
-_REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+_REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, TimeoutError)
+# How long a request waits for the limits' answer from Redis before it goes through
+# unlimited: a Redis that hangs (stopped, swapping) held every request 10 s.
+ADMIT_WAIT_S = 0.5
 
 
 @web.middleware
@@ -366,13 +369,14 @@ async def limits_middleware(request: web.Request, handler: Handler) -> web.Strea
     stream = new_id() if streaming and caps.max_streams_per_user > 0 else None
     turn = new_id() if route in TURN_ROUTES and caps.max_turns_per_user > 0 else None
     try:
-        admission = await limits.admit(
-            claims.sub,
-            stream=stream,
-            streams_cap=caps.max_streams_per_user,
-            turn=turn,
-            turns_cap=caps.max_turns_per_user,
-        )
+        async with asyncio.timeout(ADMIT_WAIT_S):
+            admission = await limits.admit(
+                claims.sub,
+                stream=stream,
+                streams_cap=caps.max_streams_per_user,
+                turn=turn,
+                turns_cap=caps.max_turns_per_user,
+            )
     except _REDIS_DOWN as err:
         # Losing Redis loosens limits, it does not stop conversations (README: what
         # degrades while Redis is away): the request goes through, holding nothing.

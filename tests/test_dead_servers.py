@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -11,7 +12,7 @@ from aiohttp.test_utils import TestServer
 from api.app import create_app
 from api.config import EdgeConfig
 from parley.services import Servers, Services
-from tests.conftest import SECRET, token_for
+from tests.conftest import SECRET, extra_edge, token_for
 from tests.sse import SseClient
 
 # Nothing listens on port 1 of the loopback interface.
@@ -65,3 +66,26 @@ async def test_a_dead_redis_is_a_503_with_retry_after_not_a_crash(
         assert response.status == 503 and body["checks"]["redis"] == "down", body
     # the probe is public: it names the kind of failure, not the server's address
     assert body["reasons"] and not any("127.0.0.1" in r for r in body["reasons"]), body
+
+
+async def test_a_redis_that_hangs_does_not_hold_every_request(
+    stack: Servers, http: aiohttp.ClientSession, user: str
+) -> None:
+    """A Redis that takes connections and never answers (stopped, swapping): the
+    limits wait for it half a second, then let the request through unlimited."""
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # says nothing back, ever
+
+    hung = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = hung.sockets[0].getsockname()[1]
+    try:
+        async with extra_edge(stack, redis_url=f"redis://127.0.0.1:{port}/0") as base:
+            async with asyncio.timeout(5):  # not 10 s a request
+                for _ in range(3):
+                    async with http.get(
+                        f"{base}/v1/models", headers={"Authorization": f"Bearer {token_for(user)}"}
+                    ) as response:
+                        assert response.status == 200
+    finally:
+        hung.close()
