@@ -197,6 +197,11 @@ async def limits_ctx(app: web.Application) -> AsyncIterator[None]:
     await limits.close()
 
 
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    # aiohttp's default names the Python and aiohttp versions: nobody's business
+    response.headers["Server"] = "parley"
+
+
 def create_app(config: EdgeConfig, metrics: EdgeMetrics | None = None) -> web.Application:
     app = web.Application(
         middlewares=[metrics_middleware, error_middleware, auth_middleware, limits_middleware],
@@ -207,6 +212,7 @@ def create_app(config: EdgeConfig, metrics: EdgeMetrics | None = None) -> web.Ap
     app[PROJECTS] = ProjectCache()
     app[METRICS] = metrics if metrics is not None else NoMetrics()
     app[READINESS] = SharedCheck(fresh_s=1.0)
+    app.on_response_prepare.append(_server_header)
     app.cleanup_ctx.extend([auth_ctx, nats_ctx, postgres_ctx, redis_ctx, hubs_ctx, limits_ctx])
     add_routes(app)
     return app

@@ -231,9 +231,17 @@ class Verifier:
             raise InvalidToken("bad signature") from err
         except jwt.MissingRequiredClaimError as err:
             raise InvalidToken(f"token lacks the {err.claim!r} claim") from err
+        except jwt.ImmatureSignatureError as err:
+            raise InvalidToken("token not valid yet (its nbf or iat is in the future)") from err
         except jwt.PyJWTError as err:
-            raise InvalidToken(f"invalid token: {type(err).__name__}") from err
+            raise InvalidToken(f"invalid token: {_plain(err)}") from err
         return _claims(payload, admin_allowed=admin_allowed)
+
+
+def _plain(err: jwt.PyJWTError) -> str:
+    """PyJWT's own words for what is wrong ("Subject must be a string"), not the name
+    of its exception class."""
+    return str(err).rstrip(".") or "it does not pass the checks"
 
 
 def _claims(payload: dict[str, Any], *, admin_allowed: bool) -> Claims:

@@ -271,6 +271,22 @@ async def test_numeric_dates_are_read_as_json_gives_them(
     assert_401(status, body, text)
 
 
+async def test_a_refused_token_is_told_why_in_words_and_no_version_is_named(
+    services: Services, http: aiohttp.ClientSession, user: str
+) -> None:
+    early = hmac_signed(
+        SECRET.encode(), {"sub": user, "exp": time.time() + 7200, "nbf": time.time() + 3600}
+    )
+    async with http.get(
+        f"{services.edge_url}/v1/conversations", headers={"Authorization": f"Bearer {early}"}
+    ) as response:
+        body = await response.json()
+        server = response.headers.get("Server", "")
+    assert response.status == 401 and "not valid yet" in body["error"]["message"], body
+    assert "Error" not in body["error"]["message"], body  # no exception class of a library
+    assert "aiohttp" not in server and "Python" not in server, server
+
+
 async def test_two_authorization_headers_are_refused_not_one_picked(
     services: Services, user: str
 ) -> None:
