@@ -423,23 +423,45 @@ def message(state: Conversation, message_id: str) -> Message | None:
 
 
 def history_of(state: Conversation, upto: str | None = None) -> list[HistoryMessage]:
-    """The latest versions in creation order, minus the assistant message being written.
+    """The latest versions as the model reads them: each answered message followed by
+    its answer, in the order their turns started; then the messages with no answer
+    yet, in creation order. The assistant message being written is left out.
 
-    With `upto` (the user message a turn answers), the history ends there: user
-    messages queued after it are not part of its question.
+    Not creation order alone: a message queued behind a running turn is made when it
+    is accepted, its answer when its turn starts, after later messages may have been
+    queued too, so creation order put all the questions before all the answers, and
+    a queued turn did not see the answer to the message queued before it.
+
+    With `upto` (the user message a turn answers), the history is what was answered
+    before that turn, then that message: messages still waiting (queued behind it,
+    or left waiting by an interrupt that runs first) are not part of its question,
+    as they are not when they are answered in their turn.
     """
     active_id = state.active.turn_id if state.active else None
+    latest = [m for m in latest_messages(state) if m.message_id != active_id]
+    by_id = {m.message_id: m for m in latest}
+    answered = {m.parent_message_id for m in latest if m.role == "assistant"}
     out: list[HistoryMessage] = []
-    for m in latest_messages(state):
-        if m.message_id == active_id:
-            continue
-        if m.role == "assistant":
-            out.append(HistoryMessage(role="assistant", assistant_blocks=m.blocks))
-        else:
-            out.append(HistoryMessage(role=m.role, blocks=(m.text,), assistant_blocks=m.blocks))
-        if upto is not None and m.message_id == upto:
-            break
-    return out
+    placed: set[str] = set()
+    for m in latest:  # creation order: an answer is made as its turn starts
+        if m.role == "system":
+            out.append(_as_history(m))
+        elif m.role == "assistant":
+            question = by_id.get(m.parent_message_id or "")
+            if question is not None and question.message_id not in placed | {upto}:
+                placed.add(question.message_id)
+                out.append(_as_history(question))
+            out.append(_as_history(m))
+    if upto is not None:
+        return [*out, _as_history(by_id[upto])] if upto in by_id else out
+    waiting = [m for m in latest if m.role == "user" and m.message_id not in answered]
+    return [*out, *(_as_history(m) for m in waiting)]
+
+
+def _as_history(m: Message) -> HistoryMessage:
+    if m.role == "assistant":
+        return HistoryMessage(role="assistant", assistant_blocks=m.blocks)
+    return HistoryMessage(role=m.role, blocks=(m.text,), assistant_blocks=m.blocks)
 
 
 def partial_content(state: Conversation) -> list[ContentBlock]:

@@ -12,6 +12,7 @@ import datetime as dt
 import typing
 from collections.abc import Iterable, Sequence
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,6 +22,7 @@ from actors.decide import (
     ModelChoice,
     Rejected,
     TurnTotals,
+    decide_cancelled,
     decide_done,
     decide_failed,
     decide_request,
@@ -596,6 +598,64 @@ def test_a_regenerate_that_names_no_answer_regenerates_the_latest_one() -> None:
     # a conversation with no answer yet has none to regenerate
     nothing = decide_request(fold(empty(), [created()]), cmd, NOW, Ids())
     assert isinstance(nothing, Rejected) and nothing.code == "not_found", f"saw {nothing!r}"
+
+
+def queue(state: Conversation, content: str, n: int, on_busy: OnBusy = "enqueue") -> Conversation:
+    cmd = msgspec.structs.replace(send(content, n), on_busy=on_busy)
+    accepted = decide_request(state, cmd, NOW, Ids(f"q{n}"))
+    assert isinstance(accepted, list) and accepted, f"saw {accepted!r}"
+    return fold(state, as_any(accepted))
+
+
+def start_next(state: Conversation, n: int) -> Conversation:
+    queued = next_turn(state)
+    assert queued is not None
+    return fold(state, as_any(decide_start(state, queued, MODEL, NOW, Ids(f"s{n}"))))
+
+
+def said(state: Conversation, text: str) -> Conversation:
+    assert state.active is not None
+    return evolve(state, chunk(state.active.turn_id, "answer", text))
+
+
+def spoken(state: Conversation) -> list[tuple[str, str]]:
+    """The history of the running turn: (role, text) as the model gets it."""
+    assert state.active is not None
+    sent = build_history(history_of(state, upto=state.active.user_message_id), personal=False)
+    return [(m["role"], m["content"]) for m in sent]
+
+
+def test_a_queued_turn_sees_the_answer_to_the_message_queued_before_it() -> None:
+    """Messages queued behind a running turn are made as they are accepted, their
+    answers as their turns start: each turn reads the answers before it, in order."""
+    state, _ = started_turn("X")
+    state = queue(state, "Y1", 2)
+    state = queue(state, "Y2", 3)
+    state = finished(said(state, "to X"))
+    state = start_next(state, 2)
+    assert spoken(state) == [("user", "X"), ("assistant", "to X"), ("user", "Y1")]
+    state = finished(said(state, "to Y1"))
+    state = start_next(state, 3)
+    assert spoken(state) == [
+        ("user", "X"),
+        ("assistant", "to X"),
+        ("user", "Y1"),
+        ("assistant", "to Y1"),
+        ("user", "Y2"),
+    ]
+
+
+def test_an_interrupt_reads_what_was_answered_not_the_messages_still_waiting() -> None:
+    state, _ = started_turn("A")
+    state = queue(state, "waiting", 2)
+    state = queue(state, "now", 3, on_busy="interrupt")
+    state = said(state, "half an answer")
+    state = evolve(state, decide_cancelled(state, "superseded", TurnTotals(1, 1), NOW, Ids("c")))
+    state = start_next(state, 3)  # the interrupt goes first
+    assert spoken(state) == [("user", "A"), ("assistant", "half an answer"), ("user", "now")]
+    state = finished(said(state, "to now"))
+    state = start_next(state, 2)  # then the one that waited, after the interrupt's answer
+    assert spoken(state)[-3:] == [("user", "now"), ("assistant", "to now"), ("user", "waiting")]
 
 
 def test_a_dead_workers_turn_is_estimated_on_what_it_sent_as_a_live_turn_counts_it() -> None:
