@@ -134,22 +134,24 @@ class SseViewer(Subscription):
         self._write_timeout_s = config.limits.write_timeout_s
         self._blocked_since: float | None = None
 
-    def admits(self, delivery: Delivery) -> bool:
+    def admits(self, delivery: Delivery, idle_after: bool | None) -> bool:
         """Whether the delivery belongs to this stream (a POST stream: only its turn).
 
         A viewer of the whole conversation is not shown a request refused as busy,
-        nor any refusal while it watches a turn: that request never became a turn,
-        and its `error` and `done` would end, for the viewer's frontend, the turn
-        still running. Its sender had the refusal (a 409, or its own stream)."""
+        nor any refusal while it watches a turn or while other turns wait to run
+        (`idle_after` false: a queued message whose branch an edit took away is
+        refused between two turns): that request never became a turn, and its
+        `error` and `done` would end, for the viewer's frontend, a conversation
+        whose turns go on. Its sender had the refusal (a 409, or its own stream)."""
         if self.turn is not None:
             return self.turn.admit(delivery.stored)
         event = delivery.stored.event
         if isinstance(event, CommandRejected):
-            return event.code != "busy" and self.open_turn is None
+            return event.code != "busy" and self.open_turn is None and bool(idle_after)
         return True
 
     def take(self, delivery: Delivery) -> None:
-        if not self.admits(delivery):
+        if not self.admits(delivery, delivery.idle_after):
             return
         data = delivery.wanted_by(self.position)
         if data:
@@ -274,19 +276,19 @@ async def _catch_up(
 
     async def write(delivery: Delivery, idle_after: bool | None) -> None:
         viewer.note(delivery)
-        if not viewer.admits(delivery):
+        if viewer.turn is None and delivery.ends_turn and idle_after is None:
+            # from the log or the ring: idle only if it is the last the hub had seen
+            # and, looking now, nothing followed and no turn runs
+            idle_after = delivery.seq >= snapshot.head and await _idle_after(
+                app, conversation_id, delivery.seq
+            )
+        if not viewer.admits(delivery, idle_after):
             return
         data = delivery.wanted_by(viewer.position)
         if data:
             await _bounded(request, response.write(data))
         if not delivery.ends_turn or viewer.ended.done():
             return
-        if viewer.turn is None and idle_after is None:
-            # from the log or the ring: idle only if it is the last the hub had seen
-            # and, looking now, nothing followed and no turn runs
-            idle_after = delivery.seq >= snapshot.head and await _idle_after(
-                app, conversation_id, delivery.seq
-            )
         if viewer.turn is not None or idle_after:
             viewer.end("done")
 

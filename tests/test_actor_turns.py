@@ -17,6 +17,7 @@ import pytest
 from events.log import EventLog
 from events.vocabulary import (
     Cancelled,
+    CommandRejected,
     Done,
     Failed,
     Started,
@@ -493,3 +494,34 @@ def _ids(events: list[SseEvent]) -> list[str | None]:
 
 
 __all__ = ["json", "until_done"]
+
+
+async def test_a_viewer_of_the_conversation_is_not_shown_refusals_while_turns_go_on(
+    api: SseClient, event_log: EventLog
+) -> None:
+    """Messages queued behind a running turn are refused (superseded) between two
+    turns when an edit, queued behind them, takes their branch away; a viewer of the
+    whole conversation must not get their `error` and `done`: its frontend would stop
+    there and miss the edit's turn that follows."""
+    cid = (await api.create_conversation())["id"]
+    first = await api.send_json(cid, "first [[tokens=40]] [[rate=20]]")
+    async with api.events(cid) as viewer:
+        assert viewer.status == 200
+        for text in ("q1 [[tokens=2]]", "q2 [[tokens=2]]"):
+            await api.send_json(cid, text, on_busy="enqueue")
+        status, body = await api.request(
+            "PATCH",
+            f"/v1/conversations/{cid}/messages/{first['message_id']}",
+            json={"content": "edited [[tokens=2]]", "on_busy": "enqueue"},
+            headers={"Accept": "application/json"},
+        )
+        assert status == 202, body
+        seen: list[SseEvent] = []
+        async with asyncio.timeout(30):
+            async for event in sse_events(viewer):
+                seen.append(event)
+                if [e.data for e in seen if e.event == "done"] == ["ok", "ok"]:
+                    break  # the first turn's end, then the edit's
+    refused = [s.event for s in await event_log.read(cid) if isinstance(s.event, CommandRejected)]
+    assert [r.code for r in refused] == ["superseded", "superseded"], refused
+    assert "error" not in [e.event for e in seen], [(e.event, e.data) for e in seen]
