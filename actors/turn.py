@@ -401,14 +401,25 @@ class TurnRunner:
 
         async def one(call: ToolCallRequest) -> ToolOutcome:
             began = time.perf_counter()
+
+            def written(outcome: ToolOutcome) -> None:
+                duration_ms = round((time.perf_counter() - began) * 1000, 3)
+                stream.event(
+                    decide_tool_result(state, call, outcome, duration_ms, ctx.clock(), ctx.new_id)
+                )
+
             # What personal scope hides from the model it may still name: refused, not run.
             outcome = refused_tool(call.name, personal=state.personal)
             if outcome is None:
-                outcome = await ctx.tools.run(call.name, call.arguments, context)
-            duration_ms = round((time.perf_counter() - began) * 1000, 3)
-            stream.event(
-                decide_tool_result(state, call, outcome, duration_ms, ctx.clock(), ctx.new_id)
-            )
+                try:
+                    outcome = await ctx.tools.run(call.name, call.arguments, context)
+                except asyncio.CancelledError:
+                    # The turn was stopped while the tool ran: its call gets an end in
+                    # the log too (written before the turn's), or it shows as pending
+                    # for ever.
+                    written(ToolOutcome(error="cancelled: the turn stopped before it answered"))
+                    raise
+            written(outcome)
             if outcome.set_title is not None:
                 stream.event(decide_tool_title(state, outcome.set_title, ctx.clock(), ctx.new_id))
             return outcome

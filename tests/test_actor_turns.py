@@ -22,6 +22,7 @@ from events.vocabulary import (
     Failed,
     Started,
     Title,
+    ToolCall,
     ToolResult,
     UserMessage,
 )
@@ -525,3 +526,23 @@ async def test_a_viewer_of_the_conversation_is_not_shown_refusals_while_turns_go
     refused = [s.event for s in await event_log.read(cid) if isinstance(s.event, CommandRejected)]
     assert [r.code for r in refused] == ["superseded", "superseded"], refused
     assert "error" not in [e.event for e in seen], [(e.event, e.data) for e in seen]
+
+
+async def test_a_tool_running_when_its_turn_is_cancelled_gets_an_end_too(
+    api: SseClient, event_log: EventLog
+) -> None:
+    """Its call, left without a result, showed as pending for ever."""
+    cid = (await api.create_conversation())["id"]
+    await api.send_json(cid, '[[tools=sleepy{"ms": 20000}]]')
+    async with asyncio.timeout(20):
+        while not any(isinstance(s.event, ToolCall) for s in await event_log.read(cid)):  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    status, body = await api.request("POST", f"/v1/conversations/{cid}/cancel")
+    assert status == 202 and body["cancelled"], body
+    async with asyncio.timeout(20):
+        while not any(isinstance(s.event, Cancelled) for s in await event_log.read(cid)):  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    log = [s.event for s in await event_log.read(cid)]
+    (result,) = [e for e in log if isinstance(e, ToolResult)]
+    assert result.error is not None and result.error.startswith("cancelled"), result
+    assert log.index(result) < log.index(next(e for e in log if isinstance(e, Cancelled)))
