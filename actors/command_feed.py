@@ -133,7 +133,9 @@ class CommandFeed:
         finally:
             self._closing = True
             task = asyncio.current_task()
-            self._abandoned = task is not None and task.cancelling() > 0
+            # cancelled (another worker reads the partition now), or the consumer is
+            # gone (and its requests with it): nothing to wait for
+            self._abandoned = (task is not None and task.cancelling() > 0) or self._gone.is_set()
             try:
                 if not self._abandoned:
                     await self._requests_over()

@@ -140,6 +140,7 @@ class WorkerHost:
                         # lease that lapsed meanwhile is found lost then.
                         log.warning("partition leases not renewed", extra={"error": describe(err)})
                         gained, lost = set(), set()
+                    _still_not_cancelled()
                     for partition in lost:
                         await self._drop(partition)
                     for partition in gained:
@@ -370,6 +371,17 @@ class WorkerHost:
             running = [c for c, r in self._actors.items() if r.actor.runner is not None]
             with contextlib.suppress(redis.exceptions.RedisError, OSError):
                 await self._ctx.turns.refresh_all(running, self._ctx.worker_id)
+
+
+def _still_not_cancelled() -> None:
+    """Raise the cancellation a library swallowed. asyncio.wait_for (which nats.py's
+    requests use) can lose a cancel that comes as its future completes: a partition
+    loop that failed cancelled the worker's main loop during a lease renewal, the
+    loop went on, and the worker served nothing until it was stopped, never
+    restarted."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _drain(inbox: Inbox) -> list[tuple[AnyCommand | None, Settlement | None]]:
