@@ -488,18 +488,23 @@ async def test_piped_chat_exits_non_zero_when_an_answer_failed(
     assert code == 1 and "0 1" in said, said
 
 
+def piped_chat(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`parley chat` with its input, output and errors on pipes of the test's."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "parley.cli", "chat"],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
 async def test_piped_chat_whose_reader_leaves_ends_quietly(services: Services, user: str) -> None:
     """`parley chat | head`: no traceback when head has read enough."""
     env = chat_env(PARLEY_URL=services.edge_url, PARLEY_TOKEN=token_for(user))
 
     def chat_into_a_reader_that_leaves() -> tuple[int, str]:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "parley.cli", "chat"],
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
+        process = piped_chat(env)
         assert process.stdin and process.stdout and process.stderr
         process.stdin.write(b"count [[tokens=400]] [[rate=100]]\n")
         process.stdin.close()
@@ -520,13 +525,7 @@ async def test_piped_chat_ends_at_ctrl_c_while_its_input_is_open_and_silent(
     env = chat_env(PARLEY_URL=services.edge_url, PARLEY_TOKEN=token_for(user))
 
     def interrupted_between_messages() -> tuple[int | None, str]:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "parley.cli", "chat"],
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
+        process = piped_chat(env)
         assert process.stdin and process.stdout and process.stderr
         try:
             process.stdin.write(b"hello [[tokens=3]]\n")
