@@ -39,7 +39,7 @@ from api.turn_routes import (
     request_digest,
     submit,
 )
-from api.validation import MAX_DEPTH, InvalidBody, decode_body
+from api.validation import InvalidBody, decode_body
 from events.errors import EventLogConflict
 from events.ids import new_id
 from events.log import StoredEvent
@@ -92,12 +92,12 @@ class _ChatBody(msgspec.Struct, frozen=True):
 def _read_chat(raw: bytes) -> ChatRequest:
     """useChat sends the whole chat with every message, and only its last message is
     new: the others are skipped over as JSON (in msgspec's C), never made into Python
-    objects or checked one string at a time. Read that way, 16 MiB of history took
-    3.5 s of the event loop; the last message gets every check a body gets."""
+    objects or checked one string at a time (read in full, 16 MiB of history held
+    the event loop 3.5 s); the last message gets every check a body gets."""
     try:
         body = msgspec.json.decode(raw, type=_ChatBody)
-    except RecursionError as err:
-        raise InvalidBody("too_deep", f"JSON nested deeper than {MAX_DEPTH} levels") from err
+    except RecursionError as err:  # nested deeper than the interpreter's recursion limit
+        raise InvalidBody("too_deep", "JSON nested too deeply") from err
     except msgspec.ValidationError as err:
         raise InvalidBody("invalid_request", f"invalid request: {err}") from err
     except msgspec.DecodeError as err:
