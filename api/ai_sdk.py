@@ -65,8 +65,8 @@ class UiMessage(msgspec.Struct, frozen=True):
 
 
 class ChatRequest(msgspec.Struct, frozen=True):
-    """useChat's default body (DefaultChatTransport), plus parley's optional fields.
-    `messages` holds the chat's last message only (see `_read_chat`)."""
+    """useChat's default body (DefaultChatTransport), plus parley's optional fields: the
+    shape the API documents. The route reads it as `_ChatBody` (see `_read_chat`)."""
 
     id: str
     messages: list[UiMessage]
@@ -89,11 +89,12 @@ class _ChatBody(msgspec.Struct, frozen=True):
     on_busy: OnBusy = "reject"
 
 
-def _read_chat(raw: bytes) -> ChatRequest:
+def _read_chat(raw: bytes) -> tuple[_ChatBody, UiMessage | None]:
     """useChat sends the whole chat with every message, and only its last message is
     new: the others are skipped over as JSON (in msgspec's C), never made into Python
     objects or checked one string at a time (read in full, 16 MiB of history held
-    the event loop 3.5 s); the last message gets every check a body gets."""
+    the event loop 3.5 s); the last message, returned beside the body, gets every
+    check a body gets."""
     try:
         body = msgspec.json.decode(raw, type=_ChatBody)
     except RecursionError as err:  # nested deeper than the interpreter's recursion limit
@@ -103,16 +104,8 @@ def _read_chat(raw: bytes) -> ChatRequest:
     except msgspec.DecodeError as err:
         decode_body(raw, _ChatBody)  # what exactly is wrong, said as for any body
         raise InvalidBody("invalid_json", f"malformed JSON: {err}") from err
-    last = [decode_body(bytes(body.messages[-1]), UiMessage)] if body.messages else []
-    return ChatRequest(
-        id=body.id,
-        messages=last,
-        trigger=body.trigger,
-        messageId=body.messageId,
-        model=body.model,
-        project_id=body.project_id,
-        on_busy=body.on_busy,
-    )
+    last = decode_body(bytes(body.messages[-1]), UiMessage) if body.messages else None
+    return body, last
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
@@ -122,9 +115,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
     raw = await read_body(request)
     try:
         if len(raw) > DECODE_ELSEWHERE_BYTES:
-            body = await asyncio.to_thread(_read_chat, raw)
+            body, last = await asyncio.to_thread(_read_chat, raw)
         else:
-            body = _read_chat(raw)
+            body, last = _read_chat(raw)
     except InvalidBody as err:
         raise ApiError(err.status, err.code, err.message) from err
     if not valid_id(body.id):
@@ -132,9 +125,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
     if body.model is not None and body.model not in config.models:
         raise bad_request(f"unknown model {body.model!r}", "unknown_model")
     if body.trigger == "regenerate-message":
-        done = await _regenerate(request, body)
+        done = await _regenerate(request, body, last)
     elif body.trigger == "submit-message":
-        done = await _submit_message(request, body)
+        done = await _submit_message(request, body, last)
     else:
         raise bad_request("trigger must be submit-message or regenerate-message")
     record = done.record
@@ -151,7 +144,7 @@ class _Submitted(NamedTuple):
     record: IdempotencyRecord
 
 
-async def _regenerate(request: web.Request, body: ChatRequest) -> _Submitted:
+async def _regenerate(request: web.Request, body: _ChatBody, last: UiMessage | None) -> _Submitted:
     """A new version of the answer `messageId` names, or, without one (useChat's
     `regenerate()`, its retry after an error), of the chat's latest answer; or the
     first answer to the chat's last message when that never reached parley (it
@@ -160,10 +153,9 @@ async def _regenerate(request: web.Request, body: ChatRequest) -> _Submitted:
     if answer and not valid_id(answer):
         raise bad_request("messageId must be the id of the answer to regenerate")
     header = await owned_conversation(request, body.id)
-    last = body.messages[-1] if body.messages else None
     key = _key_of(last) if last is not None and last.role == "user" else None
     if not answer and key is not None and await earlier_request(request, body.id, key) is None:
-        return await _submit_message(request, body)
+        return await _submit_message(request, body, last)
     user = claims_of(request).sub
 
     def regenerate(record: IdempotencyRecord) -> TurnCommand:
@@ -182,17 +174,19 @@ async def _regenerate(request: web.Request, body: ChatRequest) -> _Submitted:
     return _Submitted(cid, done.record)
 
 
-async def _submit_message(request: web.Request, body: ChatRequest) -> _Submitted:
+async def _submit_message(
+    request: web.Request, body: _ChatBody, last: UiMessage | None
+) -> _Submitted:
     """The chat's last message, the user's new one: sent; or, when useChat sends one it
     sent before with other text (`sendMessage` with that message's id), an edit of it."""
-    asked, text = _new_message(request, body)
+    asked, text = _new_message(request, last)
     header = await _conversation(request, body)
     cid = header.conversation_id
     user = claims_of(request).sub
     key = _key_of(asked)
     sent = ("send", text, body.model)
     earlier = await earlier_request(request, cid, key) if key is not None else None
-    if key is not None and earlier is not None and earlier.digest != request_digest(sent):
+    if earlier is not None and earlier.digest != request_digest(sent):
         edits = earlier.message_id
 
         def edit(record: IdempotencyRecord) -> TurnCommand:
@@ -234,10 +228,9 @@ def _key_of(message: UiMessage) -> str | None:
     return f"ai-sdk:{message.id}" if 0 < len(message.id) <= 180 else None
 
 
-def _new_message(request: web.Request, body: ChatRequest) -> tuple[UiMessage, str]:
+def _new_message(request: web.Request, asked: UiMessage | None) -> tuple[UiMessage, str]:
     """The new user message (the chat's last) and its text, checked before anything is
     made of the request (a refused first message leaves no empty conversation)."""
-    asked = body.messages[-1] if body.messages else None
     if asked is None or asked.role != "user":
         raise bad_request("the chat's last message must be the new user message")
     texts: list[str] = []
@@ -290,7 +283,7 @@ async def _named_turn(app: web.Application, conversation_id: str) -> TurnRecord 
         await asyncio.sleep(0.05)
 
 
-async def _conversation(request: web.Request, body: ChatRequest) -> ConversationCreated:
+async def _conversation(request: web.Request, body: _ChatBody) -> ConversationCreated:
     """The chat's conversation: the caller's, or a new one under the chat's id."""
     event_log = request.app[LOG]
     if request.app[CONVERSATION_HEADERS].get(body.id) is not None:
