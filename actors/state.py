@@ -440,17 +440,17 @@ def history_of(state: Conversation, upto: str | None = None) -> list[HistoryMess
     active_id = state.active.turn_id if state.active else None
     latest = [m for m in latest_messages(state) if m.message_id != active_id]
     by_id = {m.message_id: m for m in latest}
-    answered = {m.parent_message_id for m in latest if m.role == "assistant"}
     out: list[HistoryMessage] = []
-    placed: set[str] = set()
+    answered: set[str] = set()  # the questions placed before their answers
     for m in latest:  # creation order: an answer is made as its turn starts
         if m.role == "system":
             out.append(_as_history(m))
         elif m.role == "assistant":
             question = by_id.get(m.parent_message_id or "")
-            if question is not None and question.message_id not in placed | {upto}:
-                placed.add(question.message_id)
-                out.append(_as_history(question))
+            if question is not None and question.message_id not in answered:
+                answered.add(question.message_id)
+                if question.message_id != upto:
+                    out.append(_as_history(question))
             out.append(_as_history(m))
     if upto is not None:
         return [*out, _as_history(by_id[upto])] if upto in by_id else out
