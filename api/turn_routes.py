@@ -532,14 +532,12 @@ async def _idempotency(
     record = IdempotencyRecord(message_id=new_id(), command_id=new_id(), after=after, digest=digest)
     if key is None:
         return record, True
-    redis = request.app[REDIS]
     redis_key = idem_key(claims_of(request).sub, conversation_id, key)
-    if await redis.set(redis_key, msgspec.json.encode(record), nx=True, ex=_RESERVE_S):
+    if await request.app[REDIS].set(redis_key, msgspec.json.encode(record), nx=True, ex=_RESERVE_S):
         return record, True
-    raw = await redis.get(redis_key)
-    if raw is None:  # expired between the two calls: treat as new
+    previous = await earlier_request(request, conversation_id, key)
+    if previous is None:  # expired between the two calls: treat as new
         return record, True
-    previous = msgspec.json.decode(raw, type=IdempotencyRecord)
     if previous.digest != digest:
         raise ApiError(
             422, "idempotency_mismatch", "idempotency_key was already used with a different request"
