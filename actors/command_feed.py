@@ -90,7 +90,6 @@ class CommandFeed:
         self._late = late  # None: what arrives while closing is handed back at once
         self._window = window
         self._expires_s = expires_s
-        self._expires_ns = int(expires_s * 1e9)
         self._heartbeat_s = heartbeat_s
         self._inbox = nc.new_inbox()
         self._sub: Any = None
@@ -99,7 +98,7 @@ class CommandFeed:
         self._gone = asyncio.Event()
         self._ask_if_gone = False  # a request had no responder: is the consumer there?
         self._closing = False
-        self._abandoned = False  # cancelled: hand back what arrives, do not wait
+        self._abandoned = False  # cancelled, or the consumer is gone: do not wait
         self._settled = asyncio.Event()  # while closing: a request ended, or a command came
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -166,7 +165,7 @@ class CommandFeed:
             return
         request = _Request(
             batch=lacking,
-            expires=self._expires_ns,
+            expires=int(self._expires_s * 1e9),
             idle_heartbeat=int(self._heartbeat_s * 1e9),
         )
         self._asked += lacking
