@@ -10,10 +10,17 @@ and a handler, sync or async. A deployment adds tools without editing parley:
 
 Every call is bounded: `timeout_s` (the model gets an error when it runs out),
 `max_result_chars` (a longer result is cut with a note) and, for work, sync
-handlers run in a worker thread so a CPU-heavy tool never stalls the event
-loop and every other turn on it; `max_concurrency` caps parallel calls of one
-tool. A tool that raises, times out or returns something that is not text
-gives the model an error result, never a dead turn.
+handlers run in a thread of their own so a CPU-heavy tool never stalls the
+event loop and every other turn on it; `max_concurrency` caps parallel calls
+of one tool. A tool that raises, times out or returns something that is not
+text gives the model an error result, never a dead turn.
+
+A thread cannot be stopped. A sync call that outlives its `timeout_s` keeps
+its slot of `max_concurrency` until its thread ends, so a tool that hangs
+holds at most that many threads, and only its own later calls wait (and time
+out); the threads are daemons outside the loop's shared executor, so neither
+other tools, nor the edge's work in threads, nor the process's exit wait for
+them.
 
 Handlers get a `ToolContext`: the conversation, who asked, the clock reading
 and the conversation's latest messages; they never read the clock themselves,
@@ -24,10 +31,12 @@ conversation's title (the `set_title` built-in).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import inspect
 import json
 import logging
+import threading
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from importlib.metadata import entry_points
 from typing import Any, get_type_hints
@@ -186,8 +195,8 @@ class ToolRunner:
         if not isinstance(args, dict):
             return ToolOutcome(error="arguments must be a JSON object")
         try:
-            async with self._slots[name], asyncio.timeout(tool.timeout_s):
-                reply = await _call(tool, args, ctx)
+            async with asyncio.timeout(tool.timeout_s):
+                reply = await _call(tool, args, ctx, self._slots[name])
         except ToolError as err:
             return ToolOutcome(error=str(err))
         except msgspec.ValidationError as err:
@@ -208,7 +217,9 @@ class ToolRunner:
         return ToolOutcome(result=result, set_title=title)
 
 
-async def _call(tool: Tool, args: dict[str, Any], ctx: ToolContext) -> object:
+async def _call(
+    tool: Tool, args: dict[str, Any], ctx: ToolContext, slot: asyncio.Semaphore
+) -> object:
     if tool.arguments is None:
         call: Callable[[], object] = lambda: tool.handler(args, ctx)  # noqa: E731
     elif tool.spread:
@@ -218,12 +229,43 @@ async def _call(tool: Tool, args: dict[str, Any], ctx: ToolContext) -> object:
         value = msgspec.convert(args, tool.arguments)
         call = lambda: tool.handler(value, ctx)  # noqa: E731
     if inspect.iscoroutinefunction(tool.handler):
-        result = call()
-        assert isinstance(result, Awaitable)
-        return await result
-    # Sync handlers do their work in a thread: the event loop keeps serving every
-    # other turn while one tool computes.
-    return await asyncio.to_thread(call)
+        async with slot:
+            result = call()
+            assert isinstance(result, Awaitable)
+            return await result
+    await slot.acquire()
+    return await _in_own_thread(call, slot.release, tool.name)
+
+
+def _in_own_thread(
+    call: Callable[[], object], done: Callable[[], None], name: str
+) -> Awaitable[object]:
+    """`call()` in a daemon thread; `done` runs on the loop when the thread ends, however late."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[object] = loop.create_future()
+
+    def settle(result: object, error: BaseException | None) -> None:
+        done()
+        if future.done():  # abandoned at its time limit, or its turn was cancelled
+            return
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+    def work() -> None:
+        result: object = None
+        error: BaseException | None = None
+        try:
+            result = call()
+        except BaseException as err:  # handed to the awaiting turn, which reports it
+            error = err
+        # a loop closed while the tool ran has nobody waiting for it any more
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=work, name=f"tool-{name}", daemon=True).start()
+    return future
 
 
 def _ctx_kwarg(handler: Handler, ctx: ToolContext) -> dict[str, ToolContext]:

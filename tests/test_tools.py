@@ -235,6 +235,38 @@ async def test_a_sync_tool_works_in_a_thread_and_the_event_loop_stays_free() -> 
     assert ticks >= 10, f"the event loop was blocked while the tool ran ({ticks} ticks)"
 
 
+async def test_a_sync_tool_that_hangs_holds_only_its_own_slots_never_the_loops_threads() -> None:
+    released = threading.Event()
+    hanging: set[threading.Thread] = set()
+
+    def stuck(x: str = "") -> str:
+        """Wait for something that does not come."""
+        hanging.add(threading.current_thread())
+        released.wait(30)
+        return "late"
+
+    runner = ToolRunner([define_tool(stuck, timeout_s=0.2, max_concurrency=2), *BUILTIN_TOOLS])
+    try:
+        # more hung calls than the loop's shared executor has threads on this machine
+        outcomes = await asyncio.gather(*(runner.run("stuck", "{}", CTX) for _ in range(12)))
+        assert {o.error for o in outcomes} == {"tool 'stuck' took longer than 0.2s"}
+        assert len(hanging) == 2, (
+            f"a hung tool holds its own slots only, not {len(hanging)} threads"
+        )
+        # other tools and the loop's own threads are free while those two hang
+        async with asyncio.timeout(2):
+            assert (await runner.run("calculator", '{"expression": "1+1"}', CTX)).result == "2"
+            assert await asyncio.to_thread(lambda: "free") == "free"
+        assert all(t.daemon for t in hanging), "a hung tool must not keep the process from exiting"
+    finally:
+        released.set()
+    # once its threads end, the tool's slots are back
+    async with asyncio.timeout(5):
+        while (outcome := await runner.run("stuck", "{}", CTX)).error is not None:
+            await asyncio.sleep(0.05)
+    assert outcome.result == "late"
+
+
 async def test_calls_of_one_round_run_concurrently_within_a_tools_limit() -> None:
     running = 0
     most = 0
