@@ -43,6 +43,8 @@ from typing import Any, get_type_hints
 
 import msgspec
 
+from events.codec import encodable
+
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "parley.tools"
@@ -184,7 +186,19 @@ class ToolRunner:
         return [tool.schema() for tool in self.tools.values()]
 
     async def run(self, name: str, arguments: str, ctx: ToolContext) -> ToolOutcome:
-        """Run one tool call; every failure becomes an error the model can read, never an exception."""
+        """Run one tool call; every failure becomes an error the model can read, never an exception.
+
+        Its text is made encodable: a lone surrogate (from a `json.loads` of outside
+        data, say) could be neither logged as an event nor sent to the model.
+        """
+        outcome = await self._outcome(name, arguments, ctx)
+        return ToolOutcome(
+            result=None if outcome.result is None else encodable(outcome.result),
+            error=None if outcome.error is None else encodable(outcome.error),
+            set_title=None if outcome.set_title is None else encodable(outcome.set_title),
+        )
+
+    async def _outcome(self, name: str, arguments: str, ctx: ToolContext) -> ToolOutcome:
         tool = self.tools.get(name)
         if tool is None:
             return ToolOutcome(error=f"unknown tool {name!r}")

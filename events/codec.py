@@ -12,6 +12,7 @@ no single event stops the system).
 
 from __future__ import annotations
 
+import re
 import typing
 from typing import Any
 
@@ -53,8 +54,36 @@ class _Head(msgspec.Struct):
 _head_decoder = msgspec.json.Decoder(_Head)
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def encodable(text: str) -> str:
+    """`text` with lone surrogates, which UTF-8 cannot encode, replaced by U+FFFD.
+
+    Python makes them from outside data (`json.loads('"\\ud800"')`, a file read with
+    `surrogateescape`): a tool's result, an exception's message.
+    """
+    return _LONE_SURROGATE.sub("\ufffd", text)
+
+
+def _encodable_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return encodable(value)
+    if isinstance(value, list):
+        return [_encodable_value(v) for v in value]
+    if isinstance(value, dict):
+        return {
+            encodable(k) if isinstance(k, str) else k: _encodable_value(v) for k, v in value.items()
+        }
+    return value
+
+
 def encode(value: object) -> bytes:
-    return _encoder.encode(value)
+    """JSON; a lone surrogate anywhere in it becomes U+FFFD rather than an append that fails."""
+    try:
+        return _encoder.encode(value)
+    except UnicodeEncodeError:
+        return _encoder.encode(_encodable_value(msgspec.to_builtins(value)))
 
 
 def decode_event(data: bytes) -> AnyEvent:

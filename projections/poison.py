@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 
+from events.codec import encode
 from events.vocabulary import AnyEvent
 
 SKIPPED = "skipped"
@@ -46,7 +47,4 @@ def sanitised(event: AnyEvent) -> AnyEvent | None:
 
 def raw_bytes(event: AnyEvent) -> bytes:
     """The event as JSON, for the record of what could not be applied."""
-    try:
-        return msgspec.json.encode(event)
-    except UnicodeEncodeError:
-        return msgspec.json.encode(_clean(msgspec.to_builtins(event)))
+    return encode(event)

@@ -398,6 +398,19 @@ async def test_calls_of_one_response_run_side_by_side_and_failures_become_result
     assert "slept 400 ms" in answer and "42" in answer
 
 
+async def test_a_tool_result_with_a_lone_surrogate_is_recorded_and_the_turn_goes_on(
+    api: SseClient, event_log: EventLog
+) -> None:
+    cid = (await api.create_conversation())["id"]
+    events = await api.send_stream(cid, "[[tools=from_outside{}]]")
+    assert events[-1].data == "ok", events[-3:]
+    results = [e.data for e in events if e.event == "tool_result"]
+    assert [r["result"] for r in results] == ["half a pair: \ufffd."]
+    log = [s.event for s in await event_log.read(cid)]
+    assert [e.result for e in log if isinstance(e, ToolResult)] == ["half a pair: \ufffd."]
+    assert isinstance(log[-1], Done)
+
+
 async def test_a_project_tool_the_model_names_in_personal_scope_is_refused_not_run(
     api: SseClient, services: Services, http: aiohttp.ClientSession
 ) -> None:

@@ -18,6 +18,7 @@ from actors.tools import (
     ToolContext,
     ToolError,
     ToolMessage,
+    ToolReply,
     ToolRunner,
     define_tool,
     load_tools,
@@ -265,6 +266,27 @@ async def test_a_sync_tool_that_hangs_holds_only_its_own_slots_never_the_loops_t
         while (outcome := await runner.run("stuck", "{}", CTX)).error is not None:
             await asyncio.sleep(0.05)
     assert outcome.result == "late"
+
+
+async def test_a_tools_text_with_a_lone_surrogate_is_made_encodable() -> None:
+    outside = json.loads('"a\\ud800b"')  # what json.loads makes of outside data
+
+    def echo(text: str) -> str:
+        """Echo."""
+        return outside
+
+    def refuse(text: str) -> str:
+        """Refuse."""
+        raise ToolError(f"no such thing as {outside}")
+
+    async def rename(text: str) -> ToolReply:
+        """Rename."""
+        return ToolReply(result="ok", set_title=outside)
+
+    runner = ToolRunner([define_tool(echo), define_tool(refuse), define_tool(rename)])
+    assert (await runner.run("echo", '{"text": ""}', CTX)).result == "a\ufffdb"
+    assert (await runner.run("refuse", '{"text": ""}', CTX)).error == "no such thing as a\ufffdb"
+    assert (await runner.run("rename", '{"text": ""}', CTX)).set_title == "a\ufffdb"
 
 
 async def test_calls_of_one_round_run_concurrently_within_a_tools_limit() -> None:

@@ -254,3 +254,13 @@ def test_an_event_is_not_a_command() -> None:
     with pytest.raises(msgspec.ValidationError):
         decode_command(line)
     assert isinstance(decode_event(line), UserMessage)
+
+
+def test_an_event_holding_a_lone_surrogate_encodes_with_a_replacement_character() -> None:
+    outside = json.loads('"a\\ud800b"')  # json.loads of outside data can make one
+    sample = decode_event(json.dumps(sample_of("tool_result")).encode())
+    assert isinstance(sample, ToolResult)
+    result = msgspec.structs.replace(sample, result=outside)
+    event = decode_event(encode(result))
+    assert isinstance(event, ToolResult) and event.result == "a\ufffdb"
+    assert msgspec.structs.replace(event, result=outside) == result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 from actors.tools import Tool, define_tool
 
@@ -57,6 +58,11 @@ def not_text() -> bytes:
     return b"binary"
 
 
+def from_outside() -> str:
+    """Returns text as `json.loads` makes it from outside data: with a lone surrogate."""
+    return json.loads('"half a pair: \\ud83d."')
+
+
 def project_notes() -> str:
     """A project-only tool (by its name): hidden from, and refused in, personal scope."""
     return "the project's notes"
@@ -68,4 +74,5 @@ LIVE_TOOLS = (
     define_tool(boom),
     define_tool(slowpoke, timeout_s=0.2),
     define_tool(not_text),
+    define_tool(from_outside),
 )
