@@ -262,10 +262,9 @@ async def test_a_sync_tool_that_hangs_holds_only_its_own_slots_never_the_loops_t
     finally:
         released.set()
     # once its threads end, the tool's slots are back
-    async with asyncio.timeout(5):
-        while (outcome := await runner.run("stuck", "{}", CTX)).error is not None:
-            await asyncio.sleep(0.05)
-    assert outcome.result == "late"
+    for thread in hanging:
+        await asyncio.to_thread(thread.join, 5)
+    assert (await runner.run("stuck", "{}", CTX)).result == "late"
 
 
 async def test_a_tools_text_with_a_lone_surrogate_is_made_encodable() -> None:
