@@ -33,10 +33,12 @@ _UNARY: dict[type[ast.unaryop], Callable[[Any], Any]] = {
     ast.USub: operator.neg,
 }
 _MAX_EXPRESSION = 200
-_MAX_EXPONENT = 100
 # Integers stay below 2**4096 at every step: Python's big integers would
 # otherwise let `(((9**99)**99)**99)**99` run for minutes on the event loop.
 _MAX_BITS = 4096
+# Floats are shown as integers only where every integer is exact: 1e23 is
+# 99999999999999991611392 as an integer, digits that mean nothing.
+_EXACT_FLOAT_INTEGERS = 2**53
 
 
 def _bits(value: Any) -> int:
@@ -44,16 +46,18 @@ def _bits(value: Any) -> int:
 
 
 def _check_size(op: ast.operator, left: Any, right: Any) -> None:
-    """Refuse an operation whose integer result would pass _MAX_BITS, before doing it."""
-    both_int = isinstance(left, int) and isinstance(right, int)
+    """Refuse a product or power whose integer result would pass _MAX_BITS, before doing it.
+
+    The estimate is within a bit of the result's size; the exact check follows it.
+    """
+    if not (isinstance(left, int) and isinstance(right, int)):
+        return  # a float's result overflows (OverflowError) in microseconds instead
     if isinstance(op, ast.Pow):
-        if abs(right) > _MAX_EXPONENT:
-            raise ToolError(f"exponent larger than {_MAX_EXPONENT}")
-        grows_to = _bits(left) * right if both_int and right > 0 else 0
+        grows_to = right * math.log2(abs(left)) if right > 0 and abs(left) > 1 else 0
     elif isinstance(op, ast.Mult):
-        grows_to = _bits(left) + _bits(right) if both_int else 0
+        grows_to = _bits(left) + _bits(right) - 1
     else:
-        grows_to = 0
+        return
     if grows_to > _MAX_BITS:
         raise ToolError(f"result larger than 2**{_MAX_BITS}")
 
@@ -61,8 +65,9 @@ def _check_size(op: ast.operator, left: Any, right: Any) -> None:
 def evaluate(expression: str) -> float | int:
     """Arithmetic only: numbers and + - * / // % **, nothing Python could execute.
 
-    The work is bounded as well as the input: no integer above 2**4096, no
-    exponent above 100, no float that overflows, so one call takes microseconds.
+    The work is bounded as well as the input: no integer above 2**4096 (a
+    product or power that would pass it is refused before it is computed), no
+    float that overflows, so one call takes microseconds.
     """
     if len(expression) > _MAX_EXPRESSION:
         raise ToolError(f"expression longer than {_MAX_EXPRESSION} characters")
@@ -82,11 +87,14 @@ def evaluate(expression: str) -> float | int:
             left, right = walk(node.left), walk(node.right)
             _check_size(node.op, left, right)
             try:
-                return _BINARY[type(node.op)](left, right)
+                value = _BINARY[type(node.op)](left, right)
             except ZeroDivisionError as err:
                 raise ToolError("division by zero") from err
             except OverflowError as err:
                 raise ToolError("result too large") from err
+            if _bits(value) > _MAX_BITS:
+                raise ToolError(f"result larger than 2**{_MAX_BITS}")
+            return value
         if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
             return _UNARY[type(node.op)](walk(node.operand))
         raise ToolError(f"unsupported element in expression: {ast.dump(node)[:60]}")
@@ -96,7 +104,8 @@ def evaluate(expression: str) -> float | int:
         raise ToolError("the result is not a real number")
     if isinstance(result, float) and not math.isfinite(result):
         raise ToolError("result too large")
-    return int(result) if isinstance(result, float) and result.is_integer() else result
+    exact = isinstance(result, float) and result.is_integer()
+    return int(result) if exact and abs(result) <= _EXACT_FLOAT_INTEGERS else result
 
 
 async def get_current_time(ctx: ToolContext) -> str:

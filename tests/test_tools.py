@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from actors.builtin_tools import BUILTIN_TOOLS, evaluate
+from actors.builtin_tools import BUILTIN_TOOLS, calculator, evaluate
 from actors.tools import (
     Tool,
     ToolContext,
@@ -59,6 +59,10 @@ TOOLS = RUNNER
         ("-3**2", -9),
         ("2**10", 1024),
         ("1.5*2", 3),
+        ("2**1000", 2**1000),
+        ("2**4095+(2**4095-1)", 2**4096 - 1),
+        ("1**100000", 1),
+        ("1.5**150", 1.5**150),
     ],
 )
 def test_calculator_evaluates_arithmetic(expression: str, value: float) -> None:
@@ -70,7 +74,8 @@ def test_calculator_evaluates_arithmetic(expression: str, value: float) -> None:
     [
         "__import__('os')",
         "a+1",
-        "2**1000",
+        "2**4096",
+        "2**4095+2**4095",
         "1/0",
         "[1,2]",
         "2+",
@@ -89,6 +94,22 @@ def test_calculator_evaluates_arithmetic(expression: str, value: float) -> None:
 def test_calculator_refuses_anything_but_arithmetic(expression: str) -> None:
     with pytest.raises(ToolError):
         evaluate(expression)
+
+
+@pytest.mark.parametrize(
+    ("expression", "shown"),
+    [
+        ("10**20/3", "3.333333333333333e+19"),
+        ("1e23", "1e+23"),
+        ("0.1*3*10**20", "3.0000000000000004e+19"),
+        ("2.0**53", "9007199254740992"),
+        ("6*7.0", "42"),
+    ],
+)
+def test_a_float_is_shown_as_an_integer_only_where_its_digits_are_exact(
+    expression: str, shown: str
+) -> None:
+    assert calculator(expression) == shown
 
 
 async def test_the_clock_tool_reads_the_injected_time() -> None:
