@@ -289,7 +289,7 @@ async def test_a_sync_tool_that_hangs_holds_only_its_own_slots_never_the_loops_t
 
 
 async def test_a_tools_text_with_a_lone_surrogate_is_made_encodable() -> None:
-    outside = json.loads('"a\\ud800b"')  # what json.loads makes of outside data
+    outside: str = json.loads('"a\\ud800b"')  # what json.loads makes of outside data
 
     def echo(text: str) -> str:
         """Echo."""

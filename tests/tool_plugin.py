@@ -60,7 +60,8 @@ def not_text() -> bytes:
 
 def from_outside() -> str:
     """Returns text as `json.loads` makes it from outside data: with a lone surrogate."""
-    return json.loads('"half a pair: \\ud83d."')
+    text: str = json.loads('"half a pair: \\ud83d."')
+    return text
 
 
 def project_notes() -> str:
