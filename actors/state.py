@@ -17,8 +17,9 @@ from typing import Literal
 import msgspec
 from msgspec.structs import replace
 
-from actors.content import HistoryMessage, merge_blocks
+from actors.content import HistoryMessage, answer_text, merge_blocks
 from actors.sizing import assemble
+from actors.tools import ToolMessage
 from events.codec import Unreadable
 from events.vocabulary import (
     AnswerRequested,
@@ -420,6 +421,22 @@ def latest_messages(state: Conversation) -> Iterator[Message]:
 
 def message(state: Conversation, message_id: str) -> Message | None:
     return next((m for m in state.messages if m.message_id == message_id), None)
+
+
+def messages_for_tools(state: Conversation) -> tuple[ToolMessage, ...]:
+    """The latest versions as a tool reads them (`search_messages`): an answer by the
+    text the model was shown of it, its thinking left out as the history leaves it
+    out; the answer being written is not one yet."""
+    active = state.active.turn_id if state.active else None
+    return tuple(
+        ToolMessage(
+            message_id=m.message_id,
+            role=m.role,
+            text=m.text if m.role != "assistant" else answer_text(m.blocks),
+        )
+        for m in latest_messages(state)
+        if m.message_id != active
+    )
 
 
 def history_of(state: Conversation, upto: str | None = None) -> list[HistoryMessage]:

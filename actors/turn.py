@@ -32,7 +32,12 @@ import aiohttp
 import msgspec
 
 from actors.billing import Accounts
-from actors.content import build_history, refused_tool, tool_round_messages, visible_tools
+from actors.content import (
+    build_history,
+    refused_tool,
+    tool_round_messages,
+    visible_tools,
+)
 from actors.decide import (
     CHARS_PER_TOKEN,
     ModelChoice,
@@ -55,8 +60,8 @@ from actors.model_stream import (
     Usage,
 )
 from actors.models import MAX_TOOL_ROUNDS, ModelCatalog, ModelSpec, endpoint_api_key
-from actors.state import Conversation, history_of, latest_messages
-from actors.tools import ToolContext, ToolMessage, ToolOutcome, ToolRunner
+from actors.state import Conversation, history_of, messages_for_tools
+from actors.tools import ToolContext, ToolOutcome, ToolRunner
 from actors.writer import ALWAYS_CURRENT, NO_TICK, AppendTick, EventWriter, TurnStream, WriteGate
 from events.errors import EventLogError, EventLogUnavailable
 from events.ids import new_id as make_id
@@ -394,7 +399,7 @@ class TurnRunner:
             user_id=state.user_id,
             project_id=state.project_id,
             now_ns=ctx.clock(),
-            messages=_tool_messages(state),
+            messages=messages_for_tools(state),
         )
         for call in calls:
             stream.event(decide_tool_call(state, call, ctx.clock(), ctx.new_id))
@@ -528,19 +533,6 @@ def _tally(item: StreamItem, result: RoundResult) -> None:
 
 def _still_running(state: Conversation, turn_id: str) -> bool:
     return state.active is not None and state.active.turn_id == turn_id
-
-
-def _tool_messages(state: Conversation) -> tuple[ToolMessage, ...]:
-    active = state.active.turn_id if state.active else None
-    return tuple(
-        ToolMessage(
-            message_id=m.message_id,
-            role=m.role,
-            text=m.text if m.role != "assistant" else "\n".join(b.content for b in m.blocks),
-        )
-        for m in latest_messages(state)
-        if m.message_id != active
-    )
 
 
 def add_usage(
