@@ -314,7 +314,10 @@ def decide_title(
     """Every turn announces the title: made from the first user message while the
     conversation is untitled, otherwise the existing one."""
     if needs_title(state.title):
-        first_user = next((m.text for m in state.messages if m.role == "user"), new_user_text)
+        # the first in force: an edit of the first message replaces it here too
+        first_user = next(
+            (m.text for m in latest_messages(state) if m.role == "user"), new_user_text
+        )
         generated = auto_title(first_user)
         if generated:
             return Title(

@@ -38,6 +38,7 @@ from actors.state import (
     fold,
     history_of,
     latest_messages,
+    messages_for_tools,
     partial_content,
 )
 from events.vocabulary import (
@@ -390,6 +391,22 @@ def test_a_turn_with_tool_calls_is_stored_as_merged_blocks() -> None:
     assert partial_content(state) == [], "no active turn: no partial content"
 
 
+def test_a_tool_reads_an_answer_as_the_model_was_shown_it_without_its_thinking() -> None:
+    state, turn = started_turn("Where are the keys?")
+    state = fold(
+        state,
+        [
+            chunk(turn, "thinking", "the user's PIN is 4471", 1),
+            chunk(turn, "answer", "In Settings.", 2),
+        ],
+    )
+    # the answer being written is not a message a tool can read yet
+    assert [m.text for m in messages_for_tools(state)] == ["Where are the keys?"]
+    state = evolve(state, decide_done(state, "stop", TurnTotals(1, 1), NOW, Ids("d")))
+    read = [(m.message_id, m.role, m.text) for m in messages_for_tools(state)]
+    assert read == [("msg-1", "user", "Where are the keys?"), (turn, "assistant", "In Settings.")]
+
+
 def test_a_failed_turn_keeps_its_partial_content_and_counts_its_tokens() -> None:
     state, turn = started_turn()
     state = finished(state, 100, 20)  # a first turn: 120 tokens
@@ -564,6 +581,16 @@ def test_an_edit_of_a_message_on_a_branch_no_longer_in_force_is_refused() -> Non
     )
     outcome = decide_request(state, cmd, NOW, Ids())
     assert isinstance(outcome, Rejected) and outcome.code == "superseded", f"saw {outcome!r}"
+
+
+def test_an_untitled_conversation_is_titled_from_its_first_message_as_edited() -> None:
+    state, _ = started_turn("yo")  # no word long enough: the conversation stays untitled
+    state = finished(state)
+    assert state.title == "", f"saw {state.title!r}"
+    state = edited(state, "msg-1", 2)
+    title = decide_title(state, "edit 2", "turn-2", NOW, Ids())
+    # the first message in force is the edit ("edit 2"), not the "yo" it replaced
+    assert (title.title, title.source) == ("edit", "auto"), f"saw {title!r}"
 
 
 def test_regenerating_an_answer_on_a_branch_no_longer_in_force_is_refused() -> None:
