@@ -232,6 +232,7 @@ def decide_rejection(
         code=why.code,
         message=why.message,
         turn_id=why.turn_id,
+        idle=state.active is None and not state.queue,
     )
 
 
@@ -273,6 +274,7 @@ def decide_start(
                 message_id=queued.regenerates or queued.user_message_id,
                 code=why.code,
                 message=why.message,
+                idle=len(state.queue) == 1,  # this one was the last waiting
             )
         ]
     turn_id = turn_id or new_id()

@@ -84,7 +84,8 @@ class Delivery(msgspec.Struct, gc=False):
     started: str | None
     ended: str | None
     # For a turn end the hub delivers live: nothing followed it in the log and no
-    # turn ran when the hub looked (a viewer without a turn filter then ends).
+    # turn ran when the hub looked (a viewer without a turn filter then ends). A
+    # refusal says so itself, as its actor saw it (`CommandRejected.idle`).
     idle_after: bool | None = None
 
     @classmethod
@@ -104,6 +105,7 @@ class Delivery(msgspec.Struct, gc=False):
             ends_turn=any(e.event == "done" for e in pieces),
             started=event.turn_id if isinstance(event, Started) else None,
             ended=event.turn_id if isinstance(event, TurnEnd) else None,
+            idle_after=event.idle if isinstance(event, CommandRejected) else None,
         )
 
     @property
@@ -450,7 +452,11 @@ class Hub:
     def _asks_whether_idle(self, delivery: Delivery) -> bool:
         # Only a viewer without a turn filter asks whether the conversation went
         # idle; a POST stream ends on its own turn's end (no Redis, no log read).
-        return delivery.ends_turn and any(s.turn is None for s in self.subscriptions)
+        return (
+            delivery.ends_turn
+            and delivery.idle_after is None
+            and any(s.turn is None for s in self.subscriptions)
+        )
 
     async def _deliver(self, stored: StoredEvent) -> None:
         delivery = Delivery.of(stored)

@@ -295,11 +295,15 @@ async def _catch_up(
     after = viewer.position.after()
     if after < snapshot.floor:
         async for stored in read_range(app[LOG], conversation_id, after, snapshot.floor):
-            await write(Delivery.of(stored), None)
+            delivery = Delivery.of(stored)
+            await write(delivery, delivery.idle_after)
             if viewer.ended.done():
                 return
     for delivery in snapshot.ring:
-        await write(delivery, None)
+        # what the hub found live of a turn's end is looked at again; a refusal's
+        # own word (`CommandRejected.idle`) stands
+        refusal = isinstance(delivery.stored.event, CommandRejected)
+        await write(delivery, delivery.idle_after if refusal else None)
         if viewer.ended.done():
             return
     pending = viewer.pending

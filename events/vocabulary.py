@@ -206,6 +206,10 @@ class CommandRejected(Event, tag="command_rejected", frozen=True):
     message: str
     message_id: str = ""
     turn_id: str | None = None  # code "busy": the turn that is running
+    # No turn ran or waited to run when it was refused (the actor's state, so a
+    # viewer reads the same from the log live or later); None in logs written
+    # before it was recorded.
+    idle: bool | None = None
 
 
 class CreditsGranted(Event, tag="credits_granted", frozen=True):

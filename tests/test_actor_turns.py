@@ -541,6 +541,36 @@ async def test_a_viewer_of_the_conversation_is_not_shown_refusals_while_turns_go
     assert "error" not in [e.event for e in seen], [(e.event, e.data) for e in seen]
 
 
+async def test_a_refusal_on_an_idle_conversation_reads_the_same_live_and_resumed(
+    api: SseClient, event_log: EventLog
+) -> None:
+    """The viewer watching live was shown nothing (the actor's record of the request
+    being decided made the conversation look busy), one resuming from the same id
+    an error and its end: the same position read two ways."""
+    cid = (await api.create_conversation())["id"]
+    await api.send_stream(cid, "hi [[tokens=2]]")
+    end = (await event_log.read(cid))[-1].seq
+    regenerate = f"/v1/conversations/{cid}/messages/no-such-message/regenerate"
+    async with asyncio.timeout(30):
+        async with api.events(cid, after=str(end)) as live:
+            assert live.status == 200
+            status, body = await api.request("POST", regenerate, json={})
+            assert status == 404, body  # the actor refused it, and the log says so
+            seen_live = [(e.id, e.event) async for e in sse_events(live)]
+        status, body = await api.request("POST", regenerate, json={})
+        assert status == 404, body
+        log = await event_log.read(cid)  # the edge answered from the refusal in the log
+        refusals = [s.seq for s in log if isinstance(s.event, CommandRejected)]
+        assert len(refusals) == 2, log[-3:]
+        resumed = []
+        for position in (end, refusals[0]):  # each stream ends at the first refusal it shows
+            async with api.events(cid, after=str(position)) as again:
+                resumed.append([(e.id, e.event) async for e in sse_events(again)])
+    first, second = refusals
+    assert seen_live == [(f"{first}-0", "error"), (str(first), "done")], seen_live
+    assert resumed == [seen_live, [(f"{second}-0", "error"), (str(second), "done")]], resumed
+
+
 async def test_a_tool_running_when_its_turn_is_cancelled_gets_an_end_too(
     api: SseClient, event_log: EventLog
 ) -> None:

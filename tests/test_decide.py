@@ -25,6 +25,7 @@ from actors.decide import (
     decide_cancelled,
     decide_done,
     decide_failed,
+    decide_rejection,
     decide_request,
     decide_start,
     decide_title,
@@ -591,6 +592,23 @@ def test_an_untitled_conversation_is_titled_from_its_first_message_as_edited() -
     title = decide_title(state, "edit 2", "turn-2", NOW, Ids())
     # the first message in force is the edit ("edit 2"), not the "yo" it replaced
     assert (title.title, title.source) == ("edit", "auto"), f"saw {title!r}"
+
+
+def test_a_refusal_records_whether_a_turn_ran_or_waited_when_it_was_made() -> None:
+    missing = Regenerate(
+        conversation_id=CONV,
+        command_id="cmd-9",
+        user_id=USER,
+        at=NOW,
+        message_id="nope",
+        on_busy="enqueue",
+    )
+    running, _ = started_turn()
+    for state, idle in ((running, False), (finished(running), True)):
+        why = decide_request(state, missing, NOW, Ids())
+        assert isinstance(why, Rejected) and why.code == "not_found", f"saw {why!r}"
+        refusal = decide_rejection(state, missing, why, NOW, Ids())
+        assert refusal.idle is idle, f"saw {refusal!r}"
 
 
 def test_regenerating_an_answer_on_a_branch_no_longer_in_force_is_refused() -> None:
