@@ -154,8 +154,9 @@ class SseViewer(Subscription):
         if not self.admits(delivery, delivery.idle_after):
             return
         data = delivery.wanted_by(self.position)
-        if data:
-            self.send(data)
+        if not data:
+            return  # seen already: `after=N-0` of a one-piece end is all of it, as `N` is
+        self.send(data)
         if delivery.ends_turn and (self.turn is not None or delivery.idle_after):
             self.end("done")
 
@@ -285,8 +286,9 @@ async def _catch_up(
         if not viewer.admits(delivery, idle_after):
             return
         data = delivery.wanted_by(viewer.position)
-        if data:
-            await _bounded(request, response.write(data))
+        if not data:
+            return  # seen already: an end the viewer had does not end it again
+        await _bounded(request, response.write(data))
         if not delivery.ends_turn or viewer.ended.done():
             return
         if viewer.turn is not None or idle_after:

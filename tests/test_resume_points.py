@@ -88,3 +88,22 @@ async def test_a_viewer_cut_off_at_any_points_sees_the_turn_exactly_once(
     assert len(ids) == len(set(ids)), f"events repeated after cuts {cuts}"
     assert ids == [e.id for e in reference], f"events lost or reordered after cuts {cuts}"
     assert [e.raw for e in seen] == [e.raw for e in reference]
+
+
+async def test_resuming_at_piece_0_of_a_one_piece_end_is_resuming_after_it(
+    api: SseClient,
+) -> None:
+    """`N-0` names the first piece of event N: of a one-piece `done`, all of it, as `N`
+    does. The stream closed at once with nothing in it, and EventSource reconnected
+    with the same id every second for good."""
+    cid = (await api.create_conversation())["id"]
+    first = await api.send_stream(cid, "hi [[tokens=2]]")
+    assert first[-1].event == "done" and first[-1].id is not None, first[-1]
+    end = first[-1].id
+    assert "-" not in end, f"expected a one-piece end, saw id {end!r}"
+    for resume in ({"after": f"{end}-0"}, {"last_event_id": f"{end}-0"}):
+        async with api.events(cid, **resume) as viewer, asyncio.timeout(30):
+            assert viewer.status == 200
+            await api.send_json(cid, "again [[tokens=2]]")
+            seen = await until_done(viewer)
+        assert seen[0].event == "started" and seen[-1].data == "ok", [e.event for e in seen]
