@@ -128,24 +128,28 @@ class PartitionLeases:
         """Renew, take and give back leases; returns the partitions gained and lost.
         With `take` false (a stopping worker's grace period) only renew what it holds.
 
-        A tick that cannot reach the bucket keeps what it holds while no lease can
-        have lapsed yet (nobody can take one before), so a leader election in the
-        NATS cluster does not stop running turns; after that it gives them all up.
+        A tick that cannot reach the bucket (NATS away, a leader election) keeps
+        what it holds: nobody else can take a lease from a bucket nobody reaches,
+        and giving them up would cut every running turn, whose events wait for
+        NATS in the worker. Once a lease may have lapsed, the `WriteGate` holds
+        every append until a renewal gets through and says which partitions are
+        still ours: a lapsed one nobody took is taken again, one another worker
+        took is lost (`_tick`), as after a pause.
         """
         try:
             return await self._tick(busy, take)
         except _TRANSIENT as err:
-            if time.monotonic() - self._renewed_at < _KEEP_FOR * self.ttl_s:
+            if self.current():
                 log.warning(
                     "partition leases not renewed; trying again", extra={"error": describe(err)}
                 )
-                return set(), set()
-            lost, self.owned = set(self.owned), {}
-            log.warning(
-                "partition leases given up: not renewed in time",
-                extra={"error": describe(err), "partitions": sorted(lost)},
-            )
-            return set(), lost
+            else:
+                log.warning(
+                    "partition leases not renewed in time; appends wait until a renewal"
+                    " says which are still ours",
+                    extra={"error": describe(err), "partitions": sorted(self.owned)},
+                )
+            return set(), set()
 
     async def _tick(self, busy: Callable[[int], bool], take: bool) -> tuple[set[int], set[int]]:
         began = time.monotonic()

@@ -56,9 +56,14 @@ LEASE_TTL_S = 3.0
 
 
 @pytest.fixture(scope="module")
-def own_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+def own_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
     with EmbeddedStack(Path(tmp_path_factory.mktemp("roles-stack"))) as running:
-        yield running.urls
+        yield running
+
+
+@pytest.fixture(scope="module")
+def own_stack(own_servers: EmbeddedStack) -> Servers:
+    return own_servers.urls
 
 
 @pytest.fixture(scope="module")
@@ -507,6 +512,42 @@ async def test_a_worker_paused_longer_than_its_leases_goes_on_where_nobody_took_
             worker.terminate()
             worker.wait(10)
     assert ends == [Done, Done], ends
+
+
+async def test_a_nats_outage_longer_than_the_leases_lets_running_turns_finish(
+    own_servers: EmbeddedStack,
+    own_nc: NatsClient,
+    demo_model_url: str,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The worker gave every lease up once NATS had been away for most of their
+    lifetime, cancelling its turns; when NATS came back it found them open and
+    ended them as a dead worker's (`worker_lost`, tokens estimated from the log)
+    though it had been streaming them all along. Nobody can take a lease while
+    nobody reaches NATS: it keeps them, and its appends wait for a renewal."""
+    caplog.set_level(logging.WARNING, logger="actors.partitions")
+    event_log = EventLog(own_nc.jetstream())
+    async with roles(own_servers.urls, demo_model_url, "edge", "worker") as services:
+        api = SseClient(http, services.edge_url, token_for("roles-outage"))
+        cid = (await api.create_conversation())["id"]
+        await api.send_json(cid, "long [[tokens=60]] [[rate=20]]")
+        await _until(event_log, cid, lambda log: sum(isinstance(e, Chunk) for e in log) >= 3)
+        nats_pid = own_servers.pids["nats"]
+        os.kill(nats_pid, signal.SIGSTOP)
+        try:
+            async with asyncio.timeout(30):  # until the leases may have lapsed
+                while True:
+                    if any("not renewed in time" in r.getMessage() for r in caplog.records):
+                        break
+                    await asyncio.sleep(0.1)
+        finally:
+            os.kill(nats_pid, signal.SIGCONT)
+        ends = await _ends(event_log, cid, 1)
+        log = [s.event for s in await event_log.read(cid)]
+    assert ends == [Done], [e for e in log if isinstance(e, Failed)]
+    answer = "".join(e.text for e in log if isinstance(e, Chunk))
+    assert answer.split() == [str(i) for i in range(60)], answer
 
 
 async def test_an_append_after_the_leases_lapsed_waits_for_a_renewal_that_says_whose_it_is(
