@@ -21,6 +21,10 @@ heartbeat every `heartbeat_s` while a request waits. So:
   (the server says so to waiting requests; a request nobody answers asks
   `exists`, as a stream leader in election answers none either).
 
+While `may_ask` says no (the worker's lease on the partition is in doubt after
+an outage or a pause: another worker may hold it by now), the feed asks for
+nothing and the commands wait in the consumer for whoever owns it.
+
 Closing the feed (`stop`) asks for nothing more and waits until the server
 holds none of its requests (each answered in full, or expired: `expires_s`),
 handing what still arrives meanwhile to `late`, then drains its inbox. The
@@ -79,6 +83,7 @@ class CommandFeed:
         exists: Callable[[], Awaitable[bool]],
         *,
         late: Callable[[Msg], Awaitable[None]] | None = None,
+        may_ask: Callable[[], bool] = lambda: True,
         window: int = WINDOW,
         expires_s: float = EXPIRES_S,
         heartbeat_s: float = HEARTBEAT_S,
@@ -88,6 +93,7 @@ class CommandFeed:
         self._deliver = deliver
         self._exists = exists
         self._late = late  # None: what arrives while closing is handed back at once
+        self._may_ask = may_ask  # false: ask for nothing more for now (a lease in doubt)
         self._window = window
         self._expires_s = expires_s
         self._heartbeat_s = heartbeat_s
@@ -162,6 +168,8 @@ class CommandFeed:
         """Ask for what the window lacks, once half of it has arrived."""
         lacking = self._window - self._asked
         if lacking < self._window // 2 or not self._nc.is_connected or self._sub is None:
+            return
+        if not self._may_ask():
             return
         request = _Request(
             batch=lacking,

@@ -221,6 +221,9 @@ class WorkerHost:
             dispatch,
             exists,
             late=self._hold,
+            # After an outage or a pause the lease may be another worker's by now: ask
+            # for its commands again once a renewal has said it is still ours.
+            may_ask=lambda: partition in self.leases.owned and self.leases.current(),
         )
         await feed.run(stop)
 

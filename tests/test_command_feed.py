@@ -119,6 +119,36 @@ async def test_commands_keep_arriving_across_expired_requests(
     assert reader.got == [str(i).encode() for i in range(9)]
 
 
+async def test_a_feed_that_may_not_ask_leaves_the_commands_to_the_consumer(
+    nc: NatsClient, partition: Partition
+) -> None:
+    """A worker whose lease is in doubt (NATS was away longer than it lives) asks
+    for none of the partition's commands: another worker may own them by now."""
+    allowed = False
+    asked_whether = 0
+    checked = asyncio.Event()
+
+    def may_ask() -> bool:
+        nonlocal asked_whether
+        asked_whether += 1
+        if asked_whether >= 3:
+            checked.set()
+        return allowed
+
+    await partition.publish(3)
+    reader = Reader(nc, partition, may_ask=may_ask, heartbeat_s=0.05)
+    try:
+        async with asyncio.timeout(LIMIT_S):
+            await checked.wait()  # three rounds of the feed, none of them asking
+        info = await partition.js.consumer_info(partition.name, "d")
+        assert (reader.got, info.num_waiting, info.num_pending) == ([], 0, 3), info
+        allowed = True
+        got = await reader.until(3)
+    finally:
+        await reader.close()
+    assert got == [b"0", b"1", b"2"]
+
+
 async def test_a_command_after_a_feed_closed_goes_to_the_next_reader_at_once(
     nc: NatsClient, partition: Partition
 ) -> None:
