@@ -150,7 +150,7 @@ async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
                 raise
             await asyncio.sleep(0.1 * (attempt + 1))
     app[POOL] = pool
-    app[STORE] = ReadStore(pool)
+    app[STORE] = ReadStore(pool, timeout_s=app[CONFIG].postgres_timeout_s)
     yield
     await pool.close()
 

@@ -82,3 +82,6 @@ class EdgeConfig(msgspec.Struct, frozen=True):
     # /readyz gives each of NATS, Postgres and Redis this long to answer: a server
     # that hangs makes the edge unready, not the probe time out.
     ready_timeout_s: float = 1.0
+    # Every other read of Postgres waits this long before its request answers 503: a
+    # server that hangs breaks no connection (projections.store.bounded).
+    postgres_timeout_s: float = 5.0

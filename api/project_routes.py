@@ -20,7 +20,7 @@ import msgspec
 from aiohttp import web
 
 from api.access import owned_conversation, project_of_member
-from api.context import CONFIG, LOG, POOL, PROJECTS, REDIS, STORE, claims_of
+from api.context import CONFIG, LOG, PROJECTS, REDIS, STORE, claims_of
 from api.errors import ApiError, bad_request, not_found
 from api.responses import (
     AccountView,
@@ -279,7 +279,7 @@ async def get_ledger(request: web.Request) -> web.Response:
 
 async def list_models(request: web.Request) -> web.Response:
     """The configured models, each with its version in force and its prices."""
-    listings = await models_of(request.app[POOL])
+    listings = await models_of(request.app[STORE].queries)
     return answer(msgspec.convert(msgspec.to_builtins({"models": listings}), ModelList))
 
 

@@ -104,7 +104,7 @@ from events.ids import new_id
 from events.subjects import EVT_STREAM, valid_id
 from events.turns import TurnRecord
 from events.vocabulary import ConversationCreated
-from projections.store import ConversationRow
+from projections.store import ConversationRow, bounded
 
 log = logging.getLogger(__name__)
 
@@ -239,21 +239,24 @@ async def create_conversation(request: web.Request) -> web.Response:
     # expected sequence 0: the id is fresh, and nothing may precede the header
     seq = await request.app[LOG].append(header.conversation_id, [header], expected_seq=0)
     request.app[HEADERS].put(header, made_at=seq)
-    await _wait_for_projection(request, seq)
-    return answer(await conversation_detail(request, header, fresh=True), status=201)
+    if await _projected_within(request, seq):
+        return answer(await conversation_detail(request, header, fresh=True), status=201)
+    # not projected yet (or Postgres does not answer): the header is the answer
+    return answer(_with_turn(_unprojected_info(header), None), status=201)
 
 
-async def _wait_for_projection(request: web.Request, seq: int) -> None:
-    """Read-your-writes for the common case: wait briefly until the row exists."""
+async def _projected_within(request: web.Request, seq: int) -> bool:
+    """Read-your-writes for the common case: whether the row exists within a moment."""
     deadline = time.monotonic() + request.app[CONFIG].create_wait_s
     store = request.app[STORE]
-    while time.monotonic() < deadline:
+    while (left := deadline - time.monotonic()) > 0:
         try:
-            if await store.position() >= seq:
-                return
-        except POSTGRES_AWAY:
-            return  # no row to wait for: the answer comes from the header
+            if await bounded(store.position(), left) >= seq:
+                return True
+        except POSTGRES_AWAY:  # TimeoutError too
+            return False
         await asyncio.sleep(0.01)
+    return False
 
 
 async def list_conversations(request: web.Request) -> web.Response:
@@ -433,8 +436,8 @@ async def _probe(name: str, check: Awaitable[None], within_s: float) -> str | No
     public: what a client library says (an internal host and port, often) goes to
     the log, and the answer names only the kind of failure, or parley's own words."""
     try:
-        async with asyncio.timeout(within_s):
-            await check
+        # not asyncio.timeout: a query cancelled at a hung Postgres would hold the probe
+        await bounded(check, within_s)
     except TimeoutError:
         return f"{name}: no answer within {within_s:g} s"
     except UNAVAILABLE as err:

@@ -2,10 +2,62 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import msgspec
+
+T = TypeVar("T")
+
+# How long the edge waits for Postgres before answering 503: a server that hangs
+# (stopped, swapping, a full disk) answers nothing and breaks no connection.
+QUERY_TIMEOUT_S = 5.0
+
+
+async def bounded(work: Awaitable[T], within_s: float) -> T:
+    """`work`'s result, or TimeoutError after `within_s`, whatever `work` does then.
+
+    `asyncio.timeout` is not enough against a Postgres that hangs: the query it
+    cancels hands its connection back to asyncpg's pool, which first waits,
+    without a limit and shielded from cancellation, for the server to confirm
+    the cancel. Here the caller goes on at the deadline and the work is left to
+    end by itself (when the server answers, or its connection breaks)."""
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.wait({task}, timeout=within_s)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not task.done():
+        task.cancel()
+        task.add_done_callback(_retrieved)
+        raise TimeoutError(f"no answer within {within_s:g} s")
+    return task.result()
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # seen: an abandoned query's error is not worth a warning
+
+
+class BoundedQueries:
+    """A pool's read queries, each answered or given up (TimeoutError) in time."""
+
+    def __init__(self, pool: Any, timeout_s: float = QUERY_TIMEOUT_S) -> None:
+        self.pool = pool
+        self.timeout_s = timeout_s
+
+    async def fetch(self, query: str, *args: Any) -> list[Any]:
+        rows: list[Any] = await bounded(self.pool.fetch(query, *args), self.timeout_s)
+        return rows
+
+    async def fetchrow(self, query: str, *args: Any) -> Any:
+        return await bounded(self.pool.fetchrow(query, *args), self.timeout_s)
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        return await bounded(self.pool.fetchval(query, *args), self.timeout_s)
 
 
 class ConversationRow(msgspec.Struct, frozen=True):
@@ -121,8 +173,11 @@ _MESSAGE_COLUMNS = (
 
 
 class ReadStore:
-    def __init__(self, pool: Any, *, projection: str = "read_models") -> None:
-        self._pool = pool
+    def __init__(
+        self, pool: Any, *, projection: str = "read_models", timeout_s: float = QUERY_TIMEOUT_S
+    ) -> None:
+        self.queries = BoundedQueries(pool, timeout_s)
+        self._pool = self.queries
         self._projection = projection
         # The position last read: while Postgres is away the checkpoint cannot move
         # (it moves only by a commit there), so the lag is still known from it.

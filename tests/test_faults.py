@@ -352,6 +352,80 @@ async def ended(event_log: EventLog, cid: str, turns: int = 2) -> bool:
 # ---------------------------------------------------------------- Redis
 
 
+def _process_tree(root: int) -> list[int]:
+    """`root` and every process below it (Postgres: the postmaster and its backends)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text()
+                parent = int(stat.rsplit(")", 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+@contextlib.contextmanager
+def hung(root: int) -> Iterator[None]:
+    """A server that hangs (stopped, swapping, a full disk): no answer, no broken
+    connection."""
+    stopped = _process_tree(root)
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
+async def test_a_postgres_that_hangs_makes_requests_answer_in_time_not_hang(
+    fault_stack: EmbeddedStack, model_url: str, http: aiohttp.ClientSession
+) -> None:
+    """With Postgres stopped, /readyz, /metrics, the list, the models and even
+    creating a conversation (which needs no Postgres) waited for ever: a cancelled
+    query hands its connection back to asyncpg's pool, which waits, unbounded and
+    shielded, for the hung server to confirm the cancel."""
+    async with roles(fault_stack, model_url, "faults_pg_hang") as services:
+        api = SseClient(http, services.edge_url, token_for(f"faults-{new_id()}"))
+        await api.create_conversation()  # the pool's connections exist and are idle
+
+        async def timed(method: str, path: str, **kwargs: Any) -> tuple[int, float]:
+            """Its status, and how long it took (in the message when it fails)."""
+            began = time.monotonic()
+            async with asyncio.timeout(20):  # the probes 1 s, a create 2 s, reads 5 s
+                status, _ = await api.request(method, path, **kwargs)
+            return status, time.monotonic() - began
+
+        with hung(fault_stack.pids["postgres"]):
+            answers = dict(
+                zip(
+                    ("ready", "metrics", "list", "models", "create"),
+                    await asyncio.gather(
+                        timed("GET", "/readyz"),
+                        timed("GET", "/metrics"),
+                        timed("GET", "/v1/conversations"),
+                        timed("GET", "/v1/models"),
+                        timed("POST", "/v1/conversations", json={}),
+                    ),
+                    strict=True,
+                )
+            )
+    statuses = {name: status for name, (status, _) in answers.items()}
+    assert statuses == {
+        "ready": 503,
+        "metrics": 200,
+        "list": 503,
+        "models": 503,
+        "create": 201,
+    }, answers
+
+
 async def test_redis_killed_mid_turn_turns_run_cancel_works_and_nothing_is_lost(
     fault_stack: EmbeddedStack, model_url: str, http: aiohttp.ClientSession
 ) -> None:
