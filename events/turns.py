@@ -20,6 +20,7 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
+import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.driver_info import DriverInfo
@@ -66,6 +67,11 @@ return 0
 POOL_CONNECTIONS = 64
 
 
+# Every command here is small (no blocking reads): 2 s is a hung server, or a
+# process so loaded that the turn record is the least of its delays.
+SOCKET_TIMEOUT_S = 2.0
+
+
 def redis_client(
     url: str, *, max_connections: int = POOL_CONNECTIONS, wait_s: float = 5.0
 ) -> aioredis.Redis:
@@ -78,13 +84,17 @@ def redis_client(
     after a Redis restart every pooled connection is dead, and without this each
     would fail one request before it was replaced. What is sent here may run twice
     after a reply was lost (SET, SET NX, ZADD, a token taken): harmless for each.
-    A Redis that is down still fails fast (two refused connects).
+    A Redis that is down still fails fast (two refused connects). One that hangs
+    (stopped, swapping) fails a command after `SOCKET_TIMEOUT_S`, not tried again:
+    with redis-py's defaults (5 s, tried twice) a project's turn waited 10 s for
+    its turn record, and a conversation's details 10 s for their 503.
     """
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
         timeout=wait_s,
-        retry=Retry(NoBackoff(), 1),
+        socket_timeout=SOCKET_TIMEOUT_S,
+        retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
         driver_info=_DRIVER_INFO,
     )
     return aioredis.Redis(connection_pool=pool)

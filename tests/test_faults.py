@@ -37,6 +37,7 @@ from projections.projector import Projector
 from tests.conftest import SECRET, token_for
 from tests.conftest import test_catalog as catalog_for_tests
 from tests.sse import SseClient, SseEvent, read_sse
+from tests.test_billing import grant, new_project
 from tests.test_projection import running as projector_running
 from tests.test_projection_rebuild import _differences, _snapshot
 
@@ -424,6 +425,33 @@ async def test_a_postgres_that_hangs_makes_requests_answer_in_time_not_hang(
         "models": 503,
         "create": 201,
     }, answers
+
+
+async def test_a_redis_that_hangs_holds_a_projects_turn_for_seconds_not_ten(
+    fault_stack: EmbeddedStack, model_url: str, http: aiohttp.ClientSession
+) -> None:
+    """A project's turn waits for its turn record before it starts; redis-py's
+    defaults (5 s a command, tried twice) made that 10 s against a stopped Redis."""
+    async with roles(fault_stack, model_url, "faults_redis_hang") as services:
+        assert services.worker is not None
+        event_log = EventLog(services.worker._ctx.log._js)
+        user = f"faults-{new_id()}"
+        api = SseClient(http, services.edge_url, token_for(user))
+        admin = SseClient(http, services.edge_url, token_for("admin", admin=True))
+        project = await new_project(api, "hung redis")
+        await grant(admin, "project", project, 10**9)
+        cid = (await api.create_conversation(project_id=project))["id"]
+        with hung(fault_stack.pids["redis"]):
+            began = time.monotonic()
+            await api.send_json(cid, "while redis hangs [[tokens=3]]")
+            # Redis's commands fail after 2 s now: well within this, never within 10 s
+            async with asyncio.timeout(8):
+                while True:
+                    if ended := ends(await log_of(event_log, cid)):
+                        break
+                    await asyncio.sleep(0.05)
+            took = time.monotonic() - began
+    assert [type(e) for e in ended] == [Done], (ended, took)
 
 
 async def test_redis_killed_mid_turn_turns_run_cancel_works_and_nothing_is_lost(
