@@ -15,6 +15,8 @@ Every call here is a few counter updates: nothing blocks or raises.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -24,6 +26,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from events.vocabulary import BillingRejected, Cancelled, Done, Failed, TurnEnd
 
@@ -57,16 +61,8 @@ class Metrics:
             ["limit"],
             registry=r,
         )
-        self.projection_lag = Gauge(
-            "parley_projection_lag_events",
-            "events in the log the read models have not applied yet (read at scrape time)",
-            registry=r,
-        )
-        self.projection_errors = Gauge(
-            "parley_projection_errors",
-            "events the projection recorded as skipped or sanitised (read at scrape time)",
-            registry=r,
-        )
+        self.read_at_scrape = _ReadAtScrape()
+        r.register(self.read_at_scrape)
         # worker
         self.turns = Counter(
             "parley_turns", "turns ended, by model and outcome", ["model", "outcome"], registry=r
@@ -112,11 +108,10 @@ class Metrics:
         self.limited_requests.labels(limit).inc()
 
     def projection(self, *, lag: int | None, errors: int | None) -> None:
-        # None: not readable now; the gauge keeps its last value rather than a false 0
-        if lag is not None:
-            self.projection_lag.set(lag)
-        if errors is not None:
-            self.projection_errors.set(errors)
+        """What the scrape about to be rendered read; None: not readable now, so left
+        out of it (a last value kept would hide a lag growing through an outage)."""
+        self.read_at_scrape.lag = lag
+        self.read_at_scrape.errors = errors
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -175,3 +170,26 @@ def metrics_app(metrics: Metrics) -> web.Application:
     app[METRICS_KEY] = metrics
     app.router.add_get("/metrics", metrics_page)
     return app
+
+
+class _ReadAtScrape(Collector):
+    """The projection's lag and error count, as the scrape read them: a sample only
+    when it could (an absent sample, not a stale one)."""
+
+    def __init__(self) -> None:
+        self.lag: int | None = None
+        self.errors: int | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        if self.lag is not None:
+            yield GaugeMetricFamily(
+                "parley_projection_lag_events",
+                "events in the log the read models have not applied yet (read at scrape time)",
+                value=self.lag,
+            )
+        if self.errors is not None:
+            yield GaugeMetricFamily(
+                "parley_projection_errors",
+                "events the projection recorded as skipped or sanitised (read at scrape time)",
+                value=self.errors,
+            )

@@ -25,7 +25,10 @@ async def scrape(http: aiohttp.ClientSession, url: str) -> Samples:
     async with http.get(url + "/metrics") as response:
         assert response.status == 200, await response.text()
         assert response.content_type == "text/plain", response.content_type
-        text = await response.text()
+        return parsed(await response.text())
+
+
+def parsed(text: str) -> Samples:
     return {
         (sample.name, frozenset(sample.labels.items())): sample.value
         for family in text_string_to_metric_families(text)
@@ -113,6 +116,23 @@ async def test_a_process_without_an_edge_serves_its_metrics_alone() -> None:
         await server.close()
     assert value(samples, "parley_turns_active") == 1
     assert value(samples, "parley_append_chains_broken_total") == 1
+
+
+def test_a_projection_lag_not_readable_now_is_left_out_not_kept_stale() -> None:
+    """With NATS away the lag is unknown: a scrape that kept the last value showed a
+    lag of 0 through the outage, and an alert on it could not fire."""
+    metrics = Metrics()
+
+    def rendered() -> Samples:
+        return parsed(metrics.render()[0].decode())
+
+    metrics.projection(lag=0, errors=3)
+    read = rendered()
+    assert read[("parley_projection_lag_events", frozenset())] == 0, read
+    assert read[("parley_projection_errors", frozenset())] == 3, read
+    metrics.projection(lag=None, errors=None)
+    names = {name for name, _ in rendered()}
+    assert not names & {"parley_projection_lag_events", "parley_projection_errors"}, names
 
 
 # ---------------------------------------------------------------- readiness
