@@ -57,6 +57,7 @@ from events.vocabulary import (
     SendMessage,
     Started,
     TurnCommand,
+    TurnEnd,
     TurnRequest,
 )
 
@@ -614,9 +615,12 @@ class ConversationActor:
             },
         )
         now = self.ctx.clock()
-        await self.writer.append_decided(
+        ended = await self.writer.append_decided(
             lambda s: [decide_orphan_end(s, now, self.ctx.new_id, cause)] if s.active else []
         )
+        for end in ended:
+            if isinstance(end, TurnEnd):
+                self.ctx.observer.turn_closed(active.model, end)
 
     def _model_spec(self, requested: str | None) -> ModelSpec:
         catalog = self.ctx.catalog

@@ -85,7 +85,13 @@ class TurnObserver(Protocol):
         """One model call of the turn ended (each tool round is one)."""
 
     def turn_ended(self, model: str, end: TurnEnd | None) -> None:
-        """The end this runner wrote; None when it wrote none (its worker was stopping)."""
+        """The runner stopped, with the end it wrote; None when it wrote none (the log
+        refused it, or was away as the worker stopped): whoever writes the end says
+        so by `turn_closed`."""
+
+    def turn_closed(self, model: str, end: TurnEnd) -> None:
+        """A turn no runner ended, ended now as an orphan (`decide_orphan_end`): its
+        worker died, or another writer's entry or an unreadable one stopped it."""
 
 
 class NoTurnObserver:
@@ -99,6 +105,9 @@ class NoTurnObserver:
         pass
 
     def turn_ended(self, model: str, end: TurnEnd | None) -> None:
+        pass
+
+    def turn_closed(self, model: str, end: TurnEnd) -> None:
         pass
 
 
@@ -464,7 +473,7 @@ class TurnRunner:
             with contextlib.suppress(Exception):
                 await stream.close()
             if _still_running(self.writer.state, self.turn_id):
-                await self.writer.append_decided(
+                self._ended = await self.writer.append_decided(
                     lambda s: [
                         decide_failed(
                             s,

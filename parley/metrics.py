@@ -134,26 +134,34 @@ class Metrics:
 
     def turn_ended(self, model: str, end: TurnEnd | None) -> None:
         self.active.dec()
+        if end is not None:  # else counted where its end is written (`turn_closed`)
+            self._count(model, end)
+
+    def turn_closed(self, model: str, end: TurnEnd) -> None:
+        self._count(model, end)
+
+    def _count(self, model: str, end: TurnEnd) -> None:
+        """Each turn once, as its end in the log says, with the tokens it records."""
         self.turns.labels(model, outcome(end)).inc()
         if isinstance(end, Done | Cancelled | Failed):
             self.tokens.labels(model, "input").inc(end.input_tokens)
             self.tokens.labels(model, "output").inc(end.output_tokens)
 
 
-def outcome(end: TurnEnd | None) -> str:
+def outcome(end: TurnEnd) -> str:
     """The `outcome` label: done, cancelled, failed, billing_rejected, or interrupted
-    (the turn stopped without writing its end: its worker was stopping)."""
+    (`failed: interrupted`, its worker stopped mid-turn)."""
     match end:
         case Done():
             return "done"
         case Cancelled():
             return "cancelled"
+        case Failed(code="interrupted"):
+            return "interrupted"
         case Failed():
             return "failed"
         case BillingRejected():
             return "billing_rejected"
-        case _:
-            return "interrupted"
 
 
 async def metrics_page(request: web.Request) -> web.Response:

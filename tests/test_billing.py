@@ -34,6 +34,7 @@ from events.vocabulary import (
 from parley.services import Servers, Services
 from tests.conftest import Projected, caught_up, token_for
 from tests.sse import SseClient
+from tests.test_metrics import scrape, until_scraped, value
 from tests.test_poison import publish_raw
 
 DEMO = Prices(input_price=3.0, output_price=15.0)
@@ -450,6 +451,7 @@ async def test_an_entry_landing_in_a_running_turn_ends_it_with_what_it_used_bill
             if sum(isinstance(s.event, Chunk) for s in await event_log.read(cid)) >= 3:
                 break
             await asyncio.sleep(0.02)
+    before = await scrape(api.http, api.base_url)
     await publish_raw(nc, cid, entry)
     async with asyncio.timeout(30):
         while True:  # redelivered, its command finds the turn open and ends it
@@ -459,6 +461,29 @@ async def test_an_entry_landing_in_a_running_turn_ends_it_with_what_it_used_bill
             await asyncio.sleep(0.05)
     (failed,) = ends
     assert failed.code == cause, failed
+    # counted once, as the log ended it (it was counted as `interrupted`, tokens none)
+    demo = {"model": "demo"}
+    after = await until_scraped(
+        api.http,
+        api.base_url,
+        lambda now: (
+            value(now, "parley_turns_total", **demo, outcome="failed")
+            > value(before, "parley_turns_total", **demo, outcome="failed")
+        ),
+    )
+    moved = {
+        key: after.get(key, 0.0) - before.get(key, 0.0)
+        for key in before.keys() | after.keys()
+        if key[0] in ("parley_turns_total", "parley_tokens_total")
+        and after.get(key, 0.0) != before.get(key, 0.0)
+    }
+    tokens = "parley_tokens_total"
+    expected = {
+        ("parley_turns_total", frozenset({**demo, "outcome": "failed"}.items())): 1.0,
+        (tokens, frozenset({**demo, "direction": "input"}.items())): failed.input_tokens,
+        (tokens, frozenset({**demo, "direction": "output"}.items())): failed.output_tokens,
+    }
+    assert moved == expected, moved
     assert failed.tokens_estimated and failed.input_tokens > 0 and failed.output_tokens > 0, failed
     assert failed.content and failed.content[-1].content.startswith("0 1 2"), failed.content
     state, _ = await charged(event_log, f"project:{project}", 1)
