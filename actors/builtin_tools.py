@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from actors.content import TITLE_LIMIT
 from actors.tools import Tool, ToolContext, ToolError, ToolReply, define_tool
 
 _BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
@@ -149,7 +150,7 @@ def _snippet(text: str, words: list[str]) -> str:
     return ("…" if start else "") + piece + ("…" if start + _SNIPPET < len(text) else "")
 
 
-_TITLE_MAX = 200
+_TITLE_MAX = TITLE_LIMIT
 
 
 async def set_title(title: str) -> ToolReply:

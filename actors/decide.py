@@ -20,7 +20,7 @@ from typing import Literal
 
 import msgspec
 
-from actors.content import auto_title, build_history, needs_title
+from actors.content import announced_title, auto_title, build_history, needs_title
 from actors.model_stream import ToolCallRequest
 from actors.state import (
     ActiveTurn,
@@ -334,7 +334,7 @@ def decide_title(
         conversation_id=state.conversation_id,
         at=now,
         event_id=new_id(),
-        title=state.title,
+        title=announced_title(state.title),
         source="existing",
         turn_id=turn_id,
     )

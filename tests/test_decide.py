@@ -329,6 +329,19 @@ def test_a_titled_conversation_announces_its_existing_title() -> None:
     )
 
 
+def test_a_title_entry_parley_did_not_write_is_announced_storable_and_cut() -> None:
+    """A damaged or forged `title` entry (NUL, a lone surrogate, 900 KB) was copied as
+    it was into the title every later turn announces."""
+    state, _ = started_turn("Explain event sourcing", title="Ops")
+    forged = "bad\x00ti\ud800tle " + "x" * 900_000
+    state = evolve(
+        state, Title(conversation_id=CONV, at=NOW, event_id="e-forged", title=forged, source="user")
+    )
+    title = decide_title(state, "Explain event sourcing", "turn-2", NOW, Ids())
+    assert title.source == "existing" and len(title.title) == 200, len(title.title)
+    assert title.title.startswith("bad\ufffdti\ufffdtle xxx"), title.title[:20]
+
+
 def test_a_first_message_of_short_words_leaves_the_title_as_it_is() -> None:
     state = fold(empty(), [created(title="New Chat")])
     title = decide_title(state, "hi, is it ok", "turn-1", NOW, Ids())
