@@ -29,7 +29,9 @@ from projections.audit import (
     Book,
     LedgerRow,
     Mismatch,
+    NotRead,
     Scope,
+    account_of,
     check,
     fold_book,
     parse_since,
@@ -50,6 +52,8 @@ class Summary(msgspec.Struct):
     charges: int
     charged_micro_credits: int
     mismatches: list[Mismatch]
+    # entries it could not read, apart from accounts' (those are mismatches)
+    not_read: list[NotRead] = []
 
 
 async def audit_billing(js: JetStreamContext, pool: Any, scope: Scope) -> Summary:
@@ -69,7 +73,7 @@ async def audit_billing(js: JetStreamContext, pool: Any, scope: Scope) -> Summar
                 break
             entries += 1
             if not entry.data.startswith(_CHUNK):
-                fold_book(book, decode_entry(entry.data))
+                fold_book(book, decode_entry(entry.data), seq=entry.seq, subject=entry.subject)
         if batch[-1].seq >= position:
             break
     ledger = [
@@ -90,6 +94,7 @@ async def audit_billing(js: JetStreamContext, pool: Any, scope: Scope) -> Summar
         charges=len(charges),
         charged_micro_credits=sum(c.cost for c in charges),
         mismatches=check(book, ledger, balances, scope),
+        not_read=[e for e in book.not_read if account_of(e.subject) is None],
     )
 
 
@@ -133,6 +138,18 @@ def render(summary: Summary, scope: Scope) -> str:
         f"  {'charged (micro-credits)':<22}{summary.charged_micro_credits:>12,}",
         f"  {'mismatches':<22}{len(summary.mismatches):>12,}",
     ]
+    if summary.not_read:
+        lines += [
+            "",
+            f"  {len(summary.not_read):,} entries of conversations this version cannot read"
+            " (neither here nor in the read models; `parley projections errors` lists them):",
+        ]
+        lines += [
+            f"    {e.seq}  {e.subject}  {e.type or 'no type'}: {e.error}"
+            for e in summary.not_read[:20]
+        ]
+        if len(summary.not_read) > 20:
+            lines.append(f"    ... and {len(summary.not_read) - 20:,} more")
     if summary.mismatches:
         lines += ["", f"  {'kind':<22}{'turn or account':<30}expected -> seen"]
         lines += [

@@ -10,7 +10,11 @@ should have cost (its tokens from its end, its prices and payer from its
   account, or at another cost than its tokens at its prices;
 - a charge for a turn the log does not show ending billed;
 - a ledger row missing, extra or different from its charge;
-- an account whose projected balance is not granted minus charged.
+- an account whose projected balance is not granted minus charged;
+- an account's entry this version cannot read (a grant or a charge, perhaps).
+
+Every other entry it cannot read is listed with the result (`Book.not_read`):
+whatever it held is in neither the book nor the read models.
 
 Nothing here trusts the projection: it is what is being checked.
 """
@@ -24,6 +28,7 @@ import msgspec
 
 from events.billing import turn_cost
 from events.codec import Unreadable
+from events.subjects import EVT_PREFIX
 from events.vocabulary import (
     AnyEvent,
     BillingRejected,
@@ -65,18 +70,30 @@ class AccountBook(msgspec.Struct):
         return self.granted - self.charged
 
 
+class NotRead(msgspec.Struct, frozen=True):
+    """An entry of the log this version cannot read: whatever it held is not in the book."""
+
+    seq: int
+    subject: str
+    type: str | None
+    error: str
+
+
 class Book(msgspec.Struct):
     turns: dict[str, BilledTurn] = {}
     charges: dict[str, list[TurnCharged]] = {}
     accounts: dict[str, AccountBook] = {}
     projects: dict[str, str | None] = {}  # conversation -> project
+    not_read: list[NotRead] = []
     events: int = 0
 
 
-def fold_book(book: Book, event: AnyEvent | Unreadable) -> None:
+def fold_book(book: Book, event: AnyEvent | Unreadable, *, seq: int = 0, subject: str = "") -> None:
     """Add one event of the log to the book (in place: the log is large)."""
     book.events += 1
     match event:
+        case Unreadable():
+            book.not_read.append(NotRead(seq, subject, event.type, event.error[:200]))
         case ConversationCreated():
             book.projects[event.conversation_id] = event.project_id
         case Started():
@@ -264,7 +281,29 @@ def check(
                     "no row" if seen is None else str(seen),
                 )
             )
+    # An account's entry that cannot be read may be a grant or a charge: its balance
+    # cannot be vouched for (the projector skipped the entry too, so the two agree).
+    for entry in book.not_read:
+        owner = account_of(entry.subject)
+        if owner is not None and scope.account(owner):
+            out.append(
+                Mismatch(
+                    "unreadable_entry",
+                    owner,
+                    "an entry this version reads",
+                    f"entry {entry.seq} ({entry.type or 'no type'}): {entry.error}",
+                )
+            )
     return out
+
+
+def account_of(subject: str) -> str | None:
+    """`user:<id>` or `project:<id>` for an account's subject (`account_subject`)."""
+    prefix = f"{EVT_PREFIX}.account."
+    if not subject.startswith(prefix):
+        return None
+    kind, _, owner = subject[len(prefix) :].partition(".")
+    return f"{kind}:{owner}" if kind and owner else None
 
 
 def _costs(charges: list[TurnCharged]) -> str:

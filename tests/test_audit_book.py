@@ -9,6 +9,8 @@ import msgspec
 import pytest
 
 from events.billing import turn_cost
+from events.codec import decode_entry
+from events.subjects import account_subject, event_subject
 from events.vocabulary import (
     AnyEvent,
     BillingRejected,
@@ -19,7 +21,16 @@ from events.vocabulary import (
     Started,
     TurnCharged,
 )
-from projections.audit import BalanceRow, Book, LedgerRow, Mismatch, Scope, check, fold_book
+from projections.audit import (
+    BalanceRow,
+    Book,
+    LedgerRow,
+    Mismatch,
+    Scope,
+    account_of,
+    check,
+    fold_book,
+)
 
 PRICES = Prices(input_price=3.0, output_price=15.0)
 PROJECT = "p1"
@@ -193,3 +204,24 @@ def test_the_scope_limits_turns_to_a_project_and_a_time() -> None:
     assert check(book, [], [], Scope(project="another")) == []
     late = Scope(since_ns=10**15)
     assert check(book, [], balances, late) == []  # no turn ended that late
+
+
+def test_an_accounts_entry_that_cannot_be_read_is_named_others_are_listed() -> None:
+    """Garbage on an account's subject passed the audit: it may have been a grant or a
+    charge, and the projector skipped it too, so book and ledger agreed without it."""
+    events, ledger, balances = clean_log()
+    book = book_of(events)
+    garbage = decode_entry(b"\xff\xfe not an event")
+    fold_book(book, garbage, seq=90, subject=account_subject(ACCOUNT))
+    fold_book(book, garbage, seq=91, subject=account_subject("user:someone-else"))
+    fold_book(book, garbage, seq=92, subject=event_subject("c1"))
+    assert [(n.seq, n.subject) for n in book.not_read] == [
+        (90, account_subject(ACCOUNT)),
+        (91, account_subject("user:someone-else")),
+        (92, event_subject("c1")),
+    ]
+    found = check(book, ledger, balances, Scope(project=PROJECT))
+    assert [(m.kind, m.subject) for m in found] == [("unreadable_entry", ACCOUNT)], found
+    everyone = check(book, ledger, balances, Scope())
+    assert [m.subject for m in everyone] == [ACCOUNT, "user:someone-else"], everyone
+    assert account_of(event_subject("c1")) is None
