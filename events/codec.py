@@ -41,6 +41,7 @@ class Unreadable(msgspec.Struct, frozen=True):
     raw: bytes
     type: str | None
     error: str
+    subject: str = ""  # the log's subject it was read from, where the reader knew it
 
     @property
     def known_type(self) -> bool:

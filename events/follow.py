@@ -68,6 +68,7 @@ from events.subjects import event_subject, live_subject
 class RawEvent(msgspec.Struct, frozen=True):
     seq: int
     data: bytes
+    subject: str = ""  # where the reader has it: what an unreadable entry belongs to
 
 
 def reader_consumer(

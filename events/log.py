@@ -375,7 +375,7 @@ class EventLog:
         """One batch of the subject's entries after `after`, undecoded, and how many
         remain after it (events.follow.LogReader)."""
         batch, pending = await self._direct_batch(subject, after + 1)
-        return [RawEvent(seq=e.seq, data=e.data) for e in batch], pending
+        return [RawEvent(seq=e.seq, data=e.data, subject=e.subject) for e in batch], pending
 
     async def scan(self, after: int = 0) -> AsyncIterator[list[RawEntry]]:
         """The whole log (every subject) after `after`, in order, a batch at a time.

@@ -53,6 +53,14 @@ def event_subject(conversation_id: str) -> str:
     return f"{EVT_PREFIX}.{conversation_id}"
 
 
+def conversation_of(subject: str) -> str | None:
+    """The conversation whose log `subject` is (`event_subject`), if it is one's."""
+    prefix, _, rest = subject.partition(".evt.")
+    if f"{prefix}.evt" != EVT_PREFIX or not valid_id(rest):
+        return None  # not the event stream's, or an account's or a project's subject
+    return rest
+
+
 def live_subject(conversation_id: str) -> str:
     """Where CHAT_EVT republishes the conversation's entries once stored."""
     return f"{LIVE_PREFIX}.{conversation_id}"

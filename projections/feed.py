@@ -312,7 +312,7 @@ class LogFeed:
             self._broken = True  # lost on the way: resume after the last handed out
             return
         self._next_dseq += 1
-        out.append(RawEvent(seq=seq, data=msg.data))
+        out.append(RawEvent(seq=seq, data=msg.data, subject=msg.subject))
 
     async def _on_silence(self, waited: float) -> None:
         self._silent_s += waited

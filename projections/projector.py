@@ -35,12 +35,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
+import msgspec
 from nats.js import JetStreamContext
 
 from events.codec import Unreadable
 from events.errors import describe
 from events.follow import RawEvent
 from events.log import StoredEvent
+from events.subjects import conversation_of
 from events.vocabulary import AnyEvent, Chunk, event_type
 from projections.feed import LogFeed
 from projections.handlers import READ_MODELS
@@ -163,9 +165,18 @@ class Projector:
         ]
         counts = self.counts
         counts["chunk"] += len(batch) - len(out)
-        for item in out:
+        subjects: dict[int, str] | None = None
+        for i, item in enumerate(out):
             event = item.event
-            counts["unreadable" if isinstance(event, Unreadable) else event_type(event)] += 1
+            if isinstance(event, Unreadable):
+                counts["unreadable"] += 1
+                # its subject says whose it was: the record names the conversation
+                subjects = subjects or {raw.seq: raw.subject for raw in batch}
+                out[i] = StoredEvent(
+                    item.seq, msgspec.structs.replace(event, subject=subjects.get(item.seq, ""))
+                )
+            else:
+                counts[event_type(event)] += 1
         return out
 
     async def load_position(self, conn: Any = None) -> int:
@@ -333,7 +344,7 @@ class Projector:
     async def _record(self, conn: Any, item: StoredEvent, reason: str, rule: str) -> None:
         event = item.event
         if isinstance(event, Unreadable):
-            kind, conversation, raw = event.type or "", None, event.raw
+            kind, conversation, raw = event.type or "", conversation_of(event.subject), event.raw
         else:
             kind, conversation, raw = event_type(event), event.conversation_id, raw_bytes(event)
         log.error(

@@ -276,9 +276,11 @@ class ReadStore:
         return [LedgerRow(**dict(r)) for r in rows]
 
     async def projection_errors(self, *, limit: int = 100) -> list[ProjectionErrorRow]:
+        """The latest `limit` recorded, in log order."""
         rows = await self._pool.fetch(
-            "SELECT projection, seq, conversation_id, event_type, rule, reason, raw"
-            " FROM projection_errors ORDER BY seq LIMIT $1",
+            "SELECT * FROM (SELECT projection, seq, conversation_id, event_type, rule, reason,"
+            " raw FROM projection_errors ORDER BY seq DESC, projection LIMIT $1) AS latest"
+            " ORDER BY seq, projection",
             limit,
         )
         return [

@@ -407,6 +407,12 @@ async def test_dev_runs_everything_replay_reads_it_and_a_restart_keeps_the_data(
         assert listed.stdout.count("skipped") == 6 and listed.stdout.count("sanitised") == 1, (
             listed.stdout
         )
+        assert "conversation=?" not in listed.stdout, listed.stdout  # named by their subject
+        latest = await asyncio.to_thread(
+            run, "--data", str(dev_data), "projections", "errors", "--limit", "2", env=clean_env()
+        )
+        lines = listed.stdout.strip().splitlines()
+        assert latest.stdout.strip().splitlines()[-2:] == lines[-2:], latest.stdout
         fresh = await api.create_conversation()
         events = await api.send_stream(fresh["id"], "and after a restart? [[tokens=3]]")
         assert events[-1].data == "ok", events

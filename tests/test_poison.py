@@ -89,6 +89,7 @@ async def test_an_event_from_a_newer_version_is_shown_recorded_and_stepped_over(
 
     error = await projection_error(services, seq)
     assert error is not None and error["rule"] == "skipped" and error["event_type"] == "reaction"
+    assert error["conversation_id"] == cid, error  # from its subject: unread, it names none
 
     # a viewer reading from the start gets every event it can decode, through to done
     async with asyncio.timeout(10), api.events(cid, after="0") as response:
@@ -158,6 +159,7 @@ async def test_a_damaged_event_makes_only_its_own_conversation_refuse_new_messag
 
     error = await projection_error(services, seq)
     assert error is not None and error["rule"] == "skipped" and error["event_type"] == "done"
+    assert error["conversation_id"] == broken, error
 
 
 async def test_an_event_that_breaks_an_invariant_makes_the_conversation_refuse(
