@@ -180,12 +180,13 @@ def wants_json(request: web.Request) -> bool:
 
 
 def prefers_json(accept: str) -> bool:
-    weights = {"application/json": 0.0, "text/event-stream": 0.0}
+    """Whether `Accept` weighs application/json above text/event-stream (RFC 9110
+    12.5.1: each type takes the q of the most specific range that matches it, so
+    `application/*` or `*/*;q=0.5, application/json` asks for JSON; a tie is the
+    event stream, the default)."""
+    ranges: list[tuple[str, float]] = []
     for part in accept.split(","):
         kind, *params = (p.strip() for p in part.split(";"))
-        kind = kind.lower()
-        if kind not in weights:
-            continue
         weight = 1.0
         for param in params:
             name, _, value = param.partition("=")
@@ -194,5 +195,16 @@ def prefers_json(accept: str) -> bool:
                     weight = float(value)
                 except ValueError:
                     weight = 0.0
-        weights[kind] = max(weights[kind], weight)
-    return weights["application/json"] > weights["text/event-stream"]
+        if kind:
+            ranges.append((kind.lower(), weight))
+    return _quality(ranges, "application/json") > _quality(ranges, "text/event-stream")
+
+
+def _quality(ranges: list[tuple[str, float]], media: str) -> float:
+    family = media.split("/")[0] + "/*"
+    best, quality = -1, 0.0
+    for kind, weight in ranges:
+        specific = 2 if kind == media else 1 if kind == family else 0 if kind == "*/*" else -1
+        if specific > best or (specific == best and specific >= 0 and weight > quality):
+            best, quality = specific, weight
+    return quality if best >= 0 else 0.0

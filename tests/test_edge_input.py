@@ -298,6 +298,14 @@ async def test_an_id_with_a_trailing_newline_or_any_other_stray_character_is_unk
         ("application/json;q=0.2, text/event-stream;q=0.9", False),
         ("Application/JSON;q=0.9, text/event-stream;q=bad", True),
         ("application/json;q=0", False),
+        # ranges: the most specific one that matches a type gives its weight
+        ("application/*", True),
+        ("text/event-stream;q=0.1, application/*", True),
+        ("text/*", False),
+        ("*/*;q=0.5, application/json", True),
+        ("*/*, application/json;q=0.5", False),
+        ("application/*, application/json;q=0", False),
+        ("image/png", False),
     ],
 )
 def test_the_accept_header_chooses_a_json_answer_by_its_weights(accept: str, wanted: bool) -> None:
