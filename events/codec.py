@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import typing
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -67,15 +68,14 @@ def encodable(text: str) -> str:
     return _LONE_SURROGATE.sub("\ufffd", text)
 
 
-def _encodable_value(value: Any) -> Any:
+def map_strings(value: Any, fix: Callable[[str], str]) -> Any:
+    """`value` (as `msgspec.to_builtins` makes it) with every string and key through `fix`."""
     if isinstance(value, str):
-        return encodable(value)
+        return fix(value)
     if isinstance(value, list):
-        return [_encodable_value(v) for v in value]
+        return [map_strings(v, fix) for v in value]
     if isinstance(value, dict):
-        return {
-            encodable(k) if isinstance(k, str) else k: _encodable_value(v) for k, v in value.items()
-        }
+        return {fix(k) if isinstance(k, str) else k: map_strings(v, fix) for k, v in value.items()}
     return value
 
 
@@ -84,7 +84,7 @@ def encode(value: object) -> bytes:
     try:
         return _encoder.encode(value)
     except UnicodeEncodeError:
-        return _encoder.encode(_encodable_value(msgspec.to_builtins(value)))
+        return _encoder.encode(map_strings(msgspec.to_builtins(value), encodable))
 
 
 def decode_event(data: bytes) -> AnyEvent:

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from events.codec import encode
+from events.codec import encode, map_strings
 from events.vocabulary import AnyEvent
 
 SKIPPED = "skipped"
@@ -22,17 +22,15 @@ _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 def storable(text: str | None) -> str | None:
-    return None if text is None else _UNSTORABLE.sub("\ufffd", text)
+    return None if text is None else _storable_text(text)
+
+
+def _storable_text(text: str) -> str:
+    return _UNSTORABLE.sub("\ufffd", text)
 
 
 def _clean(value: Any) -> Any:
-    if isinstance(value, str):
-        return storable(value)
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    return value
+    return map_strings(value, _storable_text)
 
 
 def sanitised(event: AnyEvent) -> AnyEvent | None:
