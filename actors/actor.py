@@ -616,7 +616,9 @@ class ConversationActor:
         )
         now = self.ctx.clock()
         ended = await self.writer.append_decided(
-            lambda s: [decide_orphan_end(s, now, self.ctx.new_id, cause)] if s.active else []
+            lambda s: [decide_orphan_end(s, now, self.ctx.new_id, cause)] if s.active else [],
+            # turns queued behind it run next: a viewer keeps its stream through this end
+            before=self._announce_queued,
         )
         for end in ended:
             if isinstance(end, TurnEnd):

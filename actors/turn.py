@@ -473,17 +473,17 @@ class TurnRunner:
             with contextlib.suppress(Exception):
                 await stream.close()
             if _still_running(self.writer.state, self.turn_id):
-                self._ended = await self.writer.append_decided(
-                    lambda s: [
-                        decide_failed(
-                            s,
-                            "interrupted",
-                            "the worker stopped during the turn",
-                            totals,
-                            self.ctx.clock(),
-                            self.ctx.new_id,
-                        )
-                    ]
+                # what is queued behind it runs on the partition's next worker: a
+                # viewer keeps its stream through this end (`before_end`)
+                await self._append_end(
+                    lambda s: decide_failed(
+                        s,
+                        "interrupted",
+                        "the worker stopped during the turn",
+                        totals,
+                        self.ctx.clock(),
+                        self.ctx.new_id,
+                    )
                 )
 
     def _log_fields(self) -> dict[str, str]:

@@ -464,25 +464,62 @@ async def test_a_worker_killed_mid_turn_leaves_no_turn_open_and_its_tokens_count
     event_log = EventLog(own_nc.jetstream())
     async with roles(own_stack, demo_model_url, "edge") as edge:
         worker = worker_process(own_stack, demo_model_url)
+        api = SseClient(http, edge.edge_url, token_for("roles-kill"))
+        cid = (await api.create_conversation())["id"]
+        viewing: asyncio.Task[list[SseEvent]] | None = None
         try:
-            api = SseClient(http, edge.edge_url, token_for("roles-kill"))
-            cid = (await api.create_conversation())["id"]
             await api.send_json(cid, "long [[tokens=4000]]")
             await _until(event_log, cid, lambda log: sum(isinstance(e, Chunk) for e in log) >= 10)
+            await api.send_json(cid, "queued behind it [[tokens=3]]", on_busy="enqueue")
+            viewing = asyncio.create_task(_view(api, cid))
         finally:
             worker.send_signal(signal.SIGKILL)
             worker.wait(10)
         # a worker that takes the partition over ends the orphan on its own: no new
         # message is needed, and no 30 s wait for the command's redelivery
         async with roles(own_stack, demo_model_url, "worker"):
-            ends = await _ends(event_log, cid, 1)
+            ends = await _ends(event_log, cid, 2)
             log = [s.event for s in await event_log.read(cid)]
-    assert ends == [Failed], ends
+            assert viewing is not None
+            seen = await viewing
+    assert ends == [Failed, Done], ends
+    # the viewer of the conversation was not let go at the orphan's end: a turn waited
+    assert [e.data for e in seen if e.event == "done"] == ["error", "ok"], seen[-3:]
     (failed,) = [e for e in log if isinstance(e, Failed)]
-    streamed = "".join(e.text for e in log if isinstance(e, Chunk) and e.kind == "answer")
+    streamed = "".join(
+        e.text
+        for e in log
+        if isinstance(e, Chunk) and e.kind == "answer" and e.turn_id == failed.turn_id
+    )
     answer = "".join(b.content for b in failed.content if b.role == "assistant")
     assert failed.code == "worker_lost" and answer == streamed and answer.startswith("0 1 2")
     assert failed.tokens_estimated and failed.output_tokens > 0 and failed.input_tokens > 0
+
+
+async def test_a_viewer_keeps_its_stream_through_the_end_a_stopping_worker_writes(
+    own_stack: Servers, own_nc: NatsClient, demo_model_url: str, http: aiohttp.ClientSession
+) -> None:
+    """A worker stopping (SIGTERM) ends a turn longer than its grace as `failed:
+    interrupted`; a message queued behind it runs on the next worker. The viewer of
+    the conversation was let go at that end, as if nothing waited."""
+    event_log = EventLog(own_nc.jetstream())
+    async with roles(own_stack, demo_model_url, "edge") as edge:
+        api = SseClient(http, edge.edge_url, token_for("roles-stop"))
+        cid = (await api.create_conversation())["id"]
+        watching = asyncio.Event()
+        async with roles(own_stack, demo_model_url, "worker"):
+            await api.send_json(cid, "long [[tokens=4000]] [[rate=100]]")
+            await _until(event_log, cid, lambda log: sum(isinstance(e, Chunk) for e in log) >= 3)
+            await api.send_json(cid, "queued behind it [[tokens=3]]", on_busy="enqueue")
+            viewing = asyncio.create_task(_view(api, cid, watching))
+            async with asyncio.timeout(10):
+                await watching.wait()
+        # stopped (its grace here is 2 s): the long turn ended, the queued one waits
+        async with roles(own_stack, demo_model_url, "worker"):
+            ends = await _ends(event_log, cid, 2)
+            seen = await viewing
+    assert ends == [Failed, Done], ends
+    assert [e.data for e in seen if e.event == "done"] == ["error", "ok"], seen[-3:]
 
 
 async def test_a_worker_paused_longer_than_its_leases_goes_on_where_nobody_took_them(
@@ -637,6 +674,20 @@ async def _until(event_log: EventLog, cid: str, check: Callable[[list[Any]], boo
     async with asyncio.timeout(30):
         while not check([s.event for s in await event_log.read(cid)]):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
+
+
+async def _view(api: SseClient, cid: str, watching: asyncio.Event | None = None) -> list[SseEvent]:
+    """A viewer of the whole conversation, from the running turn, until its stream
+    ends; `watching` is set once it has its first event."""
+    seen: list[SseEvent] = []
+    async with asyncio.timeout(60), api.events(cid) as response:
+        assert response.status == 200
+        async for item in read_sse(response):
+            if isinstance(item, SseEvent):
+                seen.append(item)
+                if watching is not None:
+                    watching.set()
+    return seen
 
 
 async def _ends(event_log: EventLog, cid: str, count: int) -> list[type]:
