@@ -328,7 +328,7 @@ async def submit(
         # A refused request had no effect: its key is free again, so the retry the
         # refusal asks for (later, or with another on_busy) is not refused for ever.
         await _forget_idempotency(request, conversation_id, idempotency_key)
-        raise _refusal(decision.rejected)
+        raise refusal_error(decision.rejected)
     # counts against the user's active turns until this request's turn ends
     hold_turn(request, conversation_id, record.command_id, record.after, command_seq)
     return Submitted(
@@ -464,10 +464,11 @@ async def _decision(
     return Decision(accepted=outcome == "accepted")
 
 
-def _refusal(rejected: CommandRejected) -> ApiError:
+def refusal_error(rejected: CommandRejected) -> ApiError:
     status = {"busy": 409, "conversation_unreadable": 409, "not_found": 404}.get(rejected.code, 409)
     error = ApiError(status, rejected.code, rejected.message)
-    if rejected.turn_id is not None:
+    if rejected.code == "busy":
+        # null between two queued turns: the next has no id until it starts
         error.extra["turn_id"] = rejected.turn_id
     return error
 

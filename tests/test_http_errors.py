@@ -16,6 +16,8 @@ from yarl import URL
 from api.app import metrics_middleware
 from api.context import METRICS, NoMetrics
 from api.errors import begin_stream, error_middleware
+from api.turn_routes import refusal_error
+from events.vocabulary import CommandRejected
 from parley.services import Services
 from tests.conftest import token_for
 from tests.sse import SseClient
@@ -347,3 +349,22 @@ async def test_a_client_gone_in_the_middle_of_its_body_is_answered_not_logged_as
             await asyncio.sleep(0.02)
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [], [r.getMessage() for r in errors]
+
+
+@pytest.mark.parametrize(("running", "key"), [("turn-7", "turn-7"), (None, None)])
+def test_a_busy_refusal_always_names_the_running_turn_or_null(
+    running: str | None, key: str | None
+) -> None:
+    """Between two queued turns no turn runs yet: the 409 had no `turn_id` key at all,
+    though the README gives every busy answer one."""
+    refused = CommandRejected(
+        conversation_id="c",
+        at=1,
+        event_id="e",
+        command_id="cmd",
+        code="busy",
+        message="earlier messages are waiting",
+        turn_id=running,
+    )
+    error = refusal_error(refused)
+    assert (error.status, error.code, error.extra) == (409, "busy", {"turn_id": key})
