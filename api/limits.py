@@ -70,7 +70,9 @@ _NOW_MS = "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) * 1000 + mat
 # ARGV: rate per second (0: none), burst, lease ms, then the stream lease's
 # member and cap, the turn lease's member and cap (member "": not asked).
 # Returns {verdict, ms to wait}: 0 admitted (the leases asked for are held),
-# 1 over the rate, 2 at the streams cap, 3 at the turns cap (nothing held).
+# 1 over the rate, 2 at the streams cap (nothing held), 3 at the turns cap (the
+# stream's lease, if asked, is held: the request may be a retry of a message
+# whose turn is counted already, which only its route can tell).
 _ADMIT = (
     _REPLICATE
     + _NOW_MS
@@ -97,14 +99,32 @@ local function full(key, member, cap)
 end
 local streams, turns = ARGV[4], ARGV[6]
 if streams ~= '' and full(KEYS[2], streams, tonumber(ARGV[5])) then return {2, 0} end
-if turns ~= '' and full(KEYS[3], turns, tonumber(ARGV[7])) then return {3, 0} end
+local verdict = 0
+if turns ~= '' and full(KEYS[3], turns, tonumber(ARGV[7])) then verdict, turns = 3, '' end
 for i, member in ipairs({streams, turns}) do
   if member ~= '' then
     redis.call('ZADD', KEYS[i + 1], now + lease, member)
     redis.call('PEXPIRE', KEYS[i + 1], 2 * lease)
   end
 end
-return {0, 0}
+return {verdict, 0}
+"""
+)
+
+# A turn's lease handed from the request that took it to the message it is for:
+# KEYS: the user's turn leases; ARGV: lease ms, the request's member ("" if it
+# took none: a retry at the cap), the message's. Every edge holding a lease for
+# the same message holds the same member, so a retry through another edge counts
+# once.
+_HAND_OVER = (
+    _REPLICATE
+    + _NOW_MS
+    + """
+local lease = tonumber(ARGV[1])
+redis.call('ZADD', KEYS[1], now + lease, ARGV[3])
+if ARGV[2] ~= '' then redis.call('ZREM', KEYS[1], ARGV[2]) end
+redis.call('PEXPIRE', KEYS[1], 2 * lease)
+return 1
 """
 )
 
@@ -131,11 +151,20 @@ class Leases:
         self.lease_ms = int(lease_s * 1000)
         self.renew_every_s = lease_s / 3
         self._renew = client.register_script(_RENEW)
+        self._hand_over = client.register_script(_HAND_OVER)
         self.held: dict[tuple[str, str], None] = {}  # (key, member), insertion-ordered
 
     @staticmethod
     def key(kind: str, user_id: str) -> str:
         return f"parley:lease:{kind}:{user_id}"
+
+    async def hand_over(self, kind: str, user_id: str, member: str | None, to: str) -> None:
+        """The lease `member` (None: none was taken) held from now on as `to`."""
+        key = self.key(kind, user_id)
+        await self._hand_over(keys=[key], args=[self.lease_ms, member or "", to])
+        self.held[(key, to)] = None
+        if member is not None:
+            self.held.pop((key, member), None)
 
     async def release(self, kind: str, user_id: str, member: str) -> None:
         key = self.key(kind, user_id)
@@ -176,11 +205,12 @@ class TurnWatcher(Subscription):
 
 
 class TurnSlot:
-    """The turn slot a request took; `hold_turn` hands it to a watcher."""
+    """The turn slot a request took (`member`), or None when the user was at the cap;
+    `hold_turn` hands it to a watcher."""
 
     __slots__ = ("handed", "member")
 
-    def __init__(self, member: str) -> None:
+    def __init__(self, member: str | None) -> None:
         self.member = member
         self.handed = False
 
@@ -249,8 +279,8 @@ class Limits:
             ],
         )
         refused = _REFUSALS[int(verdict)]
-        if refused is None:
-            for kind, member in (("streams", stream), ("turns", turn)):
+        if refused in (None, "turns"):  # at the turns cap the stream's lease is held
+            for kind, member in (("streams", stream), ("turns", turn if refused is None else None)):
                 if member is not None:
                     leases.held[(leases.key(kind, user_id), member)] = None
         return Admission(refused=refused, wait_s=int(wait_ms) / 1000)
@@ -273,7 +303,7 @@ class Limits:
     def watch(
         self,
         user_id: str,
-        member: str,
+        member: str | None,
         conversation_id: str,
         after: int,
         message_id: str,
@@ -289,7 +319,7 @@ class Limits:
     async def _watch(
         self,
         user_id: str,
-        member: str,
+        member: str | None,
         conversation_id: str,
         after: int,
         message_id: str,
@@ -298,6 +328,10 @@ class Limits:
         turn = TurnFilter(message_id)
         seen = after
         try:
+            try:
+                await self.leases.hand_over("turns", user_id, member, message_id)
+            except _REDIS_DOWN as err:
+                log.warning("cannot hand a turn slot over", extra={"error": describe(err)})
             async with asyncio.timeout(self._max_turn_s):
                 while True:
                     watcher = TurnWatcher(Position(seq=seen), turn=turn, command=command)
@@ -312,7 +346,9 @@ class Limits:
             )
         finally:
             try:
-                await self.leases.release("turns", user_id, member)
+                await self.leases.release("turns", user_id, message_id)
+                if member is not None:
+                    await self.leases.release("turns", user_id, member)  # if not handed over
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
                 log.warning(
                     "cannot release a turn slot; it expires", extra={"error": describe(err)}
@@ -335,6 +371,7 @@ def hold_turn(
     limits = request.app[LIMITS]
     if slot is None or limits.watching(message_id):
         return  # no cap, or a retry of a message already watched here: the slot is freed
+    # a retry through another edge: the same member as there, so the turn counts once
     slot.handed = True
     limits.watch(
         request[CLAIMS].sub,
@@ -383,23 +420,37 @@ async def limits_middleware(request: web.Request, handler: Handler) -> web.Strea
         log.warning("limits unavailable; request let through", extra={"error": describe(err)})
         admission = Admission()
         stream = turn = None
-    if admission.refused is not None:
+    if admission.refused == "turns":
+        # The stream's lease is held; whether the request starts a turn (or repeats
+        # a message whose turn counts already) its route finds out: `refuse_at_cap`.
+        request[TURN_SLOT] = TurnSlot(None)
+    elif admission.refused is not None:
         metrics.limited(admission.refused)
         raise _refusal(admission, caps)
-    if turn is not None:
+    elif turn is not None:
         request[TURN_SLOT] = TurnSlot(turn)
     held = [("streams", stream)] if stream is not None else []
     try:
         return await handler(request)
     finally:
         slot = request.get(TURN_SLOT)
-        if slot is not None and not slot.handed:
+        if slot is not None and slot.member is not None and not slot.handed:
             held.append(("turns", slot.member))
         for kind, member in held:
             try:
                 await limits.leases.release(kind, claims.sub, member)
             except _REDIS_DOWN as err:
                 log.warning("cannot release a lease; it expires", extra={"error": describe(err)})
+
+
+def refuse_at_cap(request: web.Request, new_message: bool) -> None:
+    """A request for a new message while the user is at the turns cap: 429. One that
+    repeats a message (its idempotency key) goes on: its turn is counted already."""
+    slot = request.get(TURN_SLOT)
+    if slot is None or slot.member is not None or not new_message:
+        return
+    request.app[METRICS].limited("turns")
+    raise _refusal(Admission(refused="turns"), request.app[CONFIG].limits)
 
 
 def _refusal(admission: Admission, caps: EdgeLimits) -> ApiError:

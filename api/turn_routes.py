@@ -35,7 +35,7 @@ from api.context import (
 )
 from api.errors import UNAVAILABLE, ApiError, bad_request
 from api.hub import Delivery, Subscription, read_range, watch
-from api.limits import hold_turn
+from api.limits import hold_turn, refuse_at_cap
 from api.responses import CancelAnswer, TurnAccepted, answer
 from api.sse import Envelope, Position, parse_position
 from api.streaming import PendingCommand, TurnFilter, open_sse, running_turn, stream_log
@@ -306,6 +306,12 @@ async def submit(
     refusal is raised as the error the client gets (409 busy, 404, ...)."""
     digest = request_digest(digest_of)
     record, fresh = await _idempotency(request, conversation_id, idempotency_key, digest)
+    try:
+        refuse_at_cap(request, new_message=fresh)
+    except ApiError:
+        if fresh:  # nothing was sent: the key is free for the retry the 429 asks for
+            await _forget_idempotency(request, conversation_id, idempotency_key)
+        raise
     command = msgspec.structs.replace(build(record), after=record.after)
     # Published again for a repeated key too: whether or not the first request
     # got as far as publishing, the command is applied exactly once in effect.

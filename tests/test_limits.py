@@ -150,6 +150,35 @@ async def test_a_user_may_have_only_so_many_messages_waiting_for_an_answer(
                 await asyncio.sleep(0.05)
 
 
+async def test_a_message_sent_again_through_another_edge_counts_once_and_passes_the_cap(
+    stack: Servers, services: Services, http: aiohttp.ClientSession, user: str
+) -> None:
+    """A retry (its idempotency key) through a second edge held a second slot until the
+    turn ended, and at the cap any retry was refused, though it is the same message."""
+    capped = limits(max_turns_per_user=2)
+    async with extra_edge(stack, limits=capped) as one, extra_edge(stack, limits=capped) as two:
+        first, second = SseClient(http, one, token_for(user)), SseClient(http, two, token_for(user))
+        a, b, c = [(await first.create_conversation())["id"] for _ in range(3)]
+        sent = await first.send_json(a, "a long one [[tokens=4000]]", idempotency_key="k1")
+        again = await second.send_json(a, "a long one [[tokens=4000]]", idempotency_key="k1")
+        assert again["message_id"] == sent["message_id"], (sent, again)
+        # one slot taken so far, not two: another message fits under the cap of 2
+        await first.send_json(b, "another long one [[tokens=4000]]")
+        # at the cap now: the same message again is still the same message
+        for api in (first, second):
+            repeated = await api.send_json(a, "a long one [[tokens=4000]]", idempotency_key="k1")
+            assert repeated["message_id"] == sent["message_id"], repeated
+        status, body = await first.request(
+            "POST",
+            f"/v1/conversations/{c}/messages",
+            json={"content": "a third"},
+            headers={"Accept": "application/json"},
+        )
+        assert status == 429 and body["error"]["code"] == "too_many_turns", body
+        for cid in (a, b):
+            await first.request("POST", f"/v1/conversations/{cid}/cancel")
+
+
 async def _raw_request(port: int, request: bytes, *, rcvbuf: int | None = None) -> socket.socket:
     sock = socket.socket()
     if rcvbuf is not None:  # a reader with a tiny window: the server's writes back up at once
