@@ -36,7 +36,7 @@ from actors.turn import ActorContext
 from events.codec import decode_command
 from events.errors import describe
 from events.subjects import CMD_STREAM, PARTITIONS, partition_of, partition_subjects
-from events.vocabulary import AnyCommand
+from events.vocabulary import AnyCommand, CancelTurn
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,9 @@ class WorkerHost:
         self.partitions = partitions
         self._idle_actor_s = idle_actor_s
         self._grace_s = grace_s
+        # Stopping, in the grace period: a cancel for a running turn still reaches it;
+        # every other command is held, not started, and given back at the end.
+        self._winding_down = False
         self._actors: dict[str, _Running] = {}
         self._loops: dict[int, asyncio.Task[None]] = {}
         self._pending: set[Delivery] = set()
@@ -123,6 +126,11 @@ class WorkerHost:
         # an actor appends only while the leases are current
         self._ctx = dataclasses.replace(ctx, write_gate=self.leases)
         self.ready = asyncio.Event()
+
+    @property
+    def winding_down(self) -> bool:
+        """Stopping: in the grace period in which running turns may still finish."""
+        return self._winding_down
 
     async def run(self, stopping: asyncio.Event) -> None:
         leases = self.leases
@@ -154,12 +162,12 @@ class WorkerHost:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(leases.renew_every_s):
                             await stopping.wait()
-                fetching.set()
+                self._winding_down = True
                 # Running turns may take the whole grace period, longer than a lease
                 # lives: the leases stay ours meanwhile, or another worker takes the
                 # partitions and cuts those turns short.
                 keeping = tasks.create_task(self._keep_leases(leases))
-                await self._stop(tasks)
+                await self._stop(tasks, fetching)
                 keeping.cancel()
                 heartbeat.cancel()
         finally:
@@ -250,6 +258,10 @@ class WorkerHost:
             return
         delivery = Delivery(msg, self._pending, cmd.conversation_id)
         running = self._actors.get(cmd.conversation_id)
+        if self._winding_down and not (
+            isinstance(cmd, CancelTurn) and running is not None and not running.task.done()
+        ):
+            return  # held: given back with the others, in order, once the grace is over
         if running is None or running.task.done():
             running = self._start_actor(cmd.conversation_id, tasks)
         running.inbox.put_nowait((cmd, delivery))
@@ -335,12 +347,14 @@ class WorkerHost:
         while len(self._states) > self._states_kept:
             self._states.popitem(last=False)
 
-    async def _stop(self, tasks: asyncio.TaskGroup) -> None:
+    async def _stop(self, tasks: asyncio.TaskGroup, fetching: asyncio.Event) -> None:
         """Let running turns finish within the grace period, then cut the rest.
 
-        The feeds close meanwhile (what reaches them is held, not started); nothing is
-        given back before they have, or it could come back out of order (see
-        actors/command_feed.py)."""
+        The feeds go on reading meanwhile, so a cancel of a running turn still stops
+        it (a user who presses Stop is not made to wait out the grace, nor billed
+        for it); every other command is held, not started. Then the feeds close,
+        and nothing is given back before they have, or it could come back out of
+        order (see actors/command_feed.py)."""
         loops = list(self._loops.values())
         try:
             async with asyncio.timeout(self._grace_s):
@@ -352,6 +366,7 @@ class WorkerHost:
                 "turns still running after the grace period are ended as interrupted",
                 extra={"turns": sum(1 for r in self._actors.values() if r.actor.runner)},
             )
+        fetching.set()
         for loop in loops:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await loop

@@ -522,6 +522,42 @@ async def test_a_viewer_keeps_its_stream_through_the_end_a_stopping_worker_write
     assert [e.data for e in seen if e.event == "done"] == ["error", "ok"], seen[-3:]
 
 
+async def test_a_cancel_still_stops_a_turn_while_its_worker_winds_down(
+    own_stack: Servers, own_nc: NatsClient, demo_model_url: str, http: aiohttp.ClientSession
+) -> None:
+    """In a stopping worker's grace period its feeds were closed: a cancel waited in the
+    consumer while the turn streamed on, billed, to end as `failed: interrupted`."""
+    event_log = EventLog(own_nc.jetstream())
+    async with roles(own_stack, demo_model_url, "edge") as edge:
+        api = SseClient(http, edge.edge_url, token_for("roles-wind-down"))
+        cid = (await api.create_conversation())["id"]
+        serving: list[Services] = []
+        up, leave = asyncio.Event(), asyncio.Event()
+
+        async def worker_until_told() -> None:
+            async with roles(own_stack, demo_model_url, "worker") as worker:
+                serving.append(worker)
+                up.set()
+                await leave.wait()
+
+        worker = asyncio.create_task(worker_until_told())
+        async with asyncio.timeout(30):
+            await up.wait()
+        host = serving[0].worker
+        assert host is not None
+        await api.send_json(cid, "long [[tokens=4000]] [[rate=100]]")
+        await _until(event_log, cid, lambda log: sum(isinstance(e, Chunk) for e in log) >= 3)
+        leave.set()  # the worker stops: its grace here is 2 s
+        async with asyncio.timeout(10):
+            while not host.winding_down:  # noqa: ASYNC110 (a flag, no event to wait on)
+                await asyncio.sleep(0.01)
+        status, body = await api.request("POST", f"/v1/conversations/{cid}/cancel")
+        assert status == 202 and body["cancelled"] is True, body
+        ends = await _ends(event_log, cid, 1)
+        await worker
+    assert ends == [Cancelled], ends
+
+
 async def test_a_worker_paused_longer_than_its_leases_goes_on_where_nobody_took_them(
     own_stack: Servers, own_nc: NatsClient, demo_model_url: str, http: aiohttp.ClientSession
 ) -> None:
