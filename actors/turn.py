@@ -32,12 +32,7 @@ import aiohttp
 import msgspec
 
 from actors.billing import Accounts
-from actors.content import (
-    build_history,
-    refused_tool,
-    tool_round_messages,
-    visible_tools,
-)
+from actors.content import build_history, refused_tool, tool_round_messages, visible_tools
 from actors.decide import (
     CHARS_PER_TOKEN,
     ModelChoice,
