@@ -11,7 +11,6 @@ No I/O, no clock, no logging: everything here is tested without servers.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
@@ -19,6 +18,7 @@ import msgspec
 
 from actors.model_stream import ToolCallRequest
 from actors.tools import ToolOutcome
+from events.codec import storable_text
 from events.vocabulary import ChunkKind, ContentBlock
 
 PERSONAL_SYSTEM_PROMPT = (
@@ -163,11 +163,10 @@ def needs_title(title: str) -> bool:
 
 # The longest title a user (the edge) or a tool (`set_title`) may set.
 TITLE_LIMIT = 200
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 def announced_title(title: str) -> str:
     """A conversation's title as each turn announces it again: one that parley did not
     write (a damaged or forged entry in the log) holding NUL or lone surrogates, or
     longer than a title may be set, is not copied into every later turn as it is."""
-    return _UNSTORABLE.sub("\ufffd", title)[:TITLE_LIMIT]
+    return storable_text(title)[:TITLE_LIMIT]

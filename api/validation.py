@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from events.codec import UNSTORABLE
+
 MAX_DEPTH = 32
 # The largest position a query may name: a log's sequence (and Postgres's bigint).
 MAX_POSITION = 2**63 - 1
@@ -27,7 +29,6 @@ T = TypeVar("T")
 _SYNTAX = re.compile(rb'[\[\]{}"\\]')
 _BACKSLASH, _QUOTE = ord("\\"), ord('"')
 _OPEN, _CLOSE = (ord("["), ord("{")), (ord("]"), ord("}"))
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 class InvalidBody(Exception):
@@ -76,7 +77,7 @@ def nesting_depth(body: bytes, limit: int) -> int:
 def unstorable_text(value: Any, path: str = "$") -> str | None:
     """The path of the first string (or key) holding NUL or a lone surrogate, if any."""
     if isinstance(value, str):
-        return path if _UNSTORABLE.search(value) else None
+        return path if UNSTORABLE.search(value) else None
     if isinstance(value, list):
         for i, item in enumerate(value):
             found = unstorable_text(item, f"{path}[{i}]")
@@ -84,7 +85,7 @@ def unstorable_text(value: Any, path: str = "$") -> str | None:
                 return found
     elif isinstance(value, dict):
         for key, item in value.items():
-            if isinstance(key, str) and _UNSTORABLE.search(key):
+            if isinstance(key, str) and UNSTORABLE.search(key):
                 return f"{path} (a key)"
             found = unstorable_text(item, f"{path}.{key}")
             if found:

@@ -57,6 +57,8 @@ _head_decoder = msgspec.json.Decoder(_Head)
 
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+# What no read model can hold (Postgres text and jsonb): NUL, and lone surrogates.
+UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 def encodable(text: str) -> str:
@@ -66,6 +68,11 @@ def encodable(text: str) -> str:
     `surrogateescape`): a tool's result, an exception's message.
     """
     return _LONE_SURROGATE.sub("\ufffd", text)
+
+
+def storable_text(text: str) -> str:
+    """`text` with what no read model can hold (`UNSTORABLE`) replaced by U+FFFD."""
+    return UNSTORABLE.sub("\ufffd", text)
 
 
 def map_strings(value: Any, fix: Callable[[str], str]) -> Any:

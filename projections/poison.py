@@ -8,29 +8,23 @@ Nothing here does I/O.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import msgspec
 
-from events.codec import encode, map_strings
+from events.codec import encode, map_strings, storable_text
 from events.vocabulary import AnyEvent
 
 SKIPPED = "skipped"
 SANITISED = "sanitised"
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 def storable(text: str | None) -> str | None:
-    return None if text is None else _storable_text(text)
-
-
-def _storable_text(text: str) -> str:
-    return _UNSTORABLE.sub("\ufffd", text)
+    return None if text is None else storable_text(text)
 
 
 def _clean(value: Any) -> Any:
-    return map_strings(value, _storable_text)
+    return map_strings(value, storable_text)
 
 
 def sanitised(event: AnyEvent) -> AnyEvent | None:
