@@ -72,5 +72,14 @@ def account_subject(account: str) -> str:
     return f"{EVT_PREFIX}.account.{kind}.{owner}"
 
 
+def account_of(subject: str) -> str | None:
+    """`user:<id>` or `project:<id>` for an account's subject: `account_subject` undone."""
+    prefix = f"{EVT_PREFIX}.account."
+    if not subject.startswith(prefix):
+        return None
+    kind, _, owner = subject[len(prefix) :].partition(".")
+    return f"{kind}:{owner}" if kind and owner else None
+
+
 def project_subject(project_id: str) -> str:
     return f"{EVT_PREFIX}.project.{project_id}"

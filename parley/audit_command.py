@@ -19,7 +19,7 @@ from nats.js import JetStreamContext
 from events.broker import connect
 from events.codec import decode_entry
 from events.log import EventLog
-from events.subjects import valid_id
+from events.subjects import account_of, valid_id
 from parley.commands import CliError
 from parley.config import load_settings
 from parley.services import resolve_servers
@@ -31,7 +31,6 @@ from projections.audit import (
     Mismatch,
     NotRead,
     Scope,
-    account_of,
     check,
     fold_book,
     parse_since,

@@ -28,7 +28,7 @@ import msgspec
 
 from events.billing import turn_cost
 from events.codec import Unreadable
-from events.subjects import EVT_PREFIX
+from events.subjects import account_of
 from events.vocabulary import (
     AnyEvent,
     BillingRejected,
@@ -295,15 +295,6 @@ def check(
                 )
             )
     return out
-
-
-def account_of(subject: str) -> str | None:
-    """`user:<id>` or `project:<id>` for an account's subject (`account_subject`)."""
-    prefix = f"{EVT_PREFIX}.account."
-    if not subject.startswith(prefix):
-        return None
-    kind, _, owner = subject[len(prefix) :].partition(".")
-    return f"{kind}:{owner}" if kind and owner else None
 
 
 def _costs(charges: list[TurnCharged]) -> str:

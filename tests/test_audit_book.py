@@ -10,7 +10,7 @@ import pytest
 
 from events.billing import turn_cost
 from events.codec import decode_entry
-from events.subjects import account_subject, event_subject
+from events.subjects import account_of, account_subject, event_subject
 from events.vocabulary import (
     AnyEvent,
     BillingRejected,
@@ -27,7 +27,6 @@ from projections.audit import (
     LedgerRow,
     Mismatch,
     Scope,
-    account_of,
     check,
     fold_book,
 )
