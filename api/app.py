@@ -15,6 +15,7 @@ import aiohttp
 import asyncpg
 from aiohttp import web
 
+from api import cors
 from api.auth import InvalidToken, JwksKeys, Verifier
 from api.config import EdgeConfig
 from api.context import (
@@ -203,10 +204,13 @@ async def _server_header(request: web.Request, response: web.StreamResponse) -> 
 
 
 def create_app(config: EdgeConfig, metrics: EdgeMetrics | None = None) -> web.Application:
-    app = web.Application(
-        middlewares=[metrics_middleware, error_middleware, auth_middleware, limits_middleware],
-        client_max_size=config.max_body_bytes,
-    )
+    middlewares = [metrics_middleware, error_middleware, auth_middleware, limits_middleware]
+    if config.cors_origins:
+        # a browser's preflight carries no token: answered before authentication
+        middlewares.insert(1, cors.preflight_middleware)
+    app = web.Application(middlewares=middlewares, client_max_size=config.max_body_bytes)
+    if config.cors_origins:
+        app.on_response_prepare.append(cors.allow_origin)
     app[CONFIG] = config
     app[HEADERS] = HeaderCache()
     app[PROJECTS] = ProjectCache()

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 import msgspec
 
 # Connections the kernel holds for a listener before it accepts them. aiohttp's
 # default of 128 overflowed when 1,000 viewers connected at once to a busy edge
 # (bench capacity: "connection reset by peer"); the kernel caps it at somaxconn.
 LISTEN_BACKLOG = 1024
+
+# PARLEY_CORS_ORIGINS: every origin may call the edge from a browser
+ANY_ORIGIN = "*"
 
 
 class EdgeLimits(msgspec.Struct, frozen=True):
@@ -50,6 +55,9 @@ class EdgeConfig(msgspec.Struct, frozen=True):
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
     db_schema: str = "parley"
+    # Origins whose pages may call the edge from a browser (api/cors.py): "*" for
+    # any; empty, no CORS headers at all.
+    cors_origins: frozenset[str] = frozenset()
     models: list[str] = []  # model names clients may ask for
     default_model: str = "demo"
     max_body_bytes: int = 256 * 1024
@@ -85,3 +93,28 @@ class EdgeConfig(msgspec.Struct, frozen=True):
     # Every other read of Postgres waits this long before its request answers 503: a
     # server that hangs breaks no connection (projections.store.bounded).
     postgres_timeout_s: float = 5.0
+
+
+def parse_cors_origins(raw: str) -> frozenset[str]:
+    """`PARLEY_CORS_ORIGINS`: `*`, or origins (`https://app.example.com`), comma-separated.
+
+    Raises ValueError naming what is not an origin: a path, a query or a trailing
+    slash would never equal a browser's `Origin` header, and a silent mismatch is
+    a frontend that fails with no word from the edge."""
+    origins = {part.strip() for part in raw.split(",") if part.strip()}
+    if ANY_ORIGIN in origins:
+        if len(origins) > 1:
+            raise ValueError("'*' allows every origin: list no others beside it")
+        return frozenset(origins)
+    for origin in origins:
+        parts = urlsplit(origin)
+        exact = f"{parts.scheme}://{parts.netloc}"
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or origin.lower() != exact.lower()
+        ):
+            raise ValueError(
+                f"{origin!r} is not an origin (scheme://host[:port], no path, no trailing /)"
+            )
+    return frozenset(origin.lower() for origin in origins)

@@ -97,6 +97,7 @@ async def _dev(
             append_window_light_s=settings.append_window_light_ms / 1000,
             webhook=webhook_settings(settings),
             limits=settings.limits,
+            cors_origins=settings.cors_origins,
         )
         try:
             services = await stack.enter_async_context(Services(servers, options))
@@ -184,6 +185,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             limits=settings.limits,
             metrics_port=settings.metrics_port,
             stream_replicas=settings.stream_replicas,
+            cors_origins=settings.cors_origins,
         )
         async with Services(servers, options, roles) as services:
             if services.edge_url:

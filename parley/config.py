@@ -16,7 +16,7 @@ import msgspec
 
 from actors.models import ModelCatalog, ModelSpec, ModelVersion, catalogue_problems
 from actors.webhooks import settings_problem as webhook_settings_problem
-from api.config import EdgeLimits
+from api.config import EdgeLimits, parse_cors_origins
 from projections.db import check_schema_name
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,8 @@ class Settings(msgspec.Struct, frozen=True):
     # PARLEY_STREAM_REPLICAS: replicas of the streams and the lease bucket parley creates
     # (1 for one server; 3 on a production cluster). Existing ones are left as they are.
     stream_replicas: int = 1
+    # PARLEY_CORS_ORIGINS: origins whose pages may call the edge (api/cors.py)
+    cors_origins: frozenset[str] = frozenset()
     # `parley chat`: the edge to talk to and the token to show it (unset: the running `parley dev`)
     url: str | None = None
     token: str | None = None
@@ -151,6 +153,7 @@ def settings_from_env(env: Mapping[str, str], data_dir: str | Path | None = None
         ),
         metrics_port=_port(get("PARLEY_METRICS_PORT"), "PARLEY_METRICS_PORT"),
         stream_replicas=_replicas(get("PARLEY_STREAM_REPLICAS")),
+        cors_origins=_cors_origins(get("PARLEY_CORS_ORIGINS")),
         url=_url(get("PARLEY_URL")),
         token=get("PARLEY_TOKEN"),
     )
@@ -168,6 +171,15 @@ def _replicas(raw: str | None) -> int:
             f"PARLEY_STREAM_REPLICAS must be a whole number from 1 to {MAX_REPLICAS}, not {raw!r}"
         )
     return int(raw)
+
+
+def _cors_origins(raw: str | None) -> frozenset[str]:
+    if raw is None:
+        return frozenset()
+    try:
+        return parse_cors_origins(raw)
+    except ValueError as err:
+        raise ConfigError(f"PARLEY_CORS_ORIGINS: {err}") from err
 
 
 def _url(raw: str | None) -> str | None:

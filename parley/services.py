@@ -133,6 +133,8 @@ class ServiceOptions(msgspec.Struct, frozen=True, kw_only=True):
     metrics_port: int | None = None
     # replicas of the streams and the lease bucket, when this process creates them
     stream_replicas: int = 1
+    # origins whose pages may call the edge from a browser (api/cors.py)
+    cors_origins: frozenset[str] = frozenset()
 
 
 # how often a starting process asks a JetStream that did not answer again
@@ -336,6 +338,7 @@ class Services:
             limits=options.limits,
             max_projection_lag=options.max_projection_lag,
             stream_replicas=options.stream_replicas,
+            cors_origins=options.cors_origins,
         )
         self.edge_url = await self._serve(create_app(config, self.metrics), options.port)
 

@@ -21,6 +21,7 @@ import uvloop
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from nats.aio.client import Client as NatsClient
+from playwright.async_api import Browser, async_playwright
 
 from actors.models import ModelCatalog, ModelSpec, ModelVersion
 from api.app import create_app
@@ -286,3 +287,37 @@ async def extra_edge_server(stack: Servers, **overrides: Any) -> AsyncIterator[T
         yield server
     finally:
         await server.close()
+
+
+# Debian's chromium, driven by Playwright (never a browser build Playwright would
+# download): one browser for the session (tests/test_page.py, tests/test_cors.py).
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Path:
+    if not CHROMIUM.exists():
+        # `make test` installs it; a run without it must fail, never skip
+        pytest.fail(f"{CHROMIUM} is missing: run `make browser` (apt-get install chromium)")
+    return CHROMIUM
+
+
+@pytest.fixture(scope="session")
+async def browser(chromium: Path) -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        # launch() gives the browser a fresh temporary user data dir of its own
+        launched = await playwright.chromium.launch(
+            executable_path=str(chromium), args=CHROMIUM_ARGS, headless=True
+        )
+        yield launched
+        await launched.close()

@@ -26,7 +26,6 @@ from playwright.async_api import (
     Locator,
     Page,
     Request,
-    async_playwright,
     expect,
 )
 
@@ -35,17 +34,6 @@ from parley.services import Services
 from tests.conftest import Projected, token_for
 from tests.sse import SseClient
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 ARTEFACTS = Path(__file__).resolve().parent.parent / "test-artefacts" / "page"
 # Playwright's waits: long enough for a loaded 2-core machine, short enough to fail fast.
 expect.set_options(timeout=20_000)
@@ -54,26 +42,6 @@ expect.set_options(timeout=20_000)
 def counted(n: int) -> str:
     """The answer of `[[tokens=n]]`: every token once, in order."""
     return "".join(f"{i} " for i in range(n))
-
-
-@pytest.fixture(scope="session")
-def chromium() -> Path:
-    if not CHROMIUM.exists():
-        # `make test` installs it; a run without it must fail, never skip
-        pytest.fail(f"{CHROMIUM} is missing: run `make browser` (apt-get install chromium)")
-    ARTEFACTS.mkdir(parents=True, exist_ok=True)
-    return CHROMIUM
-
-
-@pytest.fixture(scope="session")
-async def browser(chromium: Path) -> AsyncIterator[Browser]:
-    async with async_playwright() as playwright:
-        # launch() gives the browser a fresh temporary user data dir of its own
-        launched = await playwright.chromium.launch(
-            executable_path=str(chromium), args=CHROMIUM_ARGS, headless=True
-        )
-        yield launched
-        await launched.close()
 
 
 class Tab:
@@ -105,6 +73,7 @@ class Browsing:
 
 @pytest.fixture
 async def browsing(browser: Browser, request: pytest.FixtureRequest) -> AsyncIterator[Browsing]:
+    ARTEFACTS.mkdir(parents=True, exist_ok=True)
     context = await browser.new_context(viewport={"width": 1280, "height": 860})
     name = re.sub(r"^test_", "", request.node.name)
     session = Browsing(context, name)
