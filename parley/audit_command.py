@@ -24,12 +24,18 @@ from parley.commands import CliError
 from parley.config import load_settings
 from parley.services import resolve_servers
 from projections.audit import (
+    ACCOUNT_COLUMNS,
+    GRANT_COLUMNS,
     LEDGER_COLUMNS,
-    BalanceRow,
+    RESERVATION_COLUMNS,
+    AccountRow,
     Book,
+    GrantRow,
     LedgerRow,
     Mismatch,
     NotRead,
+    ReservationRow,
+    Rows,
     Scope,
     check,
     fold_book,
@@ -57,13 +63,9 @@ class Summary(msgspec.Struct):
 
 async def audit_billing(js: JetStreamContext, pool: Any, scope: Scope) -> Summary:
     """Recompute the billing from the log up to the billing projection's position and
-    compare it with the ledger and the balances (`pool`: the projection's schema)."""
-    position = int(
-        await pool.fetchval(
-            "SELECT position FROM projection_checkpoints WHERE name = $1", BILLING.name
-        )
-        or 0
-    )
+    compare it with the ledger, the accounts, the grants and the reservations
+    (`pool`: the projection's schema)."""
+    position, seen = await read_projection(pool)
     book = Book()
     entries = 0
     async for batch in EventLog(js).scan():
@@ -75,14 +77,6 @@ async def audit_billing(js: JetStreamContext, pool: Any, scope: Scope) -> Summar
                 fold_book(book, decode_entry(entry.data), seq=entry.seq, subject=entry.subject)
         if batch[-1].seq >= position:
             break
-    ledger = [
-        LedgerRow(**dict(r))
-        for r in await pool.fetch(f"SELECT {', '.join(LEDGER_COLUMNS)} FROM ledger")
-    ]
-    balances = [
-        BalanceRow(r["account"], r["balance"])
-        for r in await pool.fetch("SELECT account, granted - charged AS balance FROM accounts")
-    ]
     in_scope = [t for t in book.turns.values() if scope.turn(t) and not t.refused]
     charges = [c[0] for t, c in book.charges.items() if t in {x.turn_id for x in in_scope}]
     return Summary(
@@ -92,9 +86,33 @@ async def audit_billing(js: JetStreamContext, pool: Any, scope: Scope) -> Summar
         billed_turns=len(in_scope),
         charges=len(charges),
         charged_micro_credits=sum(c.cost for c in charges),
-        mismatches=check(book, ledger, balances, scope),
+        mismatches=check(book, seen, scope),
         not_read=[e for e in book.not_read if account_of(e.subject) is None],
     )
+
+
+async def read_projection(pool: Any) -> tuple[int, Rows]:
+    """The billing projection's position and rows, as of one moment: read in one
+    snapshot, as the projector commits rows and position together. Read one by one,
+    a turn charged between the position and the ledger looked like a charge the log
+    did not have (the audit failed while turns ran)."""
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        position = await conn.fetchval(
+            "SELECT position FROM projection_checkpoints WHERE name = $1", BILLING.name
+        )
+
+        async def rows(table: str, columns: tuple[str, ...]) -> list[dict[str, Any]]:
+            return [dict(r) for r in await conn.fetch(f"SELECT {', '.join(columns)} FROM {table}")]
+
+        seen = Rows(
+            ledger=[LedgerRow(**r) for r in await rows("ledger", LEDGER_COLUMNS)],
+            accounts=[AccountRow(**r) for r in await rows("accounts", ACCOUNT_COLUMNS)],
+            grants=[GrantRow(**r) for r in await rows("credit_grants", GRANT_COLUMNS)],
+            reservations=[
+                ReservationRow(**r) for r in await rows("reservations", RESERVATION_COLUMNS)
+            ],
+        )
+    return int(position or 0), seen
 
 
 def run_audit(args: argparse.Namespace) -> int:
@@ -150,9 +168,13 @@ def render(summary: Summary, scope: Scope) -> str:
         if len(summary.not_read) > 20:
             lines.append(f"    ... and {len(summary.not_read) - 20:,} more")
     if summary.mismatches:
-        lines += ["", f"  {'kind':<22}{'turn or account':<30}expected -> seen"]
+        # a project's account id is 34 characters: the columns are as wide as the widest
+        kind = max(len("kind"), *(len(m.kind) for m in summary.mismatches)) + 2
+        subject = max(len("turn or account"), *(len(m.subject) for m in summary.mismatches)) + 2
+        lines += ["", f"  {'kind':<{kind}}{'turn or account':<{subject}}expected -> seen"]
         lines += [
-            f"  {m.kind:<22}{m.subject:<30}{m.expected} -> {m.seen}" for m in summary.mismatches
+            f"  {m.kind:<{kind}}{m.subject:<{subject}}{m.expected} -> {m.seen}"
+            for m in summary.mismatches
         ]
     else:
         lines += ["", "  every charge and balance agrees with the log"]

@@ -9,9 +9,15 @@ should have cost (its tokens from its end, its prices and payer from its
 - a billed turn that ended but was not charged, was charged twice, to another
   account, or at another cost than its tokens at its prices;
 - a charge for a turn the log does not show ending billed;
-- a ledger row missing, extra or different from its charge;
-- an account whose projected balance is not granted minus charged;
+- a ledger row missing, extra or different from its charge (its debt and
+  time included: both follow from the log's order);
+- an account whose projected balance is not granted minus charged, whose
+  granted, charged or reserved totals differ, or that the log never made;
+- a grant or a held reservation missing, extra or different from the log's;
 - an account's entry this version cannot read (a grant or a charge, perhaps).
+
+`Book.faithful()` is what a faithful projection holds at the audited position,
+and `check` holds the projection's rows (`Rows`) against it.
 
 Every other entry it cannot read is listed with the result (`Book.not_read`):
 whatever it held is in neither the book nor the read models.
@@ -22,7 +28,8 @@ Nothing here trusts the projection: it is what is being checked.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
+from collections.abc import Callable
+from typing import TypeVar
 
 import msgspec
 
@@ -35,12 +42,14 @@ from events.vocabulary import (
     Cancelled,
     ConversationCreated,
     CreditsGranted,
+    CreditsReserved,
     Done,
     Failed,
     Prices,
     Started,
     TurnCharged,
 )
+from projections.handlers import timestamp
 
 
 class BilledTurn(msgspec.Struct):
@@ -60,14 +69,38 @@ class BilledTurn(msgspec.Struct):
         return turn_cost(self.input_tokens, self.output_tokens, self.prices)
 
 
-class AccountBook(msgspec.Struct):
+class AccountRow(msgspec.Struct, frozen=True):
+    """An account's totals, as the projection holds them (balance = granted - charged)."""
+
     account: str
     granted: int = 0
     charged: int = 0
+    reserved: int = 0
 
     @property
     def balance(self) -> int:
         return self.granted - self.charged
+
+
+class GrantRow(msgspec.Struct, frozen=True):
+    event_id: str
+    account: str
+    amount: int
+    note: str
+    granted_by: str
+    granted_at: dt.datetime
+    seq: int
+
+
+class ReservationRow(msgspec.Struct, frozen=True):
+    """A reservation still held: its turn has not been charged yet."""
+
+    turn_id: str
+    account: str
+    conversation_id: str
+    amount: int
+    reserved_at: dt.datetime
+    seq: int
 
 
 class NotRead(msgspec.Struct, frozen=True):
@@ -82,10 +115,24 @@ class NotRead(msgspec.Struct, frozen=True):
 class Book(msgspec.Struct):
     turns: dict[str, BilledTurn] = {}
     charges: dict[str, list[TurnCharged]] = {}
-    accounts: dict[str, AccountBook] = {}
+    # each charged turn's ledger row, made as the projection makes it: from its
+    # first charge, with the debt the balance before it left
+    ledger: dict[str, LedgerRow] = {}
+    accounts: dict[str, AccountRow] = {}
+    grants: dict[str, GrantRow] = {}
+    reservations: dict[str, ReservationRow] = {}  # held: not charged yet
     projects: dict[str, str | None] = {}  # conversation -> project
     not_read: list[NotRead] = []
     events: int = 0
+
+    def faithful(self) -> Rows:
+        """The rows a faithful projection holds after the events folded so far."""
+        return Rows(
+            ledger=list(self.ledger.values()),
+            accounts=list(self.accounts.values()),
+            grants=list(self.grants.values()),
+            reservations=list(self.reservations.values()),
+        )
 
 
 def fold_book(book: Book, event: AnyEvent | Unreadable, *, seq: int = 0, subject: str = "") -> None:
@@ -118,20 +165,58 @@ def fold_book(book: Book, event: AnyEvent | Unreadable, *, seq: int = 0, subject
                 turn.refused = True
                 turn.ended_at = event.at
         case CreditsGranted():
-            _account(book, event.account).granted += event.amount
+            if event.event_id not in book.grants:
+                book.grants[event.event_id] = GrantRow(
+                    event_id=event.event_id,
+                    account=event.account,
+                    amount=event.amount,
+                    note=event.note,
+                    granted_by=event.granted_by,
+                    granted_at=timestamp(event.at),
+                    seq=seq,
+                )
+                _move(book, event.account, granted=event.amount)
+        case CreditsReserved():
+            # held once, until the turn's charge; a charged turn holds nothing more
+            if event.turn_id not in book.reservations and event.turn_id not in book.ledger:
+                book.reservations[event.turn_id] = ReservationRow(
+                    turn_id=event.turn_id,
+                    account=event.account,
+                    conversation_id=event.conversation_id,
+                    amount=event.amount,
+                    reserved_at=timestamp(event.at),
+                    seq=seq,
+                )
+                _move(book, event.account, reserved=event.amount)
         case TurnCharged():
             charges = book.charges.setdefault(event.turn_id, [])
-            if not charges:  # the fold of an account counts a turn's charge once
-                _account(book, event.account).charged += event.cost
             charges.append(event)
+            if len(charges) > 1:
+                return  # the fold of an account counts a turn's charge once
+            before = _move(book, event.account).balance
+            book.ledger[event.turn_id] = LedgerRow.of(
+                event, debt=max(0, event.cost - max(0, before)), seq=seq
+            )
+            held = book.reservations.pop(event.turn_id, None)
+            released = held.amount if held is not None else 0
+            _move(book, event.account, charged=event.cost, reserved=-released)
         case _:
             pass
 
 
-def _account(book: Book, account: str) -> AccountBook:
-    if account not in book.accounts:
-        book.accounts[account] = AccountBook(account=account)
-    return book.accounts[account]
+def _move(
+    book: Book, account: str, *, granted: int = 0, charged: int = 0, reserved: int = 0
+) -> AccountRow:
+    """Move an account's totals (made on its first entry, as the projection makes its
+    row); the account as it was before the move."""
+    was = book.accounts.get(account, AccountRow(account=account))
+    book.accounts[account] = msgspec.structs.replace(
+        was,
+        granted=was.granted + granted,
+        charged=was.charged + charged,
+        reserved=was.reserved + reserved,
+    )
+    return was
 
 
 class LedgerRow(msgspec.Struct, frozen=True):
@@ -150,10 +235,13 @@ class LedgerRow(msgspec.Struct, frozen=True):
     tokens_estimated: bool
     reserved: int
     turn_end: str
+    debt: int  # the part of the cost the balance before it did not cover
+    charged_at: dt.datetime
+    seq: int
 
     @classmethod
-    def of(cls, charge: TurnCharged) -> LedgerRow:
-        """The row a faithful projection makes of `charge`."""
+    def of(cls, charge: TurnCharged, *, debt: int, seq: int) -> LedgerRow:
+        """The row a faithful projection makes of `charge`, the turn's first."""
         return cls(
             turn_id=charge.turn_id,
             account=charge.account,
@@ -168,17 +256,27 @@ class LedgerRow(msgspec.Struct, frozen=True):
             tokens_estimated=charge.tokens_estimated,
             reserved=charge.reserved,
             turn_end=charge.end,
+            debt=debt,
+            charged_at=timestamp(charge.at),
+            seq=seq,
         )
 
 
-# The ledger's columns the audit reads (debt and the times depend on when it was
-# projected, not on the charge alone: the balances' check covers the money).
+class Rows(msgspec.Struct):
+    """The billing projection's rows the audit holds against the log (`Book.faithful`)."""
+
+    ledger: list[LedgerRow] = []
+    accounts: list[AccountRow] = []
+    grants: list[GrantRow] = []
+    reservations: list[ReservationRow] = []
+
+
+# The columns the audit reads of each table: every column the projection writes
+# from events (an account's updated_at and last_seq say only when it last moved).
 LEDGER_COLUMNS: tuple[str, ...] = LedgerRow.__struct_fields__
-
-
-class BalanceRow(msgspec.Struct, frozen=True):
-    account: str
-    balance: int
+ACCOUNT_COLUMNS: tuple[str, ...] = AccountRow.__struct_fields__
+GRANT_COLUMNS: tuple[str, ...] = GrantRow.__struct_fields__
+RESERVATION_COLUMNS: tuple[str, ...] = ReservationRow.__struct_fields__
 
 
 class Mismatch(msgspec.Struct, frozen=True):
@@ -201,9 +299,8 @@ class Scope(msgspec.Struct, frozen=True):
         return self.project is None or account == f"project:{self.project}"
 
 
-def check(
-    book: Book, ledger: Iterable[LedgerRow], balances: Iterable[BalanceRow], scope: Scope
-) -> list[Mismatch]:
+def check(book: Book, seen: Rows, scope: Scope) -> list[Mismatch]:
+    """Every difference between the log's billing (`book`) and the projection's rows."""
     out: list[Mismatch] = []
     in_scope = {t.turn_id for t in book.turns.values() if scope.turn(t)}
     for turn_id in sorted(in_scope):
@@ -236,51 +333,34 @@ def check(
         if turn_id not in book.turns and scope.account(charges[0].account):
             out.append(Mismatch("charge_without_turn", turn_id, "a billed turn", _costs(charges)))
 
-    rows = {row.turn_id: row for row in ledger}
-    for turn_id, charges in sorted(book.charges.items()):
-        known = book.turns.get(turn_id)
-        if known is not None and turn_id not in in_scope:
-            continue
-        if known is None and not scope.account(charges[0].account):
-            continue
-        row = rows.pop(turn_id, None)
-        if row is None:
-            out.append(Mismatch("ledger_row_missing", turn_id, _costs(charges[:1]), "no row"))
-        elif row != (faithful := LedgerRow.of(charges[0])):
-            differ = [
-                f"{name} {getattr(faithful, name)!r} != {getattr(row, name)!r}"
-                for name in LEDGER_COLUMNS
-                if getattr(row, name) != getattr(faithful, name)
-            ]
-            out.append(
-                Mismatch(
-                    "ledger_row_differs",
-                    turn_id,
-                    _costs(charges[:1]),
-                    f"{row.cost} to {row.account}: {'; '.join(differ)}",
-                )
-            )
-    for turn_id, row in sorted(rows.items()):
-        unknown = turn_id not in book.turns
-        if (unknown and scope.account(row.account)) or turn_id in in_scope:
-            out.append(
-                Mismatch("ledger_row_extra", turn_id, "no charge", f"{row.cost} to {row.account}")
-            )
+    def ledger_in_scope(row: LedgerRow) -> bool:
+        # a known turn by the turn's scope; a charge for a turn the log does not
+        # show, by its account
+        known = row.turn_id in book.turns
+        return row.turn_id in in_scope if known else scope.account(row.account)
 
-    projected = {row.account: row.balance for row in balances}
-    for account, totals in sorted(book.accounts.items()):
-        if not scope.account(account):
-            continue
-        seen = projected.get(account)
-        if seen != totals.balance:
-            out.append(
-                Mismatch(
-                    "balance_differs",
-                    account,
-                    f"{totals.balance} ({totals.granted} granted - {totals.charged} charged)",
-                    "no row" if seen is None else str(seen),
-                )
-            )
+    out += _compare(
+        "ledger",
+        {r.turn_id: r for r in book.ledger.values() if ledger_in_scope(r)},
+        {r.turn_id: r for r in seen.ledger if ledger_in_scope(r)},
+        describe=lambda r: f"{r.cost} to {r.account}",
+    )
+    out += _compare_accounts(
+        {a: r for a, r in book.accounts.items() if scope.account(a)},
+        {r.account: r for r in seen.accounts if scope.account(r.account)},
+    )
+    out += _compare(
+        "grant",
+        {r.event_id: r for r in book.grants.values() if scope.account(r.account)},
+        {r.event_id: r for r in seen.grants if scope.account(r.account)},
+        describe=lambda r: f"{r.amount} to {r.account}",
+    )
+    out += _compare(
+        "reservation",
+        {r.turn_id: r for r in book.reservations.values() if scope.account(r.account)},
+        {r.turn_id: r for r in seen.reservations if scope.account(r.account)},
+        describe=lambda r: f"{r.amount} held on {r.account}",
+    )
     # An account's entry that cannot be read may be a grant or a charge: its balance
     # cannot be vouched for (the projector skipped the entry too, so the two agree).
     for entry in book.not_read:
@@ -295,6 +375,74 @@ def check(
                 )
             )
     return out
+
+
+_Row = TypeVar("_Row", LedgerRow, GrantRow, ReservationRow)
+
+
+def _compare(
+    table: str,
+    expected: dict[str, _Row],
+    seen: dict[str, _Row],
+    *,
+    describe: Callable[[_Row], str],
+) -> list[Mismatch]:
+    """A table's rows by key: `<table>_row_missing`, `_extra` or `_differs` (naming
+    each column that differs)."""
+    out: list[Mismatch] = []
+    for key in sorted(expected.keys() | seen.keys()):
+        want, got = expected.get(key), seen.get(key)
+        if got is None:
+            assert want is not None
+            out.append(Mismatch(f"{table}_row_missing", key, describe(want), "no row"))
+        elif want is None:
+            out.append(Mismatch(f"{table}_row_extra", key, "no row", describe(got)))
+        elif got != want:
+            out.append(Mismatch(f"{table}_row_differs", key, describe(want), _differing(want, got)))
+    return out
+
+
+def _compare_accounts(
+    expected: dict[str, AccountRow], seen: dict[str, AccountRow]
+) -> list[Mismatch]:
+    out: list[Mismatch] = []
+    for account in sorted(expected.keys() | seen.keys()):
+        want, got = expected.get(account), seen.get(account)
+        if want is None:
+            assert got is not None
+            out.append(
+                Mismatch(
+                    "account_row_extra",
+                    account,
+                    "no account (nothing granted, held or charged in the log)",
+                    f"balance {got.balance} ({got.granted} granted - {got.charged} charged)",
+                )
+            )
+            continue
+        if got is not None and got == want:
+            continue
+        totals = f"{want.balance} ({want.granted} granted - {want.charged} charged)"
+        if got is None or got.balance != want.balance:
+            seen_balance = "no row" if got is None else str(got.balance)
+            out.append(Mismatch("balance_differs", account, totals, seen_balance))
+        else:
+            out.append(
+                Mismatch(
+                    "account_row_differs",
+                    account,
+                    f"{totals}, {want.reserved} reserved",
+                    _differing(want, got),
+                )
+            )
+    return out
+
+
+def _differing(want: msgspec.Struct, got: msgspec.Struct) -> str:
+    return "; ".join(
+        f"{name} {getattr(want, name)!r} != {getattr(got, name)!r}"
+        for name in want.__struct_fields__
+        if getattr(got, name) != getattr(want, name)
+    )
 
 
 def _costs(charges: list[TurnCharged]) -> str:

@@ -4,6 +4,7 @@ fails loudly, naming the turn, when a ledger row is tampered with or dropped."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -14,11 +15,15 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+from nats.aio.client import Client as NatsClient
 
 from events.log import EventLog
 from events.subjects import account_subject
 from events.vocabulary import TurnCharged
+from parley.audit_command import audit_billing
 from parley.services import Servers, Services
+from projections.audit import Scope
+from projections.db import create_pool
 from tests.conftest import Projected, caught_up, token_for
 from tests.sse import SseClient
 
@@ -129,3 +134,86 @@ async def test_a_tampered_or_dropped_ledger_row_fails_the_audit(
     assert kinds == [("ledger_row_missing", turns[1])], kinds
     clean = await asyncio.to_thread(audit, stack, "--project", project)
     assert clean.returncode == 0, clean.stdout
+
+
+class ChargedMeanwhile:
+    """The projection's pool, but the first read of the ledger waits until another turn
+    has been charged and projected: the projector moving on between the audit's
+    reads, at the worst moment (reads on the pool or on a connection of it)."""
+
+    def __init__(self, pool: Any, charge_another: Any) -> None:
+        self._pool = pool
+        self._charge_another = charge_another
+        self.interleaved = False
+
+    async def _before(self, query: str) -> None:
+        if "FROM ledger" in query and not self.interleaved:
+            self.interleaved = True
+            await self._charge_another()
+
+    async def fetch(self, query: str, *args: Any) -> Any:
+        await self._before(query)
+        return await self._pool.fetch(query, *args)
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        return await self._pool.fetchval(query, *args)
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[Any]:
+        async with self._pool.acquire() as conn:
+            yield _Connection(conn, self)
+
+
+class _Connection:
+    def __init__(self, conn: Any, pool: ChargedMeanwhile) -> None:
+        self._conn = conn
+        self._pool = pool
+
+    def transaction(self, **options: Any) -> Any:
+        return self._conn.transaction(**options)
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        return await self._conn.fetchval(query, *args)
+
+    async def fetch(self, query: str, *args: Any) -> Any:
+        await self._pool._before(query)
+        return await self._conn.fetch(query, *args)
+
+
+async def test_a_turn_charged_while_the_audit_reads_is_no_mismatch(
+    stack: Servers,
+    api: SseClient,
+    services: Services,
+    event_log: EventLog,
+    nc: NatsClient,
+    billed_project: tuple[str, list[str]],
+) -> None:
+    """The audit read the projection's position, then the ledger and the balances one
+    by one: a turn charged in between was a ledger row "the log did not have" and a
+    balance that differed, and `parley audit billing` failed while turns ran."""
+    project, _ = billed_project
+    cid = (await api.create_conversation(project_id=project))["id"]
+
+    async def charge_another() -> None:
+        assert (await api.send_stream(cid, "one more [[tokens=3]]"))[-1].data == "ok"
+        account = account_subject(f"project:{project}")
+        async with asyncio.timeout(30):
+            while True:
+                events = await event_log.read_subject(account)
+                if sum(
+                    isinstance(s.event, TurnCharged) and s.event.conversation_id == cid
+                    for s in events
+                ):
+                    break
+                await asyncio.sleep(0.05)
+        await caught_up(services.projectors["billing"], events[-1].seq)
+
+    pool = await create_pool(stack.database_url, "parley_test", max_size=2, create=False)
+    try:
+        meanwhile = ChargedMeanwhile(pool, charge_another)
+        summary = await audit_billing(nc.jetstream(), meanwhile, Scope(project=project))
+    finally:
+        await pool.close()
+    assert meanwhile.interleaved
+    assert summary.mismatches == [], summary.mismatches
+    assert summary.billed_turns == 3  # as far as the projection had come when it began

@@ -16,20 +16,25 @@ from events.vocabulary import (
     BillingRejected,
     ConversationCreated,
     CreditsGranted,
+    CreditsReserved,
     Done,
     Prices,
     Started,
     TurnCharged,
 )
+from parley.audit_command import Summary, render
 from projections.audit import (
-    BalanceRow,
+    AccountRow,
     Book,
-    LedgerRow,
+    GrantRow,
     Mismatch,
+    ReservationRow,
+    Rows,
     Scope,
     check,
     fold_book,
 )
+from projections.handlers import timestamp
 
 PRICES = Prices(input_price=3.0, output_price=15.0)
 PROJECT = "p1"
@@ -84,26 +89,38 @@ def charge(cid: str, turn_id: str, cost: int, account: str = ACCOUNT) -> TurnCha
 
 def book_of(events: list[AnyEvent]) -> Book:
     book = Book()
-    for event in events:
-        fold_book(book, event)
+    for seq, event in enumerate(events, start=1):
+        fold_book(book, event, seq=seq)
     return book
 
 
-def clean_log() -> tuple[list[AnyEvent], list[LedgerRow], list[BalanceRow]]:
-    cost_a, cost_b = turn_cost(100, 20, PRICES), turn_cost(7, 3, PRICES)
-    events: list[AnyEvent] = [
+def reserve(cid: str, turn_id: str, amount: int = 5250) -> CreditsReserved:
+    return CreditsReserved(
+        conversation_id=cid, at=9, event_id=eid(), account=ACCOUNT, turn_id=turn_id, amount=amount
+    )
+
+
+def clean_log() -> list[AnyEvent]:
+    return [
         ConversationCreated(
             conversation_id="c1", at=1, event_id=eid(), user_id="u", project_id=PROJECT
         ),
         CreditsGranted(conversation_id="", at=2, event_id=eid(), account=ACCOUNT, amount=1_000_000),
+        reserve("c1", "t1"),
         *turn("c1", "t1", (100, 20)),
-        charge("c1", "t1", cost_a),
+        charge("c1", "t1", turn_cost(100, 20, PRICES)),
+        reserve("c1", "t2"),
         *turn("c1", "t2", (7, 3)),
-        charge("c1", "t2", cost_b),
+        charge("c1", "t2", turn_cost(7, 3, PRICES)),
+        reserve("c1", "t3"),  # a turn still running: its reservation is held
+        turn("c1", "t3", (0, 0))[0],
     ]
-    ledger = [LedgerRow.of(e) for e in events if isinstance(e, TurnCharged)]
-    balances = [BalanceRow(ACCOUNT, 1_000_000 - cost_a - cost_b)]
-    return events, ledger, balances
+
+
+def faithful(events: list[AnyEvent]) -> tuple[Book, Rows]:
+    """The book of `events` and the rows a faithful projection of them holds."""
+    book = book_of(events)
+    return book, book.faithful()
 
 
 def kinds(found: list[Mismatch]) -> list[str]:
@@ -111,8 +128,20 @@ def kinds(found: list[Mismatch]) -> list[str]:
 
 
 def test_a_clean_log_and_a_faithful_projection_give_no_mismatch() -> None:
-    events, ledger, balances = clean_log()
-    assert check(book_of(events), ledger, balances, Scope()) == []
+    book, rows = faithful(clean_log())
+    assert check(book, rows, Scope()) == []
+    cost = turn_cost(100, 20, PRICES) + turn_cost(7, 3, PRICES)
+    assert rows.accounts == [AccountRow(ACCOUNT, granted=1_000_000, charged=cost, reserved=5250)]
+    assert [r.turn_id for r in rows.reservations] == ["t3"]
+    assert [r.debt for r in rows.ledger] == [0, 0]
+
+
+def test_a_charge_beyond_the_balance_is_debt_in_its_ledger_row() -> None:
+    events = clean_log()
+    events[1] = CreditsGranted(conversation_id="", at=2, event_id=eid(), account=ACCOUNT, amount=10)
+    _, rows = faithful(events)
+    first = turn_cost(100, 20, PRICES)
+    assert [r.debt for r in rows.ledger] == [first - 10, turn_cost(7, 3, PRICES)]
 
 
 @pytest.mark.parametrize(
@@ -129,45 +158,122 @@ def test_a_clean_log_and_a_faithful_projection_give_no_mismatch() -> None:
         {"project_id": "another"},
         {"reserved": 1},
         {"turn_end": "failed"},
+        {"debt": 777},
+        {"charged_at": timestamp(86_400 * 10**9)},
+        {"seq": 1},
     ],
 )
 def test_a_tampered_ledger_row_is_named_with_what_differs(tampered: dict[str, object]) -> None:
-    events, ledger, balances = clean_log()
+    book, rows = faithful(clean_log())
     (name,) = tampered
     value = tampered[name]
     if isinstance(value, int) and not isinstance(value, bool):
-        value = getattr(ledger[0], name) + value  # a number: off by that much
-    ledger[0] = msgspec.structs.replace(ledger[0], **{name: value})
-    found = check(book_of(events), ledger, balances, Scope())
+        value = getattr(rows.ledger[0], name) + value  # a number: off by that much
+    rows.ledger[0] = msgspec.structs.replace(rows.ledger[0], **{name: value})
+    found = check(book, rows, Scope())
     assert kinds(found) == ["ledger_row_differs"] and found[0].subject == "t1", found
     assert name in found[0].seen, found
 
 
 def test_a_dropped_ledger_row_is_named() -> None:
-    events, ledger, balances = clean_log()
-    found = check(book_of(events), ledger[1:], balances, Scope())
+    book, rows = faithful(clean_log())
+    rows.ledger = rows.ledger[1:]
+    found = check(book, rows, Scope())
     assert kinds(found) == ["ledger_row_missing"] and found[0].subject == "t1", found
 
 
 def test_a_turn_without_its_charge_and_a_wrong_balance_are_named() -> None:
-    events, ledger, balances = clean_log()
-    events = [e for e in events if not (isinstance(e, TurnCharged) and e.turn_id == "t2")]
-    found = check(book_of(events), ledger, balances, Scope())
-    assert kinds(found) == ["not_charged", "ledger_row_extra", "balance_differs"], found
+    events = clean_log()
+    _, rows = faithful(events)
+    book = Book()
+    for seq, event in enumerate(events, start=1):  # each at its place in the log
+        if not (isinstance(event, TurnCharged) and event.turn_id == "t2"):
+            fold_book(book, event, seq=seq)
+    found = check(book, rows, Scope())
+    assert kinds(found) == [
+        "not_charged",
+        "ledger_row_extra",
+        "balance_differs",
+        "reservation_row_missing",  # the log still holds t2's reservation
+    ], found
 
 
 def test_a_charge_at_another_cost_or_account_or_twice_is_named() -> None:
-    events, ledger, balances = clean_log()
-    book = book_of([*events, charge("c1", "t1", 999, "user:u")])
-    found = check(book, ledger, balances, Scope())
+    events = clean_log()
+    book, rows = faithful(events)
+    found = check(book_of([*events, charge("c1", "t1", 999, "user:u")]), rows, Scope())
     assert kinds(found) == ["charged_twice"], found
     wrong = [e for e in events if not isinstance(e, TurnCharged)] + [
         charge("c1", "t1", 5, "user:u"),
-        charge("c1", "t2", ledger[1].cost),
+        charge("c1", "t2", rows.ledger[1].cost),
     ]
-    rows = [LedgerRow.of(e) for e in wrong if isinstance(e, TurnCharged)]
-    found = check(book_of(wrong), rows, [], Scope())
+    book, rows = faithful(wrong)
+    found = check(book, rows, Scope())
     assert kinds(found)[:2] == ["wrong_account", "cost_differs"], found
+
+
+@pytest.mark.parametrize(
+    ("change", "kind"),
+    [
+        ({"granted": 5_000_000, "charged": 5_000_000}, "account_row_differs"),
+        ({"reserved": 5_000_000}, "account_row_differs"),
+        ({"granted": 1}, "balance_differs"),
+    ],
+)
+def test_an_accounts_totals_are_held_to_the_log_not_only_its_balance(
+    change: dict[str, int], kind: str
+) -> None:
+    book, rows = faithful(clean_log())
+    (account,) = rows.accounts
+    rows.accounts = [
+        msgspec.structs.replace(account, **{k: getattr(account, k) + v for k, v in change.items()})
+    ]
+    found = check(book, rows, Scope())
+    assert kinds(found) == [kind] and found[0].subject == ACCOUNT, found
+    for column in change:
+        assert column in found[0].seen or kind == "balance_differs", found
+
+
+def test_an_account_the_log_never_made_is_named() -> None:
+    book, rows = faithful(clean_log())
+    rows.accounts.append(AccountRow("user:mallory", granted=10**9))
+    found = check(book, rows, Scope())
+    assert [(m.kind, m.subject) for m in found] == [("account_row_extra", "user:mallory")]
+
+
+def test_grants_and_reservations_are_held_to_the_log() -> None:
+    book, rows = faithful(clean_log())
+    (grant,) = rows.grants
+    (held,) = rows.reservations
+    cases: list[tuple[Rows, list[str]]] = [
+        (msgspec.structs.replace(rows, grants=[]), ["grant_row_missing"]),
+        (
+            msgspec.structs.replace(
+                rows, grants=[msgspec.structs.replace(grant, amount=grant.amount * 100)]
+            ),
+            ["grant_row_differs"],
+        ),
+        (
+            msgspec.structs.replace(
+                rows,
+                grants=[grant, GrantRow("forged", ACCOUNT, 5, "", "", grant.granted_at, 99)],
+            ),
+            ["grant_row_extra"],
+        ),
+        (msgspec.structs.replace(rows, reservations=[]), ["reservation_row_missing"]),
+        (
+            msgspec.structs.replace(
+                rows,
+                reservations=[
+                    held,
+                    ReservationRow("t1", ACCOUNT, "c1", 5250, held.reserved_at, 3),
+                ],
+            ),
+            ["reservation_row_extra"],  # t1 was charged: nothing of it is held
+        ),
+    ]
+    for seen, expected in cases:
+        assert kinds(check(book, seen, Scope())) == expected, seen
 
 
 def test_a_refused_turn_must_not_be_charged() -> None:
@@ -187,29 +293,23 @@ def test_a_refused_turn_must_not_be_charged() -> None:
             available=0,
         ),
     ]
-    assert check(book_of(events), [], [], Scope()) == []
-    found = check(
-        book_of([*events, charge("c2", "t9", 10)]),
-        [LedgerRow.of(charge("c2", "t9", 10))],
-        [BalanceRow(ACCOUNT, -10)],
-        Scope(),
-    )
+    assert check(book_of(events), Rows(), Scope()) == []
+    book, rows = faithful([*events, charge("c2", "t9", 10)])
+    found = check(book, rows, Scope())
     assert kinds(found) == ["charged_refused_turn"], found
 
 
 def test_the_scope_limits_turns_to_a_project_and_a_time() -> None:
-    events, _, balances = clean_log()
-    book = book_of(events)
-    assert check(book, [], [], Scope(project="another")) == []
+    book, rows = faithful(clean_log())
+    assert check(book, Rows(), Scope(project="another")) == []
     late = Scope(since_ns=10**15)
-    assert check(book, [], balances, late) == []  # no turn ended that late
+    assert check(book, msgspec.structs.replace(rows, ledger=[]), late) == []  # none ended so late
 
 
 def test_an_accounts_entry_that_cannot_be_read_is_named_others_are_listed() -> None:
     """Garbage on an account's subject passed the audit: it may have been a grant or a
     charge, and the projector skipped it too, so book and ledger agreed without it."""
-    events, ledger, balances = clean_log()
-    book = book_of(events)
+    book, rows = faithful(clean_log())
     garbage = decode_entry(b"\xff\xfe not an event")
     fold_book(book, garbage, seq=90, subject=account_subject(ACCOUNT))
     fold_book(book, garbage, seq=91, subject=account_subject("user:someone-else"))
@@ -219,8 +319,34 @@ def test_an_accounts_entry_that_cannot_be_read_is_named_others_are_listed() -> N
         (91, account_subject("user:someone-else")),
         (92, event_subject("c1")),
     ]
-    found = check(book, ledger, balances, Scope(project=PROJECT))
+    found = check(book, rows, Scope(project=PROJECT))
     assert [(m.kind, m.subject) for m in found] == [("unreadable_entry", ACCOUNT)], found
-    everyone = check(book, ledger, balances, Scope())
+    everyone = check(book, rows, Scope())
     assert [m.subject for m in everyone] == [ACCOUNT, "user:someone-else"], everyone
     assert account_of(event_subject("c1")) is None
+
+
+def test_the_report_keeps_a_long_account_id_apart_from_the_numbers() -> None:
+    account = "project:01M8P7P7K55B1SAB60ABKD8DX0"  # 34 characters
+    summary = Summary(
+        position=9,
+        entries=9,
+        accounts=1,
+        billed_turns=0,
+        charges=0,
+        charged_micro_credits=0,
+        mismatches=[Mismatch("balance_differs", account, "50 (50 granted - 0 charged)", "49")],
+    )
+    line = render(summary, Scope()).splitlines()[-1].split()
+    assert line == [
+        "balance_differs",
+        account,
+        "50",
+        "(50",
+        "granted",
+        "-",
+        "0",
+        "charged)",
+        "->",
+        "49",
+    ]
