@@ -26,6 +26,7 @@ from actors.state import (
     ActiveTurn,
     Conversation,
     Message,
+    Piece,
     QueuedTurn,
     descendants,
     history_of,
@@ -439,20 +440,42 @@ def decide_cancelled(
 
 def estimated_totals(state: Conversation) -> TurnTotals:
     """What the running turn consumed, as far as the log shows, when its worker died
-    before the provider's usage arrived: the messages it sent (as a live turn without
-    usage counts them: the same history, system prompt and all) and the text it
-    wrote, at CHARS_PER_TOKEN. (A live turn counts what it wrote in the model's
-    deltas, which the log does not keep.) Flagged as an estimate; a billed call is
-    billed also then."""
+    before the provider's usage arrived, at CHARS_PER_TOKEN and flagged as an
+    estimate (a billed call is billed also then).
+
+    Every model call sent the history (as a live turn without usage counts it: the
+    same messages, system prompt and all), and each call after a tool round sent
+    that round's calls and results too. A call is counted when the log shows it
+    answered: each answer that asked for tools, and the last call if it wrote
+    anything (or if it was the only one). Written: the text of every call and the
+    tool calls the model wrote. (A live turn counts what it wrote in the model's
+    deltas, which the log does not keep.)"""
     turn = _require_active(state)
     messages = build_history(history_of(state, upto=turn.user_message_id), personal=state.personal)
-    sent = sum(len(str(m.get("content") or "")) for m in messages)
-    written = sum(len(text) for _, text in pieces_in_order(turn.last_piece))
+    history = sum(len(str(m.get("content") or "")) for m in messages)
+    sent = added = 0
+    for round_chars in turn.round_chars:  # the calls that asked for tools
+        sent += history + added
+        added += round_chars
+    if not turn.round_chars or _wrote_after_tools(turn.last_piece):
+        sent += history + added
+    written = sum(len(text) for _, text in pieces_in_order(turn.last_piece)) + turn.call_chars
     return TurnTotals(
         input_tokens=math.ceil(sent / CHARS_PER_TOKEN),
         output_tokens=math.ceil(written / CHARS_PER_TOKEN),
         estimated=True,
     )
+
+
+def _wrote_after_tools(last: Piece | None) -> bool:
+    """Whether the call after the last tool round wrote anything (a tool call leaves a
+    boundary, a piece of no kind, in the turn's pieces)."""
+    node = last
+    while node is not None and node.kind is not None:
+        if node.text:
+            return True
+        node = node.previous
+    return False
 
 
 OrphanCause = Literal["worker_lost", "log_conflict", "log_unreadable"]

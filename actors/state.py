@@ -38,6 +38,7 @@ from events.vocabulary import (
     Started,
     Title,
     ToolCall,
+    ToolResult,
     UserMessage,
     event_type,
 )
@@ -134,6 +135,13 @@ class ActiveTurn(msgspec.Struct, frozen=True):
     last_piece: Piece | None = None
     tool_calls: int = 0
     parts: tuple[ContentPart, ...] = ()  # the final content, when it came in pieces
+    # What the tool rounds add to the model's calls, for an estimate of a turn whose
+    # usage never came (actors.decide.estimated_totals): per model answer that asked
+    # for tools, the characters of its calls and their results, which every later
+    # call sends again; and the characters of all calls (the model wrote them).
+    round_chars: tuple[int, ...] = ()
+    call_chars: int = 0
+    after_results: bool = False  # the last tool event was a result: a call opens a round
 
 
 class Conversation(msgspec.Struct, frozen=True):
@@ -215,15 +223,34 @@ def evolve(state: Conversation, event: AnyEvent | Unreadable) -> Conversation:
             piece = Piece(kind=event.kind, text=event.text, previous=state.active.last_piece)
             return replace(state, active=replace(state.active, last_piece=piece))
         case ToolCall():
-            if state.active is None or state.active.turn_id != event.turn_id:
+            active = state.active
+            if active is None or active.turn_id != event.turn_id:
                 return state
-            boundary = Piece(kind=None, text="", previous=state.active.last_piece)
+            boundary = Piece(kind=None, text="", previous=active.last_piece)
+            chars = len(event.name) + len(event.arguments)
+            rounds = active.round_chars
+            if rounds and not active.after_results:  # another call of the same answer
+                rounds = (*rounds[:-1], rounds[-1] + chars)
+            else:  # the first call of a model answer
+                rounds = (*rounds, chars)
             return replace(
                 state,
                 active=replace(
-                    state.active, last_piece=boundary, tool_calls=state.active.tool_calls + 1
+                    active,
+                    last_piece=boundary,
+                    tool_calls=active.tool_calls + 1,
+                    round_chars=rounds,
+                    call_chars=active.call_chars + chars,
+                    after_results=False,
                 ),
             )
+        case ToolResult():
+            active = state.active
+            if active is None or active.turn_id != event.turn_id or not active.round_chars:
+                return state
+            chars = len(event.result or "") + len(event.error or "")
+            rounds = (*active.round_chars[:-1], active.round_chars[-1] + chars)
+            return replace(state, active=replace(active, round_chars=rounds, after_results=True))
         case ContentPart():
             if state.active is None or state.active.turn_id != event.turn_id:
                 return state

@@ -29,9 +29,12 @@ from actors.decide import (
     decide_request,
     decide_start,
     decide_title,
+    decide_tool_call,
+    decide_tool_result,
     estimated_totals,
     next_turn,
 )
+from actors.model_stream import ToolCallRequest
 from actors.models import ModelSpec, ModelVersion, active_version, choose_model
 from actors.state import (
     Conversation,
@@ -42,6 +45,7 @@ from actors.state import (
     messages_for_tools,
     partial_content,
 )
+from actors.tools import ToolOutcome
 from events.vocabulary import (
     AnswerRequested,
     AnyEvent,
@@ -728,6 +732,45 @@ def test_a_dead_workers_turn_is_estimated_on_what_it_sent_as_a_live_turn_counts_
     assert sent[0]["role"] == "system"
     chars = sum(len(m["content"]) for m in sent)
     assert estimated_totals(state).input_tokens == -(-chars // 4)
+
+
+def tool_round(
+    state: Conversation, calls: list[tuple[str, str]], results: list[str]
+) -> Conversation:
+    """One model answer asking for `calls` (name, arguments), then their results."""
+    requests = [ToolCallRequest(f"call-{i}", name, args) for i, (name, args) in enumerate(calls)]
+    for request in requests:
+        state = evolve(state, decide_tool_call(state, request, NOW, Ids("tc")))
+    for request, result in zip(requests, results, strict=True):
+        outcome = ToolOutcome(result=result)
+        state = evolve(state, decide_tool_result(state, request, outcome, 1.0, NOW, Ids("tr")))
+    return state
+
+
+def test_a_dead_workers_tool_rounds_are_estimated_call_by_call() -> None:
+    """Every round's call sent the whole history again, with the earlier rounds' calls
+    and results: a worker that died after seven rounds was billed one call's input."""
+    state, _ = started_turn("what time is it, twice?")
+    assert state.active is not None
+    history = build_history(history_of(state, upto=state.active.user_message_id), personal=False)
+    base = sum(len(m["content"]) for m in history)
+    state = said(state, "let me look")
+    first = [("clock", "{}"), ("clock", '{"tz":"UTC"}')]  # two calls in one answer
+    state = tool_round(state, first, ["12:00", "12:00 UTC"])
+    second = [("calculator", '{"expression":"1+1"}')]
+    state = tool_round(state, second, ["2"])
+    round_1 = sum(len(n) + len(a) for n, a in first) + len("12:00") + len("12:00 UTC")
+    round_2 = len("calculator") + len('{"expression":"1+1"}') + len("2")
+    calls_written = sum(len(n) + len(a) for n, a in [*first, *second])
+
+    # it died running the second round's tools: two calls answered
+    assert estimated_totals(state).input_tokens == -(-(base + (base + round_1)) // 4)
+    # it died while the third call wrote: three calls
+    state = said(state, "it is noon")
+    totals = estimated_totals(state)
+    assert totals.input_tokens == -(-(3 * base + round_1 + (round_1 + round_2)) // 4)
+    written = len("let me look") + len("it is noon") + calls_written
+    assert totals.output_tokens == -(-written // 4) and totals.estimated
 
 
 def test_an_edit_of_an_older_version_grows_from_the_version_in_force() -> None:
