@@ -56,7 +56,10 @@ def run_rebuild(args: argparse.Namespace) -> int:
                         flush=True,
                     )
         except RebuildError as err:
-            raise CliError(str(err)) from err
+            # met at run time (another rebuild runs, the tables stay locked): exit 1,
+            # as a server that does not answer; 2 is for arguments and settings
+            print(f"parley: {err}", file=sys.stderr)
+            return 1
         finally:
             await nc.close()
         return 0

@@ -264,6 +264,15 @@ async def test_a_second_rebuild_of_the_same_projection_is_refused(
         assert await holder.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key)
         with pytest.raises(RebuildError, match="already running"):
             await rebuild(nc.jetstream(), stack.database_url, schema, READ_MODELS)
+        # said as a condition met at run time (exit 1), not as a bad argument (exit 2)
+        env = {**server_env(stack), "PARLEY_DB_SCHEMA": schema, "PARLEY_JWT_SECRET": SECRET}
+        busy = await asyncio.to_thread(
+            run, "projections", "rebuild", "--projection", "read_models", env=env
+        )
+        assert busy.returncode == 1, (busy.returncode, busy.stderr)
+        assert busy.stderr.strip().splitlines()[-1] == (
+            f"parley: a rebuild of read_models in {schema} is already running"
+        ), busy.stderr
     finally:
         await holder.close()
         await drop_schema(stack.database_url, schema)
