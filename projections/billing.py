@@ -15,6 +15,17 @@ balance the charges before it left. So its writes run strictly in log order.
 
 A turn's charge is applied once: a second `turn_charged` for the same turn
 (a retry the account's fold also ignores) adds no row and moves no balance.
+
+Every event takes effect once, also when it is applied again (the checkpoint
+moved back under rows that are ahead of it, or an event came twice): every
+write that moves an account sets its `last_seq` to the event's position, and
+in log order that says how far the account's rows are. A grant, reservation or
+charge at or below it moves nothing: not the balances, and no reservation row
+(a turn's reservation is gone once the turn is charged, so its absence does
+not mean it was never applied). Rows keyed by their event (a project, a
+member, a grant, a ledger row) are kept once by their key. Rows restored from
+a backup with their checkpoint are as far as it says, and get what followed
+applied again.
 """
 
 from __future__ import annotations
@@ -70,12 +81,24 @@ def member_added(seq: int, event: MemberAdded) -> list[Write]:
 
 # ---------------------------------------------------------------- accounts
 
+
+def _unapplied(account: str, seq: str) -> str:
+    """SQL true while the event at `seq` is not yet in the rows of `account` (both
+    are placeholders: `$n`): every write that moves an account sets its last_seq, in
+    log order, so an event at or below it was applied (a row that is not there yet
+    has nothing applied)."""
+    return f"NOT EXISTS (SELECT 1 FROM accounts WHERE account = {account} AND last_seq >= {seq})"
+
+
+# The grant's row is keyed by its event; the balance moves only for an event
+# after the account's last_seq.
 _ACCOUNT = """
 INSERT INTO accounts (account, kind, owner, granted, charged, reserved, updated_at, last_seq)
 VALUES ($1, split_part($1, ':', 1), substr($1, strpos($1, ':') + 1), $2, $3, $4, $5, $6)
 ON CONFLICT (account) DO UPDATE SET
     granted = accounts.granted + $2, charged = accounts.charged + $3,
     reserved = accounts.reserved + $4, updated_at = $5, last_seq = $6
+WHERE accounts.last_seq < $6
 """
 
 
@@ -100,10 +123,13 @@ def credits_granted(seq: int, event: CreditsGranted) -> list[Write]:
 
 # A reservation holds its amount on the account once: only when its row is new
 # (a second `credits_reserved` for the turn moves nothing), in one statement.
-_RESERVE = """
+# Its row is gone once the turn is charged, so "new" is not enough to tell a
+# reservation applied before: one at or below the account's last_seq is.
+_RESERVE = f"""
 WITH added AS (
     INSERT INTO reservations (turn_id, account, conversation_id, amount, reserved_at, seq)
-    VALUES ($1, $2, $3, $4, $5, $6)
+    SELECT $1, $2, $3, $4, $5, $6
+    WHERE {_unapplied("$2", "$6")}
     ON CONFLICT (turn_id) DO NOTHING
     RETURNING amount
 )
@@ -132,12 +158,16 @@ def credits_reserved(seq: int, event: CreditsReserved) -> list[Write]:
 
 
 # The charge: a ledger row (with the part the balance did not cover: debt),
-# the reservation released, the account moved: one statement, once per turn.
-_CHARGE = """
+# the reservation released, the account moved: one statement, once per turn
+# (the ledger row is keyed by the turn, and the account moves only with it). A
+# charge applied again releases nothing: a reservation of its turn there now was
+# taken after the charge.
+_CHARGE = f"""
 WITH before AS (
     SELECT granted - charged AS balance FROM accounts WHERE account = $2
 ), held AS (
-    DELETE FROM reservations WHERE turn_id = $1 RETURNING amount
+    DELETE FROM reservations WHERE turn_id = $1 AND {_unapplied("$2", "$15")}
+    RETURNING amount
 ), entry AS (
     INSERT INTO ledger (turn_id, account, conversation_id, project_id, user_id, input_tokens,
         output_tokens, input_price, output_price, tokens_estimated, cost, reserved, debt,

@@ -8,12 +8,25 @@ checkpoint, error recording, and anything not derived from the event itself.
 Rows carry only what events carry: timestamps come from `event.at`, never from
 now(), so a rebuild writes identical rows.
 
-A handler's writes run exactly once per event, after those of every earlier
-event of the same conversation: the checkpoint, written in the same
-transaction, makes that so. Every handler here writes only rows of its own
-event's conversation (`conversation_local=True`), which lets the projector
-group a batch's statements across conversations; a handler that writes shared
-rows (accounts, projects, the ledger) belongs to another projection.
+A handler's writes run after those of every earlier event of the same
+conversation, and take effect once per event. The checkpoint, written in the
+same transaction, keeps an event from being applied twice while it and the
+rows agree. Should it move back while the rows are ahead of it (an operator's
+edit, an event delivered twice), the rows themselves say what is applied: the
+conversation's `last_seq` is the position of the last event applied to it.
+Every statement applies only while that is below its event's position, and
+each event's last statement moves it there (an event's first statements must
+leave it alone, or its last would find the event applied); an insert keyed by
+an id its event made (a conversation, a message) is kept once by its key. So
+an event applied again changes nothing, and rows restored from a backup with
+their checkpoint get the events after it as the first time. A conversation
+whose creation was never projected has no row to key on: its events apply as
+they come.
+
+Every handler here writes only rows of its own event's conversation
+(`conversation_local=True`), which lets the projector group a batch's
+statements across conversations; a handler that writes shared rows
+(accounts, projects, the ledger) belongs to another projection.
 
 To project a new event type, add a handler here (or in a sibling module that
 registers on `READ_MODELS`), and its columns to `read_models.sql`.
@@ -64,6 +77,19 @@ def _blocks(blocks: Sequence[ContentBlock]) -> str:
     return _json(list(blocks))
 
 
+def _unapplied(conversation_id: str, seq: str) -> str:
+    """SQL true while the event at `seq` is not yet in the rows of `conversation_id`
+    (both are placeholders: `$n`), for the writes to rows other than the conversation's.
+
+    Its last_seq says how far its rows are; a conversation with no row (its creation
+    was never projected) has nothing to key on, and its events apply as they come.
+    """
+    return (
+        "NOT EXISTS (SELECT 1 FROM conversations"
+        f" WHERE id = {conversation_id} AND last_seq >= {seq})"
+    )
+
+
 # ---------------------------------------------------------------- conversations
 
 _INSERT_CONVERSATION = (
@@ -92,7 +118,7 @@ def conversation_created(seq: int, event: ConversationCreated) -> list[Write]:
 
 _SET_TITLE = (
     "UPDATE conversations SET title = $2, title_source = COALESCE($3, title_source),"
-    " last_seq = $4 WHERE id = $1"
+    " last_seq = $4 WHERE id = $1 AND last_seq < $4"
 )
 
 
@@ -115,10 +141,13 @@ def title(seq: int, event: Title) -> list[Write]:
 # latest of its version group: the superseded row stops being latest, so the
 # conversation's message_count (its latest messages) grows by one per new group
 # only. One statement: the three writes of an arriving message go together.
-_ADD_MESSAGE = """
+# The insert needs no guard: the row's id is its event's, so a row already
+# there was added by this very event.
+_ADD_MESSAGE = f"""
 WITH superseded AS (
     UPDATE messages SET is_latest = false
     WHERE conversation_id = $2 AND version_group_id = $3 AND is_latest AND id <> $1
+        AND {_unapplied("$2", "$13")}
     RETURNING 1
 ), added AS (
     INSERT INTO messages (id, conversation_id, version_group_id, role, content, status,
@@ -132,37 +161,42 @@ UPDATE conversations SET
     message_count = message_count + (SELECT count(*) FROM added)
                                   - (SELECT count(*) FROM superseded),
     updated_at = $14, last_seq = $13
-WHERE id = $2
+WHERE id = $2 AND last_seq < $13
 """
 
 
 # An edit or a regeneration starts a new branch: the old version and every
 # message that grew from it (the event lists them) leave the latest set, and the
-# version it grew from is marked as the fork's origin.
-_BRANCH = """
+# version it grew from is marked as the fork's origin. It leaves last_seq alone:
+# the event's message, written next, moves it, and must still find it below.
+_BRANCH = f"""
 WITH gone AS (
     UPDATE messages SET is_latest = false
     WHERE conversation_id = $1 AND id = ANY($2::text[]) AND is_latest
+        AND {_unapplied("$1", "$4")}
     RETURNING 1
 ), origin AS (
-    UPDATE messages SET is_fork_origin = true WHERE conversation_id = $1 AND id = $3
+    UPDATE messages SET is_fork_origin = true
+    WHERE conversation_id = $1 AND id = $3 AND {_unapplied("$1", "$4")}
     RETURNING 1
 )
 UPDATE conversations SET message_count = message_count - (SELECT count(*) FROM gone)
-WHERE id = $1 AND (SELECT count(*) FROM origin) >= 0
+WHERE id = $1 AND last_seq < $4 AND (SELECT count(*) FROM origin) >= 0
 """
 
 
-def _branch(conversation_id: str, supersedes: list[str], fork_origin: str | None) -> list[Write]:
+def _branch(
+    seq: int, conversation_id: str, supersedes: list[str], fork_origin: str | None
+) -> list[Write]:
     if supersedes or fork_origin is not None:
-        return [write(_BRANCH, conversation_id, supersedes, fork_origin)]
+        return [write(_BRANCH, conversation_id, supersedes, fork_origin, seq)]
     return []
 
 
 @READ_MODELS.on(UserMessage)
 def user_message(seq: int, event: UserMessage) -> list[Write]:
     return [
-        *_branch(event.conversation_id, event.supersedes, event.fork_origin),
+        *_branch(seq, event.conversation_id, event.supersedes, event.fork_origin),
         write(
             _ADD_MESSAGE,
             event.message_id,
@@ -187,7 +221,7 @@ def user_message(seq: int, event: UserMessage) -> list[Write]:
 def started(seq: int, event: Started) -> list[Write]:
     """The assistant row exists from the turn's start, streaming, with no content yet."""
     return [
-        *_branch(event.conversation_id, event.supersedes, event.fork_origin),
+        *_branch(seq, event.conversation_id, event.supersedes, event.fork_origin),
         write(
             _ADD_MESSAGE,
             event.turn_id,
@@ -211,18 +245,18 @@ def started(seq: int, event: Started) -> list[Write]:
 # latency_ms: from the turn's start (the row's created_at is started.at) to its
 # end, both from event timestamps, so a rebuild computes the same number.
 # With content_parts > 0, the content_part events before the end filled the content.
-_END_TURN = """
+_END_TURN = f"""
 WITH ended AS (
     UPDATE messages SET content = CASE WHEN $11 THEN content ELSE $2::jsonb END,
         status = $3, input_tokens = $4, output_tokens = $5, tokens_estimated = $6,
         stop_reason = $7, error_code = $8, error_message = $9, updated_at = $10,
         latency_ms = round(extract(epoch FROM $10 - created_at) * 1000)::integer
-    WHERE id = $1
+    WHERE id = $1 AND {_unapplied("$13", "$12")}
     RETURNING 1
 )
 UPDATE conversations SET token_usage_total = token_usage_total + $4 + $5,
     updated_at = $10, last_seq = $12
-WHERE id = $13
+WHERE id = $13 AND last_seq < $12
 """
 _END_STATUS = {Done: "complete", Cancelled: "cancelled", Failed: "failed"}
 
@@ -253,20 +287,34 @@ def turn_ended(seq: int, event: Done | Cancelled | Failed) -> list[Write]:
 
 # Pieces arrive in order: a piece of the last block extends it, the first piece
 # of a block adds it.
-_APPEND_CONTENT_PART = (
-    "UPDATE messages SET content = CASE"
-    " WHEN jsonb_array_length(content) > $2"
-    "  THEN jsonb_set(content, ARRAY[$2::text, 'content'],"
-    "                 to_jsonb((content->$2->>'content') || $4))"
-    " ELSE content || jsonb_build_array(jsonb_build_object('role', $3::text,"
-    "                                                      'content', $4::text))"
-    " END WHERE id = $1"
+_APPEND_CONTENT_PART = f"""
+WITH appended AS (
+    UPDATE messages SET content = CASE
+        WHEN jsonb_array_length(content) > $2
+        THEN jsonb_set(content, ARRAY[$2::text, 'content'],
+                       to_jsonb((content->$2->>'content') || $4))
+        ELSE content || jsonb_build_array(jsonb_build_object('role', $3::text,
+                                                             'content', $4::text))
+        END
+    WHERE id = $1 AND {_unapplied("$5", "$6")}
 )
+UPDATE conversations SET last_seq = $6 WHERE id = $5 AND last_seq < $6
+"""
 
 
 @READ_MODELS.on(ContentPart)
 def content_part(seq: int, event: ContentPart) -> list[Write]:
-    return [write(_APPEND_CONTENT_PART, event.turn_id, event.block, event.role, event.text)]
+    return [
+        write(
+            _APPEND_CONTENT_PART,
+            event.turn_id,
+            event.block,
+            event.role,
+            event.text,
+            event.conversation_id,
+            seq,
+        )
+    ]
 
 
 # ---------------------------------------------------------------- tool calls
@@ -274,23 +322,35 @@ def content_part(seq: int, event: ContentPart) -> list[Write]:
 # The turn's tool cards, in the order the model asked for them: each call is an
 # element of the assistant row's `tool_calls`, pending until its result fills
 # result/error/duration_ms (`duration_ms` null = pending).
-_ADD_TOOL_CALL = (
-    "UPDATE messages SET tool_calls = tool_calls || jsonb_build_array($2::jsonb),"
-    " updated_at = $3 WHERE id = $1"
+_ADD_TOOL_CALL = f"""
+WITH called AS (
+    UPDATE messages SET tool_calls = tool_calls || jsonb_build_array($2::jsonb), updated_at = $3
+    WHERE id = $1 AND {_unapplied("$4", "$5")}
 )
+UPDATE conversations SET last_seq = $5 WHERE id = $4 AND last_seq < $5
+"""
 
 
 @READ_MODELS.on(ToolCall)
 def tool_call(seq: int, event: ToolCall) -> list[Write]:
     card = tool_card(event.call_id, event.name, event.arguments)
-    return [write(_ADD_TOOL_CALL, event.turn_id, _json(card), timestamp(event.at))]
+    return [
+        write(
+            _ADD_TOOL_CALL,
+            event.turn_id,
+            _json(card),
+            timestamp(event.at),
+            event.conversation_id,
+            seq,
+        )
+    ]
 
 
 # The result goes to the first pending call with its id: ids may repeat across
 # the rounds of one turn (a model numbering its calls call_1, call_2 per round).
 # With no pending call of that id (its tool_call was not projected), the card is
 # added with the result and the arguments unknown, so the page still shows it.
-_SET_TOOL_RESULT = """
+_SET_TOOL_RESULT = f"""
 WITH pending AS (
     SELECT (e.i - 1)::integer AS i
     FROM messages x, jsonb_array_elements(x.tool_calls) WITH ORDINALITY AS e(c, i)
@@ -301,12 +361,13 @@ WITH pending AS (
         tool_calls = jsonb_set(m.tool_calls, ARRAY[p.i::text], (m.tool_calls -> p.i) || $3::jsonb),
         updated_at = $4
     FROM pending p
-    WHERE m.id = $1
-    RETURNING 1
+    WHERE m.id = $1 AND {_unapplied("$6", "$7")}
+), orphan AS (
+    UPDATE messages SET tool_calls = tool_calls || jsonb_build_array($3::jsonb || $5::jsonb),
+        updated_at = $4
+    WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM pending) AND {_unapplied("$6", "$7")}
 )
-UPDATE messages SET tool_calls = tool_calls || jsonb_build_array($3::jsonb || $5::jsonb),
-    updated_at = $4
-WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM pending)
+UPDATE conversations SET last_seq = $7 WHERE id = $6 AND last_seq < $7
 """
 
 
@@ -325,6 +386,8 @@ def tool_result(seq: int, event: ToolResult) -> list[Write]:
             _json(outcome),
             timestamp(event.at),
             _json(orphan),
+            event.conversation_id,
+            seq,
         )
     ]
 
@@ -352,14 +415,14 @@ def _json_object(text: str) -> dict[str, Any] | None:
 
 # ---------------------------------------------------------------- billing
 
-_BILLING_REJECTED = """
+_BILLING_REJECTED = f"""
 WITH rejected AS (
     UPDATE messages SET status = 'billing_error', error_code = 'billing_error',
         error_message = $2, updated_at = $3
-    WHERE id = $1
+    WHERE id = $1 AND {_unapplied("$5", "$4")}
     RETURNING 1
 )
-UPDATE conversations SET updated_at = $3, last_seq = $4 WHERE id = $5
+UPDATE conversations SET updated_at = $3, last_seq = $4 WHERE id = $5 AND last_seq < $4
 """
 
 

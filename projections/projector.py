@@ -7,9 +7,14 @@ its position from Postgres and follows the log from the next sequence
 (`projections/feed.py`: gap-free, in order, pulled in windows), so a crash
 between commit and anything else neither loses nor doubles a row; an event at
 or below the checkpoint is skipped. Should the checkpoint ever move back under
-a running projector (an operator reset it), the projector notices at its next
-batch and follows again from there; moved forward (a rebuild swapped in a
-projection further along, `projections/rebuild.py`), it skips what is applied.
+a running projector, the projector notices at its next batch and follows again
+from there. Rows restored from a backup with it are as far as it says, and get
+what followed applied again; rows ahead of it (an operator set it back, or an
+event came twice) are left as they are, because every handler's effect is
+keyed on the event's log position: an event the rows already reflect changes
+nothing (`projections/handlers.py`, `projections/billing.py`). Moved forward
+(a rebuild swapped in a projection further along, `projections/rebuild.py`),
+it skips what is applied.
 
 Only one projector per schema applies events at a time (a Postgres advisory
 lock); a second one waits as a hot standby.

@@ -49,8 +49,8 @@ async def _project_workload(api: SseClient, admin: SseClient) -> tuple[str, str]
     answer = first[0].data["turn_id"]
     again = await api.send_stream_to(f"/v1/conversations/{cid}/messages/{answer}/regenerate", {})
     assert again[-1].data == "ok"
-    _, rows = await api.request("GET", f"/v1/conversations/{cid}/messages")
-    asked = rows["messages"][0]["id"]
+    # from the turn's own start, not the read models: they may not have it yet
+    asked = first[0].data["user_message_id"]
     edited = await api.send_stream_to(
         f"/v1/conversations/{cid}/messages/{asked}",
         {"content": "first, edited [[tokens=8]]"},
