@@ -33,7 +33,7 @@ from api.responses import (
     ProjectSummary,
     answer,
 )
-from api.turn_routes import read_json, read_params
+from api.turn_routes import check_idempotency_key, read_json, read_params
 from api.validation import MAX_POSITION
 from events.errors import EventLogConflict
 from events.ids import new_id
@@ -143,6 +143,7 @@ async def grant_credits(request: web.Request) -> web.Response:
         raise bad_request(f"micro_credits must be between 1 and {_GRANT_MAX}")
     if len(body.note) > 500:
         raise bad_request("note longer than 500 characters")
+    check_idempotency_key(body.idempotency_key)
     event_log = request.app[LOG]
     if kind == "project":
         project = await request.app[PROJECTS].get(event_log, owner, fresh=True)
@@ -152,7 +153,9 @@ async def grant_credits(request: web.Request) -> web.Response:
     key = body.idempotency_key
     # With a key, the event's id is derived from it: a grant sent twice within the
     # stream's duplicate window is one event, and its ack names the first copy.
-    keyed = hashlib.sha256(f"{account}\x00{key}".encode()).hexdigest()[:32] if key else None
+    keyed = (
+        hashlib.sha256(f"{account}\x00{key}".encode()).hexdigest()[:32] if key is not None else None
+    )
     event = CreditsGranted(
         conversation_id="",
         at=time.time_ns(),

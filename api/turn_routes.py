@@ -502,7 +502,13 @@ def _check_common(request: web.Request, model: str | None, idempotency_key: str 
         raise bad_request(
             f"unknown model {model!r}; known: {', '.join(config.models)}", "unknown_model"
         )
-    if idempotency_key is not None and not (0 < len(idempotency_key) <= 200):
+    check_idempotency_key(idempotency_key)
+
+
+def check_idempotency_key(key: str | None) -> None:
+    """One rule for every request that takes an idempotency key: absent, or 1-200
+    characters. An empty one would turn idempotency off without a word."""
+    if key is not None and not (0 < len(key) <= 200):
         raise bad_request("idempotency_key must be 1-200 characters")
 
 

@@ -425,6 +425,29 @@ async def test_a_keyed_grant_is_made_once_and_its_key_is_not_reused_for_another(
     assert grants == [(first_seq, 1000)], grants
 
 
+@pytest.mark.parametrize("key", ["", "k" * 100_000])
+async def test_a_grant_refuses_an_empty_or_overlong_idempotency_key_as_a_message_does(
+    admin: SseClient, api: SseClient, event_log: EventLog, key: str
+) -> None:
+    """An empty key once turned idempotency off (sent twice, granted twice), and any
+    length was taken: the rule is the messages' one, with its words."""
+    owner = f"granted-{new_id()}"
+    path = f"/v1/billing/accounts/user/{owner}/credits"
+    body = {"micro_credits": 1000, "idempotency_key": key}
+    for _ in range(2):
+        status, error = await admin.request("POST", path, json=body)
+        assert status == 400, f"granted with the key {key[:20]!r}: {status} {error}"
+        assert error["error"]["code"] == "bad_request", error
+        assert error["error"]["message"] == "idempotency_key must be 1-200 characters", error
+    cid = (await api.create_conversation())["id"]
+    status, refused = await api.request(
+        "POST", f"/v1/conversations/{cid}/messages", json={"content": "hi", "idempotency_key": key}
+    )
+    assert (status, refused["error"]) == (400, error["error"]), refused
+    grants = await event_log.read_subject(account_subject(f"user:{owner}"))
+    assert grants == [], grants
+
+
 @pytest.mark.parametrize(
     ("entry", "cause"),
     [
