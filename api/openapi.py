@@ -73,7 +73,7 @@ _ERRORS = {
     429: "a per-user limit; `Retry-After` says when to try again",
     503: "a backing service (NATS, Postgres, Redis) is unavailable; `Retry-After`",
     504: "NATS took the command but did not confirm it (`outcome_unknown`): it may still"
-    " be applied; send it again with the same idempotency_key",
+    " be applied; a request sent again with the same idempotency_key is applied once",
 }
 _PATH_PARAM = re.compile(r"{(\w+)}")
 

@@ -502,6 +502,9 @@ _CONVERSATION = {"id": "the conversation"}
 _MESSAGE = {"id": "the conversation", "mid": "the message"}
 
 # Every route of the edge, once: registered by add_routes and described in /openapi.json.
+# `errors`: the statuses a route sends that api.openapi cannot infer from what it takes
+# (404 for a project or chat named in the body, 422 for a key used before, 504 for a
+# command NATS did not confirm); tests/test_openapi.py checks every status answered.
 # fmt: off
 ROUTES: tuple[Operation, ...] = (
     Operation("GET", "/", index, "the web page", {200: HTML}, public=True, tag="operations"),
@@ -509,24 +512,24 @@ ROUTES: tuple[Operation, ...] = (
     Operation("GET", "/readyz", readyz, "NATS, Postgres and Redis answer (503 with the reasons when not)", {200: Readiness, 503: Readiness}, public=True, tag="operations"),
     Operation("GET", "/metrics", metrics, "Prometheus metrics", {200: PROMETHEUS}, public=True, tag="operations"),
     Operation("GET", "/openapi.json", openapi_json, "this document", {200: dict}, public=True, tag="operations"),
-    Operation("POST", "/v1/conversations", create_conversation, "start a conversation", {201: ConversationDetail}, body=CreateConversation),
+    Operation("POST", "/v1/conversations", create_conversation, "start a conversation", {201: ConversationDetail}, body=CreateConversation, errors=(404,)),
     Operation("GET", "/v1/conversations", list_conversations, "my conversations, latest first, a page at a time", {200: ConversationList}, query=ConversationsQuery),
     Operation("GET", "/v1/conversations/{id}", get_conversation, "a conversation and its active turn", {200: ConversationDetail}, path_params=_CONVERSATION),
     Operation("POST", "/v1/conversations/{id}/messages", post_message, "send a message: its turn's SSE stream, or 202 with Accept: application/json", _TURN_ANSWERS, body=PostMessage, errors=(409, 422, 504), path_params=_CONVERSATION),
     Operation("GET", "/v1/conversations/{id}/messages", list_messages, "the projected messages (latest versions, or all)", {200: MessageList}, query=MessagesQuery, path_params=_CONVERSATION),
     Operation("PATCH", "/v1/conversations/{id}/messages/{mid}", edit_message, "edit a user message: a new version and a new turn", _TURN_ANSWERS, body=EditBody, errors=(409, 422, 504), path_params=_MESSAGE),
     Operation("POST", "/v1/conversations/{id}/messages/{mid}/regenerate", regenerate, "a new version of an answer", _TURN_ANSWERS, body=RegenerateBody, body_required=False, errors=(409, 422, 504), path_params=_MESSAGE),
-    Operation("POST", "/v1/conversations/{id}/cancel", cancel_turn, "stop the active turn", {200: CancelAnswer, 202: CancelAnswer}, path_params=_CONVERSATION),
+    Operation("POST", "/v1/conversations/{id}/cancel", cancel_turn, "stop the active turn", {200: CancelAnswer, 202: CancelAnswer}, errors=(504,), path_params=_CONVERSATION),
     Operation("GET", "/v1/conversations/{id}/events", conversation_events, "the conversation's events: catch-up, then live", {200: SSE}, query=ResumeQuery, headers=ResumeHeaders, path_params=_CONVERSATION),
     Operation("GET", "/v1/conversations/{id}/log", conversation_log, "the raw event log as JSON lines", {200: NDJSON}, query=LogQuery, path_params=_CONVERSATION),
     Operation("POST", "/v1/projects", create_project, "create a project; the creator is a member", {201: ProjectInfo}, body=CreateProject, tag="projects"),
     Operation("POST", "/v1/projects/{id}/members", add_member, "add a member (members only; 200: a member already)", {200: ProjectInfo, 201: ProjectInfo}, body=AddMember, path_params={"id": "the project"}, tag="projects"),
     Operation("GET", "/v1/projects", list_projects, "the projects I belong to", {200: ProjectList}, tag="projects"),
-    Operation("POST", "/v1/billing/accounts/{kind}/{id}/credits", grant_credits, "grant credits (admin token)", {201: CreditsGrant}, body=GrantCredits, errors=(403,), path_params={"kind": "`user` or `project`", "id": "the user or project"}, tag="billing"),
+    Operation("POST", "/v1/billing/accounts/{kind}/{id}/credits", grant_credits, "grant credits (admin token)", {201: CreditsGrant}, body=GrantCredits, errors=(403, 422), path_params={"kind": "`user` or `project`", "id": "the user or project"}, tag="billing"),
     Operation("GET", "/v1/billing/accounts/{kind}/{id}", get_account, "an account's balance (mine, my project's; any with an admin token)", {200: AccountView}, path_params={"kind": "`user` or `project`", "id": "the user or project"}, tag="billing"),
     Operation("GET", "/v1/billing/ledger", get_ledger, "ledger entries, one per billed turn", {200: Ledger}, query=LedgerQuery, errors=(404,), tag="billing"),
     Operation("GET", "/v1/models", list_models, "the configured models, their version in force and prices", {200: ModelList}, tag="models"),
-    Operation("POST", "/v1/ai-sdk/chat", ai_sdk.chat, "useChat's request: the turn as an AI SDK UI message stream", {200: AI_SDK_STREAM}, body=ai_sdk.ChatRequest, errors=(409, 422, 504), tag="ai-sdk"),
+    Operation("POST", "/v1/ai-sdk/chat", ai_sdk.chat, "useChat's request: the turn as an AI SDK UI message stream", {200: AI_SDK_STREAM}, body=ai_sdk.ChatRequest, errors=(404, 409, 422, 504), tag="ai-sdk"),
     Operation("GET", "/v1/ai-sdk/chat/{id}/stream", ai_sdk.resume, "useChat's resume: the active turn from its start (204: none)", {200: AI_SDK_STREAM, 204: None}, path_params={"id": "the chat (conversation)"}, tag="ai-sdk"),
 )
 # fmt: on
