@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 from aiohttp import web
@@ -39,7 +39,7 @@ from api.turn_routes import (
     request_digest,
     submit,
 )
-from api.validation import InvalidBody, decode_body
+from api.validation import ID_RULE, Id, InvalidBody, decode_body, invalid, refused
 from events.errors import EventLogConflict
 from events.ids import new_id
 from events.log import StoredEvent
@@ -64,28 +64,34 @@ class UiMessage(msgspec.Struct, frozen=True):
     parts: list[dict[str, Any]] = []
 
 
+Trigger = Annotated[
+    Literal["submit-message", "regenerate-message"],
+    refused("trigger must be submit-message or regenerate-message"),
+]
+
+
 class ChatRequest(msgspec.Struct, frozen=True):
     """useChat's default body (DefaultChatTransport), plus parley's optional fields: the
     shape the API documents. The route reads it as `_ChatBody` (see `_read_chat`)."""
 
-    id: str
+    id: Id
     messages: list[UiMessage]
-    trigger: str = "submit-message"
+    trigger: Trigger = "submit-message"
     messageId: str | None = None
     model: str | None = None
-    project_id: str | None = None
+    project_id: Id | None = None
     on_busy: OnBusy = "reject"
 
 
 class _ChatBody(msgspec.Struct, frozen=True):
     """The body as it comes: the chat's messages left as their JSON, unread."""
 
-    id: str
+    id: Id
     messages: list[msgspec.Raw]
-    trigger: str = "submit-message"
+    trigger: Trigger = "submit-message"
     messageId: str | None = None
     model: str | None = None
-    project_id: str | None = None
+    project_id: Id | None = None
     on_busy: OnBusy = "reject"
 
 
@@ -100,7 +106,7 @@ def _read_chat(raw: bytes) -> tuple[_ChatBody, UiMessage | None]:
     except RecursionError as err:  # nested deeper than the interpreter's recursion limit
         raise InvalidBody("too_deep", "JSON nested too deeply") from err
     except msgspec.ValidationError as err:
-        raise InvalidBody("invalid_request", f"invalid request: {err}") from err
+        raise invalid(err, _ChatBody, "invalid request") from err
     except msgspec.DecodeError as err:
         decode_body(raw, _ChatBody)  # what exactly is wrong, said as for any body
         raise InvalidBody("invalid_json", f"malformed JSON: {err}") from err
@@ -120,16 +126,14 @@ async def chat(request: web.Request) -> web.StreamResponse:
             body, last = _read_chat(raw)
     except InvalidBody as err:
         raise ApiError(err.status, err.code, err.message) from err
-    if not valid_id(body.id):
-        raise bad_request("id (the chat) must be 1-128 characters of A-Z a-z 0-9 _ -")
+    if not valid_id(body.id):  # a trailing newline passes the pattern
+        raise bad_request(ID_RULE.format(field="id"))
     if body.model is not None and body.model not in config.models:
         raise bad_request(f"unknown model {body.model!r}", "unknown_model")
     if body.trigger == "regenerate-message":
         done = await _regenerate(request, body, last)
-    elif body.trigger == "submit-message":
-        done = await _submit_message(request, body, last)
     else:
-        raise bad_request("trigger must be submit-message or regenerate-message")
+        done = await _submit_message(request, body, last)
     record = done.record
     return await _stream(
         request,

@@ -13,6 +13,8 @@ LISTEN_BACKLOG = 1024
 
 # PARLEY_CORS_ORIGINS: every origin may call the edge from a browser
 ANY_ORIGIN = "*"
+# The longest message an edge takes unless configured otherwise (`max_message_chars`).
+MAX_MESSAGE_CHARS = 100_000
 
 
 class EdgeLimits(msgspec.Struct, frozen=True):
@@ -63,7 +65,7 @@ class EdgeConfig(msgspec.Struct, frozen=True):
     max_body_bytes: int = 256 * 1024
     # POST /v1/ai-sdk/chat: useChat sends the whole chat with every message
     ai_sdk_max_body_bytes: int = 16 * 1024 * 1024
-    max_message_chars: int = 100_000
+    max_message_chars: int = MAX_MESSAGE_CHARS
     ping_interval_s: float = 15.0
     limits: EdgeLimits = EdgeLimits()
     # A conversation's hub stays this long after its last viewer left.

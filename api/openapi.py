@@ -26,8 +26,9 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from api.responses import ID_PATTERN, ErrorBody
+from api.responses import ErrorBody
 from api.sse import DATA_SHAPES
+from events.subjects import ID_PATTERN
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -96,6 +97,8 @@ class Operation:
     tag: str = "conversations"
     description: str = ""
     path_params: Mapping[str, str] = field(default_factory=dict)  # name -> description
+    # name -> its type, when it is not an id (events.subjects.ID_PATTERN)
+    path_types: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def operation_id(self) -> str:
@@ -171,7 +174,9 @@ def _operation(
             "in": "path",
             "required": True,
             "description": op.path_params.get(name, name),
-            "schema": {"type": "string", "pattern": ID_PATTERN},
+            "schema": msgspec.json.schema(op.path_types[name])
+            if name in op.path_types
+            else {"type": "string", "pattern": ID_PATTERN},
         }
         for name in _PATH_PARAM.findall(op.path)
     ]

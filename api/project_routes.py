@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import msgspec
 from aiohttp import web
@@ -33,8 +33,8 @@ from api.responses import (
     ProjectSummary,
     answer,
 )
-from api.turn_routes import check_idempotency_key, read_json, read_params
-from api.validation import MAX_POSITION
+from api.turn_routes import read_json, read_params
+from api.validation import ID_RULE, MAX_POSITION, Id, IdempotencyKey, refused
 from events.errors import EventLogConflict
 from events.ids import new_id
 from events.subjects import account_subject, project_subject, valid_id
@@ -44,26 +44,40 @@ from projections.store import LedgerFilter, ProjectRow
 
 _NAME_MAX = 200
 _GRANT_MAX = 10**15  # a billion credits: anything above is a typo
+_NOTE_MAX = 500
 _ATTEMPTS = 5
 _LEDGER_PAGE = 500  # entries at most per GET /v1/billing/ledger
 # Redis keys: a keyed grant's position in the log, for as long as message keys last.
 _GRANT_KEYS = "parley:grant:"
 
 
+# the `kind` of an account's path
+AccountKind = Literal["user", "project"]
+
+
 class CreateProject(msgspec.Struct, frozen=True):
-    name: str
+    # runs of whitespace become one space
+    name: Annotated[
+        str,
+        refused(
+            f"name must be 1-{_NAME_MAX} characters",
+            min_length=1,
+            max_length=_NAME_MAX,
+            pattern=r"\S",
+        ),
+    ]
 
 
 class AddMember(msgspec.Struct, frozen=True):
-    user_id: str
+    user_id: Id
 
 
 class LedgerQuery(msgspec.Struct, frozen=True):
     """GET /v1/billing/ledger: none of them, the caller's own turns."""
 
-    project: str | None = None
-    user: str | None = None  # who asked for the turn
-    conversation: str | None = None
+    project: Id | None = None
+    user: Id | None = None  # who asked for the turn
+    conversation: Id | None = None
     limit: Annotated[int, msgspec.Meta(ge=1, le=_LEDGER_PAGE, description="at most this many")] = (
         _LEDGER_PAGE
     )
@@ -76,16 +90,19 @@ class LedgerQuery(msgspec.Struct, frozen=True):
 
 
 class GrantCredits(msgspec.Struct, frozen=True):
-    micro_credits: int
-    note: str = ""
-    idempotency_key: str | None = None
+    micro_credits: Annotated[
+        int,
+        refused(f"micro_credits must be between 1 and {_GRANT_MAX}", ge=1, le=_GRANT_MAX),
+    ]
+    note: Annotated[
+        str, refused(f"note longer than {_NOTE_MAX} characters", max_length=_NOTE_MAX)
+    ] = ""
+    idempotency_key: IdempotencyKey | None = None
 
 
 async def create_project(request: web.Request) -> web.Response:
     body = await read_json(request, CreateProject)
-    name = " ".join(body.name.split())
-    if not name or len(name) > _NAME_MAX:
-        raise bad_request(f"name must be 1-{_NAME_MAX} characters")
+    name = " ".join(body.name.split())  # not blank, and no longer than it came
     creator = claims_of(request).sub
     project_id = new_id()
     event = ProjectCreated(
@@ -103,8 +120,8 @@ async def create_project(request: web.Request) -> web.Response:
 async def add_member(request: web.Request) -> web.Response:
     project = await project_of_member(request, request.match_info["id"])
     body = await read_json(request, AddMember)
-    if not valid_id(body.user_id):
-        raise bad_request("user_id must be 1-128 characters of A-Z a-z 0-9 _ -")
+    if not valid_id(body.user_id):  # a trailing newline passes the pattern
+        raise bad_request(ID_RULE.format(field="user_id"))
     event_log = request.app[LOG]
     subject = project_subject(project.project_id)
     added = False
@@ -139,11 +156,6 @@ async def grant_credits(request: web.Request) -> web.Response:
         raise ApiError(403, "forbidden", "granting credits needs an admin token")
     kind, owner = _account_path(request)
     body = await read_json(request, GrantCredits)
-    if not 0 < body.micro_credits <= _GRANT_MAX:
-        raise bad_request(f"micro_credits must be between 1 and {_GRANT_MAX}")
-    if len(body.note) > 500:
-        raise bad_request("note longer than 500 characters")
-    check_idempotency_key(body.idempotency_key)
     event_log = request.app[LOG]
     if kind == "project":
         project = await request.app[PROJECTS].get(event_log, owner, fresh=True)
@@ -254,8 +266,8 @@ async def get_ledger(request: web.Request) -> web.Response:
         ("user", where.user),
         ("conversation", where.conversation),
     ):
-        if value is not None and not valid_id(value):
-            raise bad_request(f"{name} must be an id")
+        if value is not None and not valid_id(value):  # a trailing newline passes the pattern
+            raise bad_request(ID_RULE.format(field=name))
     if not claims.adm:
         if where.project is not None:
             await project_of_member(request, where.project)
@@ -299,8 +311,8 @@ async def _may_see_account(request: web.Request, kind: str, owner: str) -> None:
             raise not_found("account") from None
 
 
-def _account_path(request: web.Request) -> tuple[Literal["user", "project"], str]:
+def _account_path(request: web.Request) -> tuple[AccountKind, str]:
     kind, owner = request.match_info["kind"], request.match_info["id"]
-    if kind not in ("user", "project") or not valid_id(owner):
+    if kind not in get_args(AccountKind) or not valid_id(owner):
         raise not_found("account")
     return ("user" if kind == "user" else "project"), owner

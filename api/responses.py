@@ -19,8 +19,6 @@ from aiohttp import web
 
 from projections.store import MessageRow
 
-# ids of conversations, messages, projects and users (events.subjects.valid_id)
-ID_PATTERN = "^[A-Za-z0-9_-]{1,128}$"
 Timestamp = Annotated[str, msgspec.Meta(description="ISO 8601, UTC")]
 
 

@@ -52,6 +52,7 @@ from api.openapi import (
     register,
 )
 from api.project_routes import (
+    AccountKind,
     AddMember,
     CreateProject,
     GrantCredits,
@@ -97,7 +98,7 @@ from api.turn_routes import (
     regenerate,
     resume_position,
 )
-from api.validation import MAX_POSITION
+from api.validation import MAX_POSITION, Id, refused
 from events.codec import encode_stored
 from events.errors import EventLogError, EventLogUnavailable, describe
 from events.ids import new_id
@@ -114,8 +115,9 @@ T = TypeVar("T")
 
 
 class CreateConversation(msgspec.Struct, frozen=True):
-    project_id: str | None = None
-    title: str | None = None  # null as absent, as for the other two
+    project_id: Id | None = None
+    # null as absent, as for the other two
+    title: Annotated[str, refused("title longer than 200 characters", max_length=200)] | None = None
     model: str | None = None
 
 
@@ -225,8 +227,6 @@ async def create_conversation(request: web.Request) -> web.Response:
         # only a member starts a project conversation (a project's tools and its bill)
         await project_of_member(request, body.project_id)
     title = body.title or ""
-    if len(title) > 200:
-        raise bad_request("title longer than 200 characters")
     header = ConversationCreated(
         conversation_id=new_id(),
         at=time.time_ns(),
@@ -525,8 +525,8 @@ ROUTES: tuple[Operation, ...] = (
     Operation("POST", "/v1/projects", create_project, "create a project; the creator is a member", {201: ProjectInfo}, body=CreateProject, tag="projects"),
     Operation("POST", "/v1/projects/{id}/members", add_member, "add a member (members only; 200: a member already)", {200: ProjectInfo, 201: ProjectInfo}, body=AddMember, path_params={"id": "the project"}, tag="projects"),
     Operation("GET", "/v1/projects", list_projects, "the projects I belong to", {200: ProjectList}, tag="projects"),
-    Operation("POST", "/v1/billing/accounts/{kind}/{id}/credits", grant_credits, "grant credits (admin token)", {201: CreditsGrant}, body=GrantCredits, errors=(403, 422), path_params={"kind": "`user` or `project`", "id": "the user or project"}, tag="billing"),
-    Operation("GET", "/v1/billing/accounts/{kind}/{id}", get_account, "an account's balance (mine, my project's; any with an admin token)", {200: AccountView}, path_params={"kind": "`user` or `project`", "id": "the user or project"}, tag="billing"),
+    Operation("POST", "/v1/billing/accounts/{kind}/{id}/credits", grant_credits, "grant credits (admin token)", {201: CreditsGrant}, body=GrantCredits, errors=(403, 422), path_params={"kind": "`user` or `project`", "id": "the user or project"}, path_types={"kind": AccountKind}, tag="billing"),
+    Operation("GET", "/v1/billing/accounts/{kind}/{id}", get_account, "an account's balance (mine, my project's; any with an admin token)", {200: AccountView}, path_params={"kind": "`user` or `project`", "id": "the user or project"}, path_types={"kind": AccountKind}, tag="billing"),
     Operation("GET", "/v1/billing/ledger", get_ledger, "ledger entries, one per billed turn", {200: Ledger}, query=LedgerQuery, errors=(404,), tag="billing"),
     Operation("GET", "/v1/models", list_models, "the configured models, their version in force and prices", {200: ModelList}, tag="models"),
     Operation("POST", "/v1/ai-sdk/chat", ai_sdk.chat, "useChat's request: the turn as an AI SDK UI message stream", {200: AI_SDK_STREAM}, body=ai_sdk.ChatRequest, errors=(404, 409, 422, 504), tag="ai-sdk"),

@@ -39,7 +39,7 @@ from api.limits import hold_turn, refuse_at_cap
 from api.responses import CancelAnswer, TurnAccepted, answer
 from api.sse import Envelope, Position, parse_position
 from api.streaming import PendingCommand, TurnFilter, open_sse, running_turn, stream_log
-from api.validation import InvalidBody, decode_body, decode_params
+from api.validation import Content, IdempotencyKey, InvalidBody, decode_body, decode_params
 from events.codec import encode
 from events.ids import new_id
 from events.subjects import CMD_STREAM, command_subject, valid_id
@@ -67,22 +67,22 @@ COMMAND_PUBLISH_WAIT_S = 5.0
 
 
 class PostMessage(msgspec.Struct, frozen=True):
-    content: str
+    content: Content
     model: str | None = None
-    idempotency_key: str | None = None
+    idempotency_key: IdempotencyKey | None = None
     on_busy: OnBusy = "reject"
 
 
 class EditBody(msgspec.Struct, frozen=True):
-    content: str
+    content: Content
     model: str | None = None
-    idempotency_key: str | None = None
+    idempotency_key: IdempotencyKey | None = None
     on_busy: OnBusy = "reject"
 
 
 class RegenerateBody(msgspec.Struct, frozen=True):
     model: str | None = None
-    idempotency_key: str | None = None
+    idempotency_key: IdempotencyKey | None = None
     on_busy: OnBusy = "reject"
 
 
@@ -161,7 +161,7 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     header = await owned_conversation(request, request.match_info["id"])
     body = await read_json(request, PostMessage)
     check_text(request, body.content)
-    _check_common(request, body.model, body.idempotency_key)
+    _check_common(request, body.model)
 
     def build(record: IdempotencyRecord) -> TurnCommand:
         return SendMessage(
@@ -185,7 +185,7 @@ async def edit_message(request: web.Request) -> web.StreamResponse:
     edited = _message_id(request)
     body = await read_json(request, EditBody)
     check_text(request, body.content)
-    _check_common(request, body.model, body.idempotency_key)
+    _check_common(request, body.model)
 
     def build(record: IdempotencyRecord) -> TurnCommand:
         return EditMessage(
@@ -209,7 +209,7 @@ async def regenerate(request: web.Request) -> web.StreamResponse:
     header = await owned_conversation(request, request.match_info["id"])
     answer = _message_id(request)
     body = await read_json(request, RegenerateBody, empty_ok=True)
-    _check_common(request, body.model, body.idempotency_key)
+    _check_common(request, body.model)
 
     def build(record: IdempotencyRecord) -> TurnCommand:
         return Regenerate(
@@ -487,6 +487,9 @@ def _message_id(request: web.Request) -> str:
 
 
 def check_text(request: web.Request, content: str) -> None:
+    """A message's text as this edge takes it: not blank (a body's `content` was
+    checked so as it was decoded; the AI SDK's text is joined from its parts), and
+    within the configured length."""
     config = request.app[CONFIG]
     if not content.strip():
         raise bad_request("content is empty")
@@ -496,20 +499,12 @@ def check_text(request: web.Request, content: str) -> None:
         )
 
 
-def _check_common(request: web.Request, model: str | None, idempotency_key: str | None) -> None:
+def _check_common(request: web.Request, model: str | None) -> None:
     config = request.app[CONFIG]
     if model is not None and model not in config.models:
         raise bad_request(
             f"unknown model {model!r}; known: {', '.join(config.models)}", "unknown_model"
         )
-    check_idempotency_key(idempotency_key)
-
-
-def check_idempotency_key(key: str | None) -> None:
-    """One rule for every request that takes an idempotency key: absent, or 1-200
-    characters. An empty one would turn idempotency off without a word."""
-    if key is not None and not (0 < len(key) <= 200):
-        raise bad_request("idempotency_key must be 1-200 characters")
 
 
 # ---------------------------------------------------------------- idempotency

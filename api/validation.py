@@ -8,6 +8,11 @@ and text that is not valid UTF-8, raw or as a lone surrogate escape. Bodies are
 bounded before they are parsed in full: the size by the server's body limit,
 the nesting depth by a scan here (msgspec recurses once per level, and a
 thousand levels would exhaust the stack even inside a field we ignore).
+
+A field's limits (lengths, ranges, patterns) are written once, as `msgspec.Meta`
+on the request types (`refused`): decoding enforces them, `/openapi.json`
+shows them, and the words a client gets when a value breaks one stand beside
+it, so the document, the check and the message cannot drift apart.
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
+from api.config import MAX_MESSAGE_CHARS
 from events.codec import UNSTORABLE
+from events.subjects import ID_PATTERN
 
 MAX_DEPTH = 32
 # The largest position a query may name: a log's sequence (and Postgres's bigint).
@@ -39,6 +46,44 @@ class InvalidBody(Exception):
         self.code = code
         self.message = message
         self.status = status
+
+
+_REFUSAL = "refusal"  # the key of a refusal's (code, message) in a Meta's `extra`
+
+
+def refused(message: str, *, code: str = "bad_request", **limits: Any) -> msgspec.Meta:
+    """`limits` (msgspec.Meta's: min_length, max_length, pattern, ge, le, description, ...)
+    with what a client is told when its value breaks one: `message`, in which
+    `{field}` is the field's name, and `code`."""
+    return msgspec.Meta(**limits, extra={_REFUSAL: (code, message)})
+
+
+ID_RULE = "{field} must be 1-128 characters of A-Z a-z 0-9 _ -"
+# A trailing newline passes the pattern (its `$`, in Python): handlers whose id
+# names a subject still check it with events.subjects.valid_id.
+Id = Annotated[str, refused(ID_RULE, pattern=ID_PATTERN)]
+IdempotencyKey = Annotated[
+    str,
+    refused(
+        "idempotency_key must be 1-200 characters",
+        min_length=1,
+        max_length=200,
+        description="the same request again with the same key is applied once (kept 24 hours)",
+    ),
+]
+# The longest a message may be is the edge's `max_message_chars` (checked with the
+# configuration at hand, api.turn_routes.check_text): the document names the default.
+Content = Annotated[
+    str,
+    refused(
+        "content is empty",
+        min_length=1,
+        pattern=r"\S",
+        description=f"the message's text: not blank, at most {MAX_MESSAGE_CHARS:,} characters"
+        " (the default; an edge may be configured otherwise)",
+        extra_json_schema={"maxLength": MAX_MESSAGE_CHARS},
+    ),
+]
 
 
 def nesting_depth(body: bytes, limit: int) -> int:
@@ -124,7 +169,52 @@ def decode_body(body: bytes, kind: type[T], *, max_depth: int = MAX_DEPTH) -> T:
     try:
         return msgspec.convert(loose, type=kind)
     except msgspec.ValidationError as err:
-        raise InvalidBody("invalid_request", f"invalid request: {err}") from err
+        raise invalid(err, kind, "invalid request") from err
+
+
+# where a ValidationError says a top-level field broke a rule: "... - at `$.title`"
+_AT_FIELD = re.compile(r" - at `\$\.(\w+)`$")
+_REFUSALS: dict[type, dict[str, tuple[str, str]]] = {}
+
+
+def invalid(err: msgspec.ValidationError, kind: type, what: str) -> InvalidBody:
+    """A ValidationError of decoding a `kind` as the client is told it: in the words of
+    the field's `refused` limit when it broke one, else msgspec's own ("Expected
+    `str`, got `int` - at `$.content`", "Object missing required field ...")."""
+    text = str(err)
+    at = _AT_FIELD.search(text)
+    if at is not None and ", got `" not in text:  # a limit broken, not a wrong type
+        said = _refusals(kind).get(at.group(1))
+        if said is not None:
+            code, message = said
+            return InvalidBody(code, message.format(field=at.group(1)))
+    return InvalidBody("invalid_request", f"{what}: {text}")
+
+
+def _refusals(kind: type) -> dict[str, tuple[str, str]]:
+    """A Struct's `refused` fields by the name a client sends, read once per kind."""
+    found = _REFUSALS.get(kind)
+    if found is None:
+        found = _REFUSALS[kind] = {}
+        info = msgspec.inspect.type_info(kind)
+        if isinstance(info, msgspec.inspect.StructType):
+            for field in info.fields:
+                said = _refusal_of(field.type)
+                if said is not None:
+                    found[field.encode_name] = said
+    return found
+
+
+def _refusal_of(info: msgspec.inspect.Type) -> tuple[str, str] | None:
+    if isinstance(info, msgspec.inspect.Metadata) and info.extra:
+        said: tuple[str, str] | None = info.extra.get(_REFUSAL)
+        return said
+    if isinstance(info, msgspec.inspect.UnionType):  # an optional field: `Id | None`
+        for member in info.types:
+            said = _refusal_of(member)
+            if said is not None:
+                return said
+    return None
 
 
 def _lone_surrogate_in(body: bytes) -> str | None:
@@ -161,4 +251,4 @@ def decode_params(source: Mapping[str, str], kind: type[T]) -> T:
     try:
         return msgspec.convert(values, type=kind, strict=False)
     except msgspec.ValidationError as err:
-        raise InvalidBody("invalid_request", f"invalid parameter: {err}") from err
+        raise invalid(err, kind, "invalid parameter") from err

@@ -27,6 +27,8 @@ LIVE_SUBJECTS = f"{LIVE_PREFIX}.>"
 
 # ids become subject tokens: no dots, wildcards or whitespace
 _ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+# the same, as a JSON Schema pattern (anchored: a schema's pattern matches anywhere)
+ID_PATTERN = f"^{_ID.pattern}$"
 
 
 def valid_id(value: str) -> bool:

@@ -159,6 +159,73 @@ async def test_a_bad_resume_position_is_a_400(api: SseClient, position: str) -> 
     assert_error(status, body, 400, "bad_position")
 
 
+_ID_RULE = "must be 1-128 characters of A-Z a-z 0-9 _ -"
+_GRANT = "/v1/billing/accounts/user/someone/credits"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "message"),
+    [
+        ("POST", "/v1/conversations", {"title": "t" * 201}, "title longer than 200 characters"),
+        ("POST", "/v1/conversations", {"project_id": "no such!"}, f"project_id {_ID_RULE}"),
+        ("POST", "/v1/projects", {"name": ""}, "name must be 1-200 characters"),
+        ("POST", "/v1/projects", {"name": " \t "}, "name must be 1-200 characters"),
+        ("POST", "/v1/projects", {"name": "n" * 201}, "name must be 1-200 characters"),
+        ("POST", "{cid}/messages", {"content": ""}, "content is empty"),
+        ("POST", "{cid}/messages", {"content": "\n "}, "content is empty"),
+        (
+            "POST",
+            "{cid}/messages",
+            {"content": "hi", "idempotency_key": "k" * 201},
+            "idempotency_key must be 1-200 characters",
+        ),
+        ("POST", "{project}/members", {"user_id": "two words"}, f"user_id {_ID_RULE}"),
+        ("POST", _GRANT, {"micro_credits": 0}, "micro_credits must be between 1 and 10**15"),
+        (
+            "POST",
+            _GRANT,
+            {"micro_credits": 10**15 + 1},
+            "micro_credits must be between 1 and 10**15",
+        ),
+        (
+            "POST",
+            _GRANT,
+            {"micro_credits": 1, "note": "n" * 501},
+            "note longer than 500 characters",
+        ),
+        ("GET", "/v1/billing/ledger?project=a.b", None, f"project {_ID_RULE}"),
+        ("GET", "/v1/billing/ledger?conversation=%2A", None, f"conversation {_ID_RULE}"),
+        ("POST", "/v1/ai-sdk/chat", {"id": "a b", "messages": []}, f"id {_ID_RULE}"),
+        (
+            "POST",
+            "/v1/ai-sdk/chat",
+            {"id": "chat", "messages": [], "trigger": "resume"},
+            "trigger must be submit-message or regenerate-message",
+        ),
+    ],
+)
+async def test_a_value_past_a_documented_limit_is_a_400_that_names_the_limit(
+    services: Services,
+    http: aiohttp.ClientSession,
+    user: str,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None,
+    message: str,
+) -> None:
+    """The limits the document states (tests/test_openapi.py) are the ones enforced,
+    each refused in its own words, not in msgspec's."""
+    api = SseClient(http, services.edge_url, token_for(user, admin=True))
+    if "{cid}" in path:
+        path = path.format(cid=f"/v1/conversations/{(await api.create_conversation())['id']}")
+    if "{project}" in path:
+        status, project = await api.request("POST", "/v1/projects", json={"name": "p"})
+        path = path.format(project=f"/v1/projects/{project['id']}")
+    status, answer = await api.request(method, path, json=body)
+    assert_error(status, answer, 400, "bad_request")
+    assert answer["error"]["message"] == message.replace("10**15", str(10**15)), answer
+
+
 async def test_null_for_an_optional_field_of_a_new_conversation_is_as_if_absent(
     api: SseClient,
 ) -> None:

@@ -157,6 +157,62 @@ async def test_every_status_an_operation_answers_is_documented_for_it(
     assert "504" in cancel["responses"], sorted(cancel["responses"])
 
 
+def _property(doc: dict[str, Any], schema: str, name: str) -> dict[str, Any]:
+    """A request schema's property, its `null` alternative left out."""
+    prop: dict[str, Any] = doc["components"]["schemas"][schema]["properties"][name]
+    alternatives = [p for p in prop.get("anyOf", [prop]) if p.get("type") != "null"]
+    assert len(alternatives) == 1, prop
+    only: dict[str, Any] = alternatives[0]
+    return only
+
+
+ID: dict[str, Any] = {"pattern": "^[A-Za-z0-9_-]{1,128}$"}
+KEY: dict[str, Any] = {"minLength": 1, "maxLength": 200}
+# (schema, property): the limits the edge enforces, as the document must say them
+LIMITS: dict[tuple[str, str], dict[str, Any]] = {
+    ("PostMessage", "content"): {"minLength": 1, "maxLength": 100_000},
+    ("EditBody", "content"): {"minLength": 1, "maxLength": 100_000},
+    ("PostMessage", "idempotency_key"): KEY,
+    ("EditBody", "idempotency_key"): KEY,
+    ("RegenerateBody", "idempotency_key"): KEY,
+    ("GrantCredits", "idempotency_key"): KEY,
+    ("CreateConversation", "title"): {"maxLength": 200},
+    ("CreateConversation", "project_id"): ID,
+    ("CreateProject", "name"): {"minLength": 1, "maxLength": 200},
+    ("GrantCredits", "micro_credits"): {"minimum": 1, "maximum": 10**15},
+    ("GrantCredits", "note"): {"maxLength": 500},
+    ("AddMember", "user_id"): ID,
+    ("ChatRequest", "id"): ID,
+    ("ChatRequest", "project_id"): ID,
+    ("ChatRequest", "trigger"): {"enum": ["regenerate-message", "submit-message"]},
+}
+
+
+async def test_the_request_schemas_state_the_limits_the_edge_enforces(
+    services: Services, http: aiohttp.ClientSession
+) -> None:
+    """A request the document allows must not be refused for a limit it does not state."""
+    doc = await _document(http, services.edge_url)
+    missing = {
+        where: {k: v for k, v in limits.items() if _property(doc, *where).get(k) != v}
+        for where, limits in LIMITS.items()
+    }
+    assert not any(missing.values()), {k: v for k, v in missing.items() if v}
+    content = _property(doc, "PostMessage", "content")
+    assert "configured" in content["description"], content  # max_message_chars
+    ledger = doc["paths"]["/v1/billing/ledger"]["get"]["parameters"]
+    for name in ("project", "user", "conversation"):
+        (param,) = [p for p in ledger if p["name"] == name]
+        assert param["schema"]["anyOf"][0]["pattern"] == ID["pattern"], param
+    for method, path in (
+        ("get", "/v1/billing/accounts/{kind}/{id}"),
+        ("post", "/v1/billing/accounts/{kind}/{id}/credits"),
+    ):
+        params = doc["paths"][path][method]["parameters"]
+        (kind,) = [p for p in params if p["name"] == "kind"]
+        assert kind["schema"] == {"enum": ["project", "user"]}, kind
+
+
 async def test_schemathesis_finds_no_server_error_and_every_answer_matches_the_document(
     services: Services, user: str, tmp_path: Path
 ) -> None:
