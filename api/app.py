@@ -56,6 +56,11 @@ log = logging.getLogger(__name__)
 
 _DDL_ATTEMPTS = 5
 PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics", "/openapi.json"})
+# A 401 names the scheme it wants (RFC 9110 15.5.2, RFC 6750 section 3): without
+# bearer credentials, no error code; with a token that was refused, `invalid_token`.
+# Why it was refused is in the JSON body, which may hold what a quoted-string cannot.
+CHALLENGE = "Bearer"
+REFUSED_TOKEN = 'Bearer error="invalid_token"'
 
 
 @web.middleware
@@ -96,11 +101,18 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         raise ApiError(400, "bad_request", "more than one Authorization header")
     scheme, _, token = (given[0] if given else "").partition(" ")
     if scheme.lower() != "bearer" or not token:
-        raise ApiError(401, "unauthorized", "missing bearer token (Authorization: Bearer <token>)")
+        raise ApiError(
+            401,
+            "unauthorized",
+            "missing bearer token (Authorization: Bearer <token>)",
+            headers={"WWW-Authenticate": CHALLENGE},
+        )
     try:
         request[CLAIMS] = await request.app[VERIFIER].verify(token.strip())
     except InvalidToken as err:
-        raise ApiError(401, "unauthorized", str(err)) from err
+        raise ApiError(
+            401, "unauthorized", str(err), headers={"WWW-Authenticate": REFUSED_TOKEN}
+        ) from err
     return await handler(request)
 
 

@@ -46,6 +46,7 @@ class ApiError(Exception):
         *,
         retry_after: int | None = None,
         close: bool = False,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -54,6 +55,7 @@ class ApiError(Exception):
         self.extra: dict[str, object] = {}  # more keys of the error object (a busy turn's id)
         self.retry_after = retry_after  # seconds, sent as Retry-After (429, 503)
         self.close = close  # end the connection after the answer (a body left half-read)
+        self.headers = headers or {}  # more headers of the answer (a 401's WWW-Authenticate)
 
 
 def error_response(
@@ -95,6 +97,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except ApiError as err:
         response = error_response(err.status, err.code, err.message, err.extra)
+        response.headers.update(err.headers)
         if err.retry_after is not None:
             response.headers["Retry-After"] = str(max(1, err.retry_after))
         if err.close:

@@ -127,6 +127,9 @@ async def test_answers_to_a_listed_origin_name_it_errors_and_streams_too(
     async with http.get(cors_edge + "/v1/conversations", headers={"Origin": FRONTEND}) as response:
         assert response.status == 401
         assert response.headers["Access-Control-Allow-Origin"] == FRONTEND
+        # and which token it needs
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+        assert "WWW-Authenticate" in response.headers["Access-Control-Expose-Headers"]
     async with http.post(
         cors_edge + f"/v1/conversations/{cid}/messages",
         headers={**headers, "Accept": "text/event-stream"},

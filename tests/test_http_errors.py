@@ -138,6 +138,27 @@ async def test_requests_without_a_valid_token_are_401(
         assert_error(response.status, await response.json(), 401, "unauthorized")
 
 
+@pytest.mark.parametrize(
+    ("header", "challenge"),
+    [
+        (None, "Bearer"),
+        ("Basic abc", "Bearer"),  # no bearer credentials: the scheme, no error code
+        ("Bearer", "Bearer"),
+        ("Bearer nonsense", 'Bearer error="invalid_token"'),
+        ("Bearer a.b.c", 'Bearer error="invalid_token"'),
+    ],
+)
+async def test_a_401_names_the_bearer_scheme_and_whether_a_token_was_refused(
+    services: Services, http: aiohttp.ClientSession, header: str | None, challenge: str
+) -> None:
+    """RFC 9110 15.5.2: a 401 carries WWW-Authenticate; RFC 6750 section 3: `Bearer`,
+    with `error="invalid_token"` when a token came and was refused."""
+    headers = {"Authorization": header} if header is not None else {}
+    async with http.get(services.edge_url + "/v1/conversations", headers=headers) as response:
+        assert response.status == 401
+        assert response.headers.getall("WWW-Authenticate", []) == [challenge], response.headers
+
+
 async def test_a_token_signed_with_another_secret_is_401(
     services: Services, http: aiohttp.ClientSession
 ) -> None:
