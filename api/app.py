@@ -41,7 +41,7 @@ from api.context import (
     ProjectCache,
     SharedCheck,
 )
-from api.errors import CLIENT_GONE, ApiError, Handler, error_middleware
+from api.errors import CLIENT_GONE, SERVER_NAME, ApiError, Handler, error_middleware
 from api.hub import Hubs, HubSettings
 from api.limits import LIMITS, Limits, limits_middleware
 from api.routes import add_routes
@@ -211,8 +211,7 @@ async def limits_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
-    # aiohttp's default names the Python and aiohttp versions: nobody's business
-    response.headers["Server"] = "parley"
+    response.headers["Server"] = SERVER_NAME
 
 
 def create_app(config: EdgeConfig, metrics: EdgeMetrics | None = None) -> web.Application:

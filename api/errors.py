@@ -14,6 +14,10 @@ from events.errors import EventLogUnavailable, describe
 
 log = logging.getLogger(__name__)
 
+# What the edge calls itself in `Server`: aiohttp's default names the Python and
+# aiohttp versions, which are nobody's business.
+SERVER_NAME = "parley"
+
 # Failures of NATS, Postgres or Redis that mean "down or unreachable", not "bug".
 UNAVAILABLE: tuple[type[BaseException], ...] = (
     EventLogUnavailable,

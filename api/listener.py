@@ -19,6 +19,13 @@ the loop with `connect_accepted_socket`: the same transports and protocol as
 resources (no file descriptors, no memory) pauses that socket for a second,
 with a warning, rather than spin or end the server; the error of a single
 waiting connection (aborted while it waited) skips that one.
+
+A request aiohttp's HTTP parser refuses (a header over 8,190 bytes, a space in
+a header's name, `Content-Length: abc`, a NUL in a header) never reaches the
+application: aiohttp answered it in text/plain, named its versions in `Server`,
+and logged a traceback at ERROR for each, so anyone could flood the log. The
+edge's sites serve connections with `EdgeRequestHandler`, which answers those in
+the edge's error format and logs one line at DEBUG.
 """
 
 from __future__ import annotations
@@ -28,9 +35,12 @@ import errno
 import logging
 import socket
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from api.errors import SERVER_NAME, error_response
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +61,69 @@ def edge_runner(app: web.Application, *, idle_timeout_s: float) -> web.AppRunner
     )
 
 
+class EdgeRequestHandler(web.RequestHandler):
+    """aiohttp's handler of one connection, but for what its HTTP parser refuses: a
+    400 in the error format (`bad_request`), `Server` as the edge names itself, and
+    one line at DEBUG, not a traceback at ERROR (a malformed request is the
+    client's doing, and anyone may send them)."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if not isinstance(exc, HttpProcessingError):  # the handler's own failure: aiohttp's way
+            return super().handle_error(request, status, exc, message)
+        # the parser's words, without the bytes it quotes: "Invalid header token"
+        reason = (exc.message or "malformed").split("\n", 1)[0].split(": b'", 1)[0].rstrip(": .")
+        log.debug("refused a request that is not HTTP", extra={"error": reason[:200]})
+        if request.writer.output_size > 0:  # as aiohttp: an answer began, none can follow
+            raise ConnectionError("an answer was sent already")
+        response = error_response(
+            400, "bad_request", f"the request is not valid HTTP: {reason[:200]}"
+        )
+        response.headers["Server"] = SERVER_NAME
+        response.force_close()  # where the next request would begin is unknown
+        return response
+
+
+def _connections(server: web.Server, kind: type[web.RequestHandler]) -> Callable[[], Any]:
+    """The protocol factory of `server` (its `__call__`), making `kind` of handler.
+
+    No public hook chooses the class a `web.Server` makes for each connection: it
+    makes a RequestHandler with the keyword arguments its runner gave it (the
+    keep-alive timeout, the access log, ...), kept in its private `_kwargs`. They
+    are read here, once per site; tests/test_listener.py pins it (an aiohttp that
+    renames them fails there, at the site's start)."""
+    kwargs: dict[str, Any] = server._kwargs
+    loop = asyncio.get_running_loop()
+    return lambda: kind(server, loop=loop, **kwargs)
+
+
 class EagerTCPSite(web.BaseSite):
-    """A TCP site that accepts all waiting connections whenever its socket is ready."""
+    """A TCP site that accepts all waiting connections whenever its socket is ready.
 
-    __slots__ = ("_host", "_port")
+    `protocol`: the class serving each connection (the edge's: `EdgeRequestHandler`)."""
 
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, *, backlog: int) -> None:
+    __slots__ = ("_host", "_port", "_protocol")
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        backlog: int,
+        protocol: type[web.RequestHandler] = web.RequestHandler,
+    ) -> None:
         super().__init__(runner, backlog=backlog)
         self._host = host
         self._port = port
+        self._protocol = protocol
 
     @property
     def name(self) -> str:
@@ -69,8 +133,11 @@ class EagerTCPSite(web.BaseSite):
 
     async def start(self) -> None:
         await super().start()
-        factory = self._runner.server
-        assert factory is not None  # the runner is set up: BaseSite checked it
+        server = self._runner.server
+        assert server is not None  # the runner is set up: BaseSite checked it
+        factory: Callable[[], Any] = server
+        if self._protocol is not web.RequestHandler:
+            factory = _connections(server, self._protocol)
         loop = asyncio.get_running_loop()
         sockets = _listen(self._host, self._port, self._backlog)
         self._server = _EagerServer(loop, factory, sockets, self._backlog)

@@ -36,7 +36,7 @@ from actors.worker import WorkerHost
 from actors.writer import AppendTick
 from api.app import create_app
 from api.config import LISTEN_BACKLOG, EdgeConfig, EdgeLimits
-from api.listener import EagerTCPSite, edge_runner
+from api.listener import EagerTCPSite, EdgeRequestHandler, edge_runner
 from events import broker
 from events.errors import EventLogUnavailable, describe
 from events.ids import new_id
@@ -349,10 +349,7 @@ class Services:
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)
         site = EagerTCPSite(
-            runner,
-            options.host,
-            port,
-            backlog=LISTEN_BACKLOG,
+            runner, options.host, port, backlog=LISTEN_BACKLOG, protocol=EdgeRequestHandler
         )
         await site.start()
         host = f"[{options.host}]" if ":" in options.host else options.host

@@ -27,7 +27,7 @@ from actors.models import ModelCatalog, ModelSpec, ModelVersion
 from api.app import create_app
 from api.auth import mint
 from api.config import EdgeConfig, EdgeLimits
-from api.listener import EagerTCPSite, edge_runner
+from api.listener import EagerTCPSite, EdgeRequestHandler, edge_runner
 from events.broker import DirectClient, connect_client
 from events.ids import new_id
 from events.log import EventLog, ensure_streams
@@ -256,7 +256,7 @@ async def extra_edge(stack: Servers, **overrides: Any) -> AsyncIterator[str]:
     runner = edge_runner(create_app(config), idle_timeout_s=config.limits.idle_timeout_s)
     await runner.setup()
     try:
-        site = EagerTCPSite(runner, "127.0.0.1", 0, backlog=128)
+        site = EagerTCPSite(runner, "127.0.0.1", 0, backlog=128, protocol=EdgeRequestHandler)
         await site.start()
         address: Any = runner.addresses[0]
         yield f"http://127.0.0.1:{address[1]}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 from typing import Any
 
@@ -103,6 +104,43 @@ async def test_a_body_declared_too_large_is_refused_before_it_is_sent(
             assert b"body_too_large" in await reader.readexactly(length)
     finally:
         writer.close()
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"X-Long: " + b"a" * 9000,  # over aiohttp's 8,190 bytes
+        b"Two Words: v",  # a space in a header's name
+        b"Content-Length: abc",
+        b"X-Nul: a\x00b",
+    ],
+    ids=["long-header", "space-in-name", "content-length-abc", "nul"],
+)
+async def test_a_request_the_http_parser_refuses_is_a_json_400_and_one_quiet_log_line(
+    services: Services, caplog: pytest.LogCaptureFixture, header: bytes
+) -> None:
+    """aiohttp answered these itself: text/plain, its versions in `Server`, and a
+    traceback at ERROR for each one, which anyone could send by the thousand."""
+    caplog.set_level(logging.DEBUG)
+    url = URL(services.edge_url)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(b"GET /v1/conversations HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n\r\n")
+        await writer.drain()
+        async with asyncio.timeout(5):
+            raw = await reader.read()  # the edge closes the connection after it
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    assert lines[0].split(" ", 2)[1] == "400", raw[:500]
+    assert headers["content-type"].startswith("application/json"), headers
+    assert headers["server"] == "parley", headers
+    assert_error(400, json.loads(body), 400, "bad_request")
+    assert "not valid HTTP" in json.loads(body)["error"]["message"], body
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+    assert not loud, [(r.name, r.levelname, r.getMessage()) for r in loud]
 
 
 async def test_unknown_and_foreign_conversations_are_404_without_leaking_existence(

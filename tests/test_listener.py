@@ -11,7 +11,7 @@ import textwrap
 import aiohttp
 from aiohttp import web
 
-from api.listener import EagerTCPSite
+from api.listener import EagerTCPSite, EdgeRequestHandler, edge_runner
 
 
 async def _hello(request: web.Request) -> web.Response:
@@ -69,6 +69,31 @@ async def test_the_site_serves_requests_and_stops_listening_when_cleaned_up() ->
     except ConnectionRefusedError:
         refused = True
     assert refused, "the port still accepts connections after cleanup"
+
+
+async def test_the_edges_connections_keep_the_settings_the_runner_was_given() -> None:
+    """EdgeRequestHandler is made with the keyword arguments aiohttp's Server keeps
+    privately (api/listener.py `_connections`): read wrongly, an idle connection
+    would be held for aiohttp's default hour, not the edge's idle timeout."""
+    app = web.Application()
+    app.router.add_get("/", _hello)
+    runner = edge_runner(app, idle_timeout_s=0.2)
+    await runner.setup()
+    try:
+        await EagerTCPSite(runner, "127.0.0.1", 0, backlog=16, protocol=EdgeRequestHandler).start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(5):
+            answer = await reader.readuntil(b"hello")
+            server = runner.server
+            assert server is not None
+            assert [type(c) for c in server.connections] == [EdgeRequestHandler]
+            # then closed once idle for 0.2 s
+            assert await reader.read() == b""
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+    finally:
+        await runner.cleanup()
 
 
 async def test_an_empty_host_listens_on_every_interface_on_one_port() -> None:
