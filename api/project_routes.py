@@ -158,9 +158,7 @@ async def grant_credits(request: web.Request) -> web.Response:
     body = await read_json(request, GrantCredits)
     event_log = request.app[LOG]
     if kind == "project":
-        project = await request.app[PROJECTS].get(event_log, owner, fresh=True)
-        if not project.exists:
-            raise not_found("project")
+        await _existing_project(request, owner)
     account = f"{kind}:{owner}"
     key = body.idempotency_key
     # With a key, the event's id is derived from it: a grant sent twice within the
@@ -301,6 +299,10 @@ async def list_models(request: web.Request) -> web.Response:
 async def _may_see_account(request: web.Request, kind: str, owner: str) -> None:
     claims = claims_of(request)
     if claims.adm:
+        # any account, but only of a project that exists, as a grant to it (a user
+        # is anyone a token names: their account exists before their first credit)
+        if kind == "project":
+            await _existing_project(request, owner)
         return
     if kind == "user" and owner != claims.sub:
         raise not_found("account")
@@ -309,6 +311,18 @@ async def _may_see_account(request: web.Request, kind: str, owner: str) -> None:
             await project_of_member(request, owner)
         except ApiError:
             raise not_found("account") from None
+
+
+async def _existing_project(request: web.Request, project_id: str) -> None:
+    """404 unless the project exists (whoever asks; a member's own check is
+    api.access.project_of_member). Read from the log when the cache does not know
+    it: a project created a moment ago, through another edge, exists."""
+    cache, event_log = request.app[PROJECTS], request.app[LOG]
+    project = await cache.get(event_log, project_id)
+    if not project.exists:
+        project = await cache.get(event_log, project_id, fresh=True)
+    if not project.exists:
+        raise not_found("project")
 
 
 def _account_path(request: web.Request) -> tuple[AccountKind, str]:

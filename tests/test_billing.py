@@ -152,6 +152,27 @@ async def test_an_admin_token_grants_credits_and_nothing_else_does(
     assert status == 400, body
 
 
+async def test_an_admin_reads_a_project_account_only_of_a_project_that_exists(
+    api: SseClient, admin: SseClient
+) -> None:
+    """A grant to a project that does not exist is a 404; reading its account once
+    answered 200 with zeros, as if it were there."""
+    missing = f"NOPE{new_id()}"
+    for method, path, body in (
+        ("GET", f"/v1/billing/accounts/project/{missing}", None),
+        ("POST", f"/v1/billing/accounts/project/{missing}/credits", {"micro_credits": 5}),
+    ):
+        status, answer = await admin.request(method, path, json=body)
+        assert status == 404, (method, status, answer)
+        assert answer["error"]["code"] == "not_found", answer
+    project = await new_project(api)
+    status, account = await admin.request("GET", f"/v1/billing/accounts/project/{project}")
+    assert status == 200 and account["balance_micro_credits"] == 0, account
+    # a user's account exists before their first credit: anyone a token names
+    status, account = await admin.request("GET", f"/v1/billing/accounts/user/{missing}")
+    assert status == 200 and account["balance_micro_credits"] == 0, account
+
+
 # ---------------------------------------------------------------- the pre-flight and the charge
 
 
