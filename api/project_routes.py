@@ -32,6 +32,7 @@ from api.responses import (
     ProjectList,
     ProjectSummary,
     answer,
+    instant,
 )
 from api.turn_routes import read_json, read_params
 from api.validation import ID_RULE, MAX_POSITION, Id, IdempotencyKey, refused
@@ -223,7 +224,7 @@ def _project(row: ProjectRow) -> ProjectSummary:
         id=row.id,
         name=row.name,
         created_by=row.created_by,
-        created_at=row.created_at.isoformat(),
+        created_at=instant(row.created_at),
         members=row.members,
     )
 
@@ -279,9 +280,7 @@ async def get_ledger(request: web.Request) -> web.Response:
     # one row more than the page: whether another page follows
     rows = await request.app[STORE].ledger(where, limit=query.limit + 1, after=query.after)
     page = rows[: query.limit]
-    entries = [
-        {**msgspec.to_builtins(row), "charged_at": row.charged_at.isoformat()} for row in page
-    ]
+    entries = [{**msgspec.to_builtins(row), "charged_at": instant(row.charged_at)} for row in page]
     return answer(
         Ledger(
             entries=msgspec.convert(entries, list[LedgerEntry]),

@@ -12,14 +12,31 @@ I/O, request parsing.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import datetime as dt
+from typing import Annotated, Any, Literal
 
 import msgspec
 from aiohttp import web
 
+from events.codec import timestamp
 from projections.store import MessageRow
 
-Timestamp = Annotated[str, msgspec.Meta(description="ISO 8601, UTC")]
+# Every time the edge answers with is in this one form (`instant`).
+Timestamp = Annotated[
+    str,
+    msgspec.Meta(
+        description="RFC 3339, UTC, to the microsecond: `2026-11-30T12:38:16.305707Z`",
+        pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$",
+    ),
+]
+
+
+def instant(at: dt.datetime | int) -> str:
+    """A time as the edge says it (`Timestamp`): a row's datetime, or an event's `at`
+    (ns) as its row will hold it, so an answer given before the row exists is the
+    answer given after."""
+    when = timestamp(at) if isinstance(at, int) else at
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def answer(body: msgspec.Struct, status: int = 200) -> web.Response:
@@ -94,8 +111,44 @@ class ConversationList(msgspec.Struct, frozen=True):
     next: str | None = None
 
 
+class MessageView(msgspec.Struct, frozen=True):
+    """A message as the API shows it: its row (projections.store.MessageRow), times as
+    `Timestamp`s."""
+
+    id: str
+    conversation_id: str
+    role: str
+    content: list[dict[str, Any]]
+    status: str
+    turn_id: str | None
+    parent_message_id: str | None
+    version_group_id: str
+    version_number: int
+    is_latest: bool
+    is_fork_origin: bool
+    model: str | None
+    input_tokens: int | None
+    output_tokens: int | None
+    stop_reason: str | None
+    error_code: str | None
+    error_message: str | None
+    seq: int
+    created_at: Timestamp
+    updated_at: Timestamp
+    # the turn's tool cards, in call order: {id, name, arguments, raw_arguments?,
+    # result, error, duration_ms}; duration_ms None while the call is pending
+    tool_calls: list[dict[str, Any]]
+    latency_ms: int | None  # the turn's start to its end, from event timestamps
+
+    @classmethod
+    def of(cls, row: MessageRow) -> MessageView:
+        fields = msgspec.structs.asdict(row)
+        fields.update(created_at=instant(row.created_at), updated_at=instant(row.updated_at))
+        return cls(**fields)
+
+
 class MessageList(msgspec.Struct, frozen=True):
-    messages: list[MessageRow]
+    messages: list[MessageView]
 
 
 class TurnAccepted(msgspec.Struct, frozen=True):
@@ -127,7 +180,7 @@ class ProjectSummary(msgspec.Struct, frozen=True):
     id: str
     name: str
     created_by: str
-    created_at: str
+    created_at: Timestamp
     members: list[str]
 
 
@@ -168,7 +221,7 @@ class LedgerEntry(msgspec.Struct, frozen=True):
     reserved: int
     debt: int
     turn_end: str
-    charged_at: str
+    charged_at: Timestamp
     seq: int
 
 

@@ -77,12 +77,14 @@ from api.responses import (
     Health,
     Ledger,
     MessageList,
+    MessageView,
     ModelList,
     ProjectInfo,
     ProjectList,
     Readiness,
     TurnAccepted,
     answer,
+    instant,
 )
 from api.sse import Position
 from api.streaming import cut, open_sse, running_turn, stream_log
@@ -151,13 +153,6 @@ class LogQuery(msgspec.Struct, frozen=True):
 # ---------------------------------------------------------------- helpers
 
 
-def _iso(ns: int) -> str:
-    return (
-        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns / 1e9))
-        + f".{ns % 1_000_000_000 // 1_000_000:03d}Z"
-    )
-
-
 def _row_info(row: ConversationRow) -> ConversationInfo:
     return ConversationInfo(
         id=row.id,
@@ -167,8 +162,8 @@ def _row_info(row: ConversationRow) -> ConversationInfo:
         model=row.model,
         message_count=row.message_count,
         token_usage_total=row.token_usage_total,
-        created_at=row.created_at.isoformat(),
-        updated_at=row.updated_at.isoformat(),
+        created_at=instant(row.created_at),
+        updated_at=instant(row.updated_at),
     )
 
 
@@ -182,8 +177,8 @@ def _unprojected_info(header: ConversationCreated) -> ConversationInfo:
         model=header.model,
         message_count=0,
         token_usage_total=0,
-        created_at=_iso(header.at),
-        updated_at=_iso(header.at),
+        created_at=instant(header.at),
+        updated_at=instant(header.at),
     )
 
 
@@ -207,7 +202,7 @@ async def conversation_detail(
 def _with_turn(info: ConversationInfo, active: TurnRecord | None) -> ConversationDetail:
     return ConversationDetail(
         **msgspec.structs.asdict(info),
-        active_turn=ActiveTurn(turn_id=active.turn_id or None, started_at=_iso(active.at))
+        active_turn=ActiveTurn(turn_id=active.turn_id or None, started_at=instant(active.at))
         if active
         else None,
     )
@@ -312,7 +307,7 @@ async def list_messages(request: web.Request) -> web.Response:
     rows = await request.app[STORE].messages(
         header.conversation_id, all_versions=query.versions == "all"
     )
-    return answer(MessageList(messages=rows))
+    return answer(MessageList(messages=[MessageView.of(row) for row in rows]))
 
 
 # ---------------------------------------------------------------- events and log

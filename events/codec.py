@@ -12,6 +12,7 @@ no single event stops the system).
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import typing
 from collections.abc import Callable
@@ -20,6 +21,14 @@ from typing import Any
 import msgspec
 
 from events.vocabulary import AnyCommand, AnyEvent
+
+
+def timestamp(ns: int) -> dt.datetime:
+    """An event's `at` (nanoseconds since the epoch) as the read models store it: UTC,
+    to the microsecond (Postgres's precision). One conversion, so what the edge
+    says of an event before its row exists is what the row says after."""
+    return dt.datetime.fromtimestamp(ns / 1e9, tz=dt.UTC)
+
 
 _encoder = msgspec.json.Encoder()
 _event_decoder: msgspec.json.Decoder[AnyEvent] = msgspec.json.Decoder(AnyEvent)

@@ -30,6 +30,7 @@ applied again.
 
 from __future__ import annotations
 
+from events.codec import timestamp
 from events.vocabulary import (
     CreditsGranted,
     CreditsReserved,
@@ -37,7 +38,6 @@ from events.vocabulary import (
     ProjectCreated,
     TurnCharged,
 )
-from projections.handlers import timestamp
 from projections.registry import Projection, Write, write
 
 BILLING = Projection(

@@ -34,12 +34,12 @@ registers on `READ_MODELS`), and its columns to `read_models.sql`.
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Sequence
 from typing import Any
 
 import msgspec
 
+from events.codec import timestamp
 from events.vocabulary import (
     BillingRejected,
     Cancelled,
@@ -63,10 +63,6 @@ READ_MODELS = Projection(
     conversation_local=True,
 )
 _encoder = msgspec.json.Encoder()
-
-
-def timestamp(ns: int) -> dt.datetime:
-    return dt.datetime.fromtimestamp(ns / 1e9, tz=dt.UTC)
 
 
 def _json(value: object) -> str:

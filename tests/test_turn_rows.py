@@ -13,6 +13,8 @@ import json
 import time
 from typing import Any
 
+from api.responses import instant
+from events.codec import timestamp
 from events.ids import new_id
 from events.log import EventLog
 from events.vocabulary import (
@@ -26,7 +28,7 @@ from events.vocabulary import (
     UserMessage,
 )
 from parley.services import Services
-from projections.handlers import timestamp, tool_card
+from projections.handlers import tool_card
 from tests.sse import SseClient
 
 
@@ -112,7 +114,7 @@ async def test_a_failed_turn_keeps_its_tokens_and_latency_and_the_totals_count_i
     _, conversation = await api.request("GET", f"/v1/conversations/{cid}")
     assert conversation["message_count"] == 4, conversation
     assert conversation["token_usage_total"] == sum(e.input_tokens + e.output_tokens for e in ends)
-    assert conversation["updated_at"] == timestamp(failed.at).isoformat()
+    assert conversation["updated_at"] == instant(failed.at)
 
 
 class Writer:
