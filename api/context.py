@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from api.auth import Claims, Verifier
 from api.config import EdgeConfig
@@ -120,7 +121,7 @@ class NoMetrics:
         pass
 
     def render(self) -> tuple[bytes, str]:
-        return b"", "text/plain; version=0.0.4; charset=utf-8"
+        return b"", CONTENT_TYPE_LATEST
 
 
 class SharedCheck:

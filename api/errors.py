@@ -41,6 +41,10 @@ POSTGRES_AWAY: tuple[type[BaseException], ...] = (
 )
 
 
+# The statuses whose answer always carries Retry-After (seconds).
+RETRY_LATER = frozenset({429, 503})
+
+
 class ApiError(Exception):
     def __init__(
         self,
@@ -102,8 +106,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except ApiError as err:
         response = error_response(err.status, err.code, err.message, err.extra)
         response.headers.update(err.headers)
-        if err.retry_after is not None:
-            response.headers["Retry-After"] = str(max(1, err.retry_after))
+        retry_after = err.retry_after
+        if retry_after is None and err.status in RETRY_LATER:
+            retry_after = 1  # a 429 or 503 always says when to try again (the document says so)
+        if retry_after is not None:
+            response.headers["Retry-After"] = str(max(1, retry_after))
         if err.close:
             response.force_close()
         return response

@@ -25,7 +25,9 @@ from typing import Any
 
 import msgspec
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from api.errors import RETRY_LATER
 from api.responses import ErrorBody
 from api.sse import DATA_SHAPES
 from events.subjects import ID_PATTERN
@@ -57,7 +59,8 @@ AI_SDK_STREAM = Media(
     "then `data: [DONE]`",
 )
 HTML = Media("text/html", "the web page")
-PROMETHEUS = Media("text/plain", "Prometheus text exposition, version 0.0.4")
+# what parley.metrics renders with (prometheus_client's generate_latest)
+PROMETHEUS = Media("text/plain", f"Prometheus text exposition format (`{CONTENT_TYPE_LATEST}`)")
 
 # A 2xx answer: a msgspec type (JSON), a Media, or None (no body).
 Answer = type | Media | None
@@ -75,6 +78,24 @@ _ERRORS = {
     503: "a backing service (NATS, Postgres, Redis) is unavailable; `Retry-After`",
     504: "NATS took the command but did not confirm it (`outcome_unknown`): it may still"
     " be applied; a request sent again with the same idempotency_key is applied once",
+}
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "seconds to wait before trying again",
+        "required": True,
+        "schema": {"type": "integer", "minimum": 1},
+    }
+}
+# Headers every error answer of a status carries (api/errors.py, api/app.py).
+_ERROR_HEADERS: dict[int, dict[str, Any]] = {
+    **dict.fromkeys(RETRY_LATER, _RETRY_AFTER),
+    401: {
+        "WWW-Authenticate": {
+            "description": '`Bearer`; `Bearer error="invalid_token"` when a token was refused',
+            "required": True,
+            "schema": {"type": "string"},
+        }
+    },
 }
 _PATH_PARAM = re.compile(r"{(\w+)}")
 
@@ -199,6 +220,8 @@ def _operation(
             "description": _ERRORS.get(status, "error"),
             "content": {"application/json": {"schema": error}},
         }
+        if status in _ERROR_HEADERS:
+            responses[str(status)]["headers"] = _ERROR_HEADERS[status]
     responses["default"] = {
         "description": "any other failure (500 internal)",
         "content": {"application/json": {"schema": error}},
@@ -208,10 +231,12 @@ def _operation(
 
 
 # One event of a stream as a client's parser sees it (OpenAPI 3.1: `schema` of an
-# event-stream describes each event); its `data` is the JSON envelope.
+# event-stream describes each event); its `data` is the JSON envelope. Each stream
+# opens with `retry: 1000`, an event with no `data` (api/streaming.py).
 _SSE_EVENT = {
     "type": "object",
-    "required": ["data"],
+    "description": "an event of the stream: `data` holds the envelope; the first, with only"
+    " `retry` (milliseconds), sets how soon a client reconnects",
     "properties": {
         "id": {"type": "string", "pattern": "^[0-9]+(-[0-9]+)?$"},
         "event": {"type": "string"},

@@ -141,7 +141,13 @@ class ResumeQuery(msgspec.Struct, frozen=True):
 
 
 class ResumeHeaders(msgspec.Struct, frozen=True):
-    last_event_id: str | None = msgspec.field(default=None, name="Last-Event-ID")
+    last_event_id: Annotated[
+        str | None,
+        msgspec.Meta(
+            description="the id of the last event seen: the stream goes on after it (a"
+            " message, edit or regeneration: sent again with its idempotency_key)"
+        ),
+    ] = msgspec.field(default=None, name="Last-Event-ID")
 
 
 class LogQuery(msgspec.Struct, frozen=True):
@@ -510,10 +516,10 @@ ROUTES: tuple[Operation, ...] = (
     Operation("POST", "/v1/conversations", create_conversation, "start a conversation", {201: ConversationDetail}, body=CreateConversation, errors=(404,)),
     Operation("GET", "/v1/conversations", list_conversations, "my conversations, latest first, a page at a time", {200: ConversationList}, query=ConversationsQuery),
     Operation("GET", "/v1/conversations/{id}", get_conversation, "a conversation and its active turn", {200: ConversationDetail}, path_params=_CONVERSATION),
-    Operation("POST", "/v1/conversations/{id}/messages", post_message, "send a message: its turn's SSE stream, or 202 with Accept: application/json", _TURN_ANSWERS, body=PostMessage, errors=(409, 422, 504), path_params=_CONVERSATION),
+    Operation("POST", "/v1/conversations/{id}/messages", post_message, "send a message: its turn's SSE stream, or 202 with Accept: application/json", _TURN_ANSWERS, body=PostMessage, errors=(409, 422, 504), headers=ResumeHeaders, path_params=_CONVERSATION),
     Operation("GET", "/v1/conversations/{id}/messages", list_messages, "the projected messages (latest versions, or all)", {200: MessageList}, query=MessagesQuery, path_params=_CONVERSATION),
-    Operation("PATCH", "/v1/conversations/{id}/messages/{mid}", edit_message, "edit a user message: a new version and a new turn", _TURN_ANSWERS, body=EditBody, errors=(409, 422, 504), path_params=_MESSAGE),
-    Operation("POST", "/v1/conversations/{id}/messages/{mid}/regenerate", regenerate, "a new version of an answer", _TURN_ANSWERS, body=RegenerateBody, body_required=False, errors=(409, 422, 504), path_params=_MESSAGE),
+    Operation("PATCH", "/v1/conversations/{id}/messages/{mid}", edit_message, "edit a user message: a new version and a new turn", _TURN_ANSWERS, body=EditBody, errors=(409, 422, 504), headers=ResumeHeaders, path_params=_MESSAGE),
+    Operation("POST", "/v1/conversations/{id}/messages/{mid}/regenerate", regenerate, "a new version of an answer", _TURN_ANSWERS, body=RegenerateBody, body_required=False, errors=(409, 422, 504), headers=ResumeHeaders, path_params=_MESSAGE),
     Operation("POST", "/v1/conversations/{id}/cancel", cancel_turn, "stop the active turn", {200: CancelAnswer, 202: CancelAnswer}, errors=(504,), path_params=_CONVERSATION),
     Operation("GET", "/v1/conversations/{id}/events", conversation_events, "the conversation's events: catch-up, then live", {200: SSE}, query=ResumeQuery, headers=ResumeHeaders, path_params=_CONVERSATION),
     Operation("GET", "/v1/conversations/{id}/log", conversation_log, "the raw event log as JSON lines", {200: NDJSON}, query=LogQuery, path_params=_CONVERSATION),

@@ -213,6 +213,50 @@ async def test_the_request_schemas_state_the_limits_the_edge_enforces(
         assert kind["schema"] == {"enum": ["project", "user"]}, kind
 
 
+async def test_the_document_names_the_headers_and_frames_the_edge_sends(
+    services: Services, http: aiohttp.ClientSession, api: SseClient
+) -> None:
+    doc = await _document(http, services.edge_url)
+    paths = doc["paths"]
+    # /metrics: the exposition version it is sent with
+    async with http.get(services.edge_url + "/metrics") as response:
+        sent = response.headers["Content-Type"]
+    version = next(p.strip() for p in sent.split(";") if p.strip().startswith("version="))
+    described = paths["/metrics"]["get"]["responses"]["200"]["description"]
+    assert version in described, (sent, described)
+    # every stream opens with `retry: 1000`, a frame without data
+    cid = (await api.create_conversation())["id"]
+    async with api.events(cid) as stream:
+        first = await stream.content.readuntil(b"\n\n")
+    assert first == b"retry: 1000\n\n", first
+    assert "data" not in doc["components"]["schemas"]["SseEvent"].get("required", [])
+    # Last-Event-ID is read wherever a turn's stream may be resumed
+    for method, path in (
+        ("get", "/v1/conversations/{id}/events"),
+        ("post", "/v1/conversations/{id}/messages"),
+        ("patch", "/v1/conversations/{id}/messages/{mid}"),
+        ("post", "/v1/conversations/{id}/messages/{mid}/regenerate"),
+    ):
+        headers = {p["name"] for p in paths[path][method]["parameters"] if p["in"] == "header"}
+        assert headers == {"Last-Event-ID"}, (method, path, headers)
+    # the headers that say when to try again, and with what
+    error = {"$ref": "#/components/schemas/ErrorBody"}
+    missing = []
+    for path, item in paths.items():
+        for method, operation in item.items():
+            for status, header in (
+                ("429", "Retry-After"),
+                ("503", "Retry-After"),
+                ("401", "WWW-Authenticate"),
+            ):
+                answer = operation["responses"].get(status)
+                if answer is None or answer["content"]["application/json"]["schema"] != error:
+                    continue  # not sent, or not an error (/readyz's 503 is its report)
+                if header not in answer.get("headers", {}):
+                    missing.append((method, path, status, header))
+    assert not missing, missing
+
+
 async def test_schemathesis_finds_no_server_error_and_every_answer_matches_the_document(
     services: Services, user: str, tmp_path: Path
 ) -> None:
