@@ -34,7 +34,7 @@ from typing import TypeVar
 import msgspec
 
 from events.billing import turn_cost
-from events.codec import Unreadable
+from events.codec import Unreadable, timestamp
 from events.subjects import account_of
 from events.vocabulary import (
     AnyEvent,
@@ -49,7 +49,6 @@ from events.vocabulary import (
     Started,
     TurnCharged,
 )
-from projections.handlers import timestamp
 
 
 class BilledTurn(msgspec.Struct):

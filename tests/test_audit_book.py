@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from events.billing import turn_cost
-from events.codec import decode_entry
+from events.codec import decode_entry, timestamp
 from events.subjects import account_of, account_subject, event_subject
 from events.vocabulary import (
     AnyEvent,
@@ -34,7 +34,6 @@ from projections.audit import (
     check,
     fold_book,
 )
-from projections.handlers import timestamp
 
 PRICES = Prices(input_price=3.0, output_price=15.0)
 PROJECT = "p1"
