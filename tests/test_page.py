@@ -341,6 +341,48 @@ async def test_editing_a_user_message_streams_a_new_turn_and_keeps_the_old_branc
     assert await answer_text(assistant(page)) == counted(3)
 
 
+async def test_a_new_turn_brings_the_view_back_to_the_branch_in_force(
+    services: Services, browsing: Browsing, api: SseClient, user: str
+) -> None:
+    tab, conversation = await signed_in_chat(browsing, services, user)
+    page = tab.page
+    await send(page, "[[tokens=3]] alpha")
+    await finished(assistant(page))
+    await assistant(page).locator("button.regen").click()
+    await expect(assistant(page).locator(".vpos")).to_have_text("2/2")
+    await finished(assistant(page))
+    await assistant(page).locator("button.prev").click()
+    await expect(assistant(page).locator(".vpos")).to_have_text("1/2")
+
+    # sent while an older answer is on screen: the server answers on the latest one
+    await send(page, "[[tokens=200]] beta")
+    users = page.locator(".msg.user .body")
+    await expect(users).to_have_text(["[[tokens=3]] alpha", "[[tokens=200]] beta"])
+    await expect(page.locator(".msg.assistant").first.locator(".vpos")).to_have_text("2/2")
+    await finished(assistant(page))
+    await expect(users).to_have_text(["[[tokens=3]] alpha", "[[tokens=200]] beta"])
+    await expect(page.locator(".msg")).to_have_count(4)
+    assert await answer_text(assistant(page)) == counted(200)
+    await tab.shot("sent-from-an-old-version")
+
+    # another client's turn, while this tab shows the old version again
+    await page.locator(".msg.assistant").first.locator("button.prev").click()
+    await expect(page.locator(".msg")).to_have_count(2)
+    await api.send_json(conversation, "[[tokens=5]] gamma from elsewhere")
+    await expect(users).to_have_text(
+        ["[[tokens=3]] alpha", "[[tokens=200]] beta", "[[tokens=5]] gamma from elsewhere"]
+    )
+    await finished(assistant(page))
+    await expect(page.locator(".msg")).to_have_count(6)
+    assert await answer_text(assistant(page)) == counted(5)
+
+    await page.reload()
+    await expect(page.locator(".msg")).to_have_count(6)
+    await expect(users).to_have_text(
+        ["[[tokens=3]] alpha", "[[tokens=200]] beta", "[[tokens=5]] gamma from elsewhere"]
+    )
+
+
 async def test_an_edit_refused_as_busy_keeps_what_was_typed_and_says_what_to_do(
     services: Services, browsing: Browsing, api: SseClient, user: str
 ) -> None:
