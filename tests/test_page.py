@@ -383,6 +383,53 @@ async def test_a_new_turn_brings_the_view_back_to_the_branch_in_force(
     )
 
 
+async def shown_messages(page: Page) -> list[tuple[str, str]]:
+    """(role, id) of every message on screen, top to bottom."""
+    shown: list[tuple[str, str]] = await page.evaluate(
+        """() => [...document.querySelectorAll('#inner .msg')].map((m) =>
+            [m.classList.contains('user') ? 'user' : 'assistant', m.dataset.id])"""
+    )
+    return [(role, mid) for role, mid in shown]
+
+
+async def test_queued_and_interrupting_turns_are_shown_in_the_conversations_order(
+    services: Services, browsing: Browsing, api: SseClient, user: str, projected: Projected
+) -> None:
+    tab, conversation = await signed_in_chat(browsing, services, user)
+    page = tab.page
+    first = await api.send_json(conversation, "[[tokens=2000]] X runs first")
+    queued = [
+        await api.send_json(conversation, f"[[tokens=20]] {name} waits", on_busy="enqueue")
+        for name in ("Y", "W")
+    ]
+    interrupting = await api.send_json(
+        conversation, "[[tokens=20]] I interrupts", on_busy="interrupt"
+    )
+    answers = page.locator('.msg.assistant[data-source="row"]:not([data-status="streaming"])')
+    await expect(answers).to_have_count(4)
+    await send(page, "[[tokens=5]] Z from the page")
+    await expect(page.locator(".msg")).to_have_count(10)
+    await finished(assistant(page))
+    await tab.shot("queued-turns")
+
+    # The history the model reads: each message followed by its answer, in the
+    # order their turns started (the interrupt ran before the two that waited).
+    await projected(conversation)
+    rows = {r["id"]: r for r in await messages(api, conversation)}
+    answer_of = {r["parent_message_id"]: r["id"] for r in rows.values() if r["role"] == "assistant"}
+    asked = [first, interrupting, *queued]
+    expected = [("user", m["message_id"]) for m in asked]
+    expected = [x for pair in ((q, ("assistant", answer_of[q[1]])) for q in expected) for x in pair]
+    assert rows[answer_of[first["message_id"]]]["status"] == "cancelled"
+    shown = await shown_messages(page)
+    assert shown[:8] == expected, (shown, expected)
+    assert [role for role, _ in shown[8:]] == ["user", "assistant"]
+
+    await page.reload()
+    await expect(page.locator(".msg")).to_have_count(10)
+    assert await shown_messages(page) == shown
+
+
 async def test_an_edit_refused_as_busy_keeps_what_was_typed_and_says_what_to_do(
     services: Services, browsing: Browsing, api: SseClient, user: str
 ) -> None:
