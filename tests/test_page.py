@@ -176,6 +176,27 @@ async def test_signing_in_with_a_token_shows_the_user_and_their_conversations(
     await tab.shot("signed-in")
 
 
+async def test_a_message_no_conversation_could_be_made_for_stays_in_the_input(
+    services: Services, browsing: Browsing
+) -> None:
+    tab = await browsing.tab()
+    page = tab.page
+    await page.goto(services.edge_url + "/")
+    await expect(page.locator("#tokstate")).to_have_text("Not signed in — paste a token to begin")
+    await send(page, "typed before signing in")
+    await expect(page.locator("#banner")).to_contain_text("Not signed in (401)")
+    await expect(page.locator("#input")).to_have_value("typed before signing in")
+
+    await page.fill("#token", "not-a-token")
+    await page.click("#tokform button[type=submit]")
+    await expect(page.locator("#banner")).to_contain_text("Not signed in (401)")
+    await page.click("#banner button")
+    await send(page, "typed with a rejected token")
+    await expect(page.locator("#banner")).to_contain_text("New chat: Not signed in (401)")
+    await expect(page.locator("#input")).to_have_value("typed with a rejected token")
+    await expect(page.locator("#convs button")).to_have_count(0)
+
+
 # ---------------------------------------------------------------- a turn
 
 
