@@ -197,6 +197,38 @@ async def test_a_message_no_conversation_could_be_made_for_stays_in_the_input(
     await expect(page.locator("#convs button")).to_have_count(0)
 
 
+async def test_the_conversation_list_goes_on_past_its_first_page(
+    services: Services, browsing: Browsing, api: SseClient, user: str
+) -> None:
+    oldest = await api.create_conversation(title="The oldest one")
+    for batch in range(4):  # 101 in all: the API gives 100 a page
+        await asyncio.gather(
+            *(api.create_conversation(title=f"Later {batch}-{i}") for i in range(25))
+        )
+    tab = await browsing.tab()
+    page = tab.page
+    await open_signed_in(tab, services.edge_url, token_for(user))
+    entries = page.locator("#convs button[data-id]")
+    await expect(entries).to_have_count(100)
+    entry = page.locator(f'#convs button[data-id="{oldest["id"]}"]')
+    await expect(entry).to_have_count(0)
+    # (a click that scrolled the list to its end would load the page by scrolling)
+    await page.locator("#convs button.more").dispatch_event("click")
+    await expect(entries).to_have_count(101)
+    await expect(entry).to_contain_text("The oldest one")
+    await expect(page.locator("#convs button.more")).to_have_count(0)
+    # a reload of the list keeps what was shown
+    await page.click("#refresh")
+    await expect(entries).to_have_count(101)
+    await entry.click()
+    await expect(page.locator("#title")).to_have_text("The oldest one")
+    # after a reload of the page, scrolling to the end of the list brings the rest
+    await page.reload()
+    await expect(entries).to_have_count(100)
+    await page.locator("#convs button.more").scroll_into_view_if_needed()
+    await expect(entries).to_have_count(101)
+
+
 # ---------------------------------------------------------------- a turn
 
 
