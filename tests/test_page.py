@@ -531,7 +531,9 @@ async def test_reloading_in_the_middle_of_an_answer_resumes_it_without_loss_or_d
 
 class CuttingProxy:
     """A TCP proxy in front of the edge that can drop every connection at once: a
-    real dropped connection, as a flaky network makes one, in the middle of a stream."""
+    real dropped connection, as a flaky network makes one, in the middle of a stream.
+    Meanwhile it can refuse new connections (`refusing`: a server that is down), or
+    answer every request itself (`answer`: raw HTTP, a server that says no)."""
 
     def __init__(self, target: str) -> None:
         parts = urlsplit(target)
@@ -540,6 +542,8 @@ class CuttingProxy:
         self.links: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self.server: asyncio.Server | None = None
         self.serving: set[asyncio.Task[Any]] = set()
+        self.refusing = False
+        self.answer: bytes | None = None
 
     async def start(self) -> str:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -564,6 +568,14 @@ class CuttingProxy:
         task = asyncio.current_task()
         assert task is not None
         self.serving.add(task)
+        if self.refusing:
+            writer.transport.abort()
+            self.serving.discard(task)
+            return
+        if self.answer is not None:
+            await self._answer(reader, writer, self.answer)
+            self.serving.discard(task)
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
         except OSError:
@@ -575,6 +587,18 @@ class CuttingProxy:
         await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
         self.links.discard(link)
         self.serving.discard(task)
+
+    @staticmethod
+    async def _answer(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answer: bytes
+    ) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(answer)
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        writer.transport.abort()
 
     @staticmethod
     async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -615,6 +639,50 @@ async def test_a_dropped_connection_resumes_from_the_last_event_id(
         # (after the turn's `done` the page also follows on from there, for the next turn)
         done_at = await event_log.last_seq(conversation)
         assert any(after < done_at for after in afters), (afters, done_at)
+    finally:
+        await proxy.close()
+
+
+_EXPIRED = b'{"error": {"code": "unauthorized", "message": "token expired"}}'
+UNAUTHORIZED = (
+    b"HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_EXPIRED), _EXPIRED)
+)
+
+
+async def test_the_status_says_connection_lost_only_while_it_is(
+    services: Services, browsing: Browsing, user: str
+) -> None:
+    proxy = CuttingProxy(services.edge_url)
+    base = await proxy.start()
+    try:
+        tab = await browsing.tab()
+        page = tab.page
+        await open_signed_in(tab, base, token_for(user))
+        await new_chat(page)
+        await send(page, "[[tokens=3]] before the server goes away")
+        await finished(assistant(page))
+        status = page.locator("#status")
+
+        proxy.refusing = True  # the server goes away, then comes back
+        assert proxy.cut() > 0
+        await expect(status).to_have_text("connection lost — reconnecting…")
+        await tab.shot("connection-lost")
+        proxy.refusing = False
+        await expect(status).to_have_text("")
+        await send(page, "[[tokens=4]] after it came back")
+        await expect(page.locator(".msg")).to_have_count(4)
+        await finished(assistant(page))
+        assert await answer_text(assistant(page)) == counted(4)
+        await expect(status).to_have_text("")
+
+        proxy.refusing = True  # and when it comes back, it no longer takes the token
+        assert proxy.cut() > 0
+        await expect(status).to_have_text("connection lost — reconnecting…")
+        proxy.answer = UNAUTHORIZED
+        proxy.refusing = False
+        await expect(page.locator("#banner")).to_contain_text("Not signed in (401)")
+        await expect(status).to_have_text("disconnected")
     finally:
         await proxy.close()
 
