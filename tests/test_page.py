@@ -483,6 +483,38 @@ async def test_queued_and_interrupting_turns_are_shown_in_the_conversations_orde
     assert await shown_messages(page) == shown
 
 
+async def twice(button: Locator) -> None:
+    """Two clicks before the page hears back from the first: a quick double click
+    (Playwright's dblclick leaves time for an answer to come in between)."""
+    await button.evaluate("(b) => { b.click(); b.click(); }")
+
+
+async def test_a_double_click_on_regenerate_or_save_asks_once(
+    services: Services, browsing: Browsing, api: SseClient, user: str, projected: Projected
+) -> None:
+    tab, conversation = await signed_in_chat(browsing, services, user)
+    page = tab.page
+    await send(page, "[[tokens=200]] the question")
+    await finished(assistant(page))
+    await twice(assistant(page).locator("button.regen"))
+    await expect(assistant(page).locator(".vpos")).to_have_text("2/2")
+    await finished(assistant(page))
+    await expect(page.locator("#banner")).to_be_hidden()
+
+    await page.locator(".msg.user button.edit").click()
+    await page.locator(".msg.user textarea.edit-input").fill("[[tokens=200]] the edit")
+    await twice(page.locator(".msg.user button.save-edit"))
+    await expect(page.locator(".msg.user .vpos")).to_have_text("2/2")
+    await finished(assistant(page))
+    assert await answer_text(assistant(page)) == counted(200)
+    await expect(page.locator(".msg.user textarea.edit-input")).to_have_count(0)
+    await expect(page.locator("#banner")).to_be_hidden()
+
+    await projected(conversation)
+    rows = await messages(api, conversation)
+    assert sorted(r["role"] for r in rows) == ["assistant"] * 3 + ["user"] * 2, rows
+
+
 async def test_an_edit_refused_as_busy_keeps_what_was_typed_and_says_what_to_do(
     services: Services, browsing: Browsing, api: SseClient, user: str
 ) -> None:
