@@ -537,6 +537,36 @@ async def test_an_edit_refused_as_busy_keeps_what_was_typed_and_says_what_to_do(
     assert status == 202, body
 
 
+async def test_another_clients_refused_request_is_shown_as_a_refusal_not_a_failed_turn(
+    services: Services, browsing: Browsing, api: SseClient, user: str, projected: Projected
+) -> None:
+    tab, conversation = await signed_in_chat(browsing, services, user)
+    page = tab.page
+    await send(page, "[[tokens=3]] one")
+    await finished(assistant(page))
+    await projected(conversation)
+    [question] = [r for r in await messages(api, conversation) if r["role"] == "user"]
+    # another client asks for a new answer to a user message: refused, nothing runs
+    status, body = await api.request(
+        "POST", f"/v1/conversations/{conversation}/messages/{question['id']}/regenerate", json={}
+    )
+    assert status == 404, body
+    refused = page.locator("#banner")
+    await expect(refused).to_contain_text("A request on this conversation was refused (not_found)")
+    await expect(refused).to_contain_text("Nothing ran")
+    await expect(page.locator("#status")).to_have_text("")
+    await tab.shot("refused-elsewhere")
+    await expect(page.locator(".msg")).to_have_count(2)
+    await finished(assistant(page))
+    await expect(assistant(page).locator("button.regen")).to_be_visible()
+    # and the conversation goes on as before
+    await send(page, "[[tokens=4]] two")
+    await expect(page.locator(".msg")).to_have_count(4)
+    await finished(assistant(page))
+    await expect(page.locator("#banner")).to_be_hidden()
+    await expect(page.locator("#status")).to_have_text("")
+
+
 # ---------------------------------------------------------------- resuming
 
 
