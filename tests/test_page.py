@@ -229,6 +229,22 @@ async def test_the_conversation_list_goes_on_past_its_first_page(
     await expect(entries).to_have_count(101)
 
 
+async def test_a_fragment_that_cannot_be_decoded_is_ignored(
+    services: Services, browsing: Browsing, api: SseClient, user: str
+) -> None:
+    created = await api.create_conversation(title="Listed all the same")
+    tab = await browsing.tab()
+    page = tab.page
+    await open_signed_in(tab, services.edge_url, token_for(user))
+    await page.goto(services.edge_url + "/#c=%E0%A4%A")
+    await page.reload()  # (a fragment-only goto does not load the page again)
+    entry = page.locator(f'#convs button[data-id="{created["id"]}"]')
+    await expect(entry).to_contain_text("Listed all the same")
+    await expect(page.locator(".empty")).to_contain_text("Pick a conversation")
+    await entry.click()
+    await expect(page.locator("#title")).to_have_text("Listed all the same")
+
+
 # ---------------------------------------------------------------- a turn
 
 
