@@ -245,6 +245,30 @@ async def test_a_fragment_that_cannot_be_decoded_is_ignored(
     await expect(page.locator("#title")).to_have_text("Listed all the same")
 
 
+async def test_new_chat_clicked_again_and_again_makes_one_conversation(
+    services: Services, browsing: Browsing, api: SseClient, user: str
+) -> None:
+    tab = await browsing.tab()
+    page = tab.page
+    await open_signed_in(tab, services.edge_url, token_for(user))
+    await expect(page.locator("#convs li")).to_have_text(["No conversations yet."])
+    await page.locator("#new").evaluate("(b) => { b.click(); b.click(); b.click(); }")
+    await expect(page.locator(".empty")).to_contain_text("No messages yet")
+    made = await page.evaluate("() => decodeURIComponent(location.hash.slice(3))")
+    await page.click("#new")  # the one open is still empty: it is the new chat
+    await expect(page.locator("#input")).to_be_focused()
+    await send(page, "[[tokens=3]] in the one new chat")
+    await finished(assistant(page))
+    status, listed = await api.request("GET", "/v1/conversations")
+    assert status == 200, listed
+    assert [c["id"] for c in listed["conversations"]] == [made], listed
+    await expect(page.locator("#convs button[data-id]")).to_have_count(1)
+
+    await page.click("#new")  # once it has messages, New chat makes another
+    await expect(page.locator(".empty")).to_contain_text("No messages yet")
+    await expect(page.locator("#convs button[data-id]")).to_have_count(2)
+
+
 # ---------------------------------------------------------------- a turn
 
 
