@@ -555,6 +555,35 @@ async def test_a_double_click_on_regenerate_or_save_asks_once(
     assert sorted(r["role"] for r in rows) == ["assistant"] * 3 + ["user"] * 2, rows
 
 
+async def test_an_earlier_branch_offers_no_edit_or_regenerate_it_would_refuse(
+    services: Services, browsing: Browsing, user: str
+) -> None:
+    tab, _ = await signed_in_chat(browsing, services, user)
+    page = tab.page
+    for text in ("[[tokens=3]] one", "[[tokens=4]] two"):
+        await send(page, text)
+        await finished(assistant(page))
+    await page.locator(".msg.assistant").first.locator("button.regen").click()
+    await expect(page.locator(".msg")).to_have_count(2)  # "two" grew from the old answer
+    await finished(assistant(page))
+    await expect(assistant(page).locator(".vpos")).to_have_text("2/2")
+
+    await assistant(page).locator("button.prev").click()
+    msgs = page.locator(".msg")
+    await expect(msgs).to_have_count(4)
+    await tab.shot("earlier-branch")
+    # the first message and its answer are in force (their groups have a latest version)
+    await expect(msgs.nth(0).locator("button.edit")).to_be_visible()
+    await expect(msgs.nth(1).locator("button.regen")).to_be_visible()
+    # what grew from the old answer is not: the server would refuse both (409 superseded)
+    for later in (msgs.nth(2), msgs.nth(3)):
+        await expect(later.locator("button.edit, button.regen")).to_have_count(0)
+        await expect(later.locator(".offbranch")).to_have_text("earlier branch")
+    await msgs.nth(1).locator("button.next").click()
+    await expect(msgs).to_have_count(2)
+    await expect(page.locator(".offbranch")).to_have_count(0)
+
+
 async def test_an_edit_refused_as_busy_keeps_what_was_typed_and_says_what_to_do(
     services: Services, browsing: Browsing, api: SseClient, user: str
 ) -> None:
