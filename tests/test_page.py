@@ -852,6 +852,62 @@ async def test_two_tabs_on_one_conversation_see_the_same_turn_and_either_can_sto
     await first.shot("stopped-by-the-other-tab")
 
 
+LEFT_TO_RIGHT = """([selector, word]) => {
+    // whether `word`, in a text node of what `selector` finds, is laid out left to right
+    const e = document.querySelector(selector);
+    if (!e) return false;
+    const walker = document.createTreeWalker(e, NodeFilter.SHOW_TEXT);
+    for (let n; (n = walker.nextNode()); ) {
+        const i = n.data.indexOf(word);
+        if (i < 0) continue;
+        const left = (k) => {
+            const r = document.createRange();
+            r.setStart(n, k);
+            r.setEnd(n, k + 1);
+            return r.getBoundingClientRect().left;
+        };
+        return left(i) < left(i + word.length - 1);
+    }
+    return false;
+}"""
+
+
+async def left_to_right(page: Page, selector: str, word: str) -> None:
+    await page.wait_for_function(LEFT_TO_RIGHT, arg=[selector, word], timeout=20_000)
+
+
+async def test_an_override_character_turns_around_nothing_after_its_text(
+    services: Services, browsing: Browsing, api: SseClient, user: str
+) -> None:
+    status, created = await api.request("POST", "/v1/projects", json={"name": "\u202eevil"})
+    assert status == 201, created
+    conversation = await api.create_conversation(project_id=created["id"])
+    tab = await browsing.tab()
+    page = tab.page
+    await open_signed_in(tab, services.edge_url, token_for(user), conversation["id"])
+    entry = page.locator(f'#convs button[data-id="{conversation["id"]}"]')
+    await expect(entry.locator(".c-meta")).to_contain_text("0 messages")
+    await left_to_right(page, f'#convs button[data-id="{conversation["id"]}"] .c-meta', "messages")
+    await expect(page.locator("#meta-scope")).to_contain_text("Project:")
+    await left_to_right(page, "#meta-scope", "Project")
+
+    await page.click("#new")  # a personal one: the project has no credits
+    await expect(page.locator("#meta-scope")).to_have_text("Personal")
+    await expect(page.locator(".empty")).to_contain_text("No messages yet")
+    await send(page, "[[tokens=3]] \u202ereversed by its writer")
+    await finished(assistant(page))
+    entry = page.locator("#convs button.active")
+    body = page.locator(".msg.user .body")
+    await expect(body).to_have_attribute("dir", "auto")
+    await expect(assistant(page).locator(".body > .text")).to_have_attribute("dir", "auto")
+    await expect(page.locator("#title")).to_have_attribute("dir", "auto")
+    await expect(entry.locator(".c-title")).to_have_attribute("dir", "auto")
+    for isolate in (body, page.locator("#title"), entry.locator(".c-title")):
+        style = await isolate.evaluate("(e) => getComputedStyle(e).unicodeBidi")
+        assert style == "isolate", style
+    await tab.shot("bidi-override")
+
+
 # ---------------------------------------------------------------- projects and billing
 
 
