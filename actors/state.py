@@ -11,6 +11,7 @@ produce events are in `actors.decide`.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator
 from typing import Literal
 
@@ -170,6 +171,23 @@ class Conversation(msgspec.Struct, frozen=True):
     @property
     def busy(self) -> bool:
         return self.active is not None or bool(self.queue)
+
+
+def state_bytes(state: Conversation) -> int:
+    """About how much memory a folded conversation holds: its messages' text (which
+    is most of it: every answer in full) and the ids it remembers. `sys.getsizeof`
+    of a string is its real size, known without reading it."""
+    size = _STATE_OVERHEAD + _ID_BYTES * (len(state.commands_seen) + len(state.commands_done))
+    for m in state.messages:
+        size += _MESSAGE_OVERHEAD + sys.getsizeof(m.text)
+        size += sum(_MESSAGE_OVERHEAD + sys.getsizeof(b.content) for b in m.blocks)
+    return size
+
+
+# rough costs of what is not text: a Struct and its fields, an id in a frozenset
+_STATE_OVERHEAD = 1_000
+_MESSAGE_OVERHEAD = 200
+_ID_BYTES = 120
 
 
 # ---------------------------------------------------------------- fold

@@ -31,7 +31,7 @@ from nats.js import JetStreamContext, api
 from actors.actor import ConversationActor, Inbox, Settlement
 from actors.command_feed import CommandFeed
 from actors.partitions import PartitionLeases
-from actors.state import Conversation
+from actors.state import Conversation, state_bytes
 from actors.turn import ActorContext
 from events.codec import decode_command
 from events.errors import describe
@@ -92,6 +92,45 @@ class _Running:
         self.inbox: Inbox = asyncio.Queue()
 
 
+class IdleStates:
+    """Folded states of conversations whose actor went idle, newest last: a new actor
+    starts from one and reads only what was appended since, not the whole log.
+
+    Bounded by count and by memory (`state_bytes`): a state holds every answer of
+    its conversation in full, and 2,000 of them kept by count alone held 60 MB
+    for sixty conversations of one 1 MB answer each, for as long as 2,000 newer
+    ones had not come. The oldest go first; a state larger than the whole budget
+    is not kept (its next actor folds the log, as after a restart)."""
+
+    def __init__(self, *, count: int, max_bytes: int) -> None:
+        self._kept: OrderedDict[str, tuple[Conversation, int, int]] = OrderedDict()
+        self._count = count
+        self._max_bytes = max_bytes
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def keep(self, conversation_id: str, state: Conversation, seq: int) -> None:
+        self.take(conversation_id)
+        size = state_bytes(state)
+        if size > self._max_bytes:
+            return
+        self._kept[conversation_id] = (state, seq, size)
+        self.bytes += size
+        while len(self._kept) > self._count or self.bytes > self._max_bytes:
+            _, (_, _, dropped) = self._kept.popitem(last=False)
+            self.bytes -= dropped
+
+    def take(self, conversation_id: str) -> tuple[Conversation, int] | None:
+        """The state kept for `conversation_id` and its log position, no longer kept."""
+        kept = self._kept.pop(conversation_id, None)
+        if kept is None:
+            return None
+        self.bytes -= kept[2]
+        return kept[0], kept[1]
+
+
 class WorkerHost:
     def __init__(
         self,
@@ -103,6 +142,7 @@ class WorkerHost:
         lease_ttl_s: float = 15.0,
         grace_s: float = 10.0,
         states_kept: int = 2_000,
+        states_max_bytes: int = 128 * 1024 * 1024,
         replicas: int = 1,
     ) -> None:
         self._js = js
@@ -115,11 +155,7 @@ class WorkerHost:
         self._actors: dict[str, _Running] = {}
         self._loops: dict[int, asyncio.Task[None]] = {}
         self._pending: set[Delivery] = set()
-        # Folded states of conversations whose actor went idle: a new actor
-        # starts from here and reads only what was appended since (no refold from
-        # event 1 of a long conversation).
-        self._states: OrderedDict[str, tuple[Conversation, int]] = OrderedDict()
-        self._states_kept = states_kept
+        self.idle_states = IdleStates(count=states_kept, max_bytes=states_max_bytes)
         self.leases = PartitionLeases(
             js, ctx.worker_id, partitions, ttl_s=lease_ttl_s, replicas=replicas
         )
@@ -298,7 +334,7 @@ class WorkerHost:
                 self._start_actor(cid, tasks).inbox.put_nowait((None, None))
 
     def _start_actor(self, conversation_id: str, tasks: asyncio.TaskGroup) -> _Running:
-        cached = self._states.pop(conversation_id, None)
+        cached = self.idle_states.take(conversation_id)
         actor = ConversationActor(
             conversation_id,
             self._ctx,
@@ -326,7 +362,7 @@ class WorkerHost:
             if self._actors.get(cid) is running:
                 del self._actors[cid]
             if actor.idle and actor.state.active is None and actor.state.exists:
-                self._keep_state(actor)
+                self.idle_states.keep(actor.conversation_id, actor.state, actor.writer.seq)
             # Every unsettled command of this conversation is this actor's (the next
             # actor can only start after the removal above): waiting in its inbox,
             # held for its turn, or in its hands when it was stopped (a partition
@@ -340,12 +376,6 @@ class WorkerHost:
             for delivery in leftovers:
                 with contextlib.suppress(nats.errors.Error):
                     await asyncio.shield(delivery.nak())
-
-    def _keep_state(self, actor: ConversationActor) -> None:
-        self._states[actor.conversation_id] = (actor.state, actor.writer.seq)
-        self._states.move_to_end(actor.conversation_id)
-        while len(self._states) > self._states_kept:
-            self._states.popitem(last=False)
 
     async def _stop(self, tasks: asyncio.TaskGroup, fetching: asyncio.Event) -> None:
         """Let running turns finish within the grace period, then cut the rest.
