@@ -41,8 +41,8 @@ from events.broker import connect
 from events.codec import Unreadable
 from events.errors import EventLogUnavailable
 from events.log import EventLog, StoredEvent, ensure_streams
-from events.subjects import CMD_STREAM, EVT_STREAM
-from events.vocabulary import Chunk, Done, Failed, Started
+from events.subjects import CMD_STREAM, EVT_STREAM, account_subject
+from events.vocabulary import Chunk, Done, Failed, Started, TurnCharged
 from parley.cluster import NatsCluster
 from parley.demo_model import DemoConfig, start_demo_model
 from parley.services import Servers, ServiceOptions, Services
@@ -273,6 +273,15 @@ async def test_killing_the_stream_leader_mid_turn_loses_nothing_and_everything_c
             got = [(e.id, e.raw) for e in viewer.seen]
             assert got == want, f"viewer of {viewer.cid}: {first_difference(got, want)}"
 
+        # every turn charged: a charge the log refused in the failover is made when
+        # the turn's command, handed back for it, comes again (a second or more later)
+        account = account_subject(f"project:{project['id']}")
+        async with asyncio.timeout(60):
+            while True:
+                charged = await event_log.read_subject(account)
+                if sum(isinstance(s.event, TurnCharged) for s in charged) >= CONVERSATIONS + 2:
+                    break
+                await asyncio.sleep(0.2)
         # the billing audit: the projection caught up with the log, then the CLI checks it
         head = (await js.stream_info(EVT_STREAM)).state.last_seq
         for projector in projecting.projectors.values():
