@@ -22,6 +22,7 @@ from collections.abc import Callable
 import msgspec
 
 from events.billing import AccountState, evolve_account, turn_cost
+from events.codec import decode_entry
 from events.errors import EventLogConflict
 from events.log import EventLog
 from events.subjects import account_subject
@@ -158,10 +159,21 @@ class Accounts:
         raise EventLogConflict(account, -1, "the account kept moving; try again")
 
     async def _load(self, account: str) -> tuple[AccountState, int]:
+        """The account as its subject now says: the cached state, and what follows it.
+
+        Read and folded a batch at a time, so a long subject (a busy account
+        loaded after a restart, or after it left the cache) lets the worker's
+        other work in between batches instead of holding its loop for all of it.
+        """
         state, seq = self._states.pop(account, (AccountState(account=account), 0))
-        for stored in await self._log.read_subject(account_subject(account), after=seq):
-            state = evolve_account(state, stored.event)
-            seq = stored.seq
+        subject = account_subject(account)
+        while True:
+            batch, pending = await self._log.read_events(subject, seq)
+            for entry in batch:
+                state = evolve_account(state, decode_entry(entry.data))
+                seq = entry.seq
+            if not batch or pending == 0:
+                break
         self._keep(account, state, seq)
         return state, seq
 

@@ -1,0 +1,178 @@
+"""An account's fold on a busy account: a charge costs the same at its 50,000th turn
+as at its first, a turn is still charged once however long ago it was, and a
+long account subject is loaded without holding the worker's loop for all of it.
+
+The fold tests are pure; the load reads a real account subject in the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import itertools
+import statistics
+import time
+from typing import Any
+
+import pytest
+
+import actors.billing
+from actors.billing import Accounts, Usage, decide_charge, decide_reservation
+from events.billing import AccountState, ChargedTurns, evolve_account
+from events.ids import new_id
+from events.log import EventLog
+from events.subjects import account_subject
+from events.vocabulary import CreditsGranted, CreditsReserved, Prices, TurnCharged
+
+ACCOUNT = "project:busy"
+PRICES = Prices(input_price=3.0, output_price=15.0)
+
+
+def reserved(turn_id: str, amount: int = 5_250, account: str = ACCOUNT) -> CreditsReserved:
+    return CreditsReserved(
+        conversation_id="c",
+        at=1,
+        event_id=new_id(),
+        account=account,
+        turn_id=turn_id,
+        amount=amount,
+    )
+
+
+def charged(turn_id: str, cost: int = 100, account: str = ACCOUNT) -> TurnCharged:
+    return TurnCharged(
+        conversation_id="c",
+        at=2,
+        event_id=new_id(),
+        account=account,
+        turn_id=turn_id,
+        cost=cost,
+        reserved=5_250,
+        input_tokens=10,
+        output_tokens=5,
+        input_price=PRICES.input_price,
+        output_price=PRICES.output_price,
+    )
+
+
+def fold(state: AccountState, *events: Any) -> AccountState:
+    for event in events:
+        state = evolve_account(state, event)
+    return state
+
+
+def test_a_charge_costs_as_much_to_fold_at_the_50000th_turn_as_at_the_first() -> None:
+    turns, batch, factor = 50_000, 1_000, 4
+    events = [charged(f"turn-{i}") for i in range(turns)]  # made first: only folds are timed
+    state = AccountState(account=ACCOUNT)
+    costs: list[int] = []
+    gc.disable()  # a collection landing in one batch is not the fold's cost
+    try:
+        for start in range(0, turns, batch):
+            began = time.perf_counter_ns()
+            for event in events[start : start + batch]:
+                state = evolve_account(state, event)
+            costs.append(time.perf_counter_ns() - began)
+            if len(costs) >= 10:  # fail as soon as the cost clearly grows with the turns
+                first, last = statistics.median(costs[:5]), statistics.median(costs[-5:])
+                assert last <= factor * first, (
+                    f"{batch} charges cost {last / first:.1f}x as much to fold at "
+                    f"{start + batch} turns as at the first {5 * batch}"
+                )
+    finally:
+        gc.enable()
+    assert state.charged == 100 * turns and len(state.charged_turns) == turns
+
+
+def test_a_turn_charged_long_ago_is_still_charged_once_and_holds_nothing_more() -> None:
+    state = fold(
+        AccountState(account=ACCOUNT),
+        CreditsGranted(conversation_id="", at=0, event_id=new_id(), account=ACCOUNT, amount=10**9),
+        reserved("first"),
+        charged("first", cost=700),
+        *(charged(f"turn-{i}") for i in range(20_000)),
+    )
+    # a retry's second charge, a reservation after the charge, a charge of a turn
+    # charged with no hold (its worker died before reserving): each moves nothing
+    for late in (charged("first", cost=900), reserved("first"), charged("turn-0", cost=5)):
+        assert evolve_account(state, late) is state
+    assert state.charged == 700 + 100 * 20_000 and state.holds == ()
+    usage = Usage(input_tokens=1, output_tokens=1, estimated=False, end="done")
+    assert decide_charge(state, "first", "c", PRICES, usage, 3, new_id) is None
+    assert decide_reservation(state, "first", "c", 5_250, 3, new_id) is None
+
+    # a new turn is held and charged as ever, once
+    held = evolve_account(state, reserved("new"))
+    assert held.hold_of("new") == 5_250 and held.reserved == 5_250
+    settled = fold(held, charged("new", cost=40), charged("new", cost=40), reserved("new"))
+    assert settled.charged == state.charged + 40 and settled.holds == ()
+    assert settled.events == state.events + 2
+
+
+def test_every_version_of_an_account_sees_only_its_own_charges() -> None:
+    """The versions share one index of charged turns: still, each sees exactly the
+    turns of its own history, as with a set copied on every charge."""
+    base = fold(AccountState(account=ACCOUNT), charged("a"), charged("b"))
+    newer = fold(base, charged("c"), charged("d"))
+    assert "c" not in base.charged_turns and base.charged_turns == {"a", "b"}
+    assert newer.charged_turns == {"a", "b", "c", "d"}
+
+    # the same history folded again from the older version (a load reading a
+    # charge this worker already folded) sees what the newer one saw
+    again = fold(base, charged("c"))
+    assert "c" in again.charged_turns and "d" not in again.charged_turns
+
+    # an older version taking another path does not see the newer one's turns,
+    # nor they its own
+    other = fold(base, charged("x"), charged("c"))
+    assert other.charged_turns == {"a", "b", "x", "c"} and "d" not in other.charged_turns
+    assert "x" not in newer.charged_turns and "x" not in again.charged_turns
+    assert fold(newer, charged("x")).charged == newer.charged + 100
+    assert fold(other, charged("d")).charged == other.charged + 100
+    assert fold(other, charged("c")) is other
+
+    assert base.charged_turns.with_turn("a") is base.charged_turns
+
+    # equal by their turns, as frozensets are
+    assert ChargedTurns(["a", "b"]) == base.charged_turns == frozenset({"b", "a"})
+    assert base == fold(AccountState(account=ACCOUNT), charged("a"), charged("b"))
+
+
+async def test_a_long_account_subject_is_loaded_without_holding_the_loop(
+    event_log: EventLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    account = f"project:{new_id()}"
+    events: list[Any] = []
+    for i in range(1_000):
+        events += [reserved(f"turn-{i}", account=account), charged(f"turn-{i}", account=account)]
+    seq = 0
+    for start in range(0, len(events), 400):
+        seq = await event_log.append_to(account_subject(account), events[start : start + 400], seq)
+
+    folded = 0
+
+    def counted(state: AccountState, event: Any) -> AccountState:
+        nonlocal folded
+        folded += 1
+        return evolve_account(state, event)
+
+    monkeypatch.setattr(actors.billing, "evolve_account", counted)
+    marks = [0]  # how many entries were folded each time the loop's other work ran
+
+    async def other_work() -> None:
+        while True:
+            await asyncio.sleep(0)
+            marks.append(folded)
+
+    accounts = Accounts(event_log, time.time_ns, new_id)
+    watcher = asyncio.create_task(other_work())
+    try:
+        state = await accounts.state(account)
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+    marks.append(folded)
+    assert state == fold(AccountState(account=account), *events)
+    assert folded == len(events)
+    longest = max(b - a for a, b in itertools.pairwise(marks))
+    assert longest < len(events) // 2, f"{longest} entries folded with no other work let in"
