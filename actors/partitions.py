@@ -31,7 +31,7 @@ from collections.abc import Callable
 import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext, api
-from nats.js.kv import KeyValue
+from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 
 from events.errors import describe
 from events.subjects import partition_of
@@ -39,6 +39,12 @@ from events.subjects import partition_of
 log = logging.getLogger(__name__)
 
 BUCKET = "parley_workers"
+_STREAM = f"KV_{BUCKET}"  # the stream that holds a bucket's entries
+# Every worker's presence key, `worker.<id>`; an id may hold dots (a host name).
+_PRESENCES = f"$KV.{BUCKET}.worker.>"
+# The header of markers the server writes itself (nats-server 2.11+), named here:
+# older nats-py releases lack the constant.
+_MARKER_REASON = "Nats-Marker-Reason"
 
 # What the bucket's requests raise while NATS is away or the bucket's stream
 # elects a new leader (a node died): a tick that meets one is tried again.
@@ -252,11 +258,35 @@ class PartitionLeases:
             )
 
     async def _live_workers(self) -> int:
-        try:
-            keys = await self.kv.keys()
-        except nats.js.errors.NoKeysError:
-            return 1
-        return max(1, sum(key.startswith("worker.") for key in keys))
+        """The workers whose presence key holds a value: one that stopped left a delete
+        marker, one that died has none left (the bucket's age limit removed it).
+
+        Asked of the bucket's stream in plain requests, the presences it holds and the
+        latest entry of each, not with `kv.keys()`: that made a consumer on the stream
+        at every tick, which nats-py only unsubscribes from, so the server kept each
+        for 5 minutes (measured: some 100 per idle worker, 1,600 for 16 workers).
+        """
+        info = await self._js.stream_info(_STREAM, subjects_filter=_PRESENCES)
+        subjects = list(info.state.subjects or {})
+        outcomes = await asyncio.gather(
+            *(self._js.get_last_msg(_STREAM, subject) for subject in subjects),
+            return_exceptions=True,
+        )
+        live = 0
+        for outcome in outcomes:
+            if isinstance(outcome, nats.js.errors.NotFoundError):
+                continue  # expired since it was listed
+            if isinstance(outcome, BaseException):
+                raise outcome
+            live += _holds_value(outcome.headers or {})
+        return max(1, live)
+
+
+def _holds_value(headers: dict[str, str]) -> bool:
+    """Whether a key's latest entry is a value rather than the marker of a delete or
+    purge (KV-Operation) or of the server's own removal (Nats-Marker-Reason, on
+    buckets that keep such markers)."""
+    return headers.get(KV_OP) not in (KV_DEL, KV_PURGE) and _MARKER_REASON not in headers
 
 
 def _key(partition: int) -> str:

@@ -666,6 +666,59 @@ async def test_an_append_after_the_leases_lapsed_waits_for_a_renewal_that_says_w
             await kv.delete(f"partition.{taken}")
 
 
+async def test_lease_ticks_leave_no_consumers_behind_and_count_only_live_workers(
+    own_nc: NatsClient,
+) -> None:
+    """Each tick counts the live workers to know its fair share. Counting with
+    `kv.keys()` made a consumer on the bucket's stream every tick that the server kept
+    for 5 minutes (some 100 per idle worker); the count must still leave out a worker
+    that stopped (its presence deleted), one whose presence was purged and one that
+    died (its presence expired)."""
+    js = own_nc.jetstream()
+    kv = await js.key_value(LEASES_BUCKET)
+    await _until_bucket_empty(js)  # leases and presences of the tests before, lapsed
+    one, two, purged, dead = (
+        PartitionLeases(js, f"{name}-worker", PARTITIONS)
+        for name in ("one", "two", "purged", "dead")
+    )
+    for leases in (one, two, purged, dead):
+        await leases.open()
+
+    def idle(partition: int) -> bool:
+        return False
+
+    try:
+        before = (await js.stream_info(f"KV_{LEASES_BUCKET}")).state.consumer_count
+        for _ in range(10):
+            await one.tick(idle)
+            await two.tick(idle)
+        after = (await js.stream_info(f"KV_{LEASES_BUCKET}")).state.consumer_count
+        assert after == before, f"20 ticks left {after - before} consumers on the bucket"
+        assert len(one.owned) == len(two.owned) == PARTITIONS // 2, (one.owned, two.owned)
+
+        await two.release_all()  # stopped: its presence deleted (a marker stays behind)
+        await one.tick(idle)
+        assert len(one.owned) == PARTITIONS, sorted(one.owned)
+
+        await purged.tick(idle)  # announces itself; an operator purges its presence
+        await one.tick(idle)
+        assert len(one.owned) == PARTITIONS // 2, sorted(one.owned)
+        await kv.purge(f"worker.{purged.worker_id}")
+        await one.tick(idle)
+        assert len(one.owned) == PARTITIONS, sorted(one.owned)
+
+        await dead.tick(idle)  # announces itself, then dies: its presence expires
+        await one.tick(idle)
+        assert len(one.owned) == PARTITIONS // 2, sorted(one.owned)
+        async with asyncio.timeout(4 * LEASE_TTL_S):
+            while len(one.owned) < PARTITIONS:
+                await asyncio.sleep(one.renew_every_s)
+                await one.tick(idle)
+    finally:
+        for leases in (one, two, purged, dead):
+            await leases.release_all()
+
+
 def worker_process(servers: Servers, model_url: str) -> subprocess.Popen[bytes]:
     """`parley serve --role worker` as a process of its own, on these servers."""
     env = {
@@ -694,6 +747,18 @@ async def _until_lapsed(kv: KeyValue, *partitions: int) -> None:
                 except nats.js.errors.NotFoundError:
                     break
                 await asyncio.sleep(0.1)
+
+
+async def _until_bucket_empty(js: JetStreamContext) -> None:
+    """Until the lease bucket holds nothing: no lease, presence or delete marker."""
+    async with asyncio.timeout(4 * LEASE_TTL_S):
+        while True:
+            info = await js.stream_info(
+                f"KV_{LEASES_BUCKET}", subjects_filter=f"$KV.{LEASES_BUCKET}.>"
+            )
+            if not info.state.subjects:
+                return
+            await asyncio.sleep(0.1)
 
 
 def _conversation_in(partition: int) -> str:
