@@ -13,13 +13,13 @@ I/O, request parsing.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import msgspec
 from aiohttp import web
 
 from events.codec import timestamp
-from projections.store import MessageRow
+from projections.store import MessageFields, MessageRow
 
 # Every time the edge answers with is in this one form (`instant`).
 Timestamp = Annotated[
@@ -111,34 +111,12 @@ class ConversationList(msgspec.Struct, frozen=True):
     next: str | None = None
 
 
-class MessageView(msgspec.Struct, frozen=True):
+class MessageView(MessageFields, frozen=True):
     """A message as the API shows it: its row (projections.store.MessageRow), times as
     `Timestamp`s."""
 
-    id: str
-    conversation_id: str
-    role: str
-    content: list[dict[str, Any]]
-    status: str
-    turn_id: str | None
-    parent_message_id: str | None
-    version_group_id: str
-    version_number: int
-    is_latest: bool
-    is_fork_origin: bool
-    model: str | None
-    input_tokens: int | None
-    output_tokens: int | None
-    stop_reason: str | None
-    error_code: str | None
-    error_message: str | None
-    seq: int
     created_at: Timestamp
     updated_at: Timestamp
-    # the turn's tool cards, in call order: {id, name, arguments, raw_arguments?,
-    # result, error, duration_ms}; duration_ms None while the call is pending
-    tool_calls: list[dict[str, Any]]
-    latency_ms: int | None  # the turn's start to its end, from event timestamps
 
     @classmethod
     def of(cls, row: MessageRow) -> MessageView:

@@ -73,7 +73,10 @@ class ConversationRow(msgspec.Struct, frozen=True):
     last_seq: int
 
 
-class MessageRow(msgspec.Struct, frozen=True):
+class MessageFields(msgspec.Struct, frozen=True):
+    """A message's columns but its times: `MessageRow` adds them as Postgres holds
+    them, the edge's answer (api.responses.MessageView) as it says times."""
+
     id: str
     conversation_id: str
     role: str
@@ -92,12 +95,15 @@ class MessageRow(msgspec.Struct, frozen=True):
     error_code: str | None
     error_message: str | None
     seq: int
-    created_at: dt.datetime
-    updated_at: dt.datetime
     # the turn's tool cards, in call order: {id, name, arguments, raw_arguments?,
     # result, error, duration_ms}; duration_ms None while the call is pending
     tool_calls: list[dict[str, Any]]
     latency_ms: int | None  # the turn's start to its end, from event timestamps
+
+
+class MessageRow(MessageFields, frozen=True):
+    created_at: dt.datetime
+    updated_at: dt.datetime
 
 
 class ProjectRow(msgspec.Struct, frozen=True):
