@@ -355,6 +355,7 @@ def decide_billing_rejected(
         account=account,
         needed=needed,
         available=available,
+        idle=not state.queue,
     )
 
 
@@ -398,6 +399,7 @@ def decide_done(
         input_tokens=totals.input_tokens,
         output_tokens=totals.output_tokens,
         tokens_estimated=totals.estimated,
+        idle=not state.queue,
     )
 
 
@@ -416,6 +418,7 @@ def decide_failed(
         input_tokens=totals.input_tokens,
         output_tokens=totals.output_tokens,
         tokens_estimated=totals.estimated,
+        idle=not state.queue,
     )
 
 
@@ -435,6 +438,7 @@ def decide_cancelled(
         input_tokens=totals.input_tokens,
         output_tokens=totals.output_tokens,
         tokens_estimated=totals.estimated,
+        idle=not state.queue,
     )
 
 

@@ -83,10 +83,13 @@ class Delivery(msgspec.Struct, gc=False):
     ends_turn: bool
     started: str | None
     ended: str | None
-    # For a turn end the hub delivers live: nothing followed it in the log and no
-    # turn ran when the hub looked (a viewer without a turn filter then ends). A
-    # refusal says so itself, as its actor saw it (`CommandRejected.idle`).
+    # For a turn end the hub delivers live: no other turn waits (a viewer without a
+    # turn filter then ends). An end or a refusal says so itself, as its actor saw
+    # it (`idle` of the event: every edge reads the same); for one written before
+    # that was recorded, the hub looks: nothing followed it in the log, no turn ran.
     idle_after: bool | None = None
+    # the event's own word on it (None: it has none, and the hub looked)
+    stated_idle: bool | None = None
 
     @classmethod
     def of(cls, stored: StoredEvent) -> Delivery:
@@ -98,6 +101,7 @@ class Delivery(msgspec.Struct, gc=False):
             for i, envelope in enumerate(pieces)
         )
         event = stored.event
+        stated = event.idle if isinstance(event, CommandRejected | TurnEnd) else None
         return cls(
             stored=stored,
             pieces=frames,
@@ -105,7 +109,8 @@ class Delivery(msgspec.Struct, gc=False):
             ends_turn=any(e.event == "done" for e in pieces),
             started=event.turn_id if isinstance(event, Started) else None,
             ended=event.turn_id if isinstance(event, TurnEnd) else None,
-            idle_after=event.idle if isinstance(event, CommandRejected) else None,
+            idle_after=stated,
+            stated_idle=stated,
         )
 
     @property

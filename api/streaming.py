@@ -279,9 +279,14 @@ async def _catch_up(
         viewer.note(delivery)
         if viewer.turn is None and delivery.ends_turn and idle_after is None:
             # from the log or the ring: idle only if it is the last the hub had seen
-            # and, looking now, nothing followed and no turn runs
-            idle_after = delivery.seq >= snapshot.head and await _idle_after(
-                app, conversation_id, delivery.seq
+            # and then by its own word, or, for an end that has none, if looking now
+            # nothing followed and no turn runs (a viewer catching up over an end
+            # that turns followed goes on through it in one stream)
+            stated = delivery.stated_idle
+            idle_after = delivery.seq >= snapshot.head and (
+                stated
+                if stated is not None
+                else await _idle_after(app, conversation_id, delivery.seq)
             )
         if not viewer.admits(delivery, idle_after):
             return
@@ -298,14 +303,13 @@ async def _catch_up(
     if after < snapshot.floor:
         async for stored in read_range(app[LOG], conversation_id, after, snapshot.floor):
             delivery = Delivery.of(stored)
-            await write(delivery, delivery.idle_after)
+            await write(delivery, _refusals_word(delivery))
             if viewer.ended.done():
                 return
     for delivery in snapshot.ring:
-        # what the hub found live of a turn's end is looked at again; a refusal's
-        # own word (`CommandRejected.idle`) stands
-        refusal = isinstance(delivery.stored.event, CommandRejected)
-        await write(delivery, delivery.idle_after if refusal else None)
+        # what the hub found live of a turn's end is looked at again (a later turn
+        # may follow it now); a refusal's own word (`CommandRejected.idle`) stands
+        await write(delivery, _refusals_word(delivery))
         if viewer.ended.done():
             return
     pending = viewer.pending
@@ -321,6 +325,11 @@ async def _catch_up(
     # No await between the queue running dry and going live: the hub writes from here on.
     viewer.live = True
     viewer.pending = None
+
+
+def _refusals_word(delivery: Delivery) -> bool | None:
+    """A refusal's own word on whether the conversation was idle; None for the rest."""
+    return delivery.idle_after if isinstance(delivery.stored.event, CommandRejected) else None
 
 
 async def _idle_after(app: web.Application, conversation_id: str, seq: int) -> bool:

@@ -160,6 +160,11 @@ class Done(Event, tag="done", frozen=True):
     output_tokens: int
     tokens_estimated: bool = False
     content_parts: int = 0  # > 0: the content is in that many content_part events before this
+    # No other turn waited to run when it ended (the actor's state as the end was
+    # decided, so every viewer, on any edge, reads the same from the log: a viewer of
+    # the whole conversation ends its stream here or goes on); None in logs written
+    # before it was recorded. Every turn end carries it.
+    idle: bool | None = None
 
 
 class Cancelled(Event, tag="cancelled", frozen=True):
@@ -170,6 +175,7 @@ class Cancelled(Event, tag="cancelled", frozen=True):
     output_tokens: int = 0
     tokens_estimated: bool = False
     content_parts: int = 0
+    idle: bool | None = None  # as a `done`'s
 
 
 class Failed(Event, tag="failed", frozen=True):
@@ -181,6 +187,7 @@ class Failed(Event, tag="failed", frozen=True):
     output_tokens: int = 0
     tokens_estimated: bool = False
     content_parts: int = 0
+    idle: bool | None = None  # as a `done`'s
 
 
 class BillingRejected(Event, tag="billing_rejected", frozen=True):
@@ -189,6 +196,7 @@ class BillingRejected(Event, tag="billing_rejected", frozen=True):
     account: str
     needed: int  # micro-credits
     available: int
+    idle: bool | None = None  # as a `done`'s
 
 
 class Title(Event, tag="title", frozen=True):

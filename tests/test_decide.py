@@ -22,6 +22,7 @@ from actors.decide import (
     ModelChoice,
     Rejected,
     TurnTotals,
+    decide_billing_rejected,
     decide_cancelled,
     decide_done,
     decide_failed,
@@ -59,6 +60,7 @@ from events.vocabulary import (
     Done,
     EditMessage,
     Event,
+    Failed,
     OnBusy,
     Prices,
     Regenerate,
@@ -399,6 +401,7 @@ def test_a_turn_with_tool_calls_is_stored_as_merged_blocks() -> None:
         stop_reason="stop",
         input_tokens=812,
         output_tokens=64,
+        idle=True,  # nothing waits behind it
     ), f"saw {done!r}"
 
     state = evolve(state, done)
@@ -705,6 +708,24 @@ def test_a_queued_turn_sees_the_answer_to_the_message_queued_before_it() -> None
         ("assistant", "to Y1"),
         ("user", "Y2"),
     ]
+
+
+def test_a_turns_end_says_whether_another_turn_waits_behind_it() -> None:
+    """Read by every edge from the log, the same for all: a viewer of the whole
+    conversation goes on into the next turn or ends its stream."""
+    totals = TurnTotals(1, 1)
+
+    def ends(state: Conversation) -> list[Done | Cancelled | Failed | BillingRejected]:
+        return [
+            decide_done(state, "stop", totals, NOW, Ids("d")),
+            decide_cancelled(state, "user", totals, NOW, Ids("c")),
+            decide_failed(state, "model_error", "boom", totals, NOW, Ids("f")),
+            decide_billing_rejected(state, "project:p", 10, 0, NOW, Ids("b")),
+        ]
+
+    state, _ = started_turn("A")
+    assert [end.idle for end in ends(state)] == [True] * 4
+    assert [end.idle for end in ends(queue(state, "waiting", 2))] == [False] * 4
 
 
 def test_an_interrupt_reads_what_was_answered_not_the_messages_still_waiting() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from typing import cast
 
+import msgspec
 from nats.aio.client import Client as NatsClient
 
 from api.hub import Delivery, Hubs, HubSettings, Subscription, opens_turn, turn_state, watch
@@ -273,3 +274,55 @@ async def test_no_record_is_waited_for_after_a_turns_end_and_none_for_ever(
     # after an end, or a title the user set, nothing is coming: a long wait returns at once
     async with asyncio.timeout(1):
         assert await turn_state(event_log, turns, cid, 30.0) == (renamed, None)
+
+
+class Noting(Collecting):
+    """A viewer of the whole conversation that notes what the hub says after each end."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__(after)
+        self.idle_after: dict[int, bool | None] = {}
+
+    def take(self, delivery: Delivery) -> None:
+        super().take(delivery)
+        if delivery.ends_turn:
+            self.idle_after[delivery.seq] = delivery.idle_after
+
+
+async def test_every_edge_reads_from_the_end_itself_whether_turns_wait(
+    stack: Servers, nc: NatsClient, event_log: EventLog
+) -> None:
+    """Each edge asked Redis, at the moment it read a turn's end, whether another turn
+    waited: two edges could answer differently when a message came in that moment (one
+    viewer went on into the next turn, the other's stream closed). The end says it now,
+    as the actor saw it; Redis here knows of no waiting turn at all."""
+    cid, first, second = new_id(), new_id(), new_id()
+    created = ConversationCreated(conversation_id=cid, at=1, event_id=new_id(), user_id="u")
+    head = await event_log.append(cid, [created, _started(cid, first)], 0)
+    turns = TurnRegistry(redis_client(stack.redis_url))
+    settings = HubSettings(stall_check_s=5.0)
+    edges = [Hubs(nc.jetstream(), event_log, turns, settings) for _ in range(2)]
+    viewers = [Noting(0), Noting(0)]
+    try:
+        watches = [
+            await watching_turn(hubs, cid, viewer, first)
+            for hubs, viewer in zip(edges, viewers, strict=True)
+        ]
+        waits = msgspec.structs.replace(_done(cid, first), idle=False)
+        end = await event_log.append(cid, [waits], head)
+        async with asyncio.timeout(10):  # each hub has read it before anything follows
+            while any(end not in v.idle_after for v in viewers):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        head = await event_log.append(cid, [_started(cid, second)], end)
+        last = await event_log.append(
+            cid, [msgspec.structs.replace(_done(cid, second), idle=True)], head
+        )
+        async with asyncio.timeout(10):
+            while any(last not in v.idle_after for v in viewers):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        for viewer in viewers:
+            assert viewer.idle_after == {end: False, last: True}, viewer.idle_after
+        assert not any(w.done() for w in watches)  # these viewers never end on their own
+    finally:
+        for hubs in edges:
+            await hubs.close()
