@@ -39,7 +39,7 @@ from api.turn_routes import (
     request_digest,
     submit,
 )
-from api.validation import ID_RULE, Id, InvalidBody, decode_body, invalid, refused
+from api.validation import ID_RULE, Id, InvalidBody, ModelName, decode_body, invalid, refused
 from events.errors import EventLogConflict
 from events.ids import new_id
 from events.log import StoredEvent
@@ -75,10 +75,10 @@ class ChatRequest(msgspec.Struct, frozen=True):
     shape the API documents. The route reads it as `_ChatBody` (see `_read_chat`)."""
 
     id: Id
-    messages: list[UiMessage]
+    messages: Annotated[list[UiMessage], msgspec.Meta(min_length=1)]  # the last is the new one
     trigger: Trigger = "submit-message"
     messageId: str | None = None
-    model: str | None = None
+    model: ModelName | None = None
     project_id: Id | None = None
     on_busy: OnBusy = "reject"
 

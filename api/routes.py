@@ -100,7 +100,7 @@ from api.turn_routes import (
     regenerate,
     resume_position,
 )
-from api.validation import MAX_POSITION, Id, refused
+from api.validation import MAX_POSITION, Id, ModelName, refused
 from events.codec import encode_stored
 from events.errors import EventLogError, EventLogUnavailable, describe
 from events.ids import new_id
@@ -120,14 +120,17 @@ class CreateConversation(msgspec.Struct, frozen=True):
     project_id: Id | None = None
     # null as absent, as for the other two
     title: Annotated[str, refused("title longer than 200 characters", max_length=200)] | None = None
-    model: str | None = None
+    model: ModelName | None = None
 
 
 class ConversationsQuery(msgspec.Struct, frozen=True):
     limit: Annotated[int, msgspec.Meta(ge=1, le=100, description="at most this many")] = 100
     before: Annotated[
         str | None,
-        msgspec.Meta(description="the `next` of the page before: where this one goes on"),
+        msgspec.Meta(
+            description="the `next` of the page before: where this one goes on",
+            extra_json_schema={"minLength": 1},
+        ),
     ] = None
 
 

@@ -39,7 +39,14 @@ from api.limits import hold_turn, refuse_at_cap
 from api.responses import CancelAnswer, TurnAccepted, answer
 from api.sse import Envelope, Position, parse_position
 from api.streaming import PendingCommand, TurnFilter, open_sse, running_turn, stream_log
-from api.validation import Content, IdempotencyKey, InvalidBody, decode_body, decode_params
+from api.validation import (
+    Content,
+    IdempotencyKey,
+    InvalidBody,
+    ModelName,
+    decode_body,
+    decode_params,
+)
 from events.codec import encode
 from events.ids import new_id
 from events.subjects import CMD_STREAM, command_subject, valid_id
@@ -68,20 +75,20 @@ COMMAND_PUBLISH_WAIT_S = 5.0
 
 class PostMessage(msgspec.Struct, frozen=True):
     content: Content
-    model: str | None = None
+    model: ModelName | None = None
     idempotency_key: IdempotencyKey | None = None
     on_busy: OnBusy = "reject"
 
 
 class EditBody(msgspec.Struct, frozen=True):
     content: Content
-    model: str | None = None
+    model: ModelName | None = None
     idempotency_key: IdempotencyKey | None = None
     on_busy: OnBusy = "reject"
 
 
 class RegenerateBody(msgspec.Struct, frozen=True):
-    model: str | None = None
+    model: ModelName | None = None
     idempotency_key: IdempotencyKey | None = None
     on_busy: OnBusy = "reject"
 

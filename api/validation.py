@@ -86,6 +86,17 @@ Content = Annotated[
 ]
 
 
+# What a client may send as `model`: the document can only say "a name" (the edge's
+# configuration lists them); one it does not know is 400 `unknown_model`.
+ModelName = Annotated[
+    str,
+    msgspec.Meta(
+        description="one of the model names GET /v1/models lists",
+        extra_json_schema={"minLength": 1},
+    ),
+]
+
+
 def nesting_depth(body: bytes, limit: int) -> int:
     """The deepest nesting of arrays and objects, counted up to `limit + 1`.
 

@@ -185,6 +185,12 @@ LIMITS: dict[tuple[str, str], dict[str, Any]] = {
     ("ChatRequest", "id"): ID,
     ("ChatRequest", "project_id"): ID,
     ("ChatRequest", "trigger"): {"enum": ["regenerate-message", "submit-message"]},
+    ("ChatRequest", "messages"): {"minItems": 1},
+    ("ChatRequest", "model"): {"minLength": 1},
+    ("CreateConversation", "model"): {"minLength": 1},
+    ("PostMessage", "model"): {"minLength": 1},
+    ("EditBody", "model"): {"minLength": 1},
+    ("RegenerateBody", "model"): {"minLength": 1},
 }
 
 
@@ -200,6 +206,9 @@ async def test_the_request_schemas_state_the_limits_the_edge_enforces(
     assert not any(missing.values()), {k: v for k, v in missing.items() if v}
     content = _property(doc, "PostMessage", "content")
     assert "configured" in content["description"], content  # max_message_chars
+    # a page's cursor is never empty
+    (before,) = doc["paths"]["/v1/conversations"]["get"]["parameters"][1:2]
+    assert before["name"] == "before" and before["schema"]["minLength"] == 1, before
     ledger = doc["paths"]["/v1/billing/ledger"]["get"]["parameters"]
     for name in ("project", "user", "conversation"):
         (param,) = [p for p in ledger if p["name"] == name]
