@@ -17,8 +17,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from actors.content import TITLE_LIMIT
 from actors.tools import Tool, ToolContext, ToolError, ToolReply, define_tool
+from events.vocabulary import TITLE_LIMIT
 
 _BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
     ast.Add: operator.add,
@@ -150,16 +150,13 @@ def _snippet(text: str, words: list[str]) -> str:
     return ("…" if start else "") + piece + ("…" if start + _SNIPPET < len(text) else "")
 
 
-_TITLE_MAX = TITLE_LIMIT
-
-
 async def set_title(title: str) -> ToolReply:
     """Name this conversation (shown in the user's list of conversations)."""
     title = " ".join(title.split())
     if not title:
         raise ToolError("the title is empty")
-    if len(title) > _TITLE_MAX or "\x00" in title:
-        raise ToolError(f"a title has at most {_TITLE_MAX} characters and no NUL")
+    if len(title) > TITLE_LIMIT or "\x00" in title:
+        raise ToolError(f"a title has at most {TITLE_LIMIT} characters and no NUL")
     return ToolReply(result=json.dumps({"title": title}), set_title=title)
 
 

@@ -19,7 +19,7 @@ import msgspec
 from actors.model_stream import ToolCallRequest
 from actors.tools import ToolOutcome
 from events.codec import storable_text
-from events.vocabulary import ChunkKind, ContentBlock
+from events.vocabulary import TITLE_LIMIT, ChunkKind, ContentBlock
 
 PERSONAL_SYSTEM_PROMPT = (
     "You are parley, a helpful assistant. This is a personal conversation: "
@@ -159,10 +159,6 @@ def auto_title(first_user_message: str) -> str:
 
 def needs_title(title: str) -> bool:
     return title in UNTITLED
-
-
-# The longest title a user (the edge) or a tool (`set_title`) may set.
-TITLE_LIMIT = 200
 
 
 def announced_title(title: str) -> str:

@@ -106,7 +106,7 @@ from events.errors import EventLogError, EventLogUnavailable, describe
 from events.ids import new_id
 from events.subjects import EVT_STREAM, valid_id
 from events.turns import TurnRecord
-from events.vocabulary import ConversationCreated
+from events.vocabulary import TITLE_LIMIT, ConversationCreated
 from projections.store import ConversationRow, bounded
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,13 @@ T = TypeVar("T")
 class CreateConversation(msgspec.Struct, frozen=True):
     project_id: Id | None = None
     # null as absent, as for the other two
-    title: Annotated[str, refused("title longer than 200 characters", max_length=200)] | None = None
+    title: (
+        Annotated[
+            str,
+            refused(f"title longer than {TITLE_LIMIT} characters", max_length=TITLE_LIMIT),
+        ]
+        | None
+    ) = None
     model: ModelName | None = None
 
 

@@ -199,6 +199,11 @@ class BillingRejected(Event, tag="billing_rejected", frozen=True):
     idle: bool | None = None  # as a `done`'s
 
 
+# The longest title a user (the edge) or a tool (`set_title`) may set, and the most
+# of one a turn announces again.
+TITLE_LIMIT = 200
+
+
 class Title(Event, tag="title", frozen=True):
     title: str
     source: TitleSource
