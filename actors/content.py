@@ -158,7 +158,9 @@ def auto_title(first_user_message: str) -> str:
 
 
 def needs_title(title: str) -> bool:
-    return title in UNTITLED
+    """Untitled, or titled with nothing but spaces (a title a client sent before the
+    edge trimmed them): the first message names it."""
+    return title.strip() in UNTITLED
 
 
 def announced_title(title: str) -> str:

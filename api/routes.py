@@ -236,7 +236,8 @@ async def create_conversation(request: web.Request) -> web.Response:
     if body.project_id is not None:
         # only a member starts a project conversation (a project's tools and its bill)
         await project_of_member(request, body.project_id)
-    title = body.title or ""
+    # a title of spaces is none: the first message names the conversation
+    title = (body.title or "").strip()
     header = ConversationCreated(
         conversation_id=new_id(),
         at=time.time_ns(),

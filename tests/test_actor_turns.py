@@ -446,6 +446,18 @@ async def test_the_set_title_tool_names_the_conversation(
             await asyncio.sleep(0.05)
 
 
+async def test_a_title_of_spaces_is_no_title_and_titles_are_trimmed(api: SseClient) -> None:
+    """A title of spaces was kept as the title, and the first message never named
+    the conversation; one with spaces around it kept them."""
+    trimmed = await api.create_conversation(title="  Ops runbook \n")
+    assert trimmed["title"] == "Ops runbook", trimmed
+    blank = await api.create_conversation(title="   ")
+    assert blank["title"] == "", blank
+    events = await api.send_stream(blank["id"], "Plan the quarterly roadmap review")
+    titles = [e.data["title"] for e in events if e.event == "title"]
+    assert titles == ["Plan the quarterly roadmap review"], titles
+
+
 async def test_a_model_that_keeps_calling_tools_is_stopped_after_99_rounds(
     api: SseClient, event_log: EventLog
 ) -> None:

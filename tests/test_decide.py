@@ -318,7 +318,7 @@ def test_an_untitled_conversation_is_titled_from_its_first_user_message() -> Non
     assert title == expected, f"expected {expected!r}, saw {title!r}"
 
 
-@pytest.mark.parametrize("untitled", ["", "New Chat"])
+@pytest.mark.parametrize("untitled", ["", "New Chat", "   ", "\t\n"])
 def test_the_first_message_titles_a_new_conversation(untitled: str) -> None:
     state = fold(empty(), [created(title=untitled)])
     title = decide_title(state, "Plan the quarterly roadmap review", "turn-1", NOW, Ids())
