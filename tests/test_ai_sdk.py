@@ -36,9 +36,10 @@ from tests.sse import SseClient
 CLIENT = Path(__file__).parent / "ai_sdk" / "client.mjs"
 
 
-# The current release, and the first of version 5, whose chunk schemas admit no key they
-# do not know (a key added since, such as `finish`'s `finishReason`, fails its turn).
-PACKAGES = ["ai", "ai-v5"]
+# The current release (version 7), the last of version 6, and the first of version 5,
+# whose chunk schemas admit no key they do not know (a key added since, such as
+# `finish`'s `finishReason`, fails its turn).
+PACKAGES = ["ai", "ai-v6", "ai-v5"]
 
 
 def node(*args: str, package: str = "ai") -> dict[str, Any]:

@@ -2,8 +2,8 @@
 // the way a useChat frontend does, and prints the assembled message as JSON.
 //   node client.mjs send   BASE TOKEN CHAT_ID MESSAGE_ID TEXT
 //   node client.mjs resume BASE TOKEN CHAT_ID
-// AI_PACKAGE names the package to read with: "ai" (the current release, the default)
-// or "ai-v5" (the first release of version 5).
+// AI_PACKAGE names the package to read with: "ai" (the current release, the default),
+// "ai-v6" (the last release of version 6) or "ai-v5" (the first release of version 5).
 const { DefaultChatTransport, readUIMessageStream } = await import(
   process.env.AI_PACKAGE ?? "ai"
 );
