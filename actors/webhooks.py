@@ -229,13 +229,19 @@ class WebhookDispatcher:
         }
         attempt = int(msg.metadata.num_delivered)
         try:
+            # A redirect is not followed: aiohttp would turn a 301/302/303 into a GET
+            # without the body, and an answer of 200 to that GET acknowledged an end
+            # the receiver never saw; a 307/308 would send the signed body to any host
+            # the Location names. A 3xx is an attempt that failed, like any non-2xx.
             async with self._http.post(
                 self._settings.url,
                 data=body,
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=_TIMEOUT_S),
+                allow_redirects=False,
             ) as response:
                 status = response.status
+                location = response.headers.get("Location")
         except (aiohttp.ClientError, TimeoutError) as err:
             status, reason = 0, repr(err)
         except asyncio.CancelledError:
@@ -244,6 +250,8 @@ class WebhookDispatcher:
             raise
         else:
             reason = f"HTTP {status}"
+            if 300 <= status < 400:
+                reason += f", a redirect (not followed) to {location!r}"
         if 200 <= status < 300:
             self.delivered += 1
             await msg.ack()

@@ -43,6 +43,10 @@ class Receiver:
     accepted: dict[str, dict[str, Any]] = field(default_factory=dict)
     bad_signatures: int = 0
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    # while set, every POST is answered with this redirect (status, Location)
+    redirect: tuple[int, str] | None = None
+    # requests that arrived at /elsewhere, a redirect's target: (method, body)
+    elsewhere: list[tuple[str, bytes]] = field(default_factory=list)
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -60,6 +64,9 @@ class Receiver:
             self.bad_signatures += 1
             return web.Response(status=401)
         self.attempts[webhook_id] = self.attempts.get(webhook_id, 0) + 1
+        if self.redirect is not None:
+            status, location = self.redirect
+            return web.Response(status=status, headers={"Location": location})
         if self.hang:
             self.hanging.set()
             await self.answer.wait()
@@ -76,6 +83,12 @@ async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
     hook = Receiver()
     app = web.Application()
     app.router.add_post("/hook", hook.handle)
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        hook.elsewhere.append((request.method, await request.read()))
+        return web.Response(status=200)
+
+    app.router.add_route("*", "/elsewhere", elsewhere)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     yield hook, str(server.make_url("/hook"))
@@ -163,6 +176,30 @@ async def test_a_stopping_dispatcher_hands_back_what_a_hanging_receiver_holds(
         await until(lambda: len(hook.accepted) == 1, seconds=15)  # not the 30 s ack wait
     finally:
         await running.stop()
+
+
+@pytest.mark.parametrize("status", [302, 308])
+async def test_a_redirect_is_an_attempt_that_failed_never_followed(
+    api: SseClient, nc: NatsClient, receiver: tuple[Receiver, str], status: int
+) -> None:
+    """A 302 followed turned the POST into a bodyless GET whose 200 acknowledged the
+    end (lost); a 308 followed sent the signed body wherever Location said."""
+    hook, url = receiver
+    hook.refuse = 0
+    hook.redirect = (status, url.replace("/hook", "/elsewhere"))
+    running = Running(nc, url)
+    try:
+        await asyncio.wait_for(running.dispatcher.ready.wait(), 10)
+        cid = (await api.create_conversation())["id"]
+        await api.send_stream(cid, "one [[tokens=3]]")
+        # the first attempt either went elsewhere or failed and was retried
+        await until(lambda: hook.elsewhere or sum(hook.attempts.values()) >= 2)
+        assert hook.elsewhere == [], hook.elsewhere
+        hook.redirect = None
+        await until(lambda: len(hook.accepted) == 1)
+    finally:
+        await running.stop()
+    assert hook.elsewhere == [] and hook.bad_signatures == 0
 
 
 def test_the_signature_is_the_standard_webhooks_one_and_retries_back_off() -> None:
