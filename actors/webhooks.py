@@ -25,15 +25,17 @@ import contextlib
 import datetime as dt
 import hashlib
 import hmac
+import ipaddress
 import logging
 import random
+import re
 import time
-import urllib.parse
 from typing import Any
 
 import aiohttp
 import msgspec
 import nats.errors
+import yarl
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
@@ -81,9 +83,9 @@ def settings_problem(url: str, secret: str) -> str | None:
     Caught at start: a secret the receiver's library decodes otherwise would fail every
     delivery's check, an empty one would let anyone sign, and a URL that is not one
     would be retried for ever."""
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        return f"PARLEY_WEBHOOK_URL must be an http:// or https:// URL, not {url!r}"
+    problem = _url_problem(url)
+    if problem is not None:
+        return f"PARLEY_WEBHOOK_URL {problem}"
     try:
         key = secret_bytes(secret)
     except ValueError as err:
@@ -93,6 +95,34 @@ def settings_problem(url: str, secret: str) -> str | None:
             f"PARLEY_WEBHOOK_SECRET is a key of {len(key)} bytes: at least "
             f"{MIN_SECRET_BYTES} are needed (Standard Webhooks: whsec_ + base64 of 24-64 bytes)"
         )
+    return None
+
+
+# A DNS name's label as the resolver takes it (underscores too: service names in
+# a compose network have them); anything else fails in `getaddrinfo`, some of it
+# (an empty label, one over 63 characters) with a UnicodeError, not an OSError.
+_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def _url_problem(url: str) -> str | None:
+    """Read the URL as aiohttp will: what it cannot send to would fail every attempt
+    for ever, and a host the resolver cannot encode raised out of the delivery."""
+    refused = f"must be an http:// or https:// URL to a host, not {url!r}"
+    try:
+        parsed = yarl.URL(url)
+        port = parsed.explicit_port
+    except ValueError as err:
+        return f"{refused} ({err})"
+    host = parsed.raw_host
+    if parsed.scheme not in ("http", "https") or not host:
+        return refused
+    if port == 0:
+        return f"{refused} (port 0)"
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host)
+        return None
+    if not all(_LABEL.fullmatch(label) for label in host.removesuffix(".").split(".")):
+        return f"{refused} (not a host name: {host!r})"
     return None
 
 

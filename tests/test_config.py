@@ -240,6 +240,16 @@ def test_a_bad_demo_speed_is_refused(tmp_path: Path) -> None:
         ({**HOOK, "PARLEY_WEBHOOK_SECRET": "short"}, "key of 5 bytes"),
         ({**HOOK, "PARLEY_WEBHOOK_URL": "not a url"}, "http:// or https://"),
         ({**HOOK, "PARLEY_WEBHOOK_URL": "ftp://x/hook"}, "http:// or https://"),
+        # a URL aiohttp cannot send to (every attempt would fail for ever) or whose host
+        # the resolver cannot encode (which raised out of the delivery, every time)
+        ({**HOOK, "PARLEY_WEBHOOK_URL": "http://[::1/hook"}, "Invalid IPv6 URL"),
+        ({**HOOK, "PARLEY_WEBHOOK_URL": "http://hooks:abc/x"}, "port"),
+        ({**HOOK, "PARLEY_WEBHOOK_URL": "http://hooks:99999/x"}, "Port out of range"),
+        ({**HOOK, "PARLEY_WEBHOOK_URL": "http://hooks:0/x"}, "port 0"),
+        ({**HOOK, "PARLEY_WEBHOOK_URL": "http://hooks..example.com/x"}, "not a host name"),
+        ({**HOOK, "PARLEY_WEBHOOK_URL": f"http://{'a' * 64}.example.com/x"}, "not a host name"),
+        ({**HOOK, "PARLEY_WEBHOOK_URL": "http://ho oks.example.com/x"}, "not a host name"),
+        ({**HOOK, "PARLEY_WEBHOOK_URL": "http://user@/x"}, "http:// or https://"),
     ],
 )
 def test_settings_that_cannot_work_are_refused_with_the_variable_named(
@@ -247,6 +257,18 @@ def test_settings_that_cannot_work_are_refused_with_the_variable_named(
 ) -> None:
     with pytest.raises(ConfigError, match=says):
         settings_from_env(env, tmp_path)
+
+
+def test_webhook_urls_aiohttp_can_send_to_are_taken(tmp_path: Path) -> None:
+    for url in (
+        "http://127.0.0.1:9000/hook",
+        "http://[::1]:9000/hook",
+        "https://hooks.example.com./parley?tenant=a",
+        "http://hook_receiver:8080/in",
+        "https://user:pw@bücher.example/hook",
+    ):
+        settings = settings_from_env({**HOOK, "PARLEY_WEBHOOK_URL": url}, tmp_path)
+        assert settings.webhook_url == url
 
 
 def test_a_standard_webhooks_secret_and_a_long_plain_one_are_taken(tmp_path: Path) -> None:
