@@ -181,7 +181,10 @@ def payload(seq: int, end: TurnEnd) -> bytes:
 
 def backoff(attempt: int, first_s: float = _FIRST_RETRY_S) -> float:
     """Before attempt `attempt + 1`: 1 s, 2 s, 4 s, ... up to an hour, with jitter."""
-    ceiling = min(_LAST_RETRY_S, first_s * 2 ** max(0, attempt - 1))
+    # The exponent stops growing long after the hour is reached: 2 ** 1024 is no
+    # float, and a receiver away for a month (an attempt every 30-60 min) reaches
+    # attempt 1025; the OverflowError raised out of every delivery of that end.
+    ceiling = min(_LAST_RETRY_S, first_s * 2 ** min(max(0, attempt - 1), 64))
     return random.uniform(ceiling / 2, ceiling)
 
 
