@@ -30,7 +30,7 @@ import logging
 import random
 import re
 import time
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import aiohttp
 import msgspec
@@ -56,6 +56,24 @@ _LAST_RETRY_S = 3600.0
 _TIMEOUT_S = 10.0
 # how long a stopping dispatcher waits for receivers to answer what it sent
 _STOP_GRACE_S = 2.0
+
+
+# what became of one attempt: the receiver answered 2xx, answered something else
+# (a 3xx, 4xx or 5xx), or did not answer (no connection, a timeout, a cut answer)
+Outcome = Literal["delivered", "refused", "unanswered"]
+
+
+class WebhookObserver(Protocol):
+    """What the dispatcher tells about its attempts (the wiring counts it:
+    parley/metrics.py). Calls are quick and never raise."""
+
+    def webhook_attempt(self, outcome: Outcome, end_age_s: float) -> None:
+        """One attempt ended; `end_age_s`: since the turn ended (how late it is)."""
+
+
+class NoWebhookObserver:
+    def webhook_attempt(self, outcome: Outcome, end_age_s: float) -> None:
+        pass
 
 
 class WebhookSettings(msgspec.Struct, frozen=True):
@@ -197,6 +215,7 @@ class WebhookDispatcher:
         *,
         clock: Any = time.time,
         first_retry_s: float = _FIRST_RETRY_S,
+        observer: WebhookObserver | None = None,
     ) -> None:
         self._js = js
         self._settings = settings
@@ -204,6 +223,7 @@ class WebhookDispatcher:
         self._http = http
         self._clock = clock
         self._first_retry_s = first_retry_s
+        self._observer = observer if observer is not None else NoWebhookObserver()
         self.delivered = 0
         self.ready = asyncio.Event()
 
@@ -285,10 +305,13 @@ class WebhookDispatcher:
             reason = f"HTTP {status}"
             if 300 <= status < 400:
                 reason += f", a redirect (not followed) to {location!r}"
+        end_age_s = max(0.0, self._clock() - event.at / 1e9)
         if 200 <= status < 300:
             self.delivered += 1
+            self._observer.webhook_attempt("delivered", end_age_s)
             await msg.ack()
             return
+        self._observer.webhook_attempt("refused" if status else "unanswered", end_age_s)
         delay = backoff(attempt, self._first_retry_s)
         log.warning(
             "webhook not acknowledged; it will be sent again",

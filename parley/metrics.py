@@ -2,7 +2,8 @@
 
 `Metrics` implements the observers the rooms declare where they are used
 (`api.context.EdgeMetrics` for the edge, `actors.turn.TurnObserver` for the
-worker's turns, `events.log.LogObserver` for the worker's appends), so no room
+worker's turns, `events.log.LogObserver` for the worker's appends,
+`actors.webhooks.WebhookObserver` for its turn-end webhooks), so no room
 imports prometheus-client or this module; the wiring (parley/services.py) hands
 the same `Metrics` to each role, and the edge's GET /metrics exposes it. With
 `parley dev` (every role in one process) that is everything; a process without
@@ -29,11 +30,15 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from actors.webhooks import Outcome as WebhookOutcome
 from events.vocabulary import BillingRejected, Cancelled, Done, Failed, TurnEnd
 
 # seconds: from a quick local model's first token to a slow provider's whole answer
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0, 300.0)
+# seconds from a turn's end to its webhook's attempt: at once, through the retries
+# (1 s, 2 s, 4 s ... an hour apart), to a receiver away for a day
+_WEBHOOK_BUCKETS = (0.05, 0.25, 1.0, 5.0, 30.0, 120.0, 600.0, 3600.0, 4 * 3600.0, 86400.0)
 
 
 class Metrics:
@@ -95,6 +100,21 @@ class Metrics:
             registry=r,
         )
 
+        self.webhook_attempts = Counter(
+            "parley_webhook_attempts",
+            "turn-end webhook attempts, by outcome: delivered (2xx), refused (any other "
+            "status, a redirect too), unanswered (no connection, a timeout, a cut answer)",
+            ["outcome"],
+            registry=r,
+        )
+        self.webhook_age_seconds = Histogram(
+            "parley_webhook_attempt_end_age_seconds",
+            "how long after its turn ended a webhook attempt ended, by outcome",
+            ["outcome"],
+            buckets=_WEBHOOK_BUCKETS,
+            registry=r,
+        )
+
     # ------------------------------------------------------------ api.context.EdgeMetrics
 
     def http_request(self, route: str, method: str, status: int, seconds: float) -> None:
@@ -120,6 +140,12 @@ class Metrics:
 
     def chain_broken(self) -> None:
         self.chains_broken.inc()
+
+    # ------------------------------------------------------------ actors.webhooks.WebhookObserver
+
+    def webhook_attempt(self, outcome: WebhookOutcome, end_age_s: float) -> None:
+        self.webhook_attempts.labels(outcome).inc()
+        self.webhook_age_seconds.labels(outcome).observe(end_age_s)
 
     # ------------------------------------------------------------ actors.turn.TurnObserver
 

@@ -313,7 +313,9 @@ class Services:
             replicas=self.options.stream_replicas,
         )
         if self.options.webhook is not None:
-            webhooks = self.webhooks = WebhookDispatcher(js, self.options.webhook, http)
+            webhooks = self.webhooks = WebhookDispatcher(
+                js, self.options.webhook, http, observer=self.metrics
+            )
             self._spawn(lambda: webhooks.run(self._stopping), "webhooks")
         self._spawn(lambda: worker.run(self._stopping), "worker")
         async with asyncio.timeout(30):

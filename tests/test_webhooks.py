@@ -11,6 +11,7 @@ import hmac
 import itertools
 import json
 import random
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,7 @@ from nats.aio.client import Client as NatsClient
 from actors.webhooks import WebhookDispatcher, WebhookSettings, backoff, payload, secret_bytes, sign
 from events.log import EventLog
 from events.vocabulary import Done, Failed
+from parley.metrics import Metrics
 from parley.services import Services
 from tests.sse import SseClient
 
@@ -96,12 +98,16 @@ async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
 
 
 class Running:
-    def __init__(self, nc: NatsClient, url: str) -> None:
+    def __init__(self, nc: NatsClient, url: str, metrics: Metrics | None = None) -> None:
         self.stopping = asyncio.Event()
         self.http = aiohttp.ClientSession()
         # retries come quickly here (the schedule itself is tested below)
         self.dispatcher = WebhookDispatcher(
-            nc.jetstream(), WebhookSettings(url=url, secret=SECRET), self.http, first_retry_s=0.05
+            nc.jetstream(),
+            WebhookSettings(url=url, secret=SECRET),
+            self.http,
+            first_retry_s=0.05,
+            observer=metrics,
         )
         self.task = asyncio.create_task(self.dispatcher.run(self.stopping))
 
@@ -200,6 +206,45 @@ async def test_a_redirect_is_an_attempt_that_failed_never_followed(
     finally:
         await running.stop()
     assert hook.elsewhere == [] and hook.bad_signatures == 0
+
+
+async def test_attempts_are_counted_by_outcome_for_the_operator(
+    api: SseClient, nc: NatsClient, receiver: tuple[Receiver, str]
+) -> None:
+    """A receiver that is away or refusing shows on /metrics, not only in the logs."""
+    hook, url = receiver
+    hook.refuse = 1
+    metrics = Metrics()
+
+    def count(outcome: str) -> float:
+        found = metrics.registry.get_sample_value(
+            "parley_webhook_attempts_total", {"outcome": outcome}
+        )
+        return found or 0.0
+
+    with socket.socket() as free:  # a port nothing listens on
+        free.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{free.getsockname()[1]}/hook"
+    running = Running(nc, dead, metrics)
+    try:
+        await asyncio.wait_for(running.dispatcher.ready.wait(), 10)
+        cid = (await api.create_conversation())["id"]
+        await api.send_stream(cid, "one [[tokens=3]]")
+        await until(lambda: count("unanswered") >= 1)
+    finally:
+        await running.stop()
+    running = Running(nc, url, metrics)
+    try:
+        await until(lambda: len(hook.accepted) >= 1)
+    finally:
+        await running.stop()
+    assert count("delivered") == len(hook.accepted), hook.accepted.keys()
+    assert count("refused") == sum(min(n, hook.refuse) for n in hook.attempts.values())
+    assert count("refused") >= 1
+    ages = metrics.registry.get_sample_value(
+        "parley_webhook_attempt_end_age_seconds_count", {"outcome": "delivered"}
+    )
+    assert ages == count("delivered")
 
 
 def test_the_signature_is_the_standard_webhooks_one_and_retries_back_off() -> None:
