@@ -39,8 +39,8 @@ import yarl
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
-from events.codec import decode_entry
-from events.subjects import EVT_PREFIX, EVT_STREAM
+from events.codec import Unreadable, decode_entry
+from events.subjects import EVT_PREFIX, EVT_STREAM, conversation_of
 from events.vocabulary import BillingRejected, Cancelled, Done, Failed, TurnEnd, event_type
 
 log = logging.getLogger(__name__)
@@ -270,7 +270,18 @@ class WebhookDispatcher:
     async def _deliver(self, msg: Msg) -> None:
         event = decode_entry(msg.data)
         if not isinstance(event, Done | Cancelled | Failed | BillingRejected):
-            await msg.ack()  # started with an end's tag yet is no end we know: nothing to send
+            # An end's tag on an entry that does not decode as one: damage, nothing to
+            # send. Said where the operator sees it (DESIGN: no single event stops the
+            # system, none is skipped silently): the receiver will never hear of it.
+            log.error(
+                "turn end in the log cannot be read; no webhook is sent for it",
+                extra={
+                    "conversation_id": conversation_of(msg.subject),
+                    "seq": int(msg.metadata.sequence.stream),
+                    "error": event.error if isinstance(event, Unreadable) else type(event).__name__,
+                },
+            )
+            await msg.ack()
             return
         body = payload(int(msg.metadata.sequence.stream), event)
         timestamp = int(self._clock())
@@ -316,6 +327,8 @@ class WebhookDispatcher:
         log.warning(
             "webhook not acknowledged; it will be sent again",
             extra={
+                "conversation_id": event.conversation_id,
+                "turn_id": event.turn_id,
                 "webhook_id": event.event_id,
                 "attempt": attempt,
                 "reason": reason,

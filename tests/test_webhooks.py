@@ -12,6 +12,7 @@ import itertools
 import json
 import random
 import socket
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,10 @@ from aiohttp.test_utils import TestServer
 from nats.aio.client import Client as NatsClient
 
 from actors.webhooks import WebhookDispatcher, WebhookSettings, backoff, payload, secret_bytes, sign
+from events.codec import encode
+from events.ids import new_id
 from events.log import EventLog
+from events.subjects import EVT_STREAM, event_subject
 from events.vocabulary import Done, Failed
 from parley.metrics import Metrics
 from parley.services import Services
@@ -245,6 +249,43 @@ async def test_attempts_are_counted_by_outcome_for_the_operator(
         "parley_webhook_attempt_end_age_seconds_count", {"outcome": "delivered"}
     )
     assert ages == count("delivered")
+
+
+async def test_an_end_that_cannot_be_read_is_reported_and_the_next_one_delivered(
+    nc: NatsClient,
+    event_log: EventLog,
+    receiver: tuple[Receiver, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Damage in the log under an end's tag: nothing to send, but said, not skipped silently."""
+    hook, url = receiver
+    hook.refuse = 0
+    js = nc.jetstream()
+    running = Running(nc, url)
+    try:
+        await asyncio.wait_for(running.dispatcher.ready.wait(), 10)
+        cid = new_id()
+        damaged = await js.publish(
+            event_subject(cid), b'{"type":"done","conversation_id":7}', stream=EVT_STREAM
+        )
+        end = Done(
+            conversation_id=cid,
+            at=time.time_ns(),
+            event_id=new_id(),
+            turn_id=new_id(),
+            content=[],
+            stop_reason="stop",
+            input_tokens=1,
+            output_tokens=1,
+        )
+        await js.publish(event_subject(cid), encode(end), stream=EVT_STREAM)
+        await until(lambda: end.event_id in hook.accepted)
+    finally:
+        await running.stop()
+    reports = [r for r in caplog.records if "cannot be read" in r.getMessage()]
+    assert [
+        (r.levelname, r.__dict__.get("conversation_id"), r.__dict__.get("seq")) for r in reports
+    ] == [("ERROR", cid, damaged.seq)], caplog.text
 
 
 def test_the_signature_is_the_standard_webhooks_one_and_retries_back_off() -> None:
