@@ -34,7 +34,7 @@ from api.context import (
     wants_json,
 )
 from api.errors import UNAVAILABLE, ApiError, bad_request
-from api.hub import Delivery, Subscription, read_range, watch
+from api.hub import Delivery, Subscription, opens_turn, read_range, watch
 from api.limits import hold_turn, refuse_at_cap
 from api.responses import CancelAnswer, TurnAccepted, answer
 from api.sse import Envelope, Position, parse_position
@@ -247,6 +247,13 @@ async def cancel_turn(request: web.Request) -> web.Response:
         idle = active is None
         # a record without a turn id: a request accepted, its turn about to start
         turn_id = (active.turn_id or None) if active else None
+    if idle:
+        # No record, but the log shows a turn under way: the record is a hint that
+        # Redis may have lost (FLUSHALL, an eviction, a restart without its data; the
+        # worker writes it again within its heartbeat). The log is the truth: the
+        # actor decides, as when Redis is away.
+        last = await request.app[LOG].last(conversation_id)
+        idle = last is None or not opens_turn(last.event)
     if idle:
         return answer(CancelAnswer(cancelled=False, turn_id=None, message="no turn is running"))
     command = CancelTurn(
