@@ -115,6 +115,8 @@ class ConversationActor:
         self._started_after: int | None = None
         self._deciding = False  # a request is on its way through `_request`
         self._written: TurnRecord | None = None  # the turn record this actor wrote last
+        # the record this actor meant to write last, written or not (Redis away)
+        self._meant: TurnRecord | None = None
         # the record write of a request that started its turn, still on its way: the
         # turn's own record is written after it (`_run_started`)
         self._announcing: asyncio.Task[None] | None = None
@@ -643,7 +645,7 @@ class ConversationActor:
             record = TurnRecord(
                 worker=self.ctx.worker_id, turn_id=turn_id, after=after, at=self.ctx.clock()
             )
-            self._written = record
+            self._written = self._meant = record
             await self.ctx.turns.put(self.conversation_id, record)
         except (redis.exceptions.RedisError, OSError) as err:
             self._written = None  # what the record holds is not known: release by worker
@@ -656,6 +658,14 @@ class ConversationActor:
             log.exception(
                 "turn record not written", extra={"conversation_id": self.conversation_id}
             )
+
+    def running_record(self) -> TurnRecord | None:
+        """The turn record of the turn running now, as this actor wrote it (or tried
+        to): the heartbeat writes it again if Redis has lost it (`TurnRegistry.renew`)."""
+        runner, meant = self.runner, self._meant
+        if runner is None or meant is None or meant.turn_id != runner.turn_id:
+            return None
+        return meant
 
     async def _announce_queued(self, state: Conversation) -> None:
         """Just before a turn's end is appended (under the writer's lock, on the state

@@ -417,8 +417,14 @@ class WorkerHost:
                 with contextlib.suppress(nats.errors.Error):
                     await delivery.in_progress()
             running = [c for c, r in self._actors.items() if r.actor.runner is not None]
+            # a running turn's record that Redis lost is written again (Redis is disposable)
+            records = {
+                c: record
+                for c, r in self._actors.items()
+                if (record := r.actor.running_record()) is not None
+            }
             with contextlib.suppress(redis.exceptions.RedisError, OSError):
-                await self._ctx.turns.refresh_all(running, self._ctx.worker_id)
+                await self._ctx.turns.refresh_all(running, self._ctx.worker_id, records)
 
 
 def _still_not_cancelled() -> None:

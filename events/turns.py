@@ -56,6 +56,19 @@ if current and cjson.decode(current)['worker'] == ARGV[1] then
 end
 return 0
 """
+# The same, and a record that is gone (flushed, evicted, a Redis restarted empty)
+# written again from what the worker knows (ARGV[3]): 2 when it was restored.
+_RENEW = """
+local current = redis.call('GET', KEYS[1])
+if not current then
+  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2])
+  return 2
+end
+if cjson.decode(current)['worker'] == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
 
 
 # A process's Redis connections at most. Each holds about 32 KB of the process's
@@ -148,9 +161,31 @@ class TurnRegistry:
             await self._batch.send(lambda pipe: pipe.eval(_REFRESH, 1, key, worker, self.lease_ms))
         )
 
-    async def refresh_all(self, conversation_ids: list[str], worker: str) -> None:
-        """Refresh the leases of these records (those still this worker's), together."""
-        await asyncio.gather(*(self.refresh(c, worker) for c in conversation_ids))
+    async def renew(self, conversation_id: str, record: TurnRecord) -> bool:
+        """Refresh the lease of the record while it names `record.worker`, and write
+        `record` again when there is none: Redis is disposable, and a record it lost
+        (FLUSHALL, an eviction, a restart without its data) left a running turn
+        unknown to the edges until it ended, so that a cancel answered "no turn is
+        running" and a viewer joining without a position missed its beginning."""
+        key, value = _KEY.format(conversation_id), msgspec.json.encode(record)
+        return bool(
+            await self._batch.send(
+                lambda pipe: pipe.eval(_RENEW, 1, key, record.worker, self.lease_ms, value)
+            )
+        )
+
+    async def refresh_all(
+        self, conversation_ids: list[str], worker: str, records: dict[str, TurnRecord] | None = None
+    ) -> None:
+        """Refresh the leases of these records (those still this worker's), together;
+        those given in `records` are written again if Redis lost them (`renew`)."""
+        known = records or {}
+        await asyncio.gather(
+            *(
+                self.renew(c, known[c]) if c in known else self.refresh(c, worker)
+                for c in conversation_ids
+            )
+        )
 
     async def release(
         self, conversation_id: str, worker: str, written: TurnRecord | None = None
