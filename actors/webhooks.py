@@ -86,14 +86,16 @@ MIN_SECRET_BYTES = 16
 
 
 def secret_bytes(secret: str) -> bytes:
-    """Standard Webhooks secrets are `whsec_` + base64 (ValueError when what follows is
-    not base64); any other string is used as is."""
-    if not secret.startswith("whsec_"):
-        return secret.encode()
+    """A Standard Webhooks secret is base64, `whsec_` in front or not, padded or not:
+    the standard's libraries decode every secret so, and a receiver's library must
+    come to the same key (ValueError when it is not base64; a receiver's decoder
+    would skip what is not and sign with another key)."""
+    encoded = secret.removeprefix("whsec_")
+    encoded += "=" * (-len(encoded) % 4 if len(encoded) % 4 != 1 else 0)
     try:
-        return base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+        return base64.b64decode(encoded, validate=True)
     except binascii.Error as err:
-        raise ValueError(f"what follows whsec_ is not base64: {err}") from err
+        raise ValueError(f"the secret is not base64: {err}") from err
 
 
 def settings_problem(url: str, secret: str) -> str | None:
@@ -107,11 +109,15 @@ def settings_problem(url: str, secret: str) -> str | None:
     try:
         key = secret_bytes(secret)
     except ValueError as err:
-        return f"PARLEY_WEBHOOK_SECRET: {err} (a Standard Webhooks secret is whsec_ + base64)"
+        return (
+            f"PARLEY_WEBHOOK_SECRET: {err} (a Standard Webhooks secret is whsec_ + base64 "
+            "of 24-64 random bytes: whsec_$(openssl rand -base64 32))"
+        )
     if len(key) < MIN_SECRET_BYTES:
         return (
             f"PARLEY_WEBHOOK_SECRET is a key of {len(key)} bytes: at least "
-            f"{MIN_SECRET_BYTES} are needed (Standard Webhooks: whsec_ + base64 of 24-64 bytes)"
+            f"{MIN_SECRET_BYTES} are needed (a Standard Webhooks secret is whsec_ + base64 "
+            "of 24-64 random bytes: whsec_$(openssl rand -base64 32))"
         )
     return None
 

@@ -22,6 +22,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from nats.aio.client import Client as NatsClient
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from actors.webhooks import WebhookDispatcher, WebhookSettings, backoff, payload, secret_bytes, sign
 from events.codec import encode
@@ -38,9 +39,11 @@ SECRET = "whsec_" + base64.b64encode(b"a receiver's shared secret, 32 bytes").de
 
 @dataclass
 class Receiver:
-    """Refuses each webhook id's first `refuse` attempts with a 503, then takes it."""
+    """Refuses each webhook id's first `refuse` attempts with a 503, then takes it; checks
+    every signature with the Standard Webhooks library, as a team's receiver does."""
 
     refuse: int = 2
+    secret: str = SECRET
     # while set, a POST is held unanswered (a receiver that hangs) until it is cleared
     hang: bool = False
     hanging: asyncio.Event = field(default_factory=asyncio.Event)
@@ -57,16 +60,9 @@ class Receiver:
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
         webhook_id = request.headers["webhook-id"]
-        timestamp = request.headers["webhook-timestamp"]
-        expected = base64.b64encode(
-            hmac.new(
-                base64.b64decode(SECRET.removeprefix("whsec_")),
-                f"{webhook_id}.{timestamp}.".encode() + body,
-                hashlib.sha256,
-            ).digest()
-        ).decode()
-        signatures = [s.split(",", 1)[1] for s in request.headers["webhook-signature"].split()]
-        if expected not in signatures:
+        try:
+            Webhook(self.secret).verify(body, dict(request.headers))
+        except WebhookVerificationError:
             self.bad_signatures += 1
             return web.Response(status=401)
         self.attempts[webhook_id] = self.attempts.get(webhook_id, 0) + 1
@@ -102,13 +98,15 @@ async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
 
 
 class Running:
-    def __init__(self, nc: NatsClient, url: str, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, nc: NatsClient, url: str, metrics: Metrics | None = None, secret: str = SECRET
+    ) -> None:
         self.stopping = asyncio.Event()
         self.http = aiohttp.ClientSession()
         # retries come quickly here (the schedule itself is tested below)
         self.dispatcher = WebhookDispatcher(
             nc.jetstream(),
-            WebhookSettings(url=url, secret=SECRET),
+            WebhookSettings(url=url, secret=secret),
             self.http,
             first_retry_s=0.05,
             observer=metrics,
@@ -162,6 +160,29 @@ async def test_every_turn_end_is_delivered_signed_once_per_id_through_refusals_a
     assert done["conversation_id"] == cid and done["turn_id"] == first[0].data["turn_id"]
     assert done["seq"] == ends[0].seq and done["stop_reason"] in ("stop", "length")
     assert hook.accepted[ids[1]]["data"]["code"] == "stream_cut"
+
+
+# base64 of 35 bytes: with and without the prefix, with and without the padding
+_KEY = "Zm9yIGEgcmVjZWl2ZXIgb2YgdHVybiBlbmRzLCAzMiBieXQ="
+
+
+@pytest.mark.parametrize("secret", [_KEY, _KEY.rstrip("="), "whsec_" + _KEY.rstrip("=")])
+async def test_a_receiver_given_the_same_secret_verifies_every_form_of_it(
+    api: SseClient, nc: NatsClient, receiver: tuple[Receiver, str], secret: str
+) -> None:
+    """A secret without `whsec_` was signed with as its own bytes, while the standard's
+    libraries decode every secret as base64: each delivery failed their check."""
+    hook, url = receiver
+    hook.refuse, hook.secret = 0, secret
+    running = Running(nc, url, secret=secret)
+    try:
+        await asyncio.wait_for(running.dispatcher.ready.wait(), 10)
+        cid = (await api.create_conversation())["id"]
+        await api.send_stream(cid, "one [[tokens=3]]")
+        await until(lambda: len(hook.accepted) == 1 or hook.bad_signatures > 0)
+    finally:
+        await running.stop()
+    assert (hook.bad_signatures, len(hook.accepted)) == (0, 1)
 
 
 async def test_a_stopping_dispatcher_hands_back_what_a_hanging_receiver_holds(
@@ -299,7 +320,9 @@ def test_the_signature_is_the_standard_webhooks_one_and_retries_back_off() -> No
         ).decode()
     )
     assert sign(secret, "msg_1", 1_700_000_000, body) == expected
-    assert secret_bytes("plain-secret") == b"plain-secret"
+    assert secret_bytes(SECRET.removeprefix("whsec_").rstrip("=")) == secret
+    with pytest.raises(ValueError, match="not base64"):
+        secret_bytes("plain-secret")
     random.seed(7)
     delays = [backoff(n) for n in range(1, 16)]
     assert 0.5 <= delays[0] <= 1.0 and delays[-1] <= 3600
