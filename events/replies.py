@@ -52,8 +52,13 @@ class Answer:
         return headers[_STATUS_AT + 1 : _STATUS_AT + 4].decode(errors="replace")
 
     def header(self, name: bytes) -> str | None:
-        """The value of header `name` (b"Nats-Sequence"), or None."""
-        at = self.headers.find(b"\r\n" + name + b":")
+        """The value of header `name` (b"Nats-Sequence"), or None.
+
+        The last one counts: a direct get's answer is the stored entry's own headers
+        with the server's appended after them, and a writer may have put any header
+        on its entry (a `Nats-Sequence: 999999` taken for the position made every
+        reader of the conversation jump past the rest of its log)."""
+        at = self.headers.rfind(b"\r\n" + name + b":")
         if at < 0:
             return None
         start = at + len(name) + 3

@@ -16,18 +16,23 @@ from typing import Any
 import aiohttp
 from nats.aio.client import Client as NatsClient
 
+from events.broker import DirectClient, connect_client
 from events.codec import Unreadable, encode
 from events.ids import new_id
 from events.log import EventLog
 from events.subjects import EVT_STREAM, event_subject
 from events.vocabulary import Started, Title
-from parley.services import Services
+from parley.services import Servers, Services
 from projections.projector import Projector
 from tests.sse import SseClient, SseEvent, read_sse, until_done
 
 
-async def publish_raw(nc: NatsClient, conversation_id: str, payload: bytes) -> int:
-    ack = await nc.jetstream().publish(event_subject(conversation_id), payload, stream=EVT_STREAM)
+async def publish_raw(
+    nc: NatsClient, conversation_id: str, payload: bytes, headers: dict[str, str] | None = None
+) -> int:
+    ack = await nc.jetstream().publish(
+        event_subject(conversation_id), payload, stream=EVT_STREAM, headers=headers
+    )
     return int(ack.seq)
 
 
@@ -210,3 +215,35 @@ async def test_readyz_counts_what_the_projection_could_not_apply(
     lines = await log_lines(api, cid)
     assert lines[-1]["unreadable"] is True and lines[-1]["type"] is None
     assert lines[-1]["raw"].endswith("not even json"), lines[-1]
+
+
+async def test_headers_a_writer_put_on_its_entry_do_not_move_any_readers_position(
+    api: SseClient, nc: NatsClient, stack: Servers
+) -> None:
+    """A direct get answers with the entry's own headers and the server's after them: a
+    writer's `Nats-Sequence` must not be taken for the entry's position."""
+    cid = (await api.create_conversation())["id"]
+    lying = {"Nats-Sequence": "999999", "Nats-Last-Sequence": "999998", "Nats-Subject": "x.y"}
+    first = await publish_raw(nc, cid, raw_event(cid, "title", title="one", source="user"), lying)
+    second = await publish_raw(
+        nc, cid, raw_event(cid, "title", title="two", source="user"), {"Nats-Sequence": "abc"}
+    )
+
+    # every role reads through a DirectClient, which hands the raw headers over
+    direct = await connect_client(DirectClient(), stack.nats_url, name="test-lying-headers")
+    try:
+        stored = await EventLog(direct.jetstream()).read(cid)
+    finally:
+        await direct.close()
+    assert [s.seq for s in stored][1:] == [first, second], stored
+
+    # the worker reads its conversation the same way: it still serves it
+    async with asyncio.timeout(20):
+        events = await api.send_stream(cid, "still here? [[tokens=3]]")
+    assert events[-1].event == "done" and events[-1].data == "ok", events
+
+    # and a viewer from the start gets every event through to that turn's end
+    async with asyncio.timeout(10), api.events(cid, after="0") as response:
+        seen = await until_done(response)
+    assert [e.event for e in seen][:2] == ["title", "title"], seen
+    assert seen[-1].event == "done" and seen[-1].data == "ok", seen
