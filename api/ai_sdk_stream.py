@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
+from api.sse import json_value
 from events.codec import Unreadable
 from events.vocabulary import (
     AnyEvent,
@@ -80,8 +81,8 @@ class UiStream:
             case ToolCall():
                 out = self._close() + self._step()
                 try:
-                    arguments: Any = json.loads(event.arguments) if event.arguments.strip() else {}
-                except json.JSONDecodeError:
+                    arguments: Any = json_value(event.arguments) if event.arguments.strip() else {}
+                except ValueError:
                     arguments = event.arguments
                 return [
                     *out,
@@ -191,6 +192,6 @@ def _output(result: str | None) -> Any:
     if result is None:
         return None
     try:
-        return json.loads(result)
-    except json.JSONDecodeError:
+        return json_value(result)
+    except ValueError:
         return result

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from events.codec import Unreadable
+from events.codec import Unreadable, encodable, map_strings
 from events.log import StoredEvent
 from events.vocabulary import (
     BillingRejected,
@@ -212,12 +212,29 @@ def frame(event_id: str | None, envelope: Envelope) -> bytes:
     return head + b"data: " + _encoder.encode(envelope) + b"\n\n"
 
 
+def json_value(text: str) -> Any:
+    """The JSON value in `text` (a model's tool arguments, a tool's result), its strings
+    made encodable; ValueError when there is none.
+
+    The text comes from outside, and Python's parser turns some valid JSON into what
+    nothing here can use: a lone surrogate escape (`"\\ud800"`) into a string no
+    encoder takes, a number of more than 4,300 digits into a ValueError of its own,
+    deep nesting into a RecursionError. Either way, raised while a conversation's
+    entry was turned into frames, the edge's feed of the conversation ended for every
+    viewer, and again for each one that resumed from before it.
+    """
+    try:
+        return map_strings(json.loads(text), encodable)
+    except RecursionError as err:
+        raise ValueError("nested too deeply") from err
+
+
 def _json_object(text: str) -> dict[str, Any] | None:
     """The arguments as an object; None when the model wrote something else."""
     if not text.strip():
         return {}
     try:
-        value = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
+        value = json_value(text)
+    except ValueError:  # json.JSONDecodeError is one
         return None
     return value if isinstance(value, dict) else None

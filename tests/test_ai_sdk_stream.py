@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from api.ai_sdk_stream import UiStream
+from api.ai_sdk_stream import UiStream, frame
 from events.vocabulary import (
     AnyEvent,
     BillingRejected,
@@ -180,3 +180,33 @@ def test_after_its_end_a_stream_adds_nothing_and_titles_ride_as_transient_data()
     ]
     stream.feed(done())
     assert stream.feed(chunk("answer", "late")) == []
+
+
+def test_tool_json_python_cannot_use_is_passed_on_as_text_or_made_encodable() -> None:
+    """JSON that Python's parser turns into an error (a number of 5,000 digits, deep
+    nesting) or into a string no encoder takes (a lone surrogate escape)."""
+    huge, deep = '{"n": ' + "1" * 5000 + "}", "[" * 5000 + "]" * 5000
+    events: list[AnyEvent] = [started()]
+    for i, text in enumerate([huge, deep, '{"s": "\\ud800"}']):
+        call = f"call-{i}"
+        events.append(
+            ToolCall(
+                conversation_id=C,
+                at=AT,
+                event_id="e",
+                turn_id=T,
+                call_id=call,
+                name="f",
+                arguments=text,
+            )
+        )
+        events.append(
+            ToolResult(conversation_id=C, at=AT, event_id="e", turn_id=T, call_id=call, result=text)
+        )
+    chunks = run([*events, done()])
+    inputs = [c["input"] for c in chunks if c["type"] == "tool-input-available"]
+    outputs = [c["output"] for c in chunks if c["type"] == "tool-output-available"]
+    assert inputs[:2] == [huge, deep] and outputs[:2] == [huge, deep], chunks
+    assert inputs[2] == outputs[2] == {"s": "\ufffd"}, chunks
+    for c in chunks:
+        frame(c)  # every chunk goes on the wire

@@ -247,3 +247,41 @@ async def test_headers_a_writer_put_on_its_entry_do_not_move_any_readers_positio
         seen = await until_done(response)
     assert [e.event for e in seen][:2] == ["title", "title"], seen
     assert seen[-1].event == "done" and seen[-1].data == "ok", seen
+
+
+async def test_tool_json_python_cannot_use_neither_ends_the_feed_nor_stops_its_viewers(
+    api: SseClient, nc: NatsClient
+) -> None:
+    """What a model may write as a tool's arguments (or a tool return), valid JSON that
+    Python's parser turns into an error or into a string no encoder takes."""
+    cid = (await api.create_conversation())["id"]
+    turn = new_id()
+    started = Started(
+        conversation_id=cid,
+        at=time.time_ns(),
+        event_id=new_id(),
+        turn_id=turn,
+        user_message_id=new_id(),
+        model="demo",
+    )
+    await publish_raw(nc, cid, encode(started))
+    huge = '{"n": ' + "1" * 5000 + "}"
+    for call, text in (("c1", huge), ("c2", '{"s": "\\ud800"}')):
+        fields = {"turn_id": turn, "call_id": call, "name": "calculator"}
+        await publish_raw(nc, cid, raw_event(cid, "tool_call", arguments=text, **fields))
+        await publish_raw(nc, cid, raw_event(cid, "tool_result", result=text, **fields))
+    end = {"content": [], "stop_reason": "stop", "input_tokens": 1, "output_tokens": 1}
+    await publish_raw(nc, cid, raw_event(cid, "done", turn_id=turn, idle=True, **end))
+
+    async with asyncio.timeout(10), api.events(cid, after="0") as response:
+        seen = await until_done(response)
+    kinds = [e.event for e in seen]
+    assert kinds == ["started", "tool_call", "tool_result", "tool_call", "tool_result", "done"]
+    assert seen[1].data["arguments"] == {} and seen[1].raw["raw_arguments"] == huge, seen[1]
+    assert seen[3].data["arguments"] == {"s": "\ufffd"}, seen[3]
+    assert seen[-1].data == "ok"
+
+    # the conversation goes on, and its stream with it
+    async with asyncio.timeout(20):
+        events = await api.send_stream(cid, "still here? [[tokens=3]]")
+    assert events[-1].event == "done" and events[-1].data == "ok", events
