@@ -204,7 +204,9 @@ class ToolRunner:
             return ToolOutcome(error=f"unknown tool {name!r}")
         try:
             args = json.loads(arguments) if arguments.strip() else {}
-        except (json.JSONDecodeError, RecursionError) as err:
+        except (ValueError, RecursionError) as err:
+            # ValueError: JSONDecodeError, and a number of more than 4,300 digits (valid
+            # JSON Python will not convert), which crashed the turn
             return ToolOutcome(error=f"arguments are not valid JSON: {getattr(err, 'msg', err)}")
         if not isinstance(args, dict):
             return ToolOutcome(error="arguments must be a JSON object")

@@ -122,6 +122,8 @@ async def test_the_clock_tool_reads_the_injected_time() -> None:
     [
         ("no_such_tool", "{}", "unknown tool"),
         ("calculator", "{not json", "not valid JSON"),
+        ("calculator", '{"expression": ' + "1" * 5000 + "}", "not valid JSON"),
+        ("calculator", "[" * 100_000 + "]" * 100_000, "not valid JSON"),
         ("calculator", "[1]", "JSON object"),
         ("calculator", '{"expression": 5}', "expression"),
         ("calculator", '{"expression": "1/0"}', "division by zero"),
