@@ -311,7 +311,13 @@ class TurnRunner:
         except Exception as err:
             # A bug must end this turn visibly, not kill the worker or leave the turn open.
             log.exception("turn crashed", extra=self._log_fields())
-            await stream.abort()
+            try:
+                # What the turn wrote before the bug goes in first: an append cut off on
+                # its way may land unseen, and the end, appended after it, would then
+                # be refused as another writer's (the turn ended `log_conflict`).
+                await stream.close()
+            except Exception:  # an append refused, or the bug was in what it wrote
+                await stream.abort()
             await self._fail(stream, "internal_error", f"{type(err).__name__}: {err}", totals)
         finally:
             self.discard()

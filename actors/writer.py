@@ -319,6 +319,7 @@ class TurnStream:
         self._waiting_tick = False
         self._first_text = True
         self._closing = False
+        self._aborted = False
         self._error: BaseException | None = None
         self._task = asyncio.create_task(self._run(), name=f"stream-{writer.conversation_id}")
 
@@ -348,13 +349,22 @@ class TurnStream:
 
     async def abort(self) -> None:
         """Stop at once, dropping what is pending (the turn is ending anyway)."""
+        self._aborted = True
         if not self._task.done():
             self._task.cancel()
         with contextlib.suppress(BaseException):
             await self._task
 
     async def close(self) -> None:
-        """Write everything pending, stop, and re-raise an append failure."""
+        """Write everything pending, stop, and re-raise an append failure.
+
+        After `abort` there is nothing to write: the cancellation that stopped the
+        task is no failure to re-raise. (It was: a turn that crashed is aborted, then
+        closed on its way to `failed: internal_error`, and that close raised
+        CancelledError, so the turn got no end until the partition's next owner
+        ended it as `worker_lost`.)"""
+        if self._aborted:
+            return
         self._closing = True
         self._wake.set()
         try:

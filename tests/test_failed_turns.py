@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+import actors.turn
 from events.log import EventLog
 from events.vocabulary import Failed
 from tests.sse import SseClient
@@ -83,3 +84,27 @@ async def test_the_conversation_takes_new_messages_after_a_failed_turn(api: SseC
     events = await api.send_stream(cid, "and now properly [[tokens=4]]")
     assert events[-1].data == "ok"
     assert "".join(e.data for e in events if e.event == "token").split() == ["0", "1", "2", "3"]
+
+
+async def test_a_turn_that_crashes_ends_failed_internal_error_at_once(
+    api: SseClient, event_log: EventLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in the turn's own code ends it visibly, by the worker that ran it, and
+    the conversation goes on; not left for the partition's next owner to close."""
+    cid = (await api.create_conversation())["id"]
+
+    def crashes(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug in the turn")
+
+    monkeypatch.setattr(actors.turn, "tool_round_messages", crashes)
+    async with asyncio.timeout(30):
+        events = await api.send_stream(cid, 'go [[tools=calculator{"expression": "1+1"}]]')
+    monkeypatch.undo()
+    assert [e.event for e in events][-2:] == ["error", "done"], events
+    assert events[-2].raw["code"] == "internal_error", events[-2].raw
+    ends = [s.event for s in await event_log.read(cid) if isinstance(s.event, Failed)]
+    assert [e.code for e in ends] == ["internal_error"], ends
+
+    async with asyncio.timeout(30):
+        events = await api.send_stream(cid, "and now? [[tokens=3]]")
+    assert events[-1].data == "ok", events

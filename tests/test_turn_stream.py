@@ -105,3 +105,16 @@ async def test_a_first_text_that_joins_the_titles_append_is_still_the_first(
         assert asyncio.get_running_loop().time() - ticked_at >= window_s - 0.002
     finally:
         await stream.abort()
+
+
+async def test_a_stream_closed_after_it_was_aborted_has_no_failure_to_raise(
+    event_log: EventLog,
+) -> None:
+    """A turn that crashed aborts its stream and then closes it on its way to
+    `failed: internal_error`: the abort's own cancellation is no failure of the log."""
+    writer = await _writer(event_log)
+    stream = TurnStream(writer, new_id(), lambda: 2, new_id)
+    stream.chunk("answer", "Hello")
+    await stream.abort()
+    async with asyncio.timeout(WAIT_S):
+        await stream.close()
