@@ -156,6 +156,12 @@ def sign(secret: bytes, webhook_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(digest).decode()
 
 
+def _header_safe(text: str) -> bool:
+    """Whether `text` can be an HTTP header's value as it is: printable ASCII, no line
+    break or other control character (the HTTP client refuses those)."""
+    return bool(text) and text.isascii() and text.isprintable()
+
+
 def payload(seq: int, end: TurnEnd) -> bytes:
     """The body of a turn-end webhook: `{type, timestamp, data}` as Standard Webhooks suggests."""
     data: dict[str, Any] = {
@@ -285,6 +291,19 @@ class WebhookDispatcher:
                     "conversation_id": conversation_of(msg.subject),
                     "seq": int(msg.metadata.sequence.stream),
                     "error": event.error if isinstance(event, Unreadable) else type(event).__name__,
+                },
+            )
+            await msg.ack()
+            return
+        if not _header_safe(event.event_id):
+            # Its id is the `webhook-id` header: one no header can carry (a line break)
+            # made the HTTP client raise, which ended the dispatcher, and every restart
+            # met the same entry again. It can never be sent: say so once, pass it over.
+            log.error(
+                "turn end not sent as a webhook: its event id cannot be a header",
+                extra={
+                    "conversation_id": event.conversation_id,
+                    "seq": int(msg.metadata.sequence.stream),
                 },
             )
             await msg.ack()

@@ -341,3 +341,38 @@ def test_the_signature_is_the_standard_webhooks_one_and_retries_back_off() -> No
     )
     decoded = json.loads(payload(9, done))
     assert decoded["type"] == "turn.done" and decoded["data"]["seq"] == 9
+
+
+async def test_an_end_whose_id_cannot_be_a_header_is_passed_over_and_the_rest_delivered(
+    api: SseClient, nc: NatsClient, receiver: tuple[Receiver, str]
+) -> None:
+    """A turn's end in the log whose event id holds a line break (or anything else no
+    `webhook-id` header may carry) can never be sent: it is logged and passed over,
+    not retried for ever, and the dispatcher goes on with every other end."""
+    hook, url = receiver
+    hook.refuse = 0
+    running = Running(nc, url)
+    try:
+        await asyncio.wait_for(running.dispatcher.ready.wait(), 10)
+        cid = (await api.create_conversation())["id"]
+        bad = {
+            "type": "done",
+            "conversation_id": cid,
+            "at": 1,
+            "event_id": "an id\r\nX-Injected: 1",
+            "turn_id": "t-1",
+            "content": [],
+            "stop_reason": "stop",
+            "input_tokens": 1,
+            "output_tokens": 1,
+        }
+        await nc.jetstream().publish(
+            f"chat.evt.{cid}", json.dumps(bad, separators=(",", ":")).encode()
+        )
+        await api.send_stream(cid, "one [[tokens=3]]")
+        await until(lambda: len(hook.accepted) == 1 or running.task.done(), seconds=15)
+        assert not running.task.done(), running.task
+        [accepted] = hook.accepted.values()
+        assert accepted["data"]["conversation_id"] == cid, accepted
+    finally:
+        await running.stop()
