@@ -79,6 +79,9 @@ class Rejected(msgspec.Struct, frozen=True):
     code: str
     message: str
     turn_id: str | None = None  # code "busy": the running turn
+    # code "repeated": the earlier request's command and message
+    repeats: str = ""
+    message_id: str | None = None
 
 
 class TurnTotals(msgspec.Struct, frozen=True):
@@ -110,6 +113,9 @@ def decide_request(
             f"this conversation's log cannot be read reliably ({state.broken}); "
             "it takes no new messages: start a new conversation",
         )
+    repeated = _repeated(state, cmd, now)
+    if repeated is not None:
+        return repeated
     if state.busy and cmd.on_busy == "reject":
         running = state.active.turn_id if state.active else None
         what = f"turn {running} is running" if running else "earlier messages are waiting"
@@ -122,6 +128,21 @@ def decide_request(
             return _edit(state, cmd, interrupts, now, new_id)
         case Regenerate():
             return _regenerate(state, cmd, interrupts, now, new_id)
+
+
+def _repeated(state: Conversation, cmd: TurnCommand, now: int) -> Rejected | None:
+    """The same request again (its idempotency key, user and content) while its key
+    lasts: the edge lost its record of the key (Redis flushed or restarted empty),
+    and the retry is answered with the earlier request's turn, not given a second."""
+    earlier = state.keyed.get(cmd.request_key) if cmd.request_key else None
+    if earlier is None or now - earlier.at >= cmd.request_key_ttl_s * 1_000_000_000:
+        return None
+    return Rejected(
+        "repeated",
+        f"the request with this idempotency key was accepted already (command {earlier.command_id})",
+        repeats=earlier.command_id,
+        message_id=earlier.message_id,
+    )
 
 
 def _send(
@@ -141,6 +162,7 @@ def _send(
         command_id=cmd.command_id,
         model=cmd.model,
         interrupts=interrupts,
+        request_key=cmd.request_key,
     )
 
 
@@ -168,6 +190,7 @@ def _edit(
             command_id=cmd.command_id,
             model=cmd.model,
             interrupts=interrupts,
+            request_key=cmd.request_key,
             # the old version and everything that grew from it leave the branch
             supersedes=[current.message_id, *descendants(state, current.message_id)],
             fork_origin=current.message_id,
@@ -200,6 +223,7 @@ def _regenerate(
             user_id=cmd.user_id,
             model=cmd.model,
             interrupts=interrupts,
+            request_key=cmd.request_key,
         )
     ]
 
@@ -229,11 +253,12 @@ def decide_rejection(
         at=now,
         event_id=new_id(),
         command_id=cmd.command_id,
-        message_id=cmd.message_id,
+        message_id=cmd.message_id if why.message_id is None else why.message_id,
         code=why.code,
         message=why.message,
         turn_id=why.turn_id,
         idle=state.active is None and not state.queue,
+        repeats=why.repeats,
     )
 
 

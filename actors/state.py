@@ -112,6 +112,14 @@ class QueuedTurn(msgspec.Struct, frozen=True):
     user_id: str = ""
 
 
+class KeyedRequest(msgspec.Struct, frozen=True):
+    """A request sent with an idempotency key: what a retry of it is answered with."""
+
+    command_id: str
+    message_id: str  # its user message ("" for a regeneration: the answer has no id yet)
+    at: int  # when it was accepted (a key is the same request for a while, not for ever)
+
+
 class BilledTurn(msgspec.Struct, frozen=True):
     """A turn that ended with an account to charge: what its charge is made of."""
 
@@ -158,6 +166,8 @@ class Conversation(msgspec.Struct, frozen=True):
     commands_seen: frozenset[str] = frozenset()
     # commands whose turn ended (or which were refused): a redelivery is settled at once
     commands_done: frozenset[str] = frozenset()
+    # accepted requests by their `request_key` (events.vocabulary.TurnRequest)
+    keyed: dict[str, KeyedRequest] = {}
     token_usage_total: int = 0
     last_billed: BilledTurn | None = None  # the latest ended turn that has an account to charge
     # Why this conversation's state cannot be known (a damaged event, a broken
@@ -177,7 +187,8 @@ def state_bytes(state: Conversation) -> int:
     """About how much memory a folded conversation holds: its messages' text (which
     is most of it: every answer in full) and the ids it remembers. `sys.getsizeof`
     of a string is its real size, known without reading it."""
-    size = _STATE_OVERHEAD + _ID_BYTES * (len(state.commands_seen) + len(state.commands_done))
+    ids = len(state.commands_seen) + len(state.commands_done) + 3 * len(state.keyed)
+    size = _STATE_OVERHEAD + _ID_BYTES * ids
     for m in state.messages:
         size += _MESSAGE_OVERHEAD + sys.getsizeof(m.text)
         size += sum(_MESSAGE_OVERHEAD + sys.getsizeof(b.content) for b in m.blocks)
@@ -232,6 +243,7 @@ def evolve(state: Conversation, event: AnyEvent | Unreadable) -> Conversation:
                 state,
                 queue=_enqueue(state.queue, queued, front=event.interrupts),
                 commands_seen=state.commands_seen | {event.command_id},
+                keyed=_keyed(state, event.request_key, event.command_id, "", event.at),
             )
         case Started():
             return _started(state, event)
@@ -348,7 +360,17 @@ def _user_message(state: Conversation, event: UserMessage) -> Conversation:
         messages=_add_version(messages, message),
         queue=_enqueue(state.queue, queued, front=event.interrupts),
         commands_seen=seen,
+        keyed=_keyed(state, event.request_key, event.command_id, event.message_id, event.at),
     )
+
+
+def _keyed(
+    state: Conversation, request_key: str, command_id: str, message_id: str, at: int
+) -> dict[str, KeyedRequest]:
+    """The keyed requests with this one (a copy: a state is never changed in place)."""
+    if not request_key:
+        return state.keyed
+    return {**state.keyed, request_key: KeyedRequest(command_id, message_id, at)}
 
 
 def _started(state: Conversation, event: Started) -> Conversation:

@@ -137,8 +137,8 @@ class SseViewer(Subscription):
     def admits(self, delivery: Delivery, idle_after: bool | None) -> bool:
         """Whether the delivery belongs to this stream (a POST stream: only its turn).
 
-        A viewer of the whole conversation is not shown a request refused as busy,
-        nor any refusal while it watches a turn or while other turns wait to run
+        A viewer of the whole conversation is not shown a request refused as busy
+        or as a repeat of an earlier one (its sender is answered with that one), nor any refusal while it watches a turn or while other turns wait to run
         (`idle_after` false: a queued message whose branch an edit took away is
         refused between two turns): that request never became a turn, and its
         `error` and `done` would end, for the viewer's frontend, a conversation
@@ -147,7 +147,11 @@ class SseViewer(Subscription):
             return self.turn.admit(delivery.stored)
         event = delivery.stored.event
         if isinstance(event, CommandRejected):
-            return event.code != "busy" and self.open_turn is None and bool(idle_after)
+            return (
+                event.code not in ("busy", "repeated")
+                and self.open_turn is None
+                and bool(idle_after)
+            )
         return True
 
     def take(self, delivery: Delivery) -> None:

@@ -327,6 +327,12 @@ async def submit(
             await _forget_idempotency(request, conversation_id, idempotency_key)
         raise
     command = msgspec.structs.replace(build(record), after=record.after)
+    if idempotency_key is not None:
+        command = msgspec.structs.replace(
+            command,
+            request_key=request_key(claims_of(request).sub, idempotency_key, digest),
+            request_key_ttl_s=request.app[CONFIG].idempotency_ttl_s,
+        )
     # Published again for a repeated key too: whether or not the first request
     # got as far as publishing, the command is applied exactly once in effect.
     # Nats-Msg-Id drops a copy within the duplicate window, and the actor drops
@@ -344,6 +350,12 @@ async def submit(
     await _keep_idempotency(request, conversation_id, idempotency_key, record)
 
     decision = await _decision(request, conversation_id, record, fresh)
+    if decision.rejected is not None and decision.rejected.repeats:
+        # The key's record was lost and the actor knew the request from the log: this
+        # is a repeat of it, answered as one (its stream, its message id).
+        record, fresh = await _earlier(request, conversation_id, decision.rejected, digest), False
+        await _keep_idempotency(request, conversation_id, idempotency_key, record)
+        decision = await _decision(request, conversation_id, record, fresh)
     if decision.rejected is not None:
         # A refused request had no effect: its key is free again, so the retry the
         # refusal asks for (later, or with another on_busy) is not refused for ever.
@@ -484,6 +496,21 @@ async def _decision(
     return Decision(accepted=outcome == "accepted")
 
 
+async def _earlier(
+    request: web.Request, conversation_id: str, repeated: CommandRejected, digest: str
+) -> IdempotencyRecord:
+    """The record of the request a `repeated` refusal names, as the edge had kept it:
+    its command and message; its turn is looked for from the conversation's start
+    (the position it was sent at was in the record that was lost)."""
+    first = await request.app[LOG].first(conversation_id)
+    return IdempotencyRecord(
+        message_id=repeated.message_id,
+        command_id=repeated.repeats,
+        after=0 if first is None else first.seq - 1,
+        digest=digest,
+    )
+
+
 def refusal_error(rejected: CommandRejected) -> ApiError:
     status = {"busy": 409, "conversation_unreadable": 409, "not_found": 404}.get(rejected.code, 409)
     error = ApiError(status, rejected.code, rejected.message)
@@ -527,6 +554,12 @@ def _check_common(request: web.Request, model: str | None) -> None:
 def request_digest(parts: tuple[Any, ...]) -> str:
     """What a repeated idempotency key must ask for again (else 422)."""
     return hashlib.sha256(msgspec.json.encode(parts)).hexdigest()
+
+
+def request_key(user_id: str, key: str, digest: str) -> str:
+    """A keyed request as the actor knows it again from the log (TurnRequest.request_key):
+    the user's key and what it asked for, hashed (the key itself is the client's)."""
+    return hashlib.sha256(f"{user_id}\x00{key}\x00{digest}".encode()).hexdigest()[:32]
 
 
 def idem_key(user_id: str, conversation_id: str, key: str) -> str:

@@ -78,6 +78,8 @@ class UserMessage(Event, tag="user_message", frozen=True):
     command_id: str = ""
     model: str | None = None  # the model asked for, for a turn that starts later
     interrupts: bool = False  # on_busy=interrupt: answered before anything queued
+    # the client's idempotency key, hashed with its user and request (TurnRequest)
+    request_key: str = ""
     # An edit replaces these messages (the old version and what followed it) as
     # the latest; `fork_origin` is the version the new branch grew from.
     supersedes: list[str] = []
@@ -95,6 +97,7 @@ class AnswerRequested(Event, tag="answer_requested", frozen=True):
     user_id: str = ""
     model: str | None = None
     interrupts: bool = False
+    request_key: str = ""  # as UserMessage's
 
 
 class Started(Event, tag="started", frozen=True):
@@ -223,6 +226,10 @@ class CommandRejected(Event, tag="command_rejected", frozen=True):
     # viewer reads the same from the log live or later); None in logs written
     # before it was recorded.
     idle: bool | None = None
+    # code "repeated": the command of the earlier request this one repeats (its
+    # idempotency key again, the edge's record of it lost); `message_id` is that
+    # request's message
+    repeats: str = ""
 
 
 class CreditsGranted(Event, tag="credits_granted", frozen=True):
@@ -333,6 +340,12 @@ class TurnRequest(Command, frozen=True, kw_only=True):
     # the log's end as the edge read it before publishing: where this request's turn
     # begins at the earliest (the actor announces it from there)
     after: int | None = None
+    # With an idempotency key: a hash of the user, the key and what is asked. The
+    # edge keeps a key's request in Redis; this copy in the log lets the actor know
+    # the same request again for `request_key_ttl_s` when Redis lost it (flushed,
+    # restarted empty, evicted), so a retry is never a second turn.
+    request_key: str = ""
+    request_key_ttl_s: int = 0
 
 
 class SendMessage(TurnRequest, tag="send_message", frozen=True):

@@ -295,6 +295,54 @@ def test_a_message_while_a_turn_runs_is_rejected_as_busy() -> None:
     assert turn_id in result.message, f"expected the running turn named in {result.message!r}"
 
 
+def keyed(cmd: SendMessage | Regenerate, key: str, ttl_s: int = 3600) -> typing.Any:
+    """The command with an idempotency key, sent with `on_busy: enqueue`."""
+    return msgspec.structs.replace(cmd, request_key=key, request_key_ttl_s=ttl_s, on_busy="enqueue")
+
+
+def test_a_keyed_request_sent_again_is_answered_with_the_first_while_its_key_lasts() -> None:
+    """The edge's record of an idempotency key can be lost with Redis; the log keeps
+    the key's hash with the request, so a retry is the same request, not a second
+    turn, while the key lasts, running or not; another request, or the same one
+    after the key's time, is a new one."""
+    state, turn_id = started_turn()
+    accepted = decide_request(state, keyed(send("a question", n=2), "k-1"), NOW, Ids("a"))
+    assert isinstance(accepted, list), accepted
+    state = fold(state, accepted)
+    repeat = decide_request(state, keyed(send("a question", n=3), "k-1"), NOW + 5, Ids())
+    assert repeat == Rejected(
+        "repeated",
+        "the request with this idempotency key was accepted already (command cmd-2)",
+        repeats="cmd-2",
+        message_id="msg-2",
+    ), repeat
+    event = decide_rejection(state, send("a question", n=3), repeat, NOW, Ids())
+    assert (event.command_id, event.message_id, event.repeats) == ("cmd-3", "msg-2", "cmd-2")
+    # not busy: a repeat is answered with the earlier request whatever runs
+    assert state.active is not None and state.active.turn_id == turn_id
+    later = NOW + 3600 * 1_000_000_000
+    anew = decide_request(state, keyed(send("a question", n=4), "k-1"), later, Ids())
+    assert isinstance(anew, list) and isinstance(anew[0], UserMessage), anew
+    assert (anew[0].message_id, anew[0].request_key) == ("msg-4", "k-1")
+    other = decide_request(state, keyed(send("another", n=5), "k-2"), NOW + 5, Ids())
+    assert isinstance(other, list) and isinstance(other[0], UserMessage), other
+
+
+def test_a_keyed_regeneration_sent_again_names_the_first_and_no_message() -> None:
+    state, turn_id = started_turn()
+    state = finished(state)
+    regenerate = Regenerate(
+        conversation_id=CONV, command_id="cmd-r1", user_id=USER, at=NOW, message_id=turn_id
+    )
+    accepted = decide_request(state, keyed(regenerate, "k-r"), NOW, Ids("r"))
+    assert isinstance(accepted, list) and isinstance(accepted[0], AnswerRequested), accepted
+    state = fold(state, accepted)
+    again = msgspec.structs.replace(regenerate, command_id="cmd-r2")
+    repeat = decide_request(state, keyed(again, "k-r"), NOW + 1, Ids())
+    assert isinstance(repeat, Rejected), repeat
+    assert (repeat.code, repeat.repeats, repeat.message_id) == ("repeated", "cmd-r1", "")
+
+
 # ---------------------------------------------------------------- decide_title
 
 

