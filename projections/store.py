@@ -246,6 +246,13 @@ class ReadStore:
         )
         return [ProjectRow(**{**dict(r), "members": list(r["members"])}) for r in rows]
 
+    async def grant_seq(self, event_id: str) -> int | None:
+        """The log position of the grant with this event id, if the read model has it."""
+        seq = await self._pool.fetchval(
+            "SELECT seq FROM credit_grants WHERE event_id = $1", event_id
+        )
+        return None if seq is None else int(seq)
+
     async def account(self, account: str) -> AccountRow | None:
         row = await self._pool.fetchrow(
             "SELECT account, kind, owner, granted, charged, reserved, updated_at"

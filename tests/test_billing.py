@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from events.billing import AccountState, evolve_account, preflight_estimate, turn_cost
 from events.ids import new_id
 from events.log import EventLog
-from events.subjects import account_subject
+from events.subjects import EVT_STREAM, account_subject
 from events.vocabulary import (
     BillingRejected,
     Cancelled,
@@ -444,6 +444,49 @@ async def test_a_keyed_grant_is_made_once_and_its_key_is_not_reused_for_another(
         if isinstance(s.event, CreditsGranted)
     ]
     assert grants == [(first_seq, 1000)], grants
+
+
+async def test_a_keyed_grant_is_made_once_after_its_key_left_redis_and_the_window(
+    admin: SseClient, event_log: EventLog, stack: Servers, nc: NatsClient
+) -> None:
+    """Past the stream's duplicate window, a grant sent again whose key Redis no longer
+    had (lost, or kept longer than Redis keeps keys) was appended a second time under
+    the same event id: the account got the amount twice. The read model knows every
+    grant by that id, and the edge asks it before granting."""
+    owner = f"granted-{new_id()}"
+    path = f"/v1/billing/accounts/user/{owner}/credits"
+    body = {"micro_credits": 1000, "note": "welcome", "idempotency_key": "late-1"}
+    status, first = await admin.request("POST", path, json=body)
+    assert status == 201, first
+    subject = account_subject(f"user:{owner}")
+    async with asyncio.timeout(10):
+        while True:  # the read model has the grant
+            status, view = await admin.request("GET", f"/v1/billing/accounts/user/{owner}")
+            if view["granted_micro_credits"] == 1000:
+                break
+            await asyncio.sleep(0.05)
+    js = nc.jetstream()
+    config = (await js.stream_info(EVT_STREAM)).config
+    window = config.duplicate_window
+    redis = Redis.from_url(stack.redis_url)
+    try:
+        assert await redis.delete(*[k async for k in redis.scan_iter("parley:grant:*")])
+        config.duplicate_window = 0.2  # seconds: the window passes at once
+        await js.update_stream(config)
+        await asyncio.sleep(0.4)  # past it: the server forgets the grant's id
+        assert await admin.request("POST", path, json=body) == (201, first)
+        status, error = await admin.request("POST", path, json={**body, "micro_credits": 5})
+        assert (status, error["error"]["code"]) == (422, "idempotency_mismatch"), error
+    finally:
+        config.duplicate_window = window
+        await js.update_stream(config)
+        await redis.aclose()
+    amounts = [
+        s.event.amount
+        for s in await event_log.read_subject(subject)
+        if isinstance(s.event, CreditsGranted)
+    ]
+    assert amounts == [1000], amounts
 
 
 @pytest.mark.parametrize("key", ["", "k" * 100_000])
