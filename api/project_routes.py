@@ -177,14 +177,15 @@ async def grant_credits(request: web.Request) -> web.Response:
         granted_by=claims.sub,
     )
     redis = request.app[REDIS]
-    remembered = await redis.get(f"{_GRANT_KEYS}{keyed}") if keyed else None
+    kept = await redis.get(f"{_GRANT_KEYS}{keyed}") if keyed else None
+    remembered = None if kept is None else int(kept)
     if remembered is None and keyed:
         # Not in Redis (lost: a flush, an eviction, a restart without its data; or
         # kept longer than Redis keeps it): the read model knows every grant by its
         # id, which the key makes. Granting again would add the amount twice.
         remembered = await request.app[STORE].grant_seq(event.event_id)
     if remembered is not None:  # after the duplicate window: the log says what it granted
-        return await _granted_once(request, event, int(remembered))
+        return await _granted_once(request, event, remembered)
     subject = account_subject(account)
     for _ in range(_ATTEMPTS):
         try:
