@@ -161,27 +161,39 @@ class Projector:
         )
 
     def decode(self, batch: Sequence[RawEvent]) -> list[StoredEvent]:
-        """The entries this projection needs decoded; chunks are passed over as bytes."""
+        """The entries this projection needs decoded; chunks are passed over as bytes.
+
+        An event on one conversation's log that names another (a writer's bug, or a
+        forged entry) is not projected into that other conversation, whose log does
+        not hold it: it is recorded as one this projection cannot apply."""
         skip = self.skip_prefix
-        out = [
-            StoredEvent.decode(raw.seq, raw.data)
-            for raw in batch
-            if skip is None or not raw.data.startswith(skip)
-        ]
+        out: list[StoredEvent] = []
         counts = self.counts
-        counts["chunk"] += len(batch) - len(out)
-        subjects: dict[int, str] | None = None
-        for i, item in enumerate(out):
+        for raw in batch:
+            if skip is not None and raw.data.startswith(skip):
+                continue
+            item = StoredEvent.decode(raw.seq, raw.data)
             event = item.event
             if isinstance(event, Unreadable):
                 counts["unreadable"] += 1
                 # its subject says whose it was: the record names the conversation
-                subjects = subjects or {raw.seq: raw.subject for raw in batch}
-                out[i] = StoredEvent(
-                    item.seq, msgspec.structs.replace(event, subject=subjects.get(item.seq, ""))
+                item = StoredEvent(item.seq, msgspec.structs.replace(event, subject=raw.subject))
+            elif (owner := conversation_of(raw.subject)) is not None and (
+                event.conversation_id != owner
+            ):
+                counts["unreadable"] += 1
+                foreign = Unreadable(
+                    raw=raw.data,
+                    type=event_type(event),
+                    error=f"it names conversation {event.conversation_id!r}, not the one whose "
+                    "log holds it",
+                    subject=raw.subject,
                 )
+                item = StoredEvent(item.seq, foreign)
             else:
                 counts[event_type(event)] += 1
+            out.append(item)
+        counts["chunk"] += len(batch) - len(out)
         return out
 
     async def load_position(self, conn: Any = None) -> int:

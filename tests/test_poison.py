@@ -127,6 +127,27 @@ async def test_text_postgres_cannot_hold_is_sanitised_and_the_projection_goes_on
             last = (await api.request("GET", f"/v1/conversations/{cid}"))[1]
 
 
+async def test_an_event_naming_another_conversation_is_not_projected_into_it(
+    api: SseClient, nc: NatsClient, services: Services
+) -> None:
+    """A `title` on A's log that named B renamed B in the read model, though B's log
+    holds no such event: one conversation's log could change another's rows (and a
+    rebuild from B's own log would disagree). It is recorded against A, skipped."""
+    victim = (await api.create_conversation(title="Ops runbook"))["id"]
+    carrier = (await api.create_conversation())["id"]
+    forged = Title(
+        conversation_id=victim, at=time.time_ns(), event_id=new_id(), title="pwned", source="user"
+    )
+    seq = await publish_raw(nc, carrier, encode(forged))
+
+    error = await projection_error(services, seq)
+    assert error is not None and error["rule"] == "skipped", error
+    assert (error["conversation_id"], error["event_type"]) == (carrier, "title"), error
+    assert repr(victim) in error["reason"], error
+    status, row = await api.request("GET", f"/v1/conversations/{victim}")
+    assert status == 200 and row["title"] == "Ops runbook", row
+
+
 async def test_a_damaged_event_makes_only_its_own_conversation_refuse_new_messages(
     api: SseClient, nc: NatsClient, event_log: EventLog, services: Services
 ) -> None:
