@@ -69,6 +69,7 @@ from parley.chat_view import (
     failed,
     history,
     new_conversation,
+    printable,
     welcome,
 )
 from parley.chat_wire import SseDecoder
@@ -380,13 +381,15 @@ class Chat:
         text = Text()  # writes in a row go out as one: a burst of tokens is one print
         for op in ops:
             if isinstance(op, Write):
-                text.append(op.text, STYLES[op.style])
+                # the one way to the terminal: whatever a model wrote cannot command it
+                text.append(printable(op.text), STYLES[op.style])
                 continue
             if text:
                 self.console.print(text, end="", soft_wrap=True)
                 text = Text()
             if isinstance(op, Spin):
-                spinner = Spinner("dots", text=Text(op.label, style=STYLES["dim"]))
+                label = Text(printable(op.label), style=STYLES["dim"])  # a tool's name
+                spinner = Spinner("dots", text=label)
                 if self._live is None:
                     self._live = Live(
                         spinner,

@@ -57,6 +57,30 @@ class Unspin(msgspec.Struct, frozen=True):
 
 Op = Write | Spin | Unspin
 
+
+# ---------------------------------------------------------------- what reaches the terminal
+
+# A terminal obeys the control characters in what it is given: ESC starts the sequences
+# that clear the screen, move the cursor, retitle the window, write the clipboard (OSC
+# 52) or answer with keystrokes of their own, and C1's CSI and OSC (U+009B, U+009D) do
+# the same in one character. What parley chat shows comes from a model, a tool, a
+# title made from a message or another client: none of it may drive the user's
+# terminal. Newline and tab stay; a carriage return goes (CRLF lines stay lines); every
+# other control is shown as its control picture (ESC as ␛), C1 as U+FFFD, so the user
+# still sees that something was there.
+_CONTROLS: dict[int, str | None] = {
+    **{c: chr(0x2400 + c) for c in range(0x20) if c not in (0x09, 0x0A, 0x0D)},
+    0x0D: None,
+    0x7F: "\u2421",
+    **{c: "\ufffd" for c in range(0x80, 0xA0)},
+}
+
+
+def printable(text: str) -> str:
+    """`text` with nothing in it a terminal would take as a command."""
+    return text.translate(_CONTROLS)
+
+
 WAITING = "waiting for the answer"
 RESUMING = "reconnecting"
 STOPPED = "⏹ stopped"

@@ -558,3 +558,38 @@ async def test_piped_chat_exits_non_zero_when_its_message_was_never_sent(
     env = chat_env(PARLEY_URL=elsewhere, PARLEY_TOKEN=token_for(user))
     code, said = await _run_chat("chat", env=env, lines="hello\n")
     assert code == 1 and "could not start a conversation" in said, said
+
+
+# A title (OSC 0), a clear screen, a colour, a clipboard write (OSC 52), and C1's CSI:
+# in a message the demo model repeats, so they come back in its thinking and answer, and
+# in the title made from it.
+_ESCAPES = "hi \x1b]0;PWNED\x07 \x1b[2J\x1b[31mred \u009b32mgreen \x1b]52;c;cHduZWQ=\x07 end"
+
+
+async def test_escape_sequences_in_an_answer_are_shown_not_obeyed(
+    services: Services, api: SseClient, user: str, projected: Projected
+) -> None:
+    env = chat_env(PARLEY_URL=services.edge_url, PARLEY_TOKEN=token_for(user))
+    # streamed live, written to a pipe
+    code, said = await _run_chat("chat", env=env, lines=_ESCAPES + "\n")
+    assert code == 0, said
+    assert "\x1b" not in said and "\x9b" not in said and "\x07" not in said, repr(said)
+    assert 'You said: "hi ␛]0;PWNED␇ ␛[2J␛[31mred \ufffd32mgreen' in said, said
+
+    # and from the history, on a terminal: the title, the message, thinking and answer
+    conversation_id = (await api.create_conversation())["id"]
+    events = await api.send_stream(conversation_id, _ESCAPES)
+    assert events[-1].data == "ok"
+    await projected(conversation_id)
+    with terminal("chat", "--conversation", conversation_id, env=env) as term:
+        answered = await term.until_row(lambda r: r.startswith("You said:"), "the history")
+        await term.prompt_after(answered)
+        raw = "".join(term.raw)
+        for sequence in ("\x1b]0;", "\x1b]52;", "\x1b[2J", "\x1b[31m", "\x9b"):
+            assert sequence not in raw, (sequence, raw)
+        assert term.screen.title == "", term.screen.title
+        rows = term.rows()
+        assert rows[0] == f"conversation {conversation_id}", term.text()  # not cleared
+        assert "you> hi ␛]0;PWNED␇ ␛[2J␛[31mred \ufffd32mgreen ␛]52;c;cHduZWQ=␇ end" in rows
+        term.ctrl_c()
+        assert await term.exit_status() in (0, 130)

@@ -19,6 +19,7 @@ from parley.chat_view import (
     Unspin,
     Write,
     history,
+    printable,
     tool_call_text,
 )
 from parley.chat_wire import SseDecoder, WireEvent, id_order
@@ -384,3 +385,13 @@ def test_history_leaves_out_the_answer_the_live_stream_will_draw() -> None:
     assert text_of(history("C1", rows, limit=10, title=None, skip_turn="T9")) == (
         "conversation C1\nyou> hi\n"
     )
+
+
+def test_nothing_a_model_writes_can_command_the_terminal() -> None:
+    said = "a\x1b]0;PWNED\x07b \x1b[2J\x1b[31mred\u009b31m\u009d52;c;eA==\x9c\x7f\x08\r\n\tend"
+    shown = printable(said)
+    assert all(ch in "\n\t" or (ch.isprintable() and ch != "\x7f") for ch in shown), repr(shown)
+    assert shown == "a␛]0;PWNED␇b ␛[2J␛[31mred\ufffd31m\ufffd52;c;eA==\ufffd␡␈\n\tend"
+    # text as it should be passes as it is: wide, right-to-left, combining, emoji
+    fine = "你好 שלום e\u0301 👨\u200d👩\u200d👧 🙂\n\tx"
+    assert printable(fine) == fine
