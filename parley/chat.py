@@ -284,21 +284,20 @@ class Chat:
     async def _follow(self, view: TurnView, first: Opener, again: Opener) -> bool:
         """Read the turn to its end, Ctrl-C stopping it; False if a second Ctrl-C quit."""
         loop = asyncio.get_running_loop()
-        quitting = False
-        asked_to_stop = False
+        quitting = asyncio.Event()
+        stopping: asyncio.Task[None] | None = None
         async with asyncio.TaskGroup() as tasks:
             reading = tasks.create_task(self._read(view, first, again))
 
             def interrupted() -> None:
-                nonlocal quitting, asked_to_stop
+                nonlocal stopping
                 if reading.done():
                     return
-                if not asked_to_stop:
-                    asked_to_stop = True
+                if stopping is None:
                     self.draw(view.cancelling())
-                    tasks.create_task(self._cancel(view))
+                    stopping = tasks.create_task(self._cancel(view, quitting))
                 else:
-                    quitting = True
+                    quitting.set()  # a stop being sent is still sent, but not tried again
                     reading.cancel()
 
             loop.add_signal_handler(signal.SIGINT, interrupted)
@@ -307,15 +306,44 @@ class Chat:
                     await asyncio.wait({reading})
             finally:
                 loop.remove_signal_handler(signal.SIGINT)
-        self.draw(view.leave() if quitting else [Unspin()])
-        return not quitting
+                if stopping is not None and not quitting.is_set():
+                    stopping.cancel()  # the turn has ended: nothing left to stop
+        self.draw(view.leave() if quitting.is_set() else [Unspin()])
+        return not quitting.is_set()
 
-    async def _cancel(self, view: TurnView) -> None:
+    async def _cancel(self, view: TurnView, quitting: asyncio.Event) -> None:
+        """Ask the server to stop the turn, and again until it has heard: a stop pressed
+        while the edge is away (the stream being resumed) is sent once it is back, not
+        dropped while the answer goes on. `_follow` cancels this when the turn ends; a
+        user who quits meanwhile waits for the request under way, not for more."""
         assert self.conversation_id is not None
-        try:
-            await self.api.call("POST", f"/v1/conversations/{self.conversation_id}/cancel", {})
-        except (RequestFailed, aiohttp.ClientError, TimeoutError) as err:
-            self.draw(view.note(f"could not ask the server to stop the answer: {err}"))
+        path = f"/v1/conversations/{self.conversation_id}/cancel"
+        told = False
+        attempt = 0
+        while True:
+            reason: str | None = None
+            try:
+                answer = await self.api.call("POST", path, {})
+            except RequestFailed as err:
+                if err.status not in _RETRYABLE:
+                    self.draw(view.note(f"could not stop the answer: {err.message}"))
+                    return
+                reason = err.message
+            except (aiohttp.ClientError, TimeoutError) as err:
+                reason = describe(err)
+            else:
+                if not isinstance(answer, dict) or answer.get("cancelled") is not False:
+                    return  # on its way to the actor; the stream ends with "stopped"
+                # "no turn is running": the message is not there yet (a Ctrl-C right
+                # after Enter), or its turn has just ended and the stream's done comes
+            if reason is not None and not told:
+                told = True
+                self.draw(view.note(f"could not stop the answer yet ({reason}); trying again"))
+            with contextlib.suppress(TimeoutError):  # the pause before trying again
+                await asyncio.wait_for(quitting.wait(), backoff_s(attempt + 1))
+            if quitting.is_set():
+                return
+            attempt += 1
 
     async def _read(self, view: TurnView, first: Opener, again: Opener) -> None:
         opener = first

@@ -364,8 +364,12 @@ class CuttingProxy:
         self.sent: list[bytearray] = []  # client -> server bytes, per connection
         self._writers: list[asyncio.StreamWriter] = []
         self.url = ""
+        self.down = False  # every new connection is dropped at once, as by an edge away
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.down:
+            writer.transport.abort()
+            return
         up_reader, up_writer = await asyncio.open_connection(*self.target)
         self._writers += [writer, up_writer]
         sent = bytearray()
@@ -444,6 +448,36 @@ async def test_a_dropped_connection_is_resumed_with_every_token_exactly_once(
     resumes = [s for s in sent if f"GET /v1/conversations/{conversation_id}/events".encode() in s]
     assert len(resumes) == 1, sent
     assert re.search(rb"(?i)last-event-id: [0-9]+\r\n", resumes[0]), resumes[0]
+
+
+async def test_ctrl_c_while_the_edge_is_away_stops_the_answer_once_it_is_back(
+    services: Services, api: SseClient, user: str, projected: Projected
+) -> None:
+    async with CuttingProxy(services.edge_url).running() as proxy:
+        env = chat_env(PARLEY_URL=proxy.url, PARLEY_TOKEN=token_for(user))
+        with terminal("chat", env=env) as term:
+            await term.until_row(lambda r: r == PROMPT_ROW, "the first prompt")
+            term.type_line("[[tokens=8000]]")  # 20 s at the test model's pace
+            typed = await term.until_row(lambda r: r == "you> [[tokens=8000]]", "the message")
+            await term.until_row(lambda r: " 30 " in r, "the answer streaming", after=typed)
+            conversation_id = conversation_id_on(term)
+            proxy.down = True
+            proxy.cut()
+            lost = await term.until_row(
+                lambda r: r.startswith("⟳ connection lost"), "the resume notice", after=typed
+            )
+            term.ctrl_c()  # the stop cannot reach the edge now
+            await term.until_row(lambda r: r.startswith("could not"), "the failed stop", after=lost)
+            proxy.down = False
+            stopped = await term.until_row(lambda r: r == STOPPED, "the stopped turn", after=lost)
+            await term.prompt_after(stopped)
+            numbers, _ = numbers_between(term, typed, stopped)
+            assert numbers == list(range(len(numbers))) and len(numbers) < 8000, numbers
+            term.ctrl_c()
+            assert await term.exit_status() in (0, 130)
+    await projected(conversation_id)
+    _, body = await api.request("GET", f"/v1/conversations/{conversation_id}/messages")
+    assert body["messages"][-1]["status"] == "cancelled", body
 
 
 async def _run_chat(*args: str, env: dict[str, str], lines: str = "") -> tuple[int, str]:
