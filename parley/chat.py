@@ -226,7 +226,7 @@ class Chat:
         def opener() -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
             return self.api.events(conversation_id, view.last_id or after)
 
-        return await self._follow(view, opener, opener)
+        return await self._follow(view, opener, opener, sending=False)
 
     async def _loop(self) -> int:
         while True:
@@ -272,7 +272,7 @@ class Chat:
             return self.api.post_message(conversation_id, body)
 
         keep_going = await self._follow(
-            view, lambda: self.api.post_message(conversation_id, body), again
+            view, lambda: self.api.post_message(conversation_id, body), again, sending=True
         )
         self.title = view.title
         if view.outcome not in (None, "ok", "stopped"):
@@ -281,13 +281,14 @@ class Chat:
 
     # ------------------------------------------------------------ following a turn
 
-    async def _follow(self, view: TurnView, first: Opener, again: Opener) -> bool:
-        """Read the turn to its end, Ctrl-C stopping it; False if a second Ctrl-C quit."""
+    async def _follow(self, view: TurnView, first: Opener, again: Opener, *, sending: bool) -> bool:
+        """Read the turn to its end, Ctrl-C stopping it; False if a second Ctrl-C quit.
+        `sending`: `first` posts the message whose turn this is."""
         loop = asyncio.get_running_loop()
         quitting = asyncio.Event()
         stopping: asyncio.Task[None] | None = None
         async with asyncio.TaskGroup() as tasks:
-            reading = tasks.create_task(self._read(view, first, again))
+            reading = tasks.create_task(self._read(view, first, again, sending=sending))
 
             def interrupted() -> None:
                 nonlocal stopping
@@ -345,12 +346,13 @@ class Chat:
                 return
             attempt += 1
 
-    async def _read(self, view: TurnView, first: Opener, again: Opener) -> None:
+    async def _read(self, view: TurnView, first: Opener, again: Opener, *, sending: bool) -> None:
         opener = first
         attempt = 0
         heard_at = time.monotonic()
         while True:
             reason = "the stream ended before the answer did"
+            busy = False  # the edge answered, but not now (429, 503): nothing was lost
             try:
                 async with opener() as response:
                     if response.status != 200:
@@ -373,23 +375,41 @@ class Chat:
                         if view.finished:
                             return
             except _Retry as err:
-                reason = str(err)
+                reason, busy = str(err), True
             except (aiohttp.ClientError, TimeoutError) as err:
                 reason = describe(err)
             if view.finished:  # e.g. a cancel that could not be sent
                 return
             if time.monotonic() - heard_at > GIVE_UP_AFTER_S:
-                self.draw(
-                    view.give_up(
-                        f"the server has not answered for {GIVE_UP_AFTER_S:.0f} s ({reason}); "
-                        f"the answer goes on there: parley chat --conversation {self.conversation_id}"
-                    )
-                )
+                self.draw(self._given_up(view, reason, busy=busy, sending=sending))
                 return
-            self.draw(view.reconnecting(reason))
+            self.draw(view.reconnecting(reason, busy=busy))
             await asyncio.sleep(backoff_s(attempt))
             attempt += 1
             opener = again
+
+    def _given_up(self, view: TurnView, reason: str, *, busy: bool, sending: bool) -> list[Op]:
+        """What the user is told after GIVE_UP_AFTER_S of trying: whether the message is
+        in the conversation and where its answer can still be seen."""
+        where = f"parley chat --conversation {self.conversation_id}"
+        waited = f"{GIVE_UP_AFTER_S:.0f} s"
+        if sending and view.last_id is None:  # not one event of the turn came
+            if busy:  # a repeated key passes every cap: refused, the message is not there
+                return view.give_up(
+                    f"error: {reason} (for {waited}); the message was not sent", "refused"
+                )
+            return view.give_up(
+                f"the server has not answered for {waited} ({reason}); "
+                f"the message may not have been sent: see {where}"
+            )
+        if busy:
+            return view.give_up(
+                f"the server refused the stream for {waited} ({reason}); "
+                f"the answer goes on there: {where}"
+            )
+        return view.give_up(
+            f"the server has not answered for {waited} ({reason}); the answer goes on there: {where}"
+        )
 
     # ------------------------------------------------------------ the terminal
 

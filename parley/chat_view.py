@@ -83,6 +83,7 @@ def printable(text: str) -> str:
 
 WAITING = "waiting for the answer"
 RESUMING = "reconnecting"
+TRYING_AGAIN = "trying again"
 STOPPED = "⏹ stopped"
 _CLIP_ARGUMENTS = 80
 _CLIP_RESULT = 120
@@ -149,14 +150,18 @@ class TurnView:
         self._spin("stopping")
         return self._take()
 
-    def reconnecting(self, reason: str) -> list[Op]:
-        """The stream broke before the turn's end; the shell is about to resume it."""
+    def reconnecting(self, reason: str, *, busy: bool = False) -> list[Op]:
+        """The stream broke before the turn's end, or (`busy`) the edge answered a status
+        worth asking again (429, 503: nothing was lost); the shell is about to try again."""
         if self.finished:
             return []
         if not self._reconnecting:
             self._reconnecting = True
-            self._line(f"⟳ connection lost ({reason}); resuming", "notice")
-        self._spin(RESUMING)
+            if busy:
+                self._line(f"⟳ the server cannot take this now ({reason}); trying again", "notice")
+            else:
+                self._line(f"⟳ connection lost ({reason}); resuming", "notice")
+        self._spin(TRYING_AGAIN if busy else RESUMING)
         return self._take()
 
     def connected(self) -> list[Op]:

@@ -24,9 +24,10 @@ from urllib.parse import urlsplit
 import pexpect
 import pyte
 
+from api.config import EdgeLimits
 from parley.chat_view import STOPPED
-from parley.services import Services
-from tests.conftest import SECRET, Projected, token_for
+from parley.services import Servers, Services
+from tests.conftest import SECRET, Projected, extra_edge, token_for
 from tests.sse import SseClient
 
 ROWS, COLUMNS = 60, 160
@@ -520,6 +521,22 @@ async def test_piped_chat_exits_non_zero_when_an_answer_failed(
         "chat", env=env, lines="hello [[tokens=2]]\nnow fail [[fail=500]]\n"
     )
     assert code == 1 and "0 1" in said, said
+
+
+async def test_a_message_refused_while_too_many_wait_is_sent_once_one_ends(
+    stack: Servers, services: Services, api: SseClient, user: str
+) -> None:
+    # an edge where one message at a time may wait for its answer: the chat's is refused
+    # (429) while another is answered, and goes once that one has ended
+    turns = EdgeLimits(rate_per_s=0, max_streams_per_user=0, max_turns_per_user=1)
+    async with extra_edge(stack, limits=turns) as edge:
+        other = (await api.create_conversation())["id"]
+        await api.send_json(other, "a long one [[tokens=2000]]")  # 5 s at the test pace
+        env = chat_env(PARLEY_URL=edge, PARLEY_TOKEN=token_for(user))
+        code, said = await _run_chat("chat", env=env, lines="mine [[tokens=3]]\n")
+    assert code == 0 and "\n0 1 2" in said, said
+    assert "⟳ the server cannot take this now (at most 1 " in said, said
+    assert "connection lost" not in said and "resuming" not in said, said
 
 
 def piped_chat(env: dict[str, str]) -> subprocess.Popen[bytes]:

@@ -204,6 +204,16 @@ def test_the_resume_notice_is_shown_once_for_several_failed_attempts() -> None:
     assert text_of(ops).count("connection lost") == 1
 
 
+def test_a_busy_edge_is_not_a_lost_connection() -> None:
+    view = TurnView()
+    ops = view.begin() + view.reconnecting("too many messages wait", busy=True)
+    ops += view.reconnecting("too many messages wait", busy=True)
+    assert styled(ops) == [
+        ("⟳ the server cannot take this now (too many messages wait); trying again\n", "notice")
+    ]
+    assert ops[-1] == Spin("trying again")
+
+
 def test_another_requests_refusal_on_a_resumed_stream_is_not_this_turns_end() -> None:
     view = TurnView()
     play(view, [ev("3", "started", STARTED, message_id="T1"), ev("4", "token", "a")])
