@@ -414,7 +414,10 @@ class Chat:
     # ------------------------------------------------------------ the terminal
 
     async def _read_line(self) -> str:
-        if not sys.stdin.isatty():  # piped in: one message per line
+        # Piped in, or written to a file or a pipe (`parley chat > log`): one message a
+        # line, no line editor. prompt-toolkit draws its prompt and redraws on stdout,
+        # which would put them in the log and leave whoever types with no echo at all.
+        if not (sys.stdin.isatty() and sys.stdout.isatty()):
             if self._piped is None:
                 self._piped = _read_in_background(sys.stdin)
             line = await self._piped.get()

@@ -539,6 +539,38 @@ async def test_a_message_refused_while_too_many_wait_is_sent_once_one_ends(
     assert "connection lost" not in said and "resuming" not in said, said
 
 
+async def test_typed_at_a_terminal_with_the_output_written_to_a_file(
+    services: Services, user: str, tmp_path: Path
+) -> None:
+    """`parley chat > log`: the file gets the plain conversation, not a line editor's
+    prompt and redraws; the keyboard still types (the terminal echoes the line)."""
+    log = tmp_path / "chat.log"
+    env = chat_env(PARLEY_URL=services.edge_url, PARLEY_TOKEN=token_for(user))
+    command = f"exec {sys.executable} -m parley.cli chat > {log}"
+    child = pexpect.spawn("/bin/sh", ["-c", command], env=env, encoding="utf-8")
+    try:
+        child.send("hello [[tokens=3]]\r")
+
+        def answered() -> None:
+            deadline = time.monotonic() + WAIT_S
+            while "0 1 2" not in (log.read_text() if log.exists() else ""):
+                assert time.monotonic() < deadline, log.read_text() if log.exists() else ""
+                time.sleep(0.05)
+
+        await asyncio.to_thread(answered)
+        child.sendeof()
+        await asyncio.to_thread(child.expect, pexpect.EOF, timeout=WAIT_S)
+        echoed = str(child.before)
+    finally:
+        child.close(force=True)
+    written = log.read_text()
+    assert child.exitstatus == 0, (child.exitstatus, written)
+    assert "hello [[tokens=3]]" in echoed, echoed  # what was typed was seen
+    assert "you>" not in written and "\r" not in written and "\x1b" not in written, repr(written)
+    lines = written.splitlines()
+    assert lines[2:] == ["── hello [[tokens=3]] ──", "0 1 2 "], written
+
+
 def piped_chat(env: dict[str, str]) -> subprocess.Popen[bytes]:
     """`parley chat` with its input, output and errors on pipes of the test's."""
     return subprocess.Popen(
