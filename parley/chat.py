@@ -107,7 +107,13 @@ def run_chat(args: argparse.Namespace) -> int:
         load_settings(args.data), url=args.url, token=args.token, user=args.user
     )
     console = _Console(highlight=False)
-    code: int = asyncio.run(Chat(endpoint, console).run(args.conversation))
+    try:
+        code: int = asyncio.run(Chat(endpoint, console).run(args.conversation))
+    except Unreachable as err:
+        # a server that does not answer exits 1, as every command's does (a bad argument
+        # or setting, a refused token or an unknown conversation: 2, as a CliError)
+        print(f"parley: {err}", file=sys.stderr)
+        return 1
     return code
 
 
@@ -190,7 +196,7 @@ class Chat:
             except RequestFailed as err:  # at the start: the loop handles its own
                 raise CliError(f"{self.endpoint.url} answered: {err.message} ({err.code})") from err
             except (aiohttp.ClientError, TimeoutError) as err:
-                raise CliError(f"cannot reach {self.endpoint.url}: {describe(err)}") from err
+                raise Unreachable(f"cannot reach {self.endpoint.url}: {describe(err)}") from err
             finally:
                 # never leave the spinner's thread drawing, or the cursor hidden
                 self.draw([Unspin()])
@@ -463,6 +469,10 @@ class Chat:
 
 class _Retry(Exception):
     """The edge answered a status worth asking again."""
+
+
+class Unreachable(Exception):
+    """The edge did not answer at the start: nothing was sent."""
 
 
 def describe(err: BaseException) -> str:

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -509,6 +510,14 @@ async def test_chat_says_plainly_when_it_has_no_server_or_its_token_is_refused(
     env = chat_env(PARLEY_URL=services.edge_url, PARLEY_TOKEN=token_for(user))
     code, said = await _run_chat("chat", "--conversation", "01M8GGRZF5FGDZ57JN7PPQBC8X", env=env)
     assert code == 2 and "not found" in said, said
+    # a server that does not answer: 1, as every command's
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        nobody = f"http://127.0.0.1:{closed.getsockname()[1]}"  # bound, never listening
+        env = chat_env(PARLEY_URL=nobody, PARLEY_TOKEN=token_for(user))
+        code, said = await _run_chat("chat", env=env)
+        assert code == 1 and f"cannot reach {nobody}: cannot connect" in said, said
+        assert "Traceback" not in said, said
 
 
 async def test_piped_chat_exits_non_zero_when_an_answer_failed(
