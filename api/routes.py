@@ -410,7 +410,9 @@ async def _readiness(app: web.Application) -> tuple[bytes, int]:
         position = await app[STORE].position()
 
     async def redis() -> None:
-        await app[REDIS].ping()
+        # a write, not a PING: a Redis at its maxmemory, or a read-only replica,
+        # answers PING and refuses what parley writes on every keyed request
+        await app[REDIS].set(_READY_KEY, b"1", px=10_000)
 
     # concurrently: a hanging server costs the probe `timeout`, not three of them
     on_nats, on_postgres, on_redis = await asyncio.gather(
@@ -435,6 +437,9 @@ async def _readiness(app: web.Application) -> tuple[bytes, int]:
         projection_lag=lag,
     )
     return msgspec.json.encode(body), 503 if reasons else 200
+
+
+_READY_KEY = "parley:ready"
 
 
 def _lag(head: int | None, position: int | None) -> int | None:

@@ -136,6 +136,9 @@ async def test_a_full_redis_loosens_the_limits_and_takes_no_idempotency_key(
             body = await response.json()
             assert response.status == 503 and response.headers["Retry-After"] == "1", body
         assert body["error"]["code"] == "unavailable", body
+        # and /readyz says so: it answered ready on a PING, which such a Redis answers
+        status, ready = await edge.request("GET", "/readyz")
+        assert (status, ready["checks"]["redis"]) == (503, "down"), ready
 
 
 async def _forget_keys(redis_client: aioredis.Redis, conversation_id: str) -> int:
