@@ -205,8 +205,6 @@ def _regenerate(
     if answer is None or answer.role != "assistant" or answer.parent_message_id is None:
         what = f"assistant message {cmd.message_id}" if cmd.message_id else "answer to regenerate"
         return Rejected("not_found", f"no {what} in this conversation")
-    if state.active is not None and state.active.turn_id == answer.message_id:
-        return Rejected("busy", "that answer is still being written", turn_id=answer.message_id)
     group = [m for m in state.messages if m.version_group_id == answer.version_group_id]
     current = next((m for m in reversed(group) if m.is_latest), None)
     if current is None or current.parent_message_id is None:

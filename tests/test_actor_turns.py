@@ -312,6 +312,35 @@ async def test_regenerate_makes_a_new_answer_version_and_streams_it(
     assert [m["id"] for m in latest if m["role"] == "assistant"] == [new_id]
 
 
+@pytest.mark.parametrize("on_busy", ["interrupt", "enqueue"])
+async def test_regenerating_the_answer_being_written_stops_or_follows_it(
+    api: SseClient, projected: Projected, on_busy: str
+) -> None:
+    """Regenerate on an answer still streaming was refused whatever `on_busy` said,
+    while a new message with the same word was taken: `interrupt` now stops the
+    answer and writes it again (ChatGPT's regenerate mid-answer), `enqueue` writes it
+    again once it is done; `reject` stays a 409 busy."""
+    cid = (await api.create_conversation())["id"]
+    await api.send_json(cid, "count [[tokens=150]] [[rate=50]]")
+    async with asyncio.timeout(30), api.events(cid) as viewer:
+        seen = await first_tokens(viewer, 3)
+        answer_id = seen[0].data["turn_id"]
+        path = f"/v1/conversations/{cid}/messages/{answer_id}/regenerate"
+        status, refused = await api.request("POST", path, json={})
+        assert (status, refused["error"]["code"]) == (409, "busy"), refused
+        again = await api.send_stream_to(path, {"on_busy": on_busy})
+        first_end = [e.data async for e in sse_events(viewer) if e.event == "done"][:1]
+    assert first_end == (["stopped"] if on_busy == "interrupt" else ["ok"]), first_end
+    assert again[0].event == "started" and again[-1].data == "ok", again[-2:]
+
+    await projected(cid)
+    answers = [m for m in await _messages(api, cid, "all") if m["role"] == "assistant"]
+    assert [(m["id"], m["version_number"], m["is_latest"]) for m in answers] == [
+        (answer_id, 1, False),
+        (again[0].data["turn_id"], 2, True),
+    ], answers
+
+
 async def test_editing_a_message_answers_the_edited_history_only(
     api: SseClient, recorder: tuple[Recorder, str], projected: Projected
 ) -> None:
