@@ -108,13 +108,40 @@ def run_chat(args: argparse.Namespace) -> int:
     )
     console = _Console(highlight=False)
     try:
-        code: int = asyncio.run(Chat(endpoint, console).run(args.conversation))
+        code: int = asyncio.run(_until_terminated(Chat(endpoint, console), args.conversation))
     except Unreachable as err:
         # a server that does not answer exits 1, as every command's does (a bad argument
         # or setting, a refused token or an unknown conversation: 2, as a CliError)
         print(f"parley: {err}", file=sys.stderr)
         return 1
     return code
+
+
+async def _until_terminated(chat: Chat, conversation_id: str | None) -> int:
+    """The chat, ended like a Ctrl-C by SIGTERM or SIGHUP (`kill`, a closed terminal
+    window): every `finally` runs, so the terminal gets its echo and cursor back (the
+    default action ended the process on the spot, leaving a shell that showed no
+    typed key). Exit status 128 + the signal's number, as the shell reports it."""
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    ended_by: list[int] = []
+
+    def terminate(signum: int) -> None:
+        ended_by.append(signum)
+        main.cancel()
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, terminate, signum)
+    try:
+        return await chat.run(conversation_id)
+    except asyncio.CancelledError:
+        if not ended_by:
+            raise
+        return 128 + ended_by[0]
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(signum)
 
 
 def _read_in_background(stream: TextIO) -> asyncio.Queue[str]:

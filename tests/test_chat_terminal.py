@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import pexpect
 import pyte
+import pytest
 
 from api.config import EdgeLimits
 from parley.chat_view import STOPPED
@@ -546,6 +547,36 @@ async def test_a_message_refused_while_too_many_wait_is_sent_once_one_ends(
     assert code == 0 and "\n0 1 2" in said, said
     assert "⟳ the server cannot take this now (at most 1 " in said, said
     assert "connection lost" not in said and "resuming" not in said, said
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+async def test_a_chat_ended_by_a_signal_mid_answer_gives_the_terminal_back(
+    services: Services, user: str, signum: int
+) -> None:
+    """`kill` (SIGTERM) or a closed window (SIGHUP) while an answer streamed ended the
+    process on the spot, with the terminal's echo still off: the shell it returned to
+    showed nothing that was typed. `stty -a` run after it on the same terminal says."""
+    env = chat_env(PARLEY_URL=services.edge_url, PARLEY_TOKEN=token_for(user))
+    command = f"{sys.executable} -m parley.cli chat; echo EXIT=$?; stty -a"
+    child = pexpect.spawn(
+        "/bin/sh", ["-c", command], env=env, encoding="utf-8", dimensions=(ROWS, COLUMNS)
+    )
+    try:
+        await asyncio.to_thread(child.expect, "you>", timeout=WAIT_S)
+        child.send("[[tokens=4000]]\r")
+        await asyncio.to_thread(child.expect, " 30 ", timeout=WAIT_S)
+        proc = Path(f"/proc/{child.pid}/task/{child.pid}/children")
+        children = (await asyncio.to_thread(proc.read_text)).split()
+        os.kill(int(children[0]), signum)
+        await asyncio.to_thread(child.expect, r"EXIT=(\d+)", timeout=WAIT_S)
+        assert isinstance(child.match, re.Match)
+        status = int(child.match.group(1))
+        await asyncio.to_thread(child.expect, r"\s(-?echo)\s", timeout=WAIT_S)
+        assert isinstance(child.match, re.Match)
+        echo = child.match.group(1)
+    finally:
+        child.close(force=True)
+    assert (status, echo) == (128 + signum, "echo")
 
 
 async def test_typed_at_a_terminal_with_the_output_written_to_a_file(
