@@ -34,12 +34,14 @@ $(AI_SDK): tests/ai_sdk/package.json tests/ai_sdk/package-lock.json
 	cd tests/ai_sdk && npm ci --no-audit --no-fund --loglevel=error
 	touch $(AI_SDK)
 
-# The suite starts its own NATS, Postgres and Redis from the installed wheels.
+# The suite starts its own NATS, Postgres and Redis from the installed wheels: one
+# set per pytest-xdist worker. Two workers on two cores: most of a test is waiting
+# (for a lease to lapse, a server to come back, a stream to end), not computing.
 test: $(STAMP) $(AI_SDK) $(CHROMIUM)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
