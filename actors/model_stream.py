@@ -566,9 +566,11 @@ def _describe_error(error: object) -> str:
 
 
 def _count(value: object) -> int:
+    """A token count as a provider reported it; not a count (a string, a bool, a
+    negative number: a provider's bug) counts none, never credits an account."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return 0
-    return int(value)
+    return max(0, int(value))
 
 
 def _snippet(value: object, limit: int = 200) -> str:

@@ -343,6 +343,14 @@ def test_usage_on_a_later_empty_choices_chunk_comes_after_finish() -> None:
     assert items == [TextDelta("answer", "ok"), Finish("stop"), Usage(7, 2)]
 
 
+def test_a_negative_or_odd_usage_counts_no_tokens_never_fewer_than_none() -> None:
+    """A provider's usage of -5 tokens was taken as it was: a negative cost, billed
+    as credits given to the account, and a conversation's token total lowered."""
+    odd = {"prompt_tokens": -5, "completion_tokens": "12"}
+    items, _ = parse([sse(delta(content="ok"), stop(), {"choices": [], "usage": odd}, DONE)])
+    assert items[-1] == Usage(0, 0), items
+
+
 def test_finish_reason_without_done_ends_normally() -> None:
     items, parser = parse([sse(delta(content="ok"), delta("length"))])
     assert items == [TextDelta("answer", "ok"), Finish("length")]
