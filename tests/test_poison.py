@@ -47,6 +47,22 @@ def raw_event(conversation_id: str, type_name: str, **fields: Any) -> bytes:
     return json.dumps(body).encode()
 
 
+async def forged_start(nc: NatsClient, conversation_id: str) -> str:
+    """A `started` written straight to the log, as no actor would (no user message
+    before it): the turn's id, for the entries the test writes after it."""
+    turn = new_id()
+    started = Started(
+        conversation_id=conversation_id,
+        at=time.time_ns(),
+        event_id=new_id(),
+        turn_id=turn,
+        user_message_id=new_id(),
+        model="demo",
+    )
+    await publish_raw(nc, conversation_id, encode(started))
+    return turn
+
+
 async def projected(services: Services, seq: int) -> Projector:
     projector = services.projector
     assert projector is not None
@@ -206,16 +222,7 @@ async def test_a_viewer_is_not_left_waiting_when_a_turns_end_cannot_be_read(
     api: SseClient, nc: NatsClient
 ) -> None:
     cid = (await api.create_conversation())["id"]
-    turn = new_id()
-    started = Started(
-        conversation_id=cid,
-        at=time.time_ns(),
-        event_id=new_id(),
-        turn_id=turn,
-        user_message_id=new_id(),
-        model="demo",
-    )
-    await publish_raw(nc, cid, encode(started))
+    turn = await forged_start(nc, cid)
     await publish_raw(nc, cid, raw_event(cid, "done", turn_id=turn, content=7))
 
     async with asyncio.timeout(15), api.events(cid, after="1") as response:
@@ -276,16 +283,7 @@ async def test_tool_json_python_cannot_use_neither_ends_the_feed_nor_stops_its_v
     """What a model may write as a tool's arguments (or a tool return), valid JSON that
     Python's parser turns into an error or into a string no encoder takes."""
     cid = (await api.create_conversation())["id"]
-    turn = new_id()
-    started = Started(
-        conversation_id=cid,
-        at=time.time_ns(),
-        event_id=new_id(),
-        turn_id=turn,
-        user_message_id=new_id(),
-        model="demo",
-    )
-    await publish_raw(nc, cid, encode(started))
+    turn = await forged_start(nc, cid)
     huge = '{"n": ' + "1" * 5000 + "}"
     for call, text in (("c1", huge), ("c2", '{"s": "\\ud800"}')):
         fields = {"turn_id": turn, "call_id": call, "name": "calculator"}
