@@ -22,6 +22,7 @@ from actors.webhooks import WebhookSettings
 from api.auth import mint
 from events.broker import connect
 from events.codec import Unreadable, encode_stored
+from events.errors import EventLogUnavailable, StreamMisconfigured
 from events.errors import describe as describe_error
 from events.log import EventLog
 from events.subjects import valid_id
@@ -611,7 +612,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
         )
         code: int = args.func(args)
-    except (CliError, ConfigError, SchemaMissing) as err:
+    except (CliError, ConfigError, SchemaMissing, StreamMisconfigured) as err:
+        # StreamMisconfigured: a stream parley cannot use as it is configured; its
+        # message names the stream, the setting and what parley needs
         print(f"parley: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -622,6 +625,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     # What a command meets at run time is one line too, never a traceback.
+    except EventLogUnavailable as err:
+        # connected, but JetStream did not answer (a cluster without a leader yet)
+        print(
+            "parley: NATS answered but its JetStream did not (a cluster electing a leader, "
+            f"a node still starting); try again: {describe_error(err)}",
+            file=sys.stderr,
+        )
+        return 1
     except nats.errors.Error as err:
         print(
             "parley: cannot reach NATS (PARLEY_NATS_URL, or the `parley dev` running on the "

@@ -1,0 +1,88 @@
+"""A production deployment configured wrongly is told so in one line, at start.
+
+Each test runs the `parley` command, as an operator does, against a real
+nats-server whose configuration holds the mistake: credentials it does not
+accept, an account without JetStream, a stream parley cannot use. None of them
+is an outage that waiting would end, so no command waits for ever or prints a
+traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import nats
+import pytest
+from nats.js.api import RetentionPolicy, StreamConfig
+
+from parley.services import Servers
+from parley.stack import free_ports
+from tests.test_cli import clean_env, run
+from tests.test_start import NATS_SERVER, listening
+
+SECRET = "a-secret-of-at-least-32-characters-here"
+NO_JETSTREAM = "nats://nojs:nojs-password@127.0.0.1:{port}"
+WITH_JETSTREAM = "nats://app:app-password@127.0.0.1:{port}"
+
+
+@pytest.fixture
+def accounts_server(tmp_path: Path) -> Iterator[int]:
+    """A nats-server with two accounts: APP has JetStream, NOJS has none."""
+    port = free_ports(1)[0]
+    config = tmp_path / "nats.conf"
+    config.write_text(
+        f"""
+listen: 127.0.0.1:{port}
+jetstream {{ store_dir: "{tmp_path / "js"}" }}
+accounts {{
+  APP {{ users: [ {{user: app, password: app-password}} ], jetstream: enabled }}
+  NOJS {{ users: [ {{user: nojs, password: nojs-password}} ] }}
+}}
+"""
+    )
+    server = subprocess.Popen(
+        [str(NATS_SERVER), "-c", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        asyncio.run(listening(port))
+        yield port
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def env_for(stack: Servers, nats_url: str) -> dict[str, str]:
+    return clean_env(
+        PARLEY_NATS_URL=nats_url,
+        PARLEY_DATABASE_URL=stack.database_url,
+        PARLEY_REDIS_URL=stack.redis_url,
+        PARLEY_JWT_SECRET=SECRET,
+    )
+
+
+def assert_one_line(done: subprocess.CompletedProcess[str], code: int, says: str) -> None:
+    assert done.returncode == code, done
+    assert "Traceback" not in done.stderr, done.stderr
+    assert says in done.stderr, done.stderr
+
+
+async def test_a_stream_parley_cannot_use_stops_serve_in_one_line(
+    stack: Servers, accounts_server: int
+) -> None:
+    url = WITH_JETSTREAM.format(port=accounts_server)
+    nc = await nats.connect(url)
+    try:  # made by hand, as a work queue must not be
+        await nc.jetstream().add_stream(
+            StreamConfig(name="CHAT_CMD", subjects=["chat.cmd.>"], retention=RetentionPolicy.LIMITS)
+        )
+    finally:
+        await nc.close()
+    done = await asyncio.to_thread(
+        run, "serve", "--role", "edge", "--port", "0", env=env_for(stack, url), timeout=60
+    )
+    assert_one_line(done, 2, "stream CHAT_CMD has retention 'limits'")
