@@ -43,6 +43,9 @@ DUPLICATE_WINDOW_S = 120.0
 _NS = 1_000_000_000
 _STREAM_NOT_FOUND = 10059
 _STREAM_NAME_IN_USE = 10058
+# The server answers, but the account of the connection's user has no JetStream:
+# configuration, not an outage, so waiting for it would wait for ever.
+_JETSTREAM_NOT_ENABLED_FOR_ACCOUNT = 10039
 _API_TIMEOUT_S = 10.0
 # Readers that take an ephemeral consumer of CHAT_EVT (projectors, and edges
 # before they followed the republished entries) need room for one each. A stream
@@ -213,6 +216,16 @@ async def _reconcile(
     return [*notes, f"stream {spec.name}: added {', '.join(sorted(changes))}"]
 
 
+async def require_jetstream(js: JetStreamContext) -> None:
+    """For one-shot commands, before they read: the event log's stream answers.
+
+    Raises StreamMisconfigured when the connection's account has no JetStream (a
+    read would only say "no responders"), EventLogUnavailable when JetStream does
+    not answer. A stream that does not exist yet is fine: there is nothing to read.
+    """
+    await stream_config(js, EVT.name)
+
+
 async def stream_config(js: JetStreamContext, name: str) -> dict[str, Any] | None:
     """The stream's configuration as the server holds it, every field; None if absent."""
     answer = await _api(js, f"STREAM.INFO.{name}", None)
@@ -222,6 +235,13 @@ async def stream_config(js: JetStreamContext, name: str) -> dict[str, Any] | Non
         return config
     if error.get("err_code") == _STREAM_NOT_FOUND:
         return None
+    if error.get("err_code") == _JETSTREAM_NOT_ENABLED_FOR_ACCOUNT:
+        raise StreamMisconfigured(
+            f"stream {name}: the NATS account of the user in PARLEY_NATS_URL has no JetStream "
+            f"({error.get('description')}); enable it for that account in the server's "
+            "configuration (`jetstream: enabled` in the account's block), or connect as a "
+            "user of an account that has it"
+        )
     raise EventLogUnavailable(f"stream {name}: {error.get('description')}")
 
 

@@ -19,6 +19,7 @@ from nats.js import JetStreamContext
 from events.broker import connect
 from events.codec import decode_entry
 from events.log import EventLog
+from events.streams import require_jetstream
 from events.subjects import account_of, valid_id
 from parley.commands import CliError
 from parley.config import load_settings
@@ -128,6 +129,11 @@ def run_audit(args: argparse.Namespace) -> int:
 
     async def main() -> Summary:
         nc = await connect(servers.nats_url, name="parley-audit", reconnect_forever=False)
+        try:
+            await require_jetstream(nc.jetstream())
+        except BaseException:
+            await nc.close()
+            raise
         pool = await create_pool(servers.database_url, settings.db_schema, max_size=2, create=False)
         try:
             return await audit_billing(nc.jetstream(), pool, scope)

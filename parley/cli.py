@@ -25,6 +25,7 @@ from events.codec import Unreadable, encode_stored
 from events.errors import EventLogUnavailable, StreamMisconfigured
 from events.errors import describe as describe_error
 from events.log import EventLog
+from events.streams import require_jetstream
 from events.subjects import valid_id
 from events.vocabulary import AnyEvent, Chunk, event_type
 from parley import loops
@@ -220,6 +221,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     async def main() -> int:
         nc = await connect(servers.nats_url, name="parley-replay", reconnect_forever=False)
         try:
+            await require_jetstream(nc.jetstream())
             events = await EventLog(nc.jetstream()).read(args.conversation)
         finally:
             await nc.close()
@@ -613,8 +615,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         code: int = args.func(args)
     except (CliError, ConfigError, SchemaMissing, StreamMisconfigured) as err:
-        # StreamMisconfigured: a stream parley cannot use as it is configured; its
-        # message names the stream, the setting and what parley needs
+        # StreamMisconfigured: a stream (or a NATS account) parley cannot use as it is
+        # configured; its message names the setting and what parley needs
         print(f"parley: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

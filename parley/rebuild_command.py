@@ -9,6 +9,7 @@ import sys
 
 import msgspec
 
+from events.streams import require_jetstream
 from parley.commands import CliError
 from parley.config import load_settings
 from parley.services import resolve_servers
@@ -34,6 +35,7 @@ def run_rebuild(args: argparse.Namespace) -> int:
         # the fast reader's connection (projections/feed.py), one-shot like every command
         nc = await connect(servers.nats_url, name="parley-rebuild", reconnect_forever=False)
         try:
+            await require_jetstream(nc.jetstream())
             for name in names:
                 print(f"rebuilding {name} in {settings.db_schema} ...", file=sys.stderr)
                 report = await rebuild(

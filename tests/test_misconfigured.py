@@ -86,3 +86,28 @@ async def test_a_stream_parley_cannot_use_stops_serve_in_one_line(
         run, "serve", "--role", "edge", "--port", "0", env=env_for(stack, url), timeout=60
     )
     assert_one_line(done, 2, "stream CHAT_CMD has retention 'limits'")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["replay", "01M8PH5T8HWRP8V6GA7ENEWHPN"], ["audit", "billing"], ["projections", "rebuild"]],
+)
+async def test_a_command_on_an_account_without_jetstream_says_so(
+    stack: Servers, accounts_server: int, args: list[str]
+) -> None:
+    url = NO_JETSTREAM.format(port=accounts_server)
+    done = await asyncio.to_thread(run, *args, env=env_for(stack, url), timeout=60)
+    assert_one_line(done, 2, "has no JetStream")
+    assert "jetstream: enabled" in done.stderr
+
+
+async def test_a_role_on_an_account_without_jetstream_stops_instead_of_waiting(
+    stack: Servers, accounts_server: int
+) -> None:
+    """The server answers "JetStream not enabled for account": configuration, which no
+    wait ends (a role waits only for a JetStream that does not answer yet)."""
+    url = NO_JETSTREAM.format(port=accounts_server)
+    done = await asyncio.to_thread(
+        run, "serve", "--role", "edge", "--port", "0", env=env_for(stack, url), timeout=30
+    )
+    assert_one_line(done, 2, "has no JetStream")
