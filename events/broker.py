@@ -44,6 +44,23 @@ WAITING_REPORT_S = 10.0
 
 C = TypeVar("C", bound=NatsClient)
 
+
+class BrokerRefused(Exception):
+    """Every server named refused the connection's credentials before it ever connected.
+
+    A wrong user, password or token in the URL is configuration, not an outage:
+    waiting for it, as for a broker that is away, would wait for ever.
+    """
+
+
+def _is_authorization_violation(err: Exception) -> bool:
+    # During the first connection nats.py raises the server's -ERR as a plain Error
+    # ("nats: 'Authorization Violation'"); once connected, as AuthorizationError.
+    return isinstance(err, nats.errors.AuthorizationError) or (
+        isinstance(err, nats.errors.Error) and "authorization violation" in str(err).lower()
+    )
+
+
 # (level, message, structured fields): the caller's logger, e.g.
 # `lambda level, message, fields: log.log(level, message, extra=fields)`
 Report = Callable[[int, str, dict[str, str]], None]
@@ -92,6 +109,8 @@ async def connect_client(
     # WAITING_REPORT_S): a process that waits for a broker that is not there says so.
     waiting_reported = -WAITING_REPORT_S
     ever_connected = False
+    servers = server_list(url)
+    refusals = 0  # authorization violations before the first connection
 
     async def disconnected() -> None:
         if report is not None and not (client.is_closed or client.is_draining):
@@ -102,7 +121,16 @@ async def connect_client(
             report(logging.WARNING, "NATS connection back", fields)
 
     async def error(err: Exception) -> None:
-        nonlocal waiting_reported
+        nonlocal waiting_reported, refusals
+        if not ever_connected and _is_authorization_violation(err):
+            refusals += 1
+            if refusals >= len(servers):
+                # raised out of the client's first connect, which awaits this callback
+                raise BrokerRefused(
+                    "NATS refused the credentials of PARLEY_NATS_URL (Authorization "
+                    "Violation): give each URL the user and password the servers know, "
+                    "nats://user:password@host:4222, or a token, nats://token@host:4222"
+                )
         if report is None:
             return
         attempt = isinstance(err, OSError | nats.errors.StaleConnectionError)
@@ -119,20 +147,24 @@ async def connect_client(
         level = logging.DEBUG if attempt else logging.WARNING
         report(level, "NATS client error", {**fields, "error": describe(err)})
 
-    await client.connect(
-        servers=server_list(url),
-        name=name,
-        # The order of the list is the operator's preference, not a suggestion.
-        dont_randomize=True,
-        reconnect_time_wait=RECONNECT_WAIT_S,
-        max_reconnect_attempts=-1 if reconnect_forever else COMMAND_RECONNECTS,
-        ping_interval=PING_INTERVAL_S,
-        max_outstanding_pings=MAX_OUTSTANDING_PINGS,
-        connect_timeout=CONNECT_TIMEOUT_S,
-        disconnected_cb=disconnected,
-        reconnected_cb=reconnected,
-        error_cb=error,
-    )
+    try:
+        await client.connect(
+            servers=servers,
+            name=name,
+            # The order of the list is the operator's preference, not a suggestion.
+            dont_randomize=True,
+            reconnect_time_wait=RECONNECT_WAIT_S,
+            max_reconnect_attempts=-1 if reconnect_forever else COMMAND_RECONNECTS,
+            ping_interval=PING_INTERVAL_S,
+            max_outstanding_pings=MAX_OUTSTANDING_PINGS,
+            connect_timeout=CONNECT_TIMEOUT_S,
+            disconnected_cb=disconnected,
+            reconnected_cb=reconnected,
+            error_cb=error,
+        )
+    except BrokerRefused:
+        await client.close()
+        raise
     ever_connected = True
     return client
 

@@ -20,7 +20,7 @@ import nats.errors
 from actors.models import ModelCatalog
 from actors.webhooks import WebhookSettings
 from api.auth import mint
-from events.broker import connect
+from events.broker import BrokerRefused, connect
 from events.codec import Unreadable, encode_stored
 from events.errors import EventLogUnavailable, StreamMisconfigured
 from events.errors import describe as describe_error
@@ -614,9 +614,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
         )
         code: int = args.func(args)
-    except (CliError, ConfigError, SchemaMissing, StreamMisconfigured) as err:
+    except (CliError, ConfigError, SchemaMissing, StreamMisconfigured, BrokerRefused) as err:
         # StreamMisconfigured: a stream (or a NATS account) parley cannot use as it is
-        # configured; its message names the setting and what parley needs
+        # configured; BrokerRefused: credentials NATS does not accept. Each message
+        # names the setting and what parley needs
         print(f"parley: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

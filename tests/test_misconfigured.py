@@ -18,6 +18,7 @@ import nats
 import pytest
 from nats.js.api import RetentionPolicy, StreamConfig
 
+from events.streams import ensure_streams
 from parley.services import Servers
 from parley.stack import free_ports
 from tests.test_cli import clean_env, run
@@ -111,3 +112,34 @@ async def test_a_role_on_an_account_without_jetstream_stops_instead_of_waiting(
         run, "serve", "--role", "edge", "--port", "0", env=env_for(stack, url), timeout=30
     )
     assert_one_line(done, 2, "has no JetStream")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["serve", "--role", "edge", "--port", "0"], ["replay", "01M8PH5T8HWRP8V6GA7ENEWHPN"]],
+)
+async def test_credentials_nats_refuses_stop_parley_with_what_to_fix(
+    stack: Servers, accounts_server: int, args: list[str]
+) -> None:
+    """A role waits for ever for a NATS that is away; a NATS that answers "Authorization
+    Violation" to every attempt is not away, and a wrong password never gets right."""
+    url = f"nats://app:wrong-password@127.0.0.1:{accounts_server}"
+    done = await asyncio.to_thread(run, *args, env=env_for(stack, url), timeout=30)
+    assert_one_line(done, 2, "NATS refused the credentials of PARLEY_NATS_URL")
+    assert "wrong-password" not in done.stderr
+
+
+async def test_a_cluster_url_is_refused_only_once_every_node_refused(
+    stack: Servers, accounts_server: int
+) -> None:
+    """The first node in the list refusing is not enough: another may know the user."""
+    good = WITH_JETSTREAM.format(port=accounts_server)
+    bad = f"nats://app:wrong-password@127.0.0.1:{accounts_server}"
+    nc = await nats.connect(good)
+    try:
+        await ensure_streams(nc.jetstream())
+    finally:
+        await nc.close()
+    env = env_for(stack, f"{bad},{good}")
+    done = await asyncio.to_thread(run, "replay", "01M8PH5T8HWRP8V6GA7ENEWHPN", env=env)
+    assert_one_line(done, 1, "no events for conversation")
