@@ -83,7 +83,13 @@ async def ensure_schema(
     async with conn.transaction():
         # Two processes starting at once must not race on CREATE ... IF NOT EXISTS.
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"parley-ddl-{schema}")
-        await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        # CREATE SCHEMA IF NOT EXISTS checks the CREATE privilege on the database before
+        # it looks whether the schema exists: a role given CREATE for the first start
+        # only would be refused on every later one. Ask first.
+        if not await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)", schema
+        ):
+            await conn.execute(f'CREATE SCHEMA "{schema}"')
         await conn.execute(f'SET LOCAL search_path TO "{schema}"')
         # DDL already in place still locks what it names (CREATE INDEX IF NOT EXISTS
         # takes a ShareLock on its table), and a projector writing those tables

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import asyncpg
 import nats
 import pytest
 from nats.js.api import RetentionPolicy, StreamConfig
 
+from events.ids import new_id
 from events.streams import ensure_streams
 from parley.services import Servers
 from parley.stack import free_ports
+from projections.db import create_pool
 from tests.test_cli import clean_env, run
 from tests.test_start import NATS_SERVER, listening
 
@@ -143,3 +146,44 @@ async def test_a_cluster_url_is_refused_only_once_every_node_refused(
     env = env_for(stack, f"{bad},{good}")
     done = await asyncio.to_thread(run, "replay", "01M8PH5T8HWRP8V6GA7ENEWHPN", env=env)
     assert_one_line(done, 1, "no events for conversation")
+
+
+# ---------------------------------------------------------------- Postgres
+
+
+def as_role(database_url: str, role: str) -> str:
+    """The stack's database, as `role` (the embedded Postgres trusts loopback)."""
+    return database_url.replace("postgresql://postgres@", f"postgresql://{role}@", 1)
+
+
+@pytest.fixture
+async def limited_role(stack: Servers) -> AsyncIterator[str]:
+    """A login role that may not create schemas in the database: its name."""
+    role = f"limited_{new_id().lower()[-10:]}"
+    admin = await asyncpg.connect(stack.database_url)
+    try:
+        await admin.execute(f"CREATE ROLE {role} LOGIN")
+        await admin.execute(f"REVOKE CREATE ON DATABASE parley FROM {role}")
+        yield role
+        await admin.execute(f"DROP OWNED BY {role} CASCADE")
+        await admin.execute(f"DROP ROLE {role}")
+    finally:
+        await admin.close()
+
+
+async def test_a_role_needs_create_on_the_database_only_while_its_schema_is_absent(
+    stack: Servers, limited_role: str
+) -> None:
+    """README: the role needs CREATE on the database for the first start only. An
+    operator who creates the schema for it (or revokes CREATE after the first start)
+    can start every process with a role that may create nothing but its own tables."""
+    schema = f"s_{limited_role}"
+    admin = await asyncpg.connect(stack.database_url)
+    try:
+        await admin.execute(f"CREATE SCHEMA {schema} AUTHORIZATION {limited_role}")
+    finally:
+        await admin.close()
+    url = as_role(stack.database_url, limited_role)
+    for _ in range(2):  # the first start makes the tables, the second finds them
+        pool = await create_pool(url, schema, max_size=1)
+        await pool.close()
