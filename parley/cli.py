@@ -41,7 +41,7 @@ from parley.config import (
 from parley.logs import setup_logging
 from parley.services import ROLES, Servers, ServiceOptions, Services, resolve_servers
 from parley.stack import EmbeddedStack, StackError
-from projections.db import SchemaMissing, create_pool
+from projections.db import REFUSALS, DatabaseUnreachable, SchemaMissing, create_pool, refusal_hint
 from projections.store import ReadStore
 
 log = logging.getLogger(__name__)
@@ -601,8 +601,10 @@ def positive(text: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    db_schema = "parley"  # named in a refusal's hint
     try:
         settings = load_settings(args.data)
+        db_schema = settings.db_schema
         # the secrets this process knows are scrubbed from every log line it writes
         setup_logging(
             logging.DEBUG if args.verbose else logging.INFO,
@@ -643,7 +645,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    except (ConnectionError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as err:
+    except REFUSALS as err:
+        # Postgres answered, and said no: a setting or a grant is wrong, not an outage
+        print(
+            f"parley: Postgres refused: {describe_error(err)}; {refusal_hint(err, db_schema)}",
+            file=sys.stderr,
+        )
+        return 2
+    except DatabaseUnreachable as err:
+        print(f"parley: {err}", file=sys.stderr)
+        return 1
+    except (asyncpg.PostgresError, asyncpg.InterfaceError) as err:
+        print(f"parley: Postgres (PARLEY_DATABASE_URL): {describe_error(err)}", file=sys.stderr)
+        return 1
+    except (ConnectionError, TimeoutError) as err:
         # a server the command needs (Postgres, mostly) did not answer, or went away
         print(f"parley: a server did not answer: {describe_error(err)}", file=sys.stderr)
         return 1

@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 
+from events.errors import describe
 from projections.catalog import PROJECTIONS
 from projections.registry import Projection
 
@@ -32,6 +33,34 @@ class SchemaMissing(LookupError):
     """A command that only reads found no read models in the schema it was given."""
 
 
+class DatabaseUnreachable(ConnectionError):
+    """Postgres did not answer the first connection; the message names the setting."""
+
+
+# What Postgres answers to a connection or DDL its configuration does not allow: no
+# retry mends these, the operator does (PARLEY_DATABASE_URL, or a GRANT).
+REFUSALS: tuple[type[Exception], ...] = (
+    asyncpg.InvalidPasswordError,
+    asyncpg.InvalidAuthorizationSpecificationError,  # no such role, pg_hba.conf says no
+    asyncpg.InvalidCatalogNameError,  # no such database
+    asyncpg.InsufficientPrivilegeError,
+)
+
+
+def refusal_hint(err: BaseException, schema: str) -> str:
+    """What to do about one of REFUSALS, for the one line an operator reads."""
+    if isinstance(err, asyncpg.InsufficientPrivilegeError):
+        return (
+            f"the role in PARLEY_DATABASE_URL may not create parley's schema {schema!r}: "
+            "grant it CREATE on the database (GRANT CREATE ON DATABASE <db> TO <role>), or "
+            f"create the schema for it (CREATE SCHEMA {schema} AUTHORIZATION <role>); "
+            "`parley projections rebuild` needs CREATE on the database"
+        )
+    if isinstance(err, asyncpg.InvalidCatalogNameError):
+        return "the database named in PARLEY_DATABASE_URL does not exist: create it"
+    return "check the user and password in PARLEY_DATABASE_URL and the server's pg_hba.conf"
+
+
 async def create_pool(
     database_url: str, schema: str, *, max_size: int = 10, create: bool = True
 ) -> Any:
@@ -39,7 +68,12 @@ async def create_pool(
     missing, or, with `create` false (a command that only reads, such as the audit:
     a mistyped schema must not pass it as empty), SchemaMissing."""
     schema = check_schema_name(schema)
-    conn = await asyncpg.connect(database_url)
+    try:
+        conn = await asyncpg.connect(database_url)
+    except (OSError, TimeoutError) as err:
+        raise DatabaseUnreachable(
+            f"Postgres (PARLEY_DATABASE_URL) did not answer: {describe(err)}"
+        ) from err
     try:
         if create:
             await ensure_schema(conn, schema)

@@ -211,7 +211,7 @@ DEAD = {
         (["replay", "01ABC"], "cannot reach NATS"),
         (["projections", "rebuild"], "cannot reach NATS"),
         (["audit", "billing"], "cannot reach NATS"),
-        (["projections", "errors"], "a server did not answer"),
+        (["projections", "errors"], "Postgres (PARLEY_DATABASE_URL) did not answer"),
     ],
 )
 async def test_a_command_whose_servers_are_away_says_so_in_one_line_within_seconds(

@@ -13,6 +13,7 @@ import asyncio
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
 import nats
@@ -187,3 +188,49 @@ async def test_a_role_needs_create_on_the_database_only_while_its_schema_is_abse
     for _ in range(2):  # the first start makes the tables, the second finds them
         pool = await create_pool(url, schema, max_size=1)
         await pool.close()
+
+
+@pytest.mark.parametrize(
+    ("user", "database", "says", "hint"),
+    [
+        # the embedded Postgres trusts loopback, so no password is ever wrong there
+        ("nobody_here", "parley", "InvalidAuthorizationSpecificationError", "pg_hba.conf"),
+        ("postgres", "no_such_db", "InvalidCatalogNameError", "create it"),
+    ],
+)
+def test_a_postgres_that_refuses_the_connection_says_so_and_what_to_check(
+    stack: Servers, user: str, database: str, says: str, hint: str
+) -> None:
+    """It answered, so "a server did not answer" (exit 1, as for an outage) was wrong."""
+    host = urlsplit(stack.database_url).netloc.split("@", 1)[1]
+    env = {
+        **env_for(stack, stack.nats_url),
+        "PARLEY_DATABASE_URL": f"postgresql://{user}@{host}/{database}",
+    }
+    done = run("projections", "errors", env=env, timeout=60)
+    assert_one_line(done, 2, "Postgres refused")
+    assert says in done.stderr and hint in done.stderr
+
+
+async def test_a_role_without_create_on_a_database_without_the_schema_is_told_what_to_grant(
+    stack: Servers, limited_role: str
+) -> None:
+    env = {
+        **env_for(stack, stack.nats_url),
+        "PARLEY_DATABASE_URL": as_role(stack.database_url, limited_role),
+        "PARLEY_DB_SCHEMA": f"s_{limited_role}",
+    }
+    done = await asyncio.to_thread(run, "serve", "--role", "projector", env=env, timeout=60)
+    assert_one_line(done, 2, "Postgres refused")
+    assert "GRANT CREATE ON DATABASE" in done.stderr and f"CREATE SCHEMA s_{limited_role}" in (
+        done.stderr
+    )
+
+
+def test_a_postgres_that_does_not_answer_is_named(stack: Servers) -> None:
+    env = {
+        **env_for(stack, stack.nats_url),
+        "PARLEY_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/parley",
+    }
+    done = run("serve", "--role", "projector", env=env, timeout=60)
+    assert_one_line(done, 1, "Postgres (PARLEY_DATABASE_URL) did not answer")
