@@ -154,7 +154,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "the others' tokens"
         )
     servers = resolve_servers(settings)
-    catalog = load_catalog(settings)
+    catalog = load_catalog(settings, builtin_demo=False)
     # Only a worker calls models: it needs the shared endpoint for every model that
     # names no base_url of its own (the built-in demo entry among them), which a
     # client may ask for by name. An edge or a projector needs none.

@@ -280,10 +280,18 @@ def load_settings(data_dir: str | Path | None = None) -> Settings:
     return settings_from_env(os.environ, data_dir)
 
 
-def load_catalog(settings: Settings, env: Mapping[str, str] | None = None) -> ModelCatalog:
-    """The demo entry, the models file's entries (which may replace it), and PARLEY_MODEL."""
+def load_catalog(
+    settings: Settings, env: Mapping[str, str] | None = None, *, builtin_demo: bool = True
+) -> ModelCatalog:
+    """The demo entry, the models file's entries (which may replace it), and PARLEY_MODEL.
+
+    `builtin_demo` false (`parley serve`): the demo entry only where it is the default
+    model. A deployment whose models file and PARLEY_MODEL name real models must not
+    offer clients a `demo` that its endpoint does not serve, nor need
+    PARLEY_MODEL_BASE_URL for it.
+    """
     env = os.environ if env is None else env
-    specs: dict[str, ModelSpec] = {DEMO_MODEL: DEMO_SPEC}
+    specs: dict[str, ModelSpec] = {DEMO_MODEL: DEMO_SPEC} if builtin_demo else {}
     if settings.models_file:
         for spec in parse_models_file(Path(settings.models_file)):
             if spec.api_key_env:
@@ -297,6 +305,8 @@ def load_catalog(settings: Settings, env: Mapping[str, str] | None = None) -> Mo
                 spec = msgspec.structs.replace(spec, api_key=key)
             specs[spec.name] = spec
     default = settings.model or DEMO_MODEL
+    if default == DEMO_MODEL and default not in specs:
+        specs[default] = DEMO_SPEC
     if default not in specs:
         # A model named only by PARLEY_MODEL: served by PARLEY_MODEL_BASE_URL. No
         # price is known, so it has no version: a project's turn on it fails as

@@ -484,3 +484,61 @@ async def test_replay_piped_into_head_ends_quietly(api: SseClient, stack: Server
     assert done.stdout.count("\n") == 1 and "conversation_created" in done.stdout, done.stdout
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
     assert done.returncode == 0, (done.returncode, done.stderr)
+
+
+OWN_ENDPOINT_MODELS = """
+[[models]]
+name = "house"
+base_url = "http://127.0.0.1:1/v1"
+  [[models.versions]]
+  version = "2026-01"
+  status = "active"
+  input_price = 1.0
+  output_price = 2.0
+"""
+
+
+def test_serve_with_models_of_their_own_endpoint_needs_no_shared_one_and_offers_no_demo(
+    stack: Servers, tmp_path: Path
+) -> None:
+    """README: a worker needs PARLEY_MODEL_BASE_URL "unless the default model names its
+    own base_url". The built-in demo entry, which names none, was always in the
+    catalogue: the worker refused to start, and every edge offered `demo`."""
+    models = tmp_path / "models.toml"
+    models.write_text(OWN_ENDPOINT_MODELS)
+    env = {
+        **server_env(stack),
+        "PARLEY_JWT_SECRET": "s" * 40,
+        "PARLEY_MODELS_FILE": str(models),
+        "PARLEY_MODEL": "house",
+        "PARLEY_DB_SCHEMA": "serve_own_endpoint",
+    }
+    role = subprocess.Popen(
+        [*PARLEY, "serve", "--role", "all", "--port", "0"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    watchdog = threading.Timer(60, role.kill)  # a start that hangs ends the read below
+    watchdog.start()
+    try:
+        assert role.stderr is not None
+        lines = []
+        for line in role.stderr:
+            lines.append(line)
+            if "roles ready" in line or "parley:" in line:
+                break
+        assert lines and "roles ready" in lines[-1], "".join(lines)
+        url = next(x for x in lines if "edge listening at" in x).split(" at ", 1)[1].strip()
+        token = run("token", "--user", "u1", env=env).stdout.strip()
+        request = urllib.request.Request(
+            url + "/v1/models", headers={"Authorization": f"Bearer {token}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            names = [m["name"] for m in json.load(answer)["models"]]
+        assert names == ["house"], names
+    finally:
+        watchdog.cancel()
+        role.send_signal(signal.SIGTERM)
+        role.wait(30)

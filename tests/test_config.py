@@ -302,3 +302,14 @@ def test_stream_replicas_default_to_one_and_allow_what_jetstream_allows(tmp_path
 def test_a_cluster_is_named_by_every_node_in_one_nats_url(tmp_path: Path) -> None:
     url = "nats://n1:4222,nats://n2:4222,nats://n3:4222"
     assert settings_from_env({"PARLEY_NATS_URL": url}, tmp_path).nats_url == url
+
+
+def test_serve_offers_the_built_in_demo_only_where_it_is_the_default(tmp_path: Path) -> None:
+    path = tmp_path / "models.toml"
+    path.write_text(MODELS_TOML)
+    named = settings_from_env({"PARLEY_MODELS_FILE": str(path), "PARLEY_MODEL": "house"}, tmp_path)
+    served = load_catalog(named, env={}, builtin_demo=False)
+    assert served.get(DEMO_MODEL) is None and served.default_model == "house"
+    unnamed = settings_from_env({"PARLEY_MODELS_FILE": str(path)}, tmp_path)
+    demo = load_catalog(unnamed, env={}, builtin_demo=False)
+    assert demo.default_model == DEMO_MODEL and demo.get(DEMO_MODEL) is not None
