@@ -22,6 +22,7 @@ from typing import Any, Self
 
 import aiohttp
 import msgspec
+import redis.exceptions
 from aiohttp import web
 from nats.aio.client import Client as NatsClient
 from nats.js.client import JetStreamContext
@@ -211,6 +212,8 @@ class Services:
         self._stopping.set()
 
     async def _start(self) -> None:
+        if self.roles & {"edge", "worker"}:
+            await check_redis(self.servers.redis_url)
         nc = await self._nats("parley-roles")
         js = nc.jetstream()
         for note in await self._ensure_streams(js):
@@ -374,6 +377,32 @@ class Services:
     ) -> None:
         supervised = supervise(role, name, self._stopping, self.restarts, max_backoff_s)
         self._tasks.append(asyncio.create_task(supervised, name=name))
+
+
+async def check_redis(url: str) -> None:
+    """At start: credentials Redis refuses stop the process (ConfigError).
+
+    A Redis that is away is waited out as "Faults" says (limits let requests
+    through, idempotency keys answer 503); a wrong password is not an outage, and
+    would have the same effects for as long as the process runs.
+    """
+    client = redis_client(url, max_connections=1, wait_s=1.0)
+    try:
+        async with asyncio.timeout(3):
+            await client.ping()
+    except redis.exceptions.AuthenticationError as err:
+        raise ConfigError(
+            f"Redis refused the credentials of PARLEY_REDIS_URL ({describe(err)}): give it "
+            "the password Redis has (`requirepass`), redis://:password@host:6379/0, or "
+            "redis://user:password@host:6379/0 for an ACL user"
+        ) from err
+    except (redis.exceptions.RedisError, OSError, TimeoutError) as err:
+        log.warning(
+            "Redis not reachable at start; limits let requests through until it is",
+            extra={"error": describe(err)},
+        )
+    finally:
+        await client.aclose()
 
 
 def catalog_rows(catalog: ModelCatalog) -> list[ModelRow]:

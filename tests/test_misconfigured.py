@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import sysconfig
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -234,3 +235,43 @@ def test_a_postgres_that_does_not_answer_is_named(stack: Servers) -> None:
     }
     done = run("serve", "--role", "projector", env=env, timeout=60)
     assert_one_line(done, 1, "Postgres (PARLEY_DATABASE_URL) did not answer")
+
+
+# ---------------------------------------------------------------- Redis
+
+REDIS_SERVER = Path(sysconfig.get_path("scripts")) / "redis-server"
+
+
+@pytest.fixture
+def redis_with_password() -> Iterator[int]:
+    port = free_ports(1)[0]
+    server = subprocess.Popen(
+        [
+            *(str(REDIS_SERVER), "--port", str(port), "--bind", "127.0.0.1"),
+            *("--requirepass", "redis-password", "--save", "", "--appendonly", "no"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        asyncio.run(listening(port))
+        yield port
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@pytest.mark.parametrize("credentials", [":wrong-password@", ""])
+def test_credentials_redis_refuses_stop_an_edge_instead_of_a_ready_edge_without_limits(
+    stack: Servers, redis_with_password: int, credentials: str
+) -> None:
+    """An edge whose Redis refused it started "ready" and ran without limits,
+    idempotency keys or turn records for as long as it lived; a Redis that is
+    away is still waited out (tests/test_faults.py)."""
+    env = {
+        **env_for(stack, stack.nats_url),
+        "PARLEY_REDIS_URL": f"redis://{credentials}127.0.0.1:{redis_with_password}/0",
+    }
+    done = run("serve", "--role", "edge", "--port", "0", env=env, timeout=30)
+    assert_one_line(done, 2, "Redis refused the credentials of PARLEY_REDIS_URL")
+    assert "wrong-password" not in done.stderr
