@@ -212,12 +212,12 @@ class Services:
         self._stopping.set()
 
     async def _start(self) -> None:
-        if self.roles & {"edge", "worker"}:
-            await check_redis(self.servers.redis_url)
         nc = await self._nats("parley-roles")
         js = nc.jetstream()
         for note in await self._ensure_streams(js):
             log.info(note)
+        if self.roles & {"edge", "worker"}:
+            await check_redis(self.servers.redis_url)
         if "projector" in self.roles:
             # one projector per projection: each its own position, lock and restarts
             pool = await create_pool(
