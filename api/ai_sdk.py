@@ -33,6 +33,7 @@ from api.streaming import running_turn
 from api.turn_routes import (
     DECODE_ELSEWHERE_BYTES,
     IdempotencyRecord,
+    RequestRepeated,
     check_text,
     earlier_request,
     read_body,
@@ -159,7 +160,14 @@ async def _regenerate(request: web.Request, body: _ChatBody, last: UiMessage | N
     header = await owned_conversation(request, body.id)
     key = _key_of(last) if last is not None and last.role == "user" else None
     if not answer and key is not None and await earlier_request(request, body.id, key) is None:
-        return await _submit_message(request, body, last)
+        # Not known to Redis: refused before (it never reached parley), or sent and its
+        # key lost with Redis. The log tells: sent again, a repeat of a message that
+        # reached parley is refused as one, and its answer is regenerated after all
+        # (answered as a repeat, the retry showed the same failed answer again).
+        try:
+            return await _submit_message(request, body, last, follow_repeat=False)
+        except RequestRepeated:
+            pass
     user = claims_of(request).sub
 
     def regenerate(record: IdempotencyRecord) -> TurnCommand:
@@ -179,7 +187,7 @@ async def _regenerate(request: web.Request, body: _ChatBody, last: UiMessage | N
 
 
 async def _submit_message(
-    request: web.Request, body: _ChatBody, last: UiMessage | None
+    request: web.Request, body: _ChatBody, last: UiMessage | None, *, follow_repeat: bool = True
 ) -> _Submitted:
     """The chat's last message, the user's new one: sent; or, when useChat sends one it
     sent before with other text (`sendMessage` with that message's id), an edit of it."""
@@ -222,7 +230,7 @@ async def _submit_message(
             on_busy=body.on_busy,
         )
 
-    done = await submit(request, cid, key, sent, send)
+    done = await submit(request, cid, key, sent, send, follow_repeat=follow_repeat)
     return _Submitted(cid, done.record)
 
 

