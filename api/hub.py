@@ -133,12 +133,15 @@ class TurnFilter:
     field existed are matched by the user message the turn answers.
     """
 
-    __slots__ = ("command_id", "turn_id", "user_message_id")
+    __slots__ = ("command_id", "repeated", "turn_id", "user_message_id")
 
     def __init__(self, command_id: str, user_message_id: str | None = None) -> None:
         self.command_id = command_id
         self.user_message_id = user_message_id
         self.turn_id: str | None = None
+        # the request's refusal as a repeat of an earlier one, where a stream that
+        # follows the earlier request instead met it (api.streaming.SseViewer)
+        self.repeated: CommandRejected | None = None
 
     def admit(self, stored: StoredEvent) -> bool:
         event = stored.event

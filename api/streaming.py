@@ -138,14 +138,26 @@ class SseViewer(Subscription):
         """Whether the delivery belongs to this stream (a POST stream: only its turn).
 
         A viewer of the whole conversation is not shown a request refused as busy
-        or as a repeat of an earlier one (its sender is answered with that one), nor any refusal while it watches a turn or while other turns wait to run
+        or as a repeat of an earlier one (its sender is answered with that one), nor
+        any refusal while it watches a turn or while other turns wait to run
         (`idle_after` false: a queued message whose branch an edit took away is
         refused between two turns): that request never became a turn, and its
         `error` and `done` would end, for the viewer's frontend, a conversation
         whose turns go on. Its sender had the refusal (a 409, or its own stream)."""
-        if self.turn is not None:
-            return self.turn.admit(delivery.stored)
         event = delivery.stored.event
+        if self.turn is not None:
+            if (
+                isinstance(event, CommandRejected)
+                and event.code == "repeated"
+                and event.repeats
+                and event.command_id == self.turn.command_id
+            ):
+                # decided after the POST stopped waiting for it: its stream goes on with
+                # the earlier request's turn (api.turn_routes), never shows the refusal
+                self.turn.repeated = event
+                self.end("repeated")
+                return False
+            return self.turn.admit(delivery.stored)
         if isinstance(event, CommandRejected):
             return (
                 event.code not in ("busy", "repeated")

@@ -416,7 +416,7 @@ async def _submit(
         if turn.turn_id is not None:
             command = None  # its turn began before the resumed position: nothing to wait for
     response = await open_sse(request)
-    return await stream_log(
+    await stream_log(
         request,
         response,
         conversation_id,
@@ -424,6 +424,17 @@ async def _submit(
         turn=turn,
         command=command,
         fresh=done.fresh,
+    )
+    if turn.repeated is None:
+        return response
+    # The actor refused it as a repeat after `submit` stopped waiting for its answer
+    # (no worker up for a while): answered as `submit` answers a repeat, with the
+    # earlier request's turn, on the same stream.
+    record = await _earlier(request, conversation_id, turn.repeated, record.digest)
+    await _keep_idempotency(request, conversation_id, idempotency_key, record)
+    earlier = TurnFilter(record.command_id, record.message_id)
+    return await stream_log(
+        request, response, conversation_id, Position(seq=record.after), turn=earlier
     )
 
 

@@ -26,7 +26,7 @@ from events.turns import RECORD_LEASE_MS
 from events.vocabulary import AnswerRequested, Done, Started, UserMessage
 from parley.services import Servers
 from parley.stack import free_ports
-from tests.conftest import extra_edge
+from tests.conftest import extra_edge, token_for
 from tests.sse import SseClient, sse_events
 from tests.test_actor_turns import first_tokens
 
@@ -221,3 +221,26 @@ async def test_use_chats_regenerate_after_redis_lost_the_messages_key_writes_a_n
         assert len(starts) == 1 + regenerations, [type(e).__name__ for e in log]
         assert requested[0].regenerates == starts[0].turn_id
     assert sum(isinstance(e, UserMessage) for e in log) == 1
+
+
+async def test_a_repeat_decided_after_its_post_stopped_waiting_streams_the_earlier_turn(
+    api: SseClient,
+    stack: Servers,
+    http: aiohttp.ClientSession,
+    user: str,
+    redis_client: aioredis.Redis,
+) -> None:
+    """A retry whose key Redis lost is refused by the actor as a repeat. When that
+    refusal came after the edge stopped waiting for the decision (no worker up for a
+    while), the retry's stream showed it as an `error` and ended: the client saw its
+    request fail, where it should see the earlier request's turn."""
+    cid = (await api.create_conversation())["id"]
+    body = {"idempotency_key": "late-1", "on_busy": "enqueue"}
+    first = await api.send_stream(cid, "hello [[tokens=3]]", **body)
+    assert await _forget_keys(redis_client, cid) == 1
+    # an edge that does not wait for decisions: each one comes after it stopped waiting
+    async with extra_edge(stack, decision_wait_s=0.001) as url:
+        late = SseClient(http, url, token_for(user))
+        again = await late.send_stream(cid, "hello [[tokens=3]]", **body)
+    assert [(e.event, e.data) for e in again] == [(e.event, e.data) for e in first]
+    assert await _forget_keys(redis_client, cid) == 1  # kept again, for the earlier request
