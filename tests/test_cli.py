@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -112,30 +113,40 @@ def test_serve_asks_for_the_model_endpoint_only_where_a_worker_runs(stack: Serve
         assert refused.returncode == 2, refused
         assert "PARLEY_MODEL_BASE_URL" in refused.stderr and "Traceback" not in refused.stderr
     # an edge calls no model: it starts and serves without one
-    edge = subprocess.Popen(
-        [*PARLEY, "serve", "--role", "edge", "--port", "0"],
+    with (
+        serving("edge", env, ready="edge listening at") as (url, _),
+        urllib.request.urlopen(url + "/healthz", timeout=10) as answer,
+    ):
+        assert answer.status == 200
+
+
+@contextlib.contextmanager
+def serving(role: str, env: dict[str, str], *, ready: str) -> Iterator[tuple[str, list[str]]]:
+    """`parley serve --role ROLE` until its log says `ready` (or it stops with a
+    `parley:` line): its edge's URL and the lines it wrote; stopped with SIGTERM."""
+    process = subprocess.Popen(
+        [*PARLEY, "serve", "--role", role, "--port", "0"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
-    watchdog = threading.Timer(60, edge.kill)  # a start that hangs ends the read below
+    watchdog = threading.Timer(60, process.kill)  # a start that hangs ends the read below
     watchdog.start()
     try:
-        assert edge.stderr is not None
+        assert process.stderr is not None
         lines = []
-        for line in edge.stderr:
+        for line in process.stderr:
             lines.append(line)
-            if "edge listening at" in line:
+            if ready in line or "parley:" in line:
                 break
-        assert lines and "edge listening at" in lines[-1], "".join(lines)
-        url = lines[-1].split("edge listening at", 1)[1].strip()
-        with urllib.request.urlopen(url + "/healthz", timeout=10) as answer:
-            assert answer.status == 200
+        assert lines and ready in lines[-1], "".join(lines)
+        url = next(x for x in lines if "edge listening at" in x).split(" at ", 1)[1].strip()
+        yield url, lines
     finally:
         watchdog.cancel()
-        edge.send_signal(signal.SIGTERM)
-        edge.wait(30)
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
 
 
 def test_token_uses_parley_jwt_secret_when_set(tmp_path: Path) -> None:
@@ -513,32 +524,11 @@ def test_serve_with_models_of_their_own_endpoint_needs_no_shared_one_and_offers_
         "PARLEY_MODEL": "house",
         "PARLEY_DB_SCHEMA": "serve_own_endpoint",
     }
-    role = subprocess.Popen(
-        [*PARLEY, "serve", "--role", "all", "--port", "0"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    watchdog = threading.Timer(60, role.kill)  # a start that hangs ends the read below
-    watchdog.start()
-    try:
-        assert role.stderr is not None
-        lines = []
-        for line in role.stderr:
-            lines.append(line)
-            if "roles ready" in line or "parley:" in line:
-                break
-        assert lines and "roles ready" in lines[-1], "".join(lines)
-        url = next(x for x in lines if "edge listening at" in x).split(" at ", 1)[1].strip()
+    with serving("all", env, ready="roles ready") as (url, _):
         token = run("token", "--user", "u1", env=env).stdout.strip()
         request = urllib.request.Request(
             url + "/v1/models", headers={"Authorization": f"Bearer {token}"}
         )
         with urllib.request.urlopen(request, timeout=10) as answer:
             names = [m["name"] for m in json.load(answer)["models"]]
-        assert names == ["house"], names
-    finally:
-        watchdog.cancel()
-        role.send_signal(signal.SIGTERM)
-        role.wait(30)
+    assert names == ["house"], names
