@@ -10,6 +10,7 @@ traceback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sysconfig
 from collections.abc import AsyncIterator, Iterator
@@ -49,14 +50,17 @@ accounts {{
 }}
 """
     )
-    server = subprocess.Popen(
-        [str(NATS_SERVER), "-c", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with listening_server([str(NATS_SERVER), "-c", str(config)], port):
+        yield port
+
+
+@contextlib.contextmanager
+def listening_server(argv: list[str], port: int) -> Iterator[None]:
+    """A server of our own, from its start until it listens on `port`, to its stop."""
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         asyncio.run(listening(port))
-        yield port
+        yield
     finally:
         server.terminate()
         server.wait(10)
@@ -245,20 +249,10 @@ REDIS_SERVER = Path(sysconfig.get_path("scripts")) / "redis-server"
 @pytest.fixture
 def redis_with_password() -> Iterator[int]:
     port = free_ports(1)[0]
-    server = subprocess.Popen(
-        [
-            *(str(REDIS_SERVER), "--port", str(port), "--bind", "127.0.0.1"),
-            *("--requirepass", "redis-password", "--save", "", "--appendonly", "no"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        asyncio.run(listening(port))
+    argv = [str(REDIS_SERVER), "--port", str(port), "--bind", "127.0.0.1"]
+    argv += ["--requirepass", "redis-password", "--save", "", "--appendonly", "no"]
+    with listening_server(argv, port):
         yield port
-    finally:
-        server.terminate()
-        server.wait(10)
 
 
 @pytest.mark.parametrize("credentials", [":wrong-password@", ""])
