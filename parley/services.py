@@ -274,11 +274,7 @@ class Services:
         js = nc.jetstream()
         redis = redis_client(self.servers.redis_url)
         self._stack.push_async_callback(redis.aclose)
-        # No cap on connections to the model: every running turn holds one stream
-        # open. aiohttp's default (100) queued the 101st turn behind the others
-        # and failed it after the connect timeout ("no connection to ... within
-        # 10s") at 500 turns at once; a provider that wants fewer says 429.
-        http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        http = outbound_session()
         self._stack.push_async_callback(http.close)
         event_log = EventLog(js, retry_for_s=self.options.log_outage_s, observer=self.metrics)
         ctx = ActorContext(
@@ -377,6 +373,21 @@ class Services:
     ) -> None:
         supervised = supervise(role, name, self._stopping, self.restarts, max_backoff_s)
         self._tasks.append(asyncio.create_task(supervised, name=name))
+
+
+def outbound_session() -> aiohttp.ClientSession:
+    """The worker's HTTP client, for the models and the webhooks' receiver.
+
+    No cap on connections: every running turn holds one stream open (aiohttp's
+    default, 100, queued the 101st turn and failed it after the connect timeout at
+    500 turns at once; a provider that wants fewer says 429). No cookies: a server
+    calling others on everyone's behalf keeps no state between its requests, and a
+    cookie a model host set would otherwise go to a webhook receiver of the same
+    domain, and back to the host with every other conversation's request.
+    """
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), cookie_jar=aiohttp.DummyCookieJar()
+    )
 
 
 async def check_redis(url: str) -> None:

@@ -22,11 +22,13 @@ import msgspec
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from actors import model_client
 from actors.errors import ModelStreamError
 from actors.model_client import ChatRequest, ModelEndpoint, stream_chat
 from actors.model_stream import ChatStreamParser, Finish, StreamItem, TextDelta
+from parley.services import outbound_session
 
 # Recorded third-party transcripts, byte-for-byte copies of the team's shared
 # fixtures (tests/data/openai-stream/SOURCES.md says where each comes from).
@@ -393,3 +395,35 @@ def test_endpoint_and_request_are_plain_declared_values() -> None:
 def test_endpoint_repr_hides_the_api_key() -> None:
     shown = repr(ModelEndpoint(base_url="http://h/v1", model="m", api_key="sk-secret"))
     assert "sk-secret" not in shown and "http://h/v1" in shown
+
+
+async def test_the_workers_client_keeps_no_cookie_between_requests() -> None:
+    """The worker's one HTTP client (models and webhooks) kept the cookies servers set:
+    a model host's cookie went back with every conversation's request, and to a
+    webhook receiver of the same domain."""
+    seen: list[str | None] = []
+
+    async def sets(_: web.Request) -> web.Response:
+        response = web.Response(text="ok")
+        response.set_cookie("session", "from-the-model-host")
+        return response
+
+    async def reads(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Cookie"))
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", sets)
+    app.router.add_post("/hook", reads)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with outbound_session() as http:
+            for path in ("/v1/chat/completions", "/hook", "/v1/chat/completions", "/hook"):
+                # by name: a cookie jar keeps no cookie for an IP address
+                url = server.make_url(path).with_host("localhost")
+                async with http.post(url, json={}) as answer:
+                    assert answer.status == 200
+    finally:
+        await server.close()
+    assert seen == [None, None], seen
