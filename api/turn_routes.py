@@ -367,8 +367,10 @@ async def submit(
     if decision.rejected is not None and decision.rejected.repeats:
         # The key's record was lost and the actor knew the request from the log: this
         # is a repeat of it, answered as one (its stream, its message id).
-        record, fresh = await _earlier(request, conversation_id, decision.rejected, digest), False
-        await _keep_idempotency(request, conversation_id, idempotency_key, record)
+        record = await _earlier(
+            request, conversation_id, idempotency_key, decision.rejected, digest
+        )
+        fresh = False
         if not follow_repeat:
             raise RequestRepeated(record)
         decision = await _decision(request, conversation_id, record, fresh)
@@ -430,8 +432,7 @@ async def _submit(
     # The actor refused it as a repeat after `submit` stopped waiting for its answer
     # (no worker up for a while): answered as `submit` answers a repeat, with the
     # earlier request's turn, on the same stream.
-    record = await _earlier(request, conversation_id, turn.repeated, record.digest)
-    await _keep_idempotency(request, conversation_id, idempotency_key, record)
+    record = await _earlier(request, conversation_id, idempotency_key, turn.repeated, record.digest)
     earlier = TurnFilter(record.command_id, record.message_id)
     return await stream_log(
         request, response, conversation_id, Position(seq=record.after), turn=earlier
@@ -524,18 +525,24 @@ async def _decision(
 
 
 async def _earlier(
-    request: web.Request, conversation_id: str, repeated: CommandRejected, digest: str
+    request: web.Request,
+    conversation_id: str,
+    key: str | None,
+    repeated: CommandRejected,
+    digest: str,
 ) -> IdempotencyRecord:
-    """The record of the request a `repeated` refusal names, as the edge had kept it:
-    its command and message; its turn is looked for from the conversation's start
-    (the position it was sent at was in the record that was lost)."""
+    """The record of the request a `repeated` refusal names, as the edge had kept it,
+    kept again under `key`: its command and message; its turn is looked for from the
+    conversation's start (the position it was sent at was in the record that was lost)."""
     first = await request.app[LOG].first(conversation_id)
-    return IdempotencyRecord(
+    record = IdempotencyRecord(
         message_id=repeated.message_id,
         command_id=repeated.repeats,
         after=0 if first is None else first.seq - 1,
         digest=digest,
     )
+    await _keep_idempotency(request, conversation_id, key, record)
+    return record
 
 
 def refusal_error(rejected: CommandRejected) -> ApiError:
