@@ -162,11 +162,57 @@ def _is_struct(annotation: object) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, msgspec.Struct)
 
 
+# keywords whose values are data, not schemas: never searched for references
+_SCHEMA_DATA = frozenset({"default", "enum", "const", "examples", "required"})
+
+
 def json_schema(struct: type[msgspec.Struct]) -> dict[str, Any]:
-    """The Struct's JSON schema, inlined (models read one object, not $refs)."""
+    """The Struct's JSON schema, inlined (models read one object, not $refs).
+
+    msgspec names every nested Struct and Enum as a component; each reference to
+    one is replaced by its schema, so the object is whole by itself: a reference
+    to a component that is not sent with it is refused by the model's API (every
+    turn offered the tool would fail). Only a type that contains itself cannot be
+    inlined: it is sent once under `$defs` and referred to as `#/$defs/Name`.
+    """
     (ref,), components = msgspec.json.schema_components([struct], ref_template="{name}")
-    schema: dict[str, Any] = dict(components[ref["$ref"]])
-    schema.pop("title", None)
+    defs: dict[str, dict[str, Any]] = {}
+
+    def component(name: str) -> dict[str, Any]:
+        body = dict(components[name])
+        body.pop("title", None)
+        return body
+
+    def define(name: str) -> None:
+        if name not in defs:
+            defs[name] = {}  # taken, while its own references to itself are resolved
+            defs[name] = resolve(component(name), frozenset({name}))
+
+    def resolve(node: Any, inside: frozenset[str]) -> Any:
+        if isinstance(node, list):
+            return [resolve(item, inside) for item in node]
+        if not isinstance(node, dict):
+            return node
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            if key in ("$ref", "discriminator"):
+                continue  # a discriminator's mapping names components, which are inlined
+            if key in ("properties", "patternProperties") and isinstance(value, dict):
+                out[key] = {field: resolve(schema, inside) for field, schema in value.items()}
+            else:
+                out[key] = value if key in _SCHEMA_DATA else resolve(value, inside)
+        name = node.get("$ref")
+        if not isinstance(name, str):
+            return out
+        if name in inside:
+            define(name)
+            return {"$ref": f"#/$defs/{name}", **out}
+        return {**resolve(component(name), inside | {name}), **out}
+
+    top = ref["$ref"]
+    schema: dict[str, Any] = resolve(component(top), frozenset({top}))
+    if defs:
+        schema["$defs"] = defs
     return schema
 
 

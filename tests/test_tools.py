@@ -4,6 +4,7 @@ model can read, and no tool can stall the worker."""
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import threading
 import time
@@ -211,6 +212,78 @@ async def test_a_struct_tool_gets_its_arguments_converted_and_checked() -> None:
     assert json.loads(ok.result or "") == {"city": "Oslo", "days": 3, "user": "u"}
     bad = await runner.run("forecast", '{"city": 7}', CTX)
     assert bad.result is None and bad.error is not None and "invalid arguments" in bad.error
+
+
+class Colour(enum.Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+class Point(msgspec.Struct):
+    x: float
+    y: float
+
+
+class Outline(msgspec.Struct):
+    """A node of an outline: it holds outlines of its own."""
+
+    title: str
+    children: list[Outline] = []
+
+
+class Drawing(msgspec.Struct):
+    points: list[Point]
+    colour: Colour = Colour.RED
+    anchor: Point | None = None
+    outline: Outline | None = None
+    default: str = "a field named like a keyword"
+
+
+def _references(node: object) -> list[str]:
+    if isinstance(node, list):
+        return [ref for item in node for ref in _references(item)]
+    if not isinstance(node, dict):
+        return []
+    own = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+    return own + [ref for value in node.values() for ref in _references(value)]
+
+
+def test_a_schema_with_nested_structs_and_enums_is_whole_by_itself() -> None:
+    """A model's API refuses a tool whose parameters refer to a component they do not
+    carry ("Point", "Colour"), and with it every turn that offers the tool."""
+
+    def draw(args: Drawing) -> str:
+        """Draw."""
+        return "drawn"
+
+    def mark(at: Point, colour: Colour, near: list[Point] | None = None) -> str:
+        """Mark a point."""
+        return "marked"
+
+    point = {
+        "type": "object",
+        "properties": {"x": {"type": "number"}, "y": {"type": "number"}},
+        "required": ["x", "y"],
+    }
+    drawing = define_tool(draw).parameters
+    assert drawing["properties"]["points"] == {"type": "array", "items": point}
+    assert drawing["properties"]["colour"] == {"enum": ["blue", "red"], "default": "red"}
+    assert drawing["properties"]["anchor"]["anyOf"][0] == point
+    assert drawing["properties"]["default"] == {
+        "type": "string",
+        "default": "a field named like a keyword",
+    }
+    marking = define_tool(mark).parameters
+    assert marking["properties"]["at"] == point
+    assert marking["properties"]["near"]["anyOf"][0] == {"type": "array", "items": point}
+    for schema in (drawing, marking):
+        for ref in _references(schema):
+            # only a type that holds itself is referred to, and what it names is sent
+            assert ref.startswith("#/$defs/"), ref
+            assert ref.removeprefix("#/$defs/") in schema["$defs"], ref
+    assert _references(drawing) and _references(marking) == []
+    outline = drawing["$defs"]["Outline"]
+    assert outline["properties"]["children"]["items"] == {"$ref": "#/$defs/Outline"}
 
 
 def add(a: int, b: int = 1) -> str:
