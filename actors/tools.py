@@ -289,7 +289,11 @@ async def _call(
         call = lambda: tool.handler(**values, **_ctx_kwarg(tool.handler, ctx))  # noqa: E731
     else:
         value = msgspec.convert(args, tool.arguments)
-        call = lambda: tool.handler(value, ctx)  # noqa: E731
+        named = _struct_kwargs(tool.handler, tool.arguments, value, ctx)
+        if named is None:
+            call = lambda: tool.handler(value, ctx)  # noqa: E731
+        else:
+            call = lambda: tool.handler(**named)  # noqa: E731
     if inspect.iscoroutinefunction(tool.handler):
         async with slot:
             result = call()
@@ -328,6 +332,27 @@ def _in_own_thread(
 
     threading.Thread(target=work, name=f"tool-{name}", daemon=True).start()
     return future
+
+
+def _struct_kwargs(
+    handler: Handler, struct: type[msgspec.Struct], value: msgspec.Struct, ctx: ToolContext
+) -> dict[str, object] | None:
+    """The keyword arguments of a handler that takes its arguments as one Struct: the
+    Struct, and the context only where the handler asks for it (`handler(args)` is as
+    good as `handler(args, ctx)` or `handler(ctx, args)`). None for a handler whose
+    parameters are not typed: it is called as `handler(args, ctx)`."""
+    try:
+        hints = get_type_hints(handler)
+    except (TypeError, NameError):  # a callable object, a name its module cannot resolve
+        return None
+    hints.pop("return", None)
+    if struct not in hints.values():
+        return None
+    return {
+        name: value if hint is struct else ctx
+        for name, hint in hints.items()
+        if hint is struct or hint is ToolContext
+    }
 
 
 def _ctx_kwarg(handler: Handler, ctx: ToolContext) -> dict[str, ToolContext]:

@@ -19,6 +19,7 @@ from actors.tools import (
     ToolContext,
     ToolError,
     ToolMessage,
+    ToolOutcome,
     ToolReply,
     ToolRunner,
     define_tool,
@@ -212,6 +213,27 @@ async def test_a_struct_tool_gets_its_arguments_converted_and_checked() -> None:
     assert json.loads(ok.result or "") == {"city": "Oslo", "days": 3, "user": "u"}
     bad = await runner.run("forecast", '{"city": 7}', CTX)
     assert bad.result is None and bad.error is not None and "invalid arguments" in bad.error
+
+
+async def test_a_struct_tool_may_take_the_context_anywhere_or_not_at_all() -> None:
+    """`define_tool` takes `handler(args: Struct)` without a context; it was called with
+    one anyway and every call failed with a TypeError (and `handler(ctx, args)` got
+    them swapped)."""
+
+    def city_only(args: Forecast) -> str:
+        """The city asked for."""
+        return args.city
+
+    async def context_first(ctx: ToolContext, args: Forecast) -> str:
+        """Who asked, for which city."""
+        return f"{ctx.user_id}:{args.city}:{args.days}"
+
+    runner = ToolRunner([define_tool(city_only), define_tool(context_first), define_tool(forecast)])
+    assert await runner.run("city_only", '{"city": "Oslo"}', CTX) == ToolOutcome(result="Oslo")
+    first = await runner.run("context_first", '{"city": "Bergen", "days": 2}', CTX)
+    assert first == ToolOutcome(result="u:Bergen:2")
+    usual = await runner.run("forecast", '{"city": "Oslo"}', CTX)
+    assert json.loads(usual.result or "") == {"city": "Oslo", "days": 3, "user": "u"}
 
 
 class Colour(enum.Enum):
