@@ -363,30 +363,73 @@ def _ctx_kwarg(handler: Handler, ctx: ToolContext) -> dict[str, ToolContext]:
 # ---------------------------------------------------------------- loading tools
 
 
+class ToolLoadError(ValueError):
+    """A deployment's tools cannot be loaded as configured: the message says which and
+    what to fix, in one line (the worker refuses to start with it)."""
+
+
 def load_tools(specs: Sequence[str] = (), *, use_entry_points: bool = True) -> list[Tool]:
-    """Tools named by `module:attribute` specs and by the `parley.tools` entry points."""
+    """Tools named by `module:attribute` specs and by the `parley.tools` entry points.
+
+    A spec or entry point that names no module, no attribute or no Tool raises
+    `ToolLoadError`; an error raised by the deployment's own code as it is imported
+    (or by its function returning the tools) is left as it is, its traceback being
+    what shows where, with a note naming the spec.
+    """
     found: list[Tool] = []
     if use_entry_points:
         for point in entry_points(group=ENTRY_POINT_GROUP):
-            found.extend(_tools_in(point.load(), point.value))
+            where = f"entry point {point.name!r} = {point.value!r} (group {ENTRY_POINT_GROUP})"
+            found.extend(_tools_in(_named(point.module, point.attr, where), where))
     for spec in specs:
-        module_name, _, attribute = spec.partition(":")
+        where = f"tool spec {spec!r} (PARLEY_TOOLS)"
+        module_name, _, attribute = (part.strip() for part in spec.partition(":"))
         if not module_name or not attribute:
-            raise ValueError(f"tool spec {spec!r} is not module:attribute")
-        found.extend(_tools_in(getattr(importlib.import_module(module_name), attribute), spec))
+            raise ToolLoadError(f"{where} is not module:attribute")
+        found.extend(_tools_in(_named(module_name, attribute, where), where))
     return found
+
+
+def _named(module_name: str, attribute: str | None, where: str) -> object:
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        missing = err.name or ""
+        if missing and (module_name == missing or module_name.startswith(missing + ".")):
+            raise ToolLoadError(
+                f"{where}: no module named {missing!r} (is its package installed in this "
+                "environment, or its folder on PYTHONPATH?)"
+            ) from err
+        err.add_note(f"while importing the tools of {where}")
+        raise  # a module the tools' own module imports: its traceback shows where
+    except Exception as err:
+        err.add_note(f"while importing the tools of {where}")
+        raise
+    value: object = module
+    for name in attribute.split(".") if attribute else ():
+        if not hasattr(value, name):
+            raise ToolLoadError(f"{where}: module {module_name!r} has no attribute {attribute!r}")
+        value = getattr(value, name)
+    return value
 
 
 def _tools_in(value: object, where: str) -> list[Tool]:
     if callable(value) and not isinstance(value, Tool):
-        value = value()
+        try:
+            value = value()
+        except Exception as err:
+            err.add_note(f"while making the tools of {where}")
+            raise
     if isinstance(value, Tool):
         return [value]
     if isinstance(value, Iterable) and not isinstance(value, str | bytes):
         tools = list(value)
         if all(isinstance(t, Tool) for t in tools):
             return tools
-    raise ValueError(f"{where} is not a Tool, a list of Tools or a function returning them")
+    raise ToolLoadError(
+        f"{where}: {type(value).__name__} is not a Tool, a list of Tools or a function "
+        "returning them"
+    )
 
 
 def merge_tools(*groups: Iterable[Tool]) -> list[Tool]:

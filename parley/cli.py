@@ -18,6 +18,7 @@ import msgspec
 import nats.errors
 
 from actors.models import ModelCatalog
+from actors.tools import ToolLoadError
 from actors.webhooks import WebhookSettings
 from api.auth import mint
 from events.broker import BrokerRefused, connect
@@ -616,7 +617,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
         )
         code: int = args.func(args)
-    except (CliError, ConfigError, SchemaMissing, StreamMisconfigured, BrokerRefused) as err:
+    except (
+        CliError,
+        ConfigError,
+        SchemaMissing,
+        StreamMisconfigured,
+        BrokerRefused,
+        ToolLoadError,
+    ) as err:
         # StreamMisconfigured: a stream (or a NATS account) parley cannot use as it is
         # configured; BrokerRefused: credentials NATS does not accept. Each message
         # names the setting and what parley needs

@@ -212,6 +212,9 @@ class Services:
         self._stopping.set()
 
     async def _start(self) -> None:
+        # A deployment's tools are loaded first: one that cannot be (a spec naming no
+        # module, a bad name) stops the worker at once, not after the servers answered.
+        tools = self._load_tools() if "worker" in self.roles else None
         nc = await self._nats("parley-roles")
         js = nc.jetstream()
         for note in await self._ensure_streams(js):
@@ -239,8 +242,8 @@ class Services:
                     max_backoff_s=PROJECTOR_BACKOFF_MAX_S,
                 )
             self.projector = self.projectors[READ_MODELS.name]
-        if "worker" in self.roles:
-            await self._start_worker(nc)
+        if tools is not None:
+            await self._start_worker(nc, tools)
         if "edge" in self.roles:
             await self._start_edge()
         elif self.options.metrics_port is not None:
@@ -270,7 +273,18 @@ class Services:
         self._stack.push_async_callback(nc.drain)
         return nc
 
-    async def _start_worker(self, nc: NatsClient) -> None:
+    def _load_tools(self) -> ToolRunner:
+        return ToolRunner(
+            merge_tools(
+                BUILTIN_TOOLS,
+                load_tools(
+                    self.options.tool_specs, use_entry_points=self.options.tool_entry_points
+                ),
+                self.options.tools,
+            )
+        )
+
+    async def _start_worker(self, nc: NatsClient, tools: ToolRunner) -> None:
         js = nc.jetstream()
         redis = redis_client(self.servers.redis_url)
         self._stack.push_async_callback(redis.aclose)
@@ -286,15 +300,7 @@ class Services:
             default_base_url=self.options.model_base_url,
             default_api_key=self.options.model_api_key,
             worker_id=f"{socket.gethostname()}-{new_id()}",
-            tools=ToolRunner(
-                merge_tools(
-                    BUILTIN_TOOLS,
-                    load_tools(
-                        self.options.tool_specs, use_entry_points=self.options.tool_entry_points
-                    ),
-                    self.options.tools,
-                )
-            ),
+            tools=tools,
             retry_base_s=self.options.model_retry_base_s,
             idle_timeout=self.options.model_idle_timeout_s,
             first_byte_timeout=self.options.model_idle_timeout_s,

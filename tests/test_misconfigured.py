@@ -269,3 +269,24 @@ def test_credentials_redis_refuses_stop_an_edge_instead_of_a_ready_edge_without_
     done = run("serve", "--role", "edge", "--port", "0", env=env, timeout=30)
     assert_one_line(done, 2, "Redis refused the credentials of PARLEY_REDIS_URL")
     assert "wrong-password" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("spec", "says"),
+    [
+        ("no_such_tools_module:TOOLS", "no module named 'no_such_tools_module'"),
+        ("tests.tool_plugin:NOPE", "module 'tests.tool_plugin' has no attribute 'NOPE'"),
+        ("tests.tool_plugin:NOT_A_TOOL", "int is not a Tool"),
+    ],
+)
+async def test_a_worker_with_tools_it_cannot_load_stops_in_one_line(
+    stack: Servers, spec: str, says: str
+) -> None:
+    """What the operator wrote in PARLEY_TOOLS is named, with what is wrong with it; no
+    traceback through the event loop and the services."""
+    env = env_for(stack, stack.nats_url) | {
+        "PARLEY_TOOLS": spec,
+        "PARLEY_MODEL_BASE_URL": "http://127.0.0.1:1/v1",
+    }
+    done = await asyncio.to_thread(run, "serve", "--role", "worker", env=env, timeout=60)
+    assert_one_line(done, 2, f"tool spec {spec!r} (PARLEY_TOOLS): {says}")

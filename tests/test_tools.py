@@ -18,6 +18,7 @@ from actors.tools import (
     Tool,
     ToolContext,
     ToolError,
+    ToolLoadError,
     ToolMessage,
     ToolOutcome,
     ToolReply,
@@ -447,10 +448,14 @@ def test_tools_named_by_module_path_are_loaded_and_may_replace_a_built_in() -> N
 
 
 def test_a_bad_tool_spec_says_what_is_wrong() -> None:
-    with pytest.raises(ValueError, match="module:attribute"):
+    with pytest.raises(ToolLoadError, match="module:attribute"):
         load_tools(["no-colon-here"])
-    with pytest.raises(ValueError, match="not a Tool"):
+    with pytest.raises(ToolLoadError, match="int is not a Tool"):
         load_tools(["tests.tool_plugin:NOT_A_TOOL"])
+    with pytest.raises(ToolLoadError, match=r"no module named 'tests\.no_such_plugin'"):
+        load_tools(["tests.no_such_plugin:TOOLS"])
+    with pytest.raises(ToolLoadError, match=r"'tests\.tool_plugin' has no attribute 'NOPE'"):
+        load_tools(["tests.tool_plugin:NOPE"])
 
 
 # ---------------------------------------------------------------- built-ins
