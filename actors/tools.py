@@ -36,6 +36,7 @@ import importlib
 import inspect
 import json
 import logging
+import re
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from importlib.metadata import entry_points
@@ -48,6 +49,9 @@ from events.codec import encodable
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "parley.tools"
+# What OpenAI's API (and the servers that copy it) accept as a function's name; a
+# request offering a tool named otherwise is refused whole, and every turn fails.
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class ToolMessage(msgspec.Struct, frozen=True):
@@ -145,8 +149,11 @@ def define_tool(
         struct = msgspec.defstruct(
             f"{handler.__name__}_arguments", fields, forbid_unknown_fields=True
         )
+    name = name or handler.__name__
+    if problem := name_problem(name):
+        raise ValueError(problem)
     return Tool(
-        name=name or handler.__name__,
+        name=name,
         description=description or inspect.cleandoc(handler.__doc__ or "").split("\n\n")[0],
         parameters=json_schema(struct),
         handler=handler,
@@ -155,6 +162,16 @@ def define_tool(
         timeout_s=timeout_s,
         max_result_chars=max_result_chars,
         max_concurrency=max_concurrency,
+    )
+
+
+def name_problem(name: str) -> str | None:
+    """Why a model's API would refuse a tool of this name, or None."""
+    if _TOOL_NAME.fullmatch(name):
+        return None
+    return (
+        f"tool name {name!r} is not 1 to 64 letters, digits, '_' or '-' "
+        "(what an OpenAI-compatible API accepts)"
     )
 
 
@@ -420,12 +437,14 @@ def _tools_in(value: object, where: str) -> list[Tool]:
         except Exception as err:
             err.add_note(f"while making the tools of {where}")
             raise
-    if isinstance(value, Tool):
-        return [value]
-    if isinstance(value, Iterable) and not isinstance(value, str | bytes):
+    tools: list[Any] | None = [value] if isinstance(value, Tool) else None
+    if tools is None and isinstance(value, Iterable) and not isinstance(value, str | bytes):
         tools = list(value)
-        if all(isinstance(t, Tool) for t in tools):
-            return tools
+    if tools is not None and all(isinstance(t, Tool) for t in tools):
+        for tool in tools:
+            if problem := name_problem(tool.name):
+                raise ToolLoadError(f"{where}: {problem}")
+        return tools
     raise ToolLoadError(
         f"{where}: {type(value).__name__} is not a Tool, a list of Tools or a function "
         "returning them"

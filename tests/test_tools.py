@@ -458,6 +458,22 @@ def test_a_bad_tool_spec_says_what_is_wrong() -> None:
         load_tools(["tests.tool_plugin:NOPE"])
 
 
+@pytest.mark.parametrize("name", ["look up", "order/lookup", "ünïcode", "x" * 65])
+def test_a_tool_name_a_model_api_refuses_is_refused_where_the_tool_is_made(name: str) -> None:
+    """OpenAI-compatible APIs take `^[a-zA-Z0-9_-]{1,64}$` and refuse the whole request
+    otherwise: one such tool would fail every turn, since every call offers them all."""
+    with pytest.raises(ValueError, match="is not 1 to 64 letters"):
+        define_tool(add, name=name)
+
+
+def test_a_hand_made_tool_with_a_name_a_model_api_refuses_stops_the_loading() -> None:
+    with pytest.raises(
+        ToolLoadError, match=r"BADLY_NAMED' \(PARLEY_TOOLS\): tool name 'look up/order'"
+    ):
+        load_tools(["tests.tool_plugin:BADLY_NAMED"], use_entry_points=False)
+    assert define_tool(add, name="A-valid_name-" + "x" * 51).name.endswith("x")
+
+
 # ---------------------------------------------------------------- built-ins
 
 

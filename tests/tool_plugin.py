@@ -77,3 +77,13 @@ LIVE_TOOLS = (
     define_tool(not_text),
     define_tool(from_outside),
 )
+
+
+# ---------------------------------------------------------------- tools no model API accepts
+
+BADLY_NAMED = Tool(
+    name="look up/order",
+    description="Made by hand, with a name a model's API refuses.",
+    parameters={"type": "object", "properties": {}},
+    handler=shout,
+)
