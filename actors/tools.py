@@ -388,23 +388,36 @@ class ToolLoadError(ValueError):
 def load_tools(specs: Sequence[str] = (), *, use_entry_points: bool = True) -> list[Tool]:
     """Tools named by `module:attribute` specs and by the `parley.tools` entry points.
 
-    A spec or entry point that names no module, no attribute or no Tool raises
-    `ToolLoadError`; an error raised by the deployment's own code as it is imported
+    A spec or entry point that names no module, no attribute or no Tool, and two
+    different tools of one name, raise `ToolLoadError` (a deployment's tool may
+    replace a built-in, `merge_tools`, but not another of its own); an error raised by the deployment's own code as it is imported
     (or by its function returning the tools) is left as it is, its traceback being
     what shows where, with a note naming the spec.
     """
-    found: list[Tool] = []
+    found: dict[str, tuple[Tool, str]] = {}
+
+    def add(tools: list[Tool], where: str) -> None:
+        for tool in tools:
+            earlier, named_by = found.get(tool.name, (tool, where))
+            if earlier != tool:
+                # one would silently hide the other from every model call
+                raise ToolLoadError(
+                    f"two tools are named {tool.name!r}: one from {named_by}, "
+                    f"one from {where}; give one another name"
+                )
+            found[tool.name] = (tool, named_by)
+
     if use_entry_points:
         for point in entry_points(group=ENTRY_POINT_GROUP):
             where = f"entry point {point.name!r} = {point.value!r} (group {ENTRY_POINT_GROUP})"
-            found.extend(_tools_in(_named(point.module, point.attr, where), where))
+            add(_tools_in(_named(point.module, point.attr, where), where), where)
     for spec in specs:
         where = f"tool spec {spec!r} (PARLEY_TOOLS)"
         module_name, _, attribute = (part.strip() for part in spec.partition(":"))
         if not module_name or not attribute:
             raise ToolLoadError(f"{where} is not module:attribute")
-        found.extend(_tools_in(_named(module_name, attribute, where), where))
-    return found
+        add(_tools_in(_named(module_name, attribute, where), where), where)
+    return [tool for tool, _ in found.values()]
 
 
 def _named(module_name: str, attribute: str | None, where: str) -> object:

@@ -474,6 +474,18 @@ def test_a_hand_made_tool_with_a_name_a_model_api_refuses_stops_the_loading() ->
     assert define_tool(add, name="A-valid_name-" + "x" * 51).name.endswith("x")
 
 
+def test_two_of_a_deployments_tools_with_one_name_stop_the_loading() -> None:
+    """The later silently replaced the earlier: a tool the deployment installed was
+    never offered, and nothing said so."""
+    with pytest.raises(ToolLoadError, match="two tools are named 'shout'") as refused:
+        load_tools(["tests.tool_plugin:TOOLS", "tests.tool_plugin:SHOUT_TOO"])
+    assert "'tests.tool_plugin:TOOLS'" in str(refused.value)
+    assert "'tests.tool_plugin:SHOUT_TOO'" in str(refused.value)
+    # the same tools named twice (an entry point, and PARLEY_TOOLS too) are one
+    twice = load_tools(["tests.tool_plugin:TOOLS", "tests.tool_plugin:TOOLS"])
+    assert [tool.name for tool in twice] == ["shout", "calculator"]
+
+
 # ---------------------------------------------------------------- built-ins
 
 

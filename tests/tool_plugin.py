@@ -87,3 +87,11 @@ BADLY_NAMED = Tool(
     parameters={"type": "object", "properties": {}},
     handler=shout,
 )
+
+
+def shout_again(text: str) -> str:
+    """Another package's tool that took the name `shout` too."""
+    return text
+
+
+SHOUT_TOO = [define_tool(shout_again, name="shout")]
