@@ -151,7 +151,7 @@ def define_tool(
         )
     name = name or handler.__name__
     if problem := name_problem(name):
-        raise ValueError(problem)
+        raise ToolLoadError(problem)
     return Tool(
         name=name,
         description=description or inspect.cleandoc(handler.__doc__ or "").split("\n\n")[0],
@@ -432,6 +432,8 @@ def _named(module_name: str, attribute: str | None, where: str) -> object:
             ) from err
         err.add_note(f"while importing the tools of {where}")
         raise  # a module the tools' own module imports: its traceback shows where
+    except ToolLoadError as err:  # define_tool refused one of the module's tools
+        raise ToolLoadError(f"{where}: {err}") from err
     except Exception as err:
         err.add_note(f"while importing the tools of {where}")
         raise

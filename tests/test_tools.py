@@ -466,6 +466,11 @@ def test_a_tool_name_a_model_api_refuses_is_refused_where_the_tool_is_made(name:
         define_tool(add, name=name)
 
 
+def test_a_badly_named_tool_of_a_module_stops_its_loading_in_one_line() -> None:
+    with pytest.raises(ToolLoadError, match=r"BAD_NAME' \(PARLEY_TOOLS\): tool name 'zz search'"):
+        load_tools(["tests.tool_plugin_badly_named:BAD_NAME"], use_entry_points=False)
+
+
 def test_a_hand_made_tool_with_a_name_a_model_api_refuses_stops_the_loading() -> None:
     with pytest.raises(
         ToolLoadError, match=r"BADLY_NAMED' \(PARLEY_TOOLS\): tool name 'look up/order'"
