@@ -396,6 +396,11 @@ class TurnRunner:
                             self.spec.name, time.perf_counter() - self._began
                         )
         finally:
+            # A call that failed left its exception in the task, and the exception's
+            # traceback holds this frame: kept in a local, the task would close a
+            # reference cycle through the whole turn (its runner, its history, the
+            # request body), freed only by a full collection.
+            early = None
             self.ctx.observer.model_call(self.spec.name, time.perf_counter() - began)
 
     async def _run_tools(self, result: RoundResult, stream: TurnStream) -> list[dict[str, Any]]:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from typing import Any
 
 import pytest
 
 import actors.turn
+from actors.turn import TurnRunner
 from events.log import EventLog
 from events.vocabulary import Failed
 from tests.sse import SseClient
@@ -108,3 +111,37 @@ async def test_a_turn_that_crashes_ends_failed_internal_error_at_once(
     async with asyncio.timeout(30):
         events = await api.send_stream(cid, "and now? [[tokens=3]]")
     assert events[-1].data == "ok", events
+
+
+@pytest.mark.parametrize("directive", ["500", "cut"])
+async def test_a_failed_turn_is_freed_at_once_not_left_to_the_collector(
+    api: SseClient, directive: str
+) -> None:
+    """A turn whose model call fails lets go of its runner, and with it the history and
+    the request body it sent, as soon as it ends. A long conversation whose history
+    the provider refuses (over its context or body limit: an error status on every
+    message) held each refused turn's whole history in a reference cycle (the failed
+    call's exception, through its traceback, back to the frame that awaited the call)
+    until a full collection, which the worker's thresholds make rare: `parley dev`
+    grew by megabytes a message, to 2 GB in 150 messages of 100,000 characters."""
+    cid = (await api.create_conversation())["id"]
+    gc.collect()
+    gc.disable()  # what is freed here is freed by reference counting alone
+    try:
+        async with asyncio.timeout(30):
+            events = await api.send_stream(cid, f"please break [[fail={directive}]]")
+        assert events[-1].data == "error", events
+        turn_id = events[0].data["turn_id"]
+
+        # the actor lets go of the runner a moment after the turn's end is in the log
+        freed = asyncio.Event()
+        freed.set()  # unless its runner is still there
+        for held in gc.get_objects():
+            if isinstance(held, TurnRunner) and held.turn_id == turn_id:
+                freed.clear()
+                weakref.finalize(held, freed.set)
+        del held
+        async with asyncio.timeout(10):
+            await freed.wait()
+    finally:
+        gc.enable()
