@@ -90,9 +90,15 @@ class Delivery(msgspec.Struct, gc=False):
     idle_after: bool | None = None
     # the event's own word on it (None: it has none, and the hub looked)
     stated_idle: bool | None = None
+    # What the delivery holds, as a hub's ring counts it: its frames and the event
+    # it was made from (about as large as the entry was in the log). The event is
+    # most of it for what viewers are shown little or nothing of: a user message of
+    # 100,000 characters has no frame, a long answer's `done` a short one.
+    size: int = 0
 
     @classmethod
-    def of(cls, stored: StoredEvent) -> Delivery:
+    def of(cls, stored: StoredEvent, entry_bytes: int = 0) -> Delivery:
+        """`entry_bytes`: the length of the log entry `stored` was decoded from."""
         pieces = envelopes(stored)
         last = len(pieces) - 1
         # one frame per SSE event; ids as in api.sse.frames (N, or N-i before the last)
@@ -102,15 +108,17 @@ class Delivery(msgspec.Struct, gc=False):
         )
         event = stored.event
         stated = event.idle if isinstance(event, CommandRejected | TurnEnd) else None
+        wire = b"".join(frames)
         return cls(
             stored=stored,
             pieces=frames,
-            wire=b"".join(frames),
+            wire=wire,
             ends_turn=any(e.event == "done" for e in pieces),
             started=event.turn_id if isinstance(event, Started) else None,
             ended=event.turn_id if isinstance(event, TurnEnd) else None,
             idle_after=stated,
             stated_idle=stated,
+            size=len(wire) + entry_bytes,
         )
 
     @property
@@ -417,7 +425,7 @@ class Hub:
                     await self._on_silence()
                     continue
                 for raw in batch:
-                    await self._deliver(StoredEvent.decode(raw.seq, raw.data))
+                    await self._deliver(raw)
         except (EventLogError, nats.errors.Error) as err:
             # The viewers' streams end; each resumes from its last id once the broker is back.
             log.warning(
@@ -449,7 +457,7 @@ class Hub:
         calls this while the hub waits for news); False for one that `_deliver` must
         take, awaiting the conversation's state first (or failing, as a bug would)."""
         try:
-            delivery = Delivery.of(StoredEvent.decode(raw.seq, raw.data))
+            delivery = Delivery.of(StoredEvent.decode(raw.seq, raw.data), len(raw.data))
         except Exception:
             return False  # _deliver meets it again, and the feed fails as bugs do
         if self._asks_whether_idle(delivery):
@@ -466,8 +474,8 @@ class Hub:
             and any(s.turn is None for s in self.subscriptions)
         )
 
-    async def _deliver(self, stored: StoredEvent) -> None:
-        delivery = Delivery.of(stored)
+    async def _deliver(self, raw: RawEvent) -> None:
+        delivery = Delivery.of(StoredEvent.decode(raw.seq, raw.data), len(raw.data))
         if self._asks_whether_idle(delivery):
             try:
                 end, active = await self._hubs.turn_state(self.conversation_id)
@@ -505,12 +513,12 @@ class Hub:
     def _remember(self, delivery: Delivery) -> None:
         settings = self._hubs.settings
         self._ring.append(delivery)
-        self._ring_bytes += len(delivery.wire)
+        self._ring_bytes += delivery.size
         while self._ring and (
             len(self._ring) > settings.ring_events or self._ring_bytes > settings.ring_bytes
         ):
             gone = self._ring.popleft()
-            self._ring_bytes -= len(gone.wire)
+            self._ring_bytes -= gone.size
             self.floor = gone.seq
 
     async def _on_silence(self) -> None:

@@ -17,7 +17,7 @@ from api.streaming import cut
 from events.ids import new_id
 from events.log import EventLog, StoredEvent
 from events.turns import TurnRecord, TurnRegistry, redis_client
-from events.vocabulary import ConversationCreated, Done, Started, Title
+from events.vocabulary import ConversationCreated, Done, Started, Title, UserMessage
 from parley import loops
 from parley.services import Servers
 
@@ -326,3 +326,46 @@ async def test_every_edge_reads_from_the_end_itself_whether_turns_wait(
     finally:
         for hubs in edges:
             await hubs.close()
+
+
+async def test_a_hub_keeps_no_more_of_a_long_conversation_than_its_ring_bytes(
+    stack: Servers, nc: NatsClient, event_log: EventLog
+) -> None:
+    """The ring of recent deliveries is bounded by bytes counting what each delivery
+    holds, its event too: a user message has no frame for viewers, and a hub counted
+    frames only, so one on a conversation of pasted documents (100,000 characters a
+    message, short answers) kept the last 512 messages whole, megabytes a hub."""
+    cid = new_id()
+    created = ConversationCreated(conversation_id=cid, at=1, event_id=new_id(), user_id="u")
+    first = head = await event_log.append(cid, [created], 0)
+    settings = HubSettings()
+    hubs = Hubs(nc.jetstream(), event_log, TurnRegistry(redis_client(stack.redis_url)), settings)
+    viewer = Collecting(head)
+    try:
+        watching = asyncio.create_task(watch(hubs, cid, viewer, head))
+        async with asyncio.timeout(10):
+            while not viewer.live:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        document = "lorem ipsum " * 8_000
+        for n in range(20):
+            message = UserMessage(
+                conversation_id=cid,
+                at=3,
+                event_id=new_id(),
+                message_id=new_id(),
+                content=f"{n}: {document}",
+            )
+            head = await event_log.append(cid, [message], head)
+        async with asyncio.timeout(10):
+            while not viewer.seqs or viewer.seqs[-1] != head:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+
+        late = Collecting(first)
+        hub, snapshot = await hubs.join(cid, late)
+        hub.leave(late)
+        held = sum(len(d.wire) + len(msgspec.json.encode(d.stored.event)) for d in snapshot.ring)
+        assert snapshot.ring and snapshot.ring[-1].seq == head
+        assert held <= settings.ring_bytes, (held, len(snapshot.ring))
+        watching.cancel()
+    finally:
+        await hubs.close()
