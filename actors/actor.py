@@ -43,6 +43,7 @@ from actors.decide import (
     next_turn,
 )
 from actors.models import ModelSpec, active_version, choose_model
+from actors.snapshots import Folded
 from actors.state import Conversation, QueuedTurn, fold
 from actors.turn import ActorContext, TurnRunner
 from actors.writer import EventWriter
@@ -91,8 +92,7 @@ class ConversationActor:
         conversation_id: str,
         ctx: ActorContext,
         *,
-        state: Conversation | None = None,
-        seq: int = 0,
+        folded: Folded | None = None,
     ) -> None:
         self.conversation_id = conversation_id
         self.ctx = ctx
@@ -101,9 +101,9 @@ class ConversationActor:
             ctx.log,
             max_event_bytes=ctx.max_event_bytes,
             new_id=ctx.new_id,
-            state=state,
-            seq=seq,
+            folded=folded,
             gate=ctx.write_gate,
+            snapshots=ctx.snapshots,
         )
         self.accounts = ctx.accounts or Accounts(ctx.log, ctx.clock, ctx.new_id)
         self.held: dict[str, Settlement] = {}  # command_id -> its delivery, until it is over

@@ -55,6 +55,7 @@ from actors.model_stream import (
     Usage,
 )
 from actors.models import MAX_TOOL_ROUNDS, ModelCatalog, ModelSpec, endpoint_api_key
+from actors.snapshots import SnapshotStore
 from actors.state import Conversation, history_of, messages_for_tools
 from actors.tools import ToolContext, ToolOutcome, ToolRunner
 from actors.writer import ALWAYS_CURRENT, NO_TICK, AppendTick, EventWriter, TurnStream, WriteGate
@@ -136,6 +137,8 @@ class ActorContext:
     append_tick: AppendTick = NO_TICK
     # whether the worker's leases are current: nothing is appended while they may not be
     write_gate: WriteGate = ALWAYS_CURRENT
+    # where a conversation folded from its start is kept for the next actor (None: nowhere)
+    snapshots: SnapshotStore | None = None
 
 
 class RoundResult:

@@ -31,7 +31,8 @@ from nats.js import JetStreamContext, api
 from actors.actor import ConversationActor, Inbox, Settlement
 from actors.command_feed import CommandFeed
 from actors.partitions import PartitionLeases
-from actors.state import Conversation, state_bytes
+from actors.snapshots import Folded
+from actors.state import state_bytes
 from actors.turn import ActorContext
 from events.codec import decode_command
 from events.errors import describe
@@ -103,7 +104,7 @@ class IdleStates:
     is not kept (its next actor folds the log, as after a restart)."""
 
     def __init__(self, *, count: int, max_bytes: int) -> None:
-        self._kept: OrderedDict[str, tuple[Conversation, int, int]] = OrderedDict()
+        self._kept: OrderedDict[str, tuple[Folded, int]] = OrderedDict()
         self._count = count
         self._max_bytes = max_bytes
         self.bytes = 0
@@ -111,24 +112,24 @@ class IdleStates:
     def __len__(self) -> int:
         return len(self._kept)
 
-    def keep(self, conversation_id: str, state: Conversation, seq: int) -> None:
+    def keep(self, conversation_id: str, folded: Folded) -> None:
         self.take(conversation_id)
-        size = state_bytes(state)
+        size = state_bytes(folded.state)
         if size > self._max_bytes:
             return
-        self._kept[conversation_id] = (state, seq, size)
+        self._kept[conversation_id] = (folded, size)
         self.bytes += size
         while len(self._kept) > self._count or self.bytes > self._max_bytes:
-            _, (_, _, dropped) = self._kept.popitem(last=False)
+            _, (_, dropped) = self._kept.popitem(last=False)
             self.bytes -= dropped
 
-    def take(self, conversation_id: str) -> tuple[Conversation, int] | None:
+    def take(self, conversation_id: str) -> Folded | None:
         """The state kept for `conversation_id` and its log position, no longer kept."""
         kept = self._kept.pop(conversation_id, None)
         if kept is None:
             return None
-        self.bytes -= kept[2]
-        return kept[0], kept[1]
+        self.bytes -= kept[1]
+        return kept[0]
 
 
 class WorkerHost:
@@ -334,12 +335,8 @@ class WorkerHost:
                 self._start_actor(cid, tasks).inbox.put_nowait((None, None))
 
     def _start_actor(self, conversation_id: str, tasks: asyncio.TaskGroup) -> _Running:
-        cached = self.idle_states.take(conversation_id)
         actor = ConversationActor(
-            conversation_id,
-            self._ctx,
-            state=cached[0] if cached else None,
-            seq=cached[1] if cached else 0,
+            conversation_id, self._ctx, folded=self.idle_states.take(conversation_id)
         )
         holder: list[_Running] = []
         task = tasks.create_task(self._actor_task(actor, holder), name=f"actor-{conversation_id}")
@@ -361,8 +358,15 @@ class WorkerHost:
             cid = actor.conversation_id
             if self._actors.get(cid) is running:
                 del self._actors[cid]
+            snapshots = self._ctx.snapshots
+            snapshot: Folded | None = None  # to write once nothing is left unsettled
             if actor.idle and actor.state.active is None and actor.state.exists:
-                self.idle_states.keep(actor.conversation_id, actor.state, actor.writer.seq)
+                folded = actor.writer.folded()
+                if snapshots is not None and snapshots.due(folded):
+                    snapshot = folded
+                    # kept as written: the next actor of it need not write it again
+                    folded = msgspec.structs.replace(folded, saved=folded.entries)
+                self.idle_states.keep(cid, folded)
             # Every unsettled command of this conversation is this actor's (the next
             # actor can only start after the removal above): waiting in its inbox,
             # held for its turn, or in its hands when it was stopped (a partition
@@ -376,6 +380,8 @@ class WorkerHost:
             for delivery in leftovers:
                 with contextlib.suppress(nats.errors.Error):
                     await asyncio.shield(delivery.nak())
+            if snapshot is not None and snapshots is not None:
+                await snapshots.save(snapshot)
 
     async def _stop(self, tasks: asyncio.TaskGroup, fetching: asyncio.Event) -> None:
         """Let running turns finish within the grace period, then cut the rest.

@@ -28,10 +28,12 @@ from typing import Protocol
 
 from actors.chunks import Pending, coalesce
 from actors.sizing import fit
+from actors.snapshots import Folded, SnapshotStore
 from actors.state import Conversation, evolve, fold
 from events.codec import Unreadable
 from events.errors import EventLogConflict, EventLogError
-from events.log import EventLog
+from events.log import EventLog, StoredEvent
+from events.subjects import event_subject
 from events.vocabulary import ChunkKind, Event
 
 log = logging.getLogger(__name__)
@@ -79,17 +81,22 @@ class EventWriter:
         *,
         max_event_bytes: int,
         new_id: Callable[[], str],
-        state: Conversation | None = None,
-        seq: int = 0,
+        folded: Folded | None = None,
         gate: WriteGate = ALWAYS_CURRENT,
+        snapshots: SnapshotStore | None = None,
     ) -> None:
         self.conversation_id = conversation_id
         self._gate = gate
         self._log = event_log
         self._max_event_bytes = max_event_bytes
         self._new_id = new_id
-        self.state = state or Conversation(conversation_id=conversation_id)
-        self.seq = seq
+        self._snapshots = snapshots
+        self.state: Conversation
+        self.seq: int
+        self.entries: int
+        self._saved: int
+        self._event_id: str
+        self._restore(folded or Folded(Conversation(conversation_id=conversation_id)))
         # The log refused our last append (another writer): `state` was forgotten
         # and is empty until `catch_up` reads the log again. Nothing may be decided
         # on it meanwhile.
@@ -108,7 +115,22 @@ class EventWriter:
             await self._catch_up()
 
     async def _catch_up(self) -> None:
-        for stored in await self._log.read(self.conversation_id, after=self.seq):
+        if self.seq == 0 and self._snapshots is not None:
+            # From the start: a log longer than one read may have a snapshot to begin at.
+            raw, more = await self._log.read_events(event_subject(self.conversation_id), 0)
+            snapshot = await self._snapshots.load(self.conversation_id, self._log) if more else None
+            if snapshot is not None and snapshot.seq > (raw[-1].seq if raw else 0):
+                self._restore(snapshot)
+            else:
+                self._fold_stored([StoredEvent.decode(entry.seq, entry.data) for entry in raw])
+                if not more:  # that was all of it
+                    self.stale = False
+                    return
+        self._fold_stored(await self._log.read(self.conversation_id, after=self.seq))
+        self.stale = False
+
+    def _fold_stored(self, entries: Sequence[StoredEvent]) -> None:
+        for stored in entries:
             if isinstance(stored.event, Unreadable):
                 log.warning(
                     "unreadable event in the log",
@@ -121,7 +143,21 @@ class EventWriter:
                 )
             self.state = evolve(self.state, stored.event)
             self.seq = stored.seq
-        self.stale = False
+            self.entries += 1
+            self._event_id = "" if isinstance(stored.event, Unreadable) else stored.event.event_id
+
+    def _restore(self, folded: Folded) -> None:
+        self.state = folded.state
+        self.seq = folded.seq
+        # for snapshots (actors.snapshots): entries folded so far, as many at the last
+        # snapshot, the event id of the entry at `seq`
+        self.entries = folded.entries
+        self._saved = folded.saved
+        self._event_id = folded.event_id
+
+    def folded(self) -> Folded:
+        """The conversation as folded now, and its position."""
+        return Folded(self.state, self.seq, self.entries, self._saved, self._event_id)
 
     async def append(self, events: Sequence[Event]) -> None:
         async with self._lock:
@@ -176,6 +212,8 @@ class EventWriter:
             self._forget()
             raise
         self.state = fold(self.state, fitted)
+        self.entries += len(fitted)
+        self._event_id = fitted[-1].event_id if fitted else self._event_id
 
     def _fit(self, events: Sequence[Event]) -> list[Event]:
         # No event may be larger than a JetStream message: split or cut the rare
@@ -185,8 +223,7 @@ class EventWriter:
     def _forget(self) -> None:
         if self.state.active is not None:
             self.stopped_turn = self.state.active.turn_id
-        self.state = Conversation(conversation_id=self.conversation_id)
-        self.seq = 0
+        self._restore(Folded(Conversation(conversation_id=self.conversation_id)))
         self.stale = True
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import msgspec
 
 from actors.models import ModelCatalog, ModelSpec, ModelVersion, catalogue_problems
+from actors.snapshots import SNAPSHOT_EVERY
 from actors.webhooks import settings_problem as webhook_settings_problem
 from api.config import EdgeLimits, parse_cors_origins
 from projections.db import check_schema_name
@@ -66,6 +67,8 @@ class Settings(msgspec.Struct, frozen=True):
     shutdown_grace_s: float = 10.0  # how long a stopping worker lets turns finish
     append_window_ms: float = 5.0  # how long streamed text waits to share an append
     append_window_light_ms: float = 1.0  # ... while the worker has CPU to spare
+    # a snapshot of a conversation is written to Redis every this many log entries (0: none)
+    snapshot_every: int = SNAPSHOT_EVERY
     limits: EdgeLimits = EdgeLimits()
     log_format: str = "text"  # or "json"
     max_projection_lag: int = 10_000  # /readyz: unready beyond this many events behind (0: never)
@@ -146,6 +149,7 @@ def settings_from_env(env: Mapping[str, str], data_dir: str | Path | None = None
         append_window_light_ms=_float(
             get("PARLEY_APPEND_WINDOW_LIGHT_MS"), 1.0, "PARLEY_APPEND_WINDOW_LIGHT_MS"
         ),
+        snapshot_every=_int(get("PARLEY_SNAPSHOT_EVERY"), SNAPSHOT_EVERY, "PARLEY_SNAPSHOT_EVERY"),
         limits=_limits(get),
         log_format=_log_format(get("PARLEY_LOG_FORMAT")),
         max_projection_lag=_int(

@@ -30,6 +30,7 @@ from nats.js.client import JetStreamContext
 from actors.billing import Accounts
 from actors.builtin_tools import BUILTIN_TOOLS
 from actors.models import ModelCatalog
+from actors.snapshots import SNAPSHOT_EVERY, SnapshotStore
 from actors.tools import Tool, ToolRunner, load_tools, merge_tools
 from actors.turn import ActorContext
 from actors.webhooks import WebhookDispatcher, WebhookSettings
@@ -122,6 +123,8 @@ class ServiceOptions(msgspec.Struct, frozen=True, kw_only=True):
     append_window_s: float = 0.005
     # ... and this long while the worker has CPU to spare
     append_window_light_s: float = 0.001
+    # a conversation's snapshot is written every this many entries (actors.snapshots; 0: never)
+    snapshot_every: int = SNAPSHOT_EVERY
     model_retry_base_s: float = 0.5
     decision_wait_s: float = 5.0  # how long a POST waits for the actor's accept/refuse
     # how long a worker's append waits for a broker that is away before its turn
@@ -310,6 +313,7 @@ class Services:
             append_tick=AppendTick(
                 self.options.append_window_s, self.options.append_window_light_s
             ),
+            snapshots=SnapshotStore(redis, every=self.options.snapshot_every),
         )
         worker = self.worker = WorkerHost(
             js,

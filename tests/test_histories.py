@@ -57,6 +57,7 @@ from actors.decide import (
     next_turn,
 )
 from actors.model_stream import ToolCallRequest
+from actors.snapshots import Folded, decode_snapshot, encode_snapshot
 from actors.state import Conversation, evolve, fold, latest_messages
 from actors.tools import ToolOutcome
 from events.billing import AccountState, evolve_account, preflight_estimate, turn_cost
@@ -121,6 +122,7 @@ class ConversationHistories(RuleBasedStateMachine):
         self.accepted: set[str] = set()  # command ids the log accepted into the queue
         self.refused: set[str] = set()  # command ids refused (before or after queueing)
         self.uncharged: str | None = None  # a turn whose charge failed: retried later
+        self.snapshot: tuple[int, Conversation] | None = None  # the latest: its position, state
 
     # ------------------------------------------------------------ plumbing
 
@@ -414,6 +416,19 @@ class ConversationHistories(RuleBasedStateMachine):
     @invariant()
     def the_whole_log_folds_to_the_same_state(self) -> None:
         assert fold(Conversation(conversation_id=CONV), self.log) == self.state
+
+    @invariant()
+    def a_snapshot_folds_on_as_the_log_does(self) -> None:
+        """What a snapshot keeps (actors.snapshots), read back, is the state; and the
+        latest one taken, folded on with what came after it, is the whole log's state."""
+        if self.state.exists and self.state.active is None:
+            folded = Folded(self.state, seq=len(self.log), entries=len(self.log), event_id="e")
+            read = decode_snapshot(encode_snapshot(folded))
+            assert read is not None and read == folded
+            self.snapshot = (len(self.log), read.state)
+        if self.snapshot is not None:
+            at, state = self.snapshot
+            assert fold(state, self.log[at:]) == self.state
 
     @invariant()
     def billed_tokens_equal_consumed_tokens(self) -> None:

@@ -3,6 +3,7 @@ as by count, without servers."""
 
 from __future__ import annotations
 
+from actors.snapshots import Folded
 from actors.state import Conversation, Message, state_bytes
 from actors.worker import IdleStates
 from events.vocabulary import ContentBlock
@@ -37,12 +38,12 @@ def test_large_states_are_kept_within_the_memory_budget_newest_first() -> None:
     60 MB held for as long as 2,000 newer conversations had not come."""
     states = IdleStates(count=2_000, max_bytes=10 * MB)
     for i in range(60):
-        states.keep(f"c{i}", with_answer(f"c{i}", MB), seq=i)
+        states.keep(f"c{i}", Folded(with_answer(f"c{i}", MB), seq=i))
     assert states.bytes <= 10 * MB
     assert 8 <= len(states) <= 10, len(states)
     assert states.take("c0") is None  # the oldest went first
     kept = states.take("c59")
-    assert kept is not None and kept[1] == 59
+    assert kept is not None and kept.seq == 59
     assert states.take("c59") is None  # taken: no longer kept
     assert states.bytes == sum(
         state_bytes(with_answer(f"c{i}", MB)) for i in range(60 - len(states) - 1, 59)
@@ -51,12 +52,12 @@ def test_large_states_are_kept_within_the_memory_budget_newest_first() -> None:
 
 def test_a_state_larger_than_the_budget_is_not_kept_and_the_count_still_bounds() -> None:
     states = IdleStates(count=3, max_bytes=MB)
-    states.keep("huge", with_answer("huge", 2 * MB), seq=1)
+    states.keep("huge", Folded(with_answer("huge", 2 * MB), seq=1))
     assert len(states) == 0 and states.bytes == 0
     for i in range(5):
-        states.keep(f"c{i}", with_answer(f"c{i}", 10), seq=i)
+        states.keep(f"c{i}", Folded(with_answer(f"c{i}", 10), seq=i))
     assert len(states) == 3 and states.take("c1") is None and states.take("c4") is not None
     # kept again: the newer state replaces the older, counted once
-    states.keep("c3", with_answer("c3", 100), seq=9)
+    states.keep("c3", Folded(with_answer("c3", 100), seq=9))
     assert len(states) == 2
     assert states.bytes == state_bytes(with_answer("c2", 10)) + state_bytes(with_answer("c3", 100))

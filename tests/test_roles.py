@@ -29,6 +29,8 @@ from nats.js.kv import KeyValue
 
 from actors.partitions import BUCKET as LEASES_BUCKET
 from actors.partitions import PartitionLeases
+from actors.snapshots import decode_snapshot
+from actors.state import Conversation, fold
 from actors.turn import ActorContext
 from actors.worker import WorkerHost, durable_name
 from actors.writer import EventWriter, LeaseLost
@@ -51,6 +53,7 @@ from parley.stack import EmbeddedStack
 from tests.conftest import SECRET, token_for
 from tests.conftest import test_catalog as catalog_for_tests
 from tests.sse import SseClient, SseEvent, read_sse
+from tests.test_snapshots import answered_turn
 
 LEASE_TTL_S = 3.0
 
@@ -145,6 +148,38 @@ async def test_stopping_a_worker_right_after_a_message_was_accepted_loses_nothin
     for cid, _ in accepted:
         starts = [s for s in await event_log.read(cid) if type(s.event).__name__ == "Started"]
         assert len(starts) == 1, f"{cid}: expected one turn, saw {len(starts)}"
+
+
+async def test_a_stopping_worker_leaves_a_snapshot_of_a_long_conversation_for_the_next(
+    own_stack: Servers, own_nc: NatsClient, demo_model_url: str, http: aiohttp.ClientSession
+) -> None:
+    """A worker restarted (a deploy) folds a long conversation from its first event
+    unless the one before left a snapshot: it writes one as its actors leave."""
+    event_log = EventLog(own_nc.jetstream())
+    redis = redis_client(own_stack.redis_url)
+    snapshotting = msgspec.structs.replace(options(demo_model_url), snapshot_every=100)
+    try:
+        async with roles(own_stack, demo_model_url, "edge") as edge:
+            api = SseClient(http, edge.edge_url, token_for("roles-snapshot"))
+            cid = (await api.create_conversation())["id"]
+            seq = await event_log.last_seq(cid)
+            for n in range(3):  # a long history: 3 answers of 300 chunks each
+                events = answered_turn(cid, n)
+                for start in range(0, len(events), 100):
+                    seq = await event_log.append(cid, events[start : start + 100], seq)
+            async with Services(own_stack, snapshotting, ("worker",)):
+                body = await api.send_json(cid, "and now? [[tokens=3]]")
+                assert await wait_for_end(event_log, cid, body["message_id"]) is Done
+            assert await redis.get(f"parley:snapshot:{cid}") is not None
+        data = await redis.get(f"parley:snapshot:{cid}")
+    finally:
+        await redis.aclose()
+    assert isinstance(data, bytes)
+    folded = decode_snapshot(data)
+    assert folded is not None
+    entries = await event_log.read(cid)
+    assert (folded.seq, folded.entries) == (entries[-1].seq, len(entries))
+    assert folded.state == fold(Conversation(conversation_id=cid), [e.event for e in entries])
 
 
 async def test_a_stopping_worker_keeps_its_leases_through_a_grace_longer_than_they_live(

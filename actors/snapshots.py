@@ -1,0 +1,184 @@
+"""Snapshots of folded conversations, kept in Redis: a cold actor reads only the log's tail.
+
+A worker keeps the folded state of idle conversations in memory (actors.worker.
+IdleStates), but a restarted worker, or one that took a partition over, folds a
+conversation from its first event: 2-3 s for a conversation of 1,000 turns
+(100,000 entries, most of them chunks), while the worker's other conversations
+wait for the loop. So when an actor leaves a conversation it folded at least
+`every` entries past its last snapshot, it writes one: the state and the position
+it was folded to. The next actor that has to fold the conversation from the
+start, and finds the log longer than one read, reads the snapshot and then only
+the entries after it.
+
+A snapshot is a cache, never the truth, so Redis may lose it (a flush, an
+eviction, a restart) and the actor folds the log as before. It is used only
+when it is certainly what folding the log would give:
+
+- written by the same fold: `fold` is a fingerprint of the code that folds
+  (the modules below). A worker of another version ignores it, so a newer
+  event an older worker skipped is not lost to a newer one;
+- of the same log: the entry at its position must still be this conversation's,
+  with the event id it was folded from (a stream deleted and made again, a
+  Redis shared by two deployments);
+- readable: anything else under its key is ignored and written over.
+
+Entries are immutable and folded in order, so a state folded to position N and
+then from N on equals the state folded from the start (tests/test_snapshots.py
+checks that for generated logs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import zlib
+from pathlib import Path
+from types import ModuleType
+
+import msgspec
+import redis.asyncio as aioredis
+import redis.exceptions
+
+import actors.content
+import actors.sizing
+import actors.state
+import events.codec
+import events.vocabulary
+from actors.state import Conversation
+from events.errors import EventLogError
+from events.log import EventLog
+
+log = logging.getLogger(__name__)
+
+_KEY = "parley:snapshot:{}"
+# A conversation untouched this long folds from its start again when it is next
+# used: Redis does not keep the state of every conversation for ever.
+SNAPSHOT_TTL_S = 7 * 24 * 3600
+# Entries folded past the last snapshot before the next is written: about 13
+# answers of 150 tokens at 20 tokens/s. Folding this many costs ~40 ms.
+SNAPSHOT_EVERY = 2_000
+
+
+class Folded(msgspec.Struct, frozen=True):
+    """A conversation folded to a position of the log."""
+
+    state: Conversation
+    seq: int = 0  # the last entry folded
+    entries: int = 0  # entries folded into it, from the conversation's first
+    saved: int = 0  # `entries` of the last snapshot written or read (0: none)
+    event_id: str = ""  # the event id of the entry at `seq` ("" if it could not be read)
+
+
+class Snapshot(msgspec.Struct, frozen=True):
+    """What Redis keeps: a folded conversation and the fold that made it."""
+
+    fold: str
+    folded: Folded
+
+
+def _fingerprint(modules: tuple[ModuleType, ...]) -> str:
+    digest = hashlib.sha256()
+    for module in modules:
+        source = Path(module.__file__ or "").read_bytes() if module.__file__ else b""
+        digest.update(module.__name__.encode() + b"\0" + source + b"\0")
+    return digest.hexdigest()[:32]
+
+
+# The code a state depends on: the fold, the types it folds and keeps, and the helpers
+# it folds with. A change to any of them makes snapshots of older code unused.
+FOLD_FINGERPRINT = _fingerprint(
+    (actors.state, actors.content, actors.sizing, events.vocabulary, events.codec)
+)
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder(Snapshot).decode
+
+
+def encode_snapshot(folded: Folded, fold: str = FOLD_FINGERPRINT) -> bytes:
+    return zlib.compress(_encode(Snapshot(fold=fold, folded=folded)), 1)
+
+
+def decode_snapshot(data: bytes, fold: str = FOLD_FINGERPRINT) -> Folded | None:
+    """The folded conversation `data` holds, if this fold made it; None for anything else."""
+    try:
+        snapshot = _decode(zlib.decompress(data))
+    except (zlib.error, msgspec.DecodeError, ValueError, TypeError):
+        return None
+    return snapshot.folded if snapshot.fold == fold else None
+
+
+def worth_saving(folded: Folded, every: int) -> bool:
+    """Whether a snapshot of `folded` saves a later actor enough reading to be written:
+    `every` entries past the last, nothing running (a running turn's state is about to
+    change, and its streamed pieces are a list as long as the turn), the entry at its
+    position known."""
+    return (
+        folded.entries - folded.saved >= every
+        and folded.state.exists
+        and folded.state.active is None
+        and bool(folded.event_id)
+    )
+
+
+class SnapshotStore:
+    """Reads and writes snapshots; never raises (a snapshot is only ever a shortcut)."""
+
+    def __init__(
+        self, redis: aioredis.Redis, *, every: int = SNAPSHOT_EVERY, ttl_s: int = SNAPSHOT_TTL_S
+    ) -> None:
+        self.redis = redis
+        self.every = every
+        self.ttl_s = ttl_s
+
+    async def load(self, conversation_id: str, event_log: EventLog) -> Folded | None:
+        """The conversation's snapshot, if there is one it can be folded on from."""
+        try:
+            data = await self.redis.get(_KEY.format(conversation_id))
+        except redis.exceptions.RedisError as err:
+            log.info(
+                "no snapshot read: Redis is away",
+                extra={"conversation_id": conversation_id, "error": repr(err)},
+            )
+            return None
+        if not isinstance(data, bytes):
+            return None  # none (or a client that decodes replies, which parley's does not)
+        folded = decode_snapshot(data)
+        if folded is None or folded.state.conversation_id != conversation_id:
+            log.info(
+                "snapshot of another fold or unreadable: not used",
+                extra={"conversation_id": conversation_id},
+            )
+            return None
+        try:
+            at = await event_log.at(folded.seq)
+        except EventLogError:
+            return None  # the log is away: the caller's read fails the same way
+        event = None if at is None else at.event
+        if (
+            not isinstance(event, events.vocabulary.Event)
+            or event.conversation_id != conversation_id
+            or event.event_id != folded.event_id
+        ):
+            log.warning(
+                "snapshot not of this log: not used",
+                extra={"conversation_id": conversation_id, "seq": folded.seq},
+            )
+            return None
+        return msgspec.structs.replace(folded, saved=folded.entries)
+
+    def due(self, folded: Folded) -> bool:
+        """Whether `folded` is worth a snapshot (`worth_saving`); 0 `every`: never."""
+        return self.every > 0 and worth_saving(folded, self.every)
+
+    async def save(self, folded: Folded) -> bool:
+        """Write a snapshot of `folded`; whether it was written."""
+        cid = folded.state.conversation_id
+        try:
+            await self.redis.set(_KEY.format(cid), encode_snapshot(folded), ex=self.ttl_s)
+        except redis.exceptions.RedisError as err:
+            log.info(
+                "no snapshot written: Redis is away or full",
+                extra={"conversation_id": cid, "error": repr(err)},
+            )
+            return False
+        return True
