@@ -29,6 +29,7 @@ checks that for generated logs).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import zlib
@@ -44,7 +45,7 @@ import actors.sizing
 import actors.state
 import events.codec
 import events.vocabulary
-from actors.state import Conversation
+from actors.state import Conversation, state_bytes
 from events.errors import EventLogError
 from events.log import EventLog
 
@@ -57,6 +58,11 @@ SNAPSHOT_TTL_S = 7 * 24 * 3600
 # Entries folded past the last snapshot before the next is written: about 13
 # answers of 150 tokens at 20 tokens/s. Folding this many costs ~40 ms.
 SNAPSHOT_EVERY = 2_000
+# Snapshots larger than this are not written: Redis answers one command at a time,
+# and a value of tens of megabytes holds every other client up while it is copied.
+MAX_SNAPSHOT_BYTES = 16 * 1024 * 1024
+# States of more than this (actors.state.state_bytes) are encoded and decoded in a thread.
+_OFF_LOOP_BYTES = 1024 * 1024
 
 
 class Folded(msgspec.Struct, frozen=True):
@@ -124,11 +130,17 @@ class SnapshotStore:
     """Reads and writes snapshots; never raises (a snapshot is only ever a shortcut)."""
 
     def __init__(
-        self, redis: aioredis.Redis, *, every: int = SNAPSHOT_EVERY, ttl_s: int = SNAPSHOT_TTL_S
+        self,
+        redis: aioredis.Redis,
+        *,
+        every: int = SNAPSHOT_EVERY,
+        ttl_s: int = SNAPSHOT_TTL_S,
+        max_bytes: int = MAX_SNAPSHOT_BYTES,
     ) -> None:
         self.redis = redis
         self.every = every
         self.ttl_s = ttl_s
+        self.max_bytes = max_bytes
 
     async def load(self, conversation_id: str, event_log: EventLog) -> Folded | None:
         """The conversation's snapshot, if there is one it can be folded on from."""
@@ -142,7 +154,10 @@ class SnapshotStore:
             return None
         if not isinstance(data, bytes):
             return None  # none (or a client that decodes replies, which parley's does not)
-        folded = decode_snapshot(data)
+        if len(data) > _OFF_LOOP_BYTES // 4:  # compressed: about a quarter of the state
+            folded = await asyncio.to_thread(decode_snapshot, data)
+        else:
+            folded = decode_snapshot(data)
         if folded is None or folded.state.conversation_id != conversation_id:
             log.info(
                 "snapshot of another fold or unreadable: not used",
@@ -173,8 +188,20 @@ class SnapshotStore:
     async def save(self, folded: Folded) -> bool:
         """Write a snapshot of `folded`; whether it was written."""
         cid = folded.state.conversation_id
+        # A state of many megabytes takes milliseconds to compress: off the loop, which
+        # every other conversation of the worker is waiting on.
+        if state_bytes(folded.state) > _OFF_LOOP_BYTES:
+            data = await asyncio.to_thread(encode_snapshot, folded)
+        else:
+            data = encode_snapshot(folded)
+        if len(data) > self.max_bytes:
+            log.info(
+                "no snapshot written: larger than a Redis value should be",
+                extra={"conversation_id": cid, "bytes": len(data)},
+            )
+            return False
         try:
-            await self.redis.set(_KEY.format(cid), encode_snapshot(folded), ex=self.ttl_s)
+            await self.redis.set(_KEY.format(cid), data, ex=self.ttl_s)
         except redis.exceptions.RedisError as err:
             log.info(
                 "no snapshot written: Redis is away or full",

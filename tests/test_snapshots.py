@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from nats.aio.client import Client as NatsClient
 
 from actors.snapshots import Folded, SnapshotStore, encode_snapshot
-from actors.state import Conversation, fold
+from actors.state import Conversation, fold, state_bytes
 from actors.writer import EventWriter
 from events.ids import new_id
 from events.log import EventLog
@@ -199,3 +199,25 @@ async def test_redis_away_means_no_snapshot_and_the_log_folded_whole(
     assert writer.state == fold(Conversation(conversation_id=cid), written)
     assert not await store.save(writer.folded())
     await gone.aclose()
+
+
+async def test_a_large_state_is_written_and_read_off_the_loop_and_a_huge_one_not_at_all(
+    event_log: EventLog, redis: aioredis.Redis
+) -> None:
+    cid, _ = await _long_conversation(event_log, 1)
+    writer = _writer(event_log, cid, SnapshotStore(redis, every=EVERY))
+    await writer.catch_up()
+    for _ in range(2):  # 1.4 MB of questions, as long pasted documents would be
+        big = "".join(new_id() for _ in range(27_000))
+        message = UserMessage(
+            conversation_id=cid, at=2, event_id=new_id(), message_id=new_id(), content=big
+        )
+        await writer.append([message])
+    folded = writer.folded()
+    assert state_bytes(folded.state) > 1024 * 1024  # encoded in a thread
+    assert await SnapshotStore(redis, every=EVERY, max_bytes=len(big) // 100).save(folded) is False
+    assert await redis.get(f"parley:snapshot:{cid}") is None
+    store = SnapshotStore(redis, every=EVERY)
+    assert await store.save(folded)
+    read = await store.load(cid, event_log)
+    assert read is not None and read.state == folded.state
