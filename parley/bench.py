@@ -27,6 +27,7 @@ import msgspec
 from api.auth import mint
 from parley import loops
 from parley.bench_common import NO_LIMITS, SECRET, percentile
+from parley.bench_procs import receive, start_process, stop_process, terminate_as_interrupt
 from parley.config import load_catalog, load_settings
 from parley.demo_model import DemoConfig, start_demo_model
 from parley.services import Servers, ServiceOptions, Services, resolve_servers
@@ -36,7 +37,14 @@ from parley.stack import EmbeddedStack
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    """The workload named by `args.workload`, on the configured servers or a scratch stack."""
+    """The workload named by `args.workload`, on the configured servers or a scratch stack.
+    SIGTERM stops it as Ctrl-C does: every process it started is stopped, every
+    scratch folder removed."""
+    with terminate_as_interrupt():
+        return _run_bench(args)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
     if args.workload == "fanout":
         return run_fanout_bench(args)
     if args.workload in ("capacity", "stream", "burst"):
@@ -238,15 +246,19 @@ async def run_fanout(servers: Servers, viewers: int, tokens: int, rate: float) -
                 proc = multiprocessing.get_context("spawn").Process(
                     target=_viewers_process, args=(port, token, cid, viewers, child)
                 )
-                proc.start()
-                loop = asyncio.get_running_loop()
-                ready = await loop.run_in_executor(None, parent.recv)
-                assert ready == "ready"
-                gc.collect()
-                after = _rss_kb()
-                await turn(f"fan out [[tokens={tokens}]] [[bench=fanout]]")
-                seen = await loop.run_in_executor(None, parent.recv)
-                proc.join(30)
+                start_process(proc, child)
+                try:
+                    ready = await receive(parent, proc, "viewers")
+                    assert ready == "ready"
+                    gc.collect()
+                    after = _rss_kb()
+                    await turn(f"fan out [[tokens={tokens}]] [[bench=fanout]]")
+                    seen = await receive(parent, proc, "viewers")
+                except BaseException:
+                    proc.terminate()
+                    raise
+                finally:
+                    stop_process(proc)
     finally:
         await runner.cleanup()
     emitted = emit_log.get("fanout", [])

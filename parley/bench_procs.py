@@ -32,7 +32,9 @@ import sys
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
+from types import FrameType
 from typing import Any, TypeVar
 
 import msgspec
@@ -197,6 +199,86 @@ def _direct_process(model_url: str, conn: Connection) -> None:
         run_async(main)
 
 
+# ---------------------------------------------------------------- stopping
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM handled as SIGINT is, inside the block: a bench that is told to stop
+    unwinds (each of its processes stopped, its scratch folders removed) instead of
+    dying at once and leaving `parley dev`, the model and the viewers running.
+
+    In `asyncio.run` SIGINT cancels the main task, so every `finally` runs while the
+    loop still serves its tasks; elsewhere it raises KeyboardInterrupt. SIGTERM is
+    passed on as a SIGINT to take the same way. A bench started in the background of
+    a script inherits SIGINT ignored, where asyncio would not install its handler and
+    an interrupt raised in the middle of the loop left the in-process services to be
+    torn down with their NATS client already cancelled (minutes of timeouts): inside
+    the block SIGINT has its default handler."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+
+    previous_int = signal.getsignal(signal.SIGINT)
+    if previous_int == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous_term = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGINT, previous_int)
+
+
+def start_process(proc: BaseProcess, child: Connection) -> None:
+    """Start `proc`, which was given `child`, and close this process's copy of it: when
+    `proc` ends, its end of the pipe is then closed and a read of the other end fails
+    (EOFError) instead of waiting forever."""
+    proc.start()
+    child.close()
+
+
+def stop_process(proc: BaseProcess, wait_s: float = 30.0) -> None:
+    """Wait up to `wait_s` for `proc` to end; then terminate it, and kill it if need be."""
+    proc.join(wait_s)
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(5)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+
+
+async def receive(conn: Connection, proc: BaseProcess, name: str) -> Any:
+    """The next message `proc` sends on `conn`, awaited on the running loop.
+
+    Not `recv` in a thread: a thread blocked on a pipe keeps the process from
+    exiting, so an interrupted bench hung until its load process sent something,
+    and forever when the interrupt had ended that process too. RuntimeError if
+    `proc` ends without sending."""
+    loop = asyncio.get_running_loop()
+    fd = conn.fileno()
+    while not conn.poll():
+        readable: asyncio.Future[None] = loop.create_future()
+
+        def ready(waiter: asyncio.Future[None] = readable) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        loop.add_reader(fd, ready)
+        try:
+            await readable
+        finally:
+            loop.remove_reader(fd)
+    try:
+        return conn.recv()
+    except EOFError:
+        proc.join(5)
+        raise RuntimeError(
+            f"the {name} process ended without an answer (exit code {proc.exitcode})"
+        ) from None
+
+
 @contextlib.contextmanager
 def helper(
     name: str, target: Callable[..., None], args: tuple[Any, ...], watched: Watched
@@ -205,20 +287,25 @@ def helper(
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=target, args=(*args, child), name=name, daemon=True)
-    proc.start()
     try:
+        start_process(proc, child)
         if not parent.poll(_READY_S):
-            raise RuntimeError(f"the {name} process did not start")
-        url: str = parent.recv()
+            raise RuntimeError(f"the {name} process did not start within {_READY_S:g} s")
+        try:
+            url: str = parent.recv()
+        except EOFError:
+            proc.join(5)
+            raise RuntimeError(
+                f"the {name} process ended before it served (exit code {proc.exitcode})"
+            ) from None
         assert proc.pid is not None
         watched.add(name, proc.pid)
         yield url
     finally:
         watched.remove(name)
-        proc.terminate()
-        proc.join(10)
-        if proc.is_alive():
-            proc.kill()
+        if proc.pid is not None:
+            proc.terminate()
+            stop_process(proc, 10)
 
 
 # ---------------------------------------------------------------- parley itself

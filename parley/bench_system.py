@@ -49,6 +49,9 @@ from parley.bench_procs import (
     machine,
     parley,
     parley_env,
+    receive,
+    start_process,
+    stop_process,
     usage,
 )
 from parley.config import load_settings
@@ -262,11 +265,10 @@ async def _measure(job: Job, watched: Watched, servers: Servers) -> Measured:
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=load_process, args=(msgspec.json.encode(job), child), daemon=True)
-    proc.start()
+    start_process(proc, child)
     watched.add("load", proc.pid or 0)
-    loop = asyncio.get_running_loop()
     try:
-        started = await loop.run_in_executor(None, parent.recv)
+        started = await receive(parent, proc, "load")
         assert started == "started", started
         if not job.once:
             await asyncio.sleep(job.warm_s)
@@ -275,16 +277,19 @@ async def _measure(job: Job, watched: Watched, servers: Servers) -> Measured:
         if not job.once:
             await asyncio.sleep(job.measure_s)
             after, seq_after, ended = watched.sample(), await _last_seq(js), time.monotonic()
-        status, payload = await loop.run_in_executor(None, parent.recv)
+        status, payload = await receive(parent, proc, "load")
         if job.once:
             after, seq_after, ended = watched.sample(), await _last_seq(js), time.monotonic()
         if status != "ok":
             raise RuntimeError(f"the load process failed: {payload}")
         outcome = msgspec.json.decode(payload, type=Outcome)
         stages = await _stages(js, outcome.starts) if outcome.starts else {}
+    except BaseException:
+        proc.terminate()  # interrupted, or the load failed: its turns are not waited for
+        raise
     finally:
         watched.remove("load")
-        proc.join(30)
+        stop_process(proc)
         await nc.close()
     seconds = ended - began
     events = (seq_after - seq_before) / seconds if job.path == "parley" and seconds else 0.0
