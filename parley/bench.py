@@ -89,7 +89,8 @@ def run_system_bench(args: argparse.Namespace) -> int:
             print(msgspec.json.encode(row).decode())
     else:
         print(render(rows))
-    return 1 if any(row["errors"] for row in rows) else 0
+    # a failed turn of the direct path leaves the "added" figures without their baseline
+    return 1 if any(row["errors"] or row["direct_errors"] for row in rows) else 0
 
 
 # ---------------------------------------------------------------- fanout

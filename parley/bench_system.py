@@ -321,6 +321,11 @@ def _row(
     for key in _OUTCOME_KEYS:
         mine = [float(getattr(m.outcome, key)) for m, _ in rounds]
         direct = [float(getattr(d.outcome, key)) for _, d in rounds]
+        if key == "errors":
+            # every failed turn of every round, never a median that hides a bad round
+            row[key] = int(sum(mine))
+            row[f"direct_{key}"] = int(sum(direct))
+            continue
         row[key] = med(mine)
         row[f"direct_{key}"] = med(direct)
         if key.startswith(("ttft_p", "token_p")):

@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from events.vocabulary import Chunk, Done, Started, Title, UserMessage
-from parley.bench_system import render, turn_marks
+from parley.bench_load import Outcome
+from parley.bench_system import Measured, Setup, render, turn_marks
+from parley.bench_system import _row as _system_row
 
 
 def _row(**extra: Any) -> dict[str, Any]:
@@ -102,3 +104,40 @@ def test_a_row_says_how_gathered_its_late_tokens_are_beside_the_direct_paths() -
         *["tokens", "later", "than", "the", "p99:", "half", "of", "them", "in", "3", "of", "247"],
         *["tenths", "of", "a", "second", "(direct:", "15", "of", "246)"],
     ]
+
+
+def _measured(errors: int, ttft_p99_ms: float) -> Measured:
+    zero: dict[str, Any] = {
+        name: 0.0
+        for name, kind in zip(
+            Outcome.__struct_fields__, Outcome.__annotations__.values(), strict=True
+        )
+        if kind == "float"
+    }
+    outcome = Outcome(
+        **zero,
+        path="parley",
+        concurrency=100,
+        turns=100,
+        errors=errors,
+        error_sample="http 503" if errors else "",
+        late_windows=0,
+        windows=0,
+    )
+    outcome.ttft_p99_ms = ttft_p99_ms
+    return Measured(outcome=outcome, usage={}, events_per_s=0.0)
+
+
+def test_the_errors_of_every_round_are_counted_not_their_median() -> None:
+    """Three rounds of which one failed turns: a median over rounds said 0 errors
+    and the bench exited 0."""
+    setup = Setup("burst", [100], 10, 50.0, 0, 0, 1.0, True, 3, ["dev"])
+    rounds = [
+        (_measured(0, 30.0), _measured(0, 10.0)),
+        (_measured(7, 31.0), _measured(0, 10.0)),
+        (_measured(0, 32.0), _measured(1, 10.0)),
+    ]
+    row = _system_row(setup, "dev", 100, rounds)
+    assert (row["errors"], row["direct_errors"]) == (7, 1)
+    assert row["error_sample"] == "http 503"
+    assert row["added_ttft_p99_ms"] == 21.0  # the latencies stay medians
