@@ -152,6 +152,16 @@ class Watched:
         return out
 
 
+def cpu_seconds(
+    before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]
+) -> dict[str, float]:
+    """CPU seconds each process spent between the two samples (unrounded)."""
+    return {
+        name: (ticks - before.get(name, (ticks, 0))[0]) / _TICKS
+        for name, (ticks, _) in after.items()
+    }
+
+
 def usage(
     before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], seconds: float
 ) -> dict[str, float]:

@@ -45,6 +45,7 @@ from parley.bench_procs import (
     Watched,
     _direct_process,
     _model_process,
+    cpu_seconds,
     helper,
     machine,
     parley,
@@ -211,6 +212,7 @@ class Measured(msgspec.Struct):
     usage: dict[str, float]
     events_per_s: float
     stages: dict[str, float] = {}  # p50 and p99 ms of each stage of time to first token
+    cpu_s: dict[str, float] = {}  # CPU seconds of each process over the window
 
 
 # Where a turn's time to first token goes, read back from its conversation's log
@@ -293,7 +295,9 @@ async def _measure(job: Job, watched: Watched, servers: Servers) -> Measured:
         await nc.close()
     seconds = ended - began
     events = (seq_after - seq_before) / seconds if job.path == "parley" and seconds else 0.0
-    return Measured(outcome, usage(before, after, seconds), round(events, 1), stages)
+    return Measured(
+        outcome, usage(before, after, seconds), round(events, 1), stages, cpu_seconds(before, after)
+    )
 
 
 async def _last_seq(js: Any) -> int:
@@ -341,18 +345,28 @@ def _row(
         row[key] = med([m.stages.get(key, 0.0) for m, _ in rounds])
     for key in rounds[0][0].usage:
         row[key] = med([m.usage.get(key, 0.0) for m, _ in rounds])
-    # CPU per delivered token: what the shared machine's noise moves least
-    delivered = row["tokens_per_s"] if setup.once else row["delivered_tokens_per_s"]
-    parley_cpu = sum(v for k, v in row.items() if k.startswith("cpu_parley_"))
-    row["cpu_parley"] = round(parley_cpu, 2)
-    row["parley_cpu_us_per_token"] = round(parley_cpu / delivered * 1e6, 1) if delivered else 0.0
-    row["nats_cpu_us_per_token"] = (
-        round(row.get("cpu_nats", 0.0) / delivered * 1e6, 1) if delivered else 0.0
-    )
+    row["cpu_parley"] = round(sum(v for k, v in row.items() if k.startswith("cpu_parley_")), 2)
+    # CPU per delivered token, what the shared machine's noise moves least: the CPU
+    # seconds of the window over the tokens delivered in it, per round. (A job run
+    # once is sampled over more than its run: its CPU share over the window, divided
+    # by its tokens over its run, read 1.5-2x too low.)
+    row["parley_cpu_us_per_token"] = med([us_per_token(setup, m, "parley_") for m, _ in rounds])
+    row["nats_cpu_us_per_token"] = med([us_per_token(setup, m, "nats") for m, _ in rounds])
     row["direct_cpu_direct"] = med([d.usage.get("cpu_direct", 0.0) for _, d in rounds])
     row["error_sample"] = next((m.outcome.error_sample for m, _ in rounds if m.outcome.errors), "")
     row.update({f"machine_{k}": v for k, v in msgspec.structs.asdict(machine()).items()})
     return row
+
+
+def us_per_token(setup: Setup, measured: Measured, prefix: str) -> float:
+    """Microseconds of CPU the processes named `prefix...` spent per token delivered."""
+    outcome = measured.outcome
+    if setup.once:  # every token of the job, all inside the window
+        tokens = outcome.tokens_per_s * outcome.elapsed_s
+    else:  # the tokens delivered within the measured window
+        tokens = outcome.delivered_tokens_per_s * setup.measure_s
+    spent = sum(v for k, v in measured.cpu_s.items() if k.startswith(prefix))
+    return round(spent / tokens * 1e6, 1) if tokens else 0.0
 
 
 def render(rows: list[dict[str, Any]]) -> str:

@@ -141,3 +141,20 @@ def test_the_errors_of_every_round_are_counted_not_their_median() -> None:
     assert (row["errors"], row["direct_errors"]) == (7, 1)
     assert row["error_sample"] == "http 503"
     assert row["added_ttft_p99_ms"] == 21.0  # the latencies stay medians
+
+
+def test_cpu_per_token_is_the_windows_cpu_seconds_over_the_tokens_delivered_in_it() -> None:
+    """A job run once is sampled over a window longer than its run (the send times
+    are fetched after it): its CPU share of the window over its tokens per second of
+    run read as low as the run is short of the window."""
+    setup = Setup("stream", [20], 500, 0.0, 0, 0, 1.0, True, 1, ["split"])
+    parley = _measured(0, 10.0)
+    parley.outcome.tokens_per_s = 10_000.0
+    parley.outcome.elapsed_s = 1.0  # 10,000 tokens in a run of 1 s ...
+    parley.usage = {"cpu_parley_edge": 0.2, "cpu_parley_worker": 0.3, "cpu_nats": 0.1}
+    # ... in a window of 2 s: 1 s of parley's CPU, 0.2 s of NATS's
+    parley.cpu_s = {"parley_edge": 0.4, "parley_worker": 0.6, "nats": 0.2}
+    row = _system_row(setup, "split", 20, [(parley, _measured(0, 5.0))])
+    assert row["parley_cpu_us_per_token"] == 100.0  # 1 s / 10,000 tokens, not 50
+    assert row["nats_cpu_us_per_token"] == 20.0
+    assert row["cpu_parley"] == 0.5  # the share of a core over the window stays as it was
