@@ -213,6 +213,7 @@ class Measured(msgspec.Struct):
     events_per_s: float
     stages: dict[str, float] = {}  # p50 and p99 ms of each stage of time to first token
     cpu_s: dict[str, float] = {}  # CPU seconds of each process over the window
+    log_bytes: int = 0  # what the log grew by over the window (JetStream's count)
 
 
 # Where a turn's time to first token goes, read back from its conversation's log
@@ -275,13 +276,21 @@ async def _measure(job: Job, watched: Watched, servers: Servers) -> Measured:
         if not job.once:
             await asyncio.sleep(job.warm_s)
         began = time.monotonic()
-        before, seq_before = watched.sample(), await _last_seq(js)
+        before, (seq_before, bytes_before) = watched.sample(), await _log_end(js)
         if not job.once:
             await asyncio.sleep(job.measure_s)
-            after, seq_after, ended = watched.sample(), await _last_seq(js), time.monotonic()
+            after, (seq_after, bytes_after), ended = (
+                watched.sample(),
+                await _log_end(js),
+                time.monotonic(),
+            )
         status, payload = await receive(parent, proc, "load")
         if job.once:
-            after, seq_after, ended = watched.sample(), await _last_seq(js), time.monotonic()
+            after, (seq_after, bytes_after), ended = (
+                watched.sample(),
+                await _log_end(js),
+                time.monotonic(),
+            )
         if status != "ok":
             raise RuntimeError(f"the load process failed: {payload}")
         outcome = msgspec.json.decode(payload, type=Outcome)
@@ -296,13 +305,19 @@ async def _measure(job: Job, watched: Watched, servers: Servers) -> Measured:
     seconds = ended - began
     events = (seq_after - seq_before) / seconds if job.path == "parley" and seconds else 0.0
     return Measured(
-        outcome, usage(before, after, seconds), round(events, 1), stages, cpu_seconds(before, after)
+        outcome,
+        usage(before, after, seconds),
+        round(events, 1),
+        stages,
+        cpu_seconds(before, after),
+        bytes_after - bytes_before if job.path == "parley" else 0,
     )
 
 
-async def _last_seq(js: Any) -> int:
+async def _log_end(js: Any) -> tuple[int, int]:
+    """The log's last position and the bytes it holds."""
     info = await js.stream_info(EVT_STREAM)
-    return int(info.state.last_seq)
+    return int(info.state.last_seq), int(info.state.bytes)
 
 
 def _row(
@@ -352,19 +367,27 @@ def _row(
     # by its tokens over its run, read 1.5-2x too low.)
     row["parley_cpu_us_per_token"] = med([us_per_token(setup, m, "parley_") for m, _ in rounds])
     row["nats_cpu_us_per_token"] = med([us_per_token(setup, m, "nats") for m, _ in rounds])
+    # what the log keeps per token (JetStream's bytes: entries, headers, subjects)
+    row["log_bytes_per_token"] = med(
+        [m.log_bytes / t if (t := tokens_in(setup, m)) else 0.0 for m, _ in rounds]
+    )
     row["direct_cpu_direct"] = med([d.usage.get("cpu_direct", 0.0) for _, d in rounds])
     row["error_sample"] = next((m.outcome.error_sample for m, _ in rounds if m.outcome.errors), "")
     row.update({f"machine_{k}": v for k, v in msgspec.structs.asdict(machine()).items()})
     return row
 
 
-def us_per_token(setup: Setup, measured: Measured, prefix: str) -> float:
-    """Microseconds of CPU the processes named `prefix...` spent per token delivered."""
+def tokens_in(setup: Setup, measured: Measured) -> float:
+    """The tokens delivered within a round's measured window."""
     outcome = measured.outcome
     if setup.once:  # every token of the job, all inside the window
-        tokens = outcome.tokens_per_s * outcome.elapsed_s
-    else:  # the tokens delivered within the measured window
-        tokens = outcome.delivered_tokens_per_s * setup.measure_s
+        return outcome.tokens_per_s * outcome.elapsed_s
+    return outcome.delivered_tokens_per_s * setup.measure_s
+
+
+def us_per_token(setup: Setup, measured: Measured, prefix: str) -> float:
+    """Microseconds of CPU the processes named `prefix...` spent per token delivered."""
+    tokens = tokens_in(setup, measured)
     spent = sum(v for k, v in measured.cpu_s.items() if k.startswith(prefix))
     return round(spent / tokens * 1e6, 1) if tokens else 0.0
 
@@ -396,6 +419,7 @@ def render(rows: list[dict[str, Any]]) -> str:
             f"{r['added_token_p99_ms']:>7}/{r['added_token_p999_ms']:<8} "
             f"{r['events_per_s']:>7}  {cpu} load={r['cpu_load']}"
             f"  parley CPU/token {r['parley_cpu_us_per_token']} us"
+            f"  log {r.get('log_bytes_per_token', 0.0):.0f} B/token"
         )
         if "stage_to_viewer_p50_ms" in r:
             spans = ", ".join(

@@ -154,7 +154,9 @@ def test_cpu_per_token_is_the_windows_cpu_seconds_over_the_tokens_delivered_in_i
     parley.usage = {"cpu_parley_edge": 0.2, "cpu_parley_worker": 0.3, "cpu_nats": 0.1}
     # ... in a window of 2 s: 1 s of parley's CPU, 0.2 s of NATS's
     parley.cpu_s = {"parley_edge": 0.4, "parley_worker": 0.6, "nats": 0.2}
+    parley.log_bytes = 2_500_000
     row = _system_row(setup, "split", 20, [(parley, _measured(0, 5.0))])
+    assert row["log_bytes_per_token"] == 250.0
     assert row["parley_cpu_us_per_token"] == 100.0  # 1 s / 10,000 tokens, not 50
     assert row["nats_cpu_us_per_token"] == 20.0
     assert row["cpu_parley"] == 0.5  # the share of a core over the window stays as it was
