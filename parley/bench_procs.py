@@ -350,8 +350,10 @@ def _parley_argv(role: str, data: Path) -> list[str]:
     return [*base, "serve", "--role", role, "--port", "0", "--data", str(data)]
 
 
-def _wait_for(log: Path, proc: subprocess.Popen[bytes], marker: bytes) -> bytes:
-    deadline = time.monotonic() + _READY_S
+def _wait_for(
+    log: Path, proc: subprocess.Popen[bytes], marker: bytes, within: float = _READY_S
+) -> bytes:
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         text = log.read_bytes() if log.exists() else b""
         for line in text.splitlines():
@@ -360,7 +362,9 @@ def _wait_for(log: Path, proc: subprocess.Popen[bytes], marker: bytes) -> bytes:
         if proc.poll() is not None:
             raise RuntimeError(f"{proc.args!r} ended: {text[-2000:].decode(errors='replace')}")
         time.sleep(0.1)
-    raise RuntimeError(f"{proc.args!r} not ready within {_READY_S} s")
+    # what it said last says why (a server it cannot reach, say)
+    tail = (log.read_bytes() if log.exists() else b"")[-2000:].decode(errors="replace")
+    raise RuntimeError(f"{proc.args!r} not ready within {within:g} s; its log ends:\n{tail}")
 
 
 @contextlib.contextmanager

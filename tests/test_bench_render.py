@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from events.vocabulary import Chunk, Done, Started, Title, UserMessage
 from parley.bench_load import Outcome
+from parley.bench_procs import _wait_for
 from parley.bench_system import Measured, Setup, render, turn_marks
 from parley.bench_system import _row as _system_row
 
@@ -160,3 +166,19 @@ def test_cpu_per_token_is_the_windows_cpu_seconds_over_the_tokens_delivered_in_i
     assert row["parley_cpu_us_per_token"] == 100.0  # 1 s / 10,000 tokens, not 50
     assert row["nats_cpu_us_per_token"] == 20.0
     assert row["cpu_parley"] == 0.5  # the share of a core over the window stays as it was
+
+
+def test_a_role_that_never_gets_ready_is_reported_with_what_its_log_said_last(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "edge.log"
+    log.write_text("starting\ncannot reach NATS at nats://127.0.0.1:1: connection refused\n")
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        with pytest.raises(RuntimeError) as caught:
+            _wait_for(log, proc, b"listening", within=0.3)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "not ready within 0.3 s" in str(caught.value)
+    assert "cannot reach NATS at nats://127.0.0.1:1" in str(caught.value)
