@@ -143,7 +143,11 @@ class SnapshotStore:
         self.max_bytes = max_bytes
 
     async def load(self, conversation_id: str, event_log: EventLog) -> Folded | None:
-        """The conversation's snapshot, if there is one it can be folded on from."""
+        """The conversation's snapshot, if there is one it can be folded on from. None
+        while snapshots are off (0 `every`): those written before live on for a week,
+        and snapshots turned off must be out of the way at once."""
+        if self.every <= 0:
+            return None
         try:
             data = await self.redis.get(_KEY.format(conversation_id))
         except redis.exceptions.RedisError as err:

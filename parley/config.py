@@ -67,7 +67,7 @@ class Settings(msgspec.Struct, frozen=True):
     shutdown_grace_s: float = 10.0  # how long a stopping worker lets turns finish
     append_window_ms: float = 5.0  # how long streamed text waits to share an append
     append_window_light_ms: float = 1.0  # ... while the worker has CPU to spare
-    # a snapshot of a conversation is written to Redis every this many log entries (0: none)
+    # a snapshot of a conversation is written to Redis every this many log entries (0: none, nor read)
     snapshot_every: int = SNAPSHOT_EVERY
     limits: EdgeLimits = EdgeLimits()
     log_format: str = "text"  # or "json"

@@ -221,3 +221,23 @@ async def test_a_large_state_is_written_and_read_off_the_loop_and_a_huge_one_not
     assert await store.save(folded)
     read = await store.load(cid, event_log)
     assert read is not None and read.state == folded.state
+
+
+async def test_snapshots_turned_off_are_neither_written_nor_read(
+    event_log: EventLog, redis: aioredis.Redis
+) -> None:
+    """PARLEY_SNAPSHOT_EVERY=0 turns snapshots off: one written before (they live a
+    week) is not read either, so an operator who suspects them can rule them out."""
+    cid, written = await _long_conversation(event_log, 3)
+    on = SnapshotStore(redis, every=EVERY)
+    first = _writer(event_log, cid, on)
+    await first.catch_up()
+    assert await on.save(first.folded())
+
+    off = SnapshotStore(redis, every=0)
+    assert not off.due(first.folded())
+    assert await off.load(cid, event_log) is None
+    cold = _writer(event_log, cid, off)
+    await cold.catch_up()
+    assert cold.state == fold(Conversation(conversation_id=cid), written)
+    assert cold.folded().saved == 0  # folded from the log, not begun at the snapshot
