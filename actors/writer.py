@@ -30,11 +30,11 @@ from actors.chunks import Pending, coalesce
 from actors.sizing import fit
 from actors.snapshots import Folded, SnapshotStore
 from actors.state import Conversation, evolve, fold
-from events.codec import Unreadable
+from events.codec import Unreadable, decode_entry
 from events.errors import EventLogConflict, EventLogError
 from events.log import EventLog, StoredEvent
 from events.subjects import event_subject
-from events.vocabulary import ChunkKind, Event
+from events.vocabulary import ChunkKind, ConversationCreated, Event
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +118,16 @@ class EventWriter:
         if self.seq == 0 and self._snapshots is not None:
             # From the start: a log longer than one read may have a snapshot to begin at.
             raw, more = await self._log.read_events(event_subject(self.conversation_id), 0)
-            snapshot = await self._snapshots.load(self.conversation_id, self._log) if more else None
-            if snapshot is not None and snapshot.seq > (raw[-1].seq if raw else 0):
+            # Only a log that still begins where the conversation began: one whose start
+            # retention removed is refused as unreadable (README: Retention), whether or
+            # not a snapshot of it happens to be in Redis.
+            whole = bool(raw) and isinstance(decode_entry(raw[0].data), ConversationCreated)
+            snapshot = (
+                await self._snapshots.load(self.conversation_id, self._log)
+                if more and whole
+                else None
+            )
+            if snapshot is not None and snapshot.seq > raw[-1].seq:
                 self._restore(snapshot)
             else:
                 self._fold_stored([StoredEvent.decode(entry.seq, entry.data) for entry in raw])

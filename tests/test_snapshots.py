@@ -116,27 +116,48 @@ async def test_a_cold_writer_begins_at_the_snapshot_and_folds_on_to_the_whole_lo
     assert folded.entries == len(written) and store.due(folded)
     assert await store.save(folded)
 
-    # Two more answers after the snapshot; then the conversation's beginning is
-    # removed from the log (as retention would): only a writer that begins at the
-    # snapshot can still know the conversation.
+    # Two more answers after the snapshot; then a question from before it is taken
+    # out of the log by hand, past its first read: only a writer that begins at the
+    # snapshot still has it.
     more = answered_turn(cid, 3) + answered_turn(cid, 4)
     for start in range(0, len(more), 100):
         await first.append(more[start : start + 100])
-    js = nc.jetstream()
-    for stored in (await event_log.read(cid))[:10]:
-        await js.delete_msg(EVT_STREAM, stored.seq)
+    entries = await event_log.read(cid)
+    questions = [e for e in entries if isinstance(e.event, UserMessage)]
+    assert questions[2].seq > entries[511].seq  # past the first read of 512
+    await nc.jetstream().delete_msg(EVT_STREAM, questions[2].seq)
 
     cold = _writer(event_log, cid, store)
     await cold.catch_up()
-    whole = fold(Conversation(conversation_id=cid), written + more)
-    assert cold.state == whole
+    assert cold.state == fold(Conversation(conversation_id=cid), written + more)
     assert cold.seq == first.seq and cold.entries == len(written) + len(more)
     # it began at the snapshot: the next is due EVERY entries past that one
     assert cold.folded().saved == folded.entries
 
     without = _writer(event_log, cid, None)
     await without.catch_up()
-    assert not without.state.exists  # the log alone has lost its beginning
+    assert len(without.state.messages) == len(cold.state.messages) - 1
+
+
+async def test_a_log_whose_beginning_is_gone_is_folded_whole_even_with_a_snapshot(
+    event_log: EventLog, nc: NatsClient, redis: aioredis.Redis
+) -> None:
+    """Retention that removed a conversation's first events makes it unreadable
+    (README: Retention), the same with or without a snapshot in Redis: not until
+    the snapshot happens to expire."""
+    store = SnapshotStore(redis, every=EVERY)
+    cid, _ = await _long_conversation(event_log, 3)
+    first = _writer(event_log, cid, store)
+    await first.catch_up()
+    assert await store.save(first.folded())
+    for stored in (await event_log.read(cid))[:10]:
+        await nc.jetstream().delete_msg(EVT_STREAM, stored.seq)
+    cold = _writer(event_log, cid, store)
+    await cold.catch_up()
+    without = _writer(event_log, cid, None)
+    await without.catch_up()
+    assert cold.state == without.state
+    assert not cold.state.exists
 
 
 @pytest.mark.parametrize("kind", ["another log", "another fold", "damaged", "another conversation"])
