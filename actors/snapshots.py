@@ -30,11 +30,11 @@ checks that for generated logs).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import zlib
 from pathlib import Path
-from types import ModuleType
 
 import msgspec
 import redis.asyncio as aioredis
@@ -52,8 +52,8 @@ from events.log import EventLog
 log = logging.getLogger(__name__)
 
 _KEY = "parley:snapshot:{}"
-# A conversation untouched this long folds from its start again when it is next
-# used: Redis does not keep the state of every conversation for ever.
+# A snapshot neither written nor used this long expires (its conversation folds from
+# its start again when it is next used): Redis does not keep every state for ever.
 SNAPSHOT_TTL_S = 7 * 24 * 3600
 # Entries folded past the last snapshot before the next is written: about 13
 # answers of 150 tokens at 20 tokens/s. Folding this many costs ~40 ms.
@@ -82,18 +82,26 @@ class Snapshot(msgspec.Struct, frozen=True):
     folded: Folded
 
 
-def _fingerprint(modules: tuple[ModuleType, ...]) -> str:
+def _fingerprint(files: tuple[str | None, ...]) -> str:
     digest = hashlib.sha256()
-    for module in modules:
-        source = Path(module.__file__ or "").read_bytes() if module.__file__ else b""
-        digest.update(module.__name__.encode() + b"\0" + source + b"\0")
+    for file in files:
+        digest.update(Path(file).read_bytes() if file else b"?")
+        digest.update(b"\0")
     return digest.hexdigest()[:32]
 
 
-# The code a state depends on: the fold, the types it folds and keeps, and the helpers
-# it folds with. A change to any of them makes snapshots of older code unused.
+# The code a state depends on: the fold, the types it folds and keeps, the helpers it
+# folds with, and what a snapshot is (this module). A change to any of them makes
+# snapshots of older code unused.
 FOLD_FINGERPRINT = _fingerprint(
-    (actors.state, actors.content, actors.sizing, events.vocabulary, events.codec)
+    (
+        actors.state.__file__,
+        actors.content.__file__,
+        actors.sizing.__file__,
+        events.vocabulary.__file__,
+        events.codec.__file__,
+        __file__,
+    )
 )
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -183,6 +191,9 @@ class SnapshotStore:
                 extra={"conversation_id": conversation_id, "seq": folded.seq},
             )
             return None
+        # in use: it lasts another SNAPSHOT_TTL_S from now, not from when it was written
+        with contextlib.suppress(redis.exceptions.RedisError):
+            await self.redis.expire(_KEY.format(conversation_id), self.ttl_s)
         return msgspec.structs.replace(folded, saved=folded.entries)
 
     def due(self, folded: Folded) -> bool:
@@ -194,10 +205,18 @@ class SnapshotStore:
         cid = folded.state.conversation_id
         # A state of many megabytes takes milliseconds to compress: off the loop, which
         # every other conversation of the worker is waiting on.
-        if state_bytes(folded.state) > _OFF_LOOP_BYTES:
-            data = await asyncio.to_thread(encode_snapshot, folded)
-        else:
-            data = encode_snapshot(folded)
+        try:
+            if state_bytes(folded.state) > _OFF_LOOP_BYTES:
+                data = await asyncio.to_thread(encode_snapshot, folded)
+            else:
+                data = encode_snapshot(folded)
+        except Exception:
+            # Only a shortcut: a state it cannot encode (a bug) must not take the
+            # worker's other conversations down with it. Said loudly, and skipped.
+            log.exception(
+                "snapshot not written: its state cannot be encoded", extra={"conversation_id": cid}
+            )
+            return False
         if len(data) > self.max_bytes:
             log.info(
                 "no snapshot written: larger than a Redis value should be",

@@ -262,3 +262,21 @@ async def test_snapshots_turned_off_are_neither_written_nor_read(
     await cold.catch_up()
     assert cold.state == fold(Conversation(conversation_id=cid), written)
     assert cold.folded().saved == 0  # folded from the log, not begun at the snapshot
+
+
+async def test_a_snapshot_in_use_lasts_from_its_last_use_and_one_it_cannot_encode_is_skipped(
+    event_log: EventLog, redis: aioredis.Redis
+) -> None:
+    store = SnapshotStore(redis, every=EVERY, ttl_s=3600)
+    cid, _ = await _long_conversation(event_log, 2)
+    writer = _writer(event_log, cid, store)
+    await writer.catch_up()
+    folded = writer.folded()
+    await redis.set(f"parley:snapshot:{cid}", encode_snapshot(folded), ex=60)
+    assert await store.load(cid, event_log) is not None
+    assert await redis.ttl(f"parley:snapshot:{cid}") > 60  # used: another hour from now
+
+    # a state that cannot be encoded (a lone surrogate: a bug upstream) is not written,
+    # and saving it raises nothing into the worker
+    broken = msgspec.structs.replace(folded.state, title="\ud800")
+    assert await store.save(msgspec.structs.replace(folded, state=broken)) is False
