@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import aiohttp
 import msgspec
@@ -56,6 +56,10 @@ class ChatRequest(msgspec.Struct, frozen=True):
     tools: list[dict[str, Any]] = []
     max_tokens: int | None = None
     temperature: float = 0.7
+    # the body field max_tokens is sent in: OpenAI's reasoning models refuse `max_tokens`
+    max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
+    # whether to ask for usage with `stream_options` (a server may refuse the field)
+    include_usage: bool = True
 
 
 def request_body(endpoint: ModelEndpoint, request: ChatRequest) -> dict[str, Any]:
@@ -64,13 +68,15 @@ def request_body(endpoint: ModelEndpoint, request: ChatRequest) -> dict[str, Any
         "model": endpoint.model,
         "messages": request.messages,
         "stream": True,
-        # Without this OpenAI sends no usage at all in a stream; with it, a last
-        # `choices: []` chunk carries the counts billing needs.
-        "stream_options": {"include_usage": True},
         "temperature": request.temperature,
     }
+    if request.include_usage:
+        # Without this OpenAI sends no usage at all in a stream; with it, a last
+        # `choices: []` chunk carries the counts billing needs. Servers that refuse
+        # the field (Mistral: 422) send usage on their last chunk unasked.
+        body["stream_options"] = {"include_usage": True}
     if request.max_tokens is not None:
-        body["max_tokens"] = request.max_tokens
+        body[request.max_tokens_field] = request.max_tokens
     if request.tools:
         # Some servers reject an empty tools list, so it is sent only when non-empty.
         body["tools"] = request.tools

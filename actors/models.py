@@ -39,6 +39,14 @@ class ModelSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     api_key: str | None = None  # resolved by the wiring from api_key_env
     upstream_name: str | None = None  # the name sent to the endpoint, if it differs
     max_output_tokens: Annotated[int, msgspec.Meta(gt=0)] | None = None
+    # What the endpoint accepts, for servers that refuse OpenAI's defaults: the
+    # temperature sent (unset: DEFAULT_TEMPERATURE; OpenAI's reasoning models take
+    # only 1), the field max_output_tokens goes in (OpenAI's reasoning models refuse
+    # `max_tokens`), and whether `stream_options.include_usage` is sent (Mistral
+    # refuses the field, and reports usage without it).
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
+    max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
+    include_usage: bool = True
     versions: list[ModelVersion] = []
 
 
@@ -113,5 +121,5 @@ def choose_model(spec: ModelSpec) -> ModelChoice:
         version_id=f"{spec.name}@{version.version}" if version else spec.name,
         prices=prices,
         max_tokens=spec.max_output_tokens,
-        temperature=DEFAULT_TEMPERATURE,
+        temperature=DEFAULT_TEMPERATURE if spec.temperature is None else spec.temperature,
     )

@@ -332,6 +332,8 @@ class TurnRunner:
             tools=plan.tools,
             max_tokens=self.choice.max_tokens,
             temperature=self.choice.temperature,
+            max_tokens_field=self.spec.max_tokens_field,
+            include_usage=self.spec.include_usage,
         )
 
     async def _send(self, endpoint: ModelEndpoint, request: ChatRequest) -> SentChat:

@@ -137,6 +137,18 @@ def test_catalog(recorder_url: str = "http://127.0.0.1:1/v1") -> ModelCatalog:
                 max_output_tokens=1234,
                 versions=DEMO_SPEC.versions,
             ),
+            # an endpoint that refuses OpenAI's defaults, as OpenAI's reasoning models
+            # (temperature 1 only, max_completion_tokens) and Mistral (no stream_options) do
+            ModelSpec(
+                name="recorder-strict",
+                base_url=recorder_url,
+                upstream_name="o3",
+                max_output_tokens=321,
+                temperature=1.0,
+                max_tokens_field="max_completion_tokens",
+                include_usage=False,
+                versions=DEMO_SPEC.versions,
+            ),
         ],
         default_model="demo",
     )

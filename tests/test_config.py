@@ -99,6 +99,24 @@ def test_the_models_file_gives_endpoint_key_limits_and_the_price_in_force(tmp_pa
     assert (choice.prices.input_price, choice.prices.output_price) == (3.0, 15.0)
     assert choice.max_tokens == 4096 and choice.temperature == 0.7
     assert catalog.get(DEMO_MODEL) is not None, "the demo entry stays"
+    # unset, a model is asked as OpenAI's chat models are
+    assert (house.max_tokens_field, house.include_usage) == ("max_tokens", True)
+
+
+def test_the_models_file_says_what_a_strict_endpoint_accepts(tmp_path: Path) -> None:
+    path = tmp_path / "models.toml"
+    path.write_text(
+        '[[models]]\nname = "o3"\ntemperature = 1.0\n'
+        'max_tokens_field = "max_completion_tokens"\ninclude_usage = false\n'
+    )
+    catalog = load_catalog(settings_from_env({"PARLEY_MODELS_FILE": str(path)}, tmp_path))
+    spec = catalog.get("o3")
+    assert spec is not None
+    assert (spec.max_tokens_field, spec.include_usage) == ("max_completion_tokens", False)
+    assert choose_model(spec).temperature == 1.0
+    path.write_text('[[models]]\nname = "o3"\nmax_tokens_field = "max_output_tokens"\n')
+    with pytest.raises(ConfigError, match="max_tokens_field"):
+        load_catalog(settings_from_env({"PARLEY_MODELS_FILE": str(path)}, tmp_path))
 
 
 @pytest.mark.parametrize(

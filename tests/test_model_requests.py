@@ -71,3 +71,25 @@ async def test_usage_reported_by_the_model_is_what_the_turn_records(
     done = [json.loads(line) for line in str(log).splitlines() if '"type":"done"' in line]
     assert (done[0]["input_tokens"], done[0]["output_tokens"]) == _expected_usage()
     assert done[0]["tokens_estimated"] is False
+
+
+async def test_a_model_that_refuses_openais_defaults_is_asked_as_the_models_file_says(
+    api: SseClient, recorder: tuple[Recorder, str]
+) -> None:
+    # OpenAI's reasoning models answer 400 to `max_tokens` ("Use 'max_completion_tokens'
+    # instead") and to any temperature but 1; Mistral answers 422 to `stream_options`
+    # ("Extra inputs are not permitted"). The models file says so, and the body obeys.
+    recording, _ = recorder
+    conversation = await api.create_conversation(model="recorder-strict")
+    before = len(recording.requests)
+    events = await api.send_stream(conversation["id"], "hello")
+    assert events[-1].data == "ok", events[-3:]
+    body = recording.requests[before]
+    assert body["model"] == "o3" and body["stream"] is True
+    assert body["max_completion_tokens"] == 321 and "max_tokens" not in body, body
+    assert body["temperature"] == 1.0, body
+    assert "stream_options" not in body, body
+    status, log = await api.request("GET", f"/v1/conversations/{conversation['id']}/log")
+    assert status == 200
+    started = [json.loads(line) for line in str(log).splitlines() if '"type":"started"' in line]
+    assert started[0]["temperature"] == 1.0 and started[0]["max_tokens"] == 321, started
