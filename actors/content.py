@@ -127,28 +127,43 @@ def is_project_only(name: str) -> bool:
 
 
 def tool_round_messages(
-    answer: str, calls: Sequence[ToolCallRequest], outcomes: Sequence[ToolOutcome]
+    answer: str,
+    calls: Sequence[ToolCallRequest],
+    outcomes: Sequence[ToolOutcome],
+    *,
+    reasoning_content: str | None = None,
 ) -> list[dict[str, Any]]:
     """A tool round as the model expects to see it next: its assistant message with the
-    calls, then one `tool` message per call (an error travels as a JSON object)."""
-    messages: list[dict[str, Any]] = [
-        {
-            "role": "assistant",
-            "content": answer or None,
-            "tool_calls": [
-                {
-                    "id": call.call_id,
-                    "type": "function",
-                    "function": {"name": call.name, "arguments": call.arguments},
-                }
-                for call in calls
-            ],
-        }
-    ]
+    calls, then one `tool` message per call (an error travels as a JSON object).
+
+    What the server streamed for itself goes back as it came, and only then (a
+    server that never sent it may refuse an unknown field): the round's
+    `reasoning_content` (DeepSeek's thinking mode refuses a tool round without
+    it) and each call's `extra_content` (Gemini 3 refuses a call without its
+    thought signature)."""
+    assistant: dict[str, Any] = {
+        "role": "assistant",
+        "content": answer or None,
+        "tool_calls": [_call_message(call) for call in calls],
+    }
+    if reasoning_content is not None:
+        assistant["reasoning_content"] = reasoning_content
+    messages: list[dict[str, Any]] = [assistant]
     for call, outcome in zip(calls, outcomes, strict=True):
         content = outcome.result if outcome.error is None else json.dumps({"error": outcome.error})
         messages.append({"role": "tool", "tool_call_id": call.call_id, "content": content})
     return messages
+
+
+def _call_message(call: ToolCallRequest) -> dict[str, Any]:
+    message: dict[str, Any] = {
+        "id": call.call_id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    }
+    if call.extra_content is not None:
+        message["extra_content"] = call.extra_content
+    return message
 
 
 def auto_title(first_user_message: str) -> str:

@@ -38,11 +38,17 @@ class TextDelta(msgspec.Struct, frozen=True):
 
 
 class ToolCallRequest(msgspec.Struct, frozen=True):
-    """One complete tool call; `arguments` is the JSON text as the model wrote it."""
+    """One complete tool call; `arguments` is the JSON text as the model wrote it.
+
+    `extra_content` is what the server attached to the call for itself (Gemini's
+    `{"google": {"thought_signature": ...}}`): it goes back with the call in the
+    turn's next request, where Gemini 3 refuses a call without its signature.
+    """
 
     call_id: str
     name: str
     arguments: str
+    extra_content: dict[str, Any] | None = None
 
 
 class Usage(msgspec.Struct, frozen=True):
@@ -53,9 +59,15 @@ class Usage(msgspec.Struct, frozen=True):
 
 
 class Finish(msgspec.Struct, frozen=True):
-    """The model stopped: `reason` is its finish_reason ("stop", "length", "tool_calls", ...)."""
+    """The model stopped: `reason` is its finish_reason ("stop", "length", "tool_calls", ...).
+
+    `reasoning_content`: the thinking the server streamed in that field (DeepSeek,
+    Kimi, Qwen, vLLM), else None. DeepSeek's thinking mode refuses (400) a next
+    request whose assistant message with tool calls does not carry it back.
+    """
 
     reason: str
+    reasoning_content: str | None = None
 
 
 StreamItem = TextDelta | ToolCallRequest | Usage | Finish
@@ -132,6 +144,8 @@ class ChatStreamParser:
         self._think = _ThinkSplitter()
         self._stray: bytes | None = None  # first line that was not SSE, to explain a cut
         self._ended = False
+        # the thinking streamed as `reasoning_content`, to be sent back (`Finish`)
+        self._reasoning_content: list[str] = []
 
     def feed(self, data: bytes) -> list[StreamItem]:
         """Parse the next bytes of the stream; returns the items they completed."""
@@ -285,6 +299,8 @@ class ChatStreamParser:
             if delta is None:
                 self._apply(None, "", None, first.finish_reason, out)
             else:
+                if delta.reasoning_content:
+                    self._reasoning_content.append(delta.reasoning_content)
                 self._apply(
                     delta.reasoning_content or delta.reasoning,
                     delta.content or "",
@@ -351,7 +367,9 @@ class ChatStreamParser:
             self._apply(None, "", None, reason, out)
             return
         reasoning = delta.get("reasoning_content")
-        if not (isinstance(reasoning, str) and reasoning):
+        if isinstance(reasoning, str) and reasoning:
+            self._reasoning_content.append(reasoning)
+        else:
             reasoning = delta.get("reasoning")
         tool_calls = delta.get("tool_calls")
         self._apply(
@@ -391,7 +409,7 @@ class ChatStreamParser:
             self._finish_reason = reason
             out.extend(self._think.flush())
             out.extend(self._take_calls())
-            out.append(Finish(reason))
+            out.append(Finish(reason, self._reasoning_text()))
 
     def _tool_call_delta(self, delta: dict[str, Any]) -> None:
         call_id = delta.get("id")
@@ -401,6 +419,10 @@ class ChatStreamParser:
         call = self._calls.setdefault(index, _PartialCall())
         if isinstance(call_id, str) and call_id and not call.call_id:
             call.call_id = call_id
+        extra = delta.get("extra_content")
+        if isinstance(extra, dict) and extra:
+            # Gemini sends its thought signature here, on the call's delta or alone
+            call.extra_content = {**(call.extra_content or {}), **extra}
         function = delta.get("function")
         if not isinstance(function, dict):
             return
@@ -432,6 +454,7 @@ class ChatStreamParser:
                 call_id=call.call_id or f"call_{index}",
                 name=call.name,
                 arguments="".join(call.arguments),
+                extra_content=call.extra_content,
             )
             for index, call in sorted(calls.items())
         ]
@@ -446,7 +469,10 @@ class ChatStreamParser:
             calls = self._take_calls()
             out.extend(calls)
             self._finish_reason = "tool_calls" if calls else "stop"
-            out.append(Finish(self._finish_reason))
+            out.append(Finish(self._finish_reason, self._reasoning_text()))
+
+    def _reasoning_text(self) -> str | None:
+        return "".join(self._reasoning_content) if self._reasoning_content else None
 
     def _cut_message(self) -> str:
         message = "the stream ended before [DONE] and without a finish_reason"
@@ -458,12 +484,13 @@ class ChatStreamParser:
 class _PartialCall:
     """A tool call still being streamed."""
 
-    __slots__ = ("arguments", "call_id", "name")
+    __slots__ = ("arguments", "call_id", "extra_content", "name")
 
     def __init__(self) -> None:
         self.call_id = ""
         self.name = ""
         self.arguments: list[str] = []
+        self.extra_content: dict[str, Any] | None = None
 
 
 class _ThinkSplitter:

@@ -150,6 +150,7 @@ class RoundResult:
         self.calls: list[ToolCallRequest] = []
         self.usage: Usage | None = None
         self.finish_reason: str | None = None
+        self.reasoning_content: str | None = None  # to send back with its tool calls
 
     @property
     def started(self) -> bool:
@@ -450,7 +451,9 @@ class TurnRunner:
             return outcome
 
         outcomes = await asyncio.gather(*(one(call) for call in calls))
-        return tool_round_messages("".join(result.answer), calls, outcomes)
+        return tool_round_messages(
+            "".join(result.answer), calls, outcomes, reasoning_content=result.reasoning_content
+        )
 
     async def _fail(
         self, stream: TurnStream, code: str, message: str, totals: TurnTotals, *, detail: str = ""
@@ -549,6 +552,7 @@ def _tally(item: StreamItem, result: RoundResult) -> None:
         result.usage = item
     elif isinstance(item, Finish):
         result.finish_reason = item.reason
+        result.reasoning_content = item.reasoning_content
 
 
 def _still_running(state: Conversation, turn_id: str) -> bool:

@@ -83,19 +83,35 @@ RECORDED_REPLY = (
 
 class Recorder:
     """A model server for tests that keeps every request body it gets and answers
-    by replaying a recorded OpenAI transcript (tests/data/openai-stream)."""
+    by replaying a recorded OpenAI transcript (tests/data/openai-stream).
+
+    A test makes it answer as a given server would with `script`: the bytes each
+    model call of a turn gets, for the turn whose user message is `message` (the
+    first call the first bytes, the call after one tool round the second, ...).
+    """
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.keys: list[str | None] = []  # each request's Authorization header
         self.reply = RECORDED_REPLY.read_bytes()
+        self._scripts: dict[str, list[bytes]] = {}
+
+    def script(self, message: str, *replies: bytes) -> None:
+        self._scripts[message] = list(replies)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        self.requests.append(await request.json())
+        body = await request.json()
+        self.requests.append(body)
         self.keys.append(request.headers.get("Authorization"))
+        reply = self.reply
+        users = [i for i, m in enumerate(body["messages"]) if m.get("role") == "user"]
+        if users and body["messages"][users[-1]].get("content") in self._scripts:
+            replies = self._scripts[body["messages"][users[-1]]["content"]]
+            rounds = sum(1 for m in body["messages"][users[-1] :] if m.get("tool_calls"))
+            reply = replies[min(rounds, len(replies) - 1)]
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        await response.write(self.reply)
+        await response.write(reply)
         return response
 
 

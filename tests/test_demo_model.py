@@ -104,6 +104,11 @@ def text(items: list[StreamItem], kind: str) -> str:
     return "".join(i.text for i in items if isinstance(i, TextDelta) and i.kind == kind)
 
 
+def finish(reason: str, items: list[StreamItem]) -> Finish:
+    """The Finish a stream of `items` ends with: its thinking streamed as reasoning_content."""
+    return Finish(reason, text(items, "thinking") or None)
+
+
 def usage(items: list[StreamItem]) -> Usage:
     found = [i for i in items if isinstance(i, Usage)]
     assert len(found) == 1, f"expected one usage item, saw {found}"
@@ -133,7 +138,7 @@ async def test_default_answer_thinks_first_then_echoes_the_user_word_by_word(
     answer_deltas = [i.text for i in items if isinstance(i, TextDelta) and i.kind == "answer"]
     assert all(d.count(" ") <= 1 and d.strip() for d in answer_deltas[:-1])
     assert all(d.endswith(" ") for d in answer_deltas[:-1]), "each delta is a word and its space"
-    assert items[-2:] == [Finish("stop"), Usage(5, len(kinds))]  # 5 words asked
+    assert items[-2:] == [finish("stop", items), Usage(5, len(kinds))]  # 5 words asked
 
 
 async def test_no_thinking_when_the_config_says_so(
@@ -151,7 +156,7 @@ async def test_calculator_round_calls_the_tool_then_answers_with_its_result(
     calls = [i for i in first if isinstance(i, ToolCallRequest)]
     assert [(c.call_id, c.name) for c in calls] == [("call_1", "calculator")]
     assert json.loads(calls[0].arguments) == {"expression": "2+3*4"}
-    assert first[-2:] == [Finish("tool_calls"), Usage(3, usage(first).output_tokens)]
+    assert first[-2:] == [finish("tool_calls", first), Usage(3, usage(first).output_tokens)]
 
     history: list[dict[str, Any]] = [
         question,
@@ -171,7 +176,7 @@ async def test_calculator_round_calls_the_tool_then_answers_with_its_result(
     second = await ask(session, demo.base_url, history, tools=TOOLS)
     assert not [i for i in second if isinstance(i, ToolCallRequest)]
     assert text(second, "answer") == "The result is 14."
-    assert Finish("stop") in second
+    assert finish("stop", second) in second
 
 
 async def test_time_question_calls_get_current_time_only_when_offered(
@@ -183,7 +188,7 @@ async def test_time_question_calls_get_current_time_only_when_offered(
     ]
     not_offered = await ask(session, demo.base_url, "What time is it?")
     assert not [i for i in not_offered if isinstance(i, ToolCallRequest)]
-    assert Finish("stop") in not_offered
+    assert finish("stop", not_offered) in not_offered
 
 
 async def test_tool_call_ids_count_up_through_the_conversation(
@@ -212,7 +217,7 @@ async def test_tokens_directive_streams_exactly_n_numbered_deltas_and_bills_them
     deltas = [i for i in items if isinstance(i, TextDelta)]
     assert deltas == [TextDelta("answer", f"{i} ") for i in range(count)]
     assert usage(items).output_tokens == count
-    assert Finish("stop") in items
+    assert finish("stop", items) in items
 
 
 async def test_think_tags_directive_puts_thinking_in_content_that_the_client_splits(

@@ -68,9 +68,12 @@ def expected_items(chunks: list[dict[str, Any]]) -> Expected:
     calls: dict[int, dict[str, str]] = {}
     finish: str | None = None
     usage: dict[str, Any] | None = None
+    reasoning_content: list[str] = []
     for chunk in chunks:
         for choice in chunk.get("choices") or []:
             delta = choice.get("delta") or {}
+            if delta.get("reasoning_content"):
+                reasoning_content.append(delta["reasoning_content"])
             reasoning = delta.get("reasoning_content") or delta.get("reasoning")
             if reasoning:
                 texts.append(TextDelta("thinking", reasoning))
@@ -89,7 +92,7 @@ def expected_items(chunks: list[dict[str, Any]]) -> Expected:
         ToolCallRequest(call["id"], call["name"], call["arguments"])
         for _, call in sorted(calls.items())
     ]
-    tail.append(Finish(finish))
+    tail.append(Finish(finish, "".join(reasoning_content) or None))
     if usage is not None:
         tail.append(Usage(usage["prompt_tokens"], usage["completion_tokens"]))
     return Expected(texts=texts, tail=tail, deltas=len(texts))

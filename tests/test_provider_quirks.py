@@ -1,0 +1,139 @@
+"""Servers' quirks, replayed through a real turn: the worker, the log, the events.
+
+Each test makes the model double (tests/conftest.py `Recorder`) answer as a given
+server does, from a recording (tests/data/openai-stream/SOURCES.md) or, where no
+recording exists, from chunks shaped as the public report cited beside them, and
+checks what the turn wrote to the log and what the worker sent next.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tests.conftest import RECORDED_REPLY, Recorder
+from tests.sse import SseClient
+from tests.test_model_stream import DEEPSEEK_TOOL_CALL, transcript_bytes, transcript_chunks
+
+
+def sse(*chunks: dict[str, Any], done: bool = True) -> bytes:
+    body = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks)
+    return body + (b"data: [DONE]\n\n" if done else b"")
+
+
+def delta(piece: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": piece, "finish_reason": finish}],
+        **extra,
+    }
+
+
+async def turn_log(api: SseClient, cid: str) -> list[dict[str, Any]]:
+    status, log = await api.request("GET", f"/v1/conversations/{cid}/log")
+    assert status == 200, log
+    return [json.loads(line) for line in str(log).splitlines() if line.strip()]
+
+
+def of_type(log: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [event for event in log if event["type"] == kind]
+
+
+def recorded_usage(raw: bytes) -> tuple[int, int]:
+    lines = [line[6:] for line in raw.split(b"\n") if line.startswith(b"data: {")]
+    usage = [json.loads(line)["usage"] for line in lines if b'"usage":{' in line]
+    return usage[-1]["prompt_tokens"], usage[-1]["completion_tokens"]
+
+
+async def test_deepseek_thinking_goes_back_with_its_tool_calls(
+    api: SseClient, recorder: tuple[Recorder, str]
+) -> None:
+    # DeepSeek's thinking mode answers 400 "The reasoning_content in the thinking mode
+    # must be passed back to the API" to a tool round whose assistant message lacks it.
+    recording, _ = recorder
+    first, second = transcript_bytes(DEEPSEEK_TOOL_CALL), RECORDED_REPLY.read_bytes()
+    recording.script("weather in SF, deepseek", first, second)
+    cid = (await api.create_conversation(model="recorder"))["id"]
+    before = len(recording.requests)
+    events = await api.send_stream(cid, "weather in SF, deepseek")
+    assert events[-1].data == "ok", events[-3:]
+
+    chunks = transcript_chunks(DEEPSEEK_TOOL_CALL)
+    thinking = "".join(
+        c["choices"][0]["delta"].get("reasoning_content") or "" for c in chunks if c["choices"]
+    )
+    call_id = next(
+        c["choices"][0]["delta"]["tool_calls"][0]["id"]
+        for c in chunks
+        if c["choices"] and c["choices"][0]["delta"].get("tool_calls")
+    )
+    sent = recording.requests[before + 1]["messages"]
+    assistant = next(m for m in sent if m.get("tool_calls"))
+    assert assistant["reasoning_content"] == thinking and thinking
+    assert [c["id"] for c in assistant["tool_calls"]] == [call_id]
+    assert "extra_content" not in assistant["tool_calls"][0]
+
+    log = await turn_log(api, cid)
+    assert [e["call_id"] for e in of_type(log, "tool_call")] == [call_id]
+    assert [e["call_id"] for e in of_type(log, "tool_result")] == [call_id]
+    done = of_type(log, "done")[-1]
+    assert [b["role"] for b in done["content"]] == ["thinking", "assistant"], done["content"]
+    ins, outs = zip(recorded_usage(first), recorded_usage(second), strict=True)
+    assert (done["input_tokens"], done["output_tokens"]) == (sum(ins), sum(outs))
+    assert done["tokens_estimated"] is False
+
+
+# Gemini's OpenAI endpoint, as measured in THU-MAIC/OpenMAIC#1556 (Gemini 3): the call
+# comes whole, without `index`, with its thought signature in `extra_content`; the
+# response ends with finish_reason "stop" (open-webui/computer#224). Gemini 3 answers
+# 400 "Function call is missing a thought_signature in functionCall parts" to a next
+# request whose call lacks it.
+GEMINI_SIGNATURE = {"google": {"thought_signature": "CiQBjz1rX1ZQ"}}
+GEMINI_TOOL_CALL = sse(
+    delta(
+        {
+            "role": "assistant",
+            "tool_calls": [
+                {
+                    "extra_content": GEMINI_SIGNATURE,
+                    "function": {"arguments": '{"expression":"6*7"}', "name": "calculator"},
+                    "id": "call_297140",
+                    "type": "function",
+                }
+            ],
+        },
+        model="gemini-3-flash",
+    ),
+    delta(
+        {},
+        "stop",
+        usage={"completion_tokens": 12, "prompt_tokens": 90, "total_tokens": 102},
+    ),
+)
+
+
+async def test_gemini_thought_signatures_go_back_with_their_calls(
+    api: SseClient, recorder: tuple[Recorder, str]
+) -> None:
+    recording, _ = recorder
+    recording.script("six times seven, gemini", GEMINI_TOOL_CALL, RECORDED_REPLY.read_bytes())
+    cid = (await api.create_conversation(model="recorder"))["id"]
+    before = len(recording.requests)
+    events = await api.send_stream(cid, "six times seven, gemini")
+    assert events[-1].data == "ok", events[-3:]
+
+    sent = recording.requests[before + 1]["messages"]
+    assistant = next(m for m in sent if m.get("tool_calls"))
+    assert assistant["tool_calls"] == [
+        {
+            "id": "call_297140",
+            "type": "function",
+            "function": {"name": "calculator", "arguments": '{"expression":"6*7"}'},
+            "extra_content": GEMINI_SIGNATURE,
+        }
+    ]
+    assert "reasoning_content" not in assistant, "no thinking was streamed in that field"
+    log = await turn_log(api, cid)
+    assert [(e["call_id"], e["result"]) for e in of_type(log, "tool_result")] == [
+        ("call_297140", "42")
+    ]
