@@ -141,6 +141,8 @@ class ChatStreamParser:
         self._data: list[bytes] = []  # data lines of the SSE event being read
         self._finish_reason: str | None = None
         self._calls: dict[int, _PartialCall] = {}
+        # a call `index` the server reused for another call, and where that one went
+        self._moved: dict[int, int] = {}
         self._think = _ThinkSplitter()
         self._stray: bytes | None = None  # first line that was not SSE, to explain a cut
         self._ended = False
@@ -416,6 +418,8 @@ class ChatStreamParser:
         index = delta.get("index")
         if not isinstance(index, int) or isinstance(index, bool):
             index = self._index_without_index(call_id)
+        else:
+            index = self._index_of(index, call_id)
         call = self._calls.setdefault(index, _PartialCall())
         if isinstance(call_id, str) and call_id and not call.call_id:
             call.call_id = call_id
@@ -437,6 +441,23 @@ class ChatStreamParser:
         elif isinstance(arguments, dict):
             call.arguments.append(msgspec.json.encode(arguments).decode())
 
+    def _index_of(self, index: int, call_id: object) -> int:
+        # Ollama gives every call of a response index 0, each with its own id
+        # (ollama/ollama#15457): a new id at a taken index is a new call, not more
+        # of the one there (whose arguments it would be glued to).
+        at = self._moved.get(index, index)
+        call = self._calls.get(at)
+        if (
+            call is not None
+            and call.call_id
+            and isinstance(call_id, str)
+            and call_id
+            and call_id != call.call_id
+        ):
+            at = max(self._calls) + 1
+            self._moved[index] = at
+        return at
+
     def _index_without_index(self, call_id: object) -> int:
         # Servers that omit `index` send each call whole with its own id: a new id
         # is a new call, a delta without an id continues the latest call.
@@ -449,6 +470,7 @@ class ChatStreamParser:
 
     def _take_calls(self) -> list[StreamItem]:
         calls, self._calls = self._calls, {}
+        self._moved = {}
         return [
             ToolCallRequest(
                 call_id=call.call_id or f"call_{index}",

@@ -137,3 +137,57 @@ async def test_gemini_thought_signatures_go_back_with_their_calls(
     assert [(e["call_id"], e["result"]) for e in of_type(log, "tool_result")] == [
         ("call_297140", "42")
     ]
+
+
+# Ollama's OpenAI endpoint gives every call of a response `index` 0, each call whole in
+# a chunk of its own with its own id (ollama/ollama#15457; vercel/ai#14277 saw it with
+# Ollama 0.20.2 and 0.20.4). Read by index, the two calls were one, its arguments
+# '{"expression":"1+1"}{"expression":"2+2"}'.
+OLLAMA_TWO_CALLS = sse(
+    *(
+        delta(
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {
+                        "id": call_id,
+                        "index": 0,
+                        "type": "function",
+                        "function": {"name": "calculator", "arguments": arguments},
+                    }
+                ],
+            },
+            model="qwen2.5-coder:7b",
+        )
+        for call_id, arguments in (
+            ("call_7rgjwzqo", '{"expression":"1+1"}'),
+            ("call_9w1lb4ty", '{"expression":"2+2"}'),
+        )
+    ),
+    delta({"role": "assistant", "content": ""}, "tool_calls"),
+)
+
+
+async def test_ollamas_calls_that_share_index_0_are_two_calls(
+    api: SseClient, recorder: tuple[Recorder, str]
+) -> None:
+    recording, _ = recorder
+    recording.script("two sums, ollama", OLLAMA_TWO_CALLS, RECORDED_REPLY.read_bytes())
+    cid = (await api.create_conversation(model="recorder"))["id"]
+    before = len(recording.requests)
+    events = await api.send_stream(cid, "two sums, ollama")
+    assert events[-1].data == "ok", events[-3:]
+
+    log = await turn_log(api, cid)
+    assert [(e["call_id"], e["arguments"]) for e in of_type(log, "tool_call")] == [
+        ("call_7rgjwzqo", '{"expression":"1+1"}'),
+        ("call_9w1lb4ty", '{"expression":"2+2"}'),
+    ]
+    results = {e["call_id"]: (e["result"], e["error"]) for e in of_type(log, "tool_result")}
+    assert results == {"call_7rgjwzqo": ("2", None), "call_9w1lb4ty": ("4", None)}
+    sent = recording.requests[before + 1]["messages"]
+    assert [m["tool_call_id"] for m in sent if m["role"] == "tool"] == [
+        "call_7rgjwzqo",
+        "call_9w1lb4ty",
+    ]
