@@ -374,9 +374,14 @@ class ChatStreamParser:
         else:
             reasoning = delta.get("reasoning")
         tool_calls = delta.get("tool_calls")
+        content = delta.get("content")
+        if isinstance(content, list) and not (isinstance(reasoning, str) and reasoning):
+            # Mistral's reasoning models (Magistral) stream thinking as content parts
+            # {"type": "thinking", "thinking": [{"type": "text", "text": ...}]}
+            reasoning = _thinking_parts(content)
         self._apply(
             reasoning if isinstance(reasoning, str) else None,
-            _content_text(delta.get("content")),
+            _content_text(content),
             tool_calls if isinstance(tool_calls, list) else None,
             reason,
             out,
@@ -582,6 +587,15 @@ def _content_text(content: object) -> str:
             and isinstance(part.get("text"), str)
         )
     return ""
+
+
+def _thinking_parts(content: list[Any]) -> str:
+    thinking = (
+        part.get("thinking")
+        for part in content
+        if isinstance(part, dict) and part.get("type") == "thinking"
+    )
+    return "".join(piece if isinstance(piece, str) else _content_text(piece) for piece in thinking)
 
 
 def error_in_chunk(chunk: dict[str, Any]) -> str | None:

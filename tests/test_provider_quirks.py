@@ -15,6 +15,8 @@ from tests.conftest import RECORDED_REPLY, Recorder
 from tests.sse import SseClient
 from tests.test_model_stream import DEEPSEEK_TOOL_CALL, transcript_bytes, transcript_chunks
 
+MISTRAL_REASONING = "vercel-ai__mistral-reasoning.chunks.jsonl"
+
 
 def sse(*chunks: dict[str, Any], done: bool = True) -> bytes:
     body = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks)
@@ -191,3 +193,30 @@ async def test_ollamas_calls_that_share_index_0_are_two_calls(
         "call_7rgjwzqo",
         "call_9w1lb4ty",
     ]
+
+
+async def test_magistrals_thinking_parts_are_thinking_and_its_text_parts_the_answer(
+    api: SseClient, recorder: tuple[Recorder, str]
+) -> None:
+    # Mistral's reasoning models stream content as parts, the thinking in parts of type
+    # "thinking" (a recording of magistral-medium-2507): they were dropped unread.
+    recording, _ = recorder
+    raw = transcript_bytes(MISTRAL_REASONING)
+    recording.script("two plus two, magistral", raw)
+    cid = (await api.create_conversation(model="recorder"))["id"]
+    events = await api.send_stream(cid, "two plus two, magistral")
+    assert events[-1].data == "ok", events[-3:]
+
+    parts = [
+        part
+        for chunk in transcript_chunks(MISTRAL_REASONING)
+        for part in chunk["choices"][0]["delta"]["content"] or []
+    ]
+    thinking = "".join(p["text"] for t in parts if t["type"] == "thinking" for p in t["thinking"])
+    answer = "".join(p["text"] for p in parts if p["type"] == "text")
+    done = of_type(await turn_log(api, cid), "done")[-1]
+    assert done["content"] == [
+        {"role": "thinking", "content": thinking.strip()},
+        {"role": "assistant", "content": answer},
+    ]
+    assert (done["input_tokens"], done["output_tokens"]) == recorded_usage(raw)
