@@ -47,6 +47,19 @@ def recorded_usage(raw: bytes) -> tuple[int, int]:
     return usage[-1]["prompt_tokens"], usage[-1]["completion_tokens"]
 
 
+async def _answered(
+    api: SseClient, recording: Recorder, prompt: str, *replies: bytes
+) -> tuple[str, int]:
+    """A new conversation whose `prompt` the recorder answers with `replies`, one a model
+    call, streamed to its end (`ok`): its id, and the requests the recorder had before."""
+    recording.script(prompt, *replies)
+    cid = (await api.create_conversation(model="recorder"))["id"]
+    before = len(recording.requests)
+    events = await api.send_stream(cid, prompt)
+    assert events[-1].data == "ok", events[-3:]
+    return cid, before
+
+
 async def test_deepseek_thinking_goes_back_with_its_tool_calls(
     api: SseClient, recorder: tuple[Recorder, str]
 ) -> None:
@@ -54,11 +67,7 @@ async def test_deepseek_thinking_goes_back_with_its_tool_calls(
     # must be passed back to the API" to a tool round whose assistant message lacks it.
     recording, _ = recorder
     first, second = transcript_bytes(DEEPSEEK_TOOL_CALL), RECORDED_REPLY.read_bytes()
-    recording.script("weather in SF, deepseek", first, second)
-    cid = (await api.create_conversation(model="recorder"))["id"]
-    before = len(recording.requests)
-    events = await api.send_stream(cid, "weather in SF, deepseek")
-    assert events[-1].data == "ok", events[-3:]
+    cid, before = await _answered(api, recording, "weather in SF, deepseek", first, second)
 
     chunks = transcript_chunks(DEEPSEEK_TOOL_CALL)
     thinking = "".join(
@@ -118,11 +127,9 @@ async def test_gemini_thought_signatures_go_back_with_their_calls(
     api: SseClient, recorder: tuple[Recorder, str]
 ) -> None:
     recording, _ = recorder
-    recording.script("six times seven, gemini", GEMINI_TOOL_CALL, RECORDED_REPLY.read_bytes())
-    cid = (await api.create_conversation(model="recorder"))["id"]
-    before = len(recording.requests)
-    events = await api.send_stream(cid, "six times seven, gemini")
-    assert events[-1].data == "ok", events[-3:]
+    cid, before = await _answered(
+        api, recording, "six times seven, gemini", GEMINI_TOOL_CALL, RECORDED_REPLY.read_bytes()
+    )
 
     sent = recording.requests[before + 1]["messages"]
     assistant = next(m for m in sent if m.get("tool_calls"))
@@ -175,11 +182,9 @@ async def test_ollamas_calls_that_share_index_0_are_two_calls(
     api: SseClient, recorder: tuple[Recorder, str]
 ) -> None:
     recording, _ = recorder
-    recording.script("two sums, ollama", OLLAMA_TWO_CALLS, RECORDED_REPLY.read_bytes())
-    cid = (await api.create_conversation(model="recorder"))["id"]
-    before = len(recording.requests)
-    events = await api.send_stream(cid, "two sums, ollama")
-    assert events[-1].data == "ok", events[-3:]
+    cid, before = await _answered(
+        api, recording, "two sums, ollama", OLLAMA_TWO_CALLS, RECORDED_REPLY.read_bytes()
+    )
 
     log = await turn_log(api, cid)
     assert [(e["call_id"], e["arguments"]) for e in of_type(log, "tool_call")] == [
@@ -202,10 +207,7 @@ async def test_magistrals_thinking_parts_are_thinking_and_its_text_parts_the_ans
     # "thinking" (a recording of magistral-medium-2507): they were dropped unread.
     recording, _ = recorder
     raw = transcript_bytes(MISTRAL_REASONING)
-    recording.script("two plus two, magistral", raw)
-    cid = (await api.create_conversation(model="recorder"))["id"]
-    events = await api.send_stream(cid, "two plus two, magistral")
-    assert events[-1].data == "ok", events[-3:]
+    cid, _ = await _answered(api, recording, "two plus two, magistral", raw)
 
     parts = [
         part
