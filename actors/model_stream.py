@@ -16,7 +16,10 @@ What the parser promises:
 - usage is emitted whenever a chunk carries it (on the finish chunk for
   DeepSeek, on a later `choices: []` chunk for OpenAI); the last one counts;
 - a stream that ends without `[DONE]` or a finish_reason is an error, never a
-  silently short answer.
+  silently short answer;
+- an error the server sends outside a data line, as an `error:` field (llama.cpp's
+  server before tools/server) or as an event named `error`, is the answer's error,
+  even when `[DONE]` follows it.
 """
 
 from __future__ import annotations
@@ -139,6 +142,7 @@ class ChatStreamParser:
         self.error: ModelStreamError | None = None
         self._buf = bytearray()
         self._data: list[bytes] = []  # data lines of the SSE event being read
+        self._event = b""  # the `event:` name of the SSE event being read
         self._finish_reason: str | None = None
         self._calls: dict[int, _PartialCall] = {}
         # a call `index` the server reused for another call, and where that one went
@@ -260,11 +264,24 @@ class ChatStreamParser:
             value = value[1:]
         if field == b"data":
             self._data.append(value)
-        elif field not in (b"event", b"id", b"retry") and self._stray is None:
+        elif field == b"event":
+            self._event = value
+        elif field == b"error":
+            # llama.cpp's server (examples/server, `server_sent_event(sink, "error", ...)`)
+            # writes a failure mid-stream as `error: {"code":..,"message":..}`, a field
+            # SSE would ignore, and then `data: [DONE]`: read as SSE, the answer ended
+            # normally, cut short, and the server's message was lost.
+            raise ModelStreamError("model_error", _error_event_message(value))
+        elif field not in (b"id", b"retry") and self._stray is None:
             self._stray = line[:200]
 
     def _dispatch(self, out: list[StreamItem]) -> None:
         lines, self._data = self._data, []
+        event, self._event = self._event, b""
+        if event == b"error":
+            # `event: error`: its data is the error, in whatever shape the server uses
+            # (Anthropic-style `{"type": "error", "error": {...}}`, a bare message).
+            raise ModelStreamError("model_error", _error_event_message(b"\n".join(lines)))
         if len(lines) <= 1:
             for line in lines:
                 self._payload(line, out)
@@ -611,6 +628,18 @@ def error_in_chunk(chunk: dict[str, Any]) -> str | None:
             if isinstance(choice, dict) and choice.get("finish_reason") == "error":
                 return "the model stopped with finish_reason 'error'"
     return None
+
+
+def _error_event_message(raw: bytes) -> str:
+    """The message of an error sent as an `error:` field or an `error` event."""
+    raw = raw.strip()
+    try:
+        decoded = _decode_json(raw)
+    except msgspec.DecodeError:
+        return _snippet(raw) if raw else "the server sent an error event without a message"
+    if isinstance(decoded, dict):
+        return error_in_chunk(decoded) or _describe_error(decoded)
+    return _describe_error(decoded)
 
 
 def _describe_error(error: object) -> str:

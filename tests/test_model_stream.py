@@ -428,6 +428,46 @@ def test_model_error_shapes_raise_model_error_with_their_message(shape: str) -> 
     assert not info.value.retryable
 
 
+# Errors sent outside a data line, then `[DONE]`. llama.cpp's server (examples/server,
+# before the move to tools/server) writes a failure mid-stream with
+# `server_sent_event(sink, "error", error_data)`: the line `error: <json>`, and
+# `data: [DONE]` after it for the OpenAI routes; the JSON is its
+# format_error_response ({"code", "message", "type"}). Others name the event `error`.
+LLAMA_CPP_ERROR = (
+    'error: {"code":500,"message":"Input prompt is too big compared to KV size.",'
+    '"type":"server_error"}\n\n'
+)
+ERROR_EVENTS = {
+    "llama_cpp_error_field": (LLAMA_CPP_ERROR, "Input prompt is too big compared to KV size."),
+    "error_event_with_an_error_object": (
+        'event: error\ndata: {"type":"error","error":{"type":"overloaded_error",'
+        '"message":"Overloaded"}}\n\n',
+        "Overloaded",
+    ),
+    "error_event_with_a_bare_message": (
+        'event: error\ndata: {"message":"context window exceeded"}\n\n',
+        "context window exceeded",
+    ),
+    "error_event_with_text": ("event: error\ndata: slot unavailable\n\n", "slot unavailable"),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(ERROR_EVENTS))
+def test_an_error_sent_outside_a_data_line_ends_the_answer_with_its_message(shape: str) -> None:
+    event, message = ERROR_EVENTS[shape]
+    body = sse(delta(content="partial"), event, DONE)
+    for pieces in ([body], [body[i : i + 1] for i in range(len(body))]):
+        parser = ChatStreamParser()
+        items: list[StreamItem] = []
+        with pytest.raises(ModelStreamError) as info:
+            for piece in pieces:
+                items += parser.feed(piece)
+            items += parser.finish()
+        assert merged(items) == [("answer", "partial")], items
+        assert not any(isinstance(item, Finish) for item in items), "no normal end"
+        assert info.value.code == "model_error" and message in info.value.message, info.value
+
+
 @pytest.mark.parametrize(
     "line",
     ["data: {not json\n\n", 'data: {"choices": [\n\n', "data: [1, 2]\n\n", 'data: "text"\n\n'],

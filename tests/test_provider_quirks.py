@@ -222,3 +222,33 @@ async def test_magistrals_thinking_parts_are_thinking_and_its_text_parts_the_ans
         {"role": "assistant", "content": answer},
     ]
     assert (done["input_tokens"], done["output_tokens"]) == recorded_usage(raw)
+
+
+# llama.cpp's server before tools/server sends a failure mid-stream as the line
+# `error: {"code":..,"message":..,"type":..}` (server_sent_event(sink, "error", ...)),
+# then `data: [DONE]`: read as plain SSE, the turn ended `done` with a cut answer.
+LLAMA_CPP_MID_STREAM_ERROR = (
+    sse(delta({"role": "assistant", "content": "The answer is"}), done=False)
+    + b'error: {"code":500,"message":"Input prompt is too big compared to KV size.",'
+    + b'"type":"server_error"}\n\n'
+    + b"data: [DONE]\n\n"
+)
+
+
+async def test_llama_cpps_error_line_fails_the_turn_with_the_servers_message(
+    api: SseClient, recorder: tuple[Recorder, str]
+) -> None:
+    recording, _ = recorder
+    prompt = "a prompt too big, llama.cpp"
+    recording.script(prompt, LLAMA_CPP_MID_STREAM_ERROR)
+    cid = (await api.create_conversation(model="recorder"))["id"]
+    events = await api.send_stream(cid, prompt)
+
+    assert [e.event for e in events][-2:] == ["error", "done"], events[-3:]
+    assert events[-2].raw["code"] == "model_error", events[-2].raw
+    assert "Input prompt is too big compared to KV size." in events[-2].data, events[-2].data
+    log = await turn_log(api, cid)
+    assert not of_type(log, "done")
+    failed = of_type(log, "failed")[-1]
+    assert failed["code"] == "model_error"
+    assert failed["content"] == [{"role": "assistant", "content": "The answer is"}]
