@@ -24,11 +24,14 @@ import aiohttp
 import msgspec
 
 from actors.errors import ModelStreamError
-from actors.model_stream import ChatStreamParser, StreamItem, error_in_chunk
+from actors.model_stream import ChatStreamParser, StreamItem, completion_items, error_in_chunk
 
 # Error bodies are read for their message only; a proxy's multi-megabyte HTML page
 # must not be buffered whole.
 _ERROR_BODY_LIMIT: Final = 64 * 1024
+# A whole answer (a server that ignores `stream: true`) is read up to this, as
+# much as the stream parser lets one SSE line grow.
+_ANSWER_BODY_LIMIT: Final = 8 * 1024 * 1024
 _MESSAGE_LIMIT: Final = 300
 # Content types that may carry the event stream. aiohttp reports a missing
 # Content-Type as application/octet-stream, and some self-hosted servers label
@@ -94,6 +97,8 @@ class SentChat:
     first_byte_deadline: float
     idle_timeout: float
     first_byte_timeout: float
+    # the items of a whole answer, read already: the server ignored `stream: true`
+    answer: tuple[StreamItem, ...] | None = None
 
     def close(self) -> None:
         """Close the connection unread: the server stops generating."""
@@ -123,6 +128,9 @@ async def stream_chat(
     Raises `ModelStreamError`: `http_<status>`, `unreachable`, `timeout`,
     `stream_cut`, `bad_json` or `model_error` (see `actors.errors`). Items yielded
     before an error stay valid: they are what the model produced until then.
+
+    A server that ignores `stream: true` and answers one `chat.completion` JSON
+    object gives the items its stream would have (`completion_items`), all at once.
     """
     async for item in read_chat(await send_chat(session, endpoint, request, **timeouts)):
         yield item
@@ -185,17 +193,27 @@ async def send_chat(
     try:
         if not 200 <= response.status < 300:
             raise await _http_error(response, idle_timeout)
+        answer = None
         if response.content_type not in _STREAM_TYPES:
-            raise await _not_a_stream(response, idle_timeout)
+            answer = tuple(await _whole_answer(response, idle_timeout))
     except BaseException:
         response.close()
         raise
-    return SentChat(response, url, first_byte_deadline, idle_timeout, first_byte_timeout)
+    return SentChat(response, url, first_byte_deadline, idle_timeout, first_byte_timeout, answer)
 
 
 async def read_chat(sent: SentChat) -> AsyncGenerator[StreamItem, None]:
     """The items of a sent chat's stream, as its bytes arrive (see `stream_chat`)."""
     response, url, idle_timeout = sent.response, sent.url, sent.idle_timeout
+    if sent.answer is not None:
+        # A whole answer, its body read to the end by `send_chat`: the connection
+        # goes back to the pool however far the caller reads.
+        try:
+            for item in sent.answer:
+                yield item
+        finally:
+            response.release()
+        return
     loop = asyncio.get_running_loop()
     try:
         parser = ChatStreamParser()
@@ -356,12 +374,14 @@ class _Silence:
         self._timer.cancel()
 
 
-async def _read_body(response: aiohttp.ClientResponse, idle_timeout: float) -> bytes:
-    """Up to _ERROR_BODY_LIMIT bytes of a (non-stream) body; what arrived if it stalls."""
+async def _read_body(
+    response: aiohttp.ClientResponse, idle_timeout: float, limit: int = _ERROR_BODY_LIMIT
+) -> bytes:
+    """Up to `limit` bytes of a (non-stream) body; what arrived if it stalls."""
     parts: list[bytes] = []
     size = 0
     try:
-        while size < _ERROR_BODY_LIMIT:
+        while size < limit:
             async with asyncio.timeout(idle_timeout):
                 part = await response.content.readany()
             if not part:
@@ -370,7 +390,7 @@ async def _read_body(response: aiohttp.ClientResponse, idle_timeout: float) -> b
             size += len(part)
     except (TimeoutError, aiohttp.ClientError):
         pass  # the message is best effort: the status alone already says what failed
-    return b"".join(parts)[:_ERROR_BODY_LIMIT]
+    return b"".join(parts)[:limit]
 
 
 async def _http_error(response: aiohttp.ClientResponse, idle_timeout: float) -> ModelStreamError:
@@ -399,31 +419,41 @@ def _retry_after(value: str | None) -> float | None:
     return min(max(seconds, 0.0), _RETRY_AFTER_MAX_S)
 
 
-async def _not_a_stream(response: aiohttp.ClientResponse, idle_timeout: float) -> ModelStreamError:
+async def _whole_answer(response: aiohttp.ClientResponse, idle_timeout: float) -> list[StreamItem]:
+    """The items of a 2xx body that is not an event stream: a `chat.completion` object
+    (some proxies and older local servers ignore `stream: true`), else the error it is.
+
+    vercel/ai's simulateStreamingMiddleware and litellm's
+    convert_model_response_to_streaming read such an answer the same way: its
+    message as one chunk of a stream.
+    """
     content_type = response.content_type
-    raw = await _read_body(response, idle_timeout)
-    if content_type == "application/json" or content_type.endswith("+json"):
-        try:
-            decoded = msgspec.json.decode(raw)
-        except msgspec.DecodeError:
-            return ModelStreamError(
-                "bad_json",
-                f"expected an event stream, got {content_type} that is not valid JSON: "
-                + _truncate(raw.decode("utf-8", "replace")),
-            )
-        problem = error_in_chunk(decoded) if isinstance(decoded, dict) else None
-        if problem is not None:
-            return ModelStreamError("model_error", problem, status=response.status)
-        return ModelStreamError(
-            "model_error",
-            "the server answered with one JSON body instead of an event stream "
-            "(does it support stream: true?): " + _truncate(raw.decode("utf-8", "replace")),
-            status=response.status,
+    if content_type != "application/json" and not content_type.endswith("+json"):
+        raw = await _read_body(response, idle_timeout)
+        raise ModelStreamError(
+            "bad_json",
+            f"expected an event stream, got {content_type}: "
+            + _truncate(raw.decode("utf-8", "replace")),
         )
-    return ModelStreamError(
-        "bad_json",
-        f"expected an event stream, got {content_type}: "
+    raw = await _read_body(response, idle_timeout, _ANSWER_BODY_LIMIT)
+    try:
+        decoded = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        raise ModelStreamError(
+            "bad_json",
+            f"expected an event stream, got {content_type} that is not valid JSON: "
+            + _truncate(raw.decode("utf-8", "replace")),
+        ) from None
+    problem = error_in_chunk(decoded) if isinstance(decoded, dict) else None
+    if problem is not None:
+        raise ModelStreamError("model_error", problem, status=response.status)
+    if isinstance(decoded, dict) and isinstance(decoded.get("choices"), list):
+        return completion_items(decoded)
+    raise ModelStreamError(
+        "model_error",
+        "the server answered with one JSON body that is not a chat completion: "
         + _truncate(raw.decode("utf-8", "replace")),
+        status=response.status,
     )
 
 

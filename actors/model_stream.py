@@ -630,6 +630,39 @@ def error_in_chunk(chunk: dict[str, Any]) -> str | None:
     return None
 
 
+def completion_items(completion: dict[str, Any]) -> list[StreamItem]:
+    """The items of a whole answer: a `chat.completion` object, sent by a server that
+    ignores `stream: true`, read as the one chunk its stream would have been.
+
+    Each choice's `message` is read as a `delta` (text, `<think>` tags, reasoning
+    fields, content parts), its tool calls numbered in the order they come (a whole
+    message's calls carry no `index`), its usage counted; the items end with one
+    `Finish`, as a stream's do at `[DONE]`. An error object raises `model_error`.
+    """
+    chunk = dict(completion)
+    choices = completion.get("choices")
+    if isinstance(choices, list):
+        chunk["choices"] = [_as_delta(choice) for choice in choices]
+    parser = ChatStreamParser()
+    out: list[StreamItem] = []
+    parser._chunk(chunk, out)
+    parser._on_done(out)
+    return out
+
+
+def _as_delta(choice: object) -> object:
+    if not isinstance(choice, dict):
+        return choice
+    message = choice.get("message")
+    delta = dict(message) if isinstance(message, dict) else None
+    if delta is not None and isinstance(delta.get("tool_calls"), list):
+        delta["tool_calls"] = [
+            {**call, "index": index} if isinstance(call, dict) else call
+            for index, call in enumerate(delta["tool_calls"])
+        ]
+    return {**choice, "delta": delta}
+
+
 def _error_event_message(raw: bytes) -> str:
     """The message of an error sent as an `error:` field or an `error` event."""
     raw = raw.strip()

@@ -88,6 +88,8 @@ class Recorder:
     A test makes it answer as a given server would with `script`: the bytes each
     model call of a turn gets, for the turn whose user message is `message` (the
     first call the first bytes, the call after one tool round the second, ...).
+    Bytes that are one JSON object go as `application/json`, as a server that
+    ignores `stream: true` answers; any others as an event stream.
     """
 
     def __init__(self) -> None:
@@ -109,7 +111,9 @@ class Recorder:
             replies = self._scripts[body["messages"][users[-1]]["content"]]
             rounds = sum(1 for m in body["messages"][users[-1] :] if m.get("tool_calls"))
             reply = replies[min(rounds, len(replies) - 1)]
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        whole = reply.startswith(b"{")
+        content_type = "application/json" if whole else "text/event-stream"
+        response = web.StreamResponse(headers={"Content-Type": content_type})
         await response.prepare(request)
         await response.write(reply)
         return response

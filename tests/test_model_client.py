@@ -27,7 +27,14 @@ from aiohttp.test_utils import TestServer
 from actors import model_client
 from actors.errors import ModelStreamError
 from actors.model_client import ChatRequest, ModelEndpoint, stream_chat
-from actors.model_stream import ChatStreamParser, Finish, StreamItem, TextDelta
+from actors.model_stream import (
+    ChatStreamParser,
+    Finish,
+    StreamItem,
+    TextDelta,
+    ToolCallRequest,
+    Usage,
+)
 from parley.services import outbound_session
 
 # Recorded third-party transcripts, byte-for-byte copies of the team's shared
@@ -41,6 +48,29 @@ TRANSCRIPTS = (
 # Generous for a local server, tiny against the defaults: a hang shows as a failure.
 CALL_LIMIT_S = 5.0
 HELLO = [{"role": "user", "content": "hello"}]
+
+
+# A non-streamed answer, as a server that ignores `stream: true` sends it.
+WHOLE_ANSWER = {
+    "id": "chatcmpl-whole",
+    "object": "chat.completion",
+    "choices": [
+        {
+            "index": 0,
+            "message": {
+                "role": "assistant",
+                "content": "Both, at once.",
+                "reasoning_content": "Two calls first.",
+                "tool_calls": [
+                    {"type": "function", "function": {"name": "a", "arguments": "{}"}},
+                    {"type": "function", "function": {"name": "b", "arguments": '{"x":1}'}},
+                ],
+            },
+            "finish_reason": "tool_calls",
+        }
+    ],
+    "usage": {"prompt_tokens": 17, "completion_tokens": 9, "total_tokens": 26},
+}
 
 
 def transcript_bytes(name: str) -> bytes:
@@ -130,6 +160,10 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         return await _stream_until_client_leaves(request, first_events(TRANSCRIPTS[0], 3))
     if script == "silent-before-first-byte":
         return await _stream_until_client_leaves(request, b"")
+    if script == "whole-answer":
+        return web.json_response(WHOLE_ANSWER)
+    if script == "json-not-a-completion":
+        return web.json_response({"status": "queued", "id": "job-1"})
     if script == "json-error-200":
         return web.json_response({"error": {"message": "You exceeded your current quota"}})
     if script == "html-200":
@@ -246,6 +280,46 @@ async def test_request_asks_for_a_stream_with_usage_and_sends_the_key(
     assert plain["messages"] == HELLO and plain["model"] == TRANSCRIPTS[0]
     assert "tools" not in plain, "an empty tools list is not sent"
     assert with_tools["tools"] == tools and "max_tokens" not in with_tools
+
+
+async def test_a_whole_json_answer_gives_its_text_calls_finish_and_usage_at_once(
+    replay_server: tuple[str, Replay], session: aiohttp.ClientSession
+) -> None:
+    items = await collect(session, replay_server[0], "whole-answer")
+    # calls without id or index are two calls, numbered in order, not one glued
+    assert items == [
+        TextDelta("thinking", "Two calls first."),
+        TextDelta("answer", "Both, at once."),
+        ToolCallRequest(call_id="call_0", name="a", arguments="{}"),
+        ToolCallRequest(call_id="call_1", name="b", arguments='{"x":1}'),
+        Finish("tool_calls", "Two calls first."),
+        Usage(17, 9),
+    ]
+
+
+async def test_a_whole_answer_leaves_its_connection_for_the_next_call(
+    replay_server: tuple[str, Replay],
+) -> None:
+    opened: list[object] = []
+
+    async def counted(*_: object) -> None:
+        opened.append(1)
+
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_create_end.append(counted)
+    async with aiohttp.ClientSession(trace_configs=[trace]) as client:
+        for _ in range(3):
+            assert (await collect(client, replay_server[0], "whole-answer"))[-1] == Usage(17, 9)
+    assert len(opened) == 1, f"{len(opened)} connections for 3 calls"
+
+
+async def test_a_json_body_that_is_no_chat_completion_raises_model_error(
+    replay_server: tuple[str, Replay], session: aiohttp.ClientSession
+) -> None:
+    error, items, _ = await expect_failure(
+        session, replay_server[0], "json-not-a-completion", "model_error"
+    )
+    assert items == [] and "queued" in error.message, error
 
 
 # ------------------------------------------------------------ failures, each prompt

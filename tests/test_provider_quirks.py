@@ -224,6 +224,92 @@ async def test_magistrals_thinking_parts_are_thinking_and_its_text_parts_the_ans
     assert (done["input_tokens"], done["output_tokens"]) == recorded_usage(raw)
 
 
+# A proxy or an older local server that ignores `stream: true` answers one
+# `chat.completion` object as application/json (litellm and vercel/ai read it as a
+# one-chunk stream): the turn failed `model_error`. Shaped as OpenAI's non-streamed
+# answer, with DeepSeek's `reasoning_content` and vLLM's `reasoning` fields.
+WHOLE_TOOL_CALL = {
+    "id": "chatcmpl-whole-1",
+    "object": "chat.completion",
+    "model": "qwen3-8b",
+    "choices": [
+        {
+            "index": 0,
+            "message": {
+                "role": "assistant",
+                "content": None,
+                "reasoning_content": "Six times seven: the calculator will do.",
+                "tool_calls": [
+                    {
+                        "id": "call_whole_1",
+                        "type": "function",
+                        "function": {"name": "calculator", "arguments": '{"expression":"6*7"}'},
+                    }
+                ],
+            },
+            "finish_reason": "tool_calls",
+        }
+    ],
+    "usage": {"prompt_tokens": 90, "completion_tokens": 21, "total_tokens": 111},
+}
+WHOLE_ANSWER = {
+    "id": "chatcmpl-whole-2",
+    "object": "chat.completion",
+    "model": "qwen3-8b",
+    "choices": [
+        {
+            "index": 0,
+            "message": {
+                "role": "assistant",
+                "content": "<think>It said 42.</think>Six times seven is 42.",
+            },
+            "finish_reason": "stop",
+        }
+    ],
+    "usage": {"prompt_tokens": 130, "completion_tokens": 12, "total_tokens": 142},
+}
+
+
+async def test_a_whole_json_answer_is_read_as_one_chunk_its_calls_run_its_usage_counted(
+    api: SseClient, recorder: tuple[Recorder, str]
+) -> None:
+    recording, _ = recorder
+    first, second = (json.dumps(body).encode() for body in (WHOLE_TOOL_CALL, WHOLE_ANSWER))
+    cid, before = await _answered(api, recording, "six times seven, no stream", first, second)
+
+    log = await turn_log(api, cid)
+    assert [(e["call_id"], e["result"]) for e in of_type(log, "tool_result")] == [
+        ("call_whole_1", "42")
+    ]
+    sent = recording.requests[before + 1]["messages"]
+    assistant = next(m for m in sent if m.get("tool_calls"))
+    assert assistant["reasoning_content"] == "Six times seven: the calculator will do."
+    assert [c["id"] for c in assistant["tool_calls"]] == ["call_whole_1"]
+    done = of_type(log, "done")[-1]
+    # the tool call between the two answers keeps their thinking apart
+    assert done["content"] == [
+        {"role": "thinking", "content": "Six times seven: the calculator will do."},
+        {"role": "thinking", "content": "It said 42."},
+        {"role": "assistant", "content": "Six times seven is 42."},
+    ], done["content"]
+    assert (done["input_tokens"], done["output_tokens"]) == (90 + 130, 21 + 12)
+    assert done["tokens_estimated"] is False
+
+
+async def test_a_json_error_body_with_status_200_still_fails_the_turn(
+    api: SseClient, recorder: tuple[Recorder, str]
+) -> None:
+    recording, _ = recorder
+    prompt = "quota gone, no stream"
+    error = {"error": {"message": "You exceeded your current quota", "type": "insufficient_quota"}}
+    recording.script(prompt, json.dumps(error).encode())
+    cid = (await api.create_conversation(model="recorder"))["id"]
+    events = await api.send_stream(cid, prompt)
+    assert [e.event for e in events][-2:] == ["error", "done"], events[-3:]
+    assert events[-2].raw["code"] == "model_error", events[-2].raw
+    assert "You exceeded your current quota" in events[-2].data
+
+
 # llama.cpp's server before tools/server sends a failure mid-stream as the line
 # `error: {"code":..,"message":..,"type":..}` (server_sent_event(sink, "error", ...)),
 # then `data: [DONE]`: read as plain SSE, the turn ended `done` with a cut answer.
