@@ -132,9 +132,15 @@ def tool_round_messages(
     outcomes: Sequence[ToolOutcome],
     *,
     reasoning_content: str | None = None,
+    content_without_text: Literal[""] | None = None,
 ) -> list[dict[str, Any]]:
     """A tool round as the model expects to see it next: its assistant message with the
     calls, then one `tool` message per call (an error travels as a JSON object).
+
+    The assistant message's `content` is the round's answer, or, when it wrote none,
+    `content_without_text`: null by default (OpenAI's own SDKs send it, and gateways
+    onto Anthropic or Bedrock refuse ""), "" for a server that refuses null (xAI:
+    400 "Each message must have at least one content element").
 
     What the server streamed for itself goes back as it came, and only then (a
     server that never sent it may refuse an unknown field): the round's
@@ -143,7 +149,7 @@ def tool_round_messages(
     thought signature)."""
     assistant: dict[str, Any] = {
         "role": "assistant",
-        "content": answer or None,
+        "content": answer or content_without_text,
         "tool_calls": [_call_message(call) for call in calls],
     }
     if reasoning_content is not None:

@@ -42,11 +42,14 @@ class ModelSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # What the endpoint accepts, for servers that refuse OpenAI's defaults: the
     # temperature sent (unset: DEFAULT_TEMPERATURE; OpenAI's reasoning models take
     # only 1), the field max_output_tokens goes in (OpenAI's reasoning models refuse
-    # `max_tokens`), and whether `stream_options.include_usage` is sent (Mistral
-    # refuses the field, and reports usage without it).
+    # `max_tokens`), whether `stream_options.include_usage` is sent (Mistral
+    # refuses the field, and reports usage without it), and the `content` of an
+    # assistant message with tool calls and no text: null, as OpenAI's SDKs send
+    # (gateways onto Anthropic or Bedrock refuse ""), or "" (xAI refuses null).
     temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
     max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
     include_usage: bool = True
+    tool_call_content: Literal["null", "empty"] = "null"
     versions: list[ModelVersion] = []
 
 

@@ -452,7 +452,11 @@ class TurnRunner:
 
         outcomes = await asyncio.gather(*(one(call) for call in calls))
         return tool_round_messages(
-            "".join(result.answer), calls, outcomes, reasoning_content=result.reasoning_content
+            "".join(result.answer),
+            calls,
+            outcomes,
+            reasoning_content=result.reasoning_content,
+            content_without_text="" if self.spec.tool_call_content == "empty" else None,
         )
 
     async def _fail(

@@ -158,7 +158,8 @@ def test_catalog(recorder_url: str = "http://127.0.0.1:1/v1") -> ModelCatalog:
                 versions=DEMO_SPEC.versions,
             ),
             # an endpoint that refuses OpenAI's defaults, as OpenAI's reasoning models
-            # (temperature 1 only, max_completion_tokens) and Mistral (no stream_options) do
+            # (temperature 1 only, max_completion_tokens), Mistral (no stream_options)
+            # and xAI (no null content beside tool calls) do
             ModelSpec(
                 name="recorder-strict",
                 base_url=recorder_url,
@@ -167,6 +168,7 @@ def test_catalog(recorder_url: str = "http://127.0.0.1:1/v1") -> ModelCatalog:
                 temperature=1.0,
                 max_tokens_field="max_completion_tokens",
                 include_usage=False,
+                tool_call_content="empty",
                 versions=DEMO_SPEC.versions,
             ),
         ],

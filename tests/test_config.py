@@ -101,6 +101,7 @@ def test_the_models_file_gives_endpoint_key_limits_and_the_price_in_force(tmp_pa
     assert catalog.get(DEMO_MODEL) is not None, "the demo entry stays"
     # unset, a model is asked as OpenAI's chat models are
     assert (house.max_tokens_field, house.include_usage) == ("max_tokens", True)
+    assert house.tool_call_content == "null"
 
 
 def test_the_models_file_says_what_a_strict_endpoint_accepts(tmp_path: Path) -> None:
@@ -108,11 +109,13 @@ def test_the_models_file_says_what_a_strict_endpoint_accepts(tmp_path: Path) -> 
     path.write_text(
         '[[models]]\nname = "o3"\ntemperature = 1.0\n'
         'max_tokens_field = "max_completion_tokens"\ninclude_usage = false\n'
+        'tool_call_content = "empty"\n'
     )
     catalog = load_catalog(settings_from_env({"PARLEY_MODELS_FILE": str(path)}, tmp_path))
     spec = catalog.get("o3")
     assert spec is not None
     assert (spec.max_tokens_field, spec.include_usage) == ("max_completion_tokens", False)
+    assert spec.tool_call_content == "empty"
     assert choose_model(spec).temperature == 1.0
     path.write_text('[[models]]\nname = "o3"\nmax_tokens_field = "max_output_tokens"\n')
     with pytest.raises(ConfigError, match="max_tokens_field"):

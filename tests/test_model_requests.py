@@ -93,3 +93,40 @@ async def test_a_model_that_refuses_openais_defaults_is_asked_as_the_models_file
     assert status == 200
     started = [json.loads(line) for line in str(log).splitlines() if '"type":"started"' in line]
     assert started[0]["temperature"] == 1.0 and started[0]["max_tokens"] == 321, started
+
+
+# A tool round with no text, as Gemini's OpenAI endpoint streams one: the call whole,
+# then finish_reason "stop" (tests/test_provider_quirks.py has its source).
+CALL_WITHOUT_TEXT = (
+    b'data: {"choices":[{"index":0,"delta":{"role":"assistant","tool_calls":[{"id":'
+    b'"call_no_text","type":"function","function":{"name":"calculator","arguments":'
+    b'"{\\"expression\\":\\"2+3\\"}"}}]},"finish_reason":null}]}\n\n'
+    b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+    b"data: [DONE]\n\n"
+)
+
+
+async def test_a_tool_round_without_text_sends_the_content_the_models_file_says(
+    api: SseClient, recorder: tuple[Recorder, str]
+) -> None:
+    # OpenAI takes null or "" beside tool calls. xAI answers 400 "Each message must
+    # have at least one content element" to null (langchain-ai/langchain#34140);
+    # gateways onto Anthropic or Bedrock answer 400 "text content blocks must be
+    # non-empty" to "" (vercel/ai#14612). The default stays null; the models file
+    # gives an endpoint that refuses it "".
+    recording, _ = recorder
+    sent: dict[str, Any] = {}
+    for model in ("recorder", "recorder-strict"):
+        prompt = f"two plus three, on {model}"
+        recording.script(prompt, CALL_WITHOUT_TEXT, TRANSCRIPT.read_bytes())
+        conversation = await api.create_conversation(model=model)
+        before = len(recording.requests)
+        events = await api.send_stream(conversation["id"], prompt)
+        assert events[-1].data == "ok", events[-3:]
+        messages = recording.requests[before + 1]["messages"]
+        sent[model] = next(m for m in messages if m.get("tool_calls"))
+    assert [c["id"] for c in sent["recorder-strict"]["tool_calls"]] == ["call_no_text"]
+    assert {model: m["content"] for model, m in sent.items()} == {
+        "recorder": None,
+        "recorder-strict": "",
+    }
