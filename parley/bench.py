@@ -3,7 +3,9 @@
 `capacity`, `stream` and `burst` run parley, the model, the direct path and the
 viewers in processes of their own (parley.bench_system); `cancel` and `soak`
 run in this process (parley.bench_actor, parley.bench_soak); `rebuild` times full
-rebuilds of a large synthetic log (parley.bench_rebuild); `fanout` is here.
+rebuilds of a large synthetic log (parley.bench_rebuild); `coldstart` a cold
+actor's fold of a long conversation, from its log and from its snapshot
+(parley.bench_coldstart); `fanout` is here.
 
 What the workloads share (the bench user, the direct path every workload is
 held against) is in parley.bench_common.
@@ -63,6 +65,10 @@ def _run_bench(args: argparse.Namespace) -> int:
             from parley.bench_rebuild import run_rebuild_bench
 
             return run_rebuild_bench(args, servers)
+        if args.workload == "coldstart":
+            from parley.bench_coldstart import run_coldstart_bench
+
+            return run_coldstart_bench(args, servers)
         text, result = loops.run(_workload(args, servers))
     print(msgspec.json.encode(result).decode() if args.json else text)
     return 1 if getattr(result, "problems", None) else 0

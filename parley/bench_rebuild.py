@@ -114,6 +114,12 @@ def make_log(events: int, seed: int = 8) -> Iterator[Event]:
         yield event
 
 
+def make_conversation(entries: int, seed: int = 8) -> Iterator[Event]:
+    """One conversation of at least `entries` events, each of its turns whole (the same
+    turns as `make_log`'s: 40-160 chunks of answer and thinking, some tool calls)."""
+    return _Synth(random.Random(seed)).conversation(at_least=max(1, entries))
+
+
 class _Synth:
     """Makes conversations; the clock starts at 2026-01-01 and moves forward in small steps."""
 
@@ -128,7 +134,8 @@ class _Synth:
     def _words(self, low: int, high: int) -> str:
         return " ".join(self.rng.choice(_WORDS) for _ in range(self.rng.randint(low, high)))
 
-    def conversation(self) -> Iterator[Event]:
+    def conversation(self, at_least: int = 0) -> Iterator[Event]:
+        """One to five turns; with `at_least`, as many as make that many events."""
         cid = new_id()
         yield ConversationCreated(
             conversation_id=cid,
@@ -136,8 +143,12 @@ class _Synth:
             event_id=new_id(),
             user_id=f"bench-{self.rng.randint(1, 500)}",
         )
-        for number in range(self.rng.randint(1, 5)):
-            yield from self._turn(cid, first=number == 0)
+        made, number, turns = 1, 0, self.rng.randint(1, 5)
+        while number < turns if not at_least else made < at_least:
+            for event in self._turn(cid, first=number == 0):
+                made += 1
+                yield event
+            number += 1
 
     def _turn(self, cid: str, *, first: bool) -> Iterator[Event]:
         rng, turn, question = self.rng, new_id(), new_id()
@@ -352,7 +363,11 @@ def run_rebuild_bench(args: argparse.Namespace, servers: Servers) -> int:
     workers = args.workers or default_workers()
     result = asyncio.run(
         bench_rebuild(
-            servers, args.events, rounds=max(1, args.rounds or 3), batch=args.batch, workers=workers
+            servers,
+            args.events or 1_000_000,
+            rounds=max(1, args.rounds or 3),
+            batch=args.batch,
+            workers=workers,
         )
     )
     if args.json:

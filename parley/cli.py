@@ -517,11 +517,13 @@ def build_parser() -> argparse.ArgumentParser:
         "cancel: cancel -> done: stopped at the viewer; "
         "fanout: one conversation, many viewers; "
         "soak: --minutes of mixed load, then the invariants (exit 1 on a problem); "
-        "rebuild: a full rebuild of a large synthetic log, entries per second",
+        "rebuild: a full rebuild of a large synthetic log, entries per second; "
+        "coldstart: a cold actor's fold of a long conversation, from its log and from its "
+        "snapshot",
     )
     bench.add_argument(
         "workload",
-        choices=["capacity", "stream", "burst", "cancel", "fanout", "soak", "rebuild"],
+        choices=["capacity", "stream", "burst", "cancel", "fanout", "soak", "rebuild", "coldstart"],
         help="what to measure",
     )
     bench.add_argument(
@@ -542,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-r",
         type=int,
         default=None,
-        help="rounds, medians reported (capacity 1, else 3; rebuild: rebuilds)",
+        help="rounds, medians reported (capacity 1, coldstart 5, else 3; rebuild: rebuilds)",
     )
     bench.add_argument(
         "--viewers", type=int, default=None, help="SSE viewers (fanout 1000, soak 20)"
@@ -561,7 +563,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--window", type=float, default=1.0, help="seconds over which turns start (burst)"
     )
     bench.add_argument(
-        "--events", type=int, default=1_000_000, help="rebuild: synthetic log entries to add"
+        "--events",
+        type=int,
+        default=None,
+        help="rebuild: synthetic log entries to add (1,000,000); "
+        "coldstart: entries of the long conversation (100,000)",
     )
     bench.add_argument("--batch", type=int, default=5000, help="rebuild: entries per transaction")
     bench.add_argument(
