@@ -2,9 +2,9 @@
 
 A worker keeps the folded state of idle conversations in memory (actors.worker.
 IdleStates), but a restarted worker, or one that took a partition over, folds a
-conversation from its first event: 2-3 s for a conversation of 1,000 turns
-(100,000 entries, most of them chunks), while the worker's other conversations
-wait for the loop. So when an actor leaves a conversation it folded at least
+conversation from its first event: over a second for a conversation of 1,000
+answers (100,000 entries, most of them chunks: `parley bench coldstart`), while
+the worker's other conversations wait for the loop. So when an actor leaves a conversation it folded at least
 `every` entries past its last snapshot, it writes one: the state and the position
 it was folded to. The next actor that has to fold the conversation from the
 start, and finds the log longer than one read, reads the snapshot and then only
@@ -56,7 +56,7 @@ _KEY = "parley:snapshot:{}"
 # its start again when it is next used): Redis does not keep every state for ever.
 SNAPSHOT_TTL_S = 7 * 24 * 3600
 # Entries folded past the last snapshot before the next is written: about 13
-# answers of 150 tokens at 20 tokens/s. Folding this many costs ~40 ms.
+# answers of 150 tokens at 20 tokens/s. Folding this many costs some tens of ms.
 SNAPSHOT_EVERY = 2_000
 # Snapshots larger than this are not written: Redis answers one command at a time,
 # and a value of tens of megabytes holds every other client up while it is copied.
