@@ -345,6 +345,28 @@ async def test_stop_ends_the_answer_and_keeps_what_was_written(
     await expect(message.locator(".badge")).to_have_text("■ stopped")
 
 
+async def test_a_new_turn_leaves_the_messages_on_screen_in_place(
+    services: Services, browsing: Browsing, user: str
+) -> None:
+    # On a long conversation, building every message again at each turn's start
+    # and end froze the page for a moment each time; the earlier ones stay put.
+    tab, _ = await signed_in_chat(browsing, services, user)
+    page = tab.page
+    await send(page, "[[tokens=3]] one")
+    await finished(assistant(page))
+    await page.evaluate(
+        "() => document.querySelectorAll('#inner .msg').forEach((m) => { m.kept = true; })"
+    )
+
+    await send(page, "[[tokens=3]] two")
+    await expect(page.locator(".msg")).to_have_count(4)
+    await finished(assistant(page))
+    kept = await page.evaluate(
+        "() => [...document.querySelectorAll('#inner .msg')].map((m) => !!m.kept)"
+    )
+    assert kept == [True, True, False, False]
+
+
 # ---------------------------------------------------------------- versions
 
 
