@@ -87,6 +87,29 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         )
 
 
+# JSON bodies of at least this many bytes are compressed for a client that accepts it
+# (Accept-Encoding: gzip or deflate): the messages of a long conversation are over a
+# megabyte of JSON, which a page reads again after every turn, and compress 4-5x.
+COMPRESS_FROM_BYTES = 8 * 1024
+
+
+@web.middleware
+async def compression_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Large JSON answers compressed as the client accepts. Streams (SSE, the AI SDK's)
+    are written as they go, by their handler, and never held back for a compressor."""
+    response = await handler(request)
+    body = response.body if isinstance(response, web.Response) else None
+    if (
+        isinstance(body, bytes)
+        and len(body) >= COMPRESS_FROM_BYTES
+        and not response.prepared
+        and response.content_type == "application/json"
+    ):
+        response.enable_compression()  # the coding the client asked for, or none
+        response.headers.add("Vary", "Accept-Encoding")  # a cache keys on it
+    return response
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path in PUBLIC_PATHS or request.path.startswith("/static/"):
@@ -215,7 +238,13 @@ async def _server_header(request: web.Request, response: web.StreamResponse) -> 
 
 
 def create_app(config: EdgeConfig, metrics: EdgeMetrics | None = None) -> web.Application:
-    middlewares = [metrics_middleware, error_middleware, auth_middleware, limits_middleware]
+    middlewares = [
+        metrics_middleware,
+        compression_middleware,
+        error_middleware,
+        auth_middleware,
+        limits_middleware,
+    ]
     if config.cors_origins:
         # a browser's preflight carries no token: answered before authentication
         middlewares.insert(1, cors.preflight_middleware)
