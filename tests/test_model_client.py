@@ -262,6 +262,17 @@ async def test_recorded_transcript_over_http_yields_what_the_parser_reads_from_i
     assert isinstance(items[-1], Finish) or isinstance(items[-2], Finish)
 
 
+def counting_connections(opened: list[object]) -> aiohttp.ClientSession:
+    """A session that adds to `opened` for every connection it opens."""
+
+    async def counted(*_: object) -> None:
+        opened.append(1)
+
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_create_end.append(counted)
+    return aiohttp.ClientSession(trace_configs=[trace])
+
+
 async def test_request_asks_for_a_stream_with_usage_and_sends_the_key(
     replay_server: tuple[str, Replay], session: aiohttp.ClientSession
 ) -> None:
@@ -301,13 +312,7 @@ async def test_a_whole_answer_leaves_its_connection_for_the_next_call(
     replay_server: tuple[str, Replay],
 ) -> None:
     opened: list[object] = []
-
-    async def counted(*_: object) -> None:
-        opened.append(1)
-
-    trace = aiohttp.TraceConfig()
-    trace.on_connection_create_end.append(counted)
-    async with aiohttp.ClientSession(trace_configs=[trace]) as client:
+    async with counting_connections(opened) as client:
         for _ in range(3):
             assert (await collect(client, replay_server[0], "whole-answer"))[-1] == Usage(17, 9)
     assert len(opened) == 1, f"{len(opened)} connections for 3 calls"
@@ -445,13 +450,7 @@ async def test_answers_read_to_their_end_leave_the_connection_for_the_next_call(
     connection (with a provider, a TLS handshake) and the server no accept."""
     base_url, _ = replay_server
     opened: list[object] = []
-
-    async def counted(*_: object) -> None:
-        opened.append(1)
-
-    trace = aiohttp.TraceConfig()
-    trace.on_connection_create_end.append(counted)
-    async with aiohttp.ClientSession(trace_configs=[trace]) as client:
+    async with counting_connections(opened) as client:
         for name in TRANSCRIPTS * 2:
             assert items_of(transcript_bytes(name)) == await collect(client, base_url, name)
             async with asyncio.timeout(CALL_LIMIT_S):
