@@ -123,6 +123,15 @@ class IdleStates:
             _, (_, dropped) = self._kept.popitem(last=False)
             self.bytes -= dropped
 
+    def unsaved(self, conversation_id: str, folded: Folded) -> None:
+        """The snapshot of `folded`, kept as written, was not written (Redis away or
+        full): kept as it was instead, so its next actor tries again rather than
+        after `every` more entries. Nothing changes if it is no longer the one kept
+        (a new actor took it)."""
+        kept = self._kept.get(conversation_id)
+        if kept is not None and kept[0].seq == folded.seq and kept[0].saved == folded.entries:
+            self._kept[conversation_id] = (folded, kept[1])
+
     def take(self, conversation_id: str) -> Folded | None:
         """The state kept for `conversation_id` and its log position, no longer kept."""
         kept = self._kept.pop(conversation_id, None)
@@ -380,8 +389,12 @@ class WorkerHost:
             for delivery in leftovers:
                 with contextlib.suppress(nats.errors.Error):
                     await asyncio.shield(delivery.nak())
-            if snapshot is not None and snapshots is not None:
-                await snapshots.save(snapshot)
+            if (
+                snapshot is not None
+                and snapshots is not None
+                and not await snapshots.save(snapshot)
+            ):
+                self.idle_states.unsaved(cid, snapshot)
 
     async def _stop(self, tasks: asyncio.TaskGroup, fetching: asyncio.Event) -> None:
         """Let running turns finish within the grace period, then cut the rest.

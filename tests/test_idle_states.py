@@ -3,6 +3,8 @@ as by count, without servers."""
 
 from __future__ import annotations
 
+import msgspec
+
 from actors.snapshots import Folded
 from actors.state import Conversation, Message, state_bytes
 from actors.worker import IdleStates
@@ -61,3 +63,19 @@ def test_a_state_larger_than_the_budget_is_not_kept_and_the_count_still_bounds()
     states.keep("c3", Folded(with_answer("c3", 100), seq=9))
     assert len(states) == 2
     assert states.bytes == state_bytes(with_answer("c2", 10)) + state_bytes(with_answer("c3", 100))
+
+
+def test_a_state_whose_snapshot_was_not_written_is_kept_as_unsaved() -> None:
+    """A worker keeps a state as saved before it writes the snapshot; a write that
+    failed puts it back as it was, so the next actor of it tries again."""
+    states = IdleStates(count=10, max_bytes=MB)
+    before = Folded(with_answer("c", 10), seq=9, entries=3_000, saved=0, event_id="e")
+    states.keep("c", msgspec.structs.replace(before, saved=3_000))
+    states.unsaved("c", before)
+    kept = states.take("c")
+    assert kept is not None and kept.saved == 0
+    # no longer the one kept (a new actor took it and left a newer state): untouched
+    newer = Folded(with_answer("c", 10), seq=12, entries=3_010, saved=3_000, event_id="f")
+    states.keep("c", newer)
+    states.unsaved("c", before)
+    assert states.take("c") == newer
