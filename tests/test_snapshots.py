@@ -104,13 +104,21 @@ def _writer(event_log: EventLog, cid: str, snapshots: SnapshotStore | None) -> E
     )
 
 
+async def _caught_up(
+    event_log: EventLog, turns: int, snapshots: SnapshotStore | None
+) -> tuple[str, list[Event], EventWriter]:
+    """A conversation of `turns` answers in the log, and a writer that has folded it."""
+    cid, written = await _long_conversation(event_log, turns)
+    writer = _writer(event_log, cid, snapshots)
+    await writer.catch_up()
+    return cid, written, writer
+
+
 async def test_a_cold_writer_begins_at_the_snapshot_and_folds_on_to_the_whole_logs_state(
     event_log: EventLog, nc: NatsClient, redis: aioredis.Redis
 ) -> None:
     store = SnapshotStore(redis, every=EVERY)
-    cid, written = await _long_conversation(event_log, 3)
-    first = _writer(event_log, cid, store)
-    await first.catch_up()
+    cid, written, first = await _caught_up(event_log, 3, store)
     folded = first.folded()
     assert folded.state == fold(Conversation(conversation_id=cid), written)
     assert folded.entries == len(written) and store.due(folded)
@@ -146,9 +154,7 @@ async def test_a_log_whose_beginning_is_gone_is_folded_whole_even_with_a_snapsho
     (README: Retention), the same with or without a snapshot in Redis: not until
     the snapshot happens to expire."""
     store = SnapshotStore(redis, every=EVERY)
-    cid, _ = await _long_conversation(event_log, 3)
-    first = _writer(event_log, cid, store)
-    await first.catch_up()
+    cid, _, first = await _caught_up(event_log, 3, store)
     assert await store.save(first.folded())
     for stored in (await event_log.read(cid))[:10]:
         await nc.jetstream().delete_msg(EVT_STREAM, stored.seq)
@@ -165,9 +171,7 @@ async def test_a_snapshot_that_is_not_certainly_this_logs_is_passed_over(
     event_log: EventLog, redis: aioredis.Redis, kind: str
 ) -> None:
     store = SnapshotStore(redis, every=EVERY)
-    cid, written = await _long_conversation(event_log, 2)
-    first = _writer(event_log, cid, store)
-    await first.catch_up()
+    cid, written, first = await _caught_up(event_log, 2, store)
     real = first.folded()
     # a snapshot claiming a state the log does not hold (no messages at all), at a
     # position past the first read, so that it would be used if it were believed
@@ -195,9 +199,7 @@ async def test_a_snapshot_is_due_only_for_an_idle_conversation_folded_far_enough
     event_log: EventLog, redis: aioredis.Redis
 ) -> None:
     store = SnapshotStore(redis, every=EVERY)
-    cid, _ = await _long_conversation(event_log, 1)
-    writer = _writer(event_log, cid, store)
-    await writer.catch_up()
+    cid, _, writer = await _caught_up(event_log, 1, store)
     folded = writer.folded()
     assert store.due(folded)
     assert not store.due(msgspec.structs.replace(folded, saved=folded.entries - EVERY + 1))
@@ -214,9 +216,7 @@ async def test_redis_away_means_no_snapshot_and_the_log_folded_whole(
 ) -> None:
     gone = aioredis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
     store = SnapshotStore(gone, every=EVERY)
-    cid, written = await _long_conversation(event_log, 2)
-    writer = _writer(event_log, cid, store)
-    await writer.catch_up()
+    cid, written, writer = await _caught_up(event_log, 2, store)
     assert writer.state == fold(Conversation(conversation_id=cid), written)
     assert not await store.save(writer.folded())
     await gone.aclose()
@@ -225,9 +225,7 @@ async def test_redis_away_means_no_snapshot_and_the_log_folded_whole(
 async def test_a_large_state_is_written_and_read_off_the_loop_and_a_huge_one_not_at_all(
     event_log: EventLog, redis: aioredis.Redis
 ) -> None:
-    cid, _ = await _long_conversation(event_log, 1)
-    writer = _writer(event_log, cid, SnapshotStore(redis, every=EVERY))
-    await writer.catch_up()
+    cid, _, writer = await _caught_up(event_log, 1, SnapshotStore(redis, every=EVERY))
     for _ in range(2):  # 1.4 MB of questions, as long pasted documents would be
         big = "".join(new_id() for _ in range(27_000))
         message = UserMessage(
@@ -249,10 +247,8 @@ async def test_snapshots_turned_off_are_neither_written_nor_read(
 ) -> None:
     """PARLEY_SNAPSHOT_EVERY=0 turns snapshots off: one written before (they live a
     week) is not read either, so an operator who suspects them can rule them out."""
-    cid, written = await _long_conversation(event_log, 3)
     on = SnapshotStore(redis, every=EVERY)
-    first = _writer(event_log, cid, on)
-    await first.catch_up()
+    cid, written, first = await _caught_up(event_log, 3, on)
     assert await on.save(first.folded())
 
     off = SnapshotStore(redis, every=0)
@@ -268,9 +264,7 @@ async def test_a_snapshot_in_use_lasts_from_its_last_use_and_one_it_cannot_encod
     event_log: EventLog, redis: aioredis.Redis
 ) -> None:
     store = SnapshotStore(redis, every=EVERY, ttl_s=3600)
-    cid, _ = await _long_conversation(event_log, 2)
-    writer = _writer(event_log, cid, store)
-    await writer.catch_up()
+    cid, _, writer = await _caught_up(event_log, 2, store)
     folded = writer.folded()
     await redis.set(f"parley:snapshot:{cid}", encode_snapshot(folded), ex=60)
     assert await store.load(cid, event_log) is not None
