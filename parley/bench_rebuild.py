@@ -144,7 +144,7 @@ class _Synth:
             user_id=f"bench-{self.rng.randint(1, 500)}",
         )
         made, number, turns = 1, 0, self.rng.randint(1, 5)
-        while number < turns if not at_least else made < at_least:
+        while (made < at_least) if at_least else (number < turns):
             for event in self._turn(cid, first=number == 0):
                 made += 1
                 yield event
