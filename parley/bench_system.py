@@ -279,18 +279,10 @@ async def _measure(job: Job, watched: Watched, servers: Servers) -> Measured:
         before, (seq_before, bytes_before) = watched.sample(), await _log_end(js)
         if not job.once:
             await asyncio.sleep(job.measure_s)
-            after, (seq_after, bytes_after), ended = (
-                watched.sample(),
-                await _log_end(js),
-                time.monotonic(),
-            )
+            after, (seq_after, bytes_after), ended = await _window_end(watched, js)
         status, payload = await receive(parent, proc, "load")
         if job.once:
-            after, (seq_after, bytes_after), ended = (
-                watched.sample(),
-                await _log_end(js),
-                time.monotonic(),
-            )
+            after, (seq_after, bytes_after), ended = await _window_end(watched, js)
         if status != "ok":
             raise RuntimeError(f"the load process failed: {payload}")
         outcome = msgspec.json.decode(payload, type=Outcome)
@@ -312,6 +304,13 @@ async def _measure(job: Job, watched: Watched, servers: Servers) -> Measured:
         cpu_seconds(before, after),
         bytes_after - bytes_before if job.path == "parley" else 0,
     )
+
+
+async def _window_end(
+    watched: Watched, js: Any
+) -> tuple[dict[str, tuple[int, int]], tuple[int, int], float]:
+    """What a measured window ends with: every process's sample, the log's end, the time."""
+    return watched.sample(), await _log_end(js), time.monotonic()
 
 
 async def _log_end(js: Any) -> tuple[int, int]:
