@@ -224,8 +224,12 @@ class TurnRunner:
         early = self._early
         if early is None or not early.done() or early.cancelled() or early.exception():
             return TurnTotals()  # no answer yet: a call that produced nothing
+        sent = early.result()
+        # a whole answer (a server that ignored `stream: true`) was read to its end
+        # as it was sent: nothing of it is left to arrive
+        items = sent.answer if sent.answer is not None else ChatStreamParser().feed(sent.arrived())
         result = RoundResult()
-        for item in ChatStreamParser().feed(early.result().arrived()):
+        for item in items:
             _tally(item, result)
         return add_usage(TurnTotals(), result, messages)
 

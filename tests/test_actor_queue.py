@@ -22,6 +22,8 @@ from typing import Any, Protocol
 import aiohttp
 import msgspec
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from redis.asyncio import Redis
@@ -492,6 +494,83 @@ async def test_a_turn_cancelled_before_it_ran_bills_what_its_early_call_was_answ
     assert isinstance(cancelled, Cancelled), turn
     # the provider's own count, which came with the answer: not an estimate
     assert cancelled.output_tokens == 5 and cancelled.input_tokens > 0, cancelled
+    assert not cancelled.tokens_estimated
+
+
+# A non-streamed answer, as a server that ignores `stream: true` sends it.
+WHOLE_ANSWER = {
+    "id": "chatcmpl-whole",
+    "object": "chat.completion",
+    "choices": [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "All at once."},
+            "finish_reason": "stop",
+        }
+    ],
+    "usage": {"prompt_tokens": 17, "completion_tokens": 4, "total_tokens": 21},
+}
+
+
+async def test_a_turn_cancelled_before_it_ran_bills_an_early_call_answered_whole(
+    nc: NatsClient, stack: Servers, event_log: EventLog
+) -> None:
+    """As above, with a server that ignores `stream: true` and answers one JSON body.
+    Such an answer is read whole as the call is sent, so none of it was left to
+    arrive when the turn was cancelled: the turn ended cancelled with 0 tokens, the
+    provider's count for a call it bills dropped. The answer read is counted now.
+    The first turn's answer waits until the second message is queued behind it."""
+    queued_in = asyncio.Event()
+    second_answered = asyncio.Event()
+    calls = 0
+
+    async def whole(request: web.Request) -> web.StreamResponse:
+        nonlocal calls
+        calls += 1
+        await request.read()
+        if calls == 1:
+            async with asyncio.timeout(20):
+                await queued_in.wait()
+        response = web.json_response(WHOLE_ANSWER)
+        await response.prepare(request)
+        await response.write_eof()  # all of it sent before the cancel below
+        if calls == 2:
+            second_answered.set()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", whole)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    starts = Hold(_has(Started))
+    try:
+        model_url = str(server.make_url("/v1"))
+        actor = _actor_on_held_log(nc, stack, event_log, model_url, aiohttp.TraceConfig(), starts)
+        async with actor as (cid, inbox):
+            inbox.put_nowait((_message(cid, "first question"), Delivery()))
+            await until(event_log, cid, _has(Started), "the first turn's start")
+            starts.on = True
+            queued = _message(cid, "second question")
+            inbox.put_nowait((msgspec.structs.replace(queued, on_busy="enqueue"), Delivery()))
+            await until(event_log, cid, _counted(UserMessage, 2), "the second message queued")
+            queued_in.set()
+            async with asyncio.timeout(20):
+                await starts.holding.wait()  # the second turn's `started`
+                await second_answered.wait()
+            cancel_settled = Delivery()
+            cancel = CancelTurn(conversation_id=cid, command_id=new_id(), user_id="u", at=1)
+            inbox.put_nowait((cancel, cancel_settled))
+            await _settled(cancel_settled)
+            starts.gate.set()
+            await until(event_log, cid, _has(Cancelled), "the second turn's end")
+    finally:
+        queued_in.set()
+        starts.gate.set()
+        await server.close()
+    cancelled = (await event_log.read(cid))[-1].event
+    assert isinstance(cancelled, Cancelled), cancelled
+    # the provider's own count, which came with the answer: not an estimate
+    assert (cancelled.input_tokens, cancelled.output_tokens) == (17, 4), cancelled
     assert not cancelled.tokens_estimated
 
 
