@@ -28,7 +28,7 @@ import msgspec
 
 from api.auth import mint
 from parley import loops
-from parley.bench_common import NO_LIMITS, SECRET, percentile
+from parley.bench_common import NO_LIMITS, SECRET, flat_json, percentile
 from parley.bench_procs import receive, start_process, stop_process, terminate_as_interrupt
 from parley.config import load_catalog, load_settings
 from parley.demo_model import DemoConfig, start_demo_model
@@ -70,7 +70,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 
             return run_coldstart_bench(args, servers)
         text, result = loops.run(_workload(args, servers))
-    print(msgspec.json.encode(result).decode() if args.json else text)
+    print(flat_json(result) if args.json else text)
     return 1 if getattr(result, "problems", None) else 0
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
+import msgspec
 from aiohttp import web
 
 from actors.model_client import ChatRequest, ModelEndpoint, read_chat, send_chat
@@ -29,6 +31,20 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[index]
+
+
+def flat_json(result: msgspec.Struct) -> str:
+    """`result` as the one JSON object of flat keys `--json` prints: a field holding a
+    mapping becomes a key per entry (`actions: {"edit": 3}` -> `actions_edit: 3`,
+    spaces in an entry's name as `_`)."""
+    flat: dict[str, Any] = {}
+    for key, value in msgspec.to_builtins(result).items():
+        if isinstance(value, dict):
+            for name, inner in value.items():
+                flat[f"{key}_{str(name).replace(' ', '_')}"] = inner
+        else:
+            flat[key] = value
+    return msgspec.json.encode(flat).decode()
 
 
 DIRECT_SESSION = web.AppKey("session", aiohttp.ClientSession)

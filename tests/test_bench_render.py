@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -182,3 +183,22 @@ def test_a_role_that_never_gets_ready_is_reported_with_what_its_log_said_last(
         proc.wait()
     assert "not ready within 0.3 s" in str(caught.value)
     assert "cannot reach NATS at nats://127.0.0.1:1" in str(caught.value)
+
+
+def test_soak_json_is_one_object_of_flat_keys() -> None:
+    """`--json` prints one object per workload with flat keys; soak's tallies of
+    actions and answers came out as nested objects."""
+    from parley.bench_common import flat_json
+    from parley.bench_soak import SoakResult
+
+    fields: dict[str, Any] = {
+        name: 0 for name in SoakResult.__struct_fields__ if name not in ("actions", "outcomes")
+    }
+    fields.update(grew_most=["tuple +3"], problems=[])
+    result = SoakResult(
+        actions={"edit": 3, "cancel": 2}, outcomes={"message 202": 5, "regenerate 409": 1}, **fields
+    )
+    printed = json.loads(flat_json(result))
+    assert not [key for key, value in printed.items() if isinstance(value, dict)], printed
+    assert printed["actions_edit"] == 3 and printed["outcomes_message_202"] == 5, printed
+    assert printed["outcomes_regenerate_409"] == 1 and printed["turns"] == 0, printed
