@@ -127,6 +127,9 @@ class MessageView(MessageFields, frozen=True):
 
 class MessageList(msgspec.Struct, frozen=True):
     messages: list[MessageView]
+    # with `?limit=`: the `?before=` of the page before this one; None: no messages
+    # before these (and always None without `?limit=`: every message is here)
+    next: str | None = None
 
 
 class TurnAccepted(msgspec.Struct, frozen=True):

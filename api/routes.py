@@ -38,7 +38,7 @@ from api.context import (
     TURNS,
     claims_of,
 )
-from api.errors import POSTGRES_AWAY, UNAVAILABLE, bad_request, begin_stream
+from api.errors import POSTGRES_AWAY, UNAVAILABLE, ApiError, bad_request, begin_stream
 from api.hub import read_range
 from api.openapi import (
     AI_SDK_STREAM,
@@ -140,8 +140,31 @@ class ConversationsQuery(msgspec.Struct, frozen=True):
     ] = None
 
 
+MESSAGES_PAGE = 500  # messages at most per page of GET /v1/conversations/{id}/messages
+
+
 class MessagesQuery(msgspec.Struct, frozen=True):
     versions: Literal["latest", "all"] = "latest"
+    # UNSET, not None: the parameter is absent or a number, never null
+    limit: (
+        Annotated[
+            int,
+            msgspec.Meta(
+                ge=1,
+                le=MESSAGES_PAGE,
+                description="only the last this many (of those before `before`), and a `next`;"
+                " without it, every one",
+            ),
+        ]
+        | msgspec.UnsetType
+    ) = msgspec.UNSET
+    before: Annotated[
+        str | None,
+        msgspec.Meta(
+            description="the `next` of the page read before: the messages before that page",
+            extra_json_schema={"minLength": 1},
+        ),
+    ] = None
 
 
 class ResumeQuery(msgspec.Struct, frozen=True):
@@ -318,12 +341,55 @@ async def get_conversation(request: web.Request) -> web.Response:
 
 
 async def list_messages(request: web.Request) -> web.Response:
+    """The conversation's messages in the log's order; with `limit`, the last page of
+    them, and in `next` where the page before it ends (the seq of this page's first
+    row: rows are only ever added after the last one, so a cursor stays where it is
+    while turns and versions are added)."""
     header = await owned_conversation(request, request.match_info["id"])
+    conversation_id = header.conversation_id
     query = read_params(request.query, MessagesQuery)
-    rows = await request.app[STORE].messages(
-        header.conversation_id, all_versions=query.versions == "all"
+    before = None if query.before is None else _read_message_cursor(query.before, conversation_id)
+    limit = query.limit if isinstance(query.limit, int) else None
+    # one row more than the page: whether another page comes before it
+    found = await request.app[STORE].messages(
+        conversation_id,
+        all_versions=query.versions == "all",
+        last=None if limit is None else limit + 1,
+        before=before,
     )
-    return answer(MessageList(messages=[MessageView.of(row) for row in rows]))
+    rows = found if limit is None else found[-limit:]
+    more = limit is not None and len(found) > limit
+    return answer(
+        MessageList(
+            messages=[MessageView.of(row) for row in rows],
+            next=_message_cursor(conversation_id, rows[0].seq) if more else None,
+        )
+    )
+
+
+def _message_cursor(conversation_id: str, seq: int) -> str:
+    """Where the page before goes on: opaque to clients (base64url of the conversation
+    and the seq of this page's first row)."""
+    key = f"{conversation_id}|{seq}".encode()
+    return base64.urlsafe_b64encode(key).decode().rstrip("=")
+
+
+def _read_message_cursor(cursor: str, conversation_id: str) -> int:
+    """The position a cursor of this conversation's messages names, else 422 (a cursor
+    of another conversation too: refused, whatever that conversation is, saying nothing
+    of it)."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        of, _, seq = raw.partition("|")
+        position = int(seq) if seq.isdigit() and seq.isascii() else 0
+    except ValueError:  # binascii.Error, UnicodeDecodeError: ValueErrors
+        position = 0
+        of = ""
+    if of != conversation_id or not 0 < position <= MAX_POSITION:
+        raise ApiError(
+            422, "bad_cursor", "not a cursor of this conversation's messages (a `next` it gave)"
+        )
+    return position
 
 
 # ---------------------------------------------------------------- events and log
@@ -532,7 +598,7 @@ ROUTES: tuple[Operation, ...] = (
     Operation("GET", "/v1/conversations", list_conversations, "my conversations, latest first, a page at a time", {200: ConversationList}, query=ConversationsQuery),
     Operation("GET", "/v1/conversations/{id}", get_conversation, "a conversation and its active turn", {200: ConversationDetail}, path_params=_CONVERSATION),
     Operation("POST", "/v1/conversations/{id}/messages", post_message, "send a message: its turn's SSE stream, or 202 with Accept: application/json", _TURN_ANSWERS, body=PostMessage, errors=(409, 422, 504), headers=ResumeHeaders, path_params=_CONVERSATION),
-    Operation("GET", "/v1/conversations/{id}/messages", list_messages, "the projected messages (latest versions, or all)", {200: MessageList}, query=MessagesQuery, path_params=_CONVERSATION),
+    Operation("GET", "/v1/conversations/{id}/messages", list_messages, "the projected messages (latest versions, or all): every one, or the last page of them", {200: MessageList}, query=MessagesQuery, errors=(422,), path_params=_CONVERSATION),
     Operation("PATCH", "/v1/conversations/{id}/messages/{mid}", edit_message, "edit a user message: a new version and a new turn", _TURN_ANSWERS, body=EditBody, errors=(409, 422, 504), headers=ResumeHeaders, path_params=_MESSAGE),
     Operation("POST", "/v1/conversations/{id}/messages/{mid}/regenerate", regenerate, "a new version of an answer", _TURN_ANSWERS, body=RegenerateBody, body_required=False, errors=(409, 422, 504), headers=ResumeHeaders, path_params=_MESSAGE),
     Operation("POST", "/v1/conversations/{id}/cancel", cancel_turn, "stop the active turn", {200: CancelAnswer, 202: CancelAnswer}, errors=(504,), path_params=_CONVERSATION),

@@ -218,12 +218,32 @@ class ReadStore:
         return [ConversationRow(**dict(r)) for r in rows]
 
     async def messages(
-        self, conversation_id: str, *, all_versions: bool = False
+        self,
+        conversation_id: str,
+        *,
+        all_versions: bool = False,
+        last: int | None = None,
+        before: int | None = None,
     ) -> list[MessageRow]:
+        """The conversation's rows in the log's order (`seq`: each row is made by one
+        event, so no two share it); `before`: only those made before that position;
+        `last`: only the last so many of them. A row is never made before one already
+        there, so a page read later begins where the one read earlier ended."""
         where = "conversation_id = $1" + ("" if all_versions else " AND is_latest")
-        rows = await self._pool.fetch(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE {where} ORDER BY seq", conversation_id
-        )
+        args: list[object] = [conversation_id]
+        if before is not None:
+            args.append(before)
+            where += f" AND seq < ${len(args)}"
+        if last is None:
+            query = f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE {where} ORDER BY seq"
+        else:
+            # backwards along messages_by_conversation, for the last rows only
+            args.append(last)
+            query = (
+                f"SELECT * FROM (SELECT {_MESSAGE_COLUMNS} FROM messages WHERE {where}"
+                f" ORDER BY seq DESC LIMIT ${len(args)}) AS page ORDER BY seq"
+            )
+        rows = await self._pool.fetch(query, *args)
         return [
             MessageRow(
                 **{
