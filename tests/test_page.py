@@ -498,6 +498,162 @@ async def test_a_new_turn_brings_the_view_back_to_the_branch_in_force(
     )
 
 
+# ---------------------------------------------------------------- long conversations
+
+
+async def long_conversation(api: SseClient, turns: int) -> str:
+    """A conversation of `turns` answered questions, `question 0` first."""
+    conversation = str((await api.create_conversation(title="A long one"))["id"])
+    for n in range(turns):
+        events = await api.send_stream(conversation, f"question {n} [[tokens=1]] [[rate=0]]")
+        assert events[-1].data == "ok", events
+    return conversation
+
+
+def message_reads(page: Page) -> list[str]:
+    """The query of every read of the messages the page makes from now on."""
+    reads: list[str] = []
+
+    def seen(request: Request) -> None:
+        url = urlsplit(request.url)
+        if request.method == "GET" and url.path.endswith("/messages"):
+            reads.append(url.query)
+
+    page.on("request", seen)
+    return reads
+
+
+async def test_a_long_conversation_shows_its_last_page_and_loads_the_earlier_ones(
+    services: Services, browsing: Browsing, api: SseClient, user: str, projected: Projected
+) -> None:
+    conversation = await long_conversation(api, 60)  # 120 messages: more than a page
+    await projected(conversation)
+    tab = await browsing.tab()
+    page = tab.page
+    reads = message_reads(page)
+    await open_signed_in(tab, services.edge_url, token_for(user), conversation)
+    shown = page.locator("#inner .msg")
+    await expect(shown).to_have_count(100)
+    questions = page.locator(".msg.user .body")
+    await expect(questions.first).to_have_text("question 10 [[tokens=1]] [[rate=0]]")
+    earlier = page.locator("#earlier button.earlier")
+    await expect(earlier).to_have_text("Load earlier messages")
+    assert reads and all("limit=100" in query for query in reads), reads
+    await tab.shot("last-page")
+
+    # what was on screen stays in place while the messages above it come
+    await page.locator("#log").evaluate("(log) => { log.scrollTop = 0; }")
+    top_id = await page.locator("#inner .msg").first.get_attribute("data-id")
+    top = page.locator(f'#inner .msg[data-id="{top_id}"]')
+    before = await top.bounding_box()
+    await earlier.click()
+    await expect(shown).to_have_count(120)
+    await expect(earlier).to_have_count(0)
+    after = await top.bounding_box()
+    assert before is not None and after is not None
+    assert abs(after["y"] - before["y"]) < 2, (before, after)
+    texts = await questions.all_text_contents()
+    assert texts == [f"question {n} [[tokens=1]] [[rate=0]]" for n in range(60)]
+    await tab.shot("every-page")
+
+    # a turn reads the last page again, not the whole conversation
+    reads.clear()
+    await send(page, "[[tokens=3]] one more")
+    await finished(assistant(page))
+    await expect(shown).to_have_count(122)
+    assert await answer_text(assistant(page)) == counted(3)
+    assert reads and all("limit=100" in query and "before=" not in query for query in reads), reads
+
+    # and a regeneration on it flips between the versions as on a short one
+    await assistant(page).locator("button.regen").click()
+    await expect(assistant(page).locator(".vpos")).to_have_text("2/2")
+    await finished(assistant(page))
+    await assistant(page).locator("button.prev").click()
+    await expect(assistant(page).locator(".vpos")).to_have_text("1/2")
+    await expect(shown).to_have_count(122)
+
+    # a reload shows the last page again, with the branch in force
+    await page.reload()
+    await expect(shown).to_have_count(99)  # 100 rows: two are the last answer's versions
+    await expect(assistant(page).locator(".vpos")).to_have_text("2/2")
+    await expect(earlier).to_be_visible()
+
+
+async def test_an_edit_further_back_than_a_page_shows_its_versions_and_no_stray_branch(
+    services: Services, browsing: Browsing, api: SseClient, user: str, projected: Projected
+) -> None:
+    conversation = await long_conversation(api, 60)
+    await projected(conversation)
+    rows = await messages(api, conversation)
+    fifth = next(r for r in rows if r["content"][0]["content"].startswith("question 5 "))
+    events = await api.send_stream_to(
+        f"/v1/conversations/{conversation}/messages/{fifth['id']}",
+        {"content": "question 5, edited [[tokens=2]]"},
+        method="PATCH",
+    )
+    assert events[-1].data == "ok", events
+    await projected(conversation)
+
+    # The last page holds the end of the branch the edit left, and the edit: only the
+    # edit (and its answer) are shown, not the old branch's end as if it were in force.
+    tab = await browsing.tab()
+    page = tab.page
+    await open_signed_in(tab, services.edge_url, token_for(user), conversation)
+    edited = page.locator(".msg.user")
+    await expect(edited).to_have_count(1)
+    await expect(edited.locator(".body")).to_have_text("question 5, edited [[tokens=2]]")
+    await expect(page.locator("#inner .msg")).to_have_count(2)
+    await expect(edited.locator(".vpos")).to_have_text("2/2")
+    await expect(page.locator(".offbranch")).to_have_count(0)
+    await finished(assistant(page))
+    await tab.shot("edited-long-ago")
+
+    # < reads back as far as the first version (here: to the first message), and
+    # shows it with its old branch
+    await edited.locator("button.prev").click()
+    old = page.locator(".msg.user", has=page.locator(".vpos", has_text="1/2"))
+    await expect(old.locator(".body")).to_have_text("question 5 [[tokens=1]] [[rate=0]]")
+    await expect(page.locator("#earlier button.earlier")).to_have_count(0)
+    questions = page.locator(".msg.user .body")
+    asked = [f"question {n} [[tokens=1]] [[rate=0]]" for n in range(60)]
+    await expect(questions).to_have_text(asked)
+    await expect(page.locator(".msg.user .offbranch")).to_have_count(54)  # 6-59
+    await old.locator("button.next").click()
+    await expect(questions).to_have_text([*asked[:5], "question 5, edited [[tokens=2]]"])
+    await expect(page.locator(".offbranch")).to_have_count(0)
+
+
+async def test_an_edit_on_an_earlier_page_takes_what_grew_from_it_off_the_branch_on_screen(
+    services: Services, browsing: Browsing, api: SseClient, user: str, projected: Projected
+) -> None:
+    # After a turn the page reads the last page only: messages it read on earlier
+    # pages that the edit took off the branch in force must say so all the same.
+    conversation = await long_conversation(api, 60)
+    await projected(conversation)
+    tab = await browsing.tab()
+    page = tab.page
+    await open_signed_in(tab, services.edge_url, token_for(user), conversation)
+    await page.locator("#earlier button.earlier").click()
+    questions = page.locator(".msg.user")
+    await expect(questions).to_have_count(60)
+    fifth = questions.nth(5)
+    await fifth.locator("button.edit").click()
+    await fifth.locator("textarea.edit-input").fill("question 5, edited [[tokens=2]]")
+    await fifth.locator("button.save-edit").click()
+    await expect(questions).to_have_count(6)
+    await finished(assistant(page))
+    await expect(questions.nth(5).locator(".vpos")).to_have_text("2/2")
+
+    await questions.nth(5).locator("button.prev").click()
+    await expect(questions).to_have_count(60)
+    await expect(questions.nth(5).locator(".vpos")).to_have_text("1/2")
+    # every message after it is on the old branch: no Edit, no Regenerate
+    await expect(page.locator(".msg.user .offbranch")).to_have_count(54)
+    await expect(page.locator(".msg.assistant .offbranch")).to_have_count(55)
+    await expect(page.locator(".msg button.edit")).to_have_count(6)
+    await expect(page.locator(".msg button.regen")).to_have_count(5)
+
+
 async def shown_messages(page: Page) -> list[tuple[str, str]]:
     """(role, id) of every message on screen, top to bottom."""
     shown: list[tuple[str, str]] = await page.evaluate(
