@@ -38,7 +38,7 @@ from api.context import (
     TURNS,
     claims_of,
 )
-from api.errors import POSTGRES_AWAY, UNAVAILABLE, ApiError, bad_request, begin_stream
+from api.errors import POSTGRES_AWAY, UNAVAILABLE, bad_request, begin_stream
 from api.hub import read_range
 from api.openapi import (
     AI_SDK_STREAM,
@@ -375,7 +375,8 @@ def _message_cursor(conversation_id: str, seq: int) -> str:
 
 
 def _read_message_cursor(cursor: str, conversation_id: str) -> int:
-    """The position a cursor of this conversation's messages names, else 422 (a cursor
+    """The position a cursor of this conversation's messages names, else 400 as the
+    other lists answer a bad cursor (a cursor
     of another conversation too: refused, whatever that conversation is, saying nothing
     of it)."""
     try:
@@ -386,8 +387,8 @@ def _read_message_cursor(cursor: str, conversation_id: str) -> int:
         position = 0
         of = ""
     if of != conversation_id or not 0 < position <= MAX_POSITION:
-        raise ApiError(
-            422, "bad_cursor", "not a cursor of this conversation's messages (a `next` it gave)"
+        raise bad_request(
+            "not a cursor of this conversation's messages (a `next` it gave)", "bad_cursor"
         )
     return position
 
@@ -598,7 +599,7 @@ ROUTES: tuple[Operation, ...] = (
     Operation("GET", "/v1/conversations", list_conversations, "my conversations, latest first, a page at a time", {200: ConversationList}, query=ConversationsQuery),
     Operation("GET", "/v1/conversations/{id}", get_conversation, "a conversation and its active turn", {200: ConversationDetail}, path_params=_CONVERSATION),
     Operation("POST", "/v1/conversations/{id}/messages", post_message, "send a message: its turn's SSE stream, or 202 with Accept: application/json", _TURN_ANSWERS, body=PostMessage, errors=(409, 422, 504), headers=ResumeHeaders, path_params=_CONVERSATION),
-    Operation("GET", "/v1/conversations/{id}/messages", list_messages, "the projected messages (latest versions, or all): every one, or the last page of them", {200: MessageList}, query=MessagesQuery, errors=(422,), path_params=_CONVERSATION),
+    Operation("GET", "/v1/conversations/{id}/messages", list_messages, "the projected messages (latest versions, or all): every one, or the last page of them", {200: MessageList}, query=MessagesQuery, path_params=_CONVERSATION),
     Operation("PATCH", "/v1/conversations/{id}/messages/{mid}", edit_message, "edit a user message: a new version and a new turn", _TURN_ANSWERS, body=EditBody, errors=(409, 422, 504), headers=ResumeHeaders, path_params=_MESSAGE),
     Operation("POST", "/v1/conversations/{id}/messages/{mid}/regenerate", regenerate, "a new version of an answer", _TURN_ANSWERS, body=RegenerateBody, body_required=False, errors=(409, 422, 504), headers=ResumeHeaders, path_params=_MESSAGE),
     Operation("POST", "/v1/conversations/{id}/cancel", cancel_turn, "stop the active turn", {200: CancelAnswer, 202: CancelAnswer}, errors=(504,), path_params=_CONVERSATION),

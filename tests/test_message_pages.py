@@ -186,7 +186,7 @@ async def test_a_bad_cursor_or_limit_is_refused_and_another_conversations_cursor
             status, body = await api.request(
                 "GET", f"/v1/conversations/{cid}/messages", params=_params(query)
             )
-            assert status == 422, (bad, status, body)
+            assert status == 400, (bad, status, body)
             assert body["error"]["code"] == "bad_cursor", body
             refusals.append(body)
     # the same answer whoever's cursor it was: nothing of the other conversation in it
