@@ -235,6 +235,8 @@ async def limits_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
     response.headers["Server"] = SERVER_NAME
+    # a JSON answer holding text users wrote is never run as a page or a script
+    response.headers["X-Content-Type-Options"] = "nosniff"
 
 
 def create_app(config: EdgeConfig, metrics: EdgeMetrics | None = None) -> web.Application:

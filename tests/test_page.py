@@ -22,6 +22,7 @@ import pytest
 from playwright.async_api import (
     Browser,
     BrowserContext,
+    ConsoleMessage,
     Dialog,
     Locator,
     Page,
@@ -52,6 +53,12 @@ class Tab:
         self.name = name
         self.errors: list[str] = []
         page.on("pageerror", lambda error: self.errors.append(str(error)))
+        # what the page's Content-Security-Policy refused (its own script or style)
+        page.on("console", self._refused)
+
+    def _refused(self, message: ConsoleMessage) -> None:
+        if "Content Security Policy" in message.text:
+            self.errors.append(message.text)
 
     async def shot(self, state: str) -> None:
         await self.page.screenshot(path=str(ARTEFACTS / f"{self.name}--{state}.png"))
@@ -243,6 +250,34 @@ async def test_a_fragment_that_cannot_be_decoded_is_ignored(
     await expect(page.locator(".empty")).to_contain_text("Pick a conversation")
     await entry.click()
     await expect(page.locator("#title")).to_have_text("Listed all the same")
+
+
+async def test_markup_that_slipped_into_the_page_runs_nothing(
+    services: Services, browsing: Browsing
+) -> None:
+    """The page never parses users' or models' text as HTML; should a later change
+    let some through, its Content-Security-Policy (the page's own inline script and
+    style only, by their hashes) still runs none of it: an inline handler slipped in
+    is refused, while the page itself works (every other test here runs under it and
+    fails on what it refuses)."""
+    tab = await browsing.tab()
+    page = tab.page
+    await open_signed_in(tab, services.edge_url, token_for("csp-user"))
+    ran = await page.evaluate(
+        """() => new Promise((done) => {
+            window.slipped = false;
+            document.body.insertAdjacentHTML(
+                "beforeend", '<img src="data:," onerror="window.slipped = true">');
+            setTimeout(() => done(window.slipped), 500);
+        })"""
+    )
+    assert ran is False
+    refused = [error for error in tab.errors if "Content Security Policy" in error]
+    assert refused, tab.errors  # refused by the policy, not skipped for another reason
+    tab.errors = [error for error in tab.errors if error not in refused]
+    async with aiohttp.ClientSession() as http, http.get(services.edge_url + "/") as response:
+        assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
 
 
 async def test_new_chat_clicked_again_and_again_makes_one_conversation(
