@@ -203,7 +203,9 @@ class WorkerHost:
                             name=f"partition-{partition}",
                         )
                     if gained:
-                        await self._recover(gained, tasks)
+                        # beside this loop, not in it: the scan reads Redis's whole
+                        # keyspace, and leases not renewed meanwhile stop every append
+                        tasks.create_task(self._recover(gained, tasks), name="recovery-scan")
                     self.ready.set()
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(leases.renew_every_s):
@@ -339,6 +341,8 @@ class WorkerHost:
         except (redis.exceptions.RedisError, OSError) as err:
             log.info("no recovery scan without Redis", extra={"error": describe(err)})
             return
+        # those still ours: the scan ran beside the lease loop, which may have lost some
+        partitions = partitions & self.leases.owned.keys()
         for cid in conversations:
             if partition_of(cid, self.partitions) in partitions and cid not in self._actors:
                 self._start_actor(cid, tasks).inbox.put_nowait((None, None))

@@ -493,6 +493,63 @@ async def test_a_command_in_an_actors_hands_when_its_partition_is_lost_goes_to_t
             await redis.aclose()
 
 
+class ScanHeld(TurnRegistry):
+    """The real turn records, whose recovery scan waits for `gate`."""
+
+    def __init__(self, redis: Any) -> None:
+        super().__init__(redis)
+        self.holding = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def conversations(self) -> list[str]:
+        self.holding.set()
+        async with asyncio.timeout(30):
+            await self.gate.wait()
+        return await super().conversations()
+
+
+async def test_a_slow_recovery_scan_does_not_hold_the_leases_up(
+    own_stack: Servers, own_nc: NatsClient, demo_model_url: str
+) -> None:
+    """A worker that gains partitions looks in Redis for turns left running in them:
+    a SCAN of the whole keyspace (0.25-0.7 s at 300,000 keys, and it grows with
+    them). It ran in the loop that renews the leases: while it did, no lease was
+    renewed, and once they were older than an actor may trust, every append of the
+    worker waited. Here the scan is held and the leases must go on being renewed."""
+    js = own_nc.jetstream()
+    redis = redis_client(own_stack.redis_url)
+    turns = ScanHeld(redis)
+    async with aiohttp.ClientSession() as model_http:
+        ctx = ActorContext(
+            log=EventLog(js),
+            turns=turns,
+            http=model_http,
+            catalog=catalog_for_tests(),
+            default_base_url=demo_model_url,
+            default_api_key=None,
+            worker_id="scanning-worker",
+        )
+        worker = WorkerHost(js, ctx, lease_ttl_s=LEASE_TTL_S)
+        stopping = asyncio.Event()
+        task = asyncio.create_task(worker.run(stopping))
+        try:
+            async with asyncio.timeout(10):
+                await turns.holding.wait()
+                await worker.ready.wait()
+            kv = await js.key_value(LEASES_BUCKET)
+            first = await kv.get("partition.0")
+            assert first.value == b"scanning-worker"
+            async with asyncio.timeout(3 * LEASE_TTL_S):
+                while (await kv.get("partition.0")).revision == first.revision:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            assert worker.leases.current() and not turns.gate.is_set()
+        finally:
+            turns.gate.set()
+            stopping.set()
+            await asyncio.wait_for(task, 15)
+            await redis.aclose()
+
+
 async def test_a_worker_killed_mid_turn_leaves_no_turn_open_and_its_tokens_counted(
     own_stack: Servers, own_nc: NatsClient, demo_model_url: str, http: aiohttp.ClientSession
 ) -> None:
