@@ -78,6 +78,11 @@ async def audit_billing(js: JetStreamContext, pool: Any, scope: Scope) -> Summar
                 fold_book(book, decode_entry(entry.data), seq=entry.seq, subject=entry.subject)
         if batch[-1].seq >= position:
             break
+    return summarise(book, seen, scope, position=position, entries=entries)
+
+
+def summarise(book: Book, seen: Rows, scope: Scope, *, position: int, entries: int) -> Summary:
+    """The audit's result: the book's figures within `scope`, and every mismatch."""
     in_scope = [t for t in book.turns.values() if scope.turn(t) and not t.refused]
     charges = [c[0] for t, c in book.charges.items() if t in {x.turn_id for x in in_scope}]
     return Summary(
