@@ -178,6 +178,33 @@ _MESSAGE_COLUMNS = (
 )
 
 
+def _conversations_of(after: str) -> str:
+    """A user's conversations and their projects', latest first (`after`: a condition
+    on (updated_at, id) or nothing), each page read from the indexes a page at a time.
+
+    The user's own and each of their projects' are read apart, each the first $2 of
+    its index (conversations_by_user, conversations_by_project), and the few that
+    gives merged: one condition "user_id = $1 OR project_id IN (...)" can use
+    neither index in order, and read and sorted every conversation of the table for
+    every page. A user's own conversation in their project comes from both: UNION
+    keeps it once. Two statements, with and without the cursor, so that neither
+    plan carries a condition that is known only when the statement runs."""
+    return (
+        f"SELECT {_CONVERSATION_COLUMNS} FROM ("
+        f"(SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE user_id = $1{after}"
+        " ORDER BY updated_at DESC, id DESC LIMIT $2)"
+        f" UNION (SELECT c.* FROM project_members m CROSS JOIN LATERAL"
+        f" (SELECT {_CONVERSATION_COLUMNS} FROM conversations"
+        f" WHERE project_id = m.project_id{after}"
+        " ORDER BY updated_at DESC, id DESC LIMIT $2) AS c WHERE m.user_id = $1)"
+        ") AS mine ORDER BY updated_at DESC, id DESC LIMIT $2"
+    )
+
+
+_CONVERSATIONS_OF = _conversations_of("")
+_CONVERSATIONS_OF_BEFORE = _conversations_of(" AND (updated_at, id) < ($3, $4)")
+
+
 class ReadStore:
     def __init__(
         self, pool: Any, *, projection: str = "read_models", timeout_s: float = QUERY_TIMEOUT_S
@@ -204,17 +231,10 @@ class ReadStore:
     ) -> list[ConversationRow]:
         """The user's own conversations and those of the projects they belong to, the
         latest activity first; `before`: only those after (updated_at, id) in that order."""
-        since, after_id = before if before is not None else (None, "")
-        rows = await self._pool.fetch(
-            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE (user_id = $1"
-            " OR project_id IN (SELECT project_id FROM project_members WHERE user_id = $1))"
-            " AND ($3::timestamptz IS NULL OR (updated_at, id) < ($3, $4))"
-            " ORDER BY updated_at DESC, id DESC LIMIT $2",
-            user_id,
-            limit,
-            since,
-            after_id,
-        )
+        if before is None:
+            rows = await self._pool.fetch(_CONVERSATIONS_OF, user_id, limit)
+        else:
+            rows = await self._pool.fetch(_CONVERSATIONS_OF_BEFORE, user_id, limit, *before)
         return [ConversationRow(**dict(r)) for r in rows]
 
     async def messages(
