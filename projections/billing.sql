@@ -71,6 +71,10 @@ CREATE TABLE IF NOT EXISTS ledger (
     charged_at        timestamptz NOT NULL,
     seq               bigint NOT NULL
 );
+-- The whole ledger in log order (an admin's unfiltered page): without it every
+-- page was a scan and sort of the table. Added after the first release; the first
+-- process of a version with it builds it (README, "Postgres and Redis").
+CREATE INDEX IF NOT EXISTS ledger_by_seq ON ledger (seq);
 CREATE INDEX IF NOT EXISTS ledger_by_account ON ledger (account, seq);
 CREATE INDEX IF NOT EXISTS ledger_by_project ON ledger (project_id, seq);
 CREATE INDEX IF NOT EXISTS ledger_by_user ON ledger (user_id, seq);
