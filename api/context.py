@@ -96,8 +96,9 @@ class EdgeMetrics(Protocol):
 
     def limited(self, limit: str) -> None: ...
 
-    def projection(self, *, lag: int | None, errors: int | None) -> None:
-        """The projection's state as read for this scrape (None: could not be read)."""
+    def projection(self, *, lags: dict[str, int] | None, errors: int | None) -> None:
+        """The projections' state as read for this scrape: each one's lag by its name,
+        and the errors recorded (None: could not be read)."""
         ...
 
     def render(self) -> tuple[bytes, str]:
@@ -117,7 +118,7 @@ class NoMetrics:
     def limited(self, limit: str) -> None:
         pass
 
-    def projection(self, *, lag: int | None, errors: int | None) -> None:
+    def projection(self, *, lags: dict[str, int] | None, errors: int | None) -> None:
         pass
 
     def render(self) -> tuple[bytes, str]:

@@ -544,9 +544,9 @@ def _reason(name: str, err: BaseException) -> str:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus exposition of this process's registry (parley/metrics.py). The
-    projection's lag and error count are read now, from the log and Postgres, so they
-    are right even when the projector runs elsewhere, or not at all."""
+    """Prometheus exposition of this process's registry (parley/metrics.py). Each
+    projection's lag and the error count are read now, from the log and Postgres, so
+    they are right even when the projectors run elsewhere, or not at all."""
     app = request.app
     timeout = app[CONFIG].ready_timeout_s
     errors = head = None
@@ -554,7 +554,7 @@ async def metrics(request: web.Request) -> web.Response:
     async def postgres() -> None:
         nonlocal errors
         errors = await app[STORE].projection_error_count()
-        await app[STORE].position()
+        await app[STORE].positions()
 
     async def nats() -> None:
         nonlocal head
@@ -564,9 +564,10 @@ async def metrics(request: web.Request) -> web.Response:
     # not a wrong one. With Postgres away the lag is still known (the position last read
     # cannot have moved), and grows with the log.
     await asyncio.gather(_probe("postgres", postgres(), timeout), _probe("nats", nats(), timeout))
-    lag = _lag(head, app[STORE].last_position)
+    positions = app[STORE].last_positions
+    lags = None if head is None else {name: max(0, head - at) for name, at in positions.items()}
     sink = app[METRICS]
-    sink.projection(lag=lag, errors=errors)
+    sink.projection(lags=lags, errors=errors)
     body, content_type = sink.render()
     return web.Response(body=body, headers={"Content-Type": content_type})
 

@@ -127,10 +127,10 @@ class Metrics:
     def limited(self, limit: str) -> None:
         self.limited_requests.labels(limit).inc()
 
-    def projection(self, *, lag: int | None, errors: int | None) -> None:
+    def projection(self, *, lags: dict[str, int] | None, errors: int | None) -> None:
         """What the scrape about to be rendered read; None: not readable now, so left
         out of it (a last value kept would hide a lag growing through an outage)."""
-        self.read_at_scrape.lag = lag
+        self.read_at_scrape.lags = lags
         self.read_at_scrape.errors = errors
 
     def render(self) -> tuple[bytes, str]:
@@ -211,16 +211,19 @@ class _ReadAtScrape(Collector):
     when it could (an absent sample, not a stale one)."""
 
     def __init__(self) -> None:
-        self.lag: int | None = None
+        self.lags: dict[str, int] | None = None
         self.errors: int | None = None
 
     def collect(self) -> Iterator[Metric]:
-        if self.lag is not None:
-            yield GaugeMetricFamily(
+        if self.lags is not None:
+            lag = GaugeMetricFamily(
                 "parley_projection_lag_events",
-                "events in the log the read models have not applied yet (read at scrape time)",
-                value=self.lag,
+                "events in the log a projection has not applied yet (read at scrape time)",
+                labels=["projection"],
             )
+            for name, value in sorted(self.lags.items()):
+                lag.add_metric([name], value)
+            yield lag
         if self.errors is not None:
             yield GaugeMetricFamily(
                 "parley_projection_errors",

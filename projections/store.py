@@ -9,6 +9,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from projections.catalog import PROJECTIONS
+
 T = TypeVar("T")
 
 # How long the edge waits for Postgres before answering 503: a server that hangs
@@ -215,6 +217,8 @@ class ReadStore:
         # The position last read: while Postgres is away the checkpoint cannot move
         # (it moves only by a commit there), so the lag is still known from it.
         self.last_position: int | None = None
+        # every projection's, as `positions` (or, the read models', `position`) read them last
+        self.last_positions: dict[str, int] = {}
 
     async def conversation(self, conversation_id: str) -> ConversationRow | None:
         row = await self._pool.fetchrow(
@@ -350,9 +354,21 @@ class ReadStore:
         value = await self._pool.fetchval("SELECT count(*) FROM projection_errors")
         return int(value or 0)
 
+    async def positions(self) -> dict[str, int]:
+        """Every projection's position by name (the read models' and the billing
+        projection's: each has its checkpoint; 0 before its first batch), kept in
+        `last_positions`."""
+        rows = await self._pool.fetch("SELECT name, position FROM projection_checkpoints")
+        found = {str(row["name"]): int(row["position"] or 0) for row in rows}
+        names = [*PROJECTIONS, self._projection]
+        self.last_positions = {name: found.get(name, 0) for name in names}
+        self.last_position = self.last_positions[self._projection]
+        return self.last_positions
+
     async def position(self) -> int:
         value = await self._pool.fetchval(
             "SELECT position FROM projection_checkpoints WHERE name = $1", self._projection
         )
         self.last_position = int(value or 0)
+        self.last_positions[self._projection] = self.last_position
         return self.last_position

@@ -310,7 +310,7 @@ async def test_postgres_killed_pauses_the_projectors_and_they_catch_up_to_a_clea
             assert events[-1].data == "ok", events[-3:]
             _, ready = await api.request("GET", "/readyz")
             assert ready["projection_lag"] > lag_before, (lag_before, ready)
-            lag_metric = await metric(api, "parley_projection_lag_events")
+            lag_metric = await metric(api, 'parley_projection_lag_events{projection="read_models"}')
             assert lag_metric is not None and lag_metric >= ready["projection_lag"], lag_metric
             assert services.restarts.get("projector-read_models", 0) >= 1, services.restarts
 

@@ -7,14 +7,19 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
+import nats
 import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
+from api.app import create_app
+from events.ids import new_id
 from events.log import EventLog
 from events.vocabulary import Done
 from parley.metrics import Metrics, metrics_app
 from parley.services import Servers, Services
+from projections.db import create_pool
+from tests.conftest import _edge_config as edge_config
 from tests.conftest import extra_edge
 from tests.sse import SseClient
 
@@ -90,6 +95,51 @@ async def test_a_turn_moves_the_turn_token_latency_and_request_counters(
     assert value(after, "parley_projection_errors") >= 0
 
 
+async def test_each_projections_lag_is_scraped_the_billing_one_too(
+    stack: Servers, api: SseClient, http: aiohttp.ClientSession
+) -> None:
+    """`parley_projection_lag_events` was the read models' lag alone: a billing
+    projection 270,000 entries behind (its ledger and balances that far out of date)
+    showed as a lag of 0. Each projection's lag is a sample of its own now. Here an
+    edge on a schema of its own, where the billing projection's checkpoint is 7
+    entries behind the read models'."""
+    schema = f"lag_{new_id().lower()}"
+    pool = await create_pool(stack.database_url, schema, max_size=2)
+    try:
+        cid = (await api.create_conversation())["id"]
+        await api.send_stream(cid, "something to be behind on [[tokens=5]]")
+        head = await _head(stack)
+        await pool.execute(
+            "INSERT INTO projection_checkpoints (name, position) VALUES ($1, $2), ($3, $4)",
+            "read_models",
+            head,
+            "billing",
+            head - 7,
+        )
+        edge = TestServer(create_app(edge_config(stack, {"db_schema": schema}), Metrics()))
+        await edge.start_server()
+        try:
+            samples = await scrape(http, str(edge.make_url("")).rstrip("/"))
+        finally:
+            await edge.close()
+        read_models = value(samples, "parley_projection_lag_events", projection="read_models")
+        billing = value(samples, "parley_projection_lag_events", projection="billing")
+        assert ("parley_projection_lag_events", frozenset()) not in samples, samples
+        assert billing - read_models == 7, samples
+    finally:
+        await pool.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        await pool.close()
+
+
+async def _head(stack: Servers) -> int:
+    """CHAT_EVT's last sequence now."""
+    nc = await nats.connect(stack.nats_url)
+    try:
+        return int((await nc.jetstream().stream_info("CHAT_EVT")).state.last_seq)
+    finally:
+        await nc.close()
+
+
 async def test_an_open_stream_is_an_sse_viewer_until_it_closes(
     api: SseClient, services: Services, http: aiohttp.ClientSession
 ) -> None:
@@ -126,11 +176,12 @@ def test_a_projection_lag_not_readable_now_is_left_out_not_kept_stale() -> None:
     def rendered() -> Samples:
         return parsed(metrics.render()[0].decode())
 
-    metrics.projection(lag=0, errors=3)
+    metrics.projection(lags={"read_models": 0, "billing": 2}, errors=3)
     read = rendered()
-    assert read[("parley_projection_lag_events", frozenset())] == 0, read
+    assert value(read, "parley_projection_lag_events", projection="read_models") == 0, read
+    assert value(read, "parley_projection_lag_events", projection="billing") == 2, read
     assert read[("parley_projection_errors", frozenset())] == 3, read
-    metrics.projection(lag=None, errors=None)
+    metrics.projection(lags=None, errors=None)
     names = {name for name, _ in rendered()}
     assert not names & {"parley_projection_lag_events", "parley_projection_errors"}, names
 
