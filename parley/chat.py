@@ -326,6 +326,10 @@ class Chat:
             def interrupted() -> None:
                 nonlocal stopping
                 if reading.done():
+                    # the turn ended (the first Ctrl-C's stop came through) as the second
+                    # came: it quits all the same, as it would at the prompt
+                    if stopping is not None:
+                        quitting.set()
                     return
                 if stopping is None:
                     self.draw(view.cancelling())
