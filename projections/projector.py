@@ -84,7 +84,7 @@ class Projector:
         self._pool = pool
         self.projection = projection
         self.name = projection.name
-        self._batch_max = batch_max
+        self.batch_max = batch_max  # entries a batch (one transaction) holds at most
         self._linger_s = linger_s
         # a projection with no chunk handler never needs a chunk decoded
         self.skip_prefix: bytes | None = None if Chunk in projection.handled else CHUNK_PREFIX
@@ -125,7 +125,7 @@ class Projector:
                     # The lock went with its connection: a standby may be applying
                     # now. Stop; the supervisor restarts us as a standby or leader.
                     raise LockLost(f"projection {self.name}: the lock's connection closed")
-                batch = await feed.next_batch(self._batch_max, wait_s=1.0, stop=stopping)
+                batch = await feed.next_batch(self.batch_max, wait_s=1.0, stop=stopping)
                 if not batch:
                     continue
                 self.batches += 1
@@ -154,7 +154,7 @@ class Projector:
         return LogFeed(
             self._js,
             self.position,
-            window=self._batch_max,
+            window=self.batch_max,
             gather_s=self._linger_s,
             busy_gather_s=max(self._linger_s, BUSY_LINGER_S),
             busy_batch=BUSY_BATCH,

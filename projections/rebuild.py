@@ -196,7 +196,15 @@ async def _prefetched(
     )
     async for read in ranges:
         projector.counts["chunk"] += read.skipped
-        await projector.apply(projector.decode(read.kept), through=read.hi)
+        # a batch at a time, as the projector follows the log: decoded whole, a range
+        # of a log without chunks was every one of its events at once, and their writes
+        kept, step = read.kept, projector.batch_max
+        for start in range(0, max(1, len(kept)), step):
+            batch = kept[start : start + step]
+            last = start + step >= len(kept)
+            await projector.apply(
+                projector.decode(batch), through=read.hi if last else batch[-1].seq
+            )
         if progress is not None:
             progress(projector.position, head)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator
@@ -20,12 +21,13 @@ import asyncpg
 import pytest
 from nats.aio.client import Client as NatsClient
 
+import projections.prefetch
 from events.ids import new_id
 from parley.services import Servers, Services
 from projections.billing import BILLING
 from projections.db import create_pool, drop_schema
 from projections.handlers import READ_MODELS
-from projections.prefetch import plan_ranges
+from projections.prefetch import in_order, plan_ranges, prefetch
 from projections.projector import Projector
 from projections.rebuild import RebuildError, rebuild, side_schema
 from tests.conftest import SECRET, token_for
@@ -323,11 +325,69 @@ def test_a_stretch_of_the_log_is_cut_into_ranges_that_cover_it_once() -> None:
         ranges = plan_ranges(after, head, parts)
         covered = [seq for lo, hi in ranges for seq in range(lo, hi + 1)]
         assert covered == list(range(after + 1, head + 1)), (after, head, parts)
+    # a long stretch is cut finer than one range per worker: a range is what a reader
+    # holds at once, so it is bounded, not a share of the log
+    assert plan_ranges(0, 10, 2, span=3) == [(1, 2), (3, 5), (6, 7), (8, 10)]
+    for after, head, parts, span in [(0, 1_000_001, 2, 50_000), (17, 4_003, 4, 7), (0, 9, 2, 20)]:
+        ranges = plan_ranges(after, head, parts, span)
+        assert all(hi - lo + 1 <= span for lo, hi in ranges), (after, head, span)
+        assert len(ranges) >= min(parts, head - after)
+        covered = [seq for lo, hi in ranges for seq in range(lo, hi + 1)]
+        assert covered == list(range(after + 1, head + 1)), (after, head, parts, span)
+
+
+async def test_ranges_are_read_ahead_only_as_far_as_there_are_readers() -> None:
+    """Ranges finished and not yet applied are held in memory: no more than `ahead` are
+    ever asked for beyond the one handed out, whatever the number of ranges, and they
+    come in order even when later ones finish first."""
+    started: list[int] = []
+    handed: list[int] = []
+
+    async def read(item: int) -> int:
+        started.append(item)
+        for _ in range(10 - item % 10):  # later ranges finish first
+            await asyncio.sleep(0)
+        return item
+
+    async for item in in_order(read, range(40), ahead=2):
+        assert len(started) <= len(handed) + 1 + 2, (handed, started)
+        handed.append(item)
+        for _ in range(20):  # the caller applies; readers run meanwhile
+            await asyncio.sleep(0)
+    assert handed == list(range(40)) and started == list(range(40))
+
+
+async def test_worker_processes_read_the_log_in_ranges_of_bounded_length(
+    services: Services, stack: Servers, nc: NatsClient
+) -> None:
+    cid = new_id()
+    for n in range(30):
+        await publish_raw(nc, cid, raw_event(cid, "chunk", turn_id="t", kind="answer", text=str(n)))
+        await publish_raw(nc, cid, raw_event(cid, "title", title=str(n), source="auto"))
+    head = await _head(nc)
+    after = head - 60
+    reads = [
+        read
+        async for read in prefetch(
+            stack.nats_url, after, head, workers=2, skip_prefix=b'{"type": "chunk"', span=8
+        )
+    ]
+    bounds = [after] + [read.hi for read in reads]
+    assert bounds[-1] == head and all(0 < hi - lo <= 8 for lo, hi in itertools.pairwise(bounds))
+    assert sum(read.skipped for read in reads) == 30
+    kept = [raw.seq for read in reads for raw in read.kept]
+    assert kept == list(range(after + 2, head + 1, 2)), "every title, once, in order"
 
 
 async def test_a_rebuild_read_by_worker_processes_builds_the_same_rows(
-    api: SseClient, services: Services, stack: Servers, nc: NatsClient
+    api: SseClient,
+    services: Services,
+    stack: Servers,
+    nc: NatsClient,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # many short ranges, each applied in several batches: what a long log is cut into
+    monkeypatch.setattr(projections.prefetch, "SPAN", 40)
     admin = SseClient(api.http, api.base_url, token_for("admin", admin=True))
     ids = await _workload(api, nc)
     billed, project = await _project_workload(api, admin)
@@ -349,6 +409,7 @@ async def test_a_rebuild_read_by_worker_processes_builds_the_same_rows(
                 nats_url=stack.nats_url,
                 workers=2,
                 parallel_from=0,  # however short the log, read it in two processes
+                batch_max=7,
             )
             assert report.counts.get("chunk", 0) > 0 and report.position >= head, report
         expected = await _snapshot(db, live, ids, head)
