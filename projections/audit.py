@@ -28,8 +28,9 @@ Nothing here trusts the projection: it is what is being checked.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
-from typing import TypeVar
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -111,9 +112,24 @@ class NotRead(msgspec.Struct, frozen=True):
     error: str
 
 
+class Charge(msgspec.Struct, frozen=True, gc=False):
+    """A turn's charge as the book keeps it: who paid, how much. The rest of the event
+    is in the turn's ledger row (made of its first charge); the whole event was kept
+    for every billed turn of the log, for the whole run."""
+
+    account: str
+    cost: int
+
+
 class Book(msgspec.Struct):
+    """What the audit needs of the log, folded: per billed turn its facts, its
+    charges and its ledger row; per account its totals; per conversation its project;
+    the grants and the held reservations. Values that repeat from turn to turn (a
+    conversation, an account, a user, how a turn ended) are one string each, shared
+    (`_shared`), not a copy per turn: the rest is what the comparison needs."""
+
     turns: dict[str, BilledTurn] = {}
-    charges: dict[str, list[TurnCharged]] = {}
+    charges: dict[str, list[Charge]] = {}
     # each charged turn's ledger row, made as the projection makes it: from its
     # first charge, with the debt the balance before it left
     ledger: dict[str, LedgerRow] = {}
@@ -141,14 +157,14 @@ def fold_book(book: Book, event: AnyEvent | Unreadable, *, seq: int = 0, subject
         case Unreadable():
             book.not_read.append(NotRead(seq, subject, event.type, event.error[:200]))
         case ConversationCreated():
-            book.projects[event.conversation_id] = event.project_id
+            book.projects[_shared(event.conversation_id)] = _shared_or_none(event.project_id)
         case Started():
             if event.payer:
                 book.turns[event.turn_id] = BilledTurn(
                     turn_id=event.turn_id,
-                    conversation_id=event.conversation_id,
+                    conversation_id=_shared(event.conversation_id),
                     project_id=book.projects.get(event.conversation_id),
-                    payer=event.payer,
+                    payer=_shared(event.payer),
                     prices=event.prices,
                     started_at=event.at,
                 )
@@ -188,13 +204,16 @@ def fold_book(book: Book, event: AnyEvent | Unreadable, *, seq: int = 0, subject
                 )
                 _move(book, event.account, reserved=event.amount)
         case TurnCharged():
-            charges = book.charges.setdefault(event.turn_id, [])
-            charges.append(event)
+            billed = book.turns.get(event.turn_id)
+            # the turn's own id string, not a copy of it for each of the three dicts
+            turn_id = event.turn_id if billed is None else billed.turn_id
+            charges = book.charges.setdefault(turn_id, [])
+            charges.append(Charge(_shared(event.account), event.cost))
             if len(charges) > 1:
                 return  # the fold of an account counts a turn's charge once
             before = _move(book, event.account).balance
-            book.ledger[event.turn_id] = LedgerRow.of(
-                event, debt=max(0, event.cost - max(0, before)), seq=seq
+            book.ledger[turn_id] = LedgerRow.of(
+                event, debt=max(0, event.cost - max(0, before)), seq=seq, turn_id=turn_id
             )
             held = book.reservations.pop(event.turn_id, None)
             released = held.amount if held is not None else 0
@@ -239,26 +258,52 @@ class LedgerRow(msgspec.Struct, frozen=True):
     seq: int
 
     @classmethod
-    def of(cls, charge: TurnCharged, *, debt: int, seq: int) -> LedgerRow:
-        """The row a faithful projection makes of `charge`, the turn's first."""
+    def of(
+        cls, charge: TurnCharged, *, debt: int, seq: int, turn_id: str | None = None
+    ) -> LedgerRow:
+        """The row a faithful projection makes of `charge`, the turn's first (`turn_id`:
+        the same id, as a string the caller already holds)."""
         return cls(
-            turn_id=charge.turn_id,
-            account=charge.account,
+            turn_id=charge.turn_id if turn_id is None else turn_id,
+            account=_shared(charge.account),
             cost=charge.cost,
-            conversation_id=charge.conversation_id,
-            user_id=charge.user_id,
-            project_id=charge.project_id,
+            conversation_id=_shared(charge.conversation_id),
+            user_id=_shared(charge.user_id),
+            project_id=_shared_or_none(charge.project_id),
             input_tokens=charge.input_tokens,
             output_tokens=charge.output_tokens,
             input_price=charge.input_price,
             output_price=charge.output_price,
             tokens_estimated=charge.tokens_estimated,
             reserved=charge.reserved,
-            turn_end=charge.end,
+            turn_end=_shared(charge.end),
             debt=debt,
             charged_at=timestamp(charge.at),
             seq=seq,
         )
+
+    @classmethod
+    def read(cls, row: Mapping[str, Any]) -> LedgerRow:
+        """A ledger row as Postgres gives it, its repeating values shared as the book's."""
+        values: dict[str, Any] = {
+            name: _shared_or_none(value) if name in _REPEATING else value
+            for name, value in row.items()
+        }
+        return cls(**values)
+
+
+# the ledger's columns whose values repeat from row to row
+_REPEATING = frozenset({"account", "conversation_id", "user_id", "project_id", "turn_end"})
+
+
+def _shared(value: str) -> str:
+    """One string object for equal values that recur (ids of conversations, accounts and
+    users): the audit holds one per billed turn, or several, for the whole run."""
+    return sys.intern(value)
+
+
+def _shared_or_none(value: str | None) -> str | None:
+    return None if value is None else sys.intern(value)
 
 
 class Rows(msgspec.Struct):
@@ -444,7 +489,7 @@ def _differing(want: msgspec.Struct, got: msgspec.Struct) -> str:
     )
 
 
-def _costs(charges: list[TurnCharged]) -> str:
+def _costs(charges: list[Charge]) -> str:
     return ", ".join(f"{c.cost} to {c.account}" for c in charges)
 
 

@@ -179,6 +179,14 @@ class _Connection:
         await self._pool._before(query)
         return await self._conn.fetch(query, *args)
 
+    def cursor(self, query: str, *args: Any, **options: Any) -> AsyncIterator[Any]:
+        async def rows() -> AsyncIterator[Any]:
+            await self._pool._before(query)
+            async for row in self._conn.cursor(query, *args, **options):
+                yield row
+
+        return rows()
+
 
 async def test_a_turn_charged_while_the_audit_reads_is_no_mismatch(
     stack: Servers,

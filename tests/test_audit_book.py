@@ -29,6 +29,7 @@ from parley.audit_command import Summary, render, summarise
 from projections.audit import (
     AccountRow,
     Book,
+    Charge,
     GrantRow,
     Mismatch,
     ReservationRow,
@@ -389,3 +390,27 @@ def test_the_summary_of_a_large_book_is_linear_in_its_turns() -> None:
 
     small, large = lines_run(200), lines_run(400)
     assert large < 2.5 * small, (small, large)
+
+
+def test_the_book_holds_a_billed_turn_once_sharing_what_repeats() -> None:
+    """The audit holds every billed turn of the log for the whole run: of a charge only
+    who paid and how much (its ledger row has the rest), one string for a turn's id
+    whichever event named it, and one for each value that recurs from turn to turn
+    (conversation, account, user, how it ended), not a copy per turn. Decoded from
+    bytes, as the audit reads the log, every event's strings are new objects."""
+    book = Book()
+    for seq, event in enumerate(clean_log(), start=1):
+        fold_book(book, decode_entry(msgspec.json.encode(event)), seq=seq)
+    first, second = book.ledger["t1"], book.ledger["t2"]
+    assert book.charges == {
+        "t1": [Charge(ACCOUNT, first.cost)],
+        "t2": [Charge(ACCOUNT, second.cost)],
+    }
+    for turn_id in ("t1", "t2"):
+        (key,) = (k for k in book.ledger if k == turn_id)
+        assert key is book.ledger[turn_id].turn_id is book.turns[turn_id].turn_id
+        assert next(k for k in book.charges if k == turn_id) is key
+    for name in ("account", "conversation_id", "user_id", "project_id", "turn_end"):
+        assert getattr(first, name) is getattr(second, name), name
+    assert book.turns["t1"].payer is book.turns["t2"].payer is first.account
+    assert book.turns["t1"].conversation_id is book.turns["t2"].conversation_id
