@@ -480,12 +480,7 @@ async def test_a_turn_cancelled_before_it_ran_bills_what_its_early_call_was_answ
             # the model has written the whole second answer
             while (await demo_streams(http, demo_model_url))["open"] > before["open"]:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
-        cancel_settled = Delivery()
-        cancel = CancelTurn(conversation_id=cid, command_id=new_id(), user_id="u", at=1)
-        inbox.put_nowait((cancel, cancel_settled))
-        await _settled(cancel_settled)
-        starts.gate.set()
-        await until(event_log, cid, _has(Cancelled), "the second turn's end")
+        await _cancelled_as_it_starts(event_log, cid, inbox, starts)
     events = [s.event for s in await event_log.read(cid)]
     last = max(i for i, e in enumerate(events) if isinstance(e, Started))
     turn = events[last:]
@@ -495,6 +490,19 @@ async def test_a_turn_cancelled_before_it_ran_bills_what_its_early_call_was_answ
     # the provider's own count, which came with the answer: not an estimate
     assert cancelled.output_tokens == 5 and cancelled.input_tokens > 0, cancelled
     assert not cancelled.tokens_estimated
+
+
+async def _cancelled_as_it_starts(
+    event_log: EventLog, cid: str, inbox: Inbox, starts: Hold
+) -> None:
+    """Cancel the turn whose `started` `starts` holds; once the actor has settled the
+    cancel, let the start go on, and wait for the turn's end."""
+    cancel_settled = Delivery()
+    cancel = CancelTurn(conversation_id=cid, command_id=new_id(), user_id="u", at=1)
+    inbox.put_nowait((cancel, cancel_settled))
+    await _settled(cancel_settled)
+    starts.gate.set()
+    await until(event_log, cid, _has(Cancelled), "the turn's end")
 
 
 # A non-streamed answer, as a server that ignores `stream: true` sends it.
@@ -557,12 +565,7 @@ async def test_a_turn_cancelled_before_it_ran_bills_an_early_call_answered_whole
             async with asyncio.timeout(20):
                 await starts.holding.wait()  # the second turn's `started`
                 await second_answered.wait()
-            cancel_settled = Delivery()
-            cancel = CancelTurn(conversation_id=cid, command_id=new_id(), user_id="u", at=1)
-            inbox.put_nowait((cancel, cancel_settled))
-            await _settled(cancel_settled)
-            starts.gate.set()
-            await until(event_log, cid, _has(Cancelled), "the second turn's end")
+            await _cancelled_as_it_starts(event_log, cid, inbox, starts)
     finally:
         queued_in.set()
         starts.gate.set()
