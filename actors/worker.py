@@ -341,6 +341,8 @@ class WorkerHost:
         except (redis.exceptions.RedisError, OSError) as err:
             log.info("no recovery scan without Redis", extra={"error": describe(err)})
             return
+        if self._winding_down:
+            return  # stopping: the next owner recovers them
         # those still ours: the scan ran beside the lease loop, which may have lost some
         partitions = partitions & self.leases.owned.keys()
         for cid in conversations:
