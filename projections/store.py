@@ -214,11 +214,15 @@ class ReadStore:
         self.queries = BoundedQueries(pool, timeout_s)
         self._pool = self.queries
         self._projection = projection
-        # The position last read: while Postgres is away the checkpoint cannot move
-        # (it moves only by a commit there), so the lag is still known from it.
-        self.last_position: int | None = None
-        # every projection's, as `positions` (or, the read models', `position`) read them last
+        # Every projection's position as `positions` (or, the read models', `position`)
+        # read it last: while Postgres is away a checkpoint cannot move (it moves only
+        # by a commit there), so the lag is still known from it.
         self.last_positions: dict[str, int] = {}
+
+    @property
+    def last_position(self) -> int | None:
+        """The read models' position last read; None before the first read."""
+        return self.last_positions.get(self._projection)
 
     async def conversation(self, conversation_id: str) -> ConversationRow | None:
         row = await self._pool.fetchrow(
@@ -362,13 +366,11 @@ class ReadStore:
         found = {str(row["name"]): int(row["position"] or 0) for row in rows}
         names = [*PROJECTIONS, self._projection]
         self.last_positions = {name: found.get(name, 0) for name in names}
-        self.last_position = self.last_positions[self._projection]
         return self.last_positions
 
     async def position(self) -> int:
         value = await self._pool.fetchval(
             "SELECT position FROM projection_checkpoints WHERE name = $1", self._projection
         )
-        self.last_position = int(value or 0)
-        self.last_positions[self._projection] = self.last_position
-        return self.last_position
+        self.last_positions[self._projection] = position = int(value or 0)
+        return position
