@@ -315,16 +315,27 @@ async def list_conversations(request: web.Request) -> web.Response:
     )
 
 
+def _packed(first: str, second: str) -> str:
+    """A cursor of two parts, opaque to clients: base64url of `first|second`."""
+    return base64.urlsafe_b64encode(f"{first}|{second}".encode()).decode().rstrip("=")
+
+
+def _unpacked(cursor: str) -> tuple[str, str]:
+    """The two parts of a `_packed` cursor; ValueError when it is not base64url of text
+    (binascii.Error and UnicodeDecodeError are ValueErrors)."""
+    raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    first, _, second = raw.partition("|")
+    return first, second
+
+
 def _cursor(row: ConversationRow) -> str:
-    """Where the list goes on after `row`: opaque to clients (base64url of its sort key)."""
-    key = f"{row.updated_at.isoformat()}|{row.id}".encode()
-    return base64.urlsafe_b64encode(key).decode().rstrip("=")
+    """Where the list goes on after `row` (its sort key)."""
+    return _packed(row.updated_at.isoformat(), row.id)
 
 
 def _read_cursor(cursor: str) -> tuple[dt.datetime, str]:
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        at, _, conversation_id = raw.partition("|")
+        at, conversation_id = _unpacked(cursor)
         when = dt.datetime.fromisoformat(at)
         # in UTC here, where a time at the calendar's edge fails, not in the driver
         utc = when.astimezone(dt.UTC) if when.tzinfo is not None else None
@@ -371,10 +382,9 @@ async def list_messages(request: web.Request) -> web.Response:
 
 
 def _message_cursor(conversation_id: str, seq: int) -> str:
-    """Where the page before goes on: opaque to clients (base64url of the conversation
-    and the seq of this page's first row)."""
-    key = f"{conversation_id}|{seq}".encode()
-    return base64.urlsafe_b64encode(key).decode().rstrip("=")
+    """Where the page before goes on: the conversation and the seq of this page's
+    first row."""
+    return _packed(conversation_id, str(seq))
 
 
 def _read_message_cursor(cursor: str, conversation_id: str) -> int:
@@ -383,10 +393,9 @@ def _read_message_cursor(cursor: str, conversation_id: str) -> int:
     of another conversation too: refused, whatever that conversation is, saying nothing
     of it)."""
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        of, _, seq = raw.partition("|")
+        of, seq = _unpacked(cursor)
         position = int(seq) if seq.isdigit() and seq.isascii() else 0
-    except ValueError:  # binascii.Error, UnicodeDecodeError: ValueErrors
+    except ValueError:
         position = 0
         of = ""
     if of != conversation_id or not 0 < position <= MAX_POSITION:
