@@ -110,6 +110,7 @@ from events.ids import new_id
 from events.subjects import EVT_STREAM, valid_id
 from events.turns import TurnRecord
 from events.vocabulary import TITLE_LIMIT, ConversationCreated
+from projections.poison import log_behind_reason
 from projections.store import ConversationRow, bounded
 
 log = logging.getLogger(__name__)
@@ -474,7 +475,8 @@ async def readyz(request: web.Request) -> web.Response:
 async def _readiness(app: web.Application) -> tuple[bytes, int]:
     timeout = app[CONFIG].ready_timeout_s
     projection_errors: int | None = None
-    position: int | None = None
+    positions: dict[str, int] | None = None
+    stopped: list[str] = []
     head: int | None = None
 
     async def nats() -> None:
@@ -484,9 +486,10 @@ async def _readiness(app: web.Application) -> tuple[bytes, int]:
         head = int((await app[JS].stream_info(EVT_STREAM)).state.last_seq)
 
     async def postgres() -> None:
-        nonlocal projection_errors, position
+        nonlocal projection_errors, positions, stopped
         projection_errors = await app[STORE].projection_error_count()
-        position = await app[STORE].position()
+        positions = dict(await app[STORE].positions())
+        stopped = await app[STORE].stopped_projections()
 
     async def redis() -> None:
         # a write, not a PING: a Redis at its maxmemory, or a read-only replica,
@@ -500,10 +503,18 @@ async def _readiness(app: web.Application) -> tuple[bytes, int]:
         _probe("redis", redis(), timeout),
     )
     reasons = [reason for reason in (on_nats, on_postgres, on_redis) if reason is not None]
-    lag = _lag(head, position if position is not None else app[STORE].last_position)
+    lag = _lag(head, app[STORE].last_position)
     bound = app[CONFIG].max_projection_lag
     if lag is not None and bound and lag > bound:
         reasons.append(f"the read models are {lag} events behind the log (bound {bound})")
+    # A checkpoint past the log's end: the log was restored or made again (README
+    # "Restoring or recreating the log"); the projector refuses it and says why.
+    reasons.extend(stopped)
+    if head is not None:
+        behind = [
+            log_behind_reason(n, at, head) for n, at in (positions or {}).items() if at > head
+        ]
+        reasons.extend(reason for reason in behind if reason not in stopped)
     body = Readiness(
         status="not_ready" if reasons else "ready",
         checks=Checks(

@@ -74,6 +74,15 @@ async def connect(url: str, *, name: str, reconnect_forever: bool = True) -> Ent
     return await connect_client(EntryClient(), url, name=name, reconnect_forever=reconnect_forever)
 
 
+class LogBehind(Exception):
+    """The log ends before a position already read from it: it is not the same log."""
+
+
+async def log_end(js: JetStreamContext) -> int:
+    """CHAT_EVT's last position (kept when entries are removed from its start)."""
+    return int((await js.stream_info(EVT_STREAM)).state.last_seq)
+
+
 # A request waits this long on the server for entries before it expires (408).
 _REQUEST_EXPIRES_S = 20.0
 # A `no_wait` request is answered at once; one unanswered after this was lost
@@ -236,6 +245,15 @@ class LogFeed:
     # ------------------------------------------------------------ consumer
 
     async def _start(self) -> None:
+        end = await log_end(self._js)
+        if self.last > end:
+            # The log was replaced under us (restored from an older copy, deleted and
+            # made again): a consumer from `last` would wait, silent, for positions
+            # the new log reuses, and hand out what comes after them.
+            raise LogBehind(
+                f"the log ends at {end}, before position {self.last} that this feed"
+                " reached: it was restored from an older copy, or deleted and created again"
+            )
         self._consumer = f"parley-feed-{new_id()}"
         config = reader_consumer(self._filter, self.last, name=self._consumer)
         await self._js.add_consumer(EVT_STREAM, config)

@@ -17,6 +17,19 @@ from events.vocabulary import AnyEvent
 
 SKIPPED = "skipped"
 SANITISED = "sanitised"
+# Not an event's rule: the checkpoint names a position past the end of the log (it
+# was restored from an older copy, or deleted and made again). The projection
+# stops until it is rebuilt from the log there is (projections/projector.py).
+LOG_BEHIND = "log_behind"
+
+
+def log_behind_reason(projection: str, position: int, end: int) -> str:
+    return (
+        f"projection {projection} was applied up to position {position}, but CHAT_EVT ends at"
+        f" {end}: the log was restored from an older copy, or deleted and created again, and"
+        " the rows are of the log that was. Nothing more is applied until"
+        " `parley projections rebuild` builds them from this log"
+    )
 
 
 def storable(text: str | None) -> str | None:

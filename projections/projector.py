@@ -49,9 +49,17 @@ from events.follow import RawEvent
 from events.log import StoredEvent
 from events.subjects import conversation_of
 from events.vocabulary import AnyEvent, Chunk, event_type
-from projections.feed import LogFeed
+from projections.feed import LogBehind, LogFeed, log_end
 from projections.handlers import READ_MODELS
-from projections.poison import SANITISED, SKIPPED, raw_bytes, sanitised, storable
+from projections.poison import (
+    LOG_BEHIND,
+    SANITISED,
+    SKIPPED,
+    log_behind_reason,
+    raw_bytes,
+    sanitised,
+    storable,
+)
 from projections.registry import Projection, Write
 
 log = logging.getLogger(__name__)
@@ -117,6 +125,7 @@ class Projector:
 
     async def _follow(self, stopping: asyncio.Event, lock_conn: Any) -> None:
         self.position = await self.load_position(lock_conn)
+        await self._check_log(lock_conn)
         feed = self._feed()
         self.ready.set()
         try:
@@ -145,6 +154,45 @@ class Projector:
                     feed = self._feed()
         finally:
             await feed.close()
+
+    async def _check_log(self, conn: Any) -> None:
+        """Refuse to follow a log that ends before the checkpoint (`LogBehind`).
+
+        The checkpoint only ever moves to positions read from the log, so one past
+        its end means the log is not the one the rows were projected from: restored
+        from an older copy, or deleted and made again. Its next appends reuse
+        positions the rows already hold, and following from the checkpoint would
+        pass them over without a word, then apply what comes after in the middle of
+        turns it never saw. So the projection stops, and says so in
+        `projection_errors` (`parley projections errors`, `/readyz`), which keeps it
+        stopped after the log has grown past the old checkpoint too, until
+        `parley projections rebuild` builds it from the log there is (the rebuild
+        replaces that row with its own)."""
+        reason = await conn.fetchval(
+            "SELECT reason FROM projection_errors WHERE projection = $1 AND rule = $2 LIMIT 1",
+            self.name,
+            LOG_BEHIND,
+        )
+        if reason is not None:
+            raise LogBehind(reason)
+        end = await log_end(self._js)
+        if self.position <= end:
+            return
+        reason = log_behind_reason(self.name, self.position, end)
+        log.error(
+            "checkpoint past the end of the log; not following it",
+            extra={"projection": self.name, "position": self.position, "log_end": end},
+        )
+        await conn.execute(
+            "INSERT INTO projection_errors (projection, seq, conversation_id, event_type, rule,"
+            " reason, raw) VALUES ($1, $2, NULL, '', $3, $4, NULL)"
+            " ON CONFLICT (projection, seq) DO UPDATE SET rule = $3, reason = $4",
+            self.name,
+            self.position,
+            LOG_BEHIND,
+            reason,
+        )
+        raise LogBehind(reason)
 
     def _feed(self) -> LogFeed:
         # A trickle gathers `linger_s` on the server: what follows within a few

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from projections.catalog import PROJECTIONS
+from projections.poison import LOG_BEHIND
 
 T = TypeVar("T")
 
@@ -357,6 +358,15 @@ class ReadStore:
     async def projection_error_count(self) -> int:
         value = await self._pool.fetchval("SELECT count(*) FROM projection_errors")
         return int(value or 0)
+
+    async def stopped_projections(self) -> list[str]:
+        """Why each projection that stopped for a log that ends before its checkpoint
+        did (projections.projector `_check_log`); [] when none did."""
+        rows = await self._pool.fetch(
+            "SELECT reason FROM projection_errors WHERE rule = $1 ORDER BY projection",
+            LOG_BEHIND,
+        )
+        return [str(row["reason"]) for row in rows]
 
     async def positions(self) -> dict[str, int]:
         """Every projection's position by name (the read models' and the billing

@@ -1,0 +1,127 @@
+"""A log that ends before the projections' checkpoints: restored from an older copy of
+the NATS store, or deleted and created again.
+
+Postgres is then ahead of the log: the checkpoints name positions the log does
+not have yet, and the log's next appends reuse them. The session's log cannot be
+cut back under the other tests, so each test gives a projection of its own schema
+a checkpoint past the log's end, which is what such a projection looks like.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from nats.aio.client import Client as NatsClient
+
+from events.codec import encode
+from events.ids import new_id
+from events.log import EventLog
+from events.vocabulary import Chunk
+from parley.services import Servers
+from projections.db import create_pool, drop_schema
+from projections.feed import LogBehind, LogFeed, log_end
+from projections.handlers import READ_MODELS
+from projections.projector import Projector
+from projections.rebuild import rebuild
+from projections.store import ReadStore
+from tests.conftest import extra_edge
+from tests.test_poison import publish_raw
+from tests.test_projection import _wait_position, running
+
+# How far past the log's end the checkpoint is put: more than anything else in the
+# session appends while a test runs (nothing does, between tests' requests).
+AHEAD = 20
+
+
+@pytest.fixture
+async def schema(stack: Servers) -> AsyncIterator[tuple[str, Any]]:
+    name = f"behind_{new_id().lower()}"
+    pool = await create_pool(stack.database_url, name, max_size=4)
+    yield name, pool
+    await pool.close()
+    await drop_schema(stack.database_url, name)
+
+
+async def _chunks(nc: NatsClient, count: int) -> int:
+    """Append `count` entries no projection writes a row for; the last one's position."""
+    conversation = new_id()
+    seq = 0
+    for _ in range(count):
+        chunk = Chunk(
+            conversation_id=conversation,
+            at=0,
+            event_id=new_id(),
+            turn_id="t",
+            kind="answer",
+            text=".",
+        )
+        seq = await publish_raw(nc, conversation, encode(chunk))
+    return seq
+
+
+async def _refused(projector: Projector) -> str:
+    """Run `projector` until it stops by itself; what it refused with."""
+    with pytest.raises(LogBehind) as refused:
+        await asyncio.wait_for(projector.run(asyncio.Event()), 30)
+    return str(refused.value)
+
+
+async def _readiness(stack: Servers, schema: str) -> tuple[int, dict[str, Any]]:
+    async with (
+        extra_edge(stack, db_schema=schema) as base,
+        aiohttp.ClientSession() as http,
+        http.get(f"{base}/readyz") as response,
+    ):
+        return response.status, await response.json()
+
+
+async def test_a_checkpoint_past_the_log_s_end_stops_the_projector_until_a_rebuild(
+    stack: Servers, nc: NatsClient, event_log: EventLog, schema: tuple[str, Any]
+) -> None:
+    name, pool = schema
+    js = nc.jetstream()
+    end = await log_end(js)
+    await pool.execute(
+        "INSERT INTO projection_checkpoints (name, position) VALUES ($1, $2)",
+        READ_MODELS.name,
+        end + AHEAD,
+    )
+    # /readyz says so before any projector ran
+    status, body = await _readiness(stack, name)
+    assert status == 503, body
+    assert any("projections rebuild" in reason for reason in body["reasons"]), body
+
+    # The projector refuses to follow from a position the log does not have, and
+    # says why and what to do, rather than wait for the log to get there.
+    reason = await _refused(Projector(js, pool, projection=READ_MODELS))
+    assert f"up to position {end + AHEAD}" in reason and "projections rebuild" in reason
+    assert await ReadStore(pool).stopped_projections() == [reason]
+    status, body = await _readiness(stack, name)
+    assert status == 503 and reason in body["reasons"], body
+
+    # A feed asked to go on after a position past the log's end refuses too (the log
+    # replaced under a running projector: its consumer is made again from there).
+    feed = LogFeed(js, end + AHEAD)
+    with pytest.raises(LogBehind):
+        await feed.next_batch(10, wait_s=0.1)
+    await feed.close()
+
+    # Once the log has grown past the old checkpoint, the projection is still not
+    # followed from it: what lies below it in this log was never applied.
+    assert await _chunks(nc, AHEAD + 5) > end + AHEAD
+    assert await _refused(Projector(js, pool, projection=READ_MODELS)) == reason
+    status, body = await _readiness(stack, name)
+    assert status == 503 and reason in body["reasons"], body
+
+    # The documented way out: a rebuild from this log, and the projector follows it.
+    report = await rebuild(js, stack.database_url, name, READ_MODELS)
+    assert await ReadStore(pool).stopped_projections() == []
+    projector = Projector(js, pool, projection=READ_MODELS)
+    async with running(projector):
+        await _wait_position(projector, max(report.position, await _chunks(nc, 1)))
+    status, body = await _readiness(stack, name)
+    assert not [r for r in body["reasons"] if "rebuild" in r], body
