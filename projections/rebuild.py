@@ -16,7 +16,9 @@ go on afterwards without losing or doubling an event. So:
    Postgres, is what a rebuild waits on) and applied range by range in order.
 3. **Swap, in one transaction on the live schema.**
    - lock the live checkpoint row (`FOR UPDATE`): the live projector's next
-     batch waits on it, and the row says how far the live tables are (L);
+     batch waits on it, and the row says how far the live tables are (L); an L
+     past the log's end (the log was restored from an older copy, or made
+     again: the live rows are of another log) is taken as the log's end;
    - bring the side up to L inside this transaction (events that arrived since
      the side stopped; same projector code, savepoints, poison rule);
    - move the live tables out to `<schema>_retired_<projection>` and the side's
@@ -55,9 +57,8 @@ import asyncpg
 import msgspec
 from nats.js import JetStreamContext
 
-from events.subjects import EVT_STREAM
 from projections.db import check_schema_name, ensure_schema
-from projections.feed import LogFeed
+from projections.feed import LogFeed, log_end
 from projections.prefetch import prefetch
 from projections.projector import Projector
 from projections.registry import Projection
@@ -175,7 +176,7 @@ async def rebuild(
 
 
 async def _head(js: JetStreamContext) -> int:
-    return int((await js.stream_info(EVT_STREAM)).state.last_seq)
+    return await log_end(js)
 
 
 async def _prefetched(
@@ -274,6 +275,16 @@ async def _swap_once(
         f'SELECT position FROM "{schema}".projection_checkpoints WHERE name = $1 FOR UPDATE', name
     )
     # From here the live projector waits; bring the side up to where it stopped.
+    end = await log_end(js)
+    if live > end:
+        # The live rows were projected from another log (this one was restored from
+        # an older copy, or deleted and made again): they are not a position to
+        # reach but what this rebuild replaces. The side has this log to its end.
+        log.warning(
+            "the live checkpoint is past the end of the log; replacing the projection",
+            extra={"projection": name, "live": live, "log_end": end},
+        )
+        live = end
     await conn.execute(f'SET LOCAL search_path TO "{side}"')
     position = await _catch_up(js, conn, projector, live)
     await conn.execute(f'CREATE SCHEMA "{retired}"')

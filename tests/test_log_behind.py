@@ -29,6 +29,7 @@ from projections.projector import Projector
 from projections.rebuild import rebuild
 from projections.store import ReadStore
 from tests.conftest import extra_edge
+from tests.sse import SseClient
 from tests.test_poison import publish_raw
 from tests.test_projection import _wait_position, running
 
@@ -125,3 +126,44 @@ async def test_a_checkpoint_past_the_log_s_end_stops_the_projector_until_a_rebui
         await _wait_position(projector, max(report.position, await _chunks(nc, 1)))
     status, body = await _readiness(stack, name)
     assert not [r for r in body["reasons"] if "rebuild" in r], body
+
+
+async def test_a_rebuild_replaces_a_projection_whose_checkpoint_is_past_the_log_s_end(
+    stack: Servers, nc: NatsClient, api: SseClient, schema: tuple[str, Any]
+) -> None:
+    """The way out must work in the state it is for: the log still ends before the
+    checkpoint (nothing appended since the restore)."""
+    name, pool = schema
+    js = nc.jetstream()
+    conversation = (await api.create_conversation())["id"]
+    answer = await api.send_stream(conversation, "hello [[tokens=5]]")
+    assert answer[-1].data == "ok", answer[-3:]
+    end = await log_end(js)
+    # rows of the log that was: a conversation this log does not hold, and a checkpoint
+    await pool.execute(
+        "INSERT INTO projection_checkpoints (name, position) VALUES ($1, $2)",
+        READ_MODELS.name,
+        end + AHEAD,
+    )
+    await pool.execute(
+        "INSERT INTO conversations (id, user_id, title, created_at, updated_at, last_seq)"
+        " VALUES ('gone', 'someone', 'of the log that was', now(), now(), $1)",
+        end + AHEAD,
+    )
+    await _refused(Projector(js, pool, projection=READ_MODELS))
+
+    report = await asyncio.wait_for(rebuild(js, stack.database_url, name, READ_MODELS), 60)
+    assert report.position <= await log_end(js)
+    assert await pool.fetchval("SELECT position FROM projection_checkpoints") == report.position
+    assert await ReadStore(pool).stopped_projections() == []
+    ids = {row["id"] for row in await pool.fetch("SELECT id FROM conversations")}
+    assert conversation in ids and "gone" not in ids
+    assert (
+        await pool.fetchval(
+            "SELECT count(*) FROM messages WHERE conversation_id = $1", conversation
+        )
+        == 2
+    )
+    projector = Projector(js, pool, projection=READ_MODELS)
+    async with running(projector):
+        await _wait_position(projector, await _chunks(nc, 1))
