@@ -28,7 +28,7 @@ from events.errors import describe as describe_error
 from events.log import EventLog
 from events.streams import require_jetstream
 from events.subjects import valid_id
-from events.vocabulary import AnyEvent, Chunk, event_type
+from events.vocabulary import AnyEvent, Chunk, ConversationCreated, event_type
 from parley import loops
 from parley.commands import RUN_FILE, CliError, RunInfo, token_secret
 from parley.config import (
@@ -231,6 +231,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if not events:
             print(f"no events for conversation {args.conversation}", file=sys.stderr)
             return 1
+        if not _starts_a_conversation(events[0].event):
+            print(
+                f"the log no longer holds the start of conversation {args.conversation}: its"
+                f" oldest kept event is {events[0].seq} (the ones before were removed by a"
+                " retention limit or a purge of CHAT_EVT); what follows is what is kept",
+                file=sys.stderr,
+            )
         out = sys.stdout.buffer
         for stored in events:
             if args.json:
@@ -241,6 +248,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return 0
 
     return asyncio.run(main())
+
+
+def _starts_a_conversation(event: AnyEvent | Unreadable) -> bool:
+    """Every conversation's log begins with its `conversation_created`."""
+    if isinstance(event, Unreadable):
+        return event.type == "conversation_created"
+    return isinstance(event, ConversationCreated)
 
 
 _SKIP_IN_SUMMARY = frozenset({"conversation_id", "at", "event_id", "schema", "turn_id"})

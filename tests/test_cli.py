@@ -21,9 +21,11 @@ import asyncpg
 import jwt
 import nats
 import pytest
+from nats.aio.client import Client as NatsClient
 
 from events.codec import Unreadable
 from events.log import EventLog
+from events.subjects import EVT_STREAM, event_subject
 from events.vocabulary import AnyEvent, event_type
 from parley.services import Servers
 from tests.sse import SseClient
@@ -177,6 +179,7 @@ async def test_replay_prints_the_log_in_order_readable_and_as_json(
 
     readable = await asyncio.to_thread(run, "replay", cid, env=server_env(stack))
     assert readable.returncode == 0, readable.stderr
+    assert "no longer holds" not in readable.stderr
     lines = readable.stdout.splitlines()
     assert len(lines) == len(log)
     for line, stored in zip(lines, log, strict=True):
@@ -188,6 +191,25 @@ async def test_replay_prints_the_log_in_order_readable_and_as_json(
     assert [r["seq"] for r in rows] == [s.seq for s in log]
     assert [r["type"] for r in rows] == [_kind(s.event) for s in log]
     assert rows[0]["type"] == "conversation_created" and rows[-1]["type"] == "done"
+
+
+async def test_replay_of_a_conversation_whose_start_was_removed_says_so(
+    api: SseClient, stack: Servers, nc: NatsClient, event_log: EventLog
+) -> None:
+    cid = (await api.create_conversation())["id"]
+    await api.send_stream(cid, "hello [[tokens=3]]")
+    await api.send_stream(cid, "again [[tokens=3]]")
+    log = await event_log.read(cid)
+    second = [s.seq for s in log if _kind(s.event) == "user_message"][1]
+    # what a retention limit does to its start: a purge of the subject below a position
+    purge = {"filter": event_subject(cid), "seq": second}
+    answer = await nc.request(f"$JS.API.STREAM.PURGE.{EVT_STREAM}", json.dumps(purge).encode())
+    assert json.loads(answer.data)["success"], answer.data
+
+    done = await asyncio.to_thread(run, "replay", cid, env=server_env(stack))
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.split()[0]) == second
+    assert f"its oldest kept event is {second}" in done.stderr, done.stderr
 
 
 async def test_replay_of_an_unknown_conversation_says_so(stack: Servers) -> None:
