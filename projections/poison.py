@@ -32,6 +32,21 @@ def log_behind_reason(projection: str, position: int, end: int) -> str:
     )
 
 
+# Not an event's rule either: entries after the checkpoint were removed from the log
+# (a retention limit, a purge) before the projection applied them. It goes on from
+# the oldest kept entry; the record says which rows may be missing.
+REMOVED = "removed"
+
+
+def removed_reason(projection: str, first: int, last: int) -> str:
+    span = f"position {first}" if first == last else f"positions {first} to {last}"
+    return (
+        f"projection {projection} had not applied {span} when they were removed from"
+        " CHAT_EVT (a retention limit or a purge): the rows they made are missing."
+        " `parley projections rebuild` makes the read models match the log as it is now"
+    )
+
+
 def storable(text: str | None) -> str | None:
     return None if text is None else storable_text(text)
 

@@ -53,10 +53,12 @@ from projections.feed import LogBehind, LogFeed, log_end
 from projections.handlers import READ_MODELS
 from projections.poison import (
     LOG_BEHIND,
+    REMOVED,
     SANITISED,
     SKIPPED,
     log_behind_reason,
     raw_bytes,
+    removed_reason,
     sanitised,
     storable,
 )
@@ -127,6 +129,7 @@ class Projector:
         self.position = await self.load_position(lock_conn)
         await self._check_log(lock_conn)
         feed = self._feed()
+        started = True  # the next entry is the first the feed hands out
         self.ready.set()
         try:
             while not stopping.is_set():
@@ -137,6 +140,10 @@ class Projector:
                 batch = await feed.next_batch(self.batch_max, wait_s=1.0, stop=stopping)
                 if not batch:
                     continue
+                if started:
+                    started = False
+                    if batch[0].seq > self.position + 1:
+                        await self._record_removed(lock_conn, self.position + 1, batch[0].seq - 1)
                 self.batches += 1
                 try:
                     # On the connection that holds the lock: no pool checkout, and no
@@ -151,7 +158,7 @@ class Projector:
                     )
                     await feed.close()
                     self.position = moved.position
-                    feed = self._feed()
+                    feed, started = self._feed(), True
         finally:
             await feed.close()
 
@@ -193,6 +200,28 @@ class Projector:
             reason,
         )
         raise LogBehind(reason)
+
+    async def _record_removed(self, conn: Any, first: int, last: int) -> None:
+        """Entries `first`..`last` were removed from the log before this projection
+        applied them (a retention limit or a purge while it was behind): the feed
+        starts from the oldest kept one, which is all there is to do, but the rows
+        they made are missing, so it is said (the log, `projection_errors`), never
+        passed over in silence. Seen where the feed starts (a projector that starts,
+        or follows again), the gap a projector left behind for long meets."""
+        reason = removed_reason(self.name, first, last)
+        log.warning(
+            "entries removed from the log before they were applied",
+            extra={"projection": self.name, "first": first, "last": last},
+        )
+        await conn.execute(
+            "INSERT INTO projection_errors (projection, seq, conversation_id, event_type, rule,"
+            " reason, raw) VALUES ($1, $2, NULL, '', $3, $4, NULL)"
+            " ON CONFLICT (projection, seq) DO NOTHING",
+            self.name,
+            first,
+            REMOVED,
+            reason,
+        )
 
     def _feed(self) -> LogFeed:
         # A trickle gathers `linger_s` on the server: what follows within a few

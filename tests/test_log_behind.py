@@ -14,12 +14,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 from nats.aio.client import Client as NatsClient
 
 from events.codec import encode
 from events.ids import new_id
 from events.log import EventLog
+from events.subjects import EVT_STREAM, event_subject
 from events.vocabulary import Chunk
 from parley.services import Servers
 from projections.db import create_pool, drop_schema
@@ -47,9 +49,10 @@ async def schema(stack: Servers) -> AsyncIterator[tuple[str, Any]]:
     await drop_schema(stack.database_url, name)
 
 
-async def _chunks(nc: NatsClient, count: int) -> int:
-    """Append `count` entries no projection writes a row for; the last one's position."""
-    conversation = new_id()
+async def _chunks(nc: NatsClient, count: int, conversation: str = "") -> int:
+    """Append `count` entries no projection writes a row for (on `conversation`'s log,
+    else a new one's); the last one's position."""
+    conversation = conversation or new_id()
     seq = 0
     for _ in range(count):
         chunk = Chunk(
@@ -167,3 +170,35 @@ async def test_a_rebuild_replaces_a_projection_whose_checkpoint_is_past_the_log_
     projector = Projector(js, pool, projection=READ_MODELS)
     async with running(projector):
         await _wait_position(projector, await _chunks(nc, 1))
+
+
+async def test_entries_removed_before_a_projector_applied_them_are_recorded(
+    nc: NatsClient, schema: tuple[str, Any]
+) -> None:
+    """A projector behind when a retention limit or a purge removed entries goes on
+    from the oldest kept one (there is nothing else to follow), and says which
+    positions it never applied rather than pass over them in silence."""
+    _, pool = schema
+    js = nc.jetstream()
+    checkpoint = await log_end(js)
+    await pool.execute(
+        "INSERT INTO projection_checkpoints (name, position) VALUES ($1, $2)",
+        READ_MODELS.name,
+        checkpoint,
+    )
+    gone = new_id()
+    last_gone = await _chunks(nc, 3, gone)
+    purge = msgspec.json.encode({"filter": event_subject(gone)})
+    answer = msgspec.json.decode(
+        (await nc.request(f"$JS.API.STREAM.PURGE.{EVT_STREAM}", purge)).data
+    )
+    assert answer.get("purged") == 3, answer
+    kept = await _chunks(nc, 1)
+
+    projector = Projector(js, pool, projection=READ_MODELS)
+    async with running(projector):
+        await _wait_position(projector, kept)
+    rows = await pool.fetch("SELECT seq, rule, reason FROM projection_errors")
+    assert [(row["seq"], row["rule"]) for row in rows] == [(checkpoint + 1, "removed")], rows
+    assert f"positions {checkpoint + 1} to {last_gone}" in rows[0]["reason"], rows
+    assert "projections rebuild" in rows[0]["reason"]
