@@ -62,6 +62,9 @@ class Summary(msgspec.Struct):
     mismatches: list[Mismatch]
     # entries it could not read, apart from accounts' (those are mismatches)
     not_read: list[NotRead] = []
+    # positions up to `position` the log no longer holds (a retention limit, a purge):
+    # what they held is in the ledger but cannot be checked against the log
+    removed: int = 0
 
 
 async def audit_billing(js: JetStreamContext, pool: Any, scope: Scope) -> Summary:
@@ -80,7 +83,9 @@ async def audit_billing(js: JetStreamContext, pool: Any, scope: Scope) -> Summar
                 fold_book(book, decode_entry(entry.data), seq=entry.seq, subject=entry.subject)
         if batch[-1].seq >= position:
             break
-    return summarise(book, seen, scope, position=position, entries=entries)
+    summary = summarise(book, seen, scope, position=position, entries=entries)
+    summary.removed = position - entries  # every position up to it is an entry of the log
+    return summary
 
 
 def summarise(book: Book, seen: Rows, scope: Scope, *, position: int, entries: int) -> Summary:
@@ -174,6 +179,13 @@ def render(summary: Summary, scope: Scope) -> str:
         f"  {'charged (micro-credits)':<22}{summary.charged_micro_credits:>12,}",
         f"  {'mismatches':<22}{len(summary.mismatches):>12,}",
     ]
+    if summary.removed:
+        lines += [
+            "",
+            f"  {summary.removed:,} positions up to {summary.position} are no longer in the"
+            " log (a retention limit or a purge removed them): the charges and grants they"
+            " held cannot be checked, and mismatches below may be theirs",
+        ]
     if summary.not_read:
         lines += [
             "",

@@ -18,7 +18,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from events.log import EventLog
-from events.subjects import account_subject
+from events.subjects import EVT_STREAM, account_subject, event_subject
 from events.vocabulary import TurnCharged
 from parley.audit_command import audit_billing
 from parley.services import Servers, Services
@@ -225,3 +225,30 @@ async def test_a_turn_charged_while_the_audit_reads_is_no_mismatch(
     assert meanwhile.interleaved
     assert summary.mismatches == [], summary.mismatches
     assert summary.billed_turns == 3  # as far as the projection had come when it began
+
+
+async def test_the_audit_says_how_many_positions_the_log_no_longer_holds(
+    stack: Servers,
+    nc: NatsClient,
+    api: SseClient,
+    services: Services,
+    event_log: EventLog,
+    projected: Projected,
+) -> None:
+    """Entries a retention limit or a purge removed cannot be checked: the audit says
+    how many, rather than let their charges pass for tampering without a word."""
+    cid = (await api.create_conversation())["id"]
+    assert (await api.send_stream(cid, "hello"))[-1].data == "ok"
+    await projected(cid)
+    entries = await event_log.read(cid)
+    await caught_up(services.projectors["billing"], entries[-1].seq)
+    before = await asyncio.to_thread(audit, stack, "--json")
+    removed_before = json.loads(before.stdout)["removed"]
+
+    purge = json.dumps({"filter": event_subject(cid)}).encode()
+    answer = json.loads((await nc.request(f"$JS.API.STREAM.PURGE.{EVT_STREAM}", purge)).data)
+    assert answer.get("purged") == len(entries), answer
+    after = await asyncio.to_thread(audit, stack, "--json")
+    assert json.loads(after.stdout)["removed"] == removed_before + len(entries), after.stdout
+    readable = await asyncio.to_thread(audit, stack)
+    assert "are no longer in the log" in readable.stdout, readable.stdout
