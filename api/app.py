@@ -158,7 +158,12 @@ async def auth_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def nats_ctx(app: web.Application) -> AsyncIterator[None]:
-    nc = await broker.connect(app[CONFIG].nats_url, name="parley-edge", report=_report)
+    nc = await broker.connect(
+        app[CONFIG].nats_url,
+        name="parley-edge",
+        report=_report,
+        security=app[CONFIG].nats_security,
+    )
     app[NATS] = nc
     app[JS] = nc.jetstream()
     for note in await ensure_streams(app[JS], replicas=app[CONFIG].stream_replicas):
@@ -211,7 +216,11 @@ async def hubs_ctx(app: web.Application) -> AsyncIterator[None]:
     # bench capacity at 250 turns: nats.py's header parsing was 5.8% of the edge's
     # time; events.broker).
     reader = await broker.connect_client(
-        broker.EntryClient(), config.nats_url, name="parley-edge-followers", report=_report
+        broker.EntryClient(),
+        config.nats_url,
+        name="parley-edge-followers",
+        report=_report,
+        security=config.nats_security,
     )
     hubs = app[HUBS] = Hubs(reader.jetstream(), app[LOG], app[TURNS], settings)
     yield

@@ -6,6 +6,8 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from events.broker import NatsSecurity
+
 # Connections the kernel holds for a listener before it accepts them. aiohttp's
 # default of 128 overflowed when 1,000 viewers connected at once to a busy edge
 # (bench capacity: "connection reset by peer"); the kernel caps it at somaxconn.
@@ -53,6 +55,8 @@ class EdgeConfig(msgspec.Struct, frozen=True):
     # Tokens (api/auth.py): HS256 with this secret, and/or RS256/ES256 from an
     # identity provider's JWKS, whose issuer and audience are checked.
     jwt_secret: str | None = None
+    # TLS and credentials files for NATS beyond the URL (events/broker.py)
+    nats_security: NatsSecurity = NatsSecurity()
     jwks_url: str | None = None
     jwt_issuer: str | None = None
     jwt_audience: str | None = None

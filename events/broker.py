@@ -17,16 +17,31 @@ that silently died (a peer behind a dropped network) is found by pings:
 
 What the caller does about an outage (log it, answer 503, wait) is its own
 business: pass `report`. This module does not log.
+
+Beyond the URL, a connection may need TLS with the team's own certificate
+authority, a client certificate (mutual TLS), and NATS decentralised auth (a
+user's `.creds` file, or an NKey seed): `NatsSecurity`, file paths only, read
+when a connection is made. What no wait mends stops the first connection with
+`BrokerRefused`: credentials every server refuses, a server certificate that
+does not verify, a client certificate the server wants and was not given or
+does not accept, a server that offers no TLS where TLS was asked for (the
+credentials are never sent to it in the clear).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
+import msgspec
 import nats.errors
+import nkeys
 from nats.aio.client import Client as NatsClient
 
 from events.errors import describe
@@ -41,16 +56,187 @@ PING_INTERVAL_S = 20
 MAX_OUTSTANDING_PINGS = 3
 CONNECT_TIMEOUT_S = 5
 WAITING_REPORT_S = 10.0
+CLOSE_TIMEOUT_S = 0.25
 
-C = TypeVar("C", bound=NatsClient)
+C = TypeVar("C", bound="DirectClient")
 
 
 class BrokerRefused(Exception):
-    """Every server named refused the connection's credentials before it ever connected.
+    """Every server named refused the connection's credentials or its TLS before it ever
+    connected.
 
-    A wrong user, password or token in the URL is configuration, not an outage:
-    waiting for it, as for a broker that is away, would wait for ever.
+    A wrong user, password or token in the URL, a `.creds` file of an account the
+    servers do not know, a certificate that does not verify: configuration, not an
+    outage. Waiting for it, as for a broker that is away, would wait for ever.
     """
+
+
+class NatsSecurity(msgspec.Struct, frozen=True, kw_only=True):
+    """How a connection proves whom it talks to and who it is, beyond the URL.
+
+    Paths of files, never their contents, so that nothing secret is in a setting
+    that may be printed: `tls_ca` (PARLEY_NATS_TLS_CA) the PEM bundle of the
+    certificate authorities the servers' certificates are checked against (unset:
+    the system's); `tls_cert` and `tls_key` (PARLEY_NATS_TLS_CERT,
+    PARLEY_NATS_TLS_KEY) a client certificate for mutual TLS; `creds`
+    (PARLEY_NATS_CREDS) a user's JWT and NKey seed as `nsc` writes them; `nkey`
+    (PARLEY_NATS_NKEY) a file holding a user's NKey seed alone.
+    """
+
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    creds: str | None = None
+    nkey: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        """TLS was asked for by a setting (a `tls://` URL asks for it too)."""
+        return self.tls_ca is not None or self.tls_cert is not None
+
+
+def tls_context(security: NatsSecurity) -> ssl.SSLContext | None:
+    """The context of `security`'s TLS settings, or None (none given: nats.py's default,
+    the system's authorities). Raises OSError or ssl.SSLError for a bad file."""
+    if not security.tls:
+        return None
+    context = ssl.create_default_context(cafile=security.tls_ca)
+    if security.tls_cert is not None:
+        context.load_cert_chain(security.tls_cert, security.tls_key)
+    return context
+
+
+def security_problem(security: NatsSecurity) -> str | None:
+    """What is wrong with `security`'s settings and files, in one line, or None.
+
+    Checked at start, so that a file that is missing, unreadable or not what it
+    should be is named before any connection is tried. Never quotes a file's content.
+    """
+    if security.creds is not None and security.nkey is not None:
+        return "PARLEY_NATS_CREDS and PARLEY_NATS_NKEY are two ways to sign in: set one"
+    if (security.tls_cert is None) != (security.tls_key is None):
+        return (
+            "PARLEY_NATS_TLS_CERT and PARLEY_NATS_TLS_KEY go together: the client "
+            "certificate and its private key"
+        )
+    files = {
+        "PARLEY_NATS_TLS_CA": security.tls_ca,
+        "PARLEY_NATS_TLS_CERT": security.tls_cert,
+        "PARLEY_NATS_TLS_KEY": security.tls_key,
+        "PARLEY_NATS_CREDS": security.creds,
+        "PARLEY_NATS_NKEY": security.nkey,
+    }
+    contents: dict[str, bytes] = {}
+    for name, path in files.items():
+        if path is None:
+            continue
+        try:
+            contents[name] = Path(path).read_bytes()
+        except FileNotFoundError:
+            return f"{name}: {path} does not exist"
+        except OSError as err:
+            return f"{name}: {path} cannot be read ({err.strerror or err})"
+    try:
+        ssl.create_default_context(cafile=security.tls_ca)
+    except (ssl.SSLError, OSError) as err:
+        return f"PARLEY_NATS_TLS_CA: {security.tls_ca} holds no PEM certificate ({describe(err)})"
+    try:
+        tls_context(security)
+    except (ssl.SSLError, OSError) as err:
+        if "KEY_VALUES_MISMATCH" in str(err):
+            return "PARLEY_NATS_TLS_KEY is not the private key of PARLEY_NATS_TLS_CERT"
+        return (
+            "PARLEY_NATS_TLS_CERT and PARLEY_NATS_TLS_KEY cannot be loaded as a PEM "
+            f"certificate and its unencrypted key ({describe(err)})"
+        )
+    if security.creds is not None and not _is_creds(contents["PARLEY_NATS_CREDS"]):
+        return (
+            f"PARLEY_NATS_CREDS: {security.creds} is not a NATS credentials file (a user "
+            "JWT and an NKey seed between -----BEGIN ...----- lines, as `nsc` writes them)"
+        )
+    if security.nkey is not None and not _is_user_seed(contents["PARLEY_NATS_NKEY"].strip()):
+        return (
+            f"PARLEY_NATS_NKEY: {security.nkey} does not hold a user's NKey seed "
+            "(one line starting with SU)"
+        )
+    return None
+
+
+def _is_creds(content: bytes) -> bool:
+    lines = content.splitlines()
+    try:
+        jwt = lines[lines.index(b"-----BEGIN NATS USER JWT-----") + 1].strip()
+        seed = lines[lines.index(b"-----BEGIN USER NKEY SEED-----") + 1].strip()
+    except (ValueError, IndexError):
+        return False
+    return jwt.count(b".") == 2 and _is_user_seed(seed)
+
+
+def _is_user_seed(seed: bytes) -> bool:
+    if not seed.startswith(b"SU"):
+        return False
+    try:
+        nkeys.from_seed(bytearray(seed)).wipe()
+    except (nkeys.NkeysError, ValueError):
+        return False
+    return True
+
+
+def _refused_hint(security: NatsSecurity) -> str:
+    if security.creds is not None:
+        return (
+            "NATS refused the user of PARLEY_NATS_CREDS (Authorization Violation): is its "
+            "account known to the servers (the operator's resolver), and the file current?"
+        )
+    if security.nkey is not None:
+        return (
+            "NATS refused the NKey of PARLEY_NATS_NKEY (Authorization Violation): give the "
+            "servers its public key among their users"
+        )
+    return (
+        "NATS refused the credentials of PARLEY_NATS_URL (Authorization "
+        "Violation): give each URL the user and password the servers know, "
+        "nats://user:password@host:4222, or a token, nats://token@host:4222"
+    )
+
+
+def _tls_refusal(err: Exception, client: DirectClient, security: NatsSecurity) -> str | None:
+    """Why a TLS failure of a first connection is configuration, or None (an outage)."""
+    if isinstance(err, TlsNotOffered):
+        return str(err)
+    if isinstance(err, ssl.SSLCertVerificationError):
+        against = (
+            "PARLEY_NATS_TLS_CA" if security.tls_ca is not None else "the system's authorities"
+        )
+        return (
+            f"the NATS server's certificate did not verify against {against} "
+            f"({err.verify_message}): set PARLEY_NATS_TLS_CA to the PEM file of the "
+            "authority that signed it, and name the server as its certificate does"
+        )
+    info = client.server_info
+    wants_cert = bool(info.get("tls_verify")) and bool(info.get("tls_required"))
+    if wants_cert and security.tls_cert is None:
+        return (
+            "the NATS server requires a client certificate (mutual TLS): set "
+            "PARLEY_NATS_TLS_CERT and PARLEY_NATS_TLS_KEY"
+        )
+    if isinstance(err, ssl.SSLError) and "ALERT" in (err.reason or "") and wants_cert:
+        return (
+            "the NATS server did not accept the client certificate of PARLEY_NATS_TLS_CERT "
+            f"({err.reason}): it must be signed by an authority the server trusts"
+        )
+    return None
+
+
+class TlsNotOffered(nats.errors.Error):
+    """TLS was asked for, and the server answered without it: nothing was sent."""
+
+    def __str__(self) -> str:
+        return (
+            "the NATS server offers no TLS, and a tls:// URL or PARLEY_NATS_TLS_* asks for "
+            "it: the connection was dropped before any credentials went out in the clear "
+            "(give the server a `tls` block, or connect with nats:// and no TLS settings)"
+        )
 
 
 def _is_authorization_violation(err: Exception) -> bool:
@@ -75,8 +261,13 @@ def server_list(url: str) -> list[str]:
 
 
 async def connect(
-    url: str, *, name: str, report: Report | None = None, reconnect_forever: bool = True
-) -> NatsClient:
+    url: str,
+    *,
+    name: str,
+    report: Report | None = None,
+    reconnect_forever: bool = True,
+    security: NatsSecurity | None = None,
+) -> DirectClient:
     """A connection to the server(s) of `url`; the first connection must succeed.
 
     Roles (edge, worker, projector) reconnect for ever: a broker that is away is
@@ -84,7 +275,12 @@ async def connect(
     pass `reconnect_forever=False` and fail after the client's usual attempts.
     """
     return await connect_client(
-        DirectClient(), url, name=name, report=report, reconnect_forever=reconnect_forever
+        DirectClient(),
+        url,
+        name=name,
+        report=report,
+        reconnect_forever=reconnect_forever,
+        security=security,
     )
 
 
@@ -95,6 +291,7 @@ async def connect_client(
     name: str,
     report: Report | None = None,
     reconnect_forever: bool = True,
+    security: NatsSecurity | None = None,
 ) -> C:
     """`connect`, for a client of a class of the caller's (the projectors' `EntryClient`,
     projections/feed.py): the same nodes in the same order, the same reconnects.
@@ -110,7 +307,10 @@ async def connect_client(
     waiting_reported = -WAITING_REPORT_S
     ever_connected = False
     servers = server_list(url)
+    security = security or NatsSecurity()
     refusals = 0  # authorization violations before the first connection
+    # Asked for TLS: a server that offers none gets no CONNECT (DirectClient._connect_command)
+    client.require_tls = security.tls or any(s.lower().startswith("tls://") for s in servers)
 
     async def disconnected() -> None:
         if report is not None and not (client.is_closed or client.is_draining):
@@ -122,15 +322,17 @@ async def connect_client(
 
     async def error(err: Exception) -> None:
         nonlocal waiting_reported, refusals
-        if not ever_connected and _is_authorization_violation(err):
+        refusal = None
+        if not ever_connected:
+            if _is_authorization_violation(err):
+                refusal = _refused_hint(security)
+            elif isinstance(err, OSError | nats.errors.Error):
+                refusal = _tls_refusal(err, client, security)
+        if refusal is not None:
             refusals += 1
             if refusals >= len(servers):
                 # raised out of the client's first connect, which awaits this callback
-                raise BrokerRefused(
-                    "NATS refused the credentials of PARLEY_NATS_URL (Authorization "
-                    "Violation): give each URL the user and password the servers know, "
-                    "nats://user:password@host:4222, or a token, nats://token@host:4222"
-                )
+                raise BrokerRefused(refusal)
         if report is None:
             return
         attempt = isinstance(err, OSError | nats.errors.StaleConnectionError)
@@ -150,6 +352,9 @@ async def connect_client(
     try:
         await client.connect(
             servers=servers,
+            tls=tls_context(security),
+            user_credentials=security.creds,
+            nkeys_seed=security.nkey,
             name=name,
             # The order of the list is the operator's preference, not a suggestion.
             dont_randomize=True,
@@ -163,7 +368,11 @@ async def connect_client(
             error_cb=error,
         )
     except BrokerRefused:
-        await client.close()
+        # After a failed TLS handshake nats.py's close waits for ever on the plain
+        # socket it handed to TLS; what is left of it goes with the process, which stops.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await client.close()
         raise
     ever_connected = True
     return client
@@ -197,6 +406,23 @@ class DirectClient(NatsClient):
         super().__init__()
         # sid -> (handler, whether status messages go to it too)
         self._direct: dict[int, tuple[DirectHandler, bool]] = {}
+        self.require_tls = False  # set by connect_client
+
+    @property
+    def server_info(self) -> dict[str, Any]:
+        """The INFO of the server last answered (empty before any)."""
+        info: dict[str, Any] = self._server_info
+        return info
+
+    def _connect_command(self) -> bytes:
+        # nats.py builds the CONNECT (the credentials) once the server's INFO is read
+        # and, only where that INFO says `tls_required`, the connection upgraded. A
+        # tls:// URL to a server that offers none (or an INFO altered on the way)
+        # would send the credentials in the clear: refuse instead.
+        if self.require_tls and not self._server_info.get("tls_required"):
+            raise TlsNotOffered()
+        command: bytes = super()._connect_command()
+        return command
 
     def deliver_directly(self, sub: Any, handler: DirectHandler, *, statuses: bool = False) -> None:
         self._direct[sub._id] = (handler, statuses)

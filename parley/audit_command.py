@@ -146,7 +146,12 @@ def run_audit(args: argparse.Namespace) -> int:
     servers = resolve_servers(settings)
 
     async def main() -> Summary:
-        nc = await connect(servers.nats_url, name="parley-audit", reconnect_forever=False)
+        nc = await connect(
+            servers.nats_url,
+            name="parley-audit",
+            reconnect_forever=False,
+            security=servers.nats_security,
+        )
         try:
             await require_jetstream(nc.jetstream())
         except BaseException:

@@ -222,7 +222,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
     servers = resolve_servers(settings)
 
     async def main() -> int:
-        nc = await connect(servers.nats_url, name="parley-replay", reconnect_forever=False)
+        nc = await connect(
+            servers.nats_url,
+            name="parley-replay",
+            reconnect_forever=False,
+            security=servers.nats_security,
+        )
         try:
             await require_jetstream(nc.jetstream())
             events = await EventLog(nc.jetstream()).read(args.conversation)

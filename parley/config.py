@@ -18,6 +18,7 @@ from actors.models import ModelCatalog, ModelSpec, ModelVersion, catalogue_probl
 from actors.snapshots import SNAPSHOT_EVERY
 from actors.webhooks import settings_problem as webhook_settings_problem
 from api.config import EdgeLimits, parse_cors_origins
+from events.broker import NatsSecurity
 from projections.db import check_schema_name
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ class ConfigError(Exception):
 class Settings(msgspec.Struct, frozen=True):
     data_dir: Path
     nats_url: str | None = None
+    # PARLEY_NATS_TLS_CA, _TLS_CERT, _TLS_KEY, _CREDS, _NKEY: files (events/broker.py)
+    nats_security: NatsSecurity = NatsSecurity()
     database_url: str | None = None
     redis_url: str | None = None
     model_base_url: str | None = None
@@ -127,6 +130,13 @@ def settings_from_env(env: Mapping[str, str], data_dir: str | Path | None = None
     return Settings(
         data_dir=Path(data_dir or get("PARLEY_DATA") or ".parley"),
         nats_url=get("PARLEY_NATS_URL"),
+        nats_security=NatsSecurity(
+            tls_ca=get("PARLEY_NATS_TLS_CA"),
+            tls_cert=get("PARLEY_NATS_TLS_CERT"),
+            tls_key=get("PARLEY_NATS_TLS_KEY"),
+            creds=get("PARLEY_NATS_CREDS"),
+            nkey=get("PARLEY_NATS_NKEY"),
+        ),
         database_url=get("PARLEY_DATABASE_URL"),
         redis_url=get("PARLEY_REDIS_URL"),
         model_base_url=get("PARLEY_MODEL_BASE_URL"),

@@ -33,7 +33,12 @@ def run_rebuild(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         # the fast reader's connection (projections/feed.py), one-shot like every command
-        nc = await connect(servers.nats_url, name="parley-rebuild", reconnect_forever=False)
+        nc = await connect(
+            servers.nats_url,
+            name="parley-rebuild",
+            reconnect_forever=False,
+            security=servers.nats_security,
+        )
         try:
             await require_jetstream(nc.jetstream())
             for name in names:
@@ -44,6 +49,7 @@ def run_rebuild(args: argparse.Namespace) -> int:
                     settings.db_schema,
                     PROJECTIONS[name],
                     nats_url=servers.nats_url,
+                    nats_security=servers.nats_security,
                     workers=default_workers(),
                     progress=progress,
                 )

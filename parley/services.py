@@ -40,6 +40,7 @@ from api.app import create_app
 from api.config import LISTEN_BACKLOG, EdgeConfig, EdgeLimits
 from api.listener import EagerTCPSite, EdgeRequestHandler, edge_runner
 from events import broker
+from events.broker import NatsSecurity, security_problem
 from events.errors import EventLogUnavailable, describe
 from events.ids import new_id
 from events.log import EventLog, ensure_streams
@@ -83,10 +84,19 @@ def resolve_servers(settings: Settings) -> Servers:
             raise ConfigError(
                 f"set {', '.join(missing)} too, or none of the PARLEY_*_URL variables"
             )
+        problem = security_problem(settings.nats_security)
+        if problem is not None:
+            raise ConfigError(problem)
         return Servers(
             nats_url=settings.nats_url or "",
             database_url=settings.database_url or "",
             redis_url=settings.redis_url or "",
+            nats_security=settings.nats_security,
+        )
+    if settings.nats_security != NatsSecurity():
+        raise ConfigError(
+            "PARLEY_NATS_TLS_*, PARLEY_NATS_CREDS and PARLEY_NATS_NKEY apply to the servers "
+            "of PARLEY_NATS_URL: set it (and the other PARLEY_*_URL) too"
         )
     urls = running_stack_urls(settings.data_dir)
     if urls is None:
@@ -233,7 +243,11 @@ class Services:
             for name, projection in PROJECTIONS.items():
                 # each reads the log through a connection of its own, one that leaves
                 # entries' headers unparsed (projections/feed.py), to the same nodes
-                reader = await feed.connect(self.servers.nats_url, name=f"parley-projector-{name}")
+                reader = await feed.connect(
+                    self.servers.nats_url,
+                    name=f"parley-projector-{name}",
+                    security=self.servers.nats_security,
+                )
                 self._stack.push_async_callback(reader.drain)
                 projector = Projector(reader.jetstream(), pool, projection=projection)
                 self.projectors[name] = projector
@@ -272,7 +286,12 @@ class Services:
             delay = min(delay * 2, _STREAMS_RETRY_MAX_S)
 
     async def _nats(self, name: str) -> NatsClient:
-        nc = await broker.connect(self.servers.nats_url, name=name, report=_report)
+        nc = await broker.connect(
+            self.servers.nats_url,
+            name=name,
+            report=_report,
+            security=self.servers.nats_security,
+        )
         self._stack.push_async_callback(nc.drain)
         return nc
 
@@ -335,6 +354,7 @@ class Services:
         await self._store_catalog()
         config = EdgeConfig(
             nats_url=self.servers.nats_url,
+            nats_security=self.servers.nats_security,
             database_url=self.servers.database_url,
             redis_url=self.servers.redis_url,
             jwt_secret=options.jwt_secret,

@@ -57,6 +57,7 @@ from typing import Self
 
 import msgspec
 
+from events.broker import NatsSecurity
 from parley.watchdog import ServerWatch, Unstartable
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,9 @@ class StackUrls(msgspec.Struct, frozen=True):
     nats_url: str
     database_url: str
     redis_url: str
+    # TLS and credentials files beyond PARLEY_NATS_URL (events/broker.py): the
+    # environment's, for servers it names; the embedded stack needs none
+    nats_security: NatsSecurity = NatsSecurity()
 
 
 class _Proc(msgspec.Struct, frozen=True):

@@ -54,7 +54,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from events.broker import EntryClient, connect_client
+from events.broker import EntryClient, NatsSecurity, connect_client
 from events.errors import describe
 from events.follow import RawEvent, reader_consumer
 from events.ids import new_id
@@ -63,7 +63,13 @@ from events.subjects import EVT_STREAM, EVT_SUBJECTS
 log = logging.getLogger(__name__)
 
 
-async def connect(url: str, *, name: str, reconnect_forever: bool = True) -> EntryClient:
+async def connect(
+    url: str,
+    *,
+    name: str,
+    reconnect_forever: bool = True,
+    security: NatsSecurity | None = None,
+) -> EntryClient:
     """A connection for a projector or a rebuild to read the log through.
 
     `url` as every process takes it (events/broker.py): one server or the
@@ -71,7 +77,9 @@ async def connect(url: str, *, name: str, reconnect_forever: bool = True) -> Ent
     (a role) reconnects for ever; a one-shot command passes
     `reconnect_forever=False` and gives up as the other commands do.
     """
-    return await connect_client(EntryClient(), url, name=name, reconnect_forever=reconnect_forever)
+    return await connect_client(
+        EntryClient(), url, name=name, reconnect_forever=reconnect_forever, security=security
+    )
 
 
 class LogBehind(Exception):

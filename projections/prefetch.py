@@ -35,6 +35,7 @@ from typing import TypeVar
 
 import msgspec
 
+from events.broker import NatsSecurity
 from events.follow import RawEvent
 from projections.feed import LogFeed, connect
 
@@ -73,14 +74,20 @@ def plan_ranges(
     return [(lo + 1, hi) for lo, hi in itertools.pairwise(bounds)]
 
 
-def read_range(nats_url: str, lo: int, hi: int, skip_prefix: bytes | None) -> RangeRead:
+def read_range(
+    nats_url: str, lo: int, hi: int, skip_prefix: bytes | None, security: NatsSecurity | None
+) -> RangeRead:
     """Worker entry point: read [lo, hi] of CHAT_EVT, keeping what the projection needs."""
-    return asyncio.run(_read_range(nats_url, lo, hi, skip_prefix))
+    return asyncio.run(_read_range(nats_url, lo, hi, skip_prefix, security))
 
 
-async def _read_range(nats_url: str, lo: int, hi: int, skip_prefix: bytes | None) -> RangeRead:
+async def _read_range(
+    nats_url: str, lo: int, hi: int, skip_prefix: bytes | None, security: NatsSecurity | None
+) -> RangeRead:
     # a worker of a one-shot rebuild: it gives up as the command does
-    client = await connect(nats_url, name=f"parley-prefetch-{lo}", reconnect_forever=False)
+    client = await connect(
+        nats_url, name=f"parley-prefetch-{lo}", reconnect_forever=False, security=security
+    )
     feed = LogFeed(client.jetstream(), lo - 1, window=_WINDOW)
     kept: list[RawEvent] = []
     skipped = 0
@@ -138,6 +145,7 @@ async def prefetch(
     workers: int,
     skip_prefix: bytes | None,
     span: int | None = None,
+    security: NatsSecurity | None = None,
 ) -> AsyncIterator[RangeRead]:
     """The entries of (after, head], range by range in log order, read by `workers`
     processes, each range at most `span` positions (`SPAN`) and `workers` of them read
@@ -147,7 +155,9 @@ async def prefetch(
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
 
         def read(bounds: tuple[int, int]) -> Awaitable[RangeRead]:
-            return asyncio.wrap_future(pool.submit(read_range, nats_url, *bounds, skip_prefix))
+            return asyncio.wrap_future(
+                pool.submit(read_range, nats_url, *bounds, skip_prefix, security)
+            )
 
         async for range_read in in_order(read, ranges, ahead=workers):
             yield range_read

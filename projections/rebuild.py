@@ -57,6 +57,7 @@ import asyncpg
 import msgspec
 from nats.js import JetStreamContext
 
+from events.broker import NatsSecurity
 from projections.db import check_schema_name, ensure_schema
 from projections.feed import LogFeed, log_end
 from projections.prefetch import prefetch
@@ -112,6 +113,7 @@ async def rebuild(
     projection: Projection,
     *,
     nats_url: str | None = None,
+    nats_security: NatsSecurity | None = None,
     workers: int = 2,
     parallel_from: int = 200_000,
     batch_max: int = 5000,
@@ -142,7 +144,9 @@ async def rebuild(
         try:
             projector = Projector(js, pool, projection=projection, batch_max=batch_max)
             if nats_url is not None and workers > 1:
-                await _prefetched(js, projector, nats_url, workers, parallel_from, progress)
+                await _prefetched(
+                    js, projector, nats_url, nats_security, workers, parallel_from, progress
+                )
             await _build(js, projector, progress)
             built = time.perf_counter()
             await _swap(js, lock, projector, schema, side, retired)
@@ -183,6 +187,7 @@ async def _prefetched(
     js: JetStreamContext,
     projector: Projector,
     nats_url: str,
+    nats_security: NatsSecurity | None,
     workers: int,
     parallel_from: int,
     progress: Callable[[int, int], None] | None,
@@ -193,7 +198,12 @@ async def _prefetched(
     if head - projector.position < parallel_from:
         return  # not worth starting processes for
     ranges = prefetch(
-        nats_url, projector.position, head, workers=workers, skip_prefix=projector.skip_prefix
+        nats_url,
+        projector.position,
+        head,
+        workers=workers,
+        skip_prefix=projector.skip_prefix,
+        security=nats_security,
     )
     async for read in ranges:
         projector.counts["chunk"] += read.skipped
