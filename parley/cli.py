@@ -81,7 +81,12 @@ async def _dev(
         base_url = settings.model_base_url
         if base_url is None:
             runner, base_url = await start_demo_model(
-                "127.0.0.1", 0, DemoConfig(tokens_per_s=settings.demo_tokens_per_s)
+                "127.0.0.1",
+                0,
+                DemoConfig(
+                    tokens_per_s=settings.demo_tokens_per_s,
+                    context_window=settings.demo_context_window or None,
+                ),
             )
             stack.push_async_callback(runner.cleanup)
         secret = dev_jwt_secret(settings)

@@ -64,6 +64,8 @@ class Settings(msgspec.Struct, frozen=True):
     models_file: str | None = None
     db_schema: str = "parley"
     demo_tokens_per_s: float = 40.0  # how fast the demo model streams in `parley dev`
+    # the demo model refuses a prompt over this many tokens, as a provider does (0: never)
+    demo_context_window: int = 0
     webhook_url: str | None = None  # turn-end webhooks (PARLEY_WEBHOOK_URL)
     webhook_secret: str | None = None
     tools: tuple[str, ...] = ()  # PARLEY_TOOLS: module:attribute specs of more tools
@@ -149,6 +151,9 @@ def settings_from_env(env: Mapping[str, str], data_dir: str | Path | None = None
         models_file=get("PARLEY_MODELS_FILE"),
         db_schema=_schema(get("PARLEY_DB_SCHEMA") or "parley"),
         demo_tokens_per_s=_float(get("PARLEY_DEMO_TOKENS_PER_S"), 40.0, "PARLEY_DEMO_TOKENS_PER_S"),
+        demo_context_window=_int(
+            get("PARLEY_DEMO_CONTEXT_WINDOW"), 0, "PARLEY_DEMO_CONTEXT_WINDOW"
+        ),
         webhook_url=webhook_url,
         webhook_secret=webhook_secret,
         tools=tuple(

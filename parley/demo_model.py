@@ -52,6 +52,10 @@ class DemoConfig(msgspec.Struct):
 
     tokens_per_s: float = 40.0
     think: bool = True
+    # Refuse a request whose prompt and `max_tokens` together exceed this many tokens,
+    # as a real provider refuses one longer than its model's context window (None: no
+    # limit). The demo counts a prompt's tokens as its words.
+    context_window: int | None = None
 
 
 EmitLog = dict[str, list[int]]
@@ -100,6 +104,7 @@ class Reply(msgspec.Struct):
     tokens_per_s: float | None = None  # [[rate=R]]: this reply's pace, else the server's
     flaky: tuple[str, int] | None = None  # fail the first N requests carrying this key
     silent: bool = False  # [[fail=silent]]: no answer at all, not even a status line
+    error_code: str | None = None  # the error's `code`, as OpenAI names a refusal's kind
 
 
 def plan_reply(body: dict[str, Any], config: DemoConfig) -> Reply:
@@ -118,7 +123,9 @@ def plan_reply(body: dict[str, Any], config: DemoConfig) -> Reply:
     then an answer with their results (only tools offered; `!name` even when not);
     `[[rounds=N]]` call `get_current_time` in N rounds, one after the other, then answer;
     `[[flaky=KEY:N]]` the first N requests with this KEY get HTTP 503 (then it streams);
-    `[[rate=R]]` stream this reply at R tokens/s (0: full speed), whatever the server's pace.
+    `[[rate=R]]` stream this reply at R tokens/s (0: full speed), whatever the server's pace;
+    `[[context=N]]` refuse, as the config's `context_window` does, a request whose prompt
+    (its words) and `max_tokens` exceed N tokens.
     """
     messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
     last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
@@ -134,6 +141,19 @@ def plan_reply(body: dict[str, Any], config: DemoConfig) -> Reply:
     )
     if "rate" in directives:
         reply.tokens_per_s = _float(directives["rate"])
+    window = _int(directives["context"]) if "context" in directives else config.context_window
+    wanted = reply.prompt_tokens + _max_tokens(body)
+    if window is not None and wanted > window:
+        # OpenAI's refusal, word for word but for the numbers (a 400 before any byte)
+        reply.status = 400
+        reply.error_code = "context_length_exceeded"
+        reply.error_message = (
+            f"This model's maximum context length is {window} tokens. However, you requested"
+            f" {wanted} tokens ({reply.prompt_tokens} in the messages,"
+            f" {wanted - reply.prompt_tokens} in the completion). Please reduce the length"
+            " of the messages or completion."
+        )
+        return reply
     flaky = directives.get("flaky", "")
     if ":" in flaky:
         key, _, times = flaky.partition(":")
@@ -356,6 +376,15 @@ def _text(content: object) -> str:
     return ""
 
 
+def _max_tokens(body: dict[str, Any]) -> int:
+    """The answer's room the request asks for (either field OpenAI takes), 0 when unset."""
+    for field in ("max_completion_tokens", "max_tokens"):
+        value = body.get(field)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return 0
+
+
 def _float(value: str) -> float:
     try:
         rate = float(value)
@@ -455,10 +484,11 @@ async def _models(request: web.Request) -> web.Response:
     )
 
 
-def _error_response(status: int, message: str, kind: str) -> web.Response:
+def _error_response(status: int, message: str, kind: str, code: str | None = None) -> web.Response:
     headers = {"Retry-After": "1"} if status == 429 else None
+    param = "messages" if code == "context_length_exceeded" else None
     return web.json_response(
-        {"error": {"message": message, "type": kind, "param": None, "code": None}},
+        {"error": {"message": message, "type": kind, "param": param, "code": code}},
         status=status,
         headers=headers,
     )
@@ -485,8 +515,14 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
                 503, f"the demo model is flaky on purpose ([[flaky={key}:{times}]])", "server_error"
             )
     if reply.status != 200:
-        kind = "rate_limit_exceeded" if reply.status == 429 else "server_error"
-        return _error_response(reply.status, reply.error_message, kind)
+        kind = (
+            "rate_limit_exceeded"
+            if reply.status == 429
+            else "invalid_request_error"
+            if reply.status == 400
+            else "server_error"
+        )
+        return _error_response(reply.status, reply.error_message, kind, reply.error_code)
     if reply.silent:  # a provider that took the request and never answers
         # polled: aiohttp gives a handler no event for its client leaving
         while request.transport is not None and not request.transport.is_closing():  # noqa: ASYNC110

@@ -313,6 +313,47 @@ async def test_non_streaming_request_gets_an_openai_style_400(
     assert "stream" in error["message"] and error["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize("max_tokens", [0, 10])
+async def test_a_prompt_over_the_context_window_is_refused_as_openai_refuses_it(
+    demo: Demo, session: aiohttp.ClientSession, max_tokens: int
+) -> None:
+    """`[[context=N]]`: the prompt's words and `max_tokens` must fit in N, or a 400 with
+    OpenAI's `context_length_exceeded` comes before any byte of an answer."""
+    words = "one two three four five six seven eight nine ten [[context=20]]"
+    body: dict[str, Any] = {"model": "demo", "stream": True}
+    if max_tokens:
+        body["max_tokens"] = max_tokens
+    fits = [{"role": "user", "content": words}]
+    assert text(await ask(session, demo.base_url, fits), "answer")
+    too_long = [{"role": "user", "content": words}, *fits] if not max_tokens else fits
+    async with (
+        asyncio.timeout(CALL_LIMIT_S),
+        session.post(
+            demo.base_url + "/chat/completions", json={**body, "messages": too_long}
+        ) as response,
+    ):
+        assert response.status == 400
+        error = (await response.json())["error"]
+    assert error["code"] == "context_length_exceeded", error
+    assert error["type"] == "invalid_request_error" and error["param"] == "messages"
+    assert error["message"].startswith("This model's maximum context length is 20 tokens.")
+
+
+async def test_the_configured_context_window_refuses_as_the_directive_does(
+    session: aiohttp.ClientSession,
+) -> None:
+    runner, base_url = await start_demo_model(
+        "127.0.0.1", 0, DemoConfig(tokens_per_s=0, context_window=5)
+    )
+    try:
+        assert text(await ask(session, base_url, "four words fit here"), "answer")
+        with pytest.raises(ModelStreamError) as info:
+            await ask(session, base_url, "six words do not fit here")
+    finally:
+        await runner.cleanup()
+    assert info.value.status == 400 and "maximum context length is 5" in info.value.message
+
+
 @pytest.mark.parametrize("directive", ["", "[[fail=hang]]"])
 async def test_client_leaving_mid_stream_leaves_no_traceback_in_the_server_log(
     paced_demo: str,
