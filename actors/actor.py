@@ -26,6 +26,7 @@ import logging
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
+import msgspec
 import redis.exceptions
 
 from actors.billing import Accounts, Usage
@@ -373,7 +374,8 @@ class ConversationActor:
         if not decided or not isinstance(first := decided[0], Started):
             return None
         runner = TurnRunner(self.ctx, self.writer, spec, choice, turn_id=first.turn_id)
-        runner.ask_now(fold(folded, decided))
+        _note_omitted(decided, runner.plan(fold(folded, decided)))
+        runner.ask_now()
         return _Prestart(decided, runner)
 
     def _kick(self) -> None:
@@ -462,10 +464,12 @@ class ConversationActor:
                     state, queued, choice, now, self.ctx.new_id, turn_id, payer if priced else None
                 )
             )
-            if payer is None and decided and isinstance(decided[0], Started):
-                # no pre-flight to pass first: the model is asked while `started` is on
-                # its way (`TurnRunner.ask_now`)
-                runner.ask_now(fold(state, decided))
+            if decided and isinstance(decided[0], Started):
+                _note_omitted(decided, runner.plan(fold(state, decided)))
+                if payer is None:
+                    # no pre-flight to pass first: the model is asked while `started` is
+                    # on its way (`TurnRunner.ask_now`)
+                    runner.ask_now()
             return decided
 
         # A cancel finds the turn's runner from the moment the turn is announced, while
@@ -699,6 +703,15 @@ class ConversationActor:
             log.exception(
                 "turn record not released", extra={"conversation_id": self.conversation_id}
             )
+
+
+def _note_omitted(decided: list[Event], omitted: int) -> None:
+    """Say in the turn's `started` (the first of `decided`) how many earlier messages its
+    first model call leaves out. Planned on the state folded with `started` as decided:
+    the count changes nothing a plan reads, so it holds for the event appended."""
+    started = decided[0]
+    if omitted and isinstance(started, Started):
+        decided[0] = msgspec.structs.replace(started, history_omitted=omitted)
 
 
 class _Prestart(NamedTuple):

@@ -2,7 +2,8 @@
 
 - stored assistant content: merge consecutive chunks of one kind into blocks,
   drop empty ones, normalise thinking once, on the merged block;
-- the history sent to the model;
+- the history sent to the model, and the newest part of it that fits in the
+  model's context window;
 - the automatic title.
 
 No I/O, no clock, no logging: everything here is tested without servers.
@@ -11,8 +12,9 @@ No I/O, no clock, no logging: everything here is tested without servers.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import msgspec
 
@@ -100,6 +102,116 @@ def build_history(messages: Sequence[HistoryMessage], *, personal: bool) -> list
             continue
         role: Literal["user", "system"] = "system" if message.role == "system" else "user"
         out.append({"role": role, "content": message.blocks[0] if message.blocks else ""})
+    return out
+
+
+# ---------------------------------------------------------------- context window
+
+# The room kept for the answer when the model's max_output_tokens is unset: what a
+# long chat answer takes, and never more than a quarter of a small window.
+ANSWER_RESERVE_TOKENS = 4096
+# What a message costs beyond its JSON (a chat template's role markers: 3-4 tokens
+# with OpenAI's, about 5 with Llama 3's), and the priming of the reply.
+MESSAGE_OVERHEAD_TOKENS = 8
+REPLY_PRIMING_TOKENS = 8
+# A byte-level BPE token (GPT, Llama 3, Qwen, Mistral's Tekken) or a SentencePiece one
+# with byte fallback is never less than one byte of UTF-8: counting one token a byte
+# of a message's JSON is safe for every model, without its tokenizer. Measured on a
+# conversation (the provider's reported input tokens over the bytes sent), the rate
+# is sharpened, with a margin for text that tokenizes worse than what was measured,
+# and never below one token in 8 bytes (no tokenizer packs chat text that densely;
+# a provider reporting 0 prompt tokens must not make every history fit).
+SAFE_TOKENS_PER_BYTE = 1.0
+MIN_TOKENS_PER_BYTE = 1 / 8
+RATE_MARGIN = 1.25
+
+
+def tokens_per_byte(measured_tokens: int, measured_bytes: int) -> float:
+    """The rate to estimate with, from a call's reported input tokens and the bytes sent."""
+    if measured_tokens <= 0 or measured_bytes <= 0:
+        return SAFE_TOKENS_PER_BYTE
+    rate = measured_tokens / measured_bytes * RATE_MARGIN
+    return min(SAFE_TOKENS_PER_BYTE, max(MIN_TOKENS_PER_BYTE, rate))
+
+
+def json_bytes(value: Any) -> int:
+    """The size of what goes to the model for `value` (a message, the tool schemas)."""
+    return len(msgspec.json.encode(value))
+
+
+def estimate_tokens(value: Any, rate: float) -> int:
+    return math.ceil(json_bytes(value) * rate)
+
+
+def history_budget(
+    context_window: int | None, max_output_tokens: int | None, tools_tokens: int
+) -> int | None:
+    """The tokens the history may take: the window minus the answer's room (its
+    max_output_tokens, else a reserve) and the tool schemas; None when the window is
+    not known."""
+    if context_window is None:
+        return None
+    reserve = (
+        max_output_tokens
+        if max_output_tokens is not None
+        else min(ANSWER_RESERVE_TOKENS, context_window // 4)
+    )
+    return context_window - reserve - tools_tokens - REPLY_PRIMING_TOKENS
+
+
+class Fitted(NamedTuple):
+    """The history a model call sends: `messages`, `omitted` earlier messages left out,
+    about `tokens` tokens (over `budget` only when nothing more could be left out)."""
+
+    messages: list[dict[str, Any]]
+    omitted: int
+    tokens: int
+
+
+def fit_history(
+    messages: Sequence[dict[str, Any]], budget: int | None, rate: float = SAFE_TOKENS_PER_BYTE
+) -> Fitted:
+    """The newest part of `messages` that fits in `budget` tokens (None: all of it).
+
+    Kept always: every system message, and the message being answered (the last user
+    message) with everything after it (this turn's tool rounds). Before it, whole
+    exchanges (a user message and what answered it, tool calls with their results)
+    are left out, oldest first, until the rest fits; so what is left out is always
+    the first non-system messages, and a tool call never goes without its result.
+    When even the kept part does not fit, every exchange before it is left out and
+    `tokens` says by how much it is over.
+    """
+    costs = [estimate_tokens(m, rate) + MESSAGE_OVERHEAD_TOKENS for m in messages]
+    total = sum(costs)
+    if budget is None or total <= budget:
+        return Fitted(list(messages), 0, total)
+    answered = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=0)
+    exchanges: list[list[int]] = []
+    for i in range(answered):
+        if messages[i].get("role") == "system":
+            continue
+        if not exchanges or messages[i].get("role") == "user":
+            exchanges.append([])
+        exchanges[-1].append(i)
+    left_out: set[int] = set()
+    for exchange in exchanges:
+        if total <= budget:
+            break
+        left_out.update(exchange)
+        total -= sum(costs[i] for i in exchange)
+    kept = [m for i, m in enumerate(messages) if i not in left_out]
+    return Fitted(kept, len(left_out), total)
+
+
+def without_oldest(messages: Sequence[dict[str, Any]], omitted: int) -> list[dict[str, Any]]:
+    """`messages` less the `omitted` first non-system ones: what `fit_history` sent when
+    it left that many out (an estimate of a call whose usage never came)."""
+    out, skipped = [], 0
+    for m in messages:
+        if skipped < omitted and m.get("role") != "system":
+            skipped += 1
+            continue
+        out.append(m)
     return out
 
 

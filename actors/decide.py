@@ -20,7 +20,13 @@ from typing import Literal
 
 import msgspec
 
-from actors.content import announced_title, auto_title, build_history, needs_title
+from actors.content import (
+    announced_title,
+    auto_title,
+    build_history,
+    needs_title,
+    without_oldest,
+)
 from actors.model_stream import ToolCallRequest
 from actors.state import (
     ActiveTurn,
@@ -90,6 +96,8 @@ class TurnTotals(msgspec.Struct, frozen=True):
     input_tokens: int = 0
     output_tokens: int = 0
     estimated: bool = False
+    input_bytes: int = 0  # what the calls whose usage was reported sent
+    history_omitted: int = 0  # the most earlier messages a call left out of its history
 
 
 # ---------------------------------------------------------------- requests
@@ -422,6 +430,8 @@ def decide_done(
         input_tokens=totals.input_tokens,
         output_tokens=totals.output_tokens,
         tokens_estimated=totals.estimated,
+        input_bytes=0 if totals.estimated else totals.input_bytes,
+        history_omitted=totals.history_omitted,
         idle=not state.queue,
     )
 
@@ -441,6 +451,7 @@ def decide_failed(
         input_tokens=totals.input_tokens,
         output_tokens=totals.output_tokens,
         tokens_estimated=totals.estimated,
+        history_omitted=totals.history_omitted,
         idle=not state.queue,
     )
 
@@ -461,6 +472,7 @@ def decide_cancelled(
         input_tokens=totals.input_tokens,
         output_tokens=totals.output_tokens,
         tokens_estimated=totals.estimated,
+        history_omitted=totals.history_omitted,
         idle=not state.queue,
     )
 
@@ -476,9 +488,13 @@ def estimated_totals(state: Conversation) -> TurnTotals:
     answered: each answer that asked for tools, and the last call if it wrote
     anything (or if it was the only one). Written: the text of every call and the
     tool calls the model wrote. (A live turn counts what it wrote in the model's
-    deltas, which the log does not keep.)"""
+    deltas, which the log does not keep.) The history is what its first call sent:
+    without the earlier messages `started` says it left out."""
     turn = _require_active(state)
-    messages = build_history(history_of(state, upto=turn.user_message_id), personal=state.personal)
+    messages = without_oldest(
+        build_history(history_of(state, upto=turn.user_message_id), personal=state.personal),
+        turn.history_omitted,
+    )
     history = sum(len(str(m.get("content") or "")) for m in messages)
     sent = added = 0
     for round_chars in turn.round_chars:  # the calls that asked for tools

@@ -8,6 +8,10 @@ raise these too.
 
 from __future__ import annotations
 
+# The code of a turn whose history does not fit in its model's context window: the
+# provider refused it as too long (`ModelStreamError`), or parley knew it would.
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+
 # Codes whose cause is the road to the model, not the request: sending the same
 # request again may well succeed.
 _RETRYABLE_CODES = frozenset({"unreachable", "timeout", "stream_cut"})
@@ -24,7 +28,9 @@ class ModelStreamError(ActorError):
     `unreachable` (no connection), `timeout` (no first byte, or silence mid-stream),
     `stream_cut` (the stream ended before `[DONE]` or a finish_reason),
     `bad_json` (a data line, or a non-stream body, that is not the expected JSON),
-    `model_error` (the model reported an error inside the stream).
+    `model_error` (the model reported an error inside the stream),
+    `context_length_exceeded` (a 4xx that says the request is longer than the
+    model's context window: trimming the history may help, sending it again not).
     `status` is the HTTP status when one was received. `retryable` says whether the
     same request may succeed if sent again; by default it follows from the code
     (429 and 5xx, lost connections and timeouts are; malformed output is not).
@@ -43,6 +49,7 @@ class ModelStreamError(ActorError):
         retryable: bool | None = None,
         retry_after: float | None = None,
         detail: str = "",
+        context_window: int | None = None,
     ) -> None:
         super().__init__(f"{code}: {message}" + (f" ({detail})" if detail else ""))
         self.code = code
@@ -50,6 +57,8 @@ class ModelStreamError(ActorError):
         self.detail = detail
         self.status = status
         self.retry_after = retry_after  # seconds, when the server said how long to wait
+        # a refusal for length that said the model's window, in tokens
+        self.context_window = context_window
         self.retryable: bool = (
             retryable if retryable is not None else _default_retryable(code, status)
         )

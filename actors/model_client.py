@@ -16,6 +16,7 @@ stops generating (and billing) tokens nobody will read.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -23,7 +24,7 @@ from typing import Any, Final, Literal
 import aiohttp
 import msgspec
 
-from actors.errors import ModelStreamError
+from actors.errors import CONTEXT_LENGTH_EXCEEDED, ModelStreamError
 from actors.model_stream import ChatStreamParser, StreamItem, completion_items, error_in_chunk
 
 # Error bodies are read for their message only; a proxy's multi-megabyte HTML page
@@ -125,8 +126,9 @@ async def stream_chat(
     A caller that stops early should close the generator (`contextlib.aclosing`),
     which closes the connection at once rather than when it is garbage collected.
 
-    Raises `ModelStreamError`: `http_<status>`, `unreachable`, `timeout`,
-    `stream_cut`, `bad_json` or `model_error` (see `actors.errors`). Items yielded
+    Raises `ModelStreamError`: `http_<status>`, `context_length_exceeded`,
+    `unreachable`, `timeout`, `stream_cut`, `bad_json` or `model_error` (see
+    `actors.errors`). Items yielded
     before an error stay valid: they are what the model produced until then.
 
     A server that ignores `stream: true` and answers one `chat.completion` JSON
@@ -397,12 +399,83 @@ async def _http_error(response: aiohttp.ClientResponse, idle_timeout: float) -> 
     status = response.status
     raw = await _read_body(response, idle_timeout)
     message = _message_from_body(raw) or response.reason or "no message"
+    if refused_as_too_long(status, raw):
+        return ModelStreamError(
+            CONTEXT_LENGTH_EXCEEDED, message, status=status, context_window=window_said(message)
+        )
     return ModelStreamError(
         f"http_{status}",
         message,
         status=status,
         retry_after=_retry_after(response.headers.get("Retry-After")),
     )
+
+
+# What a provider's refusal of a request longer than its model's context window
+# says, in its error's code, type or message (lower case). OpenAI and Azure:
+# code "context_length_exceeded", "This model's maximum context length is ...",
+# as DeepSeek, vLLM and SGLang word it; llama.cpp's server: type
+# "exceed_context_size_error", "request (N tokens) exceeds the available context
+# size (M tokens)"; Mistral: "... too large for model with N maximum context
+# length"; Anthropic's compatible endpoint: "prompt is too long"; Gemini's: "The
+# input token count (N) exceeds the maximum number of tokens allowed"; xAI: "This
+# model's maximum prompt length is ...". A 429 is never one ("too many tokens per
+# minute" is a rate limit, tried again as such).
+_TOO_LONG_STATUSES: Final = frozenset({400, 413, 422})
+_TOO_LONG_SAYINGS: Final = (
+    "context_length_exceeded",
+    "exceed_context_size_error",
+    "context length",
+    "context window",
+    "context size",
+    "prompt is too long",
+    "maximum prompt length",
+    "exceeds the maximum number of tokens",
+)
+
+
+def refused_as_too_long(status: int, raw: bytes) -> bool:
+    """Whether an error answer refuses the request as longer than the model's context
+    window. Only the error's own fields are read (its code, type and message), not
+    the whole body: a validation error may echo the request, the user's words too."""
+    if status not in _TOO_LONG_STATUSES:
+        return False
+    try:
+        decoded = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        decoded = raw.decode("utf-8", "replace")[:_MESSAGE_LIMIT]
+    if isinstance(decoded, dict):
+        error = decoded.get("error")
+        fields = error if isinstance(error, dict) else decoded
+        said = " ".join(
+            str(value)
+            for key in ("code", "type", "message", "detail")
+            if isinstance(value := fields.get(key), str | int)
+        ) + (f" {error}" if isinstance(error, str) else "")
+    else:
+        said = str(decoded)
+    said = said.lower()
+    return any(saying in said for saying in _TOO_LONG_SAYINGS)
+
+
+# How the refusals above name the window: OpenAI, DeepSeek, vLLM, SGLang ("maximum
+# context length is N tokens"), Mistral ("N maximum context length"), llama.cpp
+# ("available context size (N tokens)"), Anthropic ("N tokens > M maximum"), Gemini
+# ("maximum number of tokens allowed (N)"), xAI ("maximum prompt length is N").
+_WINDOW_SAID: Final = re.compile(
+    r"maximum context length is (\d+)|(\d+) maximum context length"
+    r"|available context size \((\d+) tokens\)|> (\d+) maximum"
+    r"|maximum number of tokens allowed \((\d+)\)|maximum prompt length is (\d+)",
+    re.IGNORECASE,
+)
+
+
+def window_said(message: str) -> int | None:
+    """The model's context window a refusal for length names, if it names one."""
+    match = _WINDOW_SAID.search(message)
+    if match is None:
+        return None
+    return int(next(group for group in match.groups() if group is not None))
 
 
 _RETRY_AFTER_MAX_S = 60.0

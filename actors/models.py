@@ -39,6 +39,10 @@ class ModelSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     api_key: str | None = None  # resolved by the wiring from api_key_env
     upstream_name: str | None = None  # the name sent to the endpoint, if it differs
     max_output_tokens: Annotated[int, msgspec.Meta(gt=0)] | None = None
+    # the model's context window in tokens (prompt and answer together): the history
+    # sent is the newest part that fits (actors.content.fit_history); None: not known,
+    # all of it is sent, and trimmed only once the provider refuses it as too long
+    context_window: Annotated[int, msgspec.Meta(gt=0)] | None = None
     # What the endpoint accepts, for servers that refuse OpenAI's defaults: the
     # temperature sent (unset: DEFAULT_TEMPERATURE; OpenAI's reasoning models take
     # only 1), the field max_output_tokens goes in (OpenAI's reasoning models refuse
@@ -86,6 +90,12 @@ def catalogue_problems(models: list[ModelSpec]) -> list[str]:
         if spec.name in names:
             problems.append(f"model {spec.name!r} is listed twice")
         names.add(spec.name)
+        window, answer = spec.context_window, spec.max_output_tokens
+        if window is not None and answer is not None and answer >= window:
+            problems.append(
+                f"model {spec.name!r}: max_output_tokens {answer} leaves no room for any"
+                f" message in its context_window {window}"
+            )
         versions = [v.version for v in spec.versions]
         for twice in sorted({v for v in versions if versions.count(v) > 1}):
             problems.append(f"model {spec.name!r} lists version {twice!r} twice")

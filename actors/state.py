@@ -151,6 +151,16 @@ class ActiveTurn(msgspec.Struct, frozen=True):
     round_chars: tuple[int, ...] = ()
     call_chars: int = 0
     after_results: bool = False  # the last tool event was a result: a call opens a round
+    history_omitted: int = 0  # earlier messages its first model call left out
+
+
+class InputRate(msgspec.Struct, frozen=True):
+    """What a model's provider counted for what was sent to it: the last turn's reported
+    input tokens and the bytes its calls sent (`Done.input_bytes`)."""
+
+    model: str
+    tokens: int
+    bytes: int
 
 
 class Conversation(msgspec.Struct, frozen=True):
@@ -170,6 +180,7 @@ class Conversation(msgspec.Struct, frozen=True):
     keyed: dict[str, KeyedRequest] = {}
     token_usage_total: int = 0
     last_billed: BilledTurn | None = None  # the latest ended turn that has an account to charge
+    input_rate: InputRate | None = None  # the latest turn's that knew it
     # Why this conversation's state cannot be known (a damaged event, a broken
     # invariant): it refuses new work, every other conversation goes on.
     broken: str | None = None
@@ -297,6 +308,15 @@ def evolve(state: Conversation, event: AnyEvent | Unreadable) -> Conversation:
                 else "failed"
             )
             active = state.active
+            if (
+                isinstance(event, Done)
+                and active is not None
+                and active.turn_id == event.turn_id
+                and event.input_bytes > 0
+                and not event.tokens_estimated
+            ):
+                rate = InputRate(active.model, event.input_tokens, event.input_bytes)
+                state = replace(state, input_rate=rate)
             if active is not None and active.turn_id == event.turn_id and active.payer:
                 state = replace(
                     state,
@@ -390,6 +410,7 @@ def _started(state: Conversation, event: Started) -> Conversation:
         command_id=event.command_id,
         payer=event.payer,
         user_id=event.user_id,
+        history_omitted=event.history_omitted,
     )
     messages = _supersede(state.messages, event.supersedes, event.fork_origin)
     return replace(

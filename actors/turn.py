@@ -32,7 +32,20 @@ import aiohttp
 import msgspec
 
 from actors.billing import Accounts
-from actors.content import build_history, refused_tool, tool_round_messages, visible_tools
+from actors.content import (
+    MIN_TOKENS_PER_BYTE,
+    SAFE_TOKENS_PER_BYTE,
+    Fitted,
+    build_history,
+    estimate_tokens,
+    fit_history,
+    history_budget,
+    json_bytes,
+    refused_tool,
+    tokens_per_byte,
+    tool_round_messages,
+    visible_tools,
+)
 from actors.decide import (
     CHARS_PER_TOKEN,
     ModelChoice,
@@ -44,7 +57,7 @@ from actors.decide import (
     decide_tool_result,
     decide_tool_title,
 )
-from actors.errors import ModelStreamError
+from actors.errors import CONTEXT_LENGTH_EXCEEDED, ModelStreamError
 from actors.model_client import ChatRequest, ModelEndpoint, SentChat, read_chat, send_chat
 from actors.model_stream import (
     ChatStreamParser,
@@ -196,16 +209,25 @@ class TurnRunner:
         self._early: asyncio.Task[SentChat] | None = None
         self._early_began = 0.0
 
-    def ask_now(self, state: Conversation) -> None:
-        """Send the turn's first model call now, on `state` (the conversation once this
-        turn's `started` is in), while `started` is still on its way to the log: the
-        model's first token and the append overlap instead of following each other.
-        What the model streams meanwhile waits in the connection until the turn runs;
-        a turn that does not run closes it (`discard`), and the provider stops."""
+    def plan(self, state: Conversation) -> int:
+        """Plan the turn's first model call on `state` (the conversation once this turn's
+        `started` is in): its history, the newest part that fits in the model's context
+        window. Returns how many earlier messages it leaves out (`started` says so)."""
         self._plan = _plan_call(self.ctx, self.spec, state)
+        return self._plan.first.omitted
+
+    def ask_now(self) -> None:
+        """Send the planned first model call now, while `started` is still on its way to
+        the log: the model's first token and the append overlap instead of following
+        each other. What the model streams meanwhile waits in the connection until the
+        turn runs; a turn that does not run closes it (`discard`), and the provider
+        stops. A history that cannot fit is not sent: the turn ends without a call."""
+        plan = self._plan
+        if plan is None or _too_long(plan, plan.messages):
+            return
         self._early_began = time.perf_counter()
         self._early = asyncio.create_task(
-            self._send(self._plan.endpoint, self._request(self._plan, self._plan.messages)),
+            self._send(plan.endpoint, self._request(plan, plan.first.messages)),
             name=f"ask-{self.turn_id}",
         )
 
@@ -216,12 +238,12 @@ class TurnRunner:
             early.cancel()
             early.add_done_callback(_close_unread)
 
-    def _early_totals(self, messages: list[dict[str, Any]]) -> TurnTotals:
+    def _early_totals(self, plan: _CallPlan) -> TurnTotals:
         """What the first model call, sent before the turn ran (`ask_now`), consumed by
         now: the part of its answer that has arrived, taken without waiting and counted
         as any call's is (`add_usage`). A turn cancelled before it ran closes that call
         unread; what the provider produced for it until then is still billed."""
-        early = self._early
+        early, messages = self._early, plan.first.messages
         if early is None or not early.done() or early.cancelled() or early.exception():
             return TurnTotals()  # no answer yet: a call that produced nothing
         sent = early.result()
@@ -231,7 +253,8 @@ class TurnRunner:
         result = RoundResult()
         for item in items:
             _tally(item, result)
-        return add_usage(TurnTotals(), result, messages)
+        sent_bytes, omitted = _sent_bytes(plan, messages), plan.first.omitted
+        return add_usage(TurnTotals(), result, messages, sent_bytes=sent_bytes, omitted=omitted)
 
     def cancel(self, reason: str) -> bool:
         """Stop the turn; False when it is already writing its end. A turn not running
@@ -264,19 +287,60 @@ class TurnRunner:
         stream = TurnStream(self.writer, self.turn_id, ctx.clock, ctx.new_id, ctx.append_tick)
         totals = TurnTotals()
         stop_reason = "stop"
+        # the tokens the history may take: the window's room, and after a refusal for
+        # length half of what the refused call was estimated to send
+        budget, shrunk = plan.budget, False
         try:
             if self._cancel_reason is not None:
                 # Cancelled before it ran: end it as such, with what its first call,
                 # sent as the turn started, consumed meanwhile.
-                totals = self._early_totals(plan.messages)
+                totals = self._early_totals(plan)
                 raise asyncio.CancelledError
             for round_number in range(MAX_TOOL_ROUNDS + 1):
-                request = self._request(plan, messages)
                 result = RoundResult()
-                try:
-                    await self._stream_round(endpoint, request, stream, result)
-                finally:
-                    totals = add_usage(totals, result, messages)
+                while True:  # twice at most: once more after a refusal for length
+                    fitted = fit_history(messages, budget, plan.rate)
+                    if _too_long(plan, messages):
+                        raise _does_not_fit(self.spec.name, plan, messages)
+                    try:
+                        request = self._request(plan, fitted.messages)
+                        await self._stream_round(endpoint, request, stream, result)
+                        break
+                    except ModelStreamError as err:
+                        if err.code != CONTEXT_LENGTH_EXCEEDED or result.started:
+                            raise
+                        # Refused as longer than the window (not known, or underestimated):
+                        # once more, the history trimmed to the room in the window the
+                        # refusal named (a history twice the window is not saved by
+                        # halving it), else, or when that room is no less than what our
+                        # count says was sent, to half of that; unless that was tried
+                        # already or nothing more can be left out.
+                        room = history_budget(
+                            err.context_window,
+                            self.spec.max_output_tokens,
+                            math.ceil(plan.tools_bytes * plan.rate),
+                        )
+                        budget = (
+                            room
+                            if room is not None and room < fitted.tokens
+                            else fitted.tokens // 2
+                        )
+                        harder = fit_history(messages, budget, plan.rate)
+                        if shrunk or harder.omitted == fitted.omitted:
+                            raise _refused_as_too_long(self.spec.name) from err
+                        shrunk = True
+                        log.info(
+                            "the model refused the history as too long; trying it shorter",
+                            extra={**self._log_fields(), "detail": err.message},
+                        )
+                    finally:
+                        totals = add_usage(
+                            totals,
+                            result,
+                            fitted.messages,
+                            sent_bytes=_sent_bytes(plan, fitted.messages),
+                            omitted=fitted.omitted,
+                        )
                 if result.finish_reason:
                     stop_reason = result.finish_reason
                 if not result.calls:
@@ -516,23 +580,85 @@ class _CallPlan(NamedTuple):
     """What a turn's model calls ask, and where."""
 
     endpoint: ModelEndpoint
-    messages: list[dict[str, Any]]
+    messages: list[dict[str, Any]]  # the whole history
     tools: list[dict[str, Any]]
+    tools_bytes: int
+    rate: float  # tokens a byte, to estimate what is sent with
+    budget: int | None  # the tokens the history may take in the model's window (None: not known)
+    least_budget: int | None  # ... with the tool schemas counted at their fewest tokens
+    first: Fitted  # what the first call sends of the history
 
 
 def _plan_call(ctx: ActorContext, spec: ModelSpec, state: Conversation) -> _CallPlan:
-    """The first call of the turn running on `state`: its history and tools."""
+    """The first call of the turn running on `state`: its history (the newest part that
+    fits in the model's context window, when it is known) and tools."""
     assert state.active is not None
+    messages = build_history(
+        history_of(state, upto=state.active.user_message_id), personal=state.personal
+    )
+    tools = visible_tools(ctx.tools.schemas(), personal=state.personal)
+    measured = state.input_rate
+    rate = (
+        tokens_per_byte(measured.tokens, measured.bytes)
+        if measured is not None and measured.model == spec.name
+        else SAFE_TOKENS_PER_BYTE
+    )
+    tools_bytes = json_bytes(tools) if tools else 0
+    budget = history_budget(
+        spec.context_window, spec.max_output_tokens, estimate_tokens(tools, rate) if tools else 0
+    )
     return _CallPlan(
         endpoint=ModelEndpoint(
             base_url=spec.base_url or ctx.default_base_url,
             model=spec.upstream_name or spec.name,
             api_key=endpoint_api_key(spec, ctx.default_api_key),
         ),
-        messages=build_history(
-            history_of(state, upto=state.active.user_message_id), personal=state.personal
+        messages=messages,
+        tools=tools,
+        tools_bytes=tools_bytes,
+        rate=rate,
+        budget=budget,
+        least_budget=history_budget(
+            spec.context_window,
+            spec.max_output_tokens,
+            estimate_tokens(tools, MIN_TOKENS_PER_BYTE) if tools else 0,
         ),
-        tools=visible_tools(ctx.tools.schemas(), personal=state.personal),
+        first=fit_history(messages, budget, rate),
+    )
+
+
+def _too_long(plan: _CallPlan, messages: list[dict[str, Any]]) -> bool:
+    """Even with every earlier exchange left out, and counted at the fewest tokens chat
+    text takes (one in 8 bytes), the history is over the window's room: no model can
+    take it. (Between that and the safe count, what is least is sent, and the
+    provider decides: a text tokenized at 4 bytes a token is not refused on a guess.)"""
+    if plan.least_budget is None:
+        return False
+    return fit_history(messages, 0, MIN_TOKENS_PER_BYTE).tokens > plan.least_budget
+
+
+def _sent_bytes(plan: _CallPlan, messages: list[dict[str, Any]]) -> int:
+    return plan.tools_bytes + sum(json_bytes(m) for m in messages)
+
+
+def _does_not_fit(model: str, plan: _CallPlan, messages: list[dict[str, Any]]) -> ModelStreamError:
+    """The turn ends before its model is asked: the message being answered (with this
+    turn's tool rounds) cannot fit, whatever is left out."""
+    least = fit_history(messages, 0, MIN_TOKENS_PER_BYTE).tokens
+    return ModelStreamError(
+        CONTEXT_LENGTH_EXCEEDED,
+        f"This message is too long for the model {model}: with the instructions and this"
+        f" turn's tool results it takes at least {least} tokens, and the model has room"
+        f" for {max(plan.least_budget or 0, 0)} beside its answer. Shorten it, or send it"
+        " in parts.",
+    )
+
+
+def _refused_as_too_long(model: str) -> ModelStreamError:
+    return ModelStreamError(
+        CONTEXT_LENGTH_EXCEEDED,
+        f"This conversation is too long for the model {model}, even with its oldest"
+        " messages left out: shorten your message, or start a new conversation.",
     )
 
 
@@ -568,24 +694,35 @@ def _still_running(state: Conversation, turn_id: str) -> bool:
 
 
 def add_usage(
-    totals: TurnTotals, result: RoundResult, messages: list[dict[str, Any]]
+    totals: TurnTotals,
+    result: RoundResult,
+    messages: list[dict[str, Any]],
+    *,
+    sent_bytes: int = 0,
+    omitted: int = 0,
 ) -> TurnTotals:
-    """Add one model call to the turn's totals: reported usage, else an estimate."""
+    """Add one model call, which sent `messages` (`sent_bytes` with the tool schemas,
+    `omitted` earlier messages left out), to the turn's totals: reported usage, else
+    an estimate."""
+    omitted = max(totals.history_omitted, omitted)
     if result.usage is not None:
         return TurnTotals(
             input_tokens=totals.input_tokens + result.usage.input_tokens,
             output_tokens=totals.output_tokens + result.usage.output_tokens,
             estimated=totals.estimated,
+            input_bytes=totals.input_bytes + sent_bytes,
+            history_omitted=omitted,
         )
     if not result.started and result.finish_reason is None:
         # Nothing came back (refused, an error status, no first byte): providers do
         # not bill a call that produced nothing, and neither do we.
-        return totals
+        return msgspec.structs.replace(totals, history_omitted=omitted)
     chars = sum(len(str(m.get("content") or "")) for m in messages)
     return TurnTotals(
         input_tokens=totals.input_tokens + math.ceil(chars / CHARS_PER_TOKEN),
         output_tokens=totals.output_tokens + result.deltas,
         estimated=True,
+        history_omitted=omitted,
     )
 
 

@@ -113,6 +113,9 @@ class Envelope(msgspec.Struct, frozen=True, omit_defaults=True):
     message_id: str | None = None
     code: str | None = None  # on `error` and `billing_error`: the machine-readable reason
     raw_arguments: str | None = None  # on `tool_call`, when they are not a JSON object
+    # on `started` and `done`: how many earlier messages the turn's model calls left
+    # out of its history for the rest to fit in the model's context window (none: 0)
+    history_omitted: int | None = None
 
 
 def envelopes(stored: StoredEvent) -> list[Envelope]:
@@ -132,6 +135,7 @@ def envelopes(stored: StoredEvent) -> list[Envelope]:
                         model=event.model,
                     ),
                     event.turn_id,
+                    history_omitted=event.history_omitted or None,
                 )
             ]
         case Chunk():
@@ -165,13 +169,13 @@ def envelopes(stored: StoredEvent) -> list[Envelope]:
         case Title():
             return [Envelope("title", TitleData(title=event.title), event.turn_id)]
         case Done():
-            return [Envelope("done", "ok", event.turn_id)]
+            return [Envelope("done", "ok", event.turn_id, history_omitted=_omitted(event))]
         case Cancelled():
-            return [Envelope("done", "stopped", event.turn_id)]
+            return [Envelope("done", "stopped", event.turn_id, history_omitted=_omitted(event))]
         case Failed():
             return [
                 Envelope("error", event.message, event.turn_id, code=event.code),
-                Envelope("done", "error", event.turn_id),
+                Envelope("done", "error", event.turn_id, history_omitted=_omitted(event)),
             ]
         case CommandRejected():
             message_id = event.message_id or None
@@ -192,6 +196,10 @@ def envelopes(stored: StoredEvent) -> list[Envelope]:
             ]
         case _:
             return []
+
+
+def _omitted(end: Done | Cancelled | Failed) -> int | None:
+    return end.history_omitted or None
 
 
 def frames(stored: StoredEvent, position: Position | None = None) -> list[bytes]:

@@ -116,6 +116,9 @@ class Started(Event, tag="started", frozen=True):
     fork_origin: str | None = None
     user_id: str = ""  # who asked
     payer: str | None = None  # the account billed for this turn ("project:<id>" / "user:<id>")
+    # how many earlier messages the turn's first model call left out of its history, the
+    # oldest first, for the rest to fit in the model's context window
+    history_omitted: int = 0
 
 
 class Chunk(Event, tag="chunk", frozen=True):
@@ -163,6 +166,13 @@ class Done(Event, tag="done", frozen=True):
     output_tokens: int
     tokens_estimated: bool = False
     content_parts: int = 0  # > 0: the content is in that many content_part events before this
+    # The bytes of what the model calls sent (messages and tool schemas) for the
+    # input_tokens the provider reported (0: not known, or the tokens were estimated):
+    # the next turn's history is measured at this rate (actors.content.tokens_per_byte).
+    input_bytes: int = 0
+    # the most earlier messages any model call of the turn left out of its history
+    # (more than `started` says when the provider refused the first call as too long)
+    history_omitted: int = 0
     # No other turn waited to run when it ended (the actor's state as the end was
     # decided, so every viewer, on any edge, reads the same from the log: a viewer of
     # the whole conversation ends its stream here or goes on); None in logs written
@@ -178,6 +188,7 @@ class Cancelled(Event, tag="cancelled", frozen=True):
     output_tokens: int = 0
     tokens_estimated: bool = False
     content_parts: int = 0
+    history_omitted: int = 0  # as a `done`'s
     idle: bool | None = None  # as a `done`'s
 
 
@@ -190,6 +201,7 @@ class Failed(Event, tag="failed", frozen=True):
     output_tokens: int = 0
     tokens_estimated: bool = False
     content_parts: int = 0
+    history_omitted: int = 0  # as a `done`'s
     idle: bool | None = None  # as a `done`'s
 
 

@@ -57,6 +57,8 @@ class Settings(msgspec.Struct, frozen=True):
     model_base_url: str | None = None
     model_api_key: str | None = None
     model: str | None = None
+    # PARLEY_MODEL_CONTEXT_WINDOW: the context window (tokens) of PARLEY_MODEL's model
+    model_context_window: int | None = None
     jwt_secret: str | None = None
     jwt_jwks_url: str | None = None
     jwt_issuer: str | None = None
@@ -144,6 +146,7 @@ def settings_from_env(env: Mapping[str, str], data_dir: str | Path | None = None
         model_base_url=get("PARLEY_MODEL_BASE_URL"),
         model_api_key=get("PARLEY_MODEL_API_KEY"),
         model=get("PARLEY_MODEL"),
+        model_context_window=_window(get("PARLEY_MODEL_CONTEXT_WINDOW")),
         jwt_secret=jwt_secret,
         jwt_jwks_url=jwks_url,
         jwt_issuer=issuer,
@@ -241,6 +244,15 @@ def _limits(get: Callable[[str], str | None]) -> EdgeLimits:
     )
 
 
+def _window(raw: str | None) -> int | None:
+    if raw is None:
+        return None
+    value = _int(raw, 0, "PARLEY_MODEL_CONTEXT_WINDOW")
+    if value == 0:
+        raise ConfigError("PARLEY_MODEL_CONTEXT_WINDOW must be a number of tokens above 0")
+    return value
+
+
 def _positive(value: float, name: str) -> float:
     if value <= 0:
         raise ConfigError(f"{name} must be more than 0")
@@ -331,6 +343,18 @@ def load_catalog(
         # price is known, so it has no version: a project's turn on it fails as
         # `model_not_priced` rather than running free.
         specs[default] = ModelSpec(name=default)
+    window = settings.model_context_window
+    if window is not None:
+        spec = specs[default]
+        if spec.context_window not in (None, window):
+            raise ConfigError(
+                f"PARLEY_MODEL_CONTEXT_WINDOW is {window}, and the models file gives model"
+                f" {default!r} a context_window of {spec.context_window}: set one of them"
+            )
+        spec = msgspec.structs.replace(spec, context_window=window)
+        if problems := catalogue_problems([spec]):
+            raise ConfigError(f"PARLEY_MODEL_CONTEXT_WINDOW: {'; '.join(problems)}")
+        specs[default] = spec
     return ModelCatalog(models=list(specs.values()), default_model=default)
 
 

@@ -157,6 +157,15 @@ def test_catalog(recorder_url: str = "http://127.0.0.1:1/v1") -> ModelCatalog:
                 max_output_tokens=1234,
                 versions=DEMO_SPEC.versions,
             ),
+            # a model whose context window is known: its history is trimmed to fit
+            ModelSpec(
+                name="recorder-windowed",
+                base_url=recorder_url,
+                upstream_name="gpt-4o-2024-08-06",
+                max_output_tokens=100,
+                context_window=4000,
+                versions=DEMO_SPEC.versions,
+            ),
             # an endpoint that refuses OpenAI's defaults, as OpenAI's reasoning models
             # (temperature 1 only, max_completion_tokens), Mistral (no stream_options)
             # and xAI (no null content beside tool calls) do
