@@ -159,9 +159,19 @@ def history_budget(
     return context_window - reserve - tools_tokens - REPLY_PRIMING_TOKENS
 
 
+def _message_tokens(message: dict[str, Any], rate: float) -> int:
+    return estimate_tokens(message, rate) + MESSAGE_OVERHEAD_TOKENS
+
+
+def history_tokens(messages: Sequence[dict[str, Any]], rate: float) -> int:
+    """About how many tokens `messages` take, counted as `fit_history` counts them."""
+    return sum(_message_tokens(m, rate) for m in messages)
+
+
 class Fitted(NamedTuple):
     """The history a model call sends: `messages`, `omitted` earlier messages left out,
-    about `tokens` tokens (over `budget` only when nothing more could be left out)."""
+    about `tokens` tokens (over `budget` only when nothing more could be left out; 0,
+    not counted, without a budget)."""
 
     messages: list[dict[str, Any]]
     omitted: int
@@ -181,9 +191,13 @@ def fit_history(
     When even the kept part does not fit, every exchange before it is left out and
     `tokens` says by how much it is over.
     """
-    costs = [estimate_tokens(m, rate) + MESSAGE_OVERHEAD_TOKENS for m in messages]
+    if budget is None:
+        # no window to fit: nothing is counted (a long conversation's history is
+        # megabytes of JSON, and this runs on every turn's way to its first token)
+        return Fitted(list(messages), 0, 0)
+    costs = [_message_tokens(m, rate) for m in messages]
     total = sum(costs)
-    if budget is None or total <= budget:
+    if total <= budget:
         return Fitted(list(messages), 0, total)
     answered = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=0)
     exchanges: list[list[int]] = []

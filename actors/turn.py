@@ -40,6 +40,7 @@ from actors.content import (
     estimate_tokens,
     fit_history,
     history_budget,
+    history_tokens,
     json_bytes,
     refused_tool,
     tokens_per_byte,
@@ -320,11 +321,8 @@ class TurnRunner:
                             self.spec.max_output_tokens,
                             math.ceil(plan.tools_bytes * plan.rate),
                         )
-                        budget = (
-                            room
-                            if room is not None and room < fitted.tokens
-                            else fitted.tokens // 2
-                        )
+                        sent = history_tokens(fitted.messages, plan.rate)
+                        budget = room if room is not None and room < sent else sent // 2
                         harder = fit_history(messages, budget, plan.rate)
                         if shrunk or harder.omitted == fitted.omitted:
                             raise _refused_as_too_long(self.spec.name) from err
