@@ -434,10 +434,28 @@ _TOO_LONG_SAYINGS: Final = (
 )
 
 
+# What a validation error echoes of the request, which may be the user's own words
+# ("context length" in a question about models): the quoted value of an `input`, as
+# pydantic words it (vLLM, SGLang, LiteLLM: `'input': '...'`, `input_value='...'`)
+# and JSON echoes it (`"input": "..."`). Other quoted text is read: a gateway quotes
+# the refusal it passes on (LiteLLM: `... Error code: 400 - {'error': {'message':
+# "This model's maximum context length is ..."}}`). Only the message's first
+# _SAID_LIMIT characters are read: a refusal says why at once.
+_ECHOED: Final = re.compile(
+    r"""\binput(?:_value)?['"]?\s*[:=]\s*(['"])(?:\\.|(?!\1)[^\\])*\1""", re.DOTALL
+)
+_SAID_LIMIT: Final = 4096
+
+
+def _not_echoed(text: str) -> str:
+    return _ECHOED.sub(" ", text[:_SAID_LIMIT])
+
+
 def refused_as_too_long(status: int, raw: bytes) -> bool:
     """Whether an error answer refuses the request as longer than the model's context
     window. Only the error's own fields are read (its code, type and message), not
-    the whole body: a validation error may echo the request, the user's words too."""
+    the whole body, and of its message not the input a validation error echoes: that
+    may be the user's words too."""
     if status not in _TOO_LONG_STATUSES:
         return False
     try:
@@ -448,12 +466,12 @@ def refused_as_too_long(status: int, raw: bytes) -> bool:
         error = decoded.get("error")
         fields = error if isinstance(error, dict) else decoded
         said = " ".join(
-            str(value)
+            _not_echoed(str(value))
             for key in ("code", "type", "message", "detail")
             if isinstance(value := fields.get(key), str | int)
-        ) + (f" {error}" if isinstance(error, str) else "")
+        ) + (f" {_not_echoed(error)}" if isinstance(error, str) else "")
     else:
-        said = str(decoded)
+        said = _not_echoed(str(decoded))
     said = said.lower()
     return any(saying in said for saying in _TOO_LONG_SAYINGS)
 
@@ -471,8 +489,9 @@ _WINDOW_SAID: Final = re.compile(
 
 
 def window_said(message: str) -> int | None:
-    """The model's context window a refusal for length names, if it names one."""
-    match = _WINDOW_SAID.search(message)
+    """The model's context window a refusal for length names, if it names one (not a
+    number in the input a validation error echoes)."""
+    match = _WINDOW_SAID.search(_not_echoed(message))
     if match is None:
         return None
     return int(next(group for group in match.groups() if group is not None))

@@ -225,6 +225,39 @@ ANTHROPIC = {
         "message": "prompt is too long: 208310 tokens > 200000 maximum",
     },
 }
+# vLLM's and SGLang's answer to a request their pydantic models refuse: the error's
+# text echoes the input it refused, here the user's own words
+VLLM_VALIDATION = {
+    "object": "error",
+    "message": "[{'type': 'string_type', 'loc': ('body', 'messages', 1, 'content'), 'msg':"
+    " 'Input should be a valid string', 'input': 'what is the context length of gpt-4o?'}]",
+    "type": "BadRequestError",
+    "param": None,
+    "code": 400,
+}
+PYDANTIC_VALIDATION = {
+    "object": "error",
+    "message": "1 validation error for ChatCompletionRequest\nmessages.1.name\n  String should"
+    " have at most 64 characters [type=string_too_long, input_value=\"what's the maximum"
+    ' context length is 4096 tokens", input_type=str]',
+    "type": "BadRequestError",
+    "param": None,
+    "code": 400,
+}
+# LiteLLM's proxy passes the provider's refusal on quoted in its own message
+LITELLM = {
+    "error": {
+        "message": "litellm.ContextWindowExceededError: litellm.BadRequestError:"
+        " ContextWindowExceededError: OpenAIException - Error code: 400 - {'error':"
+        " {'message': \"This model's maximum context length is 128000 tokens. However, your"
+        ' messages resulted in 419624 tokens. Please reduce the length of the messages.",'
+        " 'type': 'invalid_request_error', 'param': 'messages', 'code':"
+        " 'context_length_exceeded'}}",
+        "type": None,
+        "param": None,
+        "code": "400",
+    }
+}
 GEMINI = [  # Gemini's OpenAI endpoint answers a list
     {
         "error": {
@@ -246,6 +279,24 @@ GEMINI = [  # Gemini's OpenAI endpoint answers a list
         (400, LLAMA_CPP, True),
         (400, ANTHROPIC, True),
         (400, {"error": {"message": "Invalid 'messages[1].role'", "code": None}}, False),
+        # a validation error that echoes the user's words about context lengths
+        (400, VLLM_VALIDATION, False),
+        (400, PYDANTIC_VALIDATION, False),
+        (400, LITELLM, True),
+        # OpenAI's refusal of a max_tokens above the model's output limit
+        (
+            400,
+            {
+                "error": {
+                    "message": "max_tokens is too large: 100000. This model supports at most"
+                    " 16384 completion tokens, whereas you provided 100000.",
+                    "type": "invalid_request_error",
+                    "param": "max_tokens",
+                    "code": "invalid_value",
+                }
+            },
+            False,
+        ),
         # a rate limit on tokens is tried again as one, not trimmed
         (429, {"error": {"message": "Rate limit reached: too many tokens per minute"}}, False),
         (500, OPENAI, False),
@@ -282,6 +333,9 @@ def test_a_refusal_for_length_is_told_from_other_refusals(
             131072,
         ),
         ({"message": "the context length is exceeded"}, None),
+        (LITELLM, 128_000),
+        # not a number the user wrote, echoed by a validation error
+        (PYDANTIC_VALIDATION, None),
     ],
 )
 def test_the_window_a_refusal_names_is_read(body: dict[str, Any], window: int | None) -> None:
