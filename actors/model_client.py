@@ -476,12 +476,15 @@ def refused_as_too_long(status: int, raw: bytes) -> bool:
     return any(saying in said for saying in _TOO_LONG_SAYINGS)
 
 
-# How the refusals above name the window: OpenAI, DeepSeek, vLLM, SGLang ("maximum
-# context length is N tokens"), Mistral ("N maximum context length"), llama.cpp
-# ("available context size (N tokens)"), Anthropic ("N tokens > M maximum"), Gemini
-# ("maximum number of tokens allowed (N)"), xAI ("maximum prompt length is N").
+# How the refusals above name the window: OpenAI, DeepSeek, vLLM ("maximum context
+# length is N tokens"), SGLang ("maximum context length of N tokens"; older: "the
+# model's context length (N tokens)", as Together words it), Mistral ("N maximum
+# context length"), llama.cpp ("available context size (N tokens)"), Anthropic ("N
+# tokens > M maximum"), Gemini ("maximum number of tokens allowed (N)"), xAI
+# ("maximum prompt length is N").
 _WINDOW_SAID: Final = re.compile(
-    r"maximum context length is (\d+)|(\d+) maximum context length"
+    r"maximum context length (?:is|of) (\d+)|(\d+) maximum context length"
+    r"|context length \((\d+)(?: tokens)?\)"
     r"|available context size \((\d+) tokens\)|> (\d+) maximum"
     r"|maximum number of tokens allowed \((\d+)\)|maximum prompt length is (\d+)",
     re.IGNORECASE,

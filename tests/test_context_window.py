@@ -334,6 +334,22 @@ def test_a_refusal_for_length_is_told_from_other_refusals(
         ),
         ({"message": "the context length is exceeded"}, None),
         (LITELLM, 128_000),
+        # SGLang, and its older wording as Together's
+        (
+            {
+                "message": "Requested token count exceeds the model's maximum context length"
+                " of 32768 tokens. You requested a total of 34000 tokens: 33000 tokens from"
+                " the input messages and 1000 tokens for the completion."
+            },
+            32768,
+        ),
+        (
+            {
+                "message": "The input (150000 tokens) is longer than the model's context"
+                " length (131072 tokens)."
+            },
+            131072,
+        ),
         # not a number the user wrote, echoed by a validation error
         (PYDANTIC_VALIDATION, None),
     ],
