@@ -310,6 +310,16 @@ class TurnRunner:
                     except ModelStreamError as err:
                         if err.code != CONTEXT_LENGTH_EXCEEDED or result.started:
                             raise
+                        answer, window = self.choice.max_tokens, err.context_window
+                        if answer is not None and window is not None and answer >= window:
+                            # The answer's room alone fills the window the provider
+                            # names: no message fits, whatever is left out. The model's
+                            # configuration is wrong, not the conversation.
+                            log.warning(
+                                "the model's max_output_tokens fills its context window",
+                                extra={**self._log_fields(), "detail": err.message},
+                            )
+                            raise _answer_fills_window(self.spec.name, answer, window) from err
                         # Refused as longer than the window (not known, or underestimated):
                         # once more, the history trimmed to the room in the window the
                         # refusal named (a history twice the window is not saved by
@@ -649,6 +659,16 @@ def _does_not_fit(model: str, plan: _CallPlan, messages: list[dict[str, Any]]) -
         f" turn's tool results it takes at least {least} tokens, and the model has room"
         f" for {max(plan.least_budget or 0, 0)} beside its answer. Shorten it, or send it"
         " in parts.",
+    )
+
+
+def _answer_fills_window(model: str, answer: int, window: int) -> ModelStreamError:
+    return ModelStreamError(
+        CONTEXT_LENGTH_EXCEEDED,
+        f"The model {model} cannot answer any message: its answer is given {answer} tokens"
+        f" (its max_output_tokens), and its context window, as its server says, is {window}"
+        " tokens, answer and messages together. This is the model's configuration, not"
+        " your conversation: an operator must lower its max_output_tokens.",
     )
 
 

@@ -89,28 +89,32 @@ class Recorder:
     model call of a turn gets, for the turn whose user message is `message` (the
     first call the first bytes, the call after one tool round the second, ...).
     Bytes that are one JSON object go as `application/json`, as a server that
-    ignores `stream: true` answers; any others as an event stream.
+    ignores `stream: true` answers; any others as an event stream. A reply given
+    as (status, bytes) is an error answer: that status, the bytes as JSON.
     """
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.keys: list[str | None] = []  # each request's Authorization header
         self.reply = RECORDED_REPLY.read_bytes()
-        self._scripts: dict[str, list[bytes]] = {}
+        self._scripts: dict[str, list[bytes | tuple[int, bytes]]] = {}
 
-    def script(self, message: str, *replies: bytes) -> None:
+    def script(self, message: str, *replies: bytes | tuple[int, bytes]) -> None:
         self._scripts[message] = list(replies)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
         self.keys.append(request.headers.get("Authorization"))
-        reply = self.reply
+        reply: bytes | tuple[int, bytes] = self.reply
         users = [i for i, m in enumerate(body["messages"]) if m.get("role") == "user"]
         if users and body["messages"][users[-1]].get("content") in self._scripts:
             replies = self._scripts[body["messages"][users[-1]]["content"]]
             rounds = sum(1 for m in body["messages"][users[-1] :] if m.get("tool_calls"))
             reply = replies[min(rounds, len(replies) - 1)]
+        if isinstance(reply, tuple):
+            status, error = reply
+            return web.Response(status=status, body=error, content_type="application/json")
         whole = reply.startswith(b"{")
         content_type = "application/json" if whole else "text/event-stream"
         response = web.StreamResponse(headers={"Content-Type": content_type})

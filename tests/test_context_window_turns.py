@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import msgspec
+
 from events.ids import new_id
 from events.log import EventLog
 from events.vocabulary import Done, Failed, Started
@@ -144,3 +146,35 @@ def _request_ending_with(recording: Recorder, content: str) -> dict[str, Any]:
     found = [r for r in recording.requests if _last_user(r) == content]
     assert len(found) == 1, len(found)
     return found[0]
+
+
+async def test_a_refusal_for_an_answer_that_fills_the_window_says_so_and_is_not_sent_again(
+    api: SseClient, event_log: EventLog, recorder: tuple[Recorder, str]
+) -> None:
+    """A model whose max_output_tokens (1234 for `recorder`) is not below the window its
+    server has: vLLM refuses every request, naming the window. Before, the turn sent
+    the history again without its earlier exchanges, was refused again, and told the
+    user the conversation was too long (a new conversation got the same)."""
+    recording, _ = recorder
+    cid = (await api.create_conversation(model="recorder"))["id"]
+    assert _one(await _send(api, cid, f"{new_id()} first"), "done").data == "ok"
+    content = f"{new_id()} second"
+    refusal = {
+        "object": "error",
+        "message": "'max_tokens' or 'max_completion_tokens' is too large: 1234. This model's"
+        " maximum context length is 1024 tokens and your request has 40 input tokens"
+        " (1234 > 1024 - 40).",
+        "type": "BadRequestError",
+        "param": None,
+        "code": 400,
+    }
+    recording.script(content, (400, msgspec.json.encode(refusal)))
+    events = await _send(api, cid, content)
+    error = _one(events, "error")
+    assert error.raw["code"] == "context_length_exceeded", error.raw
+    assert "max_output_tokens" in error.data and "configuration" in error.data, error.data
+    assert "new conversation" not in error.data
+    # one call: leaving the earlier exchange out cannot make room the answer takes
+    assert len([r for r in recording.requests if _last_user(r) == content]) == 1
+    failed = [s.event for s in await event_log.read(cid) if isinstance(s.event, Failed)]
+    assert (failed[0].input_tokens, failed[0].output_tokens) == (0, 0)
