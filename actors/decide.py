@@ -431,7 +431,7 @@ def decide_done(
         output_tokens=totals.output_tokens,
         tokens_estimated=totals.estimated,
         input_bytes=0 if totals.estimated else totals.input_bytes,
-        history_omitted=totals.history_omitted,
+        history_omitted=_omitted(turn, totals),
         idle=not state.queue,
     )
 
@@ -451,7 +451,7 @@ def decide_failed(
         input_tokens=totals.input_tokens,
         output_tokens=totals.output_tokens,
         tokens_estimated=totals.estimated,
-        history_omitted=totals.history_omitted,
+        history_omitted=_omitted(turn, totals),
         idle=not state.queue,
     )
 
@@ -472,9 +472,17 @@ def decide_cancelled(
         input_tokens=totals.input_tokens,
         output_tokens=totals.output_tokens,
         tokens_estimated=totals.estimated,
-        history_omitted=totals.history_omitted,
+        history_omitted=_omitted(turn, totals),
         idle=not state.queue,
     )
+
+
+def _omitted(turn: ActiveTurn, totals: TurnTotals) -> int:
+    """The most earlier messages the turn's calls left out: never fewer than its first
+    call left out (`started` says how many). Totals that do not know (a turn cancelled
+    before its first call answered, an orphan's estimate, a turn ended before its
+    call was sent) say 0."""
+    return max(turn.history_omitted, totals.history_omitted)
 
 
 def estimated_totals(state: Conversation) -> TurnTotals:

@@ -25,10 +25,12 @@ from actors.content import (
     tokens_per_byte,
     without_oldest,
 )
+from actors.decide import TurnTotals, decide_cancelled, decide_orphan_end
 from actors.model_client import refused_as_too_long, window_said
 from actors.models import ModelSpec, catalogue_problems
+from actors.state import Conversation, fold
 from events.codec import decode_event
-from events.vocabulary import Done, Started
+from events.vocabulary import ConversationCreated, Done, Started, UserMessage
 from parley.config import ConfigError, Settings, load_catalog, settings_from_env
 
 Message = dict[str, Any]
@@ -411,3 +413,30 @@ def test_turn_events_written_before_the_counts_existed_still_decode() -> None:
     )
     assert isinstance(started, Started) and started.history_omitted == 0
     assert isinstance(done, Done) and (done.history_omitted, done.input_bytes) == (0, 0)
+
+
+def test_a_turn_s_end_never_says_fewer_messages_were_left_out_than_its_start() -> None:
+    """`started` says the first call left 4 earlier messages out. An end whose totals do
+    not know it (the orphan's estimate of a turn whose worker died, a turn cancelled
+    before its first call answered) said 0, and viewers read `done` without it."""
+    events = [
+        ConversationCreated(conversation_id="c", at=1, event_id="e1", user_id="u"),
+        UserMessage(conversation_id="c", at=2, event_id="e2", message_id="m", content="hi"),
+        Started(
+            conversation_id="c",
+            at=3,
+            event_id="e3",
+            turn_id="t",
+            user_message_id="m",
+            model="demo",
+            history_omitted=4,
+        ),
+    ]
+    state = fold(Conversation(conversation_id="c"), events)
+    ids = iter(f"id{i}" for i in range(10))
+    assert decide_orphan_end(state, 4, lambda: next(ids)).history_omitted == 4
+    cancelled = decide_cancelled(state, "user", TurnTotals(), 4, lambda: next(ids))
+    assert cancelled.history_omitted == 4
+    # a refusal that cut the history further says so
+    deeper = decide_cancelled(state, "user", TurnTotals(history_omitted=6), 4, lambda: next(ids))
+    assert deeper.history_omitted == 6
