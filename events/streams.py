@@ -219,11 +219,17 @@ async def _reconcile(
 async def require_jetstream(js: JetStreamContext) -> None:
     """For one-shot commands, before they read: the event log's stream answers.
 
-    Raises StreamMisconfigured when the connection's account has no JetStream (a
-    read would only say "no responders"), EventLogUnavailable when JetStream does
-    not answer. A stream that does not exist yet is fine: there is nothing to read.
+    Raises StreamMisconfigured when the connection's account has no JetStream, or
+    has no CHAT_EVT (a read of either would only say "no responders", status 503,
+    as if JetStream were electing a leader), EventLogUnavailable when JetStream
+    does not answer.
     """
-    await stream_config(js, EVT.name)
+    if await stream_config(js, EVT.name) is None:
+        raise StreamMisconfigured(
+            f"no parley event log on this NATS: the account of PARLEY_NATS_URL has "
+            f"JetStream but no stream {EVT.name}. Is it the NATS (and the user) parley "
+            "runs on? A deployment's first `parley serve` or `parley dev` makes the stream"
+        )
 
 
 async def stream_config(js: JetStreamContext, name: str) -> dict[str, Any] | None:

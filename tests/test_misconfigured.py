@@ -111,6 +111,22 @@ async def test_a_command_on_an_account_without_jetstream_says_so(
     assert "jetstream: enabled" in done.stderr
 
 
+@pytest.mark.parametrize(
+    "args",
+    [["replay", "01M8PH5T8HWRP8V6GA7ENEWHPN"], ["audit", "billing"], ["projections", "rebuild"]],
+)
+async def test_a_command_on_a_jetstream_without_the_event_log_says_so(
+    stack: Servers, accounts_server: int, args: list[str]
+) -> None:
+    """JetStream answers, but no parley ever ran on this account (a wrong URL or user):
+    the reads' "status 503" was reported as a JetStream electing a leader, "try
+    again", and the rebuild's "stream not found" as NATS not reachable."""
+    url = WITH_JETSTREAM.format(port=accounts_server)
+    done = await asyncio.to_thread(run, *args, env=env_for(stack, url), timeout=60)
+    assert_one_line(done, 2, "no parley event log on this NATS")
+    assert "no stream CHAT_EVT" in done.stderr
+
+
 async def test_a_role_on_an_account_without_jetstream_stops_instead_of_waiting(
     stack: Servers, accounts_server: int
 ) -> None:
