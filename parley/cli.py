@@ -42,7 +42,14 @@ from parley.config import (
 from parley.logs import setup_logging
 from parley.services import ROLES, Servers, ServiceOptions, Services, resolve_servers
 from parley.stack import EmbeddedStack, StackError
-from projections.db import REFUSALS, DatabaseUnreachable, SchemaMissing, create_pool, refusal_hint
+from projections.db import (
+    REFUSALS,
+    DatabaseMisconfigured,
+    DatabaseUnreachable,
+    SchemaMissing,
+    create_pool,
+    refusal_hint,
+)
 from projections.store import ReadStore
 
 log = logging.getLogger(__name__)
@@ -652,14 +659,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (
         CliError,
         ConfigError,
+        DatabaseMisconfigured,
         SchemaMissing,
         StreamMisconfigured,
         BrokerRefused,
         ToolLoadError,
     ) as err:
         # StreamMisconfigured: a stream (or a NATS account) parley cannot use as it is
-        # configured; BrokerRefused: credentials NATS does not accept. Each message
-        # names the setting and what parley needs
+        # configured; BrokerRefused: credentials NATS does not accept;
+        # DatabaseMisconfigured: TLS in PARLEY_DATABASE_URL that cannot work. Each
+        # message names the setting and what parley needs
         print(f"parley: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -9,10 +9,14 @@ own file (its tables; see projections/catalog.py).
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import ssl
 from collections.abc import Iterable
 from importlib import resources
+from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
@@ -35,6 +39,11 @@ class SchemaMissing(LookupError):
 
 class DatabaseUnreachable(ConnectionError):
     """Postgres did not answer the first connection; the message names the setting."""
+
+
+class DatabaseMisconfigured(ValueError):
+    """PARLEY_DATABASE_URL asks for what no wait mends: a TLS file that is not there, SSL
+    of a server that has none, a setting asyncpg does not take. The message names it."""
 
 
 # What Postgres answers to a connection or DDL its configuration does not allow: no
@@ -68,12 +77,7 @@ async def create_pool(
     missing, or, with `create` false (a command that only reads, such as the audit:
     a mistyped schema must not pass it as empty), SchemaMissing."""
     schema = check_schema_name(schema)
-    try:
-        conn = await asyncpg.connect(database_url)
-    except (OSError, TimeoutError) as err:
-        raise DatabaseUnreachable(
-            f"Postgres (PARLEY_DATABASE_URL) did not answer: {describe(err)}"
-        ) from err
+    conn = await connect_first(database_url)
     try:
         if create:
             await ensure_schema(conn, schema)
@@ -92,6 +96,101 @@ async def create_pool(
         max_size=max_size,
         server_settings={"search_path": schema},
     )
+
+
+async def connect_first(database_url: str) -> Any:
+    """A process's first connection to Postgres, before its pools.
+
+    Raises DatabaseMisconfigured for what the URL gets wrong, DatabaseUnreachable
+    for a Postgres that does not answer (exit 1: an outage, for a supervisor to
+    start the process again), and lets REFUSALS through (Postgres said no).
+    """
+    problem = tls_problem(database_url)
+    if problem is not None:
+        raise DatabaseMisconfigured(f"PARLEY_DATABASE_URL: {problem}")
+    try:
+        return await asyncpg.connect(database_url)
+    except asyncpg.ClientConfigurationError as err:  # an sslmode it does not know, ...
+        hint = f" ({err.hint})" if err.hint else ""  # on a line of its own in str(err)
+        raise DatabaseMisconfigured(f"PARLEY_DATABASE_URL: {err.args[0]}{hint}") from err
+    except (OSError, TimeoutError) as err:
+        # asyncpg's words for a server that answered "no SSL here" to a client whose
+        # sslmode (require, verify-ca, verify-full) does not fall back to plain text
+        if "rejected SSL upgrade" in str(err):
+            raise DatabaseMisconfigured(
+                f"PARLEY_DATABASE_URL asks for SSL (sslmode={_ssl_mode(database_url)}) and "
+                f"Postgres has none ({err}): turn it on in the server (ssl = on, with its "
+                "certificate and key), or connect with sslmode=disable where the network "
+                "is trusted"
+            ) from err
+        raise DatabaseUnreachable(
+            f"Postgres (PARLEY_DATABASE_URL) did not answer: {describe(err)}"
+        ) from err
+
+
+# The files asyncpg reads for TLS: the URL's parameter, else libpq's variable.
+_TLS_FILES = {
+    "sslrootcert": "PGSSLROOTCERT",
+    "sslcrl": "PGSSLCRL",
+    "sslcert": "PGSSLCERT",
+    "sslkey": "PGSSLKEY",
+}
+_VERIFYING_MODES = ("require", "verify-ca", "verify-full")
+
+
+def _query(database_url: str) -> dict[str, str]:
+    return {k: v[0] for k, v in parse_qs(urlsplit(database_url).query).items() if v}
+
+
+def _ssl_mode(database_url: str) -> str:
+    return _query(database_url).get("sslmode") or os.environ.get("PGSSLMODE") or "prefer"
+
+
+def tls_problem(database_url: str) -> str | None:
+    """What is wrong with the TLS files the URL (or PGSSL*) names, in one line, or None.
+
+    Checked before connecting: asyncpg opens them while it reads its settings, and
+    a missing one came out as a bare FileNotFoundError, taken for a Postgres that
+    did not answer. Only the files asyncpg reads at this sslmode are checked (the
+    root certificate and CRL from `require` on, the client's certificate, and its
+    key with it, from `allow` on), so a URL that works today keeps working. Never
+    quotes a file's content.
+    """
+    query = _query(database_url)
+    mode = _ssl_mode(database_url)
+    names = [*(("sslrootcert", "sslcrl") if mode in _VERIFYING_MODES else ())]
+    names += ["sslcert", "sslkey"] if mode != "disable" else []
+    paths: dict[str, str] = {}
+    for name in names:
+        path = query.get(name) or os.environ.get(_TLS_FILES[name])
+        if not path or (name == "sslkey" and "sslcert" not in paths):
+            continue
+        setting = name if name in query else _TLS_FILES[name]
+        try:
+            Path(path).read_bytes()
+        except FileNotFoundError:
+            return f"{setting}: {path} does not exist"
+        except OSError as err:
+            return f"{setting}: {path} cannot be read ({err.strerror or err})"
+        paths[name] = path
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    for name in ("sslrootcert", "sslcrl"):
+        if name in paths:
+            try:
+                context.load_verify_locations(cafile=paths[name])
+            except ssl.SSLError as err:
+                return f"{name}: {paths[name]} cannot be loaded as PEM ({describe(err)})"
+    if "sslcert" in paths:
+        try:
+            context.load_cert_chain(
+                paths["sslcert"], paths.get("sslkey"), password=query.get("sslpassword", "")
+            )
+        except ssl.SSLError as err:
+            return (
+                "sslcert and sslkey cannot be loaded as a PEM certificate and its key "
+                f"({describe(err)})"
+            )
+    return None
 
 
 def ddl_of(*files: str) -> str:

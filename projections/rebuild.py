@@ -58,7 +58,7 @@ import msgspec
 from nats.js import JetStreamContext
 
 from events.broker import NatsSecurity
-from projections.db import check_schema_name, ensure_schema
+from projections.db import check_schema_name, connect_first, ensure_schema
 from projections.feed import LogFeed, log_end
 from projections.prefetch import prefetch
 from projections.projector import Projector
@@ -129,7 +129,7 @@ async def rebuild(
     side = side_schema(schema, "rebuild", projection.name)
     retired = side_schema(schema, "retired", projection.name)
     began = time.perf_counter()
-    lock = await asyncpg.connect(database_url)
+    lock = await connect_first(database_url)
     try:
         key = f"parley-rebuild/{schema}/{projection.name}"
         if not await lock.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key):

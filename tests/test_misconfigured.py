@@ -27,6 +27,7 @@ from events.streams import ensure_streams
 from parley.services import Servers
 from parley.stack import free_ports
 from projections.db import create_pool
+from tests.nats_security import make_pki
 from tests.test_cli import clean_env, run
 from tests.test_start import NATS_SERVER, listening
 
@@ -255,6 +256,45 @@ def test_a_postgres_that_does_not_answer_is_named(stack: Servers) -> None:
     }
     done = run("serve", "--role", "projector", env=env, timeout=60)
     assert_one_line(done, 1, "Postgres (PARLEY_DATABASE_URL) did not answer")
+
+
+@pytest.mark.parametrize(
+    ("command", "query", "says"),
+    [
+        # asyncpg opened the file while reading its settings: "Postgres did not
+        # answer: FileNotFoundError", exit 1, as if the server were away
+        (
+            ["projections", "errors"],
+            "sslmode=verify-full&sslrootcert={missing}",
+            "sslrootcert: {missing} does not exist",
+        ),
+        (["projections", "errors"], "sslcert={missing}&sslkey={key}", "sslcert: {missing} does"),
+        (["projections", "errors"], "sslmode=verify-ca&sslrootcert={key}", "cannot be loaded as"),
+        (["projections", "errors"], "sslmode=always", "`sslmode` parameter must be one of"),
+        # the embedded Postgres has no SSL: a client that insists was "did not answer"
+        (["serve", "--role", "projector"], "sslmode=require", "asks for SSL (sslmode=require)"),
+        (
+            ["serve", "--role", "edge", "--port", "0"],
+            "sslmode=verify-full&sslrootcert={ca}",
+            "Postgres has none",
+        ),
+    ],
+)
+def test_postgres_tls_settings_that_cannot_work_stop_at_start_naming_the_setting(
+    stack: Servers, tmp_path: Path, command: list[str], query: str, says: str
+) -> None:
+    """Configuration, not an outage: exit 2 in one line, where exit 1 asked a supervisor
+    to start the process again, and again."""
+    pki = make_pki(tmp_path)
+    files = {"missing": str(tmp_path / "no-such.pem"), "ca": str(pki.ca)}
+    files["key"] = str(pki.client_key)  # a PEM file, but no certificate
+    env = {
+        **env_for(stack, stack.nats_url),
+        "PARLEY_DATABASE_URL": f"{stack.database_url}?{query.format(**files)}",
+    }
+    done = run(*command, env=env, timeout=60)
+    assert_one_line(done, 2, says.format(**files))
+    assert "PARLEY_DATABASE_URL" in done.stderr and len(done.stderr.splitlines()) == 1
 
 
 # ---------------------------------------------------------------- Redis
