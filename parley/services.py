@@ -13,8 +13,10 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import random
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Collection
 from types import TracebackType
@@ -22,6 +24,7 @@ from typing import Any, Self
 
 import aiohttp
 import msgspec
+import redis.asyncio as aioredis
 import redis.exceptions
 from aiohttp import web
 from nats.aio.client import Client as NatsClient
@@ -420,23 +423,63 @@ def outbound_session() -> aiohttp.ClientSession:
     )
 
 
+# Every command parley's Lua scripts call (api/limits.py, events/turns.py), each
+# once on a key of parley's, through pcall: a command the user may not run is
+# named (Redis says only "The user executing the script can't run this command").
+_PROBE_SCRIPT = """
+local k = KEYS[1]
+local calls = {
+  {'TIME'}, {'SET', k, '1', 'PX', '10000'}, {'GET', k}, {'PEXPIRE', k, '10000'},
+  {'DEL', k}, {'HSET', k, 'tokens', '1', 'ts', '1'}, {'HMGET', k, 'tokens', 'ts'},
+  {'DEL', k}, {'ZADD', k, '1', 'm'}, {'ZADD', k, 'XX', '2', 'm'}, {'ZSCORE', k, 'm'},
+  {'ZCARD', k}, {'ZREMRANGEBYSCORE', k, '-inf', '0'}, {'ZREM', k, 'm'}, {'DEL', k},
+}
+for _, call in ipairs(calls) do
+  local answer = redis.pcall(unpack(call))
+  if type(answer) == 'table' and answer.err then
+    redis.pcall('DEL', k)
+    return call[1] .. ': ' .. answer.err
+  end
+end
+return ''
+"""
+# the redis-py parameters of a rediss:// URL that name files
+_TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_ca_path")
+# how long a TLS handshake may take before parley asks whether the server speaks
+# plain RESP instead (one that does never answers a ClientHello: it waits for a
+# line end that may never come)
+_TLS_ANSWER_S = 0.5
+
+
 async def check_redis(url: str) -> None:
-    """At start: credentials Redis refuses stop the process (ConfigError).
+    """At start: what in PARLEY_REDIS_URL cannot work stops the process (ConfigError).
 
     A Redis that is away is waited out as "Faults" says (limits let requests
-    through, idempotency keys answer 503); a wrong password is not an outage, and
-    would have the same effects for as long as the process runs.
+    through, idempotency keys answer 503). Configuration is not an outage, and
+    would have the same effects for as long as the process runs: a URL redis-py
+    cannot use, TLS files that are missing or not PEM, a rediss:// URL to a Redis
+    without TLS, credentials Redis refuses, an ACL user that may not run a
+    command parley needs or touch its keys (`parley:*`).
     """
+    problem = redis_url_problem(url)
+    if problem is not None:
+        raise ConfigError(f"PARLEY_REDIS_URL: {problem}")
     client = redis_client(url, max_connections=1, wait_s=1.0)
     try:
         async with asyncio.timeout(3):
-            await client.ping()
+            await _first_use(client, url)
     except redis.exceptions.AuthenticationError as err:
         raise ConfigError(
             f"Redis refused the credentials of PARLEY_REDIS_URL ({describe(err)}): give it "
             "the password Redis has (`requirepass`), redis://:password@host:6379/0, or "
             "redis://user:password@host:6379/0 for an ACL user"
         ) from err
+    except redis.exceptions.ResponseError as err:
+        refusal = _acl_refusal(err)
+        if refusal is None:
+            log.warning("Redis answered an error at start", extra={"error": describe(err)})
+        else:
+            raise ConfigError(refusal) from err
     except (redis.exceptions.RedisError, OSError, TimeoutError) as err:
         log.warning(
             "Redis not reachable at start; limits let requests through until it is",
@@ -444,6 +487,112 @@ async def check_redis(url: str) -> None:
         )
     finally:
         await client.aclose()
+
+
+def redis_url_problem(url: str) -> str | None:
+    """What redis-py cannot use in `url`, in one line, or None. Checked before
+    connecting; never quotes the URL (it holds the password) nor a file's content."""
+    try:
+        pool = aioredis.ConnectionPool.from_url(url)
+        connection = pool.connection_class(**pool.connection_kwargs)
+    except (ValueError, TypeError, redis.exceptions.RedisError) as err:
+        # a misspelt parameter, a value of the wrong kind, an unknown scheme
+        return f"redis-py cannot use it ({describe(err)})"
+    if not isinstance(connection, aioredis.SSLConnection):
+        return None
+    options = pool.connection_kwargs
+    for name in _TLS_FILES:
+        path = options.get(name)
+        if not path:
+            continue
+        if not os.path.exists(path):
+            return f"{name}: {path} does not exist"
+        if not os.access(path, os.R_OK):
+            return f"{name}: {path} cannot be read"
+    try:
+        connection.ssl_context.get()
+    except (ssl.SSLError, OSError) as err:
+        return (
+            f"its TLS files ({', '.join(n for n in _TLS_FILES if options.get(n))}) cannot "
+            f"be loaded as PEM certificates and an unencrypted key ({describe(err)})"
+        )
+    return None
+
+
+async def _first_use(client: aioredis.Redis, url: str) -> None:
+    """What parley does with Redis, once each; for a rediss:// URL, a server that
+    speaks no TLS is told apart from one that does not answer."""
+    use = asyncio.ensure_future(_use_once(client))
+    try:
+        options = aioredis.ConnectionPool.from_url(url).connection_kwargs
+        if url.startswith("rediss://"):
+            done, _ = await asyncio.wait({use}, timeout=_TLS_ANSWER_S)
+            stuck = not done or isinstance(use.exception(), redis.exceptions.ConnectionError)
+            host, port = options.get("host", "localhost"), int(options.get("port", 6379))
+            if stuck and await _speaks_plain_resp(host, port):
+                raise ConfigError(
+                    f"PARLEY_REDIS_URL is rediss:// (TLS) and the Redis at {host}:{port} "
+                    "speaks no TLS: write redis:// for it, or give the server TLS "
+                    "(tls-port, tls-cert-file, tls-key-file)"
+                )
+        await use
+    finally:
+        if not use.done():
+            use.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await use
+
+
+async def _use_once(client: aioredis.Redis) -> None:
+    key = f"parley:probe:{new_id()}"
+    await client.ping()
+    sha = await client.script_load(_PROBE_SCRIPT)  # the limits' scripts: EVALSHA
+    refused = await client.evalsha(sha, 1, key)
+    if not refused:
+        refused = await client.eval(_PROBE_SCRIPT, 1, key)  # the turn records': EVAL
+    if refused:
+        raise redis.exceptions.NoPermissionError(f"in a Lua script, {refused.decode()}")
+    await client.set(key, b"1", nx=True, px=10_000)
+    await client.mget([key, key])
+    await client.get(key)
+    await client.expire(key, 10)
+    await client.delete(key)
+    await client.scan(0, match=f"{key}*", count=1)
+
+
+async def _speaks_plain_resp(host: str, port: int) -> bool:
+    """Whether the server answers a plain-text PING as Redis does (+PONG, or an error
+    such as -NOAUTH): only then is the TLS failure before it the URL's fault."""
+    try:
+        async with asyncio.timeout(1):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                writer.write(b"PING\r\n")
+                line = await reader.readline()
+            finally:
+                writer.close()
+    except (OSError, TimeoutError):
+        return False
+    return line[:1] in (b"+", b"-") and line.endswith(b"\r\n")
+
+
+def _acl_refusal(err: redis.exceptions.ResponseError) -> str | None:
+    """The line to stop with when `err` is Redis refusing the user what parley needs."""
+    text = str(err)
+    if not (
+        isinstance(err, redis.exceptions.NoPermissionError)
+        or "can't run this command" in text
+        or "can't access" in text
+        or "unknown command" in text.lower()
+    ):
+        return None
+    return (
+        f"Redis refused the user of PARLEY_REDIS_URL a command parley needs "
+        f"({describe(err)}): parley runs GET, SET, MGET, DEL, EXPIRE, SCAN, TIME, hashes, "
+        "sorted sets and Lua scripts (EVAL, EVALSHA, SCRIPT LOAD) on keys parley:*; for "
+        "an ACL user, e.g. ACL SETUSER <user> on ><password> ~parley:* +@read +@write "
+        "+@scripting +@connection +time"
+    )
 
 
 def catalog_rows(catalog: ModelCatalog) -> list[ModelRow]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import subprocess
 import sysconfig
 from collections.abc import AsyncIterator, Iterator
@@ -22,9 +23,12 @@ import nats
 import pytest
 from nats.js.api import RetentionPolicy, StreamConfig
 
+from api import limits
+from events import turns
 from events.ids import new_id
 from events.streams import ensure_streams
-from parley.services import Servers
+from parley.config import ConfigError
+from parley.services import _PROBE_SCRIPT, Servers, check_redis
 from parley.stack import free_ports
 from projections.db import create_pool
 from tests.nats_security import make_pki
@@ -325,6 +329,89 @@ def test_credentials_redis_refuses_stop_an_edge_instead_of_a_ready_edge_without_
     done = run("serve", "--role", "edge", "--port", "0", env=env, timeout=30)
     assert_one_line(done, 2, "Redis refused the credentials of PARLEY_REDIS_URL")
     assert "wrong-password" not in done.stderr
+
+
+@pytest.fixture(scope="module")
+def redis_with_users() -> Iterator[int]:
+    """A redis-server with ACL users, each missing something parley needs, or not."""
+    port = free_ports(1)[0]
+    argv = [str(REDIS_SERVER), "--port", str(port), "--bind", "127.0.0.1"]
+    argv += ["--save", "", "--appendonly", "no"]
+    for user, rules in ACL_USERS.items():
+        argv += ["--user", user, "on", ">secret", *rules.split()]
+    with listening_server(argv, port):
+        yield port
+
+
+# what README "Postgres and Redis" gives an ACL user of parley's
+LEAST = "~parley:* +@read +@write +@scripting +@connection +time"
+ACL_USERS = {
+    "everything": "~* +@all",
+    "least": LEAST,
+    "no_scripts": "~* +@all -@scripting",
+    "no_time": LEAST.replace(" +time", ""),
+    "no_zadd": f"{LEAST} -zadd",
+    "other_keys": "~other:* +@all",
+}
+
+
+@pytest.mark.parametrize("user", ["everything", "least"])
+async def test_an_acl_user_with_what_parley_needs_passes_the_start_check(
+    redis_with_users: int, user: str
+) -> None:
+    await check_redis(f"redis://{user}:secret@127.0.0.1:{redis_with_users}/0")
+
+
+@pytest.mark.parametrize(
+    ("user", "says"),
+    [
+        ("no_scripts", "no permissions to run the 'script' command"),
+        ("no_time", "in a Lua script, TIME:"),
+        ("no_zadd", "in a Lua script, ZADD:"),
+        ("other_keys", "no permissions to access one of the keys"),
+    ],
+)
+async def test_an_acl_user_without_what_parley_needs_stops_the_start_naming_it(
+    redis_with_users: int, user: str, says: str
+) -> None:
+    """Every limit is a Lua script on keys parley:*: an edge whose user may not run
+    one started "ready" and let every request through, for as long as it lived."""
+    with pytest.raises(ConfigError, match="Redis refused the user of PARLEY_REDIS_URL") as err:
+        await check_redis(f"redis://{user}:secret@127.0.0.1:{redis_with_users}/0")
+    assert says in str(err.value) and "ACL SETUSER" in str(err.value)
+
+
+def test_the_start_check_runs_every_command_of_parleys_lua_scripts() -> None:
+    """Guards the check against a script that starts calling a command it does not try."""
+    sources = (Path(limits.__file__).read_text(), Path(turns.__file__).read_text())
+    called = {c.upper() for text in sources for c in re.findall(r"redis\.call\('(\w+)'", text)}
+    assert called and called <= set(re.findall(r"\{'(\w+)'", _PROBE_SCRIPT))
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        # an SSL error at the handshake, or a handshake never answered (the server
+        # waits for a line end): both were "Redis not reachable", and the edge ran
+        ("rediss://127.0.0.1:{port}/0", "speaks no TLS: write redis://"),
+        ("rediss://127.0.0.1:{port}/0?ssl_ca_certs={missing}", "ssl_ca_certs: {missing} does"),
+        ("rediss://127.0.0.1:{port}/0?ssl_ca_certs={key}", "cannot be loaded as PEM"),
+        ("redis://no_scripts:secret@127.0.0.1:{port}/0", "Redis refused the user of"),
+        # a misspelt parameter was a traceback through the services
+        ("redis://127.0.0.1:{port}/0?ssl_ca_cert={missing}", "unexpected keyword argument"),
+    ],
+)
+def test_a_redis_url_that_cannot_work_stops_an_edge_in_one_line(
+    stack: Servers, redis_with_users: int, tmp_path: Path, url: str, says: str
+) -> None:
+    files = {"missing": str(tmp_path / "no-such.pem"), "key": str(make_pki(tmp_path).client_key)}
+    env = {
+        **env_for(stack, stack.nats_url),
+        "PARLEY_REDIS_URL": url.format(port=redis_with_users, **files),
+    }
+    done = run("serve", "--role", "edge", "--port", "0", env=env, timeout=30)
+    assert_one_line(done, 2, says.format(**files))
+    assert len(done.stderr.splitlines()) == 1, done.stderr
 
 
 @pytest.mark.parametrize(
