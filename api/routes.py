@@ -503,6 +503,14 @@ async def _readiness(app: web.Application) -> tuple[bytes, int]:
         _probe("redis", redis(), timeout),
     )
     reasons = [reason for reason in (on_nats, on_postgres, on_redis) if reason is not None]
+    if head is not None and any(at > head for at in (positions or {}).values()):
+        # The log's end was read beside the checkpoints, not after them: a projector
+        # that applied what was appended meanwhile is past it, and a busy log would
+        # pass for one restored from an older copy. Read it again, after them: a
+        # checkpoint only moves to positions read from the log, so one still past
+        # its end is of another log.
+        head = None  # unknown, unless it answers again: no lag, no log that ends before
+        await _probe("nats", nats(), timeout)
     lag = _lag(head, app[STORE].last_position)
     bound = app[CONFIG].max_projection_lag
     if lag is not None and bound and lag > bound:

@@ -32,6 +32,7 @@ from projections.rebuild import rebuild
 from projections.store import ReadStore
 from tests.conftest import extra_edge
 from tests.sse import SseClient
+from tests.test_faults import until
 from tests.test_poison import publish_raw
 from tests.test_projection import _wait_position, running
 
@@ -202,3 +203,42 @@ async def test_entries_removed_before_a_projector_applied_them_are_recorded(
     assert [(row["seq"], row["rule"]) for row in rows] == [(checkpoint + 1, "removed")], rows
     assert f"positions {checkpoint + 1} to {last_gone}" in rows[0]["reason"], rows
     assert "projections rebuild" in rows[0]["reason"]
+
+
+async def test_a_busy_log_is_not_taken_for_one_that_ends_before_the_checkpoints(
+    stack: Servers, nc: NatsClient, event_log: EventLog, schema: tuple[str, Any]
+) -> None:
+    """/readyz reads the log's end beside the checkpoints: what is appended and applied
+    between the two reads puts a checkpoint past the end it read, on a healthy log (a
+    busy one, with a Postgres slow to answer, did so on most probes)."""
+    name, pool = schema
+    js = nc.jetstream()
+    await pool.execute(
+        "INSERT INTO projection_checkpoints (name, position) VALUES ($1, $2)",
+        READ_MODELS.name,
+        await log_end(js),
+    )
+    async with extra_edge(stack, db_schema=name) as base, aiohttp.ClientSession() as http:
+
+        async def probe() -> tuple[int, dict[str, Any]]:
+            async with http.get(f"{base}/readyz") as response:
+                return response.status, await response.json()
+
+        async with pool.acquire() as blocker, blocker.transaction():
+            # Postgres slow to answer the probe: its first query waits on this lock
+            await blocker.execute("LOCK TABLE projection_errors IN ACCESS EXCLUSIVE MODE")
+            answer = asyncio.create_task(probe())
+            waiting = (
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND query LIKE '%FROM projection_errors%' AND pid <> pg_backend_pid()"
+            )
+            await until(lambda: pool.fetchval(waiting), "the probe waits on Postgres", 1.0)
+            # meanwhile an entry is appended, and the projector applies it
+            await pool.execute(
+                "UPDATE projection_checkpoints SET position = $2 WHERE name = $1",
+                READ_MODELS.name,
+                await _chunks(nc, 1),
+            )
+        status, body = await answer
+    assert status == 200, body
+    assert body["projection_lag"] == 0, body
