@@ -142,7 +142,9 @@ class Projector:
                     continue
                 if started:
                     started = False
-                    if batch[0].seq > self.position + 1:
+                    # From 0 (a new projection, a rebuild's) there are no rows the
+                    # removed entries could be missing from: they are the log as it is.
+                    if self.position > 0 and batch[0].seq > self.position + 1:
                         await self._record_removed(lock_conn, self.position + 1, batch[0].seq - 1)
                 self.batches += 1
                 try:

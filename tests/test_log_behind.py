@@ -10,20 +10,25 @@ a checkpoint past the log's end, which is what such a projection looks like.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import msgspec
+import nats
 import pytest
 from nats.aio.client import Client as NatsClient
 
 from events.codec import encode
 from events.ids import new_id
 from events.log import EventLog
+from events.streams import ensure_streams
 from events.subjects import EVT_STREAM, event_subject
 from events.vocabulary import Chunk
 from parley.services import Servers
+from parley.stack import EmbeddedStack
+from projections.billing import BILLING
 from projections.db import create_pool, drop_schema
 from projections.feed import LogBehind, LogFeed, log_end
 from projections.handlers import READ_MODELS
@@ -242,3 +247,45 @@ async def test_a_busy_log_is_not_taken_for_one_that_ends_before_the_checkpoints(
         status, body = await answer
     assert status == 200, body
     assert body["projection_lag"] == 0, body
+
+
+@pytest.fixture
+def own_stack(tmp_path: Path) -> Iterator[EmbeddedStack]:
+    """Servers of the test's own: the session's log cannot lose its first entries
+    under the other tests."""
+    with EmbeddedStack(tmp_path / "stack") as running:
+        yield running
+
+
+async def test_a_projection_built_from_a_log_whose_start_was_removed_misses_nothing(
+    own_stack: EmbeddedStack,
+) -> None:
+    """A rebuild, or a new projection, starts from position 0: the log's first
+    entries, removed by a retention limit or a purge, made no rows of it, and a row
+    `removed` telling to rebuild (which would write it again) would be false."""
+    urls = own_stack.urls
+    nc = await nats.connect(urls.nats_url)
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js)
+        await _chunks(nc, 3)
+        kept = await _chunks(nc, 2)
+        # what max_age or max_msgs does to the log's start
+        purge = msgspec.json.encode({"seq": kept - 1})
+        answer = msgspec.json.decode(
+            (await nc.request(f"$JS.API.STREAM.PURGE.{EVT_STREAM}", purge)).data
+        )
+        assert answer.get("purged") == kept - 2, answer
+
+        await rebuild(js, urls.database_url, "parley", READ_MODELS)
+        pool = await create_pool(urls.database_url, "parley", max_size=2)
+        try:
+            assert await pool.fetch("SELECT * FROM projection_errors") == []
+            projector = Projector(js, pool, projection=BILLING)
+            async with running(projector):
+                await _wait_position(projector, kept)
+            assert await pool.fetch("SELECT * FROM projection_errors") == []
+        finally:
+            await pool.close()
+    finally:
+        await nc.close()
