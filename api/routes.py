@@ -476,7 +476,7 @@ async def _readiness(app: web.Application) -> tuple[bytes, int]:
     timeout = app[CONFIG].ready_timeout_s
     projection_errors: int | None = None
     positions: dict[str, int] | None = None
-    stopped: list[str] = []
+    stopped: dict[str, str] = {}
     head: int | None = None
 
     async def nats() -> None:
@@ -517,12 +517,15 @@ async def _readiness(app: web.Application) -> tuple[bytes, int]:
         reasons.append(f"the read models are {lag} events behind the log (bound {bound})")
     # A checkpoint past the log's end: the log was restored or made again (README
     # "Restoring or recreating the log"); the projector refuses it and says why.
-    reasons.extend(stopped)
+    # One reason a projection: the one its projector recorded when it stopped, else
+    # (no projector has run since) the one seen here.
+    reasons.extend(stopped.values())
     if head is not None:
-        behind = [
-            log_behind_reason(n, at, head) for n, at in (positions or {}).items() if at > head
-        ]
-        reasons.extend(reason for reason in behind if reason not in stopped)
+        reasons.extend(
+            log_behind_reason(n, at, head)
+            for n, at in (positions or {}).items()
+            if at > head and n not in stopped
+        )
     body = Readiness(
         status="not_ready" if reasons else "ready",
         checks=Checks(

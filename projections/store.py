@@ -359,14 +359,18 @@ class ReadStore:
         value = await self._pool.fetchval("SELECT count(*) FROM projection_errors")
         return int(value or 0)
 
-    async def stopped_projections(self) -> list[str]:
+    async def stopped_projections(self) -> dict[str, str]:
         """Why each projection that stopped for a log that ends before its checkpoint
-        did (projections.projector `_check_log`); [] when none did."""
+        did, by name (projections.projector `_check_log`); {} when none did."""
         rows = await self._pool.fetch(
-            "SELECT reason FROM projection_errors WHERE rule = $1 ORDER BY projection",
+            "SELECT projection, reason FROM projection_errors WHERE rule = $1"
+            " ORDER BY projection, seq",
             LOG_BEHIND,
         )
-        return [str(row["reason"]) for row in rows]
+        stopped: dict[str, str] = {}
+        for row in rows:
+            stopped.setdefault(str(row["projection"]), str(row["reason"]))
+        return stopped
 
     async def positions(self) -> dict[str, int]:
         """Every projection's position by name (the read models' and the billing

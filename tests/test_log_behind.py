@@ -109,9 +109,13 @@ async def test_a_checkpoint_past_the_log_s_end_stops_the_projector_until_a_rebui
     # says why and what to do, rather than wait for the log to get there.
     reason = await _refused(Projector(js, pool, projection=READ_MODELS))
     assert f"up to position {end + AHEAD}" in reason and "projections rebuild" in reason
-    assert await ReadStore(pool).stopped_projections() == [reason]
+    assert await ReadStore(pool).stopped_projections() == {READ_MODELS.name: reason}
     status, body = await _readiness(stack, name)
     assert status == 503 and reason in body["reasons"], body
+    # and says it once, as recorded, after the log has grown (still short of it)
+    assert await _chunks(nc, 2) < end + AHEAD
+    status, body = await _readiness(stack, name)
+    assert status == 503 and body["reasons"] == [reason], body
 
     # A feed asked to go on after a position past the log's end refuses too (the log
     # replaced under a running projector: its consumer is made again from there).
@@ -129,7 +133,7 @@ async def test_a_checkpoint_past_the_log_s_end_stops_the_projector_until_a_rebui
 
     # The documented way out: a rebuild from this log, and the projector follows it.
     report = await rebuild(js, stack.database_url, name, READ_MODELS)
-    assert await ReadStore(pool).stopped_projections() == []
+    assert await ReadStore(pool).stopped_projections() == {}
     projector = Projector(js, pool, projection=READ_MODELS)
     async with running(projector):
         await _wait_position(projector, max(report.position, await _chunks(nc, 1)))
@@ -164,7 +168,7 @@ async def test_a_rebuild_replaces_a_projection_whose_checkpoint_is_past_the_log_
     report = await asyncio.wait_for(rebuild(js, stack.database_url, name, READ_MODELS), 60)
     assert report.position <= await log_end(js)
     assert await pool.fetchval("SELECT position FROM projection_checkpoints") == report.position
-    assert await ReadStore(pool).stopped_projections() == []
+    assert await ReadStore(pool).stopped_projections() == {}
     ids = {row["id"] for row in await pool.fetch("SELECT id FROM conversations")}
     assert conversation in ids and "gone" not in ids
     assert (
