@@ -44,6 +44,8 @@ from projections.audit import (
 )
 from projections.billing import BILLING
 from projections.db import create_pool
+from projections.feed import LogBehind, log_end
+from projections.poison import LOG_BEHIND, log_behind_reason
 
 # Chunks are most of the log and say nothing of money: recognised by their first
 # bytes (msgspec writes the tag first), never decoded.
@@ -72,6 +74,19 @@ async def audit_billing(js: JetStreamContext, pool: Any, scope: Scope) -> Summar
     compare it with the ledger, the accounts, the grants and the reservations
     (`pool`: the projection's schema)."""
     position, seen = await read_projection(pool)
+    # Read after the position: the log's end only grows, so a healthy one reaches it.
+    end = await log_end(js)
+    stopped = await pool.fetchval(
+        "SELECT reason FROM projection_errors WHERE projection = $1 AND rule = $2"
+        " ORDER BY seq LIMIT 1",
+        BILLING.name,
+        LOG_BEHIND,
+    )
+    if stopped is not None or position > end:
+        # The ledger was projected from another log (this one restored from an older
+        # copy, or deleted and made again): there is nothing to check it against,
+        # and what this log lacks is not removed entries.
+        raise LogBehind(stopped or log_behind_reason(BILLING.name, position, end))
     book = Book()
     entries = 0
     async for batch in EventLog(js).scan():
@@ -160,6 +175,11 @@ def run_audit(args: argparse.Namespace) -> int:
         pool = await create_pool(servers.database_url, settings.db_schema, max_size=2, create=False)
         try:
             return await audit_billing(nc.jetstream(), pool, scope)
+        except LogBehind as err:
+            raise CliError(
+                f"{err}. The ledger can be audited against the log once it is rebuilt"
+                ' from it (README "Restoring or recreating the log")'
+            ) from err
         finally:
             await pool.close()
             await nc.close()

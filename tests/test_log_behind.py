@@ -10,6 +10,9 @@ a checkpoint past the log's end, which is what such a projection looks like.
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -293,3 +296,32 @@ async def test_a_projection_built_from_a_log_whose_start_was_removed_misses_noth
             await pool.close()
     finally:
         await nc.close()
+
+
+async def test_the_audit_refuses_a_ledger_projected_from_another_log(
+    stack: Servers, nc: NatsClient, event_log: EventLog, schema: tuple[str, Any]
+) -> None:
+    """A billing position past the log's end is not a log whose entries were removed:
+    the ledger is of the log that was, and there is nothing to audit it against."""
+    name, pool = schema
+    end = await log_end(nc.jetstream())
+    await pool.execute(
+        "INSERT INTO projection_checkpoints (name, position) VALUES ($1, $2)",
+        BILLING.name,
+        end + AHEAD,
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}
+    env.update(
+        PARLEY_NATS_URL=stack.nats_url,
+        PARLEY_DATABASE_URL=stack.database_url,
+        PARLEY_REDIS_URL=stack.redis_url,
+        PARLEY_DB_SCHEMA=name,
+    )
+    command = [sys.executable, "-m", "parley.cli", "audit", "billing", "--json"]
+    done = await asyncio.to_thread(
+        subprocess.run, command, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert done.stdout == ""
+    assert f"up to position {end + AHEAD}, but CHAT_EVT ends at" in done.stderr, done.stderr
+    assert "projections rebuild" in done.stderr, done.stderr
