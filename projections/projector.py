@@ -41,13 +41,14 @@ from typing import Any
 
 import asyncpg
 import msgspec
+import nats.js.errors
 from nats.js import JetStreamContext
 
 from events.codec import Unreadable
 from events.errors import describe
 from events.follow import RawEvent
 from events.log import StoredEvent
-from events.subjects import conversation_of
+from events.subjects import EVT_STREAM, conversation_of
 from events.vocabulary import AnyEvent, Chunk, event_type
 from projections.feed import LogBehind, LogFeed, log_end
 from projections.handlers import READ_MODELS
@@ -145,7 +146,9 @@ class Projector:
                     # From 0 (a new projection, a rebuild's) there are no rows the
                     # removed entries could be missing from: they are the log as it is.
                     if self.position > 0 and batch[0].seq > self.position + 1:
-                        await self._record_removed(lock_conn, self.position + 1, batch[0].seq - 1)
+                        gap = await self._removed_in(self.position + 1, batch[0].seq - 1)
+                        if gap is not None:
+                            await self._record_removed(lock_conn, *gap)
                 self.batches += 1
                 try:
                     # On the connection that holds the lock: no pool checkout, and no
@@ -202,6 +205,36 @@ class Projector:
             reason,
         )
         raise LogBehind(reason)
+
+    async def _removed_in(self, first: int, last: int) -> tuple[int, int] | None:
+        """The first and last of positions `first`..`last` that the log no longer holds,
+        or None when it holds them all.
+
+        The feed hands out parley's subjects only, and a CHAT_EVT made by an operator
+        may hold others (README "The streams"): positions passed over are not all
+        removed ones. Removed are those before the log's first entry (a retention
+        limit, a purge of its start) and those deleted inside it (a purge of a
+        subject, max_msgs_per_subject): found by asking for the entry, of any
+        subject, at or after each position, one question per entry kept there."""
+        state = (await self._js.stream_info(EVT_STREAM)).state
+        lo: int | None = None
+        hi = 0
+        if state.first_seq > first:
+            lo, hi = first, min(last, state.first_seq - 1)
+            first = hi + 1
+        at = first
+        while state.num_deleted != 0 and at <= last:  # (None: a server that does not say)
+            try:
+                kept = (await self._js.get_msg(EVT_STREAM, seq=at, subject=">", next=True)).seq
+            except nats.js.errors.NotFoundError:
+                kept = None  # nothing kept from `at` on (the feed's entry was since removed)
+            if kept is None or kept > at:
+                lo = at if lo is None else lo
+                hi = min(last, kept - 1) if kept is not None else last
+            if kept is None:
+                break
+            at = kept + 1
+        return None if lo is None else (lo, hi)
 
     async def _record_removed(self, conn: Any, first: int, last: int) -> None:
         """Entries `first`..`last` were removed from the log before this projection

@@ -325,3 +325,51 @@ async def test_the_audit_refuses_a_ledger_projected_from_another_log(
     assert done.stdout == ""
     assert f"up to position {end + AHEAD}, but CHAT_EVT ends at" in done.stderr, done.stderr
     assert "projections rebuild" in done.stderr, done.stderr
+
+
+async def test_entries_of_other_subjects_are_not_taken_for_removed_ones(
+    own_stack: EmbeddedStack,
+) -> None:
+    """A CHAT_EVT made by an operator may hold subjects besides parley's: their entries
+    take positions the projector's feed passes over, and were never removed."""
+    urls = own_stack.urls
+    nc = await nats.connect(urls.nats_url)
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js)
+        config = (await js.stream_info(EVT_STREAM)).config
+        config.subjects = [*(config.subjects or []), "ops.notes.>"]
+        await js.update_stream(config)
+        checkpoint = await _chunks(nc, 2)
+        pool = await create_pool(urls.database_url, "parley", max_size=2)
+        try:
+            await pool.execute(
+                "INSERT INTO projection_checkpoints (name, position) VALUES ($1, $2)",
+                READ_MODELS.name,
+                checkpoint,
+            )
+            for _ in range(3):
+                await js.publish("ops.notes.deploy", b"an operator's note")
+            kept = await _chunks(nc, 1)
+            projector = Projector(js, pool, projection=READ_MODELS)
+            async with running(projector):
+                await _wait_position(projector, kept)
+            assert await pool.fetch("SELECT * FROM projection_errors") == []
+
+            # among them, entries of parley's that were removed are still said
+            gone = new_id()
+            last_gone = await _chunks(nc, 2, gone)
+            await js.publish("ops.notes.deploy", b"another note")
+            purge = msgspec.json.encode({"filter": event_subject(gone)})
+            await nc.request(f"$JS.API.STREAM.PURGE.{EVT_STREAM}", purge)
+            kept = await _chunks(nc, 1)
+            projector = Projector(js, pool, projection=READ_MODELS)
+            async with running(projector):
+                await _wait_position(projector, kept)
+            rows = await pool.fetch("SELECT seq, rule, reason FROM projection_errors")
+            assert [(r["seq"], r["rule"]) for r in rows] == [(last_gone - 1, "removed")], rows
+            assert f"positions {last_gone - 1} to {last_gone}" in rows[0]["reason"], rows
+        finally:
+            await pool.close()
+    finally:
+        await nc.close()
