@@ -20,3 +20,9 @@ CREATE TABLE IF NOT EXISTS projection_errors (
     raw              bytea,                    -- the event as written
     PRIMARY KEY (projection, seq)
 );
+
+-- The projections stopped for a log that ends before their checkpoint (rule
+-- log_behind, projections/projector.py): /readyz asks on every probe, and the
+-- table may hold a row for every event a projection could not apply.
+CREATE INDEX IF NOT EXISTS projection_errors_log_behind
+    ON projection_errors (projection, seq) WHERE rule = 'log_behind';

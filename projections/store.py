@@ -14,6 +14,14 @@ from projections.poison import LOG_BEHIND
 
 T = TypeVar("T")
 
+# The rule written out, not a parameter: only then can Postgres answer from the
+# partial index on it (bookkeeping.sql), rather than read the whole table on
+# every readiness probe.
+STOPPED_SQL = (
+    "SELECT projection, reason FROM projection_errors"
+    f" WHERE rule = '{LOG_BEHIND}' ORDER BY projection, seq"
+)
+
 # How long the edge waits for Postgres before answering 503: a server that hangs
 # (stopped, swapping, a full disk) answers nothing and breaks no connection.
 QUERY_TIMEOUT_S = 5.0
@@ -362,11 +370,7 @@ class ReadStore:
     async def stopped_projections(self) -> dict[str, str]:
         """Why each projection that stopped for a log that ends before its checkpoint
         did, by name (projections.projector `_check_log`); {} when none did."""
-        rows = await self._pool.fetch(
-            "SELECT projection, reason FROM projection_errors WHERE rule = $1"
-            " ORDER BY projection, seq",
-            LOG_BEHIND,
-        )
+        rows = await self._pool.fetch(STOPPED_SQL)
         stopped: dict[str, str] = {}
         for row in rows:
             stopped.setdefault(str(row["projection"]), str(row["reason"]))

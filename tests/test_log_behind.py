@@ -37,7 +37,7 @@ from projections.feed import LogBehind, LogFeed, log_end
 from projections.handlers import READ_MODELS
 from projections.projector import Projector
 from projections.rebuild import rebuild
-from projections.store import ReadStore
+from projections.store import STOPPED_SQL, ReadStore
 from tests.conftest import extra_edge
 from tests.sse import SseClient
 from tests.test_faults import until
@@ -373,3 +373,20 @@ async def test_entries_of_other_subjects_are_not_taken_for_removed_ones(
             await pool.close()
     finally:
         await nc.close()
+
+
+async def test_readiness_finds_stopped_projections_without_reading_every_error(
+    schema: tuple[str, Any],
+) -> None:
+    """/readyz asks which projections stopped on every probe: on a table with a row
+    for each event a projection could not apply, that must not be a read of it all."""
+    _, pool = schema
+    await pool.execute(
+        "INSERT INTO projection_errors (projection, seq, conversation_id, event_type, rule,"
+        " reason, raw) SELECT 'read_models', n, 'c', 'message_added', 'skipped',"
+        " 'it could not be stored', NULL FROM generate_series(1, 20000) AS n"
+    )
+    await pool.execute("ANALYZE projection_errors")
+    plan = await pool.fetchval(f"EXPLAIN (FORMAT JSON) {STOPPED_SQL}")
+    assert "Seq Scan" not in plan, plan
+    assert await ReadStore(pool).stopped_projections() == {}
