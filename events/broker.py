@@ -42,7 +42,9 @@ from typing import Any, TypeVar
 import msgspec
 import nats.errors
 import nkeys
+from nats.aio.client import DEFAULT_BUFFER_SIZE
 from nats.aio.client import Client as NatsClient
+from nats.aio.transport import TcpTransport
 
 from events.errors import describe
 
@@ -368,8 +370,8 @@ async def connect_client(
             error_cb=error,
         )
     except BrokerRefused:
-        # After a failed TLS handshake nats.py's close waits for ever on the plain
-        # socket it handed to TLS; what is left of it goes with the process, which stops.
+        # Bounded still, should a nats.py upgrade bypass _UpgradableTransport (after a
+        # failed TLS handshake its close would wait for ever): the process stops anyway.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
                 await client.close()
@@ -414,6 +416,19 @@ class DirectClient(NatsClient):
         info: dict[str, Any] = self._server_info
         return info
 
+    async def _connect_to_server(self, s: Any) -> None:
+        # nats.py's own, but every TCP connection, the first and each reconnect, on a
+        # transport whose close survives a failed TLS upgrade (_UpgradableTransport)
+        if s.uri.scheme in ("ws", "wss"):
+            await super()._connect_to_server(s)
+            return
+        s.last_attempt = time.monotonic()
+        if not isinstance(self._transport, _UpgradableTransport):
+            self._transport = _UpgradableTransport()
+        await self._transport.connect(
+            s.uri, buffer_size=DEFAULT_BUFFER_SIZE, connect_timeout=self.options["connect_timeout"]
+        )
+
     def _connect_command(self) -> bytes:
         # nats.py builds the CONNECT (the credentials) once the server's INFO is read
         # and, only where that INFO says `tls_required`, the connection upgraded. A
@@ -439,6 +454,40 @@ class DirectClient(NatsClient):
             direct[0](subject, reply, data, headers or b"")
             return
         await super()._process_msg(sid, subject, reply, data, headers)
+
+
+class _UpgradableTransport(TcpTransport):
+    """nats.py's TCP transport, whose `wait_closed` returns after a failed TLS upgrade.
+
+    When the handshake fails (a certificate that does not verify, a node restarting
+    in the middle of it, a timeout), asyncio closes the socket, but the plain stream
+    it was upgrading is never told: nats.py's close then waits on it for ever. A
+    role whose node came back with a certificate it does not trust, or was
+    mid-handshake with one, could never be closed while it kept trying; nor could a
+    one-shot command whose server went away under it. The socket is closed already:
+    there is nothing to wait for.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._upgrade_failed = False
+
+    async def connect(self, uri: Any, buffer_size: int, connect_timeout: int) -> None:
+        self._upgrade_failed = False
+        await super().connect(uri, buffer_size, connect_timeout)
+
+    async def connect_tls(
+        self, uri: Any, ssl_context: ssl.SSLContext, buffer_size: int, connect_timeout: int
+    ) -> None:
+        try:
+            await super().connect_tls(uri, ssl_context, buffer_size, connect_timeout)
+        except BaseException:
+            self._upgrade_failed = True
+            raise
+
+    async def wait_closed(self) -> None:
+        if not self._upgrade_failed:
+            await super().wait_closed()  # type: ignore[no-untyped-call]
 
 
 class EntryClient(DirectClient):

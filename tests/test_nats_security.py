@@ -11,8 +11,9 @@ it at start in one line, exit 2, instead of a wait for ever.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -21,6 +22,7 @@ import nkeys
 import pytest
 
 from api.auth import mint
+from events import broker
 from events.broker import NatsSecurity, security_problem
 from events.streams import ensure_streams
 from parley.config import settings_from_env
@@ -302,3 +304,61 @@ def test_settings_for_nats_without_its_url_are_refused(tmp_path: Path) -> None:
     env = clean_env(PARLEY_NATS_CREDS=str(tmp_path / "a.creds"))
     done = run("replay", UNKNOWN, "--data", str(tmp_path), env=env)
     assert_refused(done, "apply to the servers of PARLEY_NATS_URL")
+
+
+def _secured_config(operator: Operator, pki: Pki, port: int, folder: Path, *, cert: Path) -> Path:
+    """operator_config, with `cert` (and its key) as the server's certificate."""
+    key = pki.stranger_key if cert == pki.stranger_cert else pki.server_key
+    text = operator_config(operator, pki, port, folder / "js")
+    config = folder / "nats.conf"
+    config.write_text(
+        text.replace(str(pki.server_cert), str(cert)).replace(str(pki.server_key), str(key))
+    )
+    return config
+
+
+async def test_a_connection_whose_node_returns_with_a_certificate_it_refuses_still_closes(
+    pki: Pki, operator: Operator, tmp_path: Path
+) -> None:
+    """After a TLS handshake failed (a node back with a certificate of another CA, or
+    restarting in the middle of one) nats.py's close waited for ever on the socket
+    the failed handshake had closed: a role stopped then, or a command whose server
+    went away under it, never ended."""
+    port = free_ports(1)[0]
+    security = NatsSecurity(
+        tls_ca=str(pki.ca),
+        tls_cert=str(pki.client_cert),
+        tls_key=str(pki.client_key),
+        creds=str(operator.creds),
+    )
+    failures: asyncio.Queue[str] = asyncio.Queue()
+
+    def report(level: int, message: str, fields: dict[str, str]) -> None:
+        if "CERTIFICATE_VERIFY_FAILED" in fields.get("error", ""):
+            failures.put_nowait(fields["error"])
+
+    config = _secured_config(operator, pki, port, tmp_path, cert=pki.server_cert)
+    async with _nats_server(config, port):
+        nc = await broker.connect(
+            f"tls://127.0.0.1:{port}", name="t", report=report, security=security
+        )
+    config = _secured_config(operator, pki, port, tmp_path, cert=pki.stranger_cert)
+    async with _nats_server(config, port):
+        await asyncio.wait_for(failures.get(), 30)  # it is back, and refused
+        await asyncio.wait_for(nc.close(), 5)
+        assert nc.is_closed
+
+
+@contextlib.asynccontextmanager
+async def _nats_server(config: Path, port: int) -> AsyncIterator[None]:
+    from tests.test_start import NATS_SERVER, listening
+
+    server = await asyncio.create_subprocess_exec(
+        str(NATS_SERVER), "-c", str(config), stderr=subprocess.DEVNULL
+    )
+    try:
+        await listening(port)
+        yield
+    finally:
+        server.terminate()
+        await server.wait()
