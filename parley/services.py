@@ -551,7 +551,10 @@ async def _use_once(client: aioredis.Redis) -> None:
     if not refused:
         refused = await client.eval(_PROBE_SCRIPT, 1, key)  # the turn records': EVAL
     if refused:
-        raise redis.exceptions.NoPermissionError(f"in a Lua script, {refused.decode()}")
+        # whatever a command of the script answered: a refusal (NOPERM, a renamed
+        # command) is configuration, anything else (OOM at maxmemory, READONLY on a
+        # replica, MISCONF after a failed save) is Redis's state of the moment
+        raise redis.exceptions.ResponseError(f"in a Lua script, {refused.decode()}")
     await client.set(key, b"1", nx=True, px=10_000)
     await client.mget([key, key])
     await client.get(key)
@@ -579,11 +582,15 @@ async def _speaks_plain_resp(host: str, port: int) -> bool:
 def _acl_refusal(err: redis.exceptions.ResponseError) -> str | None:
     """The line to stop with when `err` is Redis refusing the user what parley needs."""
     text = str(err)
+    lowered = text.lower()
     if not (
         isinstance(err, redis.exceptions.NoPermissionError)
+        or "noperm" in lowered
+        or "no permissions" in lowered
         or "can't run this command" in text
         or "can't access" in text
-        or "unknown command" in text.lower()
+        or "unknown command" in lowered
+        or "unknown redis command" in lowered
     ):
         return None
     return (

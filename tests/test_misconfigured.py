@@ -433,3 +433,31 @@ async def test_a_worker_with_tools_it_cannot_load_stops_in_one_line(
     }
     done = await asyncio.to_thread(run, "serve", "--role", "worker", env=env, timeout=60)
     assert_one_line(done, 2, f"tool spec {spec!r} (PARLEY_TOOLS): {says}")
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        # at maxmemory with nothing to evict: writes answer OOM until keys expire
+        ["--maxmemory", "1", "--maxmemory-policy", "noeviction"],
+        # a replica (a managed Redis's endpoint during its failover): writes answer READONLY
+        ["--replicaof", "127.0.0.1", "9"],
+    ],
+    ids=["oom", "replica"],
+)
+def redis_refusing_writes(request: pytest.FixtureRequest) -> Iterator[int]:
+    port = free_ports(1)[0]
+    argv = [str(REDIS_SERVER), "--port", str(port), "--bind", "127.0.0.1"]
+    argv += ["--save", "", "--appendonly", "no", *request.param]
+    with listening_server(argv, port):
+        yield port
+
+
+async def test_a_redis_refusing_writes_for_now_is_waited_out_not_a_stop(
+    redis_refusing_writes: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The probe's Lua script answered OOM or READONLY and the start check called it an
+    ACL user without a command parley needs: exit 2, with the advice to change the
+    user, for a Redis that is only full or in the middle of a failover."""
+    await check_redis(f"redis://127.0.0.1:{redis_refusing_writes}/0")
+    assert "Redis answered an error at start" in caplog.text
