@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class EventLogError(Exception):
     """Root of everything the event log raises."""
@@ -54,3 +56,15 @@ def describe(err: BaseException) -> str:
     if not text:
         return name
     return text if name in text else f"{name}: {text}"
+
+
+def without_userinfo(text: str, url: str) -> str:
+    """`text` (a client's error about `url`) with every piece of the URL's user and
+    password masked. A password holding `/`, `#` or `?` that was not percent-encoded
+    ends the URL's host part early: the client then reads part of it as the port
+    ("Port could not be cast to integer value as 'Zk3'") and says so."""
+    userinfo = url.split("://", 1)[-1].rpartition("@")[0]
+    for piece in sorted(re.split(r"[:/#?]", userinfo), key=len, reverse=True):
+        if piece:
+            text = text.replace(piece, "***")
+    return text

@@ -44,7 +44,7 @@ from api.config import LISTEN_BACKLOG, EdgeConfig, EdgeLimits
 from api.listener import EagerTCPSite, EdgeRequestHandler, edge_runner
 from events import broker
 from events.broker import NatsSecurity, security_problem
-from events.errors import EventLogUnavailable, describe
+from events.errors import EventLogUnavailable, describe, without_userinfo
 from events.ids import new_id
 from events.log import EventLog, ensure_streams
 from events.turns import TurnRegistry, redis_client
@@ -496,8 +496,12 @@ def redis_url_problem(url: str) -> str | None:
         pool = aioredis.ConnectionPool.from_url(url)
         connection = pool.connection_class(**pool.connection_kwargs)
     except (ValueError, TypeError, redis.exceptions.RedisError) as err:
-        # a misspelt parameter, a value of the wrong kind, an unknown scheme
-        return f"redis-py cannot use it ({describe(err)})"
+        # a misspelt parameter, a value of the wrong kind, an unknown scheme, a
+        # password with a / # ? not percent-encoded (then quoted as the port)
+        return (
+            f"redis-py cannot use it ({without_userinfo(describe(err), url)}); a password "
+            "holding / # ? @ must be percent-encoded (%2F %23 %3F %40)"
+        )
     if not isinstance(connection, aioredis.SSLConnection):
         return None
     options = pool.connection_kwargs

@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
-from events.errors import describe
+from events.errors import describe, without_userinfo
 from projections.catalog import PROJECTIONS
 from projections.registry import Projection
 
@@ -113,6 +113,12 @@ async def connect_first(database_url: str) -> Any:
     except asyncpg.ClientConfigurationError as err:  # an sslmode it does not know, ...
         hint = f" ({err.hint})" if err.hint else ""  # on a line of its own in str(err)
         raise DatabaseMisconfigured(f"PARLEY_DATABASE_URL: {err.args[0]}{hint}") from err
+    except ValueError as err:  # a port that is not a number: a password's / # ? unencoded
+        raise DatabaseMisconfigured(
+            f"PARLEY_DATABASE_URL: asyncpg cannot read it "
+            f"({without_userinfo(describe(err), database_url)}); a password holding "
+            "/ # ? @ must be percent-encoded (%2F %23 %3F %40)"
+        ) from err
     except (OSError, TimeoutError) as err:
         # asyncpg's words for a server that answered "no SSL here" to a client whose
         # sslmode (require, verify-ca, verify-full) does not fall back to plain text

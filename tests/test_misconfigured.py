@@ -461,3 +461,22 @@ async def test_a_redis_refusing_writes_for_now_is_waited_out_not_a_stop(
     user, for a Redis that is only full or in the middle of a failover."""
     await check_redis(f"redis://127.0.0.1:{redis_refusing_writes}/0")
     assert "Redis answered an error at start" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("role", "setting"),
+    [("edge", "PARLEY_REDIS_URL"), ("projector", "PARLEY_DATABASE_URL")],
+)
+async def test_a_password_not_percent_encoded_is_never_quoted(
+    stack: Servers, role: str, setting: str
+) -> None:
+    """A / in a password ends the URL's host part: the client reads what comes before
+    it as the port, and its error quoted it ("... integer value as 'Zk3q'"), in the
+    stop line or a traceback."""
+    env = env_for(stack, stack.nats_url)
+    scheme, rest = env[setting].split("://", 1)
+    env[setting] = f"{scheme}://parley:Zk3q/9sWx#p@{rest.rpartition('@')[2]}"
+    done = await asyncio.to_thread(run, "serve", "--role", role, "--port", "0", env=env)
+    assert_one_line(done, 2, "must be percent-encoded")
+    for piece in ("Zk3q", "9sWx"):
+        assert piece not in done.stderr, done.stderr
