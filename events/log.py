@@ -428,7 +428,7 @@ class EventLog:
         a reader starting before the first kept event would miss something.
         """
         head = await self.first(conversation_id)
-        if head is None or _is_header(head.event):
+        if head is None or starts_a_conversation(head.event):
             return
         if after < head.seq - 1:
             raise PositionGone(after, head.seq)
@@ -451,7 +451,9 @@ class EventLog:
             await follower.close()
 
 
-def _is_header(event: AnyEvent | Unreadable) -> bool:
+def starts_a_conversation(event: AnyEvent | Unreadable) -> bool:
+    """Every conversation's log begins with its `conversation_created`: anything else
+    first means retention or a purge removed its start."""
     if isinstance(event, Unreadable):
         return event.type == "conversation_created"
     return isinstance(event, ConversationCreated)

@@ -25,10 +25,10 @@ from events.broker import BrokerRefused, connect
 from events.codec import Unreadable, encode_stored
 from events.errors import EventLogUnavailable, StreamMisconfigured
 from events.errors import describe as describe_error
-from events.log import EventLog
+from events.log import EventLog, starts_a_conversation
 from events.streams import require_jetstream
 from events.subjects import valid_id
-from events.vocabulary import AnyEvent, Chunk, ConversationCreated, event_type
+from events.vocabulary import AnyEvent, Chunk, event_type
 from parley import loops
 from parley.commands import RUN_FILE, CliError, RunInfo, token_secret
 from parley.config import (
@@ -248,7 +248,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if not events:
             print(f"no events for conversation {args.conversation}", file=sys.stderr)
             return 1
-        if not _starts_a_conversation(events[0].event):
+        if not starts_a_conversation(events[0].event):
             print(
                 f"the log no longer holds the start of conversation {args.conversation}: its"
                 f" oldest kept event is {events[0].seq} (the ones before were removed by a"
@@ -265,13 +265,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return 0
 
     return asyncio.run(main())
-
-
-def _starts_a_conversation(event: AnyEvent | Unreadable) -> bool:
-    """Every conversation's log begins with its `conversation_created`."""
-    if isinstance(event, Unreadable):
-        return event.type == "conversation_created"
-    return isinstance(event, ConversationCreated)
 
 
 _SKIP_IN_SUMMARY = frozenset({"conversation_id", "at", "event_id", "schema", "turn_id"})
