@@ -179,10 +179,6 @@ async def rebuild(
     )
 
 
-async def _head(js: JetStreamContext) -> int:
-    return await log_end(js)
-
-
 async def _prefetched(
     js: JetStreamContext,
     projector: Projector,
@@ -194,7 +190,7 @@ async def _prefetched(
 ) -> None:
     """Apply the log up to its current head as worker processes read it, range by range."""
     projector.position = await projector.load_position()
-    head = await _head(js)
+    head = await log_end(js)
     if head - projector.position < parallel_from:
         return  # not worth starting processes for
     ranges = prefetch(
@@ -227,7 +223,7 @@ async def _build(
     stopping = asyncio.Event()
     task = asyncio.create_task(projector.run(stopping), name=f"rebuild-{projector.name}")
     try:
-        target = await _head(js)
+        target = await log_end(js)
         while True:
             await _reached(projector, target, timeout_s=2.0)
             if task.done():
@@ -238,7 +234,7 @@ async def _build(
             if projector.position >= target:
                 # Close enough: the swap brings the side up to the live position.
                 return
-            target = max(target, await _head(js))
+            target = max(target, await log_end(js))
     finally:
         stopping.set()
         await task
