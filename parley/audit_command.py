@@ -45,7 +45,8 @@ from projections.audit import (
 from projections.billing import BILLING
 from projections.db import create_pool
 from projections.feed import LogBehind, log_end
-from projections.poison import LOG_BEHIND, log_behind_reason
+from projections.poison import log_behind_reason
+from projections.store import recorded_stop
 
 # Chunks are most of the log and say nothing of money: recognised by their first
 # bytes (msgspec writes the tag first), never decoded.
@@ -76,12 +77,7 @@ async def audit_billing(js: JetStreamContext, pool: Any, scope: Scope) -> Summar
     position, seen = await read_projection(pool)
     # Read after the position: the log's end only grows, so a healthy one reaches it.
     end = await log_end(js)
-    stopped = await pool.fetchval(
-        "SELECT reason FROM projection_errors WHERE projection = $1 AND rule = $2"
-        " ORDER BY seq LIMIT 1",
-        BILLING.name,
-        LOG_BEHIND,
-    )
+    stopped = await recorded_stop(pool, BILLING.name)
     if stopped is not None or position > end:
         # The ledger was projected from another log (this one restored from an older
         # copy, or deleted and made again): there is nothing to check it against,

@@ -64,6 +64,7 @@ from projections.poison import (
     storable,
 )
 from projections.registry import Projection, Write
+from projections.store import recorded_stop
 
 log = logging.getLogger(__name__)
 
@@ -180,11 +181,7 @@ class Projector:
         stopped after the log has grown past the old checkpoint too, until
         `parley projections rebuild` builds it from the log there is (the rebuild
         replaces that row with its own)."""
-        reason = await conn.fetchval(
-            "SELECT reason FROM projection_errors WHERE projection = $1 AND rule = $2 LIMIT 1",
-            self.name,
-            LOG_BEHIND,
-        )
+        reason = await recorded_stop(conn, self.name)
         if reason is not None:
             raise LogBehind(reason)
         end = await log_end(self._js)

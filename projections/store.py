@@ -21,6 +21,19 @@ STOPPED_SQL = (
     "SELECT projection, reason FROM projection_errors"
     f" WHERE rule = '{LOG_BEHIND}' ORDER BY projection, seq"
 )
+_STOPPED_ONE_SQL = (
+    "SELECT reason FROM projection_errors"
+    f" WHERE projection = $1 AND rule = '{LOG_BEHIND}' ORDER BY seq LIMIT 1"
+)
+
+
+async def recorded_stop(conn: Any, projection: str) -> str | None:
+    """Why `projection` stopped for a log that ends before its checkpoint, as its
+    projector recorded it (projections.projector `_check_log`); None when it did not.
+    `conn`: a connection or a pool."""
+    reason = await conn.fetchval(_STOPPED_ONE_SQL, projection)
+    return None if reason is None else str(reason)
+
 
 # How long the edge waits for Postgres before answering 503: a server that hangs
 # (stopped, swapping, a full disk) answers nothing and breaks no connection.
