@@ -37,7 +37,6 @@ from actors.content import (
     SAFE_TOKENS_PER_BYTE,
     Fitted,
     build_history,
-    estimate_tokens,
     fit_history,
     history_budget,
     history_tokens,
@@ -611,9 +610,9 @@ def _plan_call(ctx: ActorContext, spec: ModelSpec, state: Conversation) -> _Call
         if measured is not None and measured.model == spec.name
         else SAFE_TOKENS_PER_BYTE
     )
-    tools_bytes = json_bytes(tools) if tools else 0
+    tools_bytes = json_bytes(tools) if tools else 0  # encoded once, counted at each rate
     budget = history_budget(
-        spec.context_window, spec.max_output_tokens, estimate_tokens(tools, rate) if tools else 0
+        spec.context_window, spec.max_output_tokens, math.ceil(tools_bytes * rate)
     )
     return _CallPlan(
         endpoint=ModelEndpoint(
@@ -629,7 +628,7 @@ def _plan_call(ctx: ActorContext, spec: ModelSpec, state: Conversation) -> _Call
         least_budget=history_budget(
             spec.context_window,
             spec.max_output_tokens,
-            estimate_tokens(tools, MIN_TOKENS_PER_BYTE) if tools else 0,
+            math.ceil(tools_bytes * MIN_TOKENS_PER_BYTE),
         ),
         first=fit_history(messages, budget, rate),
     )
