@@ -36,7 +36,6 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
@@ -46,7 +45,7 @@ from nats.aio.client import DEFAULT_BUFFER_SIZE
 from nats.aio.client import Client as NatsClient
 from nats.aio.transport import TcpTransport
 
-from events.errors import describe
+from events.errors import SettingFileUnreadable, describe, read_setting_file
 
 # Between two rounds of attempts over the whole list of nodes.
 RECONNECT_WAIT_S = 1
@@ -133,11 +132,9 @@ def security_problem(security: NatsSecurity) -> str | None:
         if path is None:
             continue
         try:
-            contents[name] = Path(path).read_bytes()
-        except FileNotFoundError:
-            return f"{name}: {path} does not exist"
-        except OSError as err:
-            return f"{name}: {path} cannot be read ({err.strerror or err})"
+            contents[name] = read_setting_file(name, path)
+        except SettingFileUnreadable as err:
+            return str(err)
     try:
         ssl.create_default_context(cafile=security.tls_ca)
     except (ssl.SSLError, OSError) as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 
 class EventLogError(Exception):
@@ -68,3 +69,20 @@ def without_userinfo(text: str, url: str) -> str:
         if piece:
             text = text.replace(piece, "***")
     return text
+
+
+class SettingFileUnreadable(Exception):
+    """A file a setting names cannot be read; the message names the setting and why."""
+
+
+def read_setting_file(setting: str, path: str) -> bytes:
+    """The bytes of the file `setting` names (`path`), read at start to check it.
+    Raises SettingFileUnreadable with one line that never quotes the content."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise SettingFileUnreadable(f"{setting}: {path} does not exist") from None
+    except OSError as err:
+        raise SettingFileUnreadable(
+            f"{setting}: {path} cannot be read ({err.strerror or err})"
+        ) from None

@@ -14,13 +14,12 @@ import re
 import ssl
 from collections.abc import Iterable
 from importlib import resources
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
-from events.errors import describe, without_userinfo
+from events.errors import SettingFileUnreadable, describe, read_setting_file, without_userinfo
 from projections.catalog import PROJECTIONS
 from projections.registry import Projection
 
@@ -173,11 +172,9 @@ def tls_problem(database_url: str) -> str | None:
             continue
         setting = name if name in query else _TLS_FILES[name]
         try:
-            Path(path).read_bytes()
-        except FileNotFoundError:
-            return f"{setting}: {path} does not exist"
-        except OSError as err:
-            return f"{setting}: {path} cannot be read ({err.strerror or err})"
+            read_setting_file(setting, path)
+        except SettingFileUnreadable as err:
+            return str(err)
         paths[name] = path
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     for name in ("sslrootcert", "sslcrl"):
