@@ -80,6 +80,21 @@ def env_for(stack: Servers, nats_url: str) -> dict[str, str]:
     )
 
 
+@pytest.fixture
+def streams_made(stack: Servers) -> None:
+    """The streams made before a role starts: a role that makes them says so in a line
+    of its own, beside the one these tests count (it did when one of them ran first)."""
+
+    async def make() -> None:
+        nc = await nats.connect(stack.nats_url)
+        try:
+            await ensure_streams(nc.jetstream())
+        finally:
+            await nc.close()
+
+    asyncio.run(make())
+
+
 def assert_one_line(done: subprocess.CompletedProcess[str], code: int, says: str) -> None:
     assert done.returncode == code, done
     assert "Traceback" not in done.stderr, done.stderr
@@ -284,6 +299,7 @@ def test_a_postgres_that_does_not_answer_is_named(stack: Servers) -> None:
         ),
     ],
 )
+@pytest.mark.usefixtures("streams_made")
 def test_postgres_tls_settings_that_cannot_work_stop_at_start_naming_the_setting(
     stack: Servers, tmp_path: Path, command: list[str], query: str, says: str
 ) -> None:
@@ -401,6 +417,7 @@ def test_the_start_check_runs_every_command_of_parleys_lua_scripts() -> None:
         ("redis://127.0.0.1:{port}/0?ssl_ca_cert={missing}", "unexpected keyword argument"),
     ],
 )
+@pytest.mark.usefixtures("streams_made")
 def test_a_redis_url_that_cannot_work_stops_an_edge_in_one_line(
     stack: Servers, redis_with_users: int, tmp_path: Path, url: str, says: str
 ) -> None:
