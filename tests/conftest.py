@@ -35,6 +35,7 @@ from parley.config import DEMO_SPEC
 from parley.demo_model import DemoConfig, start_demo_model
 from parley.services import Servers, ServiceOptions, Services
 from parley.stack import EmbeddedStack
+from projections.db import create_pool, drop_schema
 from projections.projector import Projector
 from tests.sse import SseClient
 from tests.tool_plugin import LIVE_TOOLS
@@ -368,3 +369,14 @@ async def browser(chromium: Path) -> AsyncIterator[Browser]:
         )
         yield launched
         await launched.close()
+
+
+@pytest.fixture
+async def scratch(stack: Servers) -> AsyncIterator[tuple[str, Any]]:
+    """A schema of its own (its name and a pool on it) for a test's projector or edge,
+    dropped after the test."""
+    schema = f"scratch_{new_id().lower()}"
+    pool = await create_pool(stack.database_url, schema, max_size=4)
+    yield schema, pool
+    await pool.close()
+    await drop_schema(stack.database_url, schema)

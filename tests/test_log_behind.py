@@ -13,7 +13,7 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from events.vocabulary import Chunk
 from parley.services import Servers
 from parley.stack import EmbeddedStack
 from projections.billing import BILLING
-from projections.db import create_pool, drop_schema
+from projections.db import create_pool
 from projections.feed import LogBehind, LogFeed, log_end
 from projections.handlers import READ_MODELS
 from projections.projector import Projector
@@ -47,15 +47,6 @@ from tests.test_projection import _wait_position, running
 # How far past the log's end the checkpoint is put: more than anything else in the
 # session appends while a test runs (nothing does, between tests' requests).
 AHEAD = 20
-
-
-@pytest.fixture
-async def schema(stack: Servers) -> AsyncIterator[tuple[str, Any]]:
-    name = f"behind_{new_id().lower()}"
-    pool = await create_pool(stack.database_url, name, max_size=4)
-    yield name, pool
-    await pool.close()
-    await drop_schema(stack.database_url, name)
 
 
 async def _chunks(nc: NatsClient, count: int, conversation: str = "") -> int:
@@ -93,9 +84,9 @@ async def _readiness(stack: Servers, schema: str) -> tuple[int, dict[str, Any]]:
 
 
 async def test_a_checkpoint_past_the_log_s_end_stops_the_projector_until_a_rebuild(
-    stack: Servers, nc: NatsClient, event_log: EventLog, schema: tuple[str, Any]
+    stack: Servers, nc: NatsClient, event_log: EventLog, scratch: tuple[str, Any]
 ) -> None:
-    name, pool = schema
+    name, pool = scratch
     js = nc.jetstream()
     end = await log_end(js)
     await pool.execute(
@@ -145,11 +136,11 @@ async def test_a_checkpoint_past_the_log_s_end_stops_the_projector_until_a_rebui
 
 
 async def test_a_rebuild_replaces_a_projection_whose_checkpoint_is_past_the_log_s_end(
-    stack: Servers, nc: NatsClient, api: SseClient, schema: tuple[str, Any]
+    stack: Servers, nc: NatsClient, api: SseClient, scratch: tuple[str, Any]
 ) -> None:
     """The way out must work in the state it is for: the log still ends before the
     checkpoint (nothing appended since the restore)."""
-    name, pool = schema
+    name, pool = scratch
     js = nc.jetstream()
     conversation = (await api.create_conversation())["id"]
     answer = await api.send_stream(conversation, "hello [[tokens=5]]")
@@ -186,12 +177,12 @@ async def test_a_rebuild_replaces_a_projection_whose_checkpoint_is_past_the_log_
 
 
 async def test_entries_removed_before_a_projector_applied_them_are_recorded(
-    nc: NatsClient, event_log: EventLog, schema: tuple[str, Any]
+    nc: NatsClient, event_log: EventLog, scratch: tuple[str, Any]
 ) -> None:
     """A projector behind when a retention limit or a purge removed entries goes on
     from the oldest kept one (there is nothing else to follow), and says which
     positions it never applied rather than pass over them in silence."""
-    _, pool = schema
+    _, pool = scratch
     js = nc.jetstream()
     # applied up to an entry of its own: a projection at 0 has no rows to miss
     checkpoint = await _chunks(nc, 1)
@@ -219,12 +210,12 @@ async def test_entries_removed_before_a_projector_applied_them_are_recorded(
 
 
 async def test_a_busy_log_is_not_taken_for_one_that_ends_before_the_checkpoints(
-    stack: Servers, nc: NatsClient, event_log: EventLog, schema: tuple[str, Any]
+    stack: Servers, nc: NatsClient, event_log: EventLog, scratch: tuple[str, Any]
 ) -> None:
     """/readyz reads the log's end beside the checkpoints: what is appended and applied
     between the two reads puts a checkpoint past the end it read, on a healthy log (a
     busy one, with a Postgres slow to answer, did so on most probes)."""
-    name, pool = schema
+    name, pool = scratch
     js = nc.jetstream()
     await pool.execute(
         "INSERT INTO projection_checkpoints (name, position) VALUES ($1, $2)",
@@ -300,11 +291,11 @@ async def test_a_projection_built_from_a_log_whose_start_was_removed_misses_noth
 
 
 async def test_the_audit_refuses_a_ledger_projected_from_another_log(
-    stack: Servers, nc: NatsClient, event_log: EventLog, schema: tuple[str, Any]
+    stack: Servers, nc: NatsClient, event_log: EventLog, scratch: tuple[str, Any]
 ) -> None:
     """A billing position past the log's end is not a log whose entries were removed:
     the ledger is of the log that was, and there is nothing to audit it against."""
-    name, pool = schema
+    name, pool = scratch
     end = await log_end(nc.jetstream())
     await pool.execute(
         "INSERT INTO projection_checkpoints (name, position) VALUES ($1, $2)",
@@ -377,11 +368,11 @@ async def test_entries_of_other_subjects_are_not_taken_for_removed_ones(
 
 
 async def test_readiness_finds_stopped_projections_without_reading_every_error(
-    schema: tuple[str, Any],
+    scratch: tuple[str, Any],
 ) -> None:
     """/readyz asks which projections stopped on every probe: on a table with a row
     for each event a projection could not apply, that must not be a read of it all."""
-    _, pool = schema
+    _, pool = scratch
     await pool.execute(
         "INSERT INTO projection_errors (projection, seq, conversation_id, event_type, rule,"
         " reason, raw) SELECT 'read_models', n, 'c', 'message_added', 'skipped',"

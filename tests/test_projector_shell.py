@@ -164,15 +164,6 @@ async def test_every_projection_has_a_projector_reading_through_a_connection_of_
     assert len({id(reader) for reader in readers}) == len(readers)
 
 
-@pytest.fixture
-async def scratch(stack: Servers) -> AsyncIterator[tuple[str, Any]]:
-    schema = f"shell_{new_id().lower()}"
-    pool = await create_pool(stack.database_url, schema, max_size=4)
-    yield schema, pool
-    await pool.close()
-    await drop_schema(stack.database_url, schema)
-
-
 async def test_a_checkpoint_moved_back_is_followed_again_from_there(
     api: SseClient, services: Services, nc: NatsClient, scratch: tuple[str, Any]
 ) -> None:
