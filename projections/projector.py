@@ -192,15 +192,7 @@ class Projector:
             "checkpoint past the end of the log; not following it",
             extra={"projection": self.name, "position": self.position, "log_end": end},
         )
-        await conn.execute(
-            "INSERT INTO projection_errors (projection, seq, conversation_id, event_type, rule,"
-            " reason, raw) VALUES ($1, $2, NULL, '', $3, $4, NULL)"
-            " ON CONFLICT (projection, seq) DO UPDATE SET rule = $3, reason = $4",
-            self.name,
-            self.position,
-            LOG_BEHIND,
-            reason,
-        )
+        await self._write_error(conn, self.position, LOG_BEHIND, reason, replace=True)
         raise LogBehind(reason)
 
     async def _removed_in(self, first: int, last: int) -> tuple[int, int] | None:
@@ -245,15 +237,7 @@ class Projector:
             "entries removed from the log before they were applied",
             extra={"projection": self.name, "first": first, "last": last},
         )
-        await conn.execute(
-            "INSERT INTO projection_errors (projection, seq, conversation_id, event_type, rule,"
-            " reason, raw) VALUES ($1, $2, NULL, '', $3, $4, NULL)"
-            " ON CONFLICT (projection, seq) DO NOTHING",
-            self.name,
-            first,
-            REMOVED,
-            reason,
-        )
+        await self._write_error(conn, first, REMOVED, reason)
 
     def _feed(self) -> LogFeed:
         # A trickle gathers `linger_s` on the server: what follows within a few
@@ -477,12 +461,32 @@ class Projector:
             "event not projected as written",
             extra={"projection": self.name, "seq": item.seq, "type": kind, "rule": rule},
         )
+        await self._write_error(
+            conn, item.seq, rule, reason, conversation=conversation, kind=kind, raw=raw
+        )
+
+    async def _write_error(
+        self,
+        conn: Any,
+        seq: int,
+        rule: str,
+        reason: str,
+        *,
+        conversation: str | None = None,
+        kind: str = "",
+        raw: bytes | None = None,
+        replace: bool = False,
+    ) -> None:
+        """A row of `projection_errors` at `seq`: an event not projected as written, or
+        (no event) what happened to the log there. A row already at `seq` is kept,
+        unless `replace` (a stop that must hold over whatever was recorded there)."""
+        on_conflict = "DO UPDATE SET rule = $5, reason = $6" if replace else "DO NOTHING"
         await conn.execute(
             "INSERT INTO projection_errors (projection, seq, conversation_id, event_type, rule,"
-            " reason, raw) VALUES ($1, $2, $3, $4, $5, $6, $7)"
-            " ON CONFLICT (projection, seq) DO NOTHING",
+            f" reason, raw) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (projection, seq)"
+            f" {on_conflict}",
             self.name,
-            item.seq,
+            seq,
             storable(conversation),
             storable(kind),
             rule,
