@@ -20,6 +20,8 @@ import contextlib
 import dataclasses
 import logging
 from collections import OrderedDict
+from collections.abc import Coroutine
+from typing import Any
 
 import msgspec
 import nats.errors
@@ -187,7 +189,10 @@ class WorkerHost:
                 heartbeat = tasks.create_task(self._heartbeat())
                 while not stopping.is_set():
                     try:
-                        gained, lost = await leases.tick(self._busy)
+                        ticked = await _unless_stopped(leases.tick(self._busy), stopping)
+                        if ticked is None:
+                            break
+                        gained, lost = ticked
                     except nats.errors.Error as err:
                         # The broker is away: keep serving what we hold (running turns
                         # wait for it in their appends) and renew once it is back. A
@@ -450,6 +455,25 @@ class WorkerHost:
             }
             with contextlib.suppress(redis.exceptions.RedisError, OSError):
                 await self._ctx.turns.refresh_all(running, self._ctx.worker_id, records)
+
+
+async def _unless_stopped(
+    tick: Coroutine[Any, Any, tuple[set[int], set[int]]], stopping: asyncio.Event
+) -> tuple[set[int], set[int]] | None:
+    """The lease tick's outcome, or None (the tick cancelled) once `stopping` is set:
+    with NATS away, a tick waits out a timeout on each of its requests (10 s), and a
+    worker told to stop meanwhile would wait for it before it even began to stop."""
+    ticking = asyncio.ensure_future(tick)
+    stopped = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait((ticking, stopped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not ticking.done():
+            # its outcome, should a library swallow the cancel, is nobody's
+            ticking.add_done_callback(lambda t: t.cancelled() or t.exception())
+            ticking.cancel()
+    return ticking.result() if ticking.done() and not ticking.cancelled() else None
 
 
 def _still_not_cancelled() -> None:

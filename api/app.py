@@ -172,7 +172,7 @@ async def nats_ctx(app: web.Application) -> AsyncIterator[None]:
     # the commands' acks come back on the log's inbox: one per connection
     app[COMMANDS] = AckedPublisher(app[LOG].replies)
     yield
-    await nc.drain()
+    await broker.finish(nc, report=_report)
 
 
 def _report(level: int, message: str, fields: dict[str, str]) -> None:
@@ -225,7 +225,7 @@ async def hubs_ctx(app: web.Application) -> AsyncIterator[None]:
     hubs = app[HUBS] = Hubs(reader.jetstream(), app[LOG], app[TURNS], settings)
     yield
     await hubs.close()
-    await reader.drain()
+    await broker.finish(reader, report=_report)
 
 
 async def limits_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -58,6 +58,8 @@ MAX_OUTSTANDING_PINGS = 3
 CONNECT_TIMEOUT_S = 5
 WAITING_REPORT_S = 10.0
 CLOSE_TIMEOUT_S = 0.25
+# How long a connection may drain when its process stops (`finish`).
+FINISH_WITHIN_S = 2.0
 
 C = TypeVar("C", bound="DirectClient")
 
@@ -375,6 +377,65 @@ async def connect_client(
         raise
     ever_connected = True
     return client
+
+
+async def finish(
+    client: NatsClient, *, report: Report | None = None, within_s: float = FINISH_WITHIN_S
+) -> None:
+    """End a connection as its process stops: drained (what was published reaches the
+    server, messages already received are handled) when the server lets that happen
+    within `within_s`, else closed, and `report` told why.
+
+    nats.py's own drain, with the server away, raises at once; with a server that
+    stopped answering, it waits up to 30 s for the subscriptions, then 10 s for a
+    flush, and raises: a process told to stop during an outage took 40-70 s and
+    exited 1 (the kill of a deployment waits 30 s). What was published and never
+    acknowledged is lost with the connection either way; parley's appends and
+    commands wait for their acknowledgements, so none is taken for sent.
+    """
+    if client.is_closed:
+        return
+    why = "the server is not reachable"
+    if client.is_connected:
+        failure = await _drain(client, within_s)
+        if failure is None:
+            return
+        why = failure
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(CLOSE_TIMEOUT_S):
+            await client.close()
+    if report is not None:
+        fields = {"client": str(client.options.get("name") or ""), "reason": why}
+        report(logging.WARNING, "NATS connection closed without draining", fields)
+
+
+async def _drain(client: NatsClient, within_s: float) -> str | None:
+    """None once drained, else why not. A server that answers a ping first: one that
+    stopped answering would hold nats.py's drain, and a cancel that reaches the drain
+    while it waits for its subscriptions is swallowed (so it runs in a task of its
+    own, waited for, not wrapped in a timeout)."""
+    try:
+        await client.flush(timeout=within_s)  # type: ignore[arg-type]  # seconds, any number
+    except (nats.errors.TimeoutError, TimeoutError):
+        return f"the server did not answer within {within_s:g} s"
+    except nats.errors.Error as err:
+        return describe(err)
+    draining = asyncio.ensure_future(client.drain())
+    draining.add_done_callback(_retrieved)
+    await asyncio.wait({draining}, timeout=within_s)
+    if not draining.done():
+        draining.cancel()
+        return f"it did not drain within {within_s:g} s"
+    if draining.cancelled():
+        return "its drain was cancelled"
+    failure = draining.exception()
+    return None if failure is None else describe(failure)
+
+
+def _retrieved(task: asyncio.Future[None]) -> None:
+    """A drain given up on ends later, often with an error nobody waits for: read."""
+    if not task.cancelled():
+        task.exception()
 
 
 # (subject, reply, payload, raw headers) of one message, straight from the client's

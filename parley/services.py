@@ -185,6 +185,9 @@ class Services:
         self.webhooks: WebhookDispatcher | None = None
         self._stopping = asyncio.Event()
         self._stack = contextlib.AsyncExitStack()
+        # closed last, after everything that uses them
+        self._connections: list[NatsClient] = []
+        self._stack.push_async_callback(self._finish_connections)
         self._tasks: list[asyncio.Task[None]] = []
         self.restarts: dict[str, int] = {}  # role -> times it was restarted after failing
         # one registry for every role of this process; the edge's /metrics shows it
@@ -206,17 +209,16 @@ class Services:
         tb: TracebackType | None,
     ) -> None:
         self._stopping.set()
-        for task in self._tasks:
-            # Loops watch `stopping` and end within a second; cancel is the backstop.
-            try:
-                async with asyncio.timeout(self.options.shutdown_grace_s + 10):
-                    await asyncio.shield(task)
-            except TimeoutError:
+        # Roles watch `stopping` and end within the grace (a worker's running turns) and
+        # a few seconds more; cancel is the backstop, one deadline for all of them.
+        if self._tasks:
+            _, late = await asyncio.wait(self._tasks, timeout=self.options.shutdown_grace_s + 10)
+            for task in late:
+                log.warning("role did not stop in time; cancelled", extra={"role": task.get_name()})
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            except Exception:
-                log.exception("role ended with an error")
+            for outcome in await asyncio.gather(*self._tasks, return_exceptions=True):
+                if isinstance(outcome, Exception):
+                    log.error("role ended with an error", exc_info=outcome)
         self._tasks.clear()
         await self._stack.aclose()
 
@@ -251,7 +253,7 @@ class Services:
                     name=f"parley-projector-{name}",
                     security=self.servers.nats_security,
                 )
-                self._stack.push_async_callback(reader.drain)
+                self._connections.append(reader)
                 projector = Projector(reader.jetstream(), pool, projection=projection)
                 self.projectors[name] = projector
                 # Postgres away fails a projector at once: try again often enough that
@@ -295,8 +297,14 @@ class Services:
             report=_report,
             security=self.servers.nats_security,
         )
-        self._stack.push_async_callback(nc.drain)
+        self._connections.append(nc)
         return nc
+
+    async def _finish_connections(self) -> None:
+        """Every NATS connection drained, side by side: with NATS away, each waits out
+        `broker.finish`'s bound, and a process told to stop must stop in time."""
+        connections, self._connections = self._connections, []
+        await asyncio.gather(*(broker.finish(nc, report=_report) for nc in connections))
 
     def _load_tools(self) -> ToolRunner:
         return ToolRunner(
@@ -655,6 +663,12 @@ async def supervise(
         try:
             await role()
         except Exception as err:
+            if stopping.is_set():
+                # a server that is away fails what a stopping role still asks of it
+                log.warning(
+                    "role stopped with an error", extra={"role": name, "error": describe(err)}
+                )
+                return
             # The traceback once per kind of failure in a row: a role that fails every
             # few seconds while a server is away says the same thing each time.
             log.error(

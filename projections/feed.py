@@ -206,7 +206,8 @@ class LogFeed:
         that silence (counted towards the watchdog) or once `stop` is set."""
         first = await _first(self._queue, stop, wait_s)
         if first is None:
-            await self._on_silence(wait_s)
+            if stop is None or not stop.is_set():  # a stopping reader asks nothing more
+                await self._on_silence(wait_s)
             return False
         self._handle(first, out)
         return True

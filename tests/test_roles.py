@@ -49,7 +49,7 @@ from events.vocabulary import (
     Started,
 )
 from parley.services import Servers, ServiceOptions, Services
-from parley.stack import EmbeddedStack
+from parley.stack import EmbeddedStack, free_ports
 from tests.conftest import SECRET, token_for
 from tests.conftest import test_catalog as catalog_for_tests
 from tests.sse import SseClient, SseEvent, read_sse
@@ -715,6 +715,69 @@ async def test_a_nats_outage_longer_than_the_leases_lets_running_turns_finish(
     assert answer.split() == [str(i) for i in range(60)], answer
 
 
+async def test_a_process_told_to_stop_while_nats_does_not_answer_stops_in_time(
+    own_servers: EmbeddedStack, own_nc: NatsClient, demo_model_url: str
+) -> None:
+    """Every role in one process, a turn running, then NATS stops answering (a node
+    frozen, a network cut) and the process is told to stop, as a deploy does. It
+    took 40-70 s and exited 1 ("cannot reach NATS": nats.py's drain waits 30 s for
+    its subscriptions and 10 s for a flush, then raises), and a lease renewal in
+    flight and the leases' release waited out a timeout per request, one after the
+    other: past the 30 s a deployment gives a process before it kills it. Now it
+    gives up on what cannot be said to NATS within seconds and exits 0."""
+    event_log = EventLog(own_nc.jetstream())
+    (port,) = free_ports(1)
+    env = {
+        **role_env(own_servers.urls, demo_model_url),
+        "PARLEY_SHUTDOWN_GRACE_S": "1",
+        "PARLEY_MAX_TURNS_PER_USER": "0",
+    }
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "parley.cli", "serve", "--port", str(port)),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    said: list[str] = []
+    ready = asyncio.Event()
+
+    async def listen(stderr: asyncio.StreamReader) -> None:
+        while line := (await stderr.readline()).decode():
+            said.append(line)
+            if line.startswith("roles ready"):
+                ready.set()
+
+    assert process.stderr is not None
+    listening = asyncio.create_task(listen(process.stderr))
+    nats_pid = own_servers.pids["nats"]
+    stopped_nats = False
+    try:
+        async with asyncio.timeout(30):
+            await ready.wait()
+        async with aiohttp.ClientSession() as http:
+            api = SseClient(http, f"http://127.0.0.1:{port}", token_for("roles-stop-outage"))
+            cid = (await api.create_conversation())["id"]
+            await api.send_json(cid, "long [[tokens=4000]] [[rate=50]]")
+        await _until(event_log, cid, lambda log: any(isinstance(e, Chunk) for e in log))
+        os.kill(nats_pid, signal.SIGSTOP)
+        stopped_nats = True
+        process.send_signal(signal.SIGTERM)
+        told = len(said)
+        async with asyncio.timeout(25):
+            code = await process.wait()
+            await listening
+    finally:
+        if stopped_nats:
+            os.kill(nats_pid, signal.SIGCONT)
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    rest = "".join(said[told:])
+    assert code == 0, rest
+    assert "NATS connection closed without draining" in rest, rest
+    assert "Traceback" not in rest, rest
+
+
 async def test_an_append_after_the_leases_lapsed_waits_for_a_renewal_that_says_whose_it_is(
     own_nc: NatsClient,
 ) -> None:
@@ -811,9 +874,9 @@ async def test_lease_ticks_leave_no_consumers_behind_and_count_only_live_workers
             await leases.release_all()
 
 
-def worker_process(servers: Servers, model_url: str) -> subprocess.Popen[bytes]:
-    """`parley serve --role worker` as a process of its own, on these servers."""
-    env = {
+def role_env(servers: Servers, model_url: str) -> dict[str, str]:
+    """The environment of `parley serve` on these servers."""
+    return {
         **{k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")},
         "PARLEY_NATS_URL": servers.nats_url,
         "PARLEY_DATABASE_URL": servers.database_url,
@@ -821,9 +884,13 @@ def worker_process(servers: Servers, model_url: str) -> subprocess.Popen[bytes]:
         "PARLEY_MODEL_BASE_URL": model_url,
         "PARLEY_JWT_SECRET": SECRET,
     }
+
+
+def worker_process(servers: Servers, model_url: str) -> subprocess.Popen[bytes]:
+    """`parley serve --role worker` as a process of its own, on these servers."""
     return subprocess.Popen(
         [sys.executable, "-m", "parley.cli", "serve", "--role", "worker"],
-        env=env,
+        env=role_env(servers, model_url),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
