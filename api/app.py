@@ -49,7 +49,7 @@ from events import broker
 from events.log import EventLog, ensure_streams
 from events.publisher import AckedPublisher
 from events.turns import TurnRegistry, redis_client
-from projections.db import create_pool
+from projections.db import close_pool, create_pool
 from projections.store import ReadStore
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
     app[POOL] = pool
     app[STORE] = ReadStore(pool, timeout_s=app[CONFIG].postgres_timeout_s)
     yield
-    await pool.close()
+    await close_pool(pool)
 
 
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -53,7 +53,7 @@ from parley.metrics import Metrics, metrics_app
 from parley.stack import StackUrls, running_stack_urls
 from projections import feed
 from projections.catalog import PROJECTIONS
-from projections.db import create_pool
+from projections.db import close_pool, create_pool
 from projections.handlers import READ_MODELS
 from projections.models import ModelRow, VersionRow, store_models
 from projections.projector import Projector
@@ -244,7 +244,7 @@ class Services:
             pool = await create_pool(
                 self.servers.database_url, self.options.db_schema, max_size=2 + 2 * len(PROJECTIONS)
             )
-            self._stack.push_async_callback(pool.close)
+            self._stack.push_async_callback(close_pool, pool)
             for name, projection in PROJECTIONS.items():
                 # each reads the log through a connection of its own, one that leaves
                 # entries' headers unparsed (projections/feed.py), to the same nodes

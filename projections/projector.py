@@ -80,6 +80,10 @@ LINGER_S = 0.02
 # spent 0.04-0.06 of a core less with 100 ms than with 20 (README "Benchmark log").
 BUSY_LINGER_S = 0.1
 BUSY_BATCH = 20
+# A stopping projector gives its lock and its connection back within this, else
+# drops the connection (the lock goes with it): Postgres that stopped answering
+# would hold the stop for ever.
+_GOODBYE_WITHIN_S = 2.0
 
 
 class Projector:
@@ -107,7 +111,8 @@ class Projector:
         self.ready = asyncio.Event()  # set once following the log
 
     async def run(self, stopping: asyncio.Event) -> None:
-        async with self._pool.acquire() as lock_conn:
+        lock_conn = await self._pool.acquire()
+        try:
             # One lock per projection per schema: a second projector waits as a standby.
             while not await lock_conn.fetchval(
                 "SELECT pg_try_advisory_lock(hashtext(current_schema() || '/' || $1))", self.name
@@ -122,10 +127,20 @@ class Projector:
                     await lock_conn.execute(
                         "SELECT pg_advisory_unlock(hashtext(current_schema() || '/' || $1))",
                         self.name,
+                        timeout=_GOODBYE_WITHIN_S,
                     )
-                except TRANSIENT as err:
+                except _GOODBYE_FAILURES as err:
                     # a connection that is gone holds no lock any more
                     log.info("advisory unlock skipped", extra={"error": describe(err)})
+        finally:
+            try:
+                # dropped, not reset, when Postgres does not answer
+                await self._pool.release(lock_conn, timeout=_GOODBYE_WITHIN_S)
+            except _GOODBYE_FAILURES as err:
+                log.warning(
+                    "projector's connection to Postgres dropped, not given back",
+                    extra={"projection": self.name, "error": describe(err)},
+                )
 
     async def _follow(self, stopping: asyncio.Event, lock_conn: Any) -> None:
         self.position = await self.load_position(lock_conn)
@@ -517,5 +532,7 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.TransactionRollbackError,
     OSError,
 )
+# What a stopping projector's unlock and its connection's return may meet
+_GOODBYE_FAILURES: tuple[type[BaseException], ...] = (*TRANSIENT, TimeoutError)
 # Raised through the poison rule untouched: neither is an event's fault.
 NOT_POISON: tuple[type[BaseException], ...] = (*TRANSIENT, Rewound)

@@ -715,16 +715,29 @@ async def test_a_nats_outage_longer_than_the_leases_lets_running_turns_finish(
     assert answer.split() == [str(i) for i in range(60)], answer
 
 
-async def test_a_process_told_to_stop_while_nats_does_not_answer_stops_in_time(
-    own_servers: EmbeddedStack, own_nc: NatsClient, demo_model_url: str
+@pytest.mark.parametrize(
+    ("server", "said_at_stop"),
+    [
+        ("nats", "NATS connection closed without draining"),
+        ("postgres", "advisory unlock skipped"),
+    ],
+)
+async def test_a_process_told_to_stop_while_a_server_does_not_answer_stops_in_time(
+    own_servers: EmbeddedStack,
+    own_nc: NatsClient,
+    demo_model_url: str,
+    server: str,
+    said_at_stop: str,
 ) -> None:
-    """Every role in one process, a turn running, then NATS stops answering (a node
-    frozen, a network cut) and the process is told to stop, as a deploy does. It
-    took 40-70 s and exited 1 ("cannot reach NATS": nats.py's drain waits 30 s for
-    its subscriptions and 10 s for a flush, then raises), and a lease renewal in
-    flight and the leases' release waited out a timeout per request, one after the
-    other: past the 30 s a deployment gives a process before it kills it. Now it
-    gives up on what cannot be said to NATS within seconds and exits 0."""
+    """Every role in one process, a turn running, then a server stops answering (a
+    host frozen, a network cut) and the process is told to stop, as a deploy does.
+    With NATS it took 40-70 s and exited 1 ("cannot reach NATS": nats.py's drain
+    waits 30 s for its subscriptions and 10 s for a flush, then raises, and a lease
+    renewal in flight and the leases' release waited out a timeout per request, one
+    after the other); with Postgres it never stopped (the projector's unlock, the
+    return of its connection and asyncpg's pool close wait for ever). A deployment
+    kills a process 30 s after it asked it to stop. Now it gives up on what cannot
+    be said within seconds and exits 0."""
     event_log = EventLog(own_nc.jetstream())
     (port,) = free_ports(1)
     env = {
@@ -749,8 +762,7 @@ async def test_a_process_told_to_stop_while_nats_does_not_answer_stops_in_time(
 
     assert process.stderr is not None
     listening = asyncio.create_task(listen(process.stderr))
-    nats_pid = own_servers.pids["nats"]
-    stopped_nats = False
+    frozen: list[int] = []
     try:
         async with asyncio.timeout(30):
             await ready.wait()
@@ -759,23 +771,30 @@ async def test_a_process_told_to_stop_while_nats_does_not_answer_stops_in_time(
             cid = (await api.create_conversation())["id"]
             await api.send_json(cid, "long [[tokens=4000]] [[rate=50]]")
         await _until(event_log, cid, lambda log: any(isinstance(e, Chunk) for e in log))
-        os.kill(nats_pid, signal.SIGSTOP)
-        stopped_nats = True
+        # the server and, for Postgres, its backends (each connection's own process)
+        frozen = _with_children(own_servers.pids[server])
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
         process.send_signal(signal.SIGTERM)
         told = len(said)
         async with asyncio.timeout(25):
             code = await process.wait()
             await listening
     finally:
-        if stopped_nats:
-            os.kill(nats_pid, signal.SIGCONT)
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
         if process.returncode is None:
             process.kill()
             await process.wait()
     rest = "".join(said[told:])
     assert code == 0, rest
-    assert "NATS connection closed without draining" in rest, rest
+    assert said_at_stop in rest, rest
     assert "Traceback" not in rest, rest
+
+
+def _with_children(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [pid, *map(int, children)]
 
 
 async def test_an_append_after_the_leases_lapsed_waits_for_a_renewal_that_says_whose_it_is(
