@@ -279,6 +279,7 @@ def test_a_role_waiting_for_nats_that_is_not_there_says_so(tmp_path: Path) -> No
 
 async def test_a_read_only_command_on_a_schema_that_is_not_there_does_not_make_it(
     stack: Servers,
+    event_log: EventLog,  # the log exists: the command gets as far as the schema
 ) -> None:
     env = {**server_env(stack), "PARLEY_DB_SCHEMA": "mistyped_schema"}
     for args in (["audit", "billing"], ["projections", "errors"]):
