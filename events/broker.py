@@ -313,16 +313,29 @@ async def connect_client(
     # Asked for TLS: a server that offers none gets no CONNECT (DirectClient._connect_command)
     client.require_tls = security.tls or any(s.lower().startswith("tls://") for s in servers)
 
+    # Once connected: when the connection was lost (None while connected), when a
+    # failed attempt to get it back was last said at warning level, and whether a
+    # refusal was said since
+    lost_at: float | None = None
+    away_reported = 0.0
+    refusal_said = False
+
     async def disconnected() -> None:
+        nonlocal lost_at, away_reported, refusal_said
+        if lost_at is None:
+            lost_at = away_reported = time.monotonic()
+            refusal_said = False
         if report is not None and not (client.is_closed or client.is_draining):
             report(logging.WARNING, "NATS connection lost; reconnecting", fields)
 
     async def reconnected() -> None:
+        nonlocal lost_at
+        lost_at = None
         if report is not None:
             report(logging.WARNING, "NATS connection back", fields)
 
     async def error(err: Exception) -> None:
-        nonlocal waiting_reported, refusals
+        nonlocal waiting_reported, refusals, away_reported, refusal_said
         refusal = None
         if not ever_connected:
             if _is_authorization_violation(err):
@@ -346,6 +359,31 @@ async def connect_client(
                     "NATS not reachable yet; still trying",
                     {**fields, "error": describe(err)},
                 )
+            return
+        if lost_at is not None and (attempt or _is_authorization_violation(err)):
+            # A failed attempt to get a lost connection back: said at debug level, but
+            # every WAITING_REPORT_S at warning, and at once the first time a node
+            # refuses (back with a certificate that does not verify, or refusing the
+            # credentials): an outage that lasts shows in the log as it lasts, and a
+            # refusal says why (both were silent for ever).
+            why = _tls_refusal(err, client, security)
+            if why is None and _is_authorization_violation(err):
+                why = _refused_hint(security)
+            if now - away_reported < WAITING_REPORT_S and (why is None or refusal_said):
+                report(logging.DEBUG, "NATS client error", {**fields, "error": describe(err)})
+                return
+            away_reported = now
+            refusal_said = refusal_said or why is not None
+            report(
+                logging.WARNING,
+                "NATS still not reachable; still trying",
+                {
+                    **fields,
+                    "away_s": f"{now - lost_at:.1f}",
+                    "error": describe(err),
+                    **({"reason": why} if why is not None else {}),
+                },
+            )
             return
         level = logging.DEBUG if attempt else logging.WARNING
         report(level, "NATS client error", {**fields, "error": describe(err)})

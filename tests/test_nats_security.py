@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -331,11 +332,11 @@ async def test_a_connection_whose_node_returns_with_a_certificate_it_refuses_sti
         tls_key=str(pki.client_key),
         creds=str(operator.creds),
     )
-    failures: asyncio.Queue[str] = asyncio.Queue()
+    failures: asyncio.Queue[tuple[int, str, dict[str, str]]] = asyncio.Queue()
 
     def report(level: int, message: str, fields: dict[str, str]) -> None:
         if "CERTIFICATE_VERIFY_FAILED" in fields.get("error", ""):
-            failures.put_nowait(fields["error"])
+            failures.put_nowait((level, message, fields))
 
     config = _secured_config(operator, pki, port, tmp_path, cert=pki.server_cert)
     async with _nats_server(config, port):
@@ -344,9 +345,13 @@ async def test_a_connection_whose_node_returns_with_a_certificate_it_refuses_sti
         )
     config = _secured_config(operator, pki, port, tmp_path, cert=pki.stranger_cert)
     async with _nats_server(config, port):
-        await asyncio.wait_for(failures.get(), 30)  # it is back, and refused
+        # it is back, and refused: said at once, at warning level, with what to do
+        # (it was said only at debug level, attempt after attempt, for ever)
+        level, message, fields = await asyncio.wait_for(failures.get(), 30)
         await asyncio.wait_for(nc.close(), 5)
         assert nc.is_closed
+    assert (level, message) == (logging.WARNING, "NATS still not reachable; still trying")
+    assert "did not verify against PARLEY_NATS_TLS_CA" in fields["reason"], fields
 
 
 @contextlib.asynccontextmanager

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from api.config import EdgeLimits
+from events import broker
 from parley.services import Servers, ServiceOptions, Services
 from parley.stack import free_ports
 from tests.conftest import SECRET
@@ -98,3 +99,37 @@ async def test_a_role_that_starts_before_jetstream_answers_waits_for_it(
             starting.cancel()
         elif starting.exception() is None:
             await edge.__aexit__(None, None, None)
+
+
+async def test_an_outage_that_lasts_is_said_as_it_lasts(
+    monkeypatch: pytest.MonkeyPatch, stopped_at_end: list[subprocess.Popen[bytes]]
+) -> None:
+    """Once connected, a role said "NATS connection lost; reconnecting" and then
+    nothing, however long NATS stayed away, whatever refused it (each failed attempt
+    at debug level only). Now a failed attempt is said at warning level every
+    `WAITING_REPORT_S` (here shortened), with how long NATS has been away."""
+    monkeypatch.setattr(broker, "WAITING_REPORT_S", 0.3)
+    (port,) = free_ports(1)
+    server = nats_server(port, None)
+    await listening(port)
+    said: asyncio.Queue[tuple[int, str, dict[str, str]]] = asyncio.Queue()
+    nc = await broker.connect(
+        f"nats://127.0.0.1:{port}",
+        name="outage",
+        report=lambda level, message, fields: said.put_nowait((level, message, fields)),
+    )
+    try:
+        server.terminate()
+        server.wait(10)
+        warnings: list[tuple[str, dict[str, str]]] = []
+        async with asyncio.timeout(20):
+            while len([m for m, _ in warnings if "still not reachable" in m]) < 2:
+                level, message, fields = await said.get()
+                if level >= logging.WARNING:
+                    warnings.append((message, fields))
+    finally:
+        await nc.close()
+    assert warnings[0][0] == "NATS connection lost; reconnecting", warnings
+    away = [f for m, f in warnings if m == "NATS still not reachable; still trying"]
+    assert all(f["client"] == "outage" and f["error"] for f in away), away
+    assert float(away[0]["away_s"]) < float(away[1]["away_s"]), away
