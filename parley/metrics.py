@@ -68,6 +68,17 @@ class Metrics:
         )
         self.read_at_scrape = _ReadAtScrape()
         r.register(self.read_at_scrape)
+        # every role (parley/stalls.py)
+        self.loop_stalls = Counter(
+            "parley_event_loop_stalls",
+            "times one piece of code held this process's event loop for over a second",
+            registry=r,
+        )
+        self.loop_stalled_seconds = Counter(
+            "parley_event_loop_stalled_seconds",
+            "how long those stalls held the event loop, in all",
+            registry=r,
+        )
         # worker
         self.turns = Counter(
             "parley_turns", "turns ended, by model and outcome", ["model", "outcome"], registry=r

@@ -51,6 +51,7 @@ from events.turns import TurnRegistry, redis_client
 from parley.config import ConfigError, Settings
 from parley.metrics import Metrics, metrics_app
 from parley.stack import StackUrls, running_stack_urls
+from parley.stalls import StallWatch
 from projections import feed
 from projections.catalog import PROJECTIONS
 from projections.db import close_pool, create_pool
@@ -222,6 +223,10 @@ class Services:
         self._tasks.clear()
         await self._stack.aclose()
 
+    def _count_stall(self, held_s: float) -> None:
+        self.metrics.loop_stalls.inc()
+        self.metrics.loop_stalled_seconds.inc(held_s)
+
     async def wait(self) -> None:
         """Until the services are stopped. A role that fails is restarted, never the process."""
         await self._stopping.wait()
@@ -230,6 +235,9 @@ class Services:
         self._stopping.set()
 
     async def _start(self) -> None:
+        stalls = StallWatch(counted=self._count_stall)
+        stalls.start()
+        self._stack.callback(stalls.stop)
         # A deployment's tools are loaded first: one that cannot be (a spec naming no
         # module, a bad name) stops the worker at once, not after the servers answered.
         tools = self._load_tools() if "worker" in self.roles else None

@@ -440,6 +440,29 @@ async def test_a_tool_result_with_a_lone_surrogate_is_recorded_and_the_turn_goes
     assert isinstance(log[-1], Done)
 
 
+async def test_a_tool_that_holds_the_event_loop_is_named_while_it_does(
+    api: SseClient, services: Services, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An async tool that blocks (a blocking client, `time.sleep`) stalls every stream,
+    turn and request of its worker, and no timeout can stop it: the log names it
+    while it does (where the loop's thread is), and says how long it held the loop."""
+    caplog.set_level(logging.WARNING, logger="parley.stalls")
+    registry = services.metrics.registry
+    before = registry.get_sample_value("parley_event_loop_stalls_total") or 0.0
+    cid = (await api.create_conversation())["id"]
+    events = await api.send_stream(cid, "[[tools=holds_the_loop{}]]")
+    assert events[-1].data == "ok", events[-3:]
+    async with asyncio.timeout(5):  # the watch's thread says it once the loop beats again
+        while not any(r.getMessage() == "event loop free again" for r in caplog.records):  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    (held,) = [r for r in caplog.records if r.getMessage().startswith("event loop held")]
+    where: str = held.__dict__["where"]
+    assert "tool_plugin.py" in where and where.endswith(" holds_the_loop"), where
+    (free,) = [r for r in caplog.records if r.getMessage() == "event loop free again"]
+    assert 1.2 <= free.__dict__["held_s"] <= 3.0, free.__dict__["held_s"]
+    assert registry.get_sample_value("parley_event_loop_stalls_total") == before + 1
+
+
 async def test_a_project_tool_the_model_names_in_personal_scope_is_refused_not_run(
     api: SseClient, services: Services, http: aiohttp.ClientSession
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 from actors.tools import Tool, define_tool
 
@@ -53,6 +54,12 @@ async def slowpoke() -> str:
     return "never"
 
 
+async def holds_the_loop() -> str:
+    """Blocks the event loop, as an async tool that calls a blocking client does."""
+    time.sleep(1.5)  # noqa: ASYNC251  # what is shown: a tool that should not
+    return "done holding"
+
+
 def not_text() -> bytes:
     """Returns something that is not text."""
     return b"binary"
@@ -74,6 +81,7 @@ LIVE_TOOLS = (
     define_tool(sleepy),
     define_tool(boom),
     define_tool(slowpoke, timeout_s=0.2),
+    define_tool(holds_the_loop),
     define_tool(not_text),
     define_tool(from_outside),
 )

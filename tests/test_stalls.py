@@ -1,0 +1,60 @@
+"""The stall watch: code that holds the event loop is named; a busy loop is not a stall."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import pytest
+
+from parley.stalls import StallWatch
+
+
+def computes_for(seconds: float) -> None:
+    """Holds the thread it runs on, as a blocking call does."""
+    time.sleep(seconds)
+
+
+async def test_code_that_holds_the_loop_is_named_and_its_stall_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="parley.stalls")
+    stalls: list[float] = []
+    counted = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def count(held_s: float) -> None:  # on the watch's thread
+        stalls.append(held_s)
+        loop.call_soon_threadsafe(counted.set)
+
+    watch = StallWatch(threshold_s=0.2, beat_s=0.02, counted=count)
+    watch.start()
+    try:
+        await asyncio.sleep(0.1)
+        computes_for(0.6)
+        async with asyncio.timeout(5):
+            await counted.wait()
+    finally:
+        watch.stop()
+    (held,) = [r for r in caplog.records if r.getMessage().startswith("event loop held")]
+    assert held.__dict__["where"].endswith(" computes_for"), held.__dict__
+    assert "test_code_that_holds_the_loop" in held.__dict__["frames"], held.__dict__
+    assert stalls and 0.4 <= stalls[0] <= 1.5, stalls
+
+
+async def test_a_loop_busy_with_short_callbacks_is_no_stall(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="parley.stalls")
+    stalls: list[float] = []
+    watch = StallWatch(threshold_s=0.2, beat_s=0.02, counted=stalls.append)
+    watch.start()
+    try:
+        until = time.monotonic() + 1.0
+        while time.monotonic() < until:
+            computes_for(0.01)  # each step holds the loop a little, then lets it beat
+            await asyncio.sleep(0)
+    finally:
+        watch.stop()
+    assert stalls == [] and not caplog.records, caplog.records
