@@ -44,6 +44,7 @@ from api.context import (
 from api.errors import CLIENT_GONE, SERVER_NAME, ApiError, Handler, error_middleware
 from api.hub import Hubs, HubSettings
 from api.limits import LIMITS, Limits, limits_middleware
+from api.request_ids import name_the_request, request_id_middleware
 from api.routes import add_routes
 from events import broker
 from events.log import EventLog, ensure_streams
@@ -250,6 +251,7 @@ async def _server_header(request: web.Request, response: web.StreamResponse) -> 
 
 def create_app(config: EdgeConfig, metrics: EdgeMetrics | None = None) -> web.Application:
     middlewares = [
+        request_id_middleware,
         metrics_middleware,
         compression_middleware,
         error_middleware,
@@ -258,7 +260,7 @@ def create_app(config: EdgeConfig, metrics: EdgeMetrics | None = None) -> web.Ap
     ]
     if config.cors_origins:
         # a browser's preflight carries no token: answered before authentication
-        middlewares.insert(1, cors.preflight_middleware)
+        middlewares.insert(2, cors.preflight_middleware)
     app = web.Application(middlewares=middlewares, client_max_size=config.max_body_bytes)
     if config.cors_origins:
         app.on_response_prepare.append(cors.allow_origin)
@@ -268,6 +270,7 @@ def create_app(config: EdgeConfig, metrics: EdgeMetrics | None = None) -> web.Ap
     app[METRICS] = metrics if metrics is not None else NoMetrics()
     app[READINESS] = SharedCheck(fresh_s=1.0)
     app.on_response_prepare.append(_server_header)
+    app.on_response_prepare.append(name_the_request)
     app.cleanup_ctx.extend([auth_ctx, nats_ctx, postgres_ctx, redis_ctx, hubs_ctx, limits_ctx])
     add_routes(app)
     return app

@@ -13,7 +13,7 @@ and a browser keeps other origins out, as before.
   or 405 for a path or method the edge does not have.
 - Every other answer to a listed origin, errors and event streams included, names
   the origin and exposes the headers a client reads (`Retry-After`, `Allow`,
-  `WWW-Authenticate`, the AI SDK's stream marker).
+  `WWW-Authenticate`, `X-Request-Id`, the AI SDK's stream marker).
 """
 
 from __future__ import annotations
@@ -27,7 +27,13 @@ from api.errors import Handler, error_response
 # How long a browser may reuse a preflight's answer (Chromium caps it at 2 hours).
 MAX_AGE_S = 600
 # Response headers a cross-origin script may read besides the safelisted ones.
-EXPOSED = ("Retry-After", "Allow", "WWW-Authenticate", "x-vercel-ai-ui-message-stream")
+EXPOSED = (
+    "Retry-After",
+    "Allow",
+    "WWW-Authenticate",
+    "X-Request-Id",
+    "x-vercel-ai-ui-message-stream",
+)
 # Preflight answers depend on these request headers; ordinary answers on Origin.
 _PREFLIGHT_VARY = "Origin, Access-Control-Request-Method, Access-Control-Request-Headers"
 

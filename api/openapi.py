@@ -28,6 +28,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from api.errors import RETRY_LATER
+from api.request_ids import HEADER
 from api.responses import ErrorBody
 from api.sse import DATA_SHAPES
 from events.subjects import ID_PATTERN
@@ -84,6 +85,14 @@ _RETRY_AFTER = {
         "description": "seconds to wait before trying again",
         "required": True,
         "schema": {"type": "integer", "minimum": 1},
+    }
+}
+_REQUEST_ID = {
+    HEADER: {
+        "description": "the request's id: the one sent in `X-Request-Id` (1-128 letters,"
+        " digits and `._:-`), else one the edge made; its log lines carry it",
+        "required": True,
+        "schema": {"type": "string"},
     }
 }
 # Headers every error answer of a status carries (api/errors.py, api/app.py).
@@ -226,6 +235,8 @@ def _operation(
         "description": "any other failure (500 internal)",
         "content": {"application/json": {"schema": error}},
     }
+    for answer in responses.values():  # every answer names its request (api/request_ids.py)
+        answer["headers"] = {**answer.get("headers", {}), **_REQUEST_ID}
     out["responses"] = responses
     return out
 

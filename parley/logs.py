@@ -22,6 +22,8 @@ from typing import Any
 
 import msgspec
 
+from api.request_ids import REQUEST_ID
+
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
     "message",
     "asctime",
@@ -96,11 +98,20 @@ def formatter(log_format: str, secrets: Iterable[str | None] = ()) -> logging.Fo
     return JsonFormatter(redact) if log_format == "json" else KeyValueFormatter(redact)
 
 
+def with_request_id(record: logging.LogRecord) -> bool:
+    """A handler's filter: a line logged while the edge serves a request names it."""
+    request_id = REQUEST_ID.get()
+    if request_id is not None and not hasattr(record, "request_id"):
+        record.request_id = request_id
+    return True
+
+
 def setup_logging(
     level: int = logging.INFO, log_format: str = "text", secrets: Iterable[str | None] = ()
 ) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter(log_format, secrets))
+    handler.addFilter(with_request_id)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -11,6 +12,8 @@ from aiohttp.test_utils import TestServer
 
 from api.app import create_app
 from api.config import EdgeConfig
+from api.request_ids import HEADER
+from parley.logs import with_request_id
 from parley.services import Servers, Services
 from tests.conftest import SECRET, extra_edge, token_for
 from tests.sse import SseClient
@@ -89,3 +92,23 @@ async def test_a_redis_that_hangs_does_not_hold_every_request(
                         assert response.status == 200
     finally:
         hung.close()
+
+
+async def test_a_line_the_edge_logs_while_serving_a_request_names_it(
+    edge_without_redis: str,
+    http: aiohttp.ClientSession,
+    user: str,
+    services: Services,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With Redis away, a read that needs it is a 503 and a warning: the warning carries
+    the id the answer gave, as every line does through parley's log handler."""
+    caplog.set_level(logging.WARNING, logger="api.errors")
+    caplog.handler.addFilter(with_request_id)
+    api = SseClient(http, edge_without_redis, token_for(user))
+    cid = (await api.create_conversation())["id"]
+    async with http.get(api.url(f"/v1/conversations/{cid}"), headers=api.headers()) as response:
+        assert response.status == 503
+        answered = response.headers[HEADER]
+    (line,) = [r for r in caplog.records if r.getMessage() == "dependency unavailable"]
+    assert line.__dict__["request_id"] == answered
