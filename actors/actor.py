@@ -50,6 +50,7 @@ from actors.turn import ActorContext, TurnRunner
 from actors.writer import EventWriter
 from events.billing import preflight_estimate, project_account
 from events.errors import EventLogError, describe
+from events.tracing import REQUEST_ID
 from events.turns import TurnRecord
 from events.vocabulary import (
     AnyCommand,
@@ -108,6 +109,8 @@ class ConversationActor:
         )
         self.accounts = ctx.accounts or Accounts(ctx.log, ctx.clock, ctx.new_id)
         self.held: dict[str, Settlement] = {}  # command_id -> its delivery, until it is over
+        # command_id -> the request that sent it, for queued turns (events/tracing.py)
+        self._request_ids: dict[str, str] = {}
         self.runner: TurnRunner | None = None
         self._loaded = False
         self._drain: asyncio.Task[None] | None = None
@@ -166,6 +169,20 @@ class ConversationActor:
         self._kick()
 
     async def handle(self, cmd: AnyCommand, settle: Settlement) -> None:
+        # Its log lines, and those of a turn it starts now, name the request that sent
+        # it; a turn it queues names it when it starts (`_drain_queue`).
+        token = REQUEST_ID.set(cmd.request_id)
+        try:
+            await self._handle(cmd, settle)
+        finally:
+            REQUEST_ID.reset(token)
+            if cmd.request_id and isinstance(cmd, TurnRequest):
+                self._request_ids[cmd.command_id] = cmd.request_id
+            if self._request_ids:  # only those of turns still waiting to start
+                queued = {q.command_id for q in self.state.queue}
+                self._request_ids = {c: r for c, r in self._request_ids.items() if c in queued}
+
+    async def _handle(self, cmd: AnyCommand, settle: Settlement) -> None:
         announced: asyncio.Task[None] | None = None
         try:
             if not self._loaded:
@@ -395,7 +412,11 @@ class ConversationActor:
                     await self._run_started(after)
                     await self._settle_finished()
                 while (queued := next_turn(self.state)) is not None:
-                    await self._run_one(queued)
+                    token = REQUEST_ID.set(self._request_ids.pop(queued.command_id, ""))
+                    try:
+                        await self._run_one(queued)
+                    finally:
+                        REQUEST_ID.reset(token)
                     await self._settle_finished()
                 # A request decided while the turn before was ending is in the state
                 # once no append is under way. One that started its turn (or queued

@@ -4,23 +4,23 @@ A load balancer or proxy that gives each request an id (nginx's `$request_id`,
 Envoy's `x-request-id`) passes it on, and the edge keeps it when it is 1 to 128
 letters, digits and `._:-`; otherwise it makes one. The id is on the answer
 (errors and event streams too) and on every line the edge logs while it serves
-the request (the field `request_id`): a user's report of a failure ("a 500,
-request id ...") leads to its line in the log, and to the proxy's.
+the request (the field `request_id`), and on the command that request sends,
+so that the worker's lines for it carry it too (events/tracing.py): a user's
+report of a failure ("a 500, request id ...") leads to its lines in the log,
+and to the proxy's.
 """
 
 from __future__ import annotations
 
 import re
-from contextvars import ContextVar
 
 from aiohttp import web
 
 from api.errors import Handler
 from events.ids import new_id
+from events.tracing import REQUEST_ID
 
 HEADER = "X-Request-Id"
-# the request being served, for log lines (parley/logs.py)
-REQUEST_ID: ContextVar[str | None] = ContextVar("parley_request_id", default=None)
 _ID = web.RequestKey("request_id", str)
 _ACCEPTED = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 

@@ -50,6 +50,7 @@ from api.validation import (
 from events.codec import encode
 from events.ids import new_id
 from events.subjects import CMD_STREAM, command_subject, valid_id
+from events.tracing import REQUEST_ID
 from events.vocabulary import (
     AnswerRequested,
     AnyCommand,
@@ -277,6 +278,8 @@ async def publish_command(request: web.Request, command: AnyCommand) -> int:
         raise ApiError(
             503, "unavailable", "the event log (NATS) is unavailable; try again", retry_after=1
         )
+    if request_id := REQUEST_ID.get():
+        command = msgspec.structs.replace(command, request_id=request_id)
     try:
         return await request.app[COMMANDS].publish(
             command_subject(command.conversation_id),

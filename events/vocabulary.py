@@ -344,6 +344,9 @@ class Command(msgspec.Struct, tag_field="type", frozen=True, kw_only=True):
     command_id: str  # the idempotency key, also sent as Nats-Msg-Id
     user_id: str
     at: int
+    # the HTTP request that sent it (api/request_ids.py), for the worker's log lines;
+    # "" from an edge older than it
+    request_id: str = ""
 
 
 class TurnRequest(Command, frozen=True, kw_only=True):

@@ -22,7 +22,7 @@ from typing import Any
 
 import msgspec
 
-from api.request_ids import REQUEST_ID
+from events.tracing import REQUEST_ID
 
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
     "message",
@@ -99,9 +99,10 @@ def formatter(log_format: str, secrets: Iterable[str | None] = ()) -> logging.Fo
 
 
 def with_request_id(record: logging.LogRecord) -> bool:
-    """A handler's filter: a line logged while the edge serves a request names it."""
+    """A handler's filter: a line logged for a request (an edge serving it, a worker
+    running what it asked for) names it."""
     request_id = REQUEST_ID.get()
-    if request_id is not None and not hasattr(record, "request_id"):
+    if request_id and not hasattr(record, "request_id"):
         record.request_id = request_id
     return True
 

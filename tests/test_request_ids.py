@@ -1,13 +1,19 @@
-"""Every answer names its request (`X-Request-Id`); tests/test_dead_servers.py checks that
-the edge's log lines name it too."""
+"""Every answer names its request (`X-Request-Id`), and so do the worker's log lines for
+the turn it asked for; tests/test_dead_servers.py checks the edge's lines."""
 
 from __future__ import annotations
+
+import logging
 
 import aiohttp
 import pytest
 
 from api.request_ids import HEADER
+from events.log import EventLog
+from events.vocabulary import Done, Failed
+from parley.logs import with_request_id
 from tests.sse import SseClient
+from tests.test_actor_turns import wait_for_ends
 
 
 async def test_every_answer_names_its_request_errors_and_streams_too(
@@ -51,3 +57,35 @@ async def test_a_proxys_request_id_is_kept_when_it_is_an_id(
         answered = response.headers[HEADER]
     assert (answered == sent) is kept, answered
     assert answered
+
+
+async def test_the_workers_lines_for_a_turn_name_the_request_that_asked_for_it(
+    api: SseClient,
+    http: aiohttp.ClientSession,
+    event_log: EventLog,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The command carries the request's id to the worker: the lines of the turn it
+    asked for name it, a turn that waited in the queue behind another too (not the
+    id of the request whose handling started it)."""
+    caplog.set_level(logging.INFO, logger="actors.turn")
+    caplog.handler.addFilter(with_request_id)
+    cid = (await api.create_conversation())["id"]
+    ids = []
+    for content, request_id in [
+        ("first [[tokens=20]] [[rate=100]]", "lb-first"),
+        ("second [[fail=bad_json]]", "lb-second"),
+    ]:
+        async with http.post(
+            api.url(f"/v1/conversations/{cid}/messages"),
+            json={"content": content, "on_busy": "enqueue"},
+            headers=api.headers(**{"Accept": "application/json", HEADER: request_id}),
+        ) as response:
+            assert response.status == 202
+            ids.append(response.headers[HEADER])
+    assert ids == ["lb-first", "lb-second"]
+    log = await wait_for_ends(event_log, cid, 2)
+    ends = [type(e) for e in log if isinstance(e, Done | Failed)]
+    assert ends == [Done, Failed], log
+    (failed,) = [r for r in caplog.records if r.getMessage() == "turn failed"]
+    assert failed.__dict__["request_id"] == "lb-second", failed.__dict__
