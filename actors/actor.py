@@ -39,6 +39,7 @@ from actors.decide import (
     decide_failed,
     decide_orphan_end,
     decide_rejection,
+    decide_rename,
     decide_request,
     decide_start,
     next_turn,
@@ -57,6 +58,7 @@ from events.vocabulary import (
     CancelTurn,
     Event,
     Prices,
+    RenameConversation,
     SendMessage,
     Started,
     TurnCommand,
@@ -204,6 +206,13 @@ class ConversationActor:
             if isinstance(cmd, CancelTurn):
                 self.cancel(cmd.turn_id, "user")
                 await settle.ack()
+            elif isinstance(cmd, RenameConversation):
+                # beside a running turn, as a tool's title is: not queued behind it
+                now = self.ctx.clock()
+                await self.writer.append_decided(
+                    lambda s: decide_rename(s, cmd, now, self.ctx.new_id)
+                )
+                await settle.ack()
             elif self.writer.stale:
                 # Another writer appended: our running turn was just refused and is
                 # stopping. Decided on the forgotten (empty) view, this request would
@@ -248,6 +257,13 @@ class ConversationActor:
         so that whoever waits for it gets an end (and the operator a log line)."""
         if settle.attempts < MAX_ATTEMPTS or isinstance(cmd, CancelTurn):
             await settle.nak(delay=1.0)
+            return
+        if isinstance(cmd, RenameConversation):  # nobody waits for it: said, then dropped
+            log.error(
+                "rename given up after repeated failures",
+                extra={"conversation_id": self.conversation_id, "command_id": cmd.command_id},
+            )
+            await settle.ack()
             return
         log.error(
             "command given up after repeated failures",

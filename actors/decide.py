@@ -54,6 +54,7 @@ from events.vocabulary import (
     Failed,
     Prices,
     Regenerate,
+    RenameConversation,
     SendMessage,
     Started,
     Title,
@@ -399,6 +400,26 @@ def choose_payer(state: Conversation, requester: str, project_funded: bool) -> s
     if project_funded:
         return project_account(state.project_id)
     return user_account(requester or state.user_id)
+
+
+def decide_rename(
+    state: Conversation, cmd: RenameConversation, now: int, new_id: NewId
+) -> list[Event]:
+    """The user named the conversation. Nothing when it is already so named: the same
+    command delivered again (its title landed, its acknowledgement did not) adds no
+    second event. A later turn announces it as the existing title, never replaces it."""
+    if not state.exists or state.title == cmd.title:
+        return []
+    return [
+        Title(
+            conversation_id=state.conversation_id,
+            at=now,
+            event_id=new_id(),
+            title=cmd.title,
+            source="user",
+            turn_id=None,
+        )
+    ]
 
 
 def decide_tool_title(state: Conversation, title: str, now: int, new_id: NewId) -> Title:

@@ -145,6 +145,13 @@ class TurnAccepted(msgspec.Struct, frozen=True):
     accepted: bool
 
 
+class Renamed(msgspec.Struct, frozen=True):
+    """The new name, accepted: the `title` event follows on the conversation's stream."""
+
+    id: str
+    title: str
+
+
 class CancelAnswer(msgspec.Struct, frozen=True, omit_defaults=True):
     cancelled: bool
     turn_id: str | None

@@ -15,7 +15,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 import nats.errors
@@ -36,7 +36,7 @@ from api.context import (
 from api.errors import UNAVAILABLE, ApiError, bad_request
 from api.hub import Delivery, Subscription, opens_turn, read_range, watch
 from api.limits import hold_turn, refuse_at_cap
-from api.responses import CancelAnswer, TurnAccepted, answer
+from api.responses import CancelAnswer, Renamed, TurnAccepted, answer
 from api.sse import Envelope, Position, parse_position
 from api.streaming import PendingCommand, TurnFilter, open_sse, running_turn, stream_log
 from api.validation import (
@@ -46,12 +46,14 @@ from api.validation import (
     ModelName,
     decode_body,
     decode_params,
+    refused,
 )
 from events.codec import encode
 from events.ids import new_id
 from events.subjects import CMD_STREAM, command_subject, valid_id
 from events.tracing import REQUEST_ID
 from events.vocabulary import (
+    TITLE_LIMIT,
     AnswerRequested,
     AnyCommand,
     CancelTurn,
@@ -60,6 +62,7 @@ from events.vocabulary import (
     EditMessage,
     OnBusy,
     Regenerate,
+    RenameConversation,
     SendMessage,
     Started,
     TurnCommand,
@@ -79,6 +82,19 @@ class PostMessage(msgspec.Struct, frozen=True):
     model: ModelName | None = None
     idempotency_key: IdempotencyKey | None = None
     on_busy: OnBusy = "reject"
+
+
+class RenameBody(msgspec.Struct, frozen=True):
+    title: Annotated[
+        str,
+        refused(
+            f"title must be 1-{TITLE_LIMIT} characters, not blank",
+            min_length=1,
+            max_length=TITLE_LIMIT,
+            pattern=r"\S",
+            description="the conversation's new name",
+        ),
+    ]
 
 
 class EditBody(msgspec.Struct, frozen=True):
@@ -266,6 +282,24 @@ async def cancel_turn(request: web.Request) -> web.Response:
     )
     await publish_command(request, command)
     return answer(CancelAnswer(cancelled=True, turn_id=turn_id), status=202)
+
+
+async def rename_conversation(request: web.Request) -> web.Response:
+    """Name the conversation: a `title` event (source "user") that viewers get, and that
+    later turns announce rather than replace. Accepted, not yet applied: the
+    conversation's actor appends it, beside a running turn if one runs."""
+    header = await owned_conversation(request, request.match_info["id"])
+    body = await read_json(request, RenameBody)
+    title = body.title.strip()
+    command = RenameConversation(
+        conversation_id=header.conversation_id,
+        command_id=new_id(),
+        user_id=claims_of(request).sub,
+        at=time.time_ns(),
+        title=title,
+    )
+    await publish_command(request, command)
+    return answer(Renamed(id=header.conversation_id, title=title), status=202)
 
 
 async def publish_command(request: web.Request, command: AnyCommand) -> int:

@@ -395,5 +395,11 @@ class CancelTurn(Command, tag="cancel_turn", frozen=True):
     turn_id: str | None = None
 
 
-AnyCommand = SendMessage | EditMessage | Regenerate | CancelTurn
+class RenameConversation(Command, tag="rename_conversation", frozen=True):
+    """The user names the conversation: a `title` event with source "user"."""
+
+    title: str
+
+
+AnyCommand = SendMessage | EditMessage | Regenerate | CancelTurn | RenameConversation
 TurnCommand = SendMessage | EditMessage | Regenerate

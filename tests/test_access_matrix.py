@@ -39,6 +39,7 @@ MATRIX: dict[tuple[str, str], Scope] = {
     ("POST", "/v1/conversations"): "caller",
     ("GET", "/v1/conversations"): "caller",
     ("GET", "/v1/conversations/{id}"): "conversation",
+    ("PATCH", "/v1/conversations/{id}"): "conversation",
     ("POST", "/v1/conversations/{id}/messages"): "conversation",
     ("GET", "/v1/conversations/{id}/messages"): "conversation",
     ("PATCH", "/v1/conversations/{id}/messages/{mid}"): "conversation",
@@ -155,6 +156,8 @@ def conversation_call(method: str, path: str, cid: str, asked: str, answered: st
     match method, path:
         case "POST", "/v1/conversations/{id}/messages":
             return [Call(method, at, {"content": "hi"}, _JSON)]
+        case "PATCH", "/v1/conversations/{id}":
+            return [Call(method, at, {"title": "renamed"})]
         case "PATCH", _:
             return [Call(method, at, {"content": "edited"}, _JSON)]
         case "POST", "/v1/conversations/{id}/messages/{mid}/regenerate":

@@ -27,6 +27,7 @@ from actors.decide import (
     decide_done,
     decide_failed,
     decide_rejection,
+    decide_rename,
     decide_request,
     decide_start,
     decide_title,
@@ -64,6 +65,7 @@ from events.vocabulary import (
     OnBusy,
     Prices,
     Regenerate,
+    RenameConversation,
     SendMessage,
     Started,
     Title,
@@ -364,6 +366,32 @@ def test_an_untitled_conversation_is_titled_from_its_first_user_message() -> Non
         turn_id="turn-2",
     )
     assert title == expected, f"expected {expected!r}, saw {title!r}"
+
+
+def rename(title: str, n: int = 1) -> RenameConversation:
+    return RenameConversation(
+        conversation_id=CONV, command_id=f"rename-{n}", user_id=USER, at=NOW, title=title
+    )
+
+
+def test_a_rename_is_a_user_title_that_later_turns_announce_and_keep() -> None:
+    state = fold(empty(), [created()])
+    (named,) = decide_rename(state, rename("Roadmap"), NOW, Ids())
+    assert named == Title(
+        conversation_id=CONV, at=NOW, event_id="id-1", title="Roadmap", source="user"
+    )
+    state = evolve(state, named)
+    # the first message does not replace it: the turn announces it as the title in force
+    title = decide_title(state, "Plan the quarterly roadmap review", "turn-1", NOW, Ids())
+    assert (title.title, title.source) == ("Roadmap", "existing"), title
+
+
+def test_a_rename_to_the_name_in_force_or_of_no_conversation_decides_nothing() -> None:
+    """The same command delivered again (its title landed, its ack did not) adds no
+    second event; a conversation that does not exist is not named."""
+    state = fold(empty(), [created(title="Roadmap")])
+    assert decide_rename(state, rename("Roadmap"), NOW, Ids()) == []
+    assert decide_rename(empty(), rename("Roadmap"), NOW, Ids()) == []
 
 
 @pytest.mark.parametrize("untitled", ["", "New Chat", "   ", "\t\n"])
