@@ -6,6 +6,7 @@ No other module reads `os.environ`.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import tomllib
@@ -216,18 +217,15 @@ def _limits(get: Callable[[str], str | None]) -> EdgeLimits:
     d = EdgeLimits()
     return EdgeLimits(
         rate_per_s=_float(get("PARLEY_RATE_PER_S"), d.rate_per_s, "PARLEY_RATE_PER_S"),
-        rate_burst=int(_float(get("PARLEY_RATE_BURST"), d.rate_burst, "PARLEY_RATE_BURST")),
-        max_streams_per_user=int(
-            _float(
-                get("PARLEY_MAX_STREAMS_PER_USER"),
-                d.max_streams_per_user,
-                "PARLEY_MAX_STREAMS_PER_USER",
-            )
+        # counts: a fraction would be cut to a whole number, and 0.5 to 0, no limit at all
+        rate_burst=_int(get("PARLEY_RATE_BURST"), d.rate_burst, "PARLEY_RATE_BURST"),
+        max_streams_per_user=_int(
+            get("PARLEY_MAX_STREAMS_PER_USER"),
+            d.max_streams_per_user,
+            "PARLEY_MAX_STREAMS_PER_USER",
         ),
-        max_turns_per_user=int(
-            _float(
-                get("PARLEY_MAX_TURNS_PER_USER"), d.max_turns_per_user, "PARLEY_MAX_TURNS_PER_USER"
-            )
+        max_turns_per_user=_int(
+            get("PARLEY_MAX_TURNS_PER_USER"), d.max_turns_per_user, "PARLEY_MAX_TURNS_PER_USER"
         ),
         write_timeout_s=_positive(
             _float(get("PARLEY_WRITE_TIMEOUT_S"), d.write_timeout_s, "PARLEY_WRITE_TIMEOUT_S"),
@@ -290,6 +288,9 @@ def _float(raw: str | None, default: float, name: str) -> float:
         value = float(raw)
     except ValueError as err:
         raise ConfigError(f"{name} must be a number, not {raw!r}") from err
+    if not math.isfinite(value):
+        # float() takes "nan" and "inf": NaN passes every comparison unnoticed
+        raise ConfigError(f"{name} must be a number, not {raw!r}")
     if value < 0:
         raise ConfigError(f"{name} must not be negative")
     return value

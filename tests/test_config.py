@@ -283,6 +283,40 @@ def test_settings_that_cannot_work_are_refused_with_the_variable_named(
         settings_from_env(env, tmp_path)
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "PARLEY_RATE_PER_S",
+        "PARLEY_RATE_BURST",
+        "PARLEY_MAX_STREAMS_PER_USER",
+        "PARLEY_MAX_TURNS_PER_USER",
+        "PARLEY_WRITE_TIMEOUT_S",
+        "PARLEY_SHUTDOWN_GRACE_S",
+        "PARLEY_APPEND_WINDOW_MS",
+        "PARLEY_DEMO_TOKENS_PER_S",
+    ],
+)
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf", "1e400"])
+def test_a_number_that_is_not_finite_is_refused_with_the_variable_named(
+    tmp_path: Path, name: str, raw: str
+) -> None:
+    # float() reads these: NaN passed every check, and a count raised out of int()
+    with pytest.raises(ConfigError, match=name):
+        settings_from_env({name: raw}, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "name", ["PARLEY_RATE_BURST", "PARLEY_MAX_STREAMS_PER_USER", "PARLEY_MAX_TURNS_PER_USER"]
+)
+def test_a_per_user_cap_is_a_whole_number(tmp_path: Path, name: str) -> None:
+    # 0.5 was cut to 0, which means no limit at all
+    for bad in ("0.5", "2.5"):
+        with pytest.raises(ConfigError, match=f"{name} must be a whole number"):
+            settings_from_env({name: bad}, tmp_path)
+    limits = settings_from_env({name: "3"}, tmp_path).limits
+    assert 3 in (limits.rate_burst, limits.max_streams_per_user, limits.max_turns_per_user)
+
+
 def test_webhook_urls_aiohttp_can_send_to_are_taken(tmp_path: Path) -> None:
     for url in (
         "http://127.0.0.1:9000/hook",
