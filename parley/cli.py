@@ -455,9 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"whose token to mint when none is given (default {ADMIN_USER}, "
         "the user of the token `parley dev` prints)",
     )
-    chat.add_argument(
-        "--data", default=argparse.SUPPRESS, help="data folder of the dev stack (default .parley)"
-    )
+    chat.add_argument("--data", default=argparse.SUPPRESS, help=DATA_HELP)
     chat.set_defaults(func=cmd_chat)
 
     replay = sub.add_parser(
@@ -482,11 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
     errors = projections_sub.add_parser(
         "errors",
         help="events a projection could not apply as written (skipped or sanitised)",
-        description="List the events a projection skipped or sanitised, oldest first: "
+        description="List the latest events a projection skipped or sanitised, in log order: "
         "position, rule, type, conversation, reason.",
     )
     errors.add_argument(
-        "--limit", type=positive, default=100, help="at most this many (oldest first)"
+        "--limit", type=positive, default=100, help="the latest this many (default 100)"
     )
     errors.add_argument("--json", action="store_true", help="JSON lines, one error per line")
     errors.add_argument("--data", default=argparse.SUPPRESS, help=DATA_HELP)

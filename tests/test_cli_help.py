@@ -61,3 +61,23 @@ async def test_help_pages_print_from_the_installed_command() -> None:
     text = out.decode()
     assert "--role {edge,worker,projector,all}" in text, text
     assert "which role this process runs" in text and "PARLEY_METRICS_PORT" in text, text
+
+
+def test_the_error_listing_says_it_shows_the_latest() -> None:
+    # `--limit N` lists the latest N (tests/test_cli.py); "oldest first" sent an
+    # operator who wanted the newest errors to a limit that would never show them
+    parser = dict(commands(build_parser()))[("projections", "errors")]
+    limit = next(a for a in parser._actions if "--limit" in a.option_strings)
+    assert "latest" in (limit.help or "") and "oldest" not in (limit.help or ""), limit.help
+    assert "oldest" not in (parser.description or ""), parser.description
+
+
+def test_every_data_option_says_what_it_defaults_to() -> None:
+    # each command reads PARLEY_DATA when --data is not given (parley/config.py)
+    helps = {
+        " ".join(path): action.help
+        for path, parser in commands(build_parser())
+        for action in parser._actions
+        if "--data" in action.option_strings
+    }
+    assert all("PARLEY_DATA" in (text or "") for text in helps.values()), helps
