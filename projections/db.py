@@ -135,9 +135,18 @@ async def connect_first(database_url: str) -> Any:
             "/ # ? @ must be percent-encoded (%2F %23 %3F %40)"
         ) from err
     except (OSError, TimeoutError) as err:
-        # asyncpg's words for a server that answered "no SSL here" to a client whose
-        # sslmode (require, verify-ca, verify-full) does not fall back to plain text
+        # asyncpg's words for a server that did not answer its SSL request with yes or
+        # no. prefer and allow take "no SSL here", so the answer was no Postgres's at
+        # all (the port of another server); require, verify-ca and verify-full do
+        # not fall back to plain text, so it was most likely that no.
         if "rejected SSL upgrade" in str(err):
+            if _ssl_mode(database_url) in ("prefer", "allow"):
+                where = re.search(r'at "([^"]+)"', str(err))
+                raise DatabaseMisconfigured(
+                    f"PARLEY_DATABASE_URL: what answers at {where[1] if where else 'it'} is"
+                    " not Postgres (it answered Postgres's first message with something"
+                    " else): check the host and port"
+                ) from err
             raise DatabaseMisconfigured(
                 f"PARLEY_DATABASE_URL asks for SSL (sslmode={_ssl_mode(database_url)}) and "
                 f"Postgres has none ({err}): turn it on in the server (ssl = on, with its "

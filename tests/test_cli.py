@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
@@ -253,6 +254,23 @@ async def test_a_command_whose_servers_are_away_says_so_in_one_line_within_secon
     done = await asyncio.to_thread(run, *args, env=clean_env(**DEAD), timeout=30)
     assert done.returncode == 1 and says in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+async def test_a_database_url_naming_another_server_says_it_is_not_postgres(
+    stack: Servers,
+) -> None:
+    # the port of another server (here NATS, which greets every connection first):
+    # with the default sslmode=prefer, Postgres without SSL is fine, so this is no
+    # Postgres at all, and turning SSL on in a server would not mend it
+    nats = urlsplit(stack.nats_url)
+    env = {
+        **server_env(stack),
+        "PARLEY_DATABASE_URL": f"postgresql://u:p@{nats.hostname}:{nats.port}/db",
+    }
+    done = await asyncio.to_thread(run, "projections", "errors", env=env, timeout=30)
+    assert done.returncode == 2, done.stderr
+    assert "is not Postgres" in done.stderr and "check the host and port" in done.stderr
+    assert "ssl = on" not in done.stderr, done.stderr
 
 
 def test_a_role_waiting_for_nats_that_is_not_there_says_so(tmp_path: Path) -> None:
