@@ -113,6 +113,12 @@ async def close_pool(pool: Any, within_s: float = CLOSE_WITHIN_S) -> None:
         pool.terminate()
 
 
+# How long the first connection may take. asyncpg's own 60 s kept a command (or a
+# starting role) silent for a minute on a host that accepts connections and never
+# answers (a Postgres frozen, the port of another server).
+CONNECT_TIMEOUT_S = 10.0
+
+
 async def connect_first(database_url: str) -> Any:
     """A process's first connection to Postgres, before its pools.
 
@@ -124,7 +130,7 @@ async def connect_first(database_url: str) -> Any:
     if problem is not None:
         raise DatabaseMisconfigured(f"PARLEY_DATABASE_URL: {problem}")
     try:
-        return await asyncpg.connect(database_url)
+        return await asyncpg.connect(database_url, timeout=CONNECT_TIMEOUT_S)
     except asyncpg.ClientConfigurationError as err:  # an sslmode it does not know, ...
         hint = f" ({err.hint})" if err.hint else ""  # on a line of its own in str(err)
         raise DatabaseMisconfigured(f"PARLEY_DATABASE_URL: {err.args[0]}{hint}") from err

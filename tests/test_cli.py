@@ -273,6 +273,23 @@ async def test_a_database_url_naming_another_server_says_it_is_not_postgres(
     assert "ssl = on" not in done.stderr, done.stderr
 
 
+async def test_a_postgres_that_takes_the_connection_and_never_answers_is_given_up_on(
+    stack: Servers,
+) -> None:
+    # Redis takes the connection and waits for a line that Postgres's first message
+    # never ends: a Postgres that accepts and does not answer, as a frozen one does
+    redis = urlsplit(stack.redis_url)
+    env = {
+        **server_env(stack),
+        "PARLEY_DATABASE_URL": f"postgresql://u:p@{redis.hostname}:{redis.port}/db",
+    }
+    started = time.monotonic()
+    done = await asyncio.to_thread(run, "projections", "errors", env=env, timeout=30)
+    assert done.returncode == 1, done.stderr
+    assert "Postgres (PARLEY_DATABASE_URL) did not answer" in done.stderr, done.stderr
+    assert time.monotonic() - started < 20
+
+
 def test_a_role_waiting_for_nats_that_is_not_there_says_so(tmp_path: Path) -> None:
     """Roles wait for the broker for ever, by design; an operator sees that they do."""
     env = clean_env(**DEAD, PARLEY_JWT_SECRET="a-secret-of-at-least-32-characters-here")
