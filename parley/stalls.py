@@ -83,7 +83,7 @@ class StallWatch:
         # The callback the loop was running when its beat was first seen late, and
         # when: a loop late because it has many callbacks to run (overload) runs
         # another one at each look, and is not held by one piece of code.
-        running: int | None = None
+        running: _Run | None = None
         seen_at = 0.0
         while not self._stopping.wait(self._beat_s):
             beat_at = self._beat_at
@@ -102,7 +102,7 @@ class StallWatch:
                 continue
             frame = sys._current_frames().get(self._loop_thread)
             callback = _running_callback(frame)
-            if callback != running:
+            if callback is None or running is None or not callback.same_as(running):
                 running, seen_at = callback, now
             if callback is not None and now - seen_at > self._threshold_s:
                 held_since = beat_at
@@ -117,14 +117,30 @@ class StallWatch:
                 )
 
 
-def _running_callback(frame: FrameType | None) -> int | None:
-    """Which run of a callback (a task's step, a timer's function) the loop's thread
-    is in, by the identity of its outermost frame (the one the loop called), which
-    lives as long as that call; None when the thread is not in one."""
+class _Run:
+    """One run of a callback (a task's step, a timer's function, a protocol's
+    `data_received`): the frame the loop called, and the loop's own frame that
+    called it (asyncio's `Handle._run`: one per run; uvloop has none, and its
+    runner's frame stands in). Held, not named by `id`: a frame that ends is freed,
+    and the next callback's frame is made at the same address, so that thousands of
+    short callbacks of a busy loop would look like one that holds it."""
+
+    __slots__ = ("callback", "caller")
+
+    def __init__(self, callback: FrameType, caller: FrameType) -> None:
+        self.callback = callback
+        self.caller = caller
+
+    def same_as(self, other: _Run) -> bool:
+        return self.callback is other.callback and self.caller is other.caller
+
+
+def _running_callback(frame: FrameType | None) -> _Run | None:
+    """Which run of a callback the loop's thread is in; None when it is not in one."""
     inner = None
     while frame is not None:
         if frame.f_code.co_filename in _LOOP_FILES:
-            return None if inner is None else id(inner)
+            return None if inner is None else _Run(inner, frame)
         inner, frame = frame, frame.f_back
     return None
 

@@ -58,3 +58,39 @@ async def test_a_loop_busy_with_short_callbacks_is_no_stall(
     finally:
         watch.stop()
     assert stalls == [] and not caplog.records, caplog.records
+
+
+def test_a_loop_late_with_many_short_callbacks_is_no_stall_on_asyncios_own_loop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Overload, not a stall: each callback holds the loop a millisecond, a thousand of
+    them make every beat late. Each run's frame is freed as it ends and the next one's
+    made at the same address; told apart by identity, they looked like one callback
+    holding the loop for seconds."""
+    caplog.set_level(logging.WARNING, logger="parley.stalls")
+    stalls: list[float] = []
+
+    async def overloaded() -> None:
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        until = time.monotonic() + 2.0
+
+        def step() -> None:
+            computes_for(0.001)
+            if time.monotonic() < until:
+                loop.call_soon(step)
+            elif not done.done():
+                done.set_result(None)
+
+        watch = StallWatch(threshold_s=0.5, beat_s=0.05, counted=stalls.append)
+        watch.start()
+        try:
+            for _ in range(1000):
+                loop.call_soon(step)
+            await done
+        finally:
+            watch.stop()
+
+    with asyncio.Runner() as runner:  # asyncio's loop: its Handle runs callbacks in Python
+        runner.run(overloaded())
+    assert stalls == [] and not caplog.records, [r.__dict__ for r in caplog.records]
