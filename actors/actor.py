@@ -22,6 +22,7 @@ the writer (actors.writer).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
@@ -119,6 +120,7 @@ class ConversationActor:
         # a turn started with its request (`_request`), its runner in `runner`, waiting
         # for the drain: the log's position before that request
         self._started_after: int | None = None
+        self._started_request_id = ""  # the request of the turn `_started_after` runs
         self._deciding = False  # a request is on its way through `_request`
         self._written: TurnRecord | None = None  # the turn record this actor wrote last
         # the record this actor meant to write last, written or not (Redis away)
@@ -361,6 +363,7 @@ class ConversationActor:
             # does not wait for it: the turn's own record follows it.
             self.runner = prestart.runner
             self._started_after = before
+            self._started_request_id = cmd.request_id
             self._announcing = announced
         elif announced is not None:
             await announced  # before a release below, or the queue's, can follow it
@@ -416,8 +419,12 @@ class ConversationActor:
         if self._tasks is None or (self._drain is not None and not self._drain.done()):
             return
         if self._started_after is not None or next_turn(self.state) is not None:
+            # The task outlives the command that kicked it, and runs other requests'
+            # turns: it names none itself, each turn it runs names its own.
+            unnamed = contextvars.copy_context()
+            unnamed.run(REQUEST_ID.set, "")
             self._drain = self._tasks.create_task(
-                self._drain_queue(), name=f"drain-{self.conversation_id}"
+                self._drain_queue(), name=f"drain-{self.conversation_id}", context=unnamed
             )
 
     async def _drain_queue(self) -> None:
@@ -425,7 +432,14 @@ class ConversationActor:
             while True:
                 if (after := self._started_after) is not None:
                     self._started_after = None
-                    await self._run_started(after)
+                    # the request that started it: the one that kicked this task, or
+                    # one that came while the turn before was ending and left its turn
+                    # to this task
+                    token = REQUEST_ID.set(self._started_request_id)
+                    try:
+                        await self._run_started(after)
+                    finally:
+                        REQUEST_ID.reset(token)
                     await self._settle_finished()
                 while (queued := next_turn(self.state)) is not None:
                     token = REQUEST_ID.set(self._request_ids.pop(queued.command_id, ""))

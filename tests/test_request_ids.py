@@ -3,16 +3,30 @@ the turn it asked for; tests/test_dead_servers.py checks the edge's lines."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import aiohttp
+import msgspec
 import pytest
 
+from actors.actor import ConversationActor
 from api.request_ids import HEADER
 from events.log import EventLog
-from events.vocabulary import Done, Failed
+from events.turns import TurnRegistry, redis_client
+from events.vocabulary import Done, Failed, Started
 from parley.logs import with_request_id
+from parley.services import Servers
 from tests.sse import SseClient
+from tests.test_actor_queue import (
+    Delivery,
+    _context,
+    _conversation,
+    _has,
+    _message,
+    _running,
+    until,
+)
 from tests.test_actor_turns import wait_for_ends
 
 
@@ -89,3 +103,57 @@ async def test_the_workers_lines_for_a_turn_name_the_request_that_asked_for_it(
     assert ends == [Done, Failed], log
     (failed,) = [r for r in caplog.records if r.getMessage() == "turn failed"]
     assert failed.__dict__["request_id"] == "lb-second", failed.__dict__
+
+
+class HeldAck(Delivery):
+    """A command's delivery whose acknowledgement waits for `gate`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.acking = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def ack(self) -> None:
+        self.acking.set()
+        await self.gate.wait()
+        await super().ack()
+
+
+async def test_a_turn_started_while_the_one_before_was_ending_names_its_own_request(
+    stack: Servers,
+    event_log: EventLog,
+    demo_model_url: str,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The next message of a chat, come while the turn before is still being wrapped
+    up (its command's acknowledgement on its way, held open here), starts its turn
+    with its request, and the queue's task, still running for the turn before, runs
+    it: that turn's lines name its own request, not the one that started the task."""
+    caplog.set_level(logging.INFO, logger="actors.turn")
+    caplog.handler.addFilter(with_request_id)
+    cid, _ = await _conversation(event_log)
+    registry = TurnRegistry(redis_client(stack.redis_url))
+    actor = ConversationActor(cid, _context(event_log, registry, http, demo_model_url))
+    first = msgspec.structs.replace(_message(cid, "one [[tokens=3]]"), request_id="req-first")
+    second = msgspec.structs.replace(
+        _message(cid, "two [[fail=bad_json]]"), request_id="req-second"
+    )
+    held = HeldAck()
+    async with _running(actor) as inbox:
+        inbox.put_nowait((first, held))
+        async with asyncio.timeout(20):
+            await held.acking.wait()  # turn one is over; its queue's task acks it
+        inbox.put_nowait((second, Delivery()))
+        await until(
+            event_log,
+            cid,
+            lambda events: any(
+                isinstance(e, Started) and e.user_message_id == second.message_id for e in events
+            ),
+            "the second message's turn started with it",
+        )
+        held.gate.set()
+        await until(event_log, cid, _has(Failed), "the second turn failed")
+    (failed,) = [r for r in caplog.records if r.getMessage() == "turn failed"]
+    assert failed.__dict__.get("request_id") == "req-second", failed.__dict__
