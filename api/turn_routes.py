@@ -30,10 +30,11 @@ from api.context import (
     LOG,
     NATS,
     REDIS,
+    STORE,
     claims_of,
     wants_json,
 )
-from api.errors import UNAVAILABLE, ApiError, bad_request
+from api.errors import POSTGRES_AWAY, UNAVAILABLE, ApiError, bad_request
 from api.hub import Delivery, Subscription, opens_turn, read_range, watch
 from api.limits import hold_turn, refuse_at_cap
 from api.responses import CancelAnswer, Renamed, TurnAccepted, answer
@@ -68,6 +69,7 @@ from events.vocabulary import (
     TurnCommand,
     UserMessage,
 )
+from projections.store import bounded
 
 T = TypeVar("T")
 # A key is reserved this long before its command is published, then kept for
@@ -286,8 +288,10 @@ async def cancel_turn(request: web.Request) -> web.Response:
 
 async def rename_conversation(request: web.Request) -> web.Response:
     """Name the conversation: a `title` event (source "user") that viewers get, and that
-    later turns announce rather than replace. Accepted, not yet applied: the
-    conversation's actor appends it, beside a running turn if one runs."""
+    later turns announce rather than replace. The conversation's actor appends it,
+    beside a running turn if one runs; the answer waits a moment for the read models
+    to show it, as a create waits for its row: a frontend that renames and then
+    reads the list back must not be shown the old name."""
     header = await owned_conversation(request, request.match_info["id"])
     body = await read_json(request, RenameBody)
     title = body.title.strip()
@@ -299,7 +303,25 @@ async def rename_conversation(request: web.Request) -> web.Response:
         title=title,
     )
     await publish_command(request, command)
+    await _titled_within(request, header.conversation_id, title)
     return answer(Renamed(id=header.conversation_id, title=title), status=202)
+
+
+async def _titled_within(request: web.Request, conversation_id: str, title: str) -> bool:
+    """Whether the conversation's row shows `title` within a moment (a create's wait);
+    not (the log, the worker or Postgres slow, another rename after it): the answer
+    is the same, and the `title` event follows on the conversation's stream."""
+    deadline = time.monotonic() + request.app[CONFIG].create_wait_s
+    store = request.app[STORE]
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            row = await bounded(store.conversation(conversation_id), left)
+        except POSTGRES_AWAY:  # TimeoutError too
+            return False
+        if row is not None and row.title == title:
+            return True
+        await asyncio.sleep(0.01)
+    return False
 
 
 async def publish_command(request: web.Request, command: AnyCommand) -> int:

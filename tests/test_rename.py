@@ -104,3 +104,19 @@ async def test_only_who_may_write_the_conversation_may_rename_it(
     for who, path in [(stranger, f"/v1/conversations/{cid}"), (api, "/v1/conversations/nope")]:
         status, answer = await who.request("PATCH", path, json={"title": "Mine now"})
         assert status == 404 and answer["error"]["code"] == "not_found", answer
+
+
+async def test_a_frontend_that_renames_then_reads_the_list_back_sees_the_new_name(
+    api: SseClient,
+) -> None:
+    """As a create waits for its row: a rename answered before the read models showed
+    it made the list a frontend fetches next show the old name, every time."""
+    cid = (await api.create_conversation())["id"]
+    for name in ["Budget 2027", "Budget 2027 (final)"]:
+        status, _ = await api.request("PATCH", f"/v1/conversations/{cid}", json={"title": name})
+        assert status == 202
+        status, one = await api.request("GET", f"/v1/conversations/{cid}")
+        assert (status, one["title"]) == (200, name), one
+        status, listed = await api.request("GET", "/v1/conversations")
+        assert status == 200
+        assert [c["title"] for c in listed["conversations"] if c["id"] == cid] == [name]
