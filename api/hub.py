@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections import deque
@@ -48,6 +49,7 @@ from events.errors import EventLogError, describe
 from events.follow import LiveFollower, RawEvent
 from events.log import EventLog, StoredEvent
 from events.subjects import CMD_STREAM, event_subject
+from events.tracing import REQUEST_ID
 from events.turns import TurnRecord, TurnRegistry
 from events.vocabulary import (
     AnswerRequested,
@@ -198,6 +200,7 @@ class Subscription:
         "open_turn_seq",
         "pending",
         "position",
+        "request_id",
         "seen",
         "turn",
         "turn_gone_since",
@@ -224,6 +227,9 @@ class Subscription:
         self.live = False
         self.pending: deque[Delivery | Envelope] | None = deque()
         self.max_pending = max_pending
+        # the request this viewer serves, for the lines the hub logs about it: they
+        # are logged from the hub's task, which serves every viewer
+        self.request_id = REQUEST_ID.get()
         # set once, with why the subscription is over: "done", "stalled", "slow", "gone", "broken"
         self.ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
@@ -240,6 +246,10 @@ class Subscription:
             self.open_turn = None
         elif isinstance(delivery.stored.event, Unreadable):
             self.unreadable_at = delivery.seq
+
+    def named(self) -> dict[str, str]:
+        """A log line's field naming this viewer's request, if it has one."""
+        return {"request_id": self.request_id} if self.request_id else {}
 
     def end(self, reason: str) -> None:
         if not self.ended.done():
@@ -271,7 +281,10 @@ class Subscription:
     def _queue(self, item: Delivery | Envelope) -> None:
         assert self.pending is not None
         if len(self.pending) >= self.max_pending:
-            log.info("viewer fell too far behind; disconnected", extra={"seen": self.seen})
+            log.info(
+                "viewer fell too far behind; disconnected",
+                extra={"seen": self.seen, **self.named()},
+            )
             self.end("slow")
             return
         self.pending.append(item)
@@ -500,7 +513,7 @@ class Hub:
         never the conversation's feed that every other viewer reads."""
         log.exception(
             "a viewer's stream failed; it ends, the others go on",
-            extra={"conversation_id": self.conversation_id},
+            extra={"conversation_id": self.conversation_id, **subscription.named()},
         )
         subscription.end("broken")
 
@@ -633,7 +646,14 @@ class Hubs:
             if hub is None or hub.closed:
                 hub = Hub(self, conversation_id, head)
                 self._hubs[conversation_id] = hub
-                task = asyncio.create_task(hub.run(), name=f"hub-{conversation_id}")
+                # The hub outlives the request that starts it and serves every
+                # viewer: its own lines name no request (those about one viewer
+                # name that viewer's, `Subscription.named`).
+                unnamed = contextvars.copy_context()
+                unnamed.run(REQUEST_ID.set, "")
+                task = asyncio.create_task(
+                    hub.run(), name=f"hub-{conversation_id}", context=unnamed
+                )
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             await asyncio.shield(hub.ready)

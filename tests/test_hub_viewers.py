@@ -6,9 +6,12 @@ of every other viewer of the conversation."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import logging
 from typing import cast
 
 import msgspec
+import pytest
 from nats.aio.client import Client as NatsClient
 
 from api.hub import Delivery, Hubs, HubSettings, Subscription, opens_turn, turn_state, watch
@@ -16,9 +19,11 @@ from api.sse import Envelope, Position
 from api.streaming import cut
 from events.ids import new_id
 from events.log import EventLog, StoredEvent
+from events.tracing import REQUEST_ID
 from events.turns import TurnRecord, TurnRegistry, redis_client
 from events.vocabulary import ConversationCreated, Done, Started, Title, UserMessage
 from parley import loops
+from parley.logs import with_request_id
 from parley.services import Servers
 
 
@@ -369,3 +374,43 @@ async def test_a_hub_keeps_no_more_of_a_long_conversation_than_its_ring_bytes(
         watching.cancel()
     finally:
         await hubs.close()
+
+
+def _of_request(request_id: str) -> contextvars.Context:
+    """A context in which the edge serves the request `request_id`."""
+    context = contextvars.copy_context()
+    context.run(REQUEST_ID.set, request_id)
+    return context
+
+
+async def test_the_hubs_line_about_a_viewer_names_that_viewers_request(
+    stack: Servers, nc: NatsClient, event_log: EventLog, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The hub is started by its first viewer's request and serves every later one:
+    what it logs about one viewer names that viewer's request, not the first's."""
+    caplog.set_level(logging.ERROR, logger="api.hub")
+    caplog.handler.addFilter(with_request_id)
+    cid = new_id()
+    created = ConversationCreated(conversation_id=cid, at=1, event_id=new_id(), user_id="u")
+    head = await event_log.append(cid, [created], 0)
+    hubs = Hubs(nc.jetstream(), event_log, TurnRegistry(redis_client(stack.redis_url)))
+    first, second = _of_request("viewer-first"), _of_request("viewer-second")
+    good, bad = first.run(Collecting, head), second.run(Failing, head)
+    try:
+        watching = asyncio.create_task(watch(hubs, cid, good, head), context=first)
+        async with asyncio.timeout(10):
+            while not good.live:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        failing = asyncio.create_task(watch(hubs, cid, bad, head), context=second)
+        async with asyncio.timeout(10):
+            while not bad.live:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        for n in range(2):
+            head = await event_log.append(cid, [_title(cid, n)], head)
+        async with asyncio.timeout(10):
+            assert await failing == "broken"
+        watching.cancel()
+    finally:
+        await hubs.close()
+    (failed,) = [r for r in caplog.records if r.getMessage().startswith("a viewer's stream failed")]
+    assert failed.__dict__.get("request_id") == "viewer-second", failed.__dict__
