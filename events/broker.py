@@ -439,9 +439,19 @@ async def finish(
         if failure is None:
             return
         why = failure
-    with contextlib.suppress(TimeoutError):
+    else:
+        # What waits for a reconnect never goes out now; nats.py's close would write
+        # it to the socket that died (uvloop raises RuntimeError: the process exited
+        # 1 with that traceback), and leave the rest of the close undone.
+        client._pending = []
+        client._pending_data_size = 0
+    try:
         async with asyncio.timeout(CLOSE_TIMEOUT_S):
             await client.close()
+    except TimeoutError:
+        pass
+    except (OSError, RuntimeError, nats.errors.Error) as err:
+        why = f"{why}; closing it failed: {describe(err)}"
     if report is not None:
         fields = {"client": str(client.options.get("name") or ""), "reason": why}
         report(logging.WARNING, "NATS connection closed without draining", fields)

@@ -720,6 +720,8 @@ async def test_a_nats_outage_longer_than_the_leases_lets_running_turns_finish(
     [
         ("nats", "NATS connection closed without draining"),
         ("postgres", "advisory unlock skipped"),
+        # killed and kept down: connections refused, not left hanging
+        ("nats-down", "NATS connection closed without draining"),
     ],
 )
 async def test_a_process_told_to_stop_while_a_server_does_not_answer_stops_in_time(
@@ -737,7 +739,9 @@ async def test_a_process_told_to_stop_while_a_server_does_not_answer_stops_in_ti
     after the other); with Postgres it never stopped (the projector's unlock, the
     return of its connection and asyncpg's pool close wait for ever). A deployment
     kills a process 30 s after it asked it to stop. Now it gives up on what cannot
-    be said within seconds and exits 0."""
+    be said within seconds and exits 0. With NATS down rather than hung (refused),
+    nats.py's close wrote what was buffered for after a reconnect to the dead
+    socket, and the process exited 1 with that traceback."""
     event_log = EventLog(own_nc.jetstream())
     (port,) = free_ports(1)
     env = {
@@ -759,10 +763,14 @@ async def test_a_process_told_to_stop_while_a_server_does_not_answer_stops_in_ti
             said.append(line)
             if line.startswith("roles ready"):
                 ready.set()
+            if "NATS connection lost" in line:
+                lost.set()
 
     assert process.stderr is not None
+    lost = asyncio.Event()
     listening = asyncio.create_task(listen(process.stderr))
     frozen: list[int] = []
+    down = contextlib.ExitStack()
     try:
         async with asyncio.timeout(30):
             await ready.wait()
@@ -771,10 +779,16 @@ async def test_a_process_told_to_stop_while_a_server_does_not_answer_stops_in_ti
             cid = (await api.create_conversation())["id"]
             await api.send_json(cid, "long [[tokens=4000]] [[rate=50]]")
         await _until(event_log, cid, lambda log: any(isinstance(e, Chunk) for e in log))
-        # the server and, for Postgres, its backends (each connection's own process)
-        frozen = _with_children(own_servers.pids[server])
-        for pid in frozen:
-            os.kill(pid, signal.SIGSTOP)
+        if server == "nats-down":
+            down.enter_context(own_servers.outage("nats"))
+            # until the process knows: what it sends now waits for a reconnect
+            async with asyncio.timeout(15):
+                await lost.wait()
+        else:
+            # the server and, for Postgres, its backends (each connection's own process)
+            frozen = _with_children(own_servers.pids[server])
+            for pid in frozen:
+                os.kill(pid, signal.SIGSTOP)
         process.send_signal(signal.SIGTERM)
         told = len(said)
         async with asyncio.timeout(25):
@@ -783,9 +797,14 @@ async def test_a_process_told_to_stop_while_a_server_does_not_answer_stops_in_ti
     finally:
         for pid in frozen:
             os.kill(pid, signal.SIGCONT)
+        down.close()
         if process.returncode is None:
             process.kill()
             await process.wait()
+        async with asyncio.timeout(30):
+            # the server back for the tests after this one (nats.py has no event for it)
+            while not own_nc.is_connected:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
     rest = "".join(said[told:])
     assert code == 0, rest
     assert said_at_stop in rest, rest
