@@ -26,7 +26,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import nats.errors
 import nats.js.errors
@@ -81,6 +81,9 @@ class PartitionLeases:
         self.owned: dict[int, int] = {}  # partition -> the revision of our lease
         self._renewed_at = time.monotonic()  # when the last complete renewal began
         self._waiting: list[asyncio.Future[None]] = []  # for the next complete renewal
+        # A tick that did not complete (cut short as the worker stops, or failed) may
+        # have taken or renewed leases that `owned` does not show: sent, never answered.
+        self._unsure = False
         self._kv: KeyValue | None = None
 
     async def open(self) -> None:
@@ -144,8 +147,11 @@ class PartitionLeases:
         still ours: a lapsed one nobody took is taken again, one another worker
         took is lost (`_tick`), as after a pause.
         """
+        self._unsure = True
         try:
-            return await self._tick(busy, take)
+            ticked = await self._tick(busy, take)
+            self._unsure = False
+            return ticked
         except _TRANSIENT as err:
             if self.current():
                 log.warning(
@@ -245,9 +251,18 @@ class PartitionLeases:
         """Every lease given back, so that other workers take the partitions at once
         rather than when the leases lapse. At most `_RELEASE_WITHIN_S`: a worker that
         stops while NATS is away leaves them to lapse (one after the other, each
-        request waiting out its timeout, took 16 x 5 s)."""
+        request waiting out its timeout, took 16 x 5 s).
+
+        After a tick that did not complete, every lease that names this worker goes,
+        whatever `owned` says: a lease the tick took or renewed without hearing back
+        was skipped, or refused for its stale revision, and stayed held by a worker
+        that was gone until it lapsed."""
         held, self.owned = self.owned, {}
-        releases = [self.kv.delete(_key(p), last=revision) for p, revision in held.items()]
+        releases: list[Awaitable[object]]
+        if self._unsure:
+            releases = [self._release_if_ours(p) for p in range(self.partitions)]
+        else:
+            releases = [self.kv.delete(_key(p), last=revision) for p, revision in held.items()]
         releases.append(self.kv.delete(f"worker.{self.worker_id}"))
         try:
             async with asyncio.timeout(_RELEASE_WITHIN_S):
@@ -263,6 +278,11 @@ class PartitionLeases:
                 "partition leases not released; they lapse",
                 extra={"within_s": self.ttl_s, "error": describe(failures[0])},
             )
+
+    async def _release_if_ours(self, partition: int) -> None:
+        revision = await self._own_revision(partition)
+        if revision is not None:
+            await self.kv.delete(_key(partition), last=revision)
 
     async def _release(self, partition: int) -> None:
         revision = self.owned.pop(partition)

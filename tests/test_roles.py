@@ -859,6 +859,41 @@ async def test_an_append_after_the_leases_lapsed_waits_for_a_renewal_that_says_w
             await kv.delete(f"partition.{taken}")
 
 
+async def test_a_worker_stopped_in_the_middle_of_a_lease_tick_gives_back_every_lease(
+    own_nc: NatsClient,
+) -> None:
+    """A worker told to stop cuts its lease tick short (`_unless_stopped`; the grace
+    period's renewals are cancelled too). A request of that tick already sent still
+    lands: a lease taken or renewed on the server that the worker never recorded.
+    Its release then skipped the one taken and failed on the one renewed (a stale
+    revision), and each stayed held by a worker that was gone until it lapsed: its
+    partition served by nobody meanwhile (15 s in production)."""
+    js = own_nc.jetstream()
+    kv = await js.key_value(LEASES_BUCKET)
+    await _until_bucket_empty(js)  # every partition free: the tick takes them all
+    leases = PartitionLeases(js, "cut-short-worker", PARTITIONS)
+    await leases.open()
+    ticking = asyncio.create_task(leases.tick(lambda partition: False))
+    try:
+        # it takes them one after another: cut it once it took one, the next underway
+        while not leases.owned:  # noqa: ASYNC110  # no event to wait for inside a tick
+            await asyncio.sleep(0)
+        ticking.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ticking
+        await leases.release_all()
+        held = []
+        for partition in range(PARTITIONS):
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                if (await kv.get(f"partition.{partition}")).value == b"cut-short-worker":
+                    held.append(partition)
+        assert held == []
+    finally:
+        for partition in range(PARTITIONS):
+            with contextlib.suppress(nats.errors.Error):
+                await kv.delete(f"partition.{partition}")
+
+
 async def test_lease_ticks_leave_no_consumers_behind_and_count_only_live_workers(
     own_nc: NatsClient,
 ) -> None:
