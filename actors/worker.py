@@ -167,6 +167,8 @@ class WorkerHost:
         self._actors: dict[str, _Running] = {}
         self._loops: dict[int, asyncio.Task[None]] = {}
         self._pending: set[Delivery] = set()
+        # Set once a stopping worker's feeds are closed: before, nothing is given back
+        self._feeds_closed = asyncio.Event()
         self.idle_states = IdleStates(count=states_kept, max_bytes=states_max_bytes)
         self.leases = PartitionLeases(
             js, ctx.worker_id, partitions, ttl_s=lease_ttl_s, replicas=replicas
@@ -392,11 +394,14 @@ class WorkerHost:
             # held for its turn, or in its hands when it was stopped (a partition
             # lost mid-command). Left unsettled, the heartbeat would keep one in
             # progress for ever and the partition's new owner would never get it.
+            _drain(running.inbox)
+            actor.held.clear()
+            if self._winding_down:
+                # cut while the feeds close: what they still bring is held with the rest
+                await self._feeds_closed.wait()
             leftovers = sorted(
                 (d for d in self._pending if d.conversation_id == cid), key=Delivery.order
             )
-            _drain(running.inbox)
-            actor.held.clear()
             for delivery in leftovers:
                 with contextlib.suppress(nats.errors.Error):
                     await asyncio.shield(delivery.nak())
@@ -414,7 +419,13 @@ class WorkerHost:
         it (a user who presses Stop is not made to wait out the grace, nor billed
         for it); every other command is held, not started. Then the feeds close,
         and nothing is given back before they have, or it could come back out of
-        order (see actors/command_feed.py)."""
+        order (see actors/command_feed.py).
+
+        The turns still running are cut as the feeds close, not after: with NATS not
+        answering, each waits for as long as it may (a feed for its requests to
+        expire, a turn for its end to be appended), and one after the other they
+        took the worker past its stop's deadline. What a cut actor leaves is given
+        back once the feeds are closed."""
         loops = list(self._loops.values())
         try:
             async with asyncio.timeout(self._grace_s):
@@ -427,11 +438,14 @@ class WorkerHost:
                 extra={"turns": sum(1 for r in self._actors.values() if r.actor.runner)},
             )
         fetching.set()
-        for loop in loops:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await loop
         for running in list(self._actors.values()):
             running.task.cancel()
+        try:
+            for loop in loops:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await loop
+        finally:
+            self._feeds_closed.set()
 
     async def _give_back_all(self) -> None:
         """Every command not settled goes back to JetStream, in the order it was sent."""
