@@ -109,6 +109,7 @@ class Projector:
         self.batches = 0  # batches read from the log since start (one transaction each)
         self.applied = asyncio.Condition()
         self.ready = asyncio.Event()  # set once following the log
+        self._applying: asyncio.Timeout | None = None  # the batch being stored, if any
 
     async def run(self, stopping: asyncio.Event) -> None:
         lock_conn = await self._pool.acquire()
@@ -148,6 +149,7 @@ class Projector:
         feed = self._feed()
         started = True  # the next entry is the first the feed hands out
         self.ready.set()
+        cutting = asyncio.ensure_future(self._cut_when_stopping(stopping))
         try:
             while not stopping.is_set():
                 if lock_conn.is_closed():
@@ -166,12 +168,23 @@ class Projector:
                         if gap is not None:
                             await self._record_removed(lock_conn, *gap)
                 self.batches += 1
+                applying = self._applying = asyncio.timeout(None)
                 try:
                     # On the connection that holds the lock: no pool checkout, and no
                     # reset round trip on its return, per batch (the reset was 6% of
                     # the projector's samples under bench capacity); and a projector
                     # that lost its lock with its connection cannot write either.
-                    await self.apply(self.decode(batch), through=batch[-1].seq, conn=lock_conn)
+                    async with applying:
+                        await self.apply(self.decode(batch), through=batch[-1].seq, conn=lock_conn)
+                except TimeoutError:
+                    if not applying.expired():
+                        raise
+                    log.warning(
+                        "projector stopped before its batch was stored; Postgres did not"
+                        " answer (the next projector applies it)",
+                        extra={"projection": self.name, "within_s": _GOODBYE_WITHIN_S},
+                    )
+                    return
                 except Rewound as moved:
                     log.warning(
                         "checkpoint moved back; following again from it",
@@ -180,8 +193,21 @@ class Projector:
                     await feed.close()
                     self.position = moved.position
                     feed, started = self._feed(), True
+                finally:
+                    self._applying = None
         finally:
+            cutting.cancel()
             await feed.close()
+
+    async def _cut_when_stopping(self, stopping: asyncio.Event) -> None:
+        """A batch being stored when the projector is told to stop gets
+        `_GOODBYE_WITHIN_S`, then is cut (its transaction never commits, the checkpoint
+        stays): Postgres that stopped answering held the stop until the deadline of
+        the process's roles (a statement without a timeout waits for ever)."""
+        await stopping.wait()
+        applying = self._applying
+        if applying is not None:
+            applying.reschedule(asyncio.get_running_loop().time() + _GOODBYE_WITHIN_S)
 
     async def _check_log(self, conn: Any) -> None:
         """Refuse to follow a log that ends before the checkpoint (`LogBehind`).

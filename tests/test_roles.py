@@ -789,6 +789,11 @@ async def test_a_process_told_to_stop_while_a_server_does_not_answer_stops_in_ti
             frozen = _with_children(own_servers.pids[server])
             for pid in frozen:
                 os.kill(pid, signal.SIGSTOP)
+        if server == "postgres":
+            # events the projectors have to store now: each is in the middle of a
+            # batch Postgres does not answer when the stop comes
+            count = len(await event_log.read(cid))
+            await _until(event_log, cid, lambda log: len(log) >= count + 3)
         process.send_signal(signal.SIGTERM)
         told = len(said)
         async with asyncio.timeout(25):
@@ -808,10 +813,14 @@ async def test_a_process_told_to_stop_while_a_server_does_not_answer_stops_in_ti
     rest = "".join(said[told:])
     assert code == 0, rest
     assert said_at_stop in rest, rest
-    # The worker stops on its own, not cancelled at the deadline: a feed waiting for
-    # its requests to expire, then a turn cut only after for its end's append, took
-    # it past that (and the release of its leases and connections came after).
-    assert "role did not stop in time; cancelled role=worker" not in rest, rest
+    # Roles stop on their own, not cancelled at the deadline: a worker's feeds waiting
+    # for their requests to expire, then its turns cut only after for their ends'
+    # appends, took it past that; so did a projector's batch whose statement Postgres
+    # never answered (and what a cancelled role releases came after). (A projector's
+    # log reader waits up to 10 s for an answer NATS owes it, past this test's 1 s
+    # grace and 10 s, not past the default 10 s grace: not asked of it here.)
+    cut = "role did not stop in time" if server == "postgres" else "cancelled role=worker"
+    assert cut not in rest, rest
     assert "Traceback" not in rest, rest
 
 
