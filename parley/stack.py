@@ -211,6 +211,7 @@ class EmbeddedStack:
         for child in children:
             if child.proc.poll() is None:
                 child.proc.send_signal(child.stop_signal)
+                _resume(child.proc.pid)
         deadline = time.monotonic() + STOP_TIMEOUT
         for child in children:
             try:
@@ -506,6 +507,20 @@ def _terminate(pid: int, sig: signal.Signals, what: str) -> None:
                 return
             time.sleep(_POLL)
     raise StackError(f"{what} (pid {pid}) from an earlier run survived SIGKILL")
+
+
+def _resume(pid: int) -> None:
+    """SIGCONT to a server and its own processes (Postgres's backends): one that was
+    stopped (SIGSTOP, a debugger, a job stopped in its shell) acts on no signal until
+    it is continued, and `stop` waited out its whole timeout, then killed it. To a
+    running process SIGCONT is nothing."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for each in (pid, *map(int, children)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(each, signal.SIGCONT)
 
 
 def _stop_leftovers(data: Path) -> None:

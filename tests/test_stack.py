@@ -7,6 +7,7 @@ session stack the rest of the suite shares.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import select
@@ -163,6 +164,27 @@ def test_stop_leaves_no_server_process_behind(tmp_path: Path) -> None:
 
     assert stack.pids == {}
     assert not {p for p in everything if _alive(p)}
+
+
+def test_stop_does_not_wait_out_its_timeout_for_servers_that_are_stopped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server stopped with SIGSTOP (and Postgres's backends with it) acts on no
+    signal until it is continued: `parley dev` stopped with Ctrl-C while its NATS
+    was frozen waited the whole STOP_TIMEOUT (15 s) before it killed it."""
+    stack = EmbeddedStack(tmp_path)
+    stack.start()
+    frozen = [stack.pids["nats"], stack.pids["postgres"], *_descendants(stack.pids["postgres"])]
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        stack.stop()
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    assert "killing it" not in caplog.text
+    assert not {p for p in frozen if _alive(p)}
 
 
 def test_servers_die_when_the_launching_process_is_killed(tmp_path: Path) -> None:
