@@ -428,23 +428,25 @@ class WorkerHost:
         back once the feeds are closed."""
         loops = list(self._loops.values())
         try:
-            async with asyncio.timeout(self._grace_s):
-                # shutdown only: a poll beats an event every actor would have to set
-                while any(not r.actor.idle for r in self._actors.values()):  # noqa: ASYNC110
-                    await asyncio.sleep(0.05)
-        except TimeoutError:
-            log.warning(
-                "turns still running after the grace period are ended as interrupted",
-                extra={"turns": sum(1 for r in self._actors.values() if r.actor.runner)},
-            )
-        fetching.set()
-        for running in list(self._actors.values()):
-            running.task.cancel()
-        try:
+            try:
+                async with asyncio.timeout(self._grace_s):
+                    # shutdown only: a poll beats an event every actor would have to set
+                    while any(not r.actor.idle for r in self._actors.values()):  # noqa: ASYNC110
+                        await asyncio.sleep(0.05)
+            except TimeoutError:
+                log.warning(
+                    "turns still running after the grace period are ended as interrupted",
+                    extra={"turns": sum(1 for r in self._actors.values() if r.actor.runner)},
+                )
+            fetching.set()
+            for running in list(self._actors.values()):
+                running.task.cancel()
             for loop in loops:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await loop
         finally:
+            # whatever ended the stop (a cancel from outside, too): a cut actor waits
+            # for this before it gives its commands back, and would wait for ever
             self._feeds_closed.set()
 
     async def _give_back_all(self) -> None:

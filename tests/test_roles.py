@@ -614,6 +614,31 @@ async def test_a_viewer_keeps_its_stream_through_the_end_a_stopping_worker_write
     assert [e.data for e in seen if e.event == "done"] == ["error", "ok"], seen[-3:]
 
 
+async def test_a_worker_cut_from_outside_in_its_grace_still_ends(
+    own_stack: Servers, own_nc: NatsClient, demo_model_url: str, http: aiohttp.ClientSession
+) -> None:
+    """A stop cut short by a cancel from outside while running turns had their grace:
+    the actors it cut waited for feeds to close that no one would close any more, and
+    the worker's task never ended."""
+    event_log = EventLog(own_nc.jetstream())
+    async with roles(own_stack, demo_model_url, "edge") as edge:
+        api = SseClient(http, edge.edge_url, token_for("roles-cut"))
+        cid = (await api.create_conversation())["id"]
+        async with roles(own_stack, demo_model_url, "worker") as worker:
+            await api.send_json(cid, "long [[tokens=4000]] [[rate=100]]")
+            await _until(event_log, cid, lambda log: sum(isinstance(e, Chunk) for e in log) >= 3)
+            host = worker.worker
+            assert host is not None
+            (task,) = [t for t in worker._tasks if t.get_name() == "worker"]
+            worker.stop()
+            async with asyncio.timeout(10):
+                while not host.winding_down:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            task.cancel()  # in the grace (2 s here): the turn still runs
+            done, _ = await asyncio.wait({task}, timeout=10)
+            assert task in done, "the worker's task did not end after its cancel"
+
+
 async def test_a_cancel_still_stops_a_turn_while_its_worker_winds_down(
     own_stack: Servers, own_nc: NatsClient, demo_model_url: str, http: aiohttp.ClientSession
 ) -> None:
