@@ -105,6 +105,7 @@ from api.turn_routes import (
     regenerate,
     rename_conversation,
     resume_position,
+    shown_within,
 )
 from api.validation import MAX_POSITION, Id, ModelName, refused
 from events.codec import encode_stored
@@ -114,7 +115,7 @@ from events.subjects import EVT_STREAM, valid_id
 from events.turns import TurnRecord
 from events.vocabulary import TITLE_LIMIT, ConversationCreated
 from projections.poison import log_behind_reason
-from projections.store import ConversationRow, bounded
+from projections.store import ConversationRow, ReadStore, bounded
 
 log = logging.getLogger(__name__)
 
@@ -280,24 +281,14 @@ async def create_conversation(request: web.Request) -> web.Response:
     # expected sequence 0: the id is fresh, and nothing may precede the header
     seq = await request.app[LOG].append(header.conversation_id, [header], expected_seq=0)
     request.app[HEADERS].put(header, made_at=seq)
-    if await _projected_within(request, seq):
+
+    async def projected(store: ReadStore) -> bool:
+        return await store.position() >= seq
+
+    if await shown_within(request, projected):
         return answer(await conversation_detail(request, header, fresh=True), status=201)
     # not projected yet (or Postgres does not answer): the header is the answer
     return answer(_with_turn(_unprojected_info(header), None), status=201)
-
-
-async def _projected_within(request: web.Request, seq: int) -> bool:
-    """Read-your-writes for the common case: whether the row exists within a moment."""
-    deadline = time.monotonic() + request.app[CONFIG].create_wait_s
-    store = request.app[STORE]
-    while (left := deadline - time.monotonic()) > 0:
-        try:
-            if await bounded(store.position(), left) >= seq:
-                return True
-        except POSTGRES_AWAY:  # TimeoutError too
-            return False
-        await asyncio.sleep(0.01)
-    return False
 
 
 async def list_conversations(request: web.Request) -> web.Response:

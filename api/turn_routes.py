@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated, Any, TypeVar
 
 import msgspec
@@ -69,7 +69,7 @@ from events.vocabulary import (
     TurnCommand,
     UserMessage,
 )
-from projections.store import bounded
+from projections.store import ReadStore, bounded
 
 T = TypeVar("T")
 # A key is reserved this long before its command is published, then kept for
@@ -303,23 +303,29 @@ async def rename_conversation(request: web.Request) -> web.Response:
         title=title,
     )
     await publish_command(request, command)
-    await _titled_within(request, header.conversation_id, title)
+
+    async def titled(store: ReadStore) -> bool:
+        row = await store.conversation(header.conversation_id)
+        return row is not None and row.title == title
+
+    # not shown in time (the log, the worker or Postgres slow, another rename after
+    # it): the answer is the same, and the `title` event follows on the stream
+    await shown_within(request, titled)
     return answer(Renamed(id=header.conversation_id, title=title), status=202)
 
 
-async def _titled_within(request: web.Request, conversation_id: str, title: str) -> bool:
-    """Whether the conversation's row shows `title` within a moment (a create's wait);
-    not (the log, the worker or Postgres slow, another rename after it): the answer
-    is the same, and the `title` event follows on the conversation's stream."""
+async def shown_within(request: web.Request, shown: Callable[[ReadStore], Awaitable[bool]]) -> bool:
+    """Read-your-writes for the common case: whether the read models show what a
+    request just wrote (`shown`) within a moment, a create's wait; False when not, or
+    when Postgres does not answer."""
     deadline = time.monotonic() + request.app[CONFIG].create_wait_s
     store = request.app[STORE]
     while (left := deadline - time.monotonic()) > 0:
         try:
-            row = await bounded(store.conversation(conversation_id), left)
+            if await bounded(shown(store), left):
+                return True
         except POSTGRES_AWAY:  # TimeoutError too
             return False
-        if row is not None and row.title == title:
-            return True
         await asyncio.sleep(0.01)
     return False
 
