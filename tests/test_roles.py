@@ -53,6 +53,7 @@ from parley.stack import EmbeddedStack, free_ports
 from tests.conftest import SECRET, token_for
 from tests.conftest import test_catalog as catalog_for_tests
 from tests.sse import SseClient, SseEvent, read_sse
+from tests.test_cli import server_env
 from tests.test_snapshots import answered_turn
 
 LEASE_TTL_S = 3.0
@@ -987,14 +988,7 @@ async def test_lease_ticks_leave_no_consumers_behind_and_count_only_live_workers
 
 def role_env(servers: Servers, model_url: str) -> dict[str, str]:
     """The environment of `parley serve` on these servers."""
-    return {
-        **{k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")},
-        "PARLEY_NATS_URL": servers.nats_url,
-        "PARLEY_DATABASE_URL": servers.database_url,
-        "PARLEY_REDIS_URL": servers.redis_url,
-        "PARLEY_MODEL_BASE_URL": model_url,
-        "PARLEY_JWT_SECRET": SECRET,
-    }
+    return {**server_env(servers), "PARLEY_MODEL_BASE_URL": model_url, "PARLEY_JWT_SECRET": SECRET}
 
 
 def worker_process(servers: Servers, model_url: str) -> subprocess.Popen[bytes]:
