@@ -346,6 +346,9 @@ class _Chunks(Subscription):
         self.queue.put_nowait(error)
         self.end("stalled")
 
+    def finishes_at_stop(self) -> bool:
+        return True  # one turn's stream: its end is near
+
 
 async def _stream(
     request: web.Request, conversation_id: str, position: Position, turn: TurnFilter
@@ -365,9 +368,11 @@ async def _stream(
             if getter not in done:
                 getter.cancel()
                 if feeding.done() and subscription.queue.empty():
-                    # Cut off (it fell behind) or the feed broke: the turn goes on, and
-                    # the client is told so, not left with an answer that looks whole.
-                    await _write(request, response, frame(_cut_off(conversation_id)))
+                    # Cut off (it fell behind, or this edge is stopping) or the feed
+                    # broke: the turn goes on, and the client is told so, not left with
+                    # an answer that looks whole.
+                    why = _ended(feeding)
+                    await _write(request, response, frame(_cut_off(conversation_id, why)))
                     break
                 if not done:
                     await _write(request, response, b": ping\n\n")
@@ -392,11 +397,22 @@ async def _stream(
     return response
 
 
-def _cut_off(conversation_id: str) -> dict[str, Any]:
+def _ended(feeding: asyncio.Task[str]) -> str:
+    """Why the feed of a stream ended (`Subscription.ended`), "broken" if it failed."""
+    if feeding.cancelled() or feeding.exception() is not None:
+        return "broken"
+    return feeding.result()
+
+
+def _cut_off(conversation_id: str, why: str) -> dict[str, Any]:
+    what = {
+        "slow": "this stream fell behind the answer and was cut off",
+        "stopping": "this server is stopping",
+    }.get(why, "this stream's feed of the answer broke")
     return {
         "type": "error",
-        "errorText": "this stream fell behind the answer and was cut off; the answer goes "
-        f"on: resume it (GET /v1/ai-sdk/chat/{conversation_id}/stream)",
+        "errorText": f"{what}; the answer goes on: resume it "
+        f"(GET /v1/ai-sdk/chat/{conversation_id}/stream)",
     }
 
 

@@ -249,6 +249,14 @@ async def _server_header(request: web.Request, response: web.StreamResponse) -> 
     response.headers["X-Content-Type-Options"] = "nosniff"
 
 
+async def _end_streams(app: web.Application) -> None:
+    """The edge stops: it listens no more and serves no new request (aiohttp closed
+    the connections that wait for one); its open streams end (`Hubs.drain`) before
+    aiohttp waits for the requests under way, which would otherwise hold the stop
+    for its whole timeout and then drop every stream with no word."""
+    await app[HUBS].drain(app[CONFIG].stop_grace_s)
+
+
 def create_app(config: EdgeConfig, metrics: EdgeMetrics | None = None) -> web.Application:
     middlewares = [
         request_id_middleware,
@@ -271,6 +279,7 @@ def create_app(config: EdgeConfig, metrics: EdgeMetrics | None = None) -> web.Ap
     app[READINESS] = SharedCheck(fresh_s=1.0)
     app.on_response_prepare.append(_server_header)
     app.on_response_prepare.append(name_the_request)
+    app.on_shutdown.append(_end_streams)
     app.cleanup_ctx.extend([auth_ctx, nats_ctx, postgres_ctx, redis_ctx, hubs_ctx, limits_ctx])
     add_routes(app)
     return app

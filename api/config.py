@@ -96,6 +96,9 @@ class EdgeConfig(msgspec.Struct, frozen=True):
     # /readyz gives each of NATS, Postgres and Redis this long to answer: a server
     # that hangs makes the edge unready, not the probe time out.
     ready_timeout_s: float = 1.0
+    # An edge told to stop (SIGTERM) lets the streams of running turns reach their
+    # turn's end for this long, and ends every other stream at once (api.hub.Hubs.drain).
+    stop_grace_s: float = 12.0
     # Every other read of Postgres waits this long before its request answers 503: a
     # server that hangs breaks no connection (projections.store.bounded).
     postgres_timeout_s: float = 5.0

@@ -230,7 +230,8 @@ class Subscription:
         # the request this viewer serves, for the lines the hub logs about it: they
         # are logged from the hub's task, which serves every viewer
         self.request_id = REQUEST_ID.get()
-        # set once, with why the subscription is over: "done", "stalled", "slow", "gone", "broken"
+        # set once, with why the subscription is over: "done", "stalled", "slow", "gone",
+        # "broken", or "stopping" (the edge is stopping: `Hubs.drain`)
         self.ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     def waiting_command(self) -> PendingCommand | None:
@@ -257,6 +258,12 @@ class Subscription:
 
     def gone(self) -> bool:
         """Whether whoever reads this subscription has left (a closed connection)."""
+        return False
+
+    def finishes_at_stop(self) -> bool:
+        """Whether an edge that is stopping lets this subscription run on to its own
+        end, within a grace (`Hubs.drain`): a client's stream of one turn, which ends
+        at that turn's end, seconds away. Any other ends at once."""
         return False
 
     # -- called by the hub, synchronously
@@ -617,6 +624,7 @@ class Hubs:
         self._hubs: dict[str, Hub] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._on_delivered = on_delivered
+        self._draining = False
 
     def __len__(self) -> int:
         return len(self._hubs)
@@ -658,7 +666,10 @@ class Hubs:
                 task.add_done_callback(self._tasks.discard)
             await asyncio.shield(hub.ready)
             if not hub.closed:  # it may have stopped while we waited for it
-                return hub, hub.join(subscription)
+                snapshot = hub.join(subscription)
+                if self._draining and not subscription.finishes_at_stop():
+                    subscription.end("stopping")
+                return hub, snapshot
 
     def following(self, conversation_id: str) -> int | None:
         """The last position the conversation's hub handed out, if this process follows
@@ -673,6 +684,44 @@ class Hubs:
     def forget(self, hub: Hub) -> None:
         if self._hubs.get(hub.conversation_id) is hub:
             del self._hubs[hub.conversation_id]
+
+    async def drain(self, grace_s: float) -> None:
+        """End every subscription, as an edge that stops must, without cutting answers
+        short where it can wait: the streams of one turn (`finishes_at_stop`) are
+        given `grace_s` to reach their turn's end; the rest (a viewer of the whole
+        conversation, waiting for turns to come; a request's watchers) end at once,
+        "stopping", and so do those still open when the grace is over. An EventSource
+        reconnects by itself with the last id it saw; a client of a turn's stream
+        resumes it the same way (api/streaming.py, api/ai_sdk.py say so in the stream).
+
+        Joins after the drain began are ended as they join (a request that was under
+        way when the edge stopped listening)."""
+        self._draining = True
+        deadline = asyncio.get_running_loop().time() + grace_s
+        while True:
+            finishing = self._end_all_but_turn_streams()
+            left = deadline - asyncio.get_running_loop().time()
+            if not finishing or left <= 0:
+                break
+            # every one ends by itself at its turn's end (a new one may have joined
+            # meanwhile: looked for again)
+            await asyncio.wait(finishing, timeout=left)
+        for hub in list(self._hubs.values()):
+            for subscription in list(hub.subscriptions):
+                subscription.end("stopping")
+
+    def _end_all_but_turn_streams(self) -> list[asyncio.Future[str]]:
+        """End at once what a stop need not wait for; the ends of what it waits for."""
+        finishing: list[asyncio.Future[str]] = []
+        for hub in list(self._hubs.values()):
+            for subscription in list(hub.subscriptions):
+                if subscription.ended.done():
+                    continue
+                if subscription.finishes_at_stop():
+                    finishing.append(subscription.ended)
+                else:
+                    subscription.end("stopping")
+        return finishing
 
     async def close(self) -> None:
         tasks = list(self._tasks)

@@ -31,6 +31,10 @@ from events.vocabulary import (
 )
 
 PING = b": ping\n\n"
+# The last words of a stream the edge ends because it is stopping (a deploy, a
+# scale-down): a comment, which an EventSource ignores before it reconnects with the
+# last id it saw, as any client of the stream may (README "Stopping an edge").
+STOPPING = b": this server is stopping; reconnect with Last-Event-ID to go on\n\n"
 _encoder = msgspec.json.Encoder()
 # ASCII digits only (\d would take "١٢"), and small enough for a JetStream uint64 sequence.
 _POSITION = re.compile(r"^([0-9]{1,18})(?:-([0-9]{1,3}))?$")

@@ -13,6 +13,10 @@ own stream, and resumes from its last id:
   has not drained for `write_timeout_s`, cuts the connection;
 - a viewer still catching up while the hub queues more than `max_pending`
   events for it is cut too.
+
+An edge that stops ends its streams (`Hubs.drain`): a viewer of the whole
+conversation at once, a stream of one turn at that turn's end or when the
+grace is over, each with a comment that says so (`STOPPING`) and a clean end.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from api.hub import (
     read_range,
     turn_state,
 )
-from api.sse import PING, Envelope, Position, frame
+from api.sse import PING, STOPPING, Envelope, Position, frame
 from events.errors import PositionGone
 from events.turns import TurnRecord
 from events.vocabulary import CommandRejected
@@ -198,6 +202,9 @@ class SseViewer(Subscription):
     def gone(self) -> bool:
         return self._transport is None or self._transport.is_closing()
 
+    def finishes_at_stop(self) -> bool:
+        return self.turn is not None  # a POST's stream: its turn's end is near
+
     def cut(self, reason: str) -> None:
         """End the stream and drop its connection (the transport taken when it opened:
         aiohttp may already have let go of it)."""
@@ -275,8 +282,11 @@ async def stream_log(
     finally:
         hub.leave(viewer)
         metrics.sse_viewers(-1)
-    if viewer.ended.result() in ("done", "stalled", "broken"):
+    reason = viewer.ended.result()
+    if reason in ("done", "stalled", "broken", "stopping"):
         with contextlib.suppress(ConnectionResetError, TimeoutError):
+            if reason == "stopping":
+                await _bounded(request, response.write(STOPPING))
             await _bounded(request, response.write_eof())
     return response
 

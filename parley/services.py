@@ -190,6 +190,9 @@ class Services:
         self._connections: list[NatsClient] = []
         self._stack.push_async_callback(self._finish_connections)
         self._tasks: list[asyncio.Task[None]] = []
+        # what listens for HTTP, and each one's stop once begun (`_stop_serving`)
+        self._runners: list[web.AppRunner] = []
+        self._runner_stops: dict[web.AppRunner, asyncio.Task[None]] = {}
         self.restarts: dict[str, int] = {}  # role -> times it was restarted after failing
         # one registry for every role of this process; the edge's /metrics shows it
         self.metrics = Metrics()
@@ -210,6 +213,10 @@ class Services:
         tb: TracebackType | None,
     ) -> None:
         self._stopping.set()
+        # The edge stops listening now, and its streams end while the roles stop: a
+        # turn that a worker of this process finishes in its grace reaches its viewers.
+        for runner in self._runners:
+            self._runner_stops.setdefault(runner, asyncio.create_task(runner.cleanup()))
         # Roles watch `stopping` and end within the grace (a worker's running turns) and
         # a few seconds more; cancel is the backstop, one deadline for all of them.
         if self._tasks:
@@ -222,6 +229,12 @@ class Services:
                     log.error("role ended with an error", exc_info=outcome)
         self._tasks.clear()
         await self._stack.aclose()
+
+    async def _stop_serving(self, runner: web.AppRunner) -> None:
+        """Stop `runner` (in the exit stack's order), or wait for its stop begun in
+        `__aexit__`."""
+        stop = self._runner_stops.pop(runner, None)
+        await (stop if stop is not None else runner.cleanup())
 
     def _count_stall(self, held_s: float) -> None:
         self.metrics.loop_stalls.inc()
@@ -389,6 +402,8 @@ class Services:
             max_projection_lag=options.max_projection_lag,
             stream_replicas=options.stream_replicas,
             cors_origins=options.cors_origins,
+            # a little past a worker's grace: a turn it ends then still reaches its viewers
+            stop_grace_s=options.shutdown_grace_s + 2.0,
         )
         self.edge_url = await self._serve(create_app(config, self.metrics), options.port)
 
@@ -397,7 +412,8 @@ class Services:
         options = self.options
         runner = edge_runner(app, idle_timeout_s=options.limits.idle_timeout_s)
         await runner.setup()
-        self._stack.push_async_callback(runner.cleanup)
+        self._stack.push_async_callback(self._stop_serving, runner)
+        self._runners.append(runner)
         site = EagerTCPSite(
             runner, options.host, port, backlog=LISTEN_BACKLOG, protocol=EdgeRequestHandler
         )

@@ -1,0 +1,201 @@
+"""An edge told to stop (a deploy, a scale-down) with streams open: the streams of running
+turns reach their turn's end within the grace, every other stream ends at once with a
+word and a clean end, and what a cut stream missed is there to resume from its last id.
+Before, aiohttp waited out its shutdown timeout twice (10 s) and then dropped every
+stream mid-body."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+
+from api.context import HUBS
+from api.hub import Delivery, Subscription, watch
+from api.sse import Envelope, Position
+from events.ids import new_id
+from events.log import EventLog
+from events.vocabulary import Done
+from parley.services import Servers, Services
+from tests.conftest import extra_edge, extra_edge_server, token_for
+from tests.sse import SseClient, SseComment, SseEvent, read_sse
+
+STOPPING = "this server is stopping; reconnect with Last-Event-ID to go on"
+
+
+@contextlib.asynccontextmanager
+async def edge_to_stop(
+    stack: Servers, http: aiohttp.ClientSession, user: str, **overrides: Any
+) -> AsyncIterator[tuple[SseClient, asyncio.Event]]:
+    """An edge of its own, and an event that stops it (as SIGTERM does) while the test
+    goes on; the stop is awaited when the block ends."""
+    stop = asyncio.Event()
+    edge = extra_edge(stack, **overrides)
+    url = await edge.__aenter__()
+
+    async def stopper() -> float:
+        await stop.wait()
+        began = time.monotonic()
+        await edge.__aexit__(None, None, None)
+        return time.monotonic() - began
+
+    stopping = asyncio.create_task(stopper())
+    try:
+        yield SseClient(http, url, token_for(user)), stop
+    finally:
+        stop.set()
+        await stopping
+
+
+async def read_all(response: aiohttp.ClientResponse) -> list[SseEvent | SseComment]:
+    """Every event and comment up to the stream's end; raises if it ends unclean."""
+    return [item async for item in read_sse(response)]
+
+
+async def first_token(response: aiohttp.ClientResponse, out: list[SseEvent | SseComment]) -> None:
+    async for item in read_sse(response):
+        out.append(item)
+        if isinstance(item, SseEvent) and item.event == "token":
+            return
+
+
+async def test_a_stopping_edge_lets_a_running_turn_finish_and_ends_a_waiting_viewer_at_once(
+    stack: Servers, services: Services, http: aiohttp.ClientSession, user: str
+) -> None:
+    async with edge_to_stop(stack, http, user, stop_grace_s=60.0) as (client, stop):
+        idle = (await client.create_conversation())["id"]
+        busy = (await client.create_conversation())["id"]
+        async with (
+            client.events(idle) as viewer,
+            client.http.post(
+                client.url(f"/v1/conversations/{busy}/messages"),
+                json={"content": "go [[tokens=30]] [[rate=20]]"},
+                headers=client.headers(Accept="text/event-stream"),
+            ) as turn,
+        ):
+            seen: list[SseEvent | SseComment] = []
+            await first_token(turn, seen)
+            stop.set()
+            # the viewer waiting for turns ends first, told why, with a clean end
+            said = await read_all(viewer)
+            assert SseComment(STOPPING) in said, said
+            assert not any(isinstance(e, SseEvent) for e in said), said
+            # the turn's stream goes on to its end, well within the grace
+            seen += await read_all(turn)
+    events = [e for e in seen if isinstance(e, SseEvent)]
+    assert events[-1].event == "done" and events[-1].data == "ok", events[-3:]
+    assert SseComment(STOPPING) not in seen
+
+
+async def test_a_turn_longer_than_the_grace_is_cut_with_a_word_and_resumes_whole_elsewhere(
+    stack: Servers,
+    services: Services,
+    http: aiohttp.ClientSession,
+    user: str,
+    api: SseClient,
+    event_log: EventLog,
+) -> None:
+    async with edge_to_stop(stack, http, user, stop_grace_s=0.2) as (client, stop):
+        cid = (await client.create_conversation())["id"]
+        async with client.http.post(
+            client.url(f"/v1/conversations/{cid}/messages"),
+            json={"content": "go [[tokens=40]] [[rate=20]]"},
+            headers=client.headers(Accept="text/event-stream"),
+        ) as turn:
+            seen: list[SseEvent | SseComment] = []
+            await first_token(turn, seen)
+            stop.set()
+            seen += await read_all(turn)
+    assert seen[-1] == SseComment(STOPPING), seen[-3:]
+    events = [e for e in seen if isinstance(e, SseEvent)]
+    assert all(e.event != "done" for e in events)
+    # the rest is in the log: another edge (the session's) gives it, from the last id
+    async with api.events(cid, last_event_id=events[-1].id) as rest:
+        later = [e async for e in read_sse(rest) if isinstance(e, SseEvent)]
+    assert later[-1].event == "done" and later[-1].data == "ok"
+    text = "".join(e.data for e in events + later if e.event == "token")
+    log = [s.event for s in await event_log.read(cid)]
+    done = next(e for e in log if isinstance(e, Done))
+    answer = "".join(block.content for block in done.content if block.role == "assistant")
+    assert text == answer  # nothing lost, nothing twice
+
+
+async def test_a_use_chat_stream_cut_by_a_stop_says_the_server_is_stopping_and_how_to_resume(
+    stack: Servers, services: Services, http: aiohttp.ClientSession, user: str
+) -> None:
+    chat = new_id()
+    async with (
+        edge_to_stop(stack, http, user, stop_grace_s=0.2) as (client, stop),
+        client.http.post(
+            client.url("/v1/ai-sdk/chat"),
+            json={
+                "id": chat,
+                "messages": [
+                    {
+                        "id": "m1",
+                        "role": "user",
+                        "parts": [{"type": "text", "text": "go [[tokens=40]] [[rate=20]]"}],
+                    }
+                ],
+            },
+            headers=client.headers(),
+        ) as response,
+    ):
+        assert response.status == 200
+        body = b""
+        async for line in response.content:
+            body += line
+            if b'"text-delta"' in line:
+                break
+        stop.set()
+        body += await response.read()
+    text = body.decode()
+    assert '"type":"error"' in text and "this server is stopping" in text, text[-300:]
+    assert f"/v1/ai-sdk/chat/{chat}/stream" in text
+    assert "[DONE]" not in text
+
+
+class _TurnStream(Subscription):
+    """As a client's stream of one turn: a stop waits for its end."""
+
+    def finishes_at_stop(self) -> bool:
+        return True
+
+    def take(self, delivery: Delivery) -> None:
+        pass
+
+    def take_stall(self, error: Envelope) -> None:
+        pass
+
+
+class _Viewer(_TurnStream):
+    """As a viewer of the whole conversation: a stop ends it at once."""
+
+    def finishes_at_stop(self) -> bool:
+        return False
+
+
+async def test_a_drain_waits_for_turn_streams_and_ends_what_joins_meanwhile_at_once(
+    stack: Servers, services: Services
+) -> None:
+    """A stream that joins once the drain began (its request was under way when the edge
+    stopped listening) is not left open for the grace; the drain itself ends when the
+    last turn's stream does, not at its deadline."""
+    async with extra_edge_server(stack) as server:
+        hubs = server.app[HUBS]
+        cid = new_id()
+        turn = _TurnStream(Position(seq=0))
+        hub, _ = await hubs.join(cid, turn)
+        draining = asyncio.create_task(hubs.drain(60.0))
+        late = _Viewer(Position(seq=0))
+        async with asyncio.timeout(10):
+            assert await watch(hubs, cid, late) == "stopping"
+        assert not draining.done() and not turn.ended.done()
+        turn.end("done")
+        async with asyncio.timeout(10):
+            await draining
+        hub.leave(turn)
