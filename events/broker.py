@@ -545,6 +545,20 @@ class DirectClient(NatsClient):
         command: bytes = super()._connect_command()
         return command
 
+    async def _process_pong(self) -> None:
+        # nats.py's own, but a pong whose waiter gave up is let be: a flush whose
+        # timeout passed (or whose caller was cancelled) cancels its future, and
+        # nats.py's `set_result` on it raised InvalidStateError in the read loop,
+        # which ended the loop for good: nothing more was read on the connection
+        # until unanswered pings made it reconnect, minutes later.
+        pongs: list[asyncio.Future[bool]] = self._pongs
+        if pongs:
+            future = pongs.pop(0)
+            if not future.done():
+                future.set_result(True)
+            self._pongs_received += 1
+            self._pings_outstanding = 0
+
     def deliver_directly(self, sub: Any, handler: DirectHandler, *, statuses: bool = False) -> None:
         self._direct[sub._id] = (handler, statuses)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import nats.aio.msg
+import nats.errors
 import nats.js.errors
 import pytest
 
@@ -77,3 +79,32 @@ async def test_acks_and_status_answers_come_straight_back_to_the_publisher(
         await publisher.publish(f"nowhere.{new_id()}", b"{}", {}, 5.0)
     sub = replies._sub
     assert sub._pending_queue.qsize() == 0 and sub._received == 0
+
+
+async def test_a_flush_that_timed_out_does_not_kill_the_connection_when_its_pong_comes(
+    direct: DirectClient,
+) -> None:
+    """nats.py's flush cancels its pong's future when its timeout passes; the pong that
+    came later raised InvalidStateError in the read loop, which ended it for good ("nats:
+    encountered error"): nothing more was read on that connection, and nothing noticed
+    until unanswered pings made it reconnect, minutes later. The ping of a stop
+    (events.broker.finish) gives up after 2 s on a server that is merely slow."""
+    for _ in range(50):  # a timeout this short passes before the pong is read, all but always
+        try:
+            await direct.flush(timeout=1e-9)  # type: ignore[arg-type]  # seconds, any number
+        except nats.errors.FlushTimeoutError:
+            break
+    else:
+        raise AssertionError("no flush timed out: the test proves nothing")
+    subject = f"after-pong.{new_id()}"
+    got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def callback(msg: nats.aio.msg.Msg) -> None:
+        if not got.done():
+            got.set_result(msg.data)
+
+    await direct.subscribe(subject, cb=callback)
+    await direct.publish(subject, b"still read")
+    async with asyncio.timeout(5):
+        assert await got == b"still read"
+    await direct.flush(timeout=5)
