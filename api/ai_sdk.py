@@ -24,7 +24,7 @@ from aiohttp import web
 
 from api.access import owned_conversation, project_of_member
 from api.ai_sdk_stream import DONE_FRAME, HEADERS, UiStream, frame
-from api.context import CONFIG, HUBS, LOG, claims_of
+from api.context import CONFIG, HUBS, LOG, claims_of, token_good_until
 from api.context import HEADERS as CONVERSATION_HEADERS
 from api.errors import ApiError, bad_request, begin_stream, not_found
 from api.hub import Delivery, Subscription, TurnFilter, watch
@@ -357,13 +357,20 @@ async def _stream(
     await begin_stream(request, response)
     config = request.app[CONFIG]
     subscription = _Chunks(position, turn)
+    expires = token_good_until(request)
     feeding = asyncio.create_task(watch(request.app[HUBS], conversation_id, subscription))
     ui = UiStream()
     try:
         while not ui.finished:
+            left = expires - time.time()
+            if left <= 0:  # what a new request with the token would be: refused
+                await _write(request, response, frame(_cut_off(conversation_id, "expired")))
+                break
             getter = asyncio.ensure_future(subscription.queue.get())
             done, _ = await asyncio.wait(
-                {getter, feeding}, timeout=config.ping_interval_s, return_when="FIRST_COMPLETED"
+                {getter, feeding},
+                timeout=min(config.ping_interval_s, left),
+                return_when="FIRST_COMPLETED",
             )
             if getter not in done:
                 getter.cancel()
@@ -374,7 +381,7 @@ async def _stream(
                     why = _ended(feeding)
                     await _write(request, response, frame(_cut_off(conversation_id, why)))
                     break
-                if not done:
+                if not done and time.time() < expires:
                     await _write(request, response, b": ping\n\n")
                 continue
             item = getter.result()
@@ -408,10 +415,12 @@ def _cut_off(conversation_id: str, why: str) -> dict[str, Any]:
     what = {
         "slow": "this stream fell behind the answer and was cut off",
         "stopping": "this server is stopping",
+        "expired": "your token expired",
     }.get(why, "this stream's feed of the answer broke")
+    fresh = " with a fresh token" if why == "expired" else ""
     return {
         "type": "error",
-        "errorText": f"{what}; the answer goes on: resume it "
+        "errorText": f"{what}; the answer goes on: resume it{fresh} "
         f"(GET /v1/ai-sdk/chat/{conversation_id}/stream)",
     }
 

@@ -164,6 +164,11 @@ class Verifier:
     def remembered(self) -> int:
         return len(self._remembered)
 
+    def good_until(self, claims: Claims) -> float:
+        """When (wall clock, `time.time()`) a token with these claims is refused: its
+        `exp`, and the leeway given to clocks that differ."""
+        return float(claims.exp) + self._leeway
+
     async def verify(self, token: str) -> Claims:
         """The token's claims. A token that passed is remembered for `remember_s`,
         never past its `exp`: a client sends the same token with every request, and

@@ -175,6 +175,12 @@ def claims_of(request: web.Request) -> Claims:
     return claims
 
 
+def token_good_until(request: web.Request) -> float:
+    """When (wall clock) the request's token is refused: a stream it opened ends then
+    (api.streaming, api.ai_sdk), as a new request with it would be refused."""
+    return request.app[VERIFIER].good_until(claims_of(request))
+
+
 def wants_json(request: web.Request) -> bool:
     """The client asked for a JSON answer rather than an event stream: JSON weighs
     more in its Accept header (q-values; a tie, or neither named, is the stream)."""

@@ -231,7 +231,8 @@ class Subscription:
         # are logged from the hub's task, which serves every viewer
         self.request_id = REQUEST_ID.get()
         # set once, with why the subscription is over: "done", "stalled", "slow", "gone",
-        # "broken", or "stopping" (the edge is stopping: `Hubs.drain`)
+        # "broken", "stopping" (the edge is stopping: `Hubs.drain`) or "expired" (the
+        # token of the stream's request: api.streaming)
         self.ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     def waiting_command(self) -> PendingCommand | None:

@@ -35,6 +35,9 @@ PING = b": ping\n\n"
 # scale-down): a comment, which an EventSource ignores before it reconnects with the
 # last id it saw, as any client of the stream may (README "Stopping an edge").
 STOPPING = b": this server is stopping; reconnect with Last-Event-ID to go on\n\n"
+# ... of a stream whose token was refused from then on: what a new request with it
+# would be (a token's expiry bounds what it may read, also on a stream open for hours)
+EXPIRED = b": your token expired; reconnect with a fresh one and Last-Event-ID to go on\n\n"
 _encoder = msgspec.json.Encoder()
 # ASCII digits only (\d would take "١٢"), and small enough for a JetStream uint64 sequence.
 _POSITION = re.compile(r"^([0-9]{1,18})(?:-([0-9]{1,3}))?$")

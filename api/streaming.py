@@ -17,6 +17,8 @@ own stream, and resumes from its last id:
 An edge that stops ends its streams (`Hubs.drain`): a viewer of the whole
 conversation at once, a stream of one turn at that turn's end or when the
 grace is over, each with a comment that says so (`STOPPING`) and a clean end.
+A stream also ends, the same way (`EXPIRED`), when the token that opened it
+is refused from then on: a viewer's access lasts as long as its token does.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from collections.abc import Awaitable
 
 from aiohttp import web
 
-from api.context import CONFIG, HUBS, LOG, METRICS, TURNS
+from api.context import CONFIG, HUBS, LOG, METRICS, TURNS, token_good_until
 from api.errors import begin_stream
 from api.hub import (
     Delivery,
@@ -44,7 +46,7 @@ from api.hub import (
     read_range,
     turn_state,
 )
-from api.sse import PING, STOPPING, Envelope, Position, frame
+from api.sse import EXPIRED, PING, STOPPING, Envelope, Position, frame
 from events.errors import PositionGone
 from events.turns import TurnRecord
 from events.vocabulary import CommandRejected
@@ -268,13 +270,18 @@ async def stream_log(
             )
             position = Position(seq=gone.first_available - 1)
     viewer = SseViewer(request, response, position, turn=turn, command=command)
+    expires = token_good_until(request)
     hub, snapshot = await app[HUBS].join(conversation_id, viewer)
     metrics.sse_viewers(1)
     try:
         await _catch_up(request, response, viewer, conversation_id, snapshot)
         while not viewer.ended.done():
-            done, _ = await asyncio.wait({viewer.ended}, timeout=config.ping_interval_s)
-            if not done:
+            left = expires - time.time()
+            if left <= 0:
+                viewer.end("expired")
+                break
+            done, _ = await asyncio.wait({viewer.ended}, timeout=min(config.ping_interval_s, left))
+            if not done and time.time() < expires:
                 viewer.send(PING)
     except (ConnectionResetError, TimeoutError):
         # the viewer went away or stopped reading; the turn goes on without it
@@ -283,10 +290,11 @@ async def stream_log(
         hub.leave(viewer)
         metrics.sse_viewers(-1)
     reason = viewer.ended.result()
-    if reason in ("done", "stalled", "broken", "stopping"):
+    if reason in ("done", "stalled", "broken", "stopping", "expired"):
         with contextlib.suppress(ConnectionResetError, TimeoutError):
-            if reason == "stopping":
-                await _bounded(request, response.write(STOPPING))
+            last_word = {"stopping": STOPPING, "expired": EXPIRED}.get(reason)
+            if last_word is not None:
+                await _bounded(request, response.write(last_word))
             await _bounded(request, response.write_eof())
     return response
 
