@@ -96,6 +96,10 @@ _REQUEST_EXPIRES_S = 20.0
 # A `no_wait` request is answered at once; one unanswered after this was lost
 # with its connection, and the feed starts again after the last entry handed out.
 _ANSWER_S = 10.0
+# `close` deletes the feed's consumer within this, else leaves it to the server,
+# which removes it once it has had no reader for a minute (`reader_consumer`): a
+# server that stopped answering held a stopping projector JetStream's 5 s.
+_DELETE_WITHIN_S = 1.0
 _STATUS = "Status"
 _DESCRIPTION = "Description"
 
@@ -176,7 +180,7 @@ class LogFeed:
         out: list[RawEvent] = []
         ahead, self._ahead = self._ahead, ""
         if ahead:
-            await self._take_answer(ahead, out)
+            await self._take_answer(ahead, out, stop)
         else:
             self._take(out, limit)  # one that came as the last call stopped waiting
             if not out:
@@ -189,7 +193,8 @@ class LogFeed:
                 self._silent_s = 0.0
                 await asyncio.sleep(self.gathering_s)
             if len(out) < limit and not self._broken:
-                await self._take_answer(await self._ask(limit - len(out), no_wait=True), out)
+                request = await self._ask(limit - len(out), no_wait=True)
+                await self._take_answer(request, out, stop)
         busy = self._busy_batch > 0 and len(out) >= self._busy_batch
         self.gathering_s = self._busy_gather_s if busy else self._gather_s
         if len(out) >= limit and not self._broken:
@@ -212,9 +217,30 @@ class LogFeed:
         self._handle(first, out)
         return True
 
-    async def _take_answer(self, request: str, out: list[RawEvent]) -> None:
+    async def _take_answer(
+        self, request: str, out: list[RawEvent], stop: asyncio.Event | None
+    ) -> None:
         """Entries until `request` is closed: by its count, or by the status that ends
-        a `no_wait` request with less."""
+        a `no_wait` request with less; only those that came, once `stop` is set.
+
+        An answer is owed at once, but a server that stopped answering (frozen, a
+        network cut) owes it for ever: a projector told to stop then waited out
+        `_ANSWER_S` here before it saw the stop. The entries taken so far are a
+        prefix of the log's, and the caller stops: nothing is passed over."""
+        if stop is None:
+            await self._answer(request, out)
+            return
+        taking = asyncio.ensure_future(self._answer(request, out))
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({taking, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            taking.cancel()  # a cancelled get leaves its message in the queue
+        if taking.done() and not taking.cancelled():
+            taking.result()
+
+    async def _answer(self, request: str, out: list[RawEvent]) -> None:
         try:
             async with asyncio.timeout(_ANSWER_S):
                 while request in self._open and not self._broken:
@@ -234,22 +260,29 @@ class LogFeed:
         while len(out) < limit and not self._broken and not queue.empty():
             self._handle(queue.get_nowait(), out)
 
-    async def close(self) -> None:
+    async def close(self) -> str | None:
+        """Stop reading. None once the server deleted the feed's consumer, else why it
+        did not (it removes the consumer itself a minute later)."""
         sub, consumer, self._sub = self._sub, self._consumer, None
         self._open.clear()
         if sub is None:
-            return
+            return None
         try:
             await sub.unsubscribe()
         except nats.errors.Error as err:  # the connection is closing: the server forgets it
             log.debug("feed unsubscribe skipped", extra={"error": describe(err)})
         try:
-            await self._js.delete_consumer(EVT_STREAM, consumer)
+            async with asyncio.timeout(_DELETE_WITHIN_S):
+                await self._js.delete_consumer(EVT_STREAM, consumer)
+        except TimeoutError:
+            return f"the server did not answer within {_DELETE_WITHIN_S:g} s"
         except (nats.errors.Error, nats.js.errors.Error) as err:
             # gone already, or the server is unreachable: inactive_threshold removes it
             log.debug(
                 "feed consumer not deleted", extra={"consumer": consumer, "error": describe(err)}
             )
+            return describe(err)
+        return None
 
     # ------------------------------------------------------------ consumer
 

@@ -197,7 +197,13 @@ class Projector:
                     self._applying = None
         finally:
             cutting.cancel()
-            await feed.close()
+            left = await feed.close()
+            if left is not None and stopping.is_set():
+                log.warning(
+                    "projector stopped without deleting its log reader's consumer; the"
+                    " server removes it within a minute",
+                    extra={"projection": self.name, "reason": left},
+                )
 
     async def _cut_when_stopping(self, stopping: asyncio.Event) -> None:
         """A batch being stored when the projector is told to stop gets

@@ -35,6 +35,7 @@ from actors.turn import ActorContext
 from actors.worker import WorkerHost, durable_name
 from actors.writer import EventWriter, LeaseLost
 from api.config import EdgeLimits
+from events import broker
 from events.ids import new_id
 from events.log import EventLog, StoredEvent, ensure_streams
 from events.subjects import CMD_STREAM, PARTITIONS, partition_of
@@ -50,6 +51,8 @@ from events.vocabulary import (
 )
 from parley.services import Servers, ServiceOptions, Services
 from parley.stack import EmbeddedStack, free_ports
+from projections import feed
+from projections.feed import LogFeed, log_end
 from tests.conftest import SECRET, token_for
 from tests.conftest import test_catalog as catalog_for_tests
 from tests.sse import SseClient, SseEvent, read_sse
@@ -843,11 +846,47 @@ async def test_a_process_told_to_stop_while_a_server_does_not_answer_stops_in_ti
     # for their requests to expire, then its turns cut only after for their ends'
     # appends, took it past that; so did a projector's batch whose statement Postgres
     # never answered (and what a cancelled role releases came after). (A projector's
-    # log reader waits up to 10 s for an answer NATS owes it, past this test's 1 s
-    # grace and 10 s, not past the default 10 s grace: not asked of it here.)
+    # log reader that waited for an answer NATS owed it held the stop 10 s more:
+    # `test_a_projectors_log_reader_told_to_stop_while_nats_hangs_stops_at_once`.)
     cut = "role did not stop in time" if server == "postgres" else "cancelled role=worker"
     assert cut not in rest, rest
     assert "Traceback" not in rest, rest
+
+
+async def test_a_projectors_log_reader_told_to_stop_while_nats_hangs_stops_at_once(
+    own_servers: EmbeddedStack, own_nc: NatsClient
+) -> None:
+    """A projector's feed that is behind asks for its next batch as it hands one out
+    (`no_wait`, answered at once); NATS frozen before the answer came, the feed waited
+    for it 10 s whatever its stop said, then another 5 s for the deletion of its
+    consumer: a projector told to stop took 17 s, the worker and the edge two. Now it
+    takes what came and leaves the consumer to the server (inactive_threshold)."""
+    event_log = EventLog(own_nc.jetstream())
+    after = await log_end(own_nc.jetstream())
+    for _ in range(4):
+        cid = new_id()
+        await event_log.append(cid, [_created(cid)], expected_seq=0)
+    reader = await feed.connect(own_servers.urls.nats_url, name="test-stopping-feed")
+    reading = LogFeed(reader.jetstream(), after, gather_s=0.001)
+    stop = asyncio.Event()
+    nats_pid = own_servers.pids["nats"]
+    try:
+        assert len(await reading.next_batch(1, wait_s=5.0, stop=stop)) == 1  # and asks ahead
+        os.kill(nats_pid, signal.SIGSTOP)
+        try:
+            stop.set()
+            async with asyncio.timeout(3):
+                # the answer asked ahead came before the freeze or did not: either
+                # way a request is left unanswered within two batches
+                for _ in range(3):
+                    if not await reading.next_batch(1, wait_s=5.0, stop=stop):
+                        break
+                left = await reading.close()
+        finally:
+            os.kill(nats_pid, signal.SIGCONT)
+    finally:
+        await broker.finish(reader)
+    assert left is not None and "did not answer" in left, left
 
 
 def _with_children(pid: int) -> list[int]:
