@@ -10,8 +10,9 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import FrameType
 
 import asyncpg
 import msgspec
@@ -68,7 +69,13 @@ def cmd_dev(args: argparse.Namespace) -> int:
                 f"starting NATS, Postgres and Redis under {settings.data_dir} ...", file=sys.stderr
             )
             stack = EmbeddedStack(settings.data_dir)
-            servers = stack.start()
+            try:
+                with _sigterm_interrupts():
+                    servers = stack.start()
+            except KeyboardInterrupt:
+                # (the stack stopped what it had started before it raised)
+                log.info("stopped while starting", extra={"waiting_for": EMBEDDED_SERVERS})
+                return 0
         else:
             servers = resolve_servers(settings)
         return loops.run(_dev(settings, catalog, servers, args.host, args.port))
@@ -115,10 +122,18 @@ async def _dev(
             limits=settings.limits,
             cors_origins=settings.cors_origins,
         )
+        signals = _StopSignals()
+        services = Services(servers, options)
         try:
-            services = await stack.enter_async_context(Services(servers, options))
-        except OSError as err:
-            raise CliError(f"cannot listen on {host}:{port}: {err.strerror}; try --port") from err
+            if not await _start(stack, services, signals):
+                return 0
+        except BaseException as err:
+            signals.close()  # the start failed: the error ends the process
+            if isinstance(err, OSError):
+                raise CliError(
+                    f"cannot listen on {host}:{port}: {err.strerror}; try --port"
+                ) from err
+            raise
         run_file = settings.data_dir / RUN_FILE
         # with servers named in the environment nothing else has made the folder yet
         settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -135,20 +150,80 @@ async def _dev(
             f"or open {services.edge_url}/ and paste the token. Ctrl-C stops everything.\n",
             flush=True,
         )
-        await _until_signalled(services)
+        await _until_signalled(signals)
     return 0
 
 
-async def _until_signalled(services: Services) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, services.stop)
+EMBEDDED_SERVERS = "the embedded servers (NATS, Postgres, Redis)"
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM, heard from before the roles start until a stop begins (then
+    the default handlers are back: a second signal ends the process at once)."""
+
+    def __init__(self) -> None:
+        self.told = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        for sig in _STOP_SIGNALS:
+            self._loop.add_signal_handler(sig, self.told.set)
+
+    def close(self) -> None:
+        for sig in _STOP_SIGNALS:
+            self._loop.remove_signal_handler(sig)
+
+
+async def _start(
+    stack: contextlib.AsyncExitStack, services: Services, signals: _StopSignals
+) -> bool:
+    """`services` started, entered on `stack`; False when a stop signal came first.
+
+    A role waits at start for servers that are away or do not answer (README
+    "Faults"), so a deploy's SIGTERM or a Ctrl-C may come at any point of it:
+    the default handlers ended the process there, 143 (130) and not a word,
+    where a stop after the start says what it does and exits 0. Now the start
+    is given up (what it made is stopped, as at any stop), one line says so with
+    what it waited for, and the process exits 0."""
+    entering = asyncio.ensure_future(stack.enter_async_context(services))
+    told = asyncio.ensure_future(signals.told.wait())
     try:
-        await services.wait()
+        await asyncio.wait({entering, told}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        told.cancel()
+        if not entering.done() and not signals.told.is_set():
+            entering.cancel()  # cancelled from outside
+    if entering.done():
+        entering.result()
+        return True
+    signals.close()
+    log.info("stopped while starting", extra={"waiting_for": services.starting or "nothing"})
+    entering.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await entering
+    return False
+
+
+async def _until_signalled(signals: _StopSignals) -> None:
+    try:
+        await signals.told.wait()
+    finally:
+        signals.close()
         print("stopping ...", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt inside the block, as SIGINT does: code that is
+    not the event loop's (the embedded stack's start) stops there, and cleans up."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def webhook_settings(settings: Settings) -> WebhookSettings | None:
@@ -204,13 +279,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
             stream_replicas=settings.stream_replicas,
             cors_origins=settings.cors_origins,
         )
-        async with Services(servers, options, roles) as services:
+        async with contextlib.AsyncExitStack() as stack:
+            signals = _StopSignals()
+            services = Services(servers, options, roles)
+            try:
+                if not await _start(stack, services, signals):
+                    return 0
+            except BaseException:
+                signals.close()  # the start failed: the error ends the process
+                raise
             if services.edge_url:
                 print(f"edge listening at {services.edge_url}", file=sys.stderr, flush=True)
             if services.metrics_url:
                 print(f"metrics at {services.metrics_url}", file=sys.stderr, flush=True)
             print(f"roles ready: {', '.join(roles)}", file=sys.stderr, flush=True)
-            await _until_signalled(services)
+            await _until_signalled(signals)
         return 0
 
     return loops.run(main())

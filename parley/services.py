@@ -197,6 +197,8 @@ class Services:
         # one registry for every role of this process; the edge's /metrics shows it
         self.metrics = Metrics()
         self.metrics_url = ""
+        # what the start waits for now, said when a process is stopped while it starts
+        self.starting = ""
 
     async def __aenter__(self) -> Self:
         try:
@@ -256,12 +258,15 @@ class Services:
         tools = self._load_tools() if "worker" in self.roles else None
         nc = await self._nats("parley-roles")
         js = nc.jetstream()
+        self.starting = "JetStream (the streams)"
         for note in await self._ensure_streams(js):
             log.info(note)
         if self.roles & {"edge", "worker"}:
+            self.starting = "Redis"
             await check_redis(self.servers.redis_url)
         if "projector" in self.roles:
             # one projector per projection: each its own position, lock and restarts
+            self.starting = "Postgres"
             pool = await create_pool(
                 self.servers.database_url, self.options.db_schema, max_size=2 + 2 * len(PROJECTIONS)
             )
@@ -269,6 +274,7 @@ class Services:
             for name, projection in PROJECTIONS.items():
                 # each reads the log through a connection of its own, one that leaves
                 # entries' headers unparsed (projections/feed.py), to the same nodes
+                self.starting = f"NATS (parley-projector-{name})"
                 reader = await feed.connect(
                     self.servers.nats_url,
                     name=f"parley-projector-{name}",
@@ -292,6 +298,7 @@ class Services:
         elif self.options.metrics_port is not None:
             metrics = metrics_app(self.metrics)
             self.metrics_url = await self._serve(metrics, self.options.metrics_port) + "/metrics"
+        self.starting = ""
         _freeze_startup_heap()
 
     async def _ensure_streams(self, js: JetStreamContext) -> list[str]:
@@ -312,6 +319,7 @@ class Services:
             delay = min(delay * 2, _STREAMS_RETRY_MAX_S)
 
     async def _nats(self, name: str) -> NatsClient:
+        self.starting = f"NATS ({name})"
         nc = await broker.connect(
             self.servers.nats_url,
             name=name,
@@ -378,11 +386,13 @@ class Services:
             )
             self._spawn(lambda: webhooks.run(self._stopping), "webhooks")
         self._spawn(lambda: worker.run(self._stopping), "worker")
+        self.starting = "the worker's consumers"
         async with asyncio.timeout(30):
             await self.worker.ready.wait()
 
     async def _start_edge(self) -> None:
         options = self.options
+        self.starting = "Postgres (the models)"
         await self._store_catalog()
         config = EdgeConfig(
             nats_url=self.servers.nats_url,
@@ -405,6 +415,7 @@ class Services:
             # a little past a worker's grace: a turn it ends then still reaches its viewers
             stop_grace_s=options.shutdown_grace_s + 2.0,
         )
+        self.starting = "the edge's connections (NATS, Postgres, Redis)"
         self.edge_url = await self._serve(create_app(config, self.metrics), options.port)
 
     async def _serve(self, app: web.Application, port: int) -> str:

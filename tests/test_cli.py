@@ -312,6 +312,75 @@ def test_a_role_waiting_for_nats_that_is_not_there_says_so(tmp_path: Path) -> No
     assert "NATS not reachable yet; still trying" in line, line
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_role_stopped_while_it_waits_for_nats_at_start_says_so_and_exits_0(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    """A role waits at start for a broker that is away (above); a deploy's SIGTERM
+    or a Ctrl-C then ended it at once, 143 or 130, without a word, where a stop
+    after the start says what it does and exits 0."""
+    env = clean_env(**DEAD, PARLEY_MODEL_BASE_URL="http://127.0.0.1:9/v1")
+    role = subprocess.Popen(
+        [*PARLEY, "--data", str(tmp_path), "serve", "--role", "worker"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    give_up = threading.Timer(30, role.kill)  # then the reads below end
+    give_up.start()
+    try:
+        assert role.stderr is not None
+        waiting = role.stderr.readline()  # the first failed attempt, at once
+        role.send_signal(sig)
+        said = role.stderr.read()
+        code = role.wait(10)
+    finally:
+        give_up.cancel()
+        if role.poll() is None:
+            role.kill()
+            role.wait()
+    assert "NATS not reachable yet; still trying" in waiting, waiting
+    assert code == 0, said
+    assert said.count("stopped while starting") == 1, said
+    assert "waiting_for=NATS (parley-roles)" in said, said
+    assert "Traceback" not in said, said
+
+
+def test_dev_stopped_while_its_servers_start_says_so_and_exits_0(tmp_path: Path) -> None:
+    """SIGTERM while `parley dev` makes its Postgres cluster (a second or so, the
+    first time on a data folder) killed it where it stood, 143 and no word; Ctrl-C
+    raised out of the start, 130 and no word either."""
+    data = tmp_path / "data"
+    dev = subprocess.Popen(
+        [*PARLEY, "--data", str(data), "dev", "--port", "0"],
+        env=clean_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    give_up = threading.Timer(60, dev.kill)
+    give_up.start()
+    try:
+        assert dev.stderr is not None
+        before: list[str] = []
+        while line := dev.stderr.readline():
+            before.append(line)
+            if "initializing a new Postgres cluster" in line:
+                break
+        dev.send_signal(signal.SIGTERM)
+        said = dev.stderr.read()
+        code = dev.wait(30)
+    finally:
+        give_up.cancel()
+        if dev.poll() is None:
+            dev.kill()
+            dev.wait()
+    assert code == 0, "".join(before) + said
+    assert said.count("stopped while starting") == 1, said
+    assert "waiting_for=the embedded servers" in said, said
+
+
 async def test_a_read_only_command_on_a_schema_that_is_not_there_does_not_make_it(
     stack: Servers,
     event_log: EventLog,  # the log exists: the command gets as far as the schema
