@@ -223,6 +223,8 @@ def _operation(
     responses: dict[str, Any] = {}
     for status, what in op.answers.items():
         responses[str(status)] = _answer(what, schema_of)
+        if status in RETRY_LATER:  # a report, not an error, and still says when to ask again
+            responses[str(status)]["headers"] = _RETRY_AFTER
     error = {"$ref": "#/components/schemas/ErrorBody"}
     for status in op.error_statuses():
         responses[str(status)] = {

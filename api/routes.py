@@ -463,7 +463,17 @@ async def readyz(request: web.Request) -> web.Response:
     check, and its answer stands for a second (a flood of probes once made the
     edge look unready: Postgres took longer than the probe allows to answer them)."""
     body, status = await request.app[READINESS].answer(lambda: _readiness(request.app))
-    return web.Response(body=body, status=status, content_type="application/json")
+    headers = {"Retry-After": str(READY_RETRY_AFTER_S)} if status == 503 else None
+    return web.Response(body=body, status=status, content_type="application/json", headers=headers)
+
+
+# Seconds a 503 from /readyz tells a load balancer or a client to wait before it
+# looks again. One answer stands for a second after its check, and a check takes
+# up to `ready_timeout_s` (1 s): asked again sooner, it could only say the same.
+# What makes an edge unready (a server restarting, a NATS leader election, the
+# read models catching up) mostly passes within seconds, so not much longer:
+# a client that waits for the edge finds it ready soon after it is.
+READY_RETRY_AFTER_S = 2
 
 
 async def _readiness(app: web.Application) -> tuple[bytes, int]:

@@ -71,6 +71,20 @@ async def test_a_dead_redis_is_a_503_with_retry_after_not_a_crash(
     assert body["reasons"] and not any("127.0.0.1" in r for r in body["reasons"]), body
 
 
+async def test_readyz_tells_a_client_when_to_look_again_only_while_unready(
+    edge_without_redis: str, http: aiohttp.ClientSession, services: Services
+) -> None:
+    """A 503 from /readyz came without Retry-After: a load balancer or a client that
+    honours it had nothing to go by. Its body stays the report it was."""
+    async with http.get(f"{edge_without_redis}/readyz") as response:
+        body = await response.json()
+        assert response.status == 503 and body["status"] == "not_ready", body
+        assert response.headers.get("Retry-After") == "2", dict(response.headers)
+    async with http.get(f"{services.edge_url}/readyz") as response:
+        assert response.status == 200, await response.text()
+        assert "Retry-After" not in response.headers
+
+
 async def test_a_redis_that_hangs_does_not_hold_every_request(
     stack: Servers, http: aiohttp.ClientSession, user: str
 ) -> None:
