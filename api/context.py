@@ -10,8 +10,9 @@ handlers, middlewares, anything that does I/O.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
@@ -27,6 +28,7 @@ from events.log import EventLog
 from events.projects import ProjectState, evolve_project
 from events.publisher import AckedPublisher
 from events.subjects import project_subject
+from events.tracing import REQUEST_ID
 from events.turns import TurnRegistry
 from events.vocabulary import ConversationCreated
 from projections.store import ReadStore
@@ -129,19 +131,27 @@ class SharedCheck:
     """A costly check whose answer (a response's body and status) callers share: one
     that comes while it runs, or within `fresh_s` of its end, gets that answer. A
     public probe answered this way costs the servers it checks the same whether one
-    load balancer or ten thousand anonymous clients ask."""
+    load balancer or ten thousand anonymous clients ask.
+
+    The check runs as a task of its own, in a context that names no request: it
+    serves every caller that shares it, and ran with the request id of the one
+    that started it, so its log lines named that one probe among many."""
 
     def __init__(self, fresh_s: float) -> None:
         self._fresh_s = fresh_s
         self._running: asyncio.Future[tuple[bytes, int]] | None = None
         self._ended_at = float("-inf")
 
-    async def answer(self, check: Callable[[], Awaitable[tuple[bytes, int]]]) -> tuple[bytes, int]:
+    async def answer(
+        self, check: Callable[[], Coroutine[Any, Any, tuple[bytes, int]]]
+    ) -> tuple[bytes, int]:
         loop = asyncio.get_running_loop()
         if self._running is None or (
             self._running.done() and loop.time() - self._ended_at > self._fresh_s
         ):
-            self._running = asyncio.ensure_future(check())
+            unnamed = contextvars.copy_context()
+            unnamed.run(REQUEST_ID.set, "")
+            self._running = loop.create_task(check(), context=unnamed)
             self._running.add_done_callback(lambda _: self._mark_end(loop.time()))
         return await asyncio.shield(self._running)
 

@@ -85,6 +85,26 @@ async def test_readyz_tells_a_client_when_to_look_again_only_while_unready(
         assert "Retry-After" not in response.headers
 
 
+async def test_the_readiness_check_probes_share_names_none_of_them(
+    edge_without_redis: str, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Probes that come together share one check (api/context.py SharedCheck); it ran
+    with the request id of the probe that started it, so its `readiness check failed`
+    named that one probe, though it answered them all."""
+    caplog.set_level(logging.INFO, logger="api.routes")
+    caplog.handler.addFilter(with_request_id)
+
+    async def probe(request_id: str) -> int:
+        async with http.get(f"{edge_without_redis}/readyz", headers={HEADER: request_id}) as r:
+            assert r.headers[HEADER] == request_id  # each answer still names its own
+            return r.status
+
+    assert list(await asyncio.gather(probe("probe-a"), probe("probe-b"))) == [503, 503]
+    lines = [r for r in caplog.records if r.getMessage() == "readiness check failed"]
+    assert lines, caplog.text
+    assert [r.__dict__.get("request_id", "") for r in lines] == [""] * len(lines), caplog.text
+
+
 async def test_a_redis_that_hangs_does_not_hold_every_request(
     stack: Servers, http: aiohttp.ClientSession, user: str
 ) -> None:
