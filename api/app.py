@@ -62,6 +62,11 @@ PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics", "/openapi.json
 # Why it was refused is in the JSON body, which may hold what a quoted-string cannot.
 CHALLENGE = "Bearer"
 REFUSED_TOKEN = 'Bearer error="invalid_token"'
+# Other NATS connections' finishes (the followers', hubs_ctx), begun as their users
+# stop and awaited beside the main connection's (nats_ctx): with NATS not answering,
+# each waits out `broker.finish`'s bound, and one after the other a stop waited it
+# once per connection.
+_FINISHING: web.AppKey[list[asyncio.Task[None]]] = web.AppKey("nats_finishing")
 
 
 @web.middleware
@@ -172,8 +177,9 @@ async def nats_ctx(app: web.Application) -> AsyncIterator[None]:
     app[LOG] = EventLog(app[JS])
     # the commands' acks come back on the log's inbox: one per connection
     app[COMMANDS] = AckedPublisher(app[LOG].replies)
+    others = app[_FINISHING] = []
     yield
-    await broker.finish(nc, report=_report)
+    await asyncio.gather(broker.finish(nc, report=_report), *others)
 
 
 def _report(level: int, message: str, fields: dict[str, str]) -> None:
@@ -226,7 +232,8 @@ async def hubs_ctx(app: web.Application) -> AsyncIterator[None]:
     hubs = app[HUBS] = Hubs(reader.jetstream(), app[LOG], app[TURNS], settings)
     yield
     await hubs.close()
-    await broker.finish(reader, report=_report)
+    # begun now, as it always was, and awaited beside the main connection's (nats_ctx)
+    app[_FINISHING].append(asyncio.ensure_future(broker.finish(reader, report=_report)))
 
 
 async def limits_ctx(app: web.Application) -> AsyncIterator[None]:

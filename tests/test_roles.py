@@ -22,6 +22,7 @@ import nats
 import nats.errors
 import nats.js.errors
 import pytest
+from aiohttp.test_utils import TestServer
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
@@ -34,7 +35,8 @@ from actors.state import Conversation, fold
 from actors.turn import ActorContext
 from actors.worker import WorkerHost, durable_name
 from actors.writer import EventWriter, LeaseLost
-from api.config import EdgeLimits
+from api.app import create_app
+from api.config import EdgeConfig, EdgeLimits
 from events import broker
 from events.ids import new_id
 from events.log import EventLog, StoredEvent, ensure_streams
@@ -887,6 +889,50 @@ async def test_a_projectors_log_reader_told_to_stop_while_nats_hangs_stops_at_on
     finally:
         await broker.finish(reader)
     assert left is not None and "did not answer" in left, left
+
+
+async def test_an_edge_stopped_while_nats_hangs_finishes_its_connections_side_by_side(
+    own_servers: EmbeddedStack, own_nc: NatsClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The edge has two NATS connections, its own and its followers'. Each is given
+    2 s to answer a ping before it is closed rather than drained (broker.finish),
+    and the edge finished them one after the other: 4 s of a stop with NATS frozen,
+    twice what it needs. A healthy stop still drains both."""
+    caplog.set_level(logging.WARNING, logger="api.app")
+    urls = own_servers.urls
+    config = EdgeConfig(
+        nats_url=urls.nats_url,
+        database_url=urls.database_url,
+        redis_url=urls.redis_url,
+        jwt_secret=SECRET,
+        db_schema="roles_test",
+        models=["demo"],
+    )
+
+    def closed() -> list[str]:
+        return sorted(
+            r.__dict__["client"]
+            for r in caplog.records
+            if r.getMessage() == "NATS connection closed without draining"
+        )
+
+    healthy = TestServer(create_app(config), host="127.0.0.1")
+    await healthy.start_server()
+    await healthy.close()
+    assert closed() == [], caplog.text
+    edge = TestServer(create_app(config), host="127.0.0.1")
+    await edge.start_server()
+    loop = asyncio.get_running_loop()
+    nats_pid = own_servers.pids["nats"]
+    os.kill(nats_pid, signal.SIGSTOP)
+    try:
+        began = loop.time()
+        await edge.close()
+        took = loop.time() - began
+    finally:
+        os.kill(nats_pid, signal.SIGCONT)
+    assert closed() == ["parley-edge", "parley-edge-followers"], caplog.text
+    assert took < 3.5, took  # 2 s each, side by side; one after the other it was 4
 
 
 def _with_children(pid: int) -> list[int]:
