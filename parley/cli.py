@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
@@ -69,16 +70,15 @@ def cmd_dev(args: argparse.Namespace) -> int:
                 f"starting NATS, Postgres and Redis under {settings.data_dir} ...", file=sys.stderr
             )
             stack = EmbeddedStack(settings.data_dir)
-            try:
-                with _sigterm_interrupts():
-                    servers = stack.start()
-            except KeyboardInterrupt:
-                # (the stack stopped what it had started before it raised)
-                log.info("stopped while starting", extra={"waiting_for": EMBEDDED_SERVERS})
-                return 0
-        else:
-            servers = resolve_servers(settings)
-        return loops.run(_dev(settings, catalog, servers, args.host, args.port))
+        with _stop_deferred() as told:
+            if stack is not None:
+                servers = stack.start()
+                if told.is_set():  # the stack is stopped below, as at any stop
+                    log.info("stopped while starting", extra={"waiting_for": EMBEDDED_SERVERS})
+                    return 0
+            else:
+                servers = resolve_servers(settings)
+            return loops.run(_dev(settings, catalog, servers, args.host, args.port, told))
     except StackError as err:
         raise CliError(f"the embedded stack did not start: {err}") from err
     finally:
@@ -87,7 +87,12 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 async def _dev(
-    settings: Settings, catalog: ModelCatalog, servers: Servers, host: str, port: int
+    settings: Settings,
+    catalog: ModelCatalog,
+    servers: Servers,
+    host: str,
+    port: int,
+    told: threading.Event,
 ) -> int:
     from parley.demo_model import DemoConfig, start_demo_model
 
@@ -122,7 +127,7 @@ async def _dev(
             limits=settings.limits,
             cors_origins=settings.cors_origins,
         )
-        signals = _StopSignals()
+        signals = _StopSignals(told)
         services = Services(servers, options)
         try:
             if not await _start(stack, services, signals):
@@ -162,11 +167,13 @@ class _StopSignals:
     """SIGINT and SIGTERM, heard from before the roles start until a stop begins (then
     the default handlers are back: a second signal ends the process at once)."""
 
-    def __init__(self) -> None:
+    def __init__(self, told_before: threading.Event | None = None) -> None:
         self.told = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         for sig in _STOP_SIGNALS:
             self._loop.add_signal_handler(sig, self.told.set)
+        if told_before is not None and told_before.is_set():
+            self.told.set()  # heard before the loop ran (`_stop_deferred`)
 
     def close(self) -> None:
         for sig in _STOP_SIGNALS:
@@ -212,18 +219,27 @@ async def _until_signalled(signals: _StopSignals) -> None:
 
 
 @contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt inside the block, as SIGINT does: code that is
-    not the event loop's (the embedded stack's start) stops there, and cleans up."""
+def _stop_deferred() -> Iterator[threading.Event]:
+    """SIGINT and SIGTERM, while code that is not the event loop's runs (the embedded
+    stack's start, a second or so): the first is noted, for the caller to stop once
+    that step is done, and a second stops the process where it stands
+    (KeyboardInterrupt). An exception raised by a signal handler lands wherever the
+    main thread happens to be, a `finally` or a subprocess's wait among them, where
+    it can be swallowed and the start go on, as if no signal had come.
+    The event loop's own handlers (`_StopSignals`) take over once it runs."""
+    told = threading.Event()
 
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
+    def note(signum: int, frame: FrameType | None) -> None:
+        if told.is_set():
+            raise KeyboardInterrupt
+        told.set()
 
-    before = signal.signal(signal.SIGTERM, interrupt)
+    before = {sig: signal.signal(sig, note) for sig in _STOP_SIGNALS}
     try:
-        yield
+        yield told
     finally:
-        signal.signal(signal.SIGTERM, before)
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def webhook_settings(settings: Settings) -> WebhookSettings | None:
