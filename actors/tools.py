@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import importlib
 import inspect
 import json
@@ -347,7 +348,10 @@ def _in_own_thread(
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(settle, result, error)
 
-    threading.Thread(target=work, name=f"tool-{name}", daemon=True).start()
+    # A thread starts with an empty context: the tool's own log lines would not name
+    # the request its turn serves (events/tracing.py). It runs in a copy of the turn's.
+    context = contextvars.copy_context()
+    threading.Thread(target=context.run, args=(work,), name=f"tool-{name}", daemon=True).start()
     return future
 
 

@@ -4,6 +4,7 @@ the turn it asked for; tests/test_dead_servers.py checks the edge's lines."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 import aiohttp
@@ -11,10 +12,11 @@ import msgspec
 import pytest
 
 from actors.actor import ConversationActor
+from actors.tools import ToolRunner, define_tool
 from api.request_ids import HEADER
 from events.log import EventLog
 from events.turns import TurnRegistry, redis_client
-from events.vocabulary import Done, Failed, Started
+from events.vocabulary import Done, Failed, Started, ToolResult
 from parley.logs import with_request_id
 from parley.services import Servers
 from tests.sse import SseClient
@@ -157,3 +159,40 @@ async def test_a_turn_started_while_the_one_before_was_ending_names_its_own_requ
         await until(event_log, cid, _has(Failed), "the second turn failed")
     (failed,) = [r for r in caplog.records if r.getMessage() == "turn failed"]
     assert failed.__dict__.get("request_id") == "req-second", failed.__dict__
+
+
+_tool_log = logging.getLogger("tests.request_ids.tool")
+
+
+def noted(text: str) -> str:
+    """A deployment's sync tool that logs what it does (it runs in a thread of its own)."""
+    _tool_log.info("tool noted", extra={"text": text})
+    return "noted"
+
+
+async def test_a_sync_tools_own_lines_name_the_request_of_its_turn(
+    stack: Servers,
+    event_log: EventLog,
+    demo_model_url: str,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A sync tool runs in a thread, which starts with a context of its own: the lines
+    the tool logs name the request whose turn called it, as an async tool's do."""
+    caplog.set_level(logging.INFO, logger=_tool_log.name)
+    caplog.handler.addFilter(with_request_id)
+    cid, _ = await _conversation(event_log)
+    registry = TurnRegistry(redis_client(stack.redis_url))
+    ctx = dataclasses.replace(
+        _context(event_log, registry, http, demo_model_url),
+        tools=ToolRunner([define_tool(noted)]),
+    )
+    actor = ConversationActor(cid, ctx)
+    cmd = msgspec.structs.replace(
+        _message(cid, '[[tools=noted{"text":"a"}]]'), request_id="req-tool"
+    )
+    async with _running(actor) as inbox:
+        inbox.put_nowait((cmd, Delivery()))
+        await until(event_log, cid, _has(ToolResult), "the tool answered")
+    (line,) = [r for r in caplog.records if r.getMessage() == "tool noted"]
+    assert line.__dict__.get("request_id") == "req-tool", line.__dict__
