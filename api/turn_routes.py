@@ -355,11 +355,26 @@ async def publish_command(request: web.Request, command: AnyCommand) -> int:
         raise ApiError(
             504,
             "outcome_unknown",
-            f"NATS did not confirm the message within {COMMAND_PUBLISH_WAIT_S:g} s; it may "
-            "still be applied. Send it again with the same idempotency_key to have it "
-            "applied exactly once",
+            f"NATS did not confirm the {_UNCONFIRMED[type(command)]}",
             retry_after=1,
         ) from err
+
+
+# What a 504 `outcome_unknown` says of each command: a request for a turn is applied
+# once only when sent again with its key; a rename has none, and needs none (sent
+# twice, the second finds the name in force and adds nothing); a cancel sent again
+# could stop a turn started since.
+_UNCONFIRMED: dict[type[AnyCommand], str] = {
+    **dict.fromkeys(
+        (SendMessage, EditMessage, Regenerate),
+        f"message within {COMMAND_PUBLISH_WAIT_S:g} s; it may still be applied. Send it "
+        "again with the same idempotency_key to have it applied exactly once",
+    ),
+    RenameConversation: f"rename within {COMMAND_PUBLISH_WAIT_S:g} s; it may still be "
+    "applied. Sending it again is safe: a rename to the name in force changes nothing",
+    CancelTurn: f"cancel within {COMMAND_PUBLISH_WAIT_S:g} s; it may still be applied: "
+    "the conversation's active_turn shows whether its turn still runs",
+}
 
 
 # ---------------------------------------------------------------- submitting

@@ -28,7 +28,16 @@ from api.config import EdgeLimits
 from events.codec import Unreadable
 from events.ids import new_id
 from events.log import EventLog
-from events.vocabulary import AnyEvent, Cancelled, Chunk, Done, Event, Failed, UserMessage
+from events.vocabulary import (
+    AnyEvent,
+    Cancelled,
+    Chunk,
+    Done,
+    Event,
+    Failed,
+    Title,
+    UserMessage,
+)
 from parley.demo_model import DemoConfig, start_demo_model
 from parley.services import ServiceOptions, Services
 from parley.stack import EmbeddedStack
@@ -569,3 +578,33 @@ async def test_a_message_sent_while_nats_hangs_is_of_unknown_outcome_and_its_key
         await until(answered, "the message's turn ended")
         users = [e for e in await log_of(event_log, cid) if isinstance(e, UserMessage)]
         assert [u.message_id for u in users] == [again["message_id"]], users
+
+
+async def test_a_rename_while_nats_hangs_is_of_unknown_outcome_and_says_to_send_it_again(
+    fault_stack: EmbeddedStack, model_url: str, http: aiohttp.ClientSession
+) -> None:
+    """A rename has no idempotency_key: its 504 must not tell the client to send one
+    (the body would be taken, the key ignored). Sent again, as the answer says, the
+    name is set once."""
+    async with roles(fault_stack, model_url, "faults_hang_rename") as services:
+        assert services.worker is not None
+        event_log = EventLog(services.worker._ctx.log._js)
+        api = SseClient(http, services.edge_url, token_for(f"faults-{new_id()}"))
+        cid = (await api.create_conversation())["id"]
+        nats_pid = fault_stack.pids["nats"]
+        os.kill(nats_pid, signal.SIGSTOP)
+        try:
+            status, body = await api.request(
+                "PATCH", f"/v1/conversations/{cid}", json={"title": "while hung"}
+            )
+        finally:
+            os.kill(nats_pid, signal.SIGCONT)
+        assert status == 504 and body["error"]["code"] == "outcome_unknown", (status, body)
+        message = body["error"]["message"]
+        assert "idempotency_key" not in message and "again is safe" in message, message
+        status, body = await api.request(
+            "PATCH", f"/v1/conversations/{cid}", json={"title": "while hung"}
+        )
+        assert status == 202 and body["title"] == "while hung", (status, body)
+        titles = [e for e in await log_of(event_log, cid) if isinstance(e, Title)]
+        assert [(t.title, t.source) for t in titles] == [("while hung", "user")], titles
