@@ -27,6 +27,7 @@ from playwright.async_api import (
     Locator,
     Page,
     Request,
+    Response,
     expect,
 )
 
@@ -181,6 +182,28 @@ async def test_signing_in_with_a_token_shows_the_user_and_their_conversations(
     await expect(page.locator("#title")).to_have_text("Made before signing in")
     await expect(page.locator(".empty")).to_contain_text("No messages yet")
     await tab.shot("signed-in")
+
+
+async def test_an_error_shown_names_the_request_that_failed(
+    services: Services, browsing: Browsing, user: str
+) -> None:
+    """What a person copies into a report of an error names its request (X-Request-Id):
+    the operator finds the edge's lines for it by that id."""
+    tab = await browsing.tab()
+    page = tab.page
+    answered: list[str] = []
+
+    def failed(response: Response) -> None:
+        if "/v1/conversations/nosuchconversation" in response.url and response.status == 404:
+            answered.append(response.headers["x-request-id"])
+
+    page.on("response", failed)
+    await open_signed_in(tab, services.edge_url, token_for(user), "nosuchconversation")
+    banner = page.locator("#banner")
+    await expect(banner).to_contain_text("not_found (HTTP 404)")
+    await expect(banner).to_contain_text(re.compile(r"request id \S+"))
+    shown = re.search(r"request id (\S+)\)", await banner.inner_text())
+    assert shown is not None and shown[1] in answered, (shown, answered)
 
 
 async def test_a_message_no_conversation_could_be_made_for_stays_in_the_input(
