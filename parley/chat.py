@@ -221,7 +221,9 @@ class Chat:
                     self.draw(welcome(self.endpoint.url))
                 return await self._loop()
             except RequestFailed as err:  # at the start: the loop handles its own
-                raise CliError(f"{self.endpoint.url} answered: {err.message} ({err.code})") from err
+                raise CliError(
+                    f"{self.endpoint.url} answered: {err.reported} ({err.code})"
+                ) from err
             except (aiohttp.ClientError, TimeoutError) as err:
                 raise Unreachable(f"cannot reach {self.endpoint.url}: {describe(err)}") from err
             finally:
@@ -364,7 +366,7 @@ class Chat:
                 answer = await self.api.call("POST", path, {})
             except RequestFailed as err:
                 if err.status not in _RETRYABLE:
-                    self.draw(view.note(f"could not stop the answer: {err.message}"))
+                    self.draw(view.note(f"could not stop the answer: {err.reported}"))
                     return
                 reason = err.message
             except (aiohttp.ClientError, TimeoutError) as err:
@@ -395,7 +397,7 @@ class Chat:
                     if response.status != 200:
                         refused = await failure(response)
                         if response.status not in _RETRYABLE:
-                            self.draw(view.give_up(f"error: {refused.message}", "refused"))
+                            self.draw(view.give_up(f"error: {refused.reported}", "refused"))
                             return
                         raise _Retry(refused.message)
                     self.draw(view.connected())

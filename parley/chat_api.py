@@ -20,6 +20,8 @@ from parley.commands import CliError, running_dev, token_secret
 from parley.config import Settings
 
 REQUEST_TIMEOUT_S = 30.0
+# the header every answer of the edge names its request in (api/request_ids.py)
+REQUEST_ID_HEADER = "X-Request-Id"
 
 
 class Endpoint(msgspec.Struct, frozen=True):
@@ -28,13 +30,21 @@ class Endpoint(msgspec.Struct, frozen=True):
 
 
 class RequestFailed(Exception):
-    """The edge answered with an error (`{"error": {"code", "message"}}`)."""
+    """The edge answered with an error (`{"error": {"code", "message"}}`), for the request
+    it named in `X-Request-Id`: what the user is shown names it (`reported`), so that a
+    report of the error leads to the edge's log lines for it."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
+    def __init__(self, status: int, code: str, message: str, request_id: str = "") -> None:
         self.status = status
         self.code = code
         self.message = message
+        self.request_id = request_id
+        super().__init__(self.reported)
+
+    @property
+    def reported(self) -> str:
+        """The message, and the request's id when the edge gave one."""
+        return f"{self.message} (request id {self.request_id})" if self.request_id else self.message
 
 
 def resolve_endpoint(
@@ -105,11 +115,12 @@ class Api:
 
 
 async def failure(response: aiohttp.ClientResponse) -> RequestFailed:
+    request_id = response.headers.get(REQUEST_ID_HEADER, "")
     try:
         error = (await response.json(content_type=None))["error"]
-        return RequestFailed(response.status, str(error["code"]), str(error["message"]))
+        return RequestFailed(response.status, str(error["code"]), str(error["message"]), request_id)
     except (ValueError, KeyError, TypeError, aiohttp.ClientError):
-        return RequestFailed(response.status, "http_error", f"HTTP {response.status}")
+        return RequestFailed(response.status, "http_error", f"HTTP {response.status}", request_id)
 
 
 class ConversationJson(msgspec.Struct):

@@ -716,3 +716,13 @@ async def test_escape_sequences_in_an_answer_are_shown_not_obeyed(
         assert "you> hi ␛]0;PWNED␇ ␛[2J␛[31mred \ufffd32mgreen ␛]52;c;cHduZWQ=␇ end" in rows
         term.ctrl_c()
         assert await term.exit_status() in (0, 130)
+
+
+async def test_an_error_the_chat_reports_names_the_request_that_failed(
+    services: Services, user: str
+) -> None:
+    """What a person copies from the terminal into a report names the request (the
+    edge's X-Request-Id): the operator finds its log lines by that id."""
+    env = chat_env(PARLEY_URL=services.edge_url, PARLEY_TOKEN=token_for(user))
+    code, said = await _run_chat("chat", "--conversation", "01M8GGRZF5FGDZ57JN7PPQBC8X", env=env)
+    assert code == 2 and "not found (request id " in said, said
