@@ -161,8 +161,7 @@ class ConversationActor:
         try:
             await self.writer.catch_up()
             self._loaded = True
-            await self._close_orphan()
-            await self._charge_last()
+            await self._settle_past()
         except EventLogError as err:
             self._loaded = False
             log.warning(
@@ -203,8 +202,7 @@ class ConversationActor:
                     announced = asyncio.create_task(self._record_turn("", cmd.after))
                 await self.writer.catch_up()
                 self._loaded = True
-                await self._close_orphan()
-                await self._charge_last()
+                await self._settle_past()
             if isinstance(cmd, CancelTurn):
                 self.cancel(cmd.turn_id, "user")
                 await settle.ack()
@@ -649,6 +647,18 @@ class ConversationActor:
         held, self.held = self.held, {}
         for settle in held.values():
             await settle.nak(delay=delay)
+
+    async def _settle_past(self) -> None:
+        """What a conversation just read from the log left unfinished: a turn left open
+        is ended, the last one charged. That work is for the request of that turn, not
+        for the command whose handling read the log (a rename, the next message), so
+        its lines name none."""
+        token = REQUEST_ID.set("")
+        try:
+            await self._close_orphan()
+            await self._charge_last()
+        finally:
+            REQUEST_ID.reset(token)
 
     async def _close_orphan(self) -> None:
         """A turn open in the log that no runner of ours runs: end it with its partial

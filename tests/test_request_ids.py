@@ -10,13 +10,15 @@ import logging
 import aiohttp
 import msgspec
 import pytest
+from nats.aio.client import Client as NatsClient
 
 from actors.actor import ConversationActor
 from actors.tools import ToolRunner, define_tool
 from api.request_ids import HEADER
+from events.ids import new_id
 from events.log import EventLog
 from events.turns import TurnRegistry, redis_client
-from events.vocabulary import Done, Failed, Started, ToolResult
+from events.vocabulary import Chunk, Done, Failed, RenameConversation, Started, ToolResult
 from parley.logs import with_request_id
 from parley.services import Servers
 from tests.sse import SseClient
@@ -30,6 +32,7 @@ from tests.test_actor_queue import (
     until,
 )
 from tests.test_actor_turns import wait_for_ends
+from tests.test_poison import publish_raw
 
 
 async def test_every_answer_names_its_request_errors_and_streams_too(
@@ -196,3 +199,47 @@ async def test_a_sync_tools_own_lines_name_the_request_of_its_turn(
         await until(event_log, cid, _has(ToolResult), "the tool answered")
     (line,) = [r for r in caplog.records if r.getMessage() == "tool noted"]
     assert line.__dict__.get("request_id") == "req-tool", line.__dict__
+
+
+async def test_a_turn_left_open_is_ended_naming_no_later_request(
+    stack: Servers,
+    event_log: EventLog,
+    nc: NatsClient,
+    demo_model_url: str,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A damaged entry lands in a running turn: the turn stops, and the actor reads the
+    log again with the next command, here a rename of another request, ending the turn
+    left open. Those lines are about the turn, not the rename: they do not name it."""
+    caplog.set_level(logging.INFO, logger="actors.actor")
+    caplog.handler.addFilter(with_request_id)
+    cid, _ = await _conversation(event_log)
+    registry = TurnRegistry(redis_client(stack.redis_url))
+    actor = ConversationActor(cid, _context(event_log, registry, http, demo_model_url))
+    first = msgspec.structs.replace(
+        _message(cid, "long [[tokens=2000]] [[rate=100]]"), request_id="req-turn"
+    )
+    rename = RenameConversation(
+        conversation_id=cid,
+        command_id=new_id(),
+        user_id="u",
+        at=1,
+        title="renamed",
+        request_id="req-rename",
+    )
+    async with _running(actor) as inbox:
+        inbox.put_nowait((first, Delivery()))
+        await until(event_log, cid, _has(Chunk), "the turn is streaming")
+        await publish_raw(nc, cid, b"\xff\xfe not an event")
+
+        def stopped() -> bool:
+            return any(r.getMessage().startswith("turn stopped") for r in caplog.records)
+
+        async with asyncio.timeout(20):
+            while not stopped():  # noqa: ASYNC110  # a log line is all there is to wait on
+                await asyncio.sleep(0.02)
+        inbox.put_nowait((rename, Delivery()))
+        await until(event_log, cid, _has(Failed), "the turn left open was ended")
+    (ended,) = [r for r in caplog.records if r.getMessage() == "ending a turn left open"]
+    assert ended.__dict__.get("request_id") != "req-rename", ended.__dict__
