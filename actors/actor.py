@@ -121,6 +121,9 @@ class ConversationActor:
         # for the drain: the log's position before that request
         self._started_after: int | None = None
         self._started_request_id = ""  # the request of the turn `_started_after` runs
+        # the turn this actor ran last and the request that asked for it: a turn the log
+        # stops is ended later, on the next read of the log, naming that request
+        self._ran: tuple[str, str] = ("", "")
         self._deciding = False  # a request is on its way through `_request`
         self._written: TurnRecord | None = None  # the turn record this actor wrote last
         # the record this actor meant to write last, written or not (Redis away)
@@ -426,6 +429,7 @@ class ConversationActor:
             )
 
     async def _drain_queue(self) -> None:
+        running = ""  # the request of the turn under way: a failure that stops it names it
         try:
             while True:
                 if (after := self._started_after) is not None:
@@ -433,18 +437,22 @@ class ConversationActor:
                     # the request that started it: the one that kicked this task, or
                     # one that came while the turn before was ending and left its turn
                     # to this task
-                    token = REQUEST_ID.set(self._started_request_id)
+                    running = self._started_request_id
+                    token = REQUEST_ID.set(running)
                     try:
                         await self._run_started(after)
                     finally:
                         REQUEST_ID.reset(token)
+                    running = ""
                     await self._settle_finished()
                 while (queued := next_turn(self.state)) is not None:
-                    token = REQUEST_ID.set(self._request_ids.pop(queued.command_id, ""))
+                    running = self._request_ids.pop(queued.command_id, "")
+                    token = REQUEST_ID.set(running)
                     try:
                         await self._run_one(queued)
                     finally:
                         REQUEST_ID.reset(token)
+                    running = ""
                     await self._settle_finished()
                 # A request decided while the turn before was ending is in the state
                 # once no append is under way. One that started its turn (or queued
@@ -465,10 +473,14 @@ class ConversationActor:
             # Another writer appended (our view is stale) or the log is away. Give
             # every held command back; redelivered, they find the log's truth.
             self._loaded = False
-            log.warning(
-                "turn stopped by the log, commands will be redelivered",
-                extra={"conversation_id": self.conversation_id, "error": describe(err)},
-            )
+            token = REQUEST_ID.set(running)
+            try:
+                log.warning(
+                    "turn stopped by the log, commands will be redelivered",
+                    extra={"conversation_id": self.conversation_id, "error": describe(err)},
+                )
+            finally:
+                REQUEST_ID.reset(token)
             await self._give_back(delay=1.0)
         except asyncio.CancelledError:
             task = asyncio.current_task()
@@ -497,6 +509,7 @@ class ConversationActor:
         priced = active_version(spec) is not None
         now = self.ctx.clock()
         turn_id = self.ctx.new_id()
+        self._ran = (turn_id, REQUEST_ID.get())
         # Announced while the turn starts, not before: until the new record is in,
         # the one it replaces (this request's, or the turn's before it in the
         # queue) starts a joining viewer earlier still, so nothing is missed, and
@@ -554,6 +567,7 @@ class ConversationActor:
             if earlier is not None:
                 await earlier  # before the queue's release can follow it
             return  # the view was refused and forgotten since: the log decides again
+        self._ran = (runner.turn_id, REQUEST_ID.get())
         announce = asyncio.create_task(self._record_turn(runner.turn_id, after, earlier))
         runner.before_end = self._announce_queued
         try:
@@ -651,9 +665,10 @@ class ConversationActor:
     async def _settle_past(self) -> None:
         """What a conversation just read from the log left unfinished: a turn left open
         is ended, the last one charged. That work is for the request of that turn, not
-        for the command whose handling read the log (a rename, the next message), so
-        its lines name none."""
-        token = REQUEST_ID.set("")
+        for the command whose handling read the log (a rename, the next message): its
+        lines name the turn's request when this actor ran it, else none."""
+        active, (turn_id, request_id) = self.state.active, self._ran
+        token = REQUEST_ID.set(request_id if active and active.turn_id == turn_id else "")
         try:
             await self._close_orphan()
             await self._charge_last()

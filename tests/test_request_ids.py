@@ -201,7 +201,7 @@ async def test_a_sync_tools_own_lines_name_the_request_of_its_turn(
     assert line.__dict__.get("request_id") == "req-tool", line.__dict__
 
 
-async def test_a_turn_left_open_is_ended_naming_no_later_request(
+async def test_a_turn_stopped_by_the_log_is_ended_naming_its_own_request(
     stack: Servers,
     event_log: EventLog,
     nc: NatsClient,
@@ -211,7 +211,8 @@ async def test_a_turn_left_open_is_ended_naming_no_later_request(
 ) -> None:
     """A damaged entry lands in a running turn: the turn stops, and the actor reads the
     log again with the next command, here a rename of another request, ending the turn
-    left open. Those lines are about the turn, not the rename: they do not name it."""
+    left open. Those lines are about the turn, not the rename: they name the turn's
+    request."""
     caplog.set_level(logging.INFO, logger="actors.actor")
     caplog.handler.addFilter(with_request_id)
     cid, _ = await _conversation(event_log)
@@ -242,4 +243,6 @@ async def test_a_turn_left_open_is_ended_naming_no_later_request(
         inbox.put_nowait((rename, Delivery()))
         await until(event_log, cid, _has(Failed), "the turn left open was ended")
     (ended,) = [r for r in caplog.records if r.getMessage() == "ending a turn left open"]
-    assert ended.__dict__.get("request_id") != "req-rename", ended.__dict__
+    assert ended.__dict__.get("request_id") == "req-turn", ended.__dict__
+    (stop,) = [r for r in caplog.records if r.getMessage().startswith("turn stopped")]
+    assert stop.__dict__.get("request_id") == "req-turn", stop.__dict__
