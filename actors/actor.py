@@ -176,14 +176,17 @@ class ConversationActor:
 
     async def handle(self, cmd: AnyCommand, settle: Settlement) -> None:
         # Its log lines, and those of a turn it starts now, name the request that sent
-        # it; a turn it queues names it when it starts (`_drain_queue`).
+        # it; a turn it queues names it when it starts (`_drain_queue`). Noted before
+        # it is decided: the queue's task, still running for the turn before (a
+        # project's turn is charged as it ends), may start the queued turn while this
+        # command's handling still awaits something after its append.
+        if cmd.request_id and isinstance(cmd, TurnRequest):
+            self._request_ids[cmd.command_id] = cmd.request_id
         token = REQUEST_ID.set(cmd.request_id)
         try:
             await self._handle(cmd, settle)
         finally:
             REQUEST_ID.reset(token)
-            if cmd.request_id and isinstance(cmd, TurnRequest):
-                self._request_ids[cmd.command_id] = cmd.request_id
             if self._request_ids:  # only those of turns still waiting to start
                 queued = {q.command_id for q in self.state.queue}
                 self._request_ids = {c: r for c, r in self._request_ids.items() if c in queued}

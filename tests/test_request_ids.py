@@ -26,6 +26,7 @@ from tests.test_actor_queue import (
     Delivery,
     _context,
     _conversation,
+    _funded_project_conversation,
     _has,
     _message,
     _running,
@@ -246,3 +247,36 @@ async def test_a_turn_stopped_by_the_log_is_ended_naming_its_own_request(
     assert ended.__dict__.get("request_id") == "req-turn", ended.__dict__
     (stop,) = [r for r in caplog.records if r.getMessage().startswith("turn stopped")]
     assert stop.__dict__.get("request_id") == "req-turn", stop.__dict__
+
+
+async def test_a_project_turn_asked_for_while_the_one_before_was_ending_names_its_request(
+    stack: Servers,
+    event_log: EventLog,
+    demo_model_url: str,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A project's request is queued (whom it bills is looked up first), never started
+    with its decision. Come while the turn before is being wrapped up (its command's
+    acknowledgement held open here), the queue's task, still running, starts it as
+    soon as its decision is in, while the request's handling has not finished: the
+    turn names its own request all the same."""
+    caplog.set_level(logging.INFO, logger="actors.turn")
+    caplog.handler.addFilter(with_request_id)
+    cid, _ = await _funded_project_conversation(event_log)
+    registry = TurnRegistry(redis_client(stack.redis_url))
+    actor = ConversationActor(cid, _context(event_log, registry, http, demo_model_url))
+    first = msgspec.structs.replace(_message(cid, "one [[tokens=3]]"), request_id="req-first")
+    second = msgspec.structs.replace(
+        _message(cid, "two [[fail=bad_json]]"), request_id="req-second"
+    )
+    held = HeldAck()
+    async with _running(actor) as inbox:
+        inbox.put_nowait((first, held))
+        async with asyncio.timeout(20):
+            await held.acking.wait()  # turn one is over; its queue's task acks it
+        inbox.put_nowait((second, Delivery()))
+        held.gate.set()
+        await until(event_log, cid, _has(Failed), "the second turn failed")
+    (failed,) = [r for r in caplog.records if r.getMessage() == "turn failed"]
+    assert failed.__dict__.get("request_id") == "req-second", failed.__dict__
