@@ -355,7 +355,7 @@ async def publish_command(request: web.Request, command: AnyCommand) -> int:
         raise ApiError(
             504,
             "outcome_unknown",
-            f"NATS did not confirm the {_UNCONFIRMED[type(command)]}",
+            f"NATS did not confirm the {_UNCONFIRMED.get(type(command), _UNCONFIRMED_COMMAND)}",
             retry_after=1,
         ) from err
 
@@ -364,6 +364,7 @@ async def publish_command(request: web.Request, command: AnyCommand) -> int:
 # once only when sent again with its key; a rename has none, and needs none (sent
 # twice, the second finds the name in force and adds nothing); a cancel sent again
 # could stop a turn started since.
+_UNCONFIRMED_COMMAND = f"command within {COMMAND_PUBLISH_WAIT_S:g} s; it may still be applied"
 _UNCONFIRMED: dict[type[AnyCommand], str] = {
     **dict.fromkeys(
         (SendMessage, EditMessage, Regenerate),
