@@ -329,6 +329,7 @@ async def test_a_tool_from_a_typed_signature_refuses_unknown_and_missing_argumen
 
 async def test_a_sync_tool_works_in_a_thread_and_the_event_loop_stays_free() -> None:
     threads: list[str] = []
+    finished = threading.Event()
 
     def busy(seconds: float) -> str:
         """Hold a CPU for a while."""
@@ -336,23 +337,27 @@ async def test_a_sync_tool_works_in_a_thread_and_the_event_loop_stays_free() -> 
         end = time.perf_counter() + seconds
         while time.perf_counter() < end:
             pass
+        finished.set()
         return "done"
 
     runner = ToolRunner([define_tool(busy)])
-    ticks = 0
+    ticks = 0  # the loop's turns while the tool was still running: none if it held the loop
 
     async def ticker() -> None:
         nonlocal ticks
         while True:
             await asyncio.sleep(0.01)
-            ticks += 1
+            if not finished.is_set():
+                ticks += 1
 
     ticking = asyncio.create_task(ticker())
     outcome = await runner.run("busy", '{"seconds": 0.3}', CTX)
     ticking.cancel()
     assert outcome.result == "done"
     assert threads and threads[0] != threading.main_thread().name
-    assert ticks >= 10, f"the event loop was blocked while the tool ran ({ticks} ticks)"
+    # (how many depends on what else the machine runs: the thread holds the GIL but
+    # for Python's switch interval, and a loaded machine gives the loop few turns)
+    assert ticks >= 1, "the event loop was blocked while the tool ran"
 
 
 async def test_a_sync_tool_that_hangs_holds_only_its_own_slots_never_the_loops_threads() -> None:
