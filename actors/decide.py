@@ -405,10 +405,11 @@ def choose_payer(state: Conversation, requester: str, project_funded: bool) -> s
 def decide_rename(
     state: Conversation, cmd: RenameConversation, now: int, new_id: NewId
 ) -> list[Event]:
-    """The user named the conversation. Nothing when it is already so named: the same
-    command delivered again (its title landed, its acknowledgement did not) adds no
-    second event. A later turn announces it as the existing title, never replaces it."""
-    if not state.exists or state.title == cmd.title:
+    """The user named the conversation. Nothing when it is already so named, or when
+    this command named it before: delivered again (its title landed, its
+    acknowledgement did not), after a later rename, it would bring the old name back.
+    A later turn announces the name as the existing title, never replaces it."""
+    if not state.exists or state.title == cmd.title or cmd.command_id in state.commands_seen:
         return []
     return [
         Title(
@@ -418,6 +419,7 @@ def decide_rename(
             title=cmd.title,
             source="user",
             turn_id=None,
+            command_id=cmd.command_id,
         )
     ]
 

@@ -337,6 +337,9 @@ def evolve(state: Conversation, event: AnyEvent | Unreadable) -> Conversation:
         case BillingRejected():
             return _end_turn(state, event.turn_id, (), "billing_error", 0)
         case Title():
+            if event.command_id:
+                seen = state.commands_seen | {event.command_id}
+                return replace(state, title=event.title, commands_seen=seen)
             return replace(state, title=event.title)
         case CommandRejected():
             return replace(

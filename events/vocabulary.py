@@ -223,6 +223,9 @@ class Title(Event, tag="title", frozen=True):
     title: str
     source: TitleSource
     turn_id: str | None = None
+    # the rename that set it (source "user"): a rename delivered again once a later
+    # one landed (its acknowledgement lost) must not bring its name back
+    command_id: str = ""
 
 
 class CommandRejected(Event, tag="command_rejected", frozen=True):

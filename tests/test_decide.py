@@ -378,7 +378,12 @@ def test_a_rename_is_a_user_title_that_later_turns_announce_and_keep() -> None:
     state = fold(empty(), [created()])
     (named,) = decide_rename(state, rename("Roadmap"), NOW, Ids())
     assert named == Title(
-        conversation_id=CONV, at=NOW, event_id="id-1", title="Roadmap", source="user"
+        conversation_id=CONV,
+        at=NOW,
+        event_id="id-1",
+        title="Roadmap",
+        source="user",
+        command_id="rename-1",
     )
     state = evolve(state, named)
     # the first message does not replace it: the turn announces it as the title in force
@@ -392,6 +397,19 @@ def test_a_rename_to_the_name_in_force_or_of_no_conversation_decides_nothing() -
     state = fold(empty(), [created(title="Roadmap")])
     assert decide_rename(state, rename("Roadmap"), NOW, Ids()) == []
     assert decide_rename(empty(), rename("Roadmap"), NOW, Ids()) == []
+
+
+def test_a_rename_delivered_again_after_a_later_one_does_not_bring_its_name_back() -> None:
+    """Rename 1 landed but its acknowledgement was lost; rename 2 landed; JetStream
+    then delivers rename 1 again. Exactly once in effect: the name stays rename 2's."""
+    state = fold(empty(), [created()])
+    for n, title in ((1, "Roadmap"), (2, "Q3 plan")):
+        state = fold(state, decide_rename(state, rename(title, n), NOW, Ids()))
+    assert state.title == "Q3 plan"
+    assert decide_rename(state, rename("Roadmap", 1), NOW, Ids()) == []
+    # a new rename to the old name is a new command, and lands
+    (again,) = decide_rename(state, rename("Roadmap", 3), NOW, Ids())
+    assert isinstance(again, Title) and again.title == "Roadmap"
 
 
 @pytest.mark.parametrize("untitled", ["", "New Chat", "   ", "\t\n"])

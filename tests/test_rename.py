@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import aiohttp
 import pytest
+from nats.aio.client import Client as NatsClient
 
+from events.codec import encode
+from events.ids import new_id
 from events.log import EventLog
-from events.vocabulary import Done, Title
+from events.subjects import command_subject
+from events.vocabulary import Done, RenameConversation, Title
 from tests.conftest import token_for
 from tests.sse import SseClient, SseEvent, read_sse
 
@@ -120,3 +125,33 @@ async def test_a_frontend_that_renames_then_reads_the_list_back_sees_the_new_nam
         status, listed = await api.request("GET", "/v1/conversations")
         assert status == 200
         assert [c["title"] for c in listed["conversations"] if c["id"] == cid] == [name]
+
+
+async def test_a_rename_delivered_again_after_a_later_one_leaves_the_later_name(
+    api: SseClient, event_log: EventLog, nc: NatsClient
+) -> None:
+    """JetStream delivers a command again when its acknowledgement was lost: a rename
+    that comes again after a later one must not bring its old name back (exactly
+    once in effect). The second delivery is sent here as a copy of the command."""
+    cid = (await api.create_conversation())["id"]
+    for title in ("Roadmap", "Q3 plan"):
+        status, _ = await api.request("PATCH", f"/v1/conversations/{cid}", json={"title": title})
+        assert status == 202
+    await _projected_title(api, cid, "Q3 plan")
+    first = next(s.event for s in await event_log.read(cid) if isinstance(s.event, Title))
+    again = RenameConversation(
+        conversation_id=cid,
+        command_id=first.command_id,
+        user_id="someone",
+        at=time.time_ns(),
+        title="Roadmap",
+    )
+    await nc.jetstream().publish(
+        command_subject(cid), encode(again), headers={"Nats-Msg-Id": new_id()}
+    )
+    # a rename after it is decided after it: once its title is in, the copy was decided
+    status, _ = await api.request("PATCH", f"/v1/conversations/{cid}", json={"title": "Final"})
+    assert status == 202
+    await _projected_title(api, cid, "Final")
+    titles = [s.event.title for s in await event_log.read(cid) if isinstance(s.event, Title)]
+    assert titles == ["Roadmap", "Q3 plan", "Final"], titles
