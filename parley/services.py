@@ -190,8 +190,9 @@ class Services:
         self._connections: list[NatsClient] = []
         self._stack.push_async_callback(self._finish_connections)
         self._tasks: list[asyncio.Task[None]] = []
-        # what listens for HTTP, and each one's stop once begun (`_stop_serving`)
-        self._runners: list[web.AppRunner] = []
+        # the edge's listener, stopped first at a stop; each listener's stop once
+        # begun (`_stop_serving`)
+        self._edge_runners: list[web.AppRunner] = []
         self._runner_stops: dict[web.AppRunner, asyncio.Task[None]] = {}
         self.restarts: dict[str, int] = {}  # role -> times it was restarted after failing
         # one registry for every role of this process; the edge's /metrics shows it
@@ -217,7 +218,9 @@ class Services:
         self._stopping.set()
         # The edge stops listening now, and its streams end while the roles stop: a
         # turn that a worker of this process finishes in its grace reaches its viewers.
-        for runner in self._runners:
+        # (A process without the edge serves /metrics until its roles stopped: the
+        # drain of a worker's turns shows there.)
+        for runner in self._edge_runners:
             self._runner_stops.setdefault(runner, asyncio.create_task(runner.cleanup()))
         # Roles watch `stopping` and end within the grace (a worker's running turns) and
         # a few seconds more; cancel is the backstop, one deadline for all of them.
@@ -416,15 +419,16 @@ class Services:
             stop_grace_s=options.shutdown_grace_s + 2.0,
         )
         self.starting = "the edge's connections (NATS, Postgres, Redis)"
-        self.edge_url = await self._serve(create_app(config, self.metrics), options.port)
+        self.edge_url = await self._serve(create_app(config, self.metrics), options.port, edge=True)
 
-    async def _serve(self, app: web.Application, port: int) -> str:
+    async def _serve(self, app: web.Application, port: int, *, edge: bool = False) -> str:
         """Listen with `app` on the configured host; its base URL."""
         options = self.options
         runner = edge_runner(app, idle_timeout_s=options.limits.idle_timeout_s)
         await runner.setup()
         self._stack.push_async_callback(self._stop_serving, runner)
-        self._runners.append(runner)
+        if edge:
+            self._edge_runners.append(runner)
         site = EagerTCPSite(
             runner, options.host, port, backlog=LISTEN_BACKLOG, protocol=EdgeRequestHandler
         )

@@ -620,6 +620,35 @@ async def test_a_viewer_keeps_its_stream_through_the_end_a_stopping_worker_write
     assert [e.data for e in seen if e.event == "done"] == ["error", "ok"], seen[-3:]
 
 
+async def test_a_worker_serves_its_metrics_while_it_lets_its_turns_finish(
+    own_stack: Servers, own_nc: NatsClient, demo_model_url: str, http: aiohttp.ClientSession
+) -> None:
+    """A process without the edge keeps /metrics up through its grace: the drain of
+    its running turns is what an operator watches there during a deploy. (The edge's
+    own listener stops first, at once: api.hub.Hubs.drain.)"""
+    event_log = EventLog(own_nc.jetstream())
+    async with roles(own_stack, demo_model_url, "edge") as edge:
+        api = SseClient(http, edge.edge_url, token_for("roles-metrics"))
+        cid = (await api.create_conversation())["id"]
+        settings = msgspec.structs.replace(options(demo_model_url), metrics_port=0)
+        worker = Services(own_stack, settings, ("worker",))
+        await worker.__aenter__()
+        stopping: asyncio.Task[None] | None = None
+        try:
+            await api.send_json(cid, "long [[tokens=4000]] [[rate=100]]")
+            await _until(event_log, cid, lambda log: sum(isinstance(e, Chunk) for e in log) >= 3)
+            stopping = asyncio.create_task(worker.__aexit__(None, None, None))
+            assert worker.worker is not None
+            async with asyncio.timeout(10):
+                while not worker.worker.winding_down:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            async with http.get(worker.metrics_url) as response:
+                assert response.status == 200
+                assert "parley_turns" in await response.text()
+        finally:
+            await (stopping or worker.__aexit__(None, None, None))
+
+
 async def test_a_worker_cut_from_outside_in_its_grace_still_ends(
     own_stack: Servers, own_nc: NatsClient, demo_model_url: str, http: aiohttp.ClientSession
 ) -> None:
