@@ -312,6 +312,34 @@ def test_a_role_waiting_for_nats_that_is_not_there_says_so(tmp_path: Path) -> No
     assert "NATS not reachable yet; still trying" in line, line
 
 
+def signalled_while_starting(
+    args: list[str], env: dict[str, str], sig: signal.Signals, once: str, give_up_s: float
+) -> tuple[str, str, int]:
+    """Run `parley *args`, send it `sig` once its stderr has said `once`, and read the
+    rest: (what it said before, what it said after, its exit code)."""
+    process = subprocess.Popen(
+        [*PARLEY, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    give_up = threading.Timer(give_up_s, process.kill)  # then the reads below end
+    give_up.start()
+    try:
+        assert process.stderr is not None
+        before = ""
+        while line := process.stderr.readline():
+            before += line
+            if once in line:
+                break
+        process.send_signal(sig)
+        said = process.stderr.read()
+        code = process.wait(30)
+    finally:
+        give_up.cancel()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return before, said, code
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_role_stopped_while_it_waits_for_nats_at_start_says_so_and_exits_0(
     tmp_path: Path, sig: signal.Signals
@@ -320,26 +348,13 @@ def test_a_role_stopped_while_it_waits_for_nats_at_start_says_so_and_exits_0(
     or a Ctrl-C then ended it at once, 143 or 130, without a word, where a stop
     after the start says what it does and exits 0."""
     env = clean_env(**DEAD, PARLEY_MODEL_BASE_URL="http://127.0.0.1:9/v1")
-    role = subprocess.Popen(
-        [*PARLEY, "--data", str(tmp_path), "serve", "--role", "worker"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    waiting, said, code = signalled_while_starting(
+        ["--data", str(tmp_path), "serve", "--role", "worker"],
+        env,
+        sig,
+        once="NATS not reachable yet; still trying",  # the first failed attempt, at once
+        give_up_s=30,
     )
-    give_up = threading.Timer(30, role.kill)  # then the reads below end
-    give_up.start()
-    try:
-        assert role.stderr is not None
-        waiting = role.stderr.readline()  # the first failed attempt, at once
-        role.send_signal(sig)
-        said = role.stderr.read()
-        code = role.wait(10)
-    finally:
-        give_up.cancel()
-        if role.poll() is None:
-            role.kill()
-            role.wait()
     assert "NATS not reachable yet; still trying" in waiting, waiting
     assert code == 0, said
     assert said.count("stopped while starting") == 1, said
@@ -351,32 +366,14 @@ def test_dev_stopped_while_its_servers_start_says_so_and_exits_0(tmp_path: Path)
     """SIGTERM while `parley dev` makes its Postgres cluster (a second or so, the
     first time on a data folder) killed it where it stood, 143 and no word; Ctrl-C
     raised out of the start, 130 and no word either."""
-    data = tmp_path / "data"
-    dev = subprocess.Popen(
-        [*PARLEY, "--data", str(data), "dev", "--port", "0"],
-        env=clean_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    before, said, code = signalled_while_starting(
+        ["--data", str(tmp_path / "data"), "dev", "--port", "0"],
+        clean_env(),
+        signal.SIGTERM,
+        once="initializing a new Postgres cluster",
+        give_up_s=60,
     )
-    give_up = threading.Timer(60, dev.kill)
-    give_up.start()
-    try:
-        assert dev.stderr is not None
-        before: list[str] = []
-        while line := dev.stderr.readline():
-            before.append(line)
-            if "initializing a new Postgres cluster" in line:
-                break
-        dev.send_signal(signal.SIGTERM)
-        said = dev.stderr.read()
-        code = dev.wait(30)
-    finally:
-        give_up.cancel()
-        if dev.poll() is None:
-            dev.kill()
-            dev.wait()
-    assert code == 0, "".join(before) + said
+    assert code == 0, before + said
     assert said.count("stopped while starting") == 1, said
     assert "waiting_for=the embedded servers" in said, said
 

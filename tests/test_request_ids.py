@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import msgspec
@@ -18,7 +19,15 @@ from api.request_ids import HEADER
 from events.ids import new_id
 from events.log import EventLog
 from events.turns import TurnRegistry, redis_client
-from events.vocabulary import Chunk, Done, Failed, RenameConversation, Started, ToolResult
+from events.vocabulary import (
+    Chunk,
+    Done,
+    Failed,
+    RenameConversation,
+    SendMessage,
+    Started,
+    ToolResult,
+)
 from parley.logs import with_request_id
 from parley.services import Servers
 from tests.sse import SseClient
@@ -141,6 +150,31 @@ async def test_a_turn_started_while_the_one_before_was_ending_names_its_own_requ
     cid, _ = await _conversation(event_log)
     registry = TurnRegistry(redis_client(stack.redis_url))
     actor = ConversationActor(cid, _context(event_log, registry, http, demo_model_url))
+
+    async def started(second: SendMessage) -> None:
+        await until(
+            event_log,
+            cid,
+            lambda events: any(
+                isinstance(e, Started) and e.user_message_id == second.message_id for e in events
+            ),
+            "the second message's turn started with it",
+        )
+
+    await _second_while_the_first_ends(actor, event_log, cid, started)
+    (failed,) = [r for r in caplog.records if r.getMessage() == "turn failed"]
+    assert failed.__dict__.get("request_id") == "req-second", failed.__dict__
+
+
+async def _second_while_the_first_ends(
+    actor: ConversationActor,
+    event_log: EventLog,
+    cid: str,
+    before_release: Callable[[SendMessage], Awaitable[None]] | None = None,
+) -> None:
+    """Turn one ("req-first") ends and its command's acknowledgement is held open;
+    the second message ("req-second", a turn that fails) comes meanwhile; then
+    (after `before_release`) the acknowledgement goes, and the second turn fails."""
     first = msgspec.structs.replace(_message(cid, "one [[tokens=3]]"), request_id="req-first")
     second = msgspec.structs.replace(
         _message(cid, "two [[fail=bad_json]]"), request_id="req-second"
@@ -151,18 +185,10 @@ async def test_a_turn_started_while_the_one_before_was_ending_names_its_own_requ
         async with asyncio.timeout(20):
             await held.acking.wait()  # turn one is over; its queue's task acks it
         inbox.put_nowait((second, Delivery()))
-        await until(
-            event_log,
-            cid,
-            lambda events: any(
-                isinstance(e, Started) and e.user_message_id == second.message_id for e in events
-            ),
-            "the second message's turn started with it",
-        )
+        if before_release is not None:
+            await before_release(second)
         held.gate.set()
         await until(event_log, cid, _has(Failed), "the second turn failed")
-    (failed,) = [r for r in caplog.records if r.getMessage() == "turn failed"]
-    assert failed.__dict__.get("request_id") == "req-second", failed.__dict__
 
 
 _tool_log = logging.getLogger("tests.request_ids.tool")
@@ -266,17 +292,6 @@ async def test_a_project_turn_asked_for_while_the_one_before_was_ending_names_it
     cid, _ = await _funded_project_conversation(event_log)
     registry = TurnRegistry(redis_client(stack.redis_url))
     actor = ConversationActor(cid, _context(event_log, registry, http, demo_model_url))
-    first = msgspec.structs.replace(_message(cid, "one [[tokens=3]]"), request_id="req-first")
-    second = msgspec.structs.replace(
-        _message(cid, "two [[fail=bad_json]]"), request_id="req-second"
-    )
-    held = HeldAck()
-    async with _running(actor) as inbox:
-        inbox.put_nowait((first, held))
-        async with asyncio.timeout(20):
-            await held.acking.wait()  # turn one is over; its queue's task acks it
-        inbox.put_nowait((second, Delivery()))
-        held.gate.set()
-        await until(event_log, cid, _has(Failed), "the second turn failed")
+    await _second_while_the_first_ends(actor, event_log, cid)
     (failed,) = [r for r in caplog.records if r.getMessage() == "turn failed"]
     assert failed.__dict__.get("request_id") == "req-second", failed.__dict__
