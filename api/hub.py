@@ -161,6 +161,10 @@ class TurnFilter:
             self.turn_id = event.turn_id
         if isinstance(event, UserMessage):
             return False
+        if isinstance(event, Title) and event.turn_id is None:
+            # the user renamed the conversation while the turn runs: its client shows
+            # titles from this stream (as the auto title), and no other stream is open
+            return self.turn_id is not None
         return self.turn_id is not None and getattr(event, "turn_id", None) == self.turn_id
 
     def _answers(self, started: Started) -> bool:

@@ -155,3 +155,28 @@ async def test_a_rename_delivered_again_after_a_later_one_leaves_the_later_name(
     await _projected_title(api, cid, "Final")
     titles = [s.event.title for s in await event_log.read(cid) if isinstance(s.event, Title)]
     assert titles == ["Roadmap", "Q3 plan", "Final"], titles
+
+
+async def test_a_rename_while_a_turn_runs_reaches_that_turns_own_stream(api: SseClient) -> None:
+    """The sender's stream of a turn is the one stream its client reads (`parley chat`,
+    the original frontend during an answer); a rename made meanwhile (another tab) is
+    shown there, as the turn's auto title is."""
+    cid = (await api.create_conversation())["id"]
+    seen: list[SseEvent] = []
+    async with api.http.post(
+        api.url(f"/v1/conversations/{cid}/messages"),
+        json={"content": "a long answer [[tokens=40]] [[rate=40]]"},
+        headers=api.headers(Accept="text/event-stream"),
+    ) as turn:
+        async for item in read_sse(turn):
+            if not isinstance(item, SseEvent):
+                continue
+            seen.append(item)
+            if item.event == "token" and sum(e.event == "token" for e in seen) == 1:
+                status, _ = await api.request(
+                    "PATCH", f"/v1/conversations/{cid}", json={"title": "Renamed meanwhile"}
+                )
+                assert status == 202
+    assert seen[-1].event == "done" and seen[-1].data == "ok", seen[-3:]
+    titles = [e.data["title"] for e in seen if e.event == "title"]
+    assert "Renamed meanwhile" in titles, titles
