@@ -630,6 +630,7 @@ class Hubs:
         self._tasks: set[asyncio.Task[None]] = set()
         self._on_delivered = on_delivered
         self._draining = False
+        self._drained = False  # the drain is over: whatever joins now ends at once
 
     def __len__(self) -> int:
         return len(self._hubs)
@@ -672,7 +673,7 @@ class Hubs:
             await asyncio.shield(hub.ready)
             if not hub.closed:  # it may have stopped while we waited for it
                 snapshot = hub.join(subscription)
-                if self._draining and not subscription.finishes_at_stop():
+                if self._drained or (self._draining and not subscription.finishes_at_stop()):
                     subscription.end("stopping")
                 return hub, snapshot
 
@@ -700,7 +701,9 @@ class Hubs:
         resumes it the same way (api/streaming.py, api/ai_sdk.py say so in the stream).
 
         Joins after the drain began are ended as they join (a request that was under
-        way when the edge stopped listening)."""
+        way when the edge stopped listening), but for a turn's stream while the drain
+        still waits; once it is over, every one is: nothing else would end it, and
+        aiohttp would hold the stop for its shutdown timeout, twice, then drop it."""
         self._draining = True
         deadline = asyncio.get_running_loop().time() + grace_s
         while True:
@@ -711,6 +714,7 @@ class Hubs:
             # every one ends by itself at its turn's end (a new one may have joined
             # meanwhile: looked for again)
             await asyncio.wait(finishing, timeout=left)
+        self._drained = True
         for hub in list(self._hubs.values()):
             for subscription in list(hub.subscriptions):
                 subscription.end("stopping")

@@ -199,3 +199,19 @@ async def test_a_drain_waits_for_turn_streams_and_ends_what_joins_meanwhile_at_o
         async with asyncio.timeout(10):
             await draining
         hub.leave(turn)
+
+
+async def test_a_turn_stream_that_joins_once_the_drain_is_over_ends_at_once(
+    stack: Servers, services: Services
+) -> None:
+    """A POST that was waiting for its actor's decision when the edge stopped (its
+    decision watcher ended at once) opens its turn's stream after a drain that had
+    nothing to wait for: nothing would end that stream but aiohttp, which held the
+    stop 10 s and then dropped it mid-body."""
+    async with extra_edge_server(stack) as server:
+        hubs = server.app[HUBS]
+        async with asyncio.timeout(10):
+            await hubs.drain(60.0)  # no stream to wait for: over at once
+        late = _TurnStream(Position(seq=0))
+        async with asyncio.timeout(10):
+            assert await watch(hubs, new_id(), late) == "stopping"
