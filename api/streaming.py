@@ -118,7 +118,14 @@ async def running_turn(app: web.Application, conversation_id: str) -> tuple[int,
 class SseViewer(Subscription):
     """A subscription that writes to one HTTP response."""
 
-    __slots__ = ("_blocked_since", "_chunked", "_max_buffer", "_transport", "_write_timeout_s")
+    __slots__ = (
+        "_blocked_since",
+        "_chunked",
+        "_max_buffer",
+        "_protocol",
+        "_transport",
+        "_write_timeout_s",
+    )
 
     def __init__(
         self,
@@ -134,6 +141,7 @@ class SseViewer(Subscription):
             position, turn=turn, command=command, max_pending=config.limits.max_pending
         )
         self._transport: Transport | None = request.transport
+        self._protocol = request.protocol
         # aiohttp frames the body in chunks for HTTP/1.1; live writes bypass it, so do the same
         self._chunked = response.headers.get("Transfer-Encoding", "") == "chunked"
         self._max_buffer = config.limits.max_buffer_bytes
@@ -206,6 +214,28 @@ class SseViewer(Subscription):
 
     def finishes_at_stop(self) -> bool:
         return self.turn is not None  # a POST's stream: its turn's end is near
+
+    def end(self, reason: str) -> None:
+        """As `Subscription.end`; but a stream the stopping edge ends while its client
+        has not taken what was sent (its socket's buffer full, a write waiting) is cut:
+        it would read no last word soon, and its write would hold the edge's stop for
+        aiohttp's shutdown timeout, twice (10 s), before it was dropped anyway."""
+        if reason == "stopping" and not self.ended.done() and self.backed_up():
+            self.cut_at_stop()
+        super().end(reason)
+
+    def backed_up(self) -> bool:
+        """Whether the client has not taken what was sent: a write now would wait."""
+        transport = self._transport
+        return (
+            transport is not None and not transport.is_closing() and self._protocol.writing_paused
+        )
+
+    def cut_at_stop(self) -> None:
+        """Drop the connection of a stream the stopping edge ends while it is backed up."""
+        log.info("slow viewer disconnected at stop", extra={"seen": self.seen, **self.named()})
+        if self._transport is not None:
+            cut(self._transport)
 
     def cut(self, reason: str) -> None:
         """End the stream and drop its connection (the transport taken when it opened:
@@ -290,7 +320,9 @@ async def stream_log(
         hub.leave(viewer)
         metrics.sse_viewers(-1)
     reason = viewer.ended.result()
-    if reason in ("done", "stalled", "broken", "stopping", "expired"):
+    if reason == "stopping" and viewer.backed_up():
+        viewer.cut_at_stop()  # its last word would hold the stop, unread
+    elif reason in ("done", "stalled", "broken", "stopping", "expired"):
         with contextlib.suppress(ConnectionResetError, TimeoutError):
             last_word = {"stopping": STOPPING, "expired": EXPIRED}.get(reason)
             if last_word is not None:
@@ -325,8 +357,10 @@ async def _catch_up(
         if not viewer.admits(delivery, idle_after):
             return
         data = delivery.wanted_by(viewer.position)
-        if not data:
-            return  # seen already: an end the viewer had does not end it again
+        if not data or viewer.ended.done():
+            # seen already (an end the viewer had does not end it again), or the stream
+            # ended meanwhile (the edge is stopping): what is left is read on resuming
+            return
         await _bounded(request, response.write(data))
         if not delivery.ends_turn or viewer.ended.done():
             return

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 
+from api.config import EdgeLimits
 from api.context import HUBS
 from api.hub import Delivery, Subscription, watch
 from api.sse import Envelope, Position
+from api.streaming import SseViewer
 from events.ids import new_id
 from events.log import EventLog
 from events.vocabulary import Done
@@ -215,3 +218,53 @@ async def test_a_turn_stream_that_joins_once_the_drain_is_over_ends_at_once(
         late = _TurnStream(Position(seq=0))
         async with asyncio.timeout(10):
             assert await watch(hubs, new_id(), late) == "stopping"
+
+
+async def test_a_stop_does_not_wait_for_a_viewer_that_stopped_reading(
+    stack: Servers, services: Services, http: aiohttp.ClientSession, user: str
+) -> None:
+    """A viewer catching up on a long log that stopped reading has a write waiting on
+    its full socket when the edge stops: its end is a cut, at once. Before, the write
+    held the stop until aiohttp's shutdown timeout (or the write timeout) passed."""
+    tight = EdgeLimits(
+        rate_per_s=0,
+        max_streams_per_user=0,
+        max_turns_per_user=0,
+        socket_send_buffer_bytes=16 * 1024,
+        write_timeout_s=20.0,
+    )
+    async with extra_edge_server(stack, limits=tight) as server:
+        base = str(server.make_url("")).rstrip("/")
+        token = token_for(user)
+        client = SseClient(http, base, token)
+        cid = (await client.create_conversation())["id"]
+        await client.send_stream(cid, "a big one [[bulk=2000000]]")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        try:
+            assert server.port is not None
+            await loop.sock_connect(sock, ("127.0.0.1", server.port))
+            await loop.sock_sendall(
+                sock,
+                f"GET /v1/conversations/{cid}/events?after=0 HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {token}\r\n\r\n".encode(),
+            )
+            head = await loop.sock_recv(sock, 64)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            # from here the client reads nothing: wait until the edge's write waits on it
+            hubs = server.app[HUBS]
+            for _ in range(1000):
+                viewers = [s for hub in list(hubs._hubs.values()) for s in hub.subscriptions]
+                if any(isinstance(s, SseViewer) and s.backed_up() for s in viewers):
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("the viewer's writes never backed up")
+            began = time.monotonic()
+            async with asyncio.timeout(30):
+                await server.close()
+            assert time.monotonic() - began < 3.0
+        finally:
+            sock.close()
