@@ -125,6 +125,7 @@ class SseViewer(Subscription):
         "_protocol",
         "_transport",
         "_write_timeout_s",
+        "good_until",
     )
 
     def __init__(
@@ -147,6 +148,8 @@ class SseViewer(Subscription):
         self._max_buffer = config.limits.max_buffer_bytes
         self._write_timeout_s = config.limits.write_timeout_s
         self._blocked_since: float | None = None
+        # when the request's token is refused (wall clock): the stream ends then
+        self.good_until = token_good_until(request)
 
     def admits(self, delivery: Delivery, idle_after: bool | None) -> bool:
         """Whether the delivery belongs to this stream (a POST stream: only its turn).
@@ -300,7 +303,7 @@ async def stream_log(
             )
             position = Position(seq=gone.first_available - 1)
     viewer = SseViewer(request, response, position, turn=turn, command=command)
-    expires = token_good_until(request)
+    expires = viewer.good_until
     hub, snapshot = await app[HUBS].join(conversation_id, viewer)
     metrics.sse_viewers(1)
     try:
@@ -357,9 +360,12 @@ async def _catch_up(
         if not viewer.admits(delivery, idle_after):
             return
         data = delivery.wanted_by(viewer.position)
+        if data and time.time() >= viewer.good_until:
+            viewer.end("expired")  # a long catch-up, read slowly, outlives a token too
         if not data or viewer.ended.done():
             # seen already (an end the viewer had does not end it again), or the stream
-            # ended meanwhile (the edge is stopping): what is left is read on resuming
+            # ended meanwhile (the edge is stopping, the token expired): what is left is
+            # read on resuming
             return
         await _bounded(request, response.write(data))
         if not delivery.ends_turn or viewer.ended.done():

@@ -6,6 +6,9 @@ ended kept reading the conversation."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
+
 import aiohttp
 
 from api.auth import mint
@@ -80,3 +83,46 @@ async def test_a_use_chat_stream_cut_by_its_token_says_so_and_how_to_resume(
     fresh = SseClient(http, services.edge_url, token_for(user))
     status, rest = await fresh.request("GET", f"/v1/ai-sdk/chat/{chat}/stream")
     assert status == 200 and rest.rstrip().endswith("data: [DONE]"), rest[-300:]
+
+
+async def test_a_long_catch_up_read_slowly_ends_when_its_token_expires(
+    services: Services, http: aiohttp.ClientSession, user: str, api: SseClient
+) -> None:
+    """The token was looked at only once the stream had caught up: a client reading a
+    long log slowly read all of it, and what came live meanwhile, long after its token
+    was refused (measured: 1.1 MB over 42 s, with a token refused after 2 s)."""
+    cid = (await api.create_conversation())["id"]
+    await api.send_stream(cid, "a big one [[bulk=2000000]]")
+    token = nearly_expired(user)
+    short = SseClient(http, services.edge_url, token)
+    port = int(services.edge_url.rsplit(":", 1)[1])
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(
+            sock,
+            f"GET /v1/conversations/{cid}/events?after=0 HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {token}\r\n\r\n".encode(),
+        )
+        received = await loop.sock_recv(sock, 64)
+        assert received.startswith(b"HTTP/1.1 200"), received
+        # the client reads nothing more until its token is refused...
+        for _ in range(200):
+            if (await short.request("GET", f"/v1/conversations/{cid}"))[0] == 401:
+                break
+            await asyncio.sleep(0.1)
+        # ...then reads on to the body's end (the connection stays open for another
+        # request): what the edge was writing, and no more
+        async with asyncio.timeout(20):
+            while not received.endswith(b"\r\n0\r\n\r\n"):
+                chunk = await loop.sock_recv(sock, 65536)
+                assert chunk, received[-300:]
+                received += chunk
+    finally:
+        sock.close()
+    assert received.endswith(f": {EXPIRED}\n\n\r\n0\r\n\r\n".encode()), received[-300:]
+    assert b'"event":"done"' not in received
+    assert len(received) < 1_000_000, len(received)
