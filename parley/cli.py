@@ -179,6 +179,19 @@ class _StopSignals:
         for sig in _STOP_SIGNALS:
             self._loop.remove_signal_handler(sig)
 
+    def stopping(self) -> None:
+        """The stop began. Ctrl-C again quits at once (Python's own KeyboardInterrupt).
+        SIGTERM again does not cut the stop short: left to its default it killed the
+        process on the spot, every stream cut mid-body and every turn left open (a
+        supervisor that signals the process group and the process both sends two);
+        SIGKILL is there for that."""
+        self._loop.remove_signal_handler(signal.SIGINT)
+        self._loop.add_signal_handler(signal.SIGTERM, _stopping_already)
+
+
+def _stopping_already() -> None:
+    print("stopping already (SIGTERM again); SIGKILL stops at once", file=sys.stderr)
+
 
 async def _start(
     stack: contextlib.AsyncExitStack, services: Services, signals: _StopSignals
@@ -202,7 +215,7 @@ async def _start(
     if entering.done():
         entering.result()
         return True
-    signals.close()
+    signals.stopping()
     log.info("stopped while starting", extra={"waiting_for": services.starting or "nothing"})
     entering.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -214,7 +227,7 @@ async def _until_signalled(signals: _StopSignals) -> None:
     try:
         await signals.told.wait()
     finally:
-        signals.close()
+        signals.stopping()
         print("stopping ...", file=sys.stderr)
 
 

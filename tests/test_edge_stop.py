@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,8 +26,9 @@ from events.ids import new_id
 from events.log import EventLog
 from events.vocabulary import Done
 from parley.services import Servers, Services
-from tests.conftest import extra_edge, extra_edge_server, token_for
+from tests.conftest import SECRET, extra_edge, extra_edge_server, token_for
 from tests.sse import SseClient, SseComment, SseEvent, read_sse
+from tests.test_cli import server_env
 
 STOPPING = "this server is stopping; reconnect with Last-Event-ID to go on"
 
@@ -268,3 +271,53 @@ async def test_a_stop_does_not_wait_for_a_viewer_that_stopped_reading(
             assert time.monotonic() - began < 3.0
         finally:
             sock.close()
+
+
+async def test_a_second_sigterm_does_not_cut_the_stop_short(
+    stack: Servers, services: Services, http: aiohttp.ClientSession, user: str
+) -> None:
+    """`parley serve` given SIGTERM twice (a supervisor that signals the process and
+    its group) still lets a running turn's stream reach its end and exits 0. The
+    second one killed it at once: exit 143, every stream cut mid-body."""
+    env = {**server_env(stack), "PARLEY_JWT_SECRET": SECRET, "PARLEY_DB_SCHEMA": "parley_test"}
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "parley.cli", "serve", "--role", "edge", "--port", "0"),
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stderr = process.stderr
+    assert stderr is not None
+    said: list[str] = []
+
+    async def line() -> str:
+        said.append((await stderr.readline()).decode())
+        assert said[-1], "".join(said)
+        return said[-1]
+
+    try:
+        async with asyncio.timeout(60):
+            while "edge listening at" not in (await line()):
+                pass
+            url = said[-1].split(" at ", 1)[1].strip().replace("0.0.0.0", "127.0.0.1")
+            client = SseClient(http, url, token_for(user))
+            cid = (await client.create_conversation())["id"]
+            async with client.http.post(
+                client.url(f"/v1/conversations/{cid}/messages"),
+                json={"content": "go [[tokens=60]] [[rate=20]]"},
+                headers=client.headers(Accept="text/event-stream"),
+            ) as turn:
+                seen: list[SseEvent | SseComment] = []
+                await first_token(turn, seen)
+                process.send_signal(signal.SIGTERM)
+                while "stopping ..." not in (await line()):
+                    pass
+                process.send_signal(signal.SIGTERM)
+                seen += await read_all(turn)
+            assert await process.wait() == 0, "".join(said)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    events = [e for e in seen if isinstance(e, SseEvent)]
+    assert events[-1].event == "done" and events[-1].data == "ok", events[-3:]
