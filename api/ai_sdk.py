@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from typing import Annotated, Any, Literal, NamedTuple
 
@@ -29,7 +30,7 @@ from api.context import HEADERS as CONVERSATION_HEADERS
 from api.errors import ApiError, bad_request, begin_stream, not_found
 from api.hub import Delivery, Subscription, TurnFilter, watch
 from api.sse import Envelope, Position
-from api.streaming import running_turn
+from api.streaming import cut, running_turn, writes_wait
 from api.turn_routes import (
     DECODE_ELSEWHERE_BYTES,
     IdempotencyRecord,
@@ -57,6 +58,8 @@ from events.vocabulary import (
 
 # a viewer that falls this far behind is cut off (it can resume with GET .../stream)
 _QUEUE_LIMIT = 10_000
+
+log = logging.getLogger(__name__)
 
 
 class UiMessage(msgspec.Struct, frozen=True):
@@ -325,11 +328,24 @@ async def _conversation(request: web.Request, body: _ChatBody) -> ConversationCr
 class _Chunks(Subscription):
     """One turn, from the hub, queued for the response as log events."""
 
-    __slots__ = ("queue",)
+    __slots__ = ("_protocol", "_transport", "queue")
 
-    def __init__(self, position: Position, turn: TurnFilter) -> None:
+    def __init__(self, request: web.Request, position: Position, turn: TurnFilter) -> None:
         super().__init__(position, turn=turn)
         self.queue: asyncio.Queue[StoredEvent | Envelope] = asyncio.Queue()
+        self._transport = request.transport
+        self._protocol = request.protocol
+
+    def end(self, reason: str) -> None:
+        # As `SseViewer.end`: a stopping edge cuts a stream whose client stopped
+        # reading (a write of it waits) rather than wait 10 s for it, then drop it.
+        if reason == "stopping" and self.backed_up() and self._transport is not None:
+            log.info("slow stream disconnected at stop", extra=self.named())
+            cut(self._transport)
+        super().end(reason)
+
+    def backed_up(self) -> bool:
+        return writes_wait(self._transport, self._protocol)
 
     def take(self, delivery: Delivery) -> None:
         assert self.turn is not None
@@ -355,8 +371,16 @@ async def _stream(
 ) -> web.StreamResponse:
     response = web.StreamResponse(headers=HEADERS)
     await begin_stream(request, response)
+    subscription = _Chunks(request, position, turn)
+    with request.app[HUBS].writing(subscription):
+        return await _stream_to(request, response, conversation_id, subscription)
+
+
+async def _stream_to(
+    request: web.Request, response: web.StreamResponse, conversation_id: str, subscription: _Chunks
+) -> web.StreamResponse:
+    """`_stream` from the hub's join to the response's last byte."""
     config = request.app[CONFIG]
-    subscription = _Chunks(position, turn)
     expires = token_good_until(request)
     feeding = asyncio.create_task(watch(request.app[HUBS], conversation_id, subscription))
     ui = UiStream()

@@ -35,7 +35,7 @@ import contextvars
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import msgspec
 import nats.errors
@@ -258,11 +258,18 @@ class Subscription:
         return {"request_id": self.request_id} if self.request_id else {}
 
     def end(self, reason: str) -> None:
+        """Set why the subscription is over, once (later calls change nothing: a
+        stream's own may still act on "stopping", `Hubs.drain`)."""
         if not self.ended.done():
             self.ended.set_result(reason)
 
     def gone(self) -> bool:
         """Whether whoever reads this subscription has left (a closed connection)."""
+        return False
+
+    def backed_up(self) -> bool:
+        """Whether whoever reads this subscription has not taken what was sent (its
+        socket's buffer full): a write to it now would wait."""
         return False
 
     def finishes_at_stop(self) -> bool:
@@ -631,6 +638,8 @@ class Hubs:
         self._on_delivered = on_delivered
         self._draining = False
         self._drained = False  # the drain is over: whatever joins now ends at once
+        # the subscriptions of streams whose response is still being written (`writing`)
+        self._writing: set[Subscription] = set()
 
     def __len__(self) -> int:
         return len(self._hubs)
@@ -687,6 +696,17 @@ class Hubs:
             return None
         return hub.head
 
+    @contextlib.contextmanager
+    def writing(self, subscription: Subscription) -> Iterator[None]:
+        """While a stream's response is written, to its last byte: after its
+        subscription ended and left its hub, a client that stopped reading can
+        still hold its last writes, which a drain must not leave to wait (`drain`)."""
+        self._writing.add(subscription)
+        try:
+            yield
+        finally:
+            self._writing.discard(subscription)
+
     def forget(self, hub: Hub) -> None:
         if self._hubs.get(hub.conversation_id) is hub:
             del self._hubs[hub.conversation_id]
@@ -718,6 +738,10 @@ class Hubs:
         for hub in list(self._hubs.values()):
             for subscription in list(hub.subscriptions):
                 subscription.end("stopping")
+        # and a stream that ended but still writes its last bytes to a client that
+        # stopped reading is cut (its `end`), not waited for
+        for subscription in list(self._writing):
+            subscription.end("stopping")
 
     def _end_all_but_turn_streams(self) -> list[asyncio.Future[str]]:
         """End at once what a stop need not wait for; the ends of what it waits for."""

@@ -33,6 +33,7 @@ from asyncio import Transport
 from collections.abc import Awaitable
 
 from aiohttp import web
+from aiohttp.base_protocol import BaseProtocol
 
 from api.context import CONFIG, HUBS, LOG, METRICS, TURNS, token_good_until
 from api.errors import begin_stream
@@ -53,7 +54,7 @@ from events.vocabulary import CommandRejected
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PendingCommand", "TurnFilter", "open_sse", "running_turn", "stream_log"]
+__all__ = ["PendingCommand", "TurnFilter", "open_sse", "running_turn", "stream_log", "writes_wait"]
 
 
 async def open_sse(request: web.Request) -> web.StreamResponse:
@@ -96,6 +97,11 @@ def cut(transport: Transport) -> None:
         with contextlib.suppress(*_SOCKET_GONE):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     transport.abort()
+
+
+def writes_wait(transport: Transport | None, protocol: BaseProtocol) -> bool:
+    """Whether a connection's client has not taken what was sent: a write would wait."""
+    return transport is not None and not transport.is_closing() and protocol.writing_paused
 
 
 async def _bounded(request: web.Request, write: Awaitable[None]) -> None:
@@ -220,19 +226,17 @@ class SseViewer(Subscription):
 
     def end(self, reason: str) -> None:
         """As `Subscription.end`; but a stream the stopping edge ends while its client
-        has not taken what was sent (its socket's buffer full, a write waiting) is cut:
-        it would read no last word soon, and its write would hold the edge's stop for
-        aiohttp's shutdown timeout, twice (10 s), before it was dropped anyway."""
-        if reason == "stopping" and not self.ended.done() and self.backed_up():
+        has not taken what was sent (its socket's buffer full, a write waiting) is cut,
+        also one that ended already and still writes its last bytes: it would read no
+        last word soon, and its write would hold the edge's stop for aiohttp's shutdown
+        timeout, twice (10 s), before it was dropped anyway."""
+        if reason == "stopping" and self.backed_up():
             self.cut_at_stop()
         super().end(reason)
 
     def backed_up(self) -> bool:
         """Whether the client has not taken what was sent: a write now would wait."""
-        transport = self._transport
-        return (
-            transport is not None and not transport.is_closing() and self._protocol.writing_paused
-        )
+        return writes_wait(self._transport, self._protocol)
 
     def cut_at_stop(self) -> None:
         """Drop the connection of a stream the stopping edge ends while it is backed up."""
@@ -291,8 +295,6 @@ async def stream_log(
     if request.method == "HEAD":
         return response
     app = request.app
-    config = app[CONFIG]
-    metrics = app[METRICS]
     if not fresh:
         try:
             await app[LOG].check_position(conversation_id, position.after())
@@ -303,6 +305,17 @@ async def stream_log(
             )
             position = Position(seq=gone.first_available - 1)
     viewer = SseViewer(request, response, position, turn=turn, command=command)
+    with app[HUBS].writing(viewer):
+        return await _stream_to(request, response, viewer, conversation_id)
+
+
+async def _stream_to(
+    request: web.Request, response: web.StreamResponse, viewer: SseViewer, conversation_id: str
+) -> web.StreamResponse:
+    """`stream_log` from the hub's join to the response's last byte."""
+    app = request.app
+    config = app[CONFIG]
+    metrics = app[METRICS]
     expires = viewer.good_until
     hub, snapshot = await app[HUBS].join(conversation_id, viewer)
     metrics.sse_viewers(1)

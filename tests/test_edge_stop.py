@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import socket
 import sys
@@ -16,6 +17,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import pytest
 
 from api.config import EdgeLimits
 from api.context import HUBS
@@ -265,6 +267,67 @@ async def test_a_stop_does_not_wait_for_a_viewer_that_stopped_reading(
                 await asyncio.sleep(0.01)
             else:
                 raise AssertionError("the viewer's writes never backed up")
+            began = time.monotonic()
+            async with asyncio.timeout(30):
+                await server.close()
+            assert time.monotonic() - began < 3.0
+        finally:
+            sock.close()
+
+
+@pytest.mark.parametrize("route", ["messages", "ai-sdk"])
+async def test_a_stop_does_not_wait_for_an_ended_stream_still_writing_to_a_stuck_client(
+    stack: Servers, services: Services, http: aiohttp.ClientSession, user: str, route: str
+) -> None:
+    """A turn's stream whose turn has ended, but whose client stopped reading, is still
+    writing its last bytes when the edge stops: no longer in its hub, it is cut all the
+    same. Before, its write held the stop 10 s (aiohttp's shutdown timeout, twice)."""
+    tight = EdgeLimits(
+        rate_per_s=0,
+        max_streams_per_user=0,
+        max_turns_per_user=0,
+        socket_send_buffer_bytes=16 * 1024,
+        write_timeout_s=20.0,
+    )
+    async with extra_edge_server(stack, limits=tight) as server:
+        base = str(server.make_url("")).rstrip("/")
+        token = token_for(user)
+        cid = (await SseClient(http, base, token).create_conversation())["id"]
+        body: dict[str, Any]
+        if route == "messages":
+            path = f"/v1/conversations/{cid}/messages"
+            body = {"content": "a big one [[bulk=2000000]]"}
+        else:
+            # more than the kernel takes: this stream leaves its socket's buffer as it is
+            parts = [{"type": "text", "text": "a big one [[bulk=8000000]]"}]
+            path = "/v1/ai-sdk/chat"
+            body = {"id": cid, "messages": [{"id": "m1", "role": "user", "parts": parts}]}
+        data = json.dumps(body).encode()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        try:
+            assert server.port is not None
+            await loop.sock_connect(sock, ("127.0.0.1", server.port))
+            await loop.sock_sendall(
+                sock,
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                f"Accept: text/event-stream\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(data)}\r\n\r\n".encode()
+                + data,
+            )
+            head = await loop.sock_recv(sock, 64)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            # from here the client reads nothing: wait until the turn is over for its
+            # stream, which still waits to write the rest
+            hubs = server.app[HUBS]
+            for _ in range(2000):
+                if any(s.ended.done() and s.backed_up() for s in list(hubs._writing)):
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("the stream never ended with its writes backed up")
             began = time.monotonic()
             async with asyncio.timeout(30):
                 await server.close()
