@@ -165,7 +165,8 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 class _StopSignals:
     """SIGINT and SIGTERM, heard from before the roles start until a stop begins (then
-    the default handlers are back: a second signal ends the process at once)."""
+    a second Ctrl-C ends the process at once, a second SIGTERM is only noted:
+    `stopping`)."""
 
     def __init__(self, told_before: threading.Event | None = None) -> None:
         self.told = asyncio.Event()
