@@ -37,8 +37,10 @@ from actors.decide import (
     TurnTotals,
     choose_payer,
     decide_billing_rejected,
+    decide_delete,
     decide_failed,
     decide_orphan_end,
+    decide_queue_refused,
     decide_rejection,
     decide_rename,
     decide_request,
@@ -51,12 +53,13 @@ from actors.state import Conversation, QueuedTurn, fold
 from actors.turn import ActorContext, TurnRunner
 from actors.writer import EventWriter
 from events.billing import preflight_estimate, project_account
-from events.errors import EventLogError, describe
+from events.errors import EventLogError, EventLogUnavailable, describe
 from events.tracing import REQUEST_ID
 from events.turns import TurnRecord
 from events.vocabulary import (
     AnyCommand,
     CancelTurn,
+    DeleteConversation,
     Event,
     Prices,
     RenameConversation,
@@ -209,6 +212,15 @@ class ConversationActor:
                 await self.writer.catch_up()
                 self._loaded = True
                 await self._settle_past()
+            if self.state.deleted:
+                # Nothing is appended after a tombstone: every command for a deleted
+                # conversation is acknowledged and dropped (its edge answers 404).
+                log.info(
+                    "command for a deleted conversation dropped",
+                    extra={"conversation_id": self.conversation_id, "command_id": cmd.command_id},
+                )
+                await settle.ack()
+                return
             if isinstance(cmd, CancelTurn):
                 self.cancel(cmd.turn_id, "user")
                 await settle.ack()
@@ -231,6 +243,8 @@ class ConversationActor:
                 )
                 await settle.nak(delay=1.0)
                 return
+            elif isinstance(cmd, DeleteConversation):
+                await self._delete(cmd, settle)
             else:
                 await self._request(cmd, settle, announced)
                 announced = None
@@ -261,7 +275,8 @@ class ConversationActor:
     async def _retry_or_refuse(self, cmd: AnyCommand, settle: Settlement) -> None:
         """Try a crashed command again later, or, after MAX_ATTEMPTS, refuse it visibly
         so that whoever waits for it gets an end (and the operator a log line)."""
-        if settle.attempts < MAX_ATTEMPTS or isinstance(cmd, CancelTurn):
+        if settle.attempts < MAX_ATTEMPTS or isinstance(cmd, CancelTurn | DeleteConversation):
+            # a delete is never given up: the user was told the content goes
             await settle.nak(delay=1.0)
             return
         if isinstance(cmd, RenameConversation):  # nobody waits for it: said, then dropped
@@ -294,6 +309,64 @@ class ConversationActor:
                 extra={"conversation_id": self.conversation_id, "command_id": cmd.command_id},
             )
         await settle.ack()
+
+    async def _delete(self, cmd: DeleteConversation, settle: Settlement) -> None:
+        """Delete the conversation: refuse what waits, stop what runs (ended and charged
+        as a user's Stop ends it), append the tombstone, then erase the log and Redis.
+
+        The charge of the stopped turn is on its account's subject before the
+        tombstone: once the conversation's events are purged nothing could compute
+        it. A worker that dies after the tombstone leaves this command unacked: it
+        is redelivered, finds the conversation deleted, and erases again."""
+        cid, new_id = self.conversation_id, self.ctx.new_id
+        if not self.state.exists:
+            await settle.ack()  # none to delete (the edge checked; a stray command)
+            return
+        now = self.ctx.clock()
+        # Refused first, so that no queued turn starts when the running one ends.
+        await self.writer.append_decided(
+            lambda s: decide_queue_refused(s, now, new_id) if s.exists else []
+        )
+        self.cancel(None, "user")
+        drain = self._drain
+        if drain is not None and not drain.done():
+            await asyncio.wait([drain])  # the stopped turn's end and its charge
+        if not self._loaded or self.writer.stale:
+            # the drain met a log that refused it (another writer): try from the log
+            await settle.nak(delay=1.0)
+            return
+        await self._settle_past()  # a turn the log shows open ended, the last one charged
+        await self._settle_finished()  # the refused requests' commands
+        deleted = await self.writer.append_decided(
+            lambda s: decide_delete(s, cmd, self.ctx.clock(), new_id)
+        )
+        if not deleted:
+            log.warning("delete postponed: a turn is still open", extra={"conversation_id": cid})
+            await settle.nak(delay=1.0)
+            return
+        log.info("conversation deleted", extra={"conversation_id": cid})
+        held, self.held = self.held, {}
+        for other in held.values():  # nothing they asked for will happen now
+            await other.ack()
+        await self._erase()
+        await settle.ack()
+
+    async def _erase(self) -> None:
+        """Erase a deleted conversation: its log's entries before the tombstone, its
+        snapshot and turn record in Redis; then tell the edges. Idempotent, and done
+        again whenever a deleted conversation is loaded (a worker that died on the
+        way). Raises (EventLogError, RedisError) to have its command tried again."""
+        cid = self.conversation_id
+        await self.ctx.log.erase(cid)
+        try:
+            if self.ctx.snapshots is not None:
+                await self.ctx.snapshots.forget(cid)
+            await self.ctx.turns.release(cid, self.ctx.worker_id)
+        except (redis.exceptions.RedisError, OSError) as err:
+            raise EventLogUnavailable(
+                f"conversation {cid}: its Redis state could not be removed ({describe(err)})"
+            ) from err
+        await self.ctx.log.announce_gone(cid)
 
     def cancel(self, turn_id: str | None, reason: str) -> bool:
         runner = self.runner
@@ -673,6 +746,9 @@ class ConversationActor:
         active, (turn_id, request_id) = self.state.active, self._ran
         token = REQUEST_ID.set(request_id if active and active.turn_id == turn_id else "")
         try:
+            if self.state.deleted:
+                await self._erase()
+                return
             await self._close_orphan()
             await self._charge_last()
         finally:

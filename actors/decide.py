@@ -48,6 +48,8 @@ from events.vocabulary import (
     BillingRejected,
     Cancelled,
     CommandRejected,
+    ConversationDeleted,
+    DeleteConversation,
     Done,
     EditMessage,
     Event,
@@ -420,6 +422,53 @@ def decide_rename(
             source="user",
             turn_id=None,
             command_id=cmd.command_id,
+        )
+    ]
+
+
+def decide_queue_refused(state: Conversation, now: int, new_id: NewId) -> list[Event]:
+    """The conversation is being deleted: every request still waiting for its turn is
+    refused (`command_rejected`), so its viewer gets an end and no turn starts."""
+    last = len(state.queue) - 1
+    return [
+        CommandRejected(
+            conversation_id=state.conversation_id,
+            at=now,
+            event_id=new_id(),
+            command_id=queued.command_id,
+            message_id=queued.regenerates or queued.user_message_id,
+            code="conversation_deleted",
+            message="the conversation was deleted before this request's turn started",
+            # no other request waits behind the last one, and none runs once it is
+            # refused only if no turn runs either
+            idle=state.active is None and i == last,
+        )
+        for i, queued in enumerate(state.queue)
+    ]
+
+
+def decide_delete(
+    state: Conversation, cmd: DeleteConversation, now: int, new_id: NewId
+) -> list[Event]:
+    """The conversation's tombstone, once no turn runs or waits (the shell stops the
+    running one and refuses the queue first). Nothing for a conversation that does
+    not exist or was deleted already (a redelivered delete), nor while a turn still
+    runs or waits: its tombstone would leave that turn open for ever, and unbilled.
+
+    The tombstone names every turn the conversation had (an assistant message's id
+    is its turn's): once the rest of the log is purged, the billing audit knows
+    their charges by these ids."""
+    if not state.exists or state.active is not None or state.queue:
+        return []
+    return [
+        ConversationDeleted(
+            conversation_id=state.conversation_id,
+            at=now,
+            event_id=new_id(),
+            user_id=cmd.user_id,
+            command_id=cmd.command_id,
+            project_id=state.project_id,
+            turn_ids=[m.message_id for m in state.messages if m.role == "assistant"],
         )
     ]
 

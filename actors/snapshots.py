@@ -196,6 +196,12 @@ class SnapshotStore:
             await self.redis.expire(_KEY.format(conversation_id), self.ttl_s)
         return msgspec.structs.replace(folded, saved=folded.entries)
 
+    async def forget(self, conversation_id: str) -> None:
+        """Remove the conversation's snapshot (it holds the conversation's content) when
+        the conversation is deleted. Raises RedisError while Redis is away: the delete
+        is tried again, not left with its content in Redis for a week."""
+        await self.redis.delete(_KEY.format(conversation_id))
+
     def due(self, folded: Folded) -> bool:
         """Whether `folded` is worth a snapshot (`worth_saving`); 0 `every`: never."""
         return self.every > 0 and worth_saving(folded, self.every)

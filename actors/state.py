@@ -32,6 +32,7 @@ from events.vocabulary import (
     ContentBlock,
     ContentPart,
     ConversationCreated,
+    ConversationDeleted,
     Done,
     Event,
     Failed,
@@ -184,6 +185,9 @@ class Conversation(msgspec.Struct, frozen=True):
     # Why this conversation's state cannot be known (a damaged event, a broken
     # invariant): it refuses new work, every other conversation goes on.
     broken: str | None = None
+    # Its tombstone is in the log (`conversation_deleted`): nothing of it is kept,
+    # nothing more is appended, every command is dropped.
+    deleted: bool = False
 
     @property
     def personal(self) -> bool:
@@ -228,6 +232,10 @@ def evolve(state: Conversation, event: AnyEvent | Unreadable) -> Conversation:
     match event:
         case Unreadable():
             return state
+        case ConversationDeleted():
+            # Everything before it is purged from the log: a state folded from the
+            # tombstone alone and one folded from the whole log must be the same.
+            return Conversation(conversation_id=state.conversation_id, deleted=True)
         case ConversationCreated():
             if state.exists:
                 return state
@@ -496,6 +504,8 @@ def _invariant_broken(state: Conversation, event: AnyEvent | Unreadable) -> str 
         return None  # a newer version's event: skipped, the rest still holds
     if isinstance(event, ConversationCreated):
         return "conversation_created appears twice" if state.exists else None
+    if isinstance(event, ConversationDeleted) or state.deleted:
+        return None  # a tombstone ends it, alone (purged) or not; after it: nothing to hold
     if not state.exists:
         return f"{event_type(event)} before conversation_created"
     if isinstance(event, Started) and state.active is not None:

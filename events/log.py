@@ -37,7 +37,7 @@ from events.follow import LiveFollower, RawEvent
 from events.publisher import AckedPublisher
 from events.replies import Replies, no_responders
 from events.streams import ensure_streams as ensure_streams
-from events.subjects import EVT_STREAM, event_subject
+from events.subjects import EVT_STREAM, event_subject, gone_subject
 from events.vocabulary import AnyEvent, ConversationCreated, Event
 
 # JetStream's error codes for a failed Nats-Expected-Last-Subject-Sequence check:
@@ -320,6 +320,29 @@ class EventLog:
         if msg is None:
             return None
         return msg.seq if _msg_id(msg) == event_id else None
+
+    async def erase(self, conversation_id: str) -> None:
+        """Purge every entry of the conversation's subject but its last, its tombstone
+        (`conversation_deleted`, after which nothing is appended): the content is gone
+        from the log, not hidden. Idempotent: a purge of a subject that holds only
+        its tombstone removes nothing. Raises EventLogUnavailable when NATS does not
+        answer or refuses (the caller tries again: its command is redelivered)."""
+        try:
+            await self._js.purge_stream(EVT_STREAM, subject=event_subject(conversation_id), keep=1)
+        except (nats.errors.Error, TimeoutError) as err:
+            raise EventLogUnavailable(
+                f"conversation {conversation_id}: its log could not be purged ({err!r})"
+            ) from err
+
+    async def announce_gone(self, conversation_id: str) -> None:
+        """Tell every edge that the conversation was deleted (plain NATS, at most once:
+        an edge that misses it still finds the tombstone in the log, api.access)."""
+        try:
+            await self._js._nc.publish(gone_subject(conversation_id), b"")
+        except (nats.errors.Error, TimeoutError) as err:
+            raise EventLogUnavailable(
+                f"conversation {conversation_id}: its deletion was not announced ({err!r})"
+            ) from err
 
     async def last_seq(self, conversation_id: str) -> int:
         """Sequence of the conversation's last event, 0 if it has none."""

@@ -25,6 +25,11 @@ EVT_SUBJECTS = f"{EVT_PREFIX}.>"
 LIVE_PREFIX = "chat.live"
 LIVE_SUBJECTS = f"{LIVE_PREFIX}.>"
 
+# A deleted conversation's id is announced here (plain NATS) once its log is erased:
+# every edge drops what it cached of it (api.context.HeaderCache)
+GONE_PREFIX = "chat.gone"
+GONE_SUBJECTS = f"{GONE_PREFIX}.*"
+
 # ids become subject tokens: no dots, wildcards or whitespace
 _ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 # the same, as a JSON Schema pattern (anchored: a schema's pattern matches anywhere)
@@ -66,6 +71,11 @@ def conversation_of(subject: str) -> str | None:
 def live_subject(conversation_id: str) -> str:
     """Where CHAT_EVT republishes the conversation's entries once stored."""
     return f"{LIVE_PREFIX}.{conversation_id}"
+
+
+def gone_subject(conversation_id: str) -> str:
+    """Where a deleted conversation is announced to the edges (`GONE_PREFIX`)."""
+    return f"{GONE_PREFIX}.{conversation_id}"
 
 
 def account_subject(account: str) -> str:

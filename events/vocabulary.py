@@ -247,6 +247,23 @@ class CommandRejected(Event, tag="command_rejected", frozen=True):
     repeats: str = ""
 
 
+class ConversationDeleted(Event, tag="conversation_deleted", frozen=True):
+    """The conversation was deleted: its tombstone, the last entry its subject ever gets.
+
+    Right after it is appended, every earlier entry of the subject is purged (the
+    conversation's content is erased, not hidden); this event is what stays. It
+    holds no content: who deleted it and when, the command that did, the
+    conversation's project, and the ids of its turns, so that the billing audit
+    knows a charge on an account's subject for one of them as a turn erased with
+    its conversation (its tokens and prices are gone with it). The charges
+    themselves, and every other account event, stay on the accounts' subjects."""
+
+    user_id: str  # who deleted it
+    command_id: str
+    project_id: str | None = None
+    turn_ids: list[str] = []
+
+
 class CreditsGranted(Event, tag="credits_granted", frozen=True):
     """Written to the account's subject (`conversation_id` is empty)."""
 
@@ -328,6 +345,7 @@ AnyEvent = (
     | TurnCharged
     | ProjectCreated
     | MemberAdded
+    | ConversationDeleted
 )
 
 TurnEnd = Done | Cancelled | Failed | BillingRejected
@@ -404,5 +422,13 @@ class RenameConversation(Command, tag="rename_conversation", frozen=True):
     title: str
 
 
-AnyCommand = SendMessage | EditMessage | Regenerate | CancelTurn | RenameConversation
+class DeleteConversation(Command, tag="delete_conversation", frozen=True):
+    """Delete the conversation: its running turn is stopped (and billed), its queued
+    turns refused, a `conversation_deleted` tombstone appended, and every earlier
+    entry of its subject purged from the log."""
+
+
+AnyCommand = (
+    SendMessage | EditMessage | Regenerate | CancelTurn | RenameConversation | DeleteConversation
+)
 TurnCommand = SendMessage | EditMessage | Regenerate
