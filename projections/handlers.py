@@ -46,6 +46,7 @@ from events.vocabulary import (
     ContentBlock,
     ContentPart,
     ConversationCreated,
+    ConversationDeleted,
     Done,
     Failed,
     Started,
@@ -433,4 +434,26 @@ def billing_rejected(seq: int, event: BillingRejected) -> list[Write]:
             seq,
             event.conversation_id,
         )
+    ]
+
+
+# ---------------------------------------------------------------- deletion
+
+_DELETE_MESSAGES = "DELETE FROM messages WHERE conversation_id = $1"
+_DELETE_CONVERSATION = "DELETE FROM conversations WHERE id = $1"
+# what this projection recorded of the conversation's events it could not store as
+# written holds their text too (`raw`); a rebuild of the purged log records none
+_DELETE_ERRORS = (
+    "DELETE FROM projection_errors WHERE projection = 'read_models' AND conversation_id = $1"
+)
+
+
+@READ_MODELS.on(ConversationDeleted)
+def conversation_deleted(seq: int, event: ConversationDeleted) -> list[Write]:
+    """The conversation was deleted: every row of it goes. Its log is purged down to
+    this tombstone, so a rebuild never makes them; applied again, it finds nothing."""
+    return [
+        write(_DELETE_MESSAGES, event.conversation_id),
+        write(_DELETE_ERRORS, event.conversation_id),
+        write(_DELETE_CONVERSATION, event.conversation_id),
     ]
