@@ -15,7 +15,7 @@ from api.context import HEADERS, LOG, PROJECTS, claims_of
 from api.errors import ApiError, not_found
 from events.projects import ProjectState
 from events.subjects import valid_id
-from events.vocabulary import ConversationCreated
+from events.vocabulary import ConversationCreated, ConversationDeleted
 
 
 async def project_of_member(request: web.Request, project_id: str) -> ProjectState:
@@ -31,16 +31,33 @@ async def project_of_member(request: web.Request, project_id: str) -> ProjectSta
     return project
 
 
+async def _header_in_log(request: web.Request, conversation_id: str) -> ConversationCreated | None:
+    """The conversation's header as the log holds it; None when the log has none, or
+    when the conversation was deleted: its tombstone is its last entry (before the
+    purge, or after it, when it is the only one). A cached header is dropped when the
+    deletion is announced (`HeaderCache.forget`); read here, it is checked again."""
+    log = request.app[LOG]
+    first = await log.first(conversation_id)
+    if first is None or not isinstance(first.event, ConversationCreated):
+        return None
+    last = await log.last(conversation_id)
+    if last is not None and isinstance(last.event, ConversationDeleted):
+        request.app[HEADERS].forget(conversation_id)
+        return None
+    return first.event
+
+
 async def owned_conversation(request: web.Request, conversation_id: str) -> ConversationCreated:
     """The conversation's header if the caller may see it (theirs, or their project's)."""
     if not valid_id(conversation_id):
         raise not_found("conversation")
     cache = request.app[HEADERS]
+    if cache.gone(conversation_id):
+        raise not_found("conversation")
     header = cache.get(conversation_id)
     if header is None:
-        first = await request.app[LOG].first(conversation_id)
-        if first is not None and isinstance(first.event, ConversationCreated):
-            header = first.event
+        header = await _header_in_log(request, conversation_id)
+        if header is not None:
             cache.put(header)
     if header is None:
         raise not_found("conversation")

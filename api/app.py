@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import asyncpg
 from aiohttp import web
+from nats.aio.msg import Msg
 
 from api import cors
 from api.auth import InvalidToken, JwksKeys, Verifier
@@ -49,6 +50,7 @@ from api.routes import add_routes
 from events import broker
 from events.log import EventLog, ensure_streams
 from events.publisher import AckedPublisher
+from events.subjects import GONE_SUBJECTS, valid_id
 from events.turns import TurnRegistry, redis_client
 from projections.db import close_pool, create_pool
 from projections.store import ReadStore
@@ -178,6 +180,17 @@ async def nats_ctx(app: web.Application) -> AsyncIterator[None]:
     # the commands' acks come back on the log's inbox: one per connection
     app[COMMANDS] = AckedPublisher(app[LOG].replies)
     others = app[_FINISHING] = []
+    headers = app[HEADERS]
+
+    async def deleted(msg: Msg) -> None:
+        # a worker deleted a conversation: its header leaves this edge's cache (the
+        # DELETE's own edge dropped it already; a missed announcement is made up for
+        # by the tombstone, read with the header: api.access)
+        conversation_id = msg.subject.rpartition(".")[2]
+        if valid_id(conversation_id):
+            headers.forget(conversation_id)
+
+    await nc.subscribe(GONE_SUBJECTS, cb=deleted)
     yield
     await asyncio.gather(broker.finish(nc, report=_report), *others)
 

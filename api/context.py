@@ -40,10 +40,15 @@ class HeaderCache:
     For a conversation made through this edge, until its first request here, it also
     keeps where its header is in the log (`made_at`)."""
 
-    def __init__(self, size: int = 10_000) -> None:
+    def __init__(self, size: int = 10_000, gone_size: int = 100_000) -> None:
         self._items: OrderedDict[str, ConversationCreated] = OrderedDict()
         self._made: dict[str, int] = {}
         self._size = size
+        # conversations deleted (a DELETE here, or a worker's announcement): their
+        # headers are never cached again; the oldest are forgotten first, and the
+        # log's tombstone still answers for them (api.access)
+        self._gone: OrderedDict[str, None] = OrderedDict()
+        self._gone_size = gone_size
 
     def get(self, conversation_id: str) -> ConversationCreated | None:
         item = self._items.get(conversation_id)
@@ -51,7 +56,21 @@ class HeaderCache:
             self._items.move_to_end(conversation_id)
         return item
 
+    def forget(self, conversation_id: str) -> None:
+        """The conversation was deleted: drop its header, and keep it from coming back."""
+        self._items.pop(conversation_id, None)
+        self._made.pop(conversation_id, None)
+        self._gone[conversation_id] = None
+        while len(self._gone) > self._gone_size:
+            self._gone.popitem(last=False)
+
+    def gone(self, conversation_id: str) -> bool:
+        """Whether this edge knows the conversation was deleted."""
+        return conversation_id in self._gone
+
     def put(self, header: ConversationCreated, made_at: int | None = None) -> None:
+        if header.conversation_id in self._gone:
+            return  # read before its deletion was known: never cached again
         self._items[header.conversation_id] = header
         self._items.move_to_end(header.conversation_id)
         if made_at is not None:

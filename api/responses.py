@@ -152,6 +152,13 @@ class Renamed(msgspec.Struct, frozen=True):
     title: str
 
 
+class Deleted(msgspec.Struct, frozen=True):
+    """The conversation is deleted: its turns stopped, its content erased from the log."""
+
+    id: str
+    deleted: bool
+
+
 class CancelAnswer(msgspec.Struct, frozen=True, omit_defaults=True):
     cancelled: bool
     turn_id: str | None

@@ -35,7 +35,7 @@ from collections.abc import Awaitable
 from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
 
-from api.context import CONFIG, HUBS, LOG, METRICS, TURNS, token_good_until
+from api.context import CONFIG, HEADERS, HUBS, LOG, METRICS, TURNS, token_good_until
 from api.errors import begin_stream
 from api.hub import (
     Delivery,
@@ -50,7 +50,7 @@ from api.hub import (
 from api.sse import EXPIRED, PING, STOPPING, Envelope, Position, frame
 from events.errors import PositionGone
 from events.turns import TurnRecord
-from events.vocabulary import CommandRejected
+from events.vocabulary import CommandRejected, ConversationDeleted
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,11 @@ class SseViewer(Subscription):
         `error` and `done` would end, for the viewer's frontend, a conversation
         whose turns go on. Its sender had the refusal (a 409, or its own stream)."""
         event = delivery.stored.event
+        if isinstance(event, ConversationDeleted):
+            # the tombstone: after the stopped turn's `done`, the stream ends (no
+            # `done` of its own: nothing ran), and a reconnect is answered 404
+            self.end("deleted")
+            return False
         if self.turn is not None:
             if (
                 isinstance(event, CommandRejected)
@@ -336,9 +341,11 @@ async def _stream_to(
         hub.leave(viewer)
         metrics.sse_viewers(-1)
     reason = viewer.ended.result()
+    if reason == "deleted":
+        app[HEADERS].forget(conversation_id)  # whether or not the announcement came
     if reason == "stopping" and viewer.backed_up():
         viewer.cut_at_stop()  # its last word would hold the stop, unread
-    elif reason in ("done", "stalled", "broken", "stopping", "expired"):
+    elif reason in ("done", "stalled", "broken", "stopping", "expired", "deleted"):
         with contextlib.suppress(ConnectionResetError, TimeoutError):
             last_word = {"stopping": STOPPING, "expired": EXPIRED}.get(reason)
             if last_word is not None:

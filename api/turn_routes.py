@@ -37,7 +37,7 @@ from api.context import (
 from api.errors import POSTGRES_AWAY, UNAVAILABLE, ApiError, bad_request
 from api.hub import Delivery, Subscription, opens_turn, read_range, watch
 from api.limits import hold_turn, refuse_at_cap
-from api.responses import CancelAnswer, Renamed, TurnAccepted, answer
+from api.responses import CancelAnswer, Deleted, Renamed, TurnAccepted, answer
 from api.sse import Envelope, Position, parse_position
 from api.streaming import PendingCommand, TurnFilter, open_sse, running_turn, stream_log
 from api.validation import (
@@ -60,6 +60,7 @@ from events.vocabulary import (
     CancelTurn,
     CommandRejected,
     ConversationCreated,
+    DeleteConversation,
     EditMessage,
     OnBusy,
     Regenerate,
@@ -314,6 +315,31 @@ async def rename_conversation(request: web.Request) -> web.Response:
     return answer(Renamed(id=header.conversation_id, title=title), status=202)
 
 
+async def delete_conversation(request: web.Request) -> web.Response:
+    """Delete the conversation, for whoever may write it: its actor stops the running
+    turn (billed as a Stop is), refuses the queued ones, appends the tombstone and
+    erases the rest of its log. The answer waits a moment for the read models to
+    drop it (a frontend that deletes and reads the list back must not see it), then
+    answers anyway: the command is in CHAT_CMD and is carried out. From now on this
+    edge answers 404 for it; the others once the worker announces it, or the log's
+    tombstone tells them."""
+    header = await owned_conversation(request, request.match_info["id"])
+    command = DeleteConversation(
+        conversation_id=header.conversation_id,
+        command_id=new_id(),
+        user_id=claims_of(request).sub,
+        at=time.time_ns(),
+    )
+    await publish_command(request, command)
+    request.app[HEADERS].forget(header.conversation_id)
+
+    async def dropped(store: ReadStore) -> bool:
+        return await store.conversation(header.conversation_id) is None
+
+    await shown_within(request, dropped)
+    return answer(Deleted(id=header.conversation_id, deleted=True), status=202)
+
+
 async def shown_within(request: web.Request, shown: Callable[[ReadStore], Awaitable[bool]]) -> bool:
     """Read-your-writes for the common case: whether the read models show what a
     request just wrote (`shown`) within a moment, a create's wait; False when not, or
@@ -373,6 +399,8 @@ _UNCONFIRMED: dict[type[AnyCommand], str] = {
     ),
     RenameConversation: f"rename within {COMMAND_PUBLISH_WAIT_S:g} s; it may still be "
     "applied. Sending it again is safe: a rename to the name in force changes nothing",
+    DeleteConversation: f"delete within {COMMAND_PUBLISH_WAIT_S:g} s; it may still be "
+    "applied. Sending it again is safe: a conversation is deleted once",
     CancelTurn: f"cancel within {COMMAND_PUBLISH_WAIT_S:g} s; it may still be applied: "
     "the conversation's active_turn shows whether its turn still runs",
 }
