@@ -68,6 +68,9 @@ class Summary(msgspec.Struct):
     # positions up to `position` the log no longer holds (a retention limit, a purge):
     # what they held is in the ledger but cannot be checked against the log
     removed: int = 0
+    # charges for turns of deleted conversations (their log erased): held to one
+    # charge per turn, the ledger and the balances, but their cost not recomputed
+    erased_charges: int = 0
 
 
 async def audit_billing(js: JetStreamContext, pool: Any, scope: Scope) -> Summary:
@@ -115,6 +118,11 @@ def summarise(book: Book, seen: Rows, scope: Scope, *, position: int, entries: i
         charged_micro_credits=sum(c.cost for c in charges),
         mismatches=check(book, seen, scope),
         not_read=[e for e in book.not_read if account_of(e.subject) is None],
+        erased_charges=sum(
+            1
+            for t, c in book.charges.items()
+            if t in book.erased and t not in book.turns and scope.account(c[0].account)
+        ),
     )
 
 
@@ -200,12 +208,20 @@ def render(summary: Summary, scope: Scope) -> str:
         f"  {'charged (micro-credits)':<22}{summary.charged_micro_credits:>12,}",
         f"  {'mismatches':<22}{len(summary.mismatches):>12,}",
     ]
+    if summary.erased_charges:
+        lines += [
+            "",
+            f"  {summary.erased_charges:,} charges for turns of deleted conversations: their"
+            " tokens and prices were erased with them, so their cost is not recomputed;"
+            " each is still held to one charge per turn, its ledger row and the balances",
+        ]
     if summary.removed:
         lines += [
             "",
             f"  {summary.removed:,} positions up to {summary.position} are no longer in the"
-            " log (a retention limit or a purge removed them): the charges and grants they"
-            " held cannot be checked, and mismatches below may be theirs",
+            " log (a retention limit or a purge removed them, or a deleted conversation's"
+            " erasure): the charges and grants they held cannot be checked, and mismatches"
+            " below may be theirs",
         ]
     if summary.not_read:
         lines += [

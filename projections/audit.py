@@ -16,6 +16,14 @@ should have cost (its tokens from its end, its prices and payer from its
 - a grant or a held reservation missing, extra or different from the log's;
 - an account's entry this version cannot read (a grant or a charge, perhaps).
 
+A deleted conversation's log is purged down to its tombstone
+(`conversation_deleted`), which names its turns: a charge for one of them is a
+charge for an erased turn, not one "without a turn". Its cost can no longer be
+recomputed (the tokens and prices went with the conversation), nor its payer
+checked; everything on the accounts' subjects still is (one charge per turn, the
+ledger row, the balances, the reservations), and a turn of the tombstone that
+still holds its reservation uncharged is reported (`erased_not_charged`).
+
 `Book.faithful()` is what a faithful projection holds at the audited position,
 and `check` holds the projection's rows (`Rows`) against it.
 
@@ -42,6 +50,7 @@ from events.vocabulary import (
     BillingRejected,
     Cancelled,
     ConversationCreated,
+    ConversationDeleted,
     CreditsGranted,
     CreditsReserved,
     Done,
@@ -137,6 +146,8 @@ class Book(msgspec.Struct):
     grants: dict[str, GrantRow] = {}
     reservations: dict[str, ReservationRow] = {}  # held: not charged yet
     projects: dict[str, str | None] = {}  # conversation -> project
+    # the turns of deleted conversations (their tombstones'): turn -> its conversation
+    erased: dict[str, str] = {}
     not_read: list[NotRead] = []
     events: int = 0
 
@@ -158,6 +169,11 @@ def fold_book(book: Book, event: AnyEvent | Unreadable, *, seq: int = 0, subject
             book.not_read.append(NotRead(seq, subject, event.type, event.error[:200]))
         case ConversationCreated():
             book.projects[_shared(event.conversation_id)] = _shared_or_none(event.project_id)
+        case ConversationDeleted():
+            conversation = _shared(event.conversation_id)
+            book.projects[conversation] = _shared_or_none(event.project_id)
+            for turn_id in event.turn_ids:
+                book.erased[turn_id] = conversation
         case Started():
             if event.payer:
                 book.turns[event.turn_id] = BilledTurn(
@@ -374,8 +390,27 @@ def check(book: Book, seen: Rows, scope: Scope) -> list[Mismatch]:
                 )
             )
     for turn_id, charges in sorted(book.charges.items()):
-        if turn_id not in book.turns and scope.account(charges[0].account):
+        if turn_id in book.turns or not scope.account(charges[0].account):
+            continue
+        if turn_id not in book.erased:
             out.append(Mismatch("charge_without_turn", turn_id, "a billed turn", _costs(charges)))
+        elif len({(c.account, c.cost) for c in charges}) > 1:
+            # erased with its conversation: its cost is not known any more, but a turn
+            # is still charged once
+            out.append(Mismatch("charged_twice", turn_id, "one charge", _costs(charges)))
+    for turn_id, held in sorted(book.reservations.items()):
+        # a turn erased with its conversation that was reserved for and never charged
+        # (a live turn is charged before its tombstone is appended)
+        if turn_id in book.erased and turn_id not in book.turns and scope.account(held.account):
+            out.append(
+                Mismatch(
+                    "erased_not_charged",
+                    turn_id,
+                    f"a charge to {held.account} (its conversation "
+                    f"{book.erased[turn_id]} was deleted)",
+                    f"{held.amount} still held",
+                )
+            )
 
     def ledger_in_scope(row: LedgerRow) -> bool:
         # a known turn by the turn's scope; a charge for a turn the log does not
