@@ -40,6 +40,7 @@ MATRIX: dict[tuple[str, str], Scope] = {
     ("GET", "/v1/conversations"): "caller",
     ("GET", "/v1/conversations/{id}"): "conversation",
     ("PATCH", "/v1/conversations/{id}"): "conversation",
+    ("DELETE", "/v1/conversations/{id}"): "conversation",
     ("POST", "/v1/conversations/{id}/messages"): "conversation",
     ("GET", "/v1/conversations/{id}/messages"): "conversation",
     ("PATCH", "/v1/conversations/{id}/messages/{mid}"): "conversation",

@@ -18,6 +18,7 @@ from events.vocabulary import (
     AnyEvent,
     BillingRejected,
     ConversationCreated,
+    ConversationDeleted,
     CreditsGranted,
     CreditsReserved,
     Done,
@@ -414,3 +415,43 @@ def test_the_book_holds_a_billed_turn_once_sharing_what_repeats() -> None:
         assert getattr(first, name) is getattr(second, name), name
     assert book.turns["t1"].payer is book.turns["t2"].payer is first.account
     assert book.turns["t1"].conversation_id is book.turns["t2"].conversation_id
+
+
+def _erased(events: list[AnyEvent], cid: str, turn_ids: list[str]) -> Book:
+    """The book of `events` as the log holds them once conversation `cid` was deleted:
+    its own events purged (the rest keep their positions), its tombstone (naming
+    `turn_ids`) after them."""
+    book = Book()
+    for seq, event in enumerate(events, start=1):
+        if event.conversation_id != cid or isinstance(event, CreditsReserved | TurnCharged):
+            fold_book(book, event, seq=seq)
+    tombstone = ConversationDeleted(
+        conversation_id=cid, at=30, event_id=eid(), user_id="u", command_id="d1",
+        project_id=PROJECT, turn_ids=turn_ids,
+    )  # fmt: skip
+    fold_book(book, tombstone, seq=len(events) + 1)
+    return book
+
+
+def test_a_charge_for_a_turn_of_a_deleted_conversation_is_no_mismatch() -> None:
+    events = clean_log()[:-2]  # t1 and t2 ended and charged
+    rows = book_of(events).faithful()
+    assert check(_erased(events, "c1", ["t1", "t2"]), rows, Scope()) == []
+    assert check(_erased(events, "c1", ["t1", "t2"]), rows, Scope(project=PROJECT)) == []
+    # without the tombstone's turn ids, they are charges for turns the log does not show
+    unnamed = _erased(events, "c1", [])
+    assert kinds(check(unnamed, rows, Scope())) == ["charge_without_turn"] * 2
+    # everything on the accounts' subjects is still held to the log
+    twice = _erased([*events, charge("c1", "t1", 1)], "c1", ["t1", "t2"])
+    assert kinds(check(twice, rows, Scope())) == ["charged_twice"]
+    dropped = msgspec.structs.replace(rows, ledger=rows.ledger[:1])
+    found = check(_erased(events, "c1", ["t1", "t2"]), dropped, Scope())
+    assert kinds(found) == ["ledger_row_missing"]
+
+
+def test_a_deleted_conversations_turn_reserved_for_and_never_charged_is_named() -> None:
+    events = [*clean_log()[:-2], reserve("c1", "t3"), turn("c1", "t3", (0, 0))[0]]
+    book = _erased(events, "c1", ["t1", "t2", "t3"])
+    found = check(book, book.faithful(), Scope())
+    assert kinds(found) == ["erased_not_charged"], found
+    assert found[0].subject == "t3"

@@ -24,8 +24,10 @@ from actors.decide import (
     TurnTotals,
     decide_billing_rejected,
     decide_cancelled,
+    decide_delete,
     decide_done,
     decide_failed,
+    decide_queue_refused,
     decide_rejection,
     decide_rename,
     decide_request,
@@ -58,6 +60,8 @@ from events.vocabulary import (
     CommandRejected,
     ContentBlock,
     ConversationCreated,
+    ConversationDeleted,
+    DeleteConversation,
     Done,
     EditMessage,
     Event,
@@ -1111,3 +1115,43 @@ def test_the_chosen_prices_are_recorded_in_started() -> None:
     seen = (started.model_version_id, started.prices)
     expected = ("demo@v2", Prices(input_price=2.5, output_price=12.5))
     assert seen == expected, f"expected {expected!r}, saw {seen!r}"
+
+
+# ---------------------------------------------------------------- deleting
+
+
+def delete(n: int = 1) -> DeleteConversation:
+    return DeleteConversation(conversation_id=CONV, command_id=f"del-{n}", user_id=USER, at=NOW)
+
+
+def test_a_delete_waits_for_no_turn_then_names_every_turn_in_its_tombstone() -> None:
+    state, turn_id = started_turn()
+    queued = msgspec.structs.replace(send("and then", n=2), on_busy="enqueue")
+    accepted = decide_request(state, queued, NOW, Ids("q"))
+    assert not isinstance(accepted, Rejected), accepted
+    state = fold(state, as_any(accepted))
+    assert decide_delete(state, delete(), NOW, Ids("d")) == []  # a turn runs, one waits
+    refused = [
+        r for r in decide_queue_refused(state, NOW, Ids("r")) if isinstance(r, CommandRejected)
+    ]
+    assert [(r.command_id, r.code, r.idle) for r in refused] == [
+        ("cmd-2", "conversation_deleted", False)
+    ]
+    state = finished(fold(state, as_any(refused)))
+    assert state.active is None and not state.queue
+    (tombstone,) = decide_delete(state, delete(), NOW, Ids("d"))
+    assert isinstance(tombstone, ConversationDeleted)
+    assert tombstone.turn_ids == [turn_id] and tombstone.project_id == "proj-1"
+    gone = evolve(state, tombstone)
+    assert gone.deleted and not gone.exists and gone.messages == ()
+    assert decide_delete(gone, delete(2), NOW, Ids("d")) == []  # delivered again: nothing
+
+
+def test_a_log_purged_down_to_its_tombstone_folds_as_the_whole_log_does() -> None:
+    state, _ = started_turn()
+    whole = as_any([created(), *decided(fold(empty(), [created()]), send("hi"), Ids("t"))])
+    state = finished(fold(empty(), whole))
+    (tombstone,) = decide_delete(state, delete(), NOW, Ids("d"))
+    assert isinstance(tombstone, ConversationDeleted)
+    alone = evolve(empty(), tombstone)
+    assert evolve(state, tombstone) == alone and alone.broken is None

@@ -1,0 +1,305 @@
+"""Deleting a conversation: `DELETE /v1/conversations/{id}` erases it, it does not hide it.
+
+The running turn is stopped and billed as a Stop is, the queue refused, a
+`conversation_deleted` tombstone appended and every earlier entry of the
+conversation's subject purged; the read models drop its rows, every edge answers
+404 for it, and the billing audit and a rebuild still agree with the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+import asyncpg
+from nats.aio.client import Client as NatsClient
+
+from events.codec import encode
+from events.ids import new_id
+from events.log import EventLog
+from events.subjects import CMD_STREAM, account_subject, command_subject
+from events.vocabulary import (
+    Cancelled,
+    Chunk,
+    CommandRejected,
+    ConversationDeleted,
+    DeleteConversation,
+    Event,
+    Started,
+    TurnCharged,
+)
+from parley.services import Servers, Services
+from projections.db import drop_schema
+from tests.conftest import SECRET, Projected, extra_edge, token_for
+from tests.sse import SseClient, SseEvent, read_sse
+from tests.test_audit import audit
+from tests.test_cli import run, server_env
+from tests.test_projection_rebuild import _billing_snapshot, _differences, _snapshot
+
+
+async def _until_erased(event_log: EventLog, cid: str) -> ConversationDeleted:
+    """The conversation's log once it holds only its tombstone."""
+    async with asyncio.timeout(15):
+        while True:
+            entries = await event_log.read(cid)
+            if len(entries) == 1 and isinstance(entries[0].event, ConversationDeleted):
+                return entries[0].event
+            await asyncio.sleep(0.05)
+
+
+async def _rows(stack: Servers, cid: str) -> dict[str, int]:
+    db = await asyncpg.connect(stack.database_url)
+    try:
+        return {
+            "conversations": await db.fetchval(
+                "SELECT count(*) FROM parley_test.conversations WHERE id = $1", cid
+            ),
+            "messages": await db.fetchval(
+                "SELECT count(*) FROM parley_test.messages WHERE conversation_id = $1", cid
+            ),
+        }
+    finally:
+        await db.close()
+
+
+async def test_deleting_an_idle_conversation_erases_its_log_and_rows_and_answers_404_after(
+    api: SseClient, user: str, event_log: EventLog, stack: Servers, projected: Projected
+) -> None:
+    cid = (await api.create_conversation())["id"]
+    assert (await api.send_stream(cid, "remember the launch code [[tokens=5]]"))[-1].data == "ok"
+    await projected(cid)
+    assert await _rows(stack, cid) == {"conversations": 1, "messages": 2}
+    turns = [s.event.turn_id for s in await event_log.read(cid) if isinstance(s.event, Started)]
+
+    status, body = await api.request("DELETE", f"/v1/conversations/{cid}")
+    assert (status, body) == (202, {"id": cid, "deleted": True}), body
+    # the answer waited for the read models to drop it
+    assert await _rows(stack, cid) == {"conversations": 0, "messages": 0}
+    tombstone = await _until_erased(event_log, cid)
+    assert tombstone.turn_ids == turns and tombstone.user_id == user
+
+    for method, path in (
+        ("GET", f"/v1/conversations/{cid}"),
+        ("GET", f"/v1/conversations/{cid}/messages"),
+        ("GET", f"/v1/conversations/{cid}/log"),
+        ("GET", f"/v1/conversations/{cid}/events"),
+        ("PATCH", f"/v1/conversations/{cid}"),
+        ("DELETE", f"/v1/conversations/{cid}"),
+    ):
+        kwargs: dict[str, Any] = {"json": {"title": "back"}} if method == "PATCH" else {}
+        status, body = await api.request(method, path, **kwargs)
+        assert status == 404, (method, path, status, body)
+    status, listed = await api.request("GET", "/v1/conversations")
+    assert status == 200 and cid not in {c["id"] for c in listed["conversations"]}, listed
+
+
+async def _watch(api: SseClient, cid: str, seen: list[SseEvent], watching: asyncio.Event) -> str:
+    """Follow the conversation's events until the stream ends: how it ended."""
+    async with api.http.get(
+        api.url(f"/v1/conversations/{cid}/events"), headers=api.headers(), params={"after": "0"}
+    ) as response:
+        assert response.status == 200
+        watching.set()
+        async for item in read_sse(response):
+            if isinstance(item, SseEvent):
+                seen.append(item)
+    return "ended"
+
+
+async def test_deleting_a_project_conversation_mid_turn_bills_the_stopped_turn_then_erases_it(
+    api: SseClient,
+    services: Services,
+    http: aiohttp.ClientSession,
+    event_log: EventLog,
+    stack: Servers,
+    projected: Projected,
+) -> None:
+    admin = SseClient(http, services.edge_url, token_for("admin", admin=True))
+    status, body = await api.request("POST", "/v1/projects", json={"name": "Erased"})
+    assert status == 201
+    project = body["id"]
+    status, _ = await admin.request(
+        "POST", f"/v1/billing/accounts/project/{project}/credits", json={"micro_credits": 500_000}
+    )
+    assert status == 201
+    cid = (await api.create_conversation(project_id=project))["id"]
+    assert (await api.send_stream(cid, "calculate 6*7"))[-1].data == "ok"
+    await api.send_json(cid, "a long one [[tokens=4000]] [[rate=200]]")
+    await api.send_json(cid, "and then this", on_busy="enqueue")
+    async with asyncio.timeout(20):
+        while sum(isinstance(s.event, Chunk) for s in await event_log.read(cid)) < 3:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    seen: list[SseEvent] = []
+    watching = asyncio.Event()
+    viewer = asyncio.create_task(_watch(api, cid, seen, watching))
+    await watching.wait()
+    before = [s.event for s in await event_log.read(cid)]
+    (running,) = [e for e in before if isinstance(e, Started)][1:]
+
+    status, body = await api.request("DELETE", f"/v1/conversations/{cid}")
+    assert (status, body) == (202, {"id": cid, "deleted": True}), body
+    async with asyncio.timeout(15):
+        assert await viewer == "ended"
+    # the viewer saw the stopped turn end as a Stop ends it, then its stream closed
+    ends = [e.data for e in seen if e.event == "done"]
+    assert ends[-1] == "stopped", [e.event for e in seen][-5:]
+
+    tombstone = await _until_erased(event_log, cid)
+    assert running.turn_id in tombstone.turn_ids and tombstone.project_id == project
+    charges = [
+        (s.seq, s.event)
+        for s in await event_log.read_subject(account_subject(f"project:{project}"))
+        if isinstance(s.event, TurnCharged)
+    ]
+    charged = {charge.turn_id: charge for _, charge in charges}
+    assert set(charged) == set(tombstone.turn_ids), charges
+    stopped = charged[running.turn_id]
+    assert stopped.end == "cancelled" and stopped.output_tokens > 0, stopped
+    # charged before the tombstone: once the log is purged nothing could compute it
+    tomb_seq = (await event_log.read(cid))[0].seq
+    assert all(seq < tomb_seq for seq, _ in charges)
+
+    status, ledger = await api.request("GET", "/v1/billing/ledger", params={"project": project})
+    assert status == 200
+    assert {e["turn_id"]: e["turn_end"] for e in ledger["entries"]} == {
+        t: charged[t].end for t in charged
+    }
+    await projected(cid)
+    assert await _rows(stack, cid) == {"conversations": 0, "messages": 0}
+
+    done = await asyncio.to_thread(audit, stack, "--project", project, "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["mismatches"] == [] and summary["erased_charges"] == 2, summary
+    whole = await asyncio.to_thread(audit, stack)
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+
+    # rebuilt from the purged log, both projections hold what the live ones hold
+    schema = f"del_{new_id().lower()}"
+    env = {**server_env(stack), "PARLEY_DB_SCHEMA": schema, "PARLEY_JWT_SECRET": SECRET}
+    try:
+        for projection in ("read_models", "billing"):
+            rebuilt = await asyncio.to_thread(
+                run, "projections", "rebuild", "--projection", projection, env=env
+            )
+            assert rebuilt.returncode == 0, rebuilt.stderr
+        db = await asyncpg.connect(stack.database_url)
+        try:
+            live = await _snapshot(db, "parley_test", [cid], tomb_seq)
+            again = await _snapshot(db, schema, [cid], tomb_seq)
+            assert live["conversations"] == again["conversations"] == []
+            assert live["messages"] == again["messages"] == []
+            live_billing = await _billing_snapshot(db, "parley_test", project)
+            again_billing = await _billing_snapshot(db, schema, project)
+            assert _differences(live_billing, again_billing) == []
+        finally:
+            await db.close()
+    finally:
+        await drop_schema(stack.database_url, schema)
+
+
+async def test_a_delete_delivered_again_after_its_tombstone_erases_what_is_left(
+    api: SseClient, user: str, event_log: EventLog, nc: NatsClient, projected: Projected
+) -> None:
+    """A worker that died between the tombstone and the purge left the content in the
+    log; its command, not acknowledged, comes again and the purge is done then."""
+    cid = (await api.create_conversation())["id"]
+    assert (await api.send_stream(cid, "a secret [[tokens=3]]"))[-1].data == "ok"
+    entries = await event_log.read(cid)
+    last = entries[-1].event
+    assert isinstance(last, Event)
+    # the tombstone as the dying worker appended it (single-writer check included)
+    tombstone = ConversationDeleted(
+        conversation_id=cid,
+        at=last.at + 1,
+        event_id=new_id(),
+        user_id=user,
+        command_id=new_id(),
+        turn_ids=[s.event.turn_id for s in entries if isinstance(s.event, Started)],
+    )
+    await event_log.append(cid, [tombstone], entries[-1].seq)
+    assert len(await event_log.read(cid)) == len(entries) + 1  # nothing erased yet
+    redelivered = DeleteConversation(
+        conversation_id=cid, command_id=tombstone.command_id, user_id=user, at=1
+    )
+    await nc.jetstream().publish(
+        command_subject(cid),
+        encode(redelivered),
+        headers={"Nats-Expected-Stream": CMD_STREAM},
+    )
+    assert (await _until_erased(event_log, cid)) == tombstone
+    # and nothing is ever appended after it: a message for it is dropped, not refused
+    message = {"content": "anyone there?"}
+    status, _ = await api.request("POST", f"/v1/conversations/{cid}/messages", json=message)
+    assert status == 404
+    await projected(cid)
+    assert [type(s.event) for s in await event_log.read(cid)] == [ConversationDeleted]
+
+
+async def test_a_second_edge_stops_serving_a_conversation_deleted_through_the_first(
+    api: SseClient, stack: Servers, event_log: EventLog
+) -> None:
+    cid = (await api.create_conversation())["id"]
+    assert (await api.send_stream(cid, "hello [[tokens=3]]"))[-1].data == "ok"
+    async with extra_edge(stack) as other_url:
+        other = SseClient(api.http, other_url, api.token)
+        status, _ = await other.request("GET", f"/v1/conversations/{cid}/log")
+        assert status == 200  # its header is cached there now
+        status, _ = await api.request("DELETE", f"/v1/conversations/{cid}")
+        assert status == 202
+        await _until_erased(event_log, cid)
+        async with asyncio.timeout(10):
+            while (await other.request("GET", f"/v1/conversations/{cid}/log"))[0] != 404:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        status, _ = await other.request(
+            "POST", f"/v1/conversations/{cid}/messages", json={"content": "still here?"}
+        )
+        assert status == 404
+
+
+async def test_a_queued_request_is_refused_when_its_conversation_is_deleted(
+    api: SseClient, event_log: EventLog, nc: NatsClient
+) -> None:
+    """Seen before the purge: the actor refuses what waits, then appends the tombstone."""
+    cid = (await api.create_conversation())["id"]
+    await api.send_json(cid, "a long one [[tokens=4000]] [[rate=200]]")
+    waiting = await api.send_json(cid, "next", on_busy="enqueue")
+    refused: list[CommandRejected] = []
+    tomb: list[ConversationDeleted] = []
+
+    subscribed = asyncio.Event()
+
+    async def follow() -> None:
+        sub = await nc.subscribe(f"chat.live.{cid}")
+        await nc.flush()
+        subscribed.set()
+        try:
+            async with asyncio.timeout(20):
+                async for msg in sub.messages:
+                    body = json.loads(msg.data)
+                    if body["type"] == "command_rejected":
+                        refused.append(
+                            CommandRejected(**{k: v for k, v in body.items() if k != "type"})
+                        )
+                    elif body["type"] == "conversation_deleted":
+                        tomb.append(
+                            ConversationDeleted(**{k: v for k, v in body.items() if k != "type"})
+                        )
+                        return
+        finally:
+            await sub.unsubscribe()
+
+    following = asyncio.create_task(follow())
+    await subscribed.wait()
+    async with asyncio.timeout(20):
+        while not any(isinstance(s.event, Chunk) for s in await event_log.read(cid)):  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    status, _ = await api.request("DELETE", f"/v1/conversations/{cid}")
+    assert status == 202
+    await following
+    assert [(r.message_id, r.code) for r in refused] == [
+        (waiting["message_id"], "conversation_deleted")
+    ]
+    assert tomb and not any(isinstance(s.event, Cancelled) for s in await event_log.read(cid))
