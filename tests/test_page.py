@@ -403,6 +403,47 @@ async def test_stop_ends_the_answer_and_keeps_what_was_written(
     await expect(message.locator(".badge")).to_have_text("■ stopped")
 
 
+async def test_delete_asks_first_then_erases_the_conversation_and_leaves_the_list(
+    services: Services, browsing: Browsing, api: SseClient, user: str, event_log: EventLog
+) -> None:
+    tab, conversation = await signed_in_chat(browsing, services, user)
+    page = tab.page
+    await send(page, "[[tokens=4000]] count slowly")
+    message = assistant(page)
+    await expect(message.locator(".body > .text")).to_contain_text("30 31 ")
+    entry = page.locator(f'#convs button[data-id="{conversation}"]')
+    await expect(entry).to_have_count(1)
+    asked: list[str] = []
+    answered = asyncio.Event()
+
+    async def answer(dialog: Dialog, accept: bool) -> None:
+        asked.append(dialog.message)
+        await (dialog.accept() if accept else dialog.dismiss())
+        answered.set()
+
+    page.once("dialog", lambda dialog: answer(dialog, False))
+    await page.click("#delete")
+    async with asyncio.timeout(20):
+        await answered.wait()
+    assert "erased" in asked[0], asked
+    await expect(entry).to_have_count(1)  # dismissed: nothing happened
+    await expect(page.locator("#stop")).to_be_visible()
+
+    page.once("dialog", lambda dialog: answer(dialog, True))
+    await page.click("#delete")
+    await expect(entry).to_have_count(0)
+    await expect(page.locator(".empty")).to_contain_text("Pick a conversation")
+    await expect(page.locator("#delete")).to_be_hidden()
+    await expect(page.locator("#banner")).not_to_be_visible()
+    await tab.shot("deleted")
+    status, _ = await api.request("GET", f"/v1/conversations/{conversation}")
+    assert status == 404
+    await page.reload()
+    await expect(page.locator("#tokstate")).to_contain_text("Signed in as")
+    await expect(page.locator(".msg.assistant")).to_have_count(0)
+    await expect(entry).to_have_count(0)
+
+
 async def test_a_new_turn_leaves_the_messages_on_screen_in_place(
     services: Services, browsing: Browsing, user: str
 ) -> None:
