@@ -357,6 +357,8 @@ class ConversationActor:
         again whenever a deleted conversation is loaded (a worker that died on the
         way). Raises (EventLogError, RedisError) to have its command tried again."""
         cid = self.conversation_id
+        # the edges first: they stop serving it from their caches while the rest goes
+        await self.ctx.log.announce_gone(cid)
         await self.ctx.log.erase(cid)
         try:
             if self.ctx.snapshots is not None:
@@ -366,7 +368,6 @@ class ConversationActor:
             raise EventLogUnavailable(
                 f"conversation {cid}: its Redis state could not be removed ({describe(err)})"
             ) from err
-        await self.ctx.log.announce_gone(cid)
 
     def cancel(self, turn_id: str | None, reason: str) -> bool:
         runner = self.runner
