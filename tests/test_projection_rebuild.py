@@ -23,6 +23,9 @@ from nats.aio.client import Client as NatsClient
 
 import projections.prefetch
 from events.ids import new_id
+from events.log import EventLog
+from events.subjects import account_subject
+from events.vocabulary import TurnCharged
 from parley.services import Servers, Services
 from projections.billing import BILLING
 from projections.db import create_pool, drop_schema
@@ -76,6 +79,19 @@ async def _project_workload(api: SseClient, admin: SseClient) -> tuple[str, str]
         ends = [e async for e in sse_events(viewer) if e.event == "done"]
     assert ends and ends[-1].data == "stopped"
     return cid, project
+
+
+async def _charged(event_log: EventLog, project: str, turns: int) -> None:
+    """Until the project's account holds the charges of `turns` turns."""
+    subject = account_subject(f"project:{project}")
+    async with asyncio.timeout(20):
+        while True:
+            charges = [
+                s for s in await event_log.read_subject(subject) if isinstance(s.event, TurnCharged)
+            ]
+            if len(charges) >= turns:
+                return
+            await asyncio.sleep(0.05)
 
 
 async def _workload(api: SseClient, nc: NatsClient) -> list[str]:
@@ -195,6 +211,9 @@ async def test_a_rebuild_while_serving_swaps_in_identical_rows_and_the_live_proj
     ids = await _workload(api, nc)
     billed, project = await _project_workload(api, admin)
     ids.append(billed)
+    # a turn is charged on its account's subject after its end: the last (stopped)
+    # one's charge may come after its viewer saw `done`, and the head read before it
+    await _charged(EventLog(nc.jetstream()), project, 6)
     head = await _head(nc)
     await _wait_position(live_projector, head)
     await _wait_position(live_billing, head)
