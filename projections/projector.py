@@ -157,7 +157,11 @@ class Projector:
                     # now. Stop; the supervisor restarts us as a standby or leader.
                     raise LockLost(f"projection {self.name}: the lock's connection closed")
                 batch = await feed.next_batch(self.batch_max, wait_s=1.0, stop=stopping)
-                if not batch:
+                if not batch or stopping.is_set():
+                    # told to stop while it read: the batch is left to the next projector
+                    # (the checkpoint has not moved). Applied now, it would run past the
+                    # stop's cut, set once when the stop came (`_cut_when_stopping`):
+                    # on a Postgres that does not answer, until the roles' deadline.
                     continue
                 if started:
                     started = False

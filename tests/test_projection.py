@@ -12,11 +12,13 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from actors.content import merge_blocks
+from events.follow import RawEvent
 from events.ids import new_id
 from events.log import EventLog
 from events.vocabulary import Chunk, Done, ToolCall
 from parley.services import Servers, Services
 from projections.db import create_pool, drop_schema, ensure_schema
+from projections.feed import LogFeed
 from projections.projector import Projector
 from tests.sse import SseClient
 
@@ -176,3 +178,40 @@ async def test_a_second_start_locks_no_table_a_projector_is_writing(
             await ensure_schema(starting, schema)  # would wait 2 s, then fail, if it locked
         finally:
             await starting.close()
+
+
+class _StopWhileReading(Projector):
+    """A projector told to stop while its feed reads a batch, as a SIGTERM can land."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stopping = asyncio.Event()
+
+    def _feed(self) -> LogFeed:
+        feed = super()._feed()
+        read = feed.next_batch
+
+        async def next_batch(*args: Any, **kwargs: Any) -> list[RawEvent]:
+            batch = await read(*args, **kwargs)
+            if batch:
+                self.stopping.set()
+            return batch
+
+        feed.next_batch = next_batch  # type: ignore[method-assign]
+        return feed
+
+
+async def test_a_projector_told_to_stop_while_it_reads_does_not_apply_what_it_read(
+    api: SseClient, nc: NatsClient, scratch_schema: Any
+) -> None:
+    """The stop cuts a batch being stored (on a Postgres that does not answer, a
+    statement waits for ever) once, when it comes: a batch read as the stop came and
+    applied after it had no cut, and held the stop until the roles' deadline (seen as
+    "role did not stop in time" with Postgres frozen). It is left to the next projector:
+    the checkpoint has not moved."""
+    await _run_some_turns(api, conversations=1)
+    projector = _StopWhileReading(nc.jetstream(), scratch_schema, batch_max=7)
+    async with asyncio.timeout(20):
+        await projector.run(projector.stopping)
+    assert projector.stopping.is_set(), "no batch was read: the test proves nothing"
+    assert projector.batches == 0 and projector.position == 0
