@@ -353,7 +353,7 @@ class ConversationActor:
 
     async def _erase(self) -> None:
         """Erase a deleted conversation: its log's entries before the tombstone, its
-        snapshot and turn record in Redis; then tell the edges. Idempotent, and done
+        snapshot, turn record and idempotency records in Redis; then tell the edges. Idempotent, and done
         again whenever a deleted conversation is loaded (a worker that died on the
         way). Raises (EventLogError, RedisError) to have its command tried again."""
         cid = self.conversation_id
@@ -364,6 +364,7 @@ class ConversationActor:
             if self.ctx.snapshots is not None:
                 await self.ctx.snapshots.forget(cid)
             await self.ctx.turns.release(cid, self.ctx.worker_id)
+            await self.ctx.turns.forget_requests(cid)
         except (redis.exceptions.RedisError, OSError) as err:
             raise EventLogUnavailable(
                 f"conversation {cid}: its Redis state could not be removed ({describe(err)})"

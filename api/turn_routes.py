@@ -53,6 +53,7 @@ from events.codec import encode
 from events.ids import new_id
 from events.subjects import CMD_STREAM, command_subject, valid_id
 from events.tracing import REQUEST_ID
+from events.turns import idempotency_prefix
 from events.vocabulary import (
     TITLE_LIMIT,
     AnswerRequested,
@@ -709,7 +710,7 @@ def idem_key(user_id: str, conversation_id: str, key: str) -> str:
     """The Redis key of one user's idempotency key in one conversation (a project's
     conversation is shared: another member's key of the same text is another key)."""
     scope = hashlib.sha256(f"{user_id}\x00{key}".encode()).hexdigest()[:32]
-    return f"parley:idem:{conversation_id}:{scope}"
+    return f"{idempotency_prefix(conversation_id)}{scope}"
 
 
 async def _idempotency(

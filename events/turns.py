@@ -26,6 +26,15 @@ from redis.backoff import NoBackoff
 from redis.driver_info import DriverInfo
 
 _KEY = "parley:turn:{}"
+# An idempotency key's record, `parley:idem:<conversation>:<scope>` (api.turn_routes):
+# it holds the request's message id and the digest of its text
+_IDEM_KEY = "parley:idem:{}:"
+
+
+def idempotency_prefix(conversation_id: str) -> str:
+    """What the Redis keys of the conversation's idempotency records begin with."""
+    return _IDEM_KEY.format(conversation_id)
+
 
 # What every connection tells the server about its client (CLIENT SETINFO). Made
 # once: left to each connection, redis-py reads its own package metadata with
@@ -205,6 +214,15 @@ class TurnRegistry:
             return
         value = msgspec.json.encode(written)
         await self._batch.send(lambda pipe: pipe.eval(_RELEASE_RECORD, 1, key, value))
+
+    async def forget_requests(self, conversation_id: str) -> None:
+        """Remove the idempotency records of the conversation's requests (their message
+        ids and the digests of their text), when it is deleted: left, they would stay
+        for their whole TTL (a day). SCAN, not KEYS: Redis is not blocked meanwhile."""
+        match = idempotency_prefix(conversation_id) + "*"
+        keys = [key async for key in self._redis.scan_iter(match=match, count=1000)]
+        for start in range(0, len(keys), 500):
+            await self._redis.delete(*keys[start : start + 500])
 
     async def conversations(self) -> list[str]:
         """The conversations that have a turn record (SCAN: no blocking KEYS)."""

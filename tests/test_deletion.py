@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import redis.asyncio as aioredis
 from nats.aio.client import Client as NatsClient
 
 from events.codec import encode
@@ -93,6 +94,28 @@ async def test_deleting_an_idle_conversation_erases_its_log_and_rows_and_answers
         assert status == 404, (method, path, status, body)
     status, listed = await api.request("GET", "/v1/conversations")
     assert status == 200 and cid not in {c["id"] for c in listed["conversations"]}, listed
+
+
+async def test_deleting_a_conversation_leaves_no_redis_key_of_it_behind(
+    api: SseClient, event_log: EventLog, stack: Servers
+) -> None:
+    """An idempotency key's record holds the request's message id and the digest of
+    its text, for a day: a deleted conversation's go with its snapshot and record."""
+    cid = (await api.create_conversation())["id"]
+    sent = await api.send_stream(cid, "my secret [[tokens=3]]", idempotency_key="once")
+    assert sent[-1].data == "ok"
+    redis = aioredis.Redis.from_url(stack.redis_url)
+    try:
+        assert [k async for k in redis.scan_iter(match=f"parley:idem:{cid}:*")]
+        status, _ = await api.request("DELETE", f"/v1/conversations/{cid}")
+        assert status == 202
+        await _until_erased(event_log, cid)
+        async with asyncio.timeout(10):
+            while left := [k async for k in redis.scan_iter(match=f"*{cid}*")]:  # noqa: ASYNC110 (in Redis)
+                await asyncio.sleep(0.05)
+        assert not left
+    finally:
+        await redis.aclose()
 
 
 async def _watch(api: SseClient, cid: str, seen: list[SseEvent], watching: asyncio.Event) -> str:
