@@ -441,19 +441,14 @@ def billing_rejected(seq: int, event: BillingRejected) -> list[Write]:
 
 _DELETE_MESSAGES = "DELETE FROM messages WHERE conversation_id = $1"
 _DELETE_CONVERSATION = "DELETE FROM conversations WHERE id = $1"
-# what this projection recorded of the conversation's events it could not store as
-# written holds their text too (`raw`); a rebuild of the purged log records none
-_DELETE_ERRORS = (
-    "DELETE FROM projection_errors WHERE projection = 'read_models' AND conversation_id = $1"
-)
 
 
 @READ_MODELS.on(ConversationDeleted)
 def conversation_deleted(seq: int, event: ConversationDeleted) -> list[Write]:
     """The conversation was deleted: every row of it goes. Its log is purged down to
-    this tombstone, so a rebuild never makes them; applied again, it finds nothing."""
+    this tombstone, so a rebuild never makes them; applied again, it finds nothing.
+    Its records in `projection_errors` go too, in every projection (registry)."""
     return [
         write(_DELETE_MESSAGES, event.conversation_id),
-        write(_DELETE_ERRORS, event.conversation_id),
         write(_DELETE_CONVERSATION, event.conversation_id),
     ]

@@ -20,6 +20,11 @@ without it.
 tables a projection owns are created by its DDL file and nothing else writes
 them. Tables that are configuration (models, prices) belong to no projection.
 
+A deleted conversation's tombstone (`conversation_deleted`) also takes, in every
+projection, the records of its events that projection could not apply
+(`projection_errors`, which keep each such event's bytes): its content goes
+from everywhere, and a rebuild of the purged log records none of them.
+
 Nothing here does I/O: this module is the shape, not the work.
 """
 
@@ -28,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
-from events.vocabulary import Event
+from events.vocabulary import ConversationDeleted, Event
 
 E = TypeVar("E", bound=Event)
 
@@ -47,6 +52,8 @@ def write(sql: str, *args: Any) -> Write:
 # handler(seq, event) -> the writes that apply the event; `seq` is its position in CHAT_EVT.
 Handler = Callable[[int, E], Sequence[Write]]
 H = TypeVar("H", bound=Handler[Any])
+
+_FORGET_ERRORS = "DELETE FROM projection_errors WHERE projection = $1 AND conversation_id = $2"
 
 
 class Projection:
@@ -79,7 +86,11 @@ class Projection:
     def writes(self, seq: int, event: Event) -> Sequence[Write]:
         """What applying `event` takes: its handler's writes, none if it has no handler."""
         handler = self._handlers.get(type(event))
-        return () if handler is None else handler(seq, event)
+        writes = () if handler is None else handler(seq, event)
+        if isinstance(event, ConversationDeleted):
+            # what this projection recorded of the conversation's unapplied events
+            return [*writes, write(_FORGET_ERRORS, self.name, event.conversation_id)]
+        return writes
 
     @property
     def handled(self) -> frozenset[type[Event]]:

@@ -118,6 +118,34 @@ async def test_deleting_a_conversation_leaves_no_redis_key_of_it_behind(
         await redis.aclose()
 
 
+async def test_no_projection_keeps_what_it_recorded_of_a_deleted_conversation(
+    api: SseClient, event_log: EventLog, nc: NatsClient, stack: Servers, projected: Projected
+) -> None:
+    """Every projection records an entry of the conversation's log it cannot read (a
+    newer version's event, damage) in `projection_errors`, with its bytes: the billing
+    projection's records of them go with the conversation too, not only the read
+    models' (and a rebuild of the purged log records none of them)."""
+    cid = (await api.create_conversation())["id"]
+    assert (await api.send_stream(cid, "hello [[tokens=3]]"))[-1].data == "ok"
+    newer = {"type": "a_newer_note", "conversation_id": cid, "at": 1, "event_id": new_id()}
+    await nc.jetstream().publish(
+        f"chat.evt.{cid}", json.dumps({**newer, "text": "my secret note"}).encode()
+    )
+    await projected(cid)
+    db = await asyncpg.connect(stack.database_url)
+    recorded = "SELECT projection FROM parley_test.projection_errors WHERE conversation_id = $1"
+    try:
+        rows = await db.fetch(recorded, cid)
+        assert sorted(r["projection"] for r in rows) == ["billing", "read_models"]
+        status, _ = await api.request("DELETE", f"/v1/conversations/{cid}")
+        assert status == 202
+        await _until_erased(event_log, cid)
+        await projected(cid)
+        assert [r["projection"] for r in await db.fetch(recorded, cid)] == []
+    finally:
+        await db.close()
+
+
 async def _watch(api: SseClient, cid: str, seen: list[SseEvent], watching: asyncio.Event) -> str:
     """Follow the conversation's events until the stream ends: how it ended."""
     async with api.http.get(
