@@ -34,7 +34,7 @@ from api.context import (
     claims_of,
     wants_json,
 )
-from api.errors import POSTGRES_AWAY, UNAVAILABLE, ApiError, bad_request
+from api.errors import POSTGRES_AWAY, UNAVAILABLE, ApiError, bad_request, not_found
 from api.hub import Delivery, Subscription, opens_turn, read_range, watch
 from api.limits import hold_turn, refuse_at_cap
 from api.responses import CancelAnswer, Deleted, Renamed, TurnAccepted, answer
@@ -50,6 +50,7 @@ from api.validation import (
     refused,
 )
 from events.codec import encode
+from events.errors import EventLogError
 from events.ids import new_id
 from events.subjects import CMD_STREAM, command_subject, valid_id
 from events.tracing import REQUEST_ID
@@ -61,6 +62,7 @@ from events.vocabulary import (
     CancelTurn,
     CommandRejected,
     ConversationCreated,
+    ConversationDeleted,
     DeleteConversation,
     EditMessage,
     OnBusy,
@@ -126,6 +128,8 @@ class Decision(msgspec.Struct, frozen=True):
 
     accepted: bool = False
     rejected: CommandRejected | None = None
+    # the conversation was deleted before the actor took the request: it was dropped
+    deleted: bool = False
 
 
 # A body larger than this is decoded and checked in a thread, not on the event loop:
@@ -484,6 +488,12 @@ async def submit(
         if not follow_repeat:
             raise RequestRepeated(record)
         decision = await _decision(request, conversation_id, record, fresh)
+    if decision.deleted:
+        # Dropped by the actor (nothing is appended after a tombstone): no turn will
+        # answer it, and the conversation is 404 from now on, here as everywhere.
+        await _forget_idempotency(request, conversation_id, idempotency_key)
+        request.app[HEADERS].forget(conversation_id)
+        raise not_found("conversation")
     if decision.rejected is not None:
         # A refused request had no effect: its key is free again, so the retry the
         # refusal asks for (later, or with another on_busy) is not refused for ever.
@@ -607,6 +617,9 @@ class _DecisionWatcher(Subscription):
             and event.command_id == self.command_id
         ):
             self.end("accepted")
+        elif isinstance(event, ConversationDeleted):
+            # the tombstone before any answer: the actor drops the request
+            self.end("deleted")
 
     def take_stall(self, error: Envelope) -> None:
         pass  # a watcher with no turn: nothing to stall
@@ -628,7 +641,15 @@ async def _decision(
         async with asyncio.timeout(request.app[CONFIG].decision_wait_s):
             outcome = await watch(request.app[HUBS], conversation_id, watcher, head)
     except TimeoutError:
-        return Decision()
+        # Published after a tombstone this watcher started past (the edge had not
+        # heard of the deletion yet): dropped, and no answer ever comes.
+        try:
+            last = await request.app[LOG].last(conversation_id)
+        except EventLogError:
+            return Decision()  # not known: the request waits in CHAT_CMD, as it would
+        return Decision(deleted=last is not None and isinstance(last.event, ConversationDeleted))
+    if outcome == "deleted":
+        return Decision(deleted=True)
     if outcome == "rejected":
         return Decision(rejected=watcher.rejected)
     return Decision(accepted=outcome == "accepted")

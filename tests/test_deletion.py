@@ -297,6 +297,44 @@ async def test_a_delete_delivered_again_after_its_tombstone_erases_what_is_left(
     assert [type(s.event) for s in await event_log.read(cid)] == [ConversationDeleted]
 
 
+async def test_a_message_sent_as_the_delete_lands_is_answered_404_not_left_unanswered(
+    api: SseClient, user: str, event_log: EventLog, stack: Servers
+) -> None:
+    """An edge that has not heard of the deletion yet (its header cached, the worker's
+    announcement on its way) publishes a message after the tombstone: the actor drops
+    it, so no answer will ever come. The sender gets the 404 everyone gets from then
+    on, not a 202 for a message that went nowhere (or a stream that ends empty), and
+    the edge's idempotency record of it goes too."""
+    cid = (await api.create_conversation())["id"]
+    assert (await api.send_stream(cid, "hello [[tokens=3]]"))[-1].data == "ok"
+    entries = await event_log.read(cid)
+    last = entries[-1].event
+    assert isinstance(last, Event)
+    # the tombstone as a worker appends it, before its announcement reaches this edge
+    tombstone = ConversationDeleted(
+        conversation_id=cid,
+        at=last.at + 1,
+        event_id=new_id(),
+        user_id=user,
+        command_id=new_id(),
+        turn_ids=[s.event.turn_id for s in entries if isinstance(s.event, Started)],
+    )
+    await event_log.append(cid, [tombstone], entries[-1].seq)
+    status, body = await api.request(
+        "POST",
+        f"/v1/conversations/{cid}/messages",
+        json={"content": "still there? [[tokens=3]]", "idempotency_key": "late"},
+        headers={"Accept": "application/json"},
+    )
+    assert (status, body["error"]["code"]) == (404, "not_found"), (status, body)
+    await _until_erased(event_log, cid)
+    redis = aioredis.Redis.from_url(stack.redis_url)
+    try:
+        assert [k async for k in redis.scan_iter(match=f"parley:idem:{cid}:*")] == []
+    finally:
+        await redis.aclose()
+
+
 async def test_a_second_edge_stops_serving_a_conversation_deleted_through_the_first(
     api: SseClient, stack: Servers, event_log: EventLog
 ) -> None:
