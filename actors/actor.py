@@ -359,7 +359,7 @@ class ConversationActor:
         cid = self.conversation_id
         # the edges first: they stop serving it from their caches while the rest goes
         await self.ctx.log.announce_gone(cid)
-        await self.ctx.log.erase(cid)
+        await self.ctx.log.erase(cid, self.writer.tombstone_seq)
         try:
             if self.ctx.snapshots is not None:
                 await self.ctx.snapshots.forget(cid)

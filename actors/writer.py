@@ -34,7 +34,7 @@ from events.codec import Unreadable, decode_entry
 from events.errors import EventLogConflict, EventLogError
 from events.log import EventLog, StoredEvent
 from events.subjects import event_subject
-from events.vocabulary import ChunkKind, ConversationCreated, Event
+from events.vocabulary import ChunkKind, ConversationCreated, ConversationDeleted, Event
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,9 @@ class EventWriter:
         self.entries: int
         self._saved: int
         self._event_id: str
+        # where the conversation's tombstone is in the log (0: none folded): its
+        # erasure takes what is before it, and leaves it and what follows it
+        self.tombstone_seq: int
         self._restore(folded or Folded(Conversation(conversation_id=conversation_id)))
         # The log refused our last append (another writer): `state` was forgotten
         # and is empty until `catch_up` reads the log again. Nothing may be decided
@@ -152,6 +155,8 @@ class EventWriter:
             self.state = evolve(self.state, stored.event)
             self.seq = stored.seq
             self.entries += 1
+            if isinstance(stored.event, ConversationDeleted):
+                self.tombstone_seq = stored.seq
             self._event_id = "" if isinstance(stored.event, Unreadable) else stored.event.event_id
 
     def _restore(self, folded: Folded) -> None:
@@ -162,6 +167,7 @@ class EventWriter:
         self.entries = folded.entries
         self._saved = folded.saved
         self._event_id = folded.event_id
+        self.tombstone_seq = 0  # a kept state (a snapshot, an idle one) is never deleted
 
     def folded(self) -> Folded:
         """The conversation as folded now, and its position."""
@@ -220,6 +226,9 @@ class EventWriter:
             self._forget()
             raise
         self.state = fold(self.state, fitted)
+        for back, event in enumerate(reversed(fitted)):
+            if isinstance(event, ConversationDeleted):  # appended together: seqs in a row
+                self.tombstone_seq = self.seq - back
         self.entries += len(fitted)
         self._event_id = fitted[-1].event_id if fitted else self._event_id
 

@@ -321,14 +321,21 @@ class EventLog:
             return None
         return msg.seq if _msg_id(msg) == event_id else None
 
-    async def erase(self, conversation_id: str) -> None:
-        """Purge every entry of the conversation's subject but its last, its tombstone
-        (`conversation_deleted`, after which nothing is appended): the content is gone
-        from the log, not hidden. Idempotent: a purge of a subject that holds only
-        its tombstone removes nothing. Raises EventLogUnavailable when NATS does not
-        answer or refuses (the caller tries again: its command is redelivered)."""
+    async def erase(self, conversation_id: str, tombstone_seq: int) -> None:
+        """Purge every entry of the conversation's subject before its tombstone
+        (`conversation_deleted`, at `tombstone_seq`): the content is gone from the
+        log, not hidden. The tombstone stays, and so does anything after it (a
+        worker of an older version may append a refusal there): a purge that kept
+        only the subject's last entry would take the tombstone then. Idempotent: a
+        purge of a subject that begins with its tombstone removes nothing. Raises
+        EventLogUnavailable when NATS does not answer or refuses (the caller tries
+        again: its command is redelivered)."""
+        if tombstone_seq <= 0:
+            raise ValueError(f"conversation {conversation_id}: no tombstone to erase up to")
         try:
-            await self._js.purge_stream(EVT_STREAM, subject=event_subject(conversation_id), keep=1)
+            await self._js.purge_stream(
+                EVT_STREAM, subject=event_subject(conversation_id), seq=tombstone_seq
+            )
         except (nats.errors.Error, TimeoutError) as err:
             raise EventLogUnavailable(
                 f"conversation {conversation_id}: its log could not be purged ({err!r})"

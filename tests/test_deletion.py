@@ -335,6 +335,52 @@ async def test_a_message_sent_as_the_delete_lands_is_answered_404_not_left_unans
         await redis.aclose()
 
 
+async def test_an_erasure_done_again_keeps_the_tombstone_whatever_follows_it(
+    api: SseClient, user: str, event_log: EventLog, nc: NatsClient
+) -> None:
+    """A worker of the version before deletion refuses a message for a purged or
+    deleted conversation with a `command_rejected` appended after the tombstone
+    (README, rolling upgrade). The purge done again when a worker of this version
+    loads the conversation must take what is before the tombstone, not keep only
+    the subject's last entry: the tombstone (the record of the deletion, and the
+    turns the billing audit knows the charges of by it) would go instead."""
+    cid = (await api.create_conversation())["id"]
+    assert (await api.send_stream(cid, "a secret [[tokens=3]]"))[-1].data == "ok"
+    entries = await event_log.read(cid)
+    last = entries[-1].event
+    assert isinstance(last, Event)
+    # the tombstone of a worker that died before its purge
+    tombstone = ConversationDeleted(
+        conversation_id=cid,
+        at=last.at + 1,
+        event_id=new_id(),
+        user_id=user,
+        command_id=new_id(),
+        turn_ids=[s.event.turn_id for s in entries if isinstance(s.event, Started)],
+    )
+    seq = await event_log.append(cid, [tombstone], entries[-1].seq)
+    # an older worker's refusal of a message, after it
+    older = CommandRejected(
+        conversation_id=cid,
+        at=last.at + 2,
+        event_id=new_id(),
+        command_id=new_id(),
+        code="not_found",
+        message="conversation not found",
+    )
+    await event_log.append(cid, [older], seq)
+    redelivered = DeleteConversation(
+        conversation_id=cid, command_id=tombstone.command_id, user_id=user, at=1
+    )
+    await nc.jetstream().publish(
+        command_subject(cid), encode(redelivered), headers={"Nats-Expected-Stream": CMD_STREAM}
+    )
+    async with asyncio.timeout(15):
+        while len(kept := [s.event for s in await event_log.read(cid)]) > 2:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    assert kept == [tombstone, older]
+
+
 async def test_a_second_edge_stops_serving_a_conversation_deleted_through_the_first(
     api: SseClient, stack: Servers, event_log: EventLog
 ) -> None:
