@@ -309,14 +309,21 @@ async def rename_conversation(request: web.Request) -> web.Response:
         title=title,
     )
     await publish_command(request, command)
+    headers = request.app[HEADERS]
 
     async def titled(store: ReadStore) -> bool:
+        if headers.gone(header.conversation_id):
+            return True  # deleted as it was renamed: the actor drops the rename
         row = await store.conversation(header.conversation_id)
         return row is not None and row.title == title
 
     # not shown in time (the log, the worker or Postgres slow, another rename after
     # it): the answer is the same, and the `title` event follows on the stream
     await shown_within(request, titled)
+    if headers.gone(header.conversation_id):
+        # the worker's announcement came (the conversation was deleted through another
+        # edge as this request passed): 404, as every request for it is from now on
+        raise not_found("conversation")
     return answer(Renamed(id=header.conversation_id, title=title), status=202)
 
 

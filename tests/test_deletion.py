@@ -326,7 +326,7 @@ async def test_a_message_sent_as_the_delete_lands_is_answered_404_not_left_unans
         json={"content": "still there? [[tokens=3]]", "idempotency_key": "late"},
         headers={"Accept": "application/json"},
     )
-    assert (status, body["error"]["code"]) == (404, "not_found"), (status, body)
+    assert status == 404 and body["error"]["code"] == "not_found", (status, body)
     await _until_erased(event_log, cid)
     redis = aioredis.Redis.from_url(stack.redis_url)
     try:
@@ -379,6 +379,30 @@ async def test_an_erasure_done_again_keeps_the_tombstone_whatever_follows_it(
         while len(kept := [s.event for s in await event_log.read(cid)]) > 2:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
     assert kept == [tombstone, older]
+
+
+async def test_a_rename_published_as_the_delete_lands_is_answered_404(
+    api: SseClient, user: str, event_log: EventLog
+) -> None:
+    """The actor drops a rename that comes after the tombstone: its edge, which had the
+    header cached when the request came, answers 404 once the worker's announcement
+    reaches it, not 202 with a title the conversation never got."""
+    cid = (await api.create_conversation())["id"]
+    assert (await api.send_stream(cid, "hello [[tokens=3]]"))[-1].data == "ok"
+    entries = await event_log.read(cid)
+    last = entries[-1].event
+    assert isinstance(last, Event)
+    tombstone = ConversationDeleted(
+        conversation_id=cid,
+        at=last.at + 1,
+        event_id=new_id(),
+        user_id=user,
+        command_id=new_id(),
+        turn_ids=[s.event.turn_id for s in entries if isinstance(s.event, Started)],
+    )
+    await event_log.append(cid, [tombstone], entries[-1].seq)
+    status, body = await api.request("PATCH", f"/v1/conversations/{cid}", json={"title": "late"})
+    assert status == 404 and body["error"]["code"] == "not_found", (status, body)
 
 
 async def test_a_second_edge_stops_serving_a_conversation_deleted_through_the_first(
