@@ -353,9 +353,10 @@ class ConversationActor:
 
     async def _erase(self) -> None:
         """Erase a deleted conversation: its log's entries before the tombstone, its
-        snapshot, turn record and idempotency records in Redis; then tell the edges. Idempotent, and done
-        again whenever a deleted conversation is loaded (a worker that died on the
-        way). Raises (EventLogError, RedisError) to have its command tried again."""
+        snapshot, turn record and idempotency records in Redis; the edges are told
+        first. Idempotent, and done again whenever a deleted conversation is loaded (a
+        worker that died on the way). Raises EventLogError to have its command tried
+        again."""
         cid = self.conversation_id
         # the edges first: they stop serving it from their caches while the rest goes
         await self.ctx.log.announce_gone(cid)
