@@ -300,18 +300,8 @@ def decide_start(
     asked = message(state, queued.user_message_id)
     if asked is None or not asked.is_latest:
         why = _off_branch(queued.user_message_id)
-        return [
-            CommandRejected(
-                conversation_id=state.conversation_id,
-                at=now,
-                event_id=new_id(),
-                command_id=queued.command_id,
-                message_id=queued.regenerates or queued.user_message_id,
-                code=why.code,
-                message=why.message,
-                idle=len(state.queue) == 1,  # this one was the last waiting
-            )
-        ]
+        # this one was the last waiting
+        return [_queued_refused(state, queued, why, len(state.queue) == 1, now, new_id)]
     turn_id = turn_id or new_id()
     group, number, supersedes, fork_origin = turn_id, 1, list[str](), None
     if queued.answer_group is not None:
@@ -429,22 +419,32 @@ def decide_rename(
 def decide_queue_refused(state: Conversation, now: int, new_id: NewId) -> list[Event]:
     """The conversation is being deleted: every request still waiting for its turn is
     refused (`command_rejected`), so its viewer gets an end and no turn starts."""
+    why = Rejected(
+        "conversation_deleted", "the conversation was deleted before this request's turn started"
+    )
     last = len(state.queue) - 1
+    # no other request waits behind the last one, and none runs once it is refused
+    # only if no turn runs either
     return [
-        CommandRejected(
-            conversation_id=state.conversation_id,
-            at=now,
-            event_id=new_id(),
-            command_id=queued.command_id,
-            message_id=queued.regenerates or queued.user_message_id,
-            code="conversation_deleted",
-            message="the conversation was deleted before this request's turn started",
-            # no other request waits behind the last one, and none runs once it is
-            # refused only if no turn runs either
-            idle=state.active is None and i == last,
-        )
+        _queued_refused(state, queued, why, state.active is None and i == last, now, new_id)
         for i, queued in enumerate(state.queue)
     ]
+
+
+def _queued_refused(
+    state: Conversation, queued: QueuedTurn, why: Rejected, idle: bool, now: int, new_id: NewId
+) -> CommandRejected:
+    """A request that waited in the queue, refused: no turn of it starts."""
+    return CommandRejected(
+        conversation_id=state.conversation_id,
+        at=now,
+        event_id=new_id(),
+        command_id=queued.command_id,
+        message_id=queued.regenerates or queued.user_message_id,
+        code=why.code,
+        message=why.message,
+        idle=idle,
+    )
 
 
 def decide_delete(
