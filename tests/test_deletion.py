@@ -19,7 +19,7 @@ from nats.aio.client import Client as NatsClient
 
 from events.codec import encode
 from events.ids import new_id
-from events.log import EventLog
+from events.log import EventLog, StoredEvent
 from events.subjects import CMD_STREAM, account_subject, command_subject
 from events.vocabulary import (
     Cancelled,
@@ -256,21 +256,10 @@ async def test_a_delete_delivered_again_after_its_tombstone_erases_what_is_left(
 ) -> None:
     """A worker that died between the tombstone and the purge left the content in the
     log; its command, not acknowledged, comes again and the purge is done then."""
-    cid = (await api.create_conversation())["id"]
-    assert (await api.send_stream(cid, "a secret [[tokens=3]]"))[-1].data == "ok"
-    entries = await event_log.read(cid)
-    last = entries[-1].event
-    assert isinstance(last, Event)
     # the tombstone as the dying worker appended it (single-writer check included)
-    tombstone = ConversationDeleted(
-        conversation_id=cid,
-        at=last.at + 1,
-        event_id=new_id(),
-        user_id=user,
-        command_id=new_id(),
-        turn_ids=[s.event.turn_id for s in entries if isinstance(s.event, Started)],
+    cid, entries, tombstone, _ = await _answered_then_tombstoned(
+        api, event_log, user, "a secret [[tokens=3]]"
     )
-    await event_log.append(cid, [tombstone], entries[-1].seq)
     assert len(await event_log.read(cid)) == len(entries) + 1  # nothing erased yet
     redelivered = DeleteConversation(
         conversation_id=cid, command_id=tombstone.command_id, user_id=user, at=1
@@ -305,21 +294,8 @@ async def test_a_message_sent_as_the_delete_lands_is_answered_404_not_left_unans
     it, so no answer will ever come. The sender gets the 404 everyone gets from then
     on, not a 202 for a message that went nowhere (or a stream that ends empty), and
     the edge's idempotency record of it goes too."""
-    cid = (await api.create_conversation())["id"]
-    assert (await api.send_stream(cid, "hello [[tokens=3]]"))[-1].data == "ok"
-    entries = await event_log.read(cid)
-    last = entries[-1].event
-    assert isinstance(last, Event)
     # the tombstone as a worker appends it, before its announcement reaches this edge
-    tombstone = ConversationDeleted(
-        conversation_id=cid,
-        at=last.at + 1,
-        event_id=new_id(),
-        user_id=user,
-        command_id=new_id(),
-        turn_ids=[s.event.turn_id for s in entries if isinstance(s.event, Started)],
-    )
-    await event_log.append(cid, [tombstone], entries[-1].seq)
+    cid, _, _, _ = await _answered_then_tombstoned(api, event_log, user, "hello [[tokens=3]]")
     status, body = await api.request(
         "POST",
         f"/v1/conversations/{cid}/messages",
@@ -344,25 +320,14 @@ async def test_an_erasure_done_again_keeps_the_tombstone_whatever_follows_it(
     loads the conversation must take what is before the tombstone, not keep only
     the subject's last entry: the tombstone (the record of the deletion, and the
     turns the billing audit knows the charges of by it) would go instead."""
-    cid = (await api.create_conversation())["id"]
-    assert (await api.send_stream(cid, "a secret [[tokens=3]]"))[-1].data == "ok"
-    entries = await event_log.read(cid)
-    last = entries[-1].event
-    assert isinstance(last, Event)
     # the tombstone of a worker that died before its purge
-    tombstone = ConversationDeleted(
-        conversation_id=cid,
-        at=last.at + 1,
-        event_id=new_id(),
-        user_id=user,
-        command_id=new_id(),
-        turn_ids=[s.event.turn_id for s in entries if isinstance(s.event, Started)],
+    cid, _, tombstone, seq = await _answered_then_tombstoned(
+        api, event_log, user, "a secret [[tokens=3]]"
     )
-    seq = await event_log.append(cid, [tombstone], entries[-1].seq)
     # an older worker's refusal of a message, after it
     older = CommandRejected(
         conversation_id=cid,
-        at=last.at + 2,
+        at=tombstone.at + 1,
         event_id=new_id(),
         command_id=new_id(),
         code="not_found",
@@ -387,20 +352,7 @@ async def test_a_rename_published_as_the_delete_lands_is_answered_404(
     """The actor drops a rename that comes after the tombstone: its edge, which had the
     header cached when the request came, answers 404 once the worker's announcement
     reaches it, not 202 with a title the conversation never got."""
-    cid = (await api.create_conversation())["id"]
-    assert (await api.send_stream(cid, "hello [[tokens=3]]"))[-1].data == "ok"
-    entries = await event_log.read(cid)
-    last = entries[-1].event
-    assert isinstance(last, Event)
-    tombstone = ConversationDeleted(
-        conversation_id=cid,
-        at=last.at + 1,
-        event_id=new_id(),
-        user_id=user,
-        command_id=new_id(),
-        turn_ids=[s.event.turn_id for s in entries if isinstance(s.event, Started)],
-    )
-    await event_log.append(cid, [tombstone], entries[-1].seq)
+    cid, _, _, _ = await _answered_then_tombstoned(api, event_log, user, "hello [[tokens=3]]")
     status, body = await api.request("PATCH", f"/v1/conversations/{cid}", json={"title": "late"})
     assert status == 404 and body["error"]["code"] == "not_found", (status, body)
 
@@ -470,3 +422,26 @@ async def test_a_queued_request_is_refused_when_its_conversation_is_deleted(
         (waiting["message_id"], "conversation_deleted")
     ]
     assert tomb and not any(isinstance(s.event, Cancelled) for s in await event_log.read(cid))
+
+
+async def _answered_then_tombstoned(
+    api: SseClient, event_log: EventLog, user: str, text: str
+) -> tuple[str, list[StoredEvent], ConversationDeleted, int]:
+    """A conversation with one answered message, and its tombstone appended as a worker
+    appends it (with the single-writer check), nothing purged: its id, its entries
+    before the tombstone, the tombstone and the tombstone's position."""
+    cid = (await api.create_conversation())["id"]
+    assert (await api.send_stream(cid, text))[-1].data == "ok"
+    entries = await event_log.read(cid)
+    last = entries[-1].event
+    assert isinstance(last, Event)
+    tombstone = ConversationDeleted(
+        conversation_id=cid,
+        at=last.at + 1,
+        event_id=new_id(),
+        user_id=user,
+        command_id=new_id(),
+        turn_ids=[s.event.turn_id for s in entries if isinstance(s.event, Started)],
+    )
+    seq = await event_log.append(cid, [tombstone], entries[-1].seq)
+    return cid, entries, tombstone, seq
