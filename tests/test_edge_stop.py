@@ -33,6 +33,15 @@ from tests.sse import SseClient, SseComment, SseEvent, read_sse
 from tests.test_cli import server_env
 
 STOPPING = "this server is stopping; reconnect with Last-Event-ID to go on"
+# An edge whose sockets buffer little: a client that stops reading backs its writes up
+# soon. No per-user limits, and a write timeout past what the tests wait.
+SMALL_SEND_BUFFER = EdgeLimits(
+    rate_per_s=0,
+    max_streams_per_user=0,
+    max_turns_per_user=0,
+    socket_send_buffer_bytes=16 * 1024,
+    write_timeout_s=20.0,
+)
 
 
 @contextlib.asynccontextmanager
@@ -231,14 +240,7 @@ async def test_a_stop_does_not_wait_for_a_viewer_that_stopped_reading(
     """A viewer catching up on a long log that stopped reading has a write waiting on
     its full socket when the edge stops: its end is a cut, at once. Before, the write
     held the stop until aiohttp's shutdown timeout (or the write timeout) passed."""
-    tight = EdgeLimits(
-        rate_per_s=0,
-        max_streams_per_user=0,
-        max_turns_per_user=0,
-        socket_send_buffer_bytes=16 * 1024,
-        write_timeout_s=20.0,
-    )
-    async with extra_edge_server(stack, limits=tight) as server:
+    async with extra_edge_server(stack, limits=SMALL_SEND_BUFFER) as server:
         base = str(server.make_url("")).rstrip("/")
         token = token_for(user)
         client = SseClient(http, base, token)
@@ -282,14 +284,7 @@ async def test_a_stop_does_not_wait_for_an_ended_stream_still_writing_to_a_stuck
     """A turn's stream whose turn has ended, but whose client stopped reading, is still
     writing its last bytes when the edge stops: no longer in its hub, it is cut all the
     same. Before, its write held the stop 10 s (aiohttp's shutdown timeout, twice)."""
-    tight = EdgeLimits(
-        rate_per_s=0,
-        max_streams_per_user=0,
-        max_turns_per_user=0,
-        socket_send_buffer_bytes=16 * 1024,
-        write_timeout_s=20.0,
-    )
-    async with extra_edge_server(stack, limits=tight) as server:
+    async with extra_edge_server(stack, limits=SMALL_SEND_BUFFER) as server:
         base = str(server.make_url("")).rstrip("/")
         token = token_for(user)
         cid = (await SseClient(http, base, token).create_conversation())["id"]
