@@ -379,6 +379,29 @@ def _process_tree(root: int) -> list[int]:
     return tree
 
 
+@contextlib.asynccontextmanager
+async def nats_stopped(pid: int) -> AsyncIterator[None]:
+    """NATS stopped (SIGSTOP) until the block ends; entered once the kernel shows every
+    thread of it stopped, so nothing sent inside the block can be answered."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        async with asyncio.timeout(10):
+            while not _all_stopped(pid):  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def _all_stopped(pid: int) -> bool:
+    """Whether every thread of the process is stopped (`T` in /proc/.../stat)."""
+    states = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+    return bool(states) and all(state == "T" for state in states)
+
+
 @contextlib.contextmanager
 def hung(root: int) -> Iterator[None]:
     """A server that hangs (stopped, swapping, a full disk): no answer, no broken
@@ -556,17 +579,13 @@ async def test_a_message_sent_while_nats_hangs_is_of_unknown_outcome_and_its_key
         api = SseClient(http, services.edge_url, token_for(f"faults-{new_id()}"))
         cid = (await api.create_conversation())["id"]
         message = {"content": "while hung [[tokens=3]]", "idempotency_key": "hung"}
-        nats_pid = fault_stack.pids["nats"]
-        os.kill(nats_pid, signal.SIGSTOP)
-        try:
+        async with nats_stopped(fault_stack.pids["nats"]):
             status, body = await api.request(
                 "POST",
                 f"/v1/conversations/{cid}/messages",
                 json=message,
                 headers={"Accept": "application/json"},
             )
-        finally:
-            os.kill(nats_pid, signal.SIGCONT)
         assert status == 504 and body["error"]["code"] == "outcome_unknown", (status, body)
         assert "idempotency_key" in body["error"]["message"]
         # sent again with its key (as the answer says): the same message, applied once
@@ -591,14 +610,10 @@ async def test_a_rename_while_nats_hangs_is_of_unknown_outcome_and_says_to_send_
         event_log = EventLog(services.worker._ctx.log._js)
         api = SseClient(http, services.edge_url, token_for(f"faults-{new_id()}"))
         cid = (await api.create_conversation())["id"]
-        nats_pid = fault_stack.pids["nats"]
-        os.kill(nats_pid, signal.SIGSTOP)
-        try:
+        async with nats_stopped(fault_stack.pids["nats"]):
             status, body = await api.request(
                 "PATCH", f"/v1/conversations/{cid}", json={"title": "while hung"}
             )
-        finally:
-            os.kill(nats_pid, signal.SIGCONT)
         assert status == 504 and body["error"]["code"] == "outcome_unknown", (status, body)
         message = body["error"]["message"]
         assert "idempotency_key" not in message and "again is safe" in message, message
