@@ -22,7 +22,6 @@ the writer (actors.writer).
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
@@ -54,7 +53,7 @@ from actors.turn import ActorContext, TurnRunner
 from actors.writer import EventWriter
 from events.billing import preflight_estimate, project_account
 from events.errors import EventLogError, EventLogUnavailable, describe
-from events.tracing import REQUEST_ID
+from events.tracing import REQUEST_ID, naming, unnamed_context
 from events.turns import TurnRecord
 from events.vocabulary import (
     AnyCommand,
@@ -185,11 +184,10 @@ class ConversationActor:
         # command's handling still awaits something after its append.
         if cmd.request_id and isinstance(cmd, TurnRequest):
             self._request_ids[cmd.command_id] = cmd.request_id
-        token = REQUEST_ID.set(cmd.request_id)
         try:
-            await self._handle(cmd, settle)
+            with naming(cmd.request_id):
+                await self._handle(cmd, settle)
         finally:
-            REQUEST_ID.reset(token)
             if self._request_ids:  # only those of turns still waiting to start
                 queued = {q.command_id for q in self.state.queue}
                 self._request_ids = {c: r for c, r in self._request_ids.items() if c in queued}
@@ -501,10 +499,8 @@ class ConversationActor:
         if self._started_after is not None or next_turn(self.state) is not None:
             # The task outlives the command that kicked it, and runs other requests'
             # turns: it names none itself, each turn it runs names its own.
-            unnamed = contextvars.copy_context()
-            unnamed.run(REQUEST_ID.set, "")
             self._drain = self._tasks.create_task(
-                self._drain_queue(), name=f"drain-{self.conversation_id}", context=unnamed
+                self._drain_queue(), name=f"drain-{self.conversation_id}", context=unnamed_context()
             )
 
     async def _drain_queue(self) -> None:
@@ -517,20 +513,14 @@ class ConversationActor:
                     # one that came while the turn before was ending and left its turn
                     # to this task
                     running = self._started_request_id
-                    token = REQUEST_ID.set(running)
-                    try:
+                    with naming(running):
                         await self._run_started(after)
-                    finally:
-                        REQUEST_ID.reset(token)
                     running = ""
                     await self._settle_finished()
                 while (queued := next_turn(self.state)) is not None:
                     running = self._request_ids.pop(queued.command_id, "")
-                    token = REQUEST_ID.set(running)
-                    try:
+                    with naming(running):
                         await self._run_one(queued)
-                    finally:
-                        REQUEST_ID.reset(token)
                     running = ""
                     await self._settle_finished()
                 # A request decided while the turn before was ending is in the state
@@ -552,14 +542,11 @@ class ConversationActor:
             # Another writer appended (our view is stale) or the log is away. Give
             # every held command back; redelivered, they find the log's truth.
             self._loaded = False
-            token = REQUEST_ID.set(running)
-            try:
+            with naming(running):
                 log.warning(
                     "turn stopped by the log, commands will be redelivered",
                     extra={"conversation_id": self.conversation_id, "error": describe(err)},
                 )
-            finally:
-                REQUEST_ID.reset(token)
             await self._give_back(delay=1.0)
         except asyncio.CancelledError:
             task = asyncio.current_task()
@@ -747,15 +734,12 @@ class ConversationActor:
         for the command whose handling read the log (a rename, the next message): its
         lines name the turn's request when this actor ran it, else none."""
         active, (turn_id, request_id) = self.state.active, self._ran
-        token = REQUEST_ID.set(request_id if active and active.turn_id == turn_id else "")
-        try:
+        with naming(request_id if active and active.turn_id == turn_id else ""):
             if self.state.deleted:
                 await self._erase()
                 return
             await self._close_orphan()
             await self._charge_last()
-        finally:
-            REQUEST_ID.reset(token)
 
     async def _close_orphan(self) -> None:
         """A turn open in the log that no runner of ours runs: end it with its partial

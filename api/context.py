@@ -10,7 +10,6 @@ handlers, middlewares, anything that does I/O.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
@@ -28,7 +27,7 @@ from events.log import EventLog
 from events.projects import ProjectState, evolve_project
 from events.publisher import AckedPublisher
 from events.subjects import project_subject
-from events.tracing import REQUEST_ID
+from events.tracing import unnamed_context
 from events.turns import TurnRegistry
 from events.vocabulary import ConversationCreated
 from projections.store import ReadStore
@@ -168,9 +167,7 @@ class SharedCheck:
         if self._running is None or (
             self._running.done() and loop.time() - self._ended_at > self._fresh_s
         ):
-            unnamed = contextvars.copy_context()
-            unnamed.run(REQUEST_ID.set, "")
-            self._running = loop.create_task(check(), context=unnamed)
+            self._running = loop.create_task(check(), context=unnamed_context())
             self._running.add_done_callback(lambda _: self._mark_end(loop.time()))
         return await asyncio.shield(self._running)
 

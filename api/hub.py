@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
 import time
 from collections import deque
@@ -49,7 +48,7 @@ from events.errors import EventLogError, describe
 from events.follow import LiveFollower, RawEvent
 from events.log import EventLog, StoredEvent
 from events.subjects import CMD_STREAM, event_subject
-from events.tracing import REQUEST_ID
+from events.tracing import REQUEST_ID, unnamed_context
 from events.turns import TurnRecord, TurnRegistry
 from events.vocabulary import (
     AnswerRequested,
@@ -672,10 +671,8 @@ class Hubs:
                 # The hub outlives the request that starts it and serves every
                 # viewer: its own lines name no request (those about one viewer
                 # name that viewer's, `Subscription.named`).
-                unnamed = contextvars.copy_context()
-                unnamed.run(REQUEST_ID.set, "")
                 task = asyncio.create_task(
-                    hub.run(), name=f"hub-{conversation_id}", context=unnamed
+                    hub.run(), name=f"hub-{conversation_id}", context=unnamed_context()
                 )
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from api.errors import Handler
 from events.ids import new_id
-from events.tracing import REQUEST_ID
+from events.tracing import naming
 
 HEADER = "X-Request-Id"
 _ID = web.RequestKey("request_id", str)
@@ -30,11 +30,8 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
     given = request.headers.get(HEADER, "")
     request_id = given if _ACCEPTED.fullmatch(given) else new_id()
     request[_ID] = request_id
-    token = REQUEST_ID.set(request_id)
-    try:
+    with naming(request_id):
         return await handler(request)
-    finally:
-        REQUEST_ID.reset(token)
 
 
 async def name_the_request(request: web.Request, response: web.StreamResponse) -> None:

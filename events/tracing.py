@@ -9,7 +9,28 @@ to the edge's lines and the worker's.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from contextvars import ContextVar
 
 # "" outside any request
 REQUEST_ID: ContextVar[str] = ContextVar("parley_request_id", default="")
+
+
+@contextlib.contextmanager
+def naming(request_id: str) -> Iterator[None]:
+    """Within the block, log lines name `request_id` ("": none)."""
+    token = REQUEST_ID.set(request_id)
+    try:
+        yield
+    finally:
+        REQUEST_ID.reset(token)
+
+
+def unnamed_context() -> contextvars.Context:
+    """A copy of the current context that names no request: for a task that outlives
+    the request that starts it and serves many (a hub, a queue's drain, a shared check)."""
+    context = contextvars.copy_context()
+    context.run(REQUEST_ID.set, "")
+    return context
