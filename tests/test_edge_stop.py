@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import TestServer
 
 from api.config import EdgeLimits
 from api.context import HUBS
@@ -234,6 +235,33 @@ async def test_a_turn_stream_that_joins_once_the_drain_is_over_ends_at_once(
             assert await watch(hubs, new_id(), late) == "stopping"
 
 
+@contextlib.asynccontextmanager
+async def client_that_stops_reading(port: int | None, request: bytes) -> AsyncIterator[None]:
+    """A client with a small receive buffer: it sends `request`, reads the first bytes of
+    the answer (a 200), then nothing more until the block ends."""
+    assert port is not None
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(sock, request)
+        head = await loop.sock_recv(sock, 64)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        yield
+    finally:
+        sock.close()
+
+
+async def stop_took(server: TestServer) -> float:
+    """Seconds the edge took to stop."""
+    began = time.monotonic()
+    async with asyncio.timeout(30):
+        await server.close()
+    return time.monotonic() - began
+
+
 async def test_a_stop_does_not_wait_for_a_viewer_that_stopped_reading(
     stack: Servers, services: Services, http: aiohttp.ClientSession, user: str
 ) -> None:
@@ -246,21 +274,12 @@ async def test_a_stop_does_not_wait_for_a_viewer_that_stopped_reading(
         client = SseClient(http, base, token)
         cid = (await client.create_conversation())["id"]
         await client.send_stream(cid, "a big one [[bulk=2000000]]")
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        loop = asyncio.get_running_loop()
-        try:
-            assert server.port is not None
-            await loop.sock_connect(sock, ("127.0.0.1", server.port))
-            await loop.sock_sendall(
-                sock,
-                f"GET /v1/conversations/{cid}/events?after=0 HTTP/1.1\r\nHost: x\r\n"
-                f"Authorization: Bearer {token}\r\n\r\n".encode(),
-            )
-            head = await loop.sock_recv(sock, 64)
-            assert head.startswith(b"HTTP/1.1 200"), head
-            # from here the client reads nothing: wait until the edge's write waits on it
+        request = (
+            f"GET /v1/conversations/{cid}/events?after=0 HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {token}\r\n\r\n".encode()
+        )
+        async with client_that_stops_reading(server.port, request):
+            # the edge's write waits on it
             hubs = server.app[HUBS]
             for _ in range(1000):
                 viewers = [s for hub in list(hubs._hubs.values()) for s in hub.subscriptions]
@@ -269,12 +288,7 @@ async def test_a_stop_does_not_wait_for_a_viewer_that_stopped_reading(
                 await asyncio.sleep(0.01)
             else:
                 raise AssertionError("the viewer's writes never backed up")
-            began = time.monotonic()
-            async with asyncio.timeout(30):
-                await server.close()
-            assert time.monotonic() - began < 3.0
-        finally:
-            sock.close()
+            assert await stop_took(server) < 3.0
 
 
 @pytest.mark.parametrize("route", ["messages", "ai-sdk"])
@@ -298,24 +312,14 @@ async def test_a_stop_does_not_wait_for_an_ended_stream_still_writing_to_a_stuck
             path = "/v1/ai-sdk/chat"
             body = {"id": cid, "messages": [{"id": "m1", "role": "user", "parts": parts}]}
         data = json.dumps(body).encode()
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        loop = asyncio.get_running_loop()
-        try:
-            assert server.port is not None
-            await loop.sock_connect(sock, ("127.0.0.1", server.port))
-            await loop.sock_sendall(
-                sock,
-                f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
-                f"Accept: text/event-stream\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(data)}\r\n\r\n".encode()
-                + data,
-            )
-            head = await loop.sock_recv(sock, 64)
-            assert head.startswith(b"HTTP/1.1 200"), head
-            # from here the client reads nothing: wait until the turn is over for its
-            # stream, which still waits to write the rest
+        request = (
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+            f"Accept: text/event-stream\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n".encode()
+            + data
+        )
+        async with client_that_stops_reading(server.port, request):
+            # the turn is over for its stream, which still waits to write the rest
             hubs = server.app[HUBS]
             for _ in range(2000):
                 if any(s.ended.done() and s.backed_up() for s in list(hubs._writing)):
@@ -323,12 +327,7 @@ async def test_a_stop_does_not_wait_for_an_ended_stream_still_writing_to_a_stuck
                 await asyncio.sleep(0.01)
             else:
                 raise AssertionError("the stream never ended with its writes backed up")
-            began = time.monotonic()
-            async with asyncio.timeout(30):
-                await server.close()
-            assert time.monotonic() - began < 3.0
-        finally:
-            sock.close()
+            assert await stop_took(server) < 3.0
 
 
 async def test_a_second_sigterm_does_not_cut_the_stop_short(
