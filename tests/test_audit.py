@@ -46,6 +46,20 @@ def audit(stack: Servers, *extra: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+async def funded_project(api: SseClient, admin: SseClient, name: str, micro_credits: int) -> str:
+    """A project of `api`'s user, granted `micro_credits` by `admin`: its id."""
+    status, body = await api.request("POST", "/v1/projects", json={"name": name})
+    assert status == 201
+    status, _ = await admin.request(
+        "POST",
+        f"/v1/billing/accounts/project/{body['id']}/credits",
+        json={"micro_credits": micro_credits},
+    )
+    assert status == 201
+    project: str = body["id"]
+    return project
+
+
 @pytest.fixture
 async def billed_project(
     api: SseClient,
@@ -56,13 +70,7 @@ async def billed_project(
 ) -> AsyncIterator[tuple[str, list[str]]]:
     """A funded project with turns that ended every way: done, cancelled, failed."""
     admin = SseClient(http, services.edge_url, token_for("admin", admin=True))
-    status, body = await api.request("POST", "/v1/projects", json={"name": "Audited"})
-    assert status == 201
-    project = body["id"]
-    status, _ = await admin.request(
-        "POST", f"/v1/billing/accounts/project/{project}/credits", json={"micro_credits": 500_000}
-    )
-    assert status == 201
+    project = await funded_project(api, admin, "Audited", 500_000)
     cid = (await api.create_conversation(project_id=project))["id"]
     assert (await api.send_stream(cid, "calculate 6*7"))[-1].data == "ok"
     assert (await api.send_stream(cid, "[[tokens=20]] [[fail=cut]]"))[-1].data == "error"

@@ -35,7 +35,7 @@ from parley.services import Servers, Services
 from projections.db import drop_schema
 from tests.conftest import SECRET, Projected, extra_edge, token_for
 from tests.sse import SseClient, SseEvent, read_sse
-from tests.test_audit import audit
+from tests.test_audit import audit, funded_project
 from tests.test_cli import run, server_env
 from tests.test_projection_rebuild import _billing_snapshot, _differences, _snapshot
 
@@ -168,13 +168,7 @@ async def test_deleting_a_project_conversation_mid_turn_bills_the_stopped_turn_t
     projected: Projected,
 ) -> None:
     admin = SseClient(http, services.edge_url, token_for("admin", admin=True))
-    status, body = await api.request("POST", "/v1/projects", json={"name": "Erased"})
-    assert status == 201
-    project = body["id"]
-    status, _ = await admin.request(
-        "POST", f"/v1/billing/accounts/project/{project}/credits", json={"micro_credits": 500_000}
-    )
-    assert status == 201
+    project = await funded_project(api, admin, "Erased", 500_000)
     cid = (await api.create_conversation(project_id=project))["id"]
     assert (await api.send_stream(cid, "calculate 6*7"))[-1].data == "ok"
     await api.send_json(cid, "a long one [[tokens=4000]] [[rate=200]]")

@@ -35,6 +35,7 @@ from projections.projector import Projector
 from projections.rebuild import RebuildError, rebuild, side_schema
 from tests.conftest import SECRET, token_for
 from tests.sse import SseClient, sse_events
+from tests.test_audit import funded_project
 from tests.test_cli import run, server_env
 from tests.test_poison import publish_raw, raw_event
 from tests.test_projection import _wait_position, running
@@ -42,13 +43,7 @@ from tests.test_projection import _wait_position, running
 
 async def _project_workload(api: SseClient, admin: SseClient) -> tuple[str, str]:
     """A funded project's conversation: billed turns ending every way, versions."""
-    status, body = await api.request("POST", "/v1/projects", json={"name": "Rebuilt"})
-    assert status == 201
-    project = body["id"]
-    status, _ = await admin.request(
-        "POST", f"/v1/billing/accounts/project/{project}/credits", json={"micro_credits": 900_000}
-    )
-    assert status == 201
+    project = await funded_project(api, admin, "Rebuilt", 900_000)
     cid = (await api.create_conversation(project_id=project))["id"]
     first = await api.send_stream(cid, "first [[tokens=12]]")
     answer = first[0].data["turn_id"]
