@@ -336,13 +336,10 @@ class _Chunks(Subscription):
         self._transport = request.transport
         self._protocol = request.protocol
 
-    def end(self, reason: str) -> None:
-        # As `SseViewer.end`: a stopping edge cuts a stream whose client stopped
-        # reading (a write of it waits) rather than wait 10 s for it, then drop it.
-        if reason == "stopping" and self.backed_up() and self._transport is not None:
-            log.info("slow stream disconnected at stop", extra=self.named())
+    def cut_at_stop(self) -> None:
+        log.info("slow stream disconnected at stop", extra=self.named())
+        if self._transport is not None:
             cut(self._transport)
-        super().end(reason)
 
     def backed_up(self) -> bool:
         return writes_wait(self._transport, self._protocol)

@@ -257,10 +257,20 @@ class Subscription:
         return {"request_id": self.request_id} if self.request_id else {}
 
     def end(self, reason: str) -> None:
-        """Set why the subscription is over, once (later calls change nothing: a
-        stream's own may still act on "stopping", `Hubs.drain`)."""
+        """Set why the subscription is over, once. A stream the stopping edge ends while
+        its client has not taken what was sent (its socket's buffer full, a write
+        waiting) is cut (`cut_at_stop`), also one that ended already and still writes
+        its last bytes (`Hubs.writing`): it would read no last word soon, and its write
+        would hold the edge's stop for aiohttp's shutdown timeout, twice (10 s), before
+        it was dropped anyway."""
+        if reason == "stopping" and self.backed_up():
+            self.cut_at_stop()
         if not self.ended.done():
             self.ended.set_result(reason)
+
+    def cut_at_stop(self) -> None:
+        """Drop the connection of a stream the stopping edge ends while it is backed up
+        (a subscription that writes to a client has one)."""
 
     def gone(self) -> bool:
         """Whether whoever reads this subscription has left (a closed connection)."""

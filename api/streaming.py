@@ -229,16 +229,6 @@ class SseViewer(Subscription):
     def finishes_at_stop(self) -> bool:
         return self.turn is not None  # a POST's stream: its turn's end is near
 
-    def end(self, reason: str) -> None:
-        """As `Subscription.end`; but a stream the stopping edge ends while its client
-        has not taken what was sent (its socket's buffer full, a write waiting) is cut,
-        also one that ended already and still writes its last bytes: it would read no
-        last word soon, and its write would hold the edge's stop for aiohttp's shutdown
-        timeout, twice (10 s), before it was dropped anyway."""
-        if reason == "stopping" and self.backed_up():
-            self.cut_at_stop()
-        super().end(reason)
-
     def backed_up(self) -> bool:
         """Whether the client has not taken what was sent: a write now would wait."""
         return writes_wait(self._transport, self._protocol)
