@@ -732,26 +732,51 @@ class Hubs:
         still waits; once it is over, every one is: nothing else would end it, and
         aiohttp would hold the stop for its shutdown timeout, twice, then drop it."""
         self._draining = True
-        deadline = asyncio.get_running_loop().time() + grace_s
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        deadline = began + grace_s
+        ended_at_once = waited_for = 0
         while True:
-            finishing = self._end_all_but_turn_streams()
-            left = deadline - asyncio.get_running_loop().time()
+            ended, finishing = self._end_all_but_turn_streams()
+            ended_at_once += ended
+            if not waited_for and finishing:
+                log.info(
+                    "edge stopping: %d stream(s) ended at once; %d stream(s) of a running "
+                    "turn may run to its end, for up to %.1f s",
+                    ended_at_once,
+                    len(finishing),
+                    grace_s,
+                )
+            waited_for = max(waited_for, len(finishing))
+            left = deadline - loop.time()
             if not finishing or left <= 0:
                 break
             # every one ends by itself at its turn's end (a new one may have joined
             # meanwhile: looked for again)
             await asyncio.wait(finishing, timeout=left)
         self._drained = True
+        cut = 0
         for hub in list(self._hubs.values()):
             for subscription in list(hub.subscriptions):
+                cut += not subscription.ended.done()
                 subscription.end("stopping")
+        log.info(
+            "edge stopped its streams in %.1f s: %d ended at once, %d of a running turn "
+            "waited for, %d cut when the grace ran out",
+            loop.time() - began,
+            ended_at_once,
+            waited_for,
+            cut,
+        )
         # and a stream that ended but still writes its last bytes to a client that
         # stopped reading is cut (its `end`), not waited for
         for subscription in list(self._writing):
             subscription.end("stopping")
 
-    def _end_all_but_turn_streams(self) -> list[asyncio.Future[str]]:
-        """End at once what a stop need not wait for; the ends of what it waits for."""
+    def _end_all_but_turn_streams(self) -> tuple[int, list[asyncio.Future[str]]]:
+        """End at once what a stop need not wait for: how many that ended, and the
+        ends of what it waits for."""
+        ended = 0
         finishing: list[asyncio.Future[str]] = []
         for hub in list(self._hubs.values()):
             for subscription in list(hub.subscriptions):
@@ -761,7 +786,8 @@ class Hubs:
                     finishing.append(subscription.ended)
                 else:
                     subscription.end("stopping")
-        return finishing
+                    ended += 1
+        return ended, finishing
 
     async def close(self) -> None:
         tasks = list(self._tasks)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import signal
 import socket
 import sys
@@ -198,17 +199,22 @@ class _Viewer(_TurnStream):
 
 
 async def test_a_drain_waits_for_turn_streams_and_ends_what_joins_meanwhile_at_once(
-    stack: Servers, services: Services
+    stack: Servers, services: Services, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A stream that joins once the drain began (its request was under way when the edge
     stopped listening) is not left open for the grace; the drain itself ends when the
-    last turn's stream does, not at its deadline."""
+    last turn's stream does, not at its deadline. The log says what the stop did."""
+    caplog.set_level(logging.INFO, logger="api.hub")
     async with extra_edge_server(stack) as server:
         hubs = server.app[HUBS]
         cid = new_id()
         turn = _TurnStream(Position(seq=0))
         hub, _ = await hubs.join(cid, turn)
+        viewer = _Viewer(Position(seq=0))
+        await hubs.join(cid, viewer)
         draining = asyncio.create_task(hubs.drain(60.0))
+        await asyncio.sleep(0)  # its first look, before the late one joins
+        assert viewer.ended.done()
         late = _Viewer(Position(seq=0))
         async with asyncio.timeout(10):
             assert await watch(hubs, cid, late) == "stopping"
@@ -217,6 +223,16 @@ async def test_a_drain_waits_for_turn_streams_and_ends_what_joins_meanwhile_at_o
         async with asyncio.timeout(10):
             await draining
         hub.leave(turn)
+        hub.leave(viewer)
+    said = [r.getMessage() for r in caplog.records if r.name == "api.hub"]
+    assert any(
+        "1 stream(s) ended at once; 1 stream(s) of a running turn may run to its end" in line
+        for line in said
+    ), said
+    assert any(
+        "ended at once, 1 of a running turn waited for, 0 cut when the grace ran out" in line
+        for line in said
+    ), said
 
 
 async def test_a_turn_stream_that_joins_once_the_drain_is_over_ends_at_once(
