@@ -1185,3 +1185,24 @@ async def test_a_started_process_leaves_its_start_up_objects_out_of_collections(
     # parley.services freezes what start-up made: a full collection no longer scans
     # the modules and classes each time (45-70 ms pauses mid-burst before)
     assert gc.get_freeze_count() > 10_000
+
+
+async def test_an_edge_process_stopped_while_nats_hangs_stops_in_one_connection_bound(
+    own_servers: EmbeddedStack, own_nc: NatsClient, demo_model_url: str
+) -> None:
+    """An edge-only process has three NATS connections: the process's own (it made the
+    streams at start) and the edge's two. Each waits up to 2 s for NATS before it is
+    closed rather than drained; the process's own was finished after the edge's, so a
+    stop with NATS frozen took 4 s, twice what it needs."""
+    running = Services(own_servers.urls, options(demo_model_url), ("edge",))
+    await running.__aenter__()
+    loop = asyncio.get_running_loop()
+    nats_pid = own_servers.pids["nats"]
+    os.kill(nats_pid, signal.SIGSTOP)
+    try:
+        began = loop.time()
+        await running.__aexit__(None, None, None)
+        took = loop.time() - began
+    finally:
+        os.kill(nats_pid, signal.SIGCONT)
+    assert took < 3.5, took  # 2 s for all, side by side; one after the other it was 4
