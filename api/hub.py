@@ -281,6 +281,10 @@ class Subscription:
         socket's buffer full): a write to it now would wait."""
         return False
 
+    # a client's request reads it (a stream, a request waiting for its decision), not
+    # the edge itself (a turn slot's holder): what a stop's log counts
+    for_a_client = True
+
     def finishes_at_stop(self) -> bool:
         """Whether an edge that is stopping lets this subscription run on to its own
         end, within a grace (`Hubs.drain`): a client's stream of one turn, which ends
@@ -739,26 +743,27 @@ class Hubs:
         while True:
             ended, finishing = self._end_all_but_turn_streams()
             ended_at_once += ended
-            if not waited_for and finishing:
+            clients = sum(subscription.for_a_client for subscription in finishing)
+            if not waited_for and clients:
                 log.info(
                     "edge stopping: %d stream(s) ended at once; %d stream(s) of a running "
                     "turn may run to its end, for up to %.1f s",
                     ended_at_once,
-                    len(finishing),
+                    clients,
                     grace_s,
                 )
-            waited_for = max(waited_for, len(finishing))
+            waited_for = max(waited_for, clients)
             left = deadline - loop.time()
             if not finishing or left <= 0:
                 break
             # every one ends by itself at its turn's end (a new one may have joined
             # meanwhile: looked for again)
-            await asyncio.wait(finishing, timeout=left)
+            await asyncio.wait([subscription.ended for subscription in finishing], timeout=left)
         self._drained = True
         cut = 0
         for hub in list(self._hubs.values()):
             for subscription in list(hub.subscriptions):
-                cut += not subscription.ended.done()
+                cut += subscription.for_a_client and not subscription.ended.done()
                 subscription.end("stopping")
         log.info(
             "edge stopped its streams in %.1f s: %d ended at once, %d of a running turn "
@@ -773,20 +778,20 @@ class Hubs:
         for subscription in list(self._writing):
             subscription.end("stopping")
 
-    def _end_all_but_turn_streams(self) -> tuple[int, list[asyncio.Future[str]]]:
-        """End at once what a stop need not wait for: how many that ended, and the
-        ends of what it waits for."""
+    def _end_all_but_turn_streams(self) -> tuple[int, list[Subscription]]:
+        """End at once what a stop need not wait for: how many of a client's that
+        ended, and what it waits for."""
         ended = 0
-        finishing: list[asyncio.Future[str]] = []
+        finishing: list[Subscription] = []
         for hub in list(self._hubs.values()):
             for subscription in list(hub.subscriptions):
                 if subscription.ended.done():
                     continue
                 if subscription.finishes_at_stop():
-                    finishing.append(subscription.ended)
+                    finishing.append(subscription)
                 else:
                     subscription.end("stopping")
-                    ended += 1
+                    ended += subscription.for_a_client
         return ended, finishing
 
     async def close(self) -> None:

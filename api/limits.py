@@ -195,6 +195,7 @@ class TurnWatcher(Subscription):
     """Holds a user's turn slot until the turn that answers their message ends."""
 
     __slots__ = ()
+    for_a_client = False
 
     def take(self, delivery: Delivery) -> None:
         if self.turn is not None and self.turn.admit(delivery.stored) and delivery.ends_turn:
