@@ -36,6 +36,8 @@ from events.vocabulary import BillingRejected, Cancelled, Done, Failed, TurnEnd
 # seconds: from a quick local model's first token to a slow provider's whole answer
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0, 300.0)
+# how late a loop's timer ran: a token's latency targets are milliseconds
+_LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # seconds from a turn's end to its webhook's attempt: at once, through the retries
 # (1 s, 2 s, 4 s ... an hour apart), to a receiver away for a day
 _WEBHOOK_BUCKETS = (0.05, 0.25, 1.0, 5.0, 30.0, 120.0, 600.0, 3600.0, 4 * 3600.0, 86400.0)
@@ -77,6 +79,13 @@ class Metrics:
         self.loop_stalled_seconds = Counter(
             "parley_event_loop_stalled_seconds",
             "how long those stalls held the event loop, in all",
+            registry=r,
+        )
+        self.loop_lag_seconds = Histogram(
+            "parley_event_loop_lag_seconds",
+            "how late this process's event loop ran a timer due every 0.1 s: the wait "
+            "every callback of it has (a loop short of CPU, or kept busy)",
+            buckets=_LOOP_LAG_BUCKETS,
             registry=r,
         )
         # worker

@@ -257,7 +257,7 @@ class Services:
         self._stopping.set()
 
     async def _start(self) -> None:
-        stalls = StallWatch(counted=self._count_stall)
+        stalls = StallWatch(counted=self._count_stall, lagged=self.metrics.loop_lag_seconds.observe)
         stalls.start()
         self._stack.callback(stalls.stop)
         # A deployment's tools are loaded first: one that cannot be (a spec naming no

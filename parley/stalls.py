@@ -7,7 +7,8 @@ and no timeout can fire meanwhile: a tool's `timeout_s` is a timer of the same
 loop. A thread watches a beat the loop keeps. When the beat is late by more
 than `threshold_s`, it logs once where the loop's thread is (the innermost
 frame outside the standard library, then the frames around it), and once more
-when the loop beats again, with how long it was held.
+when the loop beats again, with how long it was held. Each beat's lateness is
+told too (`lagged`): `parley_event_loop_lag_seconds` on `/metrics`.
 """
 
 from __future__ import annotations
@@ -48,10 +49,15 @@ class StallWatch:
         threshold_s: float = THRESHOLD_S,
         beat_s: float = BEAT_S,
         counted: Callable[[float], None] | None = None,
+        lagged: Callable[[float], None] | None = None,
     ) -> None:
         self._threshold_s = threshold_s
         self._beat_s = beat_s
         self._counted = counted  # told each stall's length once it is over
+        # told at each beat how late it ran (on the loop): the wait every callback of
+        # the loop has, a stall's and an overload's alike (many short callbacks, or one
+        # task that keeps it busy in short steps, which no stall shows)
+        self._lagged = lagged
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._beat_at = time.monotonic()
@@ -74,7 +80,10 @@ class StallWatch:
             self._thread.join()
 
     def _beat(self) -> None:
-        self._beat_at = time.monotonic()
+        now = time.monotonic()
+        if self._lagged is not None and self._handle is not None:
+            self._lagged(max(0.0, now - self._beat_at - self._beat_s))
+        self._beat_at = now
         assert self._loop is not None
         self._handle = self._loop.call_later(self._beat_s, self._beat)
 

@@ -229,3 +229,14 @@ async def test_readyz_is_ready_with_no_reasons_when_every_server_answers(
     assert response.status == 200, body
     assert body["status"] == "ready" and body["reasons"] == [], body
     assert isinstance(body["projection_errors"], int), body
+
+
+async def test_the_event_loops_lateness_is_scraped(
+    services: Services, http: aiohttp.ClientSession
+) -> None:
+    """Every process's loop says how late it runs (parley/stalls.py), ten times a second."""
+    url = services.edge_url
+    before = value(await scrape(http, url), "parley_event_loop_lag_seconds_count")
+    await until_scraped(
+        http, url, lambda now: value(now, "parley_event_loop_lag_seconds_count") > before
+    )

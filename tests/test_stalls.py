@@ -94,3 +94,23 @@ def test_a_loop_late_with_many_short_callbacks_is_no_stall_on_asyncios_own_loop(
     with asyncio.Runner() as runner:  # asyncio's loop: its Handle runs callbacks in Python
         runner.run(overloaded())
     assert stalls == [] and not caplog.records, [r.__dict__ for r in caplog.records]
+
+
+async def test_each_beat_says_how_late_it_ran_a_busy_loop_late_an_idle_one_on_time() -> None:
+    """An overloaded loop is no stall, yet every callback of it waits: the lateness of
+    each beat (`parley_event_loop_lag_seconds`) shows that, where no stall is logged."""
+    lags: list[float] = []
+    watch = StallWatch(threshold_s=5.0, beat_s=0.02, lagged=lags.append)
+    watch.start()
+    try:
+        async with asyncio.timeout(5):
+            while len(lags) < 5:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        idle = len(lags)
+        computes_for(0.3)  # held once, far under the threshold
+        async with asyncio.timeout(5):
+            while len(lags) < idle + 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+    finally:
+        watch.stop()
+    assert max(lags[idle:]) >= 0.25, lags
