@@ -338,6 +338,14 @@ class _Chunks(Subscription):
 
     def cut_at_stop(self) -> None:
         log.info("slow stream disconnected at stop", extra=self.named())
+        self.cut()
+
+    def cut(self) -> None:
+        """Drop the connection (the transport taken when the stream opened: aiohttp may
+        have let go of it). A write that waited `write_timeout_s` on a client that does
+        not read is given up; left open, the connection kept what its socket holds, and
+        aiohttp's own last write (the body's end) waited on it for as long as the client
+        kept it open, holding an edge that stops too."""
         if self._transport is not None:
             cut(self._transport)
 
@@ -413,15 +421,25 @@ async def _stream_to(
                 await _write(request, response, frame(chunk))
         if ui.finished:
             await _write(request, response, DONE_FRAME)
-    except (ConnectionResetError, TimeoutError):
-        return response  # the client left or stopped reading; the turn goes on
+    except ConnectionResetError:
+        return response  # the client left; the turn goes on
+    except TimeoutError:
+        # the client stopped reading (it resumes with GET .../stream); the turn goes on
+        log.info("slow stream disconnected", extra=subscription.named())
+        subscription.cut()
+        return response
     finally:
         subscription.end("gone")
         feeding.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await feeding
-    with contextlib.suppress(ConnectionResetError, TimeoutError):
-        await response.write_eof()
+    try:
+        async with asyncio.timeout(config.limits.write_timeout_s):
+            await response.write_eof()
+    except TimeoutError:
+        subscription.cut()
+    except ConnectionResetError:
+        pass
     return response
 
 

@@ -17,6 +17,7 @@ import msgspec
 import pytest
 
 import api.ai_sdk as api_ai_sdk
+from api.config import EdgeLimits
 from events.ids import new_id
 from events.log import EventLog
 from events.turns import TurnRecord, TurnRegistry, redis_client
@@ -30,8 +31,9 @@ from events.vocabulary import (
     UserMessage,
 )
 from parley.services import Servers, Services
-from tests.conftest import token_for
+from tests.conftest import extra_edge_server, token_for
 from tests.sse import SseClient
+from tests.test_edge_stop import client_that_stops_reading, stop_took
 
 CLIENT = Path(__file__).parent / "ai_sdk" / "client.mjs"
 
@@ -373,3 +375,41 @@ async def test_a_stream_cut_off_for_falling_behind_says_so_instead_of_ending_qui
     assert '"type":"error"' in body and f"/v1/ai-sdk/chat/{chat}/stream" in body, body
     assert "[DONE]" not in body and '"type":"finish"' not in body, body
     await turn_of(event_log, chat)  # the turn went on to its end
+
+
+def stuck_chat_request(token: str, chat: str, content: str) -> bytes:
+    """useChat's POST of `content` as raw bytes, for a client that stops reading."""
+    parts = [{"type": "text", "text": content}]
+    data = json.dumps({"id": chat, "messages": [said("m1", *parts)]}).encode()
+    return (
+        f"POST /v1/ai-sdk/chat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
+
+
+# No per-user limits; a client that stops reading is given up after a second.
+QUICK_WRITE_TIMEOUT = EdgeLimits(
+    rate_per_s=0, max_streams_per_user=0, max_turns_per_user=0, write_timeout_s=1.0
+)
+
+
+async def test_a_client_that_stops_reading_is_cut_after_the_write_timeout(
+    stack: Servers, services: Services, user: str
+) -> None:
+    """A write that waited the write timeout on a client that stopped reading gives the
+    stream up, and its connection with it. Before, the connection stayed open as long
+    as the client kept it (aiohttp's own last write waited on it without end), holding
+    what its socket had buffered, and a stop of the edge waited for it too."""
+    async with extra_edge_server(stack, limits=QUICK_WRITE_TIMEOUT) as server:
+        request = stuck_chat_request(token_for(user), new_id(), "a big one [[bulk=8000000]]")
+        async with client_that_stops_reading(server.port, request):
+            runner = server.runner
+            assert runner is not None and runner.server is not None
+            for _ in range(400):  # 20 s
+                if not runner.server.connections:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the stuck client's connection was never cut")
+            assert await stop_took(server) < 3.0
