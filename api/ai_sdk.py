@@ -30,7 +30,7 @@ from api.context import HEADERS as CONVERSATION_HEADERS
 from api.errors import ApiError, bad_request, begin_stream, not_found
 from api.hub import Delivery, Subscription, TurnFilter, watch
 from api.sse import Envelope, Position
-from api.streaming import cut, running_turn, writes_wait
+from api.streaming import bound_send_buffer, cut, running_turn, writes_wait
 from api.turn_routes import (
     DECODE_ELSEWHERE_BYTES,
     IdempotencyRecord,
@@ -375,6 +375,7 @@ async def _stream(
     request: web.Request, conversation_id: str, position: Position, turn: TurnFilter
 ) -> web.StreamResponse:
     response = web.StreamResponse(headers=HEADERS)
+    bound_send_buffer(request)  # as an SSE stream's: a client that stops reading fills less
     await begin_stream(request, response)
     subscription = _Chunks(request, position, turn)
     with request.app[HUBS].writing(subscription):

@@ -54,7 +54,15 @@ from events.vocabulary import CommandRejected, ConversationDeleted
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PendingCommand", "TurnFilter", "open_sse", "running_turn", "stream_log", "writes_wait"]
+__all__ = [
+    "PendingCommand",
+    "TurnFilter",
+    "bound_send_buffer",
+    "open_sse",
+    "running_turn",
+    "stream_log",
+    "writes_wait",
+]
 
 
 async def open_sse(request: web.Request) -> web.StreamResponse:
@@ -65,7 +73,7 @@ async def open_sse(request: web.Request) -> web.StreamResponse:
             "X-Accel-Buffering": "no",  # proxies must not buffer a live stream
         }
     )
-    _bound_send_buffer(request)
+    bound_send_buffer(request)
     await begin_stream(request, response)
     if request.method != "HEAD":
         await _bounded(request, response.write(b"retry: 1000\n\n"))
@@ -78,7 +86,7 @@ async def open_sse(request: web.Request) -> web.StreamResponse:
 _SOCKET_GONE = (OSError, ValueError)
 
 
-def _bound_send_buffer(request: web.Request) -> None:
+def bound_send_buffer(request: web.Request) -> None:
     """Cap the kernel's send buffer of a stream's socket. Left alone it grows to
     megabytes per connection, which a viewer that stops reading fills first,
     unseen, before the edge notices it is not keeping up."""

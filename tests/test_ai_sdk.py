@@ -5,10 +5,12 @@ from the start of a turn and when it resumes one mid-turn."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import shutil
 import subprocess
+import termios
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import pytest
 
 import api.ai_sdk as api_ai_sdk
 from api.config import EdgeLimits
+from api.context import HUBS
 from events.ids import new_id
 from events.log import EventLog
 from events.turns import TurnRecord, TurnRegistry, redis_client
@@ -413,3 +416,41 @@ async def test_a_client_that_stops_reading_is_cut_after_the_write_timeout(
             else:
                 raise AssertionError("the stuck client's connection was never cut")
             assert await stop_took(server) < 3.0
+
+
+def unsent_bytes(transport: asyncio.BaseTransport) -> int:
+    """What the kernel holds of a connection's writes, not yet taken by its client."""
+    sock = transport.get_extra_info("socket")
+    out = bytearray(4)
+    fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, out)
+    return int.from_bytes(out, "little")
+
+
+async def test_a_stream_caps_its_sockets_send_buffer_as_an_sse_stream_does(
+    stack: Servers, services: Services, user: str
+) -> None:
+    """A client that stops reading fills its socket's send buffer first: capped
+    (`socket_send_buffer_bytes`) as an SSE stream's is. Before, the kernel let it grow
+    to 4 MiB (Linux's default ceiling) for each such client before the edge saw it."""
+    limits = EdgeLimits(
+        rate_per_s=0,
+        max_streams_per_user=0,
+        max_turns_per_user=0,
+        socket_send_buffer_bytes=64 * 1024,
+        write_timeout_s=20.0,
+    )
+    async with extra_edge_server(stack, limits=limits) as server:
+        request = stuck_chat_request(token_for(user), new_id(), "a big one [[bulk=8000000]]")
+        async with client_that_stops_reading(server.port, request):
+            hubs = server.app[HUBS]
+            for _ in range(2000):  # 20 s
+                if stuck := [s for s in list(hubs._writing) if s.backed_up()]:
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("the stream's writes never backed up")
+            (stream,) = stuck
+            assert isinstance(stream, api_ai_sdk._Chunks)
+            assert stream._transport is not None
+            # the kernel doubles what it is set to, for its own bookkeeping
+            assert unsent_bytes(stream._transport) <= 2 * 64 * 1024
