@@ -200,9 +200,14 @@ async def _submit_message(
     user = claims_of(request).sub
     key = _key_of(asked)
     sent = ("send", text, body.model)
-    earlier = await earlier_request(request, cid, key) if key is not None else None
-    if earlier is not None and earlier.digest != request_digest(sent):
-        edits = earlier.message_id
+    versions = await _versions(request, cid, key) if key is not None else None
+    if versions is not None:
+        # sent before: as its latest version says (a retry of it), or an edit of it
+        edits = versions.first.message_id
+        edited = ("edit", edits, text, body.model)
+        latest = sent if versions.edits == 0 else edited
+        repeat = versions.latest.digest == request_digest(latest)
+        number = versions.edits if repeat else versions.edits + 1
 
         def edit(record: IdempotencyRecord) -> TurnCommand:
             return EditMessage(
@@ -217,9 +222,9 @@ async def _submit_message(
                 on_busy=body.on_busy,
             )
 
-        edited = ("edit", edits, text, body.model)
-        done = await submit(request, cid, f"{key}:edit:{request_digest(edited)}", edited, edit)
-        return _Submitted(cid, done.record)
+        if number > 0:
+            done = await submit(request, cid, f"{key}:edit:{number}", edited, edit)
+            return _Submitted(cid, done.record)
 
     def send(record: IdempotencyRecord) -> TurnCommand:
         return SendMessage(
@@ -235,6 +240,28 @@ async def _submit_message(
 
     done = await submit(request, cid, key, sent, send, follow_repeat=follow_repeat)
     return _Submitted(cid, done.record)
+
+
+class _Versions(NamedTuple):
+    first: IdempotencyRecord  # the message as first sent
+    edits: int  # how many edits of it were sent since
+    latest: IdempotencyRecord  # the last of them (`first` when none was)
+
+
+async def _versions(request: web.Request, conversation_id: str, key: str) -> _Versions | None:
+    """What the client's message id was sent as so far: its first send, under its key,
+    then each edit under `{key}:edit:N`, numbered. The request that repeats the latest
+    is a retry of it; any other text is an edit of the latest, even the text of an
+    earlier version (keyed by that text, an edit back to it was taken for a retry of the
+    earlier request: its old answer was replayed while the conversation went on from
+    the edit in between)."""
+    first = await earlier_request(request, conversation_id, key)
+    if first is None:
+        return None
+    edits, latest = 0, first
+    while edit := await earlier_request(request, conversation_id, f"{key}:edit:{edits + 1}"):
+        edits, latest = edits + 1, edit
+    return _Versions(first, edits, latest)
 
 
 def _key_of(message: UiMessage) -> str | None:

@@ -295,6 +295,30 @@ async def test_use_chat_edits_a_message_by_sending_its_id_again_with_new_text(
     ]
 
 
+async def test_an_edit_back_to_an_earlier_text_is_a_new_version_not_a_replay(
+    api: SseClient, event_log: EventLog
+) -> None:
+    """A message edited, then edited back to what it said before: a third version and a
+    turn on it. Before, the edit back was taken for a retry of the first send (or of
+    the earlier edit to that text): useChat was shown the old answer again while the
+    conversation went on from the edit in between, which the model then read."""
+    chat = new_id()
+    texts = ["one [[tokens=2]]", "two [[tokens=3]]", "one [[tokens=2]]", "two [[tokens=3]]"]
+    for content in [*texts, texts[-1]]:  # the last one sent twice: its retry
+        edit = {"id": chat, "messages": [said("m1", text(content))], "messageId": "m1"}
+        status, body = await api.request("POST", "/v1/ai-sdk/chat", json=edit)
+        assert status == 200 and '"type":"finish"' in body, body
+    log = [s.event for s in await event_log.read(chat)]
+    users = [e for e in log if isinstance(e, UserMessage)]
+    assert [(u.content, u.version_number) for u in users] == [
+        (content, number) for number, content in enumerate(texts, 1)
+    ]
+    # each version was answered once, the retry of the last one too
+    assert [e.user_message_id for e in log if isinstance(e, Started)] == [
+        u.message_id for u in users
+    ]
+
+
 async def test_use_chat_regenerate_without_a_message_id_answers_the_latest_message_again(
     api: SseClient, event_log: EventLog
 ) -> None:
