@@ -299,13 +299,30 @@ _NAMING_WAIT_S = 2.0
 
 
 async def resume(request: web.Request) -> web.StreamResponse:
-    header = await owned_conversation(request, request.match_info["id"])
+    chat = request.match_info["id"]
+    try:
+        header = await owned_conversation(request, chat)
+    except ApiError as err:
+        if err.status == 404 and await _not_begun(request, chat):
+            # useChat's `resume: true` asks on mount, a new chat's page too: no turn
+            # runs there (a 404 was an error on a page where nothing went wrong)
+            return web.Response(status=204)
+        raise
     active = await _named_turn(request.app, header.conversation_id)
     if active is None:
         return web.Response(status=204)
     turn = TurnFilter("")
     turn.turn_id = active.turn_id  # replay this turn from its start
     return await _stream(request, header.conversation_id, Position(seq=active.after), turn)
+
+
+async def _not_begun(request: web.Request, chat: str) -> bool:
+    """Whether a chat id names no conversation at all, nor one deleted: its first
+    message makes it. (Another user's answers 404, as the POST does.)"""
+    cache = request.app[CONVERSATION_HEADERS]
+    if not valid_id(chat) or cache.gone(chat) or cache.get(chat) is not None:
+        return False
+    return await request.app[LOG].first(chat) is None
 
 
 async def _named_turn(app: web.Application, conversation_id: str) -> TurnRecord | None:

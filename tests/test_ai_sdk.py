@@ -217,6 +217,18 @@ def deep(levels: int) -> Any:
     return value
 
 
+async def test_use_chat_resuming_a_chat_not_begun_yet_finds_nothing_running(
+    services: Services, user: str, event_log: EventLog
+) -> None:
+    """useChat with `resume: true` asks on mount, on a new chat's page too, before its
+    first message made the conversation: nothing runs there (204), and nothing is made.
+    Before, a 404 put the new chat in the SDK's error state before the user typed."""
+    chat = new_id()
+    none = await asyncio.to_thread(node, "resume", services.edge_url, token_for(user), chat)
+    assert none == {"none": True}
+    assert await event_log.first(chat) is None
+
+
 @pytest.mark.parametrize(
     ("body", "code"),
     [
