@@ -11,6 +11,7 @@ import redis.exceptions
 from aiohttp import web
 
 from events.errors import EventLogUnavailable, describe
+from events.tracing import REQUEST_ID
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,14 @@ class ApiError(Exception):
 def error_response(
     status: int, code: str, message: str, extra: dict[str, object] | None = None
 ) -> web.Response:
-    return web.json_response(
-        {"error": {"code": code, "message": message, **(extra or {})}}, status=status
-    )
+    """The error answer; it names its request (`X-Request-Id`, api/request_ids.py) in
+    the body too, where a client that shows only the body (the AI SDK's `onError`)
+    still has the id a user quotes in a report."""
+    error: dict[str, object] = {"code": code, "message": message, **(extra or {})}
+    request_id = REQUEST_ID.get()
+    if request_id:  # (none outside a request: the listener's own answers)
+        error["request_id"] = request_id
+    return web.json_response({"error": error}, status=status)
 
 
 def not_found(what: str) -> ApiError:

@@ -49,6 +49,13 @@ def answer(body: msgspec.Struct, status: int = 200) -> web.Response:
 class ErrorDetail(msgspec.Struct, frozen=True):
     code: Annotated[str, msgspec.Meta(description="stable, for programs: `not_found`, `busy`, ...")]
     message: Annotated[str, msgspec.Meta(description="for people")]
+    # UNSET, not None: absent (an answer of the listener itself, before any request), never null
+    request_id: (
+        Annotated[
+            str, msgspec.Meta(description="the request's `X-Request-Id`, to quote in a report")
+        ]
+        | msgspec.UnsetType
+    ) = msgspec.UNSET
 
 
 class ErrorBody(msgspec.Struct, frozen=True):

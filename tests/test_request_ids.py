@@ -60,6 +60,9 @@ async def test_every_answer_names_its_request_errors_and_streams_too(
         async with http.request(method, api.url(path), headers=headers) as response:
             assert response.status == status, (path, response.status)
             seen.append(response.headers[HEADER])
+            if status >= 400:  # in the body too: a client may show only the body
+                body = await response.json()
+                assert body["error"]["request_id"] == seen[-1], body
     async with http.get(
         api.url(f"/v1/conversations/{cid}/events"), headers=api.headers(), params={"after": "0"}
     ) as stream:
