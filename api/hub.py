@@ -288,7 +288,8 @@ class Subscription:
     def finishes_at_stop(self) -> bool:
         """Whether an edge that is stopping lets this subscription run on to its own
         end, within a grace (`Hubs.drain`): a client's stream of one turn, which ends
-        at that turn's end, seconds away. Any other ends at once."""
+        at that turn's end, seconds away, and the watcher holding that turn's slot
+        (`api.limits.TurnWatcher`). Any other ends at once."""
         return False
 
     # -- called by the hub, synchronously
@@ -725,8 +726,9 @@ class Hubs:
     async def drain(self, grace_s: float) -> None:
         """End every subscription, as an edge that stops must, without cutting answers
         short where it can wait: the streams of one turn (`finishes_at_stop`) are
-        given `grace_s` to reach their turn's end; the rest (a viewer of the whole
-        conversation, waiting for turns to come; a request's watchers) end at once,
+        given `grace_s` to reach their turn's end, and so are the watchers that hold
+        turns' slots; the rest (a viewer of the whole conversation, waiting for turns
+        to come; a request's decision watcher) end at once,
         "stopping", and so do those still open when the grace is over. An EventSource
         reconnects by itself with the last id it saw; a client of a turn's stream
         resumes it the same way (api/streaming.py, api/ai_sdk.py say so in the stream).

@@ -15,7 +15,10 @@ lease lives as long as its request. A message's lease is taken before its
 command is published and handed, once published, to a `TurnWatcher`: a
 subscription to the conversation's hub with no socket, which releases it when
 the turn ends (its `done`, a rejection, or the stall check's verdict), whether
-or not anyone still watches the stream.
+or not anyone still watches the stream. An edge that stops waits for those turns
+as for its turn streams (`Hubs.drain`, within its grace); a slot whose turn runs
+on past that is not released but left to lapse, as a dead edge's: released, it
+let the user start as many turns again while theirs still ran on the workers.
 
 What may not enter: the routes themselves. Routes that stream or start turns
 are listed in `STREAM_ROUTES` and `TURN_ROUTES`; the middleware does the rest.
@@ -166,6 +169,13 @@ class Leases:
         if member is not None:
             self.held.pop((key, member), None)
 
+    def forget(self, kind: str, user_id: str, *members: str | None) -> None:
+        """Renew these leases no more: they lapse within `lease_s`."""
+        key = self.key(kind, user_id)
+        for member in members:
+            if member is not None:
+                self.held.pop((key, member), None)
+
     async def release(self, kind: str, user_id: str, member: str) -> None:
         key = self.key(kind, user_id)
         self.held.pop((key, member), None)
@@ -203,6 +213,9 @@ class TurnWatcher(Subscription):
 
     def take_stall(self, error: Envelope) -> None:
         self.end("stalled")
+
+    def finishes_at_stop(self) -> bool:
+        return True  # its turn's end is near, as for a POST's stream: a stop waits for it
 
 
 class TurnSlot:
@@ -291,6 +304,11 @@ class Limits:
 
     async def close(self) -> None:
         self._stopping.set()
+        watchers = list(self._watchers.values())
+        if watchers:
+            # The edge's drain ended every watcher: those whose turn ended are freeing
+            # its slot (a round trip), which a cancel would cut short for a lapse.
+            await asyncio.wait(watchers, timeout=_RELEASE_WAIT_S)
         tasks = [*self._watchers.values(), *([self._keeper] if self._keeper else [])]
         for task in tasks:
             task.cancel()
@@ -328,6 +346,9 @@ class Limits:
     ) -> None:
         turn = TurnFilter(message_id)
         seen = after
+        # False while the turn may still run: a watcher the edge's stop ended (or
+        # cancelled) leaves the slot to lapse instead of freeing it for a new turn
+        ended = False
         try:
             try:
                 await self.leases.hand_over("turns", user_id, member, message_id)
@@ -337,23 +358,31 @@ class Limits:
                 while True:
                     watcher = TurnWatcher(Position(seq=seen), turn=turn, command=command)
                     reason = await self._follow(conversation_id, watcher)
+                    if reason == "stopping":
+                        return
                     if reason != "broken":
+                        ended = True
                         return
                     seen = max(seen, watcher.seen)
                     await asyncio.sleep(1.0)  # the broker is back soon; look again
         except TimeoutError:
+            ended = True
             log.warning(
                 "turn slot held too long; released", extra={"conversation_id": conversation_id}
             )
         finally:
-            try:
-                await self.leases.release("turns", user_id, message_id)
-                if member is not None:
-                    await self.leases.release("turns", user_id, member)  # if not handed over
-            except _REDIS_DOWN as err:
-                log.warning(
-                    "cannot release a turn slot; it expires", extra={"error": describe(err)}
-                )
+            if ended:
+                await self._release_turn(user_id, member, message_id)
+            else:
+                self.leases.forget("turns", user_id, member, message_id)
+
+    async def _release_turn(self, user_id: str, member: str | None, message_id: str) -> None:
+        try:
+            await self.leases.release("turns", user_id, message_id)
+            if member is not None:
+                await self.leases.release("turns", user_id, member)  # if not handed over
+        except _REDIS_DOWN as err:
+            log.warning("cannot release a turn slot; it expires", extra={"error": describe(err)})
 
     async def _follow(self, conversation_id: str, watcher: TurnWatcher) -> str:
         return await watch(self._hubs, conversation_id, watcher)
@@ -389,6 +418,8 @@ def hold_turn(
 # limits; none may turn into a 500 for every request (a script's refusal arrives
 # as a plain ResponseError: "Error running script ... -OOM ...").
 _REDIS_DOWN = (redis.exceptions.RedisError, TimeoutError)
+# How long a stopping edge waits for its turn slots' releases before it cancels them
+_RELEASE_WAIT_S = 2.0
 # How long a request waits for the limits' answer from Redis before it goes through
 # unlimited: a Redis that hangs (stopped, swapping) held every request 10 s.
 ADMIT_WAIT_S = 0.5

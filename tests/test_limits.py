@@ -12,7 +12,7 @@ import aiohttp
 from api.config import EdgeLimits
 from api.context import SharedCheck
 from events.log import EventLog
-from events.vocabulary import Done
+from events.vocabulary import Done, TurnEnd
 from parley.services import Servers, Services
 from tests.conftest import extra_edge, token_for
 from tests.sse import SseClient
@@ -177,6 +177,57 @@ async def test_a_message_sent_again_through_another_edge_counts_once_and_passes_
         assert status == 429 and body["error"]["code"] == "too_many_turns", body
         for cid in (a, b):
             await first.request("POST", f"/v1/conversations/{cid}/cancel")
+
+
+async def _post_as_json(api: SseClient, cid: str, content: str) -> tuple[int, Any]:
+    return await api.request(
+        "POST",
+        f"/v1/conversations/{cid}/messages",
+        json={"content": content},
+        headers={"Accept": "application/json"},
+    )
+
+
+def _ended(log: list[Any]) -> bool:
+    return any(isinstance(s.event, TurnEnd) for s in log)
+
+
+async def test_a_turn_that_runs_on_after_its_edge_stopped_still_holds_its_slot(
+    stack: Servers, services: Services, http: aiohttp.ClientSession, user: str, event_log: EventLog
+) -> None:
+    """A stopping edge freed its users' turn slots while their turns ran on in the
+    workers: through another edge, a user at the cap started as many turns again.
+    A turn that outlives the stop's grace keeps its slot (it lapses, as a dead edge's)."""
+    capped = limits(max_turns_per_user=1)
+    async with extra_edge(stack, limits=capped) as staying:
+        api = SseClient(http, staying, token_for(user))
+        cid, other = [(await api.create_conversation())["id"] for _ in range(2)]
+        async with extra_edge(stack, limits=capped, stop_grace_s=0.2) as leaving:
+            await SseClient(http, leaving, token_for(user)).send_json(cid, "long [[tokens=4000]]")
+        # that edge has stopped; the turn goes on
+        status, body = await _post_as_json(api, other, "and another")
+        assert not _ended(await event_log.read(cid)), "the turn ended too soon to tell"
+        assert status == 429 and body["error"]["code"] == "too_many_turns", body
+        await api.request("POST", f"/v1/conversations/{cid}/cancel")
+
+
+async def test_a_stopping_edge_frees_the_slot_of_a_turn_that_ends_within_its_grace(
+    stack: Servers, services: Services, http: aiohttp.ClientSession, user: str, event_log: EventLog
+) -> None:
+    """A stop waits for the turns its users' slots are held for, as for turn streams:
+    one that ends within the grace frees its slot at its end, not a lease later."""
+    capped = limits(max_turns_per_user=1)
+    async with extra_edge(stack, limits=capped) as staying:
+        api = SseClient(http, staying, token_for(user))
+        cid, other = [(await api.create_conversation())["id"] for _ in range(2)]
+        async with extra_edge(stack, limits=capped, stop_grace_s=30) as leaving:
+            await SseClient(http, leaving, token_for(user)).send_json(cid, "short [[tokens=800]]")
+            status, body = await _post_as_json(api, other, "too soon")
+            assert status == 429 and body["error"]["code"] == "too_many_turns", body
+        # the stop waited for the turn's end, and its slot is free at once
+        assert _ended(await event_log.read(cid))
+        status, body = await _post_as_json(api, other, "now [[tokens=2]]")
+        assert status == 202, body
 
 
 async def _raw_request(port: int, request: bytes, *, rcvbuf: int | None = None) -> socket.socket:
