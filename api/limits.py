@@ -131,14 +131,16 @@ return 1
 """
 )
 
-# KEYS: leases; ARGV[1] lease ms, then one member per key. Renews those still held.
+# KEYS: leases; ARGV[1] lease ms, then one member per key. Renews them, and puts
+# back those Redis lost (a flush, a restart without its data, an outage longer than
+# a lease, whose next admission dropped them as lapsed): they are held still.
 _RENEW = (
     _REPLICATE
     + _NOW_MS
     + """
 local lease = tonumber(ARGV[1])
 for i, key in ipairs(KEYS) do
-  redis.call('ZADD', key, 'XX', now + lease, ARGV[i + 1])
+  redis.call('ZADD', key, now + lease, ARGV[i + 1])
   redis.call('PEXPIRE', key, 2 * lease)
 end
 return #KEYS
@@ -156,6 +158,8 @@ class Leases:
         self._renew = client.register_script(_RENEW)
         self._hand_over = client.register_script(_HAND_OVER)
         self.held: dict[tuple[str, str], None] = {}  # (key, member), insertion-ordered
+        # no longer renewed, nor released: left to lapse (`forget`)
+        self._lapsing: set[tuple[str, str]] = set()
 
     @staticmethod
     def key(kind: str, user_id: str) -> str:
@@ -164,10 +168,12 @@ class Leases:
     async def hand_over(self, kind: str, user_id: str, member: str | None, to: str) -> None:
         """The lease `member` (None: none was taken) held from now on as `to`."""
         key = self.key(kind, user_id)
-        await self._hand_over(keys=[key], args=[self.lease_ms, member or "", to])
+        # before the round trip, as `release`: a renewal under way then removes again
+        # what it put back
         self.held[(key, to)] = None
         if member is not None:
             self.held.pop((key, member), None)
+        await self._hand_over(keys=[key], args=[self.lease_ms, member or "", to])
 
     def forget(self, kind: str, user_id: str, *members: str | None) -> None:
         """Renew these leases no more: they lapse within `lease_s`."""
@@ -175,6 +181,7 @@ class Leases:
         for member in members:
             if member is not None:
                 self.held.pop((key, member), None)
+                self._lapsing.add((key, member))
 
     async def release(self, kind: str, user_id: str, member: str) -> None:
         key = self.key(kind, user_id)
@@ -188,6 +195,14 @@ class Leases:
             await self._renew(
                 keys=[key for key, _ in part], args=[self.lease_ms, *(m for _, m in part)]
             )
+            # Released (or handed over) while the renewal was on its way: its ZREM may
+            # have gone first, and the renewal put the lease back.
+            released: dict[str, list[str]] = {}
+            for key, member in part:
+                if (key, member) not in self.held and (key, member) not in self._lapsing:
+                    released.setdefault(key, []).append(member)
+            for key, members in released.items():
+                await self._client.zrem(key, *members)
 
     async def keep(self, stopping: asyncio.Event) -> None:
         """Renew this process's leases until `stopping`."""

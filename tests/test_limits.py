@@ -8,6 +8,7 @@ import socket
 from typing import Any
 
 import aiohttp
+import redis.asyncio as aioredis
 
 from api.config import EdgeLimits
 from api.context import SharedCheck
@@ -228,6 +229,33 @@ async def test_a_stopping_edge_frees_the_slot_of_a_turn_that_ends_within_its_gra
         assert _ended(await event_log.read(cid))
         status, body = await _post_as_json(api, other, "now [[tokens=2]]")
         assert status == 202, body
+
+
+async def test_leases_that_redis_lost_are_held_again_at_their_next_renewal(
+    stack: Servers, services: Services, http: aiohttp.ClientSession, user: str
+) -> None:
+    """A renewal only renewed the leases Redis still had (ZADD XX): after a flush, a
+    restart without its data or an outage longer than a lease, every stream and turn
+    under way counted for nothing until it ended, and the user could open as many
+    again. The edge holds them still, and its next renewal says so again."""
+    key = f"parley:lease:streams:{user}"
+    redis = aioredis.Redis.from_url(stack.redis_url)
+    try:
+        async with extra_edge(stack, limits=limits(max_streams_per_user=1, lease_s=1.5)) as base:
+            api = SseClient(http, base, token_for(user))
+            cid = (await api.create_conversation())["id"]
+            async with api.events(cid) as held:
+                assert held.status == 200
+                assert await redis.delete(key) == 1  # Redis lost it
+                async with asyncio.timeout(10):  # a renewal every 0.5 s
+                    while True:
+                        if await redis.zcard(key):
+                            break
+                        await asyncio.sleep(0.05)
+                async with api.events(cid) as another:
+                    assert another.status == 429, "the held stream counts again"
+    finally:
+        await redis.aclose()
 
 
 async def _raw_request(port: int, request: bytes, *, rcvbuf: int | None = None) -> socket.socket:
