@@ -434,6 +434,7 @@ class Hub:
         self.closed = False
         self._last_event = time.monotonic()
         self._last_check = 0.0
+        self._last_gone_check = 0.0
         self._empty_since: float | None = time.monotonic()
 
     def join(self, subscription: Subscription) -> Snapshot:
@@ -472,6 +473,7 @@ class Hub:
                     continue
                 for raw in batch:
                     await self._deliver(raw)
+                self._drop_gone()
         except (EventLogError, nats.errors.Error) as err:
             # The viewers' streams end; each resumes from its last id once the broker is back.
             log.warning(
@@ -567,17 +569,27 @@ class Hub:
             self._ring_bytes -= gone.size
             self.floor = gone.seq
 
+    def _drop_gone(self) -> None:
+        """End the viewers that closed their connection while nothing was written to
+        them, once per `stall_check_s`, noticed here rather than at their next ping
+        (15 s): their stream slots are free again. Also while the conversation is busy:
+        a stream of a queued turn is written nothing while the turns before it stream
+        (it was noticed only in silence, and held its slot until its ping)."""
+        now = time.monotonic()
+        if now - self._last_gone_check < self._hubs.settings.stall_check_s:
+            return
+        self._last_gone_check = now
+        for subscription in [s for s in self.subscriptions if s.gone()]:
+            subscription.end("gone")
+
     async def _on_silence(self) -> None:
         """The stall check: once per hub per `stall_check_s` of silence."""
+        self._drop_gone()  # entries handed out as they arrive leave no batch behind
         now = time.monotonic()
         interval = self._hubs.settings.stall_check_s
         if now - self._last_event < interval or now - self._last_check < interval:
             return
         self._last_check = now
-        # A viewer that closed its connection while nothing was written to it is
-        # noticed here, not at its next ping (15 s): its stream slot is free again.
-        for subscription in [s for s in self.subscriptions if s.gone()]:
-            subscription.end("gone")
         waiting = [
             s
             for s in self.subscriptions

@@ -102,6 +102,40 @@ async def test_streams_closed_while_idle_free_their_slots_before_their_next_ping
             await until_a_stream_is_free(SseClient(http, base, token_for(user)), cid)
 
 
+async def test_a_closed_stream_of_a_queued_turn_frees_its_slot_while_other_turns_stream(
+    stack: Servers, services: Services, user: str
+) -> None:
+    """The hub looked for viewers gone quietly only once its conversation fell silent:
+    the stream of a message queued behind a long answer, written nothing while that
+    answer streamed, held its slot until its next ping after its client had left."""
+    async with (
+        extra_edge(
+            stack,
+            limits=limits(max_streams_per_user=1),
+            ping_interval_s=60,
+            stall_check_s=0.2,
+            hub_linger_s=60,
+        ) as base,
+        aiohttp.ClientSession() as http,
+    ):
+        api = SseClient(http, base, token_for(user))
+        cid = (await api.create_conversation())["id"]
+        await api.send_json(cid, "a long answer [[tokens=40000]]")
+        try:
+            async with aiohttp.ClientSession() as leaving:
+                queued = SseClient(leaving, base, token_for(user))
+                response = await leaving.post(
+                    queued.url(f"/v1/conversations/{cid}/messages"),
+                    json={"content": "after it", "on_busy": "enqueue"},
+                    headers=queued.headers(),
+                )
+                assert response.status == 200, await response.text()
+            # its client has gone; the answer before it streams on
+            await until_a_stream_is_free(api, cid)
+        finally:
+            await api.request("POST", f"/v1/conversations/{cid}/cancel")
+
+
 async def until_a_stream_is_free(api: SseClient, cid: str, within_s: float = 10) -> None:
     """Open the conversation's stream until the user's streams cap lets it."""
     async with asyncio.timeout(within_s):
