@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 
 import msgspec
 import redis.asyncio as aioredis
@@ -37,7 +38,7 @@ import redis.exceptions
 from aiohttp import web
 
 from api.config import EdgeLimits
-from api.context import CLAIMS, CONFIG, METRICS, wants_json
+from api.context import CLAIMS, CONFIG, METRICS, claims_of, wants_json
 from api.errors import ApiError, Handler
 from api.hub import Delivery, Hubs, PendingCommand, Subscription, TurnFilter, watch
 from api.sse import Envelope, Position
@@ -285,10 +286,13 @@ class Limits:
         streams_cap: int,
         turn: str | None,
         turns_cap: int,
+        rate: bool = True,
     ) -> Admission:
-        """The user's rate and the caps this request asks for (a lease member for each),
-        checked and taken in one round trip; the leases are held only if admitted."""
-        if self.rate_per_s <= 0 and stream is None and turn is None:
+        """The user's rate (unless `rate` is False: a request let in once already) and
+        the caps this request asks for (a lease member for each), checked and taken in
+        one round trip; the leases are held only if admitted."""
+        rate_per_s = self.rate_per_s if rate else 0.0
+        if rate_per_s <= 0 and stream is None and turn is None:
             return Admission()
         leases = self.leases
         verdict, wait_ms = await self._admit(
@@ -298,7 +302,7 @@ class Limits:
                 leases.key("turns", user_id),
             ],
             args=[
-                self.rate_per_s,
+                rate_per_s,
                 self.burst,
                 leases.lease_ms,
                 stream or "",
@@ -433,6 +437,10 @@ def hold_turn(
 # limits; none may turn into a 500 for every request (a script's refusal arrives
 # as a plain ResponseError: "Error running script ... -OOM ...").
 _REDIS_DOWN = (redis.exceptions.RedisError, TimeoutError)
+# How long a new message at the turns cap waits for a slot that is being freed, and
+# how often it looks (`refuse_at_cap`)
+TURN_WAIT_S = 1.0
+_TURN_LOOK_S = 0.05
 # How long a stopping edge waits for its turn slots' releases before it cancels them
 _RELEASE_WAIT_S = 2.0
 # How long a request waits for the limits' answer from Redis before it goes through
@@ -494,14 +502,41 @@ async def limits_middleware(request: web.Request, handler: Handler) -> web.Strea
                 log.warning("cannot release a lease; it expires", extra={"error": describe(err)})
 
 
-def refuse_at_cap(request: web.Request, new_message: bool) -> None:
-    """A request for a new message while the user is at the turns cap: 429. One that
-    repeats a message (its idempotency key) goes on: its turn is counted already."""
+async def refuse_at_cap(request: web.Request, new_message: bool) -> None:
+    """A request for a new message while the user is at the turns cap: 429, unless a
+    slot frees within `TURN_WAIT_S`. One that repeats a message (its idempotency key)
+    goes on: its turn is counted already.
+
+    The wait is for a turn that has just ended: the edge whose watcher frees its slot
+    delivered its `done` to the client first, and a client that sends its next message
+    at once through another edge could reach Redis before that release (1 in 13 at a
+    cap of 1, alternating edges) and be refused below its cap."""
     slot = request.get(TURN_SLOT)
     if slot is None or slot.member is not None or not new_message:
         return
+    limits = request.app[LIMITS]
+    caps = request.app[CONFIG].limits
+    member = new_id()
+    deadline = time.monotonic() + TURN_WAIT_S
+    while time.monotonic() < deadline:
+        await asyncio.sleep(_TURN_LOOK_S)
+        try:
+            async with asyncio.timeout(ADMIT_WAIT_S):
+                admission = await limits.admit(
+                    claims_of(request).sub,
+                    stream=None,
+                    streams_cap=0,
+                    turn=member,
+                    turns_cap=caps.max_turns_per_user,
+                    rate=False,
+                )
+        except _REDIS_DOWN:
+            return  # as any request while Redis is away: through, holding nothing
+        if admission.refused is None:
+            slot.member = member  # held now, released or handed over as any
+            return
     request.app[METRICS].limited("turns")
-    raise _refusal(Admission(refused="turns"), request.app[CONFIG].limits)
+    raise _refusal(Admission(refused="turns"), caps)
 
 
 def _refusal(admission: Admission, caps: EdgeLimits) -> ApiError:

@@ -456,7 +456,7 @@ async def submit(
     digest = request_digest(digest_of)
     record, fresh = await _idempotency(request, conversation_id, idempotency_key, digest)
     try:
-        refuse_at_cap(request, new_message=fresh)
+        await refuse_at_cap(request, new_message=fresh)
     except ApiError:
         if fresh:  # nothing was sent: the key is free for the retry the 429 asks for
             await _forget_idempotency(request, conversation_id, idempotency_key)

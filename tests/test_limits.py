@@ -162,7 +162,7 @@ async def test_a_user_may_have_only_so_many_messages_waiting_for_an_answer(
         api = SseClient(http, base, token_for(user))
         cid = (await api.create_conversation())["id"]
         other = (await api.create_conversation())["id"]
-        await api.send_json(cid, "a long one [[tokens=400]]")
+        await api.send_json(cid, "a long one [[tokens=2000]]")  # 5 s: past the wait at the cap
         status, body = await api.request(
             "POST",
             f"/v1/conversations/{other}/messages",
@@ -225,6 +225,25 @@ async def _post_as_json(api: SseClient, cid: str, content: str) -> tuple[int, An
 
 def _ended(log: list[Any]) -> bool:
     return any(isinstance(s.event, TurnEnd) for s in log)
+
+
+async def test_a_message_sent_as_its_previous_turn_ends_through_another_edge_is_let_in(
+    stack: Servers, services: Services, http: aiohttp.ClientSession, user: str, event_log: EventLog
+) -> None:
+    """The edge that frees a turn's slot sends the turn's `done` first: a client that
+    sent its next message at once through another edge could get there before the
+    slot was freed, and was refused below its cap (1 in 13 at a cap of 1). A message
+    at the cap waits a moment for a slot being freed; a turn that goes on still
+    refuses it (`test_a_user_may_have_only_so_many_messages_waiting_for_an_answer`)."""
+    capped = limits(max_turns_per_user=1)
+    async with extra_edge(stack, limits=capped) as one, extra_edge(stack, limits=capped) as two:
+        first, second = SseClient(http, one, token_for(user)), SseClient(http, two, token_for(user))
+        cid, other = [(await first.create_conversation())["id"] for _ in range(2)]
+        await first.send_json(cid, "short [[tokens=40]]")
+        assert not _ended(await event_log.read(cid)), "the turn ended too soon to tell"
+        status, body = await _post_as_json(second, other, "the next one [[tokens=2]]")
+        assert status == 202, body
+        assert _ended(await event_log.read(cid))
 
 
 async def test_a_turn_that_runs_on_after_its_edge_stopped_still_holds_its_slot(
