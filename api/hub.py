@@ -754,16 +754,19 @@ class Hubs:
         began = loop.time()
         deadline = began + grace_s
         ended_at_once = waited_for = 0
+        said = False
         while True:
             ended, finishing = self._end_all_but_turn_streams()
             ended_at_once += ended
             clients = sum(subscription.for_a_client for subscription in finishing)
-            if not waited_for and clients:
+            if not said and finishing:
+                said = True
                 log.info(
-                    "edge stopping: %d stream(s) ended at once; %d stream(s) of a running "
-                    "turn may run to its end, for up to %.1f s",
+                    "edge stopping: %d stream(s) ended at once; %d stream(s) and %d turn "
+                    "slot(s) of running turns wait for their turn's end, for up to %.1f s",
                     ended_at_once,
                     clients,
+                    len(finishing) - clients,
                     grace_s,
                 )
             waited_for = max(waited_for, clients)

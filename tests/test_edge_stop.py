@@ -213,7 +213,7 @@ async def test_a_drain_waits_for_turn_streams_and_ends_what_joins_meanwhile_at_o
         hub, _ = await hubs.join(cid, turn)
         viewer = _Viewer(Position(seq=0))
         await hubs.join(cid, viewer)
-        slot = TurnWatcher(Position(seq=0))  # the edge's own: not counted as a stream
+        slot = TurnWatcher(Position(seq=0))  # the edge's own: waited for, not a stream
         await hubs.join(cid, slot)
         draining = asyncio.create_task(hubs.drain(60.0))
         await asyncio.sleep(0)  # its first look, before the late one joins
@@ -223,6 +223,9 @@ async def test_a_drain_waits_for_turn_streams_and_ends_what_joins_meanwhile_at_o
             assert await watch(hubs, cid, late) == "stopping"
         assert not draining.done() and not turn.ended.done()
         turn.end("done")
+        await asyncio.sleep(0)
+        assert not draining.done()  # the turn's slot is held until its turn's end too
+        slot.end("done")
         async with asyncio.timeout(10):
             await draining
         hub.leave(turn)
@@ -230,7 +233,7 @@ async def test_a_drain_waits_for_turn_streams_and_ends_what_joins_meanwhile_at_o
         hub.leave(slot)
     said = [r.getMessage() for r in caplog.records if r.name == "api.hub"]
     assert any(
-        "1 stream(s) ended at once; 1 stream(s) of a running turn may run to its end" in line
+        "1 stream(s) ended at once; 1 stream(s) and 1 turn slot(s) of running turns wait" in line
         for line in said
     ), said
     assert any(
