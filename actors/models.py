@@ -8,6 +8,7 @@ the environment.
 from __future__ import annotations
 
 import datetime as dt
+import math
 from typing import Annotated, Literal
 
 import msgspec
@@ -79,7 +80,8 @@ def _precedence(version: ModelVersion) -> tuple[bool, dt.date]:
 
 
 def catalogue_problems(models: list[ModelSpec]) -> list[str]:
-    """What makes a catalogue ambiguous: a name twice, or no single version in force.
+    """What makes a catalogue ambiguous or unusable: a name twice, no single version in
+    force, or a price that is not a number (TOML's `inf`).
 
     Two active versions that tie on the rule above would leave the price in
     force to the order of the file's lines, and GET /v1/models could show the
@@ -99,6 +101,14 @@ def catalogue_problems(models: list[ModelSpec]) -> list[str]:
         versions = [v.version for v in spec.versions]
         for twice in sorted({v for v in versions if versions.count(v) > 1}):
             problems.append(f"model {spec.name!r} lists version {twice!r} twice")
+        # `inf` passes `ge=0`, but no cost can be computed from it, and a `started`
+        # recording it would be written to the log as null: an entry no reader decodes.
+        for v in spec.versions:
+            for field, price in (("input_price", v.input_price), ("output_price", v.output_price)):
+                if not math.isfinite(price):
+                    problems.append(
+                        f"model {spec.name!r} version {v.version!r}: {field} {price} is not a price"
+                    )
         active = [v for v in spec.versions if v.status == "active"]
         best = max(map(_precedence, active), default=None)
         tied = [v.version for v in active if _precedence(v) == best]

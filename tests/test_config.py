@@ -154,6 +154,9 @@ def _version(name: str, extra: str = "") -> str:
         (_model(_version("v1", "  inptu_price = 3.0\n")), "inptu_price"),
         ("[[model]]\nname = 'm'\n", "model"),
         (_model(_version("v1", "  input_price = -5\n")), "input_price"),
+        # TOML's inf passes `>= 0`; the turn's `started` would record it as null
+        (_model(_version("v1", "  input_price = inf\n")), "input_price inf is not a price"),
+        (_model(_version("v1", "  output_price = +inf\n")), "output_price inf is not a price"),
         (_model(_version("v1"), "max_output_tokens = 0\n"), "max_output_tokens"),
         (_model("", 'name = ""\n').replace('name = "m"\n', ""), "name"),
         (_model(_version("v1")) + _model(_version("v1")), "'m' is listed twice"),
