@@ -168,3 +168,34 @@ async def test_a_long_account_subject_is_loaded_without_holding_the_loop(
     assert folded == len(events)
     longest = max(b - a for a, b in itertools.pairwise(marks))
     assert longest < len(events) // 2, f"{longest} entries folded with no other work let in"
+
+
+async def test_many_turns_of_one_worker_reserve_and_charge_one_account_at_once(
+    event_log: EventLog,
+) -> None:
+    """A project's members asking at once: every turn of the worker reserves and is
+    charged, none is refused for the others' appends (each refused append used to
+    cost one of a handful of attempts, and the turn that ran out of them was ended
+    as a dead worker's). The account ends exactly where the charges leave it."""
+    account = f"project:{new_id()}"
+    turns = [f"turn-{i}" for i in range(40)]
+    grant = CreditsGranted(
+        conversation_id="", at=1, event_id=new_id(), account=account, amount=10**9
+    )
+    await event_log.append_to(account_subject(account), [grant], 0)
+    accounts = Accounts(event_log, time.time_ns, new_id)
+    usage = Usage(input_tokens=10, output_tokens=5, estimated=False, end="done")
+
+    async def reserve(turn_id: str) -> object:
+        return await accounts.reserve(account, turn_id, "c", 5_250)
+
+    async def charge(turn_id: str) -> object:
+        return await accounts.charge(account, turn_id, "c", PRICES, usage)
+
+    held = await asyncio.gather(*map(reserve, turns), return_exceptions=True)
+    assert held == [None] * len(turns)
+    charges = await asyncio.gather(*map(charge, turns), return_exceptions=True)
+    assert all(isinstance(c, TurnCharged) for c in charges), charges
+    state = await Accounts(event_log, time.time_ns, new_id).state(account)
+    assert (state.reserved, len(state.charged_turns)) == (0, len(turns))
+    assert state.balance == 10**9 - len(turns) * (10 * 3 + 5 * 15)
