@@ -199,3 +199,46 @@ async def test_many_turns_of_one_worker_reserve_and_charge_one_account_at_once(
     state = await Accounts(event_log, time.time_ns, new_id).state(account)
     assert (state.reserved, len(state.charged_turns)) == (0, len(turns))
     assert state.balance == 10**9 - len(turns) * (10 * 3 + 5 * 15)
+
+
+async def test_loads_of_a_long_account_at_once_read_only_what_follows_the_cache(
+    event_log: EventLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every turn of a project asks for the account as it starts (who pays) and
+    reserves and charges it: loads of one account overlap whenever its turns do. Each
+    reads from the worker's cached state on, not the subject from its first event (a
+    load in flight used to take the cache with it, and every load beside it folded
+    the whole subject: 100,000 entries for a project at its 50,000th turn)."""
+    account = f"project:{new_id()}"
+    events: list[Any] = []
+    for i in range(1_500):
+        events += [reserved(f"turn-{i}", account=account), charged(f"turn-{i}", account=account)]
+    seq = 0
+    for start in range(0, len(events), 500):
+        seq = await event_log.append_to(account_subject(account), events[start : start + 500], seq)
+    folded = 0
+
+    def counted(state: AccountState, event: Any) -> AccountState:
+        nonlocal folded
+        folded += 1
+        return evolve_account(state, event)
+
+    monkeypatch.setattr(actors.billing, "evolve_account", counted)
+    accounts = Accounts(event_log, time.time_ns, new_id)
+    # a worker that has not loaded the account yet (restarted, or a partition taken over)
+    states = await asyncio.gather(*(accounts.state(account) for _ in range(8)))
+    assert all(state == fold(AccountState(account=account), *events) for state in states)
+    assert folded == len(events), f"{folded} entries folded for a subject of {len(events)}"
+    late = charged("late", account=account)
+    await event_log.append_to(account_subject(account), [late], seq)
+    folded = 0
+    states = await asyncio.gather(*(accounts.state(account) for _ in range(8)))
+    whole = fold(AccountState(account=account), *events, late)
+    assert all(state == whole for state in states)
+    assert folded == 1, f"{folded} entries folded for one new entry"
+    folded = 0
+    usage = Usage(input_tokens=1, output_tokens=1, estimated=False, end="done")
+    await asyncio.gather(
+        accounts.state(account), accounts.charge(account, "next", "c", PRICES, usage)
+    )
+    assert folded <= 2, f"{folded} entries folded for one more charge"
