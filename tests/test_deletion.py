@@ -206,12 +206,12 @@ async def test_deleting_a_project_conversation_mid_turn_bills_the_stopped_turn_t
     tomb_seq = (await event_log.read(cid))[0].seq
     assert all(seq < tomb_seq for seq, _ in charges)
 
+    await projected(cid)  # the charges are before the tombstone, the ledger has them
     status, ledger = await api.request("GET", "/v1/billing/ledger", params={"project": project})
     assert status == 200
     assert {e["turn_id"]: e["turn_end"] for e in ledger["entries"]} == {
         t: charged[t].end for t in charged
     }
-    await projected(cid)
     assert await _rows(stack, cid) == {"conversations": 0, "messages": 0}
 
     done = await asyncio.to_thread(audit, stack, "--project", project, "--json")
