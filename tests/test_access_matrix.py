@@ -56,7 +56,9 @@ MATRIX: dict[tuple[str, str], Scope] = {
     ("GET", "/v1/billing/ledger"): "caller",
     ("GET", "/v1/models"): "caller",
     ("POST", "/v1/ai-sdk/chat"): "chat",
-    ("GET", "/v1/ai-sdk/chat/{id}/stream"): "conversation",
+    # as its POST, it tells an id in use from one never used (`useChat`'s `resume` asks
+    # on a new chat's page too: nothing runs there, 204); another's chat is 404
+    ("GET", "/v1/ai-sdk/chat/{id}/stream"): "chat",
 }
 
 NEVER = "01NEVERMADE0000000000000000"  # an id nothing ever had
@@ -177,7 +179,9 @@ def conversation_call(method: str, path: str, cid: str, asked: str, answered: st
 async def send(
     client: SseClient | None, call: Call, http: aiohttp.ClientSession, base: str
 ) -> tuple[int, bytes]:
-    headers = dict(call.headers)
+    # one request id for every call: answers are compared byte for byte, and each
+    # error names its request
+    headers = {"X-Request-Id": "access-matrix", **dict(call.headers)}
     if client is not None:
         headers["Authorization"] = f"Bearer {client.token}"
     data = None if call.body is None else json.dumps(call.body).encode()
@@ -303,6 +307,13 @@ async def test_the_ai_sdk_chat_of_someone_else_is_404_and_a_new_id_is_the_caller
             )
             assert status == status_never == 404, (who, status, body)
             assert body.replace(cid.encode(), b"ID") == body_never.replace(NEVER.encode(), b"ID")
+            resume = Call("GET", f"/v1/ai-sdk/chat/{cid}/stream")
+            status, body = await send(caller, resume, http, services.edge_url)
+            assert status == 404, (who, status, body)
+    # resuming: nothing runs in a chat not begun, nor in the owner's now
+    for caller, cid in ((world.stranger, NEVER), (world.owner, world.personal)):
+        resume = Call("GET", f"/v1/ai-sdk/chat/{cid}/stream")
+        assert (await send(caller, resume, http, services.edge_url))[0] == 204
     # an id no conversation has makes one, the caller's alone
     fresh = new_id()
     status, _ = await send(

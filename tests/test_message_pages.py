@@ -184,7 +184,10 @@ async def test_a_bad_cursor_or_limit_is_refused_and_another_conversations_cursor
     ):
         for query in (f"limit=2&before={bad}", f"before={bad}"):
             status, body = await api.request(
-                "GET", f"/v1/conversations/{cid}/messages", params=_params(query)
+                "GET",
+                f"/v1/conversations/{cid}/messages",
+                params=_params(query),
+                headers={"X-Request-Id": "bad-cursor"},  # the one thing each may differ in
             )
             assert status == 400, (bad, status, body)
             assert body["error"]["code"] == "bad_cursor", body
