@@ -39,9 +39,21 @@ import yarl
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
+from actors.sizing import assemble
 from events.codec import Unreadable, decode_entry
-from events.subjects import EVT_PREFIX, EVT_STREAM, conversation_of
-from events.vocabulary import BillingRejected, Cancelled, Done, Failed, TurnEnd, event_type
+from events.errors import EventLogUnavailable
+from events.log import EventLog
+from events.subjects import EVT_PREFIX, EVT_STREAM, conversation_of, event_subject
+from events.vocabulary import (
+    BillingRejected,
+    Cancelled,
+    ContentBlock,
+    ContentPart,
+    Done,
+    Failed,
+    TurnEnd,
+    event_type,
+)
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +174,12 @@ def _header_safe(text: str) -> bool:
     return bool(text) and text.isascii() and text.isprintable()
 
 
-def payload(seq: int, end: TurnEnd) -> bytes:
-    """The body of a turn-end webhook: `{type, timestamp, data}` as Standard Webhooks suggests."""
+def payload(seq: int, end: TurnEnd, content: list[ContentBlock] | None = None) -> bytes:
+    """The body of a turn-end webhook: `{type, timestamp, data}` as Standard Webhooks suggests.
+    `content`: the end's content when it came in `content_part` events (the end's own
+    `content` is empty then)."""
+    if content is not None and isinstance(end, Done | Cancelled | Failed):
+        end = msgspec.structs.replace(end, content=content)
     data: dict[str, Any] = {
         "conversation_id": end.conversation_id,
         "turn_id": end.turn_id,
@@ -228,8 +244,11 @@ class WebhookDispatcher:
         clock: Any = time.time,
         first_retry_s: float = _FIRST_RETRY_S,
         observer: WebhookObserver | None = None,
+        log: EventLog | None = None,
     ) -> None:
         self._js = js
+        # reads back the content of an end too big for one event (its content_parts)
+        self._log = log if log is not None else EventLog(js)
         self._settings = settings
         self._secret = secret_bytes(settings.secret)
         self._http = http
@@ -279,6 +298,38 @@ class WebhookDispatcher:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
 
+    async def _parts(self, end: Done | Cancelled | Failed, seq: int) -> list[ContentBlock] | None:
+        """The content of an end that came in `content_parts` pieces before it (at `seq`),
+        read back from the conversation's log: they were appended with it, so they are
+        looked for just before it first, then from the conversation's start. None when
+        they are not all there any more (the conversation was deleted, or retention
+        cut them): the end is sent with what it carries."""
+        subject = event_subject(end.conversation_id)
+        for after in (max(0, seq - 1 - 4 * (end.content_parts + 64)), 0):
+            parts: dict[int, ContentPart] = {}
+            position, done = after, False
+            while not done:
+                batch, pending = await self._log.read_events(subject, position)
+                for raw in batch:
+                    if raw.seq >= seq:
+                        done = True
+                        break
+                    part = decode_entry(raw.data)
+                    if isinstance(part, ContentPart) and part.turn_id == end.turn_id:
+                        parts[part.index] = part
+                done = done or not batch or pending == 0
+                if batch:
+                    position = batch[-1].seq
+            if len(parts) == end.content_parts:
+                return assemble(list(parts.values()))
+            if after == 0:
+                break
+        log.warning(
+            "turn end sent without its content: the pieces it came in are no longer in the log",
+            extra={"conversation_id": end.conversation_id, "webhook_id": end.event_id},
+        )
+        return None
+
     async def _deliver(self, msg: Msg) -> None:
         event = decode_entry(msg.data)
         if not isinstance(event, Done | Cancelled | Failed | BillingRejected):
@@ -308,7 +359,23 @@ class WebhookDispatcher:
             )
             await msg.ack()
             return
-        body = payload(int(msg.metadata.sequence.stream), event)
+        seq = int(msg.metadata.sequence.stream)
+        content: list[ContentBlock] | None = None
+        if isinstance(event, Done | Cancelled | Failed) and event.content_parts > 0:
+            # Its content is in the `content_part` events just before it: the end
+            # alone has `content: []`, and a receiver was sent an empty answer.
+            try:
+                content = await self._parts(event, seq)
+            except EventLogUnavailable as err:
+                delay = backoff(int(msg.metadata.num_delivered), self._first_retry_s)
+                log.warning(
+                    "webhook not sent yet: its content could not be read; it will be tried again",
+                    extra={"webhook_id": event.event_id, "reason": str(err), "retry_in_s": delay},
+                )
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.nak(delay=delay)
+                return
+        body = payload(seq, event, content)
         timestamp = int(self._clock())
         headers = {
             "Content-Type": "application/json",

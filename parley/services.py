@@ -395,7 +395,7 @@ class Services:
         )
         if self.options.webhook is not None:
             webhooks = self.webhooks = WebhookDispatcher(
-                js, self.options.webhook, http, observer=self.metrics
+                js, self.options.webhook, http, observer=self.metrics, log=event_log
             )
             self._spawn(lambda: webhooks.run(self._stopping), "webhooks")
         self._spawn(lambda: worker.run(self._stopping), "worker")

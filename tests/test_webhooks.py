@@ -83,7 +83,8 @@ class Receiver:
 @pytest.fixture
 async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
     hook = Receiver()
-    app = web.Application()
+    # bodies as big as the longest answers (aiohttp's default refuses over 1 MiB)
+    app = web.Application(client_max_size=64 * 2**20)
     app.router.add_post("/hook", hook.handle)
 
     async def elsewhere(request: web.Request) -> web.Response:
@@ -376,3 +377,27 @@ async def test_an_end_whose_id_cannot_be_a_header_is_passed_over_and_the_rest_de
         assert accepted["data"]["conversation_id"] == cid, accepted
     finally:
         await running.stop()
+
+
+async def test_an_answer_too_big_for_one_event_arrives_with_all_its_content(
+    api: SseClient, nc: NatsClient, receiver: tuple[Receiver, str]
+) -> None:
+    """An end whose content would not fit in one event carries `content: []` in the
+    log (its text is in the `content_part` events before it): the receiver was sent
+    an empty answer, as if the model had said nothing."""
+    hook, url = receiver
+    hook.refuse = 0
+    size = 2_000_000
+    running = Running(nc, url)
+    try:
+        await asyncio.wait_for(running.dispatcher.ready.wait(), 10)
+        cid = (await api.create_conversation())["id"]
+        events = await api.send_stream(cid, f"a long one please [[bulk={size}]]")
+        assert events[-1].data == "ok"
+        await until(lambda: len(hook.accepted) == 1)
+    finally:
+        await running.stop()
+    [accepted] = hook.accepted.values()
+    answer = "".join(b["content"] for b in accepted["data"]["content"] if b["role"] == "assistant")
+    streamed = "".join(e.data for e in events if e.event == "token")
+    assert len(answer) == size and answer == streamed, (len(answer), len(streamed))
