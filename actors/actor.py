@@ -29,6 +29,7 @@ from typing import NamedTuple, Protocol
 import msgspec
 import redis.exceptions
 
+from actors import webhooks
 from actors.billing import Accounts, Usage
 from actors.decide import (
     OrphanCause,
@@ -335,8 +336,11 @@ class ConversationActor:
             return
         await self._settle_past()  # a turn the log shows open ended, the last one charged
         await self._settle_finished()  # the refused requests' commands
+        # The purge takes the turn ends the webhooks have not delivered yet (the stopped
+        # turn's `cancelled` among them): the tombstone carries them, content-free.
+        unsent = await webhooks.unsent_ends(self.ctx.log, cid)
         deleted = await self.writer.append_decided(
-            lambda s: decide_delete(s, cmd, self.ctx.clock(), new_id)
+            lambda s: decide_delete(s, cmd, self.ctx.clock(), new_id, unsent)
         )
         if not deleted:
             log.warning("delete postponed: a turn is still open", extra={"conversation_id": cid})

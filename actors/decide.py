@@ -15,7 +15,7 @@ queue; the shell then cancels the running turn.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import msgspec
@@ -63,6 +63,7 @@ from events.vocabulary import (
     ToolCall,
     ToolResult,
     TurnCommand,
+    UnsentEnd,
     UserMessage,
 )
 
@@ -448,7 +449,11 @@ def _queued_refused(
 
 
 def decide_delete(
-    state: Conversation, cmd: DeleteConversation, now: int, new_id: NewId
+    state: Conversation,
+    cmd: DeleteConversation,
+    now: int,
+    new_id: NewId,
+    unsent_ends: Sequence[UnsentEnd] = (),
 ) -> list[Event]:
     """The conversation's tombstone, once no turn runs or waits (the shell stops the
     running one and refuses the queue first). Nothing for a conversation that does
@@ -457,7 +462,9 @@ def decide_delete(
 
     The tombstone names every turn the conversation had (an assistant message's id
     is its turn's): once the rest of the log is purged, the billing audit knows
-    their charges by these ids."""
+    their charges by these ids. `unsent_ends`: the turn ends the webhooks have not
+    delivered yet, content-free (actors.webhooks.unsent_ends), sent from the
+    tombstone once the ends themselves are purged."""
     if not state.exists or state.active is not None or state.queue:
         return []
     return [
@@ -469,6 +476,7 @@ def decide_delete(
             command_id=cmd.command_id,
             project_id=state.project_id,
             turn_ids=[m.message_id for m in state.messages if m.role == "assistant"],
+            unsent_ends=list(unsent_ends),
         )
     ]
 

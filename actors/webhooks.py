@@ -49,9 +49,11 @@ from events.vocabulary import (
     Cancelled,
     ContentBlock,
     ContentPart,
+    ConversationDeleted,
     Done,
     Failed,
     TurnEnd,
+    UnsentEnd,
     event_type,
 )
 
@@ -60,8 +62,10 @@ log = logging.getLogger(__name__)
 DURABLE = "parley-webhooks"
 # conversations' subjects only (accounts and projects live one level deeper)
 _SUBJECTS = f"{EVT_PREFIX}.*"
+# a turn's end, or a deleted conversation's tombstone (it carries the ends the purge took)
 _ENDS = tuple(
-    f'{{"type":"{name}"'.encode() for name in ("done", "cancelled", "failed", "billing_rejected")
+    f'{{"type":"{name}"'.encode()
+    for name in ("done", "cancelled", "failed", "billing_rejected", "conversation_deleted")
 )
 _FIRST_RETRY_S = 1.0
 _LAST_RETRY_S = 3600.0
@@ -174,10 +178,13 @@ def _header_safe(text: str) -> bool:
     return bool(text) and text.isascii() and text.isprintable()
 
 
-def payload(seq: int, end: TurnEnd, content: list[ContentBlock] | None = None) -> bytes:
+def payload(
+    seq: int, end: TurnEnd, content: list[ContentBlock] | None = None, *, erased: bool = False
+) -> bytes:
     """The body of a turn-end webhook: `{type, timestamp, data}` as Standard Webhooks suggests.
     `content`: the end's content when it came in `content_part` events (the end's own
-    `content` is empty then)."""
+    `content` is empty then); `erased`: an end of a deleted conversation, sent from its
+    tombstone without the conversation's text."""
     if content is not None and isinstance(end, Done | Cancelled | Failed):
         end = msgspec.structs.replace(end, content=content)
     data: dict[str, Any] = {
@@ -219,6 +226,8 @@ def payload(seq: int, end: TurnEnd, content: list[ContentBlock] | None = None) -
                 "needed": end.needed,
                 "available": end.available,
             }
+    if erased:
+        data["erased"] = True
     moment = dt.datetime.fromtimestamp(end.at / 1e9, tz=dt.UTC).isoformat()
     return msgspec.json.encode(
         {"type": f"turn.{event_type(end)}", "timestamp": moment, "data": data}
@@ -332,6 +341,12 @@ class WebhookDispatcher:
 
     async def _deliver(self, msg: Msg) -> None:
         event = decode_entry(msg.data)
+        seq = int(msg.metadata.sequence.stream)
+        if isinstance(event, ConversationDeleted):
+            # The ends the purge took before they were delivered, without their content.
+            sendable = [u for u in event.unsent_ends if _header_safe(u.end.event_id)]
+            await self._send(msg, [(u.end, payload(u.seq, u.end, erased=True)) for u in sendable])
+            return
         if not isinstance(event, Done | Cancelled | Failed | BillingRejected):
             # An end's tag on an entry that does not decode as one: damage, nothing to
             # send. Said where the operator sees it (DESIGN: no single event stops the
@@ -340,7 +355,7 @@ class WebhookDispatcher:
                 "turn end in the log cannot be read; no webhook is sent for it",
                 extra={
                     "conversation_id": conversation_of(msg.subject),
-                    "seq": int(msg.metadata.sequence.stream),
+                    "seq": seq,
                     "error": event.error if isinstance(event, Unreadable) else type(event).__name__,
                 },
             )
@@ -352,14 +367,10 @@ class WebhookDispatcher:
             # met the same entry again. It can never be sent: say so once, pass it over.
             log.error(
                 "turn end not sent as a webhook: its event id cannot be a header",
-                extra={
-                    "conversation_id": event.conversation_id,
-                    "seq": int(msg.metadata.sequence.stream),
-                },
+                extra={"conversation_id": event.conversation_id, "seq": seq},
             )
             await msg.ack()
             return
-        seq = int(msg.metadata.sequence.stream)
         content: list[ContentBlock] | None = None
         if isinstance(event, Done | Cancelled | Failed) and event.content_parts > 0:
             # Its content is in the `content_part` events just before it: the end
@@ -375,7 +386,36 @@ class WebhookDispatcher:
                 with contextlib.suppress(nats.errors.Error):
                     await msg.nak(delay=delay)
                 return
-        body = payload(seq, event, content)
+        await self._send(msg, [(event, payload(seq, event, content))])
+
+    async def _send(self, msg: Msg, webhooks: list[tuple[TurnEnd, bytes]]) -> None:
+        """POST each webhook in turn; the entry is acknowledged once every one was taken
+        (2xx), else handed back to be tried again after a backoff (all of them: those
+        taken already arrive again under the same ids, which receivers drop)."""
+        attempt = int(msg.metadata.num_delivered)
+        for event, body in webhooks:
+            reason = await self._post(msg, event, body)
+            if reason is None:
+                continue
+            delay = backoff(attempt, self._first_retry_s)
+            log.warning(
+                "webhook not acknowledged; it will be sent again",
+                extra={
+                    "conversation_id": event.conversation_id,
+                    "turn_id": event.turn_id,
+                    "webhook_id": event.event_id,
+                    "attempt": attempt,
+                    "reason": reason,
+                    "retry_in_s": round(delay, 2),
+                },
+            )
+            with contextlib.suppress(nats.errors.Error):
+                await msg.nak(delay=delay)
+            return
+        await msg.ack()
+
+    async def _post(self, msg: Msg, event: TurnEnd, body: bytes) -> str | None:
+        """One attempt: None when the receiver took it (2xx), else why not."""
         timestamp = int(self._clock())
         headers = {
             "Content-Type": "application/json",
@@ -383,7 +423,6 @@ class WebhookDispatcher:
             "webhook-timestamp": str(timestamp),
             "webhook-signature": sign(self._secret, event.event_id, timestamp, body),
         }
-        attempt = int(msg.metadata.num_delivered)
         try:
             # A redirect is not followed: aiohttp would turn a 301/302/303 into a GET
             # without the body, and an answer of 200 to that GET acknowledged an end
@@ -412,20 +451,46 @@ class WebhookDispatcher:
         if 200 <= status < 300:
             self.delivered += 1
             self._observer.webhook_attempt("delivered", end_age_s)
-            await msg.ack()
-            return
+            return None
         self._observer.webhook_attempt("refused" if status else "unanswered", end_age_s)
-        delay = backoff(attempt, self._first_retry_s)
-        log.warning(
-            "webhook not acknowledged; it will be sent again",
+        return reason
+
+
+# The most unsent ends a tombstone carries (each some 300 bytes: it must fit in one event)
+MOST_UNSENT_ENDS = 500
+
+
+def without_content(end: TurnEnd) -> TurnEnd:
+    """A turn end without the conversation's text: what a tombstone may keep of it."""
+    match end:
+        case Done() | Cancelled():
+            return msgspec.structs.replace(end, content=[], content_parts=0)
+        case Failed():
+            return msgspec.structs.replace(end, content=[], content_parts=0, message="")
+        case BillingRejected():
+            return end
+
+
+async def unsent_ends(events: EventLog, conversation_id: str) -> list[UnsentEnd]:
+    """The conversation's turn ends the webhooks have not acknowledged yet, content-free,
+    for its tombstone: each end after the webhook consumer's ack floor (some may have
+    been delivered already: they are sent again under the same id). None when no
+    webhooks were ever set up. Raises EventLogUnavailable."""
+    floor = await events.acknowledged_up_to(DURABLE)
+    if floor is None:
+        return []
+    ends = [
+        UnsentEnd(seq=stored.seq, end=without_content(stored.event))
+        for stored in await events.read(conversation_id, after=floor)
+        if isinstance(stored.event, Done | Cancelled | Failed | BillingRejected)
+    ]
+    if len(ends) > MOST_UNSENT_ENDS:
+        log.error(
+            "deleted conversation: only its latest turn ends not yet sent as webhooks will be",
             extra={
-                "conversation_id": event.conversation_id,
-                "turn_id": event.turn_id,
-                "webhook_id": event.event_id,
-                "attempt": attempt,
-                "reason": reason,
-                "retry_in_s": round(delay, 2),
+                "conversation_id": conversation_id,
+                "unsent": len(ends),
+                "kept": MOST_UNSENT_ENDS,
             },
         )
-        with contextlib.suppress(nats.errors.Error):
-            await msg.nak(delay=delay)
+    return ends[-MOST_UNSENT_ENDS:]

@@ -355,6 +355,17 @@ class EventLog:
         """Sequence of the conversation's last event, 0 if it has none."""
         return await self.last_seq_of(event_subject(conversation_id))
 
+    async def acknowledged_up_to(self, durable: str) -> int | None:
+        """The position up to which the log's durable consumer `durable` has had every
+        entry acknowledged (its ack floor); None when there is no such consumer."""
+        try:
+            info = await self._js.consumer_info(EVT_STREAM, durable)
+        except nats.js.errors.NotFoundError:
+            return None
+        except (nats.errors.Error, TimeoutError) as err:
+            raise EventLogUnavailable(f"reading consumer {durable}: {err!r}") from err
+        return int(info.ack_floor.stream_seq) if info.ack_floor is not None else 0
+
     async def last_seq_of(self, subject: str) -> int:
         msg = await self._get_msg(subject=subject)
         return 0 if msg is None else msg.seq

@@ -247,6 +247,15 @@ class CommandRejected(Event, tag="command_rejected", frozen=True):
     repeats: str = ""
 
 
+class UnsentEnd(msgspec.Struct, frozen=True):
+    """A turn end a deleted conversation's tombstone carries for the turn-end webhooks:
+    one their dispatcher had not acknowledged yet, without its content (the end's
+    `content` empty, a failure's `message` too), and its position in the log."""
+
+    seq: int
+    end: Done | Cancelled | Failed | BillingRejected
+
+
 class ConversationDeleted(Event, tag="conversation_deleted", frozen=True):
     """The conversation was deleted: its tombstone, the last entry its subject ever gets.
 
@@ -262,6 +271,10 @@ class ConversationDeleted(Event, tag="conversation_deleted", frozen=True):
     command_id: str
     project_id: str | None = None
     turn_ids: list[str] = []
+    # The conversation's turn ends that the webhooks had not delivered yet, without
+    # their content: the purge takes the ends themselves, and a receiver still hears
+    # of every turn (actors.webhooks). Empty when no webhooks are set up.
+    unsent_ends: list[UnsentEnd] = []
 
 
 class CreditsGranted(Event, tag="credits_granted", frozen=True):

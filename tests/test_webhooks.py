@@ -33,6 +33,7 @@ from events.vocabulary import Done, Failed
 from parley.metrics import Metrics
 from parley.services import Services
 from tests.sse import SseClient
+from tests.test_deletion import _until_erased
 
 SECRET = "whsec_" + base64.b64encode(b"a receiver's shared secret, 32 bytes").decode()
 
@@ -401,3 +402,38 @@ async def test_an_answer_too_big_for_one_event_arrives_with_all_its_content(
     answer = "".join(b["content"] for b in accepted["data"]["content"] if b["role"] == "assistant")
     streamed = "".join(e.data for e in events if e.event == "token")
     assert len(answer) == size and answer == streamed, (len(answer), len(streamed))
+
+
+async def test_the_ends_of_a_deleted_conversation_arrive_without_its_text(
+    api: SseClient, nc: NatsClient, event_log: EventLog, receiver: tuple[Receiver, str]
+) -> None:
+    """A conversation deleted while its ends waited to be sent again (a receiver that
+    refused them, or was down), or while its turn ran: the purge took the ends, and
+    their redeliveries with them, and the receiver never heard of those turns (nor of
+    their tokens). They come from the tombstone now, under the same ids, content-free."""
+    hook, url = receiver
+    hook.refuse = 10**9  # until the conversation is erased
+    running = Running(nc, url)
+    try:
+        await asyncio.wait_for(running.dispatcher.ready.wait(), 10)
+        cid = (await api.create_conversation())["id"]
+        assert (await api.send_stream(cid, "the launch code [[tokens=3]]"))[-1].data == "ok"
+        await until(lambda: len(hook.attempts) == 1)  # refused: it waits to be sent again
+        await api.send_json(cid, "a long one [[tokens=2000]]")  # stopped by the delete
+        status, body = await api.request("DELETE", f"/v1/conversations/{cid}")
+        assert status == 202, body
+        tombstone = await _until_erased(event_log, cid)
+        hook.refuse = 0
+        await until(lambda: len(hook.accepted) == 2)
+    finally:
+        await running.stop()
+    ends = {u.end.event_id: u for u in tombstone.unsent_ends}
+    assert sorted(hook.accepted) == sorted(ends), (hook.accepted.keys(), ends.keys())
+    by_type = {a["type"]: a["data"] for a in hook.accepted.values()}
+    assert sorted(by_type) == ["turn.cancelled", "turn.done"], by_type
+    assert by_type["turn.done"]["output_tokens"] == 3
+    assert by_type["turn.cancelled"]["reason"] == "user"
+    for data in by_type.values():
+        assert data["conversation_id"] == cid and data["erased"] is True, data
+        assert data["content"] == [] and data["seq"] == ends[data["event_id"]].seq, data
+    assert hook.bad_signatures == 0
