@@ -35,6 +35,7 @@ from typing import Any, Literal, Protocol
 import aiohttp
 import msgspec
 import nats.errors
+import nats.js.errors
 import yarl
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
@@ -72,6 +73,12 @@ _LAST_RETRY_S = 3600.0
 _TIMEOUT_S = 10.0
 # how long a stopping dispatcher waits for receivers to answer what it sent
 _STOP_GRACE_S = 2.0
+# attempts awaiting their answers at once (each holds its end in memory)
+_MOST_IN_FLIGHT = 1_000
+# ends handed out and not acknowledged: in flight, or waiting for their next attempt
+# (on the server, not here). Far above the ends in flight: ends waiting up to an hour
+# for a retry must not stop the new ones from being read.
+_MOST_WAITING = 100_000
 
 
 # what became of one attempt: the receiver answered 2xx, answered something else
@@ -273,10 +280,19 @@ class WebhookDispatcher:
             ack_policy=api.AckPolicy.EXPLICIT,
             ack_wait=_TIMEOUT_S * 3,
             max_deliver=-1,
-            max_ack_pending=1_000,
+            max_ack_pending=_MOST_WAITING,
             deliver_policy=api.DeliverPolicy.NEW,
             filter_subject=_SUBJECTS,
         )
+        try:
+            # made, or brought up to this configuration (a consumer made by an earlier
+            # version: `pull_subscribe` takes an existing one as it is)
+            await self._js.add_consumer(EVT_STREAM, config=config)
+        except nats.js.errors.APIError as err:
+            log.warning(
+                "the webhooks' consumer could not be updated; it is used as it is",
+                extra={"error": str(err)},
+            )
         sub = await self._js.pull_subscribe(
             _SUBJECTS, durable=DURABLE, stream=EVT_STREAM, config=config
         )
@@ -285,8 +301,14 @@ class WebhookDispatcher:
         try:
             async with asyncio.TaskGroup() as sending:
                 while not stopping.is_set():
+                    room = _MOST_IN_FLIGHT - len(in_flight)
+                    if room <= 0:
+                        await asyncio.wait(
+                            set(in_flight), timeout=1.0, return_when=asyncio.FIRST_COMPLETED
+                        )
+                        continue
                     try:
-                        msgs = await sub.fetch(64, timeout=1.0)
+                        msgs = await sub.fetch(min(64, room), timeout=1.0)
                     except (nats.errors.TimeoutError, TimeoutError):
                         continue
                     for msg in msgs:

@@ -18,13 +18,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from nats.aio.client import Client as NatsClient
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from actors.webhooks import WebhookDispatcher, WebhookSettings, backoff, payload, secret_bytes, sign
+from actors.webhooks import (
+    DURABLE,
+    WebhookDispatcher,
+    WebhookSettings,
+    backoff,
+    payload,
+    secret_bytes,
+    sign,
+)
 from events.codec import encode
 from events.ids import new_id
 from events.log import EventLog
@@ -101,7 +110,12 @@ async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
 
 class Running:
     def __init__(
-        self, nc: NatsClient, url: str, metrics: Metrics | None = None, secret: str = SECRET
+        self,
+        nc: NatsClient,
+        url: str,
+        metrics: Metrics | None = None,
+        secret: str = SECRET,
+        first_retry_s: float = 0.05,
     ) -> None:
         self.stopping = asyncio.Event()
         self.http = aiohttp.ClientSession()
@@ -110,7 +124,7 @@ class Running:
             nc.jetstream(),
             WebhookSettings(url=url, secret=secret),
             self.http,
-            first_retry_s=0.05,
+            first_retry_s=first_retry_s,
             observer=metrics,
         )
         self.task = asyncio.create_task(self.dispatcher.run(self.stopping))
@@ -437,3 +451,41 @@ async def test_the_ends_of_a_deleted_conversation_arrive_without_its_text(
         assert data["conversation_id"] == cid and data["erased"] is True, data
         assert data["content"] == [] and data["seq"] == ends[data["event_id"]].seq, data
     assert hook.bad_signatures == 0
+
+
+async def test_a_new_end_is_sent_at_once_while_a_thousand_wait_for_their_retry(
+    nc: NatsClient, event_log: EventLog, receiver: tuple[Receiver, str]
+) -> None:
+    """After a receiver's outage, a thousand ends wait for their next attempt (up to an
+    hour apart). They filled the consumer's window of ends handed out and not yet
+    acknowledged, so no new end was read until one of their retries came: a receiver
+    back up heard of new turns only as the old ends' timers ran out, an hour later."""
+    hook, url = receiver
+    hook.refuse = 10**9
+    js = nc.jetstream()
+    # the retries of what the receiver refuses come 30-60 s later
+    running = Running(nc, url, first_retry_s=60.0)
+    try:
+        await asyncio.wait_for(running.dispatcher.ready.wait(), 10)
+        cid = new_id()
+        for _ in range(1_000):
+            end = Done(
+                conversation_id=cid,
+                at=time.time_ns(),
+                event_id=new_id(),
+                turn_id=new_id(),
+                content=[],
+                stop_reason="stop",
+                input_tokens=1,
+                output_tokens=1,
+            )
+            await js.publish(event_subject(cid), encode(end), stream=EVT_STREAM)
+        await until(lambda: len(hook.attempts) == 1_000)
+        hook.refuse = 0  # the receiver is back
+        late = msgspec.structs.replace(end, event_id=new_id(), turn_id=new_id())
+        await js.publish(event_subject(cid), encode(late), stream=EVT_STREAM)
+        await until(lambda: late.event_id in hook.accepted, seconds=20)
+    finally:
+        await running.stop()
+        # what waits for its retry is not sent into the next test
+        await js.delete_consumer(EVT_STREAM, DURABLE)
