@@ -81,6 +81,48 @@ _MOST_IN_FLIGHT = 1_000
 _MOST_WAITING = 100_000
 
 
+# while attempts keep failing, one line in this long says so
+_FAILURE_LINE_EVERY_S = 60.0
+
+
+class FailureLog:
+    """Failed attempts logged without a flood (a receiver down for an hour, with a
+    thousand ends waiting, made a line for each of their attempts: thousands): the
+    first at once with its reason, then at most a line a minute while they go on,
+    saying how many failed since the line before; a line when an end is taken again
+    after that. Every attempt is on `/metrics`, and at debug level in the log."""
+
+    def __init__(self, clock: Any = time.monotonic, every_s: float = _FAILURE_LINE_EVERY_S):
+        self._clock = clock
+        self._every_s = every_s
+        self._last_line: float | None = None
+        self._unlogged = 0  # failed attempts since the last line
+        self._failed = 0  # failed attempts since the last one taken
+        self._told = False  # a failure was logged since the last line about one taken
+
+    def failed(self, extra: dict[str, Any]) -> None:
+        self._failed += 1
+        now = self._clock()
+        if self._last_line is not None and now - self._last_line < self._every_s:
+            self._unlogged += 1
+            log.debug("webhook not acknowledged; it will be sent again", extra=extra)
+            return
+        log.warning(
+            "webhook not acknowledged; it will be sent again",
+            extra={**extra, "failed_since_last_line": self._unlogged},
+        )
+        self._last_line, self._unlogged, self._told = now, 0, True
+
+    def delivered(self) -> None:
+        if self._told:
+            log.info(
+                "webhooks are taken again",
+                extra={"failed_attempts_before": self._failed},
+            )
+            self._told = False
+        self._failed = 0
+
+
 # what became of one attempt: the receiver answered 2xx, answered something else
 # (a 3xx, 4xx or 5xx), or did not answer (no connection, a timeout, a cut answer)
 Outcome = Literal["delivered", "refused", "unanswered"]
@@ -273,6 +315,7 @@ class WebhookDispatcher:
         self._observer = observer if observer is not None else NoWebhookObserver()
         self.delivered = 0
         self.ready = asyncio.Event()
+        self._failures = FailureLog()
 
     async def run(self, stopping: asyncio.Event) -> None:
         config = api.ConsumerConfig(
@@ -420,16 +463,15 @@ class WebhookDispatcher:
             if reason is None:
                 continue
             delay = backoff(attempt, self._first_retry_s)
-            log.warning(
-                "webhook not acknowledged; it will be sent again",
-                extra={
+            self._failures.failed(
+                {
                     "conversation_id": event.conversation_id,
                     "turn_id": event.turn_id,
                     "webhook_id": event.event_id,
                     "attempt": attempt,
                     "reason": reason,
                     "retry_in_s": round(delay, 2),
-                },
+                }
             )
             with contextlib.suppress(nats.errors.Error):
                 await msg.nak(delay=delay)
@@ -471,6 +513,7 @@ class WebhookDispatcher:
                 reason += f", a redirect (not followed) to {location!r}"
         end_age_s = max(0.0, self._clock() - event.at / 1e9)
         if 200 <= status < 300:
+            self._failures.delivered()
             self.delivered += 1
             self._observer.webhook_attempt("delivered", end_age_s)
             return None

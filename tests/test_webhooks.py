@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import itertools
 import json
+import logging
 import random
 import socket
 import time
@@ -489,3 +490,44 @@ async def test_a_new_end_is_sent_at_once_while_a_thousand_wait_for_their_retry(
         await running.stop()
         # what waits for its retry is not sent into the next test
         await js.delete_consumer(EVT_STREAM, DURABLE)
+
+
+async def test_a_refusing_receiver_is_logged_without_a_line_for_every_attempt(
+    nc: NatsClient,
+    event_log: EventLog,
+    receiver: tuple[Receiver, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A receiver down for an hour with a thousand ends waiting made a warning for each
+    of their attempts, thousands of lines saying one thing. Now: the first failure with
+    its reason, a line a minute at most while they go on, and one when ends are taken."""
+    hook, url = receiver
+    hook.refuse = 3
+    caplog.set_level(logging.INFO, logger="actors.webhooks")
+    running = Running(nc, url)
+    cid = new_id()
+    try:
+        await asyncio.wait_for(running.dispatcher.ready.wait(), 10)
+        for _ in range(20):
+            end = Done(
+                conversation_id=cid,
+                at=time.time_ns(),
+                event_id=new_id(),
+                turn_id=new_id(),
+                content=[],
+                stop_reason="stop",
+                input_tokens=1,
+                output_tokens=1,
+            )
+            await nc.jetstream().publish(event_subject(cid), encode(end), stream=EVT_STREAM)
+        await until(lambda: len(hook.accepted) == 20)
+    finally:
+        await running.stop()
+    assert sum(hook.attempts.values()) == 20 * 4  # 60 refused
+    lines = [r for r in caplog.records if r.name == "actors.webhooks"]
+    warnings = [r for r in lines if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    [failed] = warnings
+    assert failed.__dict__["reason"] == "HTTP 503" and failed.__dict__["conversation_id"] == cid
+    taken = [r for r in lines if r.getMessage() == "webhooks are taken again"]
+    assert len(taken) == 1, [r.getMessage() for r in lines]
