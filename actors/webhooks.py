@@ -269,7 +269,13 @@ def payload(
                 "tokens_estimated": end.tokens_estimated,
             }
         case BillingRejected():
+            # refused before the model was called: no content, no tokens, but the
+            # fields every end has, so a receiver reads each end alike
             data |= {
+                "content": [],
+                "input_tokens": 0,
+                "output_tokens": 0,
+                "tokens_estimated": False,
                 "user_message_id": end.user_message_id,
                 "account": end.account,
                 "needed": end.needed,

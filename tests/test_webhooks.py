@@ -39,7 +39,7 @@ from events.codec import encode
 from events.ids import new_id
 from events.log import EventLog
 from events.subjects import EVT_STREAM, event_subject
-from events.vocabulary import Done, Failed
+from events.vocabulary import BillingRejected, Cancelled, Done, Failed
 from parley.metrics import Metrics
 from parley.services import Services
 from tests.sse import SseClient
@@ -531,3 +531,38 @@ async def test_a_refusing_receiver_is_logged_without_a_line_for_every_attempt(
     assert failed.__dict__["reason"] == "HTTP 503" and failed.__dict__["conversation_id"] == cid
     taken = [r for r in lines if r.getMessage() == "webhooks are taken again"]
     assert len(taken) == 1, [r.getMessage() for r in lines]
+
+
+def test_every_kind_of_end_carries_the_fields_the_readme_lists() -> None:
+    """`billing_rejected` had no `content` nor tokens: a receiver that reads the listed
+    fields of every end (billing reconciliation adds up the tokens) failed on it."""
+    done = Done(
+        conversation_id="c",
+        at=0,
+        event_id="e",
+        turn_id="t",
+        content=[],
+        stop_reason="stop",
+        input_tokens=1,
+        output_tokens=2,
+    )
+    ends: list[Done | Cancelled | Failed | BillingRejected] = [
+        done,
+        Cancelled(conversation_id="c", at=0, event_id="e", turn_id="t", content=[]),
+        Failed(conversation_id="c", at=0, event_id="e", turn_id="t", code="x", message="m"),
+        BillingRejected(
+            conversation_id="c",
+            at=0,
+            event_id="e",
+            turn_id="t",
+            user_message_id="m",
+            account="user:a",
+            needed=5,
+            available=0,
+        ),
+    ]
+    listed = {"conversation_id", "turn_id", "event_id", "seq", "content", "input_tokens"}
+    listed |= {"output_tokens", "tokens_estimated"}
+    for end in ends:
+        data = json.loads(payload(3, end))["data"]
+        assert listed <= data.keys(), (type(end).__name__, listed - data.keys())
