@@ -370,6 +370,32 @@ async def test_thinking_tool_cards_and_the_answer_stream_in_and_the_title_appear
     assert (await stats(page))["duplicates"] == 0
 
 
+async def test_a_long_answer_stays_followed_to_its_end(
+    services: Services, browsing: Browsing, user: str
+) -> None:
+    # The page scrolls to the end as text comes; the browser tells it so with a scroll
+    # event a frame later. A piece of many lines that came meanwhile (a long answer at
+    # full speed) left the end far below by then, and the page took its own scroll for
+    # the reader's leaving the end: it stopped following, the answer ran on below.
+    tab, _ = await signed_in_chat(browsing, services, user)
+    page = tab.page
+    # 1 MB in pieces of 64 KiB, one every 25 ms: each comes about a frame after the last
+    await send(page, "[[bulk=1000000]] [[rate=40]] a long answer")
+    message = assistant(page)
+    await finished(message)
+    below = "() => { const l = document.getElementById('log'); return l.scrollHeight - l.scrollTop - l.clientHeight; }"
+    await page.wait_for_function(f"() => ({below})() < 60")
+    await tab.shot("long-answer-followed")
+
+    # The reader's own scroll up is respected: the answer goes on without pulling them down.
+    await send(page, "[[tokens=2400]] count again")
+    message = assistant(page)
+    await expect(message.locator(".body > .text")).to_contain_text("200 ")
+    await page.evaluate("() => { document.getElementById('log').scrollTop = 0; }")
+    await expect(message.locator(".body > .text")).to_contain_text("1200 ")
+    assert await page.evaluate("() => document.getElementById('log').scrollTop") == 0
+
+
 async def test_stop_ends_the_answer_and_keeps_what_was_written(
     services: Services, browsing: Browsing, api: SseClient, user: str, projected: Projected
 ) -> None:
