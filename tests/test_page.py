@@ -200,7 +200,7 @@ async def test_an_error_shown_names_the_request_that_failed(
     page.on("response", failed)
     await open_signed_in(tab, services.edge_url, token_for(user), "nosuchconversation")
     banner = page.locator("#banner")
-    await expect(banner).to_contain_text("not_found (HTTP 404)")
+    await expect(banner).to_contain_text("This conversation is not there any more")
     await expect(banner).to_contain_text(re.compile(r"request id \S+"))
     shown = re.search(r"request id (\S+)\)", await banner.inner_text())
     assert shown is not None and shown[1] in answered, (shown, answered)
@@ -468,6 +468,45 @@ async def test_delete_asks_first_then_erases_the_conversation_and_leaves_the_lis
     await expect(page.locator("#tokstate")).to_contain_text("Signed in as")
     await expect(page.locator(".msg.assistant")).to_have_count(0)
     await expect(entry).to_have_count(0)
+
+
+async def test_a_conversation_deleted_elsewhere_leaves_the_other_tab_and_its_link(
+    services: Services, browsing: Browsing, api: SseClient, user: str
+) -> None:
+    # Another tab showing the conversation kept showing its erased messages under a
+    # bare "not_found (HTTP 404)", kept it in the list and offered Send and Delete;
+    # its link (#c=) reloaded said "Could not load this conversation" and offered Delete.
+    tab, conversation = await signed_in_chat(browsing, services, user)
+    other = await browsing.tab()
+    await open_signed_in(other, services.edge_url, token_for(user), conversation)
+    await send(tab.page, "[[tokens=4000]] count slowly")
+    await expect(assistant(other.page).locator(".body > .text")).to_contain_text("30 31 ")
+
+    tab.page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+    await tab.page.click("#delete")
+    await expect(tab.page.locator(f'#convs button[data-id="{conversation}"]')).to_have_count(0)
+
+    page = other.page
+    await expect(page.locator("#banner")).to_contain_text("deleted (in another tab or client)")
+    await expect(page.locator("#banner")).to_contain_text("request id ")
+    await expect(page.locator(f'#convs button[data-id="{conversation}"]')).to_have_count(0)
+    await expect(page.locator(".empty")).to_contain_text("Pick a conversation")
+    await expect(page.locator(".msg")).to_have_count(0)
+    await expect(page.locator("#delete")).to_be_hidden()
+    await expect(page.locator("#title")).to_have_text("parley")
+    assert await page.evaluate("() => location.hash") == ""
+    await other.shot("deleted-elsewhere")
+
+    # its link, opened again
+    await page.goto("about:blank")
+    await page.goto(f"{services.edge_url}/#c={conversation}")
+    await expect(page.locator("#tokstate")).to_contain_text("Signed in as")
+    await expect(page.locator("#banner")).to_contain_text("not there any more")
+    await expect(page.locator(".empty")).to_contain_text("Pick a conversation")
+    await expect(page.locator("#delete")).to_be_hidden()
+    assert await page.evaluate("() => location.hash") == ""
+    status, _ = await api.request("GET", f"/v1/conversations/{conversation}")
+    assert status == 404
 
 
 async def test_a_new_turn_leaves_the_messages_on_screen_in_place(
