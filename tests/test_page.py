@@ -470,6 +470,37 @@ async def test_delete_asks_first_then_erases_the_conversation_and_leaves_the_lis
     await expect(entry).to_have_count(0)
 
 
+async def test_rename_names_the_conversation_in_every_tab_and_the_list(
+    services: Services, browsing: Browsing, user: str
+) -> None:
+    # The API renames (PATCH .../{id}); the page offered no way to.
+    tab, conversation = await signed_in_chat(browsing, services, user)
+    page = tab.page
+    await send(page, "hello there")
+    await finished(assistant(page))
+    await expect(page.locator("#title")).to_have_text("hello there")
+    other = await browsing.tab()
+    await open_signed_in(other, services.edge_url, token_for(user), conversation)
+    await expect(other.page.locator("#title")).to_have_text("hello there")
+
+    asked: list[tuple[str, str]] = []
+
+    async def name(dialog: Dialog) -> None:
+        asked.append((dialog.message, dialog.default_value))
+        await dialog.accept("  Trip to 京都 🚄  ")
+
+    page.once("dialog", name)
+    await page.click("#rename")
+    for shown in (page, other.page):
+        await expect(shown.locator("#title")).to_have_text("Trip to 京都 🚄")
+        entry = shown.locator(f'#convs button[data-id="{conversation}"] .c-title')
+        await expect(entry).to_have_text("Trip to 京都 🚄")
+    assert asked and asked[0][1] == "hello there", asked
+    await tab.shot("renamed")
+    await other.page.reload()
+    await expect(other.page.locator("#title")).to_have_text("Trip to 京都 🚄")
+
+
 async def test_a_conversation_deleted_elsewhere_leaves_the_other_tab_and_its_link(
     services: Services, browsing: Browsing, api: SseClient, user: str
 ) -> None:
