@@ -31,9 +31,10 @@ from playwright.async_api import (
     expect,
 )
 
+from api.auth import mint
 from events.log import EventLog
 from parley.services import Services
-from tests.conftest import Projected, token_for
+from tests.conftest import SECRET, Projected, token_for
 from tests.sse import SseClient
 
 ARTEFACTS = Path(__file__).resolve().parent.parent / "test-artefacts" / "page"
@@ -1113,6 +1114,31 @@ class CuttingProxy:
         except ConnectionError:
             pass  # cut, or the other side went away: the other pipe ends too
         writer.transport.abort()
+
+
+async def test_a_fresh_token_after_one_expired_mid_answer_shows_the_answer_whole(
+    services: Services, browsing: Browsing, user: str
+) -> None:
+    # The edge ends a stream when its token expires; the page says so. Signing in
+    # again with a fresh token left the conversation: its answer, which went on on
+    # the server, was seen only by finding the conversation in the list again.
+    tab = await browsing.tab()
+    page = tab.page
+    # refused 5 s from now (the edge gives a token 30 s past its `exp`)
+    await open_signed_in(tab, services.edge_url, mint(SECRET, user, ttl_s=-25))
+    conversation = await new_chat(page)
+    await send(page, "[[tokens=4000]] count slowly")  # 10 s
+    await expect(page.locator("#banner")).to_contain_text("token expired")
+    await expect(page.locator("#status")).to_have_text("disconnected")
+    await tab.shot("token-expired")
+
+    await page.fill("#token", token_for(user))
+    await page.click("#tokform button[type=submit]")
+    await page.wait_for_function(f"() => location.hash === '#c={conversation}'")
+    message = assistant(page)
+    await finished(message)
+    assert await answer_text(message) == counted(4000)
+    await expect(page.locator("#banner")).not_to_be_visible()
 
 
 async def test_a_dropped_connection_resumes_from_the_last_event_id(
