@@ -66,6 +66,7 @@ from parley.chat_view import (
     TurnView,
     Unspin,
     Write,
+    conversation_gone,
     failed,
     history,
     new_conversation,
@@ -205,6 +206,8 @@ class Chat:
         # messages whose answer ended in an error, or that were never sent (a script's
         # exit code)
         self.failed_turns = 0
+        # the conversation answered 404: deleted (in the page, another chat, the API)
+        self.conversation_gone = False
 
     async def run(self, conversation_id: str | None) -> int:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=READ_TIMEOUT_S)
@@ -261,7 +264,9 @@ class Chat:
         def opener() -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
             return self.api.events(conversation_id, view.last_id or after)
 
-        return await self._follow(view, opener, opener, sending=False)
+        keep_going = await self._follow(view, opener, opener, sending=False)
+        self._leave_if_gone()
+        return keep_going
 
     async def _loop(self) -> int:
         while True:
@@ -312,7 +317,16 @@ class Chat:
         self.title = view.title
         if view.outcome not in (None, "ok", "stopped"):
             self.failed_turns += 1
+        self._leave_if_gone()
         return keep_going
+
+    def _leave_if_gone(self) -> None:
+        """After a 404 for the conversation (deleted elsewhere), every later message would
+        be refused alike: say so, and let the next message start a new conversation."""
+        if self.conversation_gone and self.conversation_id is not None:
+            self.draw(conversation_gone(self.conversation_id))
+            self.conversation_id, self.title = None, None
+        self.conversation_gone = False
 
     # ------------------------------------------------------------ following a turn
 
@@ -396,6 +410,7 @@ class Chat:
                 async with opener() as response:
                     if response.status != 200:
                         refused = await failure(response)
+                        self.conversation_gone = response.status == 404
                         if response.status not in _RETRYABLE:
                             self.draw(view.give_up(f"error: {refused.reported}", "refused"))
                             return

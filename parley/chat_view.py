@@ -385,6 +385,18 @@ def new_conversation(conversation_id: str) -> list[Op]:
     ]
 
 
+def conversation_gone(conversation_id: str) -> list[Op]:
+    """The conversation answered 404: deleted elsewhere (the page, another chat, the API)."""
+    return [
+        Unspin(),
+        Write(
+            f"conversation {conversation_id} is not there any more (deleted elsewhere?); "
+            "your next message starts a new one\n",
+            "notice",
+        ),
+    ]
+
+
 def failed(message: str) -> list[Op]:
     """A request of the client's own (not a turn's) that did not work."""
     return [Unspin(), Write(message + "\n", "error")]

@@ -718,6 +718,39 @@ async def test_escape_sequences_in_an_answer_are_shown_not_obeyed(
         assert await term.exit_status() in (0, 130)
 
 
+async def test_a_conversation_deleted_elsewhere_is_left_for_a_new_one(
+    services: Services, api: SseClient, user: str
+) -> None:
+    # Deleted in the page (or by the API) while the chat was on it: every message
+    # after was refused with "conversation not found", for as long as the chat ran.
+    env = chat_env(PARLEY_URL=services.edge_url, PARLEY_TOKEN=token_for(user))
+    with terminal("chat", env=env) as term:
+        await term.until_row(lambda r: r == PROMPT_ROW, "the first prompt")
+        term.type_line("hello")
+        answer = await term.until_row(lambda r: r.startswith("You said:"), "the answer")
+        await term.prompt_after(answer)
+        first = conversation_id_on(term)
+        status, _ = await api.request("DELETE", f"/v1/conversations/{first}")
+        assert status == 202
+
+        term.type_line("are you there?")
+        gone = await term.until_row(lambda r: "is not there any more" in r, "the notice")
+        assert term.rows()[gone] == (
+            f"conversation {first} is not there any more (deleted elsewhere?); "
+            "your next message starts a new one"
+        ), term.text()
+        prompt = await term.prompt_after(gone)
+        term.type_line("hello again")
+        started = await term.until_row(
+            lambda r: r.startswith("conversation ") and first not in r, "a new conversation", prompt
+        )
+        answer = await term.until_row(lambda r: r.startswith("You said:"), "its answer", started)
+        await term.prompt_after(answer)
+        assert "hello again" in term.rows()[answer], term.text()
+        term.child.sendeof()
+        assert await term.exit_status() == 0
+
+
 async def test_an_error_the_chat_reports_names_the_request_that_failed(
     services: Services, user: str
 ) -> None:
