@@ -1129,6 +1129,8 @@ async def test_a_fresh_token_after_one_expired_mid_answer_shows_the_answer_whole
     conversation = await new_chat(page)
     await send(page, "[[tokens=4000]] count slowly")  # 10 s
     await expect(page.locator("#banner")).to_contain_text("token expired")
+    # the refusal named as every other error is, for a report of it
+    await expect(page.locator("#banner")).to_contain_text(re.compile(r"\(request id \S+\)"))
     await expect(page.locator("#status")).to_have_text("disconnected")
     await tab.shot("token-expired")
 
