@@ -71,6 +71,7 @@ from parley.chat_view import (
     history,
     new_conversation,
     printable,
+    token_refused,
     welcome,
 )
 from parley.chat_wire import SseDecoder
@@ -411,6 +412,17 @@ class Chat:
                     if response.status != 200:
                         refused = await failure(response)
                         self.conversation_gone = response.status == 404
+                        if response.status == 401:  # expired, say, and asked again alike
+                            self.draw(
+                                view.give_up(
+                                    token_refused(
+                                        refused.reported,
+                                        self.conversation_id if view.last_id else None,
+                                    ),
+                                    "refused",
+                                )
+                            )
+                            return
                         if response.status not in _RETRYABLE:
                             self.draw(view.give_up(f"error: {refused.reported}", "refused"))
                             return

@@ -397,6 +397,19 @@ def conversation_gone(conversation_id: str) -> list[Op]:
     ]
 
 
+def token_refused(reported: str, answering: str | None) -> str:
+    """The edge no longer takes the token (it expired mid-answer, say): every later
+    request would be refused alike, so say what to do. `answering`: the conversation
+    whose answer was being followed, which goes on on the server."""
+    said = (
+        f"error: {reported}: the server no longer takes this token; "
+        "start parley chat again with a fresh one (--token or PARLEY_TOKEN)"
+    )
+    if answering is not None:
+        said += f"; the answer goes on there: parley chat --conversation {answering}"
+    return said
+
+
 def failed(message: str) -> list[Op]:
     """A request of the client's own (not a turn's) that did not work."""
     return [Unspin(), Write(message + "\n", "error")]

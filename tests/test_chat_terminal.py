@@ -26,6 +26,7 @@ import pexpect
 import pyte
 import pytest
 
+from api.auth import mint
 from api.config import EdgeLimits
 from parley.chat_view import STOPPED
 from parley.services import Servers, Services
@@ -749,6 +750,29 @@ async def test_a_conversation_deleted_elsewhere_is_left_for_a_new_one(
         assert "hello again" in term.rows()[answer], term.text()
         term.child.sendeof()
         assert await term.exit_status() == 0
+
+
+async def test_a_token_that_expires_mid_answer_says_what_to_do(
+    services: Services, user: str
+) -> None:
+    # The edge ends a stream when its token expires and refuses it after: the chat said
+    # "error: token expired", and the same for every message typed after it.
+    short = mint(SECRET, user, ttl_s=-25)  # refused 5 s from now (30 s of leeway)
+    env = chat_env(PARLEY_URL=services.edge_url, PARLEY_TOKEN=short)
+    with terminal("chat", env=env) as term:
+        await term.until_row(lambda r: r == PROMPT_ROW, "the first prompt")
+        term.type_line("[[tokens=4000]] count")  # 10 s at 400 tokens/s
+        said = await term.until_row(lambda r: r.startswith("error: token expired"), "the refusal")
+        conversation_id = conversation_id_on(term)
+        assert term.rows()[said].endswith(
+            ": the server no longer takes this token; start parley chat again with a fresh"
+            " one (--token or PARLEY_TOKEN); the answer goes on there: parley chat"
+            f" --conversation {conversation_id}"
+        ), term.text()
+        assert "(request id " in term.rows()[said]
+        await term.prompt_after(said)
+        term.ctrl_c()
+        assert await term.exit_status() in (0, 130)
 
 
 async def test_an_error_the_chat_reports_names_the_request_that_failed(
