@@ -464,7 +464,14 @@ class WebhookDispatcher:
         (2xx), else handed back to be tried again after a backoff (all of them: those
         taken already arrive again under the same ids, which receivers drop)."""
         attempt = int(msg.metadata.num_delivered)
-        for event, body in webhooks:
+        for sent, (event, body) in enumerate(webhooks):
+            if sent:
+                # The entry is handed out again once `ack_wait` passes without an answer
+                # (three attempts' timeouts): a tombstone's hundreds of ends, sent one
+                # after another to a receiver taking 100 ms each, were all sent again by
+                # a second task, then a third, every 30 s, while the first went on.
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.in_progress()
             reason = await self._post(msg, event, body)
             if reason is None:
                 continue

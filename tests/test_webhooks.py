@@ -26,6 +26,7 @@ from aiohttp.test_utils import TestServer
 from nats.aio.client import Client as NatsClient
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from actors import webhooks
 from actors.webhooks import (
     DURABLE,
     WebhookDispatcher,
@@ -39,7 +40,14 @@ from events.codec import encode
 from events.ids import new_id
 from events.log import EventLog
 from events.subjects import EVT_STREAM, event_subject
-from events.vocabulary import BillingRejected, Cancelled, Done, Failed
+from events.vocabulary import (
+    BillingRejected,
+    Cancelled,
+    ConversationDeleted,
+    Done,
+    Failed,
+    UnsentEnd,
+)
 from parley.metrics import Metrics
 from parley.services import Services
 from tests.sse import SseClient
@@ -67,6 +75,8 @@ class Receiver:
     redirect: tuple[int, str] | None = None
     # requests that arrived at /elsewhere, a redirect's target: (method, body)
     elsewhere: list[tuple[str, bytes]] = field(default_factory=list)
+    # how long each POST takes to be answered (a slow receiver)
+    delay_s: float = 0.0
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -84,6 +94,8 @@ class Receiver:
             self.hanging.set()
             await self.answer.wait()
             return web.Response(status=503)
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         if self.attempts[webhook_id] <= self.refuse:
             return web.Response(status=503)
         self.accepted.setdefault(webhook_id, json.loads(body))
@@ -452,6 +464,61 @@ async def test_the_ends_of_a_deleted_conversation_arrive_without_its_text(
         assert data["conversation_id"] == cid and data["erased"] is True, data
         assert data["content"] == [] and data["seq"] == ends[data["event_id"]].seq, data
     assert hook.bad_signatures == 0
+
+
+async def test_a_tombstone_of_many_ends_to_a_slow_receiver_is_sent_once(
+    nc: NatsClient,
+    event_log: EventLog,
+    receiver: tuple[Receiver, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tombstone's ends are sent one after another; with hundreds of them and a
+    receiver taking 100 ms each, sending them outlasted the entry's `ack_wait`, and the
+    server handed the tombstone out again: a second task sent them all again beside the
+    first, then a third, every `ack_wait`. Here at a smaller scale: an ack_wait of 6 s
+    against 16 ends of 0.5 s each."""
+    monkeypatch.setattr(webhooks, "_TIMEOUT_S", 2.0)  # ack_wait: three of it
+    hook, url = receiver
+    hook.refuse = 0
+    hook.delay_s = 0.5
+    js = nc.jetstream()
+    running = Running(nc, url)
+    cid = new_id()
+    ends = [
+        UnsentEnd(
+            seq=seq,
+            end=Done(
+                conversation_id=cid,
+                at=time.time_ns(),
+                event_id=new_id(),
+                turn_id=new_id(),
+                content=[],
+                stop_reason="stop",
+                input_tokens=1,
+                output_tokens=1,
+            ),
+        )
+        for seq in range(1, 17)
+    ]
+    tombstone = ConversationDeleted(
+        conversation_id=cid,
+        at=time.time_ns(),
+        event_id=new_id(),
+        user_id="someone",
+        command_id=new_id(),
+        turn_ids=[u.end.turn_id for u in ends],
+        unsent_ends=ends,
+    )
+    try:
+        await asyncio.wait_for(running.dispatcher.ready.wait(), 10)
+        await js.publish(event_subject(cid), encode(tombstone), stream=EVT_STREAM)
+        # a second copy would have begun 6 s in, 2 s before the first one's end
+        await until(lambda: len(hook.accepted) == len(ends), seconds=30)
+    finally:
+        await running.stop()
+        await js.delete_consumer(EVT_STREAM, DURABLE)
+    assert sorted(hook.accepted) == sorted(u.end.event_id for u in ends)
+    assert hook.attempts == dict.fromkeys(hook.accepted, 1), hook.attempts
 
 
 async def test_a_new_end_is_sent_at_once_while_a_thousand_wait_for_their_retry(
