@@ -502,6 +502,13 @@ async def limits_middleware(request: web.Request, handler: Handler) -> web.Strea
                 log.warning("cannot release a lease; it expires", extra={"error": describe(err)})
 
 
+def at_turns_cap(request: web.Request) -> bool:
+    """Whether the user was at the turns cap when the request came in: a new message
+    waits for a slot (`refuse_at_cap`)."""
+    slot = request.get(TURN_SLOT)
+    return slot is not None and slot.member is None
+
+
 async def refuse_at_cap(request: web.Request, new_message: bool) -> None:
     """A request for a new message while the user is at the turns cap: 429, unless a
     slot frees within `TURN_WAIT_S`. One that repeats a message (its idempotency key)

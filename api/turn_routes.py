@@ -36,7 +36,7 @@ from api.context import (
 )
 from api.errors import POSTGRES_AWAY, UNAVAILABLE, ApiError, bad_request, not_found
 from api.hub import Delivery, Subscription, opens_turn, read_range, watch
-from api.limits import hold_turn, refuse_at_cap
+from api.limits import at_turns_cap, hold_turn, refuse_at_cap
 from api.responses import CancelAnswer, Deleted, Renamed, TurnAccepted, answer
 from api.sse import Envelope, Position, parse_position
 from api.streaming import PendingCommand, TurnFilter, open_sse, running_turn, stream_log
@@ -454,13 +454,26 @@ async def submit(
     a keyed request is answered with the earlier request, or, with `follow_repeat`
     false, raised as RequestRepeated (the caller wanted to know whether it was sent)."""
     digest = request_digest(digest_of)
+    # At the turns cap a new message waits up to a second for a slot before its 429,
+    # with its key not taken yet. Taken, a retry with it meanwhile (a client whose
+    # connection dropped) was a repeat of a message whose turn counts already, which
+    # it did not: it started a turn over the cap; and the first one's 429 then freed
+    # the key of that running turn, so the next retry was refused as a new message.
+    waited = False
+    if at_turns_cap(request) and (
+        idempotency_key is None
+        or await earlier_request(request, conversation_id, idempotency_key) is None
+    ):
+        await refuse_at_cap(request, new_message=True)
+        waited = True
     record, fresh = await _idempotency(request, conversation_id, idempotency_key, digest)
-    try:
-        await refuse_at_cap(request, new_message=fresh)
-    except ApiError:
-        if fresh:  # nothing was sent: the key is free for the retry the 429 asks for
+    if fresh and not waited:  # not at the cap (no wait), or the key's record just lapsed
+        try:
+            await refuse_at_cap(request, new_message=True)
+        except ApiError:
+            # nothing was sent: the key is free for the retry the 429 asks for
             await _forget_idempotency(request, conversation_id, idempotency_key)
-        raise
+            raise
     command = msgspec.structs.replace(build(record), after=record.after)
     if idempotency_key is not None:
         command = msgspec.structs.replace(

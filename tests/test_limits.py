@@ -12,8 +12,9 @@ import redis.asyncio as aioredis
 
 from api.config import EdgeLimits
 from api.context import SharedCheck
+from api.turn_routes import idem_key
 from events.log import EventLog
-from events.vocabulary import Done, TurnEnd
+from events.vocabulary import Done, Started, TurnEnd
 from parley.services import Servers, Services
 from tests.conftest import extra_edge, token_for
 from tests.sse import SseClient
@@ -212,6 +213,44 @@ async def test_a_message_sent_again_through_another_edge_counts_once_and_passes_
         assert status == 429 and body["error"]["code"] == "too_many_turns", body
         for cid in (a, b):
             await first.request("POST", f"/v1/conversations/{cid}/cancel")
+
+
+async def test_a_retry_while_its_message_waits_at_the_cap_neither_passes_it_nor_loses_its_key(
+    stack: Servers, services: Services, http: aiohttp.ClientSession, user: str, event_log: EventLog
+) -> None:
+    """A new message at the turns cap waits up to a second for a slot. Its idempotency
+    key was taken meanwhile, so a retry with it (a client whose connection dropped) was
+    taken for a repeat of a message whose turn counted already: it started a turn over
+    the cap. Then the first one's 429 freed the key of that running turn, and a retry
+    after it was refused as a new message, though its turn ran."""
+    redis = aioredis.Redis.from_url(stack.redis_url)
+    async with extra_edge(stack, limits=limits(max_turns_per_user=1)) as base:
+        api = SseClient(http, base, token_for(user))
+        cid, other = [(await api.create_conversation())["id"] for _ in range(2)]
+        await api.send_json(cid, "a long one [[tokens=4000]]")  # holds the one slot
+        asked = {"content": "the next one", "idempotency_key": "k-next"}
+
+        async def post() -> tuple[int, Any]:
+            return await api.request(
+                "POST",
+                f"/v1/conversations/{other}/messages",
+                json=asked,
+                headers={"Accept": "application/json"},
+            )
+
+        first = asyncio.create_task(post())
+        key = idem_key(user, other, "k-next")
+        async with asyncio.timeout(10):  # the first one waits for a slot, its key taken or not
+            while not first.done() and not await redis.exists(key):  # noqa: ASYNC110 (Redis)
+                await asyncio.sleep(0.01)
+        retry = await post()
+        status, body = await first
+        assert status == 429 and body["error"]["code"] == "too_many_turns", body
+        assert retry[0] == 429 and retry[1]["error"]["code"] == "too_many_turns", retry
+        started = [s for s in await event_log.read(other) if isinstance(s.event, Started)]
+        assert started == [], "a turn ran over the cap"
+        await api.request("POST", f"/v1/conversations/{cid}/cancel")
+    await redis.aclose()
 
 
 async def _post_as_json(api: SseClient, cid: str, content: str) -> tuple[int, Any]:
