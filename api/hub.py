@@ -753,23 +753,25 @@ class Hubs:
         loop = asyncio.get_running_loop()
         began = loop.time()
         deadline = began + grace_s
-        ended_at_once = waited_for = 0
+        ended_at_once = streams_waited = slots_waited = 0
         said = False
         while True:
             ended, finishing = self._end_all_but_turn_streams()
             ended_at_once += ended
-            clients = sum(subscription.for_a_client for subscription in finishing)
+            streams = sum(subscription.for_a_client for subscription in finishing)
+            slots = len(finishing) - streams  # the edge's own: turn slots' holders
             if not said and finishing:
                 said = True
                 log.info(
                     "edge stopping: %d stream(s) ended at once; %d stream(s) and %d turn "
                     "slot(s) of running turns wait for their turn's end, for up to %.1f s",
                     ended_at_once,
-                    clients,
-                    len(finishing) - clients,
+                    streams,
+                    slots,
                     grace_s,
                 )
-            waited_for = max(waited_for, clients)
+            streams_waited = max(streams_waited, streams)
+            slots_waited = max(slots_waited, slots)
             left = deadline - loop.time()
             if not finishing or left <= 0:
                 break
@@ -777,18 +779,25 @@ class Hubs:
             # meanwhile: looked for again)
             await asyncio.wait([subscription.ended for subscription in finishing], timeout=left)
         self._drained = True
-        cut = 0
+        cut = lapsing = 0
         for hub in list(self._hubs.values()):
             for subscription in list(hub.subscriptions):
-                cut += subscription.for_a_client and not subscription.ended.done()
+                if not subscription.ended.done():
+                    if subscription.for_a_client:
+                        cut += 1
+                    else:
+                        lapsing += 1
                 subscription.end("stopping")
         log.info(
-            "edge stopped its streams in %.1f s: %d ended at once, %d of a running turn "
-            "waited for, %d cut when the grace ran out",
+            "edge stopped its streams in %.1f s: %d ended at once; %d stream(s) and %d turn "
+            "slot(s) waited for; %d stream(s) cut and %d slot(s) left to lapse when the "
+            "grace ran out",
             loop.time() - began,
             ended_at_once,
-            waited_for,
+            streams_waited,
+            slots_waited,
             cut,
+            lapsing,
         )
         # and a stream that ended but still writes its last bytes to a client that
         # stopped reading is cut (its `end`), not waited for

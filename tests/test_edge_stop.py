@@ -237,7 +237,8 @@ async def test_a_drain_waits_for_turn_streams_and_ends_what_joins_meanwhile_at_o
         for line in said
     ), said
     assert any(
-        "ended at once, 1 of a running turn waited for, 0 cut when the grace ran out" in line
+        "1 ended at once; 1 stream(s) and 1 turn slot(s) waited for; 0 stream(s) cut and 0"
+        " slot(s) left to lapse" in line
         for line in said
     ), said
 
