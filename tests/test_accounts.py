@@ -130,31 +130,47 @@ def test_every_version_of_an_account_sees_only_its_own_charges() -> None:
     assert base == fold(AccountState(account=ACCOUNT), charged("a"), charged("b"))
 
 
-async def test_a_long_account_subject_is_loaded_without_holding_the_loop(
-    event_log: EventLog, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    account = f"project:{new_id()}"
-    events: list[Any] = []
-    for i in range(1_000):
-        events += [reserved(f"turn-{i}", account=account), charged(f"turn-{i}", account=account)]
-    seq = 0
-    for start in range(0, len(events), 400):
-        seq = await event_log.append_to(account_subject(account), events[start : start + 400], seq)
+class Folds:
+    """How many account events the worker's `evolve_account` folded (`count_folds`)."""
 
-    folded = 0
+    n = 0
+
+
+def count_folds(monkeypatch: pytest.MonkeyPatch) -> Folds:
+    folds = Folds()
 
     def counted(state: AccountState, event: Any) -> AccountState:
-        nonlocal folded
-        folded += 1
+        folds.n += 1
         return evolve_account(state, event)
 
     monkeypatch.setattr(actors.billing, "evolve_account", counted)
+    return folds
+
+
+async def long_account(event_log: EventLog, turns: int) -> tuple[str, list[Any], int]:
+    """A project account with `turns` turns reserved and charged: its name, its events
+    and its subject's last position."""
+    account = f"project:{new_id()}"
+    events: list[Any] = []
+    for i in range(turns):
+        events += [reserved(f"turn-{i}", account=account), charged(f"turn-{i}", account=account)]
+    seq = 0
+    for start in range(0, len(events), 500):
+        seq = await event_log.append_to(account_subject(account), events[start : start + 500], seq)
+    return account, events, seq
+
+
+async def test_a_long_account_subject_is_loaded_without_holding_the_loop(
+    event_log: EventLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    account, events, _ = await long_account(event_log, turns=1_000)
+    folds = count_folds(monkeypatch)
     marks = [0]  # how many entries were folded each time the loop's other work ran
 
     async def other_work() -> None:
         while True:
             await asyncio.sleep(0)
-            marks.append(folded)
+            marks.append(folds.n)
 
     accounts = Accounts(event_log, time.time_ns, new_id)
     watcher = asyncio.create_task(other_work())
@@ -163,9 +179,9 @@ async def test_a_long_account_subject_is_loaded_without_holding_the_loop(
     finally:
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
-    marks.append(folded)
+    marks.append(folds.n)
     assert state == fold(AccountState(account=account), *events)
-    assert folded == len(events)
+    assert folds.n == len(events)
     longest = max(b - a for a, b in itertools.pairwise(marks))
     assert longest < len(events) // 2, f"{longest} entries folded with no other work let in"
 
@@ -209,36 +225,23 @@ async def test_loads_of_a_long_account_at_once_read_only_what_follows_the_cache(
     reads from the worker's cached state on, not the subject from its first event (a
     load in flight used to take the cache with it, and every load beside it folded
     the whole subject: 100,000 entries for a project at its 50,000th turn)."""
-    account = f"project:{new_id()}"
-    events: list[Any] = []
-    for i in range(1_500):
-        events += [reserved(f"turn-{i}", account=account), charged(f"turn-{i}", account=account)]
-    seq = 0
-    for start in range(0, len(events), 500):
-        seq = await event_log.append_to(account_subject(account), events[start : start + 500], seq)
-    folded = 0
-
-    def counted(state: AccountState, event: Any) -> AccountState:
-        nonlocal folded
-        folded += 1
-        return evolve_account(state, event)
-
-    monkeypatch.setattr(actors.billing, "evolve_account", counted)
+    account, events, seq = await long_account(event_log, turns=1_500)
+    folds = count_folds(monkeypatch)
     accounts = Accounts(event_log, time.time_ns, new_id)
     # a worker that has not loaded the account yet (restarted, or a partition taken over)
     states = await asyncio.gather(*(accounts.state(account) for _ in range(8)))
     assert all(state == fold(AccountState(account=account), *events) for state in states)
-    assert folded == len(events), f"{folded} entries folded for a subject of {len(events)}"
+    assert folds.n == len(events), f"{folds.n} entries folded for a subject of {len(events)}"
     late = charged("late", account=account)
     await event_log.append_to(account_subject(account), [late], seq)
-    folded = 0
+    folds.n = 0
     states = await asyncio.gather(*(accounts.state(account) for _ in range(8)))
     whole = fold(AccountState(account=account), *events, late)
     assert all(state == whole for state in states)
-    assert folded == 1, f"{folded} entries folded for one new entry"
-    folded = 0
+    assert folds.n == 1, f"{folds.n} entries folded for one new entry"
+    folds.n = 0
     usage = Usage(input_tokens=1, output_tokens=1, estimated=False, end="done")
     await asyncio.gather(
         accounts.state(account), accounts.charge(account, "next", "c", PRICES, usage)
     )
-    assert folded <= 2, f"{folded} entries folded for one more charge"
+    assert folds.n <= 2, f"{folds.n} entries folded for one more charge"

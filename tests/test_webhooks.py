@@ -154,6 +154,27 @@ async def until(check: Any, seconds: float = 60) -> None:
             await asyncio.sleep(0.05)
 
 
+def a_done(
+    conversation_id: str,
+    *,
+    at: int | None = None,
+    event_id: str | None = None,
+    turn_id: str | None = None,
+    output_tokens: int = 1,
+) -> Done:
+    """A turn's end as the log holds it: now, with fresh ids, unless told otherwise."""
+    return Done(
+        conversation_id=conversation_id,
+        at=time.time_ns() if at is None else at,
+        event_id=event_id or new_id(),
+        turn_id=turn_id or new_id(),
+        content=[],
+        stop_reason="stop",
+        input_tokens=1,
+        output_tokens=output_tokens,
+    )
+
+
 async def test_every_turn_end_is_delivered_signed_once_per_id_through_refusals_and_a_restart(
     api: SseClient,
     services: Services,
@@ -318,16 +339,7 @@ async def test_an_end_that_cannot_be_read_is_reported_and_the_next_one_delivered
         damaged = await js.publish(
             event_subject(cid), b'{"type":"done","conversation_id":7}', stream=EVT_STREAM
         )
-        end = Done(
-            conversation_id=cid,
-            at=time.time_ns(),
-            event_id=new_id(),
-            turn_id=new_id(),
-            content=[],
-            stop_reason="stop",
-            input_tokens=1,
-            output_tokens=1,
-        )
+        end = a_done(cid)
         await js.publish(event_subject(cid), encode(end), stream=EVT_STREAM)
         await until(lambda: end.event_id in hook.accepted)
     finally:
@@ -358,16 +370,7 @@ def test_the_signature_is_the_standard_webhooks_one_and_retries_back_off() -> No
     assert all(b >= a / 2 for a, b in itertools.pairwise(delays))
     # a receiver away for a month: JetStream has counted over a thousand deliveries
     assert all(1800 <= backoff(n) <= 3600 for n in (1024, 1025, 5000, 10**9))
-    done = Done(
-        conversation_id="c",
-        at=0,
-        event_id="e",
-        turn_id="t",
-        content=[],
-        stop_reason="stop",
-        input_tokens=1,
-        output_tokens=2,
-    )
+    done = a_done("c", at=0, event_id="e", turn_id="t", output_tokens=2)
     decoded = json.loads(payload(9, done))
     assert decoded["type"] == "turn.done" and decoded["data"]["seq"] == 9
 
@@ -487,16 +490,7 @@ async def test_a_tombstone_of_many_ends_to_a_slow_receiver_is_sent_once(
     ends = [
         UnsentEnd(
             seq=seq,
-            end=Done(
-                conversation_id=cid,
-                at=time.time_ns(),
-                event_id=new_id(),
-                turn_id=new_id(),
-                content=[],
-                stop_reason="stop",
-                input_tokens=1,
-                output_tokens=1,
-            ),
+            end=a_done(cid),
         )
         for seq in range(1, 17)
     ]
@@ -537,16 +531,7 @@ async def test_a_new_end_is_sent_at_once_while_a_thousand_wait_for_their_retry(
         await asyncio.wait_for(running.dispatcher.ready.wait(), 10)
         cid = new_id()
         for _ in range(1_000):
-            end = Done(
-                conversation_id=cid,
-                at=time.time_ns(),
-                event_id=new_id(),
-                turn_id=new_id(),
-                content=[],
-                stop_reason="stop",
-                input_tokens=1,
-                output_tokens=1,
-            )
+            end = a_done(cid)
             await js.publish(event_subject(cid), encode(end), stream=EVT_STREAM)
         await until(lambda: len(hook.attempts) == 1_000)
         hook.refuse = 0  # the receiver is back
@@ -576,16 +561,7 @@ async def test_a_refusing_receiver_is_logged_without_a_line_for_every_attempt(
     try:
         await asyncio.wait_for(running.dispatcher.ready.wait(), 10)
         for _ in range(20):
-            end = Done(
-                conversation_id=cid,
-                at=time.time_ns(),
-                event_id=new_id(),
-                turn_id=new_id(),
-                content=[],
-                stop_reason="stop",
-                input_tokens=1,
-                output_tokens=1,
-            )
+            end = a_done(cid)
             await nc.jetstream().publish(event_subject(cid), encode(end), stream=EVT_STREAM)
         await until(lambda: len(hook.accepted) == 20)
     finally:
@@ -603,16 +579,7 @@ async def test_a_refusing_receiver_is_logged_without_a_line_for_every_attempt(
 def test_every_kind_of_end_carries_the_fields_the_readme_lists() -> None:
     """`billing_rejected` had no `content` nor tokens: a receiver that reads the listed
     fields of every end (billing reconciliation adds up the tokens) failed on it."""
-    done = Done(
-        conversation_id="c",
-        at=0,
-        event_id="e",
-        turn_id="t",
-        content=[],
-        stop_reason="stop",
-        input_tokens=1,
-        output_tokens=2,
-    )
+    done = a_done("c", at=0, event_id="e", turn_id="t", output_tokens=2)
     ends: list[Done | Cancelled | Failed | BillingRejected] = [
         done,
         Cancelled(conversation_id="c", at=0, event_id="e", turn_id="t", content=[]),
