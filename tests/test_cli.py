@@ -145,11 +145,20 @@ def serving(role: str, env: dict[str, str], *, ready: str) -> Iterator[tuple[str
                 break
         assert lines and ready in lines[-1], "".join(lines)
         url = next(x for x in lines if "edge listening at" in x).split(" at ", 1)[1].strip()
+        # Read on: a pipe no one reads fills (64 KiB), and the process's next log line
+        # then blocks its event loop for ever. On the session's servers, where earlier
+        # tests left turns for a new worker to recover, that held its stop past 30 s.
+        reading = threading.Thread(target=lines.extend, args=(process.stderr,), daemon=True)
+        reading.start()
         yield url, lines
     finally:
         watchdog.cancel()
         process.send_signal(signal.SIGTERM)
-        process.wait(30)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise AssertionError("did not stop within 30 s:\n" + "".join(lines[-40:])) from None
 
 
 def test_token_uses_parley_jwt_secret_when_set(tmp_path: Path) -> None:
