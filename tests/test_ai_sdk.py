@@ -36,7 +36,7 @@ from events.vocabulary import (
 from parley.services import Servers, Services
 from tests.conftest import extra_edge_server, token_for
 from tests.sse import SseClient
-from tests.test_edge_stop import client_that_stops_reading, stop_took
+from tests.test_edge_stop import client_that_stops_reading, raw_post, stop_took
 
 CLIENT = Path(__file__).parent / "ai_sdk" / "client.mjs"
 
@@ -419,12 +419,7 @@ async def test_a_stream_cut_off_for_falling_behind_says_so_instead_of_ending_qui
 def stuck_chat_request(token: str, chat: str, content: str) -> bytes:
     """useChat's POST of `content` as raw bytes, for a client that stops reading."""
     parts = [{"type": "text", "text": content}]
-    data = json.dumps({"id": chat, "messages": [said("m1", *parts)]}).encode()
-    return (
-        f"POST /v1/ai-sdk/chat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode()
-        + data
-    )
+    return raw_post("/v1/ai-sdk/chat", token, {"id": chat, "messages": [said("m1", *parts)]})
 
 
 # No per-user limits; a client that stops reading is given up after a second.

@@ -259,6 +259,17 @@ async def test_a_turn_stream_that_joins_once_the_drain_is_over_ends_at_once(
             assert await watch(hubs, new_id(), late) == "stopping"
 
 
+def raw_post(path: str, token: str, body: dict[str, Any]) -> bytes:
+    """A streamed POST of `body` as raw bytes, for a client that reads little or nothing."""
+    data = json.dumps(body).encode()
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        f"Accept: text/event-stream\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
+
+
 @contextlib.asynccontextmanager
 async def client_that_stops_reading(port: int | None, request: bytes) -> AsyncIterator[None]:
     """A client with a small receive buffer: it sends `request`, reads the first bytes of
@@ -335,14 +346,7 @@ async def test_a_stop_does_not_wait_for_an_ended_stream_still_writing_to_a_stuck
             parts = [{"type": "text", "text": "a big one [[bulk=8000000]]"}]
             path = "/v1/ai-sdk/chat"
             body = {"id": cid, "messages": [{"id": "m1", "role": "user", "parts": parts}]}
-        data = json.dumps(body).encode()
-        request = (
-            f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
-            f"Accept: text/event-stream\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(data)}\r\n\r\n".encode()
-            + data
-        )
-        async with client_that_stops_reading(server.port, request):
+        async with client_that_stops_reading(server.port, raw_post(path, token, body)):
             # the turn is over for its stream, which still waits to write the rest
             hubs = server.app[HUBS]
             for _ in range(2000):
