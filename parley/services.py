@@ -186,10 +186,8 @@ class Services:
         self.webhooks: WebhookDispatcher | None = None
         self._stopping = asyncio.Event()
         self._stack = contextlib.AsyncExitStack()
-        # closed last, after everything that uses them
+        # finished once the roles that use them stopped (`__aexit__`)
         self._connections: list[NatsClient] = []
-        self._connections_finishing: asyncio.Task[None] | None = None
-        self._stack.push_async_callback(self._connections_finished)
         self._tasks: list[asyncio.Task[None]] = []
         # the edge's listener, stopped first at a stop; each listener's stop once
         # begun (`_stop_serving`)
@@ -236,8 +234,7 @@ class Services:
         self._tasks.clear()
         # The roles are done with this process's own NATS connections: they finish side
         # by side with the edge's stop (which finishes the edge's), not after it.
-        self._connections_finishing = asyncio.create_task(self._finish_connections())
-        await self._stack.aclose()
+        await asyncio.gather(self._finish_connections(), self._stack.aclose())
 
     async def _stop_serving(self, runner: web.AppRunner) -> None:
         """Stop `runner` (in the exit stack's order), or wait for its stop begun in
@@ -335,12 +332,6 @@ class Services:
         )
         self._connections.append(nc)
         return nc
-
-    async def _connections_finished(self) -> None:
-        """The last of a stop: the finish of every NATS connection, begun once the roles
-        stopped, or now."""
-        finishing = self._connections_finishing
-        await (finishing if finishing is not None else self._finish_connections())
 
     async def _finish_connections(self) -> None:
         """Every NATS connection drained, side by side: with NATS away, each waits out
