@@ -754,14 +754,12 @@ class Hubs:
         began = loop.time()
         deadline = began + grace_s
         ended_at_once = streams_waited = slots_waited = 0
-        said = False
         while True:
             ended, finishing = self._end_all_but_turn_streams()
             ended_at_once += ended
             streams = sum(subscription.for_a_client for subscription in finishing)
             slots = len(finishing) - streams  # the edge's own: turn slots' holders
-            if not said and finishing:
-                said = True
+            if finishing and not (streams_waited or slots_waited):  # its first look
                 log.info(
                     "edge stopping: %d stream(s) ended at once; %d stream(s) and %d turn "
                     "slot(s) of running turns wait for their turn's end, for up to %.1f s",
