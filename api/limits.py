@@ -509,18 +509,18 @@ def at_turns_cap(request: web.Request) -> bool:
     return slot is not None and slot.member is None
 
 
-async def refuse_at_cap(request: web.Request, new_message: bool) -> None:
+async def refuse_at_cap(request: web.Request) -> None:
     """A request for a new message while the user is at the turns cap: 429, unless a
-    slot frees within `TURN_WAIT_S`. One that repeats a message (its idempotency key)
-    goes on: its turn is counted already.
+    slot frees within `TURN_WAIT_S`. (One that repeats a message, its idempotency key
+    seen before, is not asked here: its turn is counted already.)
 
     The wait is for a turn that has just ended: the edge whose watcher frees its slot
     delivered its `done` to the client first, and a client that sends its next message
     at once through another edge could reach Redis before that release (1 in 13 at a
     cap of 1, alternating edges) and be refused below its cap."""
-    slot = request.get(TURN_SLOT)
-    if slot is None or slot.member is not None or not new_message:
+    if not at_turns_cap(request):
         return
+    slot = request[TURN_SLOT]
     limits = request.app[LIMITS]
     caps = request.app[CONFIG].limits
     member = new_id()

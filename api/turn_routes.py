@@ -464,12 +464,12 @@ async def submit(
         idempotency_key is None
         or await earlier_request(request, conversation_id, idempotency_key) is None
     ):
-        await refuse_at_cap(request, new_message=True)
+        await refuse_at_cap(request)
         waited = True
     record, fresh = await _idempotency(request, conversation_id, idempotency_key, digest)
     if fresh and not waited:  # not at the cap (no wait), or the key's record just lapsed
         try:
-            await refuse_at_cap(request, new_message=True)
+            await refuse_at_cap(request)
         except ApiError:
             # nothing was sent: the key is free for the retry the 429 asks for
             await _forget_idempotency(request, conversation_id, idempotency_key)
