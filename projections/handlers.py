@@ -240,14 +240,18 @@ def started(seq: int, event: Started) -> list[Write]:
 
 
 # latency_ms: from the turn's start (the row's created_at is started.at) to its
-# end, both from event timestamps, so a rebuild computes the same number.
+# end, both from event timestamps, so a rebuild computes the same number. Held to
+# the column's range (24.8 days either way): an orphaned turn closed when its
+# conversation is next touched, a month on, made the end event one Postgres
+# refused ("integer out of range"), and the message stayed streaming.
 # With content_parts > 0, the content_part events before the end filled the content.
 _END_TURN = f"""
 WITH ended AS (
     UPDATE messages SET content = CASE WHEN $11 THEN content ELSE $2::jsonb END,
         status = $3, input_tokens = $4, output_tokens = $5, tokens_estimated = $6,
         stop_reason = $7, error_code = $8, error_message = $9, updated_at = $10,
-        latency_ms = round(extract(epoch FROM $10 - created_at) * 1000)::integer
+        latency_ms = LEAST(GREATEST(round(extract(epoch FROM $10 - created_at) * 1000),
+            -2147483648), 2147483647)::integer
     WHERE id = $1 AND {_unapplied("$13", "$12")}
     RETURNING 1
 )

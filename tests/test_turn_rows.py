@@ -13,6 +13,8 @@ import json
 import time
 from typing import Any
 
+import msgspec
+
 from api.responses import instant
 from events.codec import timestamp
 from events.ids import new_id
@@ -228,3 +230,25 @@ async def test_each_result_fills_its_own_call_even_when_ids_repeat_or_the_call_i
     assert row["tool_calls"][1]["arguments"] == {}
     assert row["tool_calls"][1]["raw_arguments"] == "not json {"
     assert row["status"] == "complete" and row["input_tokens"] == 3
+
+
+async def test_a_turn_closed_a_month_after_it_started_is_projected_with_its_latency_held(
+    api: SseClient, services: Services, event_log: EventLog, user: str
+) -> None:
+    """An orphaned turn is closed when its conversation is next touched, which may be
+    weeks on: its latency in milliseconds passed the column's integer, Postgres refused
+    the end event, and the message stayed streaming with its tokens uncounted."""
+    writer = Writer(event_log, user)
+    await writer.create()
+    question = writer.user_message(new_id(), 1, "are you there?")
+    turn = new_id()
+    started = writer.started(turn, question.message_id)
+    month_ns = 30 * 86_400 * 1_000_000_000
+    late = msgspec.structs.replace(writer.done(turn), at=started.at + month_ns)
+    await projected(services, await writer.append(question, started, late))
+
+    (row,) = [m for m in await messages(api, writer.cid) if m["role"] == "assistant"]
+    assert row["status"] == "complete" and row["input_tokens"] == 3, row
+    assert row["latency_ms"] == 2**31 - 1, row
+    _, conversation = await api.request("GET", f"/v1/conversations/{writer.cid}")
+    assert conversation["token_usage_total"] == 7, conversation
