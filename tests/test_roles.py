@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -900,11 +901,9 @@ async def test_a_projectors_log_reader_told_to_stop_while_nats_hangs_stops_at_on
     reader = await feed.connect(own_servers.urls.nats_url, name="test-stopping-feed")
     reading = LogFeed(reader.jetstream(), after, gather_s=0.001)
     stop = asyncio.Event()
-    nats_pid = own_servers.pids["nats"]
     try:
         assert len(await reading.next_batch(1, wait_s=5.0, stop=stop)) == 1  # and asks ahead
-        os.kill(nats_pid, signal.SIGSTOP)
-        try:
+        with frozen(own_servers.pids["nats"]):
             stop.set()
             async with asyncio.timeout(3):
                 # the answer asked ahead came before the freeze or did not: either
@@ -913,8 +912,6 @@ async def test_a_projectors_log_reader_told_to_stop_while_nats_hangs_stops_at_on
                     if not await reading.next_batch(1, wait_s=5.0, stop=stop):
                         break
                 left = await reading.close()
-        finally:
-            os.kill(nats_pid, signal.SIGCONT)
     finally:
         await broker.finish(reader)
     assert left is not None and "did not answer" in left, left
@@ -952,16 +949,38 @@ async def test_an_edge_stopped_while_nats_hangs_finishes_its_connections_side_by
     edge = TestServer(create_app(config), host="127.0.0.1")
     await edge.start_server()
     loop = asyncio.get_running_loop()
-    nats_pid = own_servers.pids["nats"]
-    os.kill(nats_pid, signal.SIGSTOP)
-    try:
+    with frozen(own_servers.pids["nats"]):
         began = loop.time()
         await edge.close()
         took = loop.time() - began
-    finally:
-        os.kill(nats_pid, signal.SIGCONT)
     assert closed() == ["parley-edge", "parley-edge-followers"], caplog.text
     assert took < 3.5, took  # 2 s each, side by side; one after the other it was 4
+
+
+@contextlib.contextmanager
+def frozen(pid: int) -> Iterator[None]:
+    """Process `pid` stopped (SIGSTOP) inside the block, continued after it. The
+    signal only asks: the kernel stops each thread as it next leaves the kernel
+    (one writing to disk finishes its write first), so the block begins once
+    every thread says it is stopped, not while the server may still answer."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 5
+        while not all(_thread_state(pid, tid) in ("T", "t") for tid in _threads(pid)):
+            assert time.monotonic() < deadline, f"process {pid} did not stop within 5 s"
+            time.sleep(0.001)
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def _threads(pid: int) -> list[str]:
+    return os.listdir(f"/proc/{pid}/task")
+
+
+def _thread_state(pid: int, tid: str) -> str:
+    stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0]  # after the command, which may hold spaces
 
 
 def _with_children(pid: int) -> list[int]:
@@ -1197,12 +1216,8 @@ async def test_an_edge_process_stopped_while_nats_hangs_stops_in_one_connection_
     running = Services(own_servers.urls, options(demo_model_url), ("edge",))
     await running.__aenter__()
     loop = asyncio.get_running_loop()
-    nats_pid = own_servers.pids["nats"]
-    os.kill(nats_pid, signal.SIGSTOP)
-    try:
+    with frozen(own_servers.pids["nats"]):
         began = loop.time()
         await running.__aexit__(None, None, None)
         took = loop.time() - began
-    finally:
-        os.kill(nats_pid, signal.SIGCONT)
     assert took < 3.5, took  # 2 s for all, side by side; one after the other it was 4
