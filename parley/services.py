@@ -48,6 +48,7 @@ from events.errors import EventLogUnavailable, describe, without_userinfo
 from events.ids import new_id
 from events.log import EventLog, ensure_streams
 from events.turns import TurnRegistry, redis_client
+from parley.awaits import where_waiting
 from parley.config import ConfigError, Settings
 from parley.metrics import Metrics, metrics_app
 from parley.stack import StackUrls, running_stack_urls
@@ -226,7 +227,10 @@ class Services:
         if self._tasks:
             _, late = await asyncio.wait(self._tasks, timeout=self.options.shutdown_grace_s + 10)
             for task in late:
-                log.warning("role did not stop in time; cancelled", extra={"role": task.get_name()})
+                log.warning(
+                    "role did not stop in time; cancelled",
+                    extra={"role": task.get_name(), "waiting_in": where_waiting(task)},
+                )
                 task.cancel()
             for outcome in await asyncio.gather(*self._tasks, return_exceptions=True):
                 if isinstance(outcome, Exception):

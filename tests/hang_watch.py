@@ -20,19 +20,9 @@ from typing import Any
 
 import pytest
 
+from parley.awaits import await_chain
+
 DUMP_AFTER_S = float(os.environ.get("PARLEY_TEST_HANG_DUMP_S", "200"))
-
-
-def _chain(coro: Any) -> list[str]:
-    lines: list[str] = []
-    while coro is not None and len(lines) < 40:
-        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
-        if frame is None:
-            lines.append(f"    <{type(coro).__name__}>")
-        else:
-            lines.append(f"    {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
-        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
-    return lines
 
 
 def tasks_report(nodeid: str) -> str:
@@ -47,7 +37,7 @@ def tasks_report(nodeid: str) -> str:
             if task.done():
                 continue
             out.append(f"=== {task.get_name()} waits for {task._fut_waiter!r:.200}")
-            out.extend(_chain(task.get_coro()))
+            out.extend(f"    {line}" for line in await_chain(task.get_coro()))
         except Exception as err:  # a report, never a failure of its own
             out.append(f"(task not readable: {err!r})")
     return "\n".join(out) + "\n"
