@@ -84,6 +84,9 @@ BUSY_BATCH = 20
 # drops the connection (the lock goes with it): Postgres that stopped answering
 # would hold the stop for ever.
 _GOODBYE_WITHIN_S = 2.0
+# A batch cut at a stop that still has not ended this much later is waiting on
+# something the cut cannot reach (`_cut_when_stopping`): its connection is dropped.
+_CUT_HEARD_WITHIN_S = 1.0
 
 
 class Projector:
@@ -149,7 +152,7 @@ class Projector:
         feed = self._feed()
         started = True  # the next entry is the first the feed hands out
         self.ready.set()
-        cutting = asyncio.ensure_future(self._cut_when_stopping(stopping))
+        cutting = asyncio.ensure_future(self._cut_when_stopping(stopping, lock_conn))
         try:
             while not stopping.is_set():
                 if lock_conn.is_closed():
@@ -180,15 +183,6 @@ class Projector:
                     # that lost its lock with its connection cannot write either.
                     async with applying:
                         await self.apply(self.decode(batch), through=batch[-1].seq, conn=lock_conn)
-                except TimeoutError:
-                    if not applying.expired():
-                        raise
-                    log.warning(
-                        "projector stopped before its batch was stored; Postgres did not"
-                        " answer (the next projector applies it)",
-                        extra={"projection": self.name, "within_s": _GOODBYE_WITHIN_S},
-                    )
-                    return
                 except Rewound as moved:
                     log.warning(
                         "checkpoint moved back; following again from it",
@@ -197,6 +191,20 @@ class Projector:
                     await feed.close()
                     self.position = moved.position
                     feed, started = self._feed(), True
+                except Exception as err:
+                    if not applying.expired():
+                        raise
+                    # cut: TimeoutError, or the error of the connection dropped under it
+                    log.warning(
+                        "projector stopped before its batch was stored; Postgres did not"
+                        " answer (the next projector applies it)",
+                        extra={
+                            "projection": self.name,
+                            "within_s": _GOODBYE_WITHIN_S,
+                            "error": describe(err),
+                        },
+                    )
+                    return
                 finally:
                     self._applying = None
         finally:
@@ -209,15 +217,33 @@ class Projector:
                     extra={"projection": self.name, "reason": left},
                 )
 
-    async def _cut_when_stopping(self, stopping: asyncio.Event) -> None:
+    async def _cut_when_stopping(self, stopping: asyncio.Event, conn: Any) -> None:
         """A batch being stored when the projector is told to stop gets
         `_GOODBYE_WITHIN_S`, then is cut (its transaction never commits, the checkpoint
         stays): Postgres that stopped answering held the stop until the deadline of
-        the process's roles (a statement without a timeout waits for ever)."""
+        the process's roles (a statement without a timeout waits for ever).
+
+        A cut is a cancel, and asyncpg's `executemany` swallows one that comes while
+        its writes wait for Postgres to read (large rows, a busy server), then waits
+        for an answer the server never sends (the statement's end was never written);
+        its transaction's ROLLBACK waits on that too, past any further cancel. Seen
+        in CI: a projector catching up on content parts outlived its role's deadline
+        and the process never exited. A batch still there `_CUT_HEARD_WITHIN_S` after
+        its cut gets its connection dropped, which ends every wait on it; the lock
+        goes with the connection."""
         await stopping.wait()
         applying = self._applying
-        if applying is not None:
-            applying.reschedule(asyncio.get_running_loop().time() + _GOODBYE_WITHIN_S)
+        if applying is None:
+            return
+        loop = asyncio.get_running_loop()
+        applying.reschedule(loop.time() + _GOODBYE_WITHIN_S)
+        await asyncio.sleep(_GOODBYE_WITHIN_S + _CUT_HEARD_WITHIN_S)
+        if self._applying is applying:
+            log.warning(
+                "projector's batch did not end when cut; dropping its connection",
+                extra={"projection": self.name},
+            )
+            conn.terminate()
 
     async def _check_log(self, conn: Any) -> None:
         """Refuse to follow a log that ends before the checkpoint (`LogBehind`).

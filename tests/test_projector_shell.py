@@ -3,6 +3,7 @@ checkpoint followed, and its lag behind the log reported by /readyz."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 from collections.abc import AsyncIterator
@@ -24,17 +25,19 @@ from events.codec import Unreadable, encode
 from events.follow import RawEvent
 from events.ids import new_id
 from events.log import EventLog, StoredEvent
-from events.vocabulary import Chunk, ConversationCreated, Title
+from events.vocabulary import Chunk, ContentPart, ConversationCreated, Title
 from parley.services import Servers, Services
 from projections.billing import BILLING
 from projections.catalog import PROJECTIONS
 from projections.db import create_pool, drop_schema
+from projections.feed import log_end
 from projections.handlers import READ_MODELS
 from projections.projector import CHUNK_PREFIX, Projector
 from projections.registry import Projection, Write, write
 from tests.conftest import SECRET
 from tests.sse import SseClient
 from tests.test_projection import _rows, _wait_position, running
+from tests.test_turn_rows import Writer
 
 
 def _chunk(text: str) -> Chunk:
@@ -331,3 +334,75 @@ async def test_the_edges_followers_read_through_an_entry_connection_of_their_own
         assert isinstance(reader, EntryClient) and reader is not app[NATS]
     finally:
         await server.close()
+
+
+async def test_a_projector_stopped_while_postgres_reads_a_large_batch_slowly_stops_in_time(
+    nc: NatsClient, event_log: EventLog, scratch: tuple[str, Any], user: str
+) -> None:
+    """asyncpg's executemany, cancelled while its writes wait for Postgres to read,
+    swallows the cancel and waits for an answer that never comes, and the ROLLBACK
+    after it waits past any further cancel: in CI a projector catching up on content
+    parts outlived its role's deadline, and its process never exited. The cut batch's
+    connection is now dropped; the batch is left to the next projector, whole."""
+    _, pool = scratch
+    js = nc.jetstream()
+    await pool.execute(
+        "INSERT INTO projection_checkpoints (name, position) VALUES ($1, $2)",
+        READ_MODELS.name,
+        await log_end(js),
+    )
+    writers = [Writer(event_log, user) for _ in range(40)]
+    turns = []
+    for writer in writers:
+        await writer.create()
+        question = writer.user_message(new_id(), 1, "a long answer, please")
+        turns.append(new_id())
+        head = await writer.append(question, writer.started(turns[-1], question.message_id))
+    projector = Projector(js, pool)
+    async with running(projector):
+        await _wait_position(projector, head)
+    # Postgres now takes 0.1 s a row: it reads the batch's 24 MB far slower than it comes
+    await pool.execute(
+        "CREATE FUNCTION slow_row() RETURNS trigger LANGUAGE plpgsql AS"
+        " $$ BEGIN PERFORM pg_sleep(0.1); RETURN NEW; END $$;"
+        " CREATE TRIGGER slow BEFORE UPDATE ON messages FOR EACH ROW EXECUTE FUNCTION slow_row()"
+    )
+    texts = [f"{i:02d}" + "x" * 600_000 for i in range(len(writers))]
+    for writer, turn, text in zip(writers, turns, texts, strict=True):
+        part = ContentPart(
+            **writer._base(), turn_id=turn, index=0, block=0, role="assistant", text=text
+        )
+        head = await writer.append(part)
+    projector = Projector(js, pool)
+    stopping = asyncio.Event()
+    task = asyncio.create_task(projector.run(stopping))
+    try:
+        async with asyncio.timeout(30):
+            while projector._applying is None:  # noqa: ASYNC110 (no event says it)
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        began = asyncio.get_running_loop().time()
+        stopping.set()
+        await asyncio.wait({task}, timeout=15)
+        took = asyncio.get_running_loop().time() - began
+        assert task.done(), "the projector did not stop"
+        task.result()
+    finally:
+        if not task.done():
+            pool.terminate()  # what a cancel cannot end (the fault this test is about)
+            await asyncio.wait({task}, timeout=5)
+    assert took < 6, took  # 2 s for the cut, 1 more before the drop
+    assert (
+        await pool.fetchval(
+            "SELECT position FROM projection_checkpoints WHERE name = $1", READ_MODELS.name
+        )
+        < head
+    )
+    await pool.execute("DROP TRIGGER slow ON messages")
+    projector = Projector(js, pool)
+    async with running(projector):
+        await _wait_position(projector, head)
+    stored = await pool.fetch(
+        "SELECT content->0->>'content' AS text FROM messages WHERE id = ANY($1::text[])", turns
+    )
+    assert sorted(row["text"] for row in stored) == texts
