@@ -24,8 +24,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
+import os
+import sys
 from collections.abc import Callable, Coroutine, Iterator
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NoReturn, TypeVar
+
+from parley.awaits import where_waiting
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -45,11 +52,53 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 COLLECTOR_THRESHOLDS: Final = (50_000, 10, 10)
 
 
+# What the process's other tasks get to end in, cancelled, once `main` is done
+# (`run`). asyncio's own runner waits for them without a limit.
+LEFTOVERS_WITHIN_S: Final = 5.0
+# The exit code of a process that had to leave a task behind: its stop was not clean.
+LEFT_BEHIND_EXIT: Final = 1
+
+
 def run(main: Coroutine[Any, Any, T]) -> T:
     """`asyncio.run`, on uvloop when it is there, with the collector's thresholds
-    at `COLLECTOR_THRESHOLDS` until it returns."""
+    at `COLLECTOR_THRESHOLDS` until it returns.
+
+    Unlike `asyncio.run`, a task that does not end when cancelled does not keep
+    the process for ever: one seen in CI (a library swallowed the cancel and
+    waited for an answer that never came) held a stopped `parley serve` past
+    any deadline, with nothing said. After `LEFTOVERS_WITHIN_S` such tasks are
+    logged with where they wait, and the process exits (`LEFT_BEHIND_EXIT`)."""
     with _collector_thresholds(), asyncio.Runner(loop_factory=loop_factory()) as runner:
-        return runner.run(main)
+        try:
+            return runner.run(main)
+        finally:
+            stuck = runner.run(_end_the_rest(LEFTOVERS_WITHIN_S))
+            if stuck:
+                _exit_without(stuck)
+
+
+async def _end_the_rest(within_s: float) -> list[asyncio.Task[Any]]:
+    """Cancel every other task of the loop; those not ended within `within_s`."""
+    this = asyncio.current_task()
+    rest = [task for task in asyncio.all_tasks() if task is not this]
+    if not rest:
+        return []
+    for task in rest:
+        task.cancel()
+    _, pending = await asyncio.wait(rest, timeout=within_s)
+    return list(pending)
+
+
+def _exit_without(stuck: list[asyncio.Task[Any]]) -> NoReturn:
+    log.error(
+        "%d task(s) did not end when cancelled; the process exits without them: %s",
+        len(stuck),
+        "; ".join(f"{t.get_name()} waiting in {where_waiting(t)}" for t in stuck[:10]),
+    )
+    logging.shutdown()  # flushes the handlers
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(LEFT_BEHIND_EXIT)
 
 
 @contextlib.contextmanager

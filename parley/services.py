@@ -70,6 +70,8 @@ BACKOFF_MAX_S = 30.0
 PROJECTOR_BACKOFF_MAX_S = 5.0
 # A role that ran this long before failing starts its backoff afresh.
 HEALTHY_RUN_S = 60.0
+# A role cancelled at the stop's deadline gets this long to end.
+ROLE_CANCELLED_WITHIN_S = 5.0
 
 # Where NATS, Postgres and Redis are: the same three URLs whether the embedded
 # stack started them or the environment named them.
@@ -232,7 +234,17 @@ class Services:
                     extra={"role": task.get_name(), "waiting_in": where_waiting(task)},
                 )
                 task.cancel()
-            for outcome in await asyncio.gather(*self._tasks, return_exceptions=True):
+            if late:
+                # a role that does not end even now is left to the process's end
+                # (parley.loops.run), and the connections it uses are finished under it
+                _, deaf = await asyncio.wait(late, timeout=ROLE_CANCELLED_WITHIN_S)
+                for task in deaf:
+                    log.error(
+                        "role did not end when cancelled; stopping without it",
+                        extra={"role": task.get_name(), "waiting_in": where_waiting(task)},
+                    )
+            ended = [task for task in self._tasks if task.done()]
+            for outcome in await asyncio.gather(*ended, return_exceptions=True):
                 if isinstance(outcome, Exception):
                     log.error("role ended with an error", exc_info=outcome)
         self._tasks.clear()
