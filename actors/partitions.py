@@ -27,6 +27,7 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -37,6 +38,7 @@ from events.errors import describe
 from events.subjects import partition_of
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 BUCKET = "parley_workers"
 _STREAM = f"KV_{BUCKET}"  # the stream that holds a bucket's entries
@@ -84,6 +86,9 @@ class PartitionLeases:
         # A tick that did not complete (cut short as the worker stops, or failed) may
         # have taken or renewed leases that `owned` does not show: sent, never answered.
         self._unsure = False
+        # Requests to the bucket still on their way: a tick cut short leaves them to
+        # land, and `release_all` waits for them before it reads what is ours.
+        self._in_flight: set[asyncio.Future[Any]] = set()
         self._kv: KeyValue | None = None
 
     async def open(self) -> None:
@@ -169,14 +174,16 @@ class PartitionLeases:
         began = time.monotonic()
         gained: set[int] = set()
         lost: set[int] = set()
-        await self.kv.put(f"worker.{self.worker_id}", b"")
+        await self._landing(self.kv.put(f"worker.{self.worker_id}", b""))
         # All renewals at once: one after the other, 16 round trips through a busy
         # event loop took longer than the lease itself under `bench capacity` (leases
         # expired, every running turn of the worker was cut as `interrupted`).
         owned = list(self.owned.items())
         outcomes = await asyncio.gather(
             *(
-                self.kv.update(_key(partition), self.worker_id.encode(), last=revision)
+                self._landing(
+                    self.kv.update(_key(partition), self.worker_id.encode(), last=revision)
+                )
                 for partition, revision in owned
             ),
             return_exceptions=True,
@@ -213,8 +220,8 @@ class PartitionLeases:
                 if len(self.owned) >= share:
                     break
                 try:
-                    self.owned[partition] = await self.kv.create(
-                        _key(partition), self.worker_id.encode()
+                    self.owned[partition] = await self._landing(
+                        self.kv.create(_key(partition), self.worker_id.encode())
                     )
                 except nats.js.errors.KeyWrongLastSequenceError:
                     continue  # held by another worker
@@ -230,7 +237,7 @@ class PartitionLeases:
         nobody took meanwhile: taken again, its running turns go on rather than being
         cut. Its revision, or None when another worker holds it now."""
         try:
-            revision = await self.kv.create(_key(partition), self.worker_id.encode())
+            revision = await self._landing(self.kv.create(_key(partition), self.worker_id.encode()))
         except nats.js.errors.KeyWrongLastSequenceError:
             return None
         log.warning("partition lease lapsed and was taken again", extra={"partition": partition})
@@ -266,6 +273,9 @@ class PartitionLeases:
         releases.append(self.kv.delete(f"worker.{self.worker_id}"))
         try:
             async with asyncio.timeout(_RELEASE_WITHIN_S):
+                if self._in_flight:
+                    # what a tick cut short sent lands first: the reads below see it
+                    await asyncio.wait(set(self._in_flight))
                 outcomes = await asyncio.gather(*releases, return_exceptions=True)
         except TimeoutError:
             outcomes = [TimeoutError(f"no answer within {_RELEASE_WITHIN_S:g} s")]
@@ -278,6 +288,20 @@ class PartitionLeases:
                 "partition leases not released; they lapse",
                 extra={"within_s": self.ttl_s, "error": describe(failures[0])},
             )
+
+    def _landing(self, request: Awaitable[T]) -> Awaitable[T]:
+        """`request` to the bucket, run to its answer even when the tick awaiting it is
+        cut short. A lease created or renewed after `release_all` read it as not ours
+        stayed held by a worker that was gone, until it lapsed (seen in CI)."""
+        task = asyncio.ensure_future(request)
+        self._in_flight.add(task)
+        task.add_done_callback(self._landed)
+        return asyncio.shield(task)
+
+    def _landed(self, task: asyncio.Future[Any]) -> None:
+        self._in_flight.discard(task)
+        if not task.cancelled():
+            task.exception()  # read: what a cut tick no longer awaits is not worth a warning
 
     async def _release_if_ours(self, partition: int) -> None:
         revision = await self._own_revision(partition)
