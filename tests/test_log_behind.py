@@ -42,7 +42,7 @@ from tests.conftest import extra_edge
 from tests.sse import SseClient
 from tests.test_faults import until
 from tests.test_poison import publish_raw
-from tests.test_projection import _wait_position, running
+from tests.test_projection import _wait_position, read_models_from_log_end, running
 
 # How far past the log's end the checkpoint is put: more than anything else in the
 # session appends while a test runs (nothing does, between tests' requests).
@@ -217,11 +217,7 @@ async def test_a_busy_log_is_not_taken_for_one_that_ends_before_the_checkpoints(
     busy one, with a Postgres slow to answer, did so on most probes)."""
     name, pool = scratch
     js = nc.jetstream()
-    await pool.execute(
-        "INSERT INTO projection_checkpoints (name, position) VALUES ($1, $2)",
-        READ_MODELS.name,
-        await log_end(js),
-    )
+    await read_models_from_log_end(pool, js)
     async with extra_edge(stack, db_schema=name) as base, aiohttp.ClientSession() as http:
 
         async def probe() -> tuple[int, dict[str, Any]]:

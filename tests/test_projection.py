@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 import pytest
 from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
 
 from actors.content import merge_blocks
 from events.follow import RawEvent
@@ -18,7 +19,8 @@ from events.log import EventLog
 from events.vocabulary import Chunk, Done, ToolCall
 from parley.services import Servers, Services
 from projections.db import create_pool, drop_schema, ensure_schema
-from projections.feed import LogFeed
+from projections.feed import LogFeed, log_end
+from projections.handlers import READ_MODELS
 from projections.projector import Projector
 from tests.sse import SseClient
 
@@ -40,6 +42,16 @@ async def _rows(pool: Any, ids: list[str]) -> tuple[list[dict[str, Any]], list[d
 async def _wait_position(projector: Projector, target: int) -> None:
     async with asyncio.timeout(30), projector.applied:
         await projector.applied.wait_for(lambda: projector.position >= target)
+
+
+async def read_models_from_log_end(pool: Any, js: JetStreamContext) -> None:
+    """A new schema's read models start at the log's present end: its projector reads
+    what a test appends next, not the whole session's log."""
+    await pool.execute(
+        "INSERT INTO projection_checkpoints (name, position) VALUES ($1, $2)",
+        READ_MODELS.name,
+        await log_end(js),
+    )
 
 
 @contextlib.asynccontextmanager

@@ -30,13 +30,12 @@ from parley.services import Servers, Services
 from projections.billing import BILLING
 from projections.catalog import PROJECTIONS
 from projections.db import create_pool, drop_schema
-from projections.feed import log_end
 from projections.handlers import READ_MODELS
 from projections.projector import CHUNK_PREFIX, Projector
 from projections.registry import Projection, Write, write
 from tests.conftest import SECRET
 from tests.sse import SseClient
-from tests.test_projection import _rows, _wait_position, running
+from tests.test_projection import _rows, _wait_position, read_models_from_log_end, running
 from tests.test_turn_rows import Writer
 
 
@@ -346,11 +345,7 @@ async def test_a_projector_stopped_while_postgres_reads_a_large_batch_slowly_sto
     connection is now dropped; the batch is left to the next projector, whole."""
     _, pool = scratch
     js = nc.jetstream()
-    await pool.execute(
-        "INSERT INTO projection_checkpoints (name, position) VALUES ($1, $2)",
-        READ_MODELS.name,
-        await log_end(js),
-    )
+    await read_models_from_log_end(pool, js)
     writers = [Writer(event_log, user) for _ in range(40)]
     turns = []
     for writer in writers:
