@@ -74,7 +74,7 @@ def run(main: Coroutine[Any, Any, T]) -> T:
         finally:
             stuck = runner.run(_end_the_rest(LEFTOVERS_WITHIN_S))
             if stuck:
-                _exit_without(stuck)
+                _exit_without(stuck, sys.exception())
 
 
 async def _end_the_rest(within_s: float) -> list[asyncio.Task[Any]]:
@@ -89,7 +89,9 @@ async def _end_the_rest(within_s: float) -> list[asyncio.Task[Any]]:
     return list(pending)
 
 
-def _exit_without(stuck: list[asyncio.Task[Any]]) -> NoReturn:
+def _exit_without(stuck: list[asyncio.Task[Any]], error: BaseException | None) -> NoReturn:
+    if error is not None:  # what `main` raised, which the exit would otherwise lose
+        log.error("the process stops on an error", exc_info=error)
     log.error(
         "%d task(s) did not end when cancelled; the process exits without them: %s",
         len(stuck),

@@ -70,3 +70,19 @@ def test_tasks_that_end_when_cancelled_leave_the_process_its_own_result() -> Non
         check=False,
     )
     assert (done.returncode, done.stdout, done.stderr) == (0, "main done 2\n", ""), done
+
+
+def test_what_main_raised_is_still_said_when_a_task_is_left_behind() -> None:
+    failing = DEAF_TASK.replace("    return 0\n", '    raise RuntimeError("main broke")\n')
+    assert failing != DEAF_TASK
+    done = subprocess.run(
+        [sys.executable, "-c", failing],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=loops.LEFTOVERS_WITHIN_S + 30,
+        check=False,
+    )
+    assert done.returncode == loops.LEFT_BEHIND_EXIT, done
+    assert "RuntimeError: main broke" in done.stderr, done.stderr
+    assert "did not end when cancelled" in done.stderr, done.stderr

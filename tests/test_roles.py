@@ -979,7 +979,10 @@ def _threads(pid: int) -> list[str]:
 
 
 def _thread_state(pid: int, tid: str) -> str:
-    stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+    try:
+        stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+    except FileNotFoundError:
+        return "T"  # the thread ended since it was listed: it runs nothing either
     return stat.rsplit(")", 1)[1].split()[0]  # after the command, which may hold spaces
 
 
