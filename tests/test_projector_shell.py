@@ -30,6 +30,7 @@ from parley.services import Servers, Services
 from projections.billing import BILLING
 from projections.catalog import PROJECTIONS
 from projections.db import create_pool, drop_schema
+from projections.feed import log_end
 from projections.handlers import READ_MODELS
 from projections.projector import CHUNK_PREFIX, Projector
 from projections.registry import Projection, Write, write
@@ -170,17 +171,20 @@ async def test_a_checkpoint_moved_back_is_followed_again_from_there(
     api: SseClient, services: Services, nc: NatsClient, scratch: tuple[str, Any]
 ) -> None:
     _, pool = scratch
+    js = nc.jetstream()
+    start = await log_end(js)
+    await read_models_from_log_end(pool, js)  # not the whole session's log, twice
     cid = (await api.create_conversation())["id"]
     await api.send_stream(cid, "before the reset [[tokens=3]]")
-    head = int((await nc.jetstream().stream_info("CHAT_EVT")).state.last_seq)
-    projector = Projector(nc.jetstream(), pool)
+    head = await log_end(js)
+    projector = Projector(js, pool)
     async with running(projector):
         await _wait_position(projector, head)
-        # an operator empties the projection and sets its checkpoint back to the start
+        # an operator empties the projection and sets its checkpoint back to its start
         await pool.execute("DELETE FROM messages; DELETE FROM conversations;")
-        await pool.execute("UPDATE projection_checkpoints SET position = 0")
+        await pool.execute("UPDATE projection_checkpoints SET position = $1", start)
         await api.send_stream(cid, "after the reset [[tokens=3]]")
-        head = int((await nc.jetstream().stream_info("CHAT_EVT")).state.last_seq)
+        head = await log_end(js)
         await _wait_position(projector, head)
     assert services.projector is not None
     await _wait_position(services.projector, head)
@@ -275,6 +279,7 @@ async def test_a_trickle_of_entries_shares_a_transaction(
     nc: NatsClient, event_log: EventLog, scratch: tuple[str, Any]
 ) -> None:
     _, pool = scratch
+    await read_models_from_log_end(pool, nc.jetstream())
     cid = new_id()
     opening = ConversationCreated(conversation_id=cid, at=1, event_id=new_id(), user_id="u")
     head = await event_log.append(cid, [opening], expected_seq=0)
@@ -301,6 +306,7 @@ async def test_a_following_projector_needs_no_connection_beyond_the_one_holding_
     schema = f"shell_{new_id().lower()}"
     pool = await create_pool(stack.database_url, schema, max_size=1)
     try:
+        await read_models_from_log_end(pool, nc.jetstream())
         cid = new_id()
         opening = ConversationCreated(conversation_id=cid, at=1, event_id=new_id(), user_id="u")
         head = await event_log.append(cid, [opening], expected_seq=0)
