@@ -759,16 +759,12 @@ async def test_a_nats_outage_longer_than_the_leases_lets_running_turns_finish(
         cid = (await api.create_conversation())["id"]
         await api.send_json(cid, "long [[tokens=60]] [[rate=20]]")
         await _until(event_log, cid, lambda log: sum(isinstance(e, Chunk) for e in log) >= 3)
-        nats_pid = own_servers.pids["nats"]
-        os.kill(nats_pid, signal.SIGSTOP)
-        try:
+        with frozen(own_servers.pids["nats"]):
             async with asyncio.timeout(30):  # until the leases may have lapsed
                 while True:
                     if any("not renewed in time" in r.getMessage() for r in caplog.records):
                         break
                     await asyncio.sleep(0.1)
-        finally:
-            os.kill(nats_pid, signal.SIGCONT)
         ends = await _ends(event_log, cid, 1)
         log = [s.event for s in await event_log.read(cid)]
     assert ends == [Done], [e for e in log if isinstance(e, Failed)]
